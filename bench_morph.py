@@ -1,0 +1,177 @@
+"""Benchmark: DTM's morphed loss with morph.py (index maps) vs a dense source-matrix implementation.
+
+Times, for L levels, token morphing of the teacher tokens + group means of student predictions and teacher
+targets + smooth-L1 loss (beta 2, all positions, group-size weighted), forward and backward.
+The dense path is written here in the style of the official code: ToMe bipartite matching with size-weighted
+merges and B x T x N source matrices updated every round, then S^T (S x / |S|) for student and teacher.
+Peak memory: each measurement runs in a fresh process (MALLOC_MMAP_THRESHOLD_ fixed); on CPU the figure is the growth of the peak resident
+set (Linux VmHWM, reset through /proc/self/clear_refs after warm-up) over the resident set before one measured
+step; on CUDA it is torch.cuda.max_memory_allocated over the memory allocated before it.
+
+    python bench_morph.py                       # B=64, N=196, C=512, schedules 14x7 and 2x49, L=2
+    python bench_morph.py --device cuda
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from morph import group_mean, group_sizes, num_groups_after, parse_schedule, token_morphing
+
+
+def dense_merge_sources(x, schedule):
+    """ToMe-style matching with size-weighted merges and a dense source matrix. Returns S (B, G, N) 0/1."""
+    B, N, _ = x.shape
+    size = x.new_ones(B, N, 1)
+    source = torch.eye(N, device=x.device, dtype=x.dtype).expand(B, N, N)
+    for r in schedule:
+        r = min(r, x.shape[1] // 2)
+        if r <= 0:
+            continue
+        metric = x / x.norm(dim=-1, keepdim=True)
+        node_max, node_idx = (metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)).max(dim=-1)
+        edges = node_max.argsort(dim=-1, descending=True)[..., None]
+        unm_idx, src_idx = edges[:, r:], edges[:, :r]
+        dst_idx = node_idx[..., None].gather(1, src_idx)
+
+        def merge(t):
+            src, dst = t[:, 0::2], t[:, 1::2]
+            c = t.shape[-1]
+            unm = src.gather(1, unm_idx.expand(-1, -1, c))
+            src = src.gather(1, src_idx.expand(-1, -1, c))
+            return torch.cat([unm, dst.scatter_reduce(1, dst_idx.expand(-1, -1, c), src, reduce="sum")], dim=1)
+
+        x = merge(x * size)
+        size = merge(size)
+        x = x / size
+        source = merge(source)
+    return source
+
+
+def loss_dense(student, teacher, schedules):
+    total = 0
+    for schedule in schedules:
+        with torch.no_grad():
+            S = dense_merge_sources(teacher, schedule)
+            S_norm = S / S.sum(-1, keepdim=True)
+        morphed_student = S.transpose(1, 2) @ (S_norm @ student)  # every position holds its group mean
+        morphed_teacher = S.transpose(1, 2) @ (S_norm @ teacher)
+        total = total + F.smooth_l1_loss(morphed_student.float(), morphed_teacher.float(), beta=2.0)
+    return total / len(schedules)
+
+
+def loss_index(student, teacher, schedules):
+    B, N, C = student.shape
+    total = 0
+    for schedule in schedules:
+        groups = token_morphing(teacher, schedule, split="alternate")
+        G = num_groups_after(N, schedule)
+        per_group = F.smooth_l1_loss(group_mean(student, groups, G).float(), group_mean(teacher, groups, G).float(),
+                                     beta=2.0, reduction="none").mean(-1)  # (B, G)
+        total = total + (per_group * group_sizes(groups, G)).sum() / (B * N)  # = mean over all N positions
+    return total / len(schedules)
+
+
+METHODS = {"dense": loss_dense, "morph.py": loss_index}
+# glibc returns large freed blocks to the OS only below its mmap threshold, which otherwise grows at run time:
+# a fixed threshold keeps the resident set equal to live allocations, so the CPU peak is measurable.
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def make_inputs(args):
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(args.batch, args.tokens, args.dim, generator=gen).to(args.device).requires_grad_()
+    teacher = torch.randn(args.batch, args.tokens, args.dim, generator=gen).to(args.device)
+    return student, teacher
+
+
+def _resident_mib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024  # kB -> MiB
+
+
+def measure(args, method, schedule_text):
+    """Runs in a child process: median seconds per fwd+bwd, or (--child_memory) peak memory growth of one step."""
+    torch.manual_seed(0)
+    student, teacher = make_inputs(args)
+    schedules = [parse_schedule(schedule_text)] * args.levels
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step():
+        student.grad = None
+        METHODS[method](student, teacher, schedules).backward()
+        sync()
+
+    if args.child_memory:
+        for _ in range(args.warmup):
+            step()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            return {"peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set size to the current one
+        base = _resident_mib("VmRSS:")
+        step()
+        return {"peak_mib": _resident_mib("VmHWM:") - base}
+    times = []
+    for i in range(args.warmup + args.iters):
+        start = time.perf_counter()
+        step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times)}
+
+
+def check_agreement(args):
+    student, teacher = make_inputs(args)
+    for text in args.schedules:
+        schedules = [parse_schedule(text)] * args.levels
+        a, b = loss_dense(student, teacher, schedules), loss_index(student, teacher, schedules)
+        assert torch.allclose(a, b, rtol=1e-4), f"losses differ for {text}: dense {a.item()} vs morph.py {b.item()}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=196)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--levels", type=int, default=2, help="number of morphing levels L (schedules per step)")
+    parser.add_argument("--schedules", nargs="+", default=["14x7", "2x49"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "SCHEDULE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child_memory", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args, *args.child)))
+        return
+
+    check_agreement(args)  # both paths compute the same loss
+    print(f"B={args.batch} N={args.tokens} C={args.dim} L={args.levels} device={args.device} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"{'schedule':>9} | {'method':>8} | {'fwd+bwd ms':>10} | {'peak MiB':>8} | speed-up")
+    flags = [f"--{k}={getattr(args, k)}" for k in ("batch", "tokens", "dim", "levels", "device", "iters", "warmup")]
+    for text in args.schedules:
+        results = {}
+        for method in METHODS:
+            command = [sys.executable, __file__, *flags, "--child", method, text]
+            timing = subprocess.run(command, capture_output=True, text=True, check=True)
+            memory = subprocess.run(command + ["--child_memory"], capture_output=True, text=True, check=True, env=CHILD_ENV)
+            results[method] = {**json.loads(timing.stdout), **json.loads(memory.stdout)}
+        for method, r in results.items():
+            speedup = results["dense"]["seconds"] / r["seconds"]
+            print(f"{text:>9} | {method:>8} | {1000 * r['seconds']:10.1f} | {r['peak_mib']:8.1f} | {speedup:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

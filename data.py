@@ -1,0 +1,894 @@
+"""Data for dtm: datasets, augmentations, block-wise masking, Mixup/CutMix. Pillow + numpy + torch only.
+
+What each piece is, and where it comes from:
+
+Pre-training (DTM, ICLR 2025, follows the BEiT v2 pre-training data pipeline)
+  ImageFolder           the usual `root/class_x/img.jpg` layout (torchvision's ImageFolder semantics).
+  PretrainTransform     RandomResizedCrop(scale=(min_crop_scale, 1), ratio 3/4..4/3, bicubic) -> horizontal flip ->
+                        color jitter 0.4 -> normalize. BEiT v2 applies the color jitter before the crop; here it runs on
+                        the crop (cheaper; identical for brightness/saturation, contrast uses the crop's mean instead of
+                        the full image's).
+  BlockMaskGenerator    BEiT (Bao et al., ICLR 2022), Sec. 2.5 / Algorithm 1 "Blockwise Masking": 75 of 14x14 patches,
+                        blocks of >= 16 patches with aspect ratio in [0.3, 1/0.3]; plus BEiT v2's exact-count fix-up.
+  MaskedImageDataset    (image, mask) pairs for the pre-training loop.
+  SyntheticShapes       procedural images (shapes x textures on a textured background) with per-pixel masks, for the
+                        demo and the tests; no files.
+
+Fine-tuning (BEiT v2 / MAE fine-tuning recipe, MAE Appendix A.2; as implemented in timm)
+  FinetuneTransform     RandomResizedCrop(0.08..1) + flip + RandAugment + normalize + RandomErasing.
+  RandAugment           Cubuk et al. 2020, timm's 'rand-m9-mstd0.5-inc1': 2 ops, magnitude 9 +- N(0, 0.5), each op
+                        applied with probability 0.5, "increasing" op variants.
+  RandomErasing         Zhong et al. 2020, timm's mode 'pixel' (per-pixel N(0,1) noise in normalized space), prob 0.25.
+  EvalTransform         resize shorter side to img_size / crop_ratio (224 / 0.875 = 256), bicubic, center crop.
+  Mixup                 Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) per batch with label smoothing, timm's
+                        `Mixup(mode='batch', correct_lam=True)`: the batch is mixed with its reverse.
+
+Segmentation (BEiT's ADE20K protocol, the mmsegmentation UperNet 512x512 pipeline)
+  SegFolder, ADE20KDataset, reduce_zero_label, SegTrainTransform (random resize 0.5-2.0 of (2048, 512), random crop 512
+  with cat_max_ratio 0.75, flip, PhotoMetricDistortion, normalize, pad with 0 / 255), SegEvalTransform,
+  ShapesSegmentation (SyntheticShapes with its masks).
+
+Randomness and reproducibility: the crop/flip/jitter transforms draw from torch's global RNG (as torchvision does);
+masking, RandAugment, RandomErasing, Mixup and the segmentation transforms draw from Python's `random` (as BEiT, timm
+and mmseg do with Python/numpy). torch's DataLoader seeds both per worker from the main process's torch seed, so a
+run is reproducible by `torch.manual_seed(seed)` (plus `random.seed(seed)` for work done in the main process).
+Masks (segmentation labels) are only ever resized with NEAREST.
+"""
+import math
+import os
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IGNORE_INDEX = 255
+BICUBIC = Image.Resampling.BICUBIC
+BILINEAR = Image.Resampling.BILINEAR
+NEAREST = Image.Resampling.NEAREST
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+
+def load_image(path):
+    """Open an image file as an RGB PIL image; a clear error names the file if it cannot be decoded."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")  # convert() forces the full decode, so truncated files fail here
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise RuntimeError(f"cannot read image file {path!r} ({type(e).__name__}: {e}); "
+                           "the file is corrupt or not an image: delete or replace it") from e
+
+
+def load_label_map(path):
+    """Open a segmentation annotation PNG as a (H, W) uint8 array of class indices."""
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            arr = np.array(img)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"cannot read annotation file {path!r} ({type(e).__name__}: {e})") from e
+    if arr.ndim != 2:
+        raise ValueError(f"annotation {path!r} has mode {mode!r} with {arr.shape[-1]} channels; expected a "
+                         "single-channel label PNG (mode 'L' or 'P') whose pixel values are class indices")
+    if arr.dtype != np.uint8:
+        if arr.min() < 0 or arr.max() > 255:
+            raise ValueError(f"annotation {path!r} has label values outside 0..255 (max {arr.max()})")
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+def _is_image_file(name):
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images in `root/<class_name>/**/<file>.<ext>`; labels are class indices in sorted class-name order.
+
+    .classes: sorted class folder names. .samples: [(path, label)], sorted. __getitem__ -> (transform(img), label),
+    the PIL RGB image itself when transform is None.
+    """
+
+    LAYOUT = "root/<class_name>/<image>.jpg (one subfolder per class, e.g. imagenet/train/n01440764/xxx.JPEG)"
+
+    def __init__(self, root, transform=None):
+        self.root, self.transform = root, transform
+        if not os.path.isdir(root):
+            what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+            raise FileNotFoundError(f"image folder {root!r} {what}; expected the layout {self.LAYOUT}")
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if not self.classes:
+            loose = [n for n in os.listdir(root) if _is_image_file(n)]
+            hint = (f" It holds {len(loose)} images directly: move them into class subfolders." if loose else "")
+            raise FileNotFoundError(f"image folder {root!r} has no class subfolders; expected the layout "
+                                    f"{self.LAYOUT}.{hint}")
+        self.samples, empty = [], []
+        for label, name in enumerate(self.classes):
+            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, name), followlinks=True)
+                           for f in fs if _is_image_file(f))
+            empty += [] if files else [name]
+            self.samples += [(f, label) for f in files]
+        if empty:
+            raise FileNotFoundError(
+                f"{len(empty)} of {len(self.classes)} class folders in {root!r} hold no images "
+                f"(extensions {', '.join(IMG_EXTENSIONS)}, any case): {', '.join(empty[:5])}"
+                f"{' ...' if len(empty) > 5 else ''}; expected the layout {self.LAYOUT}")
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        img = load_image(path)
+        return (self.transform(img) if self.transform is not None else img), label
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tensor conversion and the pre-training transform (torch global RNG, like torchvision)
+
+def to_tensor(img, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """PIL RGB image -> normalized float tensor (3, H, W): (pixel / 255 - mean) / std."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def _rand_uniform(low, high):
+    return torch.empty(1).uniform_(low, high).item()
+
+
+class RandomResizedCrop:
+    """torchvision's RandomResizedCrop on PIL images: 10 tries of (area, log-aspect) samples, then a center crop
+    clamped to the aspect range as the fallback; the crop is resized to (size, size)."""
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=BICUBIC):
+        if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"RandomResizedCrop needs 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], "
+                             f"got scale={scale}, ratio={ratio}")
+        self.size, self.scale, self.ratio, self.interpolation = size, scale, ratio, interpolation
+
+    @staticmethod
+    def get_params(width, height, scale, ratio):
+        """-> (top, left, h, w) of the crop, drawn from torch's global RNG exactly as torchvision draws them."""
+        area = width * height
+        log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        for _ in range(10):
+            target_area = area * _rand_uniform(scale[0], scale[1])
+            aspect = math.exp(_rand_uniform(*log_ratio))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,)).item())
+                left = int(torch.randint(0, width - w + 1, (1,)).item())
+                return top, left, h, w
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            w, h = width, int(round(width / min(ratio)))
+        elif in_ratio > max(ratio):
+            w, h = int(round(height * max(ratio))), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, img):
+        top, left, h, w = self.get_params(*img.size, self.scale, self.ratio)
+        return img.crop((left, top, left + w, top + h)).resize((self.size, self.size), self.interpolation)
+
+
+def random_hflip(img, p=0.5):
+    """Mirror left-right with probability p (torch global RNG, as torchvision)."""
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if torch.rand(1).item() < p else img
+
+
+def adjust_hue(img, hue_factor):
+    """Shift the hue by hue_factor in [-0.5, 0.5] of a full turn (torchvision's PIL adjust_hue)."""
+    h, s, v = img.convert("HSV").split()
+    shifted = (np.asarray(h, dtype=np.int16) + int(hue_factor * 255)) % 256
+    return Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8), "L"), s, v)).convert("RGB")
+
+
+class ColorJitter:
+    """torchvision's ColorJitter: brightness/contrast/saturation factors ~ U[1 - s, 1 + s], hue ~ U[-hue, hue],
+    applied in a random order (torch.randperm(4)); a strength of 0 disables that adjustment."""
+
+    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0):
+        if not 0 <= hue <= 0.5:
+            raise ValueError(f"hue jitter must be in [0, 0.5], got {hue}")
+        self.ranges = [(max(0.0, 1 - s), 1 + s) if s > 0 else None for s in (brightness, contrast, saturation)]
+        self.ranges.append((-hue, hue) if hue > 0 else None)
+
+    def __call__(self, img):
+        order = torch.randperm(4).tolist()
+        factors = [None if r is None else _rand_uniform(*r) for r in self.ranges]
+        adjust = (lambda im, f: ImageEnhance.Brightness(im).enhance(f),
+                  lambda im, f: ImageEnhance.Contrast(im).enhance(f),
+                  lambda im, f: ImageEnhance.Color(im).enhance(f),
+                  adjust_hue)
+        for i in order:
+            if factors[i] is not None:
+                img = adjust[i](img, factors[i])
+        return img
+
+
+class PretrainTransform:
+    """PIL image -> (3, img_size, img_size) tensor: RandomResizedCrop(min_crop_scale..1, bicubic), flip, color jitter,
+    normalize (the BEiT v2 / DTM pre-training augmentation)."""
+
+    def __init__(self, img_size=224, min_crop_scale=0.08, color_jitter=0.4, hflip=0.5,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.crop = RandomResizedCrop(img_size, scale=(min_crop_scale, 1.0))
+        self.jitter = ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+        self.hflip, self.mean, self.std = hflip, mean, std
+
+    def __call__(self, img):
+        img = random_hflip(self.crop(img), self.hflip)
+        if self.jitter is not None:
+            img = self.jitter(img)
+        return to_tensor(img, self.mean, self.std)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# BEiT block-wise masking
+
+class BlockMaskGenerator:
+    """BEiT's blockwise masking (BEiT Sec. 2.5, Algorithm 1) with BEiT v2's exact-count fix-up.
+
+    Repeat until num_masked patches are masked: draw a block area s ~ U[min_block, max(min_block, remaining)]
+    (remaining = min(num_masked - count, max_block)), aspect r with log r ~ U[log min_aspect, log max_aspect],
+    h = round(sqrt(s r)), w = round(sqrt(s / r)) (both smaller than the grid), a uniform position, and accept the
+    block if it masks between 1 and `remaining` new patches (10 tries per block, BEiT's `_mask`). The loop cannot
+    overshoot; it stops short when 10 tries in a row add nothing (typically when the few remaining patches cannot be
+    placed as a block). The fix-up then masks uniformly chosen unmasked patches until the count is exactly
+    num_masked, as BEiT v2 does (BEiT v2 would also unmask random patches on an overshoot, which cannot happen here).
+    Note that rounding h and w can give a block of slightly fewer than min_block patches (e.g. 2x7 for s=16, r=0.3),
+    as in BEiT.
+
+    __call__(rng=None) -> bool tensor (H, W), True = masked, exactly num_masked True. rng: a `random.Random`;
+    None uses Python's global `random` (seeded per DataLoader worker). With the same rng state the mask equals BEiT's.
+    """
+
+    def __init__(self, grid=(14, 14), num_masked=75, min_block=16, max_block=None, min_aspect=0.3, max_aspect=None):
+        self.height, self.width = (grid, grid) if isinstance(grid, int) else tuple(grid)
+        if not 0 <= num_masked <= self.height * self.width:
+            raise ValueError(f"num_masked={num_masked} must be between 0 and the {self.height}x{self.width} "
+                             f"grid's {self.height * self.width} patches")
+        if min_block < 1 or min_aspect <= 0:
+            raise ValueError(f"min_block must be >= 1 and min_aspect > 0, got {min_block}, {min_aspect}")
+        self.num_masked, self.min_block = num_masked, min_block
+        self.max_block = num_masked if max_block is None else max_block
+        max_aspect = max_aspect or 1 / min_aspect
+        self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+
+    def sample_block(self, rng, max_patches):
+        """One proposal of BEiT's loop -> (top, left, h, w), or None when the block does not fit in the grid."""
+        target_area = rng.uniform(self.min_block, max_patches)
+        aspect = math.exp(rng.uniform(*self.log_aspect))
+        h = int(round(math.sqrt(target_area * aspect)))
+        w = int(round(math.sqrt(target_area / aspect)))
+        if w < self.width and h < self.height:
+            return rng.randint(0, self.height - h), rng.randint(0, self.width - w), h, w
+        return None
+
+    def _add_block(self, mask, rng, max_patches):
+        for _ in range(10):
+            block = self.sample_block(rng, max_patches)
+            if block is not None:
+                top, left, h, w = block
+                region = mask[top:top + h, left:left + w]
+                new = h * w - int(region.sum())
+                if 0 < new <= max_patches:
+                    region[...] = True
+                    return new
+        return 0
+
+    def __call__(self, rng=None):
+        rng = random if rng is None else rng
+        mask = np.zeros((self.height, self.width), dtype=bool)
+        count = 0
+        while count < self.num_masked:
+            added = self._add_block(mask, rng, min(self.num_masked - count, self.max_block))
+            if added == 0:
+                break
+            count += added
+        if count < self.num_masked:  # exact-count fix-up (BEiT v2): uniformly chosen unmasked patches
+            free = np.flatnonzero(~mask).tolist()
+            mask.flat[rng.sample(free, self.num_masked - count)] = True
+        return torch.from_numpy(mask)
+
+
+class MaskedImageDataset(torch.utils.data.Dataset):
+    """Pre-training samples: base[i] must give (PIL image, label) (build the base with transform=None);
+    returns (transform(image) (3, H, W), mask (N,) bool with N = grid height * width), labels are dropped."""
+
+    def __init__(self, base, transform, mask_gen):
+        self.base, self.transform, self.mask_gen = base, transform, mask_gen
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        img, _ = self.base[index]
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"MaskedImageDataset needs a base dataset that returns PIL images, got "
+                            f"{type(img).__name__}; construct the base dataset with transform=None")
+        return self.transform(img), self.mask_gen().flatten()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Procedural data: shapes x textures with per-pixel masks
+
+SHAPES = ("circle", "square", "triangle", "ring", "cross", "ellipse", "half_disc", "star")
+TEXTURES = ("solid", "stripes", "checker", "dots")
+
+
+def _shape_inside(shape, u, v):
+    """Boolean membership of local coordinates (u, v) (units of the shape radius, rotated) in a shape."""
+    r2 = u * u + v * v
+    if shape == "circle":
+        return r2 <= 1
+    if shape == "square":
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.8
+    if shape == "triangle":  # equilateral, circumradius 1: three half-planes at distance 0.5
+        return (v >= -0.5) & (0.866 * u + 0.5 * v <= 0.5) & (-0.866 * u + 0.5 * v <= 0.5)
+    if shape == "ring":
+        return (r2 <= 1) & (r2 >= 0.55 ** 2)
+    if shape == "cross":
+        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 1)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 1))
+    if shape == "ellipse":
+        return u * u + (v / 0.45) ** 2 <= 1
+    if shape == "half_disc":
+        return (r2 <= 1) & (v >= 0)
+    if shape == "star":  # five-petal polar curve
+        return np.sqrt(r2) <= 0.55 + 0.45 * np.cos(5 * np.arctan2(v, u))
+    raise ValueError(shape)
+
+
+def _texture_on(texture, u, v):
+    """Where a texture shows its second color, in local coordinates (so textures scale and turn with the shape)."""
+    f = 3.0
+    if texture == "solid":
+        return np.zeros(u.shape, dtype=bool)
+    if texture == "stripes":
+        return np.sin(2 * np.pi * f * u) > 0
+    if texture == "checker":
+        return np.sin(np.pi * f * u) * np.sin(np.pi * f * v) > 0
+    if texture == "dots":
+        return ((f * u) % 1 - 0.5) ** 2 + ((f * v) % 1 - 0.5) ** 2 < 0.09
+    raise ValueError(texture)
+
+
+def _hsv_to_rgb(h, s, v):
+    i, f = int(h * 6) % 6, h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]) * 255
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Procedural classification/segmentation data, generated on the fly and deterministic per (seed, index).
+
+    Class c is shape SHAPES[c % 8] filled with texture TEXTURES[c // 8] (up to 32 classes); its color is drawn
+    around a class hue with wide jitter, so color helps a little and shape/texture decide. Each image has a
+    smooth random background with a faint oriented grating and pixel noise, 0-2 small distractor shapes of random
+    classes, then one large main shape on top (later shapes overwrite earlier ones in the mask).
+    label = the class with the most pixels in the mask (ties: the lower class), normally the main shape's class.
+
+    .get(i) -> (PIL RGB image, label, PIL 'L' mask: 0 background, 1 + class on shape pixels).
+    __getitem__(i) -> (transform(image), label) (the PIL image when transform is None).
+    """
+
+    def __init__(self, num_images, img_size=224, num_classes=10, seed=0, transform=None):
+        if not 1 <= num_classes <= len(SHAPES) * len(TEXTURES):
+            raise ValueError(f"SyntheticShapes supports 1..{len(SHAPES) * len(TEXTURES)} classes, got {num_classes}")
+        if img_size < 8:
+            raise ValueError(f"img_size must be at least 8 pixels, got {img_size}")
+        self.num_images, self.img_size, self.num_classes = num_images, img_size, num_classes
+        self.seed, self.transform = seed, transform
+        self.classes = [f"{TEXTURES[c // len(SHAPES)]}_{SHAPES[c % len(SHAPES)]}" for c in range(num_classes)]
+        self.num_seg_classes = num_classes + 1
+        coords = np.arange(img_size, dtype=np.float32) + 0.5
+        self._yy, self._xx = np.meshgrid(coords, coords, indexing="ij")
+
+    def __len__(self):
+        return self.num_images
+
+    def _background(self, rng):
+        s = self.img_size
+        coarse = rng.uniform(40, 215, size=(4, 4, 3)).astype(np.uint8)
+        img = np.array(Image.fromarray(coarse, "RGB").resize((s, s), BICUBIC), dtype=np.float32)
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(4, 12) / s
+        grating = np.sin((2 * np.pi * freq) * (self._xx * np.cos(angle) + self._yy * np.sin(angle)))
+        img += (rng.uniform(5, 20) * grating)[..., None]
+        img += rng.standard_normal(img.shape, dtype=np.float32) * 6
+        return img
+
+    def _draw(self, img, mask, rng, cls, radius, center):
+        """Paint one shape into img (S, S, 3) and mask (S, S), only inside its bounding box."""
+        theta = rng.uniform(0, 2 * np.pi)
+        hue = (cls * 0.618034 + rng.uniform(-0.25, 0.25)) % 1.0
+        color = _hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0))
+        second = color * rng.uniform(0.2, 0.45)
+        reach = 1.2 * radius  # every shape lies within 1.2 radii of its center
+        y0, y1 = (int(np.clip(c, 0, self.img_size)) for c in (center[1] - reach, center[1] + reach + 1))
+        x0, x1 = (int(np.clip(c, 0, self.img_size)) for c in (center[0] - reach, center[0] + reach + 1))
+        if y0 >= y1 or x0 >= x1:
+            return
+        dx, dy = self._xx[y0:y1, x0:x1] - center[0], self._yy[y0:y1, x0:x1] - center[1]
+        u = (np.cos(theta) * dx + np.sin(theta) * dy) / radius
+        v = (-np.sin(theta) * dx + np.cos(theta) * dy) / radius
+        inside = _shape_inside(SHAPES[cls % len(SHAPES)], u, v)
+        on = _texture_on(TEXTURES[cls // len(SHAPES)], u, v)
+        img[y0:y1, x0:x1][inside] = np.where(on[inside, None], second, color)
+        mask[y0:y1, x0:x1][inside] = cls + 1
+
+    def get(self, index):
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for SyntheticShapes of {self.num_images} images")
+        rng = np.random.default_rng([self.seed, index])
+        s = self.img_size
+        img = self._background(rng)
+        mask = np.zeros((s, s), dtype=np.uint8)
+        for _ in range(rng.integers(0, 3)):  # distractors
+            cls = int(rng.integers(self.num_classes))
+            self._draw(img, mask, rng, cls, rng.uniform(0.08, 0.16) * s, rng.uniform(0, s, size=2))
+        main = int(rng.integers(self.num_classes))
+        self._draw(img, mask, rng, main, rng.uniform(0.22, 0.36) * s, rng.uniform(0.3 * s, 0.7 * s, size=2))
+        counts = np.bincount(mask.ravel(), minlength=self.num_classes + 1)[1:]
+        label = int(np.argmax(counts))
+        img = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+        return img, label, Image.fromarray(mask, "L")
+
+    def __getitem__(self, index):
+        img, label, _ = self.get(index)
+        return (self.transform(img) if self.transform is not None else img), label
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fine-tuning: RandAugment (timm 'rand-m9-mstd0.5-inc1'), RandomErasing, train/eval transforms, Mixup/CutMix
+
+_LEVEL_MAX = 10.0
+
+
+def _negate(v):
+    return -v if random.random() > 0.5 else v
+
+
+def _affine(img, matrix, fill):
+    return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=BICUBIC, fillcolor=fill)
+
+
+def solarize_add(img, add, threshold=128):
+    """Add `add` to every pixel value below threshold (clipped at 255), leave the others."""
+    lut = [min(255, i + add) if i < threshold else i for i in range(256)]
+    return img.point(lut * len(img.getbands()))
+
+
+# name -> (op(img, arg, fill), level -> arg). Levels in [0, 10]; the "increasing" variants grow stronger with level.
+RAND_AUGMENT_OPS = {
+    "AutoContrast": (lambda img, _, fill: ImageOps.autocontrast(img), lambda m: None),
+    "Equalize": (lambda img, _, fill: ImageOps.equalize(img), lambda m: None),
+    "Invert": (lambda img, _, fill: ImageOps.invert(img), lambda m: None),
+    "Rotate": (lambda img, deg, fill: img.rotate(deg, resample=BICUBIC, fillcolor=fill),
+               lambda m: _negate(m / _LEVEL_MAX * 30.0)),
+    "PosterizeIncreasing": (lambda img, bits, fill: img if bits >= 8 else ImageOps.posterize(img, max(bits, 1)),
+                            lambda m: 4 - int(m / _LEVEL_MAX * 4)),  # 0 bits (m = 10): Pillow needs >= 1
+    "SolarizeIncreasing": (lambda img, thresh, fill: ImageOps.solarize(img, thresh),
+                           lambda m: 256 - int(m / _LEVEL_MAX * 256)),
+    "SolarizeAdd": (lambda img, add, fill: solarize_add(img, add), lambda m: int(m / _LEVEL_MAX * 110)),
+    "ColorIncreasing": (lambda img, f, fill: ImageEnhance.Color(img).enhance(f),
+                        lambda m: max(0.1, 1.0 + _negate(m / _LEVEL_MAX * 0.9))),
+    "ContrastIncreasing": (lambda img, f, fill: ImageEnhance.Contrast(img).enhance(f),
+                           lambda m: max(0.1, 1.0 + _negate(m / _LEVEL_MAX * 0.9))),
+    "BrightnessIncreasing": (lambda img, f, fill: ImageEnhance.Brightness(img).enhance(f),
+                             lambda m: max(0.1, 1.0 + _negate(m / _LEVEL_MAX * 0.9))),
+    "SharpnessIncreasing": (lambda img, f, fill: ImageEnhance.Sharpness(img).enhance(f),
+                            lambda m: max(0.1, 1.0 + _negate(m / _LEVEL_MAX * 0.9))),
+    "ShearX": (lambda img, f, fill: _affine(img, (1, f, 0, 0, 1, 0), fill), lambda m: _negate(m / _LEVEL_MAX * 0.3)),
+    "ShearY": (lambda img, f, fill: _affine(img, (1, 0, 0, f, 1, 0), fill), lambda m: _negate(m / _LEVEL_MAX * 0.3)),
+    "TranslateXRel": (lambda img, p, fill: _affine(img, (1, 0, p * img.size[0], 0, 1, 0), fill),
+                      lambda m: _negate(m / _LEVEL_MAX * 0.45)),
+    "TranslateYRel": (lambda img, p, fill: _affine(img, (1, 0, 0, 0, 1, p * img.size[1]), fill),
+                      lambda m: _negate(m / _LEVEL_MAX * 0.45)),
+}
+
+
+class RandAugment:
+    """timm's RandAugment ('rand-m{magnitude}-mstd{magnitude_std}-inc1'): pick num_ops ops uniformly with
+    replacement; each is applied with probability op_prob at magnitude ~ N(magnitude, magnitude_std) clipped to
+    [0, 10]. Geometric ops use bicubic resampling and fill with the mean color. Python's `random` drives it."""
+
+    def __init__(self, num_ops=2, magnitude=9, magnitude_std=0.5, op_prob=0.5, ops=tuple(RAND_AUGMENT_OPS),
+                 fill_mean=IMAGENET_MEAN):
+        unknown = [o for o in ops if o not in RAND_AUGMENT_OPS]
+        if unknown:
+            raise ValueError(f"unknown RandAugment ops {unknown}; known: {sorted(RAND_AUGMENT_OPS)}")
+        self.num_ops, self.magnitude, self.magnitude_std, self.op_prob = num_ops, magnitude, magnitude_std, op_prob
+        self.ops = list(ops)
+        self.fill = tuple(int(round(255 * m)) for m in fill_mean)
+
+    def apply_op(self, img, name, magnitude):
+        """Apply one op at a given magnitude (the level -> argument mapping may still draw a random sign)."""
+        op, level_to_arg = RAND_AUGMENT_OPS[name]
+        return op(img, level_to_arg(magnitude), self.fill)
+
+    def __call__(self, img):
+        for name in random.choices(self.ops, k=self.num_ops):
+            if self.op_prob < 1.0 and random.random() > self.op_prob:
+                continue
+            m = random.gauss(self.magnitude, self.magnitude_std) if self.magnitude_std > 0 else self.magnitude
+            img = self.apply_op(img, name, max(0.0, min(_LEVEL_MAX, m)))
+        return img
+
+
+class RandomErasing:
+    """timm's RandomErasing on a normalized (C, H, W) tensor: with probability `prob`, erase one rectangle of area
+    U[min_area, max_area] * H * W and log-aspect U[log min_aspect, log max_aspect] (10 tries) with per-pixel N(0, 1)
+    noise (mode 'pixel'), per-channel noise ('rand') or zeros ('const'). Returns a new tensor."""
+
+    def __init__(self, prob=0.25, mode="pixel", min_area=0.02, max_area=1 / 3, min_aspect=0.3, max_aspect=None):
+        if mode not in ("pixel", "rand", "const"):
+            raise ValueError(f"RandomErasing mode must be 'pixel', 'rand' or 'const', got {mode!r}")
+        self.prob, self.mode, self.min_area, self.max_area = prob, mode, min_area, max_area
+        self.log_aspect = (math.log(min_aspect), math.log(max_aspect or 1 / min_aspect))
+
+    def get_params(self, height, width):
+        """-> (top, left, h, w) of the erased box, or None (not applied / nothing fitted)."""
+        if random.random() > self.prob:
+            return None
+        for _ in range(10):
+            target_area = random.uniform(self.min_area, self.max_area) * height * width
+            aspect = math.exp(random.uniform(*self.log_aspect))
+            h = int(round(math.sqrt(target_area * aspect)))
+            w = int(round(math.sqrt(target_area / aspect)))
+            if w < width and h < height:
+                return random.randint(0, height - h), random.randint(0, width - w), h, w
+        return None
+
+    def __call__(self, x):
+        box = self.get_params(*x.shape[-2:])
+        if box is None:
+            return x
+        top, left, h, w = box
+        x = x.clone()
+        shape = {"pixel": (x.shape[0], h, w), "rand": (x.shape[0], 1, 1), "const": None}[self.mode]
+        x[:, top:top + h, left:left + w] = 0.0 if shape is None else torch.randn(shape, dtype=x.dtype)
+        return x
+
+
+class FinetuneTransform:
+    """Fine-tuning train augmentation (timm's create_transform as used by BEiT v2 / MAE fine-tuning):
+    RandomResizedCrop(min_crop_scale..1, bicubic) -> flip -> RandAugment -> normalize -> RandomErasing."""
+
+    def __init__(self, img_size=224, min_crop_scale=0.08, hflip=0.5, rand_magnitude=9, rand_magnitude_std=0.5,
+                 rand_num_ops=2, reprob=0.25, remode="pixel", mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.crop = RandomResizedCrop(img_size, scale=(min_crop_scale, 1.0))
+        self.rand_augment = (RandAugment(rand_num_ops, rand_magnitude, rand_magnitude_std, fill_mean=mean)
+                             if rand_num_ops > 0 else None)
+        self.erase = RandomErasing(reprob, remode) if reprob > 0 else None
+        self.hflip, self.mean, self.std = hflip, mean, std
+
+    def __call__(self, img):
+        img = random_hflip(self.crop(img), self.hflip)
+        if self.rand_augment is not None:
+            img = self.rand_augment(img)
+        x = to_tensor(img, self.mean, self.std)
+        return self.erase(x) if self.erase is not None else x
+
+
+def resize_shorter_side(img, size, resample=BICUBIC):
+    """Resize so that the shorter side is `size`, keeping the aspect ratio (torchvision's Resize(int))."""
+    w, h = img.size
+    if w <= h:
+        return img.resize((size, int(size * h / w)), resample)
+    return img.resize((int(size * w / h), size), resample)
+
+
+def center_crop(img, size):
+    w, h = img.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+class EvalTransform:
+    """Evaluation: resize the shorter side to int(img_size / crop_ratio) (224 / 0.875 = 256), bicubic, center crop
+    img_size, normalize."""
+
+    def __init__(self, img_size=224, crop_ratio=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        if not 0 < crop_ratio <= 1:
+            raise ValueError(f"crop_ratio must be in (0, 1] (crop size / resize size), got {crop_ratio}")
+        self.img_size, self.resize_size = img_size, int(img_size / crop_ratio)
+        self.mean, self.std = mean, std
+
+    def __call__(self, img):
+        img = center_crop(resize_shorter_side(img, self.resize_size), self.img_size)
+        return to_tensor(img, self.mean, self.std)
+
+
+def smooth_one_hot(labels, num_classes, smoothing=0.0):
+    """(B,) int labels -> (B, num_classes) soft targets: 1 - smoothing + smoothing/K on the label, smoothing/K off."""
+    off = smoothing / num_classes
+    target = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    return target.scatter_(1, labels.long().view(-1, 1), 1.0 - smoothing + off)
+
+
+def cutmix_box(height, width, lam):
+    """timm's rand_bbox: a box of side sqrt(1 - lam) * (H, W) centred uniformly, clipped to the image
+    -> (y0, y1, x0, x1) and the corrected lam = 1 - box area / image area."""
+    ratio = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy, cx = random.randrange(height), random.randrange(width)
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    return (y0, y1, x0, x1), 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+
+
+class Mixup:
+    """Mixup / CutMix per batch with label smoothing (timm's Mixup, mode 'batch', correct_lam=True).
+
+    With probability `prob` the batch is mixed with its reverse (sample b with sample B-1-b): CutMix with
+    probability switch_prob (lam ~ Beta(cutmix_alpha, cutmix_alpha), a box pasted from the reversed batch, lam
+    corrected to the box's exact area), Mixup otherwise (lam ~ Beta(mixup_alpha, mixup_alpha), x = lam x + (1-lam)
+    x_rev). Targets: lam * smooth_one_hot(y) + (1 - lam) * smooth_one_hot(y_rev). An alpha of 0 disables that mode.
+    __call__(images (B, C, H, W), labels (B,)) -> (mixed images, soft targets (B, num_classes)); inputs untouched.
+    """
+
+    def __init__(self, mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, label_smoothing=0.1,
+                 num_classes=1000):
+        self.mixup_alpha, self.cutmix_alpha, self.prob, self.switch_prob = mixup_alpha, cutmix_alpha, prob, switch_prob
+        self.label_smoothing, self.num_classes = label_smoothing, num_classes
+
+    def sample_params(self):
+        """-> (lam, use_cutmix) for one batch, from Python's `random`."""
+        if (self.mixup_alpha <= 0 and self.cutmix_alpha <= 0) or random.random() >= self.prob:
+            return 1.0, False
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or random.random() < self.switch_prob)
+        alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
+        return random.betavariate(alpha, alpha), use_cutmix
+
+    def __call__(self, images, labels):
+        lam, use_cutmix = self.sample_params()
+        if lam < 1.0:
+            reversed_images = images.flip(0)
+            if use_cutmix:
+                (y0, y1, x0, x1), lam = cutmix_box(images.shape[-2], images.shape[-1], lam)
+                images = images.clone()
+                images[..., y0:y1, x0:x1] = reversed_images[..., y0:y1, x0:x1]
+            else:
+                images = images * lam + reversed_images * (1.0 - lam)
+        target = smooth_one_hot(labels, self.num_classes, self.label_smoothing)
+        return images, target * lam + target.flip(0) * (1.0 - lam)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Segmentation: ADE20K / image-mask folders, mmseg-style joint transforms (Python `random`)
+
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk", "rock",
+    "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers",
+    "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway",
+    "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind",
+    "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island",
+    "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower",
+    "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel",
+    "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship",
+    "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel", "basket",
+    "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name",
+    "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood",
+    "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag")
+
+
+def reduce_zero_label(label_map):
+    """mmseg's reduce_zero_label on a uint8 (H, W) array: 0 (ADE20K's 'other') -> 255 (ignore), k -> k - 1,
+    255 stays 255."""
+    out = label_map.astype(np.int16) - 1
+    out[(label_map == 0) | (label_map == 255)] = IGNORE_INDEX
+    return out.astype(np.uint8)
+
+
+class SegFolder(torch.utils.data.Dataset):
+    """Images in img_dir paired by file stem with label PNGs in ann_dir (pixel value = class index).
+
+    __getitem__ -> transform(PIL RGB image, PIL 'L' mask) (the pair itself when transform is None); the mask has
+    reduce_zero_label applied first when asked. Missing pairs fail at construction, size mismatches at loading.
+    """
+
+    def __init__(self, img_dir, ann_dir, transform=None, img_suffix=".jpg", ann_suffix=".png",
+                 reduce_zero_label=False, classes=None):
+        for kind, d in (("image", img_dir), ("annotation", ann_dir)):
+            if not os.path.isdir(d):
+                raise FileNotFoundError(f"{kind} folder {d!r} does not exist; expected images in img_dir/<name>"
+                                        f"{img_suffix} and label maps in ann_dir/<name>{ann_suffix}")
+        images = {f[:-len(img_suffix)]: f for f in os.listdir(img_dir) if f.lower().endswith(img_suffix.lower())}
+        annotations = {f[:-len(ann_suffix)]: f for f in os.listdir(ann_dir)
+                       if f.lower().endswith(ann_suffix.lower())}
+        if not images:
+            raise FileNotFoundError(f"no '*{img_suffix}' images in {img_dir!r}")
+        for missing, have, where in ((images.keys() - annotations.keys(), "images", ann_dir),
+                                     (annotations.keys() - images.keys(), "annotations", img_dir)):
+            if missing:
+                names = sorted(missing)
+                raise FileNotFoundError(f"{len(names)} {have} have no counterpart in {where!r}: "
+                                        f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; every image "
+                                        f"<name>{img_suffix} needs an annotation <name>{ann_suffix} and vice versa")
+        self.img_dir, self.ann_dir, self.transform = img_dir, ann_dir, transform
+        self.reduce_zero_label, self.classes = reduce_zero_label, classes
+        self.samples = [(os.path.join(img_dir, images[n]), os.path.join(ann_dir, annotations[n]))
+                        for n in sorted(images)]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index):
+        """-> (PIL RGB image, PIL 'L' mask) with reduce_zero_label applied."""
+        img_path, ann_path = self.samples[index]
+        img, labels = load_image(img_path), load_label_map(ann_path)
+        if img.size != (labels.shape[1], labels.shape[0]):
+            raise ValueError(f"image {img_path!r} is {img.size[0]}x{img.size[1]} but its annotation {ann_path!r} is "
+                             f"{labels.shape[1]}x{labels.shape[0]}; they must have the same size")
+        if self.reduce_zero_label:
+            labels = reduce_zero_label(labels)
+        return img, Image.fromarray(labels, "L")
+
+    def __getitem__(self, index):
+        img, mask = self.load(index)
+        return self.transform(img, mask) if self.transform is not None else (img, mask)
+
+
+class ADE20KDataset(SegFolder):
+    """ADE20K (ADEChallengeData2016): root/images/{split}/*.jpg with root/annotations/{split}/*.png, 150 classes,
+    label 0 ('other') ignored via reduce_zero_label -> training labels 0..149 and 255 = ignore."""
+
+    def __init__(self, root, split="training", transform=None, reduce_zero_label=True):
+        if split not in ("training", "validation"):
+            raise ValueError(f"ADE20K split must be 'training' or 'validation', got {split!r}")
+        img_dir, ann_dir = os.path.join(root, "images", split), os.path.join(root, "annotations", split)
+        if not os.path.isdir(img_dir) or not os.path.isdir(ann_dir):
+            raise FileNotFoundError(f"{root!r} is not an ADE20K folder: expected {img_dir!r} and {ann_dir!r} "
+                                    "(the ADEChallengeData2016 layout: images/{training,validation}/*.jpg and "
+                                    "annotations/{training,validation}/*.png)")
+        super().__init__(img_dir, ann_dir, transform, ".jpg", ".png", reduce_zero_label, ADE20K_CLASSES)
+
+
+def seg_random_resize(img, mask, scale=(2048, 512), ratio_range=(0.5, 2.0), resample=BILINEAR):
+    """mmseg Resize(img_scale=scale, ratio_range, keep_ratio=True): target scale = scale * U[ratio_range], then
+    rescale by min(long_target / long_side, short_target / short_side). The mask is resized NEAREST."""
+    ratio = random.uniform(*ratio_range)
+    return seg_rescale(img, mask, (int(scale[0] * ratio), int(scale[1] * ratio)), resample)
+
+
+def seg_rescale(img, mask, scale, resample=BILINEAR):
+    """mmcv imrescale: keep the aspect ratio, fit within (long edge max(scale), short edge min(scale))."""
+    w, h = img.size
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    size = (int(w * factor + 0.5), int(h * factor + 0.5))
+    return img.resize(size, resample), (mask.resize(size, NEAREST) if mask is not None else None)
+
+
+def crop_box_ok(mask_crop, cat_max_ratio, ignore_index=IGNORE_INDEX):
+    """mmseg's cat_max_ratio test: at least 2 classes (ignore excluded) and none covering >= cat_max_ratio."""
+    counts = np.bincount(np.asarray(mask_crop).ravel(), minlength=256)
+    counts[ignore_index] = 0
+    counts = counts[counts > 0]
+    return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
+
+
+def seg_random_crop(img, mask, crop_size=(512, 512), cat_max_ratio=0.75, ignore_index=IGNORE_INDEX):
+    """mmseg RandomCrop: a uniform crop (clipped to the image when it is smaller); with cat_max_ratio < 1, redraw up
+    to 10 times until crop_box_ok, keeping the last draw if none passes (as mmseg)."""
+    w, h = img.size
+
+    def draw():
+        top, left = random.randint(0, max(h - crop_size[0], 0)), random.randint(0, max(w - crop_size[1], 0))
+        return left, top, min(left + crop_size[1], w), min(top + crop_size[0], h)
+
+    box = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(10):
+            if crop_box_ok(mask.crop(box), cat_max_ratio, ignore_index):
+                break
+            box = draw()
+    return img.crop(box), mask.crop(box)
+
+
+def photometric_distortion(img, brightness_delta=32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5),
+                           hue_delta=18):
+    """mmseg PhotoMetricDistortion, each step with probability 1/2: brightness (add U[-32, 32]), contrast (multiply
+    by U[0.5, 1.5], before or after the rest), saturation (scale S of HSV), hue (shift by an integer of
+    [-18, 18] OpenCV hue units, 180 per turn; PIL's HSV has 256 per turn, so the shift is scaled by 256/180)."""
+    x = np.asarray(img, dtype=np.float32)
+
+    def clip(a):
+        return np.clip(a, 0, 255).astype(np.uint8).astype(np.float32)  # mmseg rounds to uint8 after each step
+
+    if random.randint(0, 1):
+        x = clip(x + random.uniform(-brightness_delta, brightness_delta))
+    contrast_last = random.randint(0, 1) == 0
+    if not contrast_last and random.randint(0, 1):
+        x = clip(x * random.uniform(*contrast_range))
+    if random.randint(0, 1):
+        hsv = np.array(Image.fromarray(x.astype(np.uint8), "RGB").convert("HSV"), dtype=np.float32)
+        hsv[..., 1] = clip(hsv[..., 1] * random.uniform(*saturation_range))
+        x = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"), dtype=np.float32)
+    if random.randint(0, 1):
+        hsv = np.array(Image.fromarray(x.astype(np.uint8), "RGB").convert("HSV"), dtype=np.int32)
+        hsv[..., 0] = (hsv[..., 0] + int(round(random.randint(-hue_delta, hue_delta) * 256 / 180))) % 256
+        x = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"), dtype=np.float32)
+    if contrast_last and random.randint(0, 1):
+        x = clip(x * random.uniform(*contrast_range))
+    return Image.fromarray(x.astype(np.uint8), "RGB")
+
+
+def _mask_tensor(mask):
+    return torch.from_numpy(np.array(mask, dtype=np.int64))
+
+
+class SegTrainTransform:
+    """mmseg ADE20K training pipeline on (PIL image, PIL 'L' mask) -> (image (3, c, c) float, mask (c, c) int64):
+    random resize (ratio_range of scale, keep ratio) -> random crop (cat_max_ratio) -> horizontal flip ->
+    photometric distortion -> normalize -> pad bottom/right to crop_size with 0 (image, after normalization, as
+    mmseg) and ignore_index (mask). `image_resample` is bilinear as mmseg; masks are always NEAREST."""
+
+    def __init__(self, crop_size=512, scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75, flip_prob=0.5,
+                 photometric=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, ignore_index=IGNORE_INDEX,
+                 image_resample=BILINEAR):
+        self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+        self.scale, self.ratio_range, self.cat_max_ratio = scale, ratio_range, cat_max_ratio
+        self.flip_prob, self.photometric, self.mean, self.std = flip_prob, photometric, mean, std
+        self.ignore_index, self.image_resample = ignore_index, image_resample
+
+    def __call__(self, img, mask):
+        if img.size != mask.size:
+            raise ValueError(f"image size {img.size} and mask size {mask.size} differ")
+        img, mask = seg_random_resize(img, mask, self.scale, self.ratio_range, self.image_resample)
+        img, mask = seg_random_crop(img, mask, self.crop_size, self.cat_max_ratio, self.ignore_index)
+        if random.random() < self.flip_prob:
+            img, mask = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.photometric:
+            img = photometric_distortion(img)
+        x, y = to_tensor(img, self.mean, self.std), _mask_tensor(mask)
+        ch, cw = self.crop_size
+        padded_x = torch.zeros(3, ch, cw)
+        padded_y = torch.full((ch, cw), self.ignore_index, dtype=torch.int64)
+        padded_x[:, :x.shape[1], :x.shape[2]] = x
+        padded_y[:y.shape[0], :y.shape[1]] = y
+        return padded_x, padded_y
+
+
+class SegEvalTransform:
+    """mmseg ADE20K test pipeline: the image is rescaled (keep ratio) to fit `scale` (2048, 512), bilinear, and
+    normalized; the mask stays at its original size (predictions are resized back to it for mIoU).
+    -> (image (3, h, w) float, mask (H, W) int64)."""
+
+    def __init__(self, scale=(2048, 512), mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.scale, self.mean, self.std = scale, mean, std
+
+    def __call__(self, img, mask):
+        img, _ = seg_rescale(img, None, self.scale)
+        return to_tensor(img, self.mean, self.std), _mask_tensor(mask)
+
+
+class ShapesSegmentation(torch.utils.data.Dataset):
+    """SyntheticShapes as a segmentation dataset: num_classes = shapes.num_seg_classes (0 = background is a real
+    class). __getitem__ -> transform(image, mask), or (normalized image (3, S, S), mask (S, S) int64)."""
+
+    def __init__(self, shapes, transform=None):
+        self.shapes, self.transform = shapes, transform
+        self.num_classes = shapes.num_seg_classes
+        self.classes = ["background"] + list(shapes.classes)
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def __getitem__(self, index):
+        img, _, mask = self.shapes.get(index)
+        if self.transform is not None:
+            return self.transform(img, mask)
+        return to_tensor(img), _mask_tensor(mask)

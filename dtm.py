@@ -1,0 +1,745 @@
+"""DTM pre-training model: ViT student, frozen teachers and the DTM objective.
+
+"Morphing Tokens Draw Strong Masked Image Models" (DTM, ICLR 2025) distils a frozen teacher (OpenAI CLIP
+ViT-B/16) into a masked ViT student. Instead of matching every patch token on its own, both the student's
+predictions and the teacher's targets are averaged over groups of similar tokens ("morphed tokens") found
+on the teacher's tokens by token morphing (Algorithm 1, morph.py), with a new random schedule per step
+(the dynamic scheduler). This file holds everything around morph.py, torch only:
+
+    VisionTransformer      the student (and the fine-tuning / segmentation backbone), BEiT-style:
+                           patch embed, CLS, learned mask token, blocks with q/v bias, layer scale,
+                           stochastic depth, relative position bias, fused SDPA attention, final LayerNorm
+    VIT_CONFIGS, build_vit vit_tiny (tests, demo) / vit_s / vit_b / vit_l
+    CLIPVisual             OpenAI CLIP's visual encoder with the official parameter names
+    load_clip_visual       reads the official ViT-B-16.pt (TorchScript archive) or a plain state dict
+    CLIPTeacher            targets ln_post(patch tokens) @ proj, (B, N, 512)        -- DTM's targets
+    CkptTeacher            a checkpoint of this repo as a frozen teacher (MaskDistill-style)
+    PixelTeacher           per-patch normalized pixels (MAE norm_pix) -- no weights needed
+    build_teacher          "clip:PATH" | "ckpt:PATH" | "pixels"
+    morph_levels           Algorithm 1 on the teacher tokens, once per level (L schedules)
+    dtm_loss               the DTM objective on morphed predictions and targets
+    DTMPretrainModel       student + linear head; forward(images, mask, targets, levels) -> loss, stats
+
+The DTM objective (as in the official code, naver-ai/dtm engines/engine_for_dtm.py): for each of L levels
+with partition g (B, N) into G groups, every patch position i holds the mean of its group,
+    loss_level = mean_i  l(mean_{j in g(i)} pred_j,  mean_{j in g(i)} target_j)
+              = sum_groups |group| * l(group means) / N,
+and the loss is the average over levels. l is smooth-L1 (beta 2.0, mean over channels) by default. A schedule
+with no merges gives the identity partition, i.e. plain per-token feature distillation.
+
+From BEiT (Bao et al. 2022) / BEiT v2, as used by the official DTM code: relative position bias shared by all
+blocks, no absolute position embedding, layer scale 0.1, q and v bias but no k bias (a k bias would be
+cancelled by the softmax anyway), LayerNorm eps 1e-6, truncated-normal init (std 0.02, truncated at +-std as in
+BEiT's trunc_normal_ wrapper) and the rescaling of each block's output projections by 1 / sqrt(2 * layer_id).
+"""
+import math
+import os
+import zipfile
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import morph
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+# ---------------------------------------------------------------------------------------------------
+# Vision Transformer (BEiT-style)
+
+VIT_CONFIGS = {
+    "vit_tiny": dict(embed_dim=192, depth=4, num_heads=3),  # tests and the CPU demo
+    "vit_s": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16),  # official DTM/BEiT use layer_scale_init=1e-5 here
+}
+
+
+def build_vit(name: str, **overrides) -> "VisionTransformer":
+    """VisionTransformer of a named size; overrides are passed on (img_size, drop_path_rate, num_classes...)."""
+    if name not in VIT_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(VIT_CONFIGS)}")
+    return VisionTransformer(**{**VIT_CONFIGS[name], **overrides})
+
+
+def _pair(size) -> tuple:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    # BEiT's wrapper truncates at +-std (not +-2 std as timm's default)
+    return nn.init.trunc_normal_(t, std=std, a=-std, b=std)
+
+
+def relative_position_index(grid) -> torch.Tensor:
+    """BEiT's index (1 + H*W, 1 + H*W) into a table of (2H-1)(2W-1) + 3 rows.
+
+    Patch pairs index their offset (dy, dx); the last three rows are CLS->patch, patch->CLS and CLS->CLS.
+    """
+    H, W = grid
+    coords = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")).flatten(1)  # (2, HW)
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, HW, HW) query minus key
+    num_rel = (2 * H - 1) * (2 * W - 1)
+    index = torch.empty(H * W + 1, H * W + 1, dtype=torch.long)
+    index[1:, 1:] = (rel[0] + H - 1) * (2 * W - 1) + (rel[1] + W - 1)
+    index[0, :] = num_rel  # CLS query -> any key
+    index[:, 0] = num_rel + 1  # patch query -> CLS key
+    index[0, 0] = num_rel + 2
+    return index
+
+
+def resize_rel_pos_table(table: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
+    """Relative position bias table for another patch grid: ((2H-1)(2W-1) + 3, heads) -> new grid's size.
+
+    The (2H-1, 2W-1) map of offsets is resized bicubically (as Swin does for fine-tuning at a higher
+    resolution; BEiT's segmentation code uses a geometric spacing instead); the 3 CLS rows are kept.
+    Resizing to the same grid returns the table unchanged (bicubic weights at integer positions are exact).
+    """
+    (H, W), (H2, W2) = _pair(old_grid), _pair(new_grid)
+    num_rel, heads = (2 * H - 1) * (2 * W - 1), table.shape[1]
+    if table.shape[0] != num_rel + 3:
+        raise ValueError(f"relative position table has {table.shape[0]} rows, expected {num_rel + 3} for grid {(H, W)}")
+    offsets = table[:num_rel].float().t().reshape(1, heads, 2 * H - 1, 2 * W - 1)
+    offsets = F.interpolate(offsets, size=(2 * H2 - 1, 2 * W2 - 1), mode="bicubic", align_corners=False)
+    return torch.cat([offsets.reshape(heads, -1).t(), table[num_rel:].float()]).to(table.dtype)
+
+
+def resize_pos_embed(pos: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
+    """Absolute position embedding (..., 1 + H*W, C) -> (..., 1 + H2*W2, C), bicubic on the patch grid."""
+    (H, W), (H2, W2) = _pair(old_grid), _pair(new_grid)
+    if (H, W) == (H2, W2):
+        return pos
+    cls_pos, grid_pos = pos[..., :1, :], pos[..., 1:, :]
+    C = pos.shape[-1]
+    grid_pos = grid_pos.reshape(1, H, W, C).permute(0, 3, 1, 2).float()  # (1, C, H, W)
+    grid_pos = F.interpolate(grid_pos, size=(H2, W2), mode="bicubic", align_corners=False)
+    grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(*pos.shape[:-2], H2 * W2, C).to(pos.dtype)
+    return torch.cat([cls_pos, grid_pos], dim=-2)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned bias per head and relative offset; forward() -> (heads, 1 + N, 1 + N)."""
+
+    def __init__(self, grid, num_heads: int):
+        super().__init__()
+        self.grid = _pair(grid)
+        H, W = self.grid
+        self.table = nn.Parameter(torch.zeros((2 * H - 1) * (2 * W - 1) + 3, num_heads))  # zeros as BEiT
+        self.register_buffer("index", relative_position_index(self.grid), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        T = self.index.shape[0]
+        return self.table[self.index.view(-1)].view(T, T, -1).permute(2, 0, 1).contiguous()
+
+
+def _attention_bias(rel_pos_bias, attn_mask, dtype):
+    """Additive bias for SDPA: rel_pos_bias (heads, T, T) plus attn_mask (bool: True = may attend, or float)."""
+    bias = rel_pos_bias
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
+        bias = attn_mask if bias is None else bias + attn_mask
+    return None if bias is None else bias.to(dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with BEiT's q/v bias and an optional own relative position bias."""
+
+    def __init__(self, dim: int, num_heads: int, rel_pos_grid=None):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_bias = RelativePositionBias(rel_pos_grid, num_heads) if rel_pos_grid is not None else None
+
+    def forward(self, x, rel_pos_bias=None, attn_mask=None, return_attn=False):
+        B, T, C = x.shape
+        qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, qkv_bias).view(B, T, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
+        if self.rel_pos_bias is not None:
+            rel_pos_bias = self.rel_pos_bias()
+        bias = _attention_bias(rel_pos_bias, attn_mask, q.dtype)  # broadcastable to (B, heads, T, T)
+        attn = None
+        if return_attn:  # explicit softmax, same math as SDPA
+            scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+            attn = (scores if bias is None else scores + bias).float().softmax(dim=-1)  # (B, heads, T, T) float32
+            out = attn.to(v.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(B, T, C)), attn
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch of a whole sample with probability p."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with layer scale (gamma_1, gamma_2) and stochastic depth."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0, layer_scale_init=0.1, rel_pos_grid=None):
+        super().__init__()
+        hidden = round(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, rel_pos_grid)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
+        self.drop_path = DropPath(drop_path)
+        self.gamma_1 = nn.Parameter(layer_scale_init * torch.ones(dim)) if layer_scale_init else None
+        self.gamma_2 = nn.Parameter(layer_scale_init * torch.ones(dim)) if layer_scale_init else None
+
+    def forward(self, x, rel_pos_bias=None, attn_mask=None, return_attn=False):
+        """x (B, T, C); rel_pos_bias (heads, T, T) if shared; attn_mask bool/float broadcastable to (B, heads, T, T).
+
+        Returns x, or (x, attention probabilities (B, heads, T, T)) if return_attn.
+        """
+        y, attn = self.attn(self.norm1(x), rel_pos_bias, attn_mask, return_attn)
+        x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
+        y = self.mlp(self.norm2(x))
+        x = x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
+        return (x, attn) if return_attn else x
+
+
+class VisionTransformer(nn.Module):
+    """One ViT for pre-training (forward_features with a mask), fine-tuning (num_classes > 0) and segmentation.
+
+    rel_pos_bias: "shared" (one table for all blocks, BEiT/DTM pre-training), "per_block" (BEiT fine-tuning)
+    or "none". With num_classes > 0 the model is BEiT's fine-tuning classifier: the final `norm` becomes
+    Identity and `fc_norm` + `head` act on the mean of the patch tokens (head scaled by head_init_scale).
+    Parameter names for layer-wise lr decay: see layer_id_for_param.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, drop_path_rate=0.0, layer_scale_init=0.1, rel_pos_bias="shared",
+                 abs_pos_emb=False, use_mask_token=True, num_classes=0, head_init_scale=0.001):
+        super().__init__()
+        self.img_size, self.patch_size = _pair(img_size), patch_size
+        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
+            raise ValueError(f"image size {self.img_size} is not divisible by the patch size {patch_size}; "
+                             f"use an image size that is a multiple of {patch_size} (e.g. 224 for patch 16)")
+        if rel_pos_bias not in ("shared", "per_block", "none"):
+            raise ValueError(f"rel_pos_bias must be 'shared', 'per_block' or 'none', got {rel_pos_bias!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.embed_dim, self.depth, self.num_heads, self.num_classes = embed_dim, depth, num_heads, num_classes
+
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim)) if abs_pos_emb else None
+        self.rel_pos_bias = RelativePositionBias(self.grid, num_heads) if rel_pos_bias == "shared" else None
+        drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth linear in depth
+        block_grid = self.grid if rel_pos_bias == "per_block" else None
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, drop_rates[i], layer_scale_init, block_grid) for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if num_classes == 0 else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if num_classes > 0 else None
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else None
+        self._init_weights(head_init_scale)
+
+    @torch.no_grad()
+    def _init_weights(self, head_init_scale):
+        for p in (self.cls_token, self.mask_token, self.pos_embed):
+            if p is not None:
+                _trunc_normal_(p)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                _trunc_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for layer_id, block in enumerate(self.blocks, start=1):  # BEiT's fix_init_weight
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+        if self.head is not None:
+            self.head.weight.mul_(head_init_scale)
+            self.head.bias.mul_(head_init_scale)
+
+    def embed(self, images, mask=None):
+        """images (B, 3, H, W), mask (B, N) bool (True = masked) -> tokens (B, 1 + N, C) with CLS first."""
+        if images.dim() != 4 or tuple(images.shape[-2:]) != self.img_size:
+            raise ValueError(f"expected images (B, C, {self.img_size[0]}, {self.img_size[1]}), got {tuple(images.shape)}; "
+                             f"build the model with img_size={tuple(images.shape[-2:])} and adapt the checkpoint "
+                             f"with adapt_state_dict to run at another size")
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C)
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("a mask was given but the model has no mask token; build it with use_mask_token=True")
+            if mask.shape != x.shape[:2] or mask.dtype != torch.bool:
+                raise ValueError(f"mask must be bool of shape {tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return x if self.pos_embed is None else x + self.pos_embed
+
+    def _block_indices(self, indices, what):
+        out = []
+        for i in indices:
+            if not -self.depth <= i < self.depth:
+                raise ValueError(f"{what} has block index {i}, valid: 0..{self.depth - 1} (or negative from the end)")
+            out.append(i % self.depth)
+        return out
+
+    def forward_features(self, images, mask=None, return_layers=(), attn_mask=None, return_attn=()):
+        """Tokens after the final norm (B, 1 + N, C), CLS first.
+
+        mask: (B, N) bool, True = masked patch, replaced by the learned mask token.
+        return_layers: block indices whose outputs (B, 1 + N, C, before the final norm) are also returned.
+        attn_mask: one bool (True = may attend) / float mask broadcastable to (B, heads, 1+N, 1+N) for every block,
+            or a list with one such mask or None per block. Each query must be allowed at least one key.
+        return_attn: block indices whose attention probabilities (B, heads, 1+N, 1+N) are also returned;
+            those blocks compute the softmax explicitly, the others use fused SDPA.
+        Returns tokens; (tokens, layers) if return_layers; (tokens, layers, attns) if return_attn.
+        """
+        layer_ids = self._block_indices(return_layers, "return_layers")
+        attn_ids = self._block_indices(return_attn, "return_attn")
+        if attn_mask is None or torch.is_tensor(attn_mask):
+            attn_mask = [attn_mask] * self.depth
+        elif len(attn_mask) != self.depth:
+            raise ValueError(f"attn_mask list has {len(attn_mask)} entries, expected one per block ({self.depth})")
+        x = self.embed(images, mask)
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        layers, attns = {}, {}
+        for i, block in enumerate(self.blocks):
+            if i in attn_ids:
+                x, attns[i] = block(x, rel_pos_bias, attn_mask[i], return_attn=True)
+            else:
+                x = block(x, rel_pos_bias, attn_mask[i])
+            layers[i] = x
+        tokens = self.norm(x)
+        if attn_ids:
+            return tokens, [layers[i] for i in layer_ids], [attns[i] for i in attn_ids]
+        if layer_ids:
+            return tokens, [layers[i] for i in layer_ids]
+        return tokens
+
+    def forward(self, images):
+        """Classification logits (B, num_classes): head(fc_norm(mean of patch tokens)), BEiT's fine-tuning head."""
+        if self.head is None:
+            raise RuntimeError("this model has no classifier (num_classes=0); use forward_features for tokens")
+        tokens = self.forward_features(images)
+        return self.head(self.fc_norm(tokens[:, 1:].mean(dim=1)))
+
+
+def layer_id_for_param(name: str, depth: int) -> int:
+    """BEiT's layer id for layer-wise lr decay: 0 embeddings, i + 1 block i, depth + 1 everything on top."""
+    if name.startswith(("cls_token", "mask_token", "pos_embed", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1  # shared rel_pos_bias (as BEiT), norm, fc_norm, head
+
+
+def _table_grid(rows: int) -> tuple:
+    """Square grid of a relative position table with `rows` rows, (2H-1)^2 + 3 = rows."""
+    side = math.isqrt(rows - 3)
+    if side * side != rows - 3 or side % 2 == 0:
+        raise ValueError(f"cannot infer a square patch grid from a relative position table of {rows} rows")
+    return ((side + 1) // 2,) * 2
+
+
+def adapt_state_dict(state_dict: dict, model: VisionTransformer) -> dict:
+    """A ViT state dict made to fit `model`: relative position tables and position embeddings resized to the
+    model's patch grid (for another image size), and a shared table copied into every block when the model
+    uses per-block tables (BEiT fine-tuning). Other keys pass unchanged; load the result with load_state_dict.
+    Source grids are inferred assuming a square grid. Take the ViT keys of a checkpoint with student_state_dict.
+    """
+    sd = dict(state_dict)
+    if "rel_pos_bias.table" in sd and model.rel_pos_bias is None and model.blocks[0].attn.rel_pos_bias is not None:
+        shared = sd.pop("rel_pos_bias.table")
+        for i in range(model.depth):
+            sd.setdefault(f"blocks.{i}.attn.rel_pos_bias.table", shared.clone())
+    for key, value in list(sd.items()):
+        if key.endswith("rel_pos_bias.table"):
+            old_grid = _table_grid(value.shape[0])
+            if old_grid != model.grid:
+                sd[key] = resize_rel_pos_table(value, old_grid, model.grid)
+        elif key == "pos_embed" and value.shape[1] != 1 + model.num_patches:
+            side = math.isqrt(value.shape[1] - 1)
+            sd[key] = resize_pos_embed(value, (side, side), model.grid)
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teachers: frozen modules with forward(images (B, 3, H, W)) -> targets (B, N, out_dim) and .out_dim
+
+
+class FrozenTeacher(nn.Module):
+    """Base of the teachers: no parameter trains, always in eval mode, forward under no_grad."""
+
+    def freeze(self):
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class CLIPAttention(nn.Module):
+    """nn.MultiheadAttention's parameters (in_proj_weight, in_proj_bias, out_proj), batch first, fused SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, T, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, T, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, C))
+
+
+class CLIPResidualBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = CLIPAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class CLIPVisual(nn.Module):
+    """OpenAI CLIP's VisionTransformer with the official parameter names; forward returns DTM's targets.
+
+    forward(images (B, 3, H, W)) -> ln_post(patch tokens) @ proj (B, N, output_dim): the CLS token is dropped,
+    as in the official DTM code. The positional embedding is resized bicubically if the input's patch grid
+    differs from the checkpoint's. Random CLIP-like init; load real weights with load_clip_visual.
+    """
+
+    def __init__(self, input_resolution=224, patch_size=16, width=768, layers=12, heads=12, output_dim=512):
+        super().__init__()
+        self.patch_size, self.output_dim = patch_size, output_dim
+        self.grid = (input_resolution // patch_size,) * 2
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid[0] * self.grid[1] + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        resblocks = nn.ModuleList([CLIPResidualBlock(width, heads) for _ in range(layers)])
+        self.transformer = nn.ModuleDict(dict(resblocks=resblocks))  # keys transformer.resblocks.{i}.*
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, images):
+        H, W = images.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"CLIP input {H}x{W} is not divisible by its patch size {self.patch_size}")
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, width)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        grid = (H // self.patch_size, W // self.patch_size)
+        x = x + resize_pos_embed(self.positional_embedding, self.grid, grid).to(x.dtype)
+        x = self.ln_pre(x)
+        for block in self.transformer.resblocks:
+            x = block(x)
+        return self.ln_post(x[:, 1:]) @ self.proj.to(x.dtype)
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    # both torch.save and torch.jit.save write zip files; only TorchScript archives hold constants.pkl
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") for name in archive.namelist())
+
+
+def _read_clip_state_dict(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CLIP weights file not found: {path!r}. Pass the local path of OpenAI's ViT-B-16.pt "
+                                f"(the file clip.load('ViT-B/16') downloads) or of a state dict saved with torch.save")
+    if _is_torchscript_archive(path):
+        return torch.jit.load(path, map_location="cpu").state_dict()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path!r} is neither a TorchScript archive nor a state dict torch.load can read: {e}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{path!r} does not hold a state dict (a dict of tensors); got {type(obj).__name__}")
+    return obj
+
+
+def load_clip_visual(path: str, heads: int = None) -> CLIPVisual:
+    """CLIPVisual with the weights of `path`: the official TorchScript file or a (full-model or visual) state dict.
+
+    width, layers, patch size, resolution and output dim are read off the tensor shapes; heads = width // 64
+    as in OpenAI's build_model unless given. Weights are cast to float32.
+    """
+    sd = _read_clip_state_dict(path)
+    if any(k.startswith("visual.") for k in sd):  # a full CLIP model: keep the image tower
+        sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    needed = ["conv1.weight", "positional_embedding", "proj", "transformer.resblocks.0.attn.in_proj_weight"]
+    absent = [k for k in needed if k not in sd]
+    if absent:
+        raise ValueError(f"{path!r} is not a CLIP ViT visual state dict: missing {absent}; "
+                         f"found keys like {sorted(sd)[:8]}")
+    width, _, patch_size, _ = sd["conv1.weight"].shape
+    grid = math.isqrt(sd["positional_embedding"].shape[0] - 1)
+    if grid * grid + 1 != sd["positional_embedding"].shape[0]:
+        raise ValueError(f"{path!r}: positional_embedding has {sd['positional_embedding'].shape[0]} rows, "
+                         f"not 1 + a square grid of patches")
+    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
+    model = CLIPVisual(grid * patch_size, patch_size, width, layers, heads or width // 64, sd["proj"].shape[1])
+    expected = model.state_dict().keys()
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path!r} does not match OpenAI CLIP's visual encoder: missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    return model
+
+
+class CLIPTeacher(FrozenTeacher):
+    """Frozen CLIP visual encoder. teacher_norm "imagenet" (official DTM: the teacher gets the same
+    ImageNet-normalized crop as the student) or "clip" (re-normalize to CLIP's own mean/std first)."""
+
+    def __init__(self, visual: CLIPVisual, teacher_norm: str = "imagenet"):
+        super().__init__()
+        if teacher_norm not in ("imagenet", "clip"):
+            raise ValueError(f"teacher_norm must be 'imagenet' or 'clip', got {teacher_norm!r}")
+        self.visual, self.teacher_norm, self.out_dim = visual, teacher_norm, visual.output_dim
+        self.patch_size = visual.patch_size
+        # x_clip = (x * std_in + mean_in - mean_clip) / std_clip = x * scale + shift
+        imnet_mean, imnet_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        clip_mean, clip_std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+        self.register_buffer("scale", (imnet_std / clip_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((imnet_mean - clip_mean) / clip_std).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+    @torch.no_grad()
+    def forward(self, images):
+        if self.teacher_norm == "clip":
+            images = images * self.scale + self.shift
+        return self.visual(images)
+
+
+class PixelTeacher(FrozenTeacher):
+    """Per-patch normalized pixels (MAE's norm_pix): each patch's p*p*3 values minus their mean, over their std."""
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, eps: float = 1e-6):
+        super().__init__()
+        self.patch_size, self.eps, self.out_dim = patch_size, eps, patch_size * patch_size * in_chans
+
+    @torch.no_grad()
+    def forward(self, images):
+        B, C, H, W = images.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image {H}x{W} is not divisible by the patch size {p}")
+        x = images.float().reshape(B, C, H // p, p, W // p, p)
+        x = torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)  # MAE's patchify order
+        mean, var = x.mean(dim=-1, keepdim=True), x.var(dim=-1, keepdim=True)  # unbiased var, as MAE
+        return (x - mean) / (var + self.eps).sqrt()
+
+
+def student_state_dict(checkpoint: dict) -> dict:
+    """The ViT weights in a checkpoint of this repo: checkpoint["model"] (or a plain state dict), with DDP's
+    "module." prefix removed and, for a DTMPretrainModel, only the "student." part."""
+    sd = checkpoint.get("model", checkpoint)
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if any(k.startswith("student.") for k in sd):
+        sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+    return sd
+
+
+class CkptTeacher(FrozenTeacher):
+    """A checkpoint of this repo (a pre-trained student or a fine-tuned classifier) as a frozen teacher.
+
+    Targets are the final normalized patch tokens (B, N, embed_dim): `norm` of a pre-trained model, or `fc_norm`
+    (the last LayerNorm it was trained with) applied per token for a fine-tuned classifier. The architecture is
+    read off the state dict; the number of heads from checkpoint["args"]["model"] (or ["num_heads"]), else from
+    the VIT_CONFIGS entry with the same width and depth. Position tables are resized to img_size if needed.
+    """
+
+    def __init__(self, path: str, img_size=224):
+        super().__init__()
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"teacher checkpoint not found: {path!r}")
+        # repo checkpoints hold plain python args next to tensors; only load checkpoints you trust
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"{path!r} is not a checkpoint dict of this repo (got {type(checkpoint).__name__})")
+        sd = student_state_dict(checkpoint)
+        if "patch_embed.weight" not in sd:
+            raise ValueError(f"{path!r} holds no ViT of this repo (no 'patch_embed.weight'); keys like {sorted(sd)[:8]}")
+        args = checkpoint.get("args") or {}
+        args = args if isinstance(args, dict) else vars(args)
+        embed_dim, _, patch_size, _ = sd["patch_embed.weight"].shape
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        num_heads = self._num_heads(args, embed_dim, depth, path)
+        if "rel_pos_bias.table" in sd:
+            rel_pos_bias = "shared"
+        elif "blocks.0.attn.rel_pos_bias.table" in sd:
+            rel_pos_bias = "per_block"
+        else:
+            rel_pos_bias = "none"
+        if "norm.weight" not in sd and "fc_norm.weight" in sd:  # fine-tuned classifier
+            sd["norm.weight"], sd["norm.bias"] = sd.pop("fc_norm.weight"), sd.pop("fc_norm.bias")
+        sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "mask_token"))}
+        self.vit = VisionTransformer(
+            img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim, rel_pos_bias=rel_pos_bias,
+            abs_pos_emb="pos_embed" in sd, use_mask_token=False,
+            layer_scale_init=1.0 if "blocks.0.gamma_1" in sd else 0.0)
+        missing, unexpected = self.vit.load_state_dict(adapt_state_dict(sd, self.vit), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path!r} does not fit the ViT read off its shapes: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
+        self.out_dim, self.patch_size = embed_dim, patch_size
+        self.freeze()
+
+    @staticmethod
+    def _num_heads(args, embed_dim, depth, path):
+        if args.get("num_heads"):
+            return int(args["num_heads"])
+        config = VIT_CONFIGS.get(args.get("model"))
+        if config is None:
+            config = next((c for c in VIT_CONFIGS.values() if (c["embed_dim"], c["depth"]) == (embed_dim, depth)), None)
+        if config is None or config["embed_dim"] != embed_dim:
+            raise ValueError(f"cannot tell the number of heads of the ViT in {path!r} (width {embed_dim}, depth {depth}); "
+                             f"save args with 'model' (one of {', '.join(VIT_CONFIGS)}) or 'num_heads' in the checkpoint")
+        return config["num_heads"]
+
+    @torch.no_grad()
+    def forward(self, images):
+        return self.vit.forward_features(images)[:, 1:]
+
+
+def build_teacher(spec: str, img_size=224, patch_size: int = 16, teacher_norm: str = "imagenet") -> FrozenTeacher:
+    """Teacher from --teacher: "clip:PATH" | "ckpt:PATH" | "pixels". Its patch grid must match the student's."""
+    kind, _, path = spec.partition(":")
+    if kind == "pixels" and not path:
+        teacher = PixelTeacher(patch_size)
+    elif kind == "clip" and path:
+        teacher = CLIPTeacher(load_clip_visual(path), teacher_norm)
+    elif kind == "ckpt" and path:
+        teacher = CkptTeacher(path, img_size)
+    else:
+        raise ValueError(f"unknown teacher {spec!r}; use 'clip:PATH' (OpenAI CLIP ViT-B-16.pt), "
+                         f"'ckpt:PATH' (a checkpoint of this repo) or 'pixels'")
+    if teacher.patch_size != patch_size:
+        raise ValueError(f"teacher {spec!r} has patch size {teacher.patch_size} but the student {patch_size}: "
+                         f"their token grids must match")
+    return teacher
+
+
+# ---------------------------------------------------------------------------------------------------
+# The DTM objective
+
+LOSSES = ("smooth_l1", "l2", "cosine")
+
+
+def morph_levels(targets, schedules, split: str = "random", generator=None) -> list:
+    """Algorithm 1 on the teacher tokens (B, N, D) once per schedule -> [(groups (B, N), num_groups), ...]."""
+    N = targets.shape[1]
+    return [(morph.token_morphing(targets, s, split, generator), morph.num_groups_after(N, s)) for s in schedules]
+
+
+def _per_group_loss(pred, target, loss: str, beta: float):
+    """Loss between matched morphed tokens (B, G, D) -> (B, G), averaged over channels."""
+    if loss == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, reduction="none", beta=beta).mean(dim=-1)
+    if loss == "l2":
+        return (pred - target).pow(2).mean(dim=-1)
+    if loss == "cosine":  # 1 - cosine similarity: 0 for a perfect prediction
+        return 1.0 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6)
+    raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
+
+
+def dtm_loss(pred, target, levels, mask=None, loss: str = "smooth_l1", beta: float = 2.0, loss_on: str = "all"):
+    """The DTM loss averaged over levels; returns (loss, [loss of each level]).
+
+    pred: student predictions (B, N, D); target: teacher targets (B, N, D); levels: from morph_levels.
+    Every patch position holds its group's mean prediction and target, so a level's loss is
+    sum over positions i of w_i * l(group g(i)) / sum_i w_i, with w_i = 1 (loss_on="all", the official code:
+    groups weighted by their size) or w_i = mask_i (loss_on="masked": a group is weighted by its number of
+    masked members, its means still taken over all members, visible ones included).
+    Computed in float32 whatever the autocast dtype.
+    """
+    if loss_on not in ("all", "masked"):
+        raise ValueError(f"loss_on must be 'all' or 'masked', got {loss_on!r}")
+    if pred.shape != target.shape:
+        raise ValueError(f"predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ in shape")
+    if loss_on == "masked":
+        if mask is None:
+            raise ValueError("loss_on='masked' needs the mask")
+        weight = mask.float()
+    else:
+        weight = torch.ones(pred.shape[:2], device=pred.device)
+    pred, target = pred.float(), target.float()
+    level_losses = []
+    for groups, num_groups in levels:
+        per_group = _per_group_loss(morph.group_mean(pred, groups, num_groups),
+                                    morph.group_mean(target, groups, num_groups), loss, beta)  # (B, G)
+        per_position = per_group.gather(1, groups)  # (B, N): each position holds its group's loss
+        level_losses.append((per_position * weight).sum() / weight.sum().clamp(min=1.0))
+    return torch.stack(level_losses).mean(), level_losses
+
+
+class DTMPretrainModel(nn.Module):
+    """Student ViT + linear head to the teacher's dimension, trained with dtm_loss.
+
+    The teacher stays outside (so DDP wraps only what trains); per step:
+        targets = teacher(images)                                          # (B, N, D), no grad
+        levels = morph_levels(targets, [morph.sample_schedule(N, n, k, rng) for _ in range(L)])
+        loss, stats = model(images, mask, targets, levels)
+    """
+
+    def __init__(self, student: VisionTransformer, target_dim: int, loss: str = "smooth_l1", beta: float = 2.0,
+                 loss_on: str = "all"):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
+        if loss_on not in ("all", "masked"):
+            raise ValueError(f"loss_on must be 'all' or 'masked', got {loss_on!r}")
+        self.student, self.loss, self.beta, self.loss_on = student, loss, beta, loss_on
+        self.head = nn.Linear(student.embed_dim, target_dim)
+        _trunc_normal_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images, mask, targets, levels):
+        """images (B, 3, H, W), mask (B, N) bool, targets (B, N, D) -> (loss, stats).
+
+        stats: "loss" and "loss_level{i}" as detached tensors, "groups_level{i}" (number of morphed tokens) as ints.
+        """
+        pred = self.head(self.student.forward_features(images, mask)[:, 1:])  # (B, N, D)
+        loss, level_losses = dtm_loss(pred, targets, levels, mask, self.loss, self.beta, self.loss_on)
+        stats = {"loss": loss.detach()}
+        for i, ((_, num_groups), level_loss) in enumerate(zip(levels, level_losses)):
+            stats[f"loss_level{i}"] = level_loss.detach()
+            stats[f"groups_level{i}"] = num_groups
+        return loss, stats

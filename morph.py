@@ -1,0 +1,356 @@
+"""Token morphing: Algorithm 1 of "Morphing Tokens Draw Strong Masked Image Models" (DTM, ICLR 2025).
+
+The token morphing function phi_R (Sec. 3, Algorithm 1) groups the N patch tokens of an image into
+N - sum(R) morphed tokens by k rounds of bipartite matching, R = [r_1, ..., r_k]. In each round p:
+
+    split the current tokens into two sets A (sources) and B (destinations)     Algorithm 1, split
+    cosine similarity between every source and every destination               Algorithm 1, similarity
+    each source keeps its most similar destination; the r_p best pairs merge   Algorithm 1, top-r_p
+    a merged token is the mean of the original tokens it contains              Algorithm 1, M_p
+
+DTM then compares student predictions and teacher targets after both are averaged over the same groups
+(the morphing matrix M applied to each). This file is the morphing alone, torch only, no model code:
+
+    token_morphing(x, R)         Algorithm 1 -> groups (B, N): which morphed token each original token is in
+    group_mean(x, groups, G)     M x: each morphed token is the mean of its members     (B, G, C)
+    morph_back(y, groups)        every original position gets its group's value          (B, N, C)
+    group_sizes(groups, G)       member counts                                           (B, G)
+    morph_matrix(groups, G)      the dense row-normalized M (B, G, N): slow path, for teaching and tests
+    sample_schedule(...)         the dynamic scheduler: random merged count n and iterations k per step
+    clamp_schedule(N, R)         the clamping rule below
+
+Where this file deliberately differs from the paper's literal text, and why:
+  * M is never built. The paper writes M = M_k ... M_1, a product of per-round row-normalized matrices.
+    We keep an index map instead (original token -> current token) and compute group means with
+    scatter-adds: memory O(B N C) instead of O(B N^2) per round, and the loss needs no N x N products.
+  * Merges are size weighted, so a morphed token is the exact mean of the original tokens it contains
+    (as the official code does with ToMe's merge_wavg). A literal product of row-normalized 2-to-1
+    averages would weight a token merged late more than tokens merged early.
+  * Rounds carry the *sums* of their members' features. Cosine similarity is scale invariant, so the
+    cosine of two sums equals the cosine of the two means: no size tensor is needed while matching.
+  * The random split is ToMe's alternate split applied to a random permutation of the current tokens:
+    sources are permuted positions 0, 2, 4, ..., destinations 1, 3, 5, ...  (|A| = ceil(T/2)).
+    split="alternate" uses the tokens in their current order, exactly as ToMe's bipartite_soft_matching
+    (without a protected class token), including its token order after a merge: [unmerged sources
+    sorted by similarity, descending; then destinations], so results compare token for token.
+  * Clamping (ToMe's rule): before round p with T current tokens, r_p <- min(r_p, T // 2). Rounds with
+    r_p = 0 are skipped (and draw no random numbers). Negative r_p is an error.
+"""
+import math
+import random
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------
+# Schedules
+
+
+def clamp_schedule(num_tokens: int, schedule) -> list:
+    """The schedule that token_morphing really runs: r_p <- min(r_p, T_p // 2), T_p tokens before round p."""
+    clamped, tokens = [], num_tokens
+    for r in schedule:
+        r = int(r)
+        if r < 0:
+            raise ValueError(f"schedule {list(schedule)} has a negative entry {r}; tokens removed per round must be >= 0")
+        r = min(r, tokens // 2)
+        clamped.append(r)
+        tokens -= r
+    return clamped
+
+
+def num_groups_after(num_tokens: int, schedule) -> int:
+    """Number of morphed tokens N - sum(R) after clamping."""
+    return num_tokens - sum(clamp_schedule(num_tokens, schedule))
+
+
+def sample_schedule(num_tokens: int, max_merged: int, max_iters: int, rng: random.Random, rule: str = "spread") -> list:
+    """The dynamic scheduler (Sec. 3.2): merged count n ~ U{0..max_merged}, iterations k ~ U{1..max_iters}.
+
+    rule="spread": n is spread exactly over k rounds, r_p = n // k, plus one for the first n % k rounds,
+        so sum(R) = n before clamping.
+    rule="official": the official code's r = ceil(n / k) in every round, or floor(n / k) when
+        ceil(n / k) * k > num_tokens; sum(R) = r * k can then differ from n by up to k - 1.
+    Either way the result is clamped with clamp_schedule, so sum(R) is what token_morphing removes.
+    rng is a random.Random (seed it from the step for reproducible runs without saved state).
+    """
+    n = rng.randint(0, max_merged)
+    k = rng.randint(1, max_iters)
+    if rule == "spread":
+        schedule = [n // k + (1 if p < n % k else 0) for p in range(k)]
+    elif rule == "official":
+        r = math.ceil(n / k)
+        if r * k > num_tokens:
+            r = n // k
+        schedule = [r] * k
+    else:
+        raise ValueError(f"unknown schedule rule {rule!r}; use 'spread' or 'official'")
+    return clamp_schedule(num_tokens, schedule)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Algorithm 1
+
+
+def _random_order(batch: int, tokens: int, generator, device) -> torch.Tensor:
+    """A random permutation of range(tokens) per sample (B, T); drawn on the generator's device."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(batch, tokens, generator=generator, device=gen_device).argsort(dim=1).to(device)
+
+
+def _flat_index(index: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
+    """(B, K) per-sample row indices -> (B * K,) indices into the rows of a (B * T, C) view."""
+    offsets = torch.arange(index.shape[0], device=index.device)[:, None] * rows_per_sample
+    return (index + offsets).flatten()
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C), index (B, K) -> x[b, index[b]] (B, K, C). Whole-row copies (much faster than gather)."""
+    B, T, C = x.shape
+    return x.reshape(B * T, C).index_select(0, _flat_index(index, T)).view(B, -1, C)
+
+
+def _best_cosine(inner: torch.Tensor, sq_norm_a: torch.Tensor, sq_norm_b: torch.Tensor):
+    """Each source's most similar destination by cosine: inner (B, Ta, Tb) -> best cosine, index (B, Ta).
+
+    The source's norm does not change its argmax, so it scales only the (B, Ta) maxima.
+    """
+    best, index = (inner * sq_norm_b.clamp_min(1e-24).rsqrt()[:, None, :]).max(dim=-1)
+    return best * sq_norm_a.clamp_min(1e-24).rsqrt(), index
+
+
+class _FeatureSums:
+    """Member sums of every token (B, N, C), stored at the row of a surviving token. Memory O(B N C)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.sums = x.to(torch.float32, copy=True)
+        self.sq_norm = self.sums.pow(2).sum(-1)  # (B, N)
+
+    def best_match(self, rows_a: torch.Tensor, rows_b: torch.Tensor):
+        a, b = _gather_rows(self.sums, rows_a), _gather_rows(self.sums, rows_b)  # (B, Ta, C), (B, Tb, C)
+        inner = a @ b.transpose(1, 2)  # (B, Ta, Tb)
+        return _best_cosine(inner, self.sq_norm.gather(1, rows_a), self.sq_norm.gather(1, rows_b))
+
+    def merge(self, src: torch.Tensor, dst: torch.Tensor):
+        B, N, C = self.sums.shape
+        self.sums.view(B * N, C).index_add_(0, _flat_index(dst, N), _gather_rows(self.sums, src).flatten(0, 1))
+        self.sq_norm.scatter_(1, dst, _gather_rows(self.sums, dst).pow(2).sum(-1))
+
+
+class _GramOfSums:
+    """Inner products of member sums, G[i, j] = <s_i, s_j> (B, N, N), from one bmm of the inputs.
+
+    Used when N <= C: memory O(B N^2) <= O(B N C), and a round reads a (B, T/2, T/2) block instead of
+    multiplying (B, T, C) features. Merging token s into d adds row s to row d, then column s to column d.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        x = x.float()
+        self.gram = x @ x.transpose(1, 2)
+
+    def best_match(self, rows_a: torch.Tensor, rows_b: torch.Tensor):
+        B, N, _ = self.gram.shape
+        inner = _gather_rows(self.gram, rows_a).gather(2, rows_b[:, None, :].expand(-1, rows_a.shape[1], -1))
+        diagonal = self.gram.view(B, N * N)[:, :: N + 1]  # squared norms (B, N)
+        return _best_cosine(inner, diagonal.gather(1, rows_a), diagonal.gather(1, rows_b))
+
+    def merge(self, src: torch.Tensor, dst: torch.Tensor):
+        B, N, _ = self.gram.shape
+        self.gram.view(B * N, N).index_add_(0, _flat_index(dst, N), _gather_rows(self.gram, src).flatten(0, 1))
+        columns = self.gram.gather(2, src[:, None, :].expand(B, N, -1))  # (B, N, r)
+        self.gram.scatter_add_(2, dst[:, None, :].expand(B, N, -1), columns)
+
+
+def _match(store, rows: torch.Tensor, r: int):
+    """One round of Algorithm 1 on the current tokens `rows` (B, T), already in split order.
+
+    Sources are positions 0, 2, 4, ..., destinations 1, 3, 5, ... Returns the store rows of the r merged
+    sources and of their destinations (B, r), and the surviving tokens in ToMe's order (B, T - r):
+    unmerged sources by similarity (descending), then all destinations.
+    """
+    rows_a, rows_b = rows[:, 0::2], rows[:, 1::2]
+    best_sim, best_dst = store.best_match(rows_a, rows_b)  # each source's most similar destination (B, Ta)
+    by_sim = best_sim.sort(dim=-1, descending=True, stable=True).indices
+    src, unmerged = by_sim[:, :r], by_sim[:, r:]  # top-r_p edges
+    src_rows, dst_rows = rows_a.gather(1, src), rows_b.gather(1, best_dst.gather(1, src))
+    return src_rows, dst_rows, torch.cat([rows_a.gather(1, unmerged), rows_b], dim=1)
+
+
+@torch.no_grad()
+def token_morphing(x: torch.Tensor, schedule, split: str = "random", generator: torch.Generator = None) -> torch.Tensor:
+    """Algorithm 1: partition the N tokens of x (B, N, C) into N - sum(schedule) groups.
+
+    Returns groups (B, N) int64: groups[b, i] is the morphed token that original token i belongs to,
+    taking every value in 0..G-1 (G = num_groups_after(N, schedule)) in the final token order.
+    split is "random" (per sample, reproducible with `generator`, which may live on any device) or
+    "alternate" (ToMe's even/odd split). Nothing is compacted: a merged token lives on in the store row
+    of its destination, `rows` lists the store rows of the current tokens, `owner` the store row of
+    every original token.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"token_morphing expects x of shape (B, N, C), got {tuple(x.shape)}")
+    if split not in ("random", "alternate"):
+        raise ValueError(f"unknown split {split!r}; use 'random' or 'alternate'")
+    if not x.is_floating_point():
+        raise TypeError(f"token_morphing expects floating point tokens, got {x.dtype}")
+    B, N, C = x.shape
+    identity = torch.arange(N, device=x.device).expand(B, N)
+    rounds = [r for r in clamp_schedule(N, schedule) if r > 0]
+    if not rounds:
+        return identity.clone()
+
+    store = _GramOfSums(x) if N <= C else _FeatureSums(x)
+    rows, owner = identity, identity  # (B, T), (B, N)
+    for r in rounds:
+        if split == "random":  # Algorithm 1's random split: the even/odd split of a random order
+            rows = rows.gather(1, _random_order(B, rows.shape[1], generator, x.device))
+        src_rows, dst_rows, rows = _match(store, rows, r)
+        store.merge(src_rows, dst_rows)
+        owner = identity.scatter(1, src_rows, dst_rows).gather(1, owner)  # members of a source follow it
+    group_of_row = torch.zeros(B, N, dtype=torch.long, device=x.device)
+    group_of_row.scatter_(1, rows, torch.arange(rows.shape[1], device=x.device).expand_as(rows))
+    return group_of_row.gather(1, owner)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Applying a partition (differentiable; the same for student predictions and teacher targets)
+
+
+def group_sizes(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Number of original tokens in each group (B, G), float32."""
+    sizes = torch.zeros(groups.shape[0], num_groups, device=groups.device)
+    return sizes.scatter_add_(1, groups, torch.ones_like(groups, dtype=sizes.dtype))
+
+
+def group_mean(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Morphed tokens M x: the mean of the original tokens of each group. x (B, N, C) -> (B, G, C).
+
+    Accumulates in float32 and returns x's dtype; differentiable in x (the backward is a gather).
+    """
+    B, N, C = x.shape
+    if groups.shape != (B, N):
+        raise ValueError(f"groups {tuple(groups.shape)} must match the first two dims of x {tuple(x.shape)}")
+    sums = torch.zeros(B * num_groups, C, device=x.device, dtype=torch.float32)
+    sums.index_add_(0, _flat_index(groups, num_groups), x.reshape(B * N, C).float())
+    sums = sums.view(B, num_groups, C)
+    return (sums / group_sizes(groups, num_groups)[..., None]).to(x.dtype)
+
+
+def morph_back(x_groups: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Every original token position gets its group's value: (B, G, C) -> (B, N, C)."""
+    return _gather_rows(x_groups, groups)
+
+
+def morph_matrix(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """The dense row-normalized morphing matrix M (B, G, N), M[b, g, i] = 1/|g| if token i is in g.
+
+    Slow path (O(B G N) memory) for teaching, visualization and tests: group_mean(x) == M @ x.
+    """
+    one_hot = torch.nn.functional.one_hot(groups, num_groups).transpose(1, 2).float()  # (B, G, N)
+    return one_hot / one_hot.sum(-1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Visualization: python morph.py IMAGE.jpg --schedule 14x7 2x49 --out groups.png
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def parse_schedule(text: str) -> list:
+    """'14x7' -> fourteen rounds of r=7; '49,49' -> [49, 49]; '0' -> [0]."""
+    try:
+        if "x" in text:
+            rounds, r = text.split("x")
+            return [int(r)] * int(rounds)
+        return [int(r) for r in text.split(",")]
+    except ValueError:
+        raise ValueError(f"cannot read schedule {text!r}; write KxR (K rounds of r=R, e.g. 14x7) or r1,r2,... (e.g. 49,49)")
+
+
+def _load_square_image(path: str, size: int):
+    from PIL import Image
+    try:
+        img = Image.open(path).convert("RGB")
+    except (FileNotFoundError, OSError) as e:
+        raise SystemExit(f"cannot read image {path!r}: {e}")
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _to_tensor(img) -> torch.Tensor:
+    """PIL RGB image -> float tensor (H, W, 3) in 0..255."""
+    import numpy as np
+    return torch.from_numpy(np.array(img, dtype=np.float32))
+
+
+def _patches(img, patch: int) -> torch.Tensor:
+    """PIL image (S, S) -> ImageNet-normalized patch pixels (1, N, 3 * patch * patch)."""
+    pixels = _to_tensor(img) / 255
+    pixels = (pixels - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    g = img.height // patch
+    return pixels.view(g, patch, g, patch, 3).permute(0, 2, 1, 3, 4).reshape(1, g * g, patch * patch * 3)
+
+
+def _draw_panel(img, groups: torch.Tensor, patch: int, title: str):
+    """Top: the image tinted by group with group boundaries; bottom: every patch painted its group's mean colour."""
+    from PIL import Image, ImageDraw
+    size, g = img.width, img.width // patch
+    num_groups = int(groups.max()) + 1
+    palette = torch.rand(num_groups, 3, generator=torch.Generator().manual_seed(0)) * 255
+    tint = palette[groups].view(g, g, 3).repeat_interleave(patch, 0).repeat_interleave(patch, 1)
+    rgb = _to_tensor(img)
+    tinted = Image.fromarray((0.55 * rgb + 0.45 * tint).byte().numpy())
+    draw = ImageDraw.Draw(tinted)
+    grid = groups.view(g, g)
+    for i in range(g):  # boundaries between patches of different groups (drawing only, not a hot path)
+        for j in range(g):
+            if j + 1 < g and grid[i, j] != grid[i, j + 1]:
+                draw.line([((j + 1) * patch, i * patch), ((j + 1) * patch, (i + 1) * patch)], fill="white", width=2)
+            if i + 1 < g and grid[i, j] != grid[i + 1, j]:
+                draw.line([(j * patch, (i + 1) * patch), ((j + 1) * patch, (i + 1) * patch)], fill="white", width=2)
+    rgb_patches = rgb.view(g, patch, g, patch, 3).permute(0, 2, 1, 3, 4).reshape(1, g * g, -1)
+    means = morph_back(group_mean(rgb_patches, groups[None], num_groups), groups[None])
+    means = means.view(g, g, patch, patch, 3).permute(0, 2, 1, 3, 4).reshape(size, size, 3)
+    panel = Image.new("RGB", (size, 2 * size + 20), "white")
+    panel.paste(tinted, (0, 20))
+    panel.paste(Image.fromarray(means.round().byte().numpy()), (0, size + 20))
+    ImageDraw.Draw(panel).text((4, 4), f"{title}: {num_groups} tokens", fill="black")
+    return panel
+
+
+def main(argv=None):
+    import argparse
+    from PIL import Image
+    parser = argparse.ArgumentParser(description="Draw the token groups that morphing (Algorithm 1) makes on an image.")
+    parser.add_argument("image", help="path to an image (any format Pillow reads)")
+    parser.add_argument("--schedule", nargs="+", default=["2x49", "14x7", "14x13"],
+                        help="schedules to draw side by side: KxR (K rounds of r=R) or r1,r2,...")
+    parser.add_argument("--features", default="pixels", choices=["pixels"],
+                        help="token features to match: ImageNet-normalized patch pixels (needs no weights)")
+    parser.add_argument("--split", default="random", choices=["random", "alternate"])
+    parser.add_argument("--img_size", type=int, default=224)
+    parser.add_argument("--patch_size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="groups.png")
+    args = parser.parse_args(argv)
+    if args.img_size % args.patch_size:
+        raise SystemExit(f"--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}")
+
+    img = _load_square_image(args.image, args.img_size)
+    tokens = _patches(img, args.patch_size)
+    panels = []
+    for text in args.schedule:
+        schedule = parse_schedule(text)
+        groups = token_morphing(tokens, schedule, args.split, torch.Generator().manual_seed(args.seed))[0]
+        panels.append(_draw_panel(img, groups, args.patch_size, text))
+    sheet = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), panels[0].height), "white")
+    for k, panel in enumerate(panels):
+        sheet.paste(panel, (k * (panel.width + 8), 0))
+    sheet.save(args.out)
+    print(f"wrote {args.out}: {len(panels)} schedules on {tokens.shape[1]} tokens")
+
+
+if __name__ == "__main__":
+    main()

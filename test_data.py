@@ -1,0 +1,547 @@
+"""Tests for data.py: masking, datasets, augmentations, Mixup/CutMix, segmentation transforms (CPU, seconds)."""
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+import data
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Block masking
+
+def beit_reference_mask(rng, height, width, num_masked, min_num=16, min_aspect=0.3):
+    """BEiT's MaskingGenerator, literally (loops over pixels), drawing from rng; without the fix-up."""
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    mask = np.zeros((height, width), dtype=int)
+
+    def _mask(max_mask_patches):
+        delta = 0
+        for _ in range(10):
+            target_area = rng.uniform(min_num, max_mask_patches)
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h = int(round(math.sqrt(target_area * aspect)))
+            w = int(round(math.sqrt(target_area / aspect)))
+            if w < width and h < height:
+                top = rng.randint(0, height - h)
+                left = rng.randint(0, width - w)
+                num = mask[top:top + h, left:left + w].sum()
+                if 0 < h * w - num <= max_mask_patches:
+                    for i in range(top, top + h):
+                        for j in range(left, left + w):
+                            if mask[i, j] == 0:
+                                mask[i, j] = 1
+                                delta += 1
+            if delta > 0:
+                break
+        return delta
+
+    count = 0
+    while count < num_masked:
+        delta = _mask(num_masked - count)
+        if delta == 0:
+            break
+        count += delta
+    return mask.astype(bool)
+
+
+@pytest.mark.parametrize("grid,num_masked", [((14, 14), 75), ((14, 14), 0), ((14, 14), 5), ((14, 14), 16),
+                                             ((14, 14), 120), ((14, 14), 196), ((7, 10), 33), ((32, 32), 400)])
+def test_block_mask_exact_count(grid, num_masked):
+    gen = data.BlockMaskGenerator(grid=grid, num_masked=num_masked)
+    rng = random.Random(num_masked)
+    for _ in range(150):
+        mask = gen(rng)
+        assert mask.dtype == torch.bool and tuple(mask.shape) == grid
+        assert int(mask.sum()) == num_masked
+
+
+def test_block_mask_equals_beit_reference():
+    gen = data.BlockMaskGenerator(grid=(14, 14), num_masked=75, min_block=16)
+    exact = 0
+    for seed in range(200):
+        ours = gen(random.Random(seed)).numpy()
+        ref = beit_reference_mask(random.Random(seed), 14, 14, 75)
+        if ref.sum() == 75:
+            exact += 1
+            np.testing.assert_array_equal(ours, ref)
+        else:  # BEiT stopped short: the fix-up only adds patches
+            assert ref.sum() < 75 and np.all(ours[ref])
+    assert exact > 100  # most masks need no fix-up
+
+
+def test_block_mask_fixup_when_blocks_cannot_fill():
+    # min_block larger than the grid allows: every proposal fails, so all patches come from the fix-up
+    gen = data.BlockMaskGenerator(grid=(4, 4), num_masked=7, min_block=40)
+    for seed in range(20):
+        assert int(gen(random.Random(seed)).sum()) == 7
+
+
+def test_block_proposals_obey_size_and_aspect():
+    gen = data.BlockMaskGenerator(grid=(14, 14), num_masked=75, min_block=16)
+    rng = random.Random(0)
+    seen = 0
+    for _ in range(2000):
+        block = gen.sample_block(rng, 75)
+        if block is None:
+            continue
+        seen += 1
+        top, left, h, w = block
+        assert 0 <= top and top + h <= 14 and 0 <= left and left + w <= 14 and h < 14 and w < 14
+        # h = round(sqrt(s r)), w = round(sqrt(s / r)) with s in [16, 75], r in [0.3, 1/0.3]
+        assert (h + 0.5) * (w + 0.5) >= 16 and (h - 0.5) * (w - 0.5) <= 75
+        assert (h + 0.5) / max(w - 0.5, 1e-9) >= 0.3 and (h - 0.5) / (w + 0.5) <= 1 / 0.3
+    assert seen > 1500
+
+
+def test_first_block_is_one_rectangle():
+    # the first block BEiT accepts on an empty grid is the first proposal that fits and adds 1..75 patches
+    gen = data.BlockMaskGenerator(grid=(14, 14), num_masked=75)
+    for seed in range(30):
+        rng = random.Random(seed)
+        block = None
+        while block is None or not 0 < block[2] * block[3] <= 75:
+            block = gen.sample_block(rng, 75)
+        top, left, h, w = block
+        first = np.zeros((14, 14), dtype=bool)
+        first[top:top + h, left:left + w] = True
+        assert np.all(gen(random.Random(seed)).numpy()[first])
+
+
+def test_block_mask_errors():
+    with pytest.raises(ValueError, match="num_masked"):
+        data.BlockMaskGenerator(grid=(14, 14), num_masked=197)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ImageFolder
+
+def _save(path, size=(20, 16), color=(10, 200, 30), mode="RGB"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, size, color if mode == "RGB" else 128).save(path)
+
+
+def test_image_folder(tmp_path):
+    _save(tmp_path / "cat" / "a.JPG")
+    _save(tmp_path / "cat" / "nested" / "b.png")
+    _save(tmp_path / "dog" / "c.Jpeg", mode="L")
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    ds = data.ImageFolder(str(tmp_path))
+    assert ds.classes == ["cat", "dog"]
+    assert [(os.path.relpath(p, tmp_path), y) for p, y in ds.samples] == [
+        ("cat/a.JPG", 0), ("cat/nested/b.png", 0), ("dog/c.Jpeg", 1)]
+    img, label = ds[2]
+    assert img.mode == "RGB" and img.size == (20, 16) and label == 1
+    ds = data.ImageFolder(str(tmp_path), transform=lambda im: im.size)
+    assert ds[0] == ((20, 16), 0)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.ImageFolder(str(tmp_path / "nope"))
+    flat = tmp_path / "flat"
+    _save(flat / "x.jpg")
+    with pytest.raises(FileNotFoundError, match="no class subfolders.*move them into class subfolders"):
+        data.ImageFolder(str(flat))
+    empty = tmp_path / "empty"
+    _save(empty / "a" / "x.png")
+    os.makedirs(empty / "b")
+    with pytest.raises(FileNotFoundError, match="hold no images.*: b"):
+        data.ImageFolder(str(empty))
+
+
+def test_image_folder_corrupt_file_is_named(tmp_path):
+    _save(tmp_path / "a" / "good.png")
+    (tmp_path / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    truncated = tmp_path / "a" / "cut.png"
+    _save(truncated, size=(64, 64))
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    ds = data.ImageFolder(str(tmp_path))
+    names = [os.path.basename(p) for p, _ in ds.samples]
+    for name in ("bad.jpg", "cut.png"):
+        with pytest.raises(RuntimeError, match=f"cannot read image file .*{name}"):
+            ds[names.index(name)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pre-training transform
+
+def _rrc_by_hand(width, height, scale, ratio):
+    """torchvision's RandomResizedCrop.get_params, written out again."""
+    area = width * height
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item())
+        w, h = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return torch.randint(0, height - h + 1, (1,)).item(), torch.randint(0, width - w + 1, (1,)).item(), h, w
+    raise AssertionError("no fallback expected here")
+
+
+def test_random_resized_crop_matches_reference_and_stays_inside():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    crop = data.RandomResizedCrop(32, scale=(0.08, 1.0))
+    for seed in range(50):
+        torch.manual_seed(seed)
+        expected = _rrc_by_hand(120, 90, (0.08, 1.0), (3 / 4, 4 / 3))
+        torch.manual_seed(seed)
+        top, left, h, w = data.RandomResizedCrop.get_params(120, 90, (0.08, 1.0), (3 / 4, 4 / 3))
+        assert (top, left, h, w) == expected
+        assert 0 <= top and top + h <= 90 and 0 <= left and left + w <= 120
+        assert 0.08 * 90 * 120 * 0.9 <= h * w  # area >= min scale, up to rounding
+        torch.manual_seed(seed)
+        out = crop(img)
+        ref = img.crop((left, top, left + w, top + h)).resize((32, 32), Image.Resampling.BICUBIC)
+        assert out.size == (32, 32) and np.array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_random_resized_crop_fallback_is_centered():
+    # a 1000x10 strip: no sampled crop fits, torchvision falls back to a center crop at the extreme aspect
+    assert data.RandomResizedCrop.get_params(1000, 10, (0.08, 1.0), (3 / 4, 4 / 3)) == (0, (1000 - 13) // 2, 10, 13)
+    assert data.RandomResizedCrop.get_params(10, 1000, (0.08, 1.0), (3 / 4, 4 / 3)) == ((1000 - 13) // 2, 0, 13, 10)
+
+
+def test_to_tensor_normalizes():
+    x = data.to_tensor(Image.new("RGB", (5, 4), (255, 0, 51)))
+    expected = (torch.tensor([1.0, 0.0, 0.2]) - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)
+    assert x.shape == (3, 4, 5)
+    assert torch.allclose(x, expected.view(3, 1, 1).expand(3, 4, 5), atol=1e-6)
+
+
+def test_pretrain_transform_reproducible_by_seed():
+    img = data.SyntheticShapes(1, 64).get(0)[0]
+    t = data.PretrainTransform(img_size=32, min_crop_scale=0.2)
+    torch.manual_seed(3)
+    a = t(img)
+    torch.manual_seed(3)
+    b = t(img)
+    c = t(img)
+    assert a.shape == (3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+def test_color_jitter_zero_is_identity_and_jitter_changes_image():
+    img = data.SyntheticShapes(1, 32).get(0)[0]
+    assert np.array_equal(np.asarray(data.ColorJitter(0, 0, 0)(img)), np.asarray(img))
+    torch.manual_seed(0)
+    out = data.ColorJitter(0.4, 0.4, 0.4, 0.1)(img)
+    assert out.size == img.size and out.mode == "RGB" and not np.array_equal(np.asarray(out), np.asarray(img))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Procedural data and the pre-training dataset
+
+def test_synthetic_shapes_deterministic():
+    a, b = data.SyntheticShapes(8, 48, seed=1), data.SyntheticShapes(8, 48, seed=1)
+    for i in range(8):
+        ia, la, ma = a.get(i)
+        ib, lb, mb = b.get(i)
+        assert la == lb and np.array_equal(np.asarray(ia), np.asarray(ib)) and np.array_equal(np.asarray(ma),
+                                                                                          np.asarray(mb))
+    assert not np.array_equal(np.asarray(a.get(0)[0]), np.asarray(a.get(1)[0]))
+    assert not np.array_equal(np.asarray(a.get(0)[0]), np.asarray(data.SyntheticShapes(8, 48, seed=2).get(0)[0]))
+
+
+def test_synthetic_shapes_label_is_largest_mask_region():
+    ds = data.SyntheticShapes(60, 64, num_classes=12, seed=0)
+    labels = []
+    for i in range(len(ds)):
+        img, label, mask = ds.get(i)
+        m = np.asarray(mask)
+        assert img.mode == "RGB" and img.size == (64, 64) and mask.mode == "L" and mask.size == (64, 64)
+        assert m.max() <= 12
+        counts = np.bincount(m.ravel(), minlength=13)[1:]
+        assert counts[label] == counts.max() > 0
+        labels.append(label)
+    assert len(set(labels)) >= 8  # classes are spread
+    assert ds.classes[:2] == ["solid_circle", "solid_square"] and ds.num_seg_classes == 13
+    assert ds[0][1] == ds.get(0)[1]
+
+
+def test_synthetic_shapes_pixels_follow_mask():
+    # shape pixels differ from the background: the mask boundary shows in the image
+    img, _, mask = data.SyntheticShapes(1, 96, seed=4).get(0)
+    x, m = np.asarray(img, dtype=np.float32), np.asarray(mask)
+    inside, outside = x[m > 0], x[m == 0]
+    assert inside.shape[0] > 100 and outside.shape[0] > 100
+    with pytest.raises(ValueError, match="classes"):
+        data.SyntheticShapes(4, num_classes=33)
+
+
+def test_masked_image_dataset():
+    base = data.SyntheticShapes(3, 64)
+    ds = data.MaskedImageDataset(base, data.PretrainTransform(img_size=64), data.BlockMaskGenerator((4, 4), 6, 2))
+    x, mask = ds[1]
+    assert x.shape == (3, 64, 64) and mask.shape == (16,) and mask.dtype == torch.bool and int(mask.sum()) == 6
+    with pytest.raises(TypeError, match="transform=None"):
+        data.MaskedImageDataset(data.SyntheticShapes(3, 64, transform=data.EvalTransform(56)), None, None)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fine-tuning: Mixup / CutMix, RandomErasing, RandAugment, eval transform
+
+def test_mixup_images_and_label_mass():
+    m = data.Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=5)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    x_in = x.clone()
+    random.seed(7)
+    lam, use_cutmix = m.sample_params()
+    random.seed(7)
+    mixed, target = m(x, y)
+    assert not use_cutmix and 0 < lam < 1 and torch.equal(x, x_in)
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
+    assert torch.allclose(target.sum(1), torch.ones(4))
+    smooth = torch.full((4, 5), 0.1 / 5)
+    smooth[torch.arange(4), y] = 0.9 + 0.1 / 5
+    assert torch.allclose(target, lam * smooth + (1 - lam) * smooth.flip(0), atol=1e-6)
+
+
+def test_cutmix_area_equals_corrected_lambda():
+    m = data.Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0, num_classes=4)
+    x = torch.arange(1, 5, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 30, 40).contiguous()
+    y = torch.arange(4)
+    pasted_any = False
+    for seed in range(40):
+        random.seed(seed)
+        mixed, target = m(x, y)
+        lam = target[0, 0].item()  # label smoothing 0: the own label's weight is lam
+        from_other = (mixed[0, 0] == 4).float()  # sample 0 is paired with sample 3
+        assert math.isclose(from_other.mean().item(), 1 - lam, abs_tol=1e-6)
+        assert math.isclose(target[0, 3].item(), 1 - lam, abs_tol=1e-6)
+        assert torch.allclose(target.sum(1), torch.ones(4))
+        rows, cols = from_other.nonzero(as_tuple=True)
+        if len(rows):  # the pasted region is one rectangle
+            pasted_any = True
+            assert len(rows) == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert pasted_any
+
+
+def test_mixup_off_gives_smoothed_one_hot():
+    m = data.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.0, label_smoothing=0.1, num_classes=3)
+    x, y = torch.randn(2, 3, 4, 4), torch.tensor([2, 0])
+    out, target = m(x, y)
+    assert torch.equal(out, x)
+    assert torch.allclose(target, torch.tensor([[0.1 / 3, 0.1 / 3, 0.9 + 0.1 / 3], [0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3]]))
+
+
+def test_random_erasing_box_area_and_noise():
+    erase = data.RandomErasing(prob=1.0, mode="pixel")
+    H, W = 64, 80
+    slack = math.sqrt(H * W / 3) * (math.sqrt(1 / 0.3) + 1) + 1  # rounding of h and w
+    for seed in range(40):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        x = torch.full((3, H, W), 100.0)
+        out = erase(x)
+        assert torch.equal(x, torch.full((3, H, W), 100.0))  # input untouched
+        erased = out[0] != 100
+        rows, cols = erased.nonzero(as_tuple=True)
+        area = len(rows)
+        assert area == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert 0.02 * H * W - slack <= area <= H * W / 3 + slack
+        assert (out[:, erased] != 100).all() and out[:, erased].abs().max() < 7  # N(0, 1) noise
+    assert torch.equal(data.RandomErasing(prob=0.0)(x), x)
+
+
+def test_rand_augment_ops_keep_size_and_mode():
+    img = data.SyntheticShapes(1, 40).get(0)[0].resize((40, 30))
+    ra = data.RandAugment()
+    random.seed(0)
+    for name in data.RAND_AUGMENT_OPS:
+        for magnitude in (0.0, 5.0, 9.0, 10.0):
+            out = ra.apply_op(img, name, magnitude)
+            assert out.size == (40, 30) and out.mode == "RGB", name
+    for _ in range(20):
+        out = ra(img)
+        assert out.size == (40, 30) and out.mode == "RGB"
+
+
+def test_rand_augment_levels_and_ops_match_definition():
+    ops = data.RAND_AUGMENT_OPS
+    assert ops["PosterizeIncreasing"][1](9) == 1 and ops["SolarizeIncreasing"][1](9) == 26
+    assert ops["SolarizeAdd"][1](9) == 99
+    random.seed(1)
+    assert abs(ops["Rotate"][1](9)) == pytest.approx(27.0)
+    assert ops["ColorIncreasing"][1](10) in (pytest.approx(0.1), pytest.approx(1.9))
+    img = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16).repeat(3).reshape(16, 16, 3))
+    out = np.asarray(data.solarize_add(img, 99))[..., 0].ravel()
+    v = np.arange(256)
+    assert np.array_equal(out, np.where(v < 128, np.minimum(v + 99, 255), v))
+    always_invert = data.RandAugment(num_ops=1, op_prob=1.0, ops=("Invert",))
+    assert np.array_equal(np.asarray(always_invert(img)), np.asarray(ImageOps.invert(img)))
+    with pytest.raises(ValueError, match="unknown RandAugment ops"):
+        data.RandAugment(ops=("Blur",))
+
+
+def test_eval_transform_sizes():
+    img = data.SyntheticShapes(1, 64).get(0)[0].resize((300, 200))
+    t = data.EvalTransform(img_size=224, crop_ratio=0.875)
+    assert t.resize_size == 256
+    x = t(img)
+    assert x.shape == (3, 224, 224)
+    ref = img.resize((384, 256), Image.Resampling.BICUBIC).crop((80, 16, 304, 240))
+    assert torch.allclose(x, data.to_tensor(ref))
+    assert data.EvalTransform(32, crop_ratio=1.0)(img.resize((50, 70))).shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="crop_ratio"):
+        data.EvalTransform(224, crop_ratio=1.2)
+
+
+def test_finetune_transform_shape_and_seed():
+    img = data.SyntheticShapes(1, 64).get(0)[0]
+    t = data.FinetuneTransform(img_size=48)
+    random.seed(0), torch.manual_seed(0)
+    a = t(img)
+    random.seed(0), torch.manual_seed(0)
+    b = t(img)
+    assert a.shape == (3, 48, 48) and torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Segmentation
+
+def _color_of(label):
+    return np.stack([(label * 37 + 11) % 256, (label * 91 + 50) % 256, (label * 53 + 7) % 256], -1).astype(np.uint8)
+
+
+def test_seg_transform_keeps_image_and_mask_aligned():
+    rng = np.random.default_rng(0)
+    labels = np.kron(rng.integers(0, 20, size=(12, 16)), np.ones((7, 5), dtype=np.int64)).astype(np.uint8)
+    labels[:10, :10] = 255  # ignore region
+    img, mask = Image.fromarray(_color_of(labels.astype(np.int64))), Image.fromarray(labels, "L")  # 80x84
+    t = data.SegTrainTransform(crop_size=64, scale=(200, 50), photometric=False,
+                               image_resample=Image.Resampling.NEAREST)
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    lut = {tuple(_color_of(np.int64(v))): v for v in list(range(20)) + [255]}
+    padded_seen = False
+    for seed in range(30):
+        random.seed(seed)
+        x, y = t(img, mask)
+        assert x.shape == (3, 64, 64) and y.shape == (64, 64) and y.dtype == torch.int64
+        pad = (x == 0).all(0)
+        padded_seen |= bool(pad.any())
+        assert (y[pad] == 255).all()
+        pixels = ((x * std + mean) * 255).round().to(torch.uint8).permute(1, 2, 0)[~pad].numpy()
+        decoded = np.array([lut[tuple(p)] for p in pixels])
+        assert np.array_equal(decoded, y[~pad].numpy())
+    assert padded_seen  # small scales make crops smaller than 64, which get padded
+
+
+def test_seg_masks_are_nearest_only():
+    rng = np.random.default_rng(1)
+    labels = rng.choice(np.array([0, 3, 7, 149], dtype=np.uint8), size=(60, 90))
+    img = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    t = data.SegTrainTransform(crop_size=48, scale=(180, 60))
+    for seed in range(10):
+        random.seed(seed)
+        x, y = t(img, Image.fromarray(labels, "L"))
+        assert set(y.unique().tolist()) <= {0, 3, 7, 149, 255}
+        assert x.dtype == torch.float32
+
+
+def test_seg_random_crop_respects_cat_max_ratio():
+    # class 1 on the left 50 columns, stripes of classes 2/3 on the right, an ignored band on top
+    labels = np.ones((100, 100), dtype=np.uint8)
+    labels[:, 50:] = np.where((np.arange(50) // 5) % 2 == 0, 2, 3)
+    labels[:8] = 255
+    img, mask = Image.new("RGB", (100, 100)), Image.fromarray(labels, "L")
+    violations = 0
+    for seed in range(40):
+        random.seed(seed)
+        _, crop = data.seg_random_crop(img, mask, (40, 40), cat_max_ratio=0.75)
+        assert crop.size == (40, 40) and data.crop_box_ok(crop, 0.75)
+        random.seed(seed)
+        _, crop = data.seg_random_crop(img, mask, (40, 40), cat_max_ratio=1.0)
+        violations += not data.crop_box_ok(crop, 0.75)
+    assert violations >= 5  # without the constraint about a third of the crops are mostly class 1
+    assert not data.crop_box_ok(Image.fromarray(np.full((4, 4), 3, np.uint8)), 0.75)  # a single class never passes
+    two = np.array([[1, 1, 1, 2], [255, 255, 255, 255]], np.uint8)
+    assert data.crop_box_ok(two, 0.8) and not data.crop_box_ok(two, 0.75)  # ignore pixels are not counted
+
+
+def test_seg_random_resize_follows_mmseg_rescale():
+    img, mask = Image.new("RGB", (400, 300)), Image.new("L", (400, 300))
+    out, out_mask = data.seg_rescale(img, mask, (2048, 512))
+    assert out.size == out_mask.size == (683, 512)  # factor min(2048/400, 512/300) = 1.7067
+    random.seed(0)
+    ratio = random.uniform(0.5, 2.0)
+    random.seed(0)
+    out, _ = data.seg_random_resize(img, mask)
+    factor = min(int(2048 * ratio) / 400, int(512 * ratio) / 300)
+    assert out.size == (int(400 * factor + 0.5), int(300 * factor + 0.5))
+
+
+def test_reduce_zero_label():
+    out = data.reduce_zero_label(np.array([[0, 1, 2, 150, 255]], dtype=np.uint8))
+    assert out.tolist() == [[255, 0, 1, 149, 255]]
+
+
+def test_photometric_distortion_keeps_size_and_is_seeded():
+    img = data.SyntheticShapes(1, 32).get(0)[0]
+    random.seed(5)
+    a = data.photometric_distortion(img)
+    random.seed(5)
+    b = data.photometric_distortion(img)
+    assert a.size == img.size and a.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _seg_tree(root, names, size=(24, 16), ann_size=None):
+    os.makedirs(root / "img", exist_ok=True)
+    os.makedirs(root / "ann", exist_ok=True)
+    for n in names:
+        Image.new("RGB", size, (50, 60, 70)).save(root / "img" / f"{n}.jpg")
+        Image.fromarray(np.full(ann_size or size[::-1], 3, np.uint8), "L").save(root / "ann" / f"{n}.png")
+
+
+def test_seg_folder_and_errors(tmp_path):
+    _seg_tree(tmp_path / "ok", ["a", "b"])
+    ds = data.SegFolder(str(tmp_path / "ok" / "img"), str(tmp_path / "ok" / "ann"), reduce_zero_label=True)
+    img, mask = ds[1]
+    assert len(ds) == 2 and img.size == mask.size == (24, 16) and np.asarray(mask).max() == 2
+    _seg_tree(tmp_path / "miss", ["a", "b"])
+    os.remove(tmp_path / "miss" / "ann" / "b.png")
+    with pytest.raises(FileNotFoundError, match="1 images have no counterpart.*: b"):
+        data.SegFolder(str(tmp_path / "miss" / "img"), str(tmp_path / "miss" / "ann"))
+    _seg_tree(tmp_path / "size", ["a"], ann_size=(10, 10))
+    with pytest.raises(ValueError, match="a.jpg.* is 24x16 but its annotation .*a.png.* is 10x10"):
+        data.SegFolder(str(tmp_path / "size" / "img"), str(tmp_path / "size" / "ann"))[0]
+    _seg_tree(tmp_path / "rgb", ["a"])
+    Image.new("RGB", (24, 16)).save(tmp_path / "rgb" / "ann" / "a.png")
+    with pytest.raises(ValueError, match="single-channel label PNG"):
+        data.SegFolder(str(tmp_path / "rgb" / "img"), str(tmp_path / "rgb" / "ann"))[0]
+
+
+def test_ade20k_layout(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        os.makedirs(root / "images" / split)
+        os.makedirs(root / "annotations" / split)
+    Image.new("RGB", (8, 6)).save(root / "images" / "validation" / "ADE_val_1.jpg")
+    Image.fromarray(np.array([[0, 1, 150, 0, 1, 150, 0, 1]] * 6, np.uint8), "L").save(
+        root / "annotations" / "validation" / "ADE_val_1.png")
+    ds = data.ADE20KDataset(str(root), "validation", transform=data.SegEvalTransform(scale=(32, 12)))
+    x, y = ds[0]
+    assert x.shape == (3, 12, 16) and y.shape == (6, 8) and set(y.unique().tolist()) == {255, 0, 149}
+    assert len(data.ADE20K_CLASSES) == 150 and ds.classes is data.ADE20K_CLASSES
+    with pytest.raises(FileNotFoundError, match="no '\\*.jpg' images"):
+        data.ADE20KDataset(str(root), "training")
+    with pytest.raises(FileNotFoundError, match="not an ADE20K folder"):
+        data.ADE20KDataset(str(tmp_path), "training")
+    with pytest.raises(ValueError, match="split"):
+        data.ADE20KDataset(str(root), "test")
+
+
+def test_shapes_segmentation():
+    shapes = data.SyntheticShapes(4, 64, num_classes=5)
+    ds = data.ShapesSegmentation(shapes)
+    x, y = ds[0]
+    assert x.shape == (3, 64, 64) and y.shape == (64, 64) and ds.num_classes == 6
+    assert torch.equal(y, torch.from_numpy(np.asarray(shapes.get(0)[2]).astype(np.int64)))
+    ds = data.ShapesSegmentation(shapes, data.SegTrainTransform(crop_size=48, scale=(256, 64)))
+    random.seed(0)
+    x, y = ds[1]
+    assert x.shape == (3, 48, 48) and y.shape == (48, 48)
+    assert set(y.unique().tolist()) <= set(range(6)) | {255}

@@ -1,0 +1,393 @@
+"""Tests for dtm.py: the ViT, the teachers (CLIP loading against a reference forward) and the DTM loss."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dtm
+import morph
+
+torch.set_num_threads(1)
+
+IMG, PATCH = 32, 8  # a 4x4 patch grid, N = 16
+N = (IMG // PATCH) ** 2
+
+
+def tiny_vit(**kw):
+    torch.manual_seed(0)
+    model = dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, **kw)
+    with torch.no_grad():  # non-zero relative position tables so that they matter in the tests
+        for name, p in model.named_parameters():
+            if name.endswith("rel_pos_bias.table"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def images(batch=2, seed=1, size=IMG):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def random_mask(batch=2, seed=2):
+    return torch.rand(batch, N, generator=torch.Generator().manual_seed(seed)) < 0.5
+
+
+# ---------------------------------------------------------------------------------------------------
+# ViT
+
+
+def test_vit_forward_backward_shapes():
+    model = tiny_vit()
+    x, mask = images(), random_mask()
+    tokens, layers = model.forward_features(x, mask, return_layers=(0, -1))
+    assert tokens.shape == (2, 1 + N, 192)
+    assert [t.shape for t in layers] == [(2, 1 + N, 192)] * 2
+    assert torch.allclose(model.norm(layers[1]), tokens)  # last block's output, before the final norm
+    tokens.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.mask_token.grad.abs().sum() > 0
+
+
+def test_vit_config_and_errors():
+    model = dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, drop_path_rate=0.3)
+    assert [b.drop_path.p for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert torch.all(model.blocks[0].gamma_1 == 0.1)
+    assert model.pos_embed is None and model.rel_pos_bias is not None  # official DTM defaults
+    with pytest.raises(ValueError, match="vit_s"):
+        dtm.build_vit("vit_huge")
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        dtm.build_vit("vit_tiny", img_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="img_size"):
+        model.forward_features(images(size=40))
+    with pytest.raises(ValueError, match="mask must be bool"):
+        model.forward_features(images(), random_mask().float())
+
+
+def test_masking_replaces_masked_patch_embeddings():
+    model = tiny_vit().eval()
+    x, mask = images(), random_mask()
+    out = model.forward_features(x, mask)
+    # new pixels in masked patches: identical output
+    patch_is_masked = mask.view(2, 1, 4, 1, 4, 1).expand(2, 3, 4, PATCH, 4, PATCH).reshape(x.shape)
+    x_masked_changed = torch.where(patch_is_masked, torch.randn_like(x), x)
+    assert torch.equal(model.forward_features(x_masked_changed, mask), out)
+    # new pixels in one visible patch: the output changes
+    b, i = torch.nonzero(~mask)[0].tolist()
+    x_visible_changed = x.clone()
+    x_visible_changed[b, :, (i // 4) * PATCH:(i // 4 + 1) * PATCH, (i % 4) * PATCH:(i % 4 + 1) * PATCH] += 1.0
+    assert not torch.allclose(model.forward_features(x_visible_changed, mask)[b], out[b])
+    # an all-False mask is no mask
+    assert torch.equal(model.forward_features(x, torch.zeros(2, N, dtype=torch.bool)), model.forward_features(x))
+
+
+def test_sdpa_equals_explicit_softmax_with_rel_pos_bias_and_masks():
+    model = tiny_vit().eval()
+    x, T = images(), 1 + N
+    allowed = torch.rand(2, 1, T, T, generator=torch.Generator().manual_seed(3)) < 0.6
+    allowed |= torch.eye(T, dtype=torch.bool)  # every query sees at least itself
+    float_mask = torch.randn(2, 1, T, T, generator=torch.Generator().manual_seed(4))
+    for attn_mask in (None, allowed, float_mask, [allowed, None, float_mask, None]):
+        fused = model.forward_features(x, return_layers=(0, 1, 2, 3), attn_mask=attn_mask)
+        explicit = model.forward_features(x, return_layers=(0, 1, 2, 3), attn_mask=attn_mask, return_attn=(0, 1, 2, 3))
+        assert torch.allclose(fused[0], explicit[0], atol=1e-5)
+        for a, b in zip(fused[1], explicit[1]):
+            assert torch.allclose(a, b, atol=1e-5)
+        attns = explicit[2]
+        assert len(attns) == 4 and attns[0].shape == (2, 3, T, T)
+        assert torch.allclose(attns[0].sum(-1), torch.ones(2, 3, T), atol=1e-6)
+    _, _, (attn,) = model.forward_features(x, attn_mask=allowed, return_attn=(0,))
+    assert torch.all(attn.masked_select(~allowed.expand_as(attn)) == 0)
+
+
+def test_relative_position_index_matches_naive_loop():
+    H, W = 2, 3
+    index = dtm.relative_position_index((H, W))
+    num_rel = (2 * H - 1) * (2 * W - 1)
+    coords = [(y, x) for y in range(H) for x in range(W)]
+    for qi, (qy, qx) in enumerate(coords):
+        for ki, (ky, kx) in enumerate(coords):
+            assert index[1 + qi, 1 + ki] == (qy - ky + H - 1) * (2 * W - 1) + (qx - kx + W - 1)
+    assert index[0, 1:].eq(num_rel).all() and index[1:, 0].eq(num_rel + 1).all() and index[0, 0] == num_rel + 2
+
+
+def test_rel_pos_table_resize():
+    table = torch.randn((2 * 4 - 1) ** 2 + 3, 3)
+    assert torch.allclose(dtm.resize_rel_pos_table(table, (4, 4), (4, 4)), table, atol=1e-6)
+    bigger = dtm.resize_rel_pos_table(table, (4, 4), (6, 6))
+    assert bigger.shape == ((2 * 6 - 1) ** 2 + 3, 3)
+    assert torch.equal(bigger[-3:], table[-3:])  # CLS rows kept
+    center_old, center_new = 3 * 7 + 3, 5 * 11 + 5  # offset (0, 0) sits at the center and keeps its value
+    assert torch.allclose(bigger[center_new], table[center_old], atol=1e-5)
+
+
+def test_adapt_state_dict_shared_to_per_block_and_other_grid():
+    shared = tiny_vit().eval()
+    per_block = dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, rel_pos_bias="per_block").eval()
+    per_block.load_state_dict(dtm.adapt_state_dict(shared.state_dict(), per_block))
+    x = images()
+    assert torch.allclose(per_block.forward_features(x), shared.forward_features(x), atol=1e-5)
+    larger = dtm.build_vit("vit_tiny", img_size=48, patch_size=PATCH, rel_pos_bias="per_block", abs_pos_emb=True)
+    sd = dtm.adapt_state_dict({**shared.state_dict(), "pos_embed": torch.randn(1, 1 + N, 192)}, larger)
+    larger.load_state_dict(sd)  # strict: every table and the position embedding now fit the 6x6 grid
+    assert larger.forward_features(images(size=48)).shape == (2, 37, 192)
+
+
+def test_classifier_head_and_layer_ids():
+    model = tiny_vit(num_classes=5, rel_pos_bias="per_block")
+    assert isinstance(model.norm, nn.Identity) and model.head.weight.abs().max() <= 0.02 * 0.001 + 1e-12
+    logits = model(images())
+    tokens = model.forward_features(images())
+    assert torch.allclose(logits, model.head(model.fc_norm(tokens[:, 1:].mean(1))))
+    ids = {n: dtm.layer_id_for_param(n, model.depth) for n, _ in model.named_parameters()}
+    assert ids["cls_token"] == 0 and ids["patch_embed.weight"] == 0
+    assert ids["blocks.0.attn.rel_pos_bias.table"] == 1 and ids["blocks.3.mlp.fc2.weight"] == 4
+    assert ids["head.weight"] == ids["fc_norm.bias"] == 5
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLIP teacher
+
+CLIP_W, CLIP_LAYERS, CLIP_OUT = 128, 2, 24  # heads = width // 64 = 2
+
+
+def clip_visual_state_dict(seed=0):
+    """Official OpenAI CLIP visual key names, random values."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=0.1: torch.randn(*shape, generator=g) * s
+    w = CLIP_W
+    sd = {"conv1.weight": r(w, 3, PATCH, PATCH), "class_embedding": r(w), "positional_embedding": r(N + 1, w),
+          "ln_pre.weight": 1 + r(w), "ln_pre.bias": r(w)}
+    for i in range(CLIP_LAYERS):
+        p = f"transformer.resblocks.{i}."
+        sd.update({p + "ln_1.weight": 1 + r(w), p + "ln_1.bias": r(w),
+                   p + "attn.in_proj_weight": r(3 * w, w), p + "attn.in_proj_bias": r(3 * w),
+                   p + "attn.out_proj.weight": r(w, w), p + "attn.out_proj.bias": r(w),
+                   p + "ln_2.weight": 1 + r(w), p + "ln_2.bias": r(w),
+                   p + "mlp.c_fc.weight": r(4 * w, w), p + "mlp.c_fc.bias": r(4 * w),
+                   p + "mlp.c_proj.weight": r(w, 4 * w), p + "mlp.c_proj.bias": r(w)})
+    sd.update({"ln_post.weight": 1 + r(w), "ln_post.bias": r(w), "proj": r(w, CLIP_OUT)})
+    return sd
+
+
+def full_clip_state_dict():
+    """As in the full CLIP model: the image tower under "visual.", beside text-tower keys of the same names."""
+    sd = {"visual." + k: v for k, v in clip_visual_state_dict().items()}
+    sd.update({"positional_embedding": torch.randn(77, 64), "logit_scale": torch.tensor(4.6),
+               "transformer.resblocks.0.ln_1.weight": torch.ones(64), "text_projection": torch.randn(64, 24)})
+    return sd
+
+
+def clip_reference(sd, x):
+    """OpenAI CLIP's visual forward in plain tensor ops (sequence-first attention as nn.MultiheadAttention).
+
+    For an input grid other than the 4x4 of the weights, the patch rows of the positional embedding are
+    resized bicubically as an image (4, 4) -> (h, w).
+    """
+    w, heads = CLIP_W, CLIP_W // 64
+    ln = lambda t, name: F.layer_norm(t, (w,), sd[name + ".weight"], sd[name + ".bias"])
+    t = F.conv2d(x, sd["conv1.weight"], stride=PATCH)
+    pos = sd["positional_embedding"]
+    if t.shape[-2:] != (4, 4):
+        grid_pos = F.interpolate(pos[1:].t().reshape(1, w, 4, 4), size=t.shape[-2:], mode="bicubic")
+        pos = torch.cat([pos[:1], grid_pos.reshape(w, -1).t()])
+    t = t.flatten(2).transpose(1, 2)
+    t = torch.cat([sd["class_embedding"].expand(x.shape[0], 1, w), t], dim=1) + pos
+    t = ln(t, "ln_pre").transpose(0, 1)  # (T, B, w)
+    for i in range(CLIP_LAYERS):
+        p = f"transformer.resblocks.{i}."
+        h = ln(t, p + "ln_1")
+        h, _ = F.multi_head_attention_forward(
+            h, h, h, w, heads, sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"], None, None, False, 0.0,
+            sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"], need_weights=False)
+        t = t + h
+        h = F.linear(ln(t, p + "ln_2"), sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"])
+        t = t + F.linear(h * torch.sigmoid(1.702 * h), sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
+    t = t.transpose(0, 1)
+    return ln(t[:, 1:], "ln_post") @ sd["proj"]
+
+
+class _Holder(nn.Module):
+    def forward(self, x):
+        return x * self.logit_scale
+
+
+def module_with_keys(sd):
+    """A module whose state_dict has exactly the keys of sd (to trace into a TorchScript archive)."""
+    root = _Holder()
+    for key, value in sd.items():
+        *path, name = key.split(".")
+        m = root
+        for part in path:
+            if not hasattr(m, part):
+                m.add_module(part, nn.Module())
+            m = getattr(m, part)
+        m.register_parameter(name, nn.Parameter(value.clone(), requires_grad=False))
+    return root
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated, the released CLIP file is TorchScript
+def test_load_clip_plain_and_torchscript_match_reference(tmp_path):
+    full = full_clip_state_dict()
+    plain_path, jit_path = tmp_path / "clip_sd.pt", tmp_path / "ViT-B-16.pt"
+    torch.save(full, plain_path)
+    scripted = torch.jit.trace(module_with_keys({k: v.half() for k, v in full.items()}), torch.ones(1))
+    assert set(scripted.state_dict()) == set(full)
+    scripted.save(str(jit_path))  # fp16, like the released file
+    torch.save(clip_visual_state_dict(), tmp_path / "visual_only.pt")
+
+    x = images()
+    ref = clip_reference(clip_visual_state_dict(), x)
+    ref_half = clip_reference({k: v.half().float() for k, v in clip_visual_state_dict().items()}, x)
+    for path, expected in ((plain_path, ref), (tmp_path / "visual_only.pt", ref), (jit_path, ref_half)):
+        visual = dtm.load_clip_visual(str(path))
+        assert visual.output_dim == CLIP_OUT and len(visual.transformer.resblocks) == CLIP_LAYERS
+        assert torch.allclose(visual(x), expected, atol=1e-4), path
+
+    wide = images(size=48)[..., :40]  # a 6x5 patch grid: positional embedding resized from 4x4
+    assert torch.allclose(dtm.load_clip_visual(str(plain_path))(wide), clip_reference(clip_visual_state_dict(), wide),
+                          atol=1e-4)
+
+    teacher = dtm.build_teacher(f"clip:{jit_path}", img_size=IMG, patch_size=PATCH)
+    assert teacher.out_dim == CLIP_OUT and not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    targets = teacher(x)
+    assert targets.shape == (2, N, CLIP_OUT) and not targets.requires_grad
+
+
+def test_clip_teacher_norm_renormalizes_to_clip_statistics(tmp_path):
+    torch.save(clip_visual_state_dict(), tmp_path / "v.pt")
+    visual = dtm.load_clip_visual(str(tmp_path / "v.pt"))
+    x = images()
+    mean = lambda v: torch.tensor(v).view(1, 3, 1, 1)
+    raw = x * mean(dtm.IMAGENET_STD) + mean(dtm.IMAGENET_MEAN)
+    expected = visual((raw - mean(dtm.CLIP_MEAN)) / mean(dtm.CLIP_STD))
+    assert torch.allclose(dtm.CLIPTeacher(visual, "clip")(x), expected, atol=1e-5)
+    assert torch.equal(dtm.CLIPTeacher(visual, "imagenet")(x), visual(x))
+
+
+def test_load_clip_errors_name_the_problem(tmp_path):
+    sd = clip_visual_state_dict()
+    del sd["ln_post.weight"]
+    sd["bogus.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"missing keys \['ln_post.weight'\].*unexpected keys \['bogus.weight'\]"):
+        dtm.load_clip_visual(str(tmp_path / "bad.pt"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        dtm.load_clip_visual(str(tmp_path / "nope.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="neither a TorchScript archive nor a state dict"):
+        dtm.load_clip_visual(str(tmp_path / "junk.pt"))
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a CLIP ViT visual state dict"):
+        dtm.load_clip_visual(str(tmp_path / "other.pt"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Other teachers
+
+
+def test_pixel_teacher_matches_per_patch_loop():
+    x = images()
+    targets = dtm.PixelTeacher(PATCH)(x)
+    assert targets.shape == (2, N, PATCH * PATCH * 3)
+    for b in range(2):
+        for i in range(N):
+            y, xx = divmod(i, 4)
+            patch = x[b, :, y * PATCH:(y + 1) * PATCH, xx * PATCH:(xx + 1) * PATCH].permute(1, 2, 0).reshape(-1)
+            expected = (patch - patch.mean()) / (patch.var() + 1e-6).sqrt()
+            assert torch.allclose(targets[b, i], expected, atol=1e-5)
+
+
+def test_ckpt_teacher_round_trip(tmp_path):
+    x = images()
+    pretrain = dtm.DTMPretrainModel(tiny_vit(), target_dim=24)
+    torch.save({"model": pretrain.state_dict(), "args": {"model": "vit_tiny"}, "epoch": 3}, tmp_path / "pre.pth")
+    torch.save(pretrain.student.state_dict(), tmp_path / "plain.pth")  # a plain state dict, no args
+    expected = pretrain.student.eval().forward_features(x)[:, 1:]
+    for name in ("pre.pth", "plain.pth"):
+        teacher = dtm.build_teacher(f"ckpt:{tmp_path / name}", img_size=IMG, patch_size=PATCH)
+        assert teacher.out_dim == 192 and all(not p.requires_grad for p in teacher.parameters())
+        assert torch.allclose(teacher(x), expected, atol=1e-6)
+
+    finetuned = tiny_vit(num_classes=5, rel_pos_bias="per_block").eval()
+    torch.save({"model": finetuned.state_dict(), "args": {"model": "vit_tiny"}}, tmp_path / "ft.pth")
+    teacher = dtm.build_teacher(f"ckpt:{tmp_path / 'ft.pth'}", img_size=IMG, patch_size=PATCH)
+    assert torch.allclose(teacher(x), finetuned.fc_norm(finetuned.forward_features(x)[:, 1:]), atol=1e-6)
+
+
+def test_build_teacher_errors(tmp_path):
+    with pytest.raises(ValueError, match="clip:PATH"):
+        dtm.build_teacher("clip")
+    with pytest.raises(ValueError, match="unknown teacher"):
+        dtm.build_teacher("dino:/x.pt")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        dtm.build_teacher(f"ckpt:{tmp_path / 'missing.pth'}")
+    # a CLIP with patch 8 for a patch-16 student
+    torch.save(clip_visual_state_dict(), tmp_path / "v.pt")
+    with pytest.raises(ValueError, match="token grids must match"):
+        dtm.build_teacher(f"clip:{tmp_path / 'v.pt'}", patch_size=16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DTM objective
+
+
+def dense_dtm_loss(pred, target, levels, mask, loss, loss_on, beta=2.0):
+    """The official code's loss: S^T (S x / |S|) with dense source matrices, mean over positions and levels."""
+    total = 0.0
+    for groups, num_groups in levels:
+        M = morph.morph_matrix(groups, num_groups)  # (B, G, N) row normalized
+        S = (M > 0).float()  # (B, G, N) source matrix
+        p, t = S.transpose(1, 2) @ (M @ pred), S.transpose(1, 2) @ (M @ target)  # (B, N, D)
+        if loss == "smooth_l1":
+            per_position = F.smooth_l1_loss(p, t, reduction="none", beta=beta).mean(-1)
+        elif loss == "l2":
+            per_position = (p - t).pow(2).mean(-1)
+        else:
+            per_position = 1 - F.cosine_similarity(p, t, dim=-1)
+        total = total + (per_position.mean() if loss_on == "all" else per_position[mask].mean())
+    return total / len(levels)
+
+
+@pytest.mark.parametrize("loss", dtm.LOSSES)
+@pytest.mark.parametrize("loss_on", ["all", "masked"])
+def test_dtm_loss_equals_dense_morph_matrix_reference(loss, loss_on):
+    g = torch.Generator().manual_seed(5)
+    pred, target = torch.randn(3, N, 12, generator=g) * 2, torch.randn(3, N, 12, generator=g) * 2
+    mask = torch.rand(3, N, generator=g) < 0.5
+    levels = dtm.morph_levels(target, [[3, 2], [5, 1, 1], [0]], generator=torch.Generator().manual_seed(0))
+    assert [G for _, G in levels] == [N - 5, N - 7, N]
+    value, per_level = dtm.dtm_loss(pred, target, levels, mask, loss=loss, loss_on=loss_on)
+    assert len(per_level) == 3
+    assert torch.allclose(value, dense_dtm_loss(pred, target, levels, mask, loss, loss_on), atol=1e-6)
+
+
+def test_schedule_without_merges_is_per_token_distillation():
+    g = torch.Generator().manual_seed(6)
+    pred, target = torch.randn(2, N, 8, generator=g) * 3, torch.randn(2, N, 8, generator=g) * 3
+    mask = torch.rand(2, N, generator=g) < 0.5
+    for schedules in ([[0]], [[]], [[0], [0, 0]]):
+        levels = dtm.morph_levels(target, schedules)
+        value, _ = dtm.dtm_loss(pred, target, levels, mask)
+        assert torch.allclose(value, F.smooth_l1_loss(pred, target, beta=2.0), atol=1e-6)
+        masked, _ = dtm.dtm_loss(pred, target, levels, mask, loss_on="masked")
+        assert torch.allclose(masked, F.smooth_l1_loss(pred[mask], target[mask], beta=2.0), atol=1e-6)
+
+
+def test_pretrain_model_gradients_reach_student():
+    model = dtm.DTMPretrainModel(tiny_vit(), target_dim=PATCH * PATCH * 3)
+    x, mask = images(), random_mask()
+    targets = dtm.PixelTeacher(PATCH)(x)
+    levels = dtm.morph_levels(targets, [[4, 4], [2]], generator=torch.Generator().manual_seed(0))
+    loss, stats = model(x, mask, targets, levels)
+    assert stats["groups_level0"] == N - 8 and stats["groups_level1"] == N - 2
+    assert torch.allclose(stats["loss"], (stats["loss_level0"] + stats["loss_level1"]) / 2)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.student.mask_token.grad.abs().sum() > 0 and model.head.weight.grad.abs().sum() > 0
+    assert not targets.requires_grad
+    with pytest.raises(ValueError, match="loss"):
+        dtm.DTMPretrainModel(tiny_vit(), 8, loss="l1")

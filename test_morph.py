@@ -1,0 +1,257 @@
+"""Tests for morph.py (Algorithm 1 of DTM) against references written here, independent of morph.py."""
+import random
+
+import pytest
+import torch
+
+from morph import (clamp_schedule, group_mean, group_sizes, morph_back, morph_matrix, num_groups_after,
+                   parse_schedule, sample_schedule, token_morphing)
+
+
+# --------------------------------------------------------------------------------------------------
+# References
+
+
+def naive_algorithm1(x, schedule, split, seed=0):
+    """Algorithm 1 per sample with Python lists of member indices, float64 means recomputed from scratch.
+
+    Consumes random numbers exactly as documented in morph.py: one torch.rand(B, T) per non-empty round.
+    """
+    B, N, _ = x.shape
+    x = x.double()
+    gen = torch.Generator().manual_seed(seed)
+    tokens = [[[i] for i in range(N)] for _ in range(B)]  # per sample: list of groups, in current order
+    T = N
+    for r in schedule:
+        r = min(r, T // 2)
+        if r == 0:
+            continue
+        orders = torch.rand(B, T, generator=gen).argsort(dim=1) if split == "random" else None
+        for b in range(B):
+            cur = tokens[b] if orders is None else [tokens[b][i] for i in orders[b].tolist()]
+            A, D = cur[0::2], [list(g) for g in cur[1::2]]
+            mean = lambda g: x[b, g].mean(0)
+            best = []
+            for g in A:
+                sims = [torch.nn.functional.cosine_similarity(mean(g), mean(d), dim=0).item() for d in D]
+                j = max(range(len(D)), key=lambda j: (sims[j], -j))  # first maximum
+                best.append((sims[j], j))
+            by_sim = sorted(range(len(A)), key=lambda i: -best[i][0])  # stable, descending
+            for i in by_sim[:r]:
+                D[best[i][1]] += A[i]
+            tokens[b] = [A[i] for i in by_sim[r:]] + D
+        T -= r
+    groups = torch.empty(B, N, dtype=torch.long)
+    for b in range(B):
+        for g, members in enumerate(tokens[b]):
+            groups[b, members] = g
+    return groups
+
+
+def tome_dense(x, schedule):
+    """ToMe-style bipartite soft matching with size-weighted merges and a dense source matrix (B, T, N)."""
+    B, N, C = x.shape
+    size = torch.ones(B, N, 1)
+    source = torch.eye(N).expand(B, N, N)
+    for r in schedule:
+        T = x.shape[1]
+        r = min(r, T // 2)
+        if r <= 0:
+            continue
+        metric = x / x.norm(dim=-1, keepdim=True)
+        scores = metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)
+        node_max, node_idx = scores.max(dim=-1)
+        edges = node_max.argsort(dim=-1, descending=True)[..., None]
+        unm_idx, src_idx = edges[:, r:], edges[:, :r]
+        dst_idx = node_idx[..., None].gather(1, src_idx)
+
+        def merge(t, mode):
+            src, dst = t[:, 0::2], t[:, 1::2]
+            c = t.shape[-1]
+            unm = src.gather(1, unm_idx.expand(-1, -1, c))
+            src = src.gather(1, src_idx.expand(-1, -1, c))
+            return torch.cat([unm, dst.scatter_reduce(1, dst_idx.expand(-1, -1, c), src, reduce=mode)], dim=1)
+
+        x = merge(x * size, "sum")
+        size = merge(size, "sum")
+        x = x / size
+        source = merge(source, "amax")
+    return source.argmax(dim=1), x  # groups (B, N), merged tokens (B, G, C)
+
+
+def is_partition(groups, num_groups):
+    return all(sorted(set(g.tolist())) == list(range(num_groups)) for g in groups)
+
+
+SCHEDULES = [[7] * 5, [12, 6], [1], [3, 0, 5, 2], [20, 20, 20]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Algorithm 1
+
+
+@pytest.mark.parametrize("dim", [8, 40])
+@pytest.mark.parametrize("split", ["random", "alternate"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_partition_with_expected_group_count(split, schedule, dim):
+    x = torch.randn(3, 37, dim)
+    groups = token_morphing(x, schedule, split, torch.Generator().manual_seed(1))
+    G = num_groups_after(37, schedule)
+    assert G == 37 - sum(clamp_schedule(37, schedule))
+    assert groups.shape == (3, 37) and groups.dtype == torch.long
+    assert is_partition(groups, G)
+
+
+@pytest.mark.parametrize("split", ["random", "alternate"])
+def test_each_round_merges_exactly_r_and_coarsens(split):
+    x = torch.randn(4, 49, 16)
+    schedule = [5, 9, 3, 7]
+    previous = torch.arange(49).expand(4, 49)
+    for p in range(1, len(schedule) + 1):
+        groups = token_morphing(x, schedule[:p], split, torch.Generator().manual_seed(3))
+        for b in range(4):
+            assert len(set(groups[b].tolist())) == len(set(previous[b].tolist())) - schedule[p - 1]
+            for g in set(previous[b].tolist()):  # the previous groups are never split
+                assert len(set(groups[b, previous[b] == g].tolist())) == 1
+        previous = groups
+
+
+# C < N matches on carried feature sums, C >= N on their Gram matrix: both must be exact
+@pytest.mark.parametrize("dim", [16, 48])
+@pytest.mark.parametrize("split", ["random", "alternate"])
+@pytest.mark.parametrize("schedule", SCHEDULES + [[60]])
+def test_equals_naive_per_sample_algorithm1(split, schedule, dim):
+    x = torch.randn(3, 37, dim, generator=torch.Generator().manual_seed(7))
+    expected = naive_algorithm1(x, schedule, split, seed=5)
+    got = token_morphing(x, schedule, split, torch.Generator().manual_seed(5))
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dim", [12, 64])
+@pytest.mark.parametrize("schedule", [[7] * 5, [13, 13], [2, 9, 1, 4], [100]])
+def test_alternate_split_matches_tome_dense(schedule, dim):
+    x = torch.randn(4, 50, dim, generator=torch.Generator().manual_seed(11))
+    expected_groups, expected_tokens = tome_dense(x, schedule)
+    groups = token_morphing(x, schedule, "alternate")
+    assert torch.equal(groups, expected_groups)
+    G = num_groups_after(50, schedule)
+    torch.testing.assert_close(group_mean(x, groups, G), expected_tokens, rtol=1e-5, atol=1e-5)
+
+
+def test_random_split_reproducible_and_per_sample():
+    x = torch.randn(1, 64, 8).expand(6, 64, 8)  # the same tokens in every sample
+    a = token_morphing(x, [8, 8], "random", torch.Generator().manual_seed(0))
+    b = token_morphing(x, [8, 8], "random", torch.Generator().manual_seed(0))
+    c = token_morphing(x, [8, 8], "random", torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert len({tuple(g.tolist()) for g in a}) > 1  # samples get different splits
+    alt = token_morphing(x, [8, 8], "alternate")
+    assert all(torch.equal(g, alt[0]) for g in alt)  # ... while the alternate split is deterministic
+
+
+def test_identity_for_empty_or_zero_schedules():
+    x = torch.randn(2, 10, 4)
+    for schedule in ([], [0], [0, 0, 0]):
+        for split in ("random", "alternate"):
+            assert torch.equal(token_morphing(x, schedule, split), torch.arange(10).expand(2, 10))
+
+
+def test_schedule_clamping():
+    assert clamp_schedule(10, [100]) == [5]
+    assert clamp_schedule(10, [3, 3, 3, 3]) == [3, 3, 2, 1]  # T: 10 -> 7 -> 4 -> 2 -> 1
+    assert clamp_schedule(196, [196]) == [98]
+    assert clamp_schedule(1, [1]) == [0]
+    with pytest.raises(ValueError, match="negative"):
+        clamp_schedule(10, [2, -1])
+    groups = token_morphing(torch.randn(2, 10, 4), [100, 100], "random")
+    assert is_partition(groups, num_groups_after(10, [100, 100])) and num_groups_after(10, [100, 100]) == 3
+
+
+def test_single_sample_odd_count_and_bad_input():
+    groups = token_morphing(torch.randn(1, 3, 5), [1, 1], "alternate")
+    assert is_partition(groups, 1)
+    with pytest.raises(ValueError, match="B, N, C"):
+        token_morphing(torch.randn(3, 5), [1])
+    with pytest.raises(ValueError, match="split"):
+        token_morphing(torch.randn(1, 3, 5), [1], "odd")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_and_high_precision_inputs(dtype):
+    x = torch.randn(2, 40, 16).to(dtype)
+    groups = token_morphing(x, [6, 6], "random", torch.Generator().manual_seed(2))
+    assert torch.equal(groups, token_morphing(x.float(), [6, 6], "random", torch.Generator().manual_seed(2)))
+    means = group_mean(x, groups, 28)
+    assert means.dtype == dtype
+    torch.testing.assert_close(means.float(), morph_matrix(groups, 28) @ x.float(), rtol=1e-2, atol=1e-2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Applying a partition
+
+
+def test_group_ops_match_dense_morph_matrix():
+    x = torch.randn(3, 30, 7, dtype=torch.float64)
+    groups = token_morphing(x, [5, 5, 5], "random")
+    M = morph_matrix(groups, 15).double()  # (B, G, N)
+    assert torch.allclose(M.sum(-1), torch.ones(3, 15, dtype=torch.float64))
+    means = group_mean(x.float(), groups, 15).double()
+    torch.testing.assert_close(means, M @ x, rtol=1e-5, atol=1e-6)
+    membership = (M > 0).double()
+    torch.testing.assert_close(morph_back(means, groups), membership.transpose(1, 2) @ M @ x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(group_sizes(groups, 15).double(), membership.sum(-1))
+
+
+def test_gradients_flow_through_group_mean():
+    x = torch.randn(2, 20, 6, requires_grad=True)
+    groups = token_morphing(x, [4, 4], "random")
+    weights = torch.randn(2, 12, 6)
+    (group_mean(x, groups, 12) * weights).sum().backward()
+    expected = morph_matrix(groups, 12).transpose(1, 2) @ weights  # d/dx sum(w * M x) = M^T w
+    torch.testing.assert_close(x.grad, expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dynamic scheduler
+
+
+@pytest.mark.parametrize("rule", ["spread", "official"])
+def test_sample_schedule_is_feasible_and_reproducible(rule):
+    rng, again = random.Random(0), random.Random(0)
+    schedules = [sample_schedule(196, 196, 14, rng, rule) for _ in range(500)]
+    assert schedules == [sample_schedule(196, 196, 14, again, rule) for _ in range(500)]
+    assert len({tuple(s) for s in schedules}) > 100
+    for s in schedules:
+        assert 1 <= len(s) <= 14 and s == clamp_schedule(196, s)
+    assert max(sum(s) for s in schedules) > 150 and min(sum(s) for s in schedules) < 20
+
+
+def test_sample_schedule_rules_against_hand_computed_values():
+    class FixedRng:  # returns n, then k
+        def __init__(self, n, k): self.values = [n, k]
+        def randint(self, a, b): return self.values.pop(0)
+    assert sample_schedule(196, 196, 14, FixedRng(23, 5), "spread") == [5, 5, 5, 4, 4]
+    assert sample_schedule(196, 196, 14, FixedRng(23, 5), "official") == [5, 5, 5, 5, 5]  # ceil(23/5) = 5
+    assert sample_schedule(196, 196, 14, FixedRng(196, 14), "official") == [14] * 13 + [7]  # 14 * 14 = 196; last round: 14 tokens left -> 7
+    assert sample_schedule(196, 196, 14, FixedRng(196, 3), "official") == [65, 65, 33]  # 66*3 > 196 -> floor 65; clamped
+    assert sample_schedule(196, 196, 14, FixedRng(0, 3), "spread") == [0, 0, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Visualization CLI
+
+
+def test_visualization_writes_side_by_side_panels(tmp_path):
+    from PIL import Image
+    import morph
+    image = Image.new("RGB", (96, 80), "red")
+    image.paste((0, 0, 255), (0, 0, 48, 80))
+    image.save(tmp_path / "img.png")
+    morph.main([str(tmp_path / "img.png"), "--schedule", "2x4", "8,8", "--img_size", "64",
+                "--out", str(tmp_path / "g.png")])
+    out = Image.open(tmp_path / "g.png")
+    assert out.size == (2 * 64 + 8, 2 * 64 + 20)
+    assert parse_schedule("14x7") == [7] * 14 and parse_schedule("49,49") == [49, 49]
+    with pytest.raises(ValueError, match="KxR"):
+        parse_schedule("seven")
