@@ -720,13 +720,17 @@ class DTMPretrainModel(nn.Module):
     """
 
     def __init__(self, student: VisionTransformer, target_dim: int, loss: str = "smooth_l1", beta: float = 2.0,
-                 loss_on: str = "all"):
+                 loss_on: str = "all", features_fn=None):
+        """features_fn: None (student.forward_features(images, mask)) or a callable (student, images, mask) ->
+        (tokens (B, 1 + N, C), extra loss added to the DTM loss, stats dict), e.g. mto.MTO(cfg); it runs inside
+        forward so that DDP sees it."""
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
         if loss_on not in ("all", "masked"):
             raise ValueError(f"loss_on must be 'all' or 'masked', got {loss_on!r}")
         self.student, self.loss, self.beta, self.loss_on = student, loss, beta, loss_on
+        self.features_fn = features_fn
         self.head = nn.Linear(student.embed_dim, target_dim)
         _trunc_normal_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -734,11 +738,19 @@ class DTMPretrainModel(nn.Module):
     def forward(self, images, mask, targets, levels):
         """images (B, 3, H, W), mask (B, N) bool, targets (B, N, D) -> (loss, stats).
 
-        stats: "loss" and "loss_level{i}" as detached tensors, "groups_level{i}" (number of morphed tokens) as ints.
+        stats: "loss" and "loss_level{i}" as detached tensors, "groups_level{i}" (number of morphed tokens) as ints;
+        with a features_fn also "loss_dtm" (the DTM part of "loss") and the features_fn's stats.
         """
-        pred = self.head(self.student.forward_features(images, mask)[:, 1:])  # (B, N, D)
+        if self.features_fn is None:
+            tokens, extra_loss, extra_stats = self.student.forward_features(images, mask), None, {}
+        else:
+            tokens, extra_loss, extra_stats = self.features_fn(self.student, images, mask)
+        pred = self.head(tokens[:, 1:])  # (B, N, D)
         loss, level_losses = dtm_loss(pred, targets, levels, mask, self.loss, self.beta, self.loss_on)
-        stats = {"loss": loss.detach()}
+        if extra_loss is not None:
+            extra_stats = {"loss_dtm": loss.detach(), **extra_stats}
+            loss = loss + extra_loss
+        stats = {"loss": loss.detach(), **extra_stats}
         for i, ((_, num_groups), level_loss) in enumerate(zip(levels, level_losses)):
             stats[f"loss_level{i}"] = level_loss.detach()
             stats[f"groups_level{i}"] = num_groups

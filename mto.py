@@ -1,0 +1,213 @@
+"""Masked Token Optimization (MTO) for ViT encoders that see mask tokens (SimMIM / BEiT / DTM students).
+
+"Emerging Property of Masked Token for Effective Pre-training" (Choi et al., ECCV 2024). torch only; the ViT it
+drives is any model with forward_features(images, mask, return_layers, attn_mask, return_attn) as in dtm.py.
+
+What the paper says, in its own words (abstract and project page; the full equations were not available when this
+file was written):
+  - masked tokens should have "data singularity" (renamed "data distinctiveness" in the camera-ready): a masked token
+    "should be unique", with "a low likelihood of manifesting in the training data";
+  - MTO "encompasses the selective exclusion of semantically inconsequential masked tokens from the weight
+    aggregation process pertaining to visible tokens, and at the same time, it enforces data singularity
+    constraints based on the depth of the layer";
+  - "minimizing the entropy of each row in a row-wise softmax layer forces the model to focus its attention on the
+    most salient visible tokens";
+  - the method is weight recalibration plus losses built on an entropy-based heterogeneity measure between masked
+    and visible tokens.
+
+What this file makes of it (THIS IMPLEMENTATION'S READING, not the paper's equations):
+  1. Weight recalibration (recalibration_mask). In the attention of the first `layers` blocks (default: all),
+     queries of visible tokens and of CLS get no weight on masked-token keys: their softmax renormalizes over
+     CLS + visible patches. Queries of masked tokens still attend to every token. It is a boolean SDPA mask
+     (B, 1, T, T), True = may attend. With it in every block, visible tokens and CLS do not depend on the mask
+     token at all (the encoder acts like MAE's on the visible set, the mask tokens read from it).
+  2. Singularity (heterogeneity) loss (singularity_loss). At the output of block l (before the final norm), for
+     each masked patch i of an image: s_i = max over visible patches j of the same image of cos(h_i, h_j);
+     L_sing(l) = mean of s_i over the masked patches of the image. The visible side is detached (stop-gradient):
+     the constraint moves the masked-token representations away from the data, not the data's representations.
+     CLS is not a "visible token" here (it is not a patch of the image).
+  3. Entropy loss (attention_entropy). In block l's attention (probabilities computed explicitly there, fused SDPA
+     elsewhere): the row of each masked query, restricted to the visible patch keys and renormalized over them
+     (CLS excluded, so putting all weight on CLS cannot game it), has entropy H_i; divided by log(#visible) so it
+     lies in [0, 1] whatever the mask ratio or image size; averaged over heads, then over the masked queries of
+     the image. Minimizing it makes masked tokens attend to few salient visible tokens.
+  Depth schedule (both losses; "based on the depth of the layer"): over the first K blocks the loss is on
+  (K = sing_layers / ent_layers, default all), block l (0-based) of a depth-D ViT gets weight
+  w_l = (D - l) / sum_{l' < K} (D - l'): linear decay, strongest in the first block, weights summing to 1.
+  Per-sample losses: each image's loss is computed on its own tokens, the batch loss is the plain mean over images
+  (an image with no masked or no visible patch contributes 0), so the loss does not depend on how a batch is split
+  over GPUs. Losses are computed in float32 under autocast.
+  Total loss = base loss + lambda_sing * L_sing + lambda_ent * L_ent. The default lambdas (0.1, 0.1) are this
+  implementation's choice, not tuned and not from the paper.
+
+Use:
+    cfg = MTOConfig(lambda_sing=0.1, lambda_ent=0.1)              # or mto_config_from_args(args) after add_mto_args
+    tokens, losses = mto_forward(vit, images, mask, cfg)          # tokens (B, 1 + N, C); losses["loss_sing"], ["loss_ent"]
+    loss = base_loss(tokens) + mto_total_loss(losses, cfg)
+or, with DDP, inside the wrapped module: dtm.DTMPretrainModel(student, dim, features_fn=MTO(cfg)).
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+NUM_PREFIX = 1  # tokens before the patches (CLS) in the ViTs of this repo
+
+
+@dataclass
+class MTOConfig:
+    """layers / sing_layers / ent_layers: the first K blocks where recalibration / each loss is on (None = all blocks,
+    0 = off). A lambda of 0 switches its loss off and skips its computation (SDPA everywhere if lambda_ent is 0)."""
+    layers: Optional[int] = None
+    lambda_sing: float = 0.1
+    lambda_ent: float = 0.1
+    sing_layers: Optional[int] = None
+    ent_layers: Optional[int] = None
+
+
+def recalibration_mask(mask, num_prefix: int = NUM_PREFIX):
+    """mask (B, N) bool, True = masked patch -> attention mask (B, 1, T, T) bool, True = may attend, T = num_prefix + N.
+
+    Query q may attend to key k unless q is visible (prefix or unmasked patch) and k is a masked patch.
+    """
+    B = mask.shape[0]
+    masked = torch.cat([mask.new_zeros(B, num_prefix), mask], dim=1)  # (B, T); prefix tokens are never masked
+    return (masked[:, :, None] | ~masked[:, None, :]).unsqueeze(1)  # (B, 1, T, T): masked query or visible key
+
+
+def depth_weights(depth: int, num_layers: int) -> torch.Tensor:
+    """(depth,) float: w_l proportional to depth - l for the first num_layers blocks, 0 after; sums to 1."""
+    if not 0 <= num_layers <= depth:
+        raise ValueError(f"number of MTO loss layers must be in 0..{depth} (the ViT's depth), got {num_layers}")
+    w = torch.arange(depth, 0, -1, dtype=torch.float32)  # D, D-1, ..., 1
+    w[num_layers:] = 0
+    return w / w.sum().clamp(min=1.0)
+
+
+def _patch_tokens(x, mask, num_prefix):
+    if x.shape[1] != num_prefix + mask.shape[1]:
+        raise ValueError(f"tokens {tuple(x.shape)} do not match the mask {tuple(mask.shape)} with {num_prefix} prefix tokens")
+    return x[:, num_prefix:]
+
+
+def singularity_loss(hidden, mask, num_prefix: int = NUM_PREFIX):
+    """Per-image similarity of masked to visible tokens at one block output -> (B,) float32.
+
+    hidden (B, num_prefix + N, C), mask (B, N) bool. Image b: mean over its masked patches i of
+    max over its visible patches j of cos(h_i, h_j); gradient only through the masked side.
+    """
+    x = F.normalize(_patch_tokens(hidden, mask, num_prefix).float(), dim=-1)  # (B, N, C)
+    sim = x @ x.detach().transpose(1, 2)  # (B, N, N): query patches x (detached) key patches
+    sim = sim.masked_fill(mask[:, None, :], float("-inf"))  # keys: visible patches only
+    nearest = sim.amax(dim=-1)  # (B, N) max cosine to a visible patch
+    counted = mask & (~mask).any(dim=1, keepdim=True)  # masked patches of images that have a visible patch
+    nearest = torch.where(counted, nearest, torch.zeros_like(nearest))
+    return nearest.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def attention_entropy(attn, mask, num_prefix: int = NUM_PREFIX):
+    """Per-image normalized entropy of masked queries' attention over visible patch keys -> (B,) float32.
+
+    attn (B, heads, T, T) softmax probabilities, mask (B, N) bool. Each masked query's row is restricted to the
+    visible patch keys and renormalized; its entropy is divided by log(#visible), averaged over heads and over the
+    image's masked queries. Images with no masked patch or fewer than 2 visible patches give 0.
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    visible = ~mask
+    p = attn[:, :, num_prefix:, num_prefix:].float() * visible[:, None, None, :]  # (B, heads, N, N) patch rows/cols
+    q = p / p.sum(dim=-1, keepdim=True).clamp(min=tiny)  # rows renormalized over visible keys
+    entropy = -(q * q.clamp(min=tiny).log()).sum(dim=-1).mean(dim=1)  # (B, N), mean over heads
+    num_visible = visible.sum(dim=1)  # (B,)
+    counted = mask & (num_visible >= 2)[:, None]  # masked queries of images with at least 2 visible patches
+    entropy = entropy / num_visible.float().clamp(min=2).log()[:, None] * counted
+    return entropy.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def _num_layers(value, depth, name):
+    if value is None:
+        return depth
+    if not 0 <= value <= depth:
+        raise ValueError(f"{name}={value} is out of range for a ViT of depth {depth}; use 0..{depth} (or leave it unset for all blocks)")
+    return value
+
+
+def mto_forward(vit, images, mask, cfg: MTOConfig):
+    """forward_features with MTO -> (tokens (B, 1 + N, C), {"loss_sing": scalar, "loss_ent": scalar}).
+
+    images (B, 3, H, W), mask (B, N) bool (True = masked). The losses are the depth-weighted sums over blocks of the
+    batch means of the per-image losses, not yet multiplied by the lambdas (see mto_total_loss); a loss whose lambda
+    is 0 is a zero tensor and costs nothing.
+    """
+    if mask is None or mask.dtype != torch.bool:
+        raise ValueError("MTO needs the (B, N) bool mask of masked patches")
+    depth = len(vit.blocks)
+    layers = _num_layers(cfg.layers, depth, "mto layers")
+    sing_w = depth_weights(depth, _num_layers(cfg.sing_layers, depth, "mto sing_layers") if cfg.lambda_sing else 0)
+    ent_w = depth_weights(depth, _num_layers(cfg.ent_layers, depth, "mto ent_layers") if cfg.lambda_ent else 0)
+    sing_ids, ent_ids = sing_w.nonzero()[:, 0].tolist(), ent_w.nonzero()[:, 0].tolist()
+
+    allowed = recalibration_mask(mask) if layers else None
+    attn_mask = [allowed] * layers + [None] * (depth - layers)
+    out = vit.forward_features(images, mask, return_layers=sing_ids, attn_mask=attn_mask, return_attn=ent_ids)
+    if ent_ids:
+        tokens, hidden, attns = out
+    elif sing_ids:
+        (tokens, hidden), attns = out, []
+    else:
+        tokens, hidden, attns = out, [], []
+
+    zero = tokens.new_zeros((), dtype=torch.float32)
+    loss_sing = sum((float(sing_w[i]) * singularity_loss(h, mask).mean() for i, h in zip(sing_ids, hidden)), zero)
+    loss_ent = sum((float(ent_w[i]) * attention_entropy(a, mask).mean() for i, a in zip(ent_ids, attns)), zero)
+    return tokens, {"loss_sing": loss_sing, "loss_ent": loss_ent}
+
+
+def mto_total_loss(losses: dict, cfg: MTOConfig):
+    """lambda_sing * L_sing + lambda_ent * L_ent (to add to the base loss)."""
+    return cfg.lambda_sing * losses["loss_sing"] + cfg.lambda_ent * losses["loss_ent"]
+
+
+class MTO:
+    """The features hook for dtm.DTMPretrainModel(features_fn=MTO(cfg)), so MTO runs inside the DDP-wrapped forward:
+    (student, images, mask) -> (tokens, lambda-weighted MTO loss, stats with the unweighted loss_sing, loss_ent)."""
+
+    def __init__(self, cfg: MTOConfig):
+        self.cfg = cfg
+
+    def __call__(self, vit, images, mask):
+        tokens, losses = mto_forward(vit, images, mask, self.cfg)
+        return tokens, mto_total_loss(losses, self.cfg), {k: v.detach() for k, v in losses.items()}
+
+
+def add_mto_args(parser):
+    """Adds --mto and its options to a trainer's argparse parser."""
+    group = parser.add_argument_group("MTO (Masked Token Optimization, ECCV 2024; see mto.py)")
+    group.add_argument("--mto", action="store_true", help="enable MTO (off: the plain forward, bit-identical)")
+    group.add_argument("--mto_layers", type=int, default=None,
+                       help="weight recalibration in the first K blocks (default: all blocks; 0: off)")
+    group.add_argument("--mto_lambda_sing", type=float, default=0.1,
+                       help="weight of the singularity loss (0: off); default 0.1, not from the paper")
+    group.add_argument("--mto_lambda_ent", type=float, default=0.1,
+                       help="weight of the attention entropy loss (0: off); default 0.1, not from the paper")
+    group.add_argument("--mto_sing_layers", type=int, default=None,
+                       help="singularity loss on the first K blocks, depth-weighted (default: all blocks)")
+    group.add_argument("--mto_ent_layers", type=int, default=None,
+                       help="entropy loss on the first K blocks, depth-weighted; these blocks compute attention "
+                            "probabilities explicitly instead of fused SDPA (default: all blocks)")
+    return parser
+
+
+def mto_config_from_args(args) -> Optional[MTOConfig]:
+    """MTOConfig from add_mto_args' flags, or None when --mto is off (the trainer then takes the plain path)."""
+    if not args.mto:
+        return None
+    for name in ("mto_layers", "mto_sing_layers", "mto_ent_layers"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name} must be >= 0 (or unset for all blocks), got {value}")
+    for name in ("mto_lambda_sing", "mto_lambda_ent"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    return MTOConfig(layers=args.mto_layers, lambda_sing=args.mto_lambda_sing, lambda_ent=args.mto_lambda_ent,
+                     sing_layers=args.mto_sing_layers, ent_layers=args.mto_ent_layers)

@@ -1,0 +1,295 @@
+"""Tests for mto.py: the recalibration mask against attention that drops masked keys, both losses against
+per-sample loops, the depth schedule, gradients, autocast, batch-split invariance and the off switch."""
+import argparse
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dtm
+import mto
+
+torch.set_num_threads(1)
+
+IMG, PATCH = 32, 8  # a 4x4 patch grid, N = 16
+N, DEPTH = (IMG // PATCH) ** 2, 4  # vit_tiny: depth 4, 3 heads, width 192
+
+
+def tiny_vit(**kw):
+    torch.manual_seed(0)
+    model = dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, **kw).eval()
+    with torch.no_grad():  # non-zero relative position table and mask token so that they matter
+        model.rel_pos_bias.table.normal_(0, 0.5)
+        model.mask_token.normal_(0, 1.0)
+    return model
+
+
+def images(batch=2, seed=1):
+    return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+
+
+def random_mask(batch=2, seed=2, ratio=0.5):
+    return torch.rand(batch, N, generator=torch.Generator().manual_seed(seed)) < ratio
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weight recalibration
+
+
+def test_recalibration_mask_matches_definition():
+    mask = random_mask(3)
+    allowed = mto.recalibration_mask(mask)
+    assert allowed.shape == (3, 1, 1 + N, 1 + N) and allowed.dtype == torch.bool
+    for b in range(3):
+        masked = [False] + mask[b].tolist()  # CLS first, never masked
+        for q in range(1 + N):
+            for k in range(1 + N):
+                assert allowed[b, 0, q, k].item() == (masked[q] or not masked[k])
+
+
+def reference_attention(attn, x, rel_bias, masked):
+    """Hand-written attention of one Attention module: visible queries softmax over non-masked keys only."""
+    B, T, C = x.shape
+    H, d = attn.num_heads, attn.head_dim
+    out = torch.zeros(B, T, C)
+    for b in range(B):
+        q = (x[b] @ attn.qkv.weight[:C].t() + attn.q_bias).view(T, H, d)
+        k = (x[b] @ attn.qkv.weight[C:2 * C].t()).view(T, H, d)
+        v = (x[b] @ attn.qkv.weight[2 * C:].t() + attn.v_bias).view(T, H, d)
+        for h in range(H):
+            for t in range(T):
+                keys = list(range(T)) if masked[b, t] else [j for j in range(T) if not masked[b, j]]
+                scores = torch.stack([q[t, h] @ k[j, h] / math.sqrt(d) + rel_bias[h, t, j] for j in keys])
+                p = scores.softmax(0)
+                out[b, t, h * d:(h + 1) * d] = sum(p[i] * v[j, h] for i, j in enumerate(keys))
+    return attn.proj(out)
+
+
+def test_recalibrated_block_equals_reference_that_drops_masked_keys():
+    model = tiny_vit()
+    block, mask = model.blocks[0], random_mask()
+    x = torch.randn(2, 1 + N, 192, generator=torch.Generator().manual_seed(5))
+    rel_bias = model.rel_pos_bias()
+    masked = torch.cat([torch.zeros(2, 1, dtype=torch.bool), mask], dim=1)  # (B, T)
+    allowed = mto.recalibration_mask(mask)
+    with torch.no_grad():
+        attn_ref = reference_attention(block.attn, block.norm1(x), rel_bias, masked)
+        y = x + block.gamma_1 * attn_ref
+        block_ref = y + block.gamma_2 * block.mlp(block.norm2(y))
+        for return_attn in (False, True):  # fused SDPA and explicit softmax
+            out = block(x, rel_bias, allowed, return_attn=return_attn)
+            out = out[0] if return_attn else out
+            assert torch.allclose(out, block_ref, atol=1e-5)
+        plain = block(x, rel_bias)
+    # masked queries are unchanged, visible queries (and CLS) differ from the plain block
+    assert torch.allclose(out[masked], plain[masked], atol=1e-6)
+    assert (out[~masked] - plain[~masked]).abs().amax() > 1e-3
+
+
+def test_full_recalibration_makes_visible_tokens_independent_of_mask_token():
+    model, x, mask = tiny_vit(), images(), random_mask()
+    cfg = mto.MTOConfig(lambda_sing=0.0, lambda_ent=0.0)
+    visible = torch.cat([torch.ones(2, 1, dtype=torch.bool), ~mask], dim=1)
+    with torch.no_grad():
+        before, _ = mto.mto_forward(model, x, mask, cfg)
+        partial, _ = mto.mto_forward(model, x, mask, mto.MTOConfig(layers=2, lambda_sing=0.0, lambda_ent=0.0))
+        model.mask_token.add_(torch.randn(192, generator=torch.Generator().manual_seed(6)))
+        after, _ = mto.mto_forward(model, x, mask, cfg)
+        partial_after, _ = mto.mto_forward(model, x, mask, mto.MTOConfig(layers=2, lambda_sing=0.0, lambda_ent=0.0))
+    assert torch.equal(before[visible], after[visible])
+    assert (before[~visible] - after[~visible]).abs().amax() > 1e-3
+    # recalibration in the first 2 of 4 blocks only: visible tokens see the mask tokens from block 3 on
+    assert (partial[visible] - partial_after[visible]).abs().amax() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# MTO off / no-op configurations are the plain forward
+
+
+def test_mto_off_is_bit_identical_to_plain_forward():
+    model, x, mask = tiny_vit(), images(), random_mask()
+    plain = model.forward_features(x, mask)
+    tokens, losses = mto.mto_forward(model, x, mask, mto.MTOConfig(layers=0, lambda_sing=0.0, lambda_ent=0.0))
+    assert torch.equal(tokens, plain) and losses["loss_sing"] == 0 and losses["loss_ent"] == 0
+    # the singularity loss only reads block outputs: the tokens stay bit-identical
+    tokens, losses = mto.mto_forward(model, x, mask, mto.MTOConfig(layers=0, lambda_ent=0.0))
+    assert torch.equal(tokens, plain) and losses["loss_sing"] != 0
+
+    parser = mto.add_mto_args(argparse.ArgumentParser())
+    assert mto.mto_config_from_args(parser.parse_args([])) is None
+    assert mto.mto_config_from_args(parser.parse_args(["--mto"])) == mto.MTOConfig()
+    cfg = mto.mto_config_from_args(parser.parse_args(["--mto", "--mto_layers", "2", "--mto_lambda_ent", "0",
+                                                      "--mto_sing_layers", "3"]))
+    assert cfg == mto.MTOConfig(layers=2, lambda_sing=0.1, lambda_ent=0.0, sing_layers=3)
+    with pytest.raises(ValueError, match="mto_lambda_sing"):
+        mto.mto_config_from_args(parser.parse_args(["--mto", "--mto_lambda_sing", "-1"]))
+
+
+def test_pretrain_model_without_hook_is_bit_identical_and_with_mto_adds_weighted_losses():
+    x, mask = images(), random_mask()
+    targets = dtm.PixelTeacher(PATCH)(x)
+    levels = dtm.morph_levels(targets, [[4, 4], [2]], generator=torch.Generator().manual_seed(0))
+    model = dtm.DTMPretrainModel(tiny_vit(), target_dim=PATCH * PATCH * 3)
+    loss, stats = model(x, mask, targets, levels)
+    manual, _ = dtm.dtm_loss(model.head(model.student.forward_features(x, mask)[:, 1:]), targets, levels, mask)
+    assert torch.equal(loss, manual) and "loss_dtm" not in stats
+
+    cfg = mto.MTOConfig(lambda_sing=0.3, lambda_ent=0.7)
+    model.features_fn = mto.MTO(cfg)
+    loss, stats = model(x, mask, targets, levels)
+    tokens, losses = mto.mto_forward(model.student, x, mask, cfg)
+    dtm_part, _ = dtm.dtm_loss(model.head(tokens[:, 1:]), targets, levels, mask)
+    assert torch.allclose(stats["loss_dtm"], dtm_part) and torch.allclose(stats["loss_sing"], losses["loss_sing"])
+    assert torch.allclose(loss, dtm_part + 0.3 * losses["loss_sing"] + 0.7 * losses["loss_ent"])
+    assert torch.equal(stats["loss"], loss.detach())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses against per-sample loops
+
+
+def masks_with_edge_cases():
+    mask = random_mask(4, seed=7)
+    mask[2] = False  # no masked patch -> 0
+    mask[3] = True  # no visible patch -> 0
+    mask[3, 5] = False  # ... one visible patch: singularity defined, entropy 0 (log 1)
+    return mask
+
+
+def test_singularity_loss_matches_loop():
+    mask = masks_with_edge_cases()
+    hidden = torch.randn(4, 1 + N, 12, generator=torch.Generator().manual_seed(8)).requires_grad_()
+    value = mto.singularity_loss(hidden, mask)
+    (grad,) = torch.autograd.grad(value.sum(), hidden)
+    assert torch.all(grad[:, 1:][~mask] == 0) and torch.all(grad[:, 0] == 0)  # visible side detached, CLS unused
+    assert torch.all(grad[:2, 1:][mask[:2]].abs().sum(-1) > 0)
+    hidden = hidden.detach()
+    for b in range(4):
+        masked = [i for i in range(N) if mask[b, i]]
+        visible = [j for j in range(N) if not mask[b, j]]
+        if not masked or not visible:
+            expected = 0.0
+        else:
+            expected = sum(max(F.cosine_similarity(hidden[b, 1 + i], hidden[b, 1 + j], dim=0).item() for j in visible)
+                           for i in masked) / len(masked)
+        assert value[b].item() == pytest.approx(expected, abs=1e-5), b
+
+
+def test_attention_entropy_matches_loop():
+    mask = masks_with_edge_cases()
+    attn = torch.randn(4, 3, 1 + N, 1 + N, generator=torch.Generator().manual_seed(9)).mul(2).softmax(-1)
+    value = mto.attention_entropy(attn, mask)
+    for b in range(4):
+        masked = [i for i in range(N) if mask[b, i]]
+        visible = [j for j in range(N) if not mask[b, j]]
+        total = 0.0
+        for i in masked:
+            for h in range(3):
+                row = torch.tensor([attn[b, h, 1 + i, 1 + j].item() for j in visible], dtype=torch.float64)
+                row = row / row.sum()
+                entropy = -(row * row.log()).sum().item()
+                total += entropy / math.log(len(visible)) / 3 if len(visible) >= 2 else 0.0
+        expected = total / len(masked) if masked else 0.0
+        assert value[b].item() == pytest.approx(expected, abs=1e-5), b
+    # a one-hot row over visible keys has entropy 0, a uniform one 1
+    mask1 = torch.zeros(1, N, dtype=torch.bool)
+    mask1[0, :4] = True
+    uniform = torch.zeros(1, 1, 1 + N, 1 + N)
+    uniform[..., 1:] = 1.0 / N  # uniform over all patches -> uniform over the visible ones after renormalizing
+    assert mto.attention_entropy(uniform, mask1).item() == pytest.approx(1.0, abs=1e-6)
+    onehot = torch.zeros(1, 1, 1 + N, 1 + N)
+    onehot[..., 0] = 0.5  # weight on CLS is ignored
+    onehot[..., 1 + 7] = 0.5
+    assert mto.attention_entropy(onehot, mask1).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_depth_weights():
+    assert torch.allclose(mto.depth_weights(4, 4), torch.tensor([4., 3., 2., 1.]) / 10)
+    assert torch.allclose(mto.depth_weights(4, 2), torch.tensor([4., 3., 0., 0.]) / 7)
+    assert torch.equal(mto.depth_weights(4, 0), torch.zeros(4))
+    with pytest.raises(ValueError, match="0..4"):
+        mto.depth_weights(4, 5)
+
+
+def test_mto_forward_losses_are_depth_weighted_sums_of_per_layer_losses():
+    model, x, mask = tiny_vit(), images(3), random_mask(3)
+    cfg = mto.MTOConfig(layers=3, sing_layers=3, ent_layers=2)
+    tokens, losses = mto.mto_forward(model, x, mask, cfg)
+    allowed = mto.recalibration_mask(mask)
+    ref_tokens, layers, attns = model.forward_features(x, mask, return_layers=(0, 1, 2, 3),
+                                                       attn_mask=[allowed] * 3 + [None], return_attn=(0, 1))
+    assert torch.allclose(tokens, ref_tokens, atol=1e-5)
+    sing = sum(w * mto.singularity_loss(h, mask).mean() for w, h in zip([4 / 9, 3 / 9, 2 / 9], layers[:3]))
+    ent = sum(w * mto.attention_entropy(a, mask).mean() for w, a in zip([4 / 7, 3 / 7], attns))
+    assert torch.allclose(losses["loss_sing"], sing, atol=1e-6) and torch.allclose(losses["loss_ent"], ent, atol=1e-6)
+    assert 0 < losses["loss_ent"] < 1 and -1 < losses["loss_sing"] < 1
+    with pytest.raises(ValueError, match="depth 4"):
+        mto.mto_forward(model, x, mask, mto.MTOConfig(layers=5))
+    with pytest.raises(ValueError, match="mask"):
+        mto.mto_forward(model, x, None, cfg)
+
+
+def test_losses_are_per_sample_so_batch_splits_agree():
+    model, x, mask = tiny_vit(), images(4), random_mask(4, ratio=0.4)
+    cfg = mto.MTOConfig()
+    with torch.no_grad():
+        _, full = mto.mto_forward(model, x, mask, cfg)
+        _, first = mto.mto_forward(model, x[:2], mask[:2], cfg)
+        _, second = mto.mto_forward(model, x[2:], mask[2:], cfg)
+    for name in ("loss_sing", "loss_ent"):
+        assert torch.allclose(full[name], (first[name] + second[name]) / 2, atol=1e-6), name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gradients and autocast
+
+
+def grads(loss, model):
+    params = dict(model.named_parameters())
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True, retain_graph=True)))
+
+
+def nonzero(g):
+    return g is not None and g.abs().sum() > 0
+
+
+def test_gradients_reach_the_mask_token_where_expected():
+    model, x, mask = tiny_vit(), images(), random_mask()
+    # entropy of block 0 only: reaches the mask token and block 0's q/k, not block 0's values/MLP or later blocks
+    _, losses = mto.mto_forward(model, x, mask, mto.MTOConfig(lambda_sing=0.0, ent_layers=1))
+    g = grads(losses["loss_ent"], model)
+    assert nonzero(g["mask_token"]) and nonzero(g["blocks.0.attn.qkv.weight"]) and nonzero(g["patch_embed.weight"])
+    assert not nonzero(g["blocks.0.attn.v_bias"]) and not nonzero(g["blocks.0.mlp.fc1.weight"])
+    assert not any(nonzero(v) for k, v in g.items() if k.startswith(("blocks.1.", "blocks.2.", "blocks.3.", "norm.")))
+    # singularity of block 0 only (visible side detached): mask token and block 0, nothing later
+    _, losses = mto.mto_forward(model, x, mask, mto.MTOConfig(lambda_ent=0.0, sing_layers=1))
+    g = grads(losses["loss_sing"], model)
+    assert nonzero(g["mask_token"]) and nonzero(g["blocks.0.mlp.fc2.weight"])
+    assert not any(nonzero(v) for k, v in g.items() if k.startswith(("blocks.1.", "norm.")))
+    # with recalibration in every block nothing computed from CLS and visible tokens depends on the mask token
+    tokens, _ = mto.mto_forward(model, x, mask, mto.MTOConfig(lambda_sing=0.0, lambda_ent=0.0))
+    visible = torch.cat([torch.ones(2, 1, dtype=torch.bool), ~mask], dim=1)
+    g = grads(tokens[visible].pow(2).sum(), model)
+    assert not nonzero(g["mask_token"]) and nonzero(g["patch_embed.weight"])
+    g = grads(tokens[~visible].pow(2).sum(), model)
+    assert nonzero(g["mask_token"])
+    # an all-visible batch has nothing to optimize
+    _, losses = mto.mto_forward(model, x, torch.zeros(2, N, dtype=torch.bool), mto.MTOConfig())
+    assert losses["loss_sing"] == 0 and losses["loss_ent"] == 0
+
+
+def test_autocast_bfloat16():
+    model, x, mask = tiny_vit(), images(), random_mask()
+    cfg = mto.MTOConfig()
+    ref_tokens, ref = mto.mto_forward(model, x, mask, cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens, losses = mto.mto_forward(model, x, mask, cfg)
+        total = tokens.float().pow(2).mean() + mto.mto_total_loss(losses, cfg)
+    assert not torch.equal(tokens, ref_tokens)  # the blocks ran in bfloat16 (the final LayerNorm returns float32)
+    for name in ("loss_sing", "loss_ent"):
+        assert losses[name].dtype == torch.float32
+        assert torch.allclose(losses[name], ref[name], atol=0.03), (name, losses[name], ref[name])
+    total.backward()
+    assert torch.isfinite(model.mask_token.grad).all() and model.mask_token.grad.abs().sum() > 0
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
