@@ -1,5 +1,7 @@
 """Benchmark: DTM's morphed loss with morph.py (index maps) vs a dense source-matrix implementation.
 
+The morph.py path is what train_pretrain.py runs: dtm.morph_levels + dtm.dtm_loss.
+
 Times, for L levels, token morphing of the teacher tokens + group means of student predictions and teacher
 targets + smooth-L1 loss (beta 2, all positions, group-size weighted), forward and backward.
 The dense path is written here in the style of the official code: ToMe bipartite matching with size-weighted
@@ -22,7 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from morph import group_mean, group_sizes, num_groups_after, parse_schedule, token_morphing
+import dtm
+from morph import parse_schedule
 
 
 def dense_merge_sources(x, schedule):
@@ -67,15 +70,9 @@ def loss_dense(student, teacher, schedules):
 
 
 def loss_index(student, teacher, schedules):
-    B, N, C = student.shape
-    total = 0
-    for schedule in schedules:
-        groups = token_morphing(teacher, schedule, split="alternate")
-        G = num_groups_after(N, schedule)
-        per_group = F.smooth_l1_loss(group_mean(student, groups, G).float(), group_mean(teacher, groups, G).float(),
-                                     beta=2.0, reduction="none").mean(-1)  # (B, G)
-        total = total + (per_group * group_sizes(groups, G)).sum() / (B * N)  # = mean over all N positions
-    return total / len(schedules)
+    """The training code's path: dtm.morph_levels (morph.token_morphing) + dtm.dtm_loss (morph.group_mean)."""
+    levels = dtm.morph_levels(teacher, schedules, split="alternate")
+    return dtm.dtm_loss(student, teacher, levels, loss="smooth_l1", beta=2.0)[0]
 
 
 METHODS = {"dense": loss_dense, "morph.py": loss_index}

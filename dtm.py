@@ -669,14 +669,20 @@ def morph_levels(targets, schedules, split: str = "random", generator=None) -> l
     return [(morph.token_morphing(targets, s, split, generator), morph.num_groups_after(N, s)) for s in schedules]
 
 
-def _per_group_loss(pred, target, loss: str, beta: float):
-    """Loss between matched morphed tokens (B, G, D) -> (B, G), averaged over channels."""
-    if loss == "smooth_l1":
-        return F.smooth_l1_loss(pred, target, reduction="none", beta=beta).mean(dim=-1)
-    if loss == "l2":
-        return (pred - target).pow(2).mean(dim=-1)
+def _per_group_loss(pred, target, residual, groups, num_groups: int, loss: str, beta: float):
+    """Loss of every morphed token (B, G), averaged over channels.
+
+    Group means are linear, mean(pred) - mean(target) = mean(pred - target), so the smooth-L1 and l2 losses
+    need one scatter of the residual per level instead of two; the cosine loss needs both means.
+    """
     if loss == "cosine":  # 1 - cosine similarity: 0 for a perfect prediction
+        pred, target = morph.group_mean(pred, groups, num_groups), morph.group_mean(target, groups, num_groups)
         return 1.0 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6)
+    residual = morph.group_mean(residual, groups, num_groups)  # (B, G, D)
+    if loss == "smooth_l1":
+        return F.smooth_l1_loss(residual, residual.new_zeros(()).expand_as(residual), reduction="none", beta=beta).mean(-1)
+    if loss == "l2":
+        return residual.pow(2).mean(dim=-1)
     raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
 
 
@@ -701,10 +707,10 @@ def dtm_loss(pred, target, levels, mask=None, loss: str = "smooth_l1", beta: flo
     else:
         weight = torch.ones(pred.shape[:2], device=pred.device)
     pred, target = pred.float(), target.float()
+    residual = pred - target if loss != "cosine" else None
     level_losses = []
     for groups, num_groups in levels:
-        per_group = _per_group_loss(morph.group_mean(pred, groups, num_groups),
-                                    morph.group_mean(target, groups, num_groups), loss, beta)  # (B, G)
+        per_group = _per_group_loss(pred, target, residual, groups, num_groups, loss, beta)  # (B, G)
         per_position = per_group.gather(1, groups)  # (B, N): each position holds its group's loss
         level_losses.append((per_position * weight).sum() / weight.sum().clamp(min=1.0))
     return torch.stack(level_losses).mean(), level_losses
