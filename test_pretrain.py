@@ -220,12 +220,13 @@ torch.save(result["model"].state_dict(), os.path.join(result["output_dir"], f"ra
 """
 
 
-def test_torchrun_two_processes_identical_parameters(image_folder, tmp_path):
+@pytest.mark.parametrize("mto_flags", [(), ("--mto", "--mto_layers", "2")], ids=["dtm", "dtm+mto"])
+def test_torchrun_two_processes_identical_parameters(image_folder, tmp_path, mto_flags):
     helper = tmp_path / "helper.py"
     helper.write_text(textwrap.dedent(HELPER.format(repo=HERE)))
     out = tmp_path / "ddp"
     # 12 images / 2 ranks / batch 2 / accum 2 -> 1 step per epoch: 3 epochs, 3 steps, no_sync on micro-batch 0
-    argv = tiny_argv(image_folder, out, "--batch_size", "2", "--accum_iter", "2", "--log_every", "2")
+    argv = tiny_argv(image_folder, out, "--batch_size", "2", "--accum_iter", "2", "--log_every", "2", *mto_flags)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(helper), *argv], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
@@ -240,6 +241,12 @@ def test_torchrun_two_processes_identical_parameters(image_folder, tmp_path):
     assert [r["step"] for r in lines] == [2, 3]  # every --log_every steps and the last step
     fields = {"step", "epoch", "loss", "loss_level0", "loss_level1", "lr", "grad_norm", "img_per_s",
               "teacher_s", "morph_s", "student_s"}
+    if mto_flags:
+        fields |= {"loss_dtm", "loss_sing", "loss_ent"}
     for r in lines:
         assert fields <= set(r), fields - set(r)
-        assert math.isfinite(r["loss"]) and r["loss"] == pytest.approx((r["loss_level0"] + r["loss_level1"]) / 2)
+        dtm_part = r["loss_dtm"] if mto_flags else r["loss"]
+        assert math.isfinite(r["loss"]) and dtm_part == pytest.approx((r["loss_level0"] + r["loss_level1"]) / 2)
+        if mto_flags:  # default lambdas 0.1 and 0.1
+            assert r["loss"] == pytest.approx(r["loss_dtm"] + 0.1 * r["loss_sing"] + 0.1 * r["loss_ent"])
+            assert r["loss_sing"] != 0 and 0 < r["loss_ent"] <= 1  # a max cosine (can be < 0); a normalized entropy

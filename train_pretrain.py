@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import dtm
 import morph
+import mto
 from data import BlockMaskGenerator, ImageFolder, MaskedImageDataset, PretrainTransform, SyntheticShapes
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,6 +324,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--log_every", type=int, default=50, help="optimizer steps per log line")
     a("--seed", type=int, default=0)
     a("--max_steps", type=int, default=0, help="stop (and save) after this many optimizer steps; 0: run all epochs")
+    mto.add_mto_args(p)
     return p
 
 
@@ -364,6 +366,7 @@ def check_args(args):
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.warmup_epochs < 0 or args.save_every < 0 or args.max_steps < 0:
         raise ValueError("--warmup_epochs, --save_every and --max_steps must be >= 0")
+    mto.mto_config_from_args(args)  # checks the --mto_* values
 
 
 def build_loader(args, d: Dist):
@@ -388,7 +391,9 @@ def build_model(args, d: Dist):
     student = dtm.build_vit(args.model, img_size=args.img_size, patch_size=PATCH_SIZE, drop_path_rate=args.drop_path,
                             layer_scale_init=args.layer_scale, rel_pos_bias=args.rel_pos_bias)
     teacher = dtm.build_teacher(args.teacher, args.img_size, PATCH_SIZE, args.teacher_norm).to(d.device)
-    model = dtm.DTMPretrainModel(student, teacher.out_dim, args.loss, args.beta, args.loss_on).to(d.device)
+    mto_cfg = mto.mto_config_from_args(args)  # None without --mto: the plain DTM forward
+    model = dtm.DTMPretrainModel(student, teacher.out_dim, args.loss, args.beta, args.loss_on,
+                                 features_fn=mto.MTO(mto_cfg) if mto_cfg else None).to(d.device)
     if args.compile:  # per block: the morphing in between changes shapes every step; state-dict keys stay the same
         for block in model.student.blocks:
             block.compile()
@@ -549,7 +554,8 @@ def train(args, d: Dist) -> dict:
                 sync = ddp_model.no_sync() if d.world_size > 1 and not last else contextlib.nullcontext()
                 stats = train_micro_step(ddp_model, teacher, images, mask, args, step * args.accum_iter + micro, d,
                                          amp_dtype, scaler, timer, sync)
-                values = torch.stack([v for k, v in stats.items() if k.startswith("loss")])
+                loss_names = [k for k in stats if k.startswith("loss")]  # loss, loss_level{i} (+ MTO's parts)
+                values = torch.stack([stats[k] for k in loss_names])
                 sums = values if sums is None else sums + values
                 count += 1
                 images_seen += images.shape[0]
@@ -573,8 +579,7 @@ def train(args, d: Dist) -> dict:
                 if not all(map(math.isfinite, means)):
                     raise FloatingPointError(f"loss is {means[0]} at step {step}; lower --lr or use --amp bf16/fp32")
                 now = time.perf_counter()
-                record = dict(step=step, epoch=epoch, loss=means[0],
-                              **{f"loss_level{i}": v for i, v in enumerate(means[1:])},
+                record = dict(step=step, epoch=epoch, **dict(zip(loss_names, means)),
                               **{k: v for k, v in stats.items() if k.startswith("groups_level")},
                               lr=step_lr,
                               grad_norm=grad_norm.item(),
