@@ -1,0 +1,100 @@
+"""Plot fields of the JSONL logs the training scripts write (one JSON object per log step), Pillow only.
+
+    python plot_log.py output/pretrain_demo/log.jsonl --field loss --out loss.png
+    python plot_log.py runA/log.jsonl runB/log.jsonl --labels plain mto --field loss --smooth 10 --out cmp.png
+"""
+import argparse
+import json
+import math
+
+from PIL import Image, ImageDraw
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+
+
+def read_log(path: str, x_field: str, field: str):
+    """[(x, y)] for the lines of a JSONL log that have both fields."""
+    points = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{number} is not a JSON line ({e}); pass a log.jsonl written by train_*.py")
+            if x_field in record and field in record:
+                points.append((float(record[x_field]), float(record[field])))
+    if not points:
+        raise SystemExit(f"{path}: no line has both {x_field!r} and {field!r}")
+    return points
+
+
+def moving_average(values, window: int):
+    """Trailing mean over the last `window` values (window 1: unchanged)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot(series, labels, title: str, x_label: str, y_label: str, size=(720, 440)):
+    """series: list of [(x, y)] -> PIL image with axes, ticks and a legend."""
+    width, height = size
+    left, right, top, bottom = 70, 20, 30, 50
+    xs = [x for s in series for x, _ in s]
+    ys = [y for s in series for _, y in s if math.isfinite(y)]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    pad = 0.05 * (y1 - y0)
+    y0, y1 = y0 - pad, y1 + pad
+    to_px = lambda x, y: (left + (x - x0) / (x1 - x0) * (width - left - right),
+                          top + (y1 - y) / (y1 - y0) * (height - top - bottom))
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i in range(6):  # ticks and grid
+        y = y0 + (y1 - y0) * i / 5
+        _, py = to_px(x0, y)
+        draw.line([left, py, width - right, py], fill="#e0e0e0")
+        draw.text((5, py - 6), f"{y:.4g}", fill="black")
+        x = x0 + (x1 - x0) * i / 5
+        px, _ = to_px(x, y0)
+        draw.text((px - 10, height - bottom + 6), f"{x:.4g}", fill="black")
+    for k, (points, label) in enumerate(zip(series, labels)):
+        color = COLORS[k % len(COLORS)]
+        draw.line([to_px(x, y) for x, y in points if math.isfinite(y)], fill=color, width=2)
+        draw.line([left + 10, top + 12 + 16 * k, left + 30, top + 12 + 16 * k], fill=color, width=3)
+        draw.text((left + 36, top + 6 + 16 * k), label, fill="black")
+    draw.text((left, 8), title, fill="black")
+    draw.text(((width - len(x_label) * 6) // 2, height - 22), x_label, fill="black")
+    draw.text((5, top - 22), y_label, fill="black")
+    return img
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Plot a field of JSONL training logs to a PNG (Pillow only).")
+    parser.add_argument("logs", nargs="+", help="log.jsonl files")
+    parser.add_argument("--field", default="loss")
+    parser.add_argument("--x", default="step", help="x-axis field")
+    parser.add_argument("--labels", nargs="+", help="one legend label per log (default: the paths)")
+    parser.add_argument("--smooth", type=int, default=1, help="trailing moving average over this many log lines")
+    parser.add_argument("--title", default="")
+    parser.add_argument("--out", default="plot.png")
+    args = parser.parse_args(argv)
+    labels = args.labels or args.logs
+    if len(labels) != len(args.logs):
+        raise SystemExit(f"{len(args.logs)} logs but {len(labels)} labels")
+    series = []
+    for path in args.logs:
+        points = read_log(path, args.x, args.field)
+        smoothed = moving_average([y for _, y in points], max(1, args.smooth))
+        series.append([(x, y) for (x, _), y in zip(points, smoothed)])
+    title = args.title or f"{args.field}" + (f" (moving average of {args.smooth})" if args.smooth > 1 else "")
+    plot(series, labels, title, args.x, args.field).save(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""plot_log.py: moving average, log parsing errors, and the PNG it writes."""
+import json
+
+import pytest
+from PIL import Image
+
+import plot_log
+
+
+def test_moving_average_is_a_trailing_mean():
+    assert plot_log.moving_average([1, 2, 3, 4, 5], 2) == [1, 1.5, 2.5, 3.5, 4.5]
+    assert plot_log.moving_average([4, 0, 8], 1) == [4, 0, 8]
+    assert plot_log.moving_average([3, 6, 9, 0], 3) == [3, 4.5, 6, 5]
+
+
+def test_plot_two_logs_and_errors(tmp_path):
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for step in range(1, 21):
+                f.write(json.dumps({"step": step, "loss": scale / step, "lr": 0.1}) + "\n")
+    assert plot_log.read_log(str(tmp_path / "b.jsonl"), "step", "loss")[1] == (2.0, 1.0)
+    out = tmp_path / "cmp.png"
+    plot_log.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--labels", "a", "b", "--smooth", "3",
+                   "--out", str(out)])
+    image = Image.open(out).convert("RGB")
+    assert image.size == (720, 440)
+    colors = {image.getpixel((x, y)) for x in range(80, 700, 3) for y in range(40, 380, 3)}
+    assert (31, 119, 180) in colors and (214, 39, 40) in colors  # both curves were drawn
+    with pytest.raises(SystemExit, match="no line has both"):
+        plot_log.main([str(tmp_path / "a.jsonl"), "--field", "grad_norm"])
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    with pytest.raises(SystemExit, match="not a JSON line"):
+        plot_log.main([str(tmp_path / "bad.jsonl")])
