@@ -1,0 +1,269 @@
+"""Tests for train_finetune.py: layer decay, checkpoint loading, loss, exact-once distributed evaluation, training,
+resume and --eval (CPU, tiny ViT at 32x32 pixels, SyntheticShapes)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import dtm
+import train_finetune as tf
+from train_pretrain import Dist, JsonLogger, save_checkpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMG, NUM_CLASSES = 32, 5
+# the demo path (no --data flags) on small SyntheticShapes sets; 13 validation images: odd, and uneven over 2 ranks
+TINY_RUN = ["--img_size", str(IMG), "--synthetic_train", "48", "--synthetic_val", "13", "--batch_size", "16",
+            "--num_workers", "0", "--log_every", "1", "--warmup_epochs", "1", "--lr", "0.05", "--init", "none"]
+
+
+def last_line(path):
+    with open(path) as f:
+        return json.loads(f.read().splitlines()[-1])
+
+
+def tiny_pretrain_checkpoint(path, img_size=IMG):
+    """A train_pretrain.py-style checkpoint: DTMPretrainModel (student with a shared, non-zero relative position
+    bias and a mask token, plus the pre-training head) under "model"."""
+    torch.manual_seed(0)
+    student = dtm.build_vit("vit_tiny", img_size=img_size, rel_pos_bias="shared")
+    with torch.no_grad():
+        student.rel_pos_bias.table.normal_(0, 0.5)
+        student.mask_token.normal_()
+    pretrain = dtm.DTMPretrainModel(student, target_dim=8)
+    save_checkpoint(str(path), {"model": pretrain.state_dict(), "optimizer": {}, "scaler": None, "epoch": 0,
+                                "args": {"model": "vit_tiny", "img_size": img_size}})
+    return student.eval()
+
+
+def naive_layer_id(name, depth):
+    if name.split(".")[0] in ("patch_embed", "cls_token", "pos_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def test_layer_decay_and_weight_decay_of_every_parameter_group():
+    model = tf.build_model("vit_tiny", NUM_CLASSES, IMG, rel_pos_bias="per_block")
+    depth, decay, lr, wd = model.depth, 0.6, 1e-3, 0.05
+    optimizer = tf.build_optimizer(model, lr, wd, decay)
+    seen = []
+    for group in optimizer.param_groups:
+        for name, p in zip(group["param_names"], group["params"]):
+            seen.append(name)
+            scale = decay ** (depth + 1 - naive_layer_id(name, depth))
+            assert group["lr"] == pytest.approx(lr * scale, rel=1e-12), name
+            no_decay = p.ndim == 1 or name.endswith((".bias", "_token", "rel_pos_bias.table"))
+            assert group["weight_decay"] == (0.0 if no_decay else wd), name
+    assert sorted(seen) == sorted(n for n, _ in model.named_parameters())
+    lrs = {n: g["lr"] for g in optimizer.param_groups for n in g["param_names"]}
+    assert lrs["head.weight"] == pytest.approx(lr) and lrs["fc_norm.weight"] == pytest.approx(lr)
+    assert lrs["patch_embed.weight"] == pytest.approx(lr * decay ** (depth + 1))
+    assert lrs["blocks.0.attn.rel_pos_bias.table"] == pytest.approx(lr * decay ** depth)
+    wds = {n: g["weight_decay"] for g in optimizer.param_groups for n in g["param_names"]}
+    for name in ("cls_token", "blocks.0.norm1.weight", "blocks.0.gamma_1", "blocks.0.attn.q_bias", "fc_norm.bias",
+                 "blocks.3.attn.rel_pos_bias.table", "head.bias"):
+        assert wds[name] == 0.0, name
+    for name in ("patch_embed.weight", "blocks.0.attn.qkv.weight", "blocks.3.mlp.fc2.weight", "head.weight"):
+        assert wds[name] == wd, name
+    assert tf.PAPER_LAYER_DECAY["vit_l"] == 0.8
+
+
+def test_pretrain_checkpoint_gives_the_students_features(tmp_path):
+    student = tiny_pretrain_checkpoint(tmp_path / "pre.pth")
+    sd = tf.pretrained_state_dict(str(tmp_path / "pre.pth"))
+    assert "mask_token" in sd and not any(k.startswith("head.") for k in sd)  # the pre-training head is not the ViT's
+    model = tf.build_model("vit_tiny", NUM_CLASSES, IMG, rel_pos_bias="per_block", sd=sd).eval()
+    fresh = tf.load_pretrained(model, sd)
+    assert fresh == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    for block in model.blocks:  # the shared table, copied into every block
+        assert torch.equal(block.attn.rel_pos_bias.table, student.rel_pos_bias.table)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        _, (last,) = student.forward_features(x, return_layers=[-1])  # last block, before the pre-training norm
+        torch.testing.assert_close(model.forward_features(x), last, rtol=1e-5, atol=1e-5)
+        # the classifier: fc_norm(mean of patch tokens) -> head
+        torch.testing.assert_close(model(x), model.head(model.fc_norm(last[:, 1:].mean(1))))
+    # another input size: position tables resized, loads and runs
+    bigger = tf.build_model("vit_tiny", NUM_CLASSES, 48, sd=sd)
+    tf.load_pretrained(bigger, sd)
+    assert bigger.blocks[0].attn.rel_pos_bias.table.shape[0] == (2 * 3 - 1) ** 2 + 3
+    assert bigger(torch.randn(1, 3, 48, 48)).shape == (1, NUM_CLASSES)
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    tiny_pretrain_checkpoint(tmp_path / "pre.pth")
+    sd = tf.pretrained_state_dict(str(tmp_path / "pre.pth"))
+    with pytest.raises(ValueError, match="pass --model vit_tiny"):
+        tf.build_model("vit_s", NUM_CLASSES, IMG, sd=sd)
+    other = dtm.VisionTransformer(img_size=IMG, embed_dim=96, depth=4, num_heads=3, num_classes=NUM_CLASSES,
+                                  rel_pos_bias="per_block", use_mask_token=False)
+    with pytest.raises(ValueError, match=r"shape mismatches.*patch_embed.weight"):
+        tf.load_pretrained(other, sd)
+    shared = tf.build_model("vit_tiny", NUM_CLASSES, IMG, rel_pos_bias="shared")
+    per_block_sd = dtm.adapt_state_dict(sd, tf.build_model("vit_tiny", NUM_CLASSES, IMG))
+    with pytest.raises(ValueError, match="unexpected keys.*blocks.0.attn.rel_pos_bias.table"):
+        tf.load_pretrained(shared, per_block_sd)
+    truncated = {k: v for k, v in sd.items() if not k.startswith("blocks.2.mlp")}
+    with pytest.raises(ValueError, match="missing keys.*blocks.2.mlp.fc1.weight"):
+        tf.load_pretrained(tf.build_model("vit_tiny", NUM_CLASSES, IMG), truncated)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        tf.pretrained_state_dict(str(tmp_path / "missing.pth"))
+    torch.save({"model": {"encoder.weight": torch.zeros(2)}}, tmp_path / "foreign.pth")
+    with pytest.raises(ValueError, match="holds no ViT"):
+        tf.pretrained_state_dict(str(tmp_path / "foreign.pth"))
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="not a checkpoint of this repo"):
+        tf.pretrained_state_dict(str(tmp_path / "list.pth"))
+    with pytest.raises(ValueError, match="--init none"):
+        tf.main(["--data_train", str(tmp_path), "--data_val", str(tmp_path)])
+    for flag in ("--resume", "--eval"):  # a pre-training checkpoint is for --init only
+        with pytest.raises(ValueError, match=f"{flag} .* is not a checkpoint of train_finetune.py.*--init"):
+            tf.main(TINY_RUN + [flag, str(tmp_path / "pre.pth"), "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        tf.main(TINY_RUN + ["--img_size", "40"])
+
+
+def test_soft_target_cross_entropy_matches_definition():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    target = torch.distributions.Dirichlet(torch.ones(7)).sample((6,)).double()
+    loss = tf.soft_target_cross_entropy(logits, target)
+    log_p = logits - logits.exp().sum(1, keepdim=True).log()
+    reference = -(target * log_p).sum(1).mean()
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-6, atol=1e-6)
+    loss.backward()  # d loss / d logits = (softmax - target) / B
+    torch.testing.assert_close(logits.grad, (logits.softmax(1) - target).detach() / 6, rtol=1e-5, atol=1e-6)
+    labels = torch.tensor([0, 3, 6, 2, 2, 1])
+    z = logits.detach().float()
+    one_hot = F.one_hot(labels, 7).float()
+    torch.testing.assert_close(tf.soft_target_cross_entropy(z, one_hot), F.cross_entropy(z, labels))
+    torch.testing.assert_close(tf.soft_target_cross_entropy(z, data.smooth_one_hot(labels, 7, 0.1)),
+                               F.cross_entropy(z, labels, label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("num_items", [0, 1, 7, 13, 50001])
+def test_eval_sharding_covers_every_index_exactly_once(num_items):
+    for world_size in (1, 2, 3, 4):
+        shards = [list(tf.shard_indices(num_items, r, world_size)) for r in range(world_size)]
+        assert sorted(i for s in shards for i in s) == list(range(num_items))
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_rand_augment_flag():
+    assert tf.parse_rand_augment("rand-m9-mstd0.5-inc1") == dict(rand_num_ops=2, rand_magnitude=9.0,
+                                                                 rand_magnitude_std=0.5)
+    assert tf.parse_rand_augment("rand-m7-n3") == dict(rand_num_ops=3, rand_magnitude=7.0, rand_magnitude_std=0.5)
+    assert tf.parse_rand_augment("none") == dict(rand_num_ops=0)
+    for bad in ("auto", "rand-x9", "rand-m9-inc0", "rand-mnine"):
+        with pytest.raises(ValueError, match="--aa"):
+            tf.parse_rand_augment(bad)
+
+
+def test_a_few_steps_reduce_the_loss_on_builtin_data():
+    torch.manual_seed(0)
+    shapes = data.SyntheticShapes(32, IMG, num_classes=NUM_CLASSES, seed=0, transform=data.EvalTransform(IMG, 1.0))
+    images = torch.stack([shapes[i][0] for i in range(32)])
+    labels = torch.tensor([shapes[i][1] for i in range(32)])
+    model = tf.build_model("vit_tiny", NUM_CLASSES, IMG, drop_path=0.0)
+    optimizer = tf.build_optimizer(model, 1e-3, 0.05, 0.75)
+    no_mix = data.Mixup(0.0, 0.0, label_smoothing=0.0, num_classes=NUM_CLASSES)
+
+    def loss_now():
+        with torch.no_grad():
+            return F.cross_entropy(model.eval()(images), labels).item()
+
+    before = loss_now()
+    args = type("Args", (), dict(accum_iter=2, clip_grad=1.0, log_every=1))
+    batches = [(images[:16], labels[:16]), (images[16:], labels[16:])] * 10
+    step, train_loss = tf.train_one_epoch(model, batches, optimizer, None, no_mix, lambda s: 1e-3, 0, 0, args,
+                                          Dist(0, 1, 0, torch.device("cpu"), False), None, JsonLogger("", False))
+    assert step == 10  # 20 micro-batches, 2 per optimizer step
+    after = loss_now()
+    assert after < before - 0.3, (before, after)
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """Two epochs of the tiny run, keeping a copy of the checkpoint after each epoch."""
+    out = tmp_path_factory.mktemp("ft")
+    original = tf.save_checkpoint
+
+    def keep_each_epoch(path, state):
+        original(path, state)
+        if path.endswith("checkpoint-last.pth"):
+            shutil.copy(path, f"{path}.epoch{state['epoch']}")
+
+    tf.save_checkpoint = keep_each_epoch
+    try:
+        best = tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(out)])
+    finally:
+        tf.save_checkpoint = original
+    return out, best
+
+
+def test_resume_continues_exactly(finetuned, tmp_path):
+    out, best = finetuned
+    resumed_best = tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path),
+                                       "--resume", str(out / "checkpoint-last.pth.epoch0")])
+    full, resumed = torch.load(out / "checkpoint-last.pth", weights_only=False), \
+        torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+    assert resumed["epoch"] == full["epoch"] == 1 and resumed["step"] == full["step"] == 6
+    for k, v in full["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert resumed_best == best and last_line(tmp_path / "log.jsonl") == last_line(out / "log.jsonl")
+
+
+def test_best_checkpoint_and_eval_reproduce_the_logged_top1(finetuned, tmp_path):
+    out, best = finetuned
+    logged = [json.loads(line) for line in open(out / "log.jsonl") if "val_top1" in line]
+    assert [r["val_count"] for r in logged] == [13, 13] and best == max(r["val_top1"] for r in logged)
+    best_ckpt = torch.load(out / "checkpoint-best.pth", weights_only=False)
+    assert best_ckpt["val"]["top1"] == best and set(best_ckpt) >= {"model", "optimizer", "scaler", "epoch", "args"}
+    stats = tf.main(["--eval", str(out / "checkpoint-last.pth"), "--synthetic_val", "13", "--batch_size", "16",
+                     "--num_workers", "0", "--output_dir", str(tmp_path)])
+    assert stats["top1"] == logged[-1]["val_top1"] and stats["count"] == 13
+    assert last_line(tmp_path / "log.jsonl")["val_top1"] == stats["top1"]
+
+
+def test_two_process_eval_counts_each_image_once(finetuned, tmp_path):
+    out, _ = finetuned
+    ckpt = str(out / "checkpoint-last.pth")
+    single = tf.main(["--eval", ckpt, "--synthetic_val", "13", "--batch_size", "4", "--num_workers", "0",
+                      "--output_dir", str(tmp_path / "one")])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "train_finetune.py"), "--eval", ckpt, "--synthetic_val", "13", "--batch_size", "4",
+           "--num_workers", "0", "--output_dir", str(tmp_path / "two")]
+    result = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = last_line(tmp_path / "two" / "log.jsonl")
+    assert two["val_count"] == 13
+    assert two["val_top1"] == pytest.approx(single["top1"]) and two["val_top5"] == pytest.approx(single["top5"])
+    assert two["val_loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+def test_image_folder_data_flags(tmp_path):
+    for split, names in (("train", ["cat", "dog"]), ("val", ["cat", "dog"]), ("val_other", ["cat", "emu"])):
+        for name in names:
+            os.makedirs(tmp_path / split / name)
+            data.SyntheticShapes(1, 40)[0][0].save(tmp_path / split / name / "a.png")
+    args = tf.parse_args(["--data", str(tmp_path), "--img_size", str(IMG), "--init", "none"])
+    assert not args.demo and args.model == "vit_b"  # the demo defaults apply only without data flags
+    train_set, val_set, classes = tf.build_datasets(args)
+    assert classes == ["cat", "dog"] and len(train_set) == len(val_set) == 2
+    assert train_set[0][0].shape == val_set[0][0].shape == (3, IMG, IMG)
+    args = tf.parse_args(["--data_train", str(tmp_path / "train"), "--data_val", str(tmp_path / "val_other"),
+                          "--init", "none"])
+    with pytest.raises(ValueError, match="different class folders.*dog"):
+        tf.build_datasets(args)
+    with pytest.raises(ValueError, match="--nb_classes 1000 but the data has 2 classes"):
+        tf.main(["--data", str(tmp_path), "--init", "none", "--nb_classes", "1000", "--output_dir", str(tmp_path)])
