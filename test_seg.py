@@ -1,0 +1,307 @@
+"""Tests of train_seg.py: metrics against hand-computed values, sliding-window inference, the UperNet model,
+training, exact resume, loading pre-training checkpoints at another grid, distributed evaluation. CPU, tiny sizes."""
+import math
+import os
+import random
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import data
+import train_seg
+from dtm import VisionTransformer, resize_rel_pos_table
+from train_pretrain import param_groups
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_metrics_hand_computed_with_ignore_and_absent_class():
+    ig = 255
+    label = torch.tensor([[0, 0, 1, ig],
+                          [1, 2, 2, ig]])
+    pred = torch.tensor([[0, 1, 1, 3],  # the 3 and the 0 on ignored pixels must not count
+                         [1, 2, 0, 0]])
+    areas = train_seg.intersect_and_union(pred, label, num_classes=4)
+    # valid (label, pred): (0,0) (0,1) (1,1) (1,1) (2,2) (2,0)
+    assert areas.tolist() == [[1, 2, 1, 0],   # intersection
+                              [3, 3, 2, 0],   # union
+                              [2, 3, 1, 0],   # predicted area
+                              [2, 2, 2, 0]]   # label area
+    m = train_seg.segmentation_metrics(areas)
+    assert m["IoU"][:3] == pytest.approx([100 / 3, 200 / 3, 50]) and math.isnan(m["IoU"][3])
+    assert m["mIoU"] == pytest.approx(50.0)  # class 3 (in neither labels nor predictions) is left out
+    assert m["aAcc"] == pytest.approx(100 * 4 / 6)
+    assert m["mAcc"] == pytest.approx(100 * (0.5 + 1 + 0.5) / 3)
+
+    # a second image: areas add up over the set before dividing (not a mean of per-image IoUs)
+    areas = areas + train_seg.intersect_and_union(torch.tensor([[0, 1]]), torch.tensor([[0, 0]]), 4)
+    m = train_seg.segmentation_metrics(areas)
+    assert m["IoU"][:3] == pytest.approx([40, 50, 50])
+    assert m["mIoU"] == pytest.approx(140 / 3)
+    assert m["aAcc"] == pytest.approx(100 * 5 / 8)
+
+
+def test_metrics_predicted_but_unlabeled_class_counts_as_zero():
+    m = train_seg.segmentation_metrics(train_seg.intersect_and_union(torch.tensor([[3]]), torch.tensor([[0]]), 4))
+    assert m["IoU"][0] == 0 and m["IoU"][3] == 0 and math.isnan(m["IoU"][1]) and m["mIoU"] == 0
+
+
+def test_metrics_reject_out_of_range_labels():
+    with pytest.raises(ValueError, match="label values"):
+        train_seg.intersect_and_union(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[0, 7], [1, 255]]), 4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sliding-window inference
+
+
+def test_window_starts_cover_the_image_like_mmseg():
+    assert train_seg.window_starts(512, 512, 341) == [0]
+    assert train_seg.window_starts(683, 512, 341) == [0, 171]
+    assert train_seg.window_starts(2048, 512, 341) == [0, 341, 682, 1023, 1364, 1536]
+    assert train_seg.window_starts(300, 512, 341) == [0]  # smaller than the crop: one padded window
+
+
+class CropSizeOnly(nn.Module):
+    """A 1x1 conv (translation-equivariant) that refuses inputs other than crop x crop, like the ViT."""
+
+    def __init__(self, crop, num_classes=5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.crop, self.conv = crop, nn.Conv2d(3, num_classes, 1)
+
+    def forward(self, x):
+        assert x.shape[-2:] == (self.crop, self.crop), x.shape
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("size", [(45, 61), (10, 40), (16, 16)])
+def test_sliding_window_equals_full_image_for_equivariant_model(size):
+    model = CropSizeOnly(crop=16)
+    image = torch.randn(3, *size)
+    full = model.conv(image[None])[0]
+    slid = train_seg.slide_logits(model, image, 5, crop=16, stride=11, batch=3)
+    torch.testing.assert_close(slid, full, atol=1e-5, rtol=1e-5)
+    # predict: resized to the label's (same) size, softmax; flip adds the mirrored image's probabilities
+    probs = train_seg.predict(model, image, size, 5, crop=16, stride=11, flip=True)
+    torch.testing.assert_close(probs, 2 * full.softmax(0), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model
+
+
+def test_default_out_indices_match_beit():
+    assert train_seg.default_out_indices(12) == [3, 5, 7, 11]
+    assert train_seg.default_out_indices(24) == [7, 11, 15, 23]
+    assert train_seg.default_out_indices(4) == [0, 1, 2, 3]
+
+
+def test_feature_pyramid_and_head_shapes():
+    torch.manual_seed(0)
+    model = train_seg.ViTUperNet(train_seg.build_backbone("vit_tiny", 64, 0.0), num_classes=7, channels=32).eval()
+    x = torch.randn(2, 3, 64, 64)
+    features = model.features(x)
+    assert [tuple(f.shape) for f in features] == [(2, 192, 16, 16), (2, 192, 8, 8), (2, 192, 4, 4), (2, 192, 2, 2)]
+    logits, aux = model(x, with_aux=True)
+    assert logits.shape == aux.shape == (2, 7, 64, 64)
+    torch.testing.assert_close(model(x), logits)
+    with pytest.raises(ValueError, match="out_indices"):
+        train_seg.ViTUperNet(train_seg.build_backbone("vit_tiny", 64, 0.0), 7, out_indices=[0, 1, 2, 2])
+
+
+def test_layer_decay_scales():
+    model = train_seg.ViTUperNet(train_seg.build_backbone("vit_tiny", 32, 0.0), 3, channels=8)
+    scale = train_seg.layer_decay_fn(4, 0.5)
+    assert scale("backbone.patch_embed.weight") == 0.5 ** 5
+    assert scale("backbone.blocks.0.attn.qkv.weight") == 0.5 ** 4
+    assert scale("backbone.blocks.3.attn.rel_pos_bias.table") == 0.5
+    assert scale("decode_head.classifier.weight") == scale("pyramid.up2.weight") == 1.0
+    groups = param_groups(model, 0.05, scale)
+    no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["param_names"]}
+    assert "backbone.blocks.0.attn.rel_pos_bias.table" in no_decay and "decode_head.classifier.bias" in no_decay
+    assert "decode_head.classifier.weight" not in no_decay
+
+
+def test_poly_schedule_with_warmup():
+    lr = lambda s: train_seg.poly_schedule(s, 100, 10, 1.0, power=1.0, warmup_ratio=1e-6)  # noqa: E731
+    assert lr(0) == pytest.approx(1e-6)
+    assert lr(5) == pytest.approx(0.95 * (1 - 0.5 * (1 - 1e-6)))
+    assert lr(10) == pytest.approx(0.9) and lr(55) == pytest.approx(0.45) and lr(100) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pre-training checkpoint -> segmentation backbone at another grid
+
+
+def _pretrain_checkpoint(path, img_size):
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=img_size, embed_dim=192, depth=4, num_heads=3, rel_pos_bias="shared")
+    with torch.no_grad():
+        vit.rel_pos_bias.table.normal_(0, 0.5)  # a learned-looking bias, not BEiT's zero init
+    model = {f"student.{k}": v for k, v in vit.state_dict().items()}
+    model["head.weight"] = torch.randn(8, 192)  # DTMPretrainModel's head: not part of the backbone
+    torch.save({"model": model, "optimizer": {}, "epoch": 1, "args": {"model": "vit_tiny"}}, path)
+    return vit
+
+
+def test_pretrain_checkpoint_loads_at_same_grid_exactly_and_resized_at_others(tmp_path):
+    path = str(tmp_path / "pretrain.pth")
+    vit = _pretrain_checkpoint(path, img_size=224).eval()  # 14x14 grid
+    sd = train_seg.read_backbone_checkpoint(path)
+
+    same = train_seg.build_backbone("vit_tiny", 224, 0.0, sd)
+    train_seg.load_backbone(same, sd)
+    same.eval()
+    x = torch.randn(1, 3, 224, 224)
+    _, expected = vit.forward_features(x, return_layers=[0, 1, 2, 3])
+    _, got = same.forward_features(x, return_layers=[0, 1, 2, 3])
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+
+    shared = vit.rel_pos_bias.table.detach()
+    for crop, grid in ((512, 32), (32, 2)):
+        backbone = train_seg.build_backbone("vit_tiny", crop, 0.0, sd)
+        train_seg.load_backbone(backbone, sd)
+        assert backbone.grid == (grid, grid)
+        want = resize_rel_pos_table(shared, (14, 14), (grid, grid))
+        for block in backbone.blocks:
+            assert block.attn.rel_pos_bias.table.shape == ((2 * grid - 1) ** 2 + 3, 3)
+            torch.testing.assert_close(block.attn.rel_pos_bias.table.detach(), want)
+    model = train_seg.ViTUperNet(backbone, 3, channels=8).eval()
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+    with pytest.raises(ValueError, match="--model vit_s"):
+        train_seg.build_backbone("vit_s", 224, 0.0, sd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_training_steps_reduce_loss_on_builtin_data():
+    random_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    shapes = data.SyntheticShapes(4, img_size=64, num_classes=3, seed=0)
+    dataset = data.ShapesSegmentation(shapes, data.SegTrainTransform(crop_size=64, scale=(128, 64), photometric=False))
+    random.seed(0)
+    images, labels = map(torch.stack, zip(*[dataset[i] for i in range(4)]))
+    model = train_seg.ViTUperNet(train_seg.build_backbone("vit_tiny", 64, 0.1), 4, channels=32).train()
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05, train_seg.layer_decay_fn(4, 0.65)), lr=1e-3)
+    losses = []
+    for _ in range(10):
+        logits, aux = model(images, with_aux=True)
+        loss, _, _ = train_seg.segmentation_loss(logits, aux, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    torch.random.set_rng_state(random_state)
+    assert losses[-1] < 0.8 * losses[0] and losses[-1] < min(losses[:5]), losses
+
+
+TINY_RUN = ["--crop_size", "32", "--scale", "64", "48", "--stride", "24", "--channels", "16", "--batch_size", "2",
+            "--demo_img_size", "48", "--demo_train_images", "5", "--demo_val_images", "2", "--iters", "4",
+            "--warmup_iters", "2", "--drop_path", "0.1", "--eval_every", "100", "--log_every", "1"]
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    saved = train_seg.save_checkpoint
+
+    def keep_every_save(path, state):  # keep each saved step, as an interrupted run would have left it
+        saved(f"{path}.step{state['step']}", state)
+
+    monkeypatch.setattr(train_seg, "save_checkpoint", keep_every_save)
+    full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
+    full_metrics = train_seg.main(TINY_RUN + ["--save_every", "2", "--output_dir", full_dir])
+    resumed_metrics = train_seg.main(TINY_RUN + ["--save_every", "2", "--output_dir", resumed_dir,
+                                                 "--resume", os.path.join(full_dir, "checkpoint.pth.step2")])
+    full = torch.load(os.path.join(full_dir, "checkpoint.pth.step4"), weights_only=False)
+    resumed = torch.load(os.path.join(resumed_dir, "checkpoint.pth.step4"), weights_only=False)
+    assert full["step"] == resumed["step"] == 4
+    for k, v in full["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    for k, state in full["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], resumed["optimizer"]["state"][k]["exp_avg"])
+    assert full_metrics["mIoU"] == resumed_metrics["mIoU"] or (math.isnan(full_metrics["mIoU"])
+                                                                and math.isnan(resumed_metrics["mIoU"]))
+    with open(os.path.join(full_dir, "log.jsonl")) as f:
+        assert sum('"mode": "train"' in line for line in f) == 4
+
+
+def test_infinite_sampler_resumes_mid_pass_and_shards_passes():
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    stream = take(train_seg.InfiniteSampler(7, rank=1, world_size=2, seed=3), 10)  # 3 per pass on rank 1
+    assert take(train_seg.InfiniteSampler(7, rank=1, world_size=2, seed=3, start=4), 6) == stream[4:]
+    first_pass = [i for r in (0, 1) for i, _ in take(train_seg.InfiniteSampler(7, r, 2, seed=3), len(range(r, 7, 2)))]
+    assert sorted(first_pass) == list(range(7))
+    assert [i for i, _ in stream[:3]] != [i for i, _ in stream[3:6]]  # a new permutation each pass
+    assert len({seed for _, seed in stream}) == 10  # each (pass, image) its own augmentation seed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distributed evaluation
+
+
+class ToyValSet(torch.utils.data.Dataset):
+    """5 images of different sizes with labels (some ignored), recording which indices were read."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        sizes = [(20, 30), (17, 17), (40, 23), (16, 50), (25, 25)]
+        self.items = [(torch.randn(3, h, w, generator=g), torch.randint(0, 4, (h, w), generator=g)) for h, w in sizes]
+        for _, label in self.items:
+            label[0] = 255
+        self.read = []
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return self.items[i]
+
+
+def _eval_worker(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    dataset = ToyValSet()
+    metrics = train_seg.evaluate(CropSizeOnly(crop=16, num_classes=4), dataset, 4, crop=16, stride=11)
+    torch.save({"metrics": metrics, "read": dataset.read}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_shard_indices_partition():
+    for n, world in ((5, 2), (3, 4), (8, 8)):
+        shards = [train_seg.shard_indices(n, r, world) for r in range(world)]
+        assert sorted(i for s in shards for i in s) == list(range(n))
+
+
+def test_distributed_eval_counts_each_image_once(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_eval_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert sorted(results[0]["read"] + results[1]["read"]) == [0, 1, 2, 3, 4]
+    single = train_seg.evaluate(CropSizeOnly(crop=16, num_classes=4), ToyValSet(), 4, crop=16, stride=11)
+    for r in results:
+        assert r["metrics"]["aAcc"] == pytest.approx(single["aAcc"])
+        assert r["metrics"]["IoU"] == pytest.approx(single["IoU"])
+
+
+def test_generic_dataset_needs_all_folders(tmp_path):
+    with pytest.raises(ValueError, match="--val_img_dir"):
+        train_seg.build_datasets(train_seg.parse_args(["--img_dir", str(tmp_path), "--ann_dir", str(tmp_path)]))
