@@ -666,7 +666,8 @@ LOSSES = ("smooth_l1", "l2", "cosine")
 def morph_levels(targets, schedules, split: str = "random", generator=None) -> list:
     """Algorithm 1 on the teacher tokens (B, N, D) once per schedule -> [(groups (B, N), num_groups), ...]."""
     N = targets.shape[1]
-    return [(morph.token_morphing(targets, s, split, generator), morph.num_groups_after(N, s)) for s in schedules]
+    groups = morph.token_morphing_levels(targets, schedules, split, generator)  # one Gram matrix for all levels
+    return [(g, morph.num_groups_after(N, s)) for g, s in zip(groups, schedules)]
 
 
 def _per_group_loss(pred, target, residual, groups, num_groups: int, loss: str, beta: float):

@@ -12,6 +12,7 @@ DTM then compares student predictions and teacher targets after both are average
 (the morphing matrix M applied to each). This file is the morphing alone, torch only, no model code:
 
     token_morphing(x, R)         Algorithm 1 -> groups (B, N): which morphed token each original token is in
+    token_morphing_levels(x, Rs) the same for DTM's L schedules on one set of tokens, sharing the Gram matrix
     group_mean(x, groups, G)     M x: each morphed token is the mean of its members     (B, G, C)
     morph_back(y, groups)        every original position gets its group's value          (B, N, C)
     group_sizes(groups, G)       member counts                                           (B, G)
@@ -143,9 +144,8 @@ class _GramOfSums:
     multiplying (B, T, C) features. Merging token s into d adds row s to row d, then column s to column d.
     """
 
-    def __init__(self, x: torch.Tensor):
-        x = x.float()
-        self.gram = x @ x.transpose(1, 2)
+    def __init__(self, gram: torch.Tensor):
+        self.gram = gram  # (B, N, N), updated in place
 
     def best_match(self, rows_a: torch.Tensor, rows_b: torch.Tensor):
         B, N, _ = self.gram.shape
@@ -182,9 +182,17 @@ def token_morphing(x: torch.Tensor, schedule, split: str = "random", generator: 
     Returns groups (B, N) int64: groups[b, i] is the morphed token that original token i belongs to,
     taking every value in 0..G-1 (G = num_groups_after(N, schedule)) in the final token order.
     split is "random" (per sample, reproducible with `generator`, which may live on any device) or
-    "alternate" (ToMe's even/odd split). Nothing is compacted: a merged token lives on in the store row
-    of its destination, `rows` lists the store rows of the current tokens, `owner` the store row of
-    every original token.
+    "alternate" (ToMe's even/odd split).
+    """
+    return token_morphing_levels(x, [schedule], split, generator)[0]
+
+
+@torch.no_grad()
+def token_morphing_levels(x: torch.Tensor, schedules, split: str = "random", generator: torch.Generator = None) -> list:
+    """token_morphing of the same tokens with several schedules (DTM's L levels) -> [groups (B, N), ...].
+
+    Equal to [token_morphing(x, s, split, generator) for s in schedules] (same random draws, in order),
+    but the Gram matrix of the tokens is computed once for all levels.
     """
     if x.dim() != 3:
         raise ValueError(f"token_morphing expects x of shape (B, N, C), got {tuple(x.shape)}")
@@ -193,21 +201,46 @@ def token_morphing(x: torch.Tensor, schedule, split: str = "random", generator: 
     if not x.is_floating_point():
         raise TypeError(f"token_morphing expects floating point tokens, got {x.dtype}")
     B, N, C = x.shape
-    identity = torch.arange(N, device=x.device).expand(B, N)
-    rounds = [r for r in clamp_schedule(N, schedule) if r > 0]
-    if not rounds:
-        return identity.clone()
+    levels = [[r for r in clamp_schedule(N, schedule) if r > 0] for schedule in _list_of_schedules(schedules)]
+    uses_gram = [bool(rounds) and N <= C for rounds in levels]
+    gram = None
+    groups = []
+    for level, rounds in enumerate(levels):
+        if not rounds:
+            store = None
+        elif uses_gram[level]:
+            if gram is None:
+                x32 = x.float()
+                gram = x32 @ x32.transpose(1, 2)
+            store = _GramOfSums(gram.clone() if any(uses_gram[level + 1:]) else gram)
+        else:
+            store = _FeatureSums(x)
+        groups.append(_morph(store, rounds, B, N, split, generator, x.device))
+    return groups
 
-    store = _GramOfSums(x) if N <= C else _FeatureSums(x)
+
+def _list_of_schedules(schedules) -> list:
+    """Checks that `schedules` is a list of schedules (lists of ints), not one schedule."""
+    schedules = list(schedules)
+    if any(isinstance(s, int) for s in schedules):
+        raise TypeError(f"token_morphing_levels takes a list of schedules, e.g. [[7] * 14, [49, 49]], got {schedules}")
+    return schedules
+
+
+def _morph(store, rounds: list, B: int, N: int, split: str, generator, device) -> torch.Tensor:
+    """The rounds of Algorithm 1 on one store -> groups (B, N). Nothing is compacted: a merged token lives on in
+    the store row of its destination, `rows` lists the store rows of the current tokens, `owner` the store row
+    of every original token."""
+    identity = torch.arange(N, device=device).expand(B, N)
     rows, owner = identity, identity  # (B, T), (B, N)
     for r in rounds:
         if split == "random":  # Algorithm 1's random split: the even/odd split of a random order
-            rows = rows.gather(1, _random_order(B, rows.shape[1], generator, x.device))
+            rows = rows.gather(1, _random_order(B, rows.shape[1], generator, device))
         src_rows, dst_rows, rows = _match(store, rows, r)
         store.merge(src_rows, dst_rows)
         owner = identity.scatter(1, src_rows, dst_rows).gather(1, owner)  # members of a source follow it
-    group_of_row = torch.zeros(B, N, dtype=torch.long, device=x.device)
-    group_of_row.scatter_(1, rows, torch.arange(rows.shape[1], device=x.device).expand_as(rows))
+    group_of_row = torch.zeros(B, N, dtype=torch.long, device=device)
+    group_of_row.scatter_(1, rows, torch.arange(rows.shape[1], device=device).expand_as(rows))
     return group_of_row.gather(1, owner)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from morph import (clamp_schedule, group_mean, group_sizes, morph_back, morph_matrix, num_groups_after,
-                   parse_schedule, sample_schedule, token_morphing)
+                   parse_schedule, sample_schedule, token_morphing, token_morphing_levels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,6 +136,19 @@ def test_alternate_split_matches_tome_dense(schedule, dim):
     assert torch.equal(groups, expected_groups)
     G = num_groups_after(50, schedule)
     torch.testing.assert_close(group_mean(x, groups, G), expected_tokens, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [8, 64])  # feature sums / shared Gram matrix
+@pytest.mark.parametrize("split", ["random", "alternate"])
+def test_levels_equal_separate_calls(split, dim):
+    x = torch.randn(3, 40, dim)
+    schedules = [[4] * 6, [], [15, 15], [0], [3, 1, 9]]
+    gen = torch.Generator().manual_seed(4)
+    expected = [token_morphing(x, s, split, gen) for s in schedules]
+    got = token_morphing_levels(x, schedules, split, torch.Generator().manual_seed(4))
+    assert len(got) == len(schedules) and all(torch.equal(a, b) for a, b in zip(got, expected))
+    with pytest.raises(TypeError, match="list of schedules"):
+        token_morphing_levels(x, [7, 7])
 
 
 def test_random_split_reproducible_and_per_sample():
