@@ -2,6 +2,7 @@
 
     python plot_log.py output/pretrain_demo/log.jsonl --field loss --out loss.png
     python plot_log.py runA/log.jsonl runB/log.jsonl --labels plain mto --field loss --smooth 10 --out cmp.png
+    python plot_log.py plain/log.jsonl mto/log.jsonl --fields loss loss_dtm --out dtm_part.png
 """
 import argparse
 import json
@@ -77,6 +78,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Plot a field of JSONL training logs to a PNG (Pillow only).")
     parser.add_argument("logs", nargs="+", help="log.jsonl files")
     parser.add_argument("--field", default="loss")
+    parser.add_argument("--fields", nargs="+", help="one field per log instead of --field (e.g. loss loss_dtm)")
     parser.add_argument("--x", default="step", help="x-axis field")
     parser.add_argument("--labels", nargs="+", help="one legend label per log (default: the paths)")
     parser.add_argument("--smooth", type=int, default=1, help="trailing moving average over this many log lines")
@@ -86,13 +88,16 @@ def main(argv=None):
     labels = args.labels or args.logs
     if len(labels) != len(args.logs):
         raise SystemExit(f"{len(args.logs)} logs but {len(labels)} labels")
+    fields = args.fields or [args.field] * len(args.logs)
+    if len(fields) != len(args.logs):
+        raise SystemExit(f"{len(args.logs)} logs but {len(fields)} fields")
     series = []
-    for path in args.logs:
-        points = read_log(path, args.x, args.field)
+    for path, field in zip(args.logs, fields):
+        points = read_log(path, args.x, field)
         smoothed = moving_average([y for _, y in points], max(1, args.smooth))
         series.append([(x, y) for (x, _), y in zip(points, smoothed)])
-    title = args.title or f"{args.field}" + (f" (moving average of {args.smooth})" if args.smooth > 1 else "")
-    plot(series, labels, title, args.x, args.field).save(args.out)
+    title = args.title or f"{'/'.join(dict.fromkeys(fields))}" + (f" (moving average of {args.smooth})" if args.smooth > 1 else "")
+    plot(series, labels, title, args.x, "/".join(dict.fromkeys(fields))).save(args.out)
     print(f"wrote {args.out}")
 
 

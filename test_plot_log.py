@@ -26,6 +26,9 @@ def test_plot_two_logs_and_errors(tmp_path):
     assert image.size == (720, 440)
     colors = {image.getpixel((x, y)) for x in range(80, 700, 3) for y in range(40, 380, 3)}
     assert (31, 119, 180) in colors and (214, 39, 40) in colors  # both curves were drawn
+    plot_log.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--fields", "loss", "lr", "--out", str(out)])
+    with pytest.raises(SystemExit, match="2 logs but 1 fields"):
+        plot_log.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--fields", "loss"])
     with pytest.raises(SystemExit, match="no line has both"):
         plot_log.main([str(tmp_path / "a.jsonl"), "--field", "grad_norm"])
     (tmp_path / "bad.jsonl").write_text("not json\n")
