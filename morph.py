@@ -29,6 +29,11 @@ Where this file deliberately differs from the paper's literal text, and why:
     averages would weight a token merged late more than tokens merged early.
   * Rounds carry the *sums* of their members' features. Cosine similarity is scale invariant, so the
     cosine of two sums equals the cosine of the two means: no size tensor is needed while matching.
+    When N <= C only their inner products are carried: the Gram matrix G = x x^T (B, N, N), computed once
+    (once for all L levels in token_morphing_levels); merging token s into d adds row s to row d and column
+    s to column d, and a round reads the (sources x destinations) block of G instead of multiplying features.
+    Memory O(B N^2) <= O(B N C) then. Nothing is ever compacted: a merged token lives on in the row of its
+    destination and index maps say which rows are current.
   * The random split is ToMe's alternate split applied to a random permutation of the current tokens:
     sources are permuted positions 0, 2, 4, ..., destinations 1, 3, 5, ...  (|A| = ceil(T/2)).
     split="alternate" uses the tokens in their current order, exactly as ToMe's bipartite_soft_matching
