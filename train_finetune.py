@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 import data
 import dtm
-from train_pretrain import (PATCH_SIZE, JsonLogger, cosine_schedule, load_checkpoint, param_groups, resolve_amp,
-                            save_checkpoint, seed_everything, set_lr, setup_distributed, unwrap)
+from train_pretrain import (PATCH_SIZE, JsonLogger, cosine_schedule, load_checkpoint, optimizer_step, param_groups,
+                            resolve_amp, save_checkpoint, seed_everything, set_lr, setup_distributed, unwrap)
 
 PAPER_LAYER_DECAY = {"vit_l": 0.8}  # 0.6 for every other size (ViT-S/B in the paper)
 DEMO_PRETRAIN_CHECKPOINT = os.path.join("output", "pretrain_demo", "checkpoint-last.pth")
@@ -270,15 +270,7 @@ def train_one_epoch(model, loader, optimizer, scaler, mixup, lr_at, step, epoch,
         loss_sum += loss.item()
         if not last_micro:
             continue
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad or float("inf"))
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(optimizer, scaler, params, args.clip_grad)
         step += 1
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(step - 1):.2e}")
         if step % args.log_every == 0:

@@ -200,6 +200,22 @@ class JsonLogger:
             f.flush()
 
 
+def optimizer_step(optimizer, scaler, parameters, clip_grad: float) -> torch.Tensor:
+    """Unscale (fp16), clip the gradient norm to clip_grad (0 or None: no clipping), step, zero the gradients.
+
+    Returns the gradient norm before clipping (measured also without clipping, for the log)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(parameters, clip_grad or float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
     while True:
@@ -559,15 +575,7 @@ def train(args, d: Dist) -> dict:
                 sums = values if sums is None else sums + values
                 count += 1
                 images_seen += images.shape[0]
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad)
             step += 1
             timer.lap("optimizer_s")
             bar.update(1)

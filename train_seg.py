@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 import data
 from dtm import VIT_CONFIGS, VisionTransformer, adapt_state_dict, layer_id_for_param, student_state_dict
-from train_pretrain import (JsonLogger, load_checkpoint, param_groups, resolve_amp, save_checkpoint, set_lr,
-                            setup_distributed)
+from train_pretrain import (JsonLogger, load_checkpoint, optimizer_step, param_groups, resolve_amp, save_checkpoint,
+                            set_lr, setup_distributed)
 
 IGNORE_INDEX = data.IGNORE_INDEX  # 255
 
@@ -650,17 +650,7 @@ def main(argv=None):
                     raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr or use --amp bf16/fp32")
                 scaled = loss / args.accum_iter
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = None
-        if args.clip_grad:
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad)
 
         done = step + 1
         if done % args.log_every == 0 or done == args.iters:
@@ -672,7 +662,7 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{stats[0].item():.4f}", lr=f"{lr:.2e}")
                 logger.log(step=done, mode="train", loss=stats[0].item(), decode_loss=stats[1].item(),
                            aux_loss=stats[2].item(), lr=lr,
-                           grad_norm=grad_norm.item() if grad_norm is not None else None,
+                           grad_norm=grad_norm.item(),
                            time=round(time.time() - t0, 2))
         if done % args.save_every == 0 or done == args.iters:
             save(done)
