@@ -267,3 +267,44 @@ def test_image_folder_data_flags(tmp_path):
         tf.build_datasets(args)
     with pytest.raises(ValueError, match="--nb_classes 1000 but the data has 2 classes"):
         tf.main(["--data", str(tmp_path), "--init", "none", "--nb_classes", "1000", "--output_dir", str(tmp_path)])
+
+
+DDP_HELPER = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import data, train_finetune as tf
+# deterministic training images (no crop, flip, RandAugment or erasing), so that the one-process run and the
+# two-process run see the same pixels and only the sharding differs
+data.FinetuneTransform = lambda img_size, **unused: data.EvalTransform(img_size, 0.875)
+tf.main(sys.argv[1:])
+"""
+
+
+def test_two_process_training_equals_one_process_with_the_same_total_batch(tmp_path):
+    """DDP equivalence: 2 processes x batch 4 x accum 2 take the same optimizer steps as 1 process x batch 8 x accum
+    2: the DistributedSampler gives rank r the samples r, r + 2, ... of the same permutation, so each step sees the
+    same 16 images, and the all-reduced gradient (over ranks, with no_sync on the first micro-batch) is the mean."""
+    helper = tmp_path / "helper.py"
+    helper.write_text(DDP_HELPER.format(repo=HERE))
+    common = TINY_RUN + ["--epochs", "2", "--accum_iter", "2", "--mixup", "0", "--cutmix", "0", "--drop_path", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {"one": [sys.executable, str(helper), *common, "--batch_size", "8"],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(helper), *common, "--batch_size", "4"]}
+    for name, cmd in runs.items():
+        result = subprocess.run(cmd + ["--output_dir", str(tmp_path / name)], cwd=HERE, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, two = (torch.load(tmp_path / name / "checkpoint-last.pth", weights_only=False) for name in runs)
+    assert one["step"] == two["step"] == 6  # 48 images / 16 per step = 3 steps per epoch, 2 epochs
+    for k, v in one["model"].items():
+        torch.testing.assert_close(two["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    moments = [[s["exp_avg"] for s in c["optimizer"]["state"].values()] for c in (one, two)]
+    assert all(m.abs().sum() > 0 for m in moments[0])  # every parameter received gradients
+    for a, b in zip(*moments):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-7)
+    logs = [[json.loads(line) for line in open(tmp_path / name / "log.jsonl") if "train_loss" in line]
+            for name in runs]
+    for a, b in zip(*logs):  # train loss is the mean over ranks; validation counts each of the 13 images once
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["val_count"] == a["val_count"] == 13 and b["val_top1"] == a["val_top1"]
