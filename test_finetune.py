@@ -1,6 +1,7 @@
 """Tests for train_finetune.py: layer decay, checkpoint loading, loss, exact-once distributed evaluation, training,
 resume and --eval (CPU, tiny ViT at 32x32 pixels, SyntheticShapes)."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -250,6 +251,27 @@ def test_two_process_eval_counts_each_image_once(finetuned, tmp_path):
     assert two["val_top1"] == pytest.approx(single["top1"]) and two["val_top5"] == pytest.approx(single["top5"])
     assert two["val_loss"] == pytest.approx(single["loss"], rel=1e-5)
 
+
+def test_bf16_autocast_matches_fp32(tmp_path):
+    """--amp bf16 (the autocast path of bf16 GPUs, here on the CPU): the first step's gradient norm, taken before any
+    update on the same images, and evaluation agree with fp32 to bf16 precision, and are not bit-identical to it
+    (autocast is on)."""
+    logs = {}
+    for amp in ("fp32", "bf16"):
+        tf.main(TINY_RUN + ["--epochs", "1", "--amp", amp, "--output_dir", str(tmp_path / amp)])
+        logs[amp] = [json.loads(line) for line in open(tmp_path / amp / "log.jsonl")]
+    first = {amp: next(r["grad_norm"] for r in lines if "grad_norm" in r) for amp, lines in logs.items()}
+    assert first["bf16"] == pytest.approx(first["fp32"], rel=5e-2) and first["bf16"] != first["fp32"]
+    assert all(math.isfinite(logs["bf16"][-1][k]) for k in ("train_loss", "val_loss"))
+    torch.manual_seed(0)
+    model = tf.build_model("vit_tiny", NUM_CLASSES, IMG)
+    with torch.no_grad():
+        model.head.weight.mul_(1000)  # undo the 0.001 head init, so that the logits are not all near 0
+    val = data.SyntheticShapes(13, IMG, num_classes=NUM_CLASSES, seed=1, transform=data.EvalTransform(IMG, 1.0))
+    loader = torch.utils.data.DataLoader(val, batch_size=8)
+    fp32, bf16 = (tf.evaluate(model, loader, torch.device("cpu"), dtype) for dtype in (None, torch.bfloat16))
+    assert bf16["count"] == fp32["count"] == 13
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2) and bf16["loss"] != fp32["loss"]
 
 def test_image_folder_data_flags(tmp_path):
     for split, names in (("train", ["cat", "dog"]), ("val", ["cat", "dog"]), ("val_other", ["cat", "emu"])):
