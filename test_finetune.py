@@ -289,6 +289,14 @@ def test_image_folder_data_flags(tmp_path):
         tf.build_datasets(args)
     with pytest.raises(ValueError, match="--nb_classes 1000 but the data has 2 classes"):
         tf.main(["--data", str(tmp_path), "--init", "none", "--nb_classes", "1000", "--output_dir", str(tmp_path)])
+    # transfer in one command: a pre-trained checkpoint onto an ImageFolder with its own number of classes
+    tiny_pretrain_checkpoint(tmp_path / "pre.pth")
+    out = tmp_path / "transfer"
+    tf.main(["--data", str(tmp_path), "--model", "vit_tiny", "--img_size", str(IMG), "--init", str(tmp_path / "pre.pth"),
+             "--epochs", "1", "--batch_size", "2", "--num_workers", "0", "--nb_classes", "2", "--output_dir", str(out)])
+    checkpoint = torch.load(out / "checkpoint-best.pth", weights_only=False)
+    assert checkpoint["classes"] == ["cat", "dog"] and checkpoint["model"]["head.weight"].shape == (2, 192)
+    assert checkpoint["step"] == 1 and checkpoint["val"]["count"] == 2
 
 
 DDP_HELPER = """
