@@ -508,6 +508,9 @@ def finetune(args, d, amp_dtype, scaler):
             save_checkpoint(os.path.join(args.output_dir, "checkpoint-best.pth"), state)
     if d.is_main:
         print(f"done: best val top-1 {best_top1:.2f}%; checkpoints and log.jsonl in {args.output_dir}")
+        if args.demo and args.epochs <= 10:
+            print("demo: this is a short end-to-end check; a ViT learns these images slowly, the README's 'Evidence "
+                  "on the built-in data' has 40-epoch runs from scratch and from a DTM checkpoint")
     return best_top1
 
 
