@@ -1,6 +1,6 @@
 """Benchmark: DTM's morphed loss with morph.py (index maps) vs a dense source-matrix implementation.
 
-The morph.py path is what train_pretrain.py runs: dtm.morph_levels + dtm.dtm_loss.
+The morph.py path is what train_pretrain.py runs: morph.token_morphing_levels + dtm.dtm_loss.
 
 Times, for L levels, token morphing of the teacher tokens + group means of student predictions and teacher
 targets + smooth-L1 loss (beta 2, all positions, group-size weighted), forward and backward.
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import dtm
+import morph
 from morph import parse_schedule
 
 
@@ -70,9 +71,9 @@ def loss_dense(student, teacher, schedules):
 
 
 def loss_index(student, teacher, schedules):
-    """The training code's path: dtm.morph_levels (morph.token_morphing) + dtm.dtm_loss (morph.group_mean)."""
-    levels = dtm.morph_levels(teacher, schedules, split="alternate")
-    return dtm.dtm_loss(student, teacher, levels, loss="smooth_l1", beta=2.0)[0]
+    """The training code's path: morph.token_morphing_levels + dtm.dtm_loss (morph.group_mean)."""
+    groups = morph.token_morphing_levels(teacher, schedules, split="alternate")
+    return dtm.dtm_loss(student, teacher, groups, loss="smooth_l1", beta=2.0)[0]
 
 
 METHODS = {"dense": loss_dense, "morph.py": loss_index}

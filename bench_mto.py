@@ -34,9 +34,10 @@ def make_step(args, cfg):
     amp = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp == "bf16")
 
     def step():
-        levels = dtm.morph_levels(targets, [morph.sample_schedule(N, N, 14, rng, "official") for _ in range(2)])
+        groups = morph.token_morphing_levels(targets, [morph.sample_schedule(N, N, 14, rng, "official")
+                                                       for _ in range(2)])
         with amp:
-            loss, _ = model(images, mask, targets, levels)
+            loss, _ = model(images, mask, targets, groups)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -30,9 +30,10 @@ Segmentation (BEiT's ADE20K protocol, the mmsegmentation UperNet 512x512 pipelin
 
 Randomness and reproducibility: the crop/flip/jitter transforms draw from torch's global RNG (as torchvision does);
 masking, RandAugment, RandomErasing, Mixup and the segmentation transforms draw from Python's `random` (as BEiT, timm
-and mmseg do with Python/numpy). torch's DataLoader seeds both per worker from the main process's torch seed, so a
-run is reproducible by `torch.manual_seed(seed)` (plus `random.seed(seed)` for work done in the main process).
-Masks (segmentation labels) are only ever resized with NEAREST.
+and mmseg do with Python/numpy). The trainers seed both for every sample from (seed, epoch, index) and for every
+micro-step from (seed, micro-step, rank) (engine.SeededSamples, engine.seed_step), so a run is reproducible and
+resumes exactly whatever the number of DataLoader workers.
+Masks (segmentation labels) are only ever resized with NEAREST. Files that cannot be decoded raise UnreadableImage.
 """
 import math
 import os
@@ -54,16 +55,29 @@ NEAREST = Image.Resampling.NEAREST
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading
 
+class UnreadableImage(ValueError):
+    """An image or annotation file that cannot be decoded; .path names it. The trainers skip such training images
+    (engine.SeededSamples) and refuse such validation images (engine.check_dataset)."""
+
+    def __init__(self, message, path=None):
+        super().__init__(message)
+        self.path = path
+
+
+def _unreadable(path, error):
+    return UnreadableImage(f"cannot read image file {path!r} ({type(error).__name__}: {error}); the file is corrupt "
+                           f"or not an image: delete or replace it", path)
+
+
 def load_image(path):
-    """Open an image file as an RGB PIL image; a clear error names the file if it cannot be decoded."""
+    """Open an image file as an RGB PIL image; UnreadableImage names the file if it cannot be decoded."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")  # convert() forces the full decode, so truncated files fail here
     except FileNotFoundError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise RuntimeError(f"cannot read image file {path!r} ({type(e).__name__}: {e}); "
-                           "the file is corrupt or not an image: delete or replace it") from e
+        raise _unreadable(path, e) from e
 
 
 def load_label_map(path):
@@ -72,8 +86,10 @@ def load_label_map(path):
         with Image.open(path) as img:
             mode = img.mode
             arr = np.array(img)
+    except FileNotFoundError:
+        raise
     except (OSError, ValueError) as e:
-        raise RuntimeError(f"cannot read annotation file {path!r} ({type(e).__name__}: {e})") from e
+        raise _unreadable(path, e) from e
     if arr.ndim != 2:
         raise ValueError(f"annotation {path!r} has mode {mode!r} with {arr.shape[-1]} channels; expected a "
                          "single-channel label PNG (mode 'L' or 'P') whose pixel values are class indices")
@@ -697,11 +713,12 @@ class SegFolder(torch.utils.data.Dataset):
     """Images in img_dir paired by file stem with label PNGs in ann_dir (pixel value = class index).
 
     __getitem__ -> transform(PIL RGB image, PIL 'L' mask) (the pair itself when transform is None); the mask has
-    reduce_zero_label applied first when asked. Missing pairs fail at construction, size mismatches at loading.
+    reduce_zero_label applied first when asked. Missing pairs fail at construction; a size mismatch, or (given
+    num_classes) a label value outside 0..num_classes-1 and 255, fails when that pair is loaded, naming the file.
     """
 
     def __init__(self, img_dir, ann_dir, transform=None, img_suffix=".jpg", ann_suffix=".png",
-                 reduce_zero_label=False, classes=None):
+                 reduce_zero_label=False, classes=None, num_classes=None):
         for kind, d in (("image", img_dir), ("annotation", ann_dir)):
             if not os.path.isdir(d):
                 raise FileNotFoundError(f"{kind} folder {d!r} does not exist; expected images in img_dir/<name>"
@@ -720,6 +737,7 @@ class SegFolder(torch.utils.data.Dataset):
                                         f"<name>{img_suffix} needs an annotation <name>{ann_suffix} and vice versa")
         self.img_dir, self.ann_dir, self.transform = img_dir, ann_dir, transform
         self.reduce_zero_label, self.classes = reduce_zero_label, classes
+        self.num_classes = len(classes) if num_classes is None and classes is not None else num_classes
         self.samples = [(os.path.join(img_dir, images[n]), os.path.join(ann_dir, annotations[n]))
                         for n in sorted(images)]
 
@@ -735,6 +753,12 @@ class SegFolder(torch.utils.data.Dataset):
                              f"{labels.shape[1]}x{labels.shape[0]}; they must have the same size")
         if self.reduce_zero_label:
             labels = reduce_zero_label(labels)
+        if self.num_classes is not None:
+            bad = np.unique(labels[(labels >= self.num_classes) & (labels != IGNORE_INDEX)])
+            if bad.size:
+                raise ValueError(f"annotation {ann_path!r} holds label values {bad[:5].tolist()}, outside 0.."
+                                 f"{self.num_classes - 1} ({self.num_classes} classes) and {IGNORE_INDEX} (ignore); "
+                                 f"check --num_classes and --reduce_zero_label")
         return img, Image.fromarray(labels, "L")
 
     def __getitem__(self, index):

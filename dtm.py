@@ -9,16 +9,18 @@ on the teacher's tokens by token morphing (Algorithm 1, morph.py), with a new ra
     VisionTransformer      the student (and the fine-tuning / segmentation backbone), BEiT-style:
                            patch embed, CLS, learned mask token, blocks with q/v bias, layer scale,
                            stochastic depth, relative position bias, fused SDPA attention, final LayerNorm
+    Features               what forward_features returns: tokens, chosen blocks' outputs and attention
     VIT_CONFIGS, build_vit vit_tiny (tests, demo) / vit_s / vit_b / vit_l
+    read_checkpoint        a checkpoint file of this repo (torch.load with weights_only=True, clear errors)
+    vit_from_checkpoint    the ViT of any checkpoint of this repo, for the ckpt teacher, fine-tuning, segmentation
     CLIPVisual             OpenAI CLIP's visual encoder with the official parameter names
     load_clip_visual       reads the official ViT-B-16.pt (TorchScript archive) or a plain state dict
     CLIPTeacher            targets ln_post(patch tokens) @ proj, (B, N, 512)        -- DTM's targets
     CkptTeacher            a checkpoint of this repo as a frozen teacher (MaskDistill-style)
     PixelTeacher           per-patch normalized pixels (MAE norm_pix) -- no weights needed
     build_teacher          "clip:PATH" | "ckpt:PATH" | "pixels"
-    morph_levels           Algorithm 1 on the teacher tokens, once per level (L schedules)
     dtm_loss               the DTM objective on morphed predictions and targets
-    DTMPretrainModel       student + linear head; forward(images, mask, targets, levels) -> loss, stats
+    DTMPretrainModel       student + linear head; forward(images, mask, targets, groups) -> loss, stats
 
 The DTM objective (as in the official code, naver-ai/dtm engines/engine_for_dtm.py): for each of L levels
 with partition g (B, N) into G groups, every patch position i holds the mean of its group,
@@ -34,16 +36,19 @@ BEiT's trunc_normal_ wrapper) and the rescaling of each block's output projectio
 """
 import math
 import os
+import pickle
 import zipfile
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import morph
+from data import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PATCH_SIZE = 16  # every model of the papers: ViT-S/B/L with 16x16 patches, 14x14 tokens at 224 px
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,6 +219,13 @@ class Block(nn.Module):
         return (x, attn) if return_attn else x
 
 
+class Features(NamedTuple):
+    """What VisionTransformer.forward_features returns."""
+    tokens: torch.Tensor  # (B, 1 + N, C) after the final norm, CLS first
+    layers: dict  # {block index: its output (B, 1 + N, C), before the final norm}, for return_layers
+    attns: dict  # {block index: attention probabilities (B, heads, 1 + N, 1 + N)}, for return_attn
+
+
 class VisionTransformer(nn.Module):
     """One ViT for pre-training (forward_features with a mask), fine-tuning (num_classes > 0) and segmentation.
 
@@ -298,16 +310,15 @@ class VisionTransformer(nn.Module):
             out.append(i % self.depth)
         return out
 
-    def forward_features(self, images, mask=None, return_layers=(), attn_mask=None, return_attn=()):
-        """Tokens after the final norm (B, 1 + N, C), CLS first.
+    def forward_features(self, images, mask=None, attn_mask=None, return_layers=(), return_attn=()) -> Features:
+        """Features(tokens after the final norm (B, 1 + N, C) CLS first, {block: output}, {block: attention}).
 
         mask: (B, N) bool, True = masked patch, replaced by the learned mask token.
-        return_layers: block indices whose outputs (B, 1 + N, C, before the final norm) are also returned.
         attn_mask: one bool (True = may attend) / float mask broadcastable to (B, heads, 1+N, 1+N) for every block,
             or a list with one such mask or None per block. Each query must be allowed at least one key.
-        return_attn: block indices whose attention probabilities (B, heads, 1+N, 1+N) are also returned;
+        return_layers: block indices whose outputs (B, 1 + N, C), before the final norm, go into .layers.
+        return_attn: block indices whose attention probabilities (B, heads, 1+N, 1+N) go into .attns;
             those blocks compute the softmax explicitly, the others use fused SDPA.
-        Returns tokens; (tokens, layers) if return_layers; (tokens, layers, attns) if return_attn.
         """
         layer_ids = self._block_indices(return_layers, "return_layers")
         attn_ids = self._block_indices(return_attn, "return_attn")
@@ -323,19 +334,15 @@ class VisionTransformer(nn.Module):
                 x, attns[i] = block(x, rel_pos_bias, attn_mask[i], return_attn=True)
             else:
                 x = block(x, rel_pos_bias, attn_mask[i])
-            layers[i] = x
-        tokens = self.norm(x)
-        if attn_ids:
-            return tokens, [layers[i] for i in layer_ids], [attns[i] for i in attn_ids]
-        if layer_ids:
-            return tokens, [layers[i] for i in layer_ids]
-        return tokens
+            if i in layer_ids:
+                layers[i] = x
+        return Features(self.norm(x), layers, attns)
 
     def forward(self, images):
         """Classification logits (B, num_classes): head(fc_norm(mean of patch tokens)), BEiT's fine-tuning head."""
         if self.head is None:
             raise RuntimeError("this model has no classifier (num_classes=0); use forward_features for tokens")
-        tokens = self.forward_features(images)
+        tokens = self.forward_features(images).tokens
         return self.head(self.fc_norm(tokens[:, 1:].mean(dim=1)))
 
 
@@ -360,7 +367,7 @@ def adapt_state_dict(state_dict: dict, model: VisionTransformer) -> dict:
     """A ViT state dict made to fit `model`: relative position tables and position embeddings resized to the
     model's patch grid (for another image size), and a shared table copied into every block when the model
     uses per-block tables (BEiT fine-tuning). Other keys pass unchanged; load the result with load_state_dict.
-    Source grids are inferred assuming a square grid. Take the ViT keys of a checkpoint with student_state_dict.
+    Source grids are inferred assuming a square grid. Take the ViT keys of a checkpoint with vit_state_dict.
     """
     sd = dict(state_dict)
     if "rel_pos_bias.table" in sd and model.rel_pos_bias is None and model.blocks[0].attn.rel_pos_bias is not None:
@@ -376,6 +383,131 @@ def adapt_state_dict(state_dict: dict, model: VisionTransformer) -> dict:
             side = math.isqrt(value.shape[1] - 1)
             sd[key] = resize_pos_embed(value, (side, side), model.grid)
     return sd
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints of this repo -> ViT (used by the ckpt teacher, fine-tuning and segmentation)
+
+
+def _torch_load(path: str, flag: str):
+    """torch.load(path, weights_only=True) on the CPU (no code runs while loading), errors naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path!r}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a pickle of plain values and tensors at all
+            raise ValueError(f"{flag} {path!r} cannot be read by torch.load: it is truncated or not a file that "
+                             f"torch.save wrote") from None
+        if "numpy" in str(e):
+            raise ValueError(
+                f"{flag} {path!r} was written by an older version of this repo (it holds numpy arrays, which "
+                f"torch.load refuses by default); if you trust the file, re-save it once: python -c \"import torch; "
+                f"p = {path!r}; c = torch.load(p, weights_only=False); c.pop('rng', None); torch.save(c, p)\"") from None
+        raise ValueError(f"{flag} {path!r} holds Python objects that torch.load does not read safely "
+                         f"(weights_only=True): it is not a checkpoint of this repo") from None
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{flag} {path!r} cannot be read by torch.load: it is truncated or not a checkpoint "
+                         f"({type(e).__name__}: {first_line})") from None
+
+
+def read_checkpoint(path: str, flag: str = "checkpoint") -> dict:
+    """The dict in a checkpoint file, read on the CPU with torch.load(weights_only=True). A plain state dict (a dict
+    of tensors) comes back as {"model": it}. Errors name the file and what is wrong with it."""
+    if os.path.isfile(path) and _is_torchscript_archive(path):
+        raise ValueError(f"{flag} {path!r} is a TorchScript archive (OpenAI's CLIP ViT-B-16.pt?), not a checkpoint "
+                         f"of this repo; a CLIP file is used as a teacher: --teacher clip:{path}")
+    checkpoint = _torch_load(path, flag)
+    if isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
+        return {"model": checkpoint}
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{flag} {path!r} is not a checkpoint of this repo (expected a dict with a 'model' entry, "
+                         f"got {found})")
+    return checkpoint
+
+
+def vit_state_dict(checkpoint: dict, path: str = "checkpoint") -> dict:
+    """The ViT weights of a checkpoint of any trainer here: checkpoint["model"] without DDP's "module." prefix, and
+    only the "student." part of a pre-training checkpoint or the "backbone." part of a segmentation one."""
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["model"].items()}
+    for prefix in ("student.", "backbone."):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    if "patch_embed.weight" not in sd:
+        raise ValueError(f"{path!r} holds no ViT of this repo (no 'patch_embed.weight'); keys like {sorted(sd)[:8]}")
+    return sd
+
+
+def _config_of(checkpoint: dict, width: int, depth: int, model: str, path: str) -> dict:
+    """The VIT_CONFIGS entry of a checkpoint's ViT (for its number of heads), checked against --model if given."""
+    args = checkpoint.get("args") or {}
+    fits = [n for n, c in VIT_CONFIGS.items() if (c["embed_dim"], c["depth"]) == (width, depth)]
+    if model is not None and model not in fits:
+        config = VIT_CONFIGS[model]
+        raise ValueError(f"{path!r} holds a ViT of width {width} and depth {depth}, but --model {model} has width "
+                         f"{config['embed_dim']} and depth {config['depth']}; "
+                         + (f"pass --model {fits[0]}" if fits else "no model size of this repo fits it"))
+    name = args.get("model") if args.get("model") in fits else (fits[0] if fits else None)
+    if args.get("num_heads"):
+        return dict(embed_dim=width, depth=depth, num_heads=int(args["num_heads"]))
+    if name is None:
+        raise ValueError(f"cannot tell the number of heads of the ViT in {path!r} (width {width}, depth {depth}); "
+                         f"save args with 'model' (one of {', '.join(VIT_CONFIGS)}) or 'num_heads' in the checkpoint")
+    return VIT_CONFIGS[name]
+
+
+def vit_from_checkpoint(checkpoint: dict, img_size, num_classes: int = 0, rel_pos_bias: str = None,
+                        drop_path_rate: float = 0.0, model: str = None, path: str = "checkpoint") -> tuple:
+    """The ViT in a checkpoint of this repo (pre-training, fine-tuning or segmentation) at img_size, weights loaded.
+
+    Its shape (width, depth, patch size, MLP width, position tables, layer scale) is read off the weights, its number
+    of heads from the checkpoint's args; `model` (a --model name) must agree. Position tables are resized to the
+    patch grid of img_size (adapt_state_dict). The mask token is dropped.
+      num_classes == 0: a feature extractor whose final norm is the checkpoint's `norm` (pre-training) or `fc_norm`
+          (a fine-tuned classifier's last LayerNorm); a segmentation backbone has neither (a new LayerNorm).
+      num_classes > 0: BEiT's classifier; `fc_norm` and `head` come from the checkpoint when it has them for this
+          number of classes, else start afresh (pre-training's final norm is not used, as in BEiT).
+      rel_pos_bias: None keeps the stored layout; "per_block" gives every block a copy of a shared table (BEiT).
+    Any other missing, unexpected or mis-shaped tensor is an error. Returns (vit, names initialized afresh).
+    """
+    sd = {k: v for k, v in vit_state_dict(checkpoint, path).items() if not k.startswith("mask_token")}
+    width, _, patch_size, _ = sd["patch_embed.weight"].shape
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    config = _config_of(checkpoint, width, depth, model, path)
+    stored = ("shared" if "rel_pos_bias.table" in sd else
+              "per_block" if "blocks.0.attn.rel_pos_bias.table" in sd else "none")
+    if rel_pos_bias is None or stored == "none":
+        rel_pos_bias = stored
+    elif stored == "per_block" and rel_pos_bias == "shared":
+        raise ValueError(f"{path!r} has a relative position table per block; they cannot be merged into one shared "
+                         f"table: use per-block tables (--rel_pos_bias per_block)")
+    if num_classes == 0:
+        if "norm.weight" not in sd and "fc_norm.weight" in sd:  # a fine-tuned classifier: its last LayerNorm
+            sd["norm.weight"], sd["norm.bias"] = sd.pop("fc_norm.weight"), sd.pop("fc_norm.bias")
+        sd = {k: v for k, v in sd.items() if not k.startswith(("fc_norm.", "head."))}
+    else:
+        if "head.weight" in sd and sd["head.weight"].shape[0] != num_classes:
+            sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+    vit = VisionTransformer(img_size=img_size, patch_size=patch_size, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0]
+                            / width, drop_path_rate=drop_path_rate, layer_scale_init=0.1 if "blocks.0.gamma_1" in sd
+                            else 0.0, rel_pos_bias=rel_pos_bias, abs_pos_emb="pos_embed" in sd, use_mask_token=False,
+                            num_classes=num_classes, **config)
+    sd = adapt_state_dict(sd, vit)
+    expected = vit.state_dict()
+    fresh = sorted(k for k in expected if k not in sd)
+    problems = {"shape mismatches": [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                                     for k, v in sd.items() if k in expected and v.shape != expected[k].shape],
+                "unexpected keys": sorted(k for k in sd if k not in expected),
+                "missing keys": [k for k in fresh if not k.startswith(("norm.", "fc_norm.", "head."))]}
+    if any(problems.values()):
+        raise ValueError(f"{path!r} does not fit the ViT read off its weights: "
+                         + "; ".join(f"{what}: {items}" for what, items in problems.items() if items))
+    vit.load_state_dict(sd, strict=False)
+    return vit, fresh
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -482,10 +614,10 @@ def _read_clip_state_dict(path: str) -> dict:
                                 f"(the file clip.load('ViT-B/16') downloads) or of a state dict saved with torch.save")
     if _is_torchscript_archive(path):
         return torch.jit.load(path, map_location="cpu").state_dict()
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path!r} is neither a TorchScript archive nor a state dict torch.load can read: {e}") from None
+    obj = _torch_load(path, "--teacher clip:")
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and ("kind" in obj or "args" in obj):
+        raise ValueError(f"{path!r} is a checkpoint of this repo ({obj.get('kind', 'no kind')}), not CLIP weights; "
+                         f"to use it as the teacher pass --teacher ckpt:{path}")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
@@ -566,77 +698,23 @@ class PixelTeacher(FrozenTeacher):
         return (x - mean) / (var + self.eps).sqrt()
 
 
-def student_state_dict(checkpoint: dict) -> dict:
-    """The ViT weights in a checkpoint of this repo: checkpoint["model"] (or a plain state dict), with DDP's
-    "module." prefix removed and, for a DTMPretrainModel, only the "student." part."""
-    sd = checkpoint.get("model", checkpoint)
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    if any(k.startswith("student.") for k in sd):
-        sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
-    return sd
-
-
 class CkptTeacher(FrozenTeacher):
-    """A checkpoint of this repo (a pre-trained student or a fine-tuned classifier) as a frozen teacher.
+    """A checkpoint of this repo (pre-training, fine-tuning or segmentation) as a frozen teacher (MaskDistill-style).
 
-    Targets are the final normalized patch tokens (B, N, embed_dim): `norm` of a pre-trained model, or `fc_norm`
-    (the last LayerNorm it was trained with) applied per token for a fine-tuned classifier. The architecture is
-    read off the state dict; the number of heads from checkpoint["args"]["model"] (or ["num_heads"]), else from
-    the VIT_CONFIGS entry with the same width and depth. Position tables are resized to img_size if needed.
+    Targets are the final normalized patch tokens (B, N, embed_dim) of the ViT that vit_from_checkpoint builds: its
+    `norm` for a pre-trained model, the `fc_norm` it was trained with for a fine-tuned classifier (applied per token),
+    a plain LayerNorm for a segmentation backbone (which has none of its own).
     """
 
     def __init__(self, path: str, img_size=224):
         super().__init__()
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"teacher checkpoint not found: {path!r}")
-        # repo checkpoints hold plain python args next to tensors; only load checkpoints you trust
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(checkpoint, dict):
-            raise ValueError(f"{path!r} is not a checkpoint dict of this repo (got {type(checkpoint).__name__})")
-        sd = student_state_dict(checkpoint)
-        if "patch_embed.weight" not in sd:
-            raise ValueError(f"{path!r} holds no ViT of this repo (no 'patch_embed.weight'); keys like {sorted(sd)[:8]}")
-        args = checkpoint.get("args") or {}
-        args = args if isinstance(args, dict) else vars(args)
-        embed_dim, _, patch_size, _ = sd["patch_embed.weight"].shape
-        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        num_heads = self._num_heads(args, embed_dim, depth, path)
-        if "rel_pos_bias.table" in sd:
-            rel_pos_bias = "shared"
-        elif "blocks.0.attn.rel_pos_bias.table" in sd:
-            rel_pos_bias = "per_block"
-        else:
-            rel_pos_bias = "none"
-        if "norm.weight" not in sd and "fc_norm.weight" in sd:  # fine-tuned classifier
-            sd["norm.weight"], sd["norm.bias"] = sd.pop("fc_norm.weight"), sd.pop("fc_norm.bias")
-        sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "mask_token"))}
-        self.vit = VisionTransformer(
-            img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-            mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim, rel_pos_bias=rel_pos_bias,
-            abs_pos_emb="pos_embed" in sd, use_mask_token=False,
-            layer_scale_init=1.0 if "blocks.0.gamma_1" in sd else 0.0)
-        missing, unexpected = self.vit.load_state_dict(adapt_state_dict(sd, self.vit), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path!r} does not fit the ViT read off its shapes: missing keys {missing}, "
-                             f"unexpected keys {unexpected}")
-        self.out_dim, self.patch_size = embed_dim, patch_size
+        self.vit, _ = vit_from_checkpoint(read_checkpoint(path, "--teacher ckpt:"), img_size, path=path)
+        self.out_dim, self.patch_size = self.vit.embed_dim, self.vit.patch_size
         self.freeze()
-
-    @staticmethod
-    def _num_heads(args, embed_dim, depth, path):
-        if args.get("num_heads"):
-            return int(args["num_heads"])
-        config = VIT_CONFIGS.get(args.get("model"))
-        if config is None:
-            config = next((c for c in VIT_CONFIGS.values() if (c["embed_dim"], c["depth"]) == (embed_dim, depth)), None)
-        if config is None or config["embed_dim"] != embed_dim:
-            raise ValueError(f"cannot tell the number of heads of the ViT in {path!r} (width {embed_dim}, depth {depth}); "
-                             f"save args with 'model' (one of {', '.join(VIT_CONFIGS)}) or 'num_heads' in the checkpoint")
-        return config["num_heads"]
 
     @torch.no_grad()
     def forward(self, images):
-        return self.vit.forward_features(images)[:, 1:]
+        return self.vit.forward_features(images).tokens[:, 1:]
 
 
 def build_teacher(spec: str, img_size=224, patch_size: int = 16, teacher_norm: str = "imagenet") -> FrozenTeacher:
@@ -663,15 +741,8 @@ def build_teacher(spec: str, img_size=224, patch_size: int = 16, teacher_norm: s
 LOSSES = ("smooth_l1", "l2", "cosine")
 
 
-def morph_levels(targets, schedules, split: str = "random", generator=None) -> list:
-    """Algorithm 1 on the teacher tokens (B, N, D) once per schedule -> [(groups (B, N), num_groups), ...]."""
-    N = targets.shape[1]
-    groups = morph.token_morphing_levels(targets, schedules, split, generator)  # one Gram matrix for all levels
-    return [(g, morph.num_groups_after(N, s)) for g, s in zip(groups, schedules)]
-
-
 def _per_group_loss(pred, target, residual, groups, num_groups: int, loss: str, beta: float):
-    """Loss of every morphed token (B, G), averaged over channels.
+    """Loss of every morphed token (B, num_groups), averaged over channels (0 for a group id without members).
 
     Group means are linear, mean(pred) - mean(target) = mean(pred - target), so the smooth-L1 and l2 losses
     need one scatter of the residual per level instead of two; the cosine loss needs both means.
@@ -687,12 +758,12 @@ def _per_group_loss(pred, target, residual, groups, num_groups: int, loss: str, 
     raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
 
 
-def dtm_loss(pred, target, levels, mask=None, loss: str = "smooth_l1", beta: float = 2.0, loss_on: str = "all"):
+def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: float = 2.0, loss_on: str = "all"):
     """The DTM loss averaged over levels; returns (loss, [loss of each level]).
 
-    pred: student predictions (B, N, D); target: teacher targets (B, N, D); levels: from morph_levels.
-    Every patch position holds its group's mean prediction and target, so a level's loss is
-    sum over positions i of w_i * l(group g(i)) / sum_i w_i, with w_i = 1 (loss_on="all", the official code:
+    pred: student predictions (B, N, D); target: teacher targets (B, N, D); groups: one partition (B, N) per level,
+    from morph.token_morphing_levels. Every patch position holds its group's mean prediction and target, so a level's
+    loss is sum over positions i of w_i * l(group g(i)) / sum_i w_i, with w_i = 1 (loss_on="all", the official code:
     groups weighted by their size) or w_i = mask_i (loss_on="masked": a group is weighted by its number of
     masked members, its means still taken over all members, visible ones included).
     Computed in float32 whatever the autocast dtype.
@@ -710,9 +781,10 @@ def dtm_loss(pred, target, levels, mask=None, loss: str = "smooth_l1", beta: flo
     pred, target = pred.float(), target.float()
     residual = pred - target if loss != "cosine" else None
     level_losses = []
-    for groups, num_groups in levels:
-        per_group = _per_group_loss(pred, target, residual, groups, num_groups, loss, beta)  # (B, G)
-        per_position = per_group.gather(1, groups)  # (B, N): each position holds its group's loss
+    for level_groups in groups:
+        # group ids are < N; ids without members cost a zero row each and are never read back (no host sync for G)
+        per_group = _per_group_loss(pred, target, residual, level_groups, pred.shape[1], loss, beta)  # (B, N)
+        per_position = per_group.gather(1, level_groups)  # (B, N): each position holds its group's loss
         level_losses.append((per_position * weight).sum() / weight.sum().clamp(min=1.0))
     return torch.stack(level_losses).mean(), level_losses
 
@@ -720,15 +792,15 @@ def dtm_loss(pred, target, levels, mask=None, loss: str = "smooth_l1", beta: flo
 class DTMPretrainModel(nn.Module):
     """Student ViT + linear head to the teacher's dimension, trained with dtm_loss.
 
-    The teacher stays outside (so DDP wraps only what trains); per step:
-        targets = teacher(images)                                          # (B, N, D), no grad
-        levels = morph_levels(targets, [morph.sample_schedule(N, n, k, rng) for _ in range(L)])
-        loss, stats = model(images, mask, targets, levels)
+    The teacher and the morphing stay outside (so DDP wraps only what trains); per step:
+        targets = teacher(images)                                                   # (B, N, D), no grad
+        groups = morph.token_morphing_levels(targets, [morph.sample_schedule(...) for _ in range(L)])
+        loss, stats = model(images, mask, targets, groups)
     """
 
     def __init__(self, student: VisionTransformer, target_dim: int, loss: str = "smooth_l1", beta: float = 2.0,
                  loss_on: str = "all", features_fn=None):
-        """features_fn: None (student.forward_features(images, mask)) or a callable (student, images, mask) ->
+        """features_fn: None (student.forward_features(images, mask).tokens) or a callable (student, images, mask) ->
         (tokens (B, 1 + N, C), extra loss added to the DTM loss, stats dict), e.g. mto.MTO(cfg); it runs inside
         forward so that DDP sees it."""
         super().__init__()
@@ -742,23 +814,22 @@ class DTMPretrainModel(nn.Module):
         _trunc_normal_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, images, mask, targets, levels):
-        """images (B, 3, H, W), mask (B, N) bool, targets (B, N, D) -> (loss, stats).
+    def forward(self, images, mask, targets, groups):
+        """images (B, 3, H, W), mask (B, N) bool, targets (B, N, D), groups [(B, N)] per level -> (loss, stats).
 
-        stats: "loss" and "loss_level{i}" as detached tensors, "groups_level{i}" (number of morphed tokens) as ints;
-        with a features_fn also "loss_dtm" (the DTM part of "loss") and the features_fn's stats.
+        stats: "loss" and "loss_level{i}" as detached tensors; with a features_fn also "loss_dtm" (the DTM part of
+        "loss") and the features_fn's stats.
         """
         if self.features_fn is None:
-            tokens, extra_loss, extra_stats = self.student.forward_features(images, mask), None, {}
+            tokens, extra_loss, extra_stats = self.student.forward_features(images, mask).tokens, None, {}
         else:
             tokens, extra_loss, extra_stats = self.features_fn(self.student, images, mask)
         pred = self.head(tokens[:, 1:])  # (B, N, D)
-        loss, level_losses = dtm_loss(pred, targets, levels, mask, self.loss, self.beta, self.loss_on)
+        loss, level_losses = dtm_loss(pred, targets, groups, mask, self.loss, self.beta, self.loss_on)
         if extra_loss is not None:
             extra_stats = {"loss_dtm": loss.detach(), **extra_stats}
             loss = loss + extra_loss
         stats = {"loss": loss.detach(), **extra_stats}
-        for i, ((_, num_groups), level_loss) in enumerate(zip(levels, level_losses)):
+        for i, level_loss in enumerate(level_losses):
             stats[f"loss_level{i}"] = level_loss.detach()
-            stats[f"groups_level{i}"] = num_groups
         return loss, stats

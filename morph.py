@@ -262,6 +262,7 @@ def group_sizes(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
 def group_mean(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Morphed tokens M x: the mean of the original tokens of each group. x (B, N, C) -> (B, G, C).
 
+    num_groups may be any bound above the largest group id (e.g. N): a group id without members gives a zero row.
     Accumulates in float32 and returns x's dtype; differentiable in x (the backward is a gather).
     """
     B, N, C = x.shape
@@ -270,7 +271,7 @@ def group_mean(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.
     sums = torch.zeros(B * num_groups, C, device=x.device, dtype=torch.float32)
     sums.index_add_(0, _flat_index(groups, num_groups), x.reshape(B * N, C).float())
     sums = sums.view(B, num_groups, C)
-    return (sums / group_sizes(groups, num_groups)[..., None]).to(x.dtype)
+    return (sums / group_sizes(groups, num_groups).clamp(min=1)[..., None]).to(x.dtype)
 
 
 def morph_back(x_groups: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -289,9 +290,6 @@ def morph_matrix(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------
 # Visualization: python morph.py IMAGE.jpg --schedule 14x7 2x49 --out groups.png
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 
 def parse_schedule(text: str) -> list:
     """'14x7' -> fourteen rounds of r=7; '49,49' -> [49, 49]; '0' -> [0]."""
@@ -324,9 +322,9 @@ def _to_tensor(img) -> torch.Tensor:
 
 
 def _patches(img, patch: int) -> torch.Tensor:
-    """PIL image (S, S) -> ImageNet-normalized patch pixels (1, N, 3 * patch * patch)."""
-    pixels = _to_tensor(img) / 255
-    pixels = (pixels - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    """PIL image (S, S) -> patch pixels (1, N, 3 * patch * patch), each channel standardized over the image."""
+    pixels = _to_tensor(img)
+    pixels = (pixels - pixels.mean(dim=(0, 1))) / pixels.std(dim=(0, 1)).clamp(min=1e-6)
     g = img.height // patch
     return pixels.view(g, patch, g, patch, 3).permute(0, 2, 1, 3, 4).reshape(1, g * g, patch * patch * 3)
 
@@ -361,12 +359,11 @@ def _draw_panel(img, groups: torch.Tensor, patch: int, title: str):
 def main(argv=None):
     import argparse
     from PIL import Image
-    parser = argparse.ArgumentParser(description="Draw the token groups that morphing (Algorithm 1) makes on an image.")
+    parser = argparse.ArgumentParser(description="Draw the token groups that morphing (Algorithm 1) makes on an "
+                                     "image, matching on its patch pixels (each channel standardized over the image).")
     parser.add_argument("image", help="path to an image (any format Pillow reads)")
     parser.add_argument("--schedule", nargs="+", default=["2x49", "14x7", "14x13"],
                         help="schedules to draw side by side: KxR (K rounds of r=R) or r1,r2,...")
-    parser.add_argument("--features", default="pixels", choices=["pixels"],
-                        help="token features to match: ImageNet-normalized patch pixels (needs no weights)")
     parser.add_argument("--split", default="random", choices=["random", "alternate"])
     parser.add_argument("--img_size", type=int, default=224)
     parser.add_argument("--patch_size", type=int, default=16)

@@ -1,7 +1,7 @@
 """Masked Token Optimization (MTO) for ViT encoders that see mask tokens (SimMIM / BEiT / DTM students).
 
 "Emerging Property of Masked Token for Effective Pre-training" (Choi et al., ECCV 2024). torch only; the ViT it
-drives is any model with forward_features(images, mask, return_layers, attn_mask, return_attn) as in dtm.py.
+drives is any model with forward_features(images, mask, attn_mask, return_layers, return_attn) -> dtm.Features.
 
 What the paper says, in its own words (abstract and project page; the full equations were not available when this
 file was written):
@@ -149,17 +149,12 @@ def mto_forward(vit, images, mask, cfg: MTOConfig):
 
     allowed = recalibration_mask(mask) if layers else None
     attn_mask = [allowed] * layers + [None] * (depth - layers)
-    out = vit.forward_features(images, mask, return_layers=sing_ids, attn_mask=attn_mask, return_attn=ent_ids)
-    if ent_ids:
-        tokens, hidden, attns = out
-    elif sing_ids:
-        (tokens, hidden), attns = out, []
-    else:
-        tokens, hidden, attns = out, [], []
+    features = vit.forward_features(images, mask, attn_mask, return_layers=sing_ids, return_attn=ent_ids)
+    tokens = features.tokens
 
     zero = tokens.new_zeros((), dtype=torch.float32)
-    loss_sing = sum((float(sing_w[i]) * singularity_loss(h, mask).mean() for i, h in zip(sing_ids, hidden)), zero)
-    loss_ent = sum((float(ent_w[i]) * attention_entropy(a, mask).mean() for i, a in zip(ent_ids, attns)), zero)
+    loss_sing = sum((float(sing_w[i]) * singularity_loss(features.layers[i], mask).mean() for i in sing_ids), zero)
+    loss_ent = sum((float(ent_w[i]) * attention_entropy(features.attns[i], mask).mean() for i in ent_ids), zero)
     return tokens, {"loss_sing": loss_sing, "loss_ent": loss_ent}
 
 

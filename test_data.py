@@ -163,7 +163,7 @@ def test_image_folder_corrupt_file_is_named(tmp_path):
     ds = data.ImageFolder(str(tmp_path))
     names = [os.path.basename(p) for p, _ in ds.samples]
     for name in ("bad.jpg", "cut.png"):
-        with pytest.raises(RuntimeError, match=f"cannot read image file .*{name}"):
+        with pytest.raises(data.UnreadableImage, match=f"cannot read image file .*{name}"):
             ds[names.index(name)]
 
 

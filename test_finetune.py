@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import data
 import dtm
+import engine
 import train_finetune as tf
-from train_pretrain import Dist, JsonLogger, save_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMG, NUM_CLASSES = 32, 5
@@ -37,9 +37,18 @@ def tiny_pretrain_checkpoint(path, img_size=IMG):
         student.rel_pos_bias.table.normal_(0, 0.5)
         student.mask_token.normal_()
     pretrain = dtm.DTMPretrainModel(student, target_dim=8)
-    save_checkpoint(str(path), {"model": pretrain.state_dict(), "optimizer": {}, "scaler": None, "epoch": 0,
-                                "args": {"model": "vit_tiny", "img_size": img_size}})
+    torch.save({"kind": "dtm_pretrain", "model": pretrain.state_dict(), "optimizer": {}, "scaler": None, "epoch": 0,
+                "args": {"model": "vit_tiny", "img_size": img_size}}, path)
     return student.eval()
+
+
+def classifier(img_size=IMG, **overrides):
+    return dtm.build_vit("vit_tiny", img_size=img_size, num_classes=NUM_CLASSES, use_mask_token=False,
+                         **{"rel_pos_bias": "per_block", **overrides})
+
+
+def from_checkpoint(path, img_size=IMG, num_classes=NUM_CLASSES, **kw):
+    return dtm.vit_from_checkpoint(dtm.read_checkpoint(str(path)), img_size, num_classes, path=str(path), **kw)
 
 
 def naive_layer_id(name, depth):
@@ -51,7 +60,7 @@ def naive_layer_id(name, depth):
 
 
 def test_layer_decay_and_weight_decay_of_every_parameter_group():
-    model = tf.build_model("vit_tiny", NUM_CLASSES, IMG, rel_pos_bias="per_block")
+    model = classifier()
     depth, decay, lr, wd = model.depth, 0.6, 1e-3, 0.05
     optimizer = tf.build_optimizer(model, lr, wd, decay)
     seen = []
@@ -78,55 +87,60 @@ def test_layer_decay_and_weight_decay_of_every_parameter_group():
 
 def test_pretrain_checkpoint_gives_the_students_features(tmp_path):
     student = tiny_pretrain_checkpoint(tmp_path / "pre.pth")
-    sd = tf.pretrained_state_dict(str(tmp_path / "pre.pth"))
-    assert "mask_token" in sd and not any(k.startswith("head.") for k in sd)  # the pre-training head is not the ViT's
-    model = tf.build_model("vit_tiny", NUM_CLASSES, IMG, rel_pos_bias="per_block", sd=sd).eval()
-    fresh = tf.load_pretrained(model, sd)
+    model, fresh = from_checkpoint(tmp_path / "pre.pth", rel_pos_bias="per_block")
+    model.eval()
     assert fresh == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert model.mask_token is None and isinstance(model.norm, torch.nn.Identity)  # dropped: pre-training only
     for block in model.blocks:  # the shared table, copied into every block
         assert torch.equal(block.attn.rel_pos_bias.table, student.rel_pos_bias.table)
     x = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
-        _, (last,) = student.forward_features(x, return_layers=[-1])  # last block, before the pre-training norm
-        torch.testing.assert_close(model.forward_features(x), last, rtol=1e-5, atol=1e-5)
+        last = student.forward_features(x, return_layers=[-1]).layers[3]  # last block, before the pre-training norm
+        torch.testing.assert_close(model.forward_features(x).tokens, last, rtol=1e-5, atol=1e-5)
         # the classifier: fc_norm(mean of patch tokens) -> head
         torch.testing.assert_close(model(x), model.head(model.fc_norm(last[:, 1:].mean(1))))
     # another input size: position tables resized, loads and runs
-    bigger = tf.build_model("vit_tiny", NUM_CLASSES, 48, sd=sd)
-    tf.load_pretrained(bigger, sd)
+    bigger, _ = from_checkpoint(tmp_path / "pre.pth", img_size=48, rel_pos_bias="per_block")
     assert bigger.blocks[0].attn.rel_pos_bias.table.shape[0] == (2 * 3 - 1) ** 2 + 3
     assert bigger(torch.randn(1, 3, 48, 48)).shape == (1, NUM_CLASSES)
+    # a fine-tuned classifier: fc_norm and a head of the same classes are loaded, another number of classes is not
+    torch.save({"kind": "dtm_finetune", "model": model.state_dict(), "args": {"model": "vit_tiny"}}, tmp_path / "ft.pth")
+    again, fresh = from_checkpoint(tmp_path / "ft.pth")
+    assert fresh == [] and torch.equal(again.eval()(x), model(x))
+    _, fresh = from_checkpoint(tmp_path / "ft.pth", num_classes=3)
+    assert fresh == ["head.bias", "head.weight"]
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path):
     tiny_pretrain_checkpoint(tmp_path / "pre.pth")
-    sd = tf.pretrained_state_dict(str(tmp_path / "pre.pth"))
     with pytest.raises(ValueError, match="pass --model vit_tiny"):
-        tf.build_model("vit_s", NUM_CLASSES, IMG, sd=sd)
-    other = dtm.VisionTransformer(img_size=IMG, embed_dim=96, depth=4, num_heads=3, num_classes=NUM_CLASSES,
-                                  rel_pos_bias="per_block", use_mask_token=False)
-    with pytest.raises(ValueError, match=r"shape mismatches.*patch_embed.weight"):
-        tf.load_pretrained(other, sd)
-    shared = tf.build_model("vit_tiny", NUM_CLASSES, IMG, rel_pos_bias="shared")
-    per_block_sd = dtm.adapt_state_dict(sd, tf.build_model("vit_tiny", NUM_CLASSES, IMG))
-    with pytest.raises(ValueError, match="unexpected keys.*blocks.0.attn.rel_pos_bias.table"):
-        tf.load_pretrained(shared, per_block_sd)
+        from_checkpoint(tmp_path / "pre.pth", model="vit_s")
+    other = dtm.VisionTransformer(img_size=IMG, embed_dim=96, depth=4, num_heads=3)
+    torch.save({"model": other.state_dict()}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="cannot tell the number of heads"):
+        from_checkpoint(tmp_path / "other.pth")
+    sd = dtm.vit_state_dict(dtm.read_checkpoint(str(tmp_path / "pre.pth")))
+    per_block = dtm.adapt_state_dict(sd, classifier())
+    torch.save({"model": per_block, "args": {"model": "vit_tiny"}}, tmp_path / "per_block.pth")
+    with pytest.raises(ValueError, match="cannot be merged into one shared table"):
+        from_checkpoint(tmp_path / "per_block.pth", rel_pos_bias="shared")
     truncated = {k: v for k, v in sd.items() if not k.startswith("blocks.2.mlp")}
+    torch.save({"model": truncated, "args": {"model": "vit_tiny"}}, tmp_path / "truncated.pth")
     with pytest.raises(ValueError, match="missing keys.*blocks.2.mlp.fc1.weight"):
-        tf.load_pretrained(tf.build_model("vit_tiny", NUM_CLASSES, IMG), truncated)
-    with pytest.raises(FileNotFoundError, match="not found"):
-        tf.pretrained_state_dict(str(tmp_path / "missing.pth"))
+        from_checkpoint(tmp_path / "truncated.pth")
+    torch.save({"model": {**sd, "blocks.0.extra": torch.zeros(2)}, "args": {"model": "vit_tiny"}}, tmp_path / "x.pth")
+    with pytest.raises(ValueError, match="unexpected keys.*blocks.0.extra"):
+        from_checkpoint(tmp_path / "x.pth")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        tf.main(TINY_RUN[:-1] + [str(tmp_path / "missing.pth"), "--output_dir", str(tmp_path / "m")])
     torch.save({"model": {"encoder.weight": torch.zeros(2)}}, tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match="holds no ViT"):
-        tf.pretrained_state_dict(str(tmp_path / "foreign.pth"))
-    torch.save([1, 2], tmp_path / "list.pth")
-    with pytest.raises(ValueError, match="not a checkpoint of this repo"):
-        tf.pretrained_state_dict(str(tmp_path / "list.pth"))
+        tf.main(TINY_RUN[:-1] + [str(tmp_path / "foreign.pth"), "--output_dir", str(tmp_path / "f")])
     with pytest.raises(ValueError, match="--init none"):
         tf.main(["--data_train", str(tmp_path), "--data_val", str(tmp_path)])
     for flag in ("--resume", "--eval"):  # a pre-training checkpoint is for --init only
         with pytest.raises(ValueError, match=f"{flag} .* is not a checkpoint of train_finetune.py.*--init"):
-            tf.main(TINY_RUN + [flag, str(tmp_path / "pre.pth"), "--output_dir", str(tmp_path)])
+            tf.main(TINY_RUN + [flag, str(tmp_path / "pre.pth"), "--output_dir", str(tmp_path / "r")])
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         tf.main(TINY_RUN + ["--img_size", "40"])
 
@@ -149,14 +163,6 @@ def test_soft_target_cross_entropy_matches_definition():
                                F.cross_entropy(z, labels, label_smoothing=0.1))
 
 
-@pytest.mark.parametrize("num_items", [0, 1, 7, 13, 50001])
-def test_eval_sharding_covers_every_index_exactly_once(num_items):
-    for world_size in (1, 2, 3, 4):
-        shards = [list(tf.shard_indices(num_items, r, world_size)) for r in range(world_size)]
-        assert sorted(i for s in shards for i in s) == list(range(num_items))
-        assert max(map(len, shards)) - min(map(len, shards)) <= 1
-
-
 def test_rand_augment_flag():
     assert tf.parse_rand_augment("rand-m9-mstd0.5-inc1") == dict(rand_num_ops=2, rand_magnitude=9.0,
                                                                  rand_magnitude_std=0.5)
@@ -172,7 +178,7 @@ def test_a_few_steps_reduce_the_loss_on_builtin_data():
     shapes = data.SyntheticShapes(32, IMG, num_classes=NUM_CLASSES, seed=0, transform=data.EvalTransform(IMG, 1.0))
     images = torch.stack([shapes[i][0] for i in range(32)])
     labels = torch.tensor([shapes[i][1] for i in range(32)])
-    model = tf.build_model("vit_tiny", NUM_CLASSES, IMG, drop_path=0.0)
+    model = classifier(rel_pos_bias="per_block")
     optimizer = tf.build_optimizer(model, 1e-3, 0.05, 0.75)
     no_mix = data.Mixup(0.0, 0.0, label_smoothing=0.0, num_classes=NUM_CLASSES)
 
@@ -181,11 +187,14 @@ def test_a_few_steps_reduce_the_loss_on_builtin_data():
             return F.cross_entropy(model.eval()(images), labels).item()
 
     before = loss_now()
-    args = type("Args", (), dict(accum_iter=2, clip_grad=1.0, log_every=1))
-    batches = [(images[:16], labels[:16]), (images[16:], labels[16:])] * 10
-    step, train_loss = tf.train_one_epoch(model, batches, optimizer, None, no_mix, lambda s: 1e-3, 0, 0, args,
-                                          Dist(0, 1, 0, torch.device("cpu"), False), None, JsonLogger("", False))
-    assert step == 10  # 20 micro-batches, 2 per optimizer step
+    args = type("Args", (), dict(accum_iter=2, seed=0))
+    model.train()
+    for step in range(10):
+        for micro, half in enumerate((slice(0, 16), slice(16, 32))):
+            loss = tf.train_micro_step(model, images[half], labels[half], no_mix, args, 2 * step + micro,
+                                       engine.Dist(), None, None)
+            assert loss.shape == () and not loss.requires_grad
+        engine.optimizer_step(optimizer, None, model.parameters(), 1.0)
     after = loss_now()
     assert after < before - 0.3, (before, after)
 
@@ -194,18 +203,18 @@ def test_a_few_steps_reduce_the_loss_on_builtin_data():
 def finetuned(tmp_path_factory):
     """Two epochs of the tiny run, keeping a copy of the checkpoint after each epoch."""
     out = tmp_path_factory.mktemp("ft")
-    original = tf.save_checkpoint
+    original = engine.save_checkpoint
 
     def keep_each_epoch(path, state):
         original(path, state)
-        if path.endswith("checkpoint-last.pth"):
+        if path.endswith(engine.LAST):
             shutil.copy(path, f"{path}.epoch{state['epoch']}")
 
-    tf.save_checkpoint = keep_each_epoch
+    engine.save_checkpoint = keep_each_epoch
     try:
         best = tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(out)])
     finally:
-        tf.save_checkpoint = original
+        engine.save_checkpoint = original
     return out, best
 
 
@@ -213,8 +222,7 @@ def test_resume_continues_exactly(finetuned, tmp_path):
     out, best = finetuned
     resumed_best = tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path),
                                        "--resume", str(out / "checkpoint-last.pth.epoch0")])
-    full, resumed = torch.load(out / "checkpoint-last.pth", weights_only=False), \
-        torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+    full, resumed = torch.load(out / "checkpoint-last.pth"), torch.load(tmp_path / "checkpoint-last.pth")
     assert resumed["epoch"] == full["epoch"] == 1 and resumed["step"] == full["step"] == 6
     for k, v in full["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
@@ -227,12 +235,14 @@ def test_best_checkpoint_and_eval_reproduce_the_logged_top1(finetuned, tmp_path)
     out, best = finetuned
     logged = [json.loads(line) for line in open(out / "log.jsonl") if "val_top1" in line]
     assert [r["val_count"] for r in logged] == [13, 13] and best == max(r["val_top1"] for r in logged)
-    best_ckpt = torch.load(out / "checkpoint-best.pth", weights_only=False)
+    best_ckpt = torch.load(out / "checkpoint-best.pth")  # plain torch.load: weights_only=True
     assert best_ckpt["val"]["top1"] == best and set(best_ckpt) >= {"model", "optimizer", "scaler", "epoch", "args"}
+    assert best_ckpt["kind"] == "dtm_finetune"
     stats = tf.main(["--eval", str(out / "checkpoint-last.pth"), "--synthetic_val", "13", "--batch_size", "16",
                      "--num_workers", "0", "--output_dir", str(tmp_path)])
     assert stats["top1"] == logged[-1]["val_top1"] and stats["count"] == 13
-    assert last_line(tmp_path / "log.jsonl")["val_top1"] == stats["top1"]
+    assert last_line(tmp_path / "eval.jsonl")["val_top1"] == stats["top1"]
+    assert not (tmp_path / "log.jsonl").exists()
 
 
 def test_two_process_eval_counts_each_image_once(finetuned, tmp_path):
@@ -246,7 +256,7 @@ def test_two_process_eval_counts_each_image_once(finetuned, tmp_path):
            "--num_workers", "0", "--output_dir", str(tmp_path / "two")]
     result = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    two = last_line(tmp_path / "two" / "log.jsonl")
+    two = last_line(tmp_path / "two" / "eval.jsonl")
     assert two["val_count"] == 13
     assert two["val_top1"] == pytest.approx(single["top1"]) and two["val_top5"] == pytest.approx(single["top5"])
     assert two["val_loss"] == pytest.approx(single["loss"], rel=1e-5)
@@ -264,7 +274,7 @@ def test_bf16_autocast_matches_fp32(tmp_path):
     assert first["bf16"] == pytest.approx(first["fp32"], rel=5e-2) and first["bf16"] != first["fp32"]
     assert all(math.isfinite(logs["bf16"][-1][k]) for k in ("train_loss", "val_loss"))
     torch.manual_seed(0)
-    model = tf.build_model("vit_tiny", NUM_CLASSES, IMG)
+    model = classifier()
     with torch.no_grad():
         model.head.weight.mul_(1000)  # undo the 0.001 head init, so that the logits are not all near 0
     val = data.SyntheticShapes(13, IMG, num_classes=NUM_CLASSES, seed=1, transform=data.EvalTransform(IMG, 1.0))
@@ -287,14 +297,14 @@ def test_image_folder_data_flags(tmp_path):
                           "--init", "none"])
     with pytest.raises(ValueError, match="different class folders.*dog"):
         tf.build_datasets(args)
-    with pytest.raises(ValueError, match="--nb_classes 1000 but the data has 2 classes"):
-        tf.main(["--data", str(tmp_path), "--init", "none", "--nb_classes", "1000", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--num_classes 1000 but the data has 2 classes"):
+        tf.main(["--data", str(tmp_path), "--init", "none", "--num_classes", "1000", "--output_dir", str(tmp_path)])
     # transfer in one command: a pre-trained checkpoint onto an ImageFolder with its own number of classes
     tiny_pretrain_checkpoint(tmp_path / "pre.pth")
     out = tmp_path / "transfer"
     tf.main(["--data", str(tmp_path), "--model", "vit_tiny", "--img_size", str(IMG), "--init", str(tmp_path / "pre.pth"),
-             "--epochs", "1", "--batch_size", "2", "--num_workers", "0", "--nb_classes", "2", "--output_dir", str(out)])
-    checkpoint = torch.load(out / "checkpoint-best.pth", weights_only=False)
+             "--epochs", "1", "--batch_size", "2", "--num_workers", "0", "--num_classes", "2", "--output_dir", str(out)])
+    checkpoint = torch.load(out / "checkpoint-best.pth")
     assert checkpoint["classes"] == ["cat", "dog"] and checkpoint["model"]["head.weight"].shape == (2, 192)
     assert checkpoint["step"] == 1 and checkpoint["val"]["count"] == 2
 
@@ -325,7 +335,7 @@ def test_two_process_training_equals_one_process_with_the_same_total_batch(tmp_p
         result = subprocess.run(cmd + ["--output_dir", str(tmp_path / name)], cwd=HERE, env=env, capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    one, two = (torch.load(tmp_path / name / "checkpoint-last.pth", weights_only=False) for name in runs)
+    one, two = (torch.load(tmp_path / name / "checkpoint-last.pth") for name in runs)
     assert one["step"] == two["step"] == 6  # 48 images / 16 per step = 3 steps per epoch, 2 epochs
     for k, v in one["model"].items():
         torch.testing.assert_close(two["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
@@ -338,3 +348,18 @@ def test_two_process_training_equals_one_process_with_the_same_total_batch(tmp_p
     for a, b in zip(*logs):  # train loss is the mean over ranks; validation counts each of the 13 images once
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["val_count"] == a["val_count"] == 13 and b["val_top1"] == a["val_top1"]
+
+
+def test_unreadable_validation_image_stops_the_run_before_training(tmp_path):
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            os.makedirs(tmp_path / split / name)
+            for i in range(2):
+                data.SyntheticShapes(1, 40, seed=i)[0][0].save(tmp_path / split / name / f"{i}.png")
+    (tmp_path / "val" / "dog" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="1 of the 4 validation samples cannot be used; first: cannot read image "
+                                         "file .*dog/1.png"):
+        tf.main(["--data", str(tmp_path), "--model", "vit_tiny", "--img_size", str(IMG), "--init", "none",
+                 "--batch_size", "2", "--num_workers", "0", "--output_dir", str(out)])
+    assert not out.exists()  # nothing trained, nothing written

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import dtm
+import morph
 import mto
 
 torch.set_num_threads(1)
@@ -109,7 +110,7 @@ def test_full_recalibration_makes_visible_tokens_independent_of_mask_token():
 
 def test_mto_off_is_bit_identical_to_plain_forward():
     model, x, mask = tiny_vit(), images(), random_mask()
-    plain = model.forward_features(x, mask)
+    plain = model.forward_features(x, mask).tokens
     tokens, losses = mto.mto_forward(model, x, mask, mto.MTOConfig(layers=0, lambda_sing=0.0, lambda_ent=0.0))
     assert torch.equal(tokens, plain) and losses["loss_sing"] == 0 and losses["loss_ent"] == 0
     # the singularity loss only reads block outputs: the tokens stay bit-identical
@@ -129,10 +130,10 @@ def test_mto_off_is_bit_identical_to_plain_forward():
 def test_pretrain_model_without_hook_is_bit_identical_and_with_mto_adds_weighted_losses():
     x, mask = images(), random_mask()
     targets = dtm.PixelTeacher(PATCH)(x)
-    levels = dtm.morph_levels(targets, [[4, 4], [2]], generator=torch.Generator().manual_seed(0))
+    levels = morph.token_morphing_levels(targets, [[4, 4], [2]], generator=torch.Generator().manual_seed(0))
     model = dtm.DTMPretrainModel(tiny_vit(), target_dim=PATCH * PATCH * 3)
     loss, stats = model(x, mask, targets, levels)
-    manual, _ = dtm.dtm_loss(model.head(model.student.forward_features(x, mask)[:, 1:]), targets, levels, mask)
+    manual, _ = dtm.dtm_loss(model.head(model.student.forward_features(x, mask).tokens[:, 1:]), targets, levels, mask)
     assert torch.equal(loss, manual) and "loss_dtm" not in stats
 
     cfg = mto.MTOConfig(lambda_sing=0.3, lambda_ent=0.7)
@@ -217,11 +218,10 @@ def test_mto_forward_losses_are_depth_weighted_sums_of_per_layer_losses():
     cfg = mto.MTOConfig(layers=3, sing_layers=3, ent_layers=2)
     tokens, losses = mto.mto_forward(model, x, mask, cfg)
     allowed = mto.recalibration_mask(mask)
-    ref_tokens, layers, attns = model.forward_features(x, mask, return_layers=(0, 1, 2, 3),
-                                                       attn_mask=[allowed] * 3 + [None], return_attn=(0, 1))
-    assert torch.allclose(tokens, ref_tokens, atol=1e-5)
-    sing = sum(w * mto.singularity_loss(h, mask).mean() for w, h in zip([4 / 9, 3 / 9, 2 / 9], layers[:3]))
-    ent = sum(w * mto.attention_entropy(a, mask).mean() for w, a in zip([4 / 7, 3 / 7], attns))
+    ref = model.forward_features(x, mask, [allowed] * 3 + [None], return_layers=(0, 1, 2, 3), return_attn=(0, 1))
+    assert torch.allclose(tokens, ref.tokens, atol=1e-5)
+    sing = sum(w * mto.singularity_loss(ref.layers[i], mask).mean() for i, w in enumerate([4 / 9, 3 / 9, 2 / 9]))
+    ent = sum(w * mto.attention_entropy(ref.attns[i], mask).mean() for i, w in enumerate([4 / 7, 3 / 7]))
     assert torch.allclose(losses["loss_sing"], sing, atol=1e-6) and torch.allclose(losses["loss_ent"], ent, atol=1e-6)
     assert 0 < losses["loss_ent"] < 1 and -1 < losses["loss_sing"] < 1
     with pytest.raises(ValueError, match="depth 4"):

@@ -1,5 +1,7 @@
 """Tests of train_seg.py: metrics against hand-computed values, sliding-window inference, the UperNet model,
 training, exact resume, loading pre-training checkpoints at another grid, distributed evaluation. CPU, tiny sizes."""
+import argparse
+import json
 import math
 import os
 import random
@@ -12,9 +14,10 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import data
+import dtm
+import engine
 import train_seg
 from dtm import VisionTransformer, resize_rel_pos_table
-from train_pretrain import param_groups
 
 torch.set_num_threads(1)
 
@@ -99,6 +102,15 @@ def test_sliding_window_equals_full_image_for_equivariant_model(size):
 # Model
 
 
+def backbone(crop, drop_path=0.0):
+    return dtm.build_vit("vit_tiny", img_size=crop, drop_path_rate=drop_path, rel_pos_bias="per_block",
+                         use_mask_token=False)
+
+
+def model_args(crop, channels=8):
+    return argparse.Namespace(model="vit_tiny", crop_size=crop, drop_path=0.0, out_indices=None, channels=channels)
+
+
 def test_default_out_indices_match_beit():
     assert train_seg.default_out_indices(12) == [3, 5, 7, 11]
     assert train_seg.default_out_indices(24) == [7, 11, 15, 23]
@@ -107,7 +119,7 @@ def test_default_out_indices_match_beit():
 
 def test_feature_pyramid_and_head_shapes():
     torch.manual_seed(0)
-    model = train_seg.ViTUperNet(train_seg.build_backbone("vit_tiny", 64, 0.0), num_classes=7, channels=32).eval()
+    model = train_seg.ViTUperNet(backbone(64), num_classes=7, channels=32).eval()
     x = torch.randn(2, 3, 64, 64)
     features = model.features(x)
     assert [tuple(f.shape) for f in features] == [(2, 192, 16, 16), (2, 192, 8, 8), (2, 192, 4, 4), (2, 192, 2, 2)]
@@ -115,27 +127,18 @@ def test_feature_pyramid_and_head_shapes():
     assert logits.shape == aux.shape == (2, 7, 64, 64)
     torch.testing.assert_close(model(x), logits)
     with pytest.raises(ValueError, match="out_indices"):
-        train_seg.ViTUperNet(train_seg.build_backbone("vit_tiny", 64, 0.0), 7, out_indices=[0, 1, 2, 2])
+        train_seg.ViTUperNet(backbone(64), 7, out_indices=[0, 1, 2, 2])
 
 
-def test_layer_decay_scales():
-    model = train_seg.ViTUperNet(train_seg.build_backbone("vit_tiny", 32, 0.0), 3, channels=8)
-    scale = train_seg.layer_decay_fn(4, 0.5)
-    assert scale("backbone.patch_embed.weight") == 0.5 ** 5
-    assert scale("backbone.blocks.0.attn.qkv.weight") == 0.5 ** 4
-    assert scale("backbone.blocks.3.attn.rel_pos_bias.table") == 0.5
-    assert scale("decode_head.classifier.weight") == scale("pyramid.up2.weight") == 1.0
-    groups = param_groups(model, 0.05, scale)
+def test_parameter_groups_of_the_segmentation_model():
+    model = train_seg.ViTUperNet(backbone(32), 3, channels=8)
+    groups = engine.param_groups(model, 0.05, engine.layer_decay_fn(4, 0.5, prefix="backbone."))
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    assert by_name["backbone.blocks.0.attn.qkv.weight"]["lr_scale"] == 0.5 ** 4
+    assert by_name["decode_head.classifier.weight"]["lr_scale"] == by_name["pyramid.up2.weight"]["lr_scale"] == 1.0
     no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["param_names"]}
     assert "backbone.blocks.0.attn.rel_pos_bias.table" in no_decay and "decode_head.classifier.bias" in no_decay
     assert "decode_head.classifier.weight" not in no_decay
-
-
-def test_poly_schedule_with_warmup():
-    lr = lambda s: train_seg.poly_schedule(s, 100, 10, 1.0, power=1.0, warmup_ratio=1e-6)  # noqa: E731
-    assert lr(0) == pytest.approx(1e-6)
-    assert lr(5) == pytest.approx(0.95 * (1 - 0.5 * (1 - 1e-6)))
-    assert lr(10) == pytest.approx(0.9) and lr(55) == pytest.approx(0.45) and lr(100) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,31 +159,27 @@ def _pretrain_checkpoint(path, img_size):
 def test_pretrain_checkpoint_loads_at_same_grid_exactly_and_resized_at_others(tmp_path):
     path = str(tmp_path / "pretrain.pth")
     vit = _pretrain_checkpoint(path, img_size=224).eval()  # 14x14 grid
-    sd = train_seg.read_backbone_checkpoint(path)
+    checkpoint = dtm.read_checkpoint(path)
 
-    same = train_seg.build_backbone("vit_tiny", 224, 0.0, sd)
-    train_seg.load_backbone(same, sd)
-    same.eval()
+    same = train_seg.build_model(model_args(224), 3, checkpoint, path).backbone.eval()
     x = torch.randn(1, 3, 224, 224)
-    _, expected = vit.forward_features(x, return_layers=[0, 1, 2, 3])
-    _, got = same.forward_features(x, return_layers=[0, 1, 2, 3])
-    for e, g in zip(expected, got):
-        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+    expected = vit.forward_features(x, return_layers=[0, 1, 2, 3]).layers
+    got = same.forward_features(x, return_layers=[0, 1, 2, 3]).layers
+    for i in range(4):
+        torch.testing.assert_close(got[i], expected[i], atol=1e-6, rtol=1e-6)
 
     shared = vit.rel_pos_bias.table.detach()
     for crop, grid in ((512, 32), (32, 2)):
-        backbone = train_seg.build_backbone("vit_tiny", crop, 0.0, sd)
-        train_seg.load_backbone(backbone, sd)
-        assert backbone.grid == (grid, grid)
+        model = train_seg.build_model(model_args(crop), 3, checkpoint, path)
+        assert model.backbone.grid == (grid, grid)
         want = resize_rel_pos_table(shared, (14, 14), (grid, grid))
-        for block in backbone.blocks:
+        for block in model.backbone.blocks:
             assert block.attn.rel_pos_bias.table.shape == ((2 * grid - 1) ** 2 + 3, 3)
             torch.testing.assert_close(block.attn.rel_pos_bias.table.detach(), want)
-    model = train_seg.ViTUperNet(backbone, 3, channels=8).eval()
-    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
-    with pytest.raises(ValueError, match="--model vit_s"):
-        train_seg.build_backbone("vit_s", 224, 0.0, sd)
+    with pytest.raises(ValueError, match="--model vit_s has width 384.*pass --model vit_tiny"):
+        train_seg.build_model(argparse.Namespace(**{**vars(model_args(224)), "model": "vit_s"}), 3, checkpoint, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,8 +193,8 @@ def test_training_steps_reduce_loss_on_builtin_data():
     dataset = data.ShapesSegmentation(shapes, data.SegTrainTransform(crop_size=64, scale=(128, 64), photometric=False))
     random.seed(0)
     images, labels = map(torch.stack, zip(*[dataset[i] for i in range(4)]))
-    model = train_seg.ViTUperNet(train_seg.build_backbone("vit_tiny", 64, 0.1), 4, channels=32).train()
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05, train_seg.layer_decay_fn(4, 0.65)), lr=1e-3)
+    model = train_seg.ViTUperNet(backbone(64, drop_path=0.1), 4, channels=32).train()
+    optimizer = torch.optim.AdamW(engine.param_groups(model, 0.05, engine.layer_decay_fn(4, 0.65, "backbone.")), lr=1e-3)
     losses = []
     for _ in range(10):
         logits, aux = model(images, with_aux=True)
@@ -214,19 +213,19 @@ TINY_RUN = ["--crop_size", "32", "--scale", "64", "48", "--stride", "24", "--cha
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
-    saved = train_seg.save_checkpoint
+    saved = engine.save_checkpoint
 
     def keep_every_save(path, state):  # keep each saved step, as an interrupted run would have left it
         saved(f"{path}.step{state['step']}", state)
 
-    monkeypatch.setattr(train_seg, "save_checkpoint", keep_every_save)
+    monkeypatch.setattr(engine, "save_checkpoint", keep_every_save)
     full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
     full_metrics = train_seg.main(TINY_RUN + ["--save_every", "2", "--output_dir", full_dir])
     resumed_metrics = train_seg.main(TINY_RUN + ["--save_every", "2", "--output_dir", resumed_dir,
-                                                 "--resume", os.path.join(full_dir, "checkpoint.pth.step2")])
-    full = torch.load(os.path.join(full_dir, "checkpoint.pth.step4"), weights_only=False)
-    resumed = torch.load(os.path.join(resumed_dir, "checkpoint.pth.step4"), weights_only=False)
-    assert full["step"] == resumed["step"] == 4
+                                                 "--resume", os.path.join(full_dir, "checkpoint-last.pth.step2")])
+    full = torch.load(os.path.join(full_dir, "checkpoint-last.pth.step4"))  # plain torch.load: weights_only=True
+    resumed = torch.load(os.path.join(resumed_dir, "checkpoint-last.pth.step4"))
+    assert full["step"] == resumed["step"] == 4 and full["kind"] == "dtm_seg"
     for k, v in full["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
     for k, state in full["optimizer"]["state"].items():
@@ -234,20 +233,47 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert full_metrics["mIoU"] == resumed_metrics["mIoU"] or (math.isnan(full_metrics["mIoU"])
                                                                 and math.isnan(resumed_metrics["mIoU"]))
     with open(os.path.join(full_dir, "log.jsonl")) as f:
-        assert sum('"mode": "train"' in line for line in f) == 4
+        assert sum('"loss"' in line for line in f) == 4
+    # --eval with the best checkpoint reproduces the logged evaluation, into eval.jsonl
+    logged = [json.loads(line) for line in open(os.path.join(full_dir, "log.jsonl")) if "mIoU" in line][-1]
+    metrics = train_seg.main(TINY_RUN + ["--eval", os.path.join(full_dir, "checkpoint-best.pth.step4"),
+                                         "--output_dir", full_dir])
+    assert metrics["aAcc"] == pytest.approx(logged["aAcc"])
+    assert json.loads(open(os.path.join(full_dir, "eval.jsonl")).read())["aAcc"] == pytest.approx(logged["aAcc"])
 
 
-def test_infinite_sampler_resumes_mid_pass_and_shards_passes():
-    def take(sampler, n):
-        it = iter(sampler)
-        return [next(it) for _ in range(n)]
+def write_seg_folder(root, labels):
+    """Images and label PNGs (one per entry of labels: an (h, w) uint8 array) in root/img, root/ann."""
+    os.makedirs(root / "img"), os.makedirs(root / "ann")
+    for i, label in enumerate(labels):
+        data.Image.fromarray((label * 40).astype("uint8")).convert("RGB").save(root / "img" / f"{i}.jpg")
+        data.Image.fromarray(label.astype("uint8")).save(root / "ann" / f"{i}.png")
 
-    stream = take(train_seg.InfiniteSampler(7, rank=1, world_size=2, seed=3), 10)  # 3 per pass on rank 1
-    assert take(train_seg.InfiniteSampler(7, rank=1, world_size=2, seed=3, start=4), 6) == stream[4:]
-    first_pass = [i for r in (0, 1) for i, _ in take(train_seg.InfiniteSampler(7, r, 2, seed=3), len(range(r, 7, 2)))]
-    assert sorted(first_pass) == list(range(7))
-    assert [i for i, _ in stream[:3]] != [i for i, _ in stream[3:6]]  # a new permutation each pass
-    assert len({seed for _, seed in stream}) == 10  # each (pass, image) its own augmentation seed
+
+def generic_run(train, val, out, *extra):
+    return ["--img_dir", str(train / "img"), "--ann_dir", str(train / "ann"), "--val_img_dir", str(val / "img"),
+            "--val_ann_dir", str(val / "ann"), "--num_classes", "3", "--init", "none", "--model", "vit_tiny",
+            "--crop_size", "32", "--scale", "48", "32", "--channels", "16", "--batch_size", "2", "--iters", "2",
+            "--eval_every", "2", "--num_workers", "0", "--stride", "24", "--output_dir", str(out), *extra]
+
+
+def test_labels_are_checked_per_sample_naming_the_file(tmp_path):
+    good = [torch.randint(0, 3, (40, 40)).numpy() for _ in range(4)]
+    bad = good[:3] + [good[3].copy()]
+    bad[3][5, 5] = 9
+    write_seg_folder(tmp_path / "train", good)
+    write_seg_folder(tmp_path / "val", good[:2])
+    write_seg_folder(tmp_path / "bad", bad)
+    metrics = train_seg.main(generic_run(tmp_path / "train", tmp_path / "val", tmp_path / "ok"))
+    assert len(metrics["IoU"]) == 3
+    with pytest.raises(ValueError, match="validation samples cannot be used; first: annotation .*bad/ann/3.png' holds "
+                                         "label values \\[9\\]"):
+        train_seg.main(generic_run(tmp_path / "train", tmp_path / "bad", tmp_path / "v"))
+    assert not (tmp_path / "v").exists()  # found before training
+    with pytest.raises(ValueError, match="annotation .*bad/ann/3.png' holds label values \\[9\\].*--num_classes"):
+        train_seg.main(generic_run(tmp_path / "bad", tmp_path / "val", tmp_path / "t", "--batch_size", "4"))
+    with pytest.raises(ValueError, match="--batch_size 1 cannot train UperNet's BatchNorm"):
+        train_seg.main(generic_run(tmp_path / "train", tmp_path / "val", tmp_path / "b", "--batch_size", "1"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,12 +309,6 @@ def _eval_worker(rank, world_size, port, out_dir):
     dist.destroy_process_group()
 
 
-def test_shard_indices_partition():
-    for n, world in ((5, 2), (3, 4), (8, 8)):
-        shards = [train_seg.shard_indices(n, r, world) for r in range(world)]
-        assert sorted(i for s in shards for i in s) == list(range(n))
-
-
 def test_distributed_eval_counts_each_image_once(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -304,4 +324,7 @@ def test_distributed_eval_counts_each_image_once(tmp_path):
 
 def test_generic_dataset_needs_all_folders(tmp_path):
     with pytest.raises(ValueError, match="--val_img_dir"):
-        train_seg.build_datasets(train_seg.parse_args(["--img_dir", str(tmp_path), "--ann_dir", str(tmp_path)]))
+        train_seg.build_datasets(train_seg.parse_args(["--img_dir", str(tmp_path), "--ann_dir", str(tmp_path),
+                                                       "--init", "none"]))
+    with pytest.raises(ValueError, match="--init none"):
+        train_seg.parse_args(["--img_dir", str(tmp_path), "--ann_dir", str(tmp_path)])

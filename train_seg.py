@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=8 train_seg.py --model vit_b --data /path/ADEChallengeData2016 --init pretrain.pth
     torchrun --nproc_per_node=8 train_seg.py --img_dir ... --ann_dir ... --val_img_dir ... --val_ann_dir ... \\
         --num_classes 21 --init pretrain.pth             # any image/mask folder pair
-    python train_seg.py --eval_only --resume output/seg/checkpoint.pth --data /path/ADEChallengeData2016 [--flip]
+    python train_seg.py --eval output/seg/checkpoint-best.pth --data /path/ADEChallengeData2016 [--flip]
     python train_seg.py            # the demo: tiny ViT on the built-in procedural shapes with masks, CPU, minutes
 
 DTM (ICLR 2025) Sec. 4 reports ADE20K mIoU following BEiT (Bao et al., ICLR 2022, Sec. 3.2 and Appendix); the
@@ -27,16 +27,14 @@ recipe below is BEiT's mmsegmentation config for self-supervised checkpoints
                 optional horizontal flip; mIoU, mAcc and pixel accuracy (aAcc) from intersections and unions
                 summed over the whole validation set, each image evaluated on one rank
 
-Reproducibility: every training sample's augmentation is drawn from RNGs seeded by (seed, pass, image index) and
-each micro-step's own randomness (drop path, dropout) from torch's RNG seeded by (seed, micro-step, rank), so
---resume from any checkpoint continues exactly as the uninterrupted run, with any number of DataLoader workers.
+Reproducibility: engine.py's one scheme (a sample's augmentation from (seed, pass over the data, index), a
+micro-step's drop path and dropout from (seed, micro-step, rank)): a run resumed from any checkpoint continues exactly
+as the uninterrupted run, with any number of DataLoader workers.
 """
 import argparse
-import contextlib
+import json
 import math
 import os
-import random
-import sys
 import time
 
 import torch
@@ -46,9 +44,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from dtm import VIT_CONFIGS, VisionTransformer, adapt_state_dict, layer_id_for_param, student_state_dict
-from train_pretrain import (JsonLogger, load_checkpoint, optimizer_step, param_groups, resolve_amp, save_checkpoint,
-                            set_lr, setup_distributed)
+import dtm
+import engine
 
 IGNORE_INDEX = data.IGNORE_INDEX  # 255
 
@@ -146,12 +143,12 @@ class ViTUperNet(nn.Module):
     with_aux=True -> (logits, auxiliary logits), both (B, num_classes, S, S).
     """
 
-    def __init__(self, backbone: VisionTransformer, num_classes: int, out_indices=None, channels=None,
+    def __init__(self, backbone: dtm.VisionTransformer, num_classes: int, out_indices=None, channels=None,
                  aux_channels: int = 256):
         super().__init__()
-        if backbone.patch_size != 16:
-            raise ValueError(f"the feature pyramid (strides 4, 8, 16, 32) needs patch size 16, "
-                             f"got {backbone.patch_size}")
+        if backbone.patch_size % 4:
+            raise ValueError(f"the feature pyramid (strides patch / 4, / 2, x 1, x 2) needs a patch size divisible "
+                             f"by 4, got {backbone.patch_size}")
         out_indices = list(out_indices) if out_indices else default_out_indices(backbone.depth)
         if (len(out_indices) != 4 or sorted(set(out_indices)) != out_indices
                 or out_indices[0] < 0 or out_indices[-1] != backbone.depth - 1):
@@ -166,10 +163,11 @@ class ViTUperNet(nn.Module):
         self.aux_head = FCNHead(dim, num_classes, aux_channels)
 
     def features(self, images):
-        """images (B, 3, S, S) -> 4 maps at strides 4, 8, 16, 32, each (B, C, S/stride, S/stride)."""
-        _, layers = self.backbone.forward_features(images, return_layers=self.out_indices)
+        """images (B, 3, S, S) -> 4 maps at strides 4, 8, 16, 32 (patch 16), each (B, C, S/stride, S/stride)."""
+        layers = self.backbone.forward_features(images, return_layers=self.out_indices).layers
         H, W = self.backbone.grid
-        maps = [x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, H, W) for x in layers]  # drop CLS -> (B, C, H, W)
+        maps = [layers[i][:, 1:].transpose(1, 2).reshape(images.shape[0], -1, H, W)  # drop CLS -> (B, C, H, W)
+                for i in self.out_indices]
         return self.pyramid(maps)
 
     def forward(self, images, with_aux: bool = False):
@@ -181,52 +179,17 @@ class ViTUperNet(nn.Module):
         return logits, _resize(self.aux_head(features[2]), size)
 
 
-def read_backbone_checkpoint(path: str) -> dict:
-    """ViT weights from --init: a pre-training / fine-tuning checkpoint of this repo or a train_seg.py one."""
-    sd = student_state_dict(load_checkpoint(path))
-    if any(k.startswith("backbone.") for k in sd):  # a segmentation checkpoint: take its backbone
-        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    if "patch_embed.weight" not in sd:
-        raise ValueError(f"{path!r} holds no ViT of this repo (no 'patch_embed.weight'); keys like {sorted(sd)[:8]}")
-    # heads, final norms and the mask token are not part of the segmentation backbone
-    return {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.", "norm.", "mask_token"))}
-
-
-def build_backbone(model: str, crop_size: int, drop_path: float, init_sd: dict = None) -> VisionTransformer:
-    """The ViT at the crop size, with BEiT's per-block relative position bias (or the checkpoint's own scheme)."""
-    if model not in VIT_CONFIGS:
-        raise ValueError(f"unknown model {model!r}; valid names: {', '.join(VIT_CONFIGS)}")
-    config = VIT_CONFIGS[model]
-    options = dict(rel_pos_bias="per_block", abs_pos_emb=False, layer_scale_init=0.1)
-    if init_sd is not None:
-        dim, _, patch, _ = init_sd["patch_embed.weight"].shape
-        depth = 1 + max((int(k.split(".")[1]) for k in init_sd if k.startswith("blocks.")), default=-1)
-        if (dim, depth, patch) != (config["embed_dim"], config["depth"], 16):
-            raise ValueError(f"--init holds a ViT of width {dim}, depth {depth}, patch {patch}, but --model {model} "
-                             f"is width {config['embed_dim']}, depth {config['depth']}, patch 16; "
-                             f"pass the matching --model")
-        has_rel_pos = any(k.endswith("rel_pos_bias.table") for k in init_sd)
-        options = dict(rel_pos_bias="per_block" if has_rel_pos else "none", abs_pos_emb="pos_embed" in init_sd,
-                       layer_scale_init=0.1 if "blocks.0.gamma_1" in init_sd else 0.0)
-    return VisionTransformer(img_size=crop_size, patch_size=16, drop_path_rate=drop_path, use_mask_token=False,
-                             **config, **options)
-
-
-def load_backbone(backbone: VisionTransformer, sd: dict, path: str = "--init"):
-    """Load ViT weights, position tables resized to the backbone's grid (shared table -> every block)."""
-    missing, unexpected = backbone.load_state_dict(adapt_state_dict(sd, backbone), strict=False)
-    missing = [k for k in missing if not k.startswith("norm.")]  # the final norm is unused (ViTUperNet drops it)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the backbone: missing keys {missing}, unexpected keys {unexpected}")
-
-
-def check_labels(labels, num_classes: int):
-    """Fail early on label maps that do not fit the number of classes (instead of an index error in the loss)."""
-    values = labels[labels != IGNORE_INDEX]
-    if values.numel() and (values.min() < 0 or values.max() >= num_classes):
-        raise ValueError(f"training labels hold values {values.min().item()}..{values.max().item()} but there are "
-                         f"{num_classes} classes (0..{num_classes - 1}, {IGNORE_INDEX} = ignore); check --num_classes "
-                         f"and --reduce_zero_label")
+def build_model(args, num_classes: int, checkpoint: dict = None, path: str = None) -> "ViTUperNet":
+    """ViTUperNet at --crop_size on the ViT of `checkpoint` (any checkpoint of this repo, dtm.vit_from_checkpoint; a
+    shared relative position table is copied into every block and resized to the crop's grid, as BEiT), or on a new
+    ViT without a checkpoint. Per-block tables, no final norm, stochastic depth --drop_path."""
+    if checkpoint is None:
+        backbone = dtm.build_vit(args.model, img_size=args.crop_size, drop_path_rate=args.drop_path,
+                                 rel_pos_bias="per_block", use_mask_token=False)
+    else:
+        backbone, _ = dtm.vit_from_checkpoint(checkpoint, args.crop_size, 0, "per_block", args.drop_path, args.model,
+                                              path)
+    return ViTUperNet(backbone, num_classes, args.out_indices, args.channels)
 
 
 def segmentation_loss(logits, aux_logits, labels, aux_weight: float = 0.4):
@@ -312,11 +275,6 @@ def segmentation_metrics(areas) -> dict:
             "mAcc": 100 * acc.nanmean().item(), "IoU": (100 * iou).tolist(), "Acc": (100 * acc).tolist()}
 
 
-def shard_indices(num_items: int, rank: int, world_size: int) -> list:
-    """This rank's share of the validation set: every image exactly once over all ranks (no padding)."""
-    return list(range(rank, num_items, world_size))
-
-
 @torch.no_grad()
 def evaluate(model, dataset, num_classes: int, crop: int, stride: int, flip: bool = False, device="cpu",
              autocast_dtype=None, batch: int = 4, num_workers: int = 0, progress: bool = False) -> dict:
@@ -326,7 +284,7 @@ def evaluate(model, dataset, num_classes: int, crop: int, stride: int, flip: boo
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    shard = torch.utils.data.Subset(dataset, shard_indices(len(dataset), rank, world))
+    shard = torch.utils.data.Subset(dataset, engine.shard_indices(len(dataset), rank, world))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=num_workers)
     areas = torch.zeros(4, num_classes, dtype=torch.float64, device=device)
 
@@ -342,75 +300,6 @@ def evaluate(model, dataset, num_classes: int, crop: int, stride: int, flip: boo
         dist.all_reduce(areas)
     model.train(was_training)
     return segmentation_metrics(areas)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training: poly schedule, layer-wise lr decay, seeded infinite sampler
-
-
-def poly_schedule(step: int, total_steps: int, warmup_steps: int, base_value: float, power: float = 1.0,
-                  min_value: float = 0.0, warmup_ratio: float = 1e-6) -> float:
-    """mmcv's poly LR with linear warmup: lr = (base - min)(1 - step/total)^power + min; during the warmup
-    that value times a factor rising linearly from warmup_ratio (step 0) to 1 (step warmup_steps)."""
-    lr = (base_value - min_value) * (1 - min(step, total_steps) / total_steps) ** power + min_value
-    if step < warmup_steps:
-        lr *= 1 - (1 - step / warmup_steps) * (1 - warmup_ratio)
-    return lr
-
-
-def layer_decay_fn(depth: int, decay: float):
-    """lr scale of a ViTUperNet parameter: decay^(depth + 1 - layer id) (BEiT); pyramid and heads scale 1."""
-    def lr_scale(name: str) -> float:
-        layer_id = layer_id_for_param(name[len("backbone."):], depth) if name.startswith("backbone.") else depth + 1
-        return decay ** (depth + 1 - layer_id)
-    return lr_scale
-
-
-class SeededSegSamples(torch.utils.data.Dataset):
-    """Index (dataset index, sample seed) -> base[index] with Python's random and torch seeded by sample seed, so
-    a sample's augmentation depends on (seed, pass, index) only: same in any worker, after any resume."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, key):
-        index, sample_seed = key
-        random.seed(sample_seed)
-        torch.manual_seed(sample_seed)
-        return self.base[index]
-
-
-class InfiniteSampler(torch.utils.data.Sampler):
-    """Endless stream of (index, sample seed) for one rank: pass p is a permutation seeded by (seed, p), of which
-    rank r takes every world_size-th entry from r (each image once per pass over all ranks). Starts `start`
-    samples into the stream without loading anything (resume)."""
-
-    def __init__(self, num_items: int, rank: int = 0, world_size: int = 1, seed: int = 0, start: int = 0):
-        self.num_items, self.rank, self.world_size, self.seed = num_items, rank, world_size, seed
-        self.per_pass = len(range(rank, num_items, world_size))
-        if self.per_pass == 0:
-            raise ValueError(f"{num_items} training images cannot feed {world_size} processes")
-        self.start = start
-
-    def __iter__(self):
-        epoch, offset = divmod(self.start, self.per_pass)
-        while True:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(self.num_items, generator=g)[self.rank::self.world_size].tolist()
-            for index in order[offset:]:
-                yield index, ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2 ** 63
-            epoch, offset = epoch + 1, 0
-
-    def pass_of(self, num_samples: int) -> int:
-        """How many full passes this rank has made after num_samples samples."""
-        return num_samples // self.per_pass
-
-
-def step_seed(seed: int, micro_step: int, rank: int) -> int:
-    return ((seed * 1_000_003 + micro_step) * 1_009 + rank) % 2 ** 63
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,7 +319,8 @@ def build_datasets(args):
         if not (args.img_dir and args.ann_dir and args.val_img_dir and args.val_ann_dir and args.num_classes):
             raise ValueError("a generic dataset needs --img_dir, --ann_dir, --val_img_dir, --val_ann_dir and "
                              "--num_classes (label values 0..num_classes-1, 255 ignored; see --reduce_zero_label)")
-        kw = dict(img_suffix=args.img_suffix, ann_suffix=args.ann_suffix, reduce_zero_label=args.reduce_zero_label)
+        kw = dict(img_suffix=args.img_suffix, ann_suffix=args.ann_suffix, reduce_zero_label=args.reduce_zero_label,
+                  num_classes=args.num_classes)
         train = data.SegFolder(args.img_dir, args.ann_dir, train_tf, **kw)
         val = data.SegFolder(args.val_img_dir, args.val_ann_dir, eval_tf, **kw)
         return train, val, [str(c) for c in range(args.num_classes)]
@@ -444,9 +334,10 @@ def build_datasets(args):
 # Arguments
 
 # The demo (no dataset given): flags the user did not set take these values instead of the paper's.
-DEMO_DEFAULTS = dict(model="vit_tiny", crop_size=64, scale=[384, 96], stride=43, channels=64, batch_size=8,
-                     lr=3e-4, layer_decay=1.0, warmup_iters=30, iters=600, eval_every=600, save_every=600,
-                     log_every=50, num_workers=0, output_dir="output/seg_demo", drop_path=0.0)  # random init: no decay
+DEMO_DEFAULTS = dict(model="vit_tiny", init="none", crop_size=64, scale=[384, 96], stride=43, channels=64,
+                     batch_size=8, lr=3e-4, layer_decay=1.0, warmup_iters=30, iters=600, eval_every=600,
+                     save_every=600, log_every=50, num_workers=0, output_dir="output/seg_demo",
+                     drop_path=0.0)  # random init: no layer decay
 
 
 def get_args_parser():
@@ -469,20 +360,25 @@ def get_args_parser():
     g.add_argument("--ratio_range", type=float, nargs=2, default=[0.5, 2.0], help="training random resize ratios")
     g.add_argument("--cat_max_ratio", type=float, default=0.75, help="max share of one class in a training crop")
     g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--max_unreadable", type=float, default=0.001,
+                   help="stop when more than this fraction of the training images cannot be read (fewer are skipped)")
     g.add_argument("--demo_img_size", type=int, default=96, help="demo: procedural image size")
     g.add_argument("--demo_shape_classes", type=int, default=4, help="demo: shape classes (+ background)")
     g.add_argument("--demo_train_images", type=int, default=2000)
     g.add_argument("--demo_val_images", type=int, default=32)
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_b", choices=list(VIT_CONFIGS))
-    g.add_argument("--init", help="checkpoint of this repo (pre-training or fine-tuning) to start the ViT from; "
-                                  "omit for random init")
+    g.add_argument("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS))
+    g.add_argument("--init", help="checkpoint of this repo (pre-training, fine-tuning or segmentation) to start the "
+                                  "ViT from, or 'none' for a random ViT (required to start a run, except in the demo)")
+    g.add_argument("--eval", metavar="CHECKPOINT", help="only evaluate this checkpoint of train_seg.py on the "
+                                                        "validation set and exit")
     g.add_argument("--out_indices", type=int, nargs=4, help="blocks feeding the pyramid (default: 3 5 7 11 for "
                                                             "12 blocks, 7 11 15 23 for 24)")
     g.add_argument("--channels", type=int, help="UperNet channels (default: the ViT width, as BEiT)")
     g.add_argument("--aux_weight", type=float, default=0.4, help="auxiliary FCN head loss weight")
     g.add_argument("--drop_path", type=float, default=0.1)
+    g.add_argument("--compile", action="store_true", help="torch.compile the ViT's blocks")
 
     g = p.add_argument_group("optimization (BEiT's ADE20K config for self-supervised checkpoints)")
     g.add_argument("--lr", type=float, default=7e-4)
@@ -496,42 +392,44 @@ def get_args_parser():
     g.add_argument("--min_lr", type=float, default=0.0)
     g.add_argument("--batch_size", type=int, default=2, help="per process per micro-step (8 GPUs x 2 = 16)")
     g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation micro-steps per step")
-    g.add_argument("--clip_grad", type=float, help="max gradient norm (BEiT: none)")
+    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: no clipping, as BEiT; the "
+                                                                "norm is still logged)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--stride", type=int, default=341, help="sliding window stride")
     g.add_argument("--flip", action="store_true", help="add horizontally flipped predictions")
     g.add_argument("--slide_batch", type=int, default=4, help="windows per forward pass")
-    g.add_argument("--eval_only", action="store_true", help="evaluate the --resume model and exit")
+    g.add_argument("--eval_every", type=int, default=16_000, help="evaluate (and keep checkpoint-best.pth by mIoU) "
+                                                                  "every N steps and after the last")
 
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="output/seg")
-    g.add_argument("--resume", help="checkpoint of train_seg.py to continue from")
-    g.add_argument("--eval_every", type=int, default=16_000)
-    g.add_argument("--save_every", type=int, default=16_000)
-    g.add_argument("--log_every", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
+    g = engine.add_run_args(p, output_dir="output/seg")
+    g.add_argument("--save_every", type=int, default=16_000, help="save checkpoint-last.pth every N steps and after "
+                                                                  "the last")
     return p
 
 
 def parse_args(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if not (args.data or args.img_dir or args.ann_dir):
+    args.demo = not (args.data or args.img_dir or args.ann_dir)
+    if args.demo:
         parser.set_defaults(**DEMO_DEFAULTS)
         args = parser.parse_args(argv)
+        args.demo = True
     if args.data and (args.img_dir or args.ann_dir):
-        parser.error("pass either --data (ADE20K) or --img_dir/--ann_dir (a generic dataset), not both")
-    if args.crop_size % 16:
-        parser.error(f"--crop_size {args.crop_size} is not divisible by the patch size 16; use e.g. 512")
-    if args.eval_only and not args.resume:
-        parser.error("--eval_only evaluates a trained model: pass --resume (a checkpoint of train_seg.py)")
+        raise ValueError("pass either --data (ADE20K) or --img_dir/--ann_dir (a generic dataset), not both")
+    if args.crop_size % dtm.PATCH_SIZE:
+        raise ValueError(f"--crop_size {args.crop_size} is not divisible by the patch size {dtm.PATCH_SIZE}; "
+                         f"use e.g. 512")
     if not 0 < args.stride <= args.crop_size:
-        parser.error(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}")
+        raise ValueError(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}")
     for name in ("iters", "batch_size", "accum_iter", "eval_every", "save_every", "log_every", "slide_batch"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.init is None and args.eval is None:
+        raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none "
+                         "for a random ViT")
     return args
 
 
@@ -552,129 +450,150 @@ def _json_safe(values):
 
 
 def main(argv=None):
+    """Train (returns the metrics of the last evaluation) or, with --eval, evaluate (returns the metrics)."""
     args = parse_args(argv)
-    d = setup_distributed()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    autocast_dtype, scaler = resolve_amp(args.amp, d.device)
+    d = engine.setup()
+    try:
+        return run_eval(args, d) if args.eval else train(args, d)
+    finally:
+        engine.teardown()
 
+
+def run_metrics(model, val_set, class_names, args, d, amp_dtype) -> dict:
+    """Sliding-window evaluation on every rank's share; prints the per-class table on rank 0."""
+    metrics = evaluate(engine.unwrap(model), val_set, len(class_names), args.crop_size, args.stride, args.flip,
+                       d.device, amp_dtype, args.slide_batch, args.num_workers, progress=d.is_main)
+    d.print(format_metrics(metrics, class_names))
+    return metrics
+
+
+def run_eval(args, d):
+    """--eval CHECKPOINT: the model (ViT, crop size, UperNet width, classes) comes from the checkpoint; the result is
+    appended to output_dir/eval.jsonl (a training run's log.jsonl is left alone)."""
+    checkpoint = engine.load_checkpoint(args.eval, "dtm_seg", "--eval")
+    for key in ("model", "crop_size", "channels", "out_indices"):
+        setattr(args, key, checkpoint["args"][key])
+    _, val_set, class_names = build_datasets(args)
+    if len(class_names) != checkpoint["num_classes"]:
+        raise ValueError(f"the validation data has {len(class_names)} classes, {args.eval!r} was trained on "
+                         f"{checkpoint['num_classes']}")
+    model = build_model(args, len(class_names), checkpoint, args.eval)
+    model.load_state_dict(checkpoint["model"])
+    amp_dtype, _ = engine.resolve_amp(args.amp, d.device)
+    metrics = run_metrics(model.to(d.device), val_set, class_names, args, d, amp_dtype)
+    if d.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps({"eval": args.eval, "flip": args.flip, "aAcc": metrics["aAcc"], "mIoU": metrics["mIoU"],
+                                "mAcc": metrics["mAcc"], "IoU": _json_safe(metrics["IoU"])}) + "\n")
+    return metrics
+
+
+def train(args, d):
+    amp_dtype, scaler = engine.resolve_amp(args.amp, d.device)
+    sync_bn = d.world_size > 1 and d.device.type == "cuda"
+    if args.batch_size * (d.world_size if sync_bn else 1) < 2:
+        raise ValueError("--batch_size 1 cannot train UperNet's BatchNorm (its pyramid pooling leaves one value per "
+                         "channel); use --batch_size 2 or more, or several GPUs (SyncBatchNorm pools the batch)")
+    engine.seed_all(args.seed)  # the same initial weights on every rank
     train_set, val_set, class_names = build_datasets(args)
     num_classes = len(class_names)
-
-    init_sd = read_backbone_checkpoint(args.init) if args.init else None
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    backbone = build_backbone(args.model, args.crop_size, args.drop_path, init_sd)
-    if init_sd is not None:
-        load_backbone(backbone, init_sd, repr(args.init))
-    model = ViTUperNet(backbone, num_classes, args.out_indices, args.channels).to(d.device)
-    if d.world_size > 1 and d.device.type == "cuda":
+    if not args.demo:  # a bad validation file or label is found now, not at the first evaluation
+        engine.check_dataset(val_set, "validation", d, args.num_workers)
+    loader, sampler, steps_per_epoch = engine.train_loader(train_set, args, d)
+    resume_path, own_run = engine.prepare_run(args, d)
+    if resume_path is not None:
+        resume = engine.load_checkpoint(resume_path, "dtm_seg", hint="; to start from other weights use --init PATH")
+        model = build_model(args, num_classes, resume, resume_path)
+    else:
+        init = None if args.init == "none" else dtm.read_checkpoint(args.init, "--init")
+        model = build_model(args, num_classes, init, args.init)
+    if args.compile:
+        engine.compile_blocks(model.backbone)
+    model.to(d.device)
+    if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # 2 images per GPU: BN statistics over all GPUs
-    if d.is_main:
-        num_params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"{args.model} UperNet, {num_classes} classes, crop {args.crop_size}, pyramid from blocks "
-              f"{model.out_indices}, init {args.init or 'random'}, {num_params:.1f}M params, "
-              f"{d.world_size} process(es) on {d.device}, amp {autocast_dtype}")
+    d.print(f"{args.model} UperNet, {num_classes} classes, crop {args.crop_size}, pyramid from blocks "
+            f"{model.out_indices}, init {args.init}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+            f"{d.world_size} process(es) on {d.device}, amp {amp_dtype}")
 
-    groups = param_groups(model, args.weight_decay, layer_decay_fn(backbone.depth, args.layer_decay))
+    groups = engine.param_groups(model, args.weight_decay,
+                                 engine.layer_decay_fn(model.backbone.depth, args.layer_decay, prefix="backbone."))
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas))
-    start_step = 0
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume)
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as e:
-            raise ValueError(f"--resume {args.resume!r} does not fit this model (--model, --init, --crop_size, "
-                             f"--channels and the classes must match the run that wrote it): {e}") from None
-        if not args.eval_only:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            if scaler is not None and checkpoint.get("scaler") is not None:
-                scaler.load_state_dict(checkpoint["scaler"])
-        start_step = checkpoint.get("step", 0)
-        if d.is_main:
-            print(f"resumed from {args.resume} at step {start_step}")
+    step, best_miou = 0, -1.0
+    if resume_path is not None:
+        step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
+        best_miou = resume["best_miou"]
+    log = engine.open_log(args.output_dir, step if own_run else None, d.is_main)
+    ddp_model = engine.ddp(model, d)
+    if step >= args.iters:
+        d.print(f"{args.output_dir} holds a finished run (step {step} of --iters {args.iters}): nothing to do; raise "
+                f"--iters to train on, or pass --fresh (or another --output_dir) to start over")
 
-    ddp_model = model
-    if d.world_size > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    logger = JsonLogger(os.path.join(args.output_dir, "log.jsonl"), enabled=d.is_main)
+    def save(name, metrics=None):
+        engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
+            "dtm_seg", model, optimizer, scaler, args, step, steps_per_epoch, best_miou=best_miou,
+            num_classes=num_classes, metrics=metrics))
 
-    def run_eval(step):
-        metrics = evaluate(model, val_set, num_classes, args.crop_size, args.stride, args.flip, d.device,
-                           autocast_dtype, args.slide_batch, args.num_workers, progress=d.is_main)
-        if d.is_main:
-            print(format_metrics(metrics, class_names))
-            logger.log(step=step, mode="eval", aAcc=metrics["aAcc"], mIoU=metrics["mIoU"], mAcc=metrics["mAcc"],
-                       IoU=_json_safe(metrics["IoU"]), flip=args.flip)
-        return metrics
-
-    if args.eval_only:
-        return run_eval(start_step)
-
-    samples_per_step = args.batch_size * args.accum_iter
-    sampler = InfiniteSampler(len(train_set), d.rank, d.world_size, args.seed, start=start_step * samples_per_step)
-    loader = torch.utils.data.DataLoader(SeededSegSamples(train_set), batch_size=args.batch_size, sampler=sampler,
-                                         num_workers=args.num_workers, pin_memory=d.device.type == "cuda",
-                                         drop_last=True, persistent_workers=args.num_workers > 0)
-    batches = iter(loader)
-
-    def save(step):
-        save_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"), {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": sampler.pass_of(step * samples_per_step), "step": step, "args": vars(args)})
-
-    model.train()
-    metrics, t0 = None, time.time()
-    if start_step >= args.iters and d.is_main:
-        print(f"nothing to train: the checkpoint is at step {start_step} of --iters {args.iters}")
-    bar = tqdm(range(start_step, args.iters), initial=start_step, total=args.iters, disable=not d.is_main)
-    for step in bar:
-        lr = poly_schedule(step, args.iters, args.warmup_iters, args.lr, args.poly_power, args.min_lr,
-                           args.warmup_ratio)
-        set_lr(optimizer, lr)
+    unreadable = engine.UnreadableImages(limit=int(args.max_unreadable * len(train_set)))
+    batches = engine.micro_batches(loader, sampler, steps_per_epoch, args.accum_iter, step)
+    timer = engine.StepTimer(d.device)
+    window = torch.zeros(4, device=d.device)  # loss, decode loss, aux loss sums, count
+    metrics, last_log_time, images_seen = None, time.perf_counter(), 0
+    bar = tqdm(total=args.iters, initial=step, disable=not d.is_main, dynamic_ncols=True)
+    ddp_model.train()
+    while step < args.iters:
+        is_log_step = (step + 1) % args.log_every == 0 or step + 1 == args.iters
+        timer.start(exact=is_log_step)
+        lr = engine.poly_schedule(step, args.iters, args.warmup_iters, args.lr, args.poly_power, args.min_lr,
+                                  args.warmup_ratio)
+        engine.set_lr(optimizer, lr)
         for micro in range(args.accum_iter):
-            images, labels = next(batches)
-            if step == start_step and micro == 0:
-                check_labels(labels, num_classes)
-            # drop path / dropout: a function of (seed, micro-step, rank), whatever the data loading did to the RNG
-            torch.manual_seed(step_seed(args.seed, step * args.accum_iter + micro, d.rank))
-            images = images.to(d.device, non_blocking=True)
-            labels = labels.to(d.device, non_blocking=True)
-            sync = micro == args.accum_iter - 1 or d.world_size == 1
-            with ddp_model.no_sync() if not sync else contextlib.nullcontext():
-                with torch.autocast(d.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            images, labels, skipped = next(batches)
+            unreadable.add(skipped)
+            images, labels = images.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+            timer.lap("data_s")
+            engine.seed_step(args.seed, step * args.accum_iter + micro, d.rank)  # drop path, dropout
+            with engine.grad_sync(ddp_model, last_micro=micro == args.accum_iter - 1):
+                with engine.autocast(d, amp_dtype):
                     logits, aux_logits = ddp_model(images, with_aux=True)
-                loss, main_loss, aux_loss = segmentation_loss(logits, aux_logits, labels, args.aux_weight)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr or use --amp bf16/fp32")
-                scaled = loss / args.accum_iter
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        grad_norm = optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad)
-
-        done = step + 1
-        if done % args.log_every == 0 or done == args.iters:
-            stats = torch.stack([loss.detach(), main_loss.detach(), aux_loss.detach()])  # of the last micro-step
-            if d.world_size > 1:
-                dist.all_reduce(stats)
-                stats /= d.world_size
-            if d.is_main:
-                bar.set_postfix(loss=f"{stats[0].item():.4f}", lr=f"{lr:.2e}")
-                logger.log(step=done, mode="train", loss=stats[0].item(), decode_loss=stats[1].item(),
-                           aux_loss=stats[2].item(), lr=lr,
-                           grad_norm=grad_norm.item(),
-                           time=round(time.time() - t0, 2))
-        if done % args.save_every == 0 or done == args.iters:
-            save(done)
-        if done % args.eval_every == 0 or done == args.iters:
-            metrics = run_eval(done)
+                losses = segmentation_loss(logits, aux_logits, labels, args.aux_weight)
+                engine.backward(losses[0] / args.accum_iter, scaler)
+            window += torch.stack([*(x.detach() for x in losses), torch.ones_like(losses[0])])
+            images_seen += images.shape[0]
+            timer.lap("step_s")
+        grad_norm = engine.optimizer_step(optimizer, scaler, ddp_model.parameters(), args.clip_grad)
+        step += 1
+        timer.lap("step_s")
+        bar.update(1)
+        if is_log_step:
+            means = engine.all_mean(window[:3] / window[3], d)
+            engine.check_finite(means, ["loss", "decode_loss", "aux_loss"], step, args.output_dir)
+            engine.report_unreadable(unreadable, d, step, log)
+            now = time.perf_counter()
+            log(step=step, epoch=step // steps_per_epoch, loss=means[0], decode_loss=means[1], aux_loss=means[2],
+                lr=lr, grad_norm=grad_norm, img_per_s=images_seen * d.world_size / (now - last_log_time),
+                **timer.parts)
+            bar.set_postfix(loss=f"{means[0].item():.4f}", lr=f"{lr:.2e}")
+            window.zero_()
+            last_log_time, images_seen = now, 0
+        if step % args.eval_every == 0 or step == args.iters:
+            metrics = run_metrics(model, val_set, class_names, args, d, amp_dtype)
+            log(step=step, mode="eval", aAcc=metrics["aAcc"], mIoU=metrics["mIoU"], mAcc=metrics["mAcc"],
+                IoU=_json_safe(metrics["IoU"]), flip=args.flip)
+            if metrics["mIoU"] > best_miou:
+                best_miou = metrics["mIoU"]
+                save(engine.BEST, metrics)
+            ddp_model.train()
+        if step % args.save_every == 0 or step == args.iters:
+            save(engine.LAST, metrics)
     bar.close()
-    if d.is_main and metrics is not None:
-        print(f"final mIoU {metrics['mIoU']:.2f} (aAcc {metrics['aAcc']:.2f}, mAcc {metrics['mAcc']:.2f})")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    engine.report_unreadable(unreadable, d, step, log)
+    if metrics is not None:
+        d.print(f"final mIoU {metrics['mIoU']:.2f} (aAcc {metrics['aAcc']:.2f}, mAcc {metrics['mAcc']:.2f}); "
+                f"checkpoints and log.jsonl in {args.output_dir}")
     return metrics
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    engine.cli(main)

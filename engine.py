@@ -1,0 +1,653 @@
+"""Training plumbing shared by train_pretrain.py, train_finetune.py and train_seg.py: functions and tiny dataclasses.
+
+Each trainer keeps its own loop, readable top to bottom; this file holds what the three loops have in common:
+
+    distributed   setup / teardown from torchrun's env vars (nccl on GPU, gloo on CPU), DDP wrap, unwrap
+    precision     --amp: bf16, fp16 + GradScaler, or fp32
+    optimization  parameter groups (weight decay, layer-wise lr decay), lr schedules, the optimizer step
+    randomness    one scheme for all three (below)
+    data          seeded samples, epoch sampler, micro-batches from any step on, unreadable images, eval shards
+    runs          output folder (auto-resume, --fresh), checkpoints (atomic, finite only, plain torch.load),
+                  resume, the JSONL log, the step timer, one-line user errors
+
+Randomness. No random draw depends on an RNG state carried from step to step:
+    the order of epoch e                                  <- (seed, e)           (torch's DistributedSampler)
+    a sample's augmentation and mask                      <- (seed, e, index)    (SeededSamples)
+    a micro-step's draws (drop path, dropout, Mixup, the random split of Algorithm 1)
+                                                          <- (seed, micro-step, rank)   (seed_step)
+So a run resumed from any checkpoint, also one taken mid-epoch, continues exactly as the uninterrupted run, with
+any number of DataLoader workers; the checkpoint's RNG states are saved and restored all the same.
+"""
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import data
+import dtm
+
+LAST = "checkpoint-last.pth"
+BEST = "checkpoint-best.pth"
+LOG = "log.jsonl"
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+# ---------------------------------------------------------------------------------------------------
+# Distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def print(self, *args, **kwargs):
+        """print on rank 0 only."""
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+
+def setup() -> Dist:
+    """Process group from torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK): nccl on CUDA, gloo on CPU.
+    Without torchrun: one process on cuda:0 if there is a GPU, else the CPU. Also allows TF32 matmuls on GPUs
+    that have them (fp32 runs; no effect under bf16/fp16 autocast)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return Dist(rank, world_size, local_rank, device)
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def ddp(model: nn.Module, d: Dist) -> nn.Module:
+    """model wrapped in DistributedDataParallel when there are several processes, else model itself."""
+    if d.world_size == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def grad_sync(model: nn.Module, last_micro: bool):
+    """Context for one micro-batch's backward: DDP's no_sync() except on the last micro-batch of an accumulation,
+    so gradients are all-reduced once per optimizer step; nothing without DDP."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not last_micro:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def all_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The mean over ranks of a tensor every rank holds (a copy; values itself is unchanged)."""
+    values = values.detach().clone()
+    if d.world_size > 1:
+        dist.all_reduce(values)
+        values /= d.world_size
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------
+# Precision
+
+
+def resolve_amp(mode: str, device) -> tuple:
+    """--amp -> (autocast dtype or None, GradScaler or None).
+
+    "auto": bf16 on GPUs that support it, fp16 + GradScaler otherwise (V100), fp32 on the CPU.
+    "bf16" / "fp16" / "fp32" force a choice; fp16 needs CUDA, bf16 also works on the CPU (slowly).
+    """
+    device = torch.device(device)
+    if mode not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"unknown --amp {mode!r}; use auto, bf16, fp16 or fp32")
+    if mode == "auto":
+        if device.type != "cuda":
+            return None, None
+        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mode == "fp32":
+        return None, None
+    if mode == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("this GPU does not support bf16; use --amp fp16 (or auto)")
+        return torch.bfloat16, None
+    if device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; use --amp fp32 or bf16 on the CPU")
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def autocast(d: Dist, dtype):
+    """torch.autocast on the run's device with dtype (None: off)."""
+    return torch.autocast(d.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def backward(loss: torch.Tensor, scaler):
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimization
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "rel_pos_bias", "positional_embedding", "class_embedding")
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr_scale_fn=None) -> list:
+    """AdamW groups: no weight decay for 1-D parameters (norms, biases, layer scale), position tables and
+    cls/mask tokens (BEiT's get_parameter_groups). lr_scale_fn(name) -> float goes into group["lr_scale"]
+    (layer-wise lr decay; set_lr applies it). Frozen parameters are left out; group["param_names"] lists names."""
+    groups = {}
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or any(key in name for key in NO_DECAY_NAMES)
+        scale = 1.0 if lr_scale_fn is None else float(lr_scale_fn(name))
+        group = groups.setdefault((no_decay, scale), {
+            "params": [], "param_names": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale})
+        group["params"].append(p)
+        group["param_names"].append(name)
+    return list(groups.values())
+
+
+def layer_decay_fn(depth: int, decay: float, prefix: str = ""):
+    """name -> lr scale decay^(depth + 1 - layer id), BEiT's LayerDecayValueAssigner. Parameters whose name starts
+    with `prefix` are the ViT's (layer ids of dtm.layer_id_for_param: 0 embeddings, i + 1 block i, depth + 1 on top);
+    any other parameter (a segmentation head) is on top, scale 1."""
+    def lr_scale(name: str) -> float:
+        if not name.startswith(prefix):
+            return 1.0
+        return decay ** (depth + 1 - dtm.layer_id_for_param(name[len(prefix):], depth))
+    return lr_scale
+
+
+def set_lr(optimizer, lr: float):
+    """Set every group's lr to lr * group["lr_scale"] (1 if absent)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def cosine_schedule(step, total_steps, warmup_steps, base_value, final_value) -> float:
+    """Linear warmup from 0 to base_value over warmup_steps, then cosine decay to final_value at total_steps."""
+    if step < warmup_steps:
+        return base_value * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_value + 0.5 * (base_value - final_value) * (1.0 + math.cos(math.pi * progress))
+
+
+def poly_schedule(step: int, total_steps: int, warmup_steps: int, base_value: float, power: float = 1.0,
+                  min_value: float = 0.0, warmup_ratio: float = 1e-6) -> float:
+    """mmcv's poly LR with linear warmup: lr = (base - min)(1 - step/total)^power + min; during the warmup
+    that value times a factor rising linearly from warmup_ratio (step 0) to 1 (step warmup_steps)."""
+    lr = (base_value - min_value) * (1 - min(step, total_steps) / total_steps) ** power + min_value
+    if step < warmup_steps:
+        lr *= 1 - (1 - step / warmup_steps) * (1 - warmup_ratio)
+    return lr
+
+
+def optimizer_step(optimizer, scaler, parameters, clip_grad: float) -> torch.Tensor:
+    """Unscale (fp16), clip the gradient norm to clip_grad (0 or None: no clipping), step, zero the gradients.
+
+    Returns the gradient norm before clipping (measured also without clipping, for the log)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(parameters, clip_grad or float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def compile_blocks(vit: nn.Module):
+    """torch.compile each transformer block (not the whole model: DTM's morphing changes shapes every step, and the
+    blocks are where the time goes); parameter names and checkpoints stay the same."""
+    for block in vit.blocks:
+        block.compile()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Randomness
+
+
+def seed_of(*parts) -> int:
+    """A 63-bit seed that is a fixed function of its parts (e.g. ("data", seed, epoch, index))."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def seed_all(seed: int):
+    """Seed torch (CPU and CUDA), Python's random and numpy."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+
+
+def seed_step(seed: int, micro_step: int, rank: int):
+    """The global RNGs for one micro-step: a function of (seed, micro_step, rank) only."""
+    seed_all(seed_of("step", seed, micro_step, rank))
+
+
+def rng_state() -> dict:
+    """The global RNG states (torch CPU and CUDA, random, numpy) as tensors and plain Python values."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "random": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    """Restore what rng_state() returned (the CUDA part only if saved and CUDA is present)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["random"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """dataset[(epoch, index)] -> (*base[index], skipped), with torch's and Python's RNGs seeded by (seed, epoch,
+    index) while base[index] runs; the caller's RNG states are left as they were.
+
+    A sample's augmentation then depends on nothing else (not on the worker, the rank or what ran before), which
+    makes resuming mid-epoch exact. A sample whose image cannot be read (data.UnreadableImage) is replaced by the
+    next readable one, index + 1, + 2, ... (with the same seed, so runs stay reproducible); `skipped` names the
+    files passed over ("\\n"-joined; "" when none), for UnreadableImages.add."""
+
+    def __init__(self, base, seed: int, max_tries: int = 16):
+        self.base, self.seed, self.max_tries = base, seed, max_tries
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        sample_seed = seed_of("data", self.seed, epoch, index)
+        skipped, error = [], None
+        for attempt in range(self.max_tries):
+            py_state = random.getstate()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                random.seed(sample_seed)
+                try:
+                    return (*self.base[(index + attempt) % len(self.base)], "\n".join(skipped))
+                except data.UnreadableImage as e:
+                    skipped.append(e.path)
+                    error = e
+                finally:
+                    random.setstate(py_state)
+        raise ValueError(f"{self.max_tries} images in a row cannot be read ({error}); is the dataset intact?")
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of an epoch as (epoch, index) keys for SeededSamples: torch's DistributedSampler order
+    (shuffled by seed + epoch, rank r takes entries r, r + W, ..., the tail that does not divide evenly dropped).
+    set_epoch(epoch, skip) starts after `skip` samples (those a resumed run already trained on) without loading them."""
+
+    def __init__(self, num_items: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
+        if num_items < world_size:
+            raise ValueError(f"{num_items} training images cannot be shared by {world_size} processes")
+        self.sampler = torch.utils.data.DistributedSampler(range(num_items), num_replicas=world_size, rank=rank,
+                                                           shuffle=shuffle, seed=seed, drop_last=True)
+        self.per_rank, self.epoch, self.skip = len(self.sampler), 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0):
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in list(self.sampler)[self.skip:]])
+
+    def __len__(self):
+        return self.per_rank - self.skip
+
+
+def train_loader(dataset, args, d: Dist):
+    """(DataLoader of SeededSamples batches, its EpochSampler, optimizer steps per epoch) for a training set."""
+    sampler = EpochSampler(len(dataset), d.rank, d.world_size, args.seed)
+    loader = torch.utils.data.DataLoader(
+        SeededSamples(dataset, args.seed), batch_size=args.batch_size, sampler=sampler, drop_last=True,
+        num_workers=args.num_workers, pin_memory=d.device.type == "cuda", persistent_workers=args.num_workers > 0)
+    steps_per_epoch = sampler.per_rank // args.batch_size // args.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(f"{sampler.per_rank} training images per process give no full optimizer step of "
+                         f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter}; use a smaller batch")
+    return loader, sampler, steps_per_epoch
+
+
+def micro_batches(loader, sampler: EpochSampler, steps_per_epoch: int, accum_iter: int, start_step: int):
+    """The micro-batches of optimizer steps start_step, start_step + 1, ... epoch after epoch, without end:
+    steps_per_epoch * accum_iter batches per epoch (a trailing partial step is dropped). A start mid-epoch skips the
+    batches already trained on without loading them."""
+    epoch, done = divmod(start_step, steps_per_epoch)
+    while True:
+        sampler.set_epoch(epoch, skip=done * accum_iter * loader.batch_size)
+        yield from itertools.islice(loader, (steps_per_epoch - done) * accum_iter)
+        epoch, done = epoch + 1, 0
+
+
+def shard_indices(num_items: int, rank: int, world_size: int) -> range:
+    """Indices evaluated by `rank`: rank, rank + W, ... Every index on exactly one rank, none padded or repeated."""
+    return range(rank, num_items, world_size)
+
+
+@dataclass
+class UnreadableImages:
+    """Training images SeededSamples skipped, over all ranks. The run stops once more than `limit` distinct files
+    were unreadable (a few bad files in a large dataset are skipped; a broken dataset is not trained on)."""
+    limit: int
+    seen: set = field(default_factory=set)
+    pending: set = field(default_factory=set)
+
+    def add(self, skipped):
+        """skipped: the batch's last field, one string per sample ("" or "\\n"-joined paths)."""
+        self.pending.update(path for text in skipped for path in text.split("\n") if path)
+
+
+def report_unreadable(images: UnreadableImages, d: Dist, step: int, log):
+    """Collective (every rank calls it at the same step): gathers the newly skipped files of all ranks, names each
+    once on rank 0 (printed and logged as {"step", "skipped_image"}), stops when there are more than the limit."""
+    new = sorted(images.pending)
+    images.pending.clear()
+    if d.world_size > 1:
+        gathered = [None] * d.world_size
+        dist.all_gather_object(gathered, new)
+        new = sorted(set().union(*gathered))
+    for path in new:
+        if path not in images.seen:
+            images.seen.add(path)
+            d.print(f"skipped an unreadable image: {path} ({len(images.seen)} so far)")
+            log(step=step, skipped_image=path)
+    if len(images.seen) > images.limit:
+        raise ValueError(f"{len(images.seen)} training images could not be read (more than {images.limit}, "
+                         f"--max_unreadable), e.g. {sorted(images.seen)[:3]}; repair the dataset")
+
+
+class _Probe(torch.utils.data.Dataset):
+    """dataset[i] loaded and thrown away -> "" if it worked, else the error (for check_dataset)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        try:
+            self.dataset[self.indices[i]]
+            return ""
+        except ValueError as e:  # data.UnreadableImage, a bad label map, ...
+            return str(e)
+
+
+def check_dataset(dataset, what: str, d: Dist, num_workers: int):
+    """Load every sample of `dataset` once (each rank its shard, in DataLoader workers) and fail naming the files
+    that cannot be used. For validation sets, before training: evaluation must count every image."""
+    probe = _Probe(dataset, shard_indices(len(dataset), d.rank, d.world_size))
+    loader = torch.utils.data.DataLoader(probe, batch_size=32, num_workers=num_workers, collate_fn=list)
+    errors = [e for batch in loader for e in batch if e]
+    if d.world_size > 1:
+        gathered = [None] * d.world_size
+        dist.all_gather_object(gathered, errors)
+        errors = sum(gathered, [])
+    if errors:
+        raise ValueError(f"{len(errors)} of the {len(dataset)} {what} samples cannot be used; first: {errors[0]}"
+                         + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs: output folder, checkpoints, resume, log
+
+
+def add_run_args(parser, output_dir: str):
+    """The flags every trainer shares for its output folder, checkpoints and log."""
+    g = parser.add_argument_group("run (see README: Runs, checkpoints and logs)")
+    g.add_argument("--output_dir", default=output_dir)
+    g.add_argument("--resume", default="auto", help="'auto': continue output_dir/checkpoint-last.pth if it exists "
+                   "(relaunching a command continues its run); or the path of a checkpoint to continue")
+    g.add_argument("--fresh", action="store_true", help="start over in an output_dir that holds a run: its "
+                   "checkpoints are replaced as the new run saves, its log.jsonl is kept as log.N.jsonl")
+    g.add_argument("--log_every", type=int, default=50, help="optimizer steps per log.jsonl line")
+    g.add_argument("--seed", type=int, default=0)
+    return g
+
+
+def prepare_run(args, d: Dist) -> tuple:
+    """Decide where the run starts -> (checkpoint path to resume or None, True if that is output_dir's own).
+
+    --resume auto continues output_dir/checkpoint-last.pth if there is one (as the official code's --auto_resume,
+    naver-ai/dtm run_pretrain_dtm.py + utils/utils.py auto_load_model); --fresh starts over instead; --resume PATH
+    continues PATH, into an output_dir that holds no other run. Rank 0 also removes the temporary files an
+    interrupted save left behind."""
+    last = os.path.join(args.output_dir, LAST)
+    if d.is_main and os.path.isdir(args.output_dir):
+        for name in os.listdir(args.output_dir):
+            if ".pth.tmp" in name:
+                os.remove(os.path.join(args.output_dir, name))
+                print(f"removed {name} (left by an interrupted save)")
+    if args.resume == "auto":
+        if args.fresh or not os.path.isfile(last):
+            return None, False
+        return last, True
+    if not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume!r}: no such file")
+    if os.path.isfile(last) and not os.path.samefile(last, args.resume) and not args.fresh:
+        raise ValueError(f"--output_dir {args.output_dir!r} holds another run ({LAST}); continuing {args.resume!r} "
+                         f"there would overwrite it: pass another --output_dir, or --fresh to replace that run")
+    return args.resume, os.path.isfile(last) and os.path.samefile(last, args.resume)
+
+
+def open_log(output_dir: str, resume_step, enabled: bool):
+    """-> log(**fields): appends one JSON line to output_dir/log.jsonl (rank 0 only; `enabled`).
+
+    A resumed run (resume_step: the checkpoint's step) keeps the lines up to that step and drops later ones (written
+    after the checkpoint by a run that then died), so steps never repeat; a new run (resume_step None) starts a new
+    log and keeps an old one as log.N.jsonl."""
+    path = os.path.join(output_dir, LOG)
+    if enabled:
+        os.makedirs(output_dir, exist_ok=True)
+        if os.path.isfile(path) and resume_step is None:
+            n = next(n for n in itertools.count(1) if not os.path.exists(os.path.join(output_dir, f"log.{n}.jsonl")))
+            os.replace(path, os.path.join(output_dir, f"log.{n}.jsonl"))
+            print(f"new run: the previous {path} is kept as log.{n}.jsonl", flush=True)
+        elif os.path.isfile(path):
+            with open(path) as f:
+                lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(lines)
+
+    def log(**fields):
+        if enabled:
+            fields = {k: (v.item() if torch.is_tensor(v) else v) for k, v in fields.items()}
+            with open(path, "a") as f:
+                f.write(json.dumps(fields) + "\n")
+    return log
+
+
+def checkpoint_state(kind: str, model, optimizer, scaler, args, step: int, steps_per_epoch: int, **extra) -> dict:
+    """The checkpoint dict: plain Python values and tensors only, so torch.load(path) reads it with its default
+    weights_only=True. kind: "dtm_pretrain", "dtm_finetune" or "dtm_seg"; epoch: the epoch of the last step done."""
+    return {"kind": kind, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
+            "epoch": max(step - 1, 0) // steps_per_epoch, "steps_per_epoch": steps_per_epoch, "args": dict(vars(args)),
+            "rng": rng_state(), **extra}
+
+
+def save_checkpoint(path: str, state: dict):
+    """Every rank calls it; rank 0 writes. Refuses to write non-finite weights (FloatingPointError naming the last
+    good checkpoint, which stays as it was); writes atomically (a temp file, then a rename)."""
+    tensors = [t for t in state["model"].values() if t.is_floating_point()]
+    if tensors and not torch.stack([t.isfinite().all() for t in tensors]).all():
+        bad = [k for k, t in state["model"].items() if t.is_floating_point() and not t.isfinite().all()]
+        stop_non_finite(f"parameters {bad[:3]}{' ...' if len(bad) > 3 else ''}", state["step"],
+                        os.path.dirname(path))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def stop_non_finite(what: str, step: int, output_dir: str):
+    """Stop the run: `what` is not finite at `step`; name the last good checkpoint."""
+    last = os.path.join(output_dir, LAST)
+    good = (f"the last good checkpoint is {last}, left as it was; relaunch to continue from it (e.g. with a lower "
+            f"--lr or --amp bf16/fp32)" if os.path.isfile(last) else "no checkpoint was written before")
+    raise FloatingPointError(f"{what} not finite at step {step}; stopped without saving: {good}")
+
+
+def check_finite(values: torch.Tensor, names, step: int, output_dir: str):
+    """Stop (stop_non_finite) if any of the logged values is not finite; values are the same on every rank."""
+    bad = [n for n, v in zip(names, values.tolist()) if not math.isfinite(v)]
+    if bad:
+        stop_non_finite(", ".join(bad), step, output_dir)
+
+
+def load_checkpoint(path: str, kind: str, flag: str = "--resume", hint: str = "") -> dict:
+    """A checkpoint of one trainer (kind); a clear error for a missing file, a foreign one or another trainer's."""
+    checkpoint = dtm.read_checkpoint(path, flag)
+    if checkpoint.get("kind") != kind:
+        found = f"kind {checkpoint['kind']!r}" if "kind" in checkpoint else "no 'kind' entry"
+        raise ValueError(f"{flag} {path!r} is not a checkpoint of train_{kind.split('_')[1]}.py ({found}){hint}")
+    return checkpoint
+
+
+BOOKKEEPING = {"resume", "fresh", "output_dir", "num_workers", "log_every", "save_every", "keep_every", "eval_every",
+               "max_steps", "eval", "demo"}
+
+
+def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_per_epoch: int, d: Dist) -> int:
+    """Restore model, optimizer, scaler and RNG states from a checkpoint of this trainer; returns the step to
+    continue from. Prints the settings that differ from the checkpoint's (a new --lr or --epochs applies from here).
+    Another steps_per_epoch (batch size, accumulation, processes or data) is accepted at an epoch boundary only."""
+    try:
+        unwrap(model).load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path!r} does not fit this model (saved with --model {checkpoint['args'].get('model')}); "
+                         f"{str(e).splitlines()[0]}") from None
+    step = checkpoint["step"]
+    if checkpoint["steps_per_epoch"] != steps_per_epoch:
+        epochs_done, rest = divmod(step, checkpoint["steps_per_epoch"])
+        if rest:
+            raise ValueError(f"{path!r} was saved mid-epoch with {checkpoint['steps_per_epoch']} steps per epoch; "
+                             f"this run has {steps_per_epoch}: resume with the same data, --batch_size, --accum_iter "
+                             f"and number of processes (another batch is accepted at an epoch boundary)")
+        step = epochs_done * steps_per_epoch
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler is not None and checkpoint.get("scaler") is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+    saved = checkpoint["args"]
+    changed = [f"--{k} {saved[k]} -> {v}" for k, v in sorted(vars(args).items())
+               if k not in BOOKKEEPING and k in saved and _plain(saved[k]) != _plain(v)]
+    d.print(f"resumed from {path} at step {step}" + (f"; settings changed since: {', '.join(changed)}" if changed else ""))
+    return step
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+class StepTimer:
+    """Seconds spent in the named parts of a step. On CUDA it synchronizes only when `exact` (log steps), so
+    only the logged steps' split is exact; the others are not timed at all."""
+
+    def __init__(self, device):
+        self.cuda, self.exact, self.parts, self._t = device.type == "cuda", False, {}, 0.0
+
+    def start(self, exact: bool):
+        self.exact, self.parts = exact, {}
+        self._tick()
+
+    def _tick(self):
+        if self.exact and self.cuda:
+            torch.cuda.synchronize()
+        now, elapsed = time.perf_counter(), time.perf_counter() - self._t
+        self._t = now
+        return elapsed
+
+    def lap(self, name: str):
+        if self.exact:
+            self.parts[name] = self.parts.get(name, 0.0) + self._tick()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors: one line for the user's, the traceback for ours
+
+
+def user_error_message(error: BaseException):
+    """The one-line message of a user error, or None for an internal error.
+
+    A user error is a ValueError, OSError or FloatingPointError raised by this repo's own checks (a bad flag, path,
+    checkpoint or data file, a diverged run); one re-raised from a DataLoader worker counts too. The same types
+    raised inside torch or elsewhere are internal errors and keep their traceback."""
+    if not isinstance(error, (ValueError, OSError, FloatingPointError)):
+        return None
+    text = str(error)
+    if "Original Traceback (most recent call last):" in text:  # re-raised from a DataLoader worker
+        lines = text.strip().splitlines()
+        files = [line for line in lines if line.strip().startswith('File "')]
+        origin = files[-1].strip()[len('File "'):].partition('"')[0] if files else ""
+        return lines[-1].partition(": ")[2] if _in_repo(origin) else None
+    frames = traceback.extract_tb(error.__traceback__)
+    return text.splitlines()[0] if frames and _in_repo(frames[-1].filename) else None
+
+
+def _in_repo(filename: str) -> bool:
+    """A file of this repo (the repo is flat: a .venv inside it does not count)."""
+    return os.path.dirname(os.path.abspath(filename)) == REPO
+
+
+def cli(main):
+    """Run main() as a script: a user error (user_error_message) prints `error: ...` on one line and exits with 2;
+    anything else keeps Python's traceback. DTM_TRACEBACK=1 shows the traceback of user errors too."""
+    try:
+        main()
+    except (ValueError, OSError, FloatingPointError) as e:
+        message = user_error_message(e)
+        if message is None or os.environ.get("DTM_TRACEBACK"):
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,335 @@
+"""Tests of engine.py: schedules, parameter groups, checkpoints (plain torch.load, finite only, atomic), the run
+folder rules (auto-resume, --fresh, logs), the seeded data pipeline (exact mid-epoch restarts, unreadable images),
+and one-line user errors."""
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import dtm
+import engine
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CPU = engine.Dist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# schedules and parameter groups
+
+def test_cosine_schedule_values():
+    f = lambda step: engine.cosine_schedule(step, total_steps=110, warmup_steps=10, base_value=1.0, final_value=0.1)
+    assert f(0) == 0.0
+    assert f(5) == pytest.approx(0.5)
+    assert f(10) == pytest.approx(1.0)  # end of warmup: the base value
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert f(85) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.75)))
+    assert f(110) == pytest.approx(0.1)
+    assert f(500) == pytest.approx(0.1)  # stays at the final value
+    assert engine.cosine_schedule(0, 10, 0, 2.0, 0.0) == pytest.approx(2.0)  # no warmup
+
+
+def test_poly_schedule_with_warmup():
+    lr = lambda s: engine.poly_schedule(s, 100, 10, 1.0, power=1.0, warmup_ratio=1e-6)  # noqa: E731
+    assert lr(0) == pytest.approx(1e-6)
+    assert lr(5) == pytest.approx(0.95 * (1 - 0.5 * (1 - 1e-6)))
+    assert lr(10) == pytest.approx(0.9) and lr(55) == pytest.approx(0.45) and lr(100) == 0.0
+
+
+def test_param_groups_no_decay_membership_and_lr_scale():
+    student = dtm.build_vit("vit_tiny", img_size=32)
+    model = dtm.DTMPretrainModel(student, 8)
+    groups = engine.param_groups(model, 0.05, lr_scale_fn=lambda n: 0.5 if n.startswith("student.blocks.0.") else 1.0)
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    assert set(by_name) == {n for n, _ in model.named_parameters()}
+    for g in groups:
+        assert len(g["params"]) == len(g["param_names"])
+    no_decay = {n for n, g in by_name.items() if g["weight_decay"] == 0.0}
+    for name in ["student.cls_token", "student.mask_token", "student.rel_pos_bias.table", "student.patch_embed.bias",
+                 "student.blocks.0.norm1.weight", "student.blocks.1.attn.q_bias", "student.blocks.1.gamma_1",
+                 "student.norm.bias", "head.bias"]:
+        assert name in no_decay, name
+    for name in ["student.patch_embed.weight", "student.blocks.0.attn.qkv.weight", "student.blocks.1.mlp.fc1.weight",
+                 "head.weight"]:
+        assert by_name[name]["weight_decay"] == 0.05, name
+    assert by_name["student.blocks.0.attn.qkv.weight"]["lr_scale"] == 0.5
+    assert by_name["student.blocks.1.attn.qkv.weight"]["lr_scale"] == 1.0
+    optimizer = torch.optim.AdamW(groups, lr=1.0)
+    engine.set_lr(optimizer, 0.2)
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == [0.1, 0.2]
+    student.cls_token.requires_grad_(False)  # frozen parameters are left out
+    assert "student.cls_token" not in {n for g in engine.param_groups(model, 0.05) for n in g["param_names"]}
+
+
+def test_layer_decay_with_and_without_prefix():
+    scale = engine.layer_decay_fn(4, 0.5, prefix="backbone.")
+    assert scale("backbone.patch_embed.weight") == 0.5 ** 5
+    assert scale("backbone.blocks.0.attn.qkv.weight") == 0.5 ** 4
+    assert scale("backbone.blocks.3.attn.rel_pos_bias.table") == 0.5
+    assert scale("decode_head.classifier.weight") == scale("pyramid.up2.weight") == 1.0
+    plain = engine.layer_decay_fn(4, 0.5)
+    assert plain("cls_token") == 0.5 ** 5 and plain("blocks.1.mlp.fc1.weight") == 0.5 ** 3
+    assert plain("head.weight") == plain("fc_norm.bias") == 1.0
+
+
+def test_resolve_amp_on_cpu():
+    assert engine.resolve_amp("auto", "cpu") == (None, None)
+    assert engine.resolve_amp("fp32", torch.device("cpu")) == (None, None)
+    assert engine.resolve_amp("bf16", "cpu") == (torch.bfloat16, None)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+        engine.resolve_amp("fp16", "cpu")
+    with pytest.raises(ValueError, match="unknown --amp"):
+        engine.resolve_amp("fp8", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints
+
+def tiny_state(model, step=3):
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=(0.9, 0.98), output_dir="x", demo=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    return engine.checkpoint_state("dtm_pretrain", model, optimizer, None, args, step, steps_per_epoch=2)
+
+
+def test_checkpoint_loads_with_plain_torch_load_and_restores_rng(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    engine.seed_all(3)
+    state = tiny_state(model)
+    first = (torch.rand(3), np.random.rand(), random.random())
+    path = str(tmp_path / "sub" / "ck.pth")
+    engine.save_checkpoint(path, state)
+    assert not [f for f in os.listdir(tmp_path / "sub") if ".tmp" in f]  # the temp file was renamed
+    loaded = torch.load(path)  # torch's default: weights_only=True
+    assert loaded["kind"] == "dtm_pretrain" and loaded["step"] == 3 and loaded["epoch"] == 1
+    assert loaded["args"]["betas"] == (0.9, 0.98) and loaded["steps_per_epoch"] == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded["model"][k], v)
+    engine.set_rng_state(loaded["rng"])
+    again = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    path = str(tmp_path / engine.LAST)
+    with pytest.raises(FloatingPointError, match="no checkpoint was written"):
+        with torch.no_grad():
+            model.weight[0, 0] = float("nan")
+        engine.save_checkpoint(path, tiny_state(model))
+    assert not os.path.exists(path)
+    good = torch.nn.Linear(3, 2)
+    engine.save_checkpoint(path, tiny_state(good, step=5))
+    with torch.no_grad():
+        good.bias[1] = float("inf")
+    with pytest.raises(FloatingPointError, match=f"parameters \\['bias'\\] not finite at step 7.*{engine.LAST}"):
+        engine.save_checkpoint(path, tiny_state(good, step=7))
+    assert torch.load(path)["step"] == 5  # the last good checkpoint is left as it was
+
+
+def test_read_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth.*no such file"):
+        dtm.read_checkpoint(str(tmp_path / "missing.pth"))
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="text.pth.*cannot be read by torch.load: it is truncated or not"):
+        dtm.read_checkpoint(str(tmp_path / "text.pth"))
+    torch.save({"model": {"w": torch.zeros(1000)}, "kind": "dtm_seg"}, tmp_path / "full.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:2000])
+    with pytest.raises(ValueError, match="cut.pth.*truncated"):
+        dtm.read_checkpoint(str(tmp_path / "cut.pth"))
+    torch.save({"model": {}, "rng": np.random.get_state()}, tmp_path / "old.pth")  # the pre-engine format
+    with pytest.raises(ValueError, match="older version of this repo.*re-save it once"):
+        dtm.read_checkpoint(str(tmp_path / "old.pth"))
+    torch.save({"state_dict": {}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="'model' entry"):
+        dtm.read_checkpoint(str(tmp_path / "other.pth"))
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain.pth")  # a plain state dict
+    assert torch.equal(dtm.read_checkpoint(str(tmp_path / "plain.pth"))["model"]["w"], torch.ones(2))
+    with pytest.raises(ValueError, match="not a checkpoint of train_finetune.py \\(kind 'dtm_seg'\\)"):
+        engine.load_checkpoint(str(tmp_path / "full.pth"), "dtm_finetune")
+
+
+def test_resume_reports_changed_settings_and_remaps_steps_at_epoch_boundaries(tmp_path, capsys):
+    model = torch.nn.Linear(3, 2)
+    state = tiny_state(model, step=4)  # 2 epochs of 2 steps
+    args = argparse.Namespace(model="vit_tiny", lr=0.2, betas=[0.9, 0.98], output_dir="y", demo=False)
+    optimizer = torch.optim.AdamW(model.parameters())
+    assert engine.resume(state, "ck.pth", model, optimizer, None, args, 2, CPU) == 4
+    out = capsys.readouterr().out
+    assert "--lr 0.1 -> 0.2" in out and "betas" not in out and "output_dir" not in out
+    assert engine.resume(state, "ck.pth", model, optimizer, None, args, 5, CPU) == 10  # a new batch: epoch 2 of 5 steps
+    state["step"] = 3  # mid-epoch
+    with pytest.raises(ValueError, match="saved mid-epoch"):
+        engine.resume(state, "ck.pth", model, optimizer, None, args, 5, CPU)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run folder and its log
+
+def run_args(out, resume="auto", fresh=False):
+    return argparse.Namespace(output_dir=str(out), resume=resume, fresh=fresh)
+
+
+def test_prepare_run_rules(tmp_path):
+    out = tmp_path / "run"
+    assert engine.prepare_run(run_args(out), CPU) == (None, False)  # nothing there: a new run
+    out.mkdir()
+    (out / engine.LAST).write_bytes(b"x")
+    (out / "checkpoint-last.pth.tmp4242").write_bytes(b"half a file")
+    assert engine.prepare_run(run_args(out), CPU) == (str(out / engine.LAST), True)  # relaunch: continue
+    assert not (out / "checkpoint-last.pth.tmp4242").exists()  # an interrupted save's leftovers are removed
+    assert engine.prepare_run(run_args(out, fresh=True), CPU) == (None, False)
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"y")
+    with pytest.raises(ValueError, match="holds another run.*--fresh"):
+        engine.prepare_run(run_args(out, resume=str(other)), CPU)
+    assert engine.prepare_run(run_args(out, resume=str(other), fresh=True), CPU) == (str(other), False)
+    assert engine.prepare_run(run_args(tmp_path / "new", resume=str(other)), CPU) == (str(other), False)
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        engine.prepare_run(run_args(out, resume=str(tmp_path / "nope.pth")), CPU)
+
+
+def test_log_new_run_keeps_the_old_one_and_resume_drops_lines_after_the_checkpoint(tmp_path):
+    log = engine.open_log(str(tmp_path), None, True)
+    for step in (1, 2, 3, 4):
+        log(step=step, loss=torch.tensor(0.5 / step))
+    log(step=4, skipped_image="a.jpg")
+    engine.open_log(str(tmp_path), None, False)(step=9)  # ranks other than 0 write nothing
+    log = engine.open_log(str(tmp_path), 2, True)  # resumed from a checkpoint of step 2
+    log(step=3, loss=0.1)
+    lines = [json.loads(line) for line in open(tmp_path / engine.LOG)]
+    assert [r["step"] for r in lines] == [1, 2, 3] and lines[0]["loss"] == 0.5 and lines[2]["loss"] == 0.1
+    engine.open_log(str(tmp_path), None, True)(step=1)  # a new run
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.1.jsonl")] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in open(tmp_path / engine.LOG)] == [1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# data: seeded samples, exact restarts, unreadable images
+
+class Recorder(torch.utils.data.Dataset):
+    """Sample i -> (i, a torch draw, a Python draw) or UnreadableImage for the indices in `bad`."""
+
+    def __init__(self, n, bad=()):
+        self.n, self.bad = n, set(bad)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            raise data.UnreadableImage(f"cannot read img{i}.jpg", f"img{i}.jpg")
+        return i, torch.rand(()).item(), random.random()
+
+
+def test_seeded_samples_depend_only_on_seed_epoch_index_and_skip_unreadable_ones():
+    samples = engine.SeededSamples(Recorder(10, bad={3, 4}), seed=1)
+    a = samples[(0, 5)]
+    torch.rand(7), random.random()  # global draws in between do not matter
+    assert samples[(0, 5)] == a and a[-1] == ""
+    assert samples[(1, 5)][1:3] != a[1:3]  # another epoch: another augmentation
+    state = torch.get_rng_state()
+    replaced = samples[(0, 3)]  # 3 and 4 cannot be read: 5 takes their place, with the seed of (0, 3)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
+    assert replaced[0] == 5 and replaced[1:3] != a[1:3] and replaced[-1] == "img3.jpg\nimg4.jpg"
+    with pytest.raises(ValueError, match="in a row cannot be read"):
+        engine.SeededSamples(Recorder(20, bad=range(20)), seed=1)[(0, 0)]
+
+
+def test_micro_batches_restart_mid_epoch_exactly():
+    def stream(start_step, count, world=1, rank=0):
+        dataset = Recorder(23)
+        args = argparse.Namespace(seed=4, batch_size=2, accum_iter=2, num_workers=0)
+        loader, sampler, steps_per_epoch = engine.train_loader(dataset, args, engine.Dist(rank, world))
+        batches = engine.micro_batches(loader, sampler, steps_per_epoch, 2, start_step)
+        return steps_per_epoch, [next(batches)[0].tolist() for _ in range(count)]
+
+    steps_per_epoch, full = stream(0, 20)
+    assert steps_per_epoch == 5  # 23 images: 11 batches of 2 -> 5 steps of 2 micro-batches, one batch dropped
+    assert sorted(i for b in full[:10] for i in b) == sorted(set(i for b in full[:10] for i in b))  # no repeats
+    assert full[:10] != full[10:]  # each epoch its own order
+    assert stream(3, 14)[1] == full[6:]  # from step 3 (mid-epoch 0): the same micro-batches
+    assert stream(7, 6)[1] == full[14:]  # mid-epoch 1
+    shards = [stream(0, 4, world=2, rank=r)[1] for r in (0, 1)]
+    assert not set(sum(shards[0], [])) & set(sum(shards[1], []))  # ranks see disjoint images
+
+
+def test_unreadable_images_are_named_once_and_stop_the_run_past_the_limit(tmp_path, capsys):
+    images = engine.UnreadableImages(limit=2)
+    log = engine.open_log(str(tmp_path), None, True)
+    images.add(["", "a.jpg", "b.jpg\na.jpg"])
+    engine.report_unreadable(images, CPU, 4, log)
+    images.add(["a.jpg", ""])
+    engine.report_unreadable(images, CPU, 5, log)
+    assert [json.loads(line) for line in open(tmp_path / engine.LOG)] == [
+        {"step": 4, "skipped_image": "a.jpg"}, {"step": 4, "skipped_image": "b.jpg"}]
+    assert capsys.readouterr().out.count("skipped an unreadable image") == 2
+    images.add(["c.jpg"])
+    with pytest.raises(ValueError, match="3 training images could not be read.*--max_unreadable"):
+        engine.report_unreadable(images, CPU, 6, log)
+
+
+def test_check_dataset_names_the_unreadable_files(tmp_path):
+    folder = tmp_path / "val" / "cls"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
+    engine.check_dataset(data.ImageFolder(str(tmp_path / "val")), "validation", CPU, 0)
+    (folder / "1.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match="1 of the 3 validation samples cannot be used; first: cannot read image "
+                                         "file .*1.png"):
+        engine.check_dataset(data.ImageFolder(str(tmp_path / "val")), "validation", CPU, 0)
+
+
+def test_eval_sharding_covers_every_index_exactly_once():
+    for num_items in (0, 1, 7, 13, 50001):
+        for world_size in (1, 2, 3, 4):
+            shards = [list(engine.shard_indices(num_items, r, world_size)) for r in range(world_size)]
+            assert sorted(i for s in shards for i in s) == list(range(num_items))
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# user errors: one line; internal errors: the traceback
+
+def run_script(*argv):
+    return subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train_pretrain.py", "--data", "/no/such/dir", "--teacher", "pixels"], "--data '/no/such/dir' is not a dir"),
+    (["train_finetune.py", "--data_train", "/no/such/dir", "--data_val", "/no/such/dir", "--init", "none"],
+     "image folder '/no/such/dir' does not exist"),
+    (["train_seg.py", "--crop_size", "100"], "--crop_size 100 is not divisible by the patch size 16"),
+])
+def test_user_errors_print_one_line_and_exit_2(argv, message):
+    result = run_script(*argv)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_internal_errors_keep_their_traceback():
+    def torch_value_error():  # a ValueError raised inside torch is not a user error
+        F.cross_entropy(torch.randn(2, 3), torch.tensor([1]))
+
+    with pytest.raises(ValueError, match="batch_size"):
+        engine.cli(torch_value_error)
+    with pytest.raises(KeyError):
+        engine.cli(lambda: {}["missing"])
+    worker = ValueError('Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call '
+                        f'last):\n  File "{HERE}/data.py", line 1, in load\n    raise\nValueError: annotation x.png '
+                        'holds label values [9]')
+    assert engine.user_error_message(worker) == "annotation x.png holds label values [9]"
