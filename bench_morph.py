@@ -73,7 +73,8 @@ def loss_dense(student, teacher, schedules):
 def loss_index(student, teacher, schedules):
     """The training code's path: morph.token_morphing_levels + dtm.dtm_loss (morph.group_mean)."""
     groups = morph.token_morphing_levels(teacher, schedules, split="alternate")
-    return dtm.dtm_loss(student, teacher, groups, loss="smooth_l1", beta=2.0)[0]
+    num_groups = [morph.num_groups_after(teacher.shape[1], s) for s in schedules]
+    return dtm.dtm_loss(student, teacher, groups, loss="smooth_l1", beta=2.0, num_groups=num_groups)[0]
 
 
 METHODS = {"dense": loss_dense, "morph.py": loss_index}

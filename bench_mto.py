@@ -34,10 +34,10 @@ def make_step(args, cfg):
     amp = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp == "bf16")
 
     def step():
-        groups = morph.token_morphing_levels(targets, [morph.sample_schedule(N, N, 14, rng, "official")
-                                                       for _ in range(2)])
+        schedules = [morph.sample_schedule(N, N, 14, rng, "official") for _ in range(2)]
+        groups = morph.token_morphing_levels(targets, schedules)
         with amp:
-            loss, _ = model(images, mask, targets, groups)
+            loss, _ = model(images, mask, targets, groups, [morph.num_groups_after(N, s) for s in schedules])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -758,11 +758,13 @@ def _per_group_loss(pred, target, residual, groups, num_groups: int, loss: str, 
     raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
 
 
-def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: float = 2.0, loss_on: str = "all"):
+def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: float = 2.0, loss_on: str = "all",
+             num_groups=None):
     """The DTM loss averaged over levels; returns (loss, [loss of each level]).
 
     pred: student predictions (B, N, D); target: teacher targets (B, N, D); groups: one partition (B, N) per level,
-    from morph.token_morphing_levels. Every patch position holds its group's mean prediction and target, so a level's
+    from morph.token_morphing_levels; num_groups: the number of groups of each level (morph.num_groups_after of its
+    schedule), or None to use N, an upper bound (same loss, more work). Every patch position holds its group's mean prediction and target, so a level's
     loss is sum over positions i of w_i * l(group g(i)) / sum_i w_i, with w_i = 1 (loss_on="all", the official code:
     groups weighted by their size) or w_i = mask_i (loss_on="masked": a group is weighted by its number of
     masked members, its means still taken over all members, visible ones included).
@@ -781,9 +783,8 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
     pred, target = pred.float(), target.float()
     residual = pred - target if loss != "cosine" else None
     level_losses = []
-    for level_groups in groups:
-        # group ids are < N; ids without members cost a zero row each and are never read back (no host sync for G)
-        per_group = _per_group_loss(pred, target, residual, level_groups, pred.shape[1], loss, beta)  # (B, N)
+    for level_groups, G in zip(groups, num_groups or [pred.shape[1]] * len(groups)):
+        per_group = _per_group_loss(pred, target, residual, level_groups, G, loss, beta)  # (B, G)
         per_position = per_group.gather(1, level_groups)  # (B, N): each position holds its group's loss
         level_losses.append((per_position * weight).sum() / weight.sum().clamp(min=1.0))
     return torch.stack(level_losses).mean(), level_losses
@@ -794,8 +795,9 @@ class DTMPretrainModel(nn.Module):
 
     The teacher and the morphing stay outside (so DDP wraps only what trains); per step:
         targets = teacher(images)                                                   # (B, N, D), no grad
-        groups = morph.token_morphing_levels(targets, [morph.sample_schedule(...) for _ in range(L)])
-        loss, stats = model(images, mask, targets, groups)
+        schedules = [morph.sample_schedule(...) for _ in range(L)]
+        groups = morph.token_morphing_levels(targets, schedules)                    # [(B, N)] per level
+        loss, stats = model(images, mask, targets, groups, [morph.num_groups_after(N, s) for s in schedules])
     """
 
     def __init__(self, student: VisionTransformer, target_dim: int, loss: str = "smooth_l1", beta: float = 2.0,
@@ -814,8 +816,9 @@ class DTMPretrainModel(nn.Module):
         _trunc_normal_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, images, mask, targets, groups):
-        """images (B, 3, H, W), mask (B, N) bool, targets (B, N, D), groups [(B, N)] per level -> (loss, stats).
+    def forward(self, images, mask, targets, groups, num_groups=None):
+        """images (B, 3, H, W), mask (B, N) bool, targets (B, N, D), groups [(B, N)] per level and their numbers of
+        groups (see dtm_loss) -> (loss, stats).
 
         stats: "loss" and "loss_level{i}" as detached tensors; with a features_fn also "loss_dtm" (the DTM part of
         "loss") and the features_fn's stats.
@@ -825,7 +828,7 @@ class DTMPretrainModel(nn.Module):
         else:
             tokens, extra_loss, extra_stats = self.features_fn(self.student, images, mask)
         pred = self.head(tokens[:, 1:])  # (B, N, D)
-        loss, level_losses = dtm_loss(pred, targets, groups, mask, self.loss, self.beta, self.loss_on)
+        loss, level_losses = dtm_loss(pred, targets, groups, mask, self.loss, self.beta, self.loss_on, num_groups)
         if extra_loss is not None:
             extra_stats = {"loss_dtm": loss.detach(), **extra_stats}
             loss = loss + extra_loss

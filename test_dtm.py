@@ -363,6 +363,8 @@ def test_dtm_loss_equals_dense_morph_matrix_reference(loss, loss_on):
     value, per_level = dtm.dtm_loss(pred, target, levels, mask, loss=loss, loss_on=loss_on)
     assert len(per_level) == 3
     assert torch.allclose(value, dense_dtm_loss(pred, target, levels, mask, loss, loss_on), atol=1e-6)
+    exact, _ = dtm.dtm_loss(pred, target, levels, mask, loss=loss, loss_on=loss_on, num_groups=[N - 5, N - 7, N])
+    assert torch.equal(exact, value)  # the exact numbers of groups or the bound N: the same loss
 
 
 def test_schedule_without_merges_is_per_token_distillation():

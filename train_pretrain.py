@@ -175,12 +175,13 @@ def train_micro_step(model, teacher, images, mask, args, micro_step, d: engine.D
     schedules = [morph.sample_schedule(num_patches, max_merged, args.max_iters, schedule_rng, args.schedule_rule)
                  for _ in range(args.levels)]
     groups = morph.token_morphing_levels(targets, schedules, args.split)  # [(B, N)] per level
+    num_groups = [morph.num_groups_after(num_patches, s) for s in schedules]
     timer.lap("morph_s")
     with engine.autocast(d, amp_dtype):
-        loss, stats = model(images, mask, targets, groups)
+        loss, stats = model(images, mask, targets, groups, num_groups)
     engine.backward(loss / args.accum_iter, scaler)
     timer.lap("student_s")
-    return stats, [morph.num_groups_after(num_patches, s) for s in schedules]
+    return stats, num_groups
 
 
 def main(argv=None) -> dict:
