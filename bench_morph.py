@@ -4,8 +4,11 @@ The morph.py path is what train_pretrain.py runs: morph.token_morphing_levels + 
 
 Times, for L levels, token morphing of the teacher tokens + group means of student predictions and teacher
 targets + smooth-L1 loss (beta 2, all positions, group-size weighted), forward and backward.
-The dense path is written here in the style of the official code: ToMe bipartite matching with size-weighted
-merges and B x T x N source matrices updated every round, then S^T (S x / |S|) for student and teacher.
+The dense path is written here in the style of the official code (naver-ai/dtm engines/engine_for_dtm.py): ToMe
+bipartite matching with the first token protected (class_token=True), size-weighted merges and B x T x N source
+matrices updated every round, then S^T (S x / |S|) for student and teacher; the morph.py path runs the same matching
+(split="official"). The script first checks that both give the same loss, in float64 (in float32 a near-tie in the
+similarity sort can order two merges differently, see morph.py).
 Peak memory: each measurement runs in a fresh process (MALLOC_MMAP_THRESHOLD_ fixed); on CPU the figure is the growth of the peak resident
 set (Linux VmHWM, reset through /proc/self/clear_refs after warm-up) over the resident set before one measured
 step; on CUDA it is torch.cuda.max_memory_allocated over the memory allocated before it.
@@ -30,18 +33,21 @@ from morph import parse_schedule
 
 
 def dense_merge_sources(x, schedule):
-    """ToMe-style matching with size-weighted merges and a dense source matrix. Returns S (B, G, N) 0/1."""
+    """ToMe-style matching (first token protected) with size-weighted merges and a dense source matrix.
+    Returns S (B, G, N) 0/1."""
     B, N, _ = x.shape
     size = x.new_ones(B, N, 1)
     source = torch.eye(N, device=x.device, dtype=x.dtype).expand(B, N, N)
     for r in schedule:
-        r = min(r, x.shape[1] // 2)
+        r = min(r, (x.shape[1] - 1) // 2)
         if r <= 0:
             continue
         metric = x / x.norm(dim=-1, keepdim=True)
-        node_max, node_idx = (metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)).max(dim=-1)
+        scores = metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)
+        scores[:, 0, :] = -float("inf")
+        node_max, node_idx = scores.max(dim=-1)
         edges = node_max.argsort(dim=-1, descending=True)[..., None]
-        unm_idx, src_idx = edges[:, r:], edges[:, :r]
+        unm_idx, src_idx = edges[:, r:].sort(dim=1).values, edges[:, :r]
         dst_idx = node_idx[..., None].gather(1, src_idx)
 
         def merge(t):
@@ -72,8 +78,8 @@ def loss_dense(student, teacher, schedules):
 
 def loss_index(student, teacher, schedules):
     """The training code's path: morph.token_morphing_levels + dtm.dtm_loss (morph.group_mean)."""
-    groups = morph.token_morphing_levels(teacher, schedules, split="alternate")
-    num_groups = [morph.num_groups_after(teacher.shape[1], s) for s in schedules]
+    groups = morph.token_morphing_levels(teacher, schedules, split="official")
+    num_groups = [morph.num_groups_after(teacher.shape[1], s, "official") for s in schedules]
     return dtm.dtm_loss(student, teacher, groups, loss="smooth_l1", beta=2.0, num_groups=num_groups)[0]
 
 
@@ -131,11 +137,11 @@ def measure(args, method, schedule_text):
 
 
 def check_agreement(args):
-    student, teacher = make_inputs(args)
+    student, teacher = (t.double() for t in make_inputs(args))
     for text in args.schedules:
         schedules = [parse_schedule(text)] * args.levels
         a, b = loss_dense(student, teacher, schedules), loss_index(student, teacher, schedules)
-        assert torch.allclose(a, b, rtol=1e-4), f"losses differ for {text}: dense {a.item()} vs morph.py {b.item()}"
+        assert torch.allclose(a, b, rtol=1e-6), f"losses differ for {text}: dense {a.item()} vs morph.py {b.item()}"
 
 
 def main():

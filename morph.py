@@ -11,7 +11,8 @@ N - sum(R) morphed tokens by k rounds of bipartite matching, R = [r_1, ..., r_k]
 DTM then compares student predictions and teacher targets after both are averaged over the same groups
 (the morphing matrix M applied to each). This file is the morphing alone, torch only, no model code:
 
-    token_morphing(x, R)         Algorithm 1 -> groups (B, N): which morphed token each original token is in
+    token_morphing(x, R, split)  Algorithm 1 -> groups (B, N): which morphed token each original token is in;
+                                 split "random" (the paper), "alternate" (ToMe) or "official" (naver-ai/dtm)
     token_morphing_levels(x, Rs) the same for DTM's L schedules on one set of tokens, sharing the Gram matrix
     group_mean(x, groups, G)     M x: each morphed token is the mean of its members     (B, G, C)
     morph_back(y, groups)        every original position gets its group's value          (B, N, C)
@@ -19,6 +20,7 @@ DTM then compares student predictions and teacher targets after both are average
     morph_matrix(groups, G)      the dense row-normalized M (B, G, N): slow path, for teaching and tests
     sample_schedule(...)         the dynamic scheduler: random merged count n and iterations k per step
     clamp_schedule(N, R)         the clamping rule below
+    num_groups_after(N, R)       N - sum(R) after clamping: the number of morphed tokens
 
 Where this file deliberately differs from the paper's literal text, and why:
   * M is never built. The paper writes M = M_k ... M_1, a product of per-round row-normalized matrices.
@@ -37,36 +39,56 @@ Where this file deliberately differs from the paper's literal text, and why:
   * The random split is ToMe's alternate split applied to a random permutation of the current tokens:
     sources are permuted positions 0, 2, 4, ..., destinations 1, 3, 5, ...  (|A| = ceil(T/2)).
     split="alternate" uses the tokens in their current order, exactly as ToMe's bipartite_soft_matching
-    (without a protected class token), including its token order after a merge: [unmerged sources
-    sorted by similarity, descending; then destinations], so results compare token for token.
-  * Clamping (ToMe's rule): before round p with T current tokens, r_p <- min(r_p, T // 2). Rounds with
-    r_p = 0 are skipped (and draw no random numbers). Negative r_p is an error.
+    without a protected class token, including its token order after a merge: [unmerged sources sorted by
+    similarity, descending; then destinations], so results compare token for token.
+    split="official" is what the official DTM code computes (naver-ai/dtm engines/engine_for_dtm.py calls
+    bm/merge.py bipartite_soft_matching(metric, r, class_token=True) on the teacher's patch tokens, whose CLS
+    was already dropped): the current token at position 0 (original patch 0) is never merged, r_p is clamped to
+    (T_p - 1) // 2, and the unmerged sources keep their order (sorted by index, as ToMe does to keep a class
+    token first) instead of the similarity order.
+  * Clamping (ToMe's rule): before round p with T current tokens, r_p <- min(r_p, (T - protected) // 2), with
+    protected = 1 for split="official", else 0. Rounds with r_p = 0 are skipped (and draw no random numbers).
+    Negative r_p is an error.
+  * Float precision: matching runs in float32 (float64 for float64 input). ToMe normalizes merged means where
+    this file compares member sums; the cosines agree to rounding, so in float32 a near-tie in the similarity
+    sort can order two edges differently from a ToMe implementation, and several rounds can then diverge. The
+    tests compare against ToMe references in float64.
 """
 import math
 import random
 
 import torch
 
+SPLITS = ("random", "alternate", "official")
+
 # ---------------------------------------------------------------------------------------------------
 # Schedules
 
 
-def clamp_schedule(num_tokens: int, schedule) -> list:
-    """The schedule that token_morphing really runs: r_p <- min(r_p, T_p // 2), T_p tokens before round p."""
-    clamped, tokens = [], num_tokens
+def _protected(split: str) -> int:
+    """Tokens a split never merges: the official code's first patch (ToMe's class_token=True), none otherwise."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    return 1 if split == "official" else 0
+
+
+def clamp_schedule(num_tokens: int, schedule, split: str = "random") -> list:
+    """The schedule that token_morphing really runs: r_p <- min(r_p, (T_p - protected) // 2), T_p tokens before
+    round p, protected = 1 for split="official" (ToMe's clamp with a class token), else 0."""
+    clamped, tokens, protected = [], num_tokens, _protected(split)
     for r in schedule:
         r = int(r)
         if r < 0:
             raise ValueError(f"schedule {list(schedule)} has a negative entry {r}; tokens removed per round must be >= 0")
-        r = min(r, tokens // 2)
+        r = min(r, (tokens - protected) // 2)
         clamped.append(r)
         tokens -= r
     return clamped
 
 
-def num_groups_after(num_tokens: int, schedule) -> int:
-    """Number of morphed tokens N - sum(R) after clamping."""
-    return num_tokens - sum(clamp_schedule(num_tokens, schedule))
+def num_groups_after(num_tokens: int, schedule, split: str = "random") -> int:
+    """Number of morphed tokens N - sum(R) after clamping (which depends on the split: see clamp_schedule)."""
+    return num_tokens - sum(clamp_schedule(num_tokens, schedule, split))
 
 
 def sample_schedule(num_tokens: int, max_merged: int, max_iters: int, rng: random.Random, rule: str = "spread") -> list:
@@ -75,8 +97,9 @@ def sample_schedule(num_tokens: int, max_merged: int, max_iters: int, rng: rando
     rule="spread": n is spread exactly over k rounds, r_p = n // k, plus one for the first n % k rounds,
         so sum(R) = n before clamping.
     rule="official": the official code's r = ceil(n / k) in every round, or floor(n / k) when
-        ceil(n / k) * k > num_tokens; sum(R) = r * k can then differ from n by up to k - 1.
-    Either way the result is clamped with clamp_schedule, so sum(R) is what token_morphing removes.
+        ceil(n / k) * k > max_merged (naver-ai/dtm engines/engine_for_dtm.py compares with --n1, whose default 196
+        is N); sum(R) = r * k can then differ from n by up to k - 1.
+    The result is clamped with clamp_schedule's default rule; token_morphing clamps once more for its split.
     rng is a random.Random (seed it from the step for reproducible runs without saved state).
     """
     n = rng.randint(0, max_merged)
@@ -85,7 +108,7 @@ def sample_schedule(num_tokens: int, max_merged: int, max_iters: int, rng: rando
         schedule = [n // k + (1 if p < n % k else 0) for p in range(k)]
     elif rule == "official":
         r = math.ceil(n / k)
-        if r * k > num_tokens:
+        if r * k > max_merged:
             r = n // k
         schedule = [r] * k
     else:
@@ -95,6 +118,11 @@ def sample_schedule(num_tokens: int, max_merged: int, max_iters: int, rng: rando
 
 # ---------------------------------------------------------------------------------------------------
 # Algorithm 1
+
+
+def _match_dtype(x: torch.Tensor) -> torch.dtype:
+    """Matching runs in float32, float64 for float64 tokens (fp16/bf16 sums of many members would lose the order)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _random_order(batch: int, tokens: int, generator, device) -> torch.Tensor:
@@ -128,7 +156,7 @@ class _FeatureSums:
     """Member sums of every token (B, N, C), stored at the row of a surviving token. Memory O(B N C)."""
 
     def __init__(self, x: torch.Tensor):
-        self.sums = x.to(torch.float32, copy=True)
+        self.sums = x.to(_match_dtype(x), copy=True)
         self.sq_norm = self.sums.pow(2).sum(-1)  # (B, N)
 
     def best_match(self, rows_a: torch.Tensor, rows_b: torch.Tensor):
@@ -165,17 +193,22 @@ class _GramOfSums:
         self.gram.scatter_add_(2, dst[:, None, :].expand(B, N, -1), columns)
 
 
-def _match(store, rows: torch.Tensor, r: int):
+def _match(store, rows: torch.Tensor, r: int, protect_first: bool):
     """One round of Algorithm 1 on the current tokens `rows` (B, T), already in split order.
 
     Sources are positions 0, 2, 4, ..., destinations 1, 3, 5, ... Returns the store rows of the r merged
     sources and of their destinations (B, r), and the surviving tokens in ToMe's order (B, T - r):
-    unmerged sources by similarity (descending), then all destinations.
+    unmerged sources by similarity (descending), then all destinations. protect_first (ToMe's class_token=True):
+    the token at position 0 never merges and the unmerged sources keep their order (position 0 stays first).
     """
     rows_a, rows_b = rows[:, 0::2], rows[:, 1::2]
     best_sim, best_dst = store.best_match(rows_a, rows_b)  # each source's most similar destination (B, Ta)
+    if protect_first:
+        best_sim[:, 0] = -math.inf
     by_sim = best_sim.sort(dim=-1, descending=True, stable=True).indices
     src, unmerged = by_sim[:, :r], by_sim[:, r:]  # top-r_p edges
+    if protect_first:
+        unmerged = unmerged.sort(dim=-1).values
     src_rows, dst_rows = rows_a.gather(1, src), rows_b.gather(1, best_dst.gather(1, src))
     return src_rows, dst_rows, torch.cat([rows_a.gather(1, unmerged), rows_b], dim=1)
 
@@ -186,8 +219,8 @@ def token_morphing(x: torch.Tensor, schedule, split: str = "random", generator: 
 
     Returns groups (B, N) int64: groups[b, i] is the morphed token that original token i belongs to,
     taking every value in 0..G-1 (G = num_groups_after(N, schedule)) in the final token order.
-    split is "random" (per sample, reproducible with `generator`, which may live on any device) or
-    "alternate" (ToMe's even/odd split).
+    split is "random" (per sample, reproducible with `generator`, which may live on any device), "alternate"
+    (ToMe's even/odd split) or "official" (the official code's: ToMe's with the first token protected).
     """
     return token_morphing_levels(x, [schedule], split, generator)[0]
 
@@ -201,12 +234,10 @@ def token_morphing_levels(x: torch.Tensor, schedules, split: str = "random", gen
     """
     if x.dim() != 3:
         raise ValueError(f"token_morphing expects x of shape (B, N, C), got {tuple(x.shape)}")
-    if split not in ("random", "alternate"):
-        raise ValueError(f"unknown split {split!r}; use 'random' or 'alternate'")
     if not x.is_floating_point():
         raise TypeError(f"token_morphing expects floating point tokens, got {x.dtype}")
     B, N, C = x.shape
-    levels = [[r for r in clamp_schedule(N, schedule) if r > 0] for schedule in _list_of_schedules(schedules)]
+    levels = [[r for r in clamp_schedule(N, schedule, split) if r > 0] for schedule in _list_of_schedules(schedules)]
     uses_gram = [bool(rounds) and N <= C for rounds in levels]
     gram = None
     groups = []
@@ -215,7 +246,7 @@ def token_morphing_levels(x: torch.Tensor, schedules, split: str = "random", gen
             store = None
         elif uses_gram[level]:
             if gram is None:
-                x32 = x.float()
+                x32 = x.to(_match_dtype(x))
                 gram = x32 @ x32.transpose(1, 2)
             store = _GramOfSums(gram.clone() if any(uses_gram[level + 1:]) else gram)
         else:
@@ -241,7 +272,7 @@ def _morph(store, rounds: list, B: int, N: int, split: str, generator, device) -
     for r in rounds:
         if split == "random":  # Algorithm 1's random split: the even/odd split of a random order
             rows = rows.gather(1, _random_order(B, rows.shape[1], generator, device))
-        src_rows, dst_rows, rows = _match(store, rows, r)
+        src_rows, dst_rows, rows = _match(store, rows, r, protect_first=split == "official")
         store.merge(src_rows, dst_rows)
         owner = identity.scatter(1, src_rows, dst_rows).gather(1, owner)  # members of a source follow it
     group_of_row = torch.zeros(B, N, dtype=torch.long, device=device)
@@ -364,7 +395,7 @@ def main(argv=None):
     parser.add_argument("image", help="path to an image (any format Pillow reads)")
     parser.add_argument("--schedule", nargs="+", default=["2x49", "14x7", "14x13"],
                         help="schedules to draw side by side: KxR (K rounds of r=R) or r1,r2,...")
-    parser.add_argument("--split", default="random", choices=["random", "alternate"])
+    parser.add_argument("--split", default="random", choices=SPLITS)
     parser.add_argument("--img_size", type=int, default=224)
     parser.add_argument("--patch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)

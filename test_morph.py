@@ -48,21 +48,28 @@ def naive_algorithm1(x, schedule, split, seed=0):
     return groups
 
 
-def tome_dense(x, schedule):
-    """ToMe-style bipartite soft matching with size-weighted merges and a dense source matrix (B, T, N)."""
+def tome_dense(x, schedule, class_token=False):
+    """ToMe-style bipartite soft matching with size-weighted merges and a dense source matrix (B, T, N).
+
+    class_token=True: the official DTM code's call on CLS-less tokens: the token at position 0 never merges
+    (its scores are -inf), r <= (T - 1) // 2, and the unmerged sources are re-sorted by their index."""
     B, N, C = x.shape
-    size = torch.ones(B, N, 1)
-    source = torch.eye(N).expand(B, N, N)
+    size = torch.ones(B, N, 1, dtype=x.dtype)
+    source = torch.eye(N, dtype=x.dtype).expand(B, N, N)
     for r in schedule:
         T = x.shape[1]
-        r = min(r, T // 2)
+        r = min(r, (T - class_token) // 2)
         if r <= 0:
             continue
         metric = x / x.norm(dim=-1, keepdim=True)
         scores = metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)
+        if class_token:
+            scores[:, 0, :] = -float("inf")
         node_max, node_idx = scores.max(dim=-1)
         edges = node_max.argsort(dim=-1, descending=True)[..., None]
         unm_idx, src_idx = edges[:, r:], edges[:, :r]
+        if class_token:
+            unm_idx = unm_idx.sort(dim=1).values
         dst_idx = node_idx[..., None].gather(1, src_idx)
 
         def merge(t, mode):
@@ -138,8 +145,27 @@ def test_alternate_split_matches_tome_dense(schedule, dim):
     torch.testing.assert_close(group_mean(x, groups, G), expected_tokens, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dim", [12, 64])  # feature sums / Gram matrix
+@pytest.mark.parametrize("schedule", [[7] * 5, [13, 13], [2, 9, 1, 4], [100], [24, 12, 6, 3, 2, 1]])
+def test_official_split_matches_tome_with_class_token(schedule, dim):
+    """The official code's matching, token for token, in float64; [100] and [24, ...] hit the (T - 1) // 2 clamp."""
+    x = torch.randn(4, 49, dim, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    expected_groups, expected_tokens = tome_dense(x, schedule, class_token=True)
+    groups = token_morphing(x, schedule, "official")
+    assert torch.equal(groups, expected_groups)
+    G = num_groups_after(49, schedule, "official")
+    assert G == expected_tokens.shape[1] and G == 49 - sum(clamp_schedule(49, schedule, "official"))
+    torch.testing.assert_close(group_mean(x, groups, G), expected_tokens)
+    assert (groups[:, 1:] != groups[:, :1]).all()  # patch 0 is never merged
+    if schedule == [100]:
+        assert clamp_schedule(49, schedule, "official") == [24] and clamp_schedule(49, schedule) == [24]
+        assert clamp_schedule(50, schedule, "official") == [24] and clamp_schedule(50, schedule) == [25]
+    alternate = token_morphing(x, schedule, "alternate")  # without the protection: another partition
+    assert not torch.equal(alternate, groups)
+
+
 @pytest.mark.parametrize("dim", [8, 64])  # feature sums / shared Gram matrix
-@pytest.mark.parametrize("split", ["random", "alternate"])
+@pytest.mark.parametrize("split", ["random", "alternate", "official"])
 def test_levels_equal_separate_calls(split, dim):
     x = torch.randn(3, 40, dim)
     schedules = [[4] * 6, [], [15, 15], [0], [3, 1, 9]]
