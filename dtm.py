@@ -26,13 +26,16 @@ The DTM objective (as in the official code, naver-ai/dtm engines/engine_for_dtm.
 with partition g (B, N) into G groups, every patch position i holds the mean of its group,
     loss_level = mean_i  l(mean_{j in g(i)} pred_j,  mean_{j in g(i)} target_j)
               = sum_groups |group| * l(group means) / N,
-and the loss is the average over levels. l is smooth-L1 (beta 2.0, mean over channels) by default. A schedule
-with no merges gives the identity partition, i.e. plain per-token feature distillation.
+and the loss is the average over levels. l is smooth-L1 (beta 2.0, mean over channels) by default; the official
+--normalize_target (each morphed target standardized over its channels) is normalize_target here. A schedule with no
+merges gives the identity partition, i.e. plain per-token feature distillation.
 
-From BEiT (Bao et al. 2022) / BEiT v2, as used by the official DTM code: relative position bias shared by all
-blocks, no absolute position embedding, layer scale 0.1, q and v bias but no k bias (a k bias would be
-cancelled by the softmax anyway), LayerNorm eps 1e-6, truncated-normal init (std 0.02, truncated at +-std as in
-BEiT's trunc_normal_ wrapper) and the rescaling of each block's output projections by 1 / sqrt(2 * layer_id).
+The ViT is BEiT's (Bao et al. 2022) as the official code builds it (models/modeling_dtm.py, modeling_finetune.py,
+run_pretrain_dtm.py): no absolute position embedding (--abs_pos_emb off), relative position bias both shared and
+per block (REL_POS_BIAS), layer scale 0.1 (1e-5 for ViT-L in run_pretrain_dtm.py's help), q and v bias but no k bias
+(a k bias would be cancelled by the softmax anyway), LayerNorm eps 1e-6, truncated-normal init (std 0.02, truncated
+at +-std, modeling_dtm.py's trunc_normal_ wrapper) and the rescaling of each block's output projections by
+1 / sqrt(2 * layer_id) (fix_init_weight).
 """
 import math
 import os
@@ -54,11 +57,12 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 # ---------------------------------------------------------------------------------------------------
 # Vision Transformer (BEiT-style)
 
+REL_POS_BIAS = ("both", "shared", "per_block", "none")
 VIT_CONFIGS = {
     "vit_tiny": dict(embed_dim=192, depth=4, num_heads=3),  # tests and the CPU demo
     "vit_s": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_b": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16),  # official DTM/BEiT use layer_scale_init=1e-5 here
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16),  # layer scale 1e-5 (train_pretrain.LAYER_SCALE)
 }
 
 
@@ -166,8 +170,9 @@ class Attention(nn.Module):
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, qkv_bias).view(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
-        if self.rel_pos_bias is not None:
-            rel_pos_bias = self.rel_pos_bias()
+        if self.rel_pos_bias is not None:  # the block's own table, added to a shared one (layout "both")
+            own = self.rel_pos_bias()
+            rel_pos_bias = own if rel_pos_bias is None else rel_pos_bias + own
         bias = _attention_bias(rel_pos_bias, attn_mask, q.dtype)  # broadcastable to (B, heads, T, T)
         attn = None
         if return_attn:  # explicit softmax, same math as SDPA
@@ -229,8 +234,10 @@ class Features(NamedTuple):
 class VisionTransformer(nn.Module):
     """One ViT for pre-training (forward_features with a mask), fine-tuning (num_classes > 0) and segmentation.
 
-    rel_pos_bias: "shared" (one table for all blocks, BEiT/DTM pre-training), "per_block" (BEiT fine-tuning)
-    or "none". With num_classes > 0 the model is BEiT's fine-tuning classifier: the final `norm` becomes
+    rel_pos_bias (REL_POS_BIAS): "both" (a table shared by all blocks plus one per block, added together: the
+    official DTM pre-training, naver-ai/dtm run_pretrain_dtm.py --rel_pos_bias and --shared_rel_pos_bias both on by
+    default, models/modeling_finetune.py Attention), "shared" (one table for all blocks, BEiT v2 pre-training),
+    "per_block" (BEiT / DTM fine-tuning) or "none". Tables start at zero (BEiT). With num_classes > 0 the model is BEiT's fine-tuning classifier: the final `norm` becomes
     Identity and `fc_norm` + `head` act on the mean of the patch tokens (head scaled by head_init_scale).
     Parameter names for layer-wise lr decay: see layer_id_for_param.
     """
@@ -243,8 +250,8 @@ class VisionTransformer(nn.Module):
         if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
             raise ValueError(f"image size {self.img_size} is not divisible by the patch size {patch_size}; "
                              f"use an image size that is a multiple of {patch_size} (e.g. 224 for patch 16)")
-        if rel_pos_bias not in ("shared", "per_block", "none"):
-            raise ValueError(f"rel_pos_bias must be 'shared', 'per_block' or 'none', got {rel_pos_bias!r}")
+        if rel_pos_bias not in REL_POS_BIAS:
+            raise ValueError(f"rel_pos_bias must be one of {', '.join(REL_POS_BIAS)}, got {rel_pos_bias!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
@@ -255,9 +262,9 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim)) if abs_pos_emb else None
-        self.rel_pos_bias = RelativePositionBias(self.grid, num_heads) if rel_pos_bias == "shared" else None
-        drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth linear in depth
-        block_grid = self.grid if rel_pos_bias == "per_block" else None
+        self.rel_pos_bias = RelativePositionBias(self.grid, num_heads) if rel_pos_bias in ("shared", "both") else None
+        drop_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth linear in depth
+        block_grid = self.grid if rel_pos_bias in ("per_block", "both") else None
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, drop_rates[i], layer_scale_init, block_grid) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if num_classes == 0 else nn.Identity()
@@ -365,15 +372,17 @@ def _table_grid(rows: int) -> tuple:
 
 def adapt_state_dict(state_dict: dict, model: VisionTransformer) -> dict:
     """A ViT state dict made to fit `model`: relative position tables and position embeddings resized to the
-    model's patch grid (for another image size), and a shared table copied into every block when the model
-    uses per-block tables (BEiT fine-tuning). Other keys pass unchanged; load the result with load_state_dict.
+    model's patch grid (for another image size), and a shared table moved into every block when the model has
+    per-block tables only: added to the block's own table where the checkpoint has one (layout "both", the
+    official fine-tuning's --init_both_rpb, naver-ai/dtm run_class_finetuning.py), else copied (BEiT). Other keys pass unchanged; load the result with load_state_dict.
     Source grids are inferred assuming a square grid. Take the ViT keys of a checkpoint with vit_state_dict.
     """
     sd = dict(state_dict)
     if "rel_pos_bias.table" in sd and model.rel_pos_bias is None and model.blocks[0].attn.rel_pos_bias is not None:
         shared = sd.pop("rel_pos_bias.table")
-        for i in range(model.depth):
-            sd.setdefault(f"blocks.{i}.attn.rel_pos_bias.table", shared.clone())
+        for i in range(model.depth):  # the attention bias stays the same: per-block + shared (official
+            key = f"blocks.{i}.attn.rel_pos_bias.table"  # --init_both_rpb), or a copy of the shared (BEiT)
+            sd[key] = sd[key] + shared if key in sd else shared.clone()
     for key, value in list(sd.items()):
         if key.endswith("rel_pos_bias.table"):
             old_grid = _table_grid(value.shape[0])
@@ -428,6 +437,12 @@ def read_checkpoint(path: str, flag: str = "checkpoint") -> dict:
     return checkpoint
 
 
+def stored_rel_pos_bias(sd: dict) -> str:
+    """The relative position bias layout of a ViT state dict (REL_POS_BIAS)."""
+    shared, per_block = "rel_pos_bias.table" in sd, "blocks.0.attn.rel_pos_bias.table" in sd
+    return "both" if shared and per_block else "shared" if shared else "per_block" if per_block else "none"
+
+
 def vit_state_dict(checkpoint: dict, path: str = "checkpoint") -> dict:
     """The ViT weights of a checkpoint of any trainer here: checkpoint["model"] without DDP's "module." prefix, and
     only the "student." part of a pre-training checkpoint or the "backbone." part of a segmentation one."""
@@ -470,20 +485,19 @@ def vit_from_checkpoint(checkpoint: dict, img_size, num_classes: int = 0, rel_po
           (a fine-tuned classifier's last LayerNorm); a segmentation backbone has neither (a new LayerNorm).
       num_classes > 0: BEiT's classifier; `fc_norm` and `head` come from the checkpoint when it has them for this
           number of classes, else start afresh (pre-training's final norm is not used, as in BEiT).
-      rel_pos_bias: None keeps the stored layout; "per_block" gives every block a copy of a shared table (BEiT).
+      rel_pos_bias: None keeps the stored layout; "per_block" moves a shared table into every block (adapt_state_dict).
     Any other missing, unexpected or mis-shaped tensor is an error. Returns (vit, names initialized afresh).
     """
     sd = {k: v for k, v in vit_state_dict(checkpoint, path).items() if not k.startswith("mask_token")}
     width, _, patch_size, _ = sd["patch_embed.weight"].shape
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
     config = _config_of(checkpoint, width, depth, model, path)
-    stored = ("shared" if "rel_pos_bias.table" in sd else
-              "per_block" if "blocks.0.attn.rel_pos_bias.table" in sd else "none")
+    stored = stored_rel_pos_bias(sd)
     if rel_pos_bias is None or stored == "none":
         rel_pos_bias = stored
-    elif stored == "per_block" and rel_pos_bias == "shared":
-        raise ValueError(f"{path!r} has a relative position table per block; they cannot be merged into one shared "
-                         f"table: use per-block tables (--rel_pos_bias per_block)")
+    elif rel_pos_bias != stored and rel_pos_bias != "per_block":
+        raise ValueError(f"{path!r} has relative position tables laid out {stored!r}; they convert to per-block tables "
+                         f"only (--rel_pos_bias per_block), not to {rel_pos_bias!r}")
     if num_classes == 0:
         if "norm.weight" not in sd and "fc_norm.weight" in sd:  # a fine-tuned classifier: its last LayerNorm
             sd["norm.weight"], sd["norm.bias"] = sd.pop("fc_norm.weight"), sd.pop("fc_norm.bias")
@@ -566,8 +580,9 @@ class CLIPResidualBlock(nn.Module):
 class CLIPVisual(nn.Module):
     """OpenAI CLIP's VisionTransformer with the official parameter names; forward returns DTM's targets.
 
-    forward(images (B, 3, H, W)) -> ln_post(patch tokens) @ proj (B, N, output_dim): the CLS token is dropped,
-    as in the official DTM code. The positional embedding is resized bicubically if the input's patch grid
+    forward(images (B, 3, H, W)) -> ln_post(patch tokens) @ proj (B, N, output_dim): the CLS token is dropped, as
+    in the official DTM code (vqkd_teacher/clip/model.py VisionTransformer.forward with return_all_tokens, then
+    @ proj in engines/engine_for_dtm.py); project=False leaves out the projection (B, N, width). The positional embedding is resized bicubically if the input's patch grid
     differs from the checkpoint's. Random CLIP-like init; load real weights with load_clip_visual.
     """
 
@@ -585,7 +600,7 @@ class CLIPVisual(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, images):
+    def forward(self, images, project: bool = True):
         H, W = images.shape[-2:]
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"CLIP input {H}x{W} is not divisible by its patch size {self.patch_size}")
@@ -597,7 +612,8 @@ class CLIPVisual(nn.Module):
         x = self.ln_pre(x)
         for block in self.transformer.resblocks:
             x = block(x)
-        return self.ln_post(x[:, 1:]) @ self.proj.to(x.dtype)
+        x = self.ln_post(x[:, 1:])
+        return x @ self.proj.to(x.dtype) if project else x
 
 
 def _is_torchscript_archive(path: str) -> bool:
@@ -657,13 +673,16 @@ def load_clip_visual(path: str, heads: int = None) -> CLIPVisual:
 
 class CLIPTeacher(FrozenTeacher):
     """Frozen CLIP visual encoder. teacher_norm "imagenet" (official DTM: the teacher gets the same
-    ImageNet-normalized crop as the student) or "clip" (re-normalize to CLIP's own mean/std first)."""
+    ImageNet-normalized crop as the student, run_pretrain_dtm.py --imagenet_default_mean_and_std) or "clip"
+    (re-normalize to CLIP's own mean/std first). project=False: targets ln_post(tokens) of the CLIP width without
+    the projection (the official --no_clip_proj, engines/engine_for_dtm.py)."""
 
-    def __init__(self, visual: CLIPVisual, teacher_norm: str = "imagenet"):
+    def __init__(self, visual: CLIPVisual, teacher_norm: str = "imagenet", project: bool = True):
         super().__init__()
         if teacher_norm not in ("imagenet", "clip"):
             raise ValueError(f"teacher_norm must be 'imagenet' or 'clip', got {teacher_norm!r}")
-        self.visual, self.teacher_norm, self.out_dim = visual, teacher_norm, visual.output_dim
+        self.visual, self.teacher_norm, self.project = visual, teacher_norm, project
+        self.out_dim = visual.output_dim if project else visual.ln_post.normalized_shape[0]
         self.patch_size = visual.patch_size
         # x_clip = (x * std_in + mean_in - mean_clip) / std_clip = x * scale + shift
         imnet_mean, imnet_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
@@ -676,7 +695,7 @@ class CLIPTeacher(FrozenTeacher):
     def forward(self, images):
         if self.teacher_norm == "clip":
             images = images * self.scale + self.shift
-        return self.visual(images)
+        return self.visual(images, self.project)
 
 
 class PixelTeacher(FrozenTeacher):
@@ -717,13 +736,15 @@ class CkptTeacher(FrozenTeacher):
         return self.vit.forward_features(images).tokens[:, 1:]
 
 
-def build_teacher(spec: str, img_size=224, patch_size: int = 16, teacher_norm: str = "imagenet") -> FrozenTeacher:
-    """Teacher from --teacher: "clip:PATH" | "ckpt:PATH" | "pixels". Its patch grid must match the student's."""
+def build_teacher(spec: str, img_size=224, patch_size: int = 16, teacher_norm: str = "imagenet",
+                  clip_proj: bool = True) -> FrozenTeacher:
+    """Teacher from --teacher: "clip:PATH" | "ckpt:PATH" | "pixels". Its patch grid must match the student's.
+    teacher_norm and clip_proj apply to a CLIP teacher (see CLIPTeacher)."""
     kind, _, path = spec.partition(":")
     if kind == "pixels" and not path:
         teacher = PixelTeacher(patch_size)
     elif kind == "clip" and path:
-        teacher = CLIPTeacher(load_clip_visual(path), teacher_norm)
+        teacher = CLIPTeacher(load_clip_visual(path), teacher_norm, clip_proj)
     elif kind == "ckpt" and path:
         teacher = CkptTeacher(path, img_size)
     else:
@@ -741,16 +762,26 @@ def build_teacher(spec: str, img_size=224, patch_size: int = 16, teacher_norm: s
 LOSSES = ("smooth_l1", "l2", "cosine")
 
 
-def _per_group_loss(pred, target, residual, groups, num_groups: int, loss: str, beta: float):
+def standardize(x, eps: float = 1e-6):
+    """Each token standardized over its channels: (x - mean) / sqrt(var + eps), var unbiased (the official
+    --normalize_target, engines/engine_for_dtm.py)."""
+    return (x - x.mean(dim=-1, keepdim=True)) / (x.var(dim=-1, keepdim=True) + eps).sqrt()
+
+
+def _per_group_loss(pred, target, residual, groups, num_groups: int, loss: str, beta: float, normalize_target: bool):
     """Loss of every morphed token (B, num_groups), averaged over channels (0 for a group id without members).
 
     Group means are linear, mean(pred) - mean(target) = mean(pred - target), so the smooth-L1 and l2 losses
-    need one scatter of the residual per level instead of two; the cosine loss needs both means.
+    need one scatter of the residual per level instead of two; the cosine loss and standardized targets need both.
     """
-    if loss == "cosine":  # 1 - cosine similarity: 0 for a perfect prediction
+    if loss == "cosine" or normalize_target:
         pred, target = morph.group_mean(pred, groups, num_groups), morph.group_mean(target, groups, num_groups)
-        return 1.0 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6)
-    residual = morph.group_mean(residual, groups, num_groups)  # (B, G, D)
+        target = standardize(target) if normalize_target else target
+        if loss == "cosine":  # 1 - cosine similarity: 0 for a perfect prediction
+            return 1.0 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6)
+        residual = pred - target
+    else:
+        residual = morph.group_mean(residual, groups, num_groups)  # (B, G, D)
     if loss == "smooth_l1":
         return F.smooth_l1_loss(residual, residual.new_zeros(()).expand_as(residual), reduction="none", beta=beta).mean(-1)
     if loss == "l2":
@@ -759,7 +790,7 @@ def _per_group_loss(pred, target, residual, groups, num_groups: int, loss: str, 
 
 
 def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: float = 2.0, loss_on: str = "all",
-             num_groups=None):
+             num_groups=None, normalize_target: bool = False):
     """The DTM loss averaged over levels; returns (loss, [loss of each level]).
 
     pred: student predictions (B, N, D); target: teacher targets (B, N, D); groups: one partition (B, N) per level,
@@ -767,8 +798,10 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
     schedule), or None to use N, an upper bound (same loss, more work). Every patch position holds its group's mean prediction and target, so a level's
     loss is sum over positions i of w_i * l(group g(i)) / sum_i w_i, with w_i = 1 (loss_on="all", the official code:
     groups weighted by their size) or w_i = mask_i (loss_on="masked": a group is weighted by its number of
-    masked members, its means still taken over all members, visible ones included).
-    Computed in float32 whatever the autocast dtype.
+    masked members, its means still taken over all members, visible ones included). normalize_target: each morphed
+    target standardized over its channels first (standardize).
+    Computed in float32 whatever the autocast dtype. (The official code divides a group's sum by its size + 1e-6, a
+    relative difference of at most 1e-6 that this exact mean leaves out.)
     """
     if loss_on not in ("all", "masked"):
         raise ValueError(f"loss_on must be 'all' or 'masked', got {loss_on!r}")
@@ -781,10 +814,10 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
     else:
         weight = torch.ones(pred.shape[:2], device=pred.device)
     pred, target = pred.float(), target.float()
-    residual = pred - target if loss != "cosine" else None
+    residual = pred - target if loss != "cosine" and not normalize_target else None
     level_losses = []
     for level_groups, G in zip(groups, num_groups or [pred.shape[1]] * len(groups)):
-        per_group = _per_group_loss(pred, target, residual, level_groups, G, loss, beta)  # (B, G)
+        per_group = _per_group_loss(pred, target, residual, level_groups, G, loss, beta, normalize_target)  # (B, G)
         per_position = per_group.gather(1, level_groups)  # (B, N): each position holds its group's loss
         level_losses.append((per_position * weight).sum() / weight.sum().clamp(min=1.0))
     return torch.stack(level_losses).mean(), level_losses
@@ -801,7 +834,7 @@ class DTMPretrainModel(nn.Module):
     """
 
     def __init__(self, student: VisionTransformer, target_dim: int, loss: str = "smooth_l1", beta: float = 2.0,
-                 loss_on: str = "all", features_fn=None):
+                 loss_on: str = "all", normalize_target: bool = False, features_fn=None):
         """features_fn: None (student.forward_features(images, mask).tokens) or a callable (student, images, mask) ->
         (tokens (B, 1 + N, C), extra loss added to the DTM loss, stats dict), e.g. mto.MTO(cfg); it runs inside
         forward so that DDP sees it."""
@@ -811,7 +844,7 @@ class DTMPretrainModel(nn.Module):
         if loss_on not in ("all", "masked"):
             raise ValueError(f"loss_on must be 'all' or 'masked', got {loss_on!r}")
         self.student, self.loss, self.beta, self.loss_on = student, loss, beta, loss_on
-        self.features_fn = features_fn
+        self.normalize_target, self.features_fn = normalize_target, features_fn
         self.head = nn.Linear(student.embed_dim, target_dim)
         _trunc_normal_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -828,7 +861,8 @@ class DTMPretrainModel(nn.Module):
         else:
             tokens, extra_loss, extra_stats = self.features_fn(self.student, images, mask)
         pred = self.head(tokens[:, 1:])  # (B, N, D)
-        loss, level_losses = dtm_loss(pred, targets, groups, mask, self.loss, self.beta, self.loss_on, num_groups)
+        loss, level_losses = dtm_loss(pred, targets, groups, mask, self.loss, self.beta, self.loss_on, num_groups,
+                                      self.normalize_target)
         if extra_loss is not None:
             extra_stats = {"loss_dtm": loss.detach(), **extra_stats}
             loss = loss + extra_loss

@@ -163,18 +163,20 @@ def backward(loss: torch.Tensor, scaler):
 # ---------------------------------------------------------------------------------------------------
 # Optimization
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "rel_pos_bias", "positional_embedding", "class_embedding")
+NO_DECAY_NAMES = ("pos_embed", "cls_token")  # the ViT's no_weight_decay() in the official code
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr_scale_fn=None) -> list:
-    """AdamW groups: no weight decay for 1-D parameters (norms, biases, layer scale), position tables and
-    cls/mask tokens (BEiT's get_parameter_groups). lr_scale_fn(name) -> float goes into group["lr_scale"]
+    """AdamW groups with the official code's weight-decay rule (naver-ai/dtm utils/optim_factory.py
+    get_parameter_groups, skip list = models/modeling_dtm.py no_weight_decay(); BEiT's too): no weight decay for
+    1-D parameters (norms, layer scale, q/v biases), biases, and the ViT's pos_embed and cls_token; the mask token
+    and the relative position tables are decayed. lr_scale_fn(name) -> float goes into group["lr_scale"]
     (layer-wise lr decay; set_lr applies it). Frozen parameters are left out; group["param_names"] lists names."""
     groups = {}
     for name, p in unwrap(model).named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or any(key in name for key in NO_DECAY_NAMES)
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
         scale = 1.0 if lr_scale_fn is None else float(lr_scale_fn(name))
         group = groups.setdefault((no_decay, scale), {
             "params": [], "param_names": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale})
@@ -456,8 +458,8 @@ def add_run_args(parser, output_dir: str):
 def prepare_run(args, d: Dist) -> tuple:
     """Decide where the run starts -> (checkpoint path to resume or None, True if that is output_dir's own).
 
-    --resume auto continues output_dir/checkpoint-last.pth if there is one (as the official code's --auto_resume,
-    naver-ai/dtm run_pretrain_dtm.py + utils/utils.py auto_load_model); --fresh starts over instead; --resume PATH
+    --resume auto continues output_dir/checkpoint-last.pth if there is one (as the official code's --auto_resume, on
+    by default: naver-ai/dtm run_pretrain_dtm.py, utils/utils.py auto_load_last_model); --fresh starts over instead; --resume PATH
     continues PATH, into an output_dir that holds no other run. Rank 0 also removes the temporary files an
     interrupted save left behind."""
     last = os.path.join(args.output_dir, LAST)

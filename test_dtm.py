@@ -123,6 +123,35 @@ def test_rel_pos_table_resize():
     assert torch.allclose(bigger[center_new], table[center_old], atol=1e-5)
 
 
+def test_both_layout_names_shapes_and_the_fine_tuning_sum():
+    """rel_pos_bias="both" (the official pre-training): a shared table and one per block, added together. The
+    official names are rel_pos_bias.relative_position_bias_table and blocks.i.attn.relative_position_bias_table."""
+    both = tiny_vit(rel_pos_bias="both").eval()
+    rows = (2 * 4 - 1) ** 2 + 3  # a 4x4 grid: 49 offsets + CLS->patch, patch->CLS, CLS->CLS
+    tables = {n: tuple(p.shape) for n, p in both.named_parameters() if "rel_pos_bias" in n}
+    assert tables == {"rel_pos_bias.table": (rows, 3), **{f"blocks.{i}.attn.rel_pos_bias.table": (rows, 3)
+                                                           for i in range(4)}}
+    x = images()
+    shared_only = dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, rel_pos_bias="shared").eval()
+    shared_only.load_state_dict({k: v for k, v in both.state_dict().items() if ".attn.rel_pos_bias" not in k})
+    assert not torch.allclose(both.forward_features(x).tokens, shared_only.forward_features(x).tokens, atol=1e-3)
+    # per block := per block + shared (the official fine-tuning's --init_both_rpb): the same attention bias
+    per_block = dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, rel_pos_bias="per_block").eval()
+    sd = dtm.adapt_state_dict(both.state_dict(), per_block)
+    for i in range(4):
+        assert torch.equal(sd[f"blocks.{i}.attn.rel_pos_bias.table"],
+                           both.blocks[i].attn.rel_pos_bias.table + both.rel_pos_bias.table)
+    per_block.load_state_dict(sd)
+    torch.testing.assert_close(per_block.forward_features(x).tokens, both.forward_features(x).tokens)
+    checkpoint = {"model": both.state_dict(), "args": {"model": "vit_tiny"}}
+    assert dtm.stored_rel_pos_bias(checkpoint["model"]) == "both"
+    vit, fresh = dtm.vit_from_checkpoint(checkpoint, IMG, rel_pos_bias="per_block")
+    assert vit.rel_pos_bias is None and fresh == []
+    torch.testing.assert_close(vit.eval().forward_features(x).tokens, both.forward_features(x).tokens)
+    vit, _ = dtm.vit_from_checkpoint(checkpoint, IMG)  # the stored layout
+    assert vit.rel_pos_bias is not None and vit.blocks[0].attn.rel_pos_bias is not None
+
+
 def test_adapt_state_dict_shared_to_per_block_and_other_grid():
     shared = tiny_vit().eval()
     per_block = dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, rel_pos_bias="per_block").eval()
@@ -180,8 +209,9 @@ def full_clip_state_dict():
     return sd
 
 
-def clip_reference(sd, x):
+def clip_reference(sd, x, project=True):
     """OpenAI CLIP's visual forward in plain tensor ops (sequence-first attention as nn.MultiheadAttention).
+    project=False: without the final projection (the official --no_clip_proj targets).
 
     For an input grid other than the 4x4 of the weights, the patch rows of the positional embedding are
     resized bicubically as an image (4, 4) -> (h, w).
@@ -205,8 +235,8 @@ def clip_reference(sd, x):
         t = t + h
         h = F.linear(ln(t, p + "ln_2"), sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"])
         t = t + F.linear(h * torch.sigmoid(1.702 * h), sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
-    t = t.transpose(0, 1)
-    return ln(t[:, 1:], "ln_post") @ sd["proj"]
+    t = ln(t.transpose(0, 1)[:, 1:], "ln_post")
+    return t @ sd["proj"] if project else t
 
 
 class _Holder(nn.Module):
@@ -255,6 +285,17 @@ def test_load_clip_plain_and_torchscript_match_reference(tmp_path):
     assert all(not p.requires_grad for p in teacher.parameters())
     targets = teacher(x)
     assert targets.shape == (2, N, CLIP_OUT) and not targets.requires_grad
+
+
+def test_clip_teacher_without_projection_gives_width_dim_targets(tmp_path):
+    torch.save(clip_visual_state_dict(), tmp_path / "v.pt")
+    x = images()
+    teacher = dtm.build_teacher(f"clip:{tmp_path / 'v.pt'}", img_size=IMG, patch_size=PATCH, clip_proj=False)
+    assert teacher.out_dim == CLIP_W
+    assert torch.allclose(teacher(x), clip_reference(clip_visual_state_dict(), x, project=False), atol=1e-4)
+    projected = dtm.build_teacher(f"clip:{tmp_path / 'v.pt'}", img_size=IMG, patch_size=PATCH)
+    assert projected.out_dim == CLIP_OUT and torch.allclose(projected(x), teacher(x) @ clip_visual_state_dict()["proj"],
+                                                            atol=1e-5)
 
 
 def test_clip_teacher_norm_renormalizes_to_clip_statistics(tmp_path):
@@ -335,13 +376,16 @@ def test_build_teacher_errors(tmp_path):
 # DTM objective
 
 
-def dense_dtm_loss(pred, target, levels, mask, loss, loss_on, beta=2.0):
-    """The official code's loss: S^T (S x / |S|) with dense source matrices, mean over positions and levels."""
+def dense_dtm_loss(pred, target, levels, mask, loss, loss_on, beta=2.0, normalize_target=False):
+    """The official code's loss: S^T (S x / |S|) with dense source matrices, mean over positions and levels;
+    normalize_target: each position's target standardized over channels, unbiased variance, eps 1e-6 in the sqrt."""
     total = 0.0
     for groups in levels:
         M = morph.morph_matrix(groups, int(groups.max()) + 1)  # (B, G, N) row normalized
         S = (M > 0).float()  # (B, G, N) source matrix
         p, t = S.transpose(1, 2) @ (M @ pred), S.transpose(1, 2) @ (M @ target)  # (B, N, D)
+        if normalize_target:
+            t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
         if loss == "smooth_l1":
             per_position = F.smooth_l1_loss(p, t, reduction="none", beta=beta).mean(-1)
         elif loss == "l2":
@@ -365,6 +409,9 @@ def test_dtm_loss_equals_dense_morph_matrix_reference(loss, loss_on):
     assert torch.allclose(value, dense_dtm_loss(pred, target, levels, mask, loss, loss_on), atol=1e-6)
     exact, _ = dtm.dtm_loss(pred, target, levels, mask, loss=loss, loss_on=loss_on, num_groups=[N - 5, N - 7, N])
     assert torch.equal(exact, value)  # the exact numbers of groups or the bound N: the same loss
+    normalized, _ = dtm.dtm_loss(pred, target, levels, mask, loss=loss, loss_on=loss_on, normalize_target=True)
+    reference = dense_dtm_loss(pred, target, levels, mask, loss, loss_on, normalize_target=True)
+    assert torch.allclose(normalized, reference, atol=1e-6) and not torch.allclose(normalized, value, atol=1e-5)
 
 
 def test_schedule_without_merges_is_per_token_distillation():

@@ -69,7 +69,7 @@ def test_layer_decay_and_weight_decay_of_every_parameter_group():
             seen.append(name)
             scale = decay ** (depth + 1 - naive_layer_id(name, depth))
             assert group["lr"] == pytest.approx(lr * scale, rel=1e-12), name
-            no_decay = p.ndim == 1 or name.endswith((".bias", "_token", "rel_pos_bias.table"))
+            no_decay = p.ndim == 1 or name.endswith(".bias") or name == "cls_token"  # the official rule
             assert group["weight_decay"] == (0.0 if no_decay else wd), name
     assert sorted(seen) == sorted(n for n, _ in model.named_parameters())
     lrs = {n: g["lr"] for g in optimizer.param_groups for n in g["param_names"]}
@@ -78,9 +78,10 @@ def test_layer_decay_and_weight_decay_of_every_parameter_group():
     assert lrs["blocks.0.attn.rel_pos_bias.table"] == pytest.approx(lr * decay ** depth)
     wds = {n: g["weight_decay"] for g in optimizer.param_groups for n in g["param_names"]}
     for name in ("cls_token", "blocks.0.norm1.weight", "blocks.0.gamma_1", "blocks.0.attn.q_bias", "fc_norm.bias",
-                 "blocks.3.attn.rel_pos_bias.table", "head.bias"):
+                 "head.bias"):
         assert wds[name] == 0.0, name
-    for name in ("patch_embed.weight", "blocks.0.attn.qkv.weight", "blocks.3.mlp.fc2.weight", "head.weight"):
+    for name in ("patch_embed.weight", "blocks.0.attn.qkv.weight", "blocks.3.mlp.fc2.weight", "head.weight",
+                 "blocks.3.attn.rel_pos_bias.table"):  # position tables are decayed, as in the official code
         assert wds[name] == wd, name
     assert tf.PAPER_LAYER_DECAY["vit_l"] == 0.8
 
@@ -122,7 +123,7 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     sd = dtm.vit_state_dict(dtm.read_checkpoint(str(tmp_path / "pre.pth")))
     per_block = dtm.adapt_state_dict(sd, classifier())
     torch.save({"model": per_block, "args": {"model": "vit_tiny"}}, tmp_path / "per_block.pth")
-    with pytest.raises(ValueError, match="cannot be merged into one shared table"):
+    with pytest.raises(ValueError, match="laid out 'per_block'; they convert to per-block tables only"):
         from_checkpoint(tmp_path / "per_block.pth", rel_pos_bias="shared")
     truncated = {k: v for k, v in sd.items() if not k.startswith("blocks.2.mlp")}
     torch.save({"model": truncated, "args": {"model": "vit_tiny"}}, tmp_path / "truncated.pth")
@@ -363,3 +364,32 @@ def test_unreadable_validation_image_stops_the_run_before_training(tmp_path):
         tf.main(["--data", str(tmp_path), "--model", "vit_tiny", "--img_size", str(IMG), "--init", "none",
                  "--batch_size", "2", "--num_workers", "0", "--output_dir", str(out)])
     assert not out.exists()  # nothing trained, nothing written
+
+
+def test_recipes_and_lr_scaling():
+    args = tf.parse_args(["--data", "x", "--init", "none"])
+    assert (args.recipe, args.layer_decay, args.lr_scaling) == ("paper", None, "linear")
+    official = tf.parse_args(["--data", "x", "--init", "none", "--recipe", "official"])
+    assert (official.layer_decay, official.lr_scaling) == (0.65, "none")
+    assert tf.parse_args(["--data", "x", "--init", "none", "--recipe", "official", "--layer_decay", "0.7"]).layer_decay == 0.7
+    demo = tf.parse_args(["--recipe", "official"])  # the demo's defaults and the recipe's together
+    assert demo.demo and demo.model == "vit_tiny" and demo.layer_decay == 0.65
+
+
+def test_both_layout_pretraining_checkpoint_fine_tunes_with_the_summed_tables(tmp_path):
+    torch.manual_seed(0)
+    student = dtm.build_vit("vit_tiny", img_size=IMG, rel_pos_bias="both")
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if name.endswith("rel_pos_bias.table"):
+                p.normal_(0, 0.5)
+    torch.save({"kind": "dtm_pretrain", "model": dtm.DTMPretrainModel(student, 8).state_dict(),
+                "args": {"model": "vit_tiny"}}, tmp_path / "pre.pth")
+    model, fresh = from_checkpoint(tmp_path / "pre.pth", rel_pos_bias="per_block")
+    assert fresh == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    for block, source in zip(model.blocks, student.blocks):
+        assert torch.equal(block.attn.rel_pos_bias.table, source.attn.rel_pos_bias.table + student.rel_pos_bias.table)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        last = student.eval().forward_features(x, return_layers=[-1]).layers[3]
+        torch.testing.assert_close(model.eval().forward_features(x).tokens, last, rtol=1e-5, atol=1e-5)

@@ -99,6 +99,17 @@ def test_demo_defaults_and_explicit_flags():
     assert tuple(args.betas) == (0.9, 0.98) and args.lr == 1.5e-3 and args.clip_grad == 3.0 and args.max_merged is None
 
 
+def test_recipes_and_their_defaults():
+    args = tp.parse_args(["--data", HERE, "--teacher", "pixels"])
+    assert (args.recipe, args.split, args.rel_pos_bias, args.schedules) == ("paper", "random", "both", "per_rank")
+    assert args.batch_size == 128 and args.layer_scale == 0.1 and args.schedule_rule == "official"
+    assert tp.parse_args(["--data", HERE, "--teacher", "pixels", "--model", "vit_l"]).layer_scale == 1e-5
+    assert tp.parse_args(["--data", HERE, "--teacher", "pixels", "--recipe", "official"]).split == "official"
+    explicit = tp.parse_args(["--data", HERE, "--teacher", "pixels", "--recipe", "official", "--split", "random"])
+    assert explicit.split == "random"  # a flag given wins over the recipe
+    assert tp.parse_args(["--recipe", "official"]).split == "official" and tp.parse_args([]).split == "random"
+
+
 @pytest.mark.parametrize("argv, error, match", [
     (["--data", "/no/such/dir", "--teacher", "pixels"], FileNotFoundError, "not a directory"),
     (["--data", HERE], ValueError, "--teacher is required"),
@@ -217,7 +228,7 @@ def test_teacher_from_each_checkpoint_kind_and_errors(image_folder, tmp_path):
     tp.main(tiny_argv(image_folder, tmp_path / "pre", "--epochs", "1"))
     pre = str(tmp_path / "pre" / engine.LAST)
     teacher = dtm.build_teacher(f"ckpt:{pre}", 32, 16)
-    student = dtm.build_vit("vit_tiny", img_size=32)
+    student = dtm.build_vit("vit_tiny", img_size=32, rel_pos_bias="both")  # the pre-training default
     student.load_state_dict(dtm.vit_state_dict(torch.load(pre)))
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(teacher(x), student.eval().forward_features(x).tokens[:, 1:])
@@ -238,6 +249,41 @@ def test_teacher_from_each_checkpoint_kind_and_errors(image_folder, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # DDP
 
+SCHEDULE_HELPER = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import morph, train_pretrain as tp
+draw = morph.sample_schedule
+
+def recorded(*args, **kwargs):  # every schedule a rank draws, in order
+    schedule = draw(*args, **kwargs)
+    with open(os.path.join({out!r}, f"schedules{{os.environ['RANK']}}.jsonl"), "a") as f:
+        f.write(json.dumps(schedule) + "\\n")
+    return schedule
+
+morph.sample_schedule = recorded
+tp.main(sys.argv[1:])
+"""
+
+
+def test_two_processes_draw_their_own_schedules_and_the_same_again_on_resume(image_folder, tmp_path):
+    """--schedules per_rank (the default, as the official code's random.seed(seed + rank)): the ranks' morphing
+    schedules differ, and a run stopped after step 2 and relaunched draws exactly the uninterrupted run's."""
+    draws = {}
+    for name, steps in (("full", [3]), ("resumed", [2, 3])):
+        out = tmp_path / name
+        out.mkdir()
+        helper = tmp_path / f"{name}.py"
+        helper.write_text(textwrap.dedent(SCHEDULE_HELPER.format(repo=HERE, out=str(out))))
+        for max_steps in steps:  # 12 images, 2 ranks x batch 2 x accum 2: 1 step per epoch, 2 levels per micro-step
+            run(helper, tiny_argv(image_folder, out, "--batch_size", "2", "--accum_iter", "2", "--max_steps",
+                                  str(max_steps)), processes=2)
+        draws[name] = [[json.loads(line) for line in open(out / f"schedules{r}.jsonl")] for r in (0, 1)]
+    assert [len(d) for d in draws["full"]] == [12, 12]  # 3 steps x 2 micro-steps x 2 levels
+    assert draws["full"][0] != draws["full"][1]
+    assert draws["resumed"] == draws["full"]
+
+
 HELPER = """
 import os, sys, torch
 sys.path.insert(0, {repo!r})
@@ -257,13 +303,14 @@ def run(helper, argv, processes):
 @pytest.mark.parametrize("mto_flags", [(), ("--mto", "--mto_layers", "2")], ids=["dtm", "dtm+mto"])
 def test_two_processes_equal_one_process_with_the_same_total_batch(image_folder, tmp_path, mto_flags):
     """2 ranks x batch 2 x accum 2 == 1 rank x batch 4 x accum 2: rank r takes entries r, r + 2, ... of the same
-    epoch order, so each optimizer step sees the same 8 images (same crops and masks: seeded per image) and the same
-    morphing schedules; the all-reduced gradient is the mean. Drop path 0 and the alternate split, whose draws
-    would otherwise depend on the rank. Both ranks also end with identical parameters."""
+    epoch order, so each optimizer step sees the same 8 images (same crops and masks: seeded per image) and, with
+    --schedules shared, the same morphing schedules; the all-reduced gradient is the mean. Drop path 0 and the
+    alternate split, whose draws would otherwise depend on the rank. Both ranks also end with identical parameters."""
     helper = tmp_path / "helper.py"
     helper.write_text(textwrap.dedent(HELPER.format(repo=HERE)))
     # 12 images -> 1 optimizer step per epoch: 3 epochs, 3 steps, no_sync on micro-batch 0
-    flags = ("--accum_iter", "2", "--log_every", "2", "--drop_path", "0", "--split", "alternate", *mto_flags)
+    flags = ("--accum_iter", "2", "--log_every", "2", "--drop_path", "0", "--split", "alternate", "--schedules",
+             "shared", *mto_flags)
     run(helper, tiny_argv(image_folder, tmp_path / "two", *flags, "--batch_size", "2"), processes=2)
     run(helper, tiny_argv(image_folder, tmp_path / "one", *flags, "--batch_size", "4"), processes=1)
     two = {r: torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)}

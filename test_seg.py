@@ -137,8 +137,8 @@ def test_parameter_groups_of_the_segmentation_model():
     assert by_name["backbone.blocks.0.attn.qkv.weight"]["lr_scale"] == 0.5 ** 4
     assert by_name["decode_head.classifier.weight"]["lr_scale"] == by_name["pyramid.up2.weight"]["lr_scale"] == 1.0
     no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["param_names"]}
-    assert "backbone.blocks.0.attn.rel_pos_bias.table" in no_decay and "decode_head.classifier.bias" in no_decay
-    assert "decode_head.classifier.weight" not in no_decay
+    assert "backbone.cls_token" in no_decay and "decode_head.classifier.bias" in no_decay
+    assert "decode_head.classifier.weight" not in no_decay and "backbone.blocks.0.attn.rel_pos_bias.table" not in no_decay
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ One training step (the official code's engines/engine_for_dtm.py, with the paper
 
 The loop below is the whole training run; the plumbing it calls by name (distributed setup, AMP, schedules,
 checkpoints, resume, log, the seeding that makes resume exact) is engine.py. The morphing schedules of a micro-step
-come from random.Random(seed * 1_000_003 + micro_step): the same on every rank.
+come from random.Random seeded by (seed, micro-step, rank): each process draws its own, as in the official code
+(--schedules shared: by (seed, micro-step), the same on every process).
 """
 import argparse
 import math
@@ -34,22 +35,37 @@ DEMO_IMAGES = 512
 DEMO_DEFAULTS = dict(model="vit_tiny", teacher="pixels", img_size=112, batch_size=32, epochs=6, warmup_epochs=1,
                      lr=1.5e-2, drop_path=0.0, num_masked=19, min_block=4, min_crop_scale=0.3, num_workers=1,
                      log_every=4)
+# --recipe: "paper" follows the paper where it states a value and the official code (naver-ai/dtm) where it is
+# silent; "official" computes what the official code computes where the two differ. README: Recipe provenance.
+RECIPES = {"paper": dict(split="random"),  # Algorithm 1: a random split of the tokens into A and B
+           "official": dict(split="official")}  # engines/engine_for_dtm.py: ToMe's bipartite_soft_matching(..., True)
+LAYER_SCALE = {"vit_l": 1e-5}  # 0.1 otherwise: run_pretrain_dtm.py --layer_scale_init_value "0.1 for base, 1e-5 for large"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("DTM pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Without --data: a small CPU demo on built-in procedural images.")
+                                description="Without --data: a small CPU demo on built-in procedural images. "
+                                "Where a default comes from: README, Recipe provenance.")
     a = p.add_argument
+    a("--recipe", default="paper", choices=list(RECIPES), help="paper: the paper's values, the official code's where "
+      "the paper is silent; official: what the official code computes (the split of Algorithm 1)")
     # model and teacher
     a("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS), help="student ViT (patch 16)")
     a("--teacher", default=None,
       help="clip:PATH (OpenAI ViT-B-16.pt, the paper) | ckpt:PATH (a checkpoint of this repo) | pixels; required with --data")
     a("--teacher_norm", default="imagenet", choices=["imagenet", "clip"],
-      help="input normalization of a CLIP teacher; the official code feeds it the ImageNet-normalized crop")
+      help="input normalization of a CLIP teacher; the official code feeds it the ImageNet-normalized crop "
+           "(run_pretrain_dtm.py --imagenet_default_mean_and_std)")
+    a("--no_clip_proj", action="store_true", help="CLIP targets ln_post(tokens) of the CLIP width (768) without the "
+      "projection to 512 (the official --no_clip_proj); the student's head follows the teacher's dimension")
+    a("--normalize_target", action="store_true", help="standardize each morphed target over its channels "
+      "(the official --normalize_target: (t - mean) / sqrt(var + 1e-6))")
     a("--img_size", type=int, default=224)
-    a("--drop_path", type=float, default=0.1, help="stochastic depth rate of the student (BEiT v2 pre-training)")
-    a("--layer_scale", type=float, default=0.1, help="layer scale init (0 disables)")
-    a("--rel_pos_bias", default="shared", choices=["shared", "per_block", "none"])
+    a("--drop_path", type=float, default=0.1, help="stochastic depth rate of the student (run_pretrain_dtm.py default)")
+    a("--layer_scale", type=float, default=None,
+      help="layer scale init (0 disables); default 0.1, 1e-5 for vit_l (run_pretrain_dtm.py's help)")
+    a("--rel_pos_bias", default="both", choices=list(dtm.REL_POS_BIAS),
+      help="relative position bias: both = a shared table + one per block (the official code), shared, per_block, none")
     # data and masking
     a("--data", default=None, help="ImageFolder root (class subfolders of images); absent: the built-in demo")
     a("--min_crop_scale", type=float, default=0.08, help="RandomResizedCrop scale lower bound")
@@ -63,19 +79,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--max_merged", type=int, default=None, help="merged tokens n ~ U{0..max_merged}; default: all N patches")
     a("--max_iters", type=int, default=14, help="morphing iterations k ~ U{1..max_iters}")
     a("--schedule_rule", default="official", choices=["official", "spread"],
-      help="official: r = ceil(n/k) per iteration (naver-ai/dtm); spread: n split exactly over k iterations")
-    a("--split", default="random", choices=["random", "alternate"],
-      help="bipartite split of Algorithm 1: random (paper) or ToMe's even/odd (official code)")
+      help="official: r = ceil(n/k) per iteration (engines/engine_for_dtm.py); spread: n split exactly over k")
+    a("--schedules", default="per_rank", choices=["per_rank", "shared"],
+      help="per_rank: every process draws its own schedules (the official code seeds Python's random with seed + "
+           "rank); shared: one draw per step for all processes (2 processes then equal 1 with the same total batch)")
+    a("--split", default=None, choices=list(morph.SPLITS),
+      help="bipartite split of Algorithm 1: random (the paper), official (ToMe with patch 0 protected, the official "
+           "code), alternate (ToMe's even/odd); default: the --recipe's")
     a("--loss", default="smooth_l1", choices=list(dtm.LOSSES))
     a("--beta", type=float, default=2.0, help="smooth-L1 beta")
     a("--loss_on", default="all", choices=["all", "masked"], help="positions in the loss (official: all)")
     # optimization
-    a("--batch_size", type=int, default=256, help="per process (GPU); 8 GPUs x 256 = 2048 as the paper")
+    a("--batch_size", type=int, default=128, help="per process (GPU); 8 GPUs x 128 = 1024, the paper's batch")
     a("--accum_iter", type=int, default=1, help="gradient accumulation micro-batches per optimizer step")
     a("--epochs", type=int, default=300)
     a("--warmup_epochs", type=int, default=10)
     a("--lr", type=float, default=1.5e-3,
-      help="base lr; the lr used is lr * sqrt(total_batch / 2048), total_batch = batch_size * accum_iter * world size")
+      help="base lr; the lr used is lr * sqrt(total_batch / 2048), total_batch = batch_size * accum_iter * world "
+           "size (run_pretrain_dtm.py)")
     a("--min_lr", type=float, default=1e-5, help="final lr of the cosine schedule")
     a("--weight_decay", type=float, default=0.05)
     a("--betas", type=float, nargs=2, default=(0.9, 0.98), help="AdamW betas")
@@ -98,12 +119,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = get_args_parser()
+    first = parser.parse_args(argv)
+    defaults = dict(RECIPES[first.recipe])
+    if first.data is None:  # the MTO demo gets its own folder, so the plain demo's run is never resumed with --mto
+        defaults.update(DEMO_DEFAULTS, output_dir="output/pretrain_demo_mto" if first.mto else "output/pretrain_demo")
+    parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     args.demo = args.data is None
-    if args.demo:  # the MTO demo gets its own folder, so the plain demo's checkpoint is never resumed with --mto
-        parser.set_defaults(**DEMO_DEFAULTS, output_dir="output/pretrain_demo_mto" if args.mto else "output/pretrain_demo")
-        args = parser.parse_args(argv)
-        args.demo = True
+    if args.layer_scale is None:
+        args.layer_scale = LAYER_SCALE.get(args.model, 0.1)
     check_args(args)
     return args
 
@@ -153,9 +177,10 @@ def build_model(args, d: engine.Dist):
     student = dtm.build_vit(args.model, img_size=args.img_size, patch_size=dtm.PATCH_SIZE,
                             drop_path_rate=args.drop_path, layer_scale_init=args.layer_scale,
                             rel_pos_bias=args.rel_pos_bias)
-    teacher = dtm.build_teacher(args.teacher, args.img_size, dtm.PATCH_SIZE, args.teacher_norm).to(d.device)
+    teacher = dtm.build_teacher(args.teacher, args.img_size, dtm.PATCH_SIZE, args.teacher_norm,
+                                clip_proj=not args.no_clip_proj).to(d.device)
     mto_cfg = mto.mto_config_from_args(args)  # None without --mto: the plain DTM forward
-    model = dtm.DTMPretrainModel(student, teacher.out_dim, args.loss, args.beta, args.loss_on,
+    model = dtm.DTMPretrainModel(student, teacher.out_dim, args.loss, args.beta, args.loss_on, args.normalize_target,
                                  features_fn=mto.MTO(mto_cfg) if mto_cfg else None).to(d.device)
     if args.compile:
         engine.compile_blocks(model.student)
@@ -165,7 +190,8 @@ def build_model(args, d: engine.Dist):
 def train_micro_step(model, teacher, images, mask, args, micro_step, d: engine.Dist, amp_dtype, scaler, timer):
     """Teacher targets, L morphing levels, student forward + backward of one micro-batch -> (stats, [G per level])."""
     engine.seed_step(args.seed, micro_step, d.rank)  # drop path, the random split of Algorithm 1
-    schedule_rng = random.Random(args.seed * 1_000_003 + micro_step)  # the same on every rank
+    rank = (d.rank,) if args.schedules == "per_rank" else ()  # --schedules shared: the same draws on every rank
+    schedule_rng = random.Random(engine.seed_of("schedule", args.seed, micro_step, *rank))
     timer.lap("data_s")
     with torch.no_grad(), engine.autocast(d, amp_dtype):
         targets = teacher(images)  # (B, N, D)
@@ -175,7 +201,7 @@ def train_micro_step(model, teacher, images, mask, args, micro_step, d: engine.D
     schedules = [morph.sample_schedule(num_patches, max_merged, args.max_iters, schedule_rng, args.schedule_rule)
                  for _ in range(args.levels)]
     groups = morph.token_morphing_levels(targets, schedules, args.split)  # [(B, N)] per level
-    num_groups = [morph.num_groups_after(num_patches, s) for s in schedules]
+    num_groups = [morph.num_groups_after(num_patches, s, args.split) for s in schedules]
     timer.lap("morph_s")
     with engine.autocast(d, amp_dtype):
         loss, stats = model(images, mask, targets, groups, num_groups)

@@ -10,17 +10,19 @@ DTM (ICLR 2025) Sec. 4 reports ADE20K mIoU following BEiT (Bao et al., ICLR 2022
 recipe below is BEiT's mmsegmentation config for self-supervised checkpoints
 (semantic_segmentation/configs/beit/upernet/upernet_beit_base_12_512_slide_160k_ade20k_pt.py), in plain torch:
 
-    backbone    the shared ViT of dtm.py at 512x512 (32x32 patches); its relative position bias is copied into every
-                block and resized to the 32x32 grid (dtm.adapt_state_dict: bicubic, where BEiT's code uses a
-                geometric spacing of the offsets); stochastic depth 0.1; no final norm
+    backbone    the shared ViT of dtm.py at 512x512 (32x32 patches); a shared relative position table is moved into
+                every block (added to the block's own where there is one) and resized to the 32x32 grid
+                (dtm.adapt_state_dict: bicubic, where BEiT's code uses a geometric spacing of the offsets);
+                stochastic depth 0.1; no final norm
     pyramid     outputs of 4 blocks (3, 5, 7, 11 of 12) at stride 16 -> strides 4, 8, 16, 32 by
                 deconv-BN-GELU-deconv (4x), deconv (2x), identity, 2x2 max-pool (BEiT's fpn1..fpn4)
     UperNet     Xiao et al., ECCV 2018: pyramid pooling (scales 1, 2, 3, 6) on the coarsest level + FPN, fused at
                 stride 4, dropout 0.1, 1x1 classifier; auxiliary FCN head on the third level (loss weight 0.4)
     loss        pixel-wise cross-entropy at the crop's resolution, averaged over the labeled pixels (255 = ignore;
                 the mmseg 0.11 that BEiT used averages over all pixels, ignored ones included: a per-batch scale)
-    optimizer   AdamW (0.9, 0.999), lr 7e-4, weight decay 0.05 (none on norms, biases, position tables),
-                layer-wise lr decay 0.65 (the heads count as the top layer), batch 16 (8 GPUs x 2)
+    optimizer   AdamW (0.9, 0.999), lr 7e-4, weight decay 0.05 (none on 1-D parameters, biases, cls_token and
+                pos_embed: engine.param_groups, the rule of BEiT's LayerDecayOptimizerConstructor and the official
+                DTM code), layer-wise lr decay 0.65 (the heads count as the top layer), batch 16 (8 GPUs x 2)
     schedule    160k iterations; linear warmup over 1500 from 1e-6 x lr, then poly decay (power 1) to 0
     eval        single scale (short side 512, long side <= 2048), sliding 512x512 windows with stride 341
                 (zero-padded where the image is smaller), window logits averaged, resized to the label's size;
