@@ -66,10 +66,12 @@ class Dist:
 
 def setup() -> Dist:
     """Process group from torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK): nccl on CUDA, gloo on CPU.
-    Without torchrun: one process on cuda:0 if there is a GPU, else the CPU. Also allows TF32 matmuls on GPUs
-    that have them (fp32 runs; no effect under bf16/fp16 autocast)."""
+    Without torchrun: one process on cuda:0 if there is a GPU, else the CPU. Set once for all trainers: TF32
+    matmuls and convolutions on GPUs that have them (fp32 runs; no effect under bf16/fp16 autocast), and cuDNN's
+    autotuner (the patch embedding's input size is fixed; the official run_pretrain_dtm.py sets it too)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -127,11 +129,18 @@ def all_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
 # Precision
 
 
+def native_bf16(device) -> bool:
+    """Whether the GPU computes in bf16 natively: compute capability 8.0 and up (A100, H100, RTX 30xx...). Not
+    torch.cuda.is_bf16_supported(), which in recent torch also says True on a V100 (7.0), where bf16 is emulated
+    and slow."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_amp(mode: str, device) -> tuple:
     """--amp -> (autocast dtype or None, GradScaler or None).
 
-    "auto": bf16 on GPUs that support it, fp16 + GradScaler otherwise (V100), fp32 on the CPU.
-    "bf16" / "fp16" / "fp32" force a choice; fp16 needs CUDA, bf16 also works on the CPU (slowly).
+    "auto": bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 + GradScaler below (V100, T4), fp32 on
+    the CPU. "bf16" / "fp16" / "fp32" force a choice; fp16 needs CUDA, bf16 also works on the CPU (slowly).
     """
     device = torch.device(device)
     if mode not in ("auto", "bf16", "fp16", "fp32"):
@@ -139,12 +148,13 @@ def resolve_amp(mode: str, device) -> tuple:
     if mode == "auto":
         if device.type != "cuda":
             return None, None
-        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        mode = "bf16" if native_bf16(device) else "fp16"
     if mode == "fp32":
         return None, None
     if mode == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU does not support bf16; use --amp fp16 (or auto)")
+        if device.type == "cuda" and not native_bf16(device):
+            raise ValueError(f"this GPU (compute capability {torch.cuda.get_device_capability(device)}) has no native "
+                             f"bf16; use --amp fp16 (or auto)")
         return torch.bfloat16, None
     if device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device; use --amp fp32 or bf16 on the CPU")

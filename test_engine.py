@@ -102,6 +102,24 @@ def test_layer_decay_with_and_without_prefix():
     assert plain("head.weight") == plain("fc_norm.bias") == 1.0
 
 
+@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_amp_auto_picks_bf16_only_on_gpus_with_native_bf16(monkeypatch, capability, expected):
+    """V100 (7.0) and T4 (7.5): fp16 with a GradScaler, although torch.cuda.is_bf16_supported() says True on them
+    (emulated bf16); A100 (8.0) and H100 (9.0): bf16 without a scaler."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    dtype, scaler = engine.resolve_amp("auto", "cuda:0")
+    assert dtype == expected and (scaler is not None) == (expected == torch.float16)
+    if expected == torch.float16:
+        assert isinstance(scaler, torch.amp.GradScaler)
+        with pytest.raises(ValueError, match="no native bf16; use --amp fp16"):
+            engine.resolve_amp("bf16", "cuda:0")
+    else:
+        assert engine.resolve_amp("bf16", "cuda:0") == (torch.bfloat16, None)
+    assert engine.resolve_amp("fp16", "cuda:0")[0] == torch.float16
+
+
 def test_resolve_amp_on_cpu():
     assert engine.resolve_amp("auto", "cpu") == (None, None)
     assert engine.resolve_amp("fp32", torch.device("cpu")) == (None, None)
