@@ -1,7 +1,9 @@
 """Benchmark: step time of DTM pre-training with and without --mto (student forward + backward + AdamW step).
 
 The teacher is left out (it is the same with and without MTO): random targets of the CLIP dimension stand in
-for it; morphing uses the default dynamic schedules (L=2). Prints the median time per step of each variant.
+for it; morphing uses the default dynamic schedules (L=2). The variants run interleaved, one step of each in turn
+(the order rotating), so that a change of machine load hits all of them alike; prints the median time per step
+of each variant and its overhead over plain DTM.
 
     python bench_mto.py                              # vit_b, batch 64, CPU
     python bench_mto.py --device cuda --amp bf16
@@ -18,10 +20,16 @@ import morph
 import mto
 from data import BlockMaskGenerator
 
+VARIANTS = {"dtm": None,
+            "dtm + mto (defaults: recalibration, both losses, all blocks)": mto.MTOConfig(),
+            "dtm + mto recalibration + singularity loss": mto.MTOConfig(lambda_ent=0),
+            "dtm + mto recalibration + entropy loss": mto.MTOConfig(lambda_sing=0),
+            "dtm + mto recalibration only": mto.MTOConfig(lambda_sing=0, lambda_ent=0)}
+
 
 def make_step(args, cfg):
     torch.manual_seed(0)
-    student = dtm.build_vit(args.model, img_size=args.img_size, drop_path_rate=0.1)
+    student = dtm.build_vit(args.model, img_size=args.img_size, drop_path_rate=0.1, rel_pos_bias="both")
     model = dtm.DTMPretrainModel(student, 512, features_fn=mto.MTO(cfg) if cfg else None).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
     grid = args.img_size // 16
@@ -31,48 +39,56 @@ def make_step(args, cfg):
     mask = torch.stack([masks(random.Random(i)).flatten() for i in range(args.batch)]).to(args.device)
     targets = torch.randn(args.batch, N, 512, device=args.device)
     rng = random.Random(0)
-    amp = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
 
     def step():
         schedules = [morph.sample_schedule(N, N, 14, rng, "official") for _ in range(2)]
         groups = morph.token_morphing_levels(targets, schedules)
-        with amp:
+        with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
             loss, _ = model(images, mask, targets, groups, [morph.num_groups_after(N, s) for s in schedules])
-        loss.backward()
-        optimizer.step()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
     return step
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--img_size", type=int, default=224)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    args = parser.parse_args()
-    variants = {"dtm": None,
-                "dtm + mto (all parts, all blocks)": mto.MTOConfig(),
-                "dtm + mto recalibration only": mto.MTOConfig(lambda_sing=0, lambda_ent=0)}
+    parser.add_argument("--amp", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    parser.add_argument("--variants", nargs="+", type=int, default=list(range(len(VARIANTS))),
+                        help="indices into the list of variants (0: plain DTM, the reference)")
+    args = parser.parse_args(argv)
+    names = [list(VARIANTS)[i] for i in args.variants]
     print(f"{args.model} batch={args.batch} img={args.img_size} device={args.device} amp={args.amp} "
-          f"threads={torch.get_num_threads()} torch={torch.__version__}")
-    base = None
-    for name, cfg in variants.items():
-        step = make_step(args, cfg)
-        times = []
-        for i in range(args.warmup + args.steps):
+          f"threads={torch.get_num_threads()} torch={torch.__version__}", flush=True)
+    steps = {name: make_step(args, VARIANTS[name]) for name in names}
+    times = {name: [] for name in names}
+    for i in range(args.warmup + args.steps):
+        order = names[i % len(names):] + names[:i % len(names)]  # rotate who goes first
+        for name in order:
             start = time.perf_counter()
-            step()
+            steps[name]()
             if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-        seconds = statistics.median(times)
-        base = base or seconds
-        print(f"{name:>36}: {seconds:8.3f} s/step  ({100 * (seconds / base - 1):+.1f}%)")
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times[names[0]])
+    for name in names:
+        seconds = statistics.median(times[name])
+        print(f"{name:>62}: {seconds:8.3f} s/step  ({100 * (seconds / base - 1):+.1f}%)  "
+              f"[{', '.join(f'{t:.2f}' for t in times[name])}]", flush=True)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 if __name__ == "__main__":

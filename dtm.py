@@ -47,6 +47,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import morph
 from data import IMAGENET_MEAN, IMAGENET_STD
@@ -154,7 +155,14 @@ def _attention_bias(rel_pos_bias, attn_mask, dtype):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with BEiT's q/v bias and an optional own relative position bias."""
+    """Multi-head self-attention with BEiT's q/v bias and an optional own relative position bias.
+
+    Always fused SDPA. With a relative position bias (or a mask) the additive float bias (heads or B x heads, T, T),
+    in the autocast dtype, rules out the flash kernel: on CUDA the memory-efficient kernel runs it (bf16, fp16 and
+    fp32; test_gpu.py forces that kernel to check), on the CPU SDPA's own. return_qk also returns (q, k, relative
+    position bias (heads, T, T) or None) as SDPA used them (attn_mask not included), for losses on chosen rows of
+    the attention (mto.py) without materializing all of it.
+    """
 
     def __init__(self, dim: int, num_heads: int, rel_pos_grid=None):
         super().__init__()
@@ -165,7 +173,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_bias = RelativePositionBias(rel_pos_grid, num_heads) if rel_pos_grid is not None else None
 
-    def forward(self, x, rel_pos_bias=None, attn_mask=None, return_attn=False):
+    def forward(self, x, rel_pos_bias=None, attn_mask=None, return_qk=False):
         B, T, C = x.shape
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, qkv_bias).view(B, T, 3, self.num_heads, self.head_dim)
@@ -174,14 +182,8 @@ class Attention(nn.Module):
             own = self.rel_pos_bias()
             rel_pos_bias = own if rel_pos_bias is None else rel_pos_bias + own
         bias = _attention_bias(rel_pos_bias, attn_mask, q.dtype)  # broadcastable to (B, heads, T, T)
-        attn = None
-        if return_attn:  # explicit softmax, same math as SDPA
-            scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
-            attn = (scores if bias is None else scores + bias).float().softmax(dim=-1)  # (B, heads, T, T) float32
-            out = attn.to(v.dtype) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(B, T, C)), attn
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(B, T, C)), ((q, k, rel_pos_bias) if return_qk else None)
 
 
 class DropPath(nn.Module):
@@ -212,23 +214,23 @@ class Block(nn.Module):
         self.gamma_1 = nn.Parameter(layer_scale_init * torch.ones(dim)) if layer_scale_init else None
         self.gamma_2 = nn.Parameter(layer_scale_init * torch.ones(dim)) if layer_scale_init else None
 
-    def forward(self, x, rel_pos_bias=None, attn_mask=None, return_attn=False):
+    def forward(self, x, rel_pos_bias=None, attn_mask=None, return_qk=False):
         """x (B, T, C); rel_pos_bias (heads, T, T) if shared; attn_mask bool/float broadcastable to (B, heads, T, T).
 
-        Returns x, or (x, attention probabilities (B, heads, T, T)) if return_attn.
+        Returns (x, None), or (x, (q, k, bias) of the attention) if return_qk.
         """
-        y, attn = self.attn(self.norm1(x), rel_pos_bias, attn_mask, return_attn)
+        y, qk = self.attn(self.norm1(x), rel_pos_bias, attn_mask, return_qk)
         x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
         y = self.mlp(self.norm2(x))
         x = x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
-        return (x, attn) if return_attn else x
+        return x, qk
 
 
 class Features(NamedTuple):
     """What VisionTransformer.forward_features returns."""
     tokens: torch.Tensor  # (B, 1 + N, C) after the final norm, CLS first
     layers: dict  # {block index: its output (B, 1 + N, C), before the final norm}, for return_layers
-    attns: dict  # {block index: attention probabilities (B, heads, 1 + N, 1 + N)}, for return_attn
+    qk: dict  # {block index: (q, k (B, heads, 1 + N, head_dim), relative position bias (heads, 1 + N, 1 + N) or None)}
 
 
 class VisionTransformer(nn.Module):
@@ -268,6 +270,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, drop_rates[i], layer_scale_init, block_grid) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if num_classes == 0 else nn.Identity()
+        self.grad_checkpointing = False  # activation checkpointing per block (--grad_checkpoint), see forward_features
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if num_classes > 0 else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else None
         self._init_weights(head_init_scale)
@@ -317,33 +320,39 @@ class VisionTransformer(nn.Module):
             out.append(i % self.depth)
         return out
 
-    def forward_features(self, images, mask=None, attn_mask=None, return_layers=(), return_attn=()) -> Features:
-        """Features(tokens after the final norm (B, 1 + N, C) CLS first, {block: output}, {block: attention}).
+    def forward_features(self, images, mask=None, attn_mask=None, return_layers=(), return_qk=()) -> Features:
+        """Features(tokens after the final norm (B, 1 + N, C) CLS first, {block: output}, {block: (q, k, bias)}).
 
         mask: (B, N) bool, True = masked patch, replaced by the learned mask token.
         attn_mask: one bool (True = may attend) / float mask broadcastable to (B, heads, 1+N, 1+N) for every block,
             or a list with one such mask or None per block. Each query must be allowed at least one key.
         return_layers: block indices whose outputs (B, 1 + N, C), before the final norm, go into .layers.
-        return_attn: block indices whose attention probabilities (B, heads, 1+N, 1+N) go into .attns;
-            those blocks compute the softmax explicitly, the others use fused SDPA.
+        return_qk: block indices whose attention inputs go into .qk: queries and keys (B, heads, 1 + N, head_dim)
+            and the relative position bias (heads, 1 + N, 1 + N) as the fused attention used them (the block's
+            attn_mask is added to that bias, and not returned).
+        With grad_checkpointing set (and gradients on), each block's activations are recomputed in the backward
+        instead of stored (torch.utils.checkpoint; the same values and gradients, drop path included).
         """
         layer_ids = self._block_indices(return_layers, "return_layers")
-        attn_ids = self._block_indices(return_attn, "return_attn")
+        qk_ids = self._block_indices(return_qk, "return_qk")
         if attn_mask is None or torch.is_tensor(attn_mask):
             attn_mask = [attn_mask] * self.depth
         elif len(attn_mask) != self.depth:
             raise ValueError(f"attn_mask list has {len(attn_mask)} entries, expected one per block ({self.depth})")
         x = self.embed(images, mask)
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        layers, attns = {}, {}
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        layers, qks = {}, {}
         for i, block in enumerate(self.blocks):
-            if i in attn_ids:
-                x, attns[i] = block(x, rel_pos_bias, attn_mask[i], return_attn=True)
+            if recompute:
+                x, qk = checkpoint(block, x, rel_pos_bias, attn_mask[i], i in qk_ids, use_reentrant=False)
             else:
-                x = block(x, rel_pos_bias, attn_mask[i])
+                x, qk = block(x, rel_pos_bias, attn_mask[i], i in qk_ids)
             if i in layer_ids:
                 layers[i] = x
-        return Features(self.norm(x), layers, attns)
+            if qk is not None:
+                qks[i] = qk
+        return Features(self.norm(x), layers, qks)
 
     def forward(self, images):
         """Classification logits (B, num_classes): head(fc_norm(mean of patch tokens)), BEiT's fine-tuning head."""

@@ -1,7 +1,7 @@
 """Masked Token Optimization (MTO) for ViT encoders that see mask tokens (SimMIM / BEiT / DTM students).
 
 "Emerging Property of Masked Token for Effective Pre-training" (Choi et al., ECCV 2024). torch only; the ViT it
-drives is any model with forward_features(images, mask, attn_mask, return_layers, return_attn) -> dtm.Features.
+drives is any model with forward_features(images, mask, attn_mask, return_layers, return_qk) -> dtm.Features.
 
 What the paper says, in its own words (abstract and project page; the full equations were not available when this
 file was written):
@@ -18,19 +18,25 @@ file was written):
 What this file makes of it (THIS IMPLEMENTATION'S READING, not the paper's equations):
   1. Weight recalibration (recalibration_mask). In the attention of the first `layers` blocks (default: all),
      queries of visible tokens and of CLS get no weight on masked-token keys: their softmax renormalizes over
-     CLS + visible patches. Queries of masked tokens still attend to every token. It is a boolean SDPA mask
-     (B, 1, T, T), True = may attend. With it in every block, visible tokens and CLS do not depend on the mask
+     CLS + visible patches. Queries of masked tokens still attend to every token. It is a boolean mask
+     (B, 1, T, T), True = may attend, handed to the blocks once as an additive float mask, which SDPA's
+     memory-efficient kernel takes. With it in every block, visible tokens and CLS do not depend on the mask
      token at all (the encoder acts like MAE's on the visible set, the mask tokens read from it).
   2. Singularity (heterogeneity) loss (singularity_loss). At the output of block l (before the final norm), for
      each masked patch i of an image: s_i = max over visible patches j of the same image of cos(h_i, h_j);
      L_sing(l) = mean of s_i over the masked patches of the image. The visible side is detached (stop-gradient):
      the constraint moves the masked-token representations away from the data, not the data's representations.
-     CLS is not a "visible token" here (it is not a patch of the image).
-  3. Entropy loss (attention_entropy). In block l's attention (probabilities computed explicitly there, fused SDPA
-     elsewhere): the row of each masked query, restricted to the visible patch keys and renormalized over them
-     (CLS excluded, so putting all weight on CLS cannot game it), has entropy H_i; divided by log(#visible) so it
-     lies in [0, 1] whatever the mask ratio or image size; averaged over heads, then over the masked queries of
-     the image. Minimizing it makes masked tokens attend to few salient visible tokens.
+     CLS is not a "visible token" here (it is not a patch of the image). Only the masked rows and visible columns
+     of the similarity are computed: (B, M, V), 75 x 121 of ViT-B's 196 patches, not (B, N, N).
+  3. Entropy loss (attention_entropy). In block l's attention: the row of each masked query, restricted to the
+     visible patch keys and renormalized over them (CLS excluded, so putting all weight on CLS cannot game it), has
+     entropy H_i; divided by log(#visible) so it lies in [0, 1] whatever the mask ratio or image size; averaged over
+     heads, then over the masked queries of the image. Minimizing it makes masked tokens attend to few salient
+     visible tokens. A softmax restricted to some keys and renormalized is the softmax of those keys' logits, so
+     the loss needs only the masked queries' logits against the visible keys, computed from the block's queries,
+     keys and bias (dtm.Features.qk): (B, heads, M, V) in float32, while the block's attention itself stays in
+     fused SDPA. (An earlier version took the full (B, heads, T, T) probabilities from an explicit softmax; the
+     tests check that the values are the same.)
   Depth schedule (both losses; "based on the depth of the layer"): over the first K blocks the loss is on
   (K = sing_layers / ent_layers, default all), block l (0-based) of a depth-D ViT gets weight
   w_l = (D - l) / sum_{l' < K} (D - l'): linear decay, strongest in the first block, weights summing to 1.
@@ -47,7 +53,7 @@ Use:
 or, with DDP, inside the wrapped module: dtm.DTMPretrainModel(student, dim, features_fn=MTO(cfg)).
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,41 +91,92 @@ def depth_weights(depth: int, num_layers: int) -> torch.Tensor:
     return w / w.sum().clamp(min=1.0)
 
 
-def _patch_tokens(x, mask, num_prefix):
-    if x.shape[1] != num_prefix + mask.shape[1]:
-        raise ValueError(f"tokens {tuple(x.shape)} do not match the mask {tuple(mask.shape)} with {num_prefix} prefix tokens")
-    return x[:, num_prefix:]
+class Rows(NamedTuple):
+    """Each image's masked and visible patch indices (ascending), padded to the most in the batch: masked (B, M),
+    masked_valid (B, M) bool (False on padding); visible (B, V), visible_valid (B, V)."""
+    masked: torch.Tensor
+    masked_valid: torch.Tensor
+    visible: torch.Tensor
+    visible_valid: torch.Tensor
 
 
-def singularity_loss(hidden, mask, num_prefix: int = NUM_PREFIX):
+def patch_rows(mask) -> Rows:
+    """(B, N) bool, True = masked -> Rows (one host sync for the two paddings)."""
+    counts = torch.stack([mask.sum(dim=1), (~mask).sum(dim=1)])  # (2, B)
+    M, V = (max(int(c), 1) for c in counts.amax(dim=1).tolist())
+    masked = mask.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :M]  # stable: ascending indices
+    visible = (~mask).to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :V]
+    arange = torch.arange(max(M, V), device=mask.device)
+    return Rows(masked, arange[:M] < counts[0, :, None], visible, arange[:V] < counts[1, :, None])
+
+
+def _take(x, index, dim):
+    """x gathered at index (B, K) along dim (x's batch dim first; other dims kept)."""
+    shape = [index.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = index.shape[1]
+    return x.gather(dim, index.view(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1:]))
+
+
+def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX):
     """Per-image similarity of masked to visible tokens at one block output -> (B,) float32.
 
-    hidden (B, num_prefix + N, C), mask (B, N) bool. Image b: mean over its masked patches i of
-    max over its visible patches j of cos(h_i, h_j); gradient only through the masked side.
+    hidden (B, num_prefix + N, C), mask (B, N) bool, rows = patch_rows(mask) (computed if None). Image b: mean over
+    its masked patches i of max over its visible patches j of cos(h_i, h_j); gradient only through the masked side.
+    Computed on the masked rows and visible columns only: (B, M, V), 75 x 121 for ViT-B's 196 patches.
     """
-    x = F.normalize(_patch_tokens(hidden, mask, num_prefix).float(), dim=-1)  # (B, N, C)
-    sim = x @ x.detach().transpose(1, 2)  # (B, N, N): query patches x (detached) key patches
-    sim = sim.masked_fill(mask[:, None, :], float("-inf"))  # keys: visible patches only
-    nearest = sim.amax(dim=-1)  # (B, N) max cosine to a visible patch
-    counted = mask & (~mask).any(dim=1, keepdim=True)  # masked patches of images that have a visible patch
-    nearest = torch.where(counted, nearest, torch.zeros_like(nearest))
-    return nearest.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    if hidden.shape[1] != num_prefix + mask.shape[1]:
+        raise ValueError(f"tokens {tuple(hidden.shape)} do not match the mask {tuple(mask.shape)} with {num_prefix} "
+                         f"prefix tokens")
+    rows = patch_rows(mask) if rows is None else rows
+    x = hidden[:, num_prefix:].float()  # (B, N, C)
+    with torch.no_grad():
+        keys = F.normalize(_take(x, rows.visible, 1), dim=-1)  # (B, V, C), the visible side, detached
+    x_masked = _take(x, rows.masked, 1)  # (B, M, C)
+    # max_j cos(h_i, h_j) = max_j <h_i, h_j / |h_j|> / |h_i|: the query side needs no normalized copy
+    dots = (x_masked @ keys.transpose(1, 2)).masked_fill(~rows.visible_valid[:, None, :], float("-inf"))  # (B, M, V)
+    nearest = dots.amax(dim=-1) / x_masked.norm(dim=-1).clamp(min=1e-12)  # (B, M) max cosine to a visible patch
+    counted = rows.masked_valid & rows.visible_valid[:, :1]  # masked patches of images that have a visible patch
+    return torch.where(counted, nearest, torch.zeros_like(nearest)).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
-def attention_entropy(attn, mask, num_prefix: int = NUM_PREFIX):
+class _SoftmaxEntropy(torch.autograd.Function):
+    """H(z) = entropy of softmax(z) over the last dim = logsumexp(z) - sum_j p_j z_j, with the gradient
+    dH/dz_j = -p_j (z_j - sum_k p_k z_k): a few passes over z instead of autograd through softmax, log and sum."""
+
+    @staticmethod
+    def forward(ctx, z):
+        p = z.softmax(dim=-1)
+        expected = torch.linalg.vecdot(p, z)
+        ctx.save_for_backward(p, z, expected)
+        return z.logsumexp(dim=-1) - expected
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, z, expected = ctx.saved_tensors
+        return (z - expected[..., None]).mul_(p).mul_(-grad[..., None])
+
+
+def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX):
     """Per-image normalized entropy of masked queries' attention over visible patch keys -> (B,) float32.
 
-    attn (B, heads, T, T) softmax probabilities, mask (B, N) bool. Each masked query's row is restricted to the
-    visible patch keys and renormalized; its entropy is divided by log(#visible), averaged over heads and over the
-    image's masked queries. Images with no masked patch or fewer than 2 visible patches give 0.
+    q, k (B, heads, T, head_dim) and the relative position bias (heads, T, T) or None of one block's attention
+    (dtm.Features.qk), mask (B, N) bool, rows = patch_rows(mask). The recalibration mask leaves masked queries' rows
+    unchanged, so it plays no part here. Each masked query's attention row, restricted to the visible patch keys
+    and renormalized, is the softmax of its logits against those keys: (B, heads, M, V), computed in float32. Its
+    entropy is divided by log(#visible), averaged over heads and over the image's masked queries. Images with no
+    masked patch or fewer than 2 visible patches give 0.
     """
-    tiny = torch.finfo(torch.float32).tiny
-    visible = ~mask
-    p = attn[:, :, num_prefix:, num_prefix:].float() * visible[:, None, None, :]  # (B, heads, N, N) patch rows/cols
-    q = p / p.sum(dim=-1, keepdim=True).clamp(min=tiny)  # rows renormalized over visible keys
-    entropy = -(q * q.clamp(min=tiny).log()).sum(dim=-1).mean(dim=1)  # (B, N), mean over heads
-    num_visible = visible.sum(dim=1)  # (B,)
-    counted = mask & (num_visible >= 2)[:, None]  # masked queries of images with at least 2 visible patches
+    rows = patch_rows(mask) if rows is None else rows
+    D = q.shape[-1]
+    queries, keys = rows.masked + num_prefix, rows.visible + num_prefix  # (B, M), (B, V) token indices
+    logits = (_take(q, queries, 2).float() * D ** -0.5) @ _take(k, keys, 2).float().transpose(-2, -1)  # (B, H, M, V)
+    if bias is not None:  # rows of the (heads, T, T) table: a small gradient, unlike a gather from (B, heads, T, T)
+        logits = logits + _take(bias[:, queries].transpose(0, 1), keys, 3).float()  # (B, H, M, V)
+    # -1e4 on padding keys: exp() of it is exactly 0 in float32, and unlike -inf it keeps p * logit finite
+    logits = logits.masked_fill(~rows.visible_valid[:, None, None, :], -1e4)
+    entropy = _SoftmaxEntropy.apply(logits).mean(dim=1)  # (B, M), mean over heads
+    num_visible = rows.visible_valid.sum(dim=1)  # (B,)
+    counted = rows.masked_valid & (num_visible >= 2)[:, None]  # masked queries of images with >= 2 visible patches
     entropy = entropy / num_visible.float().clamp(min=2).log()[:, None] * counted
     return entropy.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
@@ -147,15 +204,19 @@ def mto_forward(vit, images, mask, cfg: MTOConfig):
     ent_w = depth_weights(depth, _num_layers(cfg.ent_layers, depth, "mto ent_layers") if cfg.lambda_ent else 0)
     sing_ids, ent_ids = sing_w.nonzero()[:, 0].tolist(), ent_w.nonzero()[:, 0].tolist()
 
-    allowed = recalibration_mask(mask) if layers else None
+    allowed = None
+    if layers:  # one additive float mask for all blocks: -inf where a query may not attend
+        T = NUM_PREFIX + mask.shape[1]
+        allowed = mask.new_zeros(mask.shape[0], 1, T, T, dtype=torch.float32)
+        allowed.masked_fill_(~recalibration_mask(mask), float("-inf"))
+    rows = patch_rows(mask) if sing_ids or ent_ids else None  # its host sync before the forward is queued
     attn_mask = [allowed] * layers + [None] * (depth - layers)
-    features = vit.forward_features(images, mask, attn_mask, return_layers=sing_ids, return_attn=ent_ids)
-    tokens = features.tokens
+    features = vit.forward_features(images, mask, attn_mask, return_layers=sing_ids, return_qk=ent_ids)
 
-    zero = tokens.new_zeros((), dtype=torch.float32)
-    loss_sing = sum((float(sing_w[i]) * singularity_loss(features.layers[i], mask).mean() for i in sing_ids), zero)
-    loss_ent = sum((float(ent_w[i]) * attention_entropy(features.attns[i], mask).mean() for i in ent_ids), zero)
-    return tokens, {"loss_sing": loss_sing, "loss_ent": loss_ent}
+    zero = features.tokens.new_zeros((), dtype=torch.float32)
+    loss_sing = sum((float(sing_w[i]) * singularity_loss(features.layers[i], mask, rows).mean() for i in sing_ids), zero)
+    loss_ent = sum((float(ent_w[i]) * attention_entropy(*features.qk[i], mask, rows).mean() for i in ent_ids), zero)
+    return features.tokens, {"loss_sing": loss_sing, "loss_ent": loss_ent}
 
 
 def mto_total_loss(losses: dict, cfg: MTOConfig):
@@ -188,8 +249,7 @@ def add_mto_args(parser):
     group.add_argument("--mto_sing_layers", type=int, default=None,
                        help="singularity loss on the first K blocks, depth-weighted (default: all blocks)")
     group.add_argument("--mto_ent_layers", type=int, default=None,
-                       help="entropy loss on the first K blocks, depth-weighted; these blocks compute attention "
-                            "probabilities explicitly instead of fused SDPA (default: all blocks)")
+                       help="entropy loss on the first K blocks, depth-weighted (default: all blocks)")
     return parser
 
 

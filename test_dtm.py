@@ -41,7 +41,7 @@ def test_vit_forward_backward_shapes():
     x, mask = images(), random_mask()
     features = model.forward_features(x, mask, return_layers=(0, -1))
     tokens, layers = features.tokens, features.layers
-    assert tokens.shape == (2, 1 + N, 192) and features.attns == {}
+    assert tokens.shape == (2, 1 + N, 192) and features.qk == {}
     assert sorted(layers) == [0, 3] and [t.shape for t in layers.values()] == [(2, 1 + N, 192)] * 2
     assert torch.allclose(model.norm(layers[3]), tokens)  # last block's output, before the final norm
     tokens.square().mean().backward()
@@ -83,23 +83,34 @@ def test_masking_replaces_masked_patch_embeddings():
                        model.forward_features(x).tokens)
 
 
-def test_sdpa_equals_explicit_softmax_with_rel_pos_bias_and_masks():
-    model = tiny_vit().eval()
+def test_sdpa_block_equals_explicit_softmax_from_the_returned_queries_keys_and_bias():
+    model = tiny_vit(rel_pos_bias="both").eval()
     x, T = images(), 1 + N
     allowed = torch.rand(2, 1, T, T, generator=torch.Generator().manual_seed(3)) < 0.6
     allowed |= torch.eye(T, dtype=torch.bool)  # every query sees at least itself
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
     float_mask = torch.randn(2, 1, T, T, generator=torch.Generator().manual_seed(4))
-    for attn_mask in (None, allowed, float_mask, [allowed, None, float_mask, None]):
-        fused = model.forward_features(x, attn_mask=attn_mask, return_layers=(0, 1, 2, 3))
-        explicit = model.forward_features(x, attn_mask=attn_mask, return_layers=(0, 1, 2, 3), return_attn=(0, 1, 2, 3))
-        assert torch.allclose(fused.tokens, explicit.tokens, atol=1e-5)
-        for i in range(4):
-            assert torch.allclose(fused.layers[i], explicit.layers[i], atol=1e-5)
-        attns = explicit.attns
-        assert len(attns) == 4 and attns[0].shape == (2, 3, T, T)
-        assert torch.allclose(attns[0].sum(-1), torch.ones(2, 3, T), atol=1e-6)
-    attn = model.forward_features(x, attn_mask=allowed, return_attn=(0,)).attns[0]
-    assert torch.all(attn.masked_select(~allowed.expand_as(attn)) == 0)
+    tokens = model.embed(x)
+    shared = model.rel_pos_bias()
+    for attn_mask in (None, allowed, additive, float_mask):
+        block = model.blocks[1]
+        out, (q, k, rel_bias) = block(tokens, shared, attn_mask, return_qk=True)
+        assert q.shape == k.shape == (2, 3, T, 64) and rel_bias.shape == (3, T, T)
+        torch.testing.assert_close(rel_bias, shared + block.attn.rel_pos_bias())  # layout "both": shared + own
+        bias = rel_bias if attn_mask is None else rel_bias + (additive if attn_mask is allowed else attn_mask)
+        attn = ((q @ k.transpose(-2, -1)) / 8.0 + bias).softmax(-1)  # head_dim 64
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            assert torch.all(attn.masked_select(~allowed.expand_as(attn)) == 0)
+        h = block.norm1(tokens)
+        v = (h @ block.attn.qkv.weight[2 * 192:].t() + block.attn.v_bias).view(2, T, 3, 64).transpose(1, 2)
+        y = block.attn.proj((attn @ v).transpose(1, 2).reshape(2, T, 192))
+        y = tokens + block.gamma_1 * y
+        expected = y + block.gamma_2 * block.mlp(block.norm2(y))
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    same = [model.forward_features(x, attn_mask=m).tokens for m in (allowed, additive)]
+    torch.testing.assert_close(same[0], same[1])
+    features = model.forward_features(x, attn_mask=[allowed, None, None, float_mask], return_qk=(0, -1))
+    assert sorted(features.qk) == [0, 3] and features.qk[0][2].shape == (3, T, T)
 
 
 def test_relative_position_index_matches_naive_loop():
@@ -441,3 +452,31 @@ def test_pretrain_model_gradients_reach_student():
     assert not targets.requires_grad
     with pytest.raises(ValueError, match="loss"):
         dtm.DTMPretrainModel(tiny_vit(), 8, loss="l1")
+
+
+def test_activation_checkpointing_gives_the_same_values_and_gradients():
+    """--grad_checkpoint: blocks recomputed in the backward; drop path draws the same masks (the RNG state is restored
+    for the recomputation), so values and gradients equal those of the stored-activation run."""
+    import mto
+    model = tiny_vit(drop_path_rate=0.3, rel_pos_bias="both").train()
+    x, mask = images(), random_mask()
+
+    def run():
+        model.zero_grad()
+        torch.manual_seed(5)
+        tokens, losses = mto.mto_forward(model, x, mask, mto.MTOConfig())
+        loss = tokens.pow(2).mean() + losses["loss_sing"] + losses["loss_ent"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    calls = []
+    model.blocks[0].register_forward_pre_hook(lambda *unused: calls.append(1))
+    stored = run()
+    assert len(calls) == 1
+    model.grad_checkpointing = True
+    recomputed = run()
+    assert len(calls) == 3  # the block ran again in the backward
+    assert torch.equal(stored[0], recomputed[0])
+    for name, grad in stored[1].items():
+        torch.testing.assert_close(recomputed[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert any(g.abs().sum() > 0 for g in stored[1].values())

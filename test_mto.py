@@ -78,11 +78,11 @@ def test_recalibrated_block_equals_reference_that_drops_masked_keys():
         attn_ref = reference_attention(block.attn, block.norm1(x), rel_bias, masked)
         y = x + block.gamma_1 * attn_ref
         block_ref = y + block.gamma_2 * block.mlp(block.norm2(y))
-        for return_attn in (False, True):  # fused SDPA and explicit softmax
-            out = block(x, rel_bias, allowed, return_attn=return_attn)
-            out = out[0] if return_attn else out
+        additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))  # the form mto_forward passes
+        for attn_mask in (allowed, additive):
+            out, _ = block(x, rel_bias, attn_mask)
             assert torch.allclose(out, block_ref, atol=1e-5)
-        plain = block(x, rel_bias)
+        plain, _ = block(x, rel_bias)
     # masked queries are unchanged, visible queries (and CLS) differ from the plain block
     assert torch.allclose(out[masked], plain[masked], atol=1e-6)
     assert (out[~masked] - plain[~masked]).abs().amax() > 1e-3
@@ -177,10 +177,29 @@ def test_singularity_loss_matches_loop():
         assert value[b].item() == pytest.approx(expected, abs=1e-5), b
 
 
-def test_attention_entropy_matches_loop():
+def explicit_entropy(q, k, bias, mask):
+    """The earlier implementation, kept as the reference: full attention probabilities from an explicit softmax
+    (B, heads, T, T), each masked query's row restricted to the visible patch keys and renormalized."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    attn = (scores if bias is None else scores + bias).float().softmax(dim=-1)
+    tiny = torch.finfo(torch.float32).tiny
+    visible = ~mask
+    p = attn[:, :, 1:, 1:] * visible[:, None, None, :]
+    q = p / p.sum(dim=-1, keepdim=True).clamp(min=tiny)
+    entropy = -(q * q.clamp(min=tiny).log()).sum(dim=-1).mean(dim=1)
+    num_visible = visible.sum(dim=1)
+    counted = mask & (num_visible >= 2)[:, None]
+    entropy = entropy / num_visible.float().clamp(min=2).log()[:, None] * counted
+    return entropy.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def test_attention_entropy_matches_loop_and_the_explicit_softmax():
     mask = masks_with_edge_cases()
-    attn = torch.randn(4, 3, 1 + N, 1 + N, generator=torch.Generator().manual_seed(9)).mul(2).softmax(-1)
-    value = mto.attention_entropy(attn, mask)
+    g = torch.Generator().manual_seed(9)
+    q, k = torch.randn(4, 3, 1 + N, 8, generator=g), torch.randn(4, 3, 1 + N, 8, generator=g)
+    bias = torch.randn(3, 1 + N, 1 + N, generator=g)
+    value = mto.attention_entropy(q, k, bias, mask)
+    attn = ((q @ k.transpose(-2, -1)) / math.sqrt(8) + bias).softmax(-1)
     for b in range(4):
         masked = [i for i in range(N) if mask[b, i]]
         visible = [j for j in range(N) if not mask[b, j]]
@@ -193,16 +212,24 @@ def test_attention_entropy_matches_loop():
                 total += entropy / math.log(len(visible)) / 3 if len(visible) >= 2 else 0.0
         expected = total / len(masked) if masked else 0.0
         assert value[b].item() == pytest.approx(expected, abs=1e-5), b
-    # a one-hot row over visible keys has entropy 0, a uniform one 1
+    torch.testing.assert_close(value, explicit_entropy(q, k, bias, mask), rtol=1e-5, atol=1e-6)
+    inputs = [t.clone().requires_grad_() for t in (q, k, bias)]  # the hand-written backward against autograd's
+    got = torch.autograd.grad(mto.attention_entropy(*inputs, mask).sum(), inputs)
+    expected = torch.autograd.grad(explicit_entropy(*inputs, mask).sum(), inputs)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    z = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    assert torch.autograd.gradcheck(mto._SoftmaxEntropy.apply, (z,))
+    recalibrated = bias + torch.zeros(4, 1, 1 + N, 1 + N).masked_fill(~mto.recalibration_mask(mask), float("-inf"))
+    torch.testing.assert_close(value, explicit_entropy(q, k, recalibrated, mask), rtol=1e-5, atol=1e-6)  # same rows
+    # a uniform row over visible keys has entropy 1, a one-hot one 0 (weight on CLS is ignored)
     mask1 = torch.zeros(1, N, dtype=torch.bool)
     mask1[0, :4] = True
-    uniform = torch.zeros(1, 1, 1 + N, 1 + N)
-    uniform[..., 1:] = 1.0 / N  # uniform over all patches -> uniform over the visible ones after renormalizing
-    assert mto.attention_entropy(uniform, mask1).item() == pytest.approx(1.0, abs=1e-6)
-    onehot = torch.zeros(1, 1, 1 + N, 1 + N)
-    onehot[..., 0] = 0.5  # weight on CLS is ignored
-    onehot[..., 1 + 7] = 0.5
-    assert mto.attention_entropy(onehot, mask1).item() == pytest.approx(0.0, abs=1e-6)
+    zeros = torch.zeros(1, 1, 1 + N, 8)
+    assert mto.attention_entropy(zeros, zeros, None, mask1).item() == pytest.approx(1.0, abs=1e-6)
+    onehot = torch.zeros(1, 1 + N, 1 + N)  # (heads, T, T)
+    onehot[..., 0] = onehot[..., 1 + 7] = 100.0
+    assert mto.attention_entropy(zeros, zeros, onehot, mask1).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_depth_weights():
@@ -218,10 +245,12 @@ def test_mto_forward_losses_are_depth_weighted_sums_of_per_layer_losses():
     cfg = mto.MTOConfig(layers=3, sing_layers=3, ent_layers=2)
     tokens, losses = mto.mto_forward(model, x, mask, cfg)
     allowed = mto.recalibration_mask(mask)
-    ref = model.forward_features(x, mask, [allowed] * 3 + [None], return_layers=(0, 1, 2, 3), return_attn=(0, 1))
+    ref = model.forward_features(x, mask, [allowed] * 3 + [None], return_layers=(0, 1, 2, 3), return_qk=(0, 1))
     assert torch.allclose(tokens, ref.tokens, atol=1e-5)
     sing = sum(w * mto.singularity_loss(ref.layers[i], mask).mean() for i, w in enumerate([4 / 9, 3 / 9, 2 / 9]))
-    ent = sum(w * mto.attention_entropy(ref.attns[i], mask).mean() for i, w in enumerate([4 / 7, 3 / 7]))
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    ent = sum(w * explicit_entropy(*ref.qk[i][:2], ref.qk[i][2] + additive, mask).mean()  # as the attention saw it
+              for i, w in enumerate([4 / 7, 3 / 7]))
     assert torch.allclose(losses["loss_sing"], sing, atol=1e-6) and torch.allclose(losses["loss_ent"], ent, atol=1e-6)
     assert 0 < losses["loss_ent"] < 1 and -1 < losses["loss_sing"] < 1
     with pytest.raises(ValueError, match="depth 4"):
