@@ -19,6 +19,7 @@ DTM then compares student predictions and teacher targets after both are average
     group_sizes(groups, G)       member counts                                           (B, G)
     morph_matrix(groups, G)      the dense row-normalized M (B, G, N): slow path, for teaching and tests
     sample_schedule(...)         the dynamic scheduler: random merged count n and iterations k per step
+    make_schedule(N, n, k)       n merged tokens over k rounds -> R
     clamp_schedule(N, R)         the clamping rule below
     num_groups_after(N, R)       N - sum(R) after clamping: the number of morphed tokens
 
@@ -92,23 +93,31 @@ def num_groups_after(num_tokens: int, schedule, split: str = "random") -> int:
 
 
 def sample_schedule(num_tokens: int, max_merged: int, max_iters: int, rng: random.Random, rule: str = "spread") -> list:
-    """The dynamic scheduler (Sec. 3.2): merged count n ~ U{0..max_merged}, iterations k ~ U{1..max_iters}.
+    """The dynamic scheduler (Sec. 3.2): merged count n ~ U{0..max_merged}, iterations k ~ U{1..max_iters}, then
+    make_schedule(num_tokens, n, k, rule, max_merged). rng is a random.Random (seed it from the step for
+    reproducible runs without saved state)."""
+    n = rng.randint(0, max_merged)
+    k = rng.randint(1, max_iters)
+    return make_schedule(num_tokens, n, k, rule, max_merged)
+
+
+def make_schedule(num_tokens: int, n: int, k: int, rule: str = "spread", max_merged: int = None) -> list:
+    """n merged tokens over k rounds -> R = [r_1, ..., r_k].
 
     rule="spread": n is spread exactly over k rounds, r_p = n // k, plus one for the first n % k rounds,
         so sum(R) = n before clamping.
     rule="official": the official code's r = ceil(n / k) in every round, or floor(n / k) when
-        ceil(n / k) * k > max_merged (naver-ai/dtm engines/engine_for_dtm.py compares with --n1, whose default 196
-        is N); sum(R) = r * k can then differ from n by up to k - 1.
+        ceil(n / k) * k > max_merged (default num_tokens; naver-ai/dtm engines/engine_for_dtm.py compares with
+        --n1, whose default 196 is N); sum(R) = r * k can then differ from n by up to k - 1.
     The result is clamped with clamp_schedule's default rule; token_morphing clamps once more for its split.
-    rng is a random.Random (seed it from the step for reproducible runs without saved state).
     """
-    n = rng.randint(0, max_merged)
-    k = rng.randint(1, max_iters)
+    if k < 1 or n < 0:
+        raise ValueError(f"a schedule needs k >= 1 rounds and n >= 0 merged tokens, got n={n}, k={k}")
     if rule == "spread":
         schedule = [n // k + (1 if p < n % k else 0) for p in range(k)]
     elif rule == "official":
         r = math.ceil(n / k)
-        if r * k > max_merged:
+        if r * k > (num_tokens if max_merged is None else max_merged):
             r = n // k
         schedule = [r] * k
     else:

@@ -77,6 +77,21 @@ def test_train_steps_decrease_loss_on_fixed_batch():
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
 
 
+def test_fixed_schedule_replaces_the_dynamic_scheduler():
+    base = ["--teacher", "pixels", "--model", "vit_tiny", "--img_size", "64", "--amp", "fp32", "--num_masked", "4",
+            "--min_block", "1"]  # 16 patches
+    images, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 16, dtype=torch.bool)
+    for fixed, groups in (("0 1", 16), ("6 3", 10), ("9 2", 6)):  # 9 over 2 rounds: ceil(9 / 2) = 5 per round
+        args = tp.parse_args(base + ["--fixed_schedule", *fixed.split()])
+        model, teacher = tp.build_model(args, CPU)
+        for micro_step in (0, 1):
+            _, num_groups = tp.train_micro_step(model, teacher, images, mask, args, micro_step, CPU, None, None,
+                                                engine.StepTimer(CPU.device))
+            assert num_groups == [groups, groups], fixed
+    with pytest.raises(ValueError, match="--fixed_schedule N K"):
+        tp.parse_args(base + ["--fixed_schedule", "20", "1"])
+
+
 def test_samples_depend_only_on_seed_epoch_index(image_folder):
     args = tp.parse_args(tiny_argv(image_folder, "unused"))
     samples = engine.SeededSamples(tp.build_dataset(args), args.seed)

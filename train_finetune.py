@@ -195,6 +195,8 @@ def get_args_parser():
                    help="per_block: a pre-trained shared table moves into every block, added to the block's own table "
                         "where it has one (the official --init_both_rpb); shared: keep a shared-only checkpoint's")
     g.add_argument("--compile", action="store_true", help="torch.compile the ViT's blocks")
+    g.add_argument("--grad_checkpoint", action="store_true", help="recompute each block's activations in the "
+                   "backward instead of storing them (less memory, more compute)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=100, help="paper: 300 (ViT-S), 100 (ViT-B), 50 (ViT-L)")
     g.add_argument("--warmup_epochs", type=float, default=10, help="paper: 10 (ViT-S/B), 5 (ViT-L)")
@@ -213,7 +215,8 @@ def get_args_parser():
     g.add_argument("--clip_grad", type=float, default=0.0, help="max global grad norm (0: no clipping, as BEiT/MAE; "
                    "the norm is still logged)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto: bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on the CPU")
+                   help="auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp16 "
+                   "with a GradScaler (V100); fp32 on the CPU")
     g = p.add_argument_group("augmentation")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment, timm notation, or 'none'")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
@@ -230,7 +233,7 @@ def get_args_parser():
     g.add_argument("--num_classes", type=int, default=None, help="optional check: the number of class folders")
     g.add_argument("--synthetic_train", type=int, default=1024, help="demo: SyntheticShapes training images")
     g.add_argument("--synthetic_val", type=int, default=256, help="demo: SyntheticShapes validation images")
-    g.add_argument("--num_workers", type=int, default=8, help="DataLoader workers per process")
+    g.add_argument("--num_workers", type=int, default=10, help="DataLoader workers per process (the official code's)")
     g.add_argument("--max_unreadable", type=float, default=0.001,
                    help="stop when more than this fraction of the training images cannot be read (fewer are skipped)")
     engine.add_run_args(p, output_dir=os.path.join("output", "finetune"))
@@ -345,6 +348,7 @@ def finetune(args, d, amp_dtype, scaler):
         model, fresh = build_model(args, len(classes), init, init_path)
         if init is not None:
             d.print(f"loaded {init_path}; initialized afresh: {', '.join(fresh)}")
+    model.grad_checkpointing = args.grad_checkpoint
     if args.compile:
         engine.compile_blocks(model)
     model.to(d.device)

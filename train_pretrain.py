@@ -80,6 +80,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--max_iters", type=int, default=14, help="morphing iterations k ~ U{1..max_iters}")
     a("--schedule_rule", default="official", choices=["official", "spread"],
       help="official: r = ceil(n/k) per iteration (engines/engine_for_dtm.py); spread: n split exactly over k")
+    a("--fixed_schedule", type=int, nargs=2, default=None, metavar=("N", "K"),
+      help="instead of the dynamic scheduler: merge N tokens over K rounds at every step and level (an ablation: "
+           "0 1 is token-wise distillation)")
     a("--schedules", default="per_rank", choices=["per_rank", "shared"],
       help="per_rank: every process draws its own schedules (the official code seeds Python's random with seed + "
            "rank); shared: one draw per step for all processes (2 processes then equal 1 with the same total batch)")
@@ -102,8 +105,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--betas", type=float, nargs=2, default=(0.9, 0.98), help="AdamW betas")
     a("--clip_grad", type=float, default=3.0, help="max global grad norm (0: no clipping, norm still logged)")
     a("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-      help="auto: bf16 where the GPU supports it, else fp16 with GradScaler; fp32 on the CPU")
+      help="auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp16 with a "
+      "GradScaler (V100); fp32 on the CPU")
     a("--compile", action="store_true", help="torch.compile the student's blocks")
+    a("--grad_checkpoint", action="store_true", help="recompute each block's activations in the backward instead of "
+      "storing them (less memory, about a third more compute; ViT-L at batch 128 on 32 GB GPUs)")
     # run
     g = engine.add_run_args(p, output_dir="output/pretrain")
     g.add_argument("--save_every", type=int, default=0,
@@ -153,6 +159,8 @@ def check_args(args):
                          f"{args.img_size})")
     if args.max_merged is not None and not 0 <= args.max_merged <= num_patches:
         raise ValueError(f"--max_merged {args.max_merged} must be in 0..{num_patches}")
+    if args.fixed_schedule and not (0 <= args.fixed_schedule[0] <= num_patches and args.fixed_schedule[1] >= 1):
+        raise ValueError(f"--fixed_schedule N K needs 0 <= N <= {num_patches} and K >= 1, got {args.fixed_schedule}")
     for flag in ("batch_size", "accum_iter", "epochs", "levels", "max_iters", "log_every", "keep_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -182,6 +190,7 @@ def build_model(args, d: engine.Dist):
     mto_cfg = mto.mto_config_from_args(args)  # None without --mto: the plain DTM forward
     model = dtm.DTMPretrainModel(student, teacher.out_dim, args.loss, args.beta, args.loss_on, args.normalize_target,
                                  features_fn=mto.MTO(mto_cfg) if mto_cfg else None).to(d.device)
+    model.student.grad_checkpointing = args.grad_checkpoint
     if args.compile:
         engine.compile_blocks(model.student)
     return model, teacher
@@ -198,8 +207,11 @@ def train_micro_step(model, teacher, images, mask, args, micro_step, d: engine.D
     timer.lap("teacher_s")
     num_patches = targets.shape[1]
     max_merged = num_patches if args.max_merged is None else args.max_merged
-    schedules = [morph.sample_schedule(num_patches, max_merged, args.max_iters, schedule_rng, args.schedule_rule)
-                 for _ in range(args.levels)]
+    if args.fixed_schedule:
+        schedules = [morph.make_schedule(num_patches, *args.fixed_schedule, args.schedule_rule)] * args.levels
+    else:
+        schedules = [morph.sample_schedule(num_patches, max_merged, args.max_iters, schedule_rng, args.schedule_rule)
+                     for _ in range(args.levels)]
     groups = morph.token_morphing_levels(targets, schedules, args.split)  # [(B, N)] per level
     num_groups = [morph.num_groups_after(num_patches, s, args.split) for s in schedules]
     timer.lap("morph_s")

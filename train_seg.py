@@ -381,6 +381,8 @@ def get_args_parser():
     g.add_argument("--aux_weight", type=float, default=0.4, help="auxiliary FCN head loss weight")
     g.add_argument("--drop_path", type=float, default=0.1)
     g.add_argument("--compile", action="store_true", help="torch.compile the ViT's blocks")
+    g.add_argument("--grad_checkpoint", action="store_true", help="recompute each block's activations in the "
+                   "backward instead of storing them (less memory, more compute)")
 
     g = p.add_argument_group("optimization (BEiT's ADE20K config for self-supervised checkpoints)")
     g.add_argument("--lr", type=float, default=7e-4)
@@ -396,7 +398,9 @@ def get_args_parser():
     g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation micro-steps per step")
     g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: no clipping, as BEiT; the "
                                                                 "norm is still logged)")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp16 with a "
+                   "GradScaler (V100); fp32 on the CPU")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--stride", type=int, default=341, help="sliding window stride")
@@ -510,6 +514,7 @@ def train(args, d):
     else:
         init = None if args.init == "none" else dtm.read_checkpoint(args.init, "--init")
         model = build_model(args, num_classes, init, args.init)
+    model.backbone.grad_checkpointing = args.grad_checkpoint
     if args.compile:
         engine.compile_blocks(model.backbone)
     model.to(d.device)
