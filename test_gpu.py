@@ -1,0 +1,321 @@
+"""GPU verification: tests that need CUDA (skipped without it), and the one command that checks a GPU machine.
+
+    python test_gpu.py --out gpu_report.json    # on a GPU machine, a few minutes: every check + figures -> JSON
+    python -m pytest -q test_gpu.py             # the checks as tests (skipped without CUDA)
+    python test_gpu.py --device cpu --quick     # a dry run of the same code on the CPU, tiny sizes (CI runs it)
+
+The checks (each an entry of the report: ok / skipped / error, seconds, details):
+    amp_choice       --amp auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp16 + GradScaler
+    efficient_sdpa   ViT-B attention with relative position bias and MTO's recalibration mask runs in SDPA's
+                     memory-efficient kernel (forced) in bf16 and fp16, forward and backward, equal to the math kernel
+    pretrain_amp     pre-training steps of vit_b in fp32, bf16 (native only) and fp16 + GradScaler: finite losses,
+                     the first step's loss equal to fp32 within the dtype's tolerance
+    compile          --compile: finite, first-step loss equal to the eager run's
+    mto              --mto: finite, the MTO fields logged
+    torchrun         a 1-process torchrun run (nccl on a GPU, gloo on the CPU): finishes, checkpoint written
+    finetune         fine-tuning steps and the distributed-exact evaluation
+    seg              segmentation steps and the sliding-window evaluation
+    throughput       images/s and peak memory of a ViT-B pre-training step (CLIP ViT-B/16-sized teacher, random
+                     weights) at 64 and 128 images per GPU; ViT-L at 128 with fp16 with and without --grad_checkpoint
+    bench_morph      python bench_morph.py --device cuda
+    bench_mto        python bench_mto.py --device cuda --amp bf16 (fp16 without native bf16)
+"""
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+
+import dtm
+import engine
+import train_finetune
+import train_pretrain
+import train_seg
+from data import BlockMaskGenerator
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+TOLERANCE = {"bf16": 3e-2, "fp16": 1e-2}  # relative difference of the first-step loss from fp32
+
+
+class Skip(Exception):
+    """A check that does not apply on this device."""
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+
+
+def pretrain_run(out, device, quick, *extra):
+    """A few logged pre-training steps on the built-in images -> the log's lines."""
+    size = ["--model", "vit_tiny", "--img_size", "64", "--batch_size", "4", "--num_masked", "6", "--min_block", "2"] \
+        if quick else \
+        ["--model", "vit_b", "--img_size", "224", "--batch_size", "32", "--num_masked", "75", "--min_block", "16"]
+    argv = [*size, "--max_steps", "3", "--log_every", "1", "--num_workers", "2", "--output_dir", str(out),
+            "--drop_path", "0", "--seed", "0", *extra]
+    train_pretrain.main(argv)
+    with open(os.path.join(out, engine.LOG)) as f:
+        return [json.loads(line) for line in f if '"loss"' in line]
+
+
+# ---------------------------------------------------------------------------------------------------
+# checks: each returns a dict of details or raises (Skip: not applicable here)
+
+def check_amp_choice(device, quick, tmp):
+    if not device.startswith("cuda"):
+        assert engine.resolve_amp("auto", device) == (None, None)
+        raise Skip("no GPU: --amp auto is fp32 on the CPU")
+    dtype, scaler = engine.resolve_amp("auto", device)
+    capability = torch.cuda.get_device_capability(device)
+    assert (dtype == torch.bfloat16) == (capability >= (8, 0)) and (scaler is not None) == (dtype == torch.float16)
+    return {"capability": list(capability), "auto": str(dtype), "grad_scaler": scaler is not None}
+
+
+def check_efficient_sdpa(device, quick, tmp):
+    if not device.startswith("cuda"):
+        raise Skip("SDPA's memory-efficient kernel is a CUDA kernel")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import mto
+    torch.manual_seed(0)
+    model = dtm.build_vit("vit_b", rel_pos_bias="both").to(device).train()
+    images = torch.randn(4, 3, 224, 224, device=device)
+    mask = torch.stack([BlockMaskGenerator((14, 14))(random.Random(i)).flatten() for i in range(4)]).to(device)
+    allowed = mto.recalibration_mask(mask)
+    details = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        outputs = {}
+        for backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+            model.zero_grad()
+            with sdpa_kernel([backend]), torch.autocast("cuda", dtype=dtype):
+                tokens = model.forward_features(images, mask, allowed).tokens
+            tokens.float().pow(2).mean().backward()
+            outputs[backend] = (tokens.float(), model.blocks[0].attn.qkv.weight.grad.clone())
+        (eff, grad_eff), (ref, grad_ref) = outputs.values()
+        error = ((eff - ref).abs().max() / ref.abs().max()).item()
+        grad_error = ((grad_eff - grad_ref).abs().max() / grad_ref.abs().max()).item()
+        assert error < 5e-2 and grad_error < 5e-2, (name, error, grad_error)
+        details[name] = {"max_rel_error_tokens": error, "max_rel_error_grad": grad_error}
+    return details
+
+
+def check_pretrain_amp(device, quick, tmp):
+    first = {}
+    for amp in ("fp32", "bf16", "fp16"):
+        if amp == "fp16" and not device.startswith("cuda"):
+            continue
+        if amp == "bf16" and device.startswith("cuda") and not engine.native_bf16(device):
+            continue
+        lines = pretrain_run(os.path.join(tmp, f"amp_{amp}"), device, quick, "--amp", amp)
+        assert len(lines) == 3 and all(math.isfinite(r["loss"]) for r in lines), lines
+        first[amp] = lines[0]["loss"]
+    for amp, loss in first.items():
+        if amp != "fp32":
+            assert abs(loss / first["fp32"] - 1) < TOLERANCE[amp], (amp, loss, first["fp32"])
+    return {"first_loss": first}
+
+
+def check_compile(device, quick, tmp):
+    if quick:
+        raise Skip("--quick: torch.compile takes minutes on the CPU")
+    eager = pretrain_run(os.path.join(tmp, "eager"), device, quick)
+    compiled = pretrain_run(os.path.join(tmp, "compiled"), device, quick, "--compile")
+    assert all(math.isfinite(r["loss"]) for r in compiled)
+    assert abs(compiled[0]["loss"] / eager[0]["loss"] - 1) < 3e-2, (compiled[0]["loss"], eager[0]["loss"])
+    return {"first_loss": {"eager": eager[0]["loss"], "compiled": compiled[0]["loss"]},
+            "img_per_s_last": {"eager": eager[-1]["img_per_s"], "compiled": compiled[-1]["img_per_s"]}}
+
+
+def check_mto(device, quick, tmp):
+    lines = pretrain_run(os.path.join(tmp, "mto"), device, quick, "--mto")
+    assert all(math.isfinite(r["loss"]) and {"loss_dtm", "loss_sing", "loss_ent"} <= set(r) for r in lines)
+    return {"last": {k: lines[-1][k] for k in ("loss", "loss_dtm", "loss_sing", "loss_ent")}}
+
+
+def check_torchrun(device, quick, tmp):
+    out = os.path.join(tmp, "torchrun")
+    helper = os.path.join(tmp, "torchrun_helper.py")
+    with open(helper, "w") as f:
+        f.write(f"import sys, torch.distributed as dist\nsys.path.insert(0, {HERE!r})\nimport train_pretrain, engine\n"
+                f"setup = engine.setup\n"
+                f"def recorded():\n    d = setup()\n    open({out!r} + '.backend', 'w').write(dist.get_backend())\n"
+                f"    return d\nengine.setup = recorded\ntrain_pretrain.main(sys.argv[1:])\n")
+    size = ["--model", "vit_tiny", "--img_size", "64", "--batch_size", "4", "--num_masked", "6", "--min_block", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                             helper, *size, "--max_steps", "2", "--num_workers", "1", "--output_dir", out],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    backend = open(out + ".backend").read()
+    assert backend == ("nccl" if device.startswith("cuda") else "gloo"), backend
+    assert torch.load(os.path.join(out, engine.LAST))["step"] == 2
+    return {"backend": backend}
+
+
+def check_finetune(device, quick, tmp):
+    best = train_finetune.main(["--model", "vit_tiny", "--img_size", "64", "--epochs", "1", "--batch_size", "16",
+                                "--synthetic_train", "64", "--synthetic_val", "29", "--num_workers", "2", "--init",
+                                "none", "--output_dir", os.path.join(tmp, "ft")])
+    with open(os.path.join(tmp, "ft", engine.LOG)) as f:
+        epoch = [json.loads(line) for line in f if "val_count" in line][-1]
+    assert epoch["val_count"] == 29 and math.isfinite(epoch["train_loss"]) and 0 <= best <= 100
+    return {"best_top1": best, "train_loss": epoch["train_loss"]}
+
+
+def check_seg(device, quick, tmp):
+    metrics = train_seg.main(["--crop_size", "64", "--scale", "128", "64", "--stride", "43", "--channels", "32",
+                              "--batch_size", "4", "--iters", "4", "--warmup_iters", "2", "--eval_every", "4",
+                              "--demo_train_images", "16", "--demo_val_images", "4", "--num_workers", "0",
+                              "--output_dir", os.path.join(tmp, "seg")])
+    assert 0 <= metrics["aAcc"] <= 100 and len(metrics["IoU"]) == 5
+    return {"aAcc": metrics["aAcc"], "mIoU": metrics["mIoU"]}
+
+
+def step_figures(device, model_name, batch, amp, grad_checkpoint, steps, quick):
+    """images/s and peak memory (GiB) of pre-training steps with train_pretrain's own step, a CLIP ViT-B/16-sized
+    teacher (random weights) and random images."""
+    img = 64 if quick else 224
+    args = train_pretrain.parse_args(["--model", model_name, "--img_size", str(img), "--batch_size", str(batch),
+                                      "--amp", amp, "--teacher", "pixels", "--num_masked", str((img // 16) ** 2 * 75
+                                                                                              // 196)])
+    args.grad_checkpoint = grad_checkpoint
+    d = engine.Dist(device=torch.device(device))
+    torch.manual_seed(0)
+    model, _ = train_pretrain.build_model(args, d)
+    teacher = dtm.CLIPTeacher(dtm.CLIPVisual(img, 16, *((64, 1, 1, 32) if quick else ())))
+    teacher.to(device)
+    model = dtm.DTMPretrainModel(model.student, teacher.out_dim).to(device)
+    model.student.grad_checkpointing = grad_checkpoint
+    amp_dtype, scaler = engine.resolve_amp(amp, device)
+    optimizer = torch.optim.AdamW(engine.param_groups(model, 0.05), lr=1e-4)
+    grid = img // 16
+    masks = BlockMaskGenerator((grid, grid), args.num_masked, min(16, args.num_masked))
+    images = torch.randn(batch, 3, img, img, device=device)
+    mask = torch.stack([masks(random.Random(i)).flatten() for i in range(batch)]).to(device)
+    timer = engine.StepTimer(d.device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for step in range(2 + steps):
+        start = time.perf_counter()
+        timer.start(exact=False)
+        train_pretrain.train_micro_step(model, teacher, images, mask, args, step, d, amp_dtype, scaler, timer)
+        engine.optimizer_step(optimizer, scaler, model.parameters(), 3.0)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times[2:])[len(times[2:]) // 2]
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.startswith("cuda") else None
+    return {"img_per_s": batch / seconds, "s_per_step": seconds, "peak_gib": peak}
+
+
+def check_throughput(device, quick, tmp):
+    amp = "auto" if device.startswith("cuda") else "fp32"
+    steps = 1 if quick else 10
+    figures = {f"vit_b_batch{b}": step_figures(device, "vit_tiny" if quick else "vit_b", 4 if quick else b, amp,
+                                               False, steps, quick) for b in (64, 128)}
+    if device.startswith("cuda") or quick:
+        for checkpointing in (False, True):
+            name = f"vit_l_batch128_fp16{'_grad_checkpoint' if checkpointing else ''}"
+            try:
+                figures[name] = step_figures(device, "vit_tiny" if quick else "vit_l", 4 if quick else 128,
+                                             "fp16" if device.startswith("cuda") else "fp32", checkpointing, steps,
+                                             quick)
+            except torch.OutOfMemoryError as e:
+                figures[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return figures
+
+
+def run_bench(argv):
+    result = subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return {"command": " ".join(argv), "output": result.stdout.strip().splitlines()}
+
+
+def check_bench_morph(device, quick, tmp):
+    return run_bench(["bench_morph.py", "--device", device] + (["--batch", "2", "--iters", "1", "--warmup", "0"]
+                                                               if quick else []))
+
+
+def check_bench_mto(device, quick, tmp):
+    amp = "bf16" if not device.startswith("cuda") or engine.native_bf16(device) else "fp16"
+    quick_flags = ["--model", "vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--img_size", "64"]
+    return run_bench(["bench_mto.py", "--device", device, "--amp", amp if device.startswith("cuda") else "fp32",
+                      *(quick_flags if quick else ["--steps", "10", "--warmup", "2"])])
+
+
+CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the tests (CUDA), and one on the CPU for the report itself
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["amp_choice", "efficient_sdpa", "pretrain_amp", "compile", "mto", "torchrun",
+                                  "finetune", "seg"])
+def test_on_gpu(name, tmp_path):
+    CHECKS[name]("cuda:0", False, str(tmp_path))
+
+
+def test_report_dry_run_on_cpu(tmp_path):
+    """The report command itself, on the CPU at tiny sizes: every check runs (or says why it does not apply) and the
+    JSON holds them all."""
+    out = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, os.path.join(HERE, "test_gpu.py"), "--device", "cpu", "--quick",
+                             "--out", str(out), "--skip", "bench_morph"], cwd=HERE, capture_output=True, text=True,
+                            timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["checks"]) == set(CHECKS)
+    status = {name: check["status"] for name, check in report["checks"].items()}
+    assert status == {**{name: "ok" for name in CHECKS}, "amp_choice": "skipped", "efficient_sdpa": "skipped",
+                      "compile": "skipped", "bench_morph": "skipped"}, report
+    assert report["checks"]["torchrun"]["backend"] == "gloo"
+    assert report["checks"]["throughput"]["vit_b_batch64"]["img_per_s"] > 0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="gpu_report.json")
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run of the code paths)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=list(CHECKS))
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device; for a dry run on the CPU: python test_gpu.py --device cpu --quick")
+    report = {"device": device_name(args.device), "torch": torch.__version__, "quick": args.quick, "checks": {}}
+    failed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, check in CHECKS.items():
+            start = time.perf_counter()
+            try:
+                if name in args.skip:
+                    raise Skip("--skip")
+                entry = {"status": "ok", **check(args.device, args.quick, tmp)}
+            except Skip as e:
+                entry = {"status": "skipped", "reason": str(e)}
+            except Exception as e:  # noqa: BLE001 -- every failure goes into the report, the run goes on
+                entry = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+                failed.append(name)
+            entry["seconds"] = round(time.perf_counter() - start, 1)
+            report["checks"][name] = entry
+            print(f"{name:>15}: {entry['status']} ({entry['seconds']} s)", flush=True)
+            with open(args.out, "w") as f:  # written after every check: a run cut short keeps what it had
+                json.dump(report, f, indent=1)
+    print(f"report: {args.out}" + (f"; FAILED: {', '.join(failed)}" if failed else "; all checks passed or skipped"))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
