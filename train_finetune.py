@@ -431,8 +431,8 @@ def finetune(args, d, amp_dtype, scaler):
     bar.close()
     d.print(f"done: best val top-1 {best_top1:.2f}%; checkpoints and log.jsonl in {args.output_dir}")
     if args.demo and args.epochs <= 10:
-        d.print("demo: this is a short end-to-end check; a ViT learns these images slowly, the README's evidence "
-                "section has longer runs from scratch and from DTM checkpoints")
+        d.print("demo: this is a short end-to-end check; a ViT learns these images slowly; docs/RESULTS.md has "
+                "longer runs from scratch and from DTM checkpoints")
     return best_top1
 
 

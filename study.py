@@ -1,0 +1,229 @@
+"""A small-scale study of the papers' central claims, on the CPU: DTM's morphed targets against token-wise
+distillation from the same teacher (DTM, ICLR 2025), and MTO's fewer pre-training epochs (MTO, ECCV 2024).
+
+    apt-get install dataset-fashion-mnist        # real images that install offline: Fashion-MNIST (Debian)
+    python study.py --out output/study           # about 1.5 hours on 2 idle CPU cores (see below); docs/RESULTS.md
+
+Time, from the runs of the first attempt on 2 cores: the teacher 6 min, a pre-training run 2-3 min, a fine-tuning
+run about 2 min (22 of them). Every run is a subprocess of this repo's own scripts; all arms get the same data,
+budget, masks and seeds, and no arm gets a setting the others do not. Runs whose output folder holds a finished
+run are not run again (the scripts continue or skip), so a study cut short continues where it stopped.
+
+    data       Fashion-MNIST (28 px grayscale, as RGB; the scripts resize to 112 px: 7 x 7 = 49 tokens):
+               3000 training images (unlabeled for pre-training, labeled for the teacher), 1000 of them with labels
+               for fine-tuning, 500 test images for validation
+    teacher    vit_tiny trained supervised on the 3000 labeled images (train_finetune.py, the recipe below), frozen,
+               distilled through --teacher ckpt: (targets: its final normalized patch tokens)
+    pre-train  vit_tiny students, 2 seeds each: token-wise distillation (--fixed_schedule 0 1: no merges), DTM (the
+               dynamic scheduler), DTM + MTO (--mto), DTM + MTO for half the epochs, DTM with a fixed schedule
+               (--fixed_schedule 24 3, 1 seed: to isolate "dynamic")
+    fine-tune  on the 1000 labeled images: the students of pre-training seed 0 and a from-scratch ViT with 3 seeds, the
+               students of pre-training seed 1 with 1 seed (4 runs per arm of 2 pre-training seeds); one recipe
+               for all: no RandAugment, random erasing, Mixup or CutMix, no layer decay
+    measures   best and last validation top-1 per run, and top-1 per epoch; for each pre-trained student on 256
+               validation images: the mean cosine of horizontally and vertically adjacent predicted tokens (how
+               spatially consistent its predictions are; the teacher's targets for reference), and its token-wise
+               and DTM (fixed schedule 24 x 3) losses against the teacher's targets with the training masks
+Writes OUT/results.json, OUT/curves.png (mean top-1 per epoch of each arm) and prints the tables.
+"""
+import argparse
+import gzip
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import dtm
+import morph
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FASHION = "/usr/share/datasets/fashion-mnist"
+CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+IMG, GRID = 112, 7
+PRETRAIN = ["--model", "vit_tiny", "--img_size", str(IMG), "--batch_size", "32", "--warmup_epochs", "1",
+            "--lr", "1.5e-2", "--drop_path", "0", "--num_masked", "19", "--min_block", "4", "--min_crop_scale", "0.3",
+            "--num_workers", "1", "--log_every", "10"]
+# one light fine-tuning recipe for the teacher and every arm (RandAugment, random erasing, Mixup and CutMix,
+# ImageNet's defaults, keep a ViT far from fitting 1000 28-pixel images in 10 epochs), no layer decay
+FINETUNE = ["--model", "vit_tiny", "--img_size", str(IMG), "--batch_size", "64", "--lr", "1.6e-2", "--warmup_epochs",
+            "1", "--drop_path", "0", "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0",
+            "--layer_decay", "1.0", "--num_workers", "1", "--log_every", "10"]
+ARMS = {  # name: (extra pre-training flags, pre-training seeds, share of the pre-training epochs)
+    "token-wise": (["--fixed_schedule", "0", "1"], 2, 1.0),
+    "DTM": ([], 2, 1.0),
+    "DTM + MTO": (["--mto"], 2, 1.0),
+    "DTM + MTO, half the epochs": (["--mto"], 2, 0.5),
+    "DTM, fixed schedule 24x3": (["--fixed_schedule", "24", "3"], 1, 1.0),
+}
+FT_SEEDS = ((0, 1, 2), (0,))  # fine-tuning seeds of a student of pre-training seed 0, and of seed 1
+
+
+def read_idx(name):
+    with gzip.open(os.path.join(FASHION, name)) as f:
+        raw = f.read()
+    dims = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def write_folder(root, images, labels):
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = os.path.join(root, CLASSES[label])
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(image).convert("RGB").save(os.path.join(folder, f"{i:05d}.png"))
+
+
+def make_data(out):
+    """ImageFolders train3000, train1000 (its first 1000 in a class-balanced order) and val500."""
+    if not os.path.isdir(FASHION):
+        sys.exit(f"error: {FASHION} not found; install the real images first: apt-get install dataset-fashion-mnist")
+    root = os.path.join(out, "data")
+    if os.path.isdir(os.path.join(root, "val500")):
+        return root
+    images, labels = read_idx("train-images-idx3-ubyte.gz"), read_idx("train-labels-idx1-ubyte.gz")
+    order = np.random.default_rng(0).permutation(len(images))[:3000]
+    write_folder(os.path.join(root, "train3000"), images[order], labels[order])
+    write_folder(os.path.join(root, "train1000"), images[order[:1000]], labels[order[:1000]])
+    test_images, test_labels = read_idx("t10k-images-idx3-ubyte.gz"), read_idx("t10k-labels-idx1-ubyte.gz")
+    write_folder(os.path.join(root, "val500"), test_images[:500], test_labels[:500])
+    return root
+
+
+def run(script, argv, log):
+    """One run of a script of this repo (it continues or skips a finished run in its --output_dir)."""
+    start = time.time()
+    command = [sys.executable, os.path.join(HERE, script), *argv]
+    result = subprocess.run(command, cwd=HERE, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(command)}\n{result.stdout[-4000:]}{result.stderr[-4000:]}\n")
+    if result.returncode != 0:
+        sys.exit(f"error: {script} failed (see {log}): {result.stderr.strip().splitlines()[-1:]}")
+    print(f"  {script} {argv[argv.index('--output_dir') + 1]}: {time.time() - start:.0f} s", flush=True)
+
+
+def finetune_log(folder):
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        return [json.loads(line) for line in f if "val_top1" in line]
+
+
+@torch.no_grad()
+def consistency(checkpoint_path, teacher, images, masks):
+    """(mean cosine of adjacent predicted tokens, token-wise loss, DTM loss at 24 x 3) of a pre-trained student."""
+    checkpoint = dtm.read_checkpoint(checkpoint_path)
+    student = dtm.build_vit("vit_tiny", img_size=IMG, rel_pos_bias=checkpoint["args"]["rel_pos_bias"])
+    student.load_state_dict(dtm.vit_state_dict(checkpoint))
+    head = torch.nn.Linear(student.embed_dim, teacher.out_dim)
+    head.load_state_dict({k[len("head."):]: v for k, v in checkpoint["model"].items() if k.startswith("head.")})
+    student.eval()
+    pred = head(student.forward_features(images, masks).tokens[:, 1:])  # (B, N, D)
+    targets = teacher(images)
+    schedule = morph.make_schedule(GRID * GRID, 24, 3, "official")
+    groups = morph.token_morphing(targets, schedule, "random", torch.Generator().manual_seed(0))
+    G = morph.num_groups_after(GRID * GRID, schedule)
+    token_loss = dtm.dtm_loss(pred, targets, [groups.new_tensor(range(GRID * GRID)).expand_as(groups)])[0]
+    dtm_loss = dtm.dtm_loss(pred, targets, [groups], num_groups=[G])[0]
+    return adjacent_cosine(pred), token_loss.item(), dtm_loss.item()
+
+
+def adjacent_cosine(tokens):
+    """Mean cosine similarity of horizontally and vertically adjacent tokens (B, GRID * GRID, D)."""
+    grid = tokens.reshape(tokens.shape[0], GRID, GRID, -1)
+    pairs = [F.cosine_similarity(grid[:, :, 1:], grid[:, :, :-1], dim=-1).flatten(),
+             F.cosine_similarity(grid[:, 1:], grid[:, :-1], dim=-1).flatten()]
+    return torch.cat(pairs).mean().item()
+
+
+def mean_std(values):
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="output/study")
+    parser.add_argument("--teacher_epochs", type=int, default=10)
+    parser.add_argument("--pretrain_epochs", type=int, default=4)
+    parser.add_argument("--finetune_epochs", type=int, default=10)
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    log = os.path.join(args.out, "runs.log")
+    root = make_data(args.out)
+    train3000, train1000, val = (os.path.join(root, n) for n in ("train3000", "train1000", "val500"))
+    started = time.time()
+
+    print("teacher", flush=True)
+    teacher_dir = os.path.join(args.out, "teacher")
+    run("train_finetune.py", [*FINETUNE, "--data_train", train3000, "--data_val", val, "--init", "none", "--epochs",
+                              str(args.teacher_epochs), "--seed", "100", "--output_dir", teacher_dir], log)
+    teacher_ckpt = os.path.join(teacher_dir, "checkpoint-last.pth")
+
+    print("pre-training", flush=True)
+    pretrained = {}
+    for arm, (flags, seeds, share) in ARMS.items():
+        epochs = max(1, round(args.pretrain_epochs * share))
+        for seed in range(seeds):
+            folder = os.path.join(args.out, "pretrain", arm.replace(" ", "_").replace(",", ""), f"seed{seed}")
+            run("train_pretrain.py", [*PRETRAIN, *flags, "--data", train3000, "--teacher", f"ckpt:{teacher_ckpt}",
+                                      "--epochs", str(epochs), "--seed", str(seed), "--output_dir", folder], log)
+            pretrained.setdefault(arm, []).append(os.path.join(folder, "checkpoint-last.pth"))
+
+    print("fine-tuning", flush=True)
+    finetuned = {}
+    for arm, inits in {"from scratch": ["none"], **pretrained}.items():
+        for p, init in enumerate(inits):
+            for seed in FT_SEEDS[p]:
+                folder = os.path.join(args.out, "finetune", arm.replace(" ", "_").replace(",", ""), f"p{p}_s{seed}")
+                run("train_finetune.py", [*FINETUNE, "--data_train", train1000, "--data_val", val, "--init", init,
+                                          "--epochs", str(args.finetune_epochs), "--seed", str(seed),
+                                          "--output_dir", folder], log)
+                finetuned.setdefault(arm, []).append(finetune_log(folder))
+
+    print("spatial consistency", flush=True)
+    teacher = dtm.build_teacher(f"ckpt:{teacher_ckpt}", IMG, dtm.PATCH_SIZE)
+    val_set = data.ImageFolder(val, data.EvalTransform(IMG))
+    images = torch.stack([val_set[i][0] for i in range(256)])
+    mask_gen = data.BlockMaskGenerator((GRID, GRID), 19, 4)
+    masks = torch.stack([mask_gen(random.Random(i)).flatten() for i in range(256)])
+    measures = {arm: [consistency(path, teacher, images, masks) for path in paths] for arm, paths in pretrained.items()}
+    teacher_cosine = adjacent_cosine(teacher(images))
+
+    results = {"minutes": round((time.time() - started) / 60, 1), "teacher_top1": finetune_log(teacher_dir)[-1]["val_top1"],
+               "teacher_adjacent_cosine": teacher_cosine, "args": vars(args), "arms": {}}
+    print(f"\nteacher: val top-1 {results['teacher_top1']:.1f}%, adjacent cosine of its targets {teacher_cosine:.3f}")
+    print(f"{'arm':>28} | {'best top-1':>14} | {'last top-1':>14} | runs | adjacent cos | token loss | DTM loss")
+    for arm, logs in finetuned.items():
+        best = [max(r["val_top1"] for r in lines) for lines in logs]
+        last = [lines[-1]["val_top1"] for lines in logs]
+        curve = [statistics.mean(lines[e]["val_top1"] for lines in logs) for e in range(len(logs[0]))]
+        entry = {"best": best, "last": last, "mean_curve": curve}
+        line = f"{arm:>28} | {'%.1f ± %.1f' % mean_std(best):>14} | {'%.1f ± %.1f' % mean_std(last):>14} | {len(logs):>4}"
+        if arm in measures:
+            entry["adjacent_cosine"], entry["token_loss"], entry["dtm_loss"] = (list(v) for v in zip(*measures[arm]))
+            line += " | " + " | ".join(f"{statistics.mean(entry[k]):.4f}"
+                                       for k in ("adjacent_cosine", "token_loss", "dtm_loss"))
+        results["arms"][arm] = entry
+        print(line)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    curves = []
+    for arm, entry in results["arms"].items():
+        path = os.path.join(args.out, f"curve_{arm.replace(' ', '_').replace(',', '')}.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps({"epoch": e, "val_top1": v}) + "\n" for e, v in enumerate(entry["mean_curve"]))
+        curves.append(path)
+    subprocess.run([sys.executable, os.path.join(HERE, "plot_log.py"), *curves, "--labels", *results["arms"],
+                    "--x", "epoch", "--field", "val_top1", "--out", os.path.join(args.out, "curves.png")], check=True)
+    print(f"results: {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'curves.png')}")
+
+
+if __name__ == "__main__":
+    main()
