@@ -2,10 +2,10 @@
 distillation from the same teacher (DTM, ICLR 2025), and MTO's fewer pre-training epochs (MTO, ECCV 2024).
 
     apt-get install dataset-fashion-mnist        # real images that install offline: Fashion-MNIST (Debian)
-    python study.py --out output/study           # about 1.5 hours on 2 idle CPU cores (see below); docs/RESULTS.md
+    python study.py --out output/study           # about 1 to 1.5 hours on 2 idle CPU cores; docs/RESULTS.md
 
-Time, from the runs of the first attempt on 2 cores: the teacher 6 min, a pre-training run 2-3 min, a fine-tuning
-run about 2 min (22 of them). Every run is a subprocess of this repo's own scripts; all arms get the same data,
+Time measured on 2 cores: the teacher 6 min, a pre-training run 2-3 min (9 of them), a fine-tuning run 84-101 s on
+idle cores (22 of them), so about 65 min when the machine does nothing else; more under load. Every run is a subprocess of this repo's own scripts; all arms get the same data,
 budget, masks and seeds, and no arm gets a setting the others do not. Runs whose output folder holds a finished
 run are not run again (the scripts continue or skip), so a study cut short continues where it stopped.
 
@@ -52,8 +52,8 @@ IMG, GRID = 112, 7
 PRETRAIN = ["--model", "vit_tiny", "--img_size", str(IMG), "--batch_size", "32", "--warmup_epochs", "1",
             "--lr", "1.5e-2", "--drop_path", "0", "--num_masked", "19", "--min_block", "4", "--min_crop_scale", "0.3",
             "--num_workers", "1", "--log_every", "10"]
-# one light fine-tuning recipe for the teacher and every arm (RandAugment, random erasing, Mixup and CutMix,
-# ImageNet's defaults, keep a ViT far from fitting 1000 28-pixel images in 10 epochs), no layer decay
+# one light fine-tuning recipe for the teacher and every arm: RandAugment, random erasing, Mixup and CutMix off
+# (ImageNet's defaults keep a ViT far from fitting 1000 28-pixel images in 10 epochs), no layer decay
 FINETUNE = ["--model", "vit_tiny", "--img_size", str(IMG), "--batch_size", "64", "--lr", "1.6e-2", "--warmup_epochs",
             "1", "--drop_path", "0", "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0",
             "--layer_decay", "1.0", "--num_workers", "1", "--log_every", "10"]
@@ -221,7 +221,9 @@ def main():
             f.writelines(json.dumps({"epoch": e, "val_top1": v}) + "\n" for e, v in enumerate(entry["mean_curve"]))
         curves.append(path)
     subprocess.run([sys.executable, os.path.join(HERE, "plot_log.py"), *curves, "--labels", *results["arms"],
-                    "--x", "epoch", "--field", "val_top1", "--out", os.path.join(args.out, "curves.png")], check=True)
+                    "--x", "epoch", "--field", "val_top1", "--out", os.path.join(args.out, "curves.png"),
+                    "--title", "validation top-1 (%) per fine-tuning epoch (0-based), mean over each arm's runs"],
+                   check=True)
     print(f"results: {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'curves.png')}")
 
 
