@@ -2,12 +2,13 @@
 distillation from the same teacher (DTM, ICLR 2025), and MTO's fewer pre-training epochs (MTO, ECCV 2024).
 
     apt-get install dataset-fashion-mnist        # real images that install offline: Fashion-MNIST (Debian)
-    python study.py --out output/study           # about 1 to 1.5 hours on 2 idle CPU cores; docs/RESULTS.md
+    python study.py --out output/study           # about 1.5 hours on 2 CPU cores; docs/RESULTS.md
 
-Time measured on 2 cores: the teacher 6 min, a pre-training run 2-3 min (9 of them), a fine-tuning run 84-101 s on
-idle cores (22 of them), so about 65 min when the machine does nothing else; more under load. Every run is a subprocess of this repo's own scripts; all arms get the same data,
-budget, masks and seeds, and no arm gets a setting the others do not. Runs whose output folder holds a finished
-run are not run again (the scripts continue or skip), so a study cut short continues where it stopped.
+Time measured on 2 cores: the teacher 6 min, a pre-training run 2-3 min (9 of them), a fine-tuning run 84-142 s
+(30 of them), so 70-100 min; more when the machine does anything else. Every run is a subprocess of this
+repo's own scripts; all arms get the same data, budget, masks and seeds, and no arm gets a setting the others do
+not. Runs whose output folder holds a finished run are not run again (the scripts continue
+or skip), so a study cut short continues where it stopped.
 
     data       Fashion-MNIST (28 px grayscale, as RGB; the scripts resize to 112 px: 7 x 7 = 49 tokens):
                3000 training images (unlabeled for pre-training, labeled for the teacher), 1000 of them with labels
@@ -17,9 +18,9 @@ run are not run again (the scripts continue or skip), so a study cut short conti
     pre-train  vit_tiny students, 2 seeds each: token-wise distillation (--fixed_schedule 0 1: no merges), DTM (the
                dynamic scheduler), DTM + MTO (--mto), DTM + MTO for half the epochs, DTM with a fixed schedule
                (--fixed_schedule 24 3, 1 seed: to isolate "dynamic")
-    fine-tune  on the 1000 labeled images: the students of pre-training seed 0 and a from-scratch ViT with 3 seeds, the
-               students of pre-training seed 1 with 1 seed (4 runs per arm of 2 pre-training seeds); one recipe
-               for all: no RandAugment, random erasing, Mixup or CutMix, no layer decay
+    fine-tune  on the 1000 labeled images, 3 seeds for each student and for a from-scratch ViT (6 runs per arm of 2
+               pre-training seeds, 3 for the fixed schedule and from scratch; 30 runs); one recipe for all: no RandAugment, random erasing, Mixup or CutMix,
+               no layer decay
     measures   best and last validation top-1 per run, and top-1 per epoch; for each pre-trained student on 256
                validation images: the mean cosine of horizontally and vertically adjacent predicted tokens (how
                spatially consistent its predictions are; the teacher's targets for reference), and its token-wise
@@ -64,7 +65,7 @@ ARMS = {  # name: (extra pre-training flags, pre-training seeds, share of the pr
     "DTM + MTO, half the epochs": (["--mto"], 2, 0.5),
     "DTM, fixed schedule 24x3": (["--fixed_schedule", "24", "3"], 1, 1.0),
 }
-FT_SEEDS = ((0, 1, 2), (0,))  # fine-tuning seeds of a student of pre-training seed 0, and of seed 1
+FT_SEEDS = (0, 1, 2)  # fine-tuning seeds of every student
 
 
 def read_idx(name):
@@ -180,7 +181,7 @@ def main():
     finetuned = {}
     for arm, inits in {"from scratch": ["none"], **pretrained}.items():
         for p, init in enumerate(inits):
-            for seed in FT_SEEDS[p]:
+            for seed in FT_SEEDS:
                 folder = os.path.join(args.out, "finetune", arm.replace(" ", "_").replace(",", ""), f"p{p}_s{seed}")
                 run("train_finetune.py", [*FINETUNE, "--data_train", train1000, "--data_val", val, "--init", init,
                                           "--epochs", str(args.finetune_epochs), "--seed", str(seed),
