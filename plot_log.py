@@ -68,7 +68,7 @@ def plot(series, labels, title: str, x_label: str, y_label: str, size=(720, 440)
         draw.line([to_px(x, y) for x, y in points if math.isfinite(y)], fill=color, width=2)
         draw.line([left + 10, top + 12 + 16 * k, left + 30, top + 12 + 16 * k], fill=color, width=3)
         draw.text((left + 36, top + 6 + 16 * k), label, fill="black")
-    draw.text((left, 8), title, fill="black")
+    draw.text((max(left, 15 + 6 * len(y_label)), 8), title, fill="black")  # right of the y label, not over it
     draw.text(((width - len(x_label) * 6) // 2, height - 22), x_label, fill="black")
     draw.text((5, top - 22), y_label, fill="black")
     return img
