@@ -193,8 +193,7 @@ def step_figures(device, model_name, batch, amp, grad_checkpoint, steps, quick):
     model, _ = train_pretrain.build_model(args, d)
     teacher = dtm.CLIPTeacher(dtm.CLIPVisual(img, 16, *((64, 1, 1, 32) if quick else ())))
     teacher.to(device)
-    model = dtm.DTMPretrainModel(model.student, teacher.out_dim).to(device)
-    model.student.grad_checkpointing = grad_checkpoint
+    model = dtm.DTMPretrainModel(model.student, teacher.out_dim).to(device)  # the student keeps --grad_checkpoint
     amp_dtype, scaler = engine.resolve_amp(amp, device)
     optimizer = torch.optim.AdamW(engine.param_groups(model, 0.05), lr=1e-4)
     grid = img // 16
@@ -249,9 +248,9 @@ def check_bench_morph(device, quick, tmp):
 
 
 def check_bench_mto(device, quick, tmp):
-    amp = "bf16" if not device.startswith("cuda") or engine.native_bf16(device) else "fp16"
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[engine.resolve_amp("auto", device)[0]]
     quick_flags = ["--model", "vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--img_size", "64"]
-    return run_bench(["bench_mto.py", "--device", device, "--amp", amp if device.startswith("cuda") else "fp32",
+    return run_bench(["bench_mto.py", "--device", device, "--amp", amp,
                       *(quick_flags if quick else ["--steps", "10", "--warmup", "2"])])
 
 

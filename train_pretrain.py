@@ -206,10 +206,10 @@ def train_micro_step(model, teacher, images, mask, args, micro_step, d: engine.D
         targets = teacher(images)  # (B, N, D)
     timer.lap("teacher_s")
     num_patches = targets.shape[1]
-    max_merged = num_patches if args.max_merged is None else args.max_merged
     if args.fixed_schedule:
         schedules = [morph.make_schedule(num_patches, *args.fixed_schedule, args.schedule_rule)] * args.levels
     else:
+        max_merged = num_patches if args.max_merged is None else args.max_merged
         schedules = [morph.sample_schedule(num_patches, max_merged, args.max_iters, schedule_rng, args.schedule_rule)
                      for _ in range(args.levels)]
     groups = morph.token_morphing_levels(targets, schedules, args.split)  # [(B, N)] per level
