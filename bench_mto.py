@@ -2,14 +2,24 @@
 
 The teacher is left out (it is the same with and without MTO): random targets of the CLIP dimension stand in
 for it; morphing uses the default dynamic schedules (L=2). The variants run interleaved, one step of each in turn
-(the order rotating), so that a change of machine load hits all of them alike; prints the median time per step
-of each variant and its overhead over plain DTM.
+(the order rotating), so that a change of machine load hits all of them alike. Prints, for each variant, the
+median and the fastest wall time per step and the median CPU time per step (user + system time of this process:
+on a shared virtual machine it leaves out time the CPUs were given to other guests), each with its overhead over
+plain DTM; on a GPU, the peak memory of the variant's step.
+
+On the CPU, glibc's malloc hands tensors of more than 32 MB back to the kernel when they are freed, so every step
+page-faults its activations in afresh (zeroed by the kernel: system time, and it varies from step to step with the
+allocator's state). --malloc keep makes glibc keep freed memory for reuse (mallopt: no mmap, no trimming), as
+the CUDA caching allocator does on a GPU, so that the step time counts the computation.
 
     python bench_mto.py                              # vit_b, batch 64, CPU
+    python bench_mto.py --malloc keep                # the same, freed memory kept for reuse (glibc)
     python bench_mto.py --device cuda --amp bf16
 """
 import argparse
+import ctypes
 import random
+import resource
 import statistics
 import time
 
@@ -59,6 +69,18 @@ def make_step(args, cfg):
     return step
 
 
+def keep_freed_memory():
+    """glibc: serve every allocation from the heap (M_MMAP_MAX = 0) and never give freed memory back (M_TRIM_THRESHOLD
+    = -1), so that a step reuses the pages of the step before instead of faulting in new ones."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-4, 0) and libc.mallopt(-1, -1)  # M_MMAP_MAX, M_TRIM_THRESHOLD (malloc.h)
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        raise SystemExit("--malloc keep needs glibc (Linux); run without it")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS))
@@ -70,26 +92,42 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--variants", nargs="+", type=int, default=list(range(len(VARIANTS))),
                         help="indices into the list of variants (0: plain DTM, the reference)")
+    parser.add_argument("--malloc", default="default", choices=["default", "keep"],
+                        help="keep: glibc keeps freed memory for reuse (CPU; see above)")
     args = parser.parse_args(argv)
+    if args.malloc == "keep":
+        keep_freed_memory()
     names = [list(VARIANTS)[i] for i in args.variants]
     print(f"{args.model} batch={args.batch} img={args.img_size} device={args.device} amp={args.amp} "
-          f"threads={torch.get_num_threads()} torch={torch.__version__}", flush=True)
+          f"threads={torch.get_num_threads()} malloc={args.malloc} torch={torch.__version__}", flush=True)
     steps = {name: make_step(args, VARIANTS[name]) for name in names}
-    times = {name: [] for name in names}
+    wall, cpu, peak = ({name: [] for name in names} for _ in range(3))
+    cuda = args.device.startswith("cuda")
     for i in range(args.warmup + args.steps):
         order = names[i % len(names):] + names[:i % len(names)]  # rotate who goes first
         for name in order:
-            start = time.perf_counter()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(args.device)
+            start, start_cpu = time.perf_counter(), time.process_time()
             steps[name]()
             if i >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times[names[0]])
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+            if cuda:
+                peak[name].append(torch.cuda.max_memory_allocated(args.device) / 2 ** 30)
+    figures = {name: {"median_s": statistics.median(wall[name]), "min_s": min(wall[name]),
+                      "cpu_median_s": statistics.median(cpu[name])} for name in names}
+    base = figures[names[0]]
     for name in names:
-        seconds = statistics.median(times[name])
-        print(f"{name:>62}: {seconds:8.3f} s/step  ({100 * (seconds / base - 1):+.1f}%)  "
-              f"[{', '.join(f'{t:.2f}' for t in times[name])}]", flush=True)
-    return {name: statistics.median(t) for name, t in times.items()}
-
+        f = figures[name]
+        overhead = ", ".join(f"{label} {f[key]:.3f} s ({100 * (f[key] / base[key] - 1):+.1f}%)"
+                             for key, label in (("median_s", "median"), ("min_s", "fastest"), ("cpu_median_s", "cpu")))
+        memory = f"  peak {max(peak[name]):.2f} GiB" if cuda else ""
+        print(f"{name}: {overhead}{memory}  [{', '.join(f'{t:.2f}' for t in wall[name])}]", flush=True)
+    if not cuda:
+        print(f"peak resident memory of the process (all variants): "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB", flush=True)
+    return figures
 
 if __name__ == "__main__":
     main()

@@ -127,11 +127,14 @@ def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREF
     if hidden.shape[1] != num_prefix + mask.shape[1]:
         raise ValueError(f"tokens {tuple(hidden.shape)} do not match the mask {tuple(mask.shape)} with {num_prefix} "
                          f"prefix tokens")
-    rows = patch_rows(mask) if rows is None else rows
-    x = hidden[:, num_prefix:].float()  # (B, N, C)
+    with torch.autocast(hidden.device.type, enabled=False):  # float32 matmuls, whatever the autocast dtype
+        return _singularity_loss(hidden, mask, patch_rows(mask) if rows is None else rows, num_prefix)
+
+
+def _singularity_loss(hidden, mask, rows: Rows, num_prefix: int):
     with torch.no_grad():
-        keys = F.normalize(_take(x, rows.visible, 1), dim=-1)  # (B, V, C), the visible side, detached
-    x_masked = _take(x, rows.masked, 1)  # (B, M, C)
+        keys = F.normalize(_take(hidden, rows.visible + num_prefix, 1).float(), dim=-1)  # (B, V, C), detached
+    x_masked = _take(hidden, rows.masked + num_prefix, 1).float()  # (B, M, C)
     # max_j cos(h_i, h_j) = max_j <h_i, h_j / |h_j|> / |h_i|: the query side needs no normalized copy
     dots = (x_masked @ keys.transpose(1, 2)).masked_fill(~rows.visible_valid[:, None, :], float("-inf"))  # (B, M, V)
     nearest = dots.amax(dim=-1) / x_masked.norm(dim=-1).clamp(min=1e-12)  # (B, M) max cosine to a visible patch
@@ -141,19 +144,20 @@ def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREF
 
 class _SoftmaxEntropy(torch.autograd.Function):
     """H(z) = entropy of softmax(z) over the last dim = logsumexp(z) - sum_j p_j z_j, with the gradient
-    dH/dz_j = -p_j (z_j - sum_k p_k z_k): a few passes over z instead of autograd through softmax, log and sum."""
+    dH/dz_j = -p_j (z_j - sum_k p_k z_k): a few passes over z instead of autograd through softmax, log and sum.
+    Only z is kept for the backward (p is recomputed there): one (B, heads, M, V) tensor per block, not two."""
 
     @staticmethod
     def forward(ctx, z):
         p = z.softmax(dim=-1)
         expected = torch.linalg.vecdot(p, z)
-        ctx.save_for_backward(p, z, expected)
+        ctx.save_for_backward(z, expected)
         return z.logsumexp(dim=-1) - expected
 
     @staticmethod
     def backward(ctx, grad):
-        p, z, expected = ctx.saved_tensors
-        return (z - expected[..., None]).mul_(p).mul_(-grad[..., None])
+        z, expected = ctx.saved_tensors
+        return (z - expected[..., None]).mul_(z.softmax(dim=-1)).mul_(-grad[..., None])
 
 
 def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX):
@@ -166,14 +170,19 @@ def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM
     entropy is divided by log(#visible), averaged over heads and over the image's masked queries. Images with no
     masked patch or fewer than 2 visible patches give 0.
     """
-    rows = patch_rows(mask) if rows is None else rows
-    D = q.shape[-1]
+    with torch.autocast(q.device.type, enabled=False):  # float32 matmuls, whatever the autocast dtype
+        return _attention_entropy(q, k, bias, mask, patch_rows(mask) if rows is None else rows, num_prefix)
+
+
+def _attention_entropy(q, k, bias, mask, rows: Rows, num_prefix: int):
+    B, H, T, D = q.shape
     queries, keys = rows.masked + num_prefix, rows.visible + num_prefix  # (B, M), (B, V) token indices
     logits = (_take(q, queries, 2).float() * D ** -0.5) @ _take(k, keys, 2).float().transpose(-2, -1)  # (B, H, M, V)
-    if bias is not None:  # rows of the (heads, T, T) table: a small gradient, unlike a gather from (B, heads, T, T)
-        logits = logits + _take(bias[:, queries].transpose(0, 1), keys, 3).float()  # (B, H, M, V)
+    if bias is not None:  # the (heads, T, T) bias at each (masked query, visible key) pair, by one flat index
+        pairs = (queries[:, :, None] * T + keys[:, None, :]).flatten()  # (B * M * V,) into a T x T table
+        logits += bias.flatten(1).index_select(1, pairs).view(H, B, *logits.shape[2:]).transpose(0, 1).float()
     # -1e4 on padding keys: exp() of it is exactly 0 in float32, and unlike -inf it keeps p * logit finite
-    logits = logits.masked_fill(~rows.visible_valid[:, None, None, :], -1e4)
+    logits.masked_fill_(~rows.visible_valid[:, None, None, :], -1e4)
     entropy = _SoftmaxEntropy.apply(logits).mean(dim=1)  # (B, M), mean over heads
     num_visible = rows.visible_valid.sum(dim=1)  # (B,)
     counted = rows.masked_valid & (num_visible >= 2)[:, None]  # masked queries of images with >= 2 visible patches

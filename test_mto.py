@@ -308,6 +308,19 @@ def test_gradients_reach_the_mask_token_where_expected():
     assert losses["loss_sing"] == 0 and losses["loss_ent"] == 0
 
 
+def test_losses_are_float32_under_autocast():
+    """The losses' own matmuls are not lowered by autocast: float32 inputs give the values of a float32 run."""
+    mask = random_mask(4, ratio=0.4)
+    g = torch.Generator().manual_seed(5)
+    q, k, hidden = torch.randn(4, 3, 1 + N, 8, generator=g), torch.randn(4, 3, 1 + N, 8, generator=g), \
+        torch.randn(4, 1 + N, 12, generator=g)
+    bias = torch.randn(3, 1 + N, 1 + N, generator=g)
+    entropy, singularity = mto.attention_entropy(q, k, bias, mask), mto.singularity_loss(hidden, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(mto.attention_entropy(q, k, bias, mask), entropy)
+        assert torch.equal(mto.singularity_loss(hidden, mask), singularity)
+
+
 def test_autocast_bfloat16():
     model, x, mask = tiny_vit(), images(), random_mask()
     cfg = mto.MTOConfig()
