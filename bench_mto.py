@@ -129,5 +129,6 @@ def main(argv=None):
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB", flush=True)
     return figures
 
+
 if __name__ == "__main__":
     main()
