@@ -93,28 +93,37 @@ def depth_weights(depth: int, num_layers: int) -> torch.Tensor:
 
 class Rows(NamedTuple):
     """Each image's masked and visible patch indices (ascending), padded to the most in the batch: masked (B, M),
-    masked_valid (B, M) bool (False on padding); visible (B, V), visible_valid (B, V)."""
+    masked_valid (B, M) bool (False on padding); visible (B, V), visible_valid (B, V); visible_padded: whether any
+    visible_valid is False (not with a fixed number of masked patches per image, as BlockMaskGenerator makes)."""
     masked: torch.Tensor
     masked_valid: torch.Tensor
     visible: torch.Tensor
     visible_valid: torch.Tensor
+    visible_padded: bool
 
 
 def patch_rows(mask) -> Rows:
-    """(B, N) bool, True = masked -> Rows (one host sync for the two paddings)."""
+    """(B, N) bool, True = masked -> Rows (one host sync for the paddings)."""
     counts = torch.stack([mask.sum(dim=1), (~mask).sum(dim=1)])  # (2, B)
-    M, V = (max(int(c), 1) for c in counts.amax(dim=1).tolist())
+    (most_masked, most_visible), (_, fewest_visible) = torch.stack([counts.amax(dim=1), counts.amin(dim=1)]).tolist()
+    M, V = max(most_masked, 1), max(most_visible, 1)
     masked = mask.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :M]  # stable: ascending indices
     visible = (~mask).to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :V]
     arange = torch.arange(max(M, V), device=mask.device)
-    return Rows(masked, arange[:M] < counts[0, :, None], visible, arange[:V] < counts[1, :, None])
+    return Rows(masked, arange[:M] < counts[0, :, None], visible, arange[:V] < counts[1, :, None], fewest_visible < V)
 
 
 def _take(x, index, dim):
-    """x gathered at index (B, K) along dim (x's batch dim first; other dims kept)."""
-    shape = [index.shape[0]] + [1] * (x.dim() - 1)
-    shape[dim] = index.shape[1]
-    return x.gather(dim, index.view(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1:]))
+    """x's tokens at index (B, K) along its token dim `dim` (batch dim first) -> x with size K there.
+
+    One index_select over the flattened (batch, token) rows (a view for q, k of dtm.Attention and for block outputs),
+    whose backward is one index_add_ of whole rows.
+    """
+    B, T = x.shape[0], x.shape[dim]
+    rows = x.movedim(dim, 1)  # (B, T, ...)
+    flat = (index + T * torch.arange(B, device=index.device)[:, None]).flatten()  # (B * K,) row numbers
+    taken = rows.reshape(B * T, *rows.shape[2:]).index_select(0, flat)  # (B * K, ...)
+    return taken.view(B, index.shape[1], *rows.shape[2:]).movedim(1, dim)
 
 
 def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX):
@@ -136,7 +145,9 @@ def _singularity_loss(hidden, mask, rows: Rows, num_prefix: int):
         keys = F.normalize(_take(hidden, rows.visible + num_prefix, 1).float(), dim=-1)  # (B, V, C), detached
     x_masked = _take(hidden, rows.masked + num_prefix, 1).float()  # (B, M, C)
     # max_j cos(h_i, h_j) = max_j <h_i, h_j / |h_j|> / |h_i|: the query side needs no normalized copy
-    dots = (x_masked @ keys.transpose(1, 2)).masked_fill(~rows.visible_valid[:, None, :], float("-inf"))  # (B, M, V)
+    dots = x_masked @ keys.transpose(1, 2)  # (B, M, V)
+    if rows.visible_padded:
+        dots = dots.masked_fill(~rows.visible_valid[:, None, :], float("-inf"))
     nearest = dots.amax(dim=-1) / x_masked.norm(dim=-1).clamp(min=1e-12)  # (B, M) max cosine to a visible patch
     counted = rows.masked_valid & rows.visible_valid[:, :1]  # masked patches of images that have a visible patch
     return torch.where(counted, nearest, torch.zeros_like(nearest)).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
@@ -177,12 +188,14 @@ def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM
 def _attention_entropy(q, k, bias, mask, rows: Rows, num_prefix: int):
     B, H, T, D = q.shape
     queries, keys = rows.masked + num_prefix, rows.visible + num_prefix  # (B, M), (B, V) token indices
-    logits = (_take(q, queries, 2).float() * D ** -0.5) @ _take(k, keys, 2).float().transpose(-2, -1)  # (B, H, M, V)
+    q_rows, k_rows = _take(q, queries, 2).float(), _take(k, keys, 2).float()  # (B, H, M, D), (B, H, V, D)
+    logits = (q_rows @ k_rows.transpose(-2, -1)).mul_(D ** -0.5)  # (B, H, M, V)
     if bias is not None:  # the (heads, T, T) bias at each (masked query, visible key) pair, by one flat index
         pairs = (queries[:, :, None] * T + keys[:, None, :]).flatten()  # (B * M * V,) into a T x T table
         logits += bias.flatten(1).index_select(1, pairs).view(H, B, *logits.shape[2:]).transpose(0, 1).float()
     # -1e4 on padding keys: exp() of it is exactly 0 in float32, and unlike -inf it keeps p * logit finite
-    logits.masked_fill_(~rows.visible_valid[:, None, None, :], -1e4)
+    if rows.visible_padded:
+        logits.masked_fill_(~rows.visible_valid[:, None, None, :], -1e4)
     entropy = _SoftmaxEntropy.apply(logits).mean(dim=1)  # (B, M), mean over heads
     num_visible = rows.visible_valid.sum(dim=1)  # (B,)
     counted = rows.masked_valid & (num_visible >= 2)[:, None]  # masked queries of images with >= 2 visible patches

@@ -232,6 +232,31 @@ def test_attention_entropy_matches_loop_and_the_explicit_softmax():
     assert mto.attention_entropy(zeros, zeros, onehot, mask1).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_losses_with_a_fixed_number_of_masked_patches_skip_padding_and_agree_with_references():
+    """BlockMaskGenerator masks the same number of patches in every image: no padding rows, so the padding fills
+    are skipped. q and k come as dtm.Attention makes them (views of one qkv tensor)."""
+    g = torch.Generator().manual_seed(11)
+    mask = torch.rand(3, N, generator=g).argsort(dim=1) < 6  # 6 masked patches in each image
+    rows = mto.patch_rows(mask)
+    assert not rows.visible_padded and mto.patch_rows(masks_with_edge_cases()).visible_padded
+    assert rows.masked.shape == (3, 6) and rows.visible.shape == (3, N - 6)
+    qkv = torch.randn(3, 1 + N, 3, 2, 8, generator=g, requires_grad=True)  # (B, T, 3, heads, head_dim)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    bias = torch.randn(2, 1 + N, 1 + N, generator=g, requires_grad=True)
+    value = mto.attention_entropy(q, k, bias, mask, rows)
+    torch.testing.assert_close(value, explicit_entropy(q, k, bias, mask), rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(value.sum(), (qkv, bias))
+    expected = torch.autograd.grad(explicit_entropy(q, k, bias, mask).sum(), (qkv, bias))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    hidden = torch.randn(3, 1 + N, 12, generator=g)
+    value = mto.singularity_loss(hidden, mask, rows)
+    for b in range(3):
+        masked, visible = mask[b].nonzero()[:, 0] + 1, (~mask[b]).nonzero()[:, 0] + 1
+        cos = F.cosine_similarity(hidden[b, masked, None], hidden[b, None, visible], dim=-1)  # (6, N - 6)
+        assert value[b].item() == pytest.approx(cos.amax(dim=1).mean().item(), abs=1e-5)
+
+
 def test_depth_weights():
     assert torch.allclose(mto.depth_weights(4, 4), torch.tensor([4., 3., 2., 1.]) / 10)
     assert torch.allclose(mto.depth_weights(4, 2), torch.tensor([4., 3., 0., 0.]) / 7)
