@@ -141,14 +141,15 @@ def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREF
 
 
 def _singularity_loss(hidden, mask, rows: Rows, num_prefix: int):
-    with torch.no_grad():
-        keys = F.normalize(_take(hidden, rows.visible + num_prefix, 1).float(), dim=-1)  # (B, V, C), detached
     x_masked = _take(hidden, rows.masked + num_prefix, 1).float()  # (B, M, C)
-    # max_j cos(h_i, h_j) = max_j <h_i, h_j / |h_j|> / |h_i|: the query side needs no normalized copy
-    dots = x_masked @ keys.transpose(1, 2)  # (B, M, V)
-    if rows.visible_padded:
-        dots = dots.masked_fill(~rows.visible_valid[:, None, :], float("-inf"))
-    nearest = dots.amax(dim=-1) / x_masked.norm(dim=-1).clamp(min=1e-12)  # (B, M) max cosine to a visible patch
+    with torch.no_grad():  # which visible patch is nearest; the cosine to it is recomputed below with the gradient
+        keys = F.normalize(_take(hidden, rows.visible + num_prefix, 1).float(), dim=-1)  # (B, V, C), detached
+        dots = x_masked @ keys.transpose(1, 2)  # (B, M, V); cos = dot / |h_i|, and |h_i| is the same in a row
+        if rows.visible_padded:
+            dots.masked_fill_(~rows.visible_valid[:, None, :], float("-inf"))
+        nearest_key = _take(keys, dots.argmax(dim=-1), 1)  # (B, M, C)
+    # max_j cos(h_i, h_j) = <h_i, k_nearest> / |h_i|; its gradient reaches h_i only (amax's, but for exact ties)
+    nearest = torch.linalg.vecdot(x_masked, nearest_key) / x_masked.norm(dim=-1).clamp(min=1e-12)  # (B, M)
     counted = rows.masked_valid & rows.visible_valid[:, :1]  # masked patches of images that have a visible patch
     return torch.where(counted, nearest, torch.zeros_like(nearest)).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 

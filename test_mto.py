@@ -165,6 +165,12 @@ def test_singularity_loss_matches_loop():
     (grad,) = torch.autograd.grad(value.sum(), hidden)
     assert torch.all(grad[:, 1:][~mask] == 0) and torch.all(grad[:, 0] == 0)  # visible side detached, CLS unused
     assert torch.all(grad[:2, 1:][mask[:2]].abs().sum(-1) > 0)
+    patches = hidden[:, 1:]  # the gradient against autograd through the full cosine matrix and its row max
+    cos = F.cosine_similarity(patches[:, :, None], patches[:, None, :].detach(), dim=-1)  # (B, N, N)
+    nearest = cos.masked_fill(mask[:, None, :], float("-inf")).amax(dim=-1)  # (B, N) max over visible patches
+    counted = mask & (~mask).any(dim=1, keepdim=True)
+    reference = torch.where(counted, nearest, 0.0).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    torch.testing.assert_close(grad, torch.autograd.grad(reference.sum(), hidden)[0], rtol=1e-5, atol=1e-7)
     hidden = hidden.detach()
     for b in range(4):
         masked = [i for i in range(N) if mask[b, i]]
@@ -175,6 +181,11 @@ def test_singularity_loss_matches_loop():
             expected = sum(max(F.cosine_similarity(hidden[b, 1 + i], hidden[b, 1 + j], dim=0).item() for j in visible)
                            for i in masked) / len(masked)
         assert value[b].item() == pytest.approx(expected, abs=1e-5), b
+    all_masked = torch.ones(1, N, dtype=torch.bool)  # no visible patch: 0, with a zero (finite) gradient
+    hidden = hidden[:1].clone().requires_grad_()
+    value = mto.singularity_loss(hidden, all_masked)
+    (grad,) = torch.autograd.grad(value.sum(), hidden)
+    assert value.item() == 0 and torch.all(grad == 0)
 
 
 def explicit_entropy(q, k, bias, mask):
