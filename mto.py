@@ -148,7 +148,7 @@ def _singularity_loss(hidden, mask, rows: Rows, num_prefix: int):
         if rows.visible_padded:
             dots.masked_fill_(~rows.visible_valid[:, None, :], float("-inf"))
         nearest_key = _take(keys, dots.argmax(dim=-1), 1)  # (B, M, C)
-    # max_j cos(h_i, h_j) = <h_i, k_nearest> / |h_i|; its gradient reaches h_i only (amax's, but for exact ties)
+    # max_j cos(h_i, h_j) = <h_i, k_nearest> / |h_i|: the max's value and gradient (amax would split it at exact ties)
     nearest = torch.linalg.vecdot(x_masked, nearest_key) / x_masked.norm(dim=-1).clamp(min=1e-12)  # (B, M)
     counted = rows.masked_valid & rows.visible_valid[:, :1]  # masked patches of images that have a visible patch
     return torch.where(counted, nearest, torch.zeros_like(nearest)).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
