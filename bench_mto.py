@@ -15,9 +15,12 @@ the CUDA caching allocator does on a GPU, so that the step time counts the compu
     python bench_mto.py                              # vit_b, batch 64, CPU
     python bench_mto.py --malloc keep                # the same, freed memory kept for reuse (glibc)
     python bench_mto.py --device cuda --amp bf16
+    git show e912467:mto.py > /tmp/mto_e912467.py && python bench_mto.py --variants 0 1 --compare_mto /tmp/mto_e912467.py
 """
 import argparse
 import ctypes
+import importlib.util
+import os
 import random
 import resource
 import statistics
@@ -37,10 +40,22 @@ VARIANTS = {"dtm": None,
             "dtm + mto recalibration only": mto.MTOConfig(lambda_sing=0, lambda_ent=0)}
 
 
-def make_step(args, cfg):
+def load_mto(path):
+    """Another version of mto.py (e.g. `git show <commit>:mto.py > old_mto.py`), to compare with this one."""
+    spec = importlib.util.spec_from_file_location("compared_mto", path)
+    if spec is None or not os.path.isfile(path):
+        raise SystemExit(f"--compare_mto {path}: no such Python file; pass the path of a copy of mto.py "
+                         f"(git show <commit>:mto.py > old_mto.py)")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_step(args, cfg, mto_module=mto):
     torch.manual_seed(0)
     student = dtm.build_vit(args.model, img_size=args.img_size, drop_path_rate=0.1, rel_pos_bias="both")
-    model = dtm.DTMPretrainModel(student, 512, features_fn=mto.MTO(cfg) if cfg else None).to(args.device)
+    hook = mto_module.MTO(mto_module.MTOConfig(**vars(cfg))) if cfg else None
+    model = dtm.DTMPretrainModel(student, 512, features_fn=hook).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
     grid = args.img_size // 16
     N = grid * grid
@@ -94,13 +109,19 @@ def main(argv=None):
                         help="indices into the list of variants (0: plain DTM, the reference)")
     parser.add_argument("--malloc", default="default", choices=["default", "keep"],
                         help="keep: glibc keeps freed memory for reuse (CPU; see above)")
+    parser.add_argument("--compare_mto", metavar="PATH",
+                        help="also run MTO's defaults with another version of mto.py, interleaved with the rest")
     args = parser.parse_args(argv)
     if args.malloc == "keep":
         keep_freed_memory()
     names = [list(VARIANTS)[i] for i in args.variants]
+    variants = {name: (VARIANTS[name], mto) for name in names}
+    if args.compare_mto:
+        names.append(f"dtm + mto from {args.compare_mto} (defaults)")
+        variants[names[-1]] = (mto.MTOConfig(), load_mto(args.compare_mto))
     print(f"{args.model} batch={args.batch} img={args.img_size} device={args.device} amp={args.amp} "
           f"threads={torch.get_num_threads()} malloc={args.malloc} torch={torch.__version__}", flush=True)
-    steps = {name: make_step(args, VARIANTS[name]) for name in names}
+    steps = {name: make_step(args, *variants[name]) for name in names}
     wall, cpu, peak = ({name: [] for name in names} for _ in range(3))
     cuda = args.device.startswith("cuda")
     for i in range(args.warmup + args.steps):

@@ -104,6 +104,7 @@ def test_layer_decay_with_and_without_prefix():
 
 @pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
                                                   ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")  # faked GPU
 def test_amp_auto_picks_bf16_only_on_gpus_with_native_bf16(monkeypatch, capability, expected):
     """V100 (7.0) and T4 (7.5): fp16 with a GradScaler, although torch.cuda.is_bf16_supported() says True on them
     (emulated bf16); A100 (8.0) and H100 (9.0): bf16 without a scaler."""
