@@ -27,7 +27,8 @@ What this file makes of it (THIS IMPLEMENTATION'S READING, not the paper's equat
      L_sing(l) = mean of s_i over the masked patches of the image. The visible side is detached (stop-gradient):
      the constraint moves the masked-token representations away from the data, not the data's representations.
      CLS is not a "visible token" here (it is not a patch of the image). Only the masked rows and visible columns
-     of the similarity are computed: (B, M, V), 75 x 121 of ViT-B's 196 patches, not (B, N, N).
+     of the similarity are computed: (B, M, V), 75 x 121 of ViT-B's 196 patches, not (B, N, N), and without
+     gradient: the gradient flows through the cosine to the nearest visible patch, recomputed for it.
   3. Entropy loss (attention_entropy). In block l's attention: the row of each masked query, restricted to the
      visible patch keys and renormalized over them (CLS excluded, so putting all weight on CLS cannot game it), has
      entropy H_i; divided by log(#visible) so it lies in [0, 1] whatever the mask ratio or image size; averaged over
