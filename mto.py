@@ -117,14 +117,36 @@ def patch_rows(mask) -> Rows:
 def _take(x, index, dim):
     """x's tokens at index (B, K) along its token dim `dim` (batch dim first) -> x with size K there.
 
-    One index_select over the flattened (batch, token) rows (a view for q, k of dtm.Attention and for block outputs),
-    whose backward is one index_add_ of whole rows.
+    One index_select over the flattened (batch, token) rows (a view for q, k of dtm.Attention and for block outputs).
+    Where a gradient is needed, _TakeRows.apply(x, index, dim) takes the same rows.
     """
     B, T = x.shape[0], x.shape[dim]
     rows = x.movedim(dim, 1)  # (B, T, ...)
     flat = (index + T * torch.arange(B, device=index.device)[:, None]).flatten()  # (B * K,) row numbers
     taken = rows.reshape(B * T, *rows.shape[2:]).index_select(0, flat)  # (B * K, ...)
     return taken.view(B, index.shape[1], *rows.shape[2:]).movedim(1, dim)
+
+
+class _TakeRows(torch.autograd.Function):
+    """_take with a backward that writes the rows' gradient into zeros of x's shape: a fresh contiguous tensor, into
+    which autograd adds x's other gradient (SDPA's for q and k, the next block's for a block output) in place.
+    index_select's own backward hands back a view, which autograd cannot add into: one more full-size tensor per
+    block and per input (q, k, block output), and one more pass over it."""
+
+    @staticmethod
+    def forward(ctx, x, index, dim):
+        ctx.save_for_backward(index)
+        ctx.shape, ctx.dim = x.shape, dim
+        return _take(x, index, dim)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        grad_x = grad.new_zeros(ctx.shape)
+        batch = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)  # (B, K)
+        grad_x.movedim(ctx.dim, 1)[batch, index] = grad.movedim(ctx.dim, 1)  # the (b, index) pairs are distinct
+        return grad_x, None, None
 
 
 def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX):
@@ -142,7 +164,7 @@ def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREF
 
 
 def _singularity_loss(hidden, mask, rows: Rows, num_prefix: int):
-    x_masked = _take(hidden, rows.masked + num_prefix, 1).float()  # (B, M, C)
+    x_masked = _TakeRows.apply(hidden, rows.masked + num_prefix, 1).float()  # (B, M, C)
     with torch.no_grad():  # which visible patch is nearest; the cosine to it is recomputed below with the gradient
         keys = F.normalize(_take(hidden, rows.visible + num_prefix, 1).float(), dim=-1)  # (B, V, C), detached
         dots = x_masked @ keys.transpose(1, 2)  # (B, M, V); cos = dot / |h_i|, and |h_i| is the same in a row
@@ -190,7 +212,7 @@ def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM
 def _attention_entropy(q, k, bias, mask, rows: Rows, num_prefix: int):
     B, H, T, D = q.shape
     queries, keys = rows.masked + num_prefix, rows.visible + num_prefix  # (B, M), (B, V) token indices
-    q_rows, k_rows = _take(q, queries, 2).float(), _take(k, keys, 2).float()  # (B, H, M, D), (B, H, V, D)
+    q_rows, k_rows = _TakeRows.apply(q, queries, 2).float(), _TakeRows.apply(k, keys, 2).float()  # (B, H, M, D), (B, H, V, D)
     logits = (q_rows @ k_rows.transpose(-2, -1)).mul_(D ** -0.5)  # (B, H, M, V)
     if bias is not None:  # the (heads, T, T) bias at each (masked query, visible key) pair, by one flat index
         pairs = (queries[:, :, None] * T + keys[:, None, :]).flatten()  # (B * M * V,) into a T x T table

@@ -268,6 +268,24 @@ def test_losses_with_a_fixed_number_of_masked_patches_skip_padding_and_agree_wit
         assert value[b].item() == pytest.approx(cos.amax(dim=1).mean().item(), abs=1e-5)
 
 
+def test_take_rows_gradient_is_a_fresh_contiguous_tensor_equal_to_index_select_backward():
+    """_TakeRows (the rows the losses read from q, k and block outputs) hands back a contiguous tensor that is not a
+    view, so autograd adds the other gradient of q / k / the block output into it in place; the values are those of
+    index_select's backward, along the token dim of a (B, heads, T, head_dim) view and of a (B, T, C) tensor."""
+    g = torch.Generator().manual_seed(12)
+    qkv = torch.randn(2, 7, 3, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    q = (qkv * 1).permute(2, 0, 3, 1, 4)[0]  # (B, heads, T, head_dim), not a leaf: its gradient is not copied
+    hidden = torch.randn(2, 7, 5, generator=g, dtype=torch.float64, requires_grad=True) * 1
+    index = torch.tensor([[0, 3, 6], [1, 2, 5]])
+    for x, dim in ((q, 2), (hidden, 1)):
+        weight = torch.randn(mto._take(x, index, dim).shape, generator=g, dtype=torch.float64)
+        (got,) = torch.autograd.grad((mto._TakeRows.apply(x, index, dim) * weight).sum(), x)
+        (expected,) = torch.autograd.grad((mto._take(x, index, dim) * weight).sum(), x)
+        assert torch.equal(got, expected) and expected._is_view()
+        assert got.is_contiguous() and not got._is_view() and got.untyped_storage().nbytes() == got.nbytes
+        assert torch.autograd.gradcheck(lambda t: mto._TakeRows.apply(t, index, dim), (x.detach().requires_grad_(),))
+
+
 def test_depth_weights():
     assert torch.allclose(mto.depth_weights(4, 4), torch.tensor([4., 3., 2., 1.]) / 10)
     assert torch.allclose(mto.depth_weights(4, 2), torch.tensor([4., 3., 0., 0.]) / 7)
