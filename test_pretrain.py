@@ -311,8 +311,9 @@ torch.save(result["model"].state_dict(), os.path.join(result["output_dir"], f"ra
 def run(helper, argv, processes):
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
     proc = subprocess.run([sys.executable, *launcher, str(helper), *argv], cwd=HERE, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-12000:]  # a rank's own error comes early
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1"))
+    # a rank's own error comes early; the fault handler prints each thread's Python stack if a rank aborts
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-12000:]
 
 
 @pytest.mark.parametrize("mto_flags", [(), ("--mto", "--mto_layers", "2")], ids=["dtm", "dtm+mto"])
