@@ -33,6 +33,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
+# DDP imports torch.distributed.nn, whose functions take group.WORLD as a default argument. Imported after
+# init_process_group (setup) they hold the group for good: destroy_process_group then left gloo's threads running and
+# a rank could abort at exit ("terminate called without an active exception"). Imported before, they hold None.
+import torch.distributed.nn  # noqa: F401
 import torch.nn as nn
 
 import data

@@ -212,7 +212,8 @@ def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM
 def _attention_entropy(q, k, bias, mask, rows: Rows, num_prefix: int):
     B, H, T, D = q.shape
     queries, keys = rows.masked + num_prefix, rows.visible + num_prefix  # (B, M), (B, V) token indices
-    q_rows, k_rows = _TakeRows.apply(q, queries, 2).float(), _TakeRows.apply(k, keys, 2).float()  # (B, H, M, D), (B, H, V, D)
+    q_rows = _TakeRows.apply(q, queries, 2).float()  # (B, H, M, D)
+    k_rows = _TakeRows.apply(k, keys, 2).float()  # (B, H, V, D)
     logits = (q_rows @ k_rows.transpose(-2, -1)).mul_(D ** -0.5)  # (B, H, M, V)
     if bias is not None:  # the (heads, T, T) bias at each (masked query, visible key) pair, by one flat index
         pairs = (queries[:, :, None] * T + keys[:, None, :]).flatten()  # (B * M * V,) into a T x T table

@@ -339,6 +339,35 @@ def test_eval_sharding_covers_every_index_exactly_once():
             assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
+TEARDOWN_HELPER = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import engine
+d = engine.setup()
+model = engine.ddp(torch.nn.Linear(3, 3), d)
+model(torch.ones(2, 3)).sum().backward()
+del model
+engine.teardown()
+threads = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+with open(os.path.join({out!r}, f"threads{{os.environ['RANK']}}.txt"), "w") as f:
+    f.write(" ".join(sorted(t for t in threads if "gloo" in t)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the thread names from /proc")
+def test_teardown_after_ddp_ends_the_gloo_threads(tmp_path):
+    """With torch.distributed.nn imported after init_process_group (DDP imports it), its functions' default
+    group=WORLD arguments held the group and destroy_process_group left gloo's threads running; a rank then
+    sometimes aborted at exit. engine.setup imports it first."""
+    helper = tmp_path / "helper.py"
+    helper.write_text(TEARDOWN_HELPER.format(repo=HERE, out=str(tmp_path)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(helper)], cwd=HERE, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert [(tmp_path / f"threads{rank}.txt").read_text() for rank in (0, 1)] == ["", ""]  # gloo's threads are gone
+
+
 # ---------------------------------------------------------------------------------------------------
 # user errors: one line; internal errors: the traceback
 
