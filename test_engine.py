@@ -361,9 +361,7 @@ def test_teardown_after_ddp_ends_the_gloo_threads(tmp_path):
     sometimes aborted at exit. engine.setup imports it first."""
     helper = tmp_path / "helper.py"
     helper.write_text(TEARDOWN_HELPER.format(repo=HERE, out=str(tmp_path)))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(helper)], cwd=HERE, capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(helper))
     assert result.returncode == 0, result.stderr[-6000:]
     assert [(tmp_path / f"threads{rank}.txt").read_text() for rank in (0, 1)] == ["", ""]  # gloo's threads are gone
 
