@@ -187,17 +187,23 @@ class Attention(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the residual branch of a whole sample with probability p."""
+    """Stochastic depth: drop the residual branch of a whole sample with probability p.
+
+    The keep probability is also held as a tensor (a buffer, not saved in checkpoints) for the arithmetic: a Python
+    float there would be a constant to torch.compile, one graph per rate, i.e. per block, and past
+    torch._dynamo.config.recompile_limit (8) the remaining blocks would silently run uncompiled."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.p = p
+        self.drops = p > 0.0
+        self.register_buffer("keep_prob", torch.tensor(1.0 - p), persistent=False)
 
     def forward(self, x):
-        if self.p == 0.0 or not self.training:
+        if not (self.drops and self.training):
             return x
-        keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        keep = torch.rand(x.shape[0], *(1,) * (x.dim() - 1), device=x.device) < self.keep_prob  # (B, 1, ..., 1)
+        return x * keep / self.keep_prob  # a 0-dim tensor: x's dtype is kept (bf16/fp16 under autocast)
 
 
 class Block(nn.Module):

@@ -50,6 +50,21 @@ def test_vit_forward_backward_shapes():
     assert model.mask_token.grad.abs().sum() > 0
 
 
+def test_drop_path_drops_whole_samples_with_probability_p():
+    drop = dtm.DropPath(0.3).train()
+    x = torch.ones(20000, 2, 3)
+    torch.manual_seed(0)
+    out = drop(x)
+    kept = out[:, 0, 0] != 0
+    assert torch.all(out == kept[:, None, None] / 0.7)  # a whole sample is dropped or kept, kept ones scaled by 1/0.7
+    assert abs(kept.float().mean().item() - 0.7) < 0.02  # 6 standard deviations of the kept fraction
+    assert drop(x.bfloat16()).dtype == torch.bfloat16
+    assert drop.eval()(x) is x
+    state = torch.random.get_rng_state()
+    assert dtm.DropPath(0.0).train()(x) is x and torch.equal(torch.random.get_rng_state(), state)  # draws nothing
+    assert "keep_prob" not in dtm.DropPath(0.3).state_dict()  # checkpoints unchanged
+
+
 def test_vit_config_and_errors():
     model = dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, drop_path_rate=0.3)
     assert [b.drop_path.p for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])

@@ -132,6 +132,33 @@ def test_resolve_amp_on_cpu():
 
 
 # ---------------------------------------------------------------------------------------------------
+# torch.compile
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside torch.compile
+def test_compile_blocks_makes_one_graph_for_all_drop_path_rates():
+    """--compile with stochastic depth: each block has its own drop-path rate; held as Python floats they made one
+    graph per block, and past dynamo's recompile limit (8) the remaining blocks of a ViT-B ran uncompiled. Now: one
+    graph for block 0 (rate 0) and one for the other 11, one more for evaluation; values equal to the eager model."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    eager = dtm.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=12, num_heads=2,
+                                  drop_path_rate=0.1)
+    compiled = dtm.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=12, num_heads=2,
+                                     drop_path_rate=0.1)
+    compiled.load_state_dict(eager.state_dict())
+    engine.compile_blocks(compiled)
+    torch._dynamo.reset()
+    counters.clear()
+    images = torch.randn(2, 3, 32, 32)
+    compiled.forward_features(images).tokens.sum().backward()
+    assert counters["stats"]["unique_graphs"] == 2
+    assert all(p.grad is not None for p in compiled.blocks.parameters())
+    out, reference = (m.eval().forward_features(images).tokens for m in (compiled, eager))
+    assert counters["stats"]["unique_graphs"] == 3
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
 # checkpoints
 
 def tiny_state(model, step=3):

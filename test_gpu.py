@@ -10,7 +10,7 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
                      memory-efficient kernel (forced) in bf16 and fp16, forward and backward, equal to the math kernel
     pretrain_amp     pre-training steps of vit_b in fp32, bf16 (native only) and fp16 + GradScaler: finite losses,
                      the first step's loss equal to fp32 within the dtype's tolerance
-    compile          --compile: finite, first-step loss equal to the eager run's
+    compile          --compile: one graph shared by all blocks, finite losses, first-step loss equal to the eager run's
     mto              --mto: finite, the MTO fields logged
     torchrun         a 1-process torchrun run (nccl on a GPU, gloo on the CPU): finishes, checkpoint written
     finetune         fine-tuning steps and the distributed-exact evaluation
@@ -123,13 +123,16 @@ def check_pretrain_amp(device, quick, tmp):
 
 
 def check_compile(device, quick, tmp):
-    if quick:
-        raise Skip("--quick: torch.compile takes minutes on the CPU")
+    from torch._dynamo.utils import counters
     eager = pretrain_run(os.path.join(tmp, "eager"), device, quick)
+    torch._dynamo.reset()
+    counters.clear()
     compiled = pretrain_run(os.path.join(tmp, "compiled"), device, quick, "--compile")
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 1, f"{graphs} graphs for the blocks (expected one, shared by all blocks)"
     assert all(math.isfinite(r["loss"]) for r in compiled)
     assert abs(compiled[0]["loss"] / eager[0]["loss"] - 1) < 3e-2, (compiled[0]["loss"], eager[0]["loss"])
-    return {"first_loss": {"eager": eager[0]["loss"], "compiled": compiled[0]["loss"]},
+    return {"graphs": graphs, "first_loss": {"eager": eager[0]["loss"], "compiled": compiled[0]["loss"]},
             "img_per_s_last": {"eager": eager[-1]["img_per_s"], "compiled": compiled[-1]["img_per_s"]}}
 
 
@@ -279,7 +282,8 @@ def test_report_dry_run_on_cpu(tmp_path):
     assert set(report["checks"]) == set(CHECKS)
     status = {name: check["status"] for name, check in report["checks"].items()}
     assert status == {**{name: "ok" for name in CHECKS}, "amp_choice": "skipped", "efficient_sdpa": "skipped",
-                      "compile": "skipped", "bench_morph": "skipped"}, report
+                      "bench_morph": "skipped"}, report
+    assert report["checks"]["compile"]["graphs"] == 1
     assert report["checks"]["torchrun"]["backend"] == "gloo"
     assert report["checks"]["throughput"]["vit_b_batch64"]["img_per_s"] > 0
 
