@@ -174,6 +174,12 @@ def backward(loss: torch.Tensor, scaler):
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
+def loss_scale_field(scaler) -> dict:
+    """{"loss_scale": GradScaler's current scale} for the log (fp16), {} without a scaler. The scale halves at each
+    step whose gradients overflowed (the step is skipped; its logged grad_norm is null)."""
+    return {"loss_scale": scaler.get_scale()} if scaler is not None else {}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Optimization
 
@@ -494,6 +500,12 @@ def prepare_run(args, d: Dist) -> tuple:
     return args.resume, os.path.isfile(last) and os.path.samefile(last, args.resume)
 
 
+def json_number(value):
+    """NaN and infinities -> None (null): JSON has no such numbers, and strict readers (jq, JavaScript) refuse them.
+    With fp16's GradScaler a step whose gradients overflowed (skipped) has a non-finite gradient norm."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def open_log(output_dir: str, resume_step, enabled: bool):
     """-> log(**fields): appends one JSON line to output_dir/log.jsonl (rank 0 only; `enabled`).
 
@@ -515,7 +527,7 @@ def open_log(output_dir: str, resume_step, enabled: bool):
 
     def log(**fields):
         if enabled:
-            fields = {k: (v.item() if torch.is_tensor(v) else v) for k, v in fields.items()}
+            fields = {k: json_number(v.item() if torch.is_tensor(v) else v) for k, v in fields.items()}
             with open(path, "a") as f:
                 f.write(json.dumps(fields) + "\n")
     return log

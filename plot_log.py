@@ -14,7 +14,8 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 
 
 def read_log(path: str, x_field: str, field: str):
-    """[(x, y)] for the lines of a JSONL log that have both fields."""
+    """[(x, y)] for the lines of a JSONL log that have both fields (null, e.g. the gradient norm of a step skipped
+    by fp16's GradScaler, counts as absent)."""
     points = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -24,7 +25,7 @@ def read_log(path: str, x_field: str, field: str):
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise SystemExit(f"{path}:{number} is not a JSON line ({e}); pass a log.jsonl written by train_*.py")
-            if x_field in record and field in record:
+            if record.get(x_field) is not None and record.get(field) is not None:
                 points.append((float(record[x_field]), float(record[field])))
     if not points:
         raise SystemExit(f"{path}: no line has both {x_field!r} and {field!r}")

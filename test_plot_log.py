@@ -19,6 +19,10 @@ def test_plot_two_logs_and_errors(tmp_path):
             for step in range(1, 21):
                 f.write(json.dumps({"step": step, "loss": scale / step, "lr": 0.1}) + "\n")
     assert plot_log.read_log(str(tmp_path / "b.jsonl"), "step", "loss")[1] == (2.0, 1.0)
+    with open(tmp_path / "a.jsonl", "a") as f:  # a step skipped by fp16's GradScaler: its gradient norm is null
+        f.write(json.dumps({"step": 21, "loss": 0.05, "grad_norm": None}) + "\n")
+        f.write(json.dumps({"step": 22, "loss": 0.04, "grad_norm": 0.5}) + "\n")
+    assert plot_log.read_log(str(tmp_path / "a.jsonl"), "step", "grad_norm") == [(22.0, 0.5)]
     out = tmp_path / "cmp.png"
     plot_log.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--labels", "a", "b", "--smooth", "3",
                    "--out", str(out)])
@@ -30,7 +34,7 @@ def test_plot_two_logs_and_errors(tmp_path):
     with pytest.raises(SystemExit, match="2 logs but 1 fields"):
         plot_log.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--fields", "loss"])
     with pytest.raises(SystemExit, match="no line has both"):
-        plot_log.main([str(tmp_path / "a.jsonl"), "--field", "grad_norm"])
+        plot_log.main([str(tmp_path / "a.jsonl"), "--field", "epoch"])
     (tmp_path / "bad.jsonl").write_text("not json\n")
     with pytest.raises(SystemExit, match="not a JSON line"):
         plot_log.main([str(tmp_path / "bad.jsonl")])

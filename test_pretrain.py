@@ -162,6 +162,43 @@ def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path):
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
 
 
+def fp16_on_the_cpu(monkeypatch):
+    """--amp fp16 (the V100 path: fp16 autocast + GradScaler) on the CPU, which torch supports but the trainers refuse
+    (slow there). The scaler starts at 2**40, so the first steps overflow and are skipped, and grows every 2 steps, so
+    its whole state (scale and growth tracker) matters for an exact resume."""
+    def resolve_amp(mode, device):
+        assert mode == "fp16"
+        return torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0 ** 24, growth_interval=2)
+    monkeypatch.setattr(engine, "resolve_amp", resolve_amp)
+
+
+def strict_json_lines(path):
+    """The log's lines parsed as strict JSON (NaN and Infinity are not JSON)."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in {path}")
+    return [json.loads(line, parse_constant=refuse) for line in open(path)]
+
+
+def test_fp16_with_grad_scaler_skips_overflowing_steps_and_resumes_exactly(image_folder, tmp_path, monkeypatch):
+    fp16_on_the_cpu(monkeypatch)
+    argv = lambda out, steps: tiny_argv(image_folder, tmp_path / out, "--max_steps", str(steps), "--amp", "fp16")
+    full = tp.main(argv("full", 7))
+    tp.main(argv("split", 4))
+    checkpoint = torch.load(tmp_path / "split" / engine.LAST)
+    resumed = tp.main(argv("split", 7))
+    same_parameters(full["model"].state_dict(), resumed["model"].state_dict())
+    logs = [strict_json_lines(tmp_path / run / engine.LOG) for run in ("full", "split")]
+    assert logs[0] == [{**r, **{k: logs[0][i][k] for k in r if k.endswith("_s") or k == "img_per_s"}}
+                       for i, r in enumerate(logs[1])]  # equal but for the timings
+    scales = [r["loss_scale"] for r in logs[0]]
+    skipped = [r["step"] for r in logs[0] if r["grad_norm"] is None]  # overflow: written as null, step skipped
+    assert skipped and skipped == [r["step"] for r, before in zip(logs[0], [2.0 ** 24] + scales) if
+                                   r["loss_scale"] < before]
+    assert scales[-1] > min(scales)  # the scale grew again after the overflows
+    assert checkpoint["scaler"]["scale"] == scales[3] and checkpoint["scaler"]["_growth_tracker"] is not None
+    assert all(math.isfinite(r["loss"]) for r in logs[0])
+
+
 def test_relaunch_after_a_crash_continues_the_log_without_duplicates(image_folder, tmp_path):
     out = tmp_path / "run"
     tp.main(tiny_argv(image_folder, out, "--max_steps", "2"))

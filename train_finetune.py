@@ -407,7 +407,8 @@ def finetune(args, d, amp_dtype, scaler):
             engine.report_unreadable(unreadable, d, step, log)
             now = time.perf_counter()
             log(step=step, epoch=epoch, loss=loss_now, lr=step_lr, grad_norm=grad_norm,
-                img_per_s=images_seen * d.world_size / (now - last_log_time), **timer.parts)
+                img_per_s=images_seen * d.world_size / (now - last_log_time), **timer.parts,
+                **engine.loss_scale_field(scaler))
             bar.set_description(f"epoch {epoch}")
             bar.set_postfix(loss=f"{loss_now.item():.4f}", lr=f"{step_lr:.2e}")
             epoch_loss, window = epoch_loss + window, torch.zeros_like(window)

@@ -305,9 +305,8 @@ def train(args, d: engine.Dist) -> dict:
             record = dict(step=step, epoch=epoch, **dict(zip(loss_names, means.tolist())),
                           **{f"groups_level{i}": g for i, g in enumerate(num_groups)},
                           lr=step_lr, grad_norm=grad_norm.item(),
-                          img_per_s=images_seen * d.world_size / (now - last_log_time), **timer.parts)
-            if scaler is not None:
-                record["loss_scale"] = scaler.get_scale()
+                          img_per_s=images_seen * d.world_size / (now - last_log_time), **timer.parts,
+                          **engine.loss_scale_field(scaler))
             log(**record)
             logged.append(record)
             bar.set_description(f"epoch {epoch}")

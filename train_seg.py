@@ -580,7 +580,7 @@ def train(args, d):
             now = time.perf_counter()
             log(step=step, epoch=step // steps_per_epoch, loss=means[0], decode_loss=means[1], aux_loss=means[2],
                 lr=lr, grad_norm=grad_norm, img_per_s=images_seen * d.world_size / (now - last_log_time),
-                **timer.parts)
+                **timer.parts, **engine.loss_scale_field(scaler))
             bar.set_postfix(loss=f"{means[0].item():.4f}", lr=f"{lr:.2e}")
             window.zero_()
             last_log_time, images_seen = now, 0
