@@ -140,6 +140,55 @@ def test_image_folder(tmp_path):
     assert ds[0] == ((20, 16), 0)
 
 
+def test_packed_samples_round_trip_any_file_name(tmp_path):
+    paths = ["/data/train/n01/a.JPEG", "/données/été/ü.png", os.fsdecode(b"/raw/caf\xe9.jpg"), ""]  # \xe9: not UTF-8
+    samples = data.PackedSamples(paths, [3, 0, 999, 1])
+    assert len(samples) == 4 and list(samples) == list(zip(paths, [3, 0, 999, 1]))
+    assert samples[-1] == ("", 1) and samples[-4] == samples[0] and isinstance(samples[2][1], int)
+    for bad in (4, -5):
+        with pytest.raises(IndexError):
+            samples[bad]
+    _save(tmp_path / "chat" / "été.png")
+    ds = data.ImageFolder(str(tmp_path))
+    assert ds.samples[0] == (str(tmp_path / "chat" / "été.png"), 0) and ds[0][0].size == (20, 16)
+    assert ds.targets.dtype == np.int64 and ds.targets.tolist() == [0]
+
+
+class _ReadAll(torch.utils.data.Dataset):
+    """One item: the private memory (MB) a DataLoader worker gained by reading every entry of `samples`."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, unused):
+        def private_mb():
+            with open("/proc/self/smaps_rollup") as f:
+                fields = dict(line.split(":") for line in f.read().splitlines()[1:])
+            return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty")) / 1024
+        before = private_mb()
+        for i in range(len(self.samples)):
+            path, label = self.samples[i]  # as ImageFolder.__getitem__ does
+        return private_mb() - before
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux's /proc/self/smaps_rollup")
+def test_packed_samples_are_not_copied_into_dataloader_workers():
+    """A forked worker reading a Python list of (path, label) copies it page by page (reference counts are written);
+    reading PackedSamples copies next to nothing."""
+    n = 300_000
+    paths = [f"/datasets/imagenet/train/n{i // 300:08d}/n{i // 300:08d}_{i:06d}.JPEG" for i in range(n)]
+    labels = [i // 300 for i in range(n)]
+    growth = {}
+    for name, samples in (("list", list(zip(paths, labels))), ("packed", data.PackedSamples(paths, labels))):
+        loader = torch.utils.data.DataLoader(_ReadAll(samples), batch_size=None, num_workers=1,
+                                             multiprocessing_context="fork")
+        growth[name] = next(iter(loader))
+    assert growth["list"] > 30 and growth["packed"] < growth["list"] / 10, growth
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.ImageFolder(str(tmp_path / "nope"))
