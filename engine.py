@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import traceback
@@ -77,16 +78,42 @@ def setup() -> Dist:
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     if "RANK" not in os.environ:
-        return Dist(device=torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+        if not torch.cuda.is_available():
+            return Dist()
+        check_gpu_supported(torch.device("cuda", 0))
+        return Dist(device=torch.device("cuda", 0))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+        check_gpu_supported(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return Dist(rank, world_size, local_rank, device)
+
+
+def _capability(arch: str) -> tuple:
+    """"sm_86" -> (8, 6), "sm_90a" -> (9, 0), "compute_120" -> (12, 0)."""
+    digits = re.match(r"\d+", arch.split("_", 1)[1]).group()
+    return int(digits[:-1]), int(digits[-1])
+
+
+def check_gpu_supported(device):
+    """A clear error, before any kernel runs, when this torch build has no kernels for the GPU (otherwise: a warning
+    at start-up, then "no kernel image is available for execution on the device" at the first kernel). A build runs
+    on a GPU of compute capability (M, m) if it has machine code sm_Mn with n <= m, or PTX compute_ab <= (M, m)."""
+    capability = torch.cuda.get_device_capability(device)
+    archs = torch.cuda.get_arch_list()  # empty if unknown: then torch decides
+    runs = any(_capability(a)[0] == capability[0] and _capability(a) <= capability for a in archs if a.startswith("sm_")) \
+        or any(_capability(a) <= capability for a in archs if a.startswith("compute_"))
+    if archs and not runs:
+        hint = (" (for a V100: a CUDA 12.6 build, pip install torch --index-url https://download.pytorch.org/whl/cu126;"
+                " see the README)") if capability < (7, 5) else ""
+        raise ValueError(f"this torch build ({torch.__version__}) has no kernels for {torch.cuda.get_device_name(device)}"
+                         f" (compute capability {capability[0]}.{capability[1]}; it has {', '.join(archs)}): install a "
+                         f"build of torch for this GPU{hint}")
 
 
 def teardown():

@@ -121,6 +121,34 @@ def test_amp_auto_picks_bf16_only_on_gpus_with_native_bf16(monkeypatch, capabili
     assert engine.resolve_amp("fp16", "cuda:0")[0] == torch.float16
 
 
+CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]  # torch 2.11's PyPI build
+CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+
+
+@pytest.mark.parametrize("capability, archs, runs", [
+    ((7, 0), CU130, False), ((7, 0), CU126, True), ((6, 1), CU126, True),  # V100; P100-class via sm_60
+    ((8, 9), ["sm_80", "sm_86", "sm_90"], True),  # L40 / RTX 4090 run sm_86 code
+    ((9, 0), ["sm_80", "sm_90a"], True), ((12, 1), CU130, True),  # 12.1 via sm_120
+    ((11, 0), ["sm_100", "sm_120"], False), ((11, 0), ["sm_100", "compute_100"], True),  # PTX JIT-compiles upwards
+    ((7, 0), [], True)])  # unknown arch list: torch decides
+def test_gpu_without_kernels_in_this_torch_build_is_a_clear_error(monkeypatch, capability, archs, runs):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: archs)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    if runs:
+        engine.check_gpu_supported("cuda:0")
+        return
+    with pytest.raises(ValueError, match=f"no kernels for Tesla V100-SXM2-32GB \\(compute capability "
+                                         f"{capability[0]}.{capability[1]}; it has sm_"):
+        engine.check_gpu_supported("cuda:0")
+    if capability == (7, 0):  # setup() checks before anything runs on the GPU
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.delenv("RANK", raising=False)
+        with pytest.raises(ValueError, match="for a V100: a CUDA 12.6 build, pip install torch --index-url "
+                                             "https://download.pytorch.org/whl/cu126"):
+            engine.setup()
+
+
 def test_resolve_amp_on_cpu():
     assert engine.resolve_amp("auto", "cpu") == (None, None)
     assert engine.resolve_amp("fp32", torch.device("cpu")) == (None, None)
