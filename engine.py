@@ -2,7 +2,8 @@
 
 Each trainer keeps its own loop, readable top to bottom; this file holds what the three loops have in common:
 
-    distributed   setup / teardown from torchrun's env vars (nccl on GPU, gloo on CPU), DDP wrap, unwrap
+    distributed   setup / teardown from torchrun's env vars (nccl on GPU, gloo on CPU; a clear error for a GPU
+                  this torch build has no kernels for), DDP wrap, unwrap, compile_blocks
     precision     --amp: bf16, fp16 + GradScaler, or fp32
     optimization  parameter groups (weight decay, layer-wise lr decay), lr schedules, the optimizer step
     randomness    one scheme for all three (below)
@@ -106,8 +107,9 @@ def check_gpu_supported(device):
     on a GPU of compute capability (M, m) if it has machine code sm_Mn with n <= m, or PTX compute_ab <= (M, m)."""
     capability = torch.cuda.get_device_capability(device)
     archs = torch.cuda.get_arch_list()  # empty if unknown: then torch decides
-    runs = any(_capability(a)[0] == capability[0] and _capability(a) <= capability for a in archs if a.startswith("sm_")) \
-        or any(_capability(a) <= capability for a in archs if a.startswith("compute_"))
+    cubins = [_capability(a) for a in archs if a.startswith("sm_")]
+    ptx = [_capability(a) for a in archs if a.startswith("compute_")]
+    runs = any(c[0] == capability[0] and c <= capability for c in cubins) or any(c <= capability for c in ptx)
     if archs and not runs:
         hint = (" (for a V100: a CUDA 12.6 build, pip install torch --index-url https://download.pytorch.org/whl/cu126;"
                 " see the README)") if capability < (7, 5) else ""
