@@ -1,0 +1,82 @@
+"""Benchmark: how many training samples one DataLoader worker prepares per second, to size --num_workers against a
+GPU's step rate (log.jsonl's img_per_s is images/s over all GPUs; a node needs about that many per second from its
+workers).
+
+    python bench_data.py                                 # JPEGs made here, 500x375 (ImageNet's typical size)
+    python bench_data.py --data /path/imagenet/train     # the first --images files of a real image folder
+
+Times per image on one thread, as in a worker: decoding alone; pre-training (decode + RandomResizedCrop / flip /
+color jitter / normalize + a block mask, train_pretrain.py's defaults); fine-tuning (decode + crop / flip /
+RandAugment / normalize / random erasing, train_finetune.py's defaults). Then a DataLoader over the pre-training
+samples with --workers workers and batches of --batch (collation and transfer between processes included).
+"""
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+
+
+def make_jpegs(folder, count):
+    """count photo-like 500x375 JPEGs (smooth colour waves + noise, quality 90) in folder/x/: an ImageFolder."""
+    os.makedirs(os.path.join(folder, "x"))
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:375, 0:500]
+    waves = np.stack([128 + 100 * np.sin(x / 37 + c) * np.cos(y / 23 - c) for c in range(3)], axis=-1)
+    for i in range(count):
+        pixels = np.clip(waves + rng.normal(0, 20, waves.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, "x", f"{i}.jpg"), quality=90)
+
+
+def per_image_ms(paths, fn, repeats):
+    fn(paths[0])  # warm-up
+    start = time.perf_counter()
+    for i in range(repeats):
+        fn(paths[i % len(paths)])
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="an image folder (class subfolders); default: JPEGs made in a temporary folder")
+    parser.add_argument("--images", type=int, default=50, help="distinct files read")
+    parser.add_argument("--repeats", type=int, default=300, help="images timed per pipeline")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the last figure")
+    parser.add_argument("--batch", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data is None:
+            make_jpegs(tmp, args.images)
+        folder = data.ImageFolder(args.data or tmp)
+        paths = [folder.samples[i][0] for i in range(min(args.images, len(folder)))]
+        pretrain = data.PretrainTransform(224, min_crop_scale=0.08)
+        masks = data.BlockMaskGenerator((14, 14), num_masked=75, min_block=16)
+        finetune = data.FinetuneTransform(224)
+        print(f"{len(paths)} files from {args.data or 'generated 500x375 JPEGs'}; torch {torch.__version__}, 1 thread")
+        for name, fn in (("decode", data.load_image),
+                         ("pre-training sample", lambda p: (pretrain(data.load_image(p)), masks())),
+                         ("fine-tuning sample", lambda p: finetune(data.load_image(p)))):
+            ms = per_image_ms(paths, fn, args.repeats)
+            print(f"{name:>20}: {ms:5.1f} ms/image = {1e3 / ms:5.0f} images/s per worker", flush=True)
+
+        samples = data.MaskedImageDataset(data.ImageFolder(args.data or tmp), pretrain, masks)
+        sampler = torch.utils.data.RandomSampler(samples, replacement=True, num_samples=args.batch * 6)
+        loader = torch.utils.data.DataLoader(samples, batch_size=args.batch, sampler=sampler,
+                                             num_workers=args.workers, persistent_workers=args.workers > 0)
+        batches = iter(loader)
+        next(batches)  # workers started, first batch
+        start = time.perf_counter()
+        count = sum(images.shape[0] for images, _ in batches)
+        rate = count / (time.perf_counter() - start)
+        print(f"DataLoader, {args.workers} workers, batch {args.batch}: {rate:.0f} pre-training samples/s "
+              f"({rate / max(args.workers, 1):.0f} per worker)")
+
+
+if __name__ == "__main__":
+    main()
