@@ -6,6 +6,7 @@ import math
 import os
 import random
 import socket
+import time
 
 import pytest
 import torch
@@ -313,7 +314,13 @@ def test_distributed_eval_counts_each_image_once(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_eval_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    workers = mp.spawn(_eval_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not workers.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:  # a hang (seen once with torch 2.5.1, in destroy_process_group) fails here
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the two gloo evaluation processes did not finish within 180 s")
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert sorted(results[0]["read"] + results[1]["read"]) == [0, 1, 2, 3, 4]
     single = train_seg.evaluate(CropSizeOnly(crop=16, num_classes=4), ToyValSet(), 4, crop=16, stride=11)
