@@ -298,7 +298,13 @@ def main():
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: no CUDA device; for a dry run on the CPU: python test_gpu.py --device cpu --quick")
-    report = {"device": device_name(args.device), "torch": torch.__version__, "quick": args.quick, "checks": {}}
+    report = {"device": device_name(args.device), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "quick": args.quick, "checks": {}}
+    if args.device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(args.device)
+        report["gpu"] = {"name": props.name, "capability": [props.major, props.minor],
+                         "memory_gib": round(props.total_memory / 2 ** 30, 1), "multiprocessors": props.multi_processor_count,
+                         "arch_list": torch.cuda.get_arch_list()}
     failed = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, check in CHECKS.items():
