@@ -15,7 +15,8 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
     finetune         fine-tuning steps and the distributed-exact evaluation
     seg              segmentation steps and the sliding-window evaluation
     throughput       images/s and peak memory of a ViT-B pre-training step (CLIP ViT-B/16-sized teacher, random
-                     weights) at 64 and 128 images per GPU; ViT-L at 128 with fp16 with and without --grad_checkpoint
+                     weights) at 64 and 128 images per GPU, and at 128 with --mto; ViT-L at 128 with fp16, with and
+                     without --grad_checkpoint, and with both --grad_checkpoint and --mto
     bench_morph      python bench_morph.py --device cuda
     bench_mto        python bench_mto.py --device cuda --amp bf16 (fp16 without native bf16)
     compile          --compile: one graph shared by all blocks, finite losses, first-step loss equal to the eager run's
@@ -169,20 +170,22 @@ def check_seg(device, quick, tmp):
     return {"aAcc": metrics["aAcc"], "mIoU": metrics["mIoU"]}
 
 
-def step_figures(device, model_name, batch, amp, grad_checkpoint, steps, quick):
+def step_figures(device, model_name, batch, amp, grad_checkpoint, steps, quick, mto=False):
     """images/s and peak memory (GiB) of pre-training steps with train_pretrain's own step, a CLIP ViT-B/16-sized
-    teacher (random weights) and random images."""
+    teacher (random weights) and random images; mto: with --mto's defaults."""
     img = 64 if quick else 224
     args = train_pretrain.parse_args(["--model", model_name, "--img_size", str(img), "--batch_size", str(batch),
                                       "--amp", amp, "--teacher", "pixels", "--num_masked", str((img // 16) ** 2 * 75
-                                                                                              // 196)])
+                                                                                              // 196)]
+                                     + (["--mto"] if mto else []))
     args.grad_checkpoint = grad_checkpoint
     d = engine.Dist(device=torch.device(device))
     torch.manual_seed(0)
     model, _ = train_pretrain.build_model(args, d)
     teacher = dtm.CLIPTeacher(dtm.CLIPVisual(img, 16, *((64, 1, 1, 32) if quick else ())))
     teacher.to(device)
-    model = dtm.DTMPretrainModel(model.student, teacher.out_dim).to(device)  # the student keeps --grad_checkpoint
+    model = dtm.DTMPretrainModel(model.student, teacher.out_dim,  # the student keeps --grad_checkpoint
+                                 features_fn=model.features_fn).to(device)
     amp_dtype, scaler = engine.resolve_amp(amp, device)
     optimizer = torch.optim.AdamW(engine.param_groups(model, 0.05), lr=1e-4)
     grid = img // 16
@@ -209,19 +212,20 @@ def step_figures(device, model_name, batch, amp, grad_checkpoint, steps, quick):
 def check_throughput(device, quick, tmp):
     amp = "auto" if device.startswith("cuda") else "fp32"
     steps = 1 if quick else 10
-    figures = {f"vit_b_batch{b}": step_figures(device, "vit_tiny" if quick else "vit_b", 4 if quick else b, amp,
-                                               False, steps, quick) for b in (64, 128)}
-    if device.startswith("cuda") or quick:
-        for checkpointing in (False, True):
-            name = f"vit_l_batch128_fp16{'_grad_checkpoint' if checkpointing else ''}"
-            try:
-                figures[name] = step_figures(device, "vit_tiny" if quick else "vit_l", 4 if quick else 128,
-                                             "fp16" if device.startswith("cuda") else "fp32", checkpointing, steps,
-                                             quick)
-            except torch.OutOfMemoryError as e:
-                figures[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+    figures = {f"vit_b_batch{b}{'_mto' if mto else ''}": step_figures(device, "vit_tiny" if quick else "vit_b",
+                                                                      4 if quick else b, amp, False, steps, quick, mto)
+               for b, mto in ((64, False), (128, False), (128, True))}
+    fp16 = "fp16" if device.startswith("cuda") else "fp32"
+    vit_l_runs = ((False, False), (True, False), (True, True)) if device.startswith("cuda") or quick else ()
+    for checkpointing, mto in vit_l_runs:  # does ViT-L at 128 per GPU fit a V100-32GB (fp16)?
+        name = f"vit_l_batch128_fp16{'_grad_checkpoint' if checkpointing else ''}{'_mto' if mto else ''}"
+        try:
+            figures[name] = step_figures(device, "vit_tiny" if quick else "vit_l", 4 if quick else 128, fp16,
+                                         checkpointing, steps, quick, mto)
+        except torch.OutOfMemoryError as e:
+            figures[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     return figures
 
 
@@ -287,6 +291,7 @@ def test_report_dry_run_on_cpu(tmp_path):
     assert report["checks"]["compile"]["graphs"] == 1
     assert report["checks"]["torchrun"]["backend"] == "gloo"
     assert report["checks"]["throughput"]["vit_b_batch64"]["img_per_s"] > 0
+    assert {"vit_b_batch128_mto", "vit_l_batch128_fp16_grad_checkpoint_mto"} <= set(report["checks"]["throughput"])
 
 
 def main():
