@@ -194,6 +194,11 @@ def resolve_amp(mode: str, device) -> tuple:
     return torch.float16, torch.amp.GradScaler("cuda")
 
 
+def amp_name(dtype, scaler) -> str:
+    """What resolve_amp chose, for the start-up line: "bf16", "fp16 + GradScaler" or "fp32"."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype] + (" + GradScaler" if scaler else "")
+
+
 def autocast(d: Dist, dtype):
     """torch.autocast on the run's device with dtype (None: off)."""
     return torch.autocast(d.device.type, dtype=dtype, enabled=dtype is not None)

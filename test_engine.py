@@ -112,6 +112,7 @@ def test_amp_auto_picks_bf16_only_on_gpus_with_native_bf16(monkeypatch, capabili
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     dtype, scaler = engine.resolve_amp("auto", "cuda:0")
     assert dtype == expected and (scaler is not None) == (expected == torch.float16)
+    assert engine.amp_name(dtype, scaler) == ("fp16 + GradScaler" if expected == torch.float16 else "bf16")
     if expected == torch.float16:
         assert isinstance(scaler, torch.amp.GradScaler)
         with pytest.raises(ValueError, match="no native bf16; use --amp fp16"):
@@ -150,7 +151,7 @@ def test_gpu_without_kernels_in_this_torch_build_is_a_clear_error(monkeypatch, c
 
 
 def test_resolve_amp_on_cpu():
-    assert engine.resolve_amp("auto", "cpu") == (None, None)
+    assert engine.resolve_amp("auto", "cpu") == (None, None) and engine.amp_name(None, None) == "fp32"
     assert engine.resolve_amp("fp32", torch.device("cpu")) == (None, None)
     assert engine.resolve_amp("bf16", "cpu") == (torch.bfloat16, None)
     with pytest.raises(ValueError, match="fp16 needs a CUDA"):

@@ -179,10 +179,12 @@ def strict_json_lines(path):
     return [json.loads(line, parse_constant=refuse) for line in open(path)]
 
 
-def test_fp16_with_grad_scaler_skips_overflowing_steps_and_resumes_exactly(image_folder, tmp_path, monkeypatch):
+def test_fp16_with_grad_scaler_skips_overflowing_steps_and_resumes_exactly(image_folder, tmp_path, monkeypatch,
+                                                                           capsys):
     fp16_on_the_cpu(monkeypatch)
     argv = lambda out, steps: tiny_argv(image_folder, tmp_path / out, "--max_steps", str(steps), "--amp", "fp16")
     full = tp.main(argv("full", 7))
+    assert "amp fp16 + GradScaler" in capsys.readouterr().out
     tp.main(argv("split", 4))
     checkpoint = torch.load(tmp_path / "split" / engine.LAST)
     resumed = tp.main(argv("split", 7))

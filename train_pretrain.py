@@ -257,7 +257,7 @@ def train(args, d: engine.Dist) -> dict:
     ddp_model = engine.ddp(model, d)  # the teacher stays outside: it does not train
     d.print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, teacher {args.teacher} "
             f"(dim {teacher.out_dim}), {len(dataset)} images, total batch {total_batch}, lr {lr:.3g}, "
-            f"{steps_per_epoch} steps/epoch, amp {amp_dtype or 'fp32'}")
+            f"{steps_per_epoch} steps/epoch, amp {engine.amp_name(amp_dtype, scaler)}")
     if step >= last_step:
         d.print(f"{args.output_dir} holds a finished run (step {step} of {last_step}): nothing to do; raise --epochs "
                 f"to train on, or pass --fresh (or another --output_dir) to start over")

@@ -522,7 +522,7 @@ def train(args, d):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # 2 images per GPU: BN statistics over all GPUs
     d.print(f"{args.model} UperNet, {num_classes} classes, crop {args.crop_size}, pyramid from blocks "
             f"{model.out_indices}, init {args.init}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-            f"{d.world_size} process(es) on {d.device}, amp {amp_dtype}")
+            f"{d.world_size} process(es) on {d.device}, amp {engine.amp_name(amp_dtype, scaler)}")
 
     groups = engine.param_groups(model, args.weight_decay,
                                  engine.layer_decay_fn(model.backbone.depth, args.layer_decay, prefix="backbone."))
