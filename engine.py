@@ -106,11 +106,11 @@ def check_gpu_supported(device):
     at start-up, then "no kernel image is available for execution on the device" at the first kernel). A build runs
     on a GPU of compute capability (M, m) if it has machine code sm_Mn with n <= m, or PTX compute_ab <= (M, m)."""
     capability = torch.cuda.get_device_capability(device)
-    archs = torch.cuda.get_arch_list()  # empty if unknown: then torch decides
+    archs = torch.cuda.get_arch_list()
     cubins = [_capability(a) for a in archs if a.startswith("sm_")]
     ptx = [_capability(a) for a in archs if a.startswith("compute_")]
     runs = any(c[0] == capability[0] and c <= capability for c in cubins) or any(c <= capability for c in ptx)
-    if archs and not runs:
+    if (cubins or ptx) and not runs:  # nothing known (an empty list, ROCm's gfx names): torch decides
         hint = (" (for a V100: a CUDA 12.6 build, pip install torch --index-url https://download.pytorch.org/whl/cu126;"
                 " see the README)") if capability < (7, 5) else ""
         raise ValueError(f"this torch build ({torch.__version__}) has no kernels for {torch.cuda.get_device_name(device)}"

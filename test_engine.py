@@ -131,7 +131,7 @@ CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
     ((8, 9), ["sm_80", "sm_86", "sm_90"], True),  # L40 / RTX 4090 run sm_86 code
     ((9, 0), ["sm_80", "sm_90a"], True), ((12, 1), CU130, True),  # 12.1 via sm_120
     ((11, 0), ["sm_100", "sm_120"], False), ((11, 0), ["sm_100", "compute_100"], True),  # PTX JIT-compiles upwards
-    ((7, 0), [], True)])  # unknown arch list: torch decides
+    ((7, 0), [], True), ((9, 0), ["gfx90a", "gfx942"], True)])  # unknown (empty, ROCm): torch decides
 def test_gpu_without_kernels_in_this_torch_build_is_a_clear_error(monkeypatch, capability, archs, runs):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: archs)
