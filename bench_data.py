@@ -65,7 +65,7 @@ def main():
             ms = per_image_ms(paths, fn, args.repeats)
             print(f"{name:>20}: {ms:5.1f} ms/image = {1e3 / ms:5.0f} images/s per worker", flush=True)
 
-        samples = data.MaskedImageDataset(data.ImageFolder(args.data or tmp), pretrain, masks)
+        samples = data.MaskedImageDataset(folder, pretrain, masks)
         sampler = torch.utils.data.RandomSampler(samples, replacement=True, num_samples=args.batch * 6)
         loader = torch.utils.data.DataLoader(samples, batch_size=args.batch, sampler=sampler,
                                              num_workers=args.workers, persistent_workers=args.workers > 0)

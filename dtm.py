@@ -196,11 +196,10 @@ class DropPath(nn.Module):
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.p = p
-        self.drops = p > 0.0
         self.register_buffer("keep_prob", torch.tensor(1.0 - p), persistent=False)
 
     def forward(self, x):
-        if not (self.drops and self.training):
+        if self.p == 0.0 or not self.training:
             return x
         keep = torch.rand(x.shape[0], *(1,) * (x.dim() - 1), device=x.device) < self.keep_prob  # (B, 1, ..., 1)
         return x * keep / self.keep_prob  # a 0-dim tensor: x's dtype is kept (bf16/fp16 under autocast)

@@ -241,7 +241,7 @@ def check_bench_morph(device, quick, tmp):
 
 
 def check_bench_mto(device, quick, tmp):
-    amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[engine.resolve_amp("auto", device)[0]]
+    amp = engine.amp_name(engine.resolve_amp("auto", device)[0], None)  # bench_mto.py's --amp choice
     quick_flags = ["--model", "vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--img_size", "64"]
     return run_bench(["bench_mto.py", "--device", device, "--amp", amp,
                       *(quick_flags if quick else ["--steps", "10", "--warmup", "2"])])
@@ -308,8 +308,8 @@ def main():
     if args.device.startswith("cuda"):
         props = torch.cuda.get_device_properties(args.device)
         report["gpu"] = {"name": props.name, "capability": [props.major, props.minor],
-                         "memory_gib": round(props.total_memory / 2 ** 30, 1), "multiprocessors": props.multi_processor_count,
-                         "arch_list": torch.cuda.get_arch_list()}
+                         "memory_gib": round(props.total_memory / 2 ** 30, 1),
+                         "multiprocessors": props.multi_processor_count, "arch_list": torch.cuda.get_arch_list()}
     failed = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, check in CHECKS.items():

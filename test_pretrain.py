@@ -164,8 +164,8 @@ def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path):
 
 def fp16_on_the_cpu(monkeypatch):
     """--amp fp16 (the V100 path: fp16 autocast + GradScaler) on the CPU, which torch supports but the trainers refuse
-    (slow there). The scaler starts at 2**40, so the first steps overflow and are skipped, and grows every 2 steps, so
-    its whole state (scale and growth tracker) matters for an exact resume."""
+    (slow there). The scaler starts at 2**24, at which the first steps of this run overflow and are skipped, and grows
+    every 2 steps, so its whole state (scale and growth tracker) matters for an exact resume."""
     def resolve_amp(mode, device):
         assert mode == "fp16"
         return torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0 ** 24, growth_interval=2)

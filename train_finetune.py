@@ -365,8 +365,9 @@ def finetune(args, d, amp_dtype, scaler):
     ddp_model = engine.ddp(model, d)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     d.print(f"{args.model}: {len(train_set)} training images, {len(classes)} classes, {d.world_size} process(es) on "
-            f"{d.device}, amp {engine.amp_name(amp_dtype, scaler)}; total batch {total_batch}, lr {lr:.3g} (--lr {args.lr:g}, {args.lr_scaling} scaling), layer decay "
-            f"{layer_decay}, {args.epochs} epochs x {steps_per_epoch} steps, starting at step {step}")
+            f"{d.device}, amp {engine.amp_name(amp_dtype, scaler)}; total batch {total_batch}, lr {lr:.3g} "
+            f"(--lr {args.lr:g}, {args.lr_scaling} scaling), layer decay {layer_decay}, {args.epochs} epochs x "
+            f"{steps_per_epoch} steps, starting at step {step}")
     if step >= total_steps:
         d.print(f"{args.output_dir} holds a finished run (step {step} of {total_steps}): nothing to do; raise --epochs "
                 f"to train on, or pass --fresh (or another --output_dir) to start over")
