@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import dtm
+import engine
 import morph
 import mto
 
@@ -284,6 +285,29 @@ def test_take_rows_gradient_is_a_fresh_contiguous_tensor_equal_to_index_select_b
         assert torch.equal(got, expected) and expected._is_view()
         assert got.is_contiguous() and not got._is_view() and got.untyped_storage().nbytes() == got.nbytes
         assert torch.autograd.gradcheck(lambda t: mto._TakeRows.apply(t, index, dim), (x.detach().requires_grad_(),))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside torch.compile
+def test_mto_with_compiled_blocks_equals_eager():
+    """--compile --mto: the blocks compiled (engine.compile_blocks) return the q, k and outputs the losses read, and
+    autograd adds the losses' gradients to the ones of the compiled backward. One graph for all blocks (with the mask
+    and q, k returned), and the losses and every parameter's gradient equal the eager model's."""
+    from torch._dynamo.utils import counters
+    x, mask = images(), random_mask()
+    eager, compiled = tiny_vit(), tiny_vit()
+    engine.compile_blocks(compiled)
+    torch._dynamo.reset()
+    counters.clear()
+    results = []
+    for model in (eager, compiled):
+        tokens, losses = mto.mto_forward(model, x, mask, mto.MTOConfig())
+        loss = tokens.pow(2).mean() + losses["loss_sing"] + losses["loss_ent"]
+        results.append((torch.stack([loss, losses["loss_sing"], losses["loss_ent"]]).detach(), grads(loss, model)))
+    assert counters["stats"]["unique_graphs"] == 1
+    (values, reference), (compiled_values, compiled_grads) = results
+    torch.testing.assert_close(compiled_values, values, rtol=1e-5, atol=1e-6)
+    for name, g in reference.items():
+        torch.testing.assert_close(compiled_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_depth_weights():
