@@ -216,6 +216,35 @@ def test_checkpoint_loads_with_plain_torch_load_and_restores_rng(tmp_path):
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
 
 
+def test_cuda_rng_state_is_this_device_only_and_resumes_on_fewer_gpus(monkeypatch):
+    """A fake CUDA with 2 devices, current device 1: the checkpoint holds device 1's state and restores it onto the
+    current device; a list of 8 devices' states (checkpoints before this was fixed, saved on 8 GPUs) restores the
+    current device's entry instead of indexing devices this process does not have."""
+    states = [torch.full((4,), float(i)).to(torch.uint8) for i in range(8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[1])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("indexes every saved device"))
+    state = engine.rng_state()
+    assert torch.equal(state["cuda"], states[1])
+    engine.set_rng_state(state)
+    engine.set_rng_state({**state, "cuda": states})
+    engine.set_rng_state({**state, "cuda": states[:1]})  # saved on one GPU, resumed as rank 1: nothing to restore
+    assert [int(t[0]) for t in restored] == [1, 1]
+
+
+def test_ddp_broadcasts_buffers_only_where_ranks_can_differ():
+    """The ViTs' buffers (relative position indices) are constant: no broadcast before every forward. BatchNorm's
+    running statistics differ per rank unless SyncBatchNorm keeps them equal."""
+    vit = dtm.build_vit("vit_tiny", img_size=32, rel_pos_bias="both")
+    assert len(list(vit.buffers())) > 1 and not engine.buffers_differ_between_ranks(vit)
+    head = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    assert engine.buffers_differ_between_ranks(torch.nn.ModuleList([vit, head]))
+    assert not engine.buffers_differ_between_ranks(torch.nn.SyncBatchNorm.convert_sync_batchnorm(head))
+
+
 def test_non_finite_weights_are_never_saved(tmp_path):
     model = torch.nn.Linear(3, 2)
     path = str(tmp_path / engine.LAST)

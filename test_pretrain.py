@@ -353,6 +353,7 @@ def run(helper, argv, processes):
                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1"))
     # a rank's own error comes early; the fault handler prints each thread's Python stack if a rank aborts
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-12000:]
+    return proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("mto_flags", [(), ("--mto", "--mto_layers", "2")], ids=["dtm", "dtm+mto"])
@@ -366,8 +367,9 @@ def test_two_processes_equal_one_process_with_the_same_total_batch(image_folder,
     # 12 images -> 1 optimizer step per epoch: 3 epochs, 3 steps, no_sync on micro-batch 0
     flags = ("--accum_iter", "2", "--log_every", "2", "--drop_path", "0", "--split", "alternate", "--schedules",
              "shared", *mto_flags)
-    run(helper, tiny_argv(image_folder, tmp_path / "two", *flags, "--batch_size", "2"), processes=2)
+    output = run(helper, tiny_argv(image_folder, tmp_path / "two", *flags, "--batch_size", "2"), processes=2)
     run(helper, tiny_argv(image_folder, tmp_path / "one", *flags, "--batch_size", "4"), processes=1)
+    assert [output.count(f"epoch {e}: step {e + 1},") for e in range(3)] == [0, 1, 1]  # rank 0 only; none logged in 0
     two = {r: torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)}
     one = torch.load(tmp_path / "one" / "rank0.pt")
     checkpoint = torch.load(tmp_path / "two" / engine.LAST)

@@ -319,7 +319,7 @@ def train(args, d: engine.Dist) -> dict:
             save(f"checkpoint-{epoch}.pth")
         if end_of_epoch:
             epoch_losses = [r["loss"] for r in logged if r["epoch"] == epoch]
-            if epoch_losses:
+            if epoch_losses and d.is_main:  # tqdm.write prints even where the bar is disabled
                 bar.write(f"epoch {epoch}: step {step}, mean logged loss {sum(epoch_losses) / len(epoch_losses):.4f}")
     bar.close()
     engine.report_unreadable(unreadable, d, step, log)
