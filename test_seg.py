@@ -267,6 +267,12 @@ def test_labels_are_checked_per_sample_naming_the_file(tmp_path):
     write_seg_folder(tmp_path / "bad", bad)
     metrics = train_seg.main(generic_run(tmp_path / "train", tmp_path / "val", tmp_path / "ok"))
     assert len(metrics["IoU"]) == 3
+    # --eval needs only the validation folders (without the training ones it once fell back to the demo shapes)
+    evaluated = train_seg.main(["--eval", str(tmp_path / "ok" / "checkpoint-best.pth"), "--val_img_dir",
+                                str(tmp_path / "val" / "img"), "--val_ann_dir", str(tmp_path / "val" / "ann"),
+                                "--num_classes", "3", "--scale", "48", "32", "--stride", "24", "--num_workers", "0",
+                                "--output_dir", str(tmp_path / "ok")])
+    assert evaluated["aAcc"] == pytest.approx(metrics["aAcc"]) and evaluated["IoU"] == pytest.approx(metrics["IoU"])
     with pytest.raises(ValueError, match="validation samples cannot be used; first: annotation .*bad/ann/3.png' holds "
                                          "label values \\[9\\]"):
         train_seg.main(generic_run(tmp_path / "train", tmp_path / "bad", tmp_path / "v"))
@@ -330,7 +336,11 @@ def test_distributed_eval_counts_each_image_once(tmp_path):
 
 
 def test_generic_dataset_needs_all_folders(tmp_path):
-    with pytest.raises(ValueError, match="--val_img_dir"):
+    val_only = train_seg.parse_args(["--val_img_dir", str(tmp_path), "--val_ann_dir", str(tmp_path), "--init", "none"])
+    assert not val_only.demo
+    with pytest.raises(ValueError, match="missing: --img_dir, --ann_dir, --num_classes"):
+        train_seg.build_datasets(val_only)
+    with pytest.raises(ValueError, match="missing: --val_img_dir, --val_ann_dir, --num_classes"):
         train_seg.build_datasets(train_seg.parse_args(["--img_dir", str(tmp_path), "--ann_dir", str(tmp_path),
                                                        "--init", "none"]))
     with pytest.raises(ValueError, match="--init none"):

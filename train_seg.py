@@ -308,28 +308,33 @@ def evaluate(model, dataset, num_classes: int, crop: int, stride: int, flip: boo
 # Data
 
 
-def build_datasets(args):
-    """(train dataset, val dataset, class names) from --data (ADE20K), --img_dir/--ann_dir, or the demo shapes."""
+def build_datasets(args, train: bool = True):
+    """(train dataset or None, val dataset, class names) from --data (ADE20K), --img_dir/--ann_dir/--val_img_dir/
+    --val_ann_dir, or the demo shapes. train=False (--eval): no training set, and its folders are not needed."""
     train_tf = data.SegTrainTransform(crop_size=args.crop_size, scale=tuple(args.scale),
                                       ratio_range=tuple(args.ratio_range), cat_max_ratio=args.cat_max_ratio)
     eval_tf = data.SegEvalTransform(scale=tuple(args.scale))
     if args.data:
-        train = data.ADE20KDataset(args.data, "training", train_tf)
-        val = data.ADE20KDataset(args.data, "validation", eval_tf)
-        return train, val, list(data.ADE20K_CLASSES)
-    if args.img_dir or args.ann_dir:
-        if not (args.img_dir and args.ann_dir and args.val_img_dir and args.val_ann_dir and args.num_classes):
-            raise ValueError("a generic dataset needs --img_dir, --ann_dir, --val_img_dir, --val_ann_dir and "
-                             "--num_classes (label values 0..num_classes-1, 255 ignored; see --reduce_zero_label)")
+        train_set = data.ADE20KDataset(args.data, "training", train_tf) if train else None
+        return train_set, data.ADE20KDataset(args.data, "validation", eval_tf), list(data.ADE20K_CLASSES)
+    if not args.demo:
+        needed = {"--img_dir": args.img_dir, "--ann_dir": args.ann_dir} if train else {}
+        needed.update({"--val_img_dir": args.val_img_dir, "--val_ann_dir": args.val_ann_dir,
+                       "--num_classes": args.num_classes})
+        missing = [flag for flag, value in needed.items() if not value]
+        if missing:
+            raise ValueError(f"a generic dataset {'for training ' if train else ''}needs {', '.join(needed)} "
+                             f"(missing: {', '.join(missing)}; label values 0..num_classes-1, 255 ignored; see "
+                             f"--reduce_zero_label)")
         kw = dict(img_suffix=args.img_suffix, ann_suffix=args.ann_suffix, reduce_zero_label=args.reduce_zero_label,
                   num_classes=args.num_classes)
-        train = data.SegFolder(args.img_dir, args.ann_dir, train_tf, **kw)
+        train_set = data.SegFolder(args.img_dir, args.ann_dir, train_tf, **kw) if train else None
         val = data.SegFolder(args.val_img_dir, args.val_ann_dir, eval_tf, **kw)
-        return train, val, [str(c) for c in range(args.num_classes)]
+        return train_set, val, [str(c) for c in range(args.num_classes)]
     shapes = dict(img_size=args.demo_img_size, num_classes=args.demo_shape_classes)
-    train = data.ShapesSegmentation(data.SyntheticShapes(args.demo_train_images, seed=0, **shapes), train_tf)
+    train_set = data.ShapesSegmentation(data.SyntheticShapes(args.demo_train_images, seed=0, **shapes), train_tf)
     val = data.ShapesSegmentation(data.SyntheticShapes(args.demo_val_images, seed=1, **shapes), eval_tf)
-    return train, val, train.classes
+    return train_set, val, train_set.classes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -418,13 +423,14 @@ def get_args_parser():
 def parse_args(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    args.demo = not (args.data or args.img_dir or args.ann_dir)
+    args.demo = not (args.data or args.img_dir or args.ann_dir or args.val_img_dir or args.val_ann_dir)
     if args.demo:
         parser.set_defaults(**DEMO_DEFAULTS)
         args = parser.parse_args(argv)
         args.demo = True
-    if args.data and (args.img_dir or args.ann_dir):
-        raise ValueError("pass either --data (ADE20K) or --img_dir/--ann_dir (a generic dataset), not both")
+    if args.data and (args.img_dir or args.ann_dir or args.val_img_dir or args.val_ann_dir):
+        raise ValueError("pass either --data (ADE20K) or --img_dir/--ann_dir/--val_img_dir/--val_ann_dir (a generic "
+                         "dataset), not both")
     if args.crop_size % dtm.PATCH_SIZE:
         raise ValueError(f"--crop_size {args.crop_size} is not divisible by the patch size {dtm.PATCH_SIZE}; "
                          f"use e.g. 512")
@@ -479,7 +485,7 @@ def run_eval(args, d):
     checkpoint = engine.load_checkpoint(args.eval, "dtm_seg", "--eval")
     for key in ("model", "crop_size", "channels", "out_indices"):
         setattr(args, key, checkpoint["args"][key])
-    _, val_set, class_names = build_datasets(args)
+    _, val_set, class_names = build_datasets(args, train=False)
     if len(class_names) != checkpoint["num_classes"]:
         raise ValueError(f"the validation data has {len(class_names)} classes, {args.eval!r} was trained on "
                          f"{checkpoint['num_classes']}")
