@@ -160,8 +160,8 @@ class Attention(nn.Module):
     Always fused SDPA. With a relative position bias (or a mask) the additive float bias (heads or B x heads, T, T),
     in the autocast dtype, rules out the flash kernel: on CUDA the memory-efficient kernel runs it (bf16, fp16 and
     fp32; test_gpu.py forces that kernel to check), on the CPU SDPA's own. return_qk also returns (q, k, relative
-    position bias (heads, T, T) or None) as SDPA used them (attn_mask not included), for losses on chosen rows of
-    the attention (mto.py) without materializing all of it.
+    position bias (heads, T, T) or None) as SDPA used them (attn_mask not included; the bias before its cast to the
+    autocast dtype), for losses on chosen rows of the attention (mto.py) without materializing all of it.
     """
 
     def __init__(self, dim: int, num_heads: int, rel_pos_grid=None):
@@ -726,7 +726,8 @@ class PixelTeacher(FrozenTeacher):
         if H % p or W % p:
             raise ValueError(f"image {H}x{W} is not divisible by the patch size {p}")
         x = images.float().reshape(B, C, H // p, p, W // p, p)
-        x = torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)  # MAE's patchify order
+        # MAE's patchify order; a permute, not einsum, which CUDA's autocast would run in bf16/fp16
+        x = x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
         mean, var = x.mean(dim=-1, keepdim=True), x.var(dim=-1, keepdim=True)  # unbiased var, as MAE
         return (x - mean) / (var + self.eps).sqrt()
 

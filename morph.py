@@ -50,7 +50,9 @@ Where this file deliberately differs from the paper's literal text, and why:
   * Clamping (ToMe's rule): before round p with T current tokens, r_p <- min(r_p, (T - protected) // 2), with
     protected = 1 for split="official", else 0. Rounds with r_p = 0 are skipped (and draw no random numbers).
     Negative r_p is an error.
-  * Float precision: matching runs in float32 (float64 for float64 input). ToMe normalizes merged means where
+  * Float precision: matching runs in float32 (float64 for float64 input), also when called under autocast. On
+    GPUs with TF32 matmuls on (as engine.setup turns them on) the float32 products round their inputs to TF32's
+    10-bit mantissa: exact for bf16/fp16 tokens (a teacher's output under autocast), not for float32 ones. ToMe normalizes merged means where
     this file compares member sums; the cosines agree to rounding, so in float32 a near-tie in the similarity
     sort can order two edges differently from a ToMe implementation, and several rounds can then diverge. The
     tests compare against ToMe references in float64.
@@ -241,6 +243,11 @@ def token_morphing_levels(x: torch.Tensor, schedules, split: str = "random", gen
     Equal to [token_morphing(x, s, split, generator) for s in schedules] (same random draws, in order),
     but the Gram matrix of the tokens is computed once for all levels.
     """
+    with torch.autocast(x.device.type, enabled=False):  # matching in float32 even if called under autocast
+        return _morphing_levels(x, schedules, split, generator)
+
+
+def _morphing_levels(x, schedules, split, generator) -> list:
     if x.dim() != 3:
         raise ValueError(f"token_morphing expects x of shape (B, N, C), got {tuple(x.shape)}")
     if not x.is_floating_point():

@@ -275,6 +275,22 @@ def test_on_gpu(name, tmp_path):
     CHECKS[name]("cuda:0", False, str(tmp_path))
 
 
+@needs_cuda
+def test_pixel_targets_and_matching_are_float32_under_cuda_autocast():
+    """CUDA's autocast casts more ops than the CPU's (einsum, for one): PixelTeacher's targets and token morphing's
+    matching must come out as without autocast."""
+    import morph
+    images = torch.randn(2, 3, 64, 64, device="cuda")
+    teacher = dtm.PixelTeacher(16)
+    tokens = (torch.randn(2, 1, 64) * 3 + torch.randn(2, 16, 64)).to("cuda", torch.bfloat16)
+    expected = teacher(images), morph.token_morphing_levels(tokens, [[2] * 4, [5]], "official")
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cuda", dtype=dtype):
+            targets, groups = teacher(images), morph.token_morphing_levels(tokens, [[2] * 4, [5]], "official")
+        assert targets.dtype == torch.float32 and torch.equal(targets, expected[0])
+        assert all(torch.equal(a, b) for a, b in zip(groups, expected[1]))
+
+
 def test_report_dry_run_on_cpu(tmp_path):
     """The report command itself, on the CPU at tiny sizes: every check runs (or says why it does not apply) and the
     JSON holds them all."""

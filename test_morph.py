@@ -226,6 +226,18 @@ def test_low_and_high_precision_inputs(dtype):
     torch.testing.assert_close(means.float(), morph_matrix(groups, 28) @ x.float(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dim", [8, 64])  # feature sums / shared Gram matrix
+def test_matching_is_float32_under_autocast(dim):
+    """Called under autocast (as a teacher's targets might be), matching still computes its products in float32:
+    tokens with a large shared component, whose cosines are near ties, merge as without autocast."""
+    x = (torch.randn(2, 1, dim) * 3 + torch.randn(2, 40, dim)).to(torch.bfloat16)
+    schedules = [[3] * 6, [10, 10]]
+    expected = token_morphing_levels(x, schedules, "official")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = token_morphing_levels(x, schedules, "official")
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 # --------------------------------------------------------------------------------------------------
 # Applying a partition
 
