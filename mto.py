@@ -14,6 +14,14 @@ file was written):
     most salient visible tokens";
   - the method is weight recalibration plus losses built on an entropy-based heterogeneity measure between masked
     and visible tokens.
+Public summaries add (third-party, not the paper's words; read 2026-12-02): the losses are three, named L_spa, L_e and
+L_r (sciencestack.ai's TL;DR of arXiv 2404.08330); a machine-written summary of the PDF (linnk.ai) describes them as
+a loss that keeps masked tokens from affecting the visible tokens' learning, a loss that maximizes the heterogeneity
+of masked and visible tokens in the early layers, and a rank loss that lets it decrease gradually in later layers.
+How this file's terms relate to those names is a guess, the equations being unknown: recalibration_mask does the
+first by exclusion (a hard mask, not a loss); singularity_loss and attention_entropy (L_e by its name) push the
+heterogeneity up, most in the first blocks; nothing here is a rank loss (L_r): the depth weights below are a fixed
+linear decay, not a loss that orders the blocks' heterogeneity.
 
 What this file makes of it (THIS IMPLEMENTATION'S READING, not the paper's equations):
   1. Weight recalibration (recalibration_mask). In the attention of the first `layers` blocks (default: all),
@@ -43,7 +51,9 @@ What this file makes of it (THIS IMPLEMENTATION'S READING, not the paper's equat
   w_l = (D - l) / sum_{l' < K} (D - l'): linear decay, strongest in the first block, weights summing to 1.
   Per-sample losses: each image's loss is computed on its own tokens, the batch loss is the plain mean over images
   (an image with no masked or no visible patch contributes 0), so the loss does not depend on how a batch is split
-  over GPUs. Losses are computed in float32 under autocast.
+  over GPUs. Losses are computed in float32 under autocast (their matmuls in TF32 where the trainer turns TF32 on:
+  the singularity loss's choice of the nearest visible patch can then differ at near ties; the cosine to it is
+  computed without a matmul).
   Total loss = base loss + lambda_sing * L_sing + lambda_ent * L_ent. The default lambdas (0.1, 0.1) are this
   implementation's choice, not tuned and not from the paper.
 
