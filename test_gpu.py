@@ -8,6 +8,8 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
     amp_choice       --amp auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp16 + GradScaler
     efficient_sdpa   ViT-B attention with relative position bias and MTO's recalibration mask runs in SDPA's
                      memory-efficient kernel (forced) in bf16 and fp16, forward and backward, equal to the math kernel
+    autocast_fp32    PixelTeacher's targets and token morphing's groups under CUDA autocast (bf16, fp16) equal
+                     those without it
     pretrain_amp     pre-training steps of vit_b in fp32, bf16 (native only) and fp16 + GradScaler: finite losses,
                      the first step's loss equal to fp32 within the dtype's tolerance
     mto              --mto: finite, the MTO fields logged
@@ -105,6 +107,25 @@ def check_efficient_sdpa(device, quick, tmp):
         assert error < 5e-2 and grad_error < 5e-2, (name, error, grad_error)
         details[name] = {"max_rel_error_tokens": error, "max_rel_error_grad": grad_error}
     return details
+
+
+def check_autocast_fp32(device, quick, tmp):
+    """CUDA's autocast casts more ops than the CPU's (einsum, for one): PixelTeacher's targets and token morphing's
+    matching come out as without autocast."""
+    if not device.startswith("cuda"):
+        raise Skip("CUDA's autocast op lists differ from the CPU's; test_morph.py checks the CPU")
+    import morph
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64, device=device)
+    teacher = dtm.PixelTeacher(16)
+    tokens = (torch.randn(2, 1, 64) * 3 + torch.randn(2, 16, 64)).to(device, torch.bfloat16)  # near-tied cosines
+    expected = teacher(images), morph.token_morphing_levels(tokens, [[2] * 4, [5]], "official")
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cuda", dtype=dtype):
+            targets, groups = teacher(images), morph.token_morphing_levels(tokens, [[2] * 4, [5]], "official")
+        assert targets.dtype == torch.float32 and torch.equal(targets, expected[0]), dtype
+        assert all(torch.equal(a, b) for a, b in zip(groups, expected[1])), dtype
+    return {"dtypes": ["bf16", "fp16"]}
 
 
 def check_pretrain_amp(device, quick, tmp):
@@ -269,26 +290,10 @@ CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.sta
 # the tests (CUDA), and one on the CPU for the report itself
 
 @needs_cuda
-@pytest.mark.parametrize("name", ["amp_choice", "efficient_sdpa", "pretrain_amp", "compile", "mto", "torchrun",
-                                  "finetune", "seg"])
+@pytest.mark.parametrize("name", ["amp_choice", "efficient_sdpa", "autocast_fp32", "pretrain_amp", "compile",
+                                  "mto", "torchrun", "finetune", "seg"])
 def test_on_gpu(name, tmp_path):
     CHECKS[name]("cuda:0", False, str(tmp_path))
-
-
-@needs_cuda
-def test_pixel_targets_and_matching_are_float32_under_cuda_autocast():
-    """CUDA's autocast casts more ops than the CPU's (einsum, for one): PixelTeacher's targets and token morphing's
-    matching must come out as without autocast."""
-    import morph
-    images = torch.randn(2, 3, 64, 64, device="cuda")
-    teacher = dtm.PixelTeacher(16)
-    tokens = (torch.randn(2, 1, 64) * 3 + torch.randn(2, 16, 64)).to("cuda", torch.bfloat16)
-    expected = teacher(images), morph.token_morphing_levels(tokens, [[2] * 4, [5]], "official")
-    for dtype in (torch.bfloat16, torch.float16):
-        with torch.autocast("cuda", dtype=dtype):
-            targets, groups = teacher(images), morph.token_morphing_levels(tokens, [[2] * 4, [5]], "official")
-        assert targets.dtype == torch.float32 and torch.equal(targets, expected[0])
-        assert all(torch.equal(a, b) for a, b in zip(groups, expected[1]))
 
 
 def test_report_dry_run_on_cpu(tmp_path):
@@ -303,7 +308,7 @@ def test_report_dry_run_on_cpu(tmp_path):
     assert set(report["checks"]) == set(CHECKS)
     status = {name: check["status"] for name, check in report["checks"].items()}
     assert status == {**{name: "ok" for name in CHECKS}, "amp_choice": "skipped", "efficient_sdpa": "skipped",
-                      "bench_morph": "skipped"}, report
+                      "autocast_fp32": "skipped", "bench_morph": "skipped"}, report
     assert report["checks"]["compile"]["graphs"] == 1
     assert report["checks"]["torchrun"]["backend"] == "gloo"
     assert report["checks"]["throughput"]["vit_b_batch64"]["img_per_s"] > 0
