@@ -34,8 +34,9 @@ The ViT is BEiT's (Bao et al. 2022) as the official code builds it (models/model
 run_pretrain_dtm.py): no absolute position embedding (--abs_pos_emb off), relative position bias both shared and
 per block (REL_POS_BIAS), layer scale 0.1 (1e-5 for ViT-L in run_pretrain_dtm.py's help), q and v bias but no k bias
 (a k bias would be cancelled by the softmax anyway), LayerNorm eps 1e-6, truncated-normal init (std 0.02, truncated
-at +-std, modeling_dtm.py's trunc_normal_ wrapper) and the rescaling of each block's output projections by
-1 / sqrt(2 * layer_id) (fix_init_weight).
+at +-std, modeling_dtm.py's trunc_normal_ wrapper; modeling_finetune.py uses timm's, whose bounds are +-2 absolute,
+i.e. hardly truncated: of what fine-tuning initializes, only the classifier head differs, and it is scaled by 0.001)
+and the rescaling of each block's output projections by 1 / sqrt(2 * layer_id) (fix_init_weight).
 """
 import math
 import os
@@ -79,7 +80,7 @@ def _pair(size) -> tuple:
 
 
 def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
-    # BEiT's wrapper truncates at +-std (not +-2 std as timm's default)
+    # BEiT's wrapper truncates at +-std (timm's default bounds are +-2 absolute: +-100 std at std 0.02)
     return nn.init.trunc_normal_(t, std=std, a=-std, b=std)
 
 

@@ -21,8 +21,10 @@ recipe below is BEiT's mmsegmentation config for self-supervised checkpoints
     loss        pixel-wise cross-entropy at the crop's resolution, averaged over the labeled pixels (255 = ignore;
                 the mmseg 0.11 that BEiT used averages over all pixels, ignored ones included: a per-batch scale)
     optimizer   AdamW (0.9, 0.999), lr 7e-4, weight decay 0.05 (none on 1-D parameters, biases, cls_token and
-                pos_embed: engine.param_groups, the rule of BEiT's LayerDecayOptimizerConstructor and the official
-                DTM code), layer-wise lr decay 0.65 (the heads count as the top layer), batch 16 (8 GPUs x 2)
+                pos_embed: engine.param_groups, the official DTM code's rule; BEiT's LayerDecayOptimizerConstructor
+                writes the same rule but compares 'cls_token' with the segmentor's 'backbone.cls_token', so BEiT's
+                segmentation runs decay cls_token), layer-wise lr decay 0.65 (the heads count as the top layer),
+                batch 16 (8 GPUs x 2)
     schedule    160k iterations; linear warmup over 1500 from 1e-6 x lr, then poly decay (power 1) to 0
     eval        single scale (short side 512, long side <= 2048), sliding 512x512 windows with stride 341
                 (zero-padded where the image is smaller), window logits averaged, resized to the label's size;
