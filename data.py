@@ -35,7 +35,8 @@ masking, RandAugment, RandomErasing, Mixup and the segmentation transforms draw 
 and mmseg do with Python/numpy). The trainers seed both for every sample from (seed, epoch, index) and for every
 micro-step from (seed, micro-step, rank) (engine.SeededSamples, engine.seed_step), so a run is reproducible and
 resumes exactly whatever the number of DataLoader workers.
-Masks (segmentation labels) are only ever resized with NEAREST. Files that cannot be decoded raise UnreadableImage.
+Masks (segmentation labels) are only ever resized with NEAREST; segmentation images with cv2's bilinear, as mmcv
+(resize_cv2_linear). Files that cannot be decoded raise UnreadableImage.
 """
 import math
 import os
@@ -43,6 +44,7 @@ import random
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -50,7 +52,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IGNORE_INDEX = 255
 BICUBIC = Image.Resampling.BICUBIC
-BILINEAR = Image.Resampling.BILINEAR
 NEAREST = Image.Resampling.NEAREST
 
 
@@ -818,19 +819,34 @@ class ADE20KDataset(SegFolder):
         super().__init__(img_dir, ann_dir, transform, ".jpg", ".png", reduce_zero_label, ADE20K_CLASSES)
 
 
-def seg_random_resize(img, mask, scale=(2048, 512), ratio_range=(0.5, 2.0), resample=BILINEAR):
+CV2_LINEAR = "cv2_linear"  # image_resample: cv2.resize's INTER_LINEAR, mmcv's default for images (resize_cv2_linear)
+
+
+def resize_cv2_linear(img, size):
+    """PIL RGB image -> size (w, h) as cv2.resize(INTER_LINEAR) does, the resize of mmcv (imrescale) and so of mmseg:
+    bilinear with pixel centers at +0.5 and no antialiasing. PIL's BILINEAR widens its filter when it shrinks, a
+    blur mmseg's images do not have (on random noise halved, its pixels differ from cv2's by 21 grey levels on
+    average; these by at most 1, cv2 rounding 11-bit fixed-point weights: OpenCV 5.0.0, 6 sizes up and down)."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    y = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=False)
+    return Image.fromarray(y[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy(), "RGB")
+
+
+def seg_random_resize(img, mask, scale=(2048, 512), ratio_range=(0.5, 2.0), resample=CV2_LINEAR):
     """mmseg Resize(img_scale=scale, ratio_range, keep_ratio=True): target scale = scale * U[ratio_range], then
     rescale by min(long_target / long_side, short_target / short_side). The mask is resized NEAREST."""
     ratio = random.uniform(*ratio_range)
     return seg_rescale(img, mask, (int(scale[0] * ratio), int(scale[1] * ratio)), resample)
 
 
-def seg_rescale(img, mask, scale, resample=BILINEAR):
-    """mmcv imrescale: keep the aspect ratio, fit within (long edge max(scale), short edge min(scale))."""
+def seg_rescale(img, mask, scale, resample=CV2_LINEAR):
+    """mmcv imrescale: keep the aspect ratio, fit within (long edge max(scale), short edge min(scale)). The image
+    with resample (CV2_LINEAR or a PIL filter), the mask NEAREST."""
     w, h = img.size
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
     size = (int(w * factor + 0.5), int(h * factor + 0.5))
-    return img.resize(size, resample), (mask.resize(size, NEAREST) if mask is not None else None)
+    img = resize_cv2_linear(img, size) if resample == CV2_LINEAR else img.resize(size, resample)
+    return img, (mask.resize(size, NEAREST) if mask is not None else None)
 
 
 def crop_box_ok(mask_crop, cat_max_ratio, ignore_index=IGNORE_INDEX):
@@ -895,11 +911,12 @@ class SegTrainTransform:
     """mmseg ADE20K training pipeline on (PIL image, PIL 'L' mask) -> (image (3, c, c) float, mask (c, c) int64):
     random resize (ratio_range of scale, keep ratio) -> random crop (cat_max_ratio) -> horizontal flip ->
     photometric distortion -> normalize -> pad bottom/right to crop_size with 0 (image, after normalization, as
-    mmseg) and ignore_index (mask). `image_resample` is bilinear as mmseg; masks are always NEAREST."""
+    mmseg) and ignore_index (mask). `image_resample` is cv2's bilinear as mmseg's (CV2_LINEAR) or a PIL filter; masks
+    are always NEAREST."""
 
     def __init__(self, crop_size=512, scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75, flip_prob=0.5,
                  photometric=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, ignore_index=IGNORE_INDEX,
-                 image_resample=BILINEAR):
+                 image_resample=CV2_LINEAR):
         self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
         self.scale, self.ratio_range, self.cat_max_ratio = scale, ratio_range, cat_max_ratio
         self.flip_prob, self.photometric, self.mean, self.std = flip_prob, photometric, mean, std
@@ -924,7 +941,7 @@ class SegTrainTransform:
 
 
 class SegEvalTransform:
-    """mmseg ADE20K test pipeline: the image is rescaled (keep ratio) to fit `scale` (2048, 512), bilinear, and
+    """mmseg ADE20K test pipeline: the image is rescaled (keep ratio) to fit `scale` (2048, 512), cv2's bilinear, and
     normalized; the mask stays at its original size (predictions are resized back to it for mIoU).
     -> (image (3, h, w) float, mask (H, W) int64)."""
 

@@ -523,6 +523,34 @@ def test_seg_random_resize_follows_mmseg_rescale():
     assert out.size == (int(400 * factor + 0.5), int(300 * factor + 0.5))
 
 
+def _bilinear_half_pixel(a, w, h):
+    """Reference: dst(x) samples src at (x + 0.5) * W / w - 0.5, clamped to the image, linear in both axes."""
+    def axis(n_out, n_in):
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(src).astype(int)
+        return lo, np.minimum(lo + 1, n_in - 1), src - lo
+    (y0, y1, fy), (x0, x1, fx) = axis(h, a.shape[0]), axis(w, a.shape[1])
+    a = a.astype(np.float64)
+    rows = a[y0] * (1 - fy)[:, None, None] + a[y1] * fy[:, None, None]
+    return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+
+
+def test_seg_images_resize_as_cv2_linear_without_antialiasing():
+    a = np.random.default_rng(0).integers(0, 256, (75, 100, 3), dtype=np.uint8)
+    for w, h in ((50, 38), (137, 103), (33, 25), (100, 75)):
+        got = np.asarray(data.resize_cv2_linear(Image.fromarray(a), (w, h))).astype(int)
+        expected = _bilinear_half_pixel(a, w, h)
+        assert got.shape == (h, w, 3) and np.abs(got - expected).max() <= 0.5 + 1e-3  # rounded, float32
+    # halving 2-pixel stripes: each output pixel is the mean of its 2x2 source pixels (no wider filter)
+    stripes = np.repeat(np.tile([0, 0, 252, 252], (8, 2))[..., None], 3, -1).astype(np.uint8)  # (8, 8, 3)
+    halved = np.asarray(data.resize_cv2_linear(Image.fromarray(stripes), (4, 4)))
+    assert (halved[..., 0] == np.tile([0, 252], (4, 2))).all()
+    blurred = np.asarray(Image.fromarray(stripes).resize((4, 4), Image.Resampling.BILINEAR))
+    assert not (blurred[..., 0] == np.tile([0, 252], (4, 2))).all()  # PIL's BILINEAR would blur them
+    img, _ = data.seg_rescale(Image.fromarray(stripes), None, (4, 4))
+    assert np.array_equal(np.asarray(img), halved)  # the segmentation transforms' default
+
+
 def test_reduce_zero_label():
     out = data.reduce_zero_label(np.array([[0, 1, 2, 150, 255]], dtype=np.uint8))
     assert out.tolist() == [[255, 0, 1, 149, 255]]
