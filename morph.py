@@ -52,10 +52,10 @@ Where this file deliberately differs from the paper's literal text, and why:
     Negative r_p is an error.
   * Float precision: matching runs in float32 (float64 for float64 input), also when called under autocast. On
     GPUs with TF32 matmuls on (as engine.setup turns them on) the float32 products round their inputs to TF32's
-    10-bit mantissa: exact for bf16/fp16 tokens (a teacher's output under autocast), not for float32 ones. ToMe normalizes merged means where
-    this file compares member sums; the cosines agree to rounding, so in float32 a near-tie in the similarity
-    sort can order two edges differently from a ToMe implementation, and several rounds can then diverge. The
-    tests compare against ToMe references in float64.
+    10-bit mantissa: exact for bf16/fp16 tokens (a teacher's output under autocast), not for float32 ones.
+    ToMe normalizes merged means where this file compares member sums; the cosines agree to rounding, so in
+    float32 a near-tie in the similarity sort can order two edges differently from a ToMe implementation, and
+    several rounds can then diverge. The tests compare against ToMe references in float64.
 """
 import math
 import random
