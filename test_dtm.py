@@ -139,6 +139,21 @@ def test_relative_position_index_matches_naive_loop():
     assert index[0, 1:].eq(num_rel).all() and index[1:, 0].eq(num_rel + 1).all() and index[0, 0] == num_rel + 2
 
 
+def test_relative_position_bias_reads_the_table_by_query_and_key():
+    """forward() -> (heads, T, T) with [h, q, k] = table[index[q, k], h]: row q is the query (BEiT's layout, so
+    official tables load into the right places)."""
+    rpb = dtm.RelativePositionBias((2, 3), num_heads=2)
+    with torch.no_grad():
+        rpb.table.copy_(torch.randn_like(rpb.table))
+    bias, index = rpb(), dtm.relative_position_index((2, 3))
+    assert bias.shape == (2, 7, 7)
+    for h in range(2):
+        for q in range(7):
+            for k in range(7):
+                assert bias[h, q, k] == rpb.table[index[q, k], h]
+    assert not torch.equal(bias, bias.transpose(1, 2))  # a transposed read would be caught
+
+
 def test_rel_pos_table_resize():
     table = torch.randn((2 * 4 - 1) ** 2 + 3, 3)
     assert torch.allclose(dtm.resize_rel_pos_table(table, (4, 4), (4, 4)), table, atol=1e-6)

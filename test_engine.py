@@ -245,6 +245,27 @@ def test_ddp_broadcasts_buffers_only_where_ranks_can_differ():
     assert not engine.buffers_differ_between_ranks(torch.nn.SyncBatchNorm.convert_sync_batchnorm(head))
 
 
+def test_optimizer_step_unscales_then_clips_and_returns_the_unclipped_norm():
+    """Gradient (3, 4, 0) (norm 5), scaled by 1024 as fp16 training scales it: the step unscales, clips to norm 1 and
+    reports 5; SGD with lr 1 then moves the weights by -(0.6, 0.8, 0). Without clipping (0) it moves by the gradient."""
+    for scaler, clip, expected in ((torch.amp.GradScaler("cpu", init_scale=1024.0), 1.0, [0.4, 0.2, 1.0]),
+                                   (None, 1.0, [0.4, 0.2, 1.0]), (None, 0, [-2.0, -3.0, 1.0])):
+        p = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.SGD([p], lr=1.0)
+        loss = (p * torch.tensor([3.0, 4.0, 0.0])).sum()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        norm = engine.optimizer_step(optimizer, scaler, [p], clip)
+        assert norm.item() == pytest.approx(5.0) and p.grad is None
+        torch.testing.assert_close(p.detach(), torch.tensor(expected))
+
+
+def test_poly_schedule_warms_up_decays_and_stays_at_its_minimum():
+    assert engine.poly_schedule(0, 100, 10, 1.0) == pytest.approx(1e-6)  # warmup from warmup_ratio x lr
+    assert engine.poly_schedule(10, 100, 10, 1.0) == pytest.approx(0.9)
+    assert engine.poly_schedule(100, 100, 10, 1.0, min_value=1e-4) == pytest.approx(1e-4)
+    assert engine.poly_schedule(150, 100, 10, 1.0, min_value=1e-4) == pytest.approx(1e-4)  # never below, past the end
+
+
 def test_non_finite_weights_are_never_saved(tmp_path):
     model = torch.nn.Linear(3, 2)
     path = str(tmp_path / engine.LAST)

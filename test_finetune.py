@@ -164,6 +164,31 @@ def test_soft_target_cross_entropy_matches_definition():
                                F.cross_entropy(z, labels, label_smoothing=0.1))
 
 
+class FixedLogits(torch.nn.Module):
+    """Image i (a (1,) tensor holding i) -> logits[i]; records whether it was called in training mode."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.modes = logits, []
+
+    def forward(self, images):
+        self.modes.append(self.training)
+        return self.logits[images[:, 0].long()]
+
+
+def test_evaluate_counts_top1_top5_and_runs_in_eval_mode():
+    """6 classes; the labels rank 1st, 1st, 5th and 6th in their images' logits: top-1 50%, top-5 75%."""
+    order = torch.tensor([5, 4, 3, 2, 1, 0], dtype=torch.float32)  # class 0 scores highest, then 1, ...
+    logits = order.expand(4, 6).clone()
+    labels = torch.tensor([0, 0, 4, 5])
+    model = FixedLogits(logits).train()
+    loader = [(torch.tensor([[0.0], [1.0]]), labels[:2]), (torch.tensor([[2.0], [3.0]]), labels[2:])]
+    stats = tf.evaluate(model, loader, torch.device("cpu"))
+    assert stats["top1"] == 50.0 and stats["top5"] == 75.0 and stats["count"] == 4
+    assert stats["loss"] == pytest.approx(F.cross_entropy(logits, labels).item())
+    assert model.modes == [False, False]  # drop path and dropout off
+
+
 def test_rand_augment_flag():
     assert tf.parse_rand_augment("rand-m9-mstd0.5-inc1") == dict(rand_num_ops=2, rand_magnitude=9.0,
                                                                  rand_magnitude_std=0.5)

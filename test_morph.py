@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from morph import (clamp_schedule, group_mean, group_sizes, morph_back, morph_matrix, num_groups_after,
-                   parse_schedule, sample_schedule, token_morphing, token_morphing_levels)
+from morph import (clamp_schedule, group_mean, group_sizes, make_schedule, morph_back, morph_matrix,
+                   num_groups_after, parse_schedule, sample_schedule, token_morphing, token_morphing_levels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,6 +224,21 @@ def test_low_and_high_precision_inputs(dtype):
     means = group_mean(x, groups, 28)
     assert means.dtype == dtype
     torch.testing.assert_close(means.float(), morph_matrix(groups, 28) @ x.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_official_schedule_rule_at_its_boundary():
+    """r = ceil(n / k) unless r * k exceeds max_merged (strictly), then floor(n / k)."""
+    assert make_schedule(196, 27, 2, "official", max_merged=28) == [14, 14]  # 28 does not exceed 28
+    assert make_schedule(196, 27, 2, "official", max_merged=27) == [13, 13]
+    assert make_schedule(196, 27, 2, "spread") == [14, 13]
+
+
+def test_group_without_members_gives_a_zero_row():
+    x = torch.randn(2, 6, 3)
+    groups = torch.tensor([[0, 0, 1, 1, 2, 2], [2, 1, 0, 0, 1, 2]])
+    means = group_mean(x, groups, 4)  # group 3 has no members
+    assert torch.equal(means[:, 3], torch.zeros(2, 3))
+    torch.testing.assert_close(means[0, 0], x[0, :2].mean(0))
 
 
 @pytest.mark.parametrize("dim", [8, 64])  # feature sums / shared Gram matrix
