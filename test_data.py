@@ -369,6 +369,19 @@ def test_cutmix_area_equals_corrected_lambda():
     assert pasted_any
 
 
+def test_cutmix_box_follows_the_image_sides_and_switch_prob_picks_cutmix():
+    """timm's rand_bbox: the box's sides are sqrt(1 - lam) times the image's own height and width; CutMix is chosen
+    with probability switch_prob."""
+    for seed in range(20):
+        random.seed(seed)
+        (y0, y1, x0, x1), _ = data.cutmix_box(10, 100, 0.75)  # sides at most 5 x 50
+        assert y1 - y0 <= 5 and x1 - x0 <= 50
+    random.seed(0)
+    m = data.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.9)
+    share = sum(m.sample_params()[1] for _ in range(2000)) / 2000
+    assert share == pytest.approx(0.9, abs=0.03)
+
+
 def test_mixup_off_gives_smoothed_one_hot():
     m = data.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.0, label_smoothing=0.1, num_classes=3)
     x, y = torch.randn(2, 3, 4, 4), torch.tensor([2, 0])

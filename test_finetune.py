@@ -1,5 +1,6 @@
 """Tests for train_finetune.py: layer decay, checkpoint loading, loss, exact-once distributed evaluation, training,
 resume and --eval (CPU, tiny ViT at 32x32 pixels, SyntheticShapes)."""
+import argparse
 import json
 import math
 import os
@@ -187,6 +188,21 @@ def test_evaluate_counts_top1_top5_and_runs_in_eval_mode():
     assert stats["top1"] == 50.0 and stats["top5"] == 75.0 and stats["count"] == 4
     assert stats["loss"] == pytest.approx(F.cross_entropy(logits, labels).item())
     assert model.modes == [False, False]  # drop path and dropout off
+
+
+def test_micro_step_gradient_is_divided_by_accum_iter():
+    """With --accum_iter 2 each micro-batch contributes half its gradient, so two of them sum to the mean."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    images, labels = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 1])
+    mixup = data.Mixup(prob=0.0, num_classes=3)
+    grads = {}
+    for accum in (1, 2):
+        model.zero_grad()
+        args = argparse.Namespace(seed=0, accum_iter=accum)
+        tf.train_micro_step(model, images, labels, mixup, args, 0, engine.Dist(), None, None)
+        grads[accum] = model[1].weight.grad.clone()
+    torch.testing.assert_close(grads[2], grads[1] / 2)
 
 
 def test_rand_augment_flag():

@@ -258,6 +258,25 @@ def generic_run(train, val, out, *extra):
             "--eval_every", "2", "--num_workers", "0", "--stride", "24", "--output_dir", str(out), *extra]
 
 
+def test_pyramid_reads_the_patch_tokens_not_cls():
+    """UperNet's feature maps are the blocks' patch tokens (CLS dropped) in row-major grid order."""
+    model = train_seg.ViTUperNet(backbone(32), num_classes=3, channels=16).eval()
+    seen = {}
+
+    class Recorder(nn.Module):
+        def forward(self, maps):
+            seen["maps"] = maps
+            return maps
+
+    model.pyramid = Recorder()
+    images = torch.randn(2, 3, 32, 32)
+    model.features(images)
+    layers = model.backbone.forward_features(images, return_layers=model.out_indices).layers
+    i = model.out_indices[0]
+    assert torch.equal(seen["maps"][0][:, :, 0, 0], layers[i][:, 1]) and torch.equal(seen["maps"][0][:, :, 1, 0],
+                                                                                     layers[i][:, 1 + 2])
+
+
 def test_labels_are_checked_per_sample_naming_the_file(tmp_path):
     good = [torch.randint(0, 3, (40, 40)).numpy() for _ in range(4)]
     bad = good[:3] + [good[3].copy()]
