@@ -504,6 +504,17 @@ def test_seg_masks_are_nearest_only():
         assert x.dtype == torch.float32
 
 
+def test_seg_random_crop_draws_every_offset():
+    """mmseg's offsets are uniform over 0..(side - crop), both ends included."""
+    ramp = Image.fromarray((np.arange(9)[:, None] * 16 + np.arange(12)[None, :]).astype(np.uint8), "L")
+    origins = set()
+    for seed in range(80):
+        random.seed(seed)
+        _, crop = data.seg_random_crop(ramp.convert("RGB"), ramp, (8, 8), cat_max_ratio=1.0)
+        origins.add(divmod(int(np.asarray(crop)[0, 0]), 16))  # (top, left)
+    assert origins == {(top, left) for top in range(2) for left in range(5)}
+
+
 def test_seg_random_crop_respects_cat_max_ratio():
     # class 1 on the left 50 columns, stripes of classes 2/3 on the right, an ignored band on top
     labels = np.ones((100, 100), dtype=np.uint8)

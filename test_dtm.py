@@ -1,5 +1,7 @@
 """Tests for dtm.py: the ViT, the teachers (CLIP loading against a reference forward) and the DTM loss."""
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -137,6 +139,16 @@ def test_relative_position_index_matches_naive_loop():
         for ki, (ky, kx) in enumerate(coords):
             assert index[1 + qi, 1 + ki] == (qy - ky + H - 1) * (2 * W - 1) + (qx - kx + W - 1)
     assert index[0, 1:].eq(num_rel).all() and index[1:, 0].eq(num_rel + 1).all() and index[0, 0] == num_rel + 2
+
+
+def test_output_projections_are_rescaled_by_depth():
+    """BEiT's fix_init_weight: block l's attention and MLP output projections divided by sqrt(2 l), l from 1."""
+    torch.manual_seed(0)
+    vit = dtm.build_vit("vit_tiny", img_size=32)
+    stds = [(b.attn.proj.weight.std().item(), b.mlp.fc2.weight.std().item()) for b in vit.blocks]
+    for l in (1, 3):  # block index l = layer_id l + 1
+        for first, other in zip(stds[0], stds[l]):
+            assert first / other == pytest.approx(math.sqrt(l + 1), rel=0.05)
 
 
 def test_relative_position_bias_reads_the_table_by_query_and_key():

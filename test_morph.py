@@ -226,6 +226,19 @@ def test_low_and_high_precision_inputs(dtype):
     torch.testing.assert_close(means.float(), morph_matrix(groups, 28) @ x.float(), rtol=1e-2, atol=1e-2)
 
 
+def test_dynamic_schedule_draws_n_from_zero_and_k_from_one():
+    """Sec. 3.2: n ~ U{0..max_merged} (n = 0: plain per-token distillation) and k ~ U{1..max_iters}."""
+    class Recording(random.Random):
+        calls = []
+
+        def randint(self, a, b):
+            self.calls.append((a, b))
+            return a
+
+    assert sample_schedule(196, 196, 14, Recording(0)) == [0]  # n = 0, k = 1: no merge
+    assert Recording.calls == [(0, 196), (1, 14)]
+
+
 def test_official_schedule_rule_at_its_boundary():
     """r = ceil(n / k) unless r * k exceeds max_merged (strictly), then floor(n / k)."""
     assert make_schedule(196, 27, 2, "official", max_merged=28) == [14, 14]  # 28 does not exceed 28

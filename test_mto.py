@@ -187,6 +187,12 @@ def test_singularity_loss_matches_loop():
     value = mto.singularity_loss(hidden, all_masked)
     (grad,) = torch.autograd.grad(value.sum(), hidden)
     assert value.item() == 0 and torch.all(grad == 0)
+    hidden = torch.randn(1, 1 + N, 12).requires_grad_()  # a masked token at exactly 0: cosine 0, finite gradient
+    one = mask[:1].clone()
+    with torch.no_grad():
+        hidden[0, 1 + one[0].nonzero()[0, 0]] = 0
+    (grad,) = torch.autograd.grad(mto.singularity_loss(hidden, one).sum(), hidden)
+    assert grad.isfinite().all()
 
 
 def explicit_entropy(q, k, bias, mask):
