@@ -260,6 +260,16 @@ def finetuned(tmp_path_factory):
     return out, best
 
 
+def test_fine_tuned_classifier_as_features_keeps_its_fc_norm(finetuned):
+    """Without a head (a teacher or a backbone), a fine-tuned classifier's last LayerNorm, fc_norm, becomes the
+    feature ViT's norm: loaded, not fresh."""
+    out, _ = finetuned
+    checkpoint = torch.load(out / "checkpoint-last.pth")
+    vit, fresh = dtm.vit_from_checkpoint(checkpoint, 32, num_classes=0)
+    assert torch.equal(vit.norm.weight, checkpoint["model"]["fc_norm.weight"]) and fresh == []
+    assert not torch.equal(vit.norm.weight, torch.ones_like(vit.norm.weight))  # trained, not a fresh LayerNorm
+
+
 def test_resume_continues_exactly(finetuned, tmp_path):
     out, best = finetuned
     resumed_best = tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path),
