@@ -146,7 +146,7 @@ def test_output_projections_are_rescaled_by_depth():
     torch.manual_seed(0)
     vit = dtm.build_vit("vit_tiny", img_size=32)
     stds = [(b.attn.proj.weight.std().item(), b.mlp.fc2.weight.std().item()) for b in vit.blocks]
-    for l in (1, 3):  # block index l = layer_id l + 1
+    for l in (1, 3):  # block l has layer_id l + 1: its stds are block 0's over sqrt(l + 1)
         for first, other in zip(stds[0], stds[l]):
             assert first / other == pytest.approx(math.sqrt(l + 1), rel=0.05)
 
