@@ -216,6 +216,20 @@ def test_checkpoint_loads_with_plain_torch_load_and_restores_rng(tmp_path):
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
 
 
+def test_resume_restores_model_optimizer_and_rng():
+    model = torch.nn.Linear(3, 2)
+    engine.seed_all(3)
+    state = tiny_state(model)
+    first = torch.rand(3)
+    other = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(other.parameters(), lr=0.1)
+    engine.seed_all(99)
+    args = argparse.Namespace(**state["args"])
+    assert engine.resume(state, "ck.pth", other, optimizer, None, args, 2, engine.Dist()) == 3
+    assert torch.equal(torch.rand(3), first)
+    assert torch.equal(other.weight, model.weight) and optimizer.state_dict()["state"][0]["step"] == 1
+
+
 def test_cuda_rng_state_is_this_device_only_and_resumes_on_fewer_gpus(monkeypatch):
     """A fake CUDA with 2 devices, current device 1: the checkpoint holds device 1's state and restores it onto the
     current device; a list of 8 devices' states (checkpoints before this was fixed, saved on 8 GPUs) restores the
