@@ -166,6 +166,32 @@ def test_relative_position_bias_reads_the_table_by_query_and_key():
     assert not torch.equal(bias, bias.transpose(1, 2))  # a transposed read would be caught
 
 
+def _bicubic_reference(grid, size):
+    """Keys' cubic convolution (a = -0.75), pixel centers at +0.5 (align_corners=False), borders clamped: torch's
+    bicubic, written out. grid (C, H, W) float64 -> (C, size[0], size[1])."""
+    def weights(n_in, n_out):
+        w = torch.zeros(n_out, n_in, dtype=torch.float64)
+        for j in range(n_out):
+            src = (j + 0.5) * n_in / n_out - 0.5
+            base = math.floor(src)
+            for i in range(base - 1, base + 3):
+                t, a = abs(src - i), -0.75
+                k = (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1 if t <= 1 else a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
+                w[j, min(max(i, 0), n_in - 1)] += k if t < 2 else 0.0
+        return w
+    return weights(grid.shape[1], size[0]) @ grid @ weights(grid.shape[2], size[1]).T
+
+
+def test_rel_pos_table_resize_is_bicubic_on_the_offset_map():
+    """The (2H-1, 2W-1) offset map per head, resized as written out in _bicubic_reference; CLS rows kept."""
+    table = torch.randn((2 * 3 - 1) * (2 * 4 - 1) + 3, 2)
+    resized = dtm.resize_rel_pos_table(table, (3, 4), (5, 6))
+    offsets = table[:-3].t().reshape(2, 5, 7).double()
+    expected = _bicubic_reference(offsets, (9, 11)).reshape(2, -1).t()
+    torch.testing.assert_close(resized[:-3].double(), expected, rtol=0, atol=1e-5)
+    assert torch.equal(resized[-3:], table[-3:])
+
+
 def test_rel_pos_table_resize():
     table = torch.randn((2 * 4 - 1) ** 2 + 3, 3)
     assert torch.allclose(dtm.resize_rel_pos_table(table, (4, 4), (4, 4)), table, atol=1e-6)

@@ -246,6 +246,15 @@ def test_official_schedule_rule_at_its_boundary():
     assert make_schedule(196, 27, 2, "spread") == [14, 13]
 
 
+@pytest.mark.parametrize("dim", [8, 64])  # feature sums / shared Gram matrix
+def test_matching_does_not_depend_on_the_tokens_scale(dim):
+    """Cosine similarity is scale invariant, so is the partition (down to tokens of norm ~1e-4)."""
+    x = torch.randn(2, 40, dim, dtype=torch.float64)
+    expected = token_morphing(x, [6, 6, 3], "alternate")
+    for scale in (1e-4, 1e4):
+        assert torch.equal(token_morphing(x * scale, [6, 6, 3], "alternate"), expected), scale
+
+
 def test_group_without_members_gives_a_zero_row():
     x = torch.randn(2, 6, 3)
     groups = torch.tensor([[0, 0, 1, 1, 2, 2], [2, 1, 0, 0, 1, 2]])
