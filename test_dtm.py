@@ -176,8 +176,11 @@ def _bicubic_reference(grid, size):
             base = math.floor(src)
             for i in range(base - 1, base + 3):
                 t, a = abs(src - i), -0.75
-                k = (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1 if t <= 1 else a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
-                w[j, min(max(i, 0), n_in - 1)] += k if t < 2 else 0.0
+                if t <= 1:
+                    k = (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+                else:
+                    k = a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a if t < 2 else 0.0
+                w[j, min(max(i, 0), n_in - 1)] += k
         return w
     return weights(grid.shape[1], size[0]) @ grid @ weights(grid.shape[2], size[1]).T
 
