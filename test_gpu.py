@@ -119,10 +119,11 @@ def check_autocast_fp32(device, quick, tmp):
     images = torch.randn(2, 3, 64, 64, device=device)
     teacher = dtm.PixelTeacher(16)
     tokens = (torch.randn(2, 1, 64) * 3 + torch.randn(2, 16, 64)).to(device, torch.bfloat16)  # near-tied cosines
-    expected = teacher(images), morph.token_morphing_levels(tokens, [[2] * 4, [5]], "official")
+    schedules = [[2] * 4, [5]]
+    expected = teacher(images), morph.token_morphing_levels(tokens, schedules, "official")
     for dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cuda", dtype=dtype):
-            targets, groups = teacher(images), morph.token_morphing_levels(tokens, [[2] * 4, [5]], "official")
+            targets, groups = teacher(images), morph.token_morphing_levels(tokens, schedules, "official")
         assert targets.dtype == torch.float32 and torch.equal(targets, expected[0]), dtype
         assert all(torch.equal(a, b) for a, b in zip(groups, expected[1])), dtype
     return {"dtypes": ["bf16", "fp16"]}

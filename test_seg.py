@@ -272,9 +272,9 @@ def test_pyramid_reads_the_patch_tokens_not_cls():
     images = torch.randn(2, 3, 32, 32)
     model.features(images)
     layers = model.backbone.forward_features(images, return_layers=model.out_indices).layers
-    i = model.out_indices[0]
-    assert torch.equal(seen["maps"][0][:, :, 0, 0], layers[i][:, 1]) and torch.equal(seen["maps"][0][:, :, 1, 0],
-                                                                                     layers[i][:, 1 + 2])
+    first, tokens = seen["maps"][0], layers[model.out_indices[0]]  # (B, C, 2, 2), (B, 1 + 4, C)
+    assert torch.equal(first[:, :, 0, 0], tokens[:, 1])  # patch 0, not CLS
+    assert torch.equal(first[:, :, 1, 0], tokens[:, 1 + 2])  # row 1, column 0: patch 2
 
 
 def test_labels_are_checked_per_sample_naming_the_file(tmp_path):

@@ -425,12 +425,13 @@ def get_args_parser():
 def parse_args(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    args.demo = not (args.data or args.img_dir or args.ann_dir or args.val_img_dir or args.val_ann_dir)
+    generic = any((args.img_dir, args.ann_dir, args.val_img_dir, args.val_ann_dir))  # an image/mask folder pair
+    args.demo = not (args.data or generic)
     if args.demo:
         parser.set_defaults(**DEMO_DEFAULTS)
         args = parser.parse_args(argv)
         args.demo = True
-    if args.data and (args.img_dir or args.ann_dir or args.val_img_dir or args.val_ann_dir):
+    if args.data and generic:
         raise ValueError("pass either --data (ADE20K) or --img_dir/--ann_dir/--val_img_dir/--val_ann_dir (a generic "
                          "dataset), not both")
     if args.crop_size % dtm.PATCH_SIZE:
