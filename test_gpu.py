@@ -39,6 +39,7 @@ import torch
 
 import dtm
 import engine
+import morph
 import train_finetune
 import train_pretrain
 import train_seg
@@ -114,7 +115,6 @@ def check_autocast_fp32(device, quick, tmp):
     matching come out as without autocast."""
     if not device.startswith("cuda"):
         raise Skip("CUDA's autocast op lists differ from the CPU's; test_morph.py checks the CPU")
-    import morph
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 64, device=device)
     teacher = dtm.PixelTeacher(16)

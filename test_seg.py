@@ -354,6 +354,14 @@ def test_distributed_eval_counts_each_image_once(tmp_path):
         assert r["metrics"]["IoU"] == pytest.approx(single["IoU"])
 
 
+def test_eval_datasets_build_no_training_set():
+    """--eval on the demo shapes: only the validation set, with the class names training uses."""
+    args = train_seg.parse_args(["--init", "none"])
+    train_set, val, classes = train_seg.build_datasets(args, train=False)
+    assert train_set is None and len(val) == args.demo_val_images
+    assert classes == train_seg.build_datasets(args)[2] == ["background", *val.shapes.classes]
+
+
 def test_generic_dataset_needs_all_folders(tmp_path):
     val_only = train_seg.parse_args(["--val_img_dir", str(tmp_path), "--val_ann_dir", str(tmp_path), "--init", "none"])
     assert not val_only.demo

@@ -334,9 +334,10 @@ def build_datasets(args, train: bool = True):
         val = data.SegFolder(args.val_img_dir, args.val_ann_dir, eval_tf, **kw)
         return train_set, val, [str(c) for c in range(args.num_classes)]
     shapes = dict(img_size=args.demo_img_size, num_classes=args.demo_shape_classes)
-    train_set = data.ShapesSegmentation(data.SyntheticShapes(args.demo_train_images, seed=0, **shapes), train_tf)
+    train_set = data.ShapesSegmentation(data.SyntheticShapes(args.demo_train_images, seed=0, **shapes), train_tf) \
+        if train else None
     val = data.ShapesSegmentation(data.SyntheticShapes(args.demo_val_images, seed=1, **shapes), eval_tf)
-    return train_set, val, train_set.classes
+    return train_set, val, val.classes
 
 
 # ---------------------------------------------------------------------------------------------------
