@@ -446,7 +446,7 @@ def read_checkpoint(path: str, flag: str = "checkpoint") -> dict:
     if isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
         return {"model": checkpoint}
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{flag} {path!r} is not a checkpoint of this repo (expected a dict with a 'model' entry, "
                          f"got {found})")
     return checkpoint
@@ -649,10 +649,18 @@ def _read_clip_state_dict(path: str) -> dict:
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and ("kind" in obj or "args" in obj):
         raise ValueError(f"{path!r} is a checkpoint of this repo ({obj.get('kind', 'no kind')}), not CLIP weights; "
                          f"to use it as the teacher pass --teacher ckpt:{path}")
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+    for wrapper in ("state_dict", "model"):  # a state dict saved inside a dict under one of these keys
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict):
         raise ValueError(f"{path!r} does not hold a state dict (a dict of tensors); got {type(obj).__name__}")
+    not_tensors = {str(k): type(v).__name__ for k, v in obj.items() if not torch.is_tensor(v)}
+    if not_tensors or not obj:
+        shown = ", ".join(f"{k!r}: {t}" for k, t in list(not_tensors.items())[:8]) or "it is empty"
+        raise ValueError(f"{path!r} does not hold a CLIP state dict: every value must be a tensor, but it holds "
+                         f"{len(not_tensors)} that are not ({shown}); pass OpenAI's ViT-B-16.pt or a state dict "
+                         f"saved with torch.save(model.state_dict(), path)")
     return obj
 
 

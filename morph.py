@@ -52,7 +52,9 @@ Where this file deliberately differs from the paper's literal text, and why:
     Negative r_p is an error.
   * Float precision: matching runs in float32 (float64 for float64 input), also when called under autocast. On
     GPUs with TF32 matmuls on (as engine.setup turns them on) the float32 products round their inputs to TF32's
-    10-bit mantissa: exact for bf16/fp16 tokens (a teacher's output under autocast), not for float32 ones.
+    10-bit mantissa. With the Gram matrix (N <= C, e.g. 196 CLIP tokens of 512 channels) the one product is of
+    the tokens themselves: exact for bf16/fp16 tokens (a teacher's output under autocast), not for float32 ones.
+    With N > C every round multiplies member sums, which TF32 rounds whatever the tokens' dtype.
     ToMe normalizes merged means where this file compares member sums; the cosines agree to rounding, so in
     float32 a near-tie in the similarity sort can order two edges differently from a ToMe implementation, and
     several rounds can then diverge. The tests compare against ToMe references in float64.
@@ -332,7 +334,7 @@ def morph_matrix(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
     Slow path (O(B G N) memory) for teaching, visualization and tests: group_mean(x) == M @ x.
     """
     one_hot = torch.nn.functional.one_hot(groups, num_groups).transpose(1, 2).float()  # (B, G, N)
-    return one_hot / one_hot.sum(-1, keepdim=True)
+    return one_hot / one_hot.sum(-1, keepdim=True).clamp(min=1)  # empty groups (num_groups an upper bound): 0 rows
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -403,6 +403,11 @@ def test_load_clip_errors_name_the_problem(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt' cannot be read by torch.load"):
         dtm.load_clip_visual(str(tmp_path / "junk.pt"))
+    torch.save({"model": clip_visual_state_dict()}, tmp_path / "wrapped.pt")  # a state dict inside a dict
+    assert isinstance(dtm.load_clip_visual(str(tmp_path / "wrapped.pt")), dtm.CLIPVisual)
+    torch.save({**clip_visual_state_dict(), "epoch": 3}, tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match=r"every value must be a tensor, but it holds 1 that are not \('epoch': int\)"):
+        dtm.load_clip_visual(str(tmp_path / "extra.pt"))
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a CLIP ViT visual state dict"):
         dtm.load_clip_visual(str(tmp_path / "other.pt"))

@@ -308,6 +308,9 @@ def test_read_checkpoint_errors_name_the_file(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="'model' entry"):
         dtm.read_checkpoint(str(tmp_path / "other.pth"))
+    torch.save({"state": 1, 5: 2}, tmp_path / "mixed_keys.pth")  # keys that do not sort together
+    with pytest.raises(ValueError, match=r"'model' entry, got \['5', 'state'\]"):
+        dtm.read_checkpoint(str(tmp_path / "mixed_keys.pth"))
     torch.save({"w": torch.ones(2)}, tmp_path / "plain.pth")  # a plain state dict
     assert torch.equal(dtm.read_checkpoint(str(tmp_path / "plain.pth"))["model"]["w"], torch.ones(2))
     with pytest.raises(ValueError, match="not a checkpoint of train_finetune.py \\(kind 'dtm_seg'\\)"):

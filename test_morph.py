@@ -289,6 +289,8 @@ def test_group_ops_match_dense_morph_matrix():
     membership = (M > 0).double()
     torch.testing.assert_close(morph_back(means, groups), membership.transpose(1, 2) @ M @ x, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(group_sizes(groups, 15).double(), membership.sum(-1))
+    # num_groups may be an upper bound: the empty groups are zero rows in both
+    torch.testing.assert_close(group_mean(x, groups, 17), morph_matrix(groups, 17).double() @ x, rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_flow_through_group_mean():
