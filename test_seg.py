@@ -72,6 +72,8 @@ def test_window_starts_cover_the_image_like_mmseg():
     assert train_seg.window_starts(683, 512, 341) == [0, 171]
     assert train_seg.window_starts(2048, 512, 341) == [0, 341, 682, 1023, 1364, 1536]
     assert train_seg.window_starts(300, 512, 341) == [0]  # smaller than the crop: one padded window
+    with pytest.raises(ValueError, match="stride must be in 1..512"):
+        train_seg.window_starts(2048, 512, 600)  # windows at 0, 600, ... would leave pixels 512..599 uncovered
 
 
 class CropSizeOnly(nn.Module):
@@ -208,6 +210,23 @@ def test_training_steps_reduce_loss_on_builtin_data():
     assert losses[-1] < 0.8 * losses[0] and losses[-1] < min(losses[:5]), losses
 
 
+def test_segmentation_loss_is_the_labeled_pixel_mean_and_zero_without_labels():
+    torch.manual_seed(0)
+    logits, aux = torch.randn(2, 4, 3, 5, requires_grad=True), torch.randn(2, 4, 3, 5, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 3, 5))
+    labels[0, 1:] = train_seg.IGNORE_INDEX
+    loss, main, aux_loss = train_seg.segmentation_loss(logits, aux, labels, aux_weight=0.4)
+    labeled = labels != train_seg.IGNORE_INDEX
+    by_hand = -logits.log_softmax(1).gather(1, labels.clamp(max=3)[:, None])[:, 0][labeled].mean()
+    torch.testing.assert_close(main, by_hand)
+    torch.testing.assert_close(loss, main + 0.4 * aux_loss)
+    # every pixel void (a crop of an unlabeled region in every image of a micro-batch): 0 and a zero gradient
+    loss, main, aux_loss = train_seg.segmentation_loss(logits, aux, torch.full_like(labels, train_seg.IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == main.item() == aux_loss.item() == 0.0
+    assert torch.equal(logits.grad, torch.zeros_like(logits)) and torch.equal(aux.grad, torch.zeros_like(aux))
+
+
 TINY_RUN = ["--crop_size", "32", "--scale", "64", "48", "--stride", "24", "--channels", "16", "--batch_size", "2",
             "--demo_img_size", "48", "--demo_train_images", "5", "--demo_val_images", "2", "--iters", "4",
             "--warmup_iters", "2", "--drop_path", "0.1", "--eval_every", "100", "--log_every", "1"]
@@ -241,6 +260,10 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
                                          "--output_dir", full_dir])
     assert metrics["aAcc"] == pytest.approx(logged["aAcc"])
     assert json.loads(open(os.path.join(full_dir, "eval.jsonl")).read())["aAcc"] == pytest.approx(logged["aAcc"])
+    # the crop size comes from the checkpoint (32), so a stride that was valid for the flags' crop (48) is not
+    with pytest.raises(ValueError, match="--stride 40 is larger than the crop size 32 .* pass --stride 24"):
+        train_seg.main(TINY_RUN + ["--crop_size", "48", "--stride", "40", "--output_dir", full_dir,
+                                   "--eval", os.path.join(full_dir, "checkpoint-best.pth.step4")])
 
 
 def write_seg_folder(root, labels):

@@ -198,9 +198,11 @@ def build_model(args, num_classes: int, checkpoint: dict = None, path: str = Non
 
 def segmentation_loss(logits, aux_logits, labels, aux_weight: float = 0.4):
     """Cross-entropy of (B, K, H, W) logits against (B, H, W) labels, 255 ignored (mean over labeled pixels),
-    plus aux_weight x the auxiliary head's. Returns (loss, main loss, auxiliary loss), float32."""
-    main = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
-    aux = F.cross_entropy(aux_logits.float(), labels, ignore_index=IGNORE_INDEX)
+    plus aux_weight x the auxiliary head's. Returns (loss, main loss, auxiliary loss), float32. A batch with no
+    labeled pixel (every crop void) gives 0, not PyTorch's 0 / 0 = NaN, which would stop the run at the next log."""
+    labeled = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    main = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum") / labeled
+    aux = F.cross_entropy(aux_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum") / labeled
     return main + aux_weight * aux, main, aux
 
 
@@ -210,6 +212,8 @@ def segmentation_loss(logits, aux_logits, labels, aux_weight: float = 0.4):
 
 def window_starts(size: int, crop: int, stride: int) -> list:
     """mmseg's slide_inference: windows every `stride`, the last one moved back to end at the border."""
+    if not 0 < stride <= crop:  # a stride past the crop leaves pixels that no window covers
+        raise ValueError(f"the sliding-window stride must be in 1..{crop} (the crop size), got {stride}")
     num = max(size - crop + stride - 1, 0) // stride + 1
     return sorted({max(min(i * stride, size - crop), 0) for i in range(num)})
 
@@ -489,6 +493,11 @@ def run_eval(args, d):
     checkpoint = engine.load_checkpoint(args.eval, "dtm_seg", "--eval")
     for key in ("model", "crop_size", "channels", "out_indices"):
         setattr(args, key, checkpoint["args"][key])
+    if args.stride > args.crop_size:
+        trained_stride = checkpoint["args"].get("stride", args.crop_size * 2 // 3)
+        raise ValueError(f"--stride {args.stride} is larger than the crop size {args.crop_size} that {args.eval!r} "
+                         f"was trained with: the windows would leave pixels uncovered; pass --stride "
+                         f"{min(trained_stride, args.crop_size)} (or any value up to {args.crop_size})")
     _, val_set, class_names = build_datasets(args, train=False)
     if len(class_names) != checkpoint["num_classes"]:
         raise ValueError(f"the validation data has {len(class_names)} classes, {args.eval!r} was trained on "
