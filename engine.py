@@ -140,6 +140,15 @@ def buffers_differ_between_ranks(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def share_rank0_buffers(model: nn.Module, d: Dist):
+    """Before evaluating a model trained with DDP whose buffers can differ between ranks (see above): every rank takes
+    rank 0's, i.e. the checkpoint's. DDP broadcasts them before each training forward, so after the last step each
+    rank's BatchNorm statistics had moved by its own batch, and each rank evaluated a slightly different model."""
+    if d.world_size > 1 and buffers_differ_between_ranks(model):
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def grad_sync(model: nn.Module, last_micro: bool):
     """Context for one micro-batch's backward: DDP's no_sync() except on the last micro-batch of an accumulation,
     so gradients are all-reduced once per optimizer step; nothing without DDP."""
@@ -654,7 +663,7 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
                              f"this run has {steps_per_epoch}: resume with the same data, --batch_size, --accum_iter "
                              f"and number of processes (another batch is accepted at an epoch boundary)")
         step = epochs_done * steps_per_epoch
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    optimizer.load_state_dict(regrouped_optimizer_state(optimizer, checkpoint["optimizer"], path))
     if scaler is not None and checkpoint.get("scaler") is not None:
         scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"])
@@ -663,6 +672,31 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
                if k not in BOOKKEEPING and k in saved and _plain(saved[k]) != _plain(v)]
     d.print(f"resumed from {path} at step {step}" + (f"; settings changed since: {', '.join(changed)}" if changed else ""))
     return step
+
+
+def regrouped_optimizer_state(optimizer, saved: dict, path: str = "the checkpoint") -> dict:
+    """saved (an optimizer's state_dict) laid out for this optimizer's parameter groups, matched by parameter name
+    (group["param_names"], as param_groups writes them): each parameter keeps its moments, and the groups' settings
+    (weight decay, lr scale, betas) are this run's. A plain load_state_dict would put back the saved settings,
+    so a --weight_decay or --layer_decay changed on resume would be reported but not used, and a --layer_decay
+    that changes the number of groups would not load. Groups without param_names are loaded as saved."""
+    if not all("param_names" in g for g in [*optimizer.param_groups, *saved["param_groups"]]):
+        return saved
+    saved_index = {name: i for g in saved["param_groups"] for name, i in zip(g["param_names"], g["params"])}
+    current = [name for g in optimizer.param_groups for name in g["param_names"]]
+    if sorted(current) != sorted(saved_index):
+        differ = sorted(set(current) ^ set(saved_index))
+        raise ValueError(f"the optimizer state in {path!r} is for other parameters than this run trains "
+                         f"({len(differ)} differ, e.g. {differ[:3]}): resume with the settings it was saved with")
+    state, groups, index = {}, [], 0
+    for group in optimizer.param_groups:
+        ids = list(range(index, index + len(group["params"])))
+        for name, i in zip(group["param_names"], ids):
+            if saved_index[name] in saved["state"]:
+                state[i] = saved["state"][saved_index[name]]
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+        index += len(ids)
+    return {"state": state, "param_groups": groups}
 
 
 def _plain(value):

@@ -331,6 +331,36 @@ def test_resume_reports_changed_settings_and_remaps_steps_at_epoch_boundaries(tm
         engine.resume(state, "ck.pth", model, optimizer, None, args, 5, CPU)
 
 
+def test_resume_keeps_each_parameters_moments_under_this_runs_group_settings():
+    """A --layer_decay / --weight_decay changed on resume is used (not the saved groups'), also when it changes the
+    number of parameter groups; each parameter keeps its own Adam moments."""
+    torch.manual_seed(0)
+    model = dtm.build_vit("vit_tiny", img_size=32, depth=2)
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, output_dir="x", demo=False)
+
+    def adamw(weight_decay, layer_decay):
+        return torch.optim.AdamW(engine.param_groups(model, weight_decay, engine.layer_decay_fn(2, layer_decay)))
+
+    optimizer = adamw(0.05, 0.6)
+    model.forward_features(torch.randn(2, 3, 32, 32)).tokens.square().mean().backward()
+    optimizer.step()
+    state = engine.checkpoint_state("dtm_finetune", model, optimizer, None, args, 4, steps_per_epoch=2)
+    moments = {name: optimizer.state[p]["exp_avg"].clone() for name, p in model.named_parameters() if p in optimizer.state}
+    assert len(moments) > 10
+    for layer_decay in (0.75, 1.0):  # 1.0: all scales equal, fewer groups than saved
+        resumed = adamw(0.1, layer_decay)
+        engine.resume(state, "ck.pth", model, resumed, None, args, 2, CPU)
+        fresh = adamw(0.1, layer_decay).param_groups
+        assert [(g["weight_decay"], g["lr_scale"], g["param_names"]) for g in resumed.param_groups] == \
+               [(g["weight_decay"], g["lr_scale"], g["param_names"]) for g in fresh]
+        for name, p in model.named_parameters():
+            assert torch.equal(resumed.state[p]["exp_avg"], moments[name]) if name in moments else p not in resumed.state
+    frozen = adamw(0.1, 0.6)
+    frozen.param_groups[0]["param_names"][0] = "renamed"
+    with pytest.raises(ValueError, match="for other parameters than this run trains"):
+        engine.resume(state, "ck.pth", model, frozen, None, args, 2, CPU)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the run folder and its log
 
