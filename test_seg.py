@@ -354,7 +354,11 @@ def _eval_worker(rank, world_size, port, out_dir):
     torch.set_num_threads(1)
     dataset = ToyValSet()
     metrics = train_seg.evaluate(CropSizeOnly(crop=16, num_classes=4), dataset, 4, crop=16, stride=11)
-    torch.save({"metrics": metrics, "read": dataset.read}, os.path.join(out_dir, f"rank{rank}.pt"))
+    norm = nn.BatchNorm2d(3)  # running statistics that differ between ranks, as after a DDP step without SyncBN
+    norm.running_mean.fill_(rank + 1.0), norm.num_batches_tracked.fill_(rank + 5)
+    engine.share_rank0_buffers(norm, engine.Dist(rank=rank, world_size=world_size))
+    torch.save({"metrics": metrics, "read": dataset.read, "norm": norm.state_dict()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -371,6 +375,8 @@ def test_distributed_eval_counts_each_image_once(tmp_path):
             pytest.fail("the two gloo evaluation processes did not finish within 180 s")
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert sorted(results[0]["read"] + results[1]["read"]) == [0, 1, 2, 3, 4]
+    for r in results:  # rank 0's BatchNorm statistics (the checkpoint's) on both ranks
+        assert torch.equal(r["norm"]["running_mean"], torch.ones(3)) and r["norm"]["num_batches_tracked"] == 5
     single = train_seg.evaluate(CropSizeOnly(crop=16, num_classes=4), ToyValSet(), 4, crop=16, stride=11)
     for r in results:
         assert r["metrics"]["aAcc"] == pytest.approx(single["aAcc"])

@@ -604,6 +604,7 @@ def train(args, d):
             window.zero_()
             last_log_time, images_seen = now, 0
         if step % args.eval_every == 0 or step == args.iters:
+            engine.share_rank0_buffers(model, d)  # BatchNorm statistics (no SyncBatchNorm on the CPU)
             metrics = run_metrics(model, val_set, class_names, args, d, amp_dtype)
             log(step=step, mode="eval", aAcc=metrics["aAcc"], mIoU=metrics["mIoU"], mAcc=metrics["mAcc"],
                 IoU=_json_safe(metrics["IoU"]), flip=args.flip)
