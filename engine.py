@@ -269,6 +269,16 @@ def layer_decay_fn(depth: int, decay: float, prefix: str = ""):
     return lr_scale
 
 
+def check_optimizer_args(args):
+    """The optimizer flags the three trainers share: a negative --clip_grad would flip the gradients' sign
+    (clip_grad_norm_ scales by clip / norm), a negative --lr or --weight_decay would train backwards."""
+    for flag in ("lr", "min_lr", "weight_decay", "clip_grad"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if getattr(args, "layer_decay", None) is not None and not 0 < args.layer_decay <= 1:
+        raise ValueError(f"--layer_decay must be in (0, 1] (1: no decay), got {args.layer_decay}")
+
+
 def set_lr(optimizer, lr: float):
     """Set every group's lr to lr * group["lr_scale"] (1 if absent)."""
     for group in optimizer.param_groups:

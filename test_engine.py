@@ -536,6 +536,24 @@ def test_user_errors_print_one_line_and_exit_2(argv, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--clip_grad", "-1"], "--clip_grad must be >= 0, got -1.0"),
+    (["--weight_decay", "-0.05"], "--weight_decay must be >= 0"),
+    (["--lr", "-0.001"], "--lr must be >= 0"),
+])
+def test_every_trainer_rejects_negative_optimizer_flags(flags, message):
+    import train_finetune
+    import train_pretrain
+    import train_seg
+    for parse in (train_pretrain.parse_args, train_finetune.parse_args, train_seg.parse_args):
+        with pytest.raises(ValueError, match=message):
+            parse([*flags, "--init", "none"] if parse is not train_pretrain.parse_args else flags)
+    with pytest.raises(ValueError, match=r"--layer_decay must be in \(0, 1\]"):
+        train_seg.parse_args(["--init", "none", "--layer_decay", "0"])
+    with pytest.raises(ValueError, match="--loss_on masked with --num_masked 0 leaves no position"):
+        train_pretrain.parse_args(["--loss_on", "masked", "--num_masked", "0"])
+
+
 def test_internal_errors_keep_their_traceback():
     def torch_value_error():  # a ValueError raised inside torch is not a user error
         F.cross_entropy(torch.randn(2, 3), torch.tensor([1]))

@@ -257,11 +257,12 @@ def check_args(args):
     for flag in ("batch_size", "accum_iter", "epochs", "log_every", "synthetic_train", "synthetic_val"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup_epochs < 0 or args.clip_grad < 0 or not 0 <= args.smoothing < 1 or not 0 <= args.reprob <= 1:
-        raise ValueError("--warmup_epochs and --clip_grad must be >= 0, --smoothing in [0, 1), --reprob in [0, 1]")
+    if args.warmup_epochs < 0 or not 0 <= args.smoothing < 1 or not 0 <= args.reprob <= 1:
+        raise ValueError("--warmup_epochs must be >= 0, --smoothing in [0, 1), --reprob in [0, 1]")
     if args.img_size % dtm.PATCH_SIZE:
         raise ValueError(f"--img_size {args.img_size} is not divisible by the patch size {dtm.PATCH_SIZE}; use a "
                          f"multiple of {dtm.PATCH_SIZE} (e.g. 224)")
+    engine.check_optimizer_args(args)
     parse_rand_augment(args.aa)
 
 

@@ -166,6 +166,10 @@ def check_args(args):
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.warmup_epochs < 0 or args.save_every < 0 or args.max_steps < 0 or args.max_unreadable < 0:
         raise ValueError("--warmup_epochs, --save_every, --max_steps and --max_unreadable must be >= 0")
+    if args.loss_on == "masked" and args.num_masked == 0:
+        raise ValueError("--loss_on masked with --num_masked 0 leaves no position in the loss; mask patches "
+                         "(--num_masked 75) or use --loss_on all")
+    engine.check_optimizer_args(args)
     mto.mto_config_from_args(args)  # checks the --mto_* values
 
 

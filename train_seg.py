@@ -447,6 +447,7 @@ def parse_args(argv=None):
     for name in ("iters", "batch_size", "accum_iter", "eval_every", "save_every", "log_every", "slide_batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    engine.check_optimizer_args(args)
     if args.init is None and args.eval is None:
         raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none "
                          "for a random ViT")
