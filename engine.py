@@ -579,8 +579,9 @@ def json_number(value):
 def open_log(output_dir: str, resume_step, enabled: bool):
     """-> log(**fields): appends one JSON line to output_dir/log.jsonl (rank 0 only; `enabled`).
 
-    A resumed run (resume_step: the checkpoint's step) keeps the lines up to that step and drops later ones (written
-    after the checkpoint by a run that then died), so steps never repeat; a new run (resume_step None) starts a new
+    A resumed run (resume_step: the step saved in the checkpoint, before any renumbering for a new number of steps
+    per epoch) keeps the lines up to that step and drops later ones (written after the checkpoint by a run that then
+    died) and any half-written line, so steps never repeat; a new run (resume_step None) starts a new
     log and keeps an old one as log.N.jsonl."""
     path = os.path.join(output_dir, LOG)
     if enabled:
@@ -591,9 +592,14 @@ def open_log(output_dir: str, resume_step, enabled: bool):
             print(f"new run: the previous {path} is kept as log.{n}.jsonl", flush=True)
         elif os.path.isfile(path):
             with open(path) as f:
-                lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                records = [(line, _json_or_none(line)) for line in f if line.strip()]
+            torn = sum(record is None for _, record in records)  # a run killed while writing a line leaves half a line
+            if torn:
+                print(f"{path}: dropped {torn} line(s) that are not complete JSON (written when a run was killed)",
+                      flush=True)
             with open(path, "w") as f:
-                f.writelines(lines)
+                f.writelines(line for line, record in records if record is not None
+                             and record.get("step", 0) <= resume_step)
 
     def log(**fields):
         if enabled:
@@ -601,6 +607,13 @@ def open_log(output_dir: str, resume_step, enabled: bool):
             with open(path, "a") as f:
                 f.write(json.dumps(fields) + "\n")
     return log
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def checkpoint_state(kind: str, model, optimizer, scaler, args, step: int, steps_per_epoch: int, **extra) -> dict:
@@ -673,6 +686,9 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
                              f"this run has {steps_per_epoch}: resume with the same data, --batch_size, --accum_iter "
                              f"and number of processes (another batch is accepted at an epoch boundary)")
         step = epochs_done * steps_per_epoch
+        d.print(f"{path!r} was saved with {checkpoint['steps_per_epoch']} steps per epoch, this run has "
+                f"{steps_per_epoch}: step {checkpoint['step']} (end of epoch {epochs_done - 1}) continues as step "
+                f"{step}; log lines before it count steps of the old size (plot by epoch)")
     optimizer.load_state_dict(regrouped_optimizer_state(optimizer, checkpoint["optimizer"], path))
     if scaler is not None and checkpoint.get("scaler") is not None:
         scaler.load_state_dict(checkpoint["scaler"])

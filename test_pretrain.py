@@ -206,6 +206,7 @@ def test_relaunch_after_a_crash_continues_the_log_without_duplicates(image_folde
     tp.main(tiny_argv(image_folder, out, "--max_steps", "2"))
     with open(out / engine.LOG, "a") as f:  # a run that logged steps 3 and 4, then died before saving them
         f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + json.dumps({"step": 4, "loss": 9.0}) + "\n")
+        f.write('{"step": 5, "lo')  # and was killed while writing step 5's line
     tp.main(tiny_argv(image_folder, out, "--max_steps", "4"))
     lines = read_log(out / engine.LOG)
     assert [r["step"] for r in lines] == [1, 2, 3, 4] and all(r["loss"] != 9.0 for r in lines)
@@ -213,6 +214,42 @@ def test_relaunch_after_a_crash_continues_the_log_without_duplicates(image_folde
     assert first["step"] == 4
     assert [r["step"] for r in read_log(out / "log.1.jsonl")] == [1, 2, 3, 4]  # the old log is kept
     assert [r["step"] for r in read_log(out / engine.LOG)] == [1, 2, 3, 4]
+
+
+def test_a_crash_between_log_lines_leaves_the_log_as_one_run_would(image_folder, tmp_path, monkeypatch):
+    """--log_every 2 with a checkpoint at step 3 (the end of epoch 0): a run that dies in step 5, relaunched, logs
+    step 4 as the mean of steps 3 and 4 (the checkpoint holds step 3's loss), not of step 4 alone."""
+    argv = lambda out: tiny_argv(image_folder, tmp_path / out, "--max_steps", "6", "--log_every", "2")
+    full = read_log(tp.main(argv("full"))["output_dir"] + "/" + engine.LOG)
+    micro_step, calls = tp.train_micro_step, []
+
+    def dies_in_step_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return micro_step(*args, **kwargs)
+
+    monkeypatch.setattr(tp, "train_micro_step", dies_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        tp.main(argv("crashed"))
+    assert [r["step"] for r in read_log(tmp_path / "crashed" / engine.LOG)] == [2, 4]  # step 4: after the checkpoint
+    monkeypatch.setattr(tp, "train_micro_step", micro_step)
+    tp.main(argv("crashed"))
+    relaunched = read_log(tmp_path / "crashed" / engine.LOG)
+    assert [r["step"] for r in relaunched] == [r["step"] for r in full] == [2, 4, 6]
+    for name in ("loss", "loss_level0", "loss_level1"):
+        assert [r[name] for r in relaunched] == pytest.approx([r[name] for r in full], rel=1e-6), name
+
+
+def test_resume_with_another_batch_size_keeps_the_log_up_to_the_checkpoint(image_folder, tmp_path, capsys):
+    """Epoch 0 at batch 2 (6 steps), then batch 4 (3 steps per epoch): the checkpoint's step 6 continues as step 3,
+    and the log keeps epoch 0's six lines (trimmed at the saved step 6, not at the renumbered 3)."""
+    out = tmp_path / "run"
+    tp.main(tiny_argv(image_folder, out, "--batch_size", "2", "--max_steps", "6"))
+    tp.main(tiny_argv(image_folder, out, "--max_steps", "4"))
+    assert "step 6 (end of epoch 0) continues as step 3" in capsys.readouterr().out
+    lines = read_log(out / engine.LOG)
+    assert [(r["step"], r["epoch"]) for r in lines] == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (6, 0), (4, 1)]
 
 
 def test_finished_run_is_not_overwritten(image_folder, tmp_path, capsys):

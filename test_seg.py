@@ -240,9 +240,10 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine, "save_checkpoint", keep_every_save)
     full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
-    full_metrics = train_seg.main(TINY_RUN + ["--save_every", "2", "--output_dir", full_dir])
-    resumed_metrics = train_seg.main(TINY_RUN + ["--save_every", "2", "--output_dir", resumed_dir,
-                                                 "--resume", os.path.join(full_dir, "checkpoint-last.pth.step2")])
+    run = TINY_RUN + ["--save_every", "2", "--log_every", "3"]  # saved at step 2, between the log lines 3 and 4
+    full_metrics = train_seg.main(run + ["--output_dir", full_dir])
+    resumed_metrics = train_seg.main(run + ["--output_dir", resumed_dir,
+                                            "--resume", os.path.join(full_dir, "checkpoint-last.pth.step2")])
     full = torch.load(os.path.join(full_dir, "checkpoint-last.pth.step4"))  # plain torch.load: weights_only=True
     resumed = torch.load(os.path.join(resumed_dir, "checkpoint-last.pth.step4"))
     assert full["step"] == resumed["step"] == 4 and full["kind"] == "dtm_seg"
@@ -252,8 +253,11 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         assert torch.equal(state["exp_avg"], resumed["optimizer"]["state"][k]["exp_avg"])
     assert full_metrics["mIoU"] == resumed_metrics["mIoU"] or (math.isnan(full_metrics["mIoU"])
                                                                 and math.isnan(resumed_metrics["mIoU"]))
-    with open(os.path.join(full_dir, "log.jsonl")) as f:
-        assert sum('"loss"' in line for line in f) == 4
+    train_logs = [[json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"loss"' in line]
+                  for out in (full_dir, resumed_dir)]
+    assert [r["step"] for r in train_logs[0]] == [3, 4] and [r["step"] for r in train_logs[1]] == [3, 4]
+    for name in ("loss", "decode_loss", "aux_loss"):  # step 3's line: the mean of steps 1 to 3 in both
+        assert [r[name] for r in train_logs[1]] == pytest.approx([r[name] for r in train_logs[0]], rel=1e-6), name
     # --eval with the best checkpoint reproduces the logged evaluation, into eval.jsonl
     logged = [json.loads(line) for line in open(os.path.join(full_dir, "log.jsonl")) if "mIoU" in line][-1]
     metrics = train_seg.main(TINY_RUN + ["--eval", os.path.join(full_dir, "checkpoint-best.pth.step4"),

@@ -362,7 +362,7 @@ def finetune(args, d, amp_dtype, scaler):
     if resume_path is not None:
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
         best_top1 = resume["best_top1"]
-    log = engine.open_log(args.output_dir, step if own_run else None, d.is_main)
+    log = engine.open_log(args.output_dir, resume["step"] if own_run else None, d.is_main)
     ddp_model = engine.ddp(model, d)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     d.print(f"{args.model}: {len(train_set)} training images, {len(classes)} classes, {d.world_size} process(es) on "

@@ -253,11 +253,12 @@ def train(args, d: engine.Dist) -> dict:
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
 
     step, resume_path, own_run = 0, *engine.prepare_run(args, d)
+    checkpoint = {}
     if resume_path is not None:
         checkpoint = engine.load_checkpoint(resume_path, "dtm_pretrain", hint="; to start from other weights, use "
                                             "them as the teacher (--teacher ckpt:PATH)")
         step = engine.resume(checkpoint, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
-    log = engine.open_log(args.output_dir, step if own_run else None, d.is_main)
+    log = engine.open_log(args.output_dir, checkpoint["step"] if own_run else None, d.is_main)
     ddp_model = engine.ddp(model, d)  # the teacher stays outside: it does not train
     d.print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, teacher {args.teacher} "
             f"(dim {teacher.out_dim}), {len(dataset)} images, total batch {total_batch}, lr {lr:.3g}, "
@@ -266,14 +267,16 @@ def train(args, d: engine.Dist) -> dict:
         d.print(f"{args.output_dir} holds a finished run (step {step} of {last_step}): nothing to do; raise --epochs "
                 f"to train on, or pass --fresh (or another --output_dir) to start over")
 
-    def save(name):
+    def save(name):  # with the loss sums since the last log line, so a resumed run's next line averages them too
+        window = None if sums is None else dict(names=loss_names, sums=engine.all_mean(sums, d).cpu(), count=count)
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
-            "dtm_pretrain", model, optimizer, scaler, args, step, steps_per_epoch))
+            "dtm_pretrain", model, optimizer, scaler, args, step, steps_per_epoch, log_window=window))
 
     timer = engine.StepTimer(d.device)
     unreadable = engine.UnreadableImages(limit=int(args.max_unreadable * len(dataset)))
     batches = engine.micro_batches(loader, sampler, steps_per_epoch, args.accum_iter, step)
-    sums, count, images_seen, logged = None, 0, 0, []
+    sums, count, images_seen, logged = None, 0, 0, []  # each log line: the means over the steps since the last one
+    saved_window = checkpoint.get("log_window")
     last_log_time = time.perf_counter()
     bar = tqdm(total=last_step, initial=step, disable=not d.is_main, dynamic_ncols=True)
     ddp_model.train()
@@ -293,6 +296,10 @@ def train(args, d: engine.Dist) -> dict:
                                                      step * args.accum_iter + micro, d, amp_dtype, scaler, timer)
             loss_names = [k for k in stats if k.startswith("loss")]  # loss, loss_level{i} (+ MTO's parts)
             values = torch.stack([stats[k] for k in loss_names])
+            if saved_window is not None:  # resumed between two log lines: the sums of the steps before the stop
+                if saved_window["names"] == loss_names:
+                    sums, count = saved_window["sums"].to(d.device), saved_window["count"]
+                saved_window = None
             sums = values if sums is None else sums + values
             count += 1
             images_seen += images.shape[0]

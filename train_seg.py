@@ -551,7 +551,7 @@ def train(args, d):
     if resume_path is not None:
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
         best_miou = resume["best_miou"]
-    log = engine.open_log(args.output_dir, step if own_run else None, d.is_main)
+    log = engine.open_log(args.output_dir, resume["step"] if own_run else None, d.is_main)
     ddp_model = engine.ddp(model, d)
     if step >= args.iters:
         d.print(f"{args.output_dir} holds a finished run (step {step} of --iters {args.iters}): nothing to do; raise "
@@ -560,12 +560,14 @@ def train(args, d):
     def save(name, metrics=None):
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
             "dtm_seg", model, optimizer, scaler, args, step, steps_per_epoch, best_miou=best_miou,
-            num_classes=num_classes, metrics=metrics))
+            num_classes=num_classes, metrics=metrics, log_window=engine.all_mean(window, d).cpu()))
 
     unreadable = engine.UnreadableImages(limit=int(args.max_unreadable * len(train_set)))
     batches = engine.micro_batches(loader, sampler, steps_per_epoch, args.accum_iter, step)
     timer = engine.StepTimer(d.device)
-    window = torch.zeros(4, device=d.device)  # loss, decode loss, aux loss sums, count
+    window = torch.zeros(4, device=d.device)  # loss, decode loss, aux loss sums, count: since the last log line
+    if resume_path is not None and resume.get("log_window") is not None:  # resumed between two log lines
+        window = resume["log_window"].to(d.device)
     metrics, last_log_time, images_seen = None, time.perf_counter(), 0
     bar = tqdm(total=args.iters, initial=step, disable=not d.is_main, dynamic_ncols=True)
     ddp_model.train()
