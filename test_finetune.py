@@ -205,12 +205,20 @@ def test_micro_step_gradient_is_divided_by_accum_iter():
     torch.testing.assert_close(grads[2], grads[1] / 2)
 
 
+def test_eval_crop_ratio_follows_the_image_size_unless_given():
+    assert tf.parse_args(["--init", "none"]).crop_ratio == 0.875  # the demo's 112 px
+    assert tf.parse_args(["--init", "none", "--img_size", "384"]).crop_ratio == 1.0  # BEiT v2 at 384 px
+    assert tf.parse_args(["--init", "none", "--img_size", "384", "--crop_ratio", "0.9"]).crop_ratio == 0.9
+
+
 def test_rand_augment_flag():
     assert tf.parse_rand_augment("rand-m9-mstd0.5-inc1") == dict(rand_num_ops=2, rand_magnitude=9.0,
                                                                  rand_magnitude_std=0.5)
-    assert tf.parse_rand_augment("rand-m7-n3") == dict(rand_num_ops=3, rand_magnitude=7.0, rand_magnitude_std=0.5)
+    # fields left out take timm's defaults (rand_augment_transform): magnitude 10, 2 ops, std 0
+    assert tf.parse_rand_augment("rand-m7-n3") == dict(rand_num_ops=3, rand_magnitude=7.0, rand_magnitude_std=0.0)
+    assert tf.parse_rand_augment("rand-mstd1") == dict(rand_num_ops=2, rand_magnitude=10.0, rand_magnitude_std=1.0)
     assert tf.parse_rand_augment("none") == dict(rand_num_ops=0)
-    for bad in ("auto", "rand-x9", "rand-m9-inc0", "rand-mnine"):
+    for bad in ("auto", "rand-x9", "rand-m9-inc0", "rand-mnine", "rand-m9-mstd101"):
         with pytest.raises(ValueError, match="--aa"):
             tf.parse_rand_augment(bad)
 

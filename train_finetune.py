@@ -22,7 +22,7 @@ the official command's values where they differ from the paper's (layer decay, l
               total_batch = batch_size * accum_iter * world_size; linear warmup, then cosine to --min_lr, per step
     data      RandomResizedCrop + flip + RandAugment rand-m9-mstd0.5-inc1 + random erasing 0.25 (data.py),
               Mixup 0.8 / CutMix 1.0 (switch prob 0.5) with label smoothing 0.1, soft-target cross entropy;
-              evaluation: resize 256 / center crop 224 (--crop_ratio 0.875), top-1 and top-5
+              evaluation: resize 256 / center crop 224 (--crop_ratio 0.875; 1.0 from 384 px), top-1 and top-5
     epochs    paper: ViT-S/B/L 300/100/50 epochs with 10/10/5 warmup epochs (--epochs, --warmup_epochs); drop path 0.1
               (the official command also passes --drop_block 0.1, which run_class_finetuning.py parses and never uses)
 
@@ -122,10 +122,11 @@ def evaluate(model, loader, device, amp_dtype=None, show_progress=False) -> dict
 
 def parse_rand_augment(spec: str) -> dict:
     """timm-style --aa "rand-m9-mstd0.5-inc1" (also n<num_ops>) -> FinetuneTransform kwargs; "none" turns it off.
+    Fields left out take timm's defaults (rand_augment_transform: magnitude 10, 2 ops, magnitude std 0).
     data.RandAugment always uses the increasing ("inc1") op variants."""
     if spec == "none":
         return dict(rand_num_ops=0)
-    out = dict(rand_num_ops=2, rand_magnitude=9.0, rand_magnitude_std=0.5)
+    out = dict(rand_num_ops=2, rand_magnitude=10.0, rand_magnitude_std=0.0)
     fields = {"m": ("rand_magnitude", float), "mstd": ("rand_magnitude_std", float), "n": ("rand_num_ops", int)}
     name, *parts = spec.split("-")
     matches = [re.fullmatch(r"(mstd|m)(\d+(?:\.\d*)?)|(n)(\d+)|inc1", part) for part in parts]
@@ -136,6 +137,9 @@ def parse_rand_augment(spec: str) -> dict:
         key, value = match[1] or match[3], match[2] or match[4]
         if key:
             out[fields[key][0]] = fields[key][1](value)
+    if out["rand_magnitude_std"] > 100:  # timm: uniform magnitudes in [0, m]; not implemented here
+        raise ValueError(f"--aa {spec!r}: mstd > 100 (timm's uniform magnitude sampling) is not supported; use a "
+                         f"Gaussian std such as mstd0.5")
     return out
 
 
@@ -225,7 +229,9 @@ def get_args_parser():
     g.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
     g.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixing a batch at all")
     g.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of CutMix when both are on")
-    g.add_argument("--crop_ratio", type=float, default=0.875, help="eval: resize to img_size / crop_ratio, center crop")
+    g.add_argument("--crop_ratio", type=float, default=None,
+                   help="eval: resize to img_size / crop_ratio, center crop (default: 0.875 below 384 px, 1.0 from "
+                        "384 px, as the official code: naver-ai/dtm utils/datasets.py build_transform)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="ImageFolder root with train/ and val/")
     g.add_argument("--data_train", default=None, help="training ImageFolder (overrides DATA/train)")
@@ -248,6 +254,8 @@ def parse_args(argv=None):
     parser.set_defaults(**RECIPES[first.recipe], **(DEMO_DEFAULTS if demo else {}))  # flags given still win
     args = parser.parse_args(argv)
     args.demo = demo
+    if args.crop_ratio is None:
+        args.crop_ratio = 0.875 if args.img_size < 384 else 1.0
     check_args(args)
     return args
 
