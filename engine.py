@@ -673,11 +673,15 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
     """Restore model, optimizer, scaler and RNG states from a checkpoint of this trainer; returns the step to
     continue from. Prints the settings that differ from the checkpoint's (a new --lr or --epochs applies from here).
     Another steps_per_epoch (batch size, accumulation, processes or data) is accepted at an epoch boundary only."""
+    saved = checkpoint["args"]
+    changed = [f"--{k} {saved[k]} -> {v}" for k, v in sorted(vars(args).items())
+               if k not in BOOKKEEPING and k in saved and _plain(saved[k]) != _plain(v)]
     try:
         unwrap(model).load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        raise ValueError(f"{path!r} does not fit this model (saved with --model {checkpoint['args'].get('model')}); "
-                         f"{str(e).splitlines()[0]}") from None
+    except RuntimeError:
+        raise ValueError(f"{path!r} does not fit this model ({_mismatch(unwrap(model).state_dict(), checkpoint['model'])}); "
+                         f"settings changed since it was saved: {', '.join(changed) or 'none'}; resume with the "
+                         f"settings it was saved with") from None
     step = checkpoint["step"]
     if checkpoint["steps_per_epoch"] != steps_per_epoch:
         epochs_done, rest = divmod(step, checkpoint["steps_per_epoch"])
@@ -693,9 +697,6 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
     if scaler is not None and checkpoint.get("scaler") is not None:
         scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"])
-    saved = checkpoint["args"]
-    changed = [f"--{k} {saved[k]} -> {v}" for k, v in sorted(vars(args).items())
-               if k not in BOOKKEEPING and k in saved and _plain(saved[k]) != _plain(v)]
     d.print(f"resumed from {path} at step {step}" + (f"; settings changed since: {', '.join(changed)}" if changed else ""))
     return step
 
@@ -723,6 +724,15 @@ def regrouped_optimizer_state(optimizer, saved: dict, path: str = "the checkpoin
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
         index += len(ids)
     return {"state": state, "param_groups": groups}
+
+
+def _mismatch(expected: dict, saved: dict) -> str:
+    """The first differences between a model's state dict and a saved one, in words."""
+    problems = {"shapes": [f"{k} {tuple(v.shape)} saved, {tuple(expected[k].shape)} here" for k, v in saved.items()
+                           if k in expected and v.shape != expected[k].shape],
+                "missing": [k for k in expected if k not in saved], "unexpected": [k for k in saved if k not in expected]}
+    return "; ".join(f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                     for what, items in problems.items() if items)
 
 
 def _plain(value):

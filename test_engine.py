@@ -331,6 +331,19 @@ def test_resume_reports_changed_settings_and_remaps_steps_at_epoch_boundaries(tm
         engine.resume(state, "ck.pth", model, optimizer, None, args, 5, CPU)
 
 
+def test_resume_into_another_model_names_the_differences_and_the_changed_settings():
+    state = tiny_state(torch.nn.Linear(3, 2))
+    other = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    args = argparse.Namespace(model="vit_small", lr=0.1, betas=(0.9, 0.98), output_dir="x", demo=False)
+    with pytest.raises(ValueError, match=r"'ck.pth' does not fit this model \(missing: 0.weight, 0.bias; unexpected: "
+                                         r"weight, bias\); settings changed since it was saved: --model vit_tiny -> "
+                                         r"vit_small; resume with"):
+        engine.resume(state, "ck.pth", other, torch.optim.AdamW(other.parameters()), None, args, 2, CPU)
+    wider = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=r"shapes: weight \(2, 3\) saved, \(2, 4\) here\)"):
+        engine.resume(state, "ck.pth", wider, torch.optim.AdamW(wider.parameters()), None, args, 2, CPU)
+
+
 def test_resume_keeps_each_parameters_moments_under_this_runs_group_settings():
     """A --layer_decay / --weight_decay changed on resume is used (not the saved groups'), also when it changes the
     number of parameter groups; each parameter keeps its own Adam moments."""
