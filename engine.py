@@ -558,6 +558,14 @@ def prepare_run(args, d: Dist) -> tuple:
             if ".pth.tmp" in name:
                 os.remove(os.path.join(args.output_dir, name))
                 print(f"removed {name} (left by an interrupted save)")
+    resuming_last = args.resume != "auto" and os.path.isfile(args.resume) and os.path.isfile(last) and \
+        os.path.samefile(last, args.resume)
+    if args.fresh and os.path.isfile(last) and not resuming_last:
+        if d.is_main:  # else a relaunch without --fresh, after a crash before the new run's first save, resumed it
+            os.remove(last)
+            print(f"--fresh: removed the previous run's {last} (its log is kept as log.N.jsonl)", flush=True)
+        if d.world_size > 1:
+            dist.barrier()  # every rank sees the folder as rank 0 left it
     if args.resume == "auto":
         if args.fresh or not os.path.isfile(last):
             return None, False
@@ -567,7 +575,7 @@ def prepare_run(args, d: Dist) -> tuple:
     if os.path.isfile(last) and not os.path.samefile(last, args.resume) and not args.fresh:
         raise ValueError(f"--output_dir {args.output_dir!r} holds another run ({LAST}); continuing {args.resume!r} "
                          f"there would overwrite it: pass another --output_dir, or --fresh to replace that run")
-    return args.resume, os.path.isfile(last) and os.path.samefile(last, args.resume)
+    return args.resume, resuming_last
 
 
 def json_number(value):

@@ -389,12 +389,19 @@ def test_prepare_run_rules(tmp_path):
     (out / "checkpoint-last.pth.tmp4242").write_bytes(b"half a file")
     assert engine.prepare_run(run_args(out), CPU) == (str(out / engine.LAST), True)  # relaunch: continue
     assert not (out / "checkpoint-last.pth.tmp4242").exists()  # an interrupted save's leftovers are removed
+    assert engine.prepare_run(run_args(out, resume=str(out / engine.LAST), fresh=True), CPU) == \
+        (str(out / engine.LAST), True)  # --fresh does not remove the checkpoint it is asked to continue
+    # --fresh removes the old run's checkpoint, so a relaunch without --fresh after a crash before the new run's
+    # first save does not continue the old run
     assert engine.prepare_run(run_args(out, fresh=True), CPU) == (None, False)
+    assert not (out / engine.LAST).exists() and engine.prepare_run(run_args(out), CPU) == (None, False)
+    (out / engine.LAST).write_bytes(b"x")
     other = tmp_path / "other.pth"
     other.write_bytes(b"y")
     with pytest.raises(ValueError, match="holds another run.*--fresh"):
         engine.prepare_run(run_args(out, resume=str(other)), CPU)
     assert engine.prepare_run(run_args(out, resume=str(other), fresh=True), CPU) == (str(other), False)
+    assert not (out / engine.LAST).exists()
     assert engine.prepare_run(run_args(tmp_path / "new", resume=str(other)), CPU) == (str(other), False)
     with pytest.raises(FileNotFoundError, match="--resume"):
         engine.prepare_run(run_args(out, resume=str(tmp_path / "nope.pth")), CPU)
