@@ -831,6 +831,8 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
         raise ValueError(f"loss_on must be 'all' or 'masked', got {loss_on!r}")
     if pred.shape != target.shape:
         raise ValueError(f"predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ in shape")
+    if num_groups is not None and len(num_groups) != len(groups):
+        raise ValueError(f"num_groups has {len(num_groups)} entries for {len(groups)} levels of groups")
     if loss_on == "masked":
         if mask is None:
             raise ValueError("loss_on='masked' needs the mask")

@@ -496,6 +496,8 @@ def test_dtm_loss_equals_dense_morph_matrix_reference(loss, loss_on):
     assert torch.allclose(value, dense_dtm_loss(pred, target, levels, mask, loss, loss_on), atol=1e-6)
     exact, _ = dtm.dtm_loss(pred, target, levels, mask, loss=loss, loss_on=loss_on, num_groups=[N - 5, N - 7, N])
     assert torch.equal(exact, value)  # the exact numbers of groups or the bound N: the same loss
+    with pytest.raises(ValueError, match="num_groups has 2 entries for 3 levels"):  # not a silently dropped level
+        dtm.dtm_loss(pred, target, levels, mask, loss=loss, loss_on=loss_on, num_groups=[N - 5, N - 7])
     normalized, _ = dtm.dtm_loss(pred, target, levels, mask, loss=loss, loss_on=loss_on, normalize_target=True)
     reference = dense_dtm_loss(pred, target, levels, mask, loss, loss_on, normalize_target=True)
     assert torch.allclose(normalized, reference, atol=1e-6) and not torch.allclose(normalized, value, atol=1e-5)
