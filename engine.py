@@ -414,14 +414,16 @@ class SeededSamples(torch.utils.data.Dataset):
 
 class EpochSampler(torch.utils.data.Sampler):
     """This rank's share of an epoch as (epoch, index) keys for SeededSamples: torch's DistributedSampler order
-    (shuffled by seed + epoch, rank r takes entries r, r + W, ..., the tail that does not divide evenly dropped).
+    (rank r takes entries r, r + W, ..., the tail that does not divide evenly dropped), shuffled by a hash of the seed
+    plus the epoch: DistributedSampler shuffles by seed + epoch, so seed 1's epoch 0 would be seed 0's epoch 1.
     set_epoch(epoch, skip) starts after `skip` samples (those a resumed run already trained on) without loading them."""
 
     def __init__(self, num_items: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
         if num_items < world_size:
             raise ValueError(f"{num_items} training images cannot be shared by {world_size} processes")
         self.sampler = torch.utils.data.DistributedSampler(range(num_items), num_replicas=world_size, rank=rank,
-                                                           shuffle=shuffle, seed=seed, drop_last=True)
+                                                           shuffle=shuffle, seed=seed_of("order", seed) >> 2,
+                                                           drop_last=True)
         self.per_rank, self.epoch, self.skip = len(self.sampler), 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0):

@@ -499,6 +499,16 @@ def test_check_dataset_names_the_unreadable_files(tmp_path):
         engine.check_dataset(data.ImageFolder(str(tmp_path / "val")), "validation", CPU, 0)
 
 
+def test_epoch_orders_of_different_seeds_are_not_shifted_copies():
+    def order(seed, epoch):
+        sampler = engine.EpochSampler(50, 0, 1, seed)
+        sampler.set_epoch(epoch)
+        return [index for _, index in sampler]
+
+    assert sorted(order(0, 1)) == list(range(50)) and order(0, 1) == order(0, 1)
+    assert order(0, 1) != order(1, 0) and order(0, 2) != order(1, 1) and order(0, 0) != order(0, 1)
+
+
 def test_eval_sharding_covers_every_index_exactly_once():
     for num_items in (0, 1, 7, 13, 50001):
         for world_size in (1, 2, 3, 4):
