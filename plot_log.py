@@ -7,6 +7,7 @@
 import argparse
 import json
 import math
+import os
 
 from PIL import Image, ImageDraw
 
@@ -15,7 +16,7 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 
 def read_log(path: str, x_field: str, field: str):
     """[(x, y)] for the lines of a JSONL log that have both fields (null, e.g. the gradient norm of a step skipped
-    by fp16's GradScaler, counts as absent)."""
+    by fp16's GradScaler, counts as absent; so do NaN and Infinity, which this repo's logs write as null)."""
     points = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -26,7 +27,9 @@ def read_log(path: str, x_field: str, field: str):
             except json.JSONDecodeError as e:
                 raise SystemExit(f"{path}:{number} is not a JSON line ({e}); pass a log.jsonl written by train_*.py")
             if record.get(x_field) is not None and record.get(field) is not None:
-                points.append((float(record[x_field]), float(record[field])))
+                x, y = float(record[x_field]), float(record[field])
+                if math.isfinite(x) and math.isfinite(y):
+                    points.append((x, y))
     if not points:
         raise SystemExit(f"{path}: no line has both {x_field!r} and {field!r}")
     return points
@@ -34,11 +37,7 @@ def read_log(path: str, x_field: str, field: str):
 
 def moving_average(values, window: int):
     """Trailing mean over the last `window` values (window 1: unchanged)."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
+    return [sum(values[max(0, i + 1 - window):i + 1]) / min(i + 1, window) for i in range(len(values))]
 
 
 def plot(series, labels, title: str, x_label: str, y_label: str, size=(720, 440)):
@@ -46,7 +45,7 @@ def plot(series, labels, title: str, x_label: str, y_label: str, size=(720, 440)
     width, height = size
     left, right, top, bottom = 70, 20, 30, 50
     xs = [x for s in series for x, _ in s]
-    ys = [y for s in series for _, y in s if math.isfinite(y)]
+    ys = [y for s in series for _, y in s]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
     pad = 0.05 * (y1 - y0)
@@ -66,7 +65,11 @@ def plot(series, labels, title: str, x_label: str, y_label: str, size=(720, 440)
         draw.text((px - 10, height - bottom + 6), f"{x:.4g}", fill="black")
     for k, (points, label) in enumerate(zip(series, labels)):
         color = COLORS[k % len(COLORS)]
-        draw.line([to_px(x, y) for x, y in points if math.isfinite(y)], fill=color, width=2)
+        pixels = [to_px(x, y) for x, y in points]
+        draw.line(pixels, fill=color, width=2)
+        if len(pixels) == 1:  # a line through one point draws nothing: a dot
+            (px, py), = pixels
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
         draw.line([left + 10, top + 12 + 16 * k, left + 30, top + 12 + 16 * k], fill=color, width=3)
         draw.text((left + 36, top + 6 + 16 * k), label, fill="black")
     draw.text((max(left, 15 + 6 * len(y_label)), 8), title, fill="black")  # right of the y label, not over it
@@ -98,7 +101,8 @@ def main(argv=None):
         smoothed = moving_average([y for _, y in points], max(1, args.smooth))
         series.append([(x, y) for (x, _), y in zip(points, smoothed)])
     title = args.title or f"{'/'.join(dict.fromkeys(fields))}" + (f" (moving average of {args.smooth})" if args.smooth > 1 else "")
-    plot(series, labels, title, args.x, "/".join(dict.fromkeys(fields))).save(args.out)
+    image = plot(series, labels, title, args.x, "/".join(dict.fromkeys(fields)))
+    image.save(args.out, format=None if os.path.splitext(args.out)[1] else "PNG")  # no extension: a PNG
     print(f"wrote {args.out}")
 
 

@@ -11,6 +11,17 @@ def test_moving_average_is_a_trailing_mean():
     assert plot_log.moving_average([1, 2, 3, 4, 5], 2) == [1, 1.5, 2.5, 3.5, 4.5]
     assert plot_log.moving_average([4, 0, 8], 1) == [4, 0, 8]
     assert plot_log.moving_average([3, 6, 9, 0], 3) == [3, 4.5, 6, 5]
+    assert plot_log.moving_average([1e16, 1, 3, 2.5], 1) == [1e16, 1, 3, 2.5]  # no running sum that keeps 1e16's rounding
+
+
+def test_non_finite_values_are_left_out_and_one_point_is_drawn(tmp_path):
+    lines = [{"step": 1, "loss": float("nan")}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": float("inf")},
+             {"step": 4, "loss": 0.5}, {"epoch": 0, "val_top1": 12.5}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))  # json writes NaN, Infinity
+    assert plot_log.read_log(str(tmp_path / "log.jsonl"), "step", "loss") == [(2.0, 1.0), (4.0, 0.5)]
+    plot_log.main([str(tmp_path / "log.jsonl"), "--x", "epoch", "--field", "val_top1", "--out", str(tmp_path / "one")])
+    image = Image.open(tmp_path / "one").convert("RGB")  # no extension: written as a PNG
+    assert any(image.getpixel((x, y)) == (31, 119, 180) for x in range(80, 700) for y in range(40, 380))
 
 
 def test_plot_two_logs_and_errors(tmp_path):
