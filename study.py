@@ -32,6 +32,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,18 +85,23 @@ def write_folder(root, images, labels):
 
 
 def make_data(out):
-    """ImageFolders train3000, train1000 (its first 1000 in a class-balanced order) and val500."""
+    """ImageFolders train3000 (3000 training images in a random order), train1000 (its first 1000: a random
+    subset, not balanced by class) and val500 (the first 500 test images). Written into data.partial and renamed
+    when complete, so a study cut short while writing them writes them again."""
     if not os.path.isdir(FASHION):
         sys.exit(f"error: {FASHION} not found; install the real images first: apt-get install dataset-fashion-mnist")
     root = os.path.join(out, "data")
-    if os.path.isdir(os.path.join(root, "val500")):
+    if os.path.isdir(root):
         return root
+    partial = root + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
     images, labels = read_idx("train-images-idx3-ubyte.gz"), read_idx("train-labels-idx1-ubyte.gz")
     order = np.random.default_rng(0).permutation(len(images))[:3000]
-    write_folder(os.path.join(root, "train3000"), images[order], labels[order])
-    write_folder(os.path.join(root, "train1000"), images[order[:1000]], labels[order[:1000]])
+    write_folder(os.path.join(partial, "train3000"), images[order], labels[order])
+    write_folder(os.path.join(partial, "train1000"), images[order[:1000]], labels[order[:1000]])
     test_images, test_labels = read_idx("t10k-images-idx3-ubyte.gz"), read_idx("t10k-labels-idx1-ubyte.gz")
-    write_folder(os.path.join(root, "val500"), test_images[:500], test_labels[:500])
+    write_folder(os.path.join(partial, "val500"), test_images[:500], test_labels[:500])
+    os.replace(partial, root)
     return root
 
 

@@ -56,6 +56,24 @@ def test_make_data_writes_each_image_under_its_label(fake_fashion, tmp_path):
     assert count("train3000") == 40 and count("train1000") == 40  # all 40 fake images, fewer than 3000 / 1000
 
 
+def test_make_data_cut_short_is_written_again(fake_fashion, tmp_path, monkeypatch):
+    write_folder = study.write_folder
+
+    def dies_in_val500(root, images, labels):
+        if root.endswith("val500"):
+            write_folder(root, images[:3], labels[:3])
+            raise KeyboardInterrupt
+        write_folder(root, images, labels)
+
+    monkeypatch.setattr(study, "write_folder", dies_in_val500)
+    with pytest.raises(KeyboardInterrupt):
+        study.make_data(str(tmp_path / "out"))
+    monkeypatch.setattr(study, "write_folder", write_folder)
+    root = study.make_data(str(tmp_path / "out"))
+    assert sum(len(fs) for _, _, fs in os.walk(os.path.join(root, "val500"))) == 12  # all, not the 3 of the cut run
+    assert not os.path.exists(root + ".partial")
+
+
 def test_make_data_without_the_package_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "FASHION", str(tmp_path / "missing"))
     with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
