@@ -5,7 +5,8 @@ for it; morphing uses the default dynamic schedules (L=2). The variants run inte
 (the order rotating), so that a change of machine load hits all of them alike. Prints, for each variant, the
 median and the fastest wall time per step and the median CPU time per step (user + system time of this process:
 on a shared virtual machine it leaves out time the CPUs were given to other guests), each with its overhead over
-plain DTM; on a GPU, the peak memory of the variant's step.
+the first variant listed (plain DTM unless --variants says otherwise); on a GPU, the peak memory of the variant's
+timed steps.
 
 On the CPU, glibc's malloc hands tensors of more than 32 MB back to the kernel when they are freed, so every step
 page-faults its activations in afresh (zeroed by the kernel: system time, and it varies from step to step with the
@@ -106,7 +107,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--variants", nargs="+", type=int, default=list(range(len(VARIANTS))),
-                        help="indices into the list of variants (0: plain DTM, the reference)")
+                        help="indices into the list of variants (0: plain DTM); the first listed is the reference "
+                             "of the overheads")
     parser.add_argument("--malloc", default="default", choices=["default", "keep"],
                         help="keep: glibc keeps freed memory for reuse (CPU; see above)")
     parser.add_argument("--compare_mto", metavar="PATH",
@@ -134,11 +136,12 @@ def main(argv=None):
             if i >= args.warmup:
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
-            if cuda:
-                peak[name].append(torch.cuda.max_memory_allocated(args.device) / 2 ** 30)
+                if cuda:
+                    peak[name].append(torch.cuda.max_memory_allocated(args.device) / 2 ** 30)
     figures = {name: {"median_s": statistics.median(wall[name]), "min_s": min(wall[name]),
                       "cpu_median_s": statistics.median(cpu[name])} for name in names}
     base = figures[names[0]]
+    print(f"overheads over {names[0]}", flush=True)
     for name in names:
         f = figures[name]
         overhead = ", ".join(f"{label} {f[key]:.3f} s ({100 * (f[key] / base[key] - 1):+.1f}%)"
