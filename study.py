@@ -46,6 +46,7 @@ from PIL import Image
 import data
 import dtm
 import morph
+import mto
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -125,14 +126,21 @@ def finetune_log(folder):
 
 @torch.no_grad()
 def consistency(checkpoint_path, teacher, images, masks):
-    """(mean cosine of adjacent predicted tokens, token-wise loss, DTM loss at 24 x 3) of a pre-trained student."""
+    """(mean cosine of adjacent predicted tokens, token-wise loss, DTM loss at 24 x 3) of a pre-trained student,
+    with the forward it was trained with: MTO's recalibration mask for a student pre-trained with --mto."""
     checkpoint = dtm.read_checkpoint(checkpoint_path)
     student = dtm.build_vit("vit_tiny", img_size=IMG, rel_pos_bias=checkpoint["args"]["rel_pos_bias"])
     student.load_state_dict(dtm.vit_state_dict(checkpoint))
     head = torch.nn.Linear(student.embed_dim, teacher.out_dim)
     head.load_state_dict({k[len("head."):]: v for k, v in checkpoint["model"].items() if k.startswith("head.")})
     student.eval()
-    pred = head(student.forward_features(images, masks).tokens[:, 1:])  # (B, N, D)
+    saved = checkpoint["args"]
+    if saved.get("mto"):  # the recalibrated attention; no MTO loss (lambdas 0)
+        cfg = mto.MTOConfig(layers=saved.get("mto_layers"), lambda_sing=0, lambda_ent=0)
+        tokens = mto.mto_forward(student, images, masks, cfg)[0]
+    else:
+        tokens = student.forward_features(images, masks).tokens
+    pred = head(tokens[:, 1:])  # (B, N, D)
     targets = teacher(images)
     schedule = morph.make_schedule(GRID * GRID, 24, 3, "official")
     groups = morph.token_morphing(targets, schedule, "random", torch.Generator().manual_seed(0))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import dtm
+import mto
 import study
 
 
@@ -116,3 +117,10 @@ def test_consistency_reads_a_pretraining_checkpoint_and_measures_its_predictions
     assert cosine == pytest.approx(study.adjacent_cosine(pred), abs=1e-6)
     assert token_loss == pytest.approx(F.smooth_l1_loss(pred, target, beta=2.0).item(), rel=1e-5)
     assert dtm_loss != pytest.approx(token_loss)  # 24 x 3 merges change the loss
+    # a student pre-trained with --mto is scored with its training forward: the recalibrated attention
+    torch.save({"model": model, "args": {"rel_pos_bias": "both", "mto": True, "mto_layers": None}}, path)
+    mto_cosine, mto_token_loss, _ = study.consistency(path, teacher, images, masks)
+    with torch.no_grad():
+        recalibrated = head(mto.mto_forward(student, images, masks, mto.MTOConfig(lambda_sing=0, lambda_ent=0))[0][:, 1:])
+    assert mto_token_loss == pytest.approx(F.smooth_l1_loss(recalibrated, target, beta=2.0).item(), rel=1e-5)
+    assert mto_cosine == pytest.approx(study.adjacent_cosine(recalibrated), abs=1e-6) and mto_cosine != cosine
