@@ -6,7 +6,7 @@ for it; morphing uses the default dynamic schedules (L=2). The variants run inte
 median and the fastest wall time per step and the median CPU time per step (user + system time of this process:
 on a shared virtual machine it leaves out time the CPUs were given to other guests), each with its overhead over
 the first variant listed (plain DTM unless --variants says otherwise); on a GPU, the peak memory of the variant's
-timed steps.
+timed steps above what was allocated before each (all variants' weights and AdamW moments, which are built first).
 
 On the CPU, glibc's malloc hands tensors of more than 32 MB back to the kernel when they are freed, so every step
 page-faults its activations in afresh (zeroed by the kernel: system time, and it varies from step to step with the
@@ -129,15 +129,16 @@ def main(argv=None):
     for i in range(args.warmup + args.steps):
         order = names[i % len(names):] + names[:i % len(names)]  # rotate who goes first
         for name in order:
-            if cuda:
+            if cuda:  # the step's growth over what is allocated before it (every variant's weights, moments)
                 torch.cuda.reset_peak_memory_stats(args.device)
+                before = torch.cuda.memory_allocated(args.device)
             start, start_cpu = time.perf_counter(), time.process_time()
             steps[name]()
             if i >= args.warmup:
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
                 if cuda:
-                    peak[name].append(torch.cuda.max_memory_allocated(args.device) / 2 ** 30)
+                    peak[name].append((torch.cuda.max_memory_allocated(args.device) - before) / 2 ** 30)
     figures = {name: {"median_s": statistics.median(wall[name]), "min_s": min(wall[name]),
                       "cpu_median_s": statistics.median(cpu[name])} for name in names}
     base = figures[names[0]]
@@ -146,7 +147,7 @@ def main(argv=None):
         f = figures[name]
         overhead = ", ".join(f"{label} {f[key]:.3f} s ({100 * (f[key] / base[key] - 1):+.1f}%)"
                              for key, label in (("median_s", "median"), ("min_s", "fastest"), ("cpu_median_s", "cpu")))
-        memory = f"  peak {max(peak[name]):.2f} GiB" if cuda else ""
+        memory = f"  step peak {max(peak[name]):.2f} GiB over the weights and moments" if cuda else ""
         print(f"{name}: {overhead}{memory}  [{', '.join(f'{t:.2f}' for t in wall[name])}]", flush=True)
     if not cuda:
         print(f"peak resident memory of the process (all variants): "
