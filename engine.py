@@ -560,20 +560,19 @@ def prepare_run(args, d: Dist) -> tuple:
             if ".pth.tmp" in name:
                 os.remove(os.path.join(args.output_dir, name))
                 print(f"removed {name} (left by an interrupted save)")
-    resuming_last = args.resume != "auto" and os.path.isfile(args.resume) and os.path.isfile(last) and \
-        os.path.samefile(last, args.resume)
-    if args.fresh and os.path.isfile(last) and not resuming_last:
-        if d.is_main:  # else a relaunch without --fresh, after a crash before the new run's first save, resumed it
+    if args.resume != "auto" and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume!r}: no such file")
+    resuming_last = args.resume != "auto" and os.path.isfile(last) and os.path.samefile(last, args.resume)
+    if args.fresh:  # else a relaunch without --fresh, after a crash before the new run's first save, resumed the old
+        if d.is_main and os.path.isfile(last) and not resuming_last:
             os.remove(last)
-            print(f"--fresh: removed the previous run's {last} (its log is kept as log.N.jsonl)", flush=True)
+            print(f"--fresh: removed the previous run's {last} (its log will be kept as log.N.jsonl)", flush=True)
         if d.world_size > 1:
-            dist.barrier()  # every rank sees the folder as rank 0 left it
+            dist.barrier()  # every rank, whatever it saw, waits until rank 0 has removed it
     if args.resume == "auto":
         if args.fresh or not os.path.isfile(last):
             return None, False
         return last, True
-    if not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume {args.resume!r}: no such file")
     if os.path.isfile(last) and not os.path.samefile(last, args.resume) and not args.fresh:
         raise ValueError(f"--output_dir {args.output_dir!r} holds another run ({LAST}); continuing {args.resume!r} "
                          f"there would overwrite it: pass another --output_dir, or --fresh to replace that run")
@@ -586,17 +585,18 @@ def json_number(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def open_log(output_dir: str, resume_step, enabled: bool):
-    """-> log(**fields): appends one JSON line to output_dir/log.jsonl (rank 0 only; `enabled`).
+def open_log(output_dir: str, resumed, enabled: bool) -> "JsonLog":
+    """-> log(**fields), which appends one JSON line to output_dir/log.jsonl (rank 0 only; `enabled`).
 
-    A resumed run (resume_step: the step saved in the checkpoint, before any renumbering for a new number of steps
-    per epoch) keeps the lines up to that step and drops later ones (written after the checkpoint by a run that then
-    died) and any half-written line, so steps never repeat; a new run (resume_step None) starts a new
-    log and keeps an old one as log.N.jsonl."""
+    A resumed run (resumed: the checkpoint it continues, from this output_dir) keeps the lines the log held when the
+    checkpoint was saved (its log_lines; older checkpoints: the lines up to its step) and drops the rest (written
+    after the checkpoint by a run that then died, or half-written), so no line repeats, also where a new batch size
+    renumbered the steps; a new run (resumed None) starts a new log and keeps an old one as log.N.jsonl."""
     path = os.path.join(output_dir, LOG)
+    kept = 0
     if enabled:
         os.makedirs(output_dir, exist_ok=True)
-        if os.path.isfile(path) and resume_step is None:
+        if os.path.isfile(path) and resumed is None:
             n = next(n for n in itertools.count(1) if not os.path.exists(os.path.join(output_dir, f"log.{n}.jsonl")))
             os.replace(path, os.path.join(output_dir, f"log.{n}.jsonl"))
             print(f"new run: the previous {path} is kept as log.{n}.jsonl", flush=True)
@@ -607,16 +607,30 @@ def open_log(output_dir: str, resume_step, enabled: bool):
             if torn:
                 print(f"{path}: dropped {torn} line(s) that are not complete JSON (written when a run was killed)",
                       flush=True)
+            lines = [(line, record) for line, record in records if record is not None]
+            if resumed.get("log_lines") is not None:
+                lines = lines[:resumed["log_lines"]]
+            else:
+                lines = [(line, record) for line, record in lines if record.get("step", 0) <= resumed["step"]]
             with open(path, "w") as f:
-                f.writelines(line for line, record in records if record is not None
-                             and record.get("step", 0) <= resume_step)
+                f.writelines(line for line, _ in lines)
+            kept = len(lines)
+    return JsonLog(path, enabled, kept)
 
-    def log(**fields):
-        if enabled:
+
+class JsonLog:
+    """log(**fields): one JSON line (tensors as numbers, NaN/inf as null); .lines: how many the log holds, saved in
+    checkpoints as log_lines so that a resumed run knows where to cut."""
+
+    def __init__(self, path: str, enabled: bool, lines: int = 0):
+        self.path, self.enabled, self.lines = path, enabled, lines
+
+    def __call__(self, **fields):
+        if self.enabled:
             fields = {k: json_number(v.item() if torch.is_tensor(v) else v) for k, v in fields.items()}
-            with open(path, "a") as f:
+            with open(self.path, "a") as f:
                 f.write(json.dumps(fields) + "\n")
-    return log
+            self.lines += 1
 
 
 def _json_or_none(line: str):

@@ -400,6 +400,9 @@ def test_prepare_run_rules(tmp_path):
     other.write_bytes(b"y")
     with pytest.raises(ValueError, match="holds another run.*--fresh"):
         engine.prepare_run(run_args(out, resume=str(other)), CPU)
+    with pytest.raises(FileNotFoundError, match="--resume"):  # a mistyped path removes nothing
+        engine.prepare_run(run_args(out, resume=str(tmp_path / "typo.pth"), fresh=True), CPU)
+    assert (out / engine.LAST).exists()
     assert engine.prepare_run(run_args(out, resume=str(other), fresh=True), CPU) == (str(other), False)
     assert not (out / engine.LAST).exists()
     assert engine.prepare_run(run_args(tmp_path / "new", resume=str(other)), CPU) == (str(other), False)
@@ -413,10 +416,18 @@ def test_log_new_run_keeps_the_old_one_and_resume_drops_lines_after_the_checkpoi
         log(step=step, loss=torch.tensor(0.5 / step))
     log(step=4, skipped_image="a.jpg")
     engine.open_log(str(tmp_path), None, False)(step=9)  # ranks other than 0 write nothing
-    log = engine.open_log(str(tmp_path), 2, True)  # resumed from a checkpoint of step 2
+    log = engine.open_log(str(tmp_path), {"step": 2}, True)  # resumed from a checkpoint of step 2 (no log_lines)
+    assert log.lines == 2
     log(step=3, loss=0.1)
     lines = [json.loads(line) for line in open(tmp_path / engine.LOG)]
     assert [r["step"] for r in lines] == [1, 2, 3] and lines[0]["loss"] == 0.5 and lines[2]["loss"] == 0.1
+    assert log.lines == 3
+    # steps renumbered by another batch size (epoch 0 in steps of 3 per epoch, then 6 per epoch): the checkpoint's
+    # log_lines, not its step, says where to cut; lines 4 and 5 were written after it by a run that then died
+    for step in (4, 5):
+        log(step=step, loss=0.2)
+    log = engine.open_log(str(tmp_path), {"step": 99, "log_lines": 3}, True)
+    assert [json.loads(line)["step"] for line in open(tmp_path / engine.LOG)] == [1, 2, 3] and log.lines == 3
     engine.open_log(str(tmp_path), None, True)(step=1)  # a new run
     assert [json.loads(line)["step"] for line in open(tmp_path / "log.1.jsonl")] == [1, 2, 3]
     assert [json.loads(line)["step"] for line in open(tmp_path / engine.LOG)] == [1]

@@ -250,6 +250,9 @@ def test_resume_with_another_batch_size_keeps_the_log_up_to_the_checkpoint(image
     assert "step 6 (end of epoch 0) continues as step 3" in capsys.readouterr().out
     lines = read_log(out / engine.LOG)
     assert [(r["step"], r["epoch"]) for r in lines] == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (6, 0), (4, 1)]
+    tp.main(tiny_argv(image_folder, out, "--max_steps", "5"))  # resumed at step 4: no line of epoch 0 is lost
+    lines = read_log(out / engine.LOG)
+    assert [(r["step"], r["epoch"]) for r in lines] == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (6, 0), (4, 1), (5, 1)]
 
 
 def test_finished_run_is_not_overwritten(image_folder, tmp_path, capsys):

@@ -370,7 +370,7 @@ def finetune(args, d, amp_dtype, scaler):
     if resume_path is not None:
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
         best_top1 = resume["best_top1"]
-    log = engine.open_log(args.output_dir, resume["step"] if own_run else None, d.is_main)
+    log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main)
     ddp_model = engine.ddp(model, d)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     d.print(f"{args.model}: {len(train_set)} training images, {len(classes)} classes, {d.world_size} process(es) on "
@@ -435,7 +435,7 @@ def finetune(args, d, amp_dtype, scaler):
             bar.write(f"epoch {epoch}: train loss {train_loss:.4f}  val top-1 {stats['top1']:.2f}%  "
                       f"top-5 {stats['top5']:.2f}%  (best {best_top1:.2f}%)")
         state = engine.checkpoint_state("dtm_finetune", model, optimizer, scaler, args, step, steps_per_epoch,
-                                        best_top1=best_top1, val=stats, classes=list(classes))
+                                        best_top1=best_top1, val=stats, classes=list(classes), log_lines=log.lines)
         engine.save_checkpoint(os.path.join(args.output_dir, engine.LAST), state)
         if stats["top1"] == best_top1:
             engine.save_checkpoint(os.path.join(args.output_dir, engine.BEST), state)

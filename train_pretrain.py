@@ -258,7 +258,7 @@ def train(args, d: engine.Dist) -> dict:
         checkpoint = engine.load_checkpoint(resume_path, "dtm_pretrain", hint="; to start from other weights, use "
                                             "them as the teacher (--teacher ckpt:PATH)")
         step = engine.resume(checkpoint, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
-    log = engine.open_log(args.output_dir, checkpoint["step"] if own_run else None, d.is_main)
+    log = engine.open_log(args.output_dir, checkpoint if own_run else None, d.is_main)
     ddp_model = engine.ddp(model, d)  # the teacher stays outside: it does not train
     d.print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, teacher {args.teacher} "
             f"(dim {teacher.out_dim}), {len(dataset)} images, total batch {total_batch}, lr {lr:.3g}, "
@@ -270,7 +270,7 @@ def train(args, d: engine.Dist) -> dict:
     def save(name):  # with the loss sums since the last log line, so a resumed run's next line averages them too
         window = None if sums is None else dict(names=loss_names, sums=engine.all_mean(sums, d).cpu(), count=count)
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
-            "dtm_pretrain", model, optimizer, scaler, args, step, steps_per_epoch, log_window=window))
+            "dtm_pretrain", model, optimizer, scaler, args, step, steps_per_epoch, log_window=window, log_lines=log.lines))
 
     timer = engine.StepTimer(d.device)
     unreadable = engine.UnreadableImages(limit=int(args.max_unreadable * len(dataset)))

@@ -551,7 +551,7 @@ def train(args, d):
     if resume_path is not None:
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
         best_miou = resume["best_miou"]
-    log = engine.open_log(args.output_dir, resume["step"] if own_run else None, d.is_main)
+    log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main)
     ddp_model = engine.ddp(model, d)
     if step >= args.iters:
         d.print(f"{args.output_dir} holds a finished run (step {step} of --iters {args.iters}): nothing to do; raise "
@@ -560,7 +560,7 @@ def train(args, d):
     def save(name, metrics=None):
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
             "dtm_seg", model, optimizer, scaler, args, step, steps_per_epoch, best_miou=best_miou,
-            num_classes=num_classes, metrics=metrics, log_window=engine.all_mean(window, d).cpu()))
+            num_classes=num_classes, metrics=metrics, log_window=engine.all_mean(window, d).cpu(), log_lines=log.lines))
 
     unreadable = engine.UnreadableImages(limit=int(args.max_unreadable * len(train_set)))
     batches = engine.micro_batches(loader, sampler, steps_per_epoch, args.accum_iter, step)
