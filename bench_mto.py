@@ -6,7 +6,8 @@ for it; morphing uses the default dynamic schedules (L=2). The variants run inte
 median and the fastest wall time per step and the median CPU time per step (user + system time of this process:
 on a shared virtual machine it leaves out time the CPUs were given to other guests), each with its overhead over
 the first variant listed (plain DTM unless --variants says otherwise); on a GPU, the peak memory of the variant's
-timed steps above what was allocated before each (all variants' weights and AdamW moments, which are built first).
+timed steps above what was allocated before each (all variants' weights, and their AdamW moments from their first
+step on: with --warmup 0 the first timed step's peak includes its own moments).
 
 On the CPU, glibc's malloc hands tensors of more than 32 MB back to the kernel when they are freed, so every step
 page-faults its activations in afresh (zeroed by the kernel: system time, and it varies from step to step with the

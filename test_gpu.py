@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -215,17 +216,38 @@ def check_torchrun(device, quick, tmp):
 
 
 def run_child(argv, timeout, **kwargs):
-    """subprocess.run in its own process group, all of which is killed on timeout (torchrun's workers, a bench's
-    children), so that a hang costs one check, not the GPU for the rest of the run."""
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, **kwargs)
+    """subprocess.run that, on timeout, kills the child and all its descendants (torchrun starts its workers in
+    sessions of their own, so a process group is not enough), so that a hang costs one check, not the GPU for the
+    rest of the run."""
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
-        process.communicate()
+        for pid in descendants(process.pid) + [process.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.communicate(timeout=30)
         raise TimeoutError(f"{' '.join(argv[:4])} ... did not finish within {timeout} s (killed)") from None
     return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
+def descendants(pid: int) -> list:
+    """The process ids below pid (Linux: read from /proc), children first."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])  # the field after the state
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        found.append(todo.pop(0))
+        todo += children.get(found[-1], [])
+    return found
 
 
 def check_finetune(device, quick, tmp):
@@ -271,6 +293,7 @@ def step_figures(device, model_name, batch, amp, grad_checkpoint, steps, quick, 
     mask = torch.stack([masks(random.Random(i)).flatten() for i in range(batch)]).to(device)
     timer = engine.StepTimer(d.device)
     if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the reserved peak: this configuration's, not memory the last one left cached
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for step in range(2 + steps):
@@ -352,6 +375,33 @@ CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.sta
                                   "mto", "torchrun", "finetune", "seg"])
 def test_on_gpu(name, tmp_path):
     CHECKS[name]("cuda:0", False, str(tmp_path))
+
+
+HANGING_PARENT = """
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+open(sys.argv[1], "w").write(str(worker.pid))
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_hanging_child_is_killed_with_a_worker_in_its_own_session(tmp_path):
+    """As torchrun's workers: the worker is not in the child's process group and holds its output pipes."""
+    script, pid_file = tmp_path / "parent.py", tmp_path / "worker.pid"
+    script.write_text(HANGING_PARENT)
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError, match="did not finish within 3 s"):
+        run_child([sys.executable, str(script), str(pid_file)], timeout=3)
+    assert time.perf_counter() - start < 30
+    worker = int(pid_file.read_text())
+    time.sleep(0.5)
+    try:
+        with open(f"/proc/{worker}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z", "X"), state  # killed: reaped, or a zombie until its new parent reaps it
 
 
 def test_report_dry_run_on_cpu(tmp_path):
