@@ -132,21 +132,29 @@ def ddp(model: nn.Module, d: Dist) -> nn.Module:
                                                broadcast_buffers=buffers_differ_between_ranks(model))
 
 
+def _rank_local_norms(model: nn.Module) -> list:
+    """BatchNorm layers other than SyncBatchNorm (which keeps its statistics equal on all ranks): their running
+    statistics move with each rank's own batches."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)]
+
+
 def buffers_differ_between_ranks(model: nn.Module) -> bool:
-    """Whether model has buffers that training changes per rank: running statistics of BatchNorm layers other than
-    SyncBatchNorm (which keeps them equal on all ranks). The ViTs' buffers are constant (the relative position
-    indices: 12 x 8.4 MB for ViT-B at 512 px), and DDP would otherwise send them all before every forward."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
-               for m in model.modules())
+    """Whether model has buffers that training changes per rank (_rank_local_norms' statistics). The ViTs' buffers
+    are constant (the relative position indices: 12 x 8.4 MB for ViT-B at 512 px), and DDP would otherwise send
+    them all before every forward."""
+    return bool(_rank_local_norms(model))
 
 
 def share_rank0_buffers(model: nn.Module, d: Dist):
     """Before evaluating a model trained with DDP whose buffers can differ between ranks (see above): every rank takes
-    rank 0's, i.e. the checkpoint's. DDP broadcasts them before each training forward, so after the last step each
-    rank's BatchNorm statistics had moved by its own batch, and each rank evaluated a slightly different model."""
-    if d.world_size > 1 and buffers_differ_between_ranks(model):
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+    rank 0's BatchNorm statistics, i.e. the checkpoint's. DDP broadcasts them before each training forward, so after
+    the last step each rank's had moved by its own batch, and each rank evaluated a slightly different model. Only
+    those buffers are sent, not the constant ones."""
+    if d.world_size > 1:
+        for norm in _rank_local_norms(model):
+            for buffer in norm.buffers():
+                dist.broadcast(buffer, src=0)
 
 
 def grad_sync(model: nn.Module, last_micro: bool):
