@@ -122,7 +122,8 @@ def evaluate(model, loader, device, amp_dtype=None, show_progress=False) -> dict
 
 def parse_rand_augment(spec: str) -> dict:
     """timm-style --aa "rand-m9-mstd0.5-inc1" (also n<num_ops>) -> FinetuneTransform kwargs; "none" turns it off.
-    Fields left out take timm's defaults (rand_augment_transform: magnitude 10, 2 ops, magnitude std 0).
+    Fields left out take timm's defaults (timm/data/auto_augment.py:792-794 rand_augment_transform: magnitude 10,
+    2 ops; magnitude std 0, :377 AugmentOp's hparams.get('magnitude_std', 0)).
     data.RandAugment always uses the increasing ("inc1") op variants."""
     if spec == "none":
         return dict(rand_num_ops=0)
@@ -231,7 +232,7 @@ def get_args_parser():
     g.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of CutMix when both are on")
     g.add_argument("--crop_ratio", type=float, default=None,
                    help="eval: resize to img_size / crop_ratio, center crop (default: 0.875 below 384 px, 1.0 from "
-                        "384 px, as the official code: naver-ai/dtm utils/datasets.py build_transform)")
+                        "384 px, as the official code: naver-ai/dtm utils/datasets.py:536-540, build_transform)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="ImageFolder root with train/ and val/")
     g.add_argument("--data_train", default=None, help="training ImageFolder (overrides DATA/train)")
