@@ -10,13 +10,14 @@ Pre-training (DTM, ICLR 2025, follows the BEiT v2 pre-training data pipeline)
                         DataAugmentationForBEiT) apply the color jitter before the flip and crop; here it runs on the
                         crop (cheaper; identical for brightness/saturation, contrast uses the crop's mean instead of
                         the full image's).
-  BlockMaskGenerator    BEiT (Bao et al., ICLR 2022), Sec. 2.5 / Algorithm 1 "Blockwise Masking": 75 of 14x14 patches,
+  BlockMaskGenerator    BEiT (Bao et al., ICLR 2022), Sec. 2.3 / Algorithm 1 "Blockwise Masking" (75 of 14x14
+                        patches: Sec. 2.5),
                         blocks of >= 16 patches with aspect ratio in [0.3, 1/0.3]; plus BEiT v2's exact-count fix-up.
   MaskedImageDataset    (image, mask) pairs for the pre-training loop.
   SyntheticShapes       procedural images (shapes x textures on a textured background) with per-pixel masks, for the
                         demo and the tests; no files.
 
-Fine-tuning (BEiT v2 / MAE fine-tuning recipe, MAE Appendix A.2; as implemented in timm)
+Fine-tuning (BEiT v2 / MAE fine-tuning recipe, MAE Appendix A.1, Table 9; as implemented in timm)
   FinetuneTransform     RandomResizedCrop(0.08..1) + flip + RandAugment + normalize + RandomErasing.
   RandAugment           Cubuk et al. 2020, timm's 'rand-m9-mstd0.5-inc1': 2 ops, magnitude 9 +- N(0, 0.5), each op
                         applied with probability 0.5, "increasing" op variants.
@@ -288,7 +289,8 @@ class PretrainTransform:
 # BEiT block-wise masking
 
 class BlockMaskGenerator:
-    """BEiT's blockwise masking (BEiT Sec. 2.5, Algorithm 1) with BEiT v2's exact-count fix-up.
+    """BEiT's blockwise masking (BEiT Sec. 2.3, Algorithm 1) with BEiT v2's exact-count fix-up
+    (beit2/masking_generator.py, the same in naver-ai/dtm utils/masking_generator.py).
 
     Repeat until num_masked patches are masked: draw a block area s = rng.uniform(min_block, remaining) (remaining =
     min(num_masked - count, max_block); Python's uniform draws from [remaining, min_block] when remaining is the

@@ -32,9 +32,10 @@ merges gives the identity partition, i.e. plain per-token feature distillation.
 
 The ViT is BEiT's (Bao et al. 2022) as the official code builds it (models/modeling_dtm.py, modeling_finetune.py,
 run_pretrain_dtm.py): no absolute position embedding (--abs_pos_emb off), relative position bias both shared and
-per block (REL_POS_BIAS), layer scale 0.1 (1e-5 for ViT-L in run_pretrain_dtm.py's help), q and v bias but no k bias
-(a k bias would be cancelled by the softmax anyway), LayerNorm eps 1e-6, truncated-normal init (std 0.02, truncated
-at +-std, modeling_dtm.py's trunc_normal_ wrapper; modeling_finetune.py uses timm's, whose bounds are +-2 absolute,
+per block (train_pretrain.py's --rel_pos_bias both; VisionTransformer's own default is "shared", see REL_POS_BIAS),
+layer scale 0.1 (1e-5 for ViT-L in run_pretrain_dtm.py's help), q and v bias but no k bias (a k bias would be
+cancelled by the softmax anyway), LayerNorm eps 1e-6, truncated-normal init (std 0.02, truncated at +-std,
+modeling_dtm.py's trunc_normal_ wrapper; modeling_finetune.py uses timm's, whose bounds are +-2 absolute,
 i.e. hardly truncated: of what fine-tuning initializes, only the classifier head differs, and it is scaled by 0.001)
 and the rescaling of each block's output projections by 1 / sqrt(2 * layer_id) (fix_init_weight).
 """
@@ -80,7 +81,8 @@ def _pair(size) -> tuple:
 
 
 def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
-    # BEiT's wrapper truncates at +-std (timm's default bounds are +-2 absolute: +-100 std at std 0.02)
+    # BEiT's wrapper truncates at +-std (beit/modeling_pretrain.py trunc_normal_; timm's default bounds are +-2
+    # absolute: +-100 std at std 0.02)
     return nn.init.trunc_normal_(t, std=std, a=-std, b=std)
 
 
@@ -105,7 +107,8 @@ def resize_rel_pos_table(table: torch.Tensor, old_grid, new_grid) -> torch.Tenso
     """Relative position bias table for another patch grid: ((2H-1)(2W-1) + 3, heads) -> new grid's size.
 
     The (2H-1, 2W-1) map of offsets is resized bicubically (as Swin does for fine-tuning at a higher
-    resolution; BEiT's segmentation code uses a geometric spacing instead); the 3 CLS rows are kept.
+    resolution; BEiT's segmentation code uses a geometric spacing instead: microsoft/unilm
+    beit/semantic_segmentation/mmcv_custom/checkpoint.py, geometric_progression); the 3 CLS rows are kept.
     Resizing to the same grid returns the table unchanged (bicubic weights at integer positions are exact).
     """
     (H, W), (H2, W2) = _pair(old_grid), _pair(new_grid)
@@ -244,7 +247,8 @@ class VisionTransformer(nn.Module):
 
     rel_pos_bias (REL_POS_BIAS): "both" (a table shared by all blocks plus one per block, added together: the
     official DTM pre-training, naver-ai/dtm run_pretrain_dtm.py --rel_pos_bias and --shared_rel_pos_bias both on by
-    default, models/modeling_finetune.py Attention), "shared" (one table for all blocks, BEiT v2 pre-training),
+    default, models/modeling_finetune.py Attention), "shared" (one table for all blocks, BEiT v2 pre-training:
+    beit2/run_beitv2_pretraining.py passes use_shared_rel_pos_bias, no per-block tables),
     "per_block" (BEiT / DTM fine-tuning) or "none". Tables start at zero (BEiT). With num_classes > 0 the model is BEiT's fine-tuning classifier: the final `norm` becomes
     Identity and `fc_norm` + `head` act on the mean of the patch tokens (head scaled by head_init_scale).
     Parameter names for layer-wise lr decay: see layer_id_for_param.
@@ -735,9 +739,10 @@ class PixelTeacher(FrozenTeacher):
         if H % p or W % p:
             raise ValueError(f"image {H}x{W} is not divisible by the patch size {p}")
         x = images.float().reshape(B, C, H // p, p, W // p, p)
-        # MAE's patchify order; a permute, not einsum, which CUDA's autocast would run in bf16/fp16
+        # MAE's patchify order (models_mae.py patchify); a permute, not einsum, which CUDA's autocast would run in
+        # bf16/fp16
         x = x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
-        mean, var = x.mean(dim=-1, keepdim=True), x.var(dim=-1, keepdim=True)  # unbiased var, as MAE
+        mean, var = x.mean(dim=-1, keepdim=True), x.var(dim=-1, keepdim=True)  # unbiased var, as MAE's forward_loss
         return (x - mean) / (var + self.eps).sqrt()
 
 

@@ -249,9 +249,9 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token")  # the ViT's no_weight_decay() in th
 
 def param_groups(model: nn.Module, weight_decay: float, lr_scale_fn=None) -> list:
     """AdamW groups with the official code's weight-decay rule (naver-ai/dtm utils/optim_factory.py
-    get_parameter_groups, skip list = models/modeling_dtm.py no_weight_decay(); BEiT's too): no weight decay for
-    1-D parameters (norms, layer scale, q/v biases), biases, and the ViT's pos_embed and cls_token; the mask token
-    and the relative position tables are decayed. lr_scale_fn(name) -> float goes into group["lr_scale"]
+    get_parameter_groups, skip list = models/modeling_dtm.py no_weight_decay(); BEiT's beit/optim_factory.py too): no
+    weight decay for 1-D parameters (norms, layer scale, q/v biases), biases, and the ViT's pos_embed and cls_token;
+    the mask token and the relative position tables are decayed. lr_scale_fn(name) -> float goes into group["lr_scale"]
     (layer-wise lr decay; set_lr applies it). Frozen parameters are left out; group["param_names"] lists names."""
     groups = {}
     for name, p in unwrap(model).named_parameters():
@@ -267,7 +267,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale_fn=None) -> lis
 
 
 def layer_decay_fn(depth: int, decay: float, prefix: str = ""):
-    """name -> lr scale decay^(depth + 1 - layer id), BEiT's LayerDecayValueAssigner. Parameters whose name starts
+    """name -> lr scale decay^(depth + 1 - layer id), BEiT's LayerDecayValueAssigner
+    (beit/optim_factory.py, with get_num_layer_for_vit). Parameters whose name starts
     with `prefix` are the ViT's (layer ids of dtm.layer_id_for_param: 0 embeddings, i + 1 block i, depth + 1 on top);
     any other parameter (a segmentation head) is on top, scale 1."""
     def lr_scale(name: str) -> float:

@@ -3,10 +3,14 @@
 "Emerging Property of Masked Token for Effective Pre-training" (Choi et al., ECCV 2024). torch only; the ViT it
 drives is any model with forward_features(images, mask, attn_mask, return_layers, return_qk) -> dtm.Features.
 
-What the paper says, in its own words (abstract and project page; the full equations were not available when this
-file was written):
-  - masked tokens should have "data singularity" (renamed "data distinctiveness" in the camera-ready): a masked token
-    "should be unique", with "a low likelihood of manifesting in the training data";
+What the paper says, in its own words (the full equations were not available when this file was written). The
+abstract (arXiv 2404.08330) names the key property of masked tokens "data singularity"; the ECCV 2024 version's
+abstract (Springer, pages 272-289) names it "data distinctiveness", and both name "weight recalibration". The ECCV
+abstract also names the authors' code, github.com/doihye/MTO, which could not be read offline: compare with it before
+relying on anything below being the paper's method. The other
+quotes below were recorded when this file was written as from the paper's project page; neither abstract contains
+them, and that page could not be found again offline, so read them as unverified:
+  - a masked token "should be unique", with "a low likelihood of manifesting in the training data";
   - MTO "encompasses the selective exclusion of semantically inconsequential masked tokens from the weight
     aggregation process pertaining to visible tokens, and at the same time, it enforces data singularity
     constraints based on the depth of the layer";

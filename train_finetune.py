@@ -122,8 +122,9 @@ def evaluate(model, loader, device, amp_dtype=None, show_progress=False) -> dict
 
 def parse_rand_augment(spec: str) -> dict:
     """timm-style --aa "rand-m9-mstd0.5-inc1" (also n<num_ops>) -> FinetuneTransform kwargs; "none" turns it off.
-    Fields left out take timm's defaults (timm/data/auto_augment.py:792-794 rand_augment_transform: magnitude 10,
-    2 ops; magnitude std 0, :377 AugmentOp's hparams.get('magnitude_std', 0)).
+    Fields left out take timm's defaults (timm/data/auto_augment.py at commit aa4b585, :792-794 rand_augment_transform:
+    magnitude 10, 2 ops; magnitude std 0, :377 AugmentOp's hparams.get('magnitude_std', 0); the same defaults in timm
+    0.4.12, the version the official code's README pins, at :654-655 and :336).
     data.RandAugment always uses the increasing ("inc1") op variants."""
     if spec == "none":
         return dict(rand_num_ops=0)
@@ -195,7 +196,8 @@ def get_args_parser():
     g.add_argument("--eval", default=None, metavar="CHECKPOINT", help="only evaluate this fine-tuned checkpoint on the "
                    "validation set (its model and input size; --data_val or --data or the demo data)")
     g.add_argument("--img_size", type=int, default=224, help="training and evaluation crop size")
-    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate (0.2 for ViT-L in BEiT v2)")
+    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate (BEiT v2 uses 0.2 for ViT-L: "
+                   "microsoft/unilm beit2/get_started_for_image_classification.md:91)")
     g.add_argument("--rel_pos_bias", default="per_block", choices=["per_block", "shared"],
                    help="per_block: a pre-trained shared table moves into every block, added to the block's own table "
                         "where it has one (the official --init_both_rpb); shared: keep a shared-only checkpoint's")
@@ -217,7 +219,8 @@ def get_args_parser():
     g.add_argument("--layer_decay", type=float, default=None,
                    help="layer-wise lr decay; default: the paper's 0.6 (ViT-S/B, also tiny) or 0.8 (ViT-L); "
                         "--recipe official: 0.65")
-    g.add_argument("--clip_grad", type=float, default=0.0, help="max global grad norm (0: no clipping, as BEiT/MAE; "
+    g.add_argument("--clip_grad", type=float, default=0.0, help="max global grad norm (0: no clipping, as BEiT/MAE: "
+                   "--clip_grad default None in beit/run_class_finetuning.py:78 and mae main_finetune.py:61; "
                    "the norm is still logged)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp16 "
@@ -232,7 +235,7 @@ def get_args_parser():
     g.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of CutMix when both are on")
     g.add_argument("--crop_ratio", type=float, default=None,
                    help="eval: resize to img_size / crop_ratio, center crop (default: 0.875 below 384 px, 1.0 from "
-                        "384 px, as the official code: naver-ai/dtm utils/datasets.py:536-540, build_transform)")
+                        "384 px, as the official code: naver-ai/dtm utils/datasets.py:629-638, build_transform)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="ImageFolder root with train/ and val/")
     g.add_argument("--data_train", default=None, help="training ImageFolder (overrides DATA/train)")

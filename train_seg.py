@@ -8,11 +8,13 @@
 
 DTM (ICLR 2025) Sec. 4 reports ADE20K mIoU following BEiT (Bao et al., ICLR 2022, Sec. 3.2 and Appendix); the
 recipe below is BEiT's mmsegmentation config for self-supervised checkpoints
-(semantic_segmentation/configs/beit/upernet/upernet_beit_base_12_512_slide_160k_ade20k_pt.py), in plain torch:
+(microsoft/unilm beit/semantic_segmentation/configs/beit/upernet/upernet_beit_base_12_512_slide_160k_ade20k_pt.py),
+in plain torch:
 
     backbone    the shared ViT of dtm.py at 512x512 (32x32 patches); a shared relative position table is moved into
                 every block (added to the block's own where there is one) and resized to the 32x32 grid
-                (dtm.adapt_state_dict: bicubic, where BEiT's code uses a geometric spacing of the offsets);
+                (dtm.adapt_state_dict: bicubic, where BEiT's code uses a geometric spacing of the offsets:
+                beit/semantic_segmentation/mmcv_custom/checkpoint.py, geometric_progression);
                 stochastic depth 0.1; no final norm
     pyramid     outputs of 4 blocks (3, 5, 7, 11 of 12) at stride 16 -> strides 4, 8, 16, 32 by
                 deconv-BN-GELU-deconv (4x), deconv (2x), identity, 2x2 max-pool (BEiT's fpn1..fpn4)
@@ -160,7 +162,7 @@ class ViTUperNet(nn.Module):
                              f"({backbone.depth - 1}), got {out_indices}; e.g. {default_out_indices(backbone.depth)}")
         backbone.norm = nn.Identity()  # the pyramid reads block outputs; a final norm would get no gradient (DDP)
         dim = backbone.embed_dim
-        channels = channels or dim  # BEiT: UperNet channels = the ViT width (768 for ViT-B, 1024 for ViT-L)
+        channels = channels or dim  # BEiT's configs: channels=768 for ViT-B (..._ade20k_pt.py:39), 1024 for ViT-L
         self.backbone, self.out_indices, self.num_classes = backbone, out_indices, num_classes
         self.pyramid = FeaturePyramid(dim)
         self.decode_head = UperHead(dim, channels, num_classes)
@@ -408,8 +410,9 @@ def get_args_parser():
     g.add_argument("--min_lr", type=float, default=0.0)
     g.add_argument("--batch_size", type=int, default=2, help="per process per micro-step (8 GPUs x 2 = 16)")
     g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation micro-steps per step")
-    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: no clipping, as BEiT; the "
-                                                                "norm is still logged)")
+    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: no clipping, as BEiT's "
+                   "config: grad_clip=None, upernet_beit_base_12_512_slide_160k_ade20k_pt.py:74; the norm is "
+                   "still logged)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp16 with a "
                    "GradScaler (V100); fp32 on the CPU")
