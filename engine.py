@@ -655,7 +655,7 @@ def checkpoint_state(kind: str, model, optimizer, scaler, args, step: int, steps
     return {"kind": kind, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "epoch": max(step - 1, 0) // steps_per_epoch, "steps_per_epoch": steps_per_epoch, "args": dict(vars(args)),
-            "rng": rng_state(), **extra}
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1, "rng": rng_state(), **extra}
 
 
 def save_checkpoint(path: str, state: dict):
@@ -705,8 +705,15 @@ BOOKKEEPING = {"resume", "fresh", "output_dir", "num_workers", "log_every", "sav
 def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_per_epoch: int, d: Dist) -> int:
     """Restore model, optimizer, scaler and RNG states from a checkpoint of this trainer; returns the step to
     continue from. Prints the settings that differ from the checkpoint's (a new --lr or --epochs applies from here).
-    Another steps_per_epoch (batch size, accumulation, processes or data) is accepted at an epoch boundary only."""
+    Another batch layout (batch size, accumulation, processes) or steps_per_epoch is accepted at an epoch boundary
+    only. --init starts a new run: another --init than the run started from is refused, not silently ignored."""
     saved = checkpoint["args"]
+    if "init" in vars(args) and saved.get("init") is not None:
+        if args.init is not None and not _same_path(args.init, saved["init"]):
+            raise ValueError(f"{path!r} continues a run started from --init {saved['init']}; --init {args.init} would "
+                             f"be ignored (it applies to a new run only): add --fresh to start a new run from it (the "
+                             f"old log is kept as log.N.jsonl), or pass another --output_dir")
+        args.init = saved["init"]
     changed = [f"--{k} {saved[k]} -> {v}" for k, v in sorted(vars(args).items())
                if k not in BOOKKEEPING and k in saved and _plain(saved[k]) != _plain(v)]
     try:
@@ -716,12 +723,16 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
                          f"settings changed since it was saved: {', '.join(changed) or 'none'}; resume with the "
                          f"settings it was saved with") from None
     step = checkpoint["step"]
+    epochs_done, rest = divmod(step, checkpoint["steps_per_epoch"])
+    if rest:  # mid-epoch: the epoch's sample order continues at step * samples per step, per process
+        layout = _batch_layout(saved, checkpoint.get("world_size"), checkpoint["steps_per_epoch"])
+        now = _batch_layout(vars(args), d.world_size, steps_per_epoch)
+        differ = [f"{k} {layout[k]} -> {now[k]}" for k in now if layout[k] is not None and layout[k] != now[k]]
+        if differ:
+            raise ValueError(f"{path!r} was saved mid-epoch (step {step}); this run differs in {', '.join(differ)}: "
+                             f"resume with the same data, --batch_size, --accum_iter and number of processes "
+                             f"(another batch is accepted at an epoch boundary)")
     if checkpoint["steps_per_epoch"] != steps_per_epoch:
-        epochs_done, rest = divmod(step, checkpoint["steps_per_epoch"])
-        if rest:
-            raise ValueError(f"{path!r} was saved mid-epoch with {checkpoint['steps_per_epoch']} steps per epoch; "
-                             f"this run has {steps_per_epoch}: resume with the same data, --batch_size, --accum_iter "
-                             f"and number of processes (another batch is accepted at an epoch boundary)")
         step = epochs_done * steps_per_epoch
         d.print(f"{path!r} was saved with {checkpoint['steps_per_epoch']} steps per epoch, this run has "
                 f"{steps_per_epoch}: step {checkpoint['step']} (end of epoch {epochs_done - 1}) continues as step "
@@ -766,6 +777,21 @@ def _mismatch(expected: dict, saved: dict) -> str:
                 "missing": [k for k in expected if k not in saved], "unexpected": [k for k in saved if k not in expected]}
     return "; ".join(f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
                      for what, items in problems.items() if items)
+
+
+def _batch_layout(args: dict, world_size, steps_per_epoch: int) -> dict:
+    return {"--batch_size": args.get("batch_size"), "--accum_iter": args.get("accum_iter"), "processes": world_size,
+            "steps per epoch": steps_per_epoch}
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Two --init values name the same file (or are both 'none')."""
+    if a == b or os.path.normpath(a) == os.path.normpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _plain(value):

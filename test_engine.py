@@ -331,6 +331,45 @@ def test_resume_reports_changed_settings_and_remaps_steps_at_epoch_boundaries(tm
         engine.resume(state, "ck.pth", model, optimizer, None, args, 5, CPU)
 
 
+def test_resume_mid_epoch_refuses_another_batch_layout_with_the_same_steps_per_epoch(capsys):
+    """16 steps per epoch at batch 32 and at batch 31 (512 images): a mid-epoch restart would continue the epoch's
+    order at another sample, so only the epoch boundary accepts it."""
+    model = torch.nn.Linear(3, 2)
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=(0.9, 0.98), output_dir="x", demo=False, batch_size=32,
+                              accum_iter=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    state = engine.checkpoint_state("dtm_pretrain", model, optimizer, None, args, 5, steps_per_epoch=16)
+    assert state["world_size"] == 1
+    same = argparse.Namespace(**vars(args))
+    assert engine.resume(state, "ck.pth", model, optimizer, None, same, 16, CPU) == 5
+    for flag, value, words in (("batch_size", 31, "--batch_size 32 -> 31"), ("accum_iter", 2, "--accum_iter 1 -> 2")):
+        other = argparse.Namespace(**{**vars(args), flag: value})
+        with pytest.raises(ValueError, match=f"saved mid-epoch \\(step 5\\); this run differs in {words}"):
+            engine.resume(state, "ck.pth", model, optimizer, None, other, 16, CPU)
+    with pytest.raises(ValueError, match="differs in processes 1 -> 2"):
+        engine.resume(state, "ck.pth", model, optimizer, None, same, 16, engine.Dist(world_size=2))
+    state["step"] = 16  # the epoch boundary: another batch is fine
+    other = argparse.Namespace(**{**vars(args), "batch_size": 31})
+    assert engine.resume(state, "ck.pth", model, optimizer, None, other, 16, CPU) == 16
+    assert "--batch_size 32 -> 31" in capsys.readouterr().out
+
+
+def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, output_dir="x", demo=False, init="none")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    state = engine.checkpoint_state("dtm_finetune", model, optimizer, None, args, 2, steps_per_epoch=2)
+    with pytest.raises(ValueError, match=r"started from --init none; --init pre.pth would be ignored.*--fresh"):
+        engine.resume(state, "ck.pth", model, optimizer, None, argparse.Namespace(**{**vars(args), "init": "pre.pth"}),
+                      2, CPU)
+    unset = argparse.Namespace(**{**vars(args), "init": None})  # a relaunch without --init continues the run
+    assert engine.resume(state, "ck.pth", model, optimizer, None, unset, 2, CPU) == 2 and unset.init == "none"
+    (tmp_path / "pre.pth").write_bytes(b"")
+    state["args"]["init"] = str(tmp_path / "pre.pth")
+    spelled = argparse.Namespace(**{**vars(args), "init": str(tmp_path / "." / "pre.pth")})  # the same file
+    assert engine.resume(state, "ck.pth", model, optimizer, None, spelled, 2, CPU) == 2
+
+
 def test_resume_into_another_model_names_the_differences_and_the_changed_settings():
     state = tiny_state(torch.nn.Linear(3, 2))
     other = torch.nn.Sequential(torch.nn.Linear(4, 2))

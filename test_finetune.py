@@ -211,6 +211,36 @@ def test_eval_crop_ratio_follows_the_image_size_unless_given():
     assert tf.parse_args(["--init", "none", "--img_size", "384", "--crop_ratio", "0.9"]).crop_ratio == 0.9
 
 
+def test_eval_takes_the_crop_ratio_the_checkpoint_was_trained_with(tmp_path):
+    tf.main(TINY_RUN + ["--epochs", "1", "--crop_ratio", "0.5", "--output_dir", str(tmp_path)])
+    logged = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "val_top1" in line][-1]
+    eval_run = ["--eval", str(tmp_path / "checkpoint-last.pth"), "--synthetic_val", "13", "--batch_size", "16",
+                "--num_workers", "0", "--output_dir", str(tmp_path / "eval")]
+    stats = tf.main(eval_run)
+    record = last_line(tmp_path / "eval" / "eval.jsonl")
+    assert record["crop_ratio"] == 0.5 and record["img_size"] == IMG
+    assert stats["top1"] == logged["val_top1"] and stats["loss"] == pytest.approx(logged["val_loss"], rel=1e-6)
+    other = tf.main(eval_run + ["--crop_ratio", "0.875"])  # given, it wins; the default crop sees other pixels
+    assert last_line(tmp_path / "eval" / "eval.jsonl")["crop_ratio"] == 0.875
+    assert other["loss"] != pytest.approx(logged["val_loss"], rel=1e-6)
+
+
+def test_a_demo_folder_started_from_scratch_is_not_continued_once_a_pretrain_checkpoint_exists(tmp_path, monkeypatch):
+    """The demo fine-tunes output/pretrain_demo's checkpoint if there is one: a relaunch after pre-training must not
+    silently finish the from-scratch run in the same folder (engine.resume refuses another --init)."""
+    monkeypatch.chdir(tmp_path)
+    demo_run = TINY_RUN[:-2] + ["--epochs", "1", "--output_dir", "ft"]  # without --init: the demo chooses
+    tf.main(demo_run)
+    assert torch.load("ft/checkpoint-last.pth")["args"]["init"] == "none"
+    os.makedirs("output/pretrain_demo")
+    tiny_pretrain_checkpoint(tf.DEMO_PRETRAIN_CHECKPOINT)
+    with pytest.raises(ValueError, match="started from --init none; --init output/pretrain_demo/checkpoint-last.pth "
+                                         "would be ignored .* add --fresh"):
+        tf.main(demo_run)
+    tf.main(demo_run + ["--fresh"])
+    assert torch.load("ft/checkpoint-last.pth")["args"]["init"] == tf.DEMO_PRETRAIN_CHECKPOINT
+
+
 def test_rand_augment_flag():
     assert tf.parse_rand_augment("rand-m9-mstd0.5-inc1") == dict(rand_num_ops=2, rand_magnitude=9.0,
                                                                  rand_magnitude_std=0.5)

@@ -264,6 +264,13 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
                                          "--output_dir", full_dir])
     assert metrics["aAcc"] == pytest.approx(logged["aAcc"])
     assert json.loads(open(os.path.join(full_dir, "eval.jsonl")).read())["aAcc"] == pytest.approx(logged["aAcc"])
+    # without --scale and --stride, --eval uses the checkpoint's (64x48, 24), not the defaults (2048x512, 341 or the
+    # demo's 384x96, 43)
+    out = tmp_path / "eval"
+    metrics = train_seg.main(["--demo_img_size", "48", "--demo_val_images", "2", "--output_dir", str(out),
+                              "--eval", os.path.join(full_dir, "checkpoint-best.pth.step4")])
+    record = json.loads(open(out / "eval.jsonl").read())
+    assert record["scale"] == [64, 48] and record["stride"] == 24 and record["aAcc"] == pytest.approx(logged["aAcc"])
     # the crop size comes from the checkpoint (32), so a stride that was valid for the flags' crop (48) is not
     with pytest.raises(ValueError, match="--stride 40 is larger than the crop size 32 .* pass --stride 24"):
         train_seg.main(TINY_RUN + ["--crop_size", "48", "--stride", "40", "--output_dir", full_dir,

@@ -235,7 +235,8 @@ def get_args_parser():
     g.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of CutMix when both are on")
     g.add_argument("--crop_ratio", type=float, default=None,
                    help="eval: resize to img_size / crop_ratio, center crop (default: 0.875 below 384 px, 1.0 from "
-                        "384 px, as the official code: naver-ai/dtm utils/datasets.py:629-638, build_transform)")
+                        "384 px, as the official code: naver-ai/dtm utils/datasets.py:629-638, build_transform; with "
+                        "--eval: the checkpoint's)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="ImageFolder root with train/ and val/")
     g.add_argument("--data_train", default=None, help="training ImageFolder (overrides DATA/train)")
@@ -258,10 +259,14 @@ def parse_args(argv=None):
     parser.set_defaults(**RECIPES[first.recipe], **(DEMO_DEFAULTS if demo else {}))  # flags given still win
     args = parser.parse_args(argv)
     args.demo = demo
-    if args.crop_ratio is None:
-        args.crop_ratio = 0.875 if args.img_size < 384 else 1.0
+    if args.crop_ratio is None and not args.eval:  # --eval: the checkpoint's (run_eval)
+        args.crop_ratio = default_crop_ratio(args.img_size)
     check_args(args)
     return args
+
+
+def default_crop_ratio(img_size: int) -> float:
+    return 0.875 if img_size < 384 else 1.0
 
 
 def check_args(args):
@@ -304,33 +309,41 @@ def main(argv=None):
 
 
 def run_eval(args, d, amp_dtype):
-    """--eval CHECKPOINT: the model and input size come from the checkpoint; the result is appended to
-    output_dir/eval.jsonl (a training run's log.jsonl is left alone)."""
+    """--eval CHECKPOINT: the model and input size come from the checkpoint, and so does the crop ratio unless given;
+    the result is appended to output_dir/eval.jsonl (a training run's log.jsonl is left alone)."""
     checkpoint = engine.load_checkpoint(args.eval, "dtm_finetune", "--eval", hint="; to start fine-tuning from "
                                         "pre-trained weights use --init PATH")
     args.img_size = checkpoint["args"]["img_size"]
+    if args.crop_ratio is None:
+        args.crop_ratio = checkpoint["args"].get("crop_ratio") or default_crop_ratio(args.img_size)
     _, val_set, classes = build_datasets(args, train=False)
     if classes != checkpoint["classes"]:  # same folders in the same order, or the labels would silently differ
         raise ValueError(f"the validation set's classes ({len(classes)}: {classes[:3]}...) are not the ones the "
                          f"checkpoint was trained on ({len(checkpoint['classes'])}: {checkpoint['classes'][:3]}...)")
     model, _ = dtm.vit_from_checkpoint(checkpoint, args.img_size, len(classes), path=args.eval)
     stats = evaluate(model.to(d.device), val_loader(val_set, args, d), d.device, amp_dtype, d.is_main)
-    d.print(f"{args.eval}: top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['count']} images")
+    d.print(f"{args.eval}: top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['count']} images "
+            f"({args.img_size} px, crop ratio {args.crop_ratio})")
     if d.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps({"eval": args.eval, **{f"val_{k}": v for k, v in stats.items()}}) + "\n")
+            f.write(json.dumps({"eval": args.eval, "img_size": args.img_size, "crop_ratio": args.crop_ratio,
+                                **{f"val_{k}": v for k, v in stats.items()}}) + "\n")
     return stats
 
 
+def demo_init(args, d):
+    """The demo fine-tunes the demo pre-training checkpoint if there is one, else trains from scratch, and says so.
+    Decided before resuming, so that a demo folder started from scratch is not silently continued once a pre-training
+    checkpoint exists (engine.resume refuses another --init)."""
+    args.init = DEMO_PRETRAIN_CHECKPOINT if os.path.isfile(DEMO_PRETRAIN_CHECKPOINT) else "none"
+    d.print(f"demo: fine-tuning the demo pre-training checkpoint {args.init}" if args.init != "none" else
+            f"demo: no pre-training checkpoint at {DEMO_PRETRAIN_CHECKPOINT} (run `python train_pretrain.py` first), "
+            f"so this trains FROM SCRATCH")
+
+
 def init_checkpoint(args, d):
-    """(checkpoint dict or None, its path): --init PATH, or None for --init none. The demo fine-tunes the demo
-    pre-training checkpoint if there is one, else trains from scratch, and says so."""
-    if args.init is None and args.demo:
-        args.init = DEMO_PRETRAIN_CHECKPOINT if os.path.isfile(DEMO_PRETRAIN_CHECKPOINT) else "none"
-        d.print(f"demo: fine-tuning the demo pre-training checkpoint {args.init}" if args.init != "none" else
-                f"demo: no pre-training checkpoint at {DEMO_PRETRAIN_CHECKPOINT} (run `python train_pretrain.py` "
-                f"first), so this trains FROM SCRATCH")
+    """(checkpoint dict or None, its path): --init PATH, or None for --init none."""
     if args.init is None:
         raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none to "
                          "train from scratch")
@@ -339,6 +352,8 @@ def init_checkpoint(args, d):
 
 def finetune(args, d, amp_dtype, scaler):
     """Train, evaluate after every epoch, save checkpoint-last.pth and checkpoint-best.pth; returns the best top-1."""
+    if args.init is None and args.demo:
+        demo_init(args, d)
     resume_path, own_run = engine.prepare_run(args, d)
     if resume_path is not None:
         resume = engine.load_checkpoint(resume_path, "dtm_finetune", hint="; to start fine-tuning from pre-trained "

@@ -372,7 +372,8 @@ def get_args_parser():
     g.add_argument("--reduce_zero_label", action="store_true",
                    help="generic dataset: label 0 means 'ignore', classes are 1..K (as ADE20K)")
     g.add_argument("--crop_size", type=int, default=512, help="training crop and sliding window (ViT input) size")
-    g.add_argument("--scale", type=int, nargs=2, default=[2048, 512], help="(long, short) image scale, train and eval")
+    g.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+                   help="image scale, train and eval (default: 2048 512; with --eval: the checkpoint's)")
     g.add_argument("--ratio_range", type=float, nargs=2, default=[0.5, 2.0], help="training random resize ratios")
     g.add_argument("--cat_max_ratio", type=float, default=0.75, help="max share of one class in a training crop")
     g.add_argument("--num_workers", type=int, default=4)
@@ -418,7 +419,8 @@ def get_args_parser():
                    "GradScaler (V100); fp32 on the CPU")
 
     g = p.add_argument_group("evaluation")
-    g.add_argument("--stride", type=int, default=341, help="sliding window stride")
+    g.add_argument("--stride", type=int, default=None,
+                   help="sliding window stride (default: 341; with --eval: the checkpoint's)")
     g.add_argument("--flip", action="store_true", help="add horizontally flipped predictions")
     g.add_argument("--slide_batch", type=int, default=4, help="windows per forward pass")
     g.add_argument("--eval_every", type=int, default=16_000, help="evaluate (and keep checkpoint-best.pth by mIoU) "
@@ -435,17 +437,20 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     generic = any((args.img_dir, args.ann_dir, args.val_img_dir, args.val_ann_dir))  # an image/mask folder pair
     args.demo = not (args.data or generic)
-    if args.demo:
-        parser.set_defaults(**DEMO_DEFAULTS)
+    if args.demo:  # --eval takes the image scale and the stride from its checkpoint, not from the demo's defaults
+        parser.set_defaults(**{k: v for k, v in DEMO_DEFAULTS.items() if not (args.eval and k in ("scale", "stride"))})
         args = parser.parse_args(argv)
         args.demo = True
     if args.data and generic:
         raise ValueError("pass either --data (ADE20K) or --img_dir/--ann_dir/--val_img_dir/--val_ann_dir (a generic "
                          "dataset), not both")
+    if args.eval is None:  # --eval takes these from the checkpoint unless given (run_eval)
+        args.scale = args.scale or [2048, 512]
+        args.stride = args.stride or 341
     if args.crop_size % dtm.PATCH_SIZE:
         raise ValueError(f"--crop_size {args.crop_size} is not divisible by the patch size {dtm.PATCH_SIZE}; "
                          f"use e.g. 512")
-    if not 0 < args.stride <= args.crop_size:
+    if args.stride is not None and args.stride < 1 or args.eval is None and args.stride > args.crop_size:
         raise ValueError(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}")
     for name in ("iters", "batch_size", "accum_iter", "eval_every", "save_every", "log_every", "slide_batch"):
         if getattr(args, name) < 1:
@@ -492,11 +497,16 @@ def run_metrics(model, val_set, class_names, args, d, amp_dtype) -> dict:
 
 
 def run_eval(args, d):
-    """--eval CHECKPOINT: the model (ViT, crop size, UperNet width, classes) comes from the checkpoint; the result is
-    appended to output_dir/eval.jsonl (a training run's log.jsonl is left alone)."""
+    """--eval CHECKPOINT: the model (ViT, crop size, UperNet width, classes) comes from the checkpoint, and so do the
+    image scale and the window stride unless given; the result is appended to output_dir/eval.jsonl (a training run's
+    log.jsonl is left alone)."""
     checkpoint = engine.load_checkpoint(args.eval, "dtm_seg", "--eval")
     for key in ("model", "crop_size", "channels", "out_indices"):
         setattr(args, key, checkpoint["args"][key])
+    args.scale = args.scale or checkpoint["args"]["scale"]
+    args.stride = args.stride or checkpoint["args"]["stride"]
+    d.print(f"{args.eval}: {args.model}, crop {args.crop_size}, scale {args.scale[0]}x{args.scale[1]}, stride "
+            f"{args.stride}{', flip' if args.flip else ''}")
     if args.stride > args.crop_size:
         trained_stride = checkpoint["args"].get("stride", args.crop_size * 2 // 3)
         raise ValueError(f"--stride {args.stride} is larger than the crop size {args.crop_size} that {args.eval!r} "
@@ -513,7 +523,8 @@ def run_eval(args, d):
     if d.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps({"eval": args.eval, "flip": args.flip, "aAcc": metrics["aAcc"], "mIoU": metrics["mIoU"],
+            f.write(json.dumps({"eval": args.eval, "scale": list(args.scale), "stride": args.stride, "flip": args.flip,
+                                "aAcc": metrics["aAcc"], "mIoU": metrics["mIoU"],
                                 "mAcc": metrics["mAcc"], "IoU": _json_safe(metrics["IoU"])}) + "\n")
     return metrics
 
