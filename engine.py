@@ -546,13 +546,13 @@ def check_dataset(dataset, what: str, d: Dist, num_workers: int):
 def add_run_args(parser, output_dir: str):
     """The flags every trainer shares for its output folder, checkpoints and log."""
     g = parser.add_argument_group("run (see README: Runs, checkpoints and logs)")
-    g.add_argument("--output_dir", default=output_dir)
+    g.add_argument("--output_dir", default=output_dir, help="checkpoints and logs")
     g.add_argument("--resume", default="auto", help="'auto': continue output_dir/checkpoint-last.pth if it exists "
                    "(relaunching a command continues its run); or the path of a checkpoint to continue")
     g.add_argument("--fresh", action="store_true", help="start over in an output_dir that holds a run: its "
                    "checkpoints are replaced as the new run saves, its log.jsonl is kept as log.N.jsonl")
     g.add_argument("--log_every", type=int, default=50, help="optimizer steps per log.jsonl line")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds weights, data order, augmentation, masks, schedules")
     return g
 
 

@@ -646,3 +646,13 @@ def test_internal_errors_keep_their_traceback():
                         f'last):\n  File "{HERE}/data.py", line 1, in load\n    raise\nValueError: annotation x.png '
                         'holds label values [9]')
     assert engine.user_error_message(worker) == "annotation x.png holds label values [9]"
+
+
+@pytest.mark.parametrize("script", ["train_pretrain", "train_finetune", "train_seg"])
+def test_help_names_the_script_and_shows_every_default(script):
+    """argparse.ArgumentParser's first argument is the program name: a description there became the usage line's
+    name. ArgumentDefaultsHelpFormatter shows a default only for a flag with help text."""
+    parser = __import__(script).get_args_parser()
+    assert parser.format_usage().split()[1] == os.path.basename(sys.argv[0])
+    assert [a.dest for a in parser._actions if a.option_strings and not a.help] == []
+    assert "(default: 0)" in " ".join(parser.format_help().split("--seed SEED")[-1].split()[:12])

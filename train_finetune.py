@@ -183,13 +183,13 @@ def val_loader(val_set, args, d):
 # Arguments
 
 def get_args_parser():
-    p = argparse.ArgumentParser("DTM fine-tuning", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Without --data / --data_train / --data_val: a small CPU demo on built-in "
-                                "procedural images.")
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="DTM fine-tuning. Without --data / --data_train / --data_val: a small CPU demo "
+                                "on built-in procedural images.")
     p.add_argument("--recipe", default="paper", choices=list(RECIPES), help="paper: the paper's values, the official "
                    "code's where the paper is silent; official: the official command's layer decay and lr")
     g = p.add_argument_group("model and checkpoints")
-    g.add_argument("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS))
+    g.add_argument("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS), help="ViT size (patch 16)")
     g.add_argument("--init", default=None, help="checkpoint of this repo to fine-tune (pre-training, or fine-tuning "
                    "for intermediate / transfer fine-tuning), or 'none' to train from scratch (required to start a "
                    "run, except in the demo)")
@@ -213,8 +213,8 @@ def get_args_parser():
     g.add_argument("--lr_scaling", default="linear", choices=["linear", "none"], help="linear: the lr used is lr * "
                    "total_batch / 1024, total_batch = batch_size * accum_iter * world size; none: lr as given (the "
                    "official code)")
-    g.add_argument("--min_lr", type=float, default=1e-6)
-    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--min_lr", type=float, default=1e-6, help="final lr of the cosine schedule")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
     g.add_argument("--layer_decay", type=float, default=None,
                    help="layer-wise lr decay; default: the paper's 0.6 (ViT-S/B, also tiny) or 0.8 (ViT-L); "

@@ -43,9 +43,9 @@ LAYER_SCALE = {"vit_l": 1e-5}  # 0.1 otherwise: run_pretrain_dtm.py --layer_scal
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("DTM pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Without --data: a small CPU demo on built-in procedural images. "
-                                "Where a default comes from: README, Recipe provenance.")
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="DTM pre-training. Without --data: a small CPU demo on built-in procedural "
+                                "images. Where a default comes from: README, Recipe provenance.")
     a = p.add_argument
     a("--recipe", default="paper", choices=list(RECIPES), help="paper: the paper's values, the official code's where "
       "the paper is silent; official: what the official code computes (the split of Algorithm 1)")
@@ -60,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
       "projection to 512 (the official --no_clip_proj); the student's head follows the teacher's dimension")
     a("--normalize_target", action="store_true", help="standardize each morphed target over its channels "
       "(the official --normalize_target: (t - mean) / sqrt(var + 1e-6))")
-    a("--img_size", type=int, default=224)
+    a("--img_size", type=int, default=224, help="crop size (a multiple of 16)")
     a("--drop_path", type=float, default=0.1, help="stochastic depth rate of the student (run_pretrain_dtm.py default)")
     a("--layer_scale", type=float, default=None,
       help="layer scale init (0 disables); default 0.1, 1e-5 for vit_l (run_pretrain_dtm.py's help)")
@@ -89,19 +89,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--split", default=None, choices=list(morph.SPLITS),
       help="bipartite split of Algorithm 1: random (the paper), official (ToMe with patch 0 protected, the official "
            "code), alternate (ToMe's even/odd); default: the --recipe's")
-    a("--loss", default="smooth_l1", choices=list(dtm.LOSSES))
+    a("--loss", default="smooth_l1", choices=list(dtm.LOSSES), help="loss between morphed tokens")
     a("--beta", type=float, default=2.0, help="smooth-L1 beta")
     a("--loss_on", default="all", choices=["all", "masked"], help="positions in the loss (official: all)")
     # optimization
     a("--batch_size", type=int, default=128, help="per process (GPU); 8 GPUs x 128 = 1024, the paper's batch")
     a("--accum_iter", type=int, default=1, help="gradient accumulation micro-batches per optimizer step")
-    a("--epochs", type=int, default=300)
-    a("--warmup_epochs", type=int, default=10)
+    a("--epochs", type=int, default=300, help="training epochs")
+    a("--warmup_epochs", type=int, default=10, help="linear lr warmup epochs")
     a("--lr", type=float, default=1.5e-3,
       help="base lr; the lr used is lr * sqrt(total_batch / 2048), total_batch = batch_size * accum_iter * world "
            "size (run_pretrain_dtm.py)")
     a("--min_lr", type=float, default=1e-5, help="final lr of the cosine schedule")
-    a("--weight_decay", type=float, default=0.05)
+    a("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
     a("--betas", type=float, nargs=2, default=(0.9, 0.98), help="AdamW betas")
     a("--clip_grad", type=float, default=3.0, help="max global grad norm (0: no clipping, norm still logged)")
     a("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],

@@ -357,8 +357,8 @@ DEMO_DEFAULTS = dict(model="vit_tiny", init="none", crop_size=64, scale=[384, 96
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("UperNet semantic segmentation with a pre-trained ViT (BEiT's ADE20K protocol)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="UperNet semantic segmentation with a pre-trained ViT (BEiT's ADE20K "
+                                "protocol).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data (none given: the built-in procedural demo)")
     g.add_argument("--data", help="ADE20K root (ADEChallengeData2016: images/{training,validation}, "
                                   "annotations/{training,validation})")
@@ -366,8 +366,8 @@ def get_args_parser():
     g.add_argument("--ann_dir", help="generic dataset: training label maps (same base names)")
     g.add_argument("--val_img_dir", help="generic dataset: validation images")
     g.add_argument("--val_ann_dir", help="generic dataset: validation label maps")
-    g.add_argument("--img_suffix", default=".jpg")
-    g.add_argument("--ann_suffix", default=".png")
+    g.add_argument("--img_suffix", default=".jpg", help="image file suffix")
+    g.add_argument("--ann_suffix", default=".png", help="label file suffix")
     g.add_argument("--num_classes", type=int, help="generic dataset: number of classes (ADE20K: 150)")
     g.add_argument("--reduce_zero_label", action="store_true",
                    help="generic dataset: label 0 means 'ignore', classes are 1..K (as ADE20K)")
@@ -376,16 +376,16 @@ def get_args_parser():
                    help="image scale, train and eval (default: 2048 512; with --eval: the checkpoint's)")
     g.add_argument("--ratio_range", type=float, nargs=2, default=[0.5, 2.0], help="training random resize ratios")
     g.add_argument("--cat_max_ratio", type=float, default=0.75, help="max share of one class in a training crop")
-    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per process")
     g.add_argument("--max_unreadable", type=float, default=0.001,
                    help="stop when more than this fraction of the training images cannot be read (fewer are skipped)")
     g.add_argument("--demo_img_size", type=int, default=96, help="demo: procedural image size")
     g.add_argument("--demo_shape_classes", type=int, default=4, help="demo: shape classes (+ background)")
-    g.add_argument("--demo_train_images", type=int, default=2000)
-    g.add_argument("--demo_val_images", type=int, default=32)
+    g.add_argument("--demo_train_images", type=int, default=2000, help="demo: training images")
+    g.add_argument("--demo_val_images", type=int, default=32, help="demo: validation images")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS))
+    g.add_argument("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS), help="ViT size (patch 16)")
     g.add_argument("--init", help="checkpoint of this repo (pre-training, fine-tuning or segmentation) to start the "
                                   "ViT from, or 'none' for a random ViT (required to start a run, except in the demo)")
     g.add_argument("--eval", metavar="CHECKPOINT", help="only evaluate this checkpoint of train_seg.py on the "
@@ -394,21 +394,21 @@ def get_args_parser():
                                                             "12 blocks, 7 11 15 23 for 24)")
     g.add_argument("--channels", type=int, help="UperNet channels (default: the ViT width, as BEiT)")
     g.add_argument("--aux_weight", type=float, default=0.4, help="auxiliary FCN head loss weight")
-    g.add_argument("--drop_path", type=float, default=0.1)
+    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate of the ViT")
     g.add_argument("--compile", action="store_true", help="torch.compile the ViT's blocks")
     g.add_argument("--grad_checkpoint", action="store_true", help="recompute each block's activations in the "
                    "backward instead of storing them (less memory, more compute)")
 
     g = p.add_argument_group("optimization (BEiT's ADE20K config for self-supervised checkpoints)")
-    g.add_argument("--lr", type=float, default=7e-4)
-    g.add_argument("--layer_decay", type=float, default=0.65)
-    g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999])
+    g.add_argument("--lr", type=float, default=7e-4, help="peak lr (not scaled with the batch)")
+    g.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay of the ViT")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
+    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
     g.add_argument("--iters", type=int, default=160_000, help="optimizer steps")
-    g.add_argument("--warmup_iters", type=int, default=1500)
+    g.add_argument("--warmup_iters", type=int, default=1500, help="linear lr warmup steps")
     g.add_argument("--warmup_ratio", type=float, default=1e-6, help="warmup starts at this fraction of the lr")
-    g.add_argument("--poly_power", type=float, default=1.0)
-    g.add_argument("--min_lr", type=float, default=0.0)
+    g.add_argument("--poly_power", type=float, default=1.0, help="power of the poly lr decay")
+    g.add_argument("--min_lr", type=float, default=0.0, help="final lr of the poly decay")
     g.add_argument("--batch_size", type=int, default=2, help="per process per micro-step (8 GPUs x 2 = 16)")
     g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation micro-steps per step")
     g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: no clipping, as BEiT's "
