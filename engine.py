@@ -21,6 +21,7 @@ any number of DataLoader workers; the checkpoint's RNG states are saved and rest
 """
 import contextlib
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -128,8 +129,11 @@ def ddp(model: nn.Module, d: Dist) -> nn.Module:
     broadcast from rank 0 before each forward only if one can differ between ranks (buffers_differ_between_ranks)."""
     if d.world_size == 1:
         return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-                                               broadcast_buffers=buffers_differ_between_ranks(model))
+    DDP = nn.parallel.DistributedDataParallel
+    # torch 2.13 renamed broadcast_buffers (deprecated, a FutureWarning per rank) to forward_sync_buffers
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+               **{sync: buffers_differ_between_ranks(model)})
 
 
 def _rank_local_norms(model: nn.Module) -> list:
@@ -310,6 +314,13 @@ def poly_schedule(step: int, total_steps: int, warmup_steps: int, base_value: fl
     if step < warmup_steps:
         lr *= 1 - (1 - step / warmup_steps) * (1 - warmup_ratio)
     return lr
+
+
+def warn_long_warmup(warmup_steps: int, total_steps: int, flag: str, d: "Dist"):
+    """A warmup as long as the run (a shortened run that kept the default warmup) never reaches the peak lr."""
+    if 0 < total_steps <= warmup_steps:
+        d.print(f"warning: the warmup ({flag}, {warmup_steps} steps) lasts the whole run ({total_steps} steps), so the "
+                f"lr never reaches its peak; pass a smaller {flag}")
 
 
 def optimizer_step(optimizer, scaler, parameters, clip_grad: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -259,6 +260,29 @@ def test_ddp_broadcasts_buffers_only_where_ranks_can_differ():
     head = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
     assert engine.buffers_differ_between_ranks(torch.nn.ModuleList([vit, head]))
     assert not engine.buffers_differ_between_ranks(torch.nn.SyncBatchNorm.convert_sync_batchnorm(head))
+
+
+def test_ddp_wraps_without_deprecation_warnings(tmp_path):
+    """torch 2.13 deprecates DDP's broadcast_buffers (a FutureWarning on every rank); engine.ddp passes
+    forward_sync_buffers where torch has it. A one-process gloo group in this process, destroyed after."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            vit = engine.ddp(dtm.build_vit("vit_tiny", img_size=32), engine.Dist(world_size=2))
+            norm = engine.ddp(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)),
+                              engine.Dist(world_size=2))
+        assert not vit.broadcast_buffers and norm.broadcast_buffers  # a property of forward_sync_buffers in 2.13
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_warmup_as_long_as_the_run_is_reported(capsys):
+    engine.warn_long_warmup(10, 11, "--warmup_epochs", CPU)
+    assert capsys.readouterr().out == ""
+    engine.warn_long_warmup(10, 10, "--warmup_iters", CPU)  # the last step, 9, is still warming up
+    assert engine.cosine_schedule(9, 10, 10, 1.0, 0.0) < 1.0
+    assert "warning: the warmup (--warmup_iters, 10 steps) lasts the whole run (10 steps)" in capsys.readouterr().out
 
 
 def test_optimizer_step_unscales_then_clips_and_returns_the_unclipped_norm():

@@ -211,8 +211,9 @@ def test_eval_crop_ratio_follows_the_image_size_unless_given():
     assert tf.parse_args(["--init", "none", "--img_size", "384", "--crop_ratio", "0.9"]).crop_ratio == 0.9
 
 
-def test_eval_takes_the_crop_ratio_the_checkpoint_was_trained_with(tmp_path):
+def test_eval_takes_the_crop_ratio_the_checkpoint_was_trained_with(tmp_path, capsys):
     tf.main(TINY_RUN + ["--epochs", "1", "--crop_ratio", "0.5", "--output_dir", str(tmp_path)])
+    assert "the warmup (--warmup_epochs, 3 steps) lasts the whole run (3 steps)" in capsys.readouterr().out
     logged = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "val_top1" in line][-1]
     eval_run = ["--eval", str(tmp_path / "checkpoint-last.pth"), "--synthetic_val", "13", "--batch_size", "16",
                 "--num_workers", "0", "--output_dir", str(tmp_path / "eval")]
@@ -386,6 +387,10 @@ def test_image_folder_data_flags(tmp_path):
     args = tf.parse_args(["--data_train", str(tmp_path / "train"), "--data_val", str(tmp_path / "val_other"),
                           "--init", "none"])
     with pytest.raises(ValueError, match="different class folders.*dog"):
+        tf.build_datasets(args)
+    args = tf.parse_args(["--data", str(tmp_path / "train"), "--init", "none"])  # an ImageFolder, not its parent
+    with pytest.raises(ValueError, match=r"--data '.*train' must hold train/ and val/ .*'.*train/train' and "
+                                         r"'.*train/val' not found. For other layouts pass --data_train and --data_val"):
         tf.build_datasets(args)
     with pytest.raises(ValueError, match="--num_classes 1000 but the data has 2 classes"):
         tf.main(["--data", str(tmp_path), "--init", "none", "--num_classes", "1000", "--output_dir", str(tmp_path)])

@@ -260,8 +260,14 @@ def test_finished_run_is_not_overwritten(image_folder, tmp_path, capsys):
     tp.main(tiny_argv(image_folder, out, "--epochs", "1"))
     before = (out / engine.LAST).stat().st_mtime_ns
     result = tp.main(tiny_argv(image_folder, out, "--epochs", "1"))
-    assert result["step"] == 3 and "holds a finished run" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert result["step"] == 3 and "holds a finished run (step 3 of 3): nothing to do; raise --epochs" in out_text
+    assert "warning: the warmup (--warmup_epochs, 3 steps) lasts the whole run (3 steps)" in out_text
     assert (out / engine.LAST).stat().st_mtime_ns == before
+    stopped = tmp_path / "stopped"
+    tp.main(tiny_argv(image_folder, stopped, "--epochs", "1", "--max_steps", "2"))
+    tp.main(tiny_argv(image_folder, stopped, "--epochs", "1", "--max_steps", "2"))
+    assert "(step 2 of 2): nothing to do; raise --max_steps" in capsys.readouterr().out
     with pytest.raises(ValueError, match="holds another run"):
         tp.main(tiny_argv(image_folder, out, "--resume", str(tmp_path / "run" / "checkpoint-0.pth")))
 

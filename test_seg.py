@@ -311,7 +311,7 @@ def test_pyramid_reads_the_patch_tokens_not_cls():
     assert torch.equal(first[:, :, 1, 0], tokens[:, 1 + 2])  # row 1, column 0: patch 2
 
 
-def test_labels_are_checked_per_sample_naming_the_file(tmp_path):
+def test_labels_are_checked_per_sample_naming_the_file(tmp_path, capsys):
     good = [torch.randint(0, 3, (40, 40)).numpy() for _ in range(4)]
     bad = good[:3] + [good[3].copy()]
     bad[3][5, 5] = 9
@@ -320,6 +320,7 @@ def test_labels_are_checked_per_sample_naming_the_file(tmp_path):
     write_seg_folder(tmp_path / "bad", bad)
     metrics = train_seg.main(generic_run(tmp_path / "train", tmp_path / "val", tmp_path / "ok"))
     assert len(metrics["IoU"]) == 3
+    assert "the warmup (--warmup_iters, 1500 steps) lasts the whole run (2 steps)" in capsys.readouterr().out
     # --eval needs only the validation folders (without the training ones it once fell back to the demo shapes)
     evaluated = train_seg.main(["--eval", str(tmp_path / "ok" / "checkpoint-best.pth"), "--val_img_dir",
                                 str(tmp_path / "val" / "img"), "--val_ann_dir", str(tmp_path / "val" / "ann"),

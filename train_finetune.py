@@ -153,6 +153,11 @@ def build_datasets(args, train: bool = True):
     train_dir, val_dir = args.data_train, args.data_val
     if args.data:
         train_dir, val_dir = train_dir or os.path.join(args.data, "train"), val_dir or os.path.join(args.data, "val")
+        missing = [d for d in ([train_dir] if train else []) + [val_dir] if not os.path.isdir(d)]
+        if missing:
+            raise ValueError(f"--data {args.data!r} must hold train/ and val/ (root/train/<class>/<image>, "
+                             f"root/val/<class>/<image>); {' and '.join(map(repr, missing))} not found. For other "
+                             f"layouts pass --data_train and --data_val")
     if train_dir is None and val_dir is None:
         # drawn at the eval resize size (128 for 112), with fixed seeds: the images do not change with --seed;
         # seed 0 are the images of the pre-training demo, seed 1 others
@@ -392,6 +397,7 @@ def finetune(args, d, amp_dtype, scaler):
     log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main)
     ddp_model = engine.ddp(model, d)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    engine.warn_long_warmup(warmup_steps, total_steps, "--warmup_epochs", d)
     d.print(f"{args.model}: {len(train_set)} training images, {len(classes)} classes, {d.world_size} process(es) on "
             f"{d.device}, amp {engine.amp_name(amp_dtype, scaler)}; total batch {total_batch}, lr {lr:.3g} "
             f"(--lr {args.lr:g}, {args.lr_scaling} scaling), layer decay {layer_decay}, {args.epochs} epochs x "

@@ -251,6 +251,7 @@ def train(args, d: engine.Dist) -> dict:
     optimizer = torch.optim.AdamW(engine.param_groups(model, args.weight_decay), lr=lr, betas=tuple(args.betas))
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    engine.warn_long_warmup(warmup_steps, total_steps, "--warmup_epochs", d)
 
     step, resume_path, own_run = 0, *engine.prepare_run(args, d)
     checkpoint = {}
@@ -264,7 +265,8 @@ def train(args, d: engine.Dist) -> dict:
             f"(dim {teacher.out_dim}), {len(dataset)} images, total batch {total_batch}, lr {lr:.3g}, "
             f"{steps_per_epoch} steps/epoch, amp {engine.amp_name(amp_dtype, scaler)}")
     if step >= last_step:
-        d.print(f"{args.output_dir} holds a finished run (step {step} of {last_step}): nothing to do; raise --epochs "
+        limit = "--max_steps" if last_step < total_steps else "--epochs"
+        d.print(f"{args.output_dir} holds a finished run (step {step} of {last_step}): nothing to do; raise {limit} "
                 f"to train on, or pass --fresh (or another --output_dir) to start over")
 
     def save(name):  # with the loss sums since the last log line, so a resumed run's next line averages them too

@@ -557,6 +557,7 @@ def train(args, d):
     d.print(f"{args.model} UperNet, {num_classes} classes, crop {args.crop_size}, pyramid from blocks "
             f"{model.out_indices}, init {args.init}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
             f"{d.world_size} process(es) on {d.device}, amp {engine.amp_name(amp_dtype, scaler)}")
+    engine.warn_long_warmup(args.warmup_iters, args.iters, "--warmup_iters", d)
 
     groups = engine.param_groups(model, args.weight_decay,
                                  engine.layer_decay_fn(model.backbone.depth, args.layer_decay, prefix="backbone."))
