@@ -53,6 +53,8 @@ def main():
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the first round is not timed)")
+    if args.data is not None and not os.path.isdir(args.data):
+        parser.error(f"--data {args.data!r} is not a folder")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         if args.data is None:

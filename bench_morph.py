@@ -144,6 +144,14 @@ def check_agreement(args):
         assert torch.allclose(a, b, rtol=1e-6), f"losses differ for {text}: dense {a.item()} vs morph.py {b.item()}"
 
 
+def run_child(command, env=None) -> str:
+    """A measurement in a fresh process -> its stdout; its error, if it fails."""
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(command[1:])} failed:\n{result.stderr.strip()}")
+    return result.stdout
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64)
@@ -157,6 +165,8 @@ def main():
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SCHEDULE"), help=argparse.SUPPRESS)
     parser.add_argument("--child_memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.iters < 1 or args.warmup < 0:
+        parser.error("--iters must be at least 1 and --warmup at least 0")
     if args.child:
         print(json.dumps(measure(args, *args.child)))
         return
@@ -170,9 +180,8 @@ def main():
         results = {}
         for method in METHODS:
             command = [sys.executable, __file__, *flags, "--child", method, text]
-            timing = subprocess.run(command, capture_output=True, text=True, check=True)
-            memory = subprocess.run(command + ["--child_memory"], capture_output=True, text=True, check=True, env=CHILD_ENV)
-            results[method] = {**json.loads(timing.stdout), **json.loads(memory.stdout)}
+            timing, memory = (run_child(command), run_child(command + ["--child_memory"], env=CHILD_ENV))
+            results[method] = {**json.loads(timing), **json.loads(memory)}
         for method, r in results.items():
             speedup = results["dense"]["seconds"] / r["seconds"]
             print(f"{text:>9} | {method:>8} | {1000 * r['seconds']:10.1f} | {r['peak_mib']:8.1f} | {speedup:.1f}x")

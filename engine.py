@@ -861,9 +861,17 @@ def _in_repo(filename: str) -> bool:
 
 def cli(main):
     """Run main() as a script: a user error (user_error_message) prints `error: ...` on one line and exits with 2;
-    anything else keeps Python's traceback. DTM_TRACEBACK=1 shows the traceback of user errors too."""
+    Ctrl-C prints one line and exits with 130; anything else keeps Python's traceback. DTM_TRACEBACK=1 shows the
+    traceback of user errors and interruptions too."""
     try:
         main()
+    except KeyboardInterrupt:
+        if os.environ.get("DTM_TRACEBACK"):
+            raise
+        print(f"\ninterrupted: relaunching the same command continues from the last {LAST} in its --output_dir "
+              f"(written every epoch, and every --save_every steps where the trainer has it)", file=sys.stderr,
+              flush=True)
+        sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:
         message = user_error_message(e)
         if message is None or os.environ.get("DTM_TRACEBACK"):

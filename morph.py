@@ -348,7 +348,8 @@ def parse_schedule(text: str) -> list:
             return [int(r)] * int(rounds)
         return [int(r) for r in text.split(",")]
     except ValueError:
-        raise ValueError(f"cannot read schedule {text!r}; write KxR (K rounds of r=R, e.g. 14x7) or r1,r2,... (e.g. 49,49)")
+        raise ValueError(f"cannot read schedule {text!r}; write KxR (K rounds of r=R, e.g. 14x7) or r1,r2,... "
+                         f"(e.g. 49,49)") from None
 
 
 def _load_square_image(path: str, size: int):
@@ -422,11 +423,14 @@ def main(argv=None):
     if args.img_size % args.patch_size:
         raise SystemExit(f"--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}")
 
+    try:
+        schedules = [parse_schedule(text) for text in args.schedule]
+    except ValueError as e:
+        parser.error(f"--schedule: {e}")
     img = _load_square_image(args.image, args.img_size)
     tokens = _patches(img, args.patch_size)
     panels = []
-    for text in args.schedule:
-        schedule = parse_schedule(text)
+    for text, schedule in zip(args.schedule, schedules):
         groups = token_morphing(tokens, schedule, args.split, torch.Generator().manual_seed(args.seed))[0]
         panels.append(_draw_panel(img, groups, args.patch_size, text))
     sheet = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), panels[0].height), "white")

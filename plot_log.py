@@ -18,6 +18,8 @@ def read_log(path: str, x_field: str, field: str):
     """[(x, y)] for the lines of a JSONL log that have both fields (null, e.g. the gradient norm of a step skipped
     by fp16's GradScaler, counts as absent; so do NaN and Infinity, which this repo's logs write as null)."""
     points = []
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path!r}: no such file (a run's log is log.jsonl in its --output_dir)")
     with open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():

@@ -658,6 +658,21 @@ def test_every_trainer_rejects_negative_optimizer_flags(flags, message):
         train_pretrain.parse_args(["--loss_on", "masked", "--num_masked", "0"])
 
 
+def test_ctrl_c_prints_how_to_continue_and_exits_130(capsys, monkeypatch):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("DTM_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        engine.cli(interrupted)
+    assert exit_info.value.code == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted: relaunching the same command continues")
+    monkeypatch.setenv("DTM_TRACEBACK", "1")
+    with pytest.raises(KeyboardInterrupt):
+        engine.cli(interrupted)
+
+
 def test_internal_errors_keep_their_traceback():
     def torch_value_error():  # a ValueError raised inside torch is not a user error
         F.cross_entropy(torch.randn(2, 3), torch.tensor([1]))

@@ -14,6 +14,11 @@ def test_moving_average_is_a_trailing_mean():
     assert plot_log.moving_average([1e16, 1, 3, 2.5], 1) == [1e16, 1, 3, 2.5]  # no running sum that keeps 1e16's rounding
 
 
+def test_a_missing_log_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"error: '.*missing.jsonl': no such file \(a run's log is log.jsonl"):
+        plot_log.main([str(tmp_path / "missing.jsonl")])
+
+
 def test_non_finite_values_are_left_out_and_one_point_is_drawn(tmp_path):
     lines = [{"step": 1, "loss": float("nan")}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": float("inf")},
              {"step": 4, "loss": 0.5}, {"epoch": 0, "val_top1": 12.5}]
