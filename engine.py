@@ -561,7 +561,8 @@ def add_run_args(parser, output_dir: str):
     g.add_argument("--resume", default="auto", help="'auto': continue output_dir/checkpoint-last.pth if it exists "
                    "(relaunching a command continues its run); or the path of a checkpoint to continue")
     g.add_argument("--fresh", action="store_true", help="start over in an output_dir that holds a run: its "
-                   "checkpoints are replaced as the new run saves, its log.jsonl is kept as log.N.jsonl")
+                   "checkpoint-last.pth is removed, its log.jsonl kept as log.N.jsonl; its other checkpoints stay "
+                   "until the new run writes files of the same name")
     g.add_argument("--log_every", type=int, default=50, help="optimizer steps per log.jsonl line")
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order, augmentation, masks, schedules")
     return g
@@ -613,7 +614,7 @@ def open_log(output_dir: str, resumed, enabled: bool) -> "JsonLog":
     after the checkpoint by a run that then died, or half-written), so no line repeats, also where a new batch size
     renumbered the steps; a new run (resumed None) starts a new log and keeps an old one as log.N.jsonl."""
     path = os.path.join(output_dir, LOG)
-    kept = 0
+    kept = []
     if enabled:
         os.makedirs(output_dir, exist_ok=True)
         if os.path.isfile(path) and resumed is None:
@@ -634,16 +635,16 @@ def open_log(output_dir: str, resumed, enabled: bool) -> "JsonLog":
                 lines = [(line, record) for line, record in lines if record.get("step", 0) <= resumed["step"]]
             with open(path, "w") as f:
                 f.writelines(line for line, _ in lines)
-            kept = len(lines)
+            kept = [record for _, record in lines]
     return JsonLog(path, enabled, kept)
 
 
 class JsonLog:
     """log(**fields): one JSON line (tensors as numbers, NaN/inf as null); .lines: how many the log holds, saved in
-    checkpoints as log_lines so that a resumed run knows where to cut."""
+    checkpoints as log_lines so that a resumed run knows where to cut; .kept: the lines a resumed run kept (dicts)."""
 
-    def __init__(self, path: str, enabled: bool, lines: int = 0):
-        self.path, self.enabled, self.lines = path, enabled, lines
+    def __init__(self, path: str, enabled: bool, kept: list = ()):
+        self.path, self.enabled, self.kept, self.lines = path, enabled, list(kept), len(kept)
 
     def __call__(self, **fields):
         if self.enabled:

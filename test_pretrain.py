@@ -147,15 +147,20 @@ def test_resume_rejects_foreign_checkpoint(image_folder, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # exact resume; relaunching continues
 
-def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path):
+def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path, capsys):
     """3 steps per epoch: stop at step 2 (mid-epoch), relaunch to step 5 == 5 steps in one go."""
     full = tp.main(tiny_argv(image_folder, tmp_path / "full", "--max_steps", "5"))
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 0:")]
     tp.main(tiny_argv(image_folder, tmp_path / "split", "--max_steps", "2"))
     checkpoint = torch.load(tmp_path / "split" / engine.LAST)  # plain torch.load, weights_only=True
     assert checkpoint["step"] == 2 and checkpoint["kind"] == "dtm_pretrain" and checkpoint["args"]["max_steps"] == 2
     assert set(checkpoint) >= {"model", "optimizer", "scaler", "epoch", "step", "args", "rng"}
+    capsys.readouterr()
     resumed = tp.main(tiny_argv(image_folder, tmp_path / "split", "--max_steps", "5"))  # the same command: continues
     assert resumed["step"] == 5
+    # the console's epoch summary and first loss cover the lines logged before the resume too
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 0:")] == summary != []
+    assert resumed["first_loss"] == full["first_loss"]
     same_parameters(full["model"].state_dict(), resumed["model"].state_dict())
     logs = [read_log(tmp_path / run / engine.LOG) for run in ("full", "split")]
     assert [r["step"] for r in logs[1]] == [1, 2, 3, 4, 5]

@@ -277,7 +277,9 @@ def train(args, d: engine.Dist) -> dict:
     timer = engine.StepTimer(d.device)
     unreadable = engine.UnreadableImages(limit=int(args.max_unreadable * len(dataset)))
     batches = engine.micro_batches(loader, sampler, steps_per_epoch, args.accum_iter, step)
-    sums, count, images_seen, logged = None, 0, 0, []  # each log line: the means over the steps since the last one
+    # each log line: the means over the steps since the last one; a resumed run's summaries include the lines before
+    logged = [r for r in log.kept if "loss" in r and "epoch" in r]
+    sums, count, images_seen = None, 0, 0
     saved_window = checkpoint.get("log_window")
     last_log_time = time.perf_counter()
     bar = tqdm(total=last_step, initial=step, disable=not d.is_main, dynamic_ncols=True)
