@@ -695,3 +695,15 @@ def test_help_names_the_script_and_shows_every_default(script):
     assert parser.format_usage().split()[1] == os.path.basename(sys.argv[0])
     assert [a.dest for a in parser._actions if a.option_strings and not a.help] == []
     assert "(default: 0)" in " ".join(parser.format_help().split("--seed SEED")[-1].split()[:12])
+
+
+def test_seed_step_depends_on_seed_micro_step_and_rank():
+    """Each rank draws its own drop path, Algorithm 1 split and Mixup per micro-step; the same triple repeats."""
+    def draw(*args):
+        engine.seed_step(*args)
+        return torch.rand(4), random.random(), np.random.rand()
+    first = draw(0, 5, 0)
+    assert torch.equal(draw(0, 5, 0)[0], first[0]) and draw(0, 5, 0)[1:] == first[1:]
+    for other in ((0, 5, 1), (0, 6, 0), (1, 5, 0)):
+        drawn = draw(*other)
+        assert not torch.equal(drawn[0], first[0]) and drawn[1] != first[1] and drawn[2] != first[2], other

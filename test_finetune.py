@@ -487,3 +487,35 @@ def test_both_layout_pretraining_checkpoint_fine_tunes_with_the_summed_tables(tm
     with torch.no_grad():
         last = student.eval().forward_features(x, return_layers=[-1]).layers[3]
         torch.testing.assert_close(model.eval().forward_features(x).tokens, last, rtol=1e-5, atol=1e-5)
+
+
+def test_logged_lr_seeds_groups_and_best_checkpoint(tmp_path, monkeypatch):
+    """48 images, batch 8 x accum 2: 3 steps per epoch, 3 epochs, warmup 1 epoch = 3 steps; lr = --lr * 16 / 1024
+    (linear scaling), cosine to --min_lr; each group's lr carries its layer decay (0.6 for vit_tiny, the paper's
+    ViT-S/B value); every micro-step seeds its own RNGs; checkpoint-best.pth is the epoch with the best top-1."""
+    scores = iter([50.0, 70.0, 60.0])
+    monkeypatch.setattr(tf, "evaluate", lambda *a, **k: dict(top1=next(scores), top5=100.0, loss=1.0, count=13))
+    seeds = []
+    original_seed_step = engine.seed_step
+    monkeypatch.setattr(engine, "seed_step", lambda *a: (seeds.append(a), original_seed_step(*a)))
+    optimizers = []
+    original_step = engine.optimizer_step
+    monkeypatch.setattr(engine, "optimizer_step", lambda opt, *a: (optimizers.append(opt), original_step(opt, *a))[1])
+    tf.main(TINY_RUN + ["--model", "vit_tiny", "--batch_size", "8", "--accum_iter", "2", "--epochs", "3",
+                        "--min_lr", "1e-4", "--output_dir", str(tmp_path)])
+    peak = 0.05 * 16 / 1024
+    expected = [engine.cosine_schedule(s, 9, 3, peak, 1e-4) for s in range(9)]
+    logged = [r["lr"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "lr" in r]
+    assert logged == pytest.approx(expected, rel=1e-9) and logged[0] == 0 < logged[1] < logged[2] < peak
+    assert [a[1] for a in seeds] == list(range(18)) and {a[2] for a in seeds} == {0}
+    scales = {name: g["lr_scale"] for g in optimizers[-1].param_groups for name in g["param_names"]}
+    assert all(g["lr"] == pytest.approx(expected[-1] * g["lr_scale"]) for g in optimizers[-1].param_groups)
+    assert scales["head.weight"] == 1.0  # block 0 is layer 1 of depth + 1: decay ** depth
+    assert scales["blocks.0.attn.qkv.weight"] == pytest.approx(0.6 ** scales_depth(scales))
+    best, last = torch.load(tmp_path / "checkpoint-best.pth"), torch.load(tmp_path / "checkpoint-last.pth")
+    assert best["step"] == 6 and best["best_top1"] == 70.0 and last["step"] == 9 and last["val"]["top1"] == 60.0
+
+
+def scales_depth(scales):
+    """The ViT's depth from the names of its blocks' parameters."""
+    return 1 + max(int(name.split(".")[1]) for name in scales if name.startswith("blocks."))

@@ -443,3 +443,48 @@ def test_two_processes_equal_one_process_with_the_same_total_batch(image_folder,
         if mto_flags:  # default lambdas 0.1 and 0.1
             assert r["loss"] == pytest.approx(r["loss_dtm"] + 0.1 * r["loss_sing"] + 0.1 * r["loss_ent"])
             assert r["loss_sing"] != 0 and 0 < r["loss_ent"] <= 1  # a max cosine (can be < 0); a normalized entropy
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loop against closed forms: lr, seeds, gradient accumulation
+
+def record_calls(monkeypatch, module, name):
+    """Wrap module.name so that each call's positional arguments are appended to the returned list."""
+    calls, original = [], getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_logged_lr_seeds_and_groups_follow_their_closed_forms(image_folder, tmp_path, monkeypatch):
+    """12 images, batch 2 x accum 2: 3 steps per epoch, 2 epochs, 1 warmup epoch (3 steps, not 1): lr =
+    --lr * sqrt(4 / 2048), linear warmup then cosine to --min_lr, per step; each micro-step seeds its own RNGs."""
+    seeds = record_calls(monkeypatch, engine, "seed_step")
+    groups = record_calls(monkeypatch, engine, "optimizer_step")
+    tp.main(tiny_argv(image_folder, tmp_path, "--batch_size", "2", "--accum_iter", "2", "--epochs", "2",
+                      "--min_lr", "0.001"))
+    peak = 0.05 * math.sqrt(4 / 2048)
+    expected = [engine.cosine_schedule(s, 6, 3, peak, 0.001) for s in range(6)]
+    logged = [r["lr"] for r in read_log(tmp_path / engine.LOG) if "lr" in r]
+    assert logged == pytest.approx(expected, rel=1e-9) and logged[0] == 0 < logged[1] < logged[2] < peak
+    assert [args[1] for args in seeds] == list(range(12)) and {args[2] for args in seeds} == {0}
+    optimizer = groups[-1][0]
+    assert all(g["lr"] == pytest.approx(expected[-1]) for g in optimizer.param_groups)  # no layer decay here
+
+
+def test_gradient_accumulation_equals_the_whole_batch(image_folder, tmp_path):
+    """batch 2 x accum 2 == batch 4: the same images, fixed morphing, no drop path, a deterministic split; the
+    micro-batch losses are divided by accum_iter, so the gradient (its logged norm) and the weights match."""
+    common = ["--fixed_schedule", "2", "1", "--split", "alternate", "--drop_path", "0", "--epochs", "1",
+              "--clip_grad", "0", "--num_masked", "0", "--loss_on", "all"]
+    whole = tp.main(tiny_argv(image_folder, tmp_path / "whole", *common))
+    accumulated = tp.main(tiny_argv(image_folder, tmp_path / "accum", *common, "--batch_size", "2",
+                                    "--accum_iter", "2"))
+    norms = [[r["grad_norm"] for r in read_log(tmp_path / run / engine.LOG) if "grad_norm" in r]
+             for run in ("whole", "accum")]
+    assert len(norms[0]) == 3 and norms[1] == pytest.approx(norms[0], rel=1e-4)
+    for (name, a), b in zip(whole["model"].state_dict().items(), accumulated["model"].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
