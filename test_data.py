@@ -674,3 +674,50 @@ def test_shapes_segmentation():
     x, y = ds[1]
     assert x.shape == (3, 48, 48) and y.shape == (48, 48)
     assert set(y.unique().tolist()) <= set(range(6)) | {255}
+
+
+# ---------------------------------------------------------------------------------------------------
+# RandAugment's ops and draws, exactly (a mutation audit found them checked for size and mode only)
+
+def stripes(width=40, height=20):
+    """A non-square image whose every pixel differs: red = x * 6, green = y * 12."""
+    x, y = np.meshgrid(np.arange(width), np.arange(height))
+    return Image.fromarray(np.stack([x * 6, y * 12, np.full_like(x, 7)], axis=-1).astype(np.uint8))
+
+
+def test_geometric_and_color_ops_transform_as_their_names_say():
+    img, fill = stripes(), (0, 0, 0)
+    a = np.asarray(img)
+    op = lambda name, arg, image=img: np.asarray(data.RAND_AUGMENT_OPS[name][0](image, arg, fill))
+    shifted = op("TranslateXRel", 0.25)  # out(x, y) = in(x + 0.25 * width, y): 10 pixels, not 0.25 * height
+    assert np.array_equal(shifted[:, :30], a[:, 10:])
+    shifted = op("TranslateYRel", 0.25)  # 5 rows
+    assert np.array_equal(shifted[:15], a[5:])
+    # Pillow samples at pixel centres: ShearX out(x, y) = in(x + f (y + 0.5), y), so at f = 0.4 row 2 moves by
+    # exactly 1 pixel and row 7 by 3; ShearY likewise moves columns
+    sheared = op("ShearX", 0.4)
+    assert np.array_equal(sheared[2, :39], a[2, 1:]) and np.array_equal(sheared[7, :37], a[7, 3:])
+    sheared = op("ShearY", 0.4)
+    assert np.array_equal(sheared[:19, 2], a[1:, 2]) and np.array_equal(sheared[:17, 7], a[3:, 7])
+    gray = Image.new("RGB", (8, 8), (100, 100, 100))  # brightness scales it; contrast leaves a flat image alone
+    assert (op("BrightnessIncreasing", 0.5, gray) == 50).all() and (op("ContrastIncreasing", 0.5, gray) == 100).all()
+
+
+def test_rand_augment_clips_the_magnitude_and_skips_ops_one_by_one(monkeypatch):
+    calls = []
+    monkeypatch.setattr(data.RandAugment, "apply_op", lambda self, img, name, m: calls.append((name, m)) or img)
+    data.RandAugment(num_ops=3, magnitude=12, magnitude_std=0, op_prob=1.0, ops=["Rotate"])(stripes())
+    assert calls == [("Rotate", 10.0)] * 3  # clipped to timm's _LEVEL_MAX
+    calls.clear()
+    draws = iter([0.9, 0.1, 0.9])  # op_prob 0.5: the first op skipped, the second applied, the third skipped
+    monkeypatch.setattr(random, "random", lambda: next(draws))
+    data.RandAugment(num_ops=3, magnitude=9, magnitude_std=0, op_prob=0.5, ops=["Rotate"])(stripes())
+    assert calls == [("Rotate", 9)]
+
+
+def test_random_erasing_pixel_mode_draws_noise_per_channel():
+    random.seed(0)
+    torch.manual_seed(0)
+    out = data.RandomErasing(prob=1.0, mode="pixel")(torch.zeros(3, 24, 24))
+    erased = out.abs().sum(dim=0) > 0
+    assert erased.any() and not torch.equal(out[0][erased], out[1][erased])

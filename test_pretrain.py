@@ -488,3 +488,11 @@ def test_gradient_accumulation_equals_the_whole_batch(image_folder, tmp_path):
     assert len(norms[0]) == 3 and norms[1] == pytest.approx(norms[0], rel=1e-4)
     for (name, a), b in zip(whole["model"].state_dict().items(), accumulated["model"].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_official_split_counts_its_protected_patch(image_folder, tmp_path):
+    """--split official keeps patch 0 out of the matching, so merging 2 of 4 patches in one round is clamped to
+    (4 - 1) // 2 = 1 merge: 3 groups (the trainer must count groups with the split, or the index maps break)."""
+    tp.main(tiny_argv(image_folder, tmp_path, "--split", "official", "--fixed_schedule", "2", "1", "--max_steps", "2"))
+    records = [r for r in read_log(tmp_path / engine.LOG) if "groups_level0" in r]
+    assert [(r["groups_level0"], r["groups_level1"]) for r in records] == [(3, 3), (3, 3)]
