@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+import torch.nn.functional as F
 
 import data
 import dtm
@@ -131,6 +132,32 @@ def test_feature_pyramid_and_head_shapes():
     torch.testing.assert_close(model(x), logits)
     with pytest.raises(ValueError, match="out_indices"):
         train_seg.ViTUperNet(backbone(64), 7, out_indices=[0, 1, 2, 2])
+
+
+def test_uper_head_adds_every_coarser_level_top_down_and_aux_reads_stride_16():
+    """With only the coarsest map non-zero (the finer laterals are ReLU(BN(conv(0))) = 0 in eval mode), the finest
+    FPN input is non-zero only if the top-down pass runs from coarse to fine (level 3 -> 2 -> 1 -> 0). mmseg's
+    auxiliary FCN head reads the third pyramid level (stride 16)."""
+    torch.manual_seed(0)
+    head = train_seg.UperHead(8, 8, num_classes=3).eval()
+    seen = []
+    head.fpn_convs[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    features = [torch.zeros(1, 8, s, s) for s in (16, 8, 4)] + [torch.randn(1, 8, 2, 2)]
+    head(features)
+    assert seen[0].abs().sum() > 0
+    model = train_seg.ViTUperNet(backbone(64), num_classes=7, channels=32).eval()
+    shapes = []
+    model.aux_head.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(inputs[0].shape)))
+    model(torch.randn(1, 3, 64, 64), with_aux=True)
+    assert shapes == [(1, 192, 4, 4)]  # 64 px / 16
+
+
+def test_predict_resizes_logits_before_the_softmax():
+    """mmseg: logits resized (bilinear) to the label's size, then the softmax, not resized probabilities."""
+    model, image = CropSizeOnly(crop=16), torch.randn(3, 16, 16)
+    probs = train_seg.predict(model, image, (23, 37), 5, crop=16, stride=11)
+    logits = F.interpolate(model.conv(image[None]), size=(23, 37), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(probs, logits.softmax(0), atol=1e-6, rtol=1e-6)
 
 
 def test_parameter_groups_of_the_segmentation_model():
