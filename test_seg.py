@@ -444,17 +444,23 @@ def test_generic_dataset_needs_all_folders(tmp_path):
 
 def test_logged_lr_seeds_and_layer_decay_follow_their_closed_forms(tmp_path, monkeypatch):
     """4 steps of batch 2 x accum 2: the logged lr is mmcv's poly schedule (power 2, min_lr > 0, so swapped arguments
-    show) with its warmup; the ViT's groups carry layer decay, UperNet's do not; each micro-step seeds its RNGs."""
-    seeds, optimizers = [], []
-    original_seed_step, original_step = engine.seed_step, engine.optimizer_step
+    show) with its warmup; the ViT's groups carry layer decay, UperNet's do not; each micro-step seeds its RNGs; the
+    micro-batch losses are divided by accum_iter."""
+    seeds, optimizers, backward = [], [], []
+    original_seed_step, original_step, original_backward = engine.seed_step, engine.optimizer_step, engine.backward
     monkeypatch.setattr(engine, "seed_step", lambda *a: (seeds.append(a), original_seed_step(*a)))
+    monkeypatch.setattr(engine, "backward", lambda loss, scaler: (backward.append(loss.item()),
+                                                                   original_backward(loss, scaler)))
     monkeypatch.setattr(engine, "optimizer_step", lambda opt, *a: (optimizers.append(opt), original_step(opt, *a))[1])
     args = train_seg.parse_args(TINY_RUN + ["--init", "none"])
     train_seg.main(TINY_RUN + ["--accum_iter", "2", "--poly_power", "2", "--min_lr", "1e-4", "--lr", "0.01",
                                "--layer_decay", "0.65", "--output_dir", str(tmp_path)])
     expected = [engine.poly_schedule(s, 4, 2, 0.01, 2.0, 1e-4, args.warmup_ratio) for s in range(4)]
-    logged = [r["lr"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "lr" in r]
-    assert logged == pytest.approx(expected, rel=1e-9) and expected[1] > expected[3] > 1e-4
+    records = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "lr" in r]
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-9) and expected[1] > expected[3] > 1e-4
+    # each micro-batch's loss is divided by accum_iter: a step's two backward losses add up to its logged mean
+    assert [backward[2 * i] + backward[2 * i + 1] for i in range(4)] == pytest.approx([r["loss"] for r in records],
+                                                                                      rel=1e-5)
     assert [a[1] for a in seeds] == list(range(8)) and {a[2] for a in seeds} == {0}
     groups = optimizers[-1].param_groups
     scales = {name: g["lr_scale"] for g in groups for name in g["param_names"]}
