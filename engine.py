@@ -667,7 +667,9 @@ def checkpoint_state(kind: str, model, optimizer, scaler, args, step: int, steps
     return {"kind": kind, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "epoch": max(step - 1, 0) // steps_per_epoch, "steps_per_epoch": steps_per_epoch, "args": dict(vars(args)),
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1, "rng": rng_state(), **extra}
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1, "rng": rng_state(),
+            "init_abspath": os.path.abspath(args.init) if getattr(args, "init", None) not in (None, "none") else None,
+            **extra}
 
 
 def save_checkpoint(path: str, state: dict):
@@ -717,14 +719,16 @@ BOOKKEEPING = {"resume", "fresh", "output_dir", "num_workers", "log_every", "sav
 def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_per_epoch: int, d: Dist) -> int:
     """Restore model, optimizer, scaler and RNG states from a checkpoint of this trainer; returns the step to
     continue from. Prints the settings that differ from the checkpoint's (a new --lr or --epochs applies from here).
-    Another batch layout (batch size, accumulation, processes) or steps_per_epoch is accepted at an epoch boundary
-    only. --init starts a new run: another --init than the run started from is refused, not silently ignored."""
+    Another number of samples per step (batch size x accumulation x processes) or of steps per epoch is accepted at
+    an epoch boundary only; another split of the same samples per step also mid-epoch. --init starts a new run: another --init than the run started from is refused, not silently ignored."""
     saved = checkpoint["args"]
     if "init" in vars(args) and saved.get("init") is not None:
-        if args.init is not None and not _same_path(args.init, saved["init"]):
+        started_from = checkpoint.get("init_abspath") or saved["init"]  # absolute: the run may relaunch elsewhere
+        if args.init is not None and not _same_path(args.init, started_from):
             raise ValueError(f"{path!r} continues a run started from --init {saved['init']}; --init {args.init} would "
-                             f"be ignored (it applies to a new run only): add --fresh to start a new run from it (the "
-                             f"old log is kept as log.N.jsonl), or pass another --output_dir")
+                             f"be ignored (it applies to a new run only). To continue that run pass --init "
+                             f"{started_from} (the file is not read again); to start a new run from {args.init} add "
+                             f"--fresh (the old log is kept as log.N.jsonl) or pass another --output_dir")
         args.init = saved["init"]
     changed = [f"--{k} {saved[k]} -> {v}" for k, v in sorted(vars(args).items())
                if k not in BOOKKEEPING and k in saved and _plain(saved[k]) != _plain(v)]
@@ -736,14 +740,14 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
                          f"settings it was saved with") from None
     step = checkpoint["step"]
     epochs_done, rest = divmod(step, checkpoint["steps_per_epoch"])
-    if rest:  # mid-epoch: the epoch's sample order continues at step * samples per step, per process
-        layout = _batch_layout(saved, checkpoint.get("world_size"), checkpoint["steps_per_epoch"])
+    if rest:  # mid-epoch: step s of the epoch continues at sample s * (samples per step) of its order
+        layout = _batch_layout(saved, checkpoint.get("world_size", d.world_size), checkpoint["steps_per_epoch"])
         now = _batch_layout(vars(args), d.world_size, steps_per_epoch)
-        differ = [f"{k} {layout[k]} -> {now[k]}" for k in now if layout[k] is not None and layout[k] != now[k]]
+        differ = [f"{k} {layout[k]} -> {now[k]}" for k in now if layout[k] != now[k]]
         if differ:
             raise ValueError(f"{path!r} was saved mid-epoch (step {step}); this run differs in {', '.join(differ)}: "
-                             f"resume with the same data, --batch_size, --accum_iter and number of processes "
-                             f"(another batch is accepted at an epoch boundary)")
+                             f"resume with the same data and the same samples per step (--batch_size x --accum_iter x "
+                             f"processes; another split of them is fine), or at an epoch boundary")
     if checkpoint["steps_per_epoch"] != steps_per_epoch:
         step = epochs_done * steps_per_epoch
         d.print(f"{path!r} was saved with {checkpoint['steps_per_epoch']} steps per epoch, this run has "
@@ -791,14 +795,16 @@ def _mismatch(expected: dict, saved: dict) -> str:
                      for what, items in problems.items() if items)
 
 
-def _batch_layout(args: dict, world_size, steps_per_epoch: int) -> dict:
-    return {"--batch_size": args.get("batch_size"), "--accum_iter": args.get("accum_iter"), "processes": world_size,
-            "steps per epoch": steps_per_epoch}
+def _batch_layout(args: dict, world_size: int, steps_per_epoch: int) -> dict:
+    """What a mid-epoch restart must keep: the epoch's order is one permutation whatever the number of processes (rank
+    r takes its entries r, r + W, ...), so step s covers the same samples for any split of the samples per step."""
+    return {"samples per step (--batch_size x --accum_iter x processes)":
+            args.get("batch_size", 1) * args.get("accum_iter", 1) * world_size, "steps per epoch": steps_per_epoch}
 
 
 def _same_path(a: str, b: str) -> bool:
-    """Two --init values name the same file (or are both 'none')."""
-    if a == b or os.path.normpath(a) == os.path.normpath(b):
+    """Two --init values name the same file (or are both 'none'); relative ones from this working directory."""
+    if a == b or os.path.abspath(a) == os.path.abspath(b):
         return True
     try:
         return os.path.samefile(a, b)
@@ -869,9 +875,9 @@ def cli(main):
     except KeyboardInterrupt:
         if os.environ.get("DTM_TRACEBACK"):
             raise
-        print(f"\ninterrupted: relaunching the same command continues from the last {LAST} in its --output_dir "
-              f"(written every epoch, and every --save_every steps where the trainer has it)", file=sys.stderr,
-              flush=True)
+        print(f"\ninterrupted: relaunch to continue from the last {LAST} in its --output_dir (written every epoch, "
+              f"and every --save_every steps where the trainer has it): the same command, or after a --resume PATH "
+              f"start the same command with --resume auto", file=sys.stderr, flush=True)
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:
         message = user_error_message(e)

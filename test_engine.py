@@ -355,9 +355,10 @@ def test_resume_reports_changed_settings_and_remaps_steps_at_epoch_boundaries(tm
         engine.resume(state, "ck.pth", model, optimizer, None, args, 5, CPU)
 
 
-def test_resume_mid_epoch_refuses_another_batch_layout_with_the_same_steps_per_epoch(capsys):
+def test_resume_mid_epoch_needs_the_same_samples_per_step(capsys):
     """16 steps per epoch at batch 32 and at batch 31 (512 images): a mid-epoch restart would continue the epoch's
-    order at another sample, so only the epoch boundary accepts it."""
+    order at another sample, so only the epoch boundary accepts it. Another split of the same 32 samples per step
+    (batch x accumulation x processes) continues at the same sample: accepted."""
     model = torch.nn.Linear(3, 2)
     args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=(0.9, 0.98), output_dir="x", demo=False, batch_size=32,
                               accum_iter=1)
@@ -366,19 +367,42 @@ def test_resume_mid_epoch_refuses_another_batch_layout_with_the_same_steps_per_e
     assert state["world_size"] == 1
     same = argparse.Namespace(**vars(args))
     assert engine.resume(state, "ck.pth", model, optimizer, None, same, 16, CPU) == 5
-    for flag, value, words in (("batch_size", 31, "--batch_size 32 -> 31"), ("accum_iter", 2, "--accum_iter 1 -> 2")):
+    for flag, value, total in (("batch_size", 31, 31), ("accum_iter", 2, 64)):
         other = argparse.Namespace(**{**vars(args), flag: value})
-        with pytest.raises(ValueError, match=f"saved mid-epoch \\(step 5\\); this run differs in {words}"):
+        with pytest.raises(ValueError, match=f"saved mid-epoch \\(step 5\\); this run differs in samples per step "
+                                             f"\\(--batch_size x --accum_iter x processes\\) 32 -> {total}"):
             engine.resume(state, "ck.pth", model, optimizer, None, other, 16, CPU)
-    with pytest.raises(ValueError, match="differs in processes 1 -> 2"):
+    with pytest.raises(ValueError, match="samples per step .* 32 -> 64"):
         engine.resume(state, "ck.pth", model, optimizer, None, same, 16, engine.Dist(world_size=2))
+    half = argparse.Namespace(**{**vars(args), "batch_size": 16})
+    assert engine.resume(state, "ck.pth", model, optimizer, None, half, 16, engine.Dist(world_size=2)) == 5
+    accumulated = argparse.Namespace(**{**vars(args), "batch_size": 16, "accum_iter": 2})
+    assert engine.resume(state, "ck.pth", model, optimizer, None, accumulated, 16, CPU) == 5
     state["step"] = 16  # the epoch boundary: another batch is fine
     other = argparse.Namespace(**{**vars(args), "batch_size": 31})
     assert engine.resume(state, "ck.pth", model, optimizer, None, other, 16, CPU) == 16
     assert "--batch_size 32 -> 31" in capsys.readouterr().out
 
 
-def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tmp_path):
+def test_every_split_of_the_samples_per_step_trains_on_the_same_samples_at_each_step():
+    """What lets a mid-epoch restart change --batch_size x --accum_iter x processes if their product stays: the epoch's
+    order is one permutation, rank r taking entries r, r + W, ..., so step s covers entries s * T .. (s + 1) * T - 1."""
+    def steps(world, batch, accum, num_items=26, seed=3, epoch=2):
+        per_rank = []
+        for rank in range(world):
+            sampler = engine.EpochSampler(num_items, rank, world, seed)
+            sampler.set_epoch(epoch)
+            per_rank.append([i for _, i in sampler])
+        per_step = batch * accum
+        return [sorted(i for r in per_rank for i in r[s * per_step:(s + 1) * per_step])
+                for s in range(min(len(r) for r in per_rank) // per_step)]
+    one = steps(1, 8, 1)
+    for world, batch, accum in ((2, 4, 1), (2, 2, 2), (4, 2, 1), (1, 4, 2)):
+        assert steps(world, batch, accum) == one[:len(steps(world, batch, accum))], (world, batch, accum)
+    assert steps(1, 7, 1)[1] != one[1]  # another number of samples per step: another sample set
+
+
+def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 2)
     args = argparse.Namespace(model="vit_tiny", lr=0.1, output_dir="x", demo=False, init="none")
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -389,9 +413,19 @@ def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tm
     unset = argparse.Namespace(**{**vars(args), "init": None})  # a relaunch without --init continues the run
     assert engine.resume(state, "ck.pth", model, optimizer, None, unset, 2, CPU) == 2 and unset.init == "none"
     (tmp_path / "pre.pth").write_bytes(b"")
-    state["args"]["init"] = str(tmp_path / "pre.pth")
-    spelled = argparse.Namespace(**{**vars(args), "init": str(tmp_path / "." / "pre.pth")})  # the same file
-    assert engine.resume(state, "ck.pth", model, optimizer, None, spelled, 2, CPU) == 2
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    relative = engine.checkpoint_state("dtm_finetune", model, optimizer, None,
+                                       argparse.Namespace(**{**vars(args), "init": "pre.pth"}), 2, steps_per_epoch=2)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a relaunch from another folder names the same file another way
+    for spelled in (str(tmp_path / "pre.pth"), "../pre.pth", str(tmp_path / "." / "pre.pth")):
+        again = argparse.Namespace(**{**vars(args), "init": spelled})
+        assert engine.resume(relative, "ck.pth", model, optimizer, None, again, 2, CPU) == 2
+    (tmp_path / "copy.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=f"To continue that run pass --init {tmp_path / 'pre.pth'} .* to start a new "
+                                         f"run from ../copy.pth add --fresh"):
+        engine.resume(relative, "ck.pth", model, optimizer, None,
+                      argparse.Namespace(**{**vars(args), "init": "../copy.pth"}), 2, CPU)
 
 
 def test_resume_into_another_model_names_the_differences_and_the_changed_settings():
@@ -667,7 +701,7 @@ def test_ctrl_c_prints_how_to_continue_and_exits_130(capsys, monkeypatch):
         engine.cli(interrupted)
     assert exit_info.value.code == 130
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("interrupted: relaunching the same command continues")
+    assert len(lines) == 1 and lines[0].startswith("interrupted: relaunch to continue") and "--resume auto" in lines[0]
     monkeypatch.setenv("DTM_TRACEBACK", "1")
     with pytest.raises(KeyboardInterrupt):
         engine.cli(interrupted)

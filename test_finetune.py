@@ -235,9 +235,10 @@ def test_a_demo_folder_started_from_scratch_is_not_continued_once_a_pretrain_che
     assert torch.load("ft/checkpoint-last.pth")["args"]["init"] == "none"
     os.makedirs("output/pretrain_demo")
     tiny_pretrain_checkpoint(tf.DEMO_PRETRAIN_CHECKPOINT)
-    with pytest.raises(ValueError, match="started from --init none; --init output/pretrain_demo/checkpoint-last.pth "
-                                         "would be ignored .* add --fresh"):
+    with pytest.raises(ValueError, match="ft holds a demo run started from --init none; the demo now finds the "
+                                         "pre-training checkpoint .* add --fresh .* or pass --init none to continue"):
         tf.main(demo_run)
+    tf.main(demo_run + ["--init", "none"])  # continues (and finishes) the run from scratch
     tf.main(demo_run + ["--fresh"])
     assert torch.load("ft/checkpoint-last.pth")["args"]["init"] == tf.DEMO_PRETRAIN_CHECKPOINT
 

@@ -75,6 +75,11 @@ def test_window_starts_cover_the_image_like_mmseg():
     assert train_seg.window_starts(300, 512, 341) == [0]  # smaller than the crop: one padded window
     with pytest.raises(ValueError, match="stride must be in 1..512"):
         train_seg.window_starts(2048, 512, 600)  # windows at 0, 600, ... would leave pixels 512..599 uncovered
+    for argv in (["--data", "/x"], [], ["--eval", "ck.pth", "--data", "/x"]):  # 0 is a value, not "not given"
+        with pytest.raises(ValueError, match="--stride must be in 1..--crop_size .*, got 0"):
+            train_seg.parse_args([*argv, "--init", "none", "--stride", "0"])
+    assert train_seg.parse_args(["--data", "/x", "--init", "none"]).stride == 341
+    assert train_seg.parse_args(["--init", "none"]).stride == 43  # the demo's
 
 
 class CropSizeOnly(nn.Module):

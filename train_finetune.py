@@ -340,7 +340,7 @@ def run_eval(args, d, amp_dtype):
 def demo_init(args, d):
     """The demo fine-tunes the demo pre-training checkpoint if there is one, else trains from scratch, and says so.
     Decided before resuming, so that a demo folder started from scratch is not silently continued once a pre-training
-    checkpoint exists (engine.resume refuses another --init)."""
+    checkpoint exists (finetune refuses it, as engine.resume refuses another --init)."""
     args.init = DEMO_PRETRAIN_CHECKPOINT if os.path.isfile(DEMO_PRETRAIN_CHECKPOINT) else "none"
     d.print(f"demo: fine-tuning the demo pre-training checkpoint {args.init}" if args.init != "none" else
             f"demo: no pre-training checkpoint at {DEMO_PRETRAIN_CHECKPOINT} (run `python train_pretrain.py` first), "
@@ -357,12 +357,19 @@ def init_checkpoint(args, d):
 
 def finetune(args, d, amp_dtype, scaler):
     """Train, evaluate after every epoch, save checkpoint-last.pth and checkpoint-best.pth; returns the best top-1."""
-    if args.init is None and args.demo:
+    chosen_by_demo = args.init is None and args.demo
+    if chosen_by_demo:
         demo_init(args, d)
     resume_path, own_run = engine.prepare_run(args, d)
     if resume_path is not None:
         resume = engine.load_checkpoint(resume_path, "dtm_finetune", hint="; to start fine-tuning from pre-trained "
                                         "weights use --init PATH")
+        started_from = resume["args"].get("init")
+        if chosen_by_demo and started_from not in (None, args.init):
+            found = "finds" if args.init != "none" else "no longer finds"
+            raise ValueError(f"{args.output_dir} holds a demo run started from --init {started_from}; the demo now "
+                             f"{found} the pre-training checkpoint {DEMO_PRETRAIN_CHECKPOINT}: add --fresh to start "
+                             f"over from {args.init}, or pass --init {started_from} to continue that run")
     else:
         init, init_path = init_checkpoint(args, d)
     train_set, val_set, classes = build_datasets(args)

@@ -373,7 +373,7 @@ def get_args_parser():
                    help="generic dataset: label 0 means 'ignore', classes are 1..K (as ADE20K)")
     g.add_argument("--crop_size", type=int, default=512, help="training crop and sliding window (ViT input) size")
     g.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
-                   help="image scale, train and eval (default: 2048 512; with --eval: the checkpoint's)")
+                   help="image scale, train and eval; None: 2048 512 (the demo: 384 96), with --eval the checkpoint's")
     g.add_argument("--ratio_range", type=float, nargs=2, default=[0.5, 2.0], help="training random resize ratios")
     g.add_argument("--cat_max_ratio", type=float, default=0.75, help="max share of one class in a training crop")
     g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per process")
@@ -420,7 +420,7 @@ def get_args_parser():
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--stride", type=int, default=None,
-                   help="sliding window stride (default: 341; with --eval: the checkpoint's)")
+                   help="sliding window stride; None: 341 (the demo: 43), with --eval the checkpoint's")
     g.add_argument("--flip", action="store_true", help="add horizontally flipped predictions")
     g.add_argument("--slide_batch", type=int, default=4, help="windows per forward pass")
     g.add_argument("--eval_every", type=int, default=16_000, help="evaluate (and keep checkpoint-best.pth by mIoU) "
@@ -445,8 +445,8 @@ def parse_args(argv=None):
         raise ValueError("pass either --data (ADE20K) or --img_dir/--ann_dir/--val_img_dir/--val_ann_dir (a generic "
                          "dataset), not both")
     if args.eval is None:  # --eval takes these from the checkpoint unless given (run_eval)
-        args.scale = args.scale or [2048, 512]
-        args.stride = args.stride or 341
+        args.scale = [2048, 512] if args.scale is None else args.scale
+        args.stride = 341 if args.stride is None else args.stride
     if args.crop_size % dtm.PATCH_SIZE:
         raise ValueError(f"--crop_size {args.crop_size} is not divisible by the patch size {dtm.PATCH_SIZE}; "
                          f"use e.g. 512")
@@ -503,8 +503,8 @@ def run_eval(args, d):
     checkpoint = engine.load_checkpoint(args.eval, "dtm_seg", "--eval")
     for key in ("model", "crop_size", "channels", "out_indices"):
         setattr(args, key, checkpoint["args"][key])
-    args.scale = args.scale or checkpoint["args"]["scale"]
-    args.stride = args.stride or checkpoint["args"]["stride"]
+    args.scale = checkpoint["args"]["scale"] if args.scale is None else args.scale
+    args.stride = checkpoint["args"]["stride"] if args.stride is None else args.stride
     d.print(f"{args.eval}: {args.model}, crop {args.crop_size}, scale {args.scale[0]}x{args.scale[1]}, stride "
             f"{args.stride}{', flip' if args.flip else ''}")
     if args.stride > args.crop_size:
