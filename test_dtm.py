@@ -515,6 +515,18 @@ def test_schedule_without_merges_is_per_token_distillation():
         assert torch.allclose(masked, F.smooth_l1_loss(pred[mask], target[mask], beta=2.0), atol=1e-6)
 
 
+def test_dtm_loss_is_computed_in_float32_from_bf16_inputs():
+    """Under autocast the head's predictions come in bf16: the loss equals the float32 loss of the same (bf16-rounded)
+    values, not a bf16 computation, whatever the loss."""
+    g = torch.Generator().manual_seed(7)
+    pred, target = (torch.randn(2, N, 64, generator=g).bfloat16() for _ in range(2))
+    levels = morph.token_morphing_levels(target.float(), [[5, 5], [9]])
+    for loss in dtm.LOSSES:
+        low, _ = dtm.dtm_loss(pred, target, levels, loss=loss)
+        full, _ = dtm.dtm_loss(pred.float(), target.float(), levels, loss=loss)
+        assert low.dtype == torch.float32 and torch.equal(low, full), loss
+
+
 def test_pretrain_model_gradients_reach_student():
     model = dtm.DTMPretrainModel(tiny_vit(), target_dim=PATCH * PATCH * 3)
     x, mask = images(), random_mask()
