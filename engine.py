@@ -131,7 +131,8 @@ def ddp(model: nn.Module, d: Dist) -> nn.Module:
         return model
     DDP = nn.parallel.DistributedDataParallel
     # torch 2.13 renamed broadcast_buffers (deprecated, a FutureWarning per rank) to forward_sync_buffers
-    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        "broadcast_buffers"
     return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
                **{sync: buffers_differ_between_ranks(model)})
 
@@ -720,7 +721,8 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
     """Restore model, optimizer, scaler and RNG states from a checkpoint of this trainer; returns the step to
     continue from. Prints the settings that differ from the checkpoint's (a new --lr or --epochs applies from here).
     Another number of samples per step (batch size x accumulation x processes) or of steps per epoch is accepted at
-    an epoch boundary only; another split of the same samples per step also mid-epoch. --init starts a new run: another --init than the run started from is refused, not silently ignored."""
+    an epoch boundary only; another split of the same samples per step also mid-epoch. --init starts a new run:
+    another --init than the run started from is refused, not silently ignored."""
     saved = checkpoint["args"]
     if "init" in vars(args) and saved.get("init") is not None:
         started_from = checkpoint.get("init_abspath") or saved["init"]  # absolute: the run may relaunch elsewhere
