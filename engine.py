@@ -806,7 +806,7 @@ def _batch_layout(args: dict, world_size: int, steps_per_epoch: int) -> dict:
 
 def _same_path(a: str, b: str) -> bool:
     """Two --init values name the same file (or are both 'none'); relative ones from this working directory."""
-    if a == b or os.path.abspath(a) == os.path.abspath(b):
+    if os.path.abspath(a) == os.path.abspath(b):
         return True
     try:
         return os.path.samefile(a, b)

@@ -450,7 +450,7 @@ def parse_args(argv=None):
     if args.crop_size % dtm.PATCH_SIZE:
         raise ValueError(f"--crop_size {args.crop_size} is not divisible by the patch size {dtm.PATCH_SIZE}; "
                          f"use e.g. 512")
-    if args.stride is not None and args.stride < 1 or args.eval is None and args.stride > args.crop_size:
+    if (args.stride is not None and args.stride < 1) or (args.eval is None and args.stride > args.crop_size):
         raise ValueError(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}")
     for name in ("iters", "batch_size", "accum_iter", "eval_every", "save_every", "log_every", "slide_batch"):
         if getattr(args, name) < 1:
