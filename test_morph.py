@@ -226,6 +226,19 @@ def test_low_and_high_precision_inputs(dtype):
     torch.testing.assert_close(means.float(), morph_matrix(groups, 28) @ x.float(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dim", [2, 4])  # feature sums (N > C) / Gram matrix (N <= C)
+def test_float64_tokens_are_matched_in_float64(dim):
+    """Two edges whose cosines differ only past float32's precision (1 - 2e-12 and 1 - 1e-12 both round to 1.0 there):
+    in float32 the tie goes to the first source (stable sort), in float64 the second source's edge is the better."""
+    x = torch.zeros(1, 4, dim, dtype=torch.float64)  # alternate split: sources 0, 2; destinations 1, 3
+    x[0, 0, :2] = torch.tensor([1.0, 2e-6])  # cos to token 1 = 1 - 2e-12
+    x[0, 1, 0] = 1.0
+    x[0, 2, :2] = torch.tensor([2e-12 ** 0.5, 1.0])  # cos to token 3 = 1 - 1e-12
+    x[0, 3, 1] = 1.0
+    assert token_morphing(x, [1], "alternate").tolist() == [[0, 1, 2, 2]]  # source 2 merged into 3
+    assert token_morphing(x.float(), [1], "alternate").tolist() == [[1, 1, 0, 2]]  # the float32 tie: source 0 into 1
+
+
 def test_dynamic_schedule_draws_n_from_zero_and_k_from_one():
     """Sec. 3.2: n ~ U{0..max_merged} (n = 0: plain per-token distillation) and k ~ U{1..max_iters}."""
     calls = []
