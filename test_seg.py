@@ -473,3 +473,18 @@ def test_logged_lr_seeds_and_layer_decay_follow_their_closed_forms(tmp_path, mon
     assert scales["backbone.blocks.0.attn.qkv.weight"] == pytest.approx(0.65 ** depth)
     assert scales["decode_head.classifier.weight"] == 1.0
     assert all(g["lr"] == pytest.approx(expected[-1] * g["lr_scale"]) for g in groups)
+
+
+def test_every_evaluation_first_takes_rank0_buffers(tmp_path, monkeypatch):
+    """Each evaluation during training runs after engine.share_rank0_buffers on the model it evaluates (processes
+    without SyncBatchNorm would otherwise each evaluate their own BatchNorm statistics; see
+    test_distributed_eval_counts_each_image_once for what the call does across 2 processes)."""
+    events = []
+    original_share, original_metrics = engine.share_rank0_buffers, train_seg.run_metrics
+    monkeypatch.setattr(engine, "share_rank0_buffers", lambda model, d: (events.append(("share", model)),
+                                                                         original_share(model, d)))
+    monkeypatch.setattr(train_seg, "run_metrics", lambda model, *a: (events.append(("eval", model)),
+                                                                     original_metrics(model, *a))[1])
+    train_seg.main(TINY_RUN + ["--init", "none", "--eval_every", "2", "--output_dir", str(tmp_path)])
+    assert [kind for kind, _ in events] == ["share", "eval", "share", "eval"]  # steps 2 and 4
+    assert all(model is events[0][1] for _, model in events)
