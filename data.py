@@ -881,7 +881,9 @@ def photometric_distortion(img, brightness_delta=32, contrast_range=(0.5, 1.5), 
                            hue_delta=18):
     """mmseg PhotoMetricDistortion, each step with probability 1/2: brightness (add U[-32, 32]), contrast (multiply
     by U[0.5, 1.5], before or after the rest), saturation (scale S of HSV), hue (shift by an integer of
-    [-18, 18] OpenCV hue units, 180 per turn; PIL's HSV has 256 per turn, so the shift is scaled by 256/180)."""
+    [-18, 17] OpenCV hue units, 180 per turn; PIL's HSV has 256 per turn, so the shift is scaled by 256/180).
+    [-18, 17], not [-18, 18]: mmseg (mmseg/datasets/pipelines/transforms.py, PhotoMetricDistortion.hue) draws
+    numpy's randint(-hue_delta, hue_delta), whose upper bound is excluded."""
     x = np.asarray(img, dtype=np.float32)
 
     def clip(a):
@@ -898,7 +900,7 @@ def photometric_distortion(img, brightness_delta=32, contrast_range=(0.5, 1.5), 
         x = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"), dtype=np.float32)
     if random.randint(0, 1):
         hsv = np.array(Image.fromarray(x.astype(np.uint8), "RGB").convert("HSV"), dtype=np.int32)
-        hsv[..., 0] = (hsv[..., 0] + int(round(random.randint(-hue_delta, hue_delta) * 256 / 180))) % 256
+        hsv[..., 0] = (hsv[..., 0] + int(round(random.randint(-hue_delta, hue_delta - 1) * 256 / 180))) % 256
         x = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"), dtype=np.float32)
     if contrast_last and random.randint(0, 1):
         x = clip(x * random.uniform(*contrast_range))

@@ -584,11 +584,12 @@ class ScriptedRandom:
     """Stands in for data.random: randint and uniform return the scripted values in order."""
 
     def __init__(self, *values):
-        self.values = list(values)
+        self.values, self.bounds = list(values), []
 
     def randint(self, a, b):
         value = self.values.pop(0)
         assert a <= value <= b
+        self.bounds.append((a, b))
         return value
 
     uniform = randint
@@ -596,16 +597,19 @@ class ScriptedRandom:
 
 def test_photometric_distortion_steps_as_mmseg(monkeypatch):
     """mmseg's steps with chosen draws: brightness +0.6 then contrast x1.5 round to uint8 after each step
-    (11 -> 11.6 -> 11 -> 16.5 -> 16); a hue shift of 18 OpenCV units (180 per turn) is 26 of PIL's 256."""
+    (11 -> 11.6 -> 11 -> 16.5 -> 16); a hue shift of -18 OpenCV units (180 per turn) is -26 of PIL's 256, drawn
+    from [-18, 17] as mmseg's numpy randint(-18, 18)."""
     img = Image.new("RGB", (2, 2), (11, 11, 11))
     # brightness on (+0.6); contrast first (flag 1), on (x1.5); saturation off; hue off
     monkeypatch.setattr(data, "random", ScriptedRandom(1, 0.6, 1, 1, 1.5, 0, 0))
     assert np.asarray(data.photometric_distortion(img))[0, 0].tolist() == [16, 16, 16]
     red = Image.new("RGB", (2, 2), (200, 40, 40))
-    # brightness off; contrast last (flag 0); saturation off; hue on (+18); contrast off
-    monkeypatch.setattr(data, "random", ScriptedRandom(0, 0, 0, 1, 18, 0))
+    # brightness off; contrast last (flag 0); saturation off; hue on (-18); contrast off
+    draws = ScriptedRandom(0, 0, 0, 1, -18, 0)
+    monkeypatch.setattr(data, "random", draws)
     hue = np.asarray(data.photometric_distortion(red).convert("HSV"))[0, 0, 0]
-    assert int(hue) == (int(np.asarray(red.convert("HSV"))[0, 0, 0]) + 26) % 256
+    assert int(hue) == (int(np.asarray(red.convert("HSV"))[0, 0, 0]) - 26) % 256
+    assert draws.bounds[4] == (-18, 17)
 
 
 def test_photometric_distortion_keeps_size_and_is_seeded():
