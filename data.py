@@ -707,6 +707,11 @@ class Mixup:
         return random.betavariate(alpha, alpha), use_cutmix
 
     def __call__(self, images, labels):
+        mixes = (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
+        if mixes and images.shape[0] % 2:  # as timm's Mixup, which asserts an even batch
+            raise ValueError(f"Mixup/CutMix got an odd batch of {images.shape[0]}: each image is paired with the "
+                             f"reversed batch's, so the middle one would never be mixed; use an even batch size "
+                             f"(or turn mixing off: mixup_alpha = cutmix_alpha = 0)")
         lam, use_cutmix = self.sample_params()
         if lam < 1.0:
             reversed_images = images.flip(0)

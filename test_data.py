@@ -382,6 +382,16 @@ def test_cutmix_box_follows_the_image_sides_and_switch_prob_picks_cutmix():
     assert share == pytest.approx(0.9, abs=0.03)
 
 
+def test_mixup_refuses_an_odd_batch_unless_off():
+    """As timm's Mixup (it asserts an even batch): in an odd batch the middle image is paired with itself."""
+    x, y = torch.randn(3, 3, 4, 4), torch.tensor([0, 1, 2])
+    for m in (data.Mixup(mixup_alpha=0.8, cutmix_alpha=0.0), data.Mixup(mixup_alpha=0.0, cutmix_alpha=1.0)):
+        with pytest.raises(ValueError, match="odd batch of 3.*even batch size"):
+            m(x, y)
+    for m in (data.Mixup(mixup_alpha=0.0, cutmix_alpha=0.0, num_classes=3), data.Mixup(prob=0.0, num_classes=3)):
+        assert torch.equal(m(x, y)[0], x)
+
+
 def test_mixup_off_gives_smoothed_one_hot():
     m = data.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.0, label_smoothing=0.1, num_classes=3)
     x, y = torch.randn(2, 3, 4, 4), torch.tensor([2, 0])

@@ -145,6 +145,9 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
             tf.main(TINY_RUN + [flag, str(tmp_path / "pre.pth"), "--output_dir", str(tmp_path / "r")])
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         tf.main(TINY_RUN + ["--img_size", "40"])
+    with pytest.raises(ValueError, match="--batch_size 15 is odd.*--mixup 0 --cutmix 0"):
+        tf.main(TINY_RUN + ["--batch_size", "15"])
+    assert tf.parse_args(TINY_RUN + ["--batch_size", "15", "--mixup", "0", "--cutmix", "0"]).batch_size == 15
 
 
 def test_soft_target_cross_entropy_matches_definition():

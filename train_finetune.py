@@ -284,6 +284,11 @@ def check_args(args):
     if args.img_size % dtm.PATCH_SIZE:
         raise ValueError(f"--img_size {args.img_size} is not divisible by the patch size {dtm.PATCH_SIZE}; use a "
                          f"multiple of {dtm.PATCH_SIZE} (e.g. 224)")
+    mixing = (args.mixup > 0 or args.cutmix > 0) and args.mixup_prob > 0
+    if mixing and args.batch_size % 2 and args.eval is None:
+        raise ValueError(f"--batch_size {args.batch_size} is odd: Mixup/CutMix pair each image with the reversed "
+                         f"batch's, which leaves the middle image unmixed (timm's Mixup refuses odd batches too); use "
+                         f"an even --batch_size, or --mixup 0 --cutmix 0")
     engine.check_optimizer_args(args)
     parse_rand_augment(args.aa)
 
