@@ -57,7 +57,10 @@ Where this file deliberately differs from the paper's literal text, and why:
     With N > C every round multiplies member sums, which TF32 rounds whatever the tokens' dtype.
     ToMe normalizes merged means where this file compares member sums; the cosines agree to rounding, so in
     float32 a near-tie in the similarity sort can order two edges differently from a ToMe implementation, and
-    several rounds can then diverge. The tests compare against ToMe references in float64.
+    several rounds can then diverge. The tests compare against ToMe references in float64. The official code
+    matches under CUDA's fp16 autocast (engines/engine_for_dtm.py:125 opens it around the morphing loop, so
+    bm/merge.py:52's `a @ b.transpose(-1, -2)` of the normalized tokens runs in fp16, and merge_wavg averages fp16
+    tokens): its near ties can resolve differently from this file's float32 ones.
 """
 import math
 import random
