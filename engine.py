@@ -71,14 +71,27 @@ class Dist:
             print(*args, **kwargs, flush=True)
 
 
-def setup() -> Dist:
-    """Process group from torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK): nccl on CUDA, gloo on CPU.
-    Without torchrun: one process on cuda:0 if there is a GPU, else the CPU. Set once for all trainers: TF32
-    matmuls and convolutions on GPUs that have them (fp32 runs; no effect under bf16/fp16 autocast), and cuDNN's
-    autotuner (the patch embedding's input size is fixed; the official run_pretrain_dtm.py sets it too)."""
+def set_backend_flags():
+    """Set once for all trainers (by setup): TF32 matmuls and convolutions on GPUs that have them (fp32 runs; no
+    effect under bf16/fp16 autocast); cuDNN's autotuner (the patch embedding's input size is fixed; the official
+    run_pretrain_dtm.py sets it too); and SDPA without its cuDNN kernel. Every attention here has an additive bias
+    that needs its gradient (the relative position tables). On compute capability 9.0 / 10.0 (H100, H200, B200)
+    recent torch tries cuDNN's attention first (aten/.../sdp_utils.cpp, check_prefer_cudnn_attention), whose masked
+    attention has had silent errors in the torch releases these runs use (pytorch/pytorch#196678: NaN query
+    gradients with a mask, at sequence lengths of 64 mod 128, H100/H200, torch 2.11 on; #191612: a mask of another
+    dtype than the query's read wrongly), and whose bias gradient here is not verified. Without it the bias runs in
+    the memory-efficient kernel on every GPU, the kernel test_gpu.py checks against the math kernel."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def setup() -> Dist:
+    """Process group from torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK): nccl on CUDA, gloo on CPU.
+    Without torchrun: one process on cuda:0 if there is a GPU, else the CPU. Sets the backend flags
+    (set_backend_flags)."""
+    set_backend_flags()
     if "RANK" not in os.environ:
         if not torch.cuda.is_available():
             return Dist()

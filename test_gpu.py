@@ -6,8 +6,6 @@
 
 The checks (each an entry of the report: ok / skipped / error, seconds, details):
     amp_choice       --amp auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp16 + GradScaler
-    efficient_sdpa   ViT-B attention with relative position bias and MTO's recalibration mask runs in SDPA's
-                     memory-efficient kernel (forced) in bf16 and fp16, forward and backward, equal to the math kernel
     autocast_fp32    PixelTeacher's targets and token morphing's groups under CUDA autocast (bf16, fp16) equal
                      those without it
     pretrain_amp     pre-training steps of vit_b in fp32, bf16 (native only) and fp16 + GradScaler: finite losses,
@@ -22,9 +20,21 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
                      without --grad_checkpoint, and with both --grad_checkpoint and --mto
     bench_morph      python bench_morph.py --device cuda
     bench_mto        python bench_mto.py --device cuda --amp bf16 (fp16 without native bf16)
+    sdpa             ViT-B attention with the relative position bias, without and with MTO's recalibration mask, in
+                     bf16 (native only) and fp16, with the trainers' backend flags: the kernel SDPA picks (named in the
+                     report; the memory-efficient one by design) and the memory-efficient kernel (forced) equal to the
+                     math kernel, forward and backward (the relative position tables get their gradient only through
+                     SDPA's bias gradient)
     compile          --compile: one graph shared by all blocks, finite losses, first-step loss equal to the eager run's
 """
+import time
+
+STARTED = time.perf_counter()  # the budget counts from here, before torch's import and CUDA's start-up
+
 import argparse
+import contextlib
+import faulthandler
+import itertools
 import json
 import math
 import os
@@ -33,7 +43,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 
 import pytest
@@ -83,41 +92,6 @@ def check_amp_choice(device, quick, tmp):
     capability = torch.cuda.get_device_capability(device)
     assert (dtype == torch.bfloat16) == (capability >= (8, 0)) and (scaler is not None) == (dtype == torch.float16)
     return {"capability": list(capability), "auto": str(dtype), "grad_scaler": scaler is not None}
-
-
-def check_efficient_sdpa(device, quick, tmp):
-    if not device.startswith("cuda"):
-        raise Skip("SDPA's memory-efficient kernel is a CUDA kernel")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    import mto
-    torch.manual_seed(0)
-    model = dtm.build_vit("vit_b", rel_pos_bias="both").to(device).train()
-    images = torch.randn(4, 3, 224, 224, device=device)
-    mask = torch.stack([BlockMaskGenerator((14, 14))(random.Random(i)).flatten() for i in range(4)]).to(device)
-    allowed = mto.recalibration_mask(mask)
-    # loss: tokens . a fixed random probe, whose gradients are O(1); the squared norm of LayerNorm'd tokens is
-    # nearly constant, and its tiny gradients underflow in fp16 (no loss scaling here)
-    probe = torch.randn(4, 197, 768, device=device)
-    compared = {"qkv_weight_block0": lambda: model.blocks[0].attn.qkv.weight.grad,
-                "rel_pos_table_shared": lambda: model.rel_pos_bias.table.grad,  # through SDPA's bias gradient only
-                "rel_pos_table_block0": lambda: model.blocks[0].attn.rel_pos_bias.table.grad}
-    details = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        outputs = {}
-        for backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
-            model.zero_grad()
-            with sdpa_kernel([backend]), torch.autocast("cuda", dtype=dtype):
-                tokens = model.forward_features(images, mask, allowed).tokens
-            (tokens.float() * probe).sum().backward()
-            outputs[backend] = (tokens.float(), {k: grad().clone() for k, grad in compared.items()})
-        (eff, grads_eff), (ref, grads_ref) = outputs.values()
-        errors = {"tokens": ((eff - ref).abs().max() / ref.abs().max()).item()}
-        for k in compared:
-            assert grads_ref[k].abs().max() > 0, (name, k, "zero gradient")
-            errors[k] = ((grads_eff[k] - grads_ref[k]).abs().max() / grads_ref[k].abs().max()).item()
-        assert max(errors.values()) < 5e-2, (name, errors)
-        details[name] = {f"max_rel_error_{k}": v for k, v in errors.items()}
-    return details
 
 
 def check_autocast_fp32(device, quick, tmp):
@@ -312,21 +286,22 @@ def step_figures(device, model_name, batch, amp, grad_checkpoint, steps, quick, 
 
 
 def check_throughput(device, quick, tmp):
-    amp = "auto" if device.startswith("cuda") else "fp32"
+    cuda = device.startswith("cuda")
+    amp, fp16 = ("auto", "fp16") if cuda else ("fp32", "fp32")
     steps = 1 if quick else 10
-    figures = {f"vit_b_batch{b}{'_mto' if mto else ''}": step_figures(device, "vit_tiny" if quick else "vit_b",
-                                                                      4 if quick else b, amp, False, steps, quick, mto)
-               for b, mto in ((64, False), (128, False), (128, True))}
-    fp16 = "fp16" if device.startswith("cuda") else "fp32"
-    vit_l_runs = ((False, False), (True, False), (True, True)) if device.startswith("cuda") or quick else ()
-    for checkpointing, mto in vit_l_runs:  # does ViT-L at 128 per GPU fit a V100-32GB (fp16)?
-        name = f"vit_l_batch128_fp16{'_grad_checkpoint' if checkpointing else ''}{'_mto' if mto else ''}"
-        try:
-            figures[name] = step_figures(device, "vit_tiny" if quick else "vit_l", 4 if quick else 128, fp16,
-                                         checkpointing, steps, quick, mto)
+    runs = {f"vit_b_batch{b}{'_mto' if mto else ''}": ("vit_b", b, amp, False, mto)
+            for b, mto in ((64, False), (128, False), (128, True))}
+    if cuda or quick:  # does ViT-L at 128 per GPU fit a V100-32GB (fp16)?
+        runs.update({f"vit_l_batch128_fp16{'_grad_checkpoint' if ckpt else ''}{'_mto' if mto else ''}":
+                     ("vit_l", 128, fp16, ckpt, mto) for ckpt, mto in ((False, False), (True, False), (True, True))})
+    figures = {}
+    for name, (model_name, batch, run_amp, checkpointing, mto) in runs.items():
+        try:  # one configuration out of memory (a 32 GB GPU) keeps the others' figures
+            figures[name] = step_figures(device, "vit_tiny" if quick else model_name, 4 if quick else batch,
+                                         run_amp, checkpointing, steps, quick, mto)
         except torch.OutOfMemoryError as e:
             figures[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
-        if device.startswith("cuda"):
+        if cuda:
             torch.cuda.empty_cache()
     return figures
 
@@ -349,6 +324,68 @@ def check_bench_mto(device, quick, tmp):
                       *(quick_flags if quick else ["--steps", "10", "--warmup", "2"])])
 
 
+def with_sdpa_kernels(fn):
+    """fn() -> (its result, the SDPA kernels it ran: the aten::_scaled_dot_product_* ops, forward and backward)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        result = fn()
+    return result, sorted({e.key for e in profile.key_averages() if e.key.startswith("aten::_scaled_dot_product")})
+
+
+def check_sdpa(device, quick, tmp):
+    """Second to last: a kernel fault is sticky in a CUDA context and would fail every later in-process check."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import mto
+    engine.set_backend_flags()  # as the trainers: SDPA without cuDNN's kernel
+    cuda = device.startswith("cuda")
+    name, img, grid, num_masked, min_block = ("vit_tiny", 64, 4, 6, 2) if quick else ("vit_b", 224, 14, 75, 16)
+    torch.manual_seed(0)
+    model = dtm.build_vit(name, img_size=img, rel_pos_bias="both").to(device).train()
+    images = torch.randn(4, 3, img, img, device=device)
+    masks = BlockMaskGenerator((grid, grid), num_masked, min_block)
+    mask = torch.stack([masks(random.Random(i)).flatten() for i in range(4)]).to(device)
+    attn_masks = {"rel_pos_bias": None, "rel_pos_bias_and_mto_mask": mto.recalibration_mask(mask)}
+    # loss: tokens . a fixed random probe, whose gradients are O(1); the squared norm of LayerNorm'd tokens is
+    # nearly constant, and its tiny gradients underflow in fp16 (no loss scaling here)
+    probe = torch.randn(4, 1 + grid * grid, model.embed_dim, device=device)
+    compared = {"qkv_weight_block0": lambda: model.blocks[0].attn.qkv.weight.grad,
+                "rel_pos_table_shared": lambda: model.rel_pos_bias.table.grad,  # through SDPA's bias gradient only
+                "rel_pos_table_block0": lambda: model.blocks[0].attn.rel_pos_bias.table.grad}
+    backends = {"default": None, "efficient": SDPBackend.EFFICIENT_ATTENTION}  # each compared with the math kernel
+    if not cuda:  # the CPU dry run: SDPA's CPU kernel against the math kernel, in fp32
+        del backends["efficient"]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16} if cuda else {"fp32": None}
+    if cuda and not engine.native_bf16(device):  # below sm80 SDPA's memory-efficient kernel takes no bf16
+        del dtypes["bf16"]
+
+    def forward_backward(backend, dtype, attn_mask):
+        model.zero_grad()
+        with (sdpa_kernel([backend]) if backend else contextlib.nullcontext()), \
+                torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            tokens = model.forward_features(images, mask, attn_mask).tokens
+        (tokens.float() * probe).sum().backward()
+        return tokens.float(), {k: grad().clone() for k, grad in compared.items()}
+
+    details = {"cudnn_sdp_enabled": torch.backends.cuda.cudnn_sdp_enabled()}
+    for (dtype_name, dtype), (mask_name, attn_mask) in itertools.product(dtypes.items(), attn_masks.items()):
+        ref, grads_ref = forward_backward(SDPBackend.MATH, dtype, attn_mask)
+        outputs, kernels = {}, None
+        for backend_name, backend in backends.items():
+            if backend is None:  # SDPA's own choice: the kernels training runs here
+                outputs[backend_name], kernels = with_sdpa_kernels(lambda: forward_backward(None, dtype, attn_mask))
+            else:
+                outputs[backend_name] = forward_backward(backend, dtype, attn_mask)
+        errors = {}
+        for backend_name, (out, grads) in outputs.items():
+            errors[backend_name] = {"tokens": ((out - ref).abs().max() / ref.abs().max()).item()}
+            for k in compared:
+                assert grads_ref[k].abs().max() > 0, (dtype_name, mask_name, k, "zero gradient")
+                errors[backend_name][k] = ((grads[k] - grads_ref[k]).abs().max() / grads_ref[k].abs().max()).item()
+        details[f"{dtype_name}_{mask_name}"] = {"default_kernels": kernels, "max_rel_error_vs_math": errors}
+        worst = max(e for per_backend in errors.values() for e in per_backend.values())
+        assert worst < 5e-2, (dtype_name, mask_name, kernels, errors)
+    return details
+
+
 def check_compile(device, quick, tmp):
     """Last: its compile time on a GPU is not known yet, and the report keeps what ran before it."""
     from torch._dynamo.utils import counters
@@ -364,14 +401,15 @@ def check_compile(device, quick, tmp):
             "img_per_s_last": {"eager": eager[-1]["img_per_s"], "compiled": compiled[-1]["img_per_s"]}}
 
 
-CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
+CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}  # in this order
+RESERVE_S = {"compile": 150}  # seconds a check needs: it starts only this long before the end of --budget_s
 
 
 # ---------------------------------------------------------------------------------------------------
 # the tests (CUDA), and one on the CPU for the report itself
 
 @needs_cuda
-@pytest.mark.parametrize("name", ["amp_choice", "efficient_sdpa", "autocast_fp32", "pretrain_amp", "compile",
+@pytest.mark.parametrize("name", ["amp_choice", "sdpa", "autocast_fp32", "pretrain_amp", "compile",
                                   "mto", "torchrun", "finetune", "seg"])
 def test_on_gpu(name, tmp_path):
     CHECKS[name]("cuda:0", False, str(tmp_path))
@@ -415,23 +453,66 @@ def test_report_dry_run_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["checks"]) == set(CHECKS)
     status = {name: check["status"] for name, check in report["checks"].items()}
-    assert status == {**{name: "ok" for name in CHECKS}, "amp_choice": "skipped", "efficient_sdpa": "skipped",
+    assert status == {**{name: "ok" for name in CHECKS}, "amp_choice": "skipped",
                       "autocast_fp32": "skipped", "bench_morph": "skipped"}, report
     assert report["checks"]["compile"]["graphs"] == 1
     assert report["checks"]["torchrun"]["backend"] == "gloo"
     assert report["checks"]["throughput"]["vit_b_batch64"]["img_per_s"] > 0
     assert {"vit_b_batch128_mto", "vit_l_batch128_fp16_grad_checkpoint_mto"} <= set(report["checks"]["throughput"])
+    sdpa = report["checks"]["sdpa"]  # the CPU's SDPA kernel against the math kernel, with the trainers' flags
+    assert sdpa["cudnn_sdp_enabled"] is False and sdpa["fp32_rel_pos_bias_and_mto_mask"]["default_kernels"]
 
 
-def main():
+WATCHED_RUN = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import test_gpu
+test_gpu.CHECKS["autocast_fp32"] = lambda *args: time.sleep(120)  # a check that hangs
+test_gpu.main(["--device", "cpu", "--quick", "--out", {out!r}, "--watchdog_s", "8",
+               "--skip", *[name for name in test_gpu.CHECKS if name not in ("amp_choice", "autocast_fp32")]])
+"""
+
+
+def test_budget_counts_from_the_start_and_keeps_compile_s_reserve(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "STARTED", time.perf_counter() - 20)  # 20 s since the start
+    out = tmp_path / "report.json"
+    others = [name for name in CHECKS if name not in ("amp_choice", "compile")]
+    with pytest.raises(SystemExit) as exit_status:  # 20 s spent: amp_choice may start, compile (150 s) may not
+        main(["--device", "cpu", "--quick", "--out", str(out), "--budget_s", "160", "--skip", *others])
+    assert exit_status.value.code == 0
+    checks = json.loads(out.read_text())["checks"]
+    assert checks["amp_choice"]["reason"].startswith("no GPU")
+    assert checks["compile"]["reason"].startswith("out of time: 20 s spent, --budget_s 160, reserve 150 s")
+
+
+def test_watchdog_ends_a_hanging_run_and_the_report_names_the_check_in_flight(tmp_path):
+    out = tmp_path / "report.json"
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", WATCHED_RUN.format(repo=HERE, out=str(out))], capture_output=True,
+                            text=True, timeout=100, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert result.returncode != 0 and time.perf_counter() - start < 60
+    assert "Timeout" in result.stderr and "<lambda>" in result.stderr  # faulthandler's stacks, the hanging check's
+    checks = json.loads(out.read_text())["checks"]
+    assert checks["amp_choice"]["status"] == "skipped" and checks["autocast_fp32"]["status"] == "running"
+    assert "autocast_fp32: started at" in result.stdout
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_report.json")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run of the code paths)")
     parser.add_argument("--skip", nargs="*", default=[], choices=list(CHECKS))
     parser.add_argument("--budget_s", type=float, default=540,
-                        help="checks not started within this many seconds are skipped (the report still written)")
-    args = parser.parse_args()
+                        help="seconds from the start: a check is skipped unless it can start before the budget less "
+                             f"its reserve ({', '.join(f'{k} {v} s' for k, v in RESERVE_S.items())}, others 0)")
+    parser.add_argument("--watchdog_s", type=float, default=0,
+                        help="after this many seconds from the start, print every thread's stack and exit, before an "
+                             "outer time limit kills the run (the report keeps what ran, the check in flight marked "
+                             "'running'); default 0: off")
+    args = parser.parse_args(argv)
+    if args.watchdog_s > 0:
+        faulthandler.dump_traceback_later(max(1.0, args.watchdog_s - (time.perf_counter() - STARTED)), exit=True)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: no CUDA device; for a dry run on the CPU: python test_gpu.py --device cpu --quick")
     report = {"device": device_name(args.device), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -441,15 +522,25 @@ def main():
         report["gpu"] = {"name": props.name, "capability": [props.major, props.minor],
                          "memory_gib": round(props.total_memory / 2 ** 30, 1),
                          "multiprocessors": props.multi_processor_count, "arch_list": torch.cuda.get_arch_list()}
-    failed, begin = [], time.perf_counter()
+    failed = []
+
+    def write_report():  # after every check, and before it: a run cut short keeps what it had
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
     with tempfile.TemporaryDirectory() as tmp:
         for name, check in CHECKS.items():
             start = time.perf_counter()
             try:
                 if name in args.skip:
                     raise Skip("--skip")
-                if start - begin > args.budget_s:
-                    raise Skip(f"out of time: {start - begin:.0f} s spent, --budget_s {args.budget_s:g}")
+                spent = start - STARTED
+                if spent > args.budget_s - RESERVE_S.get(name, 0):
+                    raise Skip(f"out of time: {spent:.0f} s spent, --budget_s {args.budget_s:g}, reserve "
+                               f"{RESERVE_S.get(name, 0)} s")
+                print(f"{name:>15}: started at {spent:.0f} s", flush=True)
+                report["checks"][name] = {"status": "running", "started_at_s": round(spent, 1)}
+                write_report()
                 entry = {"status": "ok", **check(args.device, args.quick, tmp)}
             except Skip as e:
                 entry = {"status": "skipped", "reason": str(e)}
@@ -459,8 +550,7 @@ def main():
             entry["seconds"] = round(time.perf_counter() - start, 1)
             report["checks"][name] = entry
             print(f"{name:>15}: {entry['status']} ({entry['seconds']} s)", flush=True)
-            with open(args.out, "w") as f:  # written after every check: a run cut short keeps what it had
-                json.dump(report, f, indent=1)
+            write_report()
     print(f"report: {args.out}" + (f"; FAILED: {', '.join(failed)}" if failed else "; all checks passed or skipped"))
     sys.exit(1 if failed else 0)
 
