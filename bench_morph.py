@@ -11,7 +11,8 @@ matrices updated every round, then S^T (S x / |S|) for student and teacher; the 
 similarity sort can order two merges differently, see morph.py).
 Peak memory: each measurement runs in a fresh process (MALLOC_MMAP_THRESHOLD_ fixed); on CPU the figure is the growth of the peak resident
 set (Linux VmHWM, reset through /proc/self/clear_refs after warm-up) over the resident set before one measured
-step; on CUDA it is torch.cuda.max_memory_allocated over the memory allocated before it.
+step; on CUDA it is torch.cuda.max_memory_allocated over the memory allocated before it. The trainers' backend flags
+(engine.set_backend_flags: TF32 matmuls on GPUs that have them) are set, as in training.
 
     python bench_morph.py                       # B=64, N=196, C=512, schedules 14x7 and 2x49, L=2
     python bench_morph.py --device cuda
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import dtm
+import engine
 import morph
 from morph import parse_schedule
 
@@ -103,6 +105,7 @@ def _resident_mib(field):
 
 def measure(args, method, schedule_text):
     """Runs in a child process: median seconds per fwd+bwd, or (--child_memory) peak memory growth of one step."""
+    engine.set_backend_flags()  # as in training: TF32 matmuls on GPUs that have them
     torch.manual_seed(0)
     student, teacher = make_inputs(args)
     schedules = [parse_schedule(schedule_text)] * args.levels

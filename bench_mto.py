@@ -31,6 +31,7 @@ import time
 import torch
 
 import dtm
+import engine
 import morph
 import mto
 from data import BlockMaskGenerator
@@ -115,6 +116,7 @@ def main(argv=None):
     parser.add_argument("--compare_mto", metavar="PATH",
                         help="also run MTO's defaults with another version of mto.py, interleaved with the rest")
     args = parser.parse_args(argv)
+    engine.set_backend_flags()  # as the trainers (TF32, cuDNN's autotuner)
     if args.malloc == "keep":
         keep_freed_memory()
     names = [list(VARIANTS)[i] for i in args.variants]

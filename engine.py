@@ -72,19 +72,12 @@ class Dist:
 
 
 def set_backend_flags():
-    """Set once for all trainers (by setup): TF32 matmuls and convolutions on GPUs that have them (fp32 runs; no
-    effect under bf16/fp16 autocast); cuDNN's autotuner (the patch embedding's input size is fixed; the official
-    run_pretrain_dtm.py sets it too); and SDPA without its cuDNN kernel. Every attention here has an additive bias
-    that needs its gradient (the relative position tables). On compute capability 9.0 / 10.0 (H100, H200, B200)
-    recent torch tries cuDNN's attention first (aten/.../sdp_utils.cpp, check_prefer_cudnn_attention), whose masked
-    attention has had silent errors in the torch releases these runs use (pytorch/pytorch#196678: NaN query
-    gradients with a mask, at sequence lengths of 64 mod 128, H100/H200, torch 2.11 on; #191612: a mask of another
-    dtype than the query's read wrongly), and whose bias gradient here is not verified. Without it the bias runs in
-    the memory-efficient kernel on every GPU, the kernel test_gpu.py checks against the math kernel."""
+    """Set once for all trainers (by setup; the benchmarks call it too): TF32 matmuls and convolutions on GPUs that
+    have them (fp32 runs; no effect under bf16/fp16 autocast), and cuDNN's autotuner (the patch embedding's input
+    size is fixed; the official run_pretrain_dtm.py sets it too)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def setup() -> Dist:

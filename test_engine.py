@@ -154,20 +154,15 @@ def test_gpu_without_kernels_in_this_torch_build_is_a_clear_error(monkeypatch, c
 
 
 def test_setup_sets_the_backend_flags_once_for_all_trainers(monkeypatch):
-    """TF32, cuDNN's autotuner, and SDPA without its cuDNN kernel (engine.set_backend_flags says why)."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
-             torch.backends.cuda.cudnn_sdp_enabled())
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     try:
-        torch.backends.cuda.enable_cudnn_sdp(True)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = False
         assert engine.setup().device == torch.device("cpu")
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        assert torch.backends.cudnn.benchmark and not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[:3]
-        torch.backends.cuda.enable_cudnn_sdp(saved[3])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
 def test_resolve_amp_on_cpu():

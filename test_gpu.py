@@ -21,10 +21,10 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
     bench_morph      python bench_morph.py --device cuda
     bench_mto        python bench_mto.py --device cuda --amp bf16 (fp16 without native bf16)
     sdpa             ViT-B attention with the relative position bias, without and with MTO's recalibration mask, in
-                     bf16 (native only) and fp16, with the trainers' backend flags: the kernel SDPA picks (named in the
-                     report; the memory-efficient one by design) and the memory-efficient kernel (forced) equal to the
-                     math kernel, forward and backward (the relative position tables get their gradient only through
-                     SDPA's bias gradient)
+                     bf16 (native only) and fp16, equal to the math kernel: in training (forward and backward; the
+                     relative position tables get their gradient only through SDPA's bias gradient) in the kernel SDPA
+                     picks (named in the report; it must be the memory-efficient one) and in the memory-efficient
+                     kernel (forced); without gradient (evaluation, teachers) in the kernel SDPA picks (named)
     compile          --compile: one graph shared by all blocks, finite losses, first-step loss equal to the eager run's
 """
 import time
@@ -43,6 +43,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 
 import pytest
@@ -197,14 +198,36 @@ def run_child(argv, timeout, **kwargs):
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for pid in descendants(process.pid) + [process.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill(descendants(process.pid) + [process.pid])
         process.communicate(timeout=30)
         raise TimeoutError(f"{' '.join(argv[:4])} ... did not finish within {timeout} s (killed)") from None
     return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
+def kill(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def start_watchdog(seconds: float):
+    """`seconds` after the start: every thread's stack to stderr, every process this one started (and theirs, e.g. a
+    hung torchrun holding the GPU) killed, exit status 1; the report keeps what ran. faulthandler's C-level timer
+    ends the process 10 s later should the Python thread not get to run."""
+    def fire():
+        print(f"watchdog: {seconds:g} s since the start; every thread's stack, then the run ends", file=sys.stderr,
+              flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        kill(descendants(os.getpid()))
+        os._exit(1)
+
+    left = seconds - (time.perf_counter() - STARTED)
+    timer = threading.Timer(max(0.0, left), fire)
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(max(1.0, left + 10), exit=True)
 
 
 def descendants(pid: int) -> list:
@@ -286,6 +309,7 @@ def step_figures(device, model_name, batch, amp, grad_checkpoint, steps, quick, 
 
 
 def check_throughput(device, quick, tmp):
+    engine.set_backend_flags()  # as the trainers (TF32, cuDNN's autotuner), also when the checks before are skipped
     cuda = device.startswith("cuda")
     amp, fp16 = ("auto", "fp16") if cuda else ("fp32", "fp32")
     steps = 1 if quick else 10
@@ -335,7 +359,6 @@ def check_sdpa(device, quick, tmp):
     """Second to last: a kernel fault is sticky in a CUDA context and would fail every later in-process check."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import mto
-    engine.set_backend_flags()  # as the trainers: SDPA without cuDNN's kernel
     cuda = device.startswith("cuda")
     name, img, grid, num_masked, min_block = ("vit_tiny", 64, 4, 6, 2) if quick else ("vit_b", 224, 14, 75, 16)
     torch.manual_seed(0)
@@ -350,39 +373,45 @@ def check_sdpa(device, quick, tmp):
     compared = {"qkv_weight_block0": lambda: model.blocks[0].attn.qkv.weight.grad,
                 "rel_pos_table_shared": lambda: model.rel_pos_bias.table.grad,  # through SDPA's bias gradient only
                 "rel_pos_table_block0": lambda: model.blocks[0].attn.rel_pos_bias.table.grad}
-    backends = {"default": None, "efficient": SDPBackend.EFFICIENT_ATTENTION}  # each compared with the math kernel
-    if not cuda:  # the CPU dry run: SDPA's CPU kernel against the math kernel, in fp32
-        del backends["efficient"]
+    # on the CPU (the dry run) the training pass runs the math kernel itself (a bias with gradient), and only the
+    # pass without gradient runs another (the CPU's flash kernel)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16} if cuda else {"fp32": None}
     if cuda and not engine.native_bf16(device):  # below sm80 SDPA's memory-efficient kernel takes no bf16
         del dtypes["bf16"]
 
-    def forward_backward(backend, dtype, attn_mask):
+    def run(backend, dtype, attn_mask, train=True):
+        """tokens (and the compared gradients in training) with SDPA restricted to `backend` (None: SDPA's choice)."""
         model.zero_grad()
-        with (sdpa_kernel([backend]) if backend else contextlib.nullcontext()), \
+        with (sdpa_kernel([backend]) if backend else contextlib.nullcontext()), torch.set_grad_enabled(train), \
                 torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-            tokens = model.forward_features(images, mask, attn_mask).tokens
-        (tokens.float() * probe).sum().backward()
-        return tokens.float(), {k: grad().clone() for k, grad in compared.items()}
+            tokens = model.forward_features(images, mask, attn_mask).tokens.float()
+        if not train:
+            return tokens, {}
+        (tokens * probe).sum().backward()
+        return tokens, {k: grad().clone() for k, grad in compared.items()}
 
-    details = {"cudnn_sdp_enabled": torch.backends.cuda.cudnn_sdp_enabled()}
+    def errors(out, ref):
+        (tokens, grads), (ref_tokens, ref_grads) = out, ref
+        found = {"tokens": ((tokens - ref_tokens).abs().max() / ref_tokens.abs().max()).item()}
+        for k, grad in grads.items():
+            assert ref_grads[k].abs().max() > 0, (k, "zero gradient")
+            found[k] = ((grad - ref_grads[k]).abs().max() / ref_grads[k].abs().max()).item()
+        return found
+
+    details = {}
     for (dtype_name, dtype), (mask_name, attn_mask) in itertools.product(dtypes.items(), attn_masks.items()):
-        ref, grads_ref = forward_backward(SDPBackend.MATH, dtype, attn_mask)
-        outputs, kernels = {}, None
-        for backend_name, backend in backends.items():
-            if backend is None:  # SDPA's own choice: the kernels training runs here
-                outputs[backend_name], kernels = with_sdpa_kernels(lambda: forward_backward(None, dtype, attn_mask))
-            else:
-                outputs[backend_name] = forward_backward(backend, dtype, attn_mask)
-        errors = {}
-        for backend_name, (out, grads) in outputs.items():
-            errors[backend_name] = {"tokens": ((out - ref).abs().max() / ref.abs().max()).item()}
-            for k in compared:
-                assert grads_ref[k].abs().max() > 0, (dtype_name, mask_name, k, "zero gradient")
-                errors[backend_name][k] = ((grads[k] - grads_ref[k]).abs().max() / grads_ref[k].abs().max()).item()
-        details[f"{dtype_name}_{mask_name}"] = {"default_kernels": kernels, "max_rel_error_vs_math": errors}
-        worst = max(e for per_backend in errors.values() for e in per_backend.values())
-        assert worst < 5e-2, (dtype_name, mask_name, kernels, errors)
+        case = details[f"{dtype_name}_{mask_name}"] = {}
+        for train in (True, False):
+            reference = run(SDPBackend.MATH, dtype, attn_mask, train)
+            picked, kernels = with_sdpa_kernels(lambda: run(None, dtype, attn_mask, train))
+            found = {"picked": errors(picked, reference)}
+            if train and cuda:
+                found["efficient_forced"] = errors(run(SDPBackend.EFFICIENT_ATTENTION, dtype, attn_mask), reference)
+            case["train" if train else "no_grad"] = {"kernels": kernels, "max_rel_error_vs_math": found}
+            worst = max(e for per_kernel in found.values() for e in per_kernel.values())
+            assert worst < 5e-2, (dtype_name, mask_name, train, kernels, found)
+        if cuda:  # training's bias needs its gradient: neither flash's nor cuDNN's kernel takes it
+            assert "aten::_scaled_dot_product_efficient_attention" in case["train"]["kernels"], case["train"]
     return details
 
 
@@ -459,15 +488,17 @@ def test_report_dry_run_on_cpu(tmp_path):
     assert report["checks"]["torchrun"]["backend"] == "gloo"
     assert report["checks"]["throughput"]["vit_b_batch64"]["img_per_s"] > 0
     assert {"vit_b_batch128_mto", "vit_l_batch128_fp16_grad_checkpoint_mto"} <= set(report["checks"]["throughput"])
-    sdpa = report["checks"]["sdpa"]  # the CPU's SDPA kernel against the math kernel, with the trainers' flags
-    assert sdpa["cudnn_sdp_enabled"] is False and sdpa["fp32_rel_pos_bias_and_mto_mask"]["default_kernels"]
+    sdpa = report["checks"]["sdpa"]["fp32_rel_pos_bias_and_mto_mask"]  # training: math; without gradient: the CPU's
+    assert sdpa["train"]["kernels"] == ["aten::_scaled_dot_product_attention_math"]
+    assert sdpa["no_grad"]["kernels"] and sdpa["no_grad"]["max_rel_error_vs_math"]["picked"]["tokens"] < 1e-5
 
 
 WATCHED_RUN = """
-import sys, time
+import subprocess, sys
 sys.path.insert(0, {repo!r})
 import test_gpu
-test_gpu.CHECKS["autocast_fp32"] = lambda *args: time.sleep(120)  # a check that hangs
+hanging_child = [sys.executable, "-c", "import time; time.sleep(120)", {marker!r}]
+test_gpu.CHECKS["autocast_fp32"] = lambda *args: subprocess.run(hanging_child)  # a check that hangs in a child
 test_gpu.main(["--device", "cpu", "--quick", "--out", {out!r}, "--watchdog_s", "8",
                "--skip", *[name for name in test_gpu.CHECKS if name not in ("amp_choice", "autocast_fp32")]])
 """
@@ -485,13 +516,32 @@ def test_budget_counts_from_the_start_and_keeps_compile_s_reserve(tmp_path, monk
     assert checks["compile"]["reason"].startswith("out of time: 20 s spent, --budget_s 160, reserve 150 s")
 
 
-def test_watchdog_ends_a_hanging_run_and_the_report_names_the_check_in_flight(tmp_path):
-    out = tmp_path / "report.json"
+def processes_with(marker: str) -> list:
+    """Live (not zombie) processes whose command line holds `marker` (Linux: read from /proc)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() not in f.read():
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_watchdog_ends_a_hanging_run_kills_its_children_and_the_report_names_the_check_in_flight(tmp_path):
+    out, marker = tmp_path / "report.json", f"watchdog-test-{os.getpid()}-{time.time_ns()}"
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", WATCHED_RUN.format(repo=HERE, out=str(out))], capture_output=True,
-                            text=True, timeout=100, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-    assert result.returncode != 0 and time.perf_counter() - start < 60
-    assert "Timeout" in result.stderr and "<lambda>" in result.stderr  # faulthandler's stacks, the hanging check's
+    result = subprocess.run([sys.executable, "-c", WATCHED_RUN.format(repo=HERE, out=str(out), marker=marker)],
+                            capture_output=True, text=True, timeout=100, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert result.returncode == 1 and time.perf_counter() - start < 60
+    assert "watchdog: 8 s since the start" in result.stderr and "<lambda>" in result.stderr  # the hanging check's stack
+    time.sleep(0.5)
+    assert processes_with(marker) == []  # the hanging child was killed too
     checks = json.loads(out.read_text())["checks"]
     assert checks["amp_choice"]["status"] == "skipped" and checks["autocast_fp32"]["status"] == "running"
     assert "autocast_fp32: started at" in result.stdout
@@ -507,12 +557,12 @@ def main(argv=None):
                         help="seconds from the start: a check is skipped unless it can start before the budget less "
                              f"its reserve ({', '.join(f'{k} {v} s' for k, v in RESERVE_S.items())}, others 0)")
     parser.add_argument("--watchdog_s", type=float, default=0,
-                        help="after this many seconds from the start, print every thread's stack and exit, before an "
-                             "outer time limit kills the run (the report keeps what ran, the check in flight marked "
-                             "'running'); default 0: off")
+                        help="after this many seconds from the start, print every thread's stack, kill the child "
+                             "processes and exit, before an outer time limit kills the run (the report keeps what "
+                             "ran, the check in flight marked 'running'); default 0: off")
     args = parser.parse_args(argv)
     if args.watchdog_s > 0:
-        faulthandler.dump_traceback_later(max(1.0, args.watchdog_s - (time.perf_counter() - STARTED)), exit=True)
+        start_watchdog(args.watchdog_s)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: no CUDA device; for a dry run on the CPU: python test_gpu.py --device cpu --quick")
     report = {"device": device_name(args.device), "torch": torch.__version__, "cuda": torch.version.cuda,
