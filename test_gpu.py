@@ -24,7 +24,8 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
                      bf16 (native only) and fp16, equal to the math kernel: in training (forward and backward; the
                      relative position tables get their gradient only through SDPA's bias gradient) in the kernel SDPA
                      picks (named in the report; it must be the memory-efficient one) and in the memory-efficient
-                     kernel (forced); without gradient (evaluation, teachers) in the kernel SDPA picks (named)
+                     kernel (forced); without gradient (evaluation) and the CLIP teacher's maskless attention in the
+                     kernels SDPA picks (named; the teacher's may be flash's or cuDNN's)
     compile          --compile: one graph shared by all blocks, finite losses, first-step loss equal to the eager run's
 """
 import time
@@ -373,8 +374,8 @@ def check_sdpa(device, quick, tmp):
     compared = {"qkv_weight_block0": lambda: model.blocks[0].attn.qkv.weight.grad,
                 "rel_pos_table_shared": lambda: model.rel_pos_bias.table.grad,  # through SDPA's bias gradient only
                 "rel_pos_table_block0": lambda: model.blocks[0].attn.rel_pos_bias.table.grad}
-    # on the CPU (the dry run) the training pass runs the math kernel itself (a bias with gradient), and only the
-    # pass without gradient runs another (the CPU's flash kernel)
+    # on the CPU (the dry run) the student's attention runs the math kernel itself (a bias with gradient, or a 3-D
+    # one), so only the teacher's compares two kernels there (the CPU's flash kernel)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16} if cuda else {"fp32": None}
     if cuda and not engine.native_bf16(device):  # below sm80 SDPA's memory-efficient kernel takes no bf16
         del dtypes["bf16"]
@@ -398,20 +399,35 @@ def check_sdpa(device, quick, tmp):
             found[k] = ((grad - ref_grads[k]).abs().max() / ref_grads[k].abs().max()).item()
         return found
 
+    # the CLIP teacher's attention has no mask: there SDPA may pick flash's or (H100/H200) cuDNN's kernel
+    teacher = dtm.CLIPTeacher(dtm.CLIPVisual(img, 16, *((64, 1, 1, 32) if quick else ()))).to(device)
+
+    def run_teacher(backend, dtype):
+        with (sdpa_kernel([backend]) if backend else contextlib.nullcontext()), \
+                torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            return teacher(images).float(), {}
+
+    def record(case, reference, picked_run, forced=None):
+        """The kernels SDPA picks and every run's errors against the math kernel's; none may exceed 5% (nor be NaN)."""
+        picked, kernels = with_sdpa_kernels(picked_run)
+        found = {"picked": errors(picked, reference), **({"efficient_forced": errors(forced(), reference)}
+                                                         if forced else {})}
+        assert all(e < 5e-2 for per_kernel in found.values() for e in per_kernel.values()), (case, kernels, found)
+        details[case] = {"kernels": kernels, "max_rel_error_vs_math": found}
+        return kernels
+
     details = {}
     for (dtype_name, dtype), (mask_name, attn_mask) in itertools.product(dtypes.items(), attn_masks.items()):
-        case = details[f"{dtype_name}_{mask_name}"] = {}
-        for train in (True, False):
-            reference = run(SDPBackend.MATH, dtype, attn_mask, train)
-            picked, kernels = with_sdpa_kernels(lambda: run(None, dtype, attn_mask, train))
-            found = {"picked": errors(picked, reference)}
-            if train and cuda:
-                found["efficient_forced"] = errors(run(SDPBackend.EFFICIENT_ATTENTION, dtype, attn_mask), reference)
-            case["train" if train else "no_grad"] = {"kernels": kernels, "max_rel_error_vs_math": found}
-            worst = max(e for per_kernel in found.values() for e in per_kernel.values())
-            assert worst < 5e-2, (dtype_name, mask_name, train, kernels, found)
+        forced = (lambda: run(SDPBackend.EFFICIENT_ATTENTION, dtype, attn_mask)) if cuda else None
+        kernels = record(f"{dtype_name}_{mask_name}_train", run(SDPBackend.MATH, dtype, attn_mask),
+                         lambda: run(None, dtype, attn_mask), forced)
         if cuda:  # training's bias needs its gradient: neither flash's nor cuDNN's kernel takes it
-            assert "aten::_scaled_dot_product_efficient_attention" in case["train"]["kernels"], case["train"]
+            assert "aten::_scaled_dot_product_efficient_attention" in kernels, kernels
+        if attn_mask is None:  # evaluation: the bias without gradient, (heads, T, T)
+            record(f"{dtype_name}_{mask_name}_no_grad", run(SDPBackend.MATH, dtype, None, train=False),
+                   lambda: run(None, dtype, None, train=False))
+    for dtype_name, dtype in dtypes.items():
+        record(f"{dtype_name}_clip_teacher_no_mask", run_teacher(SDPBackend.MATH, dtype), lambda: run_teacher(None, dtype))
     return details
 
 
@@ -488,9 +504,11 @@ def test_report_dry_run_on_cpu(tmp_path):
     assert report["checks"]["torchrun"]["backend"] == "gloo"
     assert report["checks"]["throughput"]["vit_b_batch64"]["img_per_s"] > 0
     assert {"vit_b_batch128_mto", "vit_l_batch128_fp16_grad_checkpoint_mto"} <= set(report["checks"]["throughput"])
-    sdpa = report["checks"]["sdpa"]["fp32_rel_pos_bias_and_mto_mask"]  # training: math; without gradient: the CPU's
-    assert sdpa["train"]["kernels"] == ["aten::_scaled_dot_product_attention_math"]
-    assert sdpa["no_grad"]["kernels"] and sdpa["no_grad"]["max_rel_error_vs_math"]["picked"]["tokens"] < 1e-5
+    sdpa = report["checks"]["sdpa"]  # the student: math; the teacher: the CPU's flash kernel, against math
+    assert sdpa["fp32_rel_pos_bias_and_mto_mask_train"]["kernels"] == ["aten::_scaled_dot_product_attention_math"]
+    teacher = sdpa["fp32_clip_teacher_no_mask"]
+    assert teacher["kernels"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]
+    assert teacher["max_rel_error_vs_math"]["picked"]["tokens"] < 1e-5
 
 
 WATCHED_RUN = """
@@ -576,8 +594,9 @@ def main(argv=None):
     failed = []
 
     def write_report():  # after every check, and before it: a run cut short keeps what it had
-        with open(args.out, "w") as f:
+        with open(args.out + ".tmp", "w") as f:
             json.dump(report, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)  # whole or not at all, should the watchdog end the run meanwhile
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, check in CHECKS.items():
