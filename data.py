@@ -698,6 +698,11 @@ class Mixup:
         self.mixup_alpha, self.cutmix_alpha, self.prob, self.switch_prob = mixup_alpha, cutmix_alpha, prob, switch_prob
         self.label_smoothing, self.num_classes = label_smoothing, num_classes
 
+    @property
+    def mixes(self) -> bool:
+        """Whether a batch can be mixed at all (an alpha > 0 and prob > 0); then its size must be even."""
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
+
     def sample_params(self):
         """-> (lam, use_cutmix) for one batch, from Python's `random`."""
         if (self.mixup_alpha <= 0 and self.cutmix_alpha <= 0) or random.random() >= self.prob:
@@ -707,8 +712,7 @@ class Mixup:
         return random.betavariate(alpha, alpha), use_cutmix
 
     def __call__(self, images, labels):
-        mixes = (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
-        if mixes and images.shape[0] % 2:  # as timm's Mixup, which asserts an even batch
+        if self.mixes and images.shape[0] % 2:  # as timm's Mixup, which asserts an even batch
             raise ValueError(f"Mixup/CutMix got an odd batch of {images.shape[0]}: each image is paired with the "
                              f"reversed batch's, so the middle one would never be mixed; use an even batch size "
                              f"(or turn mixing off: mixup_alpha = cutmix_alpha = 0)")

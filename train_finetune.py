@@ -284,7 +284,7 @@ def check_args(args):
     if args.img_size % dtm.PATCH_SIZE:
         raise ValueError(f"--img_size {args.img_size} is not divisible by the patch size {dtm.PATCH_SIZE}; use a "
                          f"multiple of {dtm.PATCH_SIZE} (e.g. 224)")
-    mixing = (args.mixup > 0 or args.cutmix > 0) and args.mixup_prob > 0
+    mixing = data.Mixup(args.mixup, args.cutmix, args.mixup_prob).mixes
     if mixing and args.batch_size % 2 and args.eval is None:
         raise ValueError(f"--batch_size {args.batch_size} is odd: Mixup/CutMix pair each image with the reversed "
                          f"batch's, which leaves the middle image unmixed (timm's Mixup refuses odd batches too); use "
