@@ -479,12 +479,17 @@ def test_a_hanging_child_is_killed_with_a_worker_in_its_own_session(tmp_path):
     assert time.perf_counter() - start < 30
     worker = int(pid_file.read_text())
     time.sleep(0.5)
-    try:
-        with open(f"/proc/{worker}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        state = "gone"
+    state = process_state(worker)
     assert state in ("gone", "Z", "X"), state  # killed: reaped, or a zombie until its new parent reaps it
+
+
+def process_state(pid: int) -> str:
+    """The process's state letter (Linux: /proc/PID/stat; Z and X: dead), or "gone"."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
 
 
 def test_report_dry_run_on_cpu(tmp_path):
@@ -541,10 +546,7 @@ def processes_with(marker: str) -> list:
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if marker.encode() not in f.read():
-                    continue
-            with open(f"/proc/{entry}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                if marker.encode() in f.read() and process_state(int(entry)) not in ("gone", "Z", "X"):
                     found.append(int(entry))
         except OSError:
             continue
