@@ -35,9 +35,9 @@ run_pretrain_dtm.py): no absolute position embedding (--abs_pos_emb off), relati
 per block (train_pretrain.py's --rel_pos_bias both; VisionTransformer's own default is "shared", see REL_POS_BIAS),
 layer scale 0.1 (1e-5 for ViT-L in run_pretrain_dtm.py's help), q and v bias but no k bias (a k bias would be
 cancelled by the softmax anyway), LayerNorm eps 1e-6, truncated-normal init (std 0.02, truncated at +-std,
-modeling_dtm.py's trunc_normal_ wrapper; modeling_finetune.py uses timm's, whose bounds are +-2 absolute,
-i.e. hardly truncated: of what fine-tuning initializes, only the classifier head differs, and it is scaled by 0.001)
-and the rescaling of each block's output projections by 1 / sqrt(2 * layer_id) (fix_init_weight).
+modeling_dtm.py's trunc_normal_ wrapper; for fine-tuning and segmentation, weight_init="downstream": timm's, whose
+bounds are +-2 absolute, i.e. hardly truncated, as modeling_finetune.py) and the rescaling of each block's output
+projections by 1 / sqrt(2 * layer_id) (fix_init_weight).
 """
 import math
 import os
@@ -86,6 +86,9 @@ def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
     return nn.init.trunc_normal_(t, std=std, a=-std, b=std)
 
 
+WEIGHT_INITS = ("pretrain", "downstream")
+
+
 def relative_position_index(grid) -> torch.Tensor:
     """BEiT's index (1 + H*W, 1 + H*W) into a table of (2H-1)(2W-1) + 3 rows.
 
@@ -103,21 +106,96 @@ def relative_position_index(grid) -> torch.Tensor:
     return index
 
 
+def _beit_offsets(n_old: int, n_new: int) -> list:
+    """Where BEiT places the n_old offsets -n_old//2 .. n_old//2 to stretch them over -n_new//2 .. n_new//2.
+
+    Geometric spacing: 0, then steps 1, q, q^2, ... outwards, q found by bisection in [1.01, 1.5] so that the
+    outermost offset lands at n_new // 2 (microsoft/unilm beit/semantic_segmentation/mmcv_custom/checkpoint.py and
+    naver-ai/dtm run_class_finetuning.py, geometric_progression; the same float steps). Offsets 0 and +-1 stay.
+    """
+    half_old, half_new = n_old // 2, n_new // 2
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if (1.0 - q ** half_old) / (1.0 - q) > half_new:
+            right = q
+        else:
+            left = q
+    dis, cur = [], 1
+    for i in range(half_old):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    return [-d for d in reversed(dis)] + [0] + dis
+
+
+def _spline_weights(nodes, points) -> torch.Tensor:
+    """W (len(points), len(nodes)) float64 with W @ y = the cubic spline through (nodes, y) at points.
+
+    Not-a-knot end conditions, which is what FITPACK's interpolating (s=0) cubic spline is (scipy's interp2d
+    kind="cubic", as BEiT calls it); points outside the nodes take the end value, as FITPACK clamps them.
+    Fewer than 4 nodes: the polynomial through them, as scipy's CubicSpline does.
+    """
+    x = torch.tensor(nodes, dtype=torch.float64)
+    t = torch.tensor(points, dtype=torch.float64).clamp(x[0], x[-1])
+    m = len(x)
+    if m < 4:  # Lagrange basis of degree m - 1
+        W = torch.ones(len(t), m, dtype=torch.float64)
+        for j in range(m):
+            for i in range(m):
+                if i != j:
+                    W[:, j] *= (t - x[i]) / (x[j] - x[i])
+        return W
+    # slopes s = A^-1 B y: C2 continuity at the inner nodes, equal third derivatives across nodes 1 and m-2
+    h = x[1:] - x[:-1]
+    A = torch.zeros(m, m, dtype=torch.float64)
+    B = torch.zeros(m, m, dtype=torch.float64)
+    for i in range(1, m - 1):
+        A[i, i - 1], A[i, i], A[i, i + 1] = 1 / h[i - 1], 2 / h[i - 1] + 2 / h[i], 1 / h[i]
+        B[i, i - 1], B[i, i + 1] = -3 / h[i - 1] ** 2, 3 / h[i] ** 2
+        B[i, i] = 3 / h[i - 1] ** 2 - 3 / h[i] ** 2
+    for row, i in ((0, 0), (m - 1, m - 3)):  # third derivative of piece i equals that of piece i + 1
+        a, b = h[i], h[i + 1]
+        A[row, i], A[row, i + 1], A[row, i + 2] = 1 / a ** 2, 1 / a ** 2 - 1 / b ** 2, -1 / b ** 2
+        B[row, i], B[row, i + 1], B[row, i + 2] = -2 / a ** 3, 2 / a ** 3 + 2 / b ** 3, -2 / b ** 3
+    slopes = torch.linalg.solve(A, B)  # (m, m)
+    piece = (torch.searchsorted(x, t, right=True) - 1).clamp(0, m - 2)
+    u = (t - x[piece]) / h[piece]
+    hermite_y0, hermite_y1 = 2 * u ** 3 - 3 * u ** 2 + 1, 3 * u ** 2 - 2 * u ** 3
+    hermite_s0, hermite_s1 = (u ** 3 - 2 * u ** 2 + u) * h[piece], (u ** 3 - u ** 2) * h[piece]
+    rows = torch.arange(len(t))
+    W = hermite_s0[:, None] * slopes[piece] + hermite_s1[:, None] * slopes[piece + 1]
+    W[rows, piece] += hermite_y0
+    W[rows, piece + 1] += hermite_y1
+    return W
+
+
+def _offset_weights(n_old: int, n_new: int) -> torch.Tensor:
+    """(n_new, n_old) map of one axis's offsets: a crop if the axis shrinks, BEiT's stretch if it grows."""
+    if n_new <= n_old:
+        return torch.eye(n_old, dtype=torch.float64)[(n_old - n_new) // 2:(n_old + n_new) // 2]
+    half_new = n_new // 2
+    return _spline_weights(_beit_offsets(n_old, n_new), [float(d) for d in range(-half_new, half_new + 1)])
+
+
 def resize_rel_pos_table(table: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
     """Relative position bias table for another patch grid: ((2H-1)(2W-1) + 3, heads) -> new grid's size.
 
-    The (2H-1, 2W-1) map of offsets is resized bicubically (as Swin does for fine-tuning at a higher
-    resolution; BEiT's segmentation code uses a geometric spacing instead: microsoft/unilm
-    beit/semantic_segmentation/mmcv_custom/checkpoint.py, geometric_progression); the 3 CLS rows are kept.
-    Resizing to the same grid returns the table unchanged (bicubic weights at integer positions are exact).
+    As BEiT and the official DTM code do for fine-tuning and segmentation at a higher resolution
+    (microsoft/unilm beit/semantic_segmentation/mmcv_custom/checkpoint.py, naver-ai/dtm run_class_finetuning.py):
+    the old offsets are placed geometrically over the new range (offsets 0 and +-1 keep their place, the far ones
+    spread out) and a cubic spline through them is read at every new offset. Each axis on its own, which for the
+    square grids BEiT handles is the same as its 2-D spline. An axis that shrinks keeps its old values of the
+    offsets the new grid has (a crop); BEiT's code is not meant for that case. The 3 CLS rows are kept; the same
+    grid returns the table unchanged.
     """
     (H, W), (H2, W2) = _pair(old_grid), _pair(new_grid)
     num_rel, heads = (2 * H - 1) * (2 * W - 1), table.shape[1]
     if table.shape[0] != num_rel + 3:
         raise ValueError(f"relative position table has {table.shape[0]} rows, expected {num_rel + 3} for grid {(H, W)}")
-    offsets = table[:num_rel].float().t().reshape(1, heads, 2 * H - 1, 2 * W - 1)
-    offsets = F.interpolate(offsets, size=(2 * H2 - 1, 2 * W2 - 1), mode="bicubic", align_corners=False)
-    return torch.cat([offsets.reshape(heads, -1).t(), table[num_rel:].float()]).to(table.dtype)
+    offsets = table[:num_rel].double().t().reshape(heads, 2 * H - 1, 2 * W - 1)  # (heads, dy, dx)
+    rows, cols = _offset_weights(2 * H - 1, 2 * H2 - 1), _offset_weights(2 * W - 1, 2 * W2 - 1)
+    offsets = torch.einsum("yi,hij,xj->hyx", rows, offsets, cols)
+    return torch.cat([offsets.reshape(heads, -1).t(), table[num_rel:].double()]).to(table.dtype)
 
 
 def resize_pos_embed(pos: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
@@ -251,13 +329,20 @@ class VisionTransformer(nn.Module):
     beit2/run_beitv2_pretraining.py passes use_shared_rel_pos_bias, no per-block tables),
     "per_block" (BEiT / DTM fine-tuning) or "none". Tables start at zero (BEiT). With num_classes > 0 the model is BEiT's fine-tuning classifier: the final `norm` becomes
     Identity and `fc_norm` + `head` act on the mean of the patch tokens (head scaled by head_init_scale).
+    weight_init (WEIGHT_INITS): "pretrain", the official pre-training model's (models/modeling_dtm.py: normals of
+    std 0.02 truncated at +-std, the patch embedding's conv too), or "downstream", the official fine-tuning model's
+    and BEiT's segmentation backbone's (models/modeling_finetune.py, beit/semantic_segmentation/backbone/beit.py:
+    timm's trunc_normal_, whose bounds +-2 hardly truncate, and the conv left at torch's default), which is what
+    a fine-tuning or segmentation run from scratch (--init none) and a new classifier head start from.
     Parameter names for layer-wise lr decay: see layer_id_for_param.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, drop_path_rate=0.0, layer_scale_init=0.1, rel_pos_bias="shared",
-                 abs_pos_emb=False, use_mask_token=True, num_classes=0, head_init_scale=0.001):
+                 abs_pos_emb=False, use_mask_token=True, num_classes=0, head_init_scale=0.001, weight_init="pretrain"):
         super().__init__()
+        if weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init must be one of {', '.join(WEIGHT_INITS)}, got {weight_init!r}")
         self.img_size, self.patch_size = _pair(img_size), patch_size
         if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
             raise ValueError(f"image size {self.img_size} is not divisible by the patch size {patch_size}; "
@@ -283,16 +368,18 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False  # activation checkpointing per block (--grad_checkpoint), see forward_features
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if num_classes > 0 else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else None
-        self._init_weights(head_init_scale)
+        self._init_weights(head_init_scale, weight_init)
 
     @torch.no_grad()
-    def _init_weights(self, head_init_scale):
+    def _init_weights(self, head_init_scale, weight_init):
+        pretrain = weight_init == "pretrain"
+        normal = _trunc_normal_ if pretrain else (lambda t: nn.init.trunc_normal_(t, std=0.02))  # timm's +-2 bounds
         for p in (self.cls_token, self.mask_token, self.pos_embed):
             if p is not None:
-                _trunc_normal_(p)
+                normal(p)
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                _trunc_normal_(m.weight)
+            if isinstance(m, nn.Linear) or (pretrain and isinstance(m, nn.Conv2d)):
+                normal(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -528,7 +615,7 @@ def vit_from_checkpoint(checkpoint: dict, img_size, num_classes: int = 0, rel_po
     vit = VisionTransformer(img_size=img_size, patch_size=patch_size, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0]
                             / width, drop_path_rate=drop_path_rate, layer_scale_init=0.1 if "blocks.0.gamma_1" in sd
                             else 0.0, rel_pos_bias=rel_pos_bias, abs_pos_emb="pos_embed" in sd, use_mask_token=False,
-                            num_classes=num_classes, **config)
+                            num_classes=num_classes, weight_init="downstream", **config)  # for what starts afresh
     sd = adapt_state_dict(sd, vit)
     expected = vit.state_dict()
     fresh = sorted(k for k in expected if k not in sd)

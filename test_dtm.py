@@ -151,6 +151,25 @@ def test_output_projections_are_rescaled_by_depth():
             assert first / other == pytest.approx(math.sqrt(l + 1), rel=0.05)
 
 
+def test_weight_inits_pretrain_and_downstream():
+    """"pretrain" (the official modeling_dtm.py): N(0, 0.02) truncated at +-0.02, whose std is 0.54 x 0.02, the
+    patch conv too; "downstream" (modeling_finetune.py, BEiT's segmentation backbone): timm's bounds +-2, std 0.02,
+    the patch conv at torch's default (uniform, bias not zero); the head scaled by 0.001 in both."""
+    torch.manual_seed(0)
+    pre = dtm.build_vit("vit_s", img_size=32, num_classes=1000)
+    down = dtm.build_vit("vit_s", img_size=32, num_classes=1000, weight_init="downstream")
+    qkv_pre, qkv_down = pre.blocks[0].attn.qkv.weight, down.blocks[0].attn.qkv.weight  # 384 x 1152 values
+    assert qkv_pre.abs().max() <= 0.02 and qkv_pre.std().item() == pytest.approx(0.02 * 0.5398, rel=0.02)
+    assert qkv_down.abs().max() > 0.06 and qkv_down.std().item() == pytest.approx(0.02, rel=0.02)
+    assert down.head.weight.std().item() == pytest.approx(0.02 * 0.001, rel=0.05)
+    assert pre.patch_embed.weight.abs().max() <= 0.02 and not pre.patch_embed.bias.any()
+    bound = 1 / math.sqrt(3 * 16 * 16)  # torch's Conv2d default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), ..)
+    assert down.patch_embed.weight.abs().max() <= bound and down.patch_embed.weight.abs().max() > 0.9 * bound
+    assert down.patch_embed.bias.any()
+    with pytest.raises(ValueError, match="weight_init"):
+        dtm.build_vit("vit_tiny", img_size=32, weight_init="timm")
+
+
 def test_relative_position_bias_reads_the_table_by_query_and_key():
     """forward() -> (heads, T, T) with [h, q, k] = table[index[q, k], h]: row q is the query (BEiT's layout, so
     official tables load into the right places)."""
@@ -166,43 +185,77 @@ def test_relative_position_bias_reads_the_table_by_query_and_key():
     assert not torch.equal(bias, bias.transpose(1, 2))  # a transposed read would be caught
 
 
-def _bicubic_reference(grid, size):
-    """Keys' cubic convolution (a = -0.75), pixel centers at +0.5 (align_corners=False), borders clamped: torch's
-    bicubic, written out. grid (C, H, W) float64 -> (C, size[0], size[1])."""
-    def weights(n_in, n_out):
-        w = torch.zeros(n_out, n_in, dtype=torch.float64)
-        for j in range(n_out):
-            src = (j + 0.5) * n_in / n_out - 0.5
-            base = math.floor(src)
-            for i in range(base - 1, base + 3):
-                t, a = abs(src - i), -0.75
-                if t <= 1:
-                    k = (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
-                else:
-                    k = a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a if t < 2 else 0.0
-                w[j, min(max(i, 0), n_in - 1)] += k
-        return w
-    return weights(grid.shape[1], size[0]) @ grid @ weights(grid.shape[2], size[1]).T
+def test_rel_pos_table_resize_equals_beits_scipy_interp2d():
+    """Grid 5 -> 7 (offsets 9 -> 13), as BEiT's checkpoint.py computes it with scipy's interp2d(kind="cubic") at
+    scipy 1.13.1 (run outside this repo, which does not depend on scipy; values rounded to 6 decimals)."""
+    offsets = torch.tensor([[((i * 5 + j) % 7) - 3.0 for j in range(9)] for i in range(9)], dtype=torch.float64)
+    table = torch.cat([offsets.reshape(-1, 1), torch.tensor([[7.0], [8.0], [9.0]], dtype=torch.float64)])
+    resized = dtm.resize_rel_pos_table(table, (5, 5), (7, 7))
+    new = resized[:-3, 0].reshape(13, 13)
+    scipy_row_dy0 = [3.0, -1.516138, -2.975749, -2.642397, -1.772983, -1.0, 0.0, 1.0, 1.772983, 2.642397,
+                     2.975749, 1.516138, -3.0]
+    scipy_row_dy_minus6 = [-3.0, -2.55851, -2.048361, -1.46643, -0.808822, 0.0, 1.0, 2.0, 3.148823, 1.006881,
+                           -3.368407, -5.780707, -2.0]
+    scipy_col_dx_minus4 = [-2.048361, 2.638819, 3.424294, 2.165106, 0.697889, -1.044033, -2.975749, 1.735706,
+                           0.803704, -1.644949, -1.995596, -0.295567, 3.368407]
+    torch.testing.assert_close(new[6], torch.tensor(scipy_row_dy0, dtype=torch.float64), rtol=0, atol=2e-6)
+    torch.testing.assert_close(new[0], torch.tensor(scipy_row_dy_minus6, dtype=torch.float64), rtol=0, atol=2e-6)
+    torch.testing.assert_close(new[:, 2], torch.tensor(scipy_col_dx_minus4, dtype=torch.float64), rtol=0, atol=2e-6)
+    assert torch.equal(resized[-3:], table[-3:])  # CLS rows kept
+    # grid 3 -> 5: the ratio stops at the bisection's bound 1.5, the old offsets reach +-2.5 only, and the new
+    # offsets beyond take the end values (FITPACK clamps), as scipy gave
+    small = torch.tensor([[((i * 5 + j) % 7) - 3.0 for j in range(5)] for i in range(5)], dtype=torch.float64)
+    small = dtm.resize_rel_pos_table(torch.cat([small.reshape(-1, 1), torch.zeros(3, 1, dtype=torch.float64)]),
+                                     (3, 3), (5, 5))[:-3, 0].reshape(9, 9)
+    torch.testing.assert_close(small[4], torch.tensor([0, 0, 0.335238, 1, 2, 3, 0.678091, -3, -3], dtype=torch.float64),
+                               rtol=0, atol=2e-6)
+    torch.testing.assert_close(small[0], torch.tensor([-3, -3, -2.771429, -2, -1, 0, 0.771429, 1, 1],
+                                                      dtype=torch.float64), rtol=0, atol=2e-6)
 
 
-def test_rel_pos_table_resize_is_bicubic_on_the_offset_map():
-    """The (2H-1, 2W-1) offset map per head, resized as written out in _bicubic_reference; CLS rows kept."""
-    table = torch.randn((2 * 3 - 1) * (2 * 4 - 1) + 3, 2)
-    resized = dtm.resize_rel_pos_table(table, (3, 4), (5, 6))
-    offsets = table[:-3].t().reshape(2, 5, 7).double()
-    expected = _bicubic_reference(offsets, (9, 11)).reshape(2, -1).t()
-    torch.testing.assert_close(resized[:-3].double(), expected, rtol=0, atol=1e-5)
-    assert torch.equal(resized[-3:], table[-3:])
+def test_rel_pos_table_resize_spacing_is_beits():
+    """The bisection's ratio for 224 -> 384 and 224 -> 512 px: the constants BEiT's and the official DTM code's
+    comments note (naver-ai/dtm run_class_finetuning.py "q > 1.090307", unilm checkpoint.py "q > 1.13492")."""
+    for new_side, q in ((47, 1.090307), (63, 1.13492)):
+        nodes = dtm._beit_offsets(27, new_side)
+        assert len(nodes) == 27 and nodes[12:15] == [-1, 0, 1]
+        assert abs((nodes[15] - nodes[14]) - q) < 5e-6  # the steps grow by q (the comments' constants, rounded)
+        assert abs(nodes[-1] - new_side // 2) < 1e-3  # the outermost old offset lands on the new edge
 
 
-def test_rel_pos_table_resize():
+def test_rel_pos_table_resize_reproduces_cubics_and_keeps_near_offsets():
+    """A not-a-knot cubic spline reproduces any cubic exactly: if the old offsets hold a cubic in dy times a cubic
+    in dx read at the places BEiT's spacing puts them, the new offsets get the cubics read at their own values
+    (the map is separable, where each axis on its own equals the 2-D spline). Offsets 0 and +-1 keep their values
+    (the geometric spacing leaves them in place)."""
+    def cubic_y(d): return 0.02 * d ** 3 - 0.1 * d ** 2 + 0.5 * d - 1.0
+    def cubic_x(d): return -0.01 * d ** 3 + 0.3 * d ** 2 + 0.2 * d + 2.0
+    dy = torch.tensor(dtm._beit_offsets(13, 19), dtype=torch.float64)  # grid (7, 5) -> (10, 9)
+    dx = torch.tensor(dtm._beit_offsets(9, 17), dtype=torch.float64)
+    values = (cubic_y(dy)[:, None] * cubic_x(dx)[None]).reshape(-1, 1)
+    table = torch.cat([values, torch.zeros(3, 1, dtype=torch.float64)])
+    resized = dtm.resize_rel_pos_table(table, (7, 5), (10, 9))[:-3, 0].reshape(19, 17)
+    ny, nx = torch.arange(-9, 10, dtype=torch.float64), torch.arange(-8, 9, dtype=torch.float64)
+    expected = cubic_y(ny)[:, None] * cubic_x(nx)[None]
+    # the outermost new offsets can sit a bisection step (< 1e-5) beyond the last node and take its value
+    torch.testing.assert_close(resized[1:-1, 1:-1], expected[1:-1, 1:-1], rtol=0, atol=1e-10)
+    torch.testing.assert_close(resized, expected, rtol=1e-5, atol=0)
+    random = torch.randn((2 * 14 - 1) ** 2 + 3, 3)
+    old = random[:-3].reshape(27, 27, 3)
+    new = dtm.resize_rel_pos_table(random, (14, 14), (32, 32))[:-3].reshape(63, 63, 3)
+    torch.testing.assert_close(new[31 - 1:31 + 2, 31 - 1:31 + 2], old[13 - 1:13 + 2, 13 - 1:13 + 2], rtol=0, atol=1e-5)
+
+
+def test_rel_pos_table_resize_same_grid_and_shrinking():
+    """The same grid returns the table unchanged; a smaller grid keeps the old values of its offsets (a crop)."""
     table = torch.randn((2 * 4 - 1) ** 2 + 3, 3)
-    assert torch.allclose(dtm.resize_rel_pos_table(table, (4, 4), (4, 4)), table, atol=1e-6)
+    assert torch.equal(dtm.resize_rel_pos_table(table, (4, 4), (4, 4)), table)
+    smaller = dtm.resize_rel_pos_table(table, (4, 4), (2, 3))
+    assert smaller.shape == (3 * 5 + 3, 3)
+    assert torch.equal(smaller[:-3].reshape(3, 5, 3), table[:-3].reshape(7, 7, 3)[2:5, 1:6])
+    assert torch.equal(smaller[-3:], table[-3:])
     bigger = dtm.resize_rel_pos_table(table, (4, 4), (6, 6))
-    assert bigger.shape == ((2 * 6 - 1) ** 2 + 3, 3)
-    assert torch.equal(bigger[-3:], table[-3:])  # CLS rows kept
-    center_old, center_new = 3 * 7 + 3, 5 * 11 + 5  # offset (0, 0) sits at the center and keeps its value
-    assert torch.allclose(bigger[center_new], table[center_old], atol=1e-5)
+    assert bigger.shape == ((2 * 6 - 1) ** 2 + 3, 3) and bigger.dtype == table.dtype
 
 
 def test_both_layout_names_shapes_and_the_fine_tuning_sum():
