@@ -20,7 +20,7 @@ Pre-training (DTM, ICLR 2025, follows the BEiT v2 pre-training data pipeline)
 Fine-tuning (BEiT v2 / MAE fine-tuning recipe, MAE Appendix A.1, Table 9; as implemented in timm)
   FinetuneTransform     RandomResizedCrop(0.08..1) + flip + RandAugment + normalize + RandomErasing.
   RandAugment           Cubuk et al. 2020, timm's 'rand-m9-mstd0.5-inc1': 2 ops, magnitude 9 +- N(0, 0.5), each op
-                        applied with probability 0.5, "increasing" op variants.
+                        applied with probability 0.5, "increasing" op variants (without inc1, timm's original ones).
   RandomErasing         Zhong et al. 2020, timm's mode 'pixel' (per-pixel N(0,1) noise in normalized space), prob 0.25.
   EvalTransform         resize shorter side to img_size / crop_ratio (224 / 0.875 = 256), bicubic, center crop.
   Mixup                 Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) per batch with label smoothing, timm's
@@ -36,8 +36,8 @@ masking, RandAugment, RandomErasing, Mixup and the segmentation transforms draw 
 and mmseg do with Python/numpy). The trainers seed both for every sample from (seed, epoch, index) and for every
 micro-step from (seed, micro-step, rank) (engine.SeededSamples, engine.seed_step), so a run is reproducible and
 resumes exactly whatever the number of DataLoader workers.
-Masks (segmentation labels) are only ever resized with NEAREST; segmentation images with cv2's bilinear, as mmcv
-(resize_cv2_linear). Files that cannot be decoded raise UnreadableImage.
+Masks (segmentation labels) are only ever resized with cv2's nearest neighbour, segmentation images with cv2's
+bilinear, as mmcv (resize_cv2_nearest, resize_cv2_linear). Files that cannot be decoded raise UnreadableImage.
 """
 import math
 import os
@@ -53,7 +53,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IGNORE_INDEX = 255
 BICUBIC = Image.Resampling.BICUBIC
-NEAREST = Image.Resampling.NEAREST
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -524,26 +523,40 @@ def solarize_add(img, add, threshold=128):
     return img.point(lut * len(img.getbands()))
 
 
-# name -> (op(img, arg, fill), level -> arg). Levels in [0, 10]; the "increasing" variants grow stronger with level.
+def posterize(img, bits):
+    """Keep the `bits` most significant bits (timm's posterize): 8 or more leave the image as is; 0 makes it black,
+    as ImageOps.posterize did in the Pillow of timm 0.4.12's time (mask ~(2**8 - 1)); today's Pillow refuses 0."""
+    if bits >= 8:
+        return img
+    return img.point([0] * 256 * len(img.getbands())) if bits <= 0 else ImageOps.posterize(img, bits)
+
+
+def _enhance_increasing(m):
+    return 1.0 + _negate(m / _LEVEL_MAX * 0.9)
+
+
+# name -> (op(img, arg, fill), level -> arg). Levels in [0, 10] (timm 0.4.12 timm/data/auto_augment.py LEVEL_TO_ARG);
+# the "increasing" variants grow stronger with level, the others are timm's original ones.
 RAND_AUGMENT_OPS = {
     "AutoContrast": (lambda img, _, fill: ImageOps.autocontrast(img), lambda m: None),
     "Equalize": (lambda img, _, fill: ImageOps.equalize(img), lambda m: None),
     "Invert": (lambda img, _, fill: ImageOps.invert(img), lambda m: None),
     "Rotate": (lambda img, deg, fill: img.rotate(deg, resample=BICUBIC, fillcolor=fill),
                lambda m: _negate(m / _LEVEL_MAX * 30.0)),
-    "PosterizeIncreasing": (lambda img, bits, fill: img if bits >= 8 else ImageOps.posterize(img, max(bits, 1)),
-                            lambda m: 4 - int(m / _LEVEL_MAX * 4)),  # 0 bits (m = 10): Pillow needs >= 1
+    "Posterize": (lambda img, bits, fill: posterize(img, bits), lambda m: int(m / _LEVEL_MAX * 4)),
+    "PosterizeIncreasing": (lambda img, bits, fill: posterize(img, bits), lambda m: 4 - int(m / _LEVEL_MAX * 4)),
+    "Solarize": (lambda img, thresh, fill: ImageOps.solarize(img, thresh), lambda m: int(m / _LEVEL_MAX * 256)),
     "SolarizeIncreasing": (lambda img, thresh, fill: ImageOps.solarize(img, thresh),
                            lambda m: 256 - int(m / _LEVEL_MAX * 256)),
     "SolarizeAdd": (lambda img, add, fill: solarize_add(img, add), lambda m: int(m / _LEVEL_MAX * 110)),
-    "ColorIncreasing": (lambda img, f, fill: ImageEnhance.Color(img).enhance(f),
-                        lambda m: max(0.1, 1.0 + _negate(m / _LEVEL_MAX * 0.9))),
-    "ContrastIncreasing": (lambda img, f, fill: ImageEnhance.Contrast(img).enhance(f),
-                           lambda m: max(0.1, 1.0 + _negate(m / _LEVEL_MAX * 0.9))),
-    "BrightnessIncreasing": (lambda img, f, fill: ImageEnhance.Brightness(img).enhance(f),
-                             lambda m: max(0.1, 1.0 + _negate(m / _LEVEL_MAX * 0.9))),
-    "SharpnessIncreasing": (lambda img, f, fill: ImageEnhance.Sharpness(img).enhance(f),
-                            lambda m: max(0.1, 1.0 + _negate(m / _LEVEL_MAX * 0.9))),
+    "Color": (lambda img, f, fill: ImageEnhance.Color(img).enhance(f), lambda m: m / _LEVEL_MAX * 1.8 + 0.1),
+    "ColorIncreasing": (lambda img, f, fill: ImageEnhance.Color(img).enhance(f), _enhance_increasing),
+    "Contrast": (lambda img, f, fill: ImageEnhance.Contrast(img).enhance(f), lambda m: m / _LEVEL_MAX * 1.8 + 0.1),
+    "ContrastIncreasing": (lambda img, f, fill: ImageEnhance.Contrast(img).enhance(f), _enhance_increasing),
+    "Brightness": (lambda img, f, fill: ImageEnhance.Brightness(img).enhance(f), lambda m: m / _LEVEL_MAX * 1.8 + 0.1),
+    "BrightnessIncreasing": (lambda img, f, fill: ImageEnhance.Brightness(img).enhance(f), _enhance_increasing),
+    "Sharpness": (lambda img, f, fill: ImageEnhance.Sharpness(img).enhance(f), lambda m: m / _LEVEL_MAX * 1.8 + 0.1),
+    "SharpnessIncreasing": (lambda img, f, fill: ImageEnhance.Sharpness(img).enhance(f), _enhance_increasing),
     "ShearX": (lambda img, f, fill: _affine(img, (1, f, 0, 0, 1, 0), fill), lambda m: _negate(m / _LEVEL_MAX * 0.3)),
     "ShearY": (lambda img, f, fill: _affine(img, (1, 0, 0, f, 1, 0), fill), lambda m: _negate(m / _LEVEL_MAX * 0.3)),
     "TranslateXRel": (lambda img, p, fill: _affine(img, (1, 0, p * img.size[0], 0, 1, 0), fill),
@@ -551,14 +564,20 @@ RAND_AUGMENT_OPS = {
     "TranslateYRel": (lambda img, p, fill: _affine(img, (1, 0, 0, 0, 1, p * img.size[1]), fill),
                       lambda m: _negate(m / _LEVEL_MAX * 0.45)),
 }
+# timm's two op lists, in its order (which the random choice of ops depends on): 'inc1' and without it
+RAND_INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+                       "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                       "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+RAND_OPS = tuple(name.replace("Increasing", "") for name in RAND_INCREASING_OPS)
 
 
 class RandAugment:
-    """timm's RandAugment ('rand-m{magnitude}-mstd{magnitude_std}-inc1'): pick num_ops ops uniformly with
-    replacement; each is applied with probability op_prob at magnitude ~ N(magnitude, magnitude_std) clipped to
-    [0, 10]. Geometric ops use bicubic resampling and fill with the mean color. Python's `random` drives it."""
+    """timm's RandAugment ('rand-m{magnitude}-mstd{magnitude_std}-inc1'; ops=RAND_OPS without inc1): pick num_ops
+    ops uniformly with replacement; each is applied with probability op_prob at magnitude ~ N(magnitude,
+    magnitude_std) clipped to [0, 10]. Geometric ops use bicubic resampling and fill with the mean color. Python's
+    `random` drives it."""
 
-    def __init__(self, num_ops=2, magnitude=9, magnitude_std=0.5, op_prob=0.5, ops=tuple(RAND_AUGMENT_OPS),
+    def __init__(self, num_ops=2, magnitude=9, magnitude_std=0.5, op_prob=0.5, ops=RAND_INCREASING_OPS,
                  fill_mean=IMAGENET_MEAN):
         unknown = [o for o in ops if o not in RAND_AUGMENT_OPS]
         if unknown:
@@ -621,9 +640,11 @@ class FinetuneTransform:
     RandomResizedCrop(min_crop_scale..1, bicubic) -> flip -> RandAugment -> normalize -> RandomErasing."""
 
     def __init__(self, img_size=224, min_crop_scale=0.08, hflip=0.5, rand_magnitude=9, rand_magnitude_std=0.5,
-                 rand_num_ops=2, reprob=0.25, remode="pixel", mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 rand_num_ops=2, rand_increasing=True, reprob=0.25, remode="pixel", mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
         self.crop = RandomResizedCrop(img_size, scale=(min_crop_scale, 1.0))
-        self.rand_augment = (RandAugment(rand_num_ops, rand_magnitude, rand_magnitude_std, fill_mean=mean)
+        ops = RAND_INCREASING_OPS if rand_increasing else RAND_OPS
+        self.rand_augment = (RandAugment(rand_num_ops, rand_magnitude, rand_magnitude_std, ops=ops, fill_mean=mean)
                              if rand_num_ops > 0 else None)
         self.erase = RandomErasing(reprob, remode) if reprob > 0 else None
         self.hflip, self.mean, self.std = hflip, mean, std
@@ -843,21 +864,37 @@ def resize_cv2_linear(img, size):
     return Image.fromarray(y[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy(), "RGB")
 
 
+CV2_NEAREST = "cv2_nearest"  # cv2.resize's INTER_NEAREST, mmcv's 'nearest': how mmseg resizes labels
+
+
+def resize_cv2_nearest(img, size):
+    """PIL image (any mode) -> size (w, h) as cv2.resize(INTER_NEAREST) does, mmcv's imrescale(interpolation=
+    'nearest') and so mmseg's resize of the labels: output pixel x reads source pixel floor(x * (1 / (w / W))),
+    in doubles, as OpenCV's resizeNN. PIL's NEAREST reads the pixel under the output pixel's center instead,
+    floor((x + 0.5) * W / w): up to one source pixel apart."""
+    (W, H), (w, h) = img.size, size
+    cols = np.minimum(np.floor(np.arange(w) * (1.0 / (w / W))).astype(np.int64), W - 1)
+    rows = np.minimum(np.floor(np.arange(h) * (1.0 / (h / H))).astype(np.int64), H - 1)
+    return Image.fromarray(np.asarray(img)[rows[:, None], cols[None, :]], img.mode)
+
+
 def seg_random_resize(img, mask, scale=(2048, 512), ratio_range=(0.5, 2.0), resample=CV2_LINEAR):
     """mmseg Resize(img_scale=scale, ratio_range, keep_ratio=True): target scale = scale * U[ratio_range], then
-    rescale by min(long_target / long_side, short_target / short_side). The mask is resized NEAREST."""
+    rescale by min(long_target / long_side, short_target / short_side). The mask: resize_cv2_nearest."""
     ratio = random.uniform(*ratio_range)
     return seg_rescale(img, mask, (int(scale[0] * ratio), int(scale[1] * ratio)), resample)
 
 
 def seg_rescale(img, mask, scale, resample=CV2_LINEAR):
     """mmcv imrescale: keep the aspect ratio, fit within (long edge max(scale), short edge min(scale)). The image
-    with resample (CV2_LINEAR or a PIL filter), the mask NEAREST."""
+    with resample (CV2_LINEAR, CV2_NEAREST or a PIL filter), the mask with cv2's nearest neighbour, as mmcv's
+    'nearest' (resize_cv2_nearest)."""
     w, h = img.size
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
     size = (int(w * factor + 0.5), int(h * factor + 0.5))
-    img = resize_cv2_linear(img, size) if resample == CV2_LINEAR else img.resize(size, resample)
-    return img, (mask.resize(size, NEAREST) if mask is not None else None)
+    resize = {CV2_LINEAR: resize_cv2_linear, CV2_NEAREST: resize_cv2_nearest}.get(resample)
+    img = resize(img, size) if resize is not None else img.resize(size, resample)
+    return img, (resize_cv2_nearest(mask, size) if mask is not None else None)
 
 
 def crop_box_ok(mask_crop, cat_max_ratio, ignore_index=IGNORE_INDEX):
@@ -924,8 +961,8 @@ class SegTrainTransform:
     """mmseg ADE20K training pipeline on (PIL image, PIL 'L' mask) -> (image (3, c, c) float, mask (c, c) int64):
     random resize (ratio_range of scale, keep ratio) -> random crop (cat_max_ratio) -> horizontal flip ->
     photometric distortion -> normalize -> pad bottom/right to crop_size with 0 (image, after normalization, as
-    mmseg) and ignore_index (mask). `image_resample` is cv2's bilinear as mmseg's (CV2_LINEAR) or a PIL filter; masks
-    are always NEAREST."""
+    mmseg) and ignore_index (mask). `image_resample` is cv2's bilinear as mmseg's (CV2_LINEAR), cv2's nearest
+    (CV2_NEAREST) or a PIL filter; masks are always resized with cv2's nearest neighbour, as mmseg's."""
 
     def __init__(self, crop_size=512, scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75, flip_prob=0.5,
                  photometric=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, ignore_index=IGNORE_INDEX,

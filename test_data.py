@@ -435,6 +435,20 @@ def test_rand_augment_ops_keep_size_and_mode():
 def test_rand_augment_levels_and_ops_match_definition():
     ops = data.RAND_AUGMENT_OPS
     assert ops["PosterizeIncreasing"][1](9) == 1 and ops["SolarizeIncreasing"][1](9) == 26
+    # timm 0.4.12's original (not increasing) levels, and its two lists in its order
+    assert ops["Posterize"][1](9) == 3 and ops["Solarize"][1](9) == 230
+    assert ops["Color"][1](9) == pytest.approx(1.72) and ops["Sharpness"][1](0) == pytest.approx(0.1)
+    assert data.RAND_OPS == ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
+                             "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
+                             "TranslateYRel")
+    assert data.RAND_INCREASING_OPS[4:11] == ("PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
+                                              "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                                              "SharpnessIncreasing")
+    # posterize to 0 bits (PosterizeIncreasing at magnitude 10) is black, as Pillow did then; 4 bits keep the top 4
+    img = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16).repeat(3).reshape(16, 16, 3))
+    assert not np.asarray(ops["PosterizeIncreasing"][0](img, ops["PosterizeIncreasing"][1](10), None)).any()
+    assert np.array_equal(np.asarray(data.posterize(img, 4)), np.asarray(img) & 0xF0)
+    assert data.posterize(img, 8) is img
     assert ops["SolarizeAdd"][1](9) == 99
     random.seed(1)
     assert abs(ops["Rotate"][1](9)) == pytest.approx(27.0)
@@ -484,8 +498,7 @@ def test_seg_transform_keeps_image_and_mask_aligned():
     labels = np.kron(rng.integers(0, 20, size=(12, 16)), np.ones((7, 5), dtype=np.int64)).astype(np.uint8)
     labels[:10, :10] = 255  # ignore region
     img, mask = Image.fromarray(_color_of(labels.astype(np.int64))), Image.fromarray(labels, "L")  # 80x84
-    t = data.SegTrainTransform(crop_size=64, scale=(200, 50), photometric=False,
-                               image_resample=Image.Resampling.NEAREST)
+    t = data.SegTrainTransform(crop_size=64, scale=(200, 50), photometric=False, image_resample=data.CV2_NEAREST)
     mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
     lut = {tuple(_color_of(np.int64(v))): v for v in list(range(20)) + [255]}
     padded_seen = False
@@ -583,6 +596,23 @@ def test_seg_images_resize_as_cv2_linear_without_antialiasing():
     assert not (blurred[..., 0] == np.tile([0, 252], (4, 2))).all()  # PIL's BILINEAR would blur them
     img, _ = data.seg_rescale(Image.fromarray(stripes), None, (4, 4))
     assert np.array_equal(np.asarray(img), halved)  # the segmentation transforms' default
+
+
+def test_seg_masks_resize_as_cv2_nearest():
+    """Labels as mmcv's imrescale(interpolation='nearest'), i.e. cv2.resize(INTER_NEAREST): output pixel x reads
+    source pixel floor(x * W / w) (OpenCV's resizeNN), not the one under its center as PIL's NEAREST does. The
+    expected columns for an 8-pixel row are that rule worked out by hand."""
+    row = Image.fromarray(np.arange(8, dtype=np.uint8)[None].repeat(2, 0), "L")  # (2, 8)
+    cases = {4: [0, 2, 4, 6], 12: [0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 6, 7], 3: [0, 2, 5], 8: list(range(8))}
+    for w, expected in cases.items():
+        assert np.asarray(data.resize_cv2_nearest(row, (w, 2)))[0].tolist() == expected
+    assert np.asarray(row.resize((4, 2), Image.Resampling.NEAREST))[0].tolist() == [1, 3, 5, 7]  # PIL's rule differs
+    column = Image.fromarray(np.arange(5, dtype=np.uint8)[:, None].repeat(3, 1) * 10, "L")  # (5, 3): rows too
+    assert np.asarray(data.resize_cv2_nearest(column, (3, 2)))[:, 0].tolist() == [0, 20]
+    labels = Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4), "L")
+    _, mask = data.seg_rescale(Image.new("RGB", (4, 3)), labels, (6, 5))  # x1.5: the segmentation transforms' rule
+    assert mask.size == (6, 5) and np.array_equal(np.asarray(mask), np.asarray(data.resize_cv2_nearest(labels, (6, 5))))
+    assert not np.array_equal(np.asarray(mask), np.asarray(labels.resize((6, 5), Image.Resampling.NEAREST)))
 
 
 def test_reduce_zero_label():
