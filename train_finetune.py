@@ -69,7 +69,7 @@ def build_model(args, num_classes: int, checkpoint: dict = None, path: str = Non
     per_block; pre-training's head, final norm and mask token are dropped), or a new one without a checkpoint."""
     if checkpoint is None:
         return dtm.build_vit(args.model, img_size=args.img_size, num_classes=num_classes, drop_path_rate=args.drop_path,
-                             rel_pos_bias=args.rel_pos_bias, use_mask_token=False), None
+                             rel_pos_bias=args.rel_pos_bias, use_mask_token=False, weight_init="downstream"), None
     return dtm.vit_from_checkpoint(checkpoint, args.img_size, num_classes, args.rel_pos_bias, args.drop_path,
                                    args.model, path)
 
@@ -124,13 +124,17 @@ def parse_rand_augment(spec: str) -> dict:
     """timm-style --aa "rand-m9-mstd0.5-inc1" (also n<num_ops>) -> FinetuneTransform kwargs; "none" turns it off.
     Fields left out take timm's defaults (timm/data/auto_augment.py at commit aa4b585, :792-794 rand_augment_transform:
     magnitude 10, 2 ops; magnitude std 0, :377 AugmentOp's hparams.get('magnitude_std', 0); the same defaults in timm
-    0.4.12, the version the official code's README pins, at :654-655 and :336).
-    data.RandAugment always uses the increasing ("inc1") op variants."""
+    0.4.12, the version the official code's README pins, at :654-655 and :336); without inc1, timm's original op
+    list (_RAND_TRANSFORMS, data.RAND_OPS). inc0 is refused: timm 0.4.12 tests the string "0" with bool() (:670),
+    which is True, so its inc0 means inc1."""
     if spec == "none":
         return dict(rand_num_ops=0)
-    out = dict(rand_num_ops=2, rand_magnitude=10.0, rand_magnitude_std=0.0)
+    out = dict(rand_num_ops=2, rand_magnitude=10.0, rand_magnitude_std=0.0, rand_increasing=False)
     fields = {"m": ("rand_magnitude", float), "mstd": ("rand_magnitude_std", float), "n": ("rand_num_ops", int)}
     name, *parts = spec.split("-")
+    if "inc0" in parts:
+        raise ValueError(f"--aa {spec!r}: inc0 is ambiguous (timm 0.4.12 reads it as inc1); write inc1 for the "
+                         f"increasing ops or leave it out for timm's original ones")
     matches = [re.fullmatch(r"(mstd|m)(\d+(?:\.\d*)?)|(n)(\d+)|inc1", part) for part in parts]
     if name != "rand" or not all(matches):
         raise ValueError(f"cannot read --aa {spec!r}: use 'rand-m<magnitude>-mstd<std>[-n<ops>][-inc1]' "
@@ -139,6 +143,8 @@ def parse_rand_augment(spec: str) -> dict:
         key, value = match[1] or match[3], match[2] or match[4]
         if key:
             out[fields[key][0]] = fields[key][1](value)
+        else:
+            out["rand_increasing"] = True
     if out["rand_magnitude_std"] > 100:  # timm: uniform magnitudes in [0, m]; not implemented here
         raise ValueError(f"--aa {spec!r}: mstd > 100 (timm's uniform magnitude sampling) is not supported; use a "
                          f"Gaussian std such as mstd0.5")
@@ -466,6 +472,7 @@ def finetune(args, d, amp_dtype, scaler):
         train_loss = engine.all_mean(epoch_loss[0] / epoch_loss[1], d).item()
         epoch_loss.zero_()
         stats = evaluate(engine.unwrap(model), val, d.device, amp_dtype, d.is_main)
+        improved = stats["top1"] > best_top1  # a tie keeps the earlier epoch (official: `max_accuracy < acc1`)
         best_top1 = max(best_top1, stats["top1"])
         log(epoch=epoch, step=step, train_loss=train_loss, best_top1=best_top1, **{f"val_{k}": v for k, v in stats.items()})
         if d.is_main:
@@ -474,7 +481,7 @@ def finetune(args, d, amp_dtype, scaler):
         state = engine.checkpoint_state("dtm_finetune", model, optimizer, scaler, args, step, steps_per_epoch,
                                         best_top1=best_top1, val=stats, classes=list(classes), log_lines=log.lines)
         engine.save_checkpoint(os.path.join(args.output_dir, engine.LAST), state)
-        if stats["top1"] == best_top1:
+        if improved:
             engine.save_checkpoint(os.path.join(args.output_dir, engine.BEST), state)
         ddp_model.train()
     bar.close()
