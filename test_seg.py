@@ -120,6 +120,14 @@ def model_args(crop, channels=8):
     return argparse.Namespace(model="vit_tiny", crop_size=crop, drop_path=0.0, out_indices=None, channels=channels)
 
 
+def test_a_backbone_from_scratch_starts_as_beits():
+    """--init none: BEiT's segmentation backbone's init (timm's trunc_normal_, std 0.02, bounds +-2; the patch conv
+    at torch's default), not the pre-training model's truncation at +-std (no weight beyond 0.02 there)."""
+    torch.manual_seed(0)
+    backbone = train_seg.build_model(model_args(32), 3).backbone
+    assert backbone.blocks[0].attn.qkv.weight.abs().max() > 0.04 and backbone.patch_embed.bias.any()
+
+
 def test_default_out_indices_match_beit():
     assert train_seg.default_out_indices(12) == [3, 5, 7, 11]
     assert train_seg.default_out_indices(24) == [7, 11, 15, 23]

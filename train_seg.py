@@ -12,9 +12,9 @@ recipe below is BEiT's mmsegmentation config for self-supervised checkpoints
 in plain torch:
 
     backbone    the shared ViT of dtm.py at 512x512 (32x32 patches); a shared relative position table is moved into
-                every block (added to the block's own where there is one) and resized to the 32x32 grid
-                (dtm.adapt_state_dict: bicubic, where BEiT's code uses a geometric spacing of the offsets:
-                beit/semantic_segmentation/mmcv_custom/checkpoint.py, geometric_progression);
+                every block (added to the block's own where there is one) and resized to the 32x32 grid as
+                BEiT's code does (dtm.resize_rel_pos_table: the old offsets spaced geometrically, a cubic spline
+                through them; beit/semantic_segmentation/mmcv_custom/checkpoint.py, geometric_progression);
                 stochastic depth 0.1; no final norm
     pyramid     outputs of 4 blocks (3, 5, 7, 11 of 12) at stride 16 -> strides 4, 8, 16, 32 by
                 deconv-BN-GELU-deconv (4x), deconv (2x), identity, 2x2 max-pool (BEiT's fpn1..fpn4)
@@ -28,6 +28,10 @@ in plain torch:
                 segmentation runs decay cls_token), layer-wise lr decay 0.65 (the heads count as the top layer),
                 batch 16 (8 GPUs x 2)
     schedule    160k iterations; linear warmup over 1500 from 1e-6 x lr, then poly decay (power 1) to 0
+    precision   --amp auto: bf16 where the GPU has it, else fp16 with a GradScaler (BEiT's config: fp16 with apex,
+                IterBasedRunnerAmp, use_fp16=True)
+    data        mmseg's ADE20K pipeline (data.SegTrainTransform), images resized with cv2's bilinear and labels with
+                cv2's nearest neighbour, as mmcv's imrescale (data.resize_cv2_linear, data.resize_cv2_nearest)
     eval        single scale (short side 512, long side <= 2048), sliding 512x512 windows with stride 341
                 (zero-padded where the image is smaller), window logits averaged, resized to the label's size;
                 optional horizontal flip; mIoU, mAcc and pixel accuracy (aAcc) from intersections and unions
@@ -191,7 +195,7 @@ def build_model(args, num_classes: int, checkpoint: dict = None, path: str = Non
     ViT without a checkpoint. Per-block tables, no final norm, stochastic depth --drop_path."""
     if checkpoint is None:
         backbone = dtm.build_vit(args.model, img_size=args.crop_size, drop_path_rate=args.drop_path,
-                                 rel_pos_bias="per_block", use_mask_token=False)
+                                 rel_pos_bias="per_block", use_mask_token=False, weight_init="downstream")
     else:
         backbone, _ = dtm.vit_from_checkpoint(checkpoint, args.crop_size, 0, "per_block", args.drop_path, args.model,
                                               path)
