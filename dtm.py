@@ -193,7 +193,8 @@ def resize_rel_pos_table(table: torch.Tensor, old_grid, new_grid) -> torch.Tenso
     if table.shape[0] != num_rel + 3:
         raise ValueError(f"relative position table has {table.shape[0]} rows, expected {num_rel + 3} for grid {(H, W)}")
     offsets = table[:num_rel].double().t().reshape(heads, 2 * H - 1, 2 * W - 1)  # (heads, dy, dx)
-    rows, cols = _offset_weights(2 * H - 1, 2 * H2 - 1), _offset_weights(2 * W - 1, 2 * W2 - 1)
+    rows = _offset_weights(2 * H - 1, 2 * H2 - 1).to(table.device)
+    cols = _offset_weights(2 * W - 1, 2 * W2 - 1).to(table.device)
     offsets = torch.einsum("yi,hij,xj->hyx", rows, offsets, cols)
     return torch.cat([offsets.reshape(heads, -1).t(), table[num_rel:].double()]).to(table.dtype)
 
@@ -333,7 +334,9 @@ class VisionTransformer(nn.Module):
     std 0.02 truncated at +-std, the patch embedding's conv too), or "downstream", the official fine-tuning model's
     and BEiT's segmentation backbone's (models/modeling_finetune.py, beit/semantic_segmentation/backbone/beit.py:
     timm's trunc_normal_, whose bounds +-2 hardly truncate, and the conv left at torch's default), which is what
-    a fine-tuning or segmentation run from scratch (--init none) and a new classifier head start from.
+    a fine-tuning or segmentation run from scratch (--init none) and a new classifier head start from. (BEiT's
+    mmseg backbone built without a checkpoint then redraws every Linear in init_weights(None), which undoes
+    fix_init_weight's rescaling of the output projections; that is not repeated here.)
     Parameter names for layer-wise lr decay: see layer_id_for_param.
     """
 
@@ -615,7 +618,9 @@ def vit_from_checkpoint(checkpoint: dict, img_size, num_classes: int = 0, rel_po
     vit = VisionTransformer(img_size=img_size, patch_size=patch_size, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0]
                             / width, drop_path_rate=drop_path_rate, layer_scale_init=0.1 if "blocks.0.gamma_1" in sd
                             else 0.0, rel_pos_bias=rel_pos_bias, abs_pos_emb="pos_embed" in sd, use_mask_token=False,
-                            num_classes=num_classes, weight_init="downstream", **config)  # for what starts afresh
+                            num_classes=num_classes, **config,
+                            # only a new head is drawn; without one, the RNG draws stay as they were before 4ef51a2
+                            weight_init="downstream" if num_classes > 0 else "pretrain")
     sd = adapt_state_dict(sd, vit)
     expected = vit.state_dict()
     fresh = sorted(k for k in expected if k not in sd)

@@ -256,6 +256,7 @@ def test_rel_pos_table_resize_same_grid_and_shrinking():
     assert torch.equal(smaller[-3:], table[-3:])
     bigger = dtm.resize_rel_pos_table(table, (4, 4), (6, 6))
     assert bigger.shape == ((2 * 6 - 1) ** 2 + 3, 3) and bigger.dtype == table.dtype
+    assert dtm.resize_rel_pos_table(table.to("meta"), (4, 4), (6, 6)).device.type == "meta"  # stays on its device
 
 
 def test_both_layout_names_shapes_and_the_fine_tuning_sum():

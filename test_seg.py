@@ -121,11 +121,15 @@ def model_args(crop, channels=8):
 
 
 def test_a_backbone_from_scratch_starts_as_beits():
-    """--init none: BEiT's segmentation backbone's init (timm's trunc_normal_, std 0.02, bounds +-2; the patch conv
-    at torch's default), not the pre-training model's truncation at +-std (no weight beyond 0.02 there)."""
+    """--init none: the official fine-tuning model's init (timm's trunc_normal_, std 0.02, bounds +-2; the patch conv
+    at torch's default), as BEiT's segmentation backbone draws it, not the pre-training model's truncation at +-std
+    (no weight beyond 0.02 there). BEiT's backbone then redraws its Linears (init_weights(None)), undoing
+    fix_init_weight's rescaling; here the output projections stay rescaled, as in the fine-tuning model."""
     torch.manual_seed(0)
     backbone = train_seg.build_model(model_args(32), 3).backbone
     assert backbone.blocks[0].attn.qkv.weight.abs().max() > 0.04 and backbone.patch_embed.bias.any()
+    last = len(backbone.blocks)
+    assert backbone.blocks[-1].attn.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * last), rel=0.1)
 
 
 def test_default_out_indices_match_beit():
