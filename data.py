@@ -73,14 +73,29 @@ def _unreadable(path, error):
 
 
 def load_image(path):
-    """Open an image file as an RGB PIL image; UnreadableImage names the file if it cannot be decoded."""
+    """Open an image file as an RGB PIL image; UnreadableImage names the file if it cannot be decoded.
+
+    16-bit grayscale ('I;16...') is scaled to 8 bits (x / 257: 65535 -> 255); Pillow's convert("RGB") would clip it
+    at 255 (torchvision's and timm's loaders do), making most such images white. 32-bit integer and float images
+    ('I', 'F') have no agreed range: they are refused with a ValueError that says so."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # convert() forces the full decode, so truncated files fail here
+            mode = img.mode
+            if mode.startswith("I;16"):  # np.asarray decodes the whole file, so truncated files fail here too
+                grey = np.rint(np.asarray(img, dtype=np.float64) / 257.0).astype(np.uint8)
+                return Image.fromarray(grey, "L").convert("RGB")
+            if mode not in ("I", "F"):
+                return img.convert("RGB")  # convert() forces the full decode, so truncated files fail here
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # a valid file above Pillow's pixel limit, not a corrupt one
+        raise UnreadableImage(f"image {path!r} is too large for Pillow's decompression-bomb limit ({e}); downscale "
+                              f"the file, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust your data", path) from e
+    except (OSError, ValueError) as e:
         raise _unreadable(path, e) from e
+    kind = "integer" if mode == "I" else "float"
+    raise ValueError(f"image {path!r} has mode {mode!r} (32-bit {kind} pixels), whose range this loader cannot know; "
+                     f"convert it to 8-bit RGB or grayscale")
 
 
 def load_label_map(path):
@@ -105,6 +120,20 @@ def load_label_map(path):
 
 def _is_image_file(name):
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def _image_files(folder):
+    """Image files under folder, in subfolders too (symbolic links followed); hidden files and folders skipped. A
+    link back to a folder above would list its files again and again: it is an error."""
+    seen = set()
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:
+            raise ValueError(f"{parent!r} is the folder {real!r} again (a symbolic link loop, or two links to one "
+                             f"folder): its images would be listed more than once; remove the link")
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        yield from (os.path.join(parent, f) for f in files if _is_image_file(f))
 
 
 class PackedSamples:
@@ -159,8 +188,7 @@ class ImageFolder(torch.utils.data.Dataset):
                                     f"{self.LAYOUT}.{hint}")
         paths, labels, empty = [], [], []
         for label, name in enumerate(self.classes):
-            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, name), followlinks=True)
-                           for f in fs if _is_image_file(f))
+            files = sorted(_image_files(os.path.join(root, name)))
             empty += [] if files else [name]
             paths += files
             labels += [label] * len(files)
@@ -779,6 +807,20 @@ def reduce_zero_label(label_map):
     return out.astype(np.uint8)
 
 
+def _files_by_stem(folder, suffix):
+    """{stem: file name} of the files in folder ending in suffix (any case), hidden ones skipped; two files of one
+    stem (a.jpg and a.JPG) are an error, since only one of them could be paired."""
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(suffix.lower()) and not f.startswith("."))
+    by_stem = {}
+    for f in files:
+        stem = f[:-len(suffix)]
+        if stem in by_stem:
+            raise ValueError(f"{folder!r} holds both {by_stem[stem]!r} and {f!r}: one stem, two files; rename or "
+                             f"remove one")
+        by_stem[stem] = f
+    return by_stem
+
+
 class SegFolder(torch.utils.data.Dataset):
     """Images in img_dir paired by file stem with label PNGs in ann_dir (pixel value = class index).
 
@@ -793,11 +835,11 @@ class SegFolder(torch.utils.data.Dataset):
             if not os.path.isdir(d):
                 raise FileNotFoundError(f"{kind} folder {d!r} does not exist; expected images in img_dir/<name>"
                                         f"{img_suffix} and label maps in ann_dir/<name>{ann_suffix}")
-        images = {f[:-len(img_suffix)]: f for f in os.listdir(img_dir) if f.lower().endswith(img_suffix.lower())}
-        annotations = {f[:-len(ann_suffix)]: f for f in os.listdir(ann_dir)
-                       if f.lower().endswith(ann_suffix.lower())}
+        images, annotations = _files_by_stem(img_dir, img_suffix), _files_by_stem(ann_dir, ann_suffix)
         if not images:
-            raise FileNotFoundError(f"no '*{img_suffix}' images in {img_dir!r}")
+            found = sorted({os.path.splitext(f)[1] for f in os.listdir(img_dir) if not f.startswith(".")} - {""})
+            hint = f"; it holds {', '.join(found)} files: pass the images' one as --img_suffix" if found else ""
+            raise FileNotFoundError(f"no '*{img_suffix}' images in {img_dir!r}{hint}")
         for missing, have, where in ((images.keys() - annotations.keys(), "images", ann_dir),
                                      (annotations.keys() - images.keys(), "annotations", img_dir)):
             if missing:

@@ -216,6 +216,38 @@ def test_image_folder_corrupt_file_is_named(tmp_path):
             ds[names.index(name)]
 
 
+def test_image_modes_load_as_their_values_or_are_refused(tmp_path, monkeypatch):
+    """16-bit grayscale scales to 8 bits (Pillow's convert would clip it at 255: a mid-grey 32768 came out white);
+    32-bit integer and float images are refused by name; a file over Pillow's pixel limit is named as too large,
+    not as corrupt."""
+    ramp = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "i16.png")
+    with Image.open(tmp_path / "i16.png") as raw:
+        assert raw.mode == "I;16"  # as Pillow 13 opens it (a Pillow that opened it as 'I' would get a clear refusal)
+    assert np.asarray(data.load_image(str(tmp_path / "i16.png"))).tolist() == [[[v] * 3 for v in (0, 1, 128, 255)]]
+    for mode, values in (("F", np.full((4, 4), 0.5, np.float32)), ("I", np.full((4, 4), 70000, np.int32))):
+        Image.fromarray(values, mode).save(tmp_path / f"{mode}.tif")
+        with pytest.raises(ValueError, match=f"mode '{mode}'.*convert it to 8-bit") as error:
+            data.load_image(str(tmp_path / f"{mode}.tif"))
+        assert not isinstance(error.value, data.UnreadableImage)  # not skipped as a broken file: the data needs a fix
+    Image.new("RGB", (30, 30)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # 900 pixels > 2 x 400: Pillow's DecompressionBombError
+    with pytest.raises(data.UnreadableImage, match="too large for Pillow's decompression-bomb limit"):
+        data.load_image(str(tmp_path / "big.png"))
+
+
+def test_image_folder_skips_hidden_folders_and_refuses_link_loops(tmp_path):
+    _save(tmp_path / "ok" / "a" / "1.jpg")
+    _save(tmp_path / "ok" / "a" / ".ipynb_checkpoints" / "1-checkpoint.jpg")
+    _save(tmp_path / "ok" / "a" / "sub" / "2.jpg")
+    ds = data.ImageFolder(str(tmp_path / "ok"))
+    assert sorted(os.path.relpath(p, tmp_path / "ok") for p, _ in ds.samples) == ["a/1.jpg", "a/sub/2.jpg"]
+    _save(tmp_path / "loop" / "a" / "1.jpg")
+    os.symlink("..", tmp_path / "loop" / "a" / "up")  # a/up/a/up/... would list 1.jpg until the path gets too long
+    with pytest.raises(ValueError, match="symbolic link loop"):
+        data.ImageFolder(str(tmp_path / "loop"))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-training transform
 
@@ -685,6 +717,22 @@ def test_seg_folder_and_errors(tmp_path):
     Image.new("RGB", (24, 16)).save(tmp_path / "rgb" / "ann" / "a.png")
     with pytest.raises(ValueError, match="single-channel label PNG"):
         data.SegFolder(str(tmp_path / "rgb" / "img"), str(tmp_path / "rgb" / "ann"))[0]
+
+
+def test_seg_folder_file_listing(tmp_path):
+    """Hidden files (macOS ._a.jpg) are skipped; a.jpg next to a.JPG is an error, not a silent pick; a folder of
+    other images names the suffix to pass."""
+    _seg_tree(tmp_path / "mac", ["a"])
+    (tmp_path / "mac" / "img" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble metadata, not an image
+    assert len(data.SegFolder(str(tmp_path / "mac" / "img"), str(tmp_path / "mac" / "ann"))) == 1
+    _seg_tree(tmp_path / "twice", ["a"])
+    Image.new("RGB", (24, 16)).save(tmp_path / "twice" / "img" / "a.JPG", "JPEG")
+    with pytest.raises(ValueError, match="both 'a.JPG' and 'a.jpg'"):
+        data.SegFolder(str(tmp_path / "twice" / "img"), str(tmp_path / "twice" / "ann"))
+    _seg_tree(tmp_path / "png", ["a"])
+    os.rename(tmp_path / "png" / "img" / "a.jpg", tmp_path / "png" / "img" / "a.png")
+    with pytest.raises(FileNotFoundError, match="holds .png files: pass the images' one as --img_suffix"):
+        data.SegFolder(str(tmp_path / "png" / "img"), str(tmp_path / "png" / "ann"))
 
 
 def test_ade20k_layout(tmp_path):
