@@ -838,7 +838,8 @@ class SegFolder(torch.utils.data.Dataset):
         images, annotations = _files_by_stem(img_dir, img_suffix), _files_by_stem(ann_dir, ann_suffix)
         if not images:
             found = sorted({os.path.splitext(f)[1] for f in os.listdir(img_dir) if not f.startswith(".")} - {""})
-            hint = f"; it holds {', '.join(found)} files: pass the images' one as --img_suffix" if found else ""
+            hint = (f"; it holds {', '.join(found)} files: pass the images' suffix (train_seg.py: --img_suffix)"
+                    if found else "")
             raise FileNotFoundError(f"no '*{img_suffix}' images in {img_dir!r}{hint}")
         for missing, have, where in ((images.keys() - annotations.keys(), "images", ann_dir),
                                      (annotations.keys() - images.keys(), "annotations", img_dir)):
