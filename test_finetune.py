@@ -490,6 +490,11 @@ def test_recipes_and_lr_scaling():
     assert tf.parse_args(["--data", "x", "--init", "none", "--recipe", "official", "--layer_decay", "0.7"]).layer_decay == 0.7
     demo = tf.parse_args(["--recipe", "official"])  # the demo's defaults and the recipe's together
     assert demo.demo and demo.model == "vit_tiny" and demo.layer_decay == 0.65
+    # the demo's lr is the same whatever the scaling rule: 1.6e-2 per 1024 images, scaled, or 1e-3 itself unscaled
+    assert tf.parse_args([]).lr * 64 / 1024 == pytest.approx(demo.lr) == pytest.approx(1e-3)
+    assert tf.parse_args(["--lr_scaling", "none"]).lr == pytest.approx(1e-3)
+    assert tf.parse_args(["--recipe", "official", "--lr", "0.5"]).lr == 0.5  # a given --lr stays
+    assert tf.parse_args(["--data", "x", "--init", "none", "--recipe", "official"]).lr == 5e-4  # not the demo
 
 
 def test_both_layout_pretraining_checkpoint_fine_tunes_with_the_summed_tables(tmp_path):

@@ -132,6 +132,8 @@ def test_recipes_and_their_defaults():
     (["--teacher", "clip:/no/such/ViT-B-16.pt"], FileNotFoundError, "no file"),
     (["--img_size", "100"], ValueError, "not divisible"),
     (["--num_masked", "60"], ValueError, "--num_masked"),
+    (["--no_clip_proj"], ValueError, "apply to a CLIP teacher"),  # the demo's teacher is pixels
+    (["--data", HERE, "--teacher", "pixels", "--teacher_norm", "clip"], ValueError, "apply to a CLIP teacher"),
 ])
 def test_bad_arguments(argv, error, match):
     with pytest.raises(error, match=match):

@@ -475,6 +475,7 @@ def test_logged_lr_seeds_and_layer_decay_follow_their_closed_forms(tmp_path, mon
     expected = [engine.poly_schedule(s, 4, 2, 0.01, 2.0, 1e-4, args.warmup_ratio) for s in range(4)]
     records = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "lr" in r]
     assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-9) and expected[1] > expected[3] > 1e-4
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]  # 5 images, 4 whole ones per step: each step its own epoch
     # each micro-batch's loss is divided by accum_iter: a step's two backward losses add up to its logged mean
     assert [backward[2 * i] + backward[2 * i + 1] for i in range(4)] == pytest.approx([r["loss"] for r in records],
                                                                                       rel=1e-5)

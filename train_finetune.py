@@ -269,6 +269,9 @@ def parse_args(argv=None):
     demo = first.data is None and first.data_train is None and first.data_val is None
     parser.set_defaults(**RECIPES[first.recipe], **(DEMO_DEFAULTS if demo else {}))  # flags given still win
     args = parser.parse_args(argv)
+    if demo and args.lr_scaling == "none":  # the demo's --lr is per 1024 images; used unscaled, it is the lr itself
+        parser.set_defaults(lr=DEMO_DEFAULTS["lr"] * DEMO_DEFAULTS["batch_size"] / 1024)
+        args = parser.parse_args(argv)
     args.demo = demo
     if args.crop_ratio is None and not args.eval:  # --eval: the checkpoint's (run_eval)
         args.crop_ratio = default_crop_ratio(args.img_size)

@@ -85,7 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
            "0 1 is token-wise distillation)")
     a("--schedules", default="per_rank", choices=["per_rank", "shared"],
       help="per_rank: every process draws its own schedules (the official code seeds Python's random with seed + "
-           "rank); shared: one draw per step for all processes (2 processes then equal 1 with the same total batch)")
+           "rank); shared: one draw per step for all processes (2 processes then equal 1 with the same total batch, "
+           "given --split alternate or official and --drop_path 0: the random split's and drop path's draws are "
+           "per process)")
     a("--split", default=None, choices=list(morph.SPLITS),
       help="bipartite split of Algorithm 1: random (the paper), official (ToMe with patch 0 protected, the official "
            "code), alternate (ToMe's even/odd); default: the --recipe's")
@@ -150,6 +152,9 @@ def check_args(args):
         raise ValueError(f"bad --teacher {args.teacher!r}; use clip:PATH, ckpt:PATH or pixels")
     if kind in ("clip", "ckpt") and not os.path.isfile(path):
         raise FileNotFoundError(f"--teacher {args.teacher!r}: no file at {path!r}")
+    if kind != "clip" and (args.no_clip_proj or args.teacher_norm != "imagenet"):
+        raise ValueError(f"--no_clip_proj and --teacher_norm apply to a CLIP teacher (--teacher clip:PATH) only; "
+                         f"with --teacher {args.teacher} they would do nothing: leave them out")
     if args.img_size % dtm.PATCH_SIZE:
         raise ValueError(f"--img_size {args.img_size} is not divisible by the patch size {dtm.PATCH_SIZE}; "
                          f"use a multiple of {dtm.PATCH_SIZE} (e.g. 224)")
@@ -238,7 +243,8 @@ def main(argv=None) -> dict:
 
 def train(args, d: engine.Dist) -> dict:
     if args.demo:
-        d.print(f"DEMO (no --data): {args.model} learns per-patch normalized pixels of built-in SyntheticShapes "
+        targets = "per-patch normalized pixels" if args.teacher == "pixels" else f"the features of {args.teacher}"
+        d.print(f"DEMO (no --data): {args.model} learns {targets} of built-in SyntheticShapes "
                 f"images at {args.img_size} px ({(args.img_size // dtm.PATCH_SIZE) ** 2} tokens), {args.epochs} epochs "
                 f"on {d.device}. For a real run pass --data and --teacher (see --help).")
     engine.seed_all(args.seed)  # the same initial weights on every rank

@@ -619,7 +619,7 @@ def train(args, d):
             engine.check_finite(means, ["loss", "decode_loss", "aux_loss"], step, args.output_dir)
             engine.report_unreadable(unreadable, d, step, log)
             now = time.perf_counter()
-            log(step=step, epoch=step // steps_per_epoch, loss=means[0], decode_loss=means[1], aux_loss=means[2],
+            log(step=step, epoch=(step - 1) // steps_per_epoch, loss=means[0], decode_loss=means[1], aux_loss=means[2],
                 lr=lr, grad_norm=grad_norm, img_per_s=images_seen * d.world_size / (now - last_log_time),
                 **timer.parts, **engine.loss_scale_field(scaler))
             bar.set_postfix(loss=f"{means[0].item():.4f}", lr=f"{lr:.2e}")
