@@ -561,6 +561,12 @@ def check_dataset(dataset, what: str, d: Dist, num_workers: int):
 # Runs: output folder, checkpoints, resume, log
 
 
+def demo_help(defaults: dict, extra: str = "") -> str:
+    """--help's epilog: the defaults the demo (a trainer run without data) uses in place of the ones listed above."""
+    flags = [f"--{k} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in defaults.items()]
+    return f"The demo (no data given) uses instead: {', '.join(flags)}{extra}."
+
+
 def add_run_args(parser, output_dir: str):
     """The flags every trainer shares for its output folder, checkpoints and log."""
     g = parser.add_argument_group("run (see README: Runs, checkpoints and logs)")
@@ -883,8 +889,8 @@ def cli(main):
     except KeyboardInterrupt:
         if os.environ.get("DTM_TRACEBACK"):
             raise
-        print(f"\ninterrupted: relaunch to continue from the last {LAST} in its --output_dir (written every epoch, "
-              f"and every --save_every steps where the trainer has it): the same command, or after a --resume PATH "
+        print(f"\ninterrupted: relaunch to continue from the last {LAST} in its --output_dir (written at the end "
+              f"of each epoch in pre-training and fine-tuning, and every --save_every steps where the trainer has it): the same command, or after a --resume PATH "
               f"start the same command with --resume auto", file=sys.stderr, flush=True)
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:

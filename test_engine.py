@@ -753,3 +753,17 @@ def test_seed_step_depends_on_seed_micro_step_and_rank():
     for other in ((0, 5, 1), (0, 6, 0), (1, 5, 0)):
         drawn = draw(*other)
         assert not torch.equal(drawn[0], first[0]) and drawn[1] != first[1] and drawn[2] != first[2], other
+
+
+def test_each_trainers_help_lists_the_demo_defaults_it_runs_with():
+    """--help ends with the demo's defaults (engine.demo_help), and a run without data parses to exactly those."""
+    import train_finetune
+    import train_pretrain
+    import train_seg
+    for trainer in (train_pretrain, train_finetune, train_seg):
+        epilog = " ".join(trainer.get_args_parser().format_help().split())  # undo the help's line wrapping
+        demo = vars(trainer.parse_args([]))
+        for key, value in trainer.DEMO_DEFAULTS.items():
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            assert f"--{key} {shown}" in epilog, (trainer.__name__, key)
+            assert demo[key] == value, (trainer.__name__, key, demo[key], value)

@@ -195,8 +195,9 @@ def val_loader(val_set, args, d):
 
 def get_args_parser():
     p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="DTM fine-tuning. Without --data / --data_train / --data_val: a small CPU "
-                                "demo on built-in procedural images.")
+                                description="DTM fine-tuning. Without --data / --data_train / --data_val: a small "
+                                "demo on built-in procedural images.",
+                                epilog=engine.demo_help(DEMO_DEFAULTS, " (--lr 0.001 with --lr_scaling none)"))
     p.add_argument("--recipe", default="paper", choices=list(RECIPES), help="paper: the paper's values, the official "
                    "code's where the paper is silent; official: the official command's layer decay and lr")
     g = p.add_argument_group("model and checkpoints")

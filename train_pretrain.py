@@ -44,8 +44,10 @@ LAYER_SCALE = {"vit_l": 1e-5}  # 0.1 otherwise: run_pretrain_dtm.py --layer_scal
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="DTM pre-training. Without --data: a small CPU demo on built-in procedural "
-                                "images. Where a default comes from: README, Recipe provenance.")
+                                description="DTM pre-training. Without --data: a small demo on built-in procedural "
+                                "images. Where a default comes from: README, Recipe provenance.",
+                                epilog=engine.demo_help(DEMO_DEFAULTS, ", --output_dir output/pretrain_demo "
+                                                        "(output/pretrain_demo_mto with --mto)"))
     a = p.add_argument
     a("--recipe", default="paper", choices=list(RECIPES), help="paper: the paper's values, the official code's where "
       "the paper is silent; official: what the official code computes (the split of Algorithm 1)")
@@ -81,8 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--schedule_rule", default="official", choices=["official", "spread"],
       help="official: r = ceil(n/k) per iteration (engines/engine_for_dtm.py); spread: n split exactly over k")
     a("--fixed_schedule", type=int, nargs=2, default=None, metavar=("N", "K"),
-      help="instead of the dynamic scheduler: merge N tokens over K rounds at every step and level (an ablation: "
-           "0 1 is token-wise distillation)")
+      help="instead of the dynamic scheduler: N tokens over K rounds at every step and level, by --schedule_rule "
+           "(official: ceil(N/K) per round, so up to ceil(N/K) x K tokens merge; spread: exactly N); an ablation: "
+           "0 1 is token-wise distillation")
     a("--schedules", default="per_rank", choices=["per_rank", "shared"],
       help="per_rank: every process draws its own schedules (the official code seeds Python's random with seed + "
            "rank); shared: one draw per step for all processes (2 processes then equal 1 with the same total batch, "

@@ -362,7 +362,8 @@ DEMO_DEFAULTS = dict(model="vit_tiny", init="none", crop_size=64, scale=[384, 96
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="UperNet semantic segmentation with a pre-trained ViT (BEiT's ADE20K "
-                                "protocol).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "protocol).", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog=engine.demo_help(DEMO_DEFAULTS))
     g = p.add_argument_group("data (none given: the built-in procedural demo)")
     g.add_argument("--data", help="ADE20K root (ADEChallengeData2016: images/{training,validation}, "
                                   "annotations/{training,validation})")
