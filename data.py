@@ -559,7 +559,11 @@ def posterize(img, bits):
     return img.point([0] * 256 * len(img.getbands())) if bits <= 0 else ImageOps.posterize(img, bits)
 
 
-def _enhance_increasing(m):
+def _enhance_level(m):  # timm's original: 0.1 (level 0) .. 1.9 (level 10)
+    return m / _LEVEL_MAX * 1.8 + 0.1
+
+
+def _enhance_increasing(m):  # 1 +- 0.9 * level / 10: stronger either way as the level grows
     return 1.0 + _negate(m / _LEVEL_MAX * 0.9)
 
 
@@ -577,13 +581,13 @@ RAND_AUGMENT_OPS = {
     "SolarizeIncreasing": (lambda img, thresh, fill: ImageOps.solarize(img, thresh),
                            lambda m: 256 - int(m / _LEVEL_MAX * 256)),
     "SolarizeAdd": (lambda img, add, fill: solarize_add(img, add), lambda m: int(m / _LEVEL_MAX * 110)),
-    "Color": (lambda img, f, fill: ImageEnhance.Color(img).enhance(f), lambda m: m / _LEVEL_MAX * 1.8 + 0.1),
+    "Color": (lambda img, f, fill: ImageEnhance.Color(img).enhance(f), _enhance_level),
     "ColorIncreasing": (lambda img, f, fill: ImageEnhance.Color(img).enhance(f), _enhance_increasing),
-    "Contrast": (lambda img, f, fill: ImageEnhance.Contrast(img).enhance(f), lambda m: m / _LEVEL_MAX * 1.8 + 0.1),
+    "Contrast": (lambda img, f, fill: ImageEnhance.Contrast(img).enhance(f), _enhance_level),
     "ContrastIncreasing": (lambda img, f, fill: ImageEnhance.Contrast(img).enhance(f), _enhance_increasing),
-    "Brightness": (lambda img, f, fill: ImageEnhance.Brightness(img).enhance(f), lambda m: m / _LEVEL_MAX * 1.8 + 0.1),
+    "Brightness": (lambda img, f, fill: ImageEnhance.Brightness(img).enhance(f), _enhance_level),
     "BrightnessIncreasing": (lambda img, f, fill: ImageEnhance.Brightness(img).enhance(f), _enhance_increasing),
-    "Sharpness": (lambda img, f, fill: ImageEnhance.Sharpness(img).enhance(f), lambda m: m / _LEVEL_MAX * 1.8 + 0.1),
+    "Sharpness": (lambda img, f, fill: ImageEnhance.Sharpness(img).enhance(f), _enhance_level),
     "SharpnessIncreasing": (lambda img, f, fill: ImageEnhance.Sharpness(img).enhance(f), _enhance_increasing),
     "ShearX": (lambda img, f, fill: _affine(img, (1, f, 0, 0, 1, 0), fill), lambda m: _negate(m / _LEVEL_MAX * 0.3)),
     "ShearY": (lambda img, f, fill: _affine(img, (1, 0, 0, f, 1, 0), fill), lambda m: _negate(m / _LEVEL_MAX * 0.3)),

@@ -890,8 +890,9 @@ def cli(main):
         if os.environ.get("DTM_TRACEBACK"):
             raise
         print(f"\ninterrupted: relaunch to continue from the last {LAST} in its --output_dir (written at the end "
-              f"of each epoch in pre-training and fine-tuning, and every --save_every steps where the trainer has it): the same command, or after a --resume PATH "
-              f"start the same command with --resume auto", file=sys.stderr, flush=True)
+              f"of each epoch in pre-training and fine-tuning, and every --save_every steps where the trainer has "
+              f"it): the same command, or after a --resume PATH start the same command with --resume auto",
+              file=sys.stderr, flush=True)
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:
         message = user_error_message(e)
