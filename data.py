@@ -552,8 +552,9 @@ def solarize_add(img, add, threshold=128):
 
 
 def posterize(img, bits):
-    """Keep the `bits` most significant bits (timm's posterize): 8 or more leave the image as is; 0 makes it black,
-    as ImageOps.posterize did in the Pillow of timm 0.4.12's time (mask ~(2**8 - 1)); today's Pillow refuses 0."""
+    """Keep the `bits` most significant bits (timm's posterize, auto_augment.py:153 at 0.4.12): 8 or more leave the
+    image as is; 0 makes it black, as ImageOps.posterize did in the Pillow of timm 0.4.12's time (mask ~(2**8 - 1));
+    today's Pillow refuses 0."""
     if bits >= 8:
         return img
     return img.point([0] * 256 * len(img.getbands())) if bits <= 0 else ImageOps.posterize(img, bits)
@@ -567,7 +568,7 @@ def _enhance_increasing(m):  # 1 +- 0.9 * level / 10: stronger either way as the
     return 1.0 + _negate(m / _LEVEL_MAX * 0.9)
 
 
-# name -> (op(img, arg, fill), level -> arg). Levels in [0, 10] (timm 0.4.12 timm/data/auto_augment.py LEVEL_TO_ARG);
+# name -> (op(img, arg, fill), level -> arg). Levels in [0, 10] (timm 0.4.12 timm/data/auto_augment.py:187-257, :260);
 # the "increasing" variants grow stronger with level, the others are timm's original ones.
 RAND_AUGMENT_OPS = {
     "AutoContrast": (lambda img, _, fill: ImageOps.autocontrast(img), lambda m: None),
@@ -597,6 +598,7 @@ RAND_AUGMENT_OPS = {
                       lambda m: _negate(m / _LEVEL_MAX * 0.45)),
 }
 # timm's two op lists, in its order (which the random choice of ops depends on): 'inc1' and without it
+# (auto_augment.py:562 _RAND_INCREASING_TRANSFORMS, :542 _RAND_TRANSFORMS at timm 0.4.12)
 RAND_INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
                        "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
                        "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")

@@ -110,8 +110,9 @@ def _beit_offsets(n_old: int, n_new: int) -> list:
     """Where BEiT places the n_old offsets -n_old//2 .. n_old//2 to stretch them over -n_new//2 .. n_new//2.
 
     Geometric spacing: 0, then steps 1, q, q^2, ... outwards, q found by bisection in [1.01, 1.5] so that the
-    outermost offset lands at n_new // 2 (microsoft/unilm beit/semantic_segmentation/mmcv_custom/checkpoint.py and
-    naver-ai/dtm run_class_finetuning.py, geometric_progression; the same float steps). Offsets 0 and +-1 stay.
+    outermost offset lands at n_new // 2 (microsoft/unilm beit/semantic_segmentation/mmcv_custom/checkpoint.py:395-414
+    and naver-ai/dtm run_class_finetuning.py:429-448, geometric_progression; the same float steps). Offsets 0 and +-1
+    stay.
     """
     half_old, half_new = n_old // 2, n_new // 2
     left, right = 1.01, 1.5
@@ -132,8 +133,9 @@ def _spline_weights(nodes, points) -> torch.Tensor:
     """W (len(points), len(nodes)) float64 with W @ y = the cubic spline through (nodes, y) at points.
 
     Not-a-knot end conditions, which is what FITPACK's interpolating (s=0) cubic spline is (scipy's interp2d
-    kind="cubic", as BEiT calls it); points outside the nodes take the end value, as FITPACK clamps them.
-    Fewer than 4 nodes: the polynomial through them, as scipy's CubicSpline does.
+    kind="cubic", as BEiT calls it: checkpoint.py:432, run_class_finetuning.py:466); points outside the nodes take
+    the end value, as FITPACK clamps them. Fewer than 4 nodes: the polynomial through them, as scipy's CubicSpline
+    does.
     """
     x = torch.tensor(nodes, dtype=torch.float64)
     t = torch.tensor(points, dtype=torch.float64).clamp(x[0], x[-1])
@@ -330,13 +332,14 @@ class VisionTransformer(nn.Module):
     beit2/run_beitv2_pretraining.py passes use_shared_rel_pos_bias, no per-block tables),
     "per_block" (BEiT / DTM fine-tuning) or "none". Tables start at zero (BEiT). With num_classes > 0 the model is BEiT's fine-tuning classifier: the final `norm` becomes
     Identity and `fc_norm` + `head` act on the mean of the patch tokens (head scaled by head_init_scale).
-    weight_init (WEIGHT_INITS): "pretrain", the official pre-training model's (models/modeling_dtm.py: normals of
-    std 0.02 truncated at +-std, the patch embedding's conv too), or "downstream", the official fine-tuning model's
-    and BEiT's segmentation backbone's (models/modeling_finetune.py, beit/semantic_segmentation/backbone/beit.py:
-    timm's trunc_normal_, whose bounds +-2 hardly truncate, and the conv left at torch's default), which is what
-    a fine-tuning or segmentation run from scratch (--init none) and a new classifier head start from. (BEiT's
-    mmseg backbone built without a checkpoint then redraws every Linear in init_weights(None), which undoes
-    fix_init_weight's rescaling of the output projections; that is not repeated here.)
+    weight_init (WEIGHT_INITS): "pretrain", the official pre-training model's (models/modeling_dtm.py:25, :111:
+    normals of std 0.02 truncated at +-std, the patch embedding's conv too), or "downstream", the official
+    fine-tuning model's and BEiT's segmentation backbone's (models/modeling_finetune.py:20, :331,
+    beit/semantic_segmentation/backbone/beit.py: timm's trunc_normal_, whose bounds +-2 hardly truncate, and the
+    conv left at torch's default), which is what a fine-tuning or segmentation run from scratch (--init none) and a
+    new classifier head start from. (BEiT's mmseg backbone built without a checkpoint then redraws every Linear in
+    init_weights(None), beit.py:385-407, which undoes fix_init_weight's rescaling of the output projections, :366;
+    that is not repeated here.)
     Parameter names for layer-wise lr decay: see layer_id_for_param.
     """
 

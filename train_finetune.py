@@ -476,7 +476,7 @@ def finetune(args, d, amp_dtype, scaler):
         train_loss = engine.all_mean(epoch_loss[0] / epoch_loss[1], d).item()
         epoch_loss.zero_()
         stats = evaluate(engine.unwrap(model), val, d.device, amp_dtype, d.is_main)
-        improved = stats["top1"] > best_top1  # a tie keeps the earlier epoch (official: `max_accuracy < acc1`)
+        improved = stats["top1"] > best_top1  # a tie keeps the earlier epoch (run_class_finetuning.py:614)
         best_top1 = max(best_top1, stats["top1"])
         log(epoch=epoch, step=step, train_loss=train_loss, best_top1=best_top1, **{f"val_{k}": v for k, v in stats.items()})
         if d.is_main:
