@@ -74,7 +74,7 @@ def make_step(args, cfg, mto_module=mto):
         schedules = [morph.sample_schedule(N, N, 14, rng, "official") for _ in range(2)]
         groups = morph.token_morphing_levels(targets, schedules)
         with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-            loss, _ = model(images, mask, targets, groups, [morph.num_groups_after(N, s) for s in schedules])
+            loss, _ = model(images, mask, targets, groups, [morph.num_groups_after(N, s, "random") for s in schedules])
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.step(optimizer)

@@ -955,8 +955,8 @@ class DTMPretrainModel(nn.Module):
     The teacher and the morphing stay outside (so DDP wraps only what trains); per step:
         targets = teacher(images)                                                   # (B, N, D), no grad
         schedules = [morph.sample_schedule(...) for _ in range(L)]
-        groups = morph.token_morphing_levels(targets, schedules)                    # [(B, N)] per level
-        loss, stats = model(images, mask, targets, groups, [morph.num_groups_after(N, s) for s in schedules])
+        groups = morph.token_morphing_levels(targets, schedules, split)             # [(B, N)] per level
+        loss, stats = model(images, mask, targets, groups, [morph.num_groups_after(N, s, split) for s in schedules])
     """
 
     def __init__(self, student: VisionTransformer, target_dim: int, loss: str = "smooth_l1", beta: float = 2.0,

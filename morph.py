@@ -21,7 +21,7 @@ DTM then compares student predictions and teacher targets after both are average
     sample_schedule(...)         the dynamic scheduler: random merged count n and iterations k per step
     make_schedule(N, n, k)       n merged tokens over k rounds -> R
     clamp_schedule(N, R)         the clamping rule below
-    num_groups_after(N, R)       N - sum(R) after clamping: the number of morphed tokens
+    num_groups_after(N, R, split) N - sum(R) after clamping: the number of morphed tokens
 
 Where this file deliberately differs from the paper's literal text, and why:
   * M is never built. The paper writes M = M_k ... M_1, a product of per-round row-normalized matrices.
@@ -63,6 +63,7 @@ Where this file deliberately differs from the paper's literal text, and why:
     tokens): its near ties can resolve differently from this file's float32 ones.
 """
 import math
+import operator
 import random
 
 import torch
@@ -85,7 +86,11 @@ def clamp_schedule(num_tokens: int, schedule, split: str = "random") -> list:
     round p, protected = 1 for split="official" (ToMe's clamp with a class token), else 0."""
     clamped, tokens, protected = [], num_tokens, _protected(split)
     for r in schedule:
-        r = int(r)
+        try:
+            r = operator.index(r)  # ints (also numpy / 0-d tensor ints); a float such as 2.7 is refused, not truncated
+        except TypeError:
+            raise TypeError(f"schedule {list(schedule)} has a non-integer entry {r!r}; tokens removed per round are "
+                            f"integers") from None
         if r < 0:
             raise ValueError(f"schedule {list(schedule)} has a negative entry {r}; tokens removed per round must be >= 0")
         r = min(r, (tokens - protected) // 2)
@@ -94,8 +99,9 @@ def clamp_schedule(num_tokens: int, schedule, split: str = "random") -> list:
     return clamped
 
 
-def num_groups_after(num_tokens: int, schedule, split: str = "random") -> int:
-    """Number of morphed tokens N - sum(R) after clamping (which depends on the split: see clamp_schedule)."""
+def num_groups_after(num_tokens: int, schedule, split: str) -> int:
+    """Number of morphed tokens N - sum(R) after clamping. Pass token_morphing's split: "official" clamps more
+    (see clamp_schedule), and a count below the real one would make group_mean mix up samples."""
     return num_tokens - sum(clamp_schedule(num_tokens, schedule, split))
 
 
@@ -172,7 +178,8 @@ class _FeatureSums:
     """Member sums of every token (B, N, C), stored at the row of a surviving token. Memory O(B N C)."""
 
     def __init__(self, x: torch.Tensor):
-        self.sums = x.to(_match_dtype(x), copy=True)
+        # a fresh contiguous copy: merge() adds rows through a (B * N, C) view, which a permuted x's strides refuse
+        self.sums = x.to(_match_dtype(x), copy=True, memory_format=torch.contiguous_format)
         self.sq_norm = self.sums.pow(2).sum(-1)  # (B, N)
 
     def best_match(self, rows_a: torch.Tensor, rows_b: torch.Tensor):
@@ -233,11 +240,18 @@ def _match(store, rows: torch.Tensor, r: int, protect_first: bool):
 def token_morphing(x: torch.Tensor, schedule, split: str = "random", generator: torch.Generator = None) -> torch.Tensor:
     """Algorithm 1: partition the N tokens of x (B, N, C) into N - sum(schedule) groups.
 
+    x holds patch tokens only: drop a CLS token first, as the official code does (split="official" protects the
+    first *patch*, not a CLS). Any (B, N, C) layout works (e.g. a transposed conv output); x is not modified.
     Returns groups (B, N) int64: groups[b, i] is the morphed token that original token i belongs to,
-    taking every value in 0..G-1 (G = num_groups_after(N, schedule)) in the final token order.
+    taking every value in 0..G-1 (G = num_groups_after(N, schedule, split)) in the final token order.
     split is "random" (per sample, reproducible with `generator`, which may live on any device), "alternate"
     (ToMe's even/odd split) or "official" (the official code's: ToMe's with the first token protected).
+    The random split draws one (B, T) tensor per round, so an image's groups depend on the batch it is in (its
+    position and the batch size), not only on the seed.
     """
+    if not hasattr(schedule, "__iter__"):
+        raise TypeError(f"token_morphing takes one schedule, a list of tokens merged per round (e.g. [7] * 14), got "
+                        f"{schedule!r}; for several levels use token_morphing_levels")
     return token_morphing_levels(x, [schedule], split, generator)[0]
 
 
@@ -315,6 +329,8 @@ def group_mean(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.
     """Morphed tokens M x: the mean of the original tokens of each group. x (B, N, C) -> (B, G, C).
 
     num_groups may be any bound above the largest group id (e.g. N): a group id without members gives a zero row.
+    Ids are not checked against it (that would cost a GPU sync per call): one >= num_groups lands in the next
+    sample's rows, so take num_groups from num_groups_after with token_morphing's split (or use N).
     Accumulates in float32 and returns x's dtype; differentiable in x (the backward is a gather).
     """
     B, N, C = x.shape
@@ -327,16 +343,18 @@ def group_mean(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.
 
 
 def morph_back(x_groups: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Every original token position gets its group's value: (B, G, C) -> (B, N, C)."""
+    """Every original token position gets its group's value: (B, G, C) -> (B, N, C). Group ids must be < G."""
+    if groups.dim() != 2 or groups.shape[0] != x_groups.shape[0]:
+        raise ValueError(f"groups {tuple(groups.shape)} must be (B, N) with the batch of x_groups {tuple(x_groups.shape)}")
     return _gather_rows(x_groups, groups)
 
 
-def morph_matrix(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+def morph_matrix(groups: torch.Tensor, num_groups: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense row-normalized morphing matrix M (B, G, N), M[b, g, i] = 1/|g| if token i is in g.
 
-    Slow path (O(B G N) memory) for teaching, visualization and tests: group_mean(x) == M @ x.
+    Slow path (O(B G N) memory) for teaching, visualization and tests: group_mean(x) == M @ x (dtype=x.dtype).
     """
-    one_hot = torch.nn.functional.one_hot(groups, num_groups).transpose(1, 2).float()  # (B, G, N)
+    one_hot = torch.nn.functional.one_hot(groups, num_groups).transpose(1, 2).to(dtype)  # (B, G, N)
     return one_hot / one_hot.sum(-1, keepdim=True).clamp(min=1)  # empty groups (num_groups an upper bound): 0 rows
 
 

@@ -1,7 +1,7 @@
 """Masked Token Optimization (MTO) for ViT encoders that see mask tokens (SimMIM / BEiT / DTM students).
 
 "Emerging Property of Masked Token for Effective Pre-training" (Choi et al., ECCV 2024). torch only; the ViT it
-drives is any model with forward_features(images, mask, attn_mask, return_layers, return_qk) -> dtm.Features.
+drives is any model with the interface described under "Use" at the end (dtm.VisionTransformer has it).
 
 What the paper says, in its own words (the full equations were not available when this file was written). The
 abstract (arXiv 2404.08330) names the key property of masked tokens "data singularity"; the ECCV 2024 version's
@@ -30,9 +30,9 @@ linear decay, not a loss that orders the blocks' heterogeneity.
 What this file makes of it (THIS IMPLEMENTATION'S READING, not the paper's equations):
   1. Weight recalibration (recalibration_mask). In the attention of the first `layers` blocks (default: all),
      queries of visible tokens and of CLS get no weight on masked-token keys: their softmax renormalizes over
-     CLS + visible patches. Queries of masked tokens still attend to every token. It is a boolean mask
-     (B, 1, T, T), True = may attend, handed to the blocks once as an additive float mask, which SDPA's
-     memory-efficient kernel takes. With it in every block, visible tokens and CLS do not depend on the mask
+     CLS + visible patches. Queries of masked tokens still attend to every token. recalibration_mask returns it
+     as a boolean (B, 1, T, T), True = may attend; mto_forward hands the blocks the same mask as an additive
+     float one (0 where allowed, -inf elsewhere), which SDPA's memory-efficient kernel takes. With it in every block, visible tokens and CLS do not depend on the mask
      token at all (the encoder acts like MAE's on the visible set, the mask tokens read from it).
   2. Singularity (heterogeneity) loss (singularity_loss). At the output of block l (before the final norm), for
      each masked patch i of an image: s_i = max over visible patches j of the same image of cos(h_i, h_j);
@@ -66,6 +66,17 @@ Use:
     tokens, losses = mto_forward(vit, images, mask, cfg)          # tokens (B, 1 + N, C); losses["loss_sing"], ["loss_ent"]
     loss = base_loss(tokens) + mto_total_loss(losses, cfg)
 or, with DDP, inside the wrapped module: dtm.DTMPretrainModel(student, dim, features_fn=MTO(cfg)).
+
+The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and any register tokens, default 1):
+    vit.blocks: its D blocks (only len() is read);
+    vit.forward_features(images, mask, attn_mask, return_layers, return_qk) -> an object with
+        .tokens (B, T, C), after the final norm;
+        .layers {i: block i's output (B, T, C), before the final norm} for each i in return_layers;
+        .qk {i: (q, k, bias)} for each i in return_qk: q, k (B, heads, T, head_dim) as they enter the attention,
+            q before the 1/sqrt(head_dim) scale; bias the relative position bias (heads, T, T) or None, without
+            the attention mask;
+    where mask (B, N) bool says which patches get the mask token, and attn_mask is a list with one entry per block:
+    None or a float (B, 1, T, T) added to the attention logits (SDPA's attn_mask), 0 = may attend, -inf = may not.
 """
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -213,12 +224,21 @@ def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM
     """Per-image normalized entropy of masked queries' attention over visible patch keys -> (B,) float32.
 
     q, k (B, heads, T, head_dim) and the relative position bias (heads, T, T) or None of one block's attention
-    (dtm.Features.qk), mask (B, N) bool, rows = patch_rows(mask). The recalibration mask leaves masked queries' rows
+    (dtm.Features.qk), T = num_prefix + N: q before the 1/sqrt(head_dim) scale (this function applies it, as SDPA
+    does), after any q/k norm; the bias without the attention mask. mask (B, N) bool, rows = patch_rows(mask).
+    The recalibration mask leaves masked queries' rows
     unchanged, so it plays no part here. Each masked query's attention row, restricted to the visible patch keys
     and renormalized, is the softmax of its logits against those keys: (B, heads, M, V), computed in float32. Its
     entropy is divided by log(#visible), averaged over heads and over the image's masked queries. Images with no
     masked patch or fewer than 2 visible patches give 0.
     """
+    B, H, T, _ = q.shape
+    if T != num_prefix + mask.shape[1] or k.shape != q.shape:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be (B, heads, T, head_dim) with T = "
+                         f"{num_prefix} prefix tokens + the mask's {mask.shape[1]} patches")
+    if bias is not None and tuple(bias.shape) != (H, T, T):
+        raise ValueError(f"bias {tuple(bias.shape)} must be the relative position bias (heads, T, T) = {(H, T, T)}, "
+                         f"shared by the batch, or None")
     with torch.autocast(q.device.type, enabled=False):  # float32 matmuls, whatever the autocast dtype
         return _attention_entropy(q, k, bias, mask, patch_rows(mask) if rows is None else rows, num_prefix)
 
@@ -250,10 +270,11 @@ def _num_layers(value, depth, name):
     return value
 
 
-def mto_forward(vit, images, mask, cfg: MTOConfig):
-    """forward_features with MTO -> (tokens (B, 1 + N, C), {"loss_sing": scalar, "loss_ent": scalar}).
+def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX):
+    """forward_features with MTO -> (tokens (B, num_prefix + N, C), {"loss_sing": scalar, "loss_ent": scalar}).
 
-    images (B, 3, H, W), mask (B, N) bool (True = masked). The losses are the depth-weighted sums over blocks of the
+    images (B, 3, H, W), mask (B, N) bool (True = masked); num_prefix: tokens before the patches (CLS, registers).
+    The losses are the depth-weighted sums over blocks of the
     batch means of the per-image losses, not yet multiplied by the lambdas (see mto_total_loss); a loss whose lambda
     is 0 is a zero tensor and costs nothing.
     """
@@ -267,16 +288,18 @@ def mto_forward(vit, images, mask, cfg: MTOConfig):
 
     allowed = None
     if layers:  # one additive float mask for all blocks: -inf where a query may not attend
-        T = NUM_PREFIX + mask.shape[1]
+        T = num_prefix + mask.shape[1]
         allowed = mask.new_zeros(mask.shape[0], 1, T, T, dtype=torch.float32)
-        allowed.masked_fill_(~recalibration_mask(mask), float("-inf"))
+        allowed.masked_fill_(~recalibration_mask(mask, num_prefix), float("-inf"))
     rows = patch_rows(mask) if sing_ids or ent_ids else None  # its host sync before the forward is queued
     attn_mask = [allowed] * layers + [None] * (depth - layers)
     features = vit.forward_features(images, mask, attn_mask, return_layers=sing_ids, return_qk=ent_ids)
 
     zero = features.tokens.new_zeros((), dtype=torch.float32)
-    loss_sing = sum((float(sing_w[i]) * singularity_loss(features.layers[i], mask, rows).mean() for i in sing_ids), zero)
-    loss_ent = sum((float(ent_w[i]) * attention_entropy(*features.qk[i], mask, rows).mean() for i in ent_ids), zero)
+    loss_sing = sum((float(sing_w[i]) * singularity_loss(features.layers[i], mask, rows, num_prefix).mean()
+                     for i in sing_ids), zero)
+    loss_ent = sum((float(ent_w[i]) * attention_entropy(*features.qk[i], mask, rows, num_prefix).mean()
+                    for i in ent_ids), zero)
     return features.tokens, {"loss_sing": loss_sing, "loss_ent": loss_ent}
 
 
@@ -289,11 +312,11 @@ class MTO:
     """The features hook for dtm.DTMPretrainModel(features_fn=MTO(cfg)), so MTO runs inside the DDP-wrapped forward:
     (student, images, mask) -> (tokens, lambda-weighted MTO loss, stats with the unweighted loss_sing, loss_ent)."""
 
-    def __init__(self, cfg: MTOConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: MTOConfig, num_prefix: int = NUM_PREFIX):
+        self.cfg, self.num_prefix = cfg, num_prefix
 
     def __call__(self, vit, images, mask):
-        tokens, losses = mto_forward(vit, images, mask, self.cfg)
+        tokens, losses = mto_forward(vit, images, mask, self.cfg, self.num_prefix)
         return tokens, mto_total_loss(losses, self.cfg), {k: v.detach() for k, v in losses.items()}
 
 

@@ -144,7 +144,7 @@ def consistency(checkpoint_path, teacher, images, masks):
     targets = teacher(images)
     schedule = morph.make_schedule(GRID * GRID, 24, 3, "official")
     groups = morph.token_morphing(targets, schedule, "random", torch.Generator().manual_seed(0))
-    G = morph.num_groups_after(GRID * GRID, schedule)
+    G = morph.num_groups_after(GRID * GRID, schedule, "random")
     token_loss = dtm.dtm_loss(pred, targets, [groups.new_tensor(range(GRID * GRID)).expand_as(groups)])[0]
     dtm_loss = dtm.dtm_loss(pred, targets, [groups], num_groups=[G])[0]
     return adjacent_cosine(pred), token_loss.item(), dtm_loss.item()

@@ -103,7 +103,7 @@ SCHEDULES = [[7] * 5, [12, 6], [1], [3, 0, 5, 2], [20, 20, 20]]
 def test_partition_with_expected_group_count(split, schedule, dim):
     x = torch.randn(3, 37, dim)
     groups = token_morphing(x, schedule, split, torch.Generator().manual_seed(1))
-    G = num_groups_after(37, schedule)
+    G = num_groups_after(37, schedule, split)
     assert G == 37 - sum(clamp_schedule(37, schedule))
     assert groups.shape == (3, 37) and groups.dtype == torch.long
     assert is_partition(groups, G)
@@ -141,7 +141,7 @@ def test_alternate_split_matches_tome_dense(schedule, dim):
     expected_groups, expected_tokens = tome_dense(x, schedule)
     groups = token_morphing(x, schedule, "alternate")
     assert torch.equal(groups, expected_groups)
-    G = num_groups_after(50, schedule)
+    G = num_groups_after(50, schedule, "alternate")
     torch.testing.assert_close(group_mean(x, groups, G), expected_tokens, rtol=1e-5, atol=1e-5)
 
 
@@ -204,7 +204,7 @@ def test_schedule_clamping():
     with pytest.raises(ValueError, match="negative"):
         clamp_schedule(10, [2, -1])
     groups = token_morphing(torch.randn(2, 10, 4), [100, 100], "random")
-    assert is_partition(groups, num_groups_after(10, [100, 100])) and num_groups_after(10, [100, 100]) == 3
+    assert is_partition(groups, num_groups_after(10, [100, 100], "random")) and num_groups_after(10, [100, 100], "random") == 3
 
 
 def test_single_sample_odd_count_and_bad_input():
@@ -214,6 +214,39 @@ def test_single_sample_odd_count_and_bad_input():
         token_morphing(torch.randn(3, 5), [1])
     with pytest.raises(ValueError, match="split"):
         token_morphing(torch.randn(1, 3, 5), [1], "odd")
+
+
+@pytest.mark.parametrize("split", ["random", "alternate", "official"])
+@pytest.mark.parametrize("dim", [12, 40])  # feature sums (N > C) / Gram matrix (N <= C)
+def test_any_memory_layout(split, dim):
+    """Tokens laid out as a transposed conv output (B, C, N) -> (B, N, C), or CLIP's (N, B, C), merge as when
+    contiguous. The feature sums' copy once kept such strides and could not be viewed as (B * N, C)."""
+    tokens = torch.randn(3, dim, 20).transpose(1, 2)  # (B, N, C), channels contiguous per token: not viewable
+    lnd = torch.randn(20, 3, dim).permute(1, 0, 2)
+    for x in (tokens, lnd):
+        assert not x.is_contiguous()
+        got = token_morphing(x, [3, 3, 3], split, torch.Generator().manual_seed(4))
+        expected = token_morphing(x.contiguous(), [3, 3, 3], split, torch.Generator().manual_seed(4))
+        assert torch.equal(got, expected)
+
+
+def test_schedules_must_be_lists_of_integers():
+    x = torch.randn(2, 10, 4)
+    with pytest.raises(TypeError, match="token_morphing takes one schedule"):
+        token_morphing(x, 3)
+    with pytest.raises(TypeError, match="non-integer entry 2.7"):  # not truncated to 2
+        token_morphing(x, [2.7])
+    with pytest.raises(TypeError, match="non-integer"):
+        clamp_schedule(10, [1, 2.0])
+    assert clamp_schedule(10, [torch.tensor(2), True + 1]) == [2, 2]  # integer types other than int are fine
+
+
+def test_group_helpers_check_the_batch():
+    groups = token_morphing(torch.randn(2, 10, 4), [3], "random")
+    with pytest.raises(ValueError, match="batch"):
+        morph_back(torch.randn(3, 7, 5), groups)
+    with pytest.raises(ValueError, match="first two dims"):
+        group_mean(torch.randn(3, 10, 5), groups, 7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -304,6 +337,7 @@ def test_group_ops_match_dense_morph_matrix():
     torch.testing.assert_close(group_sizes(groups, 15).double(), membership.sum(-1))
     # num_groups may be an upper bound: the empty groups are zero rows in both
     torch.testing.assert_close(group_mean(x, groups, 17), morph_matrix(groups, 17).double() @ x, rtol=1e-5, atol=1e-6)
+    assert morph_matrix(groups, 15, torch.float64).dtype == torch.float64 and torch.equal(morph_matrix(groups, 15), M.float())
 
 
 def test_gradients_flow_through_group_mean():

@@ -22,7 +22,8 @@ def tiny_vit(**kw):
     torch.manual_seed(0)
     model = dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, **kw).eval()
     with torch.no_grad():  # non-zero relative position table and mask token so that they matter
-        model.rel_pos_bias.table.normal_(0, 0.5)
+        if model.rel_pos_bias is not None:
+            model.rel_pos_bias.table.normal_(0, 0.5)
         model.mask_token.normal_(0, 1.0)
     return model
 
@@ -195,14 +196,14 @@ def test_singularity_loss_matches_loop():
     assert grad.isfinite().all()
 
 
-def explicit_entropy(q, k, bias, mask):
+def explicit_entropy(q, k, bias, mask, num_prefix=1):
     """The earlier implementation, kept as the reference: full attention probabilities from an explicit softmax
     (B, heads, T, T), each masked query's row restricted to the visible patch keys and renormalized."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     attn = (scores if bias is None else scores + bias).float().softmax(dim=-1)
     tiny = torch.finfo(torch.float32).tiny
     visible = ~mask
-    p = attn[:, :, 1:, 1:] * visible[:, None, None, :]
+    p = attn[:, :, num_prefix:, num_prefix:] * visible[:, None, None, :]
     q = p / p.sum(dim=-1, keepdim=True).clamp(min=tiny)
     entropy = -(q * q.clamp(min=tiny).log()).sum(dim=-1).mean(dim=1)
     num_visible = visible.sum(dim=1)
@@ -419,3 +420,61 @@ def test_autocast_bfloat16():
     total.backward()
     assert torch.isfinite(model.mask_token.grad).all() and model.mask_token.grad.abs().sum() > 0
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The interface for other ViTs (mto.py copied alone): prefix tokens and the checks on q, k and the bias
+
+
+class RegisterViT(torch.nn.Module):
+    """dtm's tiny ViT (no relative position bias) with one register token after CLS: 2 prefix tokens, written only
+    against the interface that mto.py's docstring names."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit = tiny_vit(rel_pos_bias="none")
+        self.blocks = self.vit.blocks
+        self.register = torch.nn.Parameter(torch.randn(1, 1, 192, generator=torch.Generator().manual_seed(7)))
+
+    def forward_features(self, images, mask, attn_mask, return_layers, return_qk):
+        x = self.vit.embed(images, mask)  # (B, 1 + N, C)
+        x = torch.cat([x[:, :1], self.register.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)  # (B, 2 + N, C)
+        layers, qks = {}, {}
+        for i, block in enumerate(self.blocks):
+            x, qk = block(x, None, attn_mask[i], i in return_qk)
+            if i in return_layers:
+                layers[i] = x
+            if qk is not None:
+                qks[i] = qk
+        return dtm.Features(self.vit.norm(x), layers, qks)
+
+
+def test_mto_forward_with_two_prefix_tokens():
+    model, x, mask = RegisterViT(), images(), random_mask()
+    cfg = mto.MTOConfig()
+    with torch.no_grad():
+        tokens, losses = mto.mto_forward(model, x, mask, cfg, num_prefix=2)
+        allowed = mto.recalibration_mask(mask, num_prefix=2)
+        ref = model.forward_features(x, mask, [allowed] * DEPTH, range(DEPTH), range(DEPTH))
+        model.vit.mask_token.add_(1.0)
+        after, _ = mto.mto_forward(model, x, mask, cfg, num_prefix=2)
+    assert tokens.shape == (2, 2 + N, 192) and torch.allclose(tokens, ref.tokens, atol=1e-5)
+    visible = torch.cat([torch.ones(2, 2, dtype=torch.bool), ~mask], dim=1)  # CLS, register, visible patches
+    assert torch.equal(tokens[visible], after[visible]) and not torch.equal(tokens[~visible], after[~visible])
+    weights = mto.depth_weights(DEPTH, DEPTH)
+    sing = sum(weights[i] * mto.singularity_loss(ref.layers[i], mask, num_prefix=2).mean() for i in range(DEPTH))
+    ent = sum(weights[i] * explicit_entropy(*ref.qk[i][:2], None, mask, num_prefix=2).mean() for i in range(DEPTH))
+    torch.testing.assert_close(losses["loss_sing"], sing)
+    torch.testing.assert_close(losses["loss_ent"], ent)
+
+
+def test_attention_entropy_refuses_misshapen_inputs():
+    model, mask = tiny_vit(), random_mask()
+    q, k, bias = model.forward_features(images(), mask, return_qk=[0]).qk[0]
+    mto.attention_entropy(q, k, bias, mask)  # the shapes dtm's ViT returns
+    with pytest.raises(ValueError, match="relative position bias"):  # a per-image bias, e.g. with a mask folded in
+        mto.attention_entropy(q, k, bias[None].expand(2, -1, -1, -1), mask)
+    with pytest.raises(ValueError, match="2 prefix tokens"):  # T = 17 is not 2 + 16
+        mto.attention_entropy(q, k, None, mask, num_prefix=2)
+    with pytest.raises(ValueError, match="prefix tokens"):
+        mto.attention_entropy(q, k[:, :, 1:], None, mask)
