@@ -280,6 +280,8 @@ class DropPath(nn.Module):
 
     def __init__(self, p: float = 0.0):
         super().__init__()
+        if not 0.0 <= p < 1.0:  # p = 1 would divide by keep_prob = 0
+            raise ValueError(f"drop path rate {p} must be in [0, 1)")
         self.p = p
         self.register_buffer("keep_prob", torch.tensor(1.0 - p), persistent=False)
 
@@ -357,6 +359,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"rel_pos_bias must be one of {', '.join(REL_POS_BIAS)}, got {rel_pos_bias!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if not 0.0 <= drop_path_rate < 1.0:  # the last block's rate is drop_path_rate itself
+            raise ValueError(f"drop_path_rate (--drop_path) must be in [0, 1), got {drop_path_rate}")
         self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
         self.embed_dim, self.depth, self.num_heads, self.num_classes = embed_dim, depth, num_heads, num_classes
@@ -487,7 +491,8 @@ def adapt_state_dict(state_dict: dict, model: VisionTransformer) -> dict:
     model's patch grid (for another image size), and a shared table moved into every block when the model has
     per-block tables only: added to the block's own table where the checkpoint has one (layout "both", the
     official fine-tuning's --init_both_rpb, naver-ai/dtm run_class_finetuning.py), else copied (BEiT). Other keys pass unchanged; load the result with load_state_dict.
-    Source grids are inferred assuming a square grid. Take the ViT keys of a checkpoint with vit_state_dict.
+    A table or position embedding of the model's size is kept as it is; the grid of one of another size is inferred
+    assuming a square grid. Take the ViT keys of a checkpoint with vit_state_dict.
     """
     sd = dict(state_dict)
     if "rel_pos_bias.table" in sd and model.rel_pos_bias is None and model.blocks[0].attn.rel_pos_bias is not None:
@@ -495,11 +500,10 @@ def adapt_state_dict(state_dict: dict, model: VisionTransformer) -> dict:
         for i in range(model.depth):  # the attention bias stays the same: per-block + shared (official
             key = f"blocks.{i}.attn.rel_pos_bias.table"  # --init_both_rpb), or a copy of the shared (BEiT)
             sd[key] = sd[key] + shared if key in sd else shared.clone()
+    rows = (2 * model.grid[0] - 1) * (2 * model.grid[1] - 1) + 3  # the model's table: (2H-1)(2W-1) offsets + 3
     for key, value in list(sd.items()):
-        if key.endswith("rel_pos_bias.table"):
-            old_grid = _table_grid(value.shape[0])
-            if old_grid != model.grid:
-                sd[key] = resize_rel_pos_table(value, old_grid, model.grid)
+        if key.endswith("rel_pos_bias.table") and value.shape[0] != rows:  # a table of the model's size is kept
+            sd[key] = resize_rel_pos_table(value, _table_grid(value.shape[0]), model.grid)
         elif key == "pos_embed" and value.shape[1] != 1 + model.num_patches:
             side = math.isqrt(value.shape[1] - 1)
             sd[key] = resize_pos_embed(value, (side, side), model.grid)
@@ -931,6 +935,9 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
         raise ValueError(f"loss_on must be 'all' or 'masked', got {loss_on!r}")
     if pred.shape != target.shape:
         raise ValueError(f"predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ in shape")
+    if torch.is_tensor(groups) or not groups:
+        raise ValueError("groups must be a list with one (B, N) tensor per morphing level (at least one; "
+                         "[torch.arange(N).expand(B, N)] for no morphing)")
     if num_groups is not None and len(num_groups) != len(groups):
         raise ValueError(f"num_groups has {len(num_groups)} entries for {len(groups)} levels of groups")
     if loss_on == "masked":

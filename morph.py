@@ -93,7 +93,7 @@ def clamp_schedule(num_tokens: int, schedule, split: str = "random") -> list:
                             f"integers") from None
         if r < 0:
             raise ValueError(f"schedule {list(schedule)} has a negative entry {r}; tokens removed per round must be >= 0")
-        r = min(r, (tokens - protected) // 2)
+        r = min(r, max(tokens - protected, 0) // 2)
         clamped.append(r)
         tokens -= r
     return clamped
@@ -329,8 +329,8 @@ def group_mean(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.
     """Morphed tokens M x: the mean of the original tokens of each group. x (B, N, C) -> (B, G, C).
 
     num_groups may be any bound above the largest group id (e.g. N): a group id without members gives a zero row.
-    Ids are not checked against it (that would cost a GPU sync per call): one >= num_groups lands in the next
-    sample's rows, so take num_groups from num_groups_after with token_morphing's split (or use N).
+    An id >= num_groups is an index error (on a GPU a device-side assert): take num_groups from num_groups_after
+    with token_morphing's split, or use N.
     Accumulates in float32 and returns x's dtype; differentiable in x (the backward is a gather).
     """
     B, N, C = x.shape
@@ -343,10 +343,10 @@ def group_mean(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.
 
 
 def morph_back(x_groups: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Every original token position gets its group's value: (B, G, C) -> (B, N, C). Group ids must be < G."""
+    """Every original token position gets its group's value: (B, G, C) -> (B, N, C). An id >= G is an index error."""
     if groups.dim() != 2 or groups.shape[0] != x_groups.shape[0]:
         raise ValueError(f"groups {tuple(groups.shape)} must be (B, N) with the batch of x_groups {tuple(x_groups.shape)}")
-    return _gather_rows(x_groups, groups)
+    return x_groups.gather(1, groups[..., None].expand(-1, -1, x_groups.shape[-1]))  # per sample: ids are bounds-checked
 
 
 def morph_matrix(groups: torch.Tensor, num_groups: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -98,11 +98,18 @@ class MTOConfig:
     ent_layers: Optional[int] = None
 
 
+def _check_mask(mask):
+    if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.dim() != 2:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
+        raise ValueError(f"MTO needs the (B, N) bool mask of masked patches (True = masked), got {got}")
+
+
 def recalibration_mask(mask, num_prefix: int = NUM_PREFIX):
     """mask (B, N) bool, True = masked patch -> attention mask (B, 1, T, T) bool, True = may attend, T = num_prefix + N.
 
     Query q may attend to key k unless q is visible (prefix or unmasked patch) and k is a masked patch.
     """
+    _check_mask(mask)
     B = mask.shape[0]
     masked = torch.cat([mask.new_zeros(B, num_prefix), mask], dim=1)  # (B, T); prefix tokens are never masked
     return (masked[:, :, None] | ~masked[:, None, :]).unsqueeze(1)  # (B, 1, T, T): masked query or visible key
@@ -130,6 +137,7 @@ class Rows(NamedTuple):
 
 def patch_rows(mask) -> Rows:
     """(B, N) bool, True = masked -> Rows (one host sync for the paddings)."""
+    _check_mask(mask)
     counts = torch.stack([mask.sum(dim=1), (~mask).sum(dim=1)])  # (2, B)
     (most_masked, most_visible), (_, fewest_visible) = torch.stack([counts.amax(dim=1), counts.amin(dim=1)]).tolist()
     M, V = max(most_masked, 1), max(most_visible, 1)
@@ -181,6 +189,7 @@ def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREF
     its masked patches i of max over its visible patches j of cos(h_i, h_j); gradient only through the masked side.
     Computed on the masked rows and visible columns only: (B, M, V), 75 x 121 for ViT-B's 196 patches.
     """
+    _check_mask(mask)
     if hidden.shape[1] != num_prefix + mask.shape[1]:
         raise ValueError(f"tokens {tuple(hidden.shape)} do not match the mask {tuple(mask.shape)} with {num_prefix} "
                          f"prefix tokens")
@@ -205,10 +214,13 @@ def _singularity_loss(hidden, mask, rows: Rows, num_prefix: int):
 class _SoftmaxEntropy(torch.autograd.Function):
     """H(z) = entropy of softmax(z) over the last dim = logsumexp(z) - sum_j p_j z_j, with the gradient
     dH/dz_j = -p_j (z_j - sum_k p_k z_k): a few passes over z instead of autograd through softmax, log and sum.
-    Only z is kept for the backward (p is recomputed there): one (B, heads, M, V) tensor per block, not two."""
+    Both are the same for z shifted by a constant per row, so z is shifted to a row maximum of 0 first (else the
+    difference of two large numbers loses the entropy: logits of 1e3 gave -9e-6). Only the shifted z is kept for the
+    backward (p is recomputed there): one (B, heads, M, V) tensor per block, not two."""
 
     @staticmethod
     def forward(ctx, z):
+        z = z - z.amax(dim=-1, keepdim=True)
         p = z.softmax(dim=-1)
         expected = torch.linalg.vecdot(p, z)
         ctx.save_for_backward(z, expected)
@@ -232,6 +244,7 @@ def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM
     entropy is divided by log(#visible), averaged over heads and over the image's masked queries. Images with no
     masked patch or fewer than 2 visible patches give 0.
     """
+    _check_mask(mask)
     B, H, T, _ = q.shape
     if T != num_prefix + mask.shape[1] or k.shape != q.shape:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be (B, heads, T, head_dim) with T = "
@@ -252,9 +265,12 @@ def _attention_entropy(q, k, bias, mask, rows: Rows, num_prefix: int):
     if bias is not None:  # the (heads, T, T) bias at each (masked query, visible key) pair, by one flat index
         pairs = (queries[:, :, None] * T + keys[:, None, :]).flatten()  # (B * M * V,) into a T x T table
         logits += bias.flatten(1).index_select(1, pairs).view(H, B, *logits.shape[2:]).transpose(0, 1).float()
-    # -1e4 on padding keys: exp() of it is exactly 0 in float32, and unlike -inf it keeps p * logit finite
+    # padding keys: the row's largest real logit - 1e4, whose exp() relative to that maximum is exactly 0 in float32
+    # (a fixed -1e4 was not, beside real logits near -1e4); unlike -inf it keeps p * logit finite
     if rows.visible_padded:
-        logits.masked_fill_(~rows.visible_valid[:, None, None, :], -1e4)
+        padding = ~rows.visible_valid[:, None, None, :]  # (B, 1, 1, V)
+        top = logits.detach().masked_fill(padding, float("-inf")).amax(dim=-1, keepdim=True)
+        logits = torch.where(padding, top.nan_to_num(neginf=0.0) - 1e4, logits)  # an image without visible keys: -1e4
     entropy = _SoftmaxEntropy.apply(logits).mean(dim=1)  # (B, M), mean over heads
     num_visible = rows.visible_valid.sum(dim=1)  # (B,)
     counted = rows.masked_valid & (num_visible >= 2)[:, None]  # masked queries of images with >= 2 visible patches
@@ -278,8 +294,7 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
     batch means of the per-image losses, not yet multiplied by the lambdas (see mto_total_loss); a loss whose lambda
     is 0 is a zero tensor and costs nothing.
     """
-    if mask is None or mask.dtype != torch.bool:
-        raise ValueError("MTO needs the (B, N) bool mask of masked patches")
+    _check_mask(mask)
     depth = len(vit.blocks)
     layers = _num_layers(cfg.layers, depth, "mto layers")
     sing_w = depth_weights(depth, _num_layers(cfg.sing_layers, depth, "mto sing_layers") if cfg.lambda_sing else 0)

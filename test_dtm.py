@@ -80,6 +80,11 @@ def test_vit_config_and_errors():
         model.forward_features(images(size=40))
     with pytest.raises(ValueError, match="mask must be bool"):
         model.forward_features(images(), random_mask().float())
+    for rate in (1.0, -0.1):  # 1.0 made the last block's output NaN (x * 0 / 0)
+        with pytest.raises(ValueError, match=r"--drop_path\) must be in \[0, 1\)"):
+            dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, drop_path_rate=rate)
+        with pytest.raises(ValueError, match="drop path rate"):
+            dtm.DropPath(rate)
 
 
 def test_masking_replaces_masked_patch_embeddings():
@@ -286,6 +291,16 @@ def test_both_layout_names_shapes_and_the_fine_tuning_sum():
     torch.testing.assert_close(vit.eval().forward_features(x).tokens, both.forward_features(x).tokens)
     vit, _ = dtm.vit_from_checkpoint(checkpoint, IMG)  # the stored layout
     assert vit.rel_pos_bias is not None and vit.blocks[0].attn.rel_pos_bias is not None
+
+
+@pytest.mark.parametrize("img_size", [(16, 80), (32, 224), (32, 48)])
+def test_adapt_state_dict_keeps_tables_of_the_models_non_square_grid(img_size):
+    """A table of the model's own size is kept. These grids' tables, (2H-1)(2W-1) + 3 rows, once passed for a square
+    grid's ((1, 5) and (2, 14): 3x3 and 5x5) and were "resized" into other values, or could not be read ((2, 3))."""
+    vit = dtm.VisionTransformer(img_size=img_size, patch_size=16, embed_dim=16, depth=1, num_heads=2)
+    torch.nn.init.normal_(vit.rel_pos_bias.table, generator=torch.Generator().manual_seed(0))
+    loaded, _ = dtm.vit_from_checkpoint({"model": vit.state_dict(), "args": {"num_heads": 2}}, img_size)
+    assert torch.equal(loaded.rel_pos_bias.table, vit.rel_pos_bias.table)
 
 
 def test_adapt_state_dict_shared_to_per_block_and_other_grid():
@@ -567,6 +582,9 @@ def test_schedule_without_merges_is_per_token_distillation():
         assert torch.allclose(value, F.smooth_l1_loss(pred, target, beta=2.0), atol=1e-6)
         masked, _ = dtm.dtm_loss(pred, target, levels, mask, loss_on="masked")
         assert torch.allclose(masked, F.smooth_l1_loss(pred[mask], target[mask], beta=2.0), atol=1e-6)
+    for no_levels in ([], levels[0]):  # none, or one level's tensor instead of a list of them
+        with pytest.raises(ValueError, match="one \\(B, N\\) tensor per morphing level"):
+            dtm.dtm_loss(pred, target, no_levels)
 
 
 def test_dtm_loss_is_computed_in_float32_from_bf16_inputs():

@@ -247,6 +247,11 @@ def test_group_helpers_check_the_batch():
         morph_back(torch.randn(3, 7, 5), groups)
     with pytest.raises(ValueError, match="first two dims"):
         group_mean(torch.randn(3, 10, 5), groups, 7)
+    ids = torch.tensor([[0, 2], [0, 1]])  # sample 0 names a group 2 that a (2, 2, C) input does not have
+    for bad in (lambda: morph_back(torch.randn(2, 2, 3), ids), lambda: group_mean(torch.randn(2, 2, 3), ids, 2)):
+        with pytest.raises(RuntimeError, match="out of bounds|out of range"):  # not sample 1's row 0
+            bad()
+    assert clamp_schedule(0, [1], "official") == [0] and num_groups_after(0, [1], "official") == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

@@ -196,12 +196,12 @@ def test_singularity_loss_matches_loop():
     assert grad.isfinite().all()
 
 
-def explicit_entropy(q, k, bias, mask, num_prefix=1):
+def explicit_entropy(q, k, bias, mask, num_prefix=1, dtype=torch.float32):
     """The earlier implementation, kept as the reference: full attention probabilities from an explicit softmax
     (B, heads, T, T), each masked query's row restricted to the visible patch keys and renormalized."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    attn = (scores if bias is None else scores + bias).float().softmax(dim=-1)
-    tiny = torch.finfo(torch.float32).tiny
+    attn = (scores if bias is None else scores + bias).to(dtype).softmax(dim=-1)
+    tiny = torch.finfo(dtype).tiny
     visible = ~mask
     p = attn[:, :, num_prefix:, num_prefix:] * visible[:, None, None, :]
     q = p / p.sum(dim=-1, keepdim=True).clamp(min=tiny)
@@ -249,6 +249,40 @@ def test_attention_entropy_matches_loop_and_the_explicit_softmax():
     onehot = torch.zeros(1, 1 + N, 1 + N)  # (heads, T, T)
     onehot[..., 0] = onehot[..., 1 + 7] = 100.0
     assert mto.attention_entropy(zeros, zeros, onehot, mask1).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_attention_entropy_is_shift_invariant_and_independent_of_the_batch():
+    """A bias constant over the keys changes no softmax: the entropy stays that of no bias, whatever images share the
+    batch (their differing visible counts pad the keys) and however large the logits. A fixed -1e4 fill of padding
+    keys once took weight beside real logits near -1e4 (normalized entropy 1.31), and logsumexp - E[z] of unshifted
+    logits of about 1e3 came out negative."""
+    mask = masks_with_edge_cases()
+    assert mto.patch_rows(mask).visible_padded
+    g = torch.Generator().manual_seed(12)
+    q, k = torch.randn(4, 2, 1 + N, 8, generator=g), torch.randn(4, 2, 1 + N, 8, generator=g)
+    plain = mto.attention_entropy(q, k, None, mask)
+    alone = torch.cat([mto.attention_entropy(q[b:b + 1], k[b:b + 1], None, mask[b:b + 1]) for b in range(4)])
+    torch.testing.assert_close(plain, alone)
+    for shift in (-3e4, -1e4, 1e4):
+        shifted = mto.attention_entropy(q, k, torch.full((2, 1 + N, 1 + N), shift), mask)
+        torch.testing.assert_close(shifted, plain, rtol=0, atol=2e-3)  # a logit of 1e4 in float32 keeps ~1e-3
+    for size in (1e2, 1e3):  # logits of about 1e2 and 1e3: rows almost one-hot, entropies near 0 but not below
+        scale = size ** 0.5 / 8 ** 0.25
+        large = mto.attention_entropy(q * scale, k * scale, None, mask)
+        reference = explicit_entropy((q * scale).double(), (k * scale).double(), None, mask, dtype=torch.float64)
+        assert (large >= 0).all() and (large <= 1).all()
+        if size == 1e2:  # unshifted: relative error 7e-5
+            torch.testing.assert_close(large.double(), reference, rtol=1e-5, atol=0)
+
+
+def test_masks_must_be_bool():
+    mask = random_mask()
+    hidden, q = torch.randn(2, 1 + N, 12), torch.randn(2, 2, 1 + N, 8)
+    for call in (lambda m: mto.recalibration_mask(m), lambda m: mto.singularity_loss(hidden, m),
+                 lambda m: mto.attention_entropy(q, q, None, m), lambda m: mto.patch_rows(m)):
+        with pytest.raises(ValueError, match="bool mask"):  # a uint8 mask once gave a bias of 254/255: no masking
+            call(mask.to(torch.uint8))
+        call(mask)
 
 
 def test_losses_with_a_fixed_number_of_masked_patches_skip_padding_and_agree_with_references():
