@@ -289,12 +289,15 @@ def layer_decay_fn(depth: int, decay: float, prefix: str = ""):
     return lr_scale
 
 
-def check_optimizer_args(args):
-    """The optimizer flags the three trainers share: a negative --clip_grad would flip the gradients' sign
-    (clip_grad_norm_ scales by clip / norm), a negative --lr or --weight_decay would train backwards."""
-    for flag in ("lr", "min_lr", "weight_decay", "clip_grad"):
+def check_shared_args(args):
+    """The numeric flags the three trainers share: a negative --clip_grad would flip the gradients' sign
+    (clip_grad_norm_ scales by clip / norm), a negative --lr or --weight_decay would train backwards, a negative
+    --max_unreadable stop the run at its first log, a negative --num_workers fail inside the DataLoader."""
+    for flag in ("lr", "min_lr", "weight_decay", "clip_grad", "num_workers"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if not 0 <= args.max_unreadable <= 1:
+        raise ValueError(f"--max_unreadable is a fraction of the training images, in 0..1; got {args.max_unreadable}")
     if getattr(args, "layer_decay", None) is not None and not 0 < args.layer_decay <= 1:
         raise ValueError(f"--layer_decay must be in (0, 1] (1: no decay), got {args.layer_decay}")
 
@@ -567,6 +570,33 @@ def demo_help(defaults: dict, extra: str = "") -> str:
     return f"The demo (no data given) uses instead: {', '.join(flags)}{extra}."
 
 
+def from_checkpoint_unless_given(args, parser, names):
+    """With --eval: the flags `names` left at their defaults become None, to be taken from the checkpoint
+    (take_from_checkpoint); given ones are kept, to be checked against it."""
+    for name in names:
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, None)
+
+
+def take_from_checkpoint(args, saved: dict, names, path: str, must_agree: bool = True):
+    """Fill the flags that from_checkpoint_unless_given left None from the checkpoint's args `saved`; a given flag
+    that disagrees with the checkpoint is an error (must_agree: model and input flags), else it wins (data flags)."""
+    for name in names:
+        given = getattr(args, name)
+        if given is None:
+            setattr(args, name, saved[name])
+        elif must_agree and saved[name] is not None and _plain(given) != _plain(saved[name]):  # None: the default
+            raise ValueError(f"--{name} {given} differs from the {saved[name]} that {path!r} was trained with, which "
+                             f"--eval uses: leave --{name} out")
+
+
+def refuse_ignored(args, parser, names, why: str):
+    """Flags set away from their defaults where they would do nothing (`why`) are an error, not silently ignored."""
+    given = [f"--{name}" for name in names if getattr(args, name) != parser.get_default(name)]
+    if given:
+        raise ValueError(f"{', '.join(given)} would do nothing {why}: leave {'it' if len(given) == 1 else 'them'} out")
+
+
 def add_run_args(parser, output_dir: str):
     """The flags every trainer shares for its output folder, checkpoints and log."""
     g = parser.add_argument_group("run (see README: Runs, checkpoints and logs)")
@@ -577,17 +607,23 @@ def add_run_args(parser, output_dir: str):
                    "checkpoint-last.pth is removed, its log.jsonl kept as log.N.jsonl; its other checkpoints stay "
                    "until the new run writes files of the same name")
     g.add_argument("--log_every", type=int, default=50, help="optimizer steps per log.jsonl line")
-    g.add_argument("--seed", type=int, default=0, help="seeds weights, data order, augmentation, masks, schedules")
+    g.add_argument("--seed", type=int, default=0, help="seeds every random draw: new weights, data order, augmentation, drop path (pre-training: "
+                   "also masks and morphing schedules)")
     return g
 
 
-def prepare_run(args, d: Dist) -> tuple:
+def prepare_run(args, d: Dist, reads: dict = None) -> tuple:
     """Decide where the run starts -> (checkpoint path to resume or None, True if that is output_dir's own).
 
     --resume auto continues output_dir/checkpoint-last.pth if there is one (as the official code's --auto_resume, on
     by default: naver-ai/dtm run_pretrain_dtm.py, utils/utils.py auto_load_last_model); --fresh starts over instead; --resume PATH
-    continues PATH, into an output_dir that holds no other run. Rank 0 also removes the temporary files an
+    continues PATH, into an output_dir that holds no other run. reads: {flag: path} of checkpoints the run reads
+    (--init, the teacher), refused where the run writes over them. Rank 0 also removes the temporary files an
     interrupted save left behind."""
+    for flag, path in (reads or {}).items():
+        if path and _written_by_runs_in(args.output_dir, path):
+            raise ValueError(f"{flag} {path!r} is a checkpoint in --output_dir {args.output_dir!r}, which this run "
+                             f"writes over (and --fresh deletes): copy it elsewhere, or pass another --output_dir")
     last = os.path.join(args.output_dir, LAST)
     if d.is_main and os.path.isdir(args.output_dir):
         for name in os.listdir(args.output_dir):
@@ -611,6 +647,13 @@ def prepare_run(args, d: Dist) -> tuple:
         raise ValueError(f"--output_dir {args.output_dir!r} holds another run ({LAST}); continuing {args.resume!r} "
                          f"there would overwrite it: pass another --output_dir, or --fresh to replace that run")
     return args.resume, resuming_last
+
+
+def _written_by_runs_in(output_dir: str, path: str) -> bool:
+    """Whether path is one of the checkpoint files (checkpoint-*.pth) that a run in output_dir writes."""
+    name = os.path.basename(path)
+    return (name.startswith("checkpoint-") and name.endswith(".pth") and os.path.isfile(path)
+            and os.path.isdir(output_dir) and os.path.samefile(os.path.dirname(os.path.abspath(path)), output_dir))
 
 
 def json_number(value):
@@ -716,12 +759,17 @@ def check_finite(values: torch.Tensor, names, step: int, output_dir: str):
         stop_non_finite(", ".join(bad), step, output_dir)
 
 
-def load_checkpoint(path: str, kind: str, flag: str = "--resume", hint: str = "") -> dict:
-    """A checkpoint of one trainer (kind); a clear error for a missing file, a foreign one or another trainer's."""
+def load_checkpoint(path: str, kind: str, flag: str = "--resume", hint: str = "", auto: bool = False) -> dict:
+    """A checkpoint of one trainer (kind); a clear error for a missing file, a foreign one or another trainer's.
+    auto: path is the output_dir's checkpoint-last.pth that --resume auto picked (the error then names the folder)."""
     checkpoint = dtm.read_checkpoint(path, flag)
     if checkpoint.get("kind") != kind:
         found = f"kind {checkpoint['kind']!r}" if "kind" in checkpoint else "no 'kind' entry"
-        raise ValueError(f"{flag} {path!r} is not a checkpoint of train_{kind.split('_')[1]}.py ({found}){hint}")
+        trainer = f"train_{kind.split('_')[1]}.py"
+        if auto:
+            raise ValueError(f"--output_dir {os.path.dirname(path)!r} holds another trainer's run ({LAST}: {found}), "
+                             f"which {trainer} would continue (--resume auto): pass another --output_dir")
+        raise ValueError(f"{flag} {path!r} is not a checkpoint of {trainer} ({found}){hint}")
     return checkpoint
 
 

@@ -335,6 +335,9 @@ class MTO:
         return tokens, mto_total_loss(losses, self.cfg), {k: v.detach() for k, v in losses.items()}
 
 
+MTO_FLAGS = ("mto_layers", "mto_lambda_sing", "mto_lambda_ent", "mto_sing_layers", "mto_ent_layers")  # besides --mto
+
+
 def add_mto_args(parser):
     """Adds --mto and its options to a trainer's argparse parser."""
     group = parser.add_argument_group("MTO (Masked Token Optimization, ECCV 2024; see mto.py)")

@@ -740,7 +740,7 @@ def test_help_names_the_script_and_shows_every_default(script):
     parser = __import__(script).get_args_parser()
     assert parser.format_usage().split()[1] == os.path.basename(sys.argv[0])
     assert [a.dest for a in parser._actions if a.option_strings and not a.help] == []
-    assert "(default: 0)" in " ".join(parser.format_help().split("--seed SEED")[-1].split()[:12])
+    assert "(default: 0)" in " ".join(parser.format_help().split("--seed SEED")[-1].split()[:20])
 
 
 def test_seed_step_depends_on_seed_micro_step_and_rank():
@@ -767,3 +767,67 @@ def test_each_trainers_help_lists_the_demo_defaults_it_runs_with():
             shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
             assert f"--{key} {shown}" in epilog, (trainer.__name__, key)
             assert demo[key] == value, (trainer.__name__, key, demo[key], value)
+
+
+def test_prepare_run_refuses_inputs_that_the_run_writes_over(tmp_path):
+    """--init (or the teacher) naming a checkpoint in the output folder: --fresh deleted it, a save replaced it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in (engine.LAST, engine.BEST, "checkpoint-20.pth"):
+        (out / name).write_bytes(b"x")
+        for fresh in (False, True):
+            with pytest.raises(ValueError, match=f"--init '.*{name}' is a checkpoint in --output_dir .* copy it"):
+                engine.prepare_run(run_args(out, fresh=fresh), CPU, reads={"--init": str(out / name)})
+            assert (out / name).exists()
+    (out / "pretrained.pth").write_bytes(b"x")  # another name in the folder, or a checkpoint elsewhere: fine
+    (tmp_path / engine.LAST).write_bytes(b"x")
+    for path in (out / "pretrained.pth", tmp_path / engine.LAST, "none", None):
+        assert engine.prepare_run(run_args(out, fresh=True), CPU, reads={"--init": path and str(path)}) == (None, False)
+
+
+def test_auto_resume_of_another_trainers_run_names_the_folder(tmp_path):
+    path = tmp_path / engine.LAST
+    torch.save({"kind": "dtm_pretrain", "model": {}}, path)
+    with pytest.raises(ValueError, match="--output_dir .* holds another trainer's run .*'dtm_pretrain'.* pass another "
+                                         "--output_dir"):
+        engine.load_checkpoint(str(path), "dtm_finetune", hint="; use --init", auto=True)
+    with pytest.raises(ValueError, match="--resume .* is not a checkpoint of train_finetune.py .*; use --init"):
+        engine.load_checkpoint(str(path), "dtm_finetune", hint="; use --init")
+
+
+def test_flags_that_would_do_nothing_are_refused():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--a", type=int, default=1)
+    parser.add_argument("--b", default=None)
+    args = parser.parse_args(["--a", "1"])  # the default value, even given, changes nothing
+    engine.refuse_ignored(args, parser, ["a", "b"], "here")
+    with pytest.raises(ValueError, match="--a, --b would do nothing here: leave them out"):
+        engine.refuse_ignored(parser.parse_args(["--a", "2", "--b", "x"]), parser, ["a", "b"], "here")
+
+
+def test_eval_flags_come_from_the_checkpoint_unless_given():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="vit_b")
+    parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args(["--size", "32"])
+    engine.from_checkpoint_unless_given(args, parser, ["model", "size"])
+    assert args.model is None and args.size == 32
+    engine.take_from_checkpoint(args, {"model": "vit_s", "size": 32}, ["model", "size"], "ck.pth")
+    assert args.model == "vit_s" and args.size == 32
+    args.size = 48
+    with pytest.raises(ValueError, match="--size 48 differs from the 32 that 'ck.pth' was trained with"):
+        engine.take_from_checkpoint(args, {"size": 32}, ["size"], "ck.pth")
+    engine.take_from_checkpoint(args, {"size": 32}, ["size"], "ck.pth", must_agree=False)  # data flags: given wins
+    assert args.size == 48
+
+
+@pytest.mark.parametrize("flags, message", [(["--num_workers", "-1"], "--num_workers must be >= 0"),
+                                            (["--max_unreadable", "-1"], "--max_unreadable is a fraction"),
+                                            (["--max_unreadable", "2"], "--max_unreadable is a fraction")])
+def test_shared_flags_are_checked_in_every_trainer(flags, message):
+    import train_finetune
+    import train_pretrain
+    import train_seg
+    for trainer in (train_pretrain, train_finetune, train_seg):
+        with pytest.raises(ValueError, match=message):
+            trainer.parse_args(flags)

@@ -163,6 +163,14 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     assert tf.parse_args(TINY_RUN + ["--batch_size", "15", "--mixup", "0", "--cutmix", "0"]).batch_size == 15
 
 
+def test_a_checkpoint_without_position_tables_is_noted(tmp_path, capsys):
+    """--rel_pos_bias per_block (the default) converts the tables a checkpoint has; one without gets none, and says so."""
+    vit = dtm.build_vit("vit_tiny", img_size=IMG, rel_pos_bias="none")
+    torch.save({"model": vit.state_dict(), "args": {"model": "vit_tiny"}}, tmp_path / "plain.pth")
+    tf.main(TINY_RUN[:-1] + [str(tmp_path / "plain.pth"), "--epochs", "1", "--output_dir", str(tmp_path / "out")])
+    assert "plain.pth has no relative position tables, so neither has this model" in capsys.readouterr().out
+
+
 def test_soft_target_cross_entropy_matches_definition():
     torch.manual_seed(0)
     logits = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
@@ -344,6 +352,23 @@ def test_resume_continues_exactly(finetuned, tmp_path):
     assert resumed_best == best and last_line(tmp_path / "log.jsonl") == last_line(out / "log.jsonl")
 
 
+def test_resume_and_eval_refuse_another_model_or_table_layout(finetuned, tmp_path):
+    """Resuming with another --model or --rel_pos_bias once trained the stored ViT and recorded the new flags."""
+    out, _ = finetuned
+    resume = TINY_RUN + ["--epochs", "3", "--output_dir", str(tmp_path), "--resume", str(out / "checkpoint-last.pth")]
+    with pytest.raises(ValueError, match="--model vit_s has width 384 .*pass --model vit_tiny"):
+        tf.main(resume + ["--model", "vit_s"])
+    with pytest.raises(ValueError, match="continues a run with --rel_pos_bias per_block, which a run cannot change"):
+        tf.main(resume + ["--rel_pos_bias", "shared"])
+    evaluate = ["--eval", str(out / "checkpoint-last.pth"), "--num_workers", "0", "--output_dir", str(tmp_path)]
+    for flags, message in ((["--model", "vit_s"], "--model vit_s differs from the vit_tiny"),
+                           (["--img_size", "64"], "--img_size 64 differs from the 32")):
+        with pytest.raises(ValueError, match=message):
+            tf.main(evaluate + flags)
+    with pytest.raises(ValueError, match="--synthetic_val would do nothing with real data"):
+        tf.parse_args(["--data_train", "a", "--data_val", "b", "--init", "none", "--synthetic_val", "5"])
+
+
 def test_best_checkpoint_and_eval_reproduce_the_logged_top1(finetuned, tmp_path):
     out, best = finetuned
     logged = [json.loads(line) for line in open(out / "log.jsonl") if "val_top1" in line]
@@ -351,7 +376,7 @@ def test_best_checkpoint_and_eval_reproduce_the_logged_top1(finetuned, tmp_path)
     best_ckpt = torch.load(out / "checkpoint-best.pth")  # plain torch.load: weights_only=True
     assert best_ckpt["val"]["top1"] == best and set(best_ckpt) >= {"model", "optimizer", "scaler", "epoch", "args"}
     assert best_ckpt["kind"] == "dtm_finetune"
-    stats = tf.main(["--eval", str(out / "checkpoint-last.pth"), "--synthetic_val", "13", "--batch_size", "16",
+    stats = tf.main(["--eval", str(out / "checkpoint-last.pth"), "--batch_size", "16",  # its 13 demo images
                      "--num_workers", "0", "--output_dir", str(tmp_path)])
     assert stats["top1"] == logged[-1]["val_top1"] and stats["count"] == 13
     assert last_line(tmp_path / "eval.jsonl")["val_top1"] == stats["top1"]

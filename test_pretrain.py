@@ -134,6 +134,12 @@ def test_recipes_and_their_defaults():
     (["--num_masked", "60"], ValueError, "--num_masked"),
     (["--no_clip_proj"], ValueError, "apply to a CLIP teacher"),  # the demo's teacher is pixels
     (["--data", HERE, "--teacher", "pixels", "--teacher_norm", "clip"], ValueError, "apply to a CLIP teacher"),
+    (["--fixed_schedule", "8", "2", "--max_iters", "1", "--schedules", "shared"], ValueError,
+     "--max_iters, --schedules would do nothing with --fixed_schedule"),
+    (["--loss", "l2", "--beta", "100"], ValueError, "--beta would do nothing with --loss l2"),
+    (["--beta", "-1"], ValueError, "--beta must be >= 0"),
+    (["--mto_layers", "3", "--mto_lambda_ent", "0"], ValueError, "--mto_layers, --mto_lambda_ent would do nothing "
+                                                                 "without --mto"),
 ])
 def test_bad_arguments(argv, error, match):
     with pytest.raises(error, match=match):
@@ -144,6 +150,21 @@ def test_resume_rejects_foreign_checkpoint(image_folder, tmp_path):
     torch.save({"model": {}, "epoch": 0}, tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match="not a checkpoint of train_pretrain.py.*--teacher ckpt:PATH"):
         tp.main(tiny_argv(image_folder, tmp_path / "out", "--resume", str(tmp_path / "foreign.pth")))
+
+
+def test_the_teacher_checkpoint_may_not_be_one_the_run_writes_over(image_folder, tmp_path):
+    """A teacher at output_dir/checkpoint-last.pth was replaced by the student's checkpoint at the first save (and
+    deleted by --fresh): a relaunch then distilled from the student."""
+    out = tmp_path / "out"
+    tp.main(tiny_argv(image_folder, out))
+    teacher = str(out / "checkpoint-last.pth")
+    before = torch.load(teacher)["model"]
+    for extra in ([], ["--fresh"]):
+        argv = [a if a != "pixels" else f"ckpt:{teacher}" for a in tiny_argv(image_folder, out, *extra)]
+        with pytest.raises(ValueError, match="--teacher ckpt: '.*checkpoint-last.pth' is a checkpoint in --output_dir"):
+            tp.main(argv)
+    after = torch.load(teacher)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -82,6 +82,22 @@ def test_window_starts_cover_the_image_like_mmseg():
     assert train_seg.parse_args(["--init", "none"]).stride == 43  # the demo's
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--img_suffix", ".png"], "--img_suffix would do nothing in the demo"),
+    (["--reduce_zero_label", "--data", "/x"], "--reduce_zero_label would do nothing with --data"),
+    (["--num_classes", "21"], "--num_classes 21 would do nothing in the demo .*--demo_shape_classes"),
+    (["--num_classes", "21", "--data", "/x"], "--num_classes 21 would do nothing with --data \\(ADE20K: 150"),
+    (["--demo_train_images", "5", "--data", "/x"], "--demo_train_images would do nothing with real data"),
+    (["--aux_weight", "-1"], "--aux_weight, --poly_power and --warmup_iters must be >= 0"),
+    (["--poly_power", "-1"], "makes the lr grow"),
+    (["--warmup_ratio", "3"], "--warmup_ratio in 0..1"),
+    (["--batch_size", "0"], "--batch_size must be >= 1")])
+def test_flags_that_do_nothing_or_train_wrongly_are_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        train_seg.parse_args(["--init", "none", *flags])
+    assert train_seg.parse_args(["--init", "none", "--data", "/x", "--num_classes", "150"]).num_classes == 150
+
+
 class CropSizeOnly(nn.Module):
     """A 1x1 conv (translation-equivariant) that refuses inputs other than crop x crop, like the ViT."""
 
@@ -311,14 +327,17 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     # without --scale and --stride, --eval uses the checkpoint's (64x48, 24), not the defaults (2048x512, 341 or the
     # demo's 384x96, 43)
     out = tmp_path / "eval"
-    metrics = train_seg.main(["--demo_img_size", "48", "--demo_val_images", "2", "--output_dir", str(out),
-                              "--eval", os.path.join(full_dir, "checkpoint-best.pth.step4")])
+    # and so are the demo's image sizes and count (48 px, 2 images), not the demo's defaults (96 px, 32 images)
+    metrics = train_seg.main(["--output_dir", str(out), "--eval", os.path.join(full_dir, "checkpoint-best.pth.step4")])
     record = json.loads(open(out / "eval.jsonl").read())
     assert record["scale"] == [64, 48] and record["stride"] == 24 and record["aAcc"] == pytest.approx(logged["aAcc"])
-    # the crop size comes from the checkpoint (32), so a stride that was valid for the flags' crop (48) is not
-    with pytest.raises(ValueError, match="--stride 40 is larger than the crop size 32 .* pass --stride 24"):
-        train_seg.main(TINY_RUN + ["--crop_size", "48", "--stride", "40", "--output_dir", full_dir,
+    # the crop size comes from the checkpoint (32): another one given is refused, and a stride beyond 32 too
+    with pytest.raises(ValueError, match="--crop_size 48 differs from the 32 that .* leave --crop_size out"):
+        train_seg.main(TINY_RUN + ["--crop_size", "48", "--output_dir", full_dir,
                                    "--eval", os.path.join(full_dir, "checkpoint-best.pth.step4")])
+    with pytest.raises(ValueError, match="--stride 40 is larger than the crop size 32 .* pass --stride 24"):
+        train_seg.main(["--stride", "40", "--output_dir", full_dir,
+                        "--eval", os.path.join(full_dir, "checkpoint-best.pth.step4")])
 
 
 def write_seg_folder(root, labels):
@@ -371,6 +390,19 @@ def test_labels_are_checked_per_sample_naming_the_file(tmp_path, capsys):
                                 "--num_classes", "3", "--scale", "48", "32", "--stride", "24", "--num_workers", "0",
                                 "--output_dir", str(tmp_path / "ok")])
     assert evaluated["aAcc"] == pytest.approx(metrics["aAcc"]) and evaluated["IoU"] == pytest.approx(metrics["IoU"])
+    # relaunching without --init continues the run (its checkpoint names its --init), as in the other trainers
+    run = generic_run(tmp_path / "train", tmp_path / "val", tmp_path / "ok")
+    without_init = [a for i, a in enumerate(run) if "--init" not in run[max(i - 1, 0):i + 1]]
+    assert len(without_init) == len(run) - 2
+    capsys.readouterr()
+    train_seg.main(without_init + ["--iters", "3"])
+    assert "resumed from" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="pass --init PATH"):  # a new run needs it
+        train_seg.main(without_init + ["--fresh"])
+    last = tmp_path / "ok" / "checkpoint-last.pth"  # --fresh would delete the checkpoint that --init names
+    with pytest.raises(ValueError, match="--init .* is a checkpoint in --output_dir .* copy it elsewhere"):
+        train_seg.main(without_init + ["--init", str(last), "--fresh"])
+    assert last.exists()
     with pytest.raises(ValueError, match="validation samples cannot be used; first: annotation .*bad/ann/3.png' holds "
                                          "label values \\[9\\]"):
         train_seg.main(generic_run(tmp_path / "train", tmp_path / "bad", tmp_path / "v"))

@@ -206,7 +206,9 @@ def get_args_parser():
                    "for intermediate / transfer fine-tuning), or 'none' to train from scratch (required to start a "
                    "run, except in the demo)")
     g.add_argument("--eval", default=None, metavar="CHECKPOINT", help="only evaluate this fine-tuned checkpoint on the "
-                   "validation set (its model and input size; --data_val or --data or the demo data)")
+                   "validation set (--data_val or --data or the demo data). Its --model, --img_size, --rel_pos_bias "
+                   "(a given one must agree) and the demo's --synthetic_val come from it; --init, --resume and "
+                   "--fresh are ignored, so a training command plus --eval works")
     g.add_argument("--img_size", type=int, default=224, help="training and evaluation crop size")
     g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate (BEiT v2 uses 0.2 for ViT-L: "
                    "microsoft/unilm beit2/get_started_for_image_classification.md:91)")
@@ -277,7 +279,16 @@ def parse_args(argv=None):
     if args.crop_ratio is None and not args.eval:  # --eval: the checkpoint's (run_eval)
         args.crop_ratio = default_crop_ratio(args.img_size)
     check_args(args)
+    if args.eval:  # the model and its input come from the checkpoint (run_eval), and so does the demo's data
+        engine.from_checkpoint_unless_given(args, parser, EVAL_FROM_CHECKPOINT + EVAL_DEMO_DATA)
+    elif not demo:
+        engine.refuse_ignored(args, parser, ["synthetic_train", "synthetic_val"], "with real data (they size the "
+                              "demo's procedural images)")
     return args
+
+
+EVAL_FROM_CHECKPOINT = ["model", "img_size", "rel_pos_bias"]  # --eval: the checkpoint's; a given one must agree
+EVAL_DEMO_DATA = ["synthetic_val"]  # --eval of a demo run: the checkpoint's unless given
 
 
 def default_crop_ratio(img_size: int) -> float:
@@ -299,7 +310,7 @@ def check_args(args):
         raise ValueError(f"--batch_size {args.batch_size} is odd: Mixup/CutMix pair each image with the reversed "
                          f"batch's, which leaves the middle image unmixed (timm's Mixup refuses odd batches too); use "
                          f"an even --batch_size, or --mixup 0 --cutmix 0")
-    engine.check_optimizer_args(args)
+    engine.check_shared_args(args)
     parse_rand_augment(args.aa)
 
 
@@ -333,14 +344,15 @@ def run_eval(args, d, amp_dtype):
     the result is appended to output_dir/eval.jsonl (a training run's log.jsonl is left alone)."""
     checkpoint = engine.load_checkpoint(args.eval, "dtm_finetune", "--eval", hint="; to start fine-tuning from "
                                         "pre-trained weights use --init PATH")
-    args.img_size = checkpoint["args"]["img_size"]
+    engine.take_from_checkpoint(args, checkpoint["args"], EVAL_FROM_CHECKPOINT, args.eval)
+    engine.take_from_checkpoint(args, checkpoint["args"], EVAL_DEMO_DATA, args.eval, must_agree=False)
     if args.crop_ratio is None:
         args.crop_ratio = checkpoint["args"].get("crop_ratio") or default_crop_ratio(args.img_size)
     _, val_set, classes = build_datasets(args, train=False)
     if classes != checkpoint["classes"]:  # same folders in the same order, or the labels would silently differ
         raise ValueError(f"the validation set's classes ({len(classes)}: {classes[:3]}...) are not the ones the "
                          f"checkpoint was trained on ({len(checkpoint['classes'])}: {checkpoint['classes'][:3]}...)")
-    model, _ = dtm.vit_from_checkpoint(checkpoint, args.img_size, len(classes), path=args.eval)
+    model, _ = dtm.vit_from_checkpoint(checkpoint, args.img_size, len(classes), model=args.model, path=args.eval)
     stats = evaluate(model.to(d.device), val_loader(val_set, args, d), d.device, amp_dtype, d.is_main)
     d.print(f"{args.eval}: top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['count']} images "
             f"({args.img_size} px, crop ratio {args.crop_ratio})")
@@ -375,10 +387,10 @@ def finetune(args, d, amp_dtype, scaler):
     chosen_by_demo = args.init is None and args.demo
     if chosen_by_demo:
         demo_init(args, d)
-    resume_path, own_run = engine.prepare_run(args, d)
+    resume_path, own_run = engine.prepare_run(args, d, reads={"--init": args.init})
     if resume_path is not None:
         resume = engine.load_checkpoint(resume_path, "dtm_finetune", hint="; to start fine-tuning from pre-trained "
-                                        "weights use --init PATH")
+                                        "weights use --init PATH", auto=args.resume == "auto")
         started_from = resume["args"].get("init")
         if chosen_by_demo and started_from not in (None, args.init):
             found = "finds" if args.init != "none" else "no longer finds"
@@ -398,12 +410,19 @@ def finetune(args, d, amp_dtype, scaler):
         if resume["classes"] != list(classes):
             raise ValueError(f"{resume_path!r} was trained on other classes ({len(resume['classes'])}: "
                              f"{resume['classes'][:3]}...) than the data's ({len(classes)}: {classes[:3]}...)")
+        saved_layout = resume["args"].get("rel_pos_bias", args.rel_pos_bias)
+        if args.rel_pos_bias != saved_layout:  # the optimizer state holds the run's tables
+            raise ValueError(f"{resume_path!r} continues a run with --rel_pos_bias {saved_layout}, which a run cannot "
+                             f"change: resume with --rel_pos_bias {saved_layout}, or add --fresh to start a new run")
         model, _ = dtm.vit_from_checkpoint(resume, args.img_size, len(classes), drop_path_rate=args.drop_path,
-                                           path=resume_path)
+                                           model=args.model, path=resume_path)
     else:
         model, fresh = build_model(args, len(classes), init, init_path)
         if init is not None:
             d.print(f"loaded {init_path}; initialized afresh: {', '.join(fresh)}")
+        if init is not None and args.rel_pos_bias != "none" and dtm.stored_rel_pos_bias(model.state_dict()) == "none":
+            d.print(f"note: {init_path} has no relative position tables, so neither has this model (--rel_pos_bias "
+                    f"{args.rel_pos_bias} applies to the tables a checkpoint has)")
     model.grad_checkpointing = args.grad_checkpoint
     if args.compile:
         engine.compile_blocks(model)

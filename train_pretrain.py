@@ -140,6 +140,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.layer_scale is None:
         args.layer_scale = LAYER_SCALE.get(args.model, 0.1)
     check_args(args)
+    if args.fixed_schedule:
+        engine.refuse_ignored(args, parser, ["max_merged", "max_iters", "schedules"],
+                              "with --fixed_schedule (every step merges by the same schedule, drawn from nothing)")
+    if args.loss != "smooth_l1":
+        engine.refuse_ignored(args, parser, ["beta"], f"with --loss {args.loss} (it is smooth-L1's beta)")
+    if not args.mto:
+        engine.refuse_ignored(args, parser, mto.MTO_FLAGS, "without --mto")
     return args
 
 
@@ -172,12 +179,12 @@ def check_args(args):
     for flag in ("batch_size", "accum_iter", "epochs", "levels", "max_iters", "log_every", "keep_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup_epochs < 0 or args.save_every < 0 or args.max_steps < 0 or args.max_unreadable < 0:
-        raise ValueError("--warmup_epochs, --save_every, --max_steps and --max_unreadable must be >= 0")
+    if args.warmup_epochs < 0 or args.save_every < 0 or args.max_steps < 0 or args.beta < 0:
+        raise ValueError("--warmup_epochs, --save_every, --max_steps and --beta must be >= 0")
     if args.loss_on == "masked" and args.num_masked == 0:
         raise ValueError("--loss_on masked with --num_masked 0 leaves no position in the loss; mask patches "
                          "(--num_masked 75) or use --loss_on all")
-    engine.check_optimizer_args(args)
+    engine.check_shared_args(args)
     mto.mto_config_from_args(args)  # checks the --mto_* values
 
 
@@ -262,11 +269,13 @@ def train(args, d: engine.Dist) -> dict:
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     engine.warn_long_warmup(warmup_steps, total_steps, "--warmup_epochs", d)
 
-    step, resume_path, own_run = 0, *engine.prepare_run(args, d)
+    teacher_file = args.teacher[len("ckpt:"):] if args.teacher.startswith("ckpt:") else None
+    step, resume_path, own_run = 0, *engine.prepare_run(args, d, reads={"--teacher ckpt:": teacher_file})
     checkpoint = {}
     if resume_path is not None:
-        checkpoint = engine.load_checkpoint(resume_path, "dtm_pretrain", hint="; to start from other weights, use "
-                                            "them as the teacher (--teacher ckpt:PATH)")
+        checkpoint = engine.load_checkpoint(resume_path, "dtm_pretrain", hint="; pre-training does not continue other "
+                                            "trainers' runs (to distil from a ViT checkpoint pass --teacher ckpt:PATH)",
+                                            auto=args.resume == "auto")
         step = engine.resume(checkpoint, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
     log = engine.open_log(args.output_dir, checkpoint if own_run else None, d.is_main)
     ddp_model = engine.ddp(model, d)  # the teacher stays outside: it does not train

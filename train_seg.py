@@ -394,7 +394,9 @@ def get_args_parser():
     g.add_argument("--init", help="checkpoint of this repo (pre-training, fine-tuning or segmentation) to start the "
                                   "ViT from, or 'none' for a random ViT (required to start a run, except in the demo)")
     g.add_argument("--eval", metavar="CHECKPOINT", help="only evaluate this checkpoint of train_seg.py on the "
-                                                        "validation set and exit")
+                   "validation set and exit. Its --model, --crop_size, --channels, --out_indices (a given one must "
+                   "agree), the demo's --demo_* sizes and, unless given, --scale and --stride come from it; --init, "
+                   "--resume and --fresh are ignored, so a training command plus --eval works")
     g.add_argument("--out_indices", type=int, nargs=4, help="blocks feeding the pyramid (default: 3 5 7 11 for "
                                                             "12 blocks, 7 11 15 23 for 24)")
     g.add_argument("--channels", type=int, help="UperNet channels (default: the ViT width, as BEiT)")
@@ -437,6 +439,10 @@ def get_args_parser():
     return p
 
 
+EVAL_FROM_CHECKPOINT = ["model", "crop_size", "channels", "out_indices"]  # --eval: the checkpoint's; given: must agree
+EVAL_DEMO_DATA = ["demo_img_size", "demo_shape_classes", "demo_val_images"]  # --eval of a demo run: its, unless given
+
+
 def parse_args(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -459,9 +465,25 @@ def parse_args(argv=None):
         raise ValueError(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}")
     for name in ("iters", "batch_size", "accum_iter", "eval_every", "save_every", "log_every", "slide_batch"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    engine.check_optimizer_args(args)
-    if args.init is None and args.eval is None:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.aux_weight < 0 or args.poly_power < 0 or args.warmup_iters < 0 or not 0 <= args.warmup_ratio <= 1:
+        raise ValueError("--aux_weight, --poly_power and --warmup_iters must be >= 0 (a negative --poly_power makes "
+                         "the lr grow), --warmup_ratio in 0..1")
+    engine.check_shared_args(args)
+    if args.data or args.demo:
+        where = "with --data (ADE20K: 150 classes, label 0 ignored)" if args.data else "in the demo (no data given)"
+        engine.refuse_ignored(args, parser, ["img_suffix", "ann_suffix", "reduce_zero_label"],
+                              f"{where}; they describe a generic dataset (--img_dir ...)")
+        if args.num_classes is not None and not (args.data and args.num_classes == len(data.ADE20K_CLASSES)):
+            raise ValueError(f"--num_classes {args.num_classes} would do nothing {where}: leave it out"
+                             + ("" if args.data else " (the demo's classes: --demo_shape_classes + background)"))
+    if not args.demo:
+        engine.refuse_ignored(args, parser, EVAL_DEMO_DATA + ["demo_train_images"],
+                              "with real data (they size the demo's procedural images)")
+    if args.eval:  # the model and its input come from the checkpoint (run_eval), and so does the demo's data
+        engine.from_checkpoint_unless_given(args, parser, EVAL_FROM_CHECKPOINT + EVAL_DEMO_DATA)
+    continues = args.resume != "auto" or (not args.fresh and os.path.isfile(os.path.join(args.output_dir, engine.LAST)))
+    if args.init is None and args.eval is None and not continues:  # a continued run takes its checkpoint's --init
         raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none "
                          "for a random ViT")
     return args
@@ -505,9 +527,10 @@ def run_eval(args, d):
     """--eval CHECKPOINT: the model (ViT, crop size, UperNet width, classes) comes from the checkpoint, and so do the
     image scale and the window stride unless given; the result is appended to output_dir/eval.jsonl (a training run's
     log.jsonl is left alone)."""
-    checkpoint = engine.load_checkpoint(args.eval, "dtm_seg", "--eval")
-    for key in ("model", "crop_size", "channels", "out_indices"):
-        setattr(args, key, checkpoint["args"][key])
+    checkpoint = engine.load_checkpoint(args.eval, "dtm_seg", "--eval", hint="; to start from its weights use --init "
+                                        "PATH")
+    engine.take_from_checkpoint(args, checkpoint["args"], EVAL_FROM_CHECKPOINT, args.eval)
+    engine.take_from_checkpoint(args, checkpoint["args"], EVAL_DEMO_DATA, args.eval, must_agree=False)
     args.scale = checkpoint["args"]["scale"] if args.scale is None else args.scale
     args.stride = checkpoint["args"]["stride"] if args.stride is None else args.stride
     d.print(f"{args.eval}: {args.model}, crop {args.crop_size}, scale {args.scale[0]}x{args.scale[1]}, stride "
@@ -546,11 +569,16 @@ def train(args, d):
     if not args.demo:  # a bad validation file or label is found now, not at the first evaluation
         engine.check_dataset(val_set, "validation", d, args.num_workers)
     loader, sampler, steps_per_epoch = engine.train_loader(train_set, args, d)
-    resume_path, own_run = engine.prepare_run(args, d)
+    resume_path, own_run = engine.prepare_run(args, d, reads={"--init": args.init})
     if resume_path is not None:
-        resume = engine.load_checkpoint(resume_path, "dtm_seg", hint="; to start from other weights use --init PATH")
+        resume = engine.load_checkpoint(resume_path, "dtm_seg", hint="; to start from other weights use --init PATH",
+                                        auto=args.resume == "auto")
         model = build_model(args, num_classes, resume, resume_path)
+        args.init = resume["args"]["init"] if args.init is None else args.init  # engine.resume checks a given one
     else:
+        if args.init is None:
+            raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none "
+                             "for a random ViT")
         init = None if args.init == "none" else dtm.read_checkpoint(args.init, "--init")
         model = build_model(args, num_classes, init, args.init)
     model.backbone.grad_checkpointing = args.grad_checkpoint
