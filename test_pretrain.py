@@ -496,6 +496,10 @@ def test_logged_lr_seeds_and_groups_follow_their_closed_forms(image_folder, tmp_
     assert [args[1] for args in seeds] == list(range(12)) and {args[2] for args in seeds} == {0}
     optimizer = groups[-1][0]
     assert all(g["lr"] == pytest.approx(expected[-1]) for g in optimizer.param_groups)  # no layer decay here
+    tp.main(tiny_argv(image_folder, tmp_path / "half", "--batch_size", "2", "--accum_iter", "2", "--epochs", "2",
+                      "--min_lr", "0.001", "--warmup_epochs", "0.7"))  # fractional, as in fine-tuning: 2 steps
+    logged = [r["lr"] for r in read_log(tmp_path / "half" / engine.LOG) if "lr" in r]
+    assert logged == pytest.approx([engine.cosine_schedule(s, 6, 2, peak, 0.001) for s in range(6)], rel=1e-9)
 
 
 def test_gradient_accumulation_equals_the_whole_batch(image_folder, tmp_path):

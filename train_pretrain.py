@@ -101,7 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--batch_size", type=int, default=128, help="per process (GPU); 8 GPUs x 128 = 1024, the paper's batch")
     a("--accum_iter", type=int, default=1, help="gradient accumulation micro-batches per optimizer step")
     a("--epochs", type=int, default=300, help="training epochs")
-    a("--warmup_epochs", type=int, default=10, help="linear lr warmup epochs")
+    a("--warmup_epochs", type=float, default=10, help="linear lr warmup epochs (may be fractional)")
     a("--lr", type=float, default=1.5e-3,
       help="base lr; the lr used is lr * sqrt(total_batch / 2048), total_batch = batch_size * accum_iter * world "
            "size (run_pretrain_dtm.py)")
@@ -265,7 +265,7 @@ def train(args, d: engine.Dist) -> dict:
     total_batch = args.batch_size * args.accum_iter * d.world_size
     lr = args.lr * math.sqrt(total_batch / 2048)
     optimizer = torch.optim.AdamW(engine.param_groups(model, args.weight_decay), lr=lr, betas=tuple(args.betas))
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     engine.warn_long_warmup(warmup_steps, total_steps, "--warmup_epochs", d)
 
