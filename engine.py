@@ -570,11 +570,18 @@ def demo_help(defaults: dict, extra: str = "") -> str:
     return f"The demo (no data given) uses instead: {', '.join(flags)}{extra}."
 
 
-def from_checkpoint_unless_given(args, parser, names):
-    """With --eval: the flags `names` left at their defaults become None, to be taken from the checkpoint
-    (take_from_checkpoint); given ones are kept, to be checked against it."""
+def from_checkpoint_unless_given(args, parser, argv, names):
+    """With --eval: the flags `names` that the command line argv does not set become None, to be taken from the
+    checkpoint (take_from_checkpoint); given ones are kept (also one equal to its default), to be checked against it.
+    Which are given: argv parsed again with a marker as their default."""
+    marker, defaults = object(), {name: parser.get_default(name) for name in names}
+    parser.set_defaults(**dict.fromkeys(names, marker))
+    try:
+        marked = parser.parse_args(argv)
+    finally:
+        parser.set_defaults(**defaults)
     for name in names:
-        if getattr(args, name) == parser.get_default(name):
+        if getattr(marked, name) is marker:
             setattr(args, name, None)
 
 
@@ -612,19 +619,21 @@ def add_run_args(parser, output_dir: str):
     return g
 
 
-def prepare_run(args, d: Dist, reads: dict = None) -> tuple:
+def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -> tuple:
     """Decide where the run starts -> (checkpoint path to resume or None, True if that is output_dir's own).
 
     --resume auto continues output_dir/checkpoint-last.pth if there is one (as the official code's --auto_resume, on
     by default: naver-ai/dtm run_pretrain_dtm.py, utils/utils.py auto_load_last_model); --fresh starts over instead; --resume PATH
-    continues PATH, into an output_dir that holds no other run. reads: {flag: path} of checkpoints the run reads
-    (--init, the teacher), refused where the run writes over them. Rank 0 also removes the temporary files an
-    interrupted save left behind."""
-    for flag, path in (reads or {}).items():
-        if path and _written_by_runs_in(args.output_dir, path):
-            raise ValueError(f"{flag} {path!r} is a checkpoint in --output_dir {args.output_dir!r}, which this run "
-                             f"writes over (and --fresh deletes): copy it elsewhere, or pass another --output_dir")
+    continues PATH, into an output_dir that holds no other run. reads / new_run_reads: {flag: path} of checkpoints
+    the run reads at every launch (the teacher) / when it starts (--init); refused where the run writes over them.
+    Rank 0 also removes the temporary files an interrupted save left behind."""
     last = os.path.join(args.output_dir, LAST)
+    continues = args.resume != "auto" or (not args.fresh and os.path.isfile(last))
+    for flag, path in {**(reads or {}), **({} if continues else new_run_reads or {})}.items():
+        if path and _written_by_runs_in(args.output_dir, path):
+            raise ValueError(f"{flag} {path!r} is a checkpoint that this run writes in --output_dir "
+                             f"{args.output_dir!r} (and --fresh removes {LAST} there): copy it elsewhere, or pass "
+                             f"another --output_dir")
     if d.is_main and os.path.isdir(args.output_dir):
         for name in os.listdir(args.output_dir):
             if ".pth.tmp" in name:
@@ -650,10 +659,13 @@ def prepare_run(args, d: Dist, reads: dict = None) -> tuple:
 
 
 def _written_by_runs_in(output_dir: str, path: str) -> bool:
-    """Whether path is one of the checkpoint files (checkpoint-*.pth) that a run in output_dir writes."""
-    name = os.path.basename(path)
-    return (name.startswith("checkpoint-") and name.endswith(".pth") and os.path.isfile(path)
-            and os.path.isdir(output_dir) and os.path.samefile(os.path.dirname(os.path.abspath(path)), output_dir))
+    """Whether path, or the file it links to, is one that a run in output_dir writes: checkpoint-last.pth,
+    checkpoint-best.pth or checkpoint-{epoch}.pth there."""
+    if not (os.path.isfile(path) and os.path.isdir(output_dir)):
+        return False
+    return any(re.fullmatch(r"checkpoint-(last|best|\d+)\.pth", os.path.basename(p))
+               and os.path.samefile(os.path.dirname(os.path.abspath(p)), output_dir)
+               for p in (path, os.path.realpath(path)))
 
 
 def json_number(value):

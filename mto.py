@@ -265,12 +265,13 @@ def _attention_entropy(q, k, bias, mask, rows: Rows, num_prefix: int):
     if bias is not None:  # the (heads, T, T) bias at each (masked query, visible key) pair, by one flat index
         pairs = (queries[:, :, None] * T + keys[:, None, :]).flatten()  # (B * M * V,) into a T x T table
         logits += bias.flatten(1).index_select(1, pairs).view(H, B, *logits.shape[2:]).transpose(0, 1).float()
-    # padding keys: the row's largest real logit - 1e4, whose exp() relative to that maximum is exactly 0 in float32
-    # (a fixed -1e4 was not, beside real logits near -1e4); unlike -inf it keeps p * logit finite
+    # padding keys: -1e4 once each row is shifted to a real maximum of 0, so exp() of it is exactly 0 in float32 (a
+    # -1e4 before the shift was not, beside real logits near -1e4); unlike -inf it keeps p * logit finite
     if rows.visible_padded:
         padding = ~rows.visible_valid[:, None, None, :]  # (B, 1, 1, V)
-        top = logits.detach().masked_fill(padding, float("-inf")).amax(dim=-1, keepdim=True)
-        logits = torch.where(padding, top.nan_to_num(neginf=0.0) - 1e4, logits)  # an image without visible keys: -1e4
+        logits.masked_fill_(padding, float("-inf"))
+        logits.sub_(logits.detach().amax(dim=-1, keepdim=True).nan_to_num(neginf=0.0))  # -inf rows: no visible key
+        logits.masked_fill_(padding, -1e4)
     entropy = _SoftmaxEntropy.apply(logits).mean(dim=1)  # (B, M), mean over heads
     num_visible = rows.visible_valid.sum(dim=1)  # (B,)
     counted = rows.masked_valid & (num_visible >= 2)[:, None]  # masked queries of images with >= 2 visible patches

@@ -770,19 +770,28 @@ def test_each_trainers_help_lists_the_demo_defaults_it_runs_with():
 
 
 def test_prepare_run_refuses_inputs_that_the_run_writes_over(tmp_path):
-    """--init (or the teacher) naming a checkpoint in the output folder: --fresh deleted it, a save replaced it."""
+    """--init (read when a run starts) or the teacher (read at every launch) naming a checkpoint that the run writes
+    in its output folder: --fresh removed checkpoint-last.pth, a save replaced it."""
     out = tmp_path / "run"
     out.mkdir()
     for name in (engine.LAST, engine.BEST, "checkpoint-20.pth"):
         (out / name).write_bytes(b"x")
-        for fresh in (False, True):
-            with pytest.raises(ValueError, match=f"--init '.*{name}' is a checkpoint in --output_dir .* copy it"):
-                engine.prepare_run(run_args(out, fresh=fresh), CPU, reads={"--init": str(out / name)})
-            assert (out / name).exists()
-    (out / "pretrained.pth").write_bytes(b"x")  # another name in the folder, or a checkpoint elsewhere: fine
+    link = tmp_path / "teacher.pth"
+    link.symlink_to(out / engine.BEST)
+    for path in [out / name for name in (engine.LAST, engine.BEST, "checkpoint-20.pth")] + [link]:
+        with pytest.raises(ValueError, match=f"--init '{path}' is a checkpoint that this run writes in --output_dir"):
+            engine.prepare_run(run_args(out, fresh=True), CPU, new_run_reads={"--init": str(path)})
+        with pytest.raises(ValueError, match="--teacher ckpt: .* is a checkpoint that this run writes"):
+            engine.prepare_run(run_args(out), CPU, reads={"--teacher ckpt:": str(path)})
+        assert (out / engine.LAST).exists()
+        # a relaunch continues its run and does not read --init: nothing to refuse
+        assert engine.prepare_run(run_args(out), CPU, new_run_reads={"--init": str(path)}) == (str(out / engine.LAST),
+                                                                                                True)
+    (out / "checkpoint-in1k.pth").write_bytes(b"x")  # names no run writes, or a checkpoint elsewhere: fine
     (tmp_path / engine.LAST).write_bytes(b"x")
-    for path in (out / "pretrained.pth", tmp_path / engine.LAST, "none", None):
-        assert engine.prepare_run(run_args(out, fresh=True), CPU, reads={"--init": path and str(path)}) == (None, False)
+    for path in (out / "checkpoint-in1k.pth", tmp_path / engine.LAST, "none", None):
+        assert engine.prepare_run(run_args(out, fresh=True), CPU, new_run_reads={"--init": path and str(path)},
+                                  reads={"--teacher ckpt:": path and str(path)}) == (None, False)
 
 
 def test_auto_resume_of_another_trainers_run_names_the_folder(tmp_path):
@@ -809,8 +818,13 @@ def test_eval_flags_come_from_the_checkpoint_unless_given():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="vit_b")
     parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args(["--size", "64"])  # given, although the default: checked against the checkpoint too
+    engine.from_checkpoint_unless_given(args, parser, ["--size", "64"], ["model", "size"])
+    assert args.model is None and args.size == 64 and parser.get_default("size") == 64  # the defaults restored
+    with pytest.raises(ValueError, match="--size 64 differs from the 32"):
+        engine.take_from_checkpoint(args, {"model": "vit_s", "size": 32}, ["model", "size"], "ck.pth")
     args = parser.parse_args(["--size", "32"])
-    engine.from_checkpoint_unless_given(args, parser, ["model", "size"])
+    engine.from_checkpoint_unless_given(args, parser, ["--size", "32"], ["model", "size"])
     assert args.model is None and args.size == 32
     engine.take_from_checkpoint(args, {"model": "vit_s", "size": 32}, ["model", "size"], "ck.pth")
     assert args.model == "vit_s" and args.size == 32

@@ -400,7 +400,7 @@ def test_labels_are_checked_per_sample_naming_the_file(tmp_path, capsys):
     with pytest.raises(ValueError, match="pass --init PATH"):  # a new run needs it
         train_seg.main(without_init + ["--fresh"])
     last = tmp_path / "ok" / "checkpoint-last.pth"  # --fresh would delete the checkpoint that --init names
-    with pytest.raises(ValueError, match="--init .* is a checkpoint in --output_dir .* copy it elsewhere"):
+    with pytest.raises(ValueError, match="--init .* is a checkpoint that this run writes .* copy it elsewhere"):
         train_seg.main(without_init + ["--init", str(last), "--fresh"])
     assert last.exists()
     with pytest.raises(ValueError, match="validation samples cannot be used; first: annotation .*bad/ann/3.png' holds "

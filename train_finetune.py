@@ -280,8 +280,8 @@ def parse_args(argv=None):
         args.crop_ratio = default_crop_ratio(args.img_size)
     check_args(args)
     if args.eval:  # the model and its input come from the checkpoint (run_eval), and so does the demo's data
-        engine.from_checkpoint_unless_given(args, parser, EVAL_FROM_CHECKPOINT + EVAL_DEMO_DATA)
-    elif not demo:
+        engine.from_checkpoint_unless_given(args, parser, argv, EVAL_FROM_CHECKPOINT + EVAL_DEMO_DATA)
+    if not demo:
         engine.refuse_ignored(args, parser, ["synthetic_train", "synthetic_val"], "with real data (they size the "
                               "demo's procedural images)")
     return args
@@ -387,7 +387,7 @@ def finetune(args, d, amp_dtype, scaler):
     chosen_by_demo = args.init is None and args.demo
     if chosen_by_demo:
         demo_init(args, d)
-    resume_path, own_run = engine.prepare_run(args, d, reads={"--init": args.init})
+    resume_path, own_run = engine.prepare_run(args, d, new_run_reads={"--init": args.init})
     if resume_path is not None:
         resume = engine.load_checkpoint(resume_path, "dtm_finetune", hint="; to start fine-tuning from pre-trained "
                                         "weights use --init PATH", auto=args.resume == "auto")

@@ -481,7 +481,7 @@ def parse_args(argv=None):
         engine.refuse_ignored(args, parser, EVAL_DEMO_DATA + ["demo_train_images"],
                               "with real data (they size the demo's procedural images)")
     if args.eval:  # the model and its input come from the checkpoint (run_eval), and so does the demo's data
-        engine.from_checkpoint_unless_given(args, parser, EVAL_FROM_CHECKPOINT + EVAL_DEMO_DATA)
+        engine.from_checkpoint_unless_given(args, parser, argv, EVAL_FROM_CHECKPOINT + EVAL_DEMO_DATA)
     continues = args.resume != "auto" or (not args.fresh and os.path.isfile(os.path.join(args.output_dir, engine.LAST)))
     if args.init is None and args.eval is None and not continues:  # a continued run takes its checkpoint's --init
         raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none "
@@ -569,7 +569,7 @@ def train(args, d):
     if not args.demo:  # a bad validation file or label is found now, not at the first evaluation
         engine.check_dataset(val_set, "validation", d, args.num_workers)
     loader, sampler, steps_per_epoch = engine.train_loader(train_set, args, d)
-    resume_path, own_run = engine.prepare_run(args, d, reads={"--init": args.init})
+    resume_path, own_run = engine.prepare_run(args, d, new_run_reads={"--init": args.init})
     if resume_path is not None:
         resume = engine.load_checkpoint(resume_path, "dtm_seg", hint="; to start from other weights use --init PATH",
                                         auto=args.resume == "auto")
