@@ -736,7 +736,8 @@ def checkpoint_state(kind: str, model, optimizer, scaler, args, step: int, steps
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "epoch": max(step - 1, 0) // steps_per_epoch, "steps_per_epoch": steps_per_epoch, "args": dict(vars(args)),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1, "rng": rng_state(),
-            "init_abspath": os.path.abspath(args.init) if getattr(args, "init", None) not in (None, "none") else None,
+            "init_abspath": os.path.abspath(args.init) if getattr(args, "init", None) not in (None, "none")
+            and (os.path.isabs(args.init) or os.path.exists(args.init)) else None,  # not a guess from this folder
             **extra}
 
 
@@ -798,14 +799,20 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
     saved = checkpoint["args"]
     if "init" in vars(args) and saved.get("init") is not None:
         started_from = checkpoint.get("init_abspath") or saved["init"]  # absolute: the run may relaunch elsewhere
-        if args.init is not None and not _same_path(args.init, started_from):
-            raise ValueError(f"{path!r} continues a run started from --init {saved['init']}; --init {args.init} would "
-                             f"be ignored (it applies to a new run only). To continue that run pass --init "
-                             f"{started_from} (the file is not read again); to start a new run from {args.init} add "
-                             f"--fresh (the old log is kept as log.N.jsonl) or pass another --output_dir")
-        args.init = saved["init"]
+        # a checkpoint from before init_abspath was recorded, with a relative --init that this folder cannot resolve
+        unknown = not os.path.isabs(started_from) and not os.path.exists(started_from) and started_from != "none"
+        if args.init is not None and not same_path(args.init, started_from):
+            if not unknown:
+                raise ValueError(f"{path!r} continues a run started from --init {saved['init']}; --init {args.init} "
+                                 f"would be ignored (it applies to a new run only). To continue that run pass --init "
+                                 f"{started_from} (the file is not read again); to start a new run from {args.init} "
+                                 f"add --fresh (the old log is kept as log.N.jsonl) or pass another --output_dir")
+            d.print(f"note: {path!r} was started from --init {started_from}, relative to a folder it does not record; "
+                    f"taking --init {args.init} as that file")
+            started_from = os.path.abspath(args.init)
+        args.init = started_from if os.path.isabs(started_from) else saved["init"]  # recorded as init_abspath again
     changed = [f"--{k} {saved[k]} -> {v}" for k, v in sorted(vars(args).items())
-               if k not in BOOKKEEPING and k in saved and _plain(saved[k]) != _plain(v)]
+               if k not in BOOKKEEPING and k != "init" and k in saved and _plain(saved[k]) != _plain(v)]
     try:
         unwrap(model).load_state_dict(checkpoint["model"])
     except RuntimeError:
@@ -876,7 +883,7 @@ def _batch_layout(args: dict, world_size: int, steps_per_epoch: int) -> dict:
             args.get("batch_size", 1) * args.get("accum_iter", 1) * world_size, "steps per epoch": steps_per_epoch}
 
 
-def _same_path(a: str, b: str) -> bool:
+def same_path(a: str, b: str) -> bool:
     """Two --init values name the same file (or are both 'none'); relative ones from this working directory."""
     if os.path.abspath(a) == os.path.abspath(b):
         return True

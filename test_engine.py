@@ -438,6 +438,20 @@ def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tm
                                          f"run from ../copy.pth add --fresh"):
         engine.resume(relative, "ck.pth", model, optimizer, None,
                       argparse.Namespace(**{**vars(args), "init": "../copy.pth"}), 2, CPU)
+    # resumed from another folder without --init, the next checkpoint still records the file the run started from
+    unset = argparse.Namespace(**{**vars(args), "init": None})
+    engine.resume(relative, "ck.pth", model, optimizer, None, unset, 2, CPU)
+    resaved = engine.checkpoint_state("dtm_finetune", model, optimizer, None, unset, 2, steps_per_epoch=2)
+    assert resaved["init_abspath"] == str(tmp_path / "pre.pth")
+    # a checkpoint from before init_abspath, with a relative --init this folder cannot resolve: the given file is
+    # taken as that one, with a note, and recorded absolutely (the refusal's hint would name a file that is not there)
+    old = {**relative, "init_abspath": None}
+    given = argparse.Namespace(**{**vars(args), "init": str(tmp_path / "pre.pth")})
+    assert engine.resume(old, "ck.pth", model, optimizer, None, given, 2, CPU) == 2
+    assert given.init == str(tmp_path / "pre.pth")
+    unset = argparse.Namespace(**{**vars(args), "init": None})  # not given: no path that would be a guess
+    engine.resume(old, "ck.pth", model, optimizer, None, unset, 2, CPU)
+    assert engine.checkpoint_state("dtm_finetune", model, optimizer, None, unset, 2, 2)["init_abspath"] is None
 
 
 def test_resume_into_another_model_names_the_differences_and_the_changed_settings():

@@ -265,6 +265,10 @@ def test_a_demo_folder_started_from_scratch_is_not_continued_once_a_pretrain_che
     tf.main(demo_run + ["--init", "none"])  # continues (and finishes) the run from scratch
     tf.main(demo_run + ["--fresh"])
     assert torch.load("ft/checkpoint-last.pth")["args"]["init"] == tf.DEMO_PRETRAIN_CHECKPOINT
+    for epochs in ("2", "3"):  # relaunches continue it (a resumed run records its --init as an absolute path)
+        tf.main(demo_run + ["--epochs", epochs])
+    saved = torch.load("ft/checkpoint-last.pth")
+    assert saved["epoch"] == 2 and saved["init_abspath"] == os.path.abspath(tf.DEMO_PRETRAIN_CHECKPOINT)
 
 
 def test_rand_augment_flag():
