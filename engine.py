@@ -614,8 +614,8 @@ def add_run_args(parser, output_dir: str):
                    "checkpoint-last.pth is removed, its log.jsonl kept as log.N.jsonl; its other checkpoints stay "
                    "until the new run writes files of the same name")
     g.add_argument("--log_every", type=int, default=50, help="optimizer steps per log.jsonl line")
-    g.add_argument("--seed", type=int, default=0, help="seeds every random draw: new weights, data order, augmentation, drop path (pre-training: "
-                   "also masks and morphing schedules)")
+    g.add_argument("--seed", type=int, default=0, help="seeds every random draw: new weights, data order, "
+                   "augmentation, drop path (pre-training: also masks and morphing schedules)")
     return g
 
 
@@ -802,7 +802,7 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
         # a checkpoint from before init_abspath was recorded, with a relative --init that this folder cannot resolve
         unknown = not os.path.isabs(started_from) and not os.path.exists(started_from) and started_from != "none"
         if args.init is not None and not same_path(args.init, started_from):
-            if not unknown:
+            if not (unknown and os.path.isfile(args.init)):
                 raise ValueError(f"{path!r} continues a run started from --init {saved['init']}; --init {args.init} "
                                  f"would be ignored (it applies to a new run only). To continue that run pass --init "
                                  f"{started_from} (the file is not read again); to start a new run from {args.init} "

@@ -449,6 +449,10 @@ def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tm
     given = argparse.Namespace(**{**vars(args), "init": str(tmp_path / "pre.pth")})
     assert engine.resume(old, "ck.pth", model, optimizer, None, given, 2, CPU) == 2
     assert given.init == str(tmp_path / "pre.pth")
+    for other in ("none", "missing.pth"):  # not a file that could be it: refused as before
+        with pytest.raises(ValueError, match=f"--init {other} would be ignored"):
+            engine.resume(old, "ck.pth", model, optimizer, None, argparse.Namespace(**{**vars(args), "init": other}),
+                          2, CPU)
     unset = argparse.Namespace(**{**vars(args), "init": None})  # not given: no path that would be a guess
     engine.resume(old, "ck.pth", model, optimizer, None, unset, 2, CPU)
     assert engine.checkpoint_state("dtm_finetune", model, optimizer, None, unset, 2, 2)["init_abspath"] is None

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import time
 
@@ -374,7 +375,7 @@ def test_pyramid_reads_the_patch_tokens_not_cls():
     assert torch.equal(first[:, :, 1, 0], tokens[:, 1 + 2])  # row 1, column 0: patch 2
 
 
-def test_labels_are_checked_per_sample_naming_the_file(tmp_path, capsys):
+def test_labels_are_checked_per_sample_naming_the_file(tmp_path, capsys, monkeypatch):
     good = [torch.randint(0, 3, (40, 40)).numpy() for _ in range(4)]
     bad = good[:3] + [good[3].copy()]
     bad[3][5, 5] = 9
@@ -403,6 +404,17 @@ def test_labels_are_checked_per_sample_naming_the_file(tmp_path, capsys):
     with pytest.raises(ValueError, match="--init .* is a checkpoint that this run writes .* copy it elsewhere"):
         train_seg.main(without_init + ["--init", str(last), "--fresh"])
     assert last.exists()
+    # a run started from a relative --init relaunches from another folder without it
+    shutil.copy(last, tmp_path / "init.pth")
+    monkeypatch.chdir(tmp_path)
+    relative = [a if a != "none" else "init.pth" for a in generic_run(tmp_path / "train", tmp_path / "val",
+                                                                       tmp_path / "rel")]
+    train_seg.main(relative)
+    monkeypatch.chdir(tmp_path / "train")
+    capsys.readouterr()
+    train_seg.main([a for a in relative if a not in ("--init", "init.pth")] + ["--iters", "3"])
+    assert "resumed from" in capsys.readouterr().out
+    assert torch.load(tmp_path / "rel" / "checkpoint-last.pth")["init_abspath"] == str(tmp_path / "init.pth")
     with pytest.raises(ValueError, match="validation samples cannot be used; first: annotation .*bad/ann/3.png' holds "
                                          "label values \\[9\\]"):
         train_seg.main(generic_run(tmp_path / "train", tmp_path / "bad", tmp_path / "v"))

@@ -574,7 +574,8 @@ def train(args, d):
         resume = engine.load_checkpoint(resume_path, "dtm_seg", hint="; to start from other weights use --init PATH",
                                         auto=args.resume == "auto")
         model = build_model(args, num_classes, resume, resume_path)
-        args.init = resume["args"]["init"] if args.init is None else args.init  # engine.resume checks a given one
+        if args.init is None:  # as engine.resume sets it (it checks a given one)
+            args.init = resume.get("init_abspath") or resume["args"]["init"]
     else:
         if args.init is None:
             raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none "
