@@ -493,7 +493,8 @@ def adapt_state_dict(state_dict: dict, model: VisionTransformer) -> dict:
     official fine-tuning's --init_both_rpb, naver-ai/dtm run_class_finetuning.py), else copied (BEiT). Other keys pass unchanged; load the result with load_state_dict.
     A table or position embedding of the model's size is kept as it is; the grid of one of another size is inferred
     assuming a square grid. (A table alone does not say its grid: for a non-square model grid, a square one with as
-    many offsets, e.g. 3x3 and 1x13, would be kept unresized. The trainers use square sizes.) Take the ViT keys of a checkpoint with vit_state_dict.
+    many offsets, e.g. 3x3 and 1x13, would be kept unresized. The trainers use square sizes.) Take the ViT keys of
+    a checkpoint with vit_state_dict.
     """
     sd = dict(state_dict)
     if "rel_pos_bias.table" in sd and model.rel_pos_bias is None and model.blocks[0].attn.rel_pos_bias is not None:

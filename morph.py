@@ -345,8 +345,9 @@ def group_mean(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.
 def morph_back(x_groups: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Every original token position gets its group's value: (B, G, C) -> (B, N, C). An id >= G is an index error."""
     if groups.dim() != 2 or groups.shape[0] != x_groups.shape[0]:
-        raise ValueError(f"groups {tuple(groups.shape)} must be (B, N) with the batch of x_groups {tuple(x_groups.shape)}")
-    return x_groups.gather(1, groups[..., None].expand(-1, -1, x_groups.shape[-1]))  # per sample: ids are bounds-checked
+        raise ValueError(f"groups {tuple(groups.shape)} must be (B, N) with the batch of x_groups "
+                         f"{tuple(x_groups.shape)}")
+    return x_groups.gather(1, groups[..., None].expand(-1, -1, x_groups.shape[-1]))  # per sample: ids bounds-checked
 
 
 def morph_matrix(groups: torch.Tensor, num_groups: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

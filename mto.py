@@ -32,7 +32,8 @@ What this file makes of it (THIS IMPLEMENTATION'S READING, not the paper's equat
      queries of visible tokens and of CLS get no weight on masked-token keys: their softmax renormalizes over
      CLS + visible patches. Queries of masked tokens still attend to every token. recalibration_mask returns it
      as a boolean (B, 1, T, T), True = may attend; mto_forward hands the blocks the same mask as an additive
-     float one (0 where allowed, -inf elsewhere), which SDPA's memory-efficient kernel takes. With it in every block, visible tokens and CLS do not depend on the mask
+     float one (0 where allowed, -inf elsewhere), which SDPA's memory-efficient kernel takes. With it in every
+     block, visible tokens and CLS do not depend on the mask
      token at all (the encoder acts like MAE's on the visible set, the mask tokens read from it).
   2. Singularity (heterogeneity) loss (singularity_loss). At the output of block l (before the final norm), for
      each masked patch i of an image: s_i = max over visible patches j of the same image of cos(h_i, h_j);

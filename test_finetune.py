@@ -164,7 +164,8 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
 
 
 def test_a_checkpoint_without_position_tables_is_noted(tmp_path, capsys):
-    """--rel_pos_bias per_block (the default) converts the tables a checkpoint has; one without gets none, and says so."""
+    """--rel_pos_bias per_block (the default) converts the tables a checkpoint has; one without gets none, and says
+    so."""
     vit = dtm.build_vit("vit_tiny", img_size=IMG, rel_pos_bias="none")
     torch.save({"model": vit.state_dict(), "args": {"model": "vit_tiny"}}, tmp_path / "plain.pth")
     tf.main(TINY_RUN[:-1] + [str(tmp_path / "plain.pth"), "--epochs", "1", "--output_dir", str(tmp_path / "out")])

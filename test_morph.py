@@ -204,7 +204,7 @@ def test_schedule_clamping():
     with pytest.raises(ValueError, match="negative"):
         clamp_schedule(10, [2, -1])
     groups = token_morphing(torch.randn(2, 10, 4), [100, 100], "random")
-    assert is_partition(groups, num_groups_after(10, [100, 100], "random")) and num_groups_after(10, [100, 100], "random") == 3
+    assert num_groups_after(10, [100, 100], "random") == 3 and is_partition(groups, 3)
 
 
 def test_single_sample_odd_count_and_bad_input():
@@ -342,7 +342,8 @@ def test_group_ops_match_dense_morph_matrix():
     torch.testing.assert_close(group_sizes(groups, 15).double(), membership.sum(-1))
     # num_groups may be an upper bound: the empty groups are zero rows in both
     torch.testing.assert_close(group_mean(x, groups, 17), morph_matrix(groups, 17).double() @ x, rtol=1e-5, atol=1e-6)
-    assert morph_matrix(groups, 15, torch.float64).dtype == torch.float64 and torch.equal(morph_matrix(groups, 15), M.float())
+    assert morph_matrix(groups, 15, torch.float64).dtype == torch.float64
+    assert torch.equal(morph_matrix(groups, 15), M.float())
 
 
 def test_gradients_flow_through_group_mean():
