@@ -803,13 +803,22 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
         unknown = not os.path.isabs(started_from) and not os.path.exists(started_from) and started_from != "none"
         if args.init is not None and not same_path(args.init, started_from):
             if not (unknown and os.path.isfile(args.init)):
-                raise ValueError(f"{path!r} continues a run started from --init {saved['init']}; --init {args.init} "
-                                 f"would be ignored (it applies to a new run only). To continue that run pass --init "
-                                 f"{started_from} (the file is not read again); to start a new run from {args.init} "
-                                 f"add --fresh (the old log is kept as log.N.jsonl) or pass another --output_dir")
+                given = (args.init if os.path.isabs(args.init) or args.init == "none" else
+                         f"{args.init} (from here: {os.path.abspath(args.init)})")
+                same = (f"that file's path from this folder (it records {started_from} relative to another one)"
+                        if unknown else f"{started_from} (the file is not read again)")
+                resumed_by_path = getattr(args, "resume", "auto") != "auto"
+                new_run = (f"leave out --resume {args.resume}" if resumed_by_path else
+                           "add --fresh (the old log is kept as log.N.jsonl) or pass another --output_dir")
+                raise ValueError(f"{path!r} continues a run started from --init {started_from}; --init {given} would "
+                                 f"be ignored (it applies to a new run only). To continue that run pass --init {same}; "
+                                 f"to start a new run from {args.init} {new_run}")
             d.print(f"note: {path!r} was started from --init {started_from}, relative to a folder it does not record; "
                     f"taking --init {args.init} as that file")
             started_from = os.path.abspath(args.init)
+        elif args.init is None and not os.path.isabs(started_from) and started_from != "none":
+            d.print(f"note: {path!r} records --init {started_from} relative to a folder it does not record"
+                    + (f"; from here that is {os.path.abspath(started_from)}" if os.path.exists(started_from) else ""))
         args.init = started_from if os.path.isabs(started_from) else saved["init"]  # recorded as init_abspath again
     changed = [f"--{k} {saved[k]} -> {v}" for k, v in sorted(vars(args).items())
                if k not in BOOKKEEPING and k != "init" and k in saved and _plain(saved[k]) != _plain(v)]

@@ -414,12 +414,13 @@ def test_every_split_of_the_samples_per_step_trains_on_the_same_samples_at_each_
     assert steps(1, 7, 1)[1] != one[1]  # another number of samples per step: another sample set
 
 
-def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tmp_path, monkeypatch):
+def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tmp_path, monkeypatch, capsys):
     model = torch.nn.Linear(3, 2)
     args = argparse.Namespace(model="vit_tiny", lr=0.1, output_dir="x", demo=False, init="none")
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     state = engine.checkpoint_state("dtm_finetune", model, optimizer, None, args, 2, steps_per_epoch=2)
-    with pytest.raises(ValueError, match=r"started from --init none; --init pre.pth would be ignored.*--fresh"):
+    with pytest.raises(ValueError, match=r"started from --init none; --init pre.pth \(from here: .*pre.pth\) would be "
+                                         r"ignored.*--fresh"):
         engine.resume(state, "ck.pth", model, optimizer, None, argparse.Namespace(**{**vars(args), "init": "pre.pth"}),
                       2, CPU)
     unset = argparse.Namespace(**{**vars(args), "init": None})  # a relaunch without --init continues the run
@@ -449,12 +450,18 @@ def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tm
     given = argparse.Namespace(**{**vars(args), "init": str(tmp_path / "pre.pth")})
     assert engine.resume(old, "ck.pth", model, optimizer, None, given, 2, CPU) == 2
     assert given.init == str(tmp_path / "pre.pth")
+    with pytest.raises(ValueError, match="to start a new run from ../copy.pth leave out --resume ck.pth"):
+        engine.resume(relative, "ck.pth", model, optimizer, None,  # --fresh would not start a new run here
+                      argparse.Namespace(**{**vars(args), "init": "../copy.pth", "resume": "ck.pth"}), 2, CPU)
     for other in ("none", "missing.pth"):  # not a file that could be it: refused as before
-        with pytest.raises(ValueError, match=f"--init {other} would be ignored"):
+        with pytest.raises(ValueError, match=f"--init {other}.* would be ignored .* pass --init that file's path "
+                                             f"from this folder \\(it records pre.pth relative to another one\\)"):
             engine.resume(old, "ck.pth", model, optimizer, None, argparse.Namespace(**{**vars(args), "init": other}),
                           2, CPU)
     unset = argparse.Namespace(**{**vars(args), "init": None})  # not given: no path that would be a guess
+    capsys.readouterr()
     engine.resume(old, "ck.pth", model, optimizer, None, unset, 2, CPU)
+    assert "records --init pre.pth relative to a folder it does not record\n" in capsys.readouterr().out
     assert engine.checkpoint_state("dtm_finetune", model, optimizer, None, unset, 2, 2)["init_abspath"] is None
 
 

@@ -265,9 +265,18 @@ def test_a_demo_folder_started_from_scratch_is_not_continued_once_a_pretrain_che
         tf.main(demo_run)
     tf.main(demo_run + ["--init", "none"])  # continues (and finishes) the run from scratch
     tf.main(demo_run + ["--fresh"])
-    assert torch.load("ft/checkpoint-last.pth")["args"]["init"] == tf.DEMO_PRETRAIN_CHECKPOINT
-    for epochs in ("2", "3"):  # relaunches continue it (a resumed run records its --init as an absolute path)
-        tf.main(demo_run + ["--epochs", epochs])
+    saved = torch.load("ft/checkpoint-last.pth")
+    assert saved["args"]["init"] == tf.DEMO_PRETRAIN_CHECKPOINT  # as given: relative
+    # from another folder the demo finds no pre-training checkpoint; the fix it names continues the run
+    os.makedirs("elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    elsewhere = demo_run[:-1] + ["../ft", "--epochs", "2"]
+    with pytest.raises(ValueError, match=f"started from --init {saved['init_abspath']}; the demo now no longer finds"
+                                         f".* pass --init {saved['init_abspath']} to continue that run"):
+        tf.main(elsewhere)
+    tf.main(elsewhere + ["--init", saved["init_abspath"]])
+    monkeypatch.chdir(tmp_path)
+    tf.main(demo_run + ["--epochs", "3"])  # and back here the demo's own choice continues it
     saved = torch.load("ft/checkpoint-last.pth")
     assert saved["epoch"] == 2 and saved["init_abspath"] == os.path.abspath(tf.DEMO_PRETRAIN_CHECKPOINT)
 
@@ -372,6 +381,9 @@ def test_resume_and_eval_refuse_another_model_or_table_layout(finetuned, tmp_pat
             tf.main(evaluate + flags)
     with pytest.raises(ValueError, match="--synthetic_val would do nothing with real data"):
         tf.parse_args(["--data_train", "a", "--data_val", "b", "--init", "none", "--synthetic_val", "5"])
+    for real in (["--data", "d"], ["--data_val", "v"]):  # --eval on real data (once refused for --synthetic_val)
+        args = tf.parse_args(real + ["--eval", "ck.pth"])
+        assert args.model is None and args.img_size is None  # to come from the checkpoint
 
 
 def test_best_checkpoint_and_eval_reproduce_the_logged_top1(finetuned, tmp_path):

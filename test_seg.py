@@ -293,6 +293,21 @@ TINY_RUN = ["--crop_size", "32", "--scale", "64", "48", "--stride", "24", "--cha
             "--warmup_iters", "2", "--drop_path", "0.1", "--eval_every", "100", "--log_every", "1"]
 
 
+def test_demo_run_started_from_a_checkpoint_relaunches_without_init(tmp_path, capsys):
+    """The demo's --init none applies to a new run: a relaunch continues from its checkpoint's --init (it once took
+    the demo's none as given and refused it)."""
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    train_seg.main(TINY_RUN + ["--iters", "2", "--output_dir", first])
+    assert torch.load(os.path.join(first, "checkpoint-last.pth"))["args"]["init"] == "none"
+    train_seg.main(TINY_RUN + ["--iters", "2", "--init", os.path.join(first, "checkpoint-last.pth"),
+                               "--output_dir", second])
+    capsys.readouterr()
+    train_seg.main(TINY_RUN + ["--iters", "3", "--output_dir", second])
+    assert "resumed from" in capsys.readouterr().out
+    resumed = torch.load(os.path.join(second, "checkpoint-last.pth"))
+    assert resumed["step"] == 3 and resumed["init_abspath"] == os.path.join(first, "checkpoint-last.pth")
+
+
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     saved = engine.save_checkpoint
 

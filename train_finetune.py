@@ -279,11 +279,11 @@ def parse_args(argv=None):
     if args.crop_ratio is None and not args.eval:  # --eval: the checkpoint's (run_eval)
         args.crop_ratio = default_crop_ratio(args.img_size)
     check_args(args)
-    if args.eval:  # the model and its input come from the checkpoint (run_eval), and so does the demo's data
-        engine.from_checkpoint_unless_given(args, parser, argv, EVAL_FROM_CHECKPOINT + EVAL_DEMO_DATA)
     if not demo:
         engine.refuse_ignored(args, parser, ["synthetic_train", "synthetic_val"], "with real data (they size the "
                               "demo's procedural images)")
+    if args.eval:  # the model and its input come from the checkpoint (run_eval), and so does the demo's data
+        engine.from_checkpoint_unless_given(args, parser, argv, EVAL_FROM_CHECKPOINT + EVAL_DEMO_DATA)
     return args
 
 
@@ -391,7 +391,7 @@ def finetune(args, d, amp_dtype, scaler):
     if resume_path is not None:
         resume = engine.load_checkpoint(resume_path, "dtm_finetune", hint="; to start fine-tuning from pre-trained "
                                         "weights use --init PATH", auto=args.resume == "auto")
-        started_from = resume["args"].get("init")
+        started_from = resume.get("init_abspath") or resume["args"].get("init")
         if chosen_by_demo and started_from is not None and not engine.same_path(started_from, args.init):
             found = "finds" if args.init != "none" else "no longer finds"
             raise ValueError(f"{args.output_dir} holds a demo run started from --init {started_from}; the demo now "

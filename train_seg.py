@@ -354,7 +354,7 @@ def build_datasets(args, train: bool = True):
 # Arguments
 
 # The demo (no dataset given): flags the user did not set take these values instead of the paper's.
-DEMO_DEFAULTS = dict(model="vit_tiny", init="none", crop_size=64, scale=[384, 96], stride=43, channels=64,
+DEMO_DEFAULTS = dict(model="vit_tiny", crop_size=64, scale=[384, 96], stride=43, channels=64,
                      batch_size=8, lr=3e-4, layer_decay=1.0, warmup_iters=30, iters=600, eval_every=600,
                      save_every=600, log_every=50, num_workers=0, output_dir="output/seg_demo",
                      drop_path=0.0)  # random init: no layer decay
@@ -363,7 +363,8 @@ DEMO_DEFAULTS = dict(model="vit_tiny", init="none", crop_size=64, scale=[384, 96
 def get_args_parser():
     p = argparse.ArgumentParser(description="UperNet semantic segmentation with a pre-trained ViT (BEiT's ADE20K "
                                 "protocol).", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog=engine.demo_help(DEMO_DEFAULTS))
+                                epilog=engine.demo_help(DEMO_DEFAULTS, ", and --init none to start a run (a relaunch "
+                                                        "continues from its checkpoint's)"))
     g = p.add_argument_group("data (none given: the built-in procedural demo)")
     g.add_argument("--data", help="ADE20K root (ADEChallengeData2016: images/{training,validation}, "
                                   "annotations/{training,validation})")
@@ -483,6 +484,8 @@ def parse_args(argv=None):
     if args.eval:  # the model and its input come from the checkpoint (run_eval), and so does the demo's data
         engine.from_checkpoint_unless_given(args, parser, argv, EVAL_FROM_CHECKPOINT + EVAL_DEMO_DATA)
     continues = args.resume != "auto" or (not args.fresh and os.path.isfile(os.path.join(args.output_dir, engine.LAST)))
+    if args.init is None and args.eval is None and not continues and args.demo:
+        args.init = "none"  # the demo's new run; a continued one takes its checkpoint's --init
     if args.init is None and args.eval is None and not continues:  # a continued run takes its checkpoint's --init
         raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none "
                          "for a random ViT")
