@@ -643,6 +643,8 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
         raise FileNotFoundError(f"--resume {args.resume!r}: no such file")
     resuming_last = args.resume != "auto" and os.path.isfile(last) and os.path.samefile(last, args.resume)
     if args.fresh:  # else a relaunch without --fresh, after a crash before the new run's first save, resumed the old
+        if d.world_size > 1:
+            dist.barrier()  # every rank has looked at it (resuming_last) before rank 0 removes it
         if d.is_main and os.path.isfile(last) and not resuming_last:
             os.remove(last)
             print(f"--fresh: removed the previous run's {last} (its log will be kept as log.N.jsonl)", flush=True)

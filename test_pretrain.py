@@ -410,6 +410,10 @@ def test_two_processes_draw_their_own_schedules_and_the_same_again_on_resume(ima
     assert [len(d) for d in draws["full"]] == [12, 12]  # 3 steps x 2 micro-steps x 2 levels
     assert draws["full"][0] != draws["full"][1]
     assert draws["resumed"] == draws["full"]
+    # --fresh on 2 processes: every rank has looked at the old checkpoint before rank 0 removes it, then a new run
+    run(tmp_path / "full.py", tiny_argv(image_folder, tmp_path / "full", "--batch_size", "2", "--accum_iter", "2",
+                                        "--max_steps", "1", "--fresh"), processes=2)
+    assert torch.load(tmp_path / "full" / engine.LAST)["step"] == 1 and (tmp_path / "full" / "log.1.jsonl").exists()
 
 
 HELPER = """
