@@ -628,8 +628,7 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
     the run reads at every launch (the teacher) / when it starts (--init); refused where the run writes over them.
     Rank 0 also removes the temporary files an interrupted save left behind."""
     last = os.path.join(args.output_dir, LAST)
-    continues = args.resume != "auto" or (not args.fresh and os.path.isfile(last))
-    for flag, path in {**(reads or {}), **({} if continues else new_run_reads or {})}.items():
+    for flag, path in {**(reads or {}), **({} if continues_a_run(args) else new_run_reads or {})}.items():
         if path and _written_by_runs_in(args.output_dir, path):
             raise ValueError(f"{flag} {path!r} is a checkpoint that this run writes in --output_dir "
                              f"{args.output_dir!r} (and --fresh removes {LAST} there): copy it elsewhere, or pass "
@@ -658,6 +657,16 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
         raise ValueError(f"--output_dir {args.output_dir!r} holds another run ({LAST}); continuing {args.resume!r} "
                          f"there would overwrite it: pass another --output_dir, or --fresh to replace that run")
     return args.resume, resuming_last
+
+
+def continues_a_run(args) -> bool:
+    """Whether prepare_run will continue a run (--resume PATH, or output_dir's checkpoint-last.pth without --fresh)."""
+    return args.resume != "auto" or (not args.fresh and os.path.isfile(os.path.join(args.output_dir, LAST)))
+
+
+def init_started_from(checkpoint: dict):
+    """The --init a checkpoint's run started from: its absolute path where recorded (the run may relaunch elsewhere)."""
+    return checkpoint.get("init_abspath") or checkpoint["args"].get("init")
 
 
 def _written_by_runs_in(output_dir: str, path: str) -> bool:
@@ -800,7 +809,7 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
     another --init than the run started from is refused, not silently ignored."""
     saved = checkpoint["args"]
     if "init" in vars(args) and saved.get("init") is not None:
-        started_from = checkpoint.get("init_abspath") or saved["init"]  # absolute: the run may relaunch elsewhere
+        started_from = init_started_from(checkpoint)
         # a checkpoint from before init_abspath was recorded, with a relative --init that this folder cannot resolve
         unknown = not os.path.isabs(started_from) and not os.path.exists(started_from) and started_from != "none"
         if args.init is not None and not same_path(args.init, started_from):

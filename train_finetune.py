@@ -391,7 +391,7 @@ def finetune(args, d, amp_dtype, scaler):
     if resume_path is not None:
         resume = engine.load_checkpoint(resume_path, "dtm_finetune", hint="; to start fine-tuning from pre-trained "
                                         "weights use --init PATH", auto=args.resume == "auto")
-        started_from = resume.get("init_abspath") or resume["args"].get("init")
+        started_from = engine.init_started_from(resume)
         if chosen_by_demo and started_from is not None and not engine.same_path(started_from, args.init):
             found = "finds" if args.init != "none" else "no longer finds"
             raise ValueError(f"{args.output_dir} holds a demo run started from --init {started_from}; the demo now "

@@ -483,12 +483,11 @@ def parse_args(argv=None):
                               "with real data (they size the demo's procedural images)")
     if args.eval:  # the model and its input come from the checkpoint (run_eval), and so does the demo's data
         engine.from_checkpoint_unless_given(args, parser, argv, EVAL_FROM_CHECKPOINT + EVAL_DEMO_DATA)
-    continues = args.resume != "auto" or (not args.fresh and os.path.isfile(os.path.join(args.output_dir, engine.LAST)))
-    if args.init is None and args.eval is None and not continues and args.demo:
-        args.init = "none"  # the demo's new run; a continued one takes its checkpoint's --init
-    if args.init is None and args.eval is None and not continues:  # a continued run takes its checkpoint's --init
-        raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none "
-                         "for a random ViT")
+    if args.init is None and args.eval is None and not engine.continues_a_run(args):  # a continued run: its own
+        if not args.demo:
+            raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init "
+                             "none for a random ViT")
+        args.init = "none"  # the demo's new run
     return args
 
 
@@ -578,7 +577,7 @@ def train(args, d):
                                         auto=args.resume == "auto")
         model = build_model(args, num_classes, resume, resume_path)
         if args.init is None:  # as engine.resume sets it (it checks a given one)
-            args.init = resume.get("init_abspath") or resume["args"]["init"]
+            args.init = engine.init_started_from(resume)
     else:
         if args.init is None:
             raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none "
