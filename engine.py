@@ -592,7 +592,7 @@ def take_from_checkpoint(args, saved: dict, names, path: str, must_agree: bool =
         given = getattr(args, name)
         if given is None:
             setattr(args, name, saved[name])
-        elif must_agree and saved[name] is not None and _plain(given) != _plain(saved[name]):  # None: the default
+        elif must_agree and _plain(given) != _plain(saved[name]):  # the caller resolves a recorded None (default)
             raise ValueError(f"--{name} {given} differs from the {saved[name]} that {path!r} was trained with, which "
                              f"--eval uses: leave --{name} out")
 

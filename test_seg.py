@@ -371,6 +371,30 @@ def generic_run(train, val, out, *extra):
             "--eval_every", "2", "--num_workers", "0", "--stride", "24", "--output_dir", str(out), *extra]
 
 
+def test_eval_checks_given_head_settings_against_a_checkpoint_that_used_the_defaults(tmp_path):
+    """A run without --channels / --out_indices records None (the defaults); --eval compares a given value with what
+    the model used (the ViT's width, default_out_indices), not skipping the check (it once kept a given --channels,
+    failing in load_state_dict, and a given --out_indices, evaluating another pyramid)."""
+    labels = [torch.randint(0, 3, (40, 48), generator=torch.Generator().manual_seed(i)).numpy() for i in range(2)]
+    write_seg_folder(tmp_path / "d", labels)
+    run = generic_run(tmp_path / "d", tmp_path / "d", tmp_path / "run", "--iters", "1")
+    del run[run.index("--channels"):run.index("--channels") + 2]
+    train_seg.main(run)
+    path = str(tmp_path / "run" / "checkpoint-last.pth")
+    assert torch.load(path)["args"]["channels"] is None
+    val = ["--val_img_dir", str(tmp_path / "d" / "img"), "--val_ann_dir", str(tmp_path / "d" / "ann"),
+           "--num_classes", "3", "--eval", path, "--output_dir", str(tmp_path / "e")]
+    with pytest.raises(ValueError, match="--channels 16 differs from the 192 that .* leave --channels out"):
+        train_seg.main(val + ["--channels", "16"])
+    for given in (["--channels", "192"], ["--out_indices", "0", "1", "2", "3"]):  # the values it used: accepted
+        train_seg.main(val + given)
+    # vit_tiny has one valid pyramid; for vit_b a None record resolves to BEiT's blocks, so another one would differ
+    assert train_seg.head_settings({"model": "vit_b", "channels": None, "out_indices": None}) == {
+        "channels": 768, "out_indices": [3, 5, 7, 11]}
+    assert train_seg.head_settings({"model": "vit_l", "channels": 512, "out_indices": [1, 2, 3, 23]}) == {
+        "channels": 512, "out_indices": [1, 2, 3, 23]}
+
+
 def test_pyramid_reads_the_patch_tokens_not_cls():
     """UperNet's feature maps are the blocks' patch tokens (CLS dropped) in row-major grid order."""
     model = train_seg.ViTUperNet(backbone(32), num_classes=3, channels=16).eval()

@@ -68,6 +68,14 @@ def default_out_indices(depth: int) -> list:
     return [round(depth * k / 6) - 1 for k in (2, 3, 4, 6)]
 
 
+def head_settings(args: dict) -> dict:
+    """--channels and --out_indices as the model of args' --model uses them (None, the default: its width, and
+    default_out_indices of its depth)."""
+    config = dtm.VIT_CONFIGS[args["model"]]
+    return {"channels": args["channels"] or config["embed_dim"],
+            "out_indices": list(args["out_indices"] or default_out_indices(config["depth"]))}
+
+
 class ConvBNReLU(nn.Sequential):
     """mmcv's ConvModule: conv (no bias) -> BatchNorm -> ReLU, kaiming-initialized."""
 
@@ -531,7 +539,8 @@ def run_eval(args, d):
     log.jsonl is left alone)."""
     checkpoint = engine.load_checkpoint(args.eval, "dtm_seg", "--eval", hint="; to start from its weights use --init "
                                         "PATH")
-    engine.take_from_checkpoint(args, checkpoint["args"], EVAL_FROM_CHECKPOINT, args.eval)
+    saved = {**checkpoint["args"], **head_settings(checkpoint["args"])}  # a given value is compared with the used one
+    engine.take_from_checkpoint(args, saved, EVAL_FROM_CHECKPOINT, args.eval)
     engine.take_from_checkpoint(args, checkpoint["args"], EVAL_DEMO_DATA, args.eval, must_agree=False)
     args.scale = checkpoint["args"]["scale"] if args.scale is None else args.scale
     args.stride = checkpoint["args"]["stride"] if args.stride is None else args.stride
