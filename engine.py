@@ -624,7 +624,8 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
 
     --resume auto continues output_dir/checkpoint-last.pth if there is one (as the official code's --auto_resume, on
     by default: naver-ai/dtm run_pretrain_dtm.py, utils/utils.py auto_load_last_model); --fresh starts over instead; --resume PATH
-    continues PATH, into an output_dir that holds no other run. reads / new_run_reads: {flag: path} of checkpoints
+    continues PATH, into an output_dir that holds no other run (with --fresh, open_log removes that run's
+    checkpoint-last.pth once the new run's model is built, so a wrong --init leaves it in place). reads / new_run_reads: {flag: path} of checkpoints
     the run reads at every launch (the teacher) / when it starts (--init); refused where the run writes over them.
     Rank 0 also removes the temporary files an interrupted save left behind."""
     last = os.path.join(args.output_dir, LAST)
@@ -641,14 +642,8 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
     if args.resume != "auto" and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume!r}: no such file")
     resuming_last = args.resume != "auto" and os.path.isfile(last) and os.path.samefile(last, args.resume)
-    if args.fresh:  # else a relaunch without --fresh, after a crash before the new run's first save, resumed the old
-        if d.world_size > 1:
-            dist.barrier()  # every rank has looked at it (resuming_last) before rank 0 removes it
-        if d.is_main and os.path.isfile(last) and not resuming_last:
-            os.remove(last)
-            print(f"--fresh: removed the previous run's {last} (its log will be kept as log.N.jsonl)", flush=True)
-        if d.world_size > 1:
-            dist.barrier()  # every rank, whatever it saw, waits until rank 0 has removed it
+    if args.fresh and d.world_size > 1:
+        dist.barrier()  # every rank has looked at it (resuming_last) before rank 0 removes it (open_log)
     if args.resume == "auto":
         if args.fresh or not os.path.isfile(last):
             return None, False
@@ -691,9 +686,14 @@ def open_log(output_dir: str, resumed, enabled: bool) -> "JsonLog":
     A resumed run (resumed: the checkpoint it continues, from this output_dir) keeps the lines the log held when the
     checkpoint was saved (its log_lines; older checkpoints: the lines up to its step) and drops the rest (written
     after the checkpoint by a run that then died, or half-written), so no line repeats, also where a new batch size
-    renumbered the steps; a new run (resumed None) starts a new log and keeps an old one as log.N.jsonl."""
-    path = os.path.join(output_dir, LOG)
+    renumbered the steps; a new run (resumed None) starts a new log and keeps an old one as log.N.jsonl. A new run
+    also removes the previous run's checkpoint-last.pth (which prepare_run let it replace: --fresh), so a relaunch
+    without --fresh after a crash before the new run's first save does not continue the old run."""
+    path, last = os.path.join(output_dir, LOG), os.path.join(output_dir, LAST)
     kept = []
+    if enabled and resumed is None and os.path.isfile(last):
+        os.remove(last)
+        print(f"--fresh: removed the previous run's {last}", flush=True)
     if enabled:
         os.makedirs(output_dir, exist_ok=True)
         if os.path.isfile(path) and resumed is None:

@@ -525,9 +525,13 @@ def test_prepare_run_rules(tmp_path):
     assert not (out / "checkpoint-last.pth.tmp4242").exists()  # an interrupted save's leftovers are removed
     assert engine.prepare_run(run_args(out, resume=str(out / engine.LAST), fresh=True), CPU) == \
         (str(out / engine.LAST), True)  # --fresh does not remove the checkpoint it is asked to continue
-    # --fresh removes the old run's checkpoint, so a relaunch without --fresh after a crash before the new run's
-    # first save does not continue the old run
-    assert engine.prepare_run(run_args(out, fresh=True), CPU) == (None, False)
+    # --fresh: a new run, whose log opening removes the old run's checkpoint (after the model is built, so a wrong
+    # --init leaves the old run in place), so a relaunch without --fresh after a crash before the new run's first
+    # save does not continue the old run
+    assert engine.prepare_run(run_args(out, fresh=True), CPU) == (None, False) and (out / engine.LAST).exists()
+    engine.open_log(str(out), None, False)  # ranks other than 0 remove nothing
+    assert (out / engine.LAST).exists()
+    engine.open_log(str(out), None, True)
     assert not (out / engine.LAST).exists() and engine.prepare_run(run_args(out), CPU) == (None, False)
     (out / engine.LAST).write_bytes(b"x")
     other = tmp_path / "other.pth"
@@ -538,6 +542,9 @@ def test_prepare_run_rules(tmp_path):
         engine.prepare_run(run_args(out, resume=str(tmp_path / "typo.pth"), fresh=True), CPU)
     assert (out / engine.LAST).exists()
     assert engine.prepare_run(run_args(out, resume=str(other), fresh=True), CPU) == (str(other), False)
+    engine.open_log(str(out), {"step": 0}, True)  # a resumed run's log: the checkpoint stays
+    assert (out / engine.LAST).exists()
+    engine.open_log(str(out), None, True)  # continuing another folder's run is a new log here: it goes
     assert not (out / engine.LAST).exists()
     assert engine.prepare_run(run_args(tmp_path / "new", resume=str(other)), CPU) == (str(other), False)
     with pytest.raises(FileNotFoundError, match="--resume"):

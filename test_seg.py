@@ -308,6 +308,23 @@ def test_demo_run_started_from_a_checkpoint_relaunches_without_init(tmp_path, ca
     assert resumed["step"] == 3 and resumed["init_abspath"] == os.path.join(first, "checkpoint-last.pth")
 
 
+def test_fresh_with_a_wrong_init_leaves_the_old_run(tmp_path):
+    """--fresh removes the old run's checkpoint-last.pth only once the new run's model is built: a mistyped or
+    foreign --init fails first (it once removed the old run, then failed)."""
+    out = str(tmp_path / "run")
+    train_seg.main(TINY_RUN + ["--iters", "1", "--output_dir", out])
+    last = os.path.join(out, "checkpoint-last.pth")
+    before = torch.load(last)["model"]
+    (tmp_path / "notes.pth").write_bytes(b"not a checkpoint")
+    for init, error in ((tmp_path / "typo.pth", FileNotFoundError), (tmp_path / "notes.pth", ValueError)):
+        with pytest.raises(error, match=f"--init '{init}'"):
+            train_seg.main(TINY_RUN + ["--fresh", "--init", str(init), "--output_dir", out])
+        assert all(torch.equal(v, torch.load(last)["model"][k]) for k, v in before.items())
+    train_seg.main(TINY_RUN + ["--iters", "1", "--fresh", "--seed", "1", "--output_dir", out])  # a new run replaces it
+    name = "decode_head.classifier.weight"
+    assert not torch.equal(torch.load(last)["model"][name], before[name])
+
+
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     saved = engine.save_checkpoint
 
