@@ -654,6 +654,25 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
     return args.resume, resuming_last
 
 
+def new_run_hint(args, resumed: str) -> str:
+    """How to start a new run in output_dir instead of continuing the checkpoint `resumed`, as a fix to print: one
+    that prepare_run accepts (--fresh does not start a new run while --resume PATH names a checkpoint)."""
+    last, resume = os.path.join(args.output_dir, LAST), getattr(args, "resume", "auto")
+    fresh = "add --fresh (the old log is kept as log.N.jsonl) or pass another --output_dir"
+    if resume == "auto":
+        return fresh
+    if os.path.isfile(last) and os.path.isfile(resumed) and os.path.samefile(last, resumed):
+        return f"leave out --resume {resume} and {fresh}"
+    return f"leave out --resume {resume}"
+
+
+def say_finished(args, resumed: str, step: int, last_step: int, flag: str, d: Dist):
+    """The line a relaunch of a finished run prints (it then does nothing): how to train on, or start over."""
+    where = args.output_dir if args.resume == "auto" else repr(resumed)
+    d.print(f"{where} holds a finished run (step {step} of {last_step}): nothing to do; raise {flag} to train on,"
+            f" or {new_run_hint(args, resumed)} to start over")
+
+
 def continues_a_run(args) -> bool:
     """Whether prepare_run will continue a run (--resume PATH, or output_dir's checkpoint-last.pth without --fresh)."""
     return args.resume != "auto" or (not args.fresh and os.path.isfile(os.path.join(args.output_dir, LAST)))
@@ -816,14 +835,14 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
             if not (unknown and os.path.isfile(args.init)):
                 given = (args.init if os.path.isabs(args.init) or args.init == "none" else
                          f"{args.init} (from here: {os.path.abspath(args.init)})")
-                same = (f"that file's path from this folder (it records {started_from} relative to another one)"
-                        if unknown else f"{started_from} (the file is not read again)")
-                resumed_by_path = getattr(args, "resume", "auto") != "auto"
-                new_run = (f"leave out --resume {args.resume}" if resumed_by_path else
-                           "add --fresh (the old log is kept as log.N.jsonl) or pass another --output_dir")
+                same = ("" if started_from == "none" else
+                        " (or that file's path from this folder: it records it relative to another one)" if unknown
+                        else f" (or --init {started_from}: the file is not read again)")
+                new_run = (f"pass another --output_dir (a new run in {args.output_dir} writes over that file)"
+                           if _written_by_runs_in(args.output_dir, args.init) else new_run_hint(args, path))
                 raise ValueError(f"{path!r} continues a run started from --init {started_from}; --init {given} would "
-                                 f"be ignored (it applies to a new run only). To continue that run pass --init {same}; "
-                                 f"to start a new run from {args.init} {new_run}")
+                                 f"be ignored (it applies to a new run only). To continue that run leave --init "
+                                 f"out{same}; to start a new run from {args.init} {new_run}")
             d.print(f"note: {path!r} was started from --init {started_from}, relative to a folder it does not record; "
                     f"taking --init {args.init} as that file")
             started_from = os.path.abspath(args.init)

@@ -420,7 +420,8 @@ def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tm
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     state = engine.checkpoint_state("dtm_finetune", model, optimizer, None, args, 2, steps_per_epoch=2)
     with pytest.raises(ValueError, match=r"started from --init none; --init pre.pth \(from here: .*pre.pth\) would be "
-                                         r"ignored.*--fresh"):
+                                         r"ignored .* To continue that run leave --init out; to start a new run from "
+                                         r"pre.pth add --fresh"):
         engine.resume(state, "ck.pth", model, optimizer, None, argparse.Namespace(**{**vars(args), "init": "pre.pth"}),
                       2, CPU)
     unset = argparse.Namespace(**{**vars(args), "init": None})  # a relaunch without --init continues the run
@@ -435,8 +436,8 @@ def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tm
         again = argparse.Namespace(**{**vars(args), "init": spelled})
         assert engine.resume(relative, "ck.pth", model, optimizer, None, again, 2, CPU) == 2
     (tmp_path / "copy.pth").write_bytes(b"")
-    with pytest.raises(ValueError, match=f"To continue that run pass --init {tmp_path / 'pre.pth'} .* to start a new "
-                                         f"run from ../copy.pth add --fresh"):
+    with pytest.raises(ValueError, match=f"To continue that run leave --init out \\(or --init {tmp_path / 'pre.pth'}: "
+                                         f"the file is not read again\\); to start a new run from ../copy.pth add --fresh"):
         engine.resume(relative, "ck.pth", model, optimizer, None,
                       argparse.Namespace(**{**vars(args), "init": "../copy.pth"}), 2, CPU)
     # resumed from another folder without --init, the next checkpoint still records the file the run started from
@@ -454,8 +455,8 @@ def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tm
         engine.resume(relative, "ck.pth", model, optimizer, None,  # --fresh would not start a new run here
                       argparse.Namespace(**{**vars(args), "init": "../copy.pth", "resume": "ck.pth"}), 2, CPU)
     for other in ("none", "missing.pth"):  # not a file that could be it: refused as before
-        with pytest.raises(ValueError, match=f"--init {other}.* would be ignored .* pass --init that file's path "
-                                             f"from this folder \\(it records pre.pth relative to another one\\)"):
+        with pytest.raises(ValueError, match=f"--init {other}.* would be ignored .* leave --init out \\(or that file's "
+                                             f"path from this folder: it records it relative to another one\\)"):
             engine.resume(old, "ck.pth", model, optimizer, None, argparse.Namespace(**{**vars(args), "init": other}),
                           2, CPU)
     unset = argparse.Namespace(**{**vars(args), "init": None})  # not given: no path that would be a guess
@@ -549,6 +550,40 @@ def test_prepare_run_rules(tmp_path):
     assert engine.prepare_run(run_args(tmp_path / "new", resume=str(other)), CPU) == (str(other), False)
     with pytest.raises(FileNotFoundError, match="--resume"):
         engine.prepare_run(run_args(out, resume=str(tmp_path / "nope.pth")), CPU)
+
+
+def test_the_printed_way_to_start_a_new_run_is_one_prepare_run_accepts(tmp_path, capsys):
+    """new_run_hint (printed by resume's --init refusal, the fine-tuning demo, a finished run): applying it starts a
+    new run. --fresh alone does not while --resume PATH names a checkpoint (it once suggested just that)."""
+    out, other = tmp_path / "run", tmp_path / "other.pth"
+    out.mkdir()
+    other.write_bytes(b"y")
+    cases = {"add --fresh": run_args(out),  # a relaunch (--resume auto) of the run in out
+             f"leave out --resume {out / engine.LAST} and add --fresh": run_args(out, resume=str(out / engine.LAST)),
+             f"leave out --resume {other}": run_args(out, resume=str(other), fresh=True)}
+    for hint, args in cases.items():
+        (out / engine.LAST).write_bytes(b"x")
+        resumed, _ = engine.prepare_run(args, CPU)
+        assert resumed is not None and engine.new_run_hint(args, resumed).startswith(hint), hint
+        fixed = argparse.Namespace(**{**vars(args), "fresh": args.fresh or "add --fresh" in hint,
+                                      "resume": "auto" if "leave out --resume" in hint else args.resume})
+        assert engine.prepare_run(fixed, CPU) == (None, False), hint
+        engine.say_finished(args, resumed, 3, 3, "--epochs", CPU)
+        where = out if args.resume == "auto" else repr(resumed)
+        assert capsys.readouterr().out == (f"{where} holds a finished run (step 3 of 3): nothing to do; raise --epochs "
+                                           f"to train on, or {engine.new_run_hint(args, resumed)} to start over\n")
+    # resume's refusal of another --init that is a file this folder's runs write: a new run here would refuse it too
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    saved = argparse.Namespace(init="none", output_dir=str(out), resume="auto", fresh=False)
+    state = engine.checkpoint_state("dtm_finetune", model, optimizer, None, saved, 2, steps_per_epoch=2)
+    (out / engine.BEST).write_bytes(b"z")
+    given = argparse.Namespace(**{**vars(saved), "init": str(out / engine.BEST)})
+    with pytest.raises(ValueError, match="to start a new run from .*checkpoint-best.pth pass another --output_dir"):
+        engine.resume(state, str(out / engine.LAST), model, optimizer, None, given, 2, CPU)
+    with pytest.raises(ValueError, match="is a checkpoint that this run writes"):  # where "add --fresh" would lead
+        engine.prepare_run(argparse.Namespace(**{**vars(given), "fresh": True}), CPU,
+                           new_run_reads={"--init": given.init})
 
 
 def test_log_new_run_keeps_the_old_one_and_resume_drops_lines_after_the_checkpoint(tmp_path):

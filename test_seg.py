@@ -308,6 +308,25 @@ def test_demo_run_started_from_a_checkpoint_relaunches_without_init(tmp_path, ca
     assert resumed["step"] == 3 and resumed["init_abspath"] == os.path.join(first, "checkpoint-last.pth")
 
 
+def test_relaunch_of_an_old_checkpoint_with_a_relative_init_says_so(tmp_path, monkeypatch, capsys):
+    """A checkpoint from before init_abspath with a relative --init, relaunched from another folder: the note that
+    the file is unknown is printed (segmentation once filled --init before engine.resume, which then said nothing)."""
+    monkeypatch.chdir(tmp_path)
+    train_seg.main(TINY_RUN + ["--iters", "1", "--output_dir", "first"])
+    train_seg.main(TINY_RUN + ["--iters", "1", "--init", "first/checkpoint-last.pth", "--output_dir", "second"])
+    last = tmp_path / "second" / "checkpoint-last.pth"
+    old = torch.load(last)
+    del old["init_abspath"]
+    torch.save(old, last)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    train_seg.main(TINY_RUN + ["--iters", "2", "--output_dir", str(tmp_path / "second")])
+    out = capsys.readouterr().out
+    assert f"note: '{last}' records --init first/checkpoint-last.pth relative to a folder it does not record" in out
+    assert "init first/checkpoint-last.pth," in out and torch.load(last)["step"] == 2
+
+
 def test_fresh_with_a_wrong_init_leaves_the_old_run(tmp_path):
     """--fresh removes the old run's checkpoint-last.pth only once the new run's model is built: a mistyped or
     foreign --init fails first (it once removed the old run, then failed)."""

@@ -394,9 +394,11 @@ def finetune(args, d, amp_dtype, scaler):
         started_from = engine.init_started_from(resume)
         if chosen_by_demo and started_from is not None and not engine.same_path(started_from, args.init):
             found = "finds" if args.init != "none" else "no longer finds"
-            raise ValueError(f"{args.output_dir} holds a demo run started from --init {started_from}; the demo now "
-                             f"{found} the pre-training checkpoint {DEMO_PRETRAIN_CHECKPOINT}: add --fresh to start "
-                             f"over from {args.init}, or pass --init {started_from} to continue that run")
+            where = args.output_dir if args.resume == "auto" else repr(resume_path)
+            raise ValueError(f"{where} holds a demo run started from --init {started_from}; the demo now {found} the "
+                             f"pre-training checkpoint {DEMO_PRETRAIN_CHECKPOINT}: to start over from {args.init} "
+                             f"{engine.new_run_hint(args, resume_path)}, or pass --init {started_from} to continue "
+                             f"that run")
     else:
         init, init_path = init_checkpoint(args, d)
     train_set, val_set, classes = build_datasets(args)
@@ -413,7 +415,8 @@ def finetune(args, d, amp_dtype, scaler):
         saved_layout = resume["args"].get("rel_pos_bias", args.rel_pos_bias)
         if args.rel_pos_bias != saved_layout:  # the optimizer state holds the run's tables
             raise ValueError(f"{resume_path!r} continues a run with --rel_pos_bias {saved_layout}, which a run cannot "
-                             f"change: resume with --rel_pos_bias {saved_layout}, or add --fresh to start a new run")
+                             f"change: resume with --rel_pos_bias {saved_layout}, or to start a new run "
+                             f"{engine.new_run_hint(args, resume_path)}")
         model, _ = dtm.vit_from_checkpoint(resume, args.img_size, len(classes), drop_path_rate=args.drop_path,
                                            model=args.model, path=resume_path)
     else:
@@ -444,8 +447,7 @@ def finetune(args, d, amp_dtype, scaler):
             f"(--lr {args.lr:g}, {args.lr_scaling} scaling), layer decay {layer_decay}, {args.epochs} epochs x "
             f"{steps_per_epoch} steps, starting at step {step}")
     if step >= total_steps:
-        d.print(f"{args.output_dir} holds a finished run (step {step} of {total_steps}): nothing to do; raise --epochs "
-                f"to train on, or pass --fresh (or another --output_dir) to start over")
+        engine.say_finished(args, resume_path, step, total_steps, "--epochs", d)
 
     mixup = data.Mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing, len(classes))
     val = val_loader(val_set, args, d)

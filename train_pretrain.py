@@ -284,8 +284,7 @@ def train(args, d: engine.Dist) -> dict:
             f"{steps_per_epoch} steps/epoch, amp {engine.amp_name(amp_dtype, scaler)}")
     if step >= last_step:
         limit = "--max_steps" if last_step < total_steps else "--epochs"
-        d.print(f"{args.output_dir} holds a finished run (step {step} of {last_step}): nothing to do; raise {limit} "
-                f"to train on, or pass --fresh (or another --output_dir) to start over")
+        engine.say_finished(args, resume_path, step, last_step, limit, d)
 
     def save(name):  # with the loss sums since the last log line, so a resumed run's next line averages them too
         window = None if sums is None else dict(names=loss_names, sums=engine.all_mean(sums, d).cpu(), count=count)

@@ -585,14 +585,14 @@ def train(args, d):
         resume = engine.load_checkpoint(resume_path, "dtm_seg", hint="; to start from other weights use --init PATH",
                                         auto=args.resume == "auto")
         model = build_model(args, num_classes, resume, resume_path)
-        if args.init is None:  # as engine.resume sets it (it checks a given one)
-            args.init = engine.init_started_from(resume)
+        started_from = engine.init_started_from(resume)  # engine.resume checks a given --init against it
     else:
         if args.init is None:
             raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none "
                              "for a random ViT")
         init = None if args.init == "none" else dtm.read_checkpoint(args.init, "--init")
         model = build_model(args, num_classes, init, args.init)
+        started_from = args.init
     model.backbone.grad_checkpointing = args.grad_checkpoint
     if args.compile:
         engine.compile_blocks(model.backbone)
@@ -600,7 +600,7 @@ def train(args, d):
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # 2 images per GPU: BN statistics over all GPUs
     d.print(f"{args.model} UperNet, {num_classes} classes, crop {args.crop_size}, pyramid from blocks "
-            f"{model.out_indices}, init {args.init}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+            f"{model.out_indices}, init {started_from}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
             f"{d.world_size} process(es) on {d.device}, amp {engine.amp_name(amp_dtype, scaler)}")
     engine.warn_long_warmup(args.warmup_iters, args.iters, "--warmup_iters", d)
 
@@ -614,8 +614,7 @@ def train(args, d):
     log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main)
     ddp_model = engine.ddp(model, d)
     if step >= args.iters:
-        d.print(f"{args.output_dir} holds a finished run (step {step} of --iters {args.iters}): nothing to do; raise "
-                f"--iters to train on, or pass --fresh (or another --output_dir) to start over")
+        engine.say_finished(args, resume_path, step, args.iters, "--iters", d)
 
     def save(name, metrics=None):
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
