@@ -624,9 +624,10 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
 
     --resume auto continues output_dir/checkpoint-last.pth if there is one (as the official code's --auto_resume, on
     by default: naver-ai/dtm run_pretrain_dtm.py, utils/utils.py auto_load_last_model); --fresh starts over instead; --resume PATH
-    continues PATH, into an output_dir that holds no other run (with --fresh, open_log removes that run's
-    checkpoint-last.pth once the new run's model is built, so a wrong --init leaves it in place). reads / new_run_reads: {flag: path} of checkpoints
-    the run reads at every launch (the teacher) / when it starts (--init); refused where the run writes over them.
+    continues PATH, into an output_dir that holds no other run. With --fresh, open_log removes that run's
+    checkpoint-last.pth once the new run's model is built (an --init that cannot be read or does not fit fails
+    first and leaves it in place). reads / new_run_reads: {flag: path} of checkpoints the run reads at every launch
+    (the teacher) / when it starts (--init); refused where the run writes over them.
     Rank 0 also removes the temporary files an interrupted save left behind."""
     last = os.path.join(args.output_dir, LAST)
     for flag, path in {**(reads or {}), **({} if continues_a_run(args) else new_run_reads or {})}.items():
@@ -642,16 +643,16 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
     if args.resume != "auto" and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume!r}: no such file")
     resuming_last = args.resume != "auto" and os.path.isfile(last) and os.path.samefile(last, args.resume)
-    if args.fresh and d.world_size > 1:
-        dist.barrier()  # every rank has looked at it (resuming_last) before rank 0 removes it (open_log)
     if args.resume == "auto":
-        if args.fresh or not os.path.isfile(last):
-            return None, False
-        return last, True
-    if os.path.isfile(last) and not os.path.samefile(last, args.resume) and not args.fresh:
+        start = (None, False) if args.fresh or not os.path.isfile(last) else (last, True)
+    elif os.path.isfile(last) and not resuming_last and not args.fresh:
         raise ValueError(f"--output_dir {args.output_dir!r} holds another run ({LAST}); continuing {args.resume!r} "
                          f"there would overwrite it: pass another --output_dir, or --fresh to replace that run")
-    return args.resume, resuming_last
+    else:
+        start = (args.resume, resuming_last)
+    if args.fresh and d.world_size > 1:
+        dist.barrier()  # every rank has looked at it before rank 0 removes it (open_log)
+    return start
 
 
 def new_run_hint(args, resumed: str) -> str:
@@ -662,15 +663,16 @@ def new_run_hint(args, resumed: str) -> str:
     if resume == "auto":
         return fresh
     if os.path.isfile(last) and os.path.isfile(resumed) and os.path.samefile(last, resumed):
-        return f"leave out --resume {resume} and {fresh}"
+        return f"leave out --resume {resume} and either {fresh}"
     return f"leave out --resume {resume}"
 
 
 def say_finished(args, resumed: str, step: int, last_step: int, flag: str, d: Dist):
     """The line a relaunch of a finished run prints (it then does nothing): how to train on, or start over."""
     where = args.output_dir if args.resume == "auto" else repr(resumed)
+    init = " (a new run needs --init PATH or --init none)" if "init" in vars(args) else ""
     d.print(f"{where} holds a finished run (step {step} of {last_step}): nothing to do; raise {flag} to train on,"
-            f" or {new_run_hint(args, resumed)} to start over")
+            f" or {new_run_hint(args, resumed)} to start over{init}")
 
 
 def continues_a_run(args) -> bool:
@@ -835,14 +837,17 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
             if not (unknown and os.path.isfile(args.init)):
                 given = (args.init if os.path.isabs(args.init) or args.init == "none" else
                          f"{args.init} (from here: {os.path.abspath(args.init)})")
-                same = ("" if started_from == "none" else
-                        " (or that file's path from this folder: it records it relative to another one)" if unknown
-                        else f" (or --init {started_from}: the file is not read again)")
-                new_run = (f"pass another --output_dir (a new run in {args.output_dir} writes over that file)"
-                           if _written_by_runs_in(args.output_dir, args.init) else new_run_hint(args, path))
+                same = ("none" if started_from == "none" else
+                        f"with that file's path from this folder (it records {started_from} relative to another "
+                        f"one)" if unknown else f"{started_from} (the file is not read again)")
+                new_run = new_run_hint(args, path)
+                if _written_by_runs_in(args.output_dir, args.init):  # a new run in output_dir refuses it
+                    resumed_by = getattr(args, "resume", "auto")
+                    new_run = ("" if resumed_by == "auto" else f"leave out --resume {resumed_by} and ") + \
+                        f"pass another --output_dir (a new run in {args.output_dir} writes over that file)"
                 raise ValueError(f"{path!r} continues a run started from --init {started_from}; --init {given} would "
-                                 f"be ignored (it applies to a new run only). To continue that run leave --init "
-                                 f"out{same}; to start a new run from {args.init} {new_run}")
+                                 f"be ignored (it applies to a new run only). To continue that run pass --init {same}; "
+                                 f"to start a new run from {args.init} {new_run}")
             d.print(f"note: {path!r} was started from --init {started_from}, relative to a folder it does not record; "
                     f"taking --init {args.init} as that file")
             started_from = os.path.abspath(args.init)

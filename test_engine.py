@@ -420,8 +420,8 @@ def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tm
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     state = engine.checkpoint_state("dtm_finetune", model, optimizer, None, args, 2, steps_per_epoch=2)
     with pytest.raises(ValueError, match=r"started from --init none; --init pre.pth \(from here: .*pre.pth\) would be "
-                                         r"ignored .* To continue that run leave --init out; to start a new run from "
-                                         r"pre.pth add --fresh"):
+                                         r"ignored .* To continue that run pass --init none; to start a new run "
+                                         r"from pre.pth add --fresh"):
         engine.resume(state, "ck.pth", model, optimizer, None, argparse.Namespace(**{**vars(args), "init": "pre.pth"}),
                       2, CPU)
     unset = argparse.Namespace(**{**vars(args), "init": None})  # a relaunch without --init continues the run
@@ -436,8 +436,8 @@ def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tm
         again = argparse.Namespace(**{**vars(args), "init": spelled})
         assert engine.resume(relative, "ck.pth", model, optimizer, None, again, 2, CPU) == 2
     (tmp_path / "copy.pth").write_bytes(b"")
-    with pytest.raises(ValueError, match=f"To continue that run leave --init out \\(or --init {tmp_path / 'pre.pth'}: "
-                                         f"the file is not read again\\); to start a new run from ../copy.pth add --fresh"):
+    with pytest.raises(ValueError, match=f"To continue that run pass --init {tmp_path / 'pre.pth'} \\(the file is not "
+                                         f"read again\\); to start a new run from ../copy.pth add --fresh"):
         engine.resume(relative, "ck.pth", model, optimizer, None,
                       argparse.Namespace(**{**vars(args), "init": "../copy.pth"}), 2, CPU)
     # resumed from another folder without --init, the next checkpoint still records the file the run started from
@@ -455,8 +455,8 @@ def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tm
         engine.resume(relative, "ck.pth", model, optimizer, None,  # --fresh would not start a new run here
                       argparse.Namespace(**{**vars(args), "init": "../copy.pth", "resume": "ck.pth"}), 2, CPU)
     for other in ("none", "missing.pth"):  # not a file that could be it: refused as before
-        with pytest.raises(ValueError, match=f"--init {other}.* would be ignored .* leave --init out \\(or that file's "
-                                             f"path from this folder: it records it relative to another one\\)"):
+        with pytest.raises(ValueError, match=f"--init {other}.* would be ignored .* pass --init with that file's path "
+                                             f"from this folder \\(it records pre.pth relative to another one\\)"):
             engine.resume(old, "ck.pth", model, optimizer, None, argparse.Namespace(**{**vars(args), "init": other}),
                           2, CPU)
     unset = argparse.Namespace(**{**vars(args), "init": None})  # not given: no path that would be a guess
@@ -559,7 +559,8 @@ def test_the_printed_way_to_start_a_new_run_is_one_prepare_run_accepts(tmp_path,
     out.mkdir()
     other.write_bytes(b"y")
     cases = {"add --fresh": run_args(out),  # a relaunch (--resume auto) of the run in out
-             f"leave out --resume {out / engine.LAST} and add --fresh": run_args(out, resume=str(out / engine.LAST)),
+             f"leave out --resume {out / engine.LAST} and either add --fresh":
+                 run_args(out, resume=str(out / engine.LAST)),
              f"leave out --resume {other}": run_args(out, resume=str(other), fresh=True)}
     for hint, args in cases.items():
         (out / engine.LAST).write_bytes(b"x")
@@ -572,6 +573,8 @@ def test_the_printed_way_to_start_a_new_run_is_one_prepare_run_accepts(tmp_path,
         where = out if args.resume == "auto" else repr(resumed)
         assert capsys.readouterr().out == (f"{where} holds a finished run (step 3 of 3): nothing to do; raise --epochs "
                                            f"to train on, or {engine.new_run_hint(args, resumed)} to start over\n")
+    engine.say_finished(argparse.Namespace(**vars(args), init="a.pth"), resumed, 3, 3, "--epochs", CPU)
+    assert capsys.readouterr().out.endswith("to start over (a new run needs --init PATH or --init none)\n")
     # resume's refusal of another --init that is a file this folder's runs write: a new run here would refuse it too
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -581,6 +584,10 @@ def test_the_printed_way_to_start_a_new_run_is_one_prepare_run_accepts(tmp_path,
     given = argparse.Namespace(**{**vars(saved), "init": str(out / engine.BEST)})
     with pytest.raises(ValueError, match="to start a new run from .*checkpoint-best.pth pass another --output_dir"):
         engine.resume(state, str(out / engine.LAST), model, optimizer, None, given, 2, CPU)
+    by_path = argparse.Namespace(**{**vars(given), "resume": str(out / engine.LAST)})  # with --resume PATH: leave it out
+    with pytest.raises(ValueError, match=f"checkpoint-best.pth leave out --resume {out / engine.LAST} and pass another "
+                                         f"--output_dir"):
+        engine.resume(state, str(out / engine.LAST), model, optimizer, None, by_path, 2, CPU)
     with pytest.raises(ValueError, match="is a checkpoint that this run writes"):  # where "add --fresh" would lead
         engine.prepare_run(argparse.Namespace(**{**vars(given), "fresh": True}), CPU,
                            new_run_reads={"--init": given.init})

@@ -92,7 +92,8 @@ def test_window_starts_cover_the_image_like_mmseg():
     (["--aux_weight", "-1"], "--aux_weight, --poly_power and --warmup_iters must be >= 0"),
     (["--poly_power", "-1"], "makes the lr grow"),
     (["--warmup_ratio", "3"], "--warmup_ratio in 0..1"),
-    (["--batch_size", "0"], "--batch_size must be >= 1")])
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--channels", "0"], "--channels must be >= 1, got 0 \\(leave it out for the ViT's width\\)")])
 def test_flags_that_do_nothing_or_train_wrongly_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
         train_seg.parse_args(["--init", "none", *flags])

@@ -472,6 +472,8 @@ def parse_args(argv=None):
                          f"use e.g. 512")
     if (args.stride is not None and args.stride < 1) or (args.eval is None and args.stride > args.crop_size):
         raise ValueError(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}")
+    if args.channels is not None and args.channels < 1:
+        raise ValueError(f"--channels must be >= 1, got {args.channels} (leave it out for the ViT's width)")
     for name in ("iters", "batch_size", "accum_iter", "eval_every", "save_every", "log_every", "slide_batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
