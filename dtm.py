@@ -408,7 +408,9 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"expected images (B, C, {self.img_size[0]}, {self.img_size[1]}), got {tuple(images.shape)}; "
                              f"build the model with img_size={tuple(images.shape[-2:])} and adapt the checkpoint "
                              f"with adapt_state_dict to run at another size")
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C)
+        # (B, N, C) in the weights' dtype: under autocast the conv gives bf16/fp16, the residual stream stays fp32 (as
+        # the blocks' outputs are), so every block sees one dtype (one compiled graph for all of them)
+        x = self.patch_embed(images).flatten(2).transpose(1, 2).to(self.cls_token.dtype)
         if mask is not None:
             if self.mask_token is None:
                 raise ValueError("a mask was given but the model has no mask token; build it with use_mask_token=True")

@@ -135,6 +135,21 @@ def test_sdpa_block_equals_explicit_softmax_from_the_returned_queries_keys_and_b
     assert sorted(features.qk) == [0, 3] and features.qk[0][2].shape == (3, T, T)
 
 
+def test_every_block_gets_the_residual_stream_in_the_weights_dtype_under_autocast():
+    """Under bf16 autocast the patch embedding's conv gives bf16 while the blocks return float32 (layer scale and
+    residual in the weights' dtype): the embedding is cast so that block 0 sees float32 too (with bf16 it saw another
+    dtype than blocks 1.., and torch.compile made a second graph). A bf16 model keeps bf16 throughout."""
+    for model, autocast, expected in ((tiny_vit(), True, torch.float32), (tiny_vit().bfloat16(), False, torch.bfloat16)):
+        seen = []
+        for block in model.blocks:
+            block.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].dtype))
+        for mask in (None, random_mask()):
+            seen.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                model.forward_features(images().to(expected), mask=mask)
+            assert seen == [expected] * model.depth, (seen, mask is None)
+
+
 def test_relative_position_index_matches_naive_loop():
     H, W = 2, 3
     index = dtm.relative_position_index((H, W))

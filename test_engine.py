@@ -202,6 +202,21 @@ def test_compile_blocks_makes_one_graph_for_all_drop_path_rates():
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_blocks_make_one_graph_under_bf16_autocast():
+    """--compile --amp bf16 (a GPU's --amp auto): block 0 once got the bf16 patch embedding and blocks 1.. float32,
+    so dynamo made two graphs (test_gpu.py's compile check asserts one). Dynamo's eager backend: graphs, no codegen."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    vit = dtm.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2)
+    for block in vit.blocks:
+        block.compile(backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        vit.forward_features(torch.randn(2, 3, 32, 32)).tokens.float().sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------
 # checkpoints
 

@@ -439,11 +439,12 @@ def check_compile(device, quick, tmp):
     counters.clear()
     compiled = pretrain_run(os.path.join(tmp, "compiled"), device, quick, "--compile")
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs == 1, f"{graphs} graphs for the blocks (expected one, shared by all blocks)"
-    assert all(math.isfinite(r["loss"]) for r in compiled)
-    assert abs(compiled[0]["loss"] / eager[0]["loss"] - 1) < 3e-2, (compiled[0]["loss"], eager[0]["loss"])
-    return {"graphs": graphs, "first_loss": {"eager": eager[0]["loss"], "compiled": compiled[0]["loss"]},
-            "img_per_s_last": {"eager": eager[-1]["img_per_s"], "compiled": compiled[-1]["img_per_s"]}}
+    details = {"graphs": graphs, "first_loss": {"eager": eager[0]["loss"], "compiled": compiled[0]["loss"]},
+               "img_per_s_last": {"eager": eager[-1]["img_per_s"], "compiled": compiled[-1]["img_per_s"]}}
+    assert graphs == 1, f"{graphs} graphs for the blocks (expected one, shared by all blocks): {details}"
+    assert all(math.isfinite(r["loss"]) for r in compiled), details
+    assert abs(compiled[0]["loss"] / eager[0]["loss"] - 1) < 3e-2, details
+    return details
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}  # in this order
