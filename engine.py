@@ -670,7 +670,8 @@ def new_run_hint(args, resumed: str) -> str:
 def say_finished(args, resumed: str, step: int, last_step: int, flag: str, d: Dist):
     """The line a relaunch of a finished run prints (it then does nothing): how to train on, or start over."""
     where = args.output_dir if args.resume == "auto" else repr(resumed)
-    init = " (a new run needs --init PATH or --init none)" if "init" in vars(args) else ""
+    needs_init = "init" in vars(args) and not getattr(args, "demo", False)  # the demos choose a new run's --init
+    init = " (a new run needs --init PATH or --init none)" if needs_init else ""
     d.print(f"{where} holds a finished run (step {step} of {last_step}): nothing to do; raise {flag} to train on,"
             f" or {new_run_hint(args, resumed)} to start over{init}")
 

@@ -590,6 +590,8 @@ def test_the_printed_way_to_start_a_new_run_is_one_prepare_run_accepts(tmp_path,
                                            f"to train on, or {engine.new_run_hint(args, resumed)} to start over\n")
     engine.say_finished(argparse.Namespace(**vars(args), init="a.pth"), resumed, 3, 3, "--epochs", CPU)
     assert capsys.readouterr().out.endswith("to start over (a new run needs --init PATH or --init none)\n")
+    engine.say_finished(argparse.Namespace(**vars(args), init="a.pth", demo=True), resumed, 3, 3, "--epochs", CPU)
+    assert capsys.readouterr().out.endswith("to start over\n")  # the demo picks a new run's --init
     # resume's refusal of another --init that is a file this folder's runs write: a new run here would refuse it too
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
