@@ -655,25 +655,39 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
     return start
 
 
-def new_run_hint(args, resumed: str) -> str:
+def new_run_hint(args, resumed: str, fresh_fails: str = None) -> str:
     """How to start a new run in output_dir instead of continuing the checkpoint `resumed`, as a fix to print: one
-    that prepare_run accepts (--fresh does not start a new run while --resume PATH names a checkpoint)."""
+    that prepare_run accepts (--fresh does not start a new run while --resume PATH names a checkpoint).
+    fresh_fails: why --fresh would not do there either (only another --output_dir is offered)."""
     last, resume = os.path.join(args.output_dir, LAST), getattr(args, "resume", "auto")
     fresh = "add --fresh (the old log is kept as log.N.jsonl) or pass another --output_dir"
+    if fresh_fails:
+        fresh = f"pass another --output_dir ({fresh_fails})"
     if resume == "auto":
         return fresh
+    if fresh_fails:
+        return f"leave out --resume {resume} and {fresh}"
     if os.path.isfile(last) and os.path.isfile(resumed) and os.path.samefile(last, resumed):
         return f"leave out --resume {resume} and either {fresh}"
     return f"leave out --resume {resume}"
 
 
+def init_note(args) -> str:
+    """Appended to a new-run hint for a trainer whose new runs need --init, which a relaunch may have left out (the
+    demos choose their own)."""
+    needs_init = "init" in vars(args) and not getattr(args, "demo", False)
+    return " (a new run needs --init PATH or --init none)" if needs_init else ""
+
+
+def run_name(args, resumed: str) -> str:
+    """The run a message is about: output_dir where --resume auto found it, else the checkpoint --resume named."""
+    return args.output_dir if args.resume == "auto" else repr(resumed)
+
+
 def say_finished(args, resumed: str, step: int, last_step: int, flag: str, d: Dist):
     """The line a relaunch of a finished run prints (it then does nothing): how to train on, or start over."""
-    where = args.output_dir if args.resume == "auto" else repr(resumed)
-    needs_init = "init" in vars(args) and not getattr(args, "demo", False)  # the demos choose a new run's --init
-    init = " (a new run needs --init PATH or --init none)" if needs_init else ""
-    d.print(f"{where} holds a finished run (step {step} of {last_step}): nothing to do; raise {flag} to train on,"
-            f" or {new_run_hint(args, resumed)} to start over{init}")
+    d.print(f"{run_name(args, resumed)} holds a finished run (step {step} of {last_step}): nothing to do; raise {flag} "
+            f"to train on, or {new_run_hint(args, resumed)} to start over{init_note(args)}")
 
 
 def continues_a_run(args) -> bool:
@@ -702,7 +716,7 @@ def json_number(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def open_log(output_dir: str, resumed, enabled: bool) -> "JsonLog":
+def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) -> "JsonLog":
     """-> log(**fields), which appends one JSON line to output_dir/log.jsonl (rank 0 only; `enabled`).
 
     A resumed run (resumed: the checkpoint it continues, from this output_dir) keeps the lines the log held when the
@@ -710,13 +724,15 @@ def open_log(output_dir: str, resumed, enabled: bool) -> "JsonLog":
     after the checkpoint by a run that then died, or half-written), so no line repeats, also where a new batch size
     renumbered the steps; a new run (resumed None) starts a new log and keeps an old one as log.N.jsonl. A new run
     also removes the previous run's checkpoint-last.pth (which prepare_run let it replace: --fresh), so a relaunch
-    without --fresh after a crash before the new run's first save does not continue the old run."""
+    without --fresh after a crash before the new run's first save does not continue the old run. A finished run
+    continued from another folder's checkpoint (finished, resumed None) trains nothing: it leaves output_dir as it is
+    and logs nothing."""
     path, last = os.path.join(output_dir, LOG), os.path.join(output_dir, LAST)
-    kept = []
-    if enabled and resumed is None and os.path.isfile(last):
-        os.remove(last)
-        print(f"--fresh: removed the previous run's {last}", flush=True)
+    kept, enabled = [], enabled and not (finished and resumed is None)
     if enabled:
+        if resumed is None and os.path.isfile(last):
+            os.remove(last)
+            print(f"--fresh: removed the previous run's {last}", flush=True)
         os.makedirs(output_dir, exist_ok=True)
         if os.path.isfile(path) and resumed is None:
             n = next(n for n in itertools.count(1) if not os.path.exists(os.path.join(output_dir, f"log.{n}.jsonl")))
@@ -841,11 +857,8 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
                 same = ("none" if started_from == "none" else
                         f"with that file's path from this folder (it records {started_from} relative to another "
                         f"one)" if unknown else f"{started_from} (the file is not read again)")
-                new_run = new_run_hint(args, path)
-                if _written_by_runs_in(args.output_dir, args.init):  # a new run in output_dir refuses it
-                    resumed_by = getattr(args, "resume", "auto")
-                    new_run = ("" if resumed_by == "auto" else f"leave out --resume {resumed_by} and ") + \
-                        f"pass another --output_dir (a new run in {args.output_dir} writes over that file)"
+                new_run = new_run_hint(args, path, fresh_fails=f"a new run in {args.output_dir} writes over that "
+                                       f"file" if _written_by_runs_in(args.output_dir, args.init) else None)
                 raise ValueError(f"{path!r} continues a run started from --init {started_from}; --init {given} would "
                                  f"be ignored (it applies to a new run only). To continue that run pass --init {same}; "
                                  f"to start a new run from {args.init} {new_run}")

@@ -560,6 +560,9 @@ def test_prepare_run_rules(tmp_path):
     assert engine.prepare_run(run_args(out, resume=str(other), fresh=True), CPU) == (str(other), False)
     engine.open_log(str(out), {"step": 0}, True)  # a resumed run's log: the checkpoint stays
     assert (out / engine.LAST).exists()
+    (out / engine.LOG).write_text('{"step": 1}\n')
+    engine.open_log(str(out), None, True, finished=True)(step=2)  # another folder's finished run: nothing to do
+    assert (out / engine.LAST).exists() and (out / engine.LOG).read_text() == '{"step": 1}\n'
     engine.open_log(str(out), None, True)  # continuing another folder's run is a new log here: it goes
     assert not (out / engine.LAST).exists()
     assert engine.prepare_run(run_args(tmp_path / "new", resume=str(other)), CPU) == (str(other), False)
@@ -605,6 +608,8 @@ def test_the_printed_way_to_start_a_new_run_is_one_prepare_run_accepts(tmp_path,
     with pytest.raises(ValueError, match=f"checkpoint-best.pth leave out --resume {out / engine.LAST} and pass another "
                                          f"--output_dir"):
         engine.resume(state, str(out / engine.LAST), model, optimizer, None, by_path, 2, CPU)
+    assert engine.prepare_run(argparse.Namespace(**{**vars(by_path), "resume": "auto", "output_dir": str(tmp_path / "b")}),
+                              CPU, new_run_reads={"--init": given.init}) == (None, False)  # that fix, applied
     with pytest.raises(ValueError, match="is a checkpoint that this run writes"):  # where "add --fresh" would lead
         engine.prepare_run(argparse.Namespace(**{**vars(given), "fresh": True}), CPU,
                            new_run_reads={"--init": given.init})

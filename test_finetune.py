@@ -343,6 +343,14 @@ def finetuned(tmp_path_factory):
     return out, best
 
 
+def test_fine_tuning_from_a_fine_tuned_classifier_keeps_its_head(finetuned, tmp_path, capsys):
+    """--init of a classifier with the same classes: everything loads, and the line says so (no empty list)."""
+    out, _ = finetuned
+    init = out / "checkpoint-last.pth"
+    tf.main(TINY_RUN + ["--epochs", "1", "--init", str(init), "--output_dir", str(tmp_path)])
+    assert f"loaded {init}\n" in capsys.readouterr().out
+
+
 def test_fine_tuned_classifier_as_features_keeps_its_fc_norm(finetuned):
     """Without a head (a teacher or a backbone), a fine-tuned classifier's last LayerNorm, fc_norm, becomes the
     feature ViT's norm: loaded, not fresh."""
@@ -466,6 +474,14 @@ def test_image_folder_data_flags(tmp_path):
     checkpoint = torch.load(out / "checkpoint-best.pth")
     assert checkpoint["classes"] == ["cat", "dog"] and checkpoint["model"]["head.weight"].shape == (2, 192)
     assert checkpoint["step"] == 1 and checkpoint["val"]["count"] == 2
+    # a relaunch on real data with another --rel_pos_bias: the printed way to a new run names the --init it needs
+    relaunch = ["--data", str(tmp_path), "--model", "vit_tiny", "--img_size", str(IMG), "--epochs", "1",
+                "--batch_size", "2", "--num_workers", "0", "--output_dir", str(out), "--rel_pos_bias", "shared"]
+    with pytest.raises(ValueError, match=r"which a run cannot change: resume with --rel_pos_bias per_block, or to start"
+                                         r" a new run add --fresh .* \(a new run needs --init PATH or --init none\)$"):
+        tf.main(relaunch)
+    tf.main(relaunch + ["--fresh", "--init", "none"])
+    assert torch.load(out / engine.LAST)["args"]["rel_pos_bias"] == "shared"
 
 
 DDP_HELPER = """

@@ -93,7 +93,10 @@ def test_window_starts_cover_the_image_like_mmseg():
     (["--poly_power", "-1"], "makes the lr grow"),
     (["--warmup_ratio", "3"], "--warmup_ratio in 0..1"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
-    (["--channels", "0"], "--channels must be >= 1, got 0 \\(leave it out for the ViT's width\\)")])
+    (["--channels", "0"], "--channels must be >= 1, got 0: leave it out for the demo's 64; a run started with "
+                          "--channels 0 \\(which then meant the ViT's width\\) continues with --channels 192 "
+                          "\\(vit_tiny\\)"),
+    (["--channels", "0", "--data", "/x"], "leave it out for the ViT's width \\(768\\); .* --channels 768 \\(vit_b")])
 def test_flags_that_do_nothing_or_train_wrongly_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
         train_seg.parse_args(["--init", "none", *flags])
@@ -326,6 +329,24 @@ def test_relaunch_of_an_old_checkpoint_with_a_relative_init_says_so(tmp_path, mo
     out = capsys.readouterr().out
     assert f"note: '{last}' records --init first/checkpoint-last.pth relative to a folder it does not record" in out
     assert "init first/checkpoint-last.pth," in out and torch.load(last)["step"] == 2
+
+
+def test_a_run_started_with_channels_0_continues_with_the_width_the_refusal_names(tmp_path, capsys):
+    """--channels 0 once meant the ViT's width; its refusal says which --channels continues such a run."""
+    out = str(tmp_path / "run")
+    argv = [a for a in TINY_RUN if a not in ("--channels", "16")] + ["--output_dir", out]
+    train_seg.main(argv + ["--iters", "1", "--channels", "192"])
+    last = os.path.join(out, "checkpoint-last.pth")
+    old = torch.load(last)
+    old["args"]["channels"] = 0  # as such a run recorded it
+    torch.save(old, last)
+    with pytest.raises(ValueError, match="continues with --channels 192 "):
+        train_seg.main(argv + ["--iters", "2", "--channels", "0"])
+    with pytest.raises(ValueError, match="does not fit this model"):  # the demo's 64
+        train_seg.main(argv + ["--iters", "2"])
+    capsys.readouterr()
+    train_seg.main(argv + ["--iters", "2", "--channels", "192"])
+    assert "resumed from" in capsys.readouterr().out and torch.load(last)["step"] == 2
 
 
 def test_fresh_with_a_wrong_init_leaves_the_old_run(tmp_path):

@@ -394,8 +394,7 @@ def finetune(args, d, amp_dtype, scaler):
         started_from = engine.init_started_from(resume)
         if chosen_by_demo and started_from is not None and not engine.same_path(started_from, args.init):
             found = "finds" if args.init != "none" else "no longer finds"
-            where = args.output_dir if args.resume == "auto" else repr(resume_path)
-            raise ValueError(f"{where} holds a demo run started from --init {started_from}; the demo now {found} the "
+            raise ValueError(f"{engine.run_name(args, resume_path)} holds a demo run started from --init {started_from}; the demo now {found} the "
                              f"pre-training checkpoint {DEMO_PRETRAIN_CHECKPOINT}: to start over from {args.init} "
                              f"{engine.new_run_hint(args, resume_path)}, or pass --init {started_from} to continue "
                              f"that run")
@@ -416,13 +415,13 @@ def finetune(args, d, amp_dtype, scaler):
         if args.rel_pos_bias != saved_layout:  # the optimizer state holds the run's tables
             raise ValueError(f"{resume_path!r} continues a run with --rel_pos_bias {saved_layout}, which a run cannot "
                              f"change: resume with --rel_pos_bias {saved_layout}, or to start a new run "
-                             f"{engine.new_run_hint(args, resume_path)}")
+                             f"{engine.new_run_hint(args, resume_path)}{engine.init_note(args)}")
         model, _ = dtm.vit_from_checkpoint(resume, args.img_size, len(classes), drop_path_rate=args.drop_path,
                                            model=args.model, path=resume_path)
     else:
         model, fresh = build_model(args, len(classes), init, init_path)
         if init is not None:
-            d.print(f"loaded {init_path}; initialized afresh: {', '.join(fresh)}")
+            d.print(f"loaded {init_path}" + (f"; initialized afresh: {', '.join(fresh)}" if fresh else ""))
         if init is not None and args.rel_pos_bias != "none" and dtm.stored_rel_pos_bias(model.state_dict()) == "none":
             d.print(f"note: {init_path} has no relative position tables, so neither has this model (--rel_pos_bias "
                     f"{args.rel_pos_bias} applies to the tables a checkpoint has)")
@@ -438,9 +437,9 @@ def finetune(args, d, amp_dtype, scaler):
     if resume_path is not None:
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
         best_top1 = resume["best_top1"]
-    log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main)
-    ddp_model = engine.ddp(model, d)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished=step >= total_steps)
+    ddp_model = engine.ddp(model, d)
     engine.warn_long_warmup(warmup_steps, total_steps, "--warmup_epochs", d)
     d.print(f"{args.model}: {len(train_set)} training images, {len(classes)} classes, {d.world_size} process(es) on "
             f"{d.device}, amp {engine.amp_name(amp_dtype, scaler)}; total batch {total_batch}, lr {lr:.3g} "
@@ -510,7 +509,8 @@ def finetune(args, d, amp_dtype, scaler):
             engine.save_checkpoint(os.path.join(args.output_dir, engine.BEST), state)
         ddp_model.train()
     bar.close()
-    d.print(f"done: best val top-1 {best_top1:.2f}%; checkpoints and log.jsonl in {args.output_dir}")
+    if log.enabled:  # rank 0, unless this is a finished run continued from elsewhere (it wrote nothing here)
+        d.print(f"done: best val top-1 {best_top1:.2f}%; checkpoints and log.jsonl in {args.output_dir}")
     if args.demo and args.epochs <= 10:
         d.print("demo: this is a short end-to-end check; a ViT learns these images slowly; docs/RESULTS.md has "
                 "longer runs from scratch and from DTM checkpoints")

@@ -277,7 +277,7 @@ def train(args, d: engine.Dist) -> dict:
                                             "trainers' runs (to distil from a ViT checkpoint pass --teacher ckpt:PATH)",
                                             auto=args.resume == "auto")
         step = engine.resume(checkpoint, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
-    log = engine.open_log(args.output_dir, checkpoint if own_run else None, d.is_main)
+    log = engine.open_log(args.output_dir, checkpoint if own_run else None, d.is_main, finished=step >= last_step)
     ddp_model = engine.ddp(model, d)  # the teacher stays outside: it does not train
     d.print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, teacher {args.teacher} "
             f"(dim {teacher.out_dim}), {len(dataset)} images, total batch {total_batch}, lr {lr:.3g}, "
@@ -360,7 +360,8 @@ def train(args, d: engine.Dist) -> dict:
                   first_loss=logged[0]["loss"] if logged else None, final_loss=logged[-1]["loss"] if logged else None)
     if logged:  # single log lines are noisy: the loss depends on each step's random schedule (fewer groups, lower loss)
         d.print(f"done: step {step}, final loss {result['final_loss']:.4f} (first logged {result['first_loss']:.4f})")
-    d.print(f"checkpoint: {os.path.join(args.output_dir, engine.LAST)}, log: {os.path.join(args.output_dir, engine.LOG)}")
+    if log.enabled:  # rank 0, unless this is a finished run continued from elsewhere (it wrote nothing here)
+        d.print(f"checkpoint: {os.path.join(args.output_dir, engine.LAST)}, log: {os.path.join(args.output_dir, engine.LOG)}")
     return result
 
 

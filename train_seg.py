@@ -473,7 +473,11 @@ def parse_args(argv=None):
     if (args.stride is not None and args.stride < 1) or (args.eval is None and args.stride > args.crop_size):
         raise ValueError(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}")
     if args.channels is not None and args.channels < 1:
-        raise ValueError(f"--channels must be >= 1, got {args.channels} (leave it out for the ViT's width)")
+        width = dtm.VIT_CONFIGS[args.model]["embed_dim"]
+        default = f"the demo's {DEMO_DEFAULTS['channels']}" if args.demo else f"the ViT's width ({width})"
+        raise ValueError(f"--channels must be >= 1, got {args.channels}: leave it out for {default}; a run started "
+                         f"with --channels 0 (which then meant the ViT's width) continues with --channels {width} "
+                         f"({args.model})")
     for name in ("iters", "batch_size", "accum_iter", "eval_every", "save_every", "log_every", "slide_batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -613,7 +617,7 @@ def train(args, d):
     if resume_path is not None:
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
         best_miou = resume["best_miou"]
-    log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main)
+    log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished=step >= args.iters)
     ddp_model = engine.ddp(model, d)
     if step >= args.iters:
         engine.say_finished(args, resume_path, step, args.iters, "--iters", d)
