@@ -394,8 +394,9 @@ def finetune(args, d, amp_dtype, scaler):
         started_from = engine.init_started_from(resume)
         if chosen_by_demo and started_from is not None and not engine.same_path(started_from, args.init):
             found = "finds" if args.init != "none" else "no longer finds"
-            raise ValueError(f"{engine.run_name(args, resume_path)} holds a demo run started from --init {started_from}; the demo now {found} the "
-                             f"pre-training checkpoint {DEMO_PRETRAIN_CHECKPOINT}: to start over from {args.init} "
+            raise ValueError(f"{engine.run_name(args, resume_path)} holds a demo run started from --init "
+                             f"{started_from}; the demo now {found} the pre-training checkpoint "
+                             f"{DEMO_PRETRAIN_CHECKPOINT}: to start over from {args.init} "
                              f"{engine.new_run_hint(args, resume_path)}, or pass --init {started_from} to continue "
                              f"that run")
     else:
