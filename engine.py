@@ -655,18 +655,18 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
     return start
 
 
-def new_run_hint(args, resumed: str, fresh_fails: str = None) -> str:
+def new_run_hint(args, resumed: str) -> str:
     """How to start a new run in output_dir instead of continuing the checkpoint `resumed`, as a fix to print: one
-    that prepare_run accepts (--fresh does not start a new run while --resume PATH names a checkpoint).
-    fresh_fails: why --fresh would not do there either (only another --output_dir is offered)."""
+    that prepare_run accepts (--fresh does not start a new run while --resume PATH names a checkpoint, nor with an
+    --init that the runs in output_dir write: then only another --output_dir is offered)."""
     last, resume = os.path.join(args.output_dir, LAST), getattr(args, "resume", "auto")
+    init = getattr(args, "init", None)
+    if init and _written_by_runs_in(args.output_dir, init):
+        fresh = f"pass another --output_dir (a new run in {args.output_dir} writes over --init {init})"
+        return fresh if resume == "auto" else f"leave out --resume {resume} and {fresh}"
     fresh = "add --fresh (the old log is kept as log.N.jsonl) or pass another --output_dir"
-    if fresh_fails:
-        fresh = f"pass another --output_dir ({fresh_fails})"
     if resume == "auto":
         return fresh
-    if fresh_fails:
-        return f"leave out --resume {resume} and {fresh}"
     if os.path.isfile(last) and os.path.isfile(resumed) and os.path.samefile(last, resumed):
         return f"leave out --resume {resume} and either {fresh}"
     return f"leave out --resume {resume}"
@@ -857,11 +857,9 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
                 same = ("none" if started_from == "none" else
                         f"with that file's path from this folder (it records {started_from} relative to another "
                         f"one)" if unknown else f"{started_from} (the file is not read again)")
-                new_run = new_run_hint(args, path, fresh_fails=f"a new run in {args.output_dir} writes over that "
-                                       f"file" if _written_by_runs_in(args.output_dir, args.init) else None)
                 raise ValueError(f"{path!r} continues a run started from --init {started_from}; --init {given} would "
                                  f"be ignored (it applies to a new run only). To continue that run pass --init {same}; "
-                                 f"to start a new run from {args.init} {new_run}")
+                                 f"to start a new run from {args.init} {new_run_hint(args, path)}")
             d.print(f"note: {path!r} was started from --init {started_from}, relative to a folder it does not record; "
                     f"taking --init {args.init} as that file")
             started_from = os.path.abspath(args.init)

@@ -480,6 +480,10 @@ def test_image_folder_data_flags(tmp_path):
     with pytest.raises(ValueError, match=r"which a run cannot change: resume with --rel_pos_bias per_block, or to start"
                                          r" a new run add --fresh .* \(a new run needs --init PATH or --init none\)$"):
         tf.main(relaunch)
+    shutil.copy(tmp_path / "pre.pth", out / "checkpoint-7.pth")  # an --init that a run in out would write over
+    with pytest.raises(ValueError, match=r"or to start a new run pass another --output_dir \(a new run in .*transfer "
+                                         r"writes over --init .*checkpoint-7.pth\) \(a new run needs"):
+        tf.main(relaunch + ["--init", str(out / "checkpoint-7.pth")])  # (--fresh would be refused: it is out's)
     tf.main(relaunch + ["--fresh", "--init", "none"])
     assert torch.load(out / engine.LAST)["args"]["rel_pos_bias"] == "shared"
 

@@ -347,6 +347,8 @@ def test_a_run_started_with_channels_0_continues_with_the_width_the_refusal_name
     capsys.readouterr()
     train_seg.main(argv + ["--iters", "2", "--channels", "192"])
     assert "resumed from" in capsys.readouterr().out and torch.load(last)["step"] == 2
+    with pytest.raises(ValueError, match=r"got 0: leave it out \(--eval takes the checkpoint's\)$"):
+        train_seg.main(argv + ["--eval", last, "--channels", "0"])
 
 
 def test_fresh_with_a_wrong_init_leaves_the_old_run(tmp_path):

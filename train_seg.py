@@ -473,6 +473,9 @@ def parse_args(argv=None):
     if (args.stride is not None and args.stride < 1) or (args.eval is None and args.stride > args.crop_size):
         raise ValueError(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}")
     if args.channels is not None and args.channels < 1:
+        if args.eval:
+            raise ValueError(f"--channels must be >= 1, got {args.channels}: leave it out (--eval takes the "
+                             f"checkpoint's)")
         width = dtm.VIT_CONFIGS[args.model]["embed_dim"]
         default = f"the demo's {DEMO_DEFAULTS['channels']}" if args.demo else f"the ViT's width ({width})"
         raise ValueError(f"--channels must be >= 1, got {args.channels}: leave it out for {default}; a run started "
