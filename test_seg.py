@@ -302,6 +302,7 @@ def test_demo_run_started_from_a_checkpoint_relaunches_without_init(tmp_path, ca
     the demo's none as given and refused it)."""
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     train_seg.main(TINY_RUN + ["--iters", "2", "--output_dir", first])
+    assert capsys.readouterr().out.startswith("DEMO (no --data): UperNet on a vit_tiny segments 5 built-in")
     assert torch.load(os.path.join(first, "checkpoint-last.pth"))["args"]["init"] == "none"
     train_seg.main(TINY_RUN + ["--iters", "2", "--init", os.path.join(first, "checkpoint-last.pth"),
                                "--output_dir", second])

@@ -586,6 +586,10 @@ def train(args, d):
     engine.seed_all(args.seed)  # the same initial weights on every rank
     train_set, val_set, class_names = build_datasets(args)
     num_classes = len(class_names)
+    if args.demo:
+        d.print(f"DEMO (no --data): UperNet on a {args.model} segments {len(train_set)} built-in procedural images "
+                f"({num_classes} classes incl. background) for {args.iters} iterations on {d.device}. For a real run "
+                f"pass --data (ADE20K) or --img_dir/--ann_dir/--val_img_dir/--val_ann_dir, and --init (see --help).")
     if not args.demo:  # a bad validation file or label is found now, not at the first evaluation
         engine.check_dataset(val_set, "validation", d, args.num_workers)
     loader, sampler, steps_per_epoch = engine.train_loader(train_set, args, d)
