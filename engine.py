@@ -662,8 +662,8 @@ def new_run_hint(args, resumed: str) -> str:
     last, resume = os.path.join(args.output_dir, LAST), getattr(args, "resume", "auto")
     init = getattr(args, "init", None)
     if init and _written_by_runs_in(args.output_dir, init):
-        fresh = f"pass another --output_dir (a new run in {args.output_dir} writes over --init {init})"
-        return fresh if resume == "auto" else f"leave out --resume {resume} and {fresh}"
+        other_dir = f"pass another --output_dir (a new run in {args.output_dir} writes over --init {init})"
+        return other_dir if resume == "auto" else f"leave out --resume {resume} and {other_dir}"
     fresh = "add --fresh (the old log is kept as log.N.jsonl) or pass another --output_dir"
     if resume == "auto":
         return fresh

@@ -439,14 +439,15 @@ def finetune(args, d, amp_dtype, scaler):
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
         best_top1 = resume["best_top1"]
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
-    log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished=step >= total_steps)
+    finished = step >= total_steps
+    log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished)
     ddp_model = engine.ddp(model, d)
     engine.warn_long_warmup(warmup_steps, total_steps, "--warmup_epochs", d)
     d.print(f"{args.model}: {len(train_set)} training images, {len(classes)} classes, {d.world_size} process(es) on "
             f"{d.device}, amp {engine.amp_name(amp_dtype, scaler)}; total batch {total_batch}, lr {lr:.3g} "
             f"(--lr {args.lr:g}, {args.lr_scaling} scaling), layer decay {layer_decay}, {args.epochs} epochs x "
             f"{steps_per_epoch} steps, starting at step {step}")
-    if step >= total_steps:
+    if finished:
         engine.say_finished(args, resume_path, step, total_steps, "--epochs", d)
 
     mixup = data.Mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing, len(classes))

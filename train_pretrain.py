@@ -277,12 +277,13 @@ def train(args, d: engine.Dist) -> dict:
                                             "trainers' runs (to distil from a ViT checkpoint pass --teacher ckpt:PATH)",
                                             auto=args.resume == "auto")
         step = engine.resume(checkpoint, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
-    log = engine.open_log(args.output_dir, checkpoint if own_run else None, d.is_main, finished=step >= last_step)
+    finished = step >= last_step
+    log = engine.open_log(args.output_dir, checkpoint if own_run else None, d.is_main, finished)
     ddp_model = engine.ddp(model, d)  # the teacher stays outside: it does not train
     d.print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, teacher {args.teacher} "
             f"(dim {teacher.out_dim}), {len(dataset)} images, total batch {total_batch}, lr {lr:.3g}, "
             f"{steps_per_epoch} steps/epoch, amp {engine.amp_name(amp_dtype, scaler)}")
-    if step >= last_step:
+    if finished:
         limit = "--max_steps" if last_step < total_steps else "--epochs"
         engine.say_finished(args, resume_path, step, last_step, limit, d)
 

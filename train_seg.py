@@ -590,7 +590,7 @@ def train(args, d):
         d.print(f"DEMO (no --data): UperNet on a {args.model} segments {len(train_set)} built-in procedural images "
                 f"({num_classes} classes incl. background) for {args.iters} iterations on {d.device}. For a real run "
                 f"pass --data (ADE20K) or --img_dir/--ann_dir/--val_img_dir/--val_ann_dir, and --init (see --help).")
-    if not args.demo:  # a bad validation file or label is found now, not at the first evaluation
+    else:  # a bad validation file or label is found now, not at the first evaluation
         engine.check_dataset(val_set, "validation", d, args.num_workers)
     loader, sampler, steps_per_epoch = engine.train_loader(train_set, args, d)
     resume_path, own_run = engine.prepare_run(args, d, new_run_reads={"--init": args.init})
@@ -624,9 +624,10 @@ def train(args, d):
     if resume_path is not None:
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
         best_miou = resume["best_miou"]
-    log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished=step >= args.iters)
+    finished = step >= args.iters
+    log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished)
     ddp_model = engine.ddp(model, d)
-    if step >= args.iters:
+    if finished:
         engine.say_finished(args, resume_path, step, args.iters, "--iters", d)
 
     def save(name, metrics=None):
