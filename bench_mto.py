@@ -1,7 +1,9 @@
 """Benchmark: step time of DTM pre-training with and without --mto (student forward + backward + AdamW step).
 
-The teacher is left out (it is the same with and without MTO): random targets of the CLIP dimension stand in
-for it; morphing uses the default dynamic schedules (L=2). The variants run interleaved, one step of each in turn
+By default the teacher is left out (it is the same with and without MTO): random targets of the CLIP dimension
+stand in for it. --teacher clip puts it in: a CLIP ViT-B/16-sized visual encoder with random weights (the same
+computation as the real one) makes each step's targets from the images, as train_pretrain.py does, so the overhead
+is over the whole step but data loading. Morphing uses the default dynamic schedules (L=2). The variants run interleaved, one step of each in turn
 (the order rotating), so that a change of machine load hits all of them alike. Prints, for each variant, the
 median and the fastest wall time per step and the median CPU time per step (user + system time of this process:
 on a shared virtual machine it leaves out time the CPUs were given to other guests), each with its overhead over
@@ -16,6 +18,7 @@ the CUDA caching allocator does on a GPU, so that the step time counts the compu
 
     python bench_mto.py                              # vit_b, batch 64, CPU
     python bench_mto.py --malloc keep                # the same, freed memory kept for reuse (glibc)
+    python bench_mto.py --teacher clip               # the whole step: the CLIP teacher's forward included
     python bench_mto.py --device cuda --amp bf16
     git show e912467:mto.py > /tmp/mto_e912467.py && python bench_mto.py --variants 0 1 --compare_mto /tmp/mto_e912467.py
 """
@@ -54,7 +57,15 @@ def load_mto(path):
     return module
 
 
-def make_step(args, cfg, mto_module=mto):
+def make_teacher(args):
+    """None (random targets) or a CLIP ViT-B/16-sized teacher with random weights (--teacher clip)."""
+    if args.teacher == "none":
+        return None
+    torch.manual_seed(0)
+    return dtm.CLIPTeacher(dtm.CLIPVisual(args.img_size, 16)).to(args.device)
+
+
+def make_step(args, cfg, mto_module=mto, teacher=None):
     torch.manual_seed(0)
     student = dtm.build_vit(args.model, img_size=args.img_size, drop_path_rate=0.1, rel_pos_bias="both")
     hook = mto_module.MTO(mto_module.MTOConfig(**vars(cfg))) if cfg else None
@@ -71,10 +82,14 @@ def make_step(args, cfg, mto_module=mto):
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
 
     def step():
+        step_targets = targets
+        if teacher is not None:  # as train_pretrain.train_micro_step
+            with torch.no_grad(), torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+                step_targets = teacher(images)  # (B, N, 512)
         schedules = [morph.sample_schedule(N, N, 14, rng, "official") for _ in range(2)]
-        groups = morph.token_morphing_levels(targets, schedules)
+        groups = morph.token_morphing_levels(step_targets, schedules)
         with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-            loss, _ = model(images, mask, targets, groups, [morph.num_groups_after(N, s, "random") for s in schedules])
+            loss, _ = model(images, mask, step_targets, groups, [morph.num_groups_after(N, s, "random") for s in schedules])
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.step(optimizer)
@@ -113,6 +128,8 @@ def main(argv=None):
                              "of the overheads")
     parser.add_argument("--malloc", default="default", choices=["default", "keep"],
                         help="keep: glibc keeps freed memory for reuse (CPU; see above)")
+    parser.add_argument("--teacher", default="none", choices=["none", "clip"],
+                        help="clip: each step runs a CLIP ViT-B/16-sized teacher (random weights) on its images")
     parser.add_argument("--compare_mto", metavar="PATH",
                         help="also run MTO's defaults with another version of mto.py, interleaved with the rest")
     args = parser.parse_args(argv)
@@ -125,8 +142,10 @@ def main(argv=None):
         names.append(f"dtm + mto from {args.compare_mto} (defaults)")
         variants[names[-1]] = (mto.MTOConfig(), load_mto(args.compare_mto))
     print(f"{args.model} batch={args.batch} img={args.img_size} device={args.device} amp={args.amp} "
-          f"threads={torch.get_num_threads()} malloc={args.malloc} torch={torch.__version__}", flush=True)
-    steps = {name: make_step(args, *variants[name]) for name in names}
+          f"threads={torch.get_num_threads()} malloc={args.malloc} teacher={args.teacher} torch={torch.__version__}",
+          flush=True)
+    teacher = make_teacher(args)
+    steps = {name: make_step(args, *variants[name], teacher=teacher) for name in names}
     wall, cpu, peak = ({name: [] for name in names} for _ in range(3))
     cuda = args.device.startswith("cuda")
     for i in range(args.warmup + args.steps):
