@@ -1,15 +1,15 @@
 """Benchmark: step time of DTM pre-training with and without --mto (student forward + backward + AdamW step).
 
-By default the teacher is left out (it is the same with and without MTO): random targets of the CLIP dimension
-stand in for it. --teacher clip puts it in: a CLIP ViT-B/16-sized visual encoder with random weights (the same
-computation as the real one) makes each step's targets from the images, as train_pretrain.py does, so the overhead
-is over the whole step but data loading. Morphing uses the default dynamic schedules (L=2). The variants run interleaved, one step of each in turn
-(the order rotating), so that a change of machine load hits all of them alike. Prints, for each variant, the
-median and the fastest wall time per step and the median CPU time per step (user + system time of this process:
-on a shared virtual machine it leaves out time the CPUs were given to other guests), each with its overhead over
-the first variant listed (plain DTM unless --variants says otherwise); on a GPU, the peak memory of the variant's
-timed steps above what was allocated before each (all variants' weights, and their AdamW moments from their first
-step on: with --warmup 0 the first timed step's peak includes its own moments).
+By default the teacher is left out (it is the same with and without MTO): random targets of the CLIP dimension stand
+in for it. --teacher clip puts it in: a CLIP ViT-B/16-sized visual encoder with random weights (the same computation
+as the real one) makes each step's targets from the images, as train_pretrain.py does, so the overhead is over the
+whole step but data loading. Morphing uses the default dynamic schedules (L=2). The variants run interleaved, one
+step of each in turn (the order rotating), so that a change of machine load hits all of them alike. Prints, for each
+variant, the median and the fastest wall time per step and the median CPU time per step (user + system time of this
+process: on a shared virtual machine it leaves out time the CPUs were given to other guests), each with its overhead
+over the first variant listed (plain DTM unless --variants says otherwise); on a GPU, the peak memory of the
+variant's timed steps above what was allocated before each (all variants' weights, and their AdamW moments from
+their first step on: with --warmup 0 the first timed step's peak includes its own moments).
 
 On the CPU, glibc's malloc hands tensors of more than 32 MB back to the kernel when they are freed, so every step
 page-faults its activations in afresh (zeroed by the kernel: system time, and it varies from step to step with the
@@ -89,7 +89,8 @@ def make_step(args, cfg, mto_module=mto, teacher=None):
         schedules = [morph.sample_schedule(N, N, 14, rng, "official") for _ in range(2)]
         groups = morph.token_morphing_levels(step_targets, schedules)
         with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-            loss, _ = model(images, mask, step_targets, groups, [morph.num_groups_after(N, s, "random") for s in schedules])
+            num_groups = [morph.num_groups_after(N, s, "random") for s in schedules]
+            loss, _ = model(images, mask, step_targets, groups, num_groups)
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.step(optimizer)

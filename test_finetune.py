@@ -251,7 +251,8 @@ def test_eval_takes_the_crop_ratio_the_checkpoint_was_trained_with(tmp_path, cap
     assert other["loss"] != pytest.approx(logged["val_loss"], rel=1e-6)
 
 
-def test_a_demo_folder_started_from_scratch_is_not_continued_once_a_pretrain_checkpoint_exists(tmp_path, monkeypatch):
+def test_a_demo_folder_started_from_scratch_is_not_continued_once_a_pretrain_checkpoint_exists(tmp_path, monkeypatch,
+                                                                                                capsys):
     """The demo fine-tunes output/pretrain_demo's checkpoint if there is one: a relaunch after pre-training must not
     silently finish the from-scratch run in the same folder (engine.resume refuses another --init)."""
     monkeypatch.chdir(tmp_path)
@@ -263,7 +264,10 @@ def test_a_demo_folder_started_from_scratch_is_not_continued_once_a_pretrain_che
     with pytest.raises(ValueError, match="ft holds a demo run started from --init none; the demo now finds the "
                                          "pre-training checkpoint .* add --fresh .* or pass --init none to continue"):
         tf.main(demo_run)
-    tf.main(demo_run + ["--init", "none"])  # continues (and finishes) the run from scratch
+    capsys.readouterr()
+    tf.main(demo_run + ["--init", "none"])  # continues the run from scratch, which is finished: nothing to do
+    out_text = capsys.readouterr().out
+    assert "holds a finished run" in out_text and "short end-to-end check" not in out_text
     tf.main(demo_run + ["--fresh"])
     saved = torch.load("ft/checkpoint-last.pth")
     assert saved["args"]["init"] == tf.DEMO_PRETRAIN_CHECKPOINT  # as given: relative

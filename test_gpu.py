@@ -27,6 +27,7 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
                      kernel (forced); without gradient (evaluation) and the CLIP teacher's maskless attention in the
                      kernels SDPA picks (named; the teacher's may be flash's or cuDNN's)
     compile          --compile: one graph shared by all blocks, finite losses, first-step loss equal to the eager run's
+    bench_mto_whole_step  bench_mto's DTM and MTO's defaults with --teacher clip: MTO's overhead over the whole step
 """
 import time
 
@@ -342,11 +343,15 @@ def check_bench_morph(device, quick, tmp):
                                                                if quick else []))
 
 
-def check_bench_mto(device, quick, tmp):
+def bench_mto_command(device, quick):
     amp = engine.amp_name(engine.resolve_amp("auto", device)[0], None)  # bench_mto.py's --amp choice
     quick_flags = ["--model", "vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--img_size", "64"]
-    return run_bench(["bench_mto.py", "--device", device, "--amp", amp,
-                      *(quick_flags if quick else ["--steps", "10", "--warmup", "2"])])
+    return ["bench_mto.py", "--device", device, "--amp", amp,
+            *(quick_flags if quick else ["--steps", "10", "--warmup", "2"])]
+
+
+def check_bench_mto(device, quick, tmp):
+    return run_bench(bench_mto_command(device, quick))
 
 
 def with_sdpa_kernels(fn):
@@ -432,7 +437,7 @@ def check_sdpa(device, quick, tmp):
 
 
 def check_compile(device, quick, tmp):
-    """Last: its compile time on a GPU is not known yet, and the report keeps what ran before it."""
+    """Last in this process: its compile time on a GPU is not known yet, and the report keeps what ran before it."""
     from torch._dynamo.utils import counters
     eager = pretrain_run(os.path.join(tmp, "eager"), device, quick)
     torch._dynamo.reset()
@@ -447,8 +452,13 @@ def check_compile(device, quick, tmp):
     return details
 
 
+def check_bench_mto_whole_step(device, quick, tmp):  # last: the checks above matter more if time runs short
+    return run_bench([*bench_mto_command(device, quick), "--teacher", "clip", "--variants", "0", "1"])
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}  # in this order
-RESERVE_S = {"compile": 150}  # seconds a check needs: it starts only this long before the end of --budget_s
+# seconds a check needs: it starts only this long before the end of --budget_s
+RESERVE_S = {"compile": 150, "bench_mto_whole_step": 60}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -515,6 +525,8 @@ def test_report_dry_run_on_cpu(tmp_path):
     teacher = sdpa["fp32_clip_teacher_no_mask"]
     assert teacher["kernels"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]
     assert teacher["max_rel_error_vs_math"]["picked"]["tokens"] < 1e-5
+    whole_step = report["checks"]["bench_mto_whole_step"]
+    assert "teacher=clip" in whole_step["output"][0] and whole_step["output"][-2].startswith("dtm + mto (defaults")
 
 
 WATCHED_RUN = """

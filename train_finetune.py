@@ -513,7 +513,7 @@ def finetune(args, d, amp_dtype, scaler):
     bar.close()
     if log.enabled:  # rank 0, unless this is a finished run continued from elsewhere (it wrote nothing here)
         d.print(f"done: best val top-1 {best_top1:.2f}%; checkpoints and log.jsonl in {args.output_dir}")
-    if args.demo and args.epochs <= 10:
+    if args.demo and args.epochs <= 10 and not finished:  # a finished run checked nothing
         d.print("demo: this is a short end-to-end check; a ViT learns these images slowly; docs/RESULTS.md has "
                 "longer runs from scratch and from DTM checkpoints")
     return best_top1
