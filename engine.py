@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -856,7 +857,7 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
                          f"{args.init} (from here: {os.path.abspath(args.init)})")
                 same = ("none" if started_from == "none" else
                         f"with that file's path from this folder (it records {started_from} relative to another "
-                        f"one)" if unknown else f"{started_from} (the file is not read again)")
+                        f"one)" if unknown else f"{shlex.quote(started_from)} (the file is not read again)")
                 raise ValueError(f"{path!r} continues a run started from --init {started_from}; --init {given} would "
                                  f"be ignored (it applies to a new run only). To continue that run pass --init {same}; "
                                  f"to start a new run from {args.init} {new_run_hint(args, path)}")

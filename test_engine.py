@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import warnings
@@ -427,6 +428,18 @@ def test_every_split_of_the_samples_per_step_trains_on_the_same_samples_at_each_
     for world, batch, accum in ((2, 4, 1), (2, 2, 2), (4, 2, 1), (1, 4, 2)):
         assert steps(world, batch, accum) == one[:len(steps(world, batch, accum))], (world, batch, accum)
     assert steps(1, 7, 1)[1] != one[1]  # another number of samples per step: another sample set
+
+
+def test_the_init_a_refusal_asks_for_is_quoted_for_the_shell(tmp_path):
+    """A fix to copy: an --init path with a space is printed in quotes (the shell would split it)."""
+    model = torch.nn.Linear(3, 2)
+    spaced = tmp_path / "my runs" / "pre.pth"
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, output_dir="x", demo=False, init=str(spaced))
+    state = engine.checkpoint_state("dtm_finetune", model, torch.optim.AdamW(model.parameters()), None, args, 2,
+                                    steps_per_epoch=2)
+    other = argparse.Namespace(**{**vars(args), "init": str(tmp_path / "other.pth")})
+    with pytest.raises(ValueError, match=re.escape(f"To continue that run pass --init '{spaced}' (the file")):
+        engine.resume(state, "ck.pth", model, torch.optim.AdamW(model.parameters()), None, other, 2, CPU)
 
 
 def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tmp_path, monkeypatch, capsys):

@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import time
 
 import torch
@@ -397,7 +398,7 @@ def finetune(args, d, amp_dtype, scaler):
             raise ValueError(f"{engine.run_name(args, resume_path)} holds a demo run started from --init "
                              f"{started_from}; the demo now {found} the pre-training checkpoint "
                              f"{DEMO_PRETRAIN_CHECKPOINT}: to start over from {args.init} "
-                             f"{engine.new_run_hint(args, resume_path)}, or pass --init {started_from} to continue "
+                             f"{engine.new_run_hint(args, resume_path)}, or pass --init {shlex.quote(started_from)} to continue "
                              f"that run")
     else:
         init, init_path = init_checkpoint(args, d)
