@@ -747,7 +747,7 @@ def test_eval_sharding_covers_every_index_exactly_once():
 
 
 TEARDOWN_HELPER = """
-import os, sys, torch
+import os, sys, time, torch
 sys.path.insert(0, {repo!r})
 import engine
 d = engine.setup()
@@ -755,9 +755,14 @@ model = engine.ddp(torch.nn.Linear(3, 3), d)
 model(torch.ones(2, 3)).sum().backward()
 del model
 engine.teardown()
-threads = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+def gloo_threads():
+    names = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return sorted(t for t in names if "gloo" in t)
+deadline = time.monotonic() + 10  # a thread may take a moment to end on a loaded machine; a held group keeps it
+while gloo_threads() and time.monotonic() < deadline:
+    time.sleep(0.05)
 with open(os.path.join({out!r}, f"threads{{os.environ['RANK']}}.txt"), "w") as f:
-    f.write(" ".join(sorted(t for t in threads if "gloo" in t)))
+    f.write(" ".join(gloo_threads()))
 """
 
 
