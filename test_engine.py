@@ -756,7 +756,12 @@ model(torch.ones(2, 3)).sum().backward()
 del model
 engine.teardown()
 def gloo_threads():
-    names = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{{task}}/comm").read().strip())
+        except FileNotFoundError:  # a thread that ended after the listing
+            pass
     return sorted(t for t in names if "gloo" in t)
 deadline = time.monotonic() + 10  # a thread may take a moment to end on a loaded machine; a held group keeps it
 while gloo_threads() and time.monotonic() < deadline:
