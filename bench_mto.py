@@ -81,14 +81,17 @@ def make_step(args, cfg, mto_module=mto, teacher=None):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
 
+    def autocast():
+        return torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None)
+
     def step():
         step_targets = targets
         if teacher is not None:  # as train_pretrain.train_micro_step
-            with torch.no_grad(), torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            with torch.no_grad(), autocast():
                 step_targets = teacher(images)  # (B, N, 512)
         schedules = [morph.sample_schedule(N, N, 14, rng, "official") for _ in range(2)]
         groups = morph.token_morphing_levels(step_targets, schedules)
-        with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+        with autocast():
             num_groups = [morph.num_groups_after(N, s, "random") for s in schedules]
             loss, _ = model(images, mask, step_targets, groups, num_groups)
         (scaler.scale(loss) if scaler else loss).backward()

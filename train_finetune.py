@@ -398,8 +398,8 @@ def finetune(args, d, amp_dtype, scaler):
             raise ValueError(f"{engine.run_name(args, resume_path)} holds a demo run started from --init "
                              f"{started_from}; the demo now {found} the pre-training checkpoint "
                              f"{DEMO_PRETRAIN_CHECKPOINT}: to start over from {args.init} "
-                             f"{engine.new_run_hint(args, resume_path)}, or pass --init {shlex.quote(started_from)} to continue "
-                             f"that run")
+                             f"{engine.new_run_hint(args, resume_path)}, or pass --init {shlex.quote(started_from)} "
+                             f"to continue that run")
     else:
         init, init_path = init_checkpoint(args, d)
     train_set, val_set, classes = build_datasets(args)
