@@ -840,12 +840,16 @@ BOOKKEEPING = {"resume", "fresh", "output_dir", "num_workers", "log_every", "sav
                "max_steps", "eval", "demo"}
 
 
-def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_per_epoch: int, d: Dist) -> int:
+def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_per_epoch: int, d: Dist,
+           counts_steps: bool = False) -> int:
     """Restore model, optimizer, scaler and RNG states from a checkpoint of this trainer; returns the step to
     continue from. Prints the settings that differ from the checkpoint's (a new --lr or --epochs applies from here).
     Another number of samples per step (batch size x accumulation x processes) or of steps per epoch is accepted at
-    an epoch boundary only; another split of the same samples per step also mid-epoch. --init starts a new run:
-    another --init than the run started from is refused, not silently ignored."""
+    an epoch boundary only (the step is renumbered to keep the epochs done); another split of the same samples per
+    step also mid-epoch. counts_steps: the run's length and schedule count steps (segmentation's --iters), so another
+    number of samples per step is accepted at any step and the step is kept; the data continues at that step's place
+    in the new order. --init starts a new run: another --init than the run started from is refused, not silently
+    ignored."""
     saved = checkpoint["args"]
     if "init" in vars(args) and saved.get("init") is not None:
         started_from = init_started_from(checkpoint)
@@ -878,15 +882,18 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
                          f"settings it was saved with") from None
     step = checkpoint["step"]
     epochs_done, rest = divmod(step, checkpoint["steps_per_epoch"])
-    if rest:  # mid-epoch: step s of the epoch continues at sample s * (samples per step) of its order
-        layout = _batch_layout(saved, checkpoint.get("world_size", d.world_size), checkpoint["steps_per_epoch"])
-        now = _batch_layout(vars(args), d.world_size, steps_per_epoch)
-        differ = [f"{k} {layout[k]} -> {now[k]}" for k in now if layout[k] != now[k]]
-        if differ:
-            raise ValueError(f"{path!r} was saved mid-epoch (step {step}); this run differs in {', '.join(differ)}: "
-                             f"resume with the same data and the same samples per step (--batch_size x --accum_iter x "
-                             f"processes; another split of them is fine), or at an epoch boundary")
-    if checkpoint["steps_per_epoch"] != steps_per_epoch:
+    layout = _batch_layout(saved, checkpoint.get("world_size", d.world_size), checkpoint["steps_per_epoch"])
+    now = _batch_layout(vars(args), d.world_size, steps_per_epoch)
+    differ = [f"{k} {layout[k]} -> {now[k]}" for k in now if layout[k] != now[k]]
+    if differ and counts_steps:
+        epoch, done = divmod(step, steps_per_epoch)
+        d.print(f"{path!r} was saved with other batches ({', '.join(differ)}): step {step} is kept, as this run's "
+                f"length and schedule count steps; the data continues at step {done} of epoch {epoch} of the new order")
+    elif differ and rest:  # mid-epoch: step s of the epoch continues at sample s * (samples per step) of its order
+        raise ValueError(f"{path!r} was saved mid-epoch (step {step}); this run differs in {', '.join(differ)}: "
+                         f"resume with the same data and the same samples per step (--batch_size x --accum_iter x "
+                         f"processes; another split of them is fine), or at an epoch boundary")
+    elif checkpoint["steps_per_epoch"] != steps_per_epoch:
         step = epochs_done * steps_per_epoch
         d.print(f"{path!r} was saved with {checkpoint['steps_per_epoch']} steps per epoch, this run has "
                 f"{steps_per_epoch}: step {checkpoint['step']} (end of epoch {epochs_done - 1}) continues as step "

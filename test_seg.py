@@ -417,6 +417,31 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
                         "--eval", os.path.join(full_dir, "checkpoint-best.pth.step4")])
 
 
+def test_another_batch_size_keeps_the_step_count(tmp_path, monkeypatch, capsys):
+    """--iters counts steps: a relaunch with another --batch_size keeps the step (the schedule goes on from it), also
+    mid-epoch, and a finished run stays finished. Steps were renumbered by epochs before: 4 steps of 2 per epoch made
+    step 2 at batch 4 (1 step per epoch), so the finished run trained on, and mid-epoch it was refused."""
+    saved = engine.save_checkpoint
+    monkeypatch.setattr(engine, "save_checkpoint", lambda path, state: (saved(path, state),
+                                                                        saved(f"{path}.step{state['step']}", state)))
+    full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
+    train_seg.main(TINY_RUN + ["--save_every", "1", "--output_dir", full_dir])  # 5 images, batch 2: 2 steps per epoch
+    step3 = os.path.join(full_dir, "checkpoint-last.pth.step3")  # mid-epoch 1
+    train_seg.main(TINY_RUN + ["--accum_iter", "2", "--resume", step3, "--output_dir", resumed_dir])  # 1 per epoch
+    out = capsys.readouterr().out
+    assert "step 3 is kept" in out and "data continues at step 0 of epoch 3 of the new order" in out, out
+    resumed = torch.load(os.path.join(resumed_dir, "checkpoint-last.pth"))
+    assert resumed["step"] == 4 and resumed["steps_per_epoch"] == 1
+    lr = [{r["step"]: r["lr"] for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "lr" in r}
+          for out_dir in (full_dir, resumed_dir)]
+    assert sorted(lr[1]) == [4] and lr[1][4] == lr[0][4]  # the schedule went on from step 3
+    last = os.path.join(full_dir, "checkpoint-last.pth")
+    before = os.path.getmtime(last)
+    train_seg.main(TINY_RUN + ["--batch_size", "4", "--output_dir", full_dir])  # 1 step per epoch
+    assert "holds a finished run (step 4 of 4)" in capsys.readouterr().out
+    assert os.path.getmtime(last) == before and torch.load(last)["step"] == 4
+
+
 def write_seg_folder(root, labels):
     """Images and label PNGs (one per entry of labels: an (h, w) uint8 array) in root/img, root/ann."""
     os.makedirs(root / "img"), os.makedirs(root / "ann")

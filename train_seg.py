@@ -39,7 +39,9 @@ in plain torch:
 
 Reproducibility: engine.py's one scheme (a sample's augmentation from (seed, pass over the data, index), a
 micro-step's drop path and dropout from (seed, micro-step, rank)): a run resumed from any checkpoint continues exactly
-as the uninterrupted run, with any number of DataLoader workers.
+as the uninterrupted run, with any number of DataLoader workers. A relaunch with another number of samples per step
+keeps the step count (--iters and the schedule count steps) and continues the data at that step's place in the new
+order.
 """
 import argparse
 import json
@@ -622,7 +624,8 @@ def train(args, d):
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas))
     step, best_miou = 0, -1.0
     if resume_path is not None:
-        step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
+        step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
+                             counts_steps=True)  # --iters counts steps
         best_miou = resume["best_miou"]
     finished = step >= args.iters
     log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished)
