@@ -426,7 +426,8 @@ def get_args_parser():
     g.add_argument("--warmup_iters", type=int, default=1500, help="linear lr warmup steps")
     g.add_argument("--warmup_ratio", type=float, default=1e-6, help="warmup starts at this fraction of the lr")
     g.add_argument("--poly_power", type=float, default=1.0, help="power of the poly lr decay")
-    g.add_argument("--min_lr", type=float, default=0.0, help="final lr of the poly decay")
+    g.add_argument("--min_lr", type=float, default=0.0,
+                   help="final lr of the poly decay, the same for every layer (not scaled by --layer_decay, as mmcv)")
     g.add_argument("--batch_size", type=int, default=2, help="per process per micro-step (8 GPUs x 2 = 16)")
     g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation micro-steps per step")
     g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: no clipping, as BEiT's "
@@ -579,6 +580,18 @@ def run_eval(args, d):
     return metrics
 
 
+def set_poly_lr(optimizer, step: int, args) -> float:
+    """Each parameter group's lr at `step`: mmcv's poly schedule from the group's own peak (--lr x its layer-decay
+    lr_scale) down to --min_lr, which is not scaled (mmcv's PolyLrUpdaterHook.get_lr decays each group's initial lr
+    to min_lr). Returns the lr of the unscaled groups (UperNet's), which the log shows."""
+    def poly(peak):
+        return engine.poly_schedule(step, args.iters, args.warmup_iters, peak, args.poly_power, args.min_lr,
+                                    args.warmup_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = poly(args.lr * group.get("lr_scale", 1.0))
+    return poly(args.lr)
+
+
 def train(args, d):
     amp_dtype, scaler = engine.resolve_amp(args.amp, d.device)
     sync_bn = d.world_size > 1 and d.device.type == "cuda"
@@ -650,9 +663,7 @@ def train(args, d):
     while step < args.iters:
         is_log_step = (step + 1) % args.log_every == 0 or step + 1 == args.iters
         timer.start(exact=is_log_step)
-        lr = engine.poly_schedule(step, args.iters, args.warmup_iters, args.lr, args.poly_power, args.min_lr,
-                                  args.warmup_ratio)
-        engine.set_lr(optimizer, lr)
+        lr = set_poly_lr(optimizer, step, args)
         for micro in range(args.accum_iter):
             images, labels, skipped = next(batches)
             unreadable.add(skipped)
