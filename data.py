@@ -8,8 +8,8 @@ Pre-training (DTM, ICLR 2025, follows the BEiT v2 pre-training data pipeline)
   PretrainTransform     RandomResizedCrop(scale=(min_crop_scale, 1), ratio 3/4..4/3, bicubic) -> horizontal flip ->
                         color jitter 0.4 -> normalize. BEiT v2 and the official DTM code (utils/datasets.py
                         DataAugmentationForBEiT) apply the color jitter before the flip and crop; here it runs on the
-                        crop (cheaper; identical for brightness/saturation, contrast uses the crop's mean instead of
-                        the full image's).
+                        crop (cheaper; the same up to rounding and clipping for brightness and saturation, while contrast
+                        uses the crop's mean instead of the full image's).
   BlockMaskGenerator    BEiT (Bao et al., ICLR 2022), Sec. 2.3 / Algorithm 1 "Blockwise Masking" (75 of 14x14
                         patches: Sec. 2.5),
                         blocks of >= 16 patches with aspect ratio in [0.3, 1/0.3]; plus BEiT v2's exact-count fix-up.
@@ -214,6 +214,9 @@ class ImageFolder(torch.utils.data.Dataset):
 
 def to_tensor(img, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """PIL RGB image -> normalized float tensor (3, H, W): (pixel / 255 - mean) / std."""
+    if getattr(img, "mode", "RGB") != "RGB":
+        raise ValueError(f"the transforms take RGB images, got a PIL image of mode {img.mode!r}: convert it first "
+                         f"(data.load_image does, or img.convert('RGB'))")
     x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
@@ -659,6 +662,9 @@ class RandomErasing:
         return None
 
     def __call__(self, x):
+        if x.dim() != 3:
+            raise ValueError(f"RandomErasing takes one image (C, H, W), got {tuple(x.shape)}: for a batch call it on "
+                             f"each image (each gets its own box)")
         box = self.get_params(*x.shape[-2:])
         if box is None:
             return x
@@ -728,7 +734,8 @@ def smooth_one_hot(labels, num_classes, smoothing=0.0):
 
 
 def cutmix_box(height, width, lam):
-    """timm's rand_bbox: a box of side sqrt(1 - lam) * (H, W) centred uniformly, clipped to the image
+    """timm's rand_bbox: a box of side sqrt(1 - lam) * (H, W), each side rounded down to even (cy -/+ cut_h // 2),
+    centred uniformly, clipped to the image
     -> (y0, y1, x0, x1) and the corrected lam = 1 - box area / image area."""
     ratio = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(height * ratio), int(width * ratio)

@@ -291,6 +291,8 @@ def test_to_tensor_normalizes():
     expected = (torch.tensor([1.0, 0.0, 0.2]) - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)
     assert x.shape == (3, 4, 5)
     assert torch.allclose(x, expected.view(3, 1, 1).expand(3, 4, 5), atol=1e-6)
+    with pytest.raises(ValueError, match="RGB images, got a PIL image of mode 'L'.*convert"):  # a torch error before
+        data.PretrainTransform(img_size=4)(Image.new("L", (5, 4)))
 
 
 def test_pretrain_transform_reproducible_by_seed():
@@ -449,6 +451,8 @@ def test_random_erasing_box_area_and_noise():
         assert 0.02 * H * W - slack <= area <= H * W / 3 + slack
         assert (out[:, erased] != 100).all() and out[:, erased].abs().max() < 7  # N(0, 1) noise
     assert torch.equal(data.RandomErasing(prob=0.0)(x), x)
+    with pytest.raises(ValueError, match=r"one image \(C, H, W\), got \(2, 3, 64, 80\)"):  # it sliced (C, H) here
+        data.RandomErasing(prob=1.0, mode="const")(x.expand(2, 3, H, W))
 
 
 def test_rand_augment_ops_keep_size_and_mode():
