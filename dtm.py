@@ -208,7 +208,8 @@ def resize_pos_embed(pos: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
         return pos
     cls_pos, grid_pos = pos[..., :1, :], pos[..., 1:, :]
     C = pos.shape[-1]
-    grid_pos = grid_pos.reshape(1, H, W, C).permute(0, 3, 1, 2).float()  # (1, C, H, W)
+    grid_pos = grid_pos.reshape(1, H, W, C).permute(0, 3, 1, 2)  # (1, C, H, W)
+    grid_pos = grid_pos.to(torch.promote_types(grid_pos.dtype, torch.float32))
     grid_pos = F.interpolate(grid_pos, size=(H2, W2), mode="bicubic", align_corners=False)
     grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(*pos.shape[:-2], H2 * W2, C).to(pos.dtype)
     return torch.cat([cls_pos, grid_pos], dim=-2)
@@ -484,19 +485,21 @@ def _table_grid(rows: int) -> tuple:
     """Square grid of a relative position table with `rows` rows, (2H-1)^2 + 3 = rows."""
     side = math.isqrt(rows - 3)
     if side * side != rows - 3 or side % 2 == 0:
-        raise ValueError(f"cannot infer a square patch grid from a relative position table of {rows} rows")
+        raise ValueError(f"cannot infer a square patch grid from a relative position table of {rows} rows: pass "
+                         f"source_grid")
     return ((side + 1) // 2,) * 2
 
 
-def adapt_state_dict(state_dict: dict, model: VisionTransformer) -> dict:
+def adapt_state_dict(state_dict: dict, model: VisionTransformer, source_grid=None) -> dict:
     """A ViT state dict made to fit `model`: relative position tables and position embeddings resized to the
     model's patch grid (for another image size), and a shared table moved into every block when the model has
     per-block tables only: added to the block's own table where the checkpoint has one (layout "both", the
     official fine-tuning's --init_both_rpb, naver-ai/dtm run_class_finetuning.py), else copied (BEiT). Other keys pass unchanged; load the result with load_state_dict.
-    A table or position embedding of the model's size is kept as it is; the grid of one of another size is inferred
-    assuming a square grid. (A table alone does not say its grid: for a non-square model grid, a square one with as
-    many offsets, e.g. 3x3 and 1x13, would be kept unresized. The trainers use square sizes.) Take the ViT keys of
-    a checkpoint with vit_state_dict.
+    source_grid: the patch grid (H, W) the weights were trained at, where known. Without it, a table or position
+    embedding of the model's size is kept as it is, and the grid of one of another size is inferred assuming a square
+    grid. (Their sizes do not say the grid: a non-square model grid's transpose, 4x6 for 6x4, or a square grid with
+    as many offsets, 5x5 for 2x14, would be kept, read wrongly. The trainers use square sizes; with non-square ones,
+    pass source_grid.) Take the ViT keys of a checkpoint with vit_state_dict.
     """
     sd = dict(state_dict)
     if "rel_pos_bias.table" in sd and model.rel_pos_bias is None and model.blocks[0].attn.rel_pos_bias is not None:
@@ -506,11 +509,15 @@ def adapt_state_dict(state_dict: dict, model: VisionTransformer) -> dict:
             sd[key] = sd[key] + shared if key in sd else shared.clone()
     rows = (2 * model.grid[0] - 1) * (2 * model.grid[1] - 1) + 3  # the model's table: (2H-1)(2W-1) offsets + 3
     for key, value in list(sd.items()):
-        if key.endswith("rel_pos_bias.table") and value.shape[0] != rows:  # a table of the model's size is kept
-            sd[key] = resize_rel_pos_table(value, _table_grid(value.shape[0]), model.grid)
-        elif key == "pos_embed" and value.shape[1] != 1 + model.num_patches:
-            side = math.isqrt(value.shape[1] - 1)
-            sd[key] = resize_pos_embed(value, (side, side), model.grid)
+        if key.endswith("rel_pos_bias.table") and (source_grid or value.shape[0] != rows):  # else kept: model's size
+            sd[key] = resize_rel_pos_table(value, source_grid or _table_grid(value.shape[0]), model.grid)
+        elif key == "pos_embed" and (source_grid or value.shape[1] != 1 + model.num_patches):
+            grid = _pair(source_grid) if source_grid else (math.isqrt(value.shape[1] - 1),) * 2
+            if value.shape[1] != 1 + grid[0] * grid[1]:
+                raise ValueError(f"pos_embed has {value.shape[1]} positions, which do not fit " + (
+                    f"the source grid {grid} (1 + {grid[0] * grid[1]})" if source_grid else
+                    "CLS + a square patch grid: pass source_grid"))
+            sd[key] = resize_pos_embed(value, grid, model.grid)
     return sd
 
 
@@ -595,12 +602,14 @@ def _config_of(checkpoint: dict, width: int, depth: int, model: str, path: str) 
 
 
 def vit_from_checkpoint(checkpoint: dict, img_size, num_classes: int = 0, rel_pos_bias: str = None,
-                        drop_path_rate: float = 0.0, model: str = None, path: str = "checkpoint") -> tuple:
+                        drop_path_rate: float = 0.0, model: str = None, path: str = "checkpoint",
+                        source_grid=None) -> tuple:
     """The ViT in a checkpoint of this repo (pre-training, fine-tuning or segmentation) at img_size, weights loaded.
 
     Its shape (width, depth, patch size, MLP width, position tables, layer scale) is read off the weights, its number
     of heads from the checkpoint's args; `model` (a --model name) must agree. Position tables are resized to the
-    patch grid of img_size (adapt_state_dict). The mask token is dropped.
+    patch grid of img_size (adapt_state_dict; source_grid: the grid the checkpoint was trained at, needed where it is
+    not square). The mask token is dropped.
       num_classes == 0: a feature extractor whose final norm is the checkpoint's `norm` (pre-training) or `fc_norm`
           (a fine-tuned classifier's last LayerNorm); a segmentation backbone has neither (a new LayerNorm).
       num_classes > 0: BEiT's classifier; `fc_norm` and `head` come from the checkpoint when it has them for this
@@ -632,7 +641,7 @@ def vit_from_checkpoint(checkpoint: dict, img_size, num_classes: int = 0, rel_po
                             num_classes=num_classes, **config,
                             # only a new head is drawn; without one, the RNG draws stay as they were before 4ef51a2
                             weight_init="downstream" if num_classes > 0 else "pretrain")
-    sd = adapt_state_dict(sd, vit)
+    sd = adapt_state_dict(sd, vit, source_grid)
     expected = vit.state_dict()
     fresh = sorted(k for k in expected if k not in sd)
     problems = {"shape mismatches": [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
@@ -704,8 +713,13 @@ class CLIPVisual(nn.Module):
 
     forward(images (B, 3, H, W)) -> ln_post(patch tokens) @ proj (B, N, output_dim): the CLS token is dropped, as
     in the official DTM code (vqkd_teacher/clip/model.py VisionTransformer.forward with return_all_tokens, then
-    @ proj in engines/engine_for_dtm.py); project=False leaves out the projection (B, N, width). The positional embedding is resized bicubically if the input's patch grid
-    differs from the checkpoint's. Random CLIP-like init; load real weights with load_clip_visual.
+    @ proj in engines/engine_for_dtm.py); project=False leaves out the projection (B, N, width). The positional
+    embedding is resized bicubically (resize_pos_embed: F.interpolate to the new grid's size) if the input's patch
+    grid differs from the checkpoint's. The official code resizes it with DINO's scale_factor (grid + 0.1) / 14
+    instead (vqkd_teacher/clip/model.py VisionTransformer.interpolate_pos_encoding), which samples slightly other
+    points: for a random-init CLIPVisual at 96 px the two embeddings differ by up to 0.057 (largest entry 0.158), so
+    targets at sizes other than the checkpoint's are not the official code's; at 224 px neither resizes.
+    Random CLIP-like init; load real weights with load_clip_visual.
     """
 
     def __init__(self, input_resolution=224, patch_size=16, width=768, layers=12, heads=12, output_dim=512):
@@ -932,7 +946,7 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
     groups weighted by their size) or w_i = mask_i (loss_on="masked": a group is weighted by its number of
     masked members, its means still taken over all members, visible ones included). normalize_target: each morphed
     target standardized over its channels first (standardize).
-    Computed in float32 whatever the autocast dtype. (The official code divides a group's sum by its size + 1e-6, a
+    Computed in float32 whatever the autocast dtype (float64 inputs in float64). (The official code divides a group's sum by its size + 1e-6, a
     relative difference of at most 1e-6 that this exact mean leaves out.)
     """
     if loss_on not in ("all", "masked"):
@@ -944,13 +958,14 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
                          "[torch.arange(N).expand(B, N)] for no morphing)")
     if num_groups is not None and len(num_groups) != len(groups):
         raise ValueError(f"num_groups has {len(num_groups)} entries for {len(groups)} levels of groups")
+    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
     if loss_on == "masked":
         if mask is None:
             raise ValueError("loss_on='masked' needs the mask")
-        weight = mask.float()
+        weight = mask.to(dtype)
     else:
-        weight = torch.ones(pred.shape[:2], device=pred.device)
-    pred, target = pred.float(), target.float()
+        weight = torch.ones(pred.shape[:2], device=pred.device, dtype=dtype)
+    pred, target = pred.to(dtype), target.to(dtype)
     residual = pred - target if loss != "cosine" and not normalize_target else None
     level_losses = []
     for level_groups, G in zip(groups, num_groups or [pred.shape[1]] * len(groups)):

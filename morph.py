@@ -331,13 +331,14 @@ def group_mean(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.
     num_groups may be any bound above the largest group id (e.g. N): a group id without members gives a zero row.
     An id >= num_groups is an index error (on a GPU a device-side assert): take num_groups from num_groups_after
     with token_morphing's split, or use N.
-    Accumulates in float32 and returns x's dtype; differentiable in x (the backward is a gather).
+    Accumulates in float32 (float64 for float64 x) and returns x's dtype; differentiable in x (the backward is a
+    gather).
     """
     B, N, C = x.shape
     if groups.shape != (B, N):
         raise ValueError(f"groups {tuple(groups.shape)} must match the first two dims of x {tuple(x.shape)}")
-    sums = torch.zeros(B * num_groups, C, device=x.device, dtype=torch.float32)
-    sums.index_add_(0, _flat_index(groups, num_groups), x.reshape(B * N, C).float())
+    sums = torch.zeros(B * num_groups, C, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    sums.index_add_(0, _flat_index(groups, num_groups), x.reshape(B * N, C).to(sums.dtype))
     sums = sums.view(B, num_groups, C)
     return (sums / group_sizes(groups, num_groups).clamp(min=1)[..., None]).to(x.dtype)
 

@@ -318,6 +318,28 @@ def test_adapt_state_dict_keeps_tables_of_the_models_non_square_grid(img_size):
     assert torch.equal(loaded.rel_pos_bias.table, vit.rel_pos_bias.table)
 
 
+def test_a_non_square_grid_resizes_from_the_source_grid_given():
+    """A 2x3 grid's table and position embedding have the size of a 3x2 grid's: without source_grid they would be
+    kept, read with the axes swapped; with it they are resized. A source_grid they do not fit is refused."""
+    wide = dtm.VisionTransformer(img_size=(32, 48), patch_size=16, embed_dim=16, depth=1, num_heads=2, abs_pos_emb=True)
+    for p in (wide.rel_pos_bias.table, wide.pos_embed):
+        torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(0))
+    checkpoint = {"model": wide.state_dict(), "args": {"num_heads": 2}}
+    tall, _ = dtm.vit_from_checkpoint(checkpoint, (48, 32), source_grid=(2, 3))
+    assert torch.equal(tall.rel_pos_bias.table, dtm.resize_rel_pos_table(wide.rel_pos_bias.table, (2, 3), (3, 2)))
+    assert torch.equal(tall.pos_embed, dtm.resize_pos_embed(wide.pos_embed, (2, 3), (3, 2)))
+    assert not torch.equal(tall.rel_pos_bias.table, wide.rel_pos_bias.table)
+    pos64 = wide.pos_embed.detach().double()  # bicubic on the (H, W) grid, in float64 for float64 (not via float32)
+    direct = F.interpolate(pos64[:, 1:].reshape(1, 2, 3, -1).permute(0, 3, 1, 2), size=(3, 2), mode="bicubic")
+    assert torch.equal(dtm.resize_pos_embed(pos64, (2, 3), (3, 2))[:, 1:], direct.permute(0, 2, 3, 1).reshape(1, 6, -1))
+    same, _ = dtm.vit_from_checkpoint(checkpoint, (32, 48), source_grid=(2, 3))  # the same grid: unchanged
+    assert torch.equal(same.rel_pos_bias.table, wide.rel_pos_bias.table) and torch.equal(same.pos_embed, wide.pos_embed)
+    with pytest.raises(ValueError, match="7 positions, which do not fit the source grid \(3, 3\)"):
+        dtm.adapt_state_dict({"pos_embed": wide.pos_embed}, tall, source_grid=(3, 3))
+    with pytest.raises(ValueError, match="table has 18 rows, expected 28 for grid \(3, 3\)"):
+        dtm.adapt_state_dict({"rel_pos_bias.table": wide.rel_pos_bias.table}, tall, source_grid=(3, 3))
+
+
 def test_adapt_state_dict_shared_to_per_block_and_other_grid():
     shared = tiny_vit().eval()
     per_block = dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, rel_pos_bias="per_block").eval()
@@ -552,8 +574,8 @@ def dense_dtm_loss(pred, target, levels, mask, loss, loss_on, beta=2.0, normaliz
     normalize_target: each position's target standardized over channels, unbiased variance, eps 1e-6 in the sqrt."""
     total = 0.0
     for groups in levels:
-        M = morph.morph_matrix(groups, int(groups.max()) + 1)  # (B, G, N) row normalized
-        S = (M > 0).float()  # (B, G, N) source matrix
+        M = morph.morph_matrix(groups, int(groups.max()) + 1, pred.dtype)  # (B, G, N) row normalized
+        S = (M > 0).to(pred.dtype)  # (B, G, N) source matrix
         p, t = S.transpose(1, 2) @ (M @ pred), S.transpose(1, 2) @ (M @ target)  # (B, N, D)
         if normalize_target:
             t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
@@ -585,6 +607,20 @@ def test_dtm_loss_equals_dense_morph_matrix_reference(loss, loss_on):
     normalized, _ = dtm.dtm_loss(pred, target, levels, mask, loss=loss, loss_on=loss_on, normalize_target=True)
     reference = dense_dtm_loss(pred, target, levels, mask, loss, loss_on, normalize_target=True)
     assert torch.allclose(normalized, reference, atol=1e-6) and not torch.allclose(normalized, value, atol=1e-5)
+
+
+def test_dtm_loss_keeps_float64_inputs_in_float64():
+    """float64 inputs (exact checks, gradcheck) are not rounded to float32 on the way (they were: about 1e-7)."""
+    g = torch.Generator().manual_seed(8)
+    pred, target = (torch.randn(3, N, 12, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    mask = torch.rand(3, N, generator=g) < 0.5
+    levels = morph.token_morphing_levels(target, [[3, 2], [5, 1, 1]], generator=torch.Generator().manual_seed(0))
+    for loss in dtm.LOSSES:
+        for loss_on in ("all", "masked"):
+            value, _ = dtm.dtm_loss(pred, target, levels, mask, loss=loss, loss_on=loss_on)
+            assert value.dtype == torch.float64
+            reference = dense_dtm_loss(pred, target, levels, mask, loss, loss_on)
+            torch.testing.assert_close(value, reference, rtol=1e-13, atol=1e-13)
 
 
 def test_schedule_without_merges_is_per_token_distillation():
