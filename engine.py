@@ -510,6 +510,21 @@ class UnreadableImages:
         self.pending.update(path for text in skipped for path in text.split("\n") if path)
 
 
+def unreadable_images(max_unreadable: float, num_images: int, checkpoint: dict = None) -> UnreadableImages:
+    """UnreadableImages of a run over num_images (--max_unreadable: a fraction of them). A resumed run starts with
+    the files its checkpoint says the run already named, so each is named once per run and the limit counts the
+    run's, not this launch's."""
+    return UnreadableImages(limit=int(max_unreadable * num_images),
+                            seen=set((checkpoint or {}).get("unreadable_images", [])))
+
+
+def unreadable_for_checkpoint(images: UnreadableImages, d: Dist, step: int, log) -> list:
+    """Collective: names the files skipped since the last report (report_unreadable), so the checkpoint's data
+    position does not pass them unnamed, and returns all the run's, for its checkpoint ("unreadable_images")."""
+    report_unreadable(images, d, step, log)
+    return sorted(images.seen)
+
+
 def report_unreadable(images: UnreadableImages, d: Dist, step: int, log):
     """Collective (every rank calls it at the same step): gathers the newly skipped files of all ranks, names each
     once on rank 0 (printed and logged as {"step", "skipped_image"}), stops when there are more than the limit."""

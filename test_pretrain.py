@@ -352,6 +352,16 @@ def test_unreadable_images_are_skipped_named_once_and_counted(tmp_path):
     assert max(r["step"] for r in read_log(out / engine.LOG)) == 12  # 3 epochs of 4 full steps: nothing lost
     with pytest.raises(ValueError, match="1 training images could not be read .*--max_unreadable"):
         tp.main(tiny_argv(root, tmp_path / "strict", "--max_unreadable", "0"))
+    # stopped at step 6 and relaunched: still named once in the run (the checkpoint keeps the files named), and
+    # before the checkpoint passes it where no log step comes first (--log_every 100)
+    relaunched = tmp_path / "relaunched"
+    tp.main(tiny_argv(root, relaunched, "--max_unreadable", "0.1", "--max_steps", "6", "--log_every", "100",
+                      "--keep_every", "1"))
+    assert torch.load(relaunched / "checkpoint-0.pth")["unreadable_images"] == [bad]  # step 4: not a log step
+    assert torch.load(relaunched / engine.LAST)["unreadable_images"] == [bad]
+    assert [r["skipped_image"] for r in read_log(relaunched / engine.LOG) if "skipped_image" in r] == [bad]
+    tp.main(tiny_argv(root, relaunched, "--max_unreadable", "0.1"))
+    assert [r["skipped_image"] for r in read_log(relaunched / engine.LOG) if "skipped_image" in r] == [bad]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -453,7 +453,7 @@ def finetune(args, d, amp_dtype, scaler):
 
     mixup = data.Mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing, len(classes))
     val = val_loader(val_set, args, d)
-    unreadable = engine.UnreadableImages(limit=int(args.max_unreadable * len(train_set)))
+    unreadable = engine.unreadable_images(args.max_unreadable, len(train_set), resume if resume_path else None)
     batches = engine.micro_batches(loader, sampler, steps_per_epoch, args.accum_iter, step)
     timer = engine.StepTimer(d.device)
     window, epoch_loss = torch.zeros(2, device=d.device), torch.zeros(2, device=d.device)  # (loss sum, count)
@@ -505,8 +505,10 @@ def finetune(args, d, amp_dtype, scaler):
         if d.is_main:
             bar.write(f"epoch {epoch}: train loss {train_loss:.4f}  val top-1 {stats['top1']:.2f}%  "
                       f"top-5 {stats['top5']:.2f}%  (best {best_top1:.2f}%)")
+        skipped = engine.unreadable_for_checkpoint(unreadable, d, step, log)
         state = engine.checkpoint_state("dtm_finetune", model, optimizer, scaler, args, step, steps_per_epoch,
-                                        best_top1=best_top1, val=stats, classes=list(classes), log_lines=log.lines)
+                                        best_top1=best_top1, val=stats, classes=list(classes),
+                                        unreadable_images=skipped, log_lines=log.lines)
         engine.save_checkpoint(os.path.join(args.output_dir, engine.LAST), state)
         if improved:
             engine.save_checkpoint(os.path.join(args.output_dir, engine.BEST), state)

@@ -289,11 +289,13 @@ def train(args, d: engine.Dist) -> dict:
 
     def save(name):  # with the loss sums since the last log line, so a resumed run's next line averages them too
         window = None if sums is None else dict(names=loss_names, sums=engine.all_mean(sums, d).cpu(), count=count)
+        skipped = engine.unreadable_for_checkpoint(unreadable, d, step, log)
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
-            "dtm_pretrain", model, optimizer, scaler, args, step, steps_per_epoch, log_window=window, log_lines=log.lines))
+            "dtm_pretrain", model, optimizer, scaler, args, step, steps_per_epoch, log_window=window,
+            unreadable_images=skipped, log_lines=log.lines))
 
     timer = engine.StepTimer(d.device)
-    unreadable = engine.UnreadableImages(limit=int(args.max_unreadable * len(dataset)))
+    unreadable = engine.unreadable_images(args.max_unreadable, len(dataset), checkpoint)
     batches = engine.micro_batches(loader, sampler, steps_per_epoch, args.accum_iter, step)
     # each log line: the means over the steps since the last one; a resumed run's summaries include the lines before
     logged = [r for r in log.kept if "loss" in r and "epoch" in r]

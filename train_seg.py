@@ -647,11 +647,13 @@ def train(args, d):
         engine.say_finished(args, resume_path, step, args.iters, "--iters", d)
 
     def save(name, metrics=None):
+        skipped = engine.unreadable_for_checkpoint(unreadable, d, step, log)
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
             "dtm_seg", model, optimizer, scaler, args, step, steps_per_epoch, best_miou=best_miou,
-            num_classes=num_classes, metrics=metrics, log_window=engine.all_mean(window, d).cpu(), log_lines=log.lines))
+            num_classes=num_classes, metrics=metrics, log_window=engine.all_mean(window, d).cpu(),
+            unreadable_images=skipped, log_lines=log.lines))
 
-    unreadable = engine.UnreadableImages(limit=int(args.max_unreadable * len(train_set)))
+    unreadable = engine.unreadable_images(args.max_unreadable, len(train_set), resume if resume_path else None)
     batches = engine.micro_batches(loader, sampler, steps_per_epoch, args.accum_iter, step)
     timer = engine.StepTimer(d.device)
     window = torch.zeros(4, device=d.device)  # loss, decode loss, aux loss sums, count: since the last log line
