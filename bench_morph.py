@@ -74,7 +74,8 @@ def loss_dense(student, teacher, schedules):
             S_norm = S / S.sum(-1, keepdim=True)
         morphed_student = S.transpose(1, 2) @ (S_norm @ student)  # every position holds its group mean
         morphed_teacher = S.transpose(1, 2) @ (S_norm @ teacher)
-        total = total + F.smooth_l1_loss(morphed_student.float(), morphed_teacher.float(), beta=2.0)
+        dtype = torch.promote_types(student.dtype, torch.float32)  # as dtm_loss: float32 at least
+        total = total + F.smooth_l1_loss(morphed_student.to(dtype), morphed_teacher.to(dtype), beta=2.0)
     return total / len(schedules)
 
 
