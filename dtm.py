@@ -946,8 +946,8 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
     groups weighted by their size) or w_i = mask_i (loss_on="masked": a group is weighted by its number of
     masked members, its means still taken over all members, visible ones included). normalize_target: each morphed
     target standardized over its channels first (standardize).
-    Computed in float32 whatever the autocast dtype (float64 inputs in float64). (The official code divides a group's sum by its size + 1e-6, a
-    relative difference of at most 1e-6 that this exact mean leaves out.)
+    Computed in float32 whatever the autocast dtype (float64 inputs in float64). (The official code divides a group's
+    sum by its size + 1e-6, a relative difference of at most 1e-6 that this exact mean leaves out.)
     """
     if loss_on not in ("all", "masked"):
         raise ValueError(f"loss_on must be 'all' or 'masked', got {loss_on!r}")

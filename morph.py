@@ -337,7 +337,7 @@ def group_mean(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.
     B, N, C = x.shape
     if groups.shape != (B, N):
         raise ValueError(f"groups {tuple(groups.shape)} must match the first two dims of x {tuple(x.shape)}")
-    sums = torch.zeros(B * num_groups, C, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    sums = torch.zeros(B * num_groups, C, device=x.device, dtype=_match_dtype(x))
     sums.index_add_(0, _flat_index(groups, num_groups), x.reshape(B * N, C).to(sums.dtype))
     sums = sums.view(B, num_groups, C)
     return (sums / group_sizes(groups, num_groups).clamp(min=1)[..., None]).to(x.dtype)
