@@ -79,6 +79,11 @@ def test_block_mask_fixup_when_blocks_cannot_fill():
     gen = data.BlockMaskGenerator(grid=(4, 4), num_masked=7, min_block=40)
     for seed in range(20):
         assert int(gen(random.Random(seed)).sum()) == 7
+        random.seed(0)  # the fix-up draws from the rng given, not from Python's global random
+        first = gen(random.Random(seed))
+        random.seed(1)
+        assert torch.equal(gen(random.Random(seed)), first)
+    assert len({tuple(gen(random.Random(seed)).flatten().tolist()) for seed in range(20)}) > 10
 
 
 def test_block_proposals_obey_size_and_aspect():
@@ -410,10 +415,33 @@ def test_cutmix_box_follows_the_image_sides_and_switch_prob_picks_cutmix():
         random.seed(seed)
         (y0, y1, x0, x1), _ = data.cutmix_box(10, 100, 0.75)  # sides at most 5 x 50
         assert y1 - y0 <= 5 and x1 - x0 <= 50
+        assert y1 > y0 and x1 > x0  # the centre inside the image on each axis (drawn per axis: never empty)
+    centres = set()
+    for seed in range(200):
+        random.seed(seed)
+        (y0, y1, x0, x1), _ = data.cutmix_box(10, 100, 0.99)  # a 0 x 10 box: x0 = centre - 5 where unclipped
+        centres.add(x0 + 5)
+    assert max(centres) >= 90  # centres over the whole width, not only the height's 0..9
     random.seed(0)
     m = data.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.9)
     share = sum(m.sample_params()[1] for _ in range(2000)) / 2000
     assert share == pytest.approx(0.9, abs=0.03)
+
+
+def test_mixup_draws_lambda_from_each_modes_beta_and_mixes_with_prob(monkeypatch):
+    """Mixup's lambda ~ Beta(mixup_alpha), CutMix's ~ Beta(cutmix_alpha) (timm's _params_per_batch); a batch is mixed
+    with probability prob."""
+    calls = []
+    monkeypatch.setattr(random, "betavariate", lambda a, b: (calls.append((a, b)), 0.5)[1])
+    for switch_prob, expected in ((1.0, (1.0, 1.0)), (0.0, (0.8, 0.8))):
+        calls.clear()
+        assert data.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=switch_prob).sample_params()[1] == (
+            switch_prob == 1.0)
+        assert calls == [expected]
+    monkeypatch.undo()
+    random.seed(1)
+    m = data.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.3)
+    assert sum(m.sample_params()[0] < 1.0 for _ in range(2000)) / 2000 == pytest.approx(0.3, abs=0.03)
 
 
 def test_mixup_refuses_an_odd_batch_unless_off():

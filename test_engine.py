@@ -675,9 +675,9 @@ def test_seeded_samples_depend_only_on_seed_epoch_index_and_skip_unreadable_ones
     torch.rand(7), random.random()  # global draws in between do not matter
     assert samples[(0, 5)] == a and a[-1] == ""
     assert samples[(1, 5)][1:3] != a[1:3]  # another epoch: another augmentation
-    state = torch.get_rng_state()
+    state, py_state = torch.get_rng_state(), random.getstate()
     replaced = samples[(0, 3)]  # 3 and 4 cannot be read: 5 takes their place, with the seed of (0, 3)
-    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
+    assert torch.equal(torch.get_rng_state(), state) and random.getstate() == py_state  # the caller's RNGs: alone
     assert replaced[0] == 5 and replaced[1:3] != a[1:3] and replaced[-1] == "img3.jpg\nimg4.jpg"
     with pytest.raises(ValueError, match="in a row cannot be read"):
         engine.SeededSamples(Recorder(20, bad=range(20)), seed=1)[(0, 0)]
@@ -691,7 +691,18 @@ def test_micro_batches_restart_mid_epoch_exactly():
         batches = engine.micro_batches(loader, sampler, steps_per_epoch, 2, start_step)
         return steps_per_epoch, [next(batches)[0].tolist() for _ in range(count)]
 
+    def draws(start_step, count):  # each sample's (index, torch draw, Python draw): its augmentation's randomness
+        dataset = Recorder(23)
+        args = argparse.Namespace(seed=4, batch_size=2, accum_iter=2, num_workers=0)
+        loader, sampler, steps_per_epoch = engine.train_loader(dataset, args, CPU)
+        batches = engine.micro_batches(loader, sampler, steps_per_epoch, 2, start_step)
+        return [list(zip(*(t.tolist() for t in next(batches)[:3]))) for _ in range(count)]
+
     steps_per_epoch, full = stream(0, 20)
+    full_draws = draws(0, 20)
+    assert draws(3, 14) == full_draws[6:]  # the same augmentations too, not only the same images
+    epochs = [{i: (a, b) for batch in full_draws[e * 10:(e + 1) * 10] for i, a, b in batch} for e in (0, 1)]
+    assert all(epochs[0][i] != epochs[1][i] for i in set(epochs[0]) & set(epochs[1]))  # each epoch draws anew
     assert steps_per_epoch == 5  # 23 images: 11 batches of 2 -> 5 steps of 2 micro-batches, one batch dropped
     assert sorted(i for b in full[:10] for i in b) == sorted(set(i for b in full[:10] for i in b))  # no repeats
     assert full[:10] != full[10:]  # each epoch its own order

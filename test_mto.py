@@ -125,8 +125,11 @@ def test_mto_off_is_bit_identical_to_plain_forward():
     cfg = mto.mto_config_from_args(parser.parse_args(["--mto", "--mto_layers", "2", "--mto_lambda_ent", "0",
                                                       "--mto_sing_layers", "3"]))
     assert cfg == mto.MTOConfig(layers=2, lambda_sing=0.1, lambda_ent=0.0, sing_layers=3)
-    with pytest.raises(ValueError, match="mto_lambda_sing"):
-        mto.mto_config_from_args(parser.parse_args(["--mto", "--mto_lambda_sing", "-1"]))
+    cfg = mto.mto_config_from_args(parser.parse_args(["--mto", "--mto_lambda_sing", "0.5", "--mto_ent_layers", "4"]))
+    assert cfg == mto.MTOConfig(lambda_sing=0.5, ent_layers=4)
+    for flag in ("--mto_layers", "--mto_sing_layers", "--mto_ent_layers", "--mto_lambda_sing", "--mto_lambda_ent"):
+        with pytest.raises(ValueError, match=f"{flag} must be >= 0"):
+            mto.mto_config_from_args(parser.parse_args(["--mto", flag, "-1"]))
 
 
 def test_pretrain_model_without_hook_is_bit_identical_and_with_mto_adds_weighted_losses():
@@ -273,6 +276,22 @@ def test_attention_entropy_is_shift_invariant_and_independent_of_the_batch():
         assert (large >= 0).all() and (large <= 1).all()
         if size == 1e2:  # unshifted: relative error 7e-5
             torch.testing.assert_close(large.double(), reference, rtol=1e-5, atol=0)
+
+
+def test_an_image_without_visible_patches_gives_zero_beside_others():
+    """All patches masked: no visible key. Beside an image with visible patches (its keys then padded), both losses
+    of that image are 0 and the other's are as alone (the entropy once counted it: 3.0, outside [0, 1])."""
+    mask = random_mask(2, seed=3)
+    mask[1] = True
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 2, 1 + N, 8, generator=g), torch.randn(2, 2, 1 + N, 8, generator=g)
+    bias = torch.randn(2, 1 + N, 1 + N, generator=g)
+    entropy = mto.attention_entropy(q, k, bias, mask)
+    assert entropy[1] == 0 and 0 < entropy[0] < 1
+    torch.testing.assert_close(entropy[:1], mto.attention_entropy(q[:1], k[:1], bias, mask[:1]))
+    hidden = torch.randn(2, 1 + N, 12, generator=g)
+    singularity = mto.singularity_loss(hidden, mask)
+    assert singularity[1] == 0 and singularity[0] == mto.singularity_loss(hidden[:1], mask[:1])[0]
 
 
 def test_masks_must_be_bool():
