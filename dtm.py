@@ -527,6 +527,11 @@ def adapt_state_dict(state_dict: dict, model: VisionTransformer, source_grid=Non
 
 def _torch_load(path: str, flag: str):
     """torch.load(path, weights_only=True) on the CPU (no code runs while loading), errors naming the file."""
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".pth"))
+        example = "checkpoint-last.pth" if "checkpoint-last.pth" in found else (found[-1] if found else None)
+        hint = f", e.g. {os.path.join(path, example)}" if example else " (it holds no .pth file)"
+        raise ValueError(f"{flag} {path!r} is a folder; pass a checkpoint file{hint}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag} {path!r}: no such file")
     try:

@@ -301,6 +301,32 @@ def check_shared_args(args):
         raise ValueError(f"--max_unreadable is a fraction of the training images, in 0..1; got {args.max_unreadable}")
     if getattr(args, "layer_decay", None) is not None and not 0 < args.layer_decay <= 1:
         raise ValueError(f"--layer_decay must be in (0, 1] (1: no decay), got {args.layer_decay}")
+    betas = getattr(args, "betas", None)
+    if betas is not None and not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"--betas are AdamW's moment decays, each in [0, 1); got {' '.join(map(str, betas))}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise ValueError(f"--seed must be in 0..2**63 - 1, got {args.seed}")
+    check_output_dir(args.output_dir)
+
+
+def check_output_dir(output_dir: str):
+    """--output_dir must be a folder or a path where one can be made: not empty, not a file, not under one."""
+    if not output_dir:
+        raise ValueError("--output_dir is empty; pass a folder for the checkpoints and log.jsonl")
+    path = os.path.abspath(output_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "is" if path == os.path.abspath(output_dir) else f"is under {path!r}, which is"
+        raise ValueError(f"--output_dir {output_dir!r} {where} a file, not a folder; pass a folder")
+
+
+def warn_min_lr(min_lr: float, peak_lr: float, how: str, d: "Dist"):
+    """The schedule ends at --min_lr: above the peak lr it raises the lr over the run instead of decaying it (a
+    mistyped --min_lr, or a small batch that scaled the lr below it)."""
+    if min_lr > peak_lr:
+        d.print(f"warning: --min_lr {min_lr:g} is above the peak lr {peak_lr:.3g}{how}, so the schedule raises the lr "
+                f"towards it instead of decaying it; pass a --min_lr below {peak_lr:.3g}")
 
 
 def set_lr(optimizer, lr: float):
@@ -599,6 +625,16 @@ def from_checkpoint_unless_given(args, parser, argv, names):
     for name in names:
         if getattr(marked, name) is marker:
             setattr(args, name, None)
+
+
+def refuse_demo_eval(args, saved: dict, path: str, flags: list):
+    """--eval without data evaluates on the demo's built-in images: refused for a checkpoint of a run on real data
+    (it would fail on the classes, or measure nothing), naming the run's own data flags."""
+    if args.demo and saved.get("demo") is False:
+        given = " ".join(f"--{f} {shlex.quote(str(saved[f]))}" for f in flags if saved.get(f))
+        raise ValueError(f"--eval {path!r} was trained on real data ({given or 'see its args'}) and no validation data "
+                         f"is given, so the demo's built-in images would be evaluated: pass the validation data "
+                         f"({' or '.join('--' + f for f in flags)})")
 
 
 def take_from_checkpoint(args, saved: dict, names, path: str, must_agree: bool = True):

@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import os
+import importlib
 import random
 import re
 import subprocess
@@ -802,11 +803,39 @@ def run_script(*argv):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
+def test_an_output_dir_that_is_or_is_under_a_file_is_refused(tmp_path):
+    import train_finetune
+    import train_pretrain
+    import train_seg
+    (tmp_path / "file").write_text("x")
+    for output_dir, where in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "run", "is under")):
+        for parse in (train_pretrain.parse_args, train_finetune.parse_args, train_seg.parse_args):
+            with pytest.raises(ValueError, match=f"--output_dir .* {where}.*pass a folder"):  # an OS error before
+                parse(["--output_dir", str(output_dir)] + (["--init", "none"] if parse is not train_pretrain.parse_args
+                                                           else []))
+    engine.check_output_dir(str(tmp_path / "new" / "run"))  # a folder that can be made: fine
+
+
+@pytest.mark.parametrize("argv, message", [  # sizes of 0 or below: a misleading message or a traceback before
+    (["train_pretrain.py", "--img_size", "0"], "--img_size 0 is not a positive multiple of the patch size 16"),
+    (["train_pretrain.py", "--img_size", "-16"], "--img_size -16 is not a positive multiple"),
+    (["train_finetune.py", "--img_size", "0", "--init", "none"], "--img_size 0 is not a positive multiple"),
+    (["train_seg.py", "--crop_size", "0"], "--crop_size 0 is not a positive multiple"),
+    (["train_seg.py", "--scale", "64", "0"], "--scale LONG SHORT must be positive sizes, got 64 0"),
+    (["train_finetune.py", "--mixup_prob", "2", "--init", "none"], "--mixup_prob and --mixup_switch_prob are "
+                                                                   "probabilities"),
+])
+def test_sizes_and_probabilities_out_of_range_are_refused(argv, message):
+    module = importlib.import_module(argv[0][:-3])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        module.parse_args(argv[1:])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train_pretrain.py", "--data", "/no/such/dir", "--teacher", "pixels"], "--data '/no/such/dir' is not a dir"),
     (["train_finetune.py", "--data_train", "/no/such/dir", "--data_val", "/no/such/dir", "--init", "none"],
      "image folder '/no/such/dir' does not exist"),
-    (["train_seg.py", "--crop_size", "100"], "--crop_size 100 is not divisible by the patch size 16"),
+    (["train_seg.py", "--crop_size", "100"], "--crop_size 100 is not a positive multiple of the patch size 16"),
 ])
 def test_user_errors_print_one_line_and_exit_2(argv, message):
     result = run_script(*argv)
@@ -820,6 +849,10 @@ def test_user_errors_print_one_line_and_exit_2(argv, message):
     (["--clip_grad", "-1"], "--clip_grad must be >= 0, got -1.0"),
     (["--weight_decay", "-0.05"], "--weight_decay must be >= 0"),
     (["--lr", "-0.001"], "--lr must be >= 0"),
+    (["--betas", "1.5", "0.9"], "--betas are AdamW's moment decays, each in \\[0, 1\\); got 1.5 0.9"),
+    (["--betas", "0.9", "1.0"], "each in \\[0, 1\\); got 0.9 1.0"),  # torch raised its own error inside AdamW
+    (["--seed", str(2 ** 64)], "--seed must be in 0..2\\*\\*63 - 1"),  # an overflow inside torch.manual_seed
+    (["--output_dir", ""], "--output_dir is empty"),
 ])
 def test_every_trainer_rejects_negative_optimizer_flags(flags, message):
     import train_finetune

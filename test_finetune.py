@@ -478,6 +478,18 @@ def test_image_folder_data_flags(tmp_path):
     checkpoint = torch.load(out / "checkpoint-best.pth")
     assert checkpoint["classes"] == ["cat", "dog"] and checkpoint["model"]["head.weight"].shape == (2, 192)
     assert checkpoint["step"] == 1 and checkpoint["val"]["count"] == 2
+    # --eval without data would evaluate the demo's images (and then blamed the classes): refused, naming the run's
+    with pytest.raises(ValueError, match=f"was trained on real data \\(--data {tmp_path}\\) and no validation data "
+                                         f"is given.*pass the validation data \\(--data or --data_val\\)"):
+        tf.main(["--eval", str(out / "checkpoint-best.pth"), "--output_dir", str(tmp_path / "eval")])
+    assert tf.main(["--eval", str(out / "checkpoint-best.pth"), "--data", str(tmp_path),
+                    "--output_dir", str(tmp_path / "eval")])["count"] == 2
+    # one class folder: a perfect score that means nothing, refused
+    for split in ("train", "val"):
+        os.makedirs(tmp_path / "one" / split / "cat")
+        shutil.copy(tmp_path / "train" / "cat" / "a.png", tmp_path / "one" / split / "cat")
+    with pytest.raises(ValueError, match="has 1 class folder \\('cat'\\): classification needs 2 or more"):
+        tf.build_datasets(tf.parse_args(["--data", str(tmp_path / "one"), "--init", "none"]))
     # a relaunch on real data with another --rel_pos_bias: the printed way to a new run names the --init it needs
     relaunch = ["--data", str(tmp_path), "--model", "vit_tiny", "--img_size", str(IMG), "--epochs", "1",
                 "--batch_size", "2", "--num_workers", "0", "--output_dir", str(out), "--rel_pos_bias", "shared"]

@@ -367,6 +367,30 @@ def test_unreadable_images_are_skipped_named_once_and_counted(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # teachers from any checkpoint, clear errors for the wrong file
 
+def test_a_data_root_split_into_train_and_val_is_refused(tmp_path):
+    """--data ROOT holding train/ and val/ (fine-tuning's layout) was read as two classes: the validation images
+    pre-trained on. Refused, naming the folder to pass."""
+    for split in ("train", "val"):
+        make_image_folder(tmp_path / "root" / split, count=4)
+    with pytest.raises(ValueError, match=f"holds train/ and val/ .*validation images included: pass --data "
+                                         f"{tmp_path / 'root' / 'train'}$"):
+        tp.main(tiny_argv(str(tmp_path / "root"), tmp_path / "run"))
+    tp.main(tiny_argv(str(tmp_path / "root" / "train"), tmp_path / "run", "--epochs", "1"))  # the fix works
+
+
+def test_an_init_or_teacher_that_is_a_folder_names_a_file_in_it(image_folder, tmp_path):
+    tp.main(tiny_argv(image_folder, tmp_path / "run", "--epochs", "1"))
+    with pytest.raises(ValueError, match=f"is a folder; pass a checkpoint file, e.g. {tmp_path / 'run' / engine.LAST}"):
+        dtm.read_checkpoint(str(tmp_path / "run"), "--init")
+    with pytest.raises(ValueError, match="is a folder; pass a checkpoint file \\(it holds no .pth file\\)"):
+        dtm.read_checkpoint(str(tmp_path), "--init")
+
+
+def test_a_min_lr_above_the_scaled_lr_is_warned_about(image_folder, tmp_path, capsys):
+    tp.main(tiny_argv(image_folder, tmp_path / "run", "--epochs", "1", "--lr", "1e-3", "--min_lr", "1e-2"))
+    assert "warning: --min_lr 0.01 is above the peak lr 4.42e-05 (--lr 0.001 x sqrt(4 / 2048))" in capsys.readouterr().out
+
+
 def test_teacher_from_each_checkpoint_kind_and_errors(image_folder, tmp_path):
     tp.main(tiny_argv(image_folder, tmp_path / "pre", "--epochs", "1"))
     pre = str(tmp_path / "pre" / engine.LAST)

@@ -474,6 +474,10 @@ def test_eval_checks_given_head_settings_against_a_checkpoint_that_used_the_defa
         train_seg.main(val + ["--channels", "16"])
     for given in (["--channels", "192"], ["--out_indices", "0", "1", "2", "3"]):  # the values it used: accepted
         train_seg.main(val + given)
+    # without validation data --eval would use the demo's images (and blamed the number of classes): refused
+    with pytest.raises(ValueError, match="was trained on real data \\(--val_img_dir .*d/img --val_ann_dir .*d/ann\\)"
+                                         " and no validation data is given"):
+        train_seg.main(["--eval", path, "--output_dir", str(tmp_path / "e")])
     # vit_tiny has one valid pyramid; for vit_b a None record resolves to BEiT's blocks, so another one would differ
     assert train_seg.head_settings({"model": "vit_b", "channels": None, "out_indices": None}) == {
         "channels": 768, "out_indices": [3, 5, 7, 11]}

@@ -175,6 +175,9 @@ def build_datasets(args, train: bool = True):
     if val_dir is None or (train and train_dir is None):
         raise ValueError("give both --data_train and --data_val, or --data ROOT with ROOT/train and ROOT/val")
     val = data.ImageFolder(val_dir, val_tf)
+    if len(val.classes) < 2:
+        raise ValueError(f"{val_dir!r} has {len(val.classes)} class folder ({val.classes[0]!r}): classification needs "
+                         f"2 or more (root/<class>/<image>)")
     if not train:
         return None, val, val.classes
     train_set = data.ImageFolder(train_dir, train_tf)
@@ -303,9 +306,12 @@ def check_args(args):
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.warmup_epochs < 0 or not 0 <= args.smoothing < 1 or not 0 <= args.reprob <= 1:
         raise ValueError("--warmup_epochs must be >= 0, --smoothing in [0, 1), --reprob in [0, 1]")
-    if args.img_size % dtm.PATCH_SIZE:
-        raise ValueError(f"--img_size {args.img_size} is not divisible by the patch size {dtm.PATCH_SIZE}; use a "
-                         f"multiple of {dtm.PATCH_SIZE} (e.g. 224)")
+    if args.img_size is not None and (args.img_size <= 0 or args.img_size % dtm.PATCH_SIZE):
+        raise ValueError(f"--img_size {args.img_size} is not a positive multiple of the patch size {dtm.PATCH_SIZE}; "
+                         f"use e.g. 224")
+    if not (0 <= args.mixup_prob <= 1 and 0 <= args.mixup_switch_prob <= 1):
+        raise ValueError(f"--mixup_prob and --mixup_switch_prob are probabilities, in [0, 1]; got "
+                         f"{args.mixup_prob:g} and {args.mixup_switch_prob:g}")
     mixing = data.Mixup(args.mixup, args.cutmix, args.mixup_prob).mixes
     if mixing and args.batch_size % 2 and args.eval is None:
         raise ValueError(f"--batch_size {args.batch_size} is odd: Mixup/CutMix pair each image with the reversed "
@@ -345,6 +351,7 @@ def run_eval(args, d, amp_dtype):
     the result is appended to output_dir/eval.jsonl (a training run's log.jsonl is left alone)."""
     checkpoint = engine.load_checkpoint(args.eval, "dtm_finetune", "--eval", hint="; to start fine-tuning from "
                                         "pre-trained weights use --init PATH")
+    engine.refuse_demo_eval(args, checkpoint["args"], args.eval, ["data", "data_val"])
     engine.take_from_checkpoint(args, checkpoint["args"], EVAL_FROM_CHECKPOINT, args.eval)
     engine.take_from_checkpoint(args, checkpoint["args"], EVAL_DEMO_DATA, args.eval, must_agree=False)
     if args.crop_ratio is None:
@@ -444,6 +451,8 @@ def finetune(args, d, amp_dtype, scaler):
     log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished)
     ddp_model = engine.ddp(model, d)
     engine.warn_long_warmup(warmup_steps, total_steps, "--warmup_epochs", d)
+    engine.warn_min_lr(args.min_lr, lr, f" (--lr {args.lr:g} x {total_batch} / 1024)" if lr != args.lr else " (--lr)",
+                       d)
     d.print(f"{args.model}: {len(train_set)} training images, {len(classes)} classes, {d.world_size} process(es) on "
             f"{d.device}, amp {engine.amp_name(amp_dtype, scaler)}; total batch {total_batch}, lr {lr:.3g} "
             f"(--lr {args.lr:g}, {args.lr_scaling} scaling), layer decay {layer_decay}, {args.epochs} epochs x "

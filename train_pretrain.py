@@ -165,9 +165,9 @@ def check_args(args):
     if kind != "clip" and (args.no_clip_proj or args.teacher_norm != "imagenet"):
         raise ValueError(f"--no_clip_proj and --teacher_norm apply to a CLIP teacher (--teacher clip:PATH) only; "
                          f"with --teacher {args.teacher} they would do nothing: leave them out")
-    if args.img_size % dtm.PATCH_SIZE:
-        raise ValueError(f"--img_size {args.img_size} is not divisible by the patch size {dtm.PATCH_SIZE}; "
-                         f"use a multiple of {dtm.PATCH_SIZE} (e.g. 224)")
+    if args.img_size <= 0 or args.img_size % dtm.PATCH_SIZE:
+        raise ValueError(f"--img_size {args.img_size} is not a positive multiple of the patch size {dtm.PATCH_SIZE}; "
+                         f"use e.g. 224")
     num_patches = (args.img_size // dtm.PATCH_SIZE) ** 2
     if not 0 <= args.num_masked <= num_patches:
         raise ValueError(f"--num_masked {args.num_masked} must be in 0..{num_patches} (patches at --img_size "
@@ -195,6 +195,10 @@ def build_dataset(args):
         base = SyntheticShapes(DEMO_IMAGES, img_size=args.img_size * 8 // 7, seed=0)
     else:
         base = ImageFolder(args.data)
+        if "train" in base.classes and {"val", "validation", "test"} & set(base.classes):
+            raise ValueError(f"--data {args.data!r} holds train/ and {'/'.join(sorted(set(base.classes) - {'train'}))}/ "
+                             f"(a dataset split into sets), which pre-training would read as classes, validation "
+                             f"images included: pass --data {os.path.join(args.data, 'train')}")
     return MaskedImageDataset(base, PretrainTransform(args.img_size, args.min_crop_scale),
                               BlockMaskGenerator((grid, grid), args.num_masked, args.min_block))
 
@@ -268,6 +272,7 @@ def train(args, d: engine.Dist) -> dict:
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     engine.warn_long_warmup(warmup_steps, total_steps, "--warmup_epochs", d)
+    engine.warn_min_lr(args.min_lr, lr, f" (--lr {args.lr:g} x sqrt({total_batch} / 2048))", d)
 
     teacher_file = args.teacher[len("ckpt:"):] if args.teacher.startswith("ckpt:") else None
     step, resume_path, own_run = 0, *engine.prepare_run(args, d, reads={"--teacher ckpt:": teacher_file})

@@ -470,9 +470,11 @@ def parse_args(argv=None):
     if args.eval is None:  # --eval takes these from the checkpoint unless given (run_eval)
         args.scale = [2048, 512] if args.scale is None else args.scale
         args.stride = 341 if args.stride is None else args.stride
-    if args.crop_size % dtm.PATCH_SIZE:
-        raise ValueError(f"--crop_size {args.crop_size} is not divisible by the patch size {dtm.PATCH_SIZE}; "
-                         f"use e.g. 512")
+    if args.crop_size is not None and (args.crop_size <= 0 or args.crop_size % dtm.PATCH_SIZE):
+        raise ValueError(f"--crop_size {args.crop_size} is not a positive multiple of the patch size "
+                         f"{dtm.PATCH_SIZE}; use e.g. 512")
+    if args.scale is not None and min(args.scale) <= 0:
+        raise ValueError(f"--scale LONG SHORT must be positive sizes, got {' '.join(map(str, args.scale))}")
     if (args.stride is not None and args.stride < 1) or (args.eval is None and args.stride > args.crop_size):
         raise ValueError(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}")
     if args.channels is not None and args.channels < 1:
@@ -552,6 +554,7 @@ def run_eval(args, d):
     checkpoint = engine.load_checkpoint(args.eval, "dtm_seg", "--eval", hint="; to start from its weights use --init "
                                         "PATH")
     saved = {**checkpoint["args"], **head_settings(checkpoint["args"])}  # a given value is compared with the used one
+    engine.refuse_demo_eval(args, checkpoint["args"], args.eval, ["data", "val_img_dir", "val_ann_dir"])
     engine.take_from_checkpoint(args, saved, EVAL_FROM_CHECKPOINT, args.eval)
     engine.take_from_checkpoint(args, checkpoint["args"], EVAL_DEMO_DATA, args.eval, must_agree=False)
     args.scale = checkpoint["args"]["scale"] if args.scale is None else args.scale
@@ -631,6 +634,7 @@ def train(args, d):
             f"{model.out_indices}, init {started_from}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
             f"{d.world_size} process(es) on {d.device}, amp {engine.amp_name(amp_dtype, scaler)}")
     engine.warn_long_warmup(args.warmup_iters, args.iters, "--warmup_iters", d)
+    engine.warn_min_lr(args.min_lr, args.lr, " (--lr)", d)
 
     groups = engine.param_groups(model, args.weight_decay,
                                  engine.layer_decay_fn(model.backbone.depth, args.layer_decay, prefix="backbone."))
