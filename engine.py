@@ -442,7 +442,7 @@ class SeededSamples(torch.utils.data.Dataset):
     A sample's augmentation then depends on nothing else (not on the worker, the rank or what ran before), which
     makes resuming mid-epoch exact. A sample whose image cannot be read (data.UnreadableImage) is replaced by the
     next readable one, index + 1, + 2, ... (with the same seed, so runs stay reproducible); `skipped` names the
-    files passed over ("\\n"-joined; "" when none), for UnreadableImages.add."""
+    files passed over, each as "path\\treason" ("\\n"-joined; "" when none), for UnreadableImages.add."""
 
     def __init__(self, base, seed: int, max_tries: int = 16):
         self.base, self.seed, self.max_tries = base, seed, max_tries
@@ -462,7 +462,7 @@ class SeededSamples(torch.utils.data.Dataset):
                 try:
                     return (*self.base[(index + attempt) % len(self.base)], "\n".join(skipped))
                 except data.UnreadableImage as e:
-                    skipped.append(e.path)
+                    skipped.append(f"{e.path}\t{e}")
                     error = e
                 finally:
                     random.setstate(py_state)
@@ -529,11 +529,13 @@ class UnreadableImages:
     were unreadable (a few bad files in a large dataset are skipped; a broken dataset is not trained on)."""
     limit: int
     seen: set = field(default_factory=set)
-    pending: set = field(default_factory=set)
+    pending: dict = field(default_factory=dict)  # path -> why it could not be read
 
     def add(self, skipped):
-        """skipped: the batch's last field, one string per sample ("" or "\\n"-joined paths)."""
-        self.pending.update(path for text in skipped for path in text.split("\n") if path)
+        """skipped: the batch's last field, one string per sample ("" or "\\n"-joined "path\\treason" entries)."""
+        for entry in (entry for text in skipped for entry in text.split("\n") if entry):
+            path, _, reason = entry.partition("\t")
+            self.pending[path] = reason
 
 
 def unreadable_images(max_unreadable: float, num_images: int, checkpoint: dict = None) -> UnreadableImages:
@@ -553,21 +555,23 @@ def unreadable_for_checkpoint(images: UnreadableImages, d: Dist, step: int, log)
 
 def report_unreadable(images: UnreadableImages, d: Dist, step: int, log):
     """Collective (every rank calls it at the same step): gathers the newly skipped files of all ranks, names each
-    once on rank 0 (printed and logged as {"step", "skipped_image"}), stops when there are more than the limit."""
-    new = sorted(images.pending)
+    once on rank 0 with why it could not be read (printed, and logged as {"step", "skipped_image", "reason"}), stops
+    when there are more than the limit."""
+    new = sorted(images.pending.items())
     images.pending.clear()
     if d.world_size > 1:
         gathered = [None] * d.world_size
         dist.all_gather_object(gathered, new)
-        new = sorted(set().union(*gathered))
-    for path in new:
+        new = sorted(dict(pair for rank in gathered for pair in rank).items())
+    for path, reason in new:
         if path not in images.seen:
             images.seen.add(path)
-            d.print(f"skipped an unreadable image: {path} ({len(images.seen)} so far)")
-            log(step=step, skipped_image=path)
+            d.print(f"skipped an unreadable image ({len(images.seen)} so far): {reason or path}")
+            log(step=step, skipped_image=path, **({"reason": reason} if reason else {}))
     if len(images.seen) > images.limit:
         raise ValueError(f"{len(images.seen)} training images could not be read (more than {images.limit}, "
-                         f"--max_unreadable), e.g. {sorted(images.seen)[:3]}; repair the dataset")
+                         f"--max_unreadable), e.g. {sorted(images.seen)[:3]}; the reasons are printed above and in "
+                         f"log.jsonl: repair or remove those files, or raise --max_unreadable")
 
 
 class _Probe(torch.utils.data.Dataset):

@@ -679,7 +679,8 @@ def test_seeded_samples_depend_only_on_seed_epoch_index_and_skip_unreadable_ones
     state, py_state = torch.get_rng_state(), random.getstate()
     replaced = samples[(0, 3)]  # 3 and 4 cannot be read: 5 takes their place, with the seed of (0, 3)
     assert torch.equal(torch.get_rng_state(), state) and random.getstate() == py_state  # the caller's RNGs: alone
-    assert replaced[0] == 5 and replaced[1:3] != a[1:3] and replaced[-1] == "img3.jpg\nimg4.jpg"
+    assert replaced[0] == 5 and replaced[1:3] != a[1:3]
+    assert replaced[-1] == "img3.jpg\tcannot read img3.jpg\nimg4.jpg\tcannot read img4.jpg"  # paths and reasons
     with pytest.raises(ValueError, match="in a row cannot be read"):
         engine.SeededSamples(Recorder(20, bad=range(20)), seed=1)[(0, 0)]
 
@@ -723,9 +724,12 @@ def test_unreadable_images_are_named_once_and_stop_the_run_past_the_limit(tmp_pa
     assert [json.loads(line) for line in open(tmp_path / engine.LOG)] == [
         {"step": 4, "skipped_image": "a.jpg"}, {"step": 4, "skipped_image": "b.jpg"}]
     assert capsys.readouterr().out.count("skipped an unreadable image") == 2
-    images.add(["c.jpg"])
-    with pytest.raises(ValueError, match="3 training images could not be read.*--max_unreadable"):
+    images.add(["c.jpg\tcannot read image file 'c.jpg' (truncated)"])  # as SeededSamples passes them: with why
+    with pytest.raises(ValueError, match="3 training images could not be read.*--max_unreadable.*reasons are printed"):
         engine.report_unreadable(images, CPU, 6, log)
+    assert "skipped an unreadable image (3 so far): cannot read image file 'c.jpg' (truncated)" in capsys.readouterr().out
+    assert json.loads(open(tmp_path / engine.LOG).readlines()[-1]) == {
+        "step": 6, "skipped_image": "c.jpg", "reason": "cannot read image file 'c.jpg' (truncated)"}
 
 
 def test_check_dataset_names_the_unreadable_files(tmp_path):
