@@ -816,6 +816,11 @@ def load_clip_visual(path: str, heads: int = None) -> CLIPVisual:
     if missing or unexpected:
         raise ValueError(f"{path!r} does not match OpenAI CLIP's visual encoder: missing keys {missing}, "
                          f"unexpected keys {unexpected}")
+    shapes = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(shapes[k].shape)})" for k, v in sd.items()
+             if v.shape != shapes[k].shape]
+    if wrong:
+        raise ValueError(f"{path!r} does not match OpenAI CLIP's visual encoder read off its weights: {wrong[:3]}")
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model
 

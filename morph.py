@@ -431,6 +431,7 @@ def _draw_panel(img, groups: torch.Tensor, patch: int, title: str):
 
 def main(argv=None):
     import argparse
+    import os
     from PIL import Image
     parser = argparse.ArgumentParser(description="Draw the token groups that morphing (Algorithm 1) makes on an "
                                      "image, matching on its patch pixels (each channel standardized over the image).")
@@ -445,6 +446,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.img_size % args.patch_size:
         raise SystemExit(f"--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}")
+    Image.init()
+    if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+        raise SystemExit(f"--out {args.out!r}: Pillow writes no file of that extension; use e.g. groups.png")
 
     try:
         schedules = [parse_schedule(text) for text in args.schedule]

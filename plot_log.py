@@ -20,7 +20,7 @@ def read_log(path: str, x_field: str, field: str):
     points = []
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path!r}: no such file (a run's log is log.jsonl in its --output_dir)")
-    with open(path) as f:
+    with open(path, errors="replace") as f:  # a binary file (a checkpoint passed by mistake) fails on its first line
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -80,6 +80,17 @@ def plot(series, labels, title: str, x_label: str, y_label: str, size=(720, 440)
     return img
 
 
+def check_out(path: str):
+    """--out: an image file Pillow can write (by its extension; none: a PNG) in a folder that exists."""
+    Image.init()
+    extension = os.path.splitext(path)[1].lower()
+    if extension and extension not in Image.registered_extensions():
+        raise SystemExit(f"error: --out {path!r}: Pillow writes no {extension!r} files; use .png (or .jpg, .pdf, ...)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: --out {path!r}: {folder!r} is not a folder")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Plot a field of JSONL training logs to a PNG (Pillow only).")
     parser.add_argument("logs", nargs="+", help="log.jsonl files")
@@ -91,6 +102,7 @@ def main(argv=None):
     parser.add_argument("--title", default="")
     parser.add_argument("--out", default="plot.png")
     args = parser.parse_args(argv)
+    check_out(args.out)
     labels = args.labels or args.logs
     if len(labels) != len(args.logs):
         raise SystemExit(f"{len(args.logs)} logs but {len(labels)} labels")

@@ -506,6 +506,11 @@ def test_load_clip_errors_name_the_problem(tmp_path):
         dtm.load_clip_visual(str(tmp_path / "bad.pt"))
     with pytest.raises(FileNotFoundError, match="not found"):
         dtm.load_clip_visual(str(tmp_path / "nope.pt"))
+    sd = clip_visual_state_dict()
+    sd["ln_pre.weight"] = torch.zeros(100)  # a torch RuntimeError inside load_state_dict before
+    torch.save(sd, tmp_path / "misshapen.pt")
+    with pytest.raises(ValueError, match=r"read off its weights: \['ln_pre.weight \(100,\) \(expected \("):
+        dtm.load_clip_visual(str(tmp_path / "misshapen.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt' cannot be read by torch.load"):
         dtm.load_clip_visual(str(tmp_path / "junk.pt"))

@@ -826,6 +826,8 @@ def test_an_output_dir_that_is_or_is_under_a_file_is_refused(tmp_path):
     (["train_finetune.py", "--img_size", "0", "--init", "none"], "--img_size 0 is not a positive multiple"),
     (["train_seg.py", "--crop_size", "0"], "--crop_size 0 is not a positive multiple"),
     (["train_seg.py", "--scale", "64", "0"], "--scale LONG SHORT must be positive sizes, got 64 0"),
+    (["train_pretrain.py", "--min_block", "0"], "--min_block must be >= 1 (patches) and --min_crop_scale in (0, 1]"),
+    (["train_pretrain.py", "--min_crop_scale", "0"], "--min_crop_scale in (0, 1] (of the image's area); got 4 and 0"),
     (["train_finetune.py", "--mixup_prob", "2", "--init", "none"], "--mixup_prob and --mixup_switch_prob are "
                                                                    "probabilities"),
 ])

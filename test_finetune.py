@@ -484,6 +484,9 @@ def test_image_folder_data_flags(tmp_path):
         tf.main(["--eval", str(out / "checkpoint-best.pth"), "--output_dir", str(tmp_path / "eval")])
     assert tf.main(["--eval", str(out / "checkpoint-best.pth"), "--data", str(tmp_path),
                     "--output_dir", str(tmp_path / "eval")])["count"] == 2
+    with pytest.raises(ValueError, match="--num_classes 3 but the data has 2 classes"):  # ignored by --eval before
+        tf.main(["--eval", str(out / "checkpoint-best.pth"), "--data", str(tmp_path), "--num_classes", "3",
+                 "--output_dir", str(tmp_path / "eval")])
     # one class folder: a perfect score that means nothing, refused
     for split in ("train", "val"):
         os.makedirs(tmp_path / "one" / split / "cat")

@@ -398,6 +398,8 @@ def test_visualization_writes_side_by_side_panels(tmp_path):
     assert parse_schedule("14x7") == [7] * 14 and parse_schedule("49,49") == [49, 49]
     with pytest.raises(ValueError, match="KxR"):
         parse_schedule("seven")
+    with pytest.raises(SystemExit, match="Pillow writes no file of that extension"):  # a traceback after the work
+        morph.main([str(tmp_path / "img.png"), "--out", str(tmp_path / "g.pngx")])
     with pytest.raises(SystemExit) as exit_info:  # argparse's usage error (exit 2) before the image is read
         morph.main([str(tmp_path / "missing.png"), "--schedule", "abc"])
     assert exit_info.value.code == 2

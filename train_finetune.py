@@ -357,6 +357,8 @@ def run_eval(args, d, amp_dtype):
     if args.crop_ratio is None:
         args.crop_ratio = checkpoint["args"].get("crop_ratio") or default_crop_ratio(args.img_size)
     _, val_set, classes = build_datasets(args, train=False)
+    if args.num_classes is not None and args.num_classes != len(classes):
+        raise ValueError(f"--num_classes {args.num_classes} but the data has {len(classes)} classes")
     if classes != checkpoint["classes"]:  # same folders in the same order, or the labels would silently differ
         raise ValueError(f"the validation set's classes ({len(classes)}: {classes[:3]}...) are not the ones the "
                          f"checkpoint was trained on ({len(checkpoint['classes'])}: {checkpoint['classes'][:3]}...)")

@@ -179,6 +179,9 @@ def check_args(args):
     for flag in ("batch_size", "accum_iter", "epochs", "levels", "max_iters", "log_every", "keep_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.min_block < 1 or not 0 < args.min_crop_scale <= 1:
+        raise ValueError(f"--min_block must be >= 1 (patches) and --min_crop_scale in (0, 1] (of the image's area); got "
+                         f"{args.min_block} and {args.min_crop_scale:g}")
     if args.warmup_epochs < 0 or args.save_every < 0 or args.max_steps < 0 or args.beta < 0:
         raise ValueError("--warmup_epochs, --save_every, --max_steps and --beta must be >= 0")
     if args.loss_on == "masked" and args.num_masked == 0:
