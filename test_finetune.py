@@ -156,7 +156,7 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     for flag in ("--resume", "--eval"):  # a pre-training checkpoint is for --init only
         with pytest.raises(ValueError, match=f"{flag} .* is not a checkpoint of train_finetune.py.*--init"):
             tf.main(TINY_RUN + [flag, str(tmp_path / "pre.pth"), "--output_dir", str(tmp_path / "r")])
-    with pytest.raises(ValueError, match="not divisible by the patch size"):
+    with pytest.raises(ValueError, match="--img_size 40 is not a positive multiple of the patch size 16"):
         tf.main(TINY_RUN + ["--img_size", "40"])
     with pytest.raises(ValueError, match="--batch_size 15 is odd.*--mixup 0 --cutmix 0"):
         tf.main(TINY_RUN + ["--batch_size", "15"])

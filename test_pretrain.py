@@ -130,7 +130,7 @@ def test_recipes_and_their_defaults():
     (["--data", HERE], ValueError, "--teacher is required"),
     (["--teacher", "dino:x"], ValueError, "bad --teacher"),
     (["--teacher", "clip:/no/such/ViT-B-16.pt"], FileNotFoundError, "no file"),
-    (["--img_size", "100"], ValueError, "not divisible"),
+    (["--img_size", "100"], ValueError, "--img_size 100 is not a positive multiple of the patch size 16"),
     (["--num_masked", "60"], ValueError, "--num_masked"),
     (["--no_clip_proj"], ValueError, "apply to a CLIP teacher"),  # the demo's teacher is pixels
     (["--data", HERE, "--teacher", "pixels", "--teacher_norm", "clip"], ValueError, "apply to a CLIP teacher"),
