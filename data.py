@@ -8,8 +8,8 @@ Pre-training (DTM, ICLR 2025, follows the BEiT v2 pre-training data pipeline)
   PretrainTransform     RandomResizedCrop(scale=(min_crop_scale, 1), ratio 3/4..4/3, bicubic) -> horizontal flip ->
                         color jitter 0.4 -> normalize. BEiT v2 and the official DTM code (utils/datasets.py
                         DataAugmentationForBEiT) apply the color jitter before the flip and crop; here it runs on the
-                        crop (cheaper; the same up to rounding and clipping for brightness and saturation, while contrast
-                        uses the crop's mean instead of the full image's).
+                        crop (cheaper; the same up to rounding and clipping for brightness and saturation, while
+                        contrast uses the crop's mean instead of the full image's).
   BlockMaskGenerator    BEiT (Bao et al., ICLR 2022), Sec. 2.3 / Algorithm 1 "Blockwise Masking" (75 of 14x14
                         patches: Sec. 2.5),
                         blocks of >= 16 patches with aspect ratio in [0.3, 1/0.3]; plus BEiT v2's exact-count fix-up.

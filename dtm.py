@@ -525,8 +525,8 @@ def adapt_state_dict(state_dict: dict, model: VisionTransformer, source_grid=Non
 # Checkpoints of this repo -> ViT (used by the ckpt teacher, fine-tuning and segmentation)
 
 
-def _torch_load(path: str, flag: str):
-    """torch.load(path, weights_only=True) on the CPU (no code runs while loading), errors naming the file."""
+def check_checkpoint_file(path: str, flag: str):
+    """A clear error for a checkpoint path that is missing or a folder (naming a checkpoint in it)."""
     if os.path.isdir(path):
         found = sorted(f for f in os.listdir(path) if f.endswith(".pth"))
         example = "checkpoint-last.pth" if "checkpoint-last.pth" in found else (found[-1] if found else None)
@@ -534,6 +534,11 @@ def _torch_load(path: str, flag: str):
         raise ValueError(f"{flag} {path!r} is a folder; pass a checkpoint file{hint}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag} {path!r}: no such file")
+
+
+def _torch_load(path: str, flag: str):
+    """torch.load(path, weights_only=True) on the CPU (no code runs while loading), errors naming the file."""
+    check_checkpoint_file(path, flag)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

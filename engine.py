@@ -304,8 +304,8 @@ def check_shared_args(args):
     betas = getattr(args, "betas", None)
     if betas is not None and not all(0 <= b < 1 for b in betas):
         raise ValueError(f"--betas are AdamW's moment decays, each in [0, 1); got {' '.join(map(str, betas))}")
-    if not 0 <= args.seed < 2 ** 63:
-        raise ValueError(f"--seed must be in 0..2**63 - 1, got {args.seed}")
+    if not -2 ** 63 <= args.seed < 2 ** 64:  # torch.manual_seed's range
+        raise ValueError(f"--seed must be in -2**63..2**64 - 1, got {args.seed}")
     check_output_dir(args.output_dir)
 
 
@@ -631,14 +631,14 @@ def from_checkpoint_unless_given(args, parser, argv, names):
             setattr(args, name, None)
 
 
-def refuse_demo_eval(args, saved: dict, path: str, flags: list):
+def refuse_demo_eval(args, saved: dict, path: str, flags: list, how: str):
     """--eval without data evaluates on the demo's built-in images: refused for a checkpoint of a run on real data
-    (it would fail on the classes, or measure nothing), naming the run's own data flags."""
+    (it would fail on the classes, or measure nothing), quoting the run's own data flags; `how`: the flags to pass."""
     if args.demo and saved.get("demo") is False:
-        given = " ".join(f"--{f} {shlex.quote(str(saved[f]))}" for f in flags if saved.get(f))
+        given = " ".join(f"--{f} {shlex.quote(str(saved[f]))}" for f in flags if saved.get(f) is not None)
         raise ValueError(f"--eval {path!r} was trained on real data ({given or 'see its args'}) and no validation data "
                          f"is given, so the demo's built-in images would be evaluated: pass the validation data "
-                         f"({' or '.join('--' + f for f in flags)})")
+                         f"({how})")
 
 
 def take_from_checkpoint(args, saved: dict, names, path: str, must_agree: bool = True):

@@ -446,9 +446,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.img_size % args.patch_size:
         raise SystemExit(f"--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}")
-    Image.init()
-    if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+    Image.init()  # --out checked before the work: a file type Pillow writes, in a folder that exists
+    if Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) not in Image.SAVE:
         raise SystemExit(f"--out {args.out!r}: Pillow writes no file of that extension; use e.g. groups.png")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise SystemExit(f"--out {args.out!r}: {os.path.dirname(os.path.abspath(args.out))!r} is not a folder")
 
     try:
         schedules = [parse_schedule(text) for text in args.schedule]

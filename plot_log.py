@@ -84,7 +84,7 @@ def check_out(path: str):
     """--out: an image file Pillow can write (by its extension; none: a PNG) in a folder that exists."""
     Image.init()
     extension = os.path.splitext(path)[1].lower()
-    if extension and extension not in Image.registered_extensions():
+    if extension and Image.registered_extensions().get(extension) not in Image.SAVE:  # unknown, or read-only
         raise SystemExit(f"error: --out {path!r}: Pillow writes no {extension!r} files; use .png (or .jpg, .pdf, ...)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):

@@ -727,7 +727,8 @@ def test_unreadable_images_are_named_once_and_stop_the_run_past_the_limit(tmp_pa
     images.add(["c.jpg\tcannot read image file 'c.jpg' (truncated)"])  # as SeededSamples passes them: with why
     with pytest.raises(ValueError, match="3 training images could not be read.*--max_unreadable.*reasons are printed"):
         engine.report_unreadable(images, CPU, 6, log)
-    assert "skipped an unreadable image (3 so far): cannot read image file 'c.jpg' (truncated)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "skipped an unreadable image (3 so far): cannot read image file 'c.jpg' (truncated)" in printed
     assert json.loads(open(tmp_path / engine.LOG).readlines()[-1]) == {
         "step": 6, "skipped_image": "c.jpg", "reason": "cannot read image file 'c.jpg' (truncated)"}
 
@@ -807,6 +808,12 @@ def run_script(*argv):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
+def test_seeds_torch_takes_are_accepted():
+    import train_pretrain
+    for seed in (-1, 2 ** 63 + 5):  # runs started with them before the range check must relaunch
+        assert train_pretrain.parse_args(["--seed", str(seed)]).seed == seed
+
+
 def test_an_output_dir_that_is_or_is_under_a_file_is_refused(tmp_path):
     import train_finetune
     import train_pretrain
@@ -857,10 +864,10 @@ def test_user_errors_print_one_line_and_exit_2(argv, message):
     (["--lr", "-0.001"], "--lr must be >= 0"),
     (["--betas", "1.5", "0.9"], "--betas are AdamW's moment decays, each in \\[0, 1\\); got 1.5 0.9"),
     (["--betas", "0.9", "1.0"], "each in \\[0, 1\\); got 0.9 1.0"),  # torch raised its own error inside AdamW
-    (["--seed", str(2 ** 64)], "--seed must be in 0..2\\*\\*63 - 1"),  # an overflow inside torch.manual_seed
+    (["--seed", str(2 ** 64)], "--seed must be in -2\\*\\*63..2\\*\\*64 - 1"),  # an overflow in torch.manual_seed
     (["--output_dir", ""], "--output_dir is empty"),
 ])
-def test_every_trainer_rejects_negative_optimizer_flags(flags, message):
+def test_every_trainer_rejects_out_of_range_shared_flags(flags, message):
     import train_finetune
     import train_pretrain
     import train_seg

@@ -398,8 +398,10 @@ def test_visualization_writes_side_by_side_panels(tmp_path):
     assert parse_schedule("14x7") == [7] * 14 and parse_schedule("49,49") == [49, 49]
     with pytest.raises(ValueError, match="KxR"):
         parse_schedule("seven")
-    with pytest.raises(SystemExit, match="Pillow writes no file of that extension"):  # a traceback after the work
-        morph.main([str(tmp_path / "img.png"), "--out", str(tmp_path / "g.pngx")])
+    for out, message in (("g.pngx", "Pillow writes no file of that extension"), ("g.psd", "Pillow writes no file"),
+                         ("none/g.png", "none' is not a folder")):  # each a traceback after the work before
+        with pytest.raises(SystemExit, match=message):
+            morph.main([str(tmp_path / "img.png"), "--out", str(tmp_path / out)])
     with pytest.raises(SystemExit) as exit_info:  # argparse's usage error (exit 2) before the image is read
         morph.main([str(tmp_path / "missing.png"), "--schedule", "abc"])
     assert exit_info.value.code == 2

@@ -57,6 +57,7 @@ def test_plot_two_logs_and_errors(tmp_path):
     (tmp_path / "checkpoint.pth").write_bytes(bytes(range(256)) * 4)  # a binary file: UnicodeDecodeError before
     with pytest.raises(SystemExit, match="checkpoint.pth:1 is not a JSON line"):
         plot_log.main([str(tmp_path / "checkpoint.pth")])
-    for out, message in (("x.pngg", "Pillow writes no '.pngg' files"), ("a.jsonl/x.png", "is not a folder")):
+    for out, message in (("x.pngg", "Pillow writes no '.pngg' files"), ("a.jsonl/x.png", "is not a folder"),
+                         ("x.psd", "Pillow writes no '.psd' files")):  # a format Pillow reads only
         with pytest.raises(SystemExit, match=message):  # checked before reading the logs, not after (a traceback)
             plot_log.main([str(tmp_path / "a.jsonl"), "--out", str(tmp_path / out)])

@@ -385,11 +385,15 @@ def test_an_init_or_teacher_that_is_a_folder_names_a_file_in_it(image_folder, tm
         dtm.read_checkpoint(str(tmp_path / "run"), "--init")
     with pytest.raises(ValueError, match="is a folder; pass a checkpoint file \\(it holds no .pth file\\)"):
         dtm.read_checkpoint(str(tmp_path), "--init")
+    with pytest.raises(ValueError, match=f"--teacher ckpt: '.*run' is a folder; pass a checkpoint file, e.g. "
+                                         f"{tmp_path / 'run' / engine.LAST}"):
+        tp.main(tiny_argv(image_folder, tmp_path / "other", "--teacher", f"ckpt:{tmp_path / 'run'}"))
 
 
 def test_a_min_lr_above_the_scaled_lr_is_warned_about(image_folder, tmp_path, capsys):
     tp.main(tiny_argv(image_folder, tmp_path / "run", "--epochs", "1", "--lr", "1e-3", "--min_lr", "1e-2"))
-    assert "warning: --min_lr 0.01 is above the peak lr 4.42e-05 (--lr 0.001 x sqrt(4 / 2048))" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "warning: --min_lr 0.01 is above the peak lr 4.42e-05 (--lr 0.001 x sqrt(4 / 2048))" in printed
 
 
 def test_teacher_from_each_checkpoint_kind_and_errors(image_folder, tmp_path):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import time
@@ -475,9 +476,11 @@ def test_eval_checks_given_head_settings_against_a_checkpoint_that_used_the_defa
     for given in (["--channels", "192"], ["--out_indices", "0", "1", "2", "3"]):  # the values it used: accepted
         train_seg.main(val + given)
     # without validation data --eval would use the demo's images (and blamed the number of classes): refused
-    with pytest.raises(ValueError, match="was trained on real data \\(--val_img_dir .*d/img --val_ann_dir .*d/ann\\)"
-                                         " and no validation data is given"):
+    with pytest.raises(ValueError, match="was trained on real data \\(--val_img_dir .*d/img --val_ann_dir .*d/ann "
+                                         "--num_classes 3\\) and no validation data is given.*\\(--data, or "
+                                         "--val_img_dir, --val_ann_dir and --num_classes\\)"):
         train_seg.main(["--eval", path, "--output_dir", str(tmp_path / "e")])
+    train_seg.main(val)  # what the message asks for works
     # vit_tiny has one valid pyramid; for vit_b a None record resolves to BEiT's blocks, so another one would differ
     assert train_seg.head_settings({"model": "vit_b", "channels": None, "out_indices": None}) == {
         "channels": 768, "out_indices": [3, 5, 7, 11]}
@@ -662,6 +665,15 @@ def test_logged_lr_seeds_and_layer_decay_follow_their_closed_forms(tmp_path, mon
     assert all(g["lr"] == pytest.approx(engine.poly_schedule(3, 4, 2, 0.01 * g["lr_scale"], 2.0, 1e-4,
                                                              args.warmup_ratio), rel=1e-9) for g in groups)
     assert min(g["lr"] for g in groups) > 1e-4  # the embeddings' too (scaled, --min_lr would be 0.116 x 1e-4)
+
+
+def test_a_min_lr_above_the_lowest_layers_peak_is_warned_about(tmp_path, capsys):
+    """Each layer decays from its own peak (--lr x layer decay) to the same --min_lr: a layer whose peak is below it
+    would see its lr rise."""
+    train_seg.main(TINY_RUN + ["--iters", "1", "--lr", "2e-3", "--min_lr", "1e-3", "--layer_decay", "0.5",
+                               "--output_dir", str(tmp_path)])
+    assert re.search(r"warning: --min_lr 0.001 is above the peak lr 6.25e-05 of the lowest layers \(--lr x 0.0312, "
+                     r"--layer_decay\)", capsys.readouterr().out)
 
 
 def test_every_evaluation_first_takes_rank0_buffers(tmp_path, monkeypatch):

@@ -160,8 +160,8 @@ def check_args(args):
     kind, _, path = args.teacher.partition(":")
     if not ((kind in ("clip", "ckpt") and path) or args.teacher == "pixels"):
         raise ValueError(f"bad --teacher {args.teacher!r}; use clip:PATH, ckpt:PATH or pixels")
-    if kind in ("clip", "ckpt") and not os.path.isfile(path):
-        raise FileNotFoundError(f"--teacher {args.teacher!r}: no file at {path!r}")
+    if kind in ("clip", "ckpt"):
+        dtm.check_checkpoint_file(path, f"--teacher {kind}:")
     if kind != "clip" and (args.no_clip_proj or args.teacher_norm != "imagenet"):
         raise ValueError(f"--no_clip_proj and --teacher_norm apply to a CLIP teacher (--teacher clip:PATH) only; "
                          f"with --teacher {args.teacher} they would do nothing: leave them out")
@@ -180,8 +180,8 @@ def check_args(args):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.min_block < 1 or not 0 < args.min_crop_scale <= 1:
-        raise ValueError(f"--min_block must be >= 1 (patches) and --min_crop_scale in (0, 1] (of the image's area); got "
-                         f"{args.min_block} and {args.min_crop_scale:g}")
+        raise ValueError(f"--min_block must be >= 1 (patches) and --min_crop_scale in (0, 1] (of the image's area); "
+                         f"got {args.min_block} and {args.min_crop_scale:g}")
     if args.warmup_epochs < 0 or args.save_every < 0 or args.max_steps < 0 or args.beta < 0:
         raise ValueError("--warmup_epochs, --save_every, --max_steps and --beta must be >= 0")
     if args.loss_on == "masked" and args.num_masked == 0:
@@ -198,10 +198,11 @@ def build_dataset(args):
         base = SyntheticShapes(DEMO_IMAGES, img_size=args.img_size * 8 // 7, seed=0)
     else:
         base = ImageFolder(args.data)
-        if "train" in base.classes and {"val", "validation", "test"} & set(base.classes):
-            raise ValueError(f"--data {args.data!r} holds train/ and {'/'.join(sorted(set(base.classes) - {'train'}))}/ "
-                             f"(a dataset split into sets), which pre-training would read as classes, validation "
-                             f"images included: pass --data {os.path.join(args.data, 'train')}")
+        splits = {"val", "validation", "test"} & set(base.classes)
+        if "train" in base.classes and splits:
+            raise ValueError(f"--data {args.data!r} holds train/ and {'/'.join(sorted(splits))}/ (a dataset split into "
+                             f"sets), which pre-training would read as classes, validation images included: pass "
+                             f"--data {os.path.join(args.data, 'train')}")
     return MaskedImageDataset(base, PretrainTransform(args.img_size, args.min_crop_scale),
                               BlockMaskGenerator((grid, grid), args.num_masked, args.min_block))
 

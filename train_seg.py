@@ -554,7 +554,8 @@ def run_eval(args, d):
     checkpoint = engine.load_checkpoint(args.eval, "dtm_seg", "--eval", hint="; to start from its weights use --init "
                                         "PATH")
     saved = {**checkpoint["args"], **head_settings(checkpoint["args"])}  # a given value is compared with the used one
-    engine.refuse_demo_eval(args, checkpoint["args"], args.eval, ["data", "val_img_dir", "val_ann_dir"])
+    engine.refuse_demo_eval(args, checkpoint["args"], args.eval, ["data", "val_img_dir", "val_ann_dir", "num_classes"],
+                            "--data, or --val_img_dir, --val_ann_dir and --num_classes")
     engine.take_from_checkpoint(args, saved, EVAL_FROM_CHECKPOINT, args.eval)
     engine.take_from_checkpoint(args, checkpoint["args"], EVAL_DEMO_DATA, args.eval, must_agree=False)
     args.scale = checkpoint["args"]["scale"] if args.scale is None else args.scale
@@ -634,11 +635,13 @@ def train(args, d):
             f"{model.out_indices}, init {started_from}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
             f"{d.world_size} process(es) on {d.device}, amp {engine.amp_name(amp_dtype, scaler)}")
     engine.warn_long_warmup(args.warmup_iters, args.iters, "--warmup_iters", d)
-    engine.warn_min_lr(args.min_lr, args.lr, " (--lr)", d)
 
     groups = engine.param_groups(model, args.weight_decay,
                                  engine.layer_decay_fn(model.backbone.depth, args.layer_decay, prefix="backbone."))
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas))
+    lowest = min(group["lr_scale"] for group in groups)  # each group decays from its own peak to --min_lr
+    engine.warn_min_lr(args.min_lr, args.lr * lowest, f" of the lowest layers (--lr x {lowest:.3g}, --layer_decay)"
+                       if lowest < 1 else " (--lr)", d)
     step, best_miou = 0, -1.0
     if resume_path is not None:
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
