@@ -129,7 +129,8 @@ def test_recipes_and_their_defaults():
     (["--data", "/no/such/dir", "--teacher", "pixels"], FileNotFoundError, "not a directory"),
     (["--data", HERE], ValueError, "--teacher is required"),
     (["--teacher", "dino:x"], ValueError, "bad --teacher"),
-    (["--teacher", "clip:/no/such/ViT-B-16.pt"], FileNotFoundError, "--teacher clip: ./no/such/ViT-B-16.pt.: no such file"),
+    (["--teacher", "clip:/no/such/ViT-B-16.pt"], FileNotFoundError,
+     "--teacher clip: ./no/such/ViT-B-16.pt.: no such file"),
     (["--img_size", "100"], ValueError, "--img_size 100 is not a positive multiple of the patch size 16"),
     (["--num_masked", "60"], ValueError, "--num_masked"),
     (["--no_clip_proj"], ValueError, "apply to a CLIP teacher"),  # the demo's teacher is pixels
