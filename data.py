@@ -853,6 +853,10 @@ class SegFolder(torch.utils.data.Dataset):
             found = sorted({os.path.splitext(f)[1] for f in os.listdir(img_dir) if not f.startswith(".")} - {""})
             hint = (f"; it holds {', '.join(found)} files: pass the images' suffix (train_seg.py: --img_suffix)"
                     if found else "")
+            folders = sorted(e.name for e in os.scandir(img_dir) if e.is_dir() and not e.name.startswith("."))
+            if folders:
+                hint += (f"; it holds folders ({', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''}), which "
+                         f"are not read: the images and label maps must sit directly in img_dir and ann_dir")
             raise FileNotFoundError(f"no '*{img_suffix}' images in {img_dir!r}{hint}")
         for missing, have, where in ((images.keys() - annotations.keys(), "images", ann_dir),
                                      (annotations.keys() - images.keys(), "annotations", img_dir)):

@@ -765,6 +765,12 @@ def test_seg_folder_file_listing(tmp_path):
     os.rename(tmp_path / "png" / "img" / "a.jpg", tmp_path / "png" / "img" / "a.png")
     with pytest.raises(FileNotFoundError, match="holds .png files: pass the images' suffix .*--img_suffix"):
         data.SegFolder(str(tmp_path / "png" / "img"), str(tmp_path / "png" / "ann"))
+    _seg_tree(tmp_path / "nested", ["a"])  # Cityscapes-like: one subfolder per city
+    os.makedirs(tmp_path / "nested" / "img" / "city1")
+    os.rename(tmp_path / "nested" / "img" / "a.jpg", tmp_path / "nested" / "img" / "city1" / "a.jpg")
+    with pytest.raises(FileNotFoundError, match="holds folders \\(city1\\), which are not read: the images and label "
+                                                "maps must sit directly in img_dir"):
+        data.SegFolder(str(tmp_path / "nested" / "img"), str(tmp_path / "nested" / "ann"))
 
 
 def test_ade20k_layout(tmp_path):
