@@ -36,6 +36,7 @@ STARTED = time.perf_counter()  # the budget counts from here, before torch's imp
 import argparse
 import contextlib
 import faulthandler
+import gc
 import itertools
 import json
 import math
@@ -581,6 +582,13 @@ def test_watchdog_ends_a_hanging_run_kills_its_children_and_the_report_names_the
     assert "autocast_fp32: started at" in result.stdout
 
 
+def release_memory():
+    """Drop the last check's tensors and hand the CUDA caching allocator's free blocks back to the driver."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_report.json")
@@ -626,6 +634,7 @@ def main(argv=None):
                 print(f"{name:>15}: started at {spent:.0f} s", flush=True)
                 report["checks"][name] = {"status": "running", "started_at_s": round(spent, 1)}
                 write_report()
+                release_memory()  # what earlier checks left cached is not free for a child process (torchrun, benches)
                 entry = {"status": "ok", **check(args.device, args.quick, tmp)}
             except Skip as e:
                 entry = {"status": "skipped", "reason": str(e)}
