@@ -1,6 +1,7 @@
 """Benchmark: DTM's morphed loss with morph.py (index maps) vs a dense source-matrix implementation.
 
-The morph.py path is what train_pretrain.py runs: morph.token_morphing_levels + dtm.dtm_loss.
+The morph.py path is what train_pretrain.py runs (with --split official; its default random split reorders the
+tokens each round too): morph.token_morphing_levels + dtm.dtm_loss.
 
 Times, for L levels, token morphing of the teacher tokens + group means of student predictions and teacher
 targets + smooth-L1 loss (beta 2, all positions, group-size weighted), forward and backward.
@@ -9,9 +10,10 @@ bipartite matching with the first token protected (class_token=True), size-weigh
 matrices updated every round, then S^T (S x / |S|) for student and teacher; the morph.py path runs the same matching
 (split="official"). The script first checks that both give the same loss, in float64 (in float32 a near-tie in the
 similarity sort can order two merges differently, see morph.py).
-Peak memory: each measurement runs in a fresh process (MALLOC_MMAP_THRESHOLD_ fixed); on CPU the figure is the growth of the peak resident
-set (Linux VmHWM, reset through /proc/self/clear_refs after warm-up) over the resident set before one measured
-step; on CUDA it is torch.cuda.max_memory_allocated over the memory allocated before it. The trainers' backend flags
+Peak memory: each measurement runs in a fresh process (MALLOC_MMAP_THRESHOLD_ fixed), after at least one warm-up
+step and with the student's gradient freed, so the step's own gradient counts; on CPU the figure is the growth of the
+peak resident set (Linux VmHWM, reset through /proc/self/clear_refs) over the resident set before one measured step;
+on CUDA it is torch.cuda.max_memory_allocated over the memory allocated before it. The trainers' backend flags
 (engine.set_backend_flags: TF32 matmuls on GPUs that have them) are set, as in training.
 
     python bench_morph.py                       # B=64, N=196, C=512, schedules 14x7 and 2x49, L=2
@@ -119,8 +121,9 @@ def measure(args, method, schedule_text):
         sync()
 
     if args.child_memory:
-        for _ in range(args.warmup):
+        for _ in range(max(args.warmup, 1)):  # first-call allocations are not the step's
             step()
+        student.grad = None  # the step makes its gradient: counted in its growth, not in the baseline
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()

@@ -211,9 +211,13 @@ def main():
     measures = {arm: [consistency(path, teacher, images, masks) for path in paths] for arm, paths in pretrained.items()}
     teacher_cosine = adjacent_cosine(teacher(images))
 
-    results = {"minutes": round((time.time() - started) / 60, 1), "teacher_top1": finetune_log(teacher_dir)[-1]["val_top1"],
+    teacher_log = finetune_log(teacher_dir)
+    results = {"minutes": round((time.time() - started) / 60, 1),
+               "teacher_best_top1": max(r["val_top1"] for r in teacher_log),
+               "teacher_last_top1": teacher_log[-1]["val_top1"],
                "teacher_adjacent_cosine": teacher_cosine, "args": vars(args), "arms": {}}
-    print(f"\nteacher: val top-1 {results['teacher_top1']:.1f}%, adjacent cosine of its targets {teacher_cosine:.3f}")
+    print(f"\nteacher: val top-1 {results['teacher_best_top1']:.1f}% best, {results['teacher_last_top1']:.1f}% last; "
+          f"adjacent cosine of its targets {teacher_cosine:.3f}")
     print(f"{'arm':>28} | {'best top-1':>14} | {'last top-1':>14} | runs | adjacent cos | token loss | DTM loss")
     for arm, logs in finetuned.items():
         best = [max(r["val_top1"] for r in lines) for lines in logs]
