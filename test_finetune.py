@@ -300,6 +300,9 @@ def test_rand_augment_flag():
     original = data.FinetuneTransform(32, **tf.parse_rand_augment("rand-m9-mstd0.5")).rand_augment.ops
     increasing = data.FinetuneTransform(32, **tf.parse_rand_augment("rand-m9-mstd0.5-inc1")).rand_augment.ops
     assert original == list(data.RAND_OPS) and increasing == list(data.RAND_INCREASING_OPS)
+    assert tf.parse_rand_augment("rand-m10")["rand_magnitude"] == 10.0
+    with pytest.raises(ValueError, match="magnitude 99 is above 10, the strongest level .* use m0..m10"):
+        tf.parse_rand_augment("rand-m99")  # accepted before: clipped to 10 without a word
 
 
 def test_a_few_steps_reduce_the_loss_on_builtin_data():
