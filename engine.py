@@ -309,6 +309,13 @@ def check_shared_args(args):
     check_output_dir(args.output_dir)
 
 
+def check_image_size(flag: str, size: int, example: int):
+    """An image size (--img_size, --crop_size) must be a positive multiple of the patch size."""
+    if size <= 0 or size % dtm.PATCH_SIZE:
+        raise ValueError(f"{flag} {size} is not a positive multiple of the patch size {dtm.PATCH_SIZE}; use e.g. "
+                         f"{example}")
+
+
 def check_output_dir(output_dir: str):
     """--output_dir must be a folder or a path where one can be made: not empty, not a file, not under one."""
     if not output_dir:
@@ -319,14 +326,6 @@ def check_output_dir(output_dir: str):
     if not os.path.isdir(path):
         where = "is" if path == os.path.abspath(output_dir) else f"is under {path!r}, which is"
         raise ValueError(f"--output_dir {output_dir!r} {where} a file, not a folder; pass a folder")
-
-
-def warn_min_lr(min_lr: float, peak_lr: float, how: str, d: "Dist"):
-    """The schedule ends at --min_lr: above the peak lr it raises the lr over the run instead of decaying it (a
-    mistyped --min_lr, or a small batch that scaled the lr below it)."""
-    if min_lr > peak_lr:
-        d.print(f"warning: --min_lr {min_lr:g} is above the peak lr {peak_lr:.3g}{how}, so the schedule raises the lr "
-                f"towards it instead of decaying it; pass a --min_lr below {peak_lr:.3g}")
 
 
 def set_lr(optimizer, lr: float):
@@ -358,6 +357,14 @@ def warn_long_warmup(warmup_steps: int, total_steps: int, flag: str, d: "Dist"):
     if 0 < total_steps <= warmup_steps:
         d.print(f"warning: the warmup ({flag}, {warmup_steps} steps) lasts the whole run ({total_steps} steps), so the "
                 f"lr never reaches its peak; pass a smaller {flag}")
+
+
+def warn_min_lr(min_lr: float, peak_lr: float, how: str, d: "Dist"):
+    """The schedule ends at --min_lr: above the peak lr it raises the lr over the run instead of decaying it (a
+    mistyped --min_lr, or a small batch that scaled the lr below it)."""
+    if min_lr > peak_lr:
+        d.print(f"warning: --min_lr {min_lr:g} is above the peak lr {peak_lr:.3g}{how}, so the schedule raises the lr "
+                f"towards it instead of decaying it; pass a --min_lr below {peak_lr:.3g}")
 
 
 def optimizer_step(optimizer, scaler, parameters, clip_grad: float) -> torch.Tensor:

@@ -449,8 +449,9 @@ def main(argv=None):
     Image.init()  # --out checked before the work: a file type Pillow writes, in a folder that exists
     if Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) not in Image.SAVE:
         raise SystemExit(f"--out {args.out!r}: Pillow writes no file of that extension; use e.g. groups.png")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise SystemExit(f"--out {args.out!r}: {os.path.dirname(os.path.abspath(args.out))!r} is not a folder")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"--out {args.out!r}: {folder!r} is not a folder")
 
     try:
         schedules = [parse_schedule(text) for text in args.schedule]

@@ -309,9 +309,8 @@ def check_args(args):
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.warmup_epochs < 0 or not 0 <= args.smoothing < 1 or not 0 <= args.reprob <= 1:
         raise ValueError("--warmup_epochs must be >= 0, --smoothing in [0, 1), --reprob in [0, 1]")
-    if args.img_size is not None and (args.img_size <= 0 or args.img_size % dtm.PATCH_SIZE):
-        raise ValueError(f"--img_size {args.img_size} is not a positive multiple of the patch size {dtm.PATCH_SIZE}; "
-                         f"use e.g. 224")
+    if args.img_size is not None:
+        engine.check_image_size("--img_size", args.img_size, 224)
     if not (0 <= args.mixup_prob <= 1 and 0 <= args.mixup_switch_prob <= 1):
         raise ValueError(f"--mixup_prob and --mixup_switch_prob are probabilities, in [0, 1]; got "
                          f"{args.mixup_prob:g} and {args.mixup_switch_prob:g}")
@@ -519,10 +518,10 @@ def finetune(args, d, amp_dtype, scaler):
         if d.is_main:
             bar.write(f"epoch {epoch}: train loss {train_loss:.4f}  val top-1 {stats['top1']:.2f}%  "
                       f"top-5 {stats['top5']:.2f}%  (best {best_top1:.2f}%)")
-        skipped = engine.unreadable_for_checkpoint(unreadable, d, step, log)
+        named_files = engine.unreadable_for_checkpoint(unreadable, d, step, log)
         state = engine.checkpoint_state("dtm_finetune", model, optimizer, scaler, args, step, steps_per_epoch,
                                         best_top1=best_top1, val=stats, classes=list(classes),
-                                        unreadable_images=skipped, log_lines=log.lines)
+                                        unreadable_images=named_files, log_lines=log.lines)
         engine.save_checkpoint(os.path.join(args.output_dir, engine.LAST), state)
         if improved:
             engine.save_checkpoint(os.path.join(args.output_dir, engine.BEST), state)

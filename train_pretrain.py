@@ -165,9 +165,7 @@ def check_args(args):
     if kind != "clip" and (args.no_clip_proj or args.teacher_norm != "imagenet"):
         raise ValueError(f"--no_clip_proj and --teacher_norm apply to a CLIP teacher (--teacher clip:PATH) only; "
                          f"with --teacher {args.teacher} they would do nothing: leave them out")
-    if args.img_size <= 0 or args.img_size % dtm.PATCH_SIZE:
-        raise ValueError(f"--img_size {args.img_size} is not a positive multiple of the patch size {dtm.PATCH_SIZE}; "
-                         f"use e.g. 224")
+    engine.check_image_size("--img_size", args.img_size, 224)
     num_patches = (args.img_size // dtm.PATCH_SIZE) ** 2
     if not 0 <= args.num_masked <= num_patches:
         raise ValueError(f"--num_masked {args.num_masked} must be in 0..{num_patches} (patches at --img_size "
@@ -298,10 +296,10 @@ def train(args, d: engine.Dist) -> dict:
 
     def save(name):  # with the loss sums since the last log line, so a resumed run's next line averages them too
         window = None if sums is None else dict(names=loss_names, sums=engine.all_mean(sums, d).cpu(), count=count)
-        skipped = engine.unreadable_for_checkpoint(unreadable, d, step, log)
+        named_files = engine.unreadable_for_checkpoint(unreadable, d, step, log)
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
             "dtm_pretrain", model, optimizer, scaler, args, step, steps_per_epoch, log_window=window,
-            unreadable_images=skipped, log_lines=log.lines))
+            unreadable_images=named_files, log_lines=log.lines))
 
     timer = engine.StepTimer(d.device)
     unreadable = engine.unreadable_images(args.max_unreadable, len(dataset), checkpoint)

@@ -470,9 +470,8 @@ def parse_args(argv=None):
     if args.eval is None:  # --eval takes these from the checkpoint unless given (run_eval)
         args.scale = [2048, 512] if args.scale is None else args.scale
         args.stride = 341 if args.stride is None else args.stride
-    if args.crop_size is not None and (args.crop_size <= 0 or args.crop_size % dtm.PATCH_SIZE):
-        raise ValueError(f"--crop_size {args.crop_size} is not a positive multiple of the patch size "
-                         f"{dtm.PATCH_SIZE}; use e.g. 512")
+    if args.crop_size is not None:
+        engine.check_image_size("--crop_size", args.crop_size, 512)
     if args.scale is not None and min(args.scale) <= 0:
         raise ValueError(f"--scale LONG SHORT must be positive sizes, got {' '.join(map(str, args.scale))}")
     if (args.stride is not None and args.stride < 1) or (args.eval is None and args.stride > args.crop_size):
@@ -654,11 +653,11 @@ def train(args, d):
         engine.say_finished(args, resume_path, step, args.iters, "--iters", d)
 
     def save(name, metrics=None):
-        skipped = engine.unreadable_for_checkpoint(unreadable, d, step, log)
+        named_files = engine.unreadable_for_checkpoint(unreadable, d, step, log)
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
             "dtm_seg", model, optimizer, scaler, args, step, steps_per_epoch, best_miou=best_miou,
             num_classes=num_classes, metrics=metrics, log_window=engine.all_mean(window, d).cpu(),
-            unreadable_images=skipped, log_lines=log.lines))
+            unreadable_images=named_files, log_lines=log.lines))
 
     unreadable = engine.unreadable_images(args.max_unreadable, len(train_set), resume if resume_path else None)
     batches = engine.micro_batches(loader, sampler, steps_per_epoch, args.accum_iter, step)
