@@ -9,7 +9,8 @@ N - sum(R) morphed tokens by k rounds of bipartite matching, R = [r_1, ..., r_k]
     a merged token is the mean of the original tokens it contains              Algorithm 1, M_p
 
 DTM then compares student predictions and teacher targets after both are averaged over the same groups
-(the morphing matrix M applied to each). This file is the morphing alone, torch only, no model code:
+(the morphing matrix M applied to each). This file is the morphing alone, no model code, torch only
+(its picture of the groups, `python morph.py IMAGE --out groups.png`, also needs Pillow and numpy):
 
     token_morphing(x, R, split)  Algorithm 1 -> groups (B, N): which morphed token each original token is in;
                                  split "random" (the paper), "alternate" (ToMe) or "official" (naver-ai/dtm)
@@ -22,6 +23,20 @@ DTM then compares student predictions and teacher targets after both are average
     make_schedule(N, n, k)       n merged tokens over k rounds -> R
     clamp_schedule(N, R)         the clamping rule below
     num_groups_after(N, R, split) N - sum(R) after clamping: the number of morphed tokens
+
+Use: DTM's loss at one step with the official settings (dtm.dtm_loss is this with its options; test_morph.py runs
+this block). target: the teacher's patch tokens (B, N, D) without CLS, pred: the student's (B, N, D) predictions
+at the same positions (visible and masked), rng: a random.Random (seed it from the step). The groups come from the
+teacher alone; every position counts once, holding its group's mean (a group weighs by its size); L = 2 levels:
+    import torch.nn.functional as F
+    schedules = [sample_schedule(N, N, 14, rng, rule="official") for _ in range(2)]
+    levels = token_morphing_levels(target, schedules, split="official")  # [(B, N) group ids] per level
+    loss = 0.0
+    for groups, R in zip(levels, schedules):
+        G = num_groups_after(N, R, "official")
+        diff = group_mean(pred - target, groups, G)  # (B, G, D) = mean(pred) - mean(target) per morphed token
+        per_group = F.smooth_l1_loss(diff, torch.zeros_like(diff), beta=2.0, reduction="none").mean(-1)  # (B, G)
+        loss = loss + (per_group * group_sizes(groups, G)).sum() / (B * N) / len(levels)
 
 Where this file deliberately differs from the paper's literal text, and why:
   * M is never built. The paper writes M = M_k ... M_1, a product of per-round row-normalized matrices.

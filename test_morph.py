@@ -405,3 +405,27 @@ def test_visualization_writes_side_by_side_panels(tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # argparse's usage error (exit 2) before the image is read
         morph.main([str(tmp_path / "missing.png"), "--schedule", "abc"])
     assert exit_info.value.code == 2
+
+
+def test_the_docstrings_use_block_computes_dtm_loss():
+    """The 'Use' block of morph.py's docstring, run as written, gives dtm.dtm_loss with its defaults."""
+    import textwrap
+
+    import dtm
+    import morph
+    doc = morph.__doc__
+    start = doc.index("    import torch.nn.functional as F")
+    block = textwrap.dedent(doc[start:doc.index("\n\n", start)])
+    B, N, D = 3, 16, 8
+    gen = torch.Generator().manual_seed(0)
+    target, pred = torch.randn(B, N, D, generator=gen), torch.randn(B, N, D, generator=gen) * 3  # some |diff| > beta
+    scope = {"torch": torch, "B": B, "N": N, "target": target, "pred": pred, "rng": random.Random(5),
+             **{name: getattr(morph, name) for name in dir(morph) if not name.startswith("_")}}
+    exec(block, scope)
+    rng = random.Random(5)
+    schedules = [sample_schedule(N, N, 14, rng, rule="official") for _ in range(2)]
+    assert schedules == [list(s) for s in scope["schedules"]] and any(sum(s) for s in schedules)
+    groups = token_morphing_levels(target, schedules, split="official")
+    num_groups = [num_groups_after(N, s, "official") for s in schedules]
+    expected, _ = dtm.dtm_loss(pred, target, groups, num_groups=num_groups)
+    assert torch.allclose(scope["loss"], expected, rtol=1e-6, atol=0)
