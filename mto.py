@@ -56,15 +56,17 @@ What this file makes of it (THIS IMPLEMENTATION'S READING, not the paper's equat
   w_l = (D - l) / sum_{l' < K} (D - l'): linear decay, strongest in the first block, weights summing to 1.
   Per-sample losses: each image's loss is computed on its own tokens, the batch loss is the plain mean over images
   (an image with no masked or no visible patch contributes 0), so the loss does not depend on how a batch is split
-  over GPUs. Losses are computed in float32 under autocast (their matmuls in TF32 where the trainer turns TF32 on:
-  the singularity loss's choice of the nearest visible patch can then differ at near ties; the cosine to it is
-  computed without a matmul).
+  over GPUs. Losses are computed in float32 under autocast, float64 for float64 inputs (their matmuls in TF32 where
+  the trainer turns TF32 on: the singularity loss's choice of the nearest visible patch can then differ at near ties;
+  the cosine to it is computed without a matmul). Their backward passes are written by hand: create_graph=True
+  (double backward) through them is refused.
   Total loss = base loss + lambda_sing * L_sing + lambda_ent * L_ent. The default lambdas (0.1, 0.1) are this
   implementation's choice, not tuned and not from the paper.
 
 Use:
     cfg = MTOConfig(lambda_sing=0.1, lambda_ent=0.1)              # or mto_config_from_args(args) after add_mto_args
-    tokens, losses = mto_forward(vit, images, mask, cfg)          # tokens (B, 1 + N, C); losses["loss_sing"], ["loss_ent"]
+    tokens, losses = mto_forward(vit, images, mask, cfg, num_prefix=1)  # 1 = CLS; CLS + 4 registers: 5
+    # tokens (B, num_prefix + N, C); losses["loss_sing"], losses["loss_ent"]
     loss = base_loss(tokens) + mto_total_loss(losses, cfg)
 or, with DDP, inside the wrapped module: dtm.DTMPretrainModel(student, dim, features_fn=MTO(cfg)).
 
@@ -74,10 +76,14 @@ The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and
         .tokens (B, T, C), after the final norm;
         .layers {i: block i's output (B, T, C), before the final norm} for each i in return_layers;
         .qk {i: (q, k, bias)} for each i in return_qk: q, k (B, heads, T, head_dim) as they enter the attention,
-            q before the 1/sqrt(head_dim) scale; bias the relative position bias (heads, T, T) or None, without
-            the attention mask;
+            q before the 1/sqrt(head_dim) scale (the entropy's logits take SDPA's default scale: an attention with
+            another scale or a temperature returns q times scale * sqrt(head_dim)); bias the relative position bias
+            (heads, T, T) or None, without the attention mask;
     where mask (B, N) bool says which patches get the mask token, and attn_mask is a list with one entry per block:
-    None or a float (B, 1, T, T) added to the attention logits (SDPA's attn_mask), 0 = may attend, -inf = may not.
+    None or a float32 (B, 1, T, T) added to the attention logits (SDPA's attn_mask), 0 = may attend, -inf = may not
+    (an attention that adds it by hand in bf16/fp16 casts it to the logits' dtype first). A ViT with timm's
+    `num_prefix_tokens` attribute has it checked against num_prefix. torch.compile: compile the ViT or its blocks,
+    not mto_forward, which reads the mask's counts on the host (patch_rows) and breaks a compiled graph there.
 """
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -91,7 +97,7 @@ NUM_PREFIX = 1  # tokens before the patches (CLS) in the ViTs of this repo
 @dataclass
 class MTOConfig:
     """layers / sing_layers / ent_layers: the first K blocks where recalibration / each loss is on (None = all blocks,
-    0 = off). A lambda of 0 switches its loss off and skips its computation (SDPA everywhere if lambda_ent is 0)."""
+    0 = off). A lambda of 0 switches its loss off and skips its computation."""
     layers: Optional[int] = None
     lambda_sing: float = 0.1
     lambda_ent: float = 0.1
@@ -161,6 +167,14 @@ def _take(x, index, dim):
     return taken.view(B, index.shape[1], *rows.shape[2:]).movedim(1, dim)
 
 
+def _refuse_create_graph():
+    """The backward passes below are written by hand and not differentiable again: with create_graph=True their
+    gradients would carry no graph (a gradient penalty through them silently constant), so that is refused."""
+    if torch.is_grad_enabled():  # grad mode is on inside backward only with create_graph=True
+        raise RuntimeError("MTO's losses have hand-written backward passes that cannot be differentiated again: "
+                           "compute them outside torch.autograd.grad(..., create_graph=True) / double backward")
+
+
 class _TakeRows(torch.autograd.Function):
     """_take with a backward that writes the rows' gradient into zeros of x's shape: a fresh contiguous tensor, into
     which autograd adds x's other gradient (SDPA's for q and k, the next block's for a block output) in place.
@@ -174,8 +188,8 @@ class _TakeRows(torch.autograd.Function):
         return _take(x, index, dim)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        _refuse_create_graph()
         (index,) = ctx.saved_tensors
         grad_x = grad.new_zeros(ctx.shape)
         batch = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)  # (B, K)
@@ -184,7 +198,7 @@ class _TakeRows(torch.autograd.Function):
 
 
 def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX):
-    """Per-image similarity of masked to visible tokens at one block output -> (B,) float32.
+    """Per-image similarity of masked to visible tokens at one block output -> (B,) float32 (float64 for float64).
 
     hidden (B, num_prefix + N, C), mask (B, N) bool, rows = patch_rows(mask) (computed if None). Image b: mean over
     its masked patches i of max over its visible patches j of cos(h_i, h_j); gradient only through the masked side.
@@ -199,9 +213,10 @@ def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREF
 
 
 def _singularity_loss(hidden, mask, rows: Rows, num_prefix: int):
-    x_masked = _TakeRows.apply(hidden, rows.masked + num_prefix, 1).float()  # (B, M, C)
+    dtype = torch.promote_types(hidden.dtype, torch.float32)  # float32, float64 for float64 input
+    x_masked = _TakeRows.apply(hidden, rows.masked + num_prefix, 1).to(dtype)  # (B, M, C)
     with torch.no_grad():  # which visible patch is nearest; the cosine to it is recomputed below with the gradient
-        keys = F.normalize(_take(hidden, rows.visible + num_prefix, 1).float(), dim=-1)  # (B, V, C), detached
+        keys = F.normalize(_take(hidden, rows.visible + num_prefix, 1).to(dtype), dim=-1)  # (B, V, C), detached
         dots = x_masked @ keys.transpose(1, 2)  # (B, M, V); cos = dot / |h_i|, and |h_i| is the same in a row
         if rows.visible_padded:
             dots.masked_fill_(~rows.visible_valid[:, None, :], float("-inf"))
@@ -229,12 +244,14 @@ class _SoftmaxEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _refuse_create_graph()
         z, expected = ctx.saved_tensors
         return (z - expected[..., None]).mul_(z.softmax(dim=-1)).mul_(-grad[..., None])
 
 
 def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX):
-    """Per-image normalized entropy of masked queries' attention over visible patch keys -> (B,) float32.
+    """Per-image normalized entropy of masked queries' attention over visible patch keys -> (B,) float32 (float64
+    for float64 q, k).
 
     q, k (B, heads, T, head_dim) and the relative position bias (heads, T, T) or None of one block's attention
     (dtm.Features.qk), T = num_prefix + N: q before the 1/sqrt(head_dim) scale (this function applies it, as SDPA
@@ -260,12 +277,13 @@ def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM
 def _attention_entropy(q, k, bias, mask, rows: Rows, num_prefix: int):
     B, H, T, D = q.shape
     queries, keys = rows.masked + num_prefix, rows.visible + num_prefix  # (B, M), (B, V) token indices
-    q_rows = _TakeRows.apply(q, queries, 2).float()  # (B, H, M, D)
-    k_rows = _TakeRows.apply(k, keys, 2).float()  # (B, H, V, D)
+    dtype = torch.promote_types(q.dtype, torch.float32)  # float32, float64 for float64 input
+    q_rows = _TakeRows.apply(q, queries, 2).to(dtype)  # (B, H, M, D)
+    k_rows = _TakeRows.apply(k, keys, 2).to(dtype)  # (B, H, V, D)
     logits = (q_rows @ k_rows.transpose(-2, -1)).mul_(D ** -0.5)  # (B, H, M, V)
     if bias is not None:  # the (heads, T, T) bias at each (masked query, visible key) pair, by one flat index
         pairs = (queries[:, :, None] * T + keys[:, None, :]).flatten()  # (B * M * V,) into a T x T table
-        logits += bias.flatten(1).index_select(1, pairs).view(H, B, *logits.shape[2:]).transpose(0, 1).float()
+        logits += bias.flatten(1).index_select(1, pairs).view(H, B, *logits.shape[2:]).transpose(0, 1).to(dtype)
     # padding keys: -1e4 once each row is shifted to a real maximum of 0, so exp() of it is exactly 0 in float32 (a
     # -1e4 before the shift was not, beside real logits near -1e4); unlike -inf it keeps p * logit finite
     if rows.visible_padded:
@@ -276,7 +294,7 @@ def _attention_entropy(q, k, bias, mask, rows: Rows, num_prefix: int):
     entropy = _SoftmaxEntropy.apply(logits).mean(dim=1)  # (B, M), mean over heads
     num_visible = rows.visible_valid.sum(dim=1)  # (B,)
     counted = rows.masked_valid & (num_visible >= 2)[:, None]  # masked queries of images with >= 2 visible patches
-    entropy = entropy / num_visible.float().clamp(min=2).log()[:, None] * counted
+    entropy = entropy / num_visible.to(dtype).clamp(min=2).log()[:, None] * counted
     return entropy.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
@@ -297,6 +315,10 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
     is 0 is a zero tensor and costs nothing.
     """
     _check_mask(mask)
+    vit_prefix = getattr(vit, "num_prefix_tokens", num_prefix)  # timm's name for CLS + register tokens
+    if vit_prefix != num_prefix:
+        raise ValueError(f"the ViT has {vit_prefix} tokens before the patches (num_prefix_tokens), MTO was given "
+                         f"num_prefix={num_prefix}: pass num_prefix={vit_prefix}")
     depth = len(vit.blocks)
     layers = _num_layers(cfg.layers, depth, "mto layers")
     sing_w = depth_weights(depth, _num_layers(cfg.sing_layers, depth, "mto sing_layers") if cfg.lambda_sing else 0)

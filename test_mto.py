@@ -531,3 +531,46 @@ def test_attention_entropy_refuses_misshapen_inputs():
         mto.attention_entropy(q, k, None, mask, num_prefix=2)
     with pytest.raises(ValueError, match="prefix tokens"):
         mto.attention_entropy(q, k[:, :, 1:], None, mask)
+
+
+def test_a_vit_naming_its_prefix_tokens_is_checked_against_num_prefix():
+    model, x, mask = RegisterViT(), images(), random_mask()
+    model.num_prefix_tokens = 2  # timm's attribute: CLS + one register
+    with torch.no_grad():
+        mto.mto_forward(model, x, mask, mto.MTOConfig(), num_prefix=2)
+        with pytest.raises(ValueError, match="pass num_prefix=2"):
+            mto.mto_forward(model, x, mask, mto.MTOConfig())  # the default, 1
+        with pytest.raises(ValueError, match="pass num_prefix=2"):
+            mto.MTO(mto.MTOConfig())(model, x, mask)
+
+
+def test_float64_losses_stay_float64_and_pass_gradcheck():
+    mask = masks_with_edge_cases()
+    g = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(4, 2, 1 + N, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    bias = torch.randn(2, 1 + N, 1 + N, generator=g, dtype=torch.float64, requires_grad=True)
+    assert mto.attention_entropy(q, k, bias, mask).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda *t: mto.attention_entropy(*t, mask), (q, k, bias))
+    # the singularity loss: gradient through the masked tokens only (the visible side is detached by design)
+    hidden = torch.randn(4, 1 + N, 5, generator=g, dtype=torch.float64)
+    token_is_masked = torch.cat([torch.zeros(4, 1, dtype=torch.bool), mask], dim=1)[..., None]  # (B, T, 1)
+
+    def loss_of_masked_tokens(masked_tokens):
+        return mto.singularity_loss(torch.where(token_is_masked, masked_tokens, hidden), mask)
+
+    assert loss_of_masked_tokens(hidden).dtype == torch.float64
+    assert torch.autograd.gradcheck(loss_of_masked_tokens, (hidden.clone().requires_grad_(),))
+
+
+def test_hand_written_backwards_refuse_create_graph():
+    """Their gradients would carry no graph (a penalty on them silently constant) or a wrong one: refused."""
+    mask = random_mask()
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 2, 1 + N, 3, generator=g, requires_grad=True) for _ in range(2))
+    hidden = torch.randn(2, 1 + N, 5, generator=g, requires_grad=True)
+    z = torch.randn(3, 5, generator=g, requires_grad=True)
+    for loss, inputs in [(mto._SoftmaxEntropy.apply(z).sum(), z), (mto.attention_entropy(q, k, None, mask).sum(), q),
+                         (mto.singularity_loss(hidden, mask).sum(), hidden)]:
+        torch.autograd.grad(loss, inputs, retain_graph=True)  # a plain backward works
+        with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+            torch.autograd.grad(loss, inputs, create_graph=True)
