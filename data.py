@@ -334,9 +334,10 @@ class BlockMaskGenerator:
     as in BEiT.
 
     __call__(rng=None) -> bool tensor (H, W), True = masked, exactly num_masked True. rng: a `random.Random`;
-    None uses Python's global `random` (seeded per DataLoader worker). With the same rng state the blocks are BEiT's;
-    the fix-up draws from rng where BEiT v2 draws from numpy's global RNG (np.random.choice), so a mask that needs it
-    (32% of 2000 seeds at 75 of 196 patches, min block 16) gets other, equally distributed, extra patches.
+    None uses Python's global `random` (which the trainers' engine.SeededSamples seeds for every sample). With the same
+    rng state the blocks are BEiT's; the fix-up draws from rng where BEiT v2 draws from numpy's global RNG
+    (np.random.choice), so a mask that needs it (32% of 2000 seeds at 75 of 196 patches, min block 16) gets other,
+    equally distributed, extra patches.
     """
 
     def __init__(self, grid=(14, 14), num_masked=75, min_block=16, max_block=None, min_aspect=0.3, max_aspect=None):

@@ -779,6 +779,14 @@ def json_number(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def append_eval(output_dir: str, record: dict):
+    """--eval's result: one JSON line appended to output_dir/eval.jsonl (a training run's log.jsonl is left alone);
+    NaN/inf as null. Call on rank 0."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "eval.jsonl"), "a") as f:
+        f.write(json.dumps({k: json_number(v) for k, v in record.items()}) + "\n")
+
+
 def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) -> "JsonLog":
     """-> log(**fields), which appends one JSON line to output_dir/log.jsonl (rank 0 only; `enabled`).
 

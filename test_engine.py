@@ -1021,3 +1021,12 @@ def test_shared_flags_are_checked_in_every_trainer(flags, message):
     for trainer in (train_pretrain, train_finetune, train_seg):
         with pytest.raises(ValueError, match=message):
             trainer.parse_args(flags)
+
+
+def test_append_eval_appends_strict_json_lines(tmp_path):
+    out = tmp_path / "new" / "folder"
+    engine.append_eval(str(out), {"eval": "a.pth", "top1": float("nan"), "IoU": [0.5, None]})
+    engine.append_eval(str(out), {"eval": "b.pth", "top1": float("inf")})
+    lines = (out / "eval.jsonl").read_text().splitlines()
+    assert [json.loads(line, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}")) for line in lines] == [
+        {"eval": "a.pth", "top1": None, "IoU": [0.5, None]}, {"eval": "b.pth", "top1": None}]

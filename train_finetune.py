@@ -35,7 +35,6 @@ CutMix and drop path from (seed, micro-step, rank)): a run resumed from a checkp
 uninterrupted run, with any number of DataLoader workers.
 """
 import argparse
-import json
 import os
 import re
 import shlex
@@ -309,8 +308,7 @@ def check_args(args):
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.warmup_epochs < 0 or not 0 <= args.smoothing < 1 or not 0 <= args.reprob <= 1:
         raise ValueError("--warmup_epochs must be >= 0, --smoothing in [0, 1), --reprob in [0, 1]")
-    if args.img_size is not None:
-        engine.check_image_size("--img_size", args.img_size, 224)
+    engine.check_image_size("--img_size", args.img_size, 224)
     if not (0 <= args.mixup_prob <= 1 and 0 <= args.mixup_switch_prob <= 1):
         raise ValueError(f"--mixup_prob and --mixup_switch_prob are probabilities, in [0, 1]; got "
                          f"{args.mixup_prob:g} and {args.mixup_switch_prob:g}")
@@ -369,10 +367,8 @@ def run_eval(args, d, amp_dtype):
     d.print(f"{args.eval}: top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['count']} images "
             f"({args.img_size} px, crop ratio {args.crop_ratio})")
     if d.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps({"eval": args.eval, "img_size": args.img_size, "crop_ratio": args.crop_ratio,
-                                **{f"val_{k}": v for k, v in stats.items()}}) + "\n")
+        engine.append_eval(args.output_dir, {"eval": args.eval, "img_size": args.img_size, "crop_ratio": args.crop_ratio,
+                                             **{f"val_{k}": v for k, v in stats.items()}})
     return stats
 
 
@@ -386,7 +382,7 @@ def demo_init(args, d):
             f"so this trains FROM SCRATCH")
 
 
-def init_checkpoint(args, d):
+def init_checkpoint(args):
     """(checkpoint dict or None, its path): --init PATH, or None for --init none."""
     if args.init is None:
         raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none to "
@@ -412,7 +408,7 @@ def finetune(args, d, amp_dtype, scaler):
                              f"{engine.new_run_hint(args, resume_path)}, or pass --init {shlex.quote(started_from)} "
                              f"to continue that run")
     else:
-        init, init_path = init_checkpoint(args, d)
+        init, init_path = init_checkpoint(args)
     train_set, val_set, classes = build_datasets(args)
     if args.num_classes is not None and args.num_classes != len(classes):
         raise ValueError(f"--num_classes {args.num_classes} but the data has {len(classes)} classes")

@@ -44,7 +44,6 @@ keeps the step count (--iters and the schedule count steps) and continues the da
 order.
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -365,9 +364,9 @@ def build_datasets(args, train: bool = True):
 
 # The demo (no dataset given): flags the user did not set take these values instead of the paper's.
 DEMO_DEFAULTS = dict(model="vit_tiny", crop_size=64, scale=[384, 96], stride=43, channels=64,
-                     batch_size=8, lr=3e-4, layer_decay=1.0, warmup_iters=30, iters=600, eval_every=600,
-                     save_every=600, log_every=50, num_workers=0, output_dir="output/seg_demo",
-                     drop_path=0.0)  # random init: no layer decay
+                     batch_size=8, lr=3e-4, layer_decay=1.0,  # random init: no layer decay
+                     warmup_iters=30, iters=600, eval_every=600, save_every=600, log_every=50, num_workers=0,
+                     output_dir="output/seg_demo", drop_path=0.0)
 
 
 def get_args_parser():
@@ -470,8 +469,7 @@ def parse_args(argv=None):
     if args.eval is None:  # --eval takes these from the checkpoint unless given (run_eval)
         args.scale = [2048, 512] if args.scale is None else args.scale
         args.stride = 341 if args.stride is None else args.stride
-    if args.crop_size is not None:
-        engine.check_image_size("--crop_size", args.crop_size, 512)
+    engine.check_image_size("--crop_size", args.crop_size, 512)
     if args.scale is not None and min(args.scale) <= 0:
         raise ValueError(f"--scale LONG SHORT must be positive sizes, got {' '.join(map(str, args.scale))}")
     if (args.stride is not None and args.stride < 1) or (args.eval is None and args.stride > args.crop_size):
@@ -575,11 +573,9 @@ def run_eval(args, d):
     amp_dtype, _ = engine.resolve_amp(args.amp, d.device)
     metrics = run_metrics(model.to(d.device), val_set, class_names, args, d, amp_dtype)
     if d.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps({"eval": args.eval, "scale": list(args.scale), "stride": args.stride, "flip": args.flip,
-                                "aAcc": metrics["aAcc"], "mIoU": metrics["mIoU"],
-                                "mAcc": metrics["mAcc"], "IoU": _json_safe(metrics["IoU"])}) + "\n")
+        engine.append_eval(args.output_dir, {"eval": args.eval, "scale": list(args.scale), "stride": args.stride,
+                                             "flip": args.flip, "aAcc": metrics["aAcc"], "mIoU": metrics["mIoU"],
+                                             "mAcc": metrics["mAcc"], "IoU": _json_safe(metrics["IoU"])})
     return metrics
 
 
