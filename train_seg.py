@@ -384,8 +384,9 @@ def get_args_parser():
     g.add_argument("--img_suffix", default=".jpg", help="image file suffix")
     g.add_argument("--ann_suffix", default=".png", help="label file suffix")
     g.add_argument("--num_classes", type=int, help="generic dataset: number of classes (ADE20K: 150)")
-    g.add_argument("--reduce_zero_label", action="store_true",
-                   help="generic dataset: label 0 means 'ignore', classes are 1..K (as ADE20K)")
+    g.add_argument("--reduce_zero_label", action=argparse.BooleanOptionalAction, default=None,
+                   help="generic dataset: label 0 means 'ignore', classes are 1..K (as ADE20K); with --eval the "
+                        "checkpoint's training data's unless given (--no-reduce_zero_label: labels 0..K-1)")
     g.add_argument("--crop_size", type=int, default=512, help="training crop and sliding window (ViT input) size")
     g.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
                    help="image scale, train and eval; None: 2048 512 (the demo: 384 96), with --eval the checkpoint's")
@@ -507,6 +508,8 @@ def parse_args(argv=None):
             raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init "
                              "none for a random ViT")
         args.init = "none"  # the demo's new run
+    if args.eval is None:  # --eval: as the checkpoint's training data were read, unless given (take_label_reading)
+        args.reduce_zero_label = bool(args.reduce_zero_label)
     return args
 
 
@@ -544,6 +547,26 @@ def run_metrics(model, val_set, class_names, args, d, amp_dtype) -> dict:
     return metrics
 
 
+def reads_zero_as_ignore(args_of_run: dict) -> bool:
+    """Whether a run's label maps were read with reduce_zero_label (--data, ADE20K: always; the demo: never)."""
+    return bool(args_of_run.get("data")) or bool(args_of_run.get("reduce_zero_label"))
+
+
+def take_label_reading(args, trained: dict, d):
+    """--eval on a generic dataset reads its label maps as the checkpoint's training data were read, unless
+    --reduce_zero_label / --no-reduce_zero_label says otherwise (a left-out flag evaluated 1..K labels as 0..K-1)."""
+    if args.data or args.demo:
+        return
+    as_trained = reads_zero_as_ignore(trained)
+    if args.reduce_zero_label is None:
+        args.reduce_zero_label = as_trained
+        d.print(f"label maps read as in training: {'0 ignored, 1..K as classes' if as_trained else 'labels 0..K-1'} "
+                f"({'--reduce_zero_label' if as_trained else '--no-reduce_zero_label'}, from the checkpoint)")
+    elif args.reduce_zero_label != as_trained:
+        d.print(f"note: --{'' if args.reduce_zero_label else 'no-'}reduce_zero_label given, but the checkpoint's "
+                f"training data were read {'with' if as_trained else 'without'} it")
+
+
 def run_eval(args, d):
     """--eval CHECKPOINT: the model (ViT, crop size, UperNet width, classes) comes from the checkpoint, and so do the
     image scale and the window stride unless given; the result is appended to output_dir/eval.jsonl (a training run's
@@ -557,6 +580,7 @@ def run_eval(args, d):
     engine.take_from_checkpoint(args, checkpoint["args"], EVAL_DEMO_DATA, args.eval, must_agree=False)
     args.scale = checkpoint["args"]["scale"] if args.scale is None else args.scale
     args.stride = checkpoint["args"]["stride"] if args.stride is None else args.stride
+    take_label_reading(args, checkpoint["args"], d)
     d.print(f"{args.eval}: {args.model}, crop {args.crop_size}, scale {args.scale[0]}x{args.scale[1]}, stride "
             f"{args.stride}{', flip' if args.flip else ''}")
     if args.stride > args.crop_size:
@@ -574,7 +598,8 @@ def run_eval(args, d):
     metrics = run_metrics(model.to(d.device), val_set, class_names, args, d, amp_dtype)
     if d.is_main:
         engine.append_eval(args.output_dir, {"eval": args.eval, "scale": list(args.scale), "stride": args.stride,
-                                             "flip": args.flip, "aAcc": metrics["aAcc"], "mIoU": metrics["mIoU"],
+                                             "flip": args.flip, "reduce_zero_label": reads_zero_as_ignore(vars(args)),
+                                             "aAcc": metrics["aAcc"], "mIoU": metrics["mIoU"],
                                              "mAcc": metrics["mAcc"], "IoU": _json_safe(metrics["IoU"])})
     return metrics
 
