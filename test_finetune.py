@@ -396,6 +396,13 @@ def test_resume_and_eval_refuse_another_model_or_table_layout(finetuned, tmp_pat
             tf.main(evaluate + flags)
     with pytest.raises(ValueError, match="--synthetic_val would do nothing with real data"):
         tf.parse_args(["--data_train", "a", "--data_val", "b", "--init", "none", "--synthetic_val", "5"])
+    trained = torch.load(out / "checkpoint-last.pth")["classes"]  # --eval on folders of other classes names them
+    for name in trained[1:] + ["zebra"]:
+        os.makedirs(tmp_path / "other" / name)
+        data.SyntheticShapes(1, 40)[0][0].save(tmp_path / "other" / name / "a.png")
+    with pytest.raises(ValueError, match=rf"only in the validation set: \['zebra'\]; only in the checkpoint: "
+                                         rf"\['{trained[0]}'\]"):
+        tf.main(evaluate + ["--data_val", str(tmp_path / "other")])
     for real in (["--data", "d"], ["--data_val", "v"]):  # --eval on real data (once refused for --synthetic_val)
         args = tf.parse_args(real + ["--eval", "ck.pth"])
         assert args.model is None and args.img_size is None  # to come from the checkpoint
@@ -465,7 +472,7 @@ def test_image_folder_data_flags(tmp_path):
     assert train_set[0][0].shape == val_set[0][0].shape == (3, IMG, IMG)
     args = tf.parse_args(["--data_train", str(tmp_path / "train"), "--data_val", str(tmp_path / "val_other"),
                           "--init", "none"])
-    with pytest.raises(ValueError, match="different class folders.*dog"):
+    with pytest.raises(ValueError, match=r"different class folders: only in val: \['emu'\]; only in train: \['dog'\]"):
         tf.build_datasets(args)
     args = tf.parse_args(["--data", str(tmp_path / "train"), "--init", "none"])  # an ImageFolder, not its parent
     with pytest.raises(ValueError, match=r"--data '.*train' must hold train/ and val/ .*'.*train/train' and "
@@ -631,3 +638,10 @@ def test_logged_lr_seeds_groups_and_best_checkpoint(tmp_path, monkeypatch):
 def scales_depth(scales):
     """The ViT's depth from the names of its blocks' parameters."""
     return 1 + max(int(name.split(".")[1]) for name in scales if name.startswith("blocks."))
+
+
+def test_class_difference_names_the_folders_that_differ():
+    assert tf.class_difference(["a", "b", "c"], ["a", "c", "d"], "val", "train") == "only in val: ['b']; only in train: ['d']"
+    assert tf.class_difference(["b", "a"], ["a", "b"], "x", "y") == "the same names in another order"
+    many = [f"n{i}" for i in range(8)]
+    assert tf.class_difference(many, [], "x", "y") == "only in x: ['n0', 'n1', 'n2', 'n3', 'n4'] and 3 more"

@@ -154,6 +154,17 @@ def parse_rand_augment(spec: str) -> dict:
     return out
 
 
+def class_difference(found: list, expected: list, found_in: str, expected_in: str) -> str:
+    """Which class folders differ between two lists, by name (up to 5 each), for an error message."""
+    def names(classes):
+        return f"{classes[:5]}{f' and {len(classes) - 5} more' if len(classes) > 5 else ''}"
+    found_set, expected_set = set(found), set(expected)
+    only_found, only_expected = [c for c in found if c not in expected_set], [c for c in expected if c not in found_set]
+    parts = [f"only in {found_in}: {names(only_found)}"] if only_found else []
+    parts += [f"only in {expected_in}: {names(only_expected)}"] if only_expected else []
+    return "; ".join(parts) or "the same names in another order"
+
+
 def build_datasets(args, train: bool = True):
     """(train set or None, val set, class names). ImageFolders from --data (train/, val/) or --data_train /
     --data_val; the built-in SyntheticShapes when none is given (the demo)."""
@@ -184,9 +195,9 @@ def build_datasets(args, train: bool = True):
         return None, val, val.classes
     train_set = data.ImageFolder(train_dir, train_tf)
     if train_set.classes != val.classes:
-        only = sorted(set(train_set.classes) ^ set(val.classes))
         raise ValueError(f"train ({train_dir!r}, {len(train_set.classes)} classes) and val ({val_dir!r}, "
-                         f"{len(val.classes)} classes) have different class folders, e.g. {only[:5]}")
+                         f"{len(val.classes)} classes) have different class folders: "
+                         f"{class_difference(val.classes, train_set.classes, 'val', 'train')}")
     return train_set, val, train_set.classes
 
 
@@ -360,8 +371,9 @@ def run_eval(args, d, amp_dtype):
     if args.num_classes is not None and args.num_classes != len(classes):
         raise ValueError(f"--num_classes {args.num_classes} but the data has {len(classes)} classes")
     if classes != checkpoint["classes"]:  # same folders in the same order, or the labels would silently differ
-        raise ValueError(f"the validation set's classes ({len(classes)}: {classes[:3]}...) are not the ones the "
-                         f"checkpoint was trained on ({len(checkpoint['classes'])}: {checkpoint['classes'][:3]}...)")
+        raise ValueError(f"the validation set's classes ({len(classes)}) are not the ones the checkpoint was trained "
+                         f"on ({len(checkpoint['classes'])}): "
+                         f"{class_difference(classes, checkpoint['classes'], 'the validation set', 'the checkpoint')}")
     model, _ = dtm.vit_from_checkpoint(checkpoint, args.img_size, len(classes), model=args.model, path=args.eval)
     stats = evaluate(model.to(d.device), val_loader(val_set, args, d), d.device, amp_dtype, d.is_main)
     d.print(f"{args.eval}: top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['count']} images "
@@ -418,8 +430,9 @@ def finetune(args, d, amp_dtype, scaler):
     engine.seed_all(args.seed)  # the same new head on every rank
     if resume_path is not None:
         if resume["classes"] != list(classes):
-            raise ValueError(f"{resume_path!r} was trained on other classes ({len(resume['classes'])}: "
-                             f"{resume['classes'][:3]}...) than the data's ({len(classes)}: {classes[:3]}...)")
+            raise ValueError(f"{resume_path!r} was trained on other classes ({len(resume['classes'])}) than the "
+                             f"data's ({len(classes)}): "
+                             f"{class_difference(classes, resume['classes'], 'the data', 'the checkpoint')}")
         saved_layout = resume["args"].get("rel_pos_bias", args.rel_pos_bias)
         if args.rel_pos_bias != saved_layout:  # the optimizer state holds the run's tables
             raise ValueError(f"{resume_path!r} continues a run with --rel_pos_bias {saved_layout}, which a run cannot "
