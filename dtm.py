@@ -589,7 +589,10 @@ def vit_state_dict(checkpoint: dict, path: str = "checkpoint") -> dict:
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
             break
     if "patch_embed.weight" not in sd:
-        raise ValueError(f"{path!r} holds no ViT of this repo (no 'patch_embed.weight'); keys like {sorted(sd)[:8]}")
+        clip = any(k.split(".")[-2:] == ["conv1", "weight"] or k.endswith("class_embedding") for k in sd)
+        raise ValueError(f"{path!r} holds no ViT of this repo (no 'patch_embed.weight'); keys like {sorted(sd)[:8]}"
+                         + ("; these are CLIP weights, which serve as pre-training's teacher (train_pretrain.py "
+                            "--teacher clip:PATH), not as a ViT to start from" if clip else ""))
     return sd
 
 
