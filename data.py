@@ -572,7 +572,7 @@ def _enhance_increasing(m):  # 1 +- 0.9 * level / 10: stronger either way as the
     return 1.0 + _negate(m / _LEVEL_MAX * 0.9)
 
 
-# name -> (op(img, arg, fill), level -> arg). Levels in [0, 10] (timm 0.4.12 timm/data/auto_augment.py:187-257, :260);
+# name -> (op(img, arg, fill), level -> arg). Levels in [0, 10] (timm 0.4.12 timm/data/auto_augment.py:175-257, :260);
 # the "increasing" variants grow stronger with level, the others are timm's original ones.
 RAND_AUGMENT_OPS = {
     "AutoContrast": (lambda img, _, fill: ImageOps.autocontrast(img), lambda m: None),

@@ -133,7 +133,8 @@ def _spline_weights(nodes, points) -> torch.Tensor:
     """W (len(points), len(nodes)) float64 with W @ y = the cubic spline through (nodes, y) at points.
 
     Not-a-knot end conditions, which is what FITPACK's interpolating (s=0) cubic spline is (scipy's interp2d
-    kind="cubic", as BEiT calls it: checkpoint.py:432, run_class_finetuning.py:466); points outside the nodes take
+    kind="cubic", as BEiT calls it: beit/semantic_segmentation/mmcv_custom/checkpoint.py:432,
+    beit/run_class_finetuning.py:404; naver-ai/dtm run_class_finetuning.py:466 likewise); points outside the nodes take
     the end value, as FITPACK clamps them. Fewer than 4 nodes: the polynomial through them, as scipy's CubicSpline
     does.
     """
@@ -834,8 +835,9 @@ def load_clip_visual(path: str, heads: int = None) -> CLIPVisual:
 
 
 class CLIPTeacher(FrozenTeacher):
-    """Frozen CLIP visual encoder. teacher_norm "imagenet" (official DTM: the teacher gets the same
-    ImageNet-normalized crop as the student, run_pretrain_dtm.py --imagenet_default_mean_and_std) or "clip"
+    """Frozen CLIP visual encoder. teacher_norm "imagenet" (official DTM: the teacher gets the student's crop,
+    engines/engine_for_dtm.py:120-126, ImageNet-normalized by the flag --imagenet_default_mean_and_std that the command
+    in docs/Training.md passes; run_pretrain_dtm.py's own default is the 0.5 mean/std) or "clip"
     (re-normalize to CLIP's own mean/std first). project=False: targets ln_post(tokens) of the CLIP width without
     the projection (the official --no_clip_proj, engines/engine_for_dtm.py)."""
 

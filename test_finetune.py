@@ -70,7 +70,7 @@ def test_layer_decay_and_weight_decay_of_every_parameter_group():
             seen.append(name)
             scale = decay ** (depth + 1 - naive_layer_id(name, depth))
             assert group["lr"] == pytest.approx(lr * scale, rel=1e-12), name
-            no_decay = p.ndim == 1 or name.endswith(".bias") or name == "cls_token"  # the official rule
+            no_decay = p.ndim == 1 or name.endswith(".bias") or name == "cls_token"  # the official rule (utils/optim_factory.py:73) for this model: no pos_embed, no 0-d params
             assert group["weight_decay"] == (0.0 if no_decay else wd), name
     assert sorted(seen) == sorted(n for n, _ in model.named_parameters())
     lrs = {n: g["lr"] for g in optimizer.param_groups for n in g["param_names"]}

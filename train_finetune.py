@@ -65,8 +65,9 @@ DEMO_DEFAULTS = dict(model="vit_tiny", img_size=112, epochs=6, warmup_epochs=1, 
 
 def build_model(args, num_classes: int, checkpoint: dict = None, path: str = None) -> tuple:
     """(classifier, names initialized afresh): BEiT's classifier on the ViT of `checkpoint` (any checkpoint of this
-    repo, dtm.vit_from_checkpoint: a shared relative position table is copied into every block with --rel_pos_bias
-    per_block; pre-training's head, final norm and mask token are dropped), or a new one without a checkpoint."""
+    repo, dtm.vit_from_checkpoint: with --rel_pos_bias per_block a shared relative position table is added to each
+    block's own table, as the official --init_both_rpb, or copied into blocks without one; pre-training's head, final
+    norm and mask token are dropped), or a new one without a checkpoint."""
     if checkpoint is None:
         return dtm.build_vit(args.model, img_size=args.img_size, num_classes=num_classes, drop_path_rate=args.drop_path,
                              rel_pos_bias=args.rel_pos_bias, use_mask_token=False, weight_init="downstream"), None

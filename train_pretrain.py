@@ -56,8 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--teacher", default=None,
       help="clip:PATH (OpenAI ViT-B-16.pt, the paper) | ckpt:PATH (a checkpoint of this repo) | pixels; required with --data")
     a("--teacher_norm", default="imagenet", choices=["imagenet", "clip"],
-      help="input normalization of a CLIP teacher; the official code feeds it the ImageNet-normalized crop "
-           "(run_pretrain_dtm.py --imagenet_default_mean_and_std)")
+      help="input normalization of a CLIP teacher; the official code feeds it the student's crop "
+           "(engines/engine_for_dtm.py), ImageNet-normalized by the --imagenet_default_mean_and_std of the command in "
+           "its docs/Training.md")
     a("--no_clip_proj", action="store_true", help="CLIP targets ln_post(tokens) of the CLIP width (768) without the "
       "projection to 512 (the official --no_clip_proj); the student's head follows the teacher's dimension")
     a("--normalize_target", action="store_true", help="standardize each morphed target over its channels "
@@ -81,7 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--max_merged", type=int, default=None, help="merged tokens n ~ U{0..max_merged}; default: all N patches")
     a("--max_iters", type=int, default=14, help="morphing iterations k ~ U{1..max_iters}")
     a("--schedule_rule", default="official", choices=["official", "spread"],
-      help="official: r = ceil(n/k) per iteration (engines/engine_for_dtm.py); spread: n split exactly over k")
+      help="official: r = ceil(n/k) per iteration, floor(n/k) where ceil(n/k) x k > N (engines/engine_for_dtm.py:"
+           "111-114); spread: n split exactly over k")
     a("--fixed_schedule", type=int, nargs=2, default=None, metavar=("N", "K"),
       help="instead of the dynamic scheduler: N tokens over K rounds at every step and level, by --schedule_rule "
            "(official: ceil(N/K) per round, so up to ceil(N/K) x K tokens merge; spread: exactly N); an ablation: "

@@ -200,8 +200,9 @@ class ViTUperNet(nn.Module):
 
 def build_model(args, num_classes: int, checkpoint: dict = None, path: str = None) -> "ViTUperNet":
     """ViTUperNet at --crop_size on the ViT of `checkpoint` (any checkpoint of this repo, dtm.vit_from_checkpoint; a
-    shared relative position table is copied into every block and resized to the crop's grid, as BEiT), or on a new
-    ViT without a checkpoint. Per-block tables, no final norm, stochastic depth --drop_path."""
+    shared relative position table is added to each block's own table, as the official --init_both_rpb, or copied
+    into blocks without one, as BEiT; then resized to the crop's grid), or on a new ViT without a checkpoint.
+    Per-block tables, no final norm, stochastic depth --drop_path."""
     if checkpoint is None:
         backbone = dtm.build_vit(args.model, img_size=args.crop_size, drop_path_rate=args.drop_path,
                                  rel_pos_bias="per_block", use_mask_token=False, weight_init="downstream")
