@@ -320,9 +320,9 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
         raise ValueError(f"the ViT has {vit_prefix} tokens before the patches (num_prefix_tokens), MTO was given "
                          f"num_prefix={num_prefix}: pass num_prefix={vit_prefix}")
     depth = len(vit.blocks)
-    layers = _num_layers(cfg.layers, depth, "mto layers")
-    sing_w = depth_weights(depth, _num_layers(cfg.sing_layers, depth, "mto sing_layers") if cfg.lambda_sing else 0)
-    ent_w = depth_weights(depth, _num_layers(cfg.ent_layers, depth, "mto ent_layers") if cfg.lambda_ent else 0)
+    layers = _num_layers(cfg.layers, depth, "MTOConfig.layers")
+    sing_w = depth_weights(depth, _num_layers(cfg.sing_layers, depth, "MTOConfig.sing_layers") if cfg.lambda_sing else 0)
+    ent_w = depth_weights(depth, _num_layers(cfg.ent_layers, depth, "MTOConfig.ent_layers") if cfg.lambda_ent else 0)
     sing_ids, ent_ids = sing_w.nonzero()[:, 0].tolist(), ent_w.nonzero()[:, 0].tolist()
 
     allowed = None
@@ -379,16 +379,22 @@ def add_mto_args(parser):
     return parser
 
 
-def mto_config_from_args(args) -> Optional[MTOConfig]:
-    """MTOConfig from add_mto_args' flags, or None when --mto is off (the trainer then takes the plain path)."""
+def mto_config_from_args(args, depth: Optional[int] = None) -> Optional[MTOConfig]:
+    """MTOConfig from add_mto_args' flags, or None when --mto is off (the trainer then takes the plain path).
+    depth: the ViT's number of blocks, so that block counts beyond it fail before anything is built."""
     if not args.mto:
         return None
     for name in ("mto_layers", "mto_sing_layers", "mto_ent_layers"):
         value = getattr(args, name)
-        if value is not None and value < 0:
-            raise ValueError(f"--{name} must be >= 0 (or unset for all blocks), got {value}")
+        if value is not None and (value < 0 or depth is not None and value > depth):
+            raise ValueError(f"--{name} {value} is out of range: use 0..{depth if depth is not None else 'depth'} "
+                             f"(the ViT's blocks), or leave it unset for all blocks")
     for name in ("mto_lambda_sing", "mto_lambda_ent"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for loss in ("sing", "ent"):  # a loss switched off reads no block count
+        if getattr(args, f"mto_lambda_{loss}") == 0 and getattr(args, f"mto_{loss}_layers") is not None:
+            raise ValueError(f"--mto_{loss}_layers would do nothing with --mto_lambda_{loss} 0 (that loss is off): "
+                             f"leave it out")
     return MTOConfig(layers=args.mto_layers, lambda_sing=args.mto_lambda_sing, lambda_ent=args.mto_lambda_ent,
                      sing_layers=args.mto_sing_layers, ent_layers=args.mto_ent_layers)

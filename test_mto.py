@@ -127,9 +127,19 @@ def test_mto_off_is_bit_identical_to_plain_forward():
     assert cfg == mto.MTOConfig(layers=2, lambda_sing=0.1, lambda_ent=0.0, sing_layers=3)
     cfg = mto.mto_config_from_args(parser.parse_args(["--mto", "--mto_lambda_sing", "0.5", "--mto_ent_layers", "4"]))
     assert cfg == mto.MTOConfig(lambda_sing=0.5, ent_layers=4)
-    for flag in ("--mto_layers", "--mto_sing_layers", "--mto_ent_layers", "--mto_lambda_sing", "--mto_lambda_ent"):
+    for flag in ("--mto_lambda_sing", "--mto_lambda_ent"):
         with pytest.raises(ValueError, match=f"{flag} must be >= 0"):
             mto.mto_config_from_args(parser.parse_args(["--mto", flag, "-1"]))
+    for flag in ("--mto_layers", "--mto_sing_layers", "--mto_ent_layers"):  # block counts: 0..depth
+        with pytest.raises(ValueError, match=f"{flag} -1 is out of range: use 0..depth"):
+            mto.mto_config_from_args(parser.parse_args(["--mto", flag, "-1"]))
+        with pytest.raises(ValueError, match=f"{flag} 5 is out of range: use 0..4 "):
+            mto.mto_config_from_args(parser.parse_args(["--mto", flag, "5"]), depth=4)
+        assert mto.mto_config_from_args(parser.parse_args(["--mto", flag, "4"]), depth=4)
+    for loss in ("sing", "ent"):  # a block count for a loss that is off
+        with pytest.raises(ValueError, match=f"--mto_{loss}_layers would do nothing with --mto_lambda_{loss} 0"):
+            mto.mto_config_from_args(parser.parse_args(["--mto", f"--mto_lambda_{loss}", "0", f"--mto_{loss}_layers",
+                                                        "2"]))
 
 
 def test_pretrain_model_without_hook_is_bit_identical_and_with_mto_adds_weighted_losses():

@@ -141,6 +141,9 @@ def test_recipes_and_their_defaults():
     (["--beta", "-1"], ValueError, "--beta must be >= 0"),
     (["--mto_layers", "3", "--mto_lambda_ent", "0"], ValueError, "--mto_layers, --mto_lambda_ent would do nothing "
                                                                  "without --mto"),
+    # checked against the model's depth before anything is built (a --fresh run once removed the old run first)
+    (["--mto", "--mto_layers", "10"], ValueError, "--mto_layers 10 is out of range: use 0..4 "),
+    (["--mto", "--mto_ent_layers", "13", "--model", "vit_b"], ValueError, "--mto_ent_layers 13 is out of range: use 0..12 "),
 ])
 def test_bad_arguments(argv, error, match):
     with pytest.raises(error, match=match):

@@ -188,7 +188,7 @@ def check_args(args):
         raise ValueError("--loss_on masked with --num_masked 0 leaves no position in the loss; mask patches "
                          "(--num_masked 75) or use --loss_on all")
     engine.check_shared_args(args)
-    mto.mto_config_from_args(args)  # checks the --mto_* values
+    mto.mto_config_from_args(args, dtm.VIT_CONFIGS[args.model]["depth"])  # checks the --mto_* values
 
 
 def build_dataset(args):
