@@ -592,8 +592,8 @@ def vit_state_dict(checkpoint: dict, path: str = "checkpoint") -> dict:
     if "patch_embed.weight" not in sd:
         clip = any(k.split(".")[-2:] == ["conv1", "weight"] or k.endswith("class_embedding") for k in sd)
         raise ValueError(f"{path!r} holds no ViT of this repo (no 'patch_embed.weight'); keys like {sorted(sd)[:8]}"
-                         + ("; these are CLIP weights, which serve as pre-training's teacher (train_pretrain.py "
-                            "--teacher clip:PATH), not as a ViT to start from" if clip else ""))
+                         + ("; these are CLIP weights: pass them as a CLIP teacher (train_pretrain.py --teacher "
+                            "clip:PATH); --init, --eval and --teacher ckpt: take checkpoints of this repo" if clip else ""))
     return sd
 
 

@@ -573,7 +573,7 @@ def test_build_teacher_errors(tmp_path):
 def test_a_clip_file_given_as_a_vit_says_it_is_a_teacher(tmp_path):
     for name, sd in (("visual", clip_visual_state_dict()), ("full", full_clip_state_dict())):
         torch.save(sd, tmp_path / f"{name}.pt")
-        with pytest.raises(ValueError, match="these are CLIP weights, .* --teacher clip:PATH"):
+        with pytest.raises(ValueError, match="these are CLIP weights: .*--teacher clip:PATH\\); --init"):
             dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / f"{name}.pt"), "--init"), IMG)
     torch.save({"head.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"holds no ViT of this repo \(no 'patch_embed.weight'\); keys like "

@@ -68,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--layer_scale", type=float, default=None,
       help="layer scale init (0 disables); default 0.1, 1e-5 for vit_l (run_pretrain_dtm.py's help)")
     a("--rel_pos_bias", default="both", choices=list(dtm.REL_POS_BIAS),
-      help="relative position bias: both = a shared table + one per block (the official code), shared, per_block, none")
+      help="relative position bias: both = a shared table + one per block (the official code), shared, per_block, "
+           "none (no position information at all: this ViT has no absolute position embedding, as the official one)")
     # data and masking
     a("--data", default=None, help="ImageFolder root (class subfolders of images); absent: the built-in demo")
     a("--min_crop_scale", type=float, default=0.08, help="RandomResizedCrop scale lower bound")
@@ -86,8 +87,9 @@ def get_args_parser() -> argparse.ArgumentParser:
            "111-114); spread: n split exactly over k")
     a("--fixed_schedule", type=int, nargs=2, default=None, metavar=("N", "K"),
       help="instead of the dynamic scheduler: N tokens over K rounds at every step and level, by --schedule_rule "
-           "(official: ceil(N/K) per round, so up to ceil(N/K) x K tokens merge; spread: exactly N); an ablation: "
-           "0 1 is token-wise distillation")
+           "(official: ceil(N/K) per round, so up to ceil(N/K) x K tokens merge, floor(N/K) where that exceeds the "
+           "patches; spread: exactly N; with --split alternate or official every level gets the same groups); an "
+           "ablation: 0 1 is token-wise distillation")
     a("--schedules", default="per_rank", choices=["per_rank", "shared"],
       help="per_rank: every process draws its own schedules (the official code seeds Python's random with seed + "
            "rank); shared: one draw per step for all processes (2 processes then equal 1 with the same total batch, "
