@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shlex
+import socket
 import sys
 import time
 import traceback
@@ -50,6 +51,7 @@ LAST = "checkpoint-last.pth"
 BEST = "checkpoint-best.pth"
 LOG = "log.jsonl"
 REPO = os.path.dirname(os.path.abspath(__file__))
+_SAME_FILES = "every process must read the same files (one data folder that every node sees in full)"
 
 # ---------------------------------------------------------------------------------------------------
 # Distributed
@@ -199,6 +201,19 @@ def all_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------
 # Precision
+
+
+def check_ranks_agree(d: Dist, what: str, value, fix: str):
+    """Every process must see the same `value` (a small picklable: a dataset's size, where the run starts); else stop
+    on every rank, naming each rank's value: processes that disagree would train out of step and hang in a
+    collective (or run on until nccl's watchdog, naming nothing)."""
+    if d.world_size == 1 or not dist.is_initialized():  # one process (or a Dist made up for a check)
+        return
+    values = [None] * d.world_size
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        seen = ", ".join(f"rank {rank}: {v}" for rank, v in enumerate(values))
+        raise ValueError(f"the processes do not agree on {what} ({seen}): {fix}")
 
 
 def native_bf16(device) -> bool:
@@ -503,6 +518,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def train_loader(dataset, args, d: Dist):
     """(DataLoader of SeededSamples batches, its EpochSampler, optimizer steps per epoch) for a training set."""
+    check_ranks_agree(d, "the number of training images", len(dataset), _SAME_FILES)
     sampler = EpochSampler(len(dataset), d.rank, d.world_size, args.seed)
     loader = torch.utils.data.DataLoader(
         SeededSamples(dataset, args.seed), batch_size=args.batch_size, sampler=sampler, drop_last=True,
@@ -601,6 +617,7 @@ class _Probe(torch.utils.data.Dataset):
 def check_dataset(dataset, what: str, d: Dist, num_workers: int):
     """Load every sample of `dataset` once (each rank its shard, in DataLoader workers) and fail naming the files
     that cannot be used. For validation sets, before training: evaluation must count every image."""
+    check_ranks_agree(d, f"the number of {what} samples", len(dataset), _SAME_FILES)
     probe = _Probe(dataset, shard_indices(len(dataset), d.rank, d.world_size))
     loader = torch.utils.data.DataLoader(probe, batch_size=32, num_workers=num_workers, collate_fn=list)
     errors = [e for batch in loader for e in batch if e]
@@ -713,9 +730,10 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
                          f"there would overwrite it: pass another --output_dir, or --fresh to replace that run")
     else:
         start = (args.resume, resuming_last)
-    if args.fresh and d.world_size > 1:
-        dist.barrier()  # every rank has looked at it before rank 0 removes it (open_log)
-    return start
+    check_ranks_agree(d, "where the run starts", f"continues {start[0]} ({os.path.getsize(start[0])} bytes)"
+                      if start[0] else "a new run", "--output_dir must be one folder that every process sees (a "
+                      "shared file system), and so must a --resume PATH")  # also the barrier --fresh needs: every
+    return start  # rank has looked at checkpoint-last.pth before rank 0 removes it (open_log)
 
 
 def new_run_hint(args, resumed: str) -> str:
@@ -818,11 +836,16 @@ def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) ->
                       flush=True)
             lines = [(line, record) for line, record in records if record is not None]
             if resumed.get("log_lines") is not None:
+                if len(lines) < resumed["log_lines"]:
+                    print(f"{path} holds {len(lines)} complete lines, the checkpoint was saved when it held "
+                          f"{resumed['log_lines']}: the log was cut short; this run appends to what is left",
+                          flush=True)
                 lines = lines[:resumed["log_lines"]]
             else:
                 lines = [(line, record) for line, record in lines if record.get("step", 0) <= resumed["step"]]
-            with open(path, "w") as f:
+            with open(f"{path}.tmp", "w") as f:  # a kill while rewriting leaves the old log whole
                 f.writelines(line for line, _ in lines)
+            os.replace(f"{path}.tmp", path)
             kept = [record for _, record in lines]
     return JsonLog(path, enabled, kept)
 
@@ -873,8 +896,16 @@ def save_checkpoint(path: str, state: dict):
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk or a refused write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(f"could not write {path} (disk full, or no permission to write there?): {cause}; "
+                      f"{'the last good checkpoint there is left as it was' if os.path.isfile(path) else 'nothing was written'}"
+                      ) from None
 
 
 def stop_non_finite(what: str, step: int, output_dir: str):
@@ -895,7 +926,13 @@ def check_finite(values: torch.Tensor, names, step: int, output_dir: str):
 def load_checkpoint(path: str, kind: str, flag: str = "--resume", hint: str = "", auto: bool = False) -> dict:
     """A checkpoint of one trainer (kind); a clear error for a missing file, a foreign one or another trainer's.
     auto: path is the output_dir's checkpoint-last.pth that --resume auto picked (the error then names the folder)."""
-    checkpoint = dtm.read_checkpoint(path, flag)
+    try:
+        checkpoint = dtm.read_checkpoint(path, flag if not auto else "the run's checkpoint (--resume auto)")
+    except ValueError as e:
+        if not auto:
+            raise
+        raise ValueError(f"{e}; to continue from an older one pass --resume {os.path.dirname(path) or '.'}/"
+                         f"checkpoint-N.pth (after moving this one away), or --fresh to start over") from None
     if checkpoint.get("kind") != kind:
         found = f"kind {checkpoint['kind']!r}" if "kind" in checkpoint else "no 'kind' entry"
         trainer = f"train_{kind.split('_')[1]}.py"
@@ -1099,5 +1136,7 @@ def cli(main):
         message = user_error_message(e)
         if message is None or os.environ.get("DTM_TRACEBACK"):
             raise
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        where = (f" (rank {os.environ.get('RANK')} of {os.environ['WORLD_SIZE']}, {socket.gethostname()})"
+                 if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "")  # torchrun's summary may blame another rank
+        print(f"error{where}: {message}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -1030,3 +1030,116 @@ def test_append_eval_appends_strict_json_lines(tmp_path):
     lines = (out / "eval.jsonl").read_text().splitlines()
     assert [json.loads(line, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}")) for line in lines] == [
         {"eval": "a.pth", "top1": None, "IoU": [0.5, None]}, {"eval": "b.pth", "top1": None}]
+
+
+def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
+    """Each rank sees its own output folder and data (node-local disks): every check must stop every rank."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    d, outcomes = engine.Dist(rank=rank, world_size=world_size), []
+    own = os.path.join(out_dir, f"node{rank}")
+    os.makedirs(own)
+    if rank == 0:  # only rank 0's folder holds a run
+        open(os.path.join(own, engine.LAST), "wb").write(b"x" * 10)
+    args = argparse.Namespace(output_dir=own, resume="auto", fresh=False, seed=0, batch_size=1, accum_iter=1,
+                              num_workers=0)
+    checks = [lambda: engine.prepare_run(args, d),
+              lambda: engine.train_loader(list(range(4 + rank)), args, d),  # 4 images on rank 0, 5 on rank 1
+              lambda: engine.check_ranks_agree(d, "a value", 7, "fix"),  # agreeing ranks pass
+              lambda: engine.check_dataset(list(range(3 - rank)), "validation", d, 0)]
+    for check in checks:
+        try:
+            check()
+            outcomes.append("ok")
+        except ValueError as e:
+            outcomes.append(str(e))
+    json.dump(outcomes, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
+    dist.destroy_process_group()
+
+
+def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_path):
+    """Ranks that disagreed on where the run starts, or on the number of images, trained out of step and hung in a
+    collective (found by a review of multi-process failures)."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers = mp.spawn(_disagreeing_ranks_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not workers.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the two gloo processes did not finish within 120 s")
+    outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert outcomes[0] == outcomes[1]  # every rank stops, with the same message
+    starts, images, agreed, validation = outcomes[0]
+    last = tmp_path / "node0" / engine.LAST
+    assert starts == (f"the processes do not agree on where the run starts (rank 0: continues {last} (10 bytes), "
+                      f"rank 1: a new run): --output_dir must be one folder that every process sees (a shared file "
+                      f"system), and so must a --resume PATH")
+    assert images.startswith("the processes do not agree on the number of training images (rank 0: 4, rank 1: 5): "
+                             "every process must read the same files")
+    assert agreed == "ok"
+    assert validation.startswith("the processes do not agree on the number of validation samples (rank 0: 3, rank 1: 2)")
+
+
+def test_a_failed_save_names_the_file_removes_its_temp_file_and_keeps_the_last_good_one(tmp_path, monkeypatch):
+    path = tmp_path / engine.LAST
+    state = {"model": {"w": torch.ones(2)}, "step": 3}
+    engine.save_checkpoint(str(path), state)
+
+    def disk_full(obj, f):
+        open(f, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 16736320 vs 16736212")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=rf"could not write {re.escape(str(path))} \(disk full, or no permission to "
+                                      r"write there\?\): \[enforce fail .*; the last good checkpoint there is left") as e:
+        engine.save_checkpoint(str(path), {**state, "step": 4})
+    assert engine.user_error_message(e.value).startswith("could not write")  # one line, no traceback
+    assert sorted(os.listdir(tmp_path)) == [engine.LAST] and torch.load(path)["step"] == 3
+    with pytest.raises(OSError, match="nothing was written"):
+        engine.save_checkpoint(str(tmp_path / "other.pth"), state)
+
+
+def test_resume_keeps_the_old_log_whole_until_the_cut_one_replaces_it_and_says_when_it_is_short(tmp_path, capsys):
+    log = engine.open_log(str(tmp_path), None, True)
+    for step in (1, 2, 3):
+        log(step=step, loss=0.1)
+    engine.open_log(str(tmp_path), {"step": 2, "log_lines": 2}, True)
+    assert os.listdir(tmp_path) == [engine.LOG]  # no temp file left
+    assert "cut short" not in capsys.readouterr().out
+    engine.open_log(str(tmp_path), {"step": 3, "log_lines": 3}, True)  # the checkpoint saw 3 lines, the log has 2
+    assert "holds 2 complete lines, the checkpoint was saved when it held 3: the log was cut short" in \
+        capsys.readouterr().out
+
+
+def test_a_user_error_under_torchrun_names_its_rank_and_host(capsys, monkeypatch):
+    import socket
+
+    def bad_flag():
+        engine.check_output_dir("")
+
+    monkeypatch.delenv("DTM_TRACEBACK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        engine.cli(bad_flag)
+    assert capsys.readouterr().err.startswith(f"error (rank 1 of 2, {socket.gethostname()}): --output_dir is empty")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit):
+        engine.cli(bad_flag)
+    assert capsys.readouterr().err.startswith("error: --output_dir is empty")
+
+
+def test_an_unreadable_checkpoint_picked_by_resume_auto_says_what_to_do(tmp_path):
+    (tmp_path / engine.LAST).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"the run's checkpoint \(--resume auto\) .* cannot be read by torch.load.*; "
+                                         r"to continue from an older one pass --resume .*/checkpoint-N.pth \(after "
+                                         r"moving this one away\), or --fresh to start over"):
+        engine.load_checkpoint(str(tmp_path / engine.LAST), "dtm_pretrain", auto=True)
