@@ -351,11 +351,22 @@ def finetuned(tmp_path_factory):
 
 
 def test_fine_tuning_from_a_fine_tuned_classifier_keeps_its_head(finetuned, tmp_path, capsys):
-    """--init of a classifier with the same classes: everything loads, and the line says so (no empty list)."""
+    """--init of a classifier with the same classes: everything loads, and the line says so (no empty list); with as
+    many classes of other names, a new head (it was kept: found by the fine-tuning options review)."""
     out, _ = finetuned
     init = out / "checkpoint-last.pth"
     tf.main(TINY_RUN + ["--epochs", "1", "--init", str(init), "--output_dir", str(tmp_path)])
     assert f"loaded {init}\n" in capsys.readouterr().out
+    # the same number of classes, other names: the head's rows would stand for other classes; a new head
+    checkpoint = torch.load(init)
+    first = checkpoint["classes"][0]
+    checkpoint["classes"] = ["zebra"] + checkpoint["classes"][1:]
+    torch.save(checkpoint, tmp_path / "other.pth")
+    tf.main(TINY_RUN + ["--epochs", "1", "--init", str(tmp_path / "other.pth"), "--output_dir", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert (f"other.pth's classifier was trained on other classes (only in the data: ['{first}']; only in the "
+            f"checkpoint: ['zebra']): its head is not loaded") in out
+    assert f"loaded {tmp_path / 'other.pth'}; initialized afresh: head.bias, head.weight" in out
 
 
 def test_fine_tuned_classifier_as_features_keeps_its_fc_norm(finetuned):
@@ -645,3 +656,15 @@ def test_class_difference_names_the_folders_that_differ():
     assert tf.class_difference(["b", "a"], ["a", "b"], "x", "y") == "the same names in another order"
     many = [f"n{i}" for i in range(8)]
     assert tf.class_difference(many, [], "x", "y") == "only in x: ['n0', 'n1', 'n2', 'n3', 'n4'] and 3 more"
+
+
+def test_a_kill_between_the_epochs_two_saves_cannot_leave_an_older_best(tmp_path, monkeypatch):
+    """checkpoint-best.pth is written before checkpoint-last.pth: killed between them, the relaunch retrains the
+    epoch from the previous LAST and writes BEST again. The other order left BEST at an older epoch than the one
+    LAST (and the log) called best (found by the fine-tuning options review)."""
+    saved = []
+    original = engine.save_checkpoint
+    monkeypatch.setattr(engine, "save_checkpoint", lambda path, state: (saved.append(os.path.basename(path)),
+                                                                          original(path, state)))
+    tf.main(TINY_RUN + ["--epochs", "1", "--output_dir", str(tmp_path)])
+    assert saved == [engine.BEST, engine.LAST]  # the first epoch always improves (on best_top1 = -1)

@@ -442,6 +442,11 @@ def finetune(args, d, amp_dtype, scaler):
         model, _ = dtm.vit_from_checkpoint(resume, args.img_size, len(classes), drop_path_rate=args.drop_path,
                                            model=args.model, path=resume_path)
     else:
+        if init is not None and init.get("classes") not in (None, list(classes)):  # a classifier of other classes
+            d.print(f"note: {init_path}'s classifier was trained on other classes "
+                    f"({class_difference(classes, init['classes'], 'the data', 'the checkpoint')}): its head is not "
+                    f"loaded")
+            init = {**init, "model": {k: v for k, v in init["model"].items() if not k.startswith("head.")}}
         model, fresh = build_model(args, len(classes), init, init_path)
         if init is not None:
             d.print(f"loaded {init_path}" + (f"; initialized afresh: {', '.join(fresh)}" if fresh else ""))
@@ -532,9 +537,9 @@ def finetune(args, d, amp_dtype, scaler):
         state = engine.checkpoint_state("dtm_finetune", model, optimizer, scaler, args, step, steps_per_epoch,
                                         best_top1=best_top1, val=stats, classes=list(classes),
                                         unreadable_images=named_files, log_lines=log.lines)
-        engine.save_checkpoint(os.path.join(args.output_dir, engine.LAST), state)
-        if improved:
+        if improved:  # before LAST: a run killed between the two saves retrains the epoch and writes BEST again
             engine.save_checkpoint(os.path.join(args.output_dir, engine.BEST), state)
+        engine.save_checkpoint(os.path.join(args.output_dir, engine.LAST), state)
         ddp_model.train()
     bar.close()
     if log.enabled:  # rank 0, unless this is a finished run continued from elsewhere (it wrote nothing here)
