@@ -668,3 +668,21 @@ def test_a_kill_between_the_epochs_two_saves_cannot_leave_an_older_best(tmp_path
                                                                           original(path, state)))
     tf.main(TINY_RUN + ["--epochs", "1", "--output_dir", str(tmp_path)])
     assert saved == [engine.BEST, engine.LAST]  # the first epoch always improves (on best_top1 = -1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--reprob", "1.5"], "--reprob must be a probability, in \\[0, 1\\], got 1.5"),
+    (["--smoothing", "1"], "--smoothing must be in \\[0, 1\\), got 1"),
+    (["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0, got -1"),
+    (["--mixup", "-1"], "--mixup must be an alpha >= 0 \\(0: off\\), got -1"),
+    (["--cutmix", "-0.5", "--mixup", "0"], "--cutmix must be an alpha >= 0"),
+    (["--mixup", "0", "--cutmix", "0", "--mixup_prob", "0.5"], "--mixup_prob would do nothing with --mixup 0 --cutmix 0"),
+    (["--cutmix", "0", "--mixup_switch_prob", "0.3"], "--mixup_switch_prob would do nothing with only one of --mixup "
+                                                      "and --cutmix on"),
+])
+def test_mixing_and_regularization_flags_name_the_one_that_is_wrong_or_does_nothing(flags, message):
+    """One message named all three of --warmup_epochs/--smoothing/--reprob, and mixing flags that did nothing (or a
+    negative alpha, which acted as 0) were taken without a word (found by the fine-tuning options review)."""
+    with pytest.raises(ValueError, match=message):
+        tf.parse_args(TINY_RUN + flags)
+    assert tf.parse_args(TINY_RUN + ["--cutmix", "0", "--mixup_prob", "0.5"]).mixup_prob == 0.5  # Mixup alone: used

@@ -95,6 +95,7 @@ def soft_target_cross_entropy(logits, target):
 @torch.no_grad()
 def evaluate(model, loader, device, amp_dtype=None, show_progress=False) -> dict:
     """Top-1 / top-5 accuracy (%) and cross entropy over the images of every rank's loader, summed over ranks.
+    With 5 classes or fewer, "top-5" is top-K over all K classes: always 100%.
 
     Run it on the unwrapped model: ranks may hold different numbers of batches, so no collective may run per batch.
     """
@@ -258,7 +259,8 @@ def get_args_parser():
                    help="auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp16 "
                    "with a GradScaler (V100); fp32 on the CPU")
     g = p.add_argument_group("augmentation")
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment, timm notation, or 'none'")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment, timm notation, or 'none' (then no colour "
+                   "jitter either, as MAE; BEiT's timm call would add ColorJitter 0.4 in its place)")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0: off)")
@@ -296,7 +298,7 @@ def parse_args(argv=None):
     args.demo = demo
     if args.crop_ratio is None and not args.eval:  # --eval: the checkpoint's (run_eval)
         args.crop_ratio = default_crop_ratio(args.img_size)
-    check_args(args)
+    check_args(args, parser)
     if not demo:
         engine.refuse_ignored(args, parser, ["synthetic_train", "synthetic_val"], "with real data (they size the "
                               "demo's procedural images)")
@@ -313,17 +315,27 @@ def default_crop_ratio(img_size: int) -> float:
     return 0.875 if img_size < 384 else 1.0
 
 
-def check_args(args):
+def check_args(args, parser):
     """Fail early, naming the flag and the fix."""
     for flag in ("batch_size", "accum_iter", "epochs", "log_every", "synthetic_train", "synthetic_val"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup_epochs < 0 or not 0 <= args.smoothing < 1 or not 0 <= args.reprob <= 1:
-        raise ValueError("--warmup_epochs must be >= 0, --smoothing in [0, 1), --reprob in [0, 1]")
+    for flag, ok, allowed in (("warmup_epochs", args.warmup_epochs >= 0, ">= 0"),
+                              ("smoothing", 0 <= args.smoothing < 1, "in [0, 1)"),
+                              ("reprob", 0 <= args.reprob <= 1, "a probability, in [0, 1]"),
+                              ("mixup", args.mixup >= 0, "an alpha >= 0 (0: off)"),
+                              ("cutmix", args.cutmix >= 0, "an alpha >= 0 (0: off)")):
+        if not ok:
+            raise ValueError(f"--{flag} must be {allowed}, got {getattr(args, flag):g}")
     engine.check_image_size("--img_size", args.img_size, 224)
     if not (0 <= args.mixup_prob <= 1 and 0 <= args.mixup_switch_prob <= 1):
         raise ValueError(f"--mixup_prob and --mixup_switch_prob are probabilities, in [0, 1]; got "
                          f"{args.mixup_prob:g} and {args.mixup_switch_prob:g}")
+    if args.mixup == 0 and args.cutmix == 0:
+        engine.refuse_ignored(args, parser, ["mixup_prob", "mixup_switch_prob"], "with --mixup 0 --cutmix 0")
+    elif args.mixup == 0 or args.cutmix == 0:
+        engine.refuse_ignored(args, parser, ["mixup_switch_prob"], "with only one of --mixup and --cutmix on (it "
+                              "chooses between the two)")
     mixing = data.Mixup(args.mixup, args.cutmix, args.mixup_prob).mixes
     if mixing and args.batch_size % 2 and args.eval is None:
         raise ValueError(f"--batch_size {args.batch_size} is odd: Mixup/CutMix pair each image with the reversed "
