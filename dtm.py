@@ -590,7 +590,7 @@ def vit_state_dict(checkpoint: dict, path: str = "checkpoint") -> dict:
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
             break
     if "patch_embed.weight" not in sd:
-        clip = any(k.split(".")[-2:] == ["conv1", "weight"] or k.endswith("class_embedding") for k in sd)
+        clip = any(k.endswith(("class_embedding", "positional_embedding")) for k in sd)  # CLIP's own names
         raise ValueError(f"{path!r} holds no ViT of this repo (no 'patch_embed.weight'); keys like {sorted(sd)[:8]}"
                          + ("; these are CLIP weights: pass them as a CLIP teacher (train_pretrain.py --teacher "
                             "clip:PATH); --init, --eval and --teacher ckpt: take checkpoints of this repo" if clip else ""))

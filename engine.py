@@ -720,20 +720,31 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
             if ".pth.tmp" in name:
                 os.remove(os.path.join(args.output_dir, name))
                 print(f"removed {name} (left by an interrupted save)")
+    try:  # every rank reaches the agreement below, also one whose own view is an error (a file on one node only)
+        start, error = _run_start(args, last), None
+        view = f"continues {start[0]} ({os.path.getsize(start[0])} bytes)" if start[0] else "a new run"
+    except (ValueError, OSError) as e:
+        error, view = e, f"error: {e}"
+    # also the barrier --fresh needs: every rank has looked at checkpoint-last.pth before rank 0 removes it (open_log)
+    check_ranks_agree(d, "where the run starts", view, "--output_dir must be one folder that every process sees (a "
+                      "shared file system), and so must a --resume PATH; on a shared file system a node may not see "
+                      "a file just written yet: relaunch in a moment")
+    if error is not None:
+        raise error
+    return start
+
+
+def _run_start(args, last: str) -> tuple:
+    """prepare_run's decision on this rank -> (checkpoint path to resume or None, True if that is output_dir's own)."""
     if args.resume != "auto" and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume!r}: no such file")
     resuming_last = args.resume != "auto" and os.path.isfile(last) and os.path.samefile(last, args.resume)
     if args.resume == "auto":
-        start = (None, False) if args.fresh or not os.path.isfile(last) else (last, True)
-    elif os.path.isfile(last) and not resuming_last and not args.fresh:
+        return (None, False) if args.fresh or not os.path.isfile(last) else (last, True)
+    if os.path.isfile(last) and not resuming_last and not args.fresh:
         raise ValueError(f"--output_dir {args.output_dir!r} holds another run ({LAST}); continuing {args.resume!r} "
                          f"there would overwrite it: pass another --output_dir, or --fresh to replace that run")
-    else:
-        start = (args.resume, resuming_last)
-    check_ranks_agree(d, "where the run starts", f"continues {start[0]} ({os.path.getsize(start[0])} bytes)"
-                      if start[0] else "a new run", "--output_dir must be one folder that every process sees (a "
-                      "shared file system), and so must a --resume PATH")  # also the barrier --fresh needs: every
-    return start  # rank has looked at checkpoint-last.pth before rank 0 removes it (open_log)
+    return args.resume, resuming_last
 
 
 def new_run_hint(args, resumed: str) -> str:
@@ -899,13 +910,14 @@ def save_checkpoint(path: str, state: dict):
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk or a refused write as a RuntimeError
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not any(s in str(e) for s in ("inline_container", "iostream", "Stream")):
+            raise  # not the file writer's (a full disk, a refused write): a bug, with its traceback
         if os.path.exists(tmp):
             os.remove(tmp)
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OSError(f"could not write {path} (disk full, or no permission to write there?): {cause}; "
-                      f"{'the last good checkpoint there is left as it was' if os.path.isfile(path) else 'nothing was written'}"
-                      ) from None
+        kept = "the last good checkpoint there is left as it was" if os.path.isfile(path) else "nothing was written"
+        raise OSError(f"could not write {path} (disk full, or no permission to write there?): {cause}; {kept}") from e
 
 
 def stop_non_finite(what: str, step: int, output_dir: str):
@@ -931,8 +943,11 @@ def load_checkpoint(path: str, kind: str, flag: str = "--resume", hint: str = ""
     except ValueError as e:
         if not auto:
             raise
-        raise ValueError(f"{e}; to continue from an older one pass --resume {os.path.dirname(path) or '.'}/"
-                         f"checkpoint-N.pth (after moving this one away), or --fresh to start over") from None
+        folder = os.path.dirname(path) or "."
+        older = sorted(name for name in os.listdir(folder) if re.fullmatch(r"checkpoint-(best|\d+)\.pth", name))
+        raise ValueError(f"{e}; to start over pass --fresh" + (
+            f", or to continue an older checkpoint move this one away and pass --resume with one of "
+            f"{', '.join(os.path.join(folder, name) for name in older)}" if older else "")) from None
     if checkpoint.get("kind") != kind:
         found = f"kind {checkpoint['kind']!r}" if "kind" in checkpoint else "no 'kind' entry"
         trainer = f"train_{kind.split('_')[1]}.py"

@@ -575,6 +575,9 @@ def test_a_clip_file_given_as_a_vit_says_it_is_a_teacher(tmp_path):
         torch.save(sd, tmp_path / f"{name}.pt")
         with pytest.raises(ValueError, match="these are CLIP weights: .*--teacher clip:PATH\\); --init"):
             dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / f"{name}.pt"), "--init"), IMG)
+    torch.save({"conv1.weight": torch.zeros(2, 3, 7, 7), "fc.weight": torch.zeros(2, 2)}, tmp_path / "resnet.pt")
+    with pytest.raises(ValueError, match=r"keys like \['conv1.weight', 'fc.weight'\]$"):  # no CLIP hint for a ResNet
+        dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / "resnet.pt"), "--init"), IMG)
     torch.save({"head.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"holds no ViT of this repo \(no 'patch_embed.weight'\); keys like "
                                          r"\['head.weight'\]$"):

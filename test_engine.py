@@ -1044,7 +1044,10 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
         open(os.path.join(own, engine.LAST), "wb").write(b"x" * 10)
     args = argparse.Namespace(output_dir=own, resume="auto", fresh=False, seed=0, batch_size=1, accum_iter=1,
                               num_workers=0)
+    shared_only_by_rank0 = os.path.join(out_dir, "node0", engine.LAST)
+    resume_other = argparse.Namespace(**{**vars(args), "resume": shared_only_by_rank0 if rank == 0 else "missing.pth"})
     checks = [lambda: engine.prepare_run(args, d),
+              lambda: engine.prepare_run(resume_other, d),  # rank 1's own view is an error: it still takes part
               lambda: engine.train_loader(list(range(4 + rank)), args, d),  # 4 images on rank 0, 5 on rank 1
               lambda: engine.check_ranks_agree(d, "a value", 7, "fix"),  # agreeing ranks pass
               lambda: engine.check_dataset(list(range(3 - rank)), "validation", d, 0)]
@@ -1077,11 +1080,14 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
             pytest.fail("the two gloo processes did not finish within 120 s")
     outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert outcomes[0] == outcomes[1]  # every rank stops, with the same message
-    starts, images, agreed, validation = outcomes[0]
+    starts, resumes, images, agreed, validation = outcomes[0]
     last = tmp_path / "node0" / engine.LAST
     assert starts == (f"the processes do not agree on where the run starts (rank 0: continues {last} (10 bytes), "
                       f"rank 1: a new run): --output_dir must be one folder that every process sees (a shared file "
-                      f"system), and so must a --resume PATH")
+                      f"system), and so must a --resume PATH; on a shared file system a node may not see a file just "
+                      f"written yet: relaunch in a moment")
+    assert resumes.startswith(f"the processes do not agree on where the run starts (rank 0: continues {last} (10 "
+                              f"bytes), rank 1: error: --resume 'missing.pth': no such file)")
     assert images.startswith("the processes do not agree on the number of training images (rank 0: 4, rank 1: 5): "
                              "every process must read the same files")
     assert agreed == "ok"
@@ -1106,11 +1112,28 @@ def test_a_failed_save_names_the_file_removes_its_temp_file_and_keeps_the_last_g
     with pytest.raises(OSError, match="nothing was written"):
         engine.save_checkpoint(str(tmp_path / "other.pth"), state)
 
+    def cuda_error(obj, f):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch, "save", cuda_error)
+    with pytest.raises(RuntimeError, match="CUDA error"):  # not the file writer's: a bug, kept as it is
+        engine.save_checkpoint(str(path), state)
+
 
 def test_resume_keeps_the_old_log_whole_until_the_cut_one_replaces_it_and_says_when_it_is_short(tmp_path, capsys):
     log = engine.open_log(str(tmp_path), None, True)
     for step in (1, 2, 3):
         log(step=step, loss=0.1)
+    before = (tmp_path / engine.LOG).read_text()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:  # killed before the cut log replaces the old one: the old one stays
+        patch.setattr(engine.os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            engine.open_log(str(tmp_path), {"step": 2, "log_lines": 2}, True)
+    assert (tmp_path / engine.LOG).read_text() == before
     engine.open_log(str(tmp_path), {"step": 2, "log_lines": 2}, True)
     assert os.listdir(tmp_path) == [engine.LOG]  # no temp file left
     assert "cut short" not in capsys.readouterr().out
@@ -1140,6 +1163,11 @@ def test_a_user_error_under_torchrun_names_its_rank_and_host(capsys, monkeypatch
 def test_an_unreadable_checkpoint_picked_by_resume_auto_says_what_to_do(tmp_path):
     (tmp_path / engine.LAST).write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"the run's checkpoint \(--resume auto\) .* cannot be read by torch.load.*; "
-                                         r"to continue from an older one pass --resume .*/checkpoint-N.pth \(after "
-                                         r"moving this one away\), or --fresh to start over"):
+                                         r"to start over pass --fresh$"):
+        engine.load_checkpoint(str(tmp_path / engine.LAST), "dtm_pretrain", auto=True)
+    for name in ("checkpoint-19.pth", "checkpoint-best.pth", "log.jsonl"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"; to start over pass --fresh, or to continue an older checkpoint move this "
+                                         r"one away and pass --resume with one of .*checkpoint-19.pth, "
+                                         r".*checkpoint-best.pth$"):
         engine.load_checkpoint(str(tmp_path / engine.LAST), "dtm_pretrain", auto=True)

@@ -719,3 +719,19 @@ def test_eval_reads_label_maps_as_the_checkpoints_training_data_unless_told(tmp_
     assert json.loads(open(tmp_path / "e" / "eval.jsonl").readlines()[-1])["reduce_zero_label"] is False
     with pytest.raises(ValueError, match="--reduce_zero_label would do nothing with --data"):
         train_seg.parse_args(["--data", "/x", "--no-reduce_zero_label", "--init", "none"])
+
+
+def test_a_continued_run_keeps_how_it_reads_its_label_maps(tmp_path):
+    """Relaunched without its --reduce_zero_label, a run went on reading 1..K labels as 0..K-1 (reported only as a
+    changed setting; found by a review of this change to --eval)."""
+    labels = [torch.randint(0, 3, (40, 48), generator=torch.Generator().manual_seed(i)).numpy() for i in range(2)]
+    write_seg_folder(tmp_path / "d", labels)
+    run = generic_run(tmp_path / "d", tmp_path / "d", tmp_path / "run", "--iters", "1", "--reduce_zero_label")
+    train_seg.main(run)
+    longer = run + ["--iters", "2"]  # the last --iters wins
+    without = [flag for flag in longer if flag != "--reduce_zero_label"]
+    with pytest.raises(ValueError, match="continues a run that read its label maps with --reduce_zero_label, which a "
+                                         "run cannot change .*: relaunch with --reduce_zero_label"):
+        train_seg.main(without)
+    train_seg.main(longer)
+    assert torch.load(tmp_path / "run" / engine.LAST)["step"] == 2
