@@ -108,12 +108,12 @@ def load_label_map(path):
         raise
     except (OSError, ValueError) as e:
         raise _unreadable(path, e) from e
-    if arr.ndim != 2:
-        raise ValueError(f"annotation {path!r} has mode {mode!r} with {arr.shape[-1]} channels; expected a "
-                         "single-channel label PNG (mode 'L' or 'P') whose pixel values are class indices")
+    if arr.ndim != 2:  # a file that cannot be a label map: UnreadableImage (training skips it, validation refuses it)
+        raise UnreadableImage(f"annotation {path!r} has mode {mode!r} with {arr.shape[-1]} channels; expected a "
+                              "single-channel label PNG (mode 'L' or 'P') whose pixel values are class indices", path)
     if arr.dtype != np.uint8:
         if arr.min() < 0 or arr.max() > 255:
-            raise ValueError(f"annotation {path!r} has label values outside 0..255 (max {arr.max()})")
+            raise UnreadableImage(f"annotation {path!r} has label values outside 0..255 (max {arr.max()})", path)
         arr = arr.astype(np.uint8)
     return arr
 
@@ -879,9 +879,9 @@ class SegFolder(torch.utils.data.Dataset):
         """-> (PIL RGB image, PIL 'L' mask) with reduce_zero_label applied."""
         img_path, ann_path = self.samples[index]
         img, labels = load_image(img_path), load_label_map(ann_path)
-        if img.size != (labels.shape[1], labels.shape[0]):
-            raise ValueError(f"image {img_path!r} is {img.size[0]}x{img.size[1]} but its annotation {ann_path!r} is "
-                             f"{labels.shape[1]}x{labels.shape[0]}; they must have the same size")
+        if img.size != (labels.shape[1], labels.shape[0]):  # a pair that cannot be used: skipped in training
+            raise UnreadableImage(f"image {img_path!r} is {img.size[0]}x{img.size[1]} but its annotation {ann_path!r} "
+                                  f"is {labels.shape[1]}x{labels.shape[0]}; they must have the same size", img_path)
         if self.reduce_zero_label:
             labels = reduce_zero_label(labels)
         if self.num_classes is not None:

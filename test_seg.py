@@ -97,11 +97,17 @@ def test_window_starts_cover_the_image_like_mmseg():
     (["--channels", "0"], "--channels must be >= 1, got 0: leave it out for the demo's 64; a run started with "
                           "--channels 0 \\(which then meant the ViT's width\\) continues with --channels 192 "
                           "\\(vit_tiny\\)"),
-    (["--channels", "0", "--data", "/x"], "leave it out for the ViT's width \\(768\\); .* --channels 768 \\(vit_b")])
+    (["--channels", "0", "--data", "/x"], "leave it out for the ViT's width \\(768\\); .* --channels 768 \\(vit_b"),
+    (["--ratio_range", "0", "0.01"], "--ratio_range MIN MAX must be positive with MIN <= MAX, got 0 0.01"),
+    (["--ratio_range", "2", "0.5"], "--ratio_range MIN MAX must be positive with MIN <= MAX"),  # a traceback once
+    (["--cat_max_ratio", "-3"], "--cat_max_ratio is a share .* in \\(0, 1\\] \\(1: no limit\\), got -3")])
 def test_flags_that_do_nothing_or_train_wrongly_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
         train_seg.parse_args(["--init", "none", *flags])
     assert train_seg.parse_args(["--init", "none", "--data", "/x", "--num_classes", "150"]).num_classes == 150
+    # the default stride is 2/3 of the crop (341 at 512): at a small --crop_size it was 341 and refused as given
+    assert train_seg.parse_args(["--init", "none", "--data", "/x"]).stride == 341
+    assert train_seg.parse_args(["--init", "none", "--data", "/x", "--crop_size", "64"]).stride == 42
 
 
 class CropSizeOnly(nn.Module):
@@ -735,3 +741,39 @@ def test_a_continued_run_keeps_how_it_reads_its_label_maps(tmp_path):
         train_seg.main(without)
     train_seg.main(longer)
     assert torch.load(tmp_path / "run" / engine.LAST)["step"] == 2
+
+
+def test_unusable_training_label_files_are_skipped_and_named_and_an_all_ignored_validation_set_is_said(tmp_path, capsys):
+    """An RGB annotation or one of another size than its image stopped training mid-run (a truncated one was skipped);
+    a validation set without class pixels gave mIoU NaN and no checkpoint-best.pth without a word (found by the
+    segmentation options review)."""
+    labels = [torch.randint(0, 3, (40, 48), generator=torch.Generator().manual_seed(i)).numpy() for i in range(6)]
+    write_seg_folder(tmp_path / "t", labels)
+    data.Image.fromarray(labels[1].astype("uint8")).convert("RGB").save(tmp_path / "t" / "ann" / "1.png")
+    data.Image.fromarray(labels[2][:, :40].astype("uint8")).save(tmp_path / "t" / "ann" / "2.png")
+    write_seg_folder(tmp_path / "v", [data.np.full((40, 48), 255) for _ in range(2)])
+    train_seg.main(generic_run(tmp_path / "t", tmp_path / "v", tmp_path / "run", "--max_unreadable", "0.5",
+                               "--iters", "4", "--log_every", "1"))
+    skipped = {os.path.basename(r["skipped_image"]): r["reason"] for r in map(json.loads, open(tmp_path / "run" /
+                                                                                            "log.jsonl"))
+               if "skipped_image" in r}
+    assert "mode 'RGB' with 3 channels" in skipped["1.png"] and "is 48x40 but its annotation" in skipped["2.jpg"]
+    out = capsys.readouterr().out
+    assert "warning: the validation labels hold no class pixel (all ignored, 255): mIoU is undefined" in out
+    assert not (tmp_path / "run" / engine.BEST).exists()
+    with pytest.raises(ValueError, match="validation samples cannot be used; first: .*mode 'RGB'"):  # still refused
+        train_seg.main(generic_run(tmp_path / "v", tmp_path / "t", tmp_path / "val_bad"))
+
+
+def test_generic_class_names_are_the_label_files_values_and_a_vit_without_positions_is_said(tmp_path, capsys):
+    labels = [torch.randint(1, 4, (40, 48), generator=torch.Generator().manual_seed(i)).numpy() for i in range(2)]
+    write_seg_folder(tmp_path / "d", labels)
+    args = train_seg.parse_args(generic_run(tmp_path / "d", tmp_path / "d", tmp_path / "o", "--reduce_zero_label"))
+    assert train_seg.build_datasets(args, train=False)[2] == ["1", "2", "3"]  # file value 1 is class 0
+    args = train_seg.parse_args(generic_run(tmp_path / "d", tmp_path / "d", tmp_path / "o"))
+    assert train_seg.build_datasets(args, train=False)[2] == ["0", "1", "2"]
+    vit = dtm.build_vit("vit_tiny", img_size=32, rel_pos_bias="none")
+    torch.save({"model": vit.state_dict()}, tmp_path / "none.pth")
+    run = generic_run(tmp_path / "d", tmp_path / "d", tmp_path / "p", "--reduce_zero_label", "--iters", "1")
+    train_seg.main([*run, "--init", str(tmp_path / "none.pth")])
+    assert f"note: {tmp_path / 'none.pth'} has no position information" in capsys.readouterr().out

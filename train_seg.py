@@ -352,7 +352,7 @@ def build_datasets(args, train: bool = True):
                   num_classes=args.num_classes)
         train_set = data.SegFolder(args.img_dir, args.ann_dir, train_tf, **kw) if train else None
         val = data.SegFolder(args.val_img_dir, args.val_ann_dir, eval_tf, **kw)
-        return train_set, val, [str(c) for c in range(args.num_classes)]
+        return train_set, val, [str(c + bool(args.reduce_zero_label)) for c in range(args.num_classes)]  # file values
     shapes = dict(img_size=args.demo_img_size, num_classes=args.demo_shape_classes)
     train_set = data.ShapesSegmentation(data.SyntheticShapes(args.demo_train_images, seed=0, **shapes), train_tf) \
         if train else None
@@ -391,8 +391,10 @@ def get_args_parser():
     g.add_argument("--crop_size", type=int, default=512, help="training crop and sliding window (ViT input) size")
     g.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
                    help="image scale, train and eval; None: 2048 512 (the demo: 384 96), with --eval the checkpoint's")
-    g.add_argument("--ratio_range", type=float, nargs=2, default=[0.5, 2.0], help="training random resize ratios")
-    g.add_argument("--cat_max_ratio", type=float, default=0.75, help="max share of one class in a training crop")
+    g.add_argument("--ratio_range", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
+                   help="training random resize ratios of --scale")
+    g.add_argument("--cat_max_ratio", type=float, default=0.75,
+                   help="max share of one class in a training crop (1: no limit)")
     g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per process")
     g.add_argument("--max_unreadable", type=float, default=0.001,
                    help="stop when more than this fraction of the training images cannot be read (fewer are skipped)")
@@ -440,7 +442,8 @@ def get_args_parser():
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--stride", type=int, default=None,
-                   help="sliding window stride; None: 341 (the demo: 43), with --eval the checkpoint's")
+                   help="sliding window stride; None: 2/3 of --crop_size, 341 at 512 (the demo: 43), with --eval "
+                        "the checkpoint's")
     g.add_argument("--flip", action="store_true", help="add horizontally flipped predictions")
     g.add_argument("--slide_batch", type=int, default=4, help="windows per forward pass")
     g.add_argument("--eval_every", type=int, default=16_000, help="evaluate (and keep checkpoint-best.pth by mIoU) "
@@ -470,10 +473,16 @@ def parse_args(argv=None):
                          "dataset), not both")
     if args.eval is None:  # --eval takes these from the checkpoint unless given (run_eval)
         args.scale = [2048, 512] if args.scale is None else args.scale
-        args.stride = 341 if args.stride is None else args.stride
+        args.stride = args.crop_size * 2 // 3 if args.stride is None else args.stride  # BEiT: 341 at 512
     engine.check_image_size("--crop_size", args.crop_size, 512)
     if args.scale is not None and min(args.scale) <= 0:
         raise ValueError(f"--scale LONG SHORT must be positive sizes, got {' '.join(map(str, args.scale))}")
+    if not 0 < args.ratio_range[0] <= args.ratio_range[1]:
+        raise ValueError(f"--ratio_range MIN MAX must be positive with MIN <= MAX, got "
+                         f"{' '.join(f'{r:g}' for r in args.ratio_range)}")
+    if not 0 < args.cat_max_ratio <= 1:
+        raise ValueError(f"--cat_max_ratio is a share of the crop's labelled pixels, in (0, 1] (1: no limit), got "
+                         f"{args.cat_max_ratio:g}")
     if (args.stride is not None and args.stride < 1) or (args.eval is None and args.stride > args.crop_size):
         raise ValueError(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}")
     if args.channels is not None and args.channels < 1:
@@ -545,6 +554,9 @@ def run_metrics(model, val_set, class_names, args, d, amp_dtype) -> dict:
     metrics = evaluate(engine.unwrap(model), val_set, len(class_names), args.crop_size, args.stride, args.flip,
                        d.device, amp_dtype, args.slide_batch, args.num_workers, progress=d.is_main)
     d.print(format_metrics(metrics, class_names))
+    if math.isnan(metrics["mIoU"]):
+        d.print("warning: the validation labels hold no class pixel (all ignored, 255): mIoU is undefined and no "
+                "checkpoint-best.pth is kept; check the label values and --reduce_zero_label")
     return metrics
 
 
@@ -650,6 +662,10 @@ def train(args, d):
         init = None if args.init == "none" else dtm.read_checkpoint(args.init, "--init")
         model = build_model(args, num_classes, init, args.init)
         started_from = args.init
+        if init is not None and model.backbone.pos_embed is None and \
+                dtm.stored_rel_pos_bias(model.backbone.state_dict()) == "none":
+            d.print(f"note: {args.init} has no position information (no relative position tables, no absolute "
+                    f"position embedding), so neither has this model")
     model.backbone.grad_checkpointing = args.grad_checkpoint
     if args.compile:
         engine.compile_blocks(model.backbone)
