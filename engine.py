@@ -199,10 +199,6 @@ def all_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
     return values
 
 
-# ---------------------------------------------------------------------------------------------------
-# Precision
-
-
 def check_ranks_agree(d: Dist, what: str, value, fix: str):
     """Every process must see the same `value` (a small picklable: a dataset's size, where the run starts); else stop
     on every rank, naming each rank's value: processes that disagree would train out of step and hang in a
@@ -214,6 +210,10 @@ def check_ranks_agree(d: Dist, what: str, value, fix: str):
     if any(v != values[0] for v in values):
         seen = ", ".join(f"rank {rank}: {v}" for rank, v in enumerate(values))
         raise ValueError(f"the processes do not agree on {what} ({seen}): {fix}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Precision
 
 
 def native_bf16(device) -> bool:

@@ -737,7 +737,7 @@ def test_a_continued_run_keeps_how_it_reads_its_label_maps(tmp_path):
     longer = run + ["--iters", "2"]  # the last --iters wins
     without = [flag for flag in longer if flag != "--reduce_zero_label"]
     with pytest.raises(ValueError, match="continues a run that read its label maps with --reduce_zero_label, which a "
-                                         "run cannot change .*: relaunch with --reduce_zero_label"):
+                                         "run cannot change .*: relaunch with it"):
         train_seg.main(without)
     train_seg.main(longer)
     assert torch.load(tmp_path / "run" / engine.LAST)["step"] == 2

@@ -650,9 +650,9 @@ def train(args, d):
         resume = engine.load_checkpoint(resume_path, "dtm_seg", hint="; to start from other weights use --init PATH",
                                         auto=args.resume == "auto")
         if not args.data and reads_zero_as_ignore(resume["args"]) != reads_zero_as_ignore(vars(args)):
-            flag = "--reduce_zero_label" if reads_zero_as_ignore(resume["args"]) else "no --reduce_zero_label"
-            raise ValueError(f"{resume_path!r} continues a run that read its label maps with {flag}, which a run "
-                             f"cannot change (its classes would change meaning): relaunch with {flag}")
+            how = "with" if reads_zero_as_ignore(resume["args"]) else "without"
+            raise ValueError(f"{resume_path!r} continues a run that read its label maps {how} --reduce_zero_label, "
+                             f"which a run cannot change (its classes would change meaning): relaunch {how} it")
         model = build_model(args, num_classes, resume, resume_path)
         started_from = engine.init_started_from(resume)  # engine.resume checks a given --init against it
     else:
