@@ -42,6 +42,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -551,7 +552,8 @@ def test_budget_counts_from_the_start_and_keeps_compile_s_reserve(tmp_path, monk
     assert exit_status.value.code == 0
     checks = json.loads(out.read_text())["checks"]
     assert checks["amp_choice"]["reason"].startswith("no GPU")
-    assert checks["compile"]["reason"].startswith("out of time: 20 s spent, --budget_s 160, reserve 150 s")
+    assert re.match(r"out of time: 2\d s spent, --budget_s 160, reserve 150 s", checks["compile"]["reason"])  # 20 s +
+    # the time this test took until then (21 s on a loaded machine)
 
 
 def processes_with(marker: str) -> list:
