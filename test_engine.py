@@ -1108,6 +1108,7 @@ def test_a_failed_save_names_the_file_removes_its_temp_file_and_keeps_the_last_g
                                       r"write there\?\): \[enforce fail .*; the last good checkpoint there is left") as e:
         engine.save_checkpoint(str(path), {**state, "step": 4})
     assert engine.user_error_message(e.value).startswith("could not write")  # one line, no traceback
+    assert isinstance(e.value.__cause__, RuntimeError) and "enforce fail" in str(e.value.__cause__)  # DTM_TRACEBACK
     assert sorted(os.listdir(tmp_path)) == [engine.LAST] and torch.load(path)["step"] == 3
     with pytest.raises(OSError, match="nothing was written"):
         engine.save_checkpoint(str(tmp_path / "other.pth"), state)

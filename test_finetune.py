@@ -414,6 +414,11 @@ def test_resume_and_eval_refuse_another_model_or_table_layout(finetuned, tmp_pat
     with pytest.raises(ValueError, match=rf"only in the validation set: \['zebra'\]; only in the checkpoint: "
                                          rf"\['{trained[0]}'\]"):
         tf.main(evaluate + ["--data_val", str(tmp_path / "other")])
+    with pytest.raises(ValueError, match=rf"was trained on other classes \(\d+\) than the data's \(\d+\): only in the "
+                                         rf"data: \['zebra'\]; only in the checkpoint: \['{trained[0]}'\]"):
+        tf.main(["--data_train", str(tmp_path / "other"), "--data_val", str(tmp_path / "other"), "--model", "vit_tiny",
+                 "--img_size", str(IMG), "--batch_size", "2", "--num_workers", "0", "--epochs", "3",
+                 "--output_dir", str(tmp_path / "resumed"), "--resume", str(out / "checkpoint-last.pth")])
     for real in (["--data", "d"], ["--data_val", "v"]):  # --eval on real data (once refused for --synthetic_val)
         args = tf.parse_args(real + ["--eval", "ck.pth"])
         assert args.model is None and args.img_size is None  # to come from the checkpoint

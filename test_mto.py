@@ -221,7 +221,7 @@ def explicit_entropy(q, k, bias, mask, num_prefix=1, dtype=torch.float32):
     entropy = -(q * q.clamp(min=tiny).log()).sum(dim=-1).mean(dim=1)
     num_visible = visible.sum(dim=1)
     counted = mask & (num_visible >= 2)[:, None]
-    entropy = entropy / num_visible.float().clamp(min=2).log()[:, None] * counted
+    entropy = entropy / num_visible.to(dtype).clamp(min=2).log()[:, None] * counted
     return entropy.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
@@ -401,7 +401,7 @@ def test_mto_forward_losses_are_depth_weighted_sums_of_per_layer_losses():
               for i, w in enumerate([4 / 7, 3 / 7]))
     assert torch.allclose(losses["loss_sing"], sing, atol=1e-6) and torch.allclose(losses["loss_ent"], ent, atol=1e-6)
     assert 0 < losses["loss_ent"] < 1 and -1 < losses["loss_sing"] < 1
-    with pytest.raises(ValueError, match="depth 4"):
+    with pytest.raises(ValueError, match="MTOConfig.layers=5 is out of range for a ViT of depth 4"):
         mto.mto_forward(model, x, mask, mto.MTOConfig(layers=5))
     with pytest.raises(ValueError, match="mask"):
         mto.mto_forward(model, x, None, cfg)
@@ -559,7 +559,8 @@ def test_float64_losses_stay_float64_and_pass_gradcheck():
     g = torch.Generator().manual_seed(11)
     q, k = (torch.randn(4, 2, 1 + N, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     bias = torch.randn(2, 1 + N, 1 + N, generator=g, dtype=torch.float64, requires_grad=True)
-    assert mto.attention_entropy(q, k, bias, mask).dtype == torch.float64
+    torch.testing.assert_close(mto.attention_entropy(q, k, bias, mask),  # float64 throughout: to 1e-12
+                               explicit_entropy(q, k, bias, mask, dtype=torch.float64), rtol=1e-12, atol=1e-14)
     assert torch.autograd.gradcheck(lambda *t: mto.attention_entropy(*t, mask), (q, k, bias))
     # the singularity loss: gradient through the masked tokens only (the visible side is detached by design)
     hidden = torch.randn(4, 1 + N, 5, generator=g, dtype=torch.float64)

@@ -100,7 +100,8 @@ def test_window_starts_cover_the_image_like_mmseg():
     (["--channels", "0", "--data", "/x"], "leave it out for the ViT's width \\(768\\); .* --channels 768 \\(vit_b"),
     (["--ratio_range", "0", "0.01"], "--ratio_range MIN MAX must be positive with MIN <= MAX, got 0 0.01"),
     (["--ratio_range", "2", "0.5"], "--ratio_range MIN MAX must be positive with MIN <= MAX"),  # a traceback once
-    (["--cat_max_ratio", "-3"], "--cat_max_ratio is a share .* in \\(0, 1\\] \\(1: no limit\\), got -3")])
+    (["--cat_max_ratio", "-3"], "--cat_max_ratio is a share .* in \\(0, 1\\] \\(1: no limit\\), got -3"),
+    (["--cat_max_ratio", "1.5"], "--cat_max_ratio is a share .* got 1.5")])
 def test_flags_that_do_nothing_or_train_wrongly_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
         train_seg.parse_args(["--init", "none", *flags])
@@ -714,6 +715,8 @@ def test_eval_reads_label_maps_as_the_checkpoints_training_data_unless_told(tmp_
     assert left_out == given
     with pytest.raises(ValueError, match="label values \\[3\\]"):  # read as 0..K-1, label 3 is out of range
         train_seg.main(val + ["--no-reduce_zero_label"])
+    assert ("note: --no-reduce_zero_label given, but the checkpoint's training data were read with it"
+            in capsys.readouterr().out)
     records = [json.loads(line) for line in open(tmp_path / "e" / "eval.jsonl")]
     assert [r["reduce_zero_label"] for r in records] == [True, True] and records[0]["mIoU"] == left_out["mIoU"]
     # a run trained on labels 0..K-1 is evaluated so, and --no-reduce_zero_label with --data does nothing: refused
@@ -761,6 +764,16 @@ def test_unusable_training_label_files_are_skipped_and_named_and_an_all_ignored_
     out = capsys.readouterr().out
     assert "warning: the validation labels hold no class pixel (all ignored, 255): mIoU is undefined" in out
     assert not (tmp_path / "run" / engine.BEST).exists()
+    train_seg.main(["--eval", str(tmp_path / "run" / engine.LAST), "--val_img_dir", str(tmp_path / "v" / "img"),
+                    "--val_ann_dir", str(tmp_path / "v" / "ann"), "--num_classes", "3", "--num_workers", "0",
+                    "--output_dir", str(tmp_path / "e")])
+    record = json.loads(open(tmp_path / "e" / "eval.jsonl").read(),
+                        parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert record["mIoU"] is None and record["aAcc"] is None  # NaN as null
+    sixteen_bit = tmp_path / "wide.png"  # label values beyond 0..255: unusable as a label map, skipped in training
+    data.Image.fromarray(data.np.full((4, 4), 300, dtype=data.np.uint16)).save(sixteen_bit)
+    with pytest.raises(data.UnreadableImage, match="outside 0..255"):
+        data.load_label_map(str(sixteen_bit))
     with pytest.raises(ValueError, match="validation samples cannot be used; first: .*mode 'RGB'"):  # still refused
         train_seg.main(generic_run(tmp_path / "v", tmp_path / "t", tmp_path / "val_bad"))
 
