@@ -169,7 +169,9 @@ def test_a_checkpoint_without_position_tables_is_noted(tmp_path, capsys):
     vit = dtm.build_vit("vit_tiny", img_size=IMG, rel_pos_bias="none")
     torch.save({"model": vit.state_dict(), "args": {"model": "vit_tiny"}}, tmp_path / "plain.pth")
     tf.main(TINY_RUN[:-1] + [str(tmp_path / "plain.pth"), "--epochs", "1", "--output_dir", str(tmp_path / "out")])
-    assert "plain.pth has no relative position tables, so neither has this model" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "plain.pth has no relative position tables, so neither has this model" in out
+    assert "nor an absolute position embedding: it has no position information" in out
 
 
 def test_soft_target_cross_entropy_matches_definition():

@@ -464,7 +464,9 @@ def finetune(args, d, amp_dtype, scaler):
             d.print(f"loaded {init_path}" + (f"; initialized afresh: {', '.join(fresh)}" if fresh else ""))
         if init is not None and args.rel_pos_bias != "none" and dtm.stored_rel_pos_bias(model.state_dict()) == "none":
             d.print(f"note: {init_path} has no relative position tables, so neither has this model (--rel_pos_bias "
-                    f"{args.rel_pos_bias} applies to the tables a checkpoint has)")
+                    f"{args.rel_pos_bias} applies to the tables a checkpoint has)"
+                    + ("; nor an absolute position embedding: it has no position information" if model.pos_embed is None
+                       else ""))
     model.grad_checkpointing = args.grad_checkpoint
     if args.compile:
         engine.compile_blocks(model)
