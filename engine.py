@@ -50,6 +50,7 @@ import dtm
 LAST = "checkpoint-last.pth"
 BEST = "checkpoint-best.pth"
 LOG = "log.jsonl"
+RUN_CHECKPOINT = re.compile(r"checkpoint-(last|best|\d+)\.pth")  # the files a run writes in its output_dir
 REPO = os.path.dirname(os.path.abspath(__file__))
 _SAME_FILES = "every process must read the same files (one data folder that every node sees in full)"
 
@@ -316,9 +317,8 @@ def check_shared_args(args):
         raise ValueError(f"--max_unreadable is a fraction of the training images, in 0..1; got {args.max_unreadable}")
     if getattr(args, "layer_decay", None) is not None and not 0 < args.layer_decay <= 1:
         raise ValueError(f"--layer_decay must be in (0, 1] (1: no decay), got {args.layer_decay}")
-    betas = getattr(args, "betas", None)
-    if betas is not None and not all(0 <= b < 1 for b in betas):
-        raise ValueError(f"--betas are AdamW's moment decays, each in [0, 1); got {' '.join(map(str, betas))}")
+    if not all(0 <= b < 1 for b in args.betas):  # every trainer has --betas
+        raise ValueError(f"--betas are AdamW's moment decays, each in [0, 1); got {' '.join(map(str, args.betas))}")
     if not -2 ** 63 <= args.seed < 2 ** 64:  # torch.manual_seed's range
         raise ValueError(f"--seed must be in -2**63..2**64 - 1, got {args.seed}")
     check_output_dir(args.output_dir)
@@ -797,7 +797,7 @@ def _written_by_runs_in(output_dir: str, path: str) -> bool:
     checkpoint-best.pth or checkpoint-{epoch}.pth there."""
     if not (os.path.isfile(path) and os.path.isdir(output_dir)):
         return False
-    return any(re.fullmatch(r"checkpoint-(last|best|\d+)\.pth", os.path.basename(p))
+    return any(RUN_CHECKPOINT.fullmatch(os.path.basename(p))
                and os.path.samefile(os.path.dirname(os.path.abspath(p)), output_dir)
                for p in (path, os.path.realpath(path)))
 
@@ -944,7 +944,7 @@ def load_checkpoint(path: str, kind: str, flag: str = "--resume", hint: str = ""
         if not auto:
             raise
         folder = os.path.dirname(path) or "."
-        older = sorted(name for name in os.listdir(folder) if re.fullmatch(r"checkpoint-(best|\d+)\.pth", name))
+        older = sorted(name for name in os.listdir(folder) if RUN_CHECKPOINT.fullmatch(name) and name != LAST)
         raise ValueError(f"{e}; to start over pass --fresh" + (
             f", or to continue an older checkpoint move this one away and pass --resume with one of "
             f"{', '.join(os.path.join(folder, name) for name in older)}" if older else "")) from None

@@ -649,8 +649,9 @@ def train(args, d):
     if resume_path is not None:
         resume = engine.load_checkpoint(resume_path, "dtm_seg", hint="; to start from other weights use --init PATH",
                                         auto=args.resume == "auto")
-        if not args.data and reads_zero_as_ignore(resume["args"]) != reads_zero_as_ignore(vars(args)):
-            how = "with" if reads_zero_as_ignore(resume["args"]) else "without"
+        trained_reduced = reads_zero_as_ignore(resume["args"])
+        if not args.data and trained_reduced != reads_zero_as_ignore(vars(args)):
+            how = "with" if trained_reduced else "without"
             raise ValueError(f"{resume_path!r} continues a run that read its label maps {how} --reduce_zero_label, "
                              f"which a run cannot change (its classes would change meaning): relaunch {how} it")
         model = build_model(args, num_classes, resume, resume_path)
