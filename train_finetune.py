@@ -260,7 +260,9 @@ def get_args_parser():
                    "with a GradScaler (V100); fp32 on the CPU")
     g = p.add_argument_group("augmentation")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment, timm notation, or 'none' (then no colour "
-                   "jitter either, as MAE; BEiT's timm call would add ColorJitter 0.4 in its place)")
+                   "jitter either, as MAE: main_finetune.py --color_jitter None; the official code passes "
+                   "--color_jitter 0.4 to timm's create_transform, run_class_finetuning.py:118 and utils/datasets.py:611, "
+                   "which adds ColorJitter 0.4 in its place)")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0: off)")
