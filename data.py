@@ -23,6 +23,9 @@ Fine-tuning (BEiT v2 / MAE fine-tuning recipe, MAE Appendix A.1, Table 9; as imp
                         applied with probability 0.5, "increasing" op variants (without inc1, timm's original ones).
   RandomErasing         Zhong et al. 2020, timm's mode 'pixel' (per-pixel N(0,1) noise in normalized space), prob 0.25.
   EvalTransform         resize shorter side to img_size / crop_ratio (224 / 0.875 = 256), bicubic, center crop.
+                        train_finetune's crop_ratio: 0.875 below 384 px, else 1.0, as build_transform in BEiT v2
+                        (unilm beit2/datasets.py) and naver-ai/dtm (utils/datasets.py); MAE's (util/datasets.py) is
+                        1.0 from 225 px on.
   Mixup                 Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) per batch with label smoothing, timm's
                         `Mixup(mode='batch', correct_lam=True)`: the batch is mixed with its reverse.
 
