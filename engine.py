@@ -462,9 +462,10 @@ class SeededSamples(torch.utils.data.Dataset):
     index) while base[index] runs; the caller's RNG states are left as they were.
 
     A sample's augmentation then depends on nothing else (not on the worker, the rank or what ran before), which
-    makes resuming mid-epoch exact. A sample whose image cannot be read (data.UnreadableImage) is replaced by the
-    next readable one, index + 1, + 2, ... (with the same seed, so runs stay reproducible); `skipped` names the
-    files passed over, each as "path\\treason" ("\\n"-joined; "" when none), for UnreadableImages.add."""
+    makes resuming mid-epoch exact. A sample whose image cannot be read (data.UnreadableImage), or whose file is gone
+    since the dataset was listed (deleted, moved, a dangling link), is replaced by the next readable one, index + 1,
+    + 2, ... (with the same seed, so runs stay reproducible); `skipped` names the files passed over, each as
+    "path\\treason" ("\\n"-joined; "" when none), for UnreadableImages.add."""
 
     def __init__(self, base, seed: int, max_tries: int = 16):
         self.base, self.seed, self.max_tries = base, seed, max_tries
@@ -485,6 +486,9 @@ class SeededSamples(torch.utils.data.Dataset):
                     return (*self.base[(index + attempt) % len(self.base)], "\n".join(skipped))
                 except data.UnreadableImage as e:
                     skipped.append(f"{e.path}\t{e}")
+                    error = e
+                except FileNotFoundError as e:  # listed at start-up, gone now: hours into a run, skip it as above
+                    skipped.append(f"{e.filename}\tfile not found, deleted or moved since the dataset was listed ({e})")
                     error = e
                 finally:
                     random.setstate(py_state)

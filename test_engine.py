@@ -685,6 +685,24 @@ def test_seeded_samples_depend_only_on_seed_epoch_index_and_skip_unreadable_ones
         engine.SeededSamples(Recorder(20, bad=range(20)), seed=1)[(0, 0)]
 
 
+def test_a_training_image_deleted_during_the_run_is_skipped_like_an_unreadable_one(tmp_path):
+    """The unreadable-image message says "delete or replace it"; a file deleted (or a link left dangling) after the
+    dataset was listed raised FileNotFoundError in a worker and stopped every rank, hours into a run."""
+    for name in ("0", "1", "2"):
+        os.makedirs(tmp_path / "a", exist_ok=True)
+        Image.new("RGB", (4, 4), (int(name) * 100, 0, 0)).save(tmp_path / "a" / f"{name}.png")
+    samples = engine.SeededSamples(data.ImageFolder(str(tmp_path), transform=lambda img: img.getpixel((0, 0))), 1)
+    gone = str(tmp_path / "a" / "1.png")
+    os.remove(gone)
+    pixel, label, skipped = samples[(0, 1)]
+    assert pixel == (200, 0, 0) and label == 0  # the next image took its place
+    path, reason = skipped.split("\t")
+    assert path == gone and reason.startswith("file not found, deleted or moved since the dataset was listed")
+    images = engine.UnreadableImages(limit=1)
+    images.add([skipped])
+    assert images.pending == {gone: reason}
+
+
 def test_micro_batches_restart_mid_epoch_exactly():
     def stream(start_step, count, world=1, rank=0):
         dataset = Recorder(23)
