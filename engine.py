@@ -887,12 +887,15 @@ def _json_or_none(line: str):
         return None
 
 
-def checkpoint_state(kind: str, model, optimizer, scaler, args, step: int, steps_per_epoch: int, **extra) -> dict:
+def checkpoint_state(kind: str, model, optimizer, scaler, args, step: int, steps_per_epoch: int,
+                     train_images: int = None, **extra) -> dict:
     """The checkpoint dict: plain Python values and tensors only, so torch.load(path) reads it with its default
-    weights_only=True. kind: "dtm_pretrain", "dtm_finetune" or "dtm_seg"; epoch: the epoch of the last step done."""
+    weights_only=True. kind: "dtm_pretrain", "dtm_finetune" or "dtm_seg"; epoch: the epoch of the last step done;
+    train_images: the size of the training set, whose epoch order a resumed run continues (resume)."""
     return {"kind": kind, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "epoch": max(step - 1, 0) // steps_per_epoch, "steps_per_epoch": steps_per_epoch, "args": dict(vars(args)),
+            "train_images": train_images,
             "world_size": dist.get_world_size() if dist.is_initialized() else 1, "rng": rng_state(),
             "init_abspath": os.path.abspath(args.init) if getattr(args, "init", None) not in (None, "none")
             and (os.path.isabs(args.init) or os.path.exists(args.init)) else None,  # not a guess from this folder
@@ -967,15 +970,16 @@ BOOKKEEPING = {"resume", "fresh", "output_dir", "num_workers", "log_every", "sav
 
 
 def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_per_epoch: int, d: Dist,
-           counts_steps: bool = False) -> int:
+           counts_steps: bool = False, train_images: int = None) -> int:
     """Restore model, optimizer, scaler and RNG states from a checkpoint of this trainer; returns the step to
     continue from. Prints the settings that differ from the checkpoint's (a new --lr or --epochs applies from here).
     Another number of samples per step (batch size x accumulation x processes) or of steps per epoch is accepted at
     an epoch boundary only (the step is renumbered to keep the epochs done); another split of the same samples per
     step also mid-epoch. counts_steps: the run's length and schedule count steps (segmentation's --iters), so another
     number of samples per step is accepted at any step and the step is kept; the data continues at that step's place
-    in the new order. --init starts a new run: another --init than the run started from is refused, not silently
-    ignored."""
+    in the new order. Another number of training images (train_images; a file deleted or added) is said: an epoch's
+    order is a permutation of them, so mid-epoch the rest of the epoch is not the saved run's. --init starts a new
+    run: another --init than the run started from is refused, not silently ignored."""
     saved = checkpoint["args"]
     if "init" in vars(args) and saved.get("init") is not None:
         started_from = init_started_from(checkpoint)
@@ -1024,6 +1028,12 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
         d.print(f"{path!r} was saved with {checkpoint['steps_per_epoch']} steps per epoch, this run has "
                 f"{steps_per_epoch}: step {checkpoint['step']} (end of epoch {epochs_done - 1}) continues as step "
                 f"{step}; log lines before it count steps of the old size (plot by epoch)")
+    saved_images = checkpoint.get("train_images")  # None: saved before it was recorded
+    if None not in (saved_images, train_images) and saved_images != train_images:
+        d.print(f"note: {path!r} was saved with {saved_images} training images, this run has {train_images}"
+                + (f": the rest of epoch {epochs_done} is drawn in the new set's order, so in that epoch some images "
+                   f"come twice and others not at all (continuing exactly needs the images it was saved with)"
+                   if rest and not differ else ""))
     optimizer.load_state_dict(regrouped_optimizer_state(optimizer, checkpoint["optimizer"], path))
     if scaler is not None and checkpoint.get("scaler") is not None:
         scaler.load_state_dict(checkpoint["scaler"])

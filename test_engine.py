@@ -413,6 +413,31 @@ def test_resume_mid_epoch_needs_the_same_samples_per_step(capsys):
     assert "--batch_size 32 -> 31" in capsys.readouterr().out
 
 
+def test_resume_says_when_the_training_set_changed_size(capsys):
+    """An epoch's order is a permutation of all N images: resumed mid-epoch on N - 1 (an unreadable file deleted as
+    advised) with the same steps per epoch, the rest of the epoch came from another permutation, silently (about a
+    quarter of a half-done epoch twice, a quarter never)."""
+    model = torch.nn.Linear(3, 2)
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=(0.9, 0.98), output_dir="x", demo=False, batch_size=32,
+                              accum_iter=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    state = engine.checkpoint_state("dtm_pretrain", model, optimizer, None, args, 5, 16, train_images=512)
+    assert state["train_images"] == 512
+    assert engine.resume(state, "ck.pth", model, optimizer, None, args, 16, CPU, train_images=512) == 5
+    assert "training images" not in capsys.readouterr().out
+    assert engine.resume(state, "ck.pth", model, optimizer, None, args, 16, CPU, train_images=511) == 5
+    assert ("note: 'ck.pth' was saved with 512 training images, this run has 511: the rest of epoch 0 is drawn in "
+            "the new set's order, so in that epoch some images come twice and others not at all"
+            ) in capsys.readouterr().out
+    state["step"] = 16  # at an epoch boundary: only the sizes
+    assert engine.resume(state, "ck.pth", model, optimizer, None, args, 16, CPU, train_images=520) == 16
+    out = capsys.readouterr().out
+    assert "was saved with 512 training images, this run has 520\n" in out and "rest of epoch" not in out
+    del state["train_images"]  # a checkpoint from before it was recorded: nothing to compare
+    engine.resume(state, "ck.pth", model, optimizer, None, args, 16, CPU, train_images=520)
+    assert "training images" not in capsys.readouterr().out
+
+
 def test_every_split_of_the_samples_per_step_trains_on_the_same_samples_at_each_step():
     """What lets a mid-epoch restart change --batch_size x --accum_iter x processes if their product stays: the epoch's
     order is one permutation, rank r taking entries r, r + W, ..., so step s covers entries s * T .. (s + 1) * T - 1."""

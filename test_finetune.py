@@ -381,12 +381,15 @@ def test_fine_tuned_classifier_as_features_keeps_its_fc_norm(finetuned):
     assert not torch.equal(vit.norm.weight, torch.ones_like(vit.norm.weight))  # trained, not a fresh LayerNorm
 
 
-def test_resume_continues_exactly(finetuned, tmp_path):
+def test_resume_continues_exactly(finetuned, tmp_path, monkeypatch):
     out, best = finetuned
+    resume, compared = engine.resume, []
+    monkeypatch.setattr(engine, "resume", lambda *a, **k: compared.append(k["train_images"]) or resume(*a, **k))
     resumed_best = tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path),
                                        "--resume", str(out / "checkpoint-last.pth.epoch0")])
     full, resumed = torch.load(out / "checkpoint-last.pth"), torch.load(tmp_path / "checkpoint-last.pth")
     assert resumed["epoch"] == full["epoch"] == 1 and resumed["step"] == full["step"] == 6
+    assert compared == [48] and resumed["train_images"] == 48  # what resume compares (a changed set is said)
     for k, v in full["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
     for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):

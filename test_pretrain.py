@@ -182,6 +182,7 @@ def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path, capsys):
     checkpoint = torch.load(tmp_path / "split" / engine.LAST)  # plain torch.load, weights_only=True
     assert checkpoint["step"] == 2 and checkpoint["kind"] == "dtm_pretrain" and checkpoint["args"]["max_steps"] == 2
     assert set(checkpoint) >= {"model", "optimizer", "scaler", "epoch", "step", "args", "rng"}
+    assert checkpoint["train_images"] == 12  # what resume compares (a changed set is said)
     capsys.readouterr()
     resumed = tp.main(tiny_argv(image_folder, tmp_path / "split", "--max_steps", "5"))  # the same command: continues
     assert resumed["step"] == 5
@@ -192,6 +193,19 @@ def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path, capsys):
     logs = [read_log(tmp_path / run / engine.LOG) for run in ("full", "split")]
     assert [r["step"] for r in logs[1]] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
+
+
+def test_resume_mid_epoch_after_an_image_was_deleted_says_the_epoch_differs(tmp_path, capsys):
+    """An unreadable file deleted between launches, as the skip message advises: the rest of the epoch comes from
+    another order. Said at the resume."""
+    root = make_image_folder(tmp_path / "images", count=13)  # 3 steps per epoch with 12 or 13 images
+    tp.main(tiny_argv(root, tmp_path / "run", "--max_steps", "2"))
+    os.remove(os.path.join(root, "class0", "12.png"))
+    capsys.readouterr()
+    tp.main(tiny_argv(root, tmp_path / "run", "--max_steps", "3"))
+    assert ("was saved with 13 training images, this run has 12: the rest of epoch 0 is drawn in the new set's "
+            "order") in capsys.readouterr().out
+    assert torch.load(tmp_path / "run" / engine.LAST)["train_images"] == 12
 
 
 def fp16_on_the_cpu(monkeypatch):

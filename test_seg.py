@@ -384,6 +384,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         saved(f"{path}.step{state['step']}", state)
 
     monkeypatch.setattr(engine, "save_checkpoint", keep_every_save)
+    resume, compared = engine.resume, []
+    monkeypatch.setattr(engine, "resume", lambda *a, **k: compared.append(k["train_images"]) or resume(*a, **k))
     full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
     run = TINY_RUN + ["--save_every", "2", "--log_every", "3"]  # saved at step 2, between the log lines 3 and 4
     full_metrics = train_seg.main(run + ["--output_dir", full_dir])
@@ -392,6 +394,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     full = torch.load(os.path.join(full_dir, "checkpoint-last.pth.step4"))  # plain torch.load: weights_only=True
     resumed = torch.load(os.path.join(resumed_dir, "checkpoint-last.pth.step4"))
     assert full["step"] == resumed["step"] == 4 and full["kind"] == "dtm_seg"
+    assert compared == [5] and resumed["train_images"] == 5  # what resume compares (a changed set is said)
     for k, v in full["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
     for k, state in full["optimizer"]["state"].items():

@@ -479,7 +479,8 @@ def finetune(args, d, amp_dtype, scaler):
     optimizer = build_optimizer(model, lr, args.weight_decay, layer_decay, args.betas)
     step, best_top1 = 0, -1.0
     if resume_path is not None:
-        step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
+        step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
+                             train_images=len(train_set))
         best_top1 = resume["best_top1"]
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     finished = step >= total_steps
@@ -551,7 +552,8 @@ def finetune(args, d, amp_dtype, scaler):
                       f"top-5 {stats['top5']:.2f}%  (best {best_top1:.2f}%)")
         named_files = engine.unreadable_for_checkpoint(unreadable, d, step, log)
         state = engine.checkpoint_state("dtm_finetune", model, optimizer, scaler, args, step, steps_per_epoch,
-                                        best_top1=best_top1, val=stats, classes=list(classes),
+                                        train_images=len(train_set), best_top1=best_top1, val=stats,
+                                        classes=list(classes),
                                         unreadable_images=named_files, log_lines=log.lines)
         if improved:  # before LAST: a run killed between the two saves retrains the epoch and writes BEST again
             engine.save_checkpoint(os.path.join(args.output_dir, engine.BEST), state)

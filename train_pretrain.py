@@ -287,7 +287,8 @@ def train(args, d: engine.Dist) -> dict:
         checkpoint = engine.load_checkpoint(resume_path, "dtm_pretrain", hint="; pre-training does not continue other "
                                             "trainers' runs (to distil from a ViT checkpoint pass --teacher ckpt:PATH)",
                                             auto=args.resume == "auto")
-        step = engine.resume(checkpoint, resume_path, model, optimizer, scaler, args, steps_per_epoch, d)
+        step = engine.resume(checkpoint, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
+                             train_images=len(dataset))
     finished = step >= last_step
     log = engine.open_log(args.output_dir, checkpoint if own_run else None, d.is_main, finished)
     ddp_model = engine.ddp(model, d)  # the teacher stays outside: it does not train
@@ -302,8 +303,8 @@ def train(args, d: engine.Dist) -> dict:
         window = None if sums is None else dict(names=loss_names, sums=engine.all_mean(sums, d).cpu(), count=count)
         named_files = engine.unreadable_for_checkpoint(unreadable, d, step, log)
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
-            "dtm_pretrain", model, optimizer, scaler, args, step, steps_per_epoch, log_window=window,
-            unreadable_images=named_files, log_lines=log.lines))
+            "dtm_pretrain", model, optimizer, scaler, args, step, steps_per_epoch, train_images=len(dataset),
+            log_window=window, unreadable_images=named_files, log_lines=log.lines))
 
     timer = engine.StepTimer(d.device)
     unreadable = engine.unreadable_images(args.max_unreadable, len(dataset), checkpoint)

@@ -687,7 +687,7 @@ def train(args, d):
     step, best_miou = 0, -1.0
     if resume_path is not None:
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
-                             counts_steps=True)  # --iters counts steps
+                             train_images=len(train_set), counts_steps=True)  # --iters counts steps
         best_miou = resume["best_miou"]
     finished = step >= args.iters
     log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished)
@@ -698,8 +698,8 @@ def train(args, d):
     def save(name, metrics=None):
         named_files = engine.unreadable_for_checkpoint(unreadable, d, step, log)
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
-            "dtm_seg", model, optimizer, scaler, args, step, steps_per_epoch, best_miou=best_miou,
-            num_classes=num_classes, metrics=metrics, log_window=engine.all_mean(window, d).cpu(),
+            "dtm_seg", model, optimizer, scaler, args, step, steps_per_epoch, train_images=len(train_set),
+            best_miou=best_miou, num_classes=num_classes, metrics=metrics, log_window=engine.all_mean(window, d).cpu(),
             unreadable_images=named_files, log_lines=log.lines))
 
     unreadable = engine.unreadable_images(args.max_unreadable, len(train_set), resume if resume_path else None)
