@@ -173,7 +173,8 @@ class ImageFolder(torch.utils.data.Dataset):
     workers read it without copying it). .targets: the labels (N,) int64. __getitem__ -> (transform(img), label), the
     PIL RGB image itself when transform is None. As torchvision's ImageFolder for flat class folders (ImageNet's);
     with nested ones torchvision lists a folder's own files before its subfolders', and it also reads .ppm/.pgm
-    files, which IMG_EXTENSIONS leaves out.
+    files, which IMG_EXTENSIONS leaves out. Hidden names (".ipynb_checkpoints/", "._x.JPEG") are skipped, where
+    torchvision would make a hidden folder a class (the first: class indices shift) and read macOS's "._" files.
     """
 
     LAYOUT = "root/<class_name>/<image>.jpg (one subfolder per class, e.g. imagenet/train/n01440764/xxx.JPEG)"

@@ -245,8 +245,11 @@ def test_image_folder_skips_hidden_folders_and_refuses_link_loops(tmp_path):
     _save(tmp_path / "ok" / "a" / "1.jpg")
     _save(tmp_path / "ok" / "a" / ".ipynb_checkpoints" / "1-checkpoint.jpg")
     _save(tmp_path / "ok" / "a" / "sub" / "2.jpg")
+    _save(tmp_path / "ok" / "a" / "._3.jpg")  # macOS's resource fork beside a copied file
+    _save(tmp_path / "ok" / ".ipynb_checkpoints" / "0.jpg")  # a hidden class folder would be class 0
     ds = data.ImageFolder(str(tmp_path / "ok"))
     assert sorted(os.path.relpath(p, tmp_path / "ok") for p, _ in ds.samples) == ["a/1.jpg", "a/sub/2.jpg"]
+    assert ds.classes == ["a"]
     _save(tmp_path / "loop" / "a" / "1.jpg")
     os.symlink("..", tmp_path / "loop" / "a" / "up")  # a/up/a/up/... would list 1.jpg until the path gets too long
     with pytest.raises(ValueError, match="symbolic link loop"):
