@@ -113,7 +113,7 @@ def measure(args, method, schedule_text):
     student, teacher = make_inputs(args)
     schedules = [parse_schedule(schedule_text)] * args.levels
     cuda = args.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(args.device)) if cuda else (lambda: None)  # --device cuda:1: that GPU's
 
     def step():
         student.grad = None
@@ -125,10 +125,10 @@ def measure(args, method, schedule_text):
             step()
         student.grad = None  # the step makes its gradient: counted in its growth, not in the baseline
         if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats(args.device)
+            base = torch.cuda.memory_allocated(args.device)
             step()
-            return {"peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
+            return {"peak_mib": (torch.cuda.max_memory_allocated(args.device) - base) / 2**20}
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak resident set size to the current one
         base = _resident_mib("VmRSS:")

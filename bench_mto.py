@@ -102,7 +102,7 @@ def make_step(args, cfg, mto_module=mto, teacher=None):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(args.device)  # the GPU of --device (cuda:1 too), not the current one
     return step
 
 
