@@ -3,7 +3,8 @@
 By default the teacher is left out (it is the same with and without MTO): random targets of the CLIP dimension stand
 in for it. --teacher clip puts it in: a CLIP ViT-B/16-sized visual encoder with random weights (the same computation
 as the real one) makes each step's targets from the images, as train_pretrain.py does, so the overhead is over the
-whole step but data loading. Morphing uses the default dynamic schedules (L=2). The variants run interleaved, one
+whole step but data loading and the trainer's gradient clipping (one global norm per step, the same in every
+variant, so left out here as well). Morphing uses the default dynamic schedules (L=2). The variants run interleaved, one
 step of each in turn (the order rotating), so that a change of machine load hits all of them alike. Prints, for each
 variant, the median and the fastest wall time per step and the median CPU time per step (user + system time of this
 process: on a shared virtual machine it leaves out time the CPUs were given to other guests), each with its overhead
