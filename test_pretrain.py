@@ -14,6 +14,7 @@ from PIL import Image
 
 import dtm
 import engine
+import morph
 import train_pretrain as tp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -438,6 +439,16 @@ def test_teacher_from_each_checkpoint_kind_and_errors(image_folder, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------
 # DDP
+
+def test_each_micro_step_draws_new_morphing_schedules(image_folder, tmp_path, monkeypatch):
+    """DTM's dynamic schedules: every micro-step draws its own (seeded by its position in the run); a seed without the
+    step would draw the same schedules at every step, which the two-process test cannot tell from per-step ones."""
+    drawn, draw = [], morph.sample_schedule
+    monkeypatch.setattr(morph, "sample_schedule", lambda *a, **k: drawn.append(draw(*a, **k)) or drawn[-1])
+    tp.main(tiny_argv(image_folder, tmp_path, "--max_steps", "3"))
+    per_step = [json.dumps(drawn[i:i + 2]) for i in range(0, len(drawn), 2)]  # 2 levels per step
+    assert len(per_step) == 3 and len(set(per_step)) == 3, drawn
+
 
 SCHEDULE_HELPER = """
 import json, os, sys
