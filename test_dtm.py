@@ -334,9 +334,9 @@ def test_a_non_square_grid_resizes_from_the_source_grid_given():
     assert torch.equal(dtm.resize_pos_embed(pos64, (2, 3), (3, 2))[:, 1:], direct.permute(0, 2, 3, 1).reshape(1, 6, -1))
     same, _ = dtm.vit_from_checkpoint(checkpoint, (32, 48), source_grid=(2, 3))  # the same grid: unchanged
     assert torch.equal(same.rel_pos_bias.table, wide.rel_pos_bias.table) and torch.equal(same.pos_embed, wide.pos_embed)
-    with pytest.raises(ValueError, match="7 positions, which do not fit the source grid \(3, 3\)"):
+    with pytest.raises(ValueError, match=r"7 positions, which do not fit the source grid \(3, 3\)"):
         dtm.adapt_state_dict({"pos_embed": wide.pos_embed}, tall, source_grid=(3, 3))
-    with pytest.raises(ValueError, match="table has 18 rows, expected 28 for grid \(3, 3\)"):
+    with pytest.raises(ValueError, match=r"table has 18 rows, expected 28 for grid \(3, 3\)"):
         dtm.adapt_state_dict({"rel_pos_bias.table": wide.rel_pos_bias.table}, tall, source_grid=(3, 3))
 
 
@@ -626,6 +626,24 @@ def test_dtm_loss_equals_dense_morph_matrix_reference(loss, loss_on):
     normalized, _ = dtm.dtm_loss(pred, target, levels, mask, loss=loss, loss_on=loss_on, normalize_target=True)
     reference = dense_dtm_loss(pred, target, levels, mask, loss, loss_on, normalize_target=True)
     assert torch.allclose(normalized, reference, atol=1e-6) and not torch.allclose(normalized, value, atol=1e-5)
+
+
+def test_smooth_l1_beta_is_used_by_the_loss_and_the_pretraining_model():
+    """--beta: only the default 2.0 was ever compared with the reference, so a loss that ignored beta passed."""
+    g = torch.Generator().manual_seed(9)
+    pred, target = torch.randn(3, N, 12, generator=g) * 2, torch.randn(3, N, 12, generator=g) * 2
+    levels = morph.token_morphing_levels(target, [[3, 2], [5, 1, 1]], generator=torch.Generator().manual_seed(0))
+    mask = torch.rand(3, N, generator=g) < 0.5
+    half, _ = dtm.dtm_loss(pred, target, levels, mask, beta=0.5)
+    assert torch.allclose(half, dense_dtm_loss(pred, target, levels, mask, "smooth_l1", "all", beta=0.5), atol=1e-6)
+    assert not torch.allclose(half, dtm.dtm_loss(pred, target, levels, mask)[0], atol=1e-3)  # beta 2.0: another value
+    model = dtm.DTMPretrainModel(tiny_vit(), target_dim=PATCH * PATCH * 3, beta=0.5)
+    x, mask = images(), random_mask()
+    targets = dtm.PixelTeacher(PATCH)(x) * 4
+    levels = morph.token_morphing_levels(targets, [[4, 4], [2]], generator=torch.Generator().manual_seed(0))
+    loss, _ = model(x, mask, targets, levels)
+    pred = model.head(model.student.forward_features(x, mask).tokens[:, 1:])
+    assert torch.allclose(loss, dense_dtm_loss(pred, targets, levels, mask, "smooth_l1", "all", beta=0.5), atol=1e-6)
 
 
 def test_dtm_loss_keeps_float64_inputs_in_float64():

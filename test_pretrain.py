@@ -91,6 +91,8 @@ def test_fixed_schedule_replaces_the_dynamic_scheduler():
             assert num_groups == [groups, groups], fixed
     with pytest.raises(ValueError, match="--fixed_schedule N K"):
         tp.parse_args(base + ["--fixed_schedule", "20", "1"])
+    model, _ = tp.build_model(tp.parse_args(base + ["--beta", "0.5", "--loss_on", "masked", "--normalize_target"]), CPU)
+    assert (model.beta, model.loss_on, model.normalize_target) == (0.5, "masked", True)  # the loss's flags reach it
 
 
 def test_samples_depend_only_on_seed_epoch_index(image_folder):
