@@ -315,6 +315,48 @@ def test_pretrain_transform_reproducible_by_seed():
     assert torch.equal(a, b) and not torch.equal(b, c)
 
 
+def seeded(fn, seed):
+    random.seed(seed), torch.manual_seed(seed)
+    return fn()
+
+
+def test_pretrain_transform_flips_half_of_the_crops():
+    """The flip is drawn after the crop whatever its probability, so p=1 gives the mirror of p=0's output."""
+    img = data.SyntheticShapes(1, 64).get(0)[0]
+    never, always, half = (data.PretrainTransform(32, 0.2, color_jitter=0, hflip=p) for p in (0.0, 1.0, 0.5))
+    flipped = []
+    for seed in range(16):
+        plain = seeded(lambda: never(img), seed)
+        assert torch.equal(seeded(lambda: always(img), seed), plain.flip(-1)) and not torch.equal(plain.flip(-1), plain)
+        out = seeded(lambda: half(img), seed)
+        assert torch.equal(out, plain) or torch.equal(out, plain.flip(-1))
+        flipped.append(torch.equal(out, plain.flip(-1)))
+    assert 4 <= sum(flipped) <= 12  # p = 0.5 (16 seeds)
+    assert data.PretrainTransform().hflip == 0.5
+
+
+def test_color_jitter_draws_torchvisions_ranges_and_applies_each_factor(monkeypatch):
+    """Factors ~ U[1 - s, 1 + s] (brightness, contrast, saturation) and U[-h, h] (hue), as torchvision's ColorJitter;
+    a factor f scales a grey image's brightness by f (contrast and saturation leave grey as it is)."""
+    drawn = []
+    monkeypatch.setattr(data, "_rand_uniform", lambda low, high: drawn.append((low, high)) or high)
+    grey = Image.new("RGB", (6, 4), (100, 100, 100))
+    out = data.ColorJitter(0.4, 0.4, 0.4, 0.1)(grey)
+    assert drawn == [(0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1)]
+    assert np.asarray(out)[0, 0].tolist() == [140, 140, 140]  # brightness x 1.4; the rest leave grey alone
+    drawn.clear()
+    data.ColorJitter(1.5, 0, 0.2)(grey)
+    assert drawn == [(0.0, 2.5), (0.8, 1.2)]  # clamped at 0, as torchvision
+
+
+def test_adjust_hue_turns_red_by_the_given_fraction_of_a_turn():
+    """torchvision's adjust_hue (PIL path): red shifted by a fraction of a turn, the colours torchvision 0.29.1 gives
+    (+0.25: hue 63 of PIL's 256, yellow-green; -0.25: blue-violet)."""
+    red = Image.new("RGB", (2, 2), (255, 0, 0))
+    for turn, rgb in ((0.25, [132, 255, 0]), (-0.25, [138, 0, 255]), (0.1, [255, 150, 0]), (-0.4, [0, 96, 255])):
+        assert np.asarray(data.adjust_hue(red, turn))[0, 0].tolist() == rgb, turn
+
+
 def test_color_jitter_zero_is_identity_and_jitter_changes_image():
     img = data.SyntheticShapes(1, 32).get(0)[0]
     assert np.array_equal(np.asarray(data.ColorJitter(0, 0, 0)(img)), np.asarray(img))
@@ -551,6 +593,31 @@ def test_finetune_transform_shape_and_seed():
     random.seed(0), torch.manual_seed(0)
     b = t(img)
     assert a.shape == (3, 48, 48) and torch.equal(a, b)
+
+
+def test_finetune_transform_flips_and_erases():
+    """The flip (p=0.5) comes before RandAugment; random erasing (prob 0.25) after normalization changes one
+    rectangle of the image and nothing else."""
+    img = data.SyntheticShapes(1, 64).get(0)[0]
+    plain = dict(img_size=32, rand_num_ops=0, reprob=0)
+    never, always = data.FinetuneTransform(**plain, hflip=0.0), data.FinetuneTransform(**plain, hflip=1.0)
+    for seed in range(4):
+        assert torch.equal(seeded(lambda: always(img), seed), seeded(lambda: never(img), seed).flip(-1))
+    unerased, erased = data.FinetuneTransform(32, reprob=0), data.FinetuneTransform(32, reprob=1.0)
+    default = data.FinetuneTransform(32)
+    assert default.hflip == 0.5 and default.erase.prob == 0.25 and default.erase.mode == "pixel"
+    for seed in range(4):
+        before, after = seeded(lambda: unerased(img), seed), seeded(lambda: erased(img), seed)
+        rows, cols = (before != after).any(0).nonzero(as_tuple=True)
+        assert len(rows) > 0
+        box = (slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1))
+        assert (before != after)[:, box[0], box[1]].float().mean() > 0.99  # one filled rectangle of noise
+        outside = torch.ones_like(before, dtype=torch.bool)
+        outside[:, box[0], box[1]] = False
+        assert torch.equal(before[outside], after[outside])
+    erased_count = sum(not torch.equal(seeded(lambda: unerased(img), s), seeded(lambda: default(img), s))
+                       for s in range(24))
+    assert 2 <= erased_count <= 12  # prob 0.25 of 24
 
 
 # ---------------------------------------------------------------------------------------------------------------------
