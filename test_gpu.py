@@ -341,8 +341,8 @@ def run_bench(argv):
 
 
 def check_bench_morph(device, quick, tmp):
-    return run_bench(["bench_morph.py", "--device", device] + (["--batch", "2", "--iters", "1", "--warmup", "0"]
-                                                               if quick else []))
+    return run_bench(["bench_morph.py", "--device", device] + (["--batch", "2", "--iters", "1", "--warmup", "0",
+                                                                "--schedules", "2x49"] if quick else []))
 
 
 def bench_mto_command(device, quick):

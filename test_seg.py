@@ -371,7 +371,8 @@ def test_fresh_with_a_wrong_init_leaves_the_old_run(tmp_path):
     for init, error in ((tmp_path / "typo.pth", FileNotFoundError), (tmp_path / "notes.pth", ValueError)):
         with pytest.raises(error, match=f"--init '{init}'"):
             train_seg.main(TINY_RUN + ["--fresh", "--init", str(init), "--output_dir", out])
-        assert all(torch.equal(v, torch.load(last)["model"][k]) for k, v in before.items())
+        kept = torch.load(last)["model"]
+        assert all(torch.equal(v, kept[k]) for k, v in before.items())
     train_seg.main(TINY_RUN + ["--iters", "1", "--fresh", "--seed", "1", "--output_dir", out])  # a new run replaces it
     name = "decode_head.classifier.weight"
     assert not torch.equal(torch.load(last)["model"][name], before[name])
