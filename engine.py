@@ -683,7 +683,8 @@ def take_from_checkpoint(args, saved: dict, names, path: str, must_agree: bool =
 
 def refuse_ignored(args, parser, names, why: str):
     """Flags set away from their defaults where they would do nothing (`why`) are an error, not silently ignored."""
-    given = [f"--{name}" for name in names if getattr(args, name) != parser.get_default(name)]
+    given = [f"--{'no-' if getattr(args, name) is False and parser.get_default(name) is None else ''}{name}"
+             for name in names if getattr(args, name) != parser.get_default(name)]  # --no-X: a BooleanOptionalAction
     if given:
         raise ValueError(f"{', '.join(given)} would do nothing {why}: leave {'it' if len(given) == 1 else 'them'} out")
 
@@ -740,6 +741,10 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
 
 def _run_start(args, last: str) -> tuple:
     """prepare_run's decision on this rank -> (checkpoint path to resume or None, True if that is output_dir's own)."""
+    if args.resume != "auto" and os.path.isdir(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume!r} is a folder; pass a checkpoint file "
+                                f"({os.path.join(args.resume, LAST)}), or --output_dir {args.resume} to continue the "
+                                f"run there")
     if args.resume != "auto" and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume!r}: no such file")
     resuming_last = args.resume != "auto" and os.path.isfile(last) and os.path.samefile(last, args.resume)
@@ -1158,8 +1163,8 @@ def cli(main):
             raise
         print(f"\ninterrupted: relaunch to continue from the last {LAST} in its --output_dir (written at the end "
               f"of each epoch in pre-training and fine-tuning, and every --save_every steps where the trainer has "
-              f"it): the same command, or after a --resume PATH start the same command with --resume auto",
-              file=sys.stderr, flush=True)
+              f"it): the same command, or after a --resume PATH start the same command with --resume auto; "
+              f"interrupted before the first save, the relaunch starts the run over", file=sys.stderr, flush=True)
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:
         message = user_error_message(e)

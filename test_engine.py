@@ -596,6 +596,9 @@ def test_prepare_run_rules(tmp_path):
     with pytest.raises(FileNotFoundError, match="--resume"):  # a mistyped path removes nothing
         engine.prepare_run(run_args(out, resume=str(tmp_path / "typo.pth"), fresh=True), CPU)
     assert (out / engine.LAST).exists()
+    with pytest.raises(FileNotFoundError, match=f"--resume '{out}' is a folder; pass a checkpoint file "
+                                                f"\\({out / engine.LAST}\\), or --output_dir {out} to continue"):
+        engine.prepare_run(run_args(tmp_path / "new", resume=str(out)), CPU)  # the run's folder, not its file
     assert engine.prepare_run(run_args(out, resume=str(other), fresh=True), CPU) == (str(other), False)
     engine.open_log(str(out), {"step": 0}, True)  # a resumed run's log: the checkpoint stays
     assert (out / engine.LAST).exists()
@@ -933,6 +936,7 @@ def test_ctrl_c_prints_how_to_continue_and_exits_130(capsys, monkeypatch):
     assert exit_info.value.code == 130
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted: relaunch to continue") and "--resume auto" in lines[0]
+    assert lines[0].endswith("interrupted before the first save, the relaunch starts the run over")
     monkeypatch.setenv("DTM_TRACEBACK", "1")
     with pytest.raises(KeyboardInterrupt):
         engine.cli(interrupted)
