@@ -87,6 +87,7 @@ def test_window_starts_cover_the_image_like_mmseg():
 @pytest.mark.parametrize("flags, message", [
     (["--img_suffix", ".png"], "--img_suffix would do nothing in the demo"),
     (["--reduce_zero_label", "--data", "/x"], "--reduce_zero_label would do nothing with --data"),
+    (["--no-reduce_zero_label", "--data", "/x"], "--no-reduce_zero_label would do nothing with --data"),  # as given
     (["--num_classes", "21"], "--num_classes 21 would do nothing in the demo .*--demo_shape_classes"),
     (["--num_classes", "21", "--data", "/x"], "--num_classes 21 would do nothing with --data \\(ADE20K: 150"),
     (["--demo_train_images", "5", "--data", "/x"], "--demo_train_images would do nothing with real data"),
@@ -769,7 +770,7 @@ def test_unusable_training_label_files_are_skipped_and_named_and_an_all_ignored_
     assert "warning: the validation labels hold no class pixel (all ignored, 255): mIoU is undefined" in out
     assert not (tmp_path / "run" / engine.BEST).exists()
     train_seg.main(["--eval", str(tmp_path / "run" / engine.LAST), "--val_img_dir", str(tmp_path / "v" / "img"),
-                    "--val_ann_dir", str(tmp_path / "v" / "ann"), "--num_classes", "3", "--num_workers", "0",
+                    "--val_ann_dir", str(tmp_path / "v" / "ann"), "--num_workers", "0",  # --num_classes: the run's
                     "--output_dir", str(tmp_path / "e")])
     record = json.loads(open(tmp_path / "e" / "eval.jsonl").read(),
                         parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))

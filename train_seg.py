@@ -384,7 +384,8 @@ def get_args_parser():
     g.add_argument("--val_ann_dir", help="generic dataset: validation label maps")
     g.add_argument("--img_suffix", default=".jpg", help="image file suffix")
     g.add_argument("--ann_suffix", default=".png", help="label file suffix")
-    g.add_argument("--num_classes", type=int, help="generic dataset: number of classes (ADE20K: 150)")
+    g.add_argument("--num_classes", type=int, help="generic dataset: number of classes (ADE20K: 150); with --eval "
+                   "the checkpoint's unless given")
     g.add_argument("--reduce_zero_label", action=argparse.BooleanOptionalAction, default=None,
                    help="generic dataset: label 0 means 'ignore', classes are 1..K (as ADE20K); with --eval the "
                         "checkpoint's training data's unless given (--no-reduce_zero_label: labels 0..K-1)")
@@ -594,6 +595,8 @@ def run_eval(args, d):
     args.scale = checkpoint["args"]["scale"] if args.scale is None else args.scale
     args.stride = checkpoint["args"]["stride"] if args.stride is None else args.stride
     take_label_reading(args, checkpoint["args"], d)
+    if not (args.data or args.demo) and args.num_classes is None:  # a generic dataset: the head's classes
+        args.num_classes = checkpoint["num_classes"]
     d.print(f"{args.eval}: {args.model}, crop {args.crop_size}, scale {args.scale[0]}x{args.scale[1]}, stride "
             f"{args.stride}{', flip' if args.flip else ''}")
     if args.stride > args.crop_size:
