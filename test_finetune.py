@@ -499,6 +499,8 @@ def test_image_folder_data_flags(tmp_path):
     with pytest.raises(ValueError, match=r"--data '.*train' must hold train/ and val/ .*'.*train/train' and "
                                          r"'.*train/val' not found. For other layouts pass --data_train and --data_val"):
         tf.build_datasets(args)
+    with pytest.raises(FileNotFoundError, match=r"--data '.*tpyo' is not a directory \(a dataset root"):  # mistyped
+        tf.build_datasets(tf.parse_args(["--data", str(tmp_path / "tpyo"), "--init", "none"]))
     with pytest.raises(ValueError, match="--num_classes 1000 but the data has 2 classes"):
         tf.main(["--data", str(tmp_path), "--init", "none", "--num_classes", "1000", "--output_dir", str(tmp_path)])
     # transfer in one command: a pre-trained checkpoint onto an ImageFolder with its own number of classes
