@@ -27,19 +27,25 @@ def read_log(path: str, x_field: str, field: str):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{number} is not a JSON line ({e}); pass a log.jsonl written by train_*.py")
+                raise SystemExit(f"error: {path}:{number} is not a JSON line ({e}); pass a log.jsonl written by train_*.py")
             if record.get(x_field) is not None and record.get(field) is not None:
                 x, y = float(record[x_field]), float(record[field])
                 if math.isfinite(x) and math.isfinite(y):
                     points.append((x, y))
     if not points:
-        raise SystemExit(f"{path}: no line has both {x_field!r} and {field!r}")
+        raise SystemExit(f"error: {path}: no line has both {x_field!r} and {field!r}")
     return points
 
 
 def moving_average(values, window: int):
     """Trailing mean over the last `window` values (window 1: unchanged)."""
     return [sum(values[max(0, i + 1 - window):i + 1]) / min(i + 1, window) for i in range(len(values))]
+
+
+def x_ticks(x0, x1, integral: bool) -> list:
+    """Six evenly spaced ticks over [x0, x1]; integral x (steps, epochs): whole numbers (step 96, not 95.2), each once."""
+    ticks = [x0 + (x1 - x0) * i / 5 for i in range(6)]
+    return sorted({round(t) for t in ticks}) if integral else ticks
 
 
 def plot(series, labels, title: str, x_label: str, y_label: str, size=(720, 440)):
@@ -62,9 +68,9 @@ def plot(series, labels, title: str, x_label: str, y_label: str, size=(720, 440)
         _, py = to_px(x0, y)
         draw.line([left, py, width - right, py], fill="#e0e0e0")
         draw.text((5, py - 6), f"{y:.4g}", fill="black")
-        x = x0 + (x1 - x0) * i / 5
+    for x in x_ticks(x0, x1, all(float(x).is_integer() for x in xs)):
         px, _ = to_px(x, y0)
-        draw.text((px - 10, height - bottom + 6), f"{x:.4g}", fill="black")
+        draw.text((px - 10, height - bottom + 6), f"{x:.4g}" if isinstance(x, float) else str(x), fill="black")
     for k, (points, label) in enumerate(zip(series, labels)):
         color = COLORS[k % len(COLORS)]
         pixels = [to_px(x, y) for x, y in points]
@@ -105,10 +111,10 @@ def main(argv=None):
     check_out(args.out)
     labels = args.labels or args.logs
     if len(labels) != len(args.logs):
-        raise SystemExit(f"{len(args.logs)} logs but {len(labels)} labels")
+        raise SystemExit(f"error: {len(args.logs)} logs but {len(labels)} labels")
     fields = args.fields or [args.field] * len(args.logs)
     if len(fields) != len(args.logs):
-        raise SystemExit(f"{len(args.logs)} logs but {len(fields)} fields")
+        raise SystemExit(f"error: {len(args.logs)} logs but {len(fields)} fields")
     series = []
     for path, field in zip(args.logs, fields):
         points = read_log(path, args.x, field)

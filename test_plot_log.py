@@ -14,6 +14,12 @@ def test_moving_average_is_a_trailing_mean():
     assert plot_log.moving_average([1e16, 1, 3, 2.5], 1) == [1e16, 1, 3, 2.5]  # no running sum that keeps 1e16's rounding
 
 
+def test_steps_and_epochs_get_whole_number_ticks():
+    assert plot_log.x_ticks(4, 96, integral=True) == [4, 22, 41, 59, 78, 96]  # not 22.4, 40.8, ...
+    assert plot_log.x_ticks(0, 2, integral=True) == [0, 1, 2]  # each once
+    assert plot_log.x_ticks(0.0, 1.0, integral=False) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+
+
 def test_a_missing_log_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"error: '.*missing.jsonl': no such file \(a run's log is log.jsonl"):
         plot_log.main([str(tmp_path / "missing.jsonl")])
@@ -47,15 +53,15 @@ def test_plot_two_logs_and_errors(tmp_path):
     colors = {image.getpixel((x, y)) for x in range(80, 700, 3) for y in range(40, 380, 3)}
     assert (31, 119, 180) in colors and (214, 39, 40) in colors  # both curves were drawn
     plot_log.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--fields", "loss", "lr", "--out", str(out)])
-    with pytest.raises(SystemExit, match="2 logs but 1 fields"):
+    with pytest.raises(SystemExit, match="error: 2 logs but 1 fields"):
         plot_log.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--fields", "loss"])
-    with pytest.raises(SystemExit, match="no line has both"):
+    with pytest.raises(SystemExit, match="error: .*no line has both"):
         plot_log.main([str(tmp_path / "a.jsonl"), "--field", "epoch"])
     (tmp_path / "bad.jsonl").write_text("not json\n")
-    with pytest.raises(SystemExit, match="not a JSON line"):
+    with pytest.raises(SystemExit, match="error: .*not a JSON line"):
         plot_log.main([str(tmp_path / "bad.jsonl")])
     (tmp_path / "checkpoint.pth").write_bytes(bytes(range(256)) * 4)  # a binary file: UnicodeDecodeError before
-    with pytest.raises(SystemExit, match="checkpoint.pth:1 is not a JSON line"):
+    with pytest.raises(SystemExit, match="error: .*checkpoint.pth:1 is not a JSON line"):
         plot_log.main([str(tmp_path / "checkpoint.pth")])
     for out, message in (("x.pngg", "Pillow writes no '.pngg' files"), ("a.jsonl/x.png", "is not a folder"),
                          ("x.psd", "Pillow writes no '.psd' files")):  # a format Pillow reads only
