@@ -171,6 +171,19 @@ def test_output_projections_are_rescaled_by_depth():
             assert first / other == pytest.approx(math.sqrt(l + 1), rel=0.05)
 
 
+def test_pretraining_init_is_a_normal_truncated_at_one_std():
+    """dtm._trunc_normal_ (one inverse-CDF pass) against the truncated normal's CDF: Phi(x / std) rescaled to the
+    bounds, at nine points, over a million draws."""
+    torch.manual_seed(0)
+    x = dtm._trunc_normal_(torch.empty(1_000_000), std=0.02)
+    assert x.abs().max() <= 0.02 and x.abs().max() > 0.01999
+    phi = lambda z: (1 + math.erf(z / math.sqrt(2))) / 2  # noqa: E731
+    for z in (-0.9, -0.6, -0.3, -0.1, 0.0, 0.1, 0.3, 0.6, 0.9):
+        expected = (phi(z) - phi(-1)) / (phi(1) - phi(-1))
+        assert (x <= z * 0.02).double().mean().item() == pytest.approx(expected, abs=2e-3), z
+    assert x.mean().abs() < 1e-4 and x.std().item() == pytest.approx(0.02 * 0.5398, rel=0.005)
+
+
 def test_weight_inits_pretrain_and_downstream():
     """"pretrain" (the official modeling_dtm.py): N(0, 0.02) truncated at +-0.02, whose std is 0.54 x 0.02, the
     patch conv too; "downstream" (modeling_finetune.py, BEiT's segmentation backbone): timm's bounds +-2, std 0.02,
