@@ -32,6 +32,7 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
 import time
 
 STARTED = time.perf_counter()  # the budget counts from here, before torch's import and CUDA's start-up
+WATCHDOG_S = None  # --watchdog_s when set: child processes are timed out before it, so one check fails, not the run
 
 import argparse
 import contextlib
@@ -198,13 +199,15 @@ def run_child(argv, timeout, **kwargs):
     """subprocess.run that, on timeout, kills the child and all its descendants (torchrun starts its workers in
     sessions of their own, so a process group is not enough), so that a hang costs one check, not the GPU for the
     rest of the run."""
+    if WATCHDOG_S is not None:  # end before the watchdog does: the check fails, the checks after it still run
+        timeout = max(1.0, min(timeout, WATCHDOG_S - (time.perf_counter() - STARTED) - 15))
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill(descendants(process.pid) + [process.pid])
         process.communicate(timeout=30)
-        raise TimeoutError(f"{' '.join(argv[:4])} ... did not finish within {timeout} s (killed)") from None
+        raise TimeoutError(f"{' '.join(argv[:4])} ... did not finish within {timeout:.0f} s (killed)") from None
     return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
 
@@ -438,6 +441,9 @@ def check_sdpa(device, quick, tmp):
     return details
 
 
+COMPUTE_PARTS = ("teacher_s", "morph_s", "student_s", "optimizer_s")  # a logged step's time split, but data_s
+
+
 def check_compile(device, quick, tmp):
     """Last in this process: its compile time on a GPU is not known yet, and the report keeps what ran before it."""
     from torch._dynamo.utils import counters
@@ -447,6 +453,10 @@ def check_compile(device, quick, tmp):
     compiled = pretrain_run(os.path.join(tmp, "compiled"), device, quick, "--compile")
     graphs = counters["stats"]["unique_graphs"]
     details = {"graphs": graphs, "first_loss": {"eager": eager[0]["loss"], "compiled": compiled[0]["loss"]},
+               # the last step's time but data loading: two workers may not keep up with a GPU, so img_per_s (kept
+               # too) can measure the loader rather than the compiled blocks
+               "compute_s_last": {run: sum(lines[-1][k] for k in COMPUTE_PARTS)
+                                  for run, lines in (("eager", eager), ("compiled", compiled))},
                "img_per_s_last": {"eager": eager[-1]["img_per_s"], "compiled": compiled[-1]["img_per_s"]}}
     assert graphs == 1, f"{graphs} graphs for the blocks (expected one, shared by all blocks): {details}"
     assert all(math.isfinite(r["loss"]) for r in compiled), details
@@ -460,7 +470,7 @@ def check_bench_mto_whole_step(device, quick, tmp):  # last: the checks above ma
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}  # in this order
 # seconds a check needs: it starts only this long before the end of --budget_s
-RESERVE_S = {"compile": 150, "bench_mto_whole_step": 60}
+RESERVE_S = {"bench_morph": 30, "bench_mto": 60, "sdpa": 30, "compile": 150, "bench_mto_whole_step": 60}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -519,6 +529,7 @@ def test_report_dry_run_on_cpu(tmp_path):
     assert status == {**{name: "ok" for name in CHECKS}, "amp_choice": "skipped",
                       "autocast_fp32": "skipped"}, report
     assert report["checks"]["compile"]["graphs"] == 1
+    assert all(seconds > 0 for seconds in report["checks"]["compile"]["compute_s_last"].values())
     assert report["checks"]["torchrun"]["backend"] == "gloo"
     assert report["checks"]["throughput"]["vit_b_batch64"]["img_per_s"] > 0
     assert {"vit_b_batch128_mto", "vit_l_batch128_fp16_grad_checkpoint_mto"} <= set(report["checks"]["throughput"])
@@ -541,6 +552,17 @@ test_gpu.STARTED = time.perf_counter()  # the watchdog counts from here, however
 test_gpu.main(["--device", "cpu", "--quick", "--out", {out!r}, "--watchdog_s", "5",
                "--skip", *[name for name in test_gpu.CHECKS if name not in ("amp_choice", "autocast_fp32")]])
 """
+
+
+def test_child_processes_end_before_the_watchdog(monkeypatch):
+    """With --watchdog_s, a child gets at most the watchdog's time left less 15 s, so a slow bench fails its own check
+    and the checks after it still run (the watchdog would end the whole run)."""
+    monkeypatch.setattr(sys.modules[__name__], "WATCHDOG_S", 17.0)
+    monkeypatch.setattr(sys.modules[__name__], "STARTED", time.perf_counter())  # 17 s left: 2 s for the child
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError, match="did not finish within 2 s"):
+        run_child([sys.executable, "-c", "import time; time.sleep(60)"], timeout=240)
+    assert time.perf_counter() - start < 30
 
 
 def test_budget_counts_from_the_start_and_keeps_compile_s_reserve(tmp_path, monkeypatch):
@@ -606,6 +628,8 @@ def main(argv=None):
                              "ran, the check in flight marked 'running'); default 0: off")
     args = parser.parse_args(argv)
     if args.watchdog_s > 0:
+        global WATCHDOG_S
+        WATCHDOG_S = args.watchdog_s
         start_watchdog(args.watchdog_s)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: no CUDA device; for a dry run on the CPU: python test_gpu.py --device cpu --quick")
