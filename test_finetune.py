@@ -515,7 +515,7 @@ def test_image_folder_data_flags(tmp_path):
     with pytest.raises(ValueError, match=f"was trained on real data \\(--data {tmp_path}\\) and no validation data "
                                          f"is given.*pass the validation data \\(--data or --data_val\\)"):
         tf.main(["--eval", str(out / "checkpoint-best.pth"), "--output_dir", str(tmp_path / "eval")])
-    assert tf.main(["--eval", str(out / "checkpoint-best.pth"), "--data", str(tmp_path),
+    assert tf.main(["--eval", str(out / "checkpoint-best.pth"), "--data", str(tmp_path), "--num_workers", "0",
                     "--output_dir", str(tmp_path / "eval")])["count"] == 2
     with pytest.raises(ValueError, match="--num_classes 3 but the data has 2 classes"):  # ignored by --eval before
         tf.main(["--eval", str(out / "checkpoint-best.pth"), "--data", str(tmp_path), "--num_classes", "3",

@@ -589,7 +589,7 @@ def run_eval(args, d):
                                         "PATH")
     saved = {**checkpoint["args"], **head_settings(checkpoint["args"])}  # a given value is compared with the used one
     engine.refuse_demo_eval(args, checkpoint["args"], args.eval, ["data", "val_img_dir", "val_ann_dir", "num_classes"],
-                            "--data, or --val_img_dir, --val_ann_dir and --num_classes")
+                            "--data, or --val_img_dir and --val_ann_dir")
     engine.take_from_checkpoint(args, saved, EVAL_FROM_CHECKPOINT, args.eval)
     engine.take_from_checkpoint(args, checkpoint["args"], EVAL_DEMO_DATA, args.eval, must_agree=False)
     args.scale = checkpoint["args"]["scale"] if args.scale is None else args.scale
