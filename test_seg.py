@@ -731,7 +731,7 @@ def test_eval_reads_label_maps_as_the_checkpoints_training_data_unless_told(tmp_
                     "--num_classes", "3", "--eval", str(tmp_path / "plain" / "checkpoint-last.pth"),
                     "--output_dir", str(tmp_path / "e"), "--num_workers", "0"])
     assert json.loads(open(tmp_path / "e" / "eval.jsonl").readlines()[-1])["reduce_zero_label"] is False
-    with pytest.raises(ValueError, match="--reduce_zero_label would do nothing with --data"):
+    with pytest.raises(ValueError, match="--no-reduce_zero_label would do nothing with --data"):
         train_seg.parse_args(["--data", "/x", "--no-reduce_zero_label", "--init", "none"])
 
 
