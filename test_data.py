@@ -461,6 +461,8 @@ def test_cutmix_box_follows_the_image_sides_and_switch_prob_picks_cutmix():
         (y0, y1, x0, x1), _ = data.cutmix_box(10, 100, 0.75)  # sides at most 5 x 50
         assert y1 - y0 <= 5 and x1 - x0 <= 50
         assert y1 > y0 and x1 > x0  # the centre inside the image on each axis (drawn per axis: never empty)
+        if 2 <= (y0 + y1) // 2 <= 7 and 25 <= (x0 + x1) // 2 <= 75:  # not clipped: exactly 2 * (5 // 2) x 50
+            assert (y1 - y0, x1 - x0) == (4, 50), seed
     centres = set()
     for seed in range(200):
         random.seed(seed)

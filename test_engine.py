@@ -746,6 +746,24 @@ def test_a_training_image_deleted_during_the_run_is_skipped_like_an_unreadable_o
     assert images.pending == {gone: reason}
 
 
+def test_an_unreadable_last_image_is_replaced_by_the_first():
+    samples = engine.SeededSamples(Recorder(3, bad={2}), seed=0)
+    index, *_, skipped = samples[(0, 2)]
+    assert index == 0 and skipped == "img2.jpg\tcannot read img2.jpg"  # wraps around: no IndexError at the end
+
+
+def test_a_relaunch_keeps_the_files_its_run_named_and_counts_them_against_the_limit(capsys):
+    images = engine.unreadable_images(0.001, 1000, {"unreadable_images": ["a.jpg"]})
+    assert images.seen == {"a.jpg"} and images.limit == 1  # 0.1% of 1000 images
+    images.add(["a.jpg\tcannot read image file 'a.jpg'"])
+    engine.report_unreadable(images, CPU, 5, lambda **record: pytest.fail(f"named again: {record}"))
+    assert capsys.readouterr().out == ""
+    images.add(["b.jpg\tcannot read image file 'b.jpg'"])  # the run's second: over the limit of 1
+    with pytest.raises(ValueError, match="2 training images could not be read \\(more than 1"):
+        engine.report_unreadable(images, CPU, 6, lambda **record: None)
+    assert engine.unreadable_images(0.001, 999).limit == 0
+
+
 def test_micro_batches_restart_mid_epoch_exactly():
     def stream(start_step, count, world=1, rank=0):
         dataset = Recorder(23)
@@ -1094,6 +1112,19 @@ def test_append_eval_appends_strict_json_lines(tmp_path):
         {"eval": "a.pth", "top1": None, "IoU": [0.5, None]}, {"eval": "b.pth", "top1": None}]
 
 
+class _UnreadableAt(list):
+    """A dataset of len(self) items whose item `bad` cannot be read."""
+
+    def __init__(self, size, bad):
+        super().__init__(range(size))
+        self.bad = bad
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            raise data.UnreadableImage(f"cannot read image file 'img{i}.jpg'", f"img{i}.jpg")
+        return super().__getitem__(i)
+
+
 def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
     """Each rank sees its own output folder and data (node-local disks): every check must stop every rank."""
     import torch.distributed as dist
@@ -1112,7 +1143,8 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
               lambda: engine.prepare_run(resume_other, d),  # rank 1's own view is an error: it still takes part
               lambda: engine.train_loader(list(range(4 + rank)), args, d),  # 4 images on rank 0, 5 on rank 1
               lambda: engine.check_ranks_agree(d, "a value", 7, "fix"),  # agreeing ranks pass
-              lambda: engine.check_dataset(list(range(3 - rank)), "validation", d, 0)]
+              lambda: engine.check_dataset(list(range(3 - rank)), "validation", d, 0),
+              lambda: engine.check_dataset(_UnreadableAt(4, bad=3), "validation", d, 0)]  # in rank 1's shard only
     for check in checks:
         try:
             check()
@@ -1142,7 +1174,7 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
             pytest.fail("the two gloo processes did not finish within 120 s")
     outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert outcomes[0] == outcomes[1]  # every rank stops, with the same message
-    starts, resumes, images, agreed, validation = outcomes[0]
+    starts, resumes, images, agreed, validation, unreadable = outcomes[0]
     last = tmp_path / "node0" / engine.LAST
     assert starts == (f"the processes do not agree on where the run starts (rank 0: continues {last} (10 bytes), "
                       f"rank 1: a new run): --output_dir must be one folder that every process sees (a shared file "
@@ -1154,6 +1186,8 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
                              "every process must read the same files")
     assert agreed == "ok"
     assert validation.startswith("the processes do not agree on the number of validation samples (rank 0: 3, rank 1: 2)")
+    # a bad file in one rank's shard stops every rank, named (rank 0 alone went on into training and hung)
+    assert unreadable == "1 of the 4 validation samples cannot be used; first: cannot read image file 'img3.jpg'"
 
 
 def test_a_failed_save_names_the_file_removes_its_temp_file_and_keeps_the_last_good_one(tmp_path, monkeypatch):

@@ -352,6 +352,22 @@ def finetuned(tmp_path_factory):
     return out, best
 
 
+def test_the_epoch_lines_carry_their_epoch_and_its_mean_training_loss(finetuned):
+    lines = [json.loads(line) for line in open(finetuned[0] / "log.jsonl")]
+    steps, epochs = [r for r in lines if "loss" in r], [r for r in lines if "train_loss" in r]
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(0, 3), (1, 6)]
+    for record in epochs:  # --log_every 1: the epoch's loss is the mean of its logged steps'
+        losses = [r["loss"] for r in steps if r["epoch"] == record["epoch"]]
+        assert len(losses) == 3 and record["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-6)
+
+
+def test_a_fractional_warmup_is_rounded_to_steps(tmp_path):
+    """--warmup_epochs 0.5 of 3 steps per epoch: 2 warmup steps (round(1.5)), from lr 0 (it was truncated to none)."""
+    tf.main(TINY_RUN + ["--epochs", "1", "--warmup_epochs", "0.5", "--lr", "0.05", "--output_dir", str(tmp_path)])
+    lrs = [r["lr"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "lr" in r]
+    assert len(lrs) == 3 and lrs[0] == 0.0 and lrs[2] > 0 and lrs[1] == pytest.approx(lrs[2] / 2)  # 0, half, peak
+
+
 def test_fine_tuning_from_a_fine_tuned_classifier_keeps_its_head(finetuned, tmp_path, capsys):
     """--init of a classifier with the same classes: everything loads, and the line says so (no empty list); with as
     many classes of other names, a new head (it was kept: found by the fine-tuning options review)."""
@@ -480,6 +496,16 @@ def test_bf16_autocast_matches_fp32(tmp_path):
     fp32, bf16 = (tf.evaluate(model, loader, torch.device("cpu"), dtype) for dtype in (None, torch.bfloat16))
     assert bf16["count"] == fp32["count"] == 13
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2) and bf16["loss"] != fp32["loss"]
+
+def test_mixing_flags_reach_the_mixer(tmp_path, monkeypatch):
+    """--mixup, --cutmix, --mixup_prob, --mixup_switch_prob and --smoothing, each to its place (swapped alphas or a
+    constant smoothing changed the recipe silently and passed every test)."""
+    made, real = [], data.Mixup
+    monkeypatch.setattr(data, "Mixup", lambda *a, **k: made.append(a) or real(*a, **k))
+    tf.main(TINY_RUN + ["--epochs", "1", "--mixup", "0.3", "--cutmix", "0.7", "--mixup_prob", "0.6",
+                        "--mixup_switch_prob", "0.2", "--smoothing", "0.05", "--output_dir", str(tmp_path)])
+    assert (0.3, 0.7, 0.6, 0.2, 0.05, 10) in made  # the demo's 10 classes
+
 
 def test_image_folder_data_flags(tmp_path):
     for split, names in (("train", ["cat", "dog"]), ("val", ["cat", "dog"]), ("val_other", ["cat", "emu"])):

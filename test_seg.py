@@ -379,6 +379,61 @@ def test_fresh_with_a_wrong_init_leaves_the_old_run(tmp_path):
     assert not torch.equal(torch.load(last)["model"][name], before[name])
 
 
+def test_a_resumed_run_keeps_its_best_miou(tmp_path, monkeypatch):
+    """The best mIoU comes back from the checkpoint: a resumed run whose next evaluation is worse writes no new
+    checkpoint-best.pth (forgetting it, the first evaluation after a resume always replaced the best)."""
+    scores = iter([50.0, 40.0, 40.0])  # step 2 of the first launch; step 4 of the resumed launch
+
+    def run_metrics(*args, **kwargs):
+        return {"aAcc": 90.0, "mIoU": next(scores), "mAcc": 60.0, "IoU": [50.0] * 5}
+
+    monkeypatch.setattr(train_seg, "run_metrics", run_metrics)
+    out = str(tmp_path / "run")
+    train_seg.main(TINY_RUN + ["--iters", "2", "--eval_every", "2", "--output_dir", out])
+    best = torch.load(os.path.join(out, engine.BEST))
+    assert best["step"] == 2 and best["best_miou"] == 50.0
+    train_seg.main(TINY_RUN + ["--iters", "4", "--eval_every", "2", "--output_dir", out])  # continues at step 2
+    assert torch.load(os.path.join(out, engine.LAST))["step"] == 4
+    assert torch.load(os.path.join(out, engine.LAST))["best_miou"] == 50.0
+    assert torch.load(os.path.join(out, engine.BEST))["step"] == 2  # 40 < 50: the best stays step 2's
+
+
+def test_a_label_equal_to_num_classes_is_out_of_range(tmp_path):
+    """--num_classes K with labels 0..K (the usual off-by-one): refused naming the file, in loading and in scoring."""
+    write_seg_folder(tmp_path / "d", [data.np.full((8, 8), 3)])
+    with pytest.raises(ValueError, match="holds label values \\[3\\], outside 0..2"):
+        data.SegFolder(str(tmp_path / "d" / "img"), str(tmp_path / "d" / "ann"), num_classes=3).load(0)
+    label = torch.full((4, 4), 3)
+    with pytest.raises(ValueError, match="label values must be in 0..2"):
+        train_seg.intersect_and_union(label, label, 3)
+    assert train_seg.intersect_and_union(label, label, 4)[0, 3] == 16
+
+
+def test_label_reading_of_a_run():
+    """ADE20K (--data) always reads 0 as ignore, as does a generic run with --reduce_zero_label; eval.jsonl records it."""
+    assert train_seg.reads_zero_as_ignore({"data": "/ade", "reduce_zero_label": None}) is True
+    assert train_seg.reads_zero_as_ignore({"data": None, "reduce_zero_label": True}) is True
+    assert train_seg.reads_zero_as_ignore({"data": None, "reduce_zero_label": False}) is False
+    assert train_seg.reads_zero_as_ignore({}) is False  # the demo
+
+
+def test_a_last_log_line_off_the_cadence_averages_its_own_steps(tmp_path):
+    """--iters 3 --log_every 2: step 3's line is the mean of step 3 alone, as a --log_every 1 run logs it."""
+    for every in ("1", "2"):
+        train_seg.main(TINY_RUN + ["--iters", "3", "--log_every", every, "--output_dir", str(tmp_path / every)])
+    losses = [{r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / every / "log.jsonl")) if "loss" in r}
+              for every in ("1", "2")]
+    assert sorted(losses[1]) == [2, 3] and losses[1][3] == pytest.approx(losses[0][3], rel=1e-6)
+    assert losses[1][2] == pytest.approx((losses[0][1] + losses[0][2]) / 2, rel=1e-6)
+
+
+def test_ade20k_recipe_defaults():
+    """BEiT's ADE20K UperNet recipe (README "Semantic segmentation"): the defaults a run on --data gets."""
+    args = train_seg.parse_args(["--data", "/x", "--init", "none"])
+    assert (args.lr, args.layer_decay, args.aux_weight, args.warmup_iters, args.iters) == (7e-4, 0.65, 0.4, 1500, 160000)
+    assert (args.crop_size, args.scale, args.stride, args.batch_size) == (512, [2048, 512], 341, 2)
+
+
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     saved = engine.save_checkpoint
 
