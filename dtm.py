@@ -544,15 +544,10 @@ def check_checkpoint_file(path: str, flag: str):
 
 
 def _torch_load(path: str, flag: str):
-    """torch.load(path, weights_only=True) on the CPU (no code runs while loading), errors naming the file.
-
-    Memory-mapped where the file allows it (torch.save's zip format): tensors are read when used, so --init skips
-    a pre-training checkpoint's optimizer state (two thirds of it), and the pages, shared by the ranks of a node,
-    stay the page cache's (1 GB per rank of a ViT-B run held for the run otherwise). Copy-on-write: nothing is
-    written back to the file."""
+    """torch.load(path, weights_only=True) on the CPU (no code runs while loading), errors naming the file."""
     check_checkpoint_file(path, flag)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # not a pickle of plain values and tensors at all
             raise ValueError(f"{flag} {path!r} cannot be read by torch.load: it is truncated or not a file that "
