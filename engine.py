@@ -614,7 +614,7 @@ class _Probe(torch.utils.data.Dataset):
         try:
             self.dataset[self.indices[i]]
             return ""
-        except ValueError as e:  # data.UnreadableImage, a bad label map, ...
+        except (ValueError, FileNotFoundError) as e:  # data.UnreadableImage, a bad label map, a file gone since listed
             return str(e)
 
 
@@ -1163,8 +1163,9 @@ def cli(main):
             raise
         print(f"\ninterrupted: relaunch to continue from the last {LAST} in its --output_dir (written at the end "
               f"of each epoch in pre-training and fine-tuning, and every --save_every steps where the trainer has "
-              f"it): the same command, or after a --resume PATH start the same command with --resume auto; "
-              f"interrupted before the first save, the relaunch starts the run over", file=sys.stderr, flush=True)
+              f"it): the same command, or after a --resume PATH start the same command with --resume auto; before "
+              f"the first save there is none: the command as it was starts over (from PATH with --resume PATH)",
+              file=sys.stderr, flush=True)
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:
         message = user_error_message(e)

@@ -316,7 +316,8 @@ def test_pretrain_transform_reproducible_by_seed():
 
 
 def seeded(fn, seed):
-    random.seed(seed), torch.manual_seed(seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
     return fn()
 
 

@@ -965,7 +965,8 @@ def test_ctrl_c_prints_how_to_continue_and_exits_130(capsys, monkeypatch):
     assert exit_info.value.code == 130
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted: relaunch to continue") and "--resume auto" in lines[0]
-    assert lines[0].endswith("interrupted before the first save, the relaunch starts the run over")
+    assert lines[0].endswith("before the first save there is none: the command as it was starts over (from PATH with "
+                             "--resume PATH)")
     monkeypatch.setenv("DTM_TRACEBACK", "1")
     with pytest.raises(KeyboardInterrupt):
         engine.cli(interrupted)
@@ -1109,13 +1110,15 @@ def test_append_eval_appends_strict_json_lines(tmp_path):
 
 
 class _UnreadableAt(list):
-    """A dataset of len(self) items whose item `bad` cannot be read."""
+    """A dataset of len(self) items whose item `bad` cannot be read (gone: its file deleted since it was listed)."""
 
-    def __init__(self, size, bad):
+    def __init__(self, size, bad, gone=False):
         super().__init__(range(size))
-        self.bad = bad
+        self.bad, self.gone = bad, gone
 
     def __getitem__(self, i):
+        if i == self.bad and self.gone:
+            raise FileNotFoundError(2, "No such file or directory", f"img{i}.jpg")
         if i == self.bad:
             raise data.UnreadableImage(f"cannot read image file 'img{i}.jpg'", f"img{i}.jpg")
         return super().__getitem__(i)
@@ -1140,7 +1143,8 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
               lambda: engine.train_loader(list(range(4 + rank)), args, d),  # 4 images on rank 0, 5 on rank 1
               lambda: engine.check_ranks_agree(d, "a value", 7, "fix"),  # agreeing ranks pass
               lambda: engine.check_dataset(list(range(3 - rank)), "validation", d, 0),
-              lambda: engine.check_dataset(_UnreadableAt(4, bad=3), "validation", d, 0)]  # in rank 1's shard only
+              lambda: engine.check_dataset(_UnreadableAt(4, bad=3), "validation", d, 0),  # in rank 1's shard only
+              lambda: engine.check_dataset(_UnreadableAt(4, bad=3, gone=True), "validation", d, 0)]
     for check in checks:
         try:
             check()
@@ -1170,7 +1174,7 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
             pytest.fail("the two gloo processes did not finish within 120 s")
     outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert outcomes[0] == outcomes[1]  # every rank stops, with the same message
-    starts, resumes, images, agreed, validation, unreadable = outcomes[0]
+    starts, resumes, images, agreed, validation, unreadable, gone = outcomes[0]
     last = tmp_path / "node0" / engine.LAST
     assert starts == (f"the processes do not agree on where the run starts (rank 0: continues {last} (10 bytes), "
                       f"rank 1: a new run): --output_dir must be one folder that every process sees (a shared file "
@@ -1184,6 +1188,7 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
     assert validation.startswith("the processes do not agree on the number of validation samples (rank 0: 3, rank 1: 2)")
     # a bad file in one rank's shard stops every rank, named (rank 0 alone went on into training and hung)
     assert unreadable == "1 of the 4 validation samples cannot be used; first: cannot read image file 'img3.jpg'"
+    assert gone == "1 of the 4 validation samples cannot be used; first: [Errno 2] No such file or directory: 'img3.jpg'"
 
 
 def test_a_failed_save_names_the_file_removes_its_temp_file_and_keeps_the_last_good_one(tmp_path, monkeypatch):

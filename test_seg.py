@@ -830,6 +830,9 @@ def test_unusable_training_label_files_are_skipped_and_named_and_an_all_ignored_
     record = json.loads(open(tmp_path / "e" / "eval.jsonl").read(),
                         parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert record["mIoU"] is None and record["aAcc"] is None  # NaN as null
+    with pytest.raises(ValueError, match="--num_classes 4 differs from the 3 classes .* leave --num_classes out"):
+        train_seg.main(["--eval", str(tmp_path / "run" / engine.LAST), "--val_img_dir", str(tmp_path / "v" / "img"),
+                        "--val_ann_dir", str(tmp_path / "v" / "ann"), "--num_classes", "4"])
     sixteen_bit = tmp_path / "wide.png"  # label values beyond 0..255: unusable as a label map, skipped in training
     data.Image.fromarray(data.np.full((4, 4), 300, dtype=data.np.uint16)).save(sixteen_bit)
     with pytest.raises(data.UnreadableImage, match="outside 0..255"):

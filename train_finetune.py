@@ -175,10 +175,10 @@ def build_datasets(args, train: bool = True):
     train_dir, val_dir = args.data_train, args.data_val
     if args.data:
         train_dir, val_dir = train_dir or os.path.join(args.data, "train"), val_dir or os.path.join(args.data, "val")
-        missing = [d for d in ([train_dir] if train else []) + [val_dir] if not os.path.isdir(d)]
         if not os.path.isdir(args.data):
             raise FileNotFoundError(f"--data {args.data!r} is not a directory (a dataset root holding train/ and "
                                     f"val/)")
+        missing = [d for d in ([train_dir] if train else []) + [val_dir] if not os.path.isdir(d)]
         if missing:
             raise ValueError(f"--data {args.data!r} must hold train/ and val/ (root/train/<class>/<image>, "
                              f"root/val/<class>/<image>); {' and '.join(map(repr, missing))} not found. For other "
