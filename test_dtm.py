@@ -583,6 +583,38 @@ def test_build_teacher_errors(tmp_path):
         dtm.build_teacher(f"clip:{tmp_path / 'v.pt'}", patch_size=16)
 
 
+def official_names(sd: dict) -> dict:
+    """This repo's ViT names -> the official code's (naver-ai/dtm models/modeling_dtm.py, as BEiT), written out."""
+    def official(name):
+        if name.startswith("patch_embed."):
+            return "patch_embed.proj." + name[len("patch_embed."):]
+        if name == "rel_pos_bias.table":  # the shared table
+            return "rel_pos_bias.relative_position_bias_table"
+        return name.replace("attn.rel_pos_bias.table", "attn.relative_position_bias_table")  # a block's own
+    return {official(name): value for name, value in sd.items()}
+
+
+def test_a_vit_of_the_official_code_is_read_by_its_names(tmp_path):
+    """--init / --teacher ckpt: with a state dict saved by naver-ai/dtm or BEiT (v2): patch_embed.proj.*, *.relative_
+    position_bias_table, relative_position_index buffers and pre-training heads (lm_head, BEiT v2's cls_pt_layers)."""
+    vit = tiny_vit(rel_pos_bias="both")
+    sd = official_names(vit.state_dict())
+    assert "patch_embed.proj.weight" in sd and "rel_pos_bias.relative_position_bias_table" in sd
+    assert "blocks.0.attn.relative_position_bias_table" in sd
+    sd.update({"blocks.0.attn.relative_position_index": torch.zeros(17, 17, dtype=torch.long),
+               "lm_head.weight": torch.zeros(512, 192), "cls_pt_layers.0.norm1.weight": torch.zeros(192)})
+    torch.save(sd, tmp_path / "official.pth")  # a plain state dict: the official checkpoint's "model"
+    loaded, fresh = dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / "official.pth"), "--init"), IMG)
+    x = images()
+    vit.eval(), loaded.eval()
+    assert torch.equal(loaded.forward_features(x).tokens, vit.forward_features(x).tokens) and fresh == []
+    import argparse
+    torch.save({"model": sd, "args": argparse.Namespace(model="beit_base_patch16_224")}, tmp_path / "full.pth")
+    with pytest.raises(ValueError, match="holds an argparse.Namespace.*the official code .*keep its weights once: "
+                                         "python -c .*torch.save\\(c\\['model'\\], 'weights.pth'\\)"):
+        dtm.read_checkpoint(str(tmp_path / "full.pth"), "--init")
+
+
 def test_a_clip_file_given_as_a_vit_says_it_is_a_teacher(tmp_path):
     for name, sd in (("visual", clip_visual_state_dict()), ("full", full_clip_state_dict())):
         torch.save(sd, tmp_path / f"{name}.pt")
