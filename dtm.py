@@ -598,7 +598,7 @@ def stored_rel_pos_bias(sd: dict) -> str:
 OFFICIAL_NAMES = (("patch_embed.proj.", "patch_embed."),
                   ("attn.relative_position_bias_table", "attn.rel_pos_bias.table"),
                   ("rel_pos_bias.relative_position_bias_table", "rel_pos_bias.table"))
-OFFICIAL_PRETRAINING_HEADS = ("lm_head.", "cls_pt_layers.", "cls_pt_norm.")  # naver-ai/dtm's, BEiT v2's: not the ViT
+OFFICIAL_PRETRAINING_HEADS = ("lm_head.", "cls_pt_")  # naver-ai/dtm's, BEiT v2's (beit2/modeling_pretrain.py): not the ViT
 
 
 def from_official_names(sd: dict) -> dict:

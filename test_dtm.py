@@ -602,7 +602,8 @@ def test_a_vit_of_the_official_code_is_read_by_its_names(tmp_path):
     assert "patch_embed.proj.weight" in sd and "rel_pos_bias.relative_position_bias_table" in sd
     assert "blocks.0.attn.relative_position_bias_table" in sd
     sd.update({"blocks.0.attn.relative_position_index": torch.zeros(17, 17, dtype=torch.long),
-               "lm_head.weight": torch.zeros(512, 192), "cls_pt_layers.0.norm1.weight": torch.zeros(192)})
+               "lm_head.weight": torch.zeros(512, 192), "cls_pt_layers.0.norm1.weight": torch.zeros(192),
+               "cls_pt_norm.weight": torch.zeros(192), "cls_pt_lm_head.weight": torch.zeros(512, 192)})
     torch.save(sd, tmp_path / "official.pth")  # a plain state dict: the official checkpoint's "model"
     loaded, fresh = dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / "official.pth"), "--init"), IMG)
     x = images()
