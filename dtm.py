@@ -649,7 +649,8 @@ def _config_of(checkpoint: dict, width: int, depth: int, model: str, path: str) 
         return dict(embed_dim=width, depth=depth, num_heads=int(args["num_heads"]))
     if name is None:
         raise ValueError(f"cannot tell the number of heads of the ViT in {path!r} (width {width}, depth {depth}); "
-                         f"save args with 'model' (one of {', '.join(VIT_CONFIGS)}) or 'num_heads' in the checkpoint")
+                         f"save args with 'model' (one of {', '.join(VIT_CONFIGS)}) or 'num_heads' in the checkpoint "
+                         f"(a plain state dict sd: torch.save({{'model': sd, 'args': {{'num_heads': H}}}}, path))")
     return VIT_CONFIGS[name]
 
 
@@ -665,7 +666,8 @@ def vit_from_checkpoint(checkpoint: dict, img_size, num_classes: int = 0, rel_po
       num_classes == 0: a feature extractor whose final norm is the checkpoint's `norm` (pre-training) or `fc_norm`
           (a fine-tuned classifier's last LayerNorm); a segmentation backbone has neither (a new LayerNorm).
       num_classes > 0: BEiT's classifier; `fc_norm` and `head` come from the checkpoint when it has them for this
-          number of classes, else start afresh (pre-training's final norm is not used, as in BEiT).
+          number of classes, else start afresh (pre-training's final norm is not used, as in BEiT; nor is a head on
+          the CLS token, an official classifier trained with --use_cls).
       rel_pos_bias: None keeps the stored layout; "per_block" moves a shared table into every block (adapt_state_dict).
     Any other missing, unexpected or mis-shaped tensor is an error. Returns (vit, names initialized afresh).
     """
@@ -684,7 +686,9 @@ def vit_from_checkpoint(checkpoint: dict, img_size, num_classes: int = 0, rel_po
             sd["norm.weight"], sd["norm.bias"] = sd.pop("fc_norm.weight"), sd.pop("fc_norm.bias")
         sd = {k: v for k, v in sd.items() if not k.startswith(("fc_norm.", "head."))}
     else:
-        if "head.weight" in sd and sd["head.weight"].shape[0] != num_classes:
+        # a head for other classes, or on the CLS token (BEiT's --use_cls: a final norm, no fc_norm) where this
+        # classifier pools the patch tokens' mean: a new one
+        if "head.weight" in sd and (sd["head.weight"].shape[0] != num_classes or "fc_norm.weight" not in sd):
             sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
     vit = VisionTransformer(img_size=img_size, patch_size=patch_size, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0]

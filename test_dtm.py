@@ -609,6 +609,11 @@ def test_a_vit_of_the_official_code_is_read_by_its_names(tmp_path):
     x = images()
     vit.eval(), loaded.eval()
     assert torch.equal(loaded.forward_features(x).tokens, vit.forward_features(x).tokens) and fresh == []
+    # a classifier trained on the CLS token (BEiT's --use_cls: norm and head, no fc_norm): its head starts afresh, it
+    # was applied to the patch tokens' mean (logits off by about 5, found by comparing with the official models)
+    torch.save({**sd, "head.weight": torch.ones(3, 192), "head.bias": torch.ones(3)}, tmp_path / "cls.pth")
+    classifier, fresh = dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / "cls.pth"), "--init"), IMG, 3)
+    assert fresh == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"] and not classifier.head.bias.any()
     import argparse
     torch.save({"model": sd, "args": argparse.Namespace(model="beit_base_patch16_224")}, tmp_path / "full.pth")
     with pytest.raises(ValueError, match="holds an argparse.Namespace.*the official code .*keep its weights once: "

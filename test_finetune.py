@@ -132,8 +132,11 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
         from_checkpoint(tmp_path / "pre.pth", model="vit_s")
     other = dtm.VisionTransformer(img_size=IMG, embed_dim=96, depth=4, num_heads=3)
     torch.save({"model": other.state_dict()}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="cannot tell the number of heads"):
+    with pytest.raises(ValueError, match="cannot tell the number of heads.*torch.save\\({'model': sd, 'args': "
+                                         "{'num_heads': H}}, path\\)"):
         from_checkpoint(tmp_path / "other.pth")
+    torch.save({"model": other.state_dict(), "args": {"num_heads": 3}}, tmp_path / "other.pth")  # as it says
+    assert from_checkpoint(tmp_path / "other.pth")[0].blocks[0].attn.num_heads == 3
     sd = dtm.vit_state_dict(dtm.read_checkpoint(str(tmp_path / "pre.pth")))
     per_block = dtm.adapt_state_dict(sd, classifier())
     torch.save({"model": per_block, "args": {"model": "vit_tiny"}}, tmp_path / "per_block.pth")
