@@ -74,6 +74,18 @@ def test_block_mask_equals_beit_reference():
     assert exact > 100  # most masks need no fix-up
 
 
+def test_block_mask_max_block_caps_each_proposal(monkeypatch):
+    """max_block (BEiT's max_num_patches) bounds every block's target area; None: the patches still to mask."""
+    for max_block, largest in ((10, 10), (None, 75)):
+        asked = []
+        gen = data.BlockMaskGenerator(grid=(14, 14), num_masked=75, min_block=4, max_block=max_block)
+        sample = gen.sample_block
+        monkeypatch.setattr(gen, "sample_block", lambda rng, most: asked.append(most) or sample(rng, most))
+        for seed in range(5):
+            assert int(gen(random.Random(seed)).sum()) == 75
+        assert max(asked) == largest  # None: the first block may take all 75
+
+
 def test_block_mask_fixup_when_blocks_cannot_fill():
     # min_block larger than the grid allows: every proposal fails, so all patches come from the fix-up
     gen = data.BlockMaskGenerator(grid=(4, 4), num_masked=7, min_block=40)
