@@ -207,9 +207,13 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, index):
+    def load(self, index):
+        """-> (PIL RGB image, label), not transformed."""
         path, label = self.samples[index]
-        img = load_image(path)
+        return load_image(path), label
+
+    def __getitem__(self, index):
+        img, label = self.load(index)
         return (self.transform(img) if self.transform is not None else img), label
 
 

@@ -602,7 +602,10 @@ def report_unreadable(images: UnreadableImages, d: Dist, step: int, log):
 
 
 class _Probe(torch.utils.data.Dataset):
-    """dataset[i] loaded and thrown away -> "" if it worked, else the error (for check_dataset)."""
+    """dataset[i] loaded and thrown away -> "" if it worked, else the error (for check_dataset). Where the dataset has
+    load(i) (data.ImageFolder, data.SegFolder: the decoded files, label values checked), that, without the transform
+    (the resize and crop took two thirds of the time: 2.1 ms decoding, 6.2 ms with the transform, for a 500x375
+    JPEG on one CPU thread)."""
 
     def __init__(self, dataset, indices):
         self.dataset, self.indices = dataset, indices
@@ -612,7 +615,7 @@ class _Probe(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            self.dataset[self.indices[i]]
+            getattr(self.dataset, "load", self.dataset.__getitem__)(self.indices[i])
             return ""
         except (ValueError, FileNotFoundError) as e:  # data.UnreadableImage, a bad label map, a file gone since listed
             return str(e)

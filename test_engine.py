@@ -818,6 +818,10 @@ def test_check_dataset_names_the_unreadable_files(tmp_path):
     with pytest.raises(ValueError, match="1 of the 3 validation samples cannot be used; first: cannot read image "
                                          "file .*1.png"):
         engine.check_dataset(data.ImageFolder(str(tmp_path / "val")), "validation", CPU, 0)
+    # the files are decoded, not transformed (two thirds of the time for ImageNet's validation images)
+    (folder / "1.png").unlink()
+    engine.check_dataset(data.ImageFolder(str(tmp_path / "val"), lambda img: pytest.fail("transformed")),
+                         "validation", CPU, 0)
 
 
 def test_epoch_orders_of_different_seeds_are_not_shifted_copies():
