@@ -544,6 +544,14 @@ def check_checkpoint_file(path: str, flag: str):
         raise FileNotFoundError(f"{flag} {path!r}: no such file")
 
 
+def _holds_argparse_namespace(path: str) -> bool:
+    """Whether the pickle in a torch.save file names argparse.Namespace (read without running it)."""
+    try:
+        return "argparse.Namespace" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip file torch.save wrote: no answer
+        return False
+
+
 def _torch_load(path: str, flag: str):
     """torch.load(path, weights_only=True) on the CPU (no code runs while loading), errors naming the file."""
     check_checkpoint_file(path, flag)
@@ -553,17 +561,17 @@ def _torch_load(path: str, flag: str):
         if "Unsupported global" not in str(e):  # not a pickle of plain values and tensors at all
             raise ValueError(f"{flag} {path!r} cannot be read by torch.load: it is truncated or not a file that "
                              f"torch.save wrote") from None
-        if "numpy" in str(e):
-            raise ValueError(
-                f"{flag} {path!r} was written by an older version of this repo (it holds numpy arrays, which "
-                f"torch.load refuses by default); if you trust the file, re-save it once: python -c \"import torch; "
-                f"p = {path!r}; c = torch.load(p, weights_only=False); c.pop('rng', None); torch.save(c, p)\"") from None
-        if "argparse" in str(e):  # the official code (naver-ai/dtm, BEiT) saves its args as an argparse.Namespace
+        if _holds_argparse_namespace(path):  # the official code saves its args so, after numpy-valued lrs
             raise ValueError(
                 f"{flag} {path!r} holds an argparse.Namespace, which torch.load does not read safely (weights_only="
                 f"True): a checkpoint of the official code (naver-ai/dtm, BEiT)? If you trust the file, keep its "
                 f"weights once: python -c \"import torch; c = torch.load({path!r}, weights_only=False); "
                 f"torch.save(c['model'], 'weights.pth')\" and pass weights.pth") from None
+        if "numpy" in str(e):
+            raise ValueError(
+                f"{flag} {path!r} was written by an older version of this repo (it holds numpy arrays, which "
+                f"torch.load refuses by default); if you trust the file, re-save it once: python -c \"import torch; "
+                f"p = {path!r}; c = torch.load(p, weights_only=False); c.pop('rng', None); torch.save(c, p)\"") from None
         raise ValueError(f"{flag} {path!r} holds Python objects that torch.load does not read safely "
                          f"(weights_only=True): it is not a checkpoint of this repo") from None
     except Exception as e:

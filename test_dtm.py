@@ -615,7 +615,9 @@ def test_a_vit_of_the_official_code_is_read_by_its_names(tmp_path):
     classifier, fresh = dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / "cls.pth"), "--init"), IMG, 3)
     assert fresh == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"] and not classifier.head.bias.any()
     import argparse
-    torch.save({"model": sd, "args": argparse.Namespace(model="beit_base_patch16_224")}, tmp_path / "full.pth")
+    import numpy as np
+    torch.save({"model": sd, "optimizer": {"param_groups": [{"lr": np.float64(1e-3)}]},  # numpy lrs, as the official
+                "args": argparse.Namespace(model="beit_base_patch16_224")}, tmp_path / "full.pth")  # code's save_model
     with pytest.raises(ValueError, match="holds an argparse.Namespace.*the official code .*keep its weights once: "
                                          "python -c .*torch.save\\(c\\['model'\\], 'weights.pth'\\)"):
         dtm.read_checkpoint(str(tmp_path / "full.pth"), "--init")
