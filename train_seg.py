@@ -595,11 +595,12 @@ def run_eval(args, d):
     args.scale = checkpoint["args"]["scale"] if args.scale is None else args.scale
     args.stride = checkpoint["args"]["stride"] if args.stride is None else args.stride
     take_label_reading(args, checkpoint["args"], d)
-    if not (args.data or args.demo) and args.num_classes is None:  # a generic dataset: the head's classes
-        args.num_classes = checkpoint["num_classes"]
-    elif not (args.data or args.demo) and args.num_classes != checkpoint["num_classes"]:
-        raise ValueError(f"--num_classes {args.num_classes} differs from the {checkpoint['num_classes']} classes "
-                         f"{args.eval!r} was trained on: leave --num_classes out")
+    if not (args.data or args.demo):  # a generic dataset: the head's classes
+        if args.num_classes is None:
+            args.num_classes = checkpoint["num_classes"]
+        elif args.num_classes != checkpoint["num_classes"]:
+            raise ValueError(f"--num_classes {args.num_classes} differs from the {checkpoint['num_classes']} classes "
+                             f"{args.eval!r} was trained on: leave --num_classes out")
     d.print(f"{args.eval}: {args.model}, crop {args.crop_size}, scale {args.scale[0]}x{args.scale[1]}, stride "
             f"{args.stride}{', flip' if args.flip else ''}")
     if args.stride > args.crop_size:
