@@ -222,7 +222,10 @@ def kill(pids):
 def start_watchdog(seconds: float):
     """`seconds` after the start: every thread's stack to stderr, every process this one started (and theirs, e.g. a
     hung torchrun holding the GPU) killed, exit status 1; the report keeps what ran. faulthandler's C-level timer
-    ends the process 10 s later should the Python thread not get to run."""
+    ends the process 10 s later should the Python thread not get to run. Child processes end before it (run_child)."""
+    global WATCHDOG_S
+    WATCHDOG_S = seconds
+
     def fire():
         print(f"watchdog: {seconds:g} s since the start; every thread's stack, then the run ends", file=sys.stderr,
               flush=True)
@@ -628,8 +631,6 @@ def main(argv=None):
                              "ran, the check in flight marked 'running'); default 0: off")
     args = parser.parse_args(argv)
     if args.watchdog_s > 0:
-        global WATCHDOG_S
-        WATCHDOG_S = args.watchdog_s
         start_watchdog(args.watchdog_s)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: no CUDA device; for a dry run on the CPU: python test_gpu.py --device cpu --quick")
