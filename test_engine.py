@@ -695,15 +695,18 @@ def test_log_new_run_keeps_the_old_one_and_resume_drops_lines_after_the_checkpoi
 # data: seeded samples, exact restarts, unreadable images
 
 class Recorder(torch.utils.data.Dataset):
-    """Sample i -> (i, a torch draw, a Python draw) or UnreadableImage for the indices in `bad`."""
+    """Sample i -> (i, a torch draw, a Python draw), UnreadableImage for the indices in `bad`, FileNotFoundError for
+    those in `gone` (a file deleted since the dataset was listed)."""
 
-    def __init__(self, n, bad=()):
-        self.n, self.bad = n, set(bad)
+    def __init__(self, n, bad=(), gone=()):
+        self.n, self.bad, self.gone = n, set(bad), set(gone)
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
+        if i in self.gone:
+            raise FileNotFoundError(2, "No such file or directory", f"img{i}.jpg")
         if i in self.bad:
             raise data.UnreadableImage(f"cannot read img{i}.jpg", f"img{i}.jpg")
         return i, torch.rand(()).item(), random.random()
@@ -1113,21 +1116,6 @@ def test_append_eval_appends_strict_json_lines(tmp_path):
         {"eval": "a.pth", "top1": None, "IoU": [0.5, None]}, {"eval": "b.pth", "top1": None}]
 
 
-class _UnreadableAt(list):
-    """A dataset of len(self) items whose item `bad` cannot be read (gone: its file deleted since it was listed)."""
-
-    def __init__(self, size, bad, gone=False):
-        super().__init__(range(size))
-        self.bad, self.gone = bad, gone
-
-    def __getitem__(self, i):
-        if i == self.bad and self.gone:
-            raise FileNotFoundError(2, "No such file or directory", f"img{i}.jpg")
-        if i == self.bad:
-            raise data.UnreadableImage(f"cannot read image file 'img{i}.jpg'", f"img{i}.jpg")
-        return super().__getitem__(i)
-
-
 def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
     """Each rank sees its own output folder and data (node-local disks): every check must stop every rank."""
     import torch.distributed as dist
@@ -1147,8 +1135,8 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
               lambda: engine.train_loader(list(range(4 + rank)), args, d),  # 4 images on rank 0, 5 on rank 1
               lambda: engine.check_ranks_agree(d, "a value", 7, "fix"),  # agreeing ranks pass
               lambda: engine.check_dataset(list(range(3 - rank)), "validation", d, 0),
-              lambda: engine.check_dataset(_UnreadableAt(4, bad=3), "validation", d, 0),  # in rank 1's shard only
-              lambda: engine.check_dataset(_UnreadableAt(4, bad=3, gone=True), "validation", d, 0)]
+              lambda: engine.check_dataset(Recorder(4, bad={3}), "validation", d, 0),  # in rank 1's shard only
+              lambda: engine.check_dataset(Recorder(4, gone={3}), "validation", d, 0)]
     for check in checks:
         try:
             check()
@@ -1191,7 +1179,7 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
     assert agreed == "ok"
     assert validation.startswith("the processes do not agree on the number of validation samples (rank 0: 3, rank 1: 2)")
     # a bad file in one rank's shard stops every rank, named (rank 0 alone went on into training and hung)
-    assert unreadable == "1 of the 4 validation samples cannot be used; first: cannot read image file 'img3.jpg'"
+    assert unreadable == "1 of the 4 validation samples cannot be used; first: cannot read img3.jpg"
     assert gone == "1 of the 4 validation samples cannot be used; first: [Errno 2] No such file or directory: 'img3.jpg'"
 
 
