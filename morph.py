@@ -53,7 +53,9 @@ Where this file deliberately differs from the paper's literal text, and why:
     Memory O(B N^2) <= O(B N C) then. Nothing is ever compacted: a merged token lives on in the row of its
     destination and index maps say which rows are current.
   * The random split is ToMe's alternate split applied to a random permutation of the current tokens:
-    sources are permuted positions 0, 2, 4, ..., destinations 1, 3, 5, ...  (|A| = ceil(T/2)).
+    sources are permuted positions 0, 2, 4, ..., destinations 1, 3, 5, ...  (|A| = ceil(T/2)). The permutation is
+    of the current tokens in a fixed order (ascending by the row that holds each, a destination's original index),
+    so it does not depend on the previous round's similarity order, which rounding can change.
     split="alternate" uses the tokens in their current order, exactly as ToMe's bipartite_soft_matching
     without a protected class token, including its token order after a merge: [unmerged sources sorted by
     similarity, descending; then destinations], so results compare token for token.
@@ -262,7 +264,9 @@ def token_morphing(x: torch.Tensor, schedule, split: str = "random", generator: 
     split is "random" (per sample, reproducible with `generator`, which may live on any device), "alternate"
     (ToMe's even/odd split) or "official" (the official code's: ToMe's with the first token protected).
     The random split draws one (B, T) tensor per round, so an image's groups depend on the batch it is in (its
-    position and the batch size), not only on the seed.
+    position and the batch size), not only on the seed. Without `generator` it draws from the global RNG of x's
+    device (torch.rand), so the caller's later random numbers depend on the schedule: pass a generator to keep
+    them apart.
     """
     if not hasattr(schedule, "__iter__"):
         raise TypeError(f"token_morphing takes one schedule, a list of tokens merged per round (e.g. [7] * 14), got "
@@ -286,8 +290,13 @@ def _morphing_levels(x, schedules, split, generator) -> list:
         raise ValueError(f"token_morphing expects x of shape (B, N, C), got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"token_morphing expects floating point tokens, got {x.dtype}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), got "
+                        f"{type(generator).__name__} {generator!r}")
     B, N, C = x.shape
     levels = [[r for r in clamp_schedule(N, schedule, split) if r > 0] for schedule in _list_of_schedules(schedules)]
+    if B == 0:
+        return [torch.zeros(0, N, dtype=torch.long, device=x.device) for _ in levels]
     uses_gram = [bool(rounds) and N <= C for rounds in levels]
     gram = None
     groups = []
@@ -308,7 +317,7 @@ def _morphing_levels(x, schedules, split, generator) -> list:
 def _list_of_schedules(schedules) -> list:
     """Checks that `schedules` is a list of schedules (lists of ints), not one schedule."""
     schedules = list(schedules)
-    if any(isinstance(s, int) for s in schedules):
+    if not all(hasattr(s, "__iter__") and getattr(s, "ndim", 1) == 1 for s in schedules):  # also numpy / tensor ints
         raise TypeError(f"token_morphing_levels takes a list of schedules, e.g. [[7] * 14, [49, 49]], got {schedules}")
     return schedules
 
@@ -320,8 +329,10 @@ def _morph(store, rounds: list, B: int, N: int, split: str, generator, device) -
     identity = torch.arange(N, device=device).expand(B, N)
     rows, owner = identity, identity  # (B, T), (B, N)
     for r in rounds:
-        if split == "random":  # Algorithm 1's random split: the even/odd split of a random order
-            rows = rows.gather(1, _random_order(B, rows.shape[1], generator, device))
+        if split == "random":  # Algorithm 1's random split: the even/odd split of a random order of the current
+            # tokens, taken from their ascending store rows: the split then depends on which tokens are current, not on
+            # the previous round's similarity order (float32 and float64 can order near-equal cosines differently)
+            rows = rows.sort(dim=1).values.gather(1, _random_order(B, rows.shape[1], generator, device))
         src_rows, dst_rows, rows = _match(store, rows, r, protect_first=split == "official")
         store.merge(src_rows, dst_rows)
         owner = identity.scatter(1, src_rows, dst_rows).gather(1, owner)  # members of a source follow it
