@@ -104,6 +104,15 @@ class MTOConfig:
     sing_layers: Optional[int] = None
     ent_layers: Optional[int] = None
 
+    def __post_init__(self):
+        for name in ("layers", "sing_layers", "ent_layers"):  # the upper bound, the ViT's depth, is checked in mto_forward
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"MTOConfig.{name} must be a block count >= 0 or None (all blocks), got {value!r}")
+        for name in ("lambda_sing", "lambda_ent"):
+            if not getattr(self, name) >= 0:  # also NaN
+                raise ValueError(f"MTOConfig.{name} must be >= 0 (0 switches the loss off), got {getattr(self, name)}")
+
 
 def _check_mask(mask):
     if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.dim() != 2:
@@ -205,9 +214,10 @@ def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREF
     Computed on the masked rows and visible columns only: (B, M, V), 75 x 121 for ViT-B's 196 patches.
     """
     _check_mask(mask)
-    if hidden.shape[1] != num_prefix + mask.shape[1]:
-        raise ValueError(f"tokens {tuple(hidden.shape)} do not match the mask {tuple(mask.shape)} with {num_prefix} "
-                         f"prefix tokens")
+    if hidden.dim() != 3 or hidden.shape[:2] != (mask.shape[0], num_prefix + mask.shape[1]):
+        raise ValueError(f"tokens {tuple(hidden.shape)} do not match the mask {tuple(mask.shape)}: they must be (B, "
+                         f"{num_prefix} prefix tokens + the mask's {mask.shape[1]} patches, C), B = the mask's "
+                         f"{mask.shape[0]} images")
     with torch.autocast(hidden.device.type, enabled=False):  # float32 matmuls, whatever the autocast dtype
         return _singularity_loss(hidden, mask, patch_rows(mask) if rows is None else rows, num_prefix)
 
@@ -264,9 +274,10 @@ def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM
     """
     _check_mask(mask)
     B, H, T, _ = q.shape
-    if T != num_prefix + mask.shape[1] or k.shape != q.shape:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be (B, heads, T, head_dim) with T = "
-                         f"{num_prefix} prefix tokens + the mask's {mask.shape[1]} patches")
+    if (B, T) != (mask.shape[0], num_prefix + mask.shape[1]) or k.shape != q.shape:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be (B, heads, T, head_dim) with B = "
+                         f"the mask's {mask.shape[0]} images and T = {num_prefix} prefix tokens + the mask's "
+                         f"{mask.shape[1]} patches")
     if bias is not None and tuple(bias.shape) != (H, T, T):
         raise ValueError(f"bias {tuple(bias.shape)} must be the relative position bias (heads, T, T) = {(H, T, T)}, "
                          f"shared by the batch, or None")
@@ -321,8 +332,10 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
                          f"num_prefix={num_prefix}: pass num_prefix={vit_prefix}")
     depth = len(vit.blocks)
     layers = _num_layers(cfg.layers, depth, "MTOConfig.layers")
-    sing_w = depth_weights(depth, _num_layers(cfg.sing_layers, depth, "MTOConfig.sing_layers") if cfg.lambda_sing else 0)
-    ent_w = depth_weights(depth, _num_layers(cfg.ent_layers, depth, "MTOConfig.ent_layers") if cfg.lambda_ent else 0)
+    sing_layers = _num_layers(cfg.sing_layers, depth, "MTOConfig.sing_layers")
+    ent_layers = _num_layers(cfg.ent_layers, depth, "MTOConfig.ent_layers")
+    sing_w = depth_weights(depth, sing_layers if cfg.lambda_sing else 0)
+    ent_w = depth_weights(depth, ent_layers if cfg.lambda_ent else 0)
     sing_ids, ent_ids = sing_w.nonzero()[:, 0].tolist(), ent_w.nonzero()[:, 0].tolist()
 
     allowed = None

@@ -403,6 +403,12 @@ def test_mto_forward_losses_are_depth_weighted_sums_of_per_layer_losses():
     assert 0 < losses["loss_ent"] < 1 and -1 < losses["loss_sing"] < 1
     with pytest.raises(ValueError, match="MTOConfig.layers=5 is out of range for a ViT of depth 4"):
         mto.mto_forward(model, x, mask, mto.MTOConfig(layers=5))
+    with pytest.raises(ValueError, match="MTOConfig.sing_layers=9 is out of range"):  # checked with its loss off too
+        mto.mto_forward(model, x, mask, mto.MTOConfig(lambda_sing=0, sing_layers=9))
+    for bad in ({"lambda_ent": -0.1}, {"lambda_sing": float("nan")}, {"layers": -1}, {"ent_layers": 2.5},
+                {"sing_layers": True}):
+        with pytest.raises(ValueError, match=f"MTOConfig.{next(iter(bad))} must be"):
+            mto.MTOConfig(**bad)
     with pytest.raises(ValueError, match="mask"):
         mto.mto_forward(model, x, None, cfg)
 
@@ -541,6 +547,17 @@ def test_attention_entropy_refuses_misshapen_inputs():
         mto.attention_entropy(q, k, None, mask, num_prefix=2)
     with pytest.raises(ValueError, match="prefix tokens"):
         mto.attention_entropy(q, k[:, :, 1:], None, mask)
+    with pytest.raises(ValueError, match="the mask's 1 images"):  # broadcast in the forward, a crash in the backward
+        mto.attention_entropy(q, k, bias, mask[:1])
+
+
+def test_singularity_loss_refuses_tokens_that_do_not_match_the_mask():
+    mask = random_mask()
+    hidden = torch.randn(2, 1 + N, 8)
+    mto.singularity_loss(hidden, mask)
+    for bad_hidden, bad_mask in ((hidden, mask[:1]), (hidden[:, 1:], mask), (hidden[0], mask)):
+        with pytest.raises(ValueError, match="do not match the mask"):
+            mto.singularity_loss(bad_hidden, bad_mask)
 
 
 def test_a_vit_naming_its_prefix_tokens_is_checked_against_num_prefix():
