@@ -82,13 +82,15 @@ def make_step(args, cfg, mto_module=mto, teacher=None):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
 
-    def autocast():
+    teacher_dtype = engine.resolve_teacher_amp("auto", dtype, args.device)  # train_pretrain's default --teacher_amp
+
+    def autocast(dtype=dtype):
         return torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None)
 
     def step():
         step_targets = targets
         if teacher is not None:  # as train_pretrain.train_micro_step
-            with torch.no_grad(), autocast():
+            with torch.no_grad(), autocast(teacher_dtype):
                 step_targets = teacher(images)  # (B, N, 512)
         schedules = [morph.sample_schedule(N, N, 14, rng, "official") for _ in range(2)]
         groups = morph.token_morphing_levels(step_targets, schedules)

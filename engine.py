@@ -249,6 +249,27 @@ def resolve_amp(mode: str, device) -> tuple:
     return torch.float16, torch.amp.GradScaler("cuda")
 
 
+def resolve_teacher_amp(mode: str, amp_dtype, device):
+    """--teacher_amp -> the frozen teacher's autocast dtype (None: float32).
+
+    "auto": fp16 on a GPU whenever the student runs under autocast, as the official code (naver-ai/dtm
+    engines/engine_for_dtm.py:117 computes the targets under torch.cuda.amp.autocast(), fp16): 10 mantissa bits to
+    bf16's 7, and a forward without gradient needs no loss scale; otherwise the student's (fp32 or bf16 on the CPU).
+    "fp16" / "bf16" / "fp32" force a choice, with --amp's device rules.
+    """
+    device = torch.device(device)
+    if mode == "auto":
+        return torch.float16 if amp_dtype is not None and device.type == "cuda" else amp_dtype
+    if mode not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"unknown --teacher_amp {mode!r}; use auto, bf16, fp16 or fp32")
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("--teacher_amp fp16 needs a CUDA device; use --teacher_amp fp32 or bf16 on the CPU")
+    if mode == "bf16" and device.type == "cuda" and not native_bf16(device):
+        raise ValueError(f"this GPU (compute capability {torch.cuda.get_device_capability(device)}) has no native "
+                         f"bf16; use --teacher_amp fp16 (or auto)")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
+
+
 def amp_name(dtype, scaler) -> str:
     """What resolve_amp chose, for the start-up line: "bf16", "fp16 + GradScaler" or "fp32"."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype] + (" + GradScaler" if scaler else "")
@@ -936,19 +957,19 @@ def save_checkpoint(path: str, state: dict):
         raise OSError(f"could not write {path} (disk full, or no permission to write there?): {cause}; {kept}") from e
 
 
-def stop_non_finite(what: str, step: int, output_dir: str):
+def stop_non_finite(what: str, step: int, output_dir: str, remedy: str = "a lower --lr or --amp bf16/fp32"):
     """Stop the run: `what` is not finite at `step`; name the last good checkpoint."""
     last = os.path.join(output_dir, LAST)
-    good = (f"the last good checkpoint is {last}, left as it was; relaunch to continue from it (e.g. with a lower "
-            f"--lr or --amp bf16/fp32)" if os.path.isfile(last) else "no checkpoint was written before")
+    good = (f"the last good checkpoint is {last}, left as it was; relaunch to continue from it (e.g. with {remedy})"
+            if os.path.isfile(last) else f"no checkpoint was written before (try {remedy})")
     raise FloatingPointError(f"{what} not finite at step {step}; stopped without saving: {good}")
 
 
-def check_finite(values: torch.Tensor, names, step: int, output_dir: str):
+def check_finite(values: torch.Tensor, names, step: int, output_dir: str, remedy: str = None):
     """Stop (stop_non_finite) if any of the logged values is not finite; values are the same on every rank."""
     bad = [n for n, v in zip(names, values.tolist()) if not math.isfinite(v)]
     if bad:
-        stop_non_finite(", ".join(bad), step, output_dir)
+        stop_non_finite(", ".join(bad), step, output_dir, *([remedy] if remedy else []))
 
 
 def load_checkpoint(path: str, kind: str, flag: str = "--resume", hint: str = "", auto: bool = False) -> dict:

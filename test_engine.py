@@ -125,6 +125,16 @@ def test_amp_auto_picks_bf16_only_on_gpus_with_native_bf16(monkeypatch, capabili
     else:
         assert engine.resolve_amp("bf16", "cuda:0") == (torch.bfloat16, None)
     assert engine.resolve_amp("fp16", "cuda:0")[0] == torch.float16
+    # the teacher: fp16 on every GPU under autocast (the official code's), fp32 with --amp fp32, forced choices checked
+    assert engine.resolve_teacher_amp("auto", dtype, "cuda:0") == torch.float16
+    assert engine.resolve_teacher_amp("auto", None, "cuda:0") is None
+    assert engine.resolve_teacher_amp("fp32", dtype, "cuda:0") is None
+    assert engine.resolve_teacher_amp("fp16", None, "cuda:0") == torch.float16
+    if expected == torch.float16:
+        with pytest.raises(ValueError, match="no native bf16; use --teacher_amp fp16"):
+            engine.resolve_teacher_amp("bf16", dtype, "cuda:0")
+    else:
+        assert engine.resolve_teacher_amp("bf16", dtype, "cuda:0") == torch.bfloat16
 
 
 CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]  # torch 2.11's PyPI build
@@ -173,6 +183,11 @@ def test_resolve_amp_on_cpu():
     assert engine.resolve_amp("bf16", "cpu") == (torch.bfloat16, None)
     with pytest.raises(ValueError, match="fp16 needs a CUDA"):
         engine.resolve_amp("fp16", "cpu")
+    assert engine.resolve_teacher_amp("auto", None, "cpu") is None  # the CPU: the student's choice
+    assert engine.resolve_teacher_amp("auto", torch.bfloat16, "cpu") == torch.bfloat16
+    assert engine.resolve_teacher_amp("bf16", None, "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="--teacher_amp fp16 needs a CUDA device"):
+        engine.resolve_teacher_amp("fp16", None, "cpu")
     with pytest.raises(ValueError, match="unknown --amp"):
         engine.resolve_amp("fp8", "cpu")
 

@@ -95,6 +95,25 @@ def test_fixed_schedule_replaces_the_dynamic_scheduler():
     assert (model.beta, model.loss_on, model.normalize_target) == (0.5, "masked", True)  # the loss's flags reach it
 
 
+def test_teacher_runs_under_teacher_amp(monkeypatch):
+    """--teacher_amp sets the teacher's autocast apart from the student's (the CPU stands in for the GPU's choice)."""
+    seen = []
+
+    class Recording(dtm.PixelTeacher):
+        def forward(self, images):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return super().forward(images)
+
+    images, mask = torch.randn(2, 3, 32, 32), torch.zeros(2, 4, dtype=torch.bool)
+    for teacher_amp, expected in (("auto", torch.bfloat16), ("fp32", None), ("bf16", torch.bfloat16)):
+        args = tp.parse_args(["--teacher", "pixels", "--model", "vit_tiny", "--img_size", "32", "--amp", "bf16",
+                              "--num_masked", "1", "--min_block", "1", "--teacher_amp", teacher_amp])
+        model, _ = tp.build_model(args, CPU)
+        tp.train_micro_step(model, Recording(), images, mask, args, 0, CPU, torch.bfloat16, None,
+                            engine.StepTimer(CPU.device))
+        assert seen.pop() == expected, teacher_amp
+
+
 def test_samples_depend_only_on_seed_epoch_index(image_folder):
     args = tp.parse_args(tiny_argv(image_folder, "unused"))
     samples = engine.SeededSamples(tp.build_dataset(args), args.seed)
@@ -347,7 +366,7 @@ def test_nan_loss_stops_without_saving_and_names_the_last_good_checkpoint(image_
     out = tmp_path / "run"
     poison(monkeypatch, from_step=3)  # steps 1-3 fine (saved at the end of epoch 0), step 4 diverges
     with pytest.raises(FloatingPointError, match=f"loss.*not finite at step 4.*last good checkpoint is "
-                                                 f"{out / engine.LAST}"):
+                                                 f"{out / engine.LAST}.*--teacher_amp bf16/fp32"):
         tp.main(tiny_argv(image_folder, out))
     checkpoint = torch.load(out / engine.LAST)
     assert checkpoint["step"] == 3 and all(v.isfinite().all() for v in checkpoint["model"].values())

@@ -116,6 +116,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
       help="auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp16 with a "
       "GradScaler (V100); fp32 on the CPU")
+    a("--teacher_amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+      help="the teacher's autocast; auto: fp16 on a GPU whenever --amp is not fp32 (as the official code: more "
+      "mantissa than bf16, and its forward has no gradient to scale), else --amp's")
     a("--compile", action="store_true", help="torch.compile the student's blocks")
     a("--grad_checkpoint", action="store_true", help="recompute each block's activations in the backward instead of "
       "storing them (less memory, about a third more compute; ViT-L at batch 128 on 32 GB GPUs)")
@@ -231,7 +234,7 @@ def train_micro_step(model, teacher, images, mask, args, micro_step, d: engine.D
     rank = (d.rank,) if args.schedules == "per_rank" else ()  # --schedules shared: the same draws on every rank
     schedule_rng = random.Random(engine.seed_of("schedule", args.seed, micro_step, *rank))
     timer.lap("data_s")
-    with torch.no_grad(), engine.autocast(d, amp_dtype):
+    with torch.no_grad(), engine.autocast(d, engine.resolve_teacher_amp(args.teacher_amp, amp_dtype, d.device)):
         targets = teacher(images)  # (B, N, D)
     timer.lap("teacher_s")
     num_patches = targets.shape[1]
@@ -272,6 +275,7 @@ def train(args, d: engine.Dist) -> dict:
     loader, sampler, steps_per_epoch = engine.train_loader(dataset, args, d)
     model, teacher = build_model(args, d)
     amp_dtype, scaler = engine.resolve_amp(args.amp, d.device)
+    teacher_dtype = engine.resolve_teacher_amp(args.teacher_amp, amp_dtype, d.device)
     total_batch = args.batch_size * args.accum_iter * d.world_size
     lr = args.lr * math.sqrt(total_batch / 2048)
     optimizer = torch.optim.AdamW(engine.param_groups(model, args.weight_decay), lr=lr, betas=tuple(args.betas))
@@ -294,7 +298,8 @@ def train(args, d: engine.Dist) -> dict:
     ddp_model = engine.ddp(model, d)  # the teacher stays outside: it does not train
     d.print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, teacher {args.teacher} "
             f"(dim {teacher.out_dim}), {len(dataset)} images, total batch {total_batch}, lr {lr:.3g}, "
-            f"{steps_per_epoch} steps/epoch, amp {engine.amp_name(amp_dtype, scaler)}")
+            f"{steps_per_epoch} steps/epoch, amp {engine.amp_name(amp_dtype, scaler)} (teacher "
+            f"{engine.amp_name(teacher_dtype, None)})")
     if finished:
         limit = "--max_steps" if last_step < total_steps else "--epochs"
         engine.say_finished(args, resume_path, step, last_step, limit, d)
@@ -346,7 +351,8 @@ def train(args, d: engine.Dist) -> dict:
 
         if is_log_step:
             means = engine.all_mean(sums / count, d)
-            engine.check_finite(means, loss_names, step, args.output_dir)
+            engine.check_finite(means, loss_names, step, args.output_dir,  # fp16 teacher targets can overflow too
+                                remedy="a lower --lr, --amp bf16/fp32 or --teacher_amp bf16/fp32")
             engine.report_unreadable(unreadable, d, step, log)
             now = time.perf_counter()
             record = dict(step=step, epoch=epoch, **dict(zip(loss_names, means.tolist())),
