@@ -84,6 +84,9 @@ def test_window_starts_cover_the_image_like_mmseg():
     assert train_seg.parse_args(["--init", "none"]).stride == 43  # the demo's
 
 
+GENERIC = ["--img_dir", "i", "--ann_dir", "a", "--val_img_dir", "vi", "--val_ann_dir", "va"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--img_suffix", ".png"], "--img_suffix would do nothing in the demo"),
     (["--reduce_zero_label", "--data", "/x"], "--reduce_zero_label would do nothing with --data"),
@@ -102,7 +105,15 @@ def test_window_starts_cover_the_image_like_mmseg():
     (["--ratio_range", "0", "0.01"], "--ratio_range MIN MAX must be positive with MIN <= MAX, got 0 0.01"),
     (["--ratio_range", "2", "0.5"], "--ratio_range MIN MAX must be positive with MIN <= MAX"),  # a traceback once
     (["--cat_max_ratio", "-3"], "--cat_max_ratio is a share .* in \\(0, 1\\] \\(1: no limit\\), got -3"),
-    (["--cat_max_ratio", "1.5"], "--cat_max_ratio is a share .* got 1.5")])
+    (["--cat_max_ratio", "1.5"], "--cat_max_ratio is a share .* got 1.5"),
+    (["--crop_size", "16", "--stride", "8"], "--crop_size 16 is too small: .* 2x2 patches at least: --crop_size 32"),
+    (["--crop_size", "32"], "got 43 \\(the demo's default, for its --crop_size 64\\): pass --stride 21"),
+    ([*GENERIC, "--num_classes", "1"], "--num_classes must be in 2..255 \\(label values 0..num_classes-1, 255 = "
+                                       "ignore\\), got 1"),
+    ([*GENERIC, "--num_classes", "0"], "--num_classes must be in 2..255"),
+    ([*GENERIC, "--num_classes", "256"], "--num_classes must be in 2..255"),
+    ([*GENERIC, "--num_classes", "255", "--reduce_zero_label"], "must be in 2..254 \\(label values 0..num_classes-1 "
+                                                                 "after --reduce_zero_label")])
 def test_flags_that_do_nothing_or_train_wrongly_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
         train_seg.parse_args(["--init", "none", *flags])
@@ -110,6 +121,8 @@ def test_flags_that_do_nothing_or_train_wrongly_are_refused(flags, message):
     # the default stride is 2/3 of the crop (341 at 512): at a small --crop_size it was 341 and refused as given
     assert train_seg.parse_args(["--init", "none", "--data", "/x"]).stride == 341
     assert train_seg.parse_args(["--init", "none", "--data", "/x", "--crop_size", "64"]).stride == 42
+    assert train_seg.parse_args(["--init", "none", *GENERIC, "--num_classes", "254", "--reduce_zero_label"])
+    assert train_seg.parse_args(["--init", "none", *GENERIC, "--num_classes", "2"])
 
 
 class CropSizeOnly(nn.Module):
@@ -822,6 +835,8 @@ def test_unusable_training_label_files_are_skipped_and_named_and_an_all_ignored_
                if "skipped_image" in r}
     assert "mode 'RGB' with 3 channels" in skipped["1.png"] and "is 48x40 but its annotation" in skipped["2.jpg"]
     out = capsys.readouterr().out
+    assert ("warning: the validation label maps hold no class pixel (all 255 = ignore): mIoU will be undefined; check "
+            "the label values and --reduce_zero_label") in out.split("\n")[0]  # at start-up, before training
     assert "warning: the validation labels hold no class pixel (all ignored, 255): mIoU is undefined" in out
     assert not (tmp_path / "run" / engine.BEST).exists()
     train_seg.main(["--eval", str(tmp_path / "run" / engine.LAST), "--val_img_dir", str(tmp_path / "v" / "img"),
@@ -839,6 +854,28 @@ def test_unusable_training_label_files_are_skipped_and_named_and_an_all_ignored_
         data.load_label_map(str(sixteen_bit))
     with pytest.raises(ValueError, match="validation samples cannot be used; first: .*mode 'RGB'"):  # still refused
         train_seg.main(generic_run(tmp_path / "v", tmp_path / "t", tmp_path / "val_bad"))
+
+
+def test_binary_masks_saved_as_0_and_255_are_warned_about_at_start_up(tmp_path, capsys):
+    """0/255 masks: the foreground is read as ignore, training and mIoU see the background alone (mIoU looked fine)."""
+    masks = [data.np.where(torch.rand(40, 48, generator=torch.Generator().manual_seed(i)).numpy() < 0.3, 255, 0)
+             for i in range(4)]
+    write_seg_folder(tmp_path / "t", masks)
+    write_seg_folder(tmp_path / "v", masks[:2])
+    train_seg.main(generic_run(tmp_path / "t", tmp_path / "v", tmp_path / "run", "--num_classes", "2"))
+    out = capsys.readouterr().out
+    share = sum((m == 255).sum() for m in masks[:2]) / (2 * 40 * 48)
+    assert (f"warning: the validation label maps hold no pixel of classes 1..1, only 0 and 255 (= ignore, {share:.0%} "
+            f"of the pixels): if 255 marks your foreground (binary masks are often saved as 0/255), map it to 1 in the "
+            f"label files") in out
+    masks = [data.np.where(m == 255, 1, 0) for m in masks]  # mapped to 1 as the warning says: no warning
+    write_seg_folder(tmp_path / "t1", masks)
+    write_seg_folder(tmp_path / "v1", masks[:2])
+    train_seg.main(generic_run(tmp_path / "t1", tmp_path / "v1", tmp_path / "run1", "--num_classes", "2"))
+    assert "validation label maps" not in capsys.readouterr().out
+    pixels = data.np.bincount(data.np.array([0, 2, 255, 255]), minlength=256)
+    train_seg.warn_about_labels(pixels, 3, False, engine.Dist())  # a class 1..K-1 present: nothing to say
+    assert capsys.readouterr().out == ""
 
 
 def test_generic_class_names_are_the_label_files_values_and_a_vit_without_positions_is_said(tmp_path, capsys):

@@ -48,6 +48,7 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -360,6 +361,26 @@ def build_datasets(args, train: bool = True):
     return train_set, val, val.classes
 
 
+def label_pixels(sample) -> np.ndarray:
+    """(image, label map) as dataset.load returns it -> pixels per label value (256,), for check_dataset."""
+    return np.bincount(np.asarray(sample[1]).ravel(), minlength=256)
+
+
+def warn_about_labels(pixels: np.ndarray, num_classes: int, reduce_zero_label: bool, d):
+    """Start-up warnings from the validation label maps' pixels per value (after --reduce_zero_label)."""
+    if np.ndim(pixels) == 0:  # no sample
+        return
+    share = pixels[IGNORE_INDEX] / max(pixels.sum(), 1)
+    if pixels[:num_classes].sum() == 0:
+        d.print(f"warning: the validation label maps hold no class pixel (all {IGNORE_INDEX} = ignore): mIoU will be "
+                f"undefined; check the label values and --reduce_zero_label")
+    elif num_classes > 1 and pixels[1:num_classes].sum() == 0 and share > 0:
+        d.print(f"warning: the validation label maps hold no pixel of classes 1..{num_classes - 1}, only 0 and "
+                f"{IGNORE_INDEX} (= ignore, {share:.0%} of the pixels): if {IGNORE_INDEX} marks your foreground "
+                f"(binary masks are often saved as 0/255), map it to {1 + reduce_zero_label} in the label files; as they are, "
+                f"training and mIoU see the background alone")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Arguments
 
@@ -476,6 +497,9 @@ def parse_args(argv=None):
         args.scale = [2048, 512] if args.scale is None else args.scale
         args.stride = args.crop_size * 2 // 3 if args.stride is None else args.stride  # BEiT: 341 at 512
     engine.check_image_size("--crop_size", args.crop_size, 512)
+    if args.crop_size < 2 * dtm.PATCH_SIZE:
+        raise ValueError(f"--crop_size {args.crop_size} is too small: the feature pyramid pools the ViT's patch grid "
+                         f"by 2, so it needs 2x2 patches at least: --crop_size {2 * dtm.PATCH_SIZE} or more")
     if args.scale is not None and min(args.scale) <= 0:
         raise ValueError(f"--scale LONG SHORT must be positive sizes, got {' '.join(map(str, args.scale))}")
     if not 0 < args.ratio_range[0] <= args.ratio_range[1]:
@@ -485,7 +509,10 @@ def parse_args(argv=None):
         raise ValueError(f"--cat_max_ratio is a share of the crop's labelled pixels, in (0, 1] (1: no limit), got "
                          f"{args.cat_max_ratio:g}")
     if (args.stride is not None and args.stride < 1) or (args.eval is None and args.stride > args.crop_size):
-        raise ValueError(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}")
+        demo_default = args.demo and args.stride == DEMO_DEFAULTS["stride"] != args.crop_size * 2 // 3
+        raise ValueError(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}" + (
+            f" (the demo's default, for its --crop_size {DEMO_DEFAULTS['crop_size']}): pass --stride "
+            f"{args.crop_size * 2 // 3}" if demo_default else ""))
     if args.channels is not None and args.channels < 1:
         if args.eval:
             raise ValueError(f"--channels must be >= 1, got {args.channels}: leave it out (--eval takes the "
@@ -509,6 +536,12 @@ def parse_args(argv=None):
         if args.num_classes is not None and not (args.data and args.num_classes == len(data.ADE20K_CLASSES)):
             raise ValueError(f"--num_classes {args.num_classes} would do nothing {where}: leave it out"
                              + ("" if args.data else " (the demo's classes: --demo_shape_classes + background)"))
+    if args.num_classes is not None and not (args.data or args.demo):
+        top = IGNORE_INDEX - bool(args.reduce_zero_label)  # class values 0..K-1 below 255 (ignore), after the shift
+        if not 2 <= args.num_classes <= top:
+            raise ValueError(f"--num_classes must be in 2..{top} (label values 0..num_classes-1"
+                             f"{' after --reduce_zero_label' if args.reduce_zero_label else ''}, {IGNORE_INDEX} = "
+                             f"ignore), got {args.num_classes}")
     if not args.demo:
         engine.refuse_ignored(args, parser, EVAL_DEMO_DATA + ["demo_train_images"],
                               "with real data (they size the demo's procedural images)")
@@ -650,7 +683,8 @@ def train(args, d):
                 f"({num_classes} classes incl. background) for {args.iters} iterations on {d.device}. For a real run "
                 f"pass --data (ADE20K) or --img_dir/--ann_dir/--val_img_dir/--val_ann_dir, and --init (see --help).")
     else:  # a bad validation file or label is found now, not at the first evaluation
-        engine.check_dataset(val_set, "validation", d, args.num_workers)
+        pixels = engine.check_dataset(val_set, "validation", d, args.num_workers, label_pixels)
+        warn_about_labels(pixels, num_classes, reads_zero_as_ignore(vars(args)), d)
     loader, sampler, steps_per_epoch = engine.train_loader(train_set, args, d)
     resume_path, own_run = engine.prepare_run(args, d, new_run_reads={"--init": args.init})
     if resume_path is not None:
