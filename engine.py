@@ -364,6 +364,19 @@ def check_output_dir(output_dir: str):
         raise ValueError(f"--output_dir {output_dir!r} {where} a file, not a folder; pass a folder")
 
 
+def check_writable(output_dir: str):
+    """Make --output_dir if needed and write a file there: at start-up, not at the first log line or save."""
+    probe = os.path.join(output_dir, f".write_test.{socket.gethostname()}.{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--output_dir {output_dir!r} cannot be written to ({e.strerror or e}): pass a folder you "
+                         f"can write to, or change its permissions") from None
+
+
 def set_lr(optimizer, lr: float):
     """Set every group's lr to lr * group["lr_scale"] (1 if absent)."""
     for group in optimizer.param_groups:
@@ -757,6 +770,7 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
                 print(f"removed {name} (left by an interrupted save)")
     try:  # every rank reaches the agreement below, also one whose own view is an error (a file on one node only)
         start, error = _run_start(args, last), None
+        check_writable(args.output_dir)
         view = f"continues {start[0]} ({os.path.getsize(start[0])} bytes)" if start[0] else "a new run"
     except (ValueError, OSError) as e:
         error, view = e, f"error: {e}"

@@ -596,10 +596,30 @@ def run_args(out, resume="auto", fresh=False):
     return argparse.Namespace(output_dir=str(out), resume=resume, fresh=fresh)
 
 
+def test_an_output_dir_that_cannot_be_written_is_refused_at_start_up(tmp_path, monkeypatch):
+    """It failed at the first log line (50 steps in) or, for a folder to make under a read-only one, with a traceback."""
+    read_only, real_open = tmp_path / "ro", open
+    read_only.mkdir()
+
+    def refuse(path, *args, **kwargs):
+        if str(path).startswith(str(read_only)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse)
+    for out in (read_only, read_only / "sub"):
+        with pytest.raises(ValueError, match=f"--output_dir '{out}' cannot be written to \\(Permission denied\\): "
+                                             f"pass a folder you can write to"):
+            engine.prepare_run(run_args(out), CPU)
+    monkeypatch.undo()
+    assert engine.prepare_run(run_args(read_only / "sub"), CPU) == (None, False)
+    assert os.listdir(read_only / "sub") == []  # made, and the probe file removed
+
+
 def test_prepare_run_rules(tmp_path):
     out = tmp_path / "run"
     assert engine.prepare_run(run_args(out), CPU) == (None, False)  # nothing there: a new run
-    out.mkdir()
+    assert out.is_dir()  # made, and found writable, at start-up
     (out / engine.LAST).write_bytes(b"x")
     (out / "checkpoint-last.pth.tmp4242").write_bytes(b"half a file")
     assert engine.prepare_run(run_args(out), CPU) == (str(out / engine.LAST), True)  # relaunch: continue
