@@ -416,6 +416,24 @@ def test_resume_continues_exactly(finetuned, tmp_path, monkeypatch):
     assert resumed_best == best and last_line(tmp_path / "log.jsonl") == last_line(out / "log.jsonl")
 
 
+def test_a_run_continued_in_another_folder_says_where_its_best_checkpoint_is(finetuned, tmp_path, monkeypatch, capsys):
+    """Continued from another folder's checkpoint without improving, the summary named this folder, which has no
+    checkpoint-best.pth."""
+    out, _ = finetuned
+    evaluate = tf.evaluate
+    monkeypatch.setattr(tf, "evaluate", lambda *a, **k: {**evaluate(*a, **k), "top1": 0.0})  # no better epoch
+    best = torch.load(out / "checkpoint-last.pth.epoch0")["best_top1"]
+    tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path / "b"),
+                        "--resume", str(out / "checkpoint-last.pth.epoch0")])
+    assert (f"done: best val top-1 {best:.2f}% (reached before {out / 'checkpoint-last.pth.epoch0'}: its "
+            f"checkpoint-best.pth is {out / engine.BEST}; this run did not improve on it); checkpoints and log.jsonl "
+            f"in {tmp_path / 'b'}") in capsys.readouterr().out
+    assert not (tmp_path / "b" / engine.BEST).exists()
+    shutil.copy(out / "checkpoint-last.pth.epoch0", tmp_path / "alone.pth")  # a checkpoint copied out of its run
+    tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path / "c"), "--resume", str(tmp_path / "alone.pth")])
+    assert f"checkpoint-best.pth is not in {tmp_path}; this run did not improve on it" in capsys.readouterr().out
+
+
 def test_resume_and_eval_refuse_another_model_or_table_layout(finetuned, tmp_path):
     """Resuming with another --model or --rel_pos_bias once trained the stored ViT and recorded the new flags."""
     out, _ = finetuned
@@ -524,6 +542,11 @@ def test_image_folder_data_flags(tmp_path):
                           "--init", "none"])
     with pytest.raises(ValueError, match=r"different class folders: only in val: \['emu'\]; only in train: \['dog'\]"):
         tf.build_datasets(args)
+    composed, decomposed = "caf\u00e9", "cafe\u0301"  # "café" as most systems and as macOS write it
+    message = tf.class_difference([decomposed, "dog"], [composed, "dog"], "val", "train")
+    assert message.startswith(f"only in val: {[decomposed]}; only in train: {[composed]}; 1 of them only look the "
+                              f"same: their Unicode characters differ (e.g. val 'cafe\\u0301', train 'caf\\xe9': "
+                              f"composed and decomposed accents); rename the folders of one set")
     args = tf.parse_args(["--data", str(tmp_path / "train"), "--init", "none"])  # an ImageFolder, not its parent
     with pytest.raises(ValueError, match=r"--data '.*train' must hold train/ and val/ .*'.*train/train' and "
                                          r"'.*train/val' not found. For other layouts pass --data_train and --data_val"):

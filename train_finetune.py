@@ -39,6 +39,7 @@ import os
 import re
 import shlex
 import time
+import unicodedata
 
 import torch
 import torch.distributed as dist
@@ -164,6 +165,13 @@ def class_difference(found: list, expected: list, found_in: str, expected_in: st
     only_found, only_expected = [c for c in found if c not in expected_set], [c for c in expected if c not in found_set]
     parts = [f"only in {found_in}: {names(only_found)}"] if only_found else []
     parts += [f"only in {expected_in}: {names(only_expected)}"] if only_expected else []
+    nfc = {unicodedata.normalize("NFC", c): c for c in only_expected}
+    lookalikes = [(c, nfc[unicodedata.normalize("NFC", c)]) for c in only_found if unicodedata.normalize("NFC", c) in nfc]
+    if lookalikes:  # e.g. "café" written composed on one machine, decomposed (as macOS writes names) on another
+        found_name, expected_name = lookalikes[0]
+        parts += [f"{len(lookalikes)} of them only look the same: their Unicode characters differ (e.g. {found_in} "
+                  f"{ascii(found_name)}, {expected_in} {ascii(expected_name)}: composed and decomposed accents); "
+                  f"rename the folders of one set"]
     return "; ".join(parts) or "the same names in another order"
 
 
@@ -480,11 +488,11 @@ def finetune(args, d, amp_dtype, scaler):
     lr = args.lr * total_batch / 1024 if args.lr_scaling == "linear" else args.lr
     layer_decay = args.layer_decay if args.layer_decay is not None else PAPER_LAYER_DECAY.get(args.model, 0.6)
     optimizer = build_optimizer(model, lr, args.weight_decay, layer_decay, args.betas)
-    step, best_top1 = 0, -1.0
+    step, best_top1, best_dir = 0, -1.0, args.output_dir  # best_dir: where checkpoint-best.pth of best_top1 is
     if resume_path is not None:
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
                              train_images=len(train_set))
-        best_top1 = resume["best_top1"]
+        best_top1, best_dir = resume["best_top1"], os.path.dirname(resume_path) or "."
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     finished = step >= total_steps
     log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished)
@@ -560,11 +568,17 @@ def finetune(args, d, amp_dtype, scaler):
                                         unreadable_images=named_files, log_lines=log.lines)
         if improved:  # before LAST: a run killed between the two saves retrains the epoch and writes BEST again
             engine.save_checkpoint(os.path.join(args.output_dir, engine.BEST), state)
+            best_dir = args.output_dir
         engine.save_checkpoint(os.path.join(args.output_dir, engine.LAST), state)
         ddp_model.train()
     bar.close()
     if log.enabled:  # rank 0, unless this is a finished run continued from elsewhere (it wrote nothing here)
-        d.print(f"done: best val top-1 {best_top1:.2f}%; checkpoints and log.jsonl in {args.output_dir}")
+        elsewhere = ""
+        if os.path.realpath(best_dir) != os.path.realpath(args.output_dir):  # continued from another folder, no better
+            kept = os.path.join(best_dir, engine.BEST)
+            elsewhere = (f" (reached before {resume_path}: its {engine.BEST} is "
+                         f"{kept if os.path.isfile(kept) else 'not in ' + best_dir}; this run did not improve on it)")
+        d.print(f"done: best val top-1 {best_top1:.2f}%{elsewhere}; checkpoints and log.jsonl in {args.output_dir}")
     if args.demo and args.epochs <= 10 and not finished:  # a finished run checked nothing
         d.print("demo: this is a short end-to-end check; a ViT learns these images slowly; docs/RESULTS.md has "
                 "longer runs from scratch and from DTM checkpoints")
