@@ -364,19 +364,6 @@ def check_output_dir(output_dir: str):
         raise ValueError(f"--output_dir {output_dir!r} {where} a file, not a folder; pass a folder")
 
 
-def check_writable(output_dir: str):
-    """Make --output_dir if needed and write a file there: at start-up, not at the first log line or save."""
-    probe = os.path.join(output_dir, f".write_test.{socket.gethostname()}.{os.getpid()}")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--output_dir {output_dir!r} cannot be written to ({e.strerror or e}): pass a folder you "
-                         f"can write to, or change its permissions") from None
-
-
 def set_lr(optimizer, lr: float):
     """Set every group's lr to lr * group["lr_scale"] (1 if absent)."""
     for group in optimizer.param_groups:
@@ -522,7 +509,9 @@ class SeededSamples(torch.utils.data.Dataset):
                     skipped.append(f"{e.path}\t{e}")
                     error = e
                 except FileNotFoundError as e:  # listed at start-up, gone now: hours into a run, skip it as above
-                    skipped.append(f"{e.filename}\tfile not found, deleted or moved since the dataset was listed ({e})")
+                    why = ("a symbolic link to a file that does not exist" if e.filename and os.path.islink(e.filename)
+                           else "file not found, deleted or moved since the dataset was listed")
+                    skipped.append(f"{e.filename}\t{why} ({e})")
                     error = e
                 finally:
                     random.setstate(py_state)
@@ -770,7 +759,6 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
                 print(f"removed {name} (left by an interrupted save)")
     try:  # every rank reaches the agreement below, also one whose own view is an error (a file on one node only)
         start, error = _run_start(args, last), None
-        check_writable(args.output_dir)
         view = f"continues {start[0]} ({os.path.getsize(start[0])} bytes)" if start[0] else "a new run"
     except (ValueError, OSError) as e:
         error, view = e, f"error: {e}"
@@ -883,35 +871,48 @@ def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) ->
     path, last = os.path.join(output_dir, LOG), os.path.join(output_dir, LAST)
     kept, enabled = [], enabled and not (finished and resumed is None)
     if enabled:
-        if resumed is None and os.path.isfile(last):
-            os.remove(last)
-            print(f"--fresh: removed the previous run's {last}", flush=True)
-        os.makedirs(output_dir, exist_ok=True)
-        if os.path.isfile(path) and resumed is None:
+        try:
+            kept = _open_log(output_dir, path, last, resumed)
+        except OSError as e:  # at start-up, not at the first log line or save (50 steps in by default)
+            raise ValueError(f"--output_dir {output_dir!r} cannot be written to ({e.strerror or e}): pass a folder you "
+                             f"can write to, or change its permissions") from None
+    return JsonLog(path, enabled, kept)
+
+
+def _open_log(output_dir, path, last, resumed) -> list:
+    """open_log's files on rank 0 -> the lines a resumed run keeps."""
+    kept = []
+    if resumed is None and os.path.isfile(last):
+        os.remove(last)
+        print(f"--fresh: removed the previous run's {last}", flush=True)
+    os.makedirs(output_dir, exist_ok=True)
+    if resumed is None:
+        if os.path.isfile(path) and os.path.getsize(path):  # an empty one: a run that logged nothing, reused
             n = next(n for n in itertools.count(1) if not os.path.exists(os.path.join(output_dir, f"log.{n}.jsonl")))
             os.replace(path, os.path.join(output_dir, f"log.{n}.jsonl"))
             print(f"new run: the previous {path} is kept as log.{n}.jsonl", flush=True)
-        elif os.path.isfile(path):
-            with open(path) as f:
-                records = [(line, _json_or_none(line)) for line in f if line.strip()]
-            torn = sum(record is None for _, record in records)  # a run killed while writing a line leaves half a line
-            if torn:
-                print(f"{path}: dropped {torn} line(s) that are not complete JSON (written when a run was killed)",
+    elif os.path.isfile(path):
+        with open(path) as f:
+            records = [(line, _json_or_none(line)) for line in f if line.strip()]
+        torn = sum(record is None for _, record in records)  # a run killed while writing a line leaves half a line
+        if torn:
+            print(f"{path}: dropped {torn} line(s) that are not complete JSON (written when a run was killed)",
+                  flush=True)
+        lines = [(line, record) for line, record in records if record is not None]
+        if resumed.get("log_lines") is not None:
+            if len(lines) < resumed["log_lines"]:
+                print(f"{path} holds {len(lines)} complete lines, the checkpoint was saved when it held "
+                      f"{resumed['log_lines']}: the log was cut short; this run appends to what is left",
                       flush=True)
-            lines = [(line, record) for line, record in records if record is not None]
-            if resumed.get("log_lines") is not None:
-                if len(lines) < resumed["log_lines"]:
-                    print(f"{path} holds {len(lines)} complete lines, the checkpoint was saved when it held "
-                          f"{resumed['log_lines']}: the log was cut short; this run appends to what is left",
-                          flush=True)
-                lines = lines[:resumed["log_lines"]]
-            else:
-                lines = [(line, record) for line, record in lines if record.get("step", 0) <= resumed["step"]]
-            with open(f"{path}.tmp", "w") as f:  # a kill while rewriting leaves the old log whole
-                f.writelines(line for line, _ in lines)
-            os.replace(f"{path}.tmp", path)
-            kept = [record for _, record in lines]
-    return JsonLog(path, enabled, kept)
+            lines = lines[:resumed["log_lines"]]
+        else:
+            lines = [(line, record) for line, record in lines if record.get("step", 0) <= resumed["step"]]
+        with open(f"{path}.tmp", "w") as f:  # a kill while rewriting leaves the old log whole
+            f.writelines(line for line, _ in lines)
+        os.replace(f"{path}.tmp", path)
+        kept = [record for _, record in lines]
+    open(path, "a").close()  # a new run's log, written at its first line: made now, so a refusal comes now
+    return kept
 
 
 class JsonLog:

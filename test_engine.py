@@ -597,7 +597,8 @@ def run_args(out, resume="auto", fresh=False):
 
 
 def test_an_output_dir_that_cannot_be_written_is_refused_at_start_up(tmp_path, monkeypatch):
-    """It failed at the first log line (50 steps in) or, for a folder to make under a read-only one, with a traceback."""
+    """It failed at the first log line (50 steps in) or, for a folder to make under a read-only one, with a traceback.
+    open_log (rank 0, once the run's data and model are ready) writes the run's files first."""
     read_only, real_open = tmp_path / "ro", open
     read_only.mkdir()
 
@@ -610,16 +611,18 @@ def test_an_output_dir_that_cannot_be_written_is_refused_at_start_up(tmp_path, m
     for out in (read_only, read_only / "sub"):
         with pytest.raises(ValueError, match=f"--output_dir '{out}' cannot be written to \\(Permission denied\\): "
                                              f"pass a folder you can write to"):
-            engine.prepare_run(run_args(out), CPU)
+            engine.open_log(str(out), None, True)
     monkeypatch.undo()
-    assert engine.prepare_run(run_args(read_only / "sub"), CPU) == (None, False)
-    assert os.listdir(read_only / "sub") == []  # made, and the probe file removed
+    engine.open_log(str(read_only / "sub"), None, True)
+    assert os.listdir(read_only / "sub") == [engine.LOG]  # made at start-up, empty until the first line
+    engine.open_log(str(read_only / "sub"), None, True)  # a new run where one logged nothing: no log.1.jsonl
+    assert os.listdir(read_only / "sub") == [engine.LOG]
 
 
 def test_prepare_run_rules(tmp_path):
     out = tmp_path / "run"
     assert engine.prepare_run(run_args(out), CPU) == (None, False)  # nothing there: a new run
-    assert out.is_dir()  # made, and found writable, at start-up
+    out.mkdir()
     (out / engine.LAST).write_bytes(b"x")
     (out / "checkpoint-last.pth.tmp4242").write_bytes(b"half a file")
     assert engine.prepare_run(run_args(out), CPU) == (str(out / engine.LAST), True)  # relaunch: continue
@@ -778,6 +781,8 @@ def test_a_training_image_deleted_during_the_run_is_skipped_like_an_unreadable_o
     images = engine.UnreadableImages(limit=1)
     images.add([skipped])
     assert images.pending == {gone: reason}
+    os.symlink(tmp_path / "nowhere.png", gone)  # a link that points at nothing: said as such
+    assert samples[(0, 1)][2].split("\t")[1].startswith("a symbolic link to a file that does not exist")
 
 
 def test_an_unreadable_last_image_is_replaced_by_the_first():
