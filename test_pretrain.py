@@ -95,6 +95,22 @@ def test_fixed_schedule_replaces_the_dynamic_scheduler():
     assert (model.beta, model.loss_on, model.normalize_target) == (0.5, "masked", True)  # the loss's flags reach it
 
 
+def test_a_fixed_schedule_that_merges_other_than_n_tokens_is_said(capsys):
+    def note(*flags):
+        tp.warn_fixed_schedule(tp.parse_args(["--teacher", "pixels", "--img_size", "224", *flags]), CPU)
+        return capsys.readouterr().out
+
+    assert note("--fixed_schedule", "150", "1") == ("note: --fixed_schedule 150 1 merges 98 of the 196 tokens per "
+                                                    "level, not 150 (rounds [98]): a round merges at most half of the "
+                                                    "tokens left (more rounds, K, reach more)\n")
+    assert note("--fixed_schedule", "9", "2") == ("note: --fixed_schedule 9 2 merges 10 of the 196 tokens per level, "
+                                                  "not 9 (rounds [5, 5]): --schedule_rule official merges the same "
+                                                  "whole number of tokens in each round (5)\n")
+    assert "merges 97 of the 196" in note("--fixed_schedule", "150", "1", "--split", "official")  # (T - 1) // 2
+    assert note("--fixed_schedule", "9", "2", "--schedule_rule", "spread") == ""  # 5 + 4
+    assert note("--fixed_schedule", "98", "2") == ""
+
+
 def test_teacher_runs_under_teacher_amp(monkeypatch):
     """--teacher_amp sets the teacher's autocast apart from the student's (the CPU stands in for the GPU's choice)."""
     seen = []

@@ -111,6 +111,9 @@ GENERIC = ["--img_dir", "i", "--ann_dir", "a", "--val_img_dir", "vi", "--val_ann
     ([*GENERIC, "--num_classes", "1"], "--num_classes must be in 2..255 \\(label values 0..num_classes-1, 255 = "
                                        "ignore\\), got 1"),
     ([*GENERIC, "--num_classes", "0"], "--num_classes must be in 2..255"),
+    ([*GENERIC, "--num_classes", "3", "--img_suffix", "jpg"], "--img_suffix 'jpg' is not a file ending: pass it with "
+                                                              "its dot, e.g. --img_suffix .jpg"),
+    ([*GENERIC, "--num_classes", "3", "--ann_suffix", ""], "--ann_suffix '' is not a file ending: .* --ann_suffix .png"),
     ([*GENERIC, "--num_classes", "256"], "--num_classes must be in 2..255"),
     ([*GENERIC, "--num_classes", "255", "--reduce_zero_label"], "must be in 2..254 \\(label values 0..num_classes-1 "
                                                                  "after --reduce_zero_label")])

@@ -228,6 +228,20 @@ def build_model(args, d: engine.Dist):
     return model, teacher
 
 
+def warn_fixed_schedule(args, d):
+    """--fixed_schedule N K can merge other than N tokens: the official rule's whole r per round, ToMe's clamp."""
+    num_patches, (n, k) = (args.img_size // dtm.PATCH_SIZE) ** 2, args.fixed_schedule
+    unclamped = sum(morph.make_schedule(10 ** 9, n, k, args.schedule_rule, max_merged=num_patches))
+    schedule = morph.clamp_schedule(num_patches, morph.make_schedule(num_patches, n, k, args.schedule_rule), args.split)
+    why = [f"--schedule_rule official merges the same whole number of tokens in each round ({unclamped // k})"
+           ] if unclamped != n else []
+    why += ["a round merges at most half of the tokens left (more rounds, K, reach more)"
+            ] if sum(schedule) < unclamped else []
+    if why:
+        d.print(f"note: --fixed_schedule {n} {k} merges {sum(schedule)} of the {num_patches} tokens per level, not "
+                f"{n} (rounds {schedule}): {'; '.join(why)}")
+
+
 def train_micro_step(model, teacher, images, mask, args, micro_step, d: engine.Dist, amp_dtype, scaler, timer):
     """Teacher targets, L morphing levels, student forward + backward of one micro-batch -> (stats, [G per level])."""
     engine.seed_step(args.seed, micro_step, d.rank)  # drop path, the random split of Algorithm 1
@@ -283,6 +297,8 @@ def train(args, d: engine.Dist) -> dict:
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     engine.warn_long_warmup(warmup_steps, total_steps, "--warmup_epochs", d)
     engine.warn_min_lr(args.min_lr, lr, f" (--lr {args.lr:g} x sqrt({total_batch} / 2048))", d)
+    if args.fixed_schedule:
+        warn_fixed_schedule(args, d)
 
     teacher_file = args.teacher[len("ckpt:"):] if args.teacher.startswith("ckpt:") else None
     step, resume_path, own_run = 0, *engine.prepare_run(args, d, reads={"--teacher ckpt:": teacher_file})

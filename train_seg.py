@@ -536,6 +536,10 @@ def parse_args(argv=None):
         if args.num_classes is not None and not (args.data and args.num_classes == len(data.ADE20K_CLASSES)):
             raise ValueError(f"--num_classes {args.num_classes} would do nothing {where}: leave it out"
                              + ("" if args.data else " (the demo's classes: --demo_shape_classes + background)"))
+    for flag in ("img_suffix", "ann_suffix"):  # a file ending with its dot: ".jpg", or mmseg's "_leftImg8bit.png"
+        if "." not in getattr(args, flag):
+            raise ValueError(f"--{flag} {getattr(args, flag)!r} is not a file ending: pass it with its dot, e.g. "
+                             f"--{flag} .{getattr(args, flag) or ('jpg' if flag == 'img_suffix' else 'png')}")
     if args.num_classes is not None and not (args.data or args.demo):
         top = IGNORE_INDEX - bool(args.reduce_zero_label)  # class values 0..K-1 below 255 (ignore), after the shift
         if not 2 <= args.num_classes <= top:
