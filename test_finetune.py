@@ -661,6 +661,13 @@ def test_recipes_and_lr_scaling():
     assert tf.parse_args(["--lr_scaling", "none"]).lr == pytest.approx(1e-3)
     assert tf.parse_args(["--recipe", "official", "--lr", "0.5"]).lr == 0.5  # a given --lr stays
     assert tf.parse_args(["--data", "x", "--init", "none", "--recipe", "official"]).lr == 5e-4  # not the demo
+    # the paper's epochs and warmup by model, as its layer decay (--model vit_l ran ViT-B's 100 epochs)
+    for model, expected in (("vit_s", (300, 10)), ("vit_b", (100, 10)), ("vit_l", (50, 5)), ("vit_tiny", (100, 10))):
+        args = tf.parse_args(["--data", "x", "--init", "none", "--model", model])
+        assert (args.epochs, args.warmup_epochs) == expected, model
+    args = tf.parse_args(["--data", "x", "--init", "none", "--model", "vit_l", "--epochs", "7", "--warmup_epochs", "0"])
+    assert (args.epochs, args.warmup_epochs) == (7, 0)
+    assert (demo.epochs, demo.warmup_epochs) == (6, 1)  # the demo's
 
 
 def test_both_layout_pretraining_checkpoint_fine_tunes_with_the_summed_tables(tmp_path):

@@ -51,6 +51,7 @@ import dtm
 import engine
 
 PAPER_LAYER_DECAY = {"vit_l": 0.8}  # 0.6 for every other size (ViT-S/B in the paper)
+PAPER_EPOCHS = {"vit_s": (300, 10), "vit_l": (50, 5)}  # (epochs, warmup epochs); ViT-B's (100, 10) for the others
 # --recipe: "paper" follows the paper where it states a value and the official code (naver-ai/dtm) where it is
 # silent; "official" uses the official command's values where they differ (docs/Evaluation.md: --layer_decay 0.65,
 # --lr 5e-4 at a total batch of 1024, not scaled by run_class_finetuning.py). README: Recipe provenance.
@@ -249,8 +250,10 @@ def get_args_parser():
     g.add_argument("--grad_checkpoint", action="store_true", help="recompute each block's activations in the "
                    "backward instead of storing them (less memory, more compute)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=100, help="paper: 300 (ViT-S), 100 (ViT-B), 50 (ViT-L)")
-    g.add_argument("--warmup_epochs", type=float, default=10, help="paper: 10 (ViT-S/B), 5 (ViT-L)")
+    g.add_argument("--epochs", type=int, default=None, help="default by --model, the paper's: 300 (ViT-S), 100 "
+                   "(ViT-B and others), 50 (ViT-L)")
+    g.add_argument("--warmup_epochs", type=float, default=None, help="default by --model, the paper's: 10 (ViT-S/B "
+                   "and others), 5 (ViT-L)")
     g.add_argument("--batch_size", type=int, default=128, help="per process")
     g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--lr", type=float, default=5e-4, help="base lr at a total batch of 1024 (see --lr_scaling)")
@@ -309,6 +312,9 @@ def parse_args(argv=None):
         parser.set_defaults(lr=DEMO_DEFAULTS["lr"] * DEMO_DEFAULTS["batch_size"] / 1024)
         args = parser.parse_args(argv)
     args.demo = demo
+    epochs, warmup = PAPER_EPOCHS.get(args.model, (100, 10))  # with --eval (no training): what it is recorded as
+    args.epochs = epochs if args.epochs is None else args.epochs
+    args.warmup_epochs = warmup if args.warmup_epochs is None else args.warmup_epochs
     if args.crop_ratio is None and not args.eval:  # --eval: the checkpoint's (run_eval)
         args.crop_ratio = default_crop_ratio(args.img_size)
     check_args(args, parser)
@@ -503,7 +509,7 @@ def finetune(args, d, amp_dtype, scaler):
     d.print(f"{args.model}: {len(train_set)} training images, {len(classes)} classes, {d.world_size} process(es) on "
             f"{d.device}, amp {engine.amp_name(amp_dtype, scaler)}; total batch {total_batch}, lr {lr:.3g} "
             f"(--lr {args.lr:g}, {args.lr_scaling} scaling), layer decay {layer_decay}, {args.epochs} epochs x "
-            f"{steps_per_epoch} steps, starting at step {step}")
+            f"{steps_per_epoch} steps ({args.warmup_epochs:g} of warmup), starting at step {step}")
     if finished:
         engine.say_finished(args, resume_path, step, total_steps, "--epochs", d)
 
