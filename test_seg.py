@@ -443,6 +443,16 @@ def test_a_last_log_line_off_the_cadence_averages_its_own_steps(tmp_path):
     assert losses[1][2] == pytest.approx((losses[0][1] + losses[0][2]) / 2, rel=1e-6)
 
 
+def test_a_vit_l_run_on_the_vit_b_recipe_is_told(capsys):
+    for flags, said in (([], True), (["--lr", "4e-5"], False), (["--drop_path", "0.2"], False)):
+        train_seg.note_vit_l_recipe(train_seg.parse_args(["--data", "/x", "--init", "none", "--model", "vit_l", *flags]),
+                                    engine.Dist())
+        assert ("are BEiT's ViT-B recipe; BEiT v2's ViT-L config uses --lr 4e-5 --layer_decay 0.9 --drop_path 0.2"
+                in capsys.readouterr().out) == said, flags
+    train_seg.note_vit_l_recipe(train_seg.parse_args(["--data", "/x", "--init", "none"]), engine.Dist())  # ViT-B
+    assert capsys.readouterr().out == ""
+
+
 def test_ade20k_recipe_defaults():
     """BEiT's ADE20K UperNet recipe (README "Semantic segmentation"): the defaults a run on --data gets."""
     args = train_seg.parse_args(["--data", "/x", "--init", "none"])

@@ -598,6 +598,13 @@ def run_metrics(model, val_set, class_names, args, d, amp_dtype) -> dict:
     return metrics
 
 
+def note_vit_l_recipe(args, d):
+    """The optimizer's defaults are BEiT's ViT-B recipe; say so for a ViT-L run that keeps them."""
+    if args.model == "vit_l" and (args.lr, args.layer_decay, args.drop_path) == (7e-4, 0.65, 0.1):
+        d.print("note: --lr 7e-4, --layer_decay 0.65 and --drop_path 0.1 are BEiT's ViT-B recipe; BEiT v2's ViT-L "
+                "config uses --lr 4e-5 --layer_decay 0.9 --drop_path 0.2 (README: Semantic segmentation)")
+
+
 def reads_zero_as_ignore(args_of_run: dict) -> bool:
     """Whether a run's label maps were read with reduce_zero_label (--data, ADE20K: always; the demo: never)."""
     return bool(args_of_run.get("data")) or bool(args_of_run.get("reduce_zero_label"))
@@ -726,6 +733,7 @@ def train(args, d):
     groups = engine.param_groups(model, args.weight_decay,
                                  engine.layer_decay_fn(model.backbone.depth, args.layer_decay, prefix="backbone."))
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas))
+    note_vit_l_recipe(args, d)
     lowest = min(group["lr_scale"] for group in groups)  # each group decays from its own peak to --min_lr
     engine.warn_min_lr(args.min_lr, args.lr * lowest, f" of the lowest layers (--lr x {lowest:.3g}, --layer_decay)"
                        if lowest < 1 else " (--lr)", d)
