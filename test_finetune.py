@@ -434,6 +434,12 @@ def test_a_run_continued_in_another_folder_says_where_its_best_checkpoint_is(fin
     assert f"checkpoint-best.pth is not in {tmp_path}; this run did not improve on it" in capsys.readouterr().out
 
 
+def test_a_relaunch_without_epochs_keeps_the_runs_own(finetuned, tmp_path, capsys):
+    out, _ = finetuned  # --epochs 2; relaunched without it: finished (not extended to the demo's 6)
+    tf.main(TINY_RUN + ["--output_dir", str(tmp_path), "--resume", str(out / "checkpoint-last.pth")])
+    assert "holds a finished run (step 6 of 6): nothing to do" in capsys.readouterr().out
+
+
 def test_resume_and_eval_refuse_another_model_or_table_layout(finetuned, tmp_path):
     """Resuming with another --model or --rel_pos_bias once trained the stored ViT and recorded the new flags."""
     out, _ = finetuned
@@ -661,12 +667,19 @@ def test_recipes_and_lr_scaling():
     assert tf.parse_args(["--lr_scaling", "none"]).lr == pytest.approx(1e-3)
     assert tf.parse_args(["--recipe", "official", "--lr", "0.5"]).lr == 0.5  # a given --lr stays
     assert tf.parse_args(["--data", "x", "--init", "none", "--recipe", "official"]).lr == 5e-4  # not the demo
-    # the paper's epochs and warmup by model, as its layer decay (--model vit_l ran ViT-B's 100 epochs)
+    # the paper's epochs and warmup by model, as its layer decay (--model vit_l ran ViT-B's 100 epochs); a continued
+    # run keeps its own unless they are given
     for model, expected in (("vit_s", (300, 10)), ("vit_b", (100, 10)), ("vit_l", (50, 5)), ("vit_tiny", (100, 10))):
         args = tf.parse_args(["--data", "x", "--init", "none", "--model", model])
+        tf.set_schedule(args)
         assert (args.epochs, args.warmup_epochs) == expected, model
+        args = tf.parse_args(["--data", "x", "--model", model])
+        tf.set_schedule(args, {"epochs": 100, "warmup_epochs": 10, "model": model})
+        assert (args.epochs, args.warmup_epochs) == (100, 10), model
     args = tf.parse_args(["--data", "x", "--init", "none", "--model", "vit_l", "--epochs", "7", "--warmup_epochs", "0"])
+    tf.set_schedule(args, {"epochs": 100, "warmup_epochs": 10})
     assert (args.epochs, args.warmup_epochs) == (7, 0)
+    tf.set_schedule(demo)
     assert (demo.epochs, demo.warmup_epochs) == (6, 1)  # the demo's
 
 

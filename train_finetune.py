@@ -306,15 +306,13 @@ def parse_args(argv=None):
     parser = get_args_parser()
     first = parser.parse_args(argv)
     demo = first.data is None and first.data_train is None and first.data_val is None
-    parser.set_defaults(**RECIPES[first.recipe], **(DEMO_DEFAULTS if demo else {}))  # flags given still win
+    demo_defaults = {k: v for k, v in DEMO_DEFAULTS.items() if k not in ("epochs", "warmup_epochs")}  # set_schedule's
+    parser.set_defaults(**RECIPES[first.recipe], **(demo_defaults if demo else {}))  # flags given still win
     args = parser.parse_args(argv)
     if demo and args.lr_scaling == "none":  # the demo's --lr is per 1024 images; used unscaled, it is the lr itself
         parser.set_defaults(lr=DEMO_DEFAULTS["lr"] * DEMO_DEFAULTS["batch_size"] / 1024)
         args = parser.parse_args(argv)
     args.demo = demo
-    epochs, warmup = PAPER_EPOCHS.get(args.model, (100, 10))  # with --eval (no training): what it is recorded as
-    args.epochs = epochs if args.epochs is None else args.epochs
-    args.warmup_epochs = warmup if args.warmup_epochs is None else args.warmup_epochs
     if args.crop_ratio is None and not args.eval:  # --eval: the checkpoint's (run_eval)
         args.crop_ratio = default_crop_ratio(args.img_size)
     check_args(args, parser)
@@ -337,9 +335,9 @@ def default_crop_ratio(img_size: int) -> float:
 def check_args(args, parser):
     """Fail early, naming the flag and the fix."""
     for flag in ("batch_size", "accum_iter", "epochs", "log_every", "synthetic_train", "synthetic_val"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:  # epochs None: by --model (set_schedule)
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    for flag, ok, allowed in (("warmup_epochs", args.warmup_epochs >= 0, ">= 0"),
+    for flag, ok, allowed in (("warmup_epochs", args.warmup_epochs is None or args.warmup_epochs >= 0, ">= 0"),
                               ("smoothing", 0 <= args.smoothing < 1, "in [0, 1)"),
                               ("reprob", 0 <= args.reprob <= 1, "a probability, in [0, 1]"),
                               ("mixup", args.mixup >= 0, "an alpha >= 0 (0: off)"),
@@ -434,6 +432,16 @@ def init_checkpoint(args):
     return (None, None) if args.init == "none" else (dtm.read_checkpoint(args.init, "--init"), args.init)
 
 
+def set_schedule(args, saved_args: dict = None):
+    """--epochs / --warmup_epochs not given: a continued run's own (saved_args, its checkpoint's), else the paper's
+    for --model (PAPER_EPOCHS), or the demo's."""
+    default = (DEMO_DEFAULTS["epochs"], DEMO_DEFAULTS["warmup_epochs"]) if args.demo else \
+        PAPER_EPOCHS.get(args.model, (100, 10))
+    for name, new_run in zip(("epochs", "warmup_epochs"), default):
+        if getattr(args, name) is None:
+            setattr(args, name, (saved_args or {}).get(name, new_run))
+
+
 def finetune(args, d, amp_dtype, scaler):
     """Train, evaluate after every epoch, save checkpoint-last.pth and checkpoint-best.pth; returns the best top-1."""
     chosen_by_demo = args.init is None and args.demo
@@ -453,6 +461,7 @@ def finetune(args, d, amp_dtype, scaler):
                              f"to continue that run")
     else:
         init, init_path = init_checkpoint(args)
+    set_schedule(args, resume["args"] if resume_path is not None else None)
     train_set, val_set, classes = build_datasets(args)
     if args.num_classes is not None and args.num_classes != len(classes):
         raise ValueError(f"--num_classes {args.num_classes} but the data has {len(classes)} classes")
