@@ -869,13 +869,19 @@ def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) ->
     continued from another folder's checkpoint (finished, resumed None) trains nothing: it leaves output_dir as it is
     and logs nothing."""
     path, last = os.path.join(output_dir, LOG), os.path.join(output_dir, LAST)
-    kept, enabled = [], enabled and not (finished and resumed is None)
+    kept, enabled, error = [], enabled and not (finished and resumed is None), None
     if enabled:
         try:
             kept = _open_log(output_dir, path, last, resumed)
         except OSError as e:  # at start-up, not at the first log line or save (50 steps in by default)
-            raise ValueError(f"--output_dir {output_dir!r} cannot be written to ({e.strerror or e}): pass a folder you "
-                             f"can write to, or change its permissions") from None
+            error = (f"--output_dir {output_dir!r} cannot be written to ({e.strerror or e}): pass a folder you can write "
+                     f"to, or change its permissions")
+    if dist.is_initialized() and dist.get_world_size() > 1:  # every rank stops, not rank 0 alone
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise ValueError(error)
     return JsonLog(path, enabled, kept)
 
 

@@ -1176,7 +1176,8 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
               lambda: engine.check_ranks_agree(d, "a value", 7, "fix"),  # agreeing ranks pass
               lambda: engine.check_dataset(list(range(3 - rank)), "validation", d, 0),
               lambda: engine.check_dataset(Recorder(4, bad={3}), "validation", d, 0),  # in rank 1's shard only
-              lambda: engine.check_dataset(Recorder(4, gone={3}), "validation", d, 0)]
+              lambda: engine.check_dataset(Recorder(4, gone={3}), "validation", d, 0),
+              lambda: engine.open_log(os.path.join(shared_only_by_rank0, "sub"), None, d.is_main)]  # rank 0 writes
     for check in checks:
         try:
             check()
@@ -1206,7 +1207,7 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
             pytest.fail("the two gloo processes did not finish within 120 s")
     outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert outcomes[0] == outcomes[1]  # every rank stops, with the same message
-    starts, resumes, images, agreed, validation, unreadable, gone = outcomes[0]
+    starts, resumes, images, agreed, validation, unreadable, gone, unwritable = outcomes[0]
     last = tmp_path / "node0" / engine.LAST
     assert starts == (f"the processes do not agree on where the run starts (rank 0: continues {last} (10 bytes), "
                       f"rank 1: a new run): --output_dir must be one folder that every process sees (a shared file "
@@ -1221,6 +1222,8 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
     # a bad file in one rank's shard stops every rank, named (rank 0 alone went on into training and hung)
     assert unreadable == "1 of the 4 validation samples cannot be used; first: cannot read img3.jpg"
     assert gone == "1 of the 4 validation samples cannot be used; first: [Errno 2] No such file or directory: 'img3.jpg'"
+    assert unwritable == f"--output_dir '{last / 'sub'}' cannot be written to (Not a directory): pass a folder you " \
+                         f"can write to, or change its permissions"  # found by rank 0, said by every rank
 
 
 def test_a_failed_save_names_the_file_removes_its_temp_file_and_keeps_the_last_good_one(tmp_path, monkeypatch):
