@@ -590,9 +590,8 @@ def finetune(args, d, amp_dtype, scaler):
     if log.enabled:  # rank 0, unless this is a finished run continued from elsewhere (it wrote nothing here)
         elsewhere = ""
         if os.path.realpath(best_dir) != os.path.realpath(args.output_dir):  # continued from another folder, no better
-            kept = os.path.join(best_dir, engine.BEST)
-            elsewhere = (f" (reached before {resume_path}: its {engine.BEST} is "
-                         f"{kept if os.path.isfile(kept) else 'not in ' + best_dir}; this run did not improve on it)")
+            elsewhere = (f" (reached before {resume_path}; this run did not improve on it, so it wrote no "
+                         f"{engine.BEST} here: look in {best_dir})")
         d.print(f"done: best val top-1 {best_top1:.2f}%{elsewhere}; checkpoints and log.jsonl in {args.output_dir}")
     if args.demo and args.epochs <= 10 and not finished:  # a finished run checked nothing
         d.print("demo: this is a short end-to-end check; a ViT learns these images slowly; docs/RESULTS.md has "
