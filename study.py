@@ -169,6 +169,7 @@ def main():
     parser.add_argument("--pretrain_epochs", type=int, default=4)
     parser.add_argument("--finetune_epochs", type=int, default=10)
     args = parser.parse_args()
+    args.out = os.path.abspath(args.out)  # the runs start in this folder (cwd=HERE), not in the caller's
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.out, "runs.log")
     root = make_data(args.out)

@@ -124,3 +124,22 @@ def test_consistency_reads_a_pretraining_checkpoint_and_measures_its_predictions
         recalibrated = head(mto.mto_forward(student, images, masks, mto.MTOConfig(lambda_sing=0, lambda_ent=0))[0][:, 1:])
     assert mto_token_loss == pytest.approx(F.smooth_l1_loss(recalibrated, target, beta=2.0).item(), rel=1e-5)
     assert mto_cosine == pytest.approx(study.adjacent_cosine(recalibrated), abs=1e-6) and mto_cosine != cosine
+
+
+def test_a_relative_out_folder_is_the_callers_not_the_repos(tmp_path, monkeypatch):
+    """The runs start in the repo (cwd=HERE): a relative --out given elsewhere named another folder there."""
+    calls = []
+
+    def first_run(script, argv, log):
+        calls.append(argv)
+        raise SystemExit("stop after the first command")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study, "make_data", lambda out: os.path.join(out, "data"))
+    monkeypatch.setattr(study, "run", first_run)
+    monkeypatch.setattr("sys.argv", ["study.py", "--out", "rel"])
+    with pytest.raises(SystemExit):
+        study.main()
+    argv = calls[0]
+    assert argv[argv.index("--output_dir") + 1] == str(tmp_path / "rel" / "teacher")
+    assert argv[argv.index("--data_train") + 1] == str(tmp_path / "rel" / "data" / "train3000")
