@@ -863,11 +863,13 @@ def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) ->
     A resumed run (resumed: the checkpoint it continues, from this output_dir) keeps the lines the log held when the
     checkpoint was saved (its log_lines; older checkpoints: the lines up to its step) and drops the rest (written
     after the checkpoint by a run that then died, or half-written), so no line repeats, also where a new batch size
-    renumbered the steps; a new run (resumed None) starts a new log and keeps an old one as log.N.jsonl. A new run
+    renumbered the steps; a new run (resumed None) starts a new log (made now, empty) and keeps an old one with lines
+    as log.N.jsonl. A new run
     also removes the previous run's checkpoint-last.pth (which prepare_run let it replace: --fresh), so a relaunch
     without --fresh after a crash before the new run's first save does not continue the old run. A finished run
     continued from another folder's checkpoint (finished, resumed None) trains nothing: it leaves output_dir as it is
-    and logs nothing."""
+    and logs nothing. Every rank calls it (rank 0 with enabled): a folder rank 0 cannot write to stops every rank
+    here, before training, with one ValueError."""
     path, last = os.path.join(output_dir, LOG), os.path.join(output_dir, LAST)
     kept, enabled, error = [], enabled and not (finished and resumed is None), None
     if enabled:

@@ -377,8 +377,8 @@ def warn_about_labels(pixels: np.ndarray, num_classes: int, reduce_zero_label: b
     elif num_classes > 1 and pixels[1:num_classes].sum() == 0 and share > 0:
         d.print(f"warning: the validation label maps hold no pixel of classes 1..{num_classes - 1}, only 0 and "
                 f"{IGNORE_INDEX} (= ignore, {share:.0%} of the pixels): if {IGNORE_INDEX} marks your foreground "
-                f"(binary masks are often saved as 0/255), map it to {1 + reduce_zero_label} in the label files; as they are, "
-                f"training and mIoU see the background alone")
+                f"(binary masks are often saved as 0/255), map it to {1 + reduce_zero_label} in the label files; as "
+                f"they are, training and mIoU see the background alone")
 
 
 # ---------------------------------------------------------------------------------------------------
