@@ -85,6 +85,7 @@ The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and
     `num_prefix_tokens` attribute has it checked against num_prefix. torch.compile: compile the ViT or its blocks,
     not mto_forward, which reads the mask's counts on the host (patch_rows) and breaks a compiled graph there.
 """
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -107,7 +108,7 @@ class MTOConfig:
     def __post_init__(self):
         for name in ("layers", "sing_layers", "ent_layers"):  # the upper bound, the ViT's depth, is checked in mto_forward
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
                 raise ValueError(f"MTOConfig.{name} must be a block count >= 0 or None (all blocks), got {value!r}")
         for name in ("lambda_sing", "lambda_ent"):
             if not getattr(self, name) >= 0:  # also NaN

@@ -3,6 +3,7 @@ per-sample loops, the depth schedule, gradients, autocast, batch-split invarianc
 import argparse
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -405,6 +406,7 @@ def test_mto_forward_losses_are_depth_weighted_sums_of_per_layer_losses():
         mto.mto_forward(model, x, mask, mto.MTOConfig(layers=5))
     with pytest.raises(ValueError, match="MTOConfig.sing_layers=9 is out of range"):  # checked with its loss off too
         mto.mto_forward(model, x, mask, mto.MTOConfig(lambda_sing=0, sing_layers=9))
+    assert mto.MTOConfig(layers=np.int64(3)).layers == 3  # numpy ints are block counts too
     for bad in ({"lambda_ent": -0.1}, {"lambda_sing": float("nan")}, {"layers": -1}, {"ent_layers": 2.5},
                 {"sing_layers": True}):
         with pytest.raises(ValueError, match=f"MTOConfig.{next(iter(bad))} must be"):
