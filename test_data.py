@@ -687,6 +687,16 @@ def test_seg_random_crop_draws_every_offset():
     assert origins == {(top, left) for top in range(2) for left in range(5)}
 
 
+def test_a_non_square_crop_is_height_by_width():
+    random.seed(0)
+    img, mask = data.seg_random_crop(Image.new("RGB", (100, 100)), Image.new("L", (100, 100)), (20, 40), 1.0)
+    assert img.size == mask.size == (40, 20)  # PIL's (width, height)
+    random.seed(0)
+    x, y = data.SegTrainTransform(crop_size=(20, 40), scale=(100, 100))(Image.new("RGB", (100, 100)),
+                                                                       Image.new("L", (100, 100)))
+    assert x.shape == (3, 20, 40) and y.shape == (20, 40)
+
+
 def test_seg_random_crop_respects_cat_max_ratio():
     # class 1 on the left 50 columns, stripes of classes 2/3 on the right, an ignored band on top
     labels = np.ones((100, 100), dtype=np.uint8)
@@ -856,6 +866,18 @@ def test_seg_folder_file_listing(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds folders \\(city1\\), which are not read: the images and label "
                                                 "maps must sit directly in img_dir"):
         data.SegFolder(str(tmp_path / "nested" / "img"), str(tmp_path / "nested" / "ann"))
+
+
+def test_seg_folder_pairs_in_stem_order_and_reads_16_bit_labels_with_ignore(tmp_path):
+    """Samples in the order of their stems ('a' before 'a-b', although 'a-b.jpg' sorts before 'a.jpg'): the index
+    of a sample seeds its augmentation; a 16-bit label PNG holding 255 (ignore) is a label map, not out of range."""
+    _seg_tree(tmp_path / "t", ["a-b", "a"])
+    folder = data.SegFolder(str(tmp_path / "t" / "img"), str(tmp_path / "t" / "ann"))
+    assert [os.path.basename(img) for img, _ in folder.samples] == ["a.jpg", "a-b.jpg"]
+    wide = np.array([[0, 255], [1, 2]], np.uint16)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    labels = data.load_label_map(str(tmp_path / "wide.png"))
+    assert labels.dtype == np.uint8 and labels.tolist() == wide.tolist()
 
 
 def test_ade20k_layout(tmp_path):

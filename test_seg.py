@@ -70,6 +70,14 @@ def test_metrics_reject_out_of_range_labels():
 # Sliding-window inference
 
 
+def test_a_stride_equal_to_the_crop_is_allowed_everywhere():
+    """--stride == --crop_size passes the flag check, so the windows must take it too (not fail at the first
+    evaluation); --cat_max_ratio 1 is documented as no limit."""
+    assert train_seg.window_starts(64, 32, 32) == [0, 32]
+    assert train_seg.parse_args(["--init", "none", "--data", "/x", "--crop_size", "64", "--stride", "64"]).stride == 64
+    assert train_seg.parse_args(["--init", "none", "--cat_max_ratio", "1"]).cat_max_ratio == 1.0
+
+
 def test_window_starts_cover_the_image_like_mmseg():
     assert train_seg.window_starts(512, 512, 341) == [0]
     assert train_seg.window_starts(683, 512, 341) == [0, 171]
@@ -197,6 +205,25 @@ def test_feature_pyramid_and_head_shapes():
         train_seg.ViTUperNet(backbone(64), 7, out_indices=[0, 1, 2, 2])
 
 
+def test_pyramid_levels_are_beits_and_the_head_drops_out_in_training():
+    """fpn3 passes stride 16 through, fpn4 max-pools it (an average pool passed every test); UperHead's Dropout2d(0.1)
+    acts before the classifier in training only."""
+    torch.manual_seed(0)
+    pyramid, features = train_seg.FeaturePyramid(4), [torch.randn(2, 4, 4, 4) for _ in range(4)]
+    out = pyramid(features)
+    assert torch.equal(out[2], features[2]) and torch.equal(out[3], F.max_pool2d(features[3], 2))
+    head = train_seg.UperHead(4, 8, 3)
+    assert head.dropout.p == 0.1
+    maps = [torch.randn(2, 4, 16 // 2 ** i, 16 // 2 ** i) for i in range(4)]
+    head.train()
+    torch.manual_seed(1)
+    a = head(maps)
+    torch.manual_seed(2)
+    assert not torch.equal(a, head(maps))  # dropout draws
+    head.eval()
+    assert torch.equal(head(maps), head(maps))
+
+
 def test_uper_head_adds_every_coarser_level_top_down_and_aux_reads_stride_16():
     """With only the coarsest map non-zero (the finer laterals are ReLU(BN(conv(0))) = 0 in eval mode), the finest
     FPN input is non-zero only if the top-down pass runs from coarse to fine (level 3 -> 2 -> 1 -> 0). mmseg's
@@ -213,6 +240,15 @@ def test_uper_head_adds_every_coarser_level_top_down_and_aux_reads_stride_16():
     model.aux_head.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(inputs[0].shape)))
     model(torch.randn(1, 3, 64, 64), with_aux=True)
     assert shapes == [(1, 192, 4, 4)]  # 64 px / 16
+
+
+def test_evaluate_leaves_the_model_in_the_mode_it_found(tmp_path):
+    model = CropSizeOnly(16, num_classes=3)
+    dataset = [(torch.randn(3, 16, 16), torch.randint(0, 3, (16, 16)))]
+    for training in (True, False):
+        model.train(training)
+        train_seg.evaluate(model, dataset, 3, 16, 16)
+        assert model.training == training
 
 
 def test_predict_resizes_logits_before_the_softmax():
@@ -398,7 +434,7 @@ def test_fresh_with_a_wrong_init_leaves_the_old_run(tmp_path):
 def test_a_resumed_run_keeps_its_best_miou(tmp_path, monkeypatch):
     """The best mIoU comes back from the checkpoint: a resumed run whose next evaluation is worse writes no new
     checkpoint-best.pth (forgetting it, the first evaluation after a resume always replaced the best)."""
-    scores = iter([50.0, 40.0, 40.0])  # step 2 of the first launch; step 4 of the resumed launch
+    scores = iter([50.0, 40.0, 50.0])  # step 2 of the first launch; step 4, step 6 of the resumed launches
 
     def run_metrics(*args, **kwargs):
         return {"aAcc": 90.0, "mIoU": next(scores), "mAcc": 60.0, "IoU": [50.0] * 5}
@@ -412,6 +448,8 @@ def test_a_resumed_run_keeps_its_best_miou(tmp_path, monkeypatch):
     assert torch.load(os.path.join(out, engine.LAST))["step"] == 4
     assert torch.load(os.path.join(out, engine.LAST))["best_miou"] == 50.0
     assert torch.load(os.path.join(out, engine.BEST))["step"] == 2  # 40 < 50: the best stays step 2's
+    train_seg.main(TINY_RUN + ["--iters", "6", "--eval_every", "2", "--output_dir", out])
+    assert torch.load(os.path.join(out, engine.BEST))["step"] == 2  # a tie keeps the earlier one (mmseg's rule)
 
 
 def test_a_label_equal_to_num_classes_is_out_of_range(tmp_path):
@@ -889,6 +927,11 @@ def test_binary_masks_saved_as_0_and_255_are_warned_about_at_start_up(tmp_path, 
     pixels = data.np.bincount(data.np.array([0, 2, 255, 255]), minlength=256)
     train_seg.warn_about_labels(pixels, 3, False, engine.Dist())  # a class 1..K-1 present: nothing to say
     assert capsys.readouterr().out == ""
+    train_seg.warn_about_labels(data.np.bincount(data.np.zeros(100, int), minlength=256), 3, False, engine.Dist())
+    assert capsys.readouterr().out == ""  # class 0 alone and no 255: not the binary-mask case
+    binary = data.np.bincount(data.np.array([0, 255]), minlength=256)
+    train_seg.warn_about_labels(binary, 3, True, engine.Dist())  # with --reduce_zero_label class 1 is file value 2
+    assert "map it to 2 in the label files" in capsys.readouterr().out
 
 
 def test_generic_class_names_are_the_label_files_values_and_a_vit_without_positions_is_said(tmp_path, capsys):
