@@ -277,6 +277,17 @@ def test_resume_restores_model_optimizer_and_rng():
     assert torch.equal(other.weight, model.weight) and optimizer.state_dict()["state"][0]["step"] == 1
 
 
+def test_resume_restores_the_loss_scale():
+    """fp16's GradScaler comes back at its saved scale (started afresh at 65536, the first steps overflow)."""
+    model = torch.nn.Linear(3, 2)
+    state = tiny_state(model)
+    state["scaler"] = torch.amp.GradScaler("cpu", init_scale=8.0).state_dict()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    engine.resume(state, "ck.pth", torch.nn.Linear(3, 2), torch.optim.AdamW(model.parameters()), scaler,
+                  argparse.Namespace(**state["args"]), 2, CPU)
+    assert scaler.get_scale() == 8.0
+
+
 def test_cuda_rng_state_is_this_device_only_and_resumes_on_fewer_gpus(monkeypatch):
     """A fake CUDA with 2 devices, current device 1: the checkpoint holds device 1's state and restores it onto the
     current device; a list of 8 devices' states (checkpoints before this was fixed, saved on 8 GPUs) restores the
@@ -706,7 +717,7 @@ def test_the_printed_way_to_start_a_new_run_is_one_prepare_run_accepts(tmp_path,
                            new_run_reads={"--init": given.init})
 
 
-def test_log_new_run_keeps_the_old_one_and_resume_drops_lines_after_the_checkpoint(tmp_path):
+def test_log_new_run_keeps_the_old_one_and_resume_drops_lines_after_the_checkpoint(tmp_path, capsys):
     log = engine.open_log(str(tmp_path), None, True)
     for step in (1, 2, 3, 4):
         log(step=step, loss=torch.tensor(0.5 / step))
@@ -724,6 +735,10 @@ def test_log_new_run_keeps_the_old_one_and_resume_drops_lines_after_the_checkpoi
         log(step=step, loss=0.2)
     log = engine.open_log(str(tmp_path), {"step": 99, "log_lines": 3}, True)
     assert [json.loads(line)["step"] for line in open(tmp_path / engine.LOG)] == [1, 2, 3] and log.lines == 3
+    engine.open_log(str(tmp_path), {"step": 99, "log_lines": 3}, True)  # exactly the lines the checkpoint saw
+    assert "cut short" not in capsys.readouterr().out
+    assert engine.open_log(str(tmp_path), {"step": 99, "log_lines": 3}, True, finished=True).enabled  # its own run:
+    # a finished run relaunched in its folder still says its summary (only another folder's trains nothing here)
     engine.open_log(str(tmp_path), None, True)(step=1)  # a new run
     assert [json.loads(line)["step"] for line in open(tmp_path / "log.1.jsonl")] == [1, 2, 3]
     assert [json.loads(line)["step"] for line in open(tmp_path / engine.LOG)] == [1]
@@ -865,6 +880,22 @@ def test_check_dataset_names_the_unreadable_files(tmp_path):
     (folder / "1.png").unlink()
     engine.check_dataset(data.ImageFolder(str(tmp_path / "val"), lambda img: pytest.fail("transformed")),
                          "validation", CPU, 0)
+
+
+def test_epoch_sampler_drops_the_tail_and_counts_what_a_skip_leaves():
+    """Each image at most once per epoch over all ranks (a padded tail trains some twice, and 1 and 2 processes see
+    different samples); len() is what is left after a resumed run's skip."""
+    samplers = [engine.EpochSampler(5, rank, 2, 0) for rank in range(2)]
+    taken = [i for sampler in samplers for _, i in sampler]
+    assert len(taken) == len(set(taken)) == 4 and all(sampler.per_rank == 2 for sampler in samplers)
+    sampler = engine.EpochSampler(10, 0, 1, 0)
+    sampler.set_epoch(1, skip=3)
+    assert len(sampler) == len(list(sampler)) == 7
+
+
+def test_check_dataset_counts_over_every_batch():
+    assert engine.check_dataset(list(range(70)), "validation", CPU, 0, count=lambda s: np.ones(2)).tolist() == [70, 70]
+    assert engine.check_dataset(list(range(70)), "validation", CPU, 0) == 0
 
 
 def test_epoch_orders_of_different_seeds_are_not_shifted_copies():
@@ -1062,7 +1093,10 @@ def test_each_trainers_help_lists_the_demo_defaults_it_runs_with():
     import train_seg
     for trainer in (train_pretrain, train_finetune, train_seg):
         epilog = " ".join(trainer.get_args_parser().format_help().split())  # undo the help's line wrapping
-        demo = vars(trainer.parse_args([]))
+        args = trainer.parse_args([])
+        if trainer is train_finetune:  # its epochs and warmup: a new run's (a continued run keeps its own)
+            trainer.set_schedule(args)
+        demo = vars(args)
         for key, value in trainer.DEMO_DEFAULTS.items():
             shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
             assert f"--{key} {shown}" in epilog, (trainer.__name__, key)
@@ -1177,11 +1211,12 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
               lambda: engine.check_dataset(list(range(3 - rank)), "validation", d, 0),
               lambda: engine.check_dataset(Recorder(4, bad={3}), "validation", d, 0),  # in rank 1's shard only
               lambda: engine.check_dataset(Recorder(4, gone={3}), "validation", d, 0),
-              lambda: engine.open_log(os.path.join(shared_only_by_rank0, "sub"), None, d.is_main)]  # rank 0 writes
+              lambda: engine.open_log(os.path.join(shared_only_by_rank0, "sub"), None, d.is_main),  # rank 0 writes
+              lambda: engine.check_dataset(list(range(5)), "validation", d, 0, count=lambda s: np.ones(1))]
     for check in checks:
         try:
-            check()
-            outcomes.append("ok")
+            result = check()
+            outcomes.append(str(result.tolist()) if isinstance(result, np.ndarray) else "ok")
         except ValueError as e:
             outcomes.append(str(e))
     json.dump(outcomes, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
@@ -1207,7 +1242,7 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
             pytest.fail("the two gloo processes did not finish within 120 s")
     outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert outcomes[0] == outcomes[1]  # every rank stops, with the same message
-    starts, resumes, images, agreed, validation, unreadable, gone, unwritable = outcomes[0]
+    starts, resumes, images, agreed, validation, unreadable, gone, unwritable, counted = outcomes[0]
     last = tmp_path / "node0" / engine.LAST
     assert starts == (f"the processes do not agree on where the run starts (rank 0: continues {last} (10 bytes), "
                       f"rank 1: a new run): --output_dir must be one folder that every process sees (a shared file "
@@ -1224,6 +1259,7 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
     assert gone == "1 of the 4 validation samples cannot be used; first: [Errno 2] No such file or directory: 'img3.jpg'"
     assert unwritable == f"--output_dir '{last / 'sub'}' cannot be written to (Not a directory): pass a folder you " \
                          f"can write to, or change its permissions"  # found by rank 0, said by every rank
+    assert counted == "[5.0]"  # check_dataset's count: over both ranks' shards, on every rank
 
 
 def test_a_failed_save_names_the_file_removes_its_temp_file_and_keeps_the_last_good_one(tmp_path, monkeypatch):

@@ -218,6 +218,20 @@ def test_evaluate_counts_top1_top5_and_runs_in_eval_mode():
     assert stats["top1"] == 50.0 and stats["top5"] == 75.0 and stats["count"] == 4
     assert stats["loss"] == pytest.approx(F.cross_entropy(logits, labels).item())
     assert model.modes == [False, False]  # drop path and dropout off
+    five = FixedLogits(logits[:, :5])  # 5 classes: top-5 is every class, 100% whatever the rank of the label
+    assert tf.evaluate(five, [(torch.tensor([[0.0], [1.0], [2.0], [3.0]]), torch.tensor([0, 1, 4, 3]))],
+                       torch.device("cpu"))["top5"] == 100.0
+
+
+def test_each_rank_draws_its_own_mixing_and_drop_path():
+    """seed_step takes the rank: with one seed every rank mixed its batch with the same lambda and box."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    images, labels = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 1])
+    args = argparse.Namespace(seed=0, accum_iter=1)
+    losses = [tf.train_micro_step(model, images, labels, data.Mixup(num_classes=3), args, 0,
+                                  engine.Dist(rank=rank, world_size=2), None, None) for rank in (0, 1)]
+    assert losses[0] != losses[1]
 
 
 def test_micro_step_gradient_is_divided_by_accum_iter():
@@ -404,11 +418,14 @@ def test_resume_continues_exactly(finetuned, tmp_path, monkeypatch):
     out, best = finetuned
     resume, compared = engine.resume, []
     monkeypatch.setattr(engine, "resume", lambda *a, **k: compared.append(k["train_images"]) or resume(*a, **k))
+    unreadable, given = engine.unreadable_images, []  # the run's named files come back with it
+    monkeypatch.setattr(engine, "unreadable_images", lambda *a: given.append(a[2]) or unreadable(*a))
     resumed_best = tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path),
                                        "--resume", str(out / "checkpoint-last.pth.epoch0")])
     full, resumed = torch.load(out / "checkpoint-last.pth"), torch.load(tmp_path / "checkpoint-last.pth")
     assert resumed["epoch"] == full["epoch"] == 1 and resumed["step"] == full["step"] == 6
     assert compared == [48] and resumed["train_images"] == 48  # what resume compares (a changed set is said)
+    assert len(given) == 1 and given[0]["step"] == 3  # the checkpoint continued, for the files it named
     for k, v in full["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
     for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
@@ -429,12 +446,33 @@ def test_a_run_continued_in_another_folder_says_where_its_best_checkpoint_is(fin
             f"improve on it, so it wrote no checkpoint-best.pth here: look in {out}); checkpoints and log.jsonl in "
             f"{tmp_path / 'b'}") in capsys.readouterr().out
     assert not (tmp_path / "b" / engine.BEST).exists()
+    monkeypatch.setattr(tf, "evaluate", lambda *a, **k: {**evaluate(*a, **k), "top1": 100.0})  # this run improves
+    tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path / "c"),
+                        "--resume", str(out / "checkpoint-last.pth.epoch0")])
+    assert "reached before" not in capsys.readouterr().out and (tmp_path / "c" / engine.BEST).exists()
+
+
+def test_an_epoch_shorter_than_log_every_still_logs_its_loss(tmp_path):
+    """The end of an epoch is a log step: with --log_every 50 and 3 steps per epoch, train_loss was null."""
+    tf.main(TINY_RUN + ["--epochs", "1", "--log_every", "2", "--output_dir", str(tmp_path / "a")])
+    tf.main(TINY_RUN + ["--epochs", "1", "--log_every", "50", "--output_dir", str(tmp_path / "b")])
+    lines = {run: [json.loads(line) for line in open(tmp_path / run / engine.LOG)] for run in "ab"}
+    steps = [r for r in lines["a"] if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 3]  # step 3 ends the epoch
+    epoch = [r for r in lines["b"] if "train_loss" in r]
+    assert len(epoch) == 1 and epoch[0]["train_loss"] is not None
+    assert epoch[0]["train_loss"] == pytest.approx([r for r in lines["a"] if "train_loss" in r][0]["train_loss"])
 
 
 def test_a_relaunch_without_epochs_keeps_the_runs_own(finetuned, tmp_path, capsys):
     out, _ = finetuned  # --epochs 2; relaunched without it: finished (not extended to the demo's 6)
     tf.main(TINY_RUN + ["--output_dir", str(tmp_path), "--resume", str(out / "checkpoint-last.pth")])
     assert "holds a finished run (step 6 of 6): nothing to do" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == []  # another folder's finished run: nothing written here
+    files = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    tf.main(TINY_RUN + ["--output_dir", str(out)])  # relaunched in its own folder: its summary, nothing changed
+    assert "done: best val top-1" in capsys.readouterr().out
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == files
 
 
 def test_resume_and_eval_refuse_another_model_or_table_layout(finetuned, tmp_path):
