@@ -1203,6 +1203,8 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
     args = argparse.Namespace(output_dir=own, resume="auto", fresh=False, seed=0, batch_size=1, accum_iter=1,
                               num_workers=0)
     shared_only_by_rank0 = os.path.join(out_dir, "node0", engine.LAST)
+    skipped_on_rank1 = engine.UnreadableImages(limit=5)  # a file only rank 1's loader met
+    skipped_on_rank1.add(["b.jpg\tbroken"] if rank == 1 else [""])
     resume_other = argparse.Namespace(**{**vars(args), "resume": shared_only_by_rank0 if rank == 0 else "missing.pth"})
     checks = [lambda: engine.prepare_run(args, d),
               lambda: engine.prepare_run(resume_other, d),  # rank 1's own view is an error: it still takes part
@@ -1212,11 +1214,13 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
               lambda: engine.check_dataset(Recorder(4, bad={3}), "validation", d, 0),  # in rank 1's shard only
               lambda: engine.check_dataset(Recorder(4, gone={3}), "validation", d, 0),
               lambda: engine.open_log(os.path.join(shared_only_by_rank0, "sub"), None, d.is_main),  # rank 0 writes
-              lambda: engine.check_dataset(list(range(5)), "validation", d, 0, count=lambda s: np.ones(1))]
+              lambda: engine.check_dataset(list(range(5)), "validation", d, 0, count=lambda s: np.ones(1)),
+              lambda: engine.unreadable_for_checkpoint(skipped_on_rank1, d, 1, lambda **fields: None)]
     for check in checks:
         try:
             result = check()
-            outcomes.append(str(result.tolist()) if isinstance(result, np.ndarray) else "ok")
+            result = result.tolist() if isinstance(result, np.ndarray) else result
+            outcomes.append(str(result) if isinstance(result, list) else "ok")
         except ValueError as e:
             outcomes.append(str(e))
     json.dump(outcomes, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
@@ -1242,7 +1246,7 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
             pytest.fail("the two gloo processes did not finish within 120 s")
     outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert outcomes[0] == outcomes[1]  # every rank stops, with the same message
-    starts, resumes, images, agreed, validation, unreadable, gone, unwritable, counted = outcomes[0]
+    starts, resumes, images, agreed, validation, unreadable, gone, unwritable, counted, skipped = outcomes[0]
     last = tmp_path / "node0" / engine.LAST
     assert starts == (f"the processes do not agree on where the run starts (rank 0: continues {last} (10 bytes), "
                       f"rank 1: a new run): --output_dir must be one folder that every process sees (a shared file "
@@ -1260,6 +1264,7 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
     assert unwritable == f"--output_dir '{last / 'sub'}' cannot be written to (Not a directory): pass a folder you " \
                          f"can write to, or change its permissions"  # found by rank 0, said by every rank
     assert counted == "[5.0]"  # check_dataset's count: over both ranks' shards, on every rank
+    assert skipped == "['b.jpg']"  # a file skipped on rank 1 is the run's, on every rank (named once, by rank 0)
 
 
 def test_a_failed_save_names_the_file_removes_its_temp_file_and_keeps_the_last_good_one(tmp_path, monkeypatch):
