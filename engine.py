@@ -231,22 +231,12 @@ def resolve_amp(mode: str, device) -> tuple:
     the CPU. "bf16" / "fp16" / "fp32" force a choice; fp16 needs CUDA, bf16 also works on the CPU (slowly).
     """
     device = torch.device(device)
-    if mode not in ("auto", "bf16", "fp16", "fp32"):
-        raise ValueError(f"unknown --amp {mode!r}; use auto, bf16, fp16 or fp32")
     if mode == "auto":
         if device.type != "cuda":
             return None, None
         mode = "bf16" if native_bf16(device) else "fp16"
-    if mode == "fp32":
-        return None, None
-    if mode == "bf16":
-        if device.type == "cuda" and not native_bf16(device):
-            raise ValueError(f"this GPU (compute capability {torch.cuda.get_device_capability(device)}) has no native "
-                             f"bf16; use --amp fp16 (or auto)")
-        return torch.bfloat16, None
-    if device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device; use --amp fp32 or bf16 on the CPU")
-    return torch.float16, torch.amp.GradScaler("cuda")
+    dtype = _amp_dtype(mode, device, "--amp")
+    return dtype, torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
 
 def resolve_teacher_amp(mode: str, amp_dtype, device):
@@ -260,13 +250,18 @@ def resolve_teacher_amp(mode: str, amp_dtype, device):
     device = torch.device(device)
     if mode == "auto":
         return torch.float16 if amp_dtype is not None and device.type == "cuda" else amp_dtype
+    return _amp_dtype(mode, device, "--teacher_amp")
+
+
+def _amp_dtype(mode: str, device: torch.device, flag: str):
+    """A forced precision choice ("bf16", "fp16", "fp32") -> autocast dtype or None, checked against the device."""
     if mode not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"unknown --teacher_amp {mode!r}; use auto, bf16, fp16 or fp32")
-    if mode == "fp16" and device.type != "cuda":
-        raise ValueError("--teacher_amp fp16 needs a CUDA device; use --teacher_amp fp32 or bf16 on the CPU")
+        raise ValueError(f"unknown {flag} {mode!r}; use auto, bf16, fp16 or fp32")
     if mode == "bf16" and device.type == "cuda" and not native_bf16(device):
         raise ValueError(f"this GPU (compute capability {torch.cuda.get_device_capability(device)}) has no native "
-                         f"bf16; use --teacher_amp fp16 (or auto)")
+                         f"bf16; use {flag} fp16 (or auto)")
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError(f"{flag} fp16 needs a CUDA device; use {flag} fp32 or bf16 on the CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
 
 
@@ -985,7 +980,10 @@ def save_checkpoint(path: str, state: dict):
         raise OSError(f"could not write {path} (disk full, or no permission to write there?): {cause}; {kept}") from e
 
 
-def stop_non_finite(what: str, step: int, output_dir: str, remedy: str = "a lower --lr or --amp bf16/fp32"):
+NON_FINITE_REMEDY = "a lower --lr or --amp bf16/fp32"
+
+
+def stop_non_finite(what: str, step: int, output_dir: str, remedy: str = NON_FINITE_REMEDY):
     """Stop the run: `what` is not finite at `step`; name the last good checkpoint."""
     last = os.path.join(output_dir, LAST)
     good = (f"the last good checkpoint is {last}, left as it was; relaunch to continue from it (e.g. with {remedy})"
@@ -993,11 +991,11 @@ def stop_non_finite(what: str, step: int, output_dir: str, remedy: str = "a lowe
     raise FloatingPointError(f"{what} not finite at step {step}; stopped without saving: {good}")
 
 
-def check_finite(values: torch.Tensor, names, step: int, output_dir: str, remedy: str = None):
+def check_finite(values: torch.Tensor, names, step: int, output_dir: str, remedy: str = NON_FINITE_REMEDY):
     """Stop (stop_non_finite) if any of the logged values is not finite; values are the same on every rank."""
     bad = [n for n, v in zip(names, values.tolist()) if not math.isfinite(v)]
     if bad:
-        stop_non_finite(", ".join(bad), step, output_dir, *([remedy] if remedy else []))
+        stop_non_finite(", ".join(bad), step, output_dir, remedy)
 
 
 def load_checkpoint(path: str, kind: str, flag: str = "--resume", hint: str = "", auto: bool = False) -> dict:
