@@ -1,6 +1,6 @@
 """GPU verification: tests that need CUDA (skipped without it), and the one command that checks a GPU machine.
 
-    python test_gpu.py --out gpu_report.json    # on a GPU machine (meant to take < 10 min): checks + figures -> JSON
+    python test_gpu.py --out gpu_report.json --watchdog_s 575   # on a GPU machine (< 10 min): checks + figures -> JSON
     python -m pytest -q test_gpu.py             # the pass/fail checks as tests, not the figures (skipped without CUDA)
     python test_gpu.py --device cpu --quick     # a dry run of the same code on the CPU, tiny sizes (CI runs it)
 
@@ -182,6 +182,7 @@ def check_torchrun(device, quick, tmp):
         f.write(TORCHRUN_HELPER.format(repo=HERE, out=out))
     size = ["--model", "vit_tiny", "--img_size", "64", "--batch_size", "4", "--num_masked", "6", "--min_block", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.setdefault("NCCL_DEBUG", "WARN")  # nccl's reason in the report's stderr tail, not a bare "system error"
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     result = run_child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
@@ -299,11 +300,12 @@ def step_figures(device, model_name, batch, amp, grad_checkpoint, steps, quick, 
     images = torch.randn(batch, 3, img, img, device=device)
     mask = torch.stack([masks(random.Random(i)).flatten() for i in range(batch)]).to(device)
     timer = engine.StepTimer(d.device)
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()  # the reserved peak: this configuration's, not memory the last one left cached
-        torch.cuda.reset_peak_memory_stats(device)
+    cuda = device.startswith("cuda")
     times = []
     for step in range(2 + steps):
+        if cuda and step == 2:  # the peaks of steady steps: not the warm-up's (cuDNN's autotuning workspaces), nor
+            torch.cuda.empty_cache()  # memory an earlier configuration left cached
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         timer.start(exact=False)
         train_pretrain.train_micro_step(model, teacher, images, mask, args, step, d, amp_dtype, scaler, timer)
@@ -312,10 +314,10 @@ def step_figures(device, model_name, batch, amp, grad_checkpoint, steps, quick, 
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     seconds = sorted(times[2:])[len(times[2:]) // 2]
-    cuda = device.startswith("cuda")
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
     reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30 if cuda else None  # what the allocator held
-    return {"img_per_s": batch / seconds, "s_per_step": seconds, "peak_gib": peak, "peak_reserved_gib": reserved}
+    return {"model": model_name, "batch": batch, "img_size": img, "amp": engine.amp_name(amp_dtype, scaler),
+            "img_per_s": batch / seconds, "s_per_step": seconds, "peak_gib": peak, "peak_reserved_gib": reserved}
 
 
 def check_throughput(device, quick, tmp):
@@ -328,16 +330,29 @@ def check_throughput(device, quick, tmp):
     if cuda or quick:  # does ViT-L at 128 per GPU fit a V100-32GB (fp16)?
         runs.update({f"vit_l_batch128_fp16{'_grad_checkpoint' if ckpt else ''}{'_mto' if mto else ''}":
                      ("vit_l", 128, fp16, ckpt, mto) for ckpt, mto in ((False, False), (True, False), (True, True))})
-    figures = {}
+    figures, failed = {}, []
     for name, (model_name, batch, run_amp, checkpointing, mto) in runs.items():
-        try:  # one configuration out of memory (a 32 GB GPU) keeps the others' figures
+        try:  # one configuration that fails keeps the others' figures; out of memory (a 32 GB GPU) is a figure too
             figures[name] = step_figures(device, "vit_tiny" if quick else model_name, 4 if quick else batch,
                                          run_amp, checkpointing, steps, quick, mto)
         except torch.OutOfMemoryError as e:
             figures[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+        except Exception as e:  # noqa: BLE001 -- raised after the loop, with every configuration's figures
+            figures[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            failed.append(name)
         if cuda:
             torch.cuda.empty_cache()
+    if failed:
+        raise ThroughputFailed(f"{', '.join(failed)} failed", figures)
     return figures
+
+
+class ThroughputFailed(Exception):
+    """Some configurations failed: the check fails, and the report keeps every configuration's figures."""
+
+    def __init__(self, message, figures):
+        super().__init__(message)
+        self.figures = figures
 
 
 def run_bench(argv):
@@ -370,7 +385,8 @@ def with_sdpa_kernels(fn):
 
 
 def check_sdpa(device, quick, tmp):
-    """Second to last: a kernel fault is sticky in a CUDA context and would fail every later in-process check."""
+    """Late: a kernel fault is sticky in a CUDA context and would fail every later in-process check (after this one
+    only compile runs in this process; the last check is a child process)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import mto
     cuda = device.startswith("cuda")
@@ -402,6 +418,8 @@ def check_sdpa(device, quick, tmp):
         if not train:
             return tokens, {}
         (tokens * probe).sum().backward()
+        missing = [k for k, grad in compared.items() if grad() is None]
+        assert not missing, f"no gradient for {missing} in {backend or 'the kernel SDPA picks'} ({dtype})"
         return tokens, {k: grad().clone() for k, grad in compared.items()}
 
     def errors(out, ref):
@@ -535,6 +553,8 @@ def test_report_dry_run_on_cpu(tmp_path):
     assert all(seconds > 0 for seconds in report["checks"]["compile"]["compute_s_last"].values())
     assert report["checks"]["torchrun"]["backend"] == "gloo"
     assert report["checks"]["throughput"]["vit_b_batch64"]["img_per_s"] > 0
+    assert {k: report["checks"]["throughput"]["vit_l_batch128_fp16"][k] for k in ("model", "batch", "amp")} == \
+        {"model": "vit_tiny", "batch": 4, "amp": "fp32"}  # --quick: tiny sizes under the configurations' names
     assert {"vit_b_batch128_mto", "vit_l_batch128_fp16_grad_checkpoint_mto"} <= set(report["checks"]["throughput"])
     sdpa = report["checks"]["sdpa"]  # the student: math; the teacher: the CPU's flash kernel, against math
     assert sdpa["fp32_rel_pos_bias_and_mto_mask_train"]["kernels"] == ["aten::_scaled_dot_product_attention_math"]
@@ -552,7 +572,7 @@ import test_gpu
 hanging_child = [sys.executable, "-c", "import time; time.sleep(120)", {marker!r}]
 test_gpu.CHECKS["autocast_fp32"] = lambda *args: subprocess.run(hanging_child)  # a check that hangs in a child
 test_gpu.STARTED = time.perf_counter()  # the watchdog counts from here, however long the imports took
-test_gpu.main(["--device", "cpu", "--quick", "--out", {out!r}, "--watchdog_s", "5",
+test_gpu.main(["--device", "cpu", "--quick", "--out", {out!r}, "--watchdog_s", "5", "--budget_s", "540",
                "--skip", *[name for name in test_gpu.CHECKS if name not in ("amp_choice", "autocast_fp32")]])
 """
 
@@ -579,6 +599,53 @@ def test_budget_counts_from_the_start_and_keeps_compile_s_reserve(tmp_path, monk
     assert checks["amp_choice"]["reason"].startswith("no GPU")
     assert re.match(r"out of time: 2\d s spent, --budget_s 160, reserve 150 s", checks["compile"]["reason"])  # 20 s +
     # the time this test took until then (21 s on a loaded machine)
+
+
+def test_budget_defaults_leave_child_processes_time_before_the_watchdog(capsys):
+    assert budget(None, 0) == 540 and budget(None, 575) == 500 and budget(300, 575) == 300
+    assert capsys.readouterr().out == ""
+    assert budget(540, 575) == 540  # as given, with a note: a child started late would get 20 s
+    assert "--budget_s 540 is within 75 s of --watchdog_s 575" in capsys.readouterr().out
+
+
+def test_device_is_the_one_the_trainers_use(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert check_device("cuda") == "cuda:0" and check_device("cuda:0") == "cuda:0"
+    with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES=1 python test_gpu.py --device cuda:0"):
+        check_device("cuda:1")
+    with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES= python test_gpu.py --device cpu"):
+        check_device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_device("cpu") == "cpu"
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        check_device("cuda")
+    with pytest.raises(SystemExit, match="expected cuda, cuda:0 or cpu"):
+        check_device("mps")
+
+
+def test_a_check_that_exits_or_a_failed_configuration_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A trainer's argparse error (SystemExit) fails its check, not the run; a throughput configuration that fails
+    keeps the other configurations' figures."""
+    def figures(device, model_name, batch, amp, grad_checkpoint, steps, quick, mto=False):
+        if mto:
+            raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
+        return {"img_per_s": 1.0}
+
+    monkeypatch.setitem(CHECKS, "amp_choice", lambda *args: sys.exit(2))
+    monkeypatch.setattr(sys.modules[__name__], "step_figures", figures)
+    out = tmp_path / "report.json"
+    others = [name for name in CHECKS if name not in ("amp_choice", "autocast_fp32", "throughput")]
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--device", "cpu", "--quick", "--out", str(out), "--skip", *others])
+    assert exit_status.value.code == 1
+    checks = json.loads(out.read_text())["checks"]
+    assert checks["amp_choice"]["status"] == "error" and checks["amp_choice"]["error"] == "SystemExit: 2"
+    assert checks["autocast_fp32"]["status"] == "skipped"  # the checks after it ran
+    throughput = checks["throughput"]
+    assert throughput["status"] == "error" and throughput["error"] == \
+        "ThroughputFailed: vit_b_batch128_mto, vit_l_batch128_fp16_grad_checkpoint_mto failed"
+    assert throughput["figures"]["vit_b_batch64"] == {"img_per_s": 1.0}
+    assert "CUBLAS_STATUS_EXECUTION_FAILED" in throughput["figures"]["vit_b_batch128_mto"]["error"]
 
 
 def processes_with(marker: str) -> list:
@@ -616,15 +683,49 @@ def release_memory():
         torch.cuda.empty_cache()
 
 
+DEFAULT_BUDGET_S, WATCHDOG_MARGIN_S = 540, 75
+
+
+def budget(budget_s, watchdog_s) -> float:
+    """--budget_s: given, or the default (540 s; with --watchdog_s, that less 75 s, so that a check starting a child
+    process near the budget's end still gives it a minute before the watchdog's 15 s margin)."""
+    if budget_s is None:
+        return watchdog_s - WATCHDOG_MARGIN_S if watchdog_s > 0 else DEFAULT_BUDGET_S
+    if watchdog_s > 0 and budget_s > watchdog_s - WATCHDOG_MARGIN_S:
+        print(f"note: --budget_s {budget_s:g} is within {WATCHDOG_MARGIN_S} s of --watchdog_s {watchdog_s:g}: a check "
+              f"that starts late gets too little time for its child processes and fails instead of being skipped",
+              flush=True)
+    return budget_s
+
+
+def check_device(device: str) -> str:
+    """'cuda' -> 'cuda:0'. The trainers checked in-process (and torchrun's worker) run on the first visible GPU, or on
+    a GPU whenever there is one: another GPU, or the CPU on a GPU machine, would measure two devices in one report."""
+    device = "cuda:0" if device == "cuda" else device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device; for a dry run on the CPU: python test_gpu.py --device cpu --quick")
+    if device.startswith("cuda") and device != "cuda:0":
+        sys.exit(f"error: --device {device}: the trainers checked here use the first visible GPU; to check GPU "
+                 f"{device[5:]}: CUDA_VISIBLE_DEVICES={device[5:]} python test_gpu.py --device cuda:0 ...")
+    if device == "cpu" and torch.cuda.is_available():
+        sys.exit("error: --device cpu on a machine with a GPU: the trainers checked here would use the GPU; for a dry "
+                 "run on the CPU: CUDA_VISIBLE_DEVICES= python test_gpu.py --device cpu --quick")
+    if device not in ("cpu", "cuda:0"):
+        sys.exit(f"error: --device {device}: expected cuda, cuda:0 or cpu")
+    return device
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_report.json")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run of the code paths)")
     parser.add_argument("--skip", nargs="*", default=[], choices=list(CHECKS))
-    parser.add_argument("--budget_s", type=float, default=540,
+    parser.add_argument("--budget_s", type=float, default=None,
                         help="seconds from the start: a check is skipped unless it can start before the budget less "
-                             f"its reserve ({', '.join(f'{k} {v} s' for k, v in RESERVE_S.items())}, others 0)")
+                             f"its reserve ({', '.join(f'{k} {v} s' for k, v in RESERVE_S.items())}, others 0); "
+                             f"default {DEFAULT_BUDGET_S:g}, or --watchdog_s less {WATCHDOG_MARGIN_S} s when that "
+                             f"is set (a later start leaves a child process too little time before the watchdog)")
     parser.add_argument("--watchdog_s", type=float, default=0,
                         help="after this many seconds from the start, print every thread's stack, kill the child "
                              "processes and exit, before an outer time limit kills the run (the report keeps what "
@@ -632,8 +733,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.watchdog_s > 0:
         start_watchdog(args.watchdog_s)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("error: no CUDA device; for a dry run on the CPU: python test_gpu.py --device cpu --quick")
+    args.budget_s = budget(args.budget_s, args.watchdog_s)
+    args.device = check_device(args.device)
     report = {"device": device_name(args.device), "torch": torch.__version__, "cuda": torch.version.cuda,
               "quick": args.quick, "checks": {}}
     if args.device.startswith("cuda"):
@@ -665,8 +766,10 @@ def main(argv=None):
                 entry = {"status": "ok", **check(args.device, args.quick, tmp)}
             except Skip as e:
                 entry = {"status": "skipped", "reason": str(e)}
-            except Exception as e:  # noqa: BLE001 -- every failure goes into the report, the run goes on
-                entry = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            except (Exception, SystemExit) as e:  # noqa: BLE001 -- every failure goes into the report, the run goes
+                # on (SystemExit: a trainer's argparse error, which would end the run with the report at "running")
+                entry = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                         **({"figures": e.figures} if isinstance(e, ThroughputFailed) else {})}
                 failed.append(name)
             entry["seconds"] = round(time.perf_counter() - start, 1)
             report["checks"][name] = entry
