@@ -1203,6 +1203,11 @@ def _in_repo(filename: str) -> bool:
     return os.path.dirname(os.path.abspath(filename)) == REPO
 
 
+def show_tracebacks() -> bool:
+    """DTM_TRACEBACK set to anything but empty or 0."""
+    return os.environ.get("DTM_TRACEBACK", "") not in ("", "0")
+
+
 def cli(main):
     """Run main() as a script: a user error (user_error_message) prints `error: ...` on one line and exits with 2;
     Ctrl-C prints one line and exits with 130; anything else keeps Python's traceback. DTM_TRACEBACK=1 shows the
@@ -1210,7 +1215,7 @@ def cli(main):
     try:
         main()
     except KeyboardInterrupt:
-        if os.environ.get("DTM_TRACEBACK"):
+        if show_tracebacks():
             raise
         print(f"\ninterrupted: relaunch to continue from the last {LAST} in its --output_dir (written at the end "
               f"of each epoch in pre-training and fine-tuning, and every --save_every steps where the trainer has "
@@ -1220,7 +1225,7 @@ def cli(main):
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:
         message = user_error_message(e)
-        if message is None or os.environ.get("DTM_TRACEBACK"):
+        if message is None or show_tracebacks():
             raise
         where = (f" (rank {os.environ.get('RANK')} of {os.environ['WORLD_SIZE']}, {socket.gethostname()})"
                  if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "")  # torchrun's summary may blame another rank

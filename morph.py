@@ -125,7 +125,8 @@ def num_groups_after(num_tokens: int, schedule, split: str) -> int:
 def sample_schedule(num_tokens: int, max_merged: int, max_iters: int, rng: random.Random, rule: str = "spread") -> list:
     """The dynamic scheduler (Sec. 3.2): merged count n ~ U{0..max_merged}, iterations k ~ U{1..max_iters}, then
     make_schedule(num_tokens, n, k, rule, max_merged). rng is a random.Random (seed it from the step for
-    reproducible runs without saved state)."""
+    reproducible runs without saved state). rule: "spread" (exactly n merges) by default; train_pretrain.py's
+    --schedule_rule defaults to "official" (the official code's), so pass rule="official" to draw as it does."""
     n = rng.randint(0, max_merged)
     k = rng.randint(1, max_iters)
     return make_schedule(num_tokens, n, k, rule, max_merged)

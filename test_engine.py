@@ -1045,6 +1045,9 @@ def test_ctrl_c_prints_how_to_continue_and_exits_130(capsys, monkeypatch):
     assert len(lines) == 1 and lines[0].startswith("interrupted: relaunch to continue") and "--resume auto" in lines[0]
     assert lines[0].endswith("before the first save there is none: the command as it was starts over (from PATH with "
                              "--resume PATH)")
+    monkeypatch.setenv("DTM_TRACEBACK", "0")  # off, as unset
+    with pytest.raises(SystemExit):
+        engine.cli(interrupted)
     monkeypatch.setenv("DTM_TRACEBACK", "1")
     with pytest.raises(KeyboardInterrupt):
         engine.cli(interrupted)
