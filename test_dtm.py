@@ -783,3 +783,65 @@ def test_activation_checkpointing_gives_the_same_values_and_gradients():
     for name, grad in stored[1].items():
         torch.testing.assert_close(recomputed[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
     assert any(g.abs().sum() > 0 for g in stored[1].values())
+
+
+def test_block_with_every_parameter_distinct_equals_beits_block_written_out():
+    """BEiT's block from the weights' own slices: q = W[:C] x + q_bias, k = W[C:2C] x (no bias), v = W[2C:] x +
+    v_bias, softmax(q k^T / sqrt(d) + bias), norm1 before the attention and gamma_1 after it, norm2 / gamma_2 around the
+    MLP. Every parameter is random, so that q_bias != v_bias, gamma_1 != gamma_2 and norm1 != norm2 (at init they are
+    pairwise equal, and a swap of any pair, or of q and k, passed every test)."""
+    torch.manual_seed(0)
+    C, heads, T, B = 64, 2, 5, 3
+    block = dtm.Block(C, heads, rel_pos_grid=(2, 2)).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(B, T, C)
+    out, _ = block(x)
+    d, W = C // heads, block.attn.qkv.weight
+    split = lambda t: t.view(B, T, heads, d).transpose(1, 2)  # noqa: E731
+    h = F.layer_norm(x, (C,), block.norm1.weight, block.norm1.bias, eps=1e-6)
+    q, k = split(h @ W[:C].t() + block.attn.q_bias), split(h @ W[C:2 * C].t())
+    v = split(h @ W[2 * C:].t() + block.attn.v_bias)
+    attn = (q @ k.transpose(-2, -1) / d ** 0.5 + block.attn.rel_pos_bias()).softmax(-1)
+    x1 = x + block.gamma_1 * block.attn.proj((attn @ v).transpose(1, 2).reshape(B, T, C))
+    h2 = F.layer_norm(x1, (C,), block.norm2.weight, block.norm2.bias, eps=1e-6)
+    expected = x1 + block.gamma_2 * block.mlp.fc2(F.gelu(block.mlp.fc1(h2)))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pretraining_head_starts_as_the_official_lm_head():
+    """naver-ai/dtm models/modeling_dtm.py: lm_head.weight trunc_normal_(std 0.02, bounds +-std), bias 0 (not
+    nn.Linear's default uniform(+-1/sqrt(fan_in)) = +-0.072 at width 192)."""
+    torch.manual_seed(0)
+    model = dtm.DTMPretrainModel(dtm.build_vit("vit_tiny", img_size=32), target_dim=512)
+    w = model.head.weight
+    assert w.abs().max() <= 0.02 and w.std().item() == pytest.approx(0.02 * 0.5398, rel=0.05)
+    assert not model.head.bias.any()
+
+
+def test_clip_renormalization_uses_openais_statistics_written_out():
+    """--teacher_norm clip: the expected input is computed from OpenAI's mean/std literally (the existing test reads
+    dtm.CLIP_MEAN/CLIP_STD, so a wrong constant passed it)."""
+    visual = dtm.CLIPVisual(input_resolution=32, patch_size=16, width=64, layers=1, heads=1, output_dim=8)
+    seen = []
+    visual.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0]))
+    x = torch.randn(2, 3, 32, 32)
+    dtm.CLIPTeacher(visual, "clip")(x)
+    col = lambda v: torch.tensor(v).view(1, 3, 1, 1)  # noqa: E731
+    raw = x * col((0.229, 0.224, 0.225)) + col((0.485, 0.456, 0.406))  # ImageNet-normalized -> [0, 1]
+    expected = (raw - col((0.48145466, 0.4578275, 0.40821073))) / col((0.26862954, 0.26130258, 0.27577711))
+    torch.testing.assert_close(seen[0], expected, atol=1e-6, rtol=1e-6)
+
+
+def test_a_frozen_teacher_stays_in_eval_mode():
+    teacher = dtm.PixelTeacher(8)
+    assert teacher.train() is teacher and not teacher.training
+
+
+def test_the_shared_relative_position_table_is_on_top_for_layer_decay():
+    """BEiT's get_num_layer_for_vit (beit/optim_factory.py): rel_pos_bias -> num_max_layer - 1, i.e. depth + 1, the
+    head's lr scale (not the embeddings' 0)."""
+    vit = dtm.build_vit("vit_tiny", img_size=32, num_classes=3, rel_pos_bias="both")
+    ids = {n: dtm.layer_id_for_param(n, vit.depth) for n, _ in vit.named_parameters()}
+    assert ids["rel_pos_bias.table"] == ids["head.weight"] == vit.depth + 1

@@ -1,5 +1,6 @@
 """Tests of train_pretrain.py: one DTM step, arguments, exact resume, runs that cannot lose work (relaunch, NaN,
 unreadable images, logs, teachers), and 2-process DDP (gloo, CPU) against 1 process."""
+import inspect
 import json
 import math
 import os
@@ -637,3 +638,88 @@ def test_official_split_counts_its_protected_patch(image_folder, tmp_path):
     tp.main(tiny_argv(image_folder, tmp_path, "--split", "official", "--fixed_schedule", "2", "1", "--max_steps", "2"))
     records = [r for r in read_log(tmp_path / engine.LOG) if "groups_level0" in r]
     assert [(r["groups_level0"], r["groups_level1"]) for r in records] == [(3, 3), (3, 3)]
+
+
+# Flags that reach the model, the optimizer and the scheduler (from a mutation review: dropping any of them passed
+# every test, the runs compared being built by the same code)
+
+TINY = ["--model", "vit_tiny", "--img_size", "32", "--num_masked", "1", "--min_block", "1", "--amp", "fp32"]
+
+
+def test_build_model_gives_the_student_its_flags():
+    """--drop_path, --layer_scale and --grad_checkpoint reach the student (build_model dropping any of them passed
+    every test: the runs compared were all built by the same code)."""
+    args = tp.parse_args(["--teacher", "pixels", *TINY, "--drop_path", "0.3", "--layer_scale", "0.25",
+                          "--grad_checkpoint"])
+    student = tp.build_model(args, CPU)[0].student
+    assert [b.drop_path.p for b in student.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert all(torch.all(b.gamma_1 == 0.25) and torch.all(b.gamma_2 == 0.25) for b in student.blocks)
+    assert student.grad_checkpointing
+
+
+def test_clip_teacher_flags_reach_the_teacher_and_the_head(tmp_path):
+    torch.manual_seed(0)
+    visual = dtm.CLIPVisual(input_resolution=32, patch_size=16, width=64, layers=1, heads=1, output_dim=24)
+    torch.save(visual.state_dict(), tmp_path / "clip.pt")
+    base = ["--teacher", f"clip:{tmp_path / 'clip.pt'}", *TINY]
+    model, teacher = tp.build_model(tp.parse_args(base), CPU)
+    assert (teacher.teacher_norm, teacher.project, teacher.out_dim, model.head.out_features) == ("imagenet", True, 24, 24)
+    model, teacher = tp.build_model(tp.parse_args(base + ["--teacher_norm", "clip", "--no_clip_proj"]), CPU)
+    assert (teacher.teacher_norm, teacher.project, teacher.out_dim, model.head.out_features) == ("clip", False, 64, 64)
+
+
+def test_the_scheduler_flags_reach_every_draw(monkeypatch):
+    """--max_merged, --max_iters, --schedule_rule and --levels: each level draws sample_schedule(N, max_merged,
+    max_iters, rng, rule)."""
+    draws, draw = [], morph.sample_schedule
+    signature = inspect.signature(draw)
+
+    def recorded(*a, **k):
+        bound = signature.bind(*a, **k)
+        bound.apply_defaults()
+        draws.append({n: v for n, v in bound.arguments.items() if n != "rng"})
+        return draw(*a, **k)
+    monkeypatch.setattr(morph, "sample_schedule", recorded)
+    for rule in ("official", "spread"):  # sample_schedule's own default is "spread", the flag's "official"
+        draws.clear()
+        args = tp.parse_args(["--teacher", "pixels", *TINY, "--img_size", "64", "--max_merged", "5", "--max_iters",
+                              "3", "--schedule_rule", rule, "--levels", "3"])
+        model, teacher = tp.build_model(args, CPU)
+        _, num_groups = tp.train_micro_step(model, teacher, torch.randn(2, 3, 64, 64),
+                                            torch.zeros(2, 16, dtype=torch.bool), args, 0, CPU, None, None,
+                                            engine.StepTimer(CPU.device))
+        expected = dict(num_tokens=16, max_merged=5, max_iters=3, rule=rule)
+        assert draws == [expected] * 3 and len(num_groups) == 3 and all(g >= 16 - 5 for g in num_groups), rule
+
+
+def test_the_optimizer_gets_weight_decay_betas_and_clip_grad(image_folder, tmp_path, monkeypatch):
+    steps = record_calls(monkeypatch, engine, "optimizer_step")
+    tp.main(tiny_argv(image_folder, tmp_path, "--max_steps", "1", "--weight_decay", "0.07", "--betas", "0.8", "0.95",
+                      "--clip_grad", "2.5"))
+    optimizer, _, _, clip = steps[0]
+    assert clip == 2.5
+    decay = {n: g["weight_decay"] for g in optimizer.param_groups for n in g["param_names"]}
+    assert decay["student.blocks.0.attn.qkv.weight"] == decay["head.weight"] == decay["student.mask_token"] == 0.07
+    assert decay["student.blocks.0.norm1.weight"] == decay["student.cls_token"] == decay["head.bias"] == 0.0
+    assert all(tuple(g["betas"]) == (0.8, 0.95) for g in optimizer.param_groups)
+
+
+def test_the_student_trains_in_train_mode(image_folder, tmp_path, monkeypatch):
+    """Drop path acts in the run: the student is in training mode at every micro-step."""
+    modes, micro_step = [], tp.train_micro_step
+
+    def recording(model, *rest):
+        modes.append(engine.unwrap(model).student.training)
+        return micro_step(model, *rest)
+    monkeypatch.setattr(tp, "train_micro_step", recording)
+    tp.main(tiny_argv(image_folder, tmp_path, "--max_steps", "2"))
+    assert modes == [True, True]
+
+
+def test_fractional_warmup_rounds_to_the_nearest_step(image_folder, tmp_path):
+    """--warmup_epochs 0.9 of 3 steps per epoch: 2.7 -> 3 warmup steps (round), not 2 (int)."""
+    tp.main(tiny_argv(image_folder, tmp_path, "--batch_size", "2", "--accum_iter", "2", "--epochs", "2",
+                      "--min_lr", "0.001", "--warmup_epochs", "0.9"))
+    peak = 0.05 * math.sqrt(4 / 2048)
+    logged = [r["lr"] for r in read_log(tmp_path / engine.LOG) if "lr" in r]
+    assert logged == pytest.approx([engine.cosine_schedule(s, 6, 3, peak, 0.001) for s in range(6)], rel=1e-9)
