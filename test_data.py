@@ -958,3 +958,252 @@ def test_random_erasing_pixel_mode_draws_noise_per_channel():
     out = data.RandomErasing(prob=1.0, mode="pixel")(torch.zeros(3, 24, 24))
     erased = out.abs().sum(dim=0) > 0
     assert erased.any() and not torch.equal(out[0][erased], out[1][erased])
+
+
+# Defaults and conventions the trainers rely on (from a mutation review of data.py: changing any of them passed every
+# test): BEiT v2's / timm's / torchvision's / mmseg's values and rounding
+
+def _seeded(fn, seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return fn()
+
+
+# --- Pre-training / fine-tuning transforms: the documented composition, with their defaults -------------------------
+
+def test_pretrain_transform_is_crop_flip_jitter_normalize_with_beit_defaults():
+    """PretrainTransform() = RandomResizedCrop(scale=(0.08, 1)) -> flip(0.5) -> ColorJitter(0.4, 0.4, 0.4, hue 0)
+    -> normalize, drawing torch's RNG in that order."""
+    img = data.SyntheticShapes(1, 64).get(0)[0]
+    t = data.PretrainTransform(img_size=32)
+
+    def by_hand():
+        x = data.RandomResizedCrop(32, scale=(0.08, 1.0))(img)
+        x = data.random_hflip(x, 0.5)
+        return data.to_tensor(data.ColorJitter(0.4, 0.4, 0.4, 0.0)(x))
+    for seed in range(8):
+        assert torch.equal(_seeded(lambda: t(img), seed), _seeded(by_hand, seed)), seed
+
+
+def test_finetune_transform_crop_covers_up_to_the_whole_image():
+    """FinetuneTransform's crop is RandomResizedCrop(scale=(min_crop_scale, 1.0)) (timm), not capped below 1."""
+    img = data.SyntheticShapes(1, 64).get(0)[0]
+    t = data.FinetuneTransform(img_size=32, hflip=0.0, rand_num_ops=0, reprob=0)
+    for seed in range(8):
+        ref = _seeded(lambda: data.to_tensor(data.RandomResizedCrop(32, scale=(0.08, 1.0))(img)), seed)
+        assert torch.equal(_seeded(lambda: t(img), seed), ref), seed
+
+
+def test_color_jitter_applies_the_factors_in_torchvisions_random_order(monkeypatch):
+    """torchvision's get_params: torch.randperm(4) first, then the factors; the adjustments run in that order
+    (brightness and contrast do not commute on a colourful image, so the order shows)."""
+    img = data.SyntheticShapes(1, 32).get(0)[0]
+    adjust = (lambda im, f: data.ImageEnhance.Brightness(im).enhance(f),
+              lambda im, f: data.ImageEnhance.Contrast(im).enhance(f),
+              lambda im, f: data.ImageEnhance.Color(im).enhance(f), data.adjust_hue)
+    outputs = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        order = torch.randperm(4).tolist()
+        factors = [torch.empty(1).uniform_(lo, hi).item() for lo, hi in ((0.6, 1.4),) * 3 + ((-0.1, 0.1),)]
+        expected = img
+        for i in order:
+            expected = adjust[i](expected, factors[i])
+        torch.manual_seed(seed)
+        out = np.asarray(data.ColorJitter(0.4, 0.4, 0.4, 0.1)(img))
+        assert np.array_equal(out, np.asarray(expected)), seed
+    # with fixed factors the output still depends on the drawn order
+    monkeypatch.setattr(data, "_rand_uniform", lambda low, high: high)
+    for seed in range(12):
+        torch.manual_seed(seed)
+        outputs.add(np.asarray(data.ColorJitter(0.4, 0.4, 0.4)(img)).tobytes())
+    assert len(outputs) > 1
+
+
+# --- RandAugment ----------------------------------------------------------------------------------------------------
+
+def test_rand_augment_default_draws_match_timm_rand_m9_mstd05(monkeypatch):
+    """timm 'rand-m9-mstd0.5-inc1': 2 ops, each applied with prob 0.5, magnitude ~ N(9, 0.5) clipped to [0, 10];
+    FinetuneTransform passes its rand_* arguments through."""
+    calls = []
+    monkeypatch.setattr(data.RandAugment, "apply_op", lambda self, img, name, m: calls.append(m) or img)
+    img = Image.new("RGB", (8, 8))
+    random.seed(0)
+    ra = data.FinetuneTransform(8).rand_augment
+    for _ in range(1000):
+        ra(img)
+    m = np.array(calls)
+    assert len(m) / 2000 == pytest.approx(0.5, abs=0.04)  # op_prob 0.5
+    assert m.mean() == pytest.approx(9.0, abs=0.06) and m.std() == pytest.approx(0.5, abs=0.05)
+    calls.clear()
+    ra = data.FinetuneTransform(8, rand_magnitude=0, rand_magnitude_std=1.0).rand_augment
+    for _ in range(300):
+        ra(img)
+    assert min(calls) == 0.0 and max(calls) > 1.0  # clipped at 0, not negative
+
+
+def test_rand_augment_geometric_ops_fill_with_the_normalization_mean_colour():
+    """timm's img_mean fill: round(255 * mean) = (124, 116, 104) for ImageNet's mean, where a translation uncovers
+    the image."""
+    black = Image.new("RGB", (40, 20))
+    ra = data.RandAugment(num_ops=1, magnitude=10, magnitude_std=0, op_prob=1.0, ops=("TranslateXRel",))
+    random.seed(0)
+    out = np.asarray(ra(black))
+    filled = (out == (124, 116, 104)).all(-1)
+    assert filled.sum() == 18 * 20  # 0.45 * 40 columns
+    ft = data.FinetuneTransform(8, mean=(0.5, 0.5, 0.5))
+    random.seed(0)
+    assert (np.asarray(ft.rand_augment.apply_op(black, "TranslateXRel", 10.0)) == 128).all(-1).sum() == 18 * 20
+
+
+# --- RandomErasing --------------------------------------------------------------------------------------------------
+
+def test_random_erasing_box_spans_timms_area_and_aspect_ranges():
+    """Boxes cover 2%..1/3 of the image with aspect h/w in [0.3, 1/0.3], both orientations."""
+    erase = data.RandomErasing(prob=1.0)
+    H = W = 300
+    random.seed(0)
+    areas, aspects = [], []
+    for _ in range(600):
+        top, left, h, w = erase.get_params(H, W)
+        areas.append(h * w / (H * W))
+        aspects.append(h / w)
+    assert 0.019 <= min(areas) < 0.03 and 0.30 < max(areas) <= 1 / 3 + 0.01
+    assert 0.29 <= min(aspects) < 0.4 and 2.5 < max(aspects) <= 1 / 0.29
+    assert np.mean(np.log(aspects)) == pytest.approx(0.0, abs=0.1)
+
+
+def test_random_erasing_rand_and_const_modes_and_finetune_remode():
+    x = torch.full((3, 32, 32), 5.0)
+    random.seed(1)
+    torch.manual_seed(1)
+    out = data.RandomErasing(prob=1.0, mode="rand")(x)
+    box = out[0] != 5
+    assert box.any()
+    per_channel = out[:, box]
+    assert (per_channel == per_channel[:, :1]).all()  # one colour per channel
+    assert len(set(per_channel[:, 0].tolist())) == 3
+    img = data.SyntheticShapes(1, 32).get(0)[0]
+    plain = data.FinetuneTransform(32, rand_num_ops=0, reprob=0)
+    const = data.FinetuneTransform(32, rand_num_ops=0, reprob=1.0, remode="const")
+    before, after = _seeded(lambda: plain(img), 3), _seeded(lambda: const(img), 3)
+    changed = (before != after).any(0)
+    assert changed.any() and (after[:, changed] == 0).all()
+
+
+# --- Evaluation transform: torchvision's Resize(int) + CenterCrop ---------------------------------------------------
+
+def test_eval_transform_truncates_sizes_and_rounds_the_crop_offset_as_torchvision():
+    """torchvision Resize(int(img_size / crop_ratio)) (long side truncated) + CenterCrop (offset int(round(d / 2)))."""
+    img = data.SyntheticShapes(1, 64).get(0)[0].resize((327, 222))
+    t = data.EvalTransform(img_size=200, crop_ratio=0.9)
+    assert t.resize_size == 222  # int(222.2); timm / BEiT: floor, not round
+    left = int(round((327 - 200) / 2.0))  # round(63.5) = 64, not 63
+    assert left == 64
+    assert torch.equal(t(img), data.to_tensor(img.crop((left, 11, left + 200, 211))))
+    # the long side is truncated, not rounded: 256 * 299 / 200 = 382.72 -> 382
+    assert data.resize_shorter_side(Image.new("RGB", (299, 200)), 256).size == (382, 256)
+    assert data.resize_shorter_side(Image.new("RGB", (200, 299)), 256).size == (256, 382)
+    assert data.EvalTransform(32, crop_ratio=0.875).resize_size == 36  # int(36.57)
+
+
+# --- CutMix box sides are int(), as timm's rand_bbox ----------------------------------------------------------------
+
+def test_cutmix_box_side_truncates_before_halving():
+    lam = 1 - 0.56 ** 2  # 10 * 0.56 = 5.6 -> int 5 -> 2 * (5 // 2) = 4 rows (round would give 6)
+    for seed in range(50):
+        random.seed(seed)
+        (y0, y1, x0, x1), _ = data.cutmix_box(10, 100, lam)
+        assert y1 - y0 <= 4
+
+
+def test_mixup_defaults_are_mae_finetuning_recipe():
+    m = data.Mixup()
+    assert (m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, m.label_smoothing) == (0.8, 1.0, 1.0, 0.5, 0.1)
+    random.seed(0)
+    assert sum(m.sample_params()[1] for _ in range(2000)) / 2000 == pytest.approx(0.5, abs=0.03)
+
+
+# --- Segmentation ---------------------------------------------------------------------------------------------------
+
+def test_seg_train_transform_flips_half_the_time_image_and_mask_together():
+    labels = np.tile(np.arange(16, dtype=np.uint8), (16, 1))  # a left-to-right ramp
+    img, mask = Image.fromarray(np.stack([labels * 10] * 3, -1)), Image.fromarray(labels, "L")
+    t = data.SegTrainTransform(crop_size=16, scale=(16, 16), ratio_range=(1.0, 1.0), cat_max_ratio=1.0,
+                               photometric=False)
+    assert t.flip_prob == 0.5
+    flips = 0
+    for seed in range(40):
+        random.seed(seed)
+        x, y = t(img, mask)
+        flipped = bool(y[0, 0] == 15)
+        assert torch.equal(y[0], torch.arange(15, -1, -1) if flipped else torch.arange(16))
+        assert torch.equal(x, data.to_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else img))
+        flips += flipped
+    assert 10 <= flips <= 30
+
+
+def test_photometric_distortion_default_ranges_are_mmsegs(monkeypatch):
+    """Every step on: brightness U[-32, 32], contrast U[0.5, 1.5], saturation U[0.5, 1.5], hue randint[-18, 17]."""
+    bounds = []
+
+    class Recorder:
+        @staticmethod
+        def randint(a, b):
+            bounds.append(("randint", a, b))
+            return 1 if (a, b) == (0, 1) else a
+
+        @staticmethod
+        def uniform(a, b):
+            bounds.append(("uniform", a, b))
+            return a
+    monkeypatch.setattr(data, "random", Recorder)
+    data.photometric_distortion(Image.new("RGB", (2, 2), (100, 50, 20)))
+    assert [b[1:] for b in bounds if b[0] == "uniform"] == [(-32, 32), (0.5, 1.5), (0.5, 1.5)]
+    assert ("randint", -18, 17) in bounds
+
+
+def test_seg_random_crop_retries_ten_times_then_keeps_the_last_draw(monkeypatch):
+    """mmseg: up to 10 redraws when the crop fails cat_max_ratio; if none passes, the 11th box is kept."""
+    checked = []
+    monkeypatch.setattr(data, "crop_box_ok", lambda crop, *a: checked.append(crop.size) or False)
+    ramp = Image.fromarray((np.arange(20)[:, None] * 10 + np.arange(10)[None, :]).astype(np.uint8), "L")  # 10x20
+    random.seed(0)
+    _, crop = data.seg_random_crop(ramp.convert("RGB"), ramp, (5, 5), cat_max_ratio=0.75)
+    random.seed(0)
+    for _ in range(11):
+        top, left = random.randint(0, 15), random.randint(0, 5)
+    assert len(checked) == 10 and np.asarray(crop)[0, 0] == top * 10 + left
+
+
+def test_label_values_above_255_and_equal_to_num_classes_are_refused(tmp_path):
+    Image.fromarray(np.array([[1, 256]], np.uint16)).save(tmp_path / "wide.png")
+    with pytest.raises(data.UnreadableImage, match="outside 0..255"):
+        data.load_label_map(str(tmp_path / "wide.png"))  # 256 would wrap to 0 (a real class) in uint8
+    os.makedirs(tmp_path / "img")
+    os.makedirs(tmp_path / "ann")
+    Image.new("RGB", (4, 2)).save(tmp_path / "img" / "a.jpg")
+    Image.fromarray(np.array([[0, 1, 2, 3]] * 2, np.uint8), "L").save(tmp_path / "ann" / "a.png")
+    with pytest.raises(ValueError, match="holds label values \\[3\\], outside 0..2"):
+        data.SegFolder(str(tmp_path / "img"), str(tmp_path / "ann"), num_classes=3)[0]
+    assert data.SegFolder(str(tmp_path / "img"), str(tmp_path / "ann"), num_classes=4)[0][1].size == (4, 2)
+
+
+def test_cv2_nearest_uses_opencvs_inverse_scale_rounding():
+    """OpenCV's resizeNN reads floor(x * (1 / (w / W))) in doubles: 2 -> 98 pixels puts x = 49 on source 0
+    (49 * (1 / 49.0) = 0.99999...), where the exact x * W / w = 1."""
+    row = Image.fromarray(np.array([[0, 1]], np.uint8), "L")
+    out = np.asarray(data.resize_cv2_nearest(row, (98, 1)))[0]
+    assert out[49] == 0 and out[50] == 1 and out.sum() == 48
+
+
+# --- ImageFolder ----------------------------------------------------------------------------------------------------
+
+def test_image_folder_samples_are_sorted_by_path_whatever_the_listing_order(tmp_path):
+    names = [f"{i:03d}.png" for i in range(40)]
+    random.Random(0).shuffle(names)
+    os.makedirs(tmp_path / "c")
+    for n in names:  # created in shuffled order: the file system's listing is not sorted
+        Image.new("RGB", (2, 2)).save(tmp_path / "c" / n)
+    ds = data.ImageFolder(str(tmp_path))
+    assert [os.path.basename(p) for p, _ in ds.samples] == sorted(names)
