@@ -47,12 +47,14 @@ def main():
     parser.add_argument("--images", type=int, default=50, help="distinct files read")
     parser.add_argument("--repeats", type=int, default=300, help="images timed per pipeline")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the last figure")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=128, help="images per batch for the last figure")
     parser.add_argument("--rounds", type=int, default=6, help="batches per worker for the last figure (the first "
                                                               "round untimed)")
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the first round is not timed)")
+    if min(args.images, args.repeats, args.batch) < 1 or args.workers < 0:
+        parser.error("--images, --repeats and --batch must be at least 1, --workers at least 0")
     if args.data is not None and not os.path.isdir(args.data):
         parser.error(f"--data {args.data!r} is not a folder")
     torch.set_num_threads(1)

@@ -140,6 +140,12 @@ def main(argv=None):
     parser.add_argument("--compare_mto", metavar="PATH",
                         help="also run MTO's defaults with another version of mto.py, interleaved with the rest")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
+        parser.error("--steps and --batch must be >= 1, --warmup >= 0")
+    if not all(0 <= i < len(VARIANTS) for i in args.variants):
+        parser.error(f"--variants are indices 0..{len(VARIANTS) - 1}, got {args.variants}")
+    if args.amp == "fp16" and not args.device.startswith("cuda"):
+        parser.error("--amp fp16 needs a CUDA device (its GradScaler is CUDA's); on the CPU use fp32 or bf16")
     engine.set_backend_flags()  # as the trainers (TF32, cuDNN's autotuner)
     if args.malloc == "keep":
         keep_freed_memory()

@@ -724,7 +724,8 @@ def add_run_args(parser, output_dir: str):
                    "(relaunching a command continues its run); or the path of a checkpoint to continue")
     g.add_argument("--fresh", action="store_true", help="start over in an output_dir that holds a run: its "
                    "checkpoint-last.pth is removed, its log.jsonl kept as log.N.jsonl; its other checkpoints stay "
-                   "until the new run writes files of the same name")
+                   "until the new run writes files of the same name. With --resume PATH: the folder's run is "
+                   "replaced by PATH's, continued")
     g.add_argument("--log_every", type=int, default=50, help="optimizer steps per log.jsonl line")
     g.add_argument("--seed", type=int, default=0, help="seeds every random draw: new weights, data order, "
                    "augmentation, drop path (pre-training: also masks and morphing schedules)")

@@ -395,11 +395,15 @@ def parse_schedule(text: str) -> list:
     try:
         if "x" in text:
             rounds, r = text.split("x")
-            return [int(r)] * int(rounds)
-        return [int(r) for r in text.split(",")]
+            rounds, r = int(rounds), int(r)
+        else:
+            return [int(r) for r in text.split(",")]
     except ValueError:
         raise ValueError(f"cannot read schedule {text!r}; write KxR (K rounds of r=R, e.g. 14x7) or r1,r2,... "
                          f"(e.g. 49,49)") from None
+    if rounds < 1:
+        raise ValueError(f"schedule {text!r} has {rounds} rounds; KxR needs K >= 1 (no merge: 0)")
+    return [r] * rounds
 
 
 def _load_square_image(path: str, size: int):

@@ -100,7 +100,7 @@ def check_out(path: str):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Plot a field of JSONL training logs to a PNG (Pillow only).")
     parser.add_argument("logs", nargs="+", help="log.jsonl files")
-    parser.add_argument("--field", default="loss")
+    parser.add_argument("--field", default=None, help="the field to plot for every log (default: loss)")
     parser.add_argument("--fields", nargs="+", help="one field per log instead of --field (e.g. loss loss_dtm)")
     parser.add_argument("--x", default="step", help="x-axis field")
     parser.add_argument("--labels", nargs="+", help="one legend label per log (default: the paths)")
@@ -112,13 +112,17 @@ def main(argv=None):
     labels = args.labels or args.logs
     if len(labels) != len(args.logs):
         raise SystemExit(f"error: {len(args.logs)} logs but {len(labels)} labels")
-    fields = args.fields or [args.field] * len(args.logs)
+    if args.smooth < 1:
+        raise SystemExit(f"error: --smooth {args.smooth}: the moving average needs >= 1 log lines (1: none)")
+    if args.field and args.fields:
+        raise SystemExit("error: give --field (one field for every log) or --fields (one per log), not both")
+    fields = args.fields or [args.field or "loss"] * len(args.logs)
     if len(fields) != len(args.logs):
         raise SystemExit(f"error: {len(args.logs)} logs but {len(fields)} fields")
     series = []
     for path, field in zip(args.logs, fields):
         points = read_log(path, args.x, field)
-        smoothed = moving_average([y for _, y in points], max(1, args.smooth))
+        smoothed = moving_average([y for _, y in points], args.smooth)
         series.append([(x, y) for (x, _), y in zip(points, smoothed)])
     title = args.title or f"{'/'.join(dict.fromkeys(fields))}" + (f" (moving average of {args.smooth})" if args.smooth > 1 else "")
     image = plot(series, labels, title, args.x, "/".join(dict.fromkeys(fields)))

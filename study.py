@@ -162,15 +162,41 @@ def mean_std(values):
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def check_same_epochs(args):
+    """A relaunch in the same --out continues its runs, and a finished run is skipped whatever its epochs: other epoch
+    counts there would mix old and new runs in one table (or fine-tune students of an older teacher)."""
+    path, epochs = os.path.join(args.out, "epochs.json"), {k: getattr(args, k) for k in EPOCH_FLAGS}
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        if before != epochs:
+            changed = ", ".join(f"--{k} {before.get(k)} -> {v}" for k, v in epochs.items() if before.get(k) != v)
+            sys.exit(f"error: the study in {args.out} ran with other epochs ({changed}); its finished runs would be "
+                     f"kept and mixed with new ones: give another --out, or the same epochs "
+                     f"({' '.join(f'--{k} {v}' for k, v in before.items())})")
+    else:
+        with open(path, "w") as f:
+            json.dump(epochs, f)
+
+
+EPOCH_FLAGS = ("teacher_epochs", "pretrain_epochs", "finetune_epochs")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="output/study")
-    parser.add_argument("--teacher_epochs", type=int, default=10)
-    parser.add_argument("--pretrain_epochs", type=int, default=4)
-    parser.add_argument("--finetune_epochs", type=int, default=10)
+    parser.add_argument("--out", default="output/study", help="every run, the data and the results; a relaunch "
+                        "with the same folder continues (finished runs are skipped)")
+    parser.add_argument("--teacher_epochs", type=int, default=10, help="the teacher's training epochs")
+    parser.add_argument("--pretrain_epochs", type=int, default=4, help="each pre-training arm's epochs (the 'half "
+                        "the epochs' arm: half as many)")
+    parser.add_argument("--finetune_epochs", type=int, default=10, help="each fine-tuning run's epochs")
     args = parser.parse_args()
+    if min(args.teacher_epochs, args.finetune_epochs) < 1 or args.pretrain_epochs < 2:
+        parser.error("--teacher_epochs and --finetune_epochs must be >= 1, --pretrain_epochs >= 2 (its half arm "
+                     "needs fewer epochs than the others)")
     args.out = os.path.abspath(args.out)  # the runs start in this folder (cwd=HERE), not in the caller's
     os.makedirs(args.out, exist_ok=True)
+    check_same_epochs(args)
     log = os.path.join(args.out, "runs.log")
     root = make_data(args.out)
     train3000, train1000, val = (os.path.join(root, n) for n in ("train3000", "train1000", "val500"))

@@ -798,6 +798,7 @@ def test_a_kill_between_the_epochs_two_saves_cannot_leave_an_older_best(tmp_path
     (["--mixup", "0", "--cutmix", "0", "--mixup_prob", "0.5"], "--mixup_prob would do nothing with --mixup 0 --cutmix 0"),
     (["--cutmix", "0", "--mixup_switch_prob", "0.3"], "--mixup_switch_prob would do nothing with only one of --mixup "
                                                       "and --cutmix on"),
+    (["--mixup_prob", "0", "--mixup_switch_prob", "0.9"], "--mixup_switch_prob would do nothing with --mixup_prob 0"),
 ])
 def test_mixing_and_regularization_flags_name_the_one_that_is_wrong_or_does_nothing(flags, message):
     """One message named all three of --warmup_epochs/--smoothing/--reprob, and mixing flags that did nothing (or a
@@ -805,3 +806,4 @@ def test_mixing_and_regularization_flags_name_the_one_that_is_wrong_or_does_noth
     with pytest.raises(ValueError, match=message):
         tf.parse_args(TINY_RUN + flags)
     assert tf.parse_args(TINY_RUN + ["--cutmix", "0", "--mixup_prob", "0.5"]).mixup_prob == 0.5  # Mixup alone: used
+    assert tf.parse_args(TINY_RUN + ["--mixup_prob", "0"]).mixup_prob == 0  # mixing off, the alphas as they were

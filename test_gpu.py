@@ -603,6 +603,9 @@ def test_budget_counts_from_the_start_and_keeps_compile_s_reserve(tmp_path, monk
 
 def test_budget_defaults_leave_child_processes_time_before_the_watchdog(capsys):
     assert budget(None, 0) == 540 and budget(None, 575) == 500 and budget(300, 575) == 300
+    for given, watchdog in ((None, 60), (0, 0), (-5, 575)):  # every check skipped, and the run "passed"
+        with pytest.raises(SystemExit, match="leaves no budget|every check would be skipped"):
+            budget(given, watchdog)
     assert capsys.readouterr().out == ""
     assert budget(540, 575) == 540  # as given, with a note: a child started late would get 20 s
     assert "--budget_s 540 is within 75 s of --watchdog_s 575" in capsys.readouterr().out
@@ -690,7 +693,13 @@ def budget(budget_s, watchdog_s) -> float:
     """--budget_s: given, or the default (540 s; with --watchdog_s, that less 75 s, so that a check starting a child
     process near the budget's end still gives it a minute before the watchdog's 15 s margin)."""
     if budget_s is None:
-        return watchdog_s - WATCHDOG_MARGIN_S if watchdog_s > 0 else DEFAULT_BUDGET_S
+        budget_s = watchdog_s - WATCHDOG_MARGIN_S if watchdog_s > 0 else DEFAULT_BUDGET_S
+        if budget_s <= 0:
+            sys.exit(f"error: --watchdog_s {watchdog_s:g} leaves no budget (it less {WATCHDOG_MARGIN_S} s); give "
+                     f"--watchdog_s over {WATCHDOG_MARGIN_S}, or --budget_s")
+        return budget_s
+    if budget_s <= 0:
+        sys.exit(f"error: --budget_s {budget_s:g}: every check would be skipped; give it > 0")
     if watchdog_s > 0 and budget_s > watchdog_s - WATCHDOG_MARGIN_S:
         print(f"note: --budget_s {budget_s:g} is within {WATCHDOG_MARGIN_S} s of --watchdog_s {watchdog_s:g}: a check "
               f"that starts late gets too little time for its child processes and fails instead of being skipped",

@@ -433,6 +433,9 @@ def test_visualization_writes_side_by_side_panels(tmp_path):
     assert parse_schedule("14x7") == [7] * 14 and parse_schedule("49,49") == [49, 49]
     with pytest.raises(ValueError, match="KxR"):
         parse_schedule("seven")
+    for text in ("0x5", "-3x7"):  # no rounds: an empty schedule, a picture of no merges
+        with pytest.raises(ValueError, match=f"schedule '{text}' has -?\\d+ rounds; KxR needs K >= 1"):
+            parse_schedule(text)
     for out, message in (("g.pngx", "Pillow writes no file of that extension"), ("g.psd", "Pillow writes no file"),
                          ("none/g.png", "none' is not a folder")):  # each a traceback after the work before
         with pytest.raises(SystemExit, match=message):

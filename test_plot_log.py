@@ -67,3 +67,12 @@ def test_plot_two_logs_and_errors(tmp_path):
                          ("x.psd", "Pillow writes no '.psd' files")):  # a format Pillow reads only
         with pytest.raises(SystemExit, match=message):  # checked before reading the logs, not after (a traceback)
             plot_log.main([str(tmp_path / "a.jsonl"), "--out", str(tmp_path / out)])
+
+
+@pytest.mark.parametrize("argv, message", [(["--smooth", "0"], "--smooth 0: the moving average needs >= 1"),
+                                           (["--field", "loss", "--fields", "loss"], "not both")])
+def test_flags_that_would_be_ignored_are_refused(tmp_path, argv, message):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(SystemExit, match=message):
+        plot_log.main([str(log), *argv, "--out", str(tmp_path / "p.png")])

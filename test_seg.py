@@ -106,6 +106,7 @@ GENERIC = ["--img_dir", "i", "--ann_dir", "a", "--val_img_dir", "vi", "--val_ann
     (["--poly_power", "-1"], "makes the lr grow"),
     (["--warmup_ratio", "3"], "--warmup_ratio in 0..1"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--demo_val_images", "0"], "--demo_val_images must be >= 1, got 0"),  # trained, then mIoU NaN and exit 0
     (["--channels", "0"], "--channels must be >= 1, got 0: leave it out for the demo's 64; a run started with "
                           "--channels 0 \\(which then meant the ViT's width\\) continues with --channels 192 "
                           "\\(vit_tiny\\)"),

@@ -143,3 +143,20 @@ def test_a_relative_out_folder_is_the_callers_not_the_repos(tmp_path, monkeypatc
     argv = calls[0]
     assert argv[argv.index("--output_dir") + 1] == str(tmp_path / "rel" / "teacher")
     assert argv[argv.index("--data_train") + 1] == str(tmp_path / "rel" / "data" / "train3000")
+
+
+def test_a_relaunch_with_other_epochs_is_refused(tmp_path, monkeypatch):
+    """Finished runs are skipped whatever their epochs: a relaunch in the same --out with other epoch counts would mix
+    old runs (or an older teacher's students) with new ones in one table."""
+    monkeypatch.setattr(study, "make_data", lambda out: os.path.join(out, "data"))
+    monkeypatch.setattr(study, "run", lambda script, argv, log: (_ for _ in ()).throw(SystemExit("stop")))
+    out = str(tmp_path / "s")
+    for epochs, message in (("3", "stop"), ("3", "stop"),  # the first run, then the same epochs: on to the runs
+                            ("2", "ran with other epochs \\(--finetune_epochs 3 -> 2\\)")):
+        monkeypatch.setattr("sys.argv", ["study.py", "--out", out, "--finetune_epochs", epochs])
+        with pytest.raises(SystemExit, match=message):
+            study.main()
+    monkeypatch.setattr("sys.argv", ["study.py", "--out", out, "--pretrain_epochs", "1"])  # its half arm: 1 epoch too
+    with pytest.raises(SystemExit) as exit_status:
+        study.main()
+    assert exit_status.value.code == 2

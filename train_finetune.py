@@ -353,6 +353,9 @@ def check_args(args, parser):
     elif args.mixup == 0 or args.cutmix == 0:
         engine.refuse_ignored(args, parser, ["mixup_switch_prob"], "with only one of --mixup and --cutmix on (it "
                               "chooses between the two)")
+    if args.mixup_prob == 0:
+        engine.refuse_ignored(args, parser, ["mixup", "cutmix", "mixup_switch_prob"], "with --mixup_prob 0 (no batch "
+                              "is mixed)")
     mixing = data.Mixup(args.mixup, args.cutmix, args.mixup_prob).mixes
     if mixing and args.batch_size % 2 and args.eval is None:
         raise ValueError(f"--batch_size {args.batch_size} is odd: Mixup/CutMix pair each image with the reversed "
@@ -490,7 +493,7 @@ def finetune(args, d, amp_dtype, scaler):
         model, fresh = build_model(args, len(classes), init, init_path)
         if init is not None:
             d.print(f"loaded {init_path}" + (f"; initialized afresh: {', '.join(fresh)}" if fresh else ""))
-        if init is not None and args.rel_pos_bias != "none" and dtm.stored_rel_pos_bias(model.state_dict()) == "none":
+        if init is not None and dtm.stored_rel_pos_bias(model.state_dict()) == "none":
             d.print(f"note: {init_path} has no relative position tables, so neither has this model (--rel_pos_bias "
                     f"{args.rel_pos_bias} applies to the tables a checkpoint has)"
                     + ("; nor an absolute position embedding: it has no position information" if model.pos_embed is None

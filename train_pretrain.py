@@ -83,8 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--max_merged", type=int, default=None, help="merged tokens n ~ U{0..max_merged}; default: all N patches")
     a("--max_iters", type=int, default=14, help="morphing iterations k ~ U{1..max_iters}")
     a("--schedule_rule", default="official", choices=["official", "spread"],
-      help="official: r = ceil(n/k) per iteration, floor(n/k) where ceil(n/k) x k > N (engines/engine_for_dtm.py:"
-           "111-114); spread: n split exactly over k")
+      help="official: r = ceil(n/k) per iteration, floor(n/k) where ceil(n/k) x k > --max_merged (default N) "
+           "(engines/engine_for_dtm.py:111-114); spread: n split exactly over k")
     a("--fixed_schedule", type=int, nargs=2, default=None, metavar=("N", "K"),
       help="instead of the dynamic scheduler: N tokens over K rounds at every step and level, by --schedule_rule "
            "(official: ceil(N/K) per round, so up to ceil(N/K) x K tokens merge, floor(N/K) where that exceeds the "
@@ -172,6 +172,9 @@ def check_args(args):
     if kind != "clip" and (args.no_clip_proj or args.teacher_norm != "imagenet"):
         raise ValueError(f"--no_clip_proj and --teacher_norm apply to a CLIP teacher (--teacher clip:PATH) only; "
                          f"with --teacher {args.teacher} they would do nothing: leave them out")
+    if args.teacher == "pixels" and args.teacher_amp != "auto":
+        raise ValueError(f"--teacher_amp {args.teacher_amp} would do nothing with --teacher pixels (its targets are "
+                         f"computed in float32 under any autocast): leave it out")
     engine.check_image_size("--img_size", args.img_size, 224)
     num_patches = (args.img_size // dtm.PATCH_SIZE) ** 2
     if not 0 <= args.num_masked <= num_patches:
@@ -315,7 +318,7 @@ def train(args, d: engine.Dist) -> dict:
     d.print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, teacher {args.teacher} "
             f"(dim {teacher.out_dim}), {len(dataset)} images, total batch {total_batch}, lr {lr:.3g}, "
             f"{steps_per_epoch} steps/epoch, amp {engine.amp_name(amp_dtype, scaler)} (teacher "
-            f"{engine.amp_name(teacher_dtype, None)})")
+            f"{'fp32' if args.teacher == 'pixels' else engine.amp_name(teacher_dtype, None)})")
     if finished:
         limit = "--max_steps" if last_step < total_steps else "--epochs"
         engine.say_finished(args, resume_path, step, last_step, limit, d)

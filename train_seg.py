@@ -522,7 +522,8 @@ def parse_args(argv=None):
         raise ValueError(f"--channels must be >= 1, got {args.channels}: leave it out for {default}; a run started "
                          f"with --channels 0 (which then meant the ViT's width) continues with --channels {width} "
                          f"({args.model})")
-    for name in ("iters", "batch_size", "accum_iter", "eval_every", "save_every", "log_every", "slide_batch"):
+    for name in ("iters", "batch_size", "accum_iter", "eval_every", "save_every", "log_every", "slide_batch",
+                 "demo_train_images", "demo_val_images"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.aux_weight < 0 or args.poly_power < 0 or args.warmup_iters < 0 or not 0 <= args.warmup_ratio <= 1:
