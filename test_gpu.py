@@ -592,6 +592,7 @@ def test_budget_counts_from_the_start_and_keeps_compile_s_reserve(tmp_path, monk
     monkeypatch.setattr(sys.modules[__name__], "STARTED", time.perf_counter() - 20)  # 20 s since the start
     out = tmp_path / "report.json"
     others = [name for name in CHECKS if name not in ("amp_choice", "compile")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device cpu on a GPU machine too
     with pytest.raises(SystemExit) as exit_status:  # 20 s spent: amp_choice may start, compile (150 s) may not
         main(["--device", "cpu", "--quick", "--out", str(out), "--budget_s", "160", "--skip", *others])
     assert exit_status.value.code == 0
@@ -638,6 +639,7 @@ def test_a_check_that_exits_or_a_failed_configuration_is_reported_and_the_run_go
     monkeypatch.setattr(sys.modules[__name__], "step_figures", figures)
     out = tmp_path / "report.json"
     others = [name for name in CHECKS if name not in ("amp_choice", "autocast_fp32", "throughput")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device cpu on a GPU machine too
     with pytest.raises(SystemExit) as exit_status:
         main(["--device", "cpu", "--quick", "--out", str(out), "--skip", *others])
     assert exit_status.value.code == 1

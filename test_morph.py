@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import morph
 from morph import (clamp_schedule, group_mean, group_sizes, make_schedule, morph_back, morph_matrix,
                    num_groups_after, parse_schedule, sample_schedule, token_morphing, token_morphing_levels)
 
@@ -413,6 +414,10 @@ def test_sample_schedule_rules_against_hand_computed_values():
     assert sample_schedule(196, 196, 14, FixedRng(23, 5), "official") == [5, 5, 5, 5, 5]  # ceil(23/5) = 5
     assert sample_schedule(196, 196, 14, FixedRng(196, 14), "official") == [14] * 13 + [7]  # 14 * 14 = 196; last round: 14 tokens left -> 7
     assert sample_schedule(196, 196, 14, FixedRng(196, 3), "official") == [65, 65, 33]  # 66*3 > 196 -> floor 65; clamped
+    # --max_merged below N: the floor fallback compares r * k with it, not with N (ceil 14 * 2 = 28 > 27 -> 13)
+    assert sample_schedule(196, 27, 14, FixedRng(27, 2), "official") == [13, 13]
+    assert make_schedule(196, 21, 5, "official") == [5] * 5  # ceil(4.2), not round: 25 merged
+    assert make_schedule(196, 1, 3, "official") == [1] * 3  # ceil(1/3) = 1 (round: no merge at all)
     assert sample_schedule(196, 196, 14, FixedRng(0, 3), "spread") == [0, 0, 0]
 
 
@@ -467,3 +472,44 @@ def test_the_docstrings_use_block_computes_dtm_loss():
     num_groups = [num_groups_after(N, s, "official") for s in schedules]
     expected, _ = dtm.dtm_loss(pred, target, groups, num_groups=num_groups)
     assert torch.allclose(scope["loss"], expected, rtol=1e-6, atol=0)
+
+
+# From a mutation review of morph.py: zero tokens, fp16 accumulation, the Gram-matrix contract
+
+@pytest.mark.parametrize("dim", [8, 64])  # feature sums / Gram matrix
+@pytest.mark.parametrize("split", ["random", "alternate"])
+def test_zero_tokens_have_cosine_zero(split, dim):
+    """Flat patches give all-zero targets (PixelTeacher's normalized pixels): cosine 0 with everything, as
+    F.cosine_similarity, not NaN."""
+    x = torch.randn(2, 24, dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x[0, [1, 4, 5]] = 0
+    x[1, [0, 2, 9, 10]] = 0
+    schedule = [5, 4, 3]
+    got = token_morphing(x, schedule, split, torch.Generator().manual_seed(1))
+    assert torch.equal(got, naive_algorithm1(x, schedule, split, seed=1))
+
+
+def test_group_mean_accumulates_low_precision_inputs_in_float32():
+    """fp16 tokens of 300 in one group of 256: their sum 76800 is past fp16's max (65504); accumulated in float32
+    the mean is 300, an fp16 sum gives inf. (On CUDA a bf16/fp16 index_add_ also rounds every partial sum.)"""
+    x = torch.full((2, 256, 3), 300.0, dtype=torch.float16)
+    means = group_mean(x, torch.zeros(2, 256, dtype=torch.long), 1)
+    assert means.dtype == torch.float16 and torch.equal(means, torch.full((2, 1, 3), 300.0, dtype=torch.float16))
+
+
+def test_gram_matrix_is_used_exactly_when_n_le_c(monkeypatch):
+    """The documented memory contract: the (B, N, N) Gram path when N <= C, feature sums when N > C."""
+    used = []
+    for cls in (morph._GramOfSums, morph._FeatureSums):
+        monkeypatch.setattr(cls, "best_match", (lambda f, name: lambda self, *a: used.append(name) or f(self, *a))(
+            cls.best_match, cls.__name__))
+    for C, expected in ((15, "_FeatureSums"), (16, "_GramOfSums"), (17, "_GramOfSums")):
+        used.clear()
+        token_morphing(torch.randn(2, 16, C), [3], "alternate")
+        assert used == [expected], C
+
+
+def test_official_schedule_rule_rounds_up_not_to_nearest():
+    """r = ceil(n / k): 21 over 5 rounds is 5 per round (25 merged), not round(4.2) = 4."""
+    assert morph.make_schedule(196, 21, 5, "official") == [5] * 5
+    assert morph.make_schedule(196, 1, 3, "official") == [1] * 3  # ceil(1/3) = 1, round -> 0: no merge at all

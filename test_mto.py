@@ -604,3 +604,43 @@ def test_hand_written_backwards_refuse_create_graph():
         torch.autograd.grad(loss, inputs, retain_graph=True)  # a plain backward works
         with pytest.raises(RuntimeError, match="cannot be differentiated again"):
             torch.autograd.grad(loss, inputs, create_graph=True)
+
+
+# From a mutation review of mto.py
+
+def test_block_counts_equal_to_the_depth_mean_all_blocks():
+    """layers = sing_layers = ent_layers = depth is the same as None (all blocks), not out of range."""
+    model, x, mask = tiny_vit(), images(), random_mask()
+    with torch.no_grad():
+        tokens, losses = mto.mto_forward(model, x, mask, mto.MTOConfig())
+        tokens_d, losses_d = mto.mto_forward(model, x, mask, mto.MTOConfig(layers=DEPTH, sing_layers=DEPTH,
+                                                                           ent_layers=DEPTH))
+    assert torch.equal(tokens, tokens_d)
+    assert all(torch.equal(losses[k], losses_d[k]) for k in ("loss_sing", "loss_ent"))
+
+
+def test_mto_hook_returns_detached_stats():
+    """The stats are for logging: they must not hold the graph (only the returned loss does)."""
+    model, x, mask = tiny_vit(), images(), random_mask()
+    tokens, loss, stats = mto.MTO(mto.MTOConfig(lambda_sing=0.3, lambda_ent=0.7))(model, x, mask)
+    assert loss.requires_grad and set(stats) == {"loss_sing", "loss_ent"}
+    assert not any(v.requires_grad for v in stats.values())
+    torch.testing.assert_close(loss, 0.3 * stats["loss_sing"] + 0.7 * stats["loss_ent"])
+
+
+def test_softmax_entropy_of_large_logits_is_accurate_without_padding():
+    """_SoftmaxEntropy shifts each row itself: with an unpadded mask (a fixed masked count, as BlockMaskGenerator
+    makes) _attention_entropy does no shift of its own, so logits far from 0 must still give the right entropy."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    for offset in (1e4, -1e4, 1e5):
+        logits = (z + offset).float()  # the float32 logits; the reference is their exact entropy
+        reference = -(logits.double().softmax(-1) * logits.double().log_softmax(-1)).sum(-1)
+        got = mto._SoftmaxEntropy.apply(logits)
+        torch.testing.assert_close(got.double(), reference, rtol=0, atol=1e-5)
+    mask = torch.rand(2, N, generator=g).argsort(dim=1) < 6  # 6 masked in each: no padding, no outer shift
+    assert not mto.patch_rows(mask).visible_padded
+    q, k = torch.randn(2, 2, 1 + N, 8, generator=g), torch.randn(2, 2, 1 + N, 8, generator=g)
+    plain = mto.attention_entropy(q, k, None, mask)
+    shifted = mto.attention_entropy(q, k, torch.full((2, 1 + N, 1 + N), 1e4), mask)  # a constant bias: same rows
+    torch.testing.assert_close(shifted, plain, rtol=0, atol=2e-3)
