@@ -175,6 +175,7 @@ def test_recipes_and_their_defaults():
     (["--num_masked", "60"], ValueError, "--num_masked"),
     (["--no_clip_proj"], ValueError, "apply to a CLIP teacher"),  # the demo's teacher is pixels
     (["--teacher_amp", "bf16"], ValueError, "--teacher_amp bf16 would do nothing with --teacher pixels"),
+    (["--layer_scale", "-1"], ValueError, "--layer_scale must be >= 0"),  # trained with the residuals' signs flipped
     (["--data", HERE, "--teacher", "pixels", "--teacher_norm", "clip"], ValueError, "apply to a CLIP teacher"),
     (["--fixed_schedule", "8", "2", "--max_iters", "1", "--schedules", "shared"], ValueError,
      "--max_iters, --schedules would do nothing with --fixed_schedule"),

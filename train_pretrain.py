@@ -190,8 +190,9 @@ def check_args(args):
     if args.min_block < 1 or not 0 < args.min_crop_scale <= 1:
         raise ValueError(f"--min_block must be >= 1 (patches) and --min_crop_scale in (0, 1] (of the image's area); "
                          f"got {args.min_block} and {args.min_crop_scale:g}")
-    if args.warmup_epochs < 0 or args.save_every < 0 or args.max_steps < 0 or args.beta < 0:
-        raise ValueError("--warmup_epochs, --save_every, --max_steps and --beta must be >= 0")
+    for flag in ("warmup_epochs", "save_every", "max_steps", "beta", "layer_scale"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag):g}")
     if args.loss_on == "masked" and args.num_masked == 0:
         raise ValueError("--loss_on masked with --num_masked 0 leaves no position in the loss; mask patches "
                          "(--num_masked 75) or use --loss_on all")
