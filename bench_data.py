@@ -54,7 +54,7 @@ def main():
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the first round is not timed)")
     if min(args.images, args.repeats, args.batch) < 1 or args.workers < 0:
-        parser.error("--images, --repeats and --batch must be at least 1, --workers at least 0")
+        parser.error("--images, --repeats and --batch must be >= 1, --workers >= 0")
     if args.data is not None and not os.path.isdir(args.data):
         parser.error(f"--data {args.data!r} is not a folder")
     torch.set_num_threads(1)

@@ -174,7 +174,7 @@ def main():
     parser.add_argument("--child_memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if min(args.iters, args.batch, args.tokens, args.dim, args.levels) < 1 or args.warmup < 0:
-        parser.error("--iters, --batch, --tokens, --dim and --levels must be at least 1, --warmup at least 0")
+        parser.error("--iters, --batch, --tokens, --dim and --levels must be >= 1, --warmup >= 0")
     if args.child:
         print(json.dumps(measure(args, *args.child)))
         return

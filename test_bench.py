@@ -23,8 +23,8 @@ def test_bench_mto_refuses(argv, message, capsys):
 
 
 @pytest.mark.parametrize("script, argv, message", [
-    ("bench_morph.py", ["--levels", "0"], "--levels must be at least 1"),  # a division by zero
-    ("bench_data.py", ["--images", "0"], "--images, --repeats and --batch must be at least 1"),
+    ("bench_morph.py", ["--levels", "0"], "--levels must be >= 1"),  # a division by zero
+    ("bench_data.py", ["--images", "0"], "--images, --repeats and --batch must be >= 1"),
 ])
 def test_bench_scripts_refuse(script, argv, message):
     result = subprocess.run([sys.executable, os.path.join(HERE, script), *argv], capture_output=True, text=True,

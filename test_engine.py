@@ -1097,8 +1097,7 @@ def test_each_trainers_help_lists_the_demo_defaults_it_runs_with():
     for trainer in (train_pretrain, train_finetune, train_seg):
         epilog = " ".join(trainer.get_args_parser().format_help().split())  # undo the help's line wrapping
         args = trainer.parse_args([])
-        if trainer is train_finetune:  # its epochs and warmup: a new run's (a continued run keeps its own)
-            trainer.set_schedule(args)
+        trainer.set_schedule(args)  # the run's length and warmup: a new run's (a continued run keeps its own)
         demo = vars(args)
         for key, value in trainer.DEMO_DEFAULTS.items():
             shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)

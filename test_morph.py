@@ -507,9 +507,3 @@ def test_gram_matrix_is_used_exactly_when_n_le_c(monkeypatch):
         used.clear()
         token_morphing(torch.randn(2, 16, C), [3], "alternate")
         assert used == [expected], C
-
-
-def test_official_schedule_rule_rounds_up_not_to_nearest():
-    """r = ceil(n / k): 21 over 5 rounds is 5 per round (25 merged), not round(4.2) = 4."""
-    assert morph.make_schedule(196, 21, 5, "official") == [5] * 5
-    assert morph.make_schedule(196, 1, 3, "official") == [1] * 3  # ceil(1/3) = 1, round -> 0: no merge at all

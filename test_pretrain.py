@@ -365,6 +365,30 @@ def test_finished_run_is_not_overwritten(image_folder, tmp_path, capsys):
         tp.main(tiny_argv(image_folder, out, "--resume", str(tmp_path / "run" / "checkpoint-0.pth")))
 
 
+def test_a_relaunch_without_epochs_continues_its_run_as_it_was(image_folder, tmp_path, capsys):
+    """--epochs / --warmup_epochs left out: a continued run's own (as fine-tuning's), not the paper's 300 / 10, which
+    turned a relaunch of a finished 1-epoch run into a 300-epoch one with another schedule."""
+    out = tmp_path / "run"
+    argv = tiny_argv(image_folder, out)
+    flags = [argv.index("--epochs"), argv.index("--warmup_epochs")]
+    schedule_free = [a for i, a in enumerate(argv) if not any(i in (f, f + 1) for f in flags)]
+    assert "--epochs" not in schedule_free and len(schedule_free) == len(argv) - 4
+    tp.main([*schedule_free, "--epochs", "1", "--warmup_epochs", "0.5"])
+    capsys.readouterr()
+    assert tp.main(schedule_free)["step"] == 3  # the 3 steps of its 1 epoch: finished, nothing to do
+    printed = capsys.readouterr().out
+    assert "holds a finished run (step 3 of 3)" in printed and "settings changed" not in printed
+    tp.main([*schedule_free, "--epochs", "2"])  # trains on, with its own warmup
+    assert "settings changed since: --epochs 1 -> 2" in capsys.readouterr().out
+    saved = torch.load(out / engine.LAST)
+    assert saved["step"] == 6 and (saved["args"]["epochs"], saved["args"]["warmup_epochs"]) == (2, 0.5)
+    for argv, expected in (([], (6, 1)), (["--data", image_folder, "--teacher", "pixels"], (300, 10))):  # new runs
+        args = tp.parse_args(argv)
+        assert (args.epochs, args.warmup_epochs) == (None, None)
+        tp.set_schedule(args)
+        assert (args.epochs, args.warmup_epochs) == expected
+
+
 # ---------------------------------------------------------------------------------------------------
 # non-finite values, unreadable images
 

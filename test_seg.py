@@ -495,6 +495,7 @@ def test_a_vit_l_run_on_the_vit_b_recipe_is_told(capsys):
 def test_ade20k_recipe_defaults():
     """BEiT's ADE20K UperNet recipe (README "Semantic segmentation"): the defaults a run on --data gets."""
     args = train_seg.parse_args(["--data", "/x", "--init", "none"])
+    train_seg.set_schedule(args)  # a new run: BEiT's schedule (a continued run keeps its own)
     assert (args.lr, args.layer_decay, args.aux_weight, args.warmup_iters, args.iters) == (7e-4, 0.65, 0.4, 1500, 160000)
     assert (args.crop_size, args.scale, args.stride, args.batch_size) == (512, [2048, 512], 341, 2)
 
@@ -573,6 +574,27 @@ def test_another_batch_size_keeps_the_step_count(tmp_path, monkeypatch, capsys):
     train_seg.main(TINY_RUN + ["--batch_size", "4", "--output_dir", full_dir])  # 1 step per epoch
     assert "holds a finished run (step 4 of 4)" in capsys.readouterr().out
     assert os.path.getmtime(last) == before and torch.load(last)["step"] == 4
+
+
+def test_a_relaunch_without_iters_continues_its_run_as_it_was(tmp_path, capsys):
+    """--iters / --warmup_iters left out: a continued run's own (as the other trainers' epochs), not the demo's 600 /
+    30 (or BEiT's 160k), which turned a relaunch of a finished 4-step run into a 600-step one."""
+    out = str(tmp_path / "run")
+    schedule_free = TINY_RUN[:TINY_RUN.index("--iters")] + TINY_RUN[TINY_RUN.index("--warmup_iters") + 2:]
+    assert len(schedule_free) == len(TINY_RUN) - 4 and "--iters" not in schedule_free
+    train_seg.main(TINY_RUN + ["--init", "none", "--output_dir", out])
+    capsys.readouterr()
+    train_seg.main(schedule_free + ["--output_dir", out])
+    printed = capsys.readouterr().out
+    assert "holds a finished run (step 4 of 4)" in printed and "settings changed" not in printed
+    train_seg.main(schedule_free + ["--iters", "5", "--output_dir", out])  # trains on, with its own warmup
+    assert "settings changed since: --iters 4 -> 5" in capsys.readouterr().out
+    saved = torch.load(os.path.join(out, "checkpoint-last.pth"))
+    assert saved["step"] == 5 and (saved["args"]["iters"], saved["args"]["warmup_iters"]) == (5, 2)
+    args = train_seg.parse_args(["--init", "none"])  # a new demo run: the demo's
+    assert (args.iters, args.warmup_iters) == (None, None)
+    train_seg.set_schedule(args)
+    assert (args.iters, args.warmup_iters) == (600, 30)
 
 
 def write_seg_folder(root, labels):

@@ -39,6 +39,8 @@ DEMO_DEFAULTS = dict(model="vit_tiny", teacher="pixels", img_size=112, batch_siz
 # silent; "official" computes what the official code computes where the two differ. README: Recipe provenance.
 RECIPES = {"paper": dict(split="random"),  # Algorithm 1: a random split of the tokens into A and B
            "official": dict(split="official")}  # engines/engine_for_dtm.py: ToMe's bipartite_soft_matching(..., True)
+PAPER_SCHEDULE = dict(epochs=300, warmup_epochs=10)  # the paper (README: Recipe provenance, schedule)
+SCHEDULE = tuple(PAPER_SCHEDULE)  # not given: a continued run's own (set_schedule)
 LAYER_SCALE = {"vit_l": 1e-5}  # 0.1 otherwise: run_pretrain_dtm.py --layer_scale_init_value "0.1 for base, 1e-5 for large"
 
 
@@ -104,8 +106,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     # optimization
     a("--batch_size", type=int, default=128, help="per process (GPU); 8 GPUs x 128 = 1024, the paper's batch")
     a("--accum_iter", type=int, default=1, help="gradient accumulation micro-batches per optimizer step")
-    a("--epochs", type=int, default=300, help="training epochs")
-    a("--warmup_epochs", type=float, default=10, help="linear lr warmup epochs (may be fractional)")
+    a("--epochs", type=int, default=None, help="training epochs; default: a continued run's own, else 300 (the "
+      "paper; the demo: 6)")
+    a("--warmup_epochs", type=float, default=None, help="linear lr warmup epochs (may be fractional); default: a "
+      "continued run's own, else 10 (the demo: 1)")
     a("--lr", type=float, default=1.5e-3,
       help="base lr; the lr used is lr * sqrt(total_batch / 2048), total_batch = batch_size * accum_iter * world "
            "size (run_pretrain_dtm.py)")
@@ -140,7 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     first = parser.parse_args(argv)
     defaults = dict(RECIPES[first.recipe])
     if first.data is None:  # the MTO demo gets its own folder, so the plain demo's run is never resumed with --mto
-        defaults.update(DEMO_DEFAULTS, output_dir="output/pretrain_demo_mto" if first.mto else "output/pretrain_demo")
+        defaults.update({k: v for k, v in DEMO_DEFAULTS.items() if k not in SCHEDULE},  # set_schedule's
+                        output_dir="output/pretrain_demo_mto" if first.mto else "output/pretrain_demo")
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     args.demo = args.data is None
@@ -185,13 +190,13 @@ def check_args(args):
     if args.fixed_schedule and not (0 <= args.fixed_schedule[0] <= num_patches and args.fixed_schedule[1] >= 1):
         raise ValueError(f"--fixed_schedule N K needs 0 <= N <= {num_patches} and K >= 1, got {args.fixed_schedule}")
     for flag in ("batch_size", "accum_iter", "epochs", "levels", "max_iters", "log_every", "keep_every"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:  # epochs None: set_schedule's
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.min_block < 1 or not 0 < args.min_crop_scale <= 1:
         raise ValueError(f"--min_block must be >= 1 (patches) and --min_crop_scale in (0, 1] (of the image's area); "
                          f"got {args.min_block} and {args.min_crop_scale:g}")
     for flag in ("warmup_epochs", "save_every", "max_steps", "beta", "layer_scale"):
-        if getattr(args, flag) < 0:
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag):g}")
     if args.loss_on == "masked" and args.num_masked == 0:
         raise ValueError("--loss_on masked with --num_masked 0 leaves no position in the loss; mask patches "
@@ -282,7 +287,24 @@ def main(argv=None) -> dict:
         engine.teardown()
 
 
+def set_schedule(args, saved_args: dict = None):
+    """--epochs / --warmup_epochs not given: a continued run's own (saved_args, its checkpoint's), else the paper's, or
+    the demo's (as fine-tuning's, so that a relaunch without them continues its run as it was)."""
+    for name in SCHEDULE:
+        if getattr(args, name) is None:
+            new_run = DEMO_DEFAULTS[name] if args.demo else PAPER_SCHEDULE[name]
+            setattr(args, name, (saved_args or {}).get(name, new_run))
+
+
 def train(args, d: engine.Dist) -> dict:
+    teacher_file = args.teacher[len("ckpt:"):] if args.teacher.startswith("ckpt:") else None
+    step, resume_path, own_run = 0, *engine.prepare_run(args, d, reads={"--teacher ckpt:": teacher_file})
+    checkpoint = {}
+    if resume_path is not None:
+        checkpoint = engine.load_checkpoint(resume_path, "dtm_pretrain", hint="; pre-training does not continue other "
+                                            "trainers' runs (to distil from a ViT checkpoint pass --teacher ckpt:PATH)",
+                                            auto=args.resume == "auto")
+    set_schedule(args, checkpoint.get("args"))
     if args.demo:
         targets = "per-patch normalized pixels" if args.teacher == "pixels" else f"the features of {args.teacher}"
         d.print(f"DEMO (no --data): {args.model} learns {targets} of built-in SyntheticShapes "
@@ -304,13 +326,7 @@ def train(args, d: engine.Dist) -> dict:
     if args.fixed_schedule:
         warn_fixed_schedule(args, d)
 
-    teacher_file = args.teacher[len("ckpt:"):] if args.teacher.startswith("ckpt:") else None
-    step, resume_path, own_run = 0, *engine.prepare_run(args, d, reads={"--teacher ckpt:": teacher_file})
-    checkpoint = {}
     if resume_path is not None:
-        checkpoint = engine.load_checkpoint(resume_path, "dtm_pretrain", hint="; pre-training does not continue other "
-                                            "trainers' runs (to distil from a ViT checkpoint pass --teacher ckpt:PATH)",
-                                            auto=args.resume == "auto")
         step = engine.resume(checkpoint, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
                              train_images=len(dataset))
     finished = step >= last_step

@@ -389,6 +389,7 @@ DEMO_DEFAULTS = dict(model="vit_tiny", crop_size=64, scale=[384, 96], stride=43,
                      batch_size=8, lr=3e-4, layer_decay=1.0,  # random init: no layer decay
                      warmup_iters=30, iters=600, eval_every=600, save_every=600, log_every=50, num_workers=0,
                      output_dir="output/seg_demo", drop_path=0.0)
+PAPER_SCHEDULE = dict(iters=160_000, warmup_iters=1500)  # BEiT's ADE20K config; not given: a continued run's own
 
 
 def get_args_parser():
@@ -447,8 +448,10 @@ def get_args_parser():
     g.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay of the ViT")
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
     g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
-    g.add_argument("--iters", type=int, default=160_000, help="optimizer steps")
-    g.add_argument("--warmup_iters", type=int, default=1500, help="linear lr warmup steps")
+    g.add_argument("--iters", type=int, default=None, help="optimizer steps; default: a continued run's own, else "
+                   f"{PAPER_SCHEDULE['iters']} (the demo: {DEMO_DEFAULTS['iters']})")
+    g.add_argument("--warmup_iters", type=int, default=None, help="linear lr warmup steps; default: a continued "
+                   f"run's own, else {PAPER_SCHEDULE['warmup_iters']} (the demo: {DEMO_DEFAULTS['warmup_iters']})")
     g.add_argument("--warmup_ratio", type=float, default=1e-6, help="warmup starts at this fraction of the lr")
     g.add_argument("--poly_power", type=float, default=1.0, help="power of the poly lr decay")
     g.add_argument("--min_lr", type=float, default=0.0,
@@ -487,7 +490,8 @@ def parse_args(argv=None):
     generic = any((args.img_dir, args.ann_dir, args.val_img_dir, args.val_ann_dir))  # an image/mask folder pair
     args.demo = not (args.data or generic)
     if args.demo:  # --eval takes the image scale and the stride from its checkpoint, not from the demo's defaults
-        parser.set_defaults(**{k: v for k, v in DEMO_DEFAULTS.items() if not (args.eval and k in ("scale", "stride"))})
+        parser.set_defaults(**{k: v for k, v in DEMO_DEFAULTS.items()
+                               if not (args.eval and k in ("scale", "stride")) and k not in PAPER_SCHEDULE})
         args = parser.parse_args(argv)
         args.demo = True
     if args.data and generic:
@@ -524,9 +528,9 @@ def parse_args(argv=None):
                          f"({args.model})")
     for name in ("iters", "batch_size", "accum_iter", "eval_every", "save_every", "log_every", "slide_batch",
                  "demo_train_images", "demo_val_images"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # iters None: set_schedule's
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.aux_weight < 0 or args.poly_power < 0 or args.warmup_iters < 0 or not 0 <= args.warmup_ratio <= 1:
+    if args.aux_weight < 0 or args.poly_power < 0 or (args.warmup_iters or 0) < 0 or not 0 <= args.warmup_ratio <= 1:
         raise ValueError("--aux_weight, --poly_power and --warmup_iters must be >= 0 (a negative --poly_power makes "
                          "the lr grow), --warmup_ratio in 0..1")
     engine.check_shared_args(args)
@@ -681,12 +685,26 @@ def set_poly_lr(optimizer, step: int, args) -> float:
     return poly(args.lr)
 
 
+def set_schedule(args, saved_args: dict = None):
+    """--iters / --warmup_iters not given: a continued run's own (saved_args, its checkpoint's), else BEiT's, or the
+    demo's (as the other trainers' epochs, so that a relaunch without them continues its run as it was)."""
+    for name in PAPER_SCHEDULE:
+        if getattr(args, name) is None:
+            new_run = DEMO_DEFAULTS[name] if args.demo else PAPER_SCHEDULE[name]
+            setattr(args, name, (saved_args or {}).get(name, new_run))
+
+
 def train(args, d):
     amp_dtype, scaler = engine.resolve_amp(args.amp, d.device)
     sync_bn = d.world_size > 1 and d.device.type == "cuda"
     if args.batch_size * (d.world_size if sync_bn else 1) < 2:
         raise ValueError("--batch_size 1 cannot train UperNet's BatchNorm (its pyramid pooling leaves one value per "
                          "channel); use --batch_size 2 or more, or several GPUs (SyncBatchNorm pools the batch)")
+    resume_path, own_run = engine.prepare_run(args, d, new_run_reads={"--init": args.init})
+    if resume_path is not None:
+        resume = engine.load_checkpoint(resume_path, "dtm_seg", hint="; to start from other weights use --init PATH",
+                                        auto=args.resume == "auto")
+    set_schedule(args, resume["args"] if resume_path is not None else None)
     engine.seed_all(args.seed)  # the same initial weights on every rank
     train_set, val_set, class_names = build_datasets(args)
     num_classes = len(class_names)
@@ -698,10 +716,7 @@ def train(args, d):
         pixels = engine.check_dataset(val_set, "validation", d, args.num_workers, label_pixels)
         warn_about_labels(pixels, num_classes, reads_zero_as_ignore(vars(args)), d)
     loader, sampler, steps_per_epoch = engine.train_loader(train_set, args, d)
-    resume_path, own_run = engine.prepare_run(args, d, new_run_reads={"--init": args.init})
     if resume_path is not None:
-        resume = engine.load_checkpoint(resume_path, "dtm_seg", hint="; to start from other weights use --init PATH",
-                                        auto=args.resume == "auto")
         trained_reduced = reads_zero_as_ignore(resume["args"])
         if not args.data and trained_reduced != reads_zero_as_ignore(vars(args)):
             how = "with" if trained_reduced else "without"
