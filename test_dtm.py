@@ -845,3 +845,47 @@ def test_the_shared_relative_position_table_is_on_top_for_layer_decay():
     vit = dtm.build_vit("vit_tiny", img_size=32, num_classes=3, rel_pos_bias="both")
     ids = {n: dtm.layer_id_for_param(n, vit.depth) for n, _ in vit.named_parameters()}
     assert ids["rel_pos_bias.table"] == ids["head.weight"] == vit.depth + 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mutation review: checkpoint reading
+
+
+def test_a_checkpoint_loads_with_the_drop_path_rate_asked_for():
+    """--drop_path reaches a ViT read from a checkpoint (fine-tuning and segmentation with --init): stochastic depth
+    linear in depth up to the rate, as in a ViT built afresh (not silently 0)."""
+    checkpoint = {"model": tiny_vit().state_dict(), "args": {"model": "vit_tiny"}}
+    for num_classes in (0, 5):
+        vit, _ = dtm.vit_from_checkpoint(checkpoint, IMG, num_classes, drop_path_rate=0.3)
+        assert [b.drop_path.p for b in vit.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+def test_a_state_dict_saved_with_ddps_module_prefix_is_read(tmp_path):
+    """vit_state_dict drops DDP's "module." (weights saved from the wrapped model) before the "student." of a
+    pre-training model: the student's weights, exactly."""
+    vit = tiny_vit().eval()
+    pretrain = dtm.DTMPretrainModel(vit, target_dim=8)
+    torch.save({"model": {"module." + k: v for k, v in pretrain.state_dict().items()}, "args": {"model": "vit_tiny"}},
+               tmp_path / "ddp.pth")
+    loaded, fresh = dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / "ddp.pth")), IMG)
+    x = images()
+    assert fresh == [] and torch.equal(loaded.eval().forward_features(x).tokens, vit.forward_features(x).tokens)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated, the released CLIP file is TorchScript
+def test_a_torchscript_file_given_as_a_checkpoint_says_it_is_a_clip_teacher(tmp_path):
+    torch.jit.trace(nn.Linear(2, 2), torch.ones(1, 2)).save(str(tmp_path / "ViT-B-16.pt"))
+    with pytest.raises(ValueError, match=r"--init '.*ViT-B-16.pt' is a TorchScript archive .*--teacher clip:"):
+        dtm.read_checkpoint(str(tmp_path / "ViT-B-16.pt"), "--init")
+
+
+def test_the_number_of_heads_in_args_wins_over_the_size_name():
+    """args num_heads (what the heads error tells a user to save) is used even where the width and depth are a named
+    size's: vit_tiny's 192 x 4 with 6 heads is not read with vit_tiny's 3 (without position tables no shape tells)."""
+    torch.manual_seed(0)
+    vit = dtm.VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=192, depth=4, num_heads=6,
+                                rel_pos_bias="none").eval()
+    loaded, _ = dtm.vit_from_checkpoint({"model": vit.state_dict(), "args": {"model": "vit_tiny", "num_heads": 6}}, IMG)
+    assert loaded.blocks[0].attn.num_heads == 6
+    x = images()
+    torch.testing.assert_close(loaded.eval().forward_features(x).tokens, vit.forward_features(x).tokens)

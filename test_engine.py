@@ -1347,3 +1347,16 @@ def test_an_unreadable_checkpoint_picked_by_resume_auto_says_what_to_do(tmp_path
                                          r"one away and pass --resume with one of .*checkpoint-19.pth, "
                                          r".*checkpoint-best.pth$"):
         engine.load_checkpoint(str(tmp_path / engine.LAST), "dtm_pretrain", auto=True)
+
+
+def test_an_absolute_position_embedding_is_layer_0_for_layer_decay():
+    """BEiT's get_num_layer_for_vit (beit/optim_factory.py, and the segmentation constructor's): pos_embed is layer 0
+    with cls_token, mask_token and patch_embed. A ViT has one when its checkpoint does (dtm.vit_from_checkpoint:
+    abs_pos_emb="pos_embed" in sd); as a top-layer parameter it would train at lr x1 instead of x decay^(depth + 1)."""
+    vit = dtm.build_vit("vit_tiny", img_size=32, abs_pos_emb=True)
+    ids = {n: dtm.layer_id_for_param(n, vit.depth) for n, _ in vit.named_parameters()}
+    assert {n for n, i in ids.items() if i == 0} == {"cls_token", "mask_token", "pos_embed", "patch_embed.weight",
+                                                      "patch_embed.bias"}
+    for prefix in ("", "backbone."):
+        scale = engine.layer_decay_fn(vit.depth, 0.5, prefix)
+        assert scale(prefix + "pos_embed") == scale(prefix + "cls_token") == 0.5 ** (vit.depth + 1)
