@@ -1360,3 +1360,174 @@ def test_an_absolute_position_embedding_is_layer_0_for_layer_decay():
     for prefix in ("", "backbone."):
         scale = engine.layer_decay_fn(vit.depth, 0.5, prefix)
         assert scale(prefix + "pos_embed") == scale(prefix + "cls_token") == 0.5 ** (vit.depth + 1)
+
+
+# From a second mutation review of engine.py (19 changes that passed test_engine.py; 12 of them every test)
+
+def test_poly_warmup_starts_at_warmup_ratio_and_rises_linearly():
+    """train_seg's --warmup_ratio (any value in 0..1): the warmup factor is warmup_ratio at step 0 and rises linearly
+    to 1 at warmup_steps (mmcv: 1 - (1 - step / warmup) * (1 - ratio)); the default 1e-6 cannot tell this apart."""
+    lr = lambda s: engine.poly_schedule(s, 100, 10, 1.0, power=1.0, warmup_ratio=0.5)  # noqa: E731
+    assert lr(0) == pytest.approx(0.5)
+    assert lr(5) == pytest.approx(0.95 * 0.75)  # half way: (1 + 0.5) / 2
+    assert lr(10) == pytest.approx(0.9)
+    assert engine.poly_schedule(0, 100, 10, 1.0, warmup_ratio=1.0) == pytest.approx(1.0)  # ratio 1: no warmup
+
+
+def test_optimizer_step_with_overflowing_fp16_gradients_skips_the_step_and_lowers_the_loss_scale():
+    """A step whose unscaled gradients are not finite is skipped and GradScaler's scale halves (scaler.update()):
+    without the update every later step would overflow at the same scale and be skipped too."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    p = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([p], lr=1.0)
+    (scaler.scale((p * torch.tensor([float("inf"), 1.0, 1.0])).sum())).backward()
+    norm = engine.optimizer_step(optimizer, scaler, [p], 1.0)
+    assert not torch.isfinite(norm) and torch.equal(p.detach(), torch.ones(3))  # skipped
+    assert scaler.get_scale() == 512.0 and engine.loss_scale_field(scaler) == {"loss_scale": 512.0}
+
+
+def test_check_finite_stops_on_infinities_as_well_as_nan(tmp_path):
+    """An fp16 loss that overflowed is inf, not NaN: it stops the run too, naming every non-finite value."""
+    engine.check_finite(torch.tensor([1.0, 0.0, -2.5]), ["loss", "a", "b"], 3, str(tmp_path))  # finite: nothing
+    with pytest.raises(FloatingPointError, match=r"^loss, b not finite at step 4; .*no checkpoint was written"):
+        engine.check_finite(torch.tensor([float("inf"), 1.0, float("-inf")]), ["loss", "a", "b"], 4, str(tmp_path))
+    with pytest.raises(FloatingPointError, match=r"^a not finite at step 5"):
+        engine.check_finite(torch.tensor([1.0, float("nan")]), ["loss", "a"], 5, str(tmp_path))
+
+
+def test_a_checkpoint_at_an_epoch_boundary_records_the_epoch_just_done():
+    """"epoch" is the epoch of the last step done: step 4 of 2 per epoch ends epoch 1 (not 2); step 0: epoch 0."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    args = argparse.Namespace(lr=0.1, output_dir="x")
+    epoch = lambda step: engine.checkpoint_state("dtm_pretrain", model, optimizer, None, args, step, 2)["epoch"]  # noqa: E731
+    assert [epoch(s) for s in (0, 1, 2, 3, 4, 5)] == [0, 0, 0, 1, 1, 2]
+
+
+def test_all_mean_is_the_mean_over_ranks_and_leaves_its_input_alone(monkeypatch):
+    """Two ranks (all_reduce faked: rank 1 holds (3, 5)): the logged loss is the mean, not the sum, of the ranks'."""
+    def all_reduce(tensor):  # dist.all_reduce's default op: the sum over ranks, in place
+        tensor += torch.tensor([3.0, 5.0])
+    monkeypatch.setattr(engine.dist, "all_reduce", all_reduce)
+    values = torch.tensor([1.0, 1.0])
+    assert engine.all_mean(values, engine.Dist(rank=0, world_size=2)).tolist() == [2.0, 3.0]
+    assert values.tolist() == [1.0, 1.0]
+    assert engine.all_mean(values, engine.Dist()).tolist() == [1.0, 1.0]  # one process: itself
+
+
+def test_shared_flag_bounds_are_inclusive_where_documented():
+    """--max_unreadable 0 and 1 (never stop) are valid, --layer_decay 1 (no decay) is valid, a negative --min_lr is
+    refused like a negative --lr."""
+    import train_pretrain
+    import train_seg
+    for value in ("0", "1"):
+        assert train_pretrain.parse_args(["--max_unreadable", value]).max_unreadable == float(value)
+    assert train_seg.parse_args(["--init", "none", "--layer_decay", "1"]).layer_decay == 1.0
+    with pytest.raises(ValueError, match="--min_lr must be >= 0"):
+        train_pretrain.parse_args(["--min_lr", "-0.5"])
+
+
+def test_min_lr_equal_to_the_peak_is_no_warning(capsys):
+    engine.warn_min_lr(0.1, 0.1, " (--lr)", engine.Dist())  # a constant lr: nothing is raised
+    assert capsys.readouterr().out == ""
+    engine.warn_min_lr(0.2, 0.1, " (--lr)", engine.Dist())
+    assert "warning: --min_lr 0.2 is above the peak lr 0.1 (--lr)" in capsys.readouterr().out
+
+
+def test_resume_drops_a_half_written_last_line_and_counts_only_complete_ones(tmp_path, capsys):
+    """A run killed while writing a line leaves half of it; the resumed log must not keep it (the next line would be
+    appended to it, making both unreadable), neither by the step rule of checkpoints without log_lines nor by
+    counting it as one of the checkpoint's log_lines."""
+    for resumed in ({"step": 5}, {"step": 5, "log_lines": 4}):
+        log_file = tmp_path / engine.LOG
+        log_file.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+        log = engine.open_log(str(tmp_path), resumed, True)
+        assert "dropped 1 line(s) that are not complete JSON" in capsys.readouterr().out
+        assert log.lines == 3 and [r["step"] for r in log.kept] == [1, 2, 3]
+        log(step=5)
+        assert [json.loads(line)["step"] for line in open(log_file)] == [1, 2, 3, 5]
+
+
+def test_optimizer_state_for_more_parameters_than_this_run_trains_is_refused():
+    """A checkpoint whose optimizer trained parameters this run does not (frozen since, another model part): the
+    names differ in the other direction than a parameter new in this run, and are refused all the same (their
+    moments would be dropped without a word)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    saved = torch.optim.AdamW(engine.param_groups(model, 0.05))
+    model(torch.randn(2, 3)).sum().backward()
+    saved.step()
+    model[1].requires_grad_(False)  # fewer trained parameters now
+    fewer = torch.optim.AdamW(engine.param_groups(model, 0.05))
+    with pytest.raises(ValueError, match=r"for other parameters than this run trains \(2 differ, e\.g\. \['1.bias', "
+                                         r"'1.weight'\]\)"):
+        engine.regrouped_optimizer_state(fewer, saved.state_dict(), "ck.pth")
+
+
+def test_each_new_run_keeps_every_older_log(tmp_path):
+    """Three runs started afresh in one folder: log.1.jsonl and log.2.jsonl hold the first two runs' lines."""
+    for run in (1, 2, 3):
+        engine.open_log(str(tmp_path), None, True)(run=run)
+    assert [json.loads(line)["run"] for name in ("log.1.jsonl", "log.2.jsonl", engine.LOG)
+            for line in open(tmp_path / name)] == [1, 2, 3]
+
+
+def test_log_lines_are_strict_json_with_tensors_as_numbers(tmp_path):
+    log = engine.open_log(str(tmp_path), None, True)
+    log(step=1, loss=torch.tensor(float("nan")), grad_norm=float("inf"), lr=torch.tensor(0.5))
+    line = (tmp_path / engine.LOG).read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {
+        "step": 1, "loss": None, "grad_norm": None, "lr": 0.5}
+
+
+def test_step_timer_adds_up_the_laps_of_each_part_over_the_micro_batches(monkeypatch):
+    """With --accum_iter > 1 a part (data_s, step_s) is lapped once per micro-batch: the logged time is their sum."""
+    clock = [0.0]
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock[0])
+    timer = engine.StepTimer(torch.device("cpu"))
+    timer.start(exact=True)
+    for data_s, step_s in ((1.0, 2.0), (1.0, 3.0)):  # two micro-batches
+        clock[0] += data_s
+        timer.lap("data_s")
+        clock[0] += step_s
+        timer.lap("step_s")
+    assert timer.parts == {"data_s": 2.0, "step_s": 5.0}
+    timer.start(exact=False)  # a step that is not logged: not timed
+    clock[0] += 1.0
+    timer.lap("data_s")
+    assert timer.parts == {}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # imported by torch.compile
+def test_unwrap_removes_a_torch_compile_wrapper():
+    model = torch.nn.Linear(3, 2)
+    assert engine.unwrap(torch.compile(model)) is model  # compiles nothing until called
+
+
+def test_resume_with_the_init_the_run_started_from_none_or_a_path_not_there_any_more(tmp_path, monkeypatch):
+    """--init none given again on resume is the same --init (no file to compare); so is a relative path spelled
+    otherwise, also when the file is gone."""
+    monkeypatch.chdir(tmp_path)
+    assert engine.same_path("none", "none") and engine.same_path("sub/../gone.pth", "gone.pth")
+    assert not engine.same_path("none", "gone.pth")
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    args = argparse.Namespace(lr=0.1, output_dir="x", init="none", resume="auto", fresh=False)
+    state = engine.checkpoint_state("dtm_finetune", model, optimizer, None, args, 2, 2)
+    assert engine.resume(state, "ck.pth", model, optimizer, None, args, 2, engine.Dist()) == 2
+    assert args.init == "none"
+
+
+def test_a_checkpoint_of_2_processes_resumes_mid_epoch_on_2_or_on_1_with_the_same_samples_per_step(monkeypatch):
+    """The checkpoint records the number of processes (faked: 2), which the samples per step of a mid-epoch restart
+    count: the same run on 2 processes continues, as does 1 process with twice the batch."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    args = argparse.Namespace(lr=0.1, output_dir="x", batch_size=4, accum_iter=1)
+    with monkeypatch.context() as m:
+        m.setattr(engine.dist, "is_initialized", lambda: True)
+        m.setattr(engine.dist, "get_world_size", lambda group=None: 2)
+        state = engine.checkpoint_state("dtm_finetune", model, optimizer, None, args, 5, steps_per_epoch=4)
+    assert state["world_size"] == 2
+    assert engine.resume(state, "ck.pth", model, optimizer, None, args, 4, engine.Dist(world_size=2)) == 5
+    one = argparse.Namespace(**{**vars(args), "batch_size": 8})
+    assert engine.resume(state, "ck.pth", model, optimizer, None, one, 4, engine.Dist()) == 5
