@@ -708,6 +708,15 @@ def take_from_checkpoint(args, saved: dict, names, path: str, must_agree: bool =
                              f"--eval uses: leave --{name} out")
 
 
+def set_run_length(args, new_run: dict, saved_args: dict = None):
+    """The run-length flags of new_run ({flag: a new run's value}, e.g. epochs and warmup) left out (None): a continued
+    run's own (saved_args, its checkpoint's), else new_run's, so that a relaunch without them continues its run as
+    it was. Every trainer's set_schedule."""
+    for name, value in new_run.items():
+        if getattr(args, name) is None:
+            setattr(args, name, (saved_args or {}).get(name, value))
+
+
 def refuse_ignored(args, parser, names, why: str):
     """Flags set away from their defaults where they would do nothing (`why`) are an error, not silently ignored."""
     given = [f"--{'no-' if getattr(args, name) is False and parser.get_default(name) is None else ''}{name}"

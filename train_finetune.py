@@ -436,13 +436,11 @@ def init_checkpoint(args):
 
 
 def set_schedule(args, saved_args: dict = None):
-    """--epochs / --warmup_epochs not given: a continued run's own (saved_args, its checkpoint's), else the paper's
-    for --model (PAPER_EPOCHS), or the demo's."""
+    """--epochs / --warmup_epochs not given: a continued run's own (saved_args), else the paper's for --model
+    (PAPER_EPOCHS), or the demo's."""
     default = (DEMO_DEFAULTS["epochs"], DEMO_DEFAULTS["warmup_epochs"]) if args.demo else \
         PAPER_EPOCHS.get(args.model, (100, 10))
-    for name, new_run in zip(("epochs", "warmup_epochs"), default):
-        if getattr(args, name) is None:
-            setattr(args, name, (saved_args or {}).get(name, new_run))
+    engine.set_run_length(args, dict(zip(("epochs", "warmup_epochs"), default)), saved_args)
 
 
 def finetune(args, d, amp_dtype, scaler):

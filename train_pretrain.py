@@ -288,12 +288,8 @@ def main(argv=None) -> dict:
 
 
 def set_schedule(args, saved_args: dict = None):
-    """--epochs / --warmup_epochs not given: a continued run's own (saved_args, its checkpoint's), else the paper's, or
-    the demo's (as fine-tuning's, so that a relaunch without them continues its run as it was)."""
-    for name in SCHEDULE:
-        if getattr(args, name) is None:
-            new_run = DEMO_DEFAULTS[name] if args.demo else PAPER_SCHEDULE[name]
-            setattr(args, name, (saved_args or {}).get(name, new_run))
+    """--epochs / --warmup_epochs not given: a continued run's own (saved_args), else the paper's, or the demo's."""
+    engine.set_run_length(args, {k: DEMO_DEFAULTS[k] for k in SCHEDULE} if args.demo else PAPER_SCHEDULE, saved_args)
 
 
 def train(args, d: engine.Dist) -> dict:

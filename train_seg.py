@@ -686,12 +686,9 @@ def set_poly_lr(optimizer, step: int, args) -> float:
 
 
 def set_schedule(args, saved_args: dict = None):
-    """--iters / --warmup_iters not given: a continued run's own (saved_args, its checkpoint's), else BEiT's, or the
-    demo's (as the other trainers' epochs, so that a relaunch without them continues its run as it was)."""
-    for name in PAPER_SCHEDULE:
-        if getattr(args, name) is None:
-            new_run = DEMO_DEFAULTS[name] if args.demo else PAPER_SCHEDULE[name]
-            setattr(args, name, (saved_args or {}).get(name, new_run))
+    """--iters / --warmup_iters not given: a continued run's own (saved_args), else BEiT's, or the demo's."""
+    engine.set_run_length(args, {k: DEMO_DEFAULTS[k] for k in PAPER_SCHEDULE} if args.demo else PAPER_SCHEDULE,
+                          saved_args)
 
 
 def train(args, d):
