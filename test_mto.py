@@ -137,6 +137,10 @@ def test_mto_off_is_bit_identical_to_plain_forward():
         with pytest.raises(ValueError, match=f"{flag} 5 is out of range: use 0..4 "):
             mto.mto_config_from_args(parser.parse_args(["--mto", flag, "5"]), depth=4)
         assert mto.mto_config_from_args(parser.parse_args(["--mto", flag, "4"]), depth=4)
+    assert mto.mto_config_from_args(parser.parse_args(["--mto", "--mto_layers", "0", "--mto_lambda_sing", "0"]))
+    with pytest.raises(ValueError, match="switches every part of MTO off.*leave --mto out"):  # a costly no-op
+        mto.mto_config_from_args(parser.parse_args(["--mto", "--mto_layers", "0", "--mto_sing_layers", "0",
+                                                    "--mto_lambda_ent", "0"]))
     for loss in ("sing", "ent"):  # a block count for a loss that is off
         with pytest.raises(ValueError, match=f"--mto_{loss}_layers would do nothing with --mto_lambda_{loss} 0"):
             mto.mto_config_from_args(parser.parse_args(["--mto", f"--mto_lambda_{loss}", "0", f"--mto_{loss}_layers",

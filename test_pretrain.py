@@ -179,12 +179,18 @@ def test_recipes_and_their_defaults():
     (["--data", HERE, "--teacher", "pixels", "--teacher_norm", "clip"], ValueError, "apply to a CLIP teacher"),
     (["--fixed_schedule", "8", "2", "--max_iters", "1", "--schedules", "shared"], ValueError,
      "--max_iters, --schedules would do nothing with --fixed_schedule"),
+    (["--max_merged", "0", "--levels", "3", "--schedule_rule", "spread"], ValueError,
+     "--schedule_rule, --levels would do nothing when no token is merged"),
+    (["--fixed_schedule", "0", "1", "--split", "alternate"], ValueError, "--split would do nothing when no token is "
+                                                                         "merged"),
     (["--loss", "l2", "--beta", "100"], ValueError, "--beta would do nothing with --loss l2"),
     (["--beta", "-1"], ValueError, "--beta must be >= 0"),
     (["--mto_layers", "3", "--mto_lambda_ent", "0"], ValueError, "--mto_layers, --mto_lambda_ent would do nothing "
                                                                  "without --mto"),
     # checked against the model's depth before anything is built (a --fresh run once removed the old run first)
     (["--mto", "--mto_layers", "10"], ValueError, "--mto_layers 10 is out of range: use 0..4 "),
+    (["--mto", "--mto_layers", "0", "--mto_lambda_sing", "0", "--mto_ent_layers", "0"], ValueError,
+     "--mto with --mto_layers 0, --mto_lambda_sing 0, --mto_ent_layers 0 switches every part of MTO off"),
     (["--mto", "--mto_ent_layers", "13", "--model", "vit_b"], ValueError, "--mto_ent_layers 13 is out of range: use 0..12 "),
 ])
 def test_bad_arguments(argv, error, match):

@@ -155,6 +155,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.fixed_schedule:
         engine.refuse_ignored(args, parser, ["max_merged", "max_iters", "schedules"],
                               "with --fixed_schedule (every step merges by the same schedule, drawn from nothing)")
+    if args.max_merged == 0 or (args.fixed_schedule and args.fixed_schedule[0] == 0):
+        engine.refuse_ignored(args, parser, ["max_iters", "schedule_rule", "schedules", "split", "levels"],
+                              "when no token is merged (--max_merged 0 or --fixed_schedule 0 K: token-wise "
+                              "distillation, every level the same)")
     if args.loss != "smooth_l1":
         engine.refuse_ignored(args, parser, ["beta"], f"with --loss {args.loss} (it is smooth-L1's beta)")
     if not args.mto:
