@@ -1,5 +1,9 @@
 """Tests for morph.py (Algorithm 1 of DTM) against references written here, independent of morph.py."""
+import os
 import random
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -507,3 +511,17 @@ def test_gram_matrix_is_used_exactly_when_n_le_c(monkeypatch):
         used.clear()
         token_morphing(torch.randn(2, 16, C), [3], "alternate")
         assert used == [expected], C
+
+
+def test_morph_py_copied_alone_imports_nothing_of_this_repo_and_computes_the_same(tmp_path):
+    """Users copy morph.py into their own code: alone in a folder, it runs and gives this repo's groups."""
+    shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "morph.py"), tmp_path)
+    code = ("import sys, torch, morph; torch.manual_seed(0); x = torch.randn(2, 16, 8)\n"
+            "print(morph.token_morphing(x, [4, 2], 'random', torch.Generator().manual_seed(1)).tolist())\n"
+            "print(sorted(m for m in sys.modules if m in ('dtm', 'data', 'engine', 'mto')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0, out.stderr
+    torch.manual_seed(0)
+    groups = token_morphing(torch.randn(2, 16, 8), [4, 2], "random", torch.Generator().manual_seed(1))
+    assert out.stdout.splitlines() == [str(groups.tolist()), "[]"]

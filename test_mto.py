@@ -2,6 +2,10 @@
 per-sample loops, the depth schedule, gradients, autocast, batch-split invariance and the off switch."""
 import argparse
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -648,3 +652,25 @@ def test_softmax_entropy_of_large_logits_is_accurate_without_padding():
     plain = mto.attention_entropy(q, k, None, mask)
     shifted = mto.attention_entropy(q, k, torch.full((2, 1 + N, 1 + N), 1e4), mask)  # a constant bias: same rows
     torch.testing.assert_close(shifted, plain, rtol=0, atol=2e-3)
+
+
+def test_mto_py_copied_alone_imports_nothing_of_this_repo_and_computes_the_same(tmp_path):
+    """Users copy mto.py into their own code: alone in a folder, it runs and gives this repo's losses and gradients."""
+    shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mto.py"), tmp_path)
+    compute = ("import sys, torch, mto\n"
+               "torch.manual_seed(0); mask = torch.rand(2, 16) < 0.5\n"
+               "hidden, q, k = (torch.randn(2, 17, 8, requires_grad=True), torch.randn(2, 3, 17, 4, requires_grad=True),\n"
+               "                torch.randn(2, 3, 17, 4, requires_grad=True))\n"
+               "sing, ent = mto.singularity_loss(hidden, mask), mto.attention_entropy(q, k, None, mask)\n"
+               "(sing.sum() + ent.sum()).backward()\n"
+               "values = [mto.recalibration_mask(mask), sing, ent, hidden.grad, q.grad, k.grad]\n")
+    code = compute + ("torch.save(values, 'values.pt')\n"
+                      "print(sorted(m for m in sys.modules if m in ('dtm', 'data', 'engine', 'morph')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]"]
+    here = {}
+    exec(compute, here)
+    for alone, expected in zip(torch.load(tmp_path / "values.pt"), here["values"]):
+        assert torch.equal(alone, expected)
