@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import time
+import types
 
 import pytest
 import torch
@@ -969,3 +970,228 @@ def test_generic_class_names_are_the_label_files_values_and_a_vit_without_positi
     run = generic_run(tmp_path / "d", tmp_path / "d", tmp_path / "p", "--reduce_zero_label", "--iters", "1")
     train_seg.main([*run, "--init", str(tmp_path / "none.pth")])
     assert f"note: {tmp_path / 'none.pth'} has no position information" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tests from a third mutation review of train_seg.py
+
+
+def _resized(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def test_pyramid_and_heads_are_beits_config_module_by_module():
+    """BEiT's upernet_beit_base_12_512_slide_160k_ade20k_pt.py and mmseg's UPerHead / FCNHead: fpn1 is
+    deconv-BN-GELU-deconv; UPerHead's PPM (pool scales 1, 2, 3, 6) and laterals are 1x1 ConvModules, the FPN convs and
+    both bottlenecks 3x3, Dropout2d(0.1), a classifier drawn with std 0.01; the auxiliary FCNHead: one 3x3 conv to
+    256 channels, Dropout2d(0.1), std 0.01. Each of these (GELU -> ReLU, scale 3 -> 4, a kernel size, Dropout2d ->
+    Dropout, std 0.02, 128 aux channels) passed every test."""
+    torch.manual_seed(0)
+    model = train_seg.ViTUperNet(backbone(32), num_classes=150, channels=64)
+    up4 = list(model.pyramid.up4)
+    assert [type(m) for m in up4] == [nn.ConvTranspose2d, nn.BatchNorm2d, nn.GELU, nn.ConvTranspose2d]
+    assert all((m.kernel_size, m.stride) == ((2, 2), (2, 2)) for m in (up4[0], up4[3], model.pyramid.up2))
+    assert (model.pyramid.down2.kernel_size, model.pyramid.down2.stride) == (2, 2)
+    head = model.decode_head
+    assert tuple(head.pool_scales) == (1, 2, 3, 6) and len(head.ppm) == 4
+
+    def kernel(module):
+        return module[0].kernel_size[0]
+
+    assert [kernel(m) for m in head.ppm] == [1] * 4 and [kernel(m) for m in head.lateral_convs] == [1] * 3
+    assert [kernel(m) for m in head.fpn_convs] == [3] * 3
+    assert kernel(head.ppm_bottleneck) == kernel(head.fpn_bottleneck) == 3
+    assert head.ppm_bottleneck[0].in_channels == 192 + 4 * 64 and head.fpn_bottleneck[0].in_channels == 4 * 64
+    aux = model.aux_head
+    assert kernel(aux.conv) == 3 and aux.conv[0].out_channels == 256 and aux.classifier.in_channels == 256
+    for h in (head, aux):
+        assert type(h.dropout) is nn.Dropout2d and h.dropout.p == 0.1
+        assert h.classifier.weight.std().item() == pytest.approx(0.01, rel=0.1)  # 9600 and 38400 draws
+        assert not h.classifier.bias.any()
+
+
+def test_uper_head_and_pyramid_equal_mmsegs_forward_written_out():
+    """mmseg's UPerHead.forward written out from the head's own modules (eval mode): PPM with average pooling on the
+    stride-32 map, laterals from the three finer maps in order, top-down sums, FPN convs on the three finer levels,
+    all four levels fused at stride 4. The pyramid: fpn1 (4x) reads the first block's map, fpn2 (2x) the second.
+    A max-pooled PPM, laterals read from the maps 1..3, the fused list with the finest level twice, and up4 / up2
+    swapped passed every test."""
+    torch.manual_seed(0)
+    head = train_seg.UperHead(8, 8, num_classes=3).eval()
+    features = [torch.randn(2, 8, 24 // 2 ** i, 24 // 2 ** i) for i in range(4)]
+    x = features[3]
+    psp = [x] + [_resized(conv(F.adaptive_avg_pool2d(x, s)), x.shape[2:]) for s, conv in zip((1, 2, 3, 6), head.ppm)]
+    laterals = [head.lateral_convs[i](features[i]) for i in range(3)] + [head.ppm_bottleneck(torch.cat(psp, 1))]
+    for i in (3, 2, 1):
+        laterals[i - 1] = laterals[i - 1] + _resized(laterals[i], laterals[i - 1].shape[2:])
+    outs = [head.fpn_convs[i](laterals[i]) for i in range(3)] + [laterals[3]]
+    fused = torch.cat([outs[0]] + [_resized(o, outs[0].shape[2:]) for o in outs[1:]], 1)
+    expected = head.classifier(head.fpn_bottleneck(fused))
+    with torch.no_grad():
+        got = head(features)
+    assert got.shape == (2, 3, 24, 24)
+    torch.testing.assert_close(got, expected.detach())
+    pyramid = train_seg.FeaturePyramid(4).eval()
+    maps = [torch.randn(1, 4, 3, 3) for _ in range(4)]
+    with torch.no_grad():
+        out = pyramid(maps)
+        torch.testing.assert_close(out[0], pyramid.up4(maps[0]))
+        torch.testing.assert_close(out[1], pyramid.up2(maps[1]))
+
+
+def test_flip_is_horizontal_and_mapped_back():
+    """--flip adds the probabilities of the left-right mirrored image, mirrored back (mmseg's flip_direction
+    'horizontal'). The translation-equivariant test model cannot tell a vertical flip from a horizontal one (a
+    vertical flip passed every test); this one has a position-dependent bias."""
+    torch.manual_seed(0)
+
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bias = nn.Conv2d(3, 4, 1), nn.Parameter(torch.randn(4, 16, 16))
+
+        def forward(self, x):
+            return self.conv(x) + self.bias
+
+    model, image = Positional(), torch.randn(3, 16, 16)
+    with torch.no_grad():
+        plain, mirrored = model(image[None])[0].softmax(0), model(image.flip(-1)[None])[0].softmax(0).flip(-1)
+    probs = train_seg.predict(model, image, (16, 16), 4, crop=16, stride=16, flip=True)
+    torch.testing.assert_close(probs, plain + mirrored)
+
+
+def test_evaluation_runs_the_model_in_eval_mode_without_gradients():
+    """BatchNorm's running statistics and no dropout or drop path in the evaluation, whatever mode the model is in."""
+    seen = []
+
+    class Recorder(CropSizeOnly):
+        def forward(self, x):
+            seen.append((self.training, torch.is_grad_enabled()))
+            return super().forward(x)
+
+    model = Recorder(16, num_classes=3).train()
+    train_seg.evaluate(model, [(torch.randn(3, 16, 16), torch.randint(0, 3, (16, 16)))], 3, 16, 16)
+    assert seen == [(False, False)] and model.training
+
+
+def test_the_training_losses_logged_are_the_steps_and_aux_weight_reaches_the_loss(tmp_path, monkeypatch):
+    """--aux_weight weighs the auxiliary loss in the loss that is trained and logged (it was not passed: 0.4 always),
+    and decode_loss / aux_loss are the heads' own (swapped, they passed every test)."""
+    returned = []
+    original = train_seg.segmentation_loss
+
+    def segmentation_loss(*args, **kwargs):
+        losses = original(*args, **kwargs)
+        returned.append([x.item() for x in losses])
+        return losses
+
+    monkeypatch.setattr(train_seg, "segmentation_loss", segmentation_loss)
+    train_seg.main(TINY_RUN + ["--iters", "2", "--aux_weight", "0.25", "--output_dir", str(tmp_path)])
+    records = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "loss" in r]
+    assert [x for r in records for x in (r["loss"], r["decode_loss"], r["aux_loss"])] == pytest.approx(
+        [x for losses in returned for x in losses], rel=1e-6)
+    assert all(loss == pytest.approx(main + 0.25 * aux, rel=1e-6) for loss, main, aux in returned)
+    assert all(main != pytest.approx(aux, rel=1e-3) for _, main, aux in returned)  # the swap would show
+
+
+def test_the_optimizer_flags_and_grad_checkpoint_reach_the_run(tmp_path, monkeypatch):
+    """--betas, --weight_decay, --clip_grad, --warmup_ratio and --grad_checkpoint, each at a non-default value, reach
+    AdamW, the clipping, the schedule and the ViT (each left out of its call passed every test: the defaults are the
+    same values)."""
+    clips, recomputed = [], []
+    original_step, original_checkpoint = engine.optimizer_step, dtm.checkpoint
+    monkeypatch.setattr(engine, "optimizer_step", lambda opt, scaler, params, clip: (
+        clips.append(clip), original_step(opt, scaler, params, clip))[1])
+    monkeypatch.setattr(dtm, "checkpoint", lambda *a, **k: (recomputed.append(1), original_checkpoint(*a, **k))[1])
+    train_seg.main(TINY_RUN + ["--betas", "0.8", "0.95", "--weight_decay", "0.123", "--clip_grad", "0.5", "--lr", "0.01",
+                               "--warmup_ratio", "0.1", "--grad_checkpoint", "--output_dir", str(tmp_path)])
+    groups = torch.load(tmp_path / engine.LAST)["optimizer"]["param_groups"]
+    assert {tuple(g["betas"]) for g in groups} == {(0.8, 0.95)}
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.123}
+    assert clips == [0.5] * 4 and len(recomputed) == 4 * 4  # 4 steps x 4 blocks
+    lrs = [r["lr"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "lr" in r]
+    assert lrs == pytest.approx([engine.poly_schedule(s, 4, 2, 0.01, 1.0, 0.0, 0.1) for s in range(4)], rel=1e-9)
+    assert lrs[0] == pytest.approx(0.1 * 0.01, rel=1e-9)  # step 0: warmup_ratio x the peak (x (1 - 0/4))
+
+
+def test_build_model_passes_drop_path_and_out_indices(tmp_path):
+    """--drop_path reaches a new ViT and one read from a checkpoint (the last block at the full rate), and a given
+    --out_indices the model (vit_tiny, the tests' model, has a single valid pyramid, so dropping it passed)."""
+    args = argparse.Namespace(model="vit_s", crop_size=32, drop_path=0.3, out_indices=[1, 2, 3, 11], channels=8)
+    model = train_seg.build_model(args, 3)
+    assert model.out_indices == [1, 2, 3, 11] and model.backbone.blocks[-1].drop_path.p == pytest.approx(0.3)
+    path = str(tmp_path / "pretrain.pth")
+    _pretrain_checkpoint(path, img_size=32)
+    for rate in (0.0, 0.3):
+        loaded = train_seg.build_model(argparse.Namespace(**{**vars(model_args(32)), "drop_path": rate}), 3,
+                                       dtm.read_checkpoint(path), path)
+        assert loaded.backbone.blocks[-1].drop_path.p == pytest.approx(rate)
+
+
+def test_the_data_flags_reach_the_transforms_and_the_splits(tmp_path):
+    """--cat_max_ratio and --ratio_range reach the training transform (the defaults are the transform's own, so
+    leaving them out passed every test); the demo's validation images are not its training images; --data
+    evaluates on ADE20K's validation split."""
+    args = train_seg.parse_args(["--init", "none", "--cat_max_ratio", "0.5", "--ratio_range", "0.75", "1.5",
+                                 "--demo_train_images", "2", "--demo_val_images", "2"])
+    train_set, val_set, _ = train_seg.build_datasets(args)
+    assert train_set.transform.cat_max_ratio == 0.5 and tuple(train_set.transform.ratio_range) == (0.75, 1.5)
+    assert not data.np.array_equal(data.np.asarray(train_set.shapes.get(0)[0]), data.np.asarray(val_set.shapes.get(0)[0]))
+    for split in ("training", "validation"):
+        for kind, suffix, image in (("images", ".jpg", data.np.zeros((8, 8, 3), "uint8")),
+                                    ("annotations", ".png", data.np.ones((8, 8), "uint8"))):
+            os.makedirs(tmp_path / "ade" / kind / split)
+            data.Image.fromarray(image).save(tmp_path / "ade" / kind / split / f"{split}_0{suffix}")
+    args = train_seg.parse_args(["--init", "none", "--data", str(tmp_path / "ade")])
+    train_set, val_set, classes = train_seg.build_datasets(args)
+    assert [os.path.basename(p) for p, _ in val_set.samples] == ["validation_0.jpg"] and len(classes) == 150
+    assert [os.path.basename(p) for p, _ in train_set.samples] == ["training_0.jpg"]
+    assert train_seg.build_datasets(args, train=False)[1].samples == val_set.samples
+
+
+def test_the_evaluation_results_are_logged_and_kept_as_evaluated(tmp_path, monkeypatch):
+    """--flip reaches the evaluation; the log's eval line, checkpoint-best.pth's metrics and eval.jsonl carry the
+    evaluation's own aAcc, mIoU, mAcc, IoU and flip (mAcc from another field, flip written as False, or the best
+    checkpoint saved without its metrics, passed every test)."""
+    flips = []
+
+    def evaluate(model, dataset, num_classes, crop, stride, flip=False, *args, **kwargs):
+        flips.append(flip)
+        return {"aAcc": 91.0, "mIoU": 42.5, "mAcc": 63.25, "IoU": [10.0, 20.0, 30.0, 40.0, float("nan")],
+                "Acc": [1.0] * 5}
+
+    monkeypatch.setattr(train_seg, "evaluate", evaluate)
+    out = tmp_path / "run"
+    train_seg.main(TINY_RUN + ["--iters", "2", "--eval_every", "2", "--flip", "--output_dir", str(out)])
+    assert flips == [True]
+    line = [r for r in map(json.loads, open(out / "log.jsonl")) if r.get("mode") == "eval"][-1]
+    assert (line["aAcc"], line["mIoU"], line["mAcc"], line["IoU"], line["flip"]) == (
+        91.0, 42.5, 63.25, [10.0, 20.0, 30.0, 40.0, None], True)
+    best = torch.load(out / engine.BEST)
+    assert best["metrics"]["mAcc"] == 63.25 and best["metrics"]["mIoU"] == 42.5 == best["best_miou"]
+    train_seg.main(["--eval", str(out / engine.BEST), "--flip", "--output_dir", str(tmp_path / "e")])
+    assert flips == [True, True]
+    record = json.loads(open(tmp_path / "e" / "eval.jsonl").read())
+    assert (record["aAcc"], record["mIoU"], record["mAcc"], record["flip"]) == (91.0, 42.5, 63.25, True)
+
+
+def test_the_logged_throughput_counts_images(tmp_path, monkeypatch):
+    """img_per_s: images of every micro-batch (x processes) per second since the last line, with a clock that
+    advances 10 s between train_seg's readings."""
+    ticks = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(train_seg, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    train_seg.main(TINY_RUN + ["--iters", "2", "--accum_iter", "2", "--output_dir", str(tmp_path)])
+    records = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "img_per_s" in r]
+    assert [r["img_per_s"] for r in records] == pytest.approx([4 / 10, 4 / 10])  # 2 micro-batches of 2, 10 s
+
+
+def test_ade20k_recipe_defaults_of_the_schedule_and_optimizer():
+    """The rest of BEiT's configs that a --data run gets by default: upernet_beit_base_12_512_slide_160k_ade20k_pt.py's
+    lr_config (poly, warmup_ratio 1e-6, power 1.0, min_lr 0.0, lines 58-62; mmseg's own configs use power 0.9 and
+    min_lr 1e-4), AdamW betas (0.9, 0.999) and weight decay 0.05 (line 54), no gradient clipping (line 74), drop path
+    0.1 (line 33); configs/_base_/datasets/ade20k.py's ratio_range (0.5, 2.0), cat_max_ratio 0.75 (lines 10-11) and
+    no flip in the test pipeline (line 25). Each changed default passed every test."""
+    args = train_seg.parse_args(["--data", "/x", "--init", "none"])
+    assert (args.warmup_ratio, args.poly_power, args.min_lr) == (1e-6, 1.0, 0.0)
+    assert (args.betas, args.weight_decay, args.clip_grad, args.drop_path) == ([0.9, 0.999], 0.05, 0.0, 0.1)
+    assert (args.ratio_range, args.cat_max_ratio, args.flip) == ([0.5, 2.0], 0.75, False)
