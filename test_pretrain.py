@@ -16,6 +16,7 @@ from PIL import Image
 import dtm
 import engine
 import morph
+import mto
 import train_pretrain as tp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -756,3 +757,258 @@ def test_fractional_warmup_rounds_to_the_nearest_step(image_folder, tmp_path):
     peak = 0.05 * math.sqrt(4 / 2048)
     logged = [r["lr"] for r in read_log(tmp_path / engine.LOG) if "lr" in r]
     assert logged == pytest.approx([engine.cosine_schedule(s, 6, 3, peak, 0.001) for s in range(6)], rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A second mutation review of train_pretrain.py: each test below fails with a change that passed every test before
+
+def test_the_cited_recipe_defaults():
+    """README, Recipe provenance: k ~ U{1..14}, L = 2, smooth-L1 beta 2 over all positions, targets not normalized,
+    RandomResizedCrop(0.08..1), masking 75 patches in blocks >= 16, drop path 0.1, AdamW weight decay 0.05, cosine to
+    1e-5, clipping 3.0, the teacher's fp16 autocast (auto); and the run's own: checkpoint-{epoch}.pth every 20 epochs,
+    no step saves, no step limit, no accumulation."""
+    args = tp.parse_args(["--data", HERE, "--teacher", "pixels"])
+    recipe = dict(max_iters=14, levels=2, max_merged=None, loss="smooth_l1", beta=2.0, loss_on="all",
+                  normalize_target=False, min_crop_scale=0.08, num_masked=75, min_block=16, drop_path=0.1,
+                  weight_decay=0.05, min_lr=1e-5, clip_grad=3.0, teacher_amp="auto", teacher_norm="imagenet",
+                  no_clip_proj=False, fixed_schedule=None)
+    assert {k: getattr(args, k) for k in recipe} == recipe
+    run = dict(keep_every=20, save_every=0, max_steps=0, accum_iter=1, mto=False)
+    assert {k: getattr(args, k) for k in run} == run
+
+
+def test_masking_and_crop_flags_reach_the_dataset(image_folder):
+    """--num_masked, --min_block reach BEiT's block masking and --min_crop_scale the RandomResizedCrop."""
+    args = tp.parse_args(tiny_argv(image_folder, "unused", "--img_size", "64", "--num_masked", "5", "--min_block", "3",
+                                   "--min_crop_scale", "0.5"))
+    dataset = tp.build_dataset(args)
+    gen = dataset.mask_gen
+    assert (gen.height, gen.width, gen.num_masked, gen.min_block) == (4, 4, 5, 3)
+    assert tuple(dataset.transform.crop.scale) == (0.5, 1.0) and dataset.transform.crop.size == 64
+    assert int(dataset[0][1].sum()) == 5
+
+
+def test_the_loss_flag_reaches_the_model():
+    for loss in ("l2", "cosine", "smooth_l1"):
+        argv = ["--teacher", "pixels", *TINY, "--loss", loss]
+        assert tp.build_model(tp.parse_args(argv), CPU)[0].loss == loss
+
+
+def test_the_mto_flags_reach_the_model_and_its_logged_losses(image_folder, tmp_path):
+    """--mto_layers, --mto_lambda_*, --mto_*_layers reach the MTO of the model; the log line's loss is the DTM loss
+    plus the lambdas times the logged MTO losses."""
+    flags = ["--mto", "--mto_layers", "1", "--mto_lambda_sing", "0.3", "--mto_lambda_ent", "0.2",
+             "--mto_sing_layers", "2", "--mto_ent_layers", "3"]
+    model, _ = tp.build_model(tp.parse_args(["--teacher", "pixels", *TINY, *flags]), CPU)
+    assert model.features_fn.cfg == mto.MTOConfig(layers=1, lambda_sing=0.3, lambda_ent=0.2, sing_layers=2,
+                                                  ent_layers=3)
+    tp.main(tiny_argv(image_folder, tmp_path, *flags, "--max_steps", "2"))
+    lines = [r for r in read_log(tmp_path / engine.LOG) if "loss" in r]
+    assert len(lines) == 2
+    for r in lines:
+        assert r["loss_dtm"] == pytest.approx((r["loss_level0"] + r["loss_level1"]) / 2, rel=1e-5)
+        assert r["loss"] == pytest.approx(r["loss_dtm"] + 0.3 * r["loss_sing"] + 0.2 * r["loss_ent"], rel=1e-5)
+        assert r["loss_sing"] != 0 and r["loss_ent"] > 0
+
+
+def test_levels_with_a_fixed_schedule_and_the_default_max_merged(monkeypatch):
+    """--levels counts with --fixed_schedule too (L levels of the same schedule); without --max_merged every draw
+    may merge all N patches (README: n ~ U{0..196} at 224 px)."""
+    base = ["--teacher", "pixels", *TINY, "--img_size", "64"]  # 16 patches
+    images, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 16, dtype=torch.bool)
+    args = tp.parse_args(base + ["--fixed_schedule", "6", "3", "--levels", "3"])
+    model, teacher = tp.build_model(args, CPU)
+    _, num_groups = tp.train_micro_step(model, teacher, images, mask, args, 0, CPU, None, None,
+                                        engine.StepTimer(CPU.device))
+    assert num_groups == [10, 10, 10]
+    drawn = record_calls(monkeypatch, morph, "sample_schedule")
+    args = tp.parse_args(base)
+    model, teacher = tp.build_model(args, CPU)
+    tp.train_micro_step(model, teacher, images, mask, args, 0, CPU, None, None, engine.StepTimer(CPU.device))
+    assert [a[:3] for a in drawn] == [(16, 16, 14)] * 2  # (num_tokens, max_merged, max_iters) per level
+
+
+def test_max_steps_stops_the_run_but_keeps_its_schedule(image_folder, tmp_path):
+    """--max_steps 5 of 9 steps: the lr follows the 9-step cosine (not one squeezed into 5 steps), and a --max_steps
+    beyond the run's --epochs stops at the last epoch."""
+    tp.main(tiny_argv(image_folder, tmp_path / "part", "--max_steps", "5", "--min_lr", "0.001"))
+    peak = 0.05 * math.sqrt(4 / 2048)
+    logged = [r["lr"] for r in read_log(tmp_path / "part" / engine.LOG) if "lr" in r]
+    assert logged == pytest.approx([engine.cosine_schedule(s, 9, 3, peak, 0.001) for s in range(5)], rel=1e-9)
+    assert logged[4] != pytest.approx(engine.cosine_schedule(4, 5, 3, peak, 0.001))
+    result = tp.main(tiny_argv(image_folder, tmp_path / "beyond", "--epochs", "1", "--max_steps", "10"))
+    assert result["step"] == 3 and torch.load(tmp_path / "beyond" / engine.LAST)["step"] == 3
+
+
+class _Clock:
+    """A perf_counter that advances by exactly one second per call."""
+    def __init__(self):
+        self.t = -1.0
+
+    def perf_counter(self):
+        self.t += 1.0
+        return self.t
+
+
+def test_img_per_s_counts_the_images_of_each_log_window(image_folder, tmp_path, monkeypatch):
+    """train_pretrain reads its clock once at the start and once per log line: with a clock that ticks one second
+    per read, img_per_s is the number of images since the last line: batch 2 x accum 2 x log_every 2 = 8."""
+    monkeypatch.setattr(tp, "time", _Clock())
+    tp.main(tiny_argv(image_folder, tmp_path, "--batch_size", "2", "--accum_iter", "2", "--log_every", "2",
+                      "--max_steps", "4"))
+    lines = [r for r in read_log(tmp_path / engine.LOG) if "img_per_s" in r]
+    assert [(r["step"], r["img_per_s"]) for r in lines] == [(2, 8.0), (4, 8.0)]
+
+
+CLOCK_HELPER = """
+import sys
+sys.path.insert(0, {repo!r})
+import train_pretrain as tp
+
+class Clock:  # one second per read
+    t = -1.0
+    def perf_counter(self):
+        Clock.t += 1.0
+        return Clock.t
+
+tp.time = Clock()
+tp.main(sys.argv[1:])
+"""
+
+
+def test_img_per_s_counts_the_images_of_every_process(image_folder, tmp_path):
+    """2 processes x batch 2, one step per log line, a clock that ticks one second per read: 4 images/s (rank 0
+    alone saw 2)."""
+    helper = tmp_path / "clock.py"
+    helper.write_text(textwrap.dedent(CLOCK_HELPER.format(repo=HERE)))
+    run(helper, tiny_argv(image_folder, tmp_path / "two", "--batch_size", "2", "--max_steps", "2"), processes=2)
+    assert [r["img_per_s"] for r in read_log(tmp_path / "two" / engine.LOG) if "img_per_s" in r] == [4.0, 4.0]
+
+
+def test_logged_losses_are_the_means_over_micro_batches(image_folder, tmp_path, monkeypatch):
+    """--accum_iter 2: each line's loss, loss_level0, loss_level1 are the means over the step's 2 micro-batches (not
+    their sum)."""
+    micro, losses = tp.train_micro_step, []
+
+    def recording(*a, **k):
+        stats, num_groups = micro(*a, **k)
+        losses.append({n: v.item() for n, v in stats.items() if n.startswith("loss")})
+        return stats, num_groups
+    monkeypatch.setattr(tp, "train_micro_step", recording)
+    tp.main(tiny_argv(image_folder, tmp_path, "--batch_size", "2", "--accum_iter", "2", "--max_steps", "2"))
+    lines = [r for r in read_log(tmp_path / engine.LOG) if "loss" in r]
+    assert len(lines) == 2 and len(losses) == 4
+    for i, r in enumerate(lines):
+        for name in ("loss", "loss_level0", "loss_level1"):
+            assert r[name] == pytest.approx((losses[2 * i][name] + losses[2 * i + 1][name]) / 2, rel=1e-6), name
+
+
+def test_every_part_of_the_step_is_timed_in_the_log(image_folder, tmp_path):
+    tp.main(tiny_argv(image_folder, tmp_path, "--max_steps", "1"))
+    line = [r for r in read_log(tmp_path / engine.LOG) if "loss" in r][0]
+    timed = {k for k in line if k.endswith("_s")} - {"img_per_s"}
+    assert timed == {"data_s", "teacher_s", "morph_s", "student_s", "optimizer_s"}
+    assert all(line[k] >= 0 for k in ("data_s", "optimizer_s"))
+
+
+def test_save_every_and_keep_every_cadence(image_folder, tmp_path, monkeypatch):
+    """3 steps per epoch, 5 epochs, --save_every 2, --keep_every 2: checkpoint-last.pth at every 2nd step, every
+    epoch's end and the last step; checkpoint-{epoch}.pth after epochs 1 and 3 (every 2nd) and 4 (the last), each
+    holding the step at the end of its epoch."""
+    saves = record_calls(monkeypatch, engine, "save_checkpoint")
+    tp.main(tiny_argv(image_folder, tmp_path, "--epochs", "5", "--save_every", "2", "--keep_every", "2",
+                      "--log_every", "100"))
+    L = engine.LAST
+    assert [(os.path.basename(path), state["step"]) for path, state, *_ in saves] == [
+        (L, 2), (L, 3), (L, 4), (L, 6), ("checkpoint-1.pth", 6), (L, 8), (L, 9), (L, 10), (L, 12),
+        ("checkpoint-3.pth", 12), (L, 14), (L, 15), ("checkpoint-4.pth", 15)]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pth")) == [
+        "checkpoint-1.pth", "checkpoint-3.pth", "checkpoint-4.pth", L]
+    assert [torch.load(tmp_path / f"checkpoint-{e}.pth")["step"] for e in (1, 3, 4)] == [6, 12, 15]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--max_merged", "50"], "--max_merged 50 must be in 0..49"),  # the demo's 112 px: 49 patches
+    (["--save_every", "-1"], "--save_every must be >= 0"),
+    (["--max_steps", "-1"], "--max_steps must be >= 0"),
+    (["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0"),
+    (["--keep_every", "0"], "--keep_every must be >= 1, got 0"),
+    (["--levels", "0"], "--levels must be >= 1, got 0"),
+    (["--max_iters", "0"], "--max_iters must be >= 1, got 0"),
+    (["--accum_iter", "0"], "--accum_iter must be >= 1, got 0"),
+    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--log_every", "0"], "--log_every must be >= 1, got 0"),
+    (["--fixed_schedule", "8", "2", "--max_merged", "5"], "--max_merged would do nothing with --fixed_schedule"),
+    (["--max_merged", "0", "--max_iters", "3"], "--max_iters would do nothing when no token is merged"),
+    (["--max_merged", "0", "--schedules", "shared"], "--schedules would do nothing when no token is merged"),
+])
+def test_more_bad_arguments(argv, match):
+    with pytest.raises(ValueError, match=match):
+        tp.parse_args(argv)
+
+
+def test_epoch_summaries_and_the_result_follow_the_log(image_folder, tmp_path, capsys):
+    """The console's "epoch E: ... mean logged loss" is the mean of epoch E's lines only; the result's first_loss /
+    final_loss are the first / last line's."""
+    result = tp.main(tiny_argv(image_folder, tmp_path, "--epochs", "2"))
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    lines = [r for r in read_log(tmp_path / engine.LOG) if "loss" in r]
+    means = [sum(r["loss"] for r in lines if r["epoch"] == e) / 3 for e in (0, 1)]
+    assert printed == [f"epoch 0: step 3, mean logged loss {means[0]:.4f}",
+                       f"epoch 1: step 6, mean logged loss {means[1]:.4f}"]
+    assert (result["first_loss"], result["final_loss"]) == (lines[0]["loss"], lines[-1]["loss"])
+    assert lines[0]["loss"] != lines[-1]["loss"]
+
+
+def test_seed_sets_the_initial_weights(image_folder, tmp_path, monkeypatch):
+    """--seed seeds the student's initial weights (as engine.seed_all(seed) then build_model), not only the data."""
+    initial = []
+
+    def param_groups(model, *a, **k):
+        initial.append({n: v.clone() for n, v in model.state_dict().items()})
+        return groups(model, *a, **k)
+    groups = engine.param_groups
+    monkeypatch.setattr(engine, "param_groups", param_groups)
+    for seed in ("1", "2"):
+        tp.main(tiny_argv(image_folder, tmp_path / seed, "--seed", seed, "--max_steps", "1"))
+    assert not torch.equal(initial[0]["student.blocks.0.attn.qkv.weight"], initial[1]["student.blocks.0.attn.qkv.weight"])
+    for seed, state in zip((1, 2), initial):
+        engine.seed_all(seed)
+        reference = tp.build_model(tp.parse_args(tiny_argv(image_folder, "unused", "--seed", str(seed))), CPU)[0]
+        same_parameters(reference.state_dict(), state)
+
+
+def test_a_relaunch_between_log_lines_averages_the_whole_window(image_folder, tmp_path, monkeypatch):
+    """--log_every 4 --save_every 2: a run that dies in step 3 relaunches from step 2's checkpoint, whose window holds
+    2 steps; its step-4 line is the mean of steps 1-4, as the uninterrupted run's."""
+    argv = lambda out: tiny_argv(image_folder, tmp_path / out, "--max_steps", "4", "--log_every", "4",  # noqa: E731
+                                 "--save_every", "2")
+    full = read_log(tp.main(argv("full"))["output_dir"] + "/" + engine.LOG)
+    micro_step, calls = tp.train_micro_step, []
+
+    def dies_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return micro_step(*args, **kwargs)
+    monkeypatch.setattr(tp, "train_micro_step", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        tp.main(argv("crashed"))
+    assert torch.load(tmp_path / "crashed" / engine.LAST)["log_window"]["count"] == 2
+    monkeypatch.setattr(tp, "train_micro_step", micro_step)
+    tp.main(argv("crashed"))
+    relaunched = read_log(tmp_path / "crashed" / engine.LOG)
+    assert [r["step"] for r in relaunched] == [r["step"] for r in full] == [4]
+    for name in ("loss", "loss_level0", "loss_level1"):
+        assert relaunched[0][name] == pytest.approx(full[0][name], rel=1e-6), name
+
+
+def test_the_start_up_line_names_the_teachers_precision(image_folder, tmp_path, capsys):
+    """--teacher_amp bf16 under --amp fp32 (a CLIP teacher on the CPU): the line says teacher bf16."""
+    torch.manual_seed(0)
+    visual = dtm.CLIPVisual(input_resolution=32, patch_size=16, width=64, layers=1, heads=1, output_dim=24)
+    torch.save(visual.state_dict(), tmp_path / "clip.pt")
+    argv = [a if a != "pixels" else f"clip:{tmp_path / 'clip.pt'}" for a in tiny_argv(image_folder, tmp_path / "run")]
+    tp.main([*argv, "--teacher_amp", "bf16", "--max_steps", "1"])
+    assert "amp fp32 (teacher bf16)" in capsys.readouterr().out
