@@ -76,3 +76,47 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path, argv, message):
     log.write_text('{"step": 1, "loss": 1.0}\n')
     with pytest.raises(SystemExit, match=message):
         plot_log.main([str(log), *argv, "--out", str(tmp_path / "p.png")])
+
+
+def test_main_hands_plot_the_smoothed_series_of_each_logs_own_field(tmp_path, monkeypatch):
+    """What main passes on to plot: each log's own --fields entry, the --smooth trailing mean, the --labels, and a title
+    and y label that name the fields (and the smoothing)."""
+    for name, rows in (("a", [(1, 4.0, 0.1), (2, 2.0, 0.2), (3, 0.0, 0.3)]), ("b", [(10, 1.0, 8.0), (20, 3.0, 6.0)])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"step": s, "loss": l, "lr": r}) + "\n"
+                                                        for s, l, r in rows))
+    calls = []
+    monkeypatch.setattr(plot_log, "plot", lambda *args, **kwargs: calls.append(args) or Image.new("RGB", (4, 4)))
+    logs = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    plot_log.main([*logs, "--fields", "loss", "lr", "--labels", "A", "B", "--smooth", "2", "--out", str(tmp_path / "p.png")])
+    series, labels, title, x_label, y_label = calls[-1]
+    assert series == [[(1.0, 4.0), (2.0, 3.0), (3.0, 1.0)], [(10.0, 8.0), (20.0, 7.0)]]  # b: its lr, not its loss
+    assert labels == ["A", "B"] and x_label == "step" and y_label == "loss/lr"
+    assert title == "loss/lr (moving average of 2)"
+    plot_log.main([*logs, "--title", "mine", "--out", str(tmp_path / "p.png")])  # default: --field loss, no smoothing
+    series, labels, title, _, y_label = calls[-1]
+    assert series == [[(1.0, 4.0), (2.0, 2.0), (3.0, 0.0)], [(10.0, 1.0), (20.0, 3.0)]]
+    assert labels == logs and title == "mine" and y_label == "loss"
+
+
+def test_a_falling_curve_is_drawn_from_top_left_to_bottom_right():
+    """plot's axes: larger y higher up, larger x further right (the plot area is x 70..700, y 30..390, y padded 5%)."""
+    image = plot_log.plot([[(0.0, 10.0), (10.0, 0.0)]], ["a"], "", "step", "loss")
+    blue = (31, 119, 180)
+    near = lambda px, py: any(image.getpixel((px + dx, py + dy)) == blue for dx in (-2, -1, 0, 1, 2)
+                              for dy in (-2, -1, 0, 1, 2))
+    top, bottom = round(30 + 0.5 / 11 * 360), round(30 + 10.5 / 11 * 360)  # y = 10 and y = 0
+    assert near(72, top) and near(698, bottom)
+    assert not near(72, bottom) and not near(698, top)
+
+
+def test_labels_that_do_not_match_the_logs_are_refused(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(SystemExit, match="error: 2 logs but 1 labels"):  # zip would drop the second curve
+        plot_log.main([str(log), str(log), "--labels", "only", "--out", str(tmp_path / "p.png")])
+
+
+def test_lines_without_the_x_field_are_left_out(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"loss": 3.0}\n{"step": 2, "loss": 0.5}\n{"step": 3}\n')
+    assert plot_log.read_log(str(log), "step", "loss") == [(2.0, 0.5)]

@@ -1,6 +1,8 @@
 """Tests for study.py's own pieces: the Fashion-MNIST reader, the ImageFolders it writes, the adjacency measure."""
 import gzip
+import json
 import os
+import statistics
 
 import numpy as np
 import pytest
@@ -160,3 +162,160 @@ def test_a_relaunch_with_other_epochs_is_refused(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_status:
         study.main()
     assert exit_status.value.code == 2
+
+
+TEACHER_TOKENS = torch.arange(256 * 49 * 4.0).reshape(256, 49, 4).sin()
+
+
+def fake_study(tmp_path, monkeypatch, argv=()):
+    """study.main with every run faked: each fine-tuning run's log.jsonl holds val_top1 = 10 * arm + 3 * p + seed +
+    (0, 5, 2) over its 3 epochs (best: +5, last: +2), arm the index in the table (0: from scratch); each pre-trained
+    student's measures are (arm + seed / 10, 2 * arm + seed, 3 * arm + seed). -> (the runs' (script, argv),
+    results.json, the command that plots the curves)."""
+    out, calls, plots = tmp_path / "study", [], []
+    arm_index = {name.replace(" ", "_").replace(",", ""): a for a, name in enumerate(["from scratch", *study.ARMS])}
+
+    def fake_run(script, argv, log):
+        calls.append((script, list(argv)))
+        folder = argv[argv.index("--output_dir") + 1]
+        os.makedirs(folder, exist_ok=True)
+        if script == "train_finetune.py":
+            arm, run = folder.split(os.sep)[-2:]
+            base = 1.5 if run == "teacher" else 10 * arm_index[arm] + 3 * int(run[1]) + int(run[-1])
+            with open(os.path.join(folder, "log.jsonl"), "w") as f:
+                for epoch, extra in enumerate((0, 5, 2)):
+                    f.write(json.dumps({"step": epoch, "epoch": epoch, "loss": 9.0}) + "\n")  # a step line
+                    f.write(json.dumps({"epoch": epoch, "step": epoch, "val_top1": base + extra}) + "\n")
+
+    def fake_consistency(path, teacher, images, masks):
+        arm, seed = path.split(os.sep)[-3:-1]
+        a, s = arm_index[arm], int(seed[len("seed"):])
+        return a + s / 10, 2 * a + s, 3 * a + s
+
+    monkeypatch.setattr(study, "make_data", lambda out: os.path.join(out, "data"))
+    monkeypatch.setattr(study, "run", fake_run)
+    monkeypatch.setattr(study, "consistency", fake_consistency)
+    monkeypatch.setattr(study.dtm, "build_teacher", lambda *a: (lambda images: TEACHER_TOKENS[:len(images)]))
+    monkeypatch.setattr(study.data, "ImageFolder", lambda root, transform: [(torch.zeros(3, 2, 2), 0)] * 256)
+    monkeypatch.setattr(study.subprocess, "run", lambda command, check: plots.append(command))
+    monkeypatch.setattr("sys.argv", ["study.py", "--out", str(out), "--finetune_epochs", "3", *argv])
+    study.main()
+    with open(out / "results.json") as f:
+        return calls, json.load(f), plots[0]
+
+
+def test_the_study_aggregates_each_arms_runs_and_seeds(tmp_path, monkeypatch, capsys):
+    calls, results, plot_command = fake_study(tmp_path, monkeypatch)
+    arms = ["from scratch", *study.ARMS]
+    assert list(results["arms"]) == arms
+    assert results["teacher_best_top1"] == 6.5 and results["teacher_last_top1"] == 3.5
+    assert results["teacher_adjacent_cosine"] == study.adjacent_cosine(TEACHER_TOKENS) != pytest.approx(1.0)
+    for a, arm in enumerate(arms):
+        entry = results["arms"][arm]
+        runs = [10 * a + 3 * p + s for p in range(1 if a in (0, 5) else 2) for s in (0, 1, 2)]  # p-major, seeds 0 1 2
+        assert entry["best"] == [r + 5 for r in runs] and entry["last"] == [r + 2 for r in runs]
+        assert entry["mean_curve"] == pytest.approx([statistics.mean(runs) + e for e in (0, 5, 2)])
+        if a:
+            seeds = range(1 if a == 5 else 2)
+            assert entry["adjacent_cosine"] == pytest.approx([a + s / 10 for s in seeds])
+            assert entry["token_loss"] == [2 * a + s for s in seeds] and entry["dtm_loss"] == [3 * a + s for s in seeds]
+        else:
+            assert "adjacent_cosine" not in entry
+    table = capsys.readouterr().out
+    assert f"adjacent cosine of its targets {study.adjacent_cosine(TEACHER_TOKENS):.3f}" in table
+    # DTM (arm 2): best 25..30, mean 27.5, sample standard deviation sqrt(3.5) = 1.87; last 22..27
+    assert "DTM |     27.5 ± 1.9 |     24.5 ± 1.9 |    6 | 2.0500 | 4.5000 | 6.5000" in table
+    assert "from scratch |      6.0 ± 1.0 |      3.0 ± 1.0 |    3\n" in table
+    assert "DTM, fixed schedule 24x3 |     56.0 ± 1.0 |     53.0 ± 1.0 |    3 | 5.0000 | 10.0000 | 15.0000" in table
+    # the curves: one file per arm, in the table's order, with its mean per epoch
+    files = plot_command[2:2 + len(arms)]
+    assert plot_command[plot_command.index("--labels") + 1:][:len(arms)] == arms
+    with open(files[2]) as f:
+        assert [json.loads(line) for line in f] == [{"epoch": 0, "val_top1": 22.5}, {"epoch": 1, "val_top1": 27.5},
+                                                    {"epoch": 2, "val_top1": 24.5}]
+
+
+def test_the_study_runs_each_arm_with_its_flags_seeds_and_data(tmp_path, monkeypatch):
+    calls, *_ = fake_study(tmp_path, monkeypatch, ["--pretrain_epochs", "6", "--teacher_epochs", "4"])
+    out = str(tmp_path / "study")
+    value = lambda argv, flag: argv[argv.index(flag) + 1]
+    script, teacher = calls[0]
+    assert script == "train_finetune.py" and value(teacher, "--epochs") == "4" and value(teacher, "--init") == "none"
+    assert value(teacher, "--data_train") == os.path.join(out, "data", "train3000") and value(teacher, "--seed") == "100"
+    assert value(teacher, "--data_val") == os.path.join(out, "data", "val500")
+    ckpt = os.path.join(out, "teacher", "checkpoint-last.pth")
+    pretrain = [argv for script, argv in calls if script == "train_pretrain.py"]
+    expected = {"token-wise": (["--fixed_schedule", "0", "1"], 2, "6"), "DTM": ([], 2, "6"), "DTM_+_MTO": (["--mto"], 2, "6"),
+                "DTM_+_MTO_half_the_epochs": (["--mto"], 2, "3"),
+                "DTM_fixed_schedule_24x3": (["--fixed_schedule", "24", "3"], 1, "6")}
+    assert len(pretrain) == 9
+    for folder, (flags, seeds, epochs) in expected.items():
+        for seed in range(seeds):
+            argv = next(a for a in pretrain if value(a, "--output_dir") == os.path.join(out, "pretrain", folder, f"seed{seed}"))
+            assert argv[len(study.PRETRAIN):len(study.PRETRAIN) + len(flags)] == flags
+            assert ("--mto" in argv) == ("--mto" in flags) and ("--fixed_schedule" in argv) == bool(flags[:1] == ["--fixed_schedule"])
+            assert value(argv, "--seed") == str(seed) and value(argv, "--epochs") == epochs
+            assert value(argv, "--teacher") == f"ckpt:{ckpt}" and value(argv, "--data") == os.path.join(out, "data", "train3000")
+    finetune = [argv for script, argv in calls[1:] if script == "train_finetune.py"]
+    assert len(finetune) == 30
+    runs = {(value(a, "--output_dir"), value(a, "--init"), value(a, "--seed")) for a in finetune}
+    assert len(runs) == 30 and all(value(a, "--epochs") == "3" for a in finetune)
+    assert all(value(a, "--data_train") == os.path.join(out, "data", "train1000") for a in finetune)
+    for folder, (_, seeds, _) in {"from_scratch": (None, 1, None), **expected}.items():
+        for p in range(seeds):
+            init = "none" if folder == "from_scratch" else os.path.join(out, "pretrain", folder, f"seed{p}", "checkpoint-last.pth")
+            for s in study.FT_SEEDS:
+                assert (os.path.join(out, "finetune", folder, f"p{p}_s{s}"), init, str(s)) in runs
+    assert study.FT_SEEDS == (0, 1, 2)
+
+
+def test_mean_std_is_the_sample_standard_deviation():
+    assert study.mean_std([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, (5 / 3) ** 0.5))
+    assert study.mean_std([7.0]) == (7.0, 0.0)
+
+
+@pytest.mark.parametrize("flag, message", [("--teacher_epochs", "--teacher_epochs 10 -> 5"),
+                                           ("--pretrain_epochs", "--pretrain_epochs 4 -> 5")])
+def test_a_relaunch_with_other_teacher_or_pretraining_epochs_is_refused(tmp_path, monkeypatch, flag, message):
+    monkeypatch.setattr(study, "make_data", lambda out: os.path.join(out, "data"))
+    monkeypatch.setattr(study, "run", lambda script, argv, log: (_ for _ in ()).throw(SystemExit("stop")))
+    out = str(tmp_path / "s")
+    for argv, expected in (([], "stop"), ([flag, "5"], f"ran with other epochs \\({message}\\)")):
+        monkeypatch.setattr("sys.argv", ["study.py", "--out", out, *argv])
+        with pytest.raises(SystemExit, match=expected):
+            study.main()
+
+
+def test_run_stops_the_study_when_a_script_fails(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study, "HERE", str(tmp_path))
+    (tmp_path / "ok.py").write_text("import sys; print('trained', sys.argv[1:])\n")
+    (tmp_path / "fails.py").write_text("import sys; print('loading'); sys.exit('boom: out of memory')\n")
+    log = str(tmp_path / "runs.log")
+    study.run("ok.py", ["--output_dir", "out/a"], log)
+    assert "ok.py out/a:" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"error: fails.py failed \(see .*runs.log\): \['boom: out of memory'\]"):
+        study.run("fails.py", ["--output_dir", "out/b"], log)
+    text = open(log).read()
+    assert "ok.py --output_dir out/a\ntrained ['--output_dir', 'out/a']" in text and "loading\nboom: out of memory" in text
+
+
+def test_train1000_is_the_first_images_of_train3000(fake_fashion, tmp_path):
+    root = study.make_data(str(tmp_path / "out"))
+    files = lambda name: sorted((c, f) for c in os.listdir(os.path.join(root, name))
+                                for f in os.listdir(os.path.join(root, name, c)))
+    assert files("train1000") == files("train3000")  # 40 images: all of them, under the same names
+    for label_name, file in files("train1000"):
+        a, b = (np.asarray(Image.open(os.path.join(root, n, label_name, file))) for n in ("train1000", "train3000"))
+        np.testing.assert_array_equal(a, b)
+    order = np.random.default_rng(0).permutation(40)
+    first = np.asarray(Image.open(os.path.join(root, "train3000", study.CLASSES[fake_fashion["train-labels-idx1-ubyte.gz"][order[0]]], "00000.png")))
+    np.testing.assert_array_equal(first[..., 0], fake_fashion["train-images-idx3-ubyte.gz"][order[0]])  # a random order
+
+
+@pytest.mark.parametrize("argv", [["--teacher_epochs", "0"], ["--finetune_epochs", "0"], ["--pretrain_epochs", "1"]])
+def test_epochs_the_study_cannot_run_are_refused(tmp_path, monkeypatch, argv):
+    monkeypatch.setattr(study, "make_data", lambda out: pytest.fail("ran"))
+    monkeypatch.setattr("sys.argv", ["study.py", "--out", str(tmp_path / "s"), *argv])
+    with pytest.raises(SystemExit) as exit_status:
+        study.main()
+    assert exit_status.value.code == 2 and not os.path.exists(tmp_path / "s")
