@@ -162,9 +162,10 @@ def mean_std(values):
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def check_same_epochs(args):
+def check_same_epochs(args, record: bool = False):
     """A relaunch in the same --out continues its runs, and a finished run is skipped whatever its epochs: other epoch
-    counts there would mix old and new runs in one table (or fine-tune students of an older teacher)."""
+    counts there would mix old and new runs in one table (or fine-tune students of an older teacher). record: write
+    them down for later launches (once the data is there, so a launch that could not make it binds no epochs)."""
     path, epochs = os.path.join(args.out, "epochs.json"), {k: getattr(args, k) for k in EPOCH_FLAGS}
     if os.path.exists(path):
         with open(path) as f:
@@ -174,7 +175,7 @@ def check_same_epochs(args):
             sys.exit(f"error: the study in {args.out} ran with other epochs ({changed}); its finished runs would be "
                      f"kept and mixed with new ones: give another --out, or the same epochs "
                      f"({' '.join(f'--{k} {v}' for k, v in before.items())})")
-    else:
+    elif record:
         with open(path, "w") as f:
             json.dump(epochs, f)
 
@@ -199,6 +200,7 @@ def main():
     check_same_epochs(args)
     log = os.path.join(args.out, "runs.log")
     root = make_data(args.out)
+    check_same_epochs(args, record=True)
     train3000, train1000, val = (os.path.join(root, n) for n in ("train3000", "train1000", "val500"))
     started = time.time()
 

@@ -286,6 +286,21 @@ def test_a_relaunch_with_other_teacher_or_pretraining_epochs_is_refused(tmp_path
             study.main()
 
 
+def test_a_launch_without_the_data_binds_no_epochs(tmp_path, monkeypatch):
+    """Fashion-MNIST missing: the launch stops before any run, so a relaunch (the package installed) may choose other
+    epochs in the same --out."""
+    out = str(tmp_path / "s")
+    monkeypatch.setattr(study, "FASHION", str(tmp_path / "missing"))
+    monkeypatch.setattr("sys.argv", ["study.py", "--out", out, "--finetune_epochs", "3"])
+    with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
+        study.main()
+    monkeypatch.setattr(study, "make_data", lambda out: os.path.join(out, "data"))
+    monkeypatch.setattr(study, "run", lambda script, argv, log: (_ for _ in ()).throw(SystemExit("stop")))
+    monkeypatch.setattr("sys.argv", ["study.py", "--out", out, "--finetune_epochs", "2"])
+    with pytest.raises(SystemExit, match="stop"):
+        study.main()
+
+
 def test_run_stops_the_study_when_a_script_fails(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(study, "HERE", str(tmp_path))
     (tmp_path / "ok.py").write_text("import sys; print('trained', sys.argv[1:])\n")
