@@ -27,7 +27,11 @@ def read_log(path: str, x_field: str, field: str):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{number} is not a JSON line ({e}); pass a log.jsonl written by train_*.py")
+                record = e
+            if not isinstance(record, dict):  # also a JSON value that is not an object (a .json file's array, 1, ...)
+                why = record if isinstance(record, Exception) else f"a JSON {type(record).__name__}, not an object"
+                raise SystemExit(f"error: {path}:{number} is not a JSON line ({why}); pass a log.jsonl written by "
+                                 f"train_*.py")
             if record.get(x_field) is not None and record.get(field) is not None:
                 x, y = float(record[x_field]), float(record[field])
                 if math.isfinite(x) and math.isfinite(y):
