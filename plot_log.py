@@ -27,11 +27,10 @@ def read_log(path: str, x_field: str, field: str):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                record = e
-            if not isinstance(record, dict):  # also a JSON value that is not an object (a .json file's array, 1, ...)
-                why = record if isinstance(record, Exception) else f"a JSON {type(record).__name__}, not an object"
-                raise SystemExit(f"error: {path}:{number} is not a JSON line ({why}); pass a log.jsonl written by "
-                                 f"train_*.py")
+                raise SystemExit(f"error: {path}:{number} is not a JSON line ({e}); pass a log.jsonl written by train_*.py")
+            if not isinstance(record, dict):  # a .json file's array, a number, ...
+                raise SystemExit(f"error: {path}:{number} is a JSON {type(record).__name__}, not an object; pass a "
+                                 f"log.jsonl written by train_*.py")
             if record.get(x_field) is not None and record.get(field) is not None:
                 x, y = float(record[x_field]), float(record[field])
                 if math.isfinite(x) and math.isfinite(y):
