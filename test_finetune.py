@@ -640,6 +640,12 @@ import data, train_finetune as tf
 # deterministic training images (no crop, flip, RandAugment or erasing), so that the one-process run and the
 # two-process run see the same pixels and only the sharding differs
 data.FinetuneTransform = lambda img_size, **unused: data.EvalTransform(img_size, 0.875)
+class Clock:  # train_finetune's clock, one second per read: img_per_s is the images per log window
+    t = -1.0
+    def perf_counter(self):
+        Clock.t += 1.0
+        return Clock.t
+tf.time = Clock()
 tf.main(sys.argv[1:])
 """
 
@@ -672,6 +678,9 @@ def test_two_process_training_equals_one_process_with_the_same_total_batch(tmp_p
     for a, b in zip(*logs):  # train loss is the mean over ranks; validation counts each of the 13 images once
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["val_count"] == a["val_count"] == 13 and b["val_top1"] == a["val_top1"]
+    rates = [[json.loads(line)["img_per_s"] for line in open(tmp_path / name / "log.jsonl") if "img_per_s" in line]
+             for name in runs]
+    assert rates[0] == rates[1] and rates[0][0] == 16.0  # every process's images: 16 per step, one step per line
 
 
 def test_unreadable_validation_image_stops_the_run_before_training(tmp_path):
