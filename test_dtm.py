@@ -889,3 +889,169 @@ def test_the_number_of_heads_in_args_wins_over_the_size_name():
     assert loaded.blocks[0].attn.num_heads == 6
     x = images()
     torch.testing.assert_close(loaded.eval().forward_features(x).tokens, vit.forward_features(x).tokens)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mutation review: model internals (second round)
+
+
+def test_block_drops_each_residual_branch_with_its_own_draw():
+    """Stochastic depth in BEiT's Block: x + drop_path(gamma_1 * attn(norm1(x))), then + drop_path(gamma_2 *
+    mlp(norm2(x))), two fresh per-sample draws (rand(B) < keep, kept samples scaled by 1 / keep), attention's first. The
+    DropPath test checks the module alone; a block that dropped one branch only (or reused one draw) passed."""
+    torch.manual_seed(0)
+    C, heads, T, B, p = 16, 2, 5, 32, 0.5
+    block = dtm.Block(C, heads, drop_path=p).train()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.5)
+    x = torch.randn(B, T, C)
+    torch.manual_seed(3)
+    out, _ = block(x)
+    torch.manual_seed(3)
+    keep_attn = (torch.rand(B, 1, 1) < 1 - p) / (1 - p)
+    keep_mlp = (torch.rand(B, 1, 1) < 1 - p) / (1 - p)
+    assert 0 < keep_attn.count_nonzero() < B and not torch.equal(keep_attn, keep_mlp)
+    with torch.no_grad():
+        x1 = x + keep_attn * block.gamma_1 * block.attn(block.norm1(x))[0]
+        expected = x1 + keep_mlp * block.gamma_2 * block.mlp(block.norm2(x1))
+    torch.testing.assert_close(out.detach(), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_embed_is_cls_then_patches_or_the_mask_token_plus_the_position_embedding():
+    """VisionTransformer.embed written out: token 0 = cls_token + pos_embed[0]; token 1 + i = (the mask token if patch i
+    is masked, else the patch's conv W @ pixels + b, patches row by row) + pos_embed[1 + i]. Only the identity of masked
+    outputs was checked: a doubled mask token, a CLS token lost, or an absolute position embedding never added (or not
+    to CLS) passed every test."""
+    model = tiny_vit(abs_pos_emb=True)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for param in (model.cls_token, model.mask_token, model.pos_embed):
+            param.copy_(torch.randn(param.shape, generator=g))
+    x, mask = images(), random_mask()
+    tokens = model.embed(x, mask).detach()
+    weight, bias = model.patch_embed.weight.detach().reshape(192, -1), model.patch_embed.bias.detach()
+    pos, cls, mask_token = model.pos_embed.detach()[0], model.cls_token.detach()[0, 0], model.mask_token.detach()[0, 0]
+    for b in range(2):
+        torch.testing.assert_close(tokens[b, 0], cls + pos[0])
+        for i in range(N):
+            y, xx = divmod(i, IMG // PATCH)
+            patch = x[b, :, y * PATCH:(y + 1) * PATCH, xx * PATCH:(xx + 1) * PATCH].reshape(-1)
+            content = mask_token if mask[b, i] else weight @ patch + bias
+            torch.testing.assert_close(tokens[b, 1 + i], content + pos[1 + i], atol=1e-5, rtol=1e-5)
+
+
+def test_cls_mask_token_position_embedding_and_relative_tables_start_as_the_officials():
+    """naver-ai/dtm models/modeling_dtm.py:24-25 and 70-72: cls_token, mask_token and pos_embed drawn by
+    trunc_normal_(std 0.02) truncated at +-std (weight_init "pretrain"); models/modeling_finetune.py:309-310 / BEiT's
+    backbone: timm's trunc_normal_ (std 0.02, bounds +-2,
+    "downstream"); relative position tables start at zero (BEiT). Left at zero (or drawn otherwise) they passed."""
+    for weight_init in ("pretrain", "downstream"):
+        torch.manual_seed(0)
+        vit = dtm.VisionTransformer(img_size=64, patch_size=16, embed_dim=768, depth=1, num_heads=12,
+                                    abs_pos_emb=True, rel_pos_bias="both", weight_init=weight_init)
+        for name in ("cls_token", "mask_token", "pos_embed"):  # 768, 768 and 17 x 768 values
+            values = getattr(vit, name).detach()
+            if weight_init == "pretrain":
+                assert values.abs().max() <= 0.02, name
+                assert values.std().item() == pytest.approx(0.02 * 0.5398, rel=0.1), name
+            else:
+                assert values.abs().max() > 0.03, name  # not truncated at +-std
+                assert values.std().item() == pytest.approx(0.02, rel=0.1), name
+        assert not vit.rel_pos_bias.table.any() and not vit.blocks[0].attn.rel_pos_bias.table.any()
+
+
+def test_rel_pos_table_resize_from_a_grid_of_one_or_two_patches_repeats_its_edge_offsets():
+    """Fewer than 4 offsets on an axis (a grid of 1 or 2 patches): the polynomial through them (-1, 0, 1 keep their
+    places), read at the new offsets clamped to the old range, i.e. every new offset beyond +-1 takes the edge's value;
+    a single offset is copied everywhere. No test resized such a grid: a wrong Lagrange basis passed."""
+    table = torch.randn(3 * 3 + 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    new = dtm.resize_rel_pos_table(table, (2, 2), (4, 3))
+    old = table[:-3].reshape(3, 3, 2)
+    edge = lambda d: min(max(d, -1), 1) + 1  # noqa: E731  offset -> index among the old offsets -1, 0, 1
+    expected = torch.stack([old[edge(dy), edge(dx)] for dy in range(-3, 4) for dx in range(-2, 3)])
+    assert new.shape == (7 * 5 + 3, 2)
+    torch.testing.assert_close(new[:-3], expected, rtol=0, atol=1e-12)
+    assert torch.equal(new[-3:], table[-3:])
+    single = torch.tensor([[0.7], [1.0], [2.0], [3.0]], dtype=torch.float64)  # grid 1x1: one offset + the CLS rows
+    resized = dtm.resize_rel_pos_table(single, (1, 1), (3, 2))
+    torch.testing.assert_close(resized, torch.tensor([[0.7]] * 15 + [[1.0], [2.0], [3.0]], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+
+
+def test_block_layer_norms_use_eps_1e6_on_a_small_residual_stream():
+    """BEiT's norm_layer is LayerNorm(eps=1e-6) for norm1 and norm2. The written-out block test runs activations of
+    variance ~1, where torch's default 1e-5 changes the output by ~1e-6 and passed; here the residual stream has
+    variance ~1e-6, where the eps is a good part of the denominator."""
+    torch.manual_seed(0)
+    C, heads, T, B = 64, 2, 5, 3
+    block = dtm.Block(C, heads).eval()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.5)
+        block.gamma_1.mul_(1e-3)  # a small attention branch: norm2 also sees a stream of variance ~1e-6
+    x = torch.randn(B, T, C) * 1e-3
+    with torch.no_grad():
+        out, _ = block(x)
+        d, W = C // heads, block.attn.qkv.weight
+        split = lambda t: t.view(B, T, heads, d).transpose(1, 2)  # noqa: E731
+        h = F.layer_norm(x, (C,), block.norm1.weight, block.norm1.bias, eps=1e-6)
+        q, k, v = split(h @ W[:C].t() + block.attn.q_bias), split(h @ W[C:2 * C].t()), split(h @ W[2 * C:].t()
+                                                                                         + block.attn.v_bias)
+        attn = (q @ k.transpose(-2, -1) / d ** 0.5).softmax(-1)
+        x1 = x + block.gamma_1 * block.attn.proj((attn @ v).transpose(1, 2).reshape(B, T, C))
+        h2 = F.layer_norm(x1, (C,), block.norm2.weight, block.norm2.bias, eps=1e-6)
+        expected = x1 + block.gamma_2 * block.mlp.fc2(F.gelu(block.mlp.fc1(h2)))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_clip_layer_norms_keep_openais_eps_on_a_small_residual_stream():
+    """OpenAI CLIP's LayerNorms (ln_pre, ln_1, ln_2, ln_post) are nn.LayerNorm's default eps 1e-5. With the random
+    weights of the reference test the activations have variance ~1 and an eps of 1e-6 passed; scaled so that every
+    LayerNorm's input has variance ~1e-6, the eps matters."""
+    sd = clip_visual_state_dict()
+    small = ["conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight", "ln_pre.bias"]
+    for i in range(CLIP_LAYERS):
+        p = f"transformer.resblocks.{i}."
+        small += [p + "attn.out_proj.weight", p + "attn.out_proj.bias", p + "mlp.c_proj.weight", p + "mlp.c_proj.bias"]
+    sd.update({k: sd[k] * 1e-3 for k in small})
+    visual = dtm.CLIPVisual(input_resolution=IMG, patch_size=PATCH, width=CLIP_W, layers=CLIP_LAYERS,
+                            heads=CLIP_W // 64, output_dim=CLIP_OUT)
+    visual.load_state_dict(sd)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(visual(x), clip_reference(sd, x), atol=1e-4, rtol=1e-3)
+
+
+def test_the_pretraining_model_computes_the_loss_its_flags_name():
+    """DTMPretrainModel's loss, loss_on and normalize_target reach dtm_loss in forward (train_pretrain's tests check
+    only that the model holds them): the model's loss equals the dense reference of its own predictions for every
+    combination. A forward that passed the defaults instead passed every test."""
+    x, mask = images(), random_mask()
+    targets = dtm.PixelTeacher(PATCH)(x) * 3 + 1
+    levels = morph.token_morphing_levels(targets, [[4, 4], [2]], generator=torch.Generator().manual_seed(0))
+    values = set()
+    for loss in dtm.LOSSES:
+        for loss_on in ("all", "masked"):
+            for normalize_target in (False, True):
+                model = dtm.DTMPretrainModel(tiny_vit().eval(), PATCH * PATCH * 3, loss=loss, loss_on=loss_on,
+                                             normalize_target=normalize_target)
+                with torch.no_grad():
+                    value, _ = model(x, mask, targets, levels)
+                    pred = model.head(model.student.forward_features(x, mask).tokens[:, 1:])
+                reference = dense_dtm_loss(pred, targets, levels, mask, loss, loss_on,
+                                           normalize_target=normalize_target)
+                torch.testing.assert_close(value, reference, atol=1e-6, rtol=1e-5,
+                                           msg=f"{loss} {loss_on} {normalize_target}")
+                values.add(round(value.item(), 4))
+    assert len(values) == 12  # every combination gives another value
+
+
+def test_a_masked_loss_without_masked_positions_is_zero_not_nan():
+    """loss_on="masked" divides by the number of masked positions, at least 1: a batch without any gives 0 (its
+    positions all weigh 0), not 0 / 0 = NaN."""
+    g = torch.Generator().manual_seed(4)
+    pred, target = torch.randn(2, N, 8, generator=g), torch.randn(2, N, 8, generator=g)
+    levels = morph.token_morphing_levels(target, [[3, 2]], generator=torch.Generator().manual_seed(0))
+    value, per_level = dtm.dtm_loss(pred, target, levels, torch.zeros(2, N, dtype=torch.bool), loss_on="masked")
+    assert value.item() == 0.0 and per_level[0].item() == 0.0
