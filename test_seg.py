@@ -8,6 +8,8 @@ import random
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import types
 
@@ -1183,6 +1185,37 @@ def test_the_logged_throughput_counts_images(tmp_path, monkeypatch):
     train_seg.main(TINY_RUN + ["--iters", "2", "--accum_iter", "2", "--output_dir", str(tmp_path)])
     records = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "img_per_s" in r]
     assert [r["img_per_s"] for r in records] == pytest.approx([4 / 10, 4 / 10])  # 2 micro-batches of 2, 10 s
+
+
+CLOCK_HELPER = """
+import sys
+sys.path.insert(0, {repo!r})
+import train_seg
+
+class Clock:  # train_seg's clock, one second per read
+    t = -1.0
+    def perf_counter(self):
+        Clock.t += 1.0
+        return Clock.t
+
+train_seg.time = Clock()
+train_seg.main(sys.argv[1:])
+"""
+
+
+def test_the_logged_throughput_counts_the_images_of_every_process(tmp_path):
+    """2 gloo processes x batch 2, one step per log line, a clock that ticks one second per read: 4 images/s (rank 0
+    alone saw 2). The only 2-process training run of segmentation here: on the CPU its BatchNorm is per process
+    (SyncBatchNorm is CUDA's), so 2 processes cannot equal 1 as in the other trainers' tests."""
+    helper = tmp_path / "clock.py"
+    helper.write_text(CLOCK_HELPER.format(repo=os.path.dirname(os.path.abspath(train_seg.__file__))))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper),
+               *TINY_RUN, "--iters", "2", "--output_dir", str(tmp_path / "two")]
+    result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [r for r in map(json.loads, open(tmp_path / "two" / "log.jsonl")) if "img_per_s" in r]
+    assert [(r["step"], r["img_per_s"]) for r in records] == [(1, 4.0), (2, 4.0)]
 
 
 def test_ade20k_recipe_defaults_of_the_schedule_and_optimizer():
