@@ -311,20 +311,26 @@ def test_relaunch_after_a_crash_continues_the_log_without_duplicates(image_folde
     assert [r["step"] for r in read_log(out / engine.LOG)] == [1, 2, 3, 4]
 
 
+def dies_in_micro_step(monkeypatch, n: int):
+    """tp.train_micro_step raises KeyboardInterrupt (a crash) at its n-th call from now -> the original, to restore."""
+    micro_step, calls = tp.train_micro_step, []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return micro_step(*args, **kwargs)
+
+    monkeypatch.setattr(tp, "train_micro_step", dies)
+    return micro_step
+
+
 def test_a_crash_between_log_lines_leaves_the_log_as_one_run_would(image_folder, tmp_path, monkeypatch):
     """--log_every 2 with a checkpoint at step 3 (the end of epoch 0): a run that dies in step 5, relaunched, logs
     step 4 as the mean of steps 3 and 4 (the checkpoint holds step 3's loss), not of step 4 alone."""
     argv = lambda out: tiny_argv(image_folder, tmp_path / out, "--max_steps", "6", "--log_every", "2")
     full = read_log(tp.main(argv("full"))["output_dir"] + "/" + engine.LOG)
-    micro_step, calls = tp.train_micro_step, []
-
-    def dies_in_step_5(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return micro_step(*args, **kwargs)
-
-    monkeypatch.setattr(tp, "train_micro_step", dies_in_step_5)
+    micro_step = dies_in_micro_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         tp.main(argv("crashed"))
     assert [r["step"] for r in read_log(tmp_path / "crashed" / engine.LOG)] == [2, 4]  # step 4: after the checkpoint
@@ -985,14 +991,7 @@ def test_a_relaunch_between_log_lines_averages_the_whole_window(image_folder, tm
     argv = lambda out: tiny_argv(image_folder, tmp_path / out, "--max_steps", "4", "--log_every", "4",  # noqa: E731
                                  "--save_every", "2")
     full = read_log(tp.main(argv("full"))["output_dir"] + "/" + engine.LOG)
-    micro_step, calls = tp.train_micro_step, []
-
-    def dies_in_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return micro_step(*args, **kwargs)
-    monkeypatch.setattr(tp, "train_micro_step", dies_in_step_3)
+    micro_step = dies_in_micro_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         tp.main(argv("crashed"))
     assert torch.load(tmp_path / "crashed" / engine.LAST)["log_window"]["count"] == 2

@@ -39,8 +39,7 @@ DEMO_DEFAULTS = dict(model="vit_tiny", teacher="pixels", img_size=112, batch_siz
 # silent; "official" computes what the official code computes where the two differ. README: Recipe provenance.
 RECIPES = {"paper": dict(split="random"),  # Algorithm 1: a random split of the tokens into A and B
            "official": dict(split="official")}  # engines/engine_for_dtm.py: ToMe's bipartite_soft_matching(..., True)
-PAPER_SCHEDULE = dict(epochs=300, warmup_epochs=10)  # the paper (README: Recipe provenance, schedule)
-SCHEDULE = tuple(PAPER_SCHEDULE)  # not given: a continued run's own (set_schedule)
+PAPER_SCHEDULE = dict(epochs=300, warmup_epochs=10)  # the paper (README: Recipe provenance); not given: a run's own
 LAYER_SCALE = {"vit_l": 1e-5}  # 0.1 otherwise: run_pretrain_dtm.py --layer_scale_init_value "0.1 for base, 1e-5 for large"
 
 
@@ -144,7 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     first = parser.parse_args(argv)
     defaults = dict(RECIPES[first.recipe])
     if first.data is None:  # the MTO demo gets its own folder, so the plain demo's run is never resumed with --mto
-        defaults.update({k: v for k, v in DEMO_DEFAULTS.items() if k not in SCHEDULE},  # set_schedule's
+        defaults.update({k: v for k, v in DEMO_DEFAULTS.items() if k not in PAPER_SCHEDULE},  # set_schedule's
                         output_dir="output/pretrain_demo_mto" if first.mto else "output/pretrain_demo")
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
@@ -293,7 +292,8 @@ def main(argv=None) -> dict:
 
 def set_schedule(args, saved_args: dict = None):
     """--epochs / --warmup_epochs not given: a continued run's own (saved_args), else the paper's, or the demo's."""
-    engine.set_run_length(args, {k: DEMO_DEFAULTS[k] for k in SCHEDULE} if args.demo else PAPER_SCHEDULE, saved_args)
+    engine.set_run_length(args, {k: DEMO_DEFAULTS[k] for k in PAPER_SCHEDULE} if args.demo else PAPER_SCHEDULE,
+                          saved_args)
 
 
 def train(args, d: engine.Dist) -> dict:
