@@ -980,9 +980,10 @@ def test_rel_pos_table_resize_from_a_grid_of_one_or_two_patches_repeats_its_edge
 
 
 def test_block_layer_norms_use_eps_1e6_on_a_small_residual_stream():
-    """BEiT's norm_layer is LayerNorm(eps=1e-6) for norm1 and norm2. The written-out block test runs activations of
-    variance ~1, where torch's default 1e-5 changes the output by ~1e-6 and passed; here the residual stream has
-    variance ~1e-6, where the eps is a good part of the denominator."""
+    """BEiT's norm_layer is LayerNorm(eps=1e-6) for norm1 and norm2 (naver-ai/dtm models/modeling_dtm.py:274, 291,
+    307). The written-out block test runs activations of variance ~1, where torch's default 1e-5 changes the output
+    by ~1e-6 and passed; here the residual stream has variance ~1e-6, where the eps is a good part of the
+    denominator."""
     torch.manual_seed(0)
     C, heads, T, B = 64, 2, 5, 3
     block = dtm.Block(C, heads).eval()
