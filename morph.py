@@ -126,7 +126,9 @@ def sample_schedule(num_tokens: int, max_merged: int, max_iters: int, rng: rando
     """The dynamic scheduler (Sec. 3.2): merged count n ~ U{0..max_merged}, iterations k ~ U{1..max_iters}, then
     make_schedule(num_tokens, n, k, rule, max_merged). rng is a random.Random (seed it from the step for
     reproducible runs without saved state). rule: "spread" (exactly n merges) by default; train_pretrain.py's
-    --schedule_rule defaults to "official" (the official code's), so pass rule="official" to draw as it does."""
+    --schedule_rule defaults to "official" (the official code's), so pass rule="official" to compute r as it does.
+    Called once per level, it draws n1, k1, n2, k2; naver-ai/dtm engines/engine_for_dtm.py:103-106 draws n1, n2,
+    k1, k2: the same distribution, other values for the same seed."""
     n = rng.randint(0, max_merged)
     k = rng.randint(1, max_iters)
     return make_schedule(num_tokens, n, k, rule, max_merged)

@@ -1,4 +1,5 @@
 """Tests for morph.py (Algorithm 1 of DTM) against references written here, independent of morph.py."""
+import math
 import os
 import random
 import shutil
@@ -525,3 +526,58 @@ def test_morph_py_copied_alone_imports_nothing_of_this_repo_and_computes_the_sam
     torch.manual_seed(0)
     groups = token_morphing(torch.randn(2, 16, 8), [4, 2], "random", torch.Generator().manual_seed(1))
     assert out.stdout.splitlines() == [str(groups.tolist()), "[]"]
+
+
+@pytest.mark.parametrize("dim", [8, 64])  # feature sums (N > C) / Gram matrix (N <= C)
+@pytest.mark.parametrize("split", ["random", "alternate"])
+def test_tied_similarities_merge_the_first_sources(split, dim):
+    """Exact ties in the sources' best cosines (duplicate tokens: flat patches of one colour) go to the source that
+    comes first, as ToMe's argsort and the naive loop's stable sort: 30 identical sources (integer-valued, so every
+    product is exact) and their r best edges. An unstable sort takes any r of the tied sources."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (2, 60, dim), generator=g).double()
+    x[0, 0::2] = x[0, 0]  # alternate split: every source of sample 0 the same token
+    x[1, 0::4] = x[1, 0]  # sample 1: every other source the same
+    for schedule in ([10], [10, 7, 5]):
+        got = token_morphing(x, schedule, split, torch.Generator().manual_seed(1))
+        assert torch.equal(got, naive_algorithm1(x, schedule, split, seed=1)), schedule
+
+
+@pytest.mark.parametrize("dim", [1, 64])  # feature sums (N > C) / Gram matrix (N <= C)
+def test_official_split_protects_the_first_patch_even_at_cosine_minus_one(dim):
+    """The protected first patch is out of the running whatever the other sources' best cosines: with every source
+    opposite every destination (all best cosines exactly -1) it still stays alone, its score below any cosine."""
+    x = torch.zeros(2, 21, dim)
+    x[:, 0::2, 0] = 1.0  # sources (even positions) +e0, destinations -e0: every cosine -1
+    x[:, 1::2, 0] = -1.0
+    for schedule in ([10], [3, 3, 3]):
+        groups = token_morphing(x, schedule, "official")
+        G = num_groups_after(21, schedule, "official")
+        assert is_partition(groups, G) and G == 21 - sum(clamp_schedule(21, schedule, "official"))
+        assert (groups[:, 1:] != groups[:, :1]).all(), schedule  # patch 0 never merged
+
+
+def test_levels_that_follow_each_other_on_the_gram_matrix_do_not_share_it():
+    """The Gram matrix is computed once and copied for a level when a later one also reads it; two consecutive levels
+    on it (N <= C) must each see the tokens' own Gram matrix, not the one the previous level merged."""
+    x = torch.randn(3, 30, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    schedules = [[4, 4], [3, 3, 3], [6]]
+    for split in ("alternate", "official", "random"):
+        got = token_morphing_levels(x, schedules, split, torch.Generator().manual_seed(3))
+        gen = torch.Generator().manual_seed(3)
+        expected = [token_morphing(x, s, split, gen) for s in schedules]
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), split
+        if split != "official":  # and against the naive loop
+            assert all(torch.equal(a, naive_algorithm1(x, s, split, seed=3)) for a, s in zip(got[:1], schedules[:1]))
+
+
+def test_official_schedule_rule_against_the_official_formula():
+    """make_schedule(rule="official") is the r of naver-ai/dtm engines/engine_for_dtm.py:111-114: ceil(n / k) unless
+    ceil(n / k) * k > n1 (max_merged), then floor(n / k), in every round, then clamped. Checked for all n, k where
+    clamping does not bite, including n above max_merged (floor of a multiple of k is n / k itself, not one less)."""
+    for max_merged in (20, 30):
+        for n in range(0, 41):
+            for k in range(1, 8):
+                r = math.floor(n / k) if math.ceil(n / k) * k > max_merged else math.ceil(n / k)
+                expected = clamp_schedule(400, [r] * k)
+                assert make_schedule(400, n, k, "official", max_merged=max_merged) == expected, (n, k, max_merged)

@@ -674,3 +674,58 @@ def test_mto_py_copied_alone_imports_nothing_of_this_repo_and_computes_the_same(
     exec(compute, here)
     for alone, expected in zip(torch.load(tmp_path / "values.pt"), here["values"]):
         assert torch.equal(alone, expected)
+
+
+def test_losses_of_bf16_inputs_are_computed_and_returned_in_float32():
+    """bf16 block outputs and q, k (a ViT run under autocast or in bf16) are promoted to float32, as documented:
+    the (B,) losses are float32 and equal those of the same values given in float32 (bf16 -> float32 is exact).
+    Computed in bf16, the cosines and logits would keep 8 bits."""
+    mask = masks_with_edge_cases()
+    g = torch.Generator().manual_seed(21)
+    hidden = torch.randn(4, 1 + N, 12, generator=g).bfloat16()
+    q, k = (torch.randn(4, 3, 1 + N, 8, generator=g).bfloat16() for _ in range(2))
+    bias = torch.randn(3, 1 + N, 1 + N, generator=g).bfloat16()
+    sing = mto.singularity_loss(hidden, mask)
+    ent = mto.attention_entropy(q, k, bias, mask)
+    assert sing.dtype == torch.float32 and ent.dtype == torch.float32
+    torch.testing.assert_close(sing, mto.singularity_loss(hidden.float(), mask), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ent, mto.attention_entropy(q.float(), k.float(), bias.float(), mask), rtol=1e-6,
+                               atol=1e-7)
+    torch.testing.assert_close(ent, explicit_entropy(q.float(), k.float(), bias.float(), mask), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_entropy_with_exactly_two_visible_patches():
+    """Two visible patches is the smallest count with an entropy (normalized by log 2): counted, and equal to the
+    binary entropy of the two renormalized weights; one visible patch gives 0."""
+    g = torch.Generator().manual_seed(22)
+    mask = torch.ones(3, N, dtype=torch.bool)
+    mask[0, [3, 11]] = False  # two visible patches
+    mask[1, ::2] = False
+    mask[2, 5] = False  # one visible patch
+    q, k = torch.randn(3, 2, 1 + N, 8, generator=g), torch.randn(3, 2, 1 + N, 8, generator=g)
+    value = mto.attention_entropy(q, k, None, mask)
+    logits = (q[0, :, 1:] @ k[0, :, 1 + torch.tensor([3, 11])].transpose(-2, -1)) / math.sqrt(8)  # (heads, N, 2)
+    p = logits.double().softmax(-1)
+    binary = -(p * p.log()).sum(-1) / math.log(2)  # (heads, N)
+    expected = binary.mean(0)[mask[0]].mean()
+    assert 0 < value[0] < 1 and value[0].item() == pytest.approx(expected.item(), abs=1e-6)
+    torch.testing.assert_close(value, explicit_entropy(q, k, None, mask), rtol=1e-5, atol=1e-6)
+    assert value[2] == 0
+
+
+def test_attention_entropy_ignores_masked_keys_however_large_their_logits():
+    """Only visible keys count. An image with few visible patches has its key list padded (here with its masked
+    patches 0..5); logits of those masked keys 2e4 above the visible ones must not move the visible keys' shifted
+    logits below the -1e4 padding fill (they would take all the weight: entropy log 6 / log 3 = 1.63)."""
+    g = torch.Generator().manual_seed(23)
+    mask = torch.ones(2, N, dtype=torch.bool)
+    mask[0, 13:] = False  # 3 visible patches: keys padded to 9 with masked patches 0..5
+    mask[1, 7:] = False  # 9 visible patches; 0..5 masked here too
+    assert mto.patch_rows(mask).visible_padded
+    q, k = torch.randn(2, 2, 1 + N, 8, generator=g), torch.randn(2, 2, 1 + N, 8, generator=g)
+    bias = torch.randn(2, 1 + N, 1 + N, generator=g)
+    plain = mto.attention_entropy(q, k, bias, mask)
+    torch.testing.assert_close(plain, explicit_entropy(q, k, bias, mask), rtol=1e-5, atol=1e-6)
+    large = bias.clone()
+    large[:, :, 1:7] += 2e4  # every query's logit on keys of patches 0..5, masked in both images
+    torch.testing.assert_close(mto.attention_entropy(q, k, large, mask), plain, rtol=0, atol=1e-6)
