@@ -14,11 +14,15 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
     mto              --mto: finite, the MTO fields logged
     torchrun         a 1-process torchrun run (nccl on a GPU, gloo on the CPU) with the model in DDP and one
                      all_reduce: finishes, checkpoint written
+    ddp_two_processes  pre-training and segmentation steps with 2 processes (torchrun; needs 2 GPUs, on the CPU 2
+                     gloo processes): engine.ddp's DDP over nccl, the ranks' object collectives, SyncBatchNorm
     finetune         fine-tuning steps and the distributed-exact evaluation
     seg              segmentation steps and the sliding-window evaluation
     throughput       images/s and peak memory of a ViT-B pre-training step (CLIP ViT-B/16-sized teacher, random
                      weights) at 64 and 128 images per GPU, and at 128 with --mto; ViT-L at 128 with fp16, with and
-                     without --grad_checkpoint, and with both --grad_checkpoint and --mto
+                     without --grad_checkpoint, and with both --grad_checkpoint and --mto (out of memory, also as
+                     a library's failed allocation, is a figure; a configuration that cannot start 30 s before the
+                     budget's end is skipped and named)
     bench_morph      python bench_morph.py --device cuda
     bench_mto        python bench_mto.py --device cuda --amp bf16 (fp16 without native bf16)
     sdpa             ViT-B attention with the relative position bias, without and with MTO's recalibration mask, in
@@ -29,11 +33,13 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
                      kernels SDPA picks (named; the teacher's may be flash's or cuDNN's)
     compile          --compile: one graph shared by all blocks, finite losses, first-step loss equal to the eager run's
     bench_mto_whole_step  bench_mto's DTM and MTO's defaults with --teacher clip: MTO's overhead over the whole step
+    compile_mto_grad_checkpoint  as compile, with --grad_checkpoint and --mto (ViT-L's memory lever on a V100)
 """
 import time
 
 STARTED = time.perf_counter()  # the budget counts from here, before torch's import and CUDA's start-up
 WATCHDOG_S = None  # --watchdog_s when set: child processes are timed out before it, so one check fails, not the run
+BUDGET_S = None  # --budget_s, once main has read it: throughput starts no configuration after it less CONFIG_RESERVE_S
 
 import argparse
 import contextlib
@@ -51,6 +57,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -111,13 +118,28 @@ def check_autocast_fp32(device, quick, tmp):
     teacher = dtm.PixelTeacher(16)
     tokens = (torch.randn(2, 1, 64) * 3 + torch.randn(2, 16, 64)).to(device, torch.bfloat16)  # near-tied cosines
     schedules = [[2] * 4, [5]]
-    expected = teacher(images), morph.token_morphing_levels(tokens, schedules, "official")
-    for dtype in (torch.bfloat16, torch.float16):
-        with torch.autocast("cuda", dtype=dtype):
-            targets, groups = teacher(images), morph.token_morphing_levels(tokens, schedules, "official")
-        assert targets.dtype == torch.float32 and torch.equal(targets, expected[0]), dtype
-        assert all(torch.equal(a, b) for a, b in zip(groups, expected[1])), dtype
+    with deterministic():  # CUDA's index_add_ / scatter_add_ add in any order: a near tie could flip between runs
+        expected = teacher(images), morph.token_morphing_levels(tokens, schedules, "official")
+        for dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cuda", dtype=dtype):
+                targets, groups = teacher(images), morph.token_morphing_levels(tokens, schedules, "official")
+            assert targets.dtype == torch.float32 and torch.equal(targets, expected[0]), dtype
+            assert all(torch.equal(a, b) for a, b in zip(groups, expected[1])), dtype
     return {"dtypes": ["bf16", "fp16"]}
+
+
+@contextlib.contextmanager
+def deterministic():
+    """torch.use_deterministic_algorithms for a block, then as it was (warn_only: an op without a deterministic
+    kernel, e.g. cuBLAS without CUBLAS_WORKSPACE_CONFIG, warns instead of raising)."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def check_pretrain_amp(device, quick, tmp):
@@ -195,6 +217,67 @@ def check_torchrun(device, quick, tmp):
     assert reduced == "1.0" and wrapped == "ddp", (reduced, wrapped)
     assert torch.load(os.path.join(out, engine.LAST))["step"] == 2
     return {"backend": backend, "exercised": "an all_reduce and DDP's gradient all-reduce (1 process)"}
+
+
+# two processes: DDP over the backend for real (the model wrapped by engine.ddp itself), the trainers' object
+# collectives (the ranks' agreement checks), and in segmentation on GPUs SyncBatchNorm
+TWO_PROCESS_HELPER = """
+import json
+import sys
+import torch
+sys.path.insert(0, {repo!r})
+import engine
+import {trainer}
+
+ddp = engine.ddp
+
+
+def recorded(model, d):
+    wrapped = ddp(model, d)
+    if d.rank == 0:
+        norms = sorted({{type(m).__name__ for m in model.modules()
+                         if isinstance(m, torch.nn.modules.batchnorm._NormBase)}})
+        record = {{"world_size": d.world_size, "backend": torch.distributed.get_backend(), "norms": norms,
+                  "ddp": isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)}}
+        open({out!r} + ".json", "w").write(json.dumps(record))
+    return wrapped
+
+
+engine.ddp = recorded
+{trainer}.main(sys.argv[1:])
+"""
+
+
+def check_ddp_two_processes(device, quick, tmp):
+    cuda = device.startswith("cuda")
+    if cuda and torch.cuda.device_count() < 2:
+        raise Skip("one GPU visible: two processes need two GPUs (run it on a node with several)")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.setdefault("NCCL_DEBUG", "WARN")
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    runs = {"train_pretrain": ["--model", "vit_tiny", "--img_size", "64", "--batch_size", "4", "--num_masked", "6",
+                               "--min_block", "2", "--max_steps", "2", "--num_workers", "1"],
+            "train_seg": ["--crop_size", "64", "--scale", "128", "64", "--stride", "43", "--channels", "32",
+                          "--batch_size", "2", "--iters", "2", "--warmup_iters", "1", "--eval_every", "2",
+                          "--demo_train_images", "8", "--demo_val_images", "3", "--num_workers", "0"]}
+    details = {}
+    for trainer, argv in runs.items():
+        out = os.path.join(tmp, f"two_processes_{trainer}")
+        helper = out + "_helper.py"
+        with open(helper, "w") as f:
+            f.write(TWO_PROCESS_HELPER.format(repo=HERE, trainer=trainer, out=out))
+        result = run_child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            helper, *argv, "--output_dir", out], timeout=180, env=env)
+        assert result.returncode == 0, trainer + ": " + result.stdout[-2000:] + result.stderr[-2000:]
+        with open(out + ".json") as f:
+            record = json.load(f)
+        norms = (["SyncBatchNorm"] if cuda else ["BatchNorm2d"]) if trainer == "train_seg" else []
+        assert record == {"world_size": 2, "backend": "nccl" if cuda else "gloo", "norms": norms, "ddp": True}, \
+            (trainer, record)
+        assert torch.load(os.path.join(out, engine.LAST))["step"] == 2, trainer
+        details[trainer] = record
+    return details
 
 
 def run_child(argv, timeout, **kwargs):
@@ -333,12 +416,18 @@ def check_throughput(device, quick, tmp):
                      ("vit_l", 128, fp16, ckpt, mto) for ckpt, mto in ((False, False), (True, False), (True, True))})
     figures, failed = {}, []
     for name, (model_name, batch, run_amp, checkpointing, mto) in runs.items():
+        spent = time.perf_counter() - STARTED
+        if BUDGET_S is not None and spent > BUDGET_S - CONFIG_RESERVE_S:  # the watchdog would lose every figure
+            figures[name] = {"skipped": f"out of time: {spent:.0f} s spent, --budget_s {BUDGET_S:g}, reserve "
+                                        f"{CONFIG_RESERVE_S} s per configuration"}
+            continue
         try:  # one configuration that fails keeps the others' figures; out of memory (a 32 GB GPU) is a figure too
             figures[name] = step_figures(device, "vit_tiny" if quick else model_name, 4 if quick else batch,
                                          run_amp, checkpointing, steps, quick, mto)
-        except torch.OutOfMemoryError as e:
-            figures[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
         except Exception as e:  # noqa: BLE001 -- raised after the loop, with every configuration's figures
+            if out_of_memory(e):
+                figures[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+                continue
             figures[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
             failed.append(name)
         if cuda:
@@ -346,6 +435,13 @@ def check_throughput(device, quick, tmp):
     if failed:
         raise ThroughputFailed(f"{', '.join(failed)} failed", figures)
     return figures
+
+
+def out_of_memory(e: Exception) -> bool:
+    """torch's OutOfMemoryError, or a library's failed allocation that torch raises as a plain RuntimeError
+    (cuBLAS's or cuDNN's ..._STATUS_ALLOC_FAILED, "CUDA error: out of memory")."""
+    return isinstance(e, torch.OutOfMemoryError) or \
+        (isinstance(e, RuntimeError) and ("out of memory" in str(e) or "ALLOC_FAILED" in str(e)))
 
 
 class ThroughputFailed(Exception):
@@ -459,20 +555,23 @@ def check_sdpa(device, quick, tmp):
             record(f"{dtype_name}_{mask_name}_no_grad", run(SDPBackend.MATH, dtype, None, train=False),
                    lambda: run(None, dtype, None, train=False))
     for dtype_name, dtype in dtypes.items():
-        record(f"{dtype_name}_clip_teacher_no_mask", run_teacher(SDPBackend.MATH, dtype), lambda: run_teacher(None, dtype))
+        record(f"{dtype_name}_clip_teacher_no_mask", run_teacher(SDPBackend.MATH, dtype),
+               lambda: run_teacher(None, dtype))
     return details
 
 
 COMPUTE_PARTS = ("teacher_s", "morph_s", "student_s", "optimizer_s")  # a logged step's time split, but data_s
 
 
-def check_compile(device, quick, tmp):
-    """Last in this process: its compile time on a GPU is not known yet, and the report keeps what ran before it."""
+def compiled_against_eager(device, quick, tmp, *flags):
+    """Pre-training steps with `flags`, eager and with --compile: one graph shared by all blocks, finite losses, the
+    first step's loss equal to the eager run's; the figures of both."""
     from torch._dynamo.utils import counters
-    eager = pretrain_run(os.path.join(tmp, "eager"), device, quick)
+    tag = "".join(flags).replace("-", "_")
+    eager = pretrain_run(os.path.join(tmp, f"eager{tag}"), device, quick, *flags)
     torch._dynamo.reset()
     counters.clear()
-    compiled = pretrain_run(os.path.join(tmp, "compiled"), device, quick, "--compile")
+    compiled = pretrain_run(os.path.join(tmp, f"compiled{tag}"), device, quick, *flags, "--compile")
     graphs = counters["stats"]["unique_graphs"]
     details = {"graphs": graphs, "first_loss": {"eager": eager[0]["loss"], "compiled": compiled[0]["loss"]},
                # the last step's time but data loading: two workers may not keep up with a GPU, so img_per_s (kept
@@ -486,13 +585,28 @@ def check_compile(device, quick, tmp):
     return details
 
 
-def check_bench_mto_whole_step(device, quick, tmp):  # last: the checks above matter more if time runs short
+def check_compile(device, quick, tmp):
+    """Last but the least needed in this process: its compile time on a GPU is not known yet, and the report keeps
+    what ran before it."""
+    return compiled_against_eager(device, quick, tmp)
+
+
+def check_bench_mto_whole_step(device, quick, tmp):  # late: the checks above matter more if time runs short
     return run_bench([*bench_mto_command(device, quick), "--teacher", "clip", "--variants", "0", "1"])
+
+
+def check_compile_mto_grad_checkpoint(device, quick, tmp):
+    """--compile with --grad_checkpoint (ViT-L's lever on a 32 GB V100) and --mto: the compiled blocks recomputed in
+    the backward, with MTO's mask in and q, k out. Last: the compile check before it is the one the README names."""
+    return compiled_against_eager(device, quick, tmp, "--grad_checkpoint", "--mto")
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}  # in this order
 # seconds a check needs: it starts only this long before the end of --budget_s
-RESERVE_S = {"torchrun": 60, "bench_morph": 30, "bench_mto": 60, "sdpa": 30, "compile": 150, "bench_mto_whole_step": 60}
+RESERVE_S = {"torchrun": 60, "ddp_two_processes": 90, "throughput": 60, "bench_morph": 30, "bench_mto": 60,
+             "sdpa": 30, "compile": 150, "bench_mto_whole_step": 60, "compile_mto_grad_checkpoint": 150}
+CONFIG_RESERVE_S = 30  # throughput: a configuration (ViT-L at 128 on a V100: its model built, 12 steps) starts this
+# long before the budget's end at the latest
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -550,7 +664,7 @@ def test_report_dry_run_on_cpu(tmp_path):
     status = {name: check["status"] for name, check in report["checks"].items()}
     assert status == {**{name: "ok" for name in CHECKS}, "amp_choice": "skipped",
                       "autocast_fp32": "skipped"}, report
-    assert report["checks"]["compile"]["graphs"] == 1
+    assert report["checks"]["compile"]["graphs"] == 1 and report["checks"]["compile_mto_grad_checkpoint"]["graphs"] == 1
     assert all(seconds > 0 for seconds in report["checks"]["compile"]["compute_s_last"].values())
     assert report["checks"]["torchrun"]["backend"] == "gloo"
     assert report["checks"]["throughput"]["vit_b_batch64"]["img_per_s"] > 0
@@ -591,6 +705,7 @@ def test_child_processes_end_before_the_watchdog(monkeypatch):
 
 def test_budget_counts_from_the_start_and_keeps_compile_s_reserve(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "STARTED", time.perf_counter() - 20)  # 20 s since the start
+    monkeypatch.setattr(sys.modules[__name__], "BUDGET_S", None)  # main sets it: restored after the test
     out = tmp_path / "report.json"
     others = [name for name in CHECKS if name not in ("amp_choice", "compile")]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device cpu on a GPU machine too
@@ -614,6 +729,22 @@ def test_budget_defaults_leave_child_processes_time_before_the_watchdog(capsys):
     assert "--budget_s 560 is within 30 s of --watchdog_s 575" in capsys.readouterr().out
 
 
+def test_deterministic_block_restores_the_mode_it_found():
+    """check_autocast_fp32 compares groups exactly, so CUDA's atomics must add in a fixed order there; the mode is
+    global, so the rest of the run (and an outer choice, warn_only included) must get back what it had."""
+    for before in ((False, False), (True, True), (True, False)):
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        try:
+            with pytest.raises(ZeroDivisionError), deterministic():
+                assert torch.are_deterministic_algorithms_enabled()
+                assert torch.is_deterministic_algorithms_warn_only_enabled()
+                1 / 0
+            assert (torch.are_deterministic_algorithms_enabled(),
+                    torch.is_deterministic_algorithms_warn_only_enabled()) == before
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+
 def test_device_is_the_one_the_trainers_use(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert check_device("cuda") == "cuda:0" and check_device("cuda:0") == "cuda:0"
@@ -632,13 +763,21 @@ def test_device_is_the_one_the_trainers_use(monkeypatch):
 def test_a_check_that_exits_or_a_failed_configuration_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     """A trainer's argparse error (SystemExit) fails its check, not the run; a throughput configuration that fails
     keeps the other configurations' figures."""
+    calls = []
+
     def figures(device, model_name, batch, amp, grad_checkpoint, steps, quick, mto=False):
+        calls.append(1)
         if mto:
             raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
+        if grad_checkpoint:  # a failed allocation raised by a library as a RuntimeError: a figure, not a failure
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        if len(calls) == 4:  # vit_l_batch128_fp16
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return {"img_per_s": 1.0}
 
     monkeypatch.setitem(CHECKS, "amp_choice", lambda *args: sys.exit(2))
     monkeypatch.setattr(sys.modules[__name__], "STARTED", time.perf_counter())  # the budget: not this session's time
+    monkeypatch.setattr(sys.modules[__name__], "BUDGET_S", None)  # main sets it: restored after the test
     monkeypatch.setattr(sys.modules[__name__], "step_figures", figures)
     out = tmp_path / "report.json"
     others = [name for name in CHECKS if name not in ("amp_choice", "autocast_fp32", "throughput")]
@@ -654,6 +793,32 @@ def test_a_check_that_exits_or_a_failed_configuration_is_reported_and_the_run_go
         "ThroughputFailed: vit_b_batch128_mto, vit_l_batch128_fp16_grad_checkpoint_mto failed"
     assert throughput["figures"]["vit_b_batch64"] == {"img_per_s": 1.0}
     assert "CUBLAS_STATUS_EXECUTION_FAILED" in throughput["figures"]["vit_b_batch128_mto"]["error"]
+    assert throughput["figures"]["vit_l_batch128_fp16"] == {"error": "out of memory: CUDA out of memory. Tried to "
+                                                                     "allocate 2.00 GiB"}
+    assert throughput["figures"]["vit_l_batch128_fp16_grad_checkpoint"]["error"].startswith(
+        "out of memory: CUDA error: CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def test_throughput_starts_no_configuration_the_budget_leaves_no_time_for(monkeypatch):
+    """Configurations run one after another (ViT-L at 128 on a V100 may take a while): one that would start within
+    CONFIG_RESERVE_S of --budget_s is skipped and named, so the watchdog does not end the run and lose them all."""
+    ran = []
+
+    def figures(device, model_name, batch, amp, grad_checkpoint, steps, quick, mto=False):
+        ran.append((model_name, batch, mto))
+        monkeypatch.setattr(sys.modules[__name__], "STARTED", time.perf_counter() - 75)  # each takes "25 s"
+        return {"img_per_s": 1.0}
+
+    monkeypatch.setattr(sys.modules[__name__], "step_figures", figures)
+    monkeypatch.setattr(sys.modules[__name__], "STARTED", time.perf_counter() - 50)  # 50 s spent
+    monkeypatch.setattr(sys.modules[__name__], "BUDGET_S", 100.0)  # so the first one may start (50 <= 100 - 30)
+    found = check_throughput("cpu", True, None)
+    assert ran == [("vit_tiny", 4, False)]  # then 75 s spent: past 100 - 30
+    assert list(found) == ["vit_b_batch64", "vit_b_batch128", "vit_b_batch128_mto", "vit_l_batch128_fp16",
+                           "vit_l_batch128_fp16_grad_checkpoint", "vit_l_batch128_fp16_grad_checkpoint_mto"]
+    assert found["vit_b_batch64"] == {"img_per_s": 1.0}
+    assert all(re.match(r"out of time: 7\d s spent, --budget_s 100, reserve 30 s per configuration", f["skipped"])
+               for name, f in found.items() if name != "vit_b_batch64")
 
 
 def processes_with(marker: str) -> list:
@@ -749,6 +914,8 @@ def main(argv=None):
     if args.watchdog_s > 0:
         start_watchdog(args.watchdog_s)
     args.budget_s = budget(args.budget_s, args.watchdog_s)
+    global BUDGET_S
+    BUDGET_S = args.budget_s
     args.device = check_device(args.device)
     report = {"device": device_name(args.device), "torch": torch.__version__, "cuda": torch.version.cuda,
               "quick": args.quick, "checks": {}}

@@ -367,13 +367,19 @@ def test_take_rows_gradient_is_a_fresh_contiguous_tensor_equal_to_index_select_b
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside torch.compile
-def test_mto_with_compiled_blocks_equals_eager():
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_mto_with_compiled_blocks_equals_eager(grad_checkpoint):
     """--compile --mto: the blocks compiled (engine.compile_blocks) return the q, k and outputs the losses read, and
     autograd adds the losses' gradients to the ones of the compiled backward. One graph for all blocks (with the mask
-    and q, k returned), and the losses and every parameter's gradient equal the eager model's."""
+    and q, k returned), and the losses and every parameter's gradient equal the eager model's; also with
+    --grad_checkpoint (ViT-L's memory lever), where the compiled blocks run again in the backward."""
     from torch._dynamo.utils import counters
     x, mask = images(), random_mask()
     eager, compiled = tiny_vit(), tiny_vit()
+    if grad_checkpoint:  # recomputes in training mode only (no drop path: the ViT's default rate is 0)
+        for model in (eager, compiled):
+            model.grad_checkpointing = True
+            model.train()
     engine.compile_blocks(compiled)
     torch._dynamo.reset()
     counters.clear()
