@@ -239,13 +239,18 @@ class RelativePositionBias(nn.Module):
 
 
 def _attention_bias(rel_pos_bias, attn_mask, dtype):
-    """Additive bias for SDPA: rel_pos_bias (heads, T, T) plus attn_mask (bool: True = may attend, or float)."""
-    bias = rel_pos_bias
+    """Additive bias for SDPA in the attention's dtype: rel_pos_bias (heads, T, T) plus attn_mask (bool: True = may
+    attend, or float). Each is cast before the sum, so a (B, heads, T, T) sum (MTO's per-image mask) is made once, in
+    bf16 / fp16 under autocast, not in float32 and then copied; with a 0 / -inf mask (MTO's, or a bool one) its values
+    are those of the float32 sum cast, and its gradient reaches the tables summed over the batch in that dtype, as
+    the gradient of a (heads, T, T) bias alone does."""
+    bias = None if rel_pos_bias is None else rel_pos_bias.to(dtype)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
-        bias = attn_mask if bias is None else bias + attn_mask
-    return None if bias is None else bias.to(dtype)
+            attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(
+                ~attn_mask, float("-inf"))
+        bias = attn_mask.to(dtype) if bias is None else bias + attn_mask.to(dtype)
+    return bias
 
 
 class Attention(nn.Module):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dtm
 import morph
@@ -201,6 +202,43 @@ def test_weight_inits_pretrain_and_downstream():
     assert down.patch_embed.bias.any()
     with pytest.raises(ValueError, match="weight_init"):
         dtm.build_vit("vit_tiny", img_size=32, weight_init="timm")
+
+
+class _Float32Outputs(TorchDispatchMode):
+    """Records the shapes of the float32 tensors that aten ops return inside it, autograd's backward ops included."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32:
+                self.shapes.append(tuple(tensor.shape))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_attention_bias_is_summed_in_the_attention_dtype_with_the_float32_sums_values(dtype):
+    """Under autocast the (B, heads, T, T) bias of a per-image mask (MTO's) is made in bf16 / fp16 (no float32 copy
+    of that size, forward or backward: 238 MB per block for ViT-B at batch 128), with the values of the float32 sum
+    cast, the mask being 0 / -inf; a (heads, T, T) bias or a mask alone is cast as it is."""
+    g = torch.Generator().manual_seed(0)
+    rel = (torch.randn(3, 10, 10, generator=g) * 4).requires_grad_()
+    allowed = torch.rand(2, 1, 10, 10, generator=g) < 0.7
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    for mask in (allowed, additive):
+        with _Float32Outputs() as made:
+            bias = dtm._attention_bias(rel, mask, dtype)
+            bias.sum().backward()  # its gradient's way back to the table
+        assert bias.dtype == dtype and torch.equal(bias, (rel.detach() + additive).to(dtype))
+        assert dtype == torch.float32 or (2, 3, 10, 10) not in made.shapes, made.shapes
+        assert torch.equal(rel.grad, torch.full_like(rel, 2.0))
+        rel.grad = None
+    assert torch.equal(dtm._attention_bias(rel, None, dtype), rel.to(dtype))
+    assert torch.equal(dtm._attention_bias(None, allowed, dtype), additive.to(dtype))
+    assert dtm._attention_bias(None, None, dtype) is None
 
 
 def test_relative_position_bias_reads_the_table_by_query_and_key():
