@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 import data
 
@@ -1207,3 +1207,386 @@ def test_image_folder_samples_are_sorted_by_path_whatever_the_listing_order(tmp_
         Image.new("RGB", (2, 2)).save(tmp_path / "c" / n)
     ds = data.ImageFolder(str(tmp_path))
     assert [os.path.basename(p) for p, _ in ds.samples] == sorted(names)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Second mutation review of data.py: each test below failed to exist while a one-token change to data.py passed every
+# test (the change is named in the test's docstring)
+
+# --- Normalization and loading --------------------------------------------------------------------------------------
+
+def test_imagenet_normalization_constants_are_the_published_values():
+    """torchvision's / timm's IMAGENET_DEFAULT_MEAN and _STD, written out (test_to_tensor_normalizes reads them from
+    data, so 0.485 -> 0.486 or 0.225 -> 0.226 passed): black and white pixels normalize to these numbers."""
+    assert data.IMAGENET_MEAN == (0.485, 0.456, 0.406) and data.IMAGENET_STD == (0.229, 0.224, 0.225)
+    black, white = data.to_tensor(Image.new("RGB", (1, 1), (0, 0, 0))), data.to_tensor(Image.new("RGB", (1, 1),
+                                                                                                  (255, 255, 255)))
+    assert black.flatten().tolist() == pytest.approx([-2.1179039, -2.0357143, -1.8044444], abs=1e-6)
+    assert white.flatten().tolist() == pytest.approx([2.2489083, 2.4285714, 2.64], abs=1e-6)
+
+
+def test_16_bit_grey_scales_every_value_to_the_nearest_8_bit_level(tmp_path):
+    """All 65536 levels: x -> round(x * 255 / 65535), computed here in integers (the 4-value ramp of
+    test_image_modes_load_as_their_values_or_are_refused passed with / 256.5 instead of / 257)."""
+    levels = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(levels).save(tmp_path / "ramp.png")
+    got = np.asarray(data.load_image(str(tmp_path / "ramp.png")))
+    expected = (levels.astype(np.int64) * 255 + 32767) // 65535  # never a tie: x * 255 / 65535 is never k + 1/2
+    assert got.shape == (256, 256, 3) and np.array_equal(got[..., 0], expected)
+    assert np.array_equal(got[..., 1], got[..., 0]) and np.array_equal(got[..., 2], got[..., 0])
+
+
+def test_image_folder_reads_every_listed_extension_and_names_at_most_five_empty_classes(tmp_path):
+    """IMG_EXTENSIONS: torchvision's set without .ppm/.pgm (dropping .webp skipped WebP files without a word); the
+    empty-class error names the first five, then '...'."""
+    assert data.IMG_EXTENSIONS == (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+    formats = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP", ".tif": "TIFF",
+               ".tiff": "TIFF"}
+    os.makedirs(tmp_path / "ok" / "c")
+    for ext, fmt in formats.items():
+        Image.new("RGB", (4, 3), (9, 99, 199)).save(tmp_path / "ok" / "c" / f"x{ext}", fmt)
+    ds = data.ImageFolder(str(tmp_path / "ok"))
+    assert sorted(os.path.splitext(p)[1] for p, _ in ds.samples) == sorted(formats)
+    assert all(ds[i][0].size == (4, 3) for i in range(len(ds)))
+    class_a = tmp_path / "empty" / "a"
+    os.makedirs(class_a)
+    Image.new("RGB", (2, 2)).save(class_a / "x.png")
+    for name in "bcdefg":
+        os.makedirs(tmp_path / "empty" / name)
+    with pytest.raises(FileNotFoundError, match=r"6 of 7 class folders .* hold no images .*: b, c, d, e, f \.\.\."):
+        data.ImageFolder(str(tmp_path / "empty"))
+
+
+# --- RandomResizedCrop / ColorJitter --------------------------------------------------------------------------------
+
+def test_random_resized_crop_tries_ten_times_then_falls_back_and_refuses_scale_above_one(monkeypatch):
+    """torchvision: 10 (area, aspect) draws before the center-crop fallback (9 passed every test: the reference test
+    never needs the tenth); a crop as large as the image is taken at the first draw; scale above 1 is refused."""
+    calls = []
+    real = data._rand_uniform
+    monkeypatch.setattr(data, "_rand_uniform", lambda low, high: calls.append((low, high)) or real(low, high))
+    torch.manual_seed(0)
+    assert data.RandomResizedCrop.get_params(1000, 10, (0.08, 1.0), (3 / 4, 4 / 3)) == (0, 493, 10, 13)
+    assert len(calls) == 20  # 10 tries x (area, aspect)
+    calls.clear()
+    assert data.RandomResizedCrop.get_params(30, 30, (1.0, 1.0), (1.0, 1.0)) == (0, 0, 30, 30)
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="scale"):
+        data.RandomResizedCrop(8, scale=(0.5, 1.5))
+
+
+def test_color_jitter_hue_goes_up_to_half_a_turn():
+    """torchvision's hue bound is [0, 0.5], 0.5 included."""
+    assert data.ColorJitter(0, 0, 0, hue=0.5).ranges[3] == (-0.5, 0.5)
+    with pytest.raises(ValueError, match="hue"):
+        data.ColorJitter(hue=0.51)
+
+
+# --- Block masking --------------------------------------------------------------------------------------------------
+
+def test_block_mask_defaults_are_beit_v2_pretraining_ones():
+    """BlockMaskGenerator() = the pre-training defaults of BEiT v2 (beit2/run_beitv2_pretraining.py:56-59) and
+    naver-ai/dtm (run_pretrain_dtm.py:69-72): a 14x14 grid (224 / 16), 75 masked patches (--num_mask_patches),
+    blocks of >= 16 (--min_mask_patches_per_block), max None, aspect 0.3..1/0.3: the same masks as BEiT's generator
+    with those numbers (74 masked, min 15 or a 16x16 grid passed every test)."""
+    gen = data.BlockMaskGenerator()
+    exact = 0
+    for seed in range(60):
+        ours = gen(random.Random(seed)).numpy()
+        ref = beit_reference_mask(random.Random(seed), 14, 14, 75, min_num=16, min_aspect=0.3)
+        assert ours.shape == (14, 14) and ours.sum() == 75
+        if ref.sum() == 75:
+            exact += 1
+            np.testing.assert_array_equal(ours, ref)
+    assert exact > 30
+
+
+def test_block_mask_gives_up_a_block_after_ten_proposals(monkeypatch):
+    """BEiT's _mask: 10 proposals per block, then the loop stops (11 passed every test: the reference test accepts
+    any mask containing BEiT's when BEiT stops short); the fix-up still makes the count exact."""
+    gen = data.BlockMaskGenerator(grid=(6, 6), num_masked=9, min_block=4)
+    proposals = []
+    monkeypatch.setattr(gen, "sample_block", lambda rng, most: proposals.append(most))  # never fits: None
+    mask = gen(random.Random(0))
+    assert proposals == [9] * 10 and int(mask.sum()) == 9
+
+
+def test_block_mask_max_aspect_bounds_the_block_shape():
+    """An explicit max_aspect is used (it was replaced by 1 / min_aspect without a failing test): with aspect r in
+    [0.3, 1], h = round(sqrt(s r)) is never more than w = round(sqrt(s / r))."""
+    rng = random.Random(0)
+    narrow = data.BlockMaskGenerator(grid=(14, 14), num_masked=75, min_aspect=0.3, max_aspect=1.0)
+    blocks = [b for b in (narrow.sample_block(rng, 75) for _ in range(500)) if b is not None]
+    assert len(blocks) > 300 and all(h <= w for _, _, h, w in blocks) and any(h < w for _, _, h, w in blocks)
+    default = data.BlockMaskGenerator(grid=(14, 14), num_masked=75)
+    blocks = [b for b in (default.sample_block(rng, 75) for _ in range(500)) if b is not None]
+    assert any(h > w for _, _, h, w in blocks) and any(h < w for _, _, h, w in blocks)
+
+
+def test_block_mask_refuses_a_negative_count_and_empty_blocks():
+    """num_masked = -1 gave an all-False mask (no error); min_block 0 would propose empty blocks."""
+    with pytest.raises(ValueError, match="num_masked=-1"):
+        data.BlockMaskGenerator(grid=(14, 14), num_masked=-1)
+    with pytest.raises(ValueError, match="min_block"):
+        data.BlockMaskGenerator(grid=(14, 14), num_masked=10, min_block=0)
+    with pytest.raises(ValueError, match="min_aspect"):
+        data.BlockMaskGenerator(grid=(14, 14), num_masked=10, min_aspect=0)
+
+
+# --- RandAugment ----------------------------------------------------------------------------------------------------
+
+def test_rand_augment_geometric_levels_are_timms():
+    """timm (auto_augment.py _shear_level_to_arg, _translate_rel_level_to_arg, _rotate_level_to_arg): shear 0.3,
+    translate 0.45 of the side, rotate 30 degrees at level 10, each with a random sign (0.35 / 0.4 / no negation
+    passed every test)."""
+    ops = data.RAND_AUGMENT_OPS
+    random.seed(0)
+    for name, top in (("ShearX", 0.3), ("ShearY", 0.3), ("TranslateXRel", 0.45), ("TranslateYRel", 0.45),
+                      ("Rotate", 30.0)):
+        args = [ops[name][1](10.0) for _ in range(200)]
+        assert {round(a, 9) for a in args} == {top, -top}, name
+        assert ops[name][1](5.0) in (pytest.approx(top / 2), pytest.approx(-top / 2))
+
+
+def test_rand_augment_ops_are_the_pillow_operations_they_name():
+    """Each op is the Pillow call timm's auto_augment.py makes (geometric ones bicubic, as timm's create_transform
+    with interpolation='bicubic'); Contrast as Brightness, Sharpness as Color, Equalize as AutoContrast, Solarize at
+    256 - t, or bilinear shears and rotations passed every test. The image separates every pair of operations."""
+    img, fill = data.SyntheticShapes(1, 48, seed=3).get(0)[0], (124, 116, 104)
+    bicubic, bilinear = Image.Resampling.BICUBIC, Image.Resampling.BILINEAR
+    affine = lambda m, resample=bicubic: img.transform(img.size, Image.Transform.AFFINE, m, resample=resample,
+                                                      fillcolor=fill)
+    expected = {
+        ("AutoContrast", None): ImageOps.autocontrast(img), ("Equalize", None): ImageOps.equalize(img),
+        ("Invert", None): ImageOps.invert(img), ("Rotate", 20.0): img.rotate(20.0, resample=bicubic, fillcolor=fill),
+        ("Posterize", 3): ImageOps.posterize(img, 3), ("PosterizeIncreasing", 3): ImageOps.posterize(img, 3),
+        ("Solarize", 100): ImageOps.solarize(img, 100), ("SolarizeIncreasing", 100): ImageOps.solarize(img, 100),
+        ("SolarizeAdd", 50): img.point(lambda v: min(255, v + 50) if v < 128 else v),
+        ("ShearX", 0.2): affine((1, 0.2, 0, 0, 1, 0)), ("ShearY", 0.2): affine((1, 0, 0, 0.2, 1, 0)),
+        ("TranslateXRel", 0.25): affine((1, 0, 12, 0, 1, 0)), ("TranslateYRel", 0.25): affine((1, 0, 0, 0, 1, 12)),
+    }
+    for enhancer in ("Color", "Contrast", "Brightness", "Sharpness"):
+        for name in (enhancer, enhancer + "Increasing"):
+            expected[(name, 1.7)] = getattr(ImageEnhance, enhancer)(img).enhance(1.7)
+    assert {name for name, _ in expected} == set(data.RAND_AUGMENT_OPS)
+    ra = data.RandAugment()
+    for (name, arg), want in expected.items():
+        got = data.RAND_AUGMENT_OPS[name][0](img, arg, ra.fill)
+        assert np.array_equal(np.asarray(got), np.asarray(want)), name
+    distinct = {np.asarray(want).tobytes() for (name, _), want in expected.items() if "Increasing" not in name}
+    assert len(distinct) == 15  # the 15 original ops: no two give the same image
+    assert not np.array_equal(np.asarray(img.rotate(20.0, resample=bilinear, fillcolor=fill)),
+                              np.asarray(expected[("Rotate", 20.0)]))
+    assert not np.array_equal(np.asarray(affine((1, 0.2, 0, 0, 1, 0), bilinear)),
+                              np.asarray(expected[("ShearX", 0.2)]))
+
+
+def test_fine_tuning_constructor_defaults_are_the_documented_recipe():
+    """The classes' own defaults, as the module docstring states them (train_finetune passes its flags, so only a
+    direct user sees these): RandAugment 'rand-m9-mstd0.5-inc1' (2 ops, prob 0.5), EvalTransform 224 / 0.875 = 256,
+    Mixup over ImageNet's 1000 classes. Each changed alone passed every test."""
+    ra = data.RandAugment()
+    assert (ra.num_ops, ra.magnitude, ra.magnitude_std, ra.op_prob, ra.ops) == (2, 9, 0.5, 0.5,
+                                                                                  list(data.RAND_INCREASING_OPS))
+    ft = data.FinetuneTransform()
+    assert (ft.crop.size, ft.crop.scale, ft.rand_augment.ops) == (224, (0.08, 1.0), list(data.RAND_INCREASING_OPS))
+    assert (ft.rand_augment.num_ops, ft.rand_augment.magnitude, ft.rand_augment.magnitude_std) == (2, 9, 0.5)
+    ev = data.EvalTransform()
+    assert (ev.img_size, ev.resize_size) == (224, 256)
+    assert data.Mixup().num_classes == 1000 and data.Mixup()(torch.zeros(2, 3, 4, 4), torch.tensor([0, 999]))[
+        1].shape == (2, 1000)
+
+
+# --- RandomErasing --------------------------------------------------------------------------------------------------
+
+def _timm_erase_params(height, width, min_area=0.02, max_area=1 / 3, min_aspect=0.3):
+    """timm's RandomErasing._erase box (random_erasing.py), written out: 10 attempts, h from area * aspect."""
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    for _ in range(10):
+        target_area = random.uniform(min_area, max_area) * height * width
+        aspect = math.exp(random.uniform(*log_aspect))
+        h, w = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if w < width and h < height:
+            return random.randint(0, height - h), random.randint(0, width - w), h, w
+    return None
+
+
+def test_random_erasing_box_is_timms_draw_for_draw():
+    """With the same Python random state the box is timm's: h from area x aspect, offsets over 0..side - h both
+    included (an offset range one short, or h and w swapped, passed every test)."""
+    erase = data.RandomErasing(prob=1.0)
+    edges = set()
+    for seed in range(300):
+        random.seed(seed)
+        assert random.random() <= 1.0  # the prob draw get_params makes first
+        expected = _timm_erase_params(12, 20)
+        random.seed(seed)
+        box = erase.get_params(12, 20)
+        assert box == expected, seed
+        top, left, h, w = box
+        edges |= {"bottom"} if top + h == 12 else set()
+        edges |= {"right"} if left + w == 20 else set()
+    assert edges == {"bottom", "right"}  # boxes reach the last row and column
+
+
+def test_random_erasing_tries_ten_boxes_and_uses_max_aspect(monkeypatch):
+    """timm: 10 attempts, then no erasing (5 passed every test); an explicit max_aspect is used (it was replaced by
+    1 / min_aspect without a failing test)."""
+    draws = []
+    monkeypatch.setattr(random, "uniform", lambda a, b: draws.append((a, b)) or b)  # the largest, tallest box
+    assert data.RandomErasing(prob=1.0).get_params(10, 10) is None  # h = round(sqrt(33.3 * 3.33)) = 11 > 10
+    assert len(draws) == 20
+    monkeypatch.undo()
+    random.seed(0)
+    squat = data.RandomErasing(prob=1.0, min_aspect=0.3, max_aspect=1.0)
+    boxes = [squat.get_params(100, 100) for _ in range(300)]
+    assert all(h <= w for _, _, h, w in boxes) and any(h < w for _, _, h, w in boxes)
+
+
+# --- CutMix ---------------------------------------------------------------------------------------------------------
+
+def test_cutmix_box_centre_reaches_the_last_row_and_column():
+    """timm's rand_bbox draws the centre over 0..H-1 and 0..W-1 (randint(0, H)), last ones included: a 2x2 box in a
+    5x5 image ends at the bottom-right corner only from centre (4, 4) (randrange(H - 1) passed every test)."""
+    lam = 1 - (2 / 5) ** 2  # cut 2 x 2: the box is cy - 1 .. cy + 1
+    ends, starts = set(), set()
+    for seed in range(300):
+        random.seed(seed)
+        (y0, y1, x0, x1), _ = data.cutmix_box(5, 5, lam)
+        ends.add((y1, x1))
+        starts.add((y0, x0))
+    assert (5, 5) in ends and (0, 0) in starts
+    assert {y for y, _ in ends} == {1, 2, 3, 4, 5} and {x for _, x in ends} == {1, 2, 3, 4, 5}
+
+
+# --- Segmentation ---------------------------------------------------------------------------------------------------
+
+def test_seg_folder_names_annotations_without_images(tmp_path):
+    """A label PNG with no image is an error too, naming the image folder (only the other direction was tested)."""
+    _seg_tree(tmp_path, ["a", "b"])
+    os.remove(tmp_path / "img" / "b.jpg")
+    with pytest.raises(FileNotFoundError, match=r"1 annotations have no counterpart in .*img.*: b"):
+        data.SegFolder(str(tmp_path / "img"), str(tmp_path / "ann"))
+
+
+# --- Procedural data ------------------------------------------------------------------------------------------------
+
+def test_synthetic_shapes_texture_follows_the_class_name():
+    """Class c is TEXTURES[c // 8] on SHAPES[c % 8] (as .classes names it): classes 0..7 are solid (one colour),
+    8..15 striped, 16..23 checkered, 24..31 dotted (two colours). TEXTURES[c % 4] passed every test (the demo
+    would have drawn 'solid_square' striped)."""
+    ds = data.SyntheticShapes(1, 64, num_classes=32)
+    assert ds.classes[1] == "solid_square" and ds.classes[9] == "stripes_square" and ds.classes[31] == "dots_star"
+    for cls in range(32):
+        img, mask = np.zeros((64, 64, 3)), np.zeros((64, 64), np.uint8)
+        ds._draw(img, mask, np.random.default_rng(cls), cls, 22.0, (32.0, 32.0))
+        colours = np.unique(img[mask == cls + 1], axis=0)
+        assert (mask == cls + 1).sum() > 200 and len(colours) == (1 if cls < 8 else 2), cls
+
+
+def test_synthetic_shapes_and_shapes_segmentation_bounds_and_names():
+    """ShapesSegmentation's class 0 is 'background' (its names index the per-class IoU); SyntheticShapes refuses
+    images under 8 pixels and negative indices (both checks could be dropped without a failing test)."""
+    shapes = data.SyntheticShapes(2, 16, num_classes=3)
+    assert data.ShapesSegmentation(shapes).classes == ["background", "solid_circle", "solid_square", "solid_triangle"]
+    with pytest.raises(ValueError, match="at least 8 pixels"):
+        data.SyntheticShapes(2, 7)
+    for bad in (-1, 2):
+        with pytest.raises(IndexError, match="out of range"):
+            shapes.get(bad)
+
+
+def test_seg_train_transform_defaults_are_mmsegs_ade20k_pipeline():
+    """mmseg's ADE20K UperNet 512x512 pipeline, as the class docstring says: crop 512, scale (2048, 512) x U[0.5, 2],
+    cat_max_ratio 0.75, flip 0.5, PhotoMetricDistortion on, cv2's bilinear for the image. train_seg passes the first
+    four, not the last two; changing any default alone passed every test."""
+    t = data.SegTrainTransform()
+    assert (t.crop_size, t.scale, t.ratio_range, t.cat_max_ratio, t.flip_prob) == ((512, 512), (2048, 512),
+                                                                                   (0.5, 2.0), 0.75, 0.5)
+    assert t.photometric is True and t.image_resample == data.CV2_LINEAR and t.ignore_index == 255
+    assert (t.mean, t.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert data.SegEvalTransform().scale == (2048, 512)
+
+
+def test_seg_transforms_resize_with_cv2_bilinear_and_normalize_with_their_mean_and_std():
+    """SegEvalTransform: the image rescaled to fit `scale` with cv2's bilinear (the half-pixel reference of
+    test_seg_images_resize_as_cv2_linear_without_antialiasing), normalized with the given mean and std; the mask
+    kept at full size. SegTrainTransform at scale 1, no crop, flip or distortion: the image normalized with its own
+    mean and std. PIL's bicubic in SegEvalTransform, or the default mean/std in either, passed every test."""
+    a = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    labels = np.random.default_rng(1).integers(0, 5, (30, 40), dtype=np.uint8)
+    t = data.SegEvalTransform(scale=(32, 12), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    x, y = t(Image.fromarray(a), Image.fromarray(labels, "L"))
+    expected = (torch.from_numpy(_bilinear_half_pixel(a, 16, 12)).float().permute(2, 0, 1) / 255 - 0.5) / 0.25
+    assert x.shape == (3, 12, 16) and (x - expected).abs().max() <= 0.5 / 255 / 0.25 + 1e-4  # factor min(32/40, 12/30)
+    assert torch.equal(y, torch.from_numpy(labels.astype(np.int64)))
+    train = data.SegTrainTransform(crop_size=(30, 40), scale=(40, 30), ratio_range=(1.0, 1.0), cat_max_ratio=1.0,
+                                   flip_prob=0.0, photometric=False, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    random.seed(0)
+    x, y = train(Image.fromarray(a), Image.fromarray(labels, "L"))
+    assert torch.allclose(x, (torch.from_numpy(a).float().permute(2, 0, 1) / 255 - 0.5) / 0.25, atol=1e-6)
+    assert torch.equal(y, torch.from_numpy(labels.astype(np.int64)))
+
+
+def test_crop_box_ok_and_seg_random_crop_use_the_ignore_index_given(monkeypatch):
+    """A custom ignore_index is the one left out of the cat_max_ratio count (255 was hard-wired without a failing
+    test); seg_random_crop and SegTrainTransform pass theirs on."""
+    two = np.array([[1, 1, 1, 2], [0, 0, 0, 0]], np.uint8)  # ignoring 0: 3 of 4 pixels are class 1
+    assert data.crop_box_ok(two, 0.8, ignore_index=0) and not data.crop_box_ok(two, 0.75, ignore_index=0)
+    assert data.crop_box_ok(two, 0.75)  # 0 counted (255 ignored): class 0 has 4 of 8
+    seen = []
+    monkeypatch.setattr(data, "crop_box_ok", lambda crop, ratio, ignore=data.IGNORE_INDEX: seen.append(ignore) or True)
+    random.seed(0)
+    data.SegTrainTransform(crop_size=8, scale=(16, 16), ignore_index=7)(Image.new("RGB", (16, 16)),
+                                                                         Image.new("L", (16, 16)))
+    assert seen == [7]
+
+
+def test_photometric_saturation_scales_s_and_brightness_adds(monkeypatch):
+    """Saturation scales HSV's S and leaves V (a red (200, 40, 40): S 204 -> 102, V 200); brightness adds a delta
+    (100, 50, 20) + 20 = (120, 70, 40). Scaling V, or multiplying by 1 + delta / 255, passed every test (the
+    existing step test adds 0.6 to 11, which rounds alike either way)."""
+    red = Image.new("RGB", (2, 2), (200, 40, 40))
+    assert np.asarray(red.convert("HSV"))[0, 0].tolist()[1:] == [204, 200]
+    # brightness off; contrast last (flag 0); saturation on (x0.5); hue off; contrast off
+    monkeypatch.setattr(data, "random", ScriptedRandom(0, 0, 1, 0.5, 0, 0))
+    out = data.photometric_distortion(red).convert("HSV")
+    assert np.asarray(out)[0, 0].tolist()[1:] == [102, 200]
+    # brightness on (+20); contrast last; saturation, hue, contrast off
+    monkeypatch.setattr(data, "random", ScriptedRandom(1, 20, 0, 0, 0, 0))
+    out = data.photometric_distortion(Image.new("RGB", (2, 2), (100, 50, 20)))
+    assert np.asarray(out)[0, 0].tolist() == [120, 70, 40]
+
+
+def test_seg_folder_checks_labels_against_the_number_of_class_names(tmp_path):
+    """classes without num_classes: num_classes = len(classes) (ADE20K's 150), so a label past the last class is
+    refused by name; without that derivation no label was checked and every test passed."""
+    _seg_tree(tmp_path, ["a"])  # labels all 3
+    with pytest.raises(ValueError, match=r"holds label values \[3\], outside 0..2 \(3 classes\)"):
+        data.SegFolder(str(tmp_path / "img"), str(tmp_path / "ann"), classes=("x", "y", "z"))[0]
+    assert data.SegFolder(str(tmp_path / "img"), str(tmp_path / "ann"), classes=("w", "x", "y", "z")).num_classes == 4
+    root = tmp_path / "ade"
+    for kind in ("images", "annotations"):
+        os.makedirs(root / kind / "validation")
+    Image.new("RGB", (3, 1)).save(root / "images" / "validation" / "v.jpg")
+    Image.fromarray(np.array([[0, 150, 151]], np.uint8), "L").save(root / "annotations" / "validation" / "v.png")
+    with pytest.raises(ValueError, match=r"holds label values \[150\], outside 0..149"):  # 151 reduced to 150
+        data.ADE20KDataset(str(root), "validation")[0]
+
+
+def test_seg_random_crop_at_ratio_one_checks_nothing_and_mismatched_pairs_are_refused(monkeypatch):
+    """mmseg checks cat_max_ratio only when it is below 1: at 1.0 the first box is kept, even on a single-class mask
+    (testing it, which redraws single-class crops up to 10 times, passed every test). SegTrainTransform refuses an
+    image and mask of different sizes (without the check both were rescaled to the image's size, silently
+    misaligned: no test failed)."""
+    checked = []
+    monkeypatch.setattr(data, "crop_box_ok", lambda *a: checked.append(1) or False)
+    one_class = Image.new("L", (20, 20), 3)
+    random.seed(0)
+    data.seg_random_crop(Image.new("RGB", (20, 20)), one_class, (8, 8), cat_max_ratio=1.0)
+    assert checked == []
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"image size \(20, 20\) and mask size \(20, 18\) differ"):
+        data.SegTrainTransform(crop_size=8, scale=(20, 20))(Image.new("RGB", (20, 20)), Image.new("L", (20, 18)))
+    with pytest.raises(ValueError, match="mode must be"):
+        data.RandomErasing(mode="zero")
