@@ -483,7 +483,7 @@ def with_sdpa_kernels(fn):
 
 def check_sdpa(device, quick, tmp):
     """Late: a kernel fault is sticky in a CUDA context and would fail every later in-process check (after this one
-    only compile runs in this process; the last check is a child process)."""
+    only the two compile checks run in this process, and MTO's whole-step benchmark in a child process)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import mto
     cuda = device.startswith("cuda")
@@ -586,8 +586,7 @@ def compiled_against_eager(device, quick, tmp, *flags):
 
 
 def check_compile(device, quick, tmp):
-    """Last but the least needed in this process: its compile time on a GPU is not known yet, and the report keeps
-    what ran before it."""
+    """Late: its compile time on a GPU is not known yet, and the report keeps what ran before it."""
     return compiled_against_eager(device, quick, tmp)
 
 
@@ -597,7 +596,8 @@ def check_bench_mto_whole_step(device, quick, tmp):  # late: the checks above ma
 
 def check_compile_mto_grad_checkpoint(device, quick, tmp):
     """--compile with --grad_checkpoint (ViT-L's lever on a 32 GB V100) and --mto: the compiled blocks recomputed in
-    the backward, with MTO's mask in and q, k out. Last: the compile check before it is the one the README names."""
+    the backward, with MTO's mask in and q, k out. Last: should time run short, the plain compile check matters
+    more."""
     return compiled_against_eager(device, quick, tmp, "--grad_checkpoint", "--mto")
 
 
@@ -910,12 +910,11 @@ def main(argv=None):
                         help="after this many seconds from the start, print every thread's stack, kill the child "
                              "processes and exit, before an outer time limit kills the run (the report keeps what "
                              "ran, the check in flight marked 'running'); default 0: off")
+    global BUDGET_S
     args = parser.parse_args(argv)
     if args.watchdog_s > 0:
         start_watchdog(args.watchdog_s)
-    args.budget_s = budget(args.budget_s, args.watchdog_s)
-    global BUDGET_S
-    BUDGET_S = args.budget_s
+    args.budget_s = BUDGET_S = budget(args.budget_s, args.watchdog_s)
     args.device = check_device(args.device)
     report = {"device": device_name(args.device), "torch": torch.__version__, "cuda": torch.version.cuda,
               "quick": args.quick, "checks": {}}
