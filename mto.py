@@ -381,15 +381,15 @@ def add_mto_args(parser):
     group = parser.add_argument_group("MTO (Masked Token Optimization, ECCV 2024; see mto.py)")
     group.add_argument("--mto", action="store_true", help="enable MTO (off: the plain forward, bit-identical)")
     group.add_argument("--mto_layers", type=int, default=None,
-                       help="weight recalibration in the first K blocks (default: all blocks; 0: off)")
+                       help="weight recalibration in the first K blocks (not given: all blocks; 0: off)")
     group.add_argument("--mto_lambda_sing", type=float, default=0.1,
-                       help="weight of the singularity loss (0: off); default 0.1, not from the paper")
+                       help="weight of the singularity loss (0: off); default %(default)s, not from the paper")
     group.add_argument("--mto_lambda_ent", type=float, default=0.1,
-                       help="weight of the attention entropy loss (0: off); default 0.1, not from the paper")
+                       help="weight of the attention entropy loss (0: off); default %(default)s, not from the paper")
     group.add_argument("--mto_sing_layers", type=int, default=None,
-                       help="singularity loss on the first K blocks, depth-weighted (default: all blocks)")
+                       help="singularity loss on the first K blocks, depth-weighted (not given: all blocks)")
     group.add_argument("--mto_ent_layers", type=int, default=None,
-                       help="entropy loss on the first K blocks, depth-weighted (default: all blocks)")
+                       help="entropy loss on the first K blocks, depth-weighted (not given: all blocks)")
     return parser
 
 

@@ -257,7 +257,10 @@ def test_eval_crop_ratio_follows_the_image_size_unless_given():
 
 def test_eval_takes_the_crop_ratio_the_checkpoint_was_trained_with(tmp_path, capsys):
     tf.main(TINY_RUN + ["--epochs", "1", "--crop_ratio", "0.5", "--output_dir", str(tmp_path)])
-    assert "the warmup (--warmup_epochs, 3 steps) lasts the whole run (3 steps)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the warmup (--warmup_epochs, 3 steps) lasts the whole run (3 steps)" in out
+    assert out.startswith("DEMO (no --data): vit_tiny learns 10 classes of built-in SyntheticShapes images at 32 px "
+                          "(48 for training, 13 for validation), 1 epoch on cpu.")  # as the other demos say
     logged = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "val_top1" in line][-1]
     eval_run = ["--eval", str(tmp_path / "checkpoint-last.pth"), "--synthetic_val", "13", "--batch_size", "16",
                 "--num_workers", "0", "--output_dir", str(tmp_path / "eval")]

@@ -466,6 +466,10 @@ def finetune(args, d, amp_dtype, scaler):
     train_set, val_set, classes = build_datasets(args)
     if args.num_classes is not None and args.num_classes != len(classes):
         raise ValueError(f"--num_classes {args.num_classes} but the data has {len(classes)} classes")
+    if args.demo:
+        d.print(f"DEMO (no --data): {args.model} learns {len(classes)} classes of built-in SyntheticShapes images at "
+                f"{args.img_size} px ({len(train_set)} for training, {len(val_set)} for validation), {args.epochs} "
+                f"epoch{'s' * (args.epochs != 1)} on {d.device}. For a real run pass --data and --init (see --help).")
     if not args.demo:  # evaluation must count every image: find unreadable ones now, not after the first epoch
         engine.check_dataset(val_set, "validation", d, args.num_workers)
     loader, sampler, steps_per_epoch = engine.train_loader(train_set, args, d)
@@ -518,8 +522,9 @@ def finetune(args, d, amp_dtype, scaler):
                        d)
     d.print(f"{args.model}: {len(train_set)} training images, {len(classes)} classes, {d.world_size} process(es) on "
             f"{d.device}, amp {engine.amp_name(amp_dtype, scaler)}; total batch {total_batch}, lr {lr:.3g} "
-            f"(--lr {args.lr:g}, {args.lr_scaling} scaling), layer decay {layer_decay}, {args.epochs} epochs x "
-            f"{steps_per_epoch} steps ({args.warmup_epochs:g} of warmup), starting at step {step}")
+            f"(--lr {args.lr:g}, {args.lr_scaling} scaling), layer decay {layer_decay}, {args.epochs} "
+            f"epoch{'s' * (args.epochs != 1)} x {steps_per_epoch} steps ({args.warmup_epochs:g} of warmup), starting "
+            f"at step {step}")
     if finished:
         engine.say_finished(args, resume_path, step, total_steps, "--epochs", d)
 

@@ -308,8 +308,9 @@ def train(args, d: engine.Dist) -> dict:
     if args.demo:
         targets = "per-patch normalized pixels" if args.teacher == "pixels" else f"the features of {args.teacher}"
         d.print(f"DEMO (no --data): {args.model} learns {targets} of built-in SyntheticShapes "
-                f"images at {args.img_size} px ({(args.img_size // dtm.PATCH_SIZE) ** 2} tokens), {args.epochs} epochs "
-                f"on {d.device}. For a real run pass --data and --teacher (see --help).")
+                f"images at {args.img_size} px ({(args.img_size // dtm.PATCH_SIZE) ** 2} tokens), {args.epochs} "
+                f"epoch{'s' * (args.epochs != 1)} on {d.device}. For a real run pass --data and --teacher (see "
+                f"--help).")
     engine.seed_all(args.seed)  # the same initial weights on every rank
     dataset = build_dataset(args)
     loader, sampler, steps_per_epoch = engine.train_loader(dataset, args, d)
