@@ -470,7 +470,9 @@ def test_an_epoch_shorter_than_log_every_still_logs_its_loss(tmp_path):
 def test_a_relaunch_without_epochs_keeps_the_runs_own(finetuned, tmp_path, capsys):
     out, _ = finetuned  # --epochs 2; relaunched without it: finished (not extended to the demo's 6)
     tf.main(TINY_RUN + ["--output_dir", str(tmp_path), "--resume", str(out / "checkpoint-last.pth")])
-    assert "holds a finished run (step 6 of 6): nothing to do" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "holds a finished run (step 6 of 6): nothing to do" in printed.out
+    assert "6/6" not in printed.err  # no progress bar for a run that does nothing
     assert os.listdir(tmp_path) == []  # another folder's finished run: nothing written here
     files = {name: (out / name).read_bytes() for name in os.listdir(out)}
     tf.main(TINY_RUN + ["--output_dir", str(out)])  # relaunched in its own folder: its summary, nothing changed

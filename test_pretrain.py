@@ -372,7 +372,9 @@ def test_finished_run_is_not_overwritten(image_folder, tmp_path, capsys):
     # --fresh --resume PATH of a finished run: nothing to train, so the run in output_dir and its log stay as they are
     files = {p.name: p.read_bytes() for p in stopped.iterdir()}
     tp.main(tiny_argv(image_folder, stopped, "--epochs", "1", "--resume", str(out / engine.LAST), "--fresh"))
-    assert "holds a finished run (step 3 of 3): nothing to do" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "holds a finished run (step 3 of 3): nothing to do" in printed.out
+    assert "3/3" not in printed.err  # no progress bar for a run that does nothing
     assert {p.name: p.read_bytes() for p in stopped.iterdir()} == files
     with pytest.raises(ValueError, match="holds another run"):
         tp.main(tiny_argv(image_folder, out, "--resume", str(tmp_path / "run" / "checkpoint-0.pth")))

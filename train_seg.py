@@ -775,7 +775,7 @@ def train(args, d):
     if resume_path is not None and resume.get("log_window") is not None:  # resumed between two log lines
         window = resume["log_window"].to(d.device)
     metrics, last_log_time, images_seen = None, time.perf_counter(), 0
-    bar = tqdm(total=args.iters, initial=step, disable=not d.is_main, dynamic_ncols=True)
+    bar = tqdm(total=args.iters, initial=step, disable=not d.is_main or finished, dynamic_ncols=True)
     ddp_model.train()
     while step < args.iters:
         is_log_step = (step + 1) % args.log_every == 0 or step + 1 == args.iters
