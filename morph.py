@@ -467,15 +467,17 @@ def main(argv=None):
     import os
     from PIL import Image
     parser = argparse.ArgumentParser(description="Draw the token groups that morphing (Algorithm 1) makes on an "
-                                     "image, matching on its patch pixels (each channel standardized over the image).")
+                                     "image, matching on its patch pixels (each channel standardized over the image).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("image", help="path to an image (any format Pillow reads)")
     parser.add_argument("--schedule", nargs="+", default=["2x49", "14x7", "14x13"],
                         help="schedules to draw side by side: KxR (K rounds of r=R) or r1,r2,...")
-    parser.add_argument("--split", default="random", choices=SPLITS)
-    parser.add_argument("--img_size", type=int, default=224)
-    parser.add_argument("--patch_size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="groups.png")
+    parser.add_argument("--split", default="random", choices=SPLITS,
+                        help="the split of Algorithm 1 (see token_morphing)")
+    parser.add_argument("--img_size", type=int, default=224, help="shorter side resized to this, then center-cropped")
+    parser.add_argument("--patch_size", type=int, default=16, help="patch side in pixels: one token per patch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random split")
+    parser.add_argument("--out", default="groups.png", help="the picture written (any type Pillow writes)")
     args = parser.parse_args(argv)
     if args.img_size % args.patch_size:
         raise SystemExit(f"--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}")
