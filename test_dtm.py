@@ -1094,3 +1094,94 @@ def test_a_masked_loss_without_masked_positions_is_zero_not_nan():
     levels = morph.token_morphing_levels(target, [[3, 2]], generator=torch.Generator().manual_seed(0))
     value, per_level = dtm.dtm_loss(pred, target, levels, torch.zeros(2, N, dtype=torch.bool), loss_on="masked")
     assert value.item() == 0.0 and per_level[0].item() == 0.0
+
+
+# Third mutation review of dtm.py (teachers, DTM objective, checkpoint reading)
+
+# --- belongs in test_dtm.py (Other teachers) -------------------------------------------------------------------------
+
+def test_pixel_teacher_eps_is_inside_the_sqrt_on_nearly_flat_patches():
+    """MAE's norm_pix (models_mae.py forward_loss): (x - mean) / (var + 1e-6) ** .5. The per-patch loop test uses
+    patches of variance ~1, where the eps hardly matters (1e-6 outside the sqrt, or 1e-5 inside, passed); nearly flat
+    patches (sky, padding: common in real images) are where it decides the target's scale."""
+    g = torch.Generator().manual_seed(3)
+    x = 0.3 + 1e-3 * torch.randn(1, 3, 16, 16, generator=g)  # four 8x8 patches of std ~1e-3 (var ~ eps)
+    x[..., :8, :8] = 0.5  # one exactly flat patch: all zeros, not NaN
+    targets = dtm.PixelTeacher(8)(x)
+    for i, (y, xx) in enumerate([(0, 0), (0, 8), (8, 0), (8, 8)]):
+        patch = x[0, :, y:y + 8, xx:xx + 8].permute(1, 2, 0).reshape(-1).double()
+        expected = (patch - patch.mean()) / (patch.var() + 1e-6) ** 0.5
+        torch.testing.assert_close(targets[0, i].double(), expected, atol=1e-4, rtol=1e-4)
+    assert not targets[0, 0].any()
+    assert 0.4 < targets[0, 1:].std() < 0.9  # ~ std / sqrt(var + eps) = 1 / sqrt(2), not ~1
+
+
+# --- belongs in test_dtm.py (DTM objective) --------------------------------------------------------------------------
+
+def test_normalize_target_eps_is_the_officials_on_targets_of_small_variance():
+    """The official --normalize_target: (t - mean) / (var + 1.e-6) ** .5, unbiased var (engine_for_dtm.py:157-158).
+    Values written out: [0, 1e-3, 2e-3] has mean 1e-3 and unbiased var 1e-6, so it standardizes to
+    [-1, 0, 1] * 1e-3 / sqrt(2e-6) = [-0.70711, 0, 0.70711] (eps 1e-5: +-0.30151). The loss tests run targets of
+    variance ~4, where an eps of 1e-5 changed the loss by ~1e-6 and passed."""
+    out = dtm.standardize(torch.tensor([[0.0, 1e-3, 2e-3]], dtype=torch.float64))
+    torch.testing.assert_close(out, torch.tensor([[-0.5 ** 0.5, 0.0, 0.5 ** 0.5]], dtype=torch.float64),
+                               atol=1e-9, rtol=1e-9)
+    g = torch.Generator().manual_seed(12)
+    pred = torch.randn(2, N, 12, generator=g, dtype=torch.float64)
+    target = torch.randn(2, N, 12, generator=g, dtype=torch.float64) * 1e-3  # channel variance ~ eps
+    levels = morph.token_morphing_levels(target, [[3, 2], [0]], generator=torch.Generator().manual_seed(0))
+    for loss in dtm.LOSSES:
+        value, _ = dtm.dtm_loss(pred, target, levels, loss=loss, normalize_target=True)
+        reference = dense_dtm_loss(pred, target, levels, None, loss, "all", normalize_target=True)
+        torch.testing.assert_close(value, reference, rtol=1e-10, atol=1e-10, msg=loss)
+
+
+# --- belongs in test_dtm.py (ViT, beside test_classifier_head_and_layer_ids) ----------------------------------------
+
+def beit_layer_id(name, depth):
+    """The layer id BEiT's get_num_layer_for_vit gives (microsoft/unilm beit/optim_factory.py; naver-ai/dtm
+    utils/optim_factory.py), written from its rule: the embeddings (cls / mask token, pos_embed, patch_embed) 0,
+    block i i + 1, everything else (the shared relative position table, the final norm, the head) depth + 1."""
+    first = name.split(".")[0]
+    if first in ("cls_token", "mask_token", "pos_embed", "patch_embed"):
+        return 0
+    if first == "blocks":
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def test_layer_ids_of_every_parameter_are_beits_with_absolute_positions_and_a_mask_token():
+    """Every parameter of a ViT with all optional parts (mask token, absolute position embedding, both table layouts,
+    classifier) gets BEiT's layer id. The existing tests checked cls_token and patch_embed only, and their models had
+    no pos_embed: an absolute position embedding (--abs_pos_emb) or mask token put on top (the head's lr) passed."""
+    vit = dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, num_classes=3, abs_pos_emb=True,
+                        rel_pos_bias="both")
+    names = [n for n, _ in vit.named_parameters()]
+    assert {"pos_embed", "mask_token", "cls_token", "rel_pos_bias.table"} <= set(names)
+    for name in names:
+        assert dtm.layer_id_for_param(name, vit.depth) == beit_layer_id(name, vit.depth), name
+
+
+# --- belongs in test_dtm.py (Other teachers) -------------------------------------------------------------------------
+
+def test_pixel_teacher_computes_float32_targets_from_low_precision_images():
+    """Images in bf16 (a pipeline that feeds half-precision batches) are normalized in float32: the targets equal those
+    of the same (bf16-rounded) values in float32, dtype float32. Without the cast the mean/var were taken in bf16."""
+    x = images().bfloat16()
+    targets = dtm.PixelTeacher(PATCH)(x)
+    assert targets.dtype == torch.float32
+    assert torch.equal(targets, dtm.PixelTeacher(PATCH)(x.float()))
+
+
+# --- belongs in test_dtm.py (Mutation review: checkpoint reading) ----------------------------------------------------
+
+def test_a_checkpoint_of_another_depth_is_not_taken_for_the_model_of_its_width():
+    """A size is width AND depth: a 2-block ViT of vit_tiny's width 192 is no vit_tiny (4 blocks): --model vit_tiny is
+    refused naming both, and without --model nor num_heads its heads cannot be told. Matching the width alone passed."""
+    torch.manual_seed(0)
+    vit = dtm.VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=192, depth=2, num_heads=3)
+    with pytest.raises(ValueError, match=r"width 192 and depth 2, but --model vit_tiny has width 192 and depth 4; "
+                                         r"no model size of this repo fits it"):
+        dtm.vit_from_checkpoint({"model": vit.state_dict()}, IMG, model="vit_tiny")
+    with pytest.raises(ValueError, match=r"cannot tell the number of heads .*\(width 192, depth 2\)"):
+        dtm.vit_from_checkpoint({"model": vit.state_dict(), "args": {"model": "vit_tiny"}}, IMG)
