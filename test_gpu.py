@@ -853,6 +853,245 @@ def test_watchdog_ends_a_hanging_run_kills_its_children_and_the_report_names_the
     assert "autocast_fp32: started at" in result.stdout
 
 
+# ---------------------------------------------------------------------------------------------------
+# mutation review: tests of the CPU-testable logic the tests above leave open
+
+GRANDCHILD_CHAIN = """
+import subprocess, sys, time
+grandchild = subprocess.Popen([sys.executable, "-c", '''
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a process stuck in a driver call: only SIGKILL ends it
+open("/proc/self/comm", "w").write("w) Z 1 1")  # a ")" in the name, as /proc/PID/stat's comm may hold
+open(sys.argv[1], "w").write("ready")
+time.sleep(120)
+''', sys.argv[1] + ".grandchild"], start_new_session=True)
+open(sys.argv[1], "w").write(str(grandchild.pid))
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_descendants_reach_grandchildren_whatever_their_name_and_kill_ends_them(tmp_path):
+    """A hung torchrun's workers are its children, the run's grandchildren (and a worker's own children further
+    down): descendants() walks the whole tree, reads the parent after the last ")" (a process may put ")" in its
+    name), children first; kill() SIGKILLs (a process stuck in CUDA may ignore SIGTERM) and skips a gone pid."""
+    pid_file = tmp_path / "grandchild.pid"
+    child = subprocess.Popen([sys.executable, "-c", GRANDCHILD_CHAIN, str(pid_file)])
+    try:
+        deadline = time.perf_counter() + 60
+        while not (pid_file.exists() and pid_file.read_text() and
+                   (tmp_path / "grandchild.pid.grandchild").exists()):
+            assert time.perf_counter() < deadline, "the chain did not start"
+            time.sleep(0.1)
+        grandchild = int(pid_file.read_text())
+        found = descendants(os.getpid())
+        assert child.pid in found and grandchild in found, (child.pid, grandchild, found)
+        assert found.index(child.pid) < found.index(grandchild)  # children first
+        kill([grandchild, child.pid])
+        child.wait(timeout=30)
+        time.sleep(0.5)
+        assert process_state(grandchild) in ("gone", "Z", "X"), process_state(grandchild)
+        kill([child.pid])  # reaped: gone, no error
+    finally:
+        for pid in descendants(child.pid) + [child.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        child.wait(timeout=30)
+
+
+def test_start_watchdog_caps_child_processes_and_times_from_the_start(monkeypatch):
+    """The watchdog: set WATCHDOG_S (run_child's cap), a daemon timer (a run that ends in time must not wait for it)
+    at `seconds` since STARTED, and faulthandler's fallback 10 s after it."""
+    timers, fallback = [], []
+
+    class Timer:
+        def __init__(self, interval, function):
+            self.interval, self.function, self.daemon, self.started = interval, function, None, False
+            timers.append(self)
+
+        def start(self):
+            self.started = True
+
+    monkeypatch.setattr(threading, "Timer", Timer)
+    monkeypatch.setattr(faulthandler, "dump_traceback_later", lambda timeout, exit=False: fallback.append((timeout,
+                                                                                                           exit)))
+    monkeypatch.setattr(sys.modules[__name__], "WATCHDOG_S", None)  # restored after the test
+    monkeypatch.setattr(sys.modules[__name__], "STARTED", time.perf_counter() - 100)  # 100 s since the start
+    start_watchdog(575)
+    assert sys.modules[__name__].WATCHDOG_S == 575
+    [timer] = timers
+    assert timer.started and timer.daemon is True
+    assert 470 < timer.interval <= 475, timer.interval
+    [(timeout, exit)] = fallback
+    assert exit is True and abs(timeout - (timer.interval + 10)) < 1, (timeout, timer.interval)
+
+
+def test_main_writes_each_check_running_then_its_entry_and_sets_the_budget_for_throughput(tmp_path, monkeypatch):
+    """The report before a check (status running, started_at_s) and after it (status, seconds), the run's fields, and
+    BUDGET_S set from --budget_s for check_throughput's per-configuration guard."""
+    out = tmp_path / "report.json"
+    seen = {}
+
+    def first(device, quick, tmp):
+        seen["report"] = json.loads(out.read_text())  # written before the check ran
+        seen["budget_s"] = sys.modules[__name__].BUDGET_S
+        return {"value": 1}
+
+    def second(device, quick, tmp):
+        raise Skip("not here")
+
+    monkeypatch.setattr(sys.modules[__name__], "CHECKS", {"first": first, "second": second})
+    monkeypatch.setattr(sys.modules[__name__], "STARTED", time.perf_counter() - 20)
+    monkeypatch.setattr(sys.modules[__name__], "BUDGET_S", None)  # main sets it: restored after the test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--device", "cpu", "--quick", "--out", str(out), "--budget_s", "160"])
+    assert exit_status.value.code == 0
+    running = seen["report"]["checks"]["first"]
+    assert running["status"] == "running" and 20 <= running["started_at_s"] < 80, running
+    assert seen["budget_s"] == 160
+    report = json.loads(out.read_text())
+    assert {k: report[k] for k in ("device", "torch", "cuda", "quick")} == \
+        {"device": "cpu", "torch": torch.__version__, "cuda": torch.version.cuda, "quick": True}
+    checks = report["checks"]
+    assert list(checks) == ["first", "second"]
+    assert {k: checks["first"][k] for k in ("status", "value")} == {"status": "ok", "value": 1}
+    assert {k: checks["second"][k] for k in ("status", "reason")} == {"status": "skipped", "reason": "not here"}
+    assert all(isinstance(c["seconds"], float) and c["seconds"] >= 0 for c in checks.values()), checks
+
+
+def test_main_with_a_watchdog_budgets_its_margin_and_caps_child_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(threading, "Timer", lambda interval, function: InertTimer())  # never fires in pytest
+    monkeypatch.setattr(faulthandler, "dump_traceback_later", lambda timeout, exit=False: None)
+    seen = {}
+
+    def only(device, quick, tmp):
+        seen.update(budget_s=sys.modules[__name__].BUDGET_S, watchdog_s=sys.modules[__name__].WATCHDOG_S)
+        return {}
+
+    monkeypatch.setattr(sys.modules[__name__], "CHECKS", {"only": only})
+    monkeypatch.setattr(sys.modules[__name__], "STARTED", time.perf_counter())
+    monkeypatch.setattr(sys.modules[__name__], "BUDGET_S", None)
+    monkeypatch.setattr(sys.modules[__name__], "WATCHDOG_S", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--device", "cpu", "--quick", "--out", str(tmp_path / "report.json"), "--watchdog_s", "575"])
+    assert exit_status.value.code == 0 and seen == {"budget_s": 545, "watchdog_s": 575}
+
+
+class InertTimer:
+    """threading.Timer's stand-in for main's watchdog inside pytest: never fires."""
+    daemon = None
+
+    def start(self):
+        pass
+
+
+def test_every_reserve_names_a_check_and_child_process_checks_keep_30_s():
+    """A misspelt RESERVE_S key is silently a reserve of 0: the check would start with no time left."""
+    assert set(RESERVE_S) <= set(CHECKS), set(RESERVE_S) - set(CHECKS)
+    assert all(RESERVE_S[name] >= 30 for name in ("torchrun", "ddp_two_processes", "bench_morph", "bench_mto",
+                                                  "bench_mto_whole_step", "throughput"))
+    assert RESERVE_S["throughput"] >= CONFIG_RESERVE_S
+
+
+def test_budget_notes_only_a_budget_within_the_watchdogs_margin(capsys):
+    assert budget(545, 575) == 545 and budget(300, 0) == 300 and budget(1000, 0) == 1000
+    assert capsys.readouterr().out == ""  # 30 s from the watchdog, or no watchdog: no note
+    assert budget(545.5, 575) == 545.5 and "within 30 s of --watchdog_s 575" in capsys.readouterr().out
+
+
+def test_run_child_passes_its_arguments_and_gives_at_least_1_s_near_the_watchdog(tmp_path, monkeypatch):
+    result = run_child([sys.executable, "-c", "import os; print(os.getcwd()); print(os.environ['RGL_MARK'])"],
+                       timeout=60, cwd=str(tmp_path), env=dict(os.environ, RGL_MARK="mark"))
+    assert result.returncode == 0 and result.stdout.split() == [str(tmp_path), "mark"], result
+    monkeypatch.setattr(sys.modules[__name__], "WATCHDOG_S", 5.0)  # 5 s left: under the 15 s margin
+    monkeypatch.setattr(sys.modules[__name__], "STARTED", time.perf_counter())
+    with pytest.raises(TimeoutError, match="did not finish within 1 s"):
+        run_child([sys.executable, "-c", "import time; time.sleep(60)"], timeout=240)
+
+
+def test_out_of_memory_is_torchs_error_or_a_runtime_errors_failed_allocation():
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not out_of_memory(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED"))
+    assert not out_of_memory(AssertionError("loss nan after out of memory retry"))  # a failure, not a figure
+
+
+def fake_torchrun(records):
+    """run_child for check_ddp_two_processes: writes the record `records(trainer)` and a step-2 checkpoint."""
+    def run(argv, timeout, **kwargs):
+        helper, out = argv[5], argv[argv.index("--output_dir") + 1]
+        source = open(helper).read()
+        compile(source, helper, "exec")  # the helper as formatted is Python
+        trainer = "train_seg" if "import train_seg" in source else "train_pretrain"
+        assert f"{trainer}.main(sys.argv[1:])" in source and repr(out) + ' + ".json"' in source
+        with open(out + ".json", "w") as f:
+            json.dump(records(trainer), f)
+        os.makedirs(out, exist_ok=True)
+        torch.save({"step": 2}, os.path.join(out, engine.LAST))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+    return run
+
+
+def test_two_process_check_reads_each_trainers_record(tmp_path, monkeypatch):
+    def cpu(trainer):
+        return {"world_size": 2, "backend": "gloo", "norms": ["BatchNorm2d"] if trainer == "train_seg" else [],
+                "ddp": True}
+
+    def gpu(trainer):
+        return {**cpu(trainer), "backend": "nccl", "norms": ["SyncBatchNorm"] if trainer == "train_seg" else []}
+
+    def fresh(name):
+        (tmp_path / name).mkdir()
+        return str(tmp_path / name)
+
+    monkeypatch.setattr(sys.modules[__name__], "run_child", fake_torchrun(cpu))
+    details = check_ddp_two_processes("cpu", True, fresh("cpu"))
+    assert details == {"train_pretrain": cpu("train_pretrain"), "train_seg": cpu("train_seg")}
+    for wrong in ({"backend": "nccl"}, {"norms": []}, {"world_size": 1}, {"ddp": False}):
+        monkeypatch.setattr(sys.modules[__name__], "run_child", fake_torchrun(lambda t: {**cpu(t), **wrong}))
+        with pytest.raises(AssertionError):
+            check_ddp_two_processes("cpu", True, fresh(f"wrong_{sorted(wrong)[0]}"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(sys.modules[__name__], "run_child", fake_torchrun(gpu))
+    assert check_ddp_two_processes("cuda:0", False, fresh("gpu"))["train_seg"]["norms"] == ["SyncBatchNorm"]
+    monkeypatch.setattr(sys.modules[__name__], "run_child", fake_torchrun(cpu))  # gloo on a GPU: wrong
+    with pytest.raises(AssertionError):
+        check_ddp_two_processes("cuda:0", False, fresh("gpu_gloo"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(Skip, match="one GPU visible"):
+        check_ddp_two_processes("cuda:0", False, fresh("one_gpu"))
+
+
+def test_compiled_against_eager_counts_the_compiled_runs_graphs_only_and_bounds_the_loss(tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+    case = {}
+
+    def run(out, device, quick, *extra):
+        compiled = "--compile" in extra
+        if compiled:
+            counters["stats"]["unique_graphs"] += case["graphs"]
+        loss = case["ratio"] if compiled else 1.0
+        return [{"loss": loss, "img_per_s": 10.0, **{k: 0.25 for k in COMPUTE_PARTS}, "data_s": 5.0}] * 3
+
+    monkeypatch.setattr(sys.modules[__name__], "pretrain_run", run)
+    counters["stats"]["unique_graphs"] += 4  # an earlier compile check's graphs: not this one's
+    try:
+        case.update(graphs=1, ratio=1.02)
+        details = compiled_against_eager("cpu", True, str(tmp_path), "--mto")
+        assert details["graphs"] == 1 and details["compute_s_last"] == {"eager": 1.0, "compiled": 1.0}
+        assert details["first_loss"] == {"eager": 1.0, "compiled": 1.02}
+        for graphs, ratio in ((2, 1.0), (0, 1.0), (1, 1.05), (1, 0.95), (1, float("nan"))):
+            counters["stats"]["unique_graphs"] += 4
+            case.update(graphs=graphs, ratio=ratio)
+            with pytest.raises(AssertionError):
+                compiled_against_eager("cpu", True, str(tmp_path), "--mto")
+    finally:
+        counters.clear()
+
+
 def release_memory():
     """Drop the last check's tensors and hand the CUDA caching allocator's free blocks back to the driver."""
     gc.collect()
