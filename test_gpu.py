@@ -280,6 +280,9 @@ def check_ddp_two_processes(device, quick, tmp):
     return details
 
 
+KILLED_PIPES_WAIT_S = 10  # after a kill: within the 15 s that run_child leaves before the watchdog
+
+
 def run_child(argv, timeout, **kwargs):
     """subprocess.run that, on timeout, kills the child and all its descendants (torchrun starts its workers in
     sessions of their own, so a process group is not enough), so that a hang costs one check, not the GPU for the
@@ -291,7 +294,10 @@ def run_child(argv, timeout, **kwargs):
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill(descendants(process.pid) + [process.pid])
-        process.communicate(timeout=30)
+        try:  # the pipes close once the killed processes are gone, unless a process that left the tree holds them
+            process.communicate(timeout=KILLED_PIPES_WAIT_S)
+        except subprocess.TimeoutExpired:
+            pass
         raise TimeoutError(f"{' '.join(argv[:4])} ... did not finish within {timeout:.0f} s (killed)") from None
     return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
@@ -1090,6 +1096,34 @@ def test_compiled_against_eager_counts_the_compiled_runs_graphs_only_and_bounds_
                 compiled_against_eager("cpu", True, str(tmp_path), "--mto")
     finally:
         counters.clear()
+
+
+ESCAPED_HOLDER = """
+import os, sys, time
+if os.fork() == 0:  # a grandchild that forks and exits: its child, re-parented, holds the pipes and leaves the tree
+    if os.fork() == 0:
+        open(sys.argv[1], "w").write(str(os.getpid()))
+        time.sleep(120)
+    os._exit(0)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_timed_out_child_whose_pipes_an_escaped_process_holds_still_ends_in_time(tmp_path, monkeypatch):
+    """After the kill, run_child waits for the pipes at most KILLED_PIPES_WAIT_S (10 s, inside the 15 s it leaves
+    before the watchdog): a process that left the tree (re-parented, so descendants() cannot find it) and still holds
+    stdout would otherwise keep it waiting 30 s, past the watchdog, which then ends the whole run."""
+    monkeypatch.setattr(sys.modules[__name__], "KILLED_PIPES_WAIT_S", 1)
+    pid_file = tmp_path / "escaped.pid"
+    start = time.perf_counter()
+    try:
+        with pytest.raises(TimeoutError, match="did not finish within 2 s"):
+            run_child([sys.executable, "-c", ESCAPED_HOLDER, str(pid_file)], timeout=2)
+        assert time.perf_counter() - start < 10
+    finally:
+        if pid_file.exists() and pid_file.read_text():
+            kill([int(pid_file.read_text())])
 
 
 def release_memory():
