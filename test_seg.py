@@ -587,11 +587,13 @@ def test_a_relaunch_without_iters_continues_its_run_as_it_was(tmp_path, capsys):
     out = str(tmp_path / "run")
     schedule_free = TINY_RUN[:TINY_RUN.index("--iters")] + TINY_RUN[TINY_RUN.index("--warmup_iters") + 2:]
     assert len(schedule_free) == len(TINY_RUN) - 4 and "--iters" not in schedule_free
-    train_seg.main(TINY_RUN + ["--init", "none", "--output_dir", out])
+    final = train_seg.main(TINY_RUN + ["--init", "none", "--output_dir", out])
     capsys.readouterr()
-    train_seg.main(schedule_free + ["--output_dir", out])
+    relaunched = train_seg.main(schedule_free + ["--output_dir", out])
     printed = capsys.readouterr().out
     assert "holds a finished run (step 4 of 4)" in printed and "settings changed" not in printed
+    # the run's last evaluation, as fine-tuning reprints its best top-1 (it printed nothing and returned None)
+    assert json.dumps(relaunched) == json.dumps(final) and f"final mIoU {final['mIoU']:.2f} (aAcc {final['aAcc']:.2f}" in printed
     train_seg.main(schedule_free + ["--iters", "5", "--output_dir", out])  # trains on, with its own warmup
     assert "settings changed since: --iters 4 -> 5" in capsys.readouterr().out
     saved = torch.load(os.path.join(out, "checkpoint-last.pth"))

@@ -774,7 +774,9 @@ def train(args, d):
     window = torch.zeros(4, device=d.device)  # loss, decode loss, aux loss sums, count: since the last log line
     if resume_path is not None and resume.get("log_window") is not None:  # resumed between two log lines
         window = resume["log_window"].to(d.device)
-    metrics, last_log_time, images_seen = None, time.perf_counter(), 0
+    # the last evaluation's metrics: a relaunch keeps its run's (saved with each checkpoint; a finished run prints them)
+    metrics = resume.get("metrics") if resume_path is not None else None
+    last_log_time, images_seen = time.perf_counter(), 0
     bar = tqdm(total=args.iters, initial=step, disable=not d.is_main or finished, dynamic_ncols=True)
     ddp_model.train()
     while step < args.iters:
