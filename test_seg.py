@@ -581,6 +581,22 @@ def test_another_batch_size_keeps_the_step_count(tmp_path, monkeypatch, capsys):
     assert os.path.getmtime(last) == before and torch.load(last)["step"] == 4
 
 
+def test_a_checkpoint_saved_before_a_resumed_runs_first_evaluation_keeps_the_last_metrics(tmp_path, monkeypatch):
+    """checkpoint-last.pth carries the run's last evaluation: a relaunch that saves (--save_every 1) before it
+    evaluates again keeps the one of its run (it saved null there)."""
+    out = str(tmp_path / "run")
+    final = train_seg.main(TINY_RUN + ["--init", "none", "--output_dir", out])  # evaluates at its last step, 4
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped at the evaluation of step 6")
+
+    monkeypatch.setattr(train_seg, "run_metrics", stop)
+    with pytest.raises(RuntimeError, match="step 6"):
+        train_seg.main(TINY_RUN + ["--iters", "6", "--save_every", "1", "--output_dir", out])
+    saved = torch.load(os.path.join(out, "checkpoint-last.pth"))
+    assert saved["step"] == 5 and json.dumps(saved["metrics"]) == json.dumps(final)
+
+
 def test_a_relaunch_without_iters_continues_its_run_as_it_was(tmp_path, capsys):
     """--iters / --warmup_iters left out: a continued run's own (as the other trainers' epochs), not the demo's 600 /
     30 (or BEiT's 160k), which turned a relaunch of a finished 4-step run into a 600-step one."""
