@@ -1531,3 +1531,92 @@ def test_a_checkpoint_of_2_processes_resumes_mid_epoch_on_2_or_on_1_with_the_sam
     assert engine.resume(state, "ck.pth", model, optimizer, None, args, 4, engine.Dist(world_size=2)) == 5
     one = argparse.Namespace(**{**vars(args), "batch_size": 8})
     assert engine.resume(state, "ck.pth", model, optimizer, None, one, 4, engine.Dist()) == 5
+
+
+# ---------------------------------------------------------------------------------------------------
+# third mutation review of engine.py
+
+
+def test_poly_schedule_power_and_min_lr_values_written_out():
+    """mmcv's PolyLrUpdaterHook: (base - min) * (1 - step/total)^power + min, the warmup factor applied to that value;
+    values written out (test_seg's lr checks call poly_schedule itself, the tests above only power 1 and min at the
+    end)."""
+    lr = lambda s: engine.poly_schedule(s, 100, 10, 1.0, power=2.0, min_value=0.1, warmup_ratio=0.5)  # noqa: E731
+    assert lr(50) == pytest.approx(0.9 * 0.25 + 0.1)  # (1 - 0.5)^2 of the way from min to base
+    assert lr(90) == pytest.approx(0.9 * 0.01 + 0.1)
+    assert lr(5) == pytest.approx((0.9 * 0.95 ** 2 + 0.1) * 0.75)  # warmup factor 0.5 -> 1, half way
+    assert engine.poly_schedule(75, 100, 0, 0.01, power=0.9, min_value=1e-4) == pytest.approx(
+        (0.01 - 1e-4) * 0.25 ** 0.9 + 1e-4)  # mmseg's configs' power 0.9
+
+
+def test_step_timer_times_a_logged_step_from_its_start_not_from_the_last_logged_step(monkeypatch):
+    """_t moves only on timed (exact) steps: without the tick in start() a logged step's first part would also count
+    every untimed step since the previous logged one (--log_every steps)."""
+    clock = [0.0]
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock[0])
+    timer = engine.StepTimer(torch.device("cpu"))
+    timer.start(exact=True)
+    clock[0] += 1.0
+    timer.lap("data_s")
+    for _ in range(3):  # untimed steps
+        timer.start(exact=False)
+        clock[0] += 10.0
+        timer.lap("data_s")
+    clock[0] += 100.0  # between the last untimed step's end and the next logged step's start
+    timer.start(exact=True)
+    clock[0] += 2.0
+    timer.lap("data_s")
+    clock[0] += 3.0
+    timer.lap("step_s")
+    assert timer.parts == {"data_s": 2.0, "step_s": 3.0}
+
+
+def test_set_run_length_takes_a_continued_runs_own_length_over_a_new_runs():
+    """A relaunch without --epochs / --warmup_epochs continues with the checkpoint's (a 300-epoch run relaunched with
+    the defaults must not become an 800-epoch run with another cosine); given flags win; a new run gets the defaults."""
+    new_run = {"epochs": 800, "warmup_epochs": 40}
+    args = argparse.Namespace(epochs=None, warmup_epochs=None)
+    engine.set_run_length(args, new_run, {"epochs": 300, "warmup_epochs": 10, "lr": 1.0})
+    assert (args.epochs, args.warmup_epochs) == (300, 10)
+    args = argparse.Namespace(epochs=400, warmup_epochs=None)
+    engine.set_run_length(args, new_run, {"epochs": 300, "warmup_epochs": 10})
+    assert (args.epochs, args.warmup_epochs) == (400, 10)
+    args = argparse.Namespace(epochs=None, warmup_epochs=None)
+    engine.set_run_length(args, new_run, None)
+    assert (args.epochs, args.warmup_epochs) == (800, 40)
+    args = argparse.Namespace(epochs=None, warmup_epochs=None)
+    engine.set_run_length(args, new_run, {"epochs": 300})  # a checkpoint without the flag: the new run's
+    assert (args.epochs, args.warmup_epochs) == (300, 40)
+
+
+def test_grad_sync_skips_the_all_reduce_except_on_the_last_micro_batch(tmp_path):
+    """Under DDP the gradients are all-reduced on the last micro-batch of a step only (no_sync on the others):
+    inverted, no step would ever average the ranks' gradients. A one-process gloo group, destroyed after."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+        with engine.grad_sync(model, last_micro=False):
+            assert not model.require_backward_grad_sync
+        assert model.require_backward_grad_sync
+        with engine.grad_sync(model, last_micro=True):
+            assert model.require_backward_grad_sync
+    finally:
+        torch.distributed.destroy_process_group()
+    plain = torch.nn.Linear(3, 2)
+    with engine.grad_sync(plain, last_micro=False):  # no DDP: nothing to skip
+        pass
+
+
+def test_resume_of_a_run_that_counts_steps_keeps_the_step_under_another_batch(capsys):
+    """Segmentation (counts_steps: --iters and the poly schedule count steps): another batch keeps the saved step, at
+    an epoch boundary too (renumbering it as pre-training does would move the lr schedule and the run's end), and
+    mid-epoch is accepted."""
+    model = torch.nn.Linear(3, 2)
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=(0.9, 0.98), output_dir="x", demo=False, batch_size=4,
+                              accum_iter=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    other = argparse.Namespace(**{**vars(args), "batch_size": 8})
+    for step in (10, 7):  # epoch boundary (5 steps per epoch), mid-epoch
+        state = engine.checkpoint_state("dtm_seg", model, optimizer, None, args, step, steps_per_epoch=5)
+        assert engine.resume(state, "ck.pth", model, optimizer, None, other, 2, CPU, counts_steps=True) == step
+    assert "step 7 is kept" in capsys.readouterr().out
