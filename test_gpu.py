@@ -83,10 +83,13 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
+TINY_PRETRAIN = ["--model", "vit_tiny", "--img_size", "64", "--batch_size", "4", "--num_masked", "6",
+                 "--min_block", "2"]
+
+
 def pretrain_run(out, device, quick, *extra):
     """A few logged pre-training steps on the built-in images -> the log's lines."""
-    size = ["--model", "vit_tiny", "--img_size", "64", "--batch_size", "4", "--num_masked", "6", "--min_block", "2"] \
-        if quick else \
+    size = TINY_PRETRAIN if quick else \
         ["--model", "vit_b", "--img_size", "224", "--batch_size", "32", "--num_masked", "75", "--min_block", "16"]
     argv = [*size, "--max_steps", "3", "--log_every", "1", "--num_workers", "2", "--output_dir", str(out),
             "--drop_path", "0", "--seed", "0", *extra]
@@ -203,15 +206,8 @@ def check_torchrun(device, quick, tmp):
     helper = os.path.join(tmp, "torchrun_helper.py")
     with open(helper, "w") as f:
         f.write(TORCHRUN_HELPER.format(repo=HERE, out=out))
-    size = ["--model", "vit_tiny", "--img_size", "64", "--batch_size", "4", "--num_masked", "6", "--min_block", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.setdefault("NCCL_DEBUG", "WARN")  # nccl's reason in the report's stderr tail, not a bare "system error"
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    result = run_child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                        helper, *size, "--max_steps", "2", "--num_workers", "1", "--output_dir", out],
-                       timeout=180, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    torchrun(device, 1, helper, [*TINY_PRETRAIN, "--max_steps", "2", "--num_workers", "1", "--output_dir", out],
+             "torchrun")
     backend, reduced, wrapped = open(out + ".backend").read().split()
     assert backend == ("nccl" if device.startswith("cuda") else "gloo"), backend
     assert reduced == "1.0" and wrapped == "ddp", (reduced, wrapped)
@@ -252,12 +248,7 @@ def check_ddp_two_processes(device, quick, tmp):
     cuda = device.startswith("cuda")
     if cuda and torch.cuda.device_count() < 2:
         raise Skip("one GPU visible: two processes need two GPUs (run it on a node with several)")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.setdefault("NCCL_DEBUG", "WARN")
-    if not cuda:
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    runs = {"train_pretrain": ["--model", "vit_tiny", "--img_size", "64", "--batch_size", "4", "--num_masked", "6",
-                               "--min_block", "2", "--max_steps", "2", "--num_workers", "1"],
+    runs = {"train_pretrain": [*TINY_PRETRAIN, "--max_steps", "2", "--num_workers", "1"],
             "train_seg": ["--crop_size", "64", "--scale", "128", "64", "--stride", "43", "--channels", "32",
                           "--batch_size", "2", "--iters", "2", "--warmup_iters", "1", "--eval_every", "2",
                           "--demo_train_images", "8", "--demo_val_images", "3", "--num_workers", "0"]}
@@ -267,9 +258,7 @@ def check_ddp_two_processes(device, quick, tmp):
         helper = out + "_helper.py"
         with open(helper, "w") as f:
             f.write(TWO_PROCESS_HELPER.format(repo=HERE, trainer=trainer, out=out))
-        result = run_child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            helper, *argv, "--output_dir", out], timeout=180, env=env)
-        assert result.returncode == 0, trainer + ": " + result.stdout[-2000:] + result.stderr[-2000:]
+        torchrun(device, 2, helper, [*argv, "--output_dir", out], trainer)
         with open(out + ".json") as f:
             record = json.load(f)
         norms = (["SyncBatchNorm"] if cuda else ["BatchNorm2d"]) if trainer == "train_seg" else []
@@ -278,6 +267,18 @@ def check_ddp_two_processes(device, quick, tmp):
         assert torch.load(os.path.join(out, engine.LAST))["step"] == 2, trainer
         details[trainer] = record
     return details
+
+
+def torchrun(device, nproc, helper, argv, what):
+    """helper under torchrun with nproc processes (nccl on a GPU, gloo on the CPU), killed after 180 s; a failure
+    names `what` and ends with the children's output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.setdefault("NCCL_DEBUG", "WARN")  # nccl's reason in the report's stderr tail, not a bare "system error"
+    if not device.startswith("cuda"):
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    result = run_child([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        helper, *argv], timeout=180, env=env)
+    assert result.returncode == 0, what + ": " + result.stdout[-2000:] + result.stderr[-2000:]
 
 
 KILLED_PIPES_WAIT_S = 10  # after a kill: within the 15 s that run_child leaves before the watchdog
