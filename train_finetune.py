@@ -470,7 +470,7 @@ def finetune(args, d, amp_dtype, scaler):
         d.print(f"DEMO (no --data): {args.model} learns {len(classes)} classes of built-in SyntheticShapes images at "
                 f"{args.img_size} px ({len(train_set)} for training, {len(val_set)} for validation), {args.epochs} "
                 f"epoch{'s' * (args.epochs != 1)} on {d.device}. For a real run pass --data and --init (see --help).")
-    if not args.demo:  # evaluation must count every image: find unreadable ones now, not after the first epoch
+    else:  # evaluation must count every image: find unreadable ones now, not after the first epoch
         engine.check_dataset(val_set, "validation", d, args.num_workers)
     loader, sampler, steps_per_epoch = engine.train_loader(train_set, args, d)
     engine.seed_all(args.seed)  # the same new head on every rank
