@@ -850,6 +850,8 @@ class SegFolder(torch.utils.data.Dataset):
     reduce_zero_label applied first when asked. Missing pairs fail at construction; a size mismatch, or (given
     num_classes) a label value outside 0..num_classes-1 and 255, fails when that pair is loaded, naming the file.
     """
+    suffix_hint = "pass the images' suffix (train_seg.py: --img_suffix)"  # the fixes that errors name, per layout
+    label_hint = "check --num_classes and --reduce_zero_label"
 
     def __init__(self, img_dir, ann_dir, transform=None, img_suffix=".jpg", ann_suffix=".png",
                  reduce_zero_label=False, classes=None, num_classes=None):
@@ -860,8 +862,7 @@ class SegFolder(torch.utils.data.Dataset):
         images, annotations = _files_by_stem(img_dir, img_suffix), _files_by_stem(ann_dir, ann_suffix)
         if not images:
             found = sorted({os.path.splitext(f)[1] for f in os.listdir(img_dir) if not f.startswith(".")} - {""})
-            hint = (f"; it holds {', '.join(found)} files: pass the images' suffix (train_seg.py: --img_suffix)"
-                    if found else "")
+            hint = f"; it holds {', '.join(found)} files: {self.suffix_hint}" if found else ""
             folders = sorted(e.name for e in os.scandir(img_dir) if e.is_dir() and not e.name.startswith("."))
             if folders:
                 hint += (f"; it holds folders ({', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''}), which "
@@ -894,10 +895,13 @@ class SegFolder(torch.utils.data.Dataset):
             labels = reduce_zero_label(labels)
         if self.num_classes is not None:
             bad = np.unique(labels[(labels >= self.num_classes) & (labels != IGNORE_INDEX)])
-            if bad.size:
-                raise ValueError(f"annotation {ann_path!r} holds label values {bad[:5].tolist()}, outside 0.."
-                                 f"{self.num_classes - 1} ({self.num_classes} classes) and {IGNORE_INDEX} (ignore); "
-                                 f"check --num_classes and --reduce_zero_label")
+            if bad.size:  # named as the file holds them: k + 1 where reduce_zero_label made them k
+                allowed = (f"1..{self.num_classes} (0 and {IGNORE_INDEX} ignored, the rest read as 0.."
+                           f"{self.num_classes - 1})" if self.reduce_zero_label else
+                           f"0..{self.num_classes - 1} ({self.num_classes} classes) and {IGNORE_INDEX} (ignore)")
+                values = (bad[:5].astype(int) + self.reduce_zero_label).tolist()
+                raise ValueError(f"annotation {ann_path!r} holds label values {values}, outside {allowed}; "
+                                 f"{self.label_hint}")
         return img, Image.fromarray(labels, "L")
 
     def __getitem__(self, index):
@@ -908,6 +912,9 @@ class SegFolder(torch.utils.data.Dataset):
 class ADE20KDataset(SegFolder):
     """ADE20K (ADEChallengeData2016): root/images/{split}/*.jpg with root/annotations/{split}/*.png, 150 classes,
     label 0 ('other') ignored via reduce_zero_label -> training labels 0..149 and 255 = ignore."""
+    GENERIC = "train_seg.py's generic folders (--img_dir, --ann_dir, --val_img_dir, --val_ann_dir instead of --data)"
+    suffix_hint = f"ADE20K's images are .jpg; for other files use {GENERIC} with --img_suffix"
+    label_hint = f"not an ADE20K label map (values 0..150, 0 = other); for other labels use {GENERIC} with --num_classes"
 
     def __init__(self, root, split="training", transform=None, reduce_zero_label=True):
         if split not in ("training", "validation"):

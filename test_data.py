@@ -894,6 +894,10 @@ def test_ade20k_layout(tmp_path):
     assert len(data.ADE20K_CLASSES) == 150 and ds.classes is data.ADE20K_CLASSES
     with pytest.raises(FileNotFoundError, match="no '\\*.jpg' images"):
         data.ADE20KDataset(str(root), "training")
+    Image.new("RGB", (8, 6)).save(root / "images" / "training" / "ADE_train_1.png")  # --data cannot take a suffix:
+    with pytest.raises(FileNotFoundError, match="holds .png files: ADE20K's images are .jpg; for other files use "
+                                                "train_seg.py's generic folders .* with --img_suffix"):
+        data.ADE20KDataset(str(root), "training")
     with pytest.raises(FileNotFoundError, match="not an ADE20K folder"):
         data.ADE20KDataset(str(tmp_path), "training")
     with pytest.raises(ValueError, match="split"):
@@ -1570,8 +1574,13 @@ def test_seg_folder_checks_labels_against_the_number_of_class_names(tmp_path):
         os.makedirs(root / kind / "validation")
     Image.new("RGB", (3, 1)).save(root / "images" / "validation" / "v.jpg")
     Image.fromarray(np.array([[0, 150, 151]], np.uint8), "L").save(root / "annotations" / "validation" / "v.png")
-    with pytest.raises(ValueError, match=r"holds label values \[150\], outside 0..149"):  # 151 reduced to 150
+    with pytest.raises(ValueError, match=r"holds label values \[151\], outside 1..150 \(0 and 255 ignored, the rest "
+                                         r"read as 0..149\); not an ADE20K label map .* use train_seg.py's generic "
+                                         r"folders \(--img_dir.* with --num_classes"):  # as in the file, not reduced
         data.ADE20KDataset(str(root), "validation")[0]
+    with pytest.raises(ValueError, match=r"holds label values \[3\], outside 1..2 .*check --num_classes and "
+                                         r"--reduce_zero_label"):  # a generic folder: its label 3 read as 2
+        data.SegFolder(str(tmp_path / "img"), str(tmp_path / "ann"), num_classes=2, reduce_zero_label=True)[0]
 
 
 def test_seg_random_crop_at_ratio_one_checks_nothing_and_mismatched_pairs_are_refused(monkeypatch):
