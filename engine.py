@@ -1069,7 +1069,7 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
                     + (f"; from here that is {os.path.abspath(started_from)}" if os.path.exists(started_from) else ""))
         args.init = started_from if os.path.isabs(started_from) else saved["init"]  # recorded as init_abspath again
     changed = [f"--{k} {saved[k]} -> {v}" for k, v in sorted(vars(args).items())
-               if k not in BOOKKEEPING and k != "init" and k in saved and _plain(saved[k]) != _plain(v)]
+               if k not in BOOKKEEPING and k != "init" and k in saved and not _same_setting(saved[k], v)]
     try:
         unwrap(model).load_state_dict(checkpoint["model"])
     except RuntimeError:
@@ -1150,7 +1150,8 @@ def _batch_layout(args: dict, world_size: int, steps_per_epoch: int) -> dict:
 
 
 def same_path(a: str, b: str) -> bool:
-    """Two --init values name the same file (or are both 'none'); relative ones from this working directory."""
+    """Two paths name the same file or folder (or two --init values are both 'none'); relative ones from this
+    working directory."""
     if os.path.abspath(a) == os.path.abspath(b):
         return True
     try:
@@ -1161,6 +1162,19 @@ def same_path(a: str, b: str) -> bool:
 
 def _plain(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+def _same_setting(saved, given) -> bool:
+    """A flag's saved and given values are one setting: equal, or paths of the same file or folder written two ways
+    (--data imnet and --data /data/imnet; also after --teacher's clip: or ckpt:)."""
+    if _plain(saved) == _plain(given):
+        return True
+    if not isinstance(saved, str) or not isinstance(given, str):
+        return False
+    for prefix in ("clip:", "ckpt:"):
+        if saved.startswith(prefix) and given.startswith(prefix):
+            saved, given = saved[len(prefix):], given[len(prefix):]
+    return same_path(saved, given)
 
 
 class StepTimer:

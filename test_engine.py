@@ -570,6 +570,32 @@ def test_resume_into_another_model_names_the_differences_and_the_changed_setting
         engine.resume(state, "ck.pth", wider, torch.optim.AdamW(wider.parameters()), None, args, 2, CPU)
 
 
+def test_resume_does_not_call_a_path_written_another_way_a_changed_setting(tmp_path, monkeypatch, capsys):
+    """--data imnet relaunched as --data /abs/imnet (or ./imnet/, or through a link) is the same folder: not listed
+    as changed (it was: "settings changed since: --data /abs/imnet -> imnet"); another folder and --teacher's
+    clip:/ckpt: path likewise."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("imnet", "other"):
+        os.makedirs(folder)
+    os.symlink(tmp_path / "imnet", tmp_path / "link")
+    open("t.pth", "wb").close()
+    model = torch.nn.Linear(3, 2)
+    state = tiny_state(model)
+    state["args"].update(data=str(tmp_path / "imnet"), teacher="clip:t.pth")
+    args = argparse.Namespace(**{**state["args"], "data": "imnet", "teacher": f"clip:{tmp_path / 't.pth'}"})
+    for data_path in ("imnet", "./imnet/", "link"):
+        capsys.readouterr()
+        engine.resume(state, "ck.pth", model, torch.optim.AdamW(model.parameters()), None,
+                      argparse.Namespace(**{**vars(args), "data": data_path}), 2, CPU)
+        assert capsys.readouterr().out == "resumed from ck.pth at step 3\n"
+    for changed, shown in ((dict(data="other"), f"--data {tmp_path / 'imnet'} -> other"),
+                           (dict(teacher="ckpt:t.pth"), "--teacher clip:t.pth -> ckpt:t.pth"),
+                           (dict(model="vit_s"), "--model vit_tiny -> vit_s")):
+        engine.resume(state, "ck.pth", model, torch.optim.AdamW(model.parameters()), None,
+                      argparse.Namespace(**{**vars(args), **changed}), 2, CPU)
+        assert capsys.readouterr().out == f"resumed from ck.pth at step 3; settings changed since: {shown}\n"
+
+
 def test_resume_keeps_each_parameters_moments_under_this_runs_group_settings():
     """A --layer_decay / --weight_decay changed on resume is used (not the saved groups'), also when it changes the
     number of parameter groups; each parameter keeps its own Adam moments."""
