@@ -43,6 +43,7 @@ import torch.distributed as dist
 # a rank could abort at exit ("terminate called without an active exception"). Imported before, they hold None.
 import torch.distributed.nn  # noqa: F401
 import torch.nn as nn
+from tqdm import tqdm
 
 import data
 import dtm
@@ -1232,6 +1233,15 @@ def show_tracebacks() -> bool:
     return os.environ.get("DTM_TRACEBACK", "") not in ("", "0")
 
 
+def _end_progress_bars() -> bool:
+    """Close the open tqdm bars (a bar's line ends), so that a message printed next starts a line of its own (a log
+    read with `grep ^error:` finds it); -> whether one was open."""
+    bars = list(getattr(tqdm, "_instances", ()))  # tqdm's own registry of open bars
+    for bar in bars:
+        bar.close()
+    return bool(bars)
+
+
 def cli(main):
     """Run main() as a script: a user error (user_error_message) prints `error: ...` on one line and exits with 2;
     Ctrl-C prints one line and exits with 130; anything else keeps Python's traceback. DTM_TRACEBACK=1 shows the
@@ -1241,7 +1251,8 @@ def cli(main):
     except KeyboardInterrupt:
         if show_tracebacks():
             raise
-        print(f"\ninterrupted: relaunch to continue from the last {LAST} in its --output_dir (written at the end "
+        after_ctrl_c = "" if _end_progress_bars() else "\n"  # a new line, unless closing a bar ended the line
+        print(f"{after_ctrl_c}interrupted: relaunch to continue from the last {LAST} in its --output_dir (written at the end "
               f"of each epoch in pre-training and fine-tuning, and every --save_every steps where the trainer has "
               f"it): the same command, or after a --resume PATH start the same command with --resume auto; before "
               f"the first save there is none: the command as it was starts over (from PATH with --resume PATH)",
@@ -1253,5 +1264,6 @@ def cli(main):
             raise
         where = (f" (rank {os.environ.get('RANK')} of {os.environ['WORLD_SIZE']}, {socket.gethostname()})"
                  if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "")  # torchrun's summary may blame another rank
+        _end_progress_bars()
         print(f"error{where}: {message}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -1079,6 +1079,35 @@ def test_ctrl_c_prints_how_to_continue_and_exits_130(capsys, monkeypatch):
         engine.cli(interrupted)
 
 
+def test_an_error_or_ctrl_c_during_training_starts_its_own_line(capsys, monkeypatch):
+    """The progress bar is closed first: `error: ...` was printed at the end of the bar's line, where a log read with
+    `grep ^error:` did not find it; after Ctrl-C no empty line follows the closed bar."""
+    from tqdm import tqdm
+    monkeypatch.delenv("DTM_TRACEBACK", raising=False)
+
+    def fails(error):
+        def train():
+            bar = tqdm(total=4)
+            bar.update(1)
+            raise error
+        return train
+
+    for error, code, first in ((ValueError("bad label"), 2, "error: bad label"),
+                               (KeyboardInterrupt(), 130, "interrupted: relaunch")):
+        with pytest.raises(SystemExit) as exit_info:
+            engine.cli(fails(error))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == code and err.endswith("\n")
+        *bar_lines, message = err.rstrip("\n").split("\n")
+        assert message.startswith(first) and bar_lines and "1/4" in bar_lines[-1] and not tqdm._instances
+    def no_bar():
+        raise ValueError("x")
+
+    with pytest.raises(SystemExit):
+        engine.cli(no_bar)
+    assert capsys.readouterr().err == "error: x\n"  # no bar open: nothing before the line
+
+
 def test_internal_errors_keep_their_traceback():
     def torch_value_error():  # a ValueError raised inside torch is not a user error
         F.cross_entropy(torch.randn(2, 3), torch.tensor([1]))
