@@ -376,6 +376,9 @@ def test_demo_run_started_from_a_checkpoint_relaunches_without_init(tmp_path, ca
     assert "resumed from" in capsys.readouterr().out
     resumed = torch.load(os.path.join(second, "checkpoint-last.pth"))
     assert resumed["step"] == 3 and resumed["init_abspath"] == os.path.join(first, "checkpoint-last.pth")
+    with pytest.raises(ValueError, match="continues a run started from --init .*--init none would be ignored"):
+        train_seg.main(TINY_RUN + ["--iters", "4", "--init", "none", "--output_dir", second])
+    assert "UperNet," not in capsys.readouterr().out  # refused before the banner, which named the run's --init
 
 
 def test_relaunch_of_an_old_checkpoint_with_a_relative_init_says_so(tmp_path, monkeypatch, capsys):

@@ -738,23 +738,22 @@ def train(args, d):
     model.to(d.device)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # 2 images per GPU: BN statistics over all GPUs
+    groups = engine.param_groups(model, args.weight_decay,
+                                 engine.layer_decay_fn(model.backbone.depth, args.layer_decay, prefix="backbone."))
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas))
+    step, best_miou = 0, -1.0
+    if resume_path is not None:  # checked before the banner: a refused relaunch prints its error only
+        step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
+                             train_images=len(train_set), counts_steps=True)  # --iters counts steps
+        best_miou = resume["best_miou"]
     d.print(f"{args.model} UperNet, {num_classes} classes, crop {args.crop_size}, pyramid from blocks "
             f"{model.out_indices}, init {started_from}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
             f"{d.world_size} process(es) on {d.device}, amp {engine.amp_name(amp_dtype, scaler)}")
     engine.warn_long_warmup(args.warmup_iters, args.iters, "--warmup_iters", d)
-
-    groups = engine.param_groups(model, args.weight_decay,
-                                 engine.layer_decay_fn(model.backbone.depth, args.layer_decay, prefix="backbone."))
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas))
     note_vit_l_recipe(args, d)
     lowest = min(group["lr_scale"] for group in groups)  # each group decays from its own peak to --min_lr
     engine.warn_min_lr(args.min_lr, args.lr * lowest, f" of the lowest layers (--lr x {lowest:.3g}, --layer_decay)"
                        if lowest < 1 else " (--lr)", d)
-    step, best_miou = 0, -1.0
-    if resume_path is not None:
-        step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
-                             train_images=len(train_set), counts_steps=True)  # --iters counts steps
-        best_miou = resume["best_miou"]
     finished = step >= args.iters
     log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished)
     ddp_model = engine.ddp(model, d)
