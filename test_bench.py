@@ -1,4 +1,6 @@
-"""The benchmark scripts refuse arguments that would crash late (a traceback after the set-up) or measure nothing."""
+"""The benchmark scripts: the figures they print (with fake clocks and memory readings), their defaults, the agreement
+checks behind them, and their refusal of arguments that would crash late (a traceback after the set-up) or measure
+nothing."""
 import argparse
 import json
 import os
@@ -6,10 +8,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import bench_data
 import bench_morph
 import bench_mto
+import train_pretrain
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -153,3 +157,229 @@ def test_bench_data_refuses(argv, message, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_status:
         bench_data.main()
     assert exit_status.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bench_morph
+
+def test_bench_morph_check_agreement_compares_every_schedule_in_float64_and_fails_on_a_difference(monkeypatch):
+    args = argparse.Namespace(batch=2, tokens=8, dim=3, levels=2, device="cpu", schedules=["4", "1x2"])
+    bench_morph.check_agreement(args)  # 8 tokens, 4 merges: the first token is protected, so only 3 can happen
+    seen, loss_dense = [], bench_morph.loss_dense
+    monkeypatch.setattr(bench_morph, "loss_dense", lambda s, t, schedules: seen.append((s.dtype, t.dtype, schedules))
+                        or loss_dense(s, t, schedules))
+    bench_morph.check_agreement(args)
+    assert seen == [(torch.float64, torch.float64, [[4]] * 2), (torch.float64, torch.float64, [[2]] * 2)]
+    loss_index = bench_morph.loss_index
+    monkeypatch.setattr(bench_morph, "loss_index", lambda *a: loss_index(*a) * (1 + 1e-4))
+    with pytest.raises(AssertionError, match="losses differ for 4: dense"):
+        bench_morph.check_agreement(args)
+
+
+def test_bench_morph_dense_path_merges_size_weighted_as_morph_py():
+    """Several rounds that merge already merged tokens: the dense matrices group the tokens exactly as morph.py's
+    official split (the same partition, up to the numbering of the groups)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 16, 3, generator=gen, dtype=torch.float64)
+    schedule = [3, 3, 2, 2, 1]
+    S = bench_morph.dense_merge_sources(x, schedule)  # (B, G, N)
+    groups = bench_morph.morph.token_morphing(x, schedule, "official")
+    for b in range(4):
+        dense = {tuple(torch.nonzero(row).flatten().tolist()) for row in S[b]}
+        index = {tuple(torch.nonzero(groups[b] == g).flatten().tolist()) for g in groups[b].unique()}
+        assert dense == index
+
+
+def test_bench_morph_memory_is_the_peak_growth_of_one_step_after_a_warm_up(monkeypatch):
+    """--child_memory on the CPU: at least one warm-up step, the peak resident set reset (clear_refs 5), the baseline
+    read with the gradient freed, and VmHWM - VmRSS in MiB (the status file's kB / 1024)."""
+    mem = {"rss": 100 * 1024, "hwm": 100 * 1024, "steps": 0}
+    student_ref, writes, grad_at_base = [], [], []
+
+    def fake_loss(student, teacher, schedules):
+        student_ref.append(student)
+        mem["steps"] += 1
+        mem["hwm"] = max(mem["hwm"], mem["rss"] + (8192 if mem["steps"] == 1 else 2048))  # the first step: more
+        return student.sum()
+
+    class File:
+        def __init__(self, path):
+            self.path = path
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, text):
+            writes.append((self.path, text))
+            if text == "5":
+                mem["hwm"] = mem["rss"]
+
+        def __iter__(self):
+            grad_at_base.append(student_ref[-1].grad is None)
+            return iter([f"VmHWM:\t{mem['hwm']} kB\n", f"VmRSS:\t{mem['rss']} kB\n"])
+
+    monkeypatch.setattr(bench_morph, "open", lambda path, mode="r": File(path), raising=False)
+    monkeypatch.setitem(bench_morph.METHODS, "fake", fake_loss)
+    args = argparse.Namespace(batch=2, tokens=4, dim=3, levels=1, device="cpu", iters=3, warmup=0, child_memory=True)
+    assert bench_morph.measure(args, "fake", "1x1") == {"peak_mib": 2.0}
+    assert mem["steps"] == 2 and writes == [("/proc/self/clear_refs", "5")]
+    assert grad_at_base[0]  # the baseline is read with no gradient left from the warm-up
+
+
+def test_bench_morph_run_child_returns_stdout_or_stops_with_the_childs_error():
+    assert bench_morph.run_child([sys.executable, "-c", "print('{\"seconds\": 1}')"]) == '{"seconds": 1}\n'
+    with pytest.raises(SystemExit, match="-c import sys; sys.exit\\('boom'\\) failed:\nboom"):
+        bench_morph.run_child([sys.executable, "-c", "import sys; sys.exit('boom')"])
+
+
+def test_bench_morph_defaults_are_the_documented_ones(monkeypatch, capsys):
+    """The docstring and README: B=64, N=196, C=512, schedules 14x7 and 2x49, L=2."""
+    commands = []
+    monkeypatch.setattr(bench_morph, "check_agreement", lambda args: None)
+    monkeypatch.setattr(bench_morph, "run_child", lambda command, env=None: commands.append(command)
+                        or json.dumps({"seconds": 1.0, "peak_mib": 1.0}))
+    monkeypatch.setattr("sys.argv", ["bench_morph.py"])
+    bench_morph.main()
+    assert commands[0][2:9] == ["--batch=64", "--tokens=196", "--dim=512", "--levels=2", "--device=cpu", "--iters=10",
+                                "--warmup=2"]
+    assert [c[c.index("--child") + 2] for c in commands[::4]] == ["14x7", "2x49"]
+    assert "B=64 N=196 C=512 L=2 device=cpu" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- bench_mto
+
+def test_bench_mto_rotates_which_variant_goes_first(monkeypatch, capsys):
+    clock, calls = FakeClock(), []
+
+    def fake_make_step(args, cfg, mto_module=bench_mto.mto, teacher=None):
+        def step():
+            calls.append(cfg)
+            clock.now += 1.0
+        return step
+
+    monkeypatch.setattr(bench_mto, "time", clock)
+    monkeypatch.setattr(bench_mto, "make_step", fake_make_step)
+    monkeypatch.setattr(bench_mto, "make_teacher", lambda args: None)
+    bench_mto.main(["--variants", "0", "2", "4", "--steps", "2", "--warmup", "1"])
+    v = list(bench_mto.VARIANTS.values())
+    assert calls == [v[0], v[2], v[4], v[2], v[4], v[0], v[4], v[0], v[2]]
+
+
+def test_bench_mto_defaults_and_the_peak_resident_memory_in_gib(monkeypatch, capsys):
+    """Defaults (docstring: vit_b, batch 64, CPU; 1 warm-up and 3 timed steps of every variant) and ru_maxrss (kB on
+    Linux) printed in GiB."""
+    clock, made, calls = FakeClock(), [], []
+
+    def fake_make_step(args, cfg, mto_module=bench_mto.mto, teacher=None):
+        made.append((args.model, args.batch, args.img_size, args.device, args.amp, args.teacher))
+        return lambda: calls.append(cfg) or setattr(clock, "now", clock.now + 1.0)
+
+    monkeypatch.setattr(bench_mto, "time", clock)
+    monkeypatch.setattr(bench_mto, "make_step", fake_make_step)
+    monkeypatch.setattr(bench_mto.resource, "getrusage", lambda who: argparse.Namespace(ru_maxrss=3 * 2 ** 20))
+    bench_mto.main([])
+    assert made == [("vit_b", 64, 224, "cpu", "fp32", "none")] * 5
+    assert len(calls) == 5 * 4 and all(calls.count(cfg) == 4 for cfg in bench_mto.VARIANTS.values())
+    out = capsys.readouterr().out
+    assert "peak resident memory of the process (all variants): 3.00 GiB" in out
+    assert bench_mto.make_teacher(argparse.Namespace(teacher="none")) is None  # random targets, no CLIP teacher
+
+
+def test_bench_mto_compare_mto_names_a_missing_file(tmp_path):
+    for path in (tmp_path / "missing.py", tmp_path):  # a missing file, a folder
+        with pytest.raises(SystemExit, match="no such Python file"):
+            bench_mto.load_mto(str(path))
+
+
+def test_bench_mto_step_trains_with_the_trainers_masks_and_two_levels_of_groups(monkeypatch):
+    """One step: masks with the trainer's share of masked patches (75 of 196, here 6 of 16), L=2 levels of groups
+    from a schedule drawn anew every step, and num_groups that cover every group."""
+    seen, forward = [], bench_mto.dtm.DTMPretrainModel.forward
+    monkeypatch.setattr(bench_mto.dtm.DTMPretrainModel, "forward",
+                        lambda self, images, mask, targets, groups, num_groups: seen.append((mask, groups, num_groups))
+                        or forward(self, images, mask, targets, groups, num_groups))
+    args = argparse.Namespace(model="vit_tiny", img_size=64, batch=2, device="cpu", amp="fp32")
+    step = bench_mto.make_step(args, None)
+    for _ in range(3):
+        step()
+    assert all(mask.shape == (2, 16) and mask.sum(1).tolist() == [6, 6] for mask, _, _ in seen)
+    assert not torch.equal(seen[0][0][0], seen[0][0][1])  # each image its own mask
+    assert all(len(groups) == len(num_groups) == 2 for _, groups, num_groups in seen)
+    assert all(int(g.max()) < n for _, groups, num_groups in seen for g, n in zip(groups, num_groups))
+    assert len({tuple(n) for _, _, n in seen}) > 1  # a new schedule every step
+
+
+# ---------------------------------------------------------------- bench_data
+
+def test_bench_data_make_jpegs_writes_500x375_jpegs(tmp_path):
+    bench_data.make_jpegs(str(tmp_path / "f"), 2)
+    files = sorted(os.listdir(tmp_path / "f" / "x"))
+    assert files == ["0.jpg", "1.jpg"]
+    with bench_data.Image.open(tmp_path / "f" / "x" / "0.jpg") as image:
+        assert image.size == (500, 375) and image.format == "JPEG" and image.mode == "RGB"
+
+
+def test_bench_data_figures(tmp_path, monkeypatch, capsys):
+    """Each pipeline's ms/image (warm-up untimed, the first --images files in turn), images/s, and the DataLoader's
+    samples/s over the rounds after the first, with the trainer's transform and masks."""
+    clock, decoded, made, loaders = FakeClock(), [], {}, []
+
+    class FakeFolder:
+        def __init__(self, root):
+            self.samples = [(f"img{i}.jpg", 0) for i in range(5)]
+
+        def __len__(self):
+            return len(self.samples)
+
+    def load_image(path):
+        decoded.append(path)
+        clock.now += 0.001
+        return path
+
+    def pretrain(image):
+        clock.now += 0.002
+        return torch.zeros(1)
+
+    def finetune(image):
+        clock.now += 0.005
+        return torch.zeros(1)
+
+    class FakeLoader:
+        """Workers start together: the first round's batches arrive at 10 s and 10.5 s, each later round 1 s after."""
+
+        def __init__(self, dataset, batch_size, sampler, num_workers, persistent_workers):
+            loaders.append((batch_size, sampler.num_samples, num_workers, persistent_workers, set(sampler.data_source)))
+            self.batches, self.workers = len(sampler) // batch_size, max(num_workers, 1)
+
+        def __iter__(self):
+            for b in range(self.batches):
+                r, k = divmod(b, self.workers)
+                clock.now = 10.0 + r + 0.5 * k
+                yield b
+
+    monkeypatch.setattr(bench_data, "time", clock)
+    monkeypatch.setattr(bench_data.torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(bench_data.data, "ImageFolder", FakeFolder)
+    monkeypatch.setattr(bench_data.data, "load_image", load_image)
+    monkeypatch.setattr(bench_data.data, "PretrainTransform", lambda *a, **k: made.setdefault("pretrain", (a, k)) and pretrain)
+    monkeypatch.setattr(bench_data.data, "BlockMaskGenerator", lambda *a, **k: made.setdefault("masks", (a, k)) and (lambda: None))
+    monkeypatch.setattr(bench_data.data, "FinetuneTransform", lambda *a, **k: finetune)
+    monkeypatch.setattr(bench_data.data, "MaskedImageDataset", lambda *a: None)
+    monkeypatch.setattr(bench_data.torch.utils.data, "DataLoader", FakeLoader)
+    monkeypatch.setattr("sys.argv", ["bench_data.py", "--data", str(tmp_path), "--images", "3", "--repeats", "4",
+                                     "--workers", "2", "--batch", "4", "--rounds", "3"])
+    bench_data.main()
+    assert decoded[:5] == ["img0.jpg", "img0.jpg", "img1.jpg", "img2.jpg", "img0.jpg"]  # warm-up, then files in turn
+    defaults = train_pretrain.get_args_parser().parse_args([])
+    assert made["pretrain"] == ((224,), {"min_crop_scale": defaults.min_crop_scale})
+    assert made["masks"] == (((14, 14),), {"num_masked": defaults.num_masked, "min_block": defaults.min_block})
+    assert loaders == [(4, 4 * 2 * 3, 2, True, {0, 1, 2})]  # 2 batches per round for 3 rounds, over the 3 files
+    out = capsys.readouterr().out
+    assert out.startswith(f"3 files from {tmp_path};")
+    assert "              decode:   1.0 ms/image =  1000 images/s per worker" in out
+    assert " pre-training sample:   3.0 ms/image =   333 images/s per worker" in out
+    assert "  fine-tuning sample:   6.0 ms/image =   167 images/s per worker" in out
+    # rounds 2 and 3 (16 samples) from the end of round 1 (10.5 s) to the end of round 3 (12.5 s)
+    assert "DataLoader, 2 workers, batch 4, 2 timed rounds: 8 pre-training samples/s (4 per worker)" in out

@@ -123,3 +123,41 @@ def test_lines_without_the_x_field_are_left_out(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"loss": 3.0}\n{"step": 2, "loss": 0.5}\n{"step": 3}\n')
     assert plot_log.read_log(str(log), "step", "loss") == [(2.0, 0.5)]
+
+
+def test_title_names_each_field_once_and_mentions_smoothing_only_when_smoothed(tmp_path, monkeypatch):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
+    calls = []
+    monkeypatch.setattr(plot_log, "plot", lambda *args, **kwargs: calls.append(args) or Image.new("RGB", (4, 4)))
+    plot_log.main([str(log), str(log), "--out", str(tmp_path / "p.png")])  # --smooth 1 (default), loss twice
+    _, _, title, _, y_label = calls[-1]
+    assert title == "loss" and y_label == "loss"
+
+
+def test_blank_lines_and_an_upper_case_extension_are_accepted(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n\n{"step": 2, "loss": 0.5}\n   \n')  # a blank line, a trailing one
+    assert plot_log.read_log(str(log), "step", "loss") == [(1.0, 1.0), (2.0, 0.5)]
+    plot_log.main([str(log), "--out", str(tmp_path / "LOSS.PNG")])
+    assert Image.open(tmp_path / "LOSS.PNG").format == "PNG"
+
+
+def test_a_non_finite_x_is_left_out(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in [{"step": float("nan"), "loss": 1.0},
+                                                          {"step": float("inf"), "loss": 2.0}, {"step": 3, "loss": 0.5}]))
+    assert plot_log.read_log(str(log), "step", "loss") == [(3.0, 0.5)]
+
+
+def test_fractional_x_gets_fractional_ticks_and_a_seventh_curve_reuses_the_first_color(monkeypatch):
+    seen = []
+    x_ticks = plot_log.x_ticks
+    monkeypatch.setattr(plot_log, "x_ticks", lambda x0, x1, integral: seen.append(integral) or x_ticks(x0, x1, integral))
+    plot_log.plot([[(0.0, 1.0), (0.5, 2.0), (1.0, 3.0)]], ["a"], "", "epoch", "loss")
+    plot_log.plot([[(0.0, 1.0), (2.0, 2.0)]], ["a"], "", "step", "loss")
+    assert seen == [False, True]  # 0.5 is not a whole number: 0.2, 0.4, ... not rounded to 0, 0, 1, ...
+    # six curves, each flat at its own height; the sixth is brown, a seventh blue again
+    image = plot_log.plot([[(0.0, float(k)), (10.0, float(k))] for k in range(7)], list("abcdefg"), "", "step", "y")
+    row = lambda k: round(30 + (6.3 - k) / 6.6 * 360)  # y padded 5%: 0..6 -> -0.3..6.3
+    assert image.getpixel((400, row(5))) == (140, 86, 75) and image.getpixel((400, row(6))) == (31, 119, 180)

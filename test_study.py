@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import random
 import statistics
 
 import numpy as np
@@ -10,8 +11,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import data
 import dtm
+import morph
 import mto
+import plot_log
 import study
 
 
@@ -334,3 +338,133 @@ def test_epochs_the_study_cannot_run_are_refused(tmp_path, monkeypatch, argv):
     with pytest.raises(SystemExit) as exit_status:
         study.main()
     assert exit_status.value.code == 2 and not os.path.exists(tmp_path / "s")
+
+
+@pytest.fixture
+def big_fashion(tmp_path, monkeypatch):
+    """More images than the study takes (3000 + 1000 training, 500 test): 1-pixel images whose value is the index mod 256."""
+    root = tmp_path / "fashion"
+    root.mkdir()
+    train, test = np.arange(3002) % 256, np.arange(501) % 256
+    for name, array in {"train-images-idx3-ubyte.gz": train.reshape(-1, 1, 1), "train-labels-idx1-ubyte.gz": train % 10,
+                        "t10k-images-idx3-ubyte.gz": test.reshape(-1, 1, 1), "t10k-labels-idx1-ubyte.gz": test % 10}.items():
+        write_idx(root / name, array)
+    monkeypatch.setattr(study, "FASHION", str(root))
+
+
+def test_make_data_takes_3000_training_images_their_first_1000_and_500_test_images(big_fashion, tmp_path):
+    root = study.make_data(str(tmp_path / "out"))
+    files = lambda name: sorted(os.path.join(c, f) for c in os.listdir(os.path.join(root, name))
+                                for f in os.listdir(os.path.join(root, name, c)))
+    train3000, train1000, val = files("train3000"), files("train1000"), files("val500")
+    assert len(train3000) == 3000 and len(val) == 500
+    names = lambda fs: sorted(os.path.basename(f) for f in fs)
+    assert names(train1000) == [f"{i:05d}.png" for i in range(1000)]
+    assert set(train1000) <= set(train3000)  # the same images under the same names: the first 1000 of train3000
+    assert names(val) == [f"{i:05d}.png" for i in range(500)]
+
+
+def test_make_data_keeps_finished_data_and_drops_a_stale_partial(fake_fashion_small, tmp_path):
+    out = str(tmp_path / "out")
+    stale = os.path.join(out, "data.partial", "val500", "tshirt", "99999.png")  # left by a run cut short before
+    os.makedirs(os.path.dirname(stale))
+    open(stale, "wb").close()
+    root = study.make_data(out)
+    assert not os.path.exists(os.path.join(root, "val500", "tshirt", "99999.png"))
+    marker = os.path.join(root, "val500", "kept")
+    open(marker, "w").close()
+    assert study.make_data(out) == root and os.path.exists(marker)  # a relaunch: the data is not written again
+
+
+@pytest.fixture
+def fake_fashion_small(tmp_path, monkeypatch):
+    root = tmp_path / "fashion"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name, array in {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (6, 2, 2)),
+                        "train-labels-idx1-ubyte.gz": np.arange(6), "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (4, 2, 2)),
+                        "t10k-labels-idx1-ubyte.gz": np.arange(4)}.items():
+        write_idx(root / name, array)
+    monkeypatch.setattr(study, "FASHION", str(root))
+
+
+class SpyConsistency:
+    """A monkeypatch that lets fake_study install its fake consistency, wrapped to record the masks it gets."""
+
+    def __init__(self, monkeypatch, masks):
+        self.monkeypatch, self.masks = monkeypatch, masks
+
+    def setattr(self, *args, **kwargs):
+        if len(args) == 3 and args[0] is study and args[1] == "consistency":
+            inner = args[2]
+            args = (study, "consistency", lambda p, t, images, masks: self.masks.append(masks) or inner(p, t, images, masks))
+        return self.monkeypatch.setattr(*args, **kwargs)
+
+
+def test_the_study_reports_the_teacher_scores_with_the_training_masks_and_plots_its_curves(tmp_path, monkeypatch, capsys):
+    masks = []
+    calls, results, plot_command = fake_study(tmp_path, SpyConsistency(monkeypatch, masks))
+    out = capsys.readouterr().out
+    assert "teacher: val top-1 6.5% best, 3.5% last;" in out
+    assert results["args"]["finetune_epochs"] == 3 and results["args"]["pretrain_epochs"] == 4
+    # the students are measured with the training masks: PRETRAIN's --num_masked and --min_block, one mask per image
+    value = lambda argv, flag: argv[argv.index(flag) + 1]
+    generator = data.BlockMaskGenerator((study.GRID, study.GRID), int(value(study.PRETRAIN, "--num_masked")),
+                                        int(value(study.PRETRAIN, "--min_block")))
+    expected = torch.stack([generator(random.Random(i)).flatten() for i in range(256)])
+    assert len(masks) == 9 and all(torch.equal(m, expected) for m in masks)
+    assert expected.sum(1).eq(19).all() and not torch.equal(expected[0], expected[1])
+    # the curves command is one plot_log.py can run: epochs on x, val_top1 on y, one curve per arm
+    assert os.path.basename(plot_command[1]) == "plot_log.py"
+    drawn = []
+    monkeypatch.setattr(plot_log, "plot", lambda *args, **kwargs: drawn.append(args) or plot_log.Image.new("RGB", (4, 4)))
+    plot_log.main(plot_command[2:])
+    series, labels, _, x_label, y_label = drawn[0]
+    assert labels == ["from scratch", *study.ARMS] and (x_label, y_label) == ("epoch", "val_top1")
+    assert series[2] == [(0.0, 22.5), (1.0, 27.5), (2.0, 24.5)]
+
+
+def test_the_default_epochs_are_those_of_docs_results(tmp_path, monkeypatch):
+    """docs/RESULTS.md: the teacher 10 epochs, pre-training 4 (the half arm 2), fine-tuning 10."""
+    monkeypatch.setattr(study, "make_data", lambda out: os.path.join(out, "data"))
+    monkeypatch.setattr(study, "run", lambda script, argv, log: (_ for _ in ()).throw(SystemExit("stop")))
+    monkeypatch.setattr("sys.argv", ["study.py", "--out", str(tmp_path / "s")])
+    with pytest.raises(SystemExit, match="stop"):
+        study.main()
+    with open(tmp_path / "s" / "epochs.json") as f:
+        assert json.load(f) == {"teacher_epochs": 10, "pretrain_epochs": 4, "finetune_epochs": 10}
+
+
+def test_one_light_fine_tuning_recipe_for_the_teacher_and_every_arm(tmp_path, monkeypatch):
+    """The docstring: no RandAugment, random erasing, Mixup or CutMix, no layer decay, for every fine-tuning run."""
+    calls, *_ = fake_study(tmp_path, monkeypatch)
+    value = lambda argv, flag: argv[argv.index(flag) + 1]
+    finetune = [argv for script, argv in calls if script == "train_finetune.py"]
+    assert len(finetune) == 31 and all(argv[:len(study.FINETUNE)] == study.FINETUNE for argv in finetune)
+    assert [value(study.FINETUNE, f) for f in ("--aa", "--reprob", "--mixup", "--cutmix", "--layer_decay")] == \
+        ["none", "0", "0", "0", "1.0"]
+    pretrain = [argv for script, argv in calls if script == "train_pretrain.py"]
+    assert all(argv[:len(study.PRETRAIN)] == study.PRETRAIN for argv in pretrain)
+
+
+def test_consistency_uses_the_saved_mto_layers_and_the_24x3_schedule(tmp_path):
+    torch.manual_seed(0)
+    student = dtm.build_vit("vit_tiny", img_size=study.IMG, rel_pos_bias="both")
+    teacher = dtm.build_teacher("pixels", study.IMG, dtm.PATCH_SIZE)
+    head = torch.nn.Linear(student.embed_dim, teacher.out_dim)
+    model = {**{f"student.{k}": v for k, v in student.state_dict().items()},
+             **{f"head.{k}": v for k, v in head.state_dict().items()}}
+    path = str(tmp_path / "checkpoint-last.pth")
+    images = torch.randn(2, 3, study.IMG, study.IMG)
+    masks = torch.rand(2, study.GRID * study.GRID) < 0.4
+    torch.save({"model": model, "args": {"rel_pos_bias": "both", "mto": True, "mto_layers": 2}}, path)
+    cosine, _, dtm_loss = study.consistency(path, teacher, images, masks)
+    student.eval()
+    with torch.no_grad():
+        cfg = mto.MTOConfig(layers=2, lambda_sing=0, lambda_ent=0)
+        pred = head(mto.mto_forward(student, images, masks, cfg)[0][:, 1:])
+        target = teacher(images)
+    assert cosine == pytest.approx(study.adjacent_cosine(pred), abs=1e-6)  # the first 2 blocks recalibrated, not all
+    groups = morph.token_morphing(target, morph.make_schedule(49, 24, 3, "official"), "random",
+                                  torch.Generator().manual_seed(0))
+    assert dtm_loss == pytest.approx(dtm.dtm_loss(pred, target, [groups])[0].item(), rel=1e-5)
