@@ -189,7 +189,7 @@ def main():
                         "with the same folder continues (finished runs are skipped)")
     parser.add_argument("--teacher_epochs", type=int, default=10, help="the teacher's training epochs")
     parser.add_argument("--pretrain_epochs", type=int, default=4, help="each pre-training arm's epochs (the 'half "
-                        "the epochs' arm: half as many)")
+                        "the epochs' arm: half as many, rounded down)")
     parser.add_argument("--finetune_epochs", type=int, default=10, help="each fine-tuning run's epochs")
     args = parser.parse_args()
     if min(args.teacher_epochs, args.finetune_epochs) < 1 or args.pretrain_epochs < 2:
@@ -213,7 +213,7 @@ def main():
     print("pre-training", flush=True)
     pretrained = {}
     for arm, (flags, seeds, share) in ARMS.items():
-        epochs = max(1, round(args.pretrain_epochs * share))
+        epochs = max(1, int(args.pretrain_epochs * share))  # half of an odd count rounded down (5 -> 2, 7 -> 3)
         for seed in range(seeds):
             folder = os.path.join(args.out, "pretrain", arm.replace(" ", "_").replace(",", ""), f"seed{seed}")
             run("train_pretrain.py", [*PRETRAIN, *flags, "--data", train3000, "--teacher", f"ckpt:{teacher_ckpt}",

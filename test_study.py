@@ -435,6 +435,15 @@ def test_the_default_epochs_are_those_of_docs_results(tmp_path, monkeypatch):
         assert json.load(f) == {"teacher_epochs": 10, "pretrain_epochs": 4, "finetune_epochs": 10}
 
 
+def test_the_half_epochs_arm_takes_half_an_odd_count_rounded_down(tmp_path, monkeypatch):
+    """round() took halves to the even number: 5 epochs gave the half arm 2, 7 gave it 4 (more than half)."""
+    for given, half in ((5, 2), (7, 3), (4, 2)):
+        calls, *_ = fake_study(tmp_path / str(given), monkeypatch, ["--pretrain_epochs", str(given)])
+        epochs = {argv[argv.index("--epochs") + 1] for script, argv in calls if script == "train_pretrain.py"
+                  and argv[argv.index("--output_dir") + 1].split(os.sep)[-2] == "DTM_+_MTO_half_the_epochs"}
+        assert epochs == {str(half)}
+
+
 def test_one_light_fine_tuning_recipe_for_the_teacher_and_every_arm(tmp_path, monkeypatch):
     """The docstring: no RandAugment, random erasing, Mixup or CutMix, no layer decay, for every fine-tuning run."""
     calls, *_ = fake_study(tmp_path, monkeypatch)
