@@ -1185,3 +1185,90 @@ def test_a_checkpoint_of_another_depth_is_not_taken_for_the_model_of_its_width()
         dtm.vit_from_checkpoint({"model": vit.state_dict()}, IMG, model="vit_tiny")
     with pytest.raises(ValueError, match=r"cannot tell the number of heads .*\(width 192, depth 2\)"):
         dtm.vit_from_checkpoint({"model": vit.state_dict(), "args": {"model": "vit_tiny"}}, IMG)
+
+
+def test_model_sizes_are_the_official_vit_s_b_l_16_and_the_class_defaults_are_beits():
+    """naver-ai/dtm models/modeling_dtm.py dtm_small/base/large_patch16_224 (and BEiT's beit_*_patch16_224): ViT-S/16
+    384 wide, 12 blocks, 6 heads; ViT-B/16 768, 12, 12; ViT-L/16 1024, 24, 16; head width 64, MLP ratio 4, patch 16 at
+    224 px (14 x 14 tokens). VisionTransformer's own rel_pos_bias default is "shared" (module docstring). No test read
+    VIT_CONFIGS: ViT-S with 12 heads or ViT-L with 12 blocks passed."""
+    expected = {"vit_s": (384, 12, 6), "vit_b": (768, 12, 12), "vit_l": (1024, 24, 16)}
+    for name, (dim, depth, heads) in expected.items():
+        with torch.device("meta"):  # shapes only
+            vit = dtm.build_vit(name)
+        block = vit.blocks[0]
+        assert (vit.embed_dim, vit.depth, len(vit.blocks), vit.num_heads) == (dim, depth, depth, heads), name
+        assert (block.attn.num_heads, block.attn.head_dim, block.mlp.fc1.out_features) == (heads, 64, 4 * dim), name
+        assert (vit.patch_size, vit.img_size, vit.grid) == (16, (224, 224), (14, 14)), name
+        assert vit.rel_pos_bias is not None and block.attn.rel_pos_bias is None, name  # default "shared"
+
+
+def test_a_layer_scale_of_0_leaves_the_residual_branches_unscaled_as_beit():
+    """BEiT's Block (naver-ai/dtm models/modeling_finetune.py Block.__init__: `if init_values > 0` gammas, else
+    None) and train_pretrain.py's --layer_scale 0 ("0 disables"), also how vit_from_checkpoint builds a ViT from a
+    checkpoint without gamma_1: x + attn(norm1(x)), then + mlp(norm2(.)), no layer-scale parameters. A zero-filled gamma
+    (every block the identity) passed every test."""
+    torch.manual_seed(0)
+    C, heads, T, B = 32, 2, 5, 3
+    block = dtm.Block(C, heads, layer_scale_init=0.0).eval()
+    assert block.gamma_1 is None and block.gamma_2 is None
+    assert not any("gamma" in name for name, _ in block.named_parameters())
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.5)
+    x = torch.randn(B, T, C)
+    with torch.no_grad():
+        out, _ = block(x)
+        x1 = x + block.attn(block.norm1(x))[0]
+        expected = x1 + block.mlp(block.norm2(x1))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    vit = dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, layer_scale_init=0.0)
+    assert not any("gamma" in name for name in vit.state_dict())
+
+
+def test_wrong_mask_shapes_block_indices_and_attn_mask_lists_are_refused():
+    """A (N,) mask would broadcast over the batch and a list of the wrong length of per-block attention masks be cut
+    short or ignored: refused. Block indices run -depth..depth-1 (-depth is block 0). The existing tests checked a
+    float mask, positive indices, and never a wrong-length list."""
+    model = tiny_vit().eval()
+    x = images()
+    for mask in (torch.zeros(N, dtype=torch.bool), torch.zeros(2, N + 1, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="mask must be bool of shape"):
+            model.forward_features(x, mask)
+    features = model.forward_features(x, return_layers=(-4,), return_qk=(-4,))
+    assert sorted(features.layers) == [0] and sorted(features.qk) == [0]
+    for bad in (4, -5):
+        with pytest.raises(ValueError, match=r"valid: 0\.\.3"):
+            model.forward_features(x, return_layers=(bad,))
+    for length in (3, 5):
+        with pytest.raises(ValueError, match=f"attn_mask list has {length} entries"):
+            model.forward_features(x, attn_mask=[None] * length)
+
+
+def test_a_list_of_attention_masks_gives_each_block_its_own():
+    """forward_features(attn_mask=[m0, None, m2, m3]) equals the blocks run one by one, block i with mask i (MTO's
+    per-block masks). The existing test_dtm test passed such a list but checked only which .qk keys came back."""
+    model = tiny_vit(rel_pos_bias="both").eval()
+    x, T = images(), 1 + N
+    g = torch.Generator().manual_seed(7)
+    masks = [(torch.rand(2, 1, T, T, generator=g) < 0.5) | torch.eye(T, dtype=torch.bool) for _ in range(4)]
+    masks[1] = None
+    features = model.forward_features(x, attn_mask=masks, return_layers=(0, 1, 2, 3))
+    h, shared = model.embed(x), model.rel_pos_bias()
+    for i, block in enumerate(model.blocks):
+        h, _ = block(h, shared, masks[i])
+        torch.testing.assert_close(features.layers[i], h, rtol=0, atol=1e-6)
+    torch.testing.assert_close(features.tokens, model.norm(h), rtol=0, atol=1e-6)
+
+
+def test_gradients_reach_the_position_embedding_and_flow_back_through_returned_layers():
+    """A loss on a returned block output (MTO's loss_sing, the segmentation pyramid) reaches exactly the parameters
+    before it: embeddings (an absolute position embedding included), the shared table and blocks 0..1, nothing of
+    blocks 2.. nor the final norm. The existing gradient test had no pos_embed and backpropagated the tokens only."""
+    model = tiny_vit(abs_pos_emb=True, rel_pos_bias="both")
+    features = model.forward_features(images(), random_mask(), return_layers=(1,))
+    features.layers[1].square().mean().backward()
+    before = ("cls_token", "mask_token", "pos_embed", "patch_embed", "rel_pos_bias", "blocks.0.", "blocks.1.")
+    for name, p in model.named_parameters():
+        reached = p.grad is not None and bool(p.grad.abs().sum() > 0)
+        assert reached == name.startswith(before), name

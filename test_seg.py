@@ -1251,3 +1251,17 @@ def test_ade20k_recipe_defaults_of_the_schedule_and_optimizer():
     assert (args.warmup_ratio, args.poly_power, args.min_lr) == (1e-6, 1.0, 0.0)
     assert (args.betas, args.weight_decay, args.clip_grad, args.drop_path) == ([0.9, 0.999], 0.05, 0.0, 0.1)
     assert (args.ratio_range, args.cat_max_ratio, args.flip) == ([0.5, 2.0], 0.75, False)
+
+
+def test_every_segmentation_parameter_gets_a_gradient():
+    """DDP (find_unused_parameters off) needs every parameter in the loss's graph: the backbone's final norm is
+    replaced by Identity (the pyramid reads block outputs, before it) and the block outputs it reads carry gradient
+    back into the backbone. A ViTUperNet that kept backbone.norm passed every test."""
+    torch.manual_seed(0)
+    model = train_seg.ViTUperNet(backbone(32), num_classes=3, channels=8).eval()  # eval: no dropout draws
+    logits, aux = model(torch.randn(2, 3, 32, 32), with_aux=True)
+    (logits.square().mean() + aux.square().mean()).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    assert not any(name.startswith("backbone.norm.") for name, _ in model.named_parameters())
+    assert model.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
