@@ -394,7 +394,10 @@ def test_fine_tuning_from_a_fine_tuned_classifier_keeps_its_head(finetuned, tmp_
     out, _ = finetuned
     init = out / "checkpoint-last.pth"
     tf.main(TINY_RUN + ["--epochs", "1", "--init", str(init), "--output_dir", str(tmp_path)])
-    assert f"loaded {init}\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"loaded {init}\n" in out and f"\nvit_tiny (init {init}): " in out
+    tf.main(TINY_RUN + ["--epochs", "1", "--output_dir", str(tmp_path / "scratch")])  # TINY_RUN: --init none
+    assert "\nvit_tiny (init none: from scratch): " in capsys.readouterr().out
     # the same number of classes, other names: the head's rows would stand for other classes; a new head
     checkpoint = torch.load(init)
     first = checkpoint["classes"][0]

@@ -371,7 +371,9 @@ def test_demo_run_started_from_a_checkpoint_relaunches_without_init(tmp_path, ca
     assert torch.load(os.path.join(first, "checkpoint-last.pth"))["args"]["init"] == "none"
     train_seg.main(TINY_RUN + ["--iters", "2", "--init", os.path.join(first, "checkpoint-last.pth"),
                                "--output_dir", second])
-    capsys.readouterr()
+    assert (f"loaded the ViT of {os.path.join(first, 'checkpoint-last.pth')}; initialized afresh: UperNet's decode and "
+            f"auxiliary heads (--init reads a checkpoint's ViT only; to continue that run, --resume it)\n"
+            in capsys.readouterr().out)  # a segmentation checkpoint's heads were left out without a word
     train_seg.main(TINY_RUN + ["--iters", "3", "--output_dir", second])
     assert "resumed from" in capsys.readouterr().out
     resumed = torch.load(os.path.join(second, "checkpoint-last.pth"))

@@ -520,8 +520,9 @@ def finetune(args, d, amp_dtype, scaler):
     engine.warn_long_warmup(warmup_steps, total_steps, "--warmup_epochs", d)
     engine.warn_min_lr(args.min_lr, lr, f" (--lr {args.lr:g} x {total_batch} / 1024)" if lr != args.lr else " (--lr)",
                        d)
-    d.print(f"{args.model}: {len(train_set)} training images, {len(classes)} classes, {d.world_size} process(es) on "
-            f"{d.device}, amp {engine.amp_name(amp_dtype, scaler)}; total batch {total_batch}, lr {lr:.3g} "
+    started_from = {None: "", "none": " (init none: from scratch)"}.get(args.init, f" (init {args.init})")
+    d.print(f"{args.model}{started_from}: {len(train_set)} training images, {len(classes)} classes, {d.world_size} "
+            f"process(es) on {d.device}, amp {engine.amp_name(amp_dtype, scaler)}; total batch {total_batch}, lr {lr:.3g} "
             f"(--lr {args.lr:g}, {args.lr_scaling} scaling), layer decay {layer_decay}, {args.epochs} "
             f"epoch{'s' * (args.epochs != 1)} x {steps_per_epoch} steps ({args.warmup_epochs:g} of warmup), starting "
             f"at step {step}")

@@ -728,6 +728,10 @@ def train(args, d):
         init = None if args.init == "none" else dtm.read_checkpoint(args.init, "--init")
         model = build_model(args, num_classes, init, args.init)
         started_from = args.init
+        if init is not None:  # as fine-tuning's "loaded X; initialized afresh: ..."
+            d.print(f"loaded the ViT of {args.init}; initialized afresh: UperNet's decode and auxiliary heads"
+                    + (" (--init reads a checkpoint's ViT only; to continue that run, --resume it)"
+                       if init.get("kind") == "dtm_seg" else ""))
         if init is not None and model.backbone.pos_embed is None and \
                 dtm.stored_rel_pos_bias(model.backbone.state_dict()) == "none":
             d.print(f"note: {args.init} has no position information (no relative position tables, no absolute "
