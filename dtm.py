@@ -564,8 +564,7 @@ def _torch_load(path: str, flag: str):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # not a pickle of plain values and tensors at all
-            raise ValueError(f"{flag} {path!r} cannot be read by torch.load: it is truncated or not a file that "
-                             f"torch.save wrote") from None
+            raise ValueError(_unreadable_checkpoint(path, flag, e)) from None
         if _holds_argparse_namespace(path):  # the official code saves its args so, after numpy-valued lrs
             raise ValueError(
                 f"{flag} {path!r} holds an argparse.Namespace, which torch.load does not read safely (weights_only="
@@ -580,9 +579,21 @@ def _torch_load(path: str, flag: str):
         raise ValueError(f"{flag} {path!r} holds Python objects that torch.load does not read safely "
                          f"(weights_only=True): it is not a checkpoint of this repo") from None
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{flag} {path!r} cannot be read by torch.load: it is truncated or not a checkpoint "
-                         f"({type(e).__name__}: {first_line})") from None
+        raise ValueError(_unreadable_checkpoint(path, flag, e)) from None
+
+
+def _unreadable_checkpoint(path: str, flag: str, error: Exception) -> str:
+    """Why torch.load failed on path, in words: not a torch.save file at all, or a damaged one (torch's reason)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return f"{flag} {path!r} cannot be read by torch.load: it is empty (an interrupted save or copy?)"
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its pickle before torch 1.6
+        return (f"{flag} {path!r} cannot be read by torch.load: it is not a file that torch.save wrote (it starts "
+                f"with {head!r}, not a zip archive or a pickle)")
+    first_sentence = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else ""
+    return (f"{flag} {path!r} cannot be read by torch.load: it is truncated or damaged (an interrupted save or "
+            f"copy?) ({type(error).__name__}: {first_sentence})")
 
 
 def read_checkpoint(path: str, flag: str = "checkpoint") -> dict:

@@ -386,12 +386,19 @@ def test_read_checkpoint_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pth.*no such file"):
         dtm.read_checkpoint(str(tmp_path / "missing.pth"))
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="text.pth.*cannot be read by torch.load: it is truncated or not"):
-        dtm.read_checkpoint(str(tmp_path / "text.pth"))
+    with pytest.raises(ValueError, match=r"text.pth' cannot be read by torch.load: it is not a file that torch.save "
+                                         r"wrote \(it starts with b'not ', not a zip archive or a pickle\)$"):
+        dtm.read_checkpoint(str(tmp_path / "text.pth"))  # it said "(IndexError: pop from empty list)"
     torch.save({"model": {"w": torch.zeros(1000)}, "kind": "dtm_seg"}, tmp_path / "full.pth")
     (tmp_path / "cut.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:2000])
-    with pytest.raises(ValueError, match="cut.pth.*truncated"):
-        dtm.read_checkpoint(str(tmp_path / "cut.pth"))
+    with pytest.raises(ValueError, match=r"cut.pth' cannot be read by torch.load: it is truncated or damaged \(an "
+                                         r"interrupted save or copy\?\) \(RuntimeError: PytorchStreamReader failed "
+                                         r"reading zip archive: failed finding central directory\)$"):
+        dtm.read_checkpoint(str(tmp_path / "cut.pth"))  # the first sentence of torch's message only
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pth' cannot be read by torch.load: it is empty \(an interrupted save "
+                                         r"or copy\?\)$"):
+        dtm.read_checkpoint(str(tmp_path / "empty.pth"))
     torch.save({"model": {}, "rng": np.random.get_state()}, tmp_path / "old.pth")  # the pre-engine format
     with pytest.raises(ValueError, match="older version of this repo.*re-save it once"):
         dtm.read_checkpoint(str(tmp_path / "old.pth"))
