@@ -564,9 +564,12 @@ def micro_batches(loader, sampler: EpochSampler, steps_per_epoch: int, accum_ite
         epoch, done = epoch + 1, 0
 
 
-def shard_indices(num_items: int, rank: int, world_size: int) -> range:
-    """Indices evaluated by `rank`: rank, rank + W, ... Every index on exactly one rank, none padded or repeated."""
-    return range(rank, num_items, world_size)
+def shard_indices(num_items: int, d: Dist, what: str = "validation samples") -> range:
+    """Indices evaluated by rank d.rank: rank, rank + W, ... Every index on exactly one rank, none padded or repeated,
+    given that every rank lists the same items: the counts are checked (each rank shards its own listing, so a
+    node's copy of the data with a file less would skip some items and count others twice)."""
+    check_ranks_agree(d, f"the number of {what}", num_items, _SAME_FILES)
+    return range(d.rank, num_items, d.world_size)
 
 
 @dataclass
@@ -645,8 +648,7 @@ def check_dataset(dataset, what: str, d: Dist, num_workers: int, count=None):
     """Load every sample of `dataset` once (each rank its shard, in DataLoader workers) and fail naming the files
     that cannot be used. For validation sets, before training: evaluation must count every image.
     Returns the sum over all samples (all ranks) of count(loaded sample), or 0 without count."""
-    check_ranks_agree(d, f"the number of {what} samples", len(dataset), _SAME_FILES)
-    probe = _Probe(dataset, shard_indices(len(dataset), d.rank, d.world_size), count)
+    probe = _Probe(dataset, shard_indices(len(dataset), d, f"{what} samples"), count)
     loader = torch.utils.data.DataLoader(probe, batch_size=32, num_workers=num_workers, collate_fn=list)
     errors, total = [], 0
     for batch in loader:

@@ -944,7 +944,7 @@ def test_epoch_orders_of_different_seeds_are_not_shifted_copies():
 def test_eval_sharding_covers_every_index_exactly_once():
     for num_items in (0, 1, 7, 13, 50001):
         for world_size in (1, 2, 3, 4):
-            shards = [list(engine.shard_indices(num_items, r, world_size)) for r in range(world_size)]
+            shards = [list(engine.shard_indices(num_items, engine.Dist(r, world_size))) for r in range(world_size)]
             assert sorted(i for s in shards for i in s) == list(range(num_items))
             assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
@@ -1259,6 +1259,7 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    import train_finetune
     d, outcomes = engine.Dist(rank=rank, world_size=world_size), []
     own = os.path.join(out_dir, f"node{rank}")
     os.makedirs(own)
@@ -1279,7 +1280,10 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
               lambda: engine.check_dataset(Recorder(4, gone={3}), "validation", d, 0),
               lambda: engine.open_log(os.path.join(shared_only_by_rank0, "sub"), None, d.is_main),  # rank 0 writes
               lambda: engine.check_dataset(list(range(5)), "validation", d, 0, count=lambda s: np.ones(1)),
-              lambda: engine.unreadable_for_checkpoint(skipped_on_rank1, d, 1, lambda **fields: None)]
+              lambda: engine.unreadable_for_checkpoint(skipped_on_rank1, d, 1, lambda **fields: None),
+              # fine-tuning's --eval shards each rank's own listing: a node's copy with an image less was evaluated
+              lambda: train_finetune.val_loader(list(range(3 + rank)), argparse.Namespace(batch_size=2, num_workers=0),
+                                                d)]
     for check in checks:
         try:
             result = check()
@@ -1310,7 +1314,7 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
             pytest.fail("the two gloo processes did not finish within 120 s")
     outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert outcomes[0] == outcomes[1]  # every rank stops, with the same message
-    starts, resumes, images, agreed, validation, unreadable, gone, unwritable, counted, skipped = outcomes[0]
+    starts, resumes, images, agreed, validation, unreadable, gone, unwritable, counted, skipped, evaluated = outcomes[0]
     last = tmp_path / "node0" / engine.LAST
     assert starts == (f"the processes do not agree on where the run starts (rank 0: continues {last} (10 bytes), "
                       f"rank 1: a new run): --output_dir must be one folder that every process sees (a shared file "
@@ -1328,6 +1332,8 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
     assert unwritable == f"--output_dir '{last / 'sub'}' cannot be written to (Not a directory): pass a folder you " \
                          f"can write to, or change its permissions"  # found by rank 0, said by every rank
     assert counted == "[5.0]"  # check_dataset's count: over both ranks' shards, on every rank
+    assert evaluated.startswith("the processes do not agree on the number of validation samples (rank 0: 3, rank 1: "
+                                "4): every process must read the same files")
     assert skipped == "['b.jpg']"  # a file skipped on rank 1 is the run's, on every rank (named once, by rank 0)
 
 

@@ -691,6 +691,27 @@ def test_two_process_training_equals_one_process_with_the_same_total_batch(tmp_p
     assert rates[0] == rates[1] and rates[0][0] == 16.0  # every process's images: 16 per step, one step per line
 
 
+def test_img_per_s_leaves_out_the_evaluation_and_the_checkpoints(tmp_path, monkeypatch):
+    """A clock that ticks one second per read, and an evaluation that takes 100 s more: 16 images per step and per
+    log line in 1 s, and after each epoch's evaluation and saves (2 reads, 101 s left out) in 2 s: 8/s, not 16/103."""
+    clock = argparse.Namespace(t=0.0)
+
+    def perf_counter():
+        clock.t += 1.0
+        return clock.t
+
+    def slow_evaluate(*args, **kwargs):
+        clock.t += 100.0
+        return evaluate(*args, **kwargs)
+
+    evaluate = tf.evaluate
+    monkeypatch.setattr(tf, "time", argparse.Namespace(perf_counter=perf_counter))
+    monkeypatch.setattr(tf, "evaluate", slow_evaluate)
+    tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path)])  # 3 steps per epoch
+    rates = [json.loads(line)["img_per_s"] for line in open(tmp_path / "log.jsonl") if "img_per_s" in line]
+    assert rates == [16.0, 16.0, 16.0, 8.0, 16.0, 16.0]
+
+
 def test_unreadable_validation_image_stops_the_run_before_training(tmp_path):
     for split in ("train", "val"):
         for name in ("cat", "dog"):

@@ -859,13 +859,15 @@ class _Clock:
 
 
 def test_img_per_s_counts_the_images_of_each_log_window(image_folder, tmp_path, monkeypatch):
-    """train_pretrain reads its clock once at the start and once per log line: with a clock that ticks one second
-    per read, img_per_s is the number of images since the last line: batch 2 x accum 2 x log_every 2 = 8."""
+    """train_pretrain reads its clock at the start, once per log line and before and after saving checkpoints, whose
+    time is left out: with a clock that ticks one second per read, batch 2 x accum 2 x log_every 2 = 8 images in the
+    first window (1 s), and in the second (epoch 0 ends at step 3 and saves: 3 s, 1 of them saving) 8 in 2 s."""
     monkeypatch.setattr(tp, "time", _Clock())
     tp.main(tiny_argv(image_folder, tmp_path, "--batch_size", "2", "--accum_iter", "2", "--log_every", "2",
                       "--max_steps", "4"))
+    assert torch.load(tmp_path / engine.LAST)["steps_per_epoch"] == 3  # epoch 0 ends, and saves, at step 3
     lines = [r for r in read_log(tmp_path / engine.LOG) if "img_per_s" in r]
-    assert [(r["step"], r["img_per_s"]) for r in lines] == [(2, 8.0), (4, 8.0)]
+    assert [(r["step"], r["img_per_s"]) for r in lines] == [(2, 8.0), (4, 4.0)]
 
 
 CLOCK_HELPER = """

@@ -771,7 +771,13 @@ def _eval_worker(rank, world_size, port, out_dir):
     norm = nn.BatchNorm2d(3)  # running statistics that differ between ranks, as after a DDP step without SyncBN
     norm.running_mean.fill_(rank + 1.0), norm.num_batches_tracked.fill_(rank + 5)
     engine.share_rank0_buffers(norm, engine.Dist(rank=rank, world_size=world_size))
-    torch.save({"metrics": metrics, "read": dataset.read, "norm": norm.state_dict()},
+    try:  # --eval on a node whose copy of the data has a pair less: each rank shards its own listing
+        train_seg.evaluate(CropSizeOnly(crop=16, num_classes=4), torch.utils.data.Subset(ToyValSet(), range(5 - rank)),
+                           4, crop=16, stride=11)
+        disagreeing = "evaluated"
+    except ValueError as e:
+        disagreeing = str(e)
+    torch.save({"metrics": metrics, "read": dataset.read, "norm": norm.state_dict(), "disagreeing": disagreeing},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -789,12 +795,36 @@ def test_distributed_eval_counts_each_image_once(tmp_path):
             pytest.fail("the two gloo evaluation processes did not finish within 180 s")
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert sorted(results[0]["read"] + results[1]["read"]) == [0, 1, 2, 3, 4]
+    for r in results:  # the mIoU of a mixed set (some pairs twice, some never), written with exit status 0, before
+        assert r["disagreeing"].startswith("the processes do not agree on the number of validation samples (rank 0: "
+                                           "5, rank 1: 4)")
     for r in results:  # rank 0's BatchNorm statistics (the checkpoint's) on both ranks
         assert torch.equal(r["norm"]["running_mean"], torch.ones(3)) and r["norm"]["num_batches_tracked"] == 5
     single = train_seg.evaluate(CropSizeOnly(crop=16, num_classes=4), ToyValSet(), 4, crop=16, stride=11)
     for r in results:
         assert r["metrics"]["aAcc"] == pytest.approx(single["aAcc"])
         assert r["metrics"]["IoU"] == pytest.approx(single["IoU"])
+
+
+def test_img_per_s_leaves_out_the_evaluations_and_the_checkpoints(tmp_path, monkeypatch):
+    """A clock that ticks one second per read, an evaluation that takes 100 s more: 2 images per step and per log line
+    in 1 s, and after the evaluation at step 2 (its 2 reads and 101 s left out) in 2 s: 1/s, not 2/103."""
+    clock = types.SimpleNamespace(t=0.0)
+
+    def perf_counter():
+        clock.t += 1.0
+        return clock.t
+
+    def slow_metrics(*args, **kwargs):
+        clock.t += 100.0
+        return run_metrics(*args, **kwargs)
+
+    run_metrics = train_seg.run_metrics
+    monkeypatch.setattr(train_seg, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(train_seg, "run_metrics", slow_metrics)
+    train_seg.main(TINY_RUN + ["--eval_every", "2", "--save_every", "4", "--output_dir", str(tmp_path)])
+    rates = [json.loads(line)["img_per_s"] for line in open(tmp_path / "log.jsonl") if "img_per_s" in line]
+    assert rates == [2.0, 2.0, 1.0, 2.0]
 
 
 def test_eval_datasets_build_no_training_set():

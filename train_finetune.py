@@ -216,7 +216,7 @@ def build_datasets(args, train: bool = True):
 
 
 def val_loader(val_set, args, d):
-    shard = torch.utils.data.Subset(val_set, engine.shard_indices(len(val_set), d.rank, d.world_size))
+    shard = torch.utils.data.Subset(val_set, engine.shard_indices(len(val_set), d))
     return torch.utils.data.DataLoader(shard, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                                        pin_memory=d.device.type == "cuda")
 
@@ -574,6 +574,7 @@ def finetune(args, d, amp_dtype, scaler):
         if step % steps_per_epoch:
             continue
         # the end of an epoch: evaluate, save
+        evaluating_from = time.perf_counter()
         train_loss = engine.all_mean(epoch_loss[0] / epoch_loss[1], d).item()
         epoch_loss.zero_()
         stats = evaluate(engine.unwrap(model), val, d.device, amp_dtype, d.is_main)
@@ -593,6 +594,7 @@ def finetune(args, d, amp_dtype, scaler):
             best_dir = args.output_dir
         engine.save_checkpoint(os.path.join(args.output_dir, engine.LAST), state)
         ddp_model.train()
+        last_log_time += time.perf_counter() - evaluating_from  # img_per_s: training time only
     bar.close()
     if log.enabled:  # rank 0, unless this is a finished run continued from elsewhere (it wrote nothing here)
         elsewhere = ""

@@ -403,10 +403,15 @@ def train(args, d: engine.Dist) -> dict:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{step_lr:.2e}")
             sums, count, images_seen, last_log_time = None, 0, 0, now
         end_of_epoch = step % steps_per_epoch == 0
-        if end_of_epoch or step == last_step or (args.save_every and step % args.save_every == 0):
-            save(engine.LAST)
-        if end_of_epoch and ((epoch + 1) % args.keep_every == 0 or epoch + 1 == args.epochs):
-            save(f"checkpoint-{epoch}.pth")
+        save_last = end_of_epoch or step == last_step or (args.save_every and step % args.save_every == 0)
+        keep = end_of_epoch and ((epoch + 1) % args.keep_every == 0 or epoch + 1 == args.epochs)
+        if save_last or keep:
+            saving_from = time.perf_counter()
+            if save_last:
+                save(engine.LAST)
+            if keep:
+                save(f"checkpoint-{epoch}.pth")
+            last_log_time += time.perf_counter() - saving_from  # img_per_s: training time only
         if end_of_epoch:
             epoch_losses = [r["loss"] for r in logged if r["epoch"] == epoch]
             if epoch_losses and d.is_main:  # tqdm.write prints even where the bar is disabled

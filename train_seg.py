@@ -309,7 +309,7 @@ def evaluate(model, dataset, num_classes: int, crop: int, stride: int, flip: boo
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    shard = torch.utils.data.Subset(dataset, engine.shard_indices(len(dataset), rank, world))
+    shard = torch.utils.data.Subset(dataset, engine.shard_indices(len(dataset), engine.Dist(rank, world)))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=num_workers)
     areas = torch.zeros(4, num_classes, dtype=torch.float64, device=device)
 
@@ -815,7 +815,10 @@ def train(args, d):
             bar.set_postfix(loss=f"{means[0].item():.4f}", lr=f"{lr:.2e}")
             window.zero_()
             last_log_time, images_seen = now, 0
-        if step % args.eval_every == 0 or step == args.iters:
+        evaluate_now = step % args.eval_every == 0 or step == args.iters
+        save_now = step % args.save_every == 0 or step == args.iters
+        pausing_from = time.perf_counter() if evaluate_now or save_now else None
+        if evaluate_now:
             engine.share_rank0_buffers(model, d)  # BatchNorm statistics (no SyncBatchNorm on the CPU)
             metrics = run_metrics(model, val_set, class_names, args, d, amp_dtype)
             log(step=step, mode="eval", aAcc=metrics["aAcc"], mIoU=metrics["mIoU"], mAcc=metrics["mAcc"],
@@ -824,8 +827,10 @@ def train(args, d):
                 best_miou = metrics["mIoU"]
                 save(engine.BEST, metrics)
             ddp_model.train()
-        if step % args.save_every == 0 or step == args.iters:
+        if save_now:
             save(engine.LAST, metrics)
+        if pausing_from is not None:
+            last_log_time += time.perf_counter() - pausing_from  # img_per_s: training time only
     bar.close()
     engine.report_unreadable(unreadable, d, step, log)
     if metrics is not None:
