@@ -129,6 +129,8 @@ def sample_schedule(num_tokens: int, max_merged: int, max_iters: int, rng: rando
     --schedule_rule defaults to "official" (the official code's), so pass rule="official" to compute r as it does.
     Called once per level, it draws n1, k1, n2, k2; naver-ai/dtm engines/engine_for_dtm.py:103-106 draws n1, n2,
     k1, k2: the same distribution, other values for the same seed."""
+    if not isinstance(rng, random.Random):  # numpy's randint has the same name but excludes the upper bound
+        raise TypeError(f"sample_schedule needs a random.Random (e.g. random.Random(seed)), got {type(rng).__name__}")
     n = rng.randint(0, max_merged)
     k = rng.randint(1, max_iters)
     return make_schedule(num_tokens, n, k, rule, max_merged)
@@ -436,7 +438,8 @@ def _patches(img, patch: int) -> torch.Tensor:
 
 
 def _draw_panel(img, groups: torch.Tensor, patch: int, title: str):
-    """Top: the image tinted by group with group boundaries; bottom: every patch painted its group's mean colour."""
+    """Top: the image tinted by group with group boundaries; bottom: every patch painted as its group's mean patch
+    (pixel by pixel, so a group of unlike patches shows a blend of their pixels)."""
     from PIL import Image, ImageDraw
     size, g = img.width, img.width // patch
     num_groups = int(groups.max()) + 1

@@ -411,9 +411,18 @@ def test_sample_schedule_is_feasible_and_reproducible(rule):
     assert max(sum(s) for s in schedules) > 150 and min(sum(s) for s in schedules) < 20
 
 
+def test_sample_schedule_refuses_other_random_generators():
+    """numpy's RandomState.randint excludes its upper bound: n never reached max_merged nor k max_iters (max_iters 1
+    failed deep in numpy); a torch.Generator failed with a bare AttributeError. Found by a copy-the-file review."""
+    import numpy as np
+    for rng in (np.random.RandomState(0), np.random.default_rng(0), torch.Generator()):
+        with pytest.raises(TypeError, match=f"sample_schedule needs a random.Random .*got {type(rng).__name__}"):
+            sample_schedule(196, 196, 14, rng)
+
+
 def test_sample_schedule_rules_against_hand_computed_values():
-    class FixedRng:  # returns n, then k
-        def __init__(self, n, k): self.values = [n, k]
+    class FixedRng(random.Random):  # returns n, then k
+        def __init__(self, n, k): super().__init__(0); self.values = [n, k]
         def randint(self, a, b): return self.values.pop(0)
     assert sample_schedule(196, 196, 14, FixedRng(23, 5), "spread") == [5, 5, 5, 4, 4]
     assert sample_schedule(196, 196, 14, FixedRng(23, 5), "official") == [5, 5, 5, 5, 5]  # ceil(23/5) = 5
