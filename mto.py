@@ -72,18 +72,23 @@ or, with DDP, inside the wrapped module: dtm.DTMPretrainModel(student, dim, feat
 
 The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and any register tokens, default 1):
     vit.blocks: its D blocks (only len() is read);
-    vit.forward_features(images, mask, attn_mask, return_layers, return_qk) -> an object with
+    vit.forward_features(images, mask, attn_mask, return_layers=[...], return_qk=[...]) -> an object with
         .tokens (B, T, C), after the final norm;
         .layers {i: block i's output (B, T, C), before the final norm} for each i in return_layers;
-        .qk {i: (q, k, bias)} for each i in return_qk: q, k (B, heads, T, head_dim) as they enter the attention,
-            q before the 1/sqrt(head_dim) scale (the entropy's logits take SDPA's default scale: an attention with
-            another scale or a temperature returns q times scale * sqrt(head_dim)); bias the relative position bias
-            (heads, T, T) or None, without the attention mask;
-    where mask (B, N) bool says which patches get the mask token, and attn_mask is a list with one entry per block:
+        .qk {i: (q, k, bias)} for each i in return_qk: q, k (B, heads, T, head_dim) as they enter the attention
+            (after any q/k norm), q before the 1/sqrt(head_dim) scale (the entropy's logits take SDPA's default
+            scale: an attention with another scale or a temperature returns q times scale * sqrt(head_dim)); bias
+            the relative position bias (heads, T, T) or None, without the attention mask;
+    where mask (B, N) bool says which patches the ViT replaces by its own mask token, return_layers and return_qk
+    (passed by keyword) are lists of 0-based block indices, and attn_mask is a list with one entry per block:
     None or a float32 (B, 1, T, T) added to the attention logits (SDPA's attn_mask), 0 = may attend, -inf = may not
-    (an attention that adds it by hand in bf16/fp16 casts it to the logits' dtype first). A ViT with timm's
-    `num_prefix_tokens` attribute has it checked against num_prefix. torch.compile: compile the ViT or its blocks,
-    not mto_forward, which reads the mask's counts on the host (patch_rows) and breaks a compiled graph there.
+    (an attention that adds it by hand in bf16/fp16 casts it to the logits' dtype first). A check of an adapter:
+    with recalibration in every block, the CLS and visible tokens' outputs do not change when the mask token does.
+    A ViT with timm's `num_prefix_tokens` attribute has it checked against num_prefix; without it, a wrong
+    num_prefix shows as a size mismatch of T inside the ViT's attention. torch.compile: compile the blocks
+    (for block in vit.blocks: block.compile()) or vit.forward_features = torch.compile(vit.forward_features);
+    torch.compile(vit) compiles vit.forward, which mto_forward does not call, and mto_forward itself reads the
+    mask's counts on the host (patch_rows), which breaks a compiled graph there.
 """
 import numbers
 from dataclasses import dataclass
@@ -274,11 +279,12 @@ def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM
     masked patch or fewer than 2 visible patches give 0.
     """
     _check_mask(mask)
-    B, H, T, _ = q.shape
-    if (B, T) != (mask.shape[0], num_prefix + mask.shape[1]) or k.shape != q.shape:
+    T = num_prefix + mask.shape[1]
+    if q.dim() != 4 or (q.shape[0], q.shape[2]) != (mask.shape[0], T) or k.shape != q.shape:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be (B, heads, T, head_dim) with B = "
                          f"the mask's {mask.shape[0]} images and T = {num_prefix} prefix tokens + the mask's "
                          f"{mask.shape[1]} patches")
+    H = q.shape[1]
     if bias is not None and tuple(bias.shape) != (H, T, T):
         raise ValueError(f"bias {tuple(bias.shape)} must be the relative position bias (heads, T, T) = {(H, T, T)}, "
                          f"shared by the batch, or None")
@@ -318,6 +324,16 @@ def _num_layers(value, depth, name):
     return value
 
 
+def _qk_entry(qk, i: int):
+    """forward_features(...).qk[i], checked to be (q, k, bias): a (q, k) pair shifted the mask into bias's place."""
+    entry = qk[i]
+    if not isinstance(entry, (tuple, list)) or len(entry) != 3:
+        got = f"{len(entry)} entries" if isinstance(entry, (tuple, list)) else type(entry).__name__
+        raise ValueError(f"the ViT's forward_features(...).qk[{i}] must be (q, k, bias), bias the (heads, T, T) "
+                         f"relative position bias or None; got {got}")
+    return entry
+
+
 def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX):
     """forward_features with MTO -> (tokens (B, num_prefix + N, C), {"loss_sing": scalar, "loss_ent": scalar}).
 
@@ -351,7 +367,7 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
     zero = features.tokens.new_zeros((), dtype=torch.float32)
     loss_sing = sum((float(sing_w[i]) * singularity_loss(features.layers[i], mask, rows, num_prefix).mean()
                      for i in sing_ids), zero)
-    loss_ent = sum((float(ent_w[i]) * attention_entropy(*features.qk[i], mask, rows, num_prefix).mean()
+    loss_ent = sum((float(ent_w[i]) * attention_entropy(*_qk_entry(features.qk, i), mask, rows, num_prefix).mean()
                     for i in ent_ids), zero)
     return features.tokens, {"loss_sing": loss_sing, "loss_ent": loss_ent}
 

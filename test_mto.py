@@ -565,6 +565,25 @@ def test_attention_entropy_refuses_misshapen_inputs():
         mto.attention_entropy(q, k[:, :, 1:], None, mask)
     with pytest.raises(ValueError, match="the mask's 1 images"):  # broadcast in the forward, a crash in the backward
         mto.attention_entropy(q, k, bias, mask[:1])
+    tokens = q.transpose(1, 2).flatten(2)  # (B, T, C): heads not split ("not enough values to unpack")
+    with pytest.raises(ValueError, match=r"must both be \(B, heads, T, head_dim\)"):
+        mto.attention_entropy(tokens, tokens, None, mask)
+
+
+def test_a_vit_that_returns_q_k_without_the_bias_is_named():
+    """An adapter returning qk[i] = (q, k): the mask moved into bias's place and the error blamed the mask ("MTO
+    needs the (B, N) bool mask ..., got Rows"). Found by a copy-the-file review."""
+    model, x, mask = tiny_vit(), images(), random_mask()
+    forward_features = model.forward_features
+
+    def without_bias(*args, **kwargs):
+        features = forward_features(*args, **kwargs)
+        return features._replace(qk={i: qkb[:2] for i, qkb in features.qk.items()})
+
+    model.forward_features = without_bias
+    with pytest.raises(ValueError, match=r"forward_features\(...\).qk\[0\] must be \(q, k, bias\), bias the "
+                                         r"\(heads, T, T\) relative position bias or None; got 2 entries"):
+        mto.mto_forward(model, x, mask, mto.MTOConfig())
 
 
 def test_singularity_loss_refuses_tokens_that_do_not_match_the_mask():
