@@ -1254,9 +1254,9 @@ def cli(main):
         if show_tracebacks():
             raise
         after_ctrl_c = "" if _end_progress_bars() else "\n"  # a new line, unless closing a bar ended the line
-        print(f"{after_ctrl_c}interrupted: relaunch to continue from the last {LAST} in its --output_dir (written at the end "
-              f"of each epoch in pre-training and fine-tuning, and every --save_every steps where the trainer has "
-              f"it): the same command, or after a --resume PATH start the same command with --resume auto; before "
+        print(f"{after_ctrl_c}interrupted: relaunch to continue from the last {LAST} in its --output_dir (written "
+              f"at the end of each epoch in pre-training and fine-tuning, and every --save_every steps where the "
+              f"trainer has it): the same command, or after a --resume PATH start the same command with --resume auto; before "
               f"the first save there is none: the command as it was starts over (from PATH with --resume PATH)",
               file=sys.stderr, flush=True)
         sys.exit(130)
