@@ -102,15 +102,22 @@ def test_adjacent_cosine_equals_a_loop_over_neighbour_pairs():
     assert study.adjacent_cosine(torch.ones(1, study.GRID * study.GRID, 3)) == pytest.approx(1.0)
 
 
-def test_consistency_reads_a_pretraining_checkpoint_and_measures_its_predictions(tmp_path):
+def pretrained_student(path, **args):
+    """A random vit_tiny student and head saved as a pre-training checkpoint with args -> (student, pixel teacher,
+    head, the checkpoint's model dict)."""
     torch.manual_seed(0)
     student = dtm.build_vit("vit_tiny", img_size=study.IMG, rel_pos_bias="both")
     teacher = dtm.build_teacher("pixels", study.IMG, dtm.PATCH_SIZE)
     head = torch.nn.Linear(student.embed_dim, teacher.out_dim)
     model = {**{f"student.{k}": v for k, v in student.state_dict().items()},
              **{f"head.{k}": v for k, v in head.state_dict().items()}}
+    torch.save({"model": model, "args": {"rel_pos_bias": "both", **args}}, path)
+    return student, teacher, head, model
+
+
+def test_consistency_reads_a_pretraining_checkpoint_and_measures_its_predictions(tmp_path):
     path = str(tmp_path / "checkpoint-last.pth")
-    torch.save({"model": model, "args": {"rel_pos_bias": "both"}}, path)
+    student, teacher, head, model = pretrained_student(path)
     images = torch.randn(3, 3, study.IMG, study.IMG)
     masks = torch.rand(3, study.GRID * study.GRID) < 0.4
 
@@ -457,16 +464,10 @@ def test_one_light_fine_tuning_recipe_for_the_teacher_and_every_arm(tmp_path, mo
 
 
 def test_consistency_uses_the_saved_mto_layers_and_the_24x3_schedule(tmp_path):
-    torch.manual_seed(0)
-    student = dtm.build_vit("vit_tiny", img_size=study.IMG, rel_pos_bias="both")
-    teacher = dtm.build_teacher("pixels", study.IMG, dtm.PATCH_SIZE)
-    head = torch.nn.Linear(student.embed_dim, teacher.out_dim)
-    model = {**{f"student.{k}": v for k, v in student.state_dict().items()},
-             **{f"head.{k}": v for k, v in head.state_dict().items()}}
     path = str(tmp_path / "checkpoint-last.pth")
+    student, teacher, head, _ = pretrained_student(path, mto=True, mto_layers=2)
     images = torch.randn(2, 3, study.IMG, study.IMG)
     masks = torch.rand(2, study.GRID * study.GRID) < 0.4
-    torch.save({"model": model, "args": {"rel_pos_bias": "both", "mto": True, "mto_layers": 2}}, path)
     cosine, _, dtm_loss = study.consistency(path, teacher, images, masks)
     student.eval()
     with torch.no_grad():
