@@ -19,6 +19,7 @@ Randomness. No random draw depends on an RNG state carried from step to step:
 So a run resumed from any checkpoint, also one taken mid-epoch, continues exactly as the uninterrupted run, with
 any number of DataLoader workers; the checkpoint's RNG states are saved and restored all the same.
 """
+import argparse
 import contextlib
 import hashlib
 import inspect
@@ -726,6 +727,14 @@ def refuse_ignored(args, parser, names, why: str):
              for name in names if getattr(args, name) != parser.get_default(name)]  # --no-X: a BooleanOptionalAction
     if given:
         raise ValueError(f"{', '.join(given)} would do nothing {why}: leave {'it' if len(given) == 1 else 'them'} out")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The trainers' --help: each flag with its default, but no "(default: None)" after a flag whose default is
+    resolved later (by --model, by a continued run, in the demo) and said in its own help text."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def add_run_args(parser, output_dir: str):

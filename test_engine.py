@@ -1233,6 +1233,19 @@ def test_eval_flags_come_from_the_checkpoint_unless_given():
     assert args.size == 48
 
 
+def test_trainer_help_shows_defaults_but_not_none():
+    """A flag whose default is resolved later states it in its help text; argparse appended "(default: None)" after
+    it ("default 0.1, 1e-5 for vit_l ... (default: None)"). Found by a README / --help audit."""
+    import train_finetune
+    import train_pretrain
+    import train_seg
+    for trainer in (train_pretrain, train_finetune, train_seg):
+        text = trainer.get_args_parser().format_help()
+        assert "(default: None)" not in text and "(default: 0)" in text.replace("\n", " ")  # --seed 0
+    text = " ".join(train_pretrain.get_args_parser().format_help().split())
+    assert "default 0.1, 1e-5 for vit_l (run_pretrain_dtm.py's help) --rel_pos_bias" in text
+
+
 @pytest.mark.parametrize("flags, message", [(["--num_workers", "-1"], "--num_workers must be >= 0"),
                                             (["--max_unreadable", "-1"], "--max_unreadable is a fraction"),
                                             (["--max_unreadable", "2"], "--max_unreadable is a fraction")])

@@ -225,7 +225,7 @@ def val_loader(val_set, args, d):
 # Arguments
 
 def get_args_parser():
-    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(formatter_class=engine.HelpFormatter,
                                 description="DTM fine-tuning. Without --data / --data_train / --data_val: a small "
                                 "demo on built-in procedural images.",
                                 epilog=engine.demo_help(DEMO_DEFAULTS, " (--lr 0.001 with --lr_scaling none)"))
@@ -250,10 +250,10 @@ def get_args_parser():
     g.add_argument("--grad_checkpoint", action="store_true", help="recompute each block's activations in the "
                    "backward instead of storing them (less memory, more compute)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=None, help="default by --model, the paper's: 300 (ViT-S), 100 "
-                   "(ViT-B and others), 50 (ViT-L)")
-    g.add_argument("--warmup_epochs", type=float, default=None, help="default by --model, the paper's: 10 (ViT-S/B "
-                   "and others), 5 (ViT-L)")
+    g.add_argument("--epochs", type=int, default=None, help="default: a continued run's own, else by --model, the "
+                   "paper's: 300 (ViT-S), 100 (ViT-B and others), 50 (ViT-L) (the demo: 6)")
+    g.add_argument("--warmup_epochs", type=float, default=None, help="default: a continued run's own, else by "
+                   "--model, the paper's: 10 (ViT-S/B and others), 5 (ViT-L) (the demo: 1)")
     g.add_argument("--batch_size", type=int, default=128, help="per process")
     g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--lr", type=float, default=5e-4, help="base lr at a total batch of 1024 (see --lr_scaling)")

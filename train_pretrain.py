@@ -44,7 +44,7 @@ LAYER_SCALE = {"vit_l": 1e-5}  # 0.1 otherwise: run_pretrain_dtm.py --layer_scal
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(formatter_class=engine.HelpFormatter,
                                 description="DTM pre-training. Without --data: a small demo on built-in procedural "
                                 "images. Where a default comes from: README, Recipe provenance.",
                                 epilog=engine.demo_help(DEMO_DEFAULTS, ", --output_dir output/pretrain_demo "

@@ -394,7 +394,7 @@ PAPER_SCHEDULE = dict(iters=160_000, warmup_iters=1500)  # BEiT's ADE20K config;
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="UperNet semantic segmentation with a pre-trained ViT (BEiT's ADE20K "
-                                "protocol).", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                "protocol).", formatter_class=engine.HelpFormatter,
                                 epilog=engine.demo_help(DEMO_DEFAULTS, ", and --init none to start a run (a relaunch "
                                                         "continues from its checkpoint's)"))
     g = p.add_argument_group("data (none given: the built-in procedural demo)")
