@@ -827,6 +827,26 @@ def test_img_per_s_leaves_out_the_evaluations_and_the_checkpoints(tmp_path, monk
     assert rates == [2.0, 2.0, 1.0, 2.0]
 
 
+def test_fp16_with_a_grad_scaler_resumes_exactly(tmp_path, monkeypatch):
+    """Segmentation had no mixed-precision test: fp16 autocast with a GradScaler (forced on the CPU; a GPU's --amp
+    fp16), a scale so high that steps overflow and are skipped, resumed at step 2 of 4: the model and the scaler's
+    state at step 4 equal the uninterrupted run's bit for bit. From a review of the mixed-precision paths."""
+    monkeypatch.setattr(engine, "resolve_amp", lambda mode, device: (
+        torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0 ** 24, growth_interval=2)))
+    saved = engine.save_checkpoint  # every save kept, named by its step
+    monkeypatch.setattr(engine, "save_checkpoint", lambda path, state: saved(f"{path}.step{state['step']}", state))
+    run = TINY_RUN + ["--save_every", "2", "--amp", "fp16"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train_seg.main(run + ["--output_dir", str(full)])
+    train_seg.main(run + ["--output_dir", str(resumed), "--resume", str(full / "checkpoint-last.pth.step2")])
+    a, b = (torch.load(folder / "checkpoint-last.pth.step4") for folder in (full, resumed))
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] < 2.0 ** 24
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    lines = [json.loads(line) for line in open(full / "log.jsonl") if '"loss"' in line]
+    assert any(r["grad_norm"] is None for r in lines) and all("loss_scale" in r for r in lines)
+
+
 def test_eval_datasets_build_no_training_set():
     """--eval on the demo shapes: only the validation set, with the class names training uses."""
     args = train_seg.parse_args(["--init", "none"])
