@@ -1115,6 +1115,11 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
     optimizer.load_state_dict(regrouped_optimizer_state(optimizer, checkpoint["optimizer"], path))
     if scaler is not None and checkpoint.get("scaler") is not None:
         scaler.load_state_dict(checkpoint["scaler"])
+    elif (scaler is None) != (checkpoint.get("scaler") is None):  # e.g. --amp auto resumed on another kind of GPU
+        d.print(f"note: {path!r} was saved " + (
+            "with fp16's loss scale (GradScaler); this run has none (bf16 or fp32), so it is not used" if scaler is None
+            else "without a loss scale (bf16 or fp32); this run is fp16: a new scale starts at "
+                 f"{scaler.get_scale():g}, and its first steps may overflow and be skipped"))
     set_rng_state(checkpoint["rng"])
     d.print(f"resumed from {path} at step {step}" + (f"; settings changed since: {', '.join(changed)}" if changed else ""))
     return step

@@ -577,6 +577,24 @@ def test_resume_into_another_model_names_the_differences_and_the_changed_setting
         engine.resume(state, "ck.pth", wider, torch.optim.AdamW(wider.parameters()), None, args, 2, CPU)
 
 
+def test_resume_says_when_the_loss_scale_comes_or_goes(capsys):
+    """--amp auto picks fp16 + GradScaler on a V100 and bf16 on newer GPUs: a run resumed on the other kind changed
+    its precision without a word (the saved scale dropped, or a new one starting). From a mixed-precision review."""
+    model = torch.nn.Linear(3, 2)
+    without = tiny_state(model)
+    args = argparse.Namespace(**without["args"])
+    engine.resume(without, "ck.pth", model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu"), args,
+                  2, CPU)
+    assert capsys.readouterr().out.startswith("note: 'ck.pth' was saved without a loss scale (bf16 or fp32); this run "
+                                              "is fp16: a new scale starts at 65536, and its first steps may overflow")
+    with_scale = {**without, "scaler": torch.amp.GradScaler("cpu", init_scale=8.0).state_dict()}
+    engine.resume(with_scale, "ck.pth", model, torch.optim.AdamW(model.parameters()), None, args, 2, CPU)
+    assert capsys.readouterr().out.startswith("note: 'ck.pth' was saved with fp16's loss scale (GradScaler); this run "
+                                              "has none (bf16 or fp32), so it is not used\n")
+    engine.resume(without, "ck.pth", model, torch.optim.AdamW(model.parameters()), None, args, 2, CPU)
+    assert "note" not in capsys.readouterr().out  # the same precision: nothing to say
+
+
 def test_resume_does_not_call_a_path_written_another_way_a_changed_setting(tmp_path, monkeypatch, capsys):
     """--data imnet relaunched as --data /abs/imnet (or ./imnet/, or through a link) is the same folder: not listed
     as changed (it was: "settings changed since: --data /abs/imnet -> imnet"); another folder and --teacher's
