@@ -930,11 +930,40 @@ def test_save_every_and_keep_every_cadence(image_folder, tmp_path, monkeypatch):
                       "--log_every", "100"))
     L = engine.LAST
     assert [(os.path.basename(path), state["step"]) for path, state, *_ in saves] == [
-        (L, 2), (L, 3), (L, 4), (L, 6), ("checkpoint-1.pth", 6), (L, 8), (L, 9), (L, 10), (L, 12),
-        ("checkpoint-3.pth", 12), (L, 14), (L, 15), ("checkpoint-4.pth", 15)]
+        (L, 2), (L, 3), (L, 4), ("checkpoint-1.pth", 6), (L, 6), (L, 8), (L, 9), (L, 10), ("checkpoint-3.pth", 12),
+        (L, 12), (L, 14), ("checkpoint-4.pth", 15), (L, 15)]  # kept before LAST (see the kill test below)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pth")) == [
         "checkpoint-1.pth", "checkpoint-3.pth", "checkpoint-4.pth", L]
     assert [torch.load(tmp_path / f"checkpoint-{e}.pth")["step"] for e in (1, 3, 4)] == [6, 12, 15]
+
+
+@pytest.mark.parametrize("killed_after", [1, 3])  # the first save at the end of epoch 0 / of the last epoch (1)
+def test_a_kill_between_an_epochs_two_saves_still_keeps_its_checkpoint(image_folder, tmp_path, monkeypatch,
+                                                                        killed_after):
+    """--epochs 2 --keep_every 1: each epoch's end writes checkpoint-{epoch}.pth and checkpoint-last.pth. Killed
+    between the two (Ctrl-C right after the first), the same command relaunched leaves every checkpoint equal to the
+    uninterrupted run's. With LAST written first the relaunch resumed at the epoch's end and never wrote its kept
+    checkpoint (the last epoch's: "finished, nothing to do"). Found by a kill-and-relaunch review."""
+    argv = ("--epochs", "2", "--keep_every", "1", "--log_every", "100")
+    tp.main(tiny_argv(image_folder, tmp_path / "ref", *argv))
+    saves, original = [], engine.save_checkpoint
+
+    def save_then_interrupt(path, state):
+        original(path, state)
+        saves.append(os.path.basename(path))
+        if len(saves) == killed_after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tp.main(tiny_argv(image_folder, tmp_path / "run", *argv))
+    monkeypatch.setattr(engine, "save_checkpoint", original)
+    tp.main(tiny_argv(image_folder, tmp_path / "run", *argv))
+    names = ["checkpoint-0.pth", "checkpoint-1.pth", engine.LAST]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*.pth")) == names
+    for name in names:
+        ref, run = torch.load(tmp_path / "ref" / name), torch.load(tmp_path / "run" / name)
+        assert run["step"] == ref["step"] and all(torch.equal(ref["model"][k], run["model"][k]) for k in ref["model"])
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -407,10 +407,10 @@ def train(args, d: engine.Dist) -> dict:
         keep = end_of_epoch and ((epoch + 1) % args.keep_every == 0 or epoch + 1 == args.epochs)
         if save_last or keep:
             saving_from = time.perf_counter()
+            if keep:  # before LAST: a run killed between the two saves retrains the epoch and keeps it again
+                save(f"checkpoint-{epoch}.pth")
             if save_last:
                 save(engine.LAST)
-            if keep:
-                save(f"checkpoint-{epoch}.pth")
             last_log_time += time.perf_counter() - saving_from  # img_per_s: training time only
         if end_of_epoch:
             epoch_losses = [r["loss"] for r in logged if r["epoch"] == epoch]
