@@ -914,7 +914,8 @@ class ADE20KDataset(SegFolder):
     label 0 ('other') ignored via reduce_zero_label -> training labels 0..149 and 255 = ignore."""
     GENERIC = "train_seg.py's generic folders (--img_dir, --ann_dir, --val_img_dir, --val_ann_dir instead of --data)"
     suffix_hint = f"ADE20K's images are .jpg; for other files use {GENERIC} with --img_suffix"
-    label_hint = f"not an ADE20K label map (values 0..150, 0 = other); for other labels use {GENERIC} with --num_classes"
+    label_hint = (f"not an ADE20K label map (values 0..150, 0 = other); for other labels use {GENERIC} with "
+                  f"--num_classes")
 
     def __init__(self, root, split="training", transform=None, reduce_zero_label=True):
         if split not in ("training", "validation"):

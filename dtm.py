@@ -582,15 +582,22 @@ def _torch_load(path: str, flag: str):
         raise ValueError(_unreadable_checkpoint(path, flag, e)) from None
 
 
+_LEGACY_TORCH_SAVE = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's pickled magic number (before 1.6)
+
+
 def _unreadable_checkpoint(path: str, flag: str, error: Exception) -> str:
     """Why torch.load failed on path, in words: not a torch.save file at all, or a damaged one (torch's reason)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_TORCH_SAVE))
+    except OSError as e:
+        return f"{flag} {path!r} cannot be read ({e.strerror})"
     if not head:
         return f"{flag} {path!r} cannot be read by torch.load: it is empty (an interrupted save or copy?)"
-    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its pickle before torch 1.6
+    if not head.startswith((b"PK\x03\x04", _LEGACY_TORCH_SAVE)):  # torch.save's zip archive, or before torch 1.6
         return (f"{flag} {path!r} cannot be read by torch.load: it is not a file that torch.save wrote (it starts "
-                f"with {head!r}, not a zip archive or a pickle)")
+                f"with {head[:4]!r}" + (", a pickle of something else)" if head[:1] == b"\x80" else
+                                       ", not a zip archive or a pickle)"))
     first_sentence = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else ""
     return (f"{flag} {path!r} cannot be read by torch.load: it is truncated or damaged (an interrupted save or "
             f"copy?) ({type(error).__name__}: {first_sentence})")

@@ -1270,8 +1270,9 @@ def cli(main):
         after_ctrl_c = "" if _end_progress_bars() else "\n"  # a new line, unless closing a bar ended the line
         print(f"{after_ctrl_c}interrupted: relaunch to continue from the last {LAST} in its --output_dir (written "
               f"at the end of each epoch in pre-training and fine-tuning, and every --save_every steps where the "
-              f"trainer has it): the same command, or after a --resume PATH start the same command with --resume auto; before "
-              f"the first save there is none: the command as it was starts over (from PATH with --resume PATH)",
+              f"trainer has it): the same command, or after a --resume PATH start the same command with --resume "
+              f"auto; before the first save there is none: the command as it was starts over (from PATH with "
+              f"--resume PATH)",
               file=sys.stderr, flush=True)
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:

@@ -129,7 +129,7 @@ def sample_schedule(num_tokens: int, max_merged: int, max_iters: int, rng: rando
     --schedule_rule defaults to "official" (the official code's), so pass rule="official" to compute r as it does.
     Called once per level, it draws n1, k1, n2, k2; naver-ai/dtm engines/engine_for_dtm.py:103-106 draws n1, n2,
     k1, k2: the same distribution, other values for the same seed."""
-    if not isinstance(rng, random.Random):  # numpy's randint has the same name but excludes the upper bound
+    if not isinstance(rng, random.Random) and rng is not random:  # numpy's randint excludes its upper bound
         raise TypeError(f"sample_schedule needs a random.Random (e.g. random.Random(seed)), got {type(rng).__name__}")
     n = rng.randint(0, max_merged)
     k = rng.randint(1, max_iters)

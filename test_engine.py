@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import importlib
 import random
 import re
@@ -395,6 +396,15 @@ def test_read_checkpoint_errors_name_the_file(tmp_path):
                                          r"interrupted save or copy\?\) \(RuntimeError: PytorchStreamReader failed "
                                          r"reading zip archive: failed finding central directory\)$"):
         dtm.read_checkpoint(str(tmp_path / "cut.pth"))  # the first sentence of torch's message only
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"model": {}}, protocol=2))  # pickle.dump, not torch.save
+    with pytest.raises(ValueError, match=r"plain.pkl' cannot be read by torch.load: it is not a file that torch.save "
+                                         r"wrote \(it starts with b'\\x80\\x02}q', a pickle of something else\)$"):
+        dtm.read_checkpoint(str(tmp_path / "plain.pkl"))  # it said "truncated or damaged"
+    torch.save({"model": {}}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # torch < 1.6's format
+    assert dtm.read_checkpoint(str(tmp_path / "legacy.pth")) == {"model": {}}
+    (tmp_path / "legacy_cut.pth").write_bytes((tmp_path / "legacy.pth").read_bytes()[:30])
+    with pytest.raises(ValueError, match="legacy_cut.pth' cannot be read by torch.load: it is truncated or damaged"):
+        dtm.read_checkpoint(str(tmp_path / "legacy_cut.pth"))
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty.pth' cannot be read by torch.load: it is empty \(an interrupted save "
                                          r"or copy\?\)$"):

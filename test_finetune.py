@@ -410,6 +410,23 @@ def test_fine_tuning_from_a_fine_tuned_classifier_keeps_its_head(finetuned, tmp_
     assert f"loaded {tmp_path / 'other.pth'}; initialized afresh: head.bias, head.weight" in out
 
 
+def test_an_error_during_eval_starts_its_own_line(finetuned, tmp_path, monkeypatch, capsys):
+    """--eval's progress bar is the only one: it stays when the evaluation fails (leave=None), so its line ends and
+    `error: ...` starts one (a bar that cleared itself left the message after its carriage returns, where
+    `grep ^error:` in a log did not find it). Found by a review of the change."""
+    out, _ = finetuned
+
+    def unreadable(self, index):
+        raise ValueError(f"image {index} cannot be read")
+
+    monkeypatch.setattr(data.SyntheticShapes, "__getitem__", unreadable)
+    monkeypatch.delenv("DTM_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit):
+        engine.cli(lambda: tf.main(["--eval", str(out / "checkpoint-last.pth"), "--batch_size", "16",
+                                    "--num_workers", "0", "--output_dir", str(tmp_path)]))
+    assert "\nerror: image 0 cannot be read\n" in capsys.readouterr().err
+
+
 def test_fine_tuned_classifier_as_features_keeps_its_fc_norm(finetuned):
     """Without a head (a teacher or a backbone), a fine-tuned classifier's last LayerNorm, fc_norm, becomes the
     feature ViT's norm: loaded, not fresh."""

@@ -400,6 +400,13 @@ def test_relaunch_of_an_old_checkpoint_with_a_relative_init_says_so(tmp_path, mo
     out = capsys.readouterr().out
     assert f"note: '{last}' records --init first/checkpoint-last.pth relative to a folder it does not record" in out
     assert "init first/checkpoint-last.pth," in out and torch.load(last)["step"] == 2
+    old = torch.load(last)  # relaunched with the file's absolute path: the banner names it, as the note (it named
+    old.pop("init_abspath", None)  # the recorded relative one after the note, when it came after engine.resume)
+    torch.save(old, last)
+    given = str(tmp_path / "first" / "checkpoint-last.pth")
+    train_seg.main(TINY_RUN + ["--iters", "3", "--init", given, "--output_dir", str(tmp_path / "second")])
+    out = capsys.readouterr().out
+    assert f"taking --init {given} as that file" in out and f"init {given}," in out
 
 
 def test_a_run_started_with_channels_0_continues_with_the_width_the_refusal_names(tmp_path, capsys):
@@ -808,7 +815,8 @@ def test_distributed_eval_counts_each_image_once(tmp_path):
 
 def test_img_per_s_leaves_out_the_evaluations_and_the_checkpoints(tmp_path, monkeypatch):
     """A clock that ticks one second per read, an evaluation that takes 100 s more: 2 images per step and per log line
-    in 1 s, and after the evaluation at step 2 (its 2 reads and 101 s left out) in 2 s: 1/s, not 2/103."""
+    in 1 s, and after the save at step 2 (its 2 reads, 1 s left out) and the evaluation and save at step 4 (101 s
+    left out) in 2 s: 1/s, not 2/3 or 2/103."""
     clock = types.SimpleNamespace(t=0.0)
 
     def perf_counter():
@@ -822,9 +830,9 @@ def test_img_per_s_leaves_out_the_evaluations_and_the_checkpoints(tmp_path, monk
     run_metrics = train_seg.run_metrics
     monkeypatch.setattr(train_seg, "time", types.SimpleNamespace(perf_counter=perf_counter))
     monkeypatch.setattr(train_seg, "run_metrics", slow_metrics)
-    train_seg.main(TINY_RUN + ["--eval_every", "2", "--save_every", "4", "--output_dir", str(tmp_path)])
+    train_seg.main(TINY_RUN + ["--iters", "6", "--eval_every", "4", "--save_every", "2", "--output_dir", str(tmp_path)])
     rates = [json.loads(line)["img_per_s"] for line in open(tmp_path / "log.jsonl") if "img_per_s" in line]
-    assert rates == [2.0, 2.0, 1.0, 2.0]
+    assert rates == [2.0, 2.0, 1.0, 2.0, 1.0, 2.0]
 
 
 def test_fp16_with_a_grad_scaler_resumes_exactly(tmp_path, monkeypatch):

@@ -103,7 +103,7 @@ def evaluate(model, loader, device, amp_dtype=None, show_progress=False) -> dict
     """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct top-1, correct top-5, loss sum, count
-    for images, labels in tqdm(loader, desc="eval", disable=not show_progress, leave=False):
+    for images, labels in tqdm(loader, desc="eval", disable=not show_progress, leave=None):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
@@ -522,8 +522,8 @@ def finetune(args, d, amp_dtype, scaler):
                        d)
     started_from = {None: "", "none": " (init none: from scratch)"}.get(args.init, f" (init {args.init})")
     d.print(f"{args.model}{started_from}: {len(train_set)} training images, {len(classes)} classes, {d.world_size} "
-            f"process(es) on {d.device}, amp {engine.amp_name(amp_dtype, scaler)}; total batch {total_batch}, lr {lr:.3g} "
-            f"(--lr {args.lr:g}, {args.lr_scaling} scaling), layer decay {layer_decay}, {args.epochs} "
+            f"process(es) on {d.device}, amp {engine.amp_name(amp_dtype, scaler)}; total batch {total_batch}, lr "
+            f"{lr:.3g} (--lr {args.lr:g}, {args.lr_scaling} scaling), layer decay {layer_decay}, {args.epochs} "
             f"epoch{'s' * (args.epochs != 1)} x {steps_per_epoch} steps ({args.warmup_epochs:g} of warmup), starting "
             f"at step {step}")
     if finished:

@@ -317,7 +317,7 @@ def evaluate(model, dataset, num_classes: int, crop: int, stride: int, flip: boo
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             return model(crops)
 
-    for image, label in tqdm(loader, desc="eval", disable=not progress, leave=False):
+    for image, label in tqdm(loader, desc="eval", disable=not progress, leave=None):
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
         pred = predict(run, image, label.shape, num_classes, crop, stride, flip, batch).argmax(0)
         areas += intersect_and_union(pred, label, num_classes)
@@ -720,7 +720,6 @@ def train(args, d):
             raise ValueError(f"{resume_path!r} continues a run that read its label maps {how} --reduce_zero_label, "
                              f"which a run cannot change (its classes would change meaning): relaunch {how} it")
         model = build_model(args, num_classes, resume, resume_path)
-        started_from = engine.init_started_from(resume)  # engine.resume checks a given --init against it
     else:
         if args.init is None:
             raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none "
@@ -750,6 +749,7 @@ def train(args, d):
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
                              train_images=len(train_set), counts_steps=True)  # --iters counts steps
         best_miou = resume["best_miou"]
+        started_from = args.init  # the run's, as engine.resume resolved it (it checks a given --init against it)
     d.print(f"{args.model} UperNet, {num_classes} classes, crop {args.crop_size}, pyramid from blocks "
             f"{model.out_indices}, init {started_from}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
             f"{d.world_size} process(es) on {d.device}, amp {engine.amp_name(amp_dtype, scaler)}")
