@@ -1194,6 +1194,13 @@ def _same_setting(saved, given) -> bool:
     return same_path(saved, given)
 
 
+def wait_for_gpu(d: Dist):
+    """Block until the GPU has run the work queued so far (CUDA runs asynchronously), so that a time read next, e.g.
+    where a save or evaluation starts, does not count the queued training step as part of it."""
+    if d.device.type == "cuda":
+        torch.cuda.synchronize(d.device)
+
+
 class StepTimer:
     """Seconds spent in the named parts of a step. On CUDA it synchronizes only when `exact` (log steps), so
     only the logged steps' split is exact; the others are not timed at all."""

@@ -587,6 +587,17 @@ def test_resume_into_another_model_names_the_differences_and_the_changed_setting
         engine.resume(state, "ck.pth", wider, torch.optim.AdamW(wider.parameters()), None, args, 2, CPU)
 
 
+def test_wait_for_gpu_synchronizes_cuda_only(monkeypatch):
+    """The trainers read the start of a save or evaluation (left out of img_per_s) after the GPU's queued step:
+    without it, the step's kernels still running counted as saving time, and img_per_s read high."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    engine.wait_for_gpu(CPU)
+    assert synced == []
+    engine.wait_for_gpu(engine.Dist(device=torch.device("cuda", 1)))
+    assert synced == [torch.device("cuda", 1)]
+
+
 def test_resume_says_when_the_loss_scale_comes_or_goes(capsys):
     """--amp auto picks fp16 + GradScaler on a V100 and bf16 on newer GPUs: a run resumed on the other kind changed
     its precision without a word (the saved scale dropped, or a new one starting). From a mixed-precision review."""

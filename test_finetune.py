@@ -724,9 +724,11 @@ def test_img_per_s_leaves_out_the_evaluation_and_the_checkpoints(tmp_path, monke
     evaluate = tf.evaluate
     monkeypatch.setattr(tf, "time", argparse.Namespace(perf_counter=perf_counter))
     monkeypatch.setattr(tf, "evaluate", slow_evaluate)
+    waits = []  # on a GPU: its queued step finished before the evaluation's start is read
+    monkeypatch.setattr(engine, "wait_for_gpu", lambda d: waits.append(clock.t))
     tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path)])  # 3 steps per epoch
     rates = [json.loads(line)["img_per_s"] for line in open(tmp_path / "log.jsonl") if "img_per_s" in line]
-    assert rates == [16.0, 16.0, 16.0, 8.0, 16.0, 16.0]
+    assert rates == [16.0, 16.0, 16.0, 8.0, 16.0, 16.0] and len(waits) == 2
 
 
 def test_unreadable_validation_image_stops_the_run_before_training(tmp_path):

@@ -830,9 +830,11 @@ def test_img_per_s_leaves_out_the_evaluations_and_the_checkpoints(tmp_path, monk
     run_metrics = train_seg.run_metrics
     monkeypatch.setattr(train_seg, "time", types.SimpleNamespace(perf_counter=perf_counter))
     monkeypatch.setattr(train_seg, "run_metrics", slow_metrics)
+    waits = []  # on a GPU: its queued step finished before the pause's start is read
+    monkeypatch.setattr(engine, "wait_for_gpu", lambda d: waits.append(clock.t))
     train_seg.main(TINY_RUN + ["--iters", "6", "--eval_every", "4", "--save_every", "2", "--output_dir", str(tmp_path)])
     rates = [json.loads(line)["img_per_s"] for line in open(tmp_path / "log.jsonl") if "img_per_s" in line]
-    assert rates == [2.0, 2.0, 1.0, 2.0, 1.0, 2.0]
+    assert rates == [2.0, 2.0, 1.0, 2.0, 1.0, 2.0] and len(waits) == 3  # steps 2, 4 and 6
 
 
 def test_fp16_with_a_grad_scaler_resumes_exactly(tmp_path, monkeypatch):

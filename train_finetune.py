@@ -574,6 +574,7 @@ def finetune(args, d, amp_dtype, scaler):
         if step % steps_per_epoch:
             continue
         # the end of an epoch: evaluate, save
+        engine.wait_for_gpu(d)
         evaluating_from = time.perf_counter()
         train_loss = engine.all_mean(epoch_loss[0] / epoch_loss[1], d).item()
         epoch_loss.zero_()

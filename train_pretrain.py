@@ -406,6 +406,7 @@ def train(args, d: engine.Dist) -> dict:
         save_last = end_of_epoch or step == last_step or (args.save_every and step % args.save_every == 0)
         keep = end_of_epoch and ((epoch + 1) % args.keep_every == 0 or epoch + 1 == args.epochs)
         if save_last or keep:
+            engine.wait_for_gpu(d)
             saving_from = time.perf_counter()
             if keep:  # before LAST: a run killed between the two saves retrains the epoch and keeps it again
                 save(f"checkpoint-{epoch}.pth")

@@ -817,7 +817,10 @@ def train(args, d):
             last_log_time, images_seen = now, 0
         evaluate_now = step % args.eval_every == 0 or step == args.iters
         save_now = step % args.save_every == 0 or step == args.iters
-        pausing_from = time.perf_counter() if evaluate_now or save_now else None
+        pausing_from = None
+        if evaluate_now or save_now:  # left out of img_per_s
+            engine.wait_for_gpu(d)
+            pausing_from = time.perf_counter()
         if evaluate_now:
             engine.share_rank0_buffers(model, d)  # BatchNorm statistics (no SyncBatchNorm on the CPU)
             metrics = run_metrics(model, val_set, class_names, args, d, amp_dtype)
