@@ -726,7 +726,6 @@ def train(args, d):
                              "for a random ViT")
         init = None if args.init == "none" else dtm.read_checkpoint(args.init, "--init")
         model = build_model(args, num_classes, init, args.init)
-        started_from = args.init
         if init is not None:  # as fine-tuning's "loaded X; initialized afresh: ..."
             d.print(f"loaded the ViT of {args.init}; initialized afresh: UperNet's decode and auxiliary heads"
                     + (" (--init reads a checkpoint's ViT only; to continue that run, --resume it)"
@@ -749,9 +748,9 @@ def train(args, d):
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
                              train_images=len(train_set), counts_steps=True)  # --iters counts steps
         best_miou = resume["best_miou"]
-        started_from = args.init  # the run's, as engine.resume resolved it (it checks a given --init against it)
+    # after engine.resume, which resolves a continued run's --init (and checks a given one against it)
     d.print(f"{args.model} UperNet, {num_classes} classes, crop {args.crop_size}, pyramid from blocks "
-            f"{model.out_indices}, init {started_from}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+            f"{model.out_indices}, init {args.init}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
             f"{d.world_size} process(es) on {d.device}, amp {engine.amp_name(amp_dtype, scaler)}")
     engine.warn_long_warmup(args.warmup_iters, args.iters, "--warmup_iters", d)
     note_vit_l_recipe(args, d)
