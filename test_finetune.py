@@ -711,18 +711,15 @@ def test_two_process_training_equals_one_process_with_the_same_total_batch(tmp_p
 def test_img_per_s_leaves_out_the_evaluation_and_the_checkpoints(tmp_path, monkeypatch):
     """A clock that ticks one second per read, and an evaluation that takes 100 s more: 16 images per step and per
     log line in 1 s, and after each epoch's evaluation and saves (2 reads, 101 s left out) in 2 s: 8/s, not 16/103."""
-    clock = argparse.Namespace(t=0.0)
-
-    def perf_counter():
-        clock.t += 1.0
-        return clock.t
+    from test_pretrain import OneSecondClock
+    clock = OneSecondClock()
 
     def slow_evaluate(*args, **kwargs):
         clock.t += 100.0
         return evaluate(*args, **kwargs)
 
     evaluate = tf.evaluate
-    monkeypatch.setattr(tf, "time", argparse.Namespace(perf_counter=perf_counter))
+    monkeypatch.setattr(tf, "time", clock)
     monkeypatch.setattr(tf, "evaluate", slow_evaluate)
     waits = []  # on a GPU: its queued step finished before the evaluation's start is read
     monkeypatch.setattr(engine, "wait_for_gpu", lambda d: waits.append(clock.t))

@@ -848,8 +848,8 @@ def test_max_steps_stops_the_run_but_keeps_its_schedule(image_folder, tmp_path):
     assert result["step"] == 3 and torch.load(tmp_path / "beyond" / engine.LAST)["step"] == 3
 
 
-class _Clock:
-    """A perf_counter that advances by exactly one second per call."""
+class OneSecondClock:
+    """A perf_counter that advances by exactly one second per call (also test_finetune's and test_seg's)."""
     def __init__(self):
         self.t = -1.0
 
@@ -862,7 +862,7 @@ def test_img_per_s_counts_the_images_of_each_log_window(image_folder, tmp_path, 
     """train_pretrain reads its clock at the start, once per log line and before and after saving checkpoints, whose
     time is left out: with a clock that ticks one second per read, batch 2 x accum 2 x log_every 2 = 8 images in the
     first window (1 s), and in the second (epoch 0 ends at step 3 and saves: 3 s, 1 of them saving) 8 in 2 s."""
-    monkeypatch.setattr(tp, "time", _Clock())
+    monkeypatch.setattr(tp, "time", OneSecondClock())
     tp.main(tiny_argv(image_folder, tmp_path, "--batch_size", "2", "--accum_iter", "2", "--log_every", "2",
                       "--max_steps", "4"))
     assert torch.load(tmp_path / engine.LAST)["steps_per_epoch"] == 3  # epoch 0 ends, and saves, at step 3

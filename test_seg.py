@@ -817,18 +817,15 @@ def test_img_per_s_leaves_out_the_evaluations_and_the_checkpoints(tmp_path, monk
     """A clock that ticks one second per read, an evaluation that takes 100 s more: 2 images per step and per log line
     in 1 s, and after the save at step 2 (its 2 reads, 1 s left out) and the evaluation and save at step 4 (101 s
     left out) in 2 s: 1/s, not 2/3 or 2/103."""
-    clock = types.SimpleNamespace(t=0.0)
-
-    def perf_counter():
-        clock.t += 1.0
-        return clock.t
+    from test_pretrain import OneSecondClock
+    clock = OneSecondClock()
 
     def slow_metrics(*args, **kwargs):
         clock.t += 100.0
         return run_metrics(*args, **kwargs)
 
     run_metrics = train_seg.run_metrics
-    monkeypatch.setattr(train_seg, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(train_seg, "time", clock)
     monkeypatch.setattr(train_seg, "run_metrics", slow_metrics)
     waits = []  # on a GPU: its queued step finished before the pause's start is read
     monkeypatch.setattr(engine, "wait_for_gpu", lambda d: waits.append(clock.t))
