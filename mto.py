@@ -60,6 +60,10 @@ What this file makes of it (THIS IMPLEMENTATION'S READING, not the paper's equat
   the trainer turns TF32 on: the singularity loss's choice of the nearest visible patch can then differ at near ties;
   the cosine to it is computed without a matmul). Their backward passes are written by hand: create_graph=True
   (double backward) through them is refused.
+  mto_forward computes each loss for a group of blocks at once (singularity_losses, attention_entropies: a group's
+  rows taken into one buffer, then one set of ops), as many blocks as keep each intermediate within GROUP_ELEMENTS;
+  block by block, the losses' small ops made an H200 step of ViT-B at batch 64 wait on the host's kernel launches
+  (MTO +75% over DTM; in groups +38%, docs/RESULTS.md section 3).
   Total loss = base loss + lambda_sing * L_sing + lambda_ent * L_ent. The default lambdas (0.1, 0.1) are this
   implementation's choice, not tuned and not from the paper.
 
@@ -137,11 +141,12 @@ def recalibration_mask(mask, num_prefix: int = NUM_PREFIX):
     return (masked[:, :, None] | ~masked[:, None, :]).unsqueeze(1)  # (B, 1, T, T): masked query or visible key
 
 
-def depth_weights(depth: int, num_layers: int) -> torch.Tensor:
-    """(depth,) float: w_l proportional to depth - l for the first num_layers blocks, 0 after; sums to 1."""
+def depth_weights(depth: int, num_layers: int, device=None) -> torch.Tensor:
+    """(depth,) float: w_l proportional to depth - l for the first num_layers blocks, 0 after; sums to 1. Made on
+    `device` (a copy from the host to a GPU would wait for the GPU's queue: the step's one sync is in patch_rows)."""
     if not 0 <= num_layers <= depth:
         raise ValueError(f"number of MTO loss layers must be in 0..{depth} (the ViT's depth), got {num_layers}")
-    w = torch.arange(depth, 0, -1, dtype=torch.float32)  # D, D-1, ..., 1
+    w = torch.arange(depth, 0, -1, dtype=torch.float32, device=device)  # D, D-1, ..., 1
     w[num_layers:] = 0
     return w / w.sum().clamp(min=1.0)
 
@@ -169,17 +174,20 @@ def patch_rows(mask) -> Rows:
     return Rows(masked, arange[:M] < counts[0, :, None], visible, arange[:V] < counts[1, :, None], fewest_visible < V)
 
 
-def _take(x, index, dim):
-    """x's tokens at index (B, K) along its token dim `dim` (batch dim first) -> x with size K there.
+def _take(xs, index, dim):
+    """The tokens at index (B, K) along the token dim `dim` (batch dim first) of each of L tensors of one shape ->
+    (L, *shape with K at dim+1), in one buffer.
 
-    One index_select over the flattened (batch, token) rows (a view for q, k of dtm.Attention and for block outputs).
-    Where a gradient is needed, _TakeRows.apply(x, index, dim) takes the same rows.
+    One index_select per tensor over its flattened (batch, token) rows (a view for q, k of dtm.Attention and for
+    block outputs), written into the buffer. Where a gradient is needed, _TakeRows.apply(index, dim, *xs).
     """
-    B, T = x.shape[0], x.shape[dim]
-    rows = x.movedim(dim, 1)  # (B, T, ...)
+    B, T = xs[0].shape[0], xs[0].shape[dim]
     flat = (index + T * torch.arange(B, device=index.device)[:, None]).flatten()  # (B * K,) row numbers
-    taken = rows.reshape(B * T, *rows.shape[2:]).index_select(0, flat)  # (B * K, ...)
-    return taken.view(B, index.shape[1], *rows.shape[2:]).movedim(1, dim)
+    rest = xs[0].movedim(dim, 1).shape[2:]
+    taken = xs[0].new_empty(len(xs), flat.numel(), *rest)  # (L, B * K, ...)
+    for x, out in zip(xs, taken):
+        torch.index_select(x.movedim(dim, 1).reshape(B * T, *rest), 0, flat, out=out)
+    return taken.view(len(xs), B, index.shape[1], *rest).movedim(2, dim + 1)
 
 
 def _refuse_create_graph():
@@ -191,25 +199,37 @@ def _refuse_create_graph():
 
 
 class _TakeRows(torch.autograd.Function):
-    """_take with a backward that writes the rows' gradient into zeros of x's shape: a fresh contiguous tensor, into
-    which autograd adds x's other gradient (SDPA's for q and k, the next block's for a block output) in place.
-    index_select's own backward hands back a view, which autograd cannot add into: one more full-size tensor per
-    block and per input (q, k, block output), and one more pass over it."""
+    """_take of the same rows from each of L tensors of one shape -> (L, *taken shape), written into one buffer: the
+    losses below read the rows of every block at once (a few large ops per step instead of a few dozen small ones per
+    block: on a fast GPU the step is bound by the host's launches, not by the arithmetic). The backward writes each
+    tensor's rows' gradient into zeros of its shape: a fresh contiguous tensor, into which autograd adds the tensor's
+    other gradient (SDPA's for q and k, the next block's for a block output) in place. index_select's own backward
+    hands back a view, which autograd cannot add into: one more full-size tensor per block and per input."""
 
     @staticmethod
-    def forward(ctx, x, index, dim):
+    def forward(ctx, index, dim, *xs):
         ctx.save_for_backward(index)
-        ctx.shape, ctx.dim = x.shape, dim
-        return _take(x, index, dim)
+        ctx.shape, ctx.dim = xs[0].shape, dim
+        return _take(xs, index, dim)
 
     @staticmethod
     def backward(ctx, grad):
         _refuse_create_graph()
         (index,) = ctx.saved_tensors
-        grad_x = grad.new_zeros(ctx.shape)
         batch = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)  # (B, K)
-        grad_x.movedim(ctx.dim, 1)[batch, index] = grad.movedim(ctx.dim, 1)  # the (b, index) pairs are distinct
-        return grad_x, None, None
+        grads = []
+        for grad_rows in grad.unbind(0):
+            grad_x = grad.new_zeros(ctx.shape)
+            grad_x.movedim(ctx.dim, 1)[batch, index] = grad_rows.movedim(ctx.dim, 1)  # the (b, index) pairs are distinct
+            grads.append(grad_x)
+        return None, None, *grads
+
+
+def _check_tokens(hidden, mask, num_prefix):
+    if hidden.dim() != 3 or hidden.shape[:2] != (mask.shape[0], num_prefix + mask.shape[1]):
+        raise ValueError(f"tokens {tuple(hidden.shape)} do not match the mask {tuple(mask.shape)}: they must be (B, "
+                         f"{num_prefix} prefix tokens + the mask's {mask.shape[1]} patches, C), B = the mask's "
+                         f"{mask.shape[0]} images")
 
 
 def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX):
@@ -220,27 +240,48 @@ def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREF
     Computed on the masked rows and visible columns only: (B, M, V), 75 x 121 for ViT-B's 196 patches.
     """
     _check_mask(mask)
-    if hidden.dim() != 3 or hidden.shape[:2] != (mask.shape[0], num_prefix + mask.shape[1]):
-        raise ValueError(f"tokens {tuple(hidden.shape)} do not match the mask {tuple(mask.shape)}: they must be (B, "
-                         f"{num_prefix} prefix tokens + the mask's {mask.shape[1]} patches, C), B = the mask's "
-                         f"{mask.shape[0]} images")
-    with torch.autocast(hidden.device.type, enabled=False):  # float32 matmuls, whatever the autocast dtype
-        return _singularity_loss(hidden, mask, patch_rows(mask) if rows is None else rows, num_prefix)
+    _check_tokens(hidden, mask, num_prefix)
+    return singularity_losses([hidden], mask, rows, num_prefix)[0]
 
 
-def _singularity_loss(hidden, mask, rows: Rows, num_prefix: int):
-    dtype = torch.promote_types(hidden.dtype, torch.float32)  # float32, float64 for float64 input
-    x_masked = _TakeRows.apply(hidden, rows.masked + num_prefix, 1).to(dtype)  # (B, M, C)
+GROUP_ELEMENTS = 2 ** 25  # blocks computed together: at most this many elements (128 MiB in float32) per intermediate
+
+
+def _block_groups(count: int, elements_per_block: int):
+    """Consecutive groups of `count` blocks whose largest intermediate holds at most GROUP_ELEMENTS elements (at least
+    one block per group): few launches per step (on a fast GPU a step of small ops is bound by the host's launches),
+    and memory for a few blocks' intermediates at a time, not all of them (24 blocks of ViT-L at once took 8 GiB more
+    at batch 128)."""
+    size = max(1, GROUP_ELEMENTS // max(elements_per_block, 1))
+    return [slice(start, start + size) for start in range(0, count, size)]
+
+
+def singularity_losses(hiddens, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX):
+    """singularity_loss of each of L block outputs of one shape, computed a group of blocks at a time -> (L, B)."""
+    _check_mask(mask)
+    for hidden in hiddens:
+        _check_tokens(hidden, mask, num_prefix)
+    rows = patch_rows(mask) if rows is None else rows
+    B, _, C = hiddens[0].shape
+    groups = _block_groups(len(hiddens), B * max(rows.masked.shape[1], rows.visible.shape[1]) * C)
+    with torch.autocast(hiddens[0].device.type, enabled=False):  # float32 matmuls, whatever the autocast dtype
+        return torch.cat([_singularity_losses(hiddens[group], mask, rows, num_prefix) for group in groups])
+
+
+def _singularity_losses(hiddens, mask, rows: Rows, num_prefix: int):
+    dtype = torch.promote_types(hiddens[0].dtype, torch.float32)  # float32, float64 for float64 input
+    x_masked = _TakeRows.apply(rows.masked + num_prefix, 1, *hiddens).to(dtype)  # (L, B, M, C)
     with torch.no_grad():  # which visible patch is nearest; the cosine to it is recomputed below with the gradient
-        keys = F.normalize(_take(hidden, rows.visible + num_prefix, 1).to(dtype), dim=-1)  # (B, V, C), detached
-        dots = x_masked @ keys.transpose(1, 2)  # (B, M, V); cos = dot / |h_i|, and |h_i| is the same in a row
+        keys = F.normalize(_take(hiddens, rows.visible + num_prefix, 1).to(dtype), dim=-1)  # (L, B, V, C)
+        dots = x_masked @ keys.transpose(-2, -1)  # (L, B, M, V); cos = dot / |h_i|, and |h_i| is the same in a row
         if rows.visible_padded:
             dots.masked_fill_(~rows.visible_valid[:, None, :], float("-inf"))
-        nearest_key = _take(keys, dots.argmax(dim=-1), 1)  # (B, M, C)
+        nearest = dots.argmax(dim=-1)  # (L, B, M)
+        nearest_key = keys.gather(2, nearest[..., None].expand(*nearest.shape, keys.shape[-1]))  # (L, B, M, C)
     # max_j cos(h_i, h_j) = <h_i, k_nearest> / |h_i|: the max's value and gradient (amax would split it at exact ties)
-    nearest = torch.linalg.vecdot(x_masked, nearest_key) / x_masked.norm(dim=-1).clamp(min=1e-12)  # (B, M)
+    cos = torch.linalg.vecdot(x_masked, nearest_key) / x_masked.norm(dim=-1).clamp(min=1e-12)  # (L, B, M)
     counted = rows.masked_valid & rows.visible_valid[:, :1]  # masked patches of images that have a visible patch
-    return torch.where(counted, nearest, torch.zeros_like(nearest)).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return torch.where(counted, cos, torch.zeros_like(cos)).sum(dim=-1) / mask.sum(dim=1).clamp(min=1)  # (L, B)
 
 
 class _SoftmaxEntropy(torch.autograd.Function):
@@ -265,6 +306,18 @@ class _SoftmaxEntropy(torch.autograd.Function):
         return (z - expected[..., None]).mul_(z.softmax(dim=-1)).mul_(-grad[..., None])
 
 
+def _check_qk(q, k, bias, mask, num_prefix):
+    T = num_prefix + mask.shape[1]
+    if q.dim() != 4 or (q.shape[0], q.shape[2]) != (mask.shape[0], T) or k.shape != q.shape:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be (B, heads, T, head_dim) with B = "
+                         f"the mask's {mask.shape[0]} images and T = {num_prefix} prefix tokens + the mask's "
+                         f"{mask.shape[1]} patches")
+    H = q.shape[1]
+    if bias is not None and tuple(bias.shape) != (H, T, T):
+        raise ValueError(f"bias {tuple(bias.shape)} must be the relative position bias (heads, T, T) = {(H, T, T)}, "
+                         f"shared by the batch, or None")
+
+
 def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX):
     """Per-image normalized entropy of masked queries' attention over visible patch keys -> (B,) float32 (float64
     for float64 q, k).
@@ -279,29 +332,45 @@ def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM
     masked patch or fewer than 2 visible patches give 0.
     """
     _check_mask(mask)
-    T = num_prefix + mask.shape[1]
-    if q.dim() != 4 or (q.shape[0], q.shape[2]) != (mask.shape[0], T) or k.shape != q.shape:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be (B, heads, T, head_dim) with B = "
-                         f"the mask's {mask.shape[0]} images and T = {num_prefix} prefix tokens + the mask's "
-                         f"{mask.shape[1]} patches")
-    H = q.shape[1]
-    if bias is not None and tuple(bias.shape) != (H, T, T):
-        raise ValueError(f"bias {tuple(bias.shape)} must be the relative position bias (heads, T, T) = {(H, T, T)}, "
-                         f"shared by the batch, or None")
-    with torch.autocast(q.device.type, enabled=False):  # float32 matmuls, whatever the autocast dtype
-        return _attention_entropy(q, k, bias, mask, patch_rows(mask) if rows is None else rows, num_prefix)
+    _check_qk(q, k, bias, mask, num_prefix)
+    return attention_entropies([(q, k, bias)], mask, rows, num_prefix)[0]
 
 
-def _attention_entropy(q, k, bias, mask, rows: Rows, num_prefix: int):
-    B, H, T, D = q.shape
+def attention_entropies(qks, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX):
+    """attention_entropy of each of L blocks' (q, k, bias) of one shape, computed a group of blocks at a time ->
+    (L, B). A block whose bias is None among blocks with one counts as a zero bias."""
+    _check_mask(mask)
+    for q, k, bias in qks:
+        _check_qk(q, k, bias, mask, num_prefix)
+    rows = patch_rows(mask) if rows is None else rows
+    B, H = qks[0][0].shape[:2]
+    groups = _block_groups(len(qks), B * H * rows.masked.shape[1] * rows.visible.shape[1])  # the logits' elements
+    with torch.autocast(qks[0][0].device.type, enabled=False):  # float32 matmuls, whatever the autocast dtype
+        return torch.cat([_attention_entropies(qks[group], mask, rows, num_prefix) for group in groups])
+
+
+def _attention_entropies(qks, mask, rows: Rows, num_prefix: int):
+    dtype = torch.promote_types(qks[0][0].dtype, torch.float32)  # float32, float64 for float64 input
+    entropy = _SoftmaxEntropy.apply(_visible_logits(qks, rows, num_prefix, dtype)).mean(dim=2)  # (L, B, M): heads
+    num_visible = rows.visible_valid.sum(dim=1)  # (B,)
+    counted = rows.masked_valid & (num_visible >= 2)[:, None]  # masked queries of images with >= 2 visible patches
+    entropy = entropy / num_visible.to(dtype).clamp(min=2).log()[:, None] * counted
+    return entropy.sum(dim=-1) / mask.sum(dim=1).clamp(min=1)  # (L, B)
+
+
+def _visible_logits(qks, rows: Rows, num_prefix: int, dtype):
+    """The L blocks' attention logits of the masked queries against the visible keys -> (L, B, heads, M, V)."""
+    B, H, T, D = qks[0][0].shape
     queries, keys = rows.masked + num_prefix, rows.visible + num_prefix  # (B, M), (B, V) token indices
-    dtype = torch.promote_types(q.dtype, torch.float32)  # float32, float64 for float64 input
-    q_rows = _TakeRows.apply(q, queries, 2).to(dtype)  # (B, H, M, D)
-    k_rows = _TakeRows.apply(k, keys, 2).to(dtype)  # (B, H, V, D)
-    logits = (q_rows @ k_rows.transpose(-2, -1)).mul_(D ** -0.5)  # (B, H, M, V)
-    if bias is not None:  # the (heads, T, T) bias at each (masked query, visible key) pair, by one flat index
+    q_rows = _TakeRows.apply(queries, 2, *(q for q, _, _ in qks)).to(dtype)  # (L, B, H, M, D)
+    k_rows = _TakeRows.apply(keys, 2, *(k for _, k, _ in qks)).to(dtype)  # (L, B, H, V, D)
+    logits = (q_rows @ k_rows.transpose(-2, -1)).mul_(D ** -0.5)  # (L, B, H, M, V)
+    biases = [bias for _, _, bias in qks]
+    if any(bias is not None for bias in biases):  # each (heads, T, T) bias at each (masked query, visible key) pair
+        zero = next(bias for bias in biases if bias is not None).new_zeros(H, T, T)
+        table = torch.stack([zero if bias is None else bias for bias in biases]).flatten(2)  # (L, H, T * T)
         pairs = (queries[:, :, None] * T + keys[:, None, :]).flatten()  # (B * M * V,) into a T x T table
-        logits += bias.flatten(1).index_select(1, pairs).view(H, B, *logits.shape[2:]).transpose(0, 1).to(dtype)
+        logits += table.index_select(2, pairs).view(len(qks), H, B, *logits.shape[-2:]).transpose(1, 2).to(dtype)
     # padding keys: -1e4 once each row is shifted to a real maximum of 0, so exp() of it is exactly 0 in float32 (a
     # -1e4 before the shift was not, beside real logits near -1e4); unlike -inf it keeps p * logit finite
     if rows.visible_padded:
@@ -309,11 +378,7 @@ def _attention_entropy(q, k, bias, mask, rows: Rows, num_prefix: int):
         logits.masked_fill_(padding, float("-inf"))
         logits.sub_(logits.detach().amax(dim=-1, keepdim=True).nan_to_num(neginf=0.0))  # -inf rows: no visible key
         logits.masked_fill_(padding, -1e4)
-    entropy = _SoftmaxEntropy.apply(logits).mean(dim=1)  # (B, M), mean over heads
-    num_visible = rows.visible_valid.sum(dim=1)  # (B,)
-    counted = rows.masked_valid & (num_visible >= 2)[:, None]  # masked queries of images with >= 2 visible patches
-    entropy = entropy / num_visible.to(dtype).clamp(min=2).log()[:, None] * counted
-    return entropy.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return logits
 
 
 def _num_layers(value, depth, name):
@@ -351,9 +416,8 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
     layers = _num_layers(cfg.layers, depth, "MTOConfig.layers")
     sing_layers = _num_layers(cfg.sing_layers, depth, "MTOConfig.sing_layers")
     ent_layers = _num_layers(cfg.ent_layers, depth, "MTOConfig.ent_layers")
-    sing_w = depth_weights(depth, sing_layers if cfg.lambda_sing else 0)
-    ent_w = depth_weights(depth, ent_layers if cfg.lambda_ent else 0)
-    sing_ids, ent_ids = sing_w.nonzero()[:, 0].tolist(), ent_w.nonzero()[:, 0].tolist()
+    num_sing, num_ent = (sing_layers if cfg.lambda_sing else 0), (ent_layers if cfg.lambda_ent else 0)
+    sing_ids, ent_ids = list(range(num_sing)), list(range(num_ent))  # the blocks whose depth weight is not 0
 
     allowed = None
     if layers:  # one additive float mask for all blocks: -inf where a query may not attend
@@ -365,10 +429,13 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
     features = vit.forward_features(images, mask, attn_mask, return_layers=sing_ids, return_qk=ent_ids)
 
     zero = features.tokens.new_zeros((), dtype=torch.float32)
-    loss_sing = sum((float(sing_w[i]) * singularity_loss(features.layers[i], mask, rows, num_prefix).mean()
-                     for i in sing_ids), zero)
-    loss_ent = sum((float(ent_w[i]) * attention_entropy(*_qk_entry(features.qk, i), mask, rows, num_prefix).mean()
-                    for i in ent_ids), zero)
+    loss_sing, loss_ent = zero, zero  # each: the depth-weighted sum of the blocks' batch means, all blocks at once
+    if sing_ids:
+        per_block = singularity_losses([features.layers[i] for i in sing_ids], mask, rows, num_prefix)  # (L, B)
+        loss_sing = (per_block.mean(dim=1) * depth_weights(depth, num_sing, mask.device)[:num_sing]).sum()  # not @: autocast
+    if ent_ids:
+        per_block = attention_entropies([_qk_entry(features.qk, i) for i in ent_ids], mask, rows, num_prefix)
+        loss_ent = (per_block.mean(dim=1) * depth_weights(depth, num_ent, mask.device)[:num_ent]).sum()  # not @: autocast
     return features.tokens, {"loss_sing": loss_sing, "loss_ent": loss_ent}
 
 

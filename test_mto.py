@@ -348,6 +348,26 @@ def test_losses_with_a_fixed_number_of_masked_patches_skip_padding_and_agree_wit
         assert value[b].item() == pytest.approx(cos.amax(dim=1).mean().item(), abs=1e-5)
 
 
+def index_select_rows(x, index, dim):
+    """x's tokens at index (B, K) along dim, by autograd's index_select (batch dim first): _take's reference."""
+    B, T = x.shape[0], x.shape[dim]
+    rows = x.movedim(dim, 1)
+    flat = (index + T * torch.arange(B)[:, None]).flatten()
+    taken = rows.reshape(B * T, *rows.shape[2:]).index_select(0, flat)
+    return taken.view(B, index.shape[1], *rows.shape[2:]).movedim(1, dim)
+
+
+def test_take_of_several_tensors_equals_index_select_of_each():
+    g = torch.Generator().manual_seed(13)
+    qkvs = [torch.randn(2, 7, 3, 2, 4, generator=g).permute(2, 0, 3, 1, 4) for _ in range(3)]  # q: [0], (B, heads, T, D)
+    hiddens = [torch.randn(2, 7, 5, generator=g) for _ in range(3)]
+    index = torch.tensor([[0, 3, 6], [1, 2, 5]])
+    for xs, dim in (([qkv[0] for qkv in qkvs], 2), (hiddens, 1)):
+        taken = mto._take(xs, index, dim)
+        assert torch.equal(taken, torch.stack([index_select_rows(x, index, dim) for x in xs]))
+        assert torch.equal(mto._TakeRows.apply(index, dim, *xs), taken)
+
+
 def test_take_rows_gradient_is_a_fresh_contiguous_tensor_equal_to_index_select_backward():
     """_TakeRows (the rows the losses read from q, k and block outputs) hands back a contiguous tensor that is not a
     view, so autograd adds the other gradient of q / k / the block output into it in place; the values are those of
@@ -358,12 +378,12 @@ def test_take_rows_gradient_is_a_fresh_contiguous_tensor_equal_to_index_select_b
     hidden = torch.randn(2, 7, 5, generator=g, dtype=torch.float64, requires_grad=True) * 1
     index = torch.tensor([[0, 3, 6], [1, 2, 5]])
     for x, dim in ((q, 2), (hidden, 1)):
-        weight = torch.randn(mto._take(x, index, dim).shape, generator=g, dtype=torch.float64)
-        (got,) = torch.autograd.grad((mto._TakeRows.apply(x, index, dim) * weight).sum(), x)
-        (expected,) = torch.autograd.grad((mto._take(x, index, dim) * weight).sum(), x)
+        weight = torch.randn(index_select_rows(x, index, dim).shape, generator=g, dtype=torch.float64)
+        (got,) = torch.autograd.grad((mto._TakeRows.apply(index, dim, x)[0] * weight).sum(), x)
+        (expected,) = torch.autograd.grad((index_select_rows(x, index, dim) * weight).sum(), x)
         assert torch.equal(got, expected) and expected._is_view()
         assert got.is_contiguous() and not got._is_view() and got.untyped_storage().nbytes() == got.nbytes
-        assert torch.autograd.gradcheck(lambda t: mto._TakeRows.apply(t, index, dim), (x.detach().requires_grad_(),))
+        assert torch.autograd.gradcheck(lambda t: mto._TakeRows.apply(index, dim, t), (x.detach().requires_grad_(),))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside torch.compile
@@ -754,3 +774,41 @@ def test_attention_entropy_ignores_masked_keys_however_large_their_logits():
     large = bias.clone()
     large[:, :, 1:7] += 2e4  # every query's logit on keys of patches 0..5, masked in both images
     torch.testing.assert_close(mto.attention_entropy(q, k, large, mask), plain, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("group_elements", [1, 2 ** 25])  # one block per group; all blocks in one group
+def test_losses_of_several_blocks_equal_each_blocks_own_values_and_gradients(monkeypatch, group_elements):
+    """singularity_losses / attention_entropies (what mto_forward calls, a group of blocks at a time) give each
+    block's singularity_loss / attention_entropy, and the same gradients, whatever the grouping; a block without
+    a bias among blocks with one counts as a zero bias."""
+    monkeypatch.setattr(mto, "GROUP_ELEMENTS", group_elements)
+    g = torch.Generator().manual_seed(21)
+    B, N, C, H, D, L = 3, 9, 8, 2, 4, 3
+    mask = torch.rand(B, N, generator=g) < 0.5
+    mask[0, :] = False  # an image without a masked patch, and visible counts that differ: padded rows
+    hiddens = [torch.randn(B, 1 + N, C, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(L)]
+    qkv = [torch.randn(2, B, H, 1 + N, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(L)]
+    biases = [torch.randn(H, 1 + N, 1 + N, generator=g, dtype=torch.float64, requires_grad=True), None,
+              torch.randn(H, 1 + N, 1 + N, generator=g, dtype=torch.float64, requires_grad=True)]
+    weights = torch.randn(2, L, B, generator=g, dtype=torch.float64)
+    together = [mto.singularity_losses(hiddens, mask), mto.attention_entropies(
+        [(x[0], x[1], bias) for x, bias in zip(qkv, biases)], mask)]
+    each = [torch.stack([mto.singularity_loss(h, mask) for h in hiddens]), torch.stack(
+        [mto.attention_entropy(x[0], x[1], bias, mask) for x, bias in zip(qkv, biases)])]
+    inputs = [*hiddens, *qkv, biases[0], biases[2]]
+    for got, expected, weight in zip(together, each, weights):
+        assert got.shape == (L, B)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad((got * weight).sum(), inputs, allow_unused=True)
+        expected_grads = torch.autograd.grad((expected * weight).sum(), inputs, allow_unused=True)
+        for a, b in zip(grads, expected_grads):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_block_groups_bound_each_groups_elements():
+    assert mto._block_groups(12, 7_000_000) == [slice(0, 4), slice(4, 8), slice(8, 12)]  # ViT-B entropy, batch 64
+    assert mto._block_groups(24, 16 * 128 * 75 * 121) == [slice(i, i + 1) for i in range(24)]  # ViT-L, batch 128
+    assert mto._block_groups(5, 1) == [slice(0, 2 ** 25)]  # small blocks: all in one group
+    assert mto._block_groups(0, 10) == []
