@@ -21,6 +21,7 @@ the CUDA caching allocator does on a GPU, so that the step time counts the compu
     python bench_mto.py --malloc keep                # the same, freed memory kept for reuse (glibc)
     python bench_mto.py --teacher clip               # the whole step: the CLIP teacher's forward included
     python bench_mto.py --device cuda --amp bf16
+    python bench_mto.py --device cuda --amp bf16 --variants 0 1 --profile   # + the GPU's busy time, the top kernels
     git show e912467:mto.py > /tmp/mto_e912467.py && python bench_mto.py --variants 0 1 --compare_mto /tmp/mto_e912467.py
 """
 import argparse
@@ -121,6 +122,23 @@ def keep_freed_memory():
         raise SystemExit("--malloc keep needs glibc (Linux); run without it")
 
 
+def profile_step(name, step, cuda, top=8):
+    """One step under torch.profiler -> prints its wall time (the profiler's overhead included), on a GPU its kernels
+    and the GPU's busy time (their durations summed: where the host's launches, not the GPU, bound a step, the busy
+    time is well below the wall time), and the `top` ops by self GPU time (self CPU time on the CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        step()
+    wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = f", {len(kernels)} GPU kernels, GPU busy {sum(e.device_time for e in kernels) / 1e3:.1f} ms" if cuda else ""
+    print(f"profile of {name}: {1e3 * wall:.1f} ms wall{busy}", flush=True)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    for e in sorted(prof.key_averages(), key=lambda e: -getattr(e, key))[:top]:
+        print(f"    {e.key[:70]:70s} {e.count:6d} calls {getattr(e, key) / 1e3:9.2f} ms", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS))
@@ -137,6 +155,10 @@ def main(argv=None):
                         help="keep: glibc keeps freed memory for reuse (CPU; see above)")
     parser.add_argument("--teacher", default="none", choices=["none", "clip"],
                         help="clip: each step runs a CLIP ViT-B/16-sized teacher (random weights) on its images")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed steps, one more step of each variant under torch.profiler: on a GPU its "
+                             "kernel count and the GPU's busy time (the kernels' durations summed) against the step's "
+                             "wall time, and the ops that took the most GPU time (CPU time on the CPU)")
     parser.add_argument("--compare_mto", metavar="PATH",
                         help="also run MTO's defaults with another version of mto.py, interleaved with the rest")
     args = parser.parse_args(argv)
@@ -186,6 +208,9 @@ def main(argv=None):
                              for key, label in shown.items())
         memory = f"  step peak {max(peak[name]):.2f} GiB over the weights and moments" if cuda else ""
         print(f"{name}: {overhead}{memory}  [{', '.join(f'{t:.2f}' for t in wall[name])}]", flush=True)
+    if args.profile:
+        for name in names:
+            profile_step(name, steps[name], cuda)
     if not cuda:
         print(f"peak resident memory of the process (all variants): "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB", flush=True)

@@ -4,6 +4,7 @@ nothing."""
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -285,6 +286,22 @@ def test_bench_mto_defaults_and_the_peak_resident_memory_in_gib(monkeypatch, cap
     out = capsys.readouterr().out
     assert "peak resident memory of the process (all variants): 3.00 GiB" in out
     assert bench_mto.make_teacher(argparse.Namespace(teacher="none")) is None  # random targets, no CLIP teacher
+
+
+def test_bench_mto_profile_prints_each_variants_profiled_step_and_its_top_ops(capsys):
+    """--profile: after the timed steps, one step of each variant under torch.profiler, its wall time and the ops
+    with the most self time (on the CPU: CPU time), 8 at most, with their calls."""
+    bench_mto.main(["--model", "vit_tiny", "--img_size", "32", "--batch", "2", "--variants", "0", "1", "--steps", "1",
+                    "--warmup", "0", "--profile"])
+    out = capsys.readouterr().out.splitlines()
+    names = list(bench_mto.VARIANTS)[:2]
+    heads = [i for i, line in enumerate(out) if line.startswith("profile of ")]
+    assert len(heads) == 2 and all(re.fullmatch(rf"profile of {re.escape(name)}: \d+\.\d ms wall", out[i])
+                                   for i, name in zip(heads, names))
+    ops = out[heads[1] + 1:heads[1] + 9]
+    assert all(re.fullmatch(r"    \S.* +\d+ calls +\d+\.\d\d ms", line) for line in ops), ops
+    times = [float(line.split()[-2]) for line in ops]
+    assert times == sorted(times, reverse=True) and len(ops) == 8
 
 
 def test_bench_mto_compare_mto_names_a_missing_file(tmp_path):
