@@ -33,7 +33,8 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
                      kernels SDPA picks (named; the teacher's may be flash's or cuDNN's)
     compile          --compile: one graph shared by all blocks, finite losses, first-step loss equal to the eager run's
     bench_mto_whole_step  bench_mto's DTM and MTO's defaults with --teacher clip: MTO's overhead over the whole step
-    compile_mto_grad_checkpoint  as compile, with --grad_checkpoint and --mto (ViT-L's memory lever on a V100)
+    compile_mto_grad_checkpoint  as compile, with --grad_checkpoint and --mto (ViT-L's memory lever on a V100); on a GPU
+                     a second graph for the blocks recomputed on autograd's thread (thread count guard)
 """
 import time
 
@@ -573,20 +574,28 @@ COMPUTE_PARTS = ("teacher_s", "morph_s", "student_s", "optimizer_s")  # a logged
 def compiled_against_eager(device, quick, tmp, *flags):
     """Pre-training steps with `flags`, eager and with --compile: one graph shared by all blocks, finite losses, the
     first step's loss equal to the eager run's; the figures of both."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters, guard_failures
     tag = "".join(flags).replace("-", "_")
     eager = pretrain_run(os.path.join(tmp, f"eager{tag}"), device, quick, *flags)
     torch._dynamo.reset()
     counters.clear()
+    guard_failures.clear()
     compiled = pretrain_run(os.path.join(tmp, f"compiled{tag}"), device, quick, *flags, "--compile")
     graphs = counters["stats"]["unique_graphs"]
     details = {"graphs": graphs, "first_loss": {"eager": eager[0]["loss"], "compiled": compiled[0]["loss"]},
+               # why a block was compiled again (a guard that failed), if it was
+               "recompiles": [reason.splitlines()[0] for reasons in guard_failures.values() for reason in reasons],
                # the last step's time but data loading: two workers may not keep up with a GPU, so img_per_s (kept
                # too) can measure the loader rather than the compiled blocks
                "compute_s_last": {run: sum(lines[-1][k] for k in COMPUTE_PARTS)
                                   for run, lines in (("eager", eager), ("compiled", compiled))},
                "img_per_s_last": {"eager": eager[-1]["img_per_s"], "compiled": compiled[-1]["img_per_s"]}}
-    assert graphs == 1, f"{graphs} graphs for the blocks (expected one, shared by all blocks): {details}"
+    # the blocks that --grad_checkpoint recomputes in the backward run on autograd's GPU thread, whose intra-op thread
+    # count differs from the main thread's: dynamo guards on it and compiles them once more there (seen on an H200,
+    # torch 2.11: "GLOBAL_STATE changed: num_threads"; setting the count with torch.set_num_threads did not avoid it)
+    backward_thread = "--grad_checkpoint" in flags and device.startswith("cuda")
+    expected = 1 + (backward_thread and graphs == 2 and all("num_threads" in r for r in details["recompiles"]))
+    assert graphs == expected, f"{graphs} graphs for the blocks (expected one, shared by all blocks): {details}"
     assert all(math.isfinite(r["loss"]) for r in compiled), details
     assert abs(compiled[0]["loss"] / eager[0]["loss"] - 1) < 3e-2, details
     return details
