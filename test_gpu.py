@@ -24,7 +24,7 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
                      a library's failed allocation, is a figure; a configuration that cannot start 30 s before the
                      budget's end is skipped and named)
     bench_morph      python bench_morph.py --device cuda
-    bench_mto        python bench_mto.py --device cuda --amp bf16 (fp16 without native bf16)
+    bench_mto        python bench_mto.py --device cuda --amp bf16 --profile (fp16 without native bf16)
     sdpa             ViT-B attention with the relative position bias, without and with MTO's recalibration mask, in
                      bf16 (native only) and fp16, equal to the math kernel: in training (forward and backward; the
                      relative position tables get their gradient only through SDPA's bias gradient) in the kernel SDPA
@@ -63,6 +63,7 @@ import warnings
 import pytest
 import torch
 
+import bench_mto
 import dtm
 import engine
 import morph
@@ -478,8 +479,8 @@ def bench_mto_command(device, quick):
             *(quick_flags if quick else ["--steps", "10", "--warmup", "2"])]
 
 
-def check_bench_mto(device, quick, tmp):
-    return run_bench(bench_mto_command(device, quick))
+def check_bench_mto(device, quick, tmp):  # --profile: the GPU's busy time and top kernels of each variant's step
+    return run_bench([*bench_mto_command(device, quick), "--profile"])
 
 
 def with_sdpa_kernels(fn):
@@ -696,6 +697,9 @@ def test_report_dry_run_on_cpu(tmp_path):
     teacher = sdpa["fp32_clip_teacher_no_mask"]
     assert teacher["kernels"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]
     assert teacher["max_rel_error_vs_math"]["picked"]["tokens"] < 1e-5
+    profiles = [line for line in report["checks"]["bench_mto"]["output"] if line.startswith("profile of ")]
+    assert [line.split(": ")[0] for line in profiles] == [f"profile of {name.split(':')[0]}" for name in
+                                                         bench_mto.VARIANTS], profiles
     whole_step = report["checks"]["bench_mto_whole_step"]
     assert "teacher=clip" in whole_step["output"][0] and whole_step["output"][-2].startswith("dtm + mto (defaults")
 
