@@ -143,7 +143,7 @@ def recalibration_mask(mask, num_prefix: int = NUM_PREFIX):
 
 def depth_weights(depth: int, num_layers: int, device=None) -> torch.Tensor:
     """(depth,) float: w_l proportional to depth - l for the first num_layers blocks, 0 after; sums to 1. Made on
-    `device` (a copy from the host to a GPU would wait for the GPU's queue: the step's one sync is in patch_rows)."""
+    `device` (a copy from the host to a GPU would wait for the GPU's queue: MTO's one host sync is patch_rows')."""
     if not 0 <= num_layers <= depth:
         raise ValueError(f"number of MTO loss layers must be in 0..{depth} (the ViT's depth), got {num_layers}")
     w = torch.arange(depth, 0, -1, dtype=torch.float32, device=device)  # D, D-1, ..., 1
@@ -200,8 +200,8 @@ def _refuse_create_graph():
 
 class _TakeRows(torch.autograd.Function):
     """_take of the same rows from each of L tensors of one shape -> (L, *taken shape), written into one buffer: the
-    losses below read the rows of every block at once (a few large ops per step instead of a few dozen small ones per
-    block: on a fast GPU the step is bound by the host's launches, not by the arithmetic). The backward writes each
+    losses below read the rows of a group of blocks at once (a few large ops per group instead of a few dozen small
+    ones per block: on a fast GPU small ops wait on the host's launches, not on the arithmetic). The backward writes each
     tensor's rows' gradient into zeros of its shape: a fresh contiguous tensor, into which autograd adds the tensor's
     other gradient (SDPA's for q and k, the next block's for a block output) in place. index_select's own backward
     hands back a view, which autograd cannot add into: one more full-size tensor per block and per input."""
@@ -250,8 +250,8 @@ GROUP_ELEMENTS = 2 ** 25  # blocks computed together: at most this many elements
 def _block_groups(count: int, elements_per_block: int):
     """Consecutive groups of `count` blocks whose largest intermediate holds at most GROUP_ELEMENTS elements (at least
     one block per group): few launches per step (on a fast GPU a step of small ops is bound by the host's launches),
-    and memory for a few blocks' intermediates at a time, not all of them (24 blocks of ViT-L at once took 8 GiB more
-    at batch 128)."""
+    and memory for a few blocks' intermediates at a time, not all of them (ViT-L's 24 blocks at once took 8.5 GiB more
+    at batch 128 with --grad_checkpoint on an H200)."""
     size = max(1, GROUP_ELEMENTS // max(elements_per_block, 1))
     return [slice(start, start + size) for start in range(0, count, size)]
 
@@ -261,9 +261,11 @@ def singularity_losses(hiddens, mask, rows: Rows = None, num_prefix: int = NUM_P
     _check_mask(mask)
     for hidden in hiddens:
         _check_tokens(hidden, mask, num_prefix)
+    if not hiddens:
+        return mask.new_zeros((0, mask.shape[0]), dtype=torch.float32)
     rows = patch_rows(mask) if rows is None else rows
-    B, _, C = hiddens[0].shape
-    groups = _block_groups(len(hiddens), B * max(rows.masked.shape[1], rows.visible.shape[1]) * C)
+    (B, _, C), M, V = hiddens[0].shape, rows.masked.shape[1], rows.visible.shape[1]
+    groups = _block_groups(len(hiddens), B * max(M * C, V * C, M * V))  # rows, keys, similarities of one block
     with torch.autocast(hiddens[0].device.type, enabled=False):  # float32 matmuls, whatever the autocast dtype
         return torch.cat([_singularity_losses(hiddens[group], mask, rows, num_prefix) for group in groups])
 
@@ -342,9 +344,11 @@ def attention_entropies(qks, mask, rows: Rows = None, num_prefix: int = NUM_PREF
     _check_mask(mask)
     for q, k, bias in qks:
         _check_qk(q, k, bias, mask, num_prefix)
+    if not qks:
+        return mask.new_zeros((0, mask.shape[0]), dtype=torch.float32)
     rows = patch_rows(mask) if rows is None else rows
-    B, H = qks[0][0].shape[:2]
-    groups = _block_groups(len(qks), B * H * rows.masked.shape[1] * rows.visible.shape[1])  # the logits' elements
+    (B, H, _, D), M, V = qks[0][0].shape, rows.masked.shape[1], rows.visible.shape[1]
+    groups = _block_groups(len(qks), B * H * max(M * V, M * D, V * D))  # logits, q rows, k rows of one block
     with torch.autocast(qks[0][0].device.type, enabled=False):  # float32 matmuls, whatever the autocast dtype
         return torch.cat([_attention_entropies(qks[group], mask, rows, num_prefix) for group in groups])
 
@@ -429,7 +433,7 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
     features = vit.forward_features(images, mask, attn_mask, return_layers=sing_ids, return_qk=ent_ids)
 
     zero = features.tokens.new_zeros((), dtype=torch.float32)
-    loss_sing, loss_ent = zero, zero  # each: the depth-weighted sum of the blocks' batch means, all blocks at once
+    loss_sing, loss_ent = zero, zero  # each: the depth-weighted sum of the blocks' batch means
     if sing_ids:
         per_block = singularity_losses([features.layers[i] for i in sing_ids], mask, rows, num_prefix)  # (L, B)
         loss_sing = (per_block.mean(dim=1) * depth_weights(depth, num_sing, mask.device)[:num_sing]).sum()  # not @: autocast

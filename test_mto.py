@@ -776,12 +776,17 @@ def test_attention_entropy_ignores_masked_keys_however_large_their_logits():
     torch.testing.assert_close(mto.attention_entropy(q, k, large, mask), plain, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("group_elements", [1, 2 ** 25])  # one block per group; all blocks in one group
-def test_losses_of_several_blocks_equal_each_blocks_own_values_and_gradients(monkeypatch, group_elements):
+def groups_of(size):
+    """A stand-in for mto._block_groups: groups of `size` blocks (the last one smaller)."""
+    return lambda count, elements: [slice(start, start + size) for start in range(0, count, size)]
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 3])  # one block per group; 2 + 1; all blocks in one group
+def test_losses_of_several_blocks_equal_each_blocks_own_values_and_gradients(monkeypatch, group_size):
     """singularity_losses / attention_entropies (what mto_forward calls, a group of blocks at a time) give each
     block's singularity_loss / attention_entropy, and the same gradients, whatever the grouping; a block without
     a bias among blocks with one counts as a zero bias."""
-    monkeypatch.setattr(mto, "GROUP_ELEMENTS", group_elements)
+    monkeypatch.setattr(mto, "_block_groups", groups_of(group_size))
     g = torch.Generator().manual_seed(21)
     B, N, C, H, D, L = 3, 9, 8, 2, 4, 3
     mask = torch.rand(B, N, generator=g) < 0.5
@@ -805,6 +810,54 @@ def test_losses_of_several_blocks_equal_each_blocks_own_values_and_gradients(mon
             assert (a is None) == (b is None)
             if a is not None:
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_mto_forward_in_groups_of_blocks_equals_block_by_block_under_bf16_autocast(monkeypatch):
+    """mto_forward's losses and gradients are the same whether the blocks' losses are computed one block at a time
+    or in groups (here 3 + 1 of a depth-4 ViT), under autocast too (the losses in float32)."""
+    torch.manual_seed(0)
+    vit = dtm.build_vit("vit_tiny", img_size=32, rel_pos_bias="both")
+    images = torch.randn(3, 3, 32, 32)
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[0, :2], mask[1, 1:], mask[2, 3] = True, True, True  # 2, 3 and 1 masked patches: padded rows
+    cfg = mto.MTOConfig()
+    results = []
+    for size in (1, 3):
+        monkeypatch.setattr(mto, "_block_groups", groups_of(size))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens, losses = mto.mto_forward(vit, images, mask, cfg)
+            total = mto.mto_total_loss(losses, cfg)
+        assert all(loss.dtype == torch.float32 for loss in losses.values())
+        results.append((losses, torch.autograd.grad(total, [p for p in vit.parameters() if p.requires_grad],
+                                                    allow_unused=True)))
+    (one, grads_one), (groups, grads_groups) = results
+    for name in ("loss_sing", "loss_ent"):
+        torch.testing.assert_close(groups[name], one[name], rtol=1e-6, atol=0)
+    for a, b in zip(grads_groups, grads_one):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_the_losses_group_blocks_by_their_largest_intermediate(monkeypatch):
+    """The elements per block that each loss hands _block_groups: the singularity loss's largest of masked rows (B, M,
+    C), visible keys (B, V, C) and similarities (B, M, V); the entropy's largest of logits (B, heads, M, V) and q, k
+    rows (B, heads, M or V, head_dim). No blocks: (0, B)."""
+    seen = []
+    monkeypatch.setattr(mto, "_block_groups", lambda count, elements: seen.append((count, elements)) or
+                        [slice(0, count)])
+    B, N, H, D = 2, 16, 3, 4
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask[:, :5] = True  # M = 5, V = 11
+    for C in (4, 32):  # C below M and V: the similarities (B, M, V) are the largest
+        mto.singularity_losses([torch.randn(B, 1 + N, C)] * 2, mask)
+    mto.attention_entropies([(torch.randn(B, H, 1 + N, D), torch.randn(B, H, 1 + N, D), None)] * 3, mask)
+    mask[:, :] = False
+    mask[:, 0] = True  # M = 1: the k rows (B, heads, V, head_dim) are the largest
+    mto.attention_entropies([(torch.randn(B, H, 1 + N, D), torch.randn(B, H, 1 + N, D), None)], mask)
+    assert seen == [(2, B * 5 * 11), (2, B * 11 * 32), (3, B * H * 5 * 11), (1, B * H * 15 * D)]
+    for empty in (mto.singularity_losses([], mask), mto.attention_entropies([], mask)):
+        assert empty.shape == (0, B) and empty.dtype == torch.float32
 
 
 def test_block_groups_bound_each_groups_elements():
