@@ -123,14 +123,15 @@ def keep_freed_memory():
 
 
 def profile_step(name, step, cuda, top=8):
-    """One step under torch.profiler -> prints its wall time (the profiler's overhead included), on a GPU its kernels
-    and the GPU's busy time (their durations summed: where the host's launches, not the GPU, bound a step, the busy
-    time is well below the wall time), and the `top` ops by self GPU time (self CPU time on the CPU)."""
+    """One step under torch.profiler -> prints its wall time (timed inside the profiler, whose recording slows the
+    host: compare it with the unprofiled medians above), on a GPU its kernels and the GPU's busy time (their durations
+    summed: where the host's launches, not the GPU, bound a step, the busy time is well below the wall time), and
+    the `top` ops by self GPU time (self CPU time on the CPU)."""
     from torch.profiler import ProfilerActivity, profile
-    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
-        step()
-    wall = time.perf_counter() - start
+        start = time.perf_counter()
+        step()  # ends with a synchronize on a GPU
+        wall = time.perf_counter() - start
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = f", {len(kernels)} GPU kernels, GPU busy {sum(e.device_time for e in kernels) / 1e3:.1f} ms" if cuda else ""
     print(f"profile of {name}: {1e3 * wall:.1f} ms wall{busy}", flush=True)
