@@ -201,10 +201,10 @@ def _refuse_create_graph():
 class _TakeRows(torch.autograd.Function):
     """_take of the same rows from each of L tensors of one shape -> (L, *taken shape), written into one buffer: the
     losses below read the rows of a group of blocks at once (a few large ops per group instead of a few dozen small
-    ones per block: on a fast GPU small ops wait on the host's launches, not on the arithmetic). The backward writes each
-    tensor's rows' gradient into zeros of its shape: a fresh contiguous tensor, into which autograd adds the tensor's
-    other gradient (SDPA's for q and k, the next block's for a block output) in place. index_select's own backward
-    hands back a view, which autograd cannot add into: one more full-size tensor per block and per input."""
+    ones per block: on a fast GPU small ops wait on the host's launches, not on the arithmetic). The backward writes
+    each tensor's rows' gradient into zeros of its shape: a fresh contiguous tensor, into which autograd adds the
+    tensor's other gradient (SDPA's for q and k, the next block's for a block output) in place. index_select's own
+    backward hands back a view, which autograd cannot add into: one more full-size tensor per block and per input."""
 
     @staticmethod
     def forward(ctx, index, dim, *xs):
@@ -220,7 +220,7 @@ class _TakeRows(torch.autograd.Function):
         grads = []
         for grad_rows in grad.unbind(0):
             grad_x = grad.new_zeros(ctx.shape)
-            grad_x.movedim(ctx.dim, 1)[batch, index] = grad_rows.movedim(ctx.dim, 1)  # the (b, index) pairs are distinct
+            grad_x.movedim(ctx.dim, 1)[batch, index] = grad_rows.movedim(ctx.dim, 1)  # distinct (b, index) pairs
             grads.append(grad_x)
         return None, None, *grads
 
@@ -436,10 +436,11 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
     loss_sing, loss_ent = zero, zero  # each: the depth-weighted sum of the blocks' batch means
     if sing_ids:
         per_block = singularity_losses([features.layers[i] for i in sing_ids], mask, rows, num_prefix)  # (L, B)
-        loss_sing = (per_block.mean(dim=1) * depth_weights(depth, num_sing, mask.device)[:num_sing]).sum()  # not @: autocast
+        # a product and a sum, not @, which autocast would run in bf16 / fp16
+        loss_sing = (per_block.mean(dim=1) * depth_weights(depth, num_sing, mask.device)[:num_sing]).sum()
     if ent_ids:
         per_block = attention_entropies([_qk_entry(features.qk, i) for i in ent_ids], mask, rows, num_prefix)
-        loss_ent = (per_block.mean(dim=1) * depth_weights(depth, num_ent, mask.device)[:num_ent]).sum()  # not @: autocast
+        loss_ent = (per_block.mean(dim=1) * depth_weights(depth, num_ent, mask.device)[:num_ent]).sum()
     return features.tokens, {"loss_sing": loss_sing, "loss_ent": loss_ent}
 
 

@@ -359,7 +359,7 @@ def index_select_rows(x, index, dim):
 
 def test_take_of_several_tensors_equals_index_select_of_each():
     g = torch.Generator().manual_seed(13)
-    qkvs = [torch.randn(2, 7, 3, 2, 4, generator=g).permute(2, 0, 3, 1, 4) for _ in range(3)]  # q: [0], (B, heads, T, D)
+    qkvs = [torch.randn(2, 7, 3, 2, 4, generator=g).permute(2, 0, 3, 1, 4) for _ in range(3)]  # [0]: q (B, heads, T, D)
     hiddens = [torch.randn(2, 7, 5, generator=g) for _ in range(3)]
     index = torch.tensor([[0, 3, 6], [1, 2, 5]])
     for xs, dim in (([qkv[0] for qkv in qkvs], 2), (hiddens, 1)):
