@@ -122,11 +122,12 @@ def keep_freed_memory():
         raise SystemExit("--malloc keep needs glibc (Linux); run without it")
 
 
-def profile_step(name, step, cuda, top=8):
+def profile_step(name, step, cuda, top=8, reference=None):
     """One step under torch.profiler -> prints its wall time (timed inside the profiler, whose recording slows the
     host: compare it with the unprofiled medians above), on a GPU its kernels and the GPU's busy time (their durations
     summed: where the host's launches, not the GPU, bound a step, the busy time is well below the wall time), and
-    the `top` ops by self GPU time (self CPU time on the CPU)."""
+    the `top` ops by self GPU time (self CPU time on the CPU); with `reference` (what this returned for another
+    variant), also the `top` ops whose time grew most over it. Returns {op or kernel: (calls, ms)}."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         start = time.perf_counter()
@@ -136,8 +137,16 @@ def profile_step(name, step, cuda, top=8):
     busy = f", {len(kernels)} GPU kernels, GPU busy {sum(e.device_time for e in kernels) / 1e3:.1f} ms" if cuda else ""
     print(f"profile of {name}: {1e3 * wall:.1f} ms wall{busy}", flush=True)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    for e in sorted(prof.key_averages(), key=lambda e: -getattr(e, key))[:top]:
-        print(f"    {e.key[:70]:70s} {e.count:6d} calls {getattr(e, key) / 1e3:9.2f} ms", flush=True)
+    times = {e.key: (e.count, getattr(e, key) / 1e3) for e in prof.key_averages()}
+    for op, (calls, ms) in sorted(times.items(), key=lambda item: -item[1][1])[:top]:
+        print(f"    {op[:70]:70s} {calls:6d} calls {ms:9.2f} ms", flush=True)
+    if reference is not None:
+        print("  grew most over the first variant (calls, ms):", flush=True)
+        grown = {op: (calls - reference.get(op, (0, 0.0))[0], ms - reference.get(op, (0, 0.0))[1])
+                 for op, (calls, ms) in times.items()}
+        for op, (calls, ms) in sorted(grown.items(), key=lambda item: -item[1][1])[:top]:
+            print(f"    {op[:70]:70s} {calls:+6d} calls {ms:+9.2f} ms", flush=True)
+    return times
 
 
 def main(argv=None):
@@ -159,7 +168,8 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="after the timed steps, one more step of each variant under torch.profiler: on a GPU its "
                              "kernel count and the GPU's busy time (the kernels' durations summed) against the step's "
-                             "wall time, and the ops that took the most GPU time (CPU time on the CPU)")
+                             "wall time, the ops that took the most GPU time (CPU time on the CPU), and those whose "
+                             "time grew most over the first variant's")
     parser.add_argument("--compare_mto", metavar="PATH",
                         help="also run MTO's defaults with another version of mto.py, interleaved with the rest")
     args = parser.parse_args(argv)
@@ -210,8 +220,9 @@ def main(argv=None):
         memory = f"  step peak {max(peak[name]):.2f} GiB over the weights and moments" if cuda else ""
         print(f"{name}: {overhead}{memory}  [{', '.join(f'{t:.2f}' for t in wall[name])}]", flush=True)
     if args.profile:
-        for name in names:
-            profile_step(name, steps[name], cuda)
+        first = profile_step(names[0], steps[names[0]], cuda)
+        for name in names[1:]:
+            profile_step(name, steps[name], cuda, reference=first)
     if not cuda:
         print(f"peak resident memory of the process (all variants): "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB", flush=True)

@@ -302,6 +302,43 @@ def test_bench_mto_profile_prints_each_variants_profiled_step_and_its_top_ops(ca
     assert all(re.fullmatch(r"    \S.* +\d+ calls +\d+\.\d\d ms", line) for line in ops), ops
     times = [float(line.split()[-2]) for line in ops]
     assert times == sorted(times, reverse=True) and len(ops) == 8
+    assert "grew most over the first variant" not in "\n".join(out[heads[0]:heads[1]])  # the first: nothing to compare
+    assert out[heads[1] + 9] == "  grew most over the first variant (calls, ms):"
+    grown = out[heads[1] + 10:heads[1] + 18]
+    assert all(re.fullmatch(r"    \S.* +[+-]\d+ calls +[+-]\d+\.\d\d ms", line) for line in grown), grown
+    increases = [float(line.split()[-2]) for line in grown]
+    assert increases == sorted(increases, reverse=True)
+
+
+def test_bench_mto_profile_step_reports_the_growth_over_the_reference(capsys, monkeypatch):
+    """The ops whose time grew most: this variant's calls and time less the reference's, an op the reference did not
+    run counted from zero."""
+    class FakeProfile:
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return []
+
+        def key_averages(self):
+            return [argparse.Namespace(key=k, count=c, self_cpu_time_total=us) for k, c, us in
+                    (("aten::mm", 10, 5000.0), ("aten::softmax", 4, 3000.0), ("aten::add", 2, 1000.0))]
+
+    monkeypatch.setattr("torch.profiler.profile", FakeProfile)
+    reference = {"aten::mm": (10, 4.0), "aten::add": (3, 1.5)}
+    times = bench_mto.profile_step("v", lambda: None, cuda=False, top=3, reference=reference)
+    assert times == {"aten::mm": (10, 5.0), "aten::softmax": (4, 3.0), "aten::add": (2, 1.0)}
+    out = capsys.readouterr().out.splitlines()
+    grown = out[out.index("  grew most over the first variant (calls, ms):") + 1:]
+    assert [line.split() for line in grown] == [["aten::softmax", "+4", "calls", "+3.00", "ms"],
+                                                 ["aten::mm", "+0", "calls", "+1.00", "ms"],
+                                                 ["aten::add", "-1", "calls", "-0.50", "ms"]]
 
 
 def test_bench_mto_compare_mto_names_a_missing_file(tmp_path):
