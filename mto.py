@@ -239,8 +239,6 @@ def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREF
     its masked patches i of max over its visible patches j of cos(h_i, h_j); gradient only through the masked side.
     Computed on the masked rows and visible columns only: (B, M, V), 75 x 121 for ViT-B's 196 patches.
     """
-    _check_mask(mask)
-    _check_tokens(hidden, mask, num_prefix)
     return singularity_losses([hidden], mask, rows, num_prefix)[0]
 
 
@@ -333,8 +331,6 @@ def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM
     entropy is divided by log(#visible), averaged over heads and over the image's masked queries. Images with no
     masked patch or fewer than 2 visible patches give 0.
     """
-    _check_mask(mask)
-    _check_qk(q, k, bias, mask, num_prefix)
     return attention_entropies([(q, k, bias)], mask, rows, num_prefix)[0]
 
 
@@ -403,6 +399,13 @@ def _qk_entry(qk, i: int):
     return entry
 
 
+def _depth_weighted(per_block, depth: int):
+    """(L, B) per-image losses of the first L blocks -> the depth-weighted sum of their batch means (a product and a
+    sum, not @, which autocast would run in bf16 / fp16)."""
+    L = per_block.shape[0]
+    return (per_block.mean(dim=1) * depth_weights(depth, L, per_block.device)[:L]).sum()
+
+
 def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX):
     """forward_features with MTO -> (tokens (B, num_prefix + N, C), {"loss_sing": scalar, "loss_ent": scalar}).
 
@@ -420,8 +423,8 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
     layers = _num_layers(cfg.layers, depth, "MTOConfig.layers")
     sing_layers = _num_layers(cfg.sing_layers, depth, "MTOConfig.sing_layers")
     ent_layers = _num_layers(cfg.ent_layers, depth, "MTOConfig.ent_layers")
-    num_sing, num_ent = (sing_layers if cfg.lambda_sing else 0), (ent_layers if cfg.lambda_ent else 0)
-    sing_ids, ent_ids = list(range(num_sing)), list(range(num_ent))  # the blocks whose depth weight is not 0
+    sing_ids = list(range(sing_layers if cfg.lambda_sing else 0))  # the blocks whose depth weight is not 0
+    ent_ids = list(range(ent_layers if cfg.lambda_ent else 0))
 
     allowed = None
     if layers:  # one additive float mask for all blocks: -inf where a query may not attend
@@ -433,14 +436,10 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
     features = vit.forward_features(images, mask, attn_mask, return_layers=sing_ids, return_qk=ent_ids)
 
     zero = features.tokens.new_zeros((), dtype=torch.float32)
-    loss_sing, loss_ent = zero, zero  # each: the depth-weighted sum of the blocks' batch means
-    if sing_ids:
-        per_block = singularity_losses([features.layers[i] for i in sing_ids], mask, rows, num_prefix)  # (L, B)
-        # a product and a sum, not @, which autocast would run in bf16 / fp16
-        loss_sing = (per_block.mean(dim=1) * depth_weights(depth, num_sing, mask.device)[:num_sing]).sum()
-    if ent_ids:
-        per_block = attention_entropies([_qk_entry(features.qk, i) for i in ent_ids], mask, rows, num_prefix)
-        loss_ent = (per_block.mean(dim=1) * depth_weights(depth, num_ent, mask.device)[:num_ent]).sum()
+    loss_sing = _depth_weighted(singularity_losses([features.layers[i] for i in sing_ids], mask, rows, num_prefix),
+                                depth) if sing_ids else zero
+    loss_ent = _depth_weighted(attention_entropies([_qk_entry(features.qk, i) for i in ent_ids], mask, rows,
+                                                   num_prefix), depth) if ent_ids else zero
     return features.tokens, {"loss_sing": loss_sing, "loss_ent": loss_ent}
 
 
