@@ -99,7 +99,6 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 NUM_PREFIX = 1  # tokens before the patches (CLS) in the ViTs of this repo
 
@@ -268,42 +267,66 @@ def singularity_losses(hiddens, mask, rows: Rows = None, num_prefix: int = NUM_P
         return torch.cat([_singularity_losses(hiddens[group], mask, rows, num_prefix) for group in groups])
 
 
+class _Cosine(torch.autograd.Function):
+    """cos(x, k) over the last dim of rows x (..., C) and keys k (..., C) of norms k_norm (...), the keys constant:
+    the gradient, x's only, is written by hand, d cos / dx = (k / |k| - cos x / |x|) / |x|, a few passes over x
+    instead of autograd through the dot product, the norm and the division. |x| is clamped to 1e-12 or more."""
+
+    @staticmethod
+    def forward(ctx, x, k, k_norm):
+        x_norm = x.norm(dim=-1).clamp(min=1e-12)
+        cos = torch.linalg.vecdot(x, k) / (x_norm * k_norm)
+        ctx.save_for_backward(x, k, x_norm, k_norm, cos)
+        return cos
+
+    @staticmethod
+    def backward(ctx, grad):
+        _refuse_create_graph()
+        x, k, x_norm, k_norm, cos = ctx.saved_tensors
+        along_k = grad / (x_norm * k_norm)
+        along_x = torch.where(x_norm > 1e-12, grad * cos / x_norm.square(), 0)  # a clamped |x| is a constant
+        return torch.addcmul(k * along_k[..., None], x, along_x[..., None], value=-1), None, None
+
+
 def _singularity_losses(hiddens, mask, rows: Rows, num_prefix: int):
     dtype = torch.promote_types(hiddens[0].dtype, torch.float32)  # float32, float64 for float64 input
     x_masked = _TakeRows.apply(rows.masked + num_prefix, 1, *hiddens).to(dtype)  # (L, B, M, C)
     with torch.no_grad():  # which visible patch is nearest; the cosine to it is recomputed below with the gradient
-        keys = F.normalize(_take(hiddens, rows.visible + num_prefix, 1).to(dtype), dim=-1)  # (L, B, V, C)
-        dots = x_masked @ keys.transpose(-2, -1)  # (L, B, M, V); cos = dot / |h_i|, and |h_i| is the same in a row
+        keys = _take(hiddens, rows.visible + num_prefix, 1).to(dtype)  # (L, B, V, C)
+        key_norms = keys.norm(dim=-1).clamp(min=1e-12)  # (L, B, V)
+        dots = (x_masked @ keys.transpose(-2, -1)).div_(key_norms[:, :, None, :])  # (L, B, M, V): cos * |h_i|
         if rows.visible_padded:
             dots.masked_fill_(~rows.visible_valid[:, None, :], float("-inf"))
         nearest = dots.argmax(dim=-1)  # (L, B, M)
         nearest_key = keys.gather(2, nearest[..., None].expand(*nearest.shape, keys.shape[-1]))  # (L, B, M, C)
-    # max_j cos(h_i, h_j) = <h_i, k_nearest> / |h_i|: the max's value and gradient (amax would split it at exact ties)
-    cos = torch.linalg.vecdot(x_masked, nearest_key) / x_masked.norm(dim=-1).clamp(min=1e-12)  # (L, B, M)
+        nearest_norm = key_norms.gather(2, nearest)  # (L, B, M)
+    # max_j cos(h_i, h_j) = cos(h_i, h_nearest): the max's value and gradient (amax would split it at exact ties)
+    cos = _Cosine.apply(x_masked, nearest_key, nearest_norm)  # (L, B, M)
     counted = rows.masked_valid & rows.visible_valid[:, :1]  # masked patches of images that have a visible patch
     return torch.where(counted, cos, torch.zeros_like(cos)).sum(dim=-1) / mask.sum(dim=1).clamp(min=1)  # (L, B)
 
 
 class _SoftmaxEntropy(torch.autograd.Function):
-    """H(z) = entropy of softmax(z) over the last dim = logsumexp(z) - sum_j p_j z_j, with the gradient
-    dH/dz_j = -p_j (z_j - sum_k p_k z_k): a few passes over z instead of autograd through softmax, log and sum.
-    Both are the same for z shifted by a constant per row, so z is shifted to a row maximum of 0 first (else the
-    difference of two large numbers loses the entropy: logits of 1e3 gave -9e-6). Only the shifted z is kept for the
-    backward (p is recomputed there): one (B, heads, M, V) tensor per block, not two."""
+    """H(z) = entropy of softmax(z) over the last dim = log(sum_j e_j) - sum_j p_j z_j, e_j = exp(z_j), p_j = e_j /
+    sum_k e_k, with the gradient dH/dz_j = -p_j (z_j - sum_k p_k z_k): a few passes over z instead of autograd
+    through softmax, log and sum. Both are the same for z shifted by a constant per row, so z is shifted to a row
+    maximum of 0 first (else the difference of two large numbers loses the entropy: logits of 1e3 gave -9e-6; and
+    sum_j e_j >= 1). Only the shifted z and two numbers per row are kept for the backward (p is recomputed there)."""
 
     @staticmethod
     def forward(ctx, z):
         z = z - z.amax(dim=-1, keepdim=True)
-        p = z.softmax(dim=-1)
-        expected = torch.linalg.vecdot(p, z)
-        ctx.save_for_backward(z, expected)
-        return z.logsumexp(dim=-1) - expected
+        e = z.exp()
+        total = e.sum(dim=-1)
+        expected = e.mul_(z).sum(dim=-1) / total  # sum_j p_j z_j
+        ctx.save_for_backward(z, total, expected)
+        return total.log() - expected
 
     @staticmethod
     def backward(ctx, grad):
         _refuse_create_graph()
-        z, expected = ctx.saved_tensors
-        return (z - expected[..., None]).mul_(z.softmax(dim=-1)).mul_(-grad[..., None])
+        z, total, expected = ctx.saved_tensors
+        return (z - expected[..., None]).mul_(z.exp()).mul_((-grad / total)[..., None])
 
 
 def _check_qk(q, k, bias, mask, num_prefix):
@@ -351,30 +374,45 @@ def attention_entropies(qks, mask, rows: Rows = None, num_prefix: int = NUM_PREF
 
 def _attention_entropies(qks, mask, rows: Rows, num_prefix: int):
     dtype = torch.promote_types(qks[0][0].dtype, torch.float32)  # float32, float64 for float64 input
-    entropy = _SoftmaxEntropy.apply(_visible_logits(qks, rows, num_prefix, dtype)).mean(dim=2)  # (L, B, M): heads
+    entropy = _SoftmaxEntropy.apply(_visible_logits(qks, rows, num_prefix, dtype)).mean(dim=1)  # (L, B, M): heads
     num_visible = rows.visible_valid.sum(dim=1)  # (B,)
     counted = rows.masked_valid & (num_visible >= 2)[:, None]  # masked queries of images with >= 2 visible patches
     entropy = entropy / num_visible.to(dtype).clamp(min=2).log()[:, None] * counted
     return entropy.sum(dim=-1) / mask.sum(dim=1).clamp(min=1)  # (L, B)
 
 
+def _contiguous(x, dtype):
+    """x as a contiguous tensor of `dtype`, in one copy (x.to(dtype, memory_format=torch.contiguous_format) hands a
+    transposed x back as it is; .to(dtype).contiguous() copies twice)."""
+    return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
+
+
 def _visible_logits(qks, rows: Rows, num_prefix: int, dtype):
-    """The L blocks' attention logits of the masked queries against the visible keys -> (L, B, heads, M, V)."""
+    """The L blocks' attention logits of the masked queries against the visible keys -> (L, heads, B, M, V).
+
+    Heads before images: the relative position bias at each (masked query, visible key) pair, gathered from the
+    (L, heads, T * T) tables, comes out in that order, and one baddbmm computes bias + scale * q k^T.
+    """
     B, H, T, D = qks[0][0].shape
     queries, keys = rows.masked + num_prefix, rows.visible + num_prefix  # (B, M), (B, V) token indices
-    q_rows = _TakeRows.apply(queries, 2, *(q for q, _, _ in qks)).to(dtype)  # (L, B, H, M, D)
-    k_rows = _TakeRows.apply(keys, 2, *(k for _, k, _ in qks)).to(dtype)  # (L, B, H, V, D)
-    logits = (q_rows @ k_rows.transpose(-2, -1)).mul_(D ** -0.5)  # (L, B, H, M, V)
+    L, M, V = len(qks), queries.shape[1], keys.shape[1]
+    # (L * heads * B, M or V, head_dim)
+    q_rows, k_rows = (_contiguous(_TakeRows.apply(index, 2, *xs).transpose(1, 2), dtype).view(L * H * B, -1, D)
+                      for index, xs in ((queries, [q for q, _, _ in qks]), (keys, [k for _, k, _ in qks])))
     biases = [bias for _, _, bias in qks]
-    if any(bias is not None for bias in biases):  # each (heads, T, T) bias at each (masked query, visible key) pair
+    if all(bias is None for bias in biases):
+        logits = torch.bmm(q_rows, k_rows.transpose(1, 2)).mul_(D ** -0.5)
+    else:  # each (heads, T, T) bias at each (masked query, visible key) pair
         zero = next(bias for bias in biases if bias is not None).new_zeros(H, T, T)
-        table = torch.stack([zero if bias is None else bias for bias in biases]).flatten(2)  # (L, H, T * T)
+        table = torch.stack([zero if bias is None else bias for bias in biases]).to(dtype).flatten(2)  # (L, H, T * T)
         pairs = (queries[:, :, None] * T + keys[:, None, :]).flatten()  # (B * M * V,) into a T x T table
-        logits += table.index_select(2, pairs).view(len(qks), H, B, *logits.shape[-2:]).transpose(1, 2).to(dtype)
+        bias = table.index_select(2, pairs).view(L * H * B, M, V)
+        logits = torch.baddbmm(bias, q_rows, k_rows.transpose(1, 2), alpha=D ** -0.5)
+    logits = logits.view(L, H, B, M, V)
     # padding keys: -1e4 once each row is shifted to a real maximum of 0, so exp() of it is exactly 0 in float32 (a
     # -1e4 before the shift was not, beside real logits near -1e4); unlike -inf it keeps p * logit finite
     if rows.visible_padded:
-        padding = ~rows.visible_valid[:, None, None, :]  # (B, 1, 1, V)
+        padding = ~rows.visible_valid[:, None, :]  # (B, 1, V)
         logits.masked_fill_(padding, float("-inf"))
         logits.sub_(logits.detach().amax(dim=-1, keepdim=True).nan_to_num(neginf=0.0))  # -inf rows: no visible key
         logits.masked_fill_(padding, -1e4)
