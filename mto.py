@@ -173,6 +173,11 @@ def patch_rows(mask) -> Rows:
     return Rows(masked, arange[:M] < counts[0, :, None], visible, arange[:V] < counts[1, :, None], fewest_visible < V)
 
 
+def _flat_rows(index, T: int):
+    """(B, K) token indices -> (B * K,) row numbers of the flattened (batch, token) rows."""
+    return (index + T * torch.arange(index.shape[0], device=index.device)[:, None]).flatten()
+
+
 def _take(xs, index, dim):
     """The tokens at index (B, K) along the token dim `dim` (batch dim first) of each of L tensors of one shape ->
     (L, *shape with K at dim+1), in one buffer.
@@ -181,12 +186,22 @@ def _take(xs, index, dim):
     block outputs), written into the buffer. Where a gradient is needed, _TakeRows.apply(index, dim, *xs).
     """
     B, T = xs[0].shape[0], xs[0].shape[dim]
-    flat = (index + T * torch.arange(B, device=index.device)[:, None]).flatten()  # (B * K,) row numbers
+    flat = _flat_rows(index, T)
     rest = xs[0].movedim(dim, 1).shape[2:]
     taken = xs[0].new_empty(len(xs), flat.numel(), *rest)  # (L, B * K, ...)
     for x, out in zip(xs, taken):
         torch.index_select(x.movedim(dim, 1).reshape(B * T, *rest), 0, flat, out=out)
     return taken.view(len(xs), B, index.shape[1], *rest).movedim(2, dim + 1)
+
+
+def _zeros_tokens_second(shape, dim: int, like):
+    """Zeros of `shape` laid out in memory as (batch, token dim `dim`, the other dims): a tensor, not a view, whose
+    (batch, token) rows are one dim of a view of it."""
+    order = [0, dim, *(d for d in range(1, len(shape)) if d != dim)]
+    strides, step = [0] * len(shape), 1
+    for d in reversed(order):
+        strides[d], step = step, step * shape[d]
+    return like.new_empty_strided(shape, strides).zero_()
 
 
 def _refuse_create_graph():
@@ -200,10 +215,12 @@ def _refuse_create_graph():
 class _TakeRows(torch.autograd.Function):
     """_take of the same rows from each of L tensors of one shape -> (L, *taken shape), written into one buffer: the
     losses below read the rows of a group of blocks at once (a few large ops per group instead of a few dozen small
-    ones per block: on a fast GPU small ops wait on the host's launches, not on the arithmetic). The backward writes
-    each tensor's rows' gradient into zeros of its shape: a fresh contiguous tensor, into which autograd adds the
-    tensor's other gradient (SDPA's for q and k, the next block's for a block output) in place. index_select's own
-    backward hands back a view, which autograd cannot add into: one more full-size tensor per block and per input."""
+    ones per block: on a fast GPU small ops wait on the host's launches, not on the arithmetic). The backward copies
+    each tensor's rows' gradient into zeros of its shape, laid out (batch, token, ...) so that the rows are whole
+    rows of memory (index_copy_; index_put_ at (batch, token) pairs of a (B, heads, T, head_dim) tensor was 5x
+    slower on the CPU): a fresh tensor, not a view, into which autograd adds the tensor's other gradient (SDPA's for
+    q and k, the next block's for a block output) in place. index_select's own backward hands back a view, which
+    autograd cannot add into: one more full-size tensor per block and per input."""
 
     @staticmethod
     def forward(ctx, index, dim, *xs):
@@ -215,11 +232,13 @@ class _TakeRows(torch.autograd.Function):
     def backward(ctx, grad):
         _refuse_create_graph()
         (index,) = ctx.saved_tensors
-        batch = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)  # (B, K)
+        B, T, dim = ctx.shape[0], ctx.shape[ctx.dim], ctx.dim
+        flat = _flat_rows(index, T)
         grads = []
         for grad_rows in grad.unbind(0):
-            grad_x = grad.new_zeros(ctx.shape)
-            grad_x.movedim(ctx.dim, 1)[batch, index] = grad_rows.movedim(ctx.dim, 1)  # distinct (b, index) pairs
+            grad_x = _zeros_tokens_second(ctx.shape, dim, grad)
+            rows = grad_x.movedim(dim, 1)  # (B, T, ...) in memory order: viewable as (B * T, ...)
+            rows.view(B * T, *rows.shape[2:]).index_copy_(0, flat, grad_rows.movedim(dim, 1).flatten(0, 1))
             grads.append(grad_x)
         return None, None, *grads
 

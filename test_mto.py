@@ -369,10 +369,11 @@ def test_take_of_several_tensors_equals_index_select_of_each():
         assert torch.equal(mto._TakeRows.apply(index, dim, *xs), taken)
 
 
-def test_take_rows_gradient_is_a_fresh_contiguous_tensor_equal_to_index_select_backward():
-    """_TakeRows (the rows the losses read from q, k and block outputs) hands back a contiguous tensor that is not a
-    view, so autograd adds the other gradient of q / k / the block output into it in place; the values are those of
-    index_select's backward, along the token dim of a (B, heads, T, head_dim) view and of a (B, T, C) tensor."""
+def test_take_rows_gradient_is_a_fresh_dense_tensor_equal_to_index_select_backward():
+    """_TakeRows (the rows the losses read from q, k and block outputs) hands back a tensor that is not a view, laid
+    out (batch, token, ...) without gaps, so autograd adds the other gradient of q / k / the block output into it in
+    place (next test); the values are those of index_select's backward, along the token dim of a (B, heads, T,
+    head_dim) view and of a (B, T, C) tensor."""
     g = torch.Generator().manual_seed(12)
     qkv = torch.randn(2, 7, 3, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
     q = (qkv * 1).permute(2, 0, 3, 1, 4)[0]  # (B, heads, T, head_dim), not a leaf: its gradient is not copied
@@ -383,8 +384,22 @@ def test_take_rows_gradient_is_a_fresh_contiguous_tensor_equal_to_index_select_b
         (got,) = torch.autograd.grad((mto._TakeRows.apply(index, dim, x)[0] * weight).sum(), x)
         (expected,) = torch.autograd.grad((index_select_rows(x, index, dim) * weight).sum(), x)
         assert torch.equal(got, expected) and expected._is_view()
-        assert got.is_contiguous() and not got._is_view() and got.untyped_storage().nbytes() == got.nbytes
+        assert got.movedim(dim, 1).is_contiguous() and not got._is_view()
+        assert got.untyped_storage().nbytes() == got.nbytes
         assert torch.autograd.gradcheck(lambda t: mto._TakeRows.apply(index, dim, t), (x.detach().requires_grad_(),))
+
+
+def test_autograd_adds_a_tensors_other_gradient_into_take_rows_gradient_in_place():
+    """No full-size sum of the two gradients of q (the rows' and another op's): one add_ into _TakeRows' tensor."""
+    from torch.profiler import profile
+    qkv = torch.randn(2, 7, 3, 2, 4, requires_grad=True)
+    q = (qkv * 1).permute(2, 0, 3, 1, 4)[0]  # (B, heads, T, head_dim)
+    index = torch.tensor([[0, 3, 6], [1, 2, 5]])
+    loss = mto._TakeRows.apply(index, 2, q).square().sum() + (q * torch.randn(q.shape)).sum()
+    with profile(record_shapes=True) as prof:
+        loss.backward()
+    adds = [(e.name, e.input_shapes[0]) for e in prof.events() if e.name in ("aten::add", "aten::add_")]
+    assert adds.count(("aten::add_", list(q.shape))) == 1 and ("aten::add", list(q.shape)) not in adds
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside torch.compile
