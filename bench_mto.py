@@ -22,6 +22,7 @@ the CUDA caching allocator does on a GPU, so that the step time counts the compu
     python bench_mto.py --teacher clip               # the whole step: the CLIP teacher's forward included
     python bench_mto.py --device cuda --amp bf16
     python bench_mto.py --device cuda --amp bf16 --variants 0 1 --profile   # + the GPU's busy time, the top kernels
+    python bench_mto.py --batch 16 --variants 0 1 --steps 1 --warmup 0 --count_bytes  # + bytes read and written
     git show e912467:mto.py > /tmp/mto_e912467.py && python bench_mto.py --variants 0 1 --compare_mto /tmp/mto_e912467.py
 """
 import argparse
@@ -34,6 +35,8 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import dtm
 import engine
@@ -149,6 +152,89 @@ def profile_step(name, step, cuda, top=8, reference=None):
     return times
 
 
+VIEWS = {"_unsafe_view", "lift_fresh"}  # besides the ops whose schema says that they return an alias
+FILLS = {"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like", "zeros", "ones", "full",
+         "fill_", "zero_", "scalar_tensor"}
+EMPTY = {"new_empty", "new_empty_strided", "empty_like", "empty", "empty_strided"}
+GATHERS = {"index_select", "gather", "index", "embedding", "take"}
+SCATTERS = {"index_put_", "_index_put_impl_", "index_add_", "index_copy_", "index_fill_", "scatter_", "scatter_add_",
+            "index_put", "index_add", "index_copy", "scatter", "scatter_add"}
+
+
+class ByteCount(TorchDispatchMode):
+    """Counts each aten op's calls and the bytes of tensors it reads and writes, by (op, first result's shape, dtype):
+    a device-independent figure of a step's memory traffic (on a GPU the elementwise and indexing ops that MTO adds
+    are bound by it; the matmuls are not). Reads: the tensor arguments, writes: the results, except views (nothing),
+    fills (their result written), empty tensors (nothing), gathers (the rows they take, and their indices), scatters
+    and index_put (the values and indices read, as many bytes written; out of place also a copy of the input) and
+    copy_ (its source read, its destination written). What a kernel reads twice or keeps in a cache is not seen.
+    Under a dispatch mode autograd adds a tensor's gradients out of place, not into one of them: the bytes are the
+    same, one more result is allocated."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = {}  # (op, shape, dtype) -> [calls, bytes read, bytes written]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)]
+        results = [t for t in tree_flatten(out)[0] if torch.is_tensor(t)]
+        read, written = self.traffic(func, inputs, results)
+        key = (func.overloadpacket.__name__, tuple(results[0].shape), str(results[0].dtype)) if results else \
+            (func.overloadpacket.__name__, (), "")
+        entry = self.ops.setdefault(key, [0, 0, 0])
+        entry[0], entry[1], entry[2] = entry[0] + 1, entry[1] + read, entry[2] + written
+        return out
+
+    @staticmethod
+    def traffic(func, inputs, results):
+        """(bytes read, bytes written) of one call."""
+        def size(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors)
+        name = func.overloadpacket.__name__
+        aliases = not func._schema.is_mutable and any(r.alias_info is not None for r in func._schema.returns)
+        if aliases or name in VIEWS or name in EMPTY:
+            return 0, 0
+        if name in FILLS:
+            return 0, size(results)
+        if name in GATHERS:
+            return size(results) + size(t for t in inputs if not t.is_floating_point()), size(results)
+        if name in SCATTERS:  # self, then the indices and values
+            copied = 0 if name.endswith("_") else size(inputs[:1])
+            values = size(t for t in inputs[1:] if t.is_floating_point())
+            return size(inputs[1:]) + copied, values + copied
+        if name == "copy_":
+            return size(inputs[1:2]), size(inputs[:1])
+        return size(inputs), size(results)
+
+
+def count_bytes(name, step, top=8, reference=None):
+    """One step under ByteCount -> prints its total bytes read + written and ops, the `top` ops by bytes, and with
+    `reference` (what this returned for another variant) the `top` ops whose bytes grew most over it. Returns
+    {(op, shape, dtype): (calls, bytes)}."""
+    with ByteCount() as counter:
+        step()
+    counts = {key: (calls, read + written) for key, (calls, read, written) in counter.ops.items()}
+    total = sum(b for _, b in counts.values())
+    over = ""
+    if reference is not None:
+        reference_total = sum(b for _, b in reference.values())
+        over = f" ({100 * (total / reference_total - 1):+.1f}% over the first variant)"
+    print(f"bytes of {name}: {total / 1e9:.3f} GB read + written in {sum(c for c, _ in counts.values())} ops{over}",
+          flush=True)
+
+    def show(table, sign):
+        for (op, shape, dtype), (calls, b) in sorted(table.items(), key=lambda item: -item[1][1])[:top]:
+            print(f"    {op + ' ' + str(shape) + ' ' + dtype.replace('torch.', ''):70.70s} "
+                  f"{calls:{sign}6d} calls {b / 1e6:{sign}10.1f} MB", flush=True)
+    show(counts, "")
+    if reference is not None:
+        print("  grew most over the first variant (calls, MB):", flush=True)
+        show({key: (calls - reference.get(key, (0, 0))[0], b - reference.get(key, (0, 0))[1])
+              for key, (calls, b) in {**{k: (0, 0) for k in reference}, **counts}.items()}, "+")
+    return counts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS))
@@ -170,6 +256,10 @@ def main(argv=None):
                              "kernel count and the GPU's busy time (the kernels' durations summed) against the step's "
                              "wall time, the ops that took the most GPU time (CPU time on the CPU), and those whose "
                              "time grew most over the first variant's")
+    parser.add_argument("--count_bytes", action="store_true",
+                        help="after the timed steps, one more step of each variant under a dispatch mode that counts "
+                             "the bytes each op reads and writes (see ByteCount): the total, the largest ops and "
+                             "those that grew most over the first variant")
     parser.add_argument("--compare_mto", metavar="PATH",
                         help="also run MTO's defaults with another version of mto.py, interleaved with the rest")
     args = parser.parse_args(argv)
@@ -223,6 +313,10 @@ def main(argv=None):
         first = profile_step(names[0], steps[names[0]], cuda)
         for name in names[1:]:
             profile_step(name, steps[name], cuda, reference=first)
+    if args.count_bytes:
+        first = count_bytes(names[0], steps[names[0]])
+        for name in names[1:]:
+            count_bytes(name, steps[name], reference=first)
     if not cuda:
         print(f"peak resident memory of the process (all variants): "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB", flush=True)

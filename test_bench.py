@@ -341,6 +341,45 @@ def test_bench_mto_profile_step_reports_the_growth_over_the_reference(capsys, mo
                                                  ["aten::add", "-1", "calls", "-0.50", "ms"]]
 
 
+def test_byte_count_counts_reads_and_writes_by_the_rules_of_each_kind_of_op():
+    """Elementwise ops: inputs read, results written; views and empty tensors: nothing; fills: written only; gathers:
+    the rows taken and the index; index_put_: the values and index read, the values' bytes written; copy_: the
+    source read, the destination written."""
+    index = torch.arange(10)  # 80 bytes
+    with bench_mto.ByteCount() as counter:
+        ones = torch.ones(1000)  # 4000 bytes
+        total = ones + ones
+        total.view(10, 100)
+        total.index_select(0, index)
+        torch.zeros(1000).index_put_((index,), torch.ones(10))  # ones(10): 40 bytes written
+        torch.empty(1000).copy_(total)
+    ops = {}
+    for (op, _, _), entry in counter.ops.items():  # summed over shapes
+        ops[op] = tuple(map(sum, zip(ops.get(op, (0, 0, 0)), entry)))
+    assert ops["ones"] == (2, 0, 4040) and ops["add"] == (1, 8000, 4000)
+    assert ops.get("view", (1, 0, 0)) == (1, 0, 0) and ops.get("empty", (1, 0, 0)) == (1, 0, 0)
+    assert ops["index_select"] == (1, 40 + 80, 40) and ops["zeros"] == (1, 0, 4000)
+    assert ops["index_put_"] == (1, 80 + 40, 40) and ops["copy_"] == (1, 4000, 4000)
+
+
+def test_bench_mto_count_bytes_prints_each_variants_bytes_and_the_ops_that_grew(capsys):
+    """--count_bytes: one more step of each variant under ByteCount; MTO reads and writes more than plain DTM, by the
+    percentage printed, and its ops that grew most are listed largest first."""
+    bench_mto.main(["--model", "vit_tiny", "--img_size", "32", "--batch", "2", "--variants", "0", "1", "--steps", "1",
+                    "--warmup", "0", "--count_bytes"])
+    out = capsys.readouterr().out.splitlines()
+    heads = [i for i, line in enumerate(out) if line.startswith("bytes of ")]
+    assert len(heads) == 2
+    totals = [float(re.search(r": (\d+\.\d+) GB read \+ written in \d+ ops", out[i]).group(1)) for i in heads]
+    percent = float(re.search(r"\(([+-]\d+\.\d)% over the first variant\)", out[heads[1]]).group(1))
+    assert totals[1] > totals[0] and percent > 0
+    assert abs(percent - 100 * (totals[1] / totals[0] - 1)) < 0.1 + 100 * 0.001 / totals[0]  # totals rounded to MB
+    grown = out[out.index("  grew most over the first variant (calls, MB):") + 1:][:8]
+    assert all(re.fullmatch(r"    \S.* +[+-]\d+ calls +[+-]\d+\.\d MB", line) for line in grown), grown
+    increases = [float(line.split()[-2]) for line in grown]
+    assert increases == sorted(increases, reverse=True) and increases[0] > 0
+
+
 def test_bench_mto_compare_mto_names_a_missing_file(tmp_path):
     for path in (tmp_path / "missing.py", tmp_path):  # a missing file, a folder
         with pytest.raises(SystemExit, match="no such Python file"):
