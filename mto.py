@@ -217,7 +217,7 @@ class _TakeRows(torch.autograd.Function):
     losses below read the rows of a group of blocks at once (a few large ops per group instead of a few dozen small
     ones per block: on a fast GPU small ops wait on the host's launches, not on the arithmetic). The backward copies
     each tensor's rows' gradient into zeros of its shape, laid out (batch, token, ...) so that the rows are whole
-    rows of memory (index_copy_; index_put_ at (batch, token) pairs of a (B, heads, T, head_dim) tensor was 5x
+    rows of memory (index_copy_; index_put_ at (batch, token) pairs of a (B, heads, T, head_dim) tensor was 4x
     slower on the CPU): a fresh tensor, not a view, into which autograd adds the tensor's other gradient (SDPA's for
     q and k, the next block's for a block output) in place. index_select's own backward hands back a view, which
     autograd cannot add into: one more full-size tensor per block and per input."""
