@@ -165,9 +165,11 @@ class ByteCount(TorchDispatchMode):
     """Counts each aten op's calls and the bytes of tensors it reads and writes, by (op, first result's shape, dtype):
     a device-independent figure of a step's memory traffic (on a GPU the elementwise and indexing ops that MTO adds
     are bound by it; the matmuls are not). Reads: the tensor arguments, writes: the results, except views (nothing),
-    fills (their result written), empty tensors (nothing), gathers (the rows they take, and their indices), scatters
-    and index_put (the values and indices read, as many bytes written; out of place also a copy of the input) and
-    copy_ (its source read, its destination written). What a kernel reads twice or keeps in a cache is not seen.
+    fills (their result written), empty tensors (nothing), gathers (read: the result's bytes and every integer or bool
+    argument, the index; written: the result), scatters and index_put (read: the arguments but the first, the
+    destination; written: as many bytes as their floating-point values, so a fill with a number counts none; out of
+    place also a copy of the destination) and copy_ (its source read, its destination written). What a kernel reads
+    twice or keeps in a cache is not seen.
     Under a dispatch mode autograd adds a tensor's gradients out of place, not into one of them: the bytes are the
     same, one more result is allocated."""
 
