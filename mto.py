@@ -402,7 +402,7 @@ def _attention_entropies(qks, mask, rows: Rows, num_prefix: int):
 
 def _contiguous(x, dtype):
     """x as a contiguous tensor of `dtype`, in one copy (x.to(dtype, memory_format=torch.contiguous_format) hands a
-    transposed x back as it is; .to(dtype).contiguous() copies twice)."""
+    transposed x already of that dtype back as it is; x.to(dtype).contiguous() copies twice)."""
     return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
 
 
@@ -415,7 +415,7 @@ def _visible_logits(qks, rows: Rows, num_prefix: int, dtype):
     B, H, T, D = qks[0][0].shape
     queries, keys = rows.masked + num_prefix, rows.visible + num_prefix  # (B, M), (B, V) token indices
     L, M, V = len(qks), queries.shape[1], keys.shape[1]
-    # (L * heads * B, M or V, head_dim)
+    # q's rows (L * heads * B, M, head_dim) and k's (L * heads * B, V, head_dim), in one copy each
     q_rows, k_rows = (_contiguous(_TakeRows.apply(index, 2, *xs).transpose(1, 2), dtype).view(L * H * B, -1, D)
                       for index, xs in ((queries, [q for q, _, _ in qks]), (keys, [k for _, k, _ in qks])))
     biases = [bias for _, _, bias in qks]
