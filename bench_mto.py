@@ -141,15 +141,24 @@ def profile_step(name, step, cuda, top=8, reference=None):
     print(f"profile of {name}: {1e3 * wall:.1f} ms wall{busy}", flush=True)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     times = {e.key: (e.count, getattr(e, key) / 1e3) for e in prof.key_averages()}
-    for op, (calls, ms) in sorted(times.items(), key=lambda item: -item[1][1])[:top]:
-        print(f"    {op[:70]:70s} {calls:6d} calls {ms:9.2f} ms", flush=True)
-    if reference is not None:
-        print("  grew most over the first variant (calls, ms):", flush=True)
-        grown = {op: (calls - reference.get(op, (0, 0.0))[0], ms - reference.get(op, (0, 0.0))[1])
-                 for op, (calls, ms) in times.items()}
-        for op, (calls, ms) in sorted(grown.items(), key=lambda item: -item[1][1])[:top]:
-            print(f"    {op[:70]:70s} {calls:+6d} calls {ms:+9.2f} ms", flush=True)
+    print_top(times, "ms", top, reference)
     return times
+
+
+def print_top(table, unit, top=8, reference=None):
+    """Prints the `top` entries of {name: (calls, amount in `unit`: "ms" or "MB")} by amount, and with `reference`
+    (the same for the first variant) the `top` whose amount grew most over it, an entry that only one of the two has
+    counted from zero."""
+    width, digits = {"ms": (9, 2), "MB": (10, 1)}[unit]
+
+    def show(rows, sign):
+        for name, (calls, amount) in sorted(rows.items(), key=lambda item: -item[1][1])[:top]:
+            print(f"    {name[:70]:70s} {calls:{sign}6d} calls {amount:{sign}{width}.{digits}f} {unit}", flush=True)
+    show(table, "")
+    if reference is not None:
+        print(f"  grew most over the first variant (calls, {unit}):", flush=True)
+        show({name: tuple(now - then for now, then in zip(table.get(name, (0, 0)), reference.get(name, (0, 0))))
+              for name in {**reference, **table}}, "+")
 
 
 VIEWS = {"_unsafe_view", "lift_fresh"}  # besides the ops whose schema says that they return an alias
@@ -213,27 +222,18 @@ class ByteCount(TorchDispatchMode):
 def count_bytes(name, step, top=8, reference=None):
     """One step under ByteCount -> prints its total bytes read + written and ops, the `top` ops by bytes, and with
     `reference` (what this returned for another variant) the `top` ops whose bytes grew most over it. Returns
-    {(op, shape, dtype): (calls, bytes)}."""
+    {"op shape dtype": (calls, MB)}."""
     with ByteCount() as counter:
         step()
-    counts = {key: (calls, read + written) for key, (calls, read, written) in counter.ops.items()}
-    total = sum(b for _, b in counts.values())
+    counts = {f"{op} {shape} {dtype.replace('torch.', '')}": (calls, (read + written) / 1e6)
+              for (op, shape, dtype), (calls, read, written) in counter.ops.items()}
+    total = sum(mb for _, mb in counts.values())
     over = ""
     if reference is not None:
-        reference_total = sum(b for _, b in reference.values())
-        over = f" ({100 * (total / reference_total - 1):+.1f}% over the first variant)"
-    print(f"bytes of {name}: {total / 1e9:.3f} GB read + written in {sum(c for c, _ in counts.values())} ops{over}",
+        over = f" ({100 * (total / sum(mb for _, mb in reference.values()) - 1):+.1f}% over the first variant)"
+    print(f"bytes of {name}: {total / 1e3:.3f} GB read + written in {sum(c for c, _ in counts.values())} ops{over}",
           flush=True)
-
-    def show(table, sign):
-        for (op, shape, dtype), (calls, b) in sorted(table.items(), key=lambda item: -item[1][1])[:top]:
-            print(f"    {op + ' ' + str(shape) + ' ' + dtype.replace('torch.', ''):70.70s} "
-                  f"{calls:{sign}6d} calls {b / 1e6:{sign}10.1f} MB", flush=True)
-    show(counts, "")
-    if reference is not None:
-        print("  grew most over the first variant (calls, MB):", flush=True)
-        show({key: (calls - reference.get(key, (0, 0))[0], b - reference.get(key, (0, 0))[1])
-              for key, (calls, b) in {**{k: (0, 0) for k in reference}, **counts}.items()}, "+")
+    print_top(counts, "MB", top, reference)
     return counts
 
 
