@@ -20,6 +20,8 @@ the CUDA caching allocator does on a GPU, so that the step time counts the compu
     python bench_mto.py                              # vit_b, batch 64, CPU
     python bench_mto.py --malloc keep                # the same, freed memory kept for reuse (glibc)
     python bench_mto.py --teacher clip               # the whole step: the CLIP teacher's forward included
+    python bench_mto.py --variants 0 1 5             # + MTO with its losses compiled (MTOConfig.compile)
+    python bench_mto.py --variants 0 1 --compile     # blocks and MTO's losses compiled, as train_pretrain.py --compile
     python bench_mto.py --device cuda --amp bf16
     python bench_mto.py --device cuda --amp bf16 --variants 0 1 --profile   # + the GPU's busy time, the top kernels
     python bench_mto.py --batch 16 --variants 0 1 --steps 1 --warmup 0 --count_bytes  # + bytes read and written
@@ -27,6 +29,7 @@ the CUDA caching allocator does on a GPU, so that the step time counts the compu
 """
 import argparse
 import ctypes
+import dataclasses
 import importlib.util
 import os
 import random
@@ -48,7 +51,9 @@ VARIANTS = {"dtm": None,
             "dtm + mto (defaults: recalibration, both losses, all blocks)": mto.MTOConfig(),
             "dtm + mto recalibration + singularity loss": mto.MTOConfig(lambda_ent=0),
             "dtm + mto recalibration + entropy loss": mto.MTOConfig(lambda_sing=0),
-            "dtm + mto recalibration only": mto.MTOConfig(lambda_sing=0, lambda_ent=0)}
+            "dtm + mto recalibration only": mto.MTOConfig(lambda_sing=0, lambda_ent=0),
+            "dtm + mto (defaults), its losses compiled": mto.MTOConfig(compile=True)}
+EAGER_VARIANTS = [0, 1, 2, 3, 4]  # the default: all but the last, which compiles (on the CPU: a C++ compiler, minutes)
 
 
 def load_mto(path):
@@ -70,10 +75,24 @@ def make_teacher(args):
     return dtm.CLIPTeacher(dtm.CLIPVisual(args.img_size, 16)).to(args.device)
 
 
+def mto_hook(mto_module, cfg, compile_losses):
+    """mto_module.MTO with cfg's settings, its losses compiled or not (an mto.py from --compare_mto may be older than
+    MTOConfig.compile: it runs without it)."""
+    settings = {**vars(cfg), "compile": cfg.compile or compile_losses}
+    if "compile" not in {field.name for field in dataclasses.fields(mto_module.MTOConfig)}:
+        if settings["compile"]:
+            raise SystemExit("--compare_mto's mto.py has no MTOConfig.compile (it predates compiled losses): run the "
+                             "comparison without --compile")
+        del settings["compile"]
+    return mto_module.MTO(mto_module.MTOConfig(**settings))
+
+
 def make_step(args, cfg, mto_module=mto, teacher=None):
     torch.manual_seed(0)
     student = dtm.build_vit(args.model, img_size=args.img_size, drop_path_rate=0.1, rel_pos_bias="both")
-    hook = mto_module.MTO(mto_module.MTOConfig(**vars(cfg))) if cfg else None
+    if args.compile:
+        engine.compile_blocks(student)
+    hook = mto_hook(mto_module, cfg, args.compile) if cfg else None
     model = dtm.DTMPretrainModel(student, 512, features_fn=hook).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
     grid = args.img_size // 16
@@ -246,9 +265,9 @@ def main(argv=None):
     parser.add_argument("--amp", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
-    parser.add_argument("--variants", nargs="+", type=int, default=list(range(len(VARIANTS))),
-                        help="indices into the list of variants (0: plain DTM); the first listed is the reference "
-                             "of the overheads")
+    parser.add_argument("--variants", nargs="+", type=int, default=EAGER_VARIANTS,
+                        help="indices into the list of variants (0: plain DTM; default %(default)s); the first listed "
+                             "is the reference of the overheads")
     parser.add_argument("--malloc", default="default", choices=["default", "keep"],
                         help="keep: glibc keeps freed memory for reuse (CPU; see above)")
     parser.add_argument("--teacher", default="none", choices=["none", "clip"],
@@ -262,6 +281,9 @@ def main(argv=None):
                         help="after the timed steps, one more step of each variant under a dispatch mode that counts "
                              "the bytes each op reads and writes (see ByteCount): the total, the largest ops and "
                              "those that grew most over the first variant")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every variant's blocks and MTO's losses, as train_pretrain.py --compile "
+                             "(the first --warmup step compiles)")
     parser.add_argument("--compare_mto", metavar="PATH",
                         help="also run MTO's defaults with another version of mto.py, interleaved with the rest")
     args = parser.parse_args(argv)
@@ -269,6 +291,13 @@ def main(argv=None):
         parser.error("--steps and --batch must be >= 1, --warmup >= 0")
     if not all(0 <= i < len(VARIANTS) for i in args.variants):
         parser.error(f"--variants are indices 0..{len(VARIANTS) - 1}, got {args.variants}")
+    configs = [list(VARIANTS.values())[i] for i in args.variants]
+    compiles = args.compile or any(cfg is not None and cfg.compile for cfg in configs)
+    if compiles and args.warmup < 1:
+        parser.error("--compile and variant 5 need --warmup 1 or more: the first step compiles")
+    if compiles and args.count_bytes:
+        parser.error("--count_bytes counts aten ops one by one, compiled kernels are not seen: leave --compile and "
+                     "variant 5 out")
     if args.amp == "fp16" and not args.device.startswith("cuda"):
         parser.error("--amp fp16 needs a CUDA device (its GradScaler is CUDA's); on the CPU use fp32 or bf16")
     engine.set_backend_flags()  # as the trainers (TF32, cuDNN's autotuner)
@@ -280,7 +309,8 @@ def main(argv=None):
         names.append(f"dtm + mto from {args.compare_mto} (defaults)")
         variants[names[-1]] = (mto.MTOConfig(), load_mto(args.compare_mto))
     print(f"{args.model} batch={args.batch} img={args.img_size} device={args.device} amp={args.amp} "
-          f"threads={torch.get_num_threads()} malloc={args.malloc} teacher={args.teacher} torch={torch.__version__}",
+          f"threads={torch.get_num_threads()} malloc={args.malloc} teacher={args.teacher} compile={args.compile} "
+          f"torch={torch.__version__}",
           flush=True)
     teacher = make_teacher(args)
     steps = {name: make_step(args, *variants[name], teacher=teacher) for name in names}

@@ -59,7 +59,7 @@ What this file makes of it (THIS IMPLEMENTATION'S READING, not the paper's equat
   over GPUs. Losses are computed in float32 under autocast, float64 for float64 inputs (their matmuls in TF32 where
   the trainer turns TF32 on: the singularity loss's choice of the nearest visible patch can then differ at near ties;
   the cosine to it is computed without a matmul). Their backward passes are written by hand: create_graph=True
-  (double backward) through them is refused.
+  (double backward) through them is refused (compiled, by torch itself at the second backward).
   mto_forward computes each loss for a group of blocks at once (singularity_losses, attention_entropies: a group's
   rows taken into one buffer, then one set of ops), as many blocks as keep each intermediate within GROUP_ELEMENTS;
   block by block, the losses' small ops made an H200 step of ViT-B at batch 64 wait on the host's kernel launches
@@ -92,8 +92,10 @@ The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and
     num_prefix shows as a size mismatch of T inside the ViT's attention. torch.compile: compile the blocks
     (for block in vit.blocks: block.compile()) or vit.forward_features = torch.compile(vit.forward_features);
     torch.compile(vit) compiles vit.forward, which mto_forward does not call, and mto_forward itself reads the
-    mask's counts on the host (patch_rows), which breaks a compiled graph there.
+    mask's counts on the host (patch_rows), which breaks a compiled graph there. MTOConfig(compile=True) compiles
+    the losses' arithmetic (one graph per loss and group size).
 """
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -106,12 +108,14 @@ NUM_PREFIX = 1  # tokens before the patches (CLS) in the ViTs of this repo
 @dataclass
 class MTOConfig:
     """layers / sing_layers / ent_layers: the first K blocks where recalibration / each loss is on (None = all blocks,
-    0 = off). A lambda of 0 switches its loss off and skips its computation."""
+    0 = off). A lambda of 0 switches its loss off and skips its computation. compile: torch.compile the losses'
+    arithmetic (see _compiled; train_pretrain.py --compile sets it): the same values and gradients."""
     layers: Optional[int] = None
     lambda_sing: float = 0.1
     lambda_ent: float = 0.1
     sing_layers: Optional[int] = None
     ent_layers: Optional[int] = None
+    compile: bool = False
 
     def __post_init__(self):
         for name in ("layers", "sing_layers", "ent_layers"):  # the upper bound, the ViT's depth, is checked in mto_forward
@@ -272,8 +276,17 @@ def _block_groups(count: int, elements_per_block: int):
     return [slice(start, start + size) for start in range(0, count, size)]
 
 
-def singularity_losses(hiddens, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX):
-    """singularity_loss of each of L block outputs of one shape, computed a group of blocks at a time -> (L, B)."""
+@functools.cache
+def _compiled(losses_fn):
+    """torch.compile(losses_fn), made once per function: inductor fuses the losses' elementwise passes and gathers into
+    a few kernels (their autograd.Functions' hand-written backward passes too). Measured in docs/RESULTS.md section 3.
+    The first call compiles (seconds to a minute); a group of another size or a new batch size compiles again."""
+    return torch.compile(losses_fn)
+
+
+def singularity_losses(hiddens, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX, compile: bool = False):
+    """singularity_loss of each of L block outputs of one shape, computed a group of blocks at a time -> (L, B).
+    compile: with the arithmetic torch.compile'd (_compiled)."""
     _check_mask(mask)
     for hidden in hiddens:
         _check_tokens(hidden, mask, num_prefix)
@@ -282,8 +295,9 @@ def singularity_losses(hiddens, mask, rows: Rows = None, num_prefix: int = NUM_P
     rows = patch_rows(mask) if rows is None else rows
     (B, _, C), M, V = hiddens[0].shape, rows.masked.shape[1], rows.visible.shape[1]
     groups = _block_groups(len(hiddens), B * max(M * C, V * C, M * V))  # rows, keys, similarities of one block
+    losses_fn = _compiled(_singularity_losses) if compile else _singularity_losses
     with torch.autocast(hiddens[0].device.type, enabled=False):  # float32 matmuls, whatever the autocast dtype
-        return torch.cat([_singularity_losses(hiddens[group], mask, rows, num_prefix) for group in groups])
+        return torch.cat([losses_fn(hiddens[group], mask, rows, num_prefix) for group in groups])
 
 
 class _Cosine(torch.autograd.Function):
@@ -376,9 +390,9 @@ def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM
     return attention_entropies([(q, k, bias)], mask, rows, num_prefix)[0]
 
 
-def attention_entropies(qks, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX):
+def attention_entropies(qks, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX, compile: bool = False):
     """attention_entropy of each of L blocks' (q, k, bias) of one shape, computed a group of blocks at a time ->
-    (L, B). A block whose bias is None among blocks with one counts as a zero bias."""
+    (L, B). A block whose bias is None among blocks with one counts as a zero bias. compile: as singularity_losses."""
     _check_mask(mask)
     for q, k, bias in qks:
         _check_qk(q, k, bias, mask, num_prefix)
@@ -387,8 +401,9 @@ def attention_entropies(qks, mask, rows: Rows = None, num_prefix: int = NUM_PREF
     rows = patch_rows(mask) if rows is None else rows
     (B, H, _, D), M, V = qks[0][0].shape, rows.masked.shape[1], rows.visible.shape[1]
     groups = _block_groups(len(qks), B * H * max(M * V, M * D, V * D))  # logits, q rows, k rows of one block
+    losses_fn = _compiled(_attention_entropies) if compile else _attention_entropies
     with torch.autocast(qks[0][0].device.type, enabled=False):  # float32 matmuls, whatever the autocast dtype
-        return torch.cat([_attention_entropies(qks[group], mask, rows, num_prefix) for group in groups])
+        return torch.cat([losses_fn(qks[group], mask, rows, num_prefix) for group in groups])
 
 
 def _attention_entropies(qks, mask, rows: Rows, num_prefix: int):
@@ -493,10 +508,10 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
     features = vit.forward_features(images, mask, attn_mask, return_layers=sing_ids, return_qk=ent_ids)
 
     zero = features.tokens.new_zeros((), dtype=torch.float32)
-    loss_sing = _depth_weighted(singularity_losses([features.layers[i] for i in sing_ids], mask, rows, num_prefix),
-                                depth) if sing_ids else zero
+    loss_sing = _depth_weighted(singularity_losses([features.layers[i] for i in sing_ids], mask, rows, num_prefix,
+                                                   cfg.compile), depth) if sing_ids else zero
     loss_ent = _depth_weighted(attention_entropies([_qk_entry(features.qk, i) for i in ent_ids], mask, rows,
-                                                   num_prefix), depth) if ent_ids else zero
+                                                   num_prefix, cfg.compile), depth) if ent_ids else zero
     return features.tokens, {"loss_sing": loss_sing, "loss_ent": loss_ent}
 
 

@@ -26,16 +26,19 @@ def ran_past_the_checks(*args, **kwargs):
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps and --batch must be >= 1"),  # a StatisticsError after the set-up
     (["--batch", "0"], "--steps and --batch must be >= 1"), (["--warmup", "-1"], "--warmup >= 0"),
-    (["--variants", "-1"], "--variants are indices 0..4, got [-1]"),  # -1 silently took the last
-    (["--variants", "0", "5"], "--variants are indices 0..4, got [0, 5]"),  # an IndexError after the set-up
+    (["--variants", "-1"], "--variants are indices 0..5, got [-1]"),  # -1 silently took the last
+    (["--variants", "0", "6"], "--variants are indices 0..5, got [0, 6]"),  # an IndexError after the set-up
     (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),  # ran with a disabled GradScaler
+    (["--compile", "--warmup", "0"], "the first step compiles"),  # a timed step would include the compilation
+    (["--variants", "0", "5", "--warmup", "0"], "the first step compiles"),
+    (["--variants", "0", "5", "--count_bytes"], "compiled kernels are not seen"),
 ])
 def test_bench_mto_refuses(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(bench_mto, "make_teacher", ran_past_the_checks)  # a missing check fails here, not in minutes
     with pytest.raises(SystemExit) as exit_status:
         bench_mto.main(argv)
     assert exit_status.value.code == 2
-    assert len(bench_mto.VARIANTS) == 5 and message in capsys.readouterr().err
+    assert len(bench_mto.VARIANTS) == 6 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script, argv, message", [
@@ -282,7 +285,8 @@ def test_bench_mto_defaults_and_the_peak_resident_memory_in_gib(monkeypatch, cap
     monkeypatch.setattr(bench_mto.resource, "getrusage", lambda who: argparse.Namespace(ru_maxrss=3 * 2 ** 20))
     bench_mto.main([])
     assert made == [("vit_b", 64, 224, "cpu", "fp32", "none")] * 5
-    assert len(calls) == 5 * 4 and all(calls.count(cfg) == 4 for cfg in bench_mto.VARIANTS.values())
+    eager = list(bench_mto.VARIANTS.values())[:5]  # not the last, whose losses compile
+    assert len(calls) == 5 * 4 and all(calls.count(cfg) == 4 for cfg in eager) and not any(c and c.compile for c in calls)
     out = capsys.readouterr().out
     assert "peak resident memory of the process (all variants): 3.00 GiB" in out
     assert bench_mto.make_teacher(argparse.Namespace(teacher="none")) is None  # random targets, no CLIP teacher
@@ -387,6 +391,28 @@ def test_bench_mto_compare_mto_names_a_missing_file(tmp_path):
             bench_mto.load_mto(str(path))
 
 
+def test_bench_mto_compile_reaches_the_blocks_and_the_losses_and_refuses_an_older_mto(tmp_path, monkeypatch):
+    """--compile: every variant's blocks (engine.compile_blocks) and MTO's losses, as train_pretrain.py --compile;
+    variant 5: the losses only. An mto.py from --compare_mto without MTOConfig.compile runs eager, and refuses to
+    stand in for a compiled one."""
+    compiled_blocks = []
+    monkeypatch.setattr(bench_mto.engine, "compile_blocks", lambda vit: compiled_blocks.append(vit))
+    args = argparse.Namespace(model="vit_tiny", img_size=64, batch=2, device="cpu", amp="fp32", compile=True)
+    bench_mto.make_step(args, None)
+    assert len(compiled_blocks) == 1
+    configs = list(bench_mto.VARIANTS.values())
+    assert [bench_mto.mto_hook(bench_mto.mto, configs[1], compile_losses).cfg.compile
+            for compile_losses in (False, True)] == [False, True]
+    assert bench_mto.mto_hook(bench_mto.mto, configs[5], False).cfg.compile and not configs[1].compile
+    source = open(os.path.join(HERE, "mto.py")).read().replace("    compile: bool = False\n", "")
+    (tmp_path / "old_mto.py").write_text(source)
+    old = bench_mto.load_mto(str(tmp_path / "old_mto.py"))
+    assert not hasattr(old.MTOConfig(), "compile")
+    assert bench_mto.mto_hook(old, configs[1], False).cfg == old.MTOConfig()
+    with pytest.raises(SystemExit, match="has no MTOConfig.compile"):
+        bench_mto.mto_hook(old, configs[1], True)
+
+
 def test_bench_mto_step_trains_with_the_trainers_masks_and_two_levels_of_groups(monkeypatch):
     """One step: masks with the trainer's share of masked patches (75 of 196, here 6 of 16), L=2 levels of groups
     from a schedule drawn anew every step, and num_groups that cover every group."""
@@ -394,7 +420,7 @@ def test_bench_mto_step_trains_with_the_trainers_masks_and_two_levels_of_groups(
     monkeypatch.setattr(bench_mto.dtm.DTMPretrainModel, "forward",
                         lambda self, images, mask, targets, groups, num_groups: seen.append((mask, groups, num_groups))
                         or forward(self, images, mask, targets, groups, num_groups))
-    args = argparse.Namespace(model="vit_tiny", img_size=64, batch=2, device="cpu", amp="fp32")
+    args = argparse.Namespace(model="vit_tiny", img_size=64, batch=2, device="cpu", amp="fp32", compile=False)
     step = bench_mto.make_step(args, None)
     for _ in range(3):
         step()

@@ -24,7 +24,8 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
                      a library's failed allocation, is a figure; a configuration that cannot start 30 s before the
                      budget's end is skipped and named)
     bench_morph      python bench_morph.py --device cuda
-    bench_mto        python bench_mto.py --device cuda --amp bf16 --profile (fp16 without native bf16)
+    bench_mto        python bench_mto.py --device cuda --amp bf16 --variants 0 1 2 3 4 5 --profile (fp16 without
+                     native bf16; variant 5: MTO with its losses compiled)
     sdpa             ViT-B attention with the relative position bias, without and with MTO's recalibration mask, in
                      bf16 (native only) and fp16, equal to the math kernel: in training (forward and backward; the
                      relative position tables get their gradient only through SDPA's bias gradient) in the kernel SDPA
@@ -32,9 +33,11 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
                      kernel (forced); without gradient (evaluation) and the CLIP teacher's maskless attention in the
                      kernels SDPA picks (named; the teacher's may be flash's or cuDNN's)
     compile          --compile: one graph shared by all blocks, finite losses, first-step loss equal to the eager run's
-    bench_mto_whole_step  bench_mto's DTM and MTO's defaults with --teacher clip: MTO's overhead over the whole step
+    bench_mto_whole_step  bench_mto's DTM and MTO's defaults, eager and with its losses compiled, with --teacher clip:
+                     MTO's overhead over the whole step
     compile_mto_grad_checkpoint  as compile, with --grad_checkpoint and --mto (ViT-L's memory lever on a V100); on a GPU
-                     a second graph for the blocks recomputed on autograd's thread (thread count guard)
+                     a second graph for the blocks recomputed on autograd's thread (thread count guard); MTO's
+                     losses' graphs (--compile compiles them too) are counted apart
 """
 import time
 
@@ -474,13 +477,14 @@ def check_bench_morph(device, quick, tmp):
 
 def bench_mto_command(device, quick):
     amp = engine.amp_name(engine.resolve_amp("auto", device)[0], None)  # bench_mto.py's --amp choice
-    quick_flags = ["--model", "vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--img_size", "64"]
+    quick_flags = ["--model", "vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--img_size", "64"]
     return ["bench_mto.py", "--device", device, "--amp", amp,
             *(quick_flags if quick else ["--steps", "10", "--warmup", "2"])]
 
 
 def check_bench_mto(device, quick, tmp):  # --profile: the GPU's busy time and top kernels of each variant's step
-    return run_bench([*bench_mto_command(device, quick), "--profile"])
+    every_variant = [str(i) for i in range(len(bench_mto.VARIANTS))]  # the last with MTO's losses compiled
+    return run_bench([*bench_mto_command(device, quick), "--variants", *every_variant, "--profile"])
 
 
 def with_sdpa_kernels(fn):
@@ -582,10 +586,13 @@ def compiled_against_eager(device, quick, tmp, *flags):
     counters.clear()
     guard_failures.clear()
     compiled = pretrain_run(os.path.join(tmp, f"compiled{tag}"), device, quick, *flags, "--compile")
-    graphs = counters["stats"]["unique_graphs"]
-    details = {"graphs": graphs, "first_loss": {"eager": eager[0]["loss"], "compiled": compiled[0]["loss"]},
+    loss_graphs = mto_loss_graphs()  # with --mto, --compile compiles MTO's losses too
+    graphs = counters["stats"]["unique_graphs"] - loss_graphs
+    details = {"graphs": graphs, "mto_loss_graphs": loss_graphs,
+               "first_loss": {"eager": eager[0]["loss"], "compiled": compiled[0]["loss"]},
                # why a block was compiled again (a guard that failed), if it was
-               "recompiles": [reason.splitlines()[0] for reasons in guard_failures.values() for reason in reasons],
+               "recompiles": [reason.splitlines()[0] for code, reasons in guard_failures.items() for reason in reasons
+                              if code not in mto_loss_codes()],
                # the last step's time but data loading: two workers may not keep up with a GPU, so img_per_s (kept
                # too) can measure the loader rather than the compiled blocks
                "compute_s_last": {run: sum(lines[-1][k] for k in COMPUTE_PARTS)
@@ -596,6 +603,18 @@ def compiled_against_eager(device, quick, tmp, *flags):
     assert all(math.isfinite(r["loss"]) for r in compiled), details
     assert abs(compiled[0]["loss"] / eager[0]["loss"] - 1) < 3e-2, details
     return details
+
+
+def mto_loss_codes():
+    """The code objects of MTO's losses, which --compile --mto compiles (MTOConfig.compile) besides the blocks."""
+    import mto
+    return {fn.__code__ for fn in (mto._singularity_losses, mto._attention_entropies)}
+
+
+def mto_loss_graphs() -> int:
+    """The graphs compiled for MTO's losses since the last torch._dynamo.reset()."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    return sum(len(_debug_get_cache_entry_list(code)) for code in mto_loss_codes())
 
 
 def graphs_expected(graphs, recompiles, flags, device) -> bool:
@@ -649,7 +668,7 @@ def check_compile(device, quick, tmp):
 
 
 def check_bench_mto_whole_step(device, quick, tmp):  # late: the checks above matter more if time runs short
-    return run_bench([*bench_mto_command(device, quick), "--teacher", "clip", "--variants", "0", "1"])
+    return run_bench([*bench_mto_command(device, quick), "--teacher", "clip", "--variants", "0", "1", "5"])
 
 
 def check_compile_mto_grad_checkpoint(device, quick, tmp):
@@ -661,8 +680,8 @@ def check_compile_mto_grad_checkpoint(device, quick, tmp):
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}  # in this order
 # seconds a check needs: it starts only this long before the end of --budget_s
-RESERVE_S = {"torchrun": 60, "ddp_two_processes": 90, "throughput": 60, "bench_morph": 30, "bench_mto": 60,
-             "sdpa": 30, "compile": 150, "bench_mto_whole_step": 60, "compile_mto_grad_checkpoint": 150}
+RESERVE_S = {"torchrun": 60, "ddp_two_processes": 90, "throughput": 60, "bench_morph": 30, "bench_mto": 120,
+             "sdpa": 30, "compile": 150, "bench_mto_whole_step": 120, "compile_mto_grad_checkpoint": 150}
 CONFIG_RESERVE_S = 30  # throughput: a configuration (ViT-L at 128 on a V100: its model built, 12 steps) starts this
 # long before the budget's end at the latest
 
@@ -1133,7 +1152,7 @@ def test_compiled_against_eager_counts_the_compiled_runs_graphs_only_and_bounds_
     def run(out, device, quick, *extra):
         compiled = "--compile" in extra
         if compiled:
-            counters["stats"]["unique_graphs"] += case["graphs"]
+            counters["stats"]["unique_graphs"] += case["graphs"] + case.get("loss_graphs", 0)
         loss = case["ratio"] if compiled else 1.0
         return [{"loss": loss, "img_per_s": 10.0, **{k: 0.25 for k in COMPUTE_PARTS}, "data_s": 5.0}] * 3
 
@@ -1144,6 +1163,13 @@ def test_compiled_against_eager_counts_the_compiled_runs_graphs_only_and_bounds_
         details = compiled_against_eager("cpu", True, str(tmp_path), "--mto")
         assert details["graphs"] == 1 and details["compute_s_last"] == {"eager": 1.0, "compiled": 1.0}
         assert details["first_loss"] == {"eager": 1.0, "compiled": 1.02}
+        monkeypatch.setattr(sys.modules[__name__], "mto_loss_graphs", lambda: 3)  # --mto --compile: MTO's losses
+        case.update(loss_graphs=3)
+        details = compiled_against_eager("cpu", True, str(tmp_path), "--mto")
+        assert (details["graphs"], details["mto_loss_graphs"]) == (1, 3)
+        case.update(graphs=2)  # a second graph of the blocks is still one too many
+        with pytest.raises(AssertionError):
+            compiled_against_eager("cpu", True, str(tmp_path), "--mto")
         for graphs, ratio in ((2, 1.0), (0, 1.0), (1, 1.05), (1, 0.95), (1, float("nan"))):
             counters["stats"]["unique_graphs"] += 4
             case.update(graphs=graphs, ratio=ratio)

@@ -431,6 +431,34 @@ def test_mto_with_compiled_blocks_equals_eager(grad_checkpoint):
         torch.testing.assert_close(compiled_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside torch.compile
+def test_compiled_losses_equal_eager_values_and_gradients():
+    """MTOConfig(compile=True) (train_pretrain.py --compile --mto): the losses' arithmetic torch.compile'd, one graph
+    per loss (the 4 blocks in one group), with padded rows and images without masked or visible patches: the losses
+    and every gradient equal the eager ones. A second backward through the compiled losses fails (torch's own error)
+    instead of returning a wrong gradient."""
+    from torch._dynamo.utils import counters
+    x, mask = images(4), masks_with_edge_cases()
+    model = tiny_vit()
+    torch._dynamo.reset()
+    counters.clear()
+    results = []
+    for cfg in (mto.MTOConfig(), mto.MTOConfig(compile=True)):
+        tokens, losses = mto.mto_forward(model, x, mask, cfg)
+        loss = tokens.pow(2).mean() + losses["loss_sing"] + losses["loss_ent"]
+        results.append((torch.stack([losses["loss_sing"], losses["loss_ent"]]).detach(), grads(loss, model)))
+    assert counters["stats"]["unique_graphs"] == 2
+    (values, reference), (compiled_values, compiled_grads) = results
+    assert torch.all(values > 0)
+    torch.testing.assert_close(compiled_values, values, rtol=1e-6, atol=0)
+    for name, g in reference.items():
+        torch.testing.assert_close(compiled_grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    _, losses = mto.mto_forward(model, x, mask, mto.MTOConfig(compile=True))
+    (grad,) = torch.autograd.grad(losses["loss_ent"], model.mask_token, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad.sum().backward()
+
+
 def test_depth_weights():
     assert torch.allclose(mto.depth_weights(4, 4), torch.tensor([4., 3., 2., 1.]) / 10)
     assert torch.allclose(mto.depth_weights(4, 2), torch.tensor([4., 3., 0., 0.]) / 7)

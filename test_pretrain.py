@@ -699,6 +699,16 @@ def test_build_model_gives_the_student_its_flags():
     assert student.grad_checkpointing
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # imported by torch.compile
+def test_compile_with_mto_compiles_mtos_losses_too():
+    """--compile --mto: the blocks and MTO's losses (MTOConfig.compile); --mto alone neither."""
+    for flags, compiled in (([], False), (["--compile"], True)):
+        model = tp.build_model(tp.parse_args(["--teacher", "pixels", *TINY, "--mto", *flags]), CPU)[0]
+        assert model.features_fn.cfg.compile is compiled
+        assert all(hasattr(b, "_compiled_call_impl") and (b._compiled_call_impl is not None) is compiled
+                   for b in model.student.blocks)
+
+
 def test_clip_teacher_flags_reach_the_teacher_and_the_head(tmp_path):
     torch.manual_seed(0)
     visual = dtm.CLIPVisual(input_resolution=32, patch_size=16, width=64, layers=1, heads=1, output_dim=24)

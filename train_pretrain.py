@@ -122,7 +122,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--teacher_amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
       help="the teacher's autocast; auto: fp16 on a GPU whenever --amp is not fp32 (as the official code: more "
       "mantissa than bf16, and its forward has no gradient to scale), else --amp's")
-    a("--compile", action="store_true", help="torch.compile the student's blocks")
+    a("--compile", action="store_true", help="torch.compile the student's blocks (and with --mto, MTO's losses)")
     a("--grad_checkpoint", action="store_true", help="recompute each block's activations in the backward instead of "
       "storing them (less memory, about a third more compute; ViT-L at batch 128 on 32 GB GPUs)")
     # run
@@ -232,6 +232,8 @@ def build_model(args, d: engine.Dist):
     teacher = dtm.build_teacher(args.teacher, args.img_size, dtm.PATCH_SIZE, args.teacher_norm,
                                 clip_proj=not args.no_clip_proj).to(d.device)
     mto_cfg = mto.mto_config_from_args(args)  # None without --mto: the plain DTM forward
+    if mto_cfg is not None:
+        mto_cfg.compile = args.compile  # --compile: MTO's losses too
     model = dtm.DTMPretrainModel(student, teacher.out_dim, args.loss, args.beta, args.loss_on, args.normalize_target,
                                  features_fn=mto.MTO(mto_cfg) if mto_cfg else None).to(d.device)
     model.student.grad_checkpointing = args.grad_checkpoint
