@@ -53,7 +53,8 @@ VARIANTS = {"dtm": None,
             "dtm + mto recalibration + entropy loss": mto.MTOConfig(lambda_sing=0),
             "dtm + mto recalibration only": mto.MTOConfig(lambda_sing=0, lambda_ent=0),
             "dtm + mto (defaults), its losses compiled": mto.MTOConfig(compile=True)}
-EAGER_VARIANTS = [0, 1, 2, 3, 4]  # the default: all but the last, which compiles (on the CPU: a C++ compiler, minutes)
+# the default: all but those whose losses compile (on the CPU that needs a C++ compiler; seconds to a minute)
+EAGER_VARIANTS = [i for i, cfg in enumerate(VARIANTS.values()) if cfg is None or not cfg.compile]
 
 
 def load_mto(path):
@@ -77,14 +78,21 @@ def make_teacher(args):
 
 def mto_hook(mto_module, cfg, compile_losses):
     """mto_module.MTO with cfg's settings, its losses compiled or not (an mto.py from --compare_mto may be older than
-    MTOConfig.compile: it runs without it)."""
+    MTOConfig.compile: it runs without it; main refuses --compile for it)."""
     settings = {**vars(cfg), "compile": cfg.compile or compile_losses}
-    if "compile" not in {field.name for field in dataclasses.fields(mto_module.MTOConfig)}:
+    if not has_compile(mto_module):
         if settings["compile"]:
-            raise SystemExit("--compare_mto's mto.py has no MTOConfig.compile (it predates compiled losses): run the "
-                             "comparison without --compile")
+            raise SystemExit(COMPILE_MISSING)
         del settings["compile"]
     return mto_module.MTO(mto_module.MTOConfig(**settings))
+
+
+def has_compile(mto_module) -> bool:
+    return "compile" in {field.name for field in dataclasses.fields(mto_module.MTOConfig)}
+
+
+COMPILE_MISSING = ("--compare_mto's mto.py has no MTOConfig.compile (it predates compiled losses): run the comparison "
+                   "without --compile")
 
 
 def make_step(args, cfg, mto_module=mto, teacher=None):
@@ -308,6 +316,8 @@ def main(argv=None):
     if args.compare_mto:
         names.append(f"dtm + mto from {args.compare_mto} (defaults)")
         variants[names[-1]] = (mto.MTOConfig(), load_mto(args.compare_mto))
+        if args.compile and not has_compile(variants[names[-1]][1]):
+            parser.error(COMPILE_MISSING)  # before anything is built
     print(f"{args.model} batch={args.batch} img={args.img_size} device={args.device} amp={args.amp} "
           f"threads={torch.get_num_threads()} malloc={args.malloc} teacher={args.teacher} compile={args.compile} "
           f"torch={torch.__version__}",

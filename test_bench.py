@@ -272,8 +272,8 @@ def test_bench_mto_rotates_which_variant_goes_first(monkeypatch, capsys):
 
 
 def test_bench_mto_defaults_and_the_peak_resident_memory_in_gib(monkeypatch, capsys):
-    """Defaults (docstring: vit_b, batch 64, CPU; 1 warm-up and 3 timed steps of every variant) and ru_maxrss (kB on
-    Linux) printed in GiB."""
+    """Defaults (docstring: vit_b, batch 64, CPU; 1 warm-up and 3 timed steps of every eager variant, 0 to 4) and
+    ru_maxrss (kB on Linux) printed in GiB."""
     clock, made, calls = FakeClock(), [], []
 
     def fake_make_step(args, cfg, mto_module=bench_mto.mto, teacher=None):
@@ -397,10 +397,15 @@ def test_bench_mto_compile_reaches_the_blocks_and_the_losses_and_refuses_an_olde
     stand in for a compiled one."""
     compiled_blocks = []
     monkeypatch.setattr(bench_mto.engine, "compile_blocks", lambda vit: compiled_blocks.append(vit))
+    hooks = []
+    monkeypatch.setattr(bench_mto.dtm, "DTMPretrainModel", lambda student, dim, features_fn: hooks.append(features_fn)
+                        or bench_mto.dtm.nn.Linear(1, 1))
     args = argparse.Namespace(model="vit_tiny", img_size=64, batch=2, device="cpu", amp="fp32", compile=True)
-    bench_mto.make_step(args, None)
-    assert len(compiled_blocks) == 1
     configs = list(bench_mto.VARIANTS.values())
+    bench_mto.make_step(args, None)
+    bench_mto.make_step(args, configs[1])
+    assert len(compiled_blocks) == 2 and hooks[0] is None and hooks[1].cfg.compile
+    assert bench_mto.EAGER_VARIANTS == [0, 1, 2, 3, 4]
     assert [bench_mto.mto_hook(bench_mto.mto, configs[1], compile_losses).cfg.compile
             for compile_losses in (False, True)] == [False, True]
     assert bench_mto.mto_hook(bench_mto.mto, configs[5], False).cfg.compile and not configs[1].compile
@@ -411,6 +416,10 @@ def test_bench_mto_compile_reaches_the_blocks_and_the_losses_and_refuses_an_olde
     assert bench_mto.mto_hook(old, configs[1], False).cfg == old.MTOConfig()
     with pytest.raises(SystemExit, match="has no MTOConfig.compile"):
         bench_mto.mto_hook(old, configs[1], True)
+    monkeypatch.setattr(bench_mto, "make_teacher", ran_past_the_checks)  # refused before anything is built
+    with pytest.raises(SystemExit) as exit_status:
+        bench_mto.main(["--compile", "--compare_mto", str(tmp_path / "old_mto.py")])
+    assert exit_status.value.code == 2
 
 
 def test_bench_mto_step_trains_with_the_trainers_masks_and_two_levels_of_groups(monkeypatch):
