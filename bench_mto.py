@@ -299,8 +299,7 @@ def main(argv=None):
         parser.error("--steps and --batch must be >= 1, --warmup >= 0")
     if not all(0 <= i < len(VARIANTS) for i in args.variants):
         parser.error(f"--variants are indices 0..{len(VARIANTS) - 1}, got {args.variants}")
-    configs = [list(VARIANTS.values())[i] for i in args.variants]
-    compiles = args.compile or any(cfg is not None and cfg.compile for cfg in configs)
+    compiles = args.compile or not set(args.variants) <= set(EAGER_VARIANTS)
     if compiles and args.warmup < 1:
         parser.error("--compile and variant 5 need --warmup 1 or more: the first step compiles")
     if compiles and args.count_bytes:

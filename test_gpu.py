@@ -586,13 +586,13 @@ def compiled_against_eager(device, quick, tmp, *flags):
     counters.clear()
     guard_failures.clear()
     compiled = pretrain_run(os.path.join(tmp, f"compiled{tag}"), device, quick, *flags, "--compile")
-    loss_graphs = mto_loss_graphs()  # with --mto, --compile compiles MTO's losses too
+    loss_graphs, loss_codes = mto_loss_graphs(), mto_loss_codes()  # with --mto, --compile compiles MTO's losses too
     graphs = counters["stats"]["unique_graphs"] - loss_graphs
     details = {"graphs": graphs, "mto_loss_graphs": loss_graphs,
                "first_loss": {"eager": eager[0]["loss"], "compiled": compiled[0]["loss"]},
                # why a block was compiled again (a guard that failed), if it was
                "recompiles": [reason.splitlines()[0] for code, reasons in guard_failures.items() for reason in reasons
-                              if code not in mto_loss_codes()],
+                              if code not in loss_codes],
                # the last step's time but data loading: two workers may not keep up with a GPU, so img_per_s (kept
                # too) can measure the loader rather than the compiled blocks
                "compute_s_last": {run: sum(lines[-1][k] for k in COMPUTE_PARTS)
