@@ -318,7 +318,7 @@ class _Cosine(torch.autograd.Function):
         x, k, x_norm, k_norm, cos = ctx.saved_tensors
         along_k = grad / (x_norm * k_norm)
         along_x = torch.where(x_norm > 1e-12, grad * cos / x_norm.square(), 0)  # a clamped |x| is a constant
-        return torch.addcmul(k * along_k[..., None], x, along_x[..., None], value=-1), None, None
+        return (k * along_k[..., None]).addcmul_(x, along_x[..., None], value=-1), None, None
 
 
 def _singularity_losses(hiddens, mask, rows: Rows, num_prefix: int):
@@ -342,13 +342,13 @@ def _singularity_losses(hiddens, mask, rows: Rows, num_prefix: int):
 class _SoftmaxEntropy(torch.autograd.Function):
     """H(z) = entropy of softmax(z) over the last dim = log(sum_j e_j) - sum_j p_j z_j, e_j = exp(z_j), p_j = e_j /
     sum_k e_k, with the gradient dH/dz_j = -p_j (z_j - sum_k p_k z_k): a few passes over z instead of autograd
-    through softmax, log and sum. Both are the same for z shifted by a constant per row, so z is shifted to a row
-    maximum of 0 first (else the difference of two large numbers loses the entropy: logits of 1e3 gave -9e-6; and
-    sum_j e_j >= 1). Only the shifted z and two numbers per row are kept for the backward (p is recomputed there)."""
+    through softmax, log and sum. Both are the same for z shifted by a constant per row, and z must come shifted to
+    a row maximum of 0 (_visible_logits shifts it in place): else exp() can overflow, or the difference of two large
+    numbers lose the entropy (logits of 1e3 gave -9e-6); and sum_j e_j >= 1. Only z and two numbers per row are kept
+    for the backward (p is recomputed there)."""
 
     @staticmethod
     def forward(ctx, z):
-        z = z - z.amax(dim=-1, keepdim=True)
         e = z.exp()
         total = e.sum(dim=-1)
         expected = e.mul_(z).sum(dim=-1) / total  # sum_j p_j z_j
@@ -360,6 +360,27 @@ class _SoftmaxEntropy(torch.autograd.Function):
         _refuse_create_graph()
         z, total, expected = ctx.saved_tensors
         return (z - expected[..., None]).mul_(z.exp()).mul_((-grad / total)[..., None])
+
+
+class _GatherPairs(torch.autograd.Function):
+    """table (L, heads, T * T), pairs (B * M * V,) -> table[:, :, pairs] as a fresh (L * heads * B, M, V) tensor, not a
+    view: the logits are computed into it in place (baddbmm_), and in-place ops on a view would have autograd copy
+    the whole gradient twice per op in the backward (CopySlices). The backward: index_add_ into zeros of the table."""
+
+    @staticmethod
+    def forward(ctx, table, pairs, shape):
+        ctx.save_for_backward(pairs)
+        ctx.table_shape = table.shape
+        out = table.new_empty(shape)
+        torch.index_select(table, 2, pairs, out=out.view(*table.shape[:2], -1))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        _refuse_create_graph()
+        (pairs,) = ctx.saved_tensors
+        grad_table = grad.new_zeros(ctx.table_shape)
+        return grad_table.index_add_(2, pairs, grad.view(*ctx.table_shape[:2], -1)), None, None
 
 
 def _check_qk(q, k, bias, mask, num_prefix):
@@ -436,21 +457,25 @@ def _visible_logits(qks, rows: Rows, num_prefix: int, dtype):
     biases = [bias for _, _, bias in qks]
     if all(bias is None for bias in biases):
         logits = torch.bmm(q_rows, k_rows.transpose(1, 2)).mul_(D ** -0.5)
-    else:  # each (heads, T, T) bias at each (masked query, visible key) pair
+    else:  # each (heads, T, T) bias at each (masked query, visible key) pair, then + scale * q k^T into it
         zero = next(bias for bias in biases if bias is not None).new_zeros(H, T, T)
         table = torch.stack([zero if bias is None else bias for bias in biases]).to(dtype).flatten(2)  # (L, H, T * T)
         pairs = (queries[:, :, None] * T + keys[:, None, :]).flatten()  # (B * M * V,) into a T x T table
-        bias = table.index_select(2, pairs).view(L * H * B, M, V)
-        logits = torch.baddbmm(bias, q_rows, k_rows.transpose(1, 2), alpha=D ** -0.5)
-    logits = logits.view(L, H, B, M, V)
-    # padding keys: -1e4 once each row is shifted to a real maximum of 0, so exp() of it is exactly 0 in float32 (a
-    # -1e4 before the shift was not, beside real logits near -1e4); unlike -inf it keeps p * logit finite
+        logits = _GatherPairs.apply(table, pairs, (L * H * B, M, V)).baddbmm_(q_rows, k_rows.transpose(1, 2),
+                                                                              alpha=D ** -0.5)
+    # each row shifted to a maximum of 0, in place (not on a view: see _GatherPairs), as _SoftmaxEntropy needs;
+    # padding keys: -1e4 after the shift, so exp() of it is exactly 0 in float32 (a -1e4 before the shift was not,
+    # beside real logits near -1e4); unlike -inf it keeps p * logit finite. An image without visible patches keeps
+    # its rows of padding keys as they are (finite; its entropy is not counted)
+    padding = None
     if rows.visible_padded:
-        padding = ~rows.visible_valid[:, None, :]  # (B, 1, V)
+        padding = ~rows.visible_valid & rows.visible_valid.any(dim=1, keepdim=True)  # (B, V)
+        padding = padding[:, None, :].repeat(L * H, 1, 1)  # (L * H * B, 1, V)
         logits.masked_fill_(padding, float("-inf"))
-        logits.sub_(logits.detach().amax(dim=-1, keepdim=True).nan_to_num(neginf=0.0))  # -inf rows: no visible key
+    logits.sub_(logits.detach().amax(dim=-1, keepdim=True))
+    if padding is not None:
         logits.masked_fill_(padding, -1e4)
-    return logits
+    return logits.view(L, H, B, M, V)
 
 
 def _num_layers(value, depth, name):

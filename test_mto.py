@@ -747,22 +747,55 @@ def test_mto_hook_returns_detached_stats():
     torch.testing.assert_close(loss, 0.3 * stats["loss_sing"] + 0.7 * stats["loss_ent"])
 
 
-def test_softmax_entropy_of_large_logits_is_accurate_without_padding():
-    """_SoftmaxEntropy shifts each row itself: with an unpadded mask (a fixed masked count, as BlockMaskGenerator
-    makes) _attention_entropy does no shift of its own, so logits far from 0 must still give the right entropy."""
+def test_entropy_of_large_logits_is_accurate_with_and_without_padding():
+    """_SoftmaxEntropy takes rows shifted to a maximum of 0 (exp() would overflow otherwise), which _visible_logits
+    makes in place, padded or not: a constant bias far from 0 changes nothing but float32's rounding of it."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4, 7, generator=g, dtype=torch.float64)
-    for offset in (1e4, -1e4, 1e5):
-        logits = (z + offset).float()  # the float32 logits; the reference is their exact entropy
-        reference = -(logits.double().softmax(-1) * logits.double().log_softmax(-1)).sum(-1)
-        got = mto._SoftmaxEntropy.apply(logits)
-        torch.testing.assert_close(got.double(), reference, rtol=0, atol=1e-5)
-    mask = torch.rand(2, N, generator=g).argsort(dim=1) < 6  # 6 masked in each: no padding, no outer shift
-    assert not mto.patch_rows(mask).visible_padded
-    q, k = torch.randn(2, 2, 1 + N, 8, generator=g), torch.randn(2, 2, 1 + N, 8, generator=g)
-    plain = mto.attention_entropy(q, k, None, mask)
-    shifted = mto.attention_entropy(q, k, torch.full((2, 1 + N, 1 + N), 1e4), mask)  # a constant bias: same rows
-    torch.testing.assert_close(shifted, plain, rtol=0, atol=2e-3)
+    z = (z - z.amax(dim=-1, keepdim=True)).float()
+    reference = -(z.double().softmax(-1) * z.double().log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(mto._SoftmaxEntropy.apply(z).double(), reference, rtol=0, atol=1e-6)
+    unpadded = torch.rand(2, N, generator=g).argsort(dim=1) < 6  # 6 masked in each: no padding
+    padded = masks_with_edge_cases()  # different counts, an image without visible and one without masked patches
+    assert not mto.patch_rows(unpadded).visible_padded and mto.patch_rows(padded).visible_padded
+    for mask in (unpadded, padded):
+        B = mask.shape[0]
+        q, k = torch.randn(B, 2, 1 + N, 8, generator=g), torch.randn(B, 2, 1 + N, 8, generator=g)
+        rows = mto.patch_rows(mask)
+        plain = mto.attention_entropy(q, k, None, mask)
+        for offset in (1e4, -1e4, 1e5):
+            bias = torch.full((2, 1 + N, 1 + N), offset)  # the same for every pair: the same rows
+            logits = mto._visible_logits([(q, k, bias)], rows, 1, torch.float32)  # (1, heads, B, M, V)
+            has_visible = rows.visible_valid.any(dim=1)
+            assert (logits.amax(dim=-1)[:, :, has_visible] == 0).all()
+            torch.testing.assert_close(mto.attention_entropy(q, k, bias, mask), plain, rtol=0, atol=2e-3)
+
+
+def test_entropy_backward_copies_no_gradient_for_in_place_ops():
+    """The logits are shifted (and padded) in place: on a view of another tensor, autograd's backward would copy
+    the whole gradient twice per in-place op (CopySlices); _GatherPairs hands back a tensor, not a view."""
+    g = torch.Generator().manual_seed(1)
+    for mask in (random_mask(4, seed=5), masks_with_edge_cases()):
+        B = mask.shape[0]
+        q, k = (torch.randn(B, 2, 1 + N, 8, generator=g, requires_grad=True) for _ in range(2))
+        bias = torch.randn(2, 1 + N, 1 + N, generator=g, requires_grad=True)
+        nodes, stack = set(), [mto.attention_entropy(q, k, bias, mask).sum().grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is not None and node not in nodes:
+                nodes.add(node)
+                stack.extend(next_node for next_node, _ in node.next_functions)
+        names = {type(node).__name__ for node in nodes}
+        assert "_GatherPairsBackward" in names and not any("CopySlices" in name for name in names), names
+
+
+def test_gather_pairs_backward_equals_index_selects():
+    table = torch.randn(2, 3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    pairs = torch.tensor([3, 3, 0, 15, 7, 3])  # repeated pairs add up
+    out = mto._GatherPairs.apply(table, pairs, (2 * 3 * 2, 1, 3))
+    assert out._base is None
+    torch.testing.assert_close(out, table.index_select(2, pairs).view(12, 1, 3), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda t: mto._GatherPairs.apply(t, pairs, (12, 1, 3)), (table,))
 
 
 def test_mto_py_copied_alone_imports_nothing_of_this_repo_and_computes_the_same(tmp_path):
