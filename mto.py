@@ -344,7 +344,7 @@ class _SoftmaxEntropy(torch.autograd.Function):
     sum_k e_k, with the gradient dH/dz_j = -p_j (z_j - sum_k p_k z_k): a few passes over z instead of autograd
     through softmax, log and sum. Both are the same for z shifted by a constant per row, and z must come shifted to
     a row maximum of 0 (_visible_logits shifts it in place): else exp() can overflow, or the difference of two large
-    numbers lose the entropy (logits of 1e3 gave -9e-6); and sum_j e_j >= 1. Only z and two numbers per row are kept
+    numbers loses the entropy (logits of 1e3 gave -9e-6); and sum_j e_j >= 1. Only z and two numbers per row are kept
     for the backward (p is recomputed there)."""
 
     @staticmethod
@@ -380,7 +380,7 @@ class _GatherPairs(torch.autograd.Function):
         _refuse_create_graph()
         (pairs,) = ctx.saved_tensors
         grad_table = grad.new_zeros(ctx.table_shape)
-        return grad_table.index_add_(2, pairs, grad.view(*ctx.table_shape[:2], -1)), None, None
+        return grad_table.index_add_(2, pairs, grad.reshape(*ctx.table_shape[:2], -1)), None, None
 
 
 def _check_qk(q, k, bias, mask, num_prefix):
@@ -446,7 +446,8 @@ def _visible_logits(qks, rows: Rows, num_prefix: int, dtype):
     """The L blocks' attention logits of the masked queries against the visible keys -> (L, heads, B, M, V).
 
     Heads before images: the relative position bias at each (masked query, visible key) pair, gathered from the
-    (L, heads, T * T) tables, comes out in that order, and one baddbmm computes bias + scale * q k^T.
+    (L, heads, T * T) tables, comes out in that order, and one baddbmm computes bias + scale * q k^T. Each row is
+    shifted to a maximum of 0 (as _SoftmaxEntropy needs), padding keys are -1e4.
     """
     B, H, T, D = qks[0][0].shape
     queries, keys = rows.masked + num_prefix, rows.visible + num_prefix  # (B, M), (B, V) token indices
@@ -461,8 +462,8 @@ def _visible_logits(qks, rows: Rows, num_prefix: int, dtype):
         zero = next(bias for bias in biases if bias is not None).new_zeros(H, T, T)
         table = torch.stack([zero if bias is None else bias for bias in biases]).to(dtype).flatten(2)  # (L, H, T * T)
         pairs = (queries[:, :, None] * T + keys[:, None, :]).flatten()  # (B * M * V,) into a T x T table
-        logits = _GatherPairs.apply(table, pairs, (L * H * B, M, V)).baddbmm_(q_rows, k_rows.transpose(1, 2),
-                                                                              alpha=D ** -0.5)
+        logits = _GatherPairs.apply(table, pairs, (L * H * B, M, V))
+        logits.baddbmm_(q_rows, k_rows.transpose(1, 2), alpha=D ** -0.5)
     # each row shifted to a maximum of 0, in place (not on a view: see _GatherPairs), as _SoftmaxEntropy needs;
     # padding keys: -1e4 after the shift, so exp() of it is exactly 0 in float32 (a -1e4 before the shift was not,
     # beside real logits near -1e4); unlike -inf it keeps p * logit finite. An image without visible patches keeps
