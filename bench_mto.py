@@ -163,13 +163,20 @@ def profile_step(name, step, cuda, top=8, reference=None):
         start = time.perf_counter()
         step()  # ends with a synchronize on a GPU
         wall = time.perf_counter() - start
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not annotation(e)]
     busy = f", {len(kernels)} GPU kernels, GPU busy {sum(e.device_time for e in kernels) / 1e3:.1f} ms" if cuda else ""
     print(f"profile of {name}: {1e3 * wall:.1f} ms wall{busy}", flush=True)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    times = {e.key: (e.count, getattr(e, key) / 1e3) for e in prof.key_averages()}
+    times = {e.key: (e.count, getattr(e, key) / 1e3) for e in prof.key_averages() if not annotation(e)}
     print_top(times, "ms", top, reference)
     return times
+
+
+def annotation(event) -> bool:
+    """Whether a profiler event is kineto's copy of a record_function range on the GPU's timeline (e.g. the optimizer's
+    step): not a kernel, its time the range's span, and in key_averages under the same name as the range's CPU entry.
+    Left out of the kernels and the table, as torch's own profiler table leaves them out of its GPU total."""
+    return bool(getattr(event, "is_user_annotation", False))
 
 
 def print_top(table, unit, top=8, reference=None):

@@ -345,6 +345,38 @@ def test_bench_mto_profile_step_reports_the_growth_over_the_reference(capsys, mo
                                                  ["aten::add", "-1", "calls", "-0.50", "ms"]]
 
 
+def test_bench_mto_profile_step_on_a_gpu_leaves_out_the_gpu_copies_of_record_function_ranges(capsys, monkeypatch):
+    """On a GPU kineto also puts each record_function range (the optimizer's step) on the GPU's timeline: not a
+    kernel, and under the same name as the range's CPU entry, which it must not replace in the table."""
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    class FakeProfile:
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return [argparse.Namespace(device_type=cuda, device_time=2000.0, is_user_annotation=False),  # a kernel
+                    argparse.Namespace(device_type=cuda, device_time=5270.0, is_user_annotation=True),  # the range
+                    argparse.Namespace(device_type=cpu, device_time=0.0, is_user_annotation=False)]
+
+        def key_averages(self):
+            rows = (("Optimizer.step#AdamW.step", 1, 0.0, False), ("Optimizer.step#AdamW.step", 1, 5270.0, True),
+                    ("aten::mm", 10, 2000.0, False))
+            return [argparse.Namespace(key=k, count=c, self_device_time_total=us, is_user_annotation=a)
+                    for k, c, us, a in rows]
+
+    monkeypatch.setattr("torch.profiler.profile", FakeProfile)
+    times = bench_mto.profile_step("v", lambda: None, cuda=True, top=3)
+    assert times == {"Optimizer.step#AdamW.step": (1, 0.0), "aten::mm": (10, 2.0)}
+    assert ", 1 GPU kernels, GPU busy 2.0 ms" in capsys.readouterr().out
+
+
 def test_byte_count_counts_reads_and_writes_by_the_rules_of_each_kind_of_op():
     """Elementwise ops: inputs read, results written; views and empty tensors: nothing; fills: written only; gathers:
     the rows taken and the index; index_put_: the values and index read, the values' bytes written; copy_: the

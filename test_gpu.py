@@ -300,11 +300,13 @@ def run_child(argv, timeout, **kwargs):
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill(descendants(process.pid) + [process.pid])
+        stdout = stderr = ""
         try:  # the pipes close once the killed processes are gone, unless a process that left the tree holds them
-            process.communicate(timeout=KILLED_PIPES_WAIT_S)
+            stdout, stderr = process.communicate(timeout=KILLED_PIPES_WAIT_S)
         except subprocess.TimeoutExpired:
             pass
-        raise TimeoutError(f"{' '.join(argv[:4])} ... did not finish within {timeout:.0f} s (killed)") from None
+        output = f"; its output until then:\n{stdout[-4000:]}{stderr[-2000:]}" if stdout or stderr else ""
+        raise TimeoutError(f"{' '.join(argv[:4])} ... did not finish within {timeout:.0f} s (killed){output}") from None
     return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
 
@@ -464,8 +466,8 @@ class ThroughputFailed(Exception):
         self.figures = figures
 
 
-def run_bench(argv):
-    result = run_child([sys.executable, *argv], timeout=240, cwd=HERE)
+def run_bench(argv, timeout=240):
+    result = run_child([sys.executable, *argv], timeout=timeout, cwd=HERE)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return {"command": " ".join(argv), "output": result.stdout.strip().splitlines()}
 
@@ -484,7 +486,7 @@ def bench_mto_command(device, quick):
 
 def check_bench_mto(device, quick, tmp):  # --profile: the GPU's busy time and top kernels of each variant's step
     every_variant = [str(i) for i in range(len(bench_mto.VARIANTS))]  # the last with MTO's losses compiled
-    return run_bench([*bench_mto_command(device, quick), "--variants", *every_variant, "--profile"])
+    return run_bench([*bench_mto_command(device, quick), "--variants", *every_variant, "--profile"], timeout=300)
 
 
 def with_sdpa_kernels(fn):
@@ -1090,6 +1092,15 @@ def test_run_child_passes_its_arguments_and_gives_at_least_1_s_near_the_watchdog
     monkeypatch.setattr(sys.modules[__name__], "STARTED", time.perf_counter())
     with pytest.raises(TimeoutError, match="did not finish within 1 s"):
         run_child([sys.executable, "-c", "import time; time.sleep(60)"], timeout=240)
+
+
+def test_a_killed_childs_output_until_then_is_in_the_error():
+    """bench_mto prints its overheads before its profiles: a child killed at its timeout keeps that in the report."""
+    code = ("import sys, time; print('overheads over dtm', flush=True); print('warning', file=sys.stderr, flush=True)"
+            "; time.sleep(60)")
+    with pytest.raises(TimeoutError, match=r"(?s)did not finish within 3 s \(killed\); its output until then:\n"
+                                           r"overheads over dtm\nwarning"):
+        run_child([sys.executable, "-c", code], timeout=3)
 
 
 def test_out_of_memory_is_torchs_error_or_a_runtime_errors_failed_allocation():
