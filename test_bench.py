@@ -314,9 +314,8 @@ def test_bench_mto_profile_prints_each_variants_profiled_step_and_its_top_ops(ca
     assert increases == sorted(increases, reverse=True)
 
 
-def test_bench_mto_profile_step_reports_the_growth_over_the_reference(capsys, monkeypatch):
-    """The ops whose time grew most: this variant's calls and time less the reference's, an op the reference did not
-    run counted from zero."""
+def fake_profile(events, averages):
+    """A stand-in for torch.profiler.profile whose run recorded `events` and `averages` (key_averages)."""
     class FakeProfile:
         def __init__(self, **kwargs):
             pass
@@ -328,13 +327,19 @@ def test_bench_mto_profile_step_reports_the_growth_over_the_reference(capsys, mo
             return False
 
         def events(self):
-            return []
+            return events
 
         def key_averages(self):
-            return [argparse.Namespace(key=k, count=c, self_cpu_time_total=us) for k, c, us in
-                    (("aten::mm", 10, 5000.0), ("aten::softmax", 4, 3000.0), ("aten::add", 2, 1000.0))]
+            return averages
+    return FakeProfile
 
-    monkeypatch.setattr("torch.profiler.profile", FakeProfile)
+
+def test_bench_mto_profile_step_reports_the_growth_over_the_reference(capsys, monkeypatch):
+    """The ops whose time grew most: this variant's calls and time less the reference's, an op the reference did not
+    run counted from zero."""
+    averages = [argparse.Namespace(key=k, count=c, self_cpu_time_total=us) for k, c, us in
+                (("aten::mm", 10, 5000.0), ("aten::softmax", 4, 3000.0), ("aten::add", 2, 1000.0))]
+    monkeypatch.setattr("torch.profiler.profile", fake_profile([], averages))
     reference = {"aten::mm": (10, 4.0), "aten::add": (3, 1.5)}
     times = bench_mto.profile_step("v", lambda: None, cuda=False, top=3, reference=reference)
     assert times == {"aten::mm": (10, 5.0), "aten::softmax": (4, 3.0), "aten::add": (2, 1.0)}
@@ -349,29 +354,14 @@ def test_bench_mto_profile_step_on_a_gpu_leaves_out_the_gpu_copies_of_record_fun
     """On a GPU kineto also puts each record_function range (the optimizer's step) on the GPU's timeline: not a
     kernel, and under the same name as the range's CPU entry, which it must not replace in the table."""
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
-
-    class FakeProfile:
-        def __init__(self, **kwargs):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def events(self):
-            return [argparse.Namespace(device_type=cuda, device_time=2000.0, is_user_annotation=False),  # a kernel
-                    argparse.Namespace(device_type=cuda, device_time=5270.0, is_user_annotation=True),  # the range
-                    argparse.Namespace(device_type=cpu, device_time=0.0, is_user_annotation=False)]
-
-        def key_averages(self):
-            rows = (("Optimizer.step#AdamW.step", 1, 0.0, False), ("Optimizer.step#AdamW.step", 1, 5270.0, True),
-                    ("aten::mm", 10, 2000.0, False))
-            return [argparse.Namespace(key=k, count=c, self_device_time_total=us, is_user_annotation=a)
-                    for k, c, us, a in rows]
-
-    monkeypatch.setattr("torch.profiler.profile", FakeProfile)
+    events = [argparse.Namespace(device_type=cuda, device_time=2000.0, is_user_annotation=False),  # a kernel
+              argparse.Namespace(device_type=cuda, device_time=5270.0, is_user_annotation=True),  # the range
+              argparse.Namespace(device_type=cpu, device_time=0.0, is_user_annotation=False)]
+    rows = (("Optimizer.step#AdamW.step", 1, 0.0, False), ("Optimizer.step#AdamW.step", 1, 5270.0, True),
+            ("aten::mm", 10, 2000.0, False))
+    averages = [argparse.Namespace(key=k, count=c, self_device_time_total=us, is_user_annotation=a)
+                for k, c, us, a in rows]
+    monkeypatch.setattr("torch.profiler.profile", fake_profile(events, averages))
     times = bench_mto.profile_step("v", lambda: None, cuda=True, top=3)
     assert times == {"Optimizer.step#AdamW.step": (1, 0.0), "aten::mm": (10, 2.0)}
     assert ", 1 GPU kernels, GPU busy 2.0 ms" in capsys.readouterr().out
