@@ -303,12 +303,15 @@ def singularity_losses(hiddens, mask, rows: Rows = None, num_prefix: int = NUM_P
 class _Cosine(torch.autograd.Function):
     """cos(x, k) over the last dim of rows x (..., C) and keys k (..., C) of norms k_norm (...), the keys constant:
     the gradient, x's only, is written by hand, d cos / dx = (k / |k| - cos x / |x|) / |x|, a few passes over x
-    instead of autograd through the dot product, the norm and the division. |x| is clamped to 1e-12 or more."""
+    instead of autograd through the dot product, the norm and the division. |x| is clamped to 1e-12 or more.
+    Divided by |x| and |k| in turn, not by their product: compiled (MTOConfig.compile), the product, which is
+    both divided by and kept for the backward, made a kernel that Triton 3.6 failed to build for an H200 (sm_90)
+    (TritonGPURemoveLayoutConversions: "operand does not dominate this use"; docs/RESULTS.md section 3)."""
 
     @staticmethod
     def forward(ctx, x, k, k_norm):
         x_norm = x.norm(dim=-1).clamp(min=1e-12)
-        cos = torch.linalg.vecdot(x, k) / (x_norm * k_norm)
+        cos = torch.linalg.vecdot(x, k) / x_norm / k_norm
         ctx.save_for_backward(x, k, x_norm, k_norm, cos)
         return cos
 
@@ -316,7 +319,7 @@ class _Cosine(torch.autograd.Function):
     def backward(ctx, grad):
         _refuse_create_graph()
         x, k, x_norm, k_norm, cos = ctx.saved_tensors
-        along_k = grad / (x_norm * k_norm)
+        along_k = grad / x_norm / k_norm
         along_x = torch.where(x_norm > 1e-12, grad * cos / x_norm.square(), 0)  # a clamped |x| is a constant
         return (k * along_k[..., None]).addcmul_(x, along_x[..., None], value=-1), None, None
 
