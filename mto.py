@@ -305,8 +305,9 @@ class _Cosine(torch.autograd.Function):
     the gradient, x's only, is written by hand, d cos / dx = (k / |k| - cos x / |x|) / |x|, a few passes over x
     instead of autograd through the dot product, the norm and the division. |x| is clamped to 1e-12 or more.
     Divided by |x| and |k| in turn, not by their product: compiled (MTOConfig.compile), the product, which is
-    both divided by and kept for the backward, made a kernel that Triton 3.6 failed to build for an H200 (sm_90)
-    (TritonGPURemoveLayoutConversions: "operand does not dominate this use"; docs/RESULTS.md section 3)."""
+    both divided by and (by AOTAutograd) kept for the backward, made a kernel that Triton 3.6 failed to build on an
+    H200, and for sm_70 too (TritonGPURemoveLayoutConversions: "operand does not dominate this use"; test_triton.py,
+    docs/RESULTS.md section 3)."""
 
     @staticmethod
     def forward(ctx, x, k, k_norm):

@@ -6,12 +6,16 @@ launches are no-ops, so values are not checked here (test_mto.py checks them, on
 
 Why: on an H200, Triton 3.6 failed to build one kernel of the singularity loss (a product both divided by and kept
 for the backward: TritonGPURemoveLayoutConversions, "operand does not dominate this use"), so --compile --mto
-stopped at its first step (docs/RESULTS.md section 3). This test builds that kernel the same way and fails on it.
+stopped at its first step (docs/RESULTS.md section 3). Here torch 2.13's inductor writes that kernel (for the CPU's
+Triton backend, a little differently from torch 2.11's on the GPU), and with the mto.py of then this test fails on it
+(for sm_70 first). Kernels are built for ViT-B's sizes at batch 2: groups of 2 and 3 blocks in bf16, and padded rows
+in fp16; other batch sizes and group sizes make other graphs, not built here.
 
-Skipped without triton (the CPU wheel of torch does not install it): pip install triton==3.6.0 (as on that GPU
-machine, with torch 2.11), then python -m pytest -q test_triton.py. Inductor's code is generated here for the CPU's
-Triton backend, whose heuristics pick other block sizes than a GPU's, so each kernel is built with several (1 to 8
-warps, rows per program 1 to 64) beside the ones inductor picked.
+Skipped without triton (the CPU wheel of torch does not install it): pip install triton==3.6.0 (the version that
+failed, with torch 2.11 on that GPU; here it runs with torch 2.13's inductor), then python -m pytest -q
+test_triton.py. About 130 s on 2 cores. Inductor's code is generated here for the CPU's Triton backend, whose
+heuristics pick other block sizes than a GPU's, so each kernel is built with several (1 to 8 warps, rows per program
+1 to 64) beside the ones inductor picked.
 """
 import json
 import os
@@ -80,7 +84,7 @@ def build(autotuner, *args, **kwargs):
         try:
             to_ttgir(source, GPUTarget("cuda", cc, 32), options)
         except Exception as e:
-            failures.append(f"{name} sm_{cc} {cfg.kwargs} {cfg.num_warps} warps: {type(e).__name__}: {str(e)[:80]}")
+            failures.append(f"{name} sm_{cc} {cfg.kwargs} {cfg.num_warps} warps: {type(e).__name__}: {str(e)[:300]}")
             return
 
 TARGETS = json.loads(sys.argv[1])
@@ -92,18 +96,29 @@ triton_heuristics.CachingAutotuner.run = lambda self, *args, **kwargs: None
 
 torch.manual_seed(0)
 B, N, T, C, H, D = 2, 196, 197, 768, 12, 64  # ViT-B at 224 px
-for padded in (False, True):  # 75 masked patches in each image; or counts that differ (padded rows)
+
+
+def losses(blocks, padded, dtype):  # both losses and their backward, for `blocks` blocks in one group
     mask = torch.zeros(B, N, dtype=torch.bool)
-    for b in range(B):
+    for b in range(B):  # 75 masked patches in each image, or counts that differ (padded rows)
         mask[b, torch.randperm(N)[:75 + (5 * b if padded else 0)]] = True
     rows = mto.patch_rows(mask)
-    hiddens = [torch.randn(B, T, C, requires_grad=True) for _ in range(2)]
-    qks = [(torch.randn(B, H, T, D, dtype=torch.bfloat16, requires_grad=True),
-            torch.randn(B, H, T, D, dtype=torch.bfloat16, requires_grad=True),
-            torch.randn(H, T, T, requires_grad=True)) for _ in range(2)]
+    hiddens = [torch.randn(B, T, C, requires_grad=True) for _ in range(blocks)]
+    qks = [(torch.randn(B, H, T, D, dtype=dtype, requires_grad=True),
+            torch.randn(B, H, T, D, dtype=dtype, requires_grad=True),
+            torch.randn(H, T, T, requires_grad=True)) for _ in range(blocks)]
     loss = (mto.singularity_losses(hiddens, mask, rows, compile=True).sum()
             + mto.attention_entropies(qks, mask, rows, compile=True).sum())
     loss.backward()
+
+
+# as in training: a group of 2 blocks, then one of 3 (dynamo recompiles with dynamic sizes); then afresh, padded rows
+# and fp16 (a V100's autocast dtype)
+losses(2, padded=False, dtype=torch.bfloat16)
+losses(3, padded=False, dtype=torch.bfloat16)
+torch._dynamo.reset()
+mto._compiled.cache_clear()
+losses(2, padded=True, dtype=torch.float16)
 print("RESULT " + json.dumps({"kernels": kernels, "failures": failures}))
 """
 
@@ -115,11 +130,14 @@ def build_kernels(tmp_path, targets=TARGETS, mto_dir=HERE):
                            env=env, cwd=str(tmp_path), timeout=900)
     lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
     assert child.returncode == 0 and lines, child.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return {**json.loads(lines[-1][len("RESULT "):]), "stderr_tail": child.stderr[-3000:]}  # Triton's MLIR errors
 
 
 @pytest.mark.skipif(triton is None, reason="needs triton (pip install triton==3.6.0)")
 def test_mto_compiled_losses_kernels_build_for_sm70_sm80_sm90(tmp_path):
     result = build_kernels(tmp_path)
-    assert len(result["kernels"]) >= 20, result  # forward and backward of both losses, unpadded and padded
-    assert not result["failures"], "\n".join(result["failures"])
+    kernels = result["kernels"]
+    assert len(kernels) >= 90, kernels  # both losses forward and backward, 3 compilations (94: torch 2.13, triton 3.6)
+    # the kernel that failed on the H200: the cosine after the gather of each masked row's nearest visible key
+    assert any("gather" in name and "linalg_vector_norm" in name for name in kernels), kernels
+    assert not result["failures"], "\n".join([*result["failures"], result["stderr_tail"]])
