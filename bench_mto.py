@@ -11,6 +11,8 @@ process: on a shared virtual machine it leaves out time the CPUs were given to o
 over the first variant listed (plain DTM unless --variants says otherwise); on a GPU, the peak memory of the
 variant's timed steps above what was allocated before each (all variants' weights, and their AdamW moments from
 their first step on: with --warmup 0 the first timed step's peak includes its own moments).
+A variant whose step raises (a compile error, say) is left out from then on, its traceback printed; the others are
+timed and reported, and the exit status is 1 (the first variant, the baseline, must run).
 
 On the CPU, glibc's malloc hands tensors of more than 32 MB back to the kernel when they are freed, so every step
 page-faults its activations in afresh (zeroed by the kernel: system time, and it varies from step to step with the
@@ -35,7 +37,9 @@ import os
 import random
 import resource
 import statistics
+import sys
 import time
+import traceback
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -332,19 +336,31 @@ def main(argv=None):
     steps = {name: make_step(args, *variants[name], teacher=teacher) for name in names}
     wall, cpu, peak = ({name: [] for name in names} for _ in range(3))
     cuda = args.device.startswith("cuda")
+    failed = {}  # a variant whose step raised (say, a compile error): left out, the others go on and are reported
     for i in range(args.warmup + args.steps):
         order = names[i % len(names):] + names[:i % len(names)]  # rotate who goes first
         for name in order:
+            if name in failed:
+                continue
             if cuda:  # the step's growth over what is allocated before it (every variant's weights, moments)
                 torch.cuda.reset_peak_memory_stats(args.device)
                 before = torch.cuda.memory_allocated(args.device)
             start, start_cpu = time.perf_counter(), time.process_time()
-            steps[name]()
+            try:
+                steps[name]()
+            except Exception as e:  # noqa: BLE001 -- the first variant, the baseline, must run
+                if name == names[0]:
+                    raise
+                traceback.print_exc()
+                failed[name] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+                print(f"{name}: failed at step {i + 1}, left out: {failed[name]}", flush=True)
+                continue
             if i >= args.warmup:
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
                 if cuda:
                     peak[name].append((torch.cuda.max_memory_allocated(args.device) - before) / 2 ** 30)
+    names = [name for name in names if name not in failed]
     figures = {name: {"median_s": statistics.median(wall[name]), "min_s": min(wall[name]),
                       "cpu_median_s": statistics.median(cpu[name])} for name in names}
     base = figures[names[0]]
@@ -368,6 +384,9 @@ def main(argv=None):
     if not cuda:
         print(f"peak resident memory of the process (all variants): "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB", flush=True)
+    if failed:
+        sys.exit("error: variants left out, their steps failed (traceback above): "
+                 + "; ".join(f"{name}: {error}" for name, error in failed.items()))
     return figures
 
 

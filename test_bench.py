@@ -271,6 +271,36 @@ def test_bench_mto_rotates_which_variant_goes_first(monkeypatch, capsys):
     assert calls == [v[0], v[2], v[4], v[2], v[4], v[0], v[4], v[0], v[2]]
 
 
+def test_bench_mto_leaves_a_failing_variant_out_reports_the_others_and_exits_1(monkeypatch, capsys):
+    """As on the H200, where variant 5's compiled losses did not build: the other variants' figures are still printed
+    (overheads over the first), the failed one is named with its error; a failing baseline stops the run."""
+    clock, calls = FakeClock(), []
+    v = list(bench_mto.VARIANTS.values())
+
+    def fake_make_step(args, cfg, mto_module=bench_mto.mto, teacher=None):
+        def step():
+            calls.append(cfg)
+            if cfg is v[5] or (cfg is v[0] and fail_baseline):
+                raise RuntimeError("PassManager::run failed\nmore lines")
+            clock.now += 2.0 if cfg is v[1] else 1.0
+        return step
+
+    monkeypatch.setattr(bench_mto, "time", clock)
+    monkeypatch.setattr(bench_mto, "make_step", fake_make_step)
+    monkeypatch.setattr(bench_mto, "make_teacher", lambda args: None)
+    fail_baseline = False
+    with pytest.raises(SystemExit, match="variants left out.*its losses compiled: RuntimeError: PassManager::run "
+                                         "failed$"):
+        bench_mto.main(["--variants", "0", "1", "5", "--steps", "3", "--warmup", "1"])
+    assert calls.count(v[5]) == 1 and calls.count(v[0]) == calls.count(v[1]) == 4  # left out after its first step
+    out = capsys.readouterr().out
+    assert "its losses compiled: failed at step 1, left out: RuntimeError: PassManager::run failed" in out
+    assert "dtm + mto (defaults: recalibration, both losses, all blocks): median 2.000 s (+100.0%)" in out
+    fail_baseline = True
+    with pytest.raises(RuntimeError, match="PassManager"):
+        bench_mto.main(["--variants", "0", "1", "--steps", "1", "--warmup", "0"])
+
+
 def test_bench_mto_defaults_and_the_peak_resident_memory_in_gib(monkeypatch, capsys):
     """Defaults (docstring: vit_b, batch 64, CPU; 1 warm-up and 3 timed steps of every eager variant, 0 to 4) and
     ru_maxrss (kB on Linux) printed in GiB."""
