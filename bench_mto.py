@@ -35,6 +35,7 @@ import dataclasses
 import importlib.util
 import os
 import random
+import re
 import resource
 import statistics
 import sys
@@ -78,6 +79,15 @@ def make_teacher(args):
         return None
     torch.manual_seed(0)
     return dtm.CLIPTeacher(dtm.CLIPVisual(args.img_size, 16)).to(args.device)
+
+
+def error_summary(e: Exception) -> str:
+    """One line for an exception: its message's last 'SomeError: ...' line, where the cause is (inductor wraps a
+    Triton build error as 'InductorError: SubprocException: An exception occurred in a subprocess:' followed by the
+    worker's traceback, ending in 'RuntimeError: PassManager::run failed', and then dynamo's hint), else its first."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
+    return f"{type(e).__name__}: {(causes[-1] if causes else lines[0] if lines else '')[:300]}"
 
 
 def mto_hook(mto_module, cfg, compile_losses):
@@ -338,10 +348,9 @@ def main(argv=None):
     cuda = args.device.startswith("cuda")
     failed = {}  # a variant whose step raised (say, a compile error): left out, the others go on and are reported
     for i in range(args.warmup + args.steps):
-        order = names[i % len(names):] + names[:i % len(names)]  # rotate who goes first
+        alive = [name for name in names if name not in failed]
+        order = alive[i % len(alive):] + alive[:i % len(alive)]  # rotate who goes first
         for name in order:
-            if name in failed:
-                continue
             if cuda:  # the step's growth over what is allocated before it (every variant's weights, moments)
                 torch.cuda.reset_peak_memory_stats(args.device)
                 before = torch.cuda.memory_allocated(args.device)
@@ -352,7 +361,7 @@ def main(argv=None):
                 if name == names[0]:
                     raise
                 traceback.print_exc()
-                failed[name] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+                failed[name] = error_summary(e)
                 print(f"{name}: failed at step {i + 1}, left out: {failed[name]}", flush=True)
                 continue
             if i >= args.warmup:

@@ -468,7 +468,7 @@ class ThroughputFailed(Exception):
 
 def run_bench(argv, timeout=240):
     result = run_child([sys.executable, *argv], timeout=timeout, cwd=HERE)
-    # the whole output: a benchmark that leaves a failed variant out prints the others' figures before its profiles
+    # most of the output: a benchmark that leaves a failed variant out prints the others' figures before its profiles
     assert result.returncode == 0, result.stdout[-12000:] + result.stderr[-2000:]
     return {"command": " ".join(argv), "output": result.stdout.strip().splitlines()}
 
