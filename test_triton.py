@@ -13,7 +13,7 @@ in fp16; other batch sizes and group sizes make other graphs, not built here.
 
 Skipped without triton (the CPU wheel of torch does not install it): pip install triton==3.6.0 (the version that
 failed, with torch 2.11 on that GPU; here it runs with torch 2.13's inductor), then python -m pytest -q
-test_triton.py. About 130 s on 2 cores. Inductor's code is generated here for the CPU's Triton backend, whose
+test_triton.py. About 100 s on 2 cores. Inductor's code is generated here for the CPU's Triton backend, whose
 heuristics pick other block sizes than a GPU's, so each kernel is built with several (1 to 8 warps, rows per program
 1 to 64) beside the ones inductor picked.
 """
@@ -54,11 +54,16 @@ class NoGPU:  # the Triton driver inductor asks for the current target and strea
 
 failures, kernels = [], []
 
-def configs(autotuner):  # inductor's own, and 1 to 8 warps with 1 to 64 rows per program
-    for cfg in autotuner.configs:
-        yield cfg
-        for warps, rows in itertools.product((1, 4, 8), (1, 8, 64) if "XBLOCK" in cfg.kwargs else (None,)):
-            yield triton.Config({**cfg.kwargs, **({"XBLOCK": rows} if rows else {})}, num_warps=warps, num_stages=1)
+def configs(autotuner):  # inductor's own, and 1 to 8 warps with 1 to 64 rows per program; each once
+    seen = set()
+    for own in autotuner.configs:
+        swept = [triton.Config({**own.kwargs, **({"XBLOCK": rows} if rows else {})}, num_warps=warps, num_stages=1)
+                 for warps, rows in itertools.product((1, 4, 8), (1, 8, 64) if "XBLOCK" in own.kwargs else (None,))]
+        for cfg in [own, *swept]:
+            key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, max(cfg.num_stages, 1))
+            if key not in seen:
+                seen.add(key)
+                yield cfg
 
 def to_ttgir(source, target, options):  # triton.compile's first stages (the bug was in TritonGPU's passes), not LLVM's
     backend = make_backend(target)
