@@ -729,6 +729,15 @@ def refuse_ignored(args, parser, names, why: str):
         raise ValueError(f"{', '.join(given)} would do nothing {why}: leave {'it' if len(given) == 1 else 'them'} out")
 
 
+def finite_float(text: str) -> float:
+    """The trainers' type for float flags (parser.register("type", float, finite_float)): float() takes "nan" and
+    "inf", and NaN passes every range check (each comparison is False), so --lr nan would train on NaN."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """The trainers' --help: each flag with its default, but no "(default: None)" after a flag whose default is
     resolved later (by --model, by a continued run, in the demo) and said in its own help text."""

@@ -93,7 +93,8 @@ The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and
     (for block in vit.blocks: block.compile()) or vit.forward_features = torch.compile(vit.forward_features);
     torch.compile(vit) compiles vit.forward, which mto_forward does not call, and mto_forward itself reads the
     mask's counts on the host (patch_rows), which breaks a compiled graph there. MTOConfig(compile=True) compiles
-    the losses' arithmetic (one graph per loss and group size).
+    the losses' arithmetic (one graph per loss and group size, and per mask layout: images with equal or different
+    numbers of masked patches, blocks with or without a bias).
 """
 import functools
 import numbers
@@ -123,8 +124,9 @@ class MTOConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
                 raise ValueError(f"MTOConfig.{name} must be a block count >= 0 or None (all blocks), got {value!r}")
         for name in ("lambda_sing", "lambda_ent"):
-            if not getattr(self, name) >= 0:  # also NaN
-                raise ValueError(f"MTOConfig.{name} must be >= 0 (0 switches the loss off), got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < float("inf"):  # also NaN
+                raise ValueError(f"MTOConfig.{name} must be finite and >= 0 (0 switches the loss off), got "
+                                 f"{getattr(self, name)}")
 
 
 def _check_mask(mask):
@@ -247,6 +249,15 @@ class _TakeRows(torch.autograd.Function):
         return None, None, *grads
 
 
+def _check_alike(tensors, what: str):
+    """The blocks' tensors of one loss are computed in one buffer: each must have the first one's shape and dtype."""
+    for i, t in enumerate(tensors[1:], 1):
+        if t.shape != tensors[0].shape or t.dtype != tensors[0].dtype:
+            raise ValueError(f"{what} of block entry {i} is {t.dtype} {tuple(t.shape)}, block entry 0's is "
+                             f"{tensors[0].dtype} {tuple(tensors[0].shape)}: the blocks computed together must be of "
+                             f"one shape and dtype (compute blocks of different widths or dtypes in separate calls)")
+
+
 def _check_tokens(hidden, mask, num_prefix):
     if hidden.dim() != 3 or hidden.shape[:2] != (mask.shape[0], num_prefix + mask.shape[1]):
         raise ValueError(f"tokens {tuple(hidden.shape)} do not match the mask {tuple(mask.shape)}: they must be (B, "
@@ -290,6 +301,7 @@ def singularity_losses(hiddens, mask, rows: Rows = None, num_prefix: int = NUM_P
     _check_mask(mask)
     for hidden in hiddens:
         _check_tokens(hidden, mask, num_prefix)
+    _check_alike(hiddens, "the block output")
     if not hiddens:
         return mask.new_zeros((0, mask.shape[0]), dtype=torch.float32)
     rows = patch_rows(mask) if rows is None else rows
@@ -421,6 +433,8 @@ def attention_entropies(qks, mask, rows: Rows = None, num_prefix: int = NUM_PREF
     _check_mask(mask)
     for q, k, bias in qks:
         _check_qk(q, k, bias, mask, num_prefix)
+    _check_alike([q for q, _, _ in qks], "q")
+    _check_alike([k for _, k, _ in qks], "k")
     if not qks:
         return mask.new_zeros((0, mask.shape[0]), dtype=torch.float32)
     rows = patch_rows(mask) if rows is None else rows
@@ -491,6 +505,15 @@ def _num_layers(value, depth, name):
     return value
 
 
+def _check_returned(features, field: str, ids):
+    """The ViT returned features.layers / .qk for every block index asked for (return_layers / return_qk)."""
+    missing = [i for i in ids if i not in getattr(features, field)]
+    if missing:
+        asked = "return_layers" if field == "layers" else "return_qk"
+        raise ValueError(f"the ViT's forward_features(...).{field} lacks blocks {missing}: it must hold an entry for "
+                         f"each block index in {asked}={list(ids)} (0-based; see mto.py's docstring, Use)")
+
+
 def _qk_entry(qk, i: int):
     """forward_features(...).qk[i], checked to be (q, k, bias): a (q, k) pair shifted the mask into bias's place."""
     entry = qk[i]
@@ -537,6 +560,8 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
     attn_mask = [allowed] * layers + [None] * (depth - layers)
     features = vit.forward_features(images, mask, attn_mask, return_layers=sing_ids, return_qk=ent_ids)
 
+    _check_returned(features, "layers", sing_ids)
+    _check_returned(features, "qk", ent_ids)
     zero = features.tokens.new_zeros((), dtype=torch.float32)
     loss_sing = _depth_weighted(singularity_losses([features.layers[i] for i in sing_ids], mask, rows, num_prefix,
                                                    cfg.compile), depth) if sing_ids else zero
@@ -593,8 +618,8 @@ def mto_config_from_args(args, depth: Optional[int] = None) -> Optional[MTOConfi
             raise ValueError(f"--{name} {value} is out of range: use 0..{depth if depth is not None else 'depth'} "
                              f"(the ViT's blocks), or leave it unset for all blocks")
     for name in ("mto_lambda_sing", "mto_lambda_ent"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+        if not 0 <= getattr(args, name) < float("inf"):  # also NaN
+            raise ValueError(f"--{name} must be finite and >= 0 (0 switches the loss off), got {getattr(args, name)}")
     for loss in ("sing", "ent"):  # a loss switched off reads no block count
         if getattr(args, f"mto_lambda_{loss}") == 0 and getattr(args, f"mto_{loss}_layers") is not None:
             raise ValueError(f"--mto_{loss}_layers would do nothing with --mto_lambda_{loss} 0 (that loss is off): "

@@ -1069,6 +1069,23 @@ def test_sizes_and_probabilities_out_of_range_are_refused(argv, message):
         module.parse_args(argv[1:])
 
 
+@pytest.mark.parametrize("trainer", ["train_pretrain", "train_finetune", "train_seg"])
+def test_every_float_flag_of_every_trainer_refuses_nan_and_inf(trainer, capsys):
+    """float() takes "nan" and "inf", and NaN passes every range check (its comparisons are all False): --lr nan
+    trained on NaN. engine.finite_float, registered for type=float, refuses them at parse time (status 2)."""
+    module = importlib.import_module(trainer)
+    flags = [(a.option_strings[0], a.nargs) for a in module.get_args_parser()._actions if a.type is float]
+    assert len(flags) >= 10 and ("--lr", None) in flags and ("--betas", 2) in flags
+    assert ("--mto_lambda_ent", None) in flags or trainer != "train_pretrain"  # mto.add_mto_args' flags too
+    for flag, nargs in flags:
+        for value in ("nan", "inf", "NaN", "Infinity"):  # ("-inf" reads as a flag to argparse, refused anyway)
+            with pytest.raises(SystemExit) as exit:
+                module.parse_args([flag, *[value] * (nargs if isinstance(nargs, int) else 1)])
+            assert exit.value.code == 2
+            assert f"argument {flag}: {value!r} is not a finite number" in capsys.readouterr().err
+    assert module.get_args_parser().parse_args(["--lr", "1e-3"]).lr == 1e-3
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train_pretrain.py", "--data", "/no/such/dir", "--teacher", "pixels"], "--data '/no/such/dir' is not a dir"),
     (["train_finetune.py", "--data_train", "/no/such/dir", "--data_val", "/no/such/dir", "--init", "none"],

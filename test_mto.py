@@ -4,6 +4,7 @@ import argparse
 import itertools
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -134,8 +135,9 @@ def test_mto_off_is_bit_identical_to_plain_forward():
     cfg = mto.mto_config_from_args(parser.parse_args(["--mto", "--mto_lambda_sing", "0.5", "--mto_ent_layers", "4"]))
     assert cfg == mto.MTOConfig(lambda_sing=0.5, ent_layers=4)
     for flag in ("--mto_lambda_sing", "--mto_lambda_ent"):
-        with pytest.raises(ValueError, match=f"{flag} must be >= 0"):
-            mto.mto_config_from_args(parser.parse_args(["--mto", flag, "-1"]))
+        for value in ("-1", "nan", "inf"):  # a plain argparse parser (the trainers' refuse nan / inf themselves)
+            with pytest.raises(ValueError, match=f"{flag} must be finite and >= 0 .*, got {float(value)}"):
+                mto.mto_config_from_args(parser.parse_args(["--mto", flag, value]))
     for flag in ("--mto_layers", "--mto_sing_layers", "--mto_ent_layers"):  # block counts: 0..depth
         with pytest.raises(ValueError, match=f"{flag} -1 is out of range: use 0..depth"):
             mto.mto_config_from_args(parser.parse_args(["--mto", flag, "-1"]))
@@ -486,7 +488,8 @@ def test_mto_forward_losses_are_depth_weighted_sums_of_per_layer_losses():
     with pytest.raises(ValueError, match="MTOConfig.sing_layers=9 is out of range"):  # checked with its loss off too
         mto.mto_forward(model, x, mask, mto.MTOConfig(lambda_sing=0, sing_layers=9))
     assert mto.MTOConfig(layers=np.int64(3)).layers == 3  # numpy ints are block counts too
-    for bad in ({"lambda_ent": -0.1}, {"lambda_sing": float("nan")}, {"layers": -1}, {"ent_layers": 2.5},
+    for bad in ({"lambda_ent": -0.1}, {"lambda_sing": float("nan")}, {"lambda_ent": float("inf")}, {"layers": -1},
+                {"ent_layers": 2.5},
                 {"sing_layers": True}):
         with pytest.raises(ValueError, match=f"MTOConfig.{next(iter(bad))} must be"):
             mto.MTOConfig(**bad)
@@ -649,6 +652,40 @@ def test_a_vit_that_returns_q_k_without_the_bias_is_named():
     with pytest.raises(ValueError, match=r"forward_features\(...\).qk\[0\] must be \(q, k, bias\), bias the "
                                          r"\(heads, T, T\) relative position bias or None; got 2 entries"):
         mto.mto_forward(model, x, mask, mto.MTOConfig())
+
+
+def test_a_vit_that_leaves_out_blocks_asked_for_is_named():
+    """An adapter whose forward_features ignores return_layers / return_qk gave a bare KeyError: 0 (found by a
+    review)."""
+    model, x, mask = tiny_vit(), images(), random_mask()
+    forward_features = model.forward_features
+    for field, asked in (("layers", "return_layers"), ("qk", "return_qk")):
+        def leaving_out_block_1(*args, **kwargs):
+            features = forward_features(*args, **kwargs)
+            return features._replace(**{field: {i: v for i, v in getattr(features, field).items() if i != 1}})
+
+        model.forward_features = leaving_out_block_1
+        with pytest.raises(ValueError, match=re.escape(f"forward_features(...).{field} lacks blocks [1]: it must hold "
+                                                       f"an entry for each block index in {asked}=[0, 1, 2, 3]")):
+            mto.mto_forward(model, x, mask, mto.MTOConfig())
+
+
+def test_blocks_of_different_shapes_or_dtypes_are_refused_with_a_clear_error():
+    """A group of blocks is computed in one buffer: blocks of other widths, head counts or dtypes failed inside
+    index_select / view with torch's own message (found by a review)."""
+    mask = random_mask()
+    hidden = torch.randn(2, 1 + N, 8)
+    for other in (torch.randn(2, 1 + N, 16), hidden.double()):
+        with pytest.raises(ValueError, match=r"the block output of block entry 1 is .*: the blocks computed together "
+                                             r"must be of one shape and dtype"):
+            mto.singularity_losses([hidden, other], mask)
+    q = torch.randn(2, 2, 1 + N, 4)
+    for other in (torch.randn(2, 4, 1 + N, 4), torch.randn(2, 2, 1 + N, 8), q.bfloat16()):
+        with pytest.raises(ValueError, match="q of block entry 1 is .*: the blocks computed together"):
+            mto.attention_entropies([(q, q, None), (other, other, None)], mask)
+    with pytest.raises(ValueError, match="k of block entry 1 is torch.float64"):
+        mto.attention_entropies([(q, q, None), (q, q.double(), None)], mask)
+    mto.attention_entropies([(q, q.double(), None), (q, q.double(), None)], mask)  # q and k apart: each its own copy
 
 
 def test_singularity_loss_refuses_tokens_that_do_not_match_the_mask():

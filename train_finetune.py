@@ -229,6 +229,7 @@ def get_args_parser():
                                 description="DTM fine-tuning. Without --data / --data_train / --data_val: a small "
                                 "demo on built-in procedural images.",
                                 epilog=engine.demo_help(DEMO_DEFAULTS, " (--lr 0.001 with --lr_scaling none)"))
+    p.register("type", float, engine.finite_float)  # every float flag: no nan / inf
     p.add_argument("--recipe", default="paper", choices=list(RECIPES), help="paper: the paper's values, the official "
                    "code's where the paper is silent; official: the official command's layer decay and lr")
     g = p.add_argument_group("model and checkpoints")

@@ -49,6 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 "images. Where a default comes from: README, Recipe provenance.",
                                 epilog=engine.demo_help(DEMO_DEFAULTS, ", --output_dir output/pretrain_demo "
                                                         "(output/pretrain_demo_mto with --mto)"))
+    p.register("type", float, engine.finite_float)  # every float flag: no nan / inf
     a = p.add_argument
     a("--recipe", default="paper", choices=list(RECIPES), help="paper: the paper's values, the official code's where "
       "the paper is silent; official: what the official code computes (the split of Algorithm 1)")

@@ -397,6 +397,7 @@ def get_args_parser():
                                 "protocol).", formatter_class=engine.HelpFormatter,
                                 epilog=engine.demo_help(DEMO_DEFAULTS, ", and --init none to start a run (a relaunch "
                                                         "continues from its checkpoint's)"))
+    p.register("type", float, engine.finite_float)  # every float flag: no nan / inf
     g = p.add_argument_group("data (none given: the built-in procedural demo)")
     g.add_argument("--data", help="ADE20K root (ADEChallengeData2016: images/{training,validation}, "
                                   "annotations/{training,validation})")
