@@ -71,10 +71,15 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def print(self, *args, **kwargs):
-        """print on rank 0 only."""
+    def print(self, *args):
+        """print on rank 0 only; while a progress bar is open, on a line of its own above the bar (tqdm.write), not
+        glued to the bar's text (where `grep ^skipped` would miss it)."""
         if self.is_main:
-            print(*args, **kwargs, flush=True)
+            if getattr(tqdm, "_instances", None):  # tqdm's own registry of open bars
+                tqdm.write(" ".join(map(str, args)), file=sys.stdout)
+                sys.stdout.flush()
+            else:
+                print(*args, flush=True)
 
 
 def set_backend_flags():
@@ -619,7 +624,8 @@ def report_unreadable(images: UnreadableImages, d: Dist, step: int, log):
             d.print(f"skipped an unreadable image ({len(images.seen)} so far): {reason or path}")
             log(step=step, skipped_image=path, **({"reason": reason} if reason else {}))
     if len(images.seen) > images.limit:
-        raise ValueError(f"{len(images.seen)} training images could not be read (more than {images.limit}, "
+        count = f"{len(images.seen)} training image{'s' if len(images.seen) > 1 else ''}"
+        raise ValueError(f"{count} could not be read (more than {images.limit}, "
                          f"--max_unreadable), e.g. {sorted(images.seen)[:3]}; the reasons are printed above and in "
                          f"log.jsonl: repair or remove those files, or raise --max_unreadable")
 
@@ -877,10 +883,12 @@ def json_number(value):
 
 def append_eval(output_dir: str, record: dict):
     """--eval's result: one JSON line appended to output_dir/eval.jsonl (a training run's log.jsonl is left alone);
-    NaN/inf as null. Call on rank 0."""
+    NaN/inf as null; says where. Call on rank 0."""
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "eval.jsonl"), "a") as f:
+    path = os.path.join(output_dir, "eval.jsonl")
+    with open(path, "a") as f:
         f.write(json.dumps({k: json_number(v) for k, v in record.items()}) + "\n")
+    print(f"result appended to {path}", flush=True)
 
 
 def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) -> "JsonLog":
@@ -1074,6 +1082,8 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
         unknown = not os.path.isabs(started_from) and not os.path.exists(started_from) and started_from != "none"
         if args.init is not None and not same_path(args.init, started_from):
             if not (unknown and os.path.isfile(args.init)):
+                if args.init != "none":  # a missing file first: the advice below would lead to it anyway
+                    dtm.check_checkpoint_file(args.init, "--init")
                 given = (args.init if os.path.isabs(args.init) or args.init == "none" else
                          f"{args.init} (from here: {os.path.abspath(args.init)})")
                 same = ("none" if started_from == "none" else
@@ -1094,9 +1104,12 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
     try:
         unwrap(model).load_state_dict(checkpoint["model"])
     except RuntimeError:
-        raise ValueError(f"{path!r} does not fit this model ({_mismatch(unwrap(model).state_dict(), checkpoint['model'])}); "
-                         f"settings changed since it was saved: {', '.join(changed) or 'none'}; resume with the "
-                         f"settings it was saved with") from None
+        mismatch = _mismatch(unwrap(model).state_dict(), checkpoint["model"])
+        if changed:  # the likely cause first: the fix, then the details
+            raise ValueError(f"{path!r} was saved with other settings ({', '.join(changed)}) and does not fit this "
+                             f"model: resume with the settings it was saved with ({mismatch})") from None
+        raise ValueError(f"{path!r} does not fit this model ({mismatch}); no setting changed since it was "
+                         f"saved") from None
     step = checkpoint["step"]
     epochs_done, rest = divmod(step, checkpoint["steps_per_epoch"])
     layout = _batch_layout(saved, checkpoint.get("world_size", d.world_size), checkpoint["steps_per_epoch"])

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 import data
 import dtm
@@ -518,6 +519,7 @@ def test_the_init_a_refusal_asks_for_is_quoted_for_the_shell(tmp_path):
     state = engine.checkpoint_state("dtm_finetune", model, torch.optim.AdamW(model.parameters()), None, args, 2,
                                     steps_per_epoch=2)
     other = argparse.Namespace(**{**vars(args), "init": str(tmp_path / "other.pth")})
+    (tmp_path / "other.pth").write_bytes(b"")
     with pytest.raises(ValueError, match=re.escape(f"To continue that run pass --init '{spaced}' (the file")):
         engine.resume(state, "ck.pth", model, torch.optim.AdamW(model.parameters()), None, other, 2, CPU)
 
@@ -527,16 +529,18 @@ def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tm
     args = argparse.Namespace(model="vit_tiny", lr=0.1, output_dir="x", demo=False, init="none")
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     state = engine.checkpoint_state("dtm_finetune", model, optimizer, None, args, 2, steps_per_epoch=2)
+    monkeypatch.chdir(tmp_path)
+    with_pre = argparse.Namespace(**{**vars(args), "init": "pre.pth"})
+    with pytest.raises(FileNotFoundError, match="--init 'pre.pth': no such file"):  # first, not after adding --fresh
+        engine.resume(state, "ck.pth", model, optimizer, None, with_pre, 2, CPU)
+    (tmp_path / "pre.pth").write_bytes(b"")
     with pytest.raises(ValueError, match=r"started from --init none; --init pre.pth \(from here: .*pre.pth\) would be "
                                          r"ignored .* To continue that run pass --init none; to start a new run "
                                          r"from pre.pth add --fresh"):
-        engine.resume(state, "ck.pth", model, optimizer, None, argparse.Namespace(**{**vars(args), "init": "pre.pth"}),
-                      2, CPU)
+        engine.resume(state, "ck.pth", model, optimizer, None, with_pre, 2, CPU)
     unset = argparse.Namespace(**{**vars(args), "init": None})  # a relaunch without --init continues the run
     assert engine.resume(state, "ck.pth", model, optimizer, None, unset, 2, CPU) == 2 and unset.init == "none"
-    (tmp_path / "pre.pth").write_bytes(b"")
     (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path)
     relative = engine.checkpoint_state("dtm_finetune", model, optimizer, None,
                                        argparse.Namespace(**{**vars(args), "init": "pre.pth"}), 2, steps_per_epoch=2)
     monkeypatch.chdir(tmp_path / "elsewhere")  # a relaunch from another folder names the same file another way
@@ -562,11 +566,13 @@ def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tm
     with pytest.raises(ValueError, match="to start a new run from ../copy.pth leave out --resume ck.pth"):
         engine.resume(relative, "ck.pth", model, optimizer, None,  # --fresh would not start a new run here
                       argparse.Namespace(**{**vars(args), "init": "../copy.pth", "resume": "ck.pth"}), 2, CPU)
-    for other in ("none", "missing.pth"):  # not a file that could be it: refused as before
-        with pytest.raises(ValueError, match=f"--init {other}.* would be ignored .* pass --init with that file's path "
-                                             f"from this folder \\(it records pre.pth relative to another one\\)"):
-            engine.resume(old, "ck.pth", model, optimizer, None, argparse.Namespace(**{**vars(args), "init": other}),
-                          2, CPU)
+    with pytest.raises(ValueError, match="--init none would be ignored .* pass --init with that file's path from this "
+                                         "folder \\(it records pre.pth relative to another one\\)"):  # not that file
+        engine.resume(old, "ck.pth", model, optimizer, None, argparse.Namespace(**{**vars(args), "init": "none"}),
+                      2, CPU)
+    with pytest.raises(FileNotFoundError, match="--init 'missing.pth': no such file"):
+        engine.resume(old, "ck.pth", model, optimizer, None,
+                      argparse.Namespace(**{**vars(args), "init": "missing.pth"}), 2, CPU)
     unset = argparse.Namespace(**{**vars(args), "init": None})  # not given: no path that would be a guess
     capsys.readouterr()
     engine.resume(old, "ck.pth", model, optimizer, None, unset, 2, CPU)
@@ -578,13 +584,16 @@ def test_resume_into_another_model_names_the_differences_and_the_changed_setting
     state = tiny_state(torch.nn.Linear(3, 2))
     other = torch.nn.Sequential(torch.nn.Linear(4, 2))
     args = argparse.Namespace(model="vit_small", lr=0.1, betas=(0.9, 0.98), output_dir="x", demo=False)
-    with pytest.raises(ValueError, match=r"'ck.pth' does not fit this model \(missing: 0.weight, 0.bias; unexpected: "
-                                         r"weight, bias\); settings changed since it was saved: --model vit_tiny -> "
-                                         r"vit_small; resume with"):
+    with pytest.raises(ValueError, match=r"^'ck.pth' was saved with other settings \(--model vit_tiny -> vit_small\) "
+                                         r"and does not fit this model: resume with the settings it was saved with "
+                                         r"\(missing: 0.weight, 0.bias; unexpected: weight, bias\)$"):
         engine.resume(state, "ck.pth", other, torch.optim.AdamW(other.parameters()), None, args, 2, CPU)
     wider = torch.nn.Linear(4, 2)
     with pytest.raises(ValueError, match=r"shapes: weight \(2, 3\) saved, \(2, 4\) here\)"):
         engine.resume(state, "ck.pth", wider, torch.optim.AdamW(wider.parameters()), None, args, 2, CPU)
+    same = argparse.Namespace(**{**vars(args), "model": "vit_tiny"})  # nothing changed: the model code did
+    with pytest.raises(ValueError, match=r"^'ck.pth' does not fit this model \(shapes: .*\); no setting changed"):
+        engine.resume(state, "ck.pth", wider, torch.optim.AdamW(wider.parameters()), None, same, 2, CPU)
 
 
 def test_wait_for_gpu_synchronizes_cuda_only(monkeypatch):
@@ -936,6 +945,25 @@ def test_unreadable_images_are_named_once_and_stop_the_run_past_the_limit(tmp_pa
     assert "skipped an unreadable image (3 so far): cannot read image file 'c.jpg' (truncated)" in printed
     assert json.loads(open(tmp_path / engine.LOG).readlines()[-1]) == {
         "step": 6, "skipped_image": "c.jpg", "reason": "cannot read image file 'c.jpg' (truncated)"}
+    one = engine.UnreadableImages(limit=0)
+    one.add(["d.jpg"])
+    with pytest.raises(ValueError, match="^1 training image could not be read"):  # not "1 training images"
+        engine.report_unreadable(one, CPU, 1, log)
+
+
+def test_a_message_printed_while_a_progress_bar_is_open_starts_a_line_of_its_own(tmp_path, capsys):
+    """Training's progress bar is open when an unreadable image is reported: the message was glued to the bar's text
+    ("...15.51it/s]skipped an unreadable image"), where `grep ^skipped` missed it (found by a README walkthrough)."""
+    images = engine.UnreadableImages(limit=1)
+    images.add(["a.jpg\tcannot read image file 'a.jpg'"])
+    with tqdm(total=3, file=sys.stdout) as bar:
+        bar.update(1)
+        engine.report_unreadable(images, CPU, 1, lambda **record: None)
+        bar.update(1)
+    pieces = re.split(r"[\r\n]", capsys.readouterr().out)
+    assert "skipped an unreadable image (1 so far): cannot read image file 'a.jpg'" in pieces, pieces
+    CPU.print("no bar open:", 2)
+    assert capsys.readouterr().out == "no bar open: 2\n"
 
 
 def test_check_dataset_names_the_unreadable_files(tmp_path):
@@ -1145,7 +1173,6 @@ def test_ctrl_c_prints_how_to_continue_and_exits_130(capsys, monkeypatch):
 def test_an_error_or_ctrl_c_during_training_starts_its_own_line(capsys, monkeypatch):
     """The progress bar is closed first: `error: ...` was printed at the end of the bar's line, where a log read with
     `grep ^error:` did not find it; after Ctrl-C no empty line follows the closed bar."""
-    from tqdm import tqdm
     monkeypatch.delenv("DTM_TRACEBACK", raising=False)
 
     def fails(error):
@@ -1314,9 +1341,10 @@ def test_shared_flags_are_checked_in_every_trainer(flags, message):
             trainer.parse_args(flags)
 
 
-def test_append_eval_appends_strict_json_lines(tmp_path):
+def test_append_eval_appends_strict_json_lines_and_says_where(tmp_path, capsys):
     out = tmp_path / "new" / "folder"
     engine.append_eval(str(out), {"eval": "a.pth", "top1": float("nan"), "IoU": [0.5, None]})
+    assert capsys.readouterr().out == f"result appended to {out / 'eval.jsonl'}\n"
     engine.append_eval(str(out), {"eval": "b.pth", "top1": float("inf")})
     lines = (out / "eval.jsonl").read_text().splitlines()
     assert [json.loads(line, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}")) for line in lines] == [
