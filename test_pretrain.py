@@ -450,7 +450,7 @@ def test_unreadable_images_are_skipped_named_once_and_counted(tmp_path):
     assert [r["skipped_image"] for r in skipped] == [bad]  # named once, though read in every epoch
     assert skipped[0]["reason"].startswith(f"cannot read image file {bad!r}")  # and why
     assert max(r["step"] for r in read_log(out / engine.LOG)) == 12  # 3 epochs of 4 full steps: nothing lost
-    with pytest.raises(ValueError, match="1 training images could not be read .*--max_unreadable"):
+    with pytest.raises(ValueError, match="1 training image could not be read .*--max_unreadable"):
         tp.main(tiny_argv(root, tmp_path / "strict", "--max_unreadable", "0"))
     # stopped at step 6 and relaunched: still named once in the run (the checkpoint keeps the files named), and
     # before the checkpoint passes it where no log step comes first (--log_every 100)
