@@ -415,7 +415,7 @@ def _load_square_image(path: str, size: int):
     try:
         img = Image.open(path).convert("RGB")
     except (FileNotFoundError, OSError) as e:
-        raise SystemExit(f"cannot read image {path!r}: {e}")
+        raise SystemExit(f"error: cannot read image {path!r}: {e}")
     w, h = img.size
     s = size / min(w, h)
     img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
@@ -483,13 +483,13 @@ def main(argv=None):
     parser.add_argument("--out", default="groups.png", help="the picture written (any type Pillow writes)")
     args = parser.parse_args(argv)
     if args.img_size % args.patch_size:
-        raise SystemExit(f"--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}")
+        raise SystemExit(f"error: --img_size {args.img_size} is not divisible by --patch_size {args.patch_size}")
     Image.init()  # --out checked before the work: a file type Pillow writes, in a folder that exists
     if Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) not in Image.SAVE:
-        raise SystemExit(f"--out {args.out!r}: Pillow writes no file of that extension; use e.g. groups.png")
+        raise SystemExit(f"error: --out {args.out!r}: Pillow writes no file of that extension; use e.g. groups.png")
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
-        raise SystemExit(f"--out {args.out!r}: {folder!r} is not a folder")
+        raise SystemExit(f"error: --out {args.out!r}: {folder!r} is not a folder")
 
     try:
         schedules = [parse_schedule(text) for text in args.schedule]

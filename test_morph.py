@@ -463,6 +463,8 @@ def test_visualization_writes_side_by_side_panels(tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # argparse's usage error (exit 2) before the image is read
         morph.main([str(tmp_path / "missing.png"), "--schedule", "abc"])
     assert exit_info.value.code == 2
+    with pytest.raises(SystemExit, match="^error: cannot read image '.*missing.png'"):  # "error:" as the trainers'
+        morph.main([str(tmp_path / "missing.png")])
 
 
 def test_the_docstrings_use_block_computes_dtm_loss():
