@@ -72,13 +72,11 @@ class Dist:
         return self.rank == 0
 
     def print(self, *args):
-        """print on rank 0 only; while a progress bar is open, on a line of its own above the bar (tqdm.write), not
-        glued to the bar's text (where `grep ^skipped` would miss it)."""
+        """print on rank 0 only; while a progress bar is open, with the bar cleared first and redrawn after, so that
+        in a terminal the message gets a line of its own above the bar (it was glued to the bar's text). Flushed
+        before the redraw: a buffered stdout (a log file of stdout and stderr together) would put it after."""
         if self.is_main:
-            if getattr(tqdm, "_instances", None):  # tqdm's own registry of open bars
-                tqdm.write(" ".join(map(str, args)), file=sys.stdout)
-                sys.stdout.flush()
-            else:
+            with tqdm.external_write_mode(file=sys.stdout):
                 print(*args, flush=True)
 
 
@@ -1082,13 +1080,16 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
         unknown = not os.path.isabs(started_from) and not os.path.exists(started_from) and started_from != "none"
         if args.init is not None and not same_path(args.init, started_from):
             if not (unknown and os.path.isfile(args.init)):
-                if args.init != "none":  # a missing file first: the advice below would lead to it anyway
-                    dtm.check_checkpoint_file(args.init, "--init")
-                given = (args.init if os.path.isabs(args.init) or args.init == "none" else
-                         f"{args.init} (from here: {os.path.abspath(args.init)})")
                 same = ("none" if started_from == "none" else
                         f"with that file's path from this folder (it records {started_from} relative to another "
                         f"one)" if unknown else f"{shlex.quote(started_from)} (the file is not read again)")
+                if args.init != "none" and not os.path.isfile(args.init):  # no new run from it either: said first
+                    raise FileNotFoundError(
+                        f"--init {args.init!r}: {'a folder' if os.path.isdir(args.init) else 'no such file'}; and "
+                        f"{path!r} continues a run started from --init {started_from}: to continue that run pass "
+                        f"--init {same}")
+                given = (args.init if os.path.isabs(args.init) or args.init == "none" else
+                         f"{args.init} (from here: {os.path.abspath(args.init)})")
                 raise ValueError(f"{path!r} continues a run started from --init {started_from}; --init {given} would "
                                  f"be ignored (it applies to a new run only). To continue that run pass --init {same}; "
                                  f"to start a new run from {args.init} {new_run_hint(args, path)}")
@@ -1108,8 +1109,8 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
         if changed:  # the likely cause first: the fix, then the details
             raise ValueError(f"{path!r} was saved with other settings ({', '.join(changed)}) and does not fit this "
                              f"model: resume with the settings it was saved with ({mismatch})") from None
-        raise ValueError(f"{path!r} does not fit this model ({mismatch}); no setting changed since it was "
-                         f"saved") from None
+        raise ValueError(f"{path!r} does not fit this model ({mismatch}); none of the settings it records changed "
+                         f"since it was saved") from None
     step = checkpoint["step"]
     epochs_done, rest = divmod(step, checkpoint["steps_per_epoch"])
     layout = _batch_layout(saved, checkpoint.get("world_size", d.world_size), checkpoint["steps_per_epoch"])

@@ -10,6 +10,7 @@ import importlib
 import random
 import re
 import subprocess
+import textwrap
 import sys
 import warnings
 
@@ -531,7 +532,8 @@ def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tm
     state = engine.checkpoint_state("dtm_finetune", model, optimizer, None, args, 2, steps_per_epoch=2)
     monkeypatch.chdir(tmp_path)
     with_pre = argparse.Namespace(**{**vars(args), "init": "pre.pth"})
-    with pytest.raises(FileNotFoundError, match="--init 'pre.pth': no such file"):  # first, not after adding --fresh
+    with pytest.raises(FileNotFoundError, match="--init 'pre.pth': no such file; and 'ck.pth' continues a run started "
+                                                "from --init none: to continue that run pass --init none$"):
         engine.resume(state, "ck.pth", model, optimizer, None, with_pre, 2, CPU)
     (tmp_path / "pre.pth").write_bytes(b"")
     with pytest.raises(ValueError, match=r"started from --init none; --init pre.pth \(from here: .*pre.pth\) would be "
@@ -570,7 +572,8 @@ def test_resume_refuses_another_init_and_records_the_one_the_run_started_from(tm
                                          "folder \\(it records pre.pth relative to another one\\)"):  # not that file
         engine.resume(old, "ck.pth", model, optimizer, None, argparse.Namespace(**{**vars(args), "init": "none"}),
                       2, CPU)
-    with pytest.raises(FileNotFoundError, match="--init 'missing.pth': no such file"):
+    with pytest.raises(FileNotFoundError, match="--init 'missing.pth': no such file; .* to continue that run pass "
+                                                "--init with that file's path from this folder"):
         engine.resume(old, "ck.pth", model, optimizer, None,
                       argparse.Namespace(**{**vars(args), "init": "missing.pth"}), 2, CPU)
     unset = argparse.Namespace(**{**vars(args), "init": None})  # not given: no path that would be a guess
@@ -592,7 +595,7 @@ def test_resume_into_another_model_names_the_differences_and_the_changed_setting
     with pytest.raises(ValueError, match=r"shapes: weight \(2, 3\) saved, \(2, 4\) here\)"):
         engine.resume(state, "ck.pth", wider, torch.optim.AdamW(wider.parameters()), None, args, 2, CPU)
     same = argparse.Namespace(**{**vars(args), "model": "vit_tiny"})  # nothing changed: the model code did
-    with pytest.raises(ValueError, match=r"^'ck.pth' does not fit this model \(shapes: .*\); no setting changed"):
+    with pytest.raises(ValueError, match=r"^'ck.pth' does not fit this model \(shapes: .*\); none of the settings it records changed"):
         engine.resume(state, "ck.pth", wider, torch.optim.AdamW(wider.parameters()), None, same, 2, CPU)
 
 
@@ -951,17 +954,31 @@ def test_unreadable_images_are_named_once_and_stop_the_run_past_the_limit(tmp_pa
         engine.report_unreadable(one, CPU, 1, log)
 
 
-def test_a_message_printed_while_a_progress_bar_is_open_starts_a_line_of_its_own(tmp_path, capsys):
-    """Training's progress bar is open when an unreadable image is reported: the message was glued to the bar's text
-    ("...15.51it/s]skipped an unreadable image"), where `grep ^skipped` missed it (found by a README walkthrough)."""
-    images = engine.UnreadableImages(limit=1)
-    images.add(["a.jpg\tcannot read image file 'a.jpg'"])
-    with tqdm(total=3, file=sys.stdout) as bar:
-        bar.update(1)
-        engine.report_unreadable(images, CPU, 1, lambda **record: None)
-        bar.update(1)
-    pieces = re.split(r"[\r\n]", capsys.readouterr().out)
-    assert "skipped an unreadable image (1 so far): cannot read image file 'a.jpg'" in pieces, pieces
+def test_a_message_printed_while_a_progress_bar_is_open_is_not_glued_to_the_bar(tmp_path, capsys):
+    """Training's progress bar (on stderr) is open when an unreadable image is reported: the message was glued to the
+    bar's text ("...15.51it/s]skipped an unreadable image"; found by a README walkthrough). The bar is cleared first
+    and redrawn after the message, which is flushed before the redraw: with stdout and stderr in one file and stdout
+    buffered (no PYTHONUNBUFFERED), the redrawn bar would otherwise come first (found by a review)."""
+    script = tmp_path / "bar.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {HERE!r})
+        from tqdm import tqdm
+        import engine
+        images = engine.UnreadableImages(limit=1)
+        images.add(["a.jpg\\tcannot read image file 'a.jpg'"])
+        with tqdm(total=3, mininterval=0) as bar:  # stderr, as the trainers' bars
+            bar.update(1)
+            engine.report_unreadable(images, engine.Dist(), 1, lambda **record: None)
+            bar.update(1)
+    """))
+    with open(tmp_path / "out.txt", "w") as out:
+        subprocess.run([sys.executable, str(script)], stdout=out, stderr=subprocess.STDOUT, check=True,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
+    text = (tmp_path / "out.txt").read_text()
+    message = "skipped an unreadable image (1 so far): cannot read image file 'a.jpg'"
+    assert message in re.split(r"[\r\n]", text), repr(text)  # whole, not after the bar's text
+    assert text.index("1/3") < text.index(message) < text.index("2/3"), repr(text)  # cleared bar, message, redraw
     CPU.print("no bar open:", 2)
     assert capsys.readouterr().out == "no bar open: 2\n"
 
