@@ -10,8 +10,8 @@ import importlib
 import random
 import re
 import subprocess
-import textwrap
 import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -595,7 +595,8 @@ def test_resume_into_another_model_names_the_differences_and_the_changed_setting
     with pytest.raises(ValueError, match=r"shapes: weight \(2, 3\) saved, \(2, 4\) here\)"):
         engine.resume(state, "ck.pth", wider, torch.optim.AdamW(wider.parameters()), None, args, 2, CPU)
     same = argparse.Namespace(**{**vars(args), "model": "vit_tiny"})  # nothing changed: the model code did
-    with pytest.raises(ValueError, match=r"^'ck.pth' does not fit this model \(shapes: .*\); none of the settings it records changed"):
+    with pytest.raises(ValueError, match=r"^'ck.pth' does not fit this model \(shapes: .*\); none of the settings it "
+                                         r"records changed"):
         engine.resume(state, "ck.pth", wider, torch.optim.AdamW(wider.parameters()), None, same, 2, CPU)
 
 
