@@ -183,8 +183,12 @@ def check_same_epochs(args, record: bool = False):
 EPOCH_FLAGS = ("teacher_epochs", "pretrain_epochs", "finetune_epochs")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the docstring as written, each flag with its default."""
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="output/study", help="every run, the data and the results; a relaunch "
                         "with the same folder continues (finished runs are skipped)")
     parser.add_argument("--teacher_epochs", type=int, default=10, help="the teacher's training epochs")

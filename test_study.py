@@ -431,7 +431,7 @@ def test_the_study_reports_the_teacher_scores_with_the_training_masks_and_plots_
     assert series[2] == [(0.0, 22.5), (1.0, 27.5), (2.0, 24.5)]
 
 
-def test_the_default_epochs_are_those_of_docs_results(tmp_path, monkeypatch):
+def test_the_default_epochs_are_those_of_docs_results(tmp_path, monkeypatch, capsys):
     """docs/RESULTS.md: the teacher 10 epochs, pre-training 4 (the half arm 2), fine-tuning 10."""
     monkeypatch.setattr(study, "make_data", lambda out: os.path.join(out, "data"))
     monkeypatch.setattr(study, "run", lambda script, argv, log: (_ for _ in ()).throw(SystemExit("stop")))
@@ -440,6 +440,13 @@ def test_the_default_epochs_are_those_of_docs_results(tmp_path, monkeypatch):
         study.main()
     with open(tmp_path / "s" / "epochs.json") as f:
         assert json.load(f) == {"teacher_epochs": 10, "pretrain_epochs": 4, "finetune_epochs": 10}
+    monkeypatch.setattr("sys.argv", ["study.py", "--help"])  # and --help says them (found by a walkthrough)
+    with pytest.raises(SystemExit):
+        study.main()
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: output/study)", "training epochs (default: 10)", "rounded down) (default: 4)",
+                    "fine-tuning run's epochs (default: 10)"):
+        assert default in text
 
 
 def test_the_half_epochs_arm_takes_half_an_odd_count_rounded_down(tmp_path, monkeypatch):
