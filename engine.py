@@ -734,7 +734,7 @@ def refuse_ignored(args, parser, names, why: str):
 
 
 def finite_float(text: str) -> float:
-    """The trainers' type for float flags (parser.register("type", float, finite_float)): float() takes "nan" and
+    """The trainers' type for float flags (trainer_parser registers it for type=float): float() takes "nan" and
     "inf", and NaN passes every range check (each comparison is False), so --lr nan would train on NaN."""
     value = float(text)
     if not math.isfinite(value):
@@ -748,6 +748,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+def trainer_parser(description: str, epilog: str) -> argparse.ArgumentParser:
+    """The parser every trainer starts from: HelpFormatter's --help, and every type=float flag read by finite_float
+    (argparse looks its types up in the parser's registry, which argument groups share)."""
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
+    parser.register("type", float, finite_float)
+    return parser
 
 
 def add_run_args(parser, output_dir: str):

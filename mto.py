@@ -508,7 +508,8 @@ def _num_layers(value, depth, name):
 def _check_returned(features, field: str, ids):
     """The ViT returned features.layers / .qk for every block index asked for (return_layers / return_qk)."""
     held = getattr(features, field)
-    missing = [i for i in ids if i not in (held.keys() if isinstance(held, dict) else range(len(held)))]
+    present = held.keys() if isinstance(held, dict) else range(len(held))
+    missing = [i for i in ids if i not in present]
     if missing:
         asked = "return_layers" if field == "layers" else "return_qk"
         raise ValueError(f"the ViT's forward_features(...).{field} lacks blocks {missing}: it must hold an entry for "

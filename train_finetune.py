@@ -34,7 +34,6 @@ Reproducibility: engine.py's one scheme (a sample's augmentation from (seed, epo
 CutMix and drop path from (seed, micro-step, rank)): a run resumed from a checkpoint continues exactly as the
 uninterrupted run, with any number of DataLoader workers.
 """
-import argparse
 import os
 import re
 import shlex
@@ -225,11 +224,9 @@ def val_loader(val_set, args, d):
 # Arguments
 
 def get_args_parser():
-    p = argparse.ArgumentParser(formatter_class=engine.HelpFormatter,
-                                description="DTM fine-tuning. Without --data / --data_train / --data_val: a small "
-                                "demo on built-in procedural images.",
-                                epilog=engine.demo_help(DEMO_DEFAULTS, " (--lr 0.001 with --lr_scaling none)"))
-    p.register("type", float, engine.finite_float)  # every float flag: no nan / inf
+    p = engine.trainer_parser(description="DTM fine-tuning. Without --data / --data_train / --data_val: a small "
+                              "demo on built-in procedural images.",
+                              epilog=engine.demo_help(DEMO_DEFAULTS, " (--lr 0.001 with --lr_scaling none)"))
     p.add_argument("--recipe", default="paper", choices=list(RECIPES), help="paper: the paper's values, the official "
                    "code's where the paper is silent; official: the official command's layer decay and lr")
     g = p.add_argument_group("model and checkpoints")

@@ -44,12 +44,10 @@ LAYER_SCALE = {"vit_l": 1e-5}  # 0.1 otherwise: run_pretrain_dtm.py --layer_scal
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(formatter_class=engine.HelpFormatter,
-                                description="DTM pre-training. Without --data: a small demo on built-in procedural "
-                                "images. Where a default comes from: README, Recipe provenance.",
-                                epilog=engine.demo_help(DEMO_DEFAULTS, ", --output_dir output/pretrain_demo "
-                                                        "(output/pretrain_demo_mto with --mto)"))
-    p.register("type", float, engine.finite_float)  # every float flag: no nan / inf
+    p = engine.trainer_parser(description="DTM pre-training. Without --data: a small demo on built-in procedural "
+                              "images. Where a default comes from: README, Recipe provenance.",
+                              epilog=engine.demo_help(DEMO_DEFAULTS, ", --output_dir output/pretrain_demo "
+                                                      "(output/pretrain_demo_mto with --mto)"))
     a = p.add_argument
     a("--recipe", default="paper", choices=list(RECIPES), help="paper: the paper's values, the official code's where "
       "the paper is silent; official: what the official code computes (the split of Algorithm 1)")

@@ -393,11 +393,10 @@ PAPER_SCHEDULE = dict(iters=160_000, warmup_iters=1500)  # BEiT's ADE20K config;
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="UperNet semantic segmentation with a pre-trained ViT (BEiT's ADE20K "
-                                "protocol).", formatter_class=engine.HelpFormatter,
-                                epilog=engine.demo_help(DEMO_DEFAULTS, ", and --init none to start a run (a relaunch "
-                                                        "continues from its checkpoint's)"))
-    p.register("type", float, engine.finite_float)  # every float flag: no nan / inf
+    p = engine.trainer_parser(description="UperNet semantic segmentation with a pre-trained ViT (BEiT's ADE20K "
+                              "protocol).",
+                              epilog=engine.demo_help(DEMO_DEFAULTS, ", and --init none to start a run (a relaunch "
+                                                      "continues from its checkpoint's)"))
     g = p.add_argument_group("data (none given: the built-in procedural demo)")
     g.add_argument("--data", help="ADE20K root (ADEChallengeData2016: images/{training,validation}, "
                                   "annotations/{training,validation})")
