@@ -6,14 +6,15 @@ the block sizes and warp counts inductor's heuristics pick for that GPU (its own
 properties). Nothing runs: kernel launches are no-ops, so values are not checked here (test_mto.py checks them, on the
 CPU).
 
-Why: on an H200, Triton 3.6 failed to build one kernel of the singularity loss (a product both divided by and kept
-for the backward: TritonGPURemoveLayoutConversions, "operand does not dominate this use"), so --compile --mto
-stopped at its first step (docs/RESULTS.md section 3). Here torch 2.13's inductor writes that kernel (for the CPU's
-Triton backend, a little differently from torch 2.11's on the GPU), and with the mto.py of then the first test fails
-on it (sm_70, 8 warps). Kernels are built for ViT-B's sizes at batch 2: the losses for groups of 2 and 3 blocks in
-bf16, and padded rows in fp16; the blocks with MTO in fp16 (all three GPUs) and without a mask in bf16 (sm_80, sm_90).
-Other batch sizes and group sizes make other graphs, not built here. On the CPU inductor lowers SDPA to an explicit
-softmax, where a GPU calls its fused kernel, so the attention's kernels here are not a GPU's.
+Why: on an H200, Triton 3.6 failed to build one kernel of the singularity loss (a product both divided by and kept for
+the backward: TritonGPURemoveLayoutConversions, "operand does not dominate this use"), so --compile --mto stopped at its
+first step (docs/RESULTS.md section 3). Here torch 2.13's inductor writes that kernel (for the CPU's Triton backend, a
+little differently from torch 2.11's on the GPU), and with the mto.py of then the first test fails on it (sm_70, 8
+warps). Kernels are built for ViT-B's sizes at batch 2: the losses for groups of 2 and 3 blocks in bf16, and padded rows
+in fp16; the blocks with MTO in fp16 (all three GPUs) and without a mask in bf16 (sm_80, sm_90). Other batch sizes make
+other graphs and configurations: build_kernels(..., batch=128) builds them (by hand, once, for 64 and 128:
+docs/RESULTS.md section 3). On the CPU inductor lowers SDPA to an explicit softmax, where a GPU calls its fused kernel,
+so the attention's kernels here are not a GPU's.
 
 Skipped without triton (the CPU wheel of torch does not install it): pip install triton==3.6.0 (the version that
 failed, with torch 2.11 on that GPU; here it runs with torch 2.13's inductor), then python -m pytest -q
@@ -89,7 +90,8 @@ def build(autotuner, *args, **kwargs):  # in place of inductor's compile: build 
                 cubin = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options).asm["cubin"]
                 cubins.append([name, cc, cubin[:4] == b"\x7fELF"])
             except Exception as e:
-                failures.append(f"{name} sm_{cc} {cfg.kwargs} {cfg.num_warps} warps: {type(e).__name__}: {str(e)[:300]}")
+                failures.append(f"{name} sm_{cc} {cfg.kwargs} {cfg.num_warps} warps: "
+                                f"{type(e).__name__}: {str(e)[:300]}")
                 return
 
 for name in ("pointwise", "reduction", "persistent_reduction"):
@@ -101,7 +103,7 @@ inductor_config.compile_threads = 1
 triton_heuristics.CachingAutotuner.precompile = build
 triton_heuristics.CachingAutotuner.run = lambda self, *args, **kwargs: None
 
-B, N, T, C, H, D = 2, 196, 197, 768, 12, 64  # ViT-B at 224 px
+B, N, T, C, H, D = int(sys.argv[3]), 196, 197, 768, 12, 64  # ViT-B at 224 px, batch B
 
 
 def random_mask(padded=False):  # 75 masked patches in each image, or counts that differ (padded rows)
@@ -131,7 +133,7 @@ def mto_losses():  # as in training: a group of 2 blocks, then one of 3 (dynamo 
     losses(2, padded=True, dtype=torch.float16)
 
 
-def vit_blocks():  # train_pretrain.py --compile --mto's student and train_finetune.py --compile's ViT, forward + backward
+def vit_blocks():  # train_pretrain.py --compile --mto's student, train_finetune.py --compile's ViT; forward + backward
     import dtm, engine
     global TARGETS
     images = torch.randn(B, 3, 224, 224)
@@ -157,11 +159,13 @@ print("RESULT " + json.dumps({"kernels": kernels, "cubins": cubins, "failures": 
 """
 
 
-def build_kernels(tmp_path, case, targets=TARGETS, mto_dir=HERE):
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), TRITON_CACHE_DIR=str(tmp_path / "triton"),
-               PYTHONPATH=mto_dir, TORCHINDUCTOR_COMPILE_THREADS="1")
-    child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(list(targets)), case], capture_output=True, text=True,
-                           env=env, cwd=str(tmp_path), timeout=900)
+def build_kernels(tmp_path, case, targets=TARGETS, mto_dir=HERE, batch=2):
+    """Build case's kernels ("mto_losses" or "vit_blocks") for the targets in a child process: {"kernels": [[name,
+    targets], ...], "cubins": [[name, target, is ELF], ...], "failures": [...], "stderr_tail": ...}."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+               TRITON_CACHE_DIR=str(tmp_path / "triton"), PYTHONPATH=mto_dir, TORCHINDUCTOR_COMPILE_THREADS="1")
+    child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(list(targets)), case, str(batch)],
+                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=1800)
     lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
     assert child.returncode == 0 and lines, child.stderr[-3000:]
     return {**json.loads(lines[-1][len("RESULT "):]), "stderr_tail": child.stderr[-3000:]}  # Triton's MLIR errors
