@@ -15,11 +15,11 @@ the trainers' relative position biases. Other batch sizes make other graphs: bui
 (by hand, once, for 64 and 128: docs/RESULTS.md section 3).
 
 What it does not show: the kernels are the ones inductor writes for the CPU's Triton backend, which differ from a GPU's
-beyond the attention (on the CPU an explicit softmax, on a GPU a fused SDPA kernel): layer norms as two-step sums where
-a GPU uses Welford, no mix-order reductions (a GPU's for large layer-norm backwards), split reductions sized by the
-CPU's core count. The extra configurations inductor builds on a GPU after measuring registers (_dynamic_scale_rblock)
-and the launch-time limits (shared memory, threads) are not checked; on a GPU inductor may use the ptxas that torch
-bundles rather than Triton's.
+beyond the attention (on the CPU an explicit softmax, on a GPU a fused SDPA kernel): the layer norms' variance by the
+CPU's rule (two-step sums or Welford by other thresholds), no mix-order reductions (a GPU's for large layer-norm
+backwards), split reductions sized by the CPU's core count. The extra configurations inductor builds on a GPU after
+measuring registers (_dynamic_scale_rblock) and the launch-time limits (shared memory, threads) are not checked; on a
+GPU inductor may use the ptxas that torch bundles rather than Triton's.
 
 Skipped without triton (the CPU wheel of torch does not install it): pip install triton==3.6.0 (the version that
 failed, with torch 2.11 on that GPU; here it runs with torch 2.13's inductor), then python -m pytest -q
