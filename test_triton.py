@@ -136,21 +136,24 @@ def losses(blocks, padded, dtype):  # both losses and their backward, for `block
     loss.backward()
 
 
+def afresh():  # dynamo's graphs and mto's compiled losses dropped: the next call compiles (and builds) again
+    torch._dynamo.reset()
+    mto._compiled.cache_clear()
+
+
 def per_amp_dtype(case):  # --amp auto: fp16 on a V100, bf16 on an A100 / H100; each afresh
     global TARGETS
     for dtype, targets in ((torch.float16, [70]), (torch.bfloat16, [80, 90])):
         TARGETS = [cc for cc in ALL_TARGETS if cc in targets]
         if TARGETS:
-            torch._dynamo.reset()
-            mto._compiled.cache_clear()
+            afresh()
             case(dtype)
 
 
 def mto_losses(dtype):  # as in training: a group of 2 blocks, then one of 3 (dynamo recompiles with dynamic sizes);
     losses(2, padded=False, dtype=dtype)  # then afresh, padded rows
     losses(3, padded=False, dtype=dtype)
-    torch._dynamo.reset()
-    mto._compiled.cache_clear()
+    afresh()
     losses(2, padded=True, dtype=dtype)
 
 
@@ -164,7 +167,7 @@ def vit_blocks(dtype):  # train_pretrain.py --compile --mto's student, train_fin
         tokens, parts = mto.mto_forward(vit, images, random_mask(), cfg)
         loss = tokens.float().square().mean() + mto.mto_total_loss(parts, cfg)
     loss.backward()
-    torch._dynamo.reset()
+    afresh()
     vit = dtm.build_vit("vit_b", drop_path_rate=0.1, num_classes=1000, rel_pos_bias="per_block")
     engine.compile_blocks(vit)
     with torch.autocast("cpu", dtype=dtype):
