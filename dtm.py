@@ -14,7 +14,7 @@ on the teacher's tokens by token morphing (Algorithm 1, morph.py), with a new ra
     read_checkpoint        a checkpoint file of this repo (torch.load with weights_only=True, clear errors)
     vit_from_checkpoint    the ViT of any checkpoint of this repo, for the ckpt teacher, fine-tuning, segmentation
     CLIPVisual             OpenAI CLIP's visual encoder with the official parameter names
-    load_clip_visual       reads the official ViT-B-16.pt (TorchScript archive) or a plain state dict
+    load_clip_visual       reads the official ViT-B-16.pt (TorchScript archive, without torch.jit) or a state dict
     CLIPTeacher            targets ln_post(patch tokens) @ proj, (B, N, 512)        -- DTM's targets
     CkptTeacher            a checkpoint of this repo as a frozen teacher (MaskDistill-style)
     PixelTeacher           per-patch normalized pixels (MAE norm_pix) -- no weights needed
@@ -849,12 +849,105 @@ def _is_torchscript_archive(path: str) -> bool:
         return any(name.endswith("constants.pkl") for name in archive.namelist())
 
 
+_STORAGE_DTYPES = {"HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
+                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+class _ScriptObject:
+    """A module object of a TorchScript archive as its data.pkl holds it: a dict of attributes, no code."""
+
+    attributes: dict = {}
+
+    def __setstate__(self, attributes: dict):
+        if not isinstance(attributes, dict):
+            raise _NotPlainWeights(f"an object whose state is a {type(attributes).__name__}")
+        self.attributes = attributes
+
+
+class _NotPlainWeights(Exception):
+    pass
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    return storage.as_strided(size, stride, offset)  # torch._utils._rebuild_tensor_v2's arguments
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Reads a TorchScript archive's data.pkl building only tensors, plain values and module objects: any other
+    global is refused, and nothing in the archive is compiled or run."""
+
+    def __init__(self, archive: zipfile.ZipFile, folder: str):
+        super().__init__(archive.open(f"{folder}/data.pkl"))
+        self.archive, self.folder = archive, folder
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptObject
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch.jit._pickle" and (name.startswith("build_") or name == "restore_type_tag"):
+            return lambda value, *type_tag: value  # typed lists of plain values or tensors: the list itself
+        raise _NotPlainWeights(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        # ("storage", dtype, "0", "cpu" or "cuda:0", number of elements); data/0 holds its bytes
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise _NotPlainWeights(f"a persistent id {pid!r}")
+        _, dtype, key, _, _ = pid
+        data = bytearray(self.archive.read(f"{self.folder}/data/{key}"))  # once: the pickle's memo shares it
+        return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+
+
+def _tensor_attributes(obj: _ScriptObject, prefix: str = ""):
+    for name, value in obj.attributes.items():
+        if torch.is_tensor(value):
+            yield prefix + name, value
+        elif isinstance(value, _ScriptObject):  # a submodule
+            yield from _tensor_attributes(value, f"{prefix}{name}.")
+
+
+def _read_torchscript_tensors(path: str) -> dict:
+    """The tensors of a TorchScript archive's modules by their state-dict names, read without torch.jit, which is
+    deprecated since torch 2.14 and compiles the archive's code: every tensor attribute, which for a traced module
+    (parameters, buffers and submodules only) is its state dict. An archive that holds other objects than tensors,
+    plain values and modules is read with torch.jit.load."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            folder = next(n[:-len("/data.pkl")] for n in sorted(names) if n.endswith("/data.pkl") and n.count("/") == 1)
+            if f"{folder}/byteorder" in names and archive.read(f"{folder}/byteorder").strip() != b"little":
+                raise _NotPlainWeights("big-endian tensors")
+            root = _ArchiveUnpickler(archive, folder).load()
+        if not isinstance(root, _ScriptObject):
+            raise _NotPlainWeights(f"a {type(root).__name__} at its root")
+        return dict(_tensor_attributes(root))
+    except (_NotPlainWeights, StopIteration) as e:
+        what = str(e) or "no data.pkl"
+    except (KeyError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path!r} is a TorchScript archive that cannot be read: it is damaged or truncated (an "
+                         f"interrupted copy?) ({type(e).__name__}: {str(e).strip()[:200]})") from None
+    try:
+        return torch.jit.load(path, map_location="cpu").state_dict()
+    except Exception as e:
+        raise ValueError(f"{path!r} is a TorchScript archive that holds {what}, which only torch.jit.load reads, "
+                         f"and torch.jit.load failed ({type(e).__name__}: {str(e).strip()[:200]}); save its state "
+                         f"dict with a torch whose torch.jit.load reads it: python -c \"import torch; torch.save("
+                         f"torch.jit.load({path!r}, map_location='cpu').state_dict(), 'clip_state_dict.pt')\" and "
+                         f"pass that file") from None
+
+
 def _read_clip_state_dict(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP weights file not found: {path!r}. Pass the local path of OpenAI's ViT-B-16.pt "
                                 f"(the file clip.load('ViT-B/16') downloads) or of a state dict saved with torch.save")
     if _is_torchscript_archive(path):
-        return torch.jit.load(path, map_location="cpu").state_dict()
+        return _read_torchscript_tensors(path)
     obj = _torch_load(path, "--teacher clip:")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and ("kind" in obj or "args" in obj):
         raise ValueError(f"{path!r} is a checkpoint of this repo ({obj.get('kind', 'no kind')}), not CLIP weights; "

@@ -1,6 +1,8 @@
 """Tests for dtm.py: the ViT, the teachers (CLIP loading against a reference forward) and the DTM loss."""
 
 import math
+import warnings
+import zipfile
 
 import pytest
 import torch
@@ -524,6 +526,107 @@ def test_load_clip_plain_and_torchscript_match_reference(tmp_path):
     assert all(not p.requires_grad for p in teacher.parameters())
     targets = teacher(x)
     assert targets.shape == (2, N, CLIP_OUT) and not targets.requires_grad
+
+
+class _ArchiveParts(nn.Module):
+    """What a TorchScript archive may hold: parameters, buffers, nested submodules, multi-head attention, a
+    transposed (strided) parameter, two buffers sharing one storage at different offsets, integer and bool
+    tensors, a typed list attribute."""
+
+    sizes: list[int]
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.blocks = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+        self.proj = nn.Parameter(torch.randn(4, 8).t())  # (8, 4), stride (1, 8)
+        shared = torch.randn(10)
+        self.register_buffer("head", shared[:4])
+        self.register_buffer("tail", shared[4:])
+        self.register_buffer("steps", torch.arange(3))
+        self.register_buffer("flags", torch.tensor([True, False]))
+        self.sizes = [1, 2]
+
+    def forward(self, x):
+        x = self.blocks(x)
+        x = self.attn(x, x, x, need_weights=False)[0] @ self.proj
+        return x * self.sizes[0] + self.head + self.tail[:4] + self.steps.sum() + self.flags.sum()
+
+
+def torchscript_archive(path, kind: str) -> dict:
+    """Writes a TorchScript archive of _ArchiveParts (traced, scripted, or scripted in bf16) and returns what
+    torch.jit.load reads back as its state dict."""
+    torch.manual_seed(0)
+    module, x = _ArchiveParts().eval(), torch.randn(3, 1, 8)
+    archive = torch.jit.trace(module, x) if kind == "traced" else torch.jit.script(module)
+    if kind == "scripted_bf16":
+        archive = archive.to(torch.bfloat16)
+    archive.save(str(path))
+    return torch.jit.load(str(path), map_location="cpu").state_dict()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("kind", ["traced", "scripted", "scripted_bf16"])
+def test_a_torchscript_archive_is_read_without_torch_jit(tmp_path, monkeypatch, kind):
+    """The released CLIP file is a TorchScript archive; torch.jit.load is deprecated (torch 2.14). Its tensors are
+    read from data.pkl as torch.jit.load's state_dict() gives them: names, dtypes, values, strides, shared storage."""
+    path = tmp_path / "ViT-B-16.pt"
+    expected = torchscript_archive(path, kind)
+
+    def no_jit(*args, **kwargs):
+        raise AssertionError("torch.jit.load was called")
+
+    monkeypatch.setattr(torch.jit, "load", no_jit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read = dtm._read_clip_state_dict(str(path))
+    assert list(read) == list(expected)
+    for name, tensor in expected.items():
+        assert read[name].dtype == tensor.dtype and read[name].stride() == tensor.stride(), name
+        assert read[name].storage_offset() == tensor.storage_offset(), name
+        assert torch.equal(read[name], tensor), name
+    assert read["proj"].stride() == (1, 8)
+    shared = lambda sd: sd["head"].untyped_storage().data_ptr() == sd["tail"].untyped_storage().data_ptr()
+    assert shared(read) == shared(expected) == (kind != "scripted_bf16")  # .to(bf16) casts them apart
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_a_torchscript_archive_the_reader_does_not_know_goes_to_torch_jit(tmp_path, monkeypatch):
+    path = tmp_path / "ViT-B-16.pt"
+    expected = torchscript_archive(path, "traced")
+    monkeypatch.setattr(dtm, "_STORAGE_DTYPES", {})  # float32 storages unknown to the reader: torch.jit.load reads it
+    read = dtm._read_clip_state_dict(str(path))
+    assert list(read) == list(expected) and all(torch.equal(read[k], v) for k, v in expected.items())
+
+    def removed(*args, **kwargs):
+        raise AttributeError("module 'torch.jit' has no attribute 'load'")
+
+    monkeypatch.setattr(torch.jit, "load", removed)
+    with pytest.raises(ValueError, match=r"holds torch\.FloatStorage, which only torch\.jit\.load reads, and "
+                                         r"torch\.jit\.load failed \(AttributeError: .*torch\.save\(torch\.jit\.load"):
+        dtm._read_clip_state_dict(str(path))
+
+    monkeypatch.undo()
+    big_endian = tmp_path / "big_endian.pt"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(big_endian, "w") as copy:
+        for item in source.infolist():
+            copy.writestr(item, b"big\n" if item.filename.endswith("/byteorder") else source.read(item))
+    monkeypatch.setattr(torch.jit, "load", removed)
+    with pytest.raises(ValueError, match=r"holds big-endian tensors, which only torch\.jit\.load reads"):
+        dtm._read_clip_state_dict(str(big_endian))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_a_damaged_torchscript_archive_is_named_damaged(tmp_path):
+    path, damaged = tmp_path / "ViT-B-16.pt", tmp_path / "damaged.pt"
+    torchscript_archive(path, "traced")
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(damaged, "w") as copy:
+        for item in source.infolist():
+            if not item.filename.endswith("/data/0"):  # one tensor's bytes lost
+                copy.writestr(item, source.read(item))
+    with pytest.raises(ValueError, match=r"damaged.pt' is a TorchScript archive that cannot be read: it is damaged "
+                                         r"or truncated .*KeyError"):
+        dtm.load_clip_visual(str(damaged))
 
 
 def test_clip_teacher_without_projection_gives_width_dim_targets(tmp_path):
