@@ -871,6 +871,8 @@ class _NotPlainWeights(Exception):
 
 
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    if metadata:  # a conjugate or negative view's bits (torch._utils.set_tensor_metadata)
+        raise _NotPlainWeights("tensors with metadata")
     return storage.as_strided(size, stride, offset)  # torch._utils._rebuild_tensor_v2's arguments
 
 
@@ -880,7 +882,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
 
     def __init__(self, archive: zipfile.ZipFile, folder: str):
         super().__init__(archive.open(f"{folder}/data.pkl"))
-        self.archive, self.folder = archive, folder
+        self.archive, self.folder, self.storages = archive, folder, {}
 
     def find_class(self, module: str, name: str):
         if module == "__torch__" or module.startswith("__torch__."):
@@ -900,8 +902,10 @@ class _ArchiveUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
             raise _NotPlainWeights(f"a persistent id {pid!r}")
         _, dtype, key, _, _ = pid
-        data = bytearray(self.archive.read(f"{self.folder}/data/{key}"))  # once: the pickle's memo shares it
-        return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        if key not in self.storages:  # read once (the pickle's memo shares it too)
+            data = bytearray(self.archive.read(f"{self.folder}/data/{key}"))
+            self.storages[key] = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        return self.storages[key]
 
 
 def _tensor_attributes(obj: _ScriptObject, prefix: str = ""):
@@ -913,33 +917,36 @@ def _tensor_attributes(obj: _ScriptObject, prefix: str = ""):
 
 
 def _read_torchscript_tensors(path: str) -> dict:
-    """The tensors of a TorchScript archive's modules by their state-dict names, read without torch.jit, which is
-    deprecated since torch 2.14 and compiles the archive's code: every tensor attribute, which for a traced module
-    (parameters, buffers and submodules only) is its state dict. An archive that holds other objects than tensors,
-    plain values and modules is read with torch.jit.load."""
+    """The tensors of a TorchScript archive's modules by their state-dict names, read without torch.jit.load (which
+    is deprecated and compiles the archive's code): every tensor attribute, which for a traced module (parameters,
+    buffers and submodules only) is its state dict; a scripted module's other tensor attributes come too. An archive
+    that holds other objects than tensors, plain values and modules, or that this reader cannot read, goes to
+    torch.jit.load."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
-            folder = next(n[:-len("/data.pkl")] for n in sorted(names) if n.endswith("/data.pkl") and n.count("/") == 1)
+            pickles = [n for n in sorted(names) if n.endswith("/data.pkl") and n.count("/") == 1]
+            if not pickles:
+                raise _NotPlainWeights("no data.pkl")
+            folder = pickles[0][:-len("/data.pkl")]
             if f"{folder}/byteorder" in names and archive.read(f"{folder}/byteorder").strip() != b"little":
                 raise _NotPlainWeights("big-endian tensors")
             root = _ArchiveUnpickler(archive, folder).load()
         if not isinstance(root, _ScriptObject):
             raise _NotPlainWeights(f"a {type(root).__name__} at its root")
         return dict(_tensor_attributes(root))
-    except (_NotPlainWeights, StopIteration) as e:
-        what = str(e) or "no data.pkl"
-    except (KeyError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path!r} is a TorchScript archive that cannot be read: it is damaged or truncated (an "
-                         f"interrupted copy?) ({type(e).__name__}: {str(e).strip()[:200]})") from None
+    except _NotPlainWeights as e:
+        why = f"holds {e}, which only torch.jit.load reads"
+    except Exception as e:
+        why = f"this reader cannot read ({type(e).__name__}: {str(e).strip()[:200]})"
     try:
         return torch.jit.load(path, map_location="cpu").state_dict()
     except Exception as e:
-        raise ValueError(f"{path!r} is a TorchScript archive that holds {what}, which only torch.jit.load reads, "
-                         f"and torch.jit.load failed ({type(e).__name__}: {str(e).strip()[:200]}); save its state "
-                         f"dict with a torch whose torch.jit.load reads it: python -c \"import torch; torch.save("
-                         f"torch.jit.load({path!r}, map_location='cpu').state_dict(), 'clip_state_dict.pt')\" and "
-                         f"pass that file") from None
+        raise ValueError(f"{path!r} is a TorchScript archive that {why}, and torch.jit.load failed too "
+                         f"({type(e).__name__}: {str(e).strip()[:200]}): a damaged or truncated file (an interrupted "
+                         f"copy?), or one that only another torch's torch.jit.load reads; there, save its state dict: "
+                         f"python -c \"import torch; torch.save(torch.jit.load({path!r}, map_location='cpu')"
+                         f".state_dict(), 'clip_state_dict.pt')\" and pass that file") from None
 
 
 def _read_clip_state_dict(path: str) -> dict:

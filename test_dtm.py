@@ -590,30 +590,60 @@ def test_a_torchscript_archive_is_read_without_torch_jit(tmp_path, monkeypatch, 
     assert shared(read) == shared(expected) == (kind != "scripted_bf16")  # .to(bf16) casts them apart
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
-def test_a_torchscript_archive_the_reader_does_not_know_goes_to_torch_jit(tmp_path, monkeypatch):
+class _ArchiveOddities(nn.Module):
+    """Tensors the archive reader leaves to torch.jit.load: a float8 one (a storage type it does not list) and a
+    negative view (metadata that flips its sign)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        if kind == "float8":
+            self.register_buffer("odd", torch.randn(3).to(torch.float8_e4m3fn))
+        else:
+            self.register_buffer("odd", torch.complex(torch.randn(3), torch.randn(3)).conj().imag)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")  # torch.jit, deprecated
+@pytest.mark.parametrize("kind, what", [("float8", r"torch\.Float8_e4m3fnStorage"),
+                                        ("negative_view", "tensors with metadata")])
+def test_a_torchscript_archive_the_reader_does_not_know_goes_to_torch_jit(tmp_path, monkeypatch, kind, what):
     path = tmp_path / "ViT-B-16.pt"
-    expected = torchscript_archive(path, "traced")
-    monkeypatch.setattr(dtm, "_STORAGE_DTYPES", {})  # float32 storages unknown to the reader: torch.jit.load reads it
+    torch.manual_seed(0)
+    torch.jit.script(_ArchiveOddities(kind)).save(str(path))
+    expected = torch.jit.load(str(path), map_location="cpu").state_dict()
+    assert kind == "float8" or expected["odd"].is_neg()
+    calls, jit_load = [], torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda *args, **kwargs: calls.append(args) or jit_load(*args, **kwargs))
     read = dtm._read_clip_state_dict(str(path))
-    assert list(read) == list(expected) and all(torch.equal(read[k], v) for k, v in expected.items())
+    assert len(calls) == 1 and list(read) == list(expected)
+    assert all(torch.equal(read[k].float(), v.float()) for k, v in expected.items())
 
     def removed(*args, **kwargs):
         raise AttributeError("module 'torch.jit' has no attribute 'load'")
 
     monkeypatch.setattr(torch.jit, "load", removed)
-    with pytest.raises(ValueError, match=r"holds torch\.FloatStorage, which only torch\.jit\.load reads, and "
-                                         r"torch\.jit\.load failed \(AttributeError: .*torch\.save\(torch\.jit\.load"):
+    with pytest.raises(ValueError, match=rf"is a TorchScript archive that holds {what}, which only torch\.jit\.load "
+                                         rf"reads, and torch\.jit\.load failed too \(AttributeError: .*"
+                                         rf"torch\.save\(torch\.jit\.load"):
         dtm._read_clip_state_dict(str(path))
 
-    monkeypatch.undo()
-    big_endian = tmp_path / "big_endian.pt"
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_a_big_endian_torchscript_archive_goes_to_torch_jit(tmp_path, monkeypatch):
+    path, big_endian = tmp_path / "ViT-B-16.pt", tmp_path / "big_endian.pt"
+    torchscript_archive(path, "traced")
     with zipfile.ZipFile(path) as source, zipfile.ZipFile(big_endian, "w") as copy:
         for item in source.infolist():
             copy.writestr(item, b"big\n" if item.filename.endswith("/byteorder") else source.read(item))
-    monkeypatch.setattr(torch.jit, "load", removed)
-    with pytest.raises(ValueError, match=r"holds big-endian tensors, which only torch\.jit\.load reads"):
+    calls = []
+    monkeypatch.setattr(torch.jit, "load", lambda *args, **kwargs: calls.append(args) or 1 / 0)
+    with pytest.raises(ValueError, match=r"holds big-endian tensors, which only torch\.jit\.load reads, and "
+                                         r"torch\.jit\.load failed too \(ZeroDivisionError"):
         dtm._read_clip_state_dict(str(big_endian))
+    assert len(calls) == 1
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
@@ -624,8 +654,9 @@ def test_a_damaged_torchscript_archive_is_named_damaged(tmp_path):
         for item in source.infolist():
             if not item.filename.endswith("/data/0"):  # one tensor's bytes lost
                 copy.writestr(item, source.read(item))
-    with pytest.raises(ValueError, match=r"damaged.pt' is a TorchScript archive that cannot be read: it is damaged "
-                                         r"or truncated .*KeyError"):
+    with pytest.raises(ValueError, match=r"damaged.pt' is a TorchScript archive that this reader cannot read "
+                                         r"\(KeyError: .*\), and torch\.jit\.load failed too .*: a damaged or "
+                                         r"truncated file"):
         dtm.load_clip_visual(str(damaged))
 
 
