@@ -32,12 +32,20 @@ def read_log(path: str, x_field: str, field: str):
                 raise SystemExit(f"error: {path}:{number} is a JSON {type(record).__name__}, not an object; pass a "
                                  f"log.jsonl written by train_*.py")
             if record.get(x_field) is not None and record.get(field) is not None:
-                x, y = float(record[x_field]), float(record[field])
+                x, y = (_number(record[name], name, f"{path}:{number}") for name in (x_field, field))
                 if math.isfinite(x) and math.isfinite(y):
                     points.append((x, y))
     if not points:
         raise SystemExit(f"error: {path}: no line has both {x_field!r} and {field!r}")
     return points
+
+
+def _number(value, name: str, where: str) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    shown = json.dumps(value)
+    raise SystemExit(f"error: {where}: {name!r} is {shown[:60] + ('...' if len(shown) > 60 else '')}, not a number; "
+                     f"plot a field whose values are numbers (loss, lr, mIoU, ...)")
 
 
 def moving_average(values, window: int):

@@ -161,3 +161,17 @@ def test_fractional_x_gets_fractional_ticks_and_a_seventh_curve_reuses_the_first
     image = plot_log.plot([[(0.0, float(k)), (10.0, float(k))] for k in range(7)], list("abcdefg"), "", "step", "y")
     row = lambda k: round(30 + (6.3 - k) / 6.6 * 360)  # y padded 5%: 0..6 -> -0.3..6.3
     assert image.getpixel((400, row(5))) == (140, 86, 75) and image.getpixel((400, row(6))) == (31, 119, 180)
+
+
+def test_a_field_that_is_not_a_number_is_named(tmp_path):
+    """Segmentation's IoU is a list per class and an evaluation line's mode a string: a one-line error, not a
+    traceback from float()."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "IoU": [0.5, 0.25], "mIoU": 37.5, "mode": "eval"}\n')
+    assert plot_log.read_log(str(log), "step", "mIoU") == [(1.0, 37.5)]
+    with pytest.raises(SystemExit, match=r"error: .*log.jsonl:1: 'IoU' is \[0.5, 0.25\], not a number; plot a field"):
+        plot_log.main([str(log), "--field", "IoU", "--out", str(tmp_path / "p.png")])
+    with pytest.raises(SystemExit, match=r"log.jsonl:1: 'mode' is \"eval\", not a number"):
+        plot_log.read_log(str(log), "step", "mode")
+    with pytest.raises(SystemExit, match=r"log.jsonl:1: 'mode' is \"eval\", not a number"):
+        plot_log.read_log(str(log), "mode", "mIoU")
