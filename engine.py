@@ -1131,7 +1131,9 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
     elif differ and rest:  # mid-epoch: step s of the epoch continues at sample s * (samples per step) of its order
         raise ValueError(f"{path!r} was saved mid-epoch (step {step}); this run differs in {', '.join(differ)}: "
                          f"resume with the same data and the same samples per step (--batch_size x --accum_iter x "
-                         f"processes; another split of them is fine), or at an epoch boundary")
+                         f"processes; another split of them is fine), or from a checkpoint saved at the end of an "
+                         f"epoch (--resume PATH: pre-training keeps checkpoint-{{epoch}}.pth), or start the run over "
+                         f"(--fresh)")
     elif checkpoint["steps_per_epoch"] != steps_per_epoch:
         step = epochs_done * steps_per_epoch
         d.print(f"{path!r} was saved with {checkpoint['steps_per_epoch']} steps per epoch, this run has "

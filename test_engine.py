@@ -457,7 +457,9 @@ def test_resume_mid_epoch_needs_the_same_samples_per_step(capsys):
         with pytest.raises(ValueError, match=f"saved mid-epoch \\(step 5\\); this run differs in samples per step "
                                              f"\\(--batch_size x --accum_iter x processes\\) 32 -> {total}"):
             engine.resume(state, "ck.pth", model, optimizer, None, other, 16, CPU)
-    with pytest.raises(ValueError, match="samples per step .* 32 -> 64"):
+    with pytest.raises(ValueError, match=r"samples per step .* 32 -> 64.*, or from a checkpoint saved at the end of "
+                                         r"an epoch \(--resume PATH: pre-training keeps checkpoint-\{epoch\}\.pth\), "
+                                         r"or start the run over \(--fresh\)"):
         engine.resume(state, "ck.pth", model, optimizer, None, same, 16, engine.Dist(world_size=2))
     half = argparse.Namespace(**{**vars(args), "batch_size": 16})
     assert engine.resume(state, "ck.pth", model, optimizer, None, half, 16, engine.Dist(world_size=2)) == 5
