@@ -857,7 +857,8 @@ def run_name(args, resumed: str) -> str:
 
 def say_finished(args, resumed: str, step: int, last_step: int, flag: str, d: Dist):
     """The line a relaunch of a finished run prints (it then does nothing): how to train on, or start over."""
-    d.print(f"{run_name(args, resumed)} holds a finished run (step {step} of {last_step}): nothing to do; raise {flag} "
+    where = f"step {step} of {last_step}" if step <= last_step else f"step {step}, past this run's {last_step}"
+    d.print(f"{run_name(args, resumed)} holds a finished run ({where}): nothing to do; raise {flag} "
             f"to train on, or {new_run_hint(args, resumed)} to start over{init_note(args)}")
 
 

@@ -505,7 +505,7 @@ def main(argv=None):
     for k, panel in enumerate(panels):
         sheet.paste(panel, (k * (panel.width + 8), 0))
     sheet.save(args.out)
-    print(f"wrote {args.out}: {len(panels)} schedules on {tokens.shape[1]} tokens")
+    print(f"wrote {args.out}: {len(panels)} schedule{'s' * (len(panels) != 1)} on {tokens.shape[1]} tokens")
 
 
 if __name__ == "__main__":

@@ -1047,10 +1047,12 @@ def test_a_relaunch_between_log_lines_averages_the_whole_window(image_folder, tm
 
 
 def test_the_start_up_line_names_the_teachers_precision(image_folder, tmp_path, capsys):
-    """--teacher_amp bf16 under --amp fp32 (a CLIP teacher on the CPU): the line says teacher bf16."""
+    """--teacher_amp bf16 under --amp fp32 (a CLIP teacher on the CPU): the line says teacher bf16; and where the lr
+    comes from (batch 4: 0.05 x sqrt(4 / 2048) = 0.00221)."""
     torch.manual_seed(0)
     visual = dtm.CLIPVisual(input_resolution=32, patch_size=16, width=64, layers=1, heads=1, output_dim=24)
     torch.save(visual.state_dict(), tmp_path / "clip.pt")
     argv = [a if a != "pixels" else f"clip:{tmp_path / 'clip.pt'}" for a in tiny_argv(image_folder, tmp_path / "run")]
     tp.main([*argv, "--teacher_amp", "bf16", "--max_steps", "1"])
-    assert "amp fp32 (teacher bf16)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "amp fp32 (teacher bf16)" in printed and "lr 0.00221 (--lr 0.05 x sqrt(4 / 2048))" in printed

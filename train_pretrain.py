@@ -170,7 +170,8 @@ def check_args(args):
         raise FileNotFoundError(f"--data {args.data!r} is not a directory; pass an ImageFolder root "
                                 f"(root/class_x/img.jpg), or leave --data out to run the demo")
     if args.teacher is None:
-        raise ValueError("--teacher is required with --data: clip:/path/ViT-B-16.pt (the paper), ckpt:PATH or pixels")
+        raise ValueError("--teacher is required with --data, a relaunch of a run too (pass its --teacher again): "
+                         "clip:/path/ViT-B-16.pt (the paper), ckpt:PATH or pixels")
     kind, _, path = args.teacher.partition(":")
     if not ((kind in ("clip", "ckpt") and path) or args.teacher == "pixels"):
         raise ValueError(f"bad --teacher {args.teacher!r}; use clip:PATH, ckpt:PATH or pixels")
@@ -335,7 +336,8 @@ def train(args, d: engine.Dist) -> dict:
     log = engine.open_log(args.output_dir, checkpoint if own_run else None, d.is_main, finished)
     ddp_model = engine.ddp(model, d)  # the teacher stays outside: it does not train
     d.print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, teacher {args.teacher} "
-            f"(dim {teacher.out_dim}), {len(dataset)} images, total batch {total_batch}, lr {lr:.3g}, "
+            f"(dim {teacher.out_dim}), {len(dataset)} images, total batch {total_batch}, lr {lr:.3g} (--lr {args.lr:g} x "
+            f"sqrt({total_batch} / 2048)), "
             f"{steps_per_epoch} steps/epoch, amp {engine.amp_name(amp_dtype, scaler)} (teacher "
             f"{'fp32' if args.teacher == 'pixels' else engine.amp_name(teacher_dtype, None)})")
     if finished:
