@@ -521,9 +521,9 @@ def finetune(args, d, amp_dtype, scaler):
     started_from = {None: "", "none": " (init none: from scratch)"}.get(args.init, f" (init {args.init})")
     d.print(f"{args.model}{started_from}: {len(train_set)} training images, {len(classes)} classes, {d.world_size} "
             f"process(es) on {d.device}, amp {engine.amp_name(amp_dtype, scaler)}; total batch {total_batch}, lr "
-            f"{lr:.3g} (--lr {args.lr:g}, {'no' if args.lr_scaling == 'none' else args.lr_scaling} scaling), layer decay {layer_decay}, {args.epochs} "
-            f"epoch{'s' * (args.epochs != 1)} x {steps_per_epoch} steps ({args.warmup_epochs:g} of warmup), starting "
-            f"at step {step}")
+            f"{lr:.3g} (--lr {args.lr:g}, {'no' if args.lr_scaling == 'none' else args.lr_scaling} scaling), layer "
+            f"decay {layer_decay}, {args.epochs} epoch{'s' * (args.epochs != 1)} x {steps_per_epoch} steps "
+            f"({args.warmup_epochs:g} of warmup), starting at step {step}")
     if finished:
         engine.say_finished(args, resume_path, step, total_steps, "--epochs", d)
 

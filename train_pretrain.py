@@ -321,11 +321,12 @@ def train(args, d: engine.Dist) -> dict:
     teacher_dtype = engine.resolve_teacher_amp(args.teacher_amp, amp_dtype, d.device)
     total_batch = args.batch_size * args.accum_iter * d.world_size
     lr = args.lr * math.sqrt(total_batch / 2048)
+    lr_origin = f"--lr {args.lr:g} x sqrt({total_batch} / 2048)"
     optimizer = torch.optim.AdamW(engine.param_groups(model, args.weight_decay), lr=lr, betas=tuple(args.betas))
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     engine.warn_long_warmup(warmup_steps, total_steps, "--warmup_epochs", d)
-    engine.warn_min_lr(args.min_lr, lr, f" (--lr {args.lr:g} x sqrt({total_batch} / 2048))", d)
+    engine.warn_min_lr(args.min_lr, lr, f" ({lr_origin})", d)
     if args.fixed_schedule:
         warn_fixed_schedule(args, d)
 
@@ -336,8 +337,7 @@ def train(args, d: engine.Dist) -> dict:
     log = engine.open_log(args.output_dir, checkpoint if own_run else None, d.is_main, finished)
     ddp_model = engine.ddp(model, d)  # the teacher stays outside: it does not train
     d.print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, teacher {args.teacher} "
-            f"(dim {teacher.out_dim}), {len(dataset)} images, total batch {total_batch}, lr {lr:.3g} (--lr {args.lr:g} x "
-            f"sqrt({total_batch} / 2048)), "
+            f"(dim {teacher.out_dim}), {len(dataset)} images, total batch {total_batch}, lr {lr:.3g} ({lr_origin}), "
             f"{steps_per_epoch} steps/epoch, amp {engine.amp_name(amp_dtype, scaler)} (teacher "
             f"{'fp32' if args.teacher == 'pixels' else engine.amp_name(teacher_dtype, None)})")
     if finished:
