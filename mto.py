@@ -59,7 +59,7 @@ What this file makes of it (THIS IMPLEMENTATION'S READING, not the paper's equat
   over GPUs. Losses are computed in float32 under autocast, float64 for float64 inputs (their matmuls in TF32 where
   the trainer turns TF32 on: the singularity loss's choice of the nearest visible patch can then differ at near ties;
   the cosine to it is computed without a matmul). Their backward passes are written by hand: create_graph=True
-  (double backward) through them is refused (compiled, by torch itself at the second backward).
+  (double backward) through them is refused, compiled too.
   mto_forward computes each loss for a group of blocks at once (singularity_losses, attention_entropies: a group's
   rows taken into one buffer, then one set of ops), as many blocks as keep each intermediate within GROUP_ELEMENTS;
   block by block, the losses' small ops made an H200 step of ViT-B at batch 64 wait on the host's kernel launches
@@ -287,12 +287,30 @@ def _block_groups(count: int, elements_per_block: int):
     return [slice(start, start + size) for start in range(0, count, size)]
 
 
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """The identity, whose backward runs outside the compiled graph and refuses create_graph=True there. Traced into a
+    graph, the hand-written backward passes' check (_refuse_create_graph) runs once, at compile time, with grad mode
+    off; what torch then does at a double backward depends on its version: torch 2.13 raises, torch 2.11 returned
+    gradients without an error."""
+
+    @staticmethod
+    def forward(ctx, losses):
+        return losses.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        _refuse_create_graph()
+        return grad
+
+
 @functools.cache
 def _compiled(losses_fn):
     """torch.compile(losses_fn), made once per function: inductor fuses the losses' elementwise passes and gathers into
     a few kernels (their autograd.Functions' hand-written backward passes too). Measured in docs/RESULTS.md section 3.
-    The first call compiles (seconds to a minute); a group of another size or a new batch size compiles again."""
-    return torch.compile(losses_fn)
+    The first call compiles (seconds to a minute); a group of another size or a new batch size compiles again. Its
+    losses' backward refuses create_graph=True as the eager one does (_RefuseDoubleBackward)."""
+    compiled = torch.compile(losses_fn)
+    return lambda *args: _RefuseDoubleBackward.apply(compiled(*args))
 
 
 def singularity_losses(hiddens, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX, compile: bool = False):
