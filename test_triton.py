@@ -1,15 +1,18 @@
 """MTO's compiled losses (MTOConfig.compile, train_pretrain.py --compile --mto) and the compiled ViT blocks (--compile)
 build for the users' GPUs, checked on a machine without one: inductor writes the Triton kernels of their forward and
 backward passes, and the installed Triton compiles each, through all of triton.compile's stages (TTIR, TTGIR, LLVM IR,
-PTX, and a cubin from the ptxas in Triton's wheel) and with inductor's compile options, for a V100 (sm_70) in fp16 and
-an A100 (sm_80) and an H100/H200 (sm_90) in bf16 (what --amp auto picks), with the configurations (block sizes, warps)
-inductor's heuristics return for that GPU (its own functions, given the GPU's properties; the same for these three).
+PTX, and a cubin from ptxas) and with inductor's compile options, for a V100 (sm_70) in fp16 and an A100 (sm_80) and
+an H100/H200 (sm_90) in bf16 (what --amp auto picks), with the configurations (block sizes, warps) inductor's
+heuristics return for that GPU (its own functions, given the GPU's properties; the same for these three). ptxas: for
+sm_80 and sm_90 the one inductor takes, torch's own where the installed torch is a CUDA build that has one, else the
+one in Triton's wheel; for sm_70 always Triton's (a CUDA 13 build's cannot target it; a V100 runs a CUDA 12 build).
 Nothing runs: kernel launches are no-ops, so values are not checked here (test_mto.py checks them, on the CPU).
 
 Why: on an H200, Triton 3.6 failed to build one kernel of the singularity loss (a product both divided by and kept for
 the backward: TritonGPURemoveLayoutConversions, "operand does not dominate this use"), so --compile --mto stopped at its
 first step (docs/RESULTS.md section 3). Here torch 2.13's inductor writes that kernel, and with the mto.py of then the
-first test fails on it (8 warps, one row per program; sm_70 and sm_80). Kernels are built for ViT-B's sizes at batch 2:
+first test fails on it (8 warps, one row per program; sm_70 and sm_80); with torch 2.11.0+cu130 and Triton 3.6.0, the
+versions of that GPU run, it fails for sm_90 with that run's error. Kernels are built for ViT-B's sizes at batch 2:
 the losses for groups of 2 and 3 blocks, then padded rows; the blocks of pre-training with MTO and of fine-tuning, with
 the trainers' relative position biases. Other batch sizes make other graphs: build_kernels(..., batch=128) builds them
 (by hand, once, for 64 and 128: docs/RESULTS.md section 3).
@@ -18,11 +21,10 @@ What it does not show: the kernels are the ones inductor writes for the CPU's Tr
 beyond the attention (on the CPU an explicit softmax, on a GPU a fused SDPA kernel): the layer norms' variance by the
 CPU's rule (two-step sums or Welford by other thresholds), no mix-order reductions (a GPU's for large layer-norm
 backwards), split reductions sized by the CPU's core count. The extra configurations inductor builds on a GPU after
-measuring registers (_dynamic_scale_rblock) and the launch-time limits (shared memory, threads) are not checked; on a
-GPU inductor may use the ptxas that torch bundles rather than Triton's.
+measuring registers (_dynamic_scale_rblock) and the launch-time limits (shared memory, threads) are not checked.
 
 Skipped without triton (the CPU wheel of torch does not install it): pip install triton==3.6.0 (the version that
-failed, with torch 2.11 on that GPU; here it runs with torch 2.13's inductor), then python -m pytest -q
+failed, with torch 2.11 on that GPU; here it runs with the installed torch's inductor), then python -m pytest -q
 test_triton.py. About 3.5 min on 2 cores (65 s the losses, 140 s the blocks).
 """
 import json
@@ -43,7 +45,7 @@ TARGETS = (70, 80, 90)  # compute capabilities: V100, A100, H100/H200
 
 # run in a child process: it patches inductor's compile and launch for the whole process
 CHILD = r"""
-import copy, json, sys, unittest.mock
+import copy, json, os, sys, unittest.mock
 import torch
 import torch._inductor.config as inductor_config
 import triton
@@ -141,10 +143,18 @@ def afresh():  # dynamo's graphs and mto's compiled losses dropped: the next cal
     mto._compiled.cache_clear()
 
 
+TRITON_PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+TORCH_PTXAS = os.path.join(os.path.dirname(torch.__file__), "bin", "ptxas")  # a CUDA build's own, if it has one
+
+
 def per_amp_dtype(case):  # --amp auto: fp16 on a V100, bf16 on an A100 / H100; each afresh
     global TARGETS
     for dtype, targets in ((torch.float16, [70]), (torch.bfloat16, [80, 90])):
         TARGETS = [cc for cc in ALL_TARGETS if cc in targets]
+        # ptxas: inductor's choice, torch's own where the build has one (which a CUDA 13 build's cannot do for
+        # sm_70), else Triton's; for sm_70 Triton's (a V100 runs a CUDA 12 build, whose ptxas takes sm_70)
+        own = os.access(TORCH_PTXAS, os.X_OK) and 70 not in TARGETS
+        os.environ["TRITON_PTXAS_PATH"] = TORCH_PTXAS if own else TRITON_PTXAS
         if TARGETS:
             afresh()
             case(dtype)
