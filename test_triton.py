@@ -111,7 +111,7 @@ def build(autotuner, *args, **kwargs):  # in place of inductor's compile: build 
 
 for name in ("pointwise", "reduction", "persistent_reduction"):
     setattr(triton_heuristics, name, remembered(getattr(triton_heuristics, name)))
-ALL_TARGETS = TARGETS = json.loads(sys.argv[1])
+TARGETS = json.loads(sys.argv[1])  # one precision's: [70], or some of [80, 90]
 driver.set_active(NoGPU())
 inductor_config.cpu_backend = "triton"
 inductor_config.compile_threads = 1
@@ -149,17 +149,10 @@ TRITON_PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidi
 TORCH_PTXAS = os.path.join(os.path.dirname(torch.__file__), "bin", "ptxas")  # a CUDA build's own, if it has one
 
 
-def per_amp_dtype(case):  # --amp auto: fp16 on a V100, bf16 on an A100 / H100; each afresh
-    global TARGETS
-    for dtype, targets in ((torch.float16, [70]), (torch.bfloat16, [80, 90])):
-        TARGETS = [cc for cc in ALL_TARGETS if cc in targets]
-        # ptxas: inductor's choice, torch's own where the build has one (which a CUDA 13 build's cannot do for
-        # sm_70), else Triton's; for sm_70 Triton's (a V100 runs a CUDA 12 build, whose ptxas takes sm_70)
-        own = os.access(TORCH_PTXAS, os.X_OK) and 70 not in TARGETS
-        os.environ["TRITON_PTXAS_PATH"] = TORCH_PTXAS if own else TRITON_PTXAS
-        if TARGETS:
-            afresh()
-            case(dtype)
+# ptxas: inductor's choice, torch's own where the build has one (which a CUDA 13 build's cannot do for sm_70), else
+# Triton's; for sm_70 Triton's (a V100 runs a CUDA 12 build, whose ptxas takes sm_70)
+own = os.access(TORCH_PTXAS, os.X_OK) and 70 not in TARGETS
+os.environ["TRITON_PTXAS_PATH"] = TORCH_PTXAS if own else TRITON_PTXAS
 
 
 def mto_losses(dtype):  # as in training: a group of 2 blocks, then one of 3 (dynamo recompiles with dynamic sizes);
@@ -188,12 +181,12 @@ def vit_blocks(dtype):  # train_pretrain.py --compile --mto's student, train_fin
 
 
 torch.manual_seed(0)
-per_amp_dtype({"mto_losses": mto_losses, "vit_blocks": vit_blocks}[sys.argv[2]])
+{"mto_losses": mto_losses, "vit_blocks": vit_blocks}[sys.argv[2]](getattr(torch, sys.argv[4]))
 print("RESULT " + json.dumps({"kernels": kernels, "cubins": cubins, "failures": failures}))
 """
 
 
-PRECISIONS = ((70,), (80, 90))  # the targets built in one child: fp16 for sm_70, bf16 for sm_80 and sm_90
+PRECISIONS = (("float16", (70,)), ("bfloat16", (80, 90)))  # --amp auto: fp16 on a V100, bf16 on an A100 / H100
 
 
 def build_kernels(tmp_path, case, targets=TARGETS, mto_dir=HERE, batch=2):
@@ -204,9 +197,8 @@ def build_kernels(tmp_path, case, targets=TARGETS, mto_dir=HERE, batch=2):
     One child process per precision, both at once: each writes its kernels afresh and builds them, which is about one
     core's work (Triton's passes and ptxas), so on 2 cores the two take about the time of the slower one (sm_70's:
     about 210 s of 290 s for the blocks on an AMD EPYC's 2 cores) instead of their sum."""
-    groups = [[cc for cc in group if cc in targets] for group in PRECISIONS]
-    children = [_start_child(tmp_path / "_".join(f"sm{cc}" for cc in group), case, group, mto_dir, batch)
-                for group in groups if group]
+    groups = [(dtype, [cc for cc in group if cc in targets]) for dtype, group in PRECISIONS]
+    children = [_start_child(tmp_path / dtype, case, dtype, group, mto_dir, batch) for dtype, group in groups if group]
     try:
         return [_child_result(folder, child) for folder, child in children]
     finally:  # one child failed: the other is not left running
@@ -215,12 +207,12 @@ def build_kernels(tmp_path, case, targets=TARGETS, mto_dir=HERE, batch=2):
             child.wait()
 
 
-def _start_child(folder, case, targets, mto_dir, batch):
+def _start_child(folder, case, dtype, targets, mto_dir, batch):
     folder.mkdir(parents=True)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), TRITON_CACHE_DIR=str(folder / "triton"),
                PYTHONPATH=mto_dir, TORCHINDUCTOR_COMPILE_THREADS="1")
     with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:  # files: no pipe fills and blocks
-        child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(targets), case, str(batch)],
+        child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(targets), case, str(batch), dtype],
                                  stdout=out, stderr=err, env=env, cwd=str(folder))
     return folder, child
 
