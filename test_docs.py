@@ -8,6 +8,7 @@ is left out.
 """
 import argparse
 import importlib
+import os
 import re
 import shlex
 
@@ -17,6 +18,7 @@ SCRIPTS = ("train_pretrain", "train_finetune", "train_seg", "bench_mto", "bench_
            "study", "morph", "test_gpu")
 MARKDOWN = ("README.md", "docs/RESULTS.md")
 PLACEHOLDERS = ("...", "<", "[", "$")
+ROOT = os.path.dirname(os.path.abspath(__file__))
 LAUNCH = re.compile(r"(?:python3?|torchrun(?: --[\w=]+)*) (\w+)\.py\b")
 
 
@@ -40,14 +42,14 @@ def _markdown_lines(text: str) -> list:
 
 
 def _python_lines(text: str) -> list:
-    """A script's source with its docstrings' continuations (a backslash, written `\\\\` in a docstring) joined."""
+    """A script's source, lines that end in a backslash (two in a docstring's source) joined to the next."""
     return re.sub(r"\\\\?\n\s*", " ", text).splitlines()
 
 
 def documented_commands() -> list:
     commands = []
     for path in MARKDOWN + tuple(f"{name}.py" for name in SCRIPTS):
-        with open(path) as f:
+        with open(os.path.join(ROOT, path)) as f:
             text = f.read()
         lines = _markdown_lines(text) if path.endswith(".md") else _python_lines(text)
         commands += [(path, script, args) for line in lines for script, args in _commands_in(line)
