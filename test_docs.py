@@ -1,10 +1,11 @@
-"""The commands the documents give parse with their script's own parser.
+"""The commands the documents give parse with their script's own parser, and the flags they name exist.
 
 README.md, docs/RESULTS.md and the scripts' docstrings and messages give commands (`python X.py ...`, `torchrun ...
 X.py ...`). A flag renamed or removed in a script while a document still gives it fails here. The commands are parsed,
 not run (their paths, /path/imagenet and the like, do not exist here): the script's main() runs up to its first
 parse_args, which this test stops right after parsing. A command with a placeholder (`...`, `<...>`, `[...]`, `$var`)
-is left out.
+is left out. Every other flag that the documents, the scripts and the modules name (in prose, help texts and error
+messages that tell the user what to pass) must be a flag of one of the scripts here, or one of OTHER_TOOLS' flags.
 """
 import argparse
 import importlib
@@ -17,6 +18,15 @@ import pytest
 SCRIPTS = ("train_pretrain", "train_finetune", "train_seg", "bench_mto", "bench_morph", "bench_data", "plot_log",
            "study", "morph", "test_gpu")
 MARKDOWN = ("README.md", "docs/RESULTS.md")
+MODULES = ("engine.py", "data.py", "dtm.py", "mto.py")
+# flags of other tools that the texts here cite: torchrun's, pip's, and the official code's (naver-ai/dtm and BEiT's
+# run_*.py, MAE's main_finetune.py) in the recipe's provenance
+OTHER_TOOLS = {"--nproc_per_node", "--standalone", "--index-url", "--auto_resume", "--drop_block",
+               "--imagenet_default_mean_and_std", "--init_both_rpb", "--init_scale", "--k1", "--k2", "--n1", "--n2",
+               "--layer_scale_init_value", "--loss_type", "--min_mask_patches_per_block", "--num_mask_patches",
+               "--opt_betas", "--shared_rel_pos_bias", "--use_cls", "--use_mean_pooling", "--abs_pos_emb",
+               "--color_jitter"}
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9](?![\w*-])")  # not a pattern: --demo_*, --no-X
 PLACEHOLDERS = ("...", "<", "[", "$")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 LAUNCH = re.compile(r"(?:python3?|torchrun(?: --[\w=]+)*) (\w+)\.py\b")
@@ -64,6 +74,18 @@ class _Parsed(Exception):
     pass
 
 
+def _run_up_to_parse(script: str, argv: list, monkeypatch, keep="namespace"):
+    """Runs script.main() with argv up to its first parse_args; raises _Parsed(the namespace or the parser)."""
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(parse_args(self, args, namespace) if keep == "namespace" else self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr("sys.argv", [f"{script}.py"] + argv)
+    importlib.import_module(script).main()
+
+
 def test_commands_found():
     """The extraction finds what it should, so that the test below cannot pass by finding nothing."""
     scripts = {script for _, script, _ in COMMANDS}
@@ -80,16 +102,9 @@ def test_commands_found():
 
 @pytest.mark.parametrize("path,script,args", COMMANDS, ids=[f"{p}: {s}.py {a}" for p, s, a in COMMANDS])
 def test_documented_command_parses(path, script, args, monkeypatch, capsys):
-    parse_args = argparse.ArgumentParser.parse_args
-
-    def parse_then_stop(self, argv=None, namespace=None):
-        raise _Parsed(parse_args(self, argv, namespace))
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     argv = shlex.split(args)
-    monkeypatch.setattr("sys.argv", [f"{script}.py"] + argv)
     try:
-        importlib.import_module(script).main()
+        _run_up_to_parse(script, argv, monkeypatch)
     except _Parsed:
         return
     except SystemExit as e:
@@ -98,3 +113,25 @@ def test_documented_command_parses(path, script, args, monkeypatch, capsys):
         pytest.fail(f"{path} gives `{script}.py {args}`, which its parser refuses: "
                     f"{capsys.readouterr().err.strip().splitlines()[-1]}")
     pytest.fail(f"{script}.main() returned without parsing its arguments")
+
+
+def _scripts_flags(monkeypatch) -> set:
+    flags = set()
+    for script in SCRIPTS:
+        with pytest.raises(_Parsed) as parsed:
+            _run_up_to_parse(script, [], monkeypatch, keep="parser")
+        for action in parsed.value.args[0]._actions:
+            flags.update(action.option_strings)  # a BooleanOptionalAction's --no-X too
+    return flags
+
+
+def test_every_flag_named_exists(monkeypatch):
+    flags = _scripts_flags(monkeypatch)
+    assert {"--mto", "--grad_checkpoint", "--malloc", "--watchdog_s", "--schedule", "--smooth"} <= flags
+    assert not OTHER_TOOLS & flags, "a flag of ours is listed as another tool's"
+    unknown = []
+    for path in MARKDOWN + tuple(f"{name}.py" for name in SCRIPTS) + MODULES:
+        with open(os.path.join(ROOT, path)) as f:
+            named = set(FLAG.findall(f.read()))
+        unknown += [f"{path}: {flag}" for flag in sorted(named - flags - OTHER_TOOLS)]
+    assert not unknown, "flags named that no script here has (renamed? removed?): " + ", ".join(unknown)
