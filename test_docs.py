@@ -6,8 +6,11 @@ not run (their paths, /path/imagenet and the like, do not exist here): the scrip
 parse_args, which this test stops right after parsing. A command with a placeholder (`...`, `<...>`, `[...]`, `$var`)
 is left out. Every other flag that the documents, the scripts and the modules name (in prose, help texts and error
 messages that tell the user what to pass) must be a flag of one of the scripts here, or one of OTHER_TOOLS' flags.
+And README's table of files names every Python file of the top level.
 """
 import argparse
+import fnmatch
+import glob
 import importlib
 import os
 import re
@@ -135,3 +138,15 @@ def test_every_flag_named_exists(monkeypatch):
             named = set(FLAG.findall(f.read()))
         unknown += [f"{path}: {flag}" for flag in sorted(named - flags - OTHER_TOOLS)]
     assert not unknown, "flags named that no script here has (renamed? removed?): " + ", ".join(unknown)
+
+
+def test_readme_file_table_names_every_python_file():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        table = f.read().split("\n## ")[0]  # the table of files comes before the first section
+    named = [name for row in re.findall(r"^\| (`.*?) \|", table, re.M) for name in re.findall(r"`([^`]+)`", row)]
+    assert "morph.py" in named and "test_*.py" in named
+    files = [os.path.basename(path) for path in glob.glob(os.path.join(ROOT, "*.py"))]
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, name) for name in named)]
+    assert not missing, f"README's table of files does not name {missing}"
+    absent = [name for name in named if not fnmatch.filter(files, name)]
+    assert not absent, f"README's table of files names {absent}, which the top level does not have"
