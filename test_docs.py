@@ -6,7 +6,8 @@ not run (their paths, /path/imagenet and the like, do not exist here): the scrip
 parse_args, which this test stops right after parsing. A command with a placeholder (`...`, `<...>`, `[...]`, `$var`)
 is left out. Every other flag that the documents, the scripts and the modules name (in prose, help texts and error
 messages that tell the user what to pass) must be a flag of one of the scripts here, or one of OTHER_TOOLS' flags.
-And README's table of files names every Python file of the top level.
+Every `module.name` the texts give for a module here (`mto.GROUP_ELEMENTS`, `engine.compile_blocks`) exists. And
+README's table of files names every Python file of the top level.
 """
 import argparse
 import fnmatch
@@ -150,3 +151,28 @@ def test_readme_file_table_names_every_python_file():
     assert not missing, f"README's table of files does not name {missing}"
     absent = [name for name in named if not fnmatch.filter(files, name)]
     assert not absent, f"README's table of files names {absent}, which the top level does not have"
+
+
+NOT_CODE = {"data.partial", "data.pkl"}  # file names: study.py's download in progress, a TorchScript archive's member
+
+
+def test_every_code_name_the_texts_give_exists():
+    modules = [os.path.basename(path)[:-3] for path in glob.glob(os.path.join(ROOT, "*.py"))]
+    reference = re.compile(rf"(?<![\w.])({'|'.join(modules)})\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
+    texts = MARKDOWN + tuple(f"{name}.py" for name in modules)
+    named = set()
+    for path in texts:
+        with open(os.path.join(ROOT, path)) as f:
+            named |= {(m.group(1), m.group(2)) for m in reference.finditer(f.read()) if m.group(2) != "py"}
+    assert ("mto", "GROUP_ELEMENTS") in named and len(named) > 200
+    missing = []
+    for module, name in sorted(named):
+        if f"{module}.{name}" in NOT_CODE:
+            continue
+        obj = importlib.import_module(module)
+        for part in name.split("."):
+            if not hasattr(obj, part):
+                missing.append(f"{module}.{name}")
+                break
+            obj = getattr(obj, part)
+    assert not missing, f"names the texts give that the code does not have (renamed? removed?): {missing}"
