@@ -6,8 +6,8 @@ not run (their paths, /path/imagenet and the like, do not exist here): the scrip
 parse_args, which this test stops right after parsing. A command with a placeholder (`...`, `<...>`, `[...]`, `$var`)
 is left out. Every other flag that the documents, the scripts and the modules name (in prose, help texts and error
 messages that tell the user what to pass) must be a flag of one of the scripts here, or one of OTHER_TOOLS' flags.
-Every `module.name` the texts give for a module here (`mto.GROUP_ELEMENTS`, `engine.compile_blocks`) exists. And
-README's table of files names every Python file of the top level.
+Every `module.name` the texts give for a module here (`mto.GROUP_ELEMENTS`, `engine.compile_blocks`) exists, and
+every file under docs/ that they name. And README's table of files names every Python file of the top level.
 """
 import argparse
 import fnmatch
@@ -176,3 +176,18 @@ def test_every_code_name_the_texts_give_exists():
                 break
             obj = getattr(obj, part)
     assert not missing, f"names the texts give that the code does not have (renamed? removed?): {missing}"
+
+
+OFFICIAL_DOCS = {"docs/Training.md", "docs/Evaluation.md"}  # naver-ai/dtm's, cited for its commands
+
+
+def test_every_docs_file_the_texts_name_exists():
+    path_named = re.compile(r"(?<![\w/.])docs/[\w./*-]*[\w*]")  # a * stands for the files a glob matches
+    texts = MARKDOWN + tuple(os.path.basename(path) for path in glob.glob(os.path.join(ROOT, "*.py")))
+    named = set()
+    for text in texts:
+        with open(os.path.join(ROOT, text)) as f:
+            named |= set(path_named.findall(f.read()))
+    assert "docs/RESULTS.md" in named and "docs/mto_vs_plain.png" in named
+    missing = sorted(p for p in named - OFFICIAL_DOCS if not glob.glob(os.path.join(ROOT, p)))
+    assert not missing, f"files the texts name that docs/ does not have: {missing}"
