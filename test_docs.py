@@ -6,8 +6,9 @@ not run (their paths, /path/imagenet and the like, do not exist here): the scrip
 parse_args, which this test stops right after parsing. A command with a placeholder (`...`, `<...>`, `[...]`, `$var`)
 is left out. Every other flag that the documents, the scripts and the modules name (in prose, help texts and error
 messages that tell the user what to pass) must be a flag of one of the scripts here, or one of OTHER_TOOLS' flags.
-Every `module.name` the texts give for a module here (`mto.GROUP_ELEMENTS`, `engine.compile_blocks`) exists, and
-every file under docs/ that they name. And README's table of files names every Python file of the top level.
+Every `module.name` the texts give for a module here (`mto.GROUP_ELEMENTS`, `engine.compile_blocks`) exists, so does
+every file under docs/ that they name, and every section a Markdown link points to. And README's table of files names
+every Python file of the top level.
 """
 import argparse
 import fnmatch
@@ -191,3 +192,27 @@ def test_every_docs_file_the_texts_name_exists():
     assert "docs/RESULTS.md" in named and "docs/mto_vs_plain.png" in named
     missing = sorted(p for p in named - OFFICIAL_DOCS if not glob.glob(os.path.join(ROOT, p)))
     assert not missing, f"files the texts name that docs/ does not have: {missing}"
+
+
+def _github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation but - and _ dropped, spaces as -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_to_sections_resolve():
+    assert _github_anchor("3. MTO's step-time overhead (`bench_mto.py`)") == "3-mtos-step-time-overhead-bench_mtopy"
+    links = []  # (the linking file, the linked file relative to the repository, the anchor)
+    for path in MARKDOWN:
+        with open(os.path.join(ROOT, path)) as f:
+            for target, anchor in re.findall(r"\]\(([\w./-]*)#([^)]+)\)", f.read()):
+                linked = os.path.normpath(os.path.join(os.path.dirname(path), target)) if target else path
+                links.append((path, linked, anchor))
+    assert links, "no links to sections found"
+    broken = []
+    for path, linked, anchor in links:
+        with open(os.path.join(ROOT, linked)) as f:
+            text = re.sub(r"```\w*\n.*?```", "", f.read(), flags=re.S)  # a shell comment there is no heading
+            anchors = {_github_anchor(heading) for heading in re.findall(r"^#+ (.+)$", text, re.M)}
+        if anchor not in anchors:
+            broken.append(f"{path}: {linked}#{anchor}")
+    assert not broken, f"links to sections that do not exist: {broken}"
