@@ -34,7 +34,15 @@ OTHER_TOOLS = {"--nproc_per_node", "--standalone", "--index-url", "--auto_resume
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9](?![\w*-])")  # not a pattern: --demo_*, --no-X
 PLACEHOLDERS = ("...", "<", "[", "$")
 ROOT = os.path.dirname(os.path.abspath(__file__))
+PYTHON_FILES = sorted(os.path.basename(path) for path in glob.glob(os.path.join(ROOT, "*.py")))  # the top level's
+CODE_BLOCK = re.compile(r"```\w*\n(.*?)```", re.S)  # a fenced block of a Markdown file, its text as group 1
 LAUNCH = re.compile(r"(?:python3?|torchrun(?: --[\w=]+)*) (\w+)\.py\b")
+
+
+def _read(path: str) -> str:
+    """A file of the repository, by its path from the repository's root."""
+    with open(os.path.join(ROOT, path)) as f:
+        return f.read()
 
 
 def _commands_in(line: str) -> list:
@@ -50,8 +58,8 @@ def _commands_in(line: str) -> list:
 
 def _markdown_lines(text: str) -> list:
     """Code blocks' lines (backslash continuations joined) and inline code spans (a span may wrap a line)."""
-    blocks = re.findall(r"```\w*\n(.*?)```", text, re.S)
-    prose = re.sub(r"```\w*\n.*?```", "", text, flags=re.S)
+    blocks = CODE_BLOCK.findall(text)
+    prose = CODE_BLOCK.sub("", text)
     lines = [line for block in blocks for line in re.sub(r"\\\n", " ", block).splitlines()]
     return lines + [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", prose)]
 
@@ -64,8 +72,7 @@ def _python_lines(text: str) -> list:
 def documented_commands() -> list:
     commands = []
     for path in MARKDOWN + tuple(f"{name}.py" for name in SCRIPTS):
-        with open(os.path.join(ROOT, path)) as f:
-            text = f.read()
+        text = _read(path)
         lines = _markdown_lines(text) if path.endswith(".md") else _python_lines(text)
         commands += [(path, script, args) for line in lines for script, args in _commands_in(line)
                      if not any(mark in args for mark in PLACEHOLDERS)]
@@ -136,21 +143,18 @@ def test_every_flag_named_exists(monkeypatch):
     assert not OTHER_TOOLS & flags, "a flag of ours is listed as another tool's"
     unknown = []
     for path in MARKDOWN + tuple(f"{name}.py" for name in SCRIPTS) + MODULES:
-        with open(os.path.join(ROOT, path)) as f:
-            named = set(FLAG.findall(f.read()))
+        named = set(FLAG.findall(_read(path)))
         unknown += [f"{path}: {flag}" for flag in sorted(named - flags - OTHER_TOOLS)]
     assert not unknown, "flags named that no script here has (renamed? removed?): " + ", ".join(unknown)
 
 
 def test_readme_file_table_names_every_python_file():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        table = f.read().split("\n## ")[0]  # the table of files comes before the first section
+    table = _read("README.md").split("\n## ")[0]  # the table of files comes before the first section
     named = [name for row in re.findall(r"^\| (`.*?) \|", table, re.M) for name in re.findall(r"`([^`]+)`", row)]
     assert "morph.py" in named and "test_*.py" in named
-    files = [os.path.basename(path) for path in glob.glob(os.path.join(ROOT, "*.py"))]
-    missing = [f for f in files if not any(fnmatch.fnmatch(f, name) for name in named)]
+    missing = [f for f in PYTHON_FILES if not any(fnmatch.fnmatch(f, name) for name in named)]
     assert not missing, f"README's table of files does not name {missing}"
-    absent = [name for name in named if not fnmatch.filter(files, name)]
+    absent = [name for name in named if not fnmatch.filter(PYTHON_FILES, name)]
     assert not absent, f"README's table of files names {absent}, which the top level does not have"
 
 
@@ -158,13 +162,11 @@ NOT_CODE = {"data.partial", "data.pkl"}  # file names: study.py's download in pr
 
 
 def test_every_code_name_the_texts_give_exists():
-    modules = [os.path.basename(path)[:-3] for path in glob.glob(os.path.join(ROOT, "*.py"))]
+    modules = [name[:-3] for name in PYTHON_FILES]
     reference = re.compile(rf"(?<![\w.])({'|'.join(modules)})\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
-    texts = MARKDOWN + tuple(f"{name}.py" for name in modules)
     named = set()
-    for path in texts:
-        with open(os.path.join(ROOT, path)) as f:
-            named |= {(m.group(1), m.group(2)) for m in reference.finditer(f.read()) if m.group(2) != "py"}
+    for path in MARKDOWN + tuple(PYTHON_FILES):
+        named |= {(m.group(1), m.group(2)) for m in reference.finditer(_read(path)) if m.group(2) != "py"}
     assert ("mto", "GROUP_ELEMENTS") in named and len(named) > 200
     missing = []
     for module, name in sorted(named):
@@ -184,11 +186,9 @@ OFFICIAL_DOCS = {"docs/Training.md", "docs/Evaluation.md"}  # naver-ai/dtm's, ci
 
 def test_every_docs_file_the_texts_name_exists():
     path_named = re.compile(r"(?<![\w/.])docs/[\w./*-]*[\w*]")  # a * stands for the files a glob matches
-    texts = MARKDOWN + tuple(os.path.basename(path) for path in glob.glob(os.path.join(ROOT, "*.py")))
     named = set()
-    for text in texts:
-        with open(os.path.join(ROOT, text)) as f:
-            named |= set(path_named.findall(f.read()))
+    for path in MARKDOWN + tuple(PYTHON_FILES):
+        named |= set(path_named.findall(_read(path)))
     assert "docs/RESULTS.md" in named and "docs/mto_vs_plain.png" in named
     missing = sorted(p for p in named - OFFICIAL_DOCS if not glob.glob(os.path.join(ROOT, p)))
     assert not missing, f"files the texts name that docs/ does not have: {missing}"
@@ -204,18 +204,16 @@ def test_markdown_links_resolve():
     assert _github_anchor("3. MTO's step-time overhead (`bench_mto.py`)") == "3-mtos-step-time-overhead-bench_mtopy"
     links = []  # (the linking file, the linked file relative to the repository, the anchor or "")
     for path in MARKDOWN:
-        with open(os.path.join(ROOT, path)) as f:
-            for target, anchor in re.findall(r"\]\((?!https?:)([^)#]*)#?([^)]*)\)", f.read()):
-                linked = os.path.normpath(os.path.join(os.path.dirname(path), target)) if target else path
-                links.append((path, linked, anchor))
+        for target, anchor in re.findall(r"\]\((?!https?:)([^)#]*)#?([^)]*)\)", _read(path)):
+            linked = os.path.normpath(os.path.join(os.path.dirname(path), target)) if target else path
+            links.append((path, linked, anchor))
     assert len(links) >= 8 and any(anchor for _, _, anchor in links)
     broken = []
     for path, linked, anchor in links:
         if not os.path.isfile(os.path.join(ROOT, linked)):
             broken.append(f"{path}: {linked}")
         elif anchor:
-            with open(os.path.join(ROOT, linked)) as f:
-                text = re.sub(r"```\w*\n.*?```", "", f.read(), flags=re.S)  # a shell comment there is no heading
+            text = CODE_BLOCK.sub("", _read(linked))  # a shell comment there is no heading
             if anchor not in {_github_anchor(heading) for heading in re.findall(r"^#+ (.+)$", text, re.M)}:
                 broken.append(f"{path}: {linked}#{anchor}")
     assert not broken, f"links to files or sections that do not exist: {broken}"
