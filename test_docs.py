@@ -24,6 +24,7 @@ SCRIPTS = ("train_pretrain", "train_finetune", "train_seg", "bench_mto", "bench_
            "study", "morph", "test_gpu")
 MARKDOWN = ("README.md", "docs/RESULTS.md")
 MODULES = ("engine.py", "data.py", "dtm.py", "mto.py")
+COMMAND_TEXTS = MARKDOWN + tuple(f"{name}.py" for name in SCRIPTS)  # the texts that give commands
 # flags of other tools that the texts here cite: torchrun's, pip's, and the official code's (naver-ai/dtm and BEiT's
 # run_*.py, MAE's main_finetune.py) in the recipe's provenance
 OTHER_TOOLS = {"--nproc_per_node", "--standalone", "--index-url", "--auto_resume", "--drop_block",
@@ -71,7 +72,7 @@ def _python_lines(text: str) -> list:
 
 def documented_commands() -> list:
     commands = []
-    for path in MARKDOWN + tuple(f"{name}.py" for name in SCRIPTS):
+    for path in COMMAND_TEXTS:
         text = _read(path)
         lines = _markdown_lines(text) if path.endswith(".md") else _python_lines(text)
         commands += [(path, script, args) for line in lines for script, args in _commands_in(line)
@@ -142,7 +143,7 @@ def test_every_flag_named_exists(monkeypatch):
     assert {"--mto", "--grad_checkpoint", "--malloc", "--watchdog_s", "--schedule", "--smooth"} <= flags
     assert not OTHER_TOOLS & flags, "a flag of ours is listed as another tool's"
     unknown = []
-    for path in MARKDOWN + tuple(f"{name}.py" for name in SCRIPTS) + MODULES:
+    for path in COMMAND_TEXTS + MODULES:
         named = set(FLAG.findall(_read(path)))
         unknown += [f"{path}: {flag}" for flag in sorted(named - flags - OTHER_TOOLS)]
     assert not unknown, "flags named that no script here has (renamed? removed?): " + ", ".join(unknown)
