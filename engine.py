@@ -958,7 +958,7 @@ def _open_log(output_dir, path, last, resumed) -> list:
             lines = [(line, record) for line, record in lines if record.get("step", 0) <= resumed["step"]]
         with open(f"{path}.tmp", "w") as f:  # a kill while rewriting leaves the old log whole
             f.writelines(line for line, _ in lines)
-        os.replace(f"{path}.tmp", path)
+        replace_durably(f"{path}.tmp", path)
         kept = [record for _, record in lines]
     open(path, "a").close()  # a new run's log, written at its first line: made now, so a refusal comes now
     return kept
@@ -1001,9 +1001,31 @@ def checkpoint_state(kind: str, model, optimizer, scaler, args, step: int, steps
             **extra}
 
 
+def replace_durably(tmp: str, path: str):
+    """os.replace(tmp, path) that a crash of the node cannot tear: tmp's bytes reach the disk before the rename, and
+    the rename before this returns (fsync of the file, then of its folder). Without the first fsync, file systems
+    such as XFS, NFS or Lustre may keep the rename and lose the bytes, leaving an empty file for the last good one."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    try:  # the rename itself; some systems cannot open or fsync a folder, where only the data was at risk
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(path: str, state: dict):
     """Every rank calls it; rank 0 writes. Refuses to write non-finite weights (FloatingPointError naming the last
-    good checkpoint, which stays as it was); writes atomically (a temp file, then a rename)."""
+    good checkpoint, which stays as it was); writes atomically (a temp file, then a rename) and durably (fsync)."""
     tensors = [t for t in state["model"].values() if t.is_floating_point()]
     if tensors and not torch.stack([t.isfinite().all() for t in tensors]).all():
         bad = [k for k, t in state["model"].items() if t.is_floating_point() and not t.isfinite().all()]
@@ -1015,7 +1037,7 @@ def save_checkpoint(path: str, state: dict):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(state, tmp)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except (OSError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not any(s in str(e) for s in ("inline_container", "iostream", "Stream")):
             raise  # not the file writer's (a full disk, a refused write): a bug, with its traceback

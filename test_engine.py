@@ -1483,6 +1483,51 @@ def test_a_failed_save_names_the_file_removes_its_temp_file_and_keeps_the_last_g
         engine.save_checkpoint(str(path), state)
 
 
+def test_a_checkpoint_and_a_cut_log_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
+    """fsync of the temp file (whole), then the rename, then fsync of the folder; a failing fsync is a failed save."""
+    events, opened = [], {}
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+
+    def open_(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        opened[fd] = os.path.abspath(path)
+        return fd
+
+    def fsync(fd):
+        path = opened[fd]
+        events.append(("fsync", path, os.path.getsize(path) if os.path.isfile(path) else None))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.abspath(src), os.path.abspath(dst)))
+        real_replace(src, dst)
+
+    for name, fake in {"open": open_, "fsync": fsync, "replace": replace}.items():
+        monkeypatch.setattr(engine.os, name, fake)
+    log = engine.open_log(str(tmp_path), None, True)
+    for step in (1, 2, 3):
+        log(step=step, loss=0.1)
+    engine.open_log(str(tmp_path), {"step": 2, "log_lines": 2}, True)
+    log_path = str(tmp_path / engine.LOG)
+    assert events == [("fsync", f"{log_path}.tmp", os.path.getsize(log_path)),
+                      ("replace", f"{log_path}.tmp", log_path), ("fsync", str(tmp_path), None)]
+    assert len(open(log_path).readlines()) == 2
+
+    events.clear()
+    path = str(tmp_path / engine.LAST)
+    tmp = f"{path}.tmp{os.getpid()}"
+    engine.save_checkpoint(path, {"model": {"w": torch.ones(2)}, "step": 3})
+    assert events == [("fsync", tmp, os.path.getsize(path)), ("replace", tmp, path), ("fsync", str(tmp_path), None)]
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(engine.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="could not write .*Input/output error; the last good checkpoint there is left"):
+        engine.save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "step": 4})
+    assert not os.path.exists(tmp) and torch.load(path)["step"] == 3
+
+
 def test_resume_keeps_the_old_log_whole_until_the_cut_one_replaces_it_and_says_when_it_is_short(tmp_path, capsys):
     log = engine.open_log(str(tmp_path), None, True)
     for step in (1, 2, 3):
