@@ -570,7 +570,8 @@ def _torch_load(path: str, flag: str):
                 f"{flag} {path!r} holds an argparse.Namespace, which torch.load does not read safely (weights_only="
                 f"True): a checkpoint of the official code (naver-ai/dtm, BEiT)? If you trust the file, keep its "
                 f"weights once: python -c \"import torch; c = torch.load({path!r}, weights_only=False); "
-                f"torch.save(c['model'], 'weights.pth')\" and pass weights.pth") from None
+                f"torch.save(c['model'] if 'model' in c else c['module'], 'weights.pth')\" and pass weights.pth"
+            ) from None
         if "numpy" in str(e):
             raise ValueError(
                 f"{flag} {path!r} was written by an older version of this repo (it holds numpy arrays, which "
@@ -605,13 +606,18 @@ def _unreadable_checkpoint(path: str, flag: str, error: Exception) -> str:
 
 def read_checkpoint(path: str, flag: str = "checkpoint") -> dict:
     """The dict in a checkpoint file, read on the CPU with torch.load(weights_only=True). A plain state dict (a dict
-    of tensors) comes back as {"model": it}. Errors name the file and what is wrong with it."""
+    of tensors) comes back as {"model": it}, and so do DeepSpeed's weights under "module". Errors name the file and
+    what is wrong with it."""
     if os.path.isfile(path) and _is_torchscript_archive(path):
         raise ValueError(f"{flag} {path!r} is a TorchScript archive (OpenAI's CLIP ViT-B-16.pt?), not a checkpoint "
                          f"of this repo; a CLIP file is used as a teacher: --teacher clip:{path}")
     checkpoint = _torch_load(path, flag)
     if isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
         return {"model": checkpoint}
+    if isinstance(checkpoint, dict) and "model" not in checkpoint and isinstance(checkpoint.get("module"), dict):
+        # DeepSpeed's checkpoints (the official code with --enable_deepspeed) keep the weights under "module"; its
+        # run_class_finetuning.py reads either (--model_key model|module)
+        checkpoint = {"model": checkpoint["module"], **{k: v for k, v in checkpoint.items() if k != "module"}}
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{flag} {path!r} is not a checkpoint of this repo (expected a dict with a 'model' entry, "

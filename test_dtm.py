@@ -797,8 +797,18 @@ def test_a_vit_of_the_official_code_is_read_by_its_names(tmp_path):
     torch.save({"model": sd, "optimizer": {"param_groups": [{"lr": np.float64(1e-3)}]},  # numpy lrs, as the official
                 "args": argparse.Namespace(model="beit_base_patch16_224")}, tmp_path / "full.pth")  # code's save_model
     with pytest.raises(ValueError, match="holds an argparse.Namespace.*the official code .*keep its weights once: "
-                                         "python -c .*torch.save\\(c\\['model'\\], 'weights.pth'\\)"):
+                                         "python -c .*torch.save\\(c\\['model'\\] if 'model' in c else "
+                                         "c\\['module'\\], 'weights.pth'\\)"):
         dtm.read_checkpoint(str(tmp_path / "full.pth"), "--init")
+    # DeepSpeed's checkpoints (the official code's --enable_deepspeed) keep the weights under "module"
+    torch.save({"module": sd, "epoch": 3, "ds_version": "0.4.0"}, tmp_path / "deepspeed.pth")
+    checkpoint = dtm.read_checkpoint(str(tmp_path / "deepspeed.pth"), "--init")
+    assert checkpoint["model"] is not None and checkpoint["epoch"] == 3 and "module" not in checkpoint
+    loaded, fresh = dtm.vit_from_checkpoint(checkpoint, IMG)
+    assert torch.equal(loaded.eval().forward_features(x).tokens, vit.forward_features(x).tokens) and fresh == []
+    torch.save({"module": 1, "epoch": 3}, tmp_path / "other.pth")  # not weights: refused as before
+    with pytest.raises(ValueError, match="expected a dict with a 'model' entry, got \\['epoch', 'module'\\]"):
+        dtm.read_checkpoint(str(tmp_path / "other.pth"), "--init")
 
 
 def test_a_clip_file_given_as_a_vit_says_it_is_a_teacher(tmp_path):
