@@ -30,6 +30,7 @@ the CUDA caching allocator does on a GPU, so that the step time counts the compu
     git show e912467:mto.py > /tmp/mto_e912467.py && python bench_mto.py --variants 0 1 --compare_mto /tmp/mto_e912467.py
 """
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import importlib.util
@@ -361,6 +362,9 @@ def main(argv=None):
                 if name == names[0]:
                     raise
                 traceback.print_exc()
+                if cuda:  # the work it queued before failing is not the next variant's time (a sticky CUDA error
+                    with contextlib.suppress(Exception):  # raises at the baseline's next step)
+                        torch.cuda.synchronize(args.device)
                 failed[name] = error_summary(e)
                 print(f"{name}: failed at step {i + 1}, left out: {failed[name]}", flush=True)
                 continue
