@@ -986,6 +986,12 @@ def _json_or_none(line: str):
         return None
 
 
+def epochs_done(step: int, steps_per_epoch: int) -> float:
+    """The log's x that a resume cannot renumber: epochs done after `step`, with the fraction of the current one (a
+    run resumed with another number of steps per epoch renumbers its steps, not its epochs)."""
+    return round(step / steps_per_epoch, 6)
+
+
 def checkpoint_state(kind: str, model, optimizer, scaler, args, step: int, steps_per_epoch: int,
                      train_images: int = None, **extra) -> dict:
     """The checkpoint dict: plain Python values and tensors only, so torch.load(path) reads it with its default
@@ -1161,7 +1167,8 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
         step = epochs_done * steps_per_epoch
         d.print(f"{path!r} was saved with {checkpoint['steps_per_epoch']} steps per epoch, this run has "
                 f"{steps_per_epoch}: step {checkpoint['step']} (end of epoch {epochs_done - 1}) continues as step "
-                f"{step}; log lines before it count steps of the old size (plot by epoch)")
+                f"{step}; log lines before it count steps of the old size (plot them by epochs done: plot_log.py --x "
+                f"epochs_done)")
     saved_images = checkpoint.get("train_images")  # None: saved before it was recorded
     if None not in (saved_images, train_images) and saved_images != train_images:
         d.print(f"note: {path!r} was saved with {saved_images} training images, this run has {train_images}"

@@ -3,11 +3,16 @@
     python plot_log.py output/pretrain_demo/log.jsonl --field loss --out loss.png
     python plot_log.py runA/log.jsonl runB/log.jsonl --labels plain mto --field loss --smooth 10 --out cmp.png
     python plot_log.py plain/log.jsonl mto/log.jsonl --fields loss loss_dtm --out dtm_part.png
+    python plot_log.py run/log.jsonl --x epochs_done --out loss.png   # a run resumed with another batch size
+
+A last line cut short (a run killed while writing it) is left out, with a note. Where x goes back, a note says so (a
+resume with another number of steps per epoch renumbers `step`; `epochs_done` keeps rising).
 """
 import argparse
 import json
 import math
 import os
+import sys
 
 from PIL import Image, ImageDraw
 
@@ -16,8 +21,11 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 
 def read_log(path: str, x_field: str, field: str):
     """[(x, y)] for the lines of a JSONL log that have both fields (null, e.g. the gradient norm of a step skipped
-    by fp16's GradScaler, counts as absent; so do NaN and Infinity, which this repo's logs write as null)."""
+    by fp16's GradScaler, counts as absent; so do NaN and Infinity, which this repo's logs write as null). A last line
+    cut short (a run killed while writing it; its resume drops it) is left out with a note."""
     points = []
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {path!r} is a folder; pass the log file in it ({os.path.join(path, 'log.jsonl')})")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path!r}: no such file (a run's log is log.jsonl in its --output_dir)")
     with open(path, errors="replace") as f:  # a binary file (a checkpoint passed by mistake) fails on its first line
@@ -27,17 +35,31 @@ def read_log(path: str, x_field: str, field: str):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{number} is not a JSON line ({e}); pass a log.jsonl written by train_*.py")
+                if number > 1 and not line.endswith("\n"):  # the last line (no newline), cut short
+                    print(f"note: {path}:{number}: left out a last line cut short (a run killed while writing it)",
+                          file=sys.stderr)
+                    break
+                raise SystemExit(f"error: {path}:{number} is not a JSON line ({e}); pass a log.jsonl written by "
+                                 f"train_*.py")
             if not isinstance(record, dict):  # a .json file's array, a number, ...
                 raise SystemExit(f"error: {path}:{number} is a JSON {type(record).__name__}, not an object; pass a "
                                  f"log.jsonl written by train_*.py")
             if record.get(x_field) is not None and record.get(field) is not None:
                 x, y = (_number(record[name], name, f"{path}:{number}") for name in (x_field, field))
                 if math.isfinite(x) and math.isfinite(y):
+                    if points and x < points[-1][0]:
+                        note_x_goes_back(path, number, x_field, points[-1][0], x)
                     points.append((x, y))
     if not points:
         raise SystemExit(f"error: {path}: no line has both {x_field!r} and {field!r}")
     return points
+
+
+def note_x_goes_back(path: str, number: int, x_field: str, before: float, x: float):
+    """A line drawn in the log's order would turn back here: say why and what to plot by."""
+    why = (" (a run resumed with another number of steps per epoch renumbers its steps; plot by --x epochs_done)"
+           if x_field == "step" else "")
+    print(f"note: {path}:{number}: {x_field} goes back from {before:g} to {x:g}{why}", file=sys.stderr)
 
 
 def _number(value, name: str, where: str) -> float:
@@ -99,6 +121,9 @@ def plot(series, labels, title: str, x_label: str, y_label: str, size=(720, 440)
 
 def check_out(path: str):
     """--out: an image file Pillow can write (by its extension; none: a PNG) in a folder that exists."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: --out {path!r} is a folder; name the image file to write (e.g. "
+                         f"{os.path.join(path, 'plot.png')})")
     Image.init()
     extension = os.path.splitext(path)[1].lower()
     if extension and Image.registered_extensions().get(extension) not in Image.SAVE:  # unknown, or read-only
@@ -130,6 +155,8 @@ def main(argv=None):
     fields = args.fields or [args.field or "loss"] * len(args.logs)
     if len(fields) != len(args.logs):
         raise SystemExit(f"error: {len(args.logs)} logs but {len(fields)} fields")
+    if not args.labels and len(set(fields)) > 1:  # the paths alone would not tell the curves apart
+        labels = [f"{path} ({field})" for path, field in zip(args.logs, fields)]
     series = []
     for path, field in zip(args.logs, fields):
         points = read_log(path, args.x, field)
@@ -137,7 +164,10 @@ def main(argv=None):
         series.append([(x, y) for (x, _), y in zip(points, smoothed)])
     title = args.title or f"{'/'.join(dict.fromkeys(fields))}" + (f" (moving average of {args.smooth})" if args.smooth > 1 else "")
     image = plot(series, labels, title, args.x, "/".join(dict.fromkeys(fields)))
-    image.save(args.out, format=None if os.path.splitext(args.out)[1] else "PNG")  # no extension: a PNG
+    try:
+        image.save(args.out, format=None if os.path.splitext(args.out)[1] else "PNG")  # no extension: a PNG
+    except (OSError, ValueError) as e:  # a format Pillow lists but cannot write from RGB, a full disk, ...
+        raise SystemExit(f"error: --out {args.out!r}: Pillow could not write it ({e}); use .png") from None
     print(f"wrote {args.out}")
 
 

@@ -376,6 +376,8 @@ def test_the_epoch_lines_carry_their_epoch_and_its_mean_training_loss(finetuned)
     lines = [json.loads(line) for line in open(finetuned[0] / "log.jsonl")]
     steps, epochs = [r for r in lines if "loss" in r], [r for r in lines if "train_loss" in r]
     assert [(r["epoch"], r["step"]) for r in epochs] == [(0, 3), (1, 6)]
+    assert [r["epochs_done"] for r in epochs] == [1.0, 2.0]  # 3 steps per epoch
+    assert [r["epochs_done"] for r in steps] == [round(s / 3, 6) for s in range(1, 7)]
     for record in epochs:  # --log_every 1: the epoch's loss is the mean of its logged steps'
         losses = [r["loss"] for r in steps if r["epoch"] == record["epoch"]]
         assert len(losses) == 3 and record["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-6)

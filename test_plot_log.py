@@ -175,3 +175,53 @@ def test_a_field_that_is_not_a_number_is_named(tmp_path):
         plot_log.read_log(str(log), "step", "mode")
     with pytest.raises(SystemExit, match=r"log.jsonl:1: 'mode' is \"eval\", not a number"):
         plot_log.read_log(str(log), "mode", "mIoU")
+
+
+def test_a_last_line_cut_short_is_left_out_with_a_note_and_a_torn_line_before_it_is_an_error(tmp_path, capsys):
+    """A run killed while writing a line leaves it without its newline (its resume drops it): plotted without it."""
+    good = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3))
+    (tmp_path / "log.jsonl").write_text(good + '{"step": 4, "loss": 0.2')
+    assert plot_log.read_log(str(tmp_path / "log.jsonl"), "step", "loss") == [(1.0, 1.0), (2.0, 0.5), (3.0, 1 / 3)]
+    assert "log.jsonl:4: left out a last line cut short" in capsys.readouterr().err
+    (tmp_path / "log.jsonl").write_text(good + '{"step": 4, "loss": 0.2\n')  # with its newline: not cut short
+    with pytest.raises(SystemExit, match=r"log.jsonl:4 is not a JSON line"):
+        plot_log.read_log(str(tmp_path / "log.jsonl"), "step", "loss")
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 0.2\n' + good)  # torn, then more lines: an error
+    with pytest.raises(SystemExit, match=r"log.jsonl:1 is not a JSON line"):
+        plot_log.read_log(str(tmp_path / "log.jsonl"), "step", "loss")
+
+
+def test_renumbered_steps_are_noted_and_epochs_done_rises_through_them(tmp_path, capsys):
+    """A run resumed with another number of steps per epoch (6, then 3) renumbers step 6 as step 3: by step the
+    curve would turn back, so read_log says so and names the x that does not (epochs_done, as the trainers log it)."""
+    lines = [{"step": s, "epochs_done": round(s / 6, 6), "loss": 1.0} for s in range(1, 7)]
+    lines += [{"step": s, "epochs_done": round(s / 3, 6), "loss": 0.5} for s in (4, 5)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    plot_log.read_log(str(tmp_path / "log.jsonl"), "step", "loss")
+    assert capsys.readouterr().err == ("note: " + str(tmp_path / "log.jsonl") + ":7: step goes back from 6 to 4 (a run "
+                                       "resumed with another number of steps per epoch renumbers its steps; plot by "
+                                       "--x epochs_done)\n")
+    points = plot_log.read_log(str(tmp_path / "log.jsonl"), "epochs_done", "loss")
+    assert [x for x, _ in points] == sorted(x for x, _ in points) and capsys.readouterr().err == ""
+
+
+def test_the_default_labels_name_the_field_where_the_fields_differ(tmp_path, monkeypatch):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "loss_dtm": 0.5}) + "\n")
+    calls = []
+    monkeypatch.setattr(plot_log, "plot", lambda *args, **kwargs: calls.append(args) or Image.new("RGB", (4, 4)))
+    log = str(tmp_path / "a.jsonl")
+    plot_log.main([log, log, "--fields", "loss", "loss_dtm", "--out", str(tmp_path / "p.png")])
+    assert calls[-1][1] == [f"{log} (loss)", f"{log} (loss_dtm)"]
+    plot_log.main([log, log, "--fields", "loss", "loss_dtm", "--labels", "A", "B", "--out", str(tmp_path / "p.png")])
+    assert calls[-1][1] == ["A", "B"]
+
+
+def test_an_out_that_is_a_folder_or_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    log = str(tmp_path / "log.jsonl")
+    with pytest.raises(SystemExit, match=r"error: --out '.*' is a folder; name the image file to write \(e.g. .*plot.png\)"):
+        plot_log.main([log, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"error: --out '.*p.xbm': Pillow could not write it \(.*\); use .png"):
+        plot_log.main([log, "--out", str(tmp_path / "p.xbm")])  # a format Pillow lists, for 1-bit images only
+    with pytest.raises(SystemExit, match=r"error: '.*' is a folder; pass the log file in it \(.*log.jsonl\)"):
+        plot_log.main([str(tmp_path), "--out", str(tmp_path / "p.png")])

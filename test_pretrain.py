@@ -348,9 +348,13 @@ def test_resume_with_another_batch_size_keeps_the_log_up_to_the_checkpoint(image
     out = tmp_path / "run"
     tp.main(tiny_argv(image_folder, out, "--batch_size", "2", "--max_steps", "6"))
     tp.main(tiny_argv(image_folder, out, "--max_steps", "4"))
-    assert "step 6 (end of epoch 0) continues as step 3" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "step 6 (end of epoch 0) continues as step 3" in out_text
+    assert "plot them by epochs done: plot_log.py --x epochs_done" in out_text.replace("\n", " ")
     lines = read_log(out / engine.LOG)
     assert [(r["step"], r["epoch"]) for r in lines] == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (6, 0), (4, 1)]
+    # the x that keeps rising where the steps were renumbered (plot_log.py --x epochs_done)
+    assert [r["epochs_done"] for r in lines] == [round(s / 6, 6) for s in range(1, 7)] + [round(4 / 3, 6)]
     tp.main(tiny_argv(image_folder, out, "--max_steps", "5"))  # resumed at step 4: no line of epoch 0 is lost
     lines = read_log(out / engine.LOG)
     assert [(r["step"], r["epoch"]) for r in lines] == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (6, 0), (4, 1), (5, 1)]

@@ -562,7 +562,8 @@ def finetune(args, d, amp_dtype, scaler):
             engine.check_finite(loss_now[None], ["loss"], step, args.output_dir)
             engine.report_unreadable(unreadable, d, step, log)
             now = time.perf_counter()
-            log(step=step, epoch=epoch, loss=loss_now, lr=step_lr, grad_norm=grad_norm,
+            log(step=step, epoch=epoch, epochs_done=engine.epochs_done(step, steps_per_epoch), loss=loss_now,
+                lr=step_lr, grad_norm=grad_norm,
                 img_per_s=images_seen * d.world_size / (now - last_log_time), **timer.parts,
                 **engine.loss_scale_field(scaler))
             bar.set_description(f"epoch {epoch}")
@@ -579,7 +580,8 @@ def finetune(args, d, amp_dtype, scaler):
         stats = evaluate(engine.unwrap(model), val, d.device, amp_dtype, d.is_main)
         improved = stats["top1"] > best_top1  # a tie keeps the earlier epoch (run_class_finetuning.py:614)
         best_top1 = max(best_top1, stats["top1"])
-        log(epoch=epoch, step=step, train_loss=train_loss, best_top1=best_top1, **{f"val_{k}": v for k, v in stats.items()})
+        log(epoch=epoch, step=step, epochs_done=engine.epochs_done(step, steps_per_epoch), train_loss=train_loss,
+            best_top1=best_top1, **{f"val_{k}": v for k, v in stats.items()})
         if d.is_main:
             bar.write(f"epoch {epoch}: train loss {train_loss:.4f}  val top-1 {stats['top1']:.2f}%  "
                       f"top-5 {stats['top5']:.2f}%  (best {best_top1:.2f}%)")

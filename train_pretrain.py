@@ -395,7 +395,8 @@ def train(args, d: engine.Dist) -> dict:
                                 remedy="a lower --lr, --amp bf16/fp32 or --teacher_amp bf16/fp32")
             engine.report_unreadable(unreadable, d, step, log)
             now = time.perf_counter()
-            record = dict(step=step, epoch=epoch, **dict(zip(loss_names, means.tolist())),
+            record = dict(step=step, epoch=epoch, epochs_done=engine.epochs_done(step, steps_per_epoch),
+                          **dict(zip(loss_names, means.tolist())),
                           **{f"groups_level{i}": g for i, g in enumerate(num_groups)},
                           lr=step_lr, grad_norm=grad_norm.item(),
                           img_per_s=images_seen * d.world_size / (now - last_log_time), **timer.parts,
