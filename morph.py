@@ -78,6 +78,10 @@ Where this file deliberately differs from the paper's literal text, and why:
     matches under CUDA's fp16 autocast (engines/engine_for_dtm.py:125 opens it around the morphing loop, so
     bm/merge.py:52's `a @ b.transpose(-1, -2)` of the normalized tokens runs in fp16, and merge_wavg averages fp16
     tokens): its near ties can resolve differently from this file's float32 ones.
+  * Exact ties (duplicate tokens: flat patches of one colour) go to the sources that come first (a stable sort).
+    ToMe's and the official code's edge sort (bm/merge.py:60, `argsort(descending=True)`) is not stable, so their
+    choice among exact ties depends on the sort torch runs (torch 2.13 on the CPU: 17 or more equal values come out
+    in another order).
 """
 import math
 import operator
