@@ -1011,7 +1011,7 @@ def replace_durably(tmp: str, path: str):
     """os.replace(tmp, path) that a crash of the node cannot tear: tmp's bytes reach the disk before the rename, and
     the rename before this returns (fsync of the file, then of its folder). Without the first fsync, file systems
     such as XFS, NFS or Lustre may keep the rename and lose the bytes, leaving an empty file for the last good one."""
-    fd = os.open(tmp, os.O_RDONLY)
+    fd = os.open(tmp, os.O_RDWR)  # not read-only: Windows' fsync needs a writable handle
     try:
         os.fsync(fd)
     finally:
@@ -1149,7 +1149,7 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
         raise ValueError(f"{path!r} does not fit this model ({mismatch}); none of the settings it records changed "
                          f"since it was saved") from None
     step = checkpoint["step"]
-    epochs_done, rest = divmod(step, checkpoint["steps_per_epoch"])
+    whole_epochs, rest = divmod(step, checkpoint["steps_per_epoch"])
     layout = _batch_layout(saved, checkpoint.get("world_size", d.world_size), checkpoint["steps_per_epoch"])
     now = _batch_layout(vars(args), d.world_size, steps_per_epoch)
     differ = [f"{k} {layout[k]} -> {now[k]}" for k in now if layout[k] != now[k]]
@@ -1164,15 +1164,15 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
                          f"epoch (--resume PATH: pre-training keeps checkpoint-{{epoch}}.pth), or start the run over "
                          f"(--fresh)")
     elif checkpoint["steps_per_epoch"] != steps_per_epoch:
-        step = epochs_done * steps_per_epoch
+        step = whole_epochs * steps_per_epoch
         d.print(f"{path!r} was saved with {checkpoint['steps_per_epoch']} steps per epoch, this run has "
-                f"{steps_per_epoch}: step {checkpoint['step']} (end of epoch {epochs_done - 1}) continues as step "
+                f"{steps_per_epoch}: step {checkpoint['step']} (end of epoch {whole_epochs - 1}) continues as step "
                 f"{step}; log lines before it count steps of the old size (plot them by epochs done: plot_log.py --x "
                 f"epochs_done)")
     saved_images = checkpoint.get("train_images")  # None: saved before it was recorded
     if None not in (saved_images, train_images) and saved_images != train_images:
         d.print(f"note: {path!r} was saved with {saved_images} training images, this run has {train_images}"
-                + (f": the rest of epoch {epochs_done} is drawn in the new set's order, so in that epoch some images "
+                + (f": the rest of epoch {whole_epochs} is drawn in the new set's order, so in that epoch some images "
                    f"come twice and others not at all (continuing exactly needs the images it was saved with)"
                    if rest and not differ else ""))
     optimizer.load_state_dict(regrouped_optimizer_state(optimizer, checkpoint["optimizer"], path))
