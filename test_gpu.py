@@ -8,7 +8,7 @@
 The checks (each an entry of the report: ok / skipped / error, seconds, details):
     amp_choice       --amp auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp16 + GradScaler
     autocast_fp32    PixelTeacher's targets and token morphing's groups under CUDA autocast (bf16, fp16) equal
-                     those without it
+                     those without it; the random split with a CPU generator gives the CPU's groups
     pretrain_amp     pre-training steps of vit_b in fp32, bf16 (native only) and fp16 + GradScaler: finite losses,
                      the first step's loss equal to fp32 within the dtype's tolerance
     mto              --mto: finite, the MTO fields logged
@@ -135,6 +135,12 @@ def check_autocast_fp32(device, quick, tmp):
                 targets, groups = teacher(images), morph.token_morphing_levels(tokens, schedules, "official")
             assert targets.dtype == torch.float32 and torch.equal(targets, expected[0]), dtype
             assert all(torch.equal(a, b) for a, b in zip(groups, expected[1])), dtype
+    # the random split with a CPU generator and CUDA tokens draws on the generator (its docstring: any device):
+    # the CPU's groups (float64 Gaussian tokens: the devices' rounding is far below the gaps between cosines)
+    x64 = torch.randn(2, 16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    draws = [morph.token_morphing_levels(x, schedules, "random", torch.Generator().manual_seed(1))
+             for x in (x64, x64.to(device))]
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(*draws))
     return {"dtypes": ["bf16", "fp16"]}
 
 
