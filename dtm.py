@@ -616,7 +616,7 @@ def read_checkpoint(path: str, flag: str = "checkpoint") -> dict:
         return {"model": checkpoint}
     if isinstance(checkpoint, dict) and "model" not in checkpoint and isinstance(checkpoint.get("module"), dict):
         # DeepSpeed's checkpoints (the official code with --enable_deepspeed) keep the weights under "module"; its
-        # run_class_finetuning.py reads either (--model_key model|module)
+        # run_class_finetuning.py:157,358-361 reads either (--model_key model|module)
         checkpoint = {"model": checkpoint["module"], **{k: v for k, v in checkpoint.items() if k != "module"}}
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
