@@ -166,6 +166,20 @@ class PackedSamples:
         return path, int(self.labels[index])
 
 
+DATASET_SETS = ("train", "val", "validation", "test")  # folder names of a dataset's sets, not of classes
+
+
+def refuse_dataset_root(classes, root, flag: str, subfolder: str):
+    """A dataset root holding train/ and val/ (or test/) read as an ImageFolder has those sets as its classes, and a
+    run on it would train or evaluate on every set's images with the sets as labels: raise, naming the subfolder
+    to pass as `flag` instead."""
+    sets = [name for name in DATASET_SETS if name in classes]
+    if "train" in sets and len(sets) > 1:
+        raise ValueError(f"{flag} {root!r} holds {' and '.join(s + '/' for s in sets)} (a dataset split into sets), "
+                         f"which would be read as classes, the images of every set mixed: pass "
+                         f"{flag} {os.path.join(root, subfolder)}")
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """Images in `root/<class_name>/**/<file>.<ext>`; labels are class indices in sorted class-name order.
 

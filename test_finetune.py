@@ -677,6 +677,29 @@ tf.main(sys.argv[1:])
 """
 
 
+def test_a_dataset_root_given_as_a_split_is_refused(tmp_path):
+    """--data_train / --data_val ROOT holding train/ and val/ was read as an ImageFolder of two classes, 'train' and
+    'val': a run trained and validated on every image with the sets as labels, without a word. Refused, naming the
+    folder to pass; --eval with such a --data_val too."""
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            os.makedirs(tmp_path / "root" / split / name)
+            data.SyntheticShapes(1, 40)[0][0].save(tmp_path / "root" / split / name / "a.png")
+    root = str(tmp_path / "root")
+    cases = (([root, root], "--data_val", "val"), ([os.path.join(root, "train"), root], "--data_val", "val"),
+             ([root, os.path.join(root, "val")], "--data_train", "train"))
+    for (train_dir, val_dir), flag, split in cases:
+        args = tf.parse_args(["--data_train", train_dir, "--data_val", val_dir, "--init", "none"])
+        with pytest.raises(ValueError, match=f"^{flag} '{root}' holds train/ and val/ \\(a dataset split into sets\\)"
+                                             f".*: pass {flag} {os.path.join(root, split)}$"):
+            tf.build_datasets(args)
+    args = tf.parse_args(["--data_train", os.path.join(root, "train"), "--data_val", os.path.join(root, "val"),
+                          "--init", "none"])
+    assert tf.build_datasets(args)[2] == ["cat", "dog"]  # the fix works
+    with pytest.raises(ValueError, match=f"^--data_val '{root}' holds train/ and val/"):  # as --eval reads it
+        tf.build_datasets(tf.parse_args(["--data_val", root, "--init", "none"]), train=False)
+
+
 def test_two_process_training_equals_one_process_with_the_same_total_batch(tmp_path):
     """DDP equivalence: 2 processes x batch 4 x accum 2 take the same optimizer steps as 1 process x batch 8 x accum
     2: the DistributedSampler gives rank r the samples r, r + 2, ... of the same permutation, so each step sees the

@@ -476,7 +476,7 @@ def test_a_data_root_split_into_train_and_val_is_refused(tmp_path):
     pre-trained on. Refused, naming the folder to pass."""
     for split in ("train", "val"):
         make_image_folder(tmp_path / "root" / split, count=4)
-    with pytest.raises(ValueError, match=f"holds train/ and val/ .*validation images included: pass --data "
+    with pytest.raises(ValueError, match=f"holds train/ and val/ .*the images of every set mixed: pass --data "
                                          f"{tmp_path / 'root' / 'train'}$"):
         tp.main(tiny_argv(str(tmp_path / "root"), tmp_path / "run"))
     tp.main(tiny_argv(str(tmp_path / "root" / "train"), tmp_path / "run", "--epochs", "1"))  # the fix works

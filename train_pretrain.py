@@ -28,7 +28,8 @@ import dtm
 import engine
 import morph
 import mto
-from data import BlockMaskGenerator, ImageFolder, MaskedImageDataset, PretrainTransform, SyntheticShapes
+from data import (BlockMaskGenerator, ImageFolder, MaskedImageDataset, PretrainTransform, SyntheticShapes,
+                  refuse_dataset_root)
 
 DEMO_IMAGES = 512
 # `python train_pretrain.py` without --data: these replace the defaults (flags given explicitly still win)
@@ -215,11 +216,7 @@ def build_dataset(args):
         base = SyntheticShapes(DEMO_IMAGES, img_size=args.img_size * 8 // 7, seed=0)
     else:
         base = ImageFolder(args.data)
-        splits = {"val", "validation", "test"} & set(base.classes)
-        if "train" in base.classes and splits:
-            raise ValueError(f"--data {args.data!r} holds train/ and {'/'.join(sorted(splits))}/ (a dataset split into "
-                             f"sets), which pre-training would read as classes, validation images included: pass "
-                             f"--data {os.path.join(args.data, 'train')}")
+        refuse_dataset_root(base.classes, args.data, "--data", "train")
     return MaskedImageDataset(base, PretrainTransform(args.img_size, args.min_crop_scale),
                               BlockMaskGenerator((grid, grid), args.num_masked, args.min_block))
 
