@@ -874,6 +874,19 @@ def test_generic_dataset_needs_all_folders(tmp_path):
         train_seg.parse_args(["--img_dir", str(tmp_path), "--ann_dir", str(tmp_path)])
 
 
+
+def test_a_mistyped_data_folder_is_named_as_such(tmp_path):
+    """A --data that does not exist was called "not an ADE20K folder", as if its layout were wrong."""
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match=f"^--data '{tmp_path / 'ADEChallengeData2061'}' does not exist; pass "
+                                                f"the ADEChallengeData2016 folder"):
+        train_seg.main(["--data", str(tmp_path / "ADEChallengeData2061"), "--init", "none"])
+    with pytest.raises(FileNotFoundError, match=f"^--val_ann_dir '{tmp_path / 'notes.txt'}' is a file, not a folder$"):
+        train_seg.main(["--img_dir", str(tmp_path), "--ann_dir", str(tmp_path), "--val_img_dir", str(tmp_path),
+                        "--val_ann_dir", str(tmp_path / "notes.txt"), "--num_classes", "3", "--init", "none",
+                        "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # refused before the run's folder is made
+
 def test_logged_lr_seeds_and_layer_decay_follow_their_closed_forms(tmp_path, monkeypatch):
     """4 steps of batch 2 x accum 2: the logged lr is mmcv's poly schedule (power 2, min_lr > 0, so swapped arguments
     show) with its warmup; the ViT's groups carry layer decay, UperNet's do not, and all decay to the same --min_lr;

@@ -582,9 +582,20 @@ def _json_safe(values):
     return [None if math.isnan(v) else round(v, 4) for v in values]
 
 
+def check_data_folders(args):
+    """A mistyped folder is named as such (ADE20KDataset would call it "not an ADE20K folder", a layout problem)."""
+    for flag in ("data", "img_dir", "ann_dir", "val_img_dir", "val_ann_dir"):
+        path = getattr(args, flag)
+        if path and not os.path.isdir(path):
+            what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+            raise FileNotFoundError(f"--{flag} {path!r} {what}" + (
+                "; pass the ADEChallengeData2016 folder (images/ and annotations/ in it)" if flag == "data" else ""))
+
+
 def main(argv=None):
     """Train (returns the metrics of the last evaluation) or, with --eval, evaluate (returns the metrics)."""
     args = parse_args(argv)
+    check_data_folders(args)
     d = engine.setup()
     try:
         return run_eval(args, d) if args.eval else train(args, d)
