@@ -327,6 +327,15 @@ def layer_decay_fn(depth: int, decay: float, prefix: str = ""):
     return lr_scale
 
 
+def workers_default(preferred: int) -> int:
+    """--num_workers' default: `preferred`, or this process's share of the CPUs it may use where that is fewer (the
+    CPUs over torchrun's LOCAL_WORLD_SIZE, the processes on this node; a laptop, a CPU job of 2 cores): more workers
+    than CPUs only contend for them, and torch's DataLoader warns about each such loader. A --num_workers given is
+    used as given."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(preferred, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
 def check_shared_args(args):
     """The numeric flags the three trainers share: a negative --clip_grad would flip the gradients' sign
     (clip_grad_norm_ scales by clip / norm), a negative --lr or --weight_decay would train backwards, a negative

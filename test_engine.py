@@ -1351,6 +1351,25 @@ def test_trainer_help_shows_defaults_but_not_none():
     assert "default 0.1, 1e-5 for vit_l (run_pretrain_dtm.py's help) --rel_pos_bias" in text
 
 
+def test_the_default_number_of_workers_is_at_most_the_process_share_of_its_cpus(monkeypatch):
+    """10 workers per process (4 in segmentation) where the CPUs allow, else the CPUs this process may use over the
+    processes torchrun started on this node; a --num_workers given is kept."""
+    import train_finetune
+    import train_pretrain
+    import train_seg
+    cases = ((80, None, 10, 4), (64, "8", 8, 4), (2, None, 2, 2), (4, "8", 1, 1), (1, None, 1, 1))
+    for cpus, local_world_size, expected, expected_seg in cases:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        if local_world_size is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+        for trainer, preferred in ((train_pretrain, expected), (train_finetune, expected), (train_seg, expected_seg)):
+            parser = trainer.get_args_parser()
+            assert parser.parse_args(["--data", "x"]).num_workers == preferred, (trainer.__name__, cpus)
+            assert parser.parse_args(["--data", "x", "--num_workers", "12"]).num_workers == 12
+
+
 @pytest.mark.parametrize("flags, message", [(["--num_workers", "-1"], "--num_workers must be >= 0"),
                                             (["--max_unreadable", "-1"], "--max_unreadable is a fraction"),
                                             (["--max_unreadable", "2"], "--max_unreadable is a fraction")])
