@@ -539,7 +539,8 @@ def adapt_state_dict(state_dict: dict, model: VisionTransformer, source_grid=Non
 
 
 def check_checkpoint_file(path: str, flag: str):
-    """A clear error for a checkpoint path that is missing or a folder (naming a checkpoint in it)."""
+    """A clear error for a checkpoint path that is missing or a folder (naming a checkpoint in it), or a file that
+    torch.save did not write (its first bytes: cheap, so a run checks its files before it reads its data)."""
     if os.path.isdir(path):
         found = sorted(f for f in os.listdir(path) if f.endswith(".pth"))
         example = "checkpoint-last.pth" if "checkpoint-last.pth" in found else (found[-1] if found else None)
@@ -547,6 +548,9 @@ def check_checkpoint_file(path: str, flag: str):
         raise ValueError(f"{flag} {path!r} is a folder; pass a checkpoint file{hint}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag} {path!r}: no such file")
+    problem = _not_a_torch_save_file(path, flag)
+    if problem:
+        raise ValueError(problem)
 
 
 def _holds_argparse_namespace(path: str) -> bool:
@@ -586,8 +590,8 @@ def _torch_load(path: str, flag: str):
 _LEGACY_TORCH_SAVE = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's pickled magic number (before 1.6)
 
 
-def _unreadable_checkpoint(path: str, flag: str, error: Exception) -> str:
-    """Why torch.load failed on path, in words: not a torch.save file at all, or a damaged one (torch's reason)."""
+def _not_a_torch_save_file(path: str, flag: str):
+    """Why path, by its first bytes, cannot be a file torch.save wrote (unreadable, empty, another format), or None."""
     try:
         with open(path, "rb") as f:
             head = f.read(len(_LEGACY_TORCH_SAVE))
@@ -599,6 +603,14 @@ def _unreadable_checkpoint(path: str, flag: str, error: Exception) -> str:
         return (f"{flag} {path!r} cannot be read by torch.load: it is not a file that torch.save wrote (it starts "
                 f"with {head[:4]!r}" + (", a pickle of something else)" if head[:1] == b"\x80" else
                                        ", not a zip archive or a pickle)"))
+    return None
+
+
+def _unreadable_checkpoint(path: str, flag: str, error: Exception) -> str:
+    """Why torch.load failed on path, in words: not a torch.save file at all, or a damaged one (torch's reason)."""
+    problem = _not_a_torch_save_file(path, flag)
+    if problem:
+        return problem
     first_sentence = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else ""
     return (f"{flag} {path!r} cannot be read by torch.load: it is truncated or damaged (an interrupted save or "
             f"copy?) ({type(error).__name__}: {first_sentence})")

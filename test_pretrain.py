@@ -493,6 +493,18 @@ def test_an_init_or_teacher_that_is_a_folder_names_a_file_in_it(image_folder, tm
         tp.main(tiny_argv(image_folder, tmp_path / "other", "--teacher", f"ckpt:{tmp_path / 'run'}"))
 
 
+def test_a_teacher_file_torch_did_not_write_is_refused_before_the_data_is_read(tmp_path):
+    """Its first bytes tell: the run stopped only after scanning --data and building the loaders (at ImageNet's size,
+    minutes), or on a complaint about the data first."""
+    (tmp_path / "ViT-B-16.pt").write_text("<html>404</html>")  # a failed download
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, why in (("ViT-B-16.pt", "it is not a file that torch.save wrote \\(it starts with b'<htm'"),
+                      ("empty.pt", "it is empty")):
+        argv = ["--data", str(tmp_path), "--teacher", f"clip:{tmp_path / name}"]  # a folder without class folders
+        with pytest.raises(ValueError, match=f"^--teacher clip: '.*{name}' cannot be read by torch.load: {why}"):
+            tp.parse_args(argv)  # the arguments' check, before any data or model
+
+
 def test_a_min_lr_above_the_scaled_lr_is_warned_about(image_folder, tmp_path, capsys):
     tp.main(tiny_argv(image_folder, tmp_path / "run", "--epochs", "1", "--lr", "1e-3", "--min_lr", "1e-2"))
     printed = capsys.readouterr().out
