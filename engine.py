@@ -1095,7 +1095,8 @@ def load_checkpoint(path: str, kind: str, flag: str = "--resume", hint: str = ""
             f", or to continue an older checkpoint move this one away and pass --resume with one of "
             f"{', '.join(os.path.join(folder, name) for name in older)}" if older else "")) from None
     if checkpoint.get("kind") != kind:
-        found = f"kind {checkpoint['kind']!r}" if "kind" in checkpoint else "no 'kind' entry"
+        found = f"kind {checkpoint['kind']!r}" if "kind" in checkpoint else \
+            "no 'kind' entry: weights without a run to continue, or another codebase's file"
         trainer = f"train_{kind.split('_')[1]}.py"
         if auto:
             raise ValueError(f"--output_dir {os.path.dirname(path)!r} holds another trainer's run ({LAST}: {found}), "

@@ -1305,6 +1305,11 @@ def test_auto_resume_of_another_trainers_run_names_the_folder(tmp_path):
         engine.load_checkpoint(str(path), "dtm_finetune", hint="; use --init", auto=True)
     with pytest.raises(ValueError, match="--resume .* is not a checkpoint of train_finetune.py .*; use --init"):
         engine.load_checkpoint(str(path), "dtm_finetune", hint="; use --init")
+    torch.save({"weight": torch.zeros(2), "bias": torch.zeros(1)}, tmp_path / "state_dict.pth")  # weights only
+    with pytest.raises(ValueError, match=r"--resume .*state_dict.pth' is not a checkpoint of train_pretrain.py \(no "
+                                         r"'kind' entry: weights without a run to continue, or another codebase's "
+                                         r"file\); use --teacher"):
+        engine.load_checkpoint(str(tmp_path / "state_dict.pth"), "dtm_pretrain", hint="; use --teacher")
 
 
 def test_flags_that_would_do_nothing_are_refused():
