@@ -28,7 +28,10 @@ Use: DTM's loss at one step with the official settings (dtm.dtm_loss is this wit
 this block). target: the teacher's patch tokens (B, N, D) without CLS, pred: the student's (B, N, D) predictions
 at the same positions (visible and masked), rng: a random.Random (seed it from the step). The groups come from the
 teacher alone; every position counts once, holding its group's mean (a group weighs by its size); L = 2 levels:
+    import torch
     import torch.nn.functional as F
+    from morph import group_mean, group_sizes, num_groups_after, sample_schedule, token_morphing_levels
+    B, N, _ = target.shape
     schedules = [sample_schedule(N, N, 14, rng, rule="official") for _ in range(2)]
     levels = token_morphing_levels(target, schedules, split="official")  # [(B, N) group ids] per level
     loss = 0.0
@@ -132,12 +135,16 @@ def num_groups_after(num_tokens: int, schedule, split: str) -> int:
 def sample_schedule(num_tokens: int, max_merged: int, max_iters: int, rng: random.Random, rule: str = "spread") -> list:
     """The dynamic scheduler (Sec. 3.2): merged count n ~ U{0..max_merged}, iterations k ~ U{1..max_iters}, then
     make_schedule(num_tokens, n, k, rule, max_merged). rng is a random.Random (seed it from the step for
-    reproducible runs without saved state). rule: "spread" (exactly n merges) by default; train_pretrain.py's
-    --schedule_rule defaults to "official" (the official code's), so pass rule="official" to compute r as it does.
+    reproducible runs without saved state). rule: "spread" (exactly n merges before clamping, which caps each round
+    at half the tokens: n = 150 of 196 in 1 round merges 98) by default; train_pretrain.py's --schedule_rule
+    defaults to "official" (the official code's), so pass rule="official" to compute r as it does.
     Called once per level, it draws n1, k1, n2, k2; naver-ai/dtm engines/engine_for_dtm.py:103-106 draws n1, n2,
     k1, k2: the same distribution, other values for the same seed."""
     if not isinstance(rng, random.Random) and rng is not random:  # numpy's randint excludes its upper bound
         raise TypeError(f"sample_schedule needs a random.Random (e.g. random.Random(seed)), got {type(rng).__name__}")
+    if max_iters < 1 or max_merged < 0:
+        raise ValueError(f"sample_schedule needs max_iters >= 1 rounds and max_merged >= 0 tokens, got "
+                         f"max_iters={max_iters}, max_merged={max_merged}")
     n = rng.randint(0, max_merged)
     k = rng.randint(1, max_iters)
     return make_schedule(num_tokens, n, k, rule, max_merged)

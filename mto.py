@@ -86,7 +86,11 @@ The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and
     where mask (B, N) bool says which patches the ViT replaces by its own mask token, return_layers and return_qk
     (passed by keyword) are lists of 0-based block indices, and attn_mask is a list with one entry per block:
     None or a float32 (B, 1, T, T) added to the attention logits (SDPA's attn_mask), 0 = may attend, -inf = may not
-    (an attention that adds it by hand in bf16/fp16 casts it to the logits' dtype first). A check of an adapter:
+    (an attention that adds it by hand in bf16/fp16 casts it to the logits' dtype first). Every block that has one
+    gets the same tensor: add to it out of place (mask + bias), never in place. nn.MultiheadAttention (torchvision's
+    ViT) takes a 3-D mask, (B * heads, T, T): m.expand(B, heads, T, T).reshape(B * heads, T, T); its bool masks mean
+    the opposite (True = may NOT attend: ~recalibration_mask(...), expanded alike). It returns no q and k, so the
+    entropy loss needs them recomputed from its in_proj_weight (or lambda_ent=0). A check of an adapter:
     with recalibration in every block, the CLS and visible tokens' outputs do not change when the mask token does.
     A ViT with timm's `num_prefix_tokens` attribute has it checked against num_prefix; without it, a wrong
     num_prefix shows as a size mismatch of T inside the ViT's attention. torch.compile: compile the blocks
@@ -124,7 +128,8 @@ class MTOConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
                 raise ValueError(f"MTOConfig.{name} must be a block count >= 0 or None (all blocks), got {value!r}")
         for name in ("lambda_sing", "lambda_ent"):
-            if not 0 <= getattr(self, name) < float("inf"):  # also NaN
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf"):
                 raise ValueError(f"MTOConfig.{name} must be finite and >= 0 (0 switches the loss off), got "
                                  f"{getattr(self, name)}")
 
@@ -146,12 +151,13 @@ def recalibration_mask(mask, num_prefix: int = NUM_PREFIX):
     return (masked[:, :, None] | ~masked[:, None, :]).unsqueeze(1)  # (B, 1, T, T): masked query or visible key
 
 
-def depth_weights(depth: int, num_layers: int, device=None) -> torch.Tensor:
+def depth_weights(depth: int, num_layers: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """(depth,) float: w_l proportional to depth - l for the first num_layers blocks, 0 after; sums to 1. Made on
-    `device` (a copy from the host to a GPU would wait for the GPU's queue: MTO's one host sync is patch_rows')."""
+    `device` (a copy from the host to a GPU would wait for the GPU's queue: MTO's one host sync is patch_rows'), in
+    `dtype` (the losses': float64 weights for float64 losses)."""
     if not 0 <= num_layers <= depth:
         raise ValueError(f"number of MTO loss layers must be in 0..{depth} (the ViT's depth), got {num_layers}")
-    w = torch.arange(depth, 0, -1, dtype=torch.float32, device=device)  # D, D-1, ..., 1
+    w = torch.arange(depth, 0, -1, dtype=dtype, device=device)  # D, D-1, ..., 1
     w[num_layers:] = 0
     return w / w.sum().clamp(min=1.0)
 
@@ -548,7 +554,7 @@ def _depth_weighted(per_block, depth: int):
     """(L, B) per-image losses of the first L blocks -> the depth-weighted sum of their batch means (a product and a
     sum, not @, which autocast would run in bf16 / fp16)."""
     L = per_block.shape[0]
-    return (per_block.mean(dim=1) * depth_weights(depth, L, per_block.device)[:L]).sum()
+    return (per_block.mean(dim=1) * depth_weights(depth, L, per_block.device, per_block.dtype)[:L]).sum()
 
 
 def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX):
@@ -560,6 +566,9 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
     is 0 is a zero tensor and costs nothing.
     """
     _check_mask(mask)
+    if torch.is_tensor(images) and images.shape[:1] != mask.shape[:1]:
+        raise ValueError(f"{images.shape[0]} images but a mask for {mask.shape[0]}: the mask is (B, N), one row per "
+                         f"image")
     vit_prefix = getattr(vit, "num_prefix_tokens", num_prefix)  # timm's name for CLS + register tokens
     if vit_prefix != num_prefix:
         raise ValueError(f"the ViT has {vit_prefix} tokens before the patches (num_prefix_tokens), MTO was given "

@@ -419,6 +419,10 @@ def test_sample_schedule_refuses_other_random_generators():
         with pytest.raises(TypeError, match=f"sample_schedule needs a random.Random .*got {type(rng).__name__}"):
             sample_schedule(196, 196, 14, rng)
     assert len(sample_schedule(196, 196, 14, random)) >= 1  # the random module itself (its randint includes the end)
+    with pytest.raises(ValueError, match="needs max_iters >= 1 rounds and max_merged >= 0 tokens, got max_iters=0"):
+        sample_schedule(196, 196, 0, random.Random(0))  # was randrange's "empty range for randrange() (1, 1, 0)"
+    with pytest.raises(ValueError, match="max_merged >= 0 tokens, got max_iters=14, max_merged=-1"):
+        sample_schedule(196, -1, 14, random.Random(0))
 
 
 def test_sample_schedule_rules_against_hand_computed_values():
@@ -468,19 +472,19 @@ def test_visualization_writes_side_by_side_panels(tmp_path):
 
 
 def test_the_docstrings_use_block_computes_dtm_loss():
-    """The 'Use' block of morph.py's docstring, run as written, gives dtm.dtm_loss with its defaults."""
+    """The 'Use' block of morph.py's docstring, run as written, gives dtm.dtm_loss with its defaults; it imports what
+    it uses (pasted into other code it needed B, N and morph's functions, a copy-the-file review found)."""
     import textwrap
 
     import dtm
     import morph
     doc = morph.__doc__
-    start = doc.index("    import torch.nn.functional as F")
+    start = doc.index("    import torch\n")
     block = textwrap.dedent(doc[start:doc.index("\n\n", start)])
     B, N, D = 3, 16, 8
     gen = torch.Generator().manual_seed(0)
     target, pred = torch.randn(B, N, D, generator=gen), torch.randn(B, N, D, generator=gen) * 3  # some |diff| > beta
-    scope = {"torch": torch, "B": B, "N": N, "target": target, "pred": pred, "rng": random.Random(5),
-             **{name: getattr(morph, name) for name in dir(morph) if not name.startswith("_")}}
+    scope = {"target": target, "pred": pred, "rng": random.Random(5)}  # what the text says the block is given
     exec(block, scope)
     rng = random.Random(5)
     schedules = [sample_schedule(N, N, 14, rng, rule="official") for _ in range(2)]

@@ -138,6 +138,9 @@ def test_mto_off_is_bit_identical_to_plain_forward():
         for value in ("-1", "nan", "inf"):  # a plain argparse parser (the trainers' refuse nan / inf themselves)
             with pytest.raises(ValueError, match=f"{flag} must be finite and >= 0 .*, got {float(value)}"):
                 mto.mto_config_from_args(parser.parse_args(["--mto", flag, value]))
+    for value in (None, "0.1", True):  # None failed with a TypeError from its comparison
+        with pytest.raises(ValueError, match=f"MTOConfig.lambda_sing must be finite and >= 0 .*, got {value}"):
+            mto.MTOConfig(lambda_sing=value)
     for flag in ("--mto_layers", "--mto_sing_layers", "--mto_ent_layers"):  # block counts: 0..depth
         with pytest.raises(ValueError, match=f"{flag} -1 is out of range: use 0..depth"):
             mto.mto_config_from_args(parser.parse_args(["--mto", flag, "-1"]))
@@ -325,6 +328,8 @@ def test_masks_must_be_bool():
         with pytest.raises(ValueError, match="bool mask"):  # a uint8 mask once gave a bias of 254/255: no masking
             call(mask.to(torch.uint8))
         call(mask)
+    with pytest.raises(ValueError, match="^3 images but a mask for 2: the mask is"):  # failed inside the ViT
+        mto.mto_forward(tiny_vit(), images(3), mask, mto.MTOConfig())
 
 
 def test_losses_with_a_fixed_number_of_masked_patches_skip_padding_and_agree_with_references():
@@ -472,6 +477,10 @@ def test_depth_weights():
     assert torch.equal(mto.depth_weights(4, 0), torch.zeros(4))
     with pytest.raises(ValueError, match="0..4"):
         mto.depth_weights(4, 5)
+    float64 = mto.depth_weights(4, 3, dtype=torch.float64)  # float64 losses are weighted in float64, not float32's
+    assert float64.dtype == torch.float64 and float64.tolist() == [4 / 9, 3 / 9, 2 / 9, 0.0]
+    per_block = torch.rand(3, 5, dtype=torch.float64)
+    assert mto._depth_weighted(per_block, 4).item() == (per_block.mean(1) * float64[:3]).sum().item()
 
 
 def test_mto_forward_losses_are_depth_weighted_sums_of_per_layer_losses():
