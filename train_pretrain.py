@@ -301,8 +301,8 @@ def train(args, d: engine.Dist) -> dict:
     step, resume_path, own_run = 0, *engine.prepare_run(args, d, reads={"--teacher ckpt:": teacher_file})
     checkpoint = {}
     if resume_path is not None:
-        checkpoint = engine.load_checkpoint(resume_path, "dtm_pretrain", hint="; pre-training continues its own runs only (to "
-                                            "distil from a ViT checkpoint pass --teacher ckpt:PATH)",
+        checkpoint = engine.load_checkpoint(resume_path, "dtm_pretrain", hint="; pre-training continues its own runs "
+                                            "only (to distil from a ViT checkpoint pass --teacher ckpt:PATH)",
                                             auto=args.resume == "auto")
     set_schedule(args, checkpoint.get("args"))
     if args.demo:
