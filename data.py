@@ -12,7 +12,8 @@ Pre-training (DTM, ICLR 2025, follows the BEiT v2 pre-training data pipeline)
                         contrast uses the crop's mean instead of the full image's).
   BlockMaskGenerator    BEiT (Bao et al., ICLR 2022), Sec. 2.3 / Algorithm 1 "Blockwise Masking" (75 of 14x14
                         patches: Sec. 2.5),
-                        blocks of >= 16 patches with aspect ratio in [0.3, 1/0.3]; plus BEiT v2's exact-count fix-up.
+                        blocks proposed with >= 16 patches (fewer where fewer remain to mask, or where a block
+                        overlaps masked ones) and aspect ratio in [0.3, 1/0.3]; plus BEiT v2's exact-count fix-up.
   MaskedImageDataset    (image, mask) pairs for the pre-training loop.
   SyntheticShapes       procedural images (shapes x textures on a textured background) with per-pixel masks, for the
                         demo and the tests; no files.
@@ -234,11 +235,20 @@ class ImageFolder(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------------------------
 # Tensor conversion and the pre-training transform (torch global RNG, like torchvision)
 
-def to_tensor(img, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """PIL RGB image -> normalized float tensor (3, H, W): (pixel / 255 - mean) / std."""
-    if getattr(img, "mode", "RGB") != "RGB":
+def check_rgb(img):
+    """The transforms take PIL RGB images (as load_image returns): a clear error for anything else, before a transform
+    fails on it somewhere inside (RandAugment's fill colour on a grey image, a tensor's missing .size)."""
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"the transforms take PIL RGB images, got {type(img).__name__}: load it with data.load_image"
+                        f" (or PIL.Image.fromarray(array).convert('RGB'))")
+    if img.mode != "RGB":
         raise ValueError(f"the transforms take RGB images, got a PIL image of mode {img.mode!r}: convert it first "
                          f"(data.load_image does, or img.convert('RGB'))")
+
+
+def to_tensor(img, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """PIL RGB image -> normalized float tensor (3, H, W): (pixel / 255 - mean) / std."""
+    check_rgb(img)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
@@ -331,6 +341,7 @@ class PretrainTransform:
         self.hflip, self.mean, self.std = hflip, mean, std
 
     def __call__(self, img):
+        check_rgb(img)
         img = random_hflip(self.crop(img), self.hflip)
         if self.jitter is not None:
             img = self.jitter(img)
@@ -364,6 +375,9 @@ class BlockMaskGenerator:
 
     def __init__(self, grid=(14, 14), num_masked=75, min_block=16, max_block=None, min_aspect=0.3, max_aspect=None):
         self.height, self.width = (grid, grid) if isinstance(grid, int) else tuple(grid)
+        if isinstance(num_masked, float) or not float(num_masked).is_integer():  # a ratio, as MAE's mask ratio
+            raise ValueError(f"num_masked={num_masked} is a number of patches, not a ratio: e.g. "
+                             f"{round(0.4 * self.height * self.width)} for 40% of the {self.height}x{self.width} grid")
         if not 0 <= num_masked <= self.height * self.width:
             raise ValueError(f"num_masked={num_masked} must be between 0 and the {self.height}x{self.width} "
                              f"grid's {self.height * self.width} patches")
@@ -398,6 +412,9 @@ class BlockMaskGenerator:
 
     def __call__(self, rng=None):
         rng = random if rng is None else rng
+        if not isinstance(rng, random.Random) and rng is not random:  # numpy's randint excludes its upper bound
+            raise TypeError(f"BlockMaskGenerator needs a random.Random (e.g. random.Random(seed)), got "
+                            f"{type(rng).__name__}")
         mask = np.zeros((self.height, self.width), dtype=bool)
         count = 0
         while count < self.num_masked:
@@ -652,6 +669,7 @@ class RandAugment:
         return op(img, level_to_arg(magnitude), self.fill)
 
     def __call__(self, img):
+        check_rgb(img)  # the ops' fill colour is RGB
         for name in random.choices(self.ops, k=self.num_ops):
             if self.op_prob < 1.0 and random.random() > self.op_prob:
                 continue
@@ -713,6 +731,7 @@ class FinetuneTransform:
         self.hflip, self.mean, self.std = hflip, mean, std
 
     def __call__(self, img):
+        check_rgb(img)
         img = random_hflip(self.crop(img), self.hflip)
         if self.rand_augment is not None:
             img = self.rand_augment(img)
@@ -745,6 +764,7 @@ class EvalTransform:
         self.mean, self.std = mean, std
 
     def __call__(self, img):
+        check_rgb(img)
         img = center_crop(resize_shorter_side(img, self.resize_size), self.img_size)
         return to_tensor(img, self.mean, self.std)
 
@@ -1068,6 +1088,11 @@ class SegTrainTransform:
         self.ignore_index, self.image_resample = ignore_index, image_resample
 
     def __call__(self, img, mask):
+        check_rgb(img)
+        if not isinstance(mask, Image.Image) or len(mask.getbands()) != 1:
+            got = f"a PIL image of mode {mask.mode!r}" if isinstance(mask, Image.Image) else type(mask).__name__
+            raise ValueError(f"the label map must be a one-channel PIL image (mode 'L' or 'P', a class index per "
+                             f"pixel: PIL.Image.fromarray(uint8_array)), got {got}")
         if img.size != mask.size:
             raise ValueError(f"image size {img.size} and mask size {mask.size} differ")
         img, mask = seg_random_resize(img, mask, self.scale, self.ratio_range, self.image_resample)
@@ -1094,6 +1119,7 @@ class SegEvalTransform:
         self.scale, self.mean, self.std = scale, mean, std
 
     def __call__(self, img, mask):
+        check_rgb(img)
         img, _ = seg_rescale(img, None, self.scale)
         return to_tensor(img, self.mean, self.std), _mask_tensor(mask)
 

@@ -14,7 +14,7 @@ on the teacher's tokens by token morphing (Algorithm 1, morph.py), with a new ra
     read_checkpoint        a checkpoint file of this repo (torch.load with weights_only=True, clear errors)
     vit_from_checkpoint    the ViT of any checkpoint of this repo, for the ckpt teacher, fine-tuning, segmentation
     CLIPVisual             OpenAI CLIP's visual encoder with the official parameter names
-    load_clip_visual       reads the official ViT-B-16.pt (TorchScript archive, without torch.jit) or a state dict
+    load_clip_visual       reads the official ViT-B-16.pt (TorchScript archive, without torch.jit) or a state dict file
     CLIPTeacher            targets ln_post(patch tokens) @ proj, (B, N, 512)        -- DTM's targets
     CkptTeacher            a checkpoint of this repo as a frozen teacher (MaskDistill-style)
     PixelTeacher           per-patch normalized pixels (MAE norm_pix) -- no weights needed
@@ -65,12 +65,15 @@ VIT_CONFIGS = {
     "vit_tiny": dict(embed_dim=192, depth=4, num_heads=3),  # tests and the CPU demo
     "vit_s": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_b": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16),  # layer scale 1e-5 (train_pretrain.LAYER_SCALE)
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16),  # pre-training passes layer scale 1e-5 (see build_vit)
 }
 
 
 def build_vit(name: str, **overrides) -> "VisionTransformer":
-    """VisionTransformer of a named size; overrides are passed on (img_size, drop_path_rate, num_classes...)."""
+    """VisionTransformer of a named size; overrides are passed on (img_size, drop_path_rate, num_classes...). The
+    layer scale starts at VisionTransformer's 0.1 for every size; the official code pre-trains ViT-L with 1e-5
+    (run_pretrain_dtm.py's help: "0.1 for base, 1e-5 for large"), so pass layer_scale_init=1e-5 for it, as
+    train_pretrain.py does (train_pretrain.LAYER_SCALE); a loaded checkpoint brings its own values."""
     if name not in VIT_CONFIGS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(VIT_CONFIGS)}")
     return VisionTransformer(**{**VIT_CONFIGS[name], **overrides})
@@ -246,6 +249,9 @@ def _attention_bias(rel_pos_bias, attn_mask, dtype):
     the gradient of a (heads, T, T) bias alone does."""
     bias = None if rel_pos_bias is None else rel_pos_bias.to(dtype)
     if attn_mask is not None:
+        if not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):  # a 0/1 byte mask read as a bias
+            raise ValueError(f"attn_mask must be bool (True = may attend) or float (added to the logits), got "
+                             f"{attn_mask.dtype}: pass mask.bool() for a 0/1 mask")
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(
                 ~attn_mask, float("-inf"))
@@ -418,10 +424,15 @@ class VisionTransformer(nn.Module):
 
     def embed(self, images, mask=None):
         """images (B, 3, H, W), mask (B, N) bool (True = masked) -> tokens (B, 1 + N, C) with CLS first."""
-        if images.dim() != 4 or tuple(images.shape[-2:]) != self.img_size:
-            raise ValueError(f"expected images (B, C, {self.img_size[0]}, {self.img_size[1]}), got {tuple(images.shape)}; "
-                             f"build the model with img_size={tuple(images.shape[-2:])} and adapt the checkpoint "
-                             f"with adapt_state_dict to run at another size")
+        channels = self.patch_embed.in_channels
+        if images.dim() != 4 or images.shape[1] != channels:
+            raise ValueError(f"expected images (B, {channels}, H, W), channels first, got {tuple(images.shape)}"
+                             + ("; channels last? pass images.permute(0, 3, 1, 2)" if images.dim() == 4
+                                and images.shape[-1] == channels else ""))
+        if tuple(images.shape[-2:]) != self.img_size:
+            raise ValueError(f"expected images (B, {channels}, {self.img_size[0]}, {self.img_size[1]}), got "
+                             f"{tuple(images.shape)}; build the model with img_size={tuple(images.shape[-2:])} and "
+                             f"adapt the checkpoint with adapt_state_dict to run at another size")
         # (B, N, C) in the weights' dtype: under autocast the conv gives bf16/fp16, the residual stream stays fp32 (as
         # the blocks' outputs are), so every block sees one dtype (one compiled graph for all of them)
         x = self.patch_embed(images).flatten(2).transpose(1, 2).to(self.cls_token.dtype)
@@ -667,10 +678,17 @@ def from_official_names(sd: dict) -> dict:
 
 
 def vit_state_dict(checkpoint: dict, path: str = "checkpoint") -> dict:
-    """The ViT weights of a checkpoint of any trainer here: checkpoint["model"] without DDP's "module." prefix, and
+    """The ViT weights of a checkpoint of any trainer here (or of a plain state dict): checkpoint["model"] without
+    DDP's "module." prefix, and
     only the "student." part of a pre-training checkpoint or the "backbone." part of a segmentation one. The official
     code's names (patch_embed.proj.weight, ...) are read too (from_official_names)."""
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["model"].items()}
+    weights = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    plain = isinstance(checkpoint, dict) and checkpoint and all(map(torch.is_tensor, checkpoint.values()))
+    if weights is None and plain:
+        weights = checkpoint  # a plain state dict in memory, as read_checkpoint wraps one read from a file
+    if not isinstance(weights, dict):
+        raise ValueError(f"{path!r} is not a checkpoint of this repo (a dict with a 'model' entry) nor a state dict")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
     for prefix in ("student.", "backbone."):
         if any(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -685,9 +703,13 @@ def vit_state_dict(checkpoint: dict, path: str = "checkpoint") -> dict:
     return sd
 
 
-def _config_of(checkpoint: dict, width: int, depth: int, model: str, path: str) -> dict:
-    """The VIT_CONFIGS entry of a checkpoint's ViT (for its number of heads), checked against --model if given."""
+def _config_of(checkpoint: dict, sd: dict, width: int, depth: int, model: str, path: str) -> dict:
+    """A checkpoint's ViT size (embed_dim, depth, num_heads), checked against --model if given. The number of heads:
+    the checkpoint's args' num_heads, else its relative position tables' (heads columns), else its size's in
+    VIT_CONFIGS (by args' model, or by width and depth)."""
     args = checkpoint.get("args") or {}
+    if model is not None and model not in VIT_CONFIGS:
+        raise ValueError(f"unknown model {model!r}; valid names: {', '.join(VIT_CONFIGS)}")
     fits = [n for n, c in VIT_CONFIGS.items() if (c["embed_dim"], c["depth"]) == (width, depth)]
     if model is not None and model not in fits:
         config = VIT_CONFIGS[model]
@@ -695,13 +717,16 @@ def _config_of(checkpoint: dict, width: int, depth: int, model: str, path: str) 
                          f"{config['embed_dim']} and depth {config['depth']}; "
                          + (f"pass --model {fits[0]}" if fits else "no model size of this repo fits it"))
     name = args.get("model") if args.get("model") in fits else (fits[0] if fits else None)
+    tables = [v for k, v in sd.items() if k.endswith("rel_pos_bias.table")]  # (offsets, heads)
     if args.get("num_heads"):
         return dict(embed_dim=width, depth=depth, num_heads=int(args["num_heads"]))
+    if tables:
+        return dict(embed_dim=width, depth=depth, num_heads=int(tables[0].shape[-1]))
     if name is None:
         raise ValueError(f"cannot tell the number of heads of the ViT in {path!r} (width {width}, depth {depth}); "
                          f"save args with 'model' (one of {', '.join(VIT_CONFIGS)}) or 'num_heads' in the checkpoint "
                          f"(a plain state dict sd: torch.save({{'model': sd, 'args': {{'num_heads': H}}}}, path))")
-    return VIT_CONFIGS[name]
+    return dict(VIT_CONFIGS[name])
 
 
 def vit_from_checkpoint(checkpoint: dict, img_size, num_classes: int = 0, rel_pos_bias: str = None,
@@ -710,7 +735,9 @@ def vit_from_checkpoint(checkpoint: dict, img_size, num_classes: int = 0, rel_po
     """The ViT in a checkpoint of this repo (pre-training, fine-tuning or segmentation) at img_size, weights loaded.
 
     Its shape (width, depth, patch size, MLP width, position tables, layer scale) is read off the weights, its number
-    of heads from the checkpoint's args; `model` (a --model name) must agree. Position tables are resized to the
+    of heads from the checkpoint's args, else from its relative position tables, else from its size (VIT_CONFIGS: a
+    checkpoint with neither and other heads than its size's needs args={"num_heads": H}); `model` (a --model name)
+    must agree. Position tables are resized to the
     patch grid of img_size (adapt_state_dict; source_grid: the grid the checkpoint was trained at, needed where it is
     not square). The mask token is dropped.
       num_classes == 0: a feature extractor whose final norm is the checkpoint's `norm` (pre-training) or `fc_norm`
@@ -724,7 +751,7 @@ def vit_from_checkpoint(checkpoint: dict, img_size, num_classes: int = 0, rel_po
     sd = {k: v for k, v in vit_state_dict(checkpoint, path).items() if not k.startswith("mask_token")}
     width, _, patch_size, _ = sd["patch_embed.weight"].shape
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
-    config = _config_of(checkpoint, width, depth, model, path)
+    config = _config_of(checkpoint, sd, width, depth, model, path)
     stored = stored_rel_pos_bias(sd)
     if rel_pos_bias is None or stored == "none":
         rel_pos_bias = stored
@@ -831,6 +858,8 @@ class CLIPVisual(nn.Module):
 
     def __init__(self, input_resolution=224, patch_size=16, width=768, layers=12, heads=12, output_dim=512):
         super().__init__()
+        if heads < 1 or width % heads:
+            raise ValueError(f"CLIP's width {width} does not split into {heads} heads (OpenAI's CLIP: width // 64)")
         self.patch_size, self.output_dim = patch_size, output_dim
         self.grid = (input_resolution // patch_size,) * 2
         scale = width ** -0.5
@@ -968,6 +997,10 @@ def _read_torchscript_tensors(path: str) -> dict:
 
 
 def _read_clip_state_dict(path: str) -> dict:
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith((".pt", ".pth")))
+        raise ValueError(f"CLIP weights {path!r} is a folder; pass the weights file"
+                         + (f", e.g. {os.path.join(path, found[0])}" if found else " (it holds no .pt or .pth file)"))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP weights file not found: {path!r}. Pass the local path of OpenAI's ViT-B-16.pt "
                                 f"(the file clip.load('ViT-B/16') downloads) or of a state dict saved with torch.save")
@@ -993,7 +1026,8 @@ def _read_clip_state_dict(path: str) -> dict:
 
 
 def load_clip_visual(path: str, heads: int = None) -> CLIPVisual:
-    """CLIPVisual with the weights of `path`: the official TorchScript file or a (full-model or visual) state dict.
+    """CLIPVisual with the weights of the file `path`: the official TorchScript file or a (full-model or visual) state
+    dict saved with torch.save (a state dict in memory: CLIPVisual(...).load_state_dict(sd)).
 
     width, layers, patch size, resolution and output dim are read off the tensor shapes; heads = width // 64
     as in OpenAI's build_model unless given. Weights are cast to float32.
@@ -1154,11 +1188,12 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
 
     pred: student predictions (B, N, D); target: teacher targets (B, N, D); groups: one partition (B, N) per level,
     from morph.token_morphing_levels; num_groups: the number of groups of each level (morph.num_groups_after of its
-    schedule), or None to use N, an upper bound (same loss, more work). Every patch position holds its group's mean prediction and target, so a level's
-    loss is sum over positions i of w_i * l(group g(i)) / sum_i w_i, with w_i = 1 (loss_on="all", the official code:
+    schedule), or None to use N, an upper bound (same loss, more work); mask: (B, N) bool, True = masked (needed by
+    loss_on="masked"). Every patch position holds its group's mean prediction and target, so a level's loss is sum
+    over positions i of w_i * l(group g(i)) / max(sum_i w_i, 1), with w_i = 1 (loss_on="all", the official code:
     groups weighted by their size) or w_i = mask_i (loss_on="masked": a group is weighted by its number of
-    masked members, its means still taken over all members, visible ones included). normalize_target: each morphed
-    target standardized over its channels first (standardize).
+    masked members, its means still taken over all members, visible ones included; no masked patch: 0).
+    normalize_target: each morphed target standardized over its channels first (standardize).
     Computed in float32 whatever the autocast dtype (float64 inputs in float64). (The official code divides a group's
     sum by its size + 1e-6, a relative difference of at most 1e-6 that this exact mean leaves out.)
     """
@@ -1175,6 +1210,10 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
     if loss_on == "masked":
         if mask is None:
             raise ValueError("loss_on='masked' needs the mask")
+        if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.shape != pred.shape[:2]:
+            got = f"{mask.dtype} {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
+            raise ValueError(f"loss_on='masked' needs the (B, N) = {tuple(pred.shape[:2])} bool mask of masked patches "
+                             f"(True = masked; a (B, H, W) mask: mask.flatten(1)), got {got}")
         weight = mask.to(dtype)
     else:
         weight = torch.ones(pred.shape[:2], device=pred.device, dtype=dtype)

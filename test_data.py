@@ -60,6 +60,18 @@ def test_block_mask_exact_count(grid, num_masked):
         assert int(mask.sum()) == num_masked
 
 
+def test_block_mask_refuses_a_ratio_and_other_random_generators():
+    """num_masked=0.4 (MAE's --mask_ratio habit) failed with "can't multiply sequence by non-int of type 'float'";
+    numpy's RandomState has uniform and randint, but its randint excludes the upper bound (other masks, silently)."""
+    with pytest.raises(ValueError, match=r"^num_masked=0.4 is a number of patches, not a ratio: e.g. 78 for 40% of "
+                                         r"the 14x14 grid$"):
+        data.BlockMaskGenerator(grid=(14, 14), num_masked=0.4)
+    assert int(data.BlockMaskGenerator(grid=(14, 14), num_masked=np.int64(75))(random.Random(0)).sum()) == 75
+    for rng in (np.random.RandomState(0), torch.Generator()):
+        with pytest.raises(TypeError, match=f"needs a random.Random .*got {type(rng).__name__}$"):
+            data.BlockMaskGenerator(grid=(14, 14), num_masked=75)(rng)
+
+
 def test_block_mask_equals_beit_reference():
     gen = data.BlockMaskGenerator(grid=(14, 14), num_masked=75, min_block=16)
     exact = 0
@@ -313,6 +325,27 @@ def test_to_tensor_normalizes():
     assert torch.allclose(x, expected.view(3, 1, 1).expand(3, 4, 5), atol=1e-6)
     with pytest.raises(ValueError, match="RGB images, got a PIL image of mode 'L'.*convert"):  # a torch error before
         data.PretrainTransform(img_size=4)(Image.new("L", (5, 4)))
+
+
+def test_every_transform_names_an_image_that_is_not_pil_rgb():
+    """A grey image reached RandAugment's geometric ops first and failed there on their RGB fill colour ("color must
+    be int or single-element tuple"), in about a third of the seeds; a tensor failed on its missing .size; a numpy
+    label map was reported as a size mismatch. Found by a review that used data.py outside the trainers."""
+    grey, rgb = Image.new("L", (40, 30)), Image.new("RGB", (40, 30))
+    transforms = (data.PretrainTransform(img_size=16), data.FinetuneTransform(img_size=16), data.EvalTransform(16),
+                  data.RandAugment(op_prob=1.0),
+                  lambda img: data.SegTrainTransform(crop_size=16, scale=(40, 30))(img, grey),
+                  lambda img: data.SegEvalTransform(scale=(40, 30))(img, grey))
+    for transform in transforms:
+        for seed in range(8):
+            random.seed(seed), torch.manual_seed(seed)
+            with pytest.raises(ValueError, match="^the transforms take RGB images, got a PIL image of mode 'L'"):
+                transform(grey)
+        with pytest.raises(TypeError, match="^the transforms take PIL RGB images, got Tensor: load it with"):
+            transform(torch.zeros(3, 30, 40))
+    for label_map, got in ((np.zeros((30, 40), np.uint8), "ndarray"), (rgb, "a PIL image of mode 'RGB'")):
+        with pytest.raises(ValueError, match=f"^the label map must be a one-channel PIL image .*, got {got}$"):
+            data.SegTrainTransform(crop_size=16, scale=(40, 30))(rgb, label_map)
 
 
 def test_pretrain_transform_reproducible_by_seed():

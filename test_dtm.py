@@ -697,6 +697,8 @@ def test_load_clip_errors_name_the_problem(tmp_path):
         dtm.load_clip_visual(str(tmp_path / "bad.pt"))
     with pytest.raises(FileNotFoundError, match="not found"):
         dtm.load_clip_visual(str(tmp_path / "nope.pt"))
+    with pytest.raises(ValueError, match=f"is a folder; pass the weights file, e.g. {tmp_path / 'bad.pt'}$"):
+        dtm.load_clip_visual(str(tmp_path))  # was "not found"
     sd = clip_visual_state_dict()
     sd["ln_pre.weight"] = torch.zeros(100)  # a torch RuntimeError inside load_state_dict before
     torch.save(sd, tmp_path / "misshapen.pt")
@@ -1244,6 +1246,10 @@ def test_a_masked_loss_without_masked_positions_is_zero_not_nan():
     levels = morph.token_morphing_levels(target, [[3, 2]], generator=torch.Generator().manual_seed(0))
     value, per_level = dtm.dtm_loss(pred, target, levels, torch.zeros(2, N, dtype=torch.bool), loss_on="masked")
     assert value.item() == 0.0 and per_level[0].item() == 0.0
+    # one (N,) mask for the batch broadcast over it while the divisor counted it once: B times the loss, silently
+    for mask in (torch.ones(N, dtype=torch.bool), torch.ones(2, 4, 4, dtype=torch.bool), torch.ones(2, N)):
+        with pytest.raises(ValueError, match=r"loss_on='masked' needs the \(B, N\) = \(2, 16\) bool mask"):
+            dtm.dtm_loss(pred, target, levels, mask, loss_on="masked")
 
 
 # Third mutation review of dtm.py (teachers, DTM objective, checkpoint reading)
@@ -1327,14 +1333,32 @@ def test_pixel_teacher_computes_float32_targets_from_low_precision_images():
 
 def test_a_checkpoint_of_another_depth_is_not_taken_for_the_model_of_its_width():
     """A size is width AND depth: a 2-block ViT of vit_tiny's width 192 is no vit_tiny (4 blocks): --model vit_tiny is
-    refused naming both, and without --model nor num_heads its heads cannot be told. Matching the width alone passed."""
+    refused naming both, and without num_heads nor relative position tables its heads cannot be told. Matching the
+    width alone passed. With tables, their columns tell the heads."""
     torch.manual_seed(0)
-    vit = dtm.VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=192, depth=2, num_heads=3)
+    vit = dtm.VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=192, depth=2, num_heads=3,
+                                rel_pos_bias="none")
     with pytest.raises(ValueError, match=r"width 192 and depth 2, but --model vit_tiny has width 192 and depth 4; "
                                          r"no model size of this repo fits it"):
         dtm.vit_from_checkpoint({"model": vit.state_dict()}, IMG, model="vit_tiny")
     with pytest.raises(ValueError, match=r"cannot tell the number of heads .*\(width 192, depth 2\)"):
         dtm.vit_from_checkpoint({"model": vit.state_dict(), "args": {"model": "vit_tiny"}}, IMG)
+    with pytest.raises(ValueError, match=r"unknown model 'vit_t'; valid names: vit_tiny, "):  # a typo: a KeyError
+        dtm.vit_from_checkpoint({"model": vit.state_dict()}, IMG, model="vit_t")
+
+
+def test_the_number_of_heads_of_a_checkpoint_without_args_is_read_off_its_relative_position_tables():
+    """A vit_tiny-sized ViT (192 wide, 4 blocks) with 6 heads, saved as a plain state dict: its size's 3 heads were
+    assumed, which loaded silently (no tables) or failed on the tables' shapes without naming the heads."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, IMG, IMG)
+    for layout in ("shared", "per_block", "both"):
+        vit = dtm.VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=192, depth=4, num_heads=6,
+                                    rel_pos_bias=layout).eval()
+        for checkpoint in ({"model": vit.state_dict()}, vit.state_dict()):  # a plain state dict in memory too
+            loaded, _ = dtm.vit_from_checkpoint(checkpoint, IMG)
+            assert loaded.num_heads == 6
+            torch.testing.assert_close(loaded.eval().forward_features(x).tokens, vit.forward_features(x).tokens)
 
 
 def test_model_sizes_are_the_official_vit_s_b_l_16_and_the_class_defaults_are_beits():
@@ -1393,6 +1417,14 @@ def test_wrong_mask_shapes_block_indices_and_attn_mask_lists_are_refused():
     for length in (3, 5):
         with pytest.raises(ValueError, match=f"attn_mask list has {length} entries"):
             model.forward_features(x, attn_mask=[None] * length)
+    byte_mask = torch.ones(2, 1, 1 + N, 1 + N, dtype=torch.uint8)  # 0/1, the old byte-mask habit: added as a bias
+    with pytest.raises(ValueError, match=r"attn_mask must be bool .* or float .*, got torch.uint8: pass mask.bool\(\)"):
+        model.forward_features(x, attn_mask=byte_mask)
+    with pytest.raises(ValueError, match=r"expected images \(B, 3, H, W\), channels first, got \(2, 32, 32, 3\); "
+                                         r"channels last\? pass images.permute\(0, 3, 1, 2\)$"):
+        model.forward_features(x.permute(0, 2, 3, 1))  # was "build the model with img_size=(32, 3)"
+    with pytest.raises(ValueError, match=r"CLIP's width 128 does not split into 3 heads"):
+        dtm.CLIPVisual(input_resolution=32, patch_size=16, width=128, layers=1, heads=3)
 
 
 def test_a_list_of_attention_masks_gives_each_block_its_own():
