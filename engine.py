@@ -36,6 +36,11 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+try:
+    import fcntl  # POSIX: the run lock of an output_dir (lock_output_dir)
+except ImportError:  # Windows
+    fcntl = None
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -135,8 +140,47 @@ def check_gpu_supported(device):
 
 
 def teardown():
+    release_output_dirs()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+RUN_LOCK = ".run.lock"  # in output_dir: held (flock) by the rank 0 of the run writing there
+_held_locks = {}  # output_dir's real path -> the open lock file of this process
+
+
+def lock_output_dir(output_dir: str):
+    """Rank 0's hold on output_dir for the run's life -> None, or why another run holds it (a second run launched
+    into the same folder would continue the first one's checkpoint and the two would write over each other's
+    checkpoints and log). flock: the kernel releases it when the process ends, however it ends (a relaunch after a
+    crash, on another node too, finds it free). Best effort: a folder not made yet is locked by open_log, and a file
+    system without locks (flock fails otherwise) goes without."""
+    if fcntl is None or not os.path.isdir(output_dir) or os.path.realpath(output_dir) in _held_locks:
+        return None
+    try:
+        fd = os.open(os.path.join(output_dir, RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None  # a folder that cannot be written to: open_log's error names it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        return (f"--output_dir {output_dir!r} is in use by another run ({holder}), which writes its checkpoints and "
+                f"log there: wait for it to end, or pass another --output_dir")
+    except OSError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _held_locks[os.path.realpath(output_dir)] = fd
+    return None
+
+
+def release_output_dirs():
+    """Let go of the folders lock_output_dir holds (the file stays: removing it would race with a run locking it)."""
+    while _held_locks:
+        os.close(_held_locks.popitem()[1])
 
 
 def ddp(model: nn.Module, d: Dist) -> nn.Module:
@@ -799,9 +843,13 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
             raise ValueError(f"{flag} {path!r} is a checkpoint that this run writes in --output_dir "
                              f"{args.output_dir!r} (and --fresh removes {LAST} there): copy it elsewhere, or pass "
                              f"another --output_dir")
+    if d.is_main:  # before anything is read: a second run into the folder would continue the first one's checkpoint
+        held = lock_output_dir(args.output_dir)
+        if held:
+            raise ValueError(held)
     if d.is_main and os.path.isdir(args.output_dir):
         for name in os.listdir(args.output_dir):
-            if ".pth.tmp" in name:
+            if ".pth.tmp" in name or name == f"{LOG}.tmp":  # a checkpoint's or the cut log's (open_log)
                 os.remove(os.path.join(args.output_dir, name))
                 print(f"removed {name} (left by an interrupted save)")
     try:  # every rank reaches the agreement below, also one whose own view is an error (a file on one node only)
@@ -924,7 +972,9 @@ def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) ->
     kept, enabled, error = [], enabled and not (finished and resumed is None), None
     if enabled:
         try:
-            kept = _open_log(output_dir, path, last, resumed)
+            os.makedirs(output_dir, exist_ok=True)
+            error = lock_output_dir(output_dir)  # a folder made by this run: no other run had it at prepare_run
+            kept = [] if error else _open_log(output_dir, path, last, resumed)
         except OSError as e:  # at start-up, not at the first log line or save (50 steps in by default)
             error = (f"--output_dir {output_dir!r} cannot be written to ({e.strerror or e}): pass a folder you can write "
                      f"to, or change its permissions")
@@ -1168,11 +1218,16 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
         d.print(f"{path!r} was saved with other batches ({', '.join(differ)}): step {step} is kept, as this run's "
                 f"length and schedule count steps; the data continues at step {done} of epoch {epoch} of the new order")
     elif differ and rest:  # mid-epoch: step s of the epoch continues at sample s * (samples per step) of its order
+        folder = os.path.dirname(path) or "."
+        ends = sorted((n for n in os.listdir(folder) if re.fullmatch(r"checkpoint-\d+\.pth", n)),
+                      key=lambda n: int(n[len("checkpoint-"):-len(".pth")]))
+        at_ends = (f"--resume {os.path.join(folder, ends[-1])}" + (f" or an earlier one ({', '.join(ends[:-1])})"
+                                                                    if ends[:-1] else "") if ends else
+                   f"none in {folder!r} yet: pre-training keeps checkpoint-{{epoch}}.pth every --keep_every epochs")
         raise ValueError(f"{path!r} was saved mid-epoch (step {step}); this run differs in {', '.join(differ)}: "
                          f"resume with the same data and the same samples per step (--batch_size x --accum_iter x "
                          f"processes; another split of them is fine), or from a checkpoint saved at the end of an "
-                         f"epoch (--resume PATH: pre-training keeps checkpoint-{{epoch}}.pth), or start the run over "
-                         f"(--fresh)")
+                         f"epoch ({at_ends}), or start the run over (--fresh)")
     elif checkpoint["steps_per_epoch"] != steps_per_epoch:
         step = whole_epochs * steps_per_epoch
         d.print(f"{path!r} was saved with {checkpoint['steps_per_epoch']} steps per epoch, this run has "

@@ -440,7 +440,7 @@ def test_resume_reports_changed_settings_and_remaps_steps_at_epoch_boundaries(tm
         engine.resume(state, "ck.pth", model, optimizer, None, args, 5, CPU)
 
 
-def test_resume_mid_epoch_needs_the_same_samples_per_step(capsys):
+def test_resume_mid_epoch_needs_the_same_samples_per_step(capsys, tmp_path):
     """16 steps per epoch at batch 32 and at batch 31 (512 images): a mid-epoch restart would continue the epoch's
     order at another sample, so only the epoch boundary accepts it. Another split of the same 32 samples per step
     (batch x accumulation x processes) continues at the same sample: accepted."""
@@ -457,10 +457,17 @@ def test_resume_mid_epoch_needs_the_same_samples_per_step(capsys):
         with pytest.raises(ValueError, match=f"saved mid-epoch \\(step 5\\); this run differs in samples per step "
                                              f"\\(--batch_size x --accum_iter x processes\\) 32 -> {total}"):
             engine.resume(state, "ck.pth", model, optimizer, None, other, 16, CPU)
-    with pytest.raises(ValueError, match=r"samples per step .* 32 -> 64.*, or from a checkpoint saved at the end of "
-                                         r"an epoch \(--resume PATH: pre-training keeps checkpoint-\{epoch\}\.pth\), "
-                                         r"or start the run over \(--fresh\)"):
-        engine.resume(state, "ck.pth", model, optimizer, None, same, 16, engine.Dist(world_size=2))
+    last = str(tmp_path / engine.LAST)  # the folder's epoch-end checkpoints are named (it named a pattern, none there)
+    with pytest.raises(ValueError, match=f"samples per step .* 32 -> 64.*, or from a checkpoint saved at the end of "
+                                         f"an epoch \\(none in '{tmp_path}' yet: pre-training keeps "
+                                         f"checkpoint-{{epoch}}.pth every --keep_every epochs\\), or start the run "
+                                         f"over \\(--fresh\\)$"):
+        engine.resume(state, last, model, optimizer, None, same, 16, engine.Dist(world_size=2))
+    for epoch in (39, 9, 19):
+        (tmp_path / f"checkpoint-{epoch}.pth").touch()
+    with pytest.raises(ValueError, match=f"at the end of an epoch \\(--resume {tmp_path / 'checkpoint-39.pth'} or an "
+                                         f"earlier one \\(checkpoint-9.pth, checkpoint-19.pth\\)\\), or start"):
+        engine.resume(state, last, model, optimizer, None, same, 16, engine.Dist(world_size=2))
     half = argparse.Namespace(**{**vars(args), "batch_size": 16})
     assert engine.resume(state, "ck.pth", model, optimizer, None, half, 16, engine.Dist(world_size=2)) == 5
     accumulated = argparse.Namespace(**{**vars(args), "batch_size": 16, "accum_iter": 2})
@@ -690,6 +697,11 @@ def test_resume_keeps_each_parameters_moments_under_this_runs_group_settings():
 # ---------------------------------------------------------------------------------------------------
 # the run folder and its log
 
+def run_files(folder) -> list:
+    """The files a run wrote in folder, without the lock its rank 0 holds while it runs (engine.RUN_LOCK)."""
+    return sorted(name for name in os.listdir(folder) if name != engine.RUN_LOCK)
+
+
 def run_args(out, resume="auto", fresh=False):
     return argparse.Namespace(output_dir=str(out), resume=resume, fresh=fresh)
 
@@ -712,9 +724,54 @@ def test_an_output_dir_that_cannot_be_written_is_refused_at_start_up(tmp_path, m
             engine.open_log(str(out), None, True)
     monkeypatch.undo()
     engine.open_log(str(read_only / "sub"), None, True)
-    assert os.listdir(read_only / "sub") == [engine.LOG]  # made at start-up, empty until the first line
+    assert run_files(read_only / "sub") == [engine.LOG]  # made at start-up, empty until the first line
     engine.open_log(str(read_only / "sub"), None, True)  # a new run where one logged nothing: no log.1.jsonl
-    assert os.listdir(read_only / "sub") == [engine.LOG]
+    assert run_files(read_only / "sub") == [engine.LOG]
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(os.path.join(sys.argv[1], ".run.lock"), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, b"process 4242 on node7")
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(engine.fcntl is None, reason="flock is POSIX")
+def test_a_second_run_into_an_output_dir_in_use_is_refused_before_it_reads_anything(tmp_path):
+    """Two runs launched into one folder (torchrun picks free ports on one node, so nothing else clashes): the second
+    continued the first one's checkpoint and both wrote over each other's checkpoints and log, exit 0 (a cluster
+    walkthrough). Rank 0 holds an flock on output_dir/.run.lock while it runs; the kernel drops it when the holder
+    ends, however it ends, so a relaunch after a crash is not refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"kind": "dtm_pretrain"}, out / engine.LAST)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for call in (lambda: engine.prepare_run(run_args(out), CPU),
+                     lambda: engine.open_log(str(out), None, True)):  # a folder that did not exist at prepare_run
+            with pytest.raises(ValueError, match=f"^--output_dir '{out}' is in use by another run \\(process 4242 on "
+                                                 f"node7\\), which writes its checkpoints and log there: wait for it "
+                                                 f"to end, or pass another --output_dir$"):
+                call()
+        assert run_files(out) == [engine.LAST]  # nothing read or written: no log made, the checkpoint kept
+    finally:
+        holder.kill()
+        holder.wait()
+    assert engine.prepare_run(run_args(out), CPU) == (str(out / engine.LAST), True)  # the holder is gone (killed)
+    assert engine.prepare_run(run_args(out), CPU)[1]  # this process holds it already: no conflict with itself
+    probe = subprocess.run([sys.executable, "-c", HOLD_LOCK.replace("LOCK_EX)", "LOCK_EX | fcntl.LOCK_NB)"), str(out)],
+                           capture_output=True, text=True, timeout=5)
+    assert "BlockingIOError" in probe.stderr  # held by this process now
+    engine.teardown()  # the trainers' end, however they end: lets go
+    probe = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.replace("LOCK_EX)", "LOCK_EX | fcntl.LOCK_NB)"),
+                              str(out)], stdout=subprocess.PIPE, text=True)
+    assert probe.stdout.readline().strip() == "held"
+    probe.kill()
+    probe.wait()
 
 
 def test_prepare_run_rules(tmp_path):
@@ -723,8 +780,9 @@ def test_prepare_run_rules(tmp_path):
     out.mkdir()
     (out / engine.LAST).write_bytes(b"x")
     (out / "checkpoint-last.pth.tmp4242").write_bytes(b"half a file")
+    (out / f"{engine.LOG}.tmp").write_bytes(b"")  # the cut log's, when a disk was full at a relaunch
     assert engine.prepare_run(run_args(out), CPU) == (str(out / engine.LAST), True)  # relaunch: continue
-    assert not (out / "checkpoint-last.pth.tmp4242").exists()  # an interrupted save's leftovers are removed
+    assert run_files(out) == [engine.LAST]  # an interrupted save's leftovers are removed
     assert engine.prepare_run(run_args(out, resume=str(out / engine.LAST), fresh=True), CPU) == \
         (str(out / engine.LAST), True)  # --fresh does not remove the checkpoint it is asked to continue
     # --fresh: a new run, whose log opening removes the old run's checkpoint (after the model is built, so a wrong
@@ -1567,7 +1625,7 @@ def test_resume_keeps_the_old_log_whole_until_the_cut_one_replaces_it_and_says_w
             engine.open_log(str(tmp_path), {"step": 2, "log_lines": 2}, True)
     assert (tmp_path / engine.LOG).read_text() == before
     engine.open_log(str(tmp_path), {"step": 2, "log_lines": 2}, True)
-    assert os.listdir(tmp_path) == [engine.LOG]  # no temp file left
+    assert run_files(tmp_path) == [engine.LOG]  # no temp file left
     assert "cut short" not in capsys.readouterr().out
     engine.open_log(str(tmp_path), {"step": 3, "log_lines": 3}, True)  # the checkpoint saw 3 lines, the log has 2
     assert "holds 2 complete lines, the checkpoint was saved when it held 3: the log was cut short" in \

@@ -130,8 +130,8 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     tiny_pretrain_checkpoint(tmp_path / "pre.pth")
     with pytest.raises(ValueError, match="pass --model vit_tiny"):
         from_checkpoint(tmp_path / "pre.pth", model="vit_s")
-    other = dtm.VisionTransformer(img_size=IMG, embed_dim=96, depth=4, num_heads=3)
-    torch.save({"model": other.state_dict()}, tmp_path / "other.pth")
+    other = dtm.VisionTransformer(img_size=IMG, embed_dim=96, depth=4, num_heads=3, rel_pos_bias="none")
+    torch.save({"model": other.state_dict()}, tmp_path / "other.pth")  # tables would tell the heads
     with pytest.raises(ValueError, match="cannot tell the number of heads.*torch.save\\({'model': sd, 'args': "
                                          "{'num_heads': H}}, path\\)"):
         from_checkpoint(tmp_path / "other.pth")
@@ -495,7 +495,7 @@ def test_a_relaunch_without_epochs_keeps_the_runs_own(finetuned, tmp_path, capsy
     printed = capsys.readouterr()
     assert "holds a finished run (step 6 of 6): nothing to do" in printed.out
     assert "6/6" not in printed.err  # no progress bar for a run that does nothing
-    assert os.listdir(tmp_path) == []  # another folder's finished run: nothing written here
+    assert os.listdir(tmp_path) in ([], [engine.RUN_LOCK])  # another folder's finished run: only the run lock here
     files = {name: (out / name).read_bytes() for name in os.listdir(out)}
     tf.main(TINY_RUN + ["--output_dir", str(out)])  # relaunched in its own folder: its summary, nothing changed
     assert "done: best val top-1" in capsys.readouterr().out
