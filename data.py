@@ -170,12 +170,13 @@ class PackedSamples:
 DATASET_SETS = ("train", "val", "validation", "test")  # folder names of a dataset's sets, not of classes
 
 
-def refuse_dataset_root(classes, root, flag: str, subfolder: str):
-    """A dataset root holding train/ and val/ (or test/) read as an ImageFolder has those sets as its classes, and a
-    run on it would train or evaluate on every set's images with the sets as labels: raise, naming the subfolder
-    to pass as `flag` instead."""
+def refuse_dataset_root(classes, root, flag: str, split: str):
+    """A dataset root holding train/ and val/ (or validation/, test/) read as an ImageFolder has those sets as its
+    classes, and a run on it would train or evaluate on every set's images with the sets as labels: raise, naming the
+    subfolder to pass as `flag` instead (split "train": train/; "val": the first of val/, validation/, test/ there)."""
     sets = [name for name in DATASET_SETS if name in classes]
     if "train" in sets and len(sets) > 1:
+        subfolder = "train" if split == "train" else sets[1]
         raise ValueError(f"{flag} {root!r} holds {' and '.join(s + '/' for s in sets)} (a dataset split into sets), "
                          f"which would be read as classes, the images of every set mixed: pass "
                          f"{flag} {os.path.join(root, subfolder)}")
@@ -375,9 +376,10 @@ class BlockMaskGenerator:
 
     def __init__(self, grid=(14, 14), num_masked=75, min_block=16, max_block=None, min_aspect=0.3, max_aspect=None):
         self.height, self.width = (grid, grid) if isinstance(grid, int) else tuple(grid)
-        if isinstance(num_masked, float) or not float(num_masked).is_integer():  # a ratio, as MAE's mask ratio
+        if not float(num_masked).is_integer():  # a ratio, as MAE's mask ratio
             raise ValueError(f"num_masked={num_masked} is a number of patches, not a ratio: e.g. "
                              f"{round(0.4 * self.height * self.width)} for 40% of the {self.height}x{self.width} grid")
+        num_masked = int(num_masked)
         if not 0 <= num_masked <= self.height * self.width:
             raise ValueError(f"num_masked={num_masked} must be between 0 and the {self.height}x{self.width} "
                              f"grid's {self.height * self.width} patches")

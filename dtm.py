@@ -602,15 +602,17 @@ _LEGACY_TORCH_SAVE = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save'
 
 
 def _not_a_torch_save_file(path: str, flag: str):
-    """Why path, by its first bytes, cannot be a file torch.save wrote (unreadable, empty, another format), or None."""
+    """Why path, by its first bytes, cannot be a file torch.save wrote (unreadable, empty, another format), or None.
+    torch.save writes a zip archive, or (before torch 1.6, or _use_new_zipfile_serialization=False) a pickle whose
+    first value is its magic number, after a protocol header that depends on pickle_protocol."""
     try:
         with open(path, "rb") as f:
-            head = f.read(len(_LEGACY_TORCH_SAVE))
+            head = f.read(32)
     except OSError as e:
         return f"{flag} {path!r} cannot be read ({e.strerror})"
     if not head:
         return f"{flag} {path!r} cannot be read by torch.load: it is empty (an interrupted save or copy?)"
-    if not head.startswith((b"PK\x03\x04", _LEGACY_TORCH_SAVE)):  # torch.save's zip archive, or before torch 1.6
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" and _LEGACY_TORCH_SAVE[2:] in head):
         return (f"{flag} {path!r} cannot be read by torch.load: it is not a file that torch.save wrote (it starts "
                 f"with {head[:4]!r}" + (", a pickle of something else)" if head[:1] == b"\x80" else
                                        ", not a zip archive or a pickle)"))

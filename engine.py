@@ -145,29 +145,32 @@ def teardown():
         dist.destroy_process_group()
 
 
-RUN_LOCK = ".run.lock"  # in output_dir: held (flock) by the rank 0 of the run writing there
+RUN_LOCK = ".run.lock"  # in output_dir: locked (fcntl.lockf) by the rank 0 of the run writing there
 _held_locks = {}  # output_dir's real path -> the open lock file of this process
 
 
 def lock_output_dir(output_dir: str):
     """Rank 0's hold on output_dir for the run's life -> None, or why another run holds it (a second run launched
     into the same folder would continue the first one's checkpoint and the two would write over each other's
-    checkpoints and log). flock: the kernel releases it when the process ends, however it ends (a relaunch after a
-    crash, on another node too, finds it free). Best effort: a folder not made yet is locked by open_log, and a file
-    system without locks (flock fails otherwise) goes without."""
+    checkpoints and log). A POSIX record lock (lockf, the lock NFS serves): the kernel releases it when the process
+    ends, however it ends (a relaunch after a crash finds it free), and forked processes (DataLoader workers) do not
+    inherit it. Best effort: a folder not made yet is locked by open_log; a file system without locks (lockf fails
+    otherwise) goes unchecked, and one whose locks are node-local checks runs on one node only."""
     if fcntl is None or not os.path.isdir(output_dir) or os.path.realpath(output_dir) in _held_locks:
         return None
+    path = os.path.join(output_dir, RUN_LOCK)
     try:
-        fd = os.open(os.path.join(output_dir, RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
         return None  # a folder that cannot be written to: open_log's error names it
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # POSIX allows either for a lock held elsewhere
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         return (f"--output_dir {output_dir!r} is in use by another run ({holder}), which writes its checkpoints and "
-                f"log there: wait for it to end, or pass another --output_dir")
+                f"log there: wait for it to end, or pass another --output_dir (if no run uses it, e.g. NFS kept the "
+                f"lock of a node that crashed, remove {path})")
     except OSError:
         os.close(fd)
         return None
@@ -180,7 +183,10 @@ def lock_output_dir(output_dir: str):
 def release_output_dirs():
     """Let go of the folders lock_output_dir holds (the file stays: removing it would race with a run locking it)."""
     while _held_locks:
-        os.close(_held_locks.popitem()[1])
+        fd = _held_locks.popitem()[1]
+        with contextlib.suppress(OSError):
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def ddp(model: nn.Module, d: Dist) -> nn.Module:
@@ -372,12 +378,12 @@ def layer_decay_fn(depth: int, decay: float, prefix: str = ""):
 
 
 def workers_default(preferred: int) -> int:
-    """--num_workers' default: `preferred`, or this process's share of the CPUs it may use where that is fewer (the
-    CPUs over torchrun's LOCAL_WORLD_SIZE, the processes on this node; a laptop, a CPU job of 2 cores): more workers
-    than CPUs only contend for them, and torch's DataLoader warns about each such loader. A --num_workers given is
-    used as given."""
+    """--num_workers' default: `preferred`, or the CPUs this process may use where fewer (a laptop, a CPU job of 2
+    cores), the bound torch's DataLoader warns above. Not divided among a node's processes: a launcher that pins each
+    process to its share of the cores (SLURM's binding) already shows it here. A --num_workers given is used as
+    given."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(preferred, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    return max(1, min(preferred, cpus))
 
 
 def check_shared_args(args):
@@ -843,10 +849,13 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
             raise ValueError(f"{flag} {path!r} is a checkpoint that this run writes in --output_dir "
                              f"{args.output_dir!r} (and --fresh removes {LAST} there): copy it elsewhere, or pass "
                              f"another --output_dir")
-    if d.is_main:  # before anything is read: a second run into the folder would continue the first one's checkpoint
-        held = lock_output_dir(args.output_dir)
-        if held:
-            raise ValueError(held)
+    # before anything is read: a second run into the folder would continue the first one's checkpoint; every rank
+    # stops (rank 0 alone would leave the others failing in the agreement below with a bare connection error)
+    held = [lock_output_dir(args.output_dir) if d.is_main else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(held, src=0)
+    if held[0]:
+        raise ValueError(held[0])
     if d.is_main and os.path.isdir(args.output_dir):
         for name in os.listdir(args.output_dir):
             if ".pth.tmp" in name or name == f"{LOG}.tmp":  # a checkpoint's or the cut log's (open_log)
@@ -966,6 +975,7 @@ def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) ->
     also removes the previous run's checkpoint-last.pth (which prepare_run let it replace: --fresh), so a relaunch
     without --fresh after a crash before the new run's first save does not continue the old run. A finished run
     continued from another folder's checkpoint (finished, resumed None) trains nothing: it leaves output_dir as it is
+    (but for the run lock, RUN_LOCK)
     and logs nothing. Every rank calls it (rank 0 with enabled): a folder rank 0 cannot write to stops every rank
     here, before training, with one ValueError."""
     path, last = os.path.join(output_dir, LOG), os.path.join(output_dir, LAST)
@@ -1149,8 +1159,9 @@ def load_checkpoint(path: str, kind: str, flag: str = "--resume", hint: str = ""
             "no 'kind' entry: weights without a run to continue, or another codebase's file"
         trainer = f"train_{kind.split('_')[1]}.py"
         if auto:
-            raise ValueError(f"--output_dir {os.path.dirname(path)!r} holds another trainer's run ({LAST}: {found}), "
-                             f"which {trainer} would continue (--resume auto): pass another --output_dir")
+            what = "another trainer's run" if "kind" in checkpoint else "a file that is no run of this repo"
+            raise ValueError(f"--output_dir {os.path.dirname(path)!r} holds {what} ({LAST}: {found}), which "
+                             f"{trainer} would continue (--resume auto): pass another --output_dir")
         raise ValueError(f"{flag} {path!r} is not a checkpoint of {trainer} ({found}){hint}")
     return checkpoint
 
@@ -1221,8 +1232,10 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
         folder = os.path.dirname(path) or "."
         ends = sorted((n for n in os.listdir(folder) if re.fullmatch(r"checkpoint-\d+\.pth", n)),
                       key=lambda n: int(n[len("checkpoint-"):-len(".pth")]))
+        in_place = os.path.isdir(args.output_dir) and os.path.samefile(folder, args.output_dir)
         at_ends = (f"--resume {os.path.join(folder, ends[-1])}" + (f" or an earlier one ({', '.join(ends[:-1])})"
-                                                                    if ends[:-1] else "") if ends else
+                                                                    if ends[:-1] else "")
+                   + (f" with --fresh, which continues it in place of {LAST}" if in_place else "") if ends else
                    f"none in {folder!r} yet: pre-training keeps checkpoint-{{epoch}}.pth every --keep_every epochs")
         raise ValueError(f"{path!r} was saved mid-epoch (step {step}); this run differs in {', '.join(differ)}: "
                          f"resume with the same data and the same samples per step (--batch_size x --accum_iter x "

@@ -66,7 +66,8 @@ def test_block_mask_refuses_a_ratio_and_other_random_generators():
     with pytest.raises(ValueError, match=r"^num_masked=0.4 is a number of patches, not a ratio: e.g. 78 for 40% of "
                                          r"the 14x14 grid$"):
         data.BlockMaskGenerator(grid=(14, 14), num_masked=0.4)
-    assert int(data.BlockMaskGenerator(grid=(14, 14), num_masked=np.int64(75))(random.Random(0)).sum()) == 75
+    for count in (np.int64(75), 75.0, np.float64(75.0)):  # whole numbers of any type, as before
+        assert int(data.BlockMaskGenerator(grid=(14, 14), num_masked=count)(random.Random(0)).sum()) == 75
     for rng in (np.random.RandomState(0), torch.Generator()):
         with pytest.raises(TypeError, match=f"needs a random.Random .*got {type(rng).__name__}$"):
             data.BlockMaskGenerator(grid=(14, 14), num_masked=75)(rng)

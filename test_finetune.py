@@ -698,6 +698,10 @@ def test_a_dataset_root_given_as_a_split_is_refused(tmp_path):
     assert tf.build_datasets(args)[2] == ["cat", "dog"]  # the fix works
     with pytest.raises(ValueError, match=f"^--data_val '{root}' holds train/ and val/"):  # as --eval reads it
         tf.build_datasets(tf.parse_args(["--data_val", root, "--init", "none"]), train=False)
+    os.rename(os.path.join(root, "val"), os.path.join(root, "validation"))  # the subfolder named is one that exists
+    with pytest.raises(ValueError, match=f"holds train/ and validation/ .*: pass --data_val "
+                                         f"{os.path.join(root, 'validation')}$"):
+        tf.build_datasets(tf.parse_args(["--data_val", root, "--init", "none"]), train=False)
 
 
 def test_two_process_training_equals_one_process_with_the_same_total_batch(tmp_path):
