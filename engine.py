@@ -147,6 +147,7 @@ def teardown():
 
 RUN_LOCK = ".run.lock"  # in output_dir: locked (fcntl.lockf) by the rank 0 of the run writing there
 _held_locks = {}  # output_dir's real path -> the open lock file of this process
+_saw_last = {}  # output_dir's absolute path -> whether prepare_run found a LAST there (open_log removes only that)
 
 
 def lock_output_dir(output_dir: str):
@@ -861,6 +862,8 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
             if ".pth.tmp" in name or name == f"{LOG}.tmp":  # a checkpoint's or the cut log's (open_log)
                 os.remove(os.path.join(args.output_dir, name))
                 print(f"removed {name} (left by an interrupted save)")
+    if d.is_main:  # what open_log may remove: a LAST that appears later is another run's (a folder made meanwhile)
+        _saw_last[os.path.abspath(args.output_dir)] = os.path.isfile(last)
     try:  # every rank reaches the agreement below, also one whose own view is an error (a file on one node only)
         start, error = _run_start(args, last), None
         view = f"continues {start[0]} ({os.path.getsize(start[0])} bytes)" if start[0] else "a new run"
@@ -984,6 +987,10 @@ def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) ->
         try:
             os.makedirs(output_dir, exist_ok=True)
             error = lock_output_dir(output_dir)  # a folder made by this run: no other run had it at prepare_run
+            if not error and resumed is None and os.path.isfile(last) and \
+                    not _saw_last.get(os.path.abspath(output_dir), True):
+                error = (f"--output_dir {output_dir!r} holds a {LAST} that another run wrote after this one started "
+                         f"(as a new run): relaunch to continue that run, or pass --fresh to replace it")
             kept = [] if error else _open_log(output_dir, path, last, resumed)
         except OSError as e:  # at start-up, not at the first log line or save (50 steps in by default)
             error = (f"--output_dir {output_dir!r} cannot be written to ({e.strerror or e}): pass a folder you can write "

@@ -797,6 +797,23 @@ def test_a_second_run_into_an_output_dir_in_use_is_refused_before_it_reads_anyth
         child.join()
 
 
+def test_a_checkpoint_another_run_wrote_after_this_new_run_started_is_not_removed(tmp_path):
+    """Run B found no folder (a new run), run A made it, saved and ended before B opened its log: B removed A's
+    checkpoint as if --fresh had been given (a race the run lock cannot close: the folder did not exist to lock)."""
+    out = tmp_path / "run"
+    assert engine.prepare_run(run_args(out), CPU) == (None, False)  # B: a new run
+    out.mkdir()
+    torch.save({"kind": "dtm_pretrain"}, out / engine.LAST)  # A's, meanwhile
+    with pytest.raises(ValueError, match=f"holds a {engine.LAST} that another run wrote after this one started"):
+        engine.open_log(str(out), None, True)
+    assert (out / engine.LAST).exists()
+    engine.teardown()
+    assert engine.prepare_run(run_args(out, fresh=True), CPU) == (None, False)  # --fresh: replaces it, as before
+    engine.open_log(str(out), None, True)
+    assert not (out / engine.LAST).exists()
+    engine.teardown()
+
+
 def test_prepare_run_rules(tmp_path):
     out = tmp_path / "run"
     assert engine.prepare_run(run_args(out), CPU) == (None, False)  # nothing there: a new run
