@@ -155,19 +155,30 @@ def lock_output_dir(output_dir: str):
     into the same folder would continue the first one's checkpoint and the two would write over each other's
     checkpoints and log). A POSIX record lock (lockf, the lock NFS serves): the kernel releases it when the process
     ends, however it ends (a relaunch after a crash finds it free), and forked processes (DataLoader workers) do not
-    inherit it. Best effort: a folder not made yet is locked by open_log; a file system without locks (lockf fails
-    otherwise) goes unchecked, and one whose locks are node-local checks runs on one node only."""
+    inherit it. The file is made with the umask's permissions, as the checkpoints; one this user cannot write (another
+    user's in a group folder) is locked shared through a read-only descriptor, which a holder's exclusive lock
+    refuses and which refuses one. Best effort: a folder not made yet is locked by open_log; a file system without
+    locks goes unchecked, and one whose locks are node-local checks runs on one node only. One run per process:
+    release_output_dirs (teardown) lets go of every folder this process holds."""
     if fcntl is None or not os.path.isdir(output_dir) or os.path.realpath(output_dir) in _held_locks:
         return None
     path = os.path.join(output_dir, RUN_LOCK)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, mode = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), fcntl.LOCK_EX
+    except PermissionError:
+        try:
+            fd, mode = os.open(path, os.O_RDONLY), fcntl.LOCK_SH
+        except OSError:
+            return None
     except OSError:
         return None  # a folder that cannot be written to: open_log's error names it
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, mode | fcntl.LOCK_NB)
     except (BlockingIOError, PermissionError):  # POSIX allows either for a lock held elsewhere
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        try:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
         os.close(fd)
         return (f"--output_dir {output_dir!r} is in use by another run ({holder}), which writes its checkpoints and "
                 f"log there: wait for it to end, or pass another --output_dir (if no run uses it, e.g. NFS kept the "
@@ -175,8 +186,10 @@ def lock_output_dir(output_dir: str):
     except OSError:
         os.close(fd)
         return None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    if mode == fcntl.LOCK_EX:
+        with contextlib.suppress(OSError):  # who holds it, for another run's message: best effort (a full disk)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     _held_locks[os.path.realpath(output_dir)] = fd
     return None
 
@@ -863,7 +876,7 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
                 os.remove(os.path.join(args.output_dir, name))
                 print(f"removed {name} (left by an interrupted save)")
     if d.is_main:  # what open_log may remove: a LAST that appears later is another run's (a folder made meanwhile)
-        _saw_last[os.path.abspath(args.output_dir)] = os.path.isfile(last)
+        _saw_last[os.path.abspath(args.output_dir)] = (os.path.isfile(last), args.resume, args.fresh)
     try:  # every rank reaches the agreement below, also one whose own view is an error (a file on one node only)
         start, error = _run_start(args, last), None
         view = f"continues {start[0]} ({os.path.getsize(start[0])} bytes)" if start[0] else "a new run"
@@ -987,10 +1000,12 @@ def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) ->
         try:
             os.makedirs(output_dir, exist_ok=True)
             error = lock_output_dir(output_dir)  # a folder made by this run: no other run had it at prepare_run
-            if not error and resumed is None and os.path.isfile(last) and \
-                    not _saw_last.get(os.path.abspath(output_dir), True):
-                error = (f"--output_dir {output_dir!r} holds a {LAST} that another run wrote after this one started "
-                         f"(as a new run): relaunch to continue that run, or pass --fresh to replace it")
+            saw_last, resume, fresh = _saw_last.get(os.path.abspath(output_dir), (True, "auto", False))
+            if not error and resumed is None and os.path.isfile(last) and not saw_last:
+                error = (f"--output_dir {output_dir!r} holds a {LAST} that another run wrote after this one started: "
+                         f"pass another --output_dir, or relaunch " + (
+                             "without --fresh to continue that run, or with it to replace that run" if resume == "auto"
+                             else "with --fresh to replace that run"))
             kept = [] if error else _open_log(output_dir, path, last, resumed)
         except OSError as e:  # at start-up, not at the first log line or save (50 steps in by default)
             error = (f"--output_dir {output_dir!r} cannot be written to ({e.strerror or e}): pass a folder you can write "

@@ -797,6 +797,35 @@ def test_a_second_run_into_an_output_dir_in_use_is_refused_before_it_reads_anyth
         child.join()
 
 
+@pytest.mark.skipif(engine.fcntl is None, reason="lockf is POSIX")
+def test_a_lock_file_this_user_cannot_write_is_locked_shared_not_skipped(tmp_path, monkeypatch):
+    """In a group folder another user's .run.lock (made with the umask's mode, as the checkpoints; it was 0o644) may
+    be read-only here: the check was skipped, and a second user's run wrote over the first one's. A shared lock
+    through a read-only descriptor: refused by the holder's exclusive lock, and refusing another run's."""
+    out = tmp_path / "run"
+    out.mkdir()
+    real_open = os.open
+
+    def no_write(path, flags, *args):  # as a user without write permission on the file (root passes any check)
+        if str(path).endswith(engine.RUN_LOCK) and flags & os.O_RDWR and (out / engine.RUN_LOCK).exists():
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(engine.os, "open", no_write)
+        with pytest.raises(ValueError, match="is in use by another run \\(process 4242 on node7\\)"):
+            engine.prepare_run(run_args(out), CPU)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert engine.prepare_run(run_args(out), CPU) == (None, False)  # held shared now
+    assert not lock_taken_by_another_process(out)
+    engine.teardown()
+    assert lock_taken_by_another_process(out)
+
+
 def test_a_checkpoint_another_run_wrote_after_this_new_run_started_is_not_removed(tmp_path):
     """Run B found no folder (a new run), run A made it, saved and ended before B opened its log: B removed A's
     checkpoint as if --fresh had been given (a race the run lock cannot close: the folder did not exist to lock)."""
@@ -804,9 +833,19 @@ def test_a_checkpoint_another_run_wrote_after_this_new_run_started_is_not_remove
     assert engine.prepare_run(run_args(out), CPU) == (None, False)  # B: a new run
     out.mkdir()
     torch.save({"kind": "dtm_pretrain"}, out / engine.LAST)  # A's, meanwhile
-    with pytest.raises(ValueError, match=f"holds a {engine.LAST} that another run wrote after this one started"):
+    with pytest.raises(ValueError, match=f"holds a {engine.LAST} that another run wrote after this one started: pass "
+                                         f"another --output_dir, or relaunch without --fresh to continue that run, or "
+                                         f"with it to replace that run$"):
         engine.open_log(str(out), None, True)
     assert (out / engine.LAST).exists()
+    engine.teardown()
+    (out / engine.LAST).rename(tmp_path / "other.pth")  # B continues another folder's checkpoint: no relaunch fits
+    assert engine.prepare_run(run_args(out, resume=str(tmp_path / "other.pth")), CPU) == (str(tmp_path / "other.pth"),
+                                                                                            False)
+    torch.save({"kind": "dtm_pretrain"}, out / engine.LAST)
+    with pytest.raises(ValueError, match="another run wrote after this one started: pass another --output_dir, or "
+                                         "relaunch with --fresh to replace that run$"):
+        engine.open_log(str(out), None, True)
     engine.teardown()
     assert engine.prepare_run(run_args(out, fresh=True), CPU) == (None, False)  # --fresh: replaces it, as before
     engine.open_log(str(out), None, True)
