@@ -1188,6 +1188,7 @@ def load_checkpoint(path: str, kind: str, flag: str = "--resume", hint: str = ""
     return checkpoint
 
 
+INITIAL_ONLY = ("layer_scale",)  # flags that only set a new run's weights (pre-training's layer scale init)
 BOOKKEEPING = {"resume", "fresh", "output_dir", "num_workers", "log_every", "save_every", "keep_every", "eval_every",
                "max_steps", "eval", "demo"}
 
@@ -1230,6 +1231,12 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
             d.print(f"note: {path!r} records --init {started_from} relative to a folder it does not record"
                     + (f"; from here that is {os.path.abspath(started_from)}" if os.path.exists(started_from) else ""))
         args.init = started_from if os.path.isabs(started_from) else saved["init"]  # recorded as init_abspath again
+    for k in INITIAL_ONLY:  # the checkpoint holds the weights these made: a new value would be recorded, not applied
+        if k in vars(args) and k in saved and not _same_setting(saved[k], getattr(args, k)) and \
+                bool(saved[k]) == bool(getattr(args, k)):  # 0 vs not: another model shape, refused below
+            d.print(f"note: --{k} {getattr(args, k)} does not apply to a continued run (it sets the weights a run "
+                    f"starts with, which {path!r} holds): the run keeps --{k} {saved[k]}")
+            setattr(args, k, saved[k])
     changed = [f"--{k} {saved[k]} -> {v}" for k, v in sorted(vars(args).items())
                if k not in BOOKKEEPING and k != "init" and k in saved and not _same_setting(saved[k], v)]
     try:

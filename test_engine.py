@@ -432,6 +432,21 @@ def test_read_checkpoint_errors_name_the_file(tmp_path):
         engine.load_checkpoint(str(tmp_path / "full.pth"), "dtm_finetune")
 
 
+def test_a_flag_that_only_sets_the_starting_weights_is_not_recorded_as_applied_on_resume(capsys):
+    """--layer_scale is the initial value of the layer-scale weights, which a checkpoint holds: a relaunch with
+    another (non-zero) value printed "--layer_scale 0.1 -> 0.5" among the changes that apply, and recorded 0.5 in
+    the next checkpoint's args, while the weights stayed the run's (a flag review)."""
+    model = torch.nn.Linear(3, 2)
+    state = tiny_state(model, step=4)
+    state["args"]["layer_scale"] = 0.1
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=[0.9, 0.98], output_dir="y", demo=False, layer_scale=0.5)
+    engine.resume(state, "ck.pth", model, torch.optim.AdamW(model.parameters()), None, args, 2, CPU)
+    out = capsys.readouterr().out
+    assert "note: --layer_scale 0.5 does not apply to a continued run (it sets the weights a run starts with, which " \
+           "'ck.pth' holds): the run keeps --layer_scale 0.1" in out and "-> 0.5" not in out
+    assert args.layer_scale == 0.1  # what the next checkpoint records
+
+
 def test_resume_reports_changed_settings_and_remaps_steps_at_epoch_boundaries(tmp_path, capsys):
     model = torch.nn.Linear(3, 2)
     state = tiny_state(model, step=4)  # 2 epochs of 2 steps

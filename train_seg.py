@@ -757,6 +757,10 @@ def train(args, d):
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas))
     step, best_miou = 0, -1.0
     if resume_path is not None:  # checked before the banner: a refused relaunch prints its error only
+        used = head_settings(resume["args"])  # given as the values a run started without them used: no change
+        for flag in ("channels", "out_indices"):
+            if getattr(args, flag) is not None and getattr(args, flag) == used[flag]:
+                resume["args"][flag] = getattr(args, flag)
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
                              train_images=len(train_set), counts_steps=True)  # --iters counts steps
         best_miou = resume["best_miou"]
