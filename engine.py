@@ -1234,8 +1234,8 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
     for k in INITIAL_ONLY:  # the checkpoint holds the weights these made: a new value would be recorded, not applied
         if k in vars(args) and k in saved and not _same_setting(saved[k], getattr(args, k)) and \
                 bool(saved[k]) == bool(getattr(args, k)):  # 0 vs not: another model shape, refused below
-            d.print(f"note: --{k} {getattr(args, k)} does not apply to a continued run (it sets the weights a run "
-                    f"starts with, which {path!r} holds): the run keeps --{k} {saved[k]}")
+            d.print(f"note: --{k} sets the weights a run starts with, which {path!r} holds: the continued run keeps "
+                    f"--{k} {saved[k]} (not {getattr(args, k)})")
             setattr(args, k, saved[k])
     changed = [f"--{k} {saved[k]} -> {v}" for k, v in sorted(vars(args).items())
                if k not in BOOKKEEPING and k != "init" and k in saved and not _same_setting(saved[k], v)]

@@ -442,8 +442,8 @@ def test_a_flag_that_only_sets_the_starting_weights_is_not_recorded_as_applied_o
     args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=[0.9, 0.98], output_dir="y", demo=False, layer_scale=0.5)
     engine.resume(state, "ck.pth", model, torch.optim.AdamW(model.parameters()), None, args, 2, CPU)
     out = capsys.readouterr().out
-    assert "note: --layer_scale 0.5 does not apply to a continued run (it sets the weights a run starts with, which " \
-           "'ck.pth' holds): the run keeps --layer_scale 0.1" in out and "-> 0.5" not in out
+    assert "note: --layer_scale sets the weights a run starts with, which 'ck.pth' holds: the continued run keeps " \
+           "--layer_scale 0.1 (not 0.5)" in out and "-> 0.5" not in out
     assert args.layer_scale == 0.1  # what the next checkpoint records
 
 
