@@ -636,18 +636,23 @@ def read_checkpoint(path: str, flag: str = "checkpoint") -> dict:
     if os.path.isfile(path) and _is_torchscript_archive(path):
         raise ValueError(f"{flag} {path!r} is a TorchScript archive (OpenAI's CLIP ViT-B-16.pt?), not a checkpoint "
                          f"of this repo; a CLIP file is used as a teacher: --teacher clip:{path}")
-    checkpoint = _torch_load(path, flag)
-    if isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
-        return {"model": checkpoint}
-    if isinstance(checkpoint, dict) and "model" not in checkpoint and isinstance(checkpoint.get("module"), dict):
+    return as_checkpoint(_torch_load(path, flag), f"{flag} {path!r}")
+
+
+def as_checkpoint(obj, name: str) -> dict:
+    """obj as a checkpoint dict with its weights under "model": a plain state dict (a dict of tensors) becomes
+    {"model": it}, and so do DeepSpeed's weights under "module"; anything else without a "model" dict is refused,
+    naming it as `name`."""
+    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+        return {"model": obj}
+    if isinstance(obj, dict) and "model" not in obj and isinstance(obj.get("module"), dict):
         # DeepSpeed's checkpoints (the official code with --enable_deepspeed) keep the weights under "module"; its
         # run_class_finetuning.py:157,358-361 reads either (--model_key model|module)
-        checkpoint = {"model": checkpoint["module"], **{k: v for k, v in checkpoint.items() if k != "module"}}
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{flag} {path!r} is not a checkpoint of this repo (expected a dict with a 'model' entry, "
-                         f"got {found})")
-    return checkpoint
+        obj = {"model": obj["module"], **{k: v for k, v in obj.items() if k != "module"}}
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        found = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{name} is not a checkpoint of this repo (expected a dict with a 'model' entry, got {found})")
+    return obj
 
 
 def stored_rel_pos_bias(sd: dict) -> str:
@@ -684,12 +689,7 @@ def vit_state_dict(checkpoint: dict, path: str = "checkpoint") -> dict:
     DDP's "module." prefix, and
     only the "student." part of a pre-training checkpoint or the "backbone." part of a segmentation one. The official
     code's names (patch_embed.proj.weight, ...) are read too (from_official_names)."""
-    weights = checkpoint.get("model") if isinstance(checkpoint, dict) else None
-    plain = isinstance(checkpoint, dict) and checkpoint and all(map(torch.is_tensor, checkpoint.values()))
-    if weights is None and plain:
-        weights = checkpoint  # a plain state dict in memory, as read_checkpoint wraps one read from a file
-    if not isinstance(weights, dict):
-        raise ValueError(f"{path!r} is not a checkpoint of this repo (a dict with a 'model' entry) nor a state dict")
+    weights = as_checkpoint(checkpoint, repr(path))["model"]  # a state dict in memory too, as read_checkpoint's
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
     for prefix in ("student.", "backbone."):
         if any(k.startswith(prefix) for k in sd):

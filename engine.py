@@ -1025,7 +1025,6 @@ def _open_log(output_dir, path, last, resumed) -> list:
     if resumed is None and os.path.isfile(last):
         os.remove(last)
         print(f"--fresh: removed the previous run's {last}", flush=True)
-    os.makedirs(output_dir, exist_ok=True)
     if resumed is None:
         if os.path.isfile(path) and os.path.getsize(path):  # an empty one: a run that logged nothing, reused
             n = next(n for n in itertools.count(1) if not os.path.exists(os.path.join(output_dir, f"log.{n}.jsonl")))
@@ -1259,8 +1258,8 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
                 f"length and schedule count steps; the data continues at step {done} of epoch {epoch} of the new order")
     elif differ and rest:  # mid-epoch: step s of the epoch continues at sample s * (samples per step) of its order
         folder = os.path.dirname(path) or "."
-        ends = sorted((n for n in os.listdir(folder) if re.fullmatch(r"checkpoint-\d+\.pth", n)),
-                      key=lambda n: int(n[len("checkpoint-"):-len(".pth")]))
+        epochs = [m.group(1) for m in map(RUN_CHECKPOINT.fullmatch, os.listdir(folder)) if m and m.group(1).isdigit()]
+        ends = [f"checkpoint-{e}.pth" for e in sorted(epochs, key=int)]
         in_place = os.path.isdir(args.output_dir) and os.path.samefile(folder, args.output_dir)
         at_ends = (f"--resume {os.path.join(folder, ends[-1])}" + (f" or an earlier one ({', '.join(ends[:-1])})"
                                                                     if ends[:-1] else "")

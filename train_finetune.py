@@ -295,8 +295,8 @@ def get_args_parser():
     g.add_argument("--synthetic_train", type=int, default=1024, help="demo: SyntheticShapes training images")
     g.add_argument("--synthetic_val", type=int, default=256, help="demo: SyntheticShapes validation images")
     g.add_argument("--num_workers", type=int, default=engine.workers_default(10),
-                   help="DataLoader workers per process: 10 (the official run_class_finetuning.py's default), or this "
-                        "process's share of the node's CPUs where fewer")
+                   help="DataLoader workers per process: 10 (the official run_class_finetuning.py's default), or the "
+                        "CPUs this process may use where fewer")
     g.add_argument("--max_unreadable", type=float, default=0.001,
                    help="stop when more than this fraction of the training images cannot be read (fewer are skipped)")
     engine.add_run_args(p, output_dir=os.path.join("output", "finetune"))

@@ -77,7 +77,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--num_masked", type=int, default=75, help="masked patches per image (BEiT block-wise masking)")
     a("--min_block", type=int, default=16, help="minimum patches per masking block")
     a("--num_workers", type=int, default=engine.workers_default(10),
-      help="DataLoader workers per process: 10, or this process's share of the node's CPUs where fewer")
+      help="DataLoader workers per process: 10, or the CPUs this process may use where fewer")
     a("--max_unreadable", type=float, default=0.001,
       help="stop when more than this fraction of the training images cannot be read (fewer are skipped)")
     # DTM objective

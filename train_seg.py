@@ -419,7 +419,7 @@ def get_args_parser():
     g.add_argument("--cat_max_ratio", type=float, default=0.75,
                    help="max share of one class in a training crop (1: no limit)")
     g.add_argument("--num_workers", type=int, default=engine.workers_default(4),
-                   help="DataLoader workers per process: 4, or this process's share of the node's CPUs where fewer")
+                   help="DataLoader workers per process: 4, or the CPUs this process may use where fewer")
     g.add_argument("--max_unreadable", type=float, default=0.001,
                    help="stop when more than this fraction of the training images cannot be read (fewer are skipped)")
     g.add_argument("--demo_img_size", type=int, default=96, help="demo: procedural image size")
