@@ -72,7 +72,7 @@ VIT_CONFIGS = {
 def build_vit(name: str, **overrides) -> "VisionTransformer":
     """VisionTransformer of a named size; overrides are passed on (img_size, drop_path_rate, num_classes...). The
     layer scale starts at VisionTransformer's 0.1 for every size; the official code pre-trains ViT-L with 1e-5
-    (run_pretrain_dtm.py's help: "0.1 for base, 1e-5 for large"), so pass layer_scale_init=1e-5 for it, as
+    (run_pretrain_dtm.py:66-67, the help: "0.1 for base, 1e-5 for large"), so pass layer_scale_init=1e-5 for it, as
     train_pretrain.py does (train_pretrain.LAYER_SCALE); a loaded checkpoint brings its own values."""
     if name not in VIT_CONFIGS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(VIT_CONFIGS)}")
