@@ -196,9 +196,10 @@ def main():
                         "the epochs' arm: half as many, rounded down)")
     parser.add_argument("--finetune_epochs", type=int, default=10, help="each fine-tuning run's epochs")
     args = parser.parse_args()
-    if min(args.teacher_epochs, args.finetune_epochs) < 1 or args.pretrain_epochs < 2:
-        parser.error("--teacher_epochs and --finetune_epochs must be >= 1, --pretrain_epochs >= 2 (its half arm "
-                     "needs fewer epochs than the others)")
+    if min(args.teacher_epochs, args.finetune_epochs) < 2 or args.pretrain_epochs < 4:
+        parser.error("--teacher_epochs and --finetune_epochs must be >= 2, --pretrain_epochs >= 4: every run warms "
+                     "up for 1 epoch, and a run of 1 epoch (the half arm's at 2 or 3) would end inside its warmup, "
+                     "its lr never decaying, unlike the other arms'")
     args.out = os.path.abspath(args.out)  # the runs start in this folder (cwd=HERE), not in the caller's
     os.makedirs(args.out, exist_ok=True)
     check_same_epochs(args)
@@ -245,7 +246,7 @@ def main():
     teacher_cosine = adjacent_cosine(teacher(images))
 
     teacher_log = finetune_log(teacher_dir)
-    results = {"minutes": round((time.time() - started) / 60, 1),
+    results = {"minutes_this_launch": round((time.time() - started) / 60, 1),  # a relaunch skips finished runs
                "teacher_best_top1": max(r["val_top1"] for r in teacher_log),
                "teacher_last_top1": teacher_log[-1]["val_top1"],
                "teacher_adjacent_cosine": teacher_cosine, "args": vars(args), "arms": {}}

@@ -169,7 +169,7 @@ def test_a_relaunch_with_other_epochs_is_refused(tmp_path, monkeypatch):
         monkeypatch.setattr("sys.argv", ["study.py", "--out", out, "--finetune_epochs", epochs])
         with pytest.raises(SystemExit, match=message):
             study.main()
-    monkeypatch.setattr("sys.argv", ["study.py", "--out", out, "--pretrain_epochs", "1"])  # its half arm: 1 epoch too
+    monkeypatch.setattr("sys.argv", ["study.py", "--out", out, "--pretrain_epochs", "3"])  # its half arm: 1 epoch
     with pytest.raises(SystemExit) as exit_status:
         study.main()
     assert exit_status.value.code == 2
@@ -338,8 +338,10 @@ def test_train1000_is_the_first_images_of_train3000(fake_fashion, tmp_path):
     np.testing.assert_array_equal(first[..., 0], fake_fashion["train-images-idx3-ubyte.gz"][order[0]])  # a random order
 
 
-@pytest.mark.parametrize("argv", [["--teacher_epochs", "0"], ["--finetune_epochs", "0"], ["--pretrain_epochs", "1"]])
+@pytest.mark.parametrize("argv", [["--teacher_epochs", "1"], ["--finetune_epochs", "1"], ["--pretrain_epochs", "3"]])
 def test_epochs_the_study_cannot_run_are_refused(tmp_path, monkeypatch, argv):
+    """Every run warms up for 1 epoch (PRETRAIN, FINETUNE): a run of 1 epoch, also the half arm's at 2 or 3 pre-training
+    epochs, would end inside its warmup, its lr never decaying."""
     monkeypatch.setattr(study, "make_data", lambda out: pytest.fail("ran"))
     monkeypatch.setattr("sys.argv", ["study.py", "--out", str(tmp_path / "s"), *argv])
     with pytest.raises(SystemExit) as exit_status:
