@@ -117,6 +117,9 @@ def run(script, argv, log):
     if result.returncode != 0:
         sys.exit(f"error: {script} failed (see {log}): {result.stderr.strip().splitlines()[-1:]}")
     print(f"  {script} {argv[argv.index('--output_dir') + 1]}: {time.time() - start:.0f} s", flush=True)
+    for line in (result.stdout + result.stderr).splitlines():  # the trainers' warnings, not only in the log
+        if line.startswith("warning:"):
+            print(f"    {line}", flush=True)
 
 
 def finetune_log(folder):

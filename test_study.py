@@ -325,6 +325,15 @@ def test_run_stops_the_study_when_a_script_fails(tmp_path, monkeypatch, capsys):
     assert "ok.py --output_dir out/a\ntrained ['--output_dir', 'out/a']" in text and "loading\nboom: out of memory" in text
 
 
+def test_run_echoes_the_scripts_warnings_which_the_log_alone_would_hide(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study, "HERE", str(tmp_path))
+    (tmp_path / "warns.py").write_text("import sys; print('step 1'); print('warning: the warmup lasts the whole run');"
+                                       "print('warning: on stderr', file=sys.stderr); print('not a warning: x')\n")
+    study.run("warns.py", ["--output_dir", "out/a"], str(tmp_path / "runs.log"))
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:] == ["    warning: the warmup lasts the whole run", "    warning: on stderr"]
+
+
 def test_train1000_is_the_first_images_of_train3000(fake_fashion, tmp_path):
     root = study.make_data(str(tmp_path / "out"))
     files = lambda name: sorted((c, f) for c in os.listdir(os.path.join(root, name))
