@@ -444,6 +444,41 @@ def set_schedule(args, saved_args: dict = None):
     engine.set_run_length(args, dict(zip(("epochs", "warmup_epochs"), default)), saved_args)
 
 
+def resumed_model(args, classes, checkpoint, path):
+    """The classifier of a run continued from `checkpoint` (the run's own), checked against the data's classes and
+    --rel_pos_bias."""
+    if checkpoint["classes"] != list(classes):
+        raise ValueError(f"{path!r} was trained on other classes ({len(checkpoint['classes'])}) than the "
+                         f"data's ({len(classes)}): "
+                         f"{class_difference(classes, checkpoint['classes'], 'the data', 'the checkpoint')}")
+    saved_layout = checkpoint["args"].get("rel_pos_bias", args.rel_pos_bias)
+    if args.rel_pos_bias != saved_layout:  # the optimizer state holds the run's tables
+        raise ValueError(f"{path!r} continues a run with --rel_pos_bias {saved_layout}, which a run cannot "
+                         f"change: resume with --rel_pos_bias {saved_layout}, or to start a new run "
+                         f"{engine.new_run_hint(args, path)}{engine.init_note(args)}")
+    model, _ = dtm.vit_from_checkpoint(checkpoint, args.img_size, len(classes), drop_path_rate=args.drop_path,
+                                       model=args.model, path=path)
+    return model
+
+
+def initial_model(args, d, classes, init, path):
+    """The classifier a new run starts from: built on --init's checkpoint `init` (None: from scratch)."""
+    if init is not None and init.get("classes") not in (None, list(classes)):  # a classifier of other classes
+        d.print(f"note: {path}'s classifier was trained on other classes "
+                f"({class_difference(classes, init['classes'], 'the data', 'the checkpoint')}): its head is not "
+                f"loaded")
+        init = {**init, "model": {k: v for k, v in init["model"].items() if not k.startswith("head.")}}
+    model, fresh = build_model(args, len(classes), init, path)
+    if init is not None:
+        d.print(f"loaded {path}" + (f"; initialized afresh: {', '.join(fresh)}" if fresh else ""))
+    if init is not None and dtm.stored_rel_pos_bias(model.state_dict()) == "none":
+        d.print(f"note: {path} has no relative position tables, so neither has this model (--rel_pos_bias "
+                f"{args.rel_pos_bias} applies to the tables a checkpoint has)"
+                + ("; nor an absolute position embedding: it has no position information" if model.pos_embed is None
+                   else ""))
+    return model
+
+
 def finetune(args, d, amp_dtype, scaler):
     """Train, evaluate after every epoch, save checkpoint-last.pth and checkpoint-best.pth; returns the best top-1."""
     chosen_by_demo = args.init is None and args.demo
@@ -475,32 +510,8 @@ def finetune(args, d, amp_dtype, scaler):
         engine.check_dataset(val_set, "validation", d, args.num_workers)
     loader, sampler, steps_per_epoch = engine.train_loader(train_set, args, d)
     engine.seed_all(args.seed)  # the same new head on every rank
-    if resume_path is not None:
-        if resume["classes"] != list(classes):
-            raise ValueError(f"{resume_path!r} was trained on other classes ({len(resume['classes'])}) than the "
-                             f"data's ({len(classes)}): "
-                             f"{class_difference(classes, resume['classes'], 'the data', 'the checkpoint')}")
-        saved_layout = resume["args"].get("rel_pos_bias", args.rel_pos_bias)
-        if args.rel_pos_bias != saved_layout:  # the optimizer state holds the run's tables
-            raise ValueError(f"{resume_path!r} continues a run with --rel_pos_bias {saved_layout}, which a run cannot "
-                             f"change: resume with --rel_pos_bias {saved_layout}, or to start a new run "
-                             f"{engine.new_run_hint(args, resume_path)}{engine.init_note(args)}")
-        model, _ = dtm.vit_from_checkpoint(resume, args.img_size, len(classes), drop_path_rate=args.drop_path,
-                                           model=args.model, path=resume_path)
-    else:
-        if init is not None and init.get("classes") not in (None, list(classes)):  # a classifier of other classes
-            d.print(f"note: {init_path}'s classifier was trained on other classes "
-                    f"({class_difference(classes, init['classes'], 'the data', 'the checkpoint')}): its head is not "
-                    f"loaded")
-            init = {**init, "model": {k: v for k, v in init["model"].items() if not k.startswith("head.")}}
-        model, fresh = build_model(args, len(classes), init, init_path)
-        if init is not None:
-            d.print(f"loaded {init_path}" + (f"; initialized afresh: {', '.join(fresh)}" if fresh else ""))
-        if init is not None and dtm.stored_rel_pos_bias(model.state_dict()) == "none":
-            d.print(f"note: {init_path} has no relative position tables, so neither has this model (--rel_pos_bias "
-                    f"{args.rel_pos_bias} applies to the tables a checkpoint has)"
-                    + ("; nor an absolute position embedding: it has no position information" if model.pos_embed is None
-                       else ""))
+    model = resumed_model(args, classes, resume, resume_path) if resume_path is not None else \
+        initial_model(args, d, classes, init, init_path)
     model.grad_checkpointing = args.grad_checkpoint
     if args.compile:
         engine.compile_blocks(model)
