@@ -703,6 +703,34 @@ def set_schedule(args, saved_args: dict = None):
                           saved_args)
 
 
+def resumed_model(args, num_classes, checkpoint, path):
+    """The model of a run continued from `checkpoint` (the run's own), which must read its label maps as before."""
+    trained_reduced = reads_zero_as_ignore(checkpoint["args"])
+    if not args.data and trained_reduced != reads_zero_as_ignore(vars(args)):
+        how = "with" if trained_reduced else "without"
+        raise ValueError(f"{path!r} continues a run that read its label maps {how} --reduce_zero_label, "
+                         f"which a run cannot change (its classes would change meaning): relaunch {how} it")
+    return build_model(args, num_classes, checkpoint, path)
+
+
+def initial_model(args, d, num_classes):
+    """The model a new run starts from: UperNet on --init's ViT, or on a random one (--init none)."""
+    if args.init is None:
+        raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none "
+                         "for a random ViT")
+    init = None if args.init == "none" else dtm.read_checkpoint(args.init, "--init")
+    model = build_model(args, num_classes, init, args.init)
+    if init is not None:  # as fine-tuning's "loaded X; initialized afresh: ..."
+        d.print(f"loaded the ViT of {args.init}; initialized afresh: UperNet's decode and auxiliary heads"
+                + (" (--init reads a checkpoint's ViT only; to continue that run, --resume it)"
+                   if init.get("kind") == "dtm_seg" else ""))
+    if init is not None and model.backbone.pos_embed is None and \
+            dtm.stored_rel_pos_bias(model.backbone.state_dict()) == "none":
+        d.print(f"note: {args.init} has no position information (no relative position tables, no absolute "
+                f"position embedding), so neither has this model")
+    return model
+
+
 def train(args, d):
     amp_dtype, scaler = engine.resolve_amp(args.amp, d.device)
     sync_bn = d.world_size > 1 and d.device.type == "cuda"
@@ -725,27 +753,8 @@ def train(args, d):
         pixels = engine.check_dataset(val_set, "validation", d, args.num_workers, label_pixels)
         warn_about_labels(pixels, num_classes, reads_zero_as_ignore(vars(args)), d)
     loader, sampler, steps_per_epoch = engine.train_loader(train_set, args, d)
-    if resume_path is not None:
-        trained_reduced = reads_zero_as_ignore(resume["args"])
-        if not args.data and trained_reduced != reads_zero_as_ignore(vars(args)):
-            how = "with" if trained_reduced else "without"
-            raise ValueError(f"{resume_path!r} continues a run that read its label maps {how} --reduce_zero_label, "
-                             f"which a run cannot change (its classes would change meaning): relaunch {how} it")
-        model = build_model(args, num_classes, resume, resume_path)
-    else:
-        if args.init is None:
-            raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none "
-                             "for a random ViT")
-        init = None if args.init == "none" else dtm.read_checkpoint(args.init, "--init")
-        model = build_model(args, num_classes, init, args.init)
-        if init is not None:  # as fine-tuning's "loaded X; initialized afresh: ..."
-            d.print(f"loaded the ViT of {args.init}; initialized afresh: UperNet's decode and auxiliary heads"
-                    + (" (--init reads a checkpoint's ViT only; to continue that run, --resume it)"
-                       if init.get("kind") == "dtm_seg" else ""))
-        if init is not None and model.backbone.pos_embed is None and \
-                dtm.stored_rel_pos_bias(model.backbone.state_dict()) == "none":
-            d.print(f"note: {args.init} has no position information (no relative position tables, no absolute "
-                    f"position embedding), so neither has this model")
+    model = resumed_model(args, num_classes, resume, resume_path) if resume_path is not None else \
+        initial_model(args, d, num_classes)
     model.backbone.grad_checkpointing = args.grad_checkpoint
     if args.compile:
         engine.compile_blocks(model.backbone)
