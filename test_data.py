@@ -396,6 +396,19 @@ def test_color_jitter_draws_torchvisions_ranges_and_applies_each_factor(monkeypa
     assert drawn == [(0.0, 2.5), (0.8, 1.2)]  # clamped at 0, as torchvision
 
 
+def test_color_jitter_gives_each_strength_to_its_own_adjustment(monkeypatch):
+    """Brightness, contrast and saturation each get their own strength (a colour image, where contrast and saturation
+    differ; one adjustment at a time, so the random order does not matter)."""
+    monkeypatch.setattr(data, "_rand_uniform", lambda low, high: high)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    for strengths, enhancer in (((0.5, 0, 0), ImageEnhance.Brightness), ((0, 0.5, 0), ImageEnhance.Contrast),
+                                ((0, 0, 0.5), ImageEnhance.Color)):
+        expected = np.asarray(enhancer(img).enhance(1.5))
+        assert np.array_equal(np.asarray(data.ColorJitter(*strengths)(img)), expected), strengths
+        others = [e for e in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color) if e is not enhancer]
+        assert all(not np.array_equal(np.asarray(e(img).enhance(1.5)), expected) for e in others)  # they differ here
+
+
 def test_adjust_hue_turns_red_by_the_given_fraction_of_a_turn():
     """torchvision's adjust_hue (PIL path): red shifted by a fraction of a turn, the colours torchvision 0.29.1 gives
     (+0.25: hue 63 of PIL's 256, yellow-green; -0.25: blue-violet)."""
