@@ -464,8 +464,9 @@ class VisionTransformer(nn.Module):
         return_qk: block indices whose attention inputs go into .qk: queries and keys (B, heads, 1 + N, head_dim)
             and the relative position bias (heads, 1 + N, 1 + N) as the fused attention used them (the block's
             attn_mask is added to that bias, and not returned).
-        With grad_checkpointing set (and gradients on), each block's activations are recomputed in the backward
-        instead of stored (torch.utils.checkpoint; the same values and gradients, drop path included).
+        With grad_checkpointing set, in training mode and with gradients on, each block's activations are recomputed
+        in the backward instead of stored (torch.utils.checkpoint; the same values and gradients, drop path
+        included).
         """
         layer_ids = self._block_indices(return_layers, "return_layers")
         qk_ids = self._block_indices(return_qk, "return_qk")
@@ -744,9 +745,9 @@ def vit_from_checkpoint(checkpoint: dict, img_size, num_classes: int = 0, rel_po
     not square). The mask token is dropped.
       num_classes == 0: a feature extractor whose final norm is the checkpoint's `norm` (pre-training) or `fc_norm`
           (a fine-tuned classifier's last LayerNorm); a segmentation backbone has neither (a new LayerNorm).
-      num_classes > 0: BEiT's classifier; `fc_norm` and `head` come from the checkpoint when it has them for this
-          number of classes, else start afresh (pre-training's final norm is not used, as in BEiT; nor is a head on
-          the CLS token, an official classifier trained with --use_cls).
+      num_classes > 0: BEiT's classifier; `head` comes from the checkpoint when it has one for this number of
+          classes, else starts afresh; `fc_norm` whenever the checkpoint has one (pre-training's final norm is not
+          used, as in BEiT; nor is a head on the CLS token, an official classifier trained with --use_cls).
       rel_pos_bias: None keeps the stored layout; "per_block" moves a shared table into every block (adapt_state_dict).
     Any other missing, unexpected or mis-shaped tensor is an error. Returns (vit, names initialized afresh).
     """
@@ -852,8 +853,8 @@ class CLIPVisual(nn.Module):
     embedding is resized bicubically (resize_pos_embed: F.interpolate to the new grid's size) if the input's patch
     grid differs from the checkpoint's. The official code resizes it with DINO's scale_factor (grid + 0.1) / 14
     instead (vqkd_teacher/clip/model.py VisionTransformer.interpolate_pos_encoding), which samples slightly other
-    points: for ViT-B/16's random-init embedding (torch.manual_seed 0, 1, 2) at 96 px the two differ by up to
-    0.044-0.048 in entries of up to 0.14-0.15, so targets at sizes other than the checkpoint's are not the official
+    points: for CLIPVisual() built after torch.manual_seed(0), (1), (2), at 96 px the two differ by up to
+    0.045-0.059 in entries of up to 0.13-0.14, so targets at sizes other than the checkpoint's are not the official
     code's; at 224 px neither resizes.
     Random CLIP-like init; load real weights with load_clip_visual.
     """
@@ -1164,7 +1165,8 @@ def standardize(x, eps: float = 1e-6):
 
 
 def _per_group_loss(pred, target, residual, groups, num_groups: int, loss: str, beta: float, normalize_target: bool):
-    """Loss of every morphed token (B, num_groups), averaged over channels (0 for a group id without members).
+    """Loss of every morphed token (B, num_groups), averaged over channels (for a group id without members: 0, or 1
+    with the cosine loss; dtm_loss never reads those).
 
     Group means are linear, mean(pred) - mean(target) = mean(pred - target), so the smooth-L1 and l2 losses
     need one scatter of the residual per level instead of two; the cosine loss and standardized targets need both.

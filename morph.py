@@ -128,7 +128,8 @@ def clamp_schedule(num_tokens: int, schedule, split: str = "random") -> list:
 
 def num_groups_after(num_tokens: int, schedule, split: str) -> int:
     """Number of morphed tokens N - sum(R) after clamping. Pass token_morphing's split: "official" clamps more
-    (see clamp_schedule), and a count below the real one would make group_mean mix up samples."""
+    (see clamp_schedule); a count below the real one is an index error in group_mean (a device-side assert on a
+    GPU)."""
     return num_tokens - sum(clamp_schedule(num_tokens, schedule, split))
 
 
