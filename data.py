@@ -36,10 +36,10 @@ Segmentation (BEiT's ADE20K protocol, the mmsegmentation UperNet 512x512 pipelin
   ShapesSegmentation (SyntheticShapes with its masks).
 
 Randomness and reproducibility: the crop/flip/jitter transforms draw from torch's global RNG (as torchvision does);
-masking, RandAugment, RandomErasing, Mixup and the segmentation transforms draw from Python's `random` (as BEiT, timm
-and mmseg do with Python/numpy). The trainers seed both for every sample from (seed, epoch, index) and for every
-micro-step from (seed, micro-step, rank) (engine.SeededSamples, engine.seed_step), so a run is reproducible and
-resumes exactly whatever the number of DataLoader workers.
+masking, RandAugment, Mixup and the segmentation transforms draw from Python's `random` (as BEiT, timm and mmseg do with
+Python/numpy); RandomErasing its box from `random` and its noise from torch (as timm). The trainers seed both for every
+sample from (seed, epoch, index) and for every micro-step from (seed, micro-step, rank) (engine.SeededSamples,
+engine.seed_step), so a run is reproducible and resumes exactly whatever the number of DataLoader workers.
 Masks (segmentation labels) are only ever resized with cv2's nearest neighbour, segmentation images with cv2's
 bilinear, as mmcv (resize_cv2_nearest, resize_cv2_linear). Files that cannot be decoded raise UnreadableImage.
 """
@@ -185,12 +185,13 @@ def refuse_dataset_root(classes, root, flag: str, split: str):
 class ImageFolder(torch.utils.data.Dataset):
     """Images in `root/<class_name>/**/<file>.<ext>`; labels are class indices in sorted class-name order.
 
-    .classes: sorted class folder names. .samples: the (path, label) pairs, sorted by path (a PackedSamples: DataLoader
-    workers read it without copying it). .targets: the labels (N,) int64. __getitem__ -> (transform(img), label), the
-    PIL RGB image itself when transform is None. As torchvision's ImageFolder for flat class folders (ImageNet's);
-    with nested ones torchvision lists a folder's own files before its subfolders', and it also reads .ppm/.pgm
-    files, which IMG_EXTENSIONS leaves out. Hidden names (".ipynb_checkpoints/", "._x.JPEG") are skipped, where
-    torchvision would make a hidden folder a class (the first: class indices shift) and read macOS's "._" files.
+    .classes: sorted class folder names. .samples: the (path, label) pairs, by class, sorted by path within a class (a
+    PackedSamples: DataLoader workers read it without copying it). .targets: the labels (N,) int64. __getitem__ ->
+    (transform(img), label), the PIL RGB image itself when transform is None. As torchvision's ImageFolder for flat
+    class folders (ImageNet's); with nested ones torchvision lists a folder's own files before its subfolders', and it
+    also reads .ppm/.pgm files, which IMG_EXTENSIONS leaves out. Hidden names (".ipynb_checkpoints/", "._x.JPEG") are
+    skipped, where torchvision would make a hidden folder a class (the first: class indices shift) and read macOS's "._"
+    files.
     """
 
     LAYOUT = "root/<class_name>/<image>.jpg (one subfolder per class, e.g. imagenet/train/n01440764/xxx.JPEG)"
@@ -683,7 +684,8 @@ class RandAugment:
 class RandomErasing:
     """timm's RandomErasing on a normalized (C, H, W) tensor: with probability `prob`, erase one rectangle of area
     U[min_area, max_area] * H * W and log-aspect U[log min_aspect, log max_aspect] (10 tries) with per-pixel N(0, 1)
-    noise (mode 'pixel'), per-channel noise ('rand') or zeros ('const'). Returns a new tensor."""
+    noise (mode 'pixel'), per-channel noise ('rand') or zeros ('const'). Returns a new tensor where a box is erased,
+    else x itself."""
 
     def __init__(self, prob=0.25, mode="pixel", min_area=0.02, max_area=1 / 3, min_aspect=0.3, max_aspect=None):
         if mode not in ("pixel", "rand", "const"):

@@ -702,11 +702,12 @@ def report_unreadable(images: UnreadableImages, d: Dist, step: int, log):
 
 
 class _Probe(torch.utils.data.Dataset):
-    """dataset[i] loaded and thrown away -> "" if it worked, else the error (for check_dataset). Where the dataset has
-    load(i) (data.ImageFolder, data.SegFolder: the decoded files, label values checked), that, without the transform
-    (the resize and crop took two thirds of the time: 2.1 ms decoding, 6.2 ms with the transform, for a 500x375
-    JPEG on one CPU thread). A failure only the transform raises (an image too thin to rescale) shows at the first
-    evaluation instead. count(loaded sample) -> a numpy array summed over the samples (e.g. label pixels per value)."""
+    """dataset[i] loaded and thrown away -> ("", count) if it worked, else (the error, 0) (for check_dataset). Where the
+    dataset has load(i) (data.ImageFolder, data.SegFolder: the decoded files, label values checked), that, without the
+    transform (the resize and crop took two thirds of the time: 2.1 ms decoding, 6.2 ms with the transform, for a
+    500x375 JPEG on one CPU thread). A failure only the transform raises (an image too thin to rescale) shows at the
+    first evaluation instead. count(loaded sample) -> a numpy array summed over the samples (e.g. label pixels per
+    value)."""
 
     def __init__(self, dataset, indices, count=None):
         self.dataset, self.indices, self.count = dataset, indices, count
