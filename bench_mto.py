@@ -6,9 +6,9 @@ as the real one) makes each step's targets from the images, as train_pretrain.py
 whole step but data loading and the trainer's gradient clipping (one global norm per step, the same in every
 variant, so left out here as well). Morphing uses the default dynamic schedules (L=2). The variants run interleaved, one
 step of each in turn (the order rotating), so that a change of machine load hits all of them alike. Prints, for each
-variant, the median and the fastest wall time per step and the median CPU time per step (user + system time of this
-process: on a shared virtual machine it leaves out time the CPUs were given to other guests), each with its overhead
-over the first variant listed (plain DTM unless --variants says otherwise); on a GPU, the peak memory of the
+variant, the median and the fastest wall time per step and, on the CPU, the median CPU time per step (user + system time
+of this process: on a shared virtual machine it leaves out time the CPUs were given to other guests), each with its
+overhead over the first variant listed (plain DTM unless --variants says otherwise); on a GPU, the peak memory of the
 variant's timed steps above what was allocated before each (all variants' weights, and their AdamW moments from
 their first step on: with --warmup 0 the first timed step's peak includes its own moments).
 A variant whose step raises (a compile error, say) is left out from then on, its traceback printed; the others are

@@ -90,7 +90,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--fixed_schedule", type=int, nargs=2, default=None, metavar=("N", "K"),
       help="instead of the dynamic scheduler: N tokens over K rounds at every step and level, by --schedule_rule "
            "(official: ceil(N/K) per round, so up to ceil(N/K) x K tokens merge, floor(N/K) where that exceeds the "
-           "patches; spread: exactly N; with --split alternate or official every level gets the same groups); an "
+           "patches; spread: exactly N where no round would merge more than half of the tokens left, a round's cap, "
+           "else fewer, which a note gives; with --split alternate or official every level gets the same groups); an "
            "ablation: 0 1 is token-wise distillation")
     a("--schedules", default="per_rank", choices=["per_rank", "shared"],
       help="per_rank: every process draws its own schedules (the official code seeds Python's random with seed + "
@@ -131,8 +132,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_every", type=int, default=0,
                    help="also save checkpoint-last.pth every N optimizer steps (0: at the end of each epoch only)")
     g.add_argument("--keep_every", type=int, default=20,
-                   help="keep checkpoint-{epoch}.pth every N epochs and after the last; checkpoint-last.pth is "
-                        "written every epoch")
+                   help="keep checkpoint-{epoch}.pth every N epochs and after the last, epochs counted from 0 "
+                        "(checkpoint-19.pth after 20 epochs, checkpoint-299.pth after 300; the official code names "
+                        "them from 1, utils/model_saver.py:81); checkpoint-last.pth is written every epoch")
     g.add_argument("--max_steps", type=int, default=0,
                    help="stop (and save) after this many optimizer steps; 0: run all epochs")
     mto.add_mto_args(p)
