@@ -1,6 +1,6 @@
 """Benchmark: how many training samples one DataLoader worker prepares per second, to size --num_workers against a
-GPU's step rate (log.jsonl's img_per_s is images/s over all GPUs; a node needs about that many per second from its
-workers).
+GPU's step rate (log.jsonl's img_per_s is images/s over all GPUs of all nodes; a node needs about img_per_s x its
+GPUs / all GPUs per second from its workers).
 
     python bench_data.py                                 # JPEGs made here, 500x375 (ImageNet's typical size)
     python bench_data.py --data /path/imagenet/train     # the first --images files of a real image folder

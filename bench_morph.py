@@ -89,8 +89,9 @@ def loss_index(student, teacher, schedules):
 
 
 METHODS = {"dense": loss_dense, "morph.py": loss_index}
-# glibc returns large freed blocks to the OS only below its mmap threshold, which otherwise grows at run time:
-# a fixed threshold keeps the resident set equal to live allocations, so the CPU peak is measurable.
+# glibc gives a freed block back to the OS only if it was at or above its mmap threshold (mmap'd), and the threshold
+# rises at run time (up to 32 MiB) as such blocks are freed, after which smaller blocks stay in the heap: a fixed
+# threshold keeps the resident set equal to live allocations, so the CPU peak is measurable.
 CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 

@@ -8,9 +8,10 @@ variant, so left out here as well). Morphing uses the default dynamic schedules 
 step of each in turn (the order rotating), so that a change of machine load hits all of them alike. Prints, for each
 variant, the median and the fastest wall time per step and, on the CPU, the median CPU time per step (user + system time
 of this process: on a shared virtual machine it leaves out time the CPUs were given to other guests), each with its
-overhead over the first variant listed (plain DTM unless --variants says otherwise); on a GPU, the peak memory of the
-variant's timed steps above what was allocated before each (all variants' weights, and their AdamW moments from
-their first step on: with --warmup 0 the first timed step's peak includes its own moments).
+overhead over the first variant listed (plain DTM unless --variants says otherwise); on a GPU, instead of the CPU time
+(mostly the host waiting in synchronize), the peak memory of the variant's timed steps above what was allocated before
+each (all variants' weights, and their AdamW moments from their first step on: with --warmup 0 the first timed step's
+peak includes its own moments).
 A variant whose step raises (a compile error, say) is left out from then on, its traceback printed; the others are
 timed and reported, and the exit status is 1 (the first variant, the baseline, must run).
 
