@@ -858,6 +858,17 @@ def test_photometric_distortion_steps_as_mmseg(monkeypatch):
     assert draws.bounds[4] == (-18, 17)
 
 
+def test_photometric_distortion_saturates_at_0_and_255(monkeypatch):
+    """mmseg's convert: np.clip(img * alpha + beta, 0, 255).astype(np.uint8); without the clip, 240 + 32 wraps to 16
+    (bright pixels turn dark) and 10 - 32 to 234."""
+    img = Image.new("RGB", (2, 2), (240, 10, 128))
+    # brightness on (+32 / -32); contrast first (flag 1), off; saturation off; hue off
+    monkeypatch.setattr(data, "random", ScriptedRandom(1, 32, 1, 0, 0, 0))
+    assert np.asarray(data.photometric_distortion(img))[0, 0].tolist() == [255, 42, 160]
+    monkeypatch.setattr(data, "random", ScriptedRandom(1, -32, 1, 0, 0, 0))
+    assert np.asarray(data.photometric_distortion(img))[0, 0].tolist() == [208, 0, 96]
+
+
 def test_photometric_distortion_keeps_size_and_is_seeded():
     img = data.SyntheticShapes(1, 32).get(0)[0]
     random.seed(5)

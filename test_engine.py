@@ -813,6 +813,25 @@ def test_a_second_run_into_an_output_dir_in_use_is_refused_before_it_reads_anyth
 
 
 @pytest.mark.skipif(engine.fcntl is None, reason="lockf is POSIX")
+def test_two_processes_locking_one_output_dir_with_engines_own_lock_refuse_the_second(tmp_path):
+    """Both sides run lock_output_dir (the tests above hold the lock with raw fcntl): were its lock shared, as
+    for a file this user cannot write, two runs would both go ahead."""
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = (f"import sys, time; sys.path.insert(0, {HERE!r}); import engine; "
+            f"print(repr(engine.lock_output_dir({str(out)!r})), flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "None"
+        refusal = engine.lock_output_dir(str(out))
+        assert refusal is not None and f"is in use by another run (process {holder.pid} on " in refusal
+    finally:
+        engine.release_output_dirs()
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.skipif(engine.fcntl is None, reason="lockf is POSIX")
 def test_a_lock_file_this_user_cannot_write_is_locked_shared_not_skipped(tmp_path, monkeypatch):
     """In a group folder another user's .run.lock (made with the umask's mode, as the checkpoints; it was 0o644) may
     be read-only here: the check was skipped, and a second user's run wrote over the first one's. A shared lock

@@ -223,6 +223,14 @@ def test_the_teacher_checkpoint_may_not_be_one_the_run_writes_over(image_folder,
 # ---------------------------------------------------------------------------------------------------
 # exact resume; relaunching continues
 
+def test_max_steps_off_the_log_cadence_logs_its_last_step(image_folder, tmp_path):
+    """A run stopped by --max_steps between two log steps logs its last step too (and its result's final_loss is that
+    line's), as a run that ends with its epochs."""
+    result = tp.main(tiny_argv(image_folder, tmp_path / "out", "--max_steps", "5", "--log_every", "3"))
+    lines = [r for r in read_log(tmp_path / "out" / engine.LOG) if "loss" in r]
+    assert [r["step"] for r in lines] == [3, 5] and result["final_loss"] == lines[-1]["loss"]
+
+
 def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path, capsys):
     """3 steps per epoch: stop at step 2 (mid-epoch), relaunch to step 5 == 5 steps in one go."""
     full = tp.main(tiny_argv(image_folder, tmp_path / "full", "--max_steps", "5"))
