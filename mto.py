@@ -625,9 +625,9 @@ def add_mto_args(parser):
     group.add_argument("--mto", action="store_true", help="enable MTO (off: the plain forward, bit-identical)")
     group.add_argument("--mto_layers", type=int, default=None,
                        help="weight recalibration in the first K blocks (not given: all blocks; 0: off)")
-    group.add_argument("--mto_lambda_sing", type=float, default=0.1,
+    group.add_argument("--mto_lambda_sing", type=float, default=MTOConfig.lambda_sing,
                        help="weight of the singularity loss (0: off); default %(default)s, not from the paper")
-    group.add_argument("--mto_lambda_ent", type=float, default=0.1,
+    group.add_argument("--mto_lambda_ent", type=float, default=MTOConfig.lambda_ent,
                        help="weight of the attention entropy loss (0: off); default %(default)s, not from the paper")
     group.add_argument("--mto_sing_layers", type=int, default=None,
                        help="singularity loss on the first K blocks, depth-weighted (not given: all blocks)")
@@ -653,6 +653,10 @@ def mto_config_from_args(args, depth: Optional[int] = None) -> Optional[MTOConfi
         if getattr(args, f"mto_lambda_{loss}") == 0 and getattr(args, f"mto_{loss}_layers") is not None:
             raise ValueError(f"--mto_{loss}_layers would do nothing with --mto_lambda_{loss} 0 (that loss is off): "
                              f"leave it out")
+        weight, default = getattr(args, f"mto_lambda_{loss}"), getattr(MTOConfig, f"lambda_{loss}")
+        if getattr(args, f"mto_{loss}_layers") == 0 and weight not in (0, default):  # and the other way round
+            raise ValueError(f"--mto_lambda_{loss} {weight:g} would do nothing with --mto_{loss}_layers 0 (that loss "
+                             f"is on no block): leave it out")
     losses_off = [f"--mto_{loss}_layers 0" if getattr(args, f"mto_{loss}_layers") == 0 else f"--mto_lambda_{loss} 0"
                   for loss in ("sing", "ent")
                   if getattr(args, f"mto_lambda_{loss}") == 0 or getattr(args, f"mto_{loss}_layers") == 0]

@@ -1850,7 +1850,8 @@ def test_shared_flag_bounds_are_inclusive_where_documented():
     import train_pretrain
     import train_seg
     for value in ("0", "1"):
-        assert train_pretrain.parse_args(["--max_unreadable", value]).max_unreadable == float(value)
+        assert train_pretrain.parse_args(["--max_unreadable", value, "--data", HERE, "--teacher", "pixels"]
+                                         ).max_unreadable == float(value)
     assert train_seg.parse_args(["--init", "none", "--layer_decay", "1"]).layer_decay == 1.0
     with pytest.raises(ValueError, match="--min_lr must be >= 0"):
         train_pretrain.parse_args(["--min_lr", "-0.5"])

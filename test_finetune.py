@@ -517,6 +517,8 @@ def test_resume_and_eval_refuse_another_model_or_table_layout(finetuned, tmp_pat
             tf.main(evaluate + flags)
     with pytest.raises(ValueError, match="--synthetic_val would do nothing with real data"):
         tf.parse_args(["--data_train", "a", "--data_val", "b", "--init", "none", "--synthetic_val", "5"])
+    with pytest.raises(ValueError, match="--max_unreadable would do nothing in the demo"):  # its images are made here
+        tf.parse_args(TINY_RUN + ["--max_unreadable", "0.5"])
     trained = torch.load(out / "checkpoint-last.pth")["classes"]  # --eval on folders of other classes names them
     for name in trained[1:] + ["zebra"]:
         os.makedirs(tmp_path / "other" / name)

@@ -155,6 +155,11 @@ def test_mto_off_is_bit_identical_to_plain_forward():
         with pytest.raises(ValueError, match=f"--mto_{loss}_layers would do nothing with --mto_lambda_{loss} 0"):
             mto.mto_config_from_args(parser.parse_args(["--mto", f"--mto_lambda_{loss}", "0", f"--mto_{loss}_layers",
                                                         "2"]))
+        # and the other way round: a weight for a loss on no block (at its default: as --mto_{loss}_layers 0 alone)
+        with pytest.raises(ValueError, match=f"--mto_lambda_{loss} 0.7 would do nothing with --mto_{loss}_layers 0"):
+            mto.mto_config_from_args(parser.parse_args(["--mto", f"--mto_lambda_{loss}", "0.7", f"--mto_{loss}_layers",
+                                                        "0"]))
+        assert mto.mto_config_from_args(parser.parse_args(["--mto", f"--mto_{loss}_layers", "0"]))
 
 
 def test_pretrain_model_without_hook_is_bit_identical_and_with_mto_adds_weighted_losses():

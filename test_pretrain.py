@@ -193,6 +193,7 @@ def test_recipes_and_their_defaults():
     (["--mto", "--mto_layers", "0", "--mto_lambda_sing", "0", "--mto_ent_layers", "0"], ValueError,
      "--mto with --mto_layers 0, --mto_lambda_sing 0, --mto_ent_layers 0 switches every part of MTO off"),
     (["--mto", "--mto_ent_layers", "13", "--model", "vit_b"], ValueError, "--mto_ent_layers 13 is out of range: use 0..12 "),
+    (["--max_unreadable", "0.5"], ValueError, "--max_unreadable would do nothing in the demo"),
 ])
 def test_bad_arguments(argv, error, match):
     with pytest.raises(error, match=match):

@@ -108,6 +108,8 @@ GENERIC = ["--img_dir", "i", "--ann_dir", "a", "--val_img_dir", "vi", "--val_ann
     (["--aux_weight", "-1"], "--aux_weight, --poly_power and --warmup_iters must be >= 0"),
     (["--poly_power", "-1"], "makes the lr grow"),
     (["--warmup_ratio", "3"], "--warmup_ratio in 0..1"),
+    (["--warmup_iters", "0", "--warmup_ratio", "0.5"], "--warmup_ratio would do nothing with --warmup_iters 0"),
+    (["--max_unreadable", "0.5"], "--max_unreadable would do nothing in the demo"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
     (["--demo_val_images", "0"], "--demo_val_images must be >= 1, got 0"),  # trained, then mIoU NaN and exit 0
     (["--channels", "0"], "--channels must be >= 1, got 0: leave it out for the demo's 64; a run started with "

@@ -555,6 +555,10 @@ def parse_args(argv=None):
     if not args.demo:
         engine.refuse_ignored(args, parser, EVAL_DEMO_DATA + ["demo_train_images"],
                               "with real data (they size the demo's procedural images)")
+    else:
+        engine.refuse_ignored(args, parser, ["max_unreadable"], "in the demo (its built-in images are never unreadable)")
+    if args.warmup_iters == 0:
+        engine.refuse_ignored(args, parser, ["warmup_ratio"], "with --warmup_iters 0 (no warmup)")
     if args.eval:  # the model and its input come from the checkpoint (run_eval), and so does the demo's data
         engine.from_checkpoint_unless_given(args, parser, argv, EVAL_FROM_CHECKPOINT + EVAL_DEMO_DATA)
     if args.init is None and args.eval is None and not engine.continues_a_run(args):  # a continued run: its own
