@@ -974,9 +974,15 @@ def resize_cv2_linear(img, size):
     bilinear with pixel centers at +0.5 and no antialiasing. PIL's BILINEAR widens its filter when it shrinks, a
     blur mmseg's images do not have (on uniform uint8 noise halved, 300x200 to 640x480, its pixels differ from
     cv2's by 15 grey levels on average; these by at most 1, cv2 rounding 11-bit fixed-point weights: OpenCV 5.0.0
-    and 5.1.0, 6 sizes up and down)."""
+    and 5.1.0, 6 sizes up and down). On one torch thread: with more, F.interpolate rounds some values otherwise (by
+    one grey level after rounding), and a DataLoader worker has one, so --num_workers 0 would train on other pixels."""
     x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W)
-    y = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        y = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=False)
+    finally:
+        torch.set_num_threads(threads)
     return Image.fromarray(y[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy(), "RGB")
 
 

@@ -804,6 +804,26 @@ def test_seg_images_resize_as_cv2_linear_without_antialiasing():
     assert np.array_equal(np.asarray(img), halved)  # the segmentation transforms' default
 
 
+def test_seg_image_resize_does_not_depend_on_torchs_thread_count():
+    """A DataLoader worker runs torch on one thread, --num_workers 0 on all: F.interpolate rounded some values
+    otherwise with two threads (14 of 20 random resizes), so a run's pixels, and its weights, depended on the
+    number of workers. The caller's thread count is kept."""
+    rng, threads = np.random.default_rng(0), torch.get_num_threads()
+    try:
+        for _ in range(10):
+            img = Image.fromarray(rng.integers(0, 256, (int(rng.integers(40, 300)), int(rng.integers(40, 300)), 3),
+                                               dtype=np.uint8))
+            size = (int(rng.integers(20, 400)), int(rng.integers(20, 400)))
+            out = []
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                out.append(np.asarray(data.resize_cv2_linear(img, size)))
+                assert torch.get_num_threads() == count
+            assert np.array_equal(*out), (img.size, size)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_seg_masks_resize_as_cv2_nearest():
     """Labels as mmcv's imrescale(interpolation='nearest'), i.e. cv2.resize(INTER_NEAREST): output pixel x reads
     source pixel floor(x * W / w) (OpenCV's resizeNN), not the one under its center as PIL's NEAREST does. The
