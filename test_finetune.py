@@ -706,6 +706,18 @@ def test_a_dataset_root_given_as_a_split_is_refused(tmp_path):
         tf.build_datasets(tf.parse_args(["--data_val", root, "--init", "none"]), train=False)
 
 
+def test_a_missing_split_folder_names_its_flag(tmp_path):
+    """As segmentation's --img_dir: the error named only 'image folder X', not which flag gave it."""
+    (tmp_path / "file").write_text("x")
+    for flag, other in (("--data_train", "--data_val"), ("--data_val", "--data_train")):
+        for path, what in ((tmp_path / "missing", "does not exist"), (tmp_path / "file", "is a file, not a folder")):
+            args = tf.parse_args([flag, str(path), other, str(tmp_path), "--init", "none"])
+            with pytest.raises(FileNotFoundError, match=f"^{flag} '{path}' {what}; expected the layout root/"):
+                tf.build_datasets(args)
+    with pytest.raises(FileNotFoundError, match="^--data_val .* does not exist"):  # as --eval reads it
+        tf.build_datasets(tf.parse_args(["--data_val", str(tmp_path / "missing"), "--init", "none"]), train=False)
+
+
 def test_two_process_training_equals_one_process_with_the_same_total_batch(tmp_path):
     """DDP equivalence: 2 processes x batch 4 x accum 2 take the same optimizer steps as 1 process x batch 8 x accum
     2: the DistributedSampler gives rank r the samples r, r + 2, ... of the same permutation, so each step sees the

@@ -191,6 +191,10 @@ def build_datasets(args, train: bool = True):
             raise ValueError(f"--data {args.data!r} must hold train/ and val/ (root/train/<class>/<image>, "
                              f"root/val/<class>/<image>); {' and '.join(map(repr, missing))} not found. For other "
                              f"layouts pass --data_train and --data_val")
+    for flag, path in (("--data_train", args.data_train if train else None), ("--data_val", args.data_val)):
+        if path is not None and not os.path.isdir(path):
+            what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+            raise FileNotFoundError(f"{flag} {path!r} {what}; expected the layout {data.ImageFolder.LAYOUT}")
     if train_dir is None and val_dir is None:
         # drawn at the eval resize size (128 for 112), with fixed seeds: the images do not change with --seed;
         # seed 0 are the images of the pre-training demo, seed 1 others
