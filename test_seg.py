@@ -618,12 +618,20 @@ def test_a_relaunch_without_iters_continues_its_run_as_it_was(tmp_path, capsys):
     schedule_free = TINY_RUN[:TINY_RUN.index("--iters")] + TINY_RUN[TINY_RUN.index("--warmup_iters") + 2:]
     assert len(schedule_free) == len(TINY_RUN) - 4 and "--iters" not in schedule_free
     final = train_seg.main(TINY_RUN + ["--init", "none", "--output_dir", out])
-    capsys.readouterr()
+    batch = int(TINY_RUN[TINY_RUN.index("--batch_size") + 1])  # the start-up line gives what the lr is used with
+    assert re.search(f"training images, total batch {batch}, lr [0-9.e-]+ \\(--lr, not scaled by the batch\\), layer "
+                     f"decay [0-9.]+, 4 iterations \\(2 of warmup\\), starting at step 0$", capsys.readouterr().out,
+                     re.M)
     relaunched = train_seg.main(schedule_free + ["--output_dir", out])
     printed = capsys.readouterr().out
     assert "holds a finished run (step 4 of 4)" in printed and "settings changed" not in printed
     # the run's last evaluation, as fine-tuning reprints its best top-1 (it printed nothing and returned None)
     assert json.dumps(relaunched) == json.dumps(final) and f"final mIoU {final['mIoU']:.2f} (aAcc {final['aAcc']:.2f}" in printed
+    assert f"; checkpoints and log.jsonl in {out}" in printed  # its own folder
+    elsewhere = str(tmp_path / "elsewhere")  # continued from another folder, finished: it writes nothing there
+    train_seg.main(schedule_free + ["--resume", os.path.join(out, "checkpoint-last.pth"), "--output_dir", elsewhere])
+    printed = capsys.readouterr().out
+    assert "final mIoU" in printed and "checkpoints and log.jsonl in" not in printed and not os.path.exists(elsewhere)
     defaults = train_seg.head_settings({"model": "vit_tiny", "channels": None, "out_indices": None})["out_indices"]
     # --out_indices given as the blocks the run already used (it started without): no change to print
     train_seg.main(schedule_free + ["--iters", "5", "--out_indices", *map(str, defaults), "--output_dir", out])

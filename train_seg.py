@@ -780,7 +780,10 @@ def train(args, d):
     # after engine.resume, which resolves a continued run's --init (and checks a given one against it)
     d.print(f"{args.model} UperNet, {num_classes} classes, crop {args.crop_size}, pyramid from blocks "
             f"{model.out_indices}, init {args.init}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-            f"{d.world_size} process(es) on {d.device}, amp {engine.amp_name(amp_dtype, scaler)}")
+            f"{d.world_size} process(es) on {d.device}, amp {engine.amp_name(amp_dtype, scaler)}; "
+            f"{len(train_set)} training images, total batch {args.batch_size * args.accum_iter * d.world_size}, lr "
+            f"{args.lr:.3g} (--lr, not scaled by the batch), layer decay {args.layer_decay}, {args.iters} iterations "
+            f"({args.warmup_iters} of warmup), starting at step {step}")
     engine.warn_long_warmup(args.warmup_iters, args.iters, "--warmup_iters", d)
     note_vit_l_recipe(args, d)
     lowest = min(group["lr_scale"] for group in groups)  # each group decays from its own peak to --min_lr
@@ -864,9 +867,9 @@ def train(args, d):
             last_log_time += time.perf_counter() - pausing_from  # img_per_s: training time only
     bar.close()
     engine.report_unreadable(unreadable, d, step, log)
-    if metrics is not None:
-        d.print(f"final mIoU {metrics['mIoU']:.2f} (aAcc {metrics['aAcc']:.2f}, mAcc {metrics['mAcc']:.2f}); "
-                f"checkpoints and log.jsonl in {args.output_dir}")
+    if metrics is not None:  # the folder: unless this is a finished run continued from elsewhere (it wrote nothing)
+        d.print(f"final mIoU {metrics['mIoU']:.2f} (aAcc {metrics['aAcc']:.2f}, mAcc {metrics['mAcc']:.2f})"
+                + (f"; checkpoints and log.jsonl in {args.output_dir}" if log.enabled else ""))
     return metrics
 
 
