@@ -769,6 +769,8 @@ def test_img_per_s_leaves_out_the_evaluation_and_the_checkpoints(tmp_path, monke
     tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path)])  # 3 steps per epoch
     rates = [json.loads(line)["img_per_s"] for line in open(tmp_path / "log.jsonl") if "img_per_s" in line]
     assert rates == [16.0, 16.0, 16.0, 8.0, 16.0, 16.0] and len(waits) == 2
+    parts = [set(json.loads(line)) for line in open(tmp_path / "log.jsonl") if "img_per_s" in line]
+    assert all({"data_s", "step_s", "optimizer_s"} <= p for p in parts)  # the step's parts, as pre-training's
 
 
 def test_unreadable_validation_image_stops_the_run_before_training(tmp_path):

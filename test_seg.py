@@ -1292,6 +1292,7 @@ def test_the_logged_throughput_counts_images(tmp_path, monkeypatch):
     train_seg.main(TINY_RUN + ["--iters", "2", "--accum_iter", "2", "--output_dir", str(tmp_path)])
     records = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "img_per_s" in r]
     assert [r["img_per_s"] for r in records] == pytest.approx([4 / 10, 4 / 10])  # 2 micro-batches of 2, 10 s
+    assert all({"data_s", "step_s", "optimizer_s"} <= set(r) for r in records)  # the step's parts, as pre-training's
 
 
 CLOCK_HELPER = """

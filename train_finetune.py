@@ -575,7 +575,7 @@ def finetune(args, d, amp_dtype, scaler):
             timer.lap("step_s")
         grad_norm = engine.optimizer_step(optimizer, scaler, ddp_model.parameters(), args.clip_grad)
         step += 1
-        timer.lap("step_s")
+        timer.lap("optimizer_s")
         bar.update(1)
         if is_log_step:
             loss_now = engine.all_mean(window[0] / window[1], d)

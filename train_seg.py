@@ -833,7 +833,7 @@ def train(args, d):
             timer.lap("step_s")
         grad_norm = engine.optimizer_step(optimizer, scaler, ddp_model.parameters(), args.clip_grad)
         step += 1
-        timer.lap("step_s")
+        timer.lap("optimizer_s")
         bar.update(1)
         if is_log_step:
             means = engine.all_mean(window[:3] / window[3], d)
