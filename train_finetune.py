@@ -325,7 +325,8 @@ def parse_args(argv=None):
         engine.refuse_ignored(args, parser, ["synthetic_train", "synthetic_val"], "with real data (they size the "
                               "demo's procedural images)")
     else:
-        engine.refuse_ignored(args, parser, ["max_unreadable"], "in the demo (its built-in images are never unreadable)")
+        engine.refuse_ignored(args, parser, ["max_unreadable"], "in the demo (its built-in images are never "
+                              "unreadable)")
     if args.eval:  # the model and its input come from the checkpoint (run_eval), and so does the demo's data
         engine.from_checkpoint_unless_given(args, parser, argv, EVAL_FROM_CHECKPOINT + EVAL_DEMO_DATA)
     return args

@@ -166,7 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.mto:
         engine.refuse_ignored(args, parser, mto.MTO_FLAGS, "without --mto")
     if args.demo:
-        engine.refuse_ignored(args, parser, ["max_unreadable"], "in the demo (its built-in images are never unreadable)")
+        engine.refuse_ignored(args, parser, ["max_unreadable"], "in the demo (its built-in images are never "
+                              "unreadable)")
     return args
 
 
