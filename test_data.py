@@ -1677,3 +1677,15 @@ def test_seg_random_crop_at_ratio_one_checks_nothing_and_mismatched_pairs_are_re
         data.SegTrainTransform(crop_size=8, scale=(20, 20))(Image.new("RGB", (20, 20)), Image.new("L", (20, 18)))
     with pytest.raises(ValueError, match="mode must be"):
         data.RandomErasing(mode="zero")
+
+
+def test_a_big_endian_16_bit_tiff_is_scaled_to_8_bits_like_a_little_endian_one(tmp_path):
+    """Pillow opens a 16-bit big-endian TIFF as mode I;16B: scaled as I;16 (x / 257), not clipped at 255 by
+    convert("RGB")."""
+    levels = np.array([[0, 257, 32896], [40000, 60000, 65535]], dtype=np.uint16)
+    img = Image.frombytes("I;16B", (3, 2), levels.astype(">u2").tobytes())
+    img.save(tmp_path / "big.tif")
+    assert Image.open(tmp_path / "big.tif").mode == "I;16B"
+    got = np.asarray(data.load_image(str(tmp_path / "big.tif")))[..., 0]
+    expected = (levels.astype(np.int64) * 255 + 32767) // 65535
+    assert np.array_equal(got, expected), got

@@ -242,8 +242,8 @@ def test_compiled_blocks_make_one_graph_under_bf16_autocast():
 # ---------------------------------------------------------------------------------------------------
 # checkpoints
 
-def tiny_state(model, step=3):
-    args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=(0.9, 0.98), output_dir="x", demo=False)
+def tiny_state(model, step=3, **extra_args):
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=(0.9, 0.98), output_dir="x", demo=False, **extra_args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(2, 3)).sum().backward()
     optimizer.step()
@@ -2050,3 +2050,101 @@ def test_resume_of_a_run_that_counts_steps_keeps_the_step_under_another_batch(ca
         state = engine.checkpoint_state("dtm_seg", model, optimizer, None, args, step, steps_per_epoch=5)
         assert engine.resume(state, "ck.pth", model, optimizer, None, other, 2, CPU, counts_steps=True) == step
     assert "step 7 is kept" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# resume: what it calls a change, older checkpoints (tests for a mutation test's survivors)
+
+def test_a_layer_scale_switched_on_or_off_is_a_changed_model_not_a_kept_initial_value(capsys):
+    """--layer_scale 0 builds no layer-scale weights: 0.1 -> 0 (or 0 -> 0.1) is another model, which resume refuses
+    naming the change; it is not 'kept' with a note (that note is for another non-zero initial value only)."""
+    for saved, given in ((0.1, 0.0), (0.0, 0.1)):
+        state = tiny_state(torch.nn.Linear(3, 2), layer_scale=saved)
+        other = torch.nn.Linear(4, 2)  # stands for the model built with the other layer scale
+        args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=(0.9, 0.98), output_dir="x", demo=False,
+                                  layer_scale=given)
+        with pytest.raises(ValueError, match=rf"saved with other settings \(--layer_scale {saved} -> {given}\)"):
+            engine.resume(state, "ck.pth", other, torch.optim.AdamW(other.parameters()), None, args, 2, CPU)
+        assert "keeps --layer_scale" not in capsys.readouterr().out and args.layer_scale == given
+
+
+def test_bookkeeping_flags_changed_on_a_relaunch_are_not_reported_as_changed_settings(capsys):
+    """--num_workers, --log_every, --save_every, ... change nothing the run computes: not 'settings changed'."""
+    model = torch.nn.Linear(3, 2)
+    flags = {"num_workers": 4, "log_every": 50, "save_every": 1, "keep_every": 20, "eval_every": 1, "max_steps": None}
+    state = tiny_state(model, **flags)
+    for name in flags:
+        args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=(0.9, 0.98), output_dir="y", demo=False,
+                                  **{**flags, name: 7})
+        engine.resume(state, "ck.pth", model, torch.optim.AdamW(model.parameters()), None, args, 2, CPU)
+        out = capsys.readouterr().out
+        assert "resumed from ck.pth at step 3" in out and "settings changed" not in out, (name, out)
+
+
+def test_init_recorded_relative_and_resolved_from_another_folder_is_not_a_changed_setting(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """A run started with --init pre.pth (relative), relaunched without --init from another folder: args.init becomes
+    the recorded absolute path; that is the same --init, not a setting changed since."""
+    model = torch.nn.Linear(3, 2)
+    (tmp_path / "pre.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, output_dir="x", demo=False, init="pre.pth")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    state = engine.checkpoint_state("dtm_finetune", model, optimizer, None, args, 2, steps_per_epoch=2)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    unset = argparse.Namespace(**{**vars(args), "init": None})
+    capsys.readouterr()
+    assert engine.resume(state, "ck.pth", model, optimizer, None, unset, 2, CPU) == 2
+    assert unset.init == str(tmp_path / "pre.pth")
+    out = capsys.readouterr().out
+    assert "resumed from ck.pth at step 2" in out and "settings changed" not in out, out
+
+
+def test_a_resume_path_continues_a_run_in_an_empty_folder_and_does_not_read_init(tmp_path):
+    """--resume PATH continues PATH's run (also into a new output_dir, or one with --fresh): --init is not read, so
+    an --init that names a checkpoint this output_dir's runs write is not refused; train_seg's 'pass --init' check
+    (continues_a_run) does not apply."""
+    old, out = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    out.mkdir()
+    (old / engine.LAST).write_bytes(b"x")
+    (out / "checkpoint-20.pth").write_bytes(b"x")
+    for fresh in (False, True):
+        args = run_args(out, resume=str(old / engine.LAST), fresh=fresh)
+        assert engine.continues_a_run(args)
+        assert engine.prepare_run(args, CPU, new_run_reads={"--init": str(out / "checkpoint-20.pth")}) == \
+            (str(old / engine.LAST), False)
+        engine.release_output_dirs()
+
+
+def test_a_ckpt_teacher_path_written_another_way_is_not_a_changed_setting(tmp_path, monkeypatch, capsys):
+    """As test_resume_does_not_call_a_path_written_another_way_a_changed_setting does for clip:, for ckpt:."""
+    monkeypatch.chdir(tmp_path)
+    open("t.pth", "wb").close()
+    model = torch.nn.Linear(3, 2)
+    state = tiny_state(model)
+    state["args"].update(teacher="ckpt:t.pth")
+    args = argparse.Namespace(**{**state["args"], "teacher": f"ckpt:{tmp_path / 't.pth'}"})
+    capsys.readouterr()
+    engine.resume(state, "ck.pth", model, torch.optim.AdamW(model.parameters()), None, args, 2, CPU)
+    assert capsys.readouterr().out == "resumed from ck.pth at step 3\n"
+
+
+def test_a_checkpoint_whose_optimizer_groups_have_no_parameter_names_loads_as_saved():
+    """A checkpoint saved before param_groups recorded param_names (or by an optimizer built without them) resumes
+    into an optimizer that has them: loaded as saved (position by position), not a KeyError."""
+    torch.manual_seed(0)
+    model = dtm.build_vit("vit_tiny", img_size=32, depth=2)
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, output_dir="x", demo=False)
+    optimizer = torch.optim.AdamW(engine.param_groups(model, 0.05))
+    model.forward_features(torch.randn(2, 3, 32, 32)).tokens.square().mean().backward()
+    optimizer.step()
+    state = engine.checkpoint_state("dtm_finetune", model, optimizer, None, args, 4, steps_per_epoch=2)
+    for group in state["optimizer"]["param_groups"]:
+        del group["param_names"]
+    resumed = torch.optim.AdamW(engine.param_groups(model, 0.05))
+    assert engine.resume(state, "ck.pth", model, resumed, None, args, 2, CPU) == 4
+    for p in model.parameters():
+        if p in optimizer.state:
+            assert torch.equal(resumed.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])

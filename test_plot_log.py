@@ -225,3 +225,12 @@ def test_an_out_that_is_a_folder_or_cannot_be_written_is_one_line(tmp_path):
         plot_log.main([log, "--out", str(tmp_path / "p.xbm")])  # a format Pillow lists, for 1-bit images only
     with pytest.raises(SystemExit, match=r"error: '.*' is a folder; pass the log file in it \(.*log.jsonl\)"):
         plot_log.main([str(tmp_path), "--out", str(tmp_path / "p.png")])
+
+
+def test_lines_that_share_an_x_are_not_noted_as_going_back(tmp_path, capsys):
+    """A training log plotted by --x epoch: every line of an epoch has the same epoch, which is not x going back."""
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "epoch": (s - 1) // 2, "loss": 1 / s}) + "\n" for s in range(1, 7)))
+    points = plot_log.read_log(str(path), "epoch", "loss")
+    assert [x for x, _ in points] == [0, 0, 1, 1, 2, 2]
+    assert "goes back" not in capsys.readouterr().err
