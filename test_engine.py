@@ -1310,7 +1310,7 @@ def test_every_float_flag_of_every_trainer_refuses_nan_and_inf(trainer, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train_pretrain.py", "--data", "/no/such/dir", "--teacher", "pixels"], "--data '/no/such/dir' is not a dir"),
     (["train_finetune.py", "--data_train", "/no/such/dir", "--data_val", "/no/such/dir", "--init", "none"],
-     "image folder '/no/such/dir' does not exist"),
+     "--data_train '/no/such/dir' does not exist"),
     (["train_seg.py", "--crop_size", "100"], "--crop_size 100 is not a positive multiple of the patch size 16"),
 ])
 def test_user_errors_print_one_line_and_exit_2(argv, message):
