@@ -182,6 +182,13 @@ def refuse_dataset_root(classes, root, flag: str, split: str):
                          f"{flag} {os.path.join(root, subfolder)}")
 
 
+def require_image_folder(root, name: str):
+    """Raise unless root is a folder, naming it as `name` (e.g. the flag that gave it) and ImageFolder's layout."""
+    if not os.path.isdir(root):
+        what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise FileNotFoundError(f"{name} {what}; expected the layout {ImageFolder.LAYOUT}")
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """Images in `root/<class_name>/**/<file>.<ext>`; labels are class indices in sorted class-name order.
 
@@ -198,9 +205,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, transform=None):
         self.root, self.transform = root, transform
-        if not os.path.isdir(root):
-            what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
-            raise FileNotFoundError(f"image folder {root!r} {what}; expected the layout {self.LAYOUT}")
+        require_image_folder(root, f"image folder {root!r}")
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not self.classes:
             loose = [n for n in os.listdir(root) if _is_image_file(n)]

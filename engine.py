@@ -807,6 +807,12 @@ def refuse_ignored(args, parser, names, why: str):
         raise ValueError(f"{', '.join(given)} would do nothing {why}: leave {'it' if len(given) == 1 else 'them'} out")
 
 
+def refuse_ignored_in_demo(args, parser):
+    """The flags every trainer's demo ignores, given away from their defaults, are an error (refuse_ignored)."""
+    if args.demo:
+        refuse_ignored(args, parser, ["max_unreadable"], "in the demo (its built-in images are never unreadable)")
+
+
 def finite_float(text: str) -> float:
     """The trainers' type for float flags (trainer_parser registers it for type=float): float() takes "nan" and
     "inf", and NaN passes every range check (each comparison is False), so --lr nan would train on NaN."""

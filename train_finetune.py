@@ -192,9 +192,8 @@ def build_datasets(args, train: bool = True):
                              f"root/val/<class>/<image>); {' and '.join(map(repr, missing))} not found. For other "
                              f"layouts pass --data_train and --data_val")
     for flag, path in (("--data_train", args.data_train if train else None), ("--data_val", args.data_val)):
-        if path is not None and not os.path.isdir(path):
-            what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-            raise FileNotFoundError(f"{flag} {path!r} {what}; expected the layout {data.ImageFolder.LAYOUT}")
+        if path is not None:
+            data.require_image_folder(path, f"{flag} {path!r}")
     if train_dir is None and val_dir is None:
         # drawn at the eval resize size (128 for 112), with fixed seeds: the images do not change with --seed;
         # seed 0 are the images of the pre-training demo, seed 1 others
@@ -324,9 +323,7 @@ def parse_args(argv=None):
     if not demo:
         engine.refuse_ignored(args, parser, ["synthetic_train", "synthetic_val"], "with real data (they size the "
                               "demo's procedural images)")
-    else:
-        engine.refuse_ignored(args, parser, ["max_unreadable"], "in the demo (its built-in images are never "
-                              "unreadable)")
+    engine.refuse_ignored_in_demo(args, parser)
     if args.eval:  # the model and its input come from the checkpoint (run_eval), and so does the demo's data
         engine.from_checkpoint_unless_given(args, parser, argv, EVAL_FROM_CHECKPOINT + EVAL_DEMO_DATA)
     return args

@@ -165,9 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         engine.refuse_ignored(args, parser, ["beta"], f"with --loss {args.loss} (it is smooth-L1's beta)")
     if not args.mto:
         engine.refuse_ignored(args, parser, mto.MTO_FLAGS, "without --mto")
-    if args.demo:
-        engine.refuse_ignored(args, parser, ["max_unreadable"], "in the demo (its built-in images are never "
-                              "unreadable)")
+    engine.refuse_ignored_in_demo(args, parser)
     return args
 
 

@@ -555,9 +555,7 @@ def parse_args(argv=None):
     if not args.demo:
         engine.refuse_ignored(args, parser, EVAL_DEMO_DATA + ["demo_train_images"],
                               "with real data (they size the demo's procedural images)")
-    else:
-        engine.refuse_ignored(args, parser, ["max_unreadable"], "in the demo (its built-in images are never "
-                              "unreadable)")
+    engine.refuse_ignored_in_demo(args, parser)
     if args.warmup_iters == 0:
         engine.refuse_ignored(args, parser, ["warmup_ratio"], "with --warmup_iters 0 (no warmup)")
     if args.eval:  # the model and its input come from the checkpoint (run_eval), and so does the demo's data
