@@ -479,10 +479,14 @@ def warn_min_lr(min_lr: float, peak_lr: float, how: str, d: "Dist"):
 def optimizer_step(optimizer, scaler, parameters, clip_grad: float) -> torch.Tensor:
     """Unscale (fp16), clip the gradient norm to clip_grad (0 or None: no clipping), step, zero the gradients.
 
-    Returns the gradient norm before clipping (measured also without clipping, for the log)."""
+    Returns the gradient norm before clipping (measured also without clipping, for the log; then the gradients are
+    only read: clip_grad_norm_ with an infinite max norm would still multiply every gradient by 1)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = nn.utils.clip_grad_norm_(parameters, clip_grad or float("inf"))
+    if clip_grad:
+        grad_norm = nn.utils.clip_grad_norm_(parameters, clip_grad)
+    else:
+        grad_norm = nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
