@@ -855,7 +855,8 @@ class CLIPVisual(nn.Module):
     instead (vqkd_teacher/clip/model.py VisionTransformer.interpolate_pos_encoding), which samples slightly other
     points: for CLIPVisual() built after torch.manual_seed(0), (1), (2), at 96 px the two differ by up to
     0.045-0.059 in entries of up to 0.13-0.14, so targets at sizes other than the checkpoint's are not the official
-    code's; at 224 px neither resizes.
+    code's; at 224 px neither resizes. Under autocast the residual stream and the LayerNorms stay in the weights'
+    dtype, attention and MLP compute in autocast's (the official teacher's stream is fp16: README, "Recipe provenance").
     Random CLIP-like init; load real weights with load_clip_visual.
     """
 
@@ -884,7 +885,10 @@ class CLIPVisual(nn.Module):
         x = torch.cat([cls, x], dim=1)
         grid = (H // self.patch_size, W // self.patch_size)
         x = x + resize_pos_embed(self.positional_embedding, self.grid, grid).to(x.dtype)
-        x = self.ln_pre(x)
+        # the residual stream in the weights' dtype, as the student's: under CUDA's autocast layer_norm returns
+        # float32 anyway; the CPU's ran the whole stream in bf16/fp16 (OpenAI's LayerNorm casts back to fp16: the
+        # official teacher's stream is fp16 under autocast, vqkd_teacher/clip/model.py LayerNorm)
+        x = self.ln_pre(x.to(self.class_embedding.dtype))
         for block in self.transformer.resblocks:
             x = block(x)
         x = self.ln_post(x[:, 1:])

@@ -153,6 +153,20 @@ def test_every_block_gets_the_residual_stream_in_the_weights_dtype_under_autocas
             assert seen == [expected] * model.depth, (seen, mask is None)
 
 
+def test_the_clip_teachers_layer_norms_and_residual_stream_are_float32_under_the_cpus_autocast_too():
+    """CUDA's autocast runs layer_norm in float32 (its output float32); the CPU's runs it in its input's dtype, so the
+    teacher's whole residual stream was bf16 on the CPU (a CLIP ViT-B/16 with random weights: targets 0.99% from
+    float32's there, 0.53% with the stream in float32 as on a GPU). The conv's output is cast as the student's is."""
+    visual = dtm.CLIPVisual(input_resolution=32, patch_size=16, width=64, layers=2, heads=1, output_dim=8)
+    seen = []
+    for norm in (m for m in visual.modules() if isinstance(m, torch.nn.LayerNorm)):  # ln_pre, ln_1, ln_2, ln_post
+        norm.register_forward_hook(lambda module, inputs, out: seen.append((inputs[0].dtype, out.dtype)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        targets = visual(torch.randn(2, 3, 32, 32))
+    assert len(seen) == 2 + 2 * 2 and set(seen) == {(torch.float32, torch.float32)}
+    assert targets.dtype == torch.bfloat16  # the projection is a matmul: autocast's dtype
+
+
 def test_relative_position_index_matches_naive_loop():
     H, W = 2, 3
     index = dtm.relative_position_index((H, W))
