@@ -123,7 +123,10 @@ def make_step(args, cfg, mto_module=mto, teacher=None):
     N = grid * grid
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device)
     masks = BlockMaskGenerator((grid, grid), round(N * 75 / 196), 16)
-    mask = torch.stack([masks(random.Random(i)).flatten() for i in range(args.batch)]).to(args.device)
+    mask = torch.stack([masks(random.Random(i)).flatten() for i in range(args.batch)])
+    # as train_pretrain: the counts of the CPU mask, so MTO has no host sync (an older --compare_mto mto.py has one)
+    mask_sizes = mto_module.mask_sizes(mask) if cfg and hasattr(mto_module, "mask_sizes") else None
+    mask = mask.to(args.device)
     targets = torch.randn(args.batch, N, 512, device=args.device)
     rng = random.Random(0)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
@@ -143,7 +146,7 @@ def make_step(args, cfg, mto_module=mto, teacher=None):
         groups = morph.token_morphing_levels(step_targets, schedules)
         with autocast():
             num_groups = [morph.num_groups_after(N, s, "random") for s in schedules]
-            loss, _ = model(images, mask, step_targets, groups, num_groups)
+            loss, _ = model(images, mask, step_targets, groups, num_groups, mask_sizes=mask_sizes)
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.step(optimizer)

@@ -1261,9 +1261,10 @@ class DTMPretrainModel(nn.Module):
         _trunc_normal_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, images, mask, targets, groups, num_groups=None):
+    def forward(self, images, mask, targets, groups, num_groups=None, mask_sizes=None):
         """images (B, 3, H, W), mask (B, N) bool, targets (B, N, D), groups [(B, N)] per level and their numbers of
-        groups (see dtm_loss) -> (loss, stats).
+        groups (see dtm_loss) -> (loss, stats). mask_sizes (mto.mask_sizes of the mask's CPU copy), where given, is
+        handed on to features_fn as its keyword mask_sizes (MTO's, to skip a host sync).
 
         stats: "loss" and "loss_level{i}" as detached tensors; with a features_fn also "loss_dtm" (the DTM part of
         "loss") and the features_fn's stats.
@@ -1271,7 +1272,8 @@ class DTMPretrainModel(nn.Module):
         if self.features_fn is None:
             tokens, extra_loss, extra_stats = self.student.forward_features(images, mask).tokens, None, {}
         else:
-            tokens, extra_loss, extra_stats = self.features_fn(self.student, images, mask)
+            sizes = {} if mask_sizes is None else {"mask_sizes": mask_sizes}
+            tokens, extra_loss, extra_stats = self.features_fn(self.student, images, mask, **sizes)
         pred = self.head(tokens[:, 1:])  # (B, N, D)
         loss, level_losses = dtm_loss(pred, targets, groups, mask, self.loss, self.beta, self.loss_on, num_groups,
                                       self.normalize_target)

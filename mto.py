@@ -72,6 +72,8 @@ Use:
     tokens, losses = mto_forward(vit, images, mask, cfg, num_prefix=1)  # 1 = CLS; CLS + 4 registers: 5
     # tokens (B, num_prefix + N, C); losses["loss_sing"], losses["loss_ent"]
     loss = base_loss(tokens) + mto_total_loss(losses, cfg)
+    # on a GPU, pass the counts of the loader's CPU mask (then MTO waits for nothing queued before it):
+    #   sizes = mask_sizes(cpu_mask); mask = cpu_mask.cuda(non_blocking=True); mto_forward(..., mask_sizes=sizes)
 or, with DDP, inside the wrapped module: dtm.DTMPretrainModel(student, dim, features_fn=MTO(cfg)).
 
 The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and any register tokens, default 1):
@@ -95,10 +97,10 @@ The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and
     A ViT with timm's `num_prefix_tokens` attribute has it checked against num_prefix; without it, a wrong
     num_prefix shows as a size mismatch of T inside the ViT's attention. torch.compile: compile the blocks
     (for block in vit.blocks: block.compile()) or vit.forward_features = torch.compile(vit.forward_features);
-    torch.compile(vit) compiles vit.forward, which mto_forward does not call, and mto_forward itself reads the
-    mask's counts on the host (patch_rows), which breaks a compiled graph there. MTOConfig(compile=True) compiles
-    the losses' arithmetic (one graph per loss and group size, and per mask layout: images with equal or different
-    numbers of masked patches, blocks with or without a bias).
+    torch.compile(vit) compiles vit.forward, which mto_forward does not call, and mto_forward itself reads the mask's
+    counts on the host (patch_rows) unless given mask_sizes, which breaks a compiled graph there.
+    MTOConfig(compile=True) compiles the losses' arithmetic (one graph per loss and group size, and per mask layout:
+    images with equal or different numbers of masked patches, blocks with or without a bias).
 """
 import functools
 import numbers
@@ -153,7 +155,7 @@ def recalibration_mask(mask, num_prefix: int = NUM_PREFIX):
 
 def depth_weights(depth: int, num_layers: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """(depth,) float: w_l proportional to depth - l for the first num_layers blocks, 0 after; sums to 1. Made on
-    `device` (a copy from the host to a GPU would wait for the GPU's queue: MTO's one host sync is patch_rows'), in
+    `device` (a copy from the host to a GPU would wait for the GPU's queue; MTO syncs only in mask_sizes), in
     `dtype` (the losses': float64 weights for float64 losses)."""
     if not 0 <= num_layers <= depth:
         raise ValueError(f"number of MTO loss layers must be in 0..{depth} (the ViT's depth), got {num_layers}")
@@ -173,16 +175,46 @@ class Rows(NamedTuple):
     visible_padded: bool
 
 
-def patch_rows(mask) -> Rows:
-    """(B, N) bool, True = masked -> Rows (one host sync for the paddings)."""
+class MaskSizes(NamedTuple):
+    """Python ints read off a (B, N) mask: the most masked patches of an image, the most and the fewest visible."""
+    most_masked: int
+    most_visible: int
+    fewest_visible: int
+
+
+def mask_sizes(mask) -> MaskSizes:
+    """(B, N) bool, True = masked -> MaskSizes. Read on the host: for a mask on a GPU a host sync (the host waits for
+    all the work queued before it); for the loader's CPU copy of the mask none. A trainer passes the CPU copy's to
+    mto_forward (mask_sizes=...), so MTO queues its work without waiting for the teacher's and the morphing's."""
     _check_mask(mask)
+    counts = mask.sum(dim=1)
+    most_masked, fewest_masked = torch.stack([counts.amax(), counts.amin()]).tolist()
+    return MaskSizes(most_masked, mask.shape[1] - fewest_masked, mask.shape[1] - most_masked)
+
+
+def _check_sizes(sizes, mask):
+    """sizes as MaskSizes, refused where they cannot be mask's."""
+    N = mask.shape[1]
+    if not (isinstance(sizes, tuple) and len(sizes) == 3 and all(isinstance(n, int) for n in sizes)
+            and 0 <= sizes[0] <= N and 0 <= sizes[2] <= sizes[1] <= N and sizes[0] + sizes[2] == N):
+        raise ValueError(f"mask_sizes {sizes!r} are not those of a mask of {N} patches: pass mto.mask_sizes(mask) of "
+                         f"this very mask (or of its copy on the CPU)")
+    return MaskSizes(*sizes)
+
+
+def patch_rows(mask, sizes: Optional[MaskSizes] = None) -> Rows:
+    """(B, N) bool, True = masked -> Rows. sizes: mask_sizes(mask), given by the caller (from a copy of the mask on
+    the CPU) or read here (a host sync for a mask on a GPU). Only what is checkable without reading the mask is
+    checked: sizes of another mask of N patches give wrong rows (patches beyond the given counts cut off)."""
+    _check_mask(mask)
+    sizes = mask_sizes(mask) if sizes is None else _check_sizes(sizes, mask)
     counts = torch.stack([mask.sum(dim=1), (~mask).sum(dim=1)])  # (2, B)
-    (most_masked, most_visible), (_, fewest_visible) = torch.stack([counts.amax(dim=1), counts.amin(dim=1)]).tolist()
-    M, V = max(most_masked, 1), max(most_visible, 1)
+    M, V = max(sizes.most_masked, 1), max(sizes.most_visible, 1)
     masked = mask.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :M]  # stable: ascending indices
     visible = (~mask).to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :V]
     arange = torch.arange(max(M, V), device=mask.device)
-    return Rows(masked, arange[:M] < counts[0, :, None], visible, arange[:V] < counts[1, :, None], fewest_visible < V)
+    return Rows(masked, arange[:M] < counts[0, :, None], visible, arange[:V] < counts[1, :, None],
+                sizes.fewest_visible < V)
 
 
 def _flat_rows(index, T: int):
@@ -557,10 +589,12 @@ def _depth_weighted(per_block, depth: int):
     return (per_block.mean(dim=1) * depth_weights(depth, L, per_block.device, per_block.dtype)[:L]).sum()
 
 
-def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX):
+def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX,
+                mask_sizes: Optional[MaskSizes] = None):
     """forward_features with MTO -> (tokens (B, num_prefix + N, C), {"loss_sing": scalar, "loss_ent": scalar}).
 
-    images (B, 3, H, W), mask (B, N) bool (True = masked); num_prefix: tokens before the patches (CLS, registers).
+    images (B, 3, H, W), mask (B, N) bool (True = masked); num_prefix: tokens before the patches (CLS, registers);
+    mask_sizes: mask_sizes() of the mask's copy on the CPU, so that MTO needs no host sync (not given: read here).
     The losses are the depth-weighted sums over blocks of the
     batch means of the per-image losses, not yet multiplied by the lambdas (see mto_total_loss); a loss whose lambda
     is 0 is a zero tensor and costs nothing.
@@ -585,7 +619,7 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX)
         T = num_prefix + mask.shape[1]
         allowed = mask.new_zeros(mask.shape[0], 1, T, T, dtype=torch.float32)
         allowed.masked_fill_(~recalibration_mask(mask, num_prefix), float("-inf"))
-    rows = patch_rows(mask) if sing_ids or ent_ids else None  # its host sync before the forward is queued
+    rows = patch_rows(mask, mask_sizes) if sing_ids or ent_ids else None  # without mask_sizes, a host sync
     attn_mask = [allowed] * layers + [None] * (depth - layers)
     features = vit.forward_features(images, mask, attn_mask, return_layers=sing_ids, return_qk=ent_ids)
 
@@ -611,8 +645,8 @@ class MTO:
     def __init__(self, cfg: MTOConfig, num_prefix: int = NUM_PREFIX):
         self.cfg, self.num_prefix = cfg, num_prefix
 
-    def __call__(self, vit, images, mask):
-        tokens, losses = mto_forward(vit, images, mask, self.cfg, self.num_prefix)
+    def __call__(self, vit, images, mask, mask_sizes: Optional[MaskSizes] = None):
+        tokens, losses = mto_forward(vit, images, mask, self.cfg, self.num_prefix, mask_sizes)
         return tokens, mto_total_loss(losses, self.cfg), {k: v.detach() for k, v in losses.items()}
 
 

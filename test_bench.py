@@ -488,15 +488,19 @@ def test_bench_mto_compile_reaches_the_blocks_and_the_losses_and_refuses_an_olde
 
 def test_bench_mto_step_trains_with_the_trainers_masks_and_two_levels_of_groups(monkeypatch):
     """One step: masks with the trainer's share of masked patches (75 of 196, here 6 of 16), L=2 levels of groups
-    from a schedule drawn anew every step, and num_groups that cover every group."""
-    seen, forward = [], bench_mto.dtm.DTMPretrainModel.forward
+    from a schedule drawn anew every step, and num_groups that cover every group. With MTO, the sizes of the CPU
+    mask go with it, as in train_pretrain (no host sync on a GPU)."""
+    seen, sizes, forward = [], [], bench_mto.dtm.DTMPretrainModel.forward
     monkeypatch.setattr(bench_mto.dtm.DTMPretrainModel, "forward",
-                        lambda self, images, mask, targets, groups, num_groups: seen.append((mask, groups, num_groups))
-                        or forward(self, images, mask, targets, groups, num_groups))
+                        lambda self, images, mask, targets, groups, num_groups, mask_sizes=None: (
+                            seen.append((mask, groups, num_groups)), sizes.append(mask_sizes),
+                            forward(self, images, mask, targets, groups, num_groups, mask_sizes))[-1])
     args = argparse.Namespace(model="vit_tiny", img_size=64, batch=2, device="cpu", amp="fp32", compile=False)
     step = bench_mto.make_step(args, None)
     for _ in range(3):
         step()
+    bench_mto.make_step(args, bench_mto.mto.MTOConfig())()
+    assert sizes == [None] * 3 + [(6, 10, 10)]
     assert all(mask.shape == (2, 16) and mask.sum(1).tolist() == [6, 6] for mask, _, _ in seen)
     assert not torch.equal(seen[0][0][0], seen[0][0][1])  # each image its own mask
     assert all(len(groups) == len(num_groups) == 2 for _, groups, num_groups in seen)

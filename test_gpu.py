@@ -12,8 +12,9 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
     pretrain_amp     pre-training steps of vit_b in fp32, bf16 (native only) and fp16 + GradScaler: finite losses,
                      the first step's loss equal to fp32 within the dtype's tolerance
     mto              --mto: finite, the MTO fields logged
-    mto_no_host_sync  MTO's losses of a group of blocks and their backward, under --amp auto's autocast, queue their
-                     GPU work without a host sync (torch's sync debug mode)
+    mto_no_host_sync  MTO's losses of a group of blocks and their backward, then MTO's whole forward of a ViT and its
+                     backward, under --amp auto's autocast, queue their GPU work without a host sync (torch's sync
+                     debug mode), given the sizes of the mask's CPU copy as train_pretrain passes them
     torchrun         a 1-process torchrun run (nccl on a GPU, gloo on the CPU) with the model in DDP and one
                      all_reduce: finishes, checkpoint written
     ddp_two_processes  pre-training and segmentation steps with 2 processes (torchrun; needs 2 GPUs, on the CPU 2
@@ -215,31 +216,56 @@ open({out!r} + ".backend", "a").write("ddp" if wrapped else "none")
 
 
 def check_mto_no_host_sync(device, quick, tmp):
-    """Past patch_rows (MTO's one host sync), the losses of a group of blocks and their backward queue their work
-    without waiting for the GPU (torch's sync debug mode raises at any synchronizing call). Eager losses: the compiled
-    ones are built by the two compile checks and the last MTO benchmark variant."""
+    """Given the sizes of the mask's CPU copy (mto.mask_sizes, as train_pretrain passes them), MTO queues its GPU work
+    without a host sync (torch's sync debug mode raises at any synchronizing call), under --amp auto's autocast:
+    first the losses of a group of blocks and their backward alone, then a whole MTO forward of a ViT (vit_tiny, 224
+    px) and its backward. Eager losses: the compiled ones are built by the two compile checks and the last MTO
+    benchmark variant. On the CPU the same code runs unwatched (reported as skipped)."""
     import mto
-    if not device.startswith("cuda"):
-        raise Skip("torch's sync debug mode watches CUDA's host syncs")
-    dtype = engine.resolve_amp("auto", device)[0]  # fp16 on a GPU without native bf16
+    cuda = device.startswith("cuda")
+    dtype = engine.resolve_amp("auto", device)[0] if cuda else None  # fp16 on a GPU without native bf16
     torch.manual_seed(0)
-    mask = torch.zeros(4, 196, dtype=torch.bool, device=device)
-    mask[:, ::3] = True
-    rows = mto.patch_rows(mask)
+    cpu_mask = torch.zeros(4, 196, dtype=torch.bool)
+    cpu_mask[:, ::3] = True
+    sizes, mask = mto.mask_sizes(cpu_mask), cpu_mask.to(device)
     hiddens = [torch.randn(4, 197, 64, device=device, requires_grad=True) for _ in range(3)]
     qks = [(torch.randn(4, 2, 197, 8, device=device, requires_grad=True),
             torch.randn(4, 2, 197, 8, device=device, requires_grad=True),
             torch.randn(2, 197, 197, device=device, requires_grad=True)) for _ in range(3)]
-    torch.cuda.synchronize(device)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.autocast("cuda", dtype=dtype):
+    vit = dtm.build_vit("vit_tiny", img_size=224).to(device)
+    images = torch.randn(4, 3, 224, 224, device=device)
+
+    def losses_alone():
+        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            rows = mto.patch_rows(mask, sizes)
             loss = mto.singularity_losses(hiddens, mask, rows).sum() + mto.attention_entropies(qks, mask, rows).sum()
         loss.backward()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert torch.isfinite(loss).item()
-    return {"blocks": 3, "autocast": str(dtype)}
+        return loss
+
+    def whole_forward():
+        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            tokens, losses = mto.mto_forward(vit, images, mask, mto.MTOConfig(), mask_sizes=sizes)
+            loss = tokens.float().square().mean() + mto.mto_total_loss(losses, mto.MTOConfig())
+        loss.backward()
+        return loss
+
+    results = {}
+    for name, queue in (("losses_alone", losses_alone), ("whole_mto_forward", whole_forward)):
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            results[name] = queue()
+        except RuntimeError as e:
+            raise RuntimeError(f"{name}: {e}") from e
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+    if not all(torch.isfinite(loss).item() for loss in results.values()):
+        raise AssertionError(f"non-finite losses: {results}")
+    if not cuda:
+        raise Skip("torch's sync debug mode watches CUDA's host syncs (the code ran, unwatched)")
+    return {"checked": list(results), "autocast": str(dtype)}
 
 
 def check_torchrun(device, quick, tmp):

@@ -113,6 +113,41 @@ def test_full_recalibration_makes_visible_tokens_independent_of_mask_token():
     assert (partial[visible] - partial_after[visible]).abs().amax() > 1e-4
 
 
+def host_reads(monkeypatch) -> list:
+    """Records every read of a tensor's value by the host (on a GPU each waits for all the work queued before it)."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "numpy"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: (
+            reads.append(_name), _real(self, *a))[1])
+    return reads
+
+
+def test_with_the_cpu_masks_sizes_mto_reads_no_tensor_on_the_host(monkeypatch):
+    """A trainer passes mask_sizes of the loader's CPU mask (train_pretrain, bench_mto): MTO's forward and backward then
+    read no tensor value on the host. Without them patch_rows read the counts off the GPU's mask, so the host waited
+    for the teacher and the morphing before it could queue the student. Same tokens, losses and gradients."""
+    model, x = tiny_vit(), images(4)
+    for mask in (masks_with_edge_cases(), random_mask(4, seed=3)):
+        counts = mask.sum(dim=1).tolist()
+        sizes = mto.mask_sizes(mask)
+        assert sizes == (max(counts), N - min(counts), N - max(counts))
+        results = []
+        for given in (sizes, None):
+            model.zero_grad()
+            reads = host_reads(monkeypatch)
+            tokens, losses = mto.mto_forward(model, x, mask, mto.MTOConfig(), mask_sizes=given)
+            (tokens.square().mean() + mto.mto_total_loss(losses, mto.MTOConfig())).backward()
+            monkeypatch.undo()
+            assert reads == ([] if given else ["tolist"])
+            results.append([tokens, *losses.values(), *(p.grad for p in model.parameters())])
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+    for wrong in ((5, 11, 12), (17, 0, -1), [6, 10, 10], (6.0, 10, 10)):  # not those of any mask of 16 patches
+        with pytest.raises(ValueError, match="are not those of a mask of 16 patches: pass mto.mask_sizes"):
+            mto.patch_rows(random_mask(), wrong)
+
+
 # ---------------------------------------------------------------------------------------------------
 # MTO off / no-op configurations are the plain forward
 

@@ -837,15 +837,20 @@ def test_the_loss_flag_reaches_the_model():
         assert tp.build_model(tp.parse_args(argv), CPU)[0].loss == loss
 
 
-def test_the_mto_flags_reach_the_model_and_its_logged_losses(image_folder, tmp_path):
+def test_the_mto_flags_reach_the_model_and_its_logged_losses(image_folder, tmp_path, monkeypatch):
     """--mto_layers, --mto_lambda_*, --mto_*_layers reach the MTO of the model; the log line's loss is the DTM loss
-    plus the lambdas times the logged MTO losses."""
+    plus the lambdas times the logged MTO losses. MTO gets the mask's sizes from the trainer (read off the loader's
+    CPU mask: no host sync on a GPU), the right ones."""
     flags = ["--mto", "--mto_layers", "1", "--mto_lambda_sing", "0.3", "--mto_lambda_ent", "0.2",
              "--mto_sing_layers", "2", "--mto_ent_layers", "3"]
     model, _ = tp.build_model(tp.parse_args(["--teacher", "pixels", *TINY, *flags]), CPU)
     assert model.features_fn.cfg == mto.MTOConfig(layers=1, lambda_sing=0.3, lambda_ent=0.2, sing_layers=2,
                                                   ent_layers=3)
+    patch_rows, given = mto.patch_rows, []
+    monkeypatch.setattr(mto, "patch_rows", lambda mask, sizes=None: (
+        given.append((sizes, mto.mask_sizes(mask))), patch_rows(mask, sizes))[1])
     tp.main(tiny_argv(image_folder, tmp_path, *flags, "--max_steps", "2"))
+    assert len(given) == 2 and all(sizes is not None and sizes == real for sizes, real in given)
     lines = [r for r in read_log(tmp_path / engine.LOG) if "loss" in r]
     assert len(lines) == 2
     for r in lines:

@@ -257,8 +257,10 @@ def warn_fixed_schedule(args, d):
                 f"{n} (rounds {schedule}): {'; '.join(why)}")
 
 
-def train_micro_step(model, teacher, images, mask, args, micro_step, d: engine.Dist, amp_dtype, scaler, timer):
-    """Teacher targets, L morphing levels, student forward + backward of one micro-batch -> (stats, [G per level])."""
+def train_micro_step(model, teacher, images, mask, args, micro_step, d: engine.Dist, amp_dtype, scaler, timer,
+                     mask_sizes=None):
+    """Teacher targets, L morphing levels, student forward + backward of one micro-batch -> (stats, [G per level]).
+    mask_sizes: --mto's mto.mask_sizes of the mask's CPU copy (None: read from the mask, a host sync on a GPU)."""
     engine.seed_step(args.seed, micro_step, d.rank)  # drop path, the random split of Algorithm 1
     rank = (d.rank,) if args.schedules == "per_rank" else ()  # --schedules shared: the same draws on every rank
     schedule_rng = random.Random(engine.seed_of("schedule", args.seed, micro_step, *rank))
@@ -277,7 +279,7 @@ def train_micro_step(model, teacher, images, mask, args, micro_step, d: engine.D
     num_groups = [morph.num_groups_after(num_patches, s, args.split) for s in schedules]
     timer.lap("morph_s")
     with engine.autocast(d, amp_dtype):
-        loss, stats = model(images, mask, targets, groups, num_groups)
+        loss, stats = model(images, mask, targets, groups, num_groups, mask_sizes=mask_sizes)
     engine.backward(loss / args.accum_iter, scaler)
     timer.lap("student_s")
     return stats, num_groups
@@ -371,11 +373,13 @@ def train(args, d: engine.Dist) -> dict:
         for micro in range(args.accum_iter):
             images, mask, skipped = next(batches)
             unreadable.add(skipped)
+            mask_sizes = mto.mask_sizes(mask) if args.mto else None  # off the CPU copy: no host sync
             images = images.to(d.device, non_blocking=True)
             mask = mask.to(d.device, non_blocking=True)
             with engine.grad_sync(ddp_model, last_micro=micro == args.accum_iter - 1):
                 stats, num_groups = train_micro_step(ddp_model, teacher, images, mask, args,
-                                                     step * args.accum_iter + micro, d, amp_dtype, scaler, timer)
+                                                     step * args.accum_iter + micro, d, amp_dtype, scaler, timer,
+                                                     mask_sizes)
             loss_names = [k for k in stats if k.startswith("loss")]  # loss, loss_level{i} (+ MTO's parts)
             values = torch.stack([stats[k] for k in loss_names])
             if saved_window is not None:  # resumed between two log lines: the sums of the steps before the stop
