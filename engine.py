@@ -772,14 +772,28 @@ def from_checkpoint_unless_given(args, parser, argv, names):
             setattr(args, name, None)
 
 
+def _data_flags(saved: dict, flags: list) -> str:
+    """A run's own data flags, as they were passed (for a message)."""
+    return " ".join(f"--{f} {shlex.quote(str(saved[f]))}" for f in flags if saved.get(f) is not None) or "see its args"
+
+
 def refuse_demo_eval(args, saved: dict, path: str, flags: list, how: str):
     """--eval without data evaluates on the demo's built-in images: refused for a checkpoint of a run on real data
     (it would fail on the classes, or measure nothing), quoting the run's own data flags; `how`: the flags to pass."""
     if args.demo and saved.get("demo") is False:
-        given = " ".join(f"--{f} {shlex.quote(str(saved[f]))}" for f in flags if saved.get(f) is not None)
-        raise ValueError(f"--eval {path!r} was trained on real data ({given or 'see its args'}) and no validation data "
-                         f"is given, so the demo's built-in images would be evaluated: pass the validation data "
+        raise ValueError(f"--eval {path!r} was trained on real data ({_data_flags(saved, flags)}) and no validation "
+                         f"data is given, so the demo's built-in images would be evaluated: pass the validation data "
                          f"({how})")
+
+
+def refuse_demo_resume(args, saved: dict, resumed: str, flags: list, how: str):
+    """A launch without data is the demo: refused where it would continue a run on real data (a relaunch that forgot
+    --data went on training that run on the demo's built-in images, or was told to start over: --fresh, which would
+    delete its checkpoint), quoting the run's own data flags; `how`: the flags to pass."""
+    if args.demo and saved.get("demo") is False:
+        raise ValueError(f"{run_name(args, resumed)} holds a run on real data ({_data_flags(saved, flags)}); without "
+                         f"data this launch is the demo, which would continue that run on its built-in images: pass "
+                         f"the run's data ({how}) to continue it, or another --output_dir for the demo")
 
 
 def take_from_checkpoint(args, saved: dict, names, path: str, must_agree: bool = True):

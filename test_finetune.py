@@ -639,6 +639,12 @@ def test_image_folder_data_flags(tmp_path):
         tf.main(["--eval", str(out / "checkpoint-best.pth"), "--output_dir", str(tmp_path / "eval")])
     assert tf.main(["--eval", str(out / "checkpoint-best.pth"), "--data", str(tmp_path), "--num_workers", "0",
                     "--output_dir", str(tmp_path / "eval")])["count"] == 2
+    # a relaunch that forgot --data was the demo: it called the run a demo run and offered --fresh, which deleted it
+    with pytest.raises(ValueError, match=f"transfer holds a run on real data \\(--data {tmp_path}\\); without data "
+                                         f"this launch is the demo.*\\(--data, or --data_train and --data_val\\) "
+                                         f"to continue it, or another --output_dir for the demo$"):
+        tf.main(["--output_dir", str(out)])
+    assert torch.load(out / "checkpoint-last.pth", weights_only=False)["classes"] == ["cat", "dog"]
     with pytest.raises(ValueError, match="--num_classes 3 but the data has 2 classes"):  # ignored by --eval before
         tf.main(["--eval", str(out / "checkpoint-best.pth"), "--data", str(tmp_path), "--num_classes", "3",
                  "--output_dir", str(tmp_path / "eval")])

@@ -4,6 +4,7 @@ import inspect
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -857,6 +858,21 @@ def test_the_mto_flags_reach_the_model_and_its_logged_losses(image_folder, tmp_p
         assert r["loss_dtm"] == pytest.approx((r["loss_level0"] + r["loss_level1"]) / 2, rel=1e-5)
         assert r["loss"] == pytest.approx(r["loss_dtm"] + 0.3 * r["loss_sing"] + 0.2 * r["loss_ent"], rel=1e-5)
         assert r["loss_sing"] != 0 and r["loss_ent"] > 0
+
+
+def test_a_relaunch_that_forgot_data_does_not_continue_a_real_run_on_the_demos_images(image_folder, tmp_path):
+    """Without --data a launch is the demo: into the folder of a run on real data it went on training that run on
+    the demo's built-in images (printing only "--data ... -> None" among the changed settings). Refused, naming the
+    run's --data, and the run is left as it was."""
+    tp.main(tiny_argv(image_folder, tmp_path, "--max_steps", "2"))
+    saved = torch.load(tmp_path / engine.LAST, weights_only=False)
+    without_data = tiny_argv(image_folder, tmp_path)[2:]
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))} holds a run on real data \\(--data "
+                                         f"{re.escape(image_folder)}\\); without data this launch is the demo, which "
+                                         f"would continue that run on its built-in images: pass the run's data "
+                                         f"\\(--data\\) to continue it, or another --output_dir for the demo$"):
+        tp.main(without_data)
+    assert torch.load(tmp_path / engine.LAST, weights_only=False)["step"] == saved["step"] == 2
 
 
 def test_levels_with_a_fixed_schedule_and_the_default_max_merged(monkeypatch):

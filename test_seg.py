@@ -682,6 +682,9 @@ def test_eval_checks_given_head_settings_against_a_checkpoint_that_used_the_defa
                                          "--val_img_dir and --val_ann_dir\\)"):
         train_seg.main(["--eval", path, "--output_dir", str(tmp_path / "e")])
     train_seg.main(val)  # what the message asks for works
+    with pytest.raises(ValueError, match="run holds a run on real data \\(--img_dir .*d/img --ann_dir .*d/ann "
+                                         "--val_img_dir .*--num_classes 3\\); without data this launch is the demo"):
+        train_seg.main(["--output_dir", str(tmp_path / "run")])  # a relaunch that forgot the data: not the demo
     # vit_tiny has one valid pyramid; for vit_b a None record resolves to BEiT's blocks, so another one would differ
     assert train_seg.head_settings({"model": "vit_b", "channels": None, "out_indices": None}) == {
         "channels": 768, "out_indices": [3, 5, 7, 11]}

@@ -309,6 +309,7 @@ def train(args, d: engine.Dist) -> dict:
         checkpoint = engine.load_checkpoint(resume_path, "dtm_pretrain", hint="; pre-training continues its own runs "
                                             "only (to distil from a ViT checkpoint pass --teacher ckpt:PATH)",
                                             auto=args.resume == "auto")
+        engine.refuse_demo_resume(args, checkpoint["args"], resume_path, ["data"], "--data")
     set_schedule(args, checkpoint.get("args"))
     if args.demo:
         targets = "per-patch normalized pixels" if args.teacher == "pixels" else f"the features of {args.teacher}"

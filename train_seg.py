@@ -744,6 +744,9 @@ def train(args, d):
     if resume_path is not None:
         resume = engine.load_checkpoint(resume_path, "dtm_seg", hint="; to start from other weights use --init PATH",
                                         auto=args.resume == "auto")
+        engine.refuse_demo_resume(args, resume["args"], resume_path,
+                                  ["data", "img_dir", "ann_dir", "val_img_dir", "val_ann_dir", "num_classes"],
+                                  "--data, or --img_dir, --ann_dir, --val_img_dir and --val_ann_dir")
     set_schedule(args, resume["args"] if resume_path is not None else None)
     engine.seed_all(args.seed)  # the same initial weights on every rank
     train_set, val_set, class_names = build_datasets(args)
