@@ -209,6 +209,10 @@ def test_feature_pyramid_and_head_shapes():
     torch.testing.assert_close(model(x), logits)
     with pytest.raises(ValueError, match="out_indices"):
         train_seg.ViTUperNet(backbone(64), 7, out_indices=[0, 1, 2, 2])
+    # --crop_size is checked for patch 16; an --init checkpoint of patch 32 at a 32 crop failed in the pyramid's pool
+    small_grid = dtm.build_vit("vit_tiny", img_size=32, patch_size=32, use_mask_token=False)
+    with pytest.raises(ValueError, match="a 32x32 crop in patches of 32 gives 1x1: pass --crop_size 64 or more"):
+        train_seg.ViTUperNet(small_grid, 7)
 
 
 def test_pyramid_levels_are_beits_and_the_head_drops_out_in_training():
