@@ -170,10 +170,10 @@ class ViTUperNet(nn.Module):
             raise ValueError(f"the feature pyramid (strides patch / 4, / 2, x 1, x 2) needs a patch size divisible "
                              f"by 4, got {backbone.patch_size}")
         if min(backbone.grid) < 2:  # --crop_size is checked for patch 16; a checkpoint may bring another patch size
+            (H, W), patch = backbone.img_size, backbone.patch_size
             raise ValueError(f"the feature pyramid pools the ViT's patch grid by 2, so it needs 2x2 patches at least; "
-                             f"a {backbone.img_size[0]}x{backbone.img_size[1]} crop in patches of {backbone.patch_size} "
-                             f"gives {backbone.grid[0]}x{backbone.grid[1]}: pass --crop_size "
-                             f"{2 * backbone.patch_size} or more")
+                             f"a {H}x{W} crop in patches of {patch} gives {H // patch}x{W // patch}: pass --crop_size "
+                             f"{2 * patch} or more")
         out_indices = list(out_indices) if out_indices else default_out_indices(backbone.depth)
         if (len(out_indices) != 4 or sorted(set(out_indices)) != out_indices
                 or out_indices[0] < 0 or out_indices[-1] != backbone.depth - 1):
