@@ -9,8 +9,9 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
     amp_choice       --amp auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp16 + GradScaler
     autocast_fp32    PixelTeacher's targets and token morphing's groups under CUDA autocast (bf16, fp16) equal
                      those without it; the random split with a CPU generator gives the CPU's groups
-    pretrain_amp     pre-training steps of vit_b in fp32, bf16 (native only) and fp16 + GradScaler: finite losses,
-                     the first step's loss equal to fp32 within the dtype's tolerance
+    pretrain_amp     pre-training steps of vit_b in fp32, bf16 (native only) and fp16 + GradScaler: the Linear
+                     layers in that dtype, a loss scale logged with fp16 only, finite losses, the first step's loss
+                     and the first comparable gradient norm (unscaled) equal to fp32's within tolerance
     mto              --mto: finite, the MTO fields logged
     mto_no_host_sync  MTO's losses of a group of blocks and their backward, then MTO's whole forward of a ViT and its
                      backward, under --amp auto's autocast, queue their GPU work without a host sync (torch's sync
@@ -18,7 +19,8 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
     torchrun         a 1-process torchrun run (nccl on a GPU, gloo on the CPU) with the model in DDP and one
                      all_reduce: finishes, checkpoint written
     ddp_two_processes  pre-training and segmentation steps with 2 processes (torchrun; needs 2 GPUs, on the CPU 2
-                     gloo processes): engine.ddp's DDP over nccl, the ranks' object collectives, SyncBatchNorm
+                     gloo processes): engine.ddp's DDP over nccl, the ranks' object collectives, SyncBatchNorm,
+                     equal weights on both ranks after training
     finetune         fine-tuning steps and the distributed-exact evaluation
     seg              segmentation steps and the sliding-window evaluation
     throughput       images/s and peak memory of a ViT-B pre-training step (CLIP ViT-B/16-sized teacher, random
@@ -33,9 +35,11 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
                      bf16 (native only) and fp16, equal to the math kernel: in training (forward and backward; the
                      relative position tables get their gradient only through SDPA's bias gradient) in the kernel SDPA
                      picks (named in the report; it must be the memory-efficient one) and in the memory-efficient
-                     kernel (forced); without gradient (evaluation) and the CLIP teacher's maskless attention in the
-                     kernels SDPA picks (named; the teacher's may be flash's or cuDNN's)
-    compile          --compile: one graph shared by all blocks, finite losses, first-step loss equal to the eager run's
+                     kernel (forced); without gradient (evaluation, with N(0, 1) tables: a fresh model's zeros would
+                     hide a dropped bias) and the CLIP teacher's maskless attention in the kernels SDPA picks (named;
+                     the teacher's may be flash's or cuDNN's)
+    compile          --compile: one graph shared by all blocks, finite losses, first-step loss and first comparable
+                     gradient norm equal to the eager run's
     bench_mto_whole_step  bench_mto's DTM and MTO's defaults, eager and with its losses compiled, with --teacher clip:
                      MTO's overhead over the whole step
     compile_mto_grad_checkpoint  as compile, with --grad_checkpoint and --mto (ViT-L's memory lever on a V100); on a GPU
@@ -95,15 +99,47 @@ TINY_PRETRAIN = ["--model", "vit_tiny", "--img_size", "64", "--batch_size", "4",
                  "--min_block", "2"]
 
 
-def pretrain_run(out, device, quick, *extra):
-    """A few logged pre-training steps on the built-in images -> the log's lines."""
+def pretrain_run(out, device, quick, *extra, linear_dtypes=None):
+    """A few logged pre-training steps on the built-in images -> the log's lines. linear_dtypes: a set that collects
+    the dtypes of every nn.Linear's output (autocast's, where it is on)."""
     size = TINY_PRETRAIN if quick else \
         ["--model", "vit_b", "--img_size", "224", "--batch_size", "32", "--num_masked", "75", "--min_block", "16"]
     argv = [*size, "--max_steps", "3", "--log_every", "1", "--num_workers", "2", "--output_dir", str(out),
             "--drop_path", "0", "--seed", "0", *extra]
-    train_pretrain.main(argv)
+    hook = None if linear_dtypes is None else torch.nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: linear_dtypes.add(str(output.dtype).replace("torch.", ""))
+        if isinstance(module, torch.nn.Linear) else None)
+    try:
+        train_pretrain.main(argv)
+    finally:
+        if hook is not None:
+            hook.remove()
     with open(os.path.join(out, engine.LOG)) as f:
         return [json.loads(line) for line in f if '"loss"' in line]
+
+
+GRAD_NORM_TOLERANCE = 0.1  # relative; faults it caught on the CPU: 6e4 times (fp16 clipped unscaled), 30% (a compiled
+# backward that lost the blocks' input gradients); honest bf16 differences of ViT-B's gradients were under 1e-2 there
+
+
+def first_grad_norms(a: list, b: list):
+    """Two runs' log lines -> (step, grad_norm of a, of b) at the first step where both are finite while the weights
+    are still equal (each step before it at lr 0, the warmup's first: an fp16 step whose gradients overflowed is
+    skipped), or None."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if i and (a[i - 1]["lr"] or b[i - 1]["lr"]):
+            return None
+        if x.get("grad_norm") is not None and y.get("grad_norm") is not None:
+            return i, x["grad_norm"], y["grad_norm"]
+    return None
+
+
+def assert_grad_norms_agree(a: list, b: list, what: str):
+    found = first_grad_norms(a, b)
+    if found is not None:
+        step, x, y = found
+        assert abs(x / y - 1) < GRAD_NORM_TOLERANCE, f"{what}: step {step}'s gradient norm {x:.6g} against {y:.6g}"
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,19 +196,30 @@ def deterministic():
 
 
 def check_pretrain_amp(device, quick, tmp):
-    first = {}
+    """Per --amp: the student's (and head's) Linear layers compute in its dtype, a GradScaler with fp16 only (its
+    logged loss_scale); finite losses; the first step's loss and the first comparable step's gradient norm
+    (unscaled, before clipping) equal to fp32's within tolerance."""
+    first, runs, dtypes = {}, {}, {}
     for amp in ("fp32", "bf16", "fp16"):
         if amp == "fp16" and not device.startswith("cuda"):
             continue
         if amp == "bf16" and device.startswith("cuda") and not engine.native_bf16(device):
             continue
-        lines = pretrain_run(os.path.join(tmp, f"amp_{amp}"), device, quick, "--amp", amp)
+        dtypes[amp] = set()
+        runs[amp] = lines = pretrain_run(os.path.join(tmp, f"amp_{amp}"), device, quick, "--amp", amp,
+                                         linear_dtypes=dtypes[amp])
         assert len(lines) == 3 and all(math.isfinite(r["loss"]) for r in lines), lines
         first[amp] = lines[0]["loss"]
+        expected = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[amp]
+        assert dtypes[amp] == {expected}, f"--amp {amp}: the Linear layers computed in {sorted(dtypes[amp])}"
+        assert all(("loss_scale" in r) == (amp == "fp16") for r in lines), f"--amp {amp}: GradScaler or not: {lines}"
+    grad_norms = {}
     for amp, loss in first.items():
         if amp != "fp32":
             assert abs(loss / first["fp32"] - 1) < TOLERANCE[amp], (amp, loss, first["fp32"])
-    return {"first_loss": first}
+            grad_norms[amp] = assert_grad_norms_agree(runs[amp], runs["fp32"], f"--amp {amp} against fp32")
+    return {"first_loss": first, "first_grad_norm (step, amp, fp32)": grad_norms,
+            "linear_dtypes": {amp: sorted(d) for amp, d in dtypes.items()}}
 
 
 def check_mto(device, quick, tmp):
@@ -293,10 +340,12 @@ import engine
 import {trainer}
 
 ddp = engine.ddp
+models = []
 
 
 def recorded(model, d):
     wrapped = ddp(model, d)
+    models.append((model, d.rank))
     if d.rank == 0:
         norms = sorted({{type(m).__name__ for m in model.modules()
                          if isinstance(m, torch.nn.modules.batchnorm._NormBase)}})
@@ -308,6 +357,9 @@ def recorded(model, d):
 
 engine.ddp = recorded
 {trainer}.main(sys.argv[1:])
+model, rank = models[-1]  # each rank's own weights after training: DDP's averaged gradients keep them equal
+checksum = sum(p.detach().double().sum().item() for p in model.parameters())
+open({out!r} + f".rank{{rank}}.sum", "w").write(repr(checksum))
 """
 
 
@@ -332,7 +384,13 @@ def check_ddp_two_processes(device, quick, tmp):
         assert record == {"world_size": 2, "backend": "nccl" if cuda else "gloo", "norms": norms, "ddp": True}, \
             (trainer, record)
         assert torch.load(os.path.join(out, engine.LAST))["step"] == 2, trainer
-        details[trainer] = record
+        checksums = []
+        for rank in range(2):
+            with open(f"{out}.rank{rank}.sum") as f:
+                checksums.append(float(f.read()))
+        assert abs(checksums[0] - checksums[1]) <= 1e-9 * abs(checksums[0]), \
+            f"{trainer}: the ranks' weights differ after training (parameter sums {checksums})"
+        details[trainer] = {**record, "parameter_sums": checksums}
     return details
 
 
@@ -584,11 +642,29 @@ def check_sdpa(device, quick, tmp):
     if cuda and not engine.native_bf16(device):  # below sm80 SDPA's memory-efficient kernel takes no bf16
         del dtypes["bf16"]
 
+    @contextlib.contextmanager
+    def trained_like_tables():
+        """Fixed N(0, 1) relative position tables for a block: a fresh model's are zeros, so in evaluation (no mask)
+        a kernel that dropped the bias passed (in training the tables' gradients show it)."""
+        tables = [m.table for m in model.modules() if isinstance(m, dtm.RelativePositionBias)]
+        saved = [t.detach().clone() for t in tables]
+        with torch.no_grad():
+            for i, t in enumerate(tables):
+                t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(i)))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, old in zip(tables, saved):
+                    t.copy_(old)
+
     def run(backend, dtype, attn_mask, train=True):
-        """tokens (and the compared gradients in training) with SDPA restricted to `backend` (None: SDPA's choice)."""
+        """tokens (and the compared gradients in training) with SDPA restricted to `backend` (None: SDPA's choice);
+        without gradient (evaluation) with trained_like_tables."""
         model.zero_grad()
         with (sdpa_kernel([backend]) if backend else contextlib.nullcontext()), torch.set_grad_enabled(train), \
-                torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+                torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None), \
+                (contextlib.nullcontext() if train else trained_like_tables()):
             tokens = model.forward_features(images, mask, attn_mask).tokens.float()
         if not train:
             return tokens, {}
@@ -643,7 +719,7 @@ COMPUTE_PARTS = ("teacher_s", "morph_s", "student_s", "optimizer_s")  # a logged
 
 def compiled_against_eager(device, quick, tmp, *flags):
     """Pre-training steps with `flags`, eager and with --compile: one graph shared by all blocks, finite losses, the
-    first step's loss equal to the eager run's; the figures of both."""
+    first step's loss and the first comparable gradient norm equal to the eager run's; the figures of both."""
     from torch._dynamo.utils import counters, guard_failures
     tag = "".join(flags).replace("-", "_")
     eager = pretrain_run(os.path.join(tmp, f"eager{tag}"), device, quick, *flags)
@@ -667,6 +743,7 @@ def compiled_against_eager(device, quick, tmp, *flags):
         f"{graphs} graphs for the blocks (expected one, shared by all blocks): {details}"
     assert all(math.isfinite(r["loss"]) for r in compiled), details
     assert abs(compiled[0]["loss"] / eager[0]["loss"] - 1) < 3e-2, details
+    details["first_grad_norm (step, compiled, eager)"] = assert_grad_norms_agree(compiled, eager, "compiled, eager")
     return details
 
 
@@ -689,6 +766,20 @@ def graphs_expected(graphs, recompiles, flags, device) -> bool:
     changed: num_threads"; setting the count once with torch.set_num_threads did not avoid it)."""
     backward_thread = "--grad_checkpoint" in flags and device.startswith("cuda")
     return graphs == 1 or (backward_thread and graphs == 2 and len(recompiles) == 1 and "num_threads" in recompiles[0])
+
+
+def test_grad_norms_are_compared_at_the_first_step_both_runs_took_from_the_same_weights():
+    """pretrain_amp and compile compare a gradient norm (a GradScaler that clipped scaled gradients, or a compiled
+    backward that lost gradients, left the first loss as it was): step 0's, or where an fp16 step overflowed (null,
+    skipped) the next one's, while every step before it had lr 0; never after the weights moved."""
+    def lines(*pairs):
+        return [{"lr": lr, "grad_norm": norm} for lr, norm in pairs]
+    assert first_grad_norms(lines((0, 1.0), (1e-5, 2.0)), lines((0, 1.1), (1e-5, 2.0))) == (0, 1.0, 1.1)
+    assert first_grad_norms(lines((0, None), (1e-5, 2.0)), lines((0, 1.1), (1e-5, 2.5))) == (1, 2.0, 2.5)
+    assert first_grad_norms(lines((1e-5, None), (1e-5, 2.0)), lines((1e-5, 1.1), (1e-5, 2.5))) is None
+    with pytest.raises(AssertionError, match="fp16: step 0's gradient norm 6592 against 0.1006"):
+        assert_grad_norms_agree(lines((0, 6592.0)), lines((0, 0.1006)), "fp16")
+    assert assert_grad_norms_agree(lines((0, 0.105)), lines((0, 0.1)), "bf16") == (0, 0.105, 0.1)
 
 
 def test_graphs_expected_allow_the_backward_threads_graph_only_on_a_gpu_with_grad_checkpoint():
@@ -1149,8 +1240,9 @@ def test_out_of_memory_is_torchs_error_or_a_runtime_errors_failed_allocation():
     assert not out_of_memory(AssertionError("loss nan after out of memory retry"))  # a failure, not a figure
 
 
-def fake_torchrun(records):
-    """run_child for check_ddp_two_processes: writes the record `records(trainer)` and a step-2 checkpoint."""
+def fake_torchrun(records, sums=(5.0, 5.0)):
+    """run_child for check_ddp_two_processes: writes the record `records(trainer)`, the ranks' parameter sums and a
+    step-2 checkpoint."""
     def run(argv, timeout, **kwargs):
         helper, out = argv[5], argv[argv.index("--output_dir") + 1]
         source = open(helper).read()
@@ -1159,6 +1251,9 @@ def fake_torchrun(records):
         assert f"{trainer}.main(sys.argv[1:])" in source and repr(out) + ' + ".json"' in source
         with open(out + ".json", "w") as f:
             json.dump(records(trainer), f)
+        for rank, checksum in enumerate(sums):
+            with open(f"{out}.rank{rank}.sum", "w") as f:
+                f.write(repr(checksum))
         os.makedirs(out, exist_ok=True)
         torch.save({"step": 2}, os.path.join(out, engine.LAST))
         return subprocess.CompletedProcess(argv, 0, "", "")
@@ -1179,7 +1274,11 @@ def test_two_process_check_reads_each_trainers_record(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sys.modules[__name__], "run_child", fake_torchrun(cpu))
     details = check_ddp_two_processes("cpu", True, fresh("cpu"))
-    assert details == {"train_pretrain": cpu("train_pretrain"), "train_seg": cpu("train_seg")}
+    assert details == {t: {**cpu(t), "parameter_sums": [5.0, 5.0]} for t in ("train_pretrain", "train_seg")}
+    monkeypatch.setattr(sys.modules[__name__], "run_child", fake_torchrun(cpu, sums=(5.0, 5.0001)))
+    with pytest.raises(AssertionError, match=r"train_pretrain: the ranks' weights differ after training \(parameter "
+                                             r"sums \[5.0, 5.0001\]\)"):
+        check_ddp_two_processes("cpu", True, fresh("ranks_differ"))
     for wrong in ({"backend": "nccl"}, {"norms": []}, {"world_size": 1}, {"ddp": False}):
         monkeypatch.setattr(sys.modules[__name__], "run_child", fake_torchrun(lambda t: {**cpu(t), **wrong}))
         with pytest.raises(AssertionError):
@@ -1203,8 +1302,9 @@ def test_compiled_against_eager_counts_the_compiled_runs_graphs_only_and_bounds_
         compiled = "--compile" in extra
         if compiled:
             counters["stats"]["unique_graphs"] += case["graphs"] + case.get("loss_graphs", 0)
-        loss = case["ratio"] if compiled else 1.0
-        return [{"loss": loss, "img_per_s": 10.0, **{k: 0.25 for k in COMPUTE_PARTS}, "data_s": 5.0}] * 3
+        loss, norm = (case["ratio"], case.get("norm", 1.0)) if compiled else (1.0, 1.0)
+        return [{"loss": loss, "grad_norm": norm, "lr": 0.0, "img_per_s": 10.0, **{k: 0.25 for k in COMPUTE_PARTS},
+                 "data_s": 5.0}] * 3
 
     monkeypatch.setattr(sys.modules[__name__], "pretrain_run", run)
     counters["stats"]["unique_graphs"] += 4  # an earlier compile check's graphs: not this one's
@@ -1213,6 +1313,10 @@ def test_compiled_against_eager_counts_the_compiled_runs_graphs_only_and_bounds_
         details = compiled_against_eager("cpu", True, str(tmp_path), "--mto")
         assert details["graphs"] == 1 and details["compute_s_last"] == {"eager": 1.0, "compiled": 1.0}
         assert details["first_loss"] == {"eager": 1.0, "compiled": 1.02}
+        case.update(norm=0.7)  # a compiled backward that lost gradients: the first loss is the eager one's
+        with pytest.raises(AssertionError, match="compiled, eager: step 0's gradient norm 0.7 against 1"):
+            compiled_against_eager("cpu", True, str(tmp_path), "--mto")
+        case.update(norm=1.05)
         monkeypatch.setattr(sys.modules[__name__], "mto_loss_graphs", lambda: 3)  # --mto --compile: MTO's losses
         case.update(loss_graphs=3)
         details = compiled_against_eager("cpu", True, str(tmp_path), "--mto")
