@@ -1412,6 +1412,11 @@ def test_a_layer_scale_of_0_leaves_the_residual_branches_unscaled_as_beit():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     vit = dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, layer_scale_init=0.0)
     assert not any("gamma" in name for name in vit.state_dict())
+    # a checkpoint without gammas (--layer_scale 0, BEiT's) loads as such, not refused for missing gamma keys
+    loaded, fresh = dtm.vit_from_checkpoint({"model": vit.state_dict(), "args": {"model": "vit_tiny"}}, IMG)
+    x = torch.randn(1, 3, IMG, IMG)
+    assert fresh == [] and loaded.blocks[0].gamma_1 is None
+    assert torch.equal(loaded.eval().forward_features(x).tokens, vit.eval().forward_features(x).tokens)
 
 
 def test_wrong_mask_shapes_block_indices_and_attn_mask_lists_are_refused():

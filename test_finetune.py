@@ -164,6 +164,7 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="--batch_size 15 is odd.*--mixup 0 --cutmix 0"):
         tf.main(TINY_RUN + ["--batch_size", "15"])
     assert tf.parse_args(TINY_RUN + ["--batch_size", "15", "--mixup", "0", "--cutmix", "0"]).batch_size == 15
+    assert tf.parse_args(["--eval", "ckpt.pth", "--batch_size", "15"]).batch_size == 15  # evaluation mixes nothing
 
 
 def test_a_checkpoint_without_position_tables_is_noted(tmp_path, capsys):
@@ -323,6 +324,8 @@ def test_rand_augment_flag():
     increasing = data.FinetuneTransform(32, **tf.parse_rand_augment("rand-m9-mstd0.5-inc1")).rand_augment.ops
     assert original == list(data.RAND_OPS) and increasing == list(data.RAND_INCREASING_OPS)
     assert tf.parse_rand_augment("rand-m10")["rand_magnitude"] == 10.0
+    assert tf.parse_rand_augment("rand-m9-mstd100")["rand_magnitude_std"] == 100.0  # the largest accepted
+    assert tf.parse_args(["--reprob", "1"]).reprob == 1.0  # [0, 1], both ends
     with pytest.raises(ValueError, match="magnitude 99 is above 10, the strongest level .* use m0..m10"):
         tf.parse_rand_augment("rand-m99")  # accepted before: clipped to 10 without a word
 

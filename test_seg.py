@@ -209,6 +209,9 @@ def test_feature_pyramid_and_head_shapes():
     torch.testing.assert_close(model(x), logits)
     with pytest.raises(ValueError, match="out_indices"):
         train_seg.ViTUperNet(backbone(64), 7, out_indices=[0, 1, 2, 2])
+    deeper = dtm.build_vit("vit_tiny", img_size=64, depth=6, use_mask_token=False)  # blocks 4, 5 would get no gradient
+    with pytest.raises(ValueError, match=r"ending with the last block \(5\), got \[0, 1, 2, 3\]"):
+        train_seg.ViTUperNet(deeper, 7, out_indices=[0, 1, 2, 3])
     # --crop_size is checked for patch 16; an --init checkpoint of patch 32 at a 32 crop failed in the pyramid's pool
     small_grid = dtm.build_vit("vit_tiny", img_size=32, patch_size=32, use_mask_token=False)
     with pytest.raises(ValueError, match="a 32x32 crop in patches of 32 gives 1x1: pass --crop_size 64 or more"):
@@ -569,6 +572,11 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
                                    "--eval", os.path.join(full_dir, "checkpoint-best.pth.step4")])
     with pytest.raises(ValueError, match="--stride 40 is larger than the crop size 32 .* pass --stride 24"):
         train_seg.main(["--stride", "40", "--output_dir", full_dir,
+                        "--eval", os.path.join(full_dir, "checkpoint-best.pth.step4")])
+    assert "mIoU" in train_seg.main(["--stride", "32", "--output_dir", str(out),  # the crop size: the upper bound
+                                     "--eval", os.path.join(full_dir, "checkpoint-best.pth.step4")])
+    with pytest.raises(ValueError, match="the validation data has 4 classes.*trained on"):  # not load_state_dict's
+        train_seg.main(["--demo_shape_classes", "3", "--output_dir", str(out),
                         "--eval", os.path.join(full_dir, "checkpoint-best.pth.step4")])
 
 
