@@ -516,7 +516,9 @@ def step_figures(device, model_name, batch, amp, grad_checkpoint, steps, quick, 
     grid = img // 16
     masks = BlockMaskGenerator((grid, grid), args.num_masked, min(16, args.num_masked))
     images = torch.randn(batch, 3, img, img, device=device)
-    mask = torch.stack([masks(random.Random(i)).flatten() for i in range(batch)]).to(device)
+    mask = torch.stack([masks(random.Random(i)).flatten() for i in range(batch)])
+    mask_sizes = train_pretrain.mto.mask_sizes(mask) if mto else None  # as the trainer: no host sync in MTO
+    mask = mask.to(device)
     timer = engine.StepTimer(d.device)
     cuda = device.startswith("cuda")
     times = []
@@ -526,7 +528,8 @@ def step_figures(device, model_name, batch, amp, grad_checkpoint, steps, quick, 
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         timer.start(exact=False)
-        train_pretrain.train_micro_step(model, teacher, images, mask, args, step, d, amp_dtype, scaler, timer)
+        train_pretrain.train_micro_step(model, teacher, images, mask, args, step, d, amp_dtype, scaler, timer,
+                                        mask_sizes)
         engine.optimizer_step(optimizer, scaler, model.parameters(), 3.0)
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
@@ -766,6 +769,16 @@ def graphs_expected(graphs, recompiles, flags, device) -> bool:
     changed: num_threads"; setting the count once with torch.set_num_threads did not avoid it)."""
     backward_thread = "--grad_checkpoint" in flags and device.startswith("cuda")
     return graphs == 1 or (backward_thread and graphs == 2 and len(recompiles) == 1 and "num_threads" in recompiles[0])
+
+
+def test_throughputs_mto_step_is_the_trainers_without_a_host_sync(monkeypatch):
+    """step_figures times train_pretrain's own step: with --mto, MTO gets the sizes of the CPU mask (it read them off
+    the GPU's mask, a host sync the trainer no longer has)."""
+    import mto
+    patch_rows, given = mto.patch_rows, []
+    monkeypatch.setattr(mto, "patch_rows", lambda mask, sizes=None: (given.append(sizes), patch_rows(mask, sizes))[1])
+    step_figures("cpu", "vit_tiny", 2, "fp32", False, 1, True, mto=True)
+    assert given == [(6, 10, 10)] * 3  # 6 of 16 patches masked in each image, the quick run's
 
 
 def test_grad_norms_are_compared_at_the_first_step_both_runs_took_from_the_same_weights():
