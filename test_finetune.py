@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,6 +166,18 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
         tf.main(TINY_RUN + ["--batch_size", "15"])
     assert tf.parse_args(TINY_RUN + ["--batch_size", "15", "--mixup", "0", "--cutmix", "0"]).batch_size == 15
     assert tf.parse_args(["--eval", "ckpt.pth", "--batch_size", "15"]).batch_size == 15  # evaluation mixes nothing
+
+
+def test_the_demo_fine_tunes_on_the_pretraining_demos_images():
+    """The fine-tuning demo (no data flags) trains on the very images the pre-training demo pre-trained on (seed 0,
+    drawn at 112 * 8 // 7 = 128 px; --crop_ratio 0.875 gives the same size) and validates on others (seed 1)."""
+    import train_pretrain
+    ft_train, ft_val, _ = tf.build_datasets(tf.parse_args([]))
+    pt_train = train_pretrain.build_dataset(train_pretrain.parse_args([])).base
+    assert ft_train.img_size == pt_train.img_size == ft_val.img_size == 128
+    first = [dataset.get(0)[0] for dataset in (ft_train, pt_train, ft_val)]
+    assert np.array_equal(np.asarray(first[0]), np.asarray(first[1]))
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(first[2]))
 
 
 def test_a_checkpoint_without_position_tables_is_noted(tmp_path, capsys):
