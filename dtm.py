@@ -887,7 +887,7 @@ class CLIPVisual(nn.Module):
         x = x + resize_pos_embed(self.positional_embedding, self.grid, grid).to(x.dtype)
         # the residual stream in the weights' dtype, as the student's: under CUDA's autocast layer_norm returns
         # float32 anyway; the CPU's ran the whole stream in bf16/fp16 (OpenAI's LayerNorm casts back to fp16: the
-        # official teacher's stream is fp16 under autocast, vqkd_teacher/clip/model.py LayerNorm)
+        # official teacher's stream is fp16 under autocast, vqkd_teacher/clip/model.py:168-174)
         x = self.ln_pre(x.to(self.class_embedding.dtype))
         for block in self.transformer.resblocks:
             x = block(x)
