@@ -886,12 +886,27 @@ def _files_by_stem(folder, suffix):
     return by_stem
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera held the picture (1 = as stored)
+
+
+def upright(img):
+    """The image as viewers show it: its EXIF orientation (a rotation and/or flip) applied; else the image itself.
+
+    Segmentation only: masks are drawn on the upright photo, and mmseg's loader (mmcv, `color_type='color'`, which
+    BEiT's ADE20K config uses) decodes with OpenCV's IMREAD_COLOR, which applies the tag. The classification loaders
+    (here and torchvision's) keep the stored pixels."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 class SegFolder(torch.utils.data.Dataset):
     """Images in img_dir paired by file stem with label PNGs in ann_dir (pixel value = class index).
 
     __getitem__ -> transform(PIL RGB image, PIL 'L' mask) (the pair itself when transform is None); the mask has
-    reduce_zero_label applied first when asked. Missing pairs fail at construction; a size mismatch, or (given
-    num_classes) a label value outside 0..num_classes-1 and 255, fails when that pair is loaded, naming the file.
+    reduce_zero_label applied first when asked, the image its EXIF orientation (upright). Missing pairs fail at
+    construction; a size mismatch, or (given num_classes) a label value outside 0..num_classes-1 and 255, fails when
+    that pair is loaded, naming the file.
     """
     suffix_hint = "pass the images' suffix (train_seg.py: --img_suffix)"  # the fixes that errors name, per layout
     label_hint = "check --num_classes and --reduce_zero_label"
@@ -930,10 +945,11 @@ class SegFolder(torch.utils.data.Dataset):
     def load(self, index):
         """-> (PIL RGB image, PIL 'L' mask) with reduce_zero_label applied."""
         img_path, ann_path = self.samples[index]
-        img, labels = load_image(img_path), load_label_map(ann_path)
+        img, labels = upright(load_image(img_path)), load_label_map(ann_path)
         if img.size != (labels.shape[1], labels.shape[0]):  # a pair that cannot be used: skipped in training
-            raise UnreadableImage(f"image {img_path!r} is {img.size[0]}x{img.size[1]} but its annotation {ann_path!r} "
-                                  f"is {labels.shape[1]}x{labels.shape[0]}; they must have the same size", img_path)
+            raise UnreadableImage(f"image {img_path!r} is {img.size[0]}x{img.size[1]} (upright: its EXIF orientation "
+                                  f"applied) but its annotation {ann_path!r} is {labels.shape[1]}x{labels.shape[0]}; "
+                                  f"they must have the same size", img_path)
         if self.reduce_zero_label:
             labels = reduce_zero_label(labels)
         if self.num_classes is not None:
