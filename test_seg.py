@@ -1082,6 +1082,21 @@ def test_binary_masks_saved_as_0_and_255_are_warned_about_at_start_up(tmp_path, 
     assert "map it to 2 in the label files" in capsys.readouterr().out
 
 
+def test_zero_based_labels_read_with_reduce_zero_label_are_warned_about(capsys):
+    """Label files already 0-based (0..K-1) read with --reduce_zero_label: class 0 becomes ignore, the others shift
+    down and the last class is empty; said at start-up with the flag to pass, and not for 1-based files."""
+    zero_based = data.np.array([[0, 1, 2], [2, 1, 0]], data.np.uint8)
+    for files, want in ((zero_based, True), (zero_based + 1, False)):
+        pixels = data.np.bincount(data.reduce_zero_label(files).ravel(), minlength=256)
+        train_seg.warn_about_labels(pixels, 3, True, engine.Dist())
+        said = capsys.readouterr().out
+        assert ("no pixel of the last class, 2 (file value 3), with --reduce_zero_label: if the label files are "
+                "already 0-based (values 0..2, 0 a class), it makes class 0 ignore and shifts the others down: pass "
+                "--no-reduce_zero_label" in said) == want, said
+    train_seg.warn_about_labels(data.np.bincount(zero_based.ravel(), minlength=256), 3, False, engine.Dist())
+    assert capsys.readouterr().out == ""  # read without the flag: every class present
+
+
 def test_generic_class_names_are_the_label_files_values_and_a_vit_without_positions_is_said(tmp_path, capsys):
     labels = [torch.randint(1, 4, (40, 48), generator=torch.Generator().manual_seed(i)).numpy() for i in range(2)]
     write_seg_folder(tmp_path / "d", labels)

@@ -384,6 +384,11 @@ def warn_about_labels(pixels: np.ndarray, num_classes: int, reduce_zero_label: b
                 f"{IGNORE_INDEX} (= ignore, {share:.0%} of the pixels): if {IGNORE_INDEX} marks your foreground "
                 f"(binary masks are often saved as 0/255), map it to {1 + reduce_zero_label} in the label files; as "
                 f"they are, training and mIoU see the background alone")
+    elif reduce_zero_label and num_classes > 1 and pixels[num_classes - 1] == 0:
+        d.print(f"warning: the validation label maps hold no pixel of the last class, {num_classes - 1} (file value "
+                f"{num_classes}), with --reduce_zero_label: if the label files are already 0-based (values 0.."
+                f"{num_classes - 1}, 0 a class), it makes class 0 ignore and shifts the others down: pass "
+                f"--no-reduce_zero_label")
 
 
 # ---------------------------------------------------------------------------------------------------
