@@ -193,22 +193,32 @@ def mask_sizes(mask) -> MaskSizes:
 
 
 def _check_sizes(sizes, mask):
-    """sizes as MaskSizes, refused where they cannot be mask's."""
+    """sizes as MaskSizes of Python ints, refused here where they cannot be those of any mask like mask."""
     N = mask.shape[1]
-    if not (isinstance(sizes, tuple) and len(sizes) == 3 and all(isinstance(n, int) for n in sizes)
-            and 0 <= sizes[0] <= N and 0 <= sizes[2] <= sizes[1] <= N and sizes[0] + sizes[2] == N):
-        raise ValueError(f"mask_sizes {sizes!r} are not those of a mask of {N} patches: pass mto.mask_sizes(mask) of "
-                         f"this very mask (or of its copy on the CPU)")
-    return MaskSizes(*sizes)
+    if not (isinstance(sizes, (tuple, list)) and len(sizes) == 3
+            and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in sizes)):
+        raise ValueError(f"mask_sizes must be three ints, mto.mask_sizes(mask) of this very mask (or of its copy on "
+                         f"the CPU), got {sizes!r}")
+    sizes = MaskSizes(*map(int, sizes))
+    if not (0 <= sizes[0] <= N and 0 <= sizes[2] <= sizes[1] <= N and sizes[0] + sizes[2] == N):
+        raise ValueError(f"mask_sizes {tuple(sizes)} are not those of a mask of {N} patches: pass mto.mask_sizes(mask) "
+                         f"of this very mask (or of its copy on the CPU)")
+    return sizes
 
 
 def patch_rows(mask, sizes: Optional[MaskSizes] = None) -> Rows:
     """(B, N) bool, True = masked -> Rows. sizes: mask_sizes(mask), given by the caller (from a copy of the mask on
-    the CPU) or read here (a host sync for a mask on a GPU). Only what is checkable without reading the mask is
-    checked: sizes of another mask of N patches give wrong rows (patches beyond the given counts cut off)."""
+    the CPU) or read here (a host sync for a mask on a GPU). Given sizes that are not the mask's (e.g. a previous
+    step's) would cut patches off the rows: they fail where the mask is, without the host waiting for it (on the CPU a
+    RuntimeError; on a GPU a device-side assert, which ends the process)."""
     _check_mask(mask)
-    sizes = mask_sizes(mask) if sizes is None else _check_sizes(sizes, mask)
+    given = sizes is not None
+    sizes = _check_sizes(sizes, mask) if given else mask_sizes(mask)
     counts = torch.stack([mask.sum(dim=1), (~mask).sum(dim=1)])  # (2, B)
+    if given:
+        torch._assert_async((counts[0].amax() == sizes.most_masked) & (counts[1].amax() == sizes.most_visible),
+                            f"mask_sizes {tuple(sizes)} are not this mask's (most masked, most and fewest visible "
+                            f"patches of an image): pass mto.mask_sizes(mask) of this very mask (or of its CPU copy)")
     M, V = max(sizes.most_masked, 1), max(sizes.most_visible, 1)
     masked = mask.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :M]  # stable: ascending indices
     visible = (~mask).to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :V]
@@ -594,7 +604,8 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX,
     """forward_features with MTO -> (tokens (B, num_prefix + N, C), {"loss_sing": scalar, "loss_ent": scalar}).
 
     images (B, 3, H, W), mask (B, N) bool (True = masked); num_prefix: tokens before the patches (CLS, registers);
-    mask_sizes: mask_sizes() of the mask's copy on the CPU, so that MTO needs no host sync (not given: read here).
+    mask_sizes: mask_sizes() of the mask's copy on the CPU, so that MTO needs no host sync (not given: read here);
+    sizes of another mask fail (see patch_rows).
     The losses are the depth-weighted sums over blocks of the
     batch means of the per-image losses, not yet multiplied by the lambdas (see mto_total_loss); a loss whose lambda
     is 0 is a zero tensor and costs nothing.

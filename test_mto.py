@@ -143,9 +143,31 @@ def test_with_the_cpu_masks_sizes_mto_reads_no_tensor_on_the_host(monkeypatch):
             results.append([tokens, *losses.values(), *(p.grad for p in model.parameters())])
         for a, b in zip(*results):
             assert torch.equal(a, b)
-    for wrong in ((5, 11, 12), (17, 0, -1), [6, 10, 10], (6.0, 10, 10)):  # not those of any mask of 16 patches
+    for wrong in ((5, 11, 12), (17, 0, -1)):  # not those of any mask of 16 patches
         with pytest.raises(ValueError, match="are not those of a mask of 16 patches: pass mto.mask_sizes"):
             mto.patch_rows(random_mask(), wrong)
+    for wrong in ((6.0, 10, 10), (True, 15, 15), (6, 10), "abc"):
+        with pytest.raises(ValueError, match="mask_sizes must be three ints, mto.mask_sizes\\(mask\\) of this very"):
+            mto.patch_rows(random_mask(), wrong)
+
+
+def test_mask_sizes_of_another_mask_fail_and_any_three_ints_are_taken():
+    """Sizes of another mask (a previous step's, another micro-batch's) cut patches off the rows: a silent wrong loss
+    once; now they fail, checked on the mask's device without a host read. The same counts as a list or numpy ints
+    give the rows of MaskSizes."""
+    mask = masks_with_edge_cases()
+    sizes = mto.mask_sizes(mask)
+    want = mto.patch_rows(mask)
+    for same in (list(sizes), tuple(np.int64(n) for n in sizes)):
+        assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b
+                   for a, b in zip(mto.patch_rows(mask, same), want))
+    other = random_mask(mask.shape[0], seed=11)
+    assert sizes == (15, 16, 1) and mto.mask_sizes(other) == (11, 10, 5)
+    for wrong in (mto.mask_sizes(other), (14, 16, 2), (15, 15, 1)):  # the most masked, the most visible too few
+        with pytest.raises(RuntimeError, match=r"mask_sizes \(.*\) are not this mask's .*: pass mto.mask_sizes"):
+            mto.patch_rows(mask, wrong)
+    with pytest.raises(RuntimeError, match="are not this mask's"):  # through mto_forward, as a trainer calls it
+        mto.mto_forward(tiny_vit(), images(mask.shape[0]), mask, mto.MTOConfig(), mask_sizes=mto.mask_sizes(other))
 
 
 # ---------------------------------------------------------------------------------------------------
