@@ -757,19 +757,33 @@ def demo_help(defaults: dict, extra: str = "") -> str:
     return f"The demo (no data given) uses instead: {', '.join(flags)}{extra}."
 
 
-def from_checkpoint_unless_given(args, parser, argv, names):
-    """With --eval: the flags `names` that the command line argv does not set become None, to be taken from the
-    checkpoint (take_from_checkpoint); given ones are kept (also one equal to its default), to be checked against it.
-    Which are given: argv parsed again with a marker as their default."""
+def given_on_command_line(parser, argv, names) -> set:
+    """The flags among `names` that the command line argv sets (also to its default): argv parsed again with a marker
+    as their default."""
     marker, defaults = object(), {name: parser.get_default(name) for name in names}
     parser.set_defaults(**dict.fromkeys(names, marker))
     try:
         marked = parser.parse_args(argv)
     finally:
         parser.set_defaults(**defaults)
+    return {name for name in names if getattr(marked, name) is not marker}
+
+
+def from_checkpoint_unless_given(args, parser, argv, names):
+    """With --eval: the flags `names` that the command line argv does not set become None, to be taken from the
+    checkpoint (take_from_checkpoint); given ones are kept (also one equal to its default), to be checked against it."""
+    given = given_on_command_line(parser, argv, names)
     for name in names:
-        if getattr(marked, name) is marker:
+        if name not in given:
             setattr(args, name, None)
+
+
+def refuse_idle_recipe(args, parser, argv, recipes: dict):
+    """A --recipe other than the default whose every value the command line sets itself would do nothing: refused."""
+    sets = list(recipes[args.recipe])
+    if args.recipe != parser.get_default("recipe") and given_on_command_line(parser, argv, sets) == set(sets):
+        raise ValueError(f"--recipe {args.recipe} would do nothing: it sets {' and '.join('--' + n for n in sets)}, "
+                         f"which the command line sets itself: leave it out")
 
 
 def _data_flags(saved: dict, flags: list) -> str:

@@ -930,6 +930,25 @@ def test_mixing_and_regularization_flags_name_the_one_that_is_wrong_or_does_noth
     assert tf.parse_args(TINY_RUN + ["--mixup_prob", "0"]).mixup_prob == 0  # mixing off, the alphas as they were
 
 
+def test_data_root_beside_both_folders_and_a_recipe_whose_values_are_all_given_are_refused(tmp_path):
+    """--data with --data_train and --data_val (or with --eval and --data_val) read nothing of the root; --recipe
+    official with --layer_decay and --lr_scaling both given changed nothing: both were accepted without a word."""
+    for name in ("train/a", "val/a"):
+        os.makedirs(tmp_path / name)
+    root, train, val = str(tmp_path), str(tmp_path / "train"), str(tmp_path / "val")
+    with pytest.raises(ValueError, match="--data would do nothing with --data_train and --data_val given \\(its "
+                                         "train/ and val/ would not be read\\): leave it out"):
+        tf.parse_args(["--data", root, "--data_train", train, "--data_val", val])
+    with pytest.raises(ValueError, match="--data would do nothing with --eval and --data_val given \\(its val/"):
+        tf.parse_args(["--eval", "x.pth", "--data", root, "--data_val", val])
+    assert tf.parse_args(["--data", root, "--data_val", val]).data == root  # its train/ is read
+    with pytest.raises(ValueError, match="--recipe official would do nothing: it sets --layer_decay and --lr_scaling, "
+                                         "which the command line sets itself: leave it out"):
+        tf.parse_args(TINY_RUN + ["--recipe", "official", "--layer_decay", "0.7", "--lr_scaling", "linear"])
+    args = tf.parse_args(TINY_RUN + ["--recipe", "official", "--layer_decay", "0.7"])
+    assert (args.layer_decay, args.lr_scaling) == (0.7, "none")  # the recipe sets the other
+
+
 def test_evaluate_runs_without_autograd_and_refuses_an_empty_set():
     """evaluate is under no_grad (without it every validation batch kept the whole forward graph: ImageNet's
     validation at batch 128 held activations for the backward that never comes), and an empty validation set is a

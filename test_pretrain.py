@@ -162,8 +162,8 @@ def test_recipes_and_their_defaults():
     assert args.batch_size == 128 and args.layer_scale == 0.1 and args.schedule_rule == "official"
     assert tp.parse_args(["--data", HERE, "--teacher", "pixels", "--model", "vit_l"]).layer_scale == 1e-5
     assert tp.parse_args(["--data", HERE, "--teacher", "pixels", "--recipe", "official"]).split == "official"
-    explicit = tp.parse_args(["--data", HERE, "--teacher", "pixels", "--recipe", "official", "--split", "random"])
-    assert explicit.split == "random"  # a flag given wins over the recipe
+    explicit = tp.parse_args(["--data", HERE, "--teacher", "pixels", "--recipe", "paper", "--split", "official"])
+    assert explicit.split == "official"  # a flag given wins over the recipe (official's only value given: refused)
     assert tp.parse_args(["--recipe", "official"]).split == "official" and tp.parse_args([]).split == "random"
 
 
@@ -690,9 +690,12 @@ def test_gradient_accumulation_equals_the_whole_batch(image_folder, tmp_path):
     micro-batch losses are divided by accum_iter, so the gradient (its logged norm) and the weights match."""
     common = ["--fixed_schedule", "2", "1", "--split", "alternate", "--drop_path", "0", "--epochs", "1",
               "--clip_grad", "0", "--num_masked", "0", "--loss_on", "all"]
-    whole = tp.main(tiny_argv(image_folder, tmp_path / "whole", *common))
-    accumulated = tp.main(tiny_argv(image_folder, tmp_path / "accum", *common, "--batch_size", "2",
-                                    "--accum_iter", "2"))
+    def argv(out, *extra):  # no --min_block: it would do nothing with --num_masked 0
+        full = tiny_argv(image_folder, tmp_path / out, *common, *extra)
+        at = full.index("--min_block")
+        return full[:at] + full[at + 2:]
+    whole = tp.main(argv("whole"))
+    accumulated = tp.main(argv("accum", "--batch_size", "2", "--accum_iter", "2"))
     norms = [[r["grad_norm"] for r in read_log(tmp_path / run / engine.LOG) if "grad_norm" in r]
              for run in ("whole", "accum")]
     assert len(norms[0]) == 3 and norms[1] == pytest.approx(norms[0], rel=1e-4)
@@ -1037,10 +1040,30 @@ def test_a_kill_between_an_epochs_two_saves_still_keeps_its_checkpoint(image_fol
     (["--fixed_schedule", "8", "2", "--max_merged", "5"], "--max_merged would do nothing with --fixed_schedule"),
     (["--max_merged", "0", "--max_iters", "3"], "--max_iters would do nothing when no token is merged"),
     (["--max_merged", "0", "--schedules", "shared"], "--schedules would do nothing when no token is merged"),
+    # accepted once, and bit-identical to the run without them (the dead-code and unused-flags review)
+    (["--num_masked", "0", "--loss_on", "all", "--mto"], "--mto with --num_masked 0 would do nothing"),
+    (["--num_masked", "0", "--loss_on", "all", "--min_block", "3"], "--min_block would do nothing with --num_masked 0"),
+    (["--fixed_schedule", "5", "2", "--split", "official", "--levels", "3"],
+     "--levels would do nothing with --fixed_schedule and --split official"),
+    (["--fixed_schedule", "5", "2", "--recipe", "official", "--levels", "3"],
+     "--levels would do nothing with --fixed_schedule and --split official"),
+    (["--max_merged", "0", "--recipe", "official"], "--recipe would do nothing when no token is merged"),
+    (["--recipe", "official", "--split", "random"], "--recipe official would do nothing: it sets --split, which the "
+                                                    "command line sets itself"),
 ])
 def test_more_bad_arguments(argv, match):
     with pytest.raises(ValueError, match=match):
         tp.parse_args(argv)
+
+
+def test_flags_next_to_the_refused_ones_are_taken():
+    """The controls of the refusals above: each flag acts there."""
+    args = tp.parse_args(["--fixed_schedule", "5", "2", "--levels", "3"])  # a random split: each level its own groups
+    assert (args.split, args.levels) == ("random", 3)
+    assert tp.parse_args(["--recipe", "official"]).split == "official"
+    assert tp.parse_args(["--recipe", "paper", "--split", "official"]).split == "official"  # the default recipe
+    assert tp.parse_args(["--num_masked", "0", "--loss_on", "all"]).num_masked == 0  # --min_block not given
+    assert tp.parse_args(["--num_masked", "1", "--mto", "--min_block", "1"]).mto
 
 
 def test_epoch_summaries_and_the_result_follow_the_log(image_folder, tmp_path, capsys):

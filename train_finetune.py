@@ -320,6 +320,7 @@ def parse_args(argv=None):
     if args.crop_ratio is None and not args.eval:  # --eval: the checkpoint's (run_eval)
         args.crop_ratio = default_crop_ratio(args.img_size)
     check_args(args, parser)
+    engine.refuse_idle_recipe(args, parser, argv, RECIPES)
     if not demo:
         engine.refuse_ignored(args, parser, ["synthetic_train", "synthetic_val"], "with real data (they size the "
                               "demo's procedural images)")
@@ -366,6 +367,10 @@ def check_args(args, parser):
         raise ValueError(f"--batch_size {args.batch_size} is odd: Mixup/CutMix pair each image with the reversed "
                          f"batch's, which leaves the middle image unmixed (timm's Mixup refuses odd batches too); use "
                          f"an even --batch_size, or --mixup 0 --cutmix 0")
+    if args.data is not None and args.data_val is not None and (args.data_train is not None or args.eval):
+        given, unread = ("--eval and --data_val", "val/") if args.eval else ("--data_train and --data_val",
+                                                                           "train/ and val/")
+        raise ValueError(f"--data would do nothing with {given} given (its {unread} would not be read): leave it out")
     engine.check_shared_args(args)
     parse_rand_augment(args.aa)
 

@@ -158,9 +158,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         engine.refuse_ignored(args, parser, ["max_merged", "max_iters", "schedules"],
                               "with --fixed_schedule (every step merges by the same schedule, drawn from nothing)")
     if args.max_merged == 0 or (args.fixed_schedule and args.fixed_schedule[0] == 0):
-        engine.refuse_ignored(args, parser, ["max_iters", "schedule_rule", "schedules", "split", "levels"],
+        engine.refuse_ignored(args, parser, ["max_iters", "schedule_rule", "schedules", "split", "levels", "recipe"],
                               "when no token is merged (--max_merged 0 or --fixed_schedule 0 K: token-wise "
                               "distillation, every level the same)")
+    elif args.fixed_schedule and args.split != "random":
+        engine.refuse_ignored(args, parser, ["levels"], f"with --fixed_schedule and --split {args.split} (every "
+                              f"level merges the same groups: one schedule, a split drawn from nothing)")
+    if args.num_masked == 0:
+        engine.refuse_ignored(args, parser, ["min_block"], "with --num_masked 0 (no block is drawn)")
+    engine.refuse_idle_recipe(args, parser, argv, RECIPES)
     if args.loss != "smooth_l1":
         engine.refuse_ignored(args, parser, ["beta"], f"with --loss {args.loss} (it is smooth-L1's beta)")
     if not args.mto:
@@ -206,6 +212,9 @@ def check_args(args):
     for flag in ("warmup_epochs", "save_every", "max_steps", "beta", "layer_scale"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag):g}")
+    if args.mto and args.num_masked == 0:
+        raise ValueError("--mto with --num_masked 0 would do nothing (no masked token to recalibrate, both of its "
+                         "losses 0): mask patches (--num_masked 75) or leave --mto out")
     if args.loss_on == "masked" and args.num_masked == 0:
         raise ValueError("--loss_on masked with --num_masked 0 leaves no position in the loss; mask patches "
                          "(--num_masked 75) or use --loss_on all")
