@@ -976,11 +976,15 @@ def run_name(args, resumed: str) -> str:
     return args.output_dir if args.resume == "auto" else repr(resumed)
 
 
+STRETCHED = " (the lr schedule is then stretched over the new length: the lr goes back up)"
+
+
 def say_finished(args, resumed: str, step: int, last_step: int, flag: str, d: Dist):
     """The line a relaunch of a finished run prints (it then does nothing): how to train on, or start over."""
     where = f"step {step} of {last_step}" if step <= last_step else f"step {step}, past this run's {last_step}"
     d.print(f"{run_name(args, resumed)} holds a finished run ({where}): nothing to do; raise {flag} "
-            f"to train on, or {new_run_hint(args, resumed)} to start over{init_note(args)}")
+            f"to train on{STRETCHED if flag != '--max_steps' else ''}, or {new_run_hint(args, resumed)} to start "
+            f"over{init_note(args)}")
 
 
 def continues_a_run(args) -> bool:

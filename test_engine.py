@@ -964,7 +964,9 @@ def test_the_printed_way_to_start_a_new_run_is_one_prepare_run_accepts(tmp_path,
         engine.say_finished(args, resumed, 3, 3, "--epochs", CPU)
         where = out if args.resume == "auto" else repr(resumed)
         assert capsys.readouterr().out == (f"{where} holds a finished run (step 3 of 3): nothing to do; raise --epochs "
-                                           f"to train on, or {engine.new_run_hint(args, resumed)} to start over\n")
+                                           f"to train on (the lr schedule is then stretched over the new length: the "
+                                           f"lr goes back up), or {engine.new_run_hint(args, resumed)} to start "
+                                           f"over\n")
     engine.say_finished(args, resumed, 18, 12, "--epochs", CPU)  # relaunched with a smaller --epochs
     assert "holds a finished run (step 18, past this run's 12): nothing to do" in capsys.readouterr().out
     engine.say_finished(argparse.Namespace(**vars(args), init="a.pth"), resumed, 3, 3, "--epochs", CPU)

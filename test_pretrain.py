@@ -382,7 +382,7 @@ def test_finished_run_is_not_overwritten(image_folder, tmp_path, capsys):
     stopped = tmp_path / "stopped"
     tp.main(tiny_argv(image_folder, stopped, "--epochs", "1", "--max_steps", "2"))
     tp.main(tiny_argv(image_folder, stopped, "--epochs", "1", "--max_steps", "2"))
-    assert "(step 2 of 2): nothing to do; raise --max_steps" in capsys.readouterr().out
+    assert "(step 2 of 2): nothing to do; raise --max_steps to train on, or" in capsys.readouterr().out  # same lr
     # --fresh --resume PATH of a finished run: nothing to train, so the run in output_dir and its log stay as they are
     files = {p.name: p.read_bytes() for p in stopped.iterdir()}
     tp.main(tiny_argv(image_folder, stopped, "--epochs", "1", "--resume", str(out / engine.LAST), "--fresh"))
