@@ -363,13 +363,13 @@ def test_optimizer_step_without_clipping_only_reads_the_gradients():
     """--clip_grad 0 (fine-tuning's and segmentation's default): the norm is measured for the log, the gradients are
     not rewritten (clip_grad_norm_ with an infinite max norm multiplied each by 1: one more pass over them per step)."""
     for clip, rewritten in ((0, False), (None, False), (10.0, True)):
-        p = torch.nn.Parameter(torch.ones(3))
-        optimizer = torch.optim.SGD([p], lr=1.0)
-        (p * torch.tensor([3.0, 4.0, 0.0])).sum().backward()
+        p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))  # the norm over both
+        optimizer = torch.optim.SGD([p, q], lr=1.0)
+        (p * torch.tensor([3.0, 0.0]) + q * torch.tensor([0.0, 4.0])).sum().backward()
         version = p.grad._version
         seen = []
         optimizer.register_step_pre_hook(lambda *_: seen.append(p.grad._version != version))
-        norm = engine.optimizer_step(optimizer, None, [p], clip)
+        norm = engine.optimizer_step(optimizer, None, [p, q], clip)
         assert seen == [rewritten] and norm.item() == pytest.approx(5.0)
 
 

@@ -661,6 +661,16 @@ def test_image_folder_data_flags(tmp_path):
                                          f"to continue it, or another --output_dir for the demo$"):
         tf.main(["--output_dir", str(out)])
     assert torch.load(out / "checkpoint-last.pth", weights_only=False)["classes"] == ["cat", "dog"]
+    split = torch.load(out / "checkpoint-last.pth", weights_only=False)  # a run on --data_train and --data_val
+    split["args"].update(data=None, data_train=str(tmp_path / "train"), data_val=str(tmp_path / "val"))
+    os.makedirs(tmp_path / "split")
+    torch.save(split, tmp_path / "split" / "checkpoint-last.pth")
+    with pytest.raises(ValueError, match=f"holds a run on real data \\(--data_train {tmp_path}/train --data_val "
+                                         f"{tmp_path}/val\\); without data"):
+        tf.main(["--output_dir", str(tmp_path / "split")])
+    # --eval reads no training folder: a machine that holds only the validation set evaluates with the training command
+    assert tf.main(["--eval", str(out / "checkpoint-best.pth"), "--data_train", str(tmp_path / "gone"), "--data_val",
+                    str(tmp_path / "val"), "--num_workers", "0", "--output_dir", str(tmp_path / "eval")])["count"] == 2
     with pytest.raises(ValueError, match="--num_classes 3 but the data has 2 classes"):  # ignored by --eval before
         tf.main(["--eval", str(out / "checkpoint-best.pth"), "--data", str(tmp_path), "--num_classes", "3",
                  "--output_dir", str(tmp_path / "eval")])

@@ -166,6 +166,8 @@ def test_mask_sizes_of_another_mask_fail_and_any_three_ints_are_taken():
     for wrong in (mto.mask_sizes(other), (14, 16, 2), (15, 15, 1)):  # the most masked, the most visible too few
         with pytest.raises(RuntimeError, match=r"mask_sizes \(.*\) are not this mask's .*: pass mto.mask_sizes"):
             mto.patch_rows(mask, wrong)
+    with pytest.raises(ValueError, match="are not those of a mask of 16 patches"):  # the fewest visible off by one
+        mto.patch_rows(mask, (15, 16, 2))
     with pytest.raises(RuntimeError, match="are not this mask's"):  # through mto_forward, as a trainer calls it
         mto.mto_forward(tiny_vit(), images(mask.shape[0]), mask, mto.MTOConfig(), mask_sizes=mto.mask_sizes(other))
 

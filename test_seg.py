@@ -695,7 +695,9 @@ def test_eval_checks_given_head_settings_against_a_checkpoint_that_used_the_defa
         train_seg.main(["--eval", path, "--output_dir", str(tmp_path / "e")])
     train_seg.main(val)  # what the message asks for works
     with pytest.raises(ValueError, match="run holds a run on real data \\(--img_dir .*d/img --ann_dir .*d/ann "
-                                         "--val_img_dir .*--num_classes 3\\); without data this launch is the demo"):
+                                         "--val_img_dir .*--num_classes 3\\); without data this launch is the demo.*"
+                                         "pass the run's data \\(--data, or --img_dir, --ann_dir, --val_img_dir and "
+                                         "--val_ann_dir\\) to continue it"):
         train_seg.main(["--output_dir", str(tmp_path / "run")])  # a relaunch that forgot the data: not the demo
     # vit_tiny has one valid pyramid; for vit_b a None record resolves to BEiT's blocks, so another one would differ
     assert train_seg.head_settings({"model": "vit_b", "channels": None, "out_indices": None}) == {
@@ -914,7 +916,7 @@ def test_a_mistyped_data_folder_is_named_as_such(tmp_path):
                         "--output_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()  # refused before the run's folder is made
 
-def test_logged_lr_seeds_and_layer_decay_follow_their_closed_forms(tmp_path, monkeypatch):
+def test_logged_lr_seeds_and_layer_decay_follow_their_closed_forms(tmp_path, monkeypatch, capsys):
     """4 steps of batch 2 x accum 2: the logged lr is mmcv's poly schedule (power 2, min_lr > 0, so swapped arguments
     show) with its warmup; the ViT's groups carry layer decay, UperNet's do not, and all decay to the same --min_lr;
     each micro-step seeds its RNGs; the micro-batch losses are divided by accum_iter."""
@@ -927,6 +929,8 @@ def test_logged_lr_seeds_and_layer_decay_follow_their_closed_forms(tmp_path, mon
     args = train_seg.parse_args(TINY_RUN + ["--init", "none"])
     train_seg.main(TINY_RUN + ["--accum_iter", "2", "--poly_power", "2", "--min_lr", "1e-4", "--lr", "0.01",
                                "--layer_decay", "0.65", "--output_dir", str(tmp_path)])
+    assert ("5 training images, total batch 4, lr 0.01 (--lr, not scaled by the batch), layer decay 0.65, 4 iterations "
+            "(2 of warmup), starting at step 0\n") in capsys.readouterr().out  # the start-up line: batch 2 x accum 2
     expected = [engine.poly_schedule(s, 4, 2, 0.01, 2.0, 1e-4, args.warmup_ratio) for s in range(4)]
     records = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "lr" in r]
     assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-9) and expected[1] > expected[3] > 1e-4
