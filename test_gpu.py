@@ -1152,8 +1152,8 @@ def test_start_watchdog_caps_child_processes_and_times_from_the_start(monkeypatc
 
 
 def test_main_writes_each_check_running_then_its_entry_and_sets_the_budget_for_throughput(tmp_path, monkeypatch):
-    """The report before a check (status running, started_at_s) and after it (status, seconds), the run's fields, and
-    BUDGET_S set from --budget_s for check_throughput's per-configuration guard."""
+    """The report before a check (status running, started_at_s) and after it (status, started_at_s, seconds), the
+    run's fields, and BUDGET_S set from --budget_s for check_throughput's per-configuration guard."""
     out = tmp_path / "report.json"
     seen = {}
 
@@ -1183,6 +1183,7 @@ def test_main_writes_each_check_running_then_its_entry_and_sets_the_budget_for_t
     assert {k: checks["first"][k] for k in ("status", "value")} == {"status": "ok", "value": 1}
     assert {k: checks["second"][k] for k in ("status", "reason")} == {"status": "skipped", "reason": "not here"}
     assert all(isinstance(c["seconds"], float) and c["seconds"] >= 0 for c in checks.values()), checks
+    assert 20 <= checks["first"]["started_at_s"] <= checks["second"]["started_at_s"] < 80, checks
 
 
 def test_main_with_a_watchdog_budgets_its_margin_and_caps_child_processes(tmp_path, monkeypatch):
@@ -1477,8 +1478,8 @@ def main(argv=None):
                 entry = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                          **({"figures": e.figures} if isinstance(e, ThroughputFailed) else {})}
                 failed.append(name)
-            entry["seconds"] = round(time.perf_counter() - start, 1)
-            report["checks"][name] = entry
+            entry["started_at_s"], entry["seconds"] = round(start - STARTED, 1), round(time.perf_counter() - start, 1)
+            report["checks"][name] = entry  # started_at_s kept: the report alone gives the run's schedule
             print(f"{name:>15}: {entry['status']} ({entry['seconds']} s)", flush=True)
             write_report()
     print(f"report: {args.out}" + (f"; FAILED: {', '.join(failed)}" if failed else "; all checks passed or skipped"))
