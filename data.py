@@ -895,9 +895,12 @@ def upright(img):
     Segmentation only: masks are drawn on the upright photo, and mmseg's loader (mmcv, `color_type='color'`, which
     BEiT's ADE20K config uses) decodes with OpenCV's IMREAD_COLOR, which applies the tag. The classification loaders
     (here and torchvision's) keep the stored pixels."""
-    if img.getexif().get(EXIF_ORIENTATION, 1) == 1:
-        return img
-    return ImageOps.exif_transpose(img)
+    try:
+        if img.getexif().get(EXIF_ORIENTATION, 1) == 1:
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 -- a damaged EXIF block (Pillow raises SyntaxError, struct.error, ...): the
+        return img  # pixels decoded fine: used as stored
 
 
 class SegFolder(torch.utils.data.Dataset):

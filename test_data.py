@@ -944,6 +944,12 @@ def test_seg_folder_applies_exif_orientation(tmp_path):
         assert np.array_equal(red, np.asarray(mask) == 1)
     plain = Image.new("RGB", (4, 2))
     assert data.upright(plain) is plain  # no tag: the image itself, no copy
+    exif = Image.Exif()
+    exif[data.EXIF_ORIENTATION] = 6
+    for name, damaged in (("garbage", b"Exif\x00\x00" + b"\xff" * 40), ("truncated", exif.tobytes()[:12])):
+        path = tmp_path / f"{name}.jpg"  # Pillow's getexif raised SyntaxError / struct.error: a raw traceback
+        Image.fromarray(stored).save(path, quality=100, exif=damaged)
+        assert data.upright(data.load_image(str(path))).size == (48, 32)  # used as stored
 
 
 def test_seg_folder_file_listing(tmp_path):

@@ -1044,9 +1044,9 @@ def test_a_kill_between_an_epochs_two_saves_still_keeps_its_checkpoint(image_fol
     (["--num_masked", "0", "--loss_on", "all", "--mto"], "--mto with --num_masked 0 would do nothing"),
     (["--num_masked", "0", "--loss_on", "all", "--min_block", "3"], "--min_block would do nothing with --num_masked 0"),
     (["--fixed_schedule", "5", "2", "--split", "official", "--levels", "3"],
-     "--levels would do nothing with --fixed_schedule and --split official"),
+     "--levels 3 would do nothing with --fixed_schedule and --split official .*: --levels 1 computes that level once"),
     (["--fixed_schedule", "5", "2", "--recipe", "official", "--levels", "3"],
-     "--levels would do nothing with --fixed_schedule and --split official"),
+     "--levels 3 would do nothing with --fixed_schedule and --split official"),
     (["--max_merged", "0", "--recipe", "official"], "--recipe would do nothing when no token is merged"),
     (["--recipe", "official", "--split", "random"], "--recipe official would do nothing: it sets --split, which the "
                                                     "command line sets itself"),
@@ -1060,6 +1060,7 @@ def test_flags_next_to_the_refused_ones_are_taken():
     """The controls of the refusals above: each flag acts there."""
     args = tp.parse_args(["--fixed_schedule", "5", "2", "--levels", "3"])  # a random split: each level its own groups
     assert (args.split, args.levels) == ("random", 3)
+    assert tp.parse_args(["--fixed_schedule", "5", "2", "--split", "alternate", "--levels", "1"]).levels == 1  # once
     assert tp.parse_args(["--recipe", "official"]).split == "official"
     assert tp.parse_args(["--recipe", "paper", "--split", "official"]).split == "official"  # the default recipe
     assert tp.parse_args(["--num_masked", "0", "--loss_on", "all"]).num_masked == 0  # --min_block not given

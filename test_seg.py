@@ -1088,17 +1088,26 @@ def test_binary_masks_saved_as_0_and_255_are_warned_about_at_start_up(tmp_path, 
 
 def test_zero_based_labels_read_with_reduce_zero_label_are_warned_about(capsys):
     """Label files already 0-based (0..K-1) read with --reduce_zero_label: class 0 becomes ignore, the others shift
-    down and the last class is empty; said at start-up with the flag to pass, and not for 1-based files."""
+    down and the last class is empty; said at start-up with the flag to pass, and not for 1-based files, nor for
+    ADE20K (--data: 1-based, the flag refused there). Binary files of 0 and 1 read like 1 and 255: both fixes named."""
+    fix = ("if the label files are already 0-based (values 0..{}, 0 a class), --reduce_zero_label makes class 0 ignore "
+           "and shifts the others down: pass --no-reduce_zero_label")
     zero_based = data.np.array([[0, 1, 2], [2, 1, 0]], data.np.uint8)
-    for files, want in ((zero_based, True), (zero_based + 1, False)):
+    for files, ade20k, want in ((zero_based, False, True), (zero_based + 1, False, False), (zero_based, True, False)):
         pixels = data.np.bincount(data.reduce_zero_label(files).ravel(), minlength=256)
-        train_seg.warn_about_labels(pixels, 3, True, engine.Dist())
+        train_seg.warn_about_labels(pixels, 3, True, engine.Dist(), ade20k=ade20k)
         said = capsys.readouterr().out
-        assert ("no pixel of the last class, 2 (file value 3), with --reduce_zero_label: if the label files are "
-                "already 0-based (values 0..2, 0 a class), it makes class 0 ignore and shifts the others down: pass "
-                "--no-reduce_zero_label" in said) == want, said
+        assert ("no pixel of the last class, 2 (file value 3), with --reduce_zero_label: " + fix.format(2) in said) \
+            == want, said
     train_seg.warn_about_labels(data.np.bincount(zero_based.ravel(), minlength=256), 3, False, engine.Dist())
     assert capsys.readouterr().out == ""  # read without the flag: every class present
+    binary = data.np.array([[0, 1], [1, 0]], data.np.uint8)
+    train_seg.warn_about_labels(data.np.bincount(data.reduce_zero_label(binary).ravel(), minlength=256), 2, True,
+                                engine.Dist())
+    said = capsys.readouterr().out
+    assert "map it to 2 in the label files; " + fix.format(1) + "; as they are" in said, said
+    train_seg.warn_about_labels(data.np.bincount(data.np.array([0, 255, 255]), minlength=256), 2, False, engine.Dist())
+    assert "--no-reduce_zero_label" not in capsys.readouterr().out  # 0/255 read without the flag: one fix
 
 
 def test_generic_class_names_are_the_label_files_values_and_a_vit_without_positions_is_said(tmp_path, capsys):

@@ -161,9 +161,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         engine.refuse_ignored(args, parser, ["max_iters", "schedule_rule", "schedules", "split", "levels", "recipe"],
                               "when no token is merged (--max_merged 0 or --fixed_schedule 0 K: token-wise "
                               "distillation, every level the same)")
-    elif args.fixed_schedule and args.split != "random":
-        engine.refuse_ignored(args, parser, ["levels"], f"with --fixed_schedule and --split {args.split} (every "
-                              f"level merges the same groups: one schedule, a split drawn from nothing)")
+    elif args.fixed_schedule and args.split != "random" and args.levels not in (1, parser.get_default("levels")):
+        raise ValueError(f"--levels {args.levels} would do nothing with --fixed_schedule and --split {args.split} "
+                         f"(every level merges the same groups: one schedule, a split drawn from nothing): --levels 1 "
+                         f"computes that level once, with the same result")
     if args.num_masked == 0:
         engine.refuse_ignored(args, parser, ["min_block"], "with --num_masked 0 (no block is drawn)")
     engine.refuse_idle_recipe(args, parser, argv, RECIPES)

@@ -371,24 +371,27 @@ def label_pixels(sample) -> np.ndarray:
     return np.bincount(np.asarray(sample[1]).ravel(), minlength=256)
 
 
-def warn_about_labels(pixels: np.ndarray, num_classes: int, reduce_zero_label: bool, d):
-    """Start-up warnings from the validation label maps' pixels per value (after --reduce_zero_label)."""
+def warn_about_labels(pixels: np.ndarray, num_classes: int, reduce_zero_label: bool, d, ade20k: bool = False):
+    """Start-up warnings from the validation label maps' pixels per value (after --reduce_zero_label). ade20k: read
+    with --data (1-based by definition, --reduce_zero_label fixed)."""
     if np.ndim(pixels) == 0:  # no sample
         return
     share = pixels[IGNORE_INDEX] / max(pixels.sum(), 1)
+    zero_based = (f"if the label files are already 0-based (values 0..{num_classes - 1}, 0 a class), "
+                  f"--reduce_zero_label makes class 0 ignore and shifts the others down: pass --no-reduce_zero_label")
     if pixels[:num_classes].sum() == 0:
         d.print(f"warning: the validation label maps hold no class pixel (all {IGNORE_INDEX} = ignore): mIoU will be "
                 f"undefined; check the label values and --reduce_zero_label")
     elif num_classes > 1 and pixels[1:num_classes].sum() == 0 and share > 0:
+        # with --reduce_zero_label, files of 0 and 1 (0-based) and of 1 and 255 read alike: both fixes are named
         d.print(f"warning: the validation label maps hold no pixel of classes 1..{num_classes - 1}, only 0 and "
                 f"{IGNORE_INDEX} (= ignore, {share:.0%} of the pixels): if {IGNORE_INDEX} marks your foreground "
-                f"(binary masks are often saved as 0/255), map it to {1 + reduce_zero_label} in the label files; as "
-                f"they are, training and mIoU see the background alone")
-    elif reduce_zero_label and num_classes > 1 and pixels[num_classes - 1] == 0:
+                f"(binary masks are often saved as 0/255), map it to {1 + reduce_zero_label} in the label files"
+                f"{'; ' + zero_based if reduce_zero_label and not ade20k else ''}; as they are, training and mIoU see "
+                f"the background alone")
+    elif reduce_zero_label and not ade20k and num_classes > 1 and pixels[num_classes - 1] == 0:
         d.print(f"warning: the validation label maps hold no pixel of the last class, {num_classes - 1} (file value "
-                f"{num_classes}), with --reduce_zero_label: if the label files are already 0-based (values 0.."
-                f"{num_classes - 1}, 0 a class), it makes class 0 ignore and shifts the others down: pass "
-                f"--no-reduce_zero_label")
+                f"{num_classes}), with --reduce_zero_label: {zero_based}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -767,7 +770,7 @@ def train(args, d):
                 f"pass --data (ADE20K) or --img_dir/--ann_dir/--val_img_dir/--val_ann_dir, and --init (see --help).")
     else:  # a bad validation file or label is found now, not at the first evaluation
         pixels = engine.check_dataset(val_set, "validation", d, args.num_workers, label_pixels)
-        warn_about_labels(pixels, num_classes, reads_zero_as_ignore(vars(args)), d)
+        warn_about_labels(pixels, num_classes, reads_zero_as_ignore(vars(args)), d, ade20k=args.data is not None)
     loader, sampler, steps_per_epoch = engine.train_loader(train_set, args, d)
     model = resumed_model(args, num_classes, resume, resume_path) if resume_path is not None else \
         initial_model(args, d, num_classes)
