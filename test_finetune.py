@@ -662,7 +662,8 @@ def test_image_folder_data_flags(tmp_path):
         tf.main(["--output_dir", str(out)])
     assert torch.load(out / "checkpoint-last.pth", weights_only=False)["classes"] == ["cat", "dog"]
     split = torch.load(out / "checkpoint-last.pth", weights_only=False)  # a run on --data_train and --data_val
-    split["args"].update(data=None, data_train=str(tmp_path / "train"), data_val=str(tmp_path / "val"))
+    split["args"].update(data_train=str(tmp_path / "train"), data_val=str(tmp_path / "val"))  # --data too: quoted,
+    # it was refused by the relaunch the message asked for (a run of before it was refused with both folders)
     os.makedirs(tmp_path / "split")
     torch.save(split, tmp_path / "split" / "checkpoint-last.pth")
     with pytest.raises(ValueError, match=f"holds a run on real data \\(--data_train {tmp_path}/train --data_val "

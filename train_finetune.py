@@ -497,8 +497,9 @@ def finetune(args, d, amp_dtype, scaler):
     if resume_path is not None:
         resume = engine.load_checkpoint(resume_path, "dtm_finetune", hint="; to start fine-tuning from pre-trained "
                                         "weights use --init PATH", auto=args.resume == "auto")
-        engine.refuse_demo_resume(args, resume["args"], resume_path, ["data", "data_train", "data_val"],
-                                  "--data, or --data_train and --data_val")
+        both = resume["args"].get("data_train") and resume["args"].get("data_val")  # then its --data was not read
+        engine.refuse_demo_resume(args, resume["args"], resume_path, ["data_train", "data_val"] if both else
+                                  ["data", "data_train", "data_val"], "--data, or --data_train and --data_val")
         started_from = engine.init_started_from(resume)
         if chosen_by_demo and started_from is not None and not engine.same_path(started_from, args.init):
             found = "finds" if args.init != "none" else "no longer finds"
