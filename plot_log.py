@@ -23,7 +23,7 @@ def read_log(path: str, x_field: str, field: str):
     """[(x, y)] for the lines of a JSONL log that have both fields (null, e.g. the gradient norm of a step skipped
     by fp16's GradScaler, counts as absent; so do NaN and Infinity, which this repo's logs write as null). A last line
     cut short (a run killed while writing it; its resume drops it) is left out with a note."""
-    points = []
+    points, without_x = [], 0
     if os.path.isdir(path):
         raise SystemExit(f"error: {path!r} is a folder; pass the log file in it ({os.path.join(path, 'log.jsonl')})")
     if not os.path.isfile(path):
@@ -44,6 +44,8 @@ def read_log(path: str, x_field: str, field: str):
             if not isinstance(record, dict):  # a .json file's array, a number, ...
                 raise SystemExit(f"error: {path}:{number} is a JSON {type(record).__name__}, not an object; pass a "
                                  f"log.jsonl written by train_*.py")
+            if record.get(field) is not None and x_field not in record:
+                without_x += 1
             if record.get(x_field) is not None and record.get(field) is not None:
                 x, y = (_number(record[name], name, f"{path}:{number}") for name in (x_field, field))
                 if math.isfinite(x) and math.isfinite(y):
@@ -52,6 +54,9 @@ def read_log(path: str, x_field: str, field: str):
                     points.append((x, y))
     if not points:
         raise SystemExit(f"error: {path}: no line has both {x_field!r} and {field!r}")
+    if without_x:  # e.g. epochs_done in a run continued across versions: the lines written before it was logged
+        print(f"note: {path}: left out {without_x} lines with {field!r} but no {x_field!r} (written by a version that "
+              f"did not log it{'; plot by --x step to see them' if x_field != 'step' else ''})", file=sys.stderr)
     return points
 
 

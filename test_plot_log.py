@@ -119,10 +119,21 @@ def test_labels_that_do_not_match_the_logs_are_refused(tmp_path):
         plot_log.main([str(log), str(log), "--labels", "only", "--out", str(tmp_path / "p.png")])
 
 
-def test_lines_without_the_x_field_are_left_out(tmp_path):
+def test_lines_without_the_x_field_are_left_out_with_a_note(tmp_path, capsys):
+    """A run continued across versions: its older lines lack epochs_done, which the resume message says to plot by;
+    they were left out without a word."""
     log = tmp_path / "log.jsonl"
-    log.write_text('{"loss": 3.0}\n{"step": 2, "loss": 0.5}\n{"step": 3}\n')
+    log.write_text('{"loss": 3.0}\n{"step": 2, "loss": 0.5}\n{"step": 3}\n{"step": 4, "loss": null}\n')
     assert plot_log.read_log(str(log), "step", "loss") == [(2.0, 0.5)]
+    assert capsys.readouterr().err == (f"note: {log}: left out 1 lines with 'loss' but no 'step' (written by a version "
+                                       f"that did not log it)\n")
+    log.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "epochs_done": 0.5, "loss": 0.5}\n')
+    assert plot_log.read_log(str(log), "epochs_done", "loss") == [(0.5, 0.5)]
+    assert capsys.readouterr().err == (f"note: {log}: left out 1 lines with 'loss' but no 'epochs_done' (written by a "
+                                       f"version that did not log it; plot by --x step to see them)\n")
+    log.write_text('{"step": 2, "loss": 0.5}\n{"step": 3, "loss": null}\n')
+    plot_log.read_log(str(log), "step", "loss")
+    assert capsys.readouterr().err == ""  # a null value (a skipped step's norm) is not a missing x
 
 
 def test_title_names_each_field_once_and_mentions_smoothing_only_when_smoothed(tmp_path, monkeypatch):

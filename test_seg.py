@@ -1036,7 +1036,8 @@ def test_unusable_training_label_files_are_skipped_and_named_and_an_all_ignored_
     skipped = {os.path.basename(r["skipped_image"]): r["reason"] for r in map(json.loads, open(tmp_path / "run" /
                                                                                             "log.jsonl"))
                if "skipped_image" in r}
-    assert "mode 'RGB' with 3 channels" in skipped["1.png"] and "is 48x40 but its annotation" in skipped["2.jpg"]
+    assert "mode 'RGB' with 3 channels" in skipped["1.png"]
+    assert "is 48x40 (upright: its EXIF orientation applied) but its annotation" in skipped["2.jpg"]
     out = capsys.readouterr().out
     assert ("warning: the validation label maps hold no class pixel (all 255 = ignore): mIoU will be undefined; check "
             "the label values and --reduce_zero_label") in out.split("\n")[0]  # at start-up, before training
