@@ -887,6 +887,9 @@ def _files_by_stem(folder, suffix):
 
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera held the picture (1 = as stored)
+EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                  5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                  8: Image.Transpose.ROTATE_90}  # the EXIF standard's orientations 2..8 (as ImageOps.exif_transpose)
 
 
 def upright(img):
@@ -896,11 +899,13 @@ def upright(img):
     BEiT's ADE20K config uses) decodes with OpenCV's IMREAD_COLOR, which applies the tag. The classification loaders
     (here and torchvision's) keep the stored pixels."""
     try:
-        if img.getexif().get(EXIF_ORIENTATION, 1) == 1:
-            return img
-        return ImageOps.exif_transpose(img)
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 -- a damaged EXIF block (Pillow raises SyntaxError, struct.error, ...): the
         return img  # pixels decoded fine: used as stored
+    # the pixels alone: ImageOps.exif_transpose also rewrites the EXIF block, which fails on some camera files'
+    # other tags (Pillow issues #6882, #7839), after the orientation was read fine
+    method = EXIF_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    return img if method is None else img.transpose(method)
 
 
 class SegFolder(torch.utils.data.Dataset):

@@ -944,12 +944,28 @@ def test_seg_folder_applies_exif_orientation(tmp_path):
         assert np.array_equal(red, np.asarray(mask) == 1)
     plain = Image.new("RGB", (4, 2))
     assert data.upright(plain) is plain  # no tag: the image itself, no copy
+    for tag in range(1, 9):  # every orientation as Pillow's exif_transpose turns it
+        exif = Image.Exif()
+        exif[data.EXIF_ORIENTATION] = tag
+        Image.fromarray(stored).save(tmp_path / "o.png", exif=exif.tobytes())
+        with Image.open(tmp_path / "o.png") as img:
+            assert np.array_equal(np.asarray(data.upright(img)), np.asarray(ImageOps.exif_transpose(img))), tag
     exif = Image.Exif()
     exif[data.EXIF_ORIENTATION] = 6
     for name, damaged in (("garbage", b"Exif\x00\x00" + b"\xff" * 40), ("truncated", exif.tobytes()[:12])):
         path = tmp_path / f"{name}.jpg"  # Pillow's getexif raised SyntaxError / struct.error: a raw traceback
         Image.fromarray(stored).save(path, quality=100, exif=damaged)
         assert data.upright(data.load_image(str(path))).size == (48, 32)  # used as stored
+    # orientation 6 read fine beside a tag of the wrong type (ASCII where Pillow expects a float), which made
+    # ImageOps.exif_transpose fail as it rewrote the EXIF block: the photo was then used as stored, its mask rotated
+    odd = bytes.fromhex("4578696600004d4d002a000000080004010f0002000000060000003e01120003000000010006000001"
+                        "1a0005000000010000004401540002000000140000004c0000000043616e6f6e00000000480000000132"
+                        "3032303a30313a30312030303a30303a303000")
+    Image.fromarray(stored).save(tmp_path / "odd.jpg", quality=100, exif=odd)
+    with pytest.raises(Exception):
+        ImageOps.exif_transpose(data.load_image(str(tmp_path / "odd.jpg")))
+    turned = np.asarray(data.upright(data.load_image(str(tmp_path / "odd.jpg"))))[..., 0] > 127
+    assert np.array_equal(turned, upright_of[6][..., 0] > 127)
 
 
 def test_seg_folder_file_listing(tmp_path):

@@ -669,6 +669,11 @@ def test_image_folder_data_flags(tmp_path):
     with pytest.raises(ValueError, match=f"holds a run on real data \\(--data_train {tmp_path}/train --data_val "
                                          f"{tmp_path}/val\\); without data"):
         tf.main(["--output_dir", str(tmp_path / "split")])
+    best = torch.load(out / "checkpoint-best.pth", weights_only=False)  # --data and --data_val: its val/ not read
+    best["args"].update(data_val=str(tmp_path / "val"))
+    torch.save(best, tmp_path / "split" / "best-with-val.pth")
+    with pytest.raises(ValueError, match=f"was trained on real data \\(--data_val {tmp_path}/val\\) and no "):
+        tf.main(["--eval", str(tmp_path / "split" / "best-with-val.pth"), "--output_dir", str(tmp_path / "eval")])
     # --eval reads no training folder: a machine that holds only the validation set evaluates with the training command
     assert tf.main(["--eval", str(out / "checkpoint-best.pth"), "--data_train", str(tmp_path / "gone"), "--data_val",
                     str(tmp_path / "val"), "--num_workers", "0", "--output_dir", str(tmp_path / "eval")])["count"] == 2

@@ -1109,6 +1109,9 @@ def test_zero_based_labels_read_with_reduce_zero_label_are_warned_about(capsys):
     assert "map it to 2 in the label files; " + fix.format(1) + "; as they are" in said, said
     train_seg.warn_about_labels(data.np.bincount(data.np.array([0, 255, 255]), minlength=256), 2, False, engine.Dist())
     assert "--no-reduce_zero_label" not in capsys.readouterr().out  # 0/255 read without the flag: one fix
+    all_ignored = data.np.bincount(data.np.array([255, 255]), minlength=256)
+    train_seg.warn_about_labels(all_ignored, 150, True, engine.Dist(), ade20k=True)  # --data: the flag is refused
+    assert capsys.readouterr().out.endswith("mIoU will be undefined; check the label values\n")
 
 
 def test_generic_class_names_are_the_label_files_values_and_a_vit_without_positions_is_said(tmp_path, capsys):

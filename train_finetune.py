@@ -405,7 +405,8 @@ def run_eval(args, d, amp_dtype):
     the result is appended to output_dir/eval.jsonl (a training run's log.jsonl is left alone)."""
     checkpoint = engine.load_checkpoint(args.eval, "dtm_finetune", "--eval", hint="; to start fine-tuning from "
                                         "pre-trained weights use --init PATH")
-    engine.refuse_demo_eval(args, checkpoint["args"], args.eval, ["data", "data_val"], "--data or --data_val")
+    quoted = ["data_val"] if checkpoint["args"].get("data_val") else ["data"]  # --data beside it: not read
+    engine.refuse_demo_eval(args, checkpoint["args"], args.eval, quoted, "--data or --data_val")
     engine.take_from_checkpoint(args, checkpoint["args"], EVAL_FROM_CHECKPOINT, args.eval)
     engine.take_from_checkpoint(args, checkpoint["args"], EVAL_DEMO_DATA, args.eval, must_agree=False)
     if args.crop_ratio is None:

@@ -381,7 +381,7 @@ def warn_about_labels(pixels: np.ndarray, num_classes: int, reduce_zero_label: b
                   f"--reduce_zero_label makes class 0 ignore and shifts the others down: pass --no-reduce_zero_label")
     if pixels[:num_classes].sum() == 0:
         d.print(f"warning: the validation label maps hold no class pixel (all {IGNORE_INDEX} = ignore): mIoU will be "
-                f"undefined; check the label values and --reduce_zero_label")
+                f"undefined; check the label values{'' if ade20k else ' and --reduce_zero_label'}")
     elif num_classes > 1 and pixels[1:num_classes].sum() == 0 and share > 0:
         # with --reduce_zero_label, files of 0 and 1 (0-based) and of 1 and 255 read alike: both fixes are named
         d.print(f"warning: the validation label maps hold no pixel of classes 1..{num_classes - 1}, only 0 and "
@@ -626,8 +626,8 @@ def run_metrics(model, val_set, class_names, args, d, amp_dtype) -> dict:
                        d.device, amp_dtype, args.slide_batch, args.num_workers, progress=d.is_main)
     d.print(format_metrics(metrics, class_names))
     if math.isnan(metrics["mIoU"]):
-        d.print("warning: the validation labels hold no class pixel (all ignored, 255): mIoU is undefined and no "
-                "checkpoint-best.pth is kept; check the label values and --reduce_zero_label")
+        d.print(f"warning: the validation labels hold no class pixel (all ignored, 255): mIoU is undefined and no "
+                f"checkpoint-best.pth is kept; check the label values{'' if args.data else ' and --reduce_zero_label'}")
     return metrics
 
 
