@@ -902,8 +902,8 @@ def upright(img):
         orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 -- a damaged EXIF block (Pillow raises SyntaxError, struct.error, ...): the
         return img  # pixels decoded fine: used as stored
-    # the pixels alone: ImageOps.exif_transpose also rewrites the EXIF block, which fails on some camera files'
-    # other tags (Pillow issues #6882, #7839), after the orientation was read fine
+    # the pixels alone: ImageOps.exif_transpose also rewrites the EXIF block, which can fail on a file's other tags
+    # (a tag of an unexpected type, test_data.py) after the orientation was read fine
     method = EXIF_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
     return img if method is None else img.transpose(method)
 
