@@ -5,8 +5,10 @@ N - sum(R) morphed tokens by k rounds of bipartite matching, R = [r_1, ..., r_k]
 
     split the current tokens into two sets A (sources) and B (destinations)     Algorithm 1, split
     cosine similarity between every source and every destination               Algorithm 1, similarity
-    each source keeps its most similar destination; the r_p best pairs merge   Algorithm 1, top-r_p
-    a merged token is the mean of the original tokens it contains              Algorithm 1, M_p
+    the r_p most similar (source, destination) pairs merge                     Algorithm 1, top-r_p
+      (here, as ToMe and the official code: each source's most similar destination, the r_p best sources)
+    a merged token is the mean of the tokens merged into it                    Algorithm 1, M_p
+      (here size-weighted: the exact mean of the original tokens it contains; see below)
 
 DTM then compares student predictions and teacher targets after both are averaged over the same groups
 (the morphing matrix M applied to each). This file is the morphing alone, no model code, torch only
@@ -134,7 +136,8 @@ def num_groups_after(num_tokens: int, schedule, split: str) -> int:
 
 
 def sample_schedule(num_tokens: int, max_merged: int, max_iters: int, rng: random.Random, rule: str = "spread") -> list:
-    """The dynamic scheduler (Sec. 3.2): merged count n ~ U{0..max_merged}, iterations k ~ U{1..max_iters}, then
+    """The dynamic scheduler (Sec. 3.2; the paper draws the count of remaining tokens, the official parser's n counts
+    merged ones): merged count n ~ U{0..max_merged}, iterations k ~ U{1..max_iters}, then
     make_schedule(num_tokens, n, k, rule, max_merged). rng is a random.Random (seed it from the step for
     reproducible runs without saved state). rule: "spread" (exactly n merges before clamping, which caps each round
     at half the tokens: n = 150 of 196 in 1 round merges 98) by default; train_pretrain.py's --schedule_rule
