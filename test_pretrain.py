@@ -182,7 +182,9 @@ def test_recipes_and_their_defaults():
     (["--fixed_schedule", "8", "2", "--max_iters", "1", "--schedules", "shared"], ValueError,
      "--max_iters, --schedules would do nothing with --fixed_schedule"),
     (["--max_merged", "0", "--levels", "3", "--schedule_rule", "spread"], ValueError,
-     "--schedule_rule, --levels would do nothing when no token is merged"),
+     "--schedule_rule would do nothing when no token is merged"),
+    (["--max_merged", "0", "--levels", "3"], ValueError,
+     "--levels 3 would do nothing when no token is merged: every level merges the same groups; --levels 1 computes"),
     (["--fixed_schedule", "0", "1", "--split", "alternate"], ValueError, "--split would do nothing when no token is "
                                                                          "merged"),
     (["--loss", "l2", "--beta", "100"], ValueError, "--beta would do nothing with --loss l2"),
@@ -1044,7 +1046,8 @@ def test_a_kill_between_an_epochs_two_saves_still_keeps_its_checkpoint(image_fol
     (["--num_masked", "0", "--loss_on", "all", "--mto"], "--mto with --num_masked 0 would do nothing"),
     (["--num_masked", "0", "--loss_on", "all", "--min_block", "3"], "--min_block would do nothing with --num_masked 0"),
     (["--fixed_schedule", "5", "2", "--split", "official", "--levels", "3"],
-     "--levels 3 would do nothing with --fixed_schedule and --split official .*: --levels 1 computes that level once"),
+     "--levels 3 would do nothing with --fixed_schedule and --split official .*; --levels 1 computes that level once"),
+    (["--fixed_schedule", "0", "2", "--levels", "4"], "--levels 4 would do nothing when no token is merged"),
     (["--fixed_schedule", "5", "2", "--recipe", "official", "--levels", "3"],
      "--levels 3 would do nothing with --fixed_schedule and --split official"),
     (["--max_merged", "0", "--recipe", "official"], "--recipe would do nothing when no token is merged"),
@@ -1061,6 +1064,7 @@ def test_flags_next_to_the_refused_ones_are_taken():
     args = tp.parse_args(["--fixed_schedule", "5", "2", "--levels", "3"])  # a random split: each level its own groups
     assert (args.split, args.levels) == ("random", 3)
     assert tp.parse_args(["--fixed_schedule", "5", "2", "--split", "alternate", "--levels", "1"]).levels == 1  # once
+    assert tp.parse_args(["--max_merged", "0", "--levels", "1"]).levels == 1  # no merge: the same gradients, once
     assert tp.parse_args(["--recipe", "official"]).split == "official"
     assert tp.parse_args(["--recipe", "paper", "--split", "official"]).split == "official"  # the default recipe
     assert tp.parse_args(["--num_masked", "0", "--loss_on", "all"]).num_masked == 0  # --min_block not given

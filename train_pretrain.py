@@ -157,14 +157,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.fixed_schedule:
         engine.refuse_ignored(args, parser, ["max_merged", "max_iters", "schedules"],
                               "with --fixed_schedule (every step merges by the same schedule, drawn from nothing)")
-    if args.max_merged == 0 or (args.fixed_schedule and args.fixed_schedule[0] == 0):
-        engine.refuse_ignored(args, parser, ["max_iters", "schedule_rule", "schedules", "split", "levels", "recipe"],
+    no_merge = args.max_merged == 0 or (args.fixed_schedule and args.fixed_schedule[0] == 0)
+    if no_merge:
+        engine.refuse_ignored(args, parser, ["max_iters", "schedule_rule", "schedules", "split", "recipe"],
                               "when no token is merged (--max_merged 0 or --fixed_schedule 0 K: token-wise "
                               "distillation, every level the same)")
-    elif args.fixed_schedule and args.split != "random" and args.levels not in (1, parser.get_default("levels")):
-        raise ValueError(f"--levels {args.levels} would do nothing with --fixed_schedule and --split {args.split} "
-                         f"(every level merges the same groups: one schedule, a split drawn from nothing): --levels 1 "
-                         f"computes that level once, with the same result")
+    if (no_merge or (args.fixed_schedule and args.split != "random")) and args.levels not in (1, parser.get_default(
+            "levels")):  # every level the same: 1 computes it once, the default is taken as the run's recipe
+        why = ("when no token is merged" if no_merge else f"with --fixed_schedule and --split {args.split} (one "
+               f"schedule, a split drawn from nothing)")
+        raise ValueError(f"--levels {args.levels} would do nothing {why}: every level merges the same groups; "
+                         f"--levels 1 computes that level once, with the same result")
     if args.num_masked == 0:
         engine.refuse_ignored(args, parser, ["min_block"], "with --num_masked 0 (no block is drawn)")
     engine.refuse_idle_recipe(args, parser, argv, RECIPES)
