@@ -187,9 +187,13 @@ def mask_sizes(mask) -> MaskSizes:
     all the work queued before it); for the loader's CPU copy of the mask none. A trainer passes the CPU copy's to
     mto_forward (mask_sizes=...), so MTO queues its work without waiting for the teacher's and the morphing's."""
     _check_mask(mask)
-    counts = mask.sum(dim=1)
-    most_masked, fewest_masked = torch.stack([counts.amax(), counts.amin()]).tolist()
-    return MaskSizes(most_masked, mask.shape[1] - fewest_masked, mask.shape[1] - most_masked)
+    return _sizes_of(mask.sum(dim=1), mask.shape[1])
+
+
+def _sizes_of(masked_counts, N: int) -> MaskSizes:
+    """(B,) masked patches per image of N -> MaskSizes (read on the host)."""
+    most_masked, fewest_masked = torch.stack([masked_counts.amax(), masked_counts.amin()]).tolist()
+    return MaskSizes(most_masked, N - fewest_masked, N - most_masked)
 
 
 def _check_sizes(sizes, mask):
@@ -212,10 +216,12 @@ def patch_rows(mask, sizes: Optional[MaskSizes] = None) -> Rows:
     step's) would cut patches off the rows: they fail where the mask is, without the host waiting for it (on the CPU a
     RuntimeError; on a GPU a device-side assert, which ends the process)."""
     _check_mask(mask)
-    given = sizes is not None
-    sizes = _check_sizes(sizes, mask) if given else mask_sizes(mask)
-    counts = torch.stack([mask.sum(dim=1), (~mask).sum(dim=1)])  # (2, B)
-    if given:
+    masked_counts = mask.sum(dim=1)  # (B,)
+    counts = torch.stack([masked_counts, mask.shape[1] - masked_counts])  # (2, B): masked, visible
+    if sizes is None:
+        sizes = _sizes_of(masked_counts, mask.shape[1])  # a host sync for a mask on a GPU
+    else:
+        sizes = _check_sizes(sizes, mask)
         torch._assert_async((counts[0].amax() == sizes.most_masked) & (counts[1].amax() == sizes.most_visible),
                             f"mask_sizes {tuple(sizes)} are not this mask's (most masked, most and fewest visible "
                             f"patches of an image): pass mto.mask_sizes(mask) of this very mask (or of its CPU copy)")
