@@ -46,6 +46,7 @@ bilinear, as mmcv (resize_cv2_nearest, resize_cv2_linear). Files that cannot be 
 import math
 import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -126,9 +127,10 @@ def _is_image_file(name):
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
 
 
-def _image_files(folder):
+def _image_files(folder, split_folders=None):
     """Image files under folder, in subfolders too (symbolic links followed); hidden files and folders skipped. A
-    link back to a folder above would list its files again and again: it is an error."""
+    link back to a folder above would list its files again and again: it is an error. Each folder found to hold a
+    dataset's sets (dataset_sets) is appended to split_folders as (folder, its subfolders' names)."""
     seen = set()
     for parent, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(parent)
@@ -137,6 +139,8 @@ def _image_files(folder):
                              f"folder): its images would be listed more than once; remove the link")
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if split_folders is not None and dataset_sets(dirs):
+            split_folders.append((parent, list(dirs)))
         yield from (os.path.join(parent, f) for f in files if _is_image_file(f))
 
 
@@ -167,19 +171,41 @@ class PackedSamples:
         return path, int(self.labels[index])
 
 
-DATASET_SETS = ("train", "val", "validation", "test")  # folder names of a dataset's sets, not of classes
+DATASET_SETS = ("train", "val", "validation", "valid", "test")  # a dataset's sets, in the order a val set is picked
+# a folder named for a set: "val", "val2017", "ILSVRC2012_img_val", "imagenet-train" (not "training", not "test_tube")
+_SET_NAME = re.compile(r"(?:^|.*[_\-. ])(" + "|".join(DATASET_SETS) + r")\d*$", re.IGNORECASE)
 
 
-def refuse_dataset_root(classes, root, flag: str, split: str):
-    """A dataset root holding train/ and val/ (or validation/, test/) read as an ImageFolder has those sets as its
-    classes, and a run on it would train or evaluate on every set's images with the sets as labels: raise, naming the
-    subfolder to pass as `flag` instead (split "train": train/; "val": the first of val/, validation/, test/ there)."""
-    sets = [name for name in DATASET_SETS if name in classes]
-    if "train" in sets and len(sets) > 1:
-        subfolder = "train" if split == "train" else sets[1]
-        raise ValueError(f"{flag} {root!r} holds {' and '.join(s + '/' for s in sets)} (a dataset split into sets), "
-                         f"which would be read as classes, the images of every set mixed: pass "
-                         f"{flag} {os.path.join(root, subfolder)}")
+def dataset_sets(names):
+    """{set: folder name} of the names that name a dataset's sets (see _SET_NAME), if they hold a train set and one
+    more (one such name alone can be a class: "train" among vehicles); else {}."""
+    found = {}
+    for name in sorted(names):
+        match = _SET_NAME.match(name)
+        if match:
+            found.setdefault(match.group(1).lower(), name)
+    sets = {s: found[s] for s in DATASET_SETS if s in found}  # train first
+    return sets if "train" in sets and len(sets) > 1 else {}
+
+
+def refuse_dataset_root(folder, flag: str, split: str):
+    """An ImageFolder whose root holds train/ and val/ (or validation/, test/, train2017/ ...), or a folder below
+    it that does (the root a wrapper: ILSVRC/Data/ of ILSVRC/Data/CLS-LOC/{train,val,test}), has those sets as its
+    classes or within one class, and a run on it would train or evaluate on every set's images: raise, naming the
+    folder to pass as `flag` instead (split "train": the train set's; "val": the first other set's in DATASET_SETS'
+    order)."""
+    nested = [(os.path.relpath(parent, folder.root), names) for parent, names in folder.split_folders]
+    for parent, names in [("", folder.classes)] + nested:
+        sets = dataset_sets(names)
+        if not sets:
+            continue
+        names = list(sets.values())
+        pick = names[0] if split == "train" else names[1]
+        listed = " and ".join(os.path.join(parent, n) + "/" for n in names)
+        where, read_as = (f"holds {parent}/ with", "one class") if parent else ("holds", "classes")
+        fix = os.path.normpath(os.path.join(folder.root, parent, pick))
+        raise ValueError(f"{flag} {folder.root!r} {where} {listed} (a dataset split into sets), which would be read as "
+                         f"{read_as}, the images of every set mixed: pass {flag} {fix}")
 
 
 def require_image_folder(root, name: str):
@@ -198,7 +224,7 @@ class ImageFolder(torch.utils.data.Dataset):
     class folders (ImageNet's); with nested ones torchvision lists a folder's own files before its subfolders', and it
     also reads .ppm/.pgm files, which IMG_EXTENSIONS leaves out. Hidden names (".ipynb_checkpoints/", "._x.JPEG") are
     skipped, where torchvision would make a hidden folder a class (the first: class indices shift) and read macOS's "._"
-    files.
+    files. Images lying in root beside the class folders are refused, where torchvision leaves them out.
     """
 
     LAYOUT = "root/<class_name>/<image>.jpg (one subfolder per class, e.g. imagenet/train/n01440764/xxx.JPEG)"
@@ -212,9 +238,15 @@ class ImageFolder(torch.utils.data.Dataset):
             hint = (f" It holds {len(loose)} images directly: move them into class subfolders." if loose else "")
             raise FileNotFoundError(f"image folder {root!r} has no class subfolders; expected the layout "
                                     f"{self.LAYOUT}.{hint}")
+        loose = sorted(n for n in os.listdir(root) if _is_image_file(n))
+        if loose:  # torchvision's ImageFolder leaves them out without a word: a val set counted in part
+            raise FileNotFoundError(f"image folder {root!r} holds {len(loose)} images directly (e.g. {loose[0]!r}) "
+                                    f"beside its {len(self.classes)} class folders, which this layout does not read: "
+                                    f"move them into their class folders, or out of {root!r}")
         paths, labels, empty = [], [], []
+        self.split_folders = []  # folders below root that hold a dataset's sets, for refuse_dataset_root
         for label, name in enumerate(self.classes):
-            files = sorted(_image_files(os.path.join(root, name)))
+            files = sorted(_image_files(os.path.join(root, name), self.split_folders))
             empty += [] if files else [name]
             paths += files
             labels += [label] * len(files)

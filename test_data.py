@@ -233,6 +233,34 @@ def test_image_folder_errors(tmp_path):
         data.ImageFolder(str(empty))
 
 
+def test_image_folder_refuses_images_beside_its_class_folders(tmp_path):
+    """Images lying in the root beside class folders (a val/ half sorted by an interrupted valprep.sh) were left out
+    without a word, as torchvision's ImageFolder does: top-1 on part of the val set. Refused, with the count."""
+    for name in ("a", "b"):
+        _save(tmp_path / "val" / name / "x.png")
+    assert len(data.ImageFolder(str(tmp_path / "val"))) == 2
+    for i in range(3):
+        _save(tmp_path / "val" / f"ILSVRC2012_val_{i}.JPEG")
+    (tmp_path / "val" / "LOC_val_solution.csv").write_text("not an image\n")  # other files are no images
+    with pytest.raises(FileNotFoundError, match="holds 3 images directly \\(e.g. 'ILSVRC2012_val_0.JPEG'\\) beside "
+                                                "its 2 class folders, which this layout does not read: move them"):
+        data.ImageFolder(str(tmp_path / "val"))
+
+
+def test_dataset_sets_names_what_names_a_dataset_split():
+    """A folder holding a train set and one more (any of val, validation, valid, test, with a prefix or a year) is
+    a dataset split into sets; one set name alone (a class 'train' among vehicles) or a name that only begins so is
+    not."""
+    assert data.dataset_sets(["val", "train", "n01"]) == {"train": "train", "val": "val"}
+    assert data.dataset_sets(["ILSVRC2012_img_val", "ILSVRC2012_img_train"]) == {
+        "train": "ILSVRC2012_img_train", "val": "ILSVRC2012_img_val"}
+    assert data.dataset_sets(["test", "Train2017", "valid"]) == {"train": "Train2017", "valid": "valid", "test": "test"}
+    assert data.dataset_sets(["imagenet-train", "imagenet-validation"]) == {
+        "train": "imagenet-train", "validation": "imagenet-validation"}
+    for names in (["train", "bus", "car"], ["training", "testing"], ["train", "test_tube"], ["val", "test"]):
+        assert data.dataset_sets(names) == {}, names
+
+
 def test_image_folder_corrupt_file_is_named(tmp_path):
     _save(tmp_path / "a" / "good.png")
     (tmp_path / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")

@@ -494,6 +494,26 @@ def test_a_data_root_split_into_train_and_val_is_refused(tmp_path):
     tp.main(tiny_argv(str(tmp_path / "root" / "train"), tmp_path / "run", "--epochs", "1"))  # the fix works
 
 
+@pytest.mark.parametrize("layout, wrapper, train, others", [
+    ("kaggle", "CLS-LOC", "train", ["val", "test"]),  # ILSVRC/Data/CLS-LOC/{train,val,test}, --data ILSVRC/Data
+    ("tar names", "", "ILSVRC2012_img_train", ["ILSVRC2012_img_val"]),  # the archives' names, unpacked side by side
+    ("two down", os.path.join("imagenet", "2012"), "train", ["val"])])
+def test_a_data_folder_holding_a_dataset_split_further_down_is_refused(tmp_path, layout, wrapper, train, others):
+    """--data one or two folders above train/ and val/, or above ILSVRC2012_img_train/ and ILSVRC2012_img_val/, was
+    read as one class (or as two): the validation (and test) images pre-trained on, without a word. Refused, naming
+    the train folder to pass."""
+    root = tmp_path / "root"
+    for split in [train] + others:
+        make_image_folder(root / wrapper / split, count=4)
+    listed = " and ".join(re.escape(os.path.join(wrapper, s) + "/") for s in [train] + others)
+    where = f"holds {re.escape(wrapper)}/ with " if wrapper else "holds "
+    with pytest.raises(ValueError, match=f"^--data '{root}' {where}{listed} \\(a dataset split into sets\\), which "
+                                         f"would be read as {'one class' if wrapper else 'classes'}.*: pass --data "
+                                         f"{re.escape(str(root / wrapper / train))}$"):
+        tp.build_dataset(tp.parse_args(tiny_argv(str(root), tmp_path / "run")))
+    assert len(tp.build_dataset(tp.parse_args(tiny_argv(str(root / wrapper / train), tmp_path / "run")))) == 4
+
+
 def test_an_init_or_teacher_that_is_a_folder_names_a_file_in_it(image_folder, tmp_path):
     tp.main(tiny_argv(image_folder, tmp_path / "run", "--epochs", "1"))
     with pytest.raises(ValueError, match=f"is a folder; pass a checkpoint file, e.g. {tmp_path / 'run' / engine.LAST}"):

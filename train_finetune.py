@@ -204,14 +204,14 @@ def build_datasets(args, train: bool = True):
     if val_dir is None or (train and train_dir is None):
         raise ValueError("give both --data_train and --data_val, or --data ROOT with ROOT/train and ROOT/val")
     val = data.ImageFolder(val_dir, val_tf)
-    data.refuse_dataset_root(val.classes, val_dir, "--data_val", "val")
+    data.refuse_dataset_root(val, "--data_val", "val")
     if len(val.classes) < 2:
         raise ValueError(f"{val_dir!r} has {len(val.classes)} class folder ({val.classes[0]!r}): classification needs "
                          f"2 or more (root/<class>/<image>)")
     if not train:
         return None, val, val.classes
     train_set = data.ImageFolder(train_dir, train_tf)
-    data.refuse_dataset_root(train_set.classes, train_dir, "--data_train", "train")
+    data.refuse_dataset_root(train_set, "--data_train", "train")
     if train_set.classes != val.classes:
         raise ValueError(f"train ({train_dir!r}, {len(train_set.classes)} classes) and val ({val_dir!r}, "
                          f"{len(val.classes)} classes) have different class folders: "

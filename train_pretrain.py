@@ -233,7 +233,7 @@ def build_dataset(args):
         base = SyntheticShapes(DEMO_IMAGES, img_size=args.img_size * 8 // 7, seed=0)
     else:
         base = ImageFolder(args.data)
-        refuse_dataset_root(base.classes, args.data, "--data", "train")
+        refuse_dataset_root(base, "--data", "train")
     return MaskedImageDataset(base, PretrainTransform(args.img_size, args.min_crop_scale),
                               BlockMaskGenerator((grid, grid), args.num_masked, args.min_block))
 
