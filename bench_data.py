@@ -61,7 +61,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         if args.data is None:
             make_jpegs(tmp, args.images)
-        folder = data.ImageFolder(args.data or tmp)
+        try:
+            folder = data.ImageFolder(args.data or tmp)
+        except (OSError, ValueError) as e:
+            parser.error(f"--data: {e}")
         paths = [folder.samples[i][0] for i in range(min(args.images, len(folder)))]
         pretrain = data.PretrainTransform(224, min_crop_scale=0.08)
         masks = data.BlockMaskGenerator((14, 14), num_masked=75, min_block=16)

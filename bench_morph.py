@@ -176,6 +176,11 @@ def main():
     args = parser.parse_args()
     if min(args.iters, args.batch, args.tokens, args.dim, args.levels) < 1 or args.warmup < 0:
         parser.error("--iters, --batch, --tokens, --dim and --levels must be >= 1, --warmup >= 0")
+    for text in args.schedules:
+        try:
+            parse_schedule(text)
+        except ValueError as e:
+            parser.error(f"--schedules {text!r}: {e}")
     if args.child:
         print(json.dumps(measure(args, *args.child)))
         return

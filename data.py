@@ -548,9 +548,11 @@ class SyntheticShapes(torch.utils.data.Dataset):
     __getitem__(i) -> (transform(image), label) (the PIL image when transform is None).
     """
 
+    MAX_CLASSES = len(SHAPES) * len(TEXTURES)
+
     def __init__(self, num_images, img_size=224, num_classes=10, seed=0, transform=None):
-        if not 1 <= num_classes <= len(SHAPES) * len(TEXTURES):
-            raise ValueError(f"SyntheticShapes supports 1..{len(SHAPES) * len(TEXTURES)} classes, got {num_classes}")
+        if not 1 <= num_classes <= self.MAX_CLASSES:
+            raise ValueError(f"SyntheticShapes supports 1..{self.MAX_CLASSES} classes, got {num_classes}")
         if img_size < 8:
             raise ValueError(f"img_size must be at least 8 pixels, got {img_size}")
         self.num_images, self.img_size, self.num_classes = num_images, img_size, num_classes
@@ -1074,7 +1076,7 @@ def seg_rescale(img, mask, scale, resample=CV2_LINEAR):
     'nearest' (resize_cv2_nearest)."""
     w, h = img.size
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    size = (int(w * factor + 0.5), int(h * factor + 0.5))
+    size = (max(1, int(w * factor + 0.5)), max(1, int(h * factor + 0.5)))  # a side of 0 (a tiny --scale): 1 pixel
     resize = {CV2_LINEAR: resize_cv2_linear, CV2_NEAREST: resize_cv2_nearest}.get(resample)
     img = resize(img, size) if resize is not None else img.resize(size, resample)
     return img, (resize_cv2_nearest(mask, size) if mask is not None else None)

@@ -403,10 +403,13 @@ def workers_default(preferred: int) -> int:
 def check_shared_args(args):
     """The numeric flags the three trainers share: a negative --clip_grad would flip the gradients' sign
     (clip_grad_norm_ scales by clip / norm), a negative --lr or --weight_decay would train backwards, a negative
-    --max_unreadable stop the run at its first log, a negative --num_workers fail inside the DataLoader."""
+    --max_unreadable stop the run at its first log, a negative --num_workers fail inside the DataLoader; --lr 0 would
+    train nothing (with --min_lr 0, without a word)."""
     for flag in ("lr", "min_lr", "weight_decay", "clip_grad", "num_workers"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.lr == 0:
+        raise ValueError("--lr 0 would train nothing (every step's lr is 0, or at most --min_lr): pass a peak lr > 0")
     if not 0 <= args.max_unreadable <= 1:
         raise ValueError(f"--max_unreadable is a fraction of the training images, in 0..1; got {args.max_unreadable}")
     if getattr(args, "layer_decay", None) is not None and not 0 < args.layer_decay <= 1:
@@ -856,6 +859,16 @@ def finite_float(text: str) -> float:
     return value
 
 
+def nonempty_text(text: str) -> str:
+    """The trainers' type for flags without one (paths, --aa): an empty value, as an unset shell variable gives
+    (`--data "$IMAGENET"`), read as no value where the code tests the flag's truth: the demo's images trained on, or
+    --eval "" a training run."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty: give a value (an unset shell variable?) or leave the "
+                                         f"flag out")
+    return text
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """The trainers' --help: each flag with its default, but no "(default: None)" after a flag whose default is
     resolved later (by --model, by a continued run, in the demo) and said in its own help text."""
@@ -865,10 +878,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def trainer_parser(description: str, epilog: str) -> argparse.ArgumentParser:
-    """The parser every trainer starts from: HelpFormatter's --help, and every type=float flag read by finite_float
-    (argparse looks its types up in the parser's registry, which argument groups share)."""
+    """The parser every trainer starts from: HelpFormatter's --help, every type=float flag read by finite_float and
+    every flag without a type by nonempty_text (argparse looks its types up in the parser's registry, which argument
+    groups share; None is the type of a flag given none)."""
     parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
     parser.register("type", float, finite_float)
+    parser.register("type", None, nonempty_text)
     return parser
 
 

@@ -417,15 +417,17 @@ def parse_schedule(text: str) -> list:
     try:
         if "x" in text:
             rounds, r = text.split("x")
-            rounds, r = int(rounds), int(r)
+            rounds, schedule = int(rounds), [int(r)] * int(rounds)
         else:
-            return [int(r) for r in text.split(",")]
+            rounds, schedule = 1, [int(r) for r in text.split(",")]
     except ValueError:
         raise ValueError(f"cannot read schedule {text!r}; write KxR (K rounds of r=R, e.g. 14x7) or r1,r2,... "
                          f"(e.g. 49,49)") from None
     if rounds < 1:
         raise ValueError(f"schedule {text!r} has {rounds} rounds; KxR needs K >= 1 (no merge: 0)")
-    return [r] * rounds
+    if min(schedule) < 0:
+        raise ValueError(f"schedule {text!r} removes a negative number of tokens; each round's r must be >= 0")
+    return schedule
 
 
 def _load_square_image(path: str, size: int):

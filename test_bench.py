@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import bench_data
 import bench_morph
@@ -32,6 +33,9 @@ def ran_past_the_checks(*args, **kwargs):
     (["--compile", "--warmup", "0"], "the first step compiles"),  # a timed step would include the compilation
     (["--variants", "0", "5", "--warmup", "0"], "the first step compiles"),
     (["--variants", "0", "5", "--count_bytes"], "compiled kernels are not seen"),
+    (["--img_size", "17"], "--img_size must be a positive multiple of the patch size 16, got 17"),  # a traceback
+    (["--img_size", "0"], "got 0"),
+    (["--compare_mto", ""], "--compare_mto is empty"),  # ran without the comparison, exit 0
 ])
 def test_bench_mto_refuses(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(bench_mto, "make_teacher", ran_past_the_checks)  # a missing check fails here, not in minutes
@@ -96,15 +100,20 @@ def test_bench_mto_times_the_chosen_variants_and_reports_overheads_over_the_firs
     assert f"dtm + mto from {other} (defaults): median 4.000 s (+100.0%), fastest 4.000 s (+300.0%)" in out
 
 
-@pytest.mark.parametrize("argv", [["--iters", "0"], ["--batch", "0"], ["--tokens", "0"], ["--dim", "0"],
-                                  ["--levels", "0"], ["--warmup", "-1"]])
-def test_bench_morph_refuses(argv, monkeypatch, capsys):
+@pytest.mark.parametrize("argv, message", [
+    *[(argv, "must be >= 1, --warmup >= 0") for argv in (["--iters", "0"], ["--batch", "0"], ["--tokens", "0"],
+                                                         ["--dim", "0"], ["--levels", "0"], ["--warmup", "-1"])],
+    (["--schedules", "abc"], "--schedules 'abc': cannot read schedule 'abc'"),  # tracebacks, after the set-up
+    (["--schedules", "14x7", "0x5"], "--schedules '0x5': schedule '0x5' has 0 rounds"),
+    (["--schedules=1x-1"], "--schedules '1x-1': schedule '1x-1' removes a negative number of tokens"),
+])
+def test_bench_morph_refuses(argv, message, monkeypatch, capsys):
     for name in ("check_agreement", "run_child", "measure"):
         monkeypatch.setattr(bench_morph, name, ran_past_the_checks)
     monkeypatch.setattr("sys.argv", ["bench_morph.py", *argv])
     with pytest.raises(SystemExit) as exit_status:
         bench_morph.main()
-    assert exit_status.value.code == 2 and "must be >= 1, --warmup >= 0" in capsys.readouterr().err
+    assert exit_status.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_bench_morph_passes_every_setting_to_its_children_and_reports_the_speed_up(monkeypatch, capsys):
@@ -161,6 +170,17 @@ def test_bench_data_refuses(argv, message, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_status:
         bench_data.main()
     assert exit_status.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_data_names_what_is_wrong_with_an_image_folder(tmp_path, monkeypatch, capsys):
+    """A --data folder without class subfolders ended in ImageFolder's traceback; now its message, after --data."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    monkeypatch.setattr(bench_data.torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr("sys.argv", ["bench_data.py", "--data", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_status:
+        bench_data.main()
+    assert exit_status.value.code == 2
+    assert f"--data: image folder '{tmp_path}' has no class subfolders" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- bench_morph

@@ -802,6 +802,9 @@ def test_seg_random_resize_follows_mmseg_rescale():
     out, _ = data.seg_random_resize(img, mask)
     factor = min(int(2048 * ratio) / 400, int(512 * ratio) / 300)
     assert out.size == (int(400 * factor + 0.5), int(300 * factor + 0.5))
+    # a side that rounds to 0 pixels (--scale 1 1 on a 4:1 image) is 1 pixel: F.interpolate refused a size of 0
+    out, out_mask = data.seg_rescale(Image.new("RGB", (400, 100)), Image.new("L", (400, 100)), (1, 1))
+    assert out.size == out_mask.size == (1, 1)
 
 
 def _bilinear_half_pixel(a, w, h):

@@ -1336,6 +1336,24 @@ def test_every_float_flag_of_every_trainer_refuses_nan_and_inf(trainer, capsys):
     assert module.get_args_parser().parse_args(["--lr", "1e-3"]).lr == 1e-3
 
 
+@pytest.mark.parametrize("trainer", ["train_pretrain", "train_finetune", "train_seg"])
+def test_every_flag_without_a_type_refuses_an_empty_value(trainer, capsys):
+    """`--data "$IMAGENET"` with the variable unset gives --data "", which the code read as no --data where it tests
+    the flag's truth: fine-tuning trained on the demo's images with the real run's settings, --eval "" trained
+    instead of evaluating. engine.nonempty_text, registered for flags without a type, refuses it at parse time."""
+    module = importlib.import_module(trainer)
+    flags = [a.option_strings[0] for a in module.get_args_parser()._actions
+             if a.type is None and a.nargs != 0 and a.option_strings != ["-h", "--help"]]
+    assert {"--output_dir", "--resume"} <= set(flags) and ("--data" in flags) and len(flags) >= 8
+    for flag in flags:
+        for value in ("", " "):
+            with pytest.raises(SystemExit) as exit:
+                module.parse_args([flag, value])
+            assert exit.value.code == 2
+            assert f"argument {flag}: {value!r} is empty: give a value" in capsys.readouterr().err
+    assert module.get_args_parser().parse_args(["--output_dir", "out"]).output_dir == "out"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train_pretrain.py", "--data", "/no/such/dir", "--teacher", "pixels"], "--data '/no/such/dir' is not a dir"),
     (["train_finetune.py", "--data_train", "/no/such/dir", "--data_val", "/no/such/dir", "--init", "none"],
@@ -1357,7 +1375,7 @@ def test_user_errors_print_one_line_and_exit_2(argv, message):
     (["--betas", "1.5", "0.9"], "--betas are AdamW's moment decays, each in \\[0, 1\\); got 1.5 0.9"),
     (["--betas", "0.9", "1.0"], "each in \\[0, 1\\); got 0.9 1.0"),  # torch raised its own error inside AdamW
     (["--seed", str(2 ** 64)], "--seed must be in -2\\*\\*63..2\\*\\*64 - 1"),  # an overflow in torch.manual_seed
-    (["--output_dir", ""], "--output_dir is empty"),
+    (["--lr", "0"], "--lr 0 would train nothing .*: pass a peak lr > 0"),  # silent with --min_lr 0
 ])
 def test_every_trainer_rejects_out_of_range_shared_flags(flags, message):
     import train_finetune

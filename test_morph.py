@@ -460,6 +460,9 @@ def test_visualization_writes_side_by_side_panels(tmp_path):
     for text in ("0x5", "-3x7"):  # no rounds: an empty schedule, a picture of no merges
         with pytest.raises(ValueError, match=f"schedule '{text}' has -?\\d+ rounds; KxR needs K >= 1"):
             parse_schedule(text)
+    for text in ("2x-1", "-3", "4,-1"):  # a traceback deep in morph.py once
+        with pytest.raises(ValueError, match=f"schedule '{text}' removes a negative number of tokens"):
+            parse_schedule(text)
     for out, message in (("g.pngx", "Pillow writes no file of that extension"), ("g.psd", "Pillow writes no file"),
                          ("none/g.png", "none' is not a folder")):  # each a traceback after the work before
         with pytest.raises(SystemExit, match=message):

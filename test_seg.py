@@ -127,7 +127,10 @@ GENERIC = ["--img_dir", "i", "--ann_dir", "a", "--val_img_dir", "vi", "--val_ann
     ([*GENERIC, "--num_classes", "0"], "--num_classes must be in 2..255"),
     ([*GENERIC, "--num_classes", "3", "--img_suffix", "jpg"], "--img_suffix 'jpg' is not a file ending: pass it with "
                                                               "its dot, e.g. --img_suffix .jpg"),
-    ([*GENERIC, "--num_classes", "3", "--ann_suffix", ""], "--ann_suffix '' is not a file ending: .* --ann_suffix .png"),
+    ([*GENERIC, "--num_classes", "3", "--ann_suffix", "png"], "--ann_suffix 'png' is not a file ending: .* "
+                                                              "--ann_suffix .png"),
+    (["--demo_img_size", "0"], "--demo_img_size must be >= 8 and --demo_shape_classes in 1..32, got 0 and 4"),  # named
+    (["--demo_shape_classes", "33"], "--demo_shape_classes in 1..32, got 96 and 33"),  # neither flag, once
     ([*GENERIC, "--num_classes", "256"], "--num_classes must be in 2..255"),
     ([*GENERIC, "--num_classes", "255", "--reduce_zero_label"], "must be in 2..254 \\(label values 0..num_classes-1 "
                                                                  "after --reduce_zero_label")])

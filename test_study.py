@@ -358,6 +358,16 @@ def test_epochs_the_study_cannot_run_are_refused(tmp_path, monkeypatch, argv):
     assert exit_status.value.code == 2 and not os.path.exists(tmp_path / "s")
 
 
+def test_an_out_that_is_a_file_is_refused(tmp_path, monkeypatch, capsys):
+    (tmp_path / "s").write_text("a file")  # os.makedirs' FileExistsError traceback once
+    monkeypatch.setattr(study, "make_data", lambda out: pytest.fail("ran"))
+    monkeypatch.setattr("sys.argv", ["study.py", "--out", str(tmp_path / "s")])
+    with pytest.raises(SystemExit) as exit_status:
+        study.main()
+    assert exit_status.value.code == 2
+    assert f"--out '{tmp_path / 's'}' is a file, not a folder" in capsys.readouterr().err
+
+
 @pytest.fixture
 def big_fashion(tmp_path, monkeypatch):
     """More images than the study takes (3000 + 1000 training, 500 test): 1-pixel images whose value is the index mod 256."""
