@@ -204,6 +204,12 @@ def refuse_dataset_root(folder, flag: str, split: str):
         listed = " and ".join(os.path.join(parent, n) + "/" for n in names)
         where, read_as = (f"holds {parent}/ with", "one class") if parent else ("holds", "classes")
         fix = os.path.normpath(os.path.join(folder.root, parent, pick))
+        train = os.path.join(folder.root, parent, names[0])
+        if parent and not any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(train)):
+            # root/<class>/{train,val}/<image>: each class split on its own, no folder to pass as it is
+            raise ValueError(f"{flag} {folder.root!r} {where} {listed} (each class folder split into sets): the "
+                             f"images of every set would be mixed in each class; move them to <set>/<class>/<image> "
+                             f"(e.g. {names[0]}/{parent.split(os.sep)[0]}/) and pass the set's folder as {flag}")
         raise ValueError(f"{flag} {folder.root!r} {where} {listed} (a dataset split into sets), which would be read as "
                          f"{read_as}, the images of every set mixed: pass {flag} {fix}")
 

@@ -860,12 +860,11 @@ def finite_float(text: str) -> float:
 
 
 def nonempty_text(text: str) -> str:
-    """The trainers' type for flags without one (paths, --aa): an empty value, as an unset shell variable gives
+    """The trainers' type for flags without one (paths): an empty value, as an unset shell variable gives
     (`--data "$IMAGENET"`), read as no value where the code tests the flag's truth: the demo's images trained on, or
     --eval "" a training run."""
     if not text.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is empty: give a value (an unset shell variable?) or leave the "
-                                         f"flag out")
+        raise argparse.ArgumentTypeError(f"{text!r} is empty (an unset shell variable?): give a value")
     return text
 
 

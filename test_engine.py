@@ -1350,7 +1350,8 @@ def test_every_flag_without_a_type_refuses_an_empty_value(trainer, capsys):
             with pytest.raises(SystemExit) as exit:
                 module.parse_args([flag, value])
             assert exit.value.code == 2
-            assert f"argument {flag}: {value!r} is empty: give a value" in capsys.readouterr().err
+            assert f"argument {flag}: {value!r} is empty (an unset shell variable?): give a value" in \
+                capsys.readouterr().err
     assert module.get_args_parser().parse_args(["--output_dir", "out"]).output_dir == "out"
 
 

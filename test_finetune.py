@@ -330,6 +330,9 @@ def test_rand_augment_flag():
     assert tf.parse_rand_augment("rand-mstd1") == dict(rand_num_ops=2, rand_magnitude=10.0, rand_magnitude_std=1.0,
                                                        rand_increasing=False)
     assert tf.parse_rand_augment("none") == dict(rand_num_ops=0)
+    for empty in (["--aa", ""], ["--aa= "]):  # timm's way to turn it off; not the generic empty-value refusal, whose
+        with pytest.raises(ValueError, match="an empty --aa .* pass --aa none to turn it off"):  # fix was the default
+            tf.parse_args(empty)
     for bad in ("auto", "rand-x9", "rand-m9-inc0", "rand-mnine", "rand-m9-mstd101", "rand-m9-inc2"):
         with pytest.raises(ValueError, match="--aa"):
             tf.parse_rand_augment(bad)

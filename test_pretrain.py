@@ -514,6 +514,27 @@ def test_a_data_folder_holding_a_dataset_split_further_down_is_refused(tmp_path,
     assert len(tp.build_dataset(tp.parse_args(tiny_argv(str(root / wrapper / train), tmp_path / "run")))) == 4
 
 
+def test_class_folders_each_split_into_sets_are_refused_naming_the_layout_to_make(tmp_path):
+    """root/<class>/{train,test}/<image>: no folder of it can be passed as it is (the refusal named
+    root/<first class>/train, which holds no class folders). A wrapper whose val/ is flat (Kaggle's CLS-LOC) still
+    names the train folder to pass."""
+    for name in ("daisy", "rose"):
+        for split in ("train", "test"):
+            os.makedirs(tmp_path / "flowers" / name / split)
+            Image.new("RGB", (40, 40)).save(tmp_path / "flowers" / name / split / "a.png")
+    with pytest.raises(ValueError, match=re.escape(
+            f"--data '{tmp_path / 'flowers'}' holds daisy/ with daisy/train/ and daisy/test/ (each class folder split "
+            f"into sets): the images of every set would be mixed in each class; move them to <set>/<class>/<image> "
+            f"(e.g. train/daisy/) and pass the set's folder as --data")):
+        tp.build_dataset(tp.parse_args(tiny_argv(str(tmp_path / "flowers"), tmp_path / "run")))
+    make_image_folder(tmp_path / "kaggle" / "CLS-LOC" / "train", count=4)
+    make_image_folder(tmp_path / "kaggle" / "CLS-LOC" / "val" / "flat", count=2)
+    for path in (tmp_path / "kaggle" / "CLS-LOC" / "val").glob("flat/*/*.png"):
+        os.rename(path, tmp_path / "kaggle" / "CLS-LOC" / "val" / path.name)  # val's images in val/ itself
+    with pytest.raises(ValueError, match=f"pass --data {re.escape(str(tmp_path / 'kaggle' / 'CLS-LOC' / 'train'))}$"):
+        tp.build_dataset(tp.parse_args(tiny_argv(str(tmp_path / "kaggle"), tmp_path / "run")))
+
+
 def test_an_init_or_teacher_that_is_a_folder_names_a_file_in_it(image_folder, tmp_path):
     tp.main(tiny_argv(image_folder, tmp_path / "run", "--epochs", "1"))
     with pytest.raises(ValueError, match=f"is a folder; pass a checkpoint file, e.g. {tmp_path / 'run' / engine.LAST}"):

@@ -129,9 +129,13 @@ def parse_rand_augment(spec: str) -> dict:
     magnitude 10, 2 ops; magnitude std 0, :377 AugmentOp's hparams.get('magnitude_std', 0); the same defaults in timm
     0.4.12, the version the official code's README pins, at :654-655 and :336); without inc1, timm's original op
     list (_RAND_TRANSFORMS, data.RAND_OPS). inc0 is refused: timm 0.4.12 tests the string "0" with bool() (:670),
-    which is True, so its inc0 means inc1."""
+    which is True, so its inc0 means inc1. An empty spec, which turns RandAugment off in timm (create_transform's
+    `if auto_augment:`), is refused, naming "none"."""
     if spec == "none":
         return dict(rand_num_ops=0)
+    if not spec.strip():
+        raise ValueError(f"--aa {spec!r}: an empty --aa (timm's way to turn RandAugment off) is not read here: pass "
+                         f"--aa none to turn it off")
     out = dict(rand_num_ops=2, rand_magnitude=10.0, rand_magnitude_std=0.0, rand_increasing=False)
     fields = {"m": ("rand_magnitude", float), "mstd": ("rand_magnitude_std", float), "n": ("rand_num_ops", int)}
     name, *parts = spec.split("-")
@@ -276,8 +280,8 @@ def get_args_parser():
                    help="auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp16 "
                    "with a GradScaler (V100); fp32 on the CPU")
     g = p.add_argument_group("augmentation")
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment, timm notation, or 'none' (then no colour "
-                   "jitter either, as MAE: main_finetune.py --color_jitter None; the official code passes "
+    g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="RandAugment, timm notation, or 'none' (then "
+                   "no colour jitter either, as MAE: main_finetune.py --color_jitter None; the official code passes "
                    "--color_jitter 0.4 to timm's create_transform, run_class_finetuning.py:118 and utils/datasets.py:611, "
                    "which adds ColorJitter 0.4 in its place)")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
