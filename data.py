@@ -193,23 +193,23 @@ def refuse_dataset_root(folder, flag: str, split: str):
     it that does (the root a wrapper: ILSVRC/Data/ of ILSVRC/Data/CLS-LOC/{train,val,test}), has those sets as its
     classes or within one class, and a run on it would train or evaluate on every set's images: raise, naming the
     folder to pass as `flag` instead (split "train": the train set's; "val": the first other set's in DATASET_SETS'
-    order)."""
+    order), or, where each class folder holds its own sets (root/<class>/{train,val}/), the layout to make."""
     nested = [(os.path.relpath(parent, folder.root), names) for parent, names in folder.split_folders]
     for parent, names in [("", folder.classes)] + nested:
         sets = dataset_sets(names)
         if not sets:
             continue
-        names = list(sets.values())
-        pick = names[0] if split == "train" else names[1]
-        listed = " and ".join(os.path.join(parent, n) + "/" for n in names)
+        set_folders = list(sets.values())  # the train set's first
+        pick = set_folders[0] if split == "train" else set_folders[1]
+        listed = " and ".join(os.path.join(parent, n) + "/" for n in set_folders)
         where, read_as = (f"holds {parent}/ with", "one class") if parent else ("holds", "classes")
         fix = os.path.normpath(os.path.join(folder.root, parent, pick))
-        train = os.path.join(folder.root, parent, names[0])
+        train = os.path.join(folder.root, parent, set_folders[0])
         if parent and not any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(train)):
             # root/<class>/{train,val}/<image>: each class split on its own, no folder to pass as it is
             raise ValueError(f"{flag} {folder.root!r} {where} {listed} (each class folder split into sets): the "
                              f"images of every set would be mixed in each class; move them to <set>/<class>/<image> "
-                             f"(e.g. {names[0]}/{parent.split(os.sep)[0]}/) and pass the set's folder as {flag}")
+                             f"(e.g. {set_folders[0]}/{parent.split(os.sep)[0]}/) and pass the set's folder as {flag}")
         raise ValueError(f"{flag} {folder.root!r} {where} {listed} (a dataset split into sets), which would be read as "
                          f"{read_as}, the images of every set mixed: pass {flag} {fix}")
 
