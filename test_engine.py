@@ -31,6 +31,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CPU = engine.Dist()
 
 
+@pytest.fixture(autouse=True)
+def let_go_of_run_locks():
+    """Each test lets go of the output folders its prepare_run locked, as a run's teardown does (11 tests held up to
+    10 locks, and their file descriptors, until a later test happened to release them)."""
+    yield
+    engine.release_output_dirs()
+
+
 # ---------------------------------------------------------------------------------------------------
 # schedules and parameter groups
 
