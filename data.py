@@ -238,13 +238,13 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root, transform=None):
         self.root, self.transform = root, transform
         require_image_folder(root, f"image folder {root!r}")
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        entries = list(os.scandir(root))
+        self.classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        loose = sorted(e.name for e in entries if not e.is_dir() and _is_image_file(e.name))  # images in root itself
         if not self.classes:
-            loose = [n for n in os.listdir(root) if _is_image_file(n)]
             hint = (f" It holds {len(loose)} images directly: move them into class subfolders." if loose else "")
             raise FileNotFoundError(f"image folder {root!r} has no class subfolders; expected the layout "
                                     f"{self.LAYOUT}.{hint}")
-        loose = sorted(n for n in os.listdir(root) if _is_image_file(n))
         if loose:  # torchvision's ImageFolder leaves them out without a word: a val set counted in part
             raise FileNotFoundError(f"image folder {root!r} holds {len(loose)} images directly (e.g. {loose[0]!r}) "
                                     f"beside its {len(self.classes)} class folders, which this layout does not read: "
@@ -554,13 +554,13 @@ class SyntheticShapes(torch.utils.data.Dataset):
     __getitem__(i) -> (transform(image), label) (the PIL image when transform is None).
     """
 
-    MAX_CLASSES = len(SHAPES) * len(TEXTURES)
+    MAX_CLASSES, MIN_SIZE = len(SHAPES) * len(TEXTURES), 8
 
     def __init__(self, num_images, img_size=224, num_classes=10, seed=0, transform=None):
         if not 1 <= num_classes <= self.MAX_CLASSES:
             raise ValueError(f"SyntheticShapes supports 1..{self.MAX_CLASSES} classes, got {num_classes}")
-        if img_size < 8:
-            raise ValueError(f"img_size must be at least 8 pixels, got {img_size}")
+        if img_size < self.MIN_SIZE:
+            raise ValueError(f"img_size must be at least {self.MIN_SIZE} pixels, got {img_size}")
         self.num_images, self.img_size, self.num_classes = num_images, img_size, num_classes
         self.seed, self.transform = seed, transform
         self.classes = [f"{TEXTURES[c // len(SHAPES)]}_{SHAPES[c % len(SHAPES)]}" for c in range(num_classes)]

@@ -540,9 +540,9 @@ def parse_args(argv=None):
         raise ValueError(f"--channels must be >= 1, got {args.channels}: leave it out for {default}; a run started "
                          f"with --channels 0 (which then meant the ViT's width) continues with --channels {width} "
                          f"({args.model})")
-    most = data.SyntheticShapes.MAX_CLASSES
-    if not (args.demo_img_size >= 8 and 1 <= args.demo_shape_classes <= most):
-        raise ValueError(f"--demo_img_size must be >= 8 and --demo_shape_classes in 1..{most}, got "
+    smallest, most = data.SyntheticShapes.MIN_SIZE, data.SyntheticShapes.MAX_CLASSES  # its own bounds, named by flag
+    if not (args.demo_img_size >= smallest and 1 <= args.demo_shape_classes <= most):
+        raise ValueError(f"--demo_img_size must be >= {smallest} and --demo_shape_classes in 1..{most}, got "
                          f"{args.demo_img_size} and {args.demo_shape_classes}")
     for name in ("iters", "batch_size", "accum_iter", "eval_every", "save_every", "log_every", "slide_batch",
                  "demo_train_images", "demo_val_images"):
