@@ -318,15 +318,15 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every variant's blocks and MTO's losses, as train_pretrain.py --compile "
                              "(the first --warmup step compiles)")
-    parser.add_argument("--compare_mto", metavar="PATH",
+    parser.add_argument("--compare_mto", metavar="PATH", type=engine.nonempty_text,
                         help="also run MTO's defaults with another version of mto.py, interleaved with the rest")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         parser.error("--steps and --batch must be >= 1, --warmup >= 0")
-    if args.img_size < 16 or args.img_size % 16:
-        parser.error(f"--img_size must be a positive multiple of the patch size 16, got {args.img_size}")
-    if args.compare_mto is not None and not args.compare_mto.strip():
-        parser.error("--compare_mto is empty: give the path of a copy of mto.py, or leave the flag out")
+    try:
+        engine.check_image_size("--img_size", args.img_size, 224)
+    except ValueError as e:
+        parser.error(str(e))
     if not all(0 <= i < len(VARIANTS) for i in args.variants):
         parser.error(f"--variants are indices 0..{len(VARIANTS) - 1}, got {args.variants}")
     compiles = args.compile or not set(args.variants) <= set(EAGER_VARIANTS)

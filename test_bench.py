@@ -33,9 +33,9 @@ def ran_past_the_checks(*args, **kwargs):
     (["--compile", "--warmup", "0"], "the first step compiles"),  # a timed step would include the compilation
     (["--variants", "0", "5", "--warmup", "0"], "the first step compiles"),
     (["--variants", "0", "5", "--count_bytes"], "compiled kernels are not seen"),
-    (["--img_size", "17"], "--img_size must be a positive multiple of the patch size 16, got 17"),  # a traceback
-    (["--img_size", "0"], "got 0"),
-    (["--compare_mto", ""], "--compare_mto is empty"),  # ran without the comparison, exit 0
+    (["--img_size", "17"], "--img_size 17 is not a positive multiple of the patch size 16; use e.g. 224"),  # traceback
+    (["--img_size", "0"], "--img_size 0 is not a positive multiple"),
+    (["--compare_mto", ""], "argument --compare_mto: '' is empty"),  # ran without the comparison, exit 0
 ])
 def test_bench_mto_refuses(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(bench_mto, "make_teacher", ran_past_the_checks)  # a missing check fails here, not in minutes
