@@ -129,8 +129,8 @@ def parse_rand_augment(spec: str) -> dict:
     magnitude 10, 2 ops; magnitude std 0, :377 AugmentOp's hparams.get('magnitude_std', 0); the same defaults in timm
     0.4.12, the version the official code's README pins, at :654-655 and :336); without inc1, timm's original op
     list (_RAND_TRANSFORMS, data.RAND_OPS). inc0 is refused: timm 0.4.12 tests the string "0" with bool() (:670),
-    which is True, so its inc0 means inc1. An empty spec, which turns RandAugment off in timm (create_transform's
-    `if auto_augment:`), is refused, naming "none"."""
+    which is True, so its inc0 means inc1. An empty spec, which turns RandAugment off in timm
+    (timm/data/transforms_factory.py, transforms_imagenet_train: `if auto_augment:`), is refused, naming "none"."""
     if spec == "none":
         return dict(rand_num_ops=0)
     if not spec.strip():
