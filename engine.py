@@ -907,7 +907,8 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
 
     --resume auto continues output_dir/checkpoint-last.pth if there is one (as the official code's --auto_resume, on
     by default: naver-ai/dtm run_pretrain_dtm.py, utils/utils.py auto_load_last_model); --fresh starts over instead; --resume PATH
-    continues PATH, into an output_dir that holds no other run. With --fresh, open_log removes that run's
+    continues PATH, into an output_dir that holds no other run (or the run the same --resume PATH started there, which
+    it continues: launched_with_resume). With --fresh, open_log removes that run's
     checkpoint-last.pth once the new run's model is built (an --init that cannot be read or does not fit fails
     first and leaves it in place). reads / new_run_reads: {flag: path} of checkpoints the run reads at every launch
     (the teacher) / when it starts (--init); refused where the run writes over them.
@@ -943,6 +944,9 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
                       "a file just written yet: relaunch in a moment")
     if error is not None:
         raise error
+    if start[1] and args.resume != "auto" and not same_path(start[0], args.resume):
+        d.print(f"note: continuing {start[0]}, the run this command started there from --resume {args.resume} (to "
+                f"start again from {args.resume}, add --fresh)")
     return start
 
 
@@ -958,9 +962,23 @@ def _run_start(args, last: str) -> tuple:
     if args.resume == "auto":
         return (None, False) if args.fresh or not os.path.isfile(last) else (last, True)
     if os.path.isfile(last) and not resuming_last and not args.fresh:
+        if launched_with_resume(last, args.resume):  # the same command relaunched (a requeued job): it goes on
+            return last, True
         raise ValueError(f"--output_dir {args.output_dir!r} holds another run ({LAST}); continuing {args.resume!r} "
-                         f"there would overwrite it: pass another --output_dir, or --fresh to replace that run")
+                         f"there would overwrite it: pass another --output_dir, or --fresh to replace that run (or, "
+                         f"to continue the run there, --resume auto)")
     return args.resume, resuming_last
+
+
+def launched_with_resume(last: str, path: str) -> bool:
+    """Whether the run that wrote last was launched with --resume path (its continuation of path's run, which the
+    same command, relaunched as a requeued job is, continues). Reads the checkpoint's small entries only (mmap)."""
+    try:
+        saved = torch.load(last, map_location="cpu", mmap=True, weights_only=True)
+        recorded = saved.get("resume_abspath") or saved["args"]["resume"]  # older checkpoints: as it was given
+    except Exception:  # not a checkpoint of this repo: the refusal names the folder's file
+        return False
+    return recorded != "auto" and same_path(recorded, path)
 
 
 def new_run_hint(args, resumed: str) -> str:
@@ -1153,6 +1171,7 @@ def checkpoint_state(kind: str, model, optimizer, scaler, args, step: int, steps
             "world_size": dist.get_world_size() if dist.is_initialized() else 1, "rng": rng_state(),
             "init_abspath": os.path.abspath(args.init) if getattr(args, "init", None) not in (None, "none")
             and (os.path.isabs(args.init) or os.path.exists(args.init)) else None,  # not a guess from this folder
+            "resume_abspath": os.path.abspath(args.resume) if getattr(args, "resume", "auto") != "auto" else None,
             **extra}
 
 
@@ -1505,9 +1524,8 @@ def cli(main):
         after_ctrl_c = "" if _end_progress_bars() else "\n"  # a new line, unless closing a bar ended the line
         print(f"{after_ctrl_c}interrupted: relaunch to continue from the last {LAST} in its --output_dir (written "
               f"at the end of each epoch in pre-training and fine-tuning, and every --save_every steps where the "
-              f"trainer has it): the same command, or after a --resume PATH start the same command with --resume "
-              f"auto; before the first save there is none: the command as it was starts over (from PATH with "
-              f"--resume PATH)",
+              f"trainer has it): the same command, without --fresh; before the first save there is none: the "
+              f"command as it was starts over (from PATH with --resume PATH)",
               file=sys.stderr, flush=True)
         sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:

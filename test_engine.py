@@ -952,6 +952,40 @@ def test_prepare_run_rules(tmp_path):
         engine.prepare_run(run_args(out, resume=str(tmp_path / "nope.pth")), CPU)
 
 
+def test_a_folders_run_launched_with_the_same_resume_path_is_continued(tmp_path, monkeypatch, capsys):
+    """--resume PATH into a folder whose run that same --resume PATH started (a requeued job's command): continued.
+    Another PATH, a run continued with --resume auto since, or a file that is no checkpoint: refused as before."""
+    out, start, other = tmp_path / "run", tmp_path / "start.pth", tmp_path / "other.pth"
+    out.mkdir()
+    start.write_bytes(b"y")
+    other.write_bytes(b"z")
+    layer = torch.nn.Linear(2, 2)
+    state = engine.checkpoint_state("dtm_pretrain", layer, torch.optim.SGD(layer.parameters(), 1), None,
+                                    run_args(out, resume=str(start)), 1, 1)
+    assert state["resume_abspath"] == str(start)
+    for recorded, continued in ((state, True), ({**state, "resume_abspath": str(other)}, False),
+                                ({**state, "resume_abspath": None, "args": {"resume": "auto"}}, False)):
+        torch.save(recorded, out / engine.LAST)
+        if continued:
+            assert engine.prepare_run(run_args(out, resume=str(start)), CPU) == (str(out / engine.LAST), True)
+            assert f"note: continuing {out / engine.LAST}, the run this command started there from --resume " \
+                   f"{start} (to start again from {start}, add --fresh)" in capsys.readouterr().out
+        else:
+            with pytest.raises(ValueError, match=r"holds another run .* --fresh to replace that run \(or, to "
+                                                 r"continue the run there, --resume auto\)"):
+                engine.prepare_run(run_args(out, resume=str(start)), CPU)
+        engine.teardown()
+    monkeypatch.chdir(tmp_path)  # a checkpoint from before resume_abspath: --resume as given, from the same folder
+    torch.save({**state, "resume_abspath": None, "args": {"resume": "start.pth"}}, out / engine.LAST)
+    assert engine.prepare_run(run_args(out, resume="start.pth"), CPU) == (str(out / engine.LAST), True)
+    engine.teardown()
+    (out / engine.LAST).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="holds another run"):
+        engine.prepare_run(run_args(out, resume=str(start)), CPU)
+    engine.teardown()
+    assert engine.prepare_run(run_args(out, resume=str(start), fresh=True), CPU) == (str(start), False)
+
+
 def test_the_printed_way_to_start_a_new_run_is_one_prepare_run_accepts(tmp_path, capsys):
     """new_run_hint (printed by resume's --init refusal, the fine-tuning demo, a finished run): applying it starts a
     new run. --fresh alone does not while --resume PATH names a checkpoint (it once suggested just that)."""
@@ -1408,7 +1442,8 @@ def test_ctrl_c_prints_how_to_continue_and_exits_130(capsys, monkeypatch):
         engine.cli(interrupted)
     assert exit_info.value.code == 130
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("interrupted: relaunch to continue") and "--resume auto" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: relaunch to continue")
+    assert "the same command, without --fresh; before" in lines[0]
     assert lines[0].endswith("before the first save there is none: the command as it was starts over (from PATH with "
                              "--resume PATH)")
     monkeypatch.setenv("DTM_TRACEBACK", "0")  # off, as unset

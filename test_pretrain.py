@@ -354,6 +354,27 @@ def test_a_crash_between_log_lines_leaves_the_log_as_one_run_would(image_folder,
         assert [r[name] for r in relaunched] == pytest.approx([r[name] for r in full], rel=1e-6), name
 
 
+def test_a_resume_path_command_relaunched_as_it_was_continues_its_run(image_folder, tmp_path, monkeypatch, capsys):
+    """A requeued job reruns its command unchanged: after a --resume PATH start that has saved in --output_dir, the
+    same command continues the run there (it was refused as another run), and logs as one uninterrupted run."""
+    start = tmp_path / "start"
+    tp.main(tiny_argv(image_folder, start, "--max_steps", "3"))  # the run to continue: step 3, the end of epoch 0
+    argv = lambda out: tiny_argv(image_folder, tmp_path / out, "--max_steps", "6", "--save_every", "1", "--resume",
+                                 str(start / engine.LAST))
+    full = read_log(tp.main(argv("full"))["output_dir"] + "/" + engine.LOG)
+    micro_step = dies_in_micro_step(monkeypatch, 2)  # in step 5, after step 4's save
+    with pytest.raises(KeyboardInterrupt):
+        tp.main(argv("requeued"))
+    monkeypatch.setattr(tp, "train_micro_step", micro_step)
+    capsys.readouterr()
+    assert tp.main(argv("requeued"))["step"] == 6
+    assert (f"note: continuing {tmp_path / 'requeued' / engine.LAST}, the run this command started there from "
+            f"--resume {start / engine.LAST}") in capsys.readouterr().out
+    relaunched = read_log(tmp_path / "requeued" / engine.LOG)
+    assert [r["step"] for r in relaunched] == [r["step"] for r in full] == [4, 5, 6]
+    assert [r["loss"] for r in relaunched] == pytest.approx([r["loss"] for r in full], rel=1e-6)
+
+
 def test_resume_with_another_batch_size_keeps_the_log_up_to_the_checkpoint(image_folder, tmp_path, capsys):
     """Epoch 0 at batch 2 (6 steps), then batch 4 (3 steps per epoch): the checkpoint's step 6 continues as step 3,
     and the log keeps epoch 0's six lines (trimmed at the saved step 6, not at the renumbered 3)."""
