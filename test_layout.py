@@ -19,7 +19,7 @@ SCRIPTS = {"train_pretrain", "train_finetune", "train_seg", "bench_mto", "bench_
 
 def runtime_files() -> list:
     names = [os.path.basename(path)[:-3] for path in glob.glob(os.path.join(ROOT, "*.py"))]
-    return sorted(name for name in names if not name.startswith("test_"))
+    return sorted(name for name in names if not name.startswith("test_") and name != "conftest")
 
 
 def imported(name: str, top_level_only: bool = False) -> set:

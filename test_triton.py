@@ -25,15 +25,22 @@ measuring registers (_dynamic_scale_rblock) and the launch-time limits (shared m
 
 Skipped without triton (the CPU wheel of torch does not install it): pip install triton==3.6.0 (the version that
 failed, with torch 2.11 on that GPU; here it runs with the installed torch's inductor), then python -m pytest -q
-test_triton.py. Each test builds in two child processes at once, one per precision (sm_70's fp16; sm_80's and sm_90's
-bf16). On 2 cores of an AMD EPYC machine (2026-12-05) the losses took 51 s and the blocks 197 s, against 78 s and 292 s
-when one child built all three targets.
+test_triton.py. Each test builds in two child processes, one per precision (sm_70's fp16; sm_80's and sm_90's bf16).
+On 2 cores of an AMD EPYC machine (2026-12-05) the losses took 51 s and the blocks 197 s, against 78 s and 292 s when
+one child built all three targets. The builds of the tests pytest has collected start before the first test runs
+(conftest.py calls start_ahead), all four children at the lowest CPU priority: in a run of the whole suite they build
+on the core its tests leave idle (most tests run on one thread) and each test here waits for its own.
 """
+import atexit
 import json
 import os
+import pathlib
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import types
 
 import pytest
 
@@ -192,28 +199,64 @@ PRECISIONS = (("float16", (70,)), ("bfloat16", (80, 90)))  # --amp auto: fp16 on
 def build_kernels(tmp_path, case, targets=TARGETS, mto_dir=HERE, batch=2):
     """Build case's kernels ("mto_losses" or "vit_blocks") for the targets: one result per precision, {"kernels":
     [[name, targets], ...], "cubins": [[name, target, is ELF], ...], "failures": [...], "generated": [...],
-    "stderr_tail": ...}.
+    "stderr_tail": ...}."""
+    return wait_for(start_builds(tmp_path, case, targets, mto_dir, batch))
 
-    One child process per precision, both at once: each writes its kernels afresh and builds them, which is about one
-    core's work (Triton's passes and ptxas), so on 2 cores the two take about the time of the slower one (sm_70's:
-    about 210 s of 290 s for the blocks on an AMD EPYC's 2 cores) instead of their sum."""
+
+def start_builds(tmp_path, case, targets=TARGETS, mto_dir=HERE, batch=2, low_priority=False):
+    """Start case's builds, one child process per precision, all at once: [(folder, child), ...]. Each writes its
+    kernels afresh and builds them, which is about one core's work (Triton's passes and ptxas). low_priority: the
+    children (and their ptxas) yield the CPU to any other process."""
     groups = [(dtype, [cc for cc in group if cc in targets]) for dtype, group in PRECISIONS]
-    children = [_start_child(tmp_path / dtype, case, dtype, group, mto_dir, batch) for dtype, group in groups if group]
+    return [_start_child(tmp_path / dtype, case, dtype, group, mto_dir, batch, low_priority)
+            for dtype, group in groups if group]
+
+
+def wait_for(children):
+    """Wait for the children and read their results; a failure kills the others (none is left running)."""
     try:
         return [_child_result(folder, child) for folder, child in children]
-    finally:  # one child failed: the other is not left running
-        for _, child in children:
-            child.kill()  # a no-op where it has ended
-            child.wait()
+    finally:
+        stop(children)
 
 
-def _start_child(folder, case, dtype, targets, mto_dir, batch):
+def stop(children):
+    for _, child in children:
+        child.kill()  # a no-op where it has ended
+        child.wait()
+
+
+CASE_OF_TEST = {"test_mto_compiled_losses_kernels_build_for_sm70_sm80_sm90": "mto_losses",
+                "test_compiled_vit_blocks_kernels_build_for_sm70_sm80_sm90": "vit_blocks"}
+STARTED = {}  # case: its children, started by start_ahead
+
+
+def start_ahead(items):
+    """Start the builds of this file's tests among the session's items now, at the lowest CPU priority (conftest.py
+    calls this once pytest has collected the session's tests): they run beside the rest of the suite, on the core its
+    tests leave idle (most run on one thread), instead of after them. A test takes its case's results from here."""
+    if triton is None:
+        return
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="test_triton_"))
+    atexit.register(shutil.rmtree, folder, True)  # atexit runs last in first: the children are stopped before
+    for case in sorted({CASE_OF_TEST[item.name] for item in items if item.name in CASE_OF_TEST}):
+        STARTED[case] = start_builds(folder / case, case, low_priority=True)
+        atexit.register(stop, STARTED[case])  # pytest -x, or Ctrl-C, before the test that waits for them
+
+
+def built(tmp_path, case):
+    """case's build results: of the builds started ahead, else of builds started now."""
+    return wait_for(STARTED.pop(case, None) or start_builds(tmp_path, case))
+
+
+def _start_child(folder, case, dtype, targets, mto_dir, batch, low_priority):
     folder.mkdir(parents=True)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), TRITON_CACHE_DIR=str(folder / "triton"),
                PYTHONPATH=mto_dir, TORCHINDUCTOR_COMPILE_THREADS="1")
     with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:  # files: no pipe fills and blocks
         child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(targets), case, str(batch), dtype],
-                                 stdout=out, stderr=err, env=env, cwd=str(folder))
+                                 stdout=out, stderr=err, env=env, cwd=str(folder),
+                                 preexec_fn=(lambda: os.nice(19)) if low_priority else None)
     return folder, child
 
 
@@ -247,7 +290,7 @@ def kernel_counts(results):
 
 @pytest.mark.skipif(triton is None, reason="needs triton (pip install triton==3.6.0)")
 def test_mto_compiled_losses_kernels_build_for_sm70_sm80_sm90(tmp_path):
-    results = build_kernels(tmp_path, "mto_losses")
+    results = built(tmp_path, "mto_losses")
     counts = kernel_counts(results)
     # both losses forward and backward, 3 compilations, in fp16 for sm_70 and bf16 for sm_80 and sm_90 (94 kernels
     # each: torch 2.13, triton 3.6)
@@ -262,8 +305,33 @@ def test_mto_compiled_losses_kernels_build_for_sm70_sm80_sm90(tmp_path):
 @pytest.mark.skipif(triton is None, reason="needs triton (pip install triton==3.6.0)")
 def test_compiled_vit_blocks_kernels_build_for_sm70_sm80_sm90(tmp_path):
     """--compile's blocks, pre-training with MTO and fine-tuning: fp16 for sm_70, bf16 for sm_80 and sm_90."""
-    results = build_kernels(tmp_path, "vit_blocks")
+    results = built(tmp_path, "vit_blocks")
     counts = kernel_counts(results)
     # forward and backward of the pre-training blocks (and MTO's losses), then the fine-tuning ones (224 each here)
     assert sorted(counts) == [70, 80, 90] and min(counts.values()) >= 200, counts
     check_built(results)
+
+
+def test_start_ahead_starts_the_collected_tests_builds_at_the_lowest_priority(monkeypatch):
+    """conftest.py's early start: the builds of this file's collected tests only, each child at nice 19; the test
+    takes their results (children here that report their niceness)."""
+    monkeypatch.setitem(globals(), "triton", triton or object())
+    monkeypatch.setitem(globals(), "STARTED", {})
+    monkeypatch.setitem(globals(), "CHILD", "import json, os; print('RESULT ' + json.dumps({'nice': os.nice(0)}))")
+    start_ahead([types.SimpleNamespace(name=name) for name in (
+        "test_mto_compiled_losses_kernels_build_for_sm70_sm80_sm90", "test_start_ahead_starts_the_collected_tests")])
+    assert list(STARTED) == ["mto_losses"] and len(STARTED["mto_losses"]) == len(PRECISIONS)
+    assert [result["nice"] for result in built(None, "mto_losses")] == [19] * len(PRECISIONS)
+    assert STARTED == {}
+
+
+def test_conftest_starts_ahead_once_per_collected_module_that_has_it_and_not_when_only_collecting():
+    import conftest
+    calls, other = [], types.ModuleType("test_other")
+    module = types.ModuleType("test_triton")
+    module.start_ahead = calls.append
+    items = [types.SimpleNamespace(module=m) for m in (module, other, module)]
+    for collect_only in (True, False):
+        config = types.SimpleNamespace(option=types.SimpleNamespace(collectonly=collect_only))
+        conftest.pytest_collection_finish(types.SimpleNamespace(items=items, config=config))
+    assert calls == [items]
