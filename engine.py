@@ -1175,6 +1175,19 @@ def checkpoint_state(kind: str, model, optimizer, scaler, args, step: int, steps
             **extra}
 
 
+def log_window_per_step(checkpoint: dict):
+    """The checkpoint's log_window (the loss sums since the last log line, a trainer's own layout) in steps: a
+    checkpoint saved before log_window_per_step summed micro-batches, so its sums and count are divided by its
+    --accum_iter. None where it has none."""
+    window = checkpoint.get("log_window")
+    if window is None or checkpoint.get("log_window_per_step"):
+        return window
+    accum = checkpoint["args"].get("accum_iter", 1)
+    if isinstance(window, dict):  # pre-training's: {names, sums, count}
+        return {**window, "sums": window["sums"] / accum, "count": window["count"] // accum}
+    return window / accum  # segmentation's: [loss, decode loss, aux loss sums, count]
+
+
 def replace_durably(tmp: str, path: str):
     """os.replace(tmp, path) that a crash of the node cannot tear: tmp's bytes reach the disk before the rename, and
     the rename before this returns (fsync of the file, then of its folder). Without the first fsync, file systems

@@ -986,6 +986,19 @@ def test_a_folders_run_launched_with_the_same_resume_path_is_continued(tmp_path,
     assert engine.prepare_run(run_args(out, resume=str(start), fresh=True), CPU) == (str(start), False)
 
 
+def test_a_log_window_saved_in_micro_batches_is_read_in_steps():
+    """Checkpoints saved before log_window_per_step summed the micro-batches since the last log line: divided by
+    their --accum_iter they are the steps' means and the count of steps, as the trainers now sum."""
+    old = {"args": {"accum_iter": 3}, "log_window": {"names": ["loss"], "sums": torch.tensor([6.0]), "count": 6}}
+    window = engine.log_window_per_step(old)
+    assert window["names"] == ["loss"] and window["sums"].tolist() == [2.0] and window["count"] == 2
+    old_seg = {"args": {"accum_iter": 2}, "log_window": torch.tensor([4.0, 3.0, 2.5, 4.0])}
+    assert engine.log_window_per_step(old_seg).tolist() == [2.0, 1.5, 1.25, 2.0]
+    for new in ({**old, "log_window_per_step": True}, {**old_seg, "log_window_per_step": True}):
+        assert engine.log_window_per_step(new) is new["log_window"]
+    assert engine.log_window_per_step({"args": {"accum_iter": 3}}) is None
+
+
 def test_the_printed_way_to_start_a_new_run_is_one_prepare_run_accepts(tmp_path, capsys):
     """new_run_hint (printed by resume's --init refusal, the fine-tuning demo, a finished run): applying it starts a
     new run. --fresh alone does not while --resume PATH names a checkpoint (it once suggested just that)."""

@@ -375,6 +375,65 @@ def test_a_resume_path_command_relaunched_as_it_was_continues_its_run(image_fold
     assert [r["loss"] for r in relaunched] == pytest.approx([r["loss"] for r in full], rel=1e-6)
 
 
+def test_a_log_line_across_a_resume_with_another_split_of_the_step_weighs_each_step_alike(image_folder, tmp_path,
+                                                                                           monkeypatch):
+    """Saved at step 5 between two log lines by batch 2 x --accum_iter 3, continued as batch 6: the line at step 6 is
+    the mean of steps 5 and 6 (it weighed step 5's three micro-batches against step 6's one)."""
+    argv = lambda out, *split: tiny_argv(image_folder, tmp_path / out, "--epochs", "6", "--save_every", "5", *split)
+    small, large = ("--batch_size", "2", "--accum_iter", "3"), ("--batch_size", "6")
+    micro_step = dies_in_micro_step(monkeypatch, 16)  # step 6's first micro-batch, after step 5's save
+    with pytest.raises(KeyboardInterrupt):
+        tp.main(argv("every_step", *small))
+    monkeypatch.setattr(tp, "train_micro_step", micro_step)
+    tp.main(argv("every_step", *large, "--max_steps", "6"))
+    losses = [r["loss"] for r in read_log(tmp_path / "every_step" / engine.LOG)]
+    dies_in_micro_step(monkeypatch, 16)
+    with pytest.raises(KeyboardInterrupt):
+        tp.main(argv("pairs", *small, "--log_every", "2"))
+    monkeypatch.setattr(tp, "train_micro_step", micro_step)
+    tp.main(argv("pairs", *large, "--log_every", "2", "--max_steps", "6"))
+    pairs = read_log(tmp_path / "pairs" / engine.LOG)
+    assert [r["step"] for r in pairs] == [2, 4, 6] and len(losses) == 6
+    assert pairs[-1]["loss"] == pytest.approx((losses[4] + losses[5]) / 2, rel=1e-6)
+
+
+class RecordingBar:
+    """tqdm in the trainer's place: records (steps done, the label shown) at each update."""
+    updates = []
+
+    def __init__(self, iterable=None, initial=0, **kwargs):
+        self.iterable, self.n, self.label = iterable, initial, ""
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_description(self, label, refresh=True):
+        self.label = label
+
+    def update(self, n=1):
+        self.n += n
+        self.updates.append((self.n, self.label))
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def write(self, text):
+        print(text)
+
+    def close(self):
+        pass
+
+
+def test_the_progress_bar_names_the_epoch_of_each_step_done(image_folder, tmp_path, monkeypatch):
+    """3 steps per epoch, a log line every 2: step 4's bar says epoch 1, as the log and checkpoint-1.pth do (it said
+    epoch 0 until the next log line)."""
+    monkeypatch.setattr(tp, "tqdm", RecordingBar)
+    monkeypatch.setattr(RecordingBar, "updates", [])
+    tp.main(tiny_argv(image_folder, tmp_path / "run", "--max_steps", "6", "--log_every", "2"))
+    assert RecordingBar.updates == [(1, "epoch 0"), (2, "epoch 0"), (3, "epoch 0"), (4, "epoch 1"), (5, "epoch 1"),
+                                    (6, "epoch 1")]
+
+
 def test_resume_with_another_batch_size_keeps_the_log_up_to_the_checkpoint(image_folder, tmp_path, capsys):
     """Epoch 0 at batch 2 (6 steps), then batch 4 (3 steps per epoch): the checkpoint's step 6 continues as step 3,
     and the log keeps epoch 0's six lines (trimmed at the saved step 6, not at the renumbered 3)."""

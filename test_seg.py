@@ -583,6 +583,28 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
                         "--eval", os.path.join(full_dir, "checkpoint-best.pth.step4")])
 
 
+def test_a_log_line_across_a_resume_with_another_accum_iter_weighs_each_step_alike(tmp_path, monkeypatch):
+    """Saved at step 3 between two log lines by batch 2 x --accum_iter 2, continued as batch 4: the line at step 4 is
+    the mean of steps 3 and 4 (it weighed step 3's two micro-batches against step 4's one)."""
+    saved = engine.save_checkpoint
+    monkeypatch.setattr(engine, "save_checkpoint", lambda path, state: (saved(path, state),
+                                                                        saved(f"{path}.step{state['step']}", state)))
+    run = TINY_RUN + ["--demo_train_images", "8"]
+    small = run + ["--accum_iter", "2", "--save_every", "1"]
+    lines = {}
+    for log_every in ("1", "2"):
+        first, then = str(tmp_path / f"first{log_every}"), str(tmp_path / f"then{log_every}")
+        train_seg.main(small + ["--log_every", log_every, "--output_dir", first])
+        train_seg.main(run + ["--batch_size", "4", "--log_every", log_every, "--resume",
+                              os.path.join(first, "checkpoint-last.pth.step3"), "--output_dir", then])
+        lines[log_every] = [[json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
+                            for folder in (first, then)]
+    step3 = next(r["loss"] for r in lines["1"][0] if r.get("step") == 3)
+    step4 = next(r["loss"] for r in lines["1"][1] if r.get("step") == 4)
+    across = next(r["loss"] for r in lines["2"][1] if r.get("step") == 4)
+    assert across == pytest.approx((step3 + step4) / 2, rel=1e-6)
+
+
 def test_another_batch_size_keeps_the_step_count(tmp_path, monkeypatch, capsys):
     """--iters counts steps: a relaunch with another --batch_size keeps the step (the schedule goes on from it), also
     mid-epoch, and a finished run stays finished. Steps were renumbered by epochs before: 4 steps of 2 per epoch made

@@ -587,6 +587,7 @@ def finetune(args, d, amp_dtype, scaler):
         grad_norm = engine.optimizer_step(optimizer, scaler, ddp_model.parameters(), args.clip_grad)
         step += 1
         timer.lap("optimizer_s")
+        bar.set_description(f"epoch {epoch}", refresh=False)  # the epoch of the step done, as the log and files say
         bar.update(1)
         if is_log_step:
             loss_now = engine.all_mean(window[0] / window[1], d)
@@ -597,7 +598,6 @@ def finetune(args, d, amp_dtype, scaler):
                 lr=step_lr, grad_norm=grad_norm,
                 img_per_s=images_seen * d.world_size / (now - last_log_time), **timer.parts,
                 **engine.loss_scale_field(scaler))
-            bar.set_description(f"epoch {epoch}")
             bar.set_postfix(loss=f"{loss_now.item():.4f}", lr=f"{step_lr:.2e}")
             epoch_loss, window = epoch_loss + window, torch.zeros_like(window)
             last_log_time, images_seen = now, 0

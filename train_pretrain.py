@@ -362,11 +362,13 @@ def train(args, d: engine.Dist) -> dict:
         engine.say_finished(args, resume_path, step, last_step, limit, d)
 
     def save(name):  # with the loss sums since the last log line, so a resumed run's next line averages them too
+        # (the sums of the steps' means over micro-batches and processes, the count in steps: so another split of the
+        # samples per step, processes x batch x --accum_iter, after a resume weighs every step alike)
         window = None if sums is None else dict(names=loss_names, sums=engine.all_mean(sums, d).cpu(), count=count)
         named_files = engine.unreadable_for_checkpoint(unreadable, d, step, log)
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
             "dtm_pretrain", model, optimizer, scaler, args, step, steps_per_epoch, train_images=len(dataset),
-            log_window=window, unreadable_images=named_files, log_lines=log.lines))
+            log_window=window, log_window_per_step=True, unreadable_images=named_files, log_lines=log.lines))
 
     timer = engine.StepTimer(d.device)
     unreadable = engine.unreadable_images(args.max_unreadable, len(dataset), checkpoint)
@@ -374,7 +376,7 @@ def train(args, d: engine.Dist) -> dict:
     # each log line: the means over the steps since the last one; a resumed run's summaries include the lines before
     logged = [r for r in log.kept if "loss" in r and "epoch" in r]
     sums, count, images_seen = None, 0, 0
-    saved_window = checkpoint.get("log_window")
+    saved_window = engine.log_window_per_step(checkpoint)
     last_log_time = time.perf_counter()
     bar = tqdm(total=last_step, initial=step, disable=not d.is_main or finished, dynamic_ncols=True)
     ddp_model.train()
@@ -400,12 +402,13 @@ def train(args, d: engine.Dist) -> dict:
                 if saved_window["names"] == loss_names:
                     sums, count = saved_window["sums"].to(d.device), saved_window["count"]
                 saved_window = None
-            sums = values if sums is None else sums + values
-            count += 1
+            sums = values / args.accum_iter if sums is None else sums + values / args.accum_iter
             images_seen += images.shape[0]
+        count += 1
         grad_norm = engine.optimizer_step(optimizer, scaler, model.parameters(), args.clip_grad)
         step += 1
         timer.lap("optimizer_s")
+        bar.set_description(f"epoch {epoch}", refresh=False)  # the epoch of the step done, as the log and files say
         bar.update(1)
 
         if is_log_step:
@@ -422,7 +425,6 @@ def train(args, d: engine.Dist) -> dict:
                           **engine.loss_scale_field(scaler))
             log(**record)
             logged.append(record)
-            bar.set_description(f"epoch {epoch}")
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{step_lr:.2e}")
             sums, count, images_seen, last_log_time = None, 0, 0, now
         end_of_epoch = step % steps_per_epoch == 0

@@ -819,14 +819,16 @@ def train(args, d):
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
             "dtm_seg", model, optimizer, scaler, args, step, steps_per_epoch, train_images=len(train_set),
             best_miou=best_miou, num_classes=num_classes, metrics=metrics, log_window=engine.all_mean(window, d).cpu(),
-            unreadable_images=named_files, log_lines=log.lines))
+            log_window_per_step=True, unreadable_images=named_files, log_lines=log.lines))
 
     unreadable = engine.unreadable_images(args.max_unreadable, len(train_set), resume if resume_path else None)
     batches = engine.micro_batches(loader, sampler, steps_per_epoch, args.accum_iter, step)
     timer = engine.StepTimer(d.device)
-    window = torch.zeros(4, device=d.device)  # loss, decode loss, aux loss sums, count: since the last log line
+    # since the last log line: the sums of the steps' loss, decode loss and aux loss (each step's mean over its
+    # micro-batches), and the steps; so another --accum_iter after a resume weighs every step alike
+    window = torch.zeros(4, device=d.device)
     if resume_path is not None and resume.get("log_window") is not None:  # resumed between two log lines
-        window = resume["log_window"].to(d.device)
+        window = engine.log_window_per_step(resume).to(d.device)
     # the last evaluation's metrics: a relaunch keeps its run's (saved with each checkpoint; a finished run prints them)
     metrics = resume.get("metrics") if resume_path is not None else None
     last_log_time, images_seen = time.perf_counter(), 0
@@ -847,7 +849,7 @@ def train(args, d):
                     logits, aux_logits = ddp_model(images, with_aux=True)
                 losses = segmentation_loss(logits, aux_logits, labels, args.aux_weight)
                 engine.backward(losses[0] / args.accum_iter, scaler)
-            window += torch.stack([*(x.detach() for x in losses), torch.ones_like(losses[0])])
+            window += torch.stack([*(x.detach() for x in losses), torch.ones_like(losses[0])]) / args.accum_iter
             images_seen += images.shape[0]
             timer.lap("step_s")
         grad_norm = engine.optimizer_step(optimizer, scaler, ddp_model.parameters(), args.clip_grad)
