@@ -907,8 +907,8 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
 
     --resume auto continues output_dir/checkpoint-last.pth if there is one (as the official code's --auto_resume, on
     by default: naver-ai/dtm run_pretrain_dtm.py, utils/utils.py auto_load_last_model); --fresh starts over instead; --resume PATH
-    continues PATH, into an output_dir that holds no other run (or the run the same --resume PATH started there, which
-    it continues: launched_with_resume). With --fresh, open_log removes that run's
+    continues PATH, into an output_dir that holds no other run (or one whose checkpoint-last.pth a launch with the same
+    --resume PATH saved, which it continues: launched_with_resume). With --fresh, open_log removes that run's
     checkpoint-last.pth once the new run's model is built (an --init that cannot be read or does not fit fails
     first and leaves it in place). reads / new_run_reads: {flag: path} of checkpoints the run reads at every launch
     (the teacher) / when it starts (--init); refused where the run writes over them.
@@ -944,26 +944,23 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
                       "a file just written yet: relaunch in a moment")
     if error is not None:
         raise error
-    if start[1] and args.resume != "auto" and not same_path(start[0], args.resume):
-        d.print(f"note: continuing {start[0]}, the run this command started there from --resume {args.resume} (to "
-                f"start again from {args.resume}, add --fresh)")
     return start
 
 
 def _run_start(args, last: str) -> tuple:
     """prepare_run's decision on this rank -> (checkpoint path to resume or None, True if that is output_dir's own)."""
-    if args.resume != "auto" and os.path.isdir(args.resume):
+    if args.resume == "auto":
+        return (None, False) if args.fresh or not os.path.isfile(last) else (last, True)
+    if not args.fresh and os.path.isfile(last) and launched_with_resume(last, args.resume):
+        return last, True  # the same command relaunched (a requeued job): it goes on, also where PATH is gone since
+    if os.path.isdir(args.resume):
         raise FileNotFoundError(f"--resume {args.resume!r} is a folder; pass a checkpoint file "
                                 f"({os.path.join(args.resume, LAST)}), or --output_dir {args.resume} to continue the "
                                 f"run there")
-    if args.resume != "auto" and not os.path.isfile(args.resume):
+    if not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume!r}: no such file")
-    resuming_last = args.resume != "auto" and os.path.isfile(last) and os.path.samefile(last, args.resume)
-    if args.resume == "auto":
-        return (None, False) if args.fresh or not os.path.isfile(last) else (last, True)
+    resuming_last = os.path.isfile(last) and os.path.samefile(last, args.resume)
     if os.path.isfile(last) and not resuming_last and not args.fresh:
-        if launched_with_resume(last, args.resume):  # the same command relaunched (a requeued job): it goes on
-            return last, True
         raise ValueError(f"--output_dir {args.output_dir!r} holds another run ({LAST}); continuing {args.resume!r} "
                          f"there would overwrite it: pass another --output_dir, or --fresh to replace that run (or, "
                          f"to continue the run there, --resume auto)")
@@ -1294,6 +1291,9 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
     in the new order. Another number of training images (train_images; a file deleted or added) is said: an epoch's
     order is a permutation of them, so mid-epoch the rest of the epoch is not the saved run's. --init starts a new
     run: another --init than the run started from is refused, not silently ignored."""
+    if getattr(args, "resume", "auto") != "auto" and not same_path(path, args.resume):  # a requeued --resume PATH
+        d.print(f"note: continuing {path}, the run this command started there from --resume {args.resume} (to start "
+                f"again from {args.resume}, add --fresh)")
     saved = checkpoint["args"]
     if "init" in vars(args) and saved.get("init") is not None:
         started_from = init_started_from(checkpoint)

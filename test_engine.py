@@ -968,13 +968,16 @@ def test_a_folders_run_launched_with_the_same_resume_path_is_continued(tmp_path,
         torch.save(recorded, out / engine.LAST)
         if continued:
             assert engine.prepare_run(run_args(out, resume=str(start)), CPU) == (str(out / engine.LAST), True)
-            assert f"note: continuing {out / engine.LAST}, the run this command started there from --resume " \
-                   f"{start} (to start again from {start}, add --fresh)" in capsys.readouterr().out
         else:
             with pytest.raises(ValueError, match=r"holds another run .* --fresh to replace that run \(or, to "
                                                  r"continue the run there, --resume auto\)"):
                 engine.prepare_run(run_args(out, resume=str(start)), CPU)
         engine.teardown()
+    torch.save(state, out / engine.LAST)
+    start.unlink()  # PATH gone since (a scratch copy purged): the folder's run is what the command continues
+    assert engine.prepare_run(run_args(out, resume=str(start)), CPU) == (str(out / engine.LAST), True)
+    engine.teardown()
+    start.write_bytes(b"y")
     monkeypatch.chdir(tmp_path)  # a checkpoint from before resume_abspath: --resume as given, from the same folder
     torch.save({**state, "resume_abspath": None, "args": {"resume": "start.pth"}}, out / engine.LAST)
     assert engine.prepare_run(run_args(out, resume="start.pth"), CPU) == (str(out / engine.LAST), True)

@@ -523,10 +523,13 @@ def test_a_run_continued_in_another_folder_says_where_its_best_checkpoint_is(fin
     best = torch.load(out / "checkpoint-last.pth.epoch0")["best_top1"]
     tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path / "b"),
                         "--resume", str(out / "checkpoint-last.pth.epoch0")])
-    assert (f"done: best val top-1 {best:.2f}% (reached before {out / 'checkpoint-last.pth.epoch0'}; this run did not "
-            f"improve on it, so it wrote no checkpoint-best.pth here: look in {out}); checkpoints and log.jsonl in "
-            f"{tmp_path / 'b'}") in capsys.readouterr().out
+    done = (f"done: best val top-1 {best:.2f}% (reached before this run started; it did not improve on it, so it "
+            f"wrote no checkpoint-best.pth here: look in {out}); checkpoints and log.jsonl in {tmp_path / 'b'}")
+    assert done in capsys.readouterr().out
     assert not (tmp_path / "b" / engine.BEST).exists()
+    # relaunched (here to train on; a requeued --resume PATH command too): the best is still in the first folder
+    tf.main(TINY_RUN + ["--epochs", "3", "--output_dir", str(tmp_path / "b")])
+    assert done in capsys.readouterr().out and not (tmp_path / "b" / engine.BEST).exists()
     monkeypatch.setattr(tf, "evaluate", lambda *a, **k: {**evaluate(*a, **k), "top1": 100.0})  # this run improves
     tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path / "c"),
                         "--resume", str(out / "checkpoint-last.pth.epoch0")])

@@ -375,6 +375,21 @@ def test_a_resume_path_command_relaunched_as_it_was_continues_its_run(image_fold
     assert [r["loss"] for r in relaunched] == pytest.approx([r["loss"] for r in full], rel=1e-6)
 
 
+def test_a_resume_path_command_relaunched_into_another_trainers_run_names_the_folder(image_folder, tmp_path, capsys):
+    """The folder's checkpoint records the same --resume PATH but is a fine-tuning run: the error names the folder's
+    run (not a --resume value the command does not have), and no note says it continues."""
+    start, out = tmp_path / "start", tmp_path / "out"
+    tp.main(tiny_argv(image_folder, start, "--max_steps", "1"))
+    out.mkdir()
+    path = str(start / engine.LAST)
+    finetuning = {"kind": "dtm_finetune", "model": {}, "args": {"resume": path}, "resume_abspath": path}
+    torch.save(finetuning, out / engine.LAST)
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=f"--output_dir '{out}' holds another trainer's run"):
+        tp.main(tiny_argv(image_folder, out, "--resume", path))
+    assert "note: continuing" not in capsys.readouterr().out
+
+
 def test_a_log_line_across_a_resume_with_another_split_of_the_step_weighs_each_step_alike(image_folder, tmp_path,
                                                                                            monkeypatch):
     """Saved at step 5 between two log lines by batch 2 x --accum_iter 3, continued as batch 6: the line at step 6 is

@@ -32,11 +32,13 @@ one child built all three targets. The builds of the tests pytest has collected 
 on the core its tests leave idle (most tests run on one thread) and each test here waits for its own.
 """
 import atexit
+import ctypes
 import json
 import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -256,8 +258,18 @@ def _start_child(folder, case, dtype, targets, mto_dir, batch, low_priority):
     with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:  # files: no pipe fills and blocks
         child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(targets), case, str(batch), dtype],
                                  stdout=out, stderr=err, env=env, cwd=str(folder),
-                                 preexec_fn=(lambda: os.nice(19)) if low_priority else None)
+                                 preexec_fn=_yield_and_follow_pytest if low_priority else None)
     return folder, child
+
+
+def _yield_and_follow_pytest():
+    """A build started ahead (in the child, before it runs): nice 19, and on Linux killed when pytest ends, also by a
+    SIGTERM (a CI's cancel, `timeout`), which skips the atexit stop."""
+    os.nice(19)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: atexit alone
+        pass
 
 
 def _child_result(folder, child):
@@ -313,15 +325,18 @@ def test_compiled_vit_blocks_kernels_build_for_sm70_sm80_sm90(tmp_path):
 
 
 def test_start_ahead_starts_the_collected_tests_builds_at_the_lowest_priority(monkeypatch):
-    """conftest.py's early start: the builds of this file's collected tests only, each child at nice 19; the test
-    takes their results (children here that report their niceness)."""
+    """conftest.py's early start: the builds of this file's collected tests only, each child at nice 19 and killed
+    when pytest ends; the test takes their results (children here that report their niceness and death signal)."""
     monkeypatch.setitem(globals(), "triton", triton or object())
     monkeypatch.setitem(globals(), "STARTED", {})
-    monkeypatch.setitem(globals(), "CHILD", "import json, os; print('RESULT ' + json.dumps({'nice': os.nice(0)}))")
+    monkeypatch.setitem(globals(), "CHILD", "import ctypes, json, os; death = ctypes.c_int(); "
+                        "ctypes.CDLL(None).prctl(2, ctypes.byref(death)); "  # PR_GET_PDEATHSIG
+                        "print('RESULT ' + json.dumps({'nice': os.nice(0), 'death': death.value}))")
     start_ahead([types.SimpleNamespace(name=name) for name in (
         "test_mto_compiled_losses_kernels_build_for_sm70_sm80_sm90", "test_start_ahead_starts_the_collected_tests")])
     assert list(STARTED) == ["mto_losses"] and len(STARTED["mto_losses"]) == len(PRECISIONS)
-    assert [result["nice"] for result in built(None, "mto_losses")] == [19] * len(PRECISIONS)
+    results = built(None, "mto_losses")
+    assert [(result["nice"], result["death"]) for result in results] == [(19, signal.SIGKILL)] * len(PRECISIONS)
     assert STARTED == {}
 
 

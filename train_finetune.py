@@ -501,7 +501,7 @@ def finetune(args, d, amp_dtype, scaler):
     resume_path, own_run = engine.prepare_run(args, d, new_run_reads={"--init": args.init})
     if resume_path is not None:
         resume = engine.load_checkpoint(resume_path, "dtm_finetune", hint="; to start fine-tuning from pre-trained "
-                                        "weights use --init PATH", auto=args.resume == "auto")
+                                        "weights use --init PATH", auto=resume_path != args.resume)
         both = resume["args"].get("data_train") and resume["args"].get("data_val")  # then its --data was not read
         engine.refuse_demo_resume(args, resume["args"], resume_path, ["data_train", "data_val"] if both else
                                   ["data", "data_train", "data_val"], "--data, or --data_train and --data_val")
@@ -541,7 +541,7 @@ def finetune(args, d, amp_dtype, scaler):
     if resume_path is not None:
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
                              train_images=len(train_set))
-        best_top1, best_dir = resume["best_top1"], os.path.dirname(resume_path) or "."
+        best_top1, best_dir = resume["best_top1"], resume.get("best_dir") or os.path.dirname(resume_path) or "."
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     finished = step >= total_steps
     log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished)
@@ -617,13 +617,13 @@ def finetune(args, d, amp_dtype, scaler):
             bar.write(f"epoch {epoch}: train loss {train_loss:.4f}  val top-1 {stats['top1']:.2f}%  "
                       f"top-5 {stats['top5']:.2f}%  (best {best_top1:.2f}%)")
         named_files = engine.unreadable_for_checkpoint(unreadable, d, step, log)
+        best_dir = args.output_dir if improved else best_dir
         state = engine.checkpoint_state("dtm_finetune", model, optimizer, scaler, args, step, steps_per_epoch,
                                         train_images=len(train_set), best_top1=best_top1, val=stats,
-                                        classes=list(classes),
+                                        best_dir=os.path.abspath(best_dir), classes=list(classes),
                                         unreadable_images=named_files, log_lines=log.lines)
         if improved:  # before LAST: a run killed between the two saves retrains the epoch and writes BEST again
             engine.save_checkpoint(os.path.join(args.output_dir, engine.BEST), state)
-            best_dir = args.output_dir
         engine.save_checkpoint(os.path.join(args.output_dir, engine.LAST), state)
         ddp_model.train()
         last_log_time += time.perf_counter() - evaluating_from  # img_per_s: training time only
@@ -631,7 +631,7 @@ def finetune(args, d, amp_dtype, scaler):
     if log.enabled:  # rank 0, unless this is a finished run continued from elsewhere (it wrote nothing here)
         elsewhere = ""
         if os.path.realpath(best_dir) != os.path.realpath(args.output_dir):  # continued from another folder, no better
-            elsewhere = (f" (reached before {resume_path}; this run did not improve on it, so it wrote no "
+            elsewhere = (f" (reached before this run started; it did not improve on it, so it wrote no "
                          f"{engine.BEST} here: look in {best_dir})")
         d.print(f"done: best val top-1 {best_top1:.2f}%{elsewhere}; checkpoints and log.jsonl in {args.output_dir}")
     if args.demo and args.epochs <= 10 and not finished:  # a finished run checked nothing

@@ -321,7 +321,7 @@ def train(args, d: engine.Dist) -> dict:
     if resume_path is not None:
         checkpoint = engine.load_checkpoint(resume_path, "dtm_pretrain", hint="; pre-training continues its own runs "
                                             "only (to distil from a ViT checkpoint pass --teacher ckpt:PATH)",
-                                            auto=args.resume == "auto")
+                                            auto=resume_path != args.resume)
         engine.refuse_demo_resume(args, checkpoint["args"], resume_path, ["data"], "--data")
     set_schedule(args, checkpoint.get("args"))
     if args.demo:

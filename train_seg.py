@@ -760,7 +760,7 @@ def train(args, d):
     resume_path, own_run = engine.prepare_run(args, d, new_run_reads={"--init": args.init})
     if resume_path is not None:
         resume = engine.load_checkpoint(resume_path, "dtm_seg", hint="; to start from other weights use --init PATH",
-                                        auto=args.resume == "auto")
+                                        auto=resume_path != args.resume)
         engine.refuse_demo_resume(args, resume["args"], resume_path,
                                   ["data", "img_dir", "ann_dir", "val_img_dir", "val_ann_dir", "num_classes"],
                                   "--data, or --img_dir, --ann_dir, --val_img_dir and --val_ann_dir")
