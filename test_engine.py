@@ -978,6 +978,8 @@ def test_a_folders_run_launched_with_the_same_resume_path_is_continued(tmp_path,
     assert engine.prepare_run(run_args(out, resume=str(start)), CPU) == (str(out / engine.LAST), True)
     engine.teardown()
     start.write_bytes(b"y")
+    assert engine.prepare_run(run_args(out, resume=str(start), fresh=True), CPU) == (str(start), False)  # again
+    engine.teardown()
     monkeypatch.chdir(tmp_path)  # a checkpoint from before resume_abspath: --resume as given, from the same folder
     torch.save({**state, "resume_abspath": None, "args": {"resume": "start.pth"}}, out / engine.LAST)
     assert engine.prepare_run(run_args(out, resume="start.pth"), CPU) == (str(out / engine.LAST), True)

@@ -410,6 +410,17 @@ def test_a_log_line_across_a_resume_with_another_split_of_the_step_weighs_each_s
     pairs = read_log(tmp_path / "pairs" / engine.LOG)
     assert [r["step"] for r in pairs] == [2, 4, 6] and len(losses) == 6
     assert pairs[-1]["loss"] == pytest.approx((losses[4] + losses[5]) / 2, rel=1e-6)
+    # a checkpoint from before log_window_per_step (micro-batch sums and count) continues to the same line
+    dies_in_micro_step(monkeypatch, 16)
+    with pytest.raises(KeyboardInterrupt):
+        tp.main(argv("old", *small, "--log_every", "2"))
+    monkeypatch.setattr(tp, "train_micro_step", micro_step)
+    saved = torch.load(tmp_path / "old" / engine.LAST)
+    window = saved.pop("log_window_per_step") and saved["log_window"]
+    saved["log_window"] = {**window, "sums": window["sums"] * 3, "count": window["count"] * 3}
+    torch.save(saved, tmp_path / "old" / engine.LAST)
+    tp.main(argv("old", *large, "--log_every", "2", "--max_steps", "6"))
+    assert read_log(tmp_path / "old" / engine.LOG)[-1]["loss"] == pytest.approx(pairs[-1]["loss"], rel=1e-6)
 
 
 class RecordingBar:

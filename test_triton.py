@@ -347,7 +347,7 @@ def test_conftest_starts_ahead_once_per_collected_module_that_has_it_and_not_whe
     module = types.ModuleType("test_triton")
     module.start_ahead = calls.append
     items = [types.SimpleNamespace(module=m) for m in (module, other, module)]
-    for collect_only in (True, False):
+    for collect_only, expected in ((True, []), (False, [items])):
         config = types.SimpleNamespace(option=types.SimpleNamespace(collectonly=collect_only))
         conftest.pytest_collection_finish(types.SimpleNamespace(items=items, config=config))
-    assert calls == [items]
+        assert calls == expected
