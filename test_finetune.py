@@ -534,6 +534,7 @@ def test_a_run_continued_in_another_folder_says_where_its_best_checkpoint_is(fin
     tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path / "c"),
                         "--resume", str(out / "checkpoint-last.pth.epoch0")])
     assert "reached before" not in capsys.readouterr().out and (tmp_path / "c" / engine.BEST).exists()
+    assert torch.load(tmp_path / "c" / engine.LAST)["best_dir"] == str(tmp_path / "c")  # where a relaunch looks
 
 
 def test_an_epoch_shorter_than_log_every_still_logs_its_loss(tmp_path):
