@@ -1,4 +1,5 @@
-"""pytest's hooks for the tests of this folder."""
+"""pytest's hooks and shared fixtures for the tests of this folder."""
+import pytest
 
 
 def pytest_collection_finish(session):
@@ -8,3 +9,35 @@ def pytest_collection_finish(session):
         return
     for module in {item.module for item in session.items if hasattr(item.module, "start_ahead")}:
         module.start_ahead(session.items)
+
+
+@pytest.fixture
+def recording_bar():
+    """A stand-in for tqdm in a trainer (monkeypatch it in): the class; its `updates` get (steps done, the label
+    shown) at each update of a bar, this test's only."""
+    class RecordingBar:
+        updates = []
+
+        def __init__(self, iterable=None, initial=0, **kwargs):
+            self.iterable, self.n, self.label = iterable, initial, ""
+
+        def __iter__(self):  # an evaluation loop's bar
+            return iter(self.iterable)
+
+        def set_description(self, label, refresh=True):
+            self.label = label
+
+        def update(self, n=1):
+            self.n += n
+            self.updates.append((self.n, self.label))
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def write(self, text):
+            print(text)
+
+        def close(self):
+            pass
+
+    return RecordingBar

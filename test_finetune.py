@@ -402,40 +402,12 @@ def test_the_epoch_lines_carry_their_epoch_and_its_mean_training_loss(finetuned)
         assert len(losses) == 3 and record["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-6)
 
 
-class RecordingBar:
-    """tqdm in the trainer's place: records (steps done, the label shown) at each update."""
-    updates = []
-
-    def __init__(self, iterable=None, initial=0, **kwargs):
-        self.iterable, self.n, self.label = iterable, initial, ""
-
-    def __iter__(self):
-        return iter(self.iterable)
-
-    def set_description(self, label, refresh=True):
-        self.label = label
-
-    def update(self, n=1):
-        self.n += n
-        self.updates.append((self.n, self.label))
-
-    def set_postfix(self, **kwargs):
-        pass
-
-    def write(self, text):
-        print(text)
-
-    def close(self):
-        pass
-
-
-def test_the_progress_bar_names_the_epoch_of_each_step_done(tmp_path, monkeypatch):
+def test_the_progress_bar_names_the_epoch_of_each_step_done(tmp_path, monkeypatch, recording_bar):
     """3 steps per epoch, a log line every 2: step 4's bar says epoch 1, as the log does (it said epoch 0 until the
     next log line)."""
-    monkeypatch.setattr(tf, "tqdm", RecordingBar)
-    monkeypatch.setattr(RecordingBar, "updates", [])
+    monkeypatch.setattr(tf, "tqdm", recording_bar)
     tf.main(TINY_RUN + ["--epochs", "2", "--log_every", "2", "--output_dir", str(tmp_path)])
-    assert RecordingBar.updates == [(1, "epoch 0"), (2, "epoch 0"), (3, "epoch 0"), (4, "epoch 1"), (5, "epoch 1"),
+    assert recording_bar.updates == [(1, "epoch 0"), (2, "epoch 0"), (3, "epoch 0"), (4, "epoch 1"), (5, "epoch 1"),
                                     (6, "epoch 1")]
 
 

@@ -423,40 +423,12 @@ def test_a_log_line_across_a_resume_with_another_split_of_the_step_weighs_each_s
     assert read_log(tmp_path / "old" / engine.LOG)[-1]["loss"] == pytest.approx(pairs[-1]["loss"], rel=1e-6)
 
 
-class RecordingBar:
-    """tqdm in the trainer's place: records (steps done, the label shown) at each update."""
-    updates = []
-
-    def __init__(self, iterable=None, initial=0, **kwargs):
-        self.iterable, self.n, self.label = iterable, initial, ""
-
-    def __iter__(self):
-        return iter(self.iterable)
-
-    def set_description(self, label, refresh=True):
-        self.label = label
-
-    def update(self, n=1):
-        self.n += n
-        self.updates.append((self.n, self.label))
-
-    def set_postfix(self, **kwargs):
-        pass
-
-    def write(self, text):
-        print(text)
-
-    def close(self):
-        pass
-
-
-def test_the_progress_bar_names_the_epoch_of_each_step_done(image_folder, tmp_path, monkeypatch):
+def test_the_progress_bar_names_the_epoch_of_each_step_done(image_folder, tmp_path, monkeypatch, recording_bar):
     """3 steps per epoch, a log line every 2: step 4's bar says epoch 1, as the log and checkpoint-1.pth do (it said
     epoch 0 until the next log line)."""
-    monkeypatch.setattr(tp, "tqdm", RecordingBar)
-    monkeypatch.setattr(RecordingBar, "updates", [])
+    monkeypatch.setattr(tp, "tqdm", recording_bar)
     tp.main(tiny_argv(image_folder, tmp_path / "run", "--max_steps", "6", "--log_every", "2"))
-    assert RecordingBar.updates == [(1, "epoch 0"), (2, "epoch 0"), (3, "epoch 0"), (4, "epoch 1"), (5, "epoch 1"),
+    assert recording_bar.updates == [(1, "epoch 0"), (2, "epoch 0"), (3, "epoch 0"), (4, "epoch 1"), (5, "epoch 1"),
                                     (6, "epoch 1")]
 
 

@@ -237,11 +237,12 @@ def start_ahead(items):
     """Start the builds of this file's tests among the session's items now, at the lowest CPU priority (conftest.py
     calls this once pytest has collected the session's tests): they run beside the rest of the suite, on the core its
     tests leave idle (most run on one thread), instead of after them. A test takes its case's results from here."""
-    if triton is None:
+    cases = sorted({CASE_OF_TEST[item.name] for item in items if item.name in CASE_OF_TEST})
+    if triton is None or not cases:
         return
     folder = pathlib.Path(tempfile.mkdtemp(prefix="test_triton_"))
     atexit.register(shutil.rmtree, folder, True)  # atexit runs last in first: the children are stopped before
-    for case in sorted({CASE_OF_TEST[item.name] for item in items if item.name in CASE_OF_TEST}):
+    for case in cases:
         STARTED[case] = start_builds(folder / case, case, low_priority=True)
         atexit.register(stop, STARTED[case])  # pytest -x, or Ctrl-C, before the test that waits for them
 
