@@ -711,6 +711,19 @@ def test_resume_does_not_call_a_path_written_another_way_a_changed_setting(tmp_p
         assert capsys.readouterr().out == f"resumed from ck.pth at step 3; settings changed since: {shown}\n"
 
 
+def test_resume_notes_only_a_requeued_resume_path_that_continues_its_own_folders_run(tmp_path, capsys):
+    """The note "continuing <output_dir's checkpoint>, the run this command started there from --resume PATH" is for a
+    requeued --resume PATH command only: not for --resume auto (which names no PATH), nor for PATH itself continued."""
+    model = torch.nn.Linear(3, 2)
+    state, last, start = tiny_state(model), str(tmp_path / engine.LAST), str(tmp_path / "start.pth")
+    for path, given in ((last, "auto"), (start, start), (last, start)):
+        engine.resume(state, path, model, torch.optim.AdamW(model.parameters()), None,
+                      argparse.Namespace(**{**state["args"], "resume": given}), 2, CPU)
+        note = (f"note: continuing {last}, the run this command started there from --resume {start} (to start again "
+                f"from {start}, add --fresh)\n") if path == last and given == start else ""
+        assert capsys.readouterr().out == f"{note}resumed from {path} at step 3\n"
+
+
 def test_resume_keeps_each_parameters_moments_under_this_runs_group_settings():
     """A --layer_decay / --weight_decay changed on resume is used (not the saved groups'), also when it changes the
     number of parameter groups; each parameter keeps its own Adam moments."""
@@ -989,6 +1002,25 @@ def test_a_folders_run_launched_with_the_same_resume_path_is_continued(tmp_path,
         engine.prepare_run(run_args(out, resume=str(start)), CPU)
     engine.teardown()
     assert engine.prepare_run(run_args(out, resume=str(start), fresh=True), CPU) == (str(start), False)
+
+
+def test_a_relative_resume_path_is_recorded_as_the_file_it_named(tmp_path, monkeypatch):
+    """`--resume start.pth` is recorded from the folder it was given in: the requeued command, relaunched from another
+    working directory (with PATH written absolute, or gone since), still continues its run. Recorded as given, it named
+    a file in the relaunch's folder, and the command was refused as another run."""
+    out, start = tmp_path / "run", tmp_path / "start.pth"
+    out.mkdir()
+    start.write_bytes(b"y")
+    layer = torch.nn.Linear(2, 2)
+    monkeypatch.chdir(tmp_path)
+    state = engine.checkpoint_state("dtm_pretrain", layer, torch.optim.SGD(layer.parameters(), 1), None,
+                                    run_args(out, resume="start.pth"), 1, 1)
+    torch.save(state, out / engine.LAST)
+    monkeypatch.chdir(out)
+    assert engine.prepare_run(run_args(out, resume=str(start)), CPU) == (str(out / engine.LAST), True)
+    engine.teardown()
+    start.unlink()
+    assert engine.prepare_run(run_args(out, resume=str(start)), CPU) == (str(out / engine.LAST), True)
 
 
 def test_a_log_window_saved_in_micro_batches_is_read_in_steps():

@@ -509,6 +509,26 @@ def test_a_run_continued_in_another_folder_says_where_its_best_checkpoint_is(fin
     assert torch.load(tmp_path / "c" / engine.LAST)["best_dir"] == str(tmp_path / "c")  # where a relaunch looks
 
 
+def test_another_trainers_checkpoint_is_named_as_the_folders_run_or_as_the_resume_path(tmp_path):
+    """A pre-training checkpoint-last.pth in --output_dir, picked by --resume auto or by a requeued --resume PATH that
+    it records: the error names the folder (not a --resume value the command does not have); the same file given as
+    --resume is named as that flag's file, with --init as the way to fine-tune from it."""
+    out, start = tmp_path / "out", str(tmp_path / "start.pth")
+    out.mkdir()
+    torch.save({"kind": "dtm_pretrain", "model": {}, "args": {"resume": start}, "resume_abspath": start},
+               out / engine.LAST)
+    folders = (f"--output_dir '{out}' holds another trainer's run ({engine.LAST}: kind 'dtm_pretrain'), which "
+               f"train_finetune.py would continue (--resume auto): pass another --output_dir")
+    for resume in ([], ["--resume", start]):
+        with pytest.raises(ValueError) as e:
+            tf.main(TINY_RUN + ["--output_dir", str(out)] + resume)
+        assert str(e.value) == folders
+    with pytest.raises(ValueError) as e:
+        tf.main(TINY_RUN + ["--output_dir", str(tmp_path / "new"), "--resume", str(out / engine.LAST)])
+    assert str(e.value) == (f"--resume '{out / engine.LAST}' is not a checkpoint of train_finetune.py (kind "
+                            f"'dtm_pretrain'); to start fine-tuning from pre-trained weights use --init PATH")
+
+
 def test_an_epoch_shorter_than_log_every_still_logs_its_loss(tmp_path):
     """The end of an epoch is a log step: with --log_every 50 and 3 steps per epoch, train_loss was null."""
     tf.main(TINY_RUN + ["--epochs", "1", "--log_every", "2", "--output_dir", str(tmp_path / "a")])

@@ -395,6 +395,26 @@ def test_demo_run_started_from_a_checkpoint_relaunches_without_init(tmp_path, ca
     assert "UperNet," not in capsys.readouterr().out  # refused before the banner, which named the run's --init
 
 
+def test_another_trainers_checkpoint_is_named_as_the_folders_run_or_as_the_resume_path(tmp_path):
+    """A fine-tuning checkpoint-last.pth in --output_dir, picked by --resume auto or by a requeued --resume PATH that
+    it records: the error names the folder (not a --resume value the command does not have); the same file given as
+    --resume is named as that flag's file, with --init as the way to start from its weights."""
+    out, start = tmp_path / "out", str(tmp_path / "start.pth")
+    out.mkdir()
+    torch.save({"kind": "dtm_finetune", "model": {}, "args": {"resume": start}, "resume_abspath": start},
+               out / engine.LAST)
+    folders = (f"--output_dir '{out}' holds another trainer's run ({engine.LAST}: kind 'dtm_finetune'), which "
+               f"train_seg.py would continue (--resume auto): pass another --output_dir")
+    for resume in ([], ["--resume", start]):
+        with pytest.raises(ValueError) as e:
+            train_seg.main(TINY_RUN + ["--output_dir", str(out)] + resume)
+        assert str(e.value) == folders
+    with pytest.raises(ValueError) as e:
+        train_seg.main(TINY_RUN + ["--output_dir", str(tmp_path / "new"), "--resume", str(out / engine.LAST)])
+    assert str(e.value) == (f"--resume '{out / engine.LAST}' is not a checkpoint of train_seg.py (kind 'dtm_finetune')"
+                            f"; to start from other weights use --init PATH")
+
+
 def test_relaunch_of_an_old_checkpoint_with_a_relative_init_says_so(tmp_path, monkeypatch, capsys):
     """A checkpoint from before init_abspath with a relative --init, relaunched from another folder: the note that
     the file is unknown is printed (segmentation once filled --init before engine.resume, which then said nothing)."""
@@ -603,6 +623,15 @@ def test_a_log_line_across_a_resume_with_another_accum_iter_weighs_each_step_ali
     step4 = next(r["loss"] for r in lines["1"][1] if r.get("step") == 4)
     across = next(r["loss"] for r in lines["2"][1] if r.get("step") == 4)
     assert across == pytest.approx((step3 + step4) / 2, rel=1e-6)
+    # a checkpoint from before log_window_per_step (micro-batch sums and count) continues to the same line
+    old = torch.load(os.path.join(tmp_path / "first2", "checkpoint-last.pth.step3"))
+    assert old.pop("log_window_per_step")
+    old["log_window"] = old["log_window"] * 2  # --accum_iter 2
+    torch.save(old, tmp_path / "old.pth")
+    train_seg.main(run + ["--batch_size", "4", "--log_every", "2", "--resume", str(tmp_path / "old.pth"),
+                          "--output_dir", str(tmp_path / "then_old")])
+    logged = [json.loads(line) for line in open(tmp_path / "then_old" / "log.jsonl")]
+    assert next(r["loss"] for r in logged if r.get("step") == 4) == pytest.approx(across, rel=1e-6)
 
 
 def test_another_batch_size_keeps_the_step_count(tmp_path, monkeypatch, capsys):

@@ -342,6 +342,56 @@ def test_start_ahead_starts_the_collected_tests_builds_at_the_lowest_priority(mo
     assert STARTED == {}
 
 
+@pytest.mark.skipif(os.name != "posix", reason="a killed child's return code is -SIGKILL on POSIX")
+def test_builds_started_ahead_are_stopped_at_exit_before_their_folder_is_removed(monkeypatch):
+    """pytest -x or Ctrl-C before the test that waits for them: pytest's exit (atexit, last in first) kills the builds
+    started ahead, then removes their folder; they are not left building for minutes after pytest."""
+    monkeypatch.setitem(globals(), "triton", triton or object())
+    monkeypatch.setitem(globals(), "STARTED", {})
+    monkeypatch.setitem(globals(), "CHILD", "import time; time.sleep(60)")
+    at_exit = []
+    monkeypatch.setattr(atexit, "register", lambda function, *args: at_exit.append((function, args)))
+    start_ahead([types.SimpleNamespace(name="test_compiled_vit_blocks_kernels_build_for_sm70_sm80_sm90")])
+    children = STARTED["vit_blocks"]
+    try:
+        for function, args in reversed(at_exit):
+            function(*args)
+        assert [child.returncode for _, child in children] == [-signal.SIGKILL] * len(PRECISIONS)
+        assert not children[0][0].parent.parent.exists()  # the temporary folder of all the builds
+    finally:
+        stop(children)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a killed child's return code is -SIGKILL on POSIX")
+def test_a_failed_build_kills_its_sibling(tmp_path, monkeypatch):
+    """The fp16 child fails: the test fails at once, and the bf16 child still building is killed (not left running
+    beside the next tests)."""
+    monkeypatch.setitem(globals(), "CHILD", "import sys, time\n"  # argv: targets, case, batch, dtype
+                        "sys.exit(3) if sys.argv[4] == 'float16' else time.sleep(60)")
+    children = start_builds(tmp_path, "mto_losses")
+    try:
+        with pytest.raises(AssertionError):
+            wait_for(children)
+        assert [child.returncode for _, child in children] == [3, -signal.SIGKILL]
+    finally:
+        stop(children)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="preexec_fn is POSIX's")
+def test_a_build_started_ahead_where_prctl_is_missing_still_starts_at_the_lowest_priority(tmp_path, monkeypatch):
+    """Not Linux (macOS's C library has no prctl; or no C library loads: OSError): the child starts anyway, at nice
+    19, and the atexit stop alone ends it early. Either error, raised in the child before it runs, fails the build."""
+    monkeypatch.setitem(globals(), "CHILD", "import json, os; print('RESULT ' + json.dumps({'nice': os.nice(0)}))")
+
+    def no_c_library(*args, **kwargs):
+        raise OSError("no C library")
+
+    for i, cdll in enumerate((lambda *args, **kwargs: types.SimpleNamespace(), no_c_library)):
+        monkeypatch.setattr(ctypes, "CDLL", cdll)  # the child is forked from this process: it has these too
+        results = wait_for(start_builds(tmp_path / str(i), "mto_losses", low_priority=True))
+        assert [result["nice"] for result in results] == [19] * len(PRECISIONS)
+
+
 def test_conftest_starts_ahead_once_per_collected_module_that_has_it_and_not_when_only_collecting():
     import conftest
     calls, other = [], types.ModuleType("test_other")
