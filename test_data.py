@@ -226,6 +226,10 @@ def test_image_folder_errors(tmp_path):
     _save(flat / "x.jpg")
     with pytest.raises(FileNotFoundError, match="no class subfolders.*move them into class subfolders"):
         data.ImageFolder(str(flat))
+    os.makedirs(tmp_path / "bare")  # no images either: no hint to move "0 images" into class folders
+    with pytest.raises(FileNotFoundError, match="no class subfolders") as info:
+        data.ImageFolder(str(tmp_path / "bare"))
+    assert "images directly" not in str(info.value)
     empty = tmp_path / "empty"
     _save(empty / "a" / "x.png")
     os.makedirs(empty / "b")
@@ -259,6 +263,43 @@ def test_dataset_sets_names_what_names_a_dataset_split():
         "train": "imagenet-train", "validation": "imagenet-validation"}
     for names in (["train", "bus", "car"], ["training", "testing"], ["train", "test_tube"], ["val", "test"]):
         assert data.dataset_sets(names) == {}, names
+
+
+def test_dataset_sets_need_a_separator_before_the_set_name():
+    """A set name after a space, a dot, a dash or an underscore names a set ("imagenet val", "coco.train2017"); glued
+    to a word ("pretrain", "contest") it does not, so classes named so are not refused as a dataset's sets."""
+    assert data.dataset_sets(["imagenet train", "imagenet val"]) == {"train": "imagenet train", "val": "imagenet val"}
+    assert data.dataset_sets(["coco.train2017", "coco.val2017"]) == {"train": "coco.train2017", "val": "coco.val2017"}
+    assert data.dataset_sets(["pretrain", "contest"]) == {}
+
+
+def test_a_dataset_root_refused_as_a_val_set_names_its_val_folder_before_test(tmp_path):
+    """--data_val ROOT holding train/, val/ and test/ (Kaggle's CLS-LOC): the folder named to pass is ROOT/val, the
+    first set after train in DATASET_SETS' order, not test/ (which has no labels there)."""
+    for split in ("train", "val", "test"):
+        _save(tmp_path / split / "a" / "x.png")
+    with pytest.raises(ValueError, match=f"holds train/ and val/ and test/ .*: pass --data_val {tmp_path / 'val'}$"):
+        data.refuse_dataset_root(data.ImageFolder(str(tmp_path)), "--data_val", "val")
+
+
+def test_a_root_whose_sets_hold_images_directly_is_refused_naming_the_train_set(tmp_path):
+    """ROOT/{train,val}/<image> (sets without class folders) as --data: the refusal names ROOT/train, whose own error
+    then asks for class folders; not the advice for class folders each split into sets, which has no class to name."""
+    for split in ("train", "val"):
+        _save(tmp_path / split / "x.png")
+    with pytest.raises(ValueError, match=f"holds train/ and val/ \\(a dataset split into sets\\).*: pass --data "
+                                         f"{tmp_path / 'train'}$"):
+        data.refuse_dataset_root(data.ImageFolder(str(tmp_path)), "--data", "train")
+
+
+def test_image_folder_reads_a_root_whose_loose_files_are_hidden(tmp_path):
+    """A Mac's "._" companions of val images stay in the root after valprep.sh moves the images into their class
+    folders: hidden, they are no images lying beside the class folders, and the folder reads as before."""
+    _save(tmp_path / "a" / "x.JPEG")
+    _save(tmp_path / "b" / "y.JPEG")
+    (tmp_path / "._x.JPEG").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble, no image
+    folder = data.ImageFolder(str(tmp_path))
+    assert folder.classes == ["a", "b"] and len(folder) == 2
 
 
 def test_image_folder_corrupt_file_is_named(tmp_path):
@@ -804,6 +845,13 @@ def test_seg_random_resize_follows_mmseg_rescale():
     assert out.size == (int(400 * factor + 0.5), int(300 * factor + 0.5))
     # a side that rounds to 0 pixels (--scale 1 1 on a 4:1 image) is 1 pixel: F.interpolate refused a size of 0
     out, out_mask = data.seg_rescale(Image.new("RGB", (400, 100)), Image.new("L", (400, 100)), (1, 1))
+    assert out.size == out_mask.size == (1, 1)
+
+
+def test_seg_rescale_keeps_a_tall_images_width_at_one_pixel():
+    """As the height of a wide image: a tiny --scale on a 1:4 image rounds its width to 0 pixels, which
+    F.interpolate refused; the width is kept at 1 pixel."""
+    out, out_mask = data.seg_rescale(Image.new("RGB", (100, 400)), Image.new("L", (100, 400)), (1, 1))
     assert out.size == out_mask.size == (1, 1)
 
 
@@ -1651,6 +1699,13 @@ def test_synthetic_shapes_and_shapes_segmentation_bounds_and_names():
     for bad in (-1, 2):
         with pytest.raises(IndexError, match="out of range"):
             shapes.get(bad)
+
+
+def test_synthetic_shapes_takes_its_bounds():
+    """8 pixels and 32 classes are the smallest image and the most classes SyntheticShapes makes (train_seg's
+    --demo_img_size and --demo_shape_classes are checked against them): both are accepted."""
+    image, label = data.SyntheticShapes(1, 8, num_classes=data.SyntheticShapes.MAX_CLASSES)[0]
+    assert image.size == (8, 8) and data.SyntheticShapes.MAX_CLASSES == 32 and 0 <= label < 32
 
 
 def test_seg_train_transform_defaults_are_mmsegs_ade20k_pipeline():

@@ -1432,7 +1432,8 @@ def test_every_float_flag_of_every_trainer_refuses_nan_and_inf(trainer, capsys):
 def test_every_flag_without_a_type_refuses_an_empty_value(trainer, capsys):
     """`--data "$IMAGENET"` with the variable unset gives --data "", which the code read as no --data where it tests
     the flag's truth: fine-tuning trained on the demo's images with the real run's settings, --eval "" trained
-    instead of evaluating. engine.nonempty_text, registered for flags without a type, refuses it at parse time."""
+    instead of evaluating. engine.nonempty_text, registered for flags without a type, refuses it at parse time, and
+    keeps any other value as given (spaces too: a folder's name may have them)."""
     module = importlib.import_module(trainer)
     flags = [a.option_strings[0] for a in module.get_args_parser()._actions
              if a.type is None and a.nargs != 0 and a.option_strings != ["-h", "--help"]]
@@ -1444,7 +1445,7 @@ def test_every_flag_without_a_type_refuses_an_empty_value(trainer, capsys):
             assert exit.value.code == 2
             assert f"argument {flag}: {value!r} is empty (an unset shell variable?): give a value" in \
                 capsys.readouterr().err
-    assert module.get_args_parser().parse_args(["--output_dir", "out"]).output_dir == "out"
+    assert module.get_args_parser().parse_args(["--output_dir", " out "]).output_dir == " out "  # a value as given
 
 
 @pytest.mark.parametrize("argv, message", [

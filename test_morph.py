@@ -455,12 +455,13 @@ def test_visualization_writes_side_by_side_panels(tmp_path):
     out = Image.open(tmp_path / "g.png")
     assert out.size == (2 * 64 + 8, 2 * 64 + 20)
     assert parse_schedule("14x7") == [7] * 14 and parse_schedule("49,49") == [49, 49]
+    assert parse_schedule("0") == [0] and parse_schedule("2x0") == [0, 0]  # no merge (r=0): a schedule, not an error
     with pytest.raises(ValueError, match="KxR"):
         parse_schedule("seven")
     for text in ("0x5", "-3x7"):  # no rounds: an empty schedule, a picture of no merges
         with pytest.raises(ValueError, match=f"schedule '{text}' has -?\\d+ rounds; KxR needs K >= 1"):
             parse_schedule(text)
-    for text in ("2x-1", "-3", "4,-1"):  # a traceback deep in morph.py once
+    for text in ("2x-1", "-3", "4,-1", "-1,4"):  # a traceback deep in morph.py once; any round's r, not the last
         with pytest.raises(ValueError, match=f"schedule '{text}' removes a negative number of tokens"):
             parse_schedule(text)
     for out, message in (("g.pngx", "Pillow writes no file of that extension"), ("g.psd", "Pillow writes no file"),

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -594,12 +595,13 @@ def test_a_data_folder_holding_a_dataset_split_further_down_is_refused(tmp_path,
 
 def test_class_folders_each_split_into_sets_are_refused_naming_the_layout_to_make(tmp_path):
     """root/<class>/{train,test}/<image>: no folder of it can be passed as it is (the refusal named
-    root/<first class>/train, which holds no class folders). A wrapper whose val/ is flat (Kaggle's CLS-LOC) still
-    names the train folder to pass."""
+    root/<first class>/train, which holds no class folders; a hidden folder there is none). A wrapper whose val/ is
+    flat (Kaggle's CLS-LOC) still names the train folder to pass, its train/ read by its folders, not its files."""
     for name in ("daisy", "rose"):
         for split in ("train", "test"):
             os.makedirs(tmp_path / "flowers" / name / split)
             Image.new("RGB", (40, 40)).save(tmp_path / "flowers" / name / split / "a.png")
+    os.makedirs(tmp_path / "flowers" / "daisy" / "train" / ".ipynb_checkpoints")  # hidden: no class folder
     with pytest.raises(ValueError, match=re.escape(
             f"--data '{tmp_path / 'flowers'}' holds daisy/ with daisy/train/ and daisy/test/ (each class folder split "
             f"into sets): the images of every set would be mixed in each class; move them to <set>/<class>/<image> "
@@ -609,6 +611,8 @@ def test_class_folders_each_split_into_sets_are_refused_naming_the_layout_to_mak
     make_image_folder(tmp_path / "kaggle" / "CLS-LOC" / "val" / "flat", count=2)
     for path in (tmp_path / "kaggle" / "CLS-LOC" / "val").glob("flat/*/*.png"):
         os.rename(path, tmp_path / "kaggle" / "CLS-LOC" / "val" / path.name)  # val's images in val/ itself
+    shutil.rmtree(tmp_path / "kaggle" / "CLS-LOC" / "val" / "flat")  # no folder left in val/: the train set decides
+    (tmp_path / "kaggle" / "CLS-LOC" / "train" / ".DS_Store").write_text("")  # beside its class folders
     with pytest.raises(ValueError, match=f"pass --data {re.escape(str(tmp_path / 'kaggle' / 'CLS-LOC' / 'train'))}$"):
         tp.build_dataset(tp.parse_args(tiny_argv(str(tmp_path / "kaggle"), tmp_path / "run")))
 

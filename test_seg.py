@@ -131,6 +131,7 @@ GENERIC = ["--img_dir", "i", "--ann_dir", "a", "--val_img_dir", "vi", "--val_ann
                                                               "--ann_suffix .png"),
     (["--demo_img_size", "0"], "--demo_img_size must be >= 8 and --demo_shape_classes in 1..32, got 0 and 4"),  # named
     (["--demo_shape_classes", "33"], "--demo_shape_classes in 1..32, got 96 and 33"),  # neither flag, once
+    (["--demo_shape_classes", "0"], "--demo_shape_classes in 1..32, got 96 and 0"),  # SyntheticShapes' own words
     ([*GENERIC, "--num_classes", "256"], "--num_classes must be in 2..255"),
     ([*GENERIC, "--num_classes", "255", "--reduce_zero_label"], "must be in 2..254 \\(label values 0..num_classes-1 "
                                                                  "after --reduce_zero_label")])
@@ -143,6 +144,14 @@ def test_flags_that_do_nothing_or_train_wrongly_are_refused(flags, message):
     assert train_seg.parse_args(["--init", "none", "--data", "/x", "--crop_size", "64"]).stride == 42
     assert train_seg.parse_args(["--init", "none", *GENERIC, "--num_classes", "254", "--reduce_zero_label"])
     assert train_seg.parse_args(["--init", "none", *GENERIC, "--num_classes", "2"])
+
+
+def test_demo_image_size_and_shape_classes_take_their_bounds():
+    """--demo_img_size 8 and --demo_shape_classes 1 or 32 are SyntheticShapes' own bounds (its smallest image, its
+    fewest and most classes): train_seg's check of them, which names the flags, accepts each."""
+    for flag, value in (("--demo_img_size", 8), ("--demo_shape_classes", 1), ("--demo_shape_classes", 32)):
+        args = train_seg.parse_args(["--init", "none", flag, str(value)])
+        assert getattr(args, flag[2:]) == value
 
 
 class CropSizeOnly(nn.Module):
