@@ -203,6 +203,8 @@ def main():
         parser.error("--teacher_epochs and --finetune_epochs must be >= 2, --pretrain_epochs >= 4: every run warms "
                      "up for 1 epoch, and a run of 1 epoch (the half arm's at 2 or 3) would end inside its warmup, "
                      "its lr never decaying, unlike the other arms'")
+    if not args.out.strip():  # abspath("") is the current folder: the runs and data would land there
+        parser.error(f"--out {args.out!r} is empty (an unset shell variable?): give a folder")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out!r} is a file, not a folder")
     args.out = os.path.abspath(args.out)  # the runs start in this folder (cwd=HERE), not in the caller's

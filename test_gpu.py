@@ -1237,6 +1237,20 @@ def test_run_child_passes_its_arguments_and_gives_at_least_1_s_near_the_watchdog
         run_child([sys.executable, "-c", "import time; time.sleep(60)"], timeout=240)
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_any_check(tmp_path, monkeypatch, capsys):
+    """--out "" (an unset shell variable) or a file in a folder that does not exist: refused at once, naming --out,
+    not a traceback from the report's first write after the first check started; no temp file is left behind."""
+    monkeypatch.setitem(CHECKS, "amp_choice", lambda *args: pytest.fail("a check ran"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    for out, error in (("", "--out '' is empty (an unset shell variable?): give a file, e.g. gpu_report.json"),
+                       ("missing/r.json", "error: --out 'missing/r.json': the report cannot be written there")):
+        with pytest.raises(SystemExit) as exit_status:
+            main(["--device", "cpu", "--quick", "--out", out])
+        assert error in str(exit_status.value.code) + capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_killed_childs_output_until_then_is_in_the_error():
     """bench_mto prints its overheads before its profiles: a child killed at its timeout keeps that in the report."""
     code = ("import sys, time; print('overheads over dtm', flush=True); print('warning', file=sys.stderr, flush=True)"
@@ -1438,6 +1452,8 @@ def main(argv=None):
                              "ran, the check in flight marked 'running'); default 0: off")
     global BUDGET_S
     args = parser.parse_args(argv)
+    if not args.out.strip():
+        parser.error(f"--out {args.out!r} is empty (an unset shell variable?): give a file, e.g. gpu_report.json")
     if args.watchdog_s > 0:
         start_watchdog(args.watchdog_s)
     args.budget_s = BUDGET_S = budget(args.budget_s, args.watchdog_s)
@@ -1456,6 +1472,13 @@ def main(argv=None):
             json.dump(report, f, indent=1)
         os.replace(args.out + ".tmp", args.out)  # whole or not at all, should the watchdog end the run meanwhile
 
+    try:  # at once, not after the first check (a traceback): e.g. --out into a folder that does not exist
+        write_report()
+    except OSError as e:
+        if os.path.isfile(args.out + ".tmp"):
+            os.remove(args.out + ".tmp")
+        sys.exit(f"error: --out {args.out!r}: the report cannot be written there ({e}); give a file in a folder that "
+                 f"exists and can be written to")
     with tempfile.TemporaryDirectory() as tmp:
         for name, check in CHECKS.items():
             start = time.perf_counter()

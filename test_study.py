@@ -358,14 +358,19 @@ def test_epochs_the_study_cannot_run_are_refused(tmp_path, monkeypatch, argv):
     assert exit_status.value.code == 2 and not os.path.exists(tmp_path / "s")
 
 
-def test_an_out_that_is_a_file_is_refused(tmp_path, monkeypatch, capsys):
-    (tmp_path / "s").write_text("a file")  # os.makedirs' FileExistsError traceback once
+def test_an_out_that_is_a_file_or_empty_is_refused(tmp_path, monkeypatch, capsys):
+    """A file: os.makedirs' FileExistsError traceback once. Empty (`--out "$OUT"`, the variable unset): abspath made it
+    the current folder, where the study's data and runs then landed without a word."""
+    (tmp_path / "s").write_text("a file")
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(study, "make_data", lambda out: pytest.fail("ran"))
-    monkeypatch.setattr("sys.argv", ["study.py", "--out", str(tmp_path / "s")])
-    with pytest.raises(SystemExit) as exit_status:
-        study.main()
-    assert exit_status.value.code == 2
-    assert f"--out '{tmp_path / 's'}' is a file, not a folder" in capsys.readouterr().err
+    for out, error in ((str(tmp_path / "s"), "is a file, not a folder"),
+                       ("", "is empty (an unset shell variable?): give a folder"), (" ", "is empty")):
+        monkeypatch.setattr("sys.argv", ["study.py", "--out", out])
+        with pytest.raises(SystemExit) as exit_status:
+            study.main()
+        assert exit_status.value.code == 2
+        assert f"--out {out!r} {error}" in capsys.readouterr().err
 
 
 @pytest.fixture
