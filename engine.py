@@ -8,7 +8,7 @@ Each trainer keeps its own loop, readable top to bottom; this file holds what th
     optimization  parameter groups (weight decay, layer-wise lr decay), lr schedules, the optimizer step
     randomness    one scheme for all three (below)
     data          seeded samples, epoch sampler, micro-batches from any step on, unreadable images, eval shards
-    runs          output folder (auto-resume, --fresh), checkpoints (atomic, finite only, plain torch.load),
+    runs          output folder (auto-resume, --fresh, run lock), checkpoints (atomic, finite only, plain torch.load),
                   resume, the JSONL log, the step timer, one-line user errors
 
 Randomness. No random draw depends on an RNG state carried from step to step:
@@ -147,7 +147,9 @@ def teardown():
 
 RUN_LOCK = ".run.lock"  # in output_dir: locked (fcntl.lockf) by the rank 0 of the run writing there
 _held_locks = {}  # output_dir's real path -> the open lock file of this process
-_saw_last = {}  # output_dir's absolute path -> whether prepare_run found a LAST there (open_log removes only that)
+# output_dir's absolute path -> (whether prepare_run found a LAST there, --resume, --fresh): open_log removes only a
+# LAST found there, and words its refusal of one that another run wrote since by --resume
+_saw_last = {}
 
 
 def lock_output_dir(output_dir: str):
@@ -733,8 +735,8 @@ class _Probe(torch.utils.data.Dataset):
 
 
 def check_dataset(dataset, what: str, d: Dist, num_workers: int, count=None):
-    """Load every sample of `dataset` once (each rank its shard, in DataLoader workers) and fail naming the files
-    that cannot be used. For validation sets, before training: evaluation must count every image.
+    """Load every sample of `dataset` once (each rank its shard, in DataLoader workers) and fail naming the first that
+    cannot be used (and how many cannot). For validation sets, before training: evaluation must count every image.
     Returns the sum over all samples (all ranks) of count(loaded sample), or 0 without count."""
     probe = _Probe(dataset, shard_indices(len(dataset), d, f"{what} samples"), count)
     loader = torch.utils.data.DataLoader(probe, batch_size=32, num_workers=num_workers, collate_fn=list)
@@ -906,10 +908,10 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
     """Decide where the run starts -> (checkpoint path to resume or None, True if that is output_dir's own).
 
     --resume auto continues output_dir/checkpoint-last.pth if there is one (as the official code's --auto_resume, on
-    by default: naver-ai/dtm run_pretrain_dtm.py, utils/utils.py auto_load_last_model); --fresh starts over instead; --resume PATH
-    continues PATH, into an output_dir that holds no other run (or one whose checkpoint-last.pth a launch with the same
-    --resume PATH saved, which it continues: launched_with_resume). With --fresh, open_log removes that run's
-    checkpoint-last.pth once the new run's model is built (an --init that cannot be read or does not fit fails
+    by default: naver-ai/dtm run_pretrain_dtm.py, utils/utils.py auto_load_last_model); --fresh starts over instead;
+    --resume PATH continues PATH, into an output_dir that holds no other run (or one whose checkpoint-last.pth a launch
+    with the same --resume PATH saved, which it continues: launched_with_resume). With --fresh, open_log removes that
+    run's checkpoint-last.pth once the new run's model is built (an --init that cannot be read or does not fit fails
     first and leaves it in place). reads / new_run_reads: {flag: path} of checkpoints the run reads at every launch
     (the teacher) / when it starts (--init); refused where the run writes over them.
     Rank 0 also removes the temporary files an interrupted save left behind."""
@@ -1003,7 +1005,8 @@ def init_note(args) -> str:
 
 
 def run_name(args, resumed: str) -> str:
-    """The run a message is about: output_dir where --resume auto found it, else the checkpoint --resume named."""
+    """The run a message is about: output_dir where --resume auto found it, else the checkpoint it continues
+    (`resumed`: PATH, or output_dir's checkpoint-last.pth where a requeued --resume PATH command continues that)."""
     return args.output_dir if args.resume == "auto" else repr(resumed)
 
 
@@ -1061,13 +1064,12 @@ def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) ->
     checkpoint was saved (its log_lines; older checkpoints: the lines up to its step) and drops the rest (written
     after the checkpoint by a run that then died, or half-written), so no line repeats, also where a new batch size
     renumbered the steps; a new run (resumed None) starts a new log (made now, empty) and keeps an old one with lines
-    as log.N.jsonl. A new run
-    also removes the previous run's checkpoint-last.pth (which prepare_run let it replace: --fresh), so a relaunch
-    without --fresh after a crash before the new run's first save does not continue the old run. A finished run
-    continued from another folder's checkpoint (finished, resumed None) trains nothing: it leaves output_dir as it is
-    (but for the run lock, RUN_LOCK)
-    and logs nothing. Every rank calls it (rank 0 with enabled): a folder rank 0 cannot write to stops every rank
-    here, before training, with one ValueError."""
+    as log.N.jsonl. A new run also removes the previous run's checkpoint-last.pth (which prepare_run found and let it
+    replace: --fresh), so a relaunch without --fresh after a crash before the new run's first save does not continue
+    the old run. A finished run continued from another folder's checkpoint (finished, resumed None) trains nothing: it
+    leaves output_dir as it is (but for the run lock, RUN_LOCK) and logs nothing. Every rank calls it (rank 0 with
+    enabled): a folder rank 0 cannot write to, or one that another run took since prepare_run (its run lock, or a
+    checkpoint-last.pth it wrote), stops every rank here, before training, with one ValueError."""
     path, last = os.path.join(output_dir, LOG), os.path.join(output_dir, LAST)
     kept, enabled, error = [], enabled and not (finished and resumed is None), None
     if enabled:
@@ -1252,7 +1254,8 @@ def check_finite(values: torch.Tensor, names, step: int, output_dir: str, remedy
 
 def load_checkpoint(path: str, kind: str, flag: str = "--resume", hint: str = "", auto: bool = False) -> dict:
     """A checkpoint of one trainer (kind); a clear error for a missing file, a foreign one or another trainer's.
-    auto: path is the output_dir's checkpoint-last.pth that --resume auto picked (the error then names the folder)."""
+    auto: path is the output_dir's checkpoint-last.pth that prepare_run picked, not a file --resume names (--resume
+    auto, or a requeued --resume PATH command); the error then names the folder."""
     try:
         checkpoint = dtm.read_checkpoint(path, flag if not auto else "the run's checkpoint (--resume auto)")
     except ValueError as e:

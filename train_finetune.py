@@ -262,7 +262,7 @@ def get_args_parser():
     g.add_argument("--warmup_epochs", type=float, default=None, help="default: a continued run's own, else by "
                    "--model, the paper's: 10 (ViT-S/B and others), 5 (ViT-L) (the demo: 1)")
     g.add_argument("--batch_size", type=int, default=128, help="per process")
-    g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=5e-4, help="base lr at a total batch of 1024 (see --lr_scaling)")
     g.add_argument("--lr_scaling", default="linear", choices=["linear", "none"], help="linear: the lr used is lr * "
                    "total_batch / 1024, total_batch = batch_size * accum_iter * world size; none: lr as given (the "
