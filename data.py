@@ -991,7 +991,7 @@ class SegFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def load(self, index):
-        """-> (PIL RGB image, PIL 'L' mask) with reduce_zero_label applied."""
+        """-> (PIL RGB image, PIL 'L' mask) with reduce_zero_label applied when asked."""
         img_path, ann_path = self.samples[index]
         img, labels = upright(load_image(img_path)), load_label_map(ann_path)
         if img.size != (labels.shape[1], labels.shape[0]):  # a pair that cannot be used: skipped in training

@@ -213,7 +213,8 @@ def resize_rel_pos_table(table: torch.Tensor, old_grid, new_grid) -> torch.Tenso
 
 
 def resize_pos_embed(pos: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
-    """Absolute position embedding (..., 1 + H*W, C) -> (..., 1 + H2*W2, C), bicubic on the patch grid."""
+    """Absolute position embedding (1 + H*W, C) or (1, 1 + H*W, C) -> the same with 1 + H2*W2, bicubic on the patch
+    grid."""
     (H, W), (H2, W2) = _pair(old_grid), _pair(new_grid)
     if (H, W) == (H2, W2):
         return pos
@@ -352,8 +353,9 @@ class VisionTransformer(nn.Module):
     official DTM pre-training, naver-ai/dtm run_pretrain_dtm.py --rel_pos_bias and --shared_rel_pos_bias both on by
     default, models/modeling_finetune.py Attention), "shared" (one table for all blocks, BEiT v2 pre-training:
     beit2/run_beitv2_pretraining.py passes use_shared_rel_pos_bias, no per-block tables),
-    "per_block" (BEiT / DTM fine-tuning) or "none". Tables start at zero (BEiT). With num_classes > 0 the model is BEiT's fine-tuning classifier: the final `norm` becomes
-    Identity and `fc_norm` + `head` act on the mean of the patch tokens (head scaled by head_init_scale).
+    "per_block" (BEiT / DTM fine-tuning) or "none". Tables start at zero (BEiT). With num_classes > 0 the model is
+    BEiT's fine-tuning classifier: the final `norm` becomes Identity and `fc_norm` + `head` act on the mean of the
+    patch tokens (head scaled by head_init_scale).
     weight_init (WEIGHT_INITS): "pretrain", the official pre-training model's (models/modeling_dtm.py:25, :111:
     normals of std 0.02 truncated at +-std, the patch embedding's conv too), or "downstream", the official
     fine-tuning model's and BEiT's segmentation backbone's (models/modeling_finetune.py:20, :331,
@@ -519,7 +521,8 @@ def adapt_state_dict(state_dict: dict, model: VisionTransformer, source_grid=Non
     """A ViT state dict made to fit `model`: relative position tables and position embeddings resized to the
     model's patch grid (for another image size), and a shared table moved into every block when the model has
     per-block tables only: added to the block's own table where the checkpoint has one (layout "both", the
-    official fine-tuning's --init_both_rpb, naver-ai/dtm run_class_finetuning.py), else copied (BEiT). Other keys pass unchanged; load the result with load_state_dict.
+    official fine-tuning's --init_both_rpb, naver-ai/dtm run_class_finetuning.py), else copied (BEiT). Other keys
+    pass unchanged; load the result with load_state_dict.
     source_grid: the patch grid (H, W) the weights were trained at, where known. Without it, a table or position
     embedding of the model's size is kept as it is, and the grid of one of another size is inferred assuming a square
     grid. (Their sizes do not say the grid: a non-square model grid's transpose, 4x6 for 6x4, or a square grid with

@@ -155,8 +155,8 @@ def recalibration_mask(mask, num_prefix: int = NUM_PREFIX):
 
 def depth_weights(depth: int, num_layers: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """(depth,) float: w_l proportional to depth - l for the first num_layers blocks, 0 after; sums to 1. Made on
-    `device` (a copy from the host to a GPU would wait for the GPU's queue; MTO syncs only in mask_sizes), in
-    `dtype` (the losses': float64 weights for float64 losses)."""
+    `device` (a copy from the host to a GPU would wait for the GPU's queue; MTO syncs only to read the mask's sizes:
+    mask_sizes, patch_rows without them), in `dtype` (the losses': float64 weights for float64 losses)."""
     if not 0 <= num_layers <= depth:
         raise ValueError(f"number of MTO loss layers must be in 0..{depth} (the ViT's depth), got {num_layers}")
     w = torch.arange(depth, 0, -1, dtype=dtype, device=device)  # D, D-1, ..., 1
@@ -589,7 +589,8 @@ def _check_returned(features, field: str, ids):
 
 
 def _qk_entry(qk, i: int):
-    """forward_features(...).qk[i], checked to be (q, k, bias): a (q, k) pair shifted the mask into bias's place."""
+    """forward_features(...).qk[i], checked to be (q, k, bias): a (q, k) pair would fail unnamed where
+    attention_entropies unpacks it."""
     entry = qk[i]
     if not isinstance(entry, (tuple, list)) or len(entry) != 3:
         got = f"{len(entry)} entries" if isinstance(entry, (tuple, list)) else type(entry).__name__
