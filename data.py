@@ -957,6 +957,7 @@ class SegFolder(torch.utils.data.Dataset):
     that pair is loaded, naming the file.
     """
     suffix_hint = "pass the images' suffix (train_seg.py: --img_suffix)"  # the fixes that errors name, per layout
+    suffixes_hint = "pass the endings as the suffixes (train_seg.py: --img_suffix and --ann_suffix)"
     label_hint = "check --num_classes and --reduce_zero_label"
 
     def __init__(self, img_dir, ann_dir, transform=None, img_suffix=".jpg", ann_suffix=".png",
@@ -978,9 +979,14 @@ class SegFolder(torch.utils.data.Dataset):
                                      (annotations.keys() - images.keys(), "annotations", img_dir)):
             if missing:
                 names = sorted(missing)
+                # no name in common: the names likely differ by an ending that belongs in the suffixes
+                endings = "" if images.keys() & annotations.keys() else (
+                    f"; no name has a counterpart: if the names differ by an ending (Cityscapes' "
+                    f"<name>_leftImg8bit.png and <name>_gtFine_labelTrainIds.png), {self.suffixes_hint}")
                 raise FileNotFoundError(f"{len(names)} {have} have no counterpart in {where!r}: "
                                         f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; every image "
-                                        f"<name>{img_suffix} needs an annotation <name>{ann_suffix} and vice versa")
+                                        f"<name>{img_suffix} needs an annotation <name>{ann_suffix} and vice "
+                                        f"versa{endings}")
         self.img_dir, self.ann_dir, self.transform = img_dir, ann_dir, transform
         self.reduce_zero_label, self.classes = reduce_zero_label, classes
         self.num_classes = len(classes) if num_classes is None and classes is not None else num_classes
@@ -1021,6 +1027,8 @@ class ADE20KDataset(SegFolder):
     label 0 ('other') ignored via reduce_zero_label -> training labels 0..149 and 255 = ignore."""
     GENERIC = "train_seg.py's generic folders (--img_dir, --ann_dir, --val_img_dir, --val_ann_dir instead of --data)"
     suffix_hint = f"ADE20K's images are .jpg; for other files use {GENERIC} with --img_suffix"
+    suffixes_hint = (f"ADE20K's files are <name>.jpg and <name>.png; for other names use {GENERIC} with the endings "
+                     f"as --img_suffix and --ann_suffix")
     label_hint = (f"not an ADE20K label map (values 0..150, 0 = other); for other labels use {GENERIC} with "
                   f"--num_classes")
 

@@ -956,9 +956,15 @@ def _run_start(args, last: str) -> tuple:
     if not args.fresh and os.path.isfile(last) and launched_with_resume(last, args.resume):
         return last, True  # the same command relaunched (a requeued job): it goes on, also where PATH is gone since
     if os.path.isdir(args.resume):
-        raise FileNotFoundError(f"--resume {args.resume!r} is a folder; pass a checkpoint file "
-                                f"({os.path.join(args.resume, LAST)}), or --output_dir {args.resume} to continue the "
-                                f"run there")
+        if os.path.isfile(os.path.join(args.resume, LAST)):
+            raise FileNotFoundError(f"--resume {args.resume!r} is a folder; pass a checkpoint file "
+                                    f"({os.path.join(args.resume, LAST)}), or --output_dir {args.resume} without "
+                                    f"--resume to continue the run there")
+        # no run there to continue: neither its checkpoint-last.pth nor --output_dir would continue anything
+        found = sorted(name for name in os.listdir(args.resume) if name.endswith(".pth"))
+        raise FileNotFoundError(f"--resume {args.resume!r} is a folder that holds no run ({LAST}); pass a checkpoint "
+                                f"file" + (f", e.g. {os.path.join(args.resume, found[-1])}" if found else
+                                           " (it holds no .pth file)"))
     if not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume!r}: no such file")
     resuming_last = os.path.isfile(last) and os.path.samefile(last, args.resume)
@@ -1338,7 +1344,8 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
         mismatch = _mismatch(unwrap(model).state_dict(), checkpoint["model"])
         if changed:  # the likely cause first: the fix, then the details
             raise ValueError(f"{path!r} was saved with other settings ({', '.join(changed)}) and does not fit this "
-                             f"model: resume with the settings it was saved with ({mismatch})") from None
+                             f"model: resume with the settings it was saved with ({mismatch}), or to start a new run "
+                             f"with these settings {new_run_hint(args, path)}{init_note(args)}") from None
         raise ValueError(f"{path!r} does not fit this model ({mismatch}); none of the settings it records changed "
                          f"since it was saved") from None
     step = checkpoint["step"]

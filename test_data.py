@@ -1674,6 +1674,24 @@ def test_seg_folder_names_annotations_without_images(tmp_path):
         data.SegFolder(str(tmp_path / "img"), str(tmp_path / "ann"))
 
 
+def test_seg_folder_without_a_common_name_names_the_suffix_flags(tmp_path):
+    """Cityscapes-style names (x_leftImg8bit.png, x_gtFine_labelTrainIds.png) have no counterpart under the default
+    suffixes; the error named no fix. It names the suffix flags, and those endings, passed, read the pairs."""
+    for folder, ending in (("img", "_leftImg8bit.png"), ("ann", "_gtFine_labelTrainIds.png")):
+        os.makedirs(tmp_path / folder)
+        for name in ("a", "b"):
+            Image.new("RGB" if folder == "img" else "L", (8, 8)).save(tmp_path / folder / f"{name}{ending}")
+    with pytest.raises(FileNotFoundError, match=r"no name has a counterpart: .*pass the endings as the suffixes "
+                                                r"\(train_seg.py: --img_suffix and --ann_suffix\)$"):
+        data.SegFolder(str(tmp_path / "img"), str(tmp_path / "ann"), img_suffix=".png")
+    assert len(data.SegFolder(str(tmp_path / "img"), str(tmp_path / "ann"), img_suffix="_leftImg8bit.png",
+                              ann_suffix="_gtFine_labelTrainIds.png")) == 2
+    os.rename(tmp_path / "ann" / "a_gtFine_labelTrainIds.png", tmp_path / "ann" / "a_leftImg8bit.png")
+    with pytest.raises(FileNotFoundError, match=r"1 images have no counterpart.*: b_leftImg8bit; every image "
+                                                r"<name>.png needs an annotation <name>.png and vice versa$"):
+        data.SegFolder(str(tmp_path / "img"), str(tmp_path / "ann"), img_suffix=".png")
+
+
 # --- Procedural data ------------------------------------------------------------------------------------------------
 
 def test_synthetic_shapes_texture_follows_the_class_name():

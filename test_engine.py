@@ -645,7 +645,9 @@ def test_resume_into_another_model_names_the_differences_and_the_changed_setting
     args = argparse.Namespace(model="vit_small", lr=0.1, betas=(0.9, 0.98), output_dir="x", demo=False)
     with pytest.raises(ValueError, match=r"^'ck.pth' was saved with other settings \(--model vit_tiny -> vit_small\) "
                                          r"and does not fit this model: resume with the settings it was saved with "
-                                         r"\(missing: 0.weight, 0.bias; unexpected: weight, bias\)$"):
+                                         r"\(missing: 0.weight, 0.bias; unexpected: weight, bias\), or to start "
+                                         r"a new run with these settings add --fresh \(the old log is kept as "
+                                         r"log.N.jsonl\) or pass another --output_dir$"):
         engine.resume(state, "ck.pth", other, torch.optim.AdamW(other.parameters()), None, args, 2, CPU)
     wider = torch.nn.Linear(4, 2)
     with pytest.raises(ValueError, match=r"shapes: weight \(2, 3\) saved, \(2, 4\) here\)"):
@@ -950,7 +952,8 @@ def test_prepare_run_rules(tmp_path):
         engine.prepare_run(run_args(out, resume=str(tmp_path / "typo.pth"), fresh=True), CPU)
     assert (out / engine.LAST).exists()
     with pytest.raises(FileNotFoundError, match=f"--resume '{out}' is a folder; pass a checkpoint file "
-                                                f"\\({out / engine.LAST}\\), or --output_dir {out} to continue"):
+                                                f"\\({out / engine.LAST}\\), or --output_dir {out} without --resume "
+                                                f"to continue"):
         engine.prepare_run(run_args(tmp_path / "new", resume=str(out)), CPU)  # the run's folder, not its file
     assert engine.prepare_run(run_args(out, resume=str(other), fresh=True), CPU) == (str(other), False)
     engine.open_log(str(out), {"step": 0}, True)  # a resumed run's log: the checkpoint stays
@@ -963,6 +966,22 @@ def test_prepare_run_rules(tmp_path):
     assert engine.prepare_run(run_args(tmp_path / "new", resume=str(other)), CPU) == (str(other), False)
     with pytest.raises(FileNotFoundError, match="--resume"):
         engine.prepare_run(run_args(out, resume=str(tmp_path / "nope.pth")), CPU)
+
+
+def test_a_resume_folder_that_holds_no_run_names_a_checkpoint_it_holds(tmp_path):
+    """--resume FOLDER offered FOLDER/checkpoint-last.pth and --output_dir FOLDER as fixes also where that file is not
+    there (another folder than the run's): the first failed as "no such file", the second started a new run there
+    without a word. Such a folder gets a checkpoint it holds, or is said to hold none; the fix as given works."""
+    folder = tmp_path / "epochs"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"is a folder that holds no run \(checkpoint-last.pth\); pass a "
+                                                r"checkpoint file \(it holds no .pth file\)$"):
+        engine.prepare_run(run_args(tmp_path / "new", resume=str(folder)), CPU)
+    (folder / "checkpoint-19.pth").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=f"pass a checkpoint file, e.g. {folder / 'checkpoint-19.pth'}$"):
+        engine.prepare_run(run_args(tmp_path / "new", resume=str(folder)), CPU)
+    resume = str(folder / "checkpoint-19.pth")
+    assert engine.prepare_run(run_args(tmp_path / "new", resume=resume), CPU) == (resume, False)
 
 
 def test_a_folders_run_launched_with_the_same_resume_path_is_continued(tmp_path, monkeypatch, capsys):

@@ -526,7 +526,29 @@ def test_another_trainers_checkpoint_is_named_as_the_folders_run_or_as_the_resum
     with pytest.raises(ValueError) as e:
         tf.main(TINY_RUN + ["--output_dir", str(tmp_path / "new"), "--resume", str(out / engine.LAST)])
     assert str(e.value) == (f"--resume '{out / engine.LAST}' is not a checkpoint of train_finetune.py (kind "
-                            f"'dtm_pretrain'); to start fine-tuning from pre-trained weights use --init PATH")
+                            f"'dtm_pretrain'); to start fine-tuning from its weights pass it as --init PATH instead of "
+                            f"--resume")
+
+
+def test_a_wrong_num_classes_names_the_count_to_pass(tmp_path):
+    """--num_classes is only a check of the class folders; its refusal named no fix. It names the data's count, and
+    that count, passed, trains."""
+    run = TINY_RUN + ["--epochs", "1", "--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match=r"^--num_classes 3 but the data has 10 classes: check its class folders, or "
+                                         r"pass --num_classes 10 \(or leave it out: it is only a check\)$"):
+        tf.main(run + ["--num_classes", "3"])
+    tf.main(run + ["--num_classes", "10"])
+    assert len(torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)["classes"]) == 10
+
+
+def test_eval_of_a_pretraining_checkpoint_names_init_in_a_training_command(tmp_path):
+    """--eval of a pre-training checkpoint named "use --init PATH"; passed beside --eval, --init met the same refusal
+    (--eval is read first). It says: in a training command, without --eval."""
+    tiny_pretrain_checkpoint(tmp_path / "pre.pth")
+    evaluate = ["--eval", str(tmp_path / "pre.pth"), "--output_dir", str(tmp_path / "eval")]
+    with pytest.raises(ValueError, match=r"kind 'dtm_pretrain'\); to start fine-tuning from its weights pass it as "
+                                         r"--init PATH in a training command \(without --eval\)$"):
+        tf.main(evaluate + ["--init", str(tmp_path / "pre.pth")])
 
 
 def test_an_epoch_shorter_than_log_every_still_logs_its_loss(tmp_path):
@@ -648,6 +670,25 @@ def test_mixing_flags_reach_the_mixer(tmp_path, monkeypatch):
     tf.main(TINY_RUN + ["--epochs", "1", "--mixup", "0.3", "--cutmix", "0.7", "--mixup_prob", "0.6",
                         "--mixup_switch_prob", "0.2", "--smoothing", "0.05", "--output_dir", str(tmp_path)])
     assert (0.3, 0.7, 0.6, 0.2, 0.05, 10) in made  # the demo's 10 classes
+
+
+def test_a_run_resumed_on_other_classes_names_how_to_start_a_new_run(tmp_path):
+    """A folder's run relaunched on data of other classes (a demo run's folder, then real data) was refused with no fix
+    named; it names both (the run's data, or a new run), and the new run's flags as given start one."""
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            os.makedirs(tmp_path / "data" / split / name)
+            data.SyntheticShapes(1, 40)[0][0].save(tmp_path / "data" / split / name / "a.png")
+    out = str(tmp_path / "run")
+    tf.main(TINY_RUN + ["--epochs", "1", "--output_dir", out])  # the demo's 10 classes
+    real = ["--data", str(tmp_path / "data"), "--model", "vit_tiny", "--img_size", str(IMG), "--batch_size", "2",
+            "--num_workers", "0", "--epochs", "1", "--output_dir", out]
+    with pytest.raises(ValueError, match=r"only in the checkpoint: .*; resume with the data it was trained on, or to "
+                                         r"start a new run on this data add --fresh \(.*\) or pass another "
+                                         r"--output_dir \(a new run needs --init PATH or --init none\)$"):
+        tf.main(real)
+    tf.main(real + ["--fresh", "--init", "none"])
+    assert torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=False)["classes"] == ["cat", "dog"]
 
 
 def test_image_folder_data_flags(tmp_path):

@@ -617,6 +617,31 @@ def test_class_folders_each_split_into_sets_are_refused_naming_the_layout_to_mak
         tp.build_dataset(tp.parse_args(tiny_argv(str(tmp_path / "kaggle"), tmp_path / "run")))
 
 
+def test_a_fine_tuning_checkpoint_as_resume_names_the_teacher_flag_to_pass_instead(image_folder, tmp_path):
+    """--resume with another trainer's checkpoint named --teacher ckpt:PATH as the way to distil from it; passed beside
+    --resume it met the same refusal. The message says instead of --resume, and that command trains."""
+    torch.save({"kind": "dtm_finetune", "args": {"model": "vit_tiny", "img_size": 32},
+                "model": dtm.build_vit("vit_tiny", img_size=32, num_classes=2, use_mask_token=False).state_dict()},
+               tmp_path / "ft.pth")
+    with pytest.raises(ValueError, match=r"pre-training continues its own runs only \(to distil from a ViT checkpoint "
+                                         r"pass it as --teacher ckpt:PATH instead of --resume\)$"):
+        tp.main(tiny_argv(image_folder, tmp_path / "run", "--resume", str(tmp_path / "ft.pth")))
+    tp.main(tiny_argv(image_folder, tmp_path / "run", "--teacher", f"ckpt:{tmp_path / 'ft.pth'}", "--max_steps", "1"))
+    assert torch.load(tmp_path / "run" / engine.LAST, weights_only=False)["step"] == 1
+
+
+def test_a_relaunch_whose_model_does_not_fit_names_how_to_start_a_new_run(image_folder, tmp_path):
+    """A relaunch with a setting that changes the model (--img_size) was told only to resume with the old settings; one
+    that meant a new run with the new ones had no way named. --fresh, as named, starts it."""
+    tp.main(tiny_argv(image_folder, tmp_path, "--max_steps", "1"))
+    with pytest.raises(ValueError, match=r"\(--img_size 32 -> 48\) and does not fit this model: resume with the "
+                                         r"settings it was saved with \(.*\), or to start a new run with these "
+                                         r"settings add --fresh \(.*\) or pass another --output_dir$"):
+        tp.main(tiny_argv(image_folder, tmp_path, "--max_steps", "1", "--img_size", "48"))
+    tp.main(tiny_argv(image_folder, tmp_path, "--max_steps", "1", "--img_size", "48", "--fresh"))
+    assert torch.load(tmp_path / engine.LAST, weights_only=False)["args"]["img_size"] == 48
+
+
 def test_an_init_or_teacher_that_is_a_folder_names_a_file_in_it(image_folder, tmp_path):
     tp.main(tiny_argv(image_folder, tmp_path / "run", "--epochs", "1"))
     with pytest.raises(ValueError, match=f"is a folder; pass a checkpoint file, e.g. {tmp_path / 'run' / engine.LAST}"):
@@ -1192,6 +1217,16 @@ def test_flags_next_to_the_refused_ones_are_taken():
     assert tp.parse_args(["--recipe", "paper", "--split", "official"]).split == "official"  # the default recipe
     assert tp.parse_args(["--num_masked", "0", "--loss_on", "all"]).num_masked == 0  # --min_block not given
     assert tp.parse_args(["--num_masked", "1", "--mto", "--min_block", "1"]).mto
+
+
+@pytest.mark.parametrize("flags", [["--mto"], ["--loss_on", "masked"]], ids=["mto", "loss_on_masked"])
+def test_a_refused_num_masked_0_names_a_count_that_fits_the_image(flags):
+    """--mto or --loss_on masked with --num_masked 0 names the --num_masked to pass instead; passing it must work at
+    the run's --img_size: the paper's 75 was named at every size, which the demo's 49 patches (112 px) refuse."""
+    for size, count in (("112", "19"), ("224", "75"), ("32", "2")):  # 49, 196 and 4 patches
+        with pytest.raises(ValueError, match=rf"mask patches \(--num_masked {count}\)"):
+            tp.parse_args(["--img_size", size, *flags, "--num_masked", "0"])
+        assert tp.parse_args(["--img_size", size, *flags, "--num_masked", count]).num_masked == int(count)
 
 
 def test_epoch_summaries_and_the_result_follow_the_log(image_folder, tmp_path, capsys):

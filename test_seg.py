@@ -421,7 +421,16 @@ def test_another_trainers_checkpoint_is_named_as_the_folders_run_or_as_the_resum
     with pytest.raises(ValueError) as e:
         train_seg.main(TINY_RUN + ["--output_dir", str(tmp_path / "new"), "--resume", str(out / engine.LAST)])
     assert str(e.value) == (f"--resume '{out / engine.LAST}' is not a checkpoint of train_seg.py (kind 'dtm_finetune')"
-                            f"; to start from other weights use --init PATH")
+                            f"; to start from its weights pass it as --init PATH instead of --resume")
+
+
+def test_eval_of_another_trainers_checkpoint_names_init_in_a_training_command(tmp_path):
+    """--eval of a pre-training checkpoint named "use --init PATH"; passed beside --eval, --init met the same refusal
+    (--eval is read first). It says: in a training command, without --eval."""
+    torch.save({"kind": "dtm_pretrain", "model": {}, "args": {}}, tmp_path / "pre.pth")
+    with pytest.raises(ValueError, match=r"kind 'dtm_pretrain'\); to start from its weights pass it as --init PATH in "
+                                         r"a training command \(without --eval\)$"):
+        train_seg.main(["--eval", str(tmp_path / "pre.pth"), "--init", str(tmp_path / "pre.pth")])
 
 
 def test_relaunch_of_an_old_checkpoint_with_a_relative_init_says_so(tmp_path, monkeypatch, capsys):

@@ -407,8 +407,8 @@ def main(argv=None):
 def run_eval(args, d, amp_dtype):
     """--eval CHECKPOINT: the model and input size come from the checkpoint, and so does the crop ratio unless given;
     the result is appended to output_dir/eval.jsonl (a training run's log.jsonl is left alone)."""
-    checkpoint = engine.load_checkpoint(args.eval, "dtm_finetune", "--eval", hint="; to start fine-tuning from "
-                                        "pre-trained weights use --init PATH")
+    checkpoint = engine.load_checkpoint(args.eval, "dtm_finetune", "--eval", hint="; to start fine-tuning from its "
+                                        "weights pass it as --init PATH in a training command (without --eval)")
     quoted = ["data_val"] if checkpoint["args"].get("data_val") else ["data"]  # --data beside it: not read
     engine.refuse_demo_eval(args, checkpoint["args"], args.eval, quoted, "--data or --data_val")
     engine.take_from_checkpoint(args, checkpoint["args"], EVAL_FROM_CHECKPOINT, args.eval)
@@ -416,8 +416,7 @@ def run_eval(args, d, amp_dtype):
     if args.crop_ratio is None:
         args.crop_ratio = checkpoint["args"].get("crop_ratio") or default_crop_ratio(args.img_size)
     _, val_set, classes = build_datasets(args, train=False)
-    if args.num_classes is not None and args.num_classes != len(classes):
-        raise ValueError(f"--num_classes {args.num_classes} but the data has {len(classes)} classes")
+    check_num_classes(args, classes)
     if classes != checkpoint["classes"]:  # same folders in the same order, or the labels would silently differ
         raise ValueError(f"the validation set's classes ({len(classes)}) are not the ones the checkpoint was trained "
                          f"on ({len(checkpoint['classes'])}): "
@@ -430,6 +429,13 @@ def run_eval(args, d, amp_dtype):
         engine.append_eval(args.output_dir, {"eval": args.eval, "img_size": args.img_size, "crop_ratio": args.crop_ratio,
                                              **{f"val_{k}": v for k, v in stats.items()}})
     return stats
+
+
+def check_num_classes(args, classes):
+    """--num_classes, a check of the number of class folders, against the data's."""
+    if args.num_classes is not None and args.num_classes != len(classes):
+        raise ValueError(f"--num_classes {args.num_classes} but the data has {len(classes)} classes: check its class "
+                         f"folders, or pass --num_classes {len(classes)} (or leave it out: it is only a check)")
 
 
 def demo_init(args, d):
@@ -464,7 +470,9 @@ def resumed_model(args, classes, checkpoint, path):
     if checkpoint["classes"] != list(classes):
         raise ValueError(f"{path!r} was trained on other classes ({len(checkpoint['classes'])}) than the "
                          f"data's ({len(classes)}): "
-                         f"{class_difference(classes, checkpoint['classes'], 'the data', 'the checkpoint')}")
+                         f"{class_difference(classes, checkpoint['classes'], 'the data', 'the checkpoint')}; resume "
+                         f"with the data it was trained on, or to start a new run on this data "
+                         f"{engine.new_run_hint(args, path)}{engine.init_note(args)}")
     saved_layout = checkpoint["args"].get("rel_pos_bias", args.rel_pos_bias)
     if args.rel_pos_bias != saved_layout:  # the optimizer state holds the run's tables
         raise ValueError(f"{path!r} continues a run with --rel_pos_bias {saved_layout}, which a run cannot "
@@ -500,8 +508,8 @@ def finetune(args, d, amp_dtype, scaler):
         demo_init(args, d)
     resume_path, own_run = engine.prepare_run(args, d, new_run_reads={"--init": args.init})
     if resume_path is not None:
-        resume = engine.load_checkpoint(resume_path, "dtm_finetune", hint="; to start fine-tuning from pre-trained "
-                                        "weights use --init PATH", auto=resume_path != args.resume)
+        resume = engine.load_checkpoint(resume_path, "dtm_finetune", hint="; to start fine-tuning from its weights "
+                                        "pass it as --init PATH instead of --resume", auto=resume_path != args.resume)
         both = resume["args"].get("data_train") and resume["args"].get("data_val")  # then its --data was not read
         engine.refuse_demo_resume(args, resume["args"], resume_path, ["data_train", "data_val"] if both else
                                   ["data", "data_train", "data_val"], "--data, or --data_train and --data_val")
@@ -517,8 +525,7 @@ def finetune(args, d, amp_dtype, scaler):
         init, init_path = init_checkpoint(args)
     set_schedule(args, resume["args"] if resume_path is not None else None)
     train_set, val_set, classes = build_datasets(args)
-    if args.num_classes is not None and args.num_classes != len(classes):
-        raise ValueError(f"--num_classes {args.num_classes} but the data has {len(classes)} classes")
+    check_num_classes(args, classes)
     if args.demo:
         d.print(f"DEMO (no --data): {args.model} learns {len(classes)} classes of built-in SyntheticShapes images at "
                 f"{args.img_size} px ({len(train_set)} for training, {len(val_set)} for validation), {args.epochs} "

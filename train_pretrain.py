@@ -216,12 +216,14 @@ def check_args(args):
     for flag in ("warmup_epochs", "save_every", "max_steps", "beta", "layer_scale"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag):g}")
+    # the paper's share, 75 of 196 patches, at this --img_size (the demo's 19 of 49 at 112 px): a count that fits
+    masked = f"--num_masked {max(1, round(num_patches * 75 / 196))}"
     if args.mto and args.num_masked == 0:
-        raise ValueError("--mto with --num_masked 0 would do nothing (no masked token to recalibrate, both of its "
-                         "losses 0): mask patches (--num_masked 75) or leave --mto out")
+        raise ValueError(f"--mto with --num_masked 0 would do nothing (no masked token to recalibrate, both of its "
+                         f"losses 0): mask patches ({masked}) or leave --mto out")
     if args.loss_on == "masked" and args.num_masked == 0:
-        raise ValueError("--loss_on masked with --num_masked 0 leaves no position in the loss; mask patches "
-                         "(--num_masked 75) or use --loss_on all")
+        raise ValueError(f"--loss_on masked with --num_masked 0 leaves no position in the loss; mask patches "
+                         f"({masked}) or use --loss_on all")
     engine.check_shared_args(args)
     mto.mto_config_from_args(args, dtm.VIT_CONFIGS[args.model]["depth"])  # checks the --mto_* values
 
@@ -320,7 +322,8 @@ def train(args, d: engine.Dist) -> dict:
     checkpoint = {}
     if resume_path is not None:
         checkpoint = engine.load_checkpoint(resume_path, "dtm_pretrain", hint="; pre-training continues its own runs "
-                                            "only (to distil from a ViT checkpoint pass --teacher ckpt:PATH)",
+                                            "only (to distil from a ViT checkpoint pass it as --teacher ckpt:PATH "
+                                            "instead of --resume)",
                                             auto=resume_path != args.resume)
         engine.refuse_demo_resume(args, checkpoint["args"], resume_path, ["data"], "--data")
     set_schedule(args, checkpoint.get("args"))
