@@ -810,11 +810,17 @@ def refuse_demo_eval(args, saved: dict, path: str, flags: list, how: str):
 def refuse_demo_resume(args, saved: dict, resumed: str, flags: list, how: str):
     """A launch without data is the demo: refused where it would continue a run on real data (a relaunch that forgot
     --data went on training that run on the demo's built-in images, or was told to start over: --fresh, which would
-    delete its checkpoint), quoting the run's own data flags; `how`: the flags to pass."""
+    delete its checkpoint), quoting the run's own data flags; `how`: the flags to pass. A launch with data is refused
+    where it would continue a demo run (its weights, optimizer and step went on training on the real data, with only
+    a note of the changed data flags)."""
     if args.demo and saved.get("demo") is False:
         raise ValueError(f"{run_name(args, resumed)} holds a run on real data ({_data_flags(saved, flags)}); without "
                          f"data this launch is the demo, which would continue that run on its built-in images: pass "
                          f"the run's data ({how}) to continue it, or another --output_dir for the demo")
+    if not args.demo and saved.get("demo") is True:
+        raise ValueError(f"{run_name(args, resumed)} holds a demo run (on the built-in images), which this launch "
+                         f"would continue on its data: to start a new run {new_run_hint(args, resumed)}"
+                         f"{init_note(args)}")
 
 
 def take_from_checkpoint(args, saved: dict, names, path: str, must_agree: bool = True):

@@ -600,8 +600,9 @@ def test_resume_and_eval_refuse_another_model_or_table_layout(finetuned, tmp_pat
     with pytest.raises(ValueError, match=rf"only in the validation set: \['zebra'\]; only in the checkpoint: "
                                          rf"\['{trained[0]}'\]"):
         tf.main(evaluate + ["--data_val", str(tmp_path / "other")])
-    with pytest.raises(ValueError, match=rf"was trained on other classes \(\d+\) than the data's \(\d+\): only in the "
-                                         rf"data: \['zebra'\]; only in the checkpoint: \['{trained[0]}'\]"):
+    with pytest.raises(ValueError, match=r"ft0/checkpoint-last.pth' holds a demo run \(on the built-in images\), "
+                                         r"which this launch would continue on its data: to start a new run leave "
+                                         r"out --resume .*ft0/checkpoint-last.pth \(a new run needs --init"):
         tf.main(["--data_train", str(tmp_path / "other"), "--data_val", str(tmp_path / "other"), "--model", "vit_tiny",
                  "--img_size", str(IMG), "--batch_size", "2", "--num_workers", "0", "--epochs", "3",
                  "--output_dir", str(tmp_path / "resumed"), "--resume", str(out / "checkpoint-last.pth")])
@@ -673,22 +674,40 @@ def test_mixing_flags_reach_the_mixer(tmp_path, monkeypatch):
 
 
 def test_a_run_resumed_on_other_classes_names_how_to_start_a_new_run(tmp_path):
-    """A folder's run relaunched on data of other classes (a demo run's folder, then real data) was refused with no fix
-    named; it names both (the run's data, or a new run), and the new run's flags as given start one."""
-    for split in ("train", "val"):
-        for name in ("cat", "dog"):
+    """A folder's run relaunched on data of other classes was refused with no fix named; it names both (the run's
+    data, or a new run), and the new run's flags as given start one."""
+    for folder, names in (("data", ("cat", "dog")), ("other", ("cat", "emu"))):
+        for split in ("train", "val"):
+            for name in names:
+                os.makedirs(tmp_path / folder / split / name)
+                data.SyntheticShapes(1, 40)[0][0].save(tmp_path / folder / split / name / "a.png")
+    real = ["--model", "vit_tiny", "--img_size", str(IMG), "--batch_size", "2", "--num_workers", "0", "--epochs", "1",
+            "--output_dir", str(tmp_path / "run")]
+    tf.main(real + ["--data", str(tmp_path / "data"), "--init", "none"])
+    other = real + ["--data", str(tmp_path / "other")]
+    with pytest.raises(ValueError, match=r"only in the data: \['emu'\]; only in the checkpoint: \['dog'\]; resume with "
+                                         r"the data it was trained on, or to start a new run on this data add --fresh "
+                                         r"\(.*\) or pass another --output_dir \(a new run needs --init PATH or --init "
+                                         r"none\)$"):
+        tf.main(other)
+    tf.main(other + ["--fresh", "--init", "none"])
+    assert torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=False)["classes"] == ["cat", "emu"]
+
+
+def test_a_launch_with_data_does_not_continue_a_demo_run(tmp_path):
+    """Real data into a demo run's folder went on training the demo's weights, optimizer and step on it where the
+    class names happened to match (here: a folder of the demo's own classes). Refused, naming how to start anew."""
+    out = str(tmp_path / "run")
+    tf.main(TINY_RUN + ["--epochs", "1", "--output_dir", out])
+    for name in data.SyntheticShapes(1, 40).classes:  # the demo's 10
+        for split in ("train", "val"):
             os.makedirs(tmp_path / "data" / split / name)
             data.SyntheticShapes(1, 40)[0][0].save(tmp_path / "data" / split / name / "a.png")
-    out = str(tmp_path / "run")
-    tf.main(TINY_RUN + ["--epochs", "1", "--output_dir", out])  # the demo's 10 classes
-    real = ["--data", str(tmp_path / "data"), "--model", "vit_tiny", "--img_size", str(IMG), "--batch_size", "2",
-            "--num_workers", "0", "--epochs", "1", "--output_dir", out]
-    with pytest.raises(ValueError, match=r"only in the checkpoint: .*; resume with the data it was trained on, or to "
-                                         r"start a new run on this data add --fresh \(.*\) or pass another "
+    with pytest.raises(ValueError, match=r"run holds a demo run \(on the built-in images\), which this launch would "
+                                         r"continue on its data: to start a new run add --fresh \(.*\) or pass another "
                                          r"--output_dir \(a new run needs --init PATH or --init none\)$"):
-        tf.main(real)
-    tf.main(real + ["--fresh", "--init", "none"])
-    assert torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=False)["classes"] == ["cat", "dog"]
+        tf.main(["--data", str(tmp_path / "data"), "--model", "vit_tiny", "--img_size", str(IMG), "--batch_size", "2",
+                 "--num_workers", "0", "--epochs", "2", "--output_dir", out])
 
 
 def test_image_folder_data_flags(tmp_path):

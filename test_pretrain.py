@@ -1028,6 +1028,18 @@ def test_a_relaunch_that_forgot_data_does_not_continue_a_real_run_on_the_demos_i
     assert torch.load(tmp_path / engine.LAST, weights_only=False)["step"] == saved["step"] == 2
 
 
+def test_a_launch_with_data_does_not_continue_a_demo_run(image_folder, tmp_path):
+    """A demo run's folder given to a run on real data went on training the demo's weights, optimizer and step on it
+    (printing only "--data None -> ..." among the changed settings). Refused, naming how to start a new run there;
+    the demo's run is left as it was."""
+    tp.main(tiny_argv(image_folder, tmp_path)[2:] + ["--max_steps", "1"])  # without --data: the demo
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))} holds a demo run \\(on the built-in "
+                                         f"images\\), which this launch would continue on its data: to start a new "
+                                         f"run add --fresh \\(.*\\) or pass another --output_dir$"):
+        tp.main(tiny_argv(image_folder, tmp_path, "--max_steps", "2"))
+    assert torch.load(tmp_path / engine.LAST, weights_only=False)["step"] == 1
+
+
 def test_levels_with_a_fixed_schedule_and_the_default_max_merged(monkeypatch):
     """--levels counts with --fixed_schedule too (L levels of the same schedule); without --max_merged every draw
     may merge all N patches (README: n ~ U{0..196} at 224 px)."""

@@ -771,6 +771,12 @@ def test_eval_checks_given_head_settings_against_a_checkpoint_that_used_the_defa
                                          "pass the run's data \\(--data, or --img_dir, --ann_dir, --val_img_dir and "
                                          "--val_ann_dir\\) to continue it"):
         train_seg.main(["--output_dir", str(tmp_path / "run")])  # a relaunch that forgot the data: not the demo
+    # and the other way: real data into a demo run's folder went on training the demo's weights and step on it
+    train_seg.main(TINY_RUN + ["--iters", "1", "--output_dir", str(tmp_path / "demo")])
+    with pytest.raises(ValueError, match="demo holds a demo run \\(on the built-in images\\), which this launch would "
+                                         "continue on its data: to start a new run add --fresh .* or pass another "
+                                         "--output_dir \\(a new run needs --init PATH or --init none\\)$"):
+        train_seg.main(generic_run(tmp_path / "d", tmp_path / "d", tmp_path / "demo"))
     # vit_tiny has one valid pyramid; for vit_b a None record resolves to BEiT's blocks, so another one would differ
     assert train_seg.head_settings({"model": "vit_b", "channels": None, "out_indices": None}) == {
         "channels": 768, "out_indices": [3, 5, 7, 11]}
