@@ -1246,7 +1246,18 @@ def save_checkpoint(path: str, state: dict):
         raise OSError(f"could not write {path} (disk full, or no permission to write there?): {cause}; {kept}") from e
 
 
-NON_FINITE_REMEDY = "a lower --lr or --amp bf16/fp32"
+NON_FINITE_REMEDY = "a lower --lr (or, under --amp fp16 or bf16, a wider --amp)"  # where the run's is not known
+
+
+def non_finite_remedy(amp_dtype, teacher_dtype=None) -> str:
+    """What to relaunch a run whose loss stopped being finite with: a lower --lr, and a wider precision only where
+    the run uses a narrower one (amp_dtype: the student's autocast dtype, None for fp32; teacher_dtype: the teacher's
+    where it runs under autocast, None for fp32 or a teacher without weights)."""
+    wider = {torch.float16: "bf16/fp32", torch.bfloat16: "fp32"}
+    fixes = ["a lower --lr"] + [f"{flag} {wider[dtype]}" for flag, dtype in (("--amp", amp_dtype),
+                                                                           ("--teacher_amp", teacher_dtype))
+                                if dtype in wider]
+    return f"{', '.join(fixes[:-1])} or {fixes[-1]}" if len(fixes) > 1 else fixes[0]
 
 
 def stop_non_finite(what: str, step: int, output_dir: str, remedy: str = NON_FINITE_REMEDY):

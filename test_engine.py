@@ -1985,6 +1985,18 @@ def test_check_finite_stops_on_infinities_as_well_as_nan(tmp_path):
         engine.check_finite(torch.tensor([1.0, float("nan")]), ["loss", "a"], 5, str(tmp_path))
 
 
+def test_the_non_finite_remedy_names_only_changes_the_run_can_make():
+    """A diverged run is told a lower --lr, and a wider precision only where it runs a narrower one: an fp32 run with
+    the pixel teacher was told --amp bf16/fp32 (what it ran, or narrower) and --teacher_amp (refused with pixels)."""
+    f16, b16 = torch.float16, torch.bfloat16
+    assert engine.non_finite_remedy(None) == engine.non_finite_remedy(None, None) == "a lower --lr"
+    assert engine.non_finite_remedy(b16) == "a lower --lr or --amp fp32"
+    assert engine.non_finite_remedy(f16, f16) == "a lower --lr, --amp bf16/fp32 or --teacher_amp bf16/fp32"
+    assert engine.non_finite_remedy(None, b16) == "a lower --lr or --teacher_amp fp32"
+    with pytest.raises(FloatingPointError, match=r"\(try a lower --lr or --amp fp32\)$"):
+        engine.check_finite(torch.tensor([float("nan")]), ["loss"], 1, "missing", engine.non_finite_remedy(b16))
+
+
 def test_a_checkpoint_at_an_epoch_boundary_records_the_epoch_just_done():
     """"epoch" is the epoch of the last step done: step 4 of 2 per epoch ends epoch 1 (not 2); step 0: epoch 0."""
     model = torch.nn.Linear(3, 2)

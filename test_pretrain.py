@@ -520,7 +520,7 @@ def test_nan_loss_stops_without_saving_and_names_the_last_good_checkpoint(image_
     out = tmp_path / "run"
     poison(monkeypatch, from_step=3)  # steps 1-3 fine (saved at the end of epoch 0), step 4 diverges
     with pytest.raises(FloatingPointError, match=f"loss.*not finite at step 4.*last good checkpoint is "
-                                                 f"{out / engine.LAST}.*--teacher_amp bf16/fp32"):
+                                                 f"{out / engine.LAST}.*\\(e.g. with a lower --lr\\)$"):  # fp32, pixels
         tp.main(tiny_argv(image_folder, out))
     checkpoint = torch.load(out / engine.LAST)
     assert checkpoint["step"] == 3 and all(v.isfinite().all() for v in checkpoint["model"].values())

@@ -433,6 +433,14 @@ def test_eval_of_another_trainers_checkpoint_names_init_in_a_training_command(tm
         train_seg.main(["--eval", str(tmp_path / "pre.pth"), "--init", str(tmp_path / "pre.pth")])
 
 
+def test_a_diverging_run_stops_naming_only_changes_it_can_make(tmp_path):
+    """An fp32 run whose losses are not finite stops, told a lower --lr (it was told --amp bf16/fp32: fp32 is its
+    own)."""
+    with pytest.raises(FloatingPointError, match=r"^loss, decode_loss, aux_loss not finite at step \d; .*\(try a lower "
+                                                 r"--lr\)$"):
+        train_seg.main(TINY_RUN + ["--lr", "1e30", "--warmup_iters", "0", "--output_dir", str(tmp_path)])
+
+
 def test_relaunch_of_an_old_checkpoint_with_a_relative_init_says_so(tmp_path, monkeypatch, capsys):
     """A checkpoint from before init_abspath with a relative --init, relaunched from another folder: the note that
     the file is unknown is printed (segmentation once filled --init before engine.resume, which then said nothing)."""

@@ -598,7 +598,7 @@ def finetune(args, d, amp_dtype, scaler):
         bar.update(1)
         if is_log_step:
             loss_now = engine.all_mean(window[0] / window[1], d)
-            engine.check_finite(loss_now[None], ["loss"], step, args.output_dir)
+            engine.check_finite(loss_now[None], ["loss"], step, args.output_dir, engine.non_finite_remedy(amp_dtype))
             engine.report_unreadable(unreadable, d, step, log)
             now = time.perf_counter()
             log(step=step, epoch=epoch, epochs_done=engine.epochs_done(step, steps_per_epoch), loss=loss_now,

@@ -417,7 +417,8 @@ def train(args, d: engine.Dist) -> dict:
         if is_log_step:
             means = engine.all_mean(sums / count, d)
             engine.check_finite(means, loss_names, step, args.output_dir,  # fp16 teacher targets can overflow too
-                                remedy="a lower --lr, --amp bf16/fp32 or --teacher_amp bf16/fp32")
+                                remedy=engine.non_finite_remedy(amp_dtype, None if args.teacher == "pixels" else
+                                                                teacher_dtype))
             engine.report_unreadable(unreadable, d, step, log)
             now = time.perf_counter()
             record = dict(step=step, epoch=epoch, epochs_done=engine.epochs_done(step, steps_per_epoch),

@@ -859,7 +859,8 @@ def train(args, d):
         bar.update(1)
         if is_log_step:
             means = engine.all_mean(window[:3] / window[3], d)
-            engine.check_finite(means, ["loss", "decode_loss", "aux_loss"], step, args.output_dir)
+            engine.check_finite(means, ["loss", "decode_loss", "aux_loss"], step, args.output_dir,
+                                engine.non_finite_remedy(amp_dtype))
             engine.report_unreadable(unreadable, d, step, log)
             now = time.perf_counter()
             log(step=step, epoch=(step - 1) // steps_per_epoch, loss=means[0], decode_loss=means[1], aux_loss=means[2],
