@@ -121,7 +121,7 @@ GENERIC = ["--img_dir", "i", "--ann_dir", "a", "--val_img_dir", "vi", "--val_ann
     (["--cat_max_ratio", "-3"], "--cat_max_ratio is a share .* in \\(0, 1\\] \\(1: no limit\\), got -3"),
     (["--cat_max_ratio", "1.5"], "--cat_max_ratio is a share .* got 1.5"),
     (["--crop_size", "16", "--stride", "8"], "--crop_size 16 is too small: .* 2x2 patches at least: --crop_size 32"),
-    (["--crop_size", "32"], "got 43 \\(the demo's default, for its --crop_size 64\\): pass --stride 21"),
+    (["--crop_size", "32", "--stride", "43"], "--stride must be in 1..--crop_size \\(32\\), got 43$"),
     ([*GENERIC, "--num_classes", "1"], "--num_classes must be in 2..255 \\(label values 0..num_classes-1, 255 = "
                                        "ignore\\), got 1"),
     ([*GENERIC, "--num_classes", "0"], "--num_classes must be in 2..255"),
@@ -142,6 +142,10 @@ def test_flags_that_do_nothing_or_train_wrongly_are_refused(flags, message):
     # the default stride is 2/3 of the crop (341 at 512): at a small --crop_size it was 341 and refused as given
     assert train_seg.parse_args(["--init", "none", "--data", "/x"]).stride == 341
     assert train_seg.parse_args(["--init", "none", "--data", "/x", "--crop_size", "64"]).stride == 42
+    # the demo's stride 43 is for its crop 64: another --crop_size gets 2/3 of it (43 was refused as given)
+    assert [train_seg.parse_args(["--init", "none", *crop]).stride for crop in ([], ["--crop_size", "64"],
+                                                                              ["--crop_size", "32"])] == [43, 43, 21]
+    assert train_seg.parse_args(["--init", "none", "--crop_size", "32", "--stride", "30"]).stride == 30
     assert train_seg.parse_args(["--init", "none", *GENERIC, "--num_classes", "254", "--reduce_zero_label"])
     assert train_seg.parse_args(["--init", "none", *GENERIC, "--num_classes", "2"])
 

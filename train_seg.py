@@ -507,6 +507,9 @@ def parse_args(argv=None):
         parser.set_defaults(**{k: v for k, v in DEMO_DEFAULTS.items()
                                if not (args.eval and k in ("scale", "stride")) and k not in PAPER_SCHEDULE})
         args = parser.parse_args(argv)
+        if args.crop_size != DEMO_DEFAULTS["crop_size"]:  # the demo's stride is 2/3 of its crop: 2/3 of this one
+            parser.set_defaults(stride=None)
+            args = parser.parse_args(argv)
         args.demo = True
     if args.data and generic:
         raise ValueError("pass either --data (ADE20K) or --img_dir/--ann_dir/--val_img_dir/--val_ann_dir (a generic "
@@ -527,10 +530,7 @@ def parse_args(argv=None):
         raise ValueError(f"--cat_max_ratio is a share of the crop's labelled pixels, in (0, 1] (1: no limit), got "
                          f"{args.cat_max_ratio:g}")
     if (args.stride is not None and args.stride < 1) or (args.eval is None and args.stride > args.crop_size):
-        demo_default = args.demo and args.stride == DEMO_DEFAULTS["stride"] != args.crop_size * 2 // 3
-        raise ValueError(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}" + (
-            f" (the demo's default, for its --crop_size {DEMO_DEFAULTS['crop_size']}): pass --stride "
-            f"{args.crop_size * 2 // 3}" if demo_default else ""))
+        raise ValueError(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}")
     if args.channels is not None and args.channels < 1:
         if args.eval:
             raise ValueError(f"--channels must be >= 1, got {args.channels}: leave it out (--eval takes the "
