@@ -739,6 +739,10 @@ def test_image_folder_data_flags(tmp_path):
     with pytest.raises(ValueError, match=r"--data '.*train' must hold train/ and val/ .*'.*train/train' and "
                                          r"'.*train/val' not found. For other layouts pass --data_train and --data_val"):
         tf.build_datasets(args)
+    with pytest.raises(ValueError, match=r"--data '.*val' must hold val/ \(root/val/<class>/<image>\), which --eval "
+                                         r"reads; '.*val/val' not found. For another layout pass --data_val FOLDER$"):
+        tf.build_datasets(tf.parse_args(["--data", str(tmp_path / "val"), "--eval", "ck.pth", "--img_size", "32",
+                                         "--crop_ratio", "1"]), train=False)
     with pytest.raises(FileNotFoundError, match=r"--data '.*tpyo' is not a directory \(a dataset root"):  # mistyped
         tf.build_datasets(tf.parse_args(["--data", str(tmp_path / "tpyo"), "--init", "none"]))
     with pytest.raises(ValueError, match="--num_classes 1000 but the data has 2 classes"):
