@@ -424,10 +424,13 @@ def check_shared_args(args):
 
 
 def check_image_size(flag: str, size: int, example: int):
-    """An image size (--img_size, --crop_size) must be a positive multiple of the patch size."""
+    """An image size (--img_size, --crop_size) must be a positive multiple of the patch size; the error names the
+    multiples beside it (the cost grows with the square of the size) and `example`, the paper's."""
     if size <= 0 or size % dtm.PATCH_SIZE:
-        raise ValueError(f"{flag} {size} is not a positive multiple of the patch size {dtm.PATCH_SIZE}; use e.g. "
-                         f"{example}")
+        below, above = size // dtm.PATCH_SIZE * dtm.PATCH_SIZE, (size // dtm.PATCH_SIZE + 1) * dtm.PATCH_SIZE
+        near = f"{below} or {above}" if below > 0 else f"{dtm.PATCH_SIZE}"
+        raise ValueError(f"{flag} {size} is not a positive multiple of the patch size {dtm.PATCH_SIZE}; use "
+                         f"{near} (the paper's: {example})")
 
 
 def check_output_dir(output_dir: str):

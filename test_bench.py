@@ -33,8 +33,9 @@ def ran_past_the_checks(*args, **kwargs):
     (["--compile", "--warmup", "0"], "the first step compiles"),  # a timed step would include the compilation
     (["--variants", "0", "5", "--warmup", "0"], "the first step compiles"),
     (["--variants", "0", "5", "--count_bytes"], "compiled kernels are not seen"),
-    (["--img_size", "17"], "--img_size 17 is not a positive multiple of the patch size 16; use e.g. 224"),  # traceback
-    (["--img_size", "0"], "--img_size 0 is not a positive multiple"),
+    (["--img_size", "17"], "--img_size 17 is not a positive multiple of the patch size 16; use 16 or 32 (the "
+                           "paper's: 224)\n"),  # a traceback once; "e.g. 224" once, 196 times the tokens of 16
+    (["--img_size", "0"], "--img_size 0 is not a positive multiple of the patch size 16; use 16 (the paper's"),
     (["--compare_mto", ""], "argument --compare_mto: '' is empty"),  # ran without the comparison, exit 0
 ])
 def test_bench_mto_refuses(argv, message, capsys, monkeypatch):
