@@ -979,8 +979,11 @@ class SegFolder(torch.utils.data.Dataset):
                                      (annotations.keys() - images.keys(), "annotations", img_dir)):
             if missing:
                 names = sorted(missing)
-                # no name in common: the names likely differ by an ending that belongs in the suffixes
+                # no name in common: the names likely differ by an ending that belongs in the suffixes; no
+                # annotation at all: a folder of other files, or of subfolders, which no suffix would pair
                 endings = "" if images.keys() & annotations.keys() else (
+                    f"; {ann_dir!r} holds no file ending in {ann_suffix} (the label maps must sit directly in "
+                    f"it)" if not annotations else
                     f"; no name has a counterpart: if the names differ by an ending (Cityscapes' "
                     f"<name>_leftImg8bit.png and <name>_gtFine_labelTrainIds.png), {self.suffixes_hint}")
                 raise FileNotFoundError(f"{len(names)} {have} have no counterpart in {where!r}: "

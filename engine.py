@@ -423,12 +423,14 @@ def check_shared_args(args):
     check_output_dir(args.output_dir)
 
 
-def check_image_size(flag: str, size: int, example: int):
+def check_image_size(flag: str, size: int, example: int, smallest: int = dtm.PATCH_SIZE):
     """An image size (--img_size, --crop_size) must be a positive multiple of the patch size; the error names the
-    multiples beside it (the cost grows with the square of the size) and `example`, the paper's."""
+    multiples beside it (the cost grows with the square of the size) from `smallest` on (the trainer's own minimum,
+    a multiple of the patch size: segmentation's 2x2 patches) and `example`, the paper's."""
     if size <= 0 or size % dtm.PATCH_SIZE:
-        below, above = size // dtm.PATCH_SIZE * dtm.PATCH_SIZE, (size // dtm.PATCH_SIZE + 1) * dtm.PATCH_SIZE
-        near = f"{below} or {above}" if below > 0 else f"{dtm.PATCH_SIZE}"
+        below = size // dtm.PATCH_SIZE * dtm.PATCH_SIZE
+        above = max(below + dtm.PATCH_SIZE, smallest)
+        near = f"{below} or {above}" if below >= smallest else f"{above}"
         raise ValueError(f"{flag} {size} is not a positive multiple of the patch size {dtm.PATCH_SIZE}; use "
                          f"{near} (the paper's: {example})")
 
@@ -958,6 +960,13 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
     return start
 
 
+def _newest_last(name: str) -> tuple:
+    """Sort key of a folder's .pth files: other files, then a run's checkpoint-best.pth, then its epochs' by number
+    (checkpoint-19.pth after checkpoint-5.pth, which sorted as text came last)."""
+    run = RUN_CHECKPOINT.fullmatch(name)
+    return (2, int(run[1]), name) if run and run[1].isdigit() else (1 if run else 0, 0, name)
+
+
 def _run_start(args, last: str) -> tuple:
     """prepare_run's decision on this rank -> (checkpoint path to resume or None, True if that is output_dir's own)."""
     if args.resume == "auto":
@@ -970,7 +979,7 @@ def _run_start(args, last: str) -> tuple:
                                     f"({os.path.join(args.resume, LAST)}), or --output_dir {args.resume} without "
                                     f"--resume to continue the run there")
         # no run there to continue: neither its checkpoint-last.pth nor --output_dir would continue anything
-        found = sorted(name for name in os.listdir(args.resume) if name.endswith(".pth"))
+        found = sorted((name for name in os.listdir(args.resume) if name.endswith(".pth")), key=_newest_last)
         raise FileNotFoundError(f"--resume {args.resume!r} is a folder that holds no run ({LAST}); pass a checkpoint "
                                 f"file" + (f", e.g. {os.path.join(args.resume, found[-1])}" if found else
                                            " (it holds no .pth file)"))

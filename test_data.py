@@ -1690,6 +1690,12 @@ def test_seg_folder_without_a_common_name_names_the_suffix_flags(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"1 images have no counterpart.*: b_leftImg8bit; every image "
                                                 r"<name>.png needs an annotation <name>.png and vice versa$"):
         data.SegFolder(str(tmp_path / "img"), str(tmp_path / "ann"), img_suffix=".png")
+    # no label map at all (here: in a subfolder, as Cityscapes' per city): no ending would pair them, so none is named
+    os.makedirs(tmp_path / "ann2" / "city")
+    os.rename(tmp_path / "ann" / "b_gtFine_labelTrainIds.png", tmp_path / "ann2" / "city" / "b.png")
+    with pytest.raises(FileNotFoundError, match=r"needs an annotation <name>.png and vice versa; '.*ann2' holds no "
+                                                r"file ending in .png \(the label maps must sit directly in it\)$"):
+        data.SegFolder(str(tmp_path / "img"), str(tmp_path / "ann2"), img_suffix="_leftImg8bit.png")
 
 
 # --- Procedural data ------------------------------------------------------------------------------------------------

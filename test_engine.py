@@ -977,7 +977,8 @@ def test_a_resume_folder_that_holds_no_run_names_a_checkpoint_it_holds(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"is a folder that holds no run \(checkpoint-last.pth\); pass a "
                                                 r"checkpoint file \(it holds no .pth file\)$"):
         engine.prepare_run(run_args(tmp_path / "new", resume=str(folder)), CPU)
-    (folder / "checkpoint-19.pth").write_bytes(b"x")
+    for name in ("checkpoint-19.pth", "checkpoint-5.pth", "checkpoint-best.pth", "other.pth"):  # the newest epoch's
+        (folder / name).write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match=f"pass a checkpoint file, e.g. {folder / 'checkpoint-19.pth'}$"):
         engine.prepare_run(run_args(tmp_path / "new", resume=str(folder)), CPU)
     resume = str(folder / "checkpoint-19.pth")

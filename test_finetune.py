@@ -737,12 +737,22 @@ def test_image_folder_data_flags(tmp_path):
                               f"composed and decomposed accents); rename the folders of one set")
     args = tf.parse_args(["--data", str(tmp_path / "train"), "--init", "none"])  # an ImageFolder, not its parent
     with pytest.raises(ValueError, match=r"--data '.*train' must hold train/ and val/ .*'.*train/train' and "
-                                         r"'.*train/val' not found. For other layouts pass --data_train and --data_val"):
+                                         r"'.*train/val' not found. For other layouts pass --data_train and --data_val "
+                                         r"instead of --data$"):
         tf.build_datasets(args)
     with pytest.raises(ValueError, match=r"--data '.*val' must hold val/ \(root/val/<class>/<image>\), which --eval "
-                                         r"reads; '.*val/val' not found. For another layout pass --data_val FOLDER$"):
+                                         r"reads; '.*val/val' not found. For another layout pass --data_val FOLDER "
+                                         r"instead of --data$"):
         tf.build_datasets(tf.parse_args(["--data", str(tmp_path / "val"), "--eval", "ck.pth", "--img_size", "32",
                                          "--crop_ratio", "1"]), train=False)
+    # the fixes as named: passed beside --data, --data_val (and --data_train) are refused (--data would do nothing)
+    evaluate = ["--eval", "ck.pth", "--img_size", "32", "--crop_ratio", "1", "--data_val", str(tmp_path / "val")]
+    with pytest.raises(ValueError, match=r"^--data would do nothing with --eval and --data_val given"):
+        tf.parse_args(["--data", str(tmp_path / "val"), *evaluate])
+    assert tf.build_datasets(tf.parse_args(evaluate), train=False)[2] == ["cat", "dog"]
+    with pytest.raises(ValueError, match=r"^--data would do nothing with --data_train and --data_val given"):
+        tf.parse_args(["--data", str(tmp_path / "train"), "--data_train", str(tmp_path / "train"), "--data_val",
+                       str(tmp_path / "val"), "--init", "none"])
     with pytest.raises(FileNotFoundError, match=r"--data '.*tpyo' is not a directory \(a dataset root"):  # mistyped
         tf.build_datasets(tf.parse_args(["--data", str(tmp_path / "tpyo"), "--init", "none"]))
     with pytest.raises(ValueError, match="--num_classes 1000 but the data has 2 classes"):

@@ -150,6 +150,17 @@ def test_flags_that_do_nothing_or_train_wrongly_are_refused(flags, message):
     assert train_seg.parse_args(["--init", "none", *GENERIC, "--num_classes", "2"])
 
 
+def test_a_crop_size_off_the_patch_grid_names_sizes_that_segmentation_takes():
+    """--crop_size 20 named "use 16 or 32", and 8 "use 16": 16 is refused next (the pyramid needs 2x2 patches). Each
+    size the error names, passed, is taken."""
+    for size, named in (("8", "32"), ("20", "32"), ("40", "32 or 48")):
+        with pytest.raises(ValueError, match=rf"^--crop_size {size} is not a positive multiple of the patch size 16; "
+                                             rf"use {named} \(the paper's: 512\)$"):
+            train_seg.parse_args(["--init", "none", "--crop_size", size])
+        for crop in named.split(" or "):
+            assert train_seg.parse_args(["--init", "none", "--crop_size", crop]).crop_size == int(crop)
+
+
 def test_demo_image_size_and_shape_classes_take_their_bounds():
     """--demo_img_size 8 and --demo_shape_classes 1 or 32 are SyntheticShapes' own bounds (its smallest image, its
     fewest and most classes): train_seg's check of them, which names the flags, accepts each."""

@@ -194,10 +194,10 @@ def build_datasets(args, train: bool = True):
         if missing and train:
             raise ValueError(f"--data {args.data!r} must hold train/ and val/ (root/train/<class>/<image>, "
                              f"root/val/<class>/<image>); {' and '.join(map(repr, missing))} not found. For other "
-                             f"layouts pass --data_train and --data_val")
+                             f"layouts pass --data_train and --data_val instead of --data")
         if missing:  # --eval reads the validation set only
             raise ValueError(f"--data {args.data!r} must hold val/ (root/val/<class>/<image>), which --eval reads; "
-                             f"{missing[0]!r} not found. For another layout pass --data_val FOLDER")
+                             f"{missing[0]!r} not found. For another layout pass --data_val FOLDER instead of --data")
     for flag, path in (("--data_train", args.data_train if train else None), ("--data_val", args.data_val)):
         if path is not None:
             data.require_image_folder(path, f"{flag} {path!r}")

@@ -481,8 +481,8 @@ def get_args_parser():
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--stride", type=int, default=None,
-                   help="sliding window stride; None: 2/3 of --crop_size, 341 at 512 (the demo: 43), with --eval "
-                        "the checkpoint's")
+                   help="sliding window stride; None: 2/3 of --crop_size, 341 at 512 (the demo: 43 at its --crop_size "
+                        "64), with --eval the checkpoint's")
     g.add_argument("--flip", action="store_true", help="add horizontally flipped predictions")
     g.add_argument("--slide_batch", type=int, default=4, help="windows per forward pass")
     g.add_argument("--eval_every", type=int, default=16_000, help="evaluate (and keep checkpoint-best.pth by mIoU) "
@@ -517,7 +517,7 @@ def parse_args(argv=None):
     if args.eval is None:  # --eval takes these from the checkpoint unless given (run_eval)
         args.scale = [2048, 512] if args.scale is None else args.scale
         args.stride = args.crop_size * 2 // 3 if args.stride is None else args.stride  # BEiT: 341 at 512
-    engine.check_image_size("--crop_size", args.crop_size, 512)
+    engine.check_image_size("--crop_size", args.crop_size, 512, smallest=2 * dtm.PATCH_SIZE)  # the check below's
     if args.crop_size < 2 * dtm.PATCH_SIZE:
         raise ValueError(f"--crop_size {args.crop_size} is too small: the feature pyramid pools the ViT's patch grid "
                          f"by 2, so it needs 2x2 patches at least: --crop_size {2 * dtm.PATCH_SIZE} or more")
