@@ -73,7 +73,10 @@ def main():
         for name, fn in (("decode", data.load_image),
                          ("pre-training sample", lambda p: (pretrain(data.load_image(p)), masks())),
                          ("fine-tuning sample", lambda p: finetune(data.load_image(p)))):
-            ms = per_image_ms(paths, fn, args.repeats)
+            try:
+                ms = per_image_ms(paths, fn, args.repeats)
+            except data.UnreadableImage as e:  # its message names the file and the fix; a traceback once
+                parser.error(f"--data: {e}")
             print(f"{name:>20}: {ms:5.1f} ms/image = {1e3 / ms:5.0f} images/s per worker", flush=True)
 
         # the workers start together and each builds one batch per round: time from the end of the first round

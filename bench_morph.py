@@ -176,6 +176,10 @@ def main():
     args = parser.parse_args()
     if min(args.iters, args.batch, args.tokens, args.dim, args.levels) < 1 or args.warmup < 0:
         parser.error("--iters, --batch, --tokens, --dim and --levels must be >= 1, --warmup >= 0")
+    try:
+        engine.check_bench_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     for text in args.schedules:
         try:
             parse_schedule(text)

@@ -72,6 +72,9 @@ def load_mto(path):
                          f"(git show <commit>:mto.py > old_mto.py)")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not all(hasattr(module, name) for name in ("MTO", "MTOConfig")):  # an AttributeError in has_compile once
+        raise SystemExit(f"--compare_mto {path}: has no MTO and MTOConfig, it is not a copy of mto.py; pass one "
+                         f"(git show <commit>:mto.py > old_mto.py)")
     return module
 
 
@@ -325,6 +328,7 @@ def main(argv=None):
         parser.error("--steps and --batch must be >= 1, --warmup >= 0")
     try:
         engine.check_image_size("--img_size", args.img_size, 224)
+        engine.check_bench_device(args.device)
     except ValueError as e:
         parser.error(str(e))
     if not all(0 <= i < len(VARIANTS) for i in args.variants):

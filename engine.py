@@ -435,6 +435,24 @@ def check_image_size(flag: str, size: int, example: int, smallest: int = dtm.PAT
                          f"{near} (the paper's: {example})")
 
 
+def check_bench_device(device: str):
+    """A benchmark's --device: cpu, or a CUDA device this machine has (else a traceback once, after the set-up for
+    a bad name, at the first tensor moved for a missing GPU)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use cpu or cuda (cuda:N for GPU N)") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: the benchmarks time cpu or cuda only; use one of them")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(f"--device {device}: no CUDA device here (torch {torch.__version__}, {build}); use --device "
+                         f"cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s); use cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+
+
 def check_output_dir(output_dir: str):
     """--output_dir must be a folder or a path where one can be made: not empty, not a file, not under one."""
     if not output_dir:

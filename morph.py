@@ -502,14 +502,20 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the random split")
     parser.add_argument("--out", default="groups.png", help="the picture written (any type Pillow writes)")
     args = parser.parse_args(argv)
-    if args.img_size % args.patch_size:
-        raise SystemExit(f"error: --img_size {args.img_size} is not divisible by --patch_size {args.patch_size}")
+    if args.patch_size < 1:  # a ZeroDivisionError (0) or a reshape error (negative) once
+        raise SystemExit(f"error: --patch_size {args.patch_size}: a patch is at least 1 pixel; use e.g. 16")
+    if args.img_size < 1 or args.img_size % args.patch_size:  # 0 or negative: Pillow's resize error once
+        below = args.img_size // args.patch_size * args.patch_size
+        near = f"{below} or {below + args.patch_size}" if below > 0 else f"{args.patch_size}"
+        raise SystemExit(f"error: --img_size {args.img_size} is not a positive multiple of --patch_size "
+                         f"{args.patch_size}; use {near}")
     Image.init()  # --out checked before the work: a file type Pillow writes, in a folder that exists
     if Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) not in Image.SAVE:
         raise SystemExit(f"error: --out {args.out!r}: Pillow writes no file of that extension; use e.g. groups.png")
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
-        raise SystemExit(f"error: --out {args.out!r}: {folder!r} is not a folder")
+        raise SystemExit(f"error: --out {args.out!r}: {folder!r} is not a folder; create it first "
+                         f"(mkdir -p {folder!r})")
 
     try:
         schedules = [parse_schedule(text) for text in args.schedule]
@@ -524,7 +530,11 @@ def main(argv=None):
     sheet = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), panels[0].height), "white")
     for k, panel in enumerate(panels):
         sheet.paste(panel, (k * (panel.width + 8), 0))
-    sheet.save(args.out)
+    try:
+        sheet.save(args.out)
+    except OSError as e:  # a folder that cannot be written to, a full disk: a traceback after the work once
+        raise SystemExit(f"error: --out {args.out!r}: cannot write it ({e}); give a path in a folder you can write "
+                         f"to") from None
     print(f"wrote {args.out}: {len(panels)} schedule{'s' * (len(panels) != 1)} on {tokens.shape[1]} tokens")
 
 

@@ -23,7 +23,7 @@ def read_log(path: str, x_field: str, field: str):
     """[(x, y)] for the lines of a JSONL log that have both fields (null, e.g. the gradient norm of a step skipped
     by fp16's GradScaler, counts as absent; so do NaN and Infinity, which this repo's logs write as null). A last line
     cut short (a run killed while writing it; its resume drops it) is left out with a note."""
-    points, without_x = [], 0
+    points, without_x, seen, lines = [], 0, {}, 0
     if os.path.isdir(path):
         raise SystemExit(f"error: {path!r} is a folder; pass the log file in it ({os.path.join(path, 'log.jsonl')})")
     if not os.path.isfile(path):
@@ -44,6 +44,8 @@ def read_log(path: str, x_field: str, field: str):
             if not isinstance(record, dict):  # a .json file's array, a number, ...
                 raise SystemExit(f"error: {path}:{number} is a JSON {type(record).__name__}, not an object; pass a "
                                  f"log.jsonl written by train_*.py")
+            lines += 1
+            seen.update(dict.fromkeys(record))
             if record.get(field) is not None and x_field not in record:
                 without_x += 1
             if record.get(x_field) is not None and record.get(field) is not None:
@@ -52,7 +54,13 @@ def read_log(path: str, x_field: str, field: str):
                     if points and x < points[-1][0]:
                         note_x_goes_back(path, number, x_field, points[-1][0], x)
                     points.append((x, y))
+    if not lines:
+        raise SystemExit(f"error: {path} is empty (a run that has not logged a step yet?); pass a log.jsonl with lines")
     if not points:
+        missing = [name for name in dict.fromkeys((x_field, field)) if name not in seen]
+        if missing:  # a misspelt --field / --fields / --x: name the fields there are
+            raise SystemExit(f"error: {path}: no line has {' or '.join(map(repr, missing))}; its fields are "
+                             f"{', '.join(seen)}")
         raise SystemExit(f"error: {path}: no line has both {x_field!r} and {field!r}")
     if without_x:  # e.g. epochs_done in a run continued across versions: the lines written before it was logged
         print(f"note: {path}: left out {without_x} lines with {field!r} but no {x_field!r} (written by a version that "
@@ -135,7 +143,7 @@ def check_out(path: str):
         raise SystemExit(f"error: --out {path!r}: Pillow writes no {extension!r} files; use .png (or .jpg, .pdf, ...)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise SystemExit(f"error: --out {path!r}: {folder!r} is not a folder")
+        raise SystemExit(f"error: --out {path!r}: {folder!r} is not a folder; create it first (mkdir -p {folder!r})")
 
 
 def main(argv=None):
@@ -172,6 +180,9 @@ def main(argv=None):
     try:
         image.save(args.out, format=None if os.path.splitext(args.out)[1] else "PNG")  # no extension: a PNG
     except (OSError, ValueError) as e:  # a format Pillow lists but cannot write from RGB, a full disk, ...
+        if isinstance(e, OSError) and e.errno is not None:  # the file system's refusal: the format is not the cause
+            raise SystemExit(f"error: --out {args.out!r}: cannot write it ({e}); give a path in a folder you can "
+                             f"write to, on a disk with room") from None
         raise SystemExit(f"error: --out {args.out!r}: Pillow could not write it ({e}); use .png") from None
     print(f"wrote {args.out}")
 

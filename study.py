@@ -32,6 +32,7 @@ import gzip
 import json
 import os
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -171,16 +172,21 @@ def check_same_epochs(args, record: bool = False):
     them down for later launches (once the data is there, so a launch that could not make it binds no epochs)."""
     path, epochs = os.path.join(args.out, "epochs.json"), {k: getattr(args, k) for k in EPOCH_FLAGS}
     if os.path.exists(path):
-        with open(path) as f:
-            before = json.load(f)
+        try:
+            with open(path) as f:
+                before = json.load(f)
+        except json.JSONDecodeError as e:  # written whole since (os.replace); a traceback once
+            sys.exit(f"error: {path} is not JSON ({e}): write into it the epochs the study there ran with, e.g. "
+                     f"echo {shlex.quote(json.dumps(epochs))} > {shlex.quote(path)}, or give another --out")
         if before != epochs:
             changed = ", ".join(f"--{k} {before.get(k)} -> {v}" for k, v in epochs.items() if before.get(k) != v)
             sys.exit(f"error: the study in {args.out} ran with other epochs ({changed}); its finished runs would be "
                      f"kept and mixed with new ones: give another --out, or the same epochs "
                      f"({' '.join(f'--{k} {v}' for k, v in before.items())})")
     elif record:
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:
             json.dump(epochs, f)
+        os.replace(path + ".tmp", path)  # whole or not at all: a launch killed meanwhile leaves no half-written file
 
 
 EPOCH_FLAGS = ("teacher_epochs", "pretrain_epochs", "finetune_epochs")

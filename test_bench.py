@@ -37,6 +37,7 @@ def ran_past_the_checks(*args, **kwargs):
                            "paper's: 224)\n"),  # a traceback once; "e.g. 224" once, 196 times the tokens of 16
     (["--img_size", "0"], "--img_size 0 is not a positive multiple of the patch size 16; use 16 (the paper's"),
     (["--compare_mto", ""], "argument --compare_mto: '' is empty"),  # ran without the comparison, exit 0
+    (["--device", "gpu"], "--device 'gpu' is not a device; use cpu or cuda"),  # torch's traceback, after the set-up
 ])
 def test_bench_mto_refuses(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(bench_mto, "make_teacher", ran_past_the_checks)  # a missing check fails here, not in minutes
@@ -86,7 +87,7 @@ def test_bench_mto_times_the_chosen_variants_and_reports_overheads_over_the_firs
     monkeypatch.setattr(bench_mto, "make_teacher", lambda args: ("teacher", args.teacher))
     monkeypatch.setattr(bench_mto, "keep_freed_memory", lambda: kept.append(True))
     other = tmp_path / "old_mto.py"
-    other.write_text("MARK = 'old'\n")
+    other.write_text("MARK = 'old'\nMTO = MTOConfig = None\n")  # a copy of mto.py has both
     figures = bench_mto.main(["--variants", "0", "4", "--steps", "3", "--warmup", "1", "--teacher", "clip",
                               "--malloc", "keep", "--compare_mto", str(other)])
     names = list(bench_mto.VARIANTS)
@@ -601,3 +602,38 @@ def test_bench_data_figures(tmp_path, monkeypatch, capsys):
     assert "  fine-tuning sample:   6.0 ms/image =   167 images/s per worker" in out
     # rounds 2 and 3 (16 samples) from the end of round 1 (10.5 s) to the end of round 3 (12.5 s)
     assert "DataLoader, 2 workers, batch 4, 2 timed rounds: 8 pre-training samples/s (4 per worker)" in out
+
+
+@pytest.mark.parametrize("script", ["bench_mto", "bench_morph"])
+def test_bench_device_without_cuda_is_refused_before_the_set_up(script, monkeypatch, capsys):
+    """--device cuda on a machine without a GPU was torch's "not compiled with CUDA" traceback after the set-up."""
+    module = {"bench_mto": bench_mto, "bench_morph": bench_morph}[script]
+    for name in ("make_teacher", "check_agreement", "run_child", "measure"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, ran_past_the_checks)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("sys.argv", [f"{script}.py", "--device", "cuda"])
+    with pytest.raises(SystemExit) as exit_status:
+        module.main(["--device", "cuda"]) if script == "bench_mto" else module.main()
+    assert exit_status.value.code == 2
+    assert "error: --device cuda: no CUDA device here" in capsys.readouterr().err
+
+
+def test_bench_mto_compare_mto_that_is_not_a_copy_of_mto_py_is_one_line(tmp_path, monkeypatch):
+    """A Python file without MTO / MTOConfig was an AttributeError traceback from has_compile."""
+    (tmp_path / "other.py").write_text("x = 1\n")
+    monkeypatch.setattr(bench_mto, "make_teacher", ran_past_the_checks)
+    with pytest.raises(SystemExit, match=r"other.py: has no MTO and MTOConfig, it is not a copy of mto.py; pass one"):
+        bench_mto.main(["--compare_mto", str(tmp_path / "other.py")])
+
+
+def test_bench_data_an_unreadable_image_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """A corrupt image in --data was data.UnreadableImage's traceback (its message right, but under a traceback)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_text("not a jpeg")
+    monkeypatch.setattr(bench_data.torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr("sys.argv", ["bench_data.py", "--data", str(tmp_path), "--repeats", "1"])
+    with pytest.raises(SystemExit) as exit_status:
+        bench_data.main()
+    assert exit_status.value.code == 2
+    assert "--data: cannot read image file" in capsys.readouterr().err

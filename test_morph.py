@@ -602,3 +602,20 @@ def test_official_schedule_rule_against_the_official_formula():
                 r = math.floor(n / k) if math.ceil(n / k) * k > max_merged else math.ceil(n / k)
                 expected = clamp_schedule(400, [r] * k)
                 assert make_schedule(400, n, k, "official", max_merged=max_merged) == expected, (n, k, max_merged)
+
+
+def test_visualization_refuses_sizes_that_are_no_image_and_names_the_fix(tmp_path):
+    """--patch_size 0 was a ZeroDivisionError, --img_size 0 Pillow's resize error; a size off the patch grid named
+    no size to use; an --out folder that does not exist named no fix."""
+    import morph
+    from PIL import Image
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "img.png")
+    image = str(tmp_path / "img.png")
+    for argv, message in ((["--patch_size", "0"], "^error: --patch_size 0: a patch is at least 1 pixel; use e.g. 16$"),
+                          (["--img_size", "0"], "^error: --img_size 0 is not a positive multiple of --patch_size 16; "
+                                                "use 16$"),
+                          (["--img_size", "40"], "--img_size 40 is not a positive multiple of --patch_size 16; use 32 "
+                                                 "or 48$"),
+                          (["--out", str(tmp_path / "new" / "g.png")], r"create it first \(mkdir -p '.*new'\)$")):
+        with pytest.raises(SystemExit, match=message):
+            morph.main([image, *argv])

@@ -55,7 +55,7 @@ def test_plot_two_logs_and_errors(tmp_path):
     plot_log.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--fields", "loss", "lr", "--out", str(out)])
     with pytest.raises(SystemExit, match="error: 2 logs but 1 fields"):
         plot_log.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--fields", "loss"])
-    with pytest.raises(SystemExit, match="error: .*no line has both"):
+    with pytest.raises(SystemExit, match="error: .*no line has 'epoch'; its fields are "):
         plot_log.main([str(tmp_path / "a.jsonl"), "--field", "epoch"])
     (tmp_path / "bad.jsonl").write_text("not json\n")
     with pytest.raises(SystemExit, match="error: .*not a JSON line"):
@@ -245,3 +245,30 @@ def test_lines_that_share_an_x_are_not_noted_as_going_back(tmp_path, capsys):
     points = plot_log.read_log(str(path), "epoch", "loss")
     assert [x for x, _ in points] == [0, 0, 1, 1, 2, 2]
     assert "goes back" not in capsys.readouterr().err
+
+
+def test_a_misspelt_field_names_the_logs_fields_and_an_empty_log_says_so(tmp_path):
+    """A typo in --field or --x named neither the fix nor the fields; an empty log read as if the field were absent."""
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"step": 1, "loss": 1.0, "lr": 0.1}) + "\n")
+    with pytest.raises(SystemExit, match=r"^error: .*log.jsonl: no line has 'los'; its fields are step, loss, lr$"):
+        plot_log.main([str(log), "--field", "los", "--out", str(tmp_path / "p.png")])
+    with pytest.raises(SystemExit, match=r"no line has 'stpe' or 'lss'; its fields are step, loss, lr$"):
+        plot_log.main([str(log), "--x", "stpe", "--field", "lss", "--out", str(tmp_path / "p.png")])
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(SystemExit, match=r"^error: .*empty.jsonl is empty \(a run that has not logged a step yet\?\)"):
+        plot_log.main([str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "p.png")])
+
+
+def test_an_out_in_a_missing_or_unwritable_folder_names_the_fix_not_the_format(tmp_path, monkeypatch):
+    """A missing folder named no fix; a file system's refusal (errno set) said "use .png" of a .png."""
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    with pytest.raises(SystemExit, match=r"'.*new' is not a folder; create it first \(mkdir -p '.*new'\)$"):
+        plot_log.main([str(log), "--out", str(tmp_path / "new" / "p.png")])
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(plot_log.Image.Image, "save", refuse)
+    with pytest.raises(SystemExit, match=r"cannot write it \(.*Permission denied\); give a path in a folder you can"):
+        plot_log.main([str(log), "--out", str(tmp_path / "p.png")])

@@ -511,3 +511,23 @@ def test_consistency_uses_the_saved_mto_layers_and_the_24x3_schedule(tmp_path):
     groups = morph.token_morphing(target, morph.make_schedule(49, 24, 3, "official"), "random",
                                   torch.Generator().manual_seed(0))
     assert dtm_loss == pytest.approx(dtm.dtm_loss(pred, target, [groups])[0].item(), rel=1e-5)
+
+
+def test_an_epochs_file_cut_short_is_one_line_naming_the_fix_and_is_written_whole(tmp_path, monkeypatch):
+    """An empty or torn OUT/epochs.json (a launch killed while writing it) was json's traceback; it is now written
+    through a temporary file and os.replace, and a torn one is refused naming the line to write into it."""
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "epochs.json").write_text('{"teacher_epochs": 1')
+    monkeypatch.setattr("sys.argv", ["study.py", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"^error: .*epochs.json is not JSON \(.*\): write into it the epochs the "
+                                         r"study there ran with, e.g. echo '\{\"teacher_epochs\": 10, .*\}' "
+                                         r"> .*epochs.json"):
+        study.main()
+    (out / "epochs.json").unlink()
+    monkeypatch.setattr(study, "make_data", lambda out: os.path.join(out, "data"))
+    monkeypatch.setattr(study, "run", lambda script, argv, log: (_ for _ in ()).throw(SystemExit("stop")))
+    monkeypatch.setattr(study.os, "replace", lambda src, dst: (_ for _ in ()).throw(SystemExit("replaced")))
+    with pytest.raises(SystemExit, match="replaced"):
+        study.main()
+    assert not (out / "epochs.json").exists() and (out / "epochs.json.tmp").exists()  # not written in place
