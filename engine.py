@@ -1276,7 +1276,7 @@ def save_checkpoint(path: str, state: dict):
         raise OSError(f"could not write {path} (disk full, or no permission to write there?): {cause}; {kept}") from e
 
 
-NON_FINITE_REMEDY = "a lower --lr (or, under --amp fp16 or bf16, a wider --amp)"  # where the run's is not known
+NON_FINITE_REMEDY = "a lower --lr, or a wider --amp where the run uses fp16 or bf16"  # its precision not known
 
 
 def non_finite_remedy(amp_dtype, teacher_dtype=None) -> str:

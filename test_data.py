@@ -1700,6 +1700,17 @@ def test_seg_folder_without_a_common_name_names_the_suffix_flags(tmp_path):
 
 # --- Procedural data ------------------------------------------------------------------------------------------------
 
+def test_ade20k_without_a_common_name_names_its_own_files_and_the_generic_folders(tmp_path):
+    """ADE20K's --data takes no suffix flags: an ADE20K folder whose names differ by an ending names its own files and
+    the generic folders' flags (the generic hint, --img_suffix and --ann_suffix, is refused beside --data)."""
+    for folder, ending in (("images", "_img.jpg"), ("annotations", "_seg.png")):
+        os.makedirs(tmp_path / folder / "training")
+        Image.new("RGB" if folder == "images" else "L", (8, 8)).save(tmp_path / folder / "training" / f"a{ending}")
+    with pytest.raises(FileNotFoundError, match=r"no name has a counterpart: .*ADE20K's files are <name>.jpg and "
+                                                r"<name>.png; for other names use train_seg.py's generic folders"):
+        data.ADE20KDataset(str(tmp_path), "training")
+
+
 def test_synthetic_shapes_texture_follows_the_class_name():
     """Class c is TEXTURES[c // 8] on SHAPES[c % 8] (as .classes names it): classes 0..7 are solid (one colour),
     8..15 striped, 16..23 checkered, 24..31 dotted (two colours). TEXTURES[c % 4] passed every test (the demo

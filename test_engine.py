@@ -985,6 +985,33 @@ def test_a_resume_folder_that_holds_no_run_names_a_checkpoint_it_holds(tmp_path)
     assert engine.prepare_run(run_args(tmp_path / "new", resume=resume), CPU) == (resume, False)
 
 
+def test_a_resume_folder_names_a_runs_pth_file_only(tmp_path):
+    """--resume FOLDER without a run names a .pth file it holds: a log is no checkpoint, and a run's
+    checkpoint-best.pth comes before other .pth files (even one named like an epoch's: only the run's own names)."""
+    folder = tmp_path / "epochs"
+    folder.mkdir()
+    (folder / "log.jsonl").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"pass a checkpoint file \(it holds no .pth file\)$"):
+        engine.prepare_run(run_args(tmp_path / "new", resume=str(folder)), CPU)
+    for name in ("checkpoint-best.pth", "teacher-checkpoint-800.pth"):  # one .pth file, then another beside it
+        (folder / name).write_bytes(b"x")
+        with pytest.raises(FileNotFoundError, match=f"pass a checkpoint file, e.g. {folder / 'checkpoint-best.pth'}$"):
+            engine.prepare_run(run_args(tmp_path / "new", resume=str(folder)), CPU)
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_init_a_new_run_needs():
+    """A fine-tuning run relaunched with a setting that changes the model is told how to start a new run; such a run
+    needs --init, which a relaunch may have left out: the hint says so (as the trainers' other new-run hints)."""
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, output_dir="x", demo=False, init="none")
+    state = engine.checkpoint_state("dtm_finetune", torch.nn.Linear(3, 2), torch.optim.AdamW(
+        torch.nn.Linear(3, 2).parameters()), None, args, 2, steps_per_epoch=2)
+    model, relaunch = torch.nn.Linear(4, 2), argparse.Namespace(**{**vars(args), "model": "vit_small"})
+    with pytest.raises(ValueError, match=r"\(--model vit_tiny -> vit_small\) and does not fit this model: .*, or to "
+                                         r"start a new run with these settings add --fresh \(.*\) or pass another "
+                                         r"--output_dir \(a new run needs --init PATH or --init none\)$"):
+        engine.resume(state, "ck.pth", model, torch.optim.AdamW(model.parameters()), None, relaunch, 2, CPU)
+
+
 def test_a_folders_run_launched_with_the_same_resume_path_is_continued(tmp_path, monkeypatch, capsys):
     """--resume PATH into a folder whose run that same --resume PATH started (a requeued job's command): continued.
     Another PATH, a run continued with --resume auto since, or a file that is no checkpoint: refused as before."""

@@ -711,9 +711,13 @@ def test_a_launch_with_data_does_not_continue_a_demo_run(tmp_path):
 
 
 def test_a_diverging_run_stops_naming_only_changes_it_can_make(tmp_path):
-    """An fp32 run whose loss is not finite stops, told a lower --lr (it was told --amp bf16/fp32: fp32 is its own)."""
+    """An fp32 run whose loss is not finite stops, told a lower --lr (it was told --amp bf16/fp32: fp32 is its own);
+    a bf16 run is told --amp fp32 besides."""
     with pytest.raises(FloatingPointError, match=r"^loss not finite at step \d; .*\(try a lower --lr\)$"):
         tf.main(TINY_RUN + ["--lr", "1e30", "--warmup_epochs", "0", "--log_every", "1", "--output_dir", str(tmp_path)])
+    with pytest.raises(FloatingPointError, match=r"^loss not finite at step \d; .*\(try a lower --lr or --amp fp32\)$"):
+        tf.main(TINY_RUN + ["--lr", "1e30", "--warmup_epochs", "0", "--log_every", "1", "--amp", "bf16",
+                            "--output_dir", str(tmp_path / "bf16")])
 
 
 def test_image_folder_data_flags(tmp_path):

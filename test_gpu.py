@@ -1238,17 +1238,21 @@ def test_run_child_passes_its_arguments_and_gives_at_least_1_s_near_the_watchdog
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_any_check(tmp_path, monkeypatch, capsys):
-    """--out "" (an unset shell variable) or a file in a folder that does not exist: refused at once, naming --out,
-    not a traceback from the report's first write after the first check started; no temp file is left behind."""
+    """--out "" (an unset shell variable), " ", a file in a folder that does not exist or an existing folder: refused
+    at once, naming --out, not a traceback from the report's first write after the first check started; no temp file
+    is left behind (the folder's: written, then not renamed onto the folder)."""
     monkeypatch.setitem(CHECKS, "amp_choice", lambda *args: pytest.fail("a check ran"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.chdir(tmp_path)
+    os.mkdir("reports")
     for out, error in (("", "--out '' is empty (an unset shell variable?): give a file, e.g. gpu_report.json"),
-                       ("missing/r.json", "error: --out 'missing/r.json': the report cannot be written there")):
+                       (" ", "--out ' ' is empty"),
+                       ("missing/r.json", "error: --out 'missing/r.json': the report cannot be written there"),
+                       ("reports", "error: --out 'reports': the report cannot be written there")):
         with pytest.raises(SystemExit) as exit_status:
             main(["--device", "cpu", "--quick", "--out", out])
         assert error in str(exit_status.value.code) + capsys.readouterr().err
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["reports"] and os.listdir("reports") == []
 
 
 def test_a_killed_childs_output_until_then_is_in_the_error():

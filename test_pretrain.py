@@ -526,10 +526,26 @@ def test_nan_loss_stops_without_saving_and_names_the_last_good_checkpoint(image_
     assert checkpoint["step"] == 3 and all(v.isfinite().all() for v in checkpoint["model"].values())
 
 
+def test_a_diverging_run_is_told_a_wider_precision_only_where_it_runs_a_narrower_one(image_folder, tmp_path,
+                                                                                   monkeypatch):
+    """--amp bf16 with the pixel teacher: --amp fp32, not --teacher_amp (refused with --teacher pixels); an fp32
+    student with a bf16 CLIP teacher: --teacher_amp fp32 (its targets can overflow), not --amp."""
+    poison(monkeypatch, from_step=3)
+    with pytest.raises(FloatingPointError, match=r"\(e.g. with a lower --lr or --amp fp32\)$"):
+        tp.main(tiny_argv(image_folder, tmp_path / "bf16") + ["--amp", "bf16"])
+    visual = dtm.CLIPVisual(input_resolution=32, patch_size=16, width=64, layers=1, heads=1, output_dim=24)
+    torch.save(visual.state_dict(), tmp_path / "clip.pt")
+    argv = [a if a != "pixels" else f"clip:{tmp_path / 'clip.pt'}" for a in tiny_argv(image_folder, tmp_path / "clip")]
+    with pytest.raises(FloatingPointError, match=r"\(e.g. with a lower --lr or --teacher_amp fp32\)$"):
+        tp.main([*argv, "--teacher_amp", "bf16"])
+
+
 def test_nan_weights_are_not_saved_even_between_log_steps(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
     poison(monkeypatch, from_step=4)
-    with pytest.raises(FloatingPointError, match="parameters .* not finite at step 6; stopped without saving"):
+    with pytest.raises(FloatingPointError, match=r"parameters .* not finite at step 6; stopped without saving: .*"
+                                                 r"\(e.g. with a lower --lr, or a wider --amp where the run uses "
+                                                 r"fp16 or bf16\)$"):  # the run's precision is not known there
         tp.main(tiny_argv(image_folder, out, "--log_every", "100"))  # no log step before the end of epoch 1
     assert torch.load(out / engine.LAST)["step"] == 3
 
@@ -1235,7 +1251,7 @@ def test_flags_next_to_the_refused_ones_are_taken():
 def test_a_refused_num_masked_0_names_a_count_that_fits_the_image(flags):
     """--mto or --loss_on masked with --num_masked 0 names the --num_masked to pass instead; passing it must work at
     the run's --img_size: the paper's 75 was named at every size, which the demo's 49 patches (112 px) refuse."""
-    for size, count in (("112", "19"), ("224", "75"), ("32", "2")):  # 49, 196 and 4 patches
+    for size, count in (("112", "19"), ("224", "75"), ("32", "2"), ("16", "1")):  # 49, 196, 4 and 1 patches
         with pytest.raises(ValueError, match=rf"mask patches \(--num_masked {count}\)"):
             tp.parse_args(["--img_size", size, *flags, "--num_masked", "0"])
         assert tp.parse_args(["--img_size", size, *flags, "--num_masked", count]).num_masked == int(count)

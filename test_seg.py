@@ -450,10 +450,13 @@ def test_eval_of_another_trainers_checkpoint_names_init_in_a_training_command(tm
 
 def test_a_diverging_run_stops_naming_only_changes_it_can_make(tmp_path):
     """An fp32 run whose losses are not finite stops, told a lower --lr (it was told --amp bf16/fp32: fp32 is its
-    own)."""
+    own); a bf16 run is told --amp fp32 besides."""
     with pytest.raises(FloatingPointError, match=r"^loss, decode_loss, aux_loss not finite at step \d; .*\(try a lower "
                                                  r"--lr\)$"):
         train_seg.main(TINY_RUN + ["--lr", "1e30", "--warmup_iters", "0", "--output_dir", str(tmp_path)])
+    with pytest.raises(FloatingPointError, match=r"not finite at step \d; .*\(try a lower --lr or --amp fp32\)$"):
+        train_seg.main(TINY_RUN + ["--lr", "1e30", "--warmup_iters", "0", "--amp", "bf16",
+                                   "--output_dir", str(tmp_path / "bf16")])
 
 
 def test_relaunch_of_an_old_checkpoint_with_a_relative_init_says_so(tmp_path, monkeypatch, capsys):
