@@ -1002,7 +1002,8 @@ def _run_start(args, last: str) -> tuple:
                                 f"file" + (f", e.g. {os.path.join(args.resume, found[-1])}" if found else
                                            " (it holds no .pth file)"))
     if not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume {args.resume!r}: no such file")
+        raise FileNotFoundError(f"--resume {args.resume!r}: no such file; pass a checkpoint file (a run's {LAST} "
+                                f"in its --output_dir), or leave --resume out to continue the run in --output_dir")
     resuming_last = os.path.isfile(last) and os.path.samefile(last, args.resume)
     if os.path.isfile(last) and not resuming_last and not args.fresh:
         raise ValueError(f"--output_dir {args.output_dir!r} holds another run ({LAST}); continuing {args.resume!r} "

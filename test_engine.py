@@ -948,7 +948,9 @@ def test_prepare_run_rules(tmp_path):
     other.write_bytes(b"y")
     with pytest.raises(ValueError, match="holds another run.*--fresh"):
         engine.prepare_run(run_args(out, resume=str(other)), CPU)
-    with pytest.raises(FileNotFoundError, match="--resume"):  # a mistyped path removes nothing
+    with pytest.raises(FileNotFoundError, match=r"^--resume '.*typo.pth': no such file; pass a checkpoint file \(a "
+                                                r"run's checkpoint-last.pth in its --output_dir\), or leave --resume "
+                                                r"out to continue the run in --output_dir$"):  # a typo removes nothing
         engine.prepare_run(run_args(out, resume=str(tmp_path / "typo.pth"), fresh=True), CPU)
     assert (out / engine.LAST).exists()
     with pytest.raises(FileNotFoundError, match=f"--resume '{out}' is a folder; pass a checkpoint file "
@@ -1826,7 +1828,9 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
                       f"system), and so must a --resume PATH; on a shared file system a node may not see a file just "
                       f"written yet: relaunch in a moment")
     assert resumes.startswith(f"the processes do not agree on where the run starts (rank 0: continues {last} (10 "
-                              f"bytes), rank 1: error: --resume 'missing.pth': no such file)")
+                              f"bytes), rank 1: error: --resume 'missing.pth': no such file; pass a checkpoint "
+                              f"file (a run's checkpoint-last.pth in its --output_dir), or leave --resume out to "
+                              f"continue the run in --output_dir)")
     assert images.startswith("the processes do not agree on the number of training images (rank 0: 4, rank 1: 5): "
                              "every process must read the same files")
     assert agreed == "ok"
