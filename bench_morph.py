@@ -190,6 +190,11 @@ def main():
         return
 
     check_agreement(args)  # both paths compute the same loss
+    for text in args.schedules:  # the rounds both paths run: the label would otherwise name more merges than timed
+        given, run = parse_schedule(text), morph.clamp_schedule(args.tokens, parse_schedule(text), "official")
+        if run != given:
+            print(f"note: schedule {text} on {args.tokens} tokens runs as {run} ({sum(run)} merges, not {sum(given)}): "
+                  f"each round merges at most (T - 1) // 2 of its T tokens (ToMe's rule, the first token kept)")
     print(f"B={args.batch} N={args.tokens} C={args.dim} L={args.levels} device={args.device} "
           f"threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"{'schedule':>9} | {'method':>8} | {'fwd+bwd ms':>10} | {'peak MiB':>8} | speed-up")

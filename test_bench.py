@@ -139,9 +139,14 @@ def test_bench_morph_passes_every_setting_to_its_children_and_reports_the_speed_
         assert command[command.index("--child") + 2] == "2x2"
         assert (env is not None and env["MALLOC_MMAP_THRESHOLD_"] == "65536") == ("--child_memory" in command)
     out = capsys.readouterr().out
-    assert "B=2 N=9 C=4 L=3 device=cpu" in out
+    assert "B=2 N=9 C=4 L=3 device=cpu" in out and "note:" not in out  # 9 tokens: 2 merges, then 2 of 7
     assert "      2x2 |    dense |        8.0 |     40.0 | 1.0x" in out
     assert "      2x2 | morph.py |        2.0 |      5.0 | 4.0x" in out
+    monkeypatch.setattr("sys.argv", ["bench_morph.py", "--tokens", "9", "--dim", "4", "--schedules", "2x4", "1x4"])
+    bench_morph.main()  # a schedule clamped is said: its label would name merges that did not run
+    assert capsys.readouterr().out.splitlines()[0] == ("note: schedule 2x4 on 9 tokens runs as [4, 2] (6 merges, not "
+                                                       "8): each round merges at most (T - 1) // 2 of its T tokens "
+                                                       "(ToMe's rule, the first token kept)")
 
 
 def test_bench_morph_measure_times_the_steps_after_the_warm_up(monkeypatch):
