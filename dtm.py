@@ -1048,8 +1048,12 @@ def load_clip_visual(path: str, heads: int = None) -> CLIPVisual:
     needed = ["conv1.weight", "positional_embedding", "proj", "transformer.resblocks.0.attn.in_proj_weight"]
     absent = [k for k in needed if k not in sd]
     if absent:
+        ours = "patch_embed.weight" in sd or "patch_embed.proj.weight" in sd  # a ViT of this repo (or timm's names)
         raise ValueError(f"{path!r} is not a CLIP ViT visual state dict: missing {absent}; "
-                         f"found keys like {sorted(sd)[:8]}")
+                         f"found keys like {sorted(sd)[:8]}; "
+                         + (f"it holds a ViT of this repo: pass it as --teacher ckpt:{path}" if ours else
+                            "pass OpenAI's ViT-B-16.pt (the file clip.load('ViT-B/16') downloads) or a state dict "
+                            "of a CLIP model or of its visual encoder, saved with torch.save"))
     width, _, patch_size, _ = sd["conv1.weight"].shape
     grid = math.isqrt(sd["positional_embedding"].shape[0] - 1)
     if grid * grid + 1 != sd["positional_embedding"].shape[0]:
@@ -1155,7 +1159,10 @@ def build_teacher(spec: str, img_size=224, patch_size: int = 16, teacher_norm: s
                          f"'ckpt:PATH' (a checkpoint of this repo) or 'pixels'")
     if teacher.patch_size != patch_size:
         raise ValueError(f"teacher {spec!r} has patch size {teacher.patch_size} but the student {patch_size}: "
-                         f"their token grids must match")
+                         f"their token grids must match: "
+                         f"pass a teacher of patch size {patch_size}"
+                         + (" (OpenAI's ViT-B-16.pt)" if kind == "clip" and patch_size == 16 else "")
+                         + ", or --teacher pixels")
     return teacher
 
 

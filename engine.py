@@ -99,6 +99,7 @@ def setup() -> Dist:
     Without torchrun: one process on cuda:0 if there is a GPU, else the CPU. Sets the backend flags
     (set_backend_flags)."""
     set_backend_flags()
+    check_launch_env()
     if "RANK" not in os.environ:
         if not torch.cuda.is_available():
             return Dist()
@@ -114,6 +115,25 @@ def setup() -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return Dist(rank, world_size, local_rank, device)
+
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_launch_env():
+    """A one-line error, naming the fix, where the environment holds part of torchrun's variables: RANK without
+    the others (a KeyError or torch's rendezvous traceback otherwise), or WORLD_SIZE > 1 without RANK (one process
+    otherwise, silently). WORLD_SIZE 1 alone is one process, as without it."""
+    given = [name for name in TORCHRUN_ENV if os.environ.get(name)]
+    script = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "SCRIPT.py"
+    fix = (f"launch with torchrun (torchrun --nproc_per_node N {script} ...), which sets them all, or unset "
+           f"{' '.join(given)} to run one process")
+    if "RANK" in given and len(given) < len(TORCHRUN_ENV):
+        missing = [name for name in TORCHRUN_ENV if name not in given]
+        raise ValueError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: {fix}")
+    if "RANK" not in given and "WORLD_SIZE" in given and os.environ["WORLD_SIZE"].strip() != "1":
+        raise ValueError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but RANK is not set, so this would run one "
+                         f"process, not {os.environ['WORLD_SIZE']}: {fix}")
 
 
 def _capability(arch: str) -> tuple:
@@ -1604,7 +1624,8 @@ def cli(main):
         if message is None or show_tracebacks():
             raise
         where = (f" (rank {os.environ.get('RANK')} of {os.environ['WORLD_SIZE']}, {socket.gethostname()})"
-                 if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "")  # torchrun's summary may blame another rank
+                 if os.environ.get("RANK") and int(os.environ.get("WORLD_SIZE") or 1) > 1
+                 else "")  # torchrun's summary may blame another rank
         _end_progress_bars()
         print(f"error{where}: {message}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -714,6 +714,6 @@ def mto_config_from_args(args, depth: Optional[int] = None) -> Optional[MTOConfi
                   if getattr(args, f"mto_lambda_{loss}") == 0 or getattr(args, f"mto_{loss}_layers") == 0]
     if args.mto_layers == 0 and len(losses_off) == 2:
         raise ValueError(f"--mto with --mto_layers 0, {', '.join(losses_off)} switches every part of MTO off: that is "
-                         f"the plain forward at MTO's cost; leave --mto out")
+                         f"the plain forward at MTO's cost; leave --mto and every --mto_* flag out")
     return MTOConfig(layers=args.mto_layers, lambda_sing=args.mto_lambda_sing, lambda_ent=args.mto_lambda_ent,
                      sing_layers=args.mto_sing_layers, ent_layers=args.mto_ent_layers)

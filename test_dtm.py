@@ -727,8 +727,11 @@ def test_load_clip_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"every value must be a tensor, but it holds 1 that are not \('epoch': int\)"):
         dtm.load_clip_visual(str(tmp_path / "extra.pt"))
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a CLIP ViT visual state dict"):
+    with pytest.raises(ValueError, match=r"not a CLIP ViT visual state dict: .*; pass OpenAI's ViT-B-16.pt"):
         dtm.load_clip_visual(str(tmp_path / "other.pt"))
+    torch.save({"patch_embed.weight": torch.zeros(2)}, tmp_path / "ours.pt")  # a student's weights: ckpt:, not clip:
+    with pytest.raises(ValueError, match=r"not a CLIP ViT visual state dict: .*pass it as --teacher ckpt:.*ours.pt"):
+        dtm.load_clip_visual(str(tmp_path / "ours.pt"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -773,7 +776,8 @@ def test_build_teacher_errors(tmp_path):
         dtm.build_teacher(f"ckpt:{tmp_path / 'missing.pth'}")
     # a CLIP with patch 8 for a patch-16 student
     torch.save(clip_visual_state_dict(), tmp_path / "v.pt")
-    with pytest.raises(ValueError, match="token grids must match"):
+    with pytest.raises(ValueError, match=r"token grids must match: pass a teacher of patch size 16 \(OpenAI's "
+                                         r"ViT-B-16.pt\), or --teacher pixels"):
         dtm.build_teacher(f"clip:{tmp_path / 'v.pt'}", patch_size=16)
 
 

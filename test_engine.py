@@ -2353,3 +2353,20 @@ def test_a_checkpoint_whose_optimizer_groups_have_no_parameter_names_loads_as_sa
     for p in model.parameters():
         if p in optimizer.state:
             assert torch.equal(resumed.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])
+
+
+def test_setup_refuses_a_partial_torchrun_environment(monkeypatch):
+    """RANK without WORLD_SIZE/MASTER_*, or WORLD_SIZE 2 without RANK, is a one-line error naming torchrun (it was a
+    KeyError traceback, torch's rendezvous traceback, or silently one process); WORLD_SIZE 1 alone is one process."""
+    for name in engine.TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="RANK is set but WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not: .*torchrun"):
+        engine.setup()
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="WORLD_SIZE is 2 but RANK is not set.*unset WORLD_SIZE"):
+        engine.setup()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert engine.setup().world_size == 1

@@ -207,7 +207,8 @@ def test_mto_off_is_bit_identical_to_plain_forward():
             mto.mto_config_from_args(parser.parse_args(["--mto", flag, "5"]), depth=4)
         assert mto.mto_config_from_args(parser.parse_args(["--mto", flag, "4"]), depth=4)
     assert mto.mto_config_from_args(parser.parse_args(["--mto", "--mto_layers", "0", "--mto_lambda_sing", "0"]))
-    with pytest.raises(ValueError, match="switches every part of MTO off.*leave --mto out"):  # a costly no-op
+    # a costly no-op; the fix names the --mto_* flags too (without --mto they are refused as doing nothing)
+    with pytest.raises(ValueError, match="switches every part of MTO off.*leave --mto and every --mto_\\* flag out"):
         mto.mto_config_from_args(parser.parse_args(["--mto", "--mto_layers", "0", "--mto_sing_layers", "0",
                                                     "--mto_lambda_ent", "0"]))
     for loss in ("sing", "ent"):  # a block count for a loss that is off

@@ -105,9 +105,9 @@ GENERIC = ["--img_dir", "i", "--ann_dir", "a", "--val_img_dir", "vi", "--val_ann
     (["--num_classes", "21"], "--num_classes 21 would do nothing in the demo .*--demo_shape_classes"),
     (["--num_classes", "21", "--data", "/x"], "--num_classes 21 would do nothing with --data \\(ADE20K: 150"),
     (["--demo_train_images", "5", "--data", "/x"], "--demo_train_images would do nothing with real data"),
-    (["--aux_weight", "-1"], "--aux_weight, --poly_power and --warmup_iters must be >= 0"),
-    (["--poly_power", "-1"], "makes the lr grow"),
-    (["--warmup_ratio", "3"], "--warmup_ratio in 0..1"),
+    (["--aux_weight", "-1"], "^--aux_weight must be >= 0, got -1 \\(its default: 0.4\\)$"),
+    (["--poly_power", "-1"], "^--poly_power must be >= 0 \\(a negative --poly_power makes the lr grow\\), got -1"),
+    (["--warmup_ratio", "3"], "^--warmup_ratio must be in 0..1 .*, got 3 \\(its default: 1e-06\\)$"),  # named
     (["--warmup_iters", "0", "--warmup_ratio", "0.5"], "--warmup_ratio would do nothing with --warmup_iters 0"),
     (["--max_unreadable", "0.5"], "--max_unreadable would do nothing in the demo"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),

@@ -548,9 +548,14 @@ def parse_args(argv=None):
                  "demo_train_images", "demo_val_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:  # iters None: set_schedule's
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.aux_weight < 0 or args.poly_power < 0 or (args.warmup_iters or 0) < 0 or not 0 <= args.warmup_ratio <= 1:
-        raise ValueError("--aux_weight, --poly_power and --warmup_iters must be >= 0 (a negative --poly_power makes "
-                         "the lr grow), --warmup_ratio in 0..1")
+    for name, ok, rule in (("aux_weight", args.aux_weight >= 0, ">= 0"),
+                           ("poly_power", args.poly_power >= 0, ">= 0 (a negative --poly_power makes the lr grow)"),
+                           ("warmup_iters", (args.warmup_iters or 0) >= 0, ">= 0 (0: no warmup)"),
+                           ("warmup_ratio", 0 <= args.warmup_ratio <= 1, "in 0..1 (the lr's fraction at step 0)")):
+        if not ok:  # each named with its value (one message named all four)
+            default = get_args_parser().get_default(name)
+            raise ValueError(f"--{name} must be {rule}, got {getattr(args, name):g}"
+                             + (f" (its default: {default:g})" if default is not None else ""))
     engine.check_shared_args(args)
     if args.data or args.demo:
         where = "with --data (ADE20K: 150 classes, label 0 ignored)" if args.data else "in the demo (no data given)"
