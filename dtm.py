@@ -705,7 +705,9 @@ def vit_state_dict(checkpoint: dict, path: str = "checkpoint") -> dict:
         clip = any(k.endswith(("class_embedding", "positional_embedding")) for k in sd)  # CLIP's own names
         raise ValueError(f"{path!r} holds no ViT of this repo (no 'patch_embed.weight'); keys like {sorted(sd)[:8]}"
                          + ("; these are CLIP weights: pass them as a CLIP teacher (train_pretrain.py --teacher "
-                            "clip:PATH); --init, --eval and --teacher ckpt: take checkpoints of this repo" if clip else ""))
+                            "clip:PATH); --init, --eval and --teacher ckpt: take checkpoints of this repo" if clip else
+                            "; pass a checkpoint of train_pretrain.py, train_finetune.py or train_seg.py, or an "
+                            "official DTM / BEiT / BEiT v2 ViT checkpoint"))
     return sd
 
 
@@ -1025,7 +1027,8 @@ def _read_clip_state_dict(path: str) -> dict:
             obj = obj[wrapper]
             break
     if not isinstance(obj, dict):
-        raise ValueError(f"{path!r} does not hold a state dict (a dict of tensors); got {type(obj).__name__}")
+        raise ValueError(f"{path!r} does not hold a state dict (a dict of tensors); got {type(obj).__name__}: pass "
+                         f"OpenAI's ViT-B-16.pt or torch.save(model.visual.state_dict(), PATH) of a CLIP model")
     not_tensors = {str(k): type(v).__name__ for k, v in obj.items() if not torch.is_tensor(v)}
     if not_tensors or not obj:
         shown = ", ".join(f"{k!r}: {t}" for k, t in list(not_tensors.items())[:8]) or "it is empty"
@@ -1065,7 +1068,8 @@ def load_clip_visual(path: str, heads: int = None) -> CLIPVisual:
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path!r} does not match OpenAI CLIP's visual encoder: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
+                         f"unexpected keys {unexpected}; pass OpenAI's ViT-B-16.pt or the encoder's own weights, "
+                         f"torch.save(model.visual.state_dict(), PATH)")
     shapes = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} (expected {tuple(shapes[k].shape)})" for k, v in sd.items()
              if v.shape != shapes[k].shape]

@@ -707,8 +707,14 @@ def test_load_clip_errors_name_the_problem(tmp_path):
     del sd["ln_post.weight"]
     sd["bogus.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"missing keys \['ln_post.weight'\].*unexpected keys \['bogus.weight'\]"):
+    with pytest.raises(ValueError, match=r"missing keys \['ln_post.weight'\].*unexpected keys \['bogus.weight'\]; "
+                                         r"pass OpenAI's ViT-B-16.pt or the encoder's own weights, "
+                                         r"torch.save\(model.visual.state_dict\(\), PATH\)$"):
         dtm.load_clip_visual(str(tmp_path / "bad.pt"))
+    torch.save([1, 2], tmp_path / "list.pt")  # no state dict at all
+    with pytest.raises(ValueError, match=r"list.pt' does not hold a state dict \(a dict of tensors\); got list: pass "
+                                         r"OpenAI's ViT-B-16.pt or torch.save\(model.visual.state_dict\(\), PATH\)"):
+        dtm.load_clip_visual(str(tmp_path / "list.pt"))
     with pytest.raises(FileNotFoundError, match="not found"):
         dtm.load_clip_visual(str(tmp_path / "nope.pt"))
     with pytest.raises(ValueError, match=f"is a folder; pass the weights file, e.g. {tmp_path / 'bad.pt'}$"):
@@ -837,11 +843,14 @@ def test_a_clip_file_given_as_a_vit_says_it_is_a_teacher(tmp_path):
         with pytest.raises(ValueError, match="these are CLIP weights: .*--teacher clip:PATH\\); --init"):
             dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / f"{name}.pt"), "--init"), IMG)
     torch.save({"conv1.weight": torch.zeros(2, 3, 7, 7), "fc.weight": torch.zeros(2, 2)}, tmp_path / "resnet.pt")
-    with pytest.raises(ValueError, match=r"keys like \['conv1.weight', 'fc.weight'\]$"):  # no CLIP hint for a ResNet
+    with pytest.raises(ValueError, match=r"keys like \['conv1.weight', 'fc.weight'\]; pass a checkpoint of "
+                                         r"train_pretrain.py"):  # no CLIP hint for a ResNet: what to pass instead
         dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / "resnet.pt"), "--init"), IMG)
     torch.save({"head.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"holds no ViT of this repo \(no 'patch_embed.weight'\); keys like "
-                                         r"\['head.weight'\]$"):
+                                         r"\['head.weight'\]; pass a checkpoint of train_pretrain.py, "
+                                         r"train_finetune.py or train_seg.py, or an official DTM / BEiT / BEiT v2 ViT "
+                                         r"checkpoint$"):
         dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / "other.pt"), "--init"), IMG)
 
 
