@@ -167,8 +167,8 @@ def teardown():
 
 RUN_LOCK = ".run.lock"  # in output_dir: locked (fcntl.lockf) by the rank 0 of the run writing there
 _held_locks = {}  # output_dir's real path -> the open lock file of this process
-# output_dir's absolute path -> (whether prepare_run found a LAST there, --resume, --fresh): open_log removes only a
-# LAST found there, and words its refusal of one that another run wrote since by --resume
+# output_dir's absolute path -> (whether prepare_run found a LAST there, --resume): open_log removes only a LAST
+# found there, and words its refusal of one that another run wrote since by --resume
 _saw_last = {}
 
 
@@ -983,7 +983,7 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
                 os.remove(os.path.join(args.output_dir, name))
                 print(f"removed {name} (left by an interrupted save)")
     if d.is_main:  # what open_log may remove: a LAST that appears later is another run's (a folder made meanwhile)
-        _saw_last[os.path.abspath(args.output_dir)] = (os.path.isfile(last), args.resume, args.fresh)
+        _saw_last[os.path.abspath(args.output_dir)] = (os.path.isfile(last), args.resume)
     try:  # every rank reaches the agreement below, also one whose own view is an error (a file on one node only)
         start, error = _run_start(args, last), None
         view = f"continues {start[0]} ({os.path.getsize(start[0])} bytes)" if start[0] else "a new run"
@@ -1139,7 +1139,7 @@ def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) ->
         try:
             os.makedirs(output_dir, exist_ok=True)
             error = lock_output_dir(output_dir)  # a folder made by this run: no other run had it at prepare_run
-            saw_last, resume, fresh = _saw_last.get(os.path.abspath(output_dir), (True, "auto", False))
+            saw_last, resume = _saw_last.get(os.path.abspath(output_dir), (True, "auto"))
             if not error and resumed is None and os.path.isfile(last) and not saw_last:
                 error = (f"--output_dir {output_dir!r} holds a {LAST} that another run wrote after this one started: "
                          f"pass another --output_dir, or relaunch " + (
