@@ -338,7 +338,8 @@ def train(args, d: engine.Dist) -> dict:
     loader, sampler, steps_per_epoch = engine.train_loader(dataset, args, d)
     model, teacher = build_model(args, d)
     amp_dtype, scaler = engine.resolve_amp(args.amp, d.device)
-    teacher_dtype = engine.resolve_teacher_amp(args.teacher_amp, amp_dtype, d.device)
+    teacher_dtype = (None if args.teacher == "pixels" else  # targets of pixels: no autocast to speak of
+                     engine.resolve_teacher_amp(args.teacher_amp, amp_dtype, d.device))
     total_batch = args.batch_size * args.accum_iter * d.world_size
     lr = args.lr * math.sqrt(total_batch / 2048)
     lr_origin = f"--lr {args.lr:g} x sqrt({total_batch} / 2048)"
@@ -359,7 +360,7 @@ def train(args, d: engine.Dist) -> dict:
     d.print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, teacher {args.teacher} "
             f"(dim {teacher.out_dim}), {len(dataset)} images, total batch {total_batch}, lr {lr:.3g} ({lr_origin}), "
             f"{steps_per_epoch} steps/epoch, amp {engine.amp_name(amp_dtype, scaler)} (teacher "
-            f"{'fp32' if args.teacher == 'pixels' else engine.amp_name(teacher_dtype, None)})")
+            f"{engine.amp_name(teacher_dtype, None)})")
     if finished:
         limit = "--max_steps" if last_step < total_steps else "--epochs"
         engine.say_finished(args, resume_path, step, last_step, limit, d)
@@ -417,8 +418,7 @@ def train(args, d: engine.Dist) -> dict:
         if is_log_step:
             means = engine.all_mean(sums / count, d)
             engine.check_finite(means, loss_names, step, args.output_dir,  # fp16 teacher targets can overflow too
-                                remedy=engine.non_finite_remedy(amp_dtype, None if args.teacher == "pixels" else
-                                                                teacher_dtype))
+                                remedy=engine.non_finite_remedy(amp_dtype, teacher_dtype))
             engine.report_unreadable(unreadable, d, step, log)
             now = time.perf_counter()
             record = dict(step=step, epoch=epoch, epochs_done=engine.epochs_done(step, steps_per_epoch),
