@@ -44,12 +44,14 @@ def per_image_ms(paths, fn, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="an image folder (class subfolders); default: JPEGs made in a temporary folder")
-    parser.add_argument("--images", type=int, default=50, help="distinct files read")
-    parser.add_argument("--repeats", type=int, default=300, help="images timed per pipeline")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the last figure")
-    parser.add_argument("--batch", type=int, default=128, help="images per batch for the last figure")
+    parser.add_argument("--images", type=int, default=50, help="distinct files read (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=300, help="images timed per pipeline (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="DataLoader workers for the last figure (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=128,
+                        help="images per batch for the last figure (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=6, help="batches per worker for the last figure (the first "
-                                                              "round untimed)")
+                                                              "round untimed; default %(default)s)")
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the first round is not timed)")

@@ -162,15 +162,16 @@ def run_child(command, env=None) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=64, help="images B")
-    parser.add_argument("--tokens", type=int, default=196, help="patch tokens N per image")
-    parser.add_argument("--dim", type=int, default=512, help="teacher feature width C")
-    parser.add_argument("--levels", type=int, default=2, help="number of morphing levels L (schedules per step)")
+    parser.add_argument("--batch", type=int, default=64, help="images B (default %(default)s)")
+    parser.add_argument("--tokens", type=int, default=196, help="patch tokens N per image (default %(default)s)")
+    parser.add_argument("--dim", type=int, default=512, help="teacher feature width C (default %(default)s)")
+    parser.add_argument("--levels", type=int, default=2,
+                        help="number of morphing levels L (schedules per step; default %(default)s)")
     parser.add_argument("--schedules", nargs="+", default=["14x7", "2x49"],
-                        help="each timed alone: KxR (K rounds of R merges) or r1,r2,...")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--iters", type=int, default=10, help="timed iterations")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+                        help="each timed alone: KxR (K rounds of R merges) or r1,r2,... (default: 14x7 2x49)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N for GPU N; default %(default)s)")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default %(default)s)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SCHEDULE"), help=argparse.SUPPRESS)
     parser.add_argument("--child_memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

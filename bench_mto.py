@@ -295,16 +295,18 @@ def count_bytes(name, step, top=8, reference=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS))
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--img_size", type=int, default=224)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    parser.add_argument("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS),
+                        help="student ViT (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=64, help="images per step (default %(default)s)")
+    parser.add_argument("--img_size", type=int, default=224, help="image size, a multiple of 16 (default %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N for GPU N; default %(default)s)")
+    parser.add_argument("--amp", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="the steps' autocast (fp16: CUDA only, with a GradScaler; default %(default)s)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (default %(default)s)")
     parser.add_argument("--variants", nargs="+", type=int, default=EAGER_VARIANTS,
-                        help="indices into the list of variants (0: plain DTM; default %(default)s); the first listed "
-                             "is the reference of the overheads")
+                        help="variants by index (" + "; ".join(f"{i}: {name}" for i, name in enumerate(VARIANTS))
+                        + "; default %(default)s); the first listed is the reference of the overheads")
     parser.add_argument("--malloc", default="default", choices=["default", "keep"],
                         help="keep: glibc keeps freed memory for reuse (CPU; see above)")
     parser.add_argument("--teacher", default="none", choices=["none", "clip"],

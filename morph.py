@@ -496,10 +496,11 @@ def main(argv=None):
     parser.add_argument("--schedule", nargs="+", default=["2x49", "14x7", "14x13"],
                         help="schedules to draw side by side: KxR (K rounds of r=R) or r1,r2,...")
     parser.add_argument("--split", default="random", choices=SPLITS,
-                        help="the split of Algorithm 1 (see token_morphing)")
+                        help="the split of Algorithm 1: random (the paper), alternate (ToMe's even/odd), official "
+                             "(ToMe with patch 0 protected, the official code)")
     parser.add_argument("--img_size", type=int, default=224, help="shorter side resized to this, then center-cropped")
     parser.add_argument("--patch_size", type=int, default=16, help="patch side in pixels: one token per patch")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random split")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random split (--split random)")
     parser.add_argument("--out", default="groups.png", help="the picture written (any type Pillow writes)")
     args = parser.parse_args(argv)
     if args.patch_size < 1:  # a ZeroDivisionError (0) or a reshape error (negative) once

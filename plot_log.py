@@ -151,11 +151,14 @@ def main(argv=None):
     parser.add_argument("logs", nargs="+", help="log.jsonl files")
     parser.add_argument("--field", default=None, help="the field to plot for every log (default: loss)")
     parser.add_argument("--fields", nargs="+", help="one field per log instead of --field (e.g. loss loss_dtm)")
-    parser.add_argument("--x", default="step", help="x-axis field")
+    parser.add_argument("--x", default="step", help="x-axis field (default: step; epochs_done across a resume with "
+                        "another batch size)")
     parser.add_argument("--labels", nargs="+", help="one legend label per log (default: the paths)")
-    parser.add_argument("--smooth", type=int, default=1, help="trailing moving average over this many log lines")
-    parser.add_argument("--title", default="")
-    parser.add_argument("--out", default="plot.png")
+    parser.add_argument("--smooth", type=int, default=1,
+                        help="trailing moving average over this many log lines (default: 1, no smoothing)")
+    parser.add_argument("--title", default="", help="the plot's title (default: the fields plotted)")
+    parser.add_argument("--out", default="plot.png",
+                        help="the image written, of the type its extension names (none: PNG; default: plot.png)")
     args = parser.parse_args(argv)
     check_out(args.out)
     labels = args.labels or args.logs

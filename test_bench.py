@@ -281,6 +281,15 @@ def test_bench_morph_defaults_are_the_documented_ones(monkeypatch, capsys):
 
 # ---------------------------------------------------------------- bench_mto
 
+def test_bench_mto_help_names_every_variant_by_its_index(capsys):
+    """--variants takes indices: --help named only 0 (plain DTM), so 1 to 5 could be read in the code alone."""
+    with pytest.raises(SystemExit):
+        bench_mto.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for index, name in enumerate(bench_mto.VARIANTS):
+        assert f"{index}: {name}" in text
+
+
 def test_bench_mto_rotates_which_variant_goes_first(monkeypatch, capsys):
     clock, calls = FakeClock(), []
 

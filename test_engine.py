@@ -1723,6 +1723,28 @@ def test_trainer_help_shows_defaults_but_not_none():
     assert "default 0.1, 1e-5 for vit_l (run_pretrain_dtm.py's help) --rel_pos_bias" in text
 
 
+def test_a_flag_the_trainers_share_reads_the_same_where_it_means_the_same():
+    """The help of the same flag, found worded three ways by a --help audit ("per process" without the micro-step,
+    "micro-steps per step", "max gradient norm"); --min_lr ends each layer's schedule alike in segmentation only."""
+    import train_finetune
+    import train_pretrain
+    import train_seg
+    helps = {trainer: {a.dest: " ".join(a.help.split()) for a in trainer.get_args_parser()._actions}
+             for trainer in (train_pretrain, train_finetune, train_seg)}
+    for flag in ("accum_iter", "amp", "weight_decay", "betas", "max_unreadable"):
+        assert len({helps[trainer][flag] for trainer in helps}) == 1, flag
+    starts = {"batch_size": "per process (GPU) per micro-step; 8 GPUs x ", "clip_grad": "max global grad norm (0: no "
+              "clipping", "epochs": "training epochs; default: a continued run's own, else ",
+              "warmup_epochs": "linear lr warmup epochs (may be fractional); default: a continued run's own, else "}
+    for flag, start in starts.items():
+        for trainer in helps:
+            assert flag not in helps[trainer] or helps[trainer][flag].startswith(start), (trainer.__name__, flag)
+    assert "scaled by --layer_decay" in helps[train_finetune]["min_lr"]  # each layer ends at min_lr x its scale
+    assert "not scaled by --layer_decay" in helps[train_seg]["min_lr"]  # every layer ends at min_lr
+    for trainer, flag in ((train_pretrain, "teacher"), (train_finetune, "init"), (train_seg, "init")):
+        assert "official DTM / BEiT / BEiT v2 ViT's weights" in helps[trainer][flag]  # dtm.from_official_names
+
+
 def test_the_default_number_of_workers_is_at_most_the_cpus_the_process_may_use(monkeypatch):
     """10 workers per process (4 in segmentation) where the CPUs allow, else the CPUs this process may use (its
     affinity: what torch's DataLoader warns above; a launcher's per-process binding shows there, so it is not divided

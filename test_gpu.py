@@ -1441,10 +1441,12 @@ def check_device(device: str) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="gpu_report.json")
-    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--out", default="gpu_report.json", help="the JSON report written (default %(default)s)")
+    parser.add_argument("--device", default="cuda:0", help="cuda:0 (also cuda): the first visible GPU; cpu: a dry run "
+                        "on a machine without one, with --quick (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run of the code paths)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=list(CHECKS))
+    parser.add_argument("--skip", nargs="*", default=[], choices=list(CHECKS),
+                        help="checks to leave out (each described above), reported as skipped")
     parser.add_argument("--budget_s", type=float, default=None,
                         help="seconds from the start: a check is skipped unless it can start before the budget less "
                              f"its reserve ({', '.join(f'{k} {v} s' for k, v in RESERVE_S.items())}, others 0); "

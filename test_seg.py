@@ -223,6 +223,10 @@ def test_default_out_indices_match_beit():
     assert train_seg.default_out_indices(12) == [3, 5, 7, 11]
     assert train_seg.default_out_indices(24) == [7, 11, 15, 23]
     assert train_seg.default_out_indices(4) == [0, 1, 2, 3]
+    # --help states them for every --model's depth: it gave 12 and 24 blocks only, not the demo's vit_tiny (4 blocks)
+    text = " ".join(train_seg.get_args_parser().format_help().split())
+    for depth in (4, 12, 24):
+        assert f"{' '.join(map(str, train_seg.default_out_indices(depth)))} for {depth} blocks" in text
 
 
 def test_feature_pyramid_and_head_shapes():

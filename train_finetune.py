@@ -240,17 +240,18 @@ def get_args_parser():
                               "demo on built-in procedural images.",
                               epilog=engine.demo_help(DEMO_DEFAULTS, " (--lr 0.001 with --lr_scaling none)"))
     p.add_argument("--recipe", default="paper", choices=list(RECIPES), help="paper: the paper's values, the official "
-                   "code's where the paper is silent; official: the official command's layer decay and lr")
+                   "code's where the paper is silent; official: the official command's layer decay (0.65) and lr, not "
+                   "scaled by the batch (--lr_scaling none)")
     g = p.add_argument_group("model and checkpoints")
     g.add_argument("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS), help="ViT size (patch 16)")
     g.add_argument("--init", default=None, help="checkpoint of this repo to fine-tune (pre-training, or fine-tuning "
-                   "for intermediate / transfer fine-tuning), or 'none' to train from scratch (required to start a "
-                   "run, except in the demo)")
+                   "for intermediate / transfer fine-tuning) or an official DTM / BEiT / BEiT v2 ViT's weights, or "
+                   "'none' to train from scratch (required to start a run, except in the demo)")
     g.add_argument("--eval", default=None, metavar="CHECKPOINT", help="only evaluate this fine-tuned checkpoint on the "
                    "validation set (--data_val or --data or the demo data). Its --model, --img_size, --rel_pos_bias "
                    "(a given one must agree) and the demo's --synthetic_val come from it; --init, --resume and "
                    "--fresh are ignored, so a training command plus --eval works")
-    g.add_argument("--img_size", type=int, default=224, help="training and evaluation crop size")
+    g.add_argument("--img_size", type=int, default=224, help="training and evaluation crop size (a multiple of 16)")
     g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate (BEiT v2 uses 0.2 for ViT-L: "
                    "microsoft/unilm beit2/get_started_for_image_classification.md:91)")
     g.add_argument("--rel_pos_bias", default="per_block", choices=["per_block", "shared"],
@@ -260,17 +261,19 @@ def get_args_parser():
     g.add_argument("--grad_checkpoint", action="store_true", help="recompute each block's activations in the "
                    "backward instead of storing them (less memory, more compute)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=None, help="default: a continued run's own, else by --model, the "
-                   "paper's: 300 (ViT-S), 100 (ViT-B and others), 50 (ViT-L) (the demo: 6)")
-    g.add_argument("--warmup_epochs", type=float, default=None, help="default: a continued run's own, else by "
-                   "--model, the paper's: 10 (ViT-S/B and others), 5 (ViT-L) (the demo: 1)")
-    g.add_argument("--batch_size", type=int, default=128, help="per process")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs; default: a continued run's own, else by "
+                   "--model, the paper's: 300 (ViT-S), 100 (ViT-B and others), 50 (ViT-L) (the demo: 6)")
+    g.add_argument("--warmup_epochs", type=float, default=None, help="linear lr warmup epochs (may be fractional); "
+                   "default: a continued run's own, else by --model, the paper's: 10 (ViT-S/B and others), 5 (ViT-L) "
+                   "(the demo: 1)")
+    g.add_argument("--batch_size", type=int, default=128, help="per process (GPU) per micro-step; 8 GPUs x 128 = 1024")
     g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=5e-4, help="base lr at a total batch of 1024 (see --lr_scaling)")
     g.add_argument("--lr_scaling", default="linear", choices=["linear", "none"], help="linear: the lr used is lr * "
                    "total_batch / 1024, total_batch = batch_size * accum_iter * world size; none: lr as given (the "
                    "official code)")
-    g.add_argument("--min_lr", type=float, default=1e-6, help="final lr of the cosine schedule")
+    g.add_argument("--min_lr", type=float, default=1e-6, help="final lr of the cosine schedule, the top layer's (each "
+                   "layer's is scaled by --layer_decay, as its peak lr)")
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
     g.add_argument("--layer_decay", type=float, default=None,

@@ -55,11 +55,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     # model and teacher
     a("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS), help="student ViT (patch 16)")
     a("--teacher", default=None,
-      help="clip:PATH (OpenAI ViT-B-16.pt, the paper) | ckpt:PATH (a checkpoint of this repo) | pixels; required with --data")
+      help="clip:PATH (OpenAI ViT-B-16.pt, the paper) | ckpt:PATH (a ViT checkpoint of this repo, or an official DTM / "
+           "BEiT / BEiT v2 ViT's weights) | pixels; required with --data")
     a("--teacher_norm", default="imagenet", choices=["imagenet", "clip"],
-      help="input normalization of a CLIP teacher; the official code feeds it the student's crop "
+      help="input normalization of a CLIP teacher; imagenet: the student's crop, as the official code feeds it "
            "(engines/engine_for_dtm.py), ImageNet-normalized by the --imagenet_default_mean_and_std of the command in "
-           "its docs/Training.md")
+           "its docs/Training.md; clip: that crop re-normalized to CLIP's own mean and std")
     a("--no_clip_proj", action="store_true", help="CLIP targets ln_post(tokens) of the CLIP width (768) without the "
       "projection to 512 (the official --no_clip_proj); the student's head follows the teacher's dimension")
     a("--normalize_target", action="store_true", help="standardize each morphed target over its channels "
@@ -74,8 +75,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     # data and masking
     a("--data", default=None, help="ImageFolder root (class subfolders of images); absent: the built-in demo")
     a("--min_crop_scale", type=float, default=0.08, help="RandomResizedCrop scale lower bound")
-    a("--num_masked", type=int, default=75, help="masked patches per image (BEiT block-wise masking)")
-    a("--min_block", type=int, default=16, help="minimum patches per masking block")
+    a("--num_masked", type=int, default=75, help="masked patches per image (BEiT block-wise masking); the default is "
+      "the official command's 75 of the 196 patches at 224 px, not scaled with --img_size")
+    a("--min_block", type=int, default=16, help="lower bound of a masking block's drawn area, in patches (the official "
+      "--min_mask_patches_per_block; the last blocks of a mask can be smaller)")
     a("--num_workers", type=int, default=engine.workers_default(10),
       help="DataLoader workers per process: 10, or the CPUs this process may use where fewer")
     a("--max_unreadable", type=float, default=0.001,
@@ -105,7 +108,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--beta", type=float, default=2.0, help="smooth-L1 beta")
     a("--loss_on", default="all", choices=["all", "masked"], help="positions in the loss (official: all)")
     # optimization
-    a("--batch_size", type=int, default=128, help="per process (GPU); 8 GPUs x 128 = 1024, the paper's batch")
+    a("--batch_size", type=int, default=128, help="per process (GPU) per micro-step; 8 GPUs x 128 = 1024, the paper's "
+      "batch")
     a("--accum_iter", type=int, default=1, help="gradient accumulation micro-batches per optimizer step")
     a("--epochs", type=int, default=None, help="training epochs; default: a continued run's own, else 300 (the "
       "paper; the demo: 6)")
@@ -136,7 +140,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(checkpoint-19.pth after 20 epochs, checkpoint-299.pth after 300; the official code names "
                         "them from 1, utils/model_saver.py:81); checkpoint-last.pth is written every epoch")
     g.add_argument("--max_steps", type=int, default=0,
-                   help="stop (and save) after this many optimizer steps; 0: run all epochs")
+                   help="stop (and save) once the run has made this many optimizer steps, counted from its start (a "
+                        "relaunch continues to it); 0: run all epochs")
     mto.add_mto_args(p)
     return p
 

@@ -417,8 +417,8 @@ def get_args_parser():
     g.add_argument("--ann_dir", help="generic dataset: training label maps (same base names)")
     g.add_argument("--val_img_dir", help="generic dataset: validation images")
     g.add_argument("--val_ann_dir", help="generic dataset: validation label maps")
-    g.add_argument("--img_suffix", default=".jpg", help="image file suffix")
-    g.add_argument("--ann_suffix", default=".png", help="label file suffix")
+    g.add_argument("--img_suffix", default=".jpg", help="generic dataset: image file suffix")
+    g.add_argument("--ann_suffix", default=".png", help="generic dataset: label file suffix")
     g.add_argument("--num_classes", type=int, help="generic dataset: number of classes (ADE20K: 150); with --eval "
                    "the checkpoint's unless given")
     g.add_argument("--reduce_zero_label", action=argparse.BooleanOptionalAction, default=None,
@@ -426,11 +426,13 @@ def get_args_parser():
                         "checkpoint's training data's unless given (--no-reduce_zero_label: labels 0..K-1)")
     g.add_argument("--crop_size", type=int, default=512, help="training crop and sliding window (ViT input) size")
     g.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
-                   help="image scale, train and eval; None: 2048 512 (the demo: 384 96), with --eval the checkpoint's")
+                   help="images rescaled, aspect kept, to fit LONG x SHORT (training: times a --ratio_range draw); "
+                        "default: 2048 512 (the demo: 384 96), with --eval the checkpoint's")
     g.add_argument("--ratio_range", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
                    help="training random resize ratios of --scale")
     g.add_argument("--cat_max_ratio", type=float, default=0.75,
-                   help="max share of one class in a training crop (1: no limit)")
+                   help="a training crop is redrawn, up to 10 times (the last kept, as mmseg), while one class "
+                        "covers this share of its labelled pixels or more, or it holds one class only (1: no redraw)")
     g.add_argument("--num_workers", type=int, default=engine.workers_default(4),
                    help="DataLoader workers per process: 4, or the CPUs this process may use where fewer")
     g.add_argument("--max_unreadable", type=float, default=0.001,
@@ -442,14 +444,16 @@ def get_args_parser():
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS), help="ViT size (patch 16)")
-    g.add_argument("--init", help="checkpoint of this repo (pre-training, fine-tuning or segmentation) to start the "
-                                  "ViT from, or 'none' for a random ViT (required to start a run, except in the demo)")
+    g.add_argument("--init", help="checkpoint of this repo (pre-training, fine-tuning or segmentation) or an official "
+                                  "DTM / BEiT / BEiT v2 ViT's weights to start the ViT from, or 'none' for a random "
+                                  "ViT (required to start a run, except in the demo)")
     g.add_argument("--eval", metavar="CHECKPOINT", help="only evaluate this checkpoint of train_seg.py on the "
                    "validation set and exit. Its --model, --crop_size, --channels, --out_indices (a given one must "
                    "agree), the demo's --demo_* sizes and, unless given, --scale and --stride come from it; --init, "
                    "--resume and --fresh are ignored, so a training command plus --eval works")
-    g.add_argument("--out_indices", type=int, nargs=4, help="blocks feeding the pyramid (default: 3 5 7 11 for "
-                                                            "12 blocks, 7 11 15 23 for 24)")
+    pyramid = ", ".join(f"{' '.join(map(str, default_out_indices(depth)))} for {depth} blocks"
+                        for depth in sorted({config["depth"] for config in dtm.VIT_CONFIGS.values()}))
+    g.add_argument("--out_indices", type=int, nargs=4, help=f"blocks feeding the pyramid (default: {pyramid})")
     g.add_argument("--channels", type=int, help="UperNet channels (default: the ViT width, as BEiT)")
     g.add_argument("--aux_weight", type=float, default=0.4, help="auxiliary FCN head loss weight")
     g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate of the ViT")
@@ -470,9 +474,9 @@ def get_args_parser():
     g.add_argument("--poly_power", type=float, default=1.0, help="power of the poly lr decay")
     g.add_argument("--min_lr", type=float, default=0.0,
                    help="final lr of the poly decay, the same for every layer (not scaled by --layer_decay, as mmcv)")
-    g.add_argument("--batch_size", type=int, default=2, help="per process per micro-step (8 GPUs x 2 = 16)")
-    g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation micro-steps per step")
-    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm (0: no clipping, as BEiT's "
+    g.add_argument("--batch_size", type=int, default=2, help="per process (GPU) per micro-step; 8 GPUs x 2 = 16")
+    g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation micro-batches per optimizer step")
+    g.add_argument("--clip_grad", type=float, default=0.0, help="max global grad norm (0: no clipping, as BEiT's "
                    "config: grad_clip=None, upernet_beit_base_12_512_slide_160k_ade20k_pt.py:74; the norm is "
                    "still logged)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -481,8 +485,8 @@ def get_args_parser():
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--stride", type=int, default=None,
-                   help="sliding window stride; None: 2/3 of --crop_size, 341 at 512 (the demo: 43 at its --crop_size "
-                        "64), with --eval the checkpoint's")
+                   help="sliding window stride; default: 2/3 of --crop_size, 341 at 512 (the demo: 43 at its "
+                        "--crop_size 64), with --eval the checkpoint's")
     g.add_argument("--flip", action="store_true", help="add horizontally flipped predictions")
     g.add_argument("--slide_batch", type=int, default=4, help="windows per forward pass")
     g.add_argument("--eval_every", type=int, default=16_000, help="evaluate (and keep checkpoint-best.pth by mIoU) "
