@@ -1066,6 +1066,16 @@ def test_mixing_and_regularization_flags_name_the_one_that_is_wrong_or_does_noth
     assert tf.parse_args(TINY_RUN + ["--mixup_prob", "0"]).mixup_prob == 0  # mixing off, the alphas as they were
 
 
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.875"])
+def test_a_crop_ratio_out_of_range_is_named_before_the_run_is_set_up(value):
+    """--crop_ratio 0 or 1.5 failed after the data and model were set up, with data.EvalTransform's message, which
+    named no flag (found by the --help review); --eval takes it too (given, it overrides the checkpoint's)."""
+    for eval_flags in ([], ["--eval", "ckpt.pth"]):
+        with pytest.raises(ValueError, match=f"--crop_ratio must be in \\(0, 1\\], .*got {float(value):g}"):
+            tf.parse_args(TINY_RUN + ["--crop_ratio", value] + eval_flags)
+    assert tf.parse_args(TINY_RUN + ["--crop_ratio", "1"]).crop_ratio == 1.0
+
+
 def test_data_root_beside_both_folders_and_a_recipe_whose_values_are_all_given_are_refused(tmp_path):
     """--data with --data_train and --data_val (or with --eval and --data_val) read nothing of the root; --recipe
     official with --layer_decay and --lr_scaling both given changed nothing: both were accepted without a word."""

@@ -357,7 +357,9 @@ def check_args(args, parser):
                               ("smoothing", 0 <= args.smoothing < 1, "in [0, 1)"),
                               ("reprob", 0 <= args.reprob <= 1, "a probability, in [0, 1]"),
                               ("mixup", args.mixup >= 0, "an alpha >= 0 (0: off)"),
-                              ("cutmix", args.cutmix >= 0, "an alpha >= 0 (0: off)")):
+                              ("cutmix", args.cutmix >= 0, "an alpha >= 0 (0: off)"),
+                              ("crop_ratio", args.crop_ratio is None or 0 < args.crop_ratio <= 1,
+                               "in (0, 1], the crop's share of the resized image (0.875: resize 256, crop 224)")):
         if not ok:
             raise ValueError(f"--{flag} must be {allowed}, got {getattr(args, flag):g}")
     engine.check_image_size("--img_size", args.img_size, 224)
