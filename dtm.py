@@ -705,7 +705,8 @@ def vit_state_dict(checkpoint: dict, path: str = "checkpoint") -> dict:
         clip = any(k.endswith(("class_embedding", "positional_embedding")) for k in sd)  # CLIP's own names
         raise ValueError(f"{path!r} holds no ViT of this repo (no 'patch_embed.weight'); keys like {sorted(sd)[:8]}"
                          + ("; these are CLIP weights: pass them as a CLIP teacher (train_pretrain.py --teacher "
-                            "clip:PATH); --init, --eval and --teacher ckpt: take checkpoints of this repo" if clip else
+                            "clip:PATH); --init, --eval and --teacher ckpt: take ViT checkpoints of this repo or "
+                            "the official code's" if clip else
                             "; pass a checkpoint of train_pretrain.py, train_finetune.py or train_seg.py, or an "
                             "official DTM / BEiT / BEiT v2 ViT checkpoint"))
     return sd
