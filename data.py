@@ -857,6 +857,20 @@ class Mixup:
         """Whether a batch can be mixed at all (an alpha > 0 and prob > 0); then its size must be even."""
         return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
 
+    @staticmethod
+    def _check(images, labels):
+        """A clear error for images not (B, C, H, W) (channels last: CutMix's box would span width and channels) and for
+        labels not (B,)."""
+        channels_last = images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3)
+        if images.dim() != 4 or channels_last:
+            raise ValueError(f"Mixup takes images (B, C, H, W), channels first, got {tuple(images.shape)}"
+                             + (": pass images.permute(0, 3, 1, 2)" if channels_last else "")
+                             + ("; one image? Mixup mixes the images of a batch" if images.dim() == 3 else ""))
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"Mixup takes labels (B,) = {tuple(images.shape[:1])}, one class index per image, got "
+                             f"{tuple(labels.shape)}" + ("; one-hot labels? pass labels.argmax(1)" if labels.dim() == 2
+                                                         and labels.shape[0] == images.shape[0] else ""))
+
     def sample_params(self):
         """-> (lam, use_cutmix) for one batch, from Python's `random`."""
         if (self.mixup_alpha <= 0 and self.cutmix_alpha <= 0) or random.random() >= self.prob:
@@ -866,6 +880,7 @@ class Mixup:
         return random.betavariate(alpha, alpha), use_cutmix
 
     def __call__(self, images, labels):
+        self._check(images, labels)
         if self.mixes and images.shape[0] % 2:  # as timm's Mixup, which asserts an even batch
             raise ValueError(f"Mixup/CutMix got an odd batch of {images.shape[0]}: each image is paired with the "
                              f"reversed batch's, so the middle one would never be mixed; use an even batch size "

@@ -79,6 +79,18 @@ def build_vit(name: str, **overrides) -> "VisionTransformer":
     return VisionTransformer(**{**VIT_CONFIGS[name], **overrides})
 
 
+def _check_images(images, channels: int = 3, floats: bool = True):
+    """A clear error for images that are not a batch (B, channels, H, W) (one image, channels last) or, with floats,
+    hold integer pixels instead of the normalized floats the models take (data.to_tensor)."""
+    if images.dim() != 4 or images.shape[1] != channels:
+        hint = ("; channels last? pass images.permute(0, 3, 1, 2)" if images.dim() == 4 and images.shape[-1] == channels
+                else "; one image? pass images[None]" if images.dim() == 3 and images.shape[0] == channels else "")
+        raise ValueError(f"expected images (B, {channels}, H, W), channels first, got {tuple(images.shape)}{hint}")
+    if floats and not images.is_floating_point():
+        raise TypeError(f"expected float images, normalized as in training (data.to_tensor: (pixel / 255 - mean) / "
+                        f"std), got {images.dtype}")
+
+
 def _pair(size) -> tuple:
     return (size, size) if isinstance(size, int) else tuple(size)
 
@@ -366,6 +378,7 @@ class VisionTransformer(nn.Module):
     that is not repeated here.)
     Parameter names for layer-wise lr decay: see layer_id_for_param.
     """
+    num_prefix_tokens = 1  # CLS before the patch tokens (timm's name, which mto.mto_forward checks num_prefix against)
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, drop_path_rate=0.0, layer_scale_init=0.1, rel_pos_bias="shared",
@@ -427,10 +440,7 @@ class VisionTransformer(nn.Module):
     def embed(self, images, mask=None):
         """images (B, 3, H, W), mask (B, N) bool (True = masked) -> tokens (B, 1 + N, C) with CLS first."""
         channels = self.patch_embed.in_channels
-        if images.dim() != 4 or images.shape[1] != channels:
-            raise ValueError(f"expected images (B, {channels}, H, W), channels first, got {tuple(images.shape)}"
-                             + ("; channels last? pass images.permute(0, 3, 1, 2)" if images.dim() == 4
-                                and images.shape[-1] == channels else ""))
+        _check_images(images, channels)
         if tuple(images.shape[-2:]) != self.img_size:
             raise ValueError(f"expected images (B, {channels}, {self.img_size[0]}, {self.img_size[1]}), got "
                              f"{tuple(images.shape)}; build the model with img_size={tuple(images.shape[-2:])} and "
@@ -693,6 +703,9 @@ def vit_state_dict(checkpoint: dict, path: str = "checkpoint") -> dict:
     DDP's "module." prefix, and
     only the "student." part of a pre-training checkpoint or the "backbone." part of a segmentation one. The official
     code's names (patch_embed.proj.weight, ...) are read too (from_official_names)."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        raise ValueError(f"{os.fspath(checkpoint)!r} is a path, not a checkpoint: read the file first, "
+                         f"dtm.read_checkpoint(path)")
     weights = as_checkpoint(checkpoint, repr(path))["model"]  # a state dict in memory too, as read_checkpoint's
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
     for prefix in ("student.", "backbone."):
@@ -883,6 +896,7 @@ class CLIPVisual(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def forward(self, images, project: bool = True):
+        _check_images(images, self.conv1.in_channels)
         H, W = images.shape[-2:]
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"CLIP input {H}x{W} is not divisible by its patch size {self.patch_size}")
@@ -1114,9 +1128,11 @@ class PixelTeacher(FrozenTeacher):
     def __init__(self, patch_size: int = 16, in_chans: int = 3, eps: float = 1e-6):
         super().__init__()
         self.patch_size, self.eps, self.out_dim = patch_size, eps, patch_size * patch_size * in_chans
+        self.in_chans = in_chans
 
     @torch.no_grad()
     def forward(self, images):
+        _check_images(images, self.in_chans, floats=False)  # integer pixels: standardized per patch in float32
         B, C, H, W = images.shape
         p = self.patch_size
         if H % p or W % p:
@@ -1227,6 +1243,9 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
     if torch.is_tensor(groups) or not groups:
         raise ValueError("groups must be a list with one (B, N) tensor per morphing level (at least one; "
                          "[torch.arange(N).expand(B, N)] for no morphing)")
+    if num_groups is not None and not hasattr(num_groups, "__len__"):
+        raise ValueError(f"num_groups must be a list with one number of groups per level, got {num_groups!r}: pass "
+                         f"[{num_groups!r}]")
     if num_groups is not None and len(num_groups) != len(groups):
         raise ValueError(f"num_groups has {len(num_groups)} entries for {len(groups)} levels of groups")
     dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)

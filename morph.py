@@ -383,6 +383,12 @@ def group_mean(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.
     Accumulates in float32 (float64 for float64 x) and returns x's dtype; differentiable in x (the backward is a
     gather).
     """
+    if x.dim() != 3:
+        raise ValueError(f"group_mean needs x of shape (B, N, C), got {tuple(x.shape)}; for one value per token pass "
+                         f"x[..., None]")
+    if not x.is_floating_point():  # a mean cut to an integer in x's dtype
+        raise TypeError(f"group_mean needs floating point x, got {x.dtype}: the mean of integers is no integer; pass "
+                        f"x.float()")
     B, N, C = x.shape
     if groups.shape != (B, N):
         raise ValueError(f"groups {tuple(groups.shape)} must match the first two dims of x {tuple(x.shape)}")

@@ -94,9 +94,9 @@ The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and
     the opposite (True = may NOT attend: ~recalibration_mask(...), expanded alike). It returns no q and k, so the
     entropy loss needs them recomputed from its in_proj_weight (or lambda_ent=0). A check of an adapter:
     with recalibration in every block, the CLS and visible tokens' outputs do not change when the mask token does.
-    A ViT with timm's `num_prefix_tokens` attribute has it checked against num_prefix; without it, a wrong
-    num_prefix shows as a size mismatch of T inside the ViT's attention. torch.compile: compile the blocks
-    (for block in vit.blocks: block.compile()) or vit.forward_features = torch.compile(vit.forward_features);
+    A ViT with timm's `num_prefix_tokens` attribute (dtm.VisionTransformer has it) has it checked against num_prefix;
+    without it, a wrong num_prefix shows as a size mismatch of T inside the ViT's attention. torch.compile: compile
+    the blocks (for block in vit.blocks: block.compile()) or vit.forward_features = torch.compile(vit.forward_features);
     torch.compile(vit) compiles vit.forward, which mto_forward does not call, and mto_forward itself reads the mask's
     counts on the host (patch_rows) unless given mask_sizes, which breaks a compiled graph there.
     MTOConfig(compile=True) compiles the losses' arithmetic (one graph per loss and group size, and per mask layout:

@@ -1854,3 +1854,25 @@ def test_a_big_endian_16_bit_tiff_is_scaled_to_8_bits_like_a_little_endian_one(t
     got = np.asarray(data.load_image(str(tmp_path / "big.tif")))[..., 0]
     expected = (levels.astype(np.int64) * 255 + 32767) // 65535
     assert np.array_equal(got, expected), got
+
+
+def test_mixup_refuses_one_image_channels_last_and_labels_that_are_not_one_index_per_image():
+    """Channels last (B, H, W, 3), CutMix boxed width x channels: its box was mostly empty (lam corrected to 1, no mix)
+    or mixed the channels of one pixel; labels for another number of images gave targets for that number; one image
+    (3, H, W) was "an odd batch of 3"; one-hot labels failed in scatter_ ("Expected index [16, 1] to be no larger than
+    self [4, 4]"). Each is refused, naming the fix."""
+    m = data.Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, num_classes=4)
+    x, y = torch.randn(4, 3, 16, 16), torch.arange(4)
+    with pytest.raises(ValueError, match=r"^Mixup takes images \(B, C, H, W\), channels first, got \(4, 16, 16, 3\): "
+                                         r"pass images.permute\(0, 3, 1, 2\)$"):
+        m(x.permute(0, 2, 3, 1), y)
+    with pytest.raises(ValueError, match=r"^Mixup takes images \(B, C, H, W\), channels first, got \(3, 16, 16\); one "
+                                         r"image\? Mixup mixes the images of a batch$"):
+        m(x[0], y[:1])
+    with pytest.raises(ValueError, match=r"^Mixup takes labels \(B,\) = \(4,\), one class index per image, got "
+                                         r"\(2,\)$"):
+        m(x, y[:2])
+    with pytest.raises(ValueError, match=r"^Mixup takes labels \(B,\) = \(4,\), one class index per image, got "
+                                         r"\(4, 4\); one-hot labels\? pass labels.argmax\(1\)$"):
+        m(x, torch.nn.functional.one_hot(y, 4))
+    assert m(x[:, :1], y)[0].shape == (4, 1, 16, 16)  # grey images, channels first

@@ -1486,3 +1486,51 @@ def test_gradients_reach_the_position_embedding_and_flow_back_through_returned_l
     for name, p in model.named_parameters():
         reached = p.grad is not None and bool(p.grad.abs().sum() > 0)
         assert reached == name.startswith(before), name
+
+
+def test_the_models_and_teachers_refuse_one_image_channels_last_and_integer_pixels():
+    """One image (3, H, W) failed in CLIP's torch.cat ("Sizes of tensors must match", its conv takes unbatched input)
+    and in the pixel teacher's unpacking; channels last read as an image H pixels high and 3 wide there; uint8 pixels
+    failed in the student's and CLIP's conv ("Input type (unsigned char) and bias type (float) should be the same");
+    a grey (B, 1, H, W) batch gave the pixel teacher targets of 64 values where its out_dim says 192. Each is refused,
+    naming the fix; the pixel teacher still takes integer pixels (it works in float32)."""
+    x = images()
+    clip = dtm.CLIPTeacher(dtm.CLIPVisual(input_resolution=IMG, patch_size=PATCH, width=64, layers=1, heads=1,
+                                          output_dim=8))
+    pixels = dtm.PixelTeacher(PATCH)
+    for model in (tiny_vit().forward_features, clip, pixels):
+        with pytest.raises(ValueError, match=rf"^expected images \(B, 3, H, W\), channels first, got \(3, {IMG}, "
+                                             rf"{IMG}\); one image\? pass images\[None\]$"):
+            model(x[0])
+        with pytest.raises(ValueError, match=r"channels last\? pass images.permute\(0, 3, 1, 2\)$"):
+            model(x.permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match=rf"^expected images \(B, 3, H, W\), channels first, got \(2, 1, {IMG}, "
+                                         rf"{IMG}\)$"):
+        pixels(x[:, :1])
+    raw = (x * 50 + 128).clamp(0, 255).to(torch.uint8)
+    for model in (tiny_vit().forward_features, clip):
+        with pytest.raises(TypeError, match=r"^expected float images, normalized as in training \(data.to_tensor: "
+                                            r"\(pixel / 255 - mean\) / std\), got torch.uint8$"):
+            model(raw)
+    assert torch.equal(pixels(raw), pixels(raw.float()))
+
+
+def test_a_checkpoint_path_and_a_bare_number_of_groups_are_refused_naming_the_fix(tmp_path):
+    """vit_from_checkpoint / vit_state_dict given the file's path instead of the read checkpoint said only "not a
+    checkpoint of this repo ... got str"; dtm_loss given one level's number of groups as an int (not a list) failed in
+    len(): "object of type 'int' has no len()"."""
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": tiny_vit().state_dict()}, path)
+    for where in (str(path), path):
+        for read in (lambda: dtm.vit_from_checkpoint(where, IMG), lambda: dtm.vit_state_dict(where)):
+            with pytest.raises(ValueError, match=r"is a path, not a checkpoint: read the file first, "
+                                                 r"dtm.read_checkpoint\(path\)$"):
+                read()
+    vit, _ = dtm.vit_from_checkpoint(dtm.read_checkpoint(str(path)), IMG)
+    assert vit.num_patches == N
+    pred, target = torch.randn(2, N, 4), torch.randn(2, N, 4)
+    groups = [morph.token_morphing(target, [4], "official")]
+    with pytest.raises(ValueError, match=r"^num_groups must be a list with one number of groups per level, got 12: "
+                                         r"pass \[12\]$"):
+        dtm.dtm_loss(pred, target, groups, num_groups=12)
+    assert dtm.dtm_loss(pred, target, groups, num_groups=[12])[0] == dtm.dtm_loss(pred, target, groups)[0]

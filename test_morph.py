@@ -619,3 +619,17 @@ def test_visualization_refuses_sizes_that_are_no_image_and_names_the_fix(tmp_pat
                           (["--out", str(tmp_path / "new" / "g.png")], r"create it first \(mkdir -p '.*new'\)$")):
         with pytest.raises(SystemExit, match=message):
             morph.main([image, *argv])
+
+
+def test_group_mean_refuses_integer_tokens_and_tokens_without_channels():
+    """Integer tokens (uint8 pixel patches) gave means cut to integers in their dtype without a word (2 and 3 -> 2, not
+    2.5); tokens (B, N) without a channel dim failed unpacking x.shape. Both are refused, naming the fix."""
+    groups = torch.zeros(1, 2, dtype=torch.long)
+    pixels = torch.tensor([[[2], [3]]], dtype=torch.uint8)
+    with pytest.raises(TypeError, match=r"^group_mean needs floating point x, got torch.uint8: the mean of integers is "
+                                        r"no integer; pass x.float\(\)$"):
+        group_mean(pixels, groups, 1)
+    assert group_mean(pixels.float(), groups, 1).item() == 2.5
+    with pytest.raises(ValueError, match=r"^group_mean needs x of shape \(B, N, C\), got \(1, 2\); for one value per "
+                                         r"token pass x\[\.\.\., None\]$"):
+        group_mean(torch.randn(1, 2), groups, 1)

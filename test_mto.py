@@ -1084,3 +1084,14 @@ def test_block_groups_bound_each_groups_elements():
     assert mto._block_groups(24, 16 * 128 * 75 * 121) == [slice(i, i + 1) for i in range(24)]  # ViT-L, batch 128
     assert mto._block_groups(5, 1) == [slice(0, 2 ** 25)]  # small blocks: all in one group
     assert mto._block_groups(0, 10) == []
+
+
+def test_a_wrong_num_prefix_for_dtms_vit_names_the_right_one():
+    """dtm's ViT has one token (CLS) before the patches: num_prefix=0 or 2 failed inside its attention with "The size
+    of tensor a (17) must match the size of tensor b (16) at non-singleton dimension 3"."""
+    model, x, mask = tiny_vit(), images(), random_mask()
+    assert model.num_prefix_tokens == mto.NUM_PREFIX == 1
+    for wrong in (0, 2):
+        with pytest.raises(ValueError, match=rf"^the ViT has 1 tokens before the patches \(num_prefix_tokens\), MTO "
+                                             rf"was given num_prefix={wrong}: pass num_prefix=1$"):
+            mto.mto_forward(model, x, mask, mto.MTOConfig(), num_prefix=wrong)
