@@ -167,12 +167,14 @@ def depth_weights(depth: int, num_layers: int, device=None, dtype=torch.float32)
 class Rows(NamedTuple):
     """Each image's masked and visible patch indices (ascending), padded to the most in the batch: masked (B, M),
     masked_valid (B, M) bool (False on padding); visible (B, V), visible_valid (B, V); visible_padded: whether any
-    visible_valid is False (not with a fixed number of masked patches per image, as BlockMaskGenerator makes)."""
+    visible_valid is False (not with a fixed number of masked patches per image, as BlockMaskGenerator makes); mask:
+    the (B, N) mask they were taken from (the losses check that they are given the same)."""
     masked: torch.Tensor
     masked_valid: torch.Tensor
     visible: torch.Tensor
     visible_valid: torch.Tensor
     visible_padded: bool
+    mask: Optional[torch.Tensor] = None
 
 
 class MaskSizes(NamedTuple):
@@ -230,7 +232,24 @@ def patch_rows(mask, sizes: Optional[MaskSizes] = None) -> Rows:
     visible = (~mask).to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :V]
     arange = torch.arange(max(M, V), device=mask.device)
     return Rows(masked, arange[:M] < counts[0, :, None], visible, arange[:V] < counts[1, :, None],
-                sizes.fewest_visible < V)
+                sizes.fewest_visible < V, mask)
+
+
+def _rows_for(mask, rows: Optional[Rows]) -> Rows:
+    """rows = patch_rows(mask) if None, else rows checked to be this mask's: another mask's rows would take other
+    patches without a word. Free for rows taken from this very tensor (as mto_forward's); otherwise the masks are
+    compared where they are, without the host waiting (on a GPU a device-side assert, which ends the process)."""
+    if rows is None:
+        return patch_rows(mask)
+    if not isinstance(rows, Rows):
+        raise ValueError(f"rows must be mto.patch_rows(mask) of this very mask, got {type(rows).__name__}")
+    if rows.mask is not mask:
+        if rows.mask is None or rows.mask.shape != mask.shape or rows.mask.device != mask.device:
+            raise ValueError("rows are not this mask's (taken from another mask, or none recorded): pass "
+                             "mto.patch_rows(mask) of this very mask, or rows=None")
+        torch._assert_async((rows.mask == mask).all(), "rows are not this mask's (taken from another mask): pass "
+                            "mto.patch_rows(mask) of this very mask, or rows=None")
+    return rows
 
 
 def _flat_rows(index, T: int):
@@ -376,7 +395,7 @@ def singularity_losses(hiddens, mask, rows: Rows = None, num_prefix: int = NUM_P
     _check_alike(hiddens, "the block output")
     if not hiddens:
         return mask.new_zeros((0, mask.shape[0]), dtype=torch.float32)
-    rows = patch_rows(mask) if rows is None else rows
+    rows = _rows_for(mask, rows)
     (B, _, C), M, V = hiddens[0].shape, rows.masked.shape[1], rows.visible.shape[1]
     groups = _block_groups(len(hiddens), B * max(M * C, V * C, M * V))  # rows, keys, similarities of one block
     losses_fn = _compiled(_singularity_losses) if compile else _singularity_losses
@@ -509,7 +528,7 @@ def attention_entropies(qks, mask, rows: Rows = None, num_prefix: int = NUM_PREF
     _check_alike([k for _, k, _ in qks], "k")
     if not qks:
         return mask.new_zeros((0, mask.shape[0]), dtype=torch.float32)
-    rows = patch_rows(mask) if rows is None else rows
+    rows = _rows_for(mask, rows)
     (B, H, _, D), M, V = qks[0][0].shape, rows.masked.shape[1], rows.visible.shape[1]
     groups = _block_groups(len(qks), B * H * max(M * V, M * D, V * D))  # logits, q rows, k rows of one block
     losses_fn = _compiled(_attention_entropies) if compile else _attention_entropies

@@ -1095,3 +1095,26 @@ def test_a_wrong_num_prefix_for_dtms_vit_names_the_right_one():
         with pytest.raises(ValueError, match=rf"^the ViT has 1 tokens before the patches \(num_prefix_tokens\), MTO "
                                              rf"was given num_prefix={wrong}: pass num_prefix=1$"):
             mto.mto_forward(model, x, mask, mto.MTOConfig(), num_prefix=wrong)
+
+
+def test_rows_of_another_mask_are_refused_where_the_rows_of_this_mask_are_taken():
+    """rows=patch_rows(other_mask) gave a loss of other patches without a word (0.2385 for 0.3155, found by the
+    modules-as-a-library review): refused, by identity where the rows were taken from this tensor (mto_forward's,
+    free), else by comparing the masks where they are (no host sync; on the CPU a RuntimeError)."""
+    torch.manual_seed(0)
+    mask, other = random_mask(seed=2), random_mask(seed=3)
+    assert not torch.equal(mask, other)
+    hidden = torch.randn(mask.shape[0], 1 + mask.shape[1], 8)
+    q = k = torch.randn(mask.shape[0], 2, 1 + mask.shape[1], 4)
+    expected = mto.singularity_loss(hidden, mask), mto.attention_entropy(q, k, None, mask)
+    for rows in (mto.patch_rows(mask), mto.patch_rows(mask.clone())):  # this very mask, or an equal one
+        assert torch.equal(mto.singularity_loss(hidden, mask, rows), expected[0])
+        assert torch.equal(mto.attention_entropy(q, k, None, mask, rows), expected[1])
+    for loss in (lambda rows: mto.singularity_loss(hidden, mask, rows),
+                 lambda rows: mto.attention_entropy(q, k, None, mask, rows)):
+        with pytest.raises(RuntimeError, match="rows are not this mask's"):
+            loss(mto.patch_rows(other))
+        with pytest.raises(ValueError, match="rows are not this mask's .*none recorded"):
+            loss(mto.patch_rows(mask)._replace(mask=None))
+        with pytest.raises(ValueError, match="rows must be mto.patch_rows\\(mask\\) of this very mask, got tuple"):
+            loss(tuple(mto.patch_rows(mask)))
