@@ -304,6 +304,30 @@ def check_ranks_agree(d: Dist, what: str, value, fix: str):
         raise ValueError(f"the processes do not agree on {what} ({seen}): {fix}")
 
 
+def build_on_all_ranks(d: Dist, build, *args):
+    """build(*args) (datasets: folders that each node reads for itself) on every process. A user error
+    (user_error_message) on some ranks only stops every rank with the first one's message: alone, that rank stopped
+    and the others died at their next collective with the process group's traceback, which torchrun's summary named
+    as the first failure. Where every rank fails, each raises its own error."""
+    if d.world_size == 1 or not dist.is_initialized():
+        return build(*args)
+    try:
+        result, failure = build(*args), None
+    except (ValueError, OSError) as error:
+        if user_error_message(error) is None:  # not a user error: a bug, kept with its traceback
+            raise
+        result, failure = None, error
+    failures = [None] * d.world_size
+    dist.all_gather_object(failures, None if failure is None else (socket.gethostname(), user_error_message(failure)))
+    stopped = [(rank, f) for rank, f in enumerate(failures) if f is not None]
+    if not stopped:
+        return result
+    if len(stopped) == d.world_size:
+        raise failure
+    rank, (host, message) = stopped[0]
+    raise ValueError(f"rank {rank} of {d.world_size} ({host}) stopped: {message.rstrip('.')}; {_SAME_FILES}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Precision
 

@@ -1800,6 +1800,11 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
     skipped_on_rank1 = engine.UnreadableImages(limit=5)  # a file only rank 1's loader met
     skipped_on_rank1.add(["b.jpg\tbroken"] if rank == 1 else [""])
     resume_other = argparse.Namespace(**{**vars(args), "resume": shared_only_by_rank0 if rank == 0 else "missing.pth"})
+
+    def build(unreadable_on):  # a dataset whose folder the ranks unreadable_on cannot read
+        if rank in unreadable_on:
+            raise FileNotFoundError("--data 'imgs' is not a directory.")
+        return "built"
     checks = [lambda: engine.prepare_run(args, d),
               lambda: engine.prepare_run(resume_other, d),  # rank 1's own view is an error: it still takes part
               lambda: engine.train_loader(list(range(4 + rank)), args, d),  # 4 images on rank 0, 5 on rank 1
@@ -1812,13 +1817,17 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
               lambda: engine.unreadable_for_checkpoint(skipped_on_rank1, d, 1, lambda **fields: None),
               # fine-tuning's --eval shards each rank's own listing: a node's copy with an image less was evaluated
               lambda: train_finetune.val_loader(list(range(3 + rank)), argparse.Namespace(batch_size=2, num_workers=0),
-                                                d)]
+                                                d),
+              # a data folder that rank 1 alone cannot read: rank 0 went on to its next collective and died there
+              lambda: engine.build_on_all_ranks(d, build, {1}),
+              lambda: engine.build_on_all_ranks(d, build, {0, 1}),  # each rank's own error
+              lambda: engine.build_on_all_ranks(d, build, set())]
     for check in checks:
         try:
             result = check()
             result = result.tolist() if isinstance(result, np.ndarray) else result
             outcomes.append(str(result) if isinstance(result, list) else "ok")
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             outcomes.append(str(e))
     json.dump(outcomes, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
     dist.destroy_process_group()
@@ -1843,7 +1852,8 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
             pytest.fail("the two gloo processes did not finish within 120 s")
     outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert outcomes[0] == outcomes[1]  # every rank stops, with the same message
-    starts, resumes, images, agreed, validation, unreadable, gone, unwritable, counted, skipped, evaluated = outcomes[0]
+    (starts, resumes, images, agreed, validation, unreadable, gone, unwritable, counted, skipped, evaluated,
+     built_on_one, built_on_none, built) = outcomes[0]
     last = tmp_path / "node0" / engine.LAST
     assert starts == (f"the processes do not agree on where the run starts (rank 0: continues {last} (10 bytes), "
                       f"rank 1: a new run): --output_dir must be one folder that every process sees (a shared file "
@@ -1866,6 +1876,51 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
     assert evaluated.startswith("the processes do not agree on the number of validation samples (rank 0: 3, rank 1: "
                                 "4): every process must read the same files")
     assert skipped == "['b.jpg']"  # a file skipped on rank 1 is the run's, on every rank (named once, by rank 0)
+    assert built_on_one == (f"rank 1 of 2 ({socket.gethostname()}) stopped: --data 'imgs' is not a directory; every "
+                            f"process must read the same files (one data folder that every node sees in full)")
+    assert (built_on_none, built) == ("--data 'imgs' is not a directory.", "ok")
+
+
+RANK1_ELSEWHERE = """
+import os, runpy, sys
+sys.path.insert(0, {repo!r})
+os.chdir({rank1_dir!r} if os.environ["RANK"] == "1" else {rank0_dir!r})  # a relative data path: each rank's own
+runpy.run_path(os.path.join({repo!r}, sys.argv.pop(1)), run_name="__main__")
+"""
+UNREADABLE_ON_RANK1 = {  # trainer: (its flags, rank 0's folders of 2 images, rank 1's empty folders, rank 1's error)
+    "train_pretrain.py": (["--data", "d", "--teacher", "pixels", "--model", "vit_tiny", "--img_size", "32",
+                           "--num_masked", "2", "--min_block", "1"], ["d/a", "d/b"], ["d"],
+                          "image folder 'd' has no class subfolders"),
+    "train_finetune.py": (["--data", "d", "--init", "none", "--model", "vit_tiny", "--img_size", "32"],
+                          ["d/train/a", "d/train/b", "d/val/a", "d/val/b"], ["d"],
+                          "--data 'd' must hold train/ and val/"),
+    "train_seg.py": (["--img_dir", "d/a", "--ann_dir", "d/b", "--val_img_dir", "d/a", "--val_ann_dir", "d/b",
+                      "--num_classes", "3", "--init", "none", "--model", "vit_tiny", "--crop_size", "32"],
+                     ["d/a", "d/b"], ["d/a", "d/b"], "no '*.jpg' images in 'd/a'")}
+
+
+@pytest.mark.parametrize("trainer", list(UNREADABLE_ON_RANK1))
+def test_a_rank_that_cannot_read_its_data_stops_every_rank_with_its_message(trainer, tmp_path):
+    """Two gloo processes where rank 1's data folder is empty: rank 1 stopped with its message, rank 0 at its next
+    collective with gloo's traceback, and torchrun's summary named rank 0 as the first failure."""
+    flags, folders, empty, refused = UNREADABLE_ON_RANK1[trainer]
+    for folder in folders:  # an image and a label map each: the segmentation folders pair them by name
+        os.makedirs(tmp_path / "rank0" / folder)
+        for i in range(2):
+            Image.new("RGB", (40, 40)).save(tmp_path / "rank0" / folder / f"{i}.jpg")
+            Image.new("L", (40, 40)).save(tmp_path / "rank0" / folder / f"{i}.png")
+    for folder in empty:
+        os.makedirs(tmp_path / "rank1" / folder)
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(RANK1_ELSEWHERE.format(repo=HERE, rank0_dir=str(tmp_path / "rank0"),
+                                              rank1_dir=str(tmp_path / "rank1")))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(wrapper), trainer, *flags, "--num_workers", "0", "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    for rank in (0, 1):  # the ranks' lines may interleave in the one pipe
+        assert re.search(rf"error \(rank {rank} of 2, [^)]*\): rank 1 of 2 \([^)]*\) stopped: {re.escape(refused)}"
+                         rf".*?; every process must read the same files", proc.stderr), proc.stderr[-3000:]
 
 
 def test_a_failed_save_names_the_file_removes_its_temp_file_and_keeps_the_last_good_one(tmp_path, monkeypatch):

@@ -113,6 +113,26 @@ def test_a_fixed_schedule_that_merges_other_than_n_tokens_is_said(capsys):
     assert "merges 97 of the 196" in note("--fixed_schedule", "150", "1", "--split", "official")  # (T - 1) // 2
     assert note("--fixed_schedule", "9", "2", "--schedule_rule", "spread") == ""  # 5 + 4
     assert note("--fixed_schedule", "98", "2") == ""
+    # rounds of 2 clamped to [2, 1] merge exactly N: no note (it said "merges 3 of the 4 tokens per level, not 3")
+    assert note("--img_size", "32", "--num_masked", "2", "--fixed_schedule", "3", "2") == ""
+    assert note("--fixed_schedule", "1", "196").endswith(": --schedule_rule official merges the same whole number of "
+                                                         "tokens in each round (1)\n")  # more rounds: not the fix
+
+
+@pytest.mark.parametrize("size, split, most", [("32", "random", 3), ("32", "official", 2), ("224", "random", 195),
+                                               ("224", "official", 194), ("16", "random", 0)])
+def test_fixed_schedule_takes_the_tokens_that_can_merge(size, split, most, capsys):
+    """N = all patches was taken and could never merge (one group is N - 1 merges), while the note said more rounds
+    reach more; the N the error names merges exactly, over N rounds of one token."""
+    base = ["--teacher", "pixels", "--img_size", size, "--num_masked", "0", "--split", split]
+    with pytest.raises(ValueError, match=rf"--fixed_schedule N K needs 0 <= N <= {most} and K >= 1, got "
+                                         rf"\[{most + 1}, 1\] \(the {int(size) ** 2 // 256} patches"):
+        tp.parse_args(base + ["--fixed_schedule", str(most + 1), "1"])
+    args = tp.parse_args(base + ["--fixed_schedule", str(most), str(max(most, 1))])
+    tp.warn_fixed_schedule(args, CPU)
+    assert capsys.readouterr().out == ""
+    schedule = morph.make_schedule(int(size) ** 2 // 256, most, max(most, 1), args.schedule_rule)
+    assert morph.num_groups_after(int(size) ** 2 // 256, schedule, split) == int(size) ** 2 // 256 - most
 
 
 def test_teacher_runs_under_teacher_amp(monkeypatch):

@@ -88,9 +88,11 @@ def test_window_starts_cover_the_image_like_mmseg():
     assert train_seg.window_starts(300, 512, 341) == [0]  # smaller than the crop: one padded window
     with pytest.raises(ValueError, match="stride must be in 1..512"):
         train_seg.window_starts(2048, 512, 600)  # windows at 0, 600, ... would leave pixels 512..599 uncovered
-    for argv in (["--data", "/x"], [], ["--eval", "ck.pth", "--data", "/x"]):  # 0 is a value, not "not given"
+    for argv in (["--data", "/x"], []):  # 0 is a value, not "not given"
         with pytest.raises(ValueError, match="--stride must be in 1..--crop_size .*, got 0"):
             train_seg.parse_args([*argv, "--init", "none", "--stride", "0"])
+    with pytest.raises(ValueError, match="--stride must be >= 1, got 0: leave it out"):  # --eval: the checkpoint's crop
+        train_seg.parse_args(["--eval", "ck.pth", "--data", "/x", "--stride", "0"])
     assert train_seg.parse_args(["--data", "/x", "--init", "none"]).stride == 341
     assert train_seg.parse_args(["--init", "none"]).stride == 43  # the demo's
 
@@ -1112,6 +1114,46 @@ def test_eval_reads_label_maps_as_the_checkpoints_training_data_unless_told(tmp_
     assert json.loads(open(tmp_path / "e" / "eval.jsonl").readlines()[-1])["reduce_zero_label"] is False
     with pytest.raises(ValueError, match="--no-reduce_zero_label would do nothing with --data"):
         train_seg.parse_args(["--data", "/x", "--no-reduce_zero_label", "--init", "none"])
+
+
+def write_ade20k_validation(root):
+    """An ADEChallengeData2016 layout with 2 validation images (labels 0..150; training's folders empty)."""
+    for split in ("training", "validation"):
+        os.makedirs(root / "images" / split), os.makedirs(root / "annotations" / split)
+    for i in range(2):
+        label = torch.randint(0, 151, (40, 48), generator=torch.Generator().manual_seed(i)).numpy().astype("uint8")
+        data.Image.fromarray(label).convert("RGB").save(root / "images" / "validation" / f"ADE_val_{i}.jpg")
+        data.Image.fromarray(label).save(root / "annotations" / "validation" / f"ADE_val_{i}.png")
+
+
+def test_eval_refusals_name_what_to_pass_and_passing_it_evaluates(tmp_path):
+    """--eval on data of other classes than the checkpoint's said the two counts only; --eval with --stride 0 named
+    1..--crop_size of the default crop (512, the demo's 64), not the checkpoint's (32), which then refused 64."""
+    train_seg.main(TINY_RUN + ["--iters", "1", "--output_dir", str(tmp_path / "demo")])
+    demo, out = ["--eval", str(tmp_path / "demo" / engine.LAST)], ["--output_dir", str(tmp_path / "e")]
+    with pytest.raises(ValueError, match="the validation data has 4 classes, .* was trained on 5: leave "
+                                         "--demo_shape_classes out \\(its run's: 4\\)$"):
+        train_seg.main(demo + out + ["--demo_shape_classes", "3"])
+    write_ade20k_validation(tmp_path / "ade")
+    with pytest.raises(ValueError, match="the validation data has 150 classes, .* was trained on 5: it was trained "
+                                         "on the demo's images: leave --data out to evaluate it on them$"):
+        train_seg.main(demo + out + ["--data", str(tmp_path / "ade")])
+    with pytest.raises(ValueError, match="--stride must be >= 1, got 0: leave it out \\(--eval takes the "
+                                         "checkpoint's\\) or pass one up to the crop size it was trained with$"):
+        train_seg.main(demo + out + ["--stride", "0"])
+    assert "mIoU" in train_seg.main(demo + out + ["--stride", "32"])  # the crop size it was trained with
+    assert "mIoU" in train_seg.main(demo + out)  # each flag left out
+    labels = [torch.randint(0, 3, (40, 48), generator=torch.Generator().manual_seed(i)).numpy() for i in range(2)]
+    write_seg_folder(tmp_path / "d", labels)
+    train_seg.main(generic_run(tmp_path / "d", tmp_path / "d", tmp_path / "run", "--iters", "1"))
+    generic = ["--eval", str(tmp_path / "run" / engine.LAST), "--num_workers", "0"]
+    with pytest.raises(ValueError, match="the validation data has 150 classes, .* was trained on 3: pass the "
+                                         "validation folders of its data instead of --data \\(its run's: "
+                                         "(--val_img_dir .*)\\)$") as refused:
+        train_seg.main(generic + out + ["--data", str(tmp_path / "ade")])
+    folders = re.search(r"its run's: (.*)\)$", str(refused.value)).group(1).split()
+    assert folders == ["--val_img_dir", str(tmp_path / "d" / "img"), "--val_ann_dir", str(tmp_path / "d" / "ann")]
+    assert "mIoU" in train_seg.main(generic + out + folders)
 
 
 def test_a_continued_run_keeps_how_it_reads_its_label_maps(tmp_path):

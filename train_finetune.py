@@ -423,7 +423,7 @@ def run_eval(args, d, amp_dtype):
     engine.take_from_checkpoint(args, checkpoint["args"], EVAL_DEMO_DATA, args.eval, must_agree=False)
     if args.crop_ratio is None:
         args.crop_ratio = checkpoint["args"].get("crop_ratio") or default_crop_ratio(args.img_size)
-    _, val_set, classes = build_datasets(args, train=False)
+    _, val_set, classes = engine.build_on_all_ranks(d, build_datasets, args, False)
     check_num_classes(args, classes)
     if classes != checkpoint["classes"]:  # same folders in the same order, or the labels would silently differ
         raise ValueError(f"the validation set's classes ({len(classes)}) are not the ones the checkpoint was trained "
@@ -532,7 +532,7 @@ def finetune(args, d, amp_dtype, scaler):
     else:
         init, init_path = init_checkpoint(args)
     set_schedule(args, resume["args"] if resume_path is not None else None)
-    train_set, val_set, classes = build_datasets(args)
+    train_set, val_set, classes = engine.build_on_all_ranks(d, build_datasets, args)
     check_num_classes(args, classes)
     if args.demo:
         d.print(f"DEMO (no --data): {args.model} learns {len(classes)} classes of built-in SyntheticShapes images at "

@@ -210,8 +210,11 @@ def check_args(args):
                          f"{args.img_size})")
     if args.max_merged is not None and not 0 <= args.max_merged <= num_patches:
         raise ValueError(f"--max_merged {args.max_merged} must be in 0..{num_patches}")
-    if args.fixed_schedule and not (0 <= args.fixed_schedule[0] <= num_patches and args.fixed_schedule[1] >= 1):
-        raise ValueError(f"--fixed_schedule N K needs 0 <= N <= {num_patches} and K >= 1, got {args.fixed_schedule}")
+    most = max(num_patches - 1 - (args.split == "official"), 0)  # every token in one group (official: patch 0 apart)
+    if args.fixed_schedule and not (0 <= args.fixed_schedule[0] <= most and args.fixed_schedule[1] >= 1):
+        apart = ", beside patch 0, which --split official never merges" if args.split == "official" else ""
+        raise ValueError(f"--fixed_schedule N K needs 0 <= N <= {most} and K >= 1, got {args.fixed_schedule} (the "
+                         f"{num_patches} patches at --img_size {args.img_size} merge into one group at most{apart})")
     for flag in ("batch_size", "accum_iter", "epochs", "levels", "max_iters", "log_every", "keep_every"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:  # epochs None: set_schedule's
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -271,8 +274,8 @@ def warn_fixed_schedule(args, d):
     why = [f"--schedule_rule official merges the same whole number of tokens in each round ({unclamped // k})"
            ] if unclamped != n else []
     why += ["a round merges at most half of the tokens left (more rounds, K, reach more)"
-            ] if sum(schedule) < unclamped else []
-    if why:
+            ] if sum(schedule) < min(unclamped, n) else []  # above N: the official rule's rounds alone
+    if sum(schedule) != n:
         d.print(f"note: --fixed_schedule {n} {k} merges {sum(schedule)} of the {num_patches} tokens per level, not "
                 f"{n} (rounds {schedule}): {'; '.join(why)}")
 
@@ -339,7 +342,7 @@ def train(args, d: engine.Dist) -> dict:
                 f"epoch{'s' * (args.epochs != 1)} on {d.device}. For a real run pass --data and --teacher (see "
                 f"--help).")
     engine.seed_all(args.seed)  # the same initial weights on every rank
-    dataset = build_dataset(args)
+    dataset = engine.build_on_all_ranks(d, build_dataset, args)  # a node that cannot read --data stops them all
     loader, sampler, steps_per_epoch = engine.train_loader(dataset, args, d)
     model, teacher = build_model(args, d)
     amp_dtype, scaler = engine.resolve_amp(args.amp, d.device)

@@ -46,6 +46,7 @@ order.
 import argparse
 import math
 import os
+import shlex
 import time
 
 import numpy as np
@@ -533,7 +534,10 @@ def parse_args(argv=None):
     if not 0 < args.cat_max_ratio <= 1:
         raise ValueError(f"--cat_max_ratio is a share of the crop's labelled pixels, in (0, 1] (1: no limit), got "
                          f"{args.cat_max_ratio:g}")
-    if (args.stride is not None and args.stride < 1) or (args.eval is None and args.stride > args.crop_size):
+    if args.eval and args.stride is not None and args.stride < 1:  # its crop size is the checkpoint's (run_eval)
+        raise ValueError(f"--stride must be >= 1, got {args.stride}: leave it out (--eval takes the checkpoint's) or "
+                         f"pass one up to the crop size it was trained with")
+    if args.eval is None and not 1 <= args.stride <= args.crop_size:
         raise ValueError(f"--stride must be in 1..--crop_size ({args.crop_size}), got {args.stride}")
     if args.channels is not None and args.channels < 1:
         if args.eval:
@@ -671,6 +675,17 @@ def take_label_reading(args, trained: dict, d):
                 f"training data were read {'with' if as_trained else 'without'} it")
 
 
+def other_classes_fix(args, trained: dict) -> str:
+    """What to pass where --eval's validation data has other classes than the checkpoint's head: a generic dataset
+    takes its classes from the checkpoint, so the demo's --demo_shape_classes or --data (ADE20K) differ."""
+    if args.demo:
+        return f"leave --demo_shape_classes out (its run's: {trained['demo_shape_classes']})"
+    if trained.get("demo"):
+        return "it was trained on the demo's images: leave --data out to evaluate it on them"
+    folders = " ".join(f"--{flag} {shlex.quote(str(trained[flag]))}" for flag in ("val_img_dir", "val_ann_dir"))
+    return f"pass the validation folders of its data instead of --data (its run's: {folders})"
+
+
 def run_eval(args, d):
     """--eval CHECKPOINT: the model (ViT, crop size, UperNet width, classes) comes from the checkpoint, and so do the
     image scale and the window stride unless given; the result is appended to output_dir/eval.jsonl (a training run's
@@ -698,10 +713,10 @@ def run_eval(args, d):
         raise ValueError(f"--stride {args.stride} is larger than the crop size {args.crop_size} that {args.eval!r} "
                          f"was trained with: the windows would leave pixels uncovered; pass --stride "
                          f"{min(trained_stride, args.crop_size)} (or any value up to {args.crop_size})")
-    _, val_set, class_names = build_datasets(args, train=False)
+    _, val_set, class_names = engine.build_on_all_ranks(d, build_datasets, args, False)
     if len(class_names) != checkpoint["num_classes"]:
         raise ValueError(f"the validation data has {len(class_names)} classes, {args.eval!r} was trained on "
-                         f"{checkpoint['num_classes']}")
+                         f"{checkpoint['num_classes']}: {other_classes_fix(args, checkpoint['args'])}")
     model = build_model(args, len(class_names), checkpoint, args.eval)
     model.load_state_dict(checkpoint["model"])
     amp_dtype, _ = engine.resolve_amp(args.amp, d.device)
@@ -776,7 +791,7 @@ def train(args, d):
                                   "--data, or --img_dir, --ann_dir, --val_img_dir and --val_ann_dir")
     set_schedule(args, resume["args"] if resume_path is not None else None)
     engine.seed_all(args.seed)  # the same initial weights on every rank
-    train_set, val_set, class_names = build_datasets(args)
+    train_set, val_set, class_names = engine.build_on_all_ranks(d, build_datasets, args)
     num_classes = len(class_names)
     if args.demo:
         d.print(f"DEMO (no --data): UperNet on a {args.model} segments {len(train_set)} built-in procedural images "
