@@ -833,6 +833,36 @@ def test_seg_random_crop_respects_cat_max_ratio():
     assert data.crop_box_ok(two, 0.8) and not data.crop_box_ok(two, 0.75)  # ignore pixels are not counted
 
 
+def test_seg_train_transform_equals_mmsegs_pipeline_given_the_same_draws(monkeypatch):
+    """What mmsegmentation 1.2.2 / mmcv-lite 2.1.0 (OpenCV 5.1.0) made of this image and label map on 2026-12-06:
+    RandomResize(scale=(20, 10), ratio_range=(0.5, 2.0), keep_ratio=True), RandomCrop(crop_size=(8, 8),
+    cat_max_ratio=0.75), RandomFlip(prob=0.5), SegDataPreProcessor(ImageNet mean / std, bgr_to_rgb=True, size=(8, 8),
+    pad_val=0, seg_pad_val=255), with numpy's draws replaced by these: ratio 0.7015 (the image becomes 14x5), four
+    crop boxes (the first three fail cat_max_ratio), a flip. Labels exact; pixels within one grey level (cv2 rounds
+    its fixed-point bilinear weights)."""
+    grey = (np.arange(30)[None, :] * 8 + np.arange(10)[:, None] * 5) % 256
+    img = Image.fromarray(np.repeat(grey[..., None], 3, 2).astype(np.uint8), "RGB")
+    labels = np.zeros((10, 30), np.uint8)
+    labels[:, 22:], labels[6:, 25:], labels[:3] = 2, 3, 255  # ignored rows: a box of class 0 alone fails
+    offsets = iter([0, 2, 0, 3, 0, 3, 0, 6])  # (top, left) of each box
+
+    class Draws:
+        uniform = staticmethod(lambda a, b: 0.7015463661686019)
+        randint = staticmethod(lambda a, b: next(offsets))
+        random = staticmethod(lambda: 0.20995480637147712)  # < 0.5: flip
+    monkeypatch.setattr(data, "random", Draws)
+    x, y = data.SegTrainTransform(crop_size=8, scale=(20, 10), photometric=False)(img, Image.fromarray(labels, "L"))
+    ig = 255
+    assert y.tolist() == [[ig] * 8, [ig] * 8, [2, 2, 2, 0, 0, 0, 0, 0], [3, 3, 2, 0, 0, 0, 0, 0],
+                          [3, 3, 2, 0, 0, 0, 0, 0]] + [[ig] * 8] * 3
+    mmseg = torch.tensor([[230, 213, 196, 179, 161, 144, 127, 110], [240, 223, 206, 189, 171, 154, 137, 120],
+                          [195, 233, 216, 199, 181, 164, 147, 130], [77, 243, 226, 209, 191, 174, 157, 140],
+                          [14, 180, 236, 219, 201, 184, 167, 150]], dtype=torch.float32)
+    pixels = x[:, :5] * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+    assert (pixels * 255 - mmseg).abs().max() <= 1 + 1e-3
+    assert torch.equal(x[:, 5:], torch.zeros(3, 3, 8))  # padded after normalization, with 0
+
+
 def test_seg_random_resize_follows_mmseg_rescale():
     img, mask = Image.new("RGB", (400, 300)), Image.new("L", (400, 300))
     out, out_mask = data.seg_rescale(img, mask, (2048, 512))

@@ -69,6 +69,28 @@ def test_metrics_reject_out_of_range_labels():
         train_seg.intersect_and_union(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[0, 7], [1, 255]]), 4)
 
 
+def test_metrics_equal_mmsegs_iou_metric_on_two_images():
+    """The values mmsegmentation 1.2.2's IoUMetric computed (2026-12-06: IoUMetric.intersect_and_union(pred, label,
+    6, 255) per image, the areas summed, IoUMetric.total_area_to_metrics(..., ['mIoU']), np.nanmean; its float32
+    rounding shows in the 7th digit). Class 4 is predicted on one labelled pixel only (IoU 0, Acc NaN), class 5 is in
+    neither (both NaN), and the ignored pixels carry predictions that must not count."""
+    ig = 255
+    preds = [torch.tensor([[0, 0, 1, 3, 3], [1, 1, 2, 2, 0], [2, 0, 1, 1, 3]]), torch.tensor([[4, 1], [0, 0]])]
+    labels = [torch.tensor([[0, ig, 1, 1, 3], [1, 1, 2, ig, 0], [2, 2, ig, 1, 1]]), torch.tensor([[1, 1], [0, ig]])]
+    areas = sum(train_seg.intersect_and_union(p, t, 6) for p, t in zip(preds, labels))
+    assert areas.tolist() == [[3, 5, 2, 1, 0, 0],   # intersection
+                              [4, 8, 3, 3, 1, 0],   # union
+                              [4, 5, 2, 3, 1, 0],   # predicted area
+                              [3, 8, 3, 1, 0, 0]]   # label area
+    m = train_seg.segmentation_metrics(areas)
+    nan = float("nan")
+    assert m["IoU"] == pytest.approx([75.0, 62.5, 66.66667175292969, 33.333335876464844, 0.0, nan], abs=1e-5,
+                                     nan_ok=True)
+    assert m["Acc"] == pytest.approx([100.0, 62.5, 66.66667175292969, 100.0, nan, nan], abs=1e-5, nan_ok=True)
+    assert (m["aAcc"], m["mIoU"], m["mAcc"]) == pytest.approx((73.33333492279053, 47.49999940395355,
+                                                                82.29166865348816), abs=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sliding-window inference
 
