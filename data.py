@@ -699,8 +699,9 @@ RAND_OPS = tuple(name.replace("Increasing", "") for name in RAND_INCREASING_OPS)
 class RandAugment:
     """timm's RandAugment ('rand-m{magnitude}-mstd{magnitude_std}-inc1'; ops=RAND_OPS without inc1): pick num_ops
     ops uniformly with replacement; each is applied with probability op_prob at magnitude ~ N(magnitude,
-    magnitude_std) clipped to [0, 10]. Geometric ops use bicubic resampling and fill with the mean color. Python's
-    `random` drives it."""
+    magnitude_std) clipped to [0, 10] (magnitude_std inf: ~ U[0, magnitude], as timm 0.4.12's AugmentOp).
+    Geometric ops use bicubic resampling and fill with the mean color. Python's `random` drives it; timm picks the
+    ops from numpy's (np.random.choice): the same distribution from another stream, each op's draws then as timm's."""
 
     def __init__(self, num_ops=2, magnitude=9, magnitude_std=0.5, op_prob=0.5, ops=RAND_INCREASING_OPS,
                  fill_mean=IMAGENET_MEAN):
@@ -721,7 +722,11 @@ class RandAugment:
         for name in random.choices(self.ops, k=self.num_ops):
             if self.op_prob < 1.0 and random.random() > self.op_prob:
                 continue
-            m = random.gauss(self.magnitude, self.magnitude_std) if self.magnitude_std > 0 else self.magnitude
+            m = self.magnitude
+            if self.magnitude_std == math.inf:  # timm's uniform sampling; N(m, inf) would give only 0 and 10
+                m = random.uniform(0, self.magnitude)
+            elif self.magnitude_std > 0:
+                m = random.gauss(self.magnitude, self.magnitude_std)
             img = self.apply_op(img, name, max(0.0, min(_LEVEL_MAX, m)))
         return img
 
@@ -767,7 +772,9 @@ class RandomErasing:
 
 class FinetuneTransform:
     """Fine-tuning train augmentation (timm's create_transform as used by BEiT v2 / MAE fine-tuning):
-    RandomResizedCrop(min_crop_scale..1, bicubic) -> flip -> RandAugment -> normalize -> RandomErasing."""
+    RandomResizedCrop(min_crop_scale..1, bicubic) -> flip -> RandAugment -> normalize -> RandomErasing. The crop draws
+    from torch's RNG (as torchvision's, and pre-training's); timm's RandomResizedCropAndInterpolation draws the same
+    distribution from Python's `random`."""
 
     def __init__(self, img_size=224, min_crop_scale=0.08, hflip=0.5, rand_magnitude=9, rand_magnitude_std=0.5,
                  rand_num_ops=2, rand_increasing=True, reprob=0.25, remode="pixel", mean=IMAGENET_MEAN,

@@ -1187,6 +1187,24 @@ def test_rand_augment_clips_the_magnitude_and_skips_ops_one_by_one(monkeypatch):
     assert calls == [("Rotate", 9)]
 
 
+def test_rand_augment_magnitude_std_inf_draws_uniform_magnitudes_as_timm(monkeypatch):
+    """timm 0.4.12's AugmentOp: magnitude_std inf samples magnitudes from U[0, magnitude] (N(9, inf) clipped gave only
+    0 and 10). Expected: the magnitudes timm 0.4.12 itself applied, produced on 2026-12-06 (timm 0.4.12, Pillow 13.0.0)
+    with `op = AugmentOp("Rotate", prob=0.5, magnitude=9, hparams=dict(img_mean=(124, 116, 104),
+    interpolation=Image.BICUBIC, magnitude_std=inf))`, its op.level_fn replaced by one recording the magnitude,
+    `random.seed(0)`, then 6 calls of `RandAugment([op], num_layers=2)` (timm.data.auto_augment). timm picks its ops
+    from numpy's RNG, so with one op the pick is taken out of Python's stream here."""
+    calls = []
+    monkeypatch.setattr(data.RandAugment, "apply_op", lambda self, img, name, m: calls.append(m) or img)
+    monkeypatch.setattr(random, "choices", lambda population, k: [population[0]] * k)
+    ra = data.RandAugment(num_ops=2, magnitude=9, magnitude_std=float("inf"), op_prob=0.5, ops=["Rotate"])
+    random.seed(0)
+    for _ in range(6):
+        ra(stripes())
+    assert calls == [2.3302507526366703, 7.054187301312954, 4.2893725873712025, 6.802237837415015,
+                     8.187716303714161]
+
+
 def test_random_erasing_pixel_mode_draws_noise_per_channel():
     random.seed(0)
     torch.manual_seed(0)
