@@ -919,8 +919,11 @@ def _is_torchscript_archive(path: str) -> bool:
     # both torch.save and torch.jit.save write zip files; only TorchScript archives hold constants.pkl
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") for name in archive.namelist())
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("constants.pkl") for name in archive.namelist())
+    except zipfile.BadZipFile:  # a damaged file: torch.load's error names it
+        return False
 
 
 _STORAGE_DTYPES = {"HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,

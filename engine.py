@@ -60,6 +60,7 @@ LOG = "log.jsonl"
 RUN_CHECKPOINT = re.compile(r"checkpoint-(last|best|\d+)\.pth")  # the files a run writes in its output_dir
 REPO = os.path.dirname(os.path.abspath(__file__))
 _SAME_FILES = "every process must read the same files (one data folder that every node sees in full)"
+SAME_CHECKPOINT = "every process must read the same files (a checkpoint path that names the same file on every node)"
 
 # ---------------------------------------------------------------------------------------------------
 # Distributed
@@ -304,15 +305,16 @@ def check_ranks_agree(d: Dist, what: str, value, fix: str):
         raise ValueError(f"the processes do not agree on {what} ({seen}): {fix}")
 
 
-def build_on_all_ranks(d: Dist, build, *args):
-    """build(*args) (datasets: folders that each node reads for itself) on every process. A user error
-    (user_error_message) on some ranks only stops every rank with the first one's message: alone, that rank stopped
-    and the others died at their next collective with the process group's traceback, which torchrun's summary named
-    as the first failure. Where every rank fails, each raises its own error."""
+def build_on_all_ranks(d: Dist, build, *args, fix: str = _SAME_FILES, **kwargs):
+    """build(*args, **kwargs) (datasets: folders that each node reads for itself; checkpoints, with fix
+    SAME_CHECKPOINT) on every process. A user error (user_error_message) on some ranks only stops every rank with the
+    first one's message and `fix` (None: none): alone, that rank stopped and the others died at their next collective
+    with the process group's traceback, which torchrun's summary named as the first failure. Where every rank fails,
+    each raises its own error."""
     if d.world_size == 1 or not dist.is_initialized():
-        return build(*args)
+        return build(*args, **kwargs)
     try:
-        result, failure = build(*args), None
+        result, failure = build(*args, **kwargs), None
     except (ValueError, OSError) as error:
         if user_error_message(error) is None:  # not a user error: a bug, kept with its traceback
             raise
@@ -325,7 +327,8 @@ def build_on_all_ranks(d: Dist, build, *args):
     if len(stopped) == d.world_size:
         raise failure
     rank, (host, message) = stopped[0]
-    raise ValueError(f"rank {rank} of {d.world_size} ({host}) stopped: {message.rstrip('.')}; {_SAME_FILES}")
+    raise ValueError(f"rank {rank} of {d.world_size} ({host}) stopped: {message.rstrip('.')}"
+                     + (f"; {fix}" if fix else ""))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1297,15 +1300,21 @@ def replace_durably(tmp: str, path: str):
 
 
 def save_checkpoint(path: str, state: dict):
-    """Every rank calls it; rank 0 writes. Refuses to write non-finite weights (FloatingPointError naming the last
-    good checkpoint, which stays as it was); writes atomically (a temp file, then a rename) and durably (fsync)."""
+    """Every rank calls it; rank 0 writes, and where that fails every rank stops with its error (alone, rank 0
+    stopped and the others died at their next collective with the process group's traceback). Refuses to write
+    non-finite weights (FloatingPointError naming the last good checkpoint, which stays as it was); writes atomically
+    (a temp file, then a rename) and durably (fsync)."""
     tensors = [t for t in state["model"].values() if t.is_floating_point()]
     if tensors and not torch.stack([t.isfinite().all() for t in tensors]).all():
         bad = [k for k, t in state["model"].items() if t.is_floating_point() and not t.isfinite().all()]
         stop_non_finite(f"parameters {bad[:3]}{' ...' if len(bad) > 3 else ''}", state["step"],
                         os.path.dirname(path))
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
+    ranks = Dist(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else Dist()
+    build_on_all_ranks(ranks, _write_checkpoint if ranks.is_main else lambda *_: None, path, state, fix=None)
+
+
+def _write_checkpoint(path: str, state: dict):
+    """save_checkpoint's file, on rank 0."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:

@@ -422,6 +422,12 @@ def test_read_checkpoint_errors_name_the_file(tmp_path):
                                          r"interrupted save or copy\?\) \(RuntimeError: PytorchStreamReader failed "
                                          r"reading zip archive: failed finding central directory\)$"):
         dtm.read_checkpoint(str(tmp_path / "cut.pth"))  # the first sentence of torch's message only
+    # the same size, its zip directory damaged: zipfile's BadZipFile, with its traceback (also as a CLIP teacher)
+    (tmp_path / "bad_dir.pth").write_bytes((tmp_path / "full.pth").read_bytes().replace(b"PK\x01\x02", b"PK\0\0", 1))
+    for read in (lambda path: dtm.read_checkpoint(path, "--init"), lambda path: dtm.build_teacher(f"clip:{path}")):
+        with pytest.raises(ValueError, match=r" '.*bad_dir.pth' cannot be read by torch.load: it is truncated or "
+                                             r"damaged \(an interrupted save or copy\?\) \(RuntimeError: "):
+            read(str(tmp_path / "bad_dir.pth"))
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"model": {}}, protocol=2))  # pickle.dump, not torch.save
     with pytest.raises(ValueError, match=r"plain.pkl' cannot be read by torch.load: it is not a file that torch.save "
                                          r"wrote \(it starts with b'\\x80\\x02}q', a pickle of something else\)$"):
@@ -1783,6 +1789,43 @@ def test_append_eval_appends_strict_json_lines_and_says_where(tmp_path, capsys):
         {"eval": "a.pth", "top1": None, "IoU": [0.5, None]}, {"eval": "b.pth", "top1": None}]
 
 
+def _checkpoints_of_rank0_only(rank: int, own: str, d) -> list:
+    """The trainers' reads of a checkpoint that rank 1 cannot read (each rank in its own folder, as on node-local
+    disks): missing there (--init, the teacher), or a copy of the same size with its zip directory damaged (--resume,
+    which the ranks agree on by size, and --eval). Each alone stopped rank 1, and the others died at their next
+    collective with gloo's traceback."""
+    import train_finetune
+    import train_pretrain
+    import train_seg
+    os.chdir(own)  # a relative path: each rank's own file
+    for kind in ("pretrain", "finetune", "seg"):
+        torch.save({"kind": f"dtm_{kind}", "model": {"w": torch.zeros(4)}, "args": {}}, f"{kind}.pth")
+        if rank == 1:  # its central directory's first entry unreadable (zipfile.BadZipFile once: a traceback)
+            damaged = open(f"{kind}.pth", "rb").read().replace(b"PK\x01\x02", b"PK\x00\x00", 1)
+            open(f"{kind}.pth", "wb").write(damaged)
+    if rank == 0:
+        torch.save({"model": {"w": torch.zeros(4)}}, "init.pth")
+        torch.save(dtm.CLIPVisual(input_resolution=32, patch_size=16, width=64, layers=1, heads=1,
+                                  output_dim=24).state_dict(), "clip.pt")
+    pretrain = ["--model", "vit_tiny", "--img_size", "32", "--num_masked", "2", "--min_block", "1", "--num_workers",
+                "0", "--teacher", "pixels"]
+    teacher = train_pretrain.parse_args(pretrain + ["--output_dir", "teacher"])
+    teacher.teacher = "clip:clip.pt"  # after the parse: its check of the file is rank 1's own, before the group
+    finetune = ["--img_size", "32", "--synthetic_train", "8", "--synthetic_val", "4", "--num_workers", "0"]
+    seg = ["--crop_size", "32", "--scale", "64", "48", "--stride", "24", "--channels", "16", "--demo_img_size", "48",
+           "--demo_train_images", "4", "--demo_val_images", "2", "--batch_size", "2", "--num_workers", "0"]
+    return [lambda: train_pretrain.train(train_pretrain.parse_args(pretrain + ["--resume", "pretrain.pth"]), d),
+            lambda: train_pretrain.train(teacher, d),
+            lambda: train_finetune.finetune(train_finetune.parse_args(finetune + ["--resume", "finetune.pth"]), d,
+                                            None, None),
+            lambda: train_finetune.finetune(train_finetune.parse_args(finetune + ["--init", "init.pth"]), d, None,
+                                            None),
+            lambda: train_finetune.run_eval(train_finetune.parse_args(finetune + ["--eval", "finetune.pth"]), d, None),
+            lambda: train_seg.train(train_seg.parse_args(seg + ["--resume", "seg.pth"]), d),
+            lambda: train_seg.train(train_seg.parse_args(seg + ["--init", "init.pth"]), d),
+            lambda: train_seg.run_eval(train_seg.parse_args(seg + ["--eval", "seg.pth"]), d)]
+
+
 def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
     """Each rank sees its own output folder and data (node-local disks): every check must stop every rank."""
     import torch.distributed as dist
@@ -1821,8 +1864,12 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
               # a data folder that rank 1 alone cannot read: rank 0 went on to its next collective and died there
               lambda: engine.build_on_all_ranks(d, build, {1}),
               lambda: engine.build_on_all_ranks(d, build, {0, 1}),  # each rank's own error
-              lambda: engine.build_on_all_ranks(d, build, set())]
-    for check in checks:
+              lambda: engine.build_on_all_ranks(d, build, set()),
+              # a checkpoint that rank 0 alone writes, and cannot: the others died at their next collective
+              lambda: engine.save_checkpoint(os.path.join(own, "dir.pth"), {"model": {}, "step": 1})]
+    if rank == 0:
+        os.makedirs(os.path.join(own, "dir.pth"))
+    for check in checks + _checkpoints_of_rank0_only(rank, own, d):
         try:
             result = check()
             result = result.tolist() if isinstance(result, np.ndarray) else result
@@ -1853,7 +1900,7 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
     outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert outcomes[0] == outcomes[1]  # every rank stops, with the same message
     (starts, resumes, images, agreed, validation, unreadable, gone, unwritable, counted, skipped, evaluated,
-     built_on_one, built_on_none, built) = outcomes[0]
+     built_on_one, built_on_none, built, unsaved), read = outcomes[0][:15], outcomes[0][15:]
     last = tmp_path / "node0" / engine.LAST
     assert starts == (f"the processes do not agree on where the run starts (rank 0: continues {last} (10 bytes), "
                       f"rank 1: a new run): --output_dir must be one folder that every process sees (a shared file "
@@ -1879,6 +1926,19 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
     assert built_on_one == (f"rank 1 of 2 ({socket.gethostname()}) stopped: --data 'imgs' is not a directory; every "
                             f"process must read the same files (one data folder that every node sees in full)")
     assert (built_on_none, built) == ("--data 'imgs' is not a directory.", "ok")
+    assert re.fullmatch(rf"rank 0 of 2 \({socket.gethostname()}\) stopped: could not write "
+                        rf"{re.escape(str(tmp_path / 'node0' / 'dir.pth'))} \(disk full, or no permission to write "
+                        rf"there\?\): \[Errno 21\] Is a directory: .*; nothing was written", unsaved), unsaved
+    stopped = rf"rank 1 of 2 \({socket.gethostname()}\) stopped: (.*); {re.escape(engine.SAME_CHECKPOINT)}"
+    causes = [m.group(1) if (m := re.fullmatch(stopped, message)) else message for message in read]
+    damaged = ("cannot be read by torch.load: it is truncated or damaged (an interrupted save or copy?) (RuntimeError: "
+               "PytorchStreamReader failed reading zip archive: invalid header or archive is corrupted)")
+    assert causes == [f"--resume 'pretrain.pth' {damaged}",
+                      "CLIP weights file not found: 'clip.pt'. Pass the local path of OpenAI's ViT-B-16.pt (the file "
+                      "clip.load('ViT-B/16') downloads) or of a state dict saved with torch.save",
+                      f"--resume 'finetune.pth' {damaged}", "--init 'init.pth': no such file",
+                      f"--eval 'finetune.pth' {damaged}",
+                      f"--resume 'seg.pth' {damaged}", "--init 'init.pth': no such file", f"--eval 'seg.pth' {damaged}"]
 
 
 RANK1_ELSEWHERE = """

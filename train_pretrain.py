@@ -253,8 +253,9 @@ def build_model(args, d: engine.Dist):
     student = dtm.build_vit(args.model, img_size=args.img_size, patch_size=dtm.PATCH_SIZE,
                             drop_path_rate=args.drop_path, layer_scale_init=args.layer_scale,
                             rel_pos_bias=args.rel_pos_bias)
-    teacher = dtm.build_teacher(args.teacher, args.img_size, dtm.PATCH_SIZE, args.teacher_norm,
-                                clip_proj=not args.no_clip_proj).to(d.device)
+    teacher = engine.build_on_all_ranks(d, dtm.build_teacher, args.teacher, args.img_size, dtm.PATCH_SIZE,
+                                        args.teacher_norm, clip_proj=not args.no_clip_proj,
+                                        fix=engine.SAME_CHECKPOINT).to(d.device)
     mto_cfg = mto.mto_config_from_args(args)  # None without --mto: the plain DTM forward
     if mto_cfg is not None:
         mto_cfg.compile = args.compile  # --compile: MTO's losses too
@@ -329,10 +330,10 @@ def train(args, d: engine.Dist) -> dict:
     step, resume_path, own_run = 0, *engine.prepare_run(args, d, reads={"--teacher ckpt:": teacher_file})
     checkpoint = {}
     if resume_path is not None:
-        checkpoint = engine.load_checkpoint(resume_path, "dtm_pretrain", hint="; pre-training continues its own runs "
-                                            "only (to distil from a ViT checkpoint pass it as --teacher ckpt:PATH "
-                                            "instead of --resume)",
-                                            auto=resume_path != args.resume)
+        checkpoint = engine.build_on_all_ranks(  # a node whose copy cannot be read stops them all
+            d, engine.load_checkpoint, resume_path, "dtm_pretrain", hint="; pre-training continues its own runs only "
+            "(to distil from a ViT checkpoint pass it as --teacher ckpt:PATH instead of --resume)",
+            auto=resume_path != args.resume, fix=engine.SAME_CHECKPOINT)
         engine.refuse_demo_resume(args, checkpoint["args"], resume_path, ["data"], "--data")
     set_schedule(args, checkpoint.get("args"))
     if args.demo:

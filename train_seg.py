@@ -690,8 +690,9 @@ def run_eval(args, d):
     """--eval CHECKPOINT: the model (ViT, crop size, UperNet width, classes) comes from the checkpoint, and so do the
     image scale and the window stride unless given; the result is appended to output_dir/eval.jsonl (a training run's
     log.jsonl is left alone)."""
-    checkpoint = engine.load_checkpoint(args.eval, "dtm_seg", "--eval", hint="; to start from its weights pass it as "
-                                        "--init PATH in a training command (without --eval)")
+    checkpoint = engine.build_on_all_ranks(d, engine.load_checkpoint, args.eval, "dtm_seg", "--eval",
+                                           hint="; to start from its weights pass it as --init PATH in a training "
+                                           "command (without --eval)", fix=engine.SAME_CHECKPOINT)
     saved = {**checkpoint["args"], **head_settings(checkpoint["args"])}  # a given value is compared with the used one
     engine.refuse_demo_eval(args, checkpoint["args"], args.eval, ["data", "val_img_dir", "val_ann_dir", "num_classes"],
                             "--data, or --val_img_dir and --val_ann_dir")
@@ -762,7 +763,8 @@ def initial_model(args, d, num_classes):
     if args.init is None:
         raise ValueError("pass --init PATH (a checkpoint of this repo, e.g. from train_pretrain.py) or --init none "
                          "for a random ViT")
-    init = None if args.init == "none" else dtm.read_checkpoint(args.init, "--init")
+    init = None if args.init == "none" else engine.build_on_all_ranks(d, dtm.read_checkpoint, args.init, "--init",
+                                                                      fix=engine.SAME_CHECKPOINT)
     model = build_model(args, num_classes, init, args.init)
     if init is not None:  # as fine-tuning's "loaded X; initialized afresh: ..."
         d.print(f"loaded the ViT of {args.init}; initialized afresh: UperNet's decode and auxiliary heads"
@@ -783,9 +785,9 @@ def train(args, d):
                          "channel); use --batch_size 2 or more, or several GPUs (SyncBatchNorm pools the batch)")
     resume_path, own_run = engine.prepare_run(args, d, new_run_reads={"--init": args.init})
     if resume_path is not None:
-        resume = engine.load_checkpoint(resume_path, "dtm_seg", hint="; to start from its weights pass it as --init "
-                                        "PATH instead of --resume",
-                                        auto=resume_path != args.resume)
+        resume = engine.build_on_all_ranks(d, engine.load_checkpoint, resume_path, "dtm_seg",
+                                           hint="; to start from its weights pass it as --init PATH instead of "
+                                           "--resume", auto=resume_path != args.resume, fix=engine.SAME_CHECKPOINT)
         engine.refuse_demo_resume(args, resume["args"], resume_path,
                                   ["data", "img_dir", "ann_dir", "val_img_dir", "val_ann_dir", "num_classes"],
                                   "--data, or --img_dir, --ann_dir, --val_img_dir and --val_ann_dir")
