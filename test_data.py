@@ -1535,6 +1535,17 @@ def test_color_jitter_hue_goes_up_to_half_a_turn():
         data.ColorJitter(hue=0.51)
 
 
+def test_color_jitter_refuses_a_negative_strength():
+    """torchvision 0.28.0's ColorJitter refuses a negative strength ("must be non negative"); here -0.4 silently
+    disabled that adjustment, and PretrainTransform(color_jitter=-0.4) trained without any jitter."""
+    for i, name in enumerate(("brightness", "contrast", "saturation")):
+        with pytest.raises(ValueError, match=f"{name} jitter must be >= 0"):
+            data.ColorJitter(*[-0.4 if j == i else 0.4 for j in range(3)])
+    with pytest.raises(ValueError, match="brightness jitter must be >= 0"):
+        data.PretrainTransform(img_size=32, color_jitter=-0.4)
+    assert data.PretrainTransform(img_size=32, color_jitter=0).jitter is None
+
+
 # --- Block masking --------------------------------------------------------------------------------------------------
 
 def test_block_mask_defaults_are_beit_v2_pretraining_ones():
@@ -1552,6 +1563,27 @@ def test_block_mask_defaults_are_beit_v2_pretraining_ones():
             exact += 1
             np.testing.assert_array_equal(ours, ref)
     assert exact > 30
+
+
+def test_block_mask_equals_the_official_generator():
+    """The masks of naver-ai/dtm 322df2e utils/masking_generator.py (= unilm beit2/masking_generator.py), run
+    unmodified on 2026-12-06 (Python 3.11, numpy 2.4.6; random.seed(seed), then MaskingGenerator(grid, num,
+    min_num_patches=min_block)()) for the first 3 seeds whose masks need no fix-up, as np.packbits(mask.ravel()).hex(),
+    and its next random.random(): the same patches and the same number of draws."""
+    official = {(14, 75, 16): [(0, "00000000003f20fc03f00ff03fc0ff03fc0fc03f00fc03f000", 0.13927370519815263),
+                               (1, "00003800e003800e003800e07f8ffe3ff8ef83be0ef8380000", 0.9162698355052942),
+                               (2, "3f84fe03fe0ff80fe003e00f803e00f803e00f803e00000000", 0.027444857090819008)],
+                (7, 19, 4): [(0, "01d3870e1c3800", 0.13927370519815263), (1, "3062c7b060d800", 0.7431466604224978),
+                             (2, "0200f1e3871e00", 0.027444857090819008)],
+                (12, 54, 8): [(0, "000000000f8cf80f80fe0fe0fe0f80f80f84", 0.9021659504395827),
+                              (1, "01c01c01c03c03c01c6066fe61e61e71e600", 0.36712383142708804),
+                              (2, "0fc0fc0fc0fe00e00e03e03e20e00e00e00e", 0.23612340711506208)]}
+    for (grid, num, min_block), masks in official.items():
+        gen = data.BlockMaskGenerator((grid, grid), num, min_block)
+        for seed, packed, next_draw in masks:
+            rng = random.Random(seed)
+            assert np.packbits(gen(rng).numpy().ravel()).tobytes().hex() == packed, (grid, seed)
+            assert rng.random() == next_draw, (grid, seed)
 
 
 def test_block_mask_gives_up_a_block_after_ten_proposals(monkeypatch):
