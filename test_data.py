@@ -1956,3 +1956,12 @@ def test_mixup_refuses_one_image_channels_last_and_labels_that_are_not_one_index
                                          r"\(4, 4\); one-hot labels\? pass labels.argmax\(1\)$"):
         m(x, torch.nn.functional.one_hot(y, 4))
     assert m(x[:, :1], y)[0].shape == (4, 1, 16, 16)  # grey images, channels first
+    # grey channels last, a clip of frames (B, T, C, H, W), one-hot labels of other images: no hint that misleads
+    with pytest.raises(ValueError, match=r"got \(4, 16, 16, 1\): pass images.permute\(0, 3, 1, 2\)$"):
+        m(x[:, :1].permute(0, 2, 3, 1), y)
+    with pytest.raises(ValueError, match=r"^Mixup takes images \(B, C, H, W\), channels first, got "
+                                         r"\(4, 1, 3, 16, 16\)$"):
+        m(x[:, None], y)
+    with pytest.raises(ValueError, match=r"one class index per image, got \(2, 4\)$"):
+        m(x, torch.nn.functional.one_hot(y, 4)[:2])
+    assert m(x[..., :3], y)[0].shape == (4, 3, 16, 3)  # 3 pixels wide, channels first: not read as channels last

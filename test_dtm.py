@@ -1504,6 +1504,8 @@ def test_the_models_and_teachers_refuse_one_image_channels_last_and_integer_pixe
             model(x[0])
         with pytest.raises(ValueError, match=r"channels last\? pass images.permute\(0, 3, 1, 2\)$"):
             model(x.permute(0, 2, 3, 1))
+        with pytest.raises(ValueError, match=rf"got \(2, {IMG}, {IMG}\)$"):  # no channel dim: not one image
+            model(x[:, 0])
     with pytest.raises(ValueError, match=rf"^expected images \(B, 3, H, W\), channels first, got \(2, 1, {IMG}, "
                                          rf"{IMG}\)$"):
         pixels(x[:, :1])
@@ -1513,6 +1515,9 @@ def test_the_models_and_teachers_refuse_one_image_channels_last_and_integer_pixe
                                             r"\(pixel / 255 - mean\) / std\), got torch.uint8$"):
             model(raw)
     assert torch.equal(pixels(raw), pixels(raw.float()))
+    grey = x[:, :1]  # a model built for 1 channel takes them
+    assert tiny_vit(in_chans=1).forward_features(grey).tokens.shape == (2, 1 + N, 192)
+    assert dtm.PixelTeacher(PATCH, in_chans=1)(grey).shape == (2, N, PATCH * PATCH)
 
 
 def test_a_checkpoint_path_and_a_bare_number_of_groups_are_refused_naming_the_fix(tmp_path):
@@ -1533,4 +1538,5 @@ def test_a_checkpoint_path_and_a_bare_number_of_groups_are_refused_naming_the_fi
     with pytest.raises(ValueError, match=r"^num_groups must be a list with one number of groups per level, got 12: "
                                          r"pass \[12\]$"):
         dtm.dtm_loss(pred, target, groups, num_groups=12)
-    assert dtm.dtm_loss(pred, target, groups, num_groups=[12])[0] == dtm.dtm_loss(pred, target, groups)[0]
+    for sequence in ([12], (12,)):
+        assert dtm.dtm_loss(pred, target, groups, num_groups=sequence)[0] == dtm.dtm_loss(pred, target, groups)[0]

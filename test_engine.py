@@ -1847,7 +1847,7 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
     def build(unreadable_on):  # a dataset whose folder the ranks unreadable_on cannot read
         if rank in unreadable_on:
             raise FileNotFoundError("--data 'imgs' is not a directory.")
-        return "built"
+        return ["built"]
     checks = [lambda: engine.prepare_run(args, d),
               lambda: engine.prepare_run(resume_other, d),  # rank 1's own view is an error: it still takes part
               lambda: engine.train_loader(list(range(4 + rank)), args, d),  # 4 images on rank 0, 5 on rank 1
@@ -1925,7 +1925,7 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
     assert skipped == "['b.jpg']"  # a file skipped on rank 1 is the run's, on every rank (named once, by rank 0)
     assert built_on_one == (f"rank 1 of 2 ({socket.gethostname()}) stopped: --data 'imgs' is not a directory; every "
                             f"process must read the same files (one data folder that every node sees in full)")
-    assert (built_on_none, built) == ("--data 'imgs' is not a directory.", "ok")
+    assert (built_on_none, built) == ("--data 'imgs' is not a directory.", "['built']")  # where all read: the data
     assert re.fullmatch(rf"rank 0 of 2 \({socket.gethostname()}\) stopped: could not write "
                         rf"{re.escape(str(tmp_path / 'node0' / 'dir.pth'))} \(disk full, or no permission to write "
                         rf"there\?\): \[Errno 21\] Is a directory: .*; nothing was written", unsaved), unsaved
@@ -1939,6 +1939,32 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
                       f"--resume 'finetune.pth' {damaged}", "--init 'init.pth': no such file",
                       f"--eval 'finetune.pth' {damaged}",
                       f"--resume 'seg.pth' {damaged}", "--init 'init.pth': no such file", f"--eval 'seg.pth' {damaged}"]
+
+
+def test_build_on_all_ranks_names_the_first_rank_that_stopped_and_raises_a_bug_where_it_happened(monkeypatch):
+    """Three ranks (all_gather_object faked: ranks 1 and 2 cannot read their data): rank 0 stops with the first one's
+    message, or with its own error where it failed too. A bug (an error raised outside this repo's checks) is raised
+    where it happened, before any collective; a Dist made up for a check (no process group) builds as one process."""
+    import socket
+    assert engine.build_on_all_ranks(engine.Dist(rank=1, world_size=2), lambda *a: list(a), 1, 2) == [1, 2]
+    gathered = []
+
+    def all_gather_object(out, obj):
+        gathered.append(obj)
+        out[:] = [obj, ("node-b", "--data 'd' is not a directory."), ("node-c", "no images in 'd'")]
+    monkeypatch.setattr(engine.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(engine.dist, "all_gather_object", all_gather_object)
+    d = engine.Dist(rank=0, world_size=3)
+    with pytest.raises(ValueError, match=r"^rank 1 of 3 \(node-b\) stopped: --data 'd' is not a directory; every "):
+        engine.build_on_all_ranks(d, lambda: "built")
+    with pytest.raises(json.JSONDecodeError):  # raised in json's decoder: not a user error
+        engine.build_on_all_ranks(d, json.loads, "not json")
+
+    def unreadable():
+        raise FileNotFoundError("--data 'd' is not a directory.")
+    with pytest.raises(FileNotFoundError, match=r"^--data 'd' is not a directory\.$"):  # every rank stopped: its own
+        engine.build_on_all_ranks(d, unreadable)
+    assert gathered == [None, (socket.gethostname(), "--data 'd' is not a directory.")]
 
 
 RANK1_ELSEWHERE = """
@@ -1956,7 +1982,23 @@ UNREADABLE_ON_RANK1 = {  # trainer: (its flags, rank 0's folders of 2 images, ra
                           "--data 'd' must hold train/ and val/"),
     "train_seg.py": (["--img_dir", "d/a", "--ann_dir", "d/b", "--val_img_dir", "d/a", "--val_ann_dir", "d/b",
                       "--num_classes", "3", "--init", "none", "--model", "vit_tiny", "--crop_size", "32"],
-                     ["d/a", "d/b"], ["d/a", "d/b"], "no '*.jpg' images in 'd/a'")}
+                     ["d/a", "d/b"], ["d/a", "d/b"], "no '*.jpg' images in 'd/a'"),
+    # --eval of a demo run's checkpoint (demo_checkpoint) on folders: the validation set alone
+    "train_finetune.py --eval": (["--data", "d"], ["d/val/a", "d/val/b"], ["d"], "--data 'd' must hold val/"),
+    "train_seg.py --eval": (["--val_img_dir", "d/a", "--val_ann_dir", "d/b"], ["d/a", "d/b"], ["d/a", "d/b"],
+                            "no '*.jpg' images in 'd/a'")}
+
+
+def demo_checkpoint(trainer, out):
+    """The checkpoint of a one-step demo run of trainer (vit_tiny at 32 px) in out."""
+    flags = {"train_finetune.py": ["--img_size", "32", "--synthetic_train", "16", "--synthetic_val", "4",
+                                   "--batch_size", "16", "--epochs", "1"],
+             "train_seg.py": ["--crop_size", "32", "--scale", "64", "48", "--channels", "16", "--batch_size", "2",
+                              "--demo_img_size", "48", "--demo_train_images", "2", "--demo_val_images", "2",
+                              "--iters", "1"]}[trainer]
+    importlib.import_module(trainer[:-len(".py")]).main(flags + ["--init", "none", "--num_workers", "0",
+                                                                 "--output_dir", str(out)])
+    return str(out / engine.LAST)
 
 
 @pytest.mark.parametrize("trainer", list(UNREADABLE_ON_RANK1))
@@ -1964,6 +2006,9 @@ def test_a_rank_that_cannot_read_its_data_stops_every_rank_with_its_message(trai
     """Two gloo processes where rank 1's data folder is empty: rank 1 stopped with its message, rank 0 at its next
     collective with gloo's traceback, and torchrun's summary named rank 0 as the first failure."""
     flags, folders, empty, refused = UNREADABLE_ON_RANK1[trainer]
+    trainer, *evaluate = trainer.split()
+    if evaluate:
+        flags = flags + ["--eval", demo_checkpoint(trainer, tmp_path / "trained")]
     for folder in folders:  # an image and a label map each: the segmentation folders pair them by name
         os.makedirs(tmp_path / "rank0" / folder)
         for i in range(2):

@@ -629,7 +629,11 @@ def test_group_mean_refuses_integer_tokens_and_tokens_without_channels():
     with pytest.raises(TypeError, match=r"^group_mean needs floating point x, got torch.uint8: the mean of integers is "
                                         r"no integer; pass x.float\(\)$"):
         group_mean(pixels, groups, 1)
+    with pytest.raises(TypeError, match=r"^group_mean needs floating point x, got torch.int64"):
+        group_mean(pixels.long(), groups, 1)
     assert group_mean(pixels.float(), groups, 1).item() == 2.5
     with pytest.raises(ValueError, match=r"^group_mean needs x of shape \(B, N, C\), got \(1, 2\); for one value per "
                                          r"token pass x\[\.\.\., None\]$"):
         group_mean(torch.randn(1, 2), groups, 1)
+    with pytest.raises(ValueError, match=r"^group_mean needs x of shape \(B, N, C\), got \(1, 2, 1, 1\)"):
+        group_mean(torch.randn(1, 2, 1, 1), groups, 1)  # (B, N, C) with a channel dim too many

@@ -117,6 +117,10 @@ def test_a_fixed_schedule_that_merges_other_than_n_tokens_is_said(capsys):
     assert note("--img_size", "32", "--num_masked", "2", "--fixed_schedule", "3", "2") == ""
     assert note("--fixed_schedule", "1", "196").endswith(": --schedule_rule official merges the same whole number of "
                                                          "tokens in each round (1)\n")  # more rounds: not the fix
+    # 99 rounds of ceil(100 / 99) = 2 would merge 198 of 196 tokens: rounds of 1, 99 in all, fewer than N by the rule
+    # alone (the clamp takes none off, so more rounds are not the fix)
+    assert note("--fixed_schedule", "100", "99").endswith("]): --schedule_rule official merges the same whole number "
+                                                          "of tokens in each round (1)\n")
 
 
 @pytest.mark.parametrize("size, split, most", [("32", "random", 3), ("32", "official", 2), ("224", "random", 195),
@@ -133,6 +137,18 @@ def test_fixed_schedule_takes_the_tokens_that_can_merge(size, split, most, capsy
     assert capsys.readouterr().out == ""
     schedule = morph.make_schedule(int(size) ** 2 // 256, most, max(most, 1), args.schedule_rule)
     assert morph.num_groups_after(int(size) ** 2 // 256, schedule, split) == int(size) ** 2 // 256 - most
+
+
+def test_fixed_schedule_refuses_no_rounds_and_names_a_range_that_exists():
+    """K = 0 rounds (it failed later, in morph.make_schedule, naming no flag); one patch (16 px) with --split official,
+    which keeps patch 0 apart: no token can merge, N <= 0 (not -1)."""
+    with pytest.raises(ValueError, match=r"needs 0 <= N <= 48 and K >= 1, got \[5, 0\]"):
+        tp.parse_args(["--teacher", "pixels", "--fixed_schedule", "5", "0"])
+    with pytest.raises(ValueError, match=r"needs 0 <= N <= 0 and K >= 1, got \[1, 1\] \(the 1 patches at --img_size 16 "
+                                         r"merge into one group at most, beside patch 0, which --split official never "
+                                         r"merges\)$"):
+        tp.parse_args(["--teacher", "pixels", "--img_size", "16", "--num_masked", "0", "--split", "official",
+                       "--fixed_schedule", "1", "1"])
 
 
 def test_teacher_runs_under_teacher_amp(monkeypatch):

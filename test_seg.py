@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -1166,15 +1167,15 @@ def test_eval_refusals_name_what_to_pass_and_passing_it_evaluates(tmp_path):
     assert "mIoU" in train_seg.main(demo + out + ["--stride", "32"])  # the crop size it was trained with
     assert "mIoU" in train_seg.main(demo + out)  # each flag left out
     labels = [torch.randint(0, 3, (40, 48), generator=torch.Generator().manual_seed(i)).numpy() for i in range(2)]
-    write_seg_folder(tmp_path / "d", labels)
-    train_seg.main(generic_run(tmp_path / "d", tmp_path / "d", tmp_path / "run", "--iters", "1"))
+    write_seg_folder(tmp_path / "my d", labels)  # named as the shell reads it back
+    train_seg.main(generic_run(tmp_path / "my d", tmp_path / "my d", tmp_path / "run", "--iters", "1"))
     generic = ["--eval", str(tmp_path / "run" / engine.LAST), "--num_workers", "0"]
     with pytest.raises(ValueError, match="the validation data has 150 classes, .* was trained on 3: pass the "
                                          "validation folders of its data instead of --data \\(its run's: "
                                          "(--val_img_dir .*)\\)$") as refused:
         train_seg.main(generic + out + ["--data", str(tmp_path / "ade")])
-    folders = re.search(r"its run's: (.*)\)$", str(refused.value)).group(1).split()
-    assert folders == ["--val_img_dir", str(tmp_path / "d" / "img"), "--val_ann_dir", str(tmp_path / "d" / "ann")]
+    folders = shlex.split(re.search(r"its run's: (.*)\)$", str(refused.value)).group(1))
+    assert folders == ["--val_img_dir", str(tmp_path / "my d" / "img"), "--val_ann_dir", str(tmp_path / "my d" / "ann")]
     assert "mIoU" in train_seg.main(generic + out + folders)
 
 
