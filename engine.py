@@ -1315,9 +1315,9 @@ def save_checkpoint(path: str, state: dict):
 
 def _write_checkpoint(path: str, state: dict):
     """save_checkpoint's file, on rank 0."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # its error too: one line, every rank's
         torch.save(state, tmp)
         replace_durably(tmp, path)
     except (OSError, RuntimeError) as e:

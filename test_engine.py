@@ -2028,6 +2028,15 @@ def test_a_rank_that_cannot_read_its_data_stops_every_rank_with_its_message(trai
                          rf".*?; every process must read the same files", proc.stderr), proc.stderr[-3000:]
 
 
+def test_a_save_into_a_folder_that_cannot_be_made_is_a_user_error(tmp_path):
+    (tmp_path / "file").write_text("")  # a file where the folder would be: os.makedirs fails, as without permission
+    path = tmp_path / "file" / "run" / engine.LAST
+    with pytest.raises(OSError, match=rf"could not write {re.escape(str(path))} \(disk full, or no permission to "
+                                      r"write there\?\): \[Errno 20\] Not a directory.*; nothing was written") as e:
+        engine.save_checkpoint(str(path), {"model": {"w": torch.ones(2)}, "step": 1})
+    assert engine.user_error_message(e.value).startswith("could not write")  # stops every rank (build_on_all_ranks)
+
+
 def test_a_failed_save_names_the_file_removes_its_temp_file_and_keeps_the_last_good_one(tmp_path, monkeypatch):
     path = tmp_path / engine.LAST
     state = {"model": {"w": torch.ones(2)}, "step": 3}
