@@ -305,6 +305,12 @@ def check_ranks_agree(d: Dist, what: str, value, fix: str):
         raise ValueError(f"the processes do not agree on {what} ({seen}): {fix}")
 
 
+def _world() -> Dist:
+    """This process's rank and world size, from the process group (one process without one), for the functions every
+    rank calls without being handed a Dist (load_checkpoint, save_checkpoint)."""
+    return Dist(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else Dist()
+
+
 def build_on_all_ranks(d: Dist, build, *args, fix: str = _SAME_FILES, **kwargs):
     """build(*args, **kwargs) (datasets: folders that each node reads for itself; checkpoints, with fix
     SAME_CHECKPOINT) on every process. A user error (user_error_message) on some ranks only stops every rank with the
@@ -1309,7 +1315,7 @@ def save_checkpoint(path: str, state: dict):
         bad = [k for k, t in state["model"].items() if t.is_floating_point() and not t.isfinite().all()]
         stop_non_finite(f"parameters {bad[:3]}{' ...' if len(bad) > 3 else ''}", state["step"],
                         os.path.dirname(path))
-    ranks = Dist(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else Dist()
+    ranks = _world()
     build_on_all_ranks(ranks, _write_checkpoint if ranks.is_main else lambda *_: None, path, state, fix=None)
 
 
@@ -1362,7 +1368,14 @@ def check_finite(values: torch.Tensor, names, step: int, output_dir: str, remedy
 def load_checkpoint(path: str, kind: str, flag: str = "--resume", hint: str = "", auto: bool = False) -> dict:
     """A checkpoint of one trainer (kind); a clear error for a missing file, a foreign one or another trainer's.
     auto: path is the output_dir's checkpoint-last.pth that prepare_run picked, not a file --resume names (--resume
-    auto, or a requeued --resume PATH command); the error then names the folder."""
+    auto, or a requeued --resume PATH command); the error then names the folder. Every rank calls it and reads the
+    file for itself; where some cannot (a copy missing or damaged on their node), every rank stops with the first
+    one's error (build_on_all_ranks)."""
+    return build_on_all_ranks(_world(), _read_run_checkpoint, path, kind, flag, hint, auto, fix=SAME_CHECKPOINT)
+
+
+def _read_run_checkpoint(path: str, kind: str, flag: str, hint: str, auto: bool) -> dict:
+    """load_checkpoint's read and checks, on one rank."""
     try:
         checkpoint = dtm.read_checkpoint(path, flag if not auto else "the run's checkpoint (--resume auto)")
     except ValueError as e:

@@ -415,9 +415,8 @@ def main(argv=None):
 def run_eval(args, d, amp_dtype):
     """--eval CHECKPOINT: the model and input size come from the checkpoint, and so does the crop ratio unless given;
     the result is appended to output_dir/eval.jsonl (a training run's log.jsonl is left alone)."""
-    checkpoint = engine.build_on_all_ranks(d, engine.load_checkpoint, args.eval, "dtm_finetune", "--eval",
-                                           hint="; to start fine-tuning from its weights pass it as --init PATH in a "
-                                           "training command (without --eval)", fix=engine.SAME_CHECKPOINT)
+    checkpoint = engine.load_checkpoint(args.eval, "dtm_finetune", "--eval", hint="; to start fine-tuning from its "
+                                        "weights pass it as --init PATH in a training command (without --eval)")
     quoted = ["data_val"] if checkpoint["args"].get("data_val") else ["data"]  # --data beside it: not read
     engine.refuse_demo_eval(args, checkpoint["args"], args.eval, quoted, "--data or --data_val")
     engine.take_from_checkpoint(args, checkpoint["args"], EVAL_FROM_CHECKPOINT, args.eval)
@@ -517,10 +516,8 @@ def finetune(args, d, amp_dtype, scaler):
         demo_init(args, d)
     resume_path, own_run = engine.prepare_run(args, d, new_run_reads={"--init": args.init})
     if resume_path is not None:
-        resume = engine.build_on_all_ranks(d, engine.load_checkpoint, resume_path, "dtm_finetune",
-                                           hint="; to start fine-tuning from its weights pass it as --init PATH "
-                                           "instead of --resume", auto=resume_path != args.resume,
-                                           fix=engine.SAME_CHECKPOINT)
+        resume = engine.load_checkpoint(resume_path, "dtm_finetune", hint="; to start fine-tuning from its weights "
+                                        "pass it as --init PATH instead of --resume", auto=resume_path != args.resume)
         both = resume["args"].get("data_train") and resume["args"].get("data_val")  # then its --data was not read
         engine.refuse_demo_resume(args, resume["args"], resume_path, ["data_train", "data_val"] if both else
                                   ["data", "data_train", "data_val"], "--data, or --data_train and --data_val")

@@ -330,10 +330,9 @@ def train(args, d: engine.Dist) -> dict:
     step, resume_path, own_run = 0, *engine.prepare_run(args, d, reads={"--teacher ckpt:": teacher_file})
     checkpoint = {}
     if resume_path is not None:
-        checkpoint = engine.build_on_all_ranks(  # a node whose copy cannot be read stops them all
-            d, engine.load_checkpoint, resume_path, "dtm_pretrain", hint="; pre-training continues its own runs only "
-            "(to distil from a ViT checkpoint pass it as --teacher ckpt:PATH instead of --resume)",
-            auto=resume_path != args.resume, fix=engine.SAME_CHECKPOINT)
+        checkpoint = engine.load_checkpoint(resume_path, "dtm_pretrain", hint="; pre-training continues its own runs "
+                                            "only (to distil from a ViT checkpoint pass it as --teacher ckpt:PATH "
+                                            "instead of --resume)", auto=resume_path != args.resume)
         engine.refuse_demo_resume(args, checkpoint["args"], resume_path, ["data"], "--data")
     set_schedule(args, checkpoint.get("args"))
     if args.demo:

@@ -690,9 +690,8 @@ def run_eval(args, d):
     """--eval CHECKPOINT: the model (ViT, crop size, UperNet width, classes) comes from the checkpoint, and so do the
     image scale and the window stride unless given; the result is appended to output_dir/eval.jsonl (a training run's
     log.jsonl is left alone)."""
-    checkpoint = engine.build_on_all_ranks(d, engine.load_checkpoint, args.eval, "dtm_seg", "--eval",
-                                           hint="; to start from its weights pass it as --init PATH in a training "
-                                           "command (without --eval)", fix=engine.SAME_CHECKPOINT)
+    checkpoint = engine.load_checkpoint(args.eval, "dtm_seg", "--eval", hint="; to start from its weights pass it as "
+                                        "--init PATH in a training command (without --eval)")
     saved = {**checkpoint["args"], **head_settings(checkpoint["args"])}  # a given value is compared with the used one
     engine.refuse_demo_eval(args, checkpoint["args"], args.eval, ["data", "val_img_dir", "val_ann_dir", "num_classes"],
                             "--data, or --val_img_dir and --val_ann_dir")
@@ -785,9 +784,8 @@ def train(args, d):
                          "channel); use --batch_size 2 or more, or several GPUs (SyncBatchNorm pools the batch)")
     resume_path, own_run = engine.prepare_run(args, d, new_run_reads={"--init": args.init})
     if resume_path is not None:
-        resume = engine.build_on_all_ranks(d, engine.load_checkpoint, resume_path, "dtm_seg",
-                                           hint="; to start from its weights pass it as --init PATH instead of "
-                                           "--resume", auto=resume_path != args.resume, fix=engine.SAME_CHECKPOINT)
+        resume = engine.load_checkpoint(resume_path, "dtm_seg", hint="; to start from its weights pass it as --init "
+                                        "PATH instead of --resume", auto=resume_path != args.resume)
         engine.refuse_demo_resume(args, resume["args"], resume_path,
                                   ["data", "img_dir", "ann_dir", "val_img_dir", "val_ann_dir", "num_classes"],
                                   "--data, or --img_dir, --ann_dir, --val_img_dir and --val_ann_dir")
