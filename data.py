@@ -6,7 +6,7 @@ Pre-training (DTM, ICLR 2025, follows the BEiT v2 pre-training data pipeline)
   ImageFolder           the usual `root/class_x/img.jpg` layout (torchvision's ImageFolder semantics); its samples
                         in numpy arrays (PackedSamples), so DataLoader workers do not copy them.
   PretrainTransform     RandomResizedCrop(scale=(min_crop_scale, 1), ratio 3/4..4/3, bicubic) -> horizontal flip ->
-                        color jitter 0.4 -> normalize. BEiT v2 and the official DTM code (utils/datasets.py
+                        color jitter 0.4 -> normalize. BEiT v2 and the official DTM code (utils/datasets.py:71-73,
                         DataAugmentationForBEiT) apply the color jitter before the flip and crop; here it runs on the
                         crop (cheaper; the same up to rounding and clipping for brightness and saturation, while
                         contrast uses the crop's mean instead of the full image's; measured: PretrainTransform).
