@@ -54,6 +54,29 @@ def test_cosine_schedule_values():
     assert engine.cosine_schedule(0, 10, 0, 2.0, 0.0) == pytest.approx(2.0)  # no warmup
 
 
+# naver-ai/dtm utils/utils.py cosine_scheduler(lr, 1e-5, 3, 7, warmup_epochs=1), lr = 1.5e-3 * sqrt(1024 / 2048), as
+# run_pretrain_dtm.py calls it: its 14 values after the warmup, computed with the official code (2026-12-06)
+OFFICIAL_COSINE_AFTER_WARMUP = [
+    0.0010606601717798214, 0.0010474890497328593, 0.001008636138649224, 0.0009460496857262771,
+    0.0008628680370518426, 0.0007632622678267731, 0.0006522270272374845, 0.0005353300858899107,
+    0.000418433144542337, 0.0003073979039530483, 0.00020779213472797885, 0.00012461048605354457,
+    6.20240331305973e-05, 2.3171122046961925e-05]
+
+
+def test_cosine_schedule_after_the_warmup_is_the_official_cosine_scheduler():
+    """3 epochs x 7 steps, 1 warmup epoch: steps 7-20 equal the official values; the warmup is the documented
+    difference (README, Recipe provenance): lr * s / 7 here, the official np.linspace(0, lr, 7) is lr * s / 6."""
+    peak = 1.5e-3 * math.sqrt(1024 / 2048)
+    ours = [engine.cosine_schedule(step, 21, 7, peak, 1e-5) for step in range(21)]
+    assert ours[7:] == pytest.approx(OFFICIAL_COSINE_AFTER_WARMUP, rel=1e-12, abs=0)
+    assert ours[:7] == pytest.approx([peak * step / 7 for step in range(7)], rel=1e-12, abs=0)
+    # the paper's run: 300 epochs of 1251 steps (ImageNet at 8 x 128), 10 warmup epochs; official values at the first
+    # step after the warmup, the middle of the cosine and the last step
+    total, warmup = 300 * 1251, 10 * 1251
+    assert [engine.cosine_schedule(step, total, warmup, peak, 1e-5) for step in (warmup, 193905, total - 1)] == \
+        pytest.approx([0.0010606601717798214, 0.0005353300858899107, 1.0000000019696615e-05], rel=1e-12, abs=0)
+
+
 def test_poly_schedule_with_warmup():
     lr = lambda s: engine.poly_schedule(s, 100, 10, 1.0, power=1.0, warmup_ratio=1e-6)  # noqa: E731
     assert lr(0) == pytest.approx(1e-6)
@@ -91,6 +114,49 @@ def test_param_groups_follow_the_official_weight_decay_rule_on_every_parameter(s
     assert decay["student.blocks.3.attn.rel_pos_bias.table"] == decay["head.weight"] == 0.05
     assert decay["student.cls_token"] == decay["student.pos_embed"] == decay["student.blocks.0.gamma_1"] == 0.0
     assert decay["student.blocks.1.attn.q_bias"] == decay["head.bias"] == 0.0
+
+
+# After two steps of the official optimizer (naver-ai/dtm utils/optim_factory.py create_optimizer: AdamW, betas 0.9
+# 0.98, eps 1e-8, weight decay 0.05 by get_parameter_groups; utils/utils.py NativeScalerWithGradNormCount, clip_grad
+# 3.0) on the official DTM with the weights and gradients of the test below, float64, computed with the official code
+# (2026-12-06): name -> (sum of the tensor, its first two values)
+OFFICIAL_ADAMW_WEIGHTS = {
+    "student.cls_token": (-0.07984331313084878, [0.0008766970538920712, -0.006487087902781878]),
+    "student.mask_token": (-0.07118822106864509, [-0.018692018015750326, -0.02114641584828937]),
+    "student.patch_embed.weight": (0.05839972001902298, [0.01710625167632824, 0.013618117501868405]),
+    "student.rel_pos_bias.table": (-0.017040959090043332, [0.007020466470054713, -0.000341281000176912]),
+    "student.blocks.0.gamma_1": (0.027433034516211013, [0.01780256152435133, 0.01541837701836462]),
+    "student.blocks.1.attn.q_bias": (0.05938992518562369, [0.01928688586905433, 0.02080505541087987]),
+    "student.blocks.2.attn.rel_pos_bias.table": (0.051593999627045126, [0.007693835954245834, 0.014265200217060703]),
+    "student.blocks.3.mlp.fc2.weight": (-0.02862120083821422, [-0.019645487974900372, -0.018115904230565038]),
+    "student.norm.weight": (0.05803794639707751, [-0.004099203832914599, 0.0033088210525881443]),
+    "head.weight": (0.07538325425734635, [0.018488727637292007, 0.021146085195632484]),
+    "head.bias": (0.09691843583582303, [-0.0015126943445756037, 0.005868709898997517]),
+}
+
+
+def test_two_adamw_steps_with_clipping_give_the_official_optimizers_weights():
+    """train_pretrain.py's optimizer (AdamW over param_groups, betas 0.9 0.98, the cosine lr of steps 7 and 8 of 3
+    epochs x 7, engine.optimizer_step clipping to 3.0) moves the weights as the official one: a ViT-tiny at 32 px with
+    an 8-d head, weights and gradients from sines (no RNG), gradient norms 9.8 (clipped)."""
+    model = dtm.DTMPretrainModel(dtm.build_vit("vit_tiny", img_size=32, rel_pos_bias="both"), 8).double()
+    params = dict(sorted(model.named_parameters()))
+    with torch.no_grad():
+        for k, p in enumerate(params.values()):
+            p.copy_((torch.sin(torch.arange(p.numel(), dtype=torch.float64) * 0.37 + k) * 0.02).view(p.shape))
+    optimizer = torch.optim.AdamW(engine.param_groups(model, 0.05), lr=1.0, betas=(0.9, 0.98))
+    norms = []
+    for step in (7, 8):
+        engine.set_lr(optimizer, engine.cosine_schedule(step, 21, 7, 1e-3, 1e-5))
+        for k, p in enumerate(params.values()):
+            angles = torch.arange(p.numel(), dtype=torch.float64) * 0.11 + 3 * k + step
+            p.grad = (torch.cos(angles) * 0.01).view(p.shape)
+        norms.append(engine.optimizer_step(optimizer, None, model.parameters(), 3.0).item())
+    assert norms == pytest.approx([9.824312167610554, 9.824371864418053], rel=1e-12)
+    for name, (total, first) in OFFICIAL_ADAMW_WEIGHTS.items():
+        values = params[name].detach().flatten()
+        assert values.sum().item() == pytest.approx(total, rel=1e-10, abs=1e-15), name
+        assert values[:2].tolist() == pytest.approx(first, rel=1e-10, abs=1e-15), name
 
 
 def test_param_groups_lr_scale_and_frozen_parameters():
