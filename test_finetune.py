@@ -994,6 +994,75 @@ def test_both_layout_pretraining_checkpoint_fine_tunes_with_the_summed_tables(tm
         torch.testing.assert_close(model.eval().forward_features(x).tokens, last, rtol=1e-5, atol=1e-5)
 
 
+def official_format_checkpoint(width=16, heads=2, depth=2, grid=2):
+    """A DTM pre-training state dict with the official code's names (models/modeling_dtm.py: patch_embed.proj,
+    relative_position_bias_table shared and per block, their relative_position_index buffers, mask_token, norm,
+    lm_head), its values fixed functions of position (no RNG)."""
+    rows, hidden = (2 * grid - 1) ** 2 + 3, 4 * width
+    shapes = {"cls_token": (1, 1, width), "mask_token": (1, 1, width), "patch_embed.proj.weight": (width, 3, 16, 16),
+              "patch_embed.proj.bias": (width,), "rel_pos_bias.relative_position_bias_table": (rows, heads)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({b + "gamma_1": (width,), b + "gamma_2": (width,), b + "norm1.weight": (width,),
+                       b + "norm1.bias": (width,), b + "attn.q_bias": (width,), b + "attn.v_bias": (width,),
+                       b + "attn.relative_position_bias_table": (rows, heads),
+                       b + "attn.qkv.weight": (3 * width, width), b + "attn.proj.weight": (width, width),
+                       b + "attn.proj.bias": (width,), b + "norm2.weight": (width,), b + "norm2.bias": (width,),
+                       b + "mlp.fc1.weight": (hidden, width), b + "mlp.fc1.bias": (hidden,),
+                       b + "mlp.fc2.weight": (width, hidden), b + "mlp.fc2.bias": (width,)})
+    shapes.update({"norm.weight": (width,), "norm.bias": (width,), "lm_head.weight": (8, width), "lm_head.bias": (8,)})
+    sd = {}
+    for k, (name, shape) in enumerate(shapes.items()):
+        wave = torch.sin(0.37 * (1 + 0.13 * k) * torch.arange(1, 1 + math.prod(shape), dtype=torch.float64))
+        base, scale = ((1.0, 0.1) if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")) else
+                       (0.1, 0.05) if "gamma" in name else (0.0, 0.5) if "table" in name else
+                       (0.0, 0.02) if len(shape) > 1 or name.endswith("_token") else (0.0, 0.05))
+        sd[name] = (base + scale * wave).float().reshape(shape)
+    index = torch.zeros((grid * grid + 1,) * 2, dtype=torch.long)  # dropped by both loaders
+    sd["rel_pos_bias.relative_position_index"] = index
+    for i in range(depth):
+        sd[f"blocks.{i}.attn.relative_position_index"] = index.clone()
+    return sd
+
+
+def test_an_official_checkpoint_fine_tunes_as_the_official_code(tmp_path):
+    """Reference values of the official fine-tuning code (naver-ai/dtm 322df2e, timm 0.4.12, torch 2.13, float64; run
+    side by side on 2026-12-06): run_class_finetuning.py main() with --init_both_rpb --layer_decay 0.65 --weight_decay
+    0.05 --lr 1e-3 --drop_path 0 --mixup 0 --cutmix 0 (label smoothing 0.1) loading this state dict, the same head,
+    then engines/engine_for_finetuning.py train_one_epoch for one step: the logits in eval mode, the loss, the
+    gradient norm of each layer-decay layer (0: embeddings, 1-2: blocks, 3: fc_norm and head) and the sum of each
+    layer's AdamW update. Here the loss is taken in float32 (soft_target_cross_entropy), hence the tolerances."""
+    torch.save(official_format_checkpoint(), tmp_path / "official.pth")
+    model, fresh = dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / "official.pth")), 32, 4, "per_block")
+    assert fresh == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    model = model.double()
+    images = torch.cos(0.011 * torch.arange(2 * 3 * 32 * 32, dtype=torch.float64)).reshape(2, 3, 32, 32)
+    labels = torch.tensor([1, 3])
+    with torch.no_grad():
+        model.head.weight.copy_(0.3 * torch.sin(0.7 * torch.arange(4 * 16, dtype=torch.float64)).reshape(4, 16))
+        model.head.bias.copy_(torch.tensor([0.01, -0.02, 0.03, 0.0], dtype=torch.float64))
+        logits = model.eval()(images)
+    official_logits = [[1.1915275225695743, 1.351940596501227, -0.5945062946492792, -1.6254962270996882],
+                       [0.9946652060855529, 1.5481534143432816, -0.31797966543421896, -1.7094365435296206]]
+    torch.testing.assert_close(logits, torch.tensor(official_logits, dtype=torch.float64), rtol=0, atol=1e-12)
+    optimizer = tf.build_optimizer(model.train(), 1e-3, 0.05, 0.65)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = tf.train_micro_step(model, images, labels, data.Mixup(0.0, 0.0, label_smoothing=0.1, num_classes=4),
+                               argparse.Namespace(seed=0, accum_iter=1), 0, engine.Dist(), None, None)
+    assert loss.item() == pytest.approx(2.243219185505, rel=1e-6)
+    layer = {n: dtm.layer_id_for_param(n, model.depth) for n in before}
+    grad_norms = [torch.cat([p.grad.flatten() for n, p in model.named_parameters() if layer[n] == i]).norm().item()
+                  for i in range(4)]
+    assert grad_norms == pytest.approx([312.9502729900944, 2.2694598491917617, 2.1264107668858356,
+                                        2.5150913041843945], rel=1e-6)
+    assert engine.optimizer_step(optimizer, None, list(model.parameters()), 0.0).item() == pytest.approx(
+        312.975831526333, rel=1e-6)
+    updates = [sum((p.detach() - before[n]).sum().item() for n, p in model.named_parameters() if layer[n] == i)
+               for i in range(4)]
+    assert updates == pytest.approx([-0.005492966497641839, 0.008358464725050304, -0.004420657028137109,
+                                     -0.008001026697234289], rel=0, abs=1e-7)
+
+
 def test_logged_lr_seeds_groups_and_best_checkpoint(tmp_path, monkeypatch):
     """48 images, batch 8 x accum 2: 3 steps per epoch, 3 epochs, warmup 1 epoch = 3 steps; lr = --lr * 16 / 1024
     (linear scaling), cosine to --min_lr; each group's lr carries its layer decay (0.6 for vit_tiny, the paper's
