@@ -1368,6 +1368,94 @@ def test_uper_head_and_pyramid_equal_mmsegs_forward_written_out():
         torch.testing.assert_close(out[1], pyramid.up2(maps[1]))
 
 
+def _pinned_weights(model, size: int, num_classes: int):
+    """Every floating tensor of the (float64) model's state dict, by sorted name, then a batch (2 images, labels with
+    about 40% ignored) from one seeded generator: the rule the reference values below were computed with."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        state = model.state_dict()
+        for name in sorted(state):
+            t = state[name]
+            if not t.is_floating_point():
+                continue
+            x = torch.randn(t.shape, generator=g, dtype=torch.float64)
+            if t.ndim > 1:
+                t.copy_(x / t[0].numel() ** 0.5)
+            else:
+                t.copy_(1 + 0.1 * x if name.endswith(("norm1.weight", "norm2.weight", "running_var")) else 0.1 * x)
+    images = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (2, size, size), generator=g)
+    labels[torch.rand(labels.shape, generator=g, dtype=torch.float64) < 0.4] = train_seg.IGNORE_INDEX
+    return images, labels
+
+
+
+def test_logits_and_loss_equal_beits_backbone_with_mmsegs_heads():
+    """Reference values computed on 2026-12-06 with BEiT's backbone (microsoft/unilm 768a3c8,
+    beit/semantic_segmentation/backbone/beit.py: per-block relative position tables, init_values 0.1, out_indices
+    0..3 of 4 blocks, fpn1..fpn4) and mmsegmentation 1.2.2's UPerHead (192 channels) and FCNHead (in_index 2, 256
+    channels, one conv), SyncBN, align_corners False, holding these weights (copied by name) in float64: the logits
+    resized to the image, summed against a ramp over the pixels, in eval mode and in training mode (batch statistics;
+    dropout off); this model agreed within 2e-15. The loss: mmseg's CrossEntropyLoss (ignore 255, main + 0.4 aux)
+    with avg_non_ignore=True, which is this loss; mmseg 0.11's (BEiT's) is the same sum over all pixels, ignored ones
+    included (documented in train_seg's docstring). align_corners True, the tanh GELU in fpn1 and a max-pooled PPM
+    each failed here."""
+    model = train_seg.ViTUperNet(backbone(96), num_classes=3).double()
+    images, labels = _pinned_weights(model, 96, 3)
+    ramp = torch.linspace(-1, 1, 96 * 96, dtype=torch.float64).view(96, 96)
+    expected = {  # training mode -> (decode head, auxiliary head): (logits * ramp).sum over the pixels, (2, 3)
+        False: ([[3.6940448429159365, -1.745475303785858, -2.7972991109113856],
+                 [1.3263637388910339, -1.8758529971011466, -2.5205092647384824]],
+                [[43.64188604799688, 14.738692633861033, -7.2620476418672215],
+                 [-13.798213268052454, -14.994127549705526, -40.33847829289639]]),
+        True: ([[121.09905640541639, 23.39860759243909, -148.93290373777126],
+                [16.138536679231503, -140.6293790598384, -145.89639378870746]],
+               [[35.82089037478195, 17.21135976326375, -7.1577186394676104],
+                [-23.59842252271092, -27.535506204427826, -49.076514404566154]])}
+    for training, sums in expected.items():
+        model.train(training)
+        model.decode_head.dropout.eval()
+        model.aux_head.dropout.eval()
+        with torch.no_grad():
+            logits, aux = model(images, with_aux=True)
+        for out, ref in zip((logits, aux), sums):
+            torch.testing.assert_close((out * ramp).sum((2, 3)), torch.tensor(ref, dtype=torch.float64),
+                                       rtol=1e-9, atol=1e-9)
+    loss = train_seg.segmentation_loss(logits, aux, labels)[0].item()  # float32
+    assert loss == pytest.approx(1.5523049984794581, rel=1e-6)
+    labelled = (labels != train_seg.IGNORE_INDEX).sum().item()
+    assert (labelled, loss * labelled / labels.numel()) == (11106, pytest.approx(0.935324398507916, rel=1e-6))
+
+
+def test_parameter_groups_and_lr_equal_beits_layer_decay_and_mmcvs_poly_hook():
+    """Reference values computed on 2026-12-06 with BEiT's LayerDecayOptimizerConstructor
+    (beit/semantic_segmentation/mmcv_custom/layer_decay_optimizer_constructor.py; num_layers 12, layer_decay_rate 0.65,
+    weight_decay 0.05) on BEiT's ViT-B + mmseg's UPerHead and FCNHead, and mmcv 1.3.0's PolyLrUpdaterHook (power 1.0,
+    min_lr 0.0, by_epoch False, linear warmup over 1500 iterations from 1e-6, 160000 iterations) on its groups. BEiT's
+    groups: (layer id, decayed) -> parameter tensors, layer 0 the embeddings, i + 1 block i, 13 the pyramid and both
+    heads, lr scale 0.65 ** (13 - layer id). One difference, documented (README, train_seg's docstring): BEiT decays
+    cls_token (its exemption of 'cls_token' misses 'backbone.cls_token'), this repo does not."""
+    model = train_seg.ViTUperNet(dtm.build_vit("vit_b", img_size=32, rel_pos_bias="per_block", use_mask_token=False),
+                                 150, channels=16)  # the heads' width changes no name
+    groups = engine.param_groups(model, 0.05, engine.layer_decay_fn(model.backbone.depth, 0.65, prefix="backbone."))
+    beit = {(0, True): 2, (0, False): 1, (13, True): 18, (13, False): 33}
+    beit.update({(layer, decayed): 5 if decayed else 11 for layer in range(1, 13) for decayed in (True, False)})
+    scales = [0.65 ** (13 - layer) for layer in range(14)]  # BEiT's floats: 0.003697205891018715 ... 0.65, 1.0
+    ours = {(scales.index(g["lr_scale"]), g["weight_decay"] == 0.05): len(g["params"]) for g in groups}
+    assert ours == {**beit, (0, True): 1, (0, False): 2}
+    assert [g["weight_decay"] for g in groups if "backbone.cls_token" in g["param_names"]] == [0.0]
+    optimizer = torch.optim.AdamW(groups, lr=7e-4)
+    args = argparse.Namespace(lr=7e-4, iters=160_000, warmup_iters=1500, poly_power=1.0, min_lr=0.0, warmup_ratio=1e-6)
+    mmcv = {0: (7.00000000020129e-10, 2.588044123787521e-12), 1: (4.6736327896125783e-07, 1.7279382682213854e-09),
+            750: (0.0003483597233593751, 1.287957621397931e-06), 1499: (0.0006929795808789613, 2.562088188781375e-06),
+            1500: (0.0006934374999999999, 2.56378121005329e-06), 1501: (0.000693433125, 2.563765034777517e-06),
+            80_000: (0.00035, 1.29402206185655e-06), 159_999: (4.374999999989804e-09, 1.6175275773169178e-11)}
+    for step, (heads, embeddings) in mmcv.items():  # 159999: the last step's lr, 7e-4 / 160000
+        logged = train_seg.set_poly_lr(optimizer, step, args)
+        lrs = {g["lr_scale"]: g["lr"] for g in optimizer.param_groups}
+        assert (logged, lrs[1.0], lrs[scales[0]]) == pytest.approx((heads, heads, embeddings), rel=1e-12)
+
+
 def test_flip_is_horizontal_and_mapped_back():
     """--flip adds the probabilities of the left-right mirrored image, mirrored back (mmseg's flip_direction
     'horizontal'). The translation-equivariant test model cannot tell a vertical flip from a horizontal one (a
