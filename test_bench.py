@@ -491,7 +491,7 @@ def test_bench_mto_compare_mto_names_a_missing_file(tmp_path):
             bench_mto.load_mto(str(path))
 
 
-def test_bench_mto_compile_reaches_the_blocks_and_the_losses_and_refuses_an_older_mto(tmp_path, monkeypatch):
+def test_bench_mto_compile_reaches_the_blocks_and_the_losses_and_refuses_an_older_mto(tmp_path, monkeypatch, capsys):
     """--compile: every variant's blocks (engine.compile_blocks) and MTO's losses, as train_pretrain.py --compile;
     variant 5: the losses only. An mto.py from --compare_mto without MTOConfig.compile runs eager, and refuses to
     stand in for a compiled one."""
@@ -519,7 +519,7 @@ def test_bench_mto_compile_reaches_the_blocks_and_the_losses_and_refuses_an_olde
     monkeypatch.setattr(bench_mto, "make_teacher", ran_past_the_checks)  # refused before anything is built
     with pytest.raises(SystemExit) as exit_status:
         bench_mto.main(["--compile", "--compare_mto", str(tmp_path / "old_mto.py")])
-    assert exit_status.value.code == 2
+    assert exit_status.value.code == 2 and bench_mto.COMPILE_MISSING in capsys.readouterr().err
 
 
 def test_bench_mto_step_trains_with_the_trainers_masks_and_two_levels_of_groups(monkeypatch):

@@ -333,8 +333,11 @@ def test_rand_augment_flag():
     for empty in (["--aa", ""], ["--aa= "]):  # timm's way to turn it off; not the generic empty-value refusal, whose
         with pytest.raises(ValueError, match="an empty --aa .* pass --aa none to turn it off"):  # fix was the default
             tf.parse_args(empty)
-    for bad in ("auto", "rand-x9", "rand-m9-inc0", "rand-mnine", "rand-m9-mstd101", "rand-m9-inc2"):
-        with pytest.raises(ValueError, match="--aa"):
+    unreadable = "cannot read --aa .*: use 'rand-m<magnitude>-mstd<std>"
+    for bad, message in (("auto", unreadable), ("rand-x9", unreadable), ("rand-mnine", unreadable),
+                         ("rand-m9-inc2", unreadable), ("rand-m9-inc0", "inc0 is ambiguous .*; write inc1"),
+                         ("rand-m9-mstd101", "mstd > 100 .* is not supported; use a Gaussian std")):
+        with pytest.raises(ValueError, match=message):  # each its own refusal, not the one before it in the code
             tf.parse_rand_augment(bad)
     original = data.FinetuneTransform(32, **tf.parse_rand_augment("rand-m9-mstd0.5")).rand_augment.ops
     increasing = data.FinetuneTransform(32, **tf.parse_rand_augment("rand-m9-mstd0.5-inc1")).rand_augment.ops

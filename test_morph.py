@@ -444,7 +444,7 @@ def test_sample_schedule_rules_against_hand_computed_values():
 # Visualization CLI
 
 
-def test_visualization_writes_side_by_side_panels(tmp_path):
+def test_visualization_writes_side_by_side_panels(tmp_path, capsys):
     from PIL import Image
     import morph
     image = Image.new("RGB", (96, 80), "red")
@@ -470,7 +470,7 @@ def test_visualization_writes_side_by_side_panels(tmp_path):
             morph.main([str(tmp_path / "img.png"), "--out", str(tmp_path / out)])
     with pytest.raises(SystemExit) as exit_info:  # argparse's usage error (exit 2) before the image is read
         morph.main([str(tmp_path / "missing.png"), "--schedule", "abc"])
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 2 and "error: --schedule: cannot read schedule 'abc'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="^error: cannot read image '.*missing.png'"):  # "error:" as the trainers'
         morph.main([str(tmp_path / "missing.png")])
 

@@ -348,7 +348,7 @@ def test_train1000_is_the_first_images_of_train3000(fake_fashion, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--teacher_epochs", "1"], ["--finetune_epochs", "1"], ["--pretrain_epochs", "3"]])
-def test_epochs_the_study_cannot_run_are_refused(tmp_path, monkeypatch, argv):
+def test_epochs_the_study_cannot_run_are_refused(tmp_path, monkeypatch, argv, capsys):
     """Every run warms up for 1 epoch (PRETRAIN, FINETUNE): a run of 1 epoch, also the half arm's at 2 or 3 pre-training
     epochs, would end inside its warmup, its lr never decaying."""
     monkeypatch.setattr(study, "make_data", lambda out: pytest.fail("ran"))
@@ -356,6 +356,8 @@ def test_epochs_the_study_cannot_run_are_refused(tmp_path, monkeypatch, argv):
     with pytest.raises(SystemExit) as exit_status:
         study.main()
     assert exit_status.value.code == 2 and not os.path.exists(tmp_path / "s")
+    assert "--teacher_epochs and --finetune_epochs must be >= 2, --pretrain_epochs >= 4: every run warms up for 1 " \
+        "epoch" in capsys.readouterr().err  # this refusal, not argparse's for another reason (also exit 2)
 
 
 def test_an_out_that_is_a_file_or_empty_is_refused(tmp_path, monkeypatch, capsys):
