@@ -27,8 +27,10 @@ DTM then compares student predictions and teacher targets after both are average
     num_groups_after(N, R, split) N - sum(R) after clamping: the number of morphed tokens
 
 Use: DTM's loss at one step with the official settings (dtm.dtm_loss is this with its options; test_morph.py runs
-this block). target: the teacher's patch tokens (B, N, D) without CLS, pred: the student's (B, N, D) predictions
-at the same positions (visible and masked), rng: a random.Random (seed it from the step). The groups come from the
+this block). target: the teacher's patch tokens (B, N, D) without CLS and any register tokens (a timm ViT's
+forward_features(images)[:, vit.num_prefix_tokens:]; [:, 1:] would morph its registers as patches without an error),
+pred: the student's (B, N, D) predictions at the same positions (visible and masked), likewise without its prefix
+tokens, rng: a random.Random (seed it from the step). The groups come from the
 teacher alone; every position counts once, holding its group's mean (a group weighs by its size); L = 2 levels:
     import torch
     import torch.nn.functional as F
@@ -281,7 +283,8 @@ def token_morphing(x: torch.Tensor, schedule, split: str = "random", generator: 
     """Algorithm 1: partition the N tokens of x (B, N, C) into N - sum(schedule) groups.
 
     x holds patch tokens only: drop a CLS token first, as the official code does (split="official" protects the
-    first *patch*, not a CLS). Any (B, N, C) layout works (e.g. a transposed conv output); x is not modified.
+    first *patch*, not a CLS), and any register tokens (timm: x[:, vit.num_prefix_tokens:]). Any (B, N, C) layout
+    works (e.g. a transposed conv output); x is not modified.
     Returns groups (B, N) int64: groups[b, i] is the morphed token that original token i belongs to,
     taking every value in 0..G-1 (G = num_groups_after(N, schedule, split)) in the final token order.
     split is "random" (per sample, reproducible with `generator`, which may live on any device), "alternate"

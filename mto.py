@@ -70,11 +70,13 @@ What this file makes of it (THIS IMPLEMENTATION'S READING, not the paper's equat
 Use:
     cfg = MTOConfig(lambda_sing=0.1, lambda_ent=0.1)              # or mto_config_from_args(args) after add_mto_args
     tokens, losses = mto_forward(vit, images, mask, cfg, num_prefix=1)  # 1 = CLS; CLS + 4 registers: 5
+    # (a timm ViT's: its num_prefix_tokens, 0 with class_token=False and no registers)
     # tokens (B, num_prefix + N, C); losses["loss_sing"], losses["loss_ent"]
     loss = base_loss(tokens) + mto_total_loss(losses, cfg)
     # on a GPU, pass the counts of the loader's CPU mask (then MTO waits for nothing queued before it):
     #   sizes = mask_sizes(cpu_mask); mask = cpu_mask.cuda(non_blocking=True); mto_forward(..., mask_sizes=sizes)
-or, with DDP, inside the wrapped module: dtm.DTMPretrainModel(student, dim, features_fn=MTO(cfg)).
+or, with DDP, inside the wrapped module's forward: tokens, mto_loss, stats = MTO(cfg, num_prefix)(vit, images, mask)
+(mto_loss lambda-weighted; in this repo dtm.DTMPretrainModel(student, dim, features_fn=MTO(cfg)) does so).
 
 The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and any register tokens, default 1):
     vit.blocks: its D blocks (only len() is read);
@@ -84,18 +86,24 @@ The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and
         .qk {i: (q, k, bias)} for each i in return_qk: q, k (B, heads, T, head_dim) as they enter the attention
             (after any q/k norm), q before the 1/sqrt(head_dim) scale (the entropy's logits take SDPA's default
             scale: an attention with another scale or a temperature returns q times scale * sqrt(head_dim)); bias
-            the relative position bias (heads, T, T) or None, without the attention mask;
+            the relative position bias (heads, T, T) or None, without the attention mask (timm's Attention: the
+            outputs of its q_norm and k_norm, e.g. taken by forward hooks on them, bias None);
     where mask (B, N) bool says which patches the ViT replaces by its own mask token, return_layers and return_qk
     (passed by keyword) are lists of 0-based block indices, and attn_mask is a list with one entry per block:
     None or a float32 (B, 1, T, T) added to the attention logits (SDPA's attn_mask), 0 = may attend, -inf = may not
-    (an attention that adds it by hand in bf16/fp16 casts it to the logits' dtype first). Every block that has one
+    (an attention that adds it by hand in bf16/fp16 casts it to the logits' dtype first: timm's Block takes it as
+    block(x, attn_mask=m), and its Attention with fused_attn=False adds it by hand: in a timm model cast to bf16/fp16
+    pass block(x, attn_mask=m.to(x.dtype)), else "expected m1 and m2 to have the same dtype"). Every block that has one
     gets the same tensor: add to it out of place (mask + bias), never in place. nn.MultiheadAttention (torchvision's
     ViT) takes a 3-D mask, (B * heads, T, T): m.expand(B, heads, T, T).reshape(B * heads, T, T); its bool masks mean
     the opposite (True = may NOT attend: ~recalibration_mask(...), expanded alike). It returns no q and k, so the
     entropy loss needs them recomputed from its in_proj_weight (or lambda_ent=0). A check of an adapter:
-    with recalibration in every block, the CLS and visible tokens' outputs do not change when the mask token does.
+    with recalibration in every block, the CLS and visible tokens' outputs do not change when the mask token does,
+    and the masked tokens' outputs do (change it by a random vector: LayerNorm removes a constant shift, and an
+    adapter that never puts the mask token in passes the first half alone).
     A ViT with timm's `num_prefix_tokens` attribute (dtm.VisionTransformer has it) has it checked against num_prefix;
-    without it, a wrong num_prefix shows as a size mismatch of T inside the ViT's attention. torch.compile: compile
+    an adapter that wraps a timm ViT copies it (self.num_prefix_tokens = vit.num_prefix_tokens): without it, a wrong
+    num_prefix shows as a size mismatch of T inside the ViT's attention. torch.compile: compile
     the blocks (for block in vit.blocks: block.compile()) or vit.forward_features = torch.compile(vit.forward_features);
     torch.compile(vit) compiles vit.forward, which mto_forward does not call, and mto_forward itself reads the mask's
     counts on the host (patch_rows) unless given mask_sizes, which breaks a compiled graph there.
@@ -103,6 +111,7 @@ The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and
     images with equal or different numbers of masked patches, blocks with or without a bias).
 """
 import functools
+import inspect
 import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -625,6 +634,31 @@ def _depth_weighted(per_block, depth: int):
     return (per_block.mean(dim=1) * depth_weights(depth, L, per_block.device, per_block.dtype)[:L]).sum()
 
 
+@functools.lru_cache(maxsize=64)
+def _takes_mto_keywords(forward_features) -> bool:
+    """forward_features (a function, read once per function: inspect costs about 30 us) takes return_layers and
+    return_qk by name or through **kwargs; True where its signature cannot be read (left to the call)."""
+    try:
+        params = inspect.signature(forward_features).parameters
+    except ValueError:
+        return True
+    return {"return_layers", "return_qk"} <= params.keys() or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _check_interface(vit):
+    """vit has the interface mto_forward calls (the docstring's Use): a timm or torchvision ViT as it is has not, and
+    failed inside its own forward_features ("unexpected keyword argument 'return_layers'") or at vit.blocks."""
+    forward_features = getattr(vit, "forward_features", None)
+    missing = [] if hasattr(vit, "blocks") else ["vit.blocks"]
+    function = getattr(forward_features, "__func__", forward_features)  # a bound method's function: one cache entry
+    if not (callable(function) and _takes_mto_keywords(function)):
+        missing.append("vit.forward_features(images, mask, attn_mask, return_layers=[...], return_qk=[...])")
+    if missing:
+        raise ValueError(f"mto_forward needs {' and '.join(missing)}, which this {type(vit).__name__} lacks (so do "
+                         f"timm's and torchvision's ViTs as they are): pass an adapter that has them, see mto.py's "
+                         f"docstring, Use")
+
+
 def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX,
                 mask_sizes: Optional[MaskSizes] = None):
     """forward_features with MTO -> (tokens (B, num_prefix + N, C), {"loss_sing": scalar, "loss_ent": scalar}).
@@ -640,6 +674,7 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX,
     if torch.is_tensor(images) and images.shape[:1] != mask.shape[:1]:
         raise ValueError(f"{images.shape[0]} images but a mask for {mask.shape[0]}: the mask is (B, N), one row per "
                          f"image")
+    _check_interface(vit)
     vit_prefix = getattr(vit, "num_prefix_tokens", num_prefix)  # timm's name for CLS + register tokens
     if vit_prefix != num_prefix:
         raise ValueError(f"the ViT has {vit_prefix} tokens before the patches (num_prefix_tokens), MTO was given "

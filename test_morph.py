@@ -499,6 +499,16 @@ def test_the_docstrings_use_block_computes_dtm_loss():
     assert torch.allclose(scope["loss"], expected, rtol=1e-6, atol=0)
 
 
+def test_the_docstrings_say_to_drop_register_tokens_as_well_as_cls():
+    """A timm teacher and student with 4 registers, their tokens taken "without CLS" as [:, 1:]: the registers were
+    morphed as 4 more patches (split="official" protecting a register as its first patch), without an error (found
+    by a review as a timm user)."""
+    assert "without CLS and any register tokens (a timm ViT's forward_features(images)[:, vit.num_prefix_tokens:]" \
+        in " ".join(morph.__doc__.split())
+    token_morphing_doc = " ".join(morph.token_morphing.__doc__.split())
+    assert "and any register tokens (timm: x[:, vit.num_prefix_tokens:])" in token_morphing_doc
+
+
 # From a mutation review of morph.py: zero tokens, fp16 accumulation, the Gram-matrix contract
 
 @pytest.mark.parametrize("dim", [8, 64])  # feature sums / Gram matrix

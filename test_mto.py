@@ -1086,6 +1086,54 @@ def test_block_groups_bound_each_groups_elements():
     assert mto._block_groups(0, 10) == []
 
 
+class TimmLikeViT(torch.nn.Module):
+    """A ViT as timm's VisionTransformer is, without an adapter: blocks, a forward_features(x, attn_mask=None,
+    is_causal=False) (timm 1.0's signature) and num_prefix_tokens."""
+    num_prefix_tokens = 1
+
+    def __init__(self):
+        super().__init__()
+        self.vit = tiny_vit()
+        self.blocks = self.vit.blocks
+
+    def forward_features(self, x, attn_mask=None, is_causal=False):
+        return self.vit.forward_features(x).tokens
+
+
+def test_a_vit_without_mtos_interface_is_named_with_the_fix():
+    """A timm ViT passed as it is failed in timm with "forward_features() got an unexpected keyword argument
+    'return_layers'", a torchvision one with "no attribute 'blocks'": neither named the adapter that MTO needs (found
+    by a review as a timm user)."""
+    x, mask = images(), random_mask()
+    needs = r"mto_forward needs vit.forward_features\(images, mask, attn_mask, return_layers=\[...\], return_qk="
+    with pytest.raises(ValueError, match=rf"^{needs}\[...\]\), which this TimmLikeViT lacks .*adapter"):
+        mto.mto_forward(TimmLikeViT(), x, mask, mto.MTOConfig())
+    with pytest.raises(ValueError, match=r"^mto_forward needs vit.blocks and vit.forward_features\(.*, which this "
+                                         r"Linear lacks"):  # torchvision's ViT has neither
+        mto.mto_forward(torch.nn.Linear(2, 2), x, mask, mto.MTOConfig())
+    model = tiny_vit()  # an interface read through **kwargs, or from a compiled forward_features, is taken
+    forward_features = model.forward_features
+    model.forward_features = lambda *args, **kwargs: forward_features(*args, **kwargs)
+    mto.mto_forward(model, x, mask, mto.MTOConfig())
+    model.forward_features = torch.compile(forward_features)
+    with pytest.raises(ValueError, match="^the ViT has 1 tokens"):  # checked before anything is compiled
+        mto.mto_forward(model, x, mask, mto.MTOConfig(), num_prefix=2)
+
+
+def test_the_docstring_tells_a_timm_user_what_an_adapter_needs():
+    """Found by a review as a timm user (timm 1.0.31), each a gap in the text: timm's q and k are the outputs of
+    q_norm / k_norm; an adapter that wraps the model lost num_prefix_tokens, and a wrong num_prefix then failed in
+    torch ("The size of tensor a (201) must match the size of tensor b (197)"); a model cast to bf16 with
+    fused_attn=False failed with "expected m1 and m2 to have the same dtype"; the adapter check passed an adapter
+    that never put the mask token in, and a constant change of the mask token moved its outputs by 1e-5 only."""
+    doc = " ".join(mto.__doc__.split())
+    for advice in ("a timm ViT's: its num_prefix_tokens", "the outputs of its q_norm and k_norm",
+                   "pass block(x, attn_mask=m.to(x.dtype))", "self.num_prefix_tokens = vit.num_prefix_tokens",
+                   "and the masked tokens' outputs do (change it by a random vector",
+                   "MTO(cfg, num_prefix)(vit, images, mask)"):
+        assert advice in doc
+
+
 def test_a_wrong_num_prefix_for_dtms_vit_names_the_right_one():
     """dtm's ViT has one token (CLS) before the patches: num_prefix=0 or 2 failed inside its attention with "The size
     of tensor a (17) must match the size of tensor b (16) at non-singleton dimension 3"."""
