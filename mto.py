@@ -342,9 +342,12 @@ def _check_alike(tensors, what: str):
 
 def _check_tokens(hidden, mask, num_prefix):
     if hidden.dim() != 3 or hidden.shape[:2] != (mask.shape[0], num_prefix + mask.shape[1]):
+        extra = hidden.shape[1] - mask.shape[1] if hidden.dim() == 3 else -1
+        hint = f" (with {extra} prefix tokens, CLS and registers: pass num_prefix={extra})" if \
+            hidden.shape[0] == mask.shape[0] and extra >= 0 else ""
         raise ValueError(f"tokens {tuple(hidden.shape)} do not match the mask {tuple(mask.shape)}: they must be (B, "
                          f"{num_prefix} prefix tokens + the mask's {mask.shape[1]} patches, C), B = the mask's "
-                         f"{mask.shape[0]} images")
+                         f"{mask.shape[0]} images{hint}")
 
 
 def singularity_loss(hidden, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX):

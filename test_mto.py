@@ -771,8 +771,11 @@ def test_singularity_loss_refuses_tokens_that_do_not_match_the_mask():
     hidden = torch.randn(2, 1 + N, 8)
     mto.singularity_loss(hidden, mask)
     for bad_hidden, bad_mask in ((hidden, mask[:1]), (hidden[:, 1:], mask), (hidden[0], mask)):
-        with pytest.raises(ValueError, match="do not match the mask"):
+        with pytest.raises(ValueError, match="do not match the mask") as error:
             mto.singularity_loss(bad_hidden, bad_mask)
+        assert ("pass num_prefix=0" in str(error.value)) == (bad_hidden.shape == (2, N, 8))
+    with pytest.raises(ValueError, match=r"images \(with 4 prefix tokens, CLS and registers: pass num_prefix=4\)$"):
+        mto.singularity_loss(torch.randn(2, 4 + N, 8), mask)  # a timm ViT with 4 registers, given the default
 
 
 def test_a_vit_naming_its_prefix_tokens_is_checked_against_num_prefix():
