@@ -393,7 +393,8 @@ class VisionTransformer(nn.Module):
         if rel_pos_bias not in REL_POS_BIAS:
             raise ValueError(f"rel_pos_bias must be one of {', '.join(REL_POS_BIAS)}, got {rel_pos_bias!r}")
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; pass an embed_dim "
+                             f"that is a multiple of num_heads (this repo's ViTs: 64 per head)")
         if not 0.0 <= drop_path_rate < 1.0:  # the last block's rate is drop_path_rate itself
             raise ValueError(f"drop_path_rate (--drop_path) must be in [0, 1), got {drop_path_rate}")
         self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
@@ -899,7 +900,8 @@ class CLIPVisual(nn.Module):
         _check_images(images, self.conv1.in_channels)
         H, W = images.shape[-2:]
         if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"CLIP input {H}x{W} is not divisible by its patch size {self.patch_size}")
+            raise ValueError(f"CLIP input {H}x{W} is not divisible by its patch size {self.patch_size}; resize or "
+                             f"crop the images to multiples of {self.patch_size}")
         x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
@@ -1079,7 +1081,8 @@ def load_clip_visual(path: str, heads: int = None) -> CLIPVisual:
     grid = math.isqrt(sd["positional_embedding"].shape[0] - 1)
     if grid * grid + 1 != sd["positional_embedding"].shape[0]:
         raise ValueError(f"{path!r}: positional_embedding has {sd['positional_embedding'].shape[0]} rows, "
-                         f"not 1 + a square grid of patches")
+                         f"not 1 + a square grid of patches; pass OpenAI's ViT-B-16.pt or the encoder's own weights, "
+                         f"torch.save(model.visual.state_dict(), PATH)")
     layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
     model = CLIPVisual(grid * patch_size, patch_size, width, layers, heads or width // 64, sd["proj"].shape[1])
     expected = model.state_dict().keys()
@@ -1139,7 +1142,8 @@ class PixelTeacher(FrozenTeacher):
         B, C, H, W = images.shape
         p = self.patch_size
         if H % p or W % p:
-            raise ValueError(f"image {H}x{W} is not divisible by the patch size {p}")
+            raise ValueError(f"image {H}x{W} is not divisible by the patch size {p}; resize or crop the images to "
+                             f"multiples of {p}")
         x = images.float().reshape(B, C, H // p, p, W // p, p)
         # MAE's patchify order (models_mae.py patchify); a permute, not einsum, which CUDA's autocast would run in
         # bf16/fp16
@@ -1242,7 +1246,8 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
     if loss_on not in ("all", "masked"):
         raise ValueError(f"loss_on must be 'all' or 'masked', got {loss_on!r}")
     if pred.shape != target.shape:
-        raise ValueError(f"predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ in shape")
+        raise ValueError(f"predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ in shape; pass "
+                         f"both (B, N, D), the predictions projected to the targets' width D")
     if torch.is_tensor(groups) or not groups:
         raise ValueError("groups must be a list with one (B, N) tensor per morphing level (at least one; "
                          "[torch.arange(N).expand(B, N)] for no morphing)")
@@ -1254,7 +1259,8 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
     dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
     if loss_on == "masked":
         if mask is None:
-            raise ValueError("loss_on='masked' needs the mask")
+            raise ValueError(f"loss_on='masked' needs the mask: pass mask=, the (B, N) = {tuple(pred.shape[:2])} bool "
+                             f"mask of masked patches (True = masked)")
         if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.shape != pred.shape[:2]:
             got = f"{mask.dtype} {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
             raise ValueError(f"loss_on='masked' needs the (B, N) = {tuple(pred.shape[:2])} bool mask of masked patches "

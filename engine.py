@@ -686,7 +686,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __init__(self, num_items: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
         if num_items < world_size:
-            raise ValueError(f"{num_items} training images cannot be shared by {world_size} processes")
+            raise ValueError(f"{num_items} training images cannot be shared by {world_size} processes; use at "
+                             f"least {world_size} images or fewer processes (torchrun --nproc_per_node)")
         self.sampler = torch.utils.data.DistributedSampler(range(num_items), num_replicas=world_size, rank=rank,
                                                            shuffle=shuffle, seed=seed_of("order", seed) >> 2,
                                                            drop_last=True)

@@ -315,7 +315,7 @@ def _morphing_levels(x, schedules, split, generator) -> list:
     if x.dim() != 3:
         raise ValueError(f"token_morphing expects x of shape (B, N, C), got {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"token_morphing expects floating point tokens, got {x.dtype}")
+        raise TypeError(f"token_morphing expects floating point tokens, got {x.dtype}; pass x.float()")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), got "
                         f"{type(generator).__name__} {generator!r}")

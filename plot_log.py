@@ -61,7 +61,9 @@ def read_log(path: str, x_field: str, field: str):
         if missing:  # a misspelt --field / --fields / --x: name the fields there are
             raise SystemExit(f"error: {path}: no line has {' or '.join(map(repr, missing))}; its fields are "
                              f"{', '.join(seen)}")
-        raise SystemExit(f"error: {path}: no line has both {x_field!r} and {field!r}")
+        raise SystemExit(f"error: {path}: no line has both {x_field!r} and {field!r} with a value (null, NaN and "
+                         f"Infinity count as none); plot another --field, or {field!r} by an --x logged in the same "
+                         f"lines")
     if without_x:  # e.g. epochs_done in a run continued across versions: the lines written before it was logged
         print(f"note: {path}: left out {without_x} lines with {field!r} but no {x_field!r} (written by a version that "
               f"did not log it{'; plot by --x step to see them' if x_field != 'step' else ''})", file=sys.stderr)

@@ -38,6 +38,7 @@ def ran_past_the_checks(*args, **kwargs):
     (["--img_size", "0"], "--img_size 0 is not a positive multiple of the patch size 16; use 16 (the paper's"),
     (["--compare_mto", ""], "argument --compare_mto: '' is empty"),  # ran without the comparison, exit 0
     (["--device", "gpu"], "--device 'gpu' is not a device; use cpu or cuda"),  # torch's traceback, after the set-up
+    (["--device", "mps"], "error: --device mps: the benchmarks time cpu or cuda only; use one of them\n"),
 ])
 def test_bench_mto_refuses(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(bench_mto, "make_teacher", ran_past_the_checks)  # a missing check fails here, not in minutes
@@ -631,6 +632,27 @@ def test_bench_device_without_cuda_is_refused_before_the_set_up(script, monkeypa
         module.main(["--device", "cuda"]) if script == "bench_mto" else module.main()
     assert exit_status.value.code == 2
     assert "error: --device cuda: no CUDA device here" in capsys.readouterr().err
+
+
+def test_bench_device_beyond_this_machines_gpus_is_refused_naming_those_there_are(monkeypatch, capsys):
+    """--device cuda:2 on a machine with 2 GPUs: no test made this refusal."""
+    monkeypatch.setattr(bench_mto, "make_teacher", ran_past_the_checks)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit) as exit_status:
+        bench_mto.main(["--device", "cuda:2"])
+    assert exit_status.value.code == 2
+    assert "error: --device cuda:2: this machine has 2 GPU(s); use cuda:0 to cuda:1\n" in capsys.readouterr().err
+
+
+def test_bench_mto_malloc_keep_without_glibc_names_the_fix(monkeypatch):
+    """--malloc keep where there is no glibc (macOS): no test made this refusal."""
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(bench_mto, "make_teacher", ran_past_the_checks)
+    monkeypatch.setattr(bench_mto.ctypes, "CDLL", no_glibc)
+    with pytest.raises(SystemExit, match=r"^--malloc keep needs glibc \(Linux\); run without it$"):
+        bench_mto.main(["--malloc", "keep"])
 
 
 def test_bench_mto_compare_mto_that_is_not_a_copy_of_mto_py_is_one_line(tmp_path, monkeypatch):

@@ -1020,6 +1020,10 @@ def test_seg_folder_and_errors(tmp_path):
     ds = data.SegFolder(str(tmp_path / "ok" / "img"), str(tmp_path / "ok" / "ann"), reduce_zero_label=True)
     img, mask = ds[1]
     assert len(ds) == 2 and img.size == mask.size == (24, 16) and np.asarray(mask).max() == 2
+    for img, ann, kind, missing in (("nope", "ok/ann", "image", "nope"), ("ok/img", "nope", "annotation", "nope")):
+        with pytest.raises(FileNotFoundError, match=rf"^{kind} folder '.*{missing}' does not exist; expected images in "
+                                                    rf"img_dir/<name>.jpg and label maps in ann_dir/<name>.png$"):
+            data.SegFolder(str(tmp_path / img), str(tmp_path / ann))  # no test made it (train_seg checks first)
     _seg_tree(tmp_path / "miss", ["a", "b"])
     os.remove(tmp_path / "miss" / "ann" / "b.png")
     with pytest.raises(FileNotFoundError, match="1 images have no counterpart.*: b"):

@@ -1,6 +1,7 @@
 """Tests for dtm.py: the ViT, the teachers (CLIP loading against a reference forward) and the DTM loss."""
 
 import math
+import re
 import warnings
 import zipfile
 
@@ -216,7 +217,7 @@ def test_weight_inits_pretrain_and_downstream():
     bound = 1 / math.sqrt(3 * 16 * 16)  # torch's Conv2d default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), ..)
     assert down.patch_embed.weight.abs().max() <= bound and down.patch_embed.weight.abs().max() > 0.9 * bound
     assert down.patch_embed.bias.any()
-    with pytest.raises(ValueError, match="weight_init"):
+    with pytest.raises(ValueError, match=r"^weight_init must be one of pretrain, downstream, got 'timm'$"):
         dtm.build_vit("vit_tiny", img_size=32, weight_init="timm")
 
 
@@ -1540,3 +1541,101 @@ def test_a_checkpoint_path_and_a_bare_number_of_groups_are_refused_naming_the_fi
         dtm.dtm_loss(pred, target, groups, num_groups=12)
     for sequence in ([12], (12,)):
         assert dtm.dtm_loss(pred, target, groups, num_groups=sequence)[0] == dtm.dtm_loss(pred, target, groups)[0]
+
+
+def exactly(message: str) -> str:
+    """pytest.raises' match for this whole message."""
+    return f"^{re.escape(message)}$"
+
+
+def test_a_vit_built_or_called_against_its_settings_names_the_fix():
+    """No test made these refusals (an unknown rel_pos_bias, a width the heads do not divide, a mask for a model
+    without a mask token, logits of a model without a classifier); the width's named no fix."""
+    with pytest.raises(ValueError, match=exactly("rel_pos_bias must be one of both, shared, per_block, none, got "
+                                                 "'all'")):
+        tiny_vit(rel_pos_bias="all")
+    with pytest.raises(ValueError, match=exactly("embed_dim 100 is not divisible by num_heads 3; pass an embed_dim "
+                                                 "that is a multiple of num_heads (this repo's ViTs: 64 per head)")):
+        dtm.VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=100, depth=1, num_heads=3)
+    with pytest.raises(ValueError, match=exactly("a mask was given but the model has no mask token; build it with "
+                                                 "use_mask_token=True")):
+        tiny_vit(use_mask_token=False).forward_features(images(), random_mask())
+    with pytest.raises(RuntimeError, match=exactly("this model has no classifier (num_classes=0); use "
+                                                   "forward_features for tokens")):
+        tiny_vit()(images())
+
+
+def test_teachers_given_a_setting_or_an_image_size_they_cannot_take_name_the_fix():
+    """No test made these refusals; the image sizes off the patch grid named no fix."""
+    visual = dtm.CLIPVisual(input_resolution=IMG, patch_size=PATCH, width=64, layers=1, heads=1, output_dim=8)
+    with pytest.raises(ValueError, match=exactly("teacher_norm must be 'imagenet' or 'clip', got 'openai'")):
+        dtm.CLIPTeacher(visual, "openai")
+    odd = images(size=IMG + 4)
+    with pytest.raises(ValueError, match=exactly(f"CLIP input 36x36 is not divisible by its patch size {PATCH}; "
+                                                 f"resize or crop the images to multiples of {PATCH}")):
+        dtm.CLIPTeacher(visual)(odd)
+    with pytest.raises(ValueError, match=exactly(f"image 36x36 is not divisible by the patch size {PATCH}; resize "
+                                                 f"or crop the images to multiples of {PATCH}")):
+        dtm.PixelTeacher(PATCH)(odd)
+    assert dtm.CLIPTeacher(visual)(images(size=IMG + PATCH)).shape == (2, (IMG // PATCH + 1) ** 2, 8)  # the fix
+    assert dtm.PixelTeacher(PATCH)(images(size=IMG + PATCH)).shape == (2, (IMG // PATCH + 1) ** 2, 3 * PATCH ** 2)
+
+
+def test_dtm_loss_and_the_pretraining_model_refuse_unknown_options_and_mismatched_inputs_naming_the_fix():
+    """No test made these refusals; predictions and targets of different shapes, and loss_on='masked' without a
+    mask, named no fix."""
+    pred, target = torch.randn(2, N, 4), torch.randn(2, N, 4)
+    groups = [morph.token_morphing(target, [4], "official")]
+    with pytest.raises(ValueError, match=exactly("loss_on must be 'all' or 'masked', got 'visible'")):
+        dtm.dtm_loss(pred, target, groups, loss_on="visible")
+    with pytest.raises(ValueError, match=exactly("unknown loss 'l1'; use one of ('smooth_l1', 'l2', 'cosine')")):
+        dtm.dtm_loss(pred, target, groups, loss="l1")
+    with pytest.raises(ValueError, match=exactly(f"predictions (2, {N}, 5) and targets (2, {N}, 4) differ in shape; "
+                                                 f"pass both (B, N, D), the predictions projected to the targets' "
+                                                 f"width D")):
+        dtm.dtm_loss(torch.randn(2, N, 5), target, groups)
+    with pytest.raises(ValueError, match=exactly(f"loss_on='masked' needs the mask: pass mask=, the (B, N) = (2, {N}) "
+                                                 f"bool mask of masked patches (True = masked)")):
+        dtm.dtm_loss(pred, target, groups, loss_on="masked")
+    assert dtm.dtm_loss(pred, target, groups, loss_on="masked", mask=random_mask())[0] > 0  # the fix
+    with pytest.raises(ValueError, match=exactly("unknown loss 'l1'; use one of ('smooth_l1', 'l2', 'cosine')")):
+        dtm.DTMPretrainModel(tiny_vit(), 4, loss="l1")
+    with pytest.raises(ValueError, match=exactly("loss_on must be 'all' or 'masked', got 'visible'")):
+        dtm.DTMPretrainModel(tiny_vit(), 4, loss_on="visible")
+
+
+def test_damaged_or_foreign_weight_files_are_refused_naming_the_file(tmp_path):
+    """No test made these refusals: a torch.save zip whose pickle is damaged, one that holds other Python objects,
+    a CLIP state dict whose position embedding has no CLS row plus a square grid (named no fix), and a relative
+    position table of no square grid given without source_grid."""
+    torch.save({"model": {"a": torch.zeros(2)}}, tmp_path / "good.pth")
+    with zipfile.ZipFile(tmp_path / "good.pth") as good, zipfile.ZipFile(tmp_path / "bad.pth", "w") as bad:
+        for name in good.namelist():
+            bad.writestr(name, b"garbage" if name.endswith("data.pkl") else good.read(name))
+    with pytest.raises(ValueError, match=f"^--init '{re.escape(str(tmp_path / 'bad.pth'))}' cannot be read by "
+                                         r"torch.load: it is truncated or damaged \(an interrupted save or copy\?\) "
+                                         r"\(UnpicklingError: "):
+        dtm.read_checkpoint(str(tmp_path / "bad.pth"), "--init")
+    torch.save({"model": {}, "args": argparse_free_object()}, tmp_path / "objects.pth")
+    with pytest.raises(ValueError, match=exactly(f"--init {str(tmp_path / 'objects.pth')!r} holds Python objects that "
+                                                 f"torch.load does not read safely (weights_only=True): it is not a "
+                                                 f"checkpoint of this repo")):
+        dtm.read_checkpoint(str(tmp_path / "objects.pth"), "--init")
+    state = dtm.CLIPVisual(input_resolution=IMG, patch_size=PATCH, width=64, layers=1, heads=1,
+                           output_dim=8).state_dict()
+    state["positional_embedding"] = state["positional_embedding"][1:]  # no CLS row: a CLIP of another kind
+    torch.save(state, tmp_path / "clip.pth")
+    with pytest.raises(ValueError, match=exactly(f"{str(tmp_path / 'clip.pth')!r}: positional_embedding has {N} rows, "
+                                                 f"not 1 + a square grid of patches; pass OpenAI's ViT-B-16.pt or the "
+                                                 f"encoder's own weights, torch.save(model.visual.state_dict(), "
+                                                 f"PATH)")):
+        dtm.build_teacher(f"clip:{tmp_path / 'clip.pth'}", IMG, PATCH)
+    table = {"rel_pos_bias.table": torch.zeros(10, 3)}  # (2H - 1)^2 + 3 rows for no H
+    with pytest.raises(ValueError, match=exactly("cannot infer a square patch grid from a relative position table of "
+                                                 "10 rows: pass source_grid")):
+        dtm.adapt_state_dict(table, tiny_vit())
+
+
+def argparse_free_object():
+    """A Python object that torch.load(weights_only=True) refuses and that is neither argparse's nor numpy's."""
+    return warnings.WarningMessage("m", UserWarning, "f", 1)

@@ -867,6 +867,22 @@ def test_a_dataset_root_given_as_a_split_is_refused(tmp_path):
         tf.build_datasets(tf.parse_args(["--data_val", root, "--init", "none"]), train=False)
 
 
+def test_one_set_folder_without_the_other_and_a_count_below_1_are_refused(tmp_path):
+    """No test made these refusals: training given --data_train without --data_val (or the reverse), and a count
+    flag of 0."""
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            os.makedirs(tmp_path / split / name)
+            data.SyntheticShapes(1, 40)[0][0].save(tmp_path / split / name / "a.png")
+    for flag, split in (("--data_train", "train"), ("--data_val", "val")):
+        with pytest.raises(ValueError, match=r"^give both --data_train and --data_val, or --data ROOT with ROOT/train "
+                                             r"and ROOT/val$"):
+            tf.build_datasets(tf.parse_args([flag, str(tmp_path / split), "--init", "none"]))
+    for flag in ("batch_size", "accum_iter", "epochs", "log_every", "synthetic_train", "synthetic_val"):
+        with pytest.raises(ValueError, match=f"^--{flag} must be >= 1, got 0$"):
+            tf.parse_args([f"--{flag}", "0", "--init", "none"])
+
+
 def test_a_missing_split_folder_names_its_flag(tmp_path):
     """As segmentation's --img_dir: the error named only 'image folder X', not which flag gave it."""
     (tmp_path / "file").write_text("x")

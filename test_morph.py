@@ -631,6 +631,46 @@ def test_visualization_refuses_sizes_that_are_no_image_and_names_the_fix(tmp_pat
             morph.main([image, *argv])
 
 
+def test_visualization_matches_patches_standardized_per_channel_over_the_image():
+    """The picture CLI matches on patch pixels with each channel standardized over the image (its --help says so):
+    red spread over rows, green over columns, blue constant (0 after its std's clamp); no test failed without it."""
+    from PIL import Image
+    image = Image.fromarray(np.array([[[10, 100, 7], [10, 200, 7]], [[30, 100, 7], [30, 200, 7]]], dtype=np.uint8))
+    s = math.sqrt(3) / 2  # (x - mean) / std of [a - d, a - d, a + d, a + d], std unbiased: 2d / sqrt(3)
+    one_pixel = torch.tensor([[[-s, -s, 0.0], [-s, s, 0.0], [s, -s, 0.0], [s, s, 0.0]]])
+    torch.testing.assert_close(morph._patches(image, 1), one_pixel, rtol=0, atol=1e-6)
+    torch.testing.assert_close(morph._patches(image, 2), one_pixel.reshape(1, 1, 12), rtol=0, atol=1e-6)
+
+
+def test_schedules_and_tokens_morphing_cannot_take_are_refused_naming_the_fix():
+    """No test made these refusals (make_schedule's rounds, merges and rule; integer tokens); integer tokens named no
+    fix."""
+    for n, k in ((7, 0), (-1, 2)):
+        with pytest.raises(ValueError, match=rf"^a schedule needs k >= 1 rounds and n >= 0 merged tokens, got n={n}, "
+                                             rf"k={k}$"):
+            make_schedule(196, n, k)
+    with pytest.raises(ValueError, match=r"^unknown schedule rule 'ceil'; use 'spread' or 'official'$"):
+        sample_schedule(196, 98, 14, random.Random(0), "ceil")
+    tokens = torch.arange(8).view(1, 4, 2)
+    with pytest.raises(TypeError, match=r"^token_morphing expects floating point tokens, got torch.int64; pass "
+                                        r"x.float\(\)$"):
+        token_morphing(tokens, [1])
+    assert token_morphing(tokens.float(), [1]).shape == (1, 4)  # the fix
+
+
+def test_visualization_out_that_cannot_be_written_names_the_fix(tmp_path, monkeypatch):
+    """A file system's refusal to write --out (a read-only folder, a full disk): no test made it."""
+    from PIL import Image
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "img.png")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(Image.Image, "save", refuse)
+    with pytest.raises(SystemExit, match=r"^error: --out '.*g.png': cannot write it \(\[Errno 13\] Permission "
+                                         r"denied\); give a path in a folder you can write to$"):
+        morph.main([str(tmp_path / "img.png"), "--img_size", "32", "--schedule", "1", "--out", str(tmp_path / "g.png")])
+
+
 def test_group_mean_refuses_integer_tokens_and_tokens_without_channels():
     """Integer tokens (uint8 pixel patches) gave means cut to integers in their dtype without a word (2 and 3 -> 2, not
     2.5); tokens (B, N) without a channel dim failed unpacking x.shape. Both are refused, naming the fix."""

@@ -73,7 +73,9 @@ def test_plot_two_logs_and_errors(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [(["--smooth", "0"], "--smooth 0: the moving average needs >= 1"),
-                                           (["--field", "loss", "--fields", "loss"], "not both")])
+                                           (["--field", "loss", "--fields", "loss"],
+                                            "^error: give --field \\(one field for every log\\) or --fields \\(one per "
+                                            "log\\), not both$")])
 def test_flags_that_would_be_ignored_are_refused(tmp_path, argv, message):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1, "loss": 1.0}\n')
@@ -258,6 +260,21 @@ def test_a_misspelt_field_names_the_logs_fields_and_an_empty_log_says_so(tmp_pat
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(SystemExit, match=r"^error: .*empty.jsonl is empty \(a run that has not logged a step yet\?\)"):
         plot_log.main([str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "p.png")])
+
+
+def test_fields_that_are_never_both_logged_with_a_value_name_the_fix(tmp_path):
+    """No test made this refusal; it named no fix, and of a field null in every line it said no line had both
+    fields although every line had both."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(record) + "\n" for record in (
+        {"step": 1, "loss": 2.0, "grad_norm": None}, {"step": 2, "mode": "eval", "mIoU": 0.5})))
+    for argv, x, field in ((["--field", "grad_norm"], "step", "grad_norm"), (["--x", "mIoU"], "mIoU", "loss")):
+        with pytest.raises(SystemExit, match=f"^error: {log}: no line has both '{x}' and '{field}' with a value "
+                                             r"\(null, NaN and Infinity count as none\); plot another --field, or "
+                                             f"'{field}' by an --x logged in the same lines$"):
+            plot_log.main([str(log), *argv, "--out", str(tmp_path / "p.png")])
+    plot_log.main([str(log), "--x", "step", "--out", str(tmp_path / "p.png")])  # the fix: loss by step
+    assert (tmp_path / "p.png").exists()
 
 
 def test_an_out_in_a_missing_or_unwritable_folder_names_the_fix_not_the_format(tmp_path, monkeypatch):

@@ -274,6 +274,23 @@ def test_feature_pyramid_and_head_shapes():
         train_seg.ViTUperNet(small_grid, 7)
 
 
+def test_a_backbone_whose_patch_size_the_pyramid_cannot_take_names_the_fix():
+    """An --init checkpoint of patch 14 at --crop_size 112 (a multiple of 14 and of 16) reached this refusal, which no
+    test made; it named no fix."""
+    with pytest.raises(ValueError, match=r"^the feature pyramid \(strides patch / 4, / 2, x 1, x 2\) needs a patch "
+                                         r"size divisible by 4, got 14; use a ViT whose patch size is a multiple of 4 "
+                                         r"\(this repo's: 16\)$"):
+        train_seg.ViTUperNet(dtm.build_vit("vit_tiny", img_size=112, patch_size=14, use_mask_token=False), 7)
+    assert train_seg.ViTUperNet(dtm.build_vit("vit_tiny", img_size=96, patch_size=12, use_mask_token=False), 7)
+
+
+def test_ade20k_and_generic_folders_together_are_refused():
+    """--data beside the generic folders: no test made this refusal."""
+    with pytest.raises(ValueError, match=r"^pass either --data \(ADE20K\) or --img_dir/--ann_dir/--val_img_dir/"
+                                         r"--val_ann_dir \(a generic dataset\), not both$"):
+        train_seg.parse_args(["--init", "none", "--data", "/x", *GENERIC])
+
+
 def test_pyramid_levels_are_beits_and_the_head_drops_out_in_training():
     """fpn3 passes stride 16 through, fpn4 max-pools it (an average pool passed every test); UperHead's Dropout2d(0.1)
     acts before the classifier in training only."""

@@ -169,7 +169,8 @@ class ViTUperNet(nn.Module):
         super().__init__()
         if backbone.patch_size % 4:
             raise ValueError(f"the feature pyramid (strides patch / 4, / 2, x 1, x 2) needs a patch size divisible "
-                             f"by 4, got {backbone.patch_size}")
+                             f"by 4, got {backbone.patch_size}; use a ViT whose patch size is a multiple of 4 (this "
+                             f"repo's: 16)")
         if min(backbone.grid) < 2:  # --crop_size is checked for patch 16; a checkpoint may bring another patch size
             (H, W), patch = backbone.img_size, backbone.patch_size
             raise ValueError(f"the feature pyramid pools the ViT's patch grid by 2, so it needs 2x2 patches at least; "
