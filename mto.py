@@ -342,9 +342,9 @@ def _check_alike(tensors, what: str):
 
 def _check_tokens(hidden, mask, num_prefix):
     if hidden.dim() != 3 or hidden.shape[:2] != (mask.shape[0], num_prefix + mask.shape[1]):
-        extra = hidden.shape[1] - mask.shape[1] if hidden.dim() == 3 else -1
-        hint = f" (with {extra} prefix tokens, CLS and registers: pass num_prefix={extra})" if \
-            hidden.shape[0] == mask.shape[0] and extra >= 0 else ""
+        extra = hidden.shape[1] - mask.shape[1] if hidden.dim() == 3 and hidden.shape[0] == mask.shape[0] else -1
+        hint = f" (if {extra} of them are prefix tokens, CLS and registers: pass num_prefix={extra}; if not, the " \
+            f"mask is of another number of patches)" if extra >= 0 else ""
         raise ValueError(f"tokens {tuple(hidden.shape)} do not match the mask {tuple(mask.shape)}: they must be (B, "
                          f"{num_prefix} prefix tokens + the mask's {mask.shape[1]} patches, C), B = the mask's "
                          f"{mask.shape[0]} images{hint}")
@@ -637,15 +637,18 @@ def _depth_weighted(per_block, depth: int):
     return (per_block.mean(dim=1) * depth_weights(depth, L, per_block.device, per_block.dtype)[:L]).sum()
 
 
-@functools.lru_cache(maxsize=64)
 def _takes_mto_keywords(forward_features) -> bool:
-    """forward_features (a function, read once per function: inspect costs about 30 us) takes return_layers and
-    return_qk by name or through **kwargs; True where its signature cannot be read (left to the call)."""
+    """forward_features (inspect costs about 30 us) takes return_layers and return_qk by name or through **kwargs;
+    True where its signature cannot be read (left to the call). The signature read is the one called: a decorator's
+    own, not that of the function it wraps (__wrapped__)."""
     try:
-        params = inspect.signature(forward_features).parameters
+        params = inspect.signature(forward_features, follow_wrapped=False).parameters
     except ValueError:
         return True
     return {"return_layers", "return_qk"} <= params.keys() or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+_class_takes_mto_keywords = functools.lru_cache(maxsize=64)(_takes_mto_keywords)  # a class's method: read once
 
 
 def _check_interface(vit):
@@ -653,9 +656,18 @@ def _check_interface(vit):
     failed inside its own forward_features ("unexpected keyword argument 'return_layers'") or at vit.blocks."""
     forward_features = getattr(vit, "forward_features", None)
     missing = [] if hasattr(vit, "blocks") else ["vit.blocks"]
-    function = getattr(forward_features, "__func__", forward_features)  # a bound method's function: one cache entry
-    if not (callable(function) and _takes_mto_keywords(function)):
+    function = getattr(forward_features, "__func__", None)
+    if function is not None and function is getattr(type(vit), "forward_features", None):
+        takes = _class_takes_mto_keywords(function)  # one cache entry per class, which keeps no model alive
+    else:  # an instance's own (a partial, a compiled function, a callable object): a cache entry would keep it alive
+        takes = callable(forward_features) and _takes_mto_keywords(forward_features)
+    if not takes:
         missing.append("vit.forward_features(images, mask, attn_mask, return_layers=[...], return_qk=[...])")
+    if missing and isinstance(vit, torch.nn.parallel.DistributedDataParallel):  # the ViT is inside, .module
+        raise ValueError(f"mto_forward needs {' and '.join(missing)}, which this DistributedDataParallel lacks: with "
+                         f"DDP, run MTO inside the wrapped module's forward, on the ViT itself: mto.MTO(cfg, "
+                         f"num_prefix)(vit, images, mask), as dtm.DTMPretrainModel(student, dim, "
+                         f"features_fn=mto.MTO(cfg))")
     if missing:
         raise ValueError(f"mto_forward needs {' and '.join(missing)}, which this {type(vit).__name__} lacks (so do "
                          f"timm's and torchvision's ViTs as they are): pass an adapter that has them, see mto.py's "

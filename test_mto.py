@@ -1,6 +1,9 @@
 """Tests for mto.py: the recalibration mask against attention that drops masked keys, both losses against
 per-sample loops, the depth schedule, gradients, autocast, batch-split invariance and the off switch."""
 import argparse
+import dataclasses
+import functools
+import gc
 import itertools
 import math
 import os
@@ -8,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -774,8 +778,13 @@ def test_singularity_loss_refuses_tokens_that_do_not_match_the_mask():
         with pytest.raises(ValueError, match="do not match the mask") as error:
             mto.singularity_loss(bad_hidden, bad_mask)
         assert ("pass num_prefix=0" in str(error.value)) == (bad_hidden.shape == (2, N, 8))
-    with pytest.raises(ValueError, match=r"images \(with 4 prefix tokens, CLS and registers: pass num_prefix=4\)$"):
+    with pytest.raises(ValueError, match=r"images \(if 4 of them are prefix tokens, CLS and registers: pass "
+                                         r"num_prefix=4; if not, the mask is of another number of patches\)$"):
         mto.singularity_loss(torch.randn(2, 4 + N, 8), mask)  # a timm ViT with 4 registers, given the default
+    with pytest.raises(ValueError, match=r"if 49 of them are prefix tokens.*if not, the mask is of another number"):
+        mto.singularity_loss(torch.randn(2, 1 + 4 * N, 8), mask)  # CLS + 64 patches: "pass num_prefix=49" was false
+    with pytest.raises(ValueError, match=r"^tokens \(\) do not match the mask \(2, 16\): they must be .* 2 images$"):
+        mto.singularity_loss(torch.tensor(1.0), mask)  # not an IndexError from the hint
 
 
 def test_a_vit_naming_its_prefix_tokens_is_checked_against_num_prefix():
@@ -1121,6 +1130,74 @@ def test_a_vit_without_mtos_interface_is_named_with_the_fix():
     model.forward_features = torch.compile(forward_features)
     with pytest.raises(ValueError, match="^the ViT has 1 tokens"):  # checked before anything is compiled
         mto.mto_forward(model, x, mask, mto.MTOConfig(), num_prefix=2)
+
+
+@dataclasses.dataclass
+class DataclassAdapter:
+    """A forward_features that is a dataclass instance: unhashable (eq=True sets __hash__ to None)."""
+    vit: torch.nn.Module
+
+    def __call__(self, images, mask, attn_mask, return_layers=(), return_qk=()):
+        return dtm.VisionTransformer.forward_features(self.vit, images, mask, attn_mask, return_layers=return_layers,
+                                                      return_qk=return_qk)
+
+
+def adds_mto_keywords(forward_features):
+    """A decorator that makes an adapter of a forward_features(images), keeping its name (functools.wraps)."""
+    @functools.wraps(forward_features)
+    def adapter(self, images, mask, attn_mask, return_layers=(), return_qk=()):
+        return dtm.VisionTransformer.forward_features(self, images, mask, attn_mask, return_layers=return_layers,
+                                                      return_qk=return_qk)
+    return adapter
+
+
+class DecoratedViT(dtm.VisionTransformer):
+    @adds_mto_keywords
+    def forward_features(self, images):
+        raise AssertionError("the adapter calls the ViT's own forward_features")
+
+
+def test_the_interface_check_takes_the_vits_that_ran_before_it_and_keeps_none_alive():
+    """The check refused two ViTs that ran before it: a forward_features that is a dataclass instance ("unhashable
+    type" from its cache) and a method decorated with functools.wraps that adds MTO's keywords (the check read the
+    wrapped function's signature, not the one called); its cache kept a ViT whose forward_features is an instance's
+    own (a functools.partial here; torch.compile's function alike) alive after the last reference to it went."""
+    x, mask, cfg = images(), random_mask(), mto.MTOConfig()
+    expected, _ = mto.mto_forward(tiny_vit(), x, mask, cfg)
+    model = tiny_vit()
+    model.forward_features = DataclassAdapter(model)
+    torch.testing.assert_close(mto.mto_forward(model, x, mask, cfg)[0], expected, rtol=0, atol=0)
+    model = tiny_vit()
+    model.__class__ = DecoratedViT
+    torch.testing.assert_close(mto.mto_forward(model, x, mask, cfg)[0], expected, rtol=0, atol=0)
+    model = tiny_vit()
+    model.forward_features = functools.partial(dtm.VisionTransformer.forward_features, model)
+    mto.mto_forward(model, x, mask, cfg)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_ddp_wrapped_vit_is_told_to_run_mto_inside_the_wrapped_forward(tmp_path):
+    """mto_forward(ddp_model, ...) said "pass an adapter", which a DDP-wrapped ViT of this repo does not need: MTO
+    belongs inside the wrapped forward (dtm.DTMPretrainModel's features_fn), where DDP sees it. A one-process gloo
+    group, destroyed after."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x, mask = images(), random_mask()
+        with pytest.raises(ValueError, match=r"which this DistributedDataParallel lacks: with DDP, run MTO inside the "
+                                             r"wrapped module's forward, on the ViT itself: mto.MTO\(cfg, num_prefix\)"
+                                             r"\(vit, images, mask\), as dtm.DTMPretrainModel\(student, dim, "
+                                             r"features_fn=mto.MTO\(cfg\)\)$"):
+            mto.mto_forward(torch.nn.parallel.DistributedDataParallel(tiny_vit()), x, mask, mto.MTOConfig())
+        model = torch.nn.parallel.DistributedDataParallel(dtm.DTMPretrainModel(tiny_vit(), 8,
+                                                                               features_fn=mto.MTO(mto.MTOConfig())))
+        targets = torch.randn(2, N, 8, generator=torch.Generator().manual_seed(3))
+        loss, stats = model(x, mask, targets, [torch.arange(N).expand(2, N)])  # the fix
+        assert loss.isfinite() and stats["loss_sing"] > 0
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_the_docstring_tells_a_timm_user_what_an_adapter_needs():
