@@ -55,7 +55,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")  # torchvision's
 IGNORE_INDEX = 255
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -80,13 +80,15 @@ def _unreadable(path, error):
 def load_image(path):
     """Open an image file as an RGB PIL image; UnreadableImage names the file if it cannot be decoded.
 
-    16-bit grayscale ('I;16...') is scaled to 8 bits (x / 257: 65535 -> 255); Pillow's convert("RGB") would clip it
-    at 255 (torchvision's and timm's loaders do), making most such images white. 32-bit integer and float images
-    ('I', 'F') have no agreed range: they are refused with a ValueError that says so."""
+    16-bit grayscale ('I;16...', and 16-bit PGM, which Pillow opens as 'I' scaled to 0..65535) is scaled to 8 bits
+    (x / 257: 65535 -> 255); Pillow's convert("RGB") would clip it at 255 (torchvision's and timm's loaders do), making
+    most such images white. 32-bit integer and float images ('I', 'F') have no agreed range: they are refused with a
+    ValueError that says so."""
     try:
         with Image.open(path) as img:
             mode = img.mode
-            if mode.startswith("I;16"):  # np.asarray decodes the whole file, so truncated files fail here too
+            if mode.startswith("I;16") or (mode == "I" and img.format == "PPM"):  # PGM: 'I' holding 0..65535
+                # np.asarray decodes the whole file, so truncated files fail here too
                 grey = np.rint(np.asarray(img, dtype=np.float64) / 257.0).astype(np.uint8)
                 return Image.fromarray(grey, "L").convert("RGB")
             if mode not in ("I", "F"):
@@ -227,10 +229,10 @@ class ImageFolder(torch.utils.data.Dataset):
     .classes: sorted class folder names. .samples: the (path, label) pairs, by class, sorted by path within a class (a
     PackedSamples: DataLoader workers read it without copying it). .targets: the labels (N,) int64. __getitem__ ->
     (transform(img), label), the PIL RGB image itself when transform is None. As torchvision's ImageFolder for flat
-    class folders (ImageNet's); with nested ones torchvision lists a folder's own files before its subfolders', and it
-    also reads .ppm/.pgm files, which IMG_EXTENSIONS leaves out. Hidden names (".ipynb_checkpoints/", "._x.JPEG") are
-    skipped, where torchvision would make a hidden folder a class (the first: class indices shift) and read macOS's "._"
-    files. Images lying in root beside the class folders are refused, where torchvision leaves them out.
+    class folders (ImageNet's), with its extensions (any case); with nested ones torchvision lists a folder's own files
+    before its subfolders'. Hidden names (".ipynb_checkpoints/", "._x.JPEG") are skipped, where torchvision would make
+    a hidden folder a class (the first: class indices shift) and read macOS's "._" files. Images lying in root beside
+    the class folders are refused, where torchvision leaves them out.
     """
 
     LAYOUT = "root/<class_name>/<image>.jpg (one subfolder per class, e.g. imagenet/train/n01440764/xxx.JPEG)"

@@ -1494,11 +1494,11 @@ def test_16_bit_grey_scales_every_value_to_the_nearest_8_bit_level(tmp_path):
 
 
 def test_image_folder_reads_every_listed_extension_and_names_at_most_five_empty_classes(tmp_path):
-    """IMG_EXTENSIONS: torchvision's set without .ppm/.pgm (dropping .webp skipped WebP files without a word); the
-    empty-class error names the first five, then '...'."""
-    assert data.IMG_EXTENSIONS == (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+    """IMG_EXTENSIONS: torchvision's set (dropping .webp skipped WebP files without a word, so did leaving out
+    .ppm/.pgm); the empty-class error names the first five, then '...'."""
+    assert data.IMG_EXTENSIONS == (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
     formats = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP", ".tif": "TIFF",
-               ".tiff": "TIFF"}
+               ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM"}
     os.makedirs(tmp_path / "ok" / "c")
     for ext, fmt in formats.items():
         Image.new("RGB", (4, 3), (9, 99, 199)).save(tmp_path / "ok" / "c" / f"x{ext}", fmt)
@@ -1512,6 +1512,41 @@ def test_image_folder_reads_every_listed_extension_and_names_at_most_five_empty_
         os.makedirs(tmp_path / "empty" / name)
     with pytest.raises(FileNotFoundError, match=r"6 of 7 class folders .* hold no images .*: b, c, d, e, f \.\.\."):
         data.ImageFolder(str(tmp_path / "empty"))
+
+
+def test_image_folder_lists_the_images_torchvision_lists_whatever_the_extension_case(tmp_path):
+    """The (path, label) list torchvision 0.28's ImageFolder gave for this tree (measured 2026-12-06, and the official
+    DTM code's utils/dataset_folder.py the same): each of its nine extensions in either case, not .gif, .txt or a file
+    without an extension. Before .ppm/.pgm were listed, a class's PPM and PGM images were left out without a word."""
+    exts = [".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"]
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".ppm": "PPM", ".pgm": "PPM", ".tif": "TIFF", ".tiff": "TIFF"}
+    for folder, name in (("lower", "x"), ("upper", "X")):
+        os.makedirs(tmp_path / folder)
+        for ext in exts:
+            ext = ext if folder == "lower" else ext.upper()
+            Image.new("RGB", (4, 3), (9, 99, 199)).save(tmp_path / folder / f"{name}{ext}",
+                                                        fmt.get(ext.lower(), ext[1:].upper()))
+    os.makedirs(tmp_path / "other")
+    for name, fmt_name in (("x.gif", "GIF"), ("ok.JPEG", "JPEG"), ("png_no_ext", "PNG"), ("x.JpG", "JPEG")):
+        Image.new("RGB", (4, 3)).save(tmp_path / "other" / name, fmt_name)
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    ds = data.ImageFolder(str(tmp_path))
+    expected = [("lower/x.bmp", 0), ("lower/x.jpeg", 0), ("lower/x.jpg", 0), ("lower/x.pgm", 0), ("lower/x.png", 0),
+                ("lower/x.ppm", 0), ("lower/x.tif", 0), ("lower/x.tiff", 0), ("lower/x.webp", 0),
+                ("other/ok.JPEG", 1), ("other/x.JpG", 1),
+                ("upper/X.BMP", 2), ("upper/X.JPEG", 2), ("upper/X.JPG", 2), ("upper/X.PGM", 2), ("upper/X.PNG", 2),
+                ("upper/X.PPM", 2), ("upper/X.TIF", 2), ("upper/X.TIFF", 2), ("upper/X.WEBP", 2)]
+    assert ds.classes == ["lower", "other", "upper"]
+    assert [(os.path.relpath(p, tmp_path), label) for p, label in ds.samples] == expected
+
+
+def test_16_bit_pgm_scales_to_8_bits_as_16_bit_png(tmp_path):
+    """Pillow opens a 16-bit PGM as mode 'I' with its values scaled to 0..65535 (maxval 1000: 1000 -> 65535); it is
+    16-bit grey as 'I;16' PNG, not a 32-bit image of unknown range, so it loads as round(x / 257)."""
+    (tmp_path / "a.pgm").write_bytes(b"P5 4 1 65535\n" + np.array([0, 128, 32896, 65535], ">u2").tobytes())
+    (tmp_path / "b.pgm").write_bytes(b"P5 2 1 1000\n" + np.array([1000, 500], ">u2").tobytes())
+    assert np.asarray(data.load_image(str(tmp_path / "a.pgm")))[0].tolist() == [[0] * 3, [0] * 3, [128] * 3, [255] * 3]
+    assert np.asarray(data.load_image(str(tmp_path / "b.pgm")))[0].tolist() == [[255] * 3, [128] * 3]
 
 
 # --- RandomResizedCrop / ColorJitter --------------------------------------------------------------------------------
