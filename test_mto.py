@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 import weakref
 
 import numpy as np
@@ -777,7 +778,7 @@ def test_singularity_loss_refuses_tokens_that_do_not_match_the_mask():
     for bad_hidden, bad_mask in ((hidden, mask[:1]), (hidden[:, 1:], mask), (hidden[0], mask)):
         with pytest.raises(ValueError, match="do not match the mask") as error:
             mto.singularity_loss(bad_hidden, bad_mask)
-        assert ("pass num_prefix=0" in str(error.value)) == (bad_hidden.shape == (2, N, 8))
+        assert ("pass num_prefix=" in str(error.value)) == (bad_hidden.shape == (2, N, 8))  # none for another B
     with pytest.raises(ValueError, match=r"images \(if 4 of them are prefix tokens, CLS and registers: pass "
                                          r"num_prefix=4; if not, the mask is of another number of patches\)$"):
         mto.singularity_loss(torch.randn(2, 4 + N, 8), mask)  # a timm ViT with 4 registers, given the default
@@ -1157,11 +1158,19 @@ class DecoratedViT(dtm.VisionTransformer):
         raise AssertionError("the adapter calls the ViT's own forward_features")
 
 
+def own_method(model):
+    """A forward_features of the instance, not its class (types.MethodType): a closure over the model."""
+    def forward_features(self, *args, **kwargs):
+        return dtm.VisionTransformer.forward_features(model, *args, **kwargs)
+    return types.MethodType(forward_features, model)
+
+
 def test_the_interface_check_takes_the_vits_that_ran_before_it_and_keeps_none_alive():
     """The check refused two ViTs that ran before it: a forward_features that is a dataclass instance ("unhashable
     type" from its cache) and a method decorated with functools.wraps that adds MTO's keywords (the check read the
     wrapped function's signature, not the one called); its cache kept a ViT whose forward_features is an instance's
-    own (a functools.partial here; torch.compile's function alike) alive after the last reference to it went."""
+    own (a functools.partial or an instance's method here; torch.compile's function alike) alive after the last
+    reference to it went."""
     x, mask, cfg = images(), random_mask(), mto.MTOConfig()
     expected, _ = mto.mto_forward(tiny_vit(), x, mask, cfg)
     model = tiny_vit()
@@ -1170,14 +1179,36 @@ def test_the_interface_check_takes_the_vits_that_ran_before_it_and_keeps_none_al
     model = tiny_vit()
     model.__class__ = DecoratedViT
     torch.testing.assert_close(mto.mto_forward(model, x, mask, cfg)[0], expected, rtol=0, atol=0)
-    model = tiny_vit()
-    model.forward_features = functools.partial(dtm.VisionTransformer.forward_features, model)
-    mto.mto_forward(model, x, mask, cfg)
-    alive = weakref.ref(model)
-    del model
-    gc.collect()
-    assert alive() is None
+    for own in (lambda model: functools.partial(dtm.VisionTransformer.forward_features, model), own_method):
+        model = tiny_vit()
+        model.forward_features = own(model)
+        mto.mto_forward(model, x, mask, cfg)
+        alive = weakref.ref(model)
+        del model
+        gc.collect()
+        assert alive() is None
 
+
+def test_the_interface_check_reads_each_keyword_and_reads_a_classs_method_once():
+    """An instance's forward_features is read too: both keywords or a **kwargs, not *args alone; a signature that
+    cannot be read (a builtin's) is left to the call; a class's method is read once (30 us a call otherwise)."""
+    x, mask, cfg = images(), random_mask(), mto.MTOConfig()
+    model = tiny_vit()
+    forward_features = model.forward_features
+    model.forward_features = lambda images, mask, attn_mask, **kwargs: forward_features(images, mask, attn_mask,
+                                                                                          **kwargs)
+    mto.mto_forward(model, x, mask, cfg)
+    for lacking in (lambda *args: forward_features(*args), lambda images, mask, attn_mask, return_layers=(): None):
+        model.forward_features = lacking
+        with pytest.raises(ValueError, match=r"^mto_forward needs vit.forward_features\(.*, which this "
+                                             r"VisionTransformer lacks"):
+            mto.mto_forward(model, x, mask, cfg)
+    assert mto._takes_mto_keywords(max)  # inspect: "no signature found for builtin"
+    mto.mto_forward(tiny_vit(), x, mask, cfg)
+    before = mto._class_takes_mto_keywords.cache_info()
+    mto.mto_forward(tiny_vit(), x, mask, cfg)
+    after = mto._class_takes_mto_keywords.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (1, 0)
 
 def test_a_ddp_wrapped_vit_is_told_to_run_mto_inside_the_wrapped_forward(tmp_path):
     """mto_forward(ddp_model, ...) said "pass an adapter", which a DDP-wrapped ViT of this repo does not need: MTO
@@ -1186,7 +1217,8 @@ def test_a_ddp_wrapped_vit_is_told_to_run_mto_inside_the_wrapped_forward(tmp_pat
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         x, mask = images(), random_mask()
-        with pytest.raises(ValueError, match=r"which this DistributedDataParallel lacks: with DDP, run MTO inside the "
+        with pytest.raises(ValueError, match=r"^mto_forward needs vit.blocks and vit.forward_features\(.*\), which "
+                                             r"this DistributedDataParallel lacks: with DDP, run MTO inside the "
                                              r"wrapped module's forward, on the ViT itself: mto.MTO\(cfg, num_prefix\)"
                                              r"\(vit, images, mask\), as dtm.DTMPretrainModel\(student, dim, "
                                              r"features_fn=mto.MTO\(cfg\)\)$"):
