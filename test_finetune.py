@@ -666,6 +666,7 @@ def test_bf16_autocast_matches_fp32(tmp_path):
     assert bf16["count"] == fp32["count"] == 13
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2) and bf16["loss"] != fp32["loss"]
 
+
 def test_mixing_flags_reach_the_mixer(tmp_path, monkeypatch):
     """--mixup, --cutmix, --mixup_prob, --mixup_switch_prob and --smoothing, each to its place (swapped alphas or a
     constant smoothing changed the recipe silently and passed every test)."""

@@ -1210,6 +1210,7 @@ def test_the_interface_check_reads_each_keyword_and_reads_a_classs_method_once()
     after = mto._class_takes_mto_keywords.cache_info()
     assert (after.hits - before.hits, after.misses - before.misses) == (1, 0)
 
+
 def test_a_ddp_wrapped_vit_is_told_to_run_mto_inside_the_wrapped_forward(tmp_path):
     """mto_forward(ddp_model, ...) said "pass an adapter", which a DDP-wrapped ViT of this repo does not need: MTO
     belongs inside the wrapped forward (dtm.DTMPretrainModel's features_fn), where DDP sees it. A one-process gloo

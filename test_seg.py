@@ -1053,7 +1053,6 @@ def test_generic_dataset_needs_all_folders(tmp_path):
         train_seg.parse_args(["--img_dir", str(tmp_path), "--ann_dir", str(tmp_path)])
 
 
-
 def test_a_mistyped_data_folder_is_named_as_such(tmp_path):
     """A --data that does not exist was called "not an ADE20K folder", as if its layout were wrong."""
     (tmp_path / "notes.txt").write_text("x")
@@ -1065,6 +1064,7 @@ def test_a_mistyped_data_folder_is_named_as_such(tmp_path):
                         "--val_ann_dir", str(tmp_path / "notes.txt"), "--num_classes", "3", "--init", "none",
                         "--output_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()  # refused before the run's folder is made
+
 
 def test_logged_lr_seeds_and_layer_decay_follow_their_closed_forms(tmp_path, monkeypatch, capsys):
     """4 steps of batch 2 x accum 2: the logged lr is mmcv's poly schedule (power 2, min_lr > 0, so swapped arguments
@@ -1404,7 +1404,6 @@ def _pinned_weights(model, size: int, num_classes: int):
     labels = torch.randint(0, num_classes, (2, size, size), generator=g)
     labels[torch.rand(labels.shape, generator=g, dtype=torch.float64) < 0.4] = train_seg.IGNORE_INDEX
     return images, labels
-
 
 
 def test_logits_and_loss_equal_beits_backbone_with_mmsegs_heads():
