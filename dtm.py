@@ -39,6 +39,7 @@ modeling_dtm.py's trunc_normal_ wrapper; for fine-tuning and segmentation, weigh
 bounds are +-2 absolute, i.e. hardly truncated, as modeling_finetune.py) and the rescaling of each block's output
 projections by 1 / sqrt(2 * layer_id) (fix_init_weight).
 """
+import argparse
 import math
 import os
 import pickle
@@ -731,6 +732,7 @@ def _config_of(checkpoint: dict, sd: dict, width: int, depth: int, model: str, p
     the checkpoint's args' num_heads, else its relative position tables' (heads columns), else its size's in
     VIT_CONFIGS (by args' model, or by width and depth)."""
     args = checkpoint.get("args") or {}
+    args = vars(args) if isinstance(args, argparse.Namespace) else args  # the official code's, read weights_only=False
     if model is not None and model not in VIT_CONFIGS:
         raise ValueError(f"unknown model {model!r}; valid names: {', '.join(VIT_CONFIGS)}")
     fits = [n for n, c in VIT_CONFIGS.items() if (c["embed_dim"], c["depth"]) == (width, depth)]

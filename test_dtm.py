@@ -827,6 +827,9 @@ def test_a_vit_of_the_official_code_is_read_by_its_names(tmp_path):
                                          "python -c .*torch.save\\(c\\['model'\\] if 'model' in c else "
                                          "c\\['module'\\], 'weights.pth'\\)"):
         dtm.read_checkpoint(str(tmp_path / "full.pth"), "--init")
+    full = torch.load(tmp_path / "full.pth", weights_only=False)  # read in Python: its args are an argparse.Namespace
+    loaded, fresh = dtm.vit_from_checkpoint(full, IMG)
+    assert torch.equal(loaded.eval().forward_features(x).tokens, vit.forward_features(x).tokens) and fresh == []
     # DeepSpeed's checkpoints (the official code's --enable_deepspeed) keep the weights under "module"
     torch.save({"module": sd, "epoch": 3, "ds_version": "0.4.0"}, tmp_path / "deepspeed.pth")
     checkpoint = dtm.read_checkpoint(str(tmp_path / "deepspeed.pth"), "--init")

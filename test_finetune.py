@@ -1014,6 +1014,41 @@ def test_both_layout_pretraining_checkpoint_fine_tunes_with_the_summed_tables(tm
         torch.testing.assert_close(model.eval().forward_features(x).tokens, last, rtol=1e-5, atol=1e-5)
 
 
+def test_a_beit_v2_pretraining_checkpoint_loads_as_the_official_fine_tuning_does(tmp_path):
+    """BEiT v2's pre-training state dict (unilm beit2/modeling_pretrain.py VisionTransformerForMaskedImageModelingCLS
+    with run_beitv2_pretraining.py's defaults: a shared table only, no pos_embed, cls_pt_layers, shared lm_head), as
+    its run_class_finetuning.py loads it by default (compared side by side on 2026-12-06): the shared table copied
+    into every block; mask_token, norm, lm_head and cls_pt_layers not used; fc_norm and head new."""
+    torch.manual_seed(0)
+    vit = dtm.build_vit("vit_tiny", img_size=IMG, rel_pos_bias="shared", use_mask_token=True)
+    with torch.no_grad():
+        vit.rel_pos_bias.table.normal_(0, 0.5)
+    sd = {k.replace("patch_embed.", "patch_embed.proj.").replace("rel_pos_bias.table",
+                                                                 "rel_pos_bias.relative_position_bias_table"): v
+          for k, v in vit.state_dict().items()}
+    for i in range(2):  # the CLS pre-training head's blocks (head_layers 2): the names of blocks.0's, other values
+        sd.update({f"cls_pt_layers.{i}.{k[len('blocks.0.'):]}": torch.randn_like(v)
+                   for k, v in sd.items() if k.startswith("blocks.0.")})
+    sd.update({"lm_head.weight": torch.randn(8, 192), "lm_head.bias": torch.randn(8),
+               "rel_pos_bias.relative_position_index": torch.zeros(17, 17, dtype=torch.long)})
+    torch.save(sd, tmp_path / "beitv2.pth")  # the official checkpoint's "model", kept once as the error says
+    args = tf.parse_args(["--init", str(tmp_path / "beitv2.pth"), "--model", "vit_tiny", "--img_size", str(IMG)])
+    model, fresh = tf.build_model(args, NUM_CLASSES, *tf.init_checkpoint(args))
+    assert fresh == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert model.rel_pos_bias is None and model.mask_token is None
+    loaded = model.state_dict()
+    for name, value in vit.state_dict().items():
+        if name.startswith("blocks.") or name in ("cls_token", "patch_embed.weight", "patch_embed.bias"):
+            assert torch.equal(loaded[name], value), name
+    for block in model.blocks:
+        assert torch.equal(block.attn.rel_pos_bias.table, vit.rel_pos_bias.table)
+    assert not any(k.startswith(("cls_pt", "lm_head", "norm.", "mask_token", "rel_pos_bias.")) for k in loaded)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().forward_features(x, return_layers=[-1]).layers[3],
+                                   vit.eval().forward_features(x, return_layers=[-1]).layers[3], rtol=0, atol=1e-6)
+
+
 def official_format_checkpoint(width=16, heads=2, depth=2, grid=2):
     """A DTM pre-training state dict with the official code's names (models/modeling_dtm.py: patch_embed.proj,
     relative_position_bias_table shared and per block, their relative_position_index buffers, mask_token, norm,
