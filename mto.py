@@ -663,15 +663,15 @@ def _check_interface(vit):
         takes = callable(forward_features) and _takes_mto_keywords(forward_features)
     if not takes:
         missing.append("vit.forward_features(images, mask, attn_mask, return_layers=[...], return_qk=[...])")
-    if missing and isinstance(vit, torch.nn.parallel.DistributedDataParallel):  # the ViT is inside, .module
-        raise ValueError(f"mto_forward needs {' and '.join(missing)}, which this DistributedDataParallel lacks: with "
-                         f"DDP, run MTO inside the wrapped module's forward, on the ViT itself: mto.MTO(cfg, "
-                         f"num_prefix)(vit, images, mask), as dtm.DTMPretrainModel(student, dim, "
+    if not missing:
+        return
+    lacks = f"mto_forward needs {' and '.join(missing)}, which this {type(vit).__name__} lacks"
+    if isinstance(vit, torch.nn.parallel.DistributedDataParallel):  # the ViT is inside, .module
+        raise ValueError(f"{lacks}: with DDP, run MTO inside the wrapped module's forward, on the ViT itself: "
+                         f"mto.MTO(cfg, num_prefix)(vit, images, mask), as dtm.DTMPretrainModel(student, dim, "
                          f"features_fn=mto.MTO(cfg))")
-    if missing:
-        raise ValueError(f"mto_forward needs {' and '.join(missing)}, which this {type(vit).__name__} lacks (so do "
-                         f"timm's and torchvision's ViTs as they are): pass an adapter that has them, see mto.py's "
-                         f"docstring, Use")
+    raise ValueError(f"{lacks} (so do timm's and torchvision's ViTs as they are): pass an adapter that has them, see "
+                     f"mto.py's docstring, Use")
 
 
 def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX,
