@@ -74,10 +74,12 @@ def build_vit(name: str, **overrides) -> "VisionTransformer":
     """VisionTransformer of a named size; overrides are passed on (img_size, drop_path_rate, num_classes...). The
     layer scale starts at VisionTransformer's 0.1 for every size; the official code pre-trains ViT-L with 1e-5
     (run_pretrain_dtm.py:66-67, the help: "0.1 for base, 1e-5 for large"), so pass layer_scale_init=1e-5 for it, as
-    train_pretrain.py does (train_pretrain.LAYER_SCALE); a loaded checkpoint brings its own values."""
+    train_pretrain.py does (train_pretrain.LAYER_SCALE); a loaded checkpoint brings its own values. The patch size is
+    PATCH_SIZE, which the trainers check image sizes and build patch grids with, unless the size or overrides give
+    one."""
     if name not in VIT_CONFIGS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(VIT_CONFIGS)}")
-    return VisionTransformer(**{**VIT_CONFIGS[name], **overrides})
+    return VisionTransformer(**{"patch_size": PATCH_SIZE, **VIT_CONFIGS[name], **overrides})
 
 
 def _check_images(images, channels: int = 3, floats: bool = True):
@@ -454,7 +456,9 @@ class VisionTransformer(nn.Module):
             if self.mask_token is None:
                 raise ValueError("a mask was given but the model has no mask token; build it with use_mask_token=True")
             if mask.shape != x.shape[:2] or mask.dtype != torch.bool:
-                raise ValueError(f"mask must be bool of shape {tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+                raise ValueError(f"mask must be bool of shape {tuple(x.shape[:2])}, got {mask.dtype} "
+                                 f"{tuple(mask.shape)}; one entry per patch of this ViT: its "
+                                 f"{self.grid[0]}x{self.grid[1]} grid of {self.patch_size}-px patches")
             w = mask.unsqueeze(-1).to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
@@ -1247,6 +1251,10 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
     """
     if loss_on not in ("all", "masked"):
         raise ValueError(f"loss_on must be 'all' or 'masked', got {loss_on!r}")
+    if pred.shape[:-1] != target.shape[:-1]:
+        raise ValueError(f"predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ in their number of "
+                         f"tokens; the targets need one per patch of the student, in its order, without a CLS token "
+                         f"(a ViT teacher's tokens[:, 1:]) and from a teacher of the student's patch grid")
     if pred.shape != target.shape:
         raise ValueError(f"predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ in shape; pass "
                          f"both (B, N, D), the predictions projected to the targets' width D")

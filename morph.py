@@ -210,7 +210,8 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _best_cosine(inner: torch.Tensor, sq_norm_a: torch.Tensor, sq_norm_b: torch.Tensor):
     """Each source's most similar destination by cosine: inner (B, Ta, Tb) -> best cosine, index (B, Ta).
 
-    The source's norm does not change its argmax, so it scales only the (B, Ta) maxima.
+    The source's norm does not change its argmax, so it scales only the (B, Ta) maxima. The rows hold member sums,
+    not means (module docstring): another similarity put here must not depend on scale, as cosine does not.
     """
     best, index = (inner * sq_norm_b.clamp_min(1e-24).rsqrt()[:, None, :]).max(dim=-1)
     return best * sq_norm_a.clamp_min(1e-24).rsqrt(), index

@@ -1408,6 +1408,27 @@ def test_model_sizes_are_the_official_vit_s_b_l_16_and_the_class_defaults_are_be
         assert vit.rel_pos_bias is not None and block.attn.rel_pos_bias is None, name  # default "shared"
 
 
+def test_build_vit_takes_the_patch_size_the_trainers_check_images_and_build_grids_with(monkeypatch):
+    """build_vit took VisionTransformer's own default 16, not dtm.PATCH_SIZE, with which train_pretrain.py builds its
+    student, teacher and masks and every trainer checks image sizes: a fork setting PATCH_SIZE = 8 pre-trained at
+    patch 8 while fine-tuning and segmentation from scratch (--init none, build_vit) ran at patch 16, with nothing
+    said. A size's own patch_size and an override still win."""
+    monkeypatch.setattr(dtm, "PATCH_SIZE", 8)
+    vit = dtm.build_vit("vit_tiny", img_size=32)
+    assert (vit.patch_size, vit.grid) == (8, (4, 4))
+    monkeypatch.setitem(dtm.VIT_CONFIGS, "vit_tiny", {**dtm.VIT_CONFIGS["vit_tiny"], "patch_size": 4})
+    assert dtm.build_vit("vit_tiny", img_size=32).patch_size == 4
+    assert dtm.build_vit("vit_tiny", img_size=32, patch_size=16).patch_size == 16
+
+
+def test_a_mask_of_another_patch_grid_names_the_vits_grid():
+    """A mask of another grid (a fork's ViT of other patches with masks still drawn for dtm.PATCH_SIZE) named only the
+    shapes, not which grid the ViT has."""
+    with pytest.raises(ValueError, match=exactly(f"mask must be bool of shape (2, {N}), got torch.bool (2, 4); one "
+                                                 f"entry per patch of this ViT: its 4x4 grid of 8-px patches")):
+        tiny_vit().forward_features(images(), torch.zeros(2, 4, dtype=torch.bool))
+
+
 def test_a_layer_scale_of_0_leaves_the_residual_branches_unscaled_as_beit():
     """BEiT's Block (naver-ai/dtm models/modeling_finetune.py Block.__init__: `if init_values > 0` gammas, else
     None) and train_pretrain.py's --layer_scale 0 ("0 disables"), also how vit_from_checkpoint builds a ViT from a
@@ -1597,6 +1618,13 @@ def test_dtm_loss_and_the_pretraining_model_refuse_unknown_options_and_mismatche
                                                  f"pass both (B, N, D), the predictions projected to the targets' "
                                                  f"width D")):
         dtm.dtm_loss(torch.randn(2, N, 5), target, groups)
+    for extra in (1, -1):  # a teacher's CLS token kept, or a teacher of another patch grid: the width was named
+        with pytest.raises(ValueError, match=exactly(f"predictions (2, {N}, 4) and targets (2, {N + extra}, 4) differ "
+                                                     f"in their number of tokens; the targets need one per patch of "
+                                                     f"the student, in its order, without a CLS token (a ViT "
+                                                     f"teacher's tokens[:, 1:]) and from a teacher of the student's "
+                                                     f"patch grid")):
+            dtm.dtm_loss(pred, torch.randn(2, N + extra, 4), groups)
     with pytest.raises(ValueError, match=exactly(f"loss_on='masked' needs the mask: pass mask=, the (B, N) = (2, {N}) "
                                                  f"bool mask of masked patches (True = masked)")):
         dtm.dtm_loss(pred, target, groups, loss_on="masked")

@@ -82,6 +82,22 @@ def test_train_steps_decrease_loss_on_fixed_batch():
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
 
 
+def test_the_student_has_its_sizes_patch_size(monkeypatch):
+    """build_model passed patch_size=dtm.PATCH_SIZE to build_vit, which overrode a size's own patch_size (a fork's
+    ViT-B/8 in VIT_CONFIGS): the run trained a ViT of patch 16 under the new name, with nothing said. The student is
+    now build_vit's, as fine-tuning's and segmentation's; such a size then stops at the mask, which names its grid."""
+    monkeypatch.setitem(dtm.VIT_CONFIGS, "vit_tiny", {**dtm.VIT_CONFIGS["vit_tiny"], "patch_size": 8})
+    args = tp.parse_args(["--teacher", "pixels", "--model", "vit_tiny", "--img_size", "32", "--amp", "fp32",
+                          "--num_masked", "1", "--min_block", "1"])
+    model, teacher = tp.build_model(args, CPU)
+    assert model.student.patch_size == 8
+    mask = torch.zeros(2, 4, dtype=torch.bool)  # the 2x2 grid of dtm.PATCH_SIZE at 32 px, as build_dataset draws it
+    with pytest.raises(ValueError, match=r"got torch.bool \(2, 4\); one entry per patch of this ViT: its 4x4 grid of "
+                                         r"8-px patches$"):
+        tp.train_micro_step(model, teacher, torch.randn(2, 3, 32, 32), mask, args, 0, CPU, None, None,
+                            engine.StepTimer(CPU.device))
+
+
 def test_fixed_schedule_replaces_the_dynamic_scheduler():
     base = ["--teacher", "pixels", "--model", "vit_tiny", "--img_size", "64", "--amp", "fp32", "--num_masked", "4",
             "--min_block", "1"]  # 16 patches

@@ -250,9 +250,8 @@ def build_dataset(args):
 
 def build_model(args, d: engine.Dist):
     """(DTMPretrainModel on the device, frozen teacher on the device)."""
-    student = dtm.build_vit(args.model, img_size=args.img_size, patch_size=dtm.PATCH_SIZE,
-                            drop_path_rate=args.drop_path, layer_scale_init=args.layer_scale,
-                            rel_pos_bias=args.rel_pos_bias)
+    student = dtm.build_vit(args.model, img_size=args.img_size, drop_path_rate=args.drop_path,
+                            layer_scale_init=args.layer_scale, rel_pos_bias=args.rel_pos_bias)
     teacher = engine.build_on_all_ranks(d, dtm.build_teacher, args.teacher, args.img_size, dtm.PATCH_SIZE,
                                         args.teacher_norm, clip_proj=not args.no_clip_proj,
                                         fix=engine.SAME_CHECKPOINT).to(d.device)
