@@ -288,6 +288,15 @@ def test_max_steps_off_the_log_cadence_logs_its_last_step(image_folder, tmp_path
     assert [r["step"] for r in lines] == [3, 5] and result["final_loss"] == lines[-1]["loss"]
 
 
+def test_the_start_line_names_the_layer_scale(image_folder, tmp_path, capsys):
+    """The layer scale comes from LAYER_SCALE by the size's name (0.1 for any name not in it, as a fork's new size):
+    the start line says which the run got."""
+    tp.main(tiny_argv(image_folder, tmp_path / "out", "--max_steps", "1"))
+    assert "M parameters (layer scale 0.1), teacher " in capsys.readouterr().out
+    tp.main(tiny_argv(image_folder, tmp_path / "other", "--max_steps", "1", "--layer_scale", "0.25"))
+    assert "M parameters (layer scale 0.25), teacher " in capsys.readouterr().out
+
+
 def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path, capsys):
     """3 steps per epoch: stop at step 2 (mid-epoch), relaunch to step 5 == 5 steps in one go."""
     full = tp.main(tiny_argv(image_folder, tmp_path / "full", "--max_steps", "5"))

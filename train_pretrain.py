@@ -364,7 +364,8 @@ def train(args, d: engine.Dist) -> dict:
     finished = step >= last_step
     log = engine.open_log(args.output_dir, checkpoint if own_run else None, d.is_main, finished)
     ddp_model = engine.ddp(model, d)  # the teacher stays outside: it does not train
-    d.print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, teacher {args.teacher} "
+    d.print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters (layer scale "
+            f"{args.layer_scale:g}), teacher {args.teacher} "
             f"(dim {teacher.out_dim}), {len(dataset)} images, total batch {total_batch}, lr {lr:.3g} ({lr_origin}), "
             f"{steps_per_epoch} steps/epoch, amp {engine.amp_name(amp_dtype, scaler)} (teacher "
             f"{engine.amp_name(teacher_dtype, None)})")
