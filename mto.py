@@ -141,14 +141,17 @@ class MTOConfig:
         for name in ("lambda_sing", "lambda_ent"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf"):
-                raise ValueError(f"MTOConfig.{name} must be finite and >= 0 (0 switches the loss off), got "
-                                 f"{getattr(self, name)}")
+                raise ValueError(f"MTOConfig.{name} must be finite and >= 0 (0 switches the loss off), got {value!r}")
 
 
-def _check_mask(mask):
+def _check_mask(mask, num_prefix: int = 0):
     if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.dim() != 2:
         got = f"{mask.dtype} {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
-        raise ValueError(f"MTO needs the (B, N) bool mask of masked patches (True = masked), got {got}")
+        raise ValueError(f"MTO needs the (B, N) bool mask of masked patches (True = masked), got {got} (a 0/1 mask: "
+                         f"mask.bool(); a (B, H, W) one: mask.flatten(1))")
+    if isinstance(num_prefix, bool) or not isinstance(num_prefix, numbers.Integral) or num_prefix < 0:
+        raise ValueError(f"num_prefix must be the number of tokens before the patches, an int >= 0 (1 for CLS, 0 "
+                         f"without one, CLS + registers for a ViT with registers), got {num_prefix!r}")
 
 
 def recalibration_mask(mask, num_prefix: int = NUM_PREFIX):
@@ -156,7 +159,7 @@ def recalibration_mask(mask, num_prefix: int = NUM_PREFIX):
 
     Query q may attend to key k unless q is visible (prefix or unmasked patch) and k is a masked patch.
     """
-    _check_mask(mask)
+    _check_mask(mask, num_prefix)
     B = mask.shape[0]
     masked = torch.cat([mask.new_zeros(B, num_prefix), mask], dim=1)  # (B, T); prefix tokens are never masked
     return (masked[:, :, None] | ~masked[:, None, :]).unsqueeze(1)  # (B, 1, T, T): masked query or visible key
@@ -401,7 +404,7 @@ def _compiled(losses_fn):
 def singularity_losses(hiddens, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX, compile: bool = False):
     """singularity_loss of each of L block outputs of one shape, computed a group of blocks at a time -> (L, B).
     compile: with the arithmetic torch.compile'd (_compiled)."""
-    _check_mask(mask)
+    _check_mask(mask, num_prefix)
     for hidden in hiddens:
         _check_tokens(hidden, mask, num_prefix)
     _check_alike(hiddens, "the block output")
@@ -533,7 +536,7 @@ def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM
 def attention_entropies(qks, mask, rows: Rows = None, num_prefix: int = NUM_PREFIX, compile: bool = False):
     """attention_entropy of each of L blocks' (q, k, bias) of one shape, computed a group of blocks at a time ->
     (L, B). A block whose bias is None among blocks with one counts as a zero bias. compile: as singularity_losses."""
-    _check_mask(mask)
+    _check_mask(mask, num_prefix)
     for q, k, bias in qks:
         _check_qk(q, k, bias, mask, num_prefix)
     _check_alike([q for q, _, _ in qks], "q")
@@ -685,7 +688,7 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX,
     batch means of the per-image losses, not yet multiplied by the lambdas (see mto_total_loss); a loss whose lambda
     is 0 is a zero tensor and costs nothing.
     """
-    _check_mask(mask)
+    _check_mask(mask, num_prefix)
     if torch.is_tensor(images) and images.shape[:1] != mask.shape[:1]:
         raise ValueError(f"{images.shape[0]} images but a mask for {mask.shape[0]}: the mask is (B, N), one row per "
                          f"image")

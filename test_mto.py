@@ -202,8 +202,10 @@ def test_mto_off_is_bit_identical_to_plain_forward():
         for value in ("-1", "nan", "inf"):  # a plain argparse parser (the trainers' refuse nan / inf themselves)
             with pytest.raises(ValueError, match=f"{flag} must be finite and >= 0 .*, got {float(value)}"):
                 mto.mto_config_from_args(parser.parse_args(["--mto", flag, value]))
-    for value in (None, "0.1", True):  # None failed with a TypeError from its comparison
-        with pytest.raises(ValueError, match=f"MTOConfig.lambda_sing must be finite and >= 0 .*, got {value}"):
+    for value in (None, "0.1", "1e-1", True):  # None failed with a TypeError from its comparison
+        # a string is shown quoted: "got 1e-1" (PyYAML reads 1e-1 as a str) read as a valid weight
+        with pytest.raises(ValueError, match=f"MTOConfig.lambda_sing must be finite and >= 0 .*, got "
+                                             f"{re.escape(repr(value))}$"):
             mto.MTOConfig(lambda_sing=value)
     for flag in ("--mto_layers", "--mto_sing_layers", "--mto_ent_layers"):  # block counts: 0..depth
         with pytest.raises(ValueError, match=f"{flag} -1 is out of range: use 0..depth"):
@@ -395,9 +397,26 @@ def test_masks_must_be_bool():
     hidden, q = torch.randn(2, 1 + N, 12), torch.randn(2, 2, 1 + N, 8)
     for call in (lambda m: mto.recalibration_mask(m), lambda m: mto.singularity_loss(hidden, m),
                  lambda m: mto.attention_entropy(q, q, None, m), lambda m: mto.patch_rows(m)):
-        with pytest.raises(ValueError, match="bool mask"):  # a uint8 mask once gave a bias of 254/255: no masking
-            call(mask.to(torch.uint8))
+        with pytest.raises(ValueError, match=re.escape(f"MTO needs the (B, N) bool mask of masked patches (True = "
+                                                       f"masked), got torch.uint8 (2, {N}) (a 0/1 mask: mask.bool(); "
+                                                       f"a (B, H, W) one: mask.flatten(1))")):
+            call(mask.to(torch.uint8))  # a uint8 mask once gave a bias of 254/255: no masking
         call(mask)
+
+
+def test_a_negative_num_prefix_is_refused_naming_what_it_counts():
+    """num_prefix=-1 with tokens of N - 1 rows passed the tokens' shape check and failed inside torch ("index out of
+    range in self", recalibration_mask: "Trying to create tensor with negative dimension -1")."""
+    mask = random_mask()
+    hidden, q = torch.randn(2, N - 1, 12), torch.randn(2, 2, N - 1, 8)
+    message = ("num_prefix must be the number of tokens before the patches, an int >= 0 (1 for CLS, 0 without one, "
+               "CLS + registers for a ViT with registers), got ")
+    for bad in (-1, 1.0, True):
+        for call in (lambda p: mto.recalibration_mask(mask, p), lambda p: mto.singularity_loss(hidden, mask, None, p),
+                     lambda p: mto.attention_entropy(q, q, None, mask, None, p),
+                     lambda p: mto.mto_forward(tiny_vit(), images(2), mask, mto.MTOConfig(), p)):
+            with pytest.raises(ValueError, match=re.escape(message + repr(bad)) + "$"):
+                call(bad)
     with pytest.raises(ValueError, match="^3 images but a mask for 2: the mask is"):  # failed inside the ViT
         mto.mto_forward(tiny_vit(), images(3), mask, mto.MTOConfig())
 
