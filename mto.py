@@ -715,7 +715,7 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX,
 
     _check_returned(features, "layers", sing_ids)
     _check_returned(features, "qk", ent_ids)
-    zero = features.tokens.new_zeros((), dtype=torch.float32)
+    zero = features.tokens.new_zeros((), dtype=torch.promote_types(features.tokens.dtype, torch.float32))  # the losses
     loss_sing = _depth_weighted(singularity_losses([features.layers[i] for i in sing_ids], mask, rows, num_prefix,
                                                    cfg.compile), depth) if sing_ids else zero
     loss_ent = _depth_weighted(attention_entropies([_qk_entry(features.qk, i) for i in ent_ids], mask, rows,

@@ -404,6 +404,15 @@ def test_masks_must_be_bool():
         call(mask)
 
 
+def test_a_switched_off_loss_has_the_dtype_of_the_other():
+    """A loss with lambda 0 is a zero of the losses' dtype: it was float32 for a float64 ViT, whose losses are
+    float64 (mto.py's docstring: float64 for float64 inputs)."""
+    vit, mask = tiny_vit().double(), random_mask()
+    for cfg in (mto.MTOConfig(lambda_sing=0.0), mto.MTOConfig(lambda_ent=0.0)):
+        _, losses = mto.mto_forward(vit, images(2).double(), mask, cfg)
+        assert [v.dtype for v in losses.values()] == [torch.float64] * 2 and 0 in [v.item() for v in losses.values()]
+
+
 def test_a_negative_num_prefix_is_refused_naming_what_it_counts():
     """num_prefix=-1 with tokens of N - 1 rows passed the tokens' shape check and failed inside torch ("index out of
     range in self", recalibration_mask: "Trying to create tensor with negative dimension -1")."""
