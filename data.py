@@ -329,10 +329,10 @@ class RandomResizedCrop:
                 left = int(torch.randint(0, width - w + 1, (1,)).item())
                 return top, left, h, w
         in_ratio = width / height
-        if in_ratio < min(ratio):
-            w, h = width, int(round(width / min(ratio)))
+        if in_ratio < min(ratio):  # at least 1 pixel: torchvision's 0 for a 1-pixel-wide image is an empty crop
+            w, h = width, max(1, int(round(width / min(ratio))))
         elif in_ratio > max(ratio):
-            w, h = int(round(height * max(ratio))), height
+            w, h = max(1, int(round(height * max(ratio)))), height
         else:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
@@ -449,6 +449,10 @@ class BlockMaskGenerator:
                              f"grid's {self.height * self.width} patches")
         if min_block < 1 or min_aspect <= 0:
             raise ValueError(f"min_block must be >= 1 and min_aspect > 0, got {min_block}, {min_aspect}")
+        if max_block is not None and max_block < 1:  # 0 took no block: every patch from the fix-up, scattered
+            raise ValueError(f"max_block must be >= 1 patch (None: no cap), got {max_block}")
+        if max_aspect is not None and max_aspect < 0:  # failed with "math domain error"
+            raise ValueError(f"max_aspect must be > 0, or None or 0 for 1 / min_aspect, got {max_aspect}")
         self.num_masked, self.min_block = num_masked, min_block
         self.max_block = num_masked if max_block is None else max_block
         max_aspect = max_aspect or 1 / min_aspect

@@ -388,6 +388,16 @@ def test_random_resized_crop_fallback_is_centered():
     assert data.RandomResizedCrop.get_params(10, 1000, (0.08, 1.0), (3 / 4, 4 / 3)) == ((1000 - 13) // 2, 0, 13, 10)
 
 
+def test_random_resized_crop_fallback_is_never_empty():
+    """A 1-pixel-wide image with an aspect range above 2 (or 1 pixel high, below 1/2): the fallback's other side,
+    round(1 / 2.0) = 0, gave an empty crop, which PIL resized to an all-black image without an error (found by
+    fuzzing). It is 1 pixel, the thinnest crop there is."""
+    assert data.RandomResizedCrop.get_params(1, 1192, (0.5, 1.0), (2.0, 4.0)) == (595, 0, 1, 1)
+    assert data.RandomResizedCrop.get_params(1192, 1, (0.5, 1.0), (0.1, 0.4)) == (0, 595, 1, 1)
+    out = data.RandomResizedCrop(8, scale=(0.5, 1.0), ratio=(2.0, 4.0))(Image.new("RGB", (1, 1192), (200, 100, 50)))
+    assert out.size == (8, 8) and out.getextrema() == ((200, 200), (100, 100), (50, 50))
+
+
 def test_to_tensor_normalizes():
     x = data.to_tensor(Image.new("RGB", (5, 4), (255, 0, 51)))
     expected = (torch.tensor([1.0, 0.0, 0.2]) - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)
@@ -1655,6 +1665,17 @@ def test_block_mask_refuses_a_negative_count_and_empty_blocks():
         data.BlockMaskGenerator(grid=(14, 14), num_masked=10, min_block=0)
     with pytest.raises(ValueError, match="min_aspect"):
         data.BlockMaskGenerator(grid=(14, 14), num_masked=10, min_aspect=0)
+
+
+def test_block_mask_refuses_a_max_block_below_one_patch():
+    """max_block 0 accepted no block, so every mask came from the fix-up alone: 75 scattered patches, not block-wise,
+    without an error; -5 failed with "math domain error" (found by fuzzing)."""
+    for max_block in (0, -5):
+        with pytest.raises(ValueError, match=rf"^max_block must be >= 1 patch \(None: no cap\), got {max_block}$"):
+            data.BlockMaskGenerator(grid=(14, 14), num_masked=75, max_block=max_block)
+    assert int(data.BlockMaskGenerator(grid=(14, 14), num_masked=75, max_block=1)(random.Random(0)).sum()) == 75
+    with pytest.raises(ValueError, match=r"^max_aspect must be > 0, or None or 0 for 1 / min_aspect, got -2$"):
+        data.BlockMaskGenerator(grid=(14, 14), num_masked=75, max_aspect=-2)
 
 
 # --- RandAugment ----------------------------------------------------------------------------------------------------
