@@ -86,6 +86,11 @@ Where this file deliberately differs from the paper's literal text, and why:
     bm/merge.py:52's `a @ b.transpose(-1, -2)` of the normalized tokens runs in fp16, and merge_wavg averages fp16
     tokens): its near ties can resolve differently from this file's float32 ones.
   * Exact ties (duplicate tokens: flat patches of one colour) go to the sources that come first (a stable sort).
+    Copies of a token tie exactly only where their products are exact (small integers, zero tokens): the matrix
+    product can round one copy's inner products or squared norm 1 ulp off another's by its place in the product,
+    and rounding then picks among them, which can change with x's memory layout (measured, torch 2.13 CPU: 20
+    copies of a float64 token, 64 channels, 40 tokens, alternate split, r = 10: the last two copies, 1 ulp apart,
+    merged in place of the 9th and 10th).
     ToMe's and the official code's edge sort (bm/merge.py:60, `argsort(descending=True)`) is not stable, so their
     choice among exact ties depends on the sort torch runs (torch 2.13 on the CPU: 17 or more equal values come out
     in another order). A stable sort there does not make them agree either (measured in float64 against the official
@@ -213,8 +218,14 @@ def _best_cosine(inner: torch.Tensor, sq_norm_a: torch.Tensor, sq_norm_b: torch.
     The source's norm does not change its argmax, so it scales only the (B, Ta) maxima. The rows hold member sums,
     not means (module docstring): another similarity put here must not depend on scale, as cosine does not.
     """
-    best, index = (inner * sq_norm_b.clamp_min(1e-24).rsqrt()[:, None, :]).max(dim=-1)
-    return best * sq_norm_a.clamp_min(1e-24).rsqrt(), index
+    best, index = (inner * _inverse_norm(sq_norm_b)[:, None, :]).max(dim=-1)
+    return best * _inverse_norm(sq_norm_a), index
+
+
+def _inverse_norm(sq_norm: torch.Tensor) -> torch.Tensor:
+    """1 / norm, 0 for a zero token (cosine 0 with everything). No floor such as a clamp at 1e-24: tokens of norm
+    below it would be matched by scaled inner products, not by cosine."""
+    return torch.where(sq_norm > 0, sq_norm.rsqrt(), 0.0)
 
 
 class _FeatureSums:
@@ -321,6 +332,9 @@ def _morphing_levels(x, schedules, split, generator) -> list:
         raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), got "
                         f"{type(generator).__name__} {generator!r}")
     B, N, C = x.shape
+    if C == 0:
+        raise ValueError(f"token_morphing needs tokens of at least one channel, got x of shape {tuple(x.shape)}; pass "
+                         f"the tokens' features, x of shape (B, N, C) with C >= 1")
     levels = [[r for r in clamp_schedule(N, schedule, split) if r > 0] for schedule in _list_of_schedules(schedules)]
     if B == 0:
         return [torch.zeros(0, N, dtype=torch.long, device=x.device) for _ in levels]

@@ -347,6 +347,20 @@ def test_matching_does_not_depend_on_the_tokens_scale(dim):
         assert torch.equal(token_morphing(x * scale, [6, 6, 3], "alternate"), expected), scale
 
 
+@pytest.mark.parametrize("dim", [8, 64])  # feature sums / Gram matrix
+def test_tiny_tokens_are_matched_by_their_cosine(dim):
+    """Found by fuzzing: squared norms were clamped at 1e-24, so tokens of norm below 1e-12 (all of them, or one among
+    others) were matched by inner products scaled by 1e12 instead of by cosine, into other groups. Power-of-two scales
+    keep every product's rounding: the groups must be the same bit for bit."""
+    x = torch.randn(2, 40, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for dtype, scale in ((torch.float64, 2.0 ** -45), (torch.float64, 2.0 ** -330), (torch.float32, 2.0 ** -45)):
+        expected = token_morphing(x.to(dtype), [6, 6, 3], "alternate")
+        assert torch.equal(token_morphing(x.to(dtype) * scale, [6, 6, 3], "alternate"), expected), (dtype, scale)
+    one_tiny = x.clone()
+    one_tiny[:, [4, 5]] *= 2.0 ** -45  # a source and a destination: one round, their cosines unchanged
+    assert torch.equal(token_morphing(one_tiny, [10], "alternate"), token_morphing(x, [10], "alternate"))
+
+
 def test_group_without_members_gives_a_zero_row():
     x = torch.randn(2, 6, 3)
     groups = torch.tensor([[0, 0, 1, 1, 2, 2], [2, 1, 0, 0, 1, 2]])
@@ -656,6 +670,11 @@ def test_schedules_and_tokens_morphing_cannot_take_are_refused_naming_the_fix():
                                         r"x.float\(\)$"):
         token_morphing(tokens, [1])
     assert token_morphing(tokens.float(), [1]).shape == (1, 4)  # the fix
+    for schedule in ([2], []):  # tokens without channels (e.g. x[..., :0]) have no cosine: torch's reshape error once
+        with pytest.raises(ValueError, match=r"^token_morphing needs tokens of at least one channel, got x of shape "
+                                             r"\(2, 5, 0\); pass the tokens' features, x of shape \(B, N, C\) with "
+                                             r"C >= 1$"):
+            token_morphing(torch.randn(2, 5, 0), schedule)
 
 
 def test_visualization_out_that_cannot_be_written_names_the_fix(tmp_path, monkeypatch):
