@@ -1251,7 +1251,7 @@ def dtm_loss(pred, target, groups, mask=None, loss: str = "smooth_l1", beta: flo
     """
     if loss_on not in ("all", "masked"):
         raise ValueError(f"loss_on must be 'all' or 'masked', got {loss_on!r}")
-    if pred.shape[:-1] != target.shape[:-1]:
+    if pred.dim() == target.dim() == 3 and pred.shape[1] != target.shape[1]:
         raise ValueError(f"predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ in their number of "
                          f"tokens; the targets need one per patch of the student, in its order, without a CLS token "
                          f"(a ViT teacher's tokens[:, 1:]) and from a teacher of the student's patch grid")

@@ -1676,6 +1676,8 @@ def test_block_mask_refuses_a_max_block_below_one_patch():
     assert int(data.BlockMaskGenerator(grid=(14, 14), num_masked=75, max_block=1)(random.Random(0)).sum()) == 75
     with pytest.raises(ValueError, match=r"^max_aspect must be > 0, or None or 0 for 1 / min_aspect, got -2$"):
         data.BlockMaskGenerator(grid=(14, 14), num_masked=75, max_aspect=-2)
+    zero, default = (data.BlockMaskGenerator(grid=(14, 14), num_masked=75, max_aspect=a) for a in (0, None))
+    assert all(torch.equal(zero(random.Random(seed)), default(random.Random(seed))) for seed in range(20))  # 1 / 0.3
 
 
 # --- RandAugment ----------------------------------------------------------------------------------------------------

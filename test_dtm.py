@@ -1427,6 +1427,9 @@ def test_a_mask_of_another_patch_grid_names_the_vits_grid():
     with pytest.raises(ValueError, match=exactly(f"mask must be bool of shape (2, {N}), got torch.bool (2, 4); one "
                                                  f"entry per patch of this ViT: its 4x4 grid of 8-px patches")):
         tiny_vit().forward_features(images(), torch.zeros(2, 4, dtype=torch.bool))
+    vit = dtm.build_vit("vit_tiny", img_size=(IMG, 48), patch_size=PATCH)
+    with pytest.raises(ValueError, match=r"; one entry per patch of this ViT: its 4x6 grid of 8-px patches$"):  # H x W
+        vit.forward_features(torch.randn(1, 3, IMG, 48), torch.zeros(1, 4, dtype=torch.bool))
 
 
 def test_a_layer_scale_of_0_leaves_the_residual_branches_unscaled_as_beit():
@@ -1625,6 +1628,10 @@ def test_dtm_loss_and_the_pretraining_model_refuse_unknown_options_and_mismatche
                                                      f"teacher's tokens[:, 1:]) and from a teacher of the student's "
                                                      f"patch grid")):
             dtm.dtm_loss(pred, torch.randn(2, N + extra, 4), groups)
+    for a, b in (((2, N, 4), (3, N, 4)), ((N, 4), (2, N, 4)), ((2, N, 4), (2, 1, N, 4))):  # not a number of tokens
+        with pytest.raises(ValueError, match=exactly(f"predictions {a} and targets {b} differ in shape; pass both "
+                                                     f"(B, N, D), the predictions projected to the targets' width D")):
+            dtm.dtm_loss(torch.randn(a), torch.randn(b), groups)
     with pytest.raises(ValueError, match=exactly(f"loss_on='masked' needs the mask: pass mask=, the (B, N) = (2, {N}) "
                                                  f"bool mask of masked patches (True = masked)")):
         dtm.dtm_loss(pred, target, groups, loss_on="masked")

@@ -670,11 +670,12 @@ def test_schedules_and_tokens_morphing_cannot_take_are_refused_naming_the_fix():
                                         r"x.float\(\)$"):
         token_morphing(tokens, [1])
     assert token_morphing(tokens.float(), [1]).shape == (1, 4)  # the fix
-    for schedule in ([2], []):  # tokens without channels (e.g. x[..., :0]) have no cosine: torch's reshape error once
-        with pytest.raises(ValueError, match=r"^token_morphing needs tokens of at least one channel, got x of shape "
-                                             r"\(2, 5, 0\); pass the tokens' features, x of shape \(B, N, C\) with "
-                                             r"C >= 1$"):
-            token_morphing(torch.randn(2, 5, 0), schedule)
+    for batch, schedule in ((2, [2]), (2, []), (0, [2])):  # tokens without channels (e.g. x[..., :0]) have no cosine:
+        # torch's reshape error once; an empty batch of them is refused too
+        with pytest.raises(ValueError, match=rf"^token_morphing needs tokens of at least one channel, got x of shape "
+                                             rf"\({batch}, 5, 0\); pass the tokens' features, x of shape \(B, N, C\) "
+                                             rf"with C >= 1$"):
+            token_morphing(torch.randn(batch, 5, 0), schedule)
 
 
 def test_visualization_out_that_cannot_be_written_names_the_fix(tmp_path, monkeypatch):

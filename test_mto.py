@@ -406,11 +406,15 @@ def test_masks_must_be_bool():
 
 def test_a_switched_off_loss_has_the_dtype_of_the_other():
     """A loss with lambda 0 is a zero of the losses' dtype: it was float32 for a float64 ViT, whose losses are
-    float64 (mto.py's docstring: float64 for float64 inputs)."""
-    vit, mask = tiny_vit().double(), random_mask()
-    for cfg in (mto.MTOConfig(lambda_sing=0.0), mto.MTOConfig(lambda_ent=0.0)):
-        _, losses = mto.mto_forward(vit, images(2).double(), mask, cfg)
-        assert [v.dtype for v in losses.values()] == [torch.float64] * 2 and 0 in [v.item() for v in losses.values()]
+    float64 (mto.py's docstring: float64 for float64 inputs). A bfloat16 ViT's losses are float32, and so is the
+    zero."""
+    mask = random_mask()
+    for dtype, loss_dtype in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32)):
+        vit = tiny_vit().to(dtype)
+        for cfg in (mto.MTOConfig(lambda_sing=0.0), mto.MTOConfig(lambda_ent=0.0)):
+            _, losses = mto.mto_forward(vit, images(2).to(dtype), mask, cfg)
+            assert [v.dtype for v in losses.values()] == [loss_dtype] * 2, dtype
+            assert 0 in [v.item() for v in losses.values()]
 
 
 def test_a_negative_num_prefix_is_refused_naming_what_it_counts():
