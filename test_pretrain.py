@@ -155,6 +155,25 @@ def test_fixed_schedule_takes_the_tokens_that_can_merge(size, split, most, capsy
     assert morph.num_groups_after(int(size) ** 2 // 256, schedule, split) == int(size) ** 2 // 256 - most
 
 
+@pytest.mark.parametrize("flags, why", [
+    (["--max_iters", "1"], r"with --max_iters 1 \(a single round merges the drawn n tokens by either rule\)"),
+    (["--fixed_schedule", "7", "1"], r"with --fixed_schedule 7 1 \(both rules merge the rounds \[7\]\)"),
+    (["--fixed_schedule", "6", "3"], r"with --fixed_schedule 6 3 \(both rules merge the rounds \[2, 2, 2\]\)")])
+def test_schedule_rule_is_refused_where_both_rules_give_the_same_rounds(flags, why):
+    """--schedule_rule spread ran as official, without a word, where the two rules agree: one round merges n tokens by
+    either rule, and so do K rounds of a fixed N that K divides."""
+    size = ["--img_size", "64", "--num_masked", "6"]
+    base = size + ["--schedule_rule", "spread"]
+    with pytest.raises(ValueError, match=rf"^--schedule_rule would do nothing {why}: leave it out$"):
+        tp.parse_args(base + flags)
+    if flags[0] == "--fixed_schedule":  # the refusal's reason holds: the rounds are the same
+        n, k = int(flags[1]), int(flags[2])
+        assert morph.make_schedule(16, n, k, "official") == morph.make_schedule(16, n, k, "spread")
+    assert tp.parse_args(size + flags).schedule_rule == "official"  # without it: taken
+    for differ in (["--max_iters", "2"], ["--fixed_schedule", "7", "3"]):  # 7 3: [3, 3, 3], [3, 2, 2]
+        assert tp.parse_args(base + differ).schedule_rule == "spread"
+
+
 def test_fixed_schedule_refuses_no_rounds_and_names_a_range_that_exists():
     """K = 0 rounds (it failed later, in morph.make_schedule, naming no flag); one patch (16 px) with --split official,
     which keeps patch 0 apart: no token can merge, N <= 0 (not -1)."""

@@ -167,6 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         engine.refuse_ignored(args, parser, ["max_iters", "schedule_rule", "schedules", "split", "recipe"],
                               "when no token is merged (--max_merged 0 or --fixed_schedule 0 K: token-wise "
                               "distillation, every level the same)")
+    elif same_rounds := rules_agree(args):  # --schedule_rule spread then ran as official without a word
+        engine.refuse_ignored(args, parser, ["schedule_rule"], same_rounds)
     if (no_merge or (args.fixed_schedule and args.split != "random")) and args.levels not in (1, parser.get_default(
             "levels")):  # every level the same: 1 computes it once, the default is taken as the run's recipe
         why = ("when no token is merged" if no_merge else f"with --fixed_schedule and --split {args.split} (one "
@@ -182,6 +184,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         engine.refuse_ignored(args, parser, mto.MTO_FLAGS, "without --mto")
     engine.refuse_ignored_in_demo(args, parser)
     return args
+
+
+def rules_agree(args) -> str:
+    """Why --schedule_rule official and spread give the same rounds in this run, or "" where they may differ: one round
+    merges n tokens by either rule, and so may a fixed schedule's K rounds (N / K each where K divides N)."""
+    if args.fixed_schedule:
+        num_patches, (n, k) = (args.img_size // dtm.PATCH_SIZE) ** 2, args.fixed_schedule
+        official, spread = (morph.make_schedule(num_patches, n, k, rule) for rule in ("official", "spread"))
+        return f"with --fixed_schedule {n} {k} (both rules merge the rounds {official})" if official == spread else ""
+    return "with --max_iters 1 (a single round merges the drawn n tokens by either rule)" if args.max_iters == 1 else ""
 
 
 def check_args(args):
