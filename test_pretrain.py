@@ -1284,7 +1284,7 @@ def test_a_kill_between_an_epochs_two_saves_still_keeps_its_checkpoint(image_fol
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--max_merged", "50"], "--max_merged 50 must be in 0..49"),  # the demo's 112 px: 49 patches
+    (["--max_merged", "50"], r"--max_merged 50 must be in 0..49 \(patches at --img_size 112\)$"),  # the demo's
     (["--save_every", "-1"], "--save_every must be >= 0"),
     (["--max_steps", "-1"], "--max_steps must be >= 0"),
     (["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0"),

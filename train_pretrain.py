@@ -221,7 +221,8 @@ def check_args(args):
         raise ValueError(f"--num_masked {args.num_masked} must be in 0..{num_patches} (patches at --img_size "
                          f"{args.img_size})")
     if args.max_merged is not None and not 0 <= args.max_merged <= num_patches:
-        raise ValueError(f"--max_merged {args.max_merged} must be in 0..{num_patches}")
+        raise ValueError(f"--max_merged {args.max_merged} must be in 0..{num_patches} (patches at --img_size "
+                         f"{args.img_size})")
     most = max(num_patches - 1 - (args.split == "official"), 0)  # every token in one group (official: patch 0 apart)
     if args.fixed_schedule and not (0 <= args.fixed_schedule[0] <= most and args.fixed_schedule[1] >= 1):
         apart = ", beside patch 0, which --split official never merges" if args.split == "official" else ""
