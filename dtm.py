@@ -275,6 +275,15 @@ def _attention_bias(rel_pos_bias, attn_mask, dtype):
     return bias
 
 
+def _check_attn_mask(attn_mask, shape):
+    """A clear error for an attention mask that is neither (T, T) nor 4-D broadcastable to shape (B, heads, T, T): a
+    3-D one would be read as (heads, T, T), silently so for a (B, T, T) mask with as many images as heads."""
+    if attn_mask.dim() not in (2, 4) or any(m not in (1, s) for m, s in zip(attn_mask.shape[::-1], shape[::-1])):
+        raise ValueError(f"attn_mask {tuple(attn_mask.shape)} does not fit the attention's (B, heads, T, T) = "
+                         f"{shape}: pass (B, 1, T, T) for one mask per image (a (B, T, T) mask: mask[:, None]), "
+                         f"(1, heads, T, T) for one per head, or (T, T) for all")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with BEiT's q/v bias and an optional own relative position bias.
 
@@ -476,8 +485,9 @@ class VisionTransformer(nn.Module):
         """Features(tokens after the final norm (B, 1 + N, C) CLS first, {block: output}, {block: (q, k, bias)}).
 
         mask: (B, N) bool, True = masked patch, replaced by the learned mask token.
-        attn_mask: one bool (True = may attend) / float mask broadcastable to (B, heads, 1+N, 1+N) for every block,
-            or a list with one such mask or None per block. Each query must be allowed at least one key.
+        attn_mask: one bool (True = may attend) / float mask, (1+N, 1+N) or 4-D broadcastable to (B, heads, 1+N, 1+N),
+            for every block, or a list with one such mask or None per block. Each query must be allowed at least one
+            key.
         return_layers: block indices whose outputs (B, 1 + N, C), before the final norm, go into .layers.
         return_qk: block indices whose attention inputs go into .qk: queries and keys (B, heads, 1 + N, head_dim)
             and the relative position bias (heads, 1 + N, 1 + N) as the fused attention used them (the block's
@@ -493,6 +503,9 @@ class VisionTransformer(nn.Module):
         elif len(attn_mask) != self.depth:
             raise ValueError(f"attn_mask list has {len(attn_mask)} entries, expected one per block ({self.depth})")
         x = self.embed(images, mask)
+        for m in attn_mask:
+            if m is not None:
+                _check_attn_mask(m, (x.shape[0], self.num_heads, x.shape[1], x.shape[1]))
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         layers, qks = {}, {}

@@ -1487,6 +1487,27 @@ def test_wrong_mask_shapes_block_indices_and_attn_mask_lists_are_refused():
         dtm.CLIPVisual(input_resolution=32, patch_size=16, width=128, layers=1, heads=3)
 
 
+def test_an_attention_mask_the_attention_cannot_take_is_refused_naming_the_shapes_it_takes():
+    """A mask that does not broadcast to (B, heads, T, T) failed inside the attention ("The size of tensor a (17) must
+    match the size of tensor b (16)"), and a (B, T, T) one was read as one mask per head: silently so with as many
+    images as heads (3 here). Refused, as a list entry too; the shapes the docstring names still work."""
+    model = tiny_vit().eval()
+    x, T = images(batch=3), 1 + N
+    allowed = torch.rand(3, 1, T, T, generator=torch.Generator().manual_seed(5)) < 0.5
+    allowed |= torch.eye(T, dtype=torch.bool)  # every query sees at least itself
+    for bad in (allowed[:, 0], allowed[:2], allowed[..., 1:, 1:], allowed[None]):
+        for attn_mask in (bad, [None, bad, None, None]):
+            with pytest.raises(ValueError, match=re.escape(f"attn_mask {tuple(bad.shape)} does not fit the attention's "
+                                                           f"(B, heads, T, T) = (3, 3, {T}, {T}): pass (B, 1, T, T)")):
+                model.forward_features(x, attn_mask=attn_mask)
+    per_image = model.forward_features(x, attn_mask=allowed).tokens
+    for b in range(3):  # one mask per image: image b's tokens are those of image b alone with its mask
+        alone = model.forward_features(x[b:b + 1], attn_mask=allowed[b:b + 1]).tokens
+        torch.testing.assert_close(per_image[b:b + 1], alone, rtol=0, atol=1e-6)
+    shared = allowed[0, 0]
+    torch.testing.assert_close(model.forward_features(x, attn_mask=shared).tokens,
+                               model.forward_features(x, attn_mask=shared.expand(1, 3, T, T)).tokens, rtol=0, atol=0)
+
 def test_a_list_of_attention_masks_gives_each_block_its_own():
     """forward_features(attn_mask=[m0, None, m2, m3]) equals the blocks run one by one, block i with mask i (MTO's
     per-block masks). The existing test_dtm test passed such a list but checked only which .qk keys came back."""
