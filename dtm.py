@@ -938,12 +938,12 @@ class CLIPVisual(nn.Module):
 
 def _is_torchscript_archive(path: str) -> bool:
     # both torch.save and torch.jit.save write zip files; only TorchScript archives hold constants.pkl
-    if not zipfile.is_zipfile(path):
-        return False
     try:
+        if not zipfile.is_zipfile(path):
+            return False
         with zipfile.ZipFile(path) as archive:
             return any(name.endswith("constants.pkl") for name in archive.namelist())
-    except zipfile.BadZipFile:  # a damaged file: torch.load's error names it
+    except Exception:  # a damaged file (BadZipFile, a name not in UTF-8, a zip version...): torch.load's error names it
         return False
 
 

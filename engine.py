@@ -1220,7 +1220,8 @@ def _open_log(output_dir, path, last, resumed) -> list:
         else:
             lines = [(line, record) for line, record in lines if record.get("step", 0) <= resumed["step"]]
         with open(f"{path}.tmp", "w") as f:  # a kill while rewriting leaves the old log whole
-            f.writelines(line for line, _ in lines)
+            # a whole last line can have lost its newline (a node crash): the next line would be appended to it
+            f.writelines(line if line.endswith("\n") else line + "\n" for line, _ in lines)
         replace_durably(f"{path}.tmp", path)
         kept = [record for _, record in lines]
     open(path, "a").close()  # a new run's log, written at its first line: made now, so a refusal comes now

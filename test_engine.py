@@ -2355,6 +2355,20 @@ def test_resume_drops_a_half_written_last_line_and_counts_only_complete_ones(tmp
         assert [json.loads(line)["step"] for line in open(log_file)] == [1, 2, 3, 5]
 
 
+def test_resume_keeps_a_whole_last_line_that_lost_its_newline_as_a_line_of_its_own(tmp_path, capsys):
+    """A log cut just before its last newline (a node crash; found by cutting logs at random bytes) ends in a whole
+    line, which the checkpoint counts and the resumed log keeps: the next line was appended to it, and both were
+    then one unreadable line (dropped at the next resume)."""
+    for resumed in ({"step": 5}, {"step": 5, "log_lines": 2}):
+        log_file = tmp_path / engine.LOG
+        log_file.write_text('{"step": 1}\n{"step": 2}')
+        log = engine.open_log(str(tmp_path), resumed, True)
+        log(step=5)
+        assert log_file.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 5}\n'
+        assert engine.open_log(str(tmp_path), {"step": 5, "log_lines": 3}, True).lines == 3
+    assert "not complete JSON" not in capsys.readouterr().out
+
+
 def test_optimizer_state_for_more_parameters_than_this_run_trains_is_refused():
     """A checkpoint whose optimizer trained parameters this run does not (frozen since, another model part): the
     names differ in the other direction than a parameter new in this run, and are refused all the same (their
@@ -2606,6 +2620,29 @@ def test_a_ckpt_teacher_path_written_another_way_is_not_a_changed_setting(tmp_pa
     capsys.readouterr()
     engine.resume(state, "ck.pth", model, torch.optim.AdamW(model.parameters()), None, args, 2, CPU)
     assert capsys.readouterr().out == "resumed from ck.pth at step 3\n"
+
+
+def test_a_damaged_zip_directory_is_named_as_damaged_whatever_zipfile_raises(tmp_path):
+    """zipfile raises more than BadZipFile on a damaged checkpoint (found by flipping each bit of one): a name not in
+    UTF-8 (UnicodeDecodeError), a zip64 locator of two disks (BadZipFile from is_zipfile), a zip version it does not
+    know (NotImplementedError); each gave zipfile's traceback before torch.load was tried."""
+    torch.save({"model": {"w": torch.zeros(1000)}, "kind": "dtm_seg"}, tmp_path / "full.pth")
+    raw = (tmp_path / "full.pth").read_bytes()
+    entry, locator = raw.find(b"PK\x01\x02"), raw.find(b"PK\x06\x07")
+
+    def damaged(name, *edits):
+        data = bytearray(raw)
+        for at, value in edits:
+            data[at] = value
+        (tmp_path / name).write_bytes(bytes(data))
+        return str(tmp_path / name)
+
+    for path in (damaged("name.pth", (entry + 9, raw[entry + 9] | 0x08), (entry + 46, 0xFF)),
+                 damaged("disks.pth", (locator + 16, 2))):
+        with pytest.raises(ValueError, match=r"--resume '.*\.pth' cannot be read by torch.load: it is truncated or "
+                                             r"damaged \(an interrupted save or copy\?\) \(RuntimeError: "):
+            engine.load_checkpoint(path, "dtm_seg")
+    assert engine.load_checkpoint(damaged("version.pth", (entry + 6, 128)), "dtm_seg")["kind"] == "dtm_seg"  # read
 
 
 def test_a_checkpoint_whose_optimizer_groups_have_no_parameter_names_loads_as_saved():
