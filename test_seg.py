@@ -268,6 +268,11 @@ def test_feature_pyramid_and_head_shapes():
     deeper = dtm.build_vit("vit_tiny", img_size=64, depth=6, use_mask_token=False)  # blocks 4, 5 would get no gradient
     with pytest.raises(ValueError, match=r"ending with the last block \(5\), got \[0, 1, 2, 3\]"):
         train_seg.ViTUperNet(deeper, 7, out_indices=[0, 1, 2, 3])
+    shallow = dtm.build_vit("vit_tiny", img_size=64, depth=3, use_mask_token=False)  # suggested [0, 0, 1, 2] itself
+    with pytest.raises(ValueError, match=r"^the feature pyramid takes the outputs of 4 different blocks, so it needs "
+                                         r"a ViT of 4 blocks or more; this one has 3: pass --init a deeper ViT's "
+                                         r"checkpoint$"):
+        train_seg.ViTUperNet(shallow, 7)
     # --crop_size is checked for patch 16; an --init checkpoint of patch 32 at a 32 crop failed in the pyramid's pool
     small_grid = dtm.build_vit("vit_tiny", img_size=32, patch_size=32, use_mask_token=False)
     with pytest.raises(ValueError, match="a 32x32 crop in patches of 32 gives 1x1: pass --crop_size 64 or more"):

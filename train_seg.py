@@ -176,6 +176,9 @@ class ViTUperNet(nn.Module):
             raise ValueError(f"the feature pyramid pools the ViT's patch grid by 2, so it needs 2x2 patches at least; "
                              f"a {H}x{W} crop in patches of {patch} gives {H // patch}x{W // patch}: pass --crop_size "
                              f"{2 * patch} or more")
+        if backbone.depth < 4:  # a checkpoint of a shallower ViT: no 4 different blocks to take
+            raise ValueError(f"the feature pyramid takes the outputs of 4 different blocks, so it needs a ViT of 4 "
+                             f"blocks or more; this one has {backbone.depth}: pass --init a deeper ViT's checkpoint")
         out_indices = list(out_indices) if out_indices else default_out_indices(backbone.depth)
         if (len(out_indices) != 4 or sorted(set(out_indices)) != out_indices
                 or out_indices[0] < 0 or out_indices[-1] != backbone.depth - 1):
