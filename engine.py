@@ -542,6 +542,17 @@ def poly_schedule(step: int, total_steps: int, warmup_steps: int, base_value: fl
     return lr
 
 
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:
+    """--warmup_epochs in optimizer steps, rounded; a warmup that rounds to no step is an error, not a run without
+    one (the start-up line would still name the fraction asked for)."""
+    steps = round(warmup_epochs * steps_per_epoch)
+    if warmup_epochs > 0 and steps == 0:
+        raise ValueError(f"--warmup_epochs {warmup_epochs:g} is {warmup_epochs * steps_per_epoch:.3g} of the "
+                         f"{steps_per_epoch} optimizer steps per epoch, which rounds to no warmup step: pass "
+                         f"--warmup_epochs 0 for none, or at least {1 / steps_per_epoch:.3g} (one step)")
+    return steps
+
+
 def warn_long_warmup(warmup_steps: int, total_steps: int, flag: str, d: "Dist"):
     """A warmup as long as the run (a shortened run that kept the default warmup) never reaches the peak lr."""
     if 0 < total_steps <= warmup_steps:

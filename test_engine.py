@@ -411,6 +411,14 @@ def test_ddp_wraps_without_deprecation_warnings(tmp_path):
         torch.distributed.destroy_process_group()
 
 
+def test_warmup_epochs_round_to_steps_and_a_warmup_of_no_step_is_refused():
+    assert [engine.warmup_steps(e, 3) for e in (0, 0.2, 0.5, 0.9, 2)] == [0, 1, 2, 3, 6]  # round(0.6), round(1.5)
+    for epochs in (0.1, 1 / 6):  # 0.3 and 0.5 of a step: round() gives 0
+        with pytest.raises(ValueError, match="rounds to no warmup step: pass --warmup_epochs 0 for none, or at "
+                                             "least 0.333 \\(one step\\)"):
+            engine.warmup_steps(epochs, 3)
+
+
 def test_a_warmup_as_long_as_the_run_is_reported(capsys):
     engine.warn_long_warmup(10, 11, "--warmup_epochs", CPU)
     assert capsys.readouterr().out == ""

@@ -182,13 +182,18 @@ def test_the_demo_fine_tunes_on_the_pretraining_demos_images():
 
 def test_a_checkpoint_without_position_tables_is_noted(tmp_path, capsys):
     """--rel_pos_bias per_block (the default) converts the tables a checkpoint has; one without gets none, and says
-    so."""
+    so; --rel_pos_bias shared, which would do nothing there, is refused."""
     vit = dtm.build_vit("vit_tiny", img_size=IMG, rel_pos_bias="none")
     torch.save({"model": vit.state_dict(), "args": {"model": "vit_tiny"}}, tmp_path / "plain.pth")
     tf.main(TINY_RUN[:-1] + [str(tmp_path / "plain.pth"), "--epochs", "1", "--output_dir", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert "plain.pth has no relative position tables, so neither has this model" in out
     assert "nor an absolute position embedding: it has no position information" in out
+    # --rel_pos_bias shared ran bit for bit as per_block there (found by combining flags at random): refused
+    with pytest.raises(ValueError, match=r"^--rel_pos_bias shared would do nothing with --init .*plain.pth: it has no "
+                                         r"relative position tables, so neither has this model: leave it out$"):
+        tf.main(TINY_RUN[:-1] + [str(tmp_path / "plain.pth"), "--rel_pos_bias", "shared", "--epochs", "1",
+                                 "--output_dir", str(tmp_path / "shared")])
 
 
 def test_soft_target_cross_entropy_matches_definition():
@@ -419,6 +424,14 @@ def test_a_fractional_warmup_is_rounded_to_steps(tmp_path):
     tf.main(TINY_RUN + ["--epochs", "1", "--warmup_epochs", "0.5", "--lr", "0.05", "--output_dir", str(tmp_path)])
     lrs = [r["lr"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "lr" in r]
     assert len(lrs) == 3 and lrs[0] == 0.0 and lrs[2] > 0 and lrs[1] == pytest.approx(lrs[2] / 2)  # 0, half, peak
+
+
+def test_a_warmup_that_rounds_to_no_step_is_refused(tmp_path):
+    """--warmup_epochs 0.1 of 3 steps per epoch rounds to no warmup step: it ran as --warmup_epochs 0, bit for bit,
+    while the start-up line said '0.1 of warmup' (found by combining flags at random); now refused, naming the fix."""
+    with pytest.raises(ValueError, match=r"--warmup_epochs 0.1 is 0.3 of the 3 optimizer steps per epoch, which rounds "
+                                         r"to no warmup step: pass --warmup_epochs 0 for none, or at least 0.333"):
+        tf.main(TINY_RUN + ["--epochs", "1", "--warmup_epochs", "0.1", "--output_dir", str(tmp_path)])
 
 
 def test_fine_tuning_from_a_fine_tuned_classifier_keeps_its_head(finetuned, tmp_path, capsys):

@@ -275,6 +275,18 @@ def test_bad_arguments(argv, error, match):
         tp.parse_args(argv)
 
 
+def test_teacher_amp_fp32_with_amp_fp32_is_refused(tmp_path):
+    """--teacher_amp auto runs the teacher in float32 under --amp fp32, on every device: --teacher_amp fp32 there ran
+    bit for bit as without it (found by combining flags at random). The other pairs choose another precision."""
+    torch.save({"model": {}}, tmp_path / "teacher.pth")
+    teacher = ["--data", HERE, "--teacher", f"ckpt:{tmp_path / 'teacher.pth'}"]
+    with pytest.raises(ValueError, match=r"^--teacher_amp fp32 would do nothing with --amp fp32 \(--teacher_amp auto "
+                                         r"then runs the teacher in float32 too, on every device\): leave it out$"):
+        tp.parse_args([*teacher, "--amp", "fp32", "--teacher_amp", "fp32"])
+    assert tp.parse_args([*teacher, "--amp", "bf16", "--teacher_amp", "fp32"]).teacher_amp == "fp32"
+    assert tp.parse_args([*teacher, "--amp", "fp32", "--teacher_amp", "bf16"]).teacher_amp == "bf16"
+
+
 def test_resume_rejects_foreign_checkpoint(image_folder, tmp_path):
     torch.save({"model": {}, "epoch": 0}, tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match="not a checkpoint of train_pretrain.py.*--teacher ckpt:PATH"):
@@ -1050,6 +1062,13 @@ def test_fractional_warmup_rounds_to_the_nearest_step(image_folder, tmp_path):
     peak = 0.05 * math.sqrt(4 / 2048)
     logged = [r["lr"] for r in read_log(tmp_path / engine.LOG) if "lr" in r]
     assert logged == pytest.approx([engine.cosine_schedule(s, 6, 3, peak, 0.001) for s in range(6)], rel=1e-9)
+
+
+def test_a_warmup_that_rounds_to_no_step_is_refused(image_folder, tmp_path):
+    """--warmup_epochs 0.1 of 3 steps per epoch (0.3) ran without warmup, without a word: refused."""
+    with pytest.raises(ValueError, match=r"--warmup_epochs 0.1 is 0.3 of the 3 optimizer steps per epoch, which rounds "
+                                         r"to no warmup step: pass --warmup_epochs 0 for none"):
+        tp.main(tiny_argv(image_folder, tmp_path, "--batch_size", "2", "--accum_iter", "2", "--warmup_epochs", "0.1"))
 
 
 # ---------------------------------------------------------------------------------------------------

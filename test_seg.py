@@ -134,6 +134,12 @@ GENERIC = ["--img_dir", "i", "--ann_dir", "a", "--val_img_dir", "vi", "--val_ann
     (["--poly_power", "-1"], "^--poly_power must be >= 0 \\(a negative --poly_power makes the lr grow\\), got -1"),
     (["--warmup_ratio", "3"], "^--warmup_ratio must be in 0..1 .*, got 3 \\(its default: 1e-06\\)$"),  # named
     (["--warmup_iters", "0", "--warmup_ratio", "0.5"], "--warmup_ratio would do nothing with --warmup_iters 0"),
+    # ran bit for bit as --warmup_iters 0 / without --min_lr (found by combining flags at random)
+    (["--warmup_iters", "5", "--warmup_ratio", "1"], "^--warmup_iters 5 would do nothing with --warmup_ratio 1 \\(the "
+                                                     "warmup would start at the full lr\\): pass a --warmup_ratio "
+                                                     "below 1, or --warmup_iters 0 for none$"),
+    (["--poly_power", "0", "--min_lr", "1e-4"], "^--min_lr would do nothing with --poly_power 0 \\(the lr stays at "
+                                                "its peak after the warmup\\): leave it out$"),
     (["--max_unreadable", "0.5"], "--max_unreadable would do nothing in the demo"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
     (["--demo_val_images", "0"], "--demo_val_images must be >= 1, got 0"),  # trained, then mIoU NaN and exit 0
@@ -164,6 +170,7 @@ def test_flags_that_do_nothing_or_train_wrongly_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
         train_seg.parse_args(["--init", "none", *flags])
     assert train_seg.parse_args(["--init", "none", "--data", "/x", "--num_classes", "150"]).num_classes == 150
+    assert train_seg.parse_args(["--init", "none", "--poly_power", "0", "--warmup_ratio", "1"]).warmup_iters is None
     # the default stride is 2/3 of the crop (341 at 512): at a small --crop_size it was 341 and refused as given
     assert train_seg.parse_args(["--init", "none", "--data", "/x"]).stride == 341
     assert train_seg.parse_args(["--init", "none", "--data", "/x", "--crop_size", "64"]).stride == 42

@@ -502,6 +502,9 @@ def initial_model(args, d, classes, init, path):
     if init is not None:
         d.print(f"loaded {path}" + (f"; initialized afresh: {', '.join(fresh)}" if fresh else ""))
     if init is not None and dtm.stored_rel_pos_bias(model.state_dict()) == "none":
+        if args.rel_pos_bias != get_args_parser().get_default("rel_pos_bias"):
+            raise ValueError(f"--rel_pos_bias {args.rel_pos_bias} would do nothing with --init {path}: it has no "
+                             f"relative position tables, so neither has this model: leave it out")
         d.print(f"note: {path} has no relative position tables, so neither has this model (--rel_pos_bias "
                 f"{args.rel_pos_bias} applies to the tables a checkpoint has)"
                 + ("; nor an absolute position embedding: it has no position information" if model.pos_embed is None
@@ -557,7 +560,7 @@ def finetune(args, d, amp_dtype, scaler):
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
                              train_images=len(train_set))
         best_top1, best_dir = resume["best_top1"], resume.get("best_dir") or os.path.dirname(resume_path) or "."
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, engine.warmup_steps(args.warmup_epochs, steps_per_epoch)
     finished = step >= total_steps
     log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished)
     ddp_model = engine.ddp(model, d)

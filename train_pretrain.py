@@ -215,6 +215,9 @@ def check_args(args):
     if args.teacher == "pixels" and args.teacher_amp != "auto":
         raise ValueError(f"--teacher_amp {args.teacher_amp} would do nothing with --teacher pixels (its targets are "
                          f"computed in float32 under any autocast): leave it out")
+    if args.amp == "fp32" and args.teacher_amp == "fp32":
+        raise ValueError("--teacher_amp fp32 would do nothing with --amp fp32 (--teacher_amp auto then runs the "
+                         "teacher in float32 too, on every device): leave it out")
     engine.check_image_size("--img_size", args.img_size, 224)
     num_patches = (args.img_size // dtm.PATCH_SIZE) ** 2
     if not 0 <= args.num_masked <= num_patches:
@@ -364,7 +367,7 @@ def train(args, d: engine.Dist) -> dict:
     lr = args.lr * math.sqrt(total_batch / 2048)
     lr_origin = f"--lr {args.lr:g} x sqrt({total_batch} / 2048)"
     optimizer = torch.optim.AdamW(engine.param_groups(model, args.weight_decay), lr=lr, betas=tuple(args.betas))
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, engine.warmup_steps(args.warmup_epochs, steps_per_epoch)
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     engine.warn_long_warmup(warmup_steps, total_steps, "--warmup_epochs", d)
     engine.warn_min_lr(args.min_lr, lr, f" ({lr_origin})", d)

@@ -592,6 +592,12 @@ def parse_args(argv=None):
     engine.refuse_ignored_in_demo(args, parser)
     if args.warmup_iters == 0:
         engine.refuse_ignored(args, parser, ["warmup_ratio"], "with --warmup_iters 0 (no warmup)")
+    elif args.warmup_iters and args.warmup_ratio == 1:  # the warmup's factor: 1 at every step
+        raise ValueError(f"--warmup_iters {args.warmup_iters} would do nothing with --warmup_ratio 1 (the warmup "
+                         f"would start at the full lr): pass a --warmup_ratio below 1, or --warmup_iters 0 for none")
+    if args.poly_power == 0:
+        engine.refuse_ignored(args, parser, ["min_lr"], "with --poly_power 0 (the lr stays at its peak after the "
+                              "warmup)")
     if args.eval:  # the model and its input come from the checkpoint (run_eval), and so does the demo's data
         engine.from_checkpoint_unless_given(args, parser, argv, EVAL_FROM_CHECKPOINT + EVAL_DEMO_DATA)
     if args.init is None and args.eval is None and not engine.continues_a_run(args):  # a continued run: its own
