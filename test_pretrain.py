@@ -158,7 +158,9 @@ def test_fixed_schedule_takes_the_tokens_that_can_merge(size, split, most, capsy
 @pytest.mark.parametrize("flags, why", [
     (["--max_iters", "1"], r"with --max_iters 1 \(a single round merges the drawn n tokens by either rule\)"),
     (["--fixed_schedule", "7", "1"], r"with --fixed_schedule 7 1 \(both rules merge the rounds \[7\]\)"),
-    (["--fixed_schedule", "6", "3"], r"with --fixed_schedule 6 3 \(both rules merge the rounds \[2, 2, 2\]\)")])
+    (["--fixed_schedule", "6", "3"], r"with --fixed_schedule 6 3 \(both rules merge the rounds \[2, 2, 2\]\)"),
+    # [7, 7] and [7, 6] before the clamp to half the tokens left: the rounds the run merges are the same
+    (["--fixed_schedule", "13", "2"], r"with --fixed_schedule 13 2 \(both rules merge the rounds \[7, 4\]\)")])
 def test_schedule_rule_is_refused_where_both_rules_give_the_same_rounds(flags, why):
     """--schedule_rule spread ran as official, without a word, where the two rules agree: one round merges n tokens by
     either rule, and so do K rounds of a fixed N that K divides."""

@@ -171,6 +171,9 @@ def test_flags_that_do_nothing_or_train_wrongly_are_refused(flags, message):
         train_seg.parse_args(["--init", "none", *flags])
     assert train_seg.parse_args(["--init", "none", "--data", "/x", "--num_classes", "150"]).num_classes == 150
     assert train_seg.parse_args(["--init", "none", "--poly_power", "0", "--warmup_ratio", "1"]).warmup_iters is None
+    # a warmup_ratio just below 1 still warms up, and a poly_power between 0 and 1 still decays to --min_lr
+    assert train_seg.parse_args(["--init", "none", "--warmup_iters", "5", "--warmup_ratio", "0.999"]).warmup_iters == 5
+    assert train_seg.parse_args(["--init", "none", "--poly_power", "0.5", "--min_lr", "1e-4"]).min_lr == 1e-4
     # the default stride is 2/3 of the crop (341 at 512): at a small --crop_size it was 341 and refused as given
     assert train_seg.parse_args(["--init", "none", "--data", "/x"]).stride == 341
     assert train_seg.parse_args(["--init", "none", "--data", "/x", "--crop_size", "64"]).stride == 42
