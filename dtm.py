@@ -265,9 +265,6 @@ def _attention_bias(rel_pos_bias, attn_mask, dtype):
     the gradient of a (heads, T, T) bias alone does."""
     bias = None if rel_pos_bias is None else rel_pos_bias.to(dtype)
     if attn_mask is not None:
-        if not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):  # a 0/1 byte mask read as a bias
-            raise ValueError(f"attn_mask must be bool (True = may attend) or float (added to the logits), got "
-                             f"{attn_mask.dtype}: pass mask.bool() for a 0/1 mask")
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(
                 ~attn_mask, float("-inf"))
@@ -276,8 +273,12 @@ def _attention_bias(rel_pos_bias, attn_mask, dtype):
 
 
 def _check_attn_mask(attn_mask, shape):
-    """A clear error for an attention mask that is neither (T, T) nor 4-D broadcastable to shape (B, heads, T, T): a
-    3-D one would be read as (heads, T, T), silently so for a (B, T, T) mask with as many images as heads."""
+    """A clear error for an attention mask that is neither bool nor float (a 0/1 byte mask would be added as a bias),
+    or neither (T, T) nor 4-D broadcastable to shape (B, heads, T, T): a 3-D one would be read as (heads, T, T),
+    silently so for a (B, T, T) mask with as many images as heads."""
+    if not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+        raise ValueError(f"attn_mask must be bool (True = may attend) or float (added to the logits), got "
+                         f"{attn_mask.dtype}: pass mask.bool() for a 0/1 mask")
     if attn_mask.dim() not in (2, 4) or any(m not in (1, s) for m, s in zip(attn_mask.shape[::-1], shape[::-1])):
         raise ValueError(f"attn_mask {tuple(attn_mask.shape)} does not fit the attention's (B, heads, T, T) = "
                          f"{shape}: pass (B, 1, T, T) for one mask per image (a (B, T, T) mask: mask[:, None]), "
@@ -311,6 +312,8 @@ class Attention(nn.Module):
         if self.rel_pos_bias is not None:  # the block's own table, added to a shared one (layout "both")
             own = self.rel_pos_bias()
             rel_pos_bias = own if rel_pos_bias is None else rel_pos_bias + own
+        if attn_mask is not None:
+            _check_attn_mask(attn_mask, (B, self.num_heads, T, T))
         bias = _attention_bias(rel_pos_bias, attn_mask, q.dtype)  # broadcastable to (B, heads, T, T)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(B, T, C)), ((q, k, rel_pos_bias) if return_qk else None)
@@ -503,9 +506,6 @@ class VisionTransformer(nn.Module):
         elif len(attn_mask) != self.depth:
             raise ValueError(f"attn_mask list has {len(attn_mask)} entries, expected one per block ({self.depth})")
         x = self.embed(images, mask)
-        for m in attn_mask:
-            if m is not None:
-                _check_attn_mask(m, (x.shape[0], self.num_heads, x.shape[1], x.shape[1]))
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         layers, qks = {}, {}

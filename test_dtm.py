@@ -1508,6 +1508,7 @@ def test_an_attention_mask_the_attention_cannot_take_is_refused_naming_the_shape
     torch.testing.assert_close(model.forward_features(x, attn_mask=shared).tokens,
                                model.forward_features(x, attn_mask=shared.expand(1, 3, T, T)).tokens, rtol=0, atol=0)
 
+
 def test_a_list_of_attention_masks_gives_each_block_its_own():
     """forward_features(attn_mask=[m0, None, m2, m3]) equals the blocks run one by one, block i with mask i (MTO's
     per-block masks). The existing test_dtm test passed such a list but checked only which .qk keys came back."""
