@@ -186,11 +186,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def patch_count(args) -> int:
+    """The patches of an image at --img_size (dtm.PATCH_SIZE), the tokens the masks and the morphing work on."""
+    return (args.img_size // dtm.PATCH_SIZE) ** 2
+
+
 def rules_agree(args) -> str:
     """Why --schedule_rule official and spread give the same rounds in this run, or "" where they may differ: one round
     merges n tokens by either rule, and so may a fixed schedule's K rounds (N / K each where K divides N)."""
     if args.fixed_schedule:
-        num_patches, (n, k) = (args.img_size // dtm.PATCH_SIZE) ** 2, args.fixed_schedule
+        num_patches, (n, k) = patch_count(args), args.fixed_schedule
         official, spread = (morph.make_schedule(num_patches, n, k, rule) for rule in ("official", "spread"))
         return f"with --fixed_schedule {n} {k} (both rules merge the rounds {official})" if official == spread else ""
     return "with --max_iters 1 (a single round merges the drawn n tokens by either rule)" if args.max_iters == 1 else ""
@@ -219,7 +224,7 @@ def check_args(args):
         raise ValueError("--teacher_amp fp32 would do nothing with --amp fp32 (--teacher_amp auto then runs the "
                          "teacher in float32 too, on every device): leave it out")
     engine.check_image_size("--img_size", args.img_size, 224)
-    num_patches = (args.img_size // dtm.PATCH_SIZE) ** 2
+    num_patches = patch_count(args)
     if not 0 <= args.num_masked <= num_patches:
         raise ValueError(f"--num_masked {args.num_masked} must be in 0..{num_patches} (patches at --img_size "
                          f"{args.img_size})")
@@ -284,7 +289,7 @@ def build_model(args, d: engine.Dist):
 
 def warn_fixed_schedule(args, d):
     """--fixed_schedule N K can merge other than N tokens: the official rule's whole r per round, ToMe's clamp."""
-    num_patches, (n, k) = (args.img_size // dtm.PATCH_SIZE) ** 2, args.fixed_schedule
+    num_patches, (n, k) = patch_count(args), args.fixed_schedule
     unclamped = sum(morph.make_schedule(10 ** 9, n, k, args.schedule_rule, max_merged=num_patches))
     schedule = morph.clamp_schedule(num_patches, morph.make_schedule(num_patches, n, k, args.schedule_rule), args.split)
     why = [f"--schedule_rule official merges the same whole number of tokens in each round ({unclamped // k})"
@@ -353,7 +358,7 @@ def train(args, d: engine.Dist) -> dict:
     if args.demo:
         targets = "per-patch normalized pixels" if args.teacher == "pixels" else f"the features of {args.teacher}"
         d.print(f"DEMO (no --data): {args.model} learns {targets} of built-in SyntheticShapes "
-                f"images at {args.img_size} px ({(args.img_size // dtm.PATCH_SIZE) ** 2} tokens), {args.epochs} "
+                f"images at {args.img_size} px ({patch_count(args)} tokens), {args.epochs} "
                 f"epoch{'s' * (args.epochs != 1)} on {d.device}. For a real run pass --data and --teacher (see "
                 f"--help).")
     engine.seed_all(args.seed)  # the same initial weights on every rank
