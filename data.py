@@ -306,7 +306,9 @@ def _rand_uniform(low, high):
 
 class RandomResizedCrop:
     """torchvision's RandomResizedCrop on PIL images: 10 tries of (area, log-aspect) samples, then a center crop
-    clamped to the aspect range as the fallback; the crop is resized to (size, size)."""
+    clamped to the aspect range as the fallback; the crop is resized to (size, size). One difference: the fallback's
+    side is at least 1 pixel, where torchvision's (0.28, transforms.py RandomResizedCrop.get_params,
+    `int(round(w / min(ratio)))`) is 0 for a 1-pixel-wide image with ratios above 2, an empty crop."""
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=BICUBIC):
         if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
@@ -329,7 +331,7 @@ class RandomResizedCrop:
                 left = int(torch.randint(0, width - w + 1, (1,)).item())
                 return top, left, h, w
         in_ratio = width / height
-        if in_ratio < min(ratio):  # at least 1 pixel: torchvision's 0 for a 1-pixel-wide image is an empty crop
+        if in_ratio < min(ratio):  # at least 1 pixel (the docstring)
             w, h = width, max(1, int(round(width / min(ratio))))
         elif in_ratio > max(ratio):
             w, h = max(1, int(round(height * max(ratio)))), height
