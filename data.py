@@ -1213,7 +1213,8 @@ def _mask_tensor(mask):
 
 
 class SegTrainTransform:
-    """mmseg ADE20K training pipeline on (PIL image, PIL 'L' mask) -> (image (3, c, c) float, mask (c, c) int64):
+    """mmseg ADE20K training pipeline on (PIL image, PIL 'L' mask) -> (image (3, h, w) float, mask (h, w) int64),
+    (h, w) = crop_size (an int c: (c, c)):
     random resize (ratio_range of scale, keep ratio) -> random crop (cat_max_ratio) -> horizontal flip ->
     photometric distortion -> normalize -> pad bottom/right to crop_size with 0 (image, after normalization, as
     mmseg) and ignore_index (mask). `image_resample` is cv2's bilinear as mmseg's (CV2_LINEAR), cv2's nearest

@@ -54,10 +54,10 @@ Where this file deliberately differs from the paper's literal text, and why:
     averages would weight a token merged late more than tokens merged early.
   * Rounds carry the *sums* of their members' features. Cosine similarity is scale invariant, so the
     cosine of two sums equals the cosine of the two means: no size tensor is needed while matching.
-    When N <= C only their inner products are carried: the Gram matrix G = x x^T (B, N, N), computed once
+    When N <= C only their inner products are carried: the Gram matrix x x^T (B, N, N), computed once
     (once for all L levels in token_morphing_levels); merging token s into d adds row s to row d and column
-    s to column d, and a round reads the (sources x destinations) block of G instead of multiplying features.
-    Memory O(B N^2) <= O(B N C) then. Nothing is ever compacted: a merged token lives on in the row of its
+    s to column d, and a round reads the (sources x destinations) block of the Gram matrix instead of multiplying
+    features. Memory O(B N^2) <= O(B N C) then. Nothing is ever compacted: a merged token lives on in the row of its
     destination and index maps say which rows are current.
   * The random split is ToMe's alternate split applied to a random permutation of the current tokens:
     sources are permuted positions 0, 2, 4, ..., destinations 1, 3, 5, ...  (|A| = ceil(T/2)). The permutation is
@@ -248,7 +248,7 @@ class _FeatureSums:
 
 
 class _GramOfSums:
-    """Inner products of member sums, G[i, j] = <s_i, s_j> (B, N, N), from one bmm of the inputs.
+    """Inner products of member sums, gram[i, j] = <s_i, s_j> (B, N, N), from one bmm of the inputs.
 
     Used when N <= C: memory O(B N^2) <= O(B N C), and a round reads a (B, T/2, T/2) block instead of
     multiplying (B, T, C) features. Merging token s into d adds row s to row d, then column s to column d.

@@ -526,9 +526,9 @@ def attention_entropy(q, k, bias, mask, rows: Rows = None, num_prefix: int = NUM
     does), after any q/k norm; the bias without the attention mask. mask (B, N) bool, rows = patch_rows(mask).
     The recalibration mask leaves masked queries' rows
     unchanged, so it plays no part here. Each masked query's attention row, restricted to the visible patch keys
-    and renormalized, is the softmax of its logits against those keys: (B, heads, M, V), computed in float32. Its
-    entropy is divided by log(#visible), averaged over heads and over the image's masked queries. Images with no
-    masked patch or fewer than 2 visible patches give 0.
+    and renormalized, is the softmax of its logits against those keys: (B, heads, M, V), computed in float32
+    (float64 for float64 q, k). Its entropy is divided by log(#visible), averaged over heads and over the image's
+    masked queries. Images with no masked patch or fewer than 2 visible patches give 0.
     """
     return attention_entropies([(q, k, bias)], mask, rows, num_prefix)[0]
 

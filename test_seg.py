@@ -289,6 +289,21 @@ def test_feature_pyramid_and_head_shapes():
         train_seg.ViTUperNet(small_grid, 7)
 
 
+def test_feature_maps_are_the_crop_floor_divided_by_their_stride():
+    """--crop_size takes any multiple of 16: at 48 px (3x3 patches) the stride-32 map is 48 // 32 = 1 pixel wide, as
+    BEiT's fpn4 (a 2x2 max-pool) gives; features' docstring once said S/stride, 1.5 there."""
+    engine.check_image_size("--crop_size", 48, 512, smallest=2 * dtm.PATCH_SIZE)  # a crop the trainer accepts
+    torch.manual_seed(0)
+    model = train_seg.ViTUperNet(backbone(48), num_classes=7, channels=16).eval()
+    x = torch.randn(3, 3, 48, 48)
+    features = model.features(x)
+    assert [tuple(f.shape[2:]) for f in features] == [(48 // s, 48 // s) for s in (4, 8, 16, 32)] == \
+        [(12, 12), (6, 6), (3, 3), (1, 1)]
+    assert all(f.shape[:2] == (3, 192) for f in features)
+    logits, aux = model(x, with_aux=True)
+    assert logits.shape == aux.shape == (3, 7, 48, 48)
+
+
 def test_a_backbone_whose_patch_size_the_pyramid_cannot_take_names_the_fix():
     """An --init checkpoint of patch 14 at --crop_size 112 (a multiple of 14 and of 16) reached this refusal, which no
     test made; it named no fix."""

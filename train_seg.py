@@ -193,7 +193,7 @@ class ViTUperNet(nn.Module):
         self.aux_head = FCNHead(dim, num_classes, aux_channels)
 
     def features(self, images):
-        """images (B, 3, S, S) -> 4 maps at strides 4, 8, 16, 32 (patch 16), each (B, C, S/stride, S/stride)."""
+        """images (B, 3, S, S) -> 4 maps at strides 4, 8, 16, 32 (patch 16), each (B, C, S // stride, S // stride)."""
         layers = self.backbone.forward_features(images, return_layers=self.out_indices).layers
         H, W = self.backbone.grid
         maps = [layers[i][:, 1:].transpose(1, 2).reshape(images.shape[0], -1, H, W)  # drop CLS -> (B, C, H, W)
