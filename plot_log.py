@@ -23,7 +23,7 @@ def read_log(path: str, x_field: str, field: str):
     """[(x, y)] for the lines of a JSONL log that have both fields (null, e.g. the gradient norm of a step skipped
     by fp16's GradScaler, counts as absent; so do NaN and Infinity, which this repo's logs write as null). A last line
     cut short (a run killed while writing it; its resume drops it) is left out with a note."""
-    points, without_x, seen, lines = [], 0, {}, 0
+    points, without_x, seen, lines, back = [], 0, {}, 0, []
     if os.path.isdir(path):
         raise SystemExit(f"error: {path!r} is a folder; pass the log file in it ({os.path.join(path, 'log.jsonl')})")
     if not os.path.isfile(path):
@@ -52,8 +52,10 @@ def read_log(path: str, x_field: str, field: str):
                 x, y = (_number(record[name], name, f"{path}:{number}") for name in (x_field, field))
                 if math.isfinite(x) and math.isfinite(y):
                     if points and x < points[-1][0]:
-                        note_x_goes_back(path, number, x_field, points[-1][0], x)
+                        back.append((number, points[-1][0], x))
                     points.append((x, y))
+    if back:
+        note_x_goes_back(path, x_field, back)
     if not lines:
         raise SystemExit(f"error: {path} is empty (a run that has not logged a step yet?); pass a log.jsonl with lines")
     if not points:
@@ -70,16 +72,22 @@ def read_log(path: str, x_field: str, field: str):
     return points
 
 
-def note_x_goes_back(path: str, number: int, x_field: str, before: float, x: float):
-    """A line drawn in the log's order would turn back here: say why and what to plot by."""
+def note_x_goes_back(path: str, x_field: str, back: list):
+    """A line drawn in the log's order would turn back at these [(line number, x before, x)]: say where first (once,
+    not at every line: --x lr falls at each line after the warmup), why and what to plot by."""
+    (number, before, x), more = back[0], len(back) - 1
     why = (" (a run resumed with another number of steps per epoch renumbers its steps; plot by --x epochs_done)"
            if x_field == "step" else "")
-    print(f"note: {path}:{number}: {x_field} goes back from {before:g} to {x:g}{why}", file=sys.stderr)
+    print(f"note: {path}:{number}: {x_field} goes back from {before:g} to {x:g}"
+          f"{f', and at {more} more lines' if more else ''}{why}", file=sys.stderr)
 
 
 def _number(value, name: str, where: str) -> float:
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float's range: Infinity, as json reads 1e400 (left out)
+            return math.inf
     shown = json.dumps(value)
     raise SystemExit(f"error: {where}: {name!r} is {shown[:60] + ('...' if len(shown) > 60 else '')}, not a number; "
                      f"plot a field whose values are numbers (loss, lr, mIoU, ...)")
@@ -96,14 +104,29 @@ def x_ticks(x0, x1, integral: bool) -> list:
     return sorted({round(t) for t in ticks}) if integral else ticks
 
 
+def tick_labels(ticks) -> list:
+    """Labels of evenly spaced ticks: whole numbers (x_ticks' integral ones) as they are, others with 4 significant
+    digits, or as many more as tell neighbouring ticks apart (a plateau at 2.30258..2.30264 is not six times 2.303)."""
+    for digits in range(4, 18):  # 17 tell any two floats apart
+        labels = [str(t) if isinstance(t, int) else f"{t:.{digits}g}" for t in ticks]
+        if len(set(labels)) == len(labels):
+            break
+    return labels
+
+
+def _span(values) -> tuple:
+    """(lowest, highest) of values; all equal: widened by 1, or by a billionth where 1 is lost (1e17 + 1 == 1e17)."""
+    low, high = min(values), max(values)
+    return (low, high) if high > low else (low, low + max(1.0, abs(low) * 1e-9))
+
+
 def plot(series, labels, title: str, x_label: str, y_label: str, size=(720, 440)):
     """series: list of [(x, y)] -> PIL image with axes, ticks and a legend."""
     width, height = size
     left, right, top, bottom = 70, 20, 30, 50
     xs = [x for s in series for x, _ in s]
     ys = [y for s in series for _, y in s]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    (x0, x1), (y0, y1) = _span(xs), _span(ys)
     pad = 0.05 * (y1 - y0)
     y0, y1 = y0 - pad, y1 + pad
     to_px = lambda x, y: (left + (x - x0) / (x1 - x0) * (width - left - right),
@@ -111,14 +134,15 @@ def plot(series, labels, title: str, x_label: str, y_label: str, size=(720, 440)
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(6):  # ticks and grid
-        y = y0 + (y1 - y0) * i / 5
+    y_ticks = [y0 + (y1 - y0) * i / 5 for i in range(6)]
+    for y, label in zip(y_ticks, tick_labels(y_ticks)):  # ticks and grid
         _, py = to_px(x0, y)
         draw.line([left, py, width - right, py], fill="#e0e0e0")
-        draw.text((5, py - 6), f"{y:.4g}", fill="black")
-    for x in x_ticks(x0, x1, all(float(x).is_integer() for x in xs)):
+        draw.text((5, py - 6), label, fill="black")
+    ticks = x_ticks(x0, x1, all(float(x).is_integer() for x in xs))
+    for x, label in zip(ticks, tick_labels(ticks)):
         px, _ = to_px(x, y0)
-        draw.text((px - 10, height - bottom + 6), f"{x:.4g}" if isinstance(x, float) else str(x), fill="black")
+        draw.text((px - 10, height - bottom + 6), label, fill="black")
     for k, (points, label) in enumerate(zip(series, labels)):
         color = COLORS[k % len(COLORS)]
         pixels = [to_px(x, y) for x, y in points]

@@ -289,3 +289,50 @@ def test_an_out_in_a_missing_or_unwritable_folder_names_the_fix_not_the_format(t
     monkeypatch.setattr(plot_log.Image.Image, "save", refuse)
     with pytest.raises(SystemExit, match=r"cannot write it \(.*Permission denied\); give a path in a folder you can"):
         plot_log.main([str(log), "--out", str(tmp_path / "p.png")])
+
+
+def test_all_equal_values_too_large_for_plus_one_are_plotted():
+    """One point, or a flat curve, at 1e17: the axis was widened by 1, which 1e17 + 1 == 1e17 loses (a division by
+    zero)."""
+    for points in ([(1e17, 2.0)], [(1.0, 1e17), (2.0, 1e17)], [(-1e17, -1e17)]):
+        image = plot_log.plot([points], ["a"], "", "step", "loss")
+        assert image.size == (720, 440)
+        assert any(image.getpixel((x, y)) == (31, 119, 180) for x in range(70, 700) for y in range(30, 390))
+
+
+def drawn_text(monkeypatch):
+    texts = []
+    draw_text = plot_log.ImageDraw.ImageDraw.text
+    monkeypatch.setattr(plot_log.ImageDraw.ImageDraw, "text",
+                        lambda self, xy, text, **kwargs: texts.append(text) or draw_text(self, xy, text, **kwargs))
+    return texts
+
+
+def test_tick_labels_tell_neighbouring_ticks_apart(monkeypatch):
+    """A loss on a plateau (2.30258..2.30264) had six y labels that all read 2.303, epochs done 100..100.25 the x labels
+    100, 100, 100.1, 100.2, 100.2: labels get the significant digits that tell them apart (4 at least)."""
+    texts = drawn_text(monkeypatch)
+    plot_log.plot([[(100.0, 2.30258), (100.1, 2.30264), (100.25, 2.3026)]], ["a"], "", "epochs_done", "loss")
+    y_labels, x_labels = texts[:6], texts[6:12]
+    assert y_labels == ["2.30258", "2.30259", "2.3026", "2.30262", "2.30263", "2.30264"]  # ticks 1.32e-5 apart
+    assert x_labels == ["100", "100.05", "100.1", "100.15", "100.2", "100.25"]
+    texts.clear()
+    plot_log.plot([[(0.0, 1.0), (1.0, 3.0)]], ["a"], "", "step", "loss")  # 4 digits are enough: as before
+    assert texts[:8] == ["0.9", "1.34", "1.78", "2.22", "2.66", "3.1", "0", "1"]
+
+
+def test_x_going_back_at_many_lines_is_one_note(tmp_path, capsys):
+    """Loss by --x lr: the lr falls after its warmup, which printed one note per line (1800 for this log)."""
+    log = tmp_path / "log.jsonl"
+    lrs = [s / 200 for s in range(1, 201)] + [1 - s / 1800 for s in range(1, 1801)]
+    log.write_text("".join(json.dumps({"step": s, "loss": 1 / s, "lr": lr}) + "\n" for s, lr in enumerate(lrs, 1)))
+    assert len(plot_log.read_log(str(log), "lr", "loss")) == 2000
+    assert capsys.readouterr().err == f"note: {log}:201: lr goes back from 1 to 0.999444, and at 1799 more lines\n"
+
+
+def test_an_integer_beyond_floats_range_is_left_out_like_infinity(tmp_path):
+    """json reads 1e400 as Infinity, which is left out; an integer as large raised float's OverflowError."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 1' + "0" * 400 + '}\n{"step": 2' + "0" * 400 + ', "loss": 0.5}\n'
+                   '{"step": 3, "loss": 0.25}\n')
+    assert plot_log.read_log(str(log), "step", "loss") == [(3.0, 0.25)]
