@@ -51,6 +51,8 @@ import mto
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FASHION = "/usr/share/datasets/fashion-mnist"
+IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz")
 CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 IMG, GRID = 112, 7
 PRETRAIN = ["--model", "vit_tiny", "--img_size", str(IMG), "--batch_size", "32", "--warmup_epochs", "1",
@@ -92,16 +94,19 @@ def make_data(out):
     when complete, so a study cut short while writing them writes them again."""
     if not os.path.isdir(FASHION):
         sys.exit(f"error: {FASHION} not found; install the real images first: apt-get install dataset-fashion-mnist")
+    missing = [name for name in IDX_FILES if not os.path.isfile(os.path.join(FASHION, name))]
+    if missing:  # before anything is written
+        sys.exit(f"error: {FASHION} lacks {', '.join(missing)}; install the real images again: apt-get install "
+                 f"--reinstall dataset-fashion-mnist")
     root = os.path.join(out, "data")
     if os.path.isdir(root):
         return root
     partial = root + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
-    images, labels = read_idx("train-images-idx3-ubyte.gz"), read_idx("train-labels-idx1-ubyte.gz")
+    images, labels, test_images, test_labels = (read_idx(name) for name in IDX_FILES)
     order = np.random.default_rng(0).permutation(len(images))[:3000]
     write_folder(os.path.join(partial, "train3000"), images[order], labels[order])
     write_folder(os.path.join(partial, "train1000"), images[order[:1000]], labels[order[:1000]])
-    test_images, test_labels = read_idx("t10k-images-idx3-ubyte.gz"), read_idx("t10k-labels-idx1-ubyte.gz")
     write_folder(os.path.join(partial, "val500"), test_images[:500], test_labels[:500])
     os.replace(partial, root)
     return root

@@ -533,3 +533,12 @@ def test_an_epochs_file_cut_short_is_one_line_naming_the_fix_and_is_written_whol
     with pytest.raises(SystemExit, match="replaced"):
         study.main()
     assert not (out / "epochs.json").exists() and (out / "epochs.json.tmp").exists()  # not written in place
+
+
+def test_make_data_with_a_file_missing_names_it_and_the_fix(fake_fashion, tmp_path):
+    """The folder there but a file of it missing (an install cut short) was gzip's FileNotFoundError traceback."""
+    os.remove(os.path.join(study.FASHION, "t10k-labels-idx1-ubyte.gz"))
+    with pytest.raises(SystemExit, match=r"^error: .*fashion lacks t10k-labels-idx1-ubyte.gz; install the real images "
+                                         r"again: apt-get install --reinstall dataset-fashion-mnist$"):
+        study.make_data(str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out" / "data.partial")  # refused before writing anything
