@@ -1363,6 +1363,19 @@ def non_finite_remedy(amp_dtype, teacher_dtype=None) -> str:
     return f"{', '.join(fixes[:-1])} or {fixes[-1]}" if len(fixes) > 1 else fixes[0]
 
 
+def refuse_non_finite_eval(bad: int, total: int, amp_dtype):
+    """Stop an evaluation whose model gave outputs that are not finite on `bad` of `total` validation images (counted
+    over all ranks, so every rank stops): NaN ranks first in torch.topk and argmax, so their predictions would be
+    arbitrary classes (all-NaN segmentation logits: class 0 everywhere) in figures that look valid."""
+    if not bad:
+        return
+    wider = {torch.float16: "--amp bf16/fp32 (fp16 overflows above 65504)", torch.bfloat16: "--amp fp32"}
+    fix = f"evaluate with {wider[amp_dtype]}, or, if its training diverged, retrain with a lower --lr" \
+        if amp_dtype in wider else "the model has diverged: retrain with a lower --lr"
+    raise FloatingPointError(f"the model's output is not finite (NaN or inf) on {bad} of {total} validation images: "
+                             f"their predictions would be arbitrary (NaN ranks first in top-k and argmax); {fix}")
+
+
 def stop_non_finite(what: str, step: int, output_dir: str, remedy: str = NON_FINITE_REMEDY):
     """Stop the run: `what` is not finite at `step`; name the last good checkpoint."""
     last = os.path.join(output_dir, LAST)

@@ -1396,3 +1396,19 @@ def test_evaluate_sums_the_loss_of_bf16_logits_in_float32():
     labels = torch.randint(0, 10, (64,))
     stats = tf.evaluate(FixedLogits(logits), [(torch.arange(64.0)[:, None], labels)], torch.device("cpu"))
     assert stats["loss"] == pytest.approx(F.cross_entropy(logits.float(), labels).item(), rel=1e-6)
+
+
+def test_evaluate_refuses_logits_that_are_not_finite():
+    """A model whose logits are NaN (fp16 autocast overflowing where the weights are finite) got figures that look
+    valid: NaN ranks first in torch.topk, which then picks arbitrary classes (for 10 classes 8, 6, 7, 5, 9), so images
+    of class 8 all counted as right (top-1 100%). It is an error naming the images and the fix, in every precision."""
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[nan] * 10, [nan] * 10, [0.0] * 9 + [inf], [0.0] * 10])
+    images, labels = torch.arange(4.0)[:, None], torch.tensor([8, 8, 9, 1])
+    for amp_dtype, fix in ((None, r"the model has diverged: retrain with a lower --lr$"),
+                           (torch.float16, r"evaluate with --amp bf16/fp32 \(fp16 overflows above 65504\), or, if its "
+                                           r"training diverged, retrain with a lower --lr$")):
+        with pytest.raises(FloatingPointError, match=r"^the model's output is not finite \(NaN or inf\) on 3 of 4 "
+                                                     r"validation images: .*; " + fix):
+            tf.evaluate(FixedLogits(logits), [(images[:2], labels[:2]), (images[2:], labels[2:])],
+                        torch.device("cpu"), amp_dtype)

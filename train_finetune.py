@@ -96,12 +96,15 @@ def soft_target_cross_entropy(logits, target):
 @torch.no_grad()
 def evaluate(model, loader, device, amp_dtype=None, show_progress=False) -> dict:
     """Top-1 / top-5 accuracy (%) and cross entropy over the images of every rank's loader, summed over ranks.
-    With 5 classes or fewer, "top-5" is top-K over all K classes: always 100%.
+    With 5 classes or fewer, "top-5" is top-K over all K classes: always 100%. Tied logits (more frequent under bf16)
+    are ranked in torch.topk's order, which torch leaves unspecified (as timm's accuracy). Logits that are not finite
+    on any image are an error (engine.refuse_non_finite_eval), not figures.
 
     Run it on the unwrapped model: ranks may hold different numbers of batches, so no collective may run per batch.
     """
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct top-1, correct top-5, loss sum, count
+    # correct top-1, correct top-5, loss sum, count, images with a logit that is not finite
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
     for images, labels in tqdm(loader, desc="eval", disable=not show_progress, leave=None):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -110,12 +113,14 @@ def evaluate(model, loader, device, amp_dtype=None, show_progress=False) -> dict
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]  # (B, k)
         totals += torch.stack([hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
                                F.cross_entropy(logits, labels, reduction="sum").double(),
-                               torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
+                               torch.tensor(labels.numel(), dtype=torch.float64, device=device),
+                               (~logits.isfinite().all(dim=1)).sum().double()])
     if dist.is_initialized():
         dist.all_reduce(totals)
-    correct1, correct5, loss, count = totals.tolist()
+    correct1, correct5, loss, count, non_finite = totals.tolist()
     if count == 0:
         raise ValueError("the validation set is empty")
+    engine.refuse_non_finite_eval(int(non_finite), int(count), amp_dtype)
     return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss / count,
             "count": int(count)}
 

@@ -314,7 +314,8 @@ def segmentation_metrics(areas) -> dict:
 def evaluate(model, dataset, num_classes: int, crop: int, stride: int, flip: bool = False, device="cpu",
              autocast_dtype=None, batch: int = 4, num_workers: int = 0, progress: bool = False) -> dict:
     """Single-scale sliding-window evaluation over `dataset` ((image (3, h, w), label (H, W)) pairs), each image
-    on one rank; the (4, K) area sums are all-reduced, so every rank returns the metrics of the whole set."""
+    on one rank; the (4, K) area sums are all-reduced, so every rank returns the metrics of the whole set.
+    Probabilities that are not finite on any image are an error (engine.refuse_non_finite_eval), not figures."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device(device)
     was_training = model.training
@@ -322,6 +323,7 @@ def evaluate(model, dataset, num_classes: int, crop: int, stride: int, flip: boo
     shard = torch.utils.data.Subset(dataset, engine.shard_indices(len(dataset), engine.Dist(rank, world)))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=num_workers)
     areas = torch.zeros(4, num_classes, dtype=torch.float64, device=device)
+    non_finite = torch.zeros((), dtype=torch.float64, device=device)  # images with a probability that is not finite
 
     def run(crops):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -329,11 +331,14 @@ def evaluate(model, dataset, num_classes: int, crop: int, stride: int, flip: boo
 
     for image, label in tqdm(loader, desc="eval", disable=not progress, leave=None):
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
-        pred = predict(run, image, label.shape, num_classes, crop, stride, flip, batch).argmax(0)
-        areas += intersect_and_union(pred, label, num_classes)
+        probs = predict(run, image, label.shape, num_classes, crop, stride, flip, batch)
+        non_finite += ~probs.isfinite().all()
+        areas += intersect_and_union(probs.argmax(0), label, num_classes)
     if world > 1:
         dist.all_reduce(areas)
+        dist.all_reduce(non_finite)
     model.train(was_training)
+    engine.refuse_non_finite_eval(int(non_finite.item()), len(dataset), autocast_dtype)
     return segmentation_metrics(areas)
 
 
