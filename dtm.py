@@ -43,6 +43,7 @@ import argparse
 import math
 import os
 import pickle
+import shlex
 import zipfile
 from collections import OrderedDict
 from typing import NamedTuple
@@ -588,7 +589,7 @@ def check_checkpoint_file(path: str, flag: str):
     if os.path.isdir(path):
         found = sorted(f for f in os.listdir(path) if f.endswith(".pth"))
         example = "checkpoint-last.pth" if "checkpoint-last.pth" in found else (found[-1] if found else None)
-        hint = f", e.g. {os.path.join(path, example)}" if example else " (it holds no .pth file)"
+        hint = f", e.g. {shlex.quote(os.path.join(path, example))}" if example else " (it holds no .pth file)"
         raise ValueError(f"{flag} {path!r} is a folder; pass a checkpoint file{hint}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag} {path!r}: no such file")
@@ -1043,15 +1044,16 @@ def _read_torchscript_tensors(path: str) -> dict:
         raise ValueError(f"{path!r} is a TorchScript archive that {why}, and torch.jit.load failed too "
                          f"({type(e).__name__}: {str(e).strip()[:200]}): a damaged or truncated file (an interrupted "
                          f"copy?), or one that only another torch's torch.jit.load reads; there, save its state dict: "
-                         f"python -c \"import torch; torch.save(torch.jit.load({path!r}, map_location='cpu')"
-                         f".state_dict(), 'clip_state_dict.pt')\" and pass that file") from None
+                         f"python -c \"import sys, torch; torch.save(torch.jit.load(sys.argv[1], map_location='cpu')"
+                         f".state_dict(), 'clip_state_dict.pt')\" {shlex.quote(path)} and pass that file") from None
 
 
 def _read_clip_state_dict(path: str) -> dict:
     if os.path.isdir(path):
         found = sorted(f for f in os.listdir(path) if f.endswith((".pt", ".pth")))
         raise ValueError(f"CLIP weights {path!r} is a folder; pass the weights file"
-                         + (f", e.g. {os.path.join(path, found[0])}" if found else " (it holds no .pt or .pth file)"))
+                         + (f", e.g. {shlex.quote(os.path.join(path, found[0]))}" if found else
+                            " (it holds no .pt or .pth file)"))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP weights file not found: {path!r}. Pass the local path of OpenAI's ViT-B-16.pt "
                                 f"(the file clip.load('ViT-B/16') downloads) or of a state dict saved with torch.save")

@@ -958,10 +958,11 @@ def finite_float(text: str) -> float:
 def nonempty_text(text: str) -> str:
     """The trainers' type for flags without one (paths): an empty value, as an unset shell variable gives
     (`--data "$IMAGENET"`), read as no value where the code tests the flag's truth: the demo's images trained on, or
-    --eval "" a training run."""
+    --eval "" a training run. A leading ~ is the home folder, as the shell would have it: the shell leaves it as it
+    is after '=' (--output_dir=~/runs) and in quotes, and the run then wrote into a folder named '~' here."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"{text!r} is empty (an unset shell variable?): give a value")
-    return text
+    return os.path.expanduser(text)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -1059,12 +1060,12 @@ def _run_start(args, last: str) -> tuple:
     if os.path.isdir(args.resume):
         if os.path.isfile(os.path.join(args.resume, LAST)):
             raise FileNotFoundError(f"--resume {args.resume!r} is a folder; pass a checkpoint file "
-                                    f"({os.path.join(args.resume, LAST)}), or --output_dir {args.resume} without "
-                                    f"--resume to continue the run there")
+                                    f"({shlex.quote(os.path.join(args.resume, LAST))}), or --output_dir "
+                                    f"{shlex.quote(args.resume)} without --resume to continue the run there")
         # no run there to continue: neither its checkpoint-last.pth nor --output_dir would continue anything
         found = sorted((name for name in os.listdir(args.resume) if name.endswith(".pth")), key=_newest_last)
         raise FileNotFoundError(f"--resume {args.resume!r} is a folder that holds no run ({LAST}); pass a checkpoint "
-                                f"file" + (f", e.g. {os.path.join(args.resume, found[-1])}" if found else
+                                f"file" + (f", e.g. {shlex.quote(os.path.join(args.resume, found[-1]))}" if found else
                                            " (it holds no .pth file)"))
     if not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume!r}: no such file; pass a checkpoint file (a run's {LAST} "
@@ -1280,7 +1281,7 @@ def checkpoint_state(kind: str, model, optimizer, scaler, args, step: int, steps
             "init_abspath": os.path.abspath(args.init) if getattr(args, "init", None) not in (None, "none")
             and (os.path.isabs(args.init) or os.path.exists(args.init)) else None,  # not a guess from this folder
             "resume_abspath": os.path.abspath(args.resume) if getattr(args, "resume", "auto") != "auto" else None,
-            **extra}
+            "cwd": os.getcwd(), **extra}
 
 
 def log_window_per_step(checkpoint: dict):
@@ -1427,6 +1428,20 @@ def _read_run_checkpoint(path: str, kind: str, flag: str, hint: str, auto: bool)
 INITIAL_ONLY = ("layer_scale",)  # flags that only set a new run's weights (pre-training's layer scale init)
 BOOKKEEPING = {"resume", "fresh", "output_dir", "num_workers", "log_every", "save_every", "keep_every", "eval_every",
                "max_steps", "eval", "demo"}
+PATH_FLAGS = {"data", "data_train", "data_val", "img_dir", "ann_dir", "val_img_dir", "val_ann_dir", "teacher"}
+
+
+def _as_launched(name: str, saved, cwd: str):
+    """A saved flag's value with a relative path made absolute from cwd, the folder its run was launched in, where
+    that is not this one (None for checkpoints from before it was recorded: as saved). PATH_FLAGS only (--teacher:
+    its PATH after clip: or ckpt:). The same relative --data or --teacher relaunched from another folder reads other
+    files, which resume then lists among the changed settings."""
+    if name not in PATH_FLAGS or not isinstance(saved, str) or cwd in (None, os.getcwd()):
+        return saved
+    prefix = next((p for p in ("clip:", "ckpt:") if saved.startswith(p)), "")
+    if name == "teacher" and not prefix:  # pixels
+        return saved
+    return prefix + os.path.join(cwd, saved[len(prefix):])  # an absolute path stays as it is
 
 
 def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_per_epoch: int, d: Dist,
@@ -1476,8 +1491,9 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
             d.print(f"note: --{k} sets the weights a run starts with, which {path!r} holds: the continued run keeps "
                     f"--{k} {saved[k]} (not {getattr(args, k)})")
             setattr(args, k, saved[k])
-    changed = [f"--{k} {saved[k]} -> {v}" for k, v in sorted(vars(args).items())
-               if k not in BOOKKEEPING and k != "init" and k in saved and not _same_setting(saved[k], v)]
+    launched = {k: _as_launched(k, v, checkpoint.get("cwd")) for k, v in saved.items()}
+    changed = [f"--{k} {launched[k]} -> {v}" for k, v in sorted(vars(args).items())
+               if k not in BOOKKEEPING and k != "init" and k in saved and not _same_setting(launched[k], v)]
     try:
         unwrap(model).load_state_dict(checkpoint["model"])
     except RuntimeError:
@@ -1502,8 +1518,8 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
         epochs = [m.group(1) for m in map(RUN_CHECKPOINT.fullmatch, os.listdir(folder)) if m and m.group(1).isdigit()]
         ends = [f"checkpoint-{e}.pth" for e in sorted(epochs, key=int)]
         in_place = os.path.isdir(args.output_dir) and os.path.samefile(folder, args.output_dir)
-        at_ends = (f"--resume {os.path.join(folder, ends[-1])}" + (f" or an earlier one ({', '.join(ends[:-1])})"
-                                                                    if ends[:-1] else "")
+        earlier = f" or an earlier one ({', '.join(ends[:-1])})" if ends[:-1] else ""
+        at_ends = (f"--resume {shlex.quote(os.path.join(folder, ends[-1]))}{earlier}"
                    + (f" with --fresh, which continues it in place of {LAST}" if in_place else "") if ends else
                    f"none in {folder!r} yet: pre-training keeps checkpoint-{{epoch}}.pth every --keep_every epochs")
         raise ValueError(f"{path!r} was saved mid-epoch (step {step}); this run differs in {', '.join(differ)}: "

@@ -525,7 +525,8 @@ def main(argv=None):
     parser.add_argument("--img_size", type=int, default=224, help="shorter side resized to this, then center-cropped")
     parser.add_argument("--patch_size", type=int, default=16, help="patch side in pixels: one token per patch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random split (--split random)")
-    parser.add_argument("--out", default="groups.png", help="the picture written (any type Pillow writes)")
+    parser.add_argument("--out", default="groups.png", type=os.path.expanduser,  # --out=~/x.png: no shell expands it
+                        help="the picture written (any type Pillow writes)")
     args = parser.parse_args(argv)
     if args.patch_size < 1:  # a ZeroDivisionError (0) or a reshape error (negative) once
         raise SystemExit(f"error: --patch_size {args.patch_size}: a patch is at least 1 pixel; use e.g. 16")
@@ -537,7 +538,11 @@ def main(argv=None):
     Image.init()  # --out checked before the work: a file type Pillow writes, in a folder that exists
     if Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) not in Image.SAVE:
         raise SystemExit(f"error: --out {args.out!r}: Pillow writes no file of that extension; use e.g. groups.png")
-    folder = os.path.dirname(os.path.abspath(args.out))
+    folder = above = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.exists(above):  # a file in the path: mkdir -p cannot get past it
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise SystemExit(f"error: --out {args.out!r}: {above!r} is a file, not a folder; give a path in a folder")
     if not os.path.isdir(folder):
         raise SystemExit(f"error: --out {args.out!r}: {folder!r} is not a folder; create it first "
                          f"(mkdir -p {folder!r})")

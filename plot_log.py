@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 
 from PIL import Image, ImageDraw
@@ -25,7 +26,8 @@ def read_log(path: str, x_field: str, field: str):
     cut short (a run killed while writing it; its resume drops it) is left out with a note."""
     points, without_x, seen, lines, back = [], 0, {}, 0, []
     if os.path.isdir(path):
-        raise SystemExit(f"error: {path!r} is a folder; pass the log file in it ({os.path.join(path, 'log.jsonl')})")
+        raise SystemExit(f"error: {path!r} is a folder; pass the log file in it "
+                         f"({shlex.quote(os.path.join(path, 'log.jsonl'))})")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path!r}: no such file (a run's log is log.jsonl in its --output_dir)")
     with open(path, errors="replace") as f:  # a binary file (a checkpoint passed by mistake) fails on its first line
@@ -162,12 +164,16 @@ def check_out(path: str):
     """--out: an image file Pillow can write (by its extension; none: a PNG) in a folder that exists."""
     if os.path.isdir(path):
         raise SystemExit(f"error: --out {path!r} is a folder; name the image file to write (e.g. "
-                         f"{os.path.join(path, 'plot.png')})")
+                         f"{shlex.quote(os.path.join(path, 'plot.png'))})")
     Image.init()
     extension = os.path.splitext(path)[1].lower()
     if extension and Image.registered_extensions().get(extension) not in Image.SAVE:  # unknown, or read-only
         raise SystemExit(f"error: --out {path!r}: Pillow writes no {extension!r} files; use .png (or .jpg, .pdf, ...)")
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = above = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(above):  # a file in the path: mkdir -p cannot get past it
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise SystemExit(f"error: --out {path!r}: {above!r} is a file, not a folder; give a path in a folder")
     if not os.path.isdir(folder):
         raise SystemExit(f"error: --out {path!r}: {folder!r} is not a folder; create it first (mkdir -p {folder!r})")
 
@@ -183,7 +189,7 @@ def main(argv=None):
     parser.add_argument("--smooth", type=int, default=1,
                         help="trailing moving average over this many log lines (default: 1, no smoothing)")
     parser.add_argument("--title", default="", help="the plot's title (default: the fields plotted)")
-    parser.add_argument("--out", default="plot.png",
+    parser.add_argument("--out", default="plot.png", type=os.path.expanduser,  # --out=~/x.png: no shell expands it
                         help="the image written, of the type its extension names (none: PNG; default: plot.png)")
     args = parser.parse_args(argv)
     check_out(args.out)

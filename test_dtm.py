@@ -2,6 +2,9 @@
 
 import math
 import re
+import shlex
+import subprocess
+import sys
 import warnings
 import zipfile
 
@@ -645,6 +648,29 @@ def test_a_torchscript_archive_the_reader_does_not_know_goes_to_torch_jit(tmp_pa
                                          rf"reads, and torch\.jit\.load failed too \(AttributeError: .*"
                                          rf"torch\.save\(torch\.jit\.load"):
         dtm._read_clip_state_dict(str(path))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_the_command_that_saves_an_archives_state_dict_runs_as_printed_for_any_path(tmp_path, monkeypatch):
+    """Where torch.jit.load fails here, the error prints a command to run where it works. It put the path's repr in a
+    double-quoted python -c: a shell expanded the $HOME in 'my $HOME/ViT-B-16.pt' there."""
+    folder = tmp_path / "my $HOME 'q' é"
+    folder.mkdir()
+    expected = torchscript_archive(folder / "ViT-B-16.pt", "traced")
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("torch.jit.load fails here")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.jit, "load", failing)
+        m.setattr(dtm, "_tensor_attributes", failing)  # this reader fails too: the command is printed
+        with pytest.raises(ValueError) as refused:
+            dtm.load_clip_visual(str(folder / "ViT-B-16.pt"))
+    command = re.search(r"save its state dict: python (.*) and pass that file$", str(refused.value))[1]
+    subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} {command}"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    saved = torch.load(tmp_path / "clip_state_dict.pt")
+    assert list(saved) == list(expected) and all(torch.equal(saved[k], v) for k, v in expected.items())
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning")

@@ -793,6 +793,70 @@ def test_resume_does_not_call_a_path_written_another_way_a_changed_setting(tmp_p
         assert capsys.readouterr().out == f"resumed from ck.pth at step 3; settings changed since: {shown}\n"
 
 
+def test_resume_says_a_relative_path_relaunched_from_another_folder_names_other_files(tmp_path, monkeypatch, capsys):
+    """A run launched in a/ with --data imnet --teacher ckpt:t.pth, relaunched by the same command from b/, read
+    b/imnet and b/t.pth without a word: the saved and given words were equal. The checkpoint records the folder its
+    run was launched in; the same files named from b/ are no change."""
+    for folder in ("a", "b"):
+        os.makedirs(tmp_path / folder / "imnet")
+        (tmp_path / folder / "t.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "a")
+    model = torch.nn.Linear(3, 2)
+    state = tiny_state(model, data="imnet", teacher="ckpt:t.pth")
+    assert state["cwd"] == os.getcwd()
+    monkeypatch.chdir(tmp_path / "b")
+
+    def relaunch(**given):
+        args = argparse.Namespace(**{**state["args"], **given})
+        engine.resume(state, "ck.pth", model, torch.optim.AdamW(model.parameters()), None, args, 2, CPU)
+        return capsys.readouterr().out
+
+    a = os.path.join(state["cwd"], "")
+    assert relaunch() == (f"resumed from ck.pth at step 3; settings changed since: --data {a}imnet -> imnet, "
+                          f"--teacher ckpt:{a}t.pth -> ckpt:t.pth\n")
+    assert relaunch(data="../a/imnet/", teacher=f"ckpt:{a}t.pth") == "resumed from ck.pth at step 3\n"
+    monkeypatch.chdir(tmp_path / "a")
+    assert relaunch() == "resumed from ck.pth at step 3\n"  # where it was launched: as before
+
+
+def pasted(words: str) -> list:
+    """The arguments bash makes of words pasted into a command line."""
+    printed = subprocess.run(["bash", "-c", f"printf '%s\\0' {words}"], capture_output=True, check=True).stdout
+    return printed.decode().split("\0")[:-1]
+
+
+def test_the_paths_that_a_printed_fix_names_paste_into_a_shell_as_one_word(tmp_path, capsys):
+    """Folders named as researchers name them: the fixes printed --output_dir my runs $HOME ... unquoted, which a
+    shell splits into words and expands $HOME in."""
+    folder = tmp_path / "my runs $HOME 'q' é日本"
+    folder.mkdir()
+    (folder / engine.LAST).write_bytes(b"x")
+    with pytest.raises(FileNotFoundError) as refused:
+        engine.prepare_run(run_args(tmp_path / "new", resume=str(folder)), CPU)
+    fixes = re.search(r"checkpoint file \((.*)\), or --output_dir (.*) without --resume", str(refused.value))
+    assert pasted(fixes[1]) == [str(folder / engine.LAST)] and pasted(fixes[2]) == [str(folder)]
+    (folder / engine.LAST).unlink()
+    (folder / "checkpoint-19.pth").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError) as refused:
+        engine.prepare_run(run_args(tmp_path / "new", resume=str(folder)), CPU)
+    assert pasted(re.search(r"e\.g\. (.*)$", str(refused.value))[1]) == [str(folder / "checkpoint-19.pth")]
+    with pytest.raises(ValueError) as refused:
+        dtm.check_checkpoint_file(str(folder), "--init")
+    assert pasted(re.search(r"e\.g\. (.*)$", str(refused.value))[1]) == [str(folder / "checkpoint-19.pth")]
+    with pytest.raises(ValueError) as refused:
+        dtm.load_clip_visual(str(folder))
+    assert pasted(re.search(r"e\.g\. (.*)$", str(refused.value))[1]) == [str(folder / "checkpoint-19.pth")]
+    model = torch.nn.Linear(3, 2)  # a checkpoint saved mid-epoch, resumed with other samples per step
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=(0.9, 0.98), output_dir="x", demo=False, batch_size=32,
+                              accum_iter=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    state = engine.checkpoint_state("dtm_pretrain", model, optimizer, None, args, 5, steps_per_epoch=16)
+    with pytest.raises(ValueError) as refused:
+        engine.resume(state, str(folder / engine.LAST), model, optimizer, None, args, 16, engine.Dist(world_size=2))
+    fix = re.search(r"at the end of an epoch \(--resume (.*)\), or start", str(refused.value))[1]
+    assert pasted(fix) == [str(folder / "checkpoint-19.pth")]
+
+
 def test_resume_notes_only_a_requeued_resume_path_that_continues_its_own_folders_run(tmp_path, capsys):
     """The note "continuing <output_dir's checkpoint>, the run this command started there from --resume PATH" is for a
     requeued --resume PATH command only: not for --resume auto (which names no PATH), nor for PATH itself continued."""
@@ -1590,6 +1654,29 @@ def test_every_flag_without_a_type_refuses_an_empty_value(trainer, capsys):
             assert f"argument {flag}: {value!r} is empty (an unset shell variable?): give a value" in \
                 capsys.readouterr().err
     assert module.get_args_parser().parse_args(["--output_dir", " out "]).output_dir == " out "  # a value as given
+
+
+@pytest.mark.parametrize("trainer", ["train_pretrain", "train_finetune", "train_seg"])
+def test_a_leading_tilde_the_shell_left_is_the_home_folder(trainer, monkeypatch):
+    """No shell expands ~ after '=' (--output_dir=~/runs), in quotes, or after --teacher's ckpt: and clip:: the run
+    wrote into a folder named '~' in the working directory, and --init=~/x.pth or --teacher ckpt:~/x.pth were 'no such
+    file'. Every flag without a type takes a leading ~ as the shell would, and so does --teacher's PATH."""
+    monkeypatch.setenv("HOME", "/home/someone")
+    module = importlib.import_module(trainer)
+    parser = module.get_args_parser()
+    flags = [a for a in parser._actions if a.type is None and a.nargs != 0 and not a.choices
+             and a.option_strings != ["-h", "--help"]]
+    assert {"output_dir", "resume"} <= {a.dest for a in flags} and len(flags) >= 3
+    for action in flags:
+        flag = action.option_strings[0]
+        assert getattr(parser.parse_args([f"{flag}=~/x y"]), action.dest) == "/home/someone/x y", flag
+        assert getattr(parser.parse_args([flag, "./~/x"]), action.dest) == "./~/x", flag  # a folder named ~: as given
+    if trainer == "train_pretrain":
+        for given, taken in (("ckpt:~/t.pth", "ckpt:/home/someone/t.pth"), ("clip:~/ViT-B-16.pt",
+                             "clip:/home/someone/ViT-B-16.pt"), ("pixels", "pixels"), ("ckpt:a~/t", "ckpt:a~/t")):
+            assert parser.parse_args(["--teacher", given]).teacher == taken
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--teacher", ""])  # still refused as empty (test above: its message)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -645,6 +645,22 @@ def test_visualization_refuses_sizes_that_are_no_image_and_names_the_fix(tmp_pat
             morph.main([image, *argv])
 
 
+def test_visualization_takes_an_out_the_shell_left_a_tilde_in_and_names_a_file_in_its_path(tmp_path, monkeypatch):
+    """--out=~/g.png (no shell expands ~ after '=') was refused with mkdir -p 'CWD/~', which made a folder named '~';
+    an --out under a file named mkdir -p of it, which fails (File exists)."""
+    import morph
+    from PIL import Image
+    image = str(tmp_path / "img.png")
+    Image.new("RGB", (32, 32), "red").save(image)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    morph.main([image, "--img_size", "32", "--schedule", "1x1", "--out=~/g.png"])
+    assert (tmp_path / "g.png").is_file() and not os.path.exists(tmp_path / "~")
+    with pytest.raises(SystemExit, match=r"^error: --out 'img.png/g.png': '.*img.png' is a file, not a folder; "
+                                         r"give a path in a folder$"):
+        morph.main([image, "--out", "img.png/g.png"])
+
+
 def test_visualization_matches_patches_standardized_per_channel_over_the_image():
     """The picture CLI matches on patch pixels with each channel standardized over the image (its --help says so):
     red spread over rows, green over columns, blue constant (0 after its std's clamp); no test failed without it."""

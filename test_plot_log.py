@@ -1,5 +1,6 @@
 """plot_log.py: moving average, log parsing errors, and the PNG it writes."""
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -66,7 +67,8 @@ def test_plot_two_logs_and_errors(tmp_path):
     (tmp_path / "checkpoint.pth").write_bytes(bytes(range(256)) * 4)  # a binary file: UnicodeDecodeError before
     with pytest.raises(SystemExit, match="error: .*checkpoint.pth:1 is not a JSON line"):
         plot_log.main([str(tmp_path / "checkpoint.pth")])
-    for out, message in (("x.pngg", "Pillow writes no '.pngg' files"), ("a.jsonl/x.png", "is not a folder"),
+    for out, message in (("x.pngg", "Pillow writes no '.pngg' files"),
+                         ("a.jsonl/x.png", "a.jsonl. is a file, not a folder"),  # mkdir -p of it failed
                          ("x.psd", "Pillow writes no '.psd' files")):  # a format Pillow reads only
         with pytest.raises(SystemExit, match=message):  # checked before reading the logs, not after (a traceback)
             plot_log.main([str(tmp_path / "a.jsonl"), "--out", str(tmp_path / out)])
@@ -238,6 +240,26 @@ def test_an_out_that_is_a_folder_or_cannot_be_written_is_one_line(tmp_path):
         plot_log.main([log, "--out", str(tmp_path / "p.xbm")])  # a format Pillow lists, for 1-bit images only
     with pytest.raises(SystemExit, match=r"error: '.*' is a folder; pass the log file in it \(.*log.jsonl\)"):
         plot_log.main([str(tmp_path), "--out", str(tmp_path / "p.png")])
+
+
+def test_an_out_the_shell_left_a_tilde_in_or_under_a_file_is_taken_or_named(tmp_path, monkeypatch):
+    """--out=~/loss.png (no shell expands ~ after '=') was written into a folder named '~' here, or refused with
+    mkdir -p 'CWD/~', which made that folder; an --out under a file named mkdir -p of it, which fails (File exists).
+    The examples of a folder's file printed the path unquoted, which a shell splits at its spaces."""
+    home, work = tmp_path / "home", tmp_path / "my runs"
+    home.mkdir(), work.mkdir()
+    (work / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    plot_log.main(["log.jsonl", "--out=~/loss.png"])
+    assert (home / "loss.png").is_file() and sorted(os.listdir(work)) == ["log.jsonl"]
+    with pytest.raises(SystemExit, match=r"^error: --out 'log.jsonl/sub/p.png': '.*log.jsonl' is a file, not a "
+                                         r"folder; give a path in a folder$"):
+        plot_log.main(["log.jsonl", "--out", "log.jsonl/sub/p.png"])
+    with pytest.raises(SystemExit, match=rf"\(e.g. '{work}/plot.png'\)$"):
+        plot_log.main(["log.jsonl", "--out", str(work)])
+    with pytest.raises(SystemExit, match=rf"\('{work}/log.jsonl'\)$"):
+        plot_log.main([str(work)])
 
 
 def test_lines_that_share_an_x_are_not_noted_as_going_back(tmp_path, capsys):

@@ -289,6 +289,20 @@ def test_teacher_amp_fp32_with_amp_fp32_is_refused(tmp_path):
     assert tp.parse_args([*teacher, "--amp", "fp32", "--teacher_amp", "bf16"]).teacher_amp == "bf16"
 
 
+def test_paths_with_a_tilde_the_shell_left_are_in_the_home_folder(image_folder, tmp_path, monkeypatch):
+    """--data=~/images --output_dir=~/run (no shell expands ~ after '='): --data was 'not a directory', and the run
+    wrote into a folder named '~' in the working directory. The same command relaunched continues the run."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(image_folder, home / "images")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    argv = tiny_argv("~/images", "~/run", "--epochs", "1")
+    assert tp.main(argv)["output_dir"] == str(home / "run")
+    assert os.listdir(work) == [] and (home / "run" / engine.LAST).is_file()
+    assert tp.main(argv + ["--epochs", "2"])["step"] == 6  # continued: 3 steps per epoch
+
+
 def test_resume_rejects_foreign_checkpoint(image_folder, tmp_path):
     torch.save({"model": {}, "epoch": 0}, tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match="not a checkpoint of train_pretrain.py.*--teacher ckpt:PATH"):

@@ -44,6 +44,13 @@ PAPER_SCHEDULE = dict(epochs=300, warmup_epochs=10)  # the paper (README: Recipe
 LAYER_SCALE = {"vit_l": 1e-5}  # 0.1 otherwise: run_pretrain_dtm.py --layer_scale_init_value "0.1 for base, 1e-5 for large"
 
 
+def teacher_spec(text: str) -> str:
+    """--teacher's type: engine.nonempty_text's, and a leading ~ of the PATH after clip: or ckpt: is the home folder
+    (the shell expands no ~ there: --teacher ckpt:~/t.pth read a file named '~/t.pth' here)."""
+    kind, colon, path = engine.nonempty_text(text).partition(":")
+    return f"{kind}:{os.path.expanduser(path)}" if colon and kind in ("clip", "ckpt") else text
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = engine.trainer_parser(description="DTM pre-training. Without --data: a small demo on built-in procedural "
                               "images. Where a default comes from: README, Recipe provenance.",
@@ -54,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
       "the paper is silent; official: what the official code computes (the split of Algorithm 1)")
     # model and teacher
     a("--model", default="vit_b", choices=list(dtm.VIT_CONFIGS), help="student ViT (patch 16)")
-    a("--teacher", default=None,
+    a("--teacher", default=None, type=teacher_spec,
       help="clip:PATH (OpenAI ViT-B-16.pt, the paper) | ckpt:PATH (a ViT checkpoint of this repo, or an official DTM / "
            "BEiT / BEiT v2 ViT's weights) | pixels; required with --data")
     a("--teacher_norm", default="imagenet", choices=["imagenet", "clip"],
