@@ -43,7 +43,8 @@ def per_image_ms(paths, fn, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="an image folder (class subfolders); default: JPEGs made in a temporary folder")
+    parser.add_argument("--data", type=os.path.expanduser,
+                        help="an image folder (class subfolders); default: JPEGs made in a temporary folder")
     parser.add_argument("--images", type=int, default=50, help="distinct files read (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=300, help="images timed per pipeline (default %(default)s)")
     parser.add_argument("--workers", type=int, default=2,

@@ -516,7 +516,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Draw the token groups that morphing (Algorithm 1) makes on an "
                                      "image, matching on its patch pixels (each channel standardized over the image).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("image", help="path to an image (any format Pillow reads)")
+    parser.add_argument("image", type=os.path.expanduser, help="path to an image (any format Pillow reads)")
     parser.add_argument("--schedule", nargs="+", default=["2x49", "14x7", "14x13"],
                         help="schedules to draw side by side: KxR (K rounds of r=R) or r1,r2,...")
     parser.add_argument("--split", default="random", choices=SPLITS,

@@ -180,7 +180,7 @@ def check_out(path: str):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Plot a field of JSONL training logs to a PNG (Pillow only).")
-    parser.add_argument("logs", nargs="+", help="log.jsonl files")
+    parser.add_argument("logs", nargs="+", type=os.path.expanduser, help="log.jsonl files")
     parser.add_argument("--field", default=None, help="the field to plot for every log (default: loss)")
     parser.add_argument("--fields", nargs="+", help="one field per log instead of --field (e.g. loss loss_dtm)")
     parser.add_argument("--x", default="step", help="x-axis field (default: step; epochs_done across a resume with "

@@ -203,8 +203,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--out", default="output/study", help="every run, the data and the results; a relaunch "
-                        "with the same folder continues (finished runs are skipped)")
+    parser.add_argument("--out", default="output/study", type=os.path.expanduser, help="every run, the data and the "
+                        "results; a relaunch with the same folder continues (finished runs are skipped)")
     parser.add_argument("--teacher_epochs", type=int, default=10, help="the teacher's training epochs")
     parser.add_argument("--pretrain_epochs", type=int, default=4, help="each pre-training arm's epochs (the 'half "
                         "the epochs' arm: half as many, rounded down)")

@@ -2,6 +2,7 @@
 folder rules (auto-resume, --fresh, logs), the seeded data pipeline (exact mid-epoch restarts, unreadable images),
 and one-line user errors."""
 import argparse
+import ast
 import json
 import math
 import multiprocessing
@@ -1678,6 +1679,21 @@ def test_a_leading_tilde_the_shell_left_is_the_home_folder(trainer, monkeypatch)
         with pytest.raises(SystemExit):
             parser.parse_args(["--teacher", ""])  # still refused as empty (test above: its message)
 
+
+TOOL_PATHS = {"plot_log": {"logs", "--out"}, "morph": {"image", "--out"}, "study": {"--out"}, "test_gpu": {"--out"},
+              "bench_data": {"--data"}, "bench_mto": {"--compare_mto"}}
+
+
+@pytest.mark.parametrize("script", sorted(TOOL_PATHS))
+def test_the_other_scripts_paths_take_a_leading_tilde_too(script):
+    """The tools' path arguments, as the trainers' (test above): study.py --out=~/study wrote into ./~/study."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{script}.py")) as f:
+        calls = [node for node in ast.walk(ast.parse(f.read())) if isinstance(node, ast.Call)
+                 and getattr(node.func, "attr", None) == "add_argument"]
+    types = {call.args[0].value: ast.unparse(next((k.value for k in call.keywords if k.arg == "type"),
+                                                  ast.Constant(None))) for call in calls}
+    assert {name: types[name] for name in TOOL_PATHS[script]} == dict.fromkeys(
+        TOOL_PATHS[script], "engine.nonempty_text" if script == "bench_mto" else "os.path.expanduser")
 
 @pytest.mark.parametrize("argv, message", [
     (["train_pretrain.py", "--data", "/no/such/dir", "--teacher", "pixels"], "--data '/no/such/dir' is not a dir"),

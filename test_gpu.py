@@ -1441,7 +1441,8 @@ def check_device(device: str) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="gpu_report.json", help="the JSON report written (default %(default)s)")
+    parser.add_argument("--out", default="gpu_report.json", type=os.path.expanduser,
+                        help="the JSON report written (default %(default)s)")
     parser.add_argument("--device", default="cuda:0", help="cuda:0 (also cuda): the first visible GPU; cpu: a dry run "
                         "on a machine without one, with --quick (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run of the code paths)")
