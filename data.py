@@ -4,7 +4,7 @@ What each piece is, and where it comes from:
 
 Pre-training (DTM, ICLR 2025, follows the BEiT v2 pre-training data pipeline)
   ImageFolder           the usual `root/class_x/img.jpg` layout (torchvision's ImageFolder semantics); its samples
-                        in numpy arrays (PackedSamples), so DataLoader workers do not copy them.
+                        in tensors (PackedSamples), so DataLoader workers do not copy them.
   PretrainTransform     RandomResizedCrop(scale=(min_crop_scale, 1), ratio 3/4..4/3, bicubic) -> horizontal flip ->
                         color jitter 0.4 -> normalize. BEiT v2 and the official DTM code (utils/datasets.py:71-73,
                         DataAugmentationForBEiT) apply the color jitter before the flip and crop; here it runs on the
@@ -147,20 +147,24 @@ def _image_files(folder, split_folders=None):
 
 
 class PackedSamples:
-    """A read-only sequence of (path, label), sorted as given, held in three numpy arrays (the paths' bytes, their
+    """A read-only sequence of (path, label), sorted as given, held in three tensors (the paths' bytes, their
     offsets, the labels) instead of a list of Python objects.
 
     Why: a DataLoader worker (a forked process) that reads a Python list writes the reference counts of the objects it
     reads, so the pages holding them are copied into the worker, one by one over an epoch. Measured (torch 2.13 CPU,
     Linux): a worker reading ImageNet-like paths of all 1.28M samples in random order gained 256 MB of private memory
     with a list of (path, label) tuples, 10 MB with PackedSamples (its own 1.28M-entry index order); 8 processes x 10
-    workers would hold about 20 GB of such copies. test_data.py checks it at 300k samples."""
+    workers would hold about 20 GB of such copies. test_data.py checks it at 300k samples. Tensors, not numpy arrays:
+    a worker started by spawn or forkserver (Python 3.14's default on Linux) gets the dataset pickled, and torch sends
+    a tensor to it as shared memory, moved there once; numpy arrays were copied into every worker (89 MB each for
+    ImageNet-1k), and a pickle larger than a pipe's buffer (64 KiB) held each worker's start until the one before had
+    imported its modules."""
 
     def __init__(self, paths, labels):
         encoded = [os.fsencode(p) for p in paths]  # file-system encoding: any file name round-trips
-        self.offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)  # (N + 1,)
-        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        self.labels = np.asarray(labels, dtype=np.int64)  # (N,)
+        self.offsets = torch.from_numpy(np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64))  # (N + 1,)
+        self.data = torch.from_numpy(np.frombuffer(bytearray(b"".join(encoded)), dtype=np.uint8))
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))  # (N,)
 
     def __len__(self):
         return len(self.labels)
@@ -169,8 +173,10 @@ class PackedSamples:
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample {index} of {len(self)}")
         index %= len(self)
-        path = os.fsdecode(self.data[self.offsets[index]:self.offsets[index + 1]].tobytes())
-        return path, int(self.labels[index])
+        offsets = self.offsets.numpy()  # numpy views (4 us a sample, 8 with tensor indexing), made anew each time:
+        # moving a tensor to shared memory (pickled for a spawned worker) frees the memory an older view reads
+        path = os.fsdecode(self.data.numpy()[offsets[index]:offsets[index + 1]].tobytes())
+        return path, int(self.labels.numpy()[index])
 
 
 DATASET_SETS = ("train", "val", "validation", "valid", "test")  # a dataset's sets, in the order a val set is picked

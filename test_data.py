@@ -181,7 +181,14 @@ def test_packed_samples_round_trip_any_file_name(tmp_path):
     _save(tmp_path / "chat" / "été.png")
     ds = data.ImageFolder(str(tmp_path))
     assert ds.samples[0] == (str(tmp_path / "chat" / "été.png"), 0) and ds[0][0].size == (20, 16)
-    assert ds.targets.dtype == np.int64 and ds.targets.tolist() == [0]
+    assert ds.targets.dtype == torch.int64 and ds.targets.tolist() == [0]
+
+
+def _private_mb():
+    """This process's private memory (MB), from Linux's /proc/self/smaps_rollup."""
+    with open("/proc/self/smaps_rollup") as f:
+        fields = dict(line.split(":") for line in f.read().splitlines()[1:])
+    return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty")) / 1024
 
 
 class _ReadAll(torch.utils.data.Dataset):
@@ -194,14 +201,10 @@ class _ReadAll(torch.utils.data.Dataset):
         return 1
 
     def __getitem__(self, unused):
-        def private_mb():
-            with open("/proc/self/smaps_rollup") as f:
-                fields = dict(line.split(":") for line in f.read().splitlines()[1:])
-            return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty")) / 1024
-        before = private_mb()
+        before = _private_mb()
         for i in range(len(self.samples)):
             path, label = self.samples[i]  # as ImageFolder.__getitem__ does
-        return private_mb() - before
+        return _private_mb() - before
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux's /proc/self/smaps_rollup")
@@ -217,6 +220,37 @@ def test_packed_samples_are_not_copied_into_dataloader_workers():
                                              multiprocessing_context="fork")
         growth[name] = next(iter(loader))
     assert growth["list"] > 30 and growth["packed"] < growth["list"] / 10, growth
+
+
+class _WorkerMemory(torch.utils.data.Dataset):
+    """One item: the DataLoader worker's private memory (MB) and, read there, the last entry of `samples`."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, unused):
+        return _private_mb(), self.samples[-1]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux's /proc/self/smaps_rollup")
+def test_packed_samples_reach_spawned_dataloader_workers_without_a_copy_each():
+    """Under spawn and forkserver (Python 3.14's default on Linux) each worker gets the dataset pickled: PackedSamples
+    arrives as shared memory, not as a private copy of its 300k entries (21 MB here; 89 MB for ImageNet-1k, in each
+    of a node's 80 workers)."""
+    n = 300_000
+    paths = [f"/datasets/imagenet/train/n{i // 300:08d}/n{i // 300:08d}_{i:06d}.JPEG" for i in range(n)]
+    labels = [i // 300 for i in range(n)]
+    memory, last = {}, {}
+    for size in (10, n):
+        samples = data.PackedSamples(paths[n - size:], labels[n - size:])
+        loader = torch.utils.data.DataLoader(_WorkerMemory(samples), batch_size=None, num_workers=1,
+                                             multiprocessing_context="spawn")
+        memory[size], last[size] = next(iter(loader))
+    assert last[10] == last[n] == [paths[-1], labels[-1]]  # (path, label), made a list by the DataLoader
+    assert memory[n] - memory[10] < 3, memory  # the arrays alone are 21 MB
 
 
 def test_image_folder_errors(tmp_path):
