@@ -1599,7 +1599,7 @@ def same_path(a: str, b: str) -> bool:
         return True
     try:
         return os.path.samefile(a, b)
-    except OSError:
+    except (OSError, UnicodeEncodeError):  # a checkpoint's name this locale's file names cannot hold: 日本 in Latin-1
         return False
 
 
@@ -1691,10 +1691,22 @@ def _end_progress_bars() -> bool:
     return bool(bars)
 
 
+def escape_what_stdout_cannot_encode():
+    """A character stdout cannot encode is written escaped (\\xe9, as on stderr), not an error. A name that is not
+    UTF-8 (b'r\\xe9s', from a Latin-1 machine) holds surrogate escapes, which a UTF-8 locale's stdout refused
+    (UnicodeEncodeError: a run in such an --output_dir failed at its last line) and Python's UTF-8 mode wrote as the
+    raw byte (stdout no longer UTF-8, which study.py failed to read); an ASCII stdout (PYTHONIOENCODING=ascii) refused
+    an image path with an é, at the run's first skipped image. For scripts (cli, study.py)."""
+    if hasattr(sys.stdout, "reconfigure"):  # a stream of text alone (Jupyter's, for %run) encodes nothing
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def cli(main):
     """Run main() as a script: a user error (user_error_message) prints `error: ...` on one line and exits with 2;
     Ctrl-C prints one line and exits with 130; anything else keeps Python's traceback. DTM_TRACEBACK=1 shows the
-    traceback of user errors and interruptions too."""
+    traceback of user errors and interruptions too. Names stdout cannot encode are printed escaped
+    (escape_what_stdout_cannot_encode)."""
+    escape_what_stdout_cannot_encode()
     try:
         main()
     except KeyboardInterrupt:

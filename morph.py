@@ -101,6 +101,7 @@ Where this file deliberately differs from the paper's literal text, and why:
 import math
 import operator
 import random
+import sys
 
 import torch
 
@@ -569,4 +570,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if hasattr(sys.stdout, "reconfigure"):  # an --out stdout cannot encode (not UTF-8: b'r\xe9s.png'), escaped
+        sys.stdout.reconfigure(errors="backslashreplace")  # as engine.escape_what_stdout_cannot_encode
     main()

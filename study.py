@@ -46,6 +46,7 @@ from PIL import Image
 
 import data
 import dtm
+import engine
 import morph
 import mto
 
@@ -118,7 +119,7 @@ def run(script, argv, log):
     command = [sys.executable, os.path.join(HERE, script), *argv]
     result = subprocess.run(command, cwd=HERE, capture_output=True, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    with open(log, "a") as f:
+    with open(log, "a", errors="backslashreplace") as f:  # a folder that is not UTF-8 (b'r\\xe9s'), as printed
         f.write(f"$ {' '.join(command)}\n{result.stdout[-4000:]}{result.stderr[-4000:]}\n")
     if result.returncode != 0:
         sys.exit(f"error: {script} failed (see {log}): {result.stderr.strip().splitlines()[-1:]}")
@@ -202,6 +203,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def main():
+    engine.escape_what_stdout_cannot_encode()  # the table's ± on an ASCII stdout, an --out that is not UTF-8
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="output/study", type=os.path.expanduser, help="every run, the data and the "
                         "results; a relaunch with the same folder continues (finished runs are skipped)")

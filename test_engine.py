@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import pickle
 import importlib
+import io
 import random
 import re
 import subprocess
@@ -1780,6 +1781,22 @@ def test_an_error_or_ctrl_c_during_training_starts_its_own_line(capsys, monkeypa
     assert capsys.readouterr().err == "error: x\n"  # no bar open: nothing before the line
 
 
+def test_names_any_stdout_cannot_encode_are_printed_escaped_not_an_error(monkeypatch):
+    """A name that is not UTF-8 (b'r\\xe9s', from a Latin-1 machine) reaches messages with surrogate escapes, a
+    checkpoint's text any character: a stdout of a UTF-8 locale (errors 'strict' without Python's UTF-8 mode) or of
+    PYTHONIOENCODING=ascii raised UnicodeEncodeError, which stopped a run at its first skipped image or its last
+    line; Python's UTF-8 mode wrote the raw byte, which is not UTF-8."""
+    monkeypatch.delenv("DTM_TRACEBACK", raising=False)
+    name = os.fsdecode(b"out/r\xe9s") + "/\u00e9t\u00e9.png"  # a Latin-1 folder, a UTF-8 file
+    for encoding, errors, printed in (("utf-8", "strict", "out/r\\udce9s/\u00e9t\u00e9.png"),
+                                      ("ascii", "strict", "out/r\\udce9s/\\xe9t\\xe9.png"),
+                                      ("utf-8", "surrogateescape", "out/r\\udce9s/\u00e9t\u00e9.png")):
+        stdout = io.TextIOWrapper(io.BytesIO(), encoding=encoding, errors=errors, write_through=True)
+        monkeypatch.setattr(sys, "stdout", stdout)
+        engine.cli(lambda: engine.Dist().print(f"checkpoint: {name}"))
+        assert stdout.buffer.getvalue().decode(encoding) == f"checkpoint: {printed}\n", (encoding, errors)
+
+
 def test_internal_errors_keep_their_traceback():
     def torch_value_error():  # a ValueError raised inside torch is not a user error
         F.cross_entropy(torch.randn(2, 3), torch.tensor([1]))
@@ -2533,6 +2550,21 @@ def test_step_timer_adds_up_the_laps_of_each_part_over_the_micro_batches(monkeyp
 def test_unwrap_removes_a_torch_compile_wrapper():
     model = torch.nn.Linear(3, 2)
     assert engine.unwrap(torch.compile(model)) is model  # compiles nothing until called
+
+
+def test_a_saved_path_this_locale_cannot_encode_is_another_path_not_a_traceback(tmp_path):
+    """A checkpoint's --data 'été' (written under a UTF-8 locale) read where file names are ASCII (LC_ALL=C with
+    PYTHONUTF8=0; 日本 under a Latin-1 locale likewise): os.path.samefile raised UnicodeEncodeError, a traceback on
+    resume. The folder this process lists as 'été' ('\\udcc3\\udca9t\\udcc3\\udca9') cannot be told to be the
+    same: the setting is listed as changed."""
+    (tmp_path / "\u00e9t\u00e9").mkdir()
+    code = ("import json, sys, engine; listed, saved = sys.argv[1], json.loads(sys.argv[2])\n"
+            "print(engine.same_path(listed, listed), engine.same_path(saved, listed))")
+    folder = str(tmp_path / "\u00e9t\u00e9")
+    result = subprocess.run([sys.executable, "-c", code, folder, json.dumps(folder)], cwd=HERE, text=True,
+                            capture_output=True, env=dict(os.environ, LC_ALL="C", PYTHONUTF8="0",
+                                                          PYTHONIOENCODING="utf-8"))
+    assert result.returncode == 0 and result.stdout == "True False\n", result.stderr
 
 
 def test_resume_with_the_init_the_run_started_from_none_or_a_path_not_there_any_more(tmp_path, monkeypatch):

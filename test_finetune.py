@@ -1171,6 +1171,20 @@ def test_class_difference_names_the_folders_that_differ():
     assert tf.class_difference(many, [], "x", "y") == "only in x: ['n0', 'n1', 'n2', 'n3', 'n4'] and 3 more"
 
 
+def test_class_folders_read_under_another_locale_name_the_setting_to_run_with():
+    """Class folders named by a Latin-1 machine (b'caf\\xe9'): a checkpoint written under a Latin-1 locale holds
+    'caf\\xe9', this process (UTF-8) lists 'caf\\udce9'; the refusal named no cause, and as the fix the data the run
+    was trained on. Also a UTF-8 locale's checkpoint read where names are Latin-1 or ASCII (PYTHONUTF8=0)."""
+    listed = [os.fsdecode(b"caf\xe9"), "dog"]  # the bytes' reading here, UTF-8 with surrogate escapes
+    message = tf.class_difference(listed, ["caf\u00e9", "dog"], "the data", "the checkpoint")
+    assert message == (f"only in the data: {[listed[0]]}; only in the checkpoint: ['caf\u00e9']; 1 of them are the "
+                       f"same file names read under another locale: here as utf-8, in the checkpoint as latin-1 (e.g. "
+                       f"the data 'caf\\udce9', the checkpoint 'caf\\xe9'); run as the checkpoint's run did (a "
+                       f"Latin-1 locale, e.g. LANG=en_US.ISO-8859-1)")
+    here = os.fsdecode("caf\u00e9".encode())  # a UTF-8 name, as a UTF-8 locale or Python's UTF-8 mode reads it
+    assert "1 of them" not in tf.class_difference([here], ["cafe"], "the data", "the checkpoint")
+
+
 def test_a_kill_between_the_epochs_two_saves_cannot_leave_an_older_best(tmp_path, monkeypatch):
     """checkpoint-best.pth is written before checkpoint-last.pth: killed between them, the relaunch retrains the
     epoch from the previous LAST and writes BEST again. The other order left BEST at an older epoch than the one

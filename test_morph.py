@@ -558,6 +558,21 @@ def test_gram_matrix_is_used_exactly_when_n_le_c(monkeypatch):
         assert used == [expected], C
 
 
+def test_the_visualizations_out_that_stdout_cannot_encode_is_printed_escaped(tmp_path):
+    """An --out named by a Latin-1 machine (b'r\\xe9s.png': 'r\\udce9s.png' here): a UTF-8 locale's stdout (errors
+    'strict' without Python's UTF-8 mode; PYTHONIOENCODING=utf-8 here) raised UnicodeEncodeError after the picture
+    was written, a traceback and exit status 1."""
+    from PIL import Image
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "img.png")
+    out = tmp_path / os.fsdecode(b"r\xe9s.png")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "morph.py")
+    result = subprocess.run([sys.executable, script, str(tmp_path / "img.png"), "--schedule", "2x2", "--img_size", "16",
+                             "--patch_size", "4", "--out", str(out)], capture_output=True,
+                            env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"wrote {tmp_path}/r\\udce9s.png: 1 schedule on 16 tokens\n".encode() and out.is_file()
+
+
 def test_morph_py_copied_alone_imports_nothing_of_this_repo_and_computes_the_same(tmp_path):
     """Users copy morph.py into their own code: alone in a folder, it runs and gives this repo's groups."""
     shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "morph.py"), tmp_path)

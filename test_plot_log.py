@@ -1,6 +1,8 @@
 """plot_log.py: moving average, log parsing errors, and the PNG it writes."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -358,3 +360,17 @@ def test_an_integer_beyond_floats_range_is_left_out_like_infinity(tmp_path):
     log.write_text('{"step": 1, "loss": 1' + "0" * 400 + '}\n{"step": 2' + "0" * 400 + ', "loss": 0.5}\n'
                    '{"step": 3, "loss": 0.25}\n')
     assert plot_log.read_log(str(log), "step", "loss") == [(3.0, 0.25)]
+
+
+def test_an_out_stdout_cannot_encode_is_printed_escaped(tmp_path):
+    """An --out in a folder named by a Latin-1 machine (b'r\\xe9s': 'r\\udce9s' here): a UTF-8 locale's stdout (errors
+    'strict' without Python's UTF-8 mode; PYTHONIOENCODING=utf-8 here) raised UnicodeEncodeError once the PNG was
+    written, a traceback and exit status 1."""
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    folder = tmp_path / os.fsdecode(b"r\xe9s")
+    folder.mkdir()
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plot_log.py")
+    result = subprocess.run([sys.executable, script, str(tmp_path / "log.jsonl"), "--out", str(folder / "p.png")],
+                            capture_output=True, env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"wrote {tmp_path}/r\\udce9s/p.png\n".encode() and (folder / "p.png").is_file()

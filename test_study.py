@@ -1,9 +1,11 @@
 """Tests for study.py's own pieces: the Fashion-MNIST reader, the ImageFolders it writes, the adjacency measure."""
 import gzip
+import io
 import json
 import os
 import random
 import statistics
+import sys
 
 import numpy as np
 import pytest
@@ -244,6 +246,31 @@ def test_the_study_aggregates_each_arms_runs_and_seeds(tmp_path, monkeypatch, ca
     with open(files[2]) as f:
         assert [json.loads(line) for line in f] == [{"epoch": 0, "val_top1": 22.5}, {"epoch": 1, "val_top1": 27.5},
                                                     {"epoch": 2, "val_top1": 24.5}]
+
+
+def test_the_table_on_an_ascii_stdout_is_printed_escaped_and_the_results_written(tmp_path, monkeypatch):
+    """The table's ± on an ASCII stdout (PYTHONIOENCODING=ascii; LANG=C with PYTHONUTF8=0) raised
+    UnicodeEncodeError after every run had finished, before results.json was written."""
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii", write_through=True)  # errors "strict", as Python's
+    monkeypatch.setattr(sys, "stdout", stdout)
+    _, results, _ = fake_study(tmp_path, monkeypatch)
+    assert results["arms"]["DTM, fixed schedule 24x3"]["best"] == [55.0, 56.0, 57.0]
+    assert ("DTM, fixed schedule 24x3 |     56.0 \\xb1 1.0 |     53.0 \\xb1 1.0 |    3 |"
+            in stdout.buffer.getvalue().decode("ascii"))
+
+
+def test_run_logs_a_command_whose_folder_is_not_utf8(tmp_path, monkeypatch):
+    """A folder named by a Latin-1 machine (b'r\\xe9s': 'r\\udce9s' here) in the command: writing it to runs.log
+    raised UnicodeEncodeError. It is written escaped, as the scripts print it."""
+    monkeypatch.setattr(study, "HERE", str(tmp_path))
+    (tmp_path / "ok.py").write_text("import sys; print('trained', sys.argv[1:])\n")
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True)
+    monkeypatch.setattr(sys, "stdout", stdout)  # as study.main leaves it
+    folder = os.fsdecode(b"out/r\xe9s")
+    study.run("ok.py", ["--output_dir", folder], str(tmp_path / "runs.log"))
+    with open(tmp_path / "runs.log") as f:
+        assert "ok.py --output_dir out/r\\udce9s\ntrained ['--output_dir', 'out/r\\udce9s']" in f.read()
+    assert stdout.buffer.getvalue().decode().startswith("  ok.py out/r\\udce9s: ")
 
 
 def test_the_study_runs_each_arm_with_its_flags_seeds_and_data(tmp_path, monkeypatch):

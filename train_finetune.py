@@ -37,6 +37,7 @@ uninterrupted run, with any number of DataLoader workers.
 import os
 import re
 import shlex
+import sys
 import time
 import unicodedata
 
@@ -181,7 +182,27 @@ def class_difference(found: list, expected: list, found_in: str, expected_in: st
         parts += [f"{len(lookalikes)} of them only look the same: their Unicode characters differ (e.g. {found_in} "
                   f"{ascii(found_name)}, {expected_in} {ascii(expected_name)}: composed and decomposed accents); "
                   f"rename the folders of one set"]
-    return "; ".join(parts) or "the same names in another order"
+    return "; ".join(parts + _read_under_another_locale(only_found, only_expected, found_in, expected_in)) or \
+        "the same names in another order"
+
+
+LOCALE_OF = {"utf-8": "PYTHONUTF8=1, Python's UTF-8 mode", "latin-1": "a Latin-1 locale, e.g. LANG=en_US.ISO-8859-1",
+             "ascii": "LC_ALL=C PYTHONUTF8=0"}  # a file-system encoding -> the setting that makes Python read names so
+
+
+def _read_under_another_locale(only_found, only_expected, found_in, expected_in) -> list:
+    """[a note] where names listed here (found) are other names' bytes read under another file-system encoding: a
+    checkpoint of a run under another locale (b'caf\\xe9' is 'caf\\udce9' in UTF-8, 'caf\\xe9' in Latin-1)."""
+    expected, pairs = set(only_expected), []
+    for name in only_found:
+        readings = [(os.fsencode(name).decode(encoding, "surrogateescape"), encoding) for encoding in LOCALE_OF]
+        pairs += [(name, other, encoding) for other, encoding in readings if other != name and other in expected][:1]
+    if not pairs:
+        return []
+    found_name, expected_name, encoding = pairs[0]
+    return [f"{len(pairs)} of them are the same file names read under another locale: here as "
+            f"{sys.getfilesystemencoding()}, in {expected_in} as {encoding} (e.g. {found_in} {ascii(found_name)}, "
+            f"{expected_in} {ascii(expected_name)}); run as {expected_in}'s run did ({LOCALE_OF[encoding]})"]
 
 
 def build_datasets(args, train: bool = True):
