@@ -654,8 +654,8 @@ class SeededSamples(torch.utils.data.Dataset):
     A sample's augmentation then depends on nothing else (not on the worker, the rank or what ran before), which
     makes resuming mid-epoch exact. A sample whose image cannot be read (data.UnreadableImage), or whose file is gone
     since the dataset was listed (deleted, moved, a dangling link), is replaced by the next readable one, index + 1,
-    + 2, ... (with the same seed, so runs stay reproducible); `skipped` names the files passed over, each as
-    "path\\treason" ("\\n"-joined; "" when none), for UnreadableImages.add."""
+    + 2, ... (with the same seed, so runs stay reproducible); `skipped` names the files passed over, a JSON list of
+    [path, reason] ("" when none; a file name may hold a tab or a newline), for UnreadableImages.add."""
 
     def __init__(self, base, seed: int, max_tries: int = 16):
         self.base, self.seed, self.max_tries = base, seed, max_tries
@@ -675,14 +675,14 @@ class SeededSamples(torch.utils.data.Dataset):
                 # process (--num_workers 0), would reseed the GPU's generator, which fork_rng(devices=[]) leaves
                 random.seed(sample_seed)
                 try:
-                    return (*self.base[(index + attempt) % len(self.base)], "\n".join(skipped))
+                    return (*self.base[(index + attempt) % len(self.base)], json.dumps(skipped) if skipped else "")
                 except data.UnreadableImage as e:
-                    skipped.append(f"{e.path}\t{e}")
+                    skipped.append([str(e.path), str(e)])
                     error = e
                 except FileNotFoundError as e:  # listed at start-up, gone now: hours into a run, skip it as above
                     why = ("a symbolic link to a file that does not exist" if e.filename and os.path.islink(e.filename)
                            else "file not found, deleted or moved since the dataset was listed")
-                    skipped.append(f"{e.filename}\t{why} ({e})")
+                    skipped.append([str(e.filename), f"{why} ({e})"])
                     error = e
                 finally:
                     random.setstate(py_state)
@@ -757,9 +757,8 @@ class UnreadableImages:
     pending: dict = field(default_factory=dict)  # path -> why it could not be read
 
     def add(self, skipped):
-        """skipped: the batch's last field, one string per sample ("" or "\\n"-joined "path\\treason" entries)."""
-        for entry in (entry for text in skipped for entry in text.split("\n") if entry):
-            path, _, reason = entry.partition("\t")
+        """skipped: the batch's last field, one string per sample ("" or SeededSamples' JSON list of [path, reason])."""
+        for path, reason in (pair for text in skipped if text for pair in json.loads(text)):
             self.pending[path] = reason
 
 

@@ -1310,6 +1310,11 @@ def test_log_new_run_keeps_the_old_one_and_resume_drops_lines_after_the_checkpoi
 # ---------------------------------------------------------------------------------------------------
 # data: seeded samples, exact restarts, unreadable images
 
+def passed_over(*pairs) -> str:
+    """SeededSamples' `skipped` field for these (path, reason) pairs."""
+    return json.dumps([list(pair) for pair in pairs])
+
+
 class Recorder(torch.utils.data.Dataset):
     """Sample i -> (i, a torch draw, a Python draw), UnreadableImage for the indices in `bad`, FileNotFoundError for
     those in `gone` (a file deleted since the dataset was listed)."""
@@ -1338,7 +1343,7 @@ def test_seeded_samples_depend_only_on_seed_epoch_index_and_skip_unreadable_ones
     replaced = samples[(0, 3)]  # 3 and 4 cannot be read: 5 takes their place, with the seed of (0, 3)
     assert torch.equal(torch.get_rng_state(), state) and random.getstate() == py_state  # the caller's RNGs: alone
     assert replaced[0] == 5 and replaced[1:3] != a[1:3]
-    assert replaced[-1] == "img3.jpg\tcannot read img3.jpg\nimg4.jpg\tcannot read img4.jpg"  # paths and reasons
+    assert json.loads(replaced[-1]) == [["img3.jpg", "cannot read img3.jpg"], ["img4.jpg", "cannot read img4.jpg"]]
     with pytest.raises(ValueError, match="in a row cannot be read"):
         engine.SeededSamples(Recorder(20, bad=range(20)), seed=1)[(0, 0)]
 
@@ -1367,28 +1372,57 @@ def test_a_training_image_deleted_during_the_run_is_skipped_like_an_unreadable_o
     os.remove(gone)
     pixel, label, skipped = samples[(0, 1)]
     assert pixel == (200, 0, 0) and label == 0  # the next image took its place
-    path, reason = skipped.split("\t")
+    (path, reason), = json.loads(skipped)
     assert path == gone and reason.startswith("file not found, deleted or moved since the dataset was listed")
     images = engine.UnreadableImages(limit=1)
     images.add([skipped])
     assert images.pending == {gone: reason}
     os.symlink(tmp_path / "nowhere.png", gone)  # a link that points at nothing: said as such
-    assert samples[(0, 1)][2].split("\t")[1].startswith("a symbolic link to a file that does not exist")
+    assert json.loads(samples[(0, 1)][2])[0][1].startswith("a symbolic link to a file that does not exist")
+
+
+class NamedUnreadable(torch.utils.data.Dataset):
+    """Sample 0 is a file of this name that cannot be read; sample 1 reads."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        if i == 0:
+            raise data.UnreadableImage(f"cannot read image file {self.name!r}", self.name)
+        return (i,)
+
+
+def test_a_skipped_file_whose_name_holds_a_tab_or_a_newline_is_named_whole_once(tmp_path):
+    """Linux file names may hold tabs and newlines: "path\treason" entries joined by newlines logged 'a' as the file
+    with 'b.jpg\tcannot read ...' as its reason, and a newline made one file two, counted twice against the limit."""
+    name = "a\tb\nc.jpg"
+    *_, skipped = engine.SeededSamples(NamedUnreadable(name), seed=0)[(0, 0)]
+    images = engine.UnreadableImages(limit=1)
+    images.add([skipped])
+    log = engine.open_log(str(tmp_path), None, True)
+    engine.report_unreadable(images, CPU, 3, log)
+    assert images.seen == {name}
+    assert [json.loads(line) for line in open(tmp_path / engine.LOG)] == [
+        {"step": 3, "skipped_image": name, "reason": f"cannot read image file {name!r}"}]
 
 
 def test_an_unreadable_last_image_is_replaced_by_the_first():
     samples = engine.SeededSamples(Recorder(3, bad={2}), seed=0)
     index, *_, skipped = samples[(0, 2)]
-    assert index == 0 and skipped == "img2.jpg\tcannot read img2.jpg"  # wraps around: no IndexError at the end
+    assert index == 0 and skipped == passed_over(("img2.jpg", "cannot read img2.jpg"))  # wraps around: no IndexError
 
 
 def test_a_relaunch_keeps_the_files_its_run_named_and_counts_them_against_the_limit(capsys):
     images = engine.unreadable_images(0.001, 1000, {"unreadable_images": ["a.jpg"]})
     assert images.seen == {"a.jpg"} and images.limit == 1  # 0.1% of 1000 images
-    images.add(["a.jpg\tcannot read image file 'a.jpg'"])
+    images.add([passed_over(("a.jpg", "cannot read image file 'a.jpg'"))])
     engine.report_unreadable(images, CPU, 5, lambda **record: pytest.fail(f"named again: {record}"))
     assert capsys.readouterr().out == ""
-    images.add(["b.jpg\tcannot read image file 'b.jpg'"])  # the run's second: over the limit of 1
+    images.add([passed_over(("b.jpg", "cannot read image file 'b.jpg'"))])  # the run's second: over the limit of 1
     with pytest.raises(ValueError, match="2 training images could not be read \\(more than 1"):
         engine.report_unreadable(images, CPU, 6, lambda **record: None)
     assert engine.unreadable_images(0.001, 999).limit == 0
@@ -1426,14 +1460,14 @@ def test_micro_batches_restart_mid_epoch_exactly():
 def test_unreadable_images_are_named_once_and_stop_the_run_past_the_limit(tmp_path, capsys):
     images = engine.UnreadableImages(limit=2)
     log = engine.open_log(str(tmp_path), None, True)
-    images.add(["", "a.jpg", "b.jpg\na.jpg"])
+    images.add(["", passed_over(("a.jpg", "")), passed_over(("b.jpg", ""), ("a.jpg", ""))])
     engine.report_unreadable(images, CPU, 4, log)
-    images.add(["a.jpg", ""])
+    images.add([passed_over(("a.jpg", "")), ""])
     engine.report_unreadable(images, CPU, 5, log)
     assert [json.loads(line) for line in open(tmp_path / engine.LOG)] == [
         {"step": 4, "skipped_image": "a.jpg"}, {"step": 4, "skipped_image": "b.jpg"}]
     assert capsys.readouterr().out.count("skipped an unreadable image") == 2
-    images.add(["c.jpg\tcannot read image file 'c.jpg' (truncated)"])  # as SeededSamples passes them: with why
+    images.add([passed_over(("c.jpg", "cannot read image file 'c.jpg' (truncated)"))])  # as SeededSamples: with why
     with pytest.raises(ValueError, match="3 training images could not be read.*--max_unreadable.*reasons are printed"):
         engine.report_unreadable(images, CPU, 6, log)
     printed = capsys.readouterr().out
@@ -1441,7 +1475,7 @@ def test_unreadable_images_are_named_once_and_stop_the_run_past_the_limit(tmp_pa
     assert json.loads(open(tmp_path / engine.LOG).readlines()[-1]) == {
         "step": 6, "skipped_image": "c.jpg", "reason": "cannot read image file 'c.jpg' (truncated)"}
     one = engine.UnreadableImages(limit=0)
-    one.add(["d.jpg"])
+    one.add([passed_over(("d.jpg", ""))])
     with pytest.raises(ValueError, match="^1 training image could not be read"):  # not "1 training images"
         engine.report_unreadable(one, CPU, 1, log)
 
@@ -1458,7 +1492,7 @@ def test_a_message_printed_while_a_progress_bar_is_open_is_not_glued_to_the_bar(
         from tqdm import tqdm
         import engine
         images = engine.UnreadableImages(limit=1)
-        images.add(["a.jpg\\tcannot read image file 'a.jpg'"])
+        images.add([{passed_over(("a.jpg", "cannot read image file 'a.jpg'"))!r}])
         with tqdm(total=3, mininterval=0) as bar:  # stderr, as the trainers' bars
             bar.update(1)
             engine.report_unreadable(images, engine.Dist(), 1, lambda **record: None)
@@ -2050,7 +2084,7 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
                               num_workers=0)
     shared_only_by_rank0 = os.path.join(out_dir, "node0", engine.LAST)
     skipped_on_rank1 = engine.UnreadableImages(limit=5)  # a file only rank 1's loader met
-    skipped_on_rank1.add(["b.jpg\tbroken"] if rank == 1 else [""])
+    skipped_on_rank1.add([passed_over(("b.jpg", "broken"))] if rank == 1 else [""])
     resume_other = argparse.Namespace(**{**vars(args), "resume": shared_only_by_rank0 if rank == 0 else "missing.pth"})
 
     def build(unreadable_on):  # a dataset whose folder the ranks unreadable_on cannot read
