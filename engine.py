@@ -21,6 +21,7 @@ any number of DataLoader workers; the checkpoint's RNG states are saved and rest
 """
 import argparse
 import contextlib
+import errno
 import hashlib
 import inspect
 import itertools
@@ -1025,7 +1026,10 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
     if d.is_main and os.path.isdir(args.output_dir):
         for name in os.listdir(args.output_dir):
             if ".pth.tmp" in name or name == f"{LOG}.tmp":  # a checkpoint's or the cut log's (open_log)
-                os.remove(os.path.join(args.output_dir, name))
+                try:
+                    os.remove(os.path.join(args.output_dir, name))
+                except OSError as e:  # a read-only file system, another user's folder
+                    raise ValueError(cannot_write_output_dir(args.output_dir, e)) from e
                 print(f"removed {name} (left by an interrupted save)")
     if d.is_main:  # what open_log may remove: a LAST that appears later is another run's (a folder made meanwhile)
         _saw_last[os.path.abspath(args.output_dir)] = (os.path.isfile(last), args.resume)
@@ -1158,11 +1162,34 @@ def json_number(value):
 def append_eval(output_dir: str, record: dict):
     """--eval's result: one JSON line appended to output_dir/eval.jsonl (a training run's log.jsonl is left alone);
     NaN/inf as null; says where. Call on rank 0."""
-    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "eval.jsonl")
-    with open(path, "a") as f:
-        f.write(json.dumps({k: json_number(v) for k, v in record.items()}) + "\n")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({k: json_number(v) for k, v in record.items()}) + "\n")
+    except OSError as e:
+        raise OSError(f"could not write the result to {path} ({e.strerror or e}): {write_fix(e, path)}; the result "
+                      f"is printed above") from e
     print(f"result appended to {path}", flush=True)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # EDQUOT: a user's quota on a cluster's shared disk
+
+
+def write_fix(e: OSError, path: str) -> str:
+    """What to do about a refused write of path (a file in --output_dir), by its error e."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if e.errno in DISK_FULL:
+        return "its disk is full, or your quota there is used up: free space there, or pass another --output_dir"
+    if e.errno == errno.ENOENT and not os.path.isdir(folder):  # a colleague's rm -rf, a clean-up job
+        return f"{folder} was removed while the run wrote there"
+    return "pass a folder you can write to, or change its permissions"
+
+
+def cannot_write_output_dir(output_dir: str, e: OSError) -> str:
+    """The start-up refusal of an --output_dir that a file cannot be written or removed in (e: the OSError)."""
+    fix = write_fix(e, os.path.join(output_dir, LOG))
+    return f"--output_dir {output_dir!r} cannot be written to ({e.strerror or e}): {fix}"
 
 
 def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) -> "JsonLog":
@@ -1192,8 +1219,7 @@ def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) ->
                              else "with --fresh to replace that run"))
             kept = [] if error else _open_log(output_dir, path, last, resumed)
         except OSError as e:  # at start-up, not at the first log line or save (50 steps in by default)
-            error = (f"--output_dir {output_dir!r} cannot be written to ({e.strerror or e}): pass a folder you can write "
-                     f"to, or change its permissions")
+            error = cannot_write_output_dir(output_dir, e)
     if dist.is_initialized() and dist.get_world_size() > 1:  # every rank stops, not rank 0 alone
         shared = [error]
         dist.broadcast_object_list(shared, src=0)
@@ -1227,6 +1253,8 @@ def _open_log(output_dir, path, last, resumed) -> list:
                 print(f"{path} holds {len(lines)} complete lines, the checkpoint was saved when it held "
                       f"{resumed['log_lines']}: the log was cut short; this run appends to what is left",
                       flush=True)
+                while lines and lines[-1][1].get("step", 0) > resumed["step"]:  # a dead run's, after the checkpoint
+                    lines.pop()
             lines = lines[:resumed["log_lines"]]
         else:
             lines = [(line, record) for line, record in lines if record.get("step", 0) <= resumed["step"]]
@@ -1249,8 +1277,12 @@ class JsonLog:
     def __call__(self, **fields):
         if self.enabled:
             fields = {k: json_number(v.item() if torch.is_tensor(v) else v) for k, v in fields.items()}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(fields) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(fields) + "\n")
+            except OSError as e:  # a half line it may leave: dropped when the run is continued (open_log)
+                raise OSError(f"could not write a line to {self.path} ({e.strerror or e}): {write_fix(e, self.path)}; "
+                              f"then relaunch the same command (it continues from the {LAST} there, if any)") from e
             self.lines += 1
 
 
@@ -1296,13 +1328,32 @@ def log_window_per_step(checkpoint: dict):
     return window / accum  # segmentation's: [loss, decode loss, aux loss sums, count]
 
 
+# fsync refused as not supported by the file system (some FUSE, SMB and NFS mounts): the bytes are written all the same
+FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+_said_no_fsync = set()  # the folders whose file system refused it, said once each
+
+
+def say_no_fsync(folder: str, e: OSError):
+    """A note, once per folder, on a line of its own above a progress bar (as Dist.print; rank 0 saves)."""
+    if folder not in _said_no_fsync:
+        _said_no_fsync.add(folder)
+        with tqdm.external_write_mode(file=sys.stdout):
+            print(f"note: the file system of {folder} cannot fsync ({e.strerror}): its files are saved without "
+                  f"waiting for the disk (a crash of the node may lose the latest)", flush=True)
+
+
 def replace_durably(tmp: str, path: str):
     """os.replace(tmp, path) that a crash of the node cannot tear: tmp's bytes reach the disk before the rename, and
     the rename before this returns (fsync of the file, then of its folder). Without the first fsync, file systems
-    such as XFS, NFS or Lustre may keep the rename and lose the bytes, leaving an empty file for the last good one."""
+    such as XFS, NFS or Lustre may keep the rename and lose the bytes, leaving an empty file for the last good one. A
+    file system that does not do fsync (FSYNC_UNSUPPORTED) gets the rename without it, said once (say_no_fsync)."""
     fd = os.open(tmp, os.O_RDWR)  # not read-only: Windows' fsync needs a writable handle
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in FSYNC_UNSUPPORTED:
+            raise  # EIO: the bytes may not be on the disk, a failed save
+        say_no_fsync(os.path.dirname(os.path.abspath(path)), e)
     finally:
         os.close(fd)
     os.replace(tmp, path)

@@ -2374,6 +2374,76 @@ def test_resume_keeps_the_old_log_whole_until_the_cut_one_replaces_it_and_says_w
         capsys.readouterr().out
 
 
+def test_a_short_log_drops_the_lines_a_dead_run_wrote_after_the_checkpoint(tmp_path, capsys):
+    """log.jsonl deleted mid-run (a colleague's clean-up; the run logs on into a new file), then the run died after
+    logging steps 7 and 8 past its checkpoint at step 6: the short log kept them and the relaunch logged 7 and 8 again
+    (a run on tiny data: steps [4, 5, 6, 7, 8, 7, 8, 9], the dead run's losses among them)."""
+    log = engine.open_log(str(tmp_path), None, True)
+    for step in (4, 5, 6, 7, 8):
+        log(step=step, loss=0.1 if step <= 6 else 9.0)
+    kept = engine.open_log(str(tmp_path), {"step": 6, "log_lines": 6}, True).kept
+    assert [r["step"] for r in kept] == [4, 5, 6] and "the log was cut short" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(tmp_path / engine.LOG)] == [4, 5, 6]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full: Linux's always-full device")
+def test_a_log_line_or_an_eval_result_on_a_full_disk_names_the_file_and_the_fix(tmp_path):
+    """It stopped with `error: [Errno 28] No space left on device` (no file, no fix), as did one for a folder removed
+    meanwhile (a colleague's rm -rf) with the bare No such file or directory. /dev/full: the kernel's ENOSPC."""
+    log = engine.open_log(str(tmp_path), None, True)
+    log(step=1, loss=0.5)
+    os.remove(tmp_path / engine.LOG)
+    os.symlink("/dev/full", tmp_path / engine.LOG)
+    with pytest.raises(OSError, match=rf"^could not write a line to {re.escape(str(tmp_path / engine.LOG))} \(No "
+                                      rf"space left on device\): its disk is full, or your quota there is used up: "
+                                      rf"free space there, or pass another --output_dir; then relaunch the same "
+                                      rf"command \(it continues from the {engine.LAST} there, if any\)$") as e:
+        log(step=2, loss=0.5)
+    assert engine.user_error_message(e.value) == str(e.value) and log.lines == 1
+    os.symlink("/dev/full", tmp_path / "eval.jsonl")
+    with pytest.raises(OSError, match=rf"^could not write the result to {re.escape(str(tmp_path / 'eval.jsonl'))} "
+                                      rf"\(No space left on device\): its disk is full, .*; the result is printed "
+                                      rf"above$") as e:
+        engine.append_eval(str(tmp_path), {"top1": 1.0})
+    assert engine.user_error_message(e.value) == str(e.value)
+    gone = engine.JsonLog(str(tmp_path / "gone" / engine.LOG), True)
+    with pytest.raises(OSError, match=rf"^could not write a line to .* \(No such file or directory\): "
+                                      rf"{re.escape(str(tmp_path / 'gone'))} was removed while the run wrote there; "
+                                      rf"then relaunch"):
+        gone(step=1)
+
+
+def test_a_file_system_without_fsync_saves_and_says_so_once(tmp_path, monkeypatch, capsys):
+    """Some FUSE, SMB and NFS mounts refuse fsync as not supported (EINVAL, ENOTSUP): every save of every run failed
+    there, blamed on a full disk or permissions. The bytes are written; only the wait for the disk is skipped. An
+    fsync that fails otherwise (EIO: the bytes may be lost) is still a failed save (the test above)."""
+    import errno
+
+    def unsupported(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(engine.os, "fsync", unsupported)
+    path = tmp_path / engine.LAST
+    for step in (1, 2):
+        engine.save_checkpoint(str(path), {"model": {"w": torch.full((2,), float(step))}, "step": step})
+    assert torch.load(path)["step"] == 2 and run_files(tmp_path) == [engine.LAST]
+    assert capsys.readouterr().out.count(f"note: the file system of {tmp_path} cannot fsync (Invalid argument)") == 1
+
+
+def test_removing_an_interrupted_saves_temp_file_in_a_folder_this_run_cannot_write_names_the_fix(tmp_path,
+                                                                                                 monkeypatch):
+    """A read-only file system, or another user's run folder: it stopped with the bare Read-only file system."""
+    (tmp_path / f"{engine.LAST}.tmp42").write_bytes(b"half")
+
+    def read_only(path):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(engine.os, "remove", read_only)
+    with pytest.raises(ValueError, match=rf"^--output_dir '{tmp_path}' cannot be written to \(Read-only file "
+                                         rf"system\): pass a folder you can write to, or change its permissions$"):
+        engine.prepare_run(run_args(tmp_path), CPU)
+
+
 def test_a_user_error_under_torchrun_names_its_rank_and_host(capsys, monkeypatch):
     import socket
 
