@@ -120,12 +120,17 @@ def setup() -> Dist:
 
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# (launcher, its variable for the number of processes it started): srun's step (not set in an sbatch script), Open
+# MPI's mpirun, MPICH's and Intel MPI's mpirun; none of them sets torchrun's variables
+OTHER_LAUNCHERS = (("srun", "SLURM_STEP_NUM_TASKS"), ("mpirun", "OMPI_COMM_WORLD_SIZE"), ("mpirun", "PMI_SIZE"))
 
 
 def check_launch_env():
     """A one-line error, naming the fix, where the environment holds part of torchrun's variables: RANK without
     the others (a KeyError or torch's rendezvous traceback otherwise), or WORLD_SIZE > 1 without RANK (one process
-    otherwise, silently). WORLD_SIZE 1 alone is one process, as without it."""
+    otherwise, silently). WORLD_SIZE 1 alone is one process, as without it. Also for one of several processes that
+    another launcher started without RANK (OTHER_LAUNCHERS): each trained alone, silently, as a run of its own (into
+    one --output_dir, all but one stopped by its run lock, naming another run)."""
     given = [name for name in TORCHRUN_ENV if os.environ.get(name)]
     script = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "SCRIPT.py"
     fix = (f"launch with torchrun (torchrun --nproc_per_node N {script} ...), which sets them all, or unset "
@@ -136,6 +141,14 @@ def check_launch_env():
     if "RANK" not in given and "WORLD_SIZE" in given and os.environ["WORLD_SIZE"].strip() != "1":
         raise ValueError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but RANK is not set, so this would run one "
                          f"process, not {os.environ['WORLD_SIZE']}: {fix}")
+    for launcher, size in OTHER_LAUNCHERS:
+        tasks = os.environ.get(size, "").strip()
+        if "RANK" not in given and tasks not in ("", "1"):
+            raise ValueError(f"this process is one of {tasks} that {launcher} started ({size}={tasks}) without "
+                             f"torchrun's RANK and WORLD_SIZE, so each would train alone, as {tasks} separate runs: "
+                             f"let {launcher} start one task per node that runs torchrun (torchrun --nnodes NODES "
+                             f"--nproc_per_node N --rdzv_backend c10d --rdzv_endpoint HOST:PORT {script} ...), or one "
+                             f"task to run one process")
 
 
 def _capability(arch: str) -> tuple:
@@ -1035,7 +1048,7 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
         _saw_last[os.path.abspath(args.output_dir)] = (os.path.isfile(last), args.resume)
     try:  # every rank reaches the agreement below, also one whose own view is an error (a file on one node only)
         start, error = _run_start(args, last), None
-        view = f"continues {start[0]} ({os.path.getsize(start[0])} bytes)" if start[0] else "a new run"
+        view = f"continues {start[0]} ({_checkpoint_identity(start[0])})" if start[0] else "a new run"
     except (ValueError, OSError) as e:
         error, view = e, f"error: {e}"
     # also the barrier --fresh needs: every rank has looked at checkpoint-last.pth before rank 0 removes it (open_log)
@@ -1045,6 +1058,20 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
     if error is not None:
         raise error
     return start
+
+
+def _checkpoint_identity(path: str) -> str:
+    """A checkpoint's size, step and a digest of the settings it records, read without its tensors (mmap), for
+    prepare_run's agreement: copies of one checkpoint on several nodes agree; two runs' checkpoints, or one run's at two
+    steps, do not, also where their sizes are equal (node-local folders that each hold one: each rank continued its
+    own node's; ranks at other steps hung, ranks at one step trained on other optimizer states and their weights drifted
+    apart). A file torch cannot read by mmap: its size alone (load_checkpoint names what is wrong with it)."""
+    size = f"{os.path.getsize(path)} bytes"
+    try:
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return f"step {saved['step']}, {size}, settings {seed_of(sorted(saved['args'].items())) % 10 ** 6:06d}"
+    except Exception:  # not a checkpoint of this repo, or not a zip file
+        return size
 
 
 def _newest_last(name: str) -> tuple:

@@ -32,7 +32,7 @@ OTHER_TOOLS = {"--nproc_per_node", "--standalone", "--index-url", "--auto_resume
                "--layer_scale_init_value", "--loss_type", "--min_mask_patches_per_block", "--num_mask_patches",
                "--opt_betas", "--shared_rel_pos_bias", "--use_cls", "--use_mean_pooling", "--abs_pos_emb",
                "--color_jitter", "--model_key", "--enable_deepspeed", "--save_periods", "--max_restarts",
-               "--python-version", "--reinstall"}
+               "--python-version", "--reinstall", "--nnodes", "--rdzv_backend", "--rdzv_endpoint"}
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9](?![\w*-])")  # not a pattern: --demo_*, --no-X
 PLACEHOLDERS = ("...", "<", "[", "$")
 ROOT = os.path.dirname(os.path.abspath(__file__))

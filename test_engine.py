@@ -2069,6 +2069,16 @@ def _checkpoints_of_rank0_only(rank: int, own: str, d) -> list:
             lambda: train_seg.run_eval(train_seg.parse_args(seg + ["--eval", "seg.pth"]), d)]
 
 
+def _continue_own_nodes_run(d, folder: str, step: int, seed: int):
+    """output_dir `folder` in the working folder, each rank's own: a checkpoint-last.pth on each node, of the same size
+    but saved at another step or by another run (node-local disks where each node held a run's checkpoint). The ranks
+    agreed on its size and each continued its own node's: at other steps they hung at the end of the shortest; at one
+    step the ranks trained on other optimizer states, their weights apart by 8e-3 after 3 steps of a tiny run."""
+    os.makedirs(folder)
+    torch.save({"kind": "dtm_pretrain", "step": step, "args": {"seed": seed}}, os.path.join(folder, engine.LAST))
+    return engine.prepare_run(argparse.Namespace(output_dir=folder, resume="auto", fresh=False), d)
+
+
 def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
     """Each rank sees its own output folder and data (node-local disks): every check must stop every rank."""
     import torch.distributed as dist
@@ -2109,7 +2119,9 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
               lambda: engine.build_on_all_ranks(d, build, {0, 1}),  # each rank's own error
               lambda: engine.build_on_all_ranks(d, build, set()),
               # a checkpoint that rank 0 alone writes, and cannot: the others died at their next collective
-              lambda: engine.save_checkpoint(os.path.join(own, "dir.pth"), {"model": {}, "step": 1})]
+              lambda: engine.save_checkpoint(os.path.join(own, "dir.pth"), {"model": {}, "step": 1}),
+              lambda: _continue_own_nodes_run(d, "run", step=3 - rank, seed=0),
+              lambda: _continue_own_nodes_run(d, "other_run", step=3, seed=rank)]
     if rank == 0:
         os.makedirs(os.path.join(own, "dir.pth"))
     for check in checks + _checkpoints_of_rank0_only(rank, own, d):
@@ -2143,7 +2155,7 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
     outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert outcomes[0] == outcomes[1]  # every rank stops, with the same message
     (starts, resumes, images, agreed, validation, unreadable, gone, unwritable, counted, skipped, evaluated,
-     built_on_one, built_on_none, built, unsaved), read = outcomes[0][:15], outcomes[0][15:]
+     built_on_one, built_on_none, built, unsaved, other_step, other_run), read = outcomes[0][:17], outcomes[0][17:]
     last = tmp_path / "node0" / engine.LAST
     assert starts == (f"the processes do not agree on where the run starts (rank 0: continues {last} (10 bytes), "
                       f"rank 1: a new run): --output_dir must be one folder that every process sees (a shared file "
@@ -2172,6 +2184,15 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
     assert re.fullmatch(rf"rank 0 of 2 \({socket.gethostname()}\) stopped: could not write "
                         rf"{re.escape(str(tmp_path / 'node0' / 'dir.pth'))} \(disk full, or no permission to write "
                         rf"there\?\): \[Errno 21\] Is a directory: .*; nothing was written", unsaved), unsaved
+    assert re.fullmatch(r"the processes do not agree on where the run starts \(rank 0: continues run/checkpoint-last"
+                        r"\.pth \(step 3, (\d+) bytes, settings (\d+)\), rank 1: continues run/checkpoint-last\.pth "
+                        r"\(step 2, \1 bytes, settings \2\)\): --output_dir must be one folder .*", other_step), \
+        other_step  # the same size and settings: the step tells them apart
+    views = re.fullmatch(r"the processes do not agree on where the run starts \(rank 0: continues other_run/checkpoint-"
+                         r"last\.pth \(step 3, (\d+) bytes, settings (\d+)\), rank 1: continues other_run/checkpoint-"
+                         r"last\.pth \(step 3, \1 bytes, settings (\d+)\)\): --output_dir must be one folder .*",
+                         other_run)
+    assert views and views[2] != views[3], other_run  # the same size and step: the settings tell them apart
     stopped = rf"rank 1 of 2 \({socket.gethostname()}\) stopped: (.*); {re.escape(engine.SAME_CHECKPOINT)}"
     causes = [m.group(1) if (m := re.fullmatch(stopped, message)) else message for message in read]
     damaged = ("cannot be read by torch.load: it is truncated or damaged (an interrupted save or copy?) (RuntimeError: "
@@ -2926,3 +2947,29 @@ def test_setup_refuses_a_partial_torchrun_environment(monkeypatch):
         engine.setup()
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert engine.setup().world_size == 1
+
+
+LAUNCHERS = [("srun", "SLURM_STEP_NUM_TASKS"), ("mpirun", "OMPI_COMM_WORLD_SIZE"), ("mpirun", "PMI_SIZE")]
+
+
+@pytest.mark.parametrize("launcher, size", LAUNCHERS)
+def test_setup_refuses_tasks_of_another_launcher_without_torchrun(monkeypatch, launcher, size):
+    """Each of the N processes srun or mpirun starts without torchrun's variables trained alone, as N runs of one
+    process (into one --output_dir all but one stopped, their message naming another run). One task is one process;
+    torchrun started by the launcher sets RANK and WORLD_SIZE, and is not refused."""
+    for name in engine.TORCHRUN_ENV + tuple(var for _, var in LAUNCHERS):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["train_seg.py"])
+    monkeypatch.setenv(size, "4")
+    with pytest.raises(ValueError, match=rf"^this process is one of 4 that {launcher} started \({size}=4\) without "
+                                         rf"torchrun's RANK and WORLD_SIZE, so each would train alone, as 4 separate "
+                                         rf"runs: .*torchrun --nnodes NODES --nproc_per_node N .* train_seg.py"):
+        engine.setup()
+    monkeypatch.setenv(size, "1")
+    assert engine.setup() == engine.Dist()
+    monkeypatch.setenv(size, "4")
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *args, **kwargs: None)
+    assert engine.setup() == engine.Dist()
