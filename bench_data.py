@@ -11,6 +11,7 @@ RandAugment / normalize / random erasing, train_finetune.py's defaults). Then a 
 samples with --workers workers and batches of --batch (collation and transfer between processes included).
 """
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -41,7 +42,19 @@ def per_image_ms(paths, fn, repeats):
     return (time.perf_counter() - start) / repeats * 1e3
 
 
-def main():
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread, as in a DataLoader worker, and back to the caller's count after (main called from Python,
+    e.g. in a notebook, left the rest of the session's torch on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=os.path.expanduser,
                         help="an image folder (class subfolders); default: JPEGs made in a temporary folder")
@@ -53,15 +66,14 @@ def main():
                         help="images per batch for the last figure (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=6, help="batches per worker for the last figure (the first "
                                                               "round untimed; default %(default)s)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the first round is not timed)")
     if min(args.images, args.repeats, args.batch) < 1 or args.workers < 0:
         parser.error("--images, --repeats and --batch must be >= 1, --workers >= 0")
     if args.data is not None and not os.path.isdir(args.data):
         parser.error(f"--data {args.data!r} is not a folder")
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, one_torch_thread():
         if args.data is None:
             make_jpegs(tmp, args.images)
         try:

@@ -160,7 +160,7 @@ def run_child(command, env=None) -> str:
     return result.stdout
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64, help="images B (default %(default)s)")
     parser.add_argument("--tokens", type=int, default=196, help="patch tokens N per image (default %(default)s)")
@@ -174,7 +174,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default %(default)s)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SCHEDULE"), help=argparse.SUPPRESS)
     parser.add_argument("--child_memory", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if min(args.iters, args.batch, args.tokens, args.dim, args.levels) < 1 or args.warmup < 0:
         parser.error("--iters, --batch, --tokens, --dim and --levels must be >= 1, --warmup >= 0")
     try:

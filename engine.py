@@ -35,6 +35,7 @@ import socket
 import sys
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 
 try:
@@ -175,6 +176,7 @@ def check_gpu_supported(device):
 
 
 def teardown():
+    stop_loader_workers()
     release_output_dirs()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -729,6 +731,9 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.per_rank - self.skip
 
 
+_loaders = weakref.WeakSet()  # the training loaders of this process (train_loader), for stop_loader_workers
+
+
 def train_loader(dataset, args, d: Dist):
     """(DataLoader of SeededSamples batches, its EpochSampler, optimizer steps per epoch) for a training set."""
     check_ranks_agree(d, "the number of training images", len(dataset), _SAME_FILES)
@@ -736,11 +741,24 @@ def train_loader(dataset, args, d: Dist):
     loader = torch.utils.data.DataLoader(
         SeededSamples(dataset, args.seed), batch_size=args.batch_size, sampler=sampler, drop_last=True,
         num_workers=args.num_workers, pin_memory=d.device.type == "cuda", persistent_workers=args.num_workers > 0)
+    _loaders.add(loader)
     steps_per_epoch = sampler.per_rank // args.batch_size // args.accum_iter
     if steps_per_epoch == 0:
         raise ValueError(f"{sampler.per_rank} training images per process give no full optimizer step of "
                          f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter}; use a smaller batch")
     return loader, sampler, steps_per_epoch
+
+
+def stop_loader_workers():
+    """Stop the persistent workers of the training loaders still alive (teardown). A run stopped by an error or Ctrl-C
+    inside main(argv) left its --num_workers processes running for as long as the exception was kept (a notebook keeps
+    the last one, a sweep may keep each): the traceback holds the trainer's frame, so its loader, which holds the
+    workers (torch keeps them in loader._iterator and stops them only when that is freed)."""
+    for loader in list(_loaders):
+        workers = getattr(loader, "_iterator", None)  # torch's own attribute names (2.11 to 2.15): best effort
+        if hasattr(workers, "_shutdown_workers"):
+            workers._shutdown_workers()
+    _loaders.clear()
 
 
 def micro_batches(loader, sampler: EpochSampler, steps_per_epoch: int, accum_iter: int, start_step: int):

@@ -191,6 +191,25 @@ def test_bench_data_names_what_is_wrong_with_an_image_folder(tmp_path, monkeypat
     assert f"--data: image folder '{tmp_path}' has no class subfolders" in capsys.readouterr().err
 
 
+def test_the_benchmarks_called_from_python_take_argv_and_leave_torch_threads_as_they_were(monkeypatch, capsys):
+    """bench_data.main and bench_morph.main take their flags as argv, as the other scripts' main(argv): called from a
+    notebook they parsed the kernel's sys.argv ("unrecognized arguments: -f"). bench_data times on one thread and sets
+    torch's thread count back after (it left the rest of the session on one thread)."""
+    monkeypatch.setattr("sys.argv", ["ipykernel_launcher.py", "-f", "kernel.json"])
+    threads, seen, per_image_ms = torch.get_num_threads(), [], bench_data.per_image_ms
+    monkeypatch.setattr(bench_data, "per_image_ms", lambda *args: seen.append(torch.get_num_threads()) or
+                        per_image_ms(*args))
+    torch.set_num_threads(threads + 1)
+    try:
+        bench_data.main(["--images", "2", "--repeats", "1", "--workers", "0", "--batch", "1", "--rounds", "2"])
+        assert seen == [1, 1, 1] and torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(bench_morph, "run_child", lambda command, env=None: '{"seconds": 1.0, "peak_mib": 1.0}')
+    bench_morph.main(["--batch", "2", "--tokens", "9", "--dim", "4", "--schedules", "2x2"])
+    assert "B=2 N=9 C=4 L=2 device=cpu" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- bench_morph
 
 def test_bench_morph_check_agreement_compares_every_schedule_in_float64_and_fails_on_a_difference(monkeypatch):

@@ -3,6 +3,7 @@ unreadable images, logs, teachers), and 2-process DDP (gloo, CPU) against 1 proc
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -307,6 +308,22 @@ def test_resume_rejects_foreign_checkpoint(image_folder, tmp_path):
     torch.save({"model": {}, "epoch": 0}, tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match="not a checkpoint of train_pretrain.py.*--teacher ckpt:PATH"):
         tp.main(tiny_argv(image_folder, tmp_path / "out", "--resume", str(tmp_path / "foreign.pth")))
+
+
+def test_a_run_stopped_inside_main_stops_its_dataloader_workers(image_folder, tmp_path, monkeypatch):
+    """Ctrl-C (or an error) in main(argv), called from Python: the exception's traceback, kept here as a notebook keeps
+    the last one, holds the trainer's frame and so its loader; its --num_workers persistent workers kept running until
+    the exception was dropped (a sweep keeping each failed run's exception kept them all). The process stays usable."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    argv = tiny_argv(image_folder, tmp_path / "out", "--num_workers", "2")
+    before = set(multiprocessing.active_children())
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "optimizer_step", interrupt)
+        with pytest.raises(KeyboardInterrupt) as kept:
+            tp.main(argv)
+    assert kept.value.__traceback__ is not None and set(multiprocessing.active_children()) == before
+    assert tp.main(argv)["step"] == 9 and set(multiprocessing.active_children()) == before
 
 
 def test_the_teacher_checkpoint_may_not_be_one_the_run_writes_over(image_folder, tmp_path):
