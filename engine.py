@@ -1054,14 +1054,8 @@ def prepare_run(args, d: Dist, reads: dict = None, new_run_reads: dict = None) -
         dist.broadcast_object_list(held, src=0)
     if held[0]:
         raise ValueError(held[0])
-    if d.is_main and os.path.isdir(args.output_dir):
-        for name in os.listdir(args.output_dir):
-            if ".pth.tmp" in name or name == f"{LOG}.tmp":  # a checkpoint's or the cut log's (open_log)
-                try:
-                    os.remove(os.path.join(args.output_dir, name))
-                except OSError as e:  # a read-only file system, another user's folder
-                    raise ValueError(cannot_write_output_dir(args.output_dir, e)) from e
-                print(f"removed {name} (left by an interrupted save)")
+    # rank 0's refusal there stops every rank (alone, it left the others dying in the agreement below)
+    build_on_all_ranks(d, _remove_interrupted_saves if d.is_main else lambda _: None, args.output_dir, fix=None)
     if d.is_main:  # what open_log may remove: a LAST that appears later is another run's (a folder made meanwhile)
         _saw_last[os.path.abspath(args.output_dir)] = (os.path.isfile(last), args.resume)
     try:  # every rank reaches the agreement below, also one whose own view is an error (a file on one node only)
@@ -1090,6 +1084,19 @@ def _checkpoint_identity(path: str) -> str:
         return f"step {saved['step']}, {size}, settings {seed_of(sorted(saved['args'].items())) % 10 ** 6:06d}"
     except Exception:  # not a checkpoint of this repo, or not a zip file
         return size
+
+
+def _remove_interrupted_saves(output_dir: str):
+    """prepare_run's removal (rank 0) of the temporary files that interrupted saves left in output_dir."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if ".pth.tmp" in name or name == f"{LOG}.tmp":  # a checkpoint's or the cut log's (open_log)
+            try:
+                os.remove(os.path.join(output_dir, name))
+            except OSError as e:  # a read-only file system, another user's folder
+                raise ValueError(cannot_write_output_dir(output_dir, e)) from e
+            print(f"removed {name} (left by an interrupted save)")
 
 
 def _newest_last(name: str) -> tuple:
@@ -1298,7 +1305,7 @@ def _open_log(output_dir, path, last, resumed) -> list:
                 print(f"{path} holds {len(lines)} complete lines, the checkpoint was saved when it held "
                       f"{resumed['log_lines']}: the log was cut short; this run appends to what is left",
                       flush=True)
-                while lines and lines[-1][1].get("step", 0) > resumed["step"]:  # a dead run's, after the checkpoint
+                while lines and _after_checkpoint(lines[-1][1], resumed):  # a dead run's
                     lines.pop()
             lines = lines[:resumed["log_lines"]]
         else:
@@ -1310,6 +1317,15 @@ def _open_log(output_dir, path, last, resumed) -> list:
         kept = [record for _, record in lines]
     open(path, "a").close()  # a new run's log, written at its first line: made now, so a refusal comes now
     return kept
+
+
+def _after_checkpoint(record: dict, checkpoint: dict) -> bool:
+    """Whether a log line is one written after the checkpoint was saved: by its epochs done where it has them (a resume
+    with another number of steps per epoch renumbers the steps, so a line before the checkpoint may hold a higher
+    step), else by its step."""
+    if "epochs_done" in record and "steps_per_epoch" in checkpoint:
+        return record["epochs_done"] > epochs_done(checkpoint["step"], checkpoint["steps_per_epoch"])
+    return record.get("step", 0) > checkpoint["step"]
 
 
 class JsonLog:
@@ -1357,7 +1373,16 @@ def checkpoint_state(kind: str, model, optimizer, scaler, args, step: int, steps
             "init_abspath": os.path.abspath(args.init) if getattr(args, "init", None) not in (None, "none")
             and (os.path.isabs(args.init) or os.path.exists(args.init)) else None,  # not a guess from this folder
             "resume_abspath": os.path.abspath(args.resume) if getattr(args, "resume", "auto") != "auto" else None,
-            "cwd": os.getcwd(), **extra}
+            "cwd": launch_folder(), **extra}
+
+
+def launch_folder():
+    """The folder this process runs in (checkpoints' cwd), or None where it was removed since the launch (a clean-up
+    job): os.getcwd() fails there, while a run that names its files by absolute paths reads and writes on."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return None
 
 
 def log_window_per_step(checkpoint: dict):
@@ -1531,7 +1556,7 @@ def _as_launched(name: str, saved, cwd: str):
     that is not this one (None for checkpoints from before it was recorded: as saved). PATH_FLAGS only (--teacher:
     its PATH after clip: or ckpt:). The same relative --data or --teacher relaunched from another folder reads other
     files, which resume then lists among the changed settings."""
-    if name not in PATH_FLAGS or not isinstance(saved, str) or cwd in (None, os.getcwd()):
+    if name not in PATH_FLAGS or not isinstance(saved, str) or cwd in (None, launch_folder()):
         return saved
     prefix = next((p for p in ("clip:", "ckpt:") if saved.startswith(p)), "")
     if name == "teacher" and not prefix:  # pixels

@@ -101,6 +101,7 @@ Where this file deliberately differs from the paper's literal text, and why:
 import math
 import operator
 import random
+import shlex
 import sys
 
 import torch
@@ -546,7 +547,7 @@ def main(argv=None):
         raise SystemExit(f"error: --out {args.out!r}: {above!r} is a file, not a folder; give a path in a folder")
     if not os.path.isdir(folder):
         raise SystemExit(f"error: --out {args.out!r}: {folder!r} is not a folder; create it first "
-                         f"(mkdir -p {folder!r})")
+                         f"(mkdir -p {shlex.quote(folder)})")
 
     try:
         schedules = [parse_schedule(text) for text in args.schedule]

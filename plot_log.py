@@ -175,7 +175,8 @@ def check_out(path: str):
     if not os.path.isdir(above):
         raise SystemExit(f"error: --out {path!r}: {above!r} is a file, not a folder; give a path in a folder")
     if not os.path.isdir(folder):
-        raise SystemExit(f"error: --out {path!r}: {folder!r} is not a folder; create it first (mkdir -p {folder!r})")
+        raise SystemExit(f"error: --out {path!r}: {folder!r} is not a folder; create it first "
+                         f"(mkdir -p {shlex.quote(folder)})")
 
 
 def main(argv=None):

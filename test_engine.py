@@ -819,6 +819,27 @@ def test_resume_says_a_relative_path_relaunched_from_another_folder_names_other_
     assert relaunch(data="../a/imnet/", teacher=f"ckpt:{a}t.pth") == "resumed from ck.pth at step 3\n"
     monkeypatch.chdir(tmp_path / "a")
     assert relaunch() == "resumed from ck.pth at step 3\n"  # where it was launched: as before
+    state["args"]["teacher"] = "pixels"  # no path: the same from any folder
+    monkeypatch.chdir(tmp_path / "b")
+    assert relaunch(data=f"{a}imnet") == "resumed from ck.pth at step 3\n"
+
+
+def test_a_run_whose_launch_folder_was_removed_saves_and_resumes(tmp_path, monkeypatch, capsys):
+    """A clean-up job removed the folder a run was launched in (its paths absolute, so it read and wrote on): since
+    checkpoints record cwd, os.getcwd() failed there and every save stopped with a bare [Errno 2]. cwd is null then,
+    and a resume takes the saved paths as they are."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, output_dir=str(tmp_path), data=str(tmp_path / "imnet"))
+    (tmp_path / "launch").mkdir()
+    monkeypatch.chdir(tmp_path / "launch")
+    os.rmdir(tmp_path / "launch")
+    engine.save_checkpoint(str(tmp_path / engine.LAST),
+                           engine.checkpoint_state("dtm_pretrain", model, optimizer, None, args, 3, steps_per_epoch=2))
+    state = torch.load(tmp_path / engine.LAST)
+    assert state["cwd"] is None and state["step"] == 3
+    engine.resume(state, "ck.pth", model, optimizer, None, argparse.Namespace(**state["args"]), 2, CPU)
+    assert capsys.readouterr().out == "resumed from ck.pth at step 3\n"
 
 
 def pasted(words: str) -> list:
@@ -2135,6 +2156,49 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
     dist.destroy_process_group()
 
 
+def _read_only_on_rank0_worker(rank, world_size, port, out_dir):
+    """prepare_run where rank 0 cannot remove a killed save's temp file (a read-only mount on its node)."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if rank == 0:
+        def read_only(path):
+            raise OSError(30, "Read-only file system", path)
+        engine.os.remove = read_only  # this process's own os module: a spawned worker
+    try:
+        engine.prepare_run(run_args(os.path.join(out_dir, "run")), engine.Dist(rank=rank, world_size=world_size))
+        outcome = "ok"
+    except (ValueError, OSError) as e:
+        outcome = str(e)
+    json.dump(outcome, open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
+    dist.destroy_process_group()
+
+
+def test_a_temp_file_rank0_cannot_remove_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0 alone raised; rank 1 died in prepare_run's next collective with gloo's RuntimeError (Connection reset
+    by peer), which torchrun's summary may name as the first failure."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / f"{engine.LAST}.tmp42").write_bytes(b"half")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers = mp.spawn(_read_only_on_rank0_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not workers.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the two gloo processes did not finish within 120 s")
+    refusal = (f"--output_dir '{tmp_path / 'run'}' cannot be written to (Read-only file system): pass a folder you can "
+               f"write to, or change its permissions")
+    stopped = f"rank 0 of 2 ({socket.gethostname()}) stopped: {refusal}"
+    assert [json.load(open(tmp_path / f"rank{rank}.json")) for rank in (0, 1)] == [stopped, stopped]  # on every rank
+
+
 def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_path):
     """Ranks that disagreed on where the run starts, or on the number of images, trained out of step and hung in a
     collective (found by a review of multi-process failures)."""
@@ -2407,6 +2471,22 @@ def test_a_short_log_drops_the_lines_a_dead_run_wrote_after_the_checkpoint(tmp_p
     assert [json.loads(line)["step"] for line in open(tmp_path / engine.LOG)] == [4, 5, 6]
 
 
+def test_a_short_log_keeps_the_lines_before_a_renumbering_of_the_steps(tmp_path, capsys):
+    """A run at 10 steps per epoch logged steps 10..100, was resumed at 5 per epoch (step 100 became 50), logged 55 and
+    60 and saved (12 lines); a node crash lost the log's last 2 lines. Those of steps 70..100, logged before the
+    renumbering and so before the checkpoint, were dropped as written after it (step > 60); epochs done tell."""
+    log = engine.open_log(str(tmp_path), None, True)
+    for step, per_epoch in [(s, 10) for s in range(10, 101, 10)] + [(55, 5), (60, 5), (65, 5)]:
+        log(step=step, epochs_done=engine.epochs_done(step, per_epoch), loss=1.0)
+    lines = open(tmp_path / engine.LOG).readlines()
+    (tmp_path / engine.LOG).write_text("".join(lines[:10]))  # the tail lost
+    checkpoint = {"step": 60, "steps_per_epoch": 5, "log_lines": 12}
+    kept = engine.open_log(str(tmp_path), checkpoint, True).kept
+    assert [r["step"] for r in kept] == list(range(10, 101, 10)) and "cut short" in capsys.readouterr().out
+    (tmp_path / engine.LOG).write_text("".join(lines[8:]))  # the head lost: step 65, the dead run's, goes
+    assert [r["step"] for r in engine.open_log(str(tmp_path), checkpoint, True).kept] == [90, 100, 55, 60]
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full: Linux's always-full device")
 def test_a_log_line_or_an_eval_result_on_a_full_disk_names_the_file_and_the_fix(tmp_path):
     """It stopped with `error: [Errno 28] No space left on device` (no file, no fix), as did one for a folder removed
@@ -2449,6 +2529,29 @@ def test_a_file_system_without_fsync_saves_and_says_so_once(tmp_path, monkeypatc
         engine.save_checkpoint(str(path), {"model": {"w": torch.full((2,), float(step))}, "step": step})
     assert torch.load(path)["step"] == 2 and run_files(tmp_path) == [engine.LAST]
     assert capsys.readouterr().out.count(f"note: the file system of {tmp_path} cannot fsync (Invalid argument)") == 1
+
+
+def test_every_errno_of_an_fsync_not_supported_saves(tmp_path, monkeypatch):
+    """ENOTSUP / EOPNOTSUPP (SMB, some FUSE mounts) and ENOSYS (no such call) as EINVAL in the test above."""
+    import errno
+    for code in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+        def unsupported(fd, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(engine.os, "fsync", unsupported)
+        (tmp_path / "x.tmp").write_bytes(b"saved")
+        engine.replace_durably(str(tmp_path / "x.tmp"), str(tmp_path / "x"))
+        assert (tmp_path / "x").read_bytes() == b"saved" and not (tmp_path / "x.tmp").exists()
+
+
+def test_a_refused_write_names_the_fix_its_errno_calls_for(tmp_path):
+    """A user's quota used up (EDQUOT: a cluster's shared disk) is a full disk as ENOSPC is; a file not found in a
+    folder that is still there (a dangling link) is no folder removed."""
+    import errno
+    path = str(tmp_path / engine.LOG)
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        assert engine.write_fix(OSError(code, os.strerror(code)), path).startswith("its disk is full, or your quota")
+    assert "removed" not in engine.write_fix(OSError(errno.ENOENT, "No such file or directory"), path)
 
 
 def test_removing_an_interrupted_saves_temp_file_in_a_folder_this_run_cannot_write_names_the_fix(tmp_path,

@@ -655,9 +655,14 @@ def test_visualization_refuses_sizes_that_are_no_image_and_names_the_fix(tmp_pat
                                                 "use 16$"),
                           (["--img_size", "40"], "--img_size 40 is not a positive multiple of --patch_size 16; use 32 "
                                                  "or 48$"),
-                          (["--out", str(tmp_path / "new" / "g.png")], r"create it first \(mkdir -p '.*new'\)$")):
+                          (["--out", str(tmp_path / "new" / "g.png")], r"create it first \(mkdir -p .*new'?\)$")):
         with pytest.raises(SystemExit, match=message):
             morph.main([image, *argv])
+    new = tmp_path / "it's $HOME" / "new"  # the fix as printed, pasted into a shell: this folder, not "it's /root"
+    with pytest.raises(SystemExit) as e:
+        morph.main([image, "--out", str(new / "g.png")])
+    subprocess.run(["bash", "-c", str(e.value).split("create it first (")[1][:-1]], check=True)
+    assert new.is_dir()
 
 
 def test_visualization_takes_an_out_the_shell_left_a_tilde_in_and_names_a_file_in_its_path(tmp_path, monkeypatch):
@@ -671,9 +676,10 @@ def test_visualization_takes_an_out_the_shell_left_a_tilde_in_and_names_a_file_i
     monkeypatch.chdir(tmp_path)
     morph.main([image, "--img_size", "32", "--schedule", "1x1", "--out=~/g.png"])
     assert (tmp_path / "g.png").is_file() and not os.path.exists(tmp_path / "~")
-    with pytest.raises(SystemExit, match=r"^error: --out 'img.png/g.png': '.*img.png' is a file, not a folder; "
-                                         r"give a path in a folder$"):
-        morph.main([image, "--out", "img.png/g.png"])
+    for out in ("img.png/g.png", "img.png/a/b/g.png"):
+        with pytest.raises(SystemExit, match=rf"^error: --out '{out}': '.*img.png' is a file, not a folder; "
+                                             r"give a path in a folder$"):
+            morph.main([image, "--out", out])
 
 
 def test_visualization_matches_patches_standardized_per_channel_over_the_image():

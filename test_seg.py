@@ -368,6 +368,10 @@ def test_evaluate_refuses_probabilities_that_are_not_finite():
                                                  r"validation images: .*; evaluate with --amp fp32, or"):
         train_seg.evaluate(CropSizeOnly(16, num_classes=2), dataset, 2, 16, 8, autocast_dtype=torch.bfloat16)
     assert math.isfinite(train_seg.evaluate(CropSizeOnly(16, num_classes=2), dataset[1:], 2, 16, 8)["mIoU"])
+    one_pixel = torch.randn(3, 20, 20)  # an overflow in one window: the other pixels' classes looked valid
+    one_pixel[:, 19, 19] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"not finite \(NaN or inf\) on 1 of 1 validation images"):
+        train_seg.evaluate(CropSizeOnly(16, num_classes=2), [(one_pixel, label)], 2, 16, 8)
 
 
 def test_evaluate_leaves_the_model_in_the_mode_it_found(tmp_path):
