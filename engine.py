@@ -752,8 +752,8 @@ def train_loader(dataset, args, d: Dist):
 def stop_loader_workers():
     """Stop the persistent workers of the training loaders still alive (teardown). A run stopped by an error or Ctrl-C
     inside main(argv) left its --num_workers processes running for as long as the exception was kept (a notebook keeps
-    the last one, a sweep may keep each): the traceback holds the trainer's frame, so its loader, which holds the
-    workers (torch keeps them in loader._iterator and stops them only when that is freed)."""
+    the last one, a sweep may keep each): the traceback holds the trainer's frame, hence its loader and the workers,
+    which torch keeps in loader._iterator and stops only when that is freed."""
     for loader in list(_loaders):
         workers = getattr(loader, "_iterator", None)  # torch's own attribute names (2.11 to 2.15): best effort
         if hasattr(workers, "_shutdown_workers"):
@@ -1491,8 +1491,8 @@ def refuse_non_finite_eval(bad: int, total: int, amp_dtype):
     if not bad:
         return
     wider = {torch.float16: "--amp bf16/fp32 (fp16 overflows above 65504)", torch.bfloat16: "--amp fp32"}
-    fix = f"evaluate with {wider[amp_dtype]}, or, if its training diverged, retrain with a lower --lr" \
-        if amp_dtype in wider else "the model has diverged: retrain with a lower --lr"
+    fix = (f"evaluate with {wider[amp_dtype]}, or, if its training diverged, retrain with a lower --lr"
+           if amp_dtype in wider else "the model has diverged: retrain with a lower --lr")
     raise FloatingPointError(f"the model's output is not finite (NaN or inf) on {bad} of {total} validation images: "
                              f"their predictions would be arbitrary (NaN ranks first in top-k and argmax); {fix}")
 
