@@ -618,14 +618,16 @@ def _torch_load(path: str, flag: str):
             raise ValueError(
                 f"{flag} {path!r} holds an argparse.Namespace, which torch.load does not read safely (weights_only="
                 f"True): a checkpoint of the official code (naver-ai/dtm, BEiT)? If you trust the file, keep its "
-                f"weights once: python -c \"import torch; c = torch.load({path!r}, weights_only=False); "
-                f"torch.save(c['model'] if 'model' in c else c['module'], 'weights.pth')\" and pass weights.pth"
+                f"weights once: python -c \"import sys, torch; c = torch.load(sys.argv[1], weights_only=False); "
+                f"torch.save(c['model'] if 'model' in c else c['module'], 'weights.pth')\" {shlex.quote(path)} and "
+                f"pass weights.pth"
             ) from None
         if "numpy" in str(e):
             raise ValueError(
                 f"{flag} {path!r} was written by an older version of this repo (it holds numpy arrays, which "
-                f"torch.load refuses by default); if you trust the file, re-save it once: python -c \"import torch; "
-                f"p = {path!r}; c = torch.load(p, weights_only=False); c.pop('rng', None); torch.save(c, p)\"") from None
+                f"torch.load refuses by default); if you trust the file, re-save it once: python -c \"import sys, "
+                f"torch; p = sys.argv[1]; c = torch.load(p, weights_only=False); c.pop('rng', None); "
+                f"torch.save(c, p)\" {shlex.quote(path)}") from None
         raise ValueError(f"{flag} {path!r} holds Python objects that torch.load does not read safely "
                          f"(weights_only=True): it is not a checkpoint of this repo") from None
     except Exception as e:

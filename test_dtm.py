@@ -673,6 +673,25 @@ def test_the_command_that_saves_an_archives_state_dict_runs_as_printed_for_any_p
     assert list(saved) == list(expected) and all(torch.equal(saved[k], v) for k, v in expected.items())
 
 
+def test_the_commands_that_make_an_unsafe_checkpoint_readable_run_as_printed_for_any_path(tmp_path):
+    """The official code's checkpoints (an argparse.Namespace inside) and this repo's oldest (numpy RNG states) get a
+    python -c command to run once; it put the path's repr in double quotes, where a shell expands $HOME."""
+    import argparse
+    import numpy as np
+    folder = tmp_path / "my $HOME 'q' é"
+    folder.mkdir()
+    weights = {"w": torch.arange(3.0)}
+    for name, content, result in (("official.pth", {"model": weights, "args": argparse.Namespace(lr=1)}, "weights.pth"),
+                                  ("old.pth", {"model": weights, "rng": np.random.get_state()}, "old.pth")):
+        torch.save(content, folder / name)
+        with pytest.raises(ValueError) as refused:
+            dtm.read_checkpoint(str(folder / name), "--init")
+        command = re.search(r"once: python (-c .*?\.pth'?)( and pass weights.pth)?$", str(refused.value))[1]
+        subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} {command}"], cwd=folder, check=True,
+                       capture_output=True)
+        assert torch.equal(dtm.read_checkpoint(str(folder / result), "--init")["model"]["w"], weights["w"])
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_a_big_endian_torchscript_archive_goes_to_torch_jit(tmp_path, monkeypatch):
     path, big_endian = tmp_path / "ViT-B-16.pt", tmp_path / "big_endian.pt"
