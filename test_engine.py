@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import textwrap
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -596,6 +597,12 @@ def test_resume_mid_epoch_needs_the_same_samples_per_step(capsys, tmp_path):
     in_place = argparse.Namespace(**{**vars(same), "output_dir": str(tmp_path)})  # --resume auto: the run's own folder
     with pytest.raises(ValueError, match=f"\\(checkpoint-9.pth, checkpoint-19.pth\\) with --fresh, which continues "
                                          f"it in place of {engine.LAST}\\), or start"):  # else: "holds another run"
+        engine.resume(state, last, model, optimizer, None, in_place, 16, engine.Dist(world_size=2))
+    for epoch in range(59, 1600, 20):  # --keep_every 20 over 1600 epochs: the last few named, the fix still in view
+        (tmp_path / f"checkpoint-{epoch}.pth").touch()
+    with pytest.raises(ValueError, match=f"\\(--resume {tmp_path / 'checkpoint-1599.pth'} or an earlier one "
+                                         f"\\(checkpoint-1539.pth, checkpoint-1559.pth, checkpoint-1579.pth, and 77 "
+                                         f"before them\\) with --fresh, which continues it in place of"):
         engine.resume(state, last, model, optimizer, None, in_place, 16, engine.Dist(world_size=2))
     half = argparse.Namespace(**{**vars(args), "batch_size": 16})
     assert engine.resume(state, "ck.pth", model, optimizer, None, half, 16, engine.Dist(world_size=2)) == 5
@@ -1555,6 +1562,30 @@ def test_epoch_sampler_drops_the_tail_and_counts_what_a_skip_leaves():
     sampler = engine.EpochSampler(10, 0, 1, 0)
     sampler.set_epoch(1, skip=3)
     assert len(sampler) == len(list(sampler)) == 7
+
+
+def test_epoch_sampler_gives_distributed_samplers_order_without_a_python_int_per_image():
+    """The order is torch's DistributedSampler's (drop_last) for every rank, epoch and skip, shuffled or not; and a
+    rank's share is taken from the permutation as a tensor: DistributedSampler's list of every index cost each rank
+    1.1 s, a 640 MB peak and 446 MB kept per epoch at ImageNet-22k's 14M images over 64 ranks (measured)."""
+    for num_items, world, shuffle in ((26, 1, True), (1001, 4, True), (1001, 3, False)):
+        for rank in range(world):
+            ours = engine.EpochSampler(num_items, rank, world, seed=5, shuffle=shuffle)
+            torch_order = torch.utils.data.DistributedSampler(range(num_items), num_replicas=world, rank=rank,
+                                                              shuffle=shuffle, seed=ours.sampler.seed, drop_last=True)
+            for epoch, skip in ((0, 0), (7, 3), (1599, num_items // world - 1)):
+                ours.set_epoch(epoch, skip)
+                torch_order.set_epoch(epoch)
+                assert list(ours) == [(epoch, i) for i in list(torch_order)[skip:]], (num_items, world, rank, epoch)
+    sampler = engine.EpochSampler(1_000_000, 63, 64, seed=0)
+    sampler.set_epoch(1599, skip=15_000)
+    tracemalloc.start()
+    try:
+        tail = list(sampler)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(tail) == 625 and peak < 2_000_000, peak  # a list of 1M indices: 36 MB
 
 
 def test_a_training_set_too_small_for_the_processes_or_for_one_step_names_the_fix():
