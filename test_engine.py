@@ -12,6 +12,7 @@ import importlib
 import io
 import random
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -2205,25 +2206,27 @@ def _read_only_on_rank0_worker(rank, world_size, port, out_dir):
     dist.destroy_process_group()
 
 
-def test_a_temp_file_rank0_cannot_remove_stops_every_rank_with_its_message(tmp_path):
-    """Rank 0 alone raised; rank 1 died in prepare_run's next collective with gloo's RuntimeError (Connection reset
-    by peer), which torchrun's summary may name as the first failure."""
-    import socket
-    import time
-
+def run_two_gloo_ranks(worker, tmp_path):
+    """worker(rank, 2, port, str(tmp_path)) in two spawned processes over gloo on a free port; fails after 120 s."""
     import torch.multiprocessing as mp
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / f"{engine.LAST}.tmp42").write_bytes(b"half")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    workers = mp.spawn(_read_only_on_rank0_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
+    workers = mp.spawn(worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 120
     while not workers.join(timeout=1):
         if time.monotonic() > deadline:
             for process in workers.processes:
                 process.kill()
             pytest.fail("the two gloo processes did not finish within 120 s")
+
+
+def test_a_temp_file_rank0_cannot_remove_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0 alone raised; rank 1 died in prepare_run's next collective with gloo's RuntimeError (Connection reset
+    by peer), which torchrun's summary may name as the first failure."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / f"{engine.LAST}.tmp42").write_bytes(b"half")
+    run_two_gloo_ranks(_read_only_on_rank0_worker, tmp_path)
     refusal = (f"--output_dir '{tmp_path / 'run'}' cannot be written to (Read-only file system): pass a folder you can "
                f"write to, or change its permissions")
     stopped = f"rank 0 of 2 ({socket.gethostname()}) stopped: {refusal}"
@@ -2233,20 +2236,7 @@ def test_a_temp_file_rank0_cannot_remove_stops_every_rank_with_its_message(tmp_p
 def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_path):
     """Ranks that disagreed on where the run starts, or on the number of images, trained out of step and hung in a
     collective (found by a review of multi-process failures)."""
-    import socket
-    import time
-
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workers = mp.spawn(_disagreeing_ranks_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not workers.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in workers.processes:
-                process.kill()
-            pytest.fail("the two gloo processes did not finish within 120 s")
+    run_two_gloo_ranks(_disagreeing_ranks_worker, tmp_path)
     outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert outcomes[0] == outcomes[1]  # every rank stops, with the same message
     (starts, resumes, images, agreed, validation, unreadable, gone, unwritable, counted, skipped, evaluated,
