@@ -182,8 +182,8 @@ def class_difference(found: list, expected: list, found_in: str, expected_in: st
         parts += [f"{len(lookalikes)} of them only look the same: their Unicode characters differ (e.g. {found_in} "
                   f"{ascii(found_name)}, {expected_in} {ascii(expected_name)}: composed and decomposed accents); "
                   f"rename the folders of one set"]
-    return "; ".join(parts + _read_under_another_locale(only_found, only_expected, found_in, expected_in)) or \
-        "the same names in another order"
+    parts += _read_under_another_locale(only_found, only_expected, found_in, expected_in)
+    return "; ".join(parts) or "the same names in another order"
 
 
 LOCALE_OF = {"utf-8": "PYTHONUTF8=1, Python's UTF-8 mode", "latin-1": "a Latin-1 locale, e.g. LANG=en_US.ISO-8859-1",
