@@ -1560,6 +1560,12 @@ BOOKKEEPING = {"resume", "fresh", "output_dir", "num_workers", "log_every", "sav
 PATH_FLAGS = {"data", "data_train", "data_val", "img_dir", "ann_dir", "val_img_dir", "val_ann_dir", "teacher"}
 
 
+def split_teacher(value: str) -> tuple:
+    """--teacher's (kind, PATH) for clip:PATH or ckpt:PATH, else (None, value)."""
+    kind, colon, path = value.partition(":")
+    return (kind, path) if colon and kind in ("clip", "ckpt") else (None, value)
+
+
 def _as_launched(name: str, saved, cwd: str):
     """A saved flag's value with a relative path made absolute from cwd, the folder its run was launched in, where
     that is not this one (None for checkpoints from before it was recorded: as saved). PATH_FLAGS only (--teacher:
@@ -1567,10 +1573,10 @@ def _as_launched(name: str, saved, cwd: str):
     files, which resume then lists among the changed settings."""
     if name not in PATH_FLAGS or not isinstance(saved, str) or cwd in (None, launch_folder()):
         return saved
-    prefix = next((p for p in ("clip:", "ckpt:") if saved.startswith(p)), "")
-    if name == "teacher" and not prefix:  # pixels
+    kind, path = split_teacher(saved)
+    if name == "teacher" and kind is None:  # pixels
         return saved
-    return prefix + os.path.join(cwd, saved[len(prefix):])  # an absolute path stays as it is
+    return (f"{kind}:" if kind else "") + os.path.join(cwd, path)  # an absolute path stays as it is
 
 
 def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_per_epoch: int, d: Dist,
@@ -1744,9 +1750,9 @@ def _same_setting(saved, given) -> bool:
         return True
     if not isinstance(saved, str) or not isinstance(given, str):
         return False
-    for prefix in ("clip:", "ckpt:"):
-        if saved.startswith(prefix) and given.startswith(prefix):
-            saved, given = saved[len(prefix):], given[len(prefix):]
+    (saved_kind, saved_path), (given_kind, given_path) = split_teacher(saved), split_teacher(given)
+    if saved_kind is not None and saved_kind == given_kind:
+        saved, given = saved_path, given_path
     return same_path(saved, given)
 
 

@@ -47,8 +47,8 @@ LAYER_SCALE = {"vit_l": 1e-5}  # 0.1 otherwise: run_pretrain_dtm.py --layer_scal
 def teacher_spec(text: str) -> str:
     """--teacher's type: engine.nonempty_text's, and a leading ~ of the PATH after clip: or ckpt: is the home folder
     (the shell expands no ~ there: --teacher ckpt:~/t.pth read a file named '~/t.pth' here)."""
-    kind, colon, path = engine.nonempty_text(text).partition(":")
-    return f"{kind}:{os.path.expanduser(path)}" if colon and kind in ("clip", "ckpt") else text
+    kind, path = engine.split_teacher(engine.nonempty_text(text))
+    return f"{kind}:{os.path.expanduser(path)}" if kind else text
 
 
 def get_args_parser() -> argparse.ArgumentParser:
