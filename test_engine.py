@@ -1573,7 +1573,7 @@ def test_epoch_sampler_gives_distributed_samplers_order_without_a_python_int_per
         for rank in range(world):
             ours = engine.EpochSampler(num_items, rank, world, seed=5, shuffle=shuffle)
             torch_order = torch.utils.data.DistributedSampler(range(num_items), num_replicas=world, rank=rank,
-                                                              shuffle=shuffle, seed=ours.sampler.seed, drop_last=True)
+                                                              shuffle=shuffle, seed=ours.seed, drop_last=True)
             for epoch, skip in ((0, 0), (7, 3), (1599, num_items // world - 1)):
                 ours.set_epoch(epoch, skip)
                 torch_order.set_epoch(epoch)
