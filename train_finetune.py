@@ -98,8 +98,8 @@ def soft_target_cross_entropy(logits, target):
 def evaluate(model, loader, device, amp_dtype=None, show_progress=False) -> dict:
     """Top-1 / top-5 accuracy (%) and cross entropy over the images of every rank's loader, summed over ranks.
     With 5 classes or fewer, "top-5" is top-K over all K classes: always 100%. Tied logits (more frequent under bf16)
-    are ranked in torch.topk's order, which torch leaves unspecified (as timm's accuracy). Logits that are not finite
-    on any image are an error (engine.refuse_non_finite_eval), not figures.
+    are ranked in torch.topk's order, which torch leaves unspecified (as timm's accuracy does: timm/utils/metrics.py,
+    accuracy). Logits that are not finite on any image are an error (engine.refuse_non_finite_eval), not figures.
 
     Run it on the unwrapped model: ranks may hold different numbers of batches, so no collective may run per batch.
     """
