@@ -8,17 +8,22 @@ is left out. Every other flag that the documents, the scripts and the modules na
 messages that tell the user what to pass) must be a flag of one of the scripts here, or one of OTHER_TOOLS' flags.
 Every `module.name` the texts give for a module here (`mto.GROUP_ELEMENTS`, `engine.compile_blocks`) exists, so does
 every file under docs/ that they name, and every file and section a Markdown link points to. And README's table of
-files names every Python file of the top level.
+files names every Python file of the top level, and its lists of log.jsonl's fields and of a checkpoint's keys are
+those that tiny demo runs of the three trainers write.
 """
 import argparse
 import fnmatch
 import glob
 import importlib
+import json
 import os
 import re
 import shlex
 
 import pytest
+import torch
+
+import engine
 
 SCRIPTS = ("train_pretrain", "train_finetune", "train_seg", "bench_mto", "bench_morph", "bench_data", "plot_log",
            "study", "morph", "test_gpu")
@@ -219,3 +224,79 @@ def test_markdown_links_resolve():
             if anchor not in {_github_anchor(heading) for heading in re.findall(r"^#+ (.+)$", text, re.M)}:
                 broken.append(f"{path}: {linked}#{anchor}")
     assert not broken, f"links to files or sections that do not exist: {broken}"
+
+
+# one optimizer step of each trainer's demo at the smallest sizes (pre-training with --mto: its log fields too)
+TINY_DEMOS = {
+    "train_pretrain": ["--img_size", "32", "--num_masked", "2", "--min_block", "1", "--batch_size", "2", "--max_steps",
+                       "1", "--mto"],
+    "train_finetune": ["--img_size", "32", "--synthetic_train", "4", "--synthetic_val", "2", "--batch_size", "4",
+                       "--epochs", "1", "--warmup_epochs", "0", "--init", "none"],
+    "train_seg": ["--crop_size", "32", "--scale", "64", "48", "--stride", "24", "--channels", "16", "--batch_size", "2",
+                  "--demo_img_size", "48", "--demo_train_images", "2", "--demo_val_images", "1", "--iters", "1",
+                  "--warmup_iters", "0"],
+}
+# the kinds of line README's "Runs, checkpoints and logs" lists the fields of, beyond pre-training's: the trainer, how
+# its lines of that kind are told apart, and where the list starts and ends in the paragraph
+LINE_KINDS = {
+    "fine-tuning's per log step": ("train_finetune", lambda r: "val_top1" not in r, "per log step", "and per epoch"),
+    "fine-tuning's per epoch": ("train_finetune", lambda r: "val_top1" in r, "and per epoch", "; segmentation"),
+    "segmentation's per log step": ("train_seg", lambda r: "mode" not in r, "segmentation per log", "and per eval"),
+    "segmentation's per evaluation": ("train_seg", lambda r: "mode" in r, "and per evaluation", "Both log"),
+}
+
+
+def _passage(text: str, start: str, end: str) -> str:
+    """The part of text from `start` to the next `end`, whitespace as single spaces."""
+    text = " ".join(text.split())
+    begin = text.find(start)
+    stop = text.find(end, begin + len(start))
+    assert begin >= 0 and stop >= 0, f"README has no passage from {start!r} to {end!r}: reworded? update this test"
+    return text[begin:stop]
+
+
+def _names(passage: str) -> set:
+    """The names a passage gives in backticks: `step`, `"mode": "eval"` (mode), `loss_level{i}` (levels 0 and 1)."""
+    names = set()
+    for span in re.findall(r"`([^`]+)`", passage):
+        match = re.fullmatch(r'"?([A-Za-z_]\w*(?:\{i\})?)"?(?:: .*)?', span)
+        if match:
+            names |= {match.group(1).replace("{i}", str(level)) for level in (0, 1)}
+    return names
+
+
+def _tiny_demo(script: str, out) -> tuple:
+    """(log.jsonl's lines, checkpoint-last.pth) of a tiny demo run of script."""
+    importlib.import_module(script).main(TINY_DEMOS[script] + ["--num_workers", "0", "--log_every", "1",
+                                                              "--output_dir", str(out)])
+    with open(out / "log.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    return lines, torch.load(out / "checkpoint-last.pth")
+
+
+def _assert_same(named: set, written: set, what: str):
+    assert named == written, (f"README's list of {what} names {sorted(named - written)}, which the code does not "
+                              f"write, and leaves out {sorted(written - named)}, which it writes: update the list")
+
+
+def test_readme_lists_the_log_fields_and_checkpoint_keys_the_trainers_write(tmp_path):
+    """The fields README lists for each kind of log.jsonl line and the keys it lists for a checkpoint are those that
+    tiny demo runs write (fp16's loss_scale, which the trainers refuse on the CPU, by engine.loss_scale_field)."""
+    readme = _read("README.md")
+    runs = {script: _tiny_demo(script, tmp_path / script) for script in TINY_DEMOS}
+    pretrain = _names(_passage(readme, "`log.jsonl`: one JSON line per log step", "Plot any field"))
+    pretrain |= _names(_passage(readme, "The log gets `loss_dtm`", "next to the total"))  # --mto's
+    assert "loss_scale" in pretrain and set(engine.loss_scale_field(torch.amp.GradScaler("cpu"))) == {"loss_scale"}
+    for record in runs["train_pretrain"][0]:
+        _assert_same(pretrain - {"loss_scale"}, set(record), "pre-training's fields")
+    beyond = _passage(readme, "The log's fields beyond pre-training's", "with fp16.")
+    for what, (script, of_kind, start, end) in LINE_KINDS.items():
+        records = [record for record in runs[script][0] if of_kind(record)]
+        assert records, f"the tiny demo wrote no line {what}"
+        for record in records:
+            _assert_same(_names(_passage(beyond, start, end)), set(record), f"{what} fields")
+    named = _names(_passage(readme, "A checkpoint is a plain dict:", "It loads with"))
+    checkpoints = [checkpoint for _, checkpoint in runs.values()]
+    _assert_same({name for name in named if name.startswith("dtm_")}, {c["kind"] for c in checkpoints},
+                 "checkpoint kinds")
+    _assert_same({name for name in named if not name.startswith("dtm_")}, set().union(*checkpoints), "checkpoint keys")
