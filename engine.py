@@ -1250,7 +1250,7 @@ def cannot_write_output_dir(output_dir: str, e: OSError) -> str:
     return f"--output_dir {output_dir!r} cannot be written to ({e.strerror or e}): {fix}"
 
 
-def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) -> "JsonLog":
+def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False, on_kept=None) -> "JsonLog":
     """-> log(**fields), which appends one JSON line to output_dir/log.jsonl (rank 0 only; `enabled`).
 
     A resumed run (resumed: the checkpoint it continues, from this output_dir) keeps the lines the log held when the
@@ -1262,9 +1262,10 @@ def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) ->
     the old run. A finished run continued from another folder's checkpoint (finished, resumed None) trains nothing: it
     leaves output_dir as it is (but for the run lock, RUN_LOCK) and logs nothing. Every rank calls it (rank 0 with
     enabled): a folder rank 0 cannot write to, or one that another run took since prepare_run (its run lock, or a
-    checkpoint-last.pth it wrote), stops every rank here, before training, with one ValueError."""
+    checkpoint-last.pth it wrote), stops every rank here, before training, with one ValueError. on_kept(record): called
+    with each line a resumed run keeps (a dict), in order; they are not held (a long run's log can hold millions)."""
     path, last = os.path.join(output_dir, LOG), os.path.join(output_dir, LAST)
-    kept, enabled, error = [], enabled and not (finished and resumed is None), None
+    kept, enabled, error = 0, enabled and not (finished and resumed is None), None
     if enabled:
         try:
             os.makedirs(output_dir, exist_ok=True)
@@ -1275,7 +1276,7 @@ def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) ->
                          f"pass another --output_dir, or relaunch " + (
                              "without --fresh to continue that run, or with it to replace that run" if resume == "auto"
                              else "with --fresh to replace that run"))
-            kept = [] if error else _open_log(output_dir, path, last, resumed)
+            kept = 0 if error else _open_log(output_dir, path, last, resumed, on_kept or (lambda record: None))
         except OSError as e:  # at start-up, not at the first log line or save (50 steps in by default)
             error = cannot_write_output_dir(output_dir, e)
     if dist.is_initialized() and dist.get_world_size() > 1:  # every rank stops, not rank 0 alone
@@ -1287,9 +1288,9 @@ def open_log(output_dir: str, resumed, enabled: bool, finished: bool = False) ->
     return JsonLog(path, enabled, kept)
 
 
-def _open_log(output_dir, path, last, resumed) -> list:
-    """open_log's files on rank 0 -> the lines a resumed run keeps."""
-    kept = []
+def _open_log(output_dir, path, last, resumed, on_kept) -> int:
+    """open_log's files on rank 0 -> how many lines a resumed run keeps."""
+    kept = 0
     if resumed is None and os.path.isfile(last):
         os.remove(last)
         print(f"--fresh: removed the previous run's {last}", flush=True)
@@ -1299,30 +1300,51 @@ def _open_log(output_dir, path, last, resumed) -> list:
             os.replace(path, os.path.join(output_dir, f"log.{n}.jsonl"))
             print(f"new run: the previous {path} is kept as log.{n}.jsonl", flush=True)
     elif os.path.isfile(path):
-        with open(path) as f:
-            records = [(line, _json_or_none(line)) for line in f if line.strip()]
-        torn = sum(record is None for _, record in records)  # a run killed while writing a line leaves half a line
-        if torn:
-            print(f"{path}: dropped {torn} line(s) that are not complete JSON (written when a run was killed)",
-                  flush=True)
-        lines = [(line, record) for line, record in records if record is not None]
-        if resumed.get("log_lines") is not None:
-            if len(lines) < resumed["log_lines"]:
-                print(f"{path} holds {len(lines)} complete lines, the checkpoint was saved when it held "
-                      f"{resumed['log_lines']}: the log was cut short; this run appends to what is left",
-                      flush=True)
-                while lines and _after_checkpoint(lines[-1][1], resumed):  # a dead run's
-                    lines.pop()
-            lines = lines[:resumed["log_lines"]]
-        else:
-            lines = [(line, record) for line, record in lines if record.get("step", 0) <= resumed["step"]]
-        with open(f"{path}.tmp", "w") as f:  # a kill while rewriting leaves the old log whole
-            # a whole last line can have lost its newline (a node crash): the next line would be appended to it
-            f.writelines(line if line.endswith("\n") else line + "\n" for line, _ in lines)
+        with open(path) as f, open(f"{path}.tmp", "w") as out:  # a kill while rewriting leaves the old log whole
+            kept = _cut_log(f, out, resumed, on_kept)
         replace_durably(f"{path}.tmp", path)
-        kept = [record for _, record in lines]
     open(path, "a").close()  # a new run's log, written at its first line: made now, so a refusal comes now
     return kept
+
+
+def _cut_log(f, out, resumed: dict, on_kept) -> int:
+    """Copy the lines of log f that a resumed run keeps to out, one at a time (a 1600-epoch run logging every step
+    holds 2M lines; read whole, 5 GB): those the log held when the checkpoint was saved (its log_lines; older
+    checkpoints: the lines up to its step). A log shorter than that (cut short) keeps its lines up to the last one
+    written before the checkpoint: those after it are a dead run's. -> how many lines it kept."""
+    limit, lines, torn, kept, held = resumed.get("log_lines"), 0, 0, 0, []
+    for line in f:
+        if not line.strip():
+            continue
+        record = _json_or_none(line)
+        if record is None:  # a run killed while writing a line leaves half a line
+            torn += 1
+            continue
+        lines += 1
+        if limit is None and record.get("step", 0) <= resumed["step"]:
+            kept += _keep(out, [(line, record)], on_kept)
+        elif limit is not None and lines <= limit:  # held until a line written before the checkpoint follows
+            held.append((line, record))
+            if not _after_checkpoint(record, resumed):
+                kept, held = kept + _keep(out, held, on_kept), []
+    if torn:
+        print(f"{f.name}: dropped {torn} line(s) that are not complete JSON (written when a run was killed)",
+              flush=True)
+    if limit is not None and lines < limit:
+        print(f"{f.name} holds {lines} complete lines, the checkpoint was saved when it held {limit}: the log was cut "
+              f"short; this run appends to what is left", flush=True)
+    elif held:  # the lines the checkpoint saw, whatever their steps
+        kept += _keep(out, held, on_kept)
+    return kept
+
+
+def _keep(out, lines: list, on_kept) -> int:
+    """Write [(line, record)] to out, each ending in a newline (a whole last line can have lost its own, in a node
+    crash: the next line would be appended to it), and pass each record to on_kept -> how many."""
+    for line, record in lines:
+        out.write(line if line.endswith("\n") else line + "\n")
+        on_kept(record)
+    return len(lines)
 
 
 def _after_checkpoint(record: dict, checkpoint: dict) -> bool:
@@ -1336,10 +1358,10 @@ def _after_checkpoint(record: dict, checkpoint: dict) -> bool:
 
 class JsonLog:
     """log(**fields): one JSON line (tensors as numbers, NaN/inf as null); .lines: how many the log holds, saved in
-    checkpoints as log_lines so that a resumed run knows where to cut; .kept: the lines a resumed run kept (dicts)."""
+    checkpoints as log_lines so that a resumed run knows where to cut."""
 
-    def __init__(self, path: str, enabled: bool, kept: list = ()):
-        self.path, self.enabled, self.kept, self.lines = path, enabled, list(kept), len(kept)
+    def __init__(self, path: str, enabled: bool, lines: int = 0):
+        self.path, self.enabled, self.lines = path, enabled, lines
 
     def __call__(self, **fields):
         if self.enabled:

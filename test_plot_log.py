@@ -1,6 +1,8 @@
 """plot_log.py: moving average, log parsing errors, and the PNG it writes."""
+import fractions
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -15,6 +17,39 @@ def test_moving_average_is_a_trailing_mean():
     assert plot_log.moving_average([4, 0, 8], 1) == [4, 0, 8]
     assert plot_log.moving_average([3, 6, 9, 0], 3) == [3, 4.5, 6, 5]
     assert plot_log.moving_average([1e16, 1, 3, 2.5], 1) == [1e16, 1, 3, 2.5]  # no running sum that keeps 1e16's rounding
+    assert plot_log.moving_average([1e16, 1, 3, 2.5], 2) == [1e16, 5e15, 2, 2.75]
+    assert plot_log.moving_average([], 3) == []
+
+
+class Reads(list):
+    """A list that counts the values read from it (by iteration, index or slice)."""
+
+    def __init__(self, values):
+        super().__init__(values)
+        self.reads = 0
+
+    def __iter__(self):
+        self.reads += len(self)
+        return super().__iter__()
+
+    def __getitem__(self, key):
+        got = super().__getitem__(key)
+        self.reads += len(got) if isinstance(key, slice) else 1
+        return got
+
+
+def test_moving_average_reads_each_value_once_and_rounds_each_mean_once():
+    """It summed each window anew: 2M log lines at --smooth 10000 took 4 minutes (2 cores of a Xeon VM, against 40 s
+    unsmoothed). Now each value is read once whatever the window, and each mean is the exact one, rounded once."""
+    rng = random.Random(0)
+    values = [rng.choice([1e16, -3e15, 1e-300, 0.1, 7]) * rng.random() for _ in range(1000)]
+    for window in (1, 3, 100, 5000):
+        counted = Reads(values)
+        means = plot_log.moving_average(counted, window)
+        assert counted.reads <= len(values), (window, counted.reads)  # summing each window: 95,050 at 100
+        exact = [float(sum(map(fractions.Fraction, values[max(0, i + 1 - window):i + 1])) / min(i + 1, window))
+                 for i in range(len(values))]
+        assert means == exact, window
 
 
 def test_steps_and_epochs_get_whole_number_ticks():
