@@ -133,7 +133,7 @@ def clamp_schedule(num_tokens: int, schedule, split: str = "random") -> list:
             raise ValueError(f"schedule {list(schedule)} has a negative entry {r}; tokens removed per round must be >= 0")
         r = min(r, max(tokens - protected, 0) // 2)
         clamped.append(r)
-        tokens -= r
+        tokens = tokens - r  # not -=: under torch.jit.trace num_tokens is a traced size, a tensor
     return clamped
 
 
@@ -307,6 +307,14 @@ def token_morphing(x: torch.Tensor, schedule, split: str = "random", generator: 
     position and the batch size), not only on the seed. Without `generator` it draws from the global RNG of x's
     device (torch.rand), so the caller's later random numbers depend on the schedule: pass a generator to keep
     them apart.
+    torch.compile: the schedule is part of the graph (its r_p size the tensors), so a compiled function that calls this
+    compiles again for every new schedule; with sample_schedule's new one each step it runs uncompiled after dynamo's
+    recompile limit (8 schedules), with a logged warning only (fullgraph=True: FailOnRecompileLimitHit). Morph
+    outside the compiled function and pass the groups and their counts in (as dtm.DTMPretrainModel's forward takes
+    them): group_mean compiles once more for new counts, not per schedule. split="random" with a generator breaks the
+    graph at each round's draw; without one, inductor draws its own random numbers (other groups than eager's).
+    torch.jit.trace keeps the schedule as clamped for the traced N: eager's groups for any batch size, and for another
+    N that clamp_schedule clamps otherwise, other groups without an error.
     """
     if not hasattr(schedule, "__iter__"):
         raise TypeError(f"token_morphing takes one schedule, a list of tokens merged per round (e.g. [7] * 14), got "

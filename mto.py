@@ -106,7 +106,11 @@ The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and
     num_prefix shows as a size mismatch of T inside the ViT's attention. torch.compile: compile
     the blocks (for block in vit.blocks: block.compile()) or vit.forward_features = torch.compile(vit.forward_features);
     torch.compile(vit) compiles vit.forward, which mto_forward does not call, and mto_forward itself reads the mask's
-    counts on the host (patch_rows) unless given mask_sizes, which breaks a compiled graph there.
+    counts on the host (patch_rows) unless given mask_sizes, which breaks a compiled graph there. With mask_sizes a
+    compiled caller of mto_forward (a model that calls it, dtm.DTMPretrainModel with MTO) is one graph (fullgraph=True
+    too), and one more once the number of masked patches changes (then symbolic), not one per number. torch.func's
+    transforms refuse the losses (autograd.Functions without setup_context), torch.jit.trace fails in them;
+    torch.utils.checkpoint around mto_forward gives the same gradients (either use_reentrant).
     MTOConfig(compile=True) compiles the losses' arithmetic (one graph per loss and group size, and per mask layout:
     images with equal or different numbers of masked patches, blocks with or without a bias).
 """
@@ -235,10 +239,11 @@ def patch_rows(mask, sizes: Optional[MaskSizes] = None) -> Rows:
     if sizes is None:
         sizes = _sizes_of(masked_counts, mask.shape[1])  # a host sync for a mask on a GPU
     else:
-        sizes = _check_sizes(sizes, mask)
+        sizes = _check_sizes(sizes, mask)  # the message below names no sizes: under torch.compile they can be symbolic,
+        # and formatting them broke the graph
         torch._assert_async((counts[0].amax() == sizes.most_masked) & (counts[1].amax() == sizes.most_visible),
-                            f"mask_sizes {tuple(sizes)} are not this mask's (most masked, most and fewest visible "
-                            f"patches of an image): pass mto.mask_sizes(mask) of this very mask (or of its CPU copy)")
+                            "mask_sizes are not this mask's (most masked, most and fewest visible patches of an "
+                            "image): pass mto.mask_sizes(mask) of this very mask (or of its CPU copy)")
     M, V = max(sizes.most_masked, 1), max(sizes.most_visible, 1)
     masked = mask.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :M]  # stable: ascending indices
     visible = (~mask).to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :V]
@@ -370,8 +375,10 @@ def _block_groups(count: int, elements_per_block: int):
     """Consecutive groups of `count` blocks whose largest intermediate holds at most GROUP_ELEMENTS elements (at least
     one block per group): few launches per step (on a fast GPU a step of small ops is bound by the host's launches),
     and memory for a few blocks' intermediates at a time, not all of them (ViT-L's 24 blocks at once took 8.5 GiB more
-    at batch 128 with --grad_checkpoint on an H200)."""
-    size = max(1, GROUP_ELEMENTS // max(elements_per_block, 1))
+    at batch 128 with --grad_checkpoint on an H200). The size is cut to `count`: in a torch.compile'd caller whose mask
+    sizes vary (elements_per_block symbolic), a graph then holds for all sizes that put every block in one group, not
+    for one value of GROUP_ELEMENTS // elements_per_block (a recompile for almost every masked count)."""
+    size = max(1, min(count, GROUP_ELEMENTS // max(elements_per_block, 1)))
     return [slice(start, start + size) for start in range(0, count, size)]
 
 

@@ -744,3 +744,16 @@ def test_group_mean_refuses_integer_tokens_and_tokens_without_channels():
         group_mean(torch.randn(1, 2), groups, 1)
     with pytest.raises(ValueError, match=r"^group_mean needs x of shape \(B, N, C\), got \(1, 2, 1, 1\)"):
         group_mean(torch.randn(1, 2, 1, 1), groups, 1)  # (B, N, C) with a channel dim too many
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace` is deprecated")
+@pytest.mark.parametrize("dim", [12, 40])  # feature sums (N > C) / Gram matrix (N <= C)
+def test_a_jit_trace_gives_the_groups_of_the_traced_schedule(dim):
+    """torch.jit.trace (deployment) of token_morphing with one schedule gives eager's groups, for the traced shape and
+    for another batch size and number of tokens whose schedule is not clamped. The tracer hands x.shape over as
+    tensors, and clamp_schedule's `tokens -= r` once subtracted the merges from N itself: the trace then gave groups
+    of N - sum(R) tokens, (2, 10) for (2, 16) tokens, on the traced tokens too."""
+    trace = torch.jit.trace(lambda x: token_morphing(x, [4, 2], "official"), torch.randn(2, 16, dim), check_trace=False)
+    for shape in ((2, 16, dim), (3, 20, dim)):
+        x = torch.randn(shape)
+        assert torch.equal(trace(x), token_morphing(x, [4, 2], "official"))
