@@ -408,9 +408,9 @@ def main(argv=None):
         first = count_bytes(names[0], steps[names[0]])
         for name in names[1:]:
             count_bytes(name, steps[name], reference=first)
-    if not cuda:
-        print(f"peak resident memory of the process (all variants): "
-              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB", flush=True)
+    if not cuda:  # ru_maxrss counts KiB on Linux, bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform == "darwin" else 20)
+        print(f"peak resident memory of the process (all variants): {peak:.2f} GiB", flush=True)
     if failed:
         sys.exit("error: variants left out, their steps failed (traceback above): "
                  + "; ".join(f"{name}: {error}" for name, error in failed.items()))

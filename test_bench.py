@@ -390,6 +390,17 @@ def test_bench_mto_defaults_and_the_peak_resident_memory_in_gib(monkeypatch, cap
     assert bench_mto.make_teacher(argparse.Namespace(teacher="none")) is None  # random targets, no CLIP teacher
 
 
+def test_bench_mto_peak_resident_memory_in_gib_on_macos(monkeypatch, capsys):
+    """macOS's ru_maxrss counts bytes, not kB: 3 GiB printed as 3.00 GiB (it was 3072.00)."""
+    clock = FakeClock()
+    monkeypatch.setattr(bench_mto, "time", clock)
+    monkeypatch.setattr(bench_mto, "make_step", lambda *a, **k: lambda: setattr(clock, "now", clock.now + 1.0))
+    monkeypatch.setattr(bench_mto.resource, "getrusage", lambda who: argparse.Namespace(ru_maxrss=3 * 2 ** 30))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    bench_mto.main(["--variants", "0", "--steps", "1", "--warmup", "0"])
+    assert "peak resident memory of the process (all variants): 3.00 GiB\n" in capsys.readouterr().out
+
+
 def test_bench_mto_profile_prints_each_variants_profiled_step_and_its_top_ops(capsys):
     """--profile: after the timed steps, one step of each variant under torch.profiler, its wall time and the ops
     with the most self time (on the CPU: CPU time), 8 at most, with their calls."""
