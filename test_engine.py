@@ -2513,8 +2513,8 @@ def test_a_short_log_keeps_the_lines_before_a_renumbering_of_the_steps(tmp_path,
 
 
 def test_a_resumed_run_reads_its_log_one_line_at_a_time(tmp_path, capsys):
-    """A 1600-epoch run at --log_every 1 logs 2M lines (900 MB): its resume read them whole, as lines and dicts,
-    5.2 GB at its peak and 76 s on 2 cores of a Xeon VM (measured), and kept the dicts for the rest of the run. Here
+    """A 1600-epoch run at --log_every 1 logs 2M lines (900 MB): its resume read them whole, as lines and dicts
+    (5.2 GB at its peak and 76 s, measured on 2 shared cores of an AMD EPYC VM) and kept the dicts for the run. Here
     20,000 lines, a dead run's 5 after the checkpoint's and a half line: the kept lines reach on_kept in order, and
     the memory the cut takes does not grow with the log."""
     with open(tmp_path / engine.LOG, "w") as f:
