@@ -1,4 +1,6 @@
 """pytest's hooks and shared fixtures for the tests of this folder."""
+import signal
+
 import pytest
 
 
@@ -9,6 +11,15 @@ def pytest_collection_finish(session):
         return
     for module in {item.module for item in session.items if hasattr(item.module, "start_ahead")}:
         module.start_ahead(session.items)
+
+
+@pytest.fixture(autouse=True)
+def python_ctrl_c():
+    """engine.cli, called in a test, leaves Ctrl-C at SIGINT's default action (as a script's exit needs: it ends the
+    process); after each test pytest's process gets Python's handler back, so that Ctrl-C stops pytest with its
+    summary."""
+    yield
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

@@ -31,11 +31,11 @@ import os
 import random
 import re
 import shlex
+import signal
 import socket
 import sys
 import time
 import traceback
-import weakref
 from dataclasses import dataclass, field
 
 try:
@@ -737,7 +737,10 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.per_rank - self.skip
 
 
-_loaders = weakref.WeakSet()  # the training loaders of this process (train_loader), for stop_loader_workers
+# the training loaders of this process (train_loader), held until stop_loader_workers (teardown): a loader freed as
+# the trainer's frame ended had its workers joined in its iterator's __del__, where Python swallowed a Ctrl-C (it
+# printed "Exception ignored in: ... __del__" and a traceback, and main returned as if not interrupted)
+_loaders = []
 
 
 def train_loader(dataset, args, d: Dist):
@@ -747,7 +750,7 @@ def train_loader(dataset, args, d: Dist):
     loader = torch.utils.data.DataLoader(
         SeededSamples(dataset, args.seed), batch_size=args.batch_size, sampler=sampler, drop_last=True,
         num_workers=args.num_workers, pin_memory=d.device.type == "cuda", persistent_workers=args.num_workers > 0)
-    _loaders.add(loader)
+    _loaders.append(loader)
     steps_per_epoch = sampler.per_rank // args.batch_size // args.accum_iter
     if steps_per_epoch == 0:
         raise ValueError(f"{sampler.per_rank} training images per process give no full optimizer step of "
@@ -756,10 +759,10 @@ def train_loader(dataset, args, d: Dist):
 
 
 def stop_loader_workers():
-    """Stop the persistent workers of the training loaders still alive (teardown). A run stopped by an error or Ctrl-C
-    inside main(argv) left its --num_workers processes running for as long as the exception was kept (a notebook keeps
-    the last one, a sweep may keep each): the traceback holds the trainer's frame, hence its loader and the workers,
-    which torch keeps in loader._iterator and stops only when that is freed."""
+    """Stop the persistent workers of the training loaders (teardown) and let go of the loaders. A run stopped by an
+    error or Ctrl-C inside main(argv) left its --num_workers processes running for as long as the exception was kept (a
+    notebook keeps the last one, a sweep may keep each): the traceback holds the trainer's frame, hence its loader and
+    the workers, which torch keeps in loader._iterator and stops only when that is freed."""
     for loader in list(_loaders):
         workers = getattr(loader, "_iterator", None)  # torch's own attribute names (2.11 to 2.15): best effort
         if hasattr(workers, "_shutdown_workers"):
@@ -1858,12 +1861,17 @@ def escape_what_stdout_cannot_encode():
 
 def cli(main):
     """Run main() as a script: a user error (user_error_message) prints `error: ...` on one line and exits with 2;
-    Ctrl-C prints one line and exits with 130; anything else keeps Python's traceback. DTM_TRACEBACK=1 shows the
-    traceback of user errors and interruptions too. Names stdout cannot encode are printed escaped
-    (escape_what_stdout_cannot_encode)."""
+    Ctrl-C prints one line and exits with 130; anything else keeps Python's traceback. Once main has ended, a Ctrl-C
+    ends the process at once. DTM_TRACEBACK=1 shows the traceback of user errors and interruptions too. Names stdout
+    cannot encode are printed escaped (escape_what_stdout_cannot_encode)."""
     escape_what_stdout_cannot_encode()
     try:
-        main()
+        try:
+            main()
+        finally:  # a Ctrl-C (a second one, or one as a run ends) while Python exits raised in its threading or atexit
+            # callbacks (torch's, multiprocessing's), which printed "Exception ignored in ..." and a traceback: now it
+            # ends the process (killed by SIGINT, which a shell reports as status 130)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
     except KeyboardInterrupt:
         if show_tracebacks():
             raise

@@ -12,6 +12,7 @@ import importlib
 import io
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -1838,6 +1839,43 @@ def test_ctrl_c_prints_how_to_continue_and_exits_130(capsys, monkeypatch):
     monkeypatch.setenv("DTM_TRACEBACK", "1")
     with pytest.raises(KeyboardInterrupt):
         engine.cli(interrupted)
+
+
+CTRL_C_WHILE_EXITING = """
+import atexit, os, signal, sys, time
+sys.path.insert(0, {repo!r})
+import engine
+
+
+def exiting():  # Ctrl-C while Python runs its atexit callbacks (torch's, multiprocessing's)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+
+
+def main():
+    atexit.register(exiting)
+    if {interrupted}:
+        raise KeyboardInterrupt
+
+
+engine.cli(main)
+"""
+
+
+@pytest.mark.parametrize("interrupted", [True, False], ids=["second-ctrl-c", "after-the-run"])
+def test_a_ctrl_c_while_exiting_ends_the_process_without_a_traceback(tmp_path, interrupted):
+    """Ctrl-C pressed twice, the second while Python exits after the first's line, or once as a run ends: it raised in
+    an atexit or threading callback and printed "Exception ignored in ..." with a traceback from torch or threading
+    (seen in subprocess runs: pre-training, 2 of 100 with Ctrl-C twice 50-500 ms apart; fine-tuning, Ctrl-C twice
+    after its last line); now it ends the process, as SIGINT's default action."""
+    helper = tmp_path / "helper.py"
+    helper.write_text(CTRL_C_WHILE_EXITING.format(repo=HERE, interrupted=interrupted))
+    env = {k: v for k, v in os.environ.items() if k != "DTM_TRACEBACK"}
+    proc = subprocess.run([sys.executable, str(helper)], capture_output=True, text=True, timeout=120, env=env)
+    # the one line of Ctrl-C (after the new line that ends a bar), and nothing more
+    assert proc.stderr.startswith("\ninterrupted: relaunch" if interrupted else "") and \
+        proc.stderr.count("\n") == 2 * interrupted, proc.stderr
+    assert proc.returncode == -signal.SIGINT  # killed by SIGINT at once: status 130 in a shell, as Ctrl-C's
 
 
 def test_an_error_or_ctrl_c_during_training_starts_its_own_line(capsys, monkeypatch):
