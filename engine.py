@@ -1315,7 +1315,7 @@ def _cut_log(f, out, resumed: dict, on_kept) -> int:
     holds 2M lines; read whole, 5 GB): those the log held when the checkpoint was saved (its log_lines; older
     checkpoints: the lines up to its step). A log shorter than that (cut short) keeps its lines up to the last one
     written before the checkpoint: those after it are a dead run's. -> how many lines it kept."""
-    limit, lines, torn, kept, held = resumed.get("log_lines"), 0, 0, 0, []
+    limit, complete, torn, kept, held = resumed.get("log_lines"), 0, 0, 0, []
     for line in f:
         if not line.strip():
             continue
@@ -1323,19 +1323,19 @@ def _cut_log(f, out, resumed: dict, on_kept) -> int:
         if record is None:  # a run killed while writing a line leaves half a line
             torn += 1
             continue
-        lines += 1
+        complete += 1
         if limit is None and record.get("step", 0) <= resumed["step"]:
             kept += _keep(out, [(line, record)], on_kept)
-        elif limit is not None and lines <= limit:  # held until a line written before the checkpoint follows
+        elif limit is not None and complete <= limit:  # held until a line written before the checkpoint follows
             held.append((line, record))
             if not _after_checkpoint(record, resumed):
                 kept, held = kept + _keep(out, held, on_kept), []
     if torn:
         print(f"{f.name}: dropped {torn} line(s) that are not complete JSON (written when a run was killed)",
               flush=True)
-    if limit is not None and lines < limit:
-        print(f"{f.name} holds {lines} complete lines, the checkpoint was saved when it held {limit}: the log was cut "
-              f"short; this run appends to what is left", flush=True)
+    if limit is not None and complete < limit:
+        print(f"{f.name} holds {complete} complete lines, the checkpoint was saved when it held {limit}: the log was "
+              f"cut short; this run appends to what is left", flush=True)
     elif held:  # the lines the checkpoint saw, whatever their steps
         kept += _keep(out, held, on_kept)
     return kept
