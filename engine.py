@@ -16,8 +16,10 @@ Randomness. No random draw depends on an RNG state carried from step to step:
     a sample's augmentation and mask                      <- (seed, e, index)    (SeededSamples)
     a micro-step's draws (drop path, dropout, Mixup, the random split of Algorithm 1)
                                                           <- (seed, micro-step, rank)   (seed_step)
-So a run resumed from any checkpoint, also one taken mid-epoch, continues exactly as the uninterrupted run, with
-any number of DataLoader workers; the checkpoint's RNG states are saved and restored all the same.
+So a run resumed from any checkpoint, also one taken mid-epoch, continues as the uninterrupted run, with any number
+of DataLoader workers (their batches are the same bit for bit); the checkpoint's RNG states are saved and restored all
+the same. Bit for bit on the CPU with one or two processes at the same thread count; on a GPU, with three processes or
+more, or another thread count, in all but the last bits (README, "Runs, checkpoints and logs").
 """
 import argparse
 import contextlib

@@ -1487,6 +1487,24 @@ def test_micro_batches_restart_mid_epoch_exactly():
     assert not set(sum(shards[0], [])) & set(sum(shards[1], []))  # ranks see disjoint images
 
 
+def test_micro_batches_are_the_same_with_any_number_of_workers():
+    """engine.py's scheme: a sample's augmentation depends on (seed, epoch, index) alone, not on the DataLoader worker
+    that loads it. 23 images, batch 2 x accum 2: 5 steps per epoch leave each epoch's 11th batch, which the 2
+    persistent workers have loaded ahead when the next epoch starts; from step 0 and mid-epoch, over 3 epochs."""
+    def stream(workers, start_step, count):
+        args = argparse.Namespace(seed=4, batch_size=2, accum_iter=2, num_workers=workers)
+        loader, sampler, steps_per_epoch = engine.train_loader(Recorder(23), args, CPU)
+        batches = engine.micro_batches(loader, sampler, steps_per_epoch, 2, start_step)
+        try:  # each sample's (index, torch draw, Python draw)
+            return [[t.tolist() for t in next(batches)[:3]] for _ in range(count)]
+        finally:
+            engine.stop_loader_workers()
+
+    for start_step, count in ((0, 30), (3, 24)):
+        in_workers = stream(2, start_step, count)
+        assert len(in_workers) == count and in_workers == stream(0, start_step, count), start_step
+
+
 def test_unreadable_images_are_named_once_and_stop_the_run_past_the_limit(tmp_path, capsys):
     images = engine.UnreadableImages(limit=2)
     log = engine.open_log(str(tmp_path), None, True)

@@ -887,7 +887,8 @@ tp.main(sys.argv[1:])
 
 def test_two_processes_draw_their_own_schedules_and_the_same_again_on_resume(image_folder, tmp_path):
     """--schedules per_rank (the default, as the official code's random.seed(seed + rank)): the ranks' morphing
-    schedules differ, and a run stopped after step 2 and relaunched draws exactly the uninterrupted run's."""
+    schedules differ, and a run stopped after step 2 and relaunched draws exactly the uninterrupted run's, and ends
+    with its weights and logged losses bit for bit (README: "a resumed run of one or two processes")."""
     draws = {}
     for name, steps in (("full", [3]), ("resumed", [2, 3])):
         out = tmp_path / name
@@ -901,6 +902,11 @@ def test_two_processes_draw_their_own_schedules_and_the_same_again_on_resume(ima
     assert [len(d) for d in draws["full"]] == [12, 12]  # 3 steps x 2 micro-steps x 2 levels
     assert draws["full"][0] != draws["full"][1]
     assert draws["resumed"] == draws["full"]
+    ends = {name: torch.load(tmp_path / name / engine.LAST) for name in draws}
+    assert ends["full"]["step"] == ends["resumed"]["step"] == 3
+    same_parameters(ends["full"]["model"], ends["resumed"]["model"])
+    losses = [[r["loss"] for r in read_log(tmp_path / name / engine.LOG)] for name in draws]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
     # --fresh on 2 processes: every rank has looked at the old checkpoint before rank 0 removes it, then a new run
     run(tmp_path / "full.py", tiny_argv(image_folder, tmp_path / "full", "--batch_size", "2", "--accum_iter", "2",
                                         "--max_steps", "1", "--fresh"), processes=2)
@@ -961,6 +967,19 @@ def test_two_processes_equal_one_process_with_the_same_total_batch(image_folder,
         if mto_flags:  # default lambdas 0.1 and 0.1
             assert r["loss"] == pytest.approx(r["loss_dtm"] + 0.1 * r["loss_sing"] + 0.1 * r["loss_ent"])
             assert r["loss_sing"] != 0 and 0 < r["loss_ent"] <= 1  # a max cosine (can be < 0); a normalized entropy
+
+
+def test_shared_schedules_are_said_to_make_two_processes_equal_one_at_the_same_accum_iter():
+    """--schedules shared draws by (seed, micro-step): 2 processes x batch 2 took the schedules of 1 x batch 4 (the
+    test above), but 1 x batch 2 x --accum_iter 2, the same total batch, draws 2 per step (by hand, 2026-12-06: step
+    2's loss 0.2551 against 0.1649). The help said "one draw per step" and "equal 1 with the same total batch", and
+    so did README's table of recipe differences and its CPU status."""
+    text = " ".join(tp.get_args_parser().format_help().split())
+    assert ("shared: one draw per micro-step for all processes (2 processes x --batch_size B then equal 1 x 2B at the "
+            "same --accum_iter, given --split alternate or official and --drop_path 0") in text
+    readme = open(os.path.join(HERE, "README.md")).read()
+    assert "the same total batch" not in text + readme
+    assert "`--schedules shared` makes 2 GPUs equal 1 at twice the batch and the same `--accum_iter`" in readme
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ Distributed evaluation counts every validation image exactly once: rank r evalua
 ranks.
 
 Reproducibility: engine.py's one scheme (a sample's augmentation from (seed, epoch, index), a micro-step's Mixup /
-CutMix and drop path from (seed, micro-step, rank)): a run resumed from a checkpoint continues exactly as the
-uninterrupted run, with any number of DataLoader workers.
+CutMix and drop path from (seed, micro-step, rank)): a run resumed from a checkpoint continues as the uninterrupted
+run, with any number of DataLoader workers (bit for bit where engine.py's docstring says).
 """
 import os
 import re

@@ -105,9 +105,9 @@ def get_args_parser() -> argparse.ArgumentParser:
            "ablation: 0 1 is token-wise distillation")
     a("--schedules", default="per_rank", choices=["per_rank", "shared"],
       help="per_rank: every process draws its own schedules (the official code seeds Python's random with seed + "
-           "rank); shared: one draw per step for all processes (2 processes then equal 1 with the same total batch, "
-           "given --split alternate or official and --drop_path 0: the random split's and drop path's draws are "
-           "per process)")
+           "rank); shared: one draw per micro-step for all processes (2 processes x --batch_size B then equal 1 x 2B "
+           "at the same --accum_iter, given --split alternate or official and --drop_path 0: the random split's and "
+           "drop path's draws are per process)")
     a("--split", default=None, choices=list(morph.SPLITS),
       help="bipartite split of Algorithm 1: random (the paper), official (ToMe with patch 0 protected, the official "
            "code), alternate (ToMe's even/odd); default: the --recipe's")

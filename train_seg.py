@@ -38,10 +38,10 @@ in plain torch:
                 summed over the whole validation set, each image evaluated on one rank
 
 Reproducibility: engine.py's one scheme (a sample's augmentation from (seed, pass over the data, index), a
-micro-step's drop path and dropout from (seed, micro-step, rank)): a run resumed from any checkpoint continues exactly
-as the uninterrupted run, with any number of DataLoader workers. A relaunch with another number of samples per step
-keeps the step count (--iters and the schedule count steps) and continues the data at that step's place in the new
-order.
+micro-step's drop path and dropout from (seed, micro-step, rank)): a run resumed from any checkpoint continues as the
+uninterrupted run, with any number of DataLoader workers (bit for bit where engine.py's docstring says). A relaunch
+with another number of samples per step keeps the step count (--iters and the schedule count steps) and continues the
+data at that step's place in the new order.
 """
 import argparse
 import math
