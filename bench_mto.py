@@ -28,7 +28,8 @@ the CUDA caching allocator does on a GPU, so that the step time counts the compu
     python bench_mto.py --device cuda --amp bf16
     python bench_mto.py --device cuda --amp bf16 --variants 0 1 --profile   # + the GPU's busy time, the top kernels
     python bench_mto.py --batch 16 --variants 0 1 --steps 1 --warmup 0 --count_bytes  # + bytes read and written
-    git show e912467:mto.py > /tmp/mto_e912467.py && python bench_mto.py --variants 0 1 --compare_mto /tmp/mto_e912467.py
+    git show e912467:mto.py > /tmp/mto_e912467.py &&
+        python bench_mto.py --variants 0 1 --compare_mto /tmp/mto_e912467.py
 """
 import argparse
 import contextlib

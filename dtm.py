@@ -701,7 +701,8 @@ def stored_rel_pos_bias(sd: dict) -> str:
 OFFICIAL_NAMES = (("patch_embed.proj.", "patch_embed."),
                   ("attn.relative_position_bias_table", "attn.rel_pos_bias.table"),
                   ("rel_pos_bias.relative_position_bias_table", "rel_pos_bias.table"))
-OFFICIAL_PRETRAINING_HEADS = ("lm_head.", "cls_pt_")  # naver-ai/dtm's, BEiT v2's (beit2/modeling_pretrain.py): not the ViT
+# naver-ai/dtm's, BEiT v2's (beit2/modeling_pretrain.py): not the ViT
+OFFICIAL_PRETRAINING_HEADS = ("lm_head.", "cls_pt_")
 
 
 def from_official_names(sd: dict) -> dict:
@@ -1245,7 +1246,8 @@ def _per_group_loss(pred, target, residual, groups, num_groups: int, loss: str, 
     else:
         residual = morph.group_mean(residual, groups, num_groups)  # (B, G, D)
     if loss == "smooth_l1":
-        return F.smooth_l1_loss(residual, residual.new_zeros(()).expand_as(residual), reduction="none", beta=beta).mean(-1)
+        zero = residual.new_zeros(()).expand_as(residual)
+        return F.smooth_l1_loss(residual, zero, reduction="none", beta=beta).mean(-1)
     if loss == "l2":
         return residual.pow(2).mean(dim=-1)
     raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")

@@ -172,9 +172,9 @@ def check_gpu_supported(device):
     if (cubins or ptx) and not runs:  # nothing known (an empty list, ROCm's gfx names): torch decides
         hint = (" (for a V100: a CUDA 12.6 build, pip install torch --index-url https://download.pytorch.org/whl/cu126;"
                 " see the README)") if capability < (7, 5) else ""
-        raise ValueError(f"this torch build ({torch.__version__}) has no kernels for {torch.cuda.get_device_name(device)}"
-                         f" (compute capability {capability[0]}.{capability[1]}; it has {', '.join(archs)}): install a "
-                         f"build of torch for this GPU{hint}")
+        raise ValueError(f"this torch build ({torch.__version__}) has no kernels for "
+                         f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]}; "
+                         f"it has {', '.join(archs)}): install a build of torch for this GPU{hint}")
 
 
 def teardown():
@@ -1707,7 +1707,8 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
             else "without a loss scale (bf16 or fp32); this run is fp16: a new scale starts at "
                  f"{scaler.get_scale():g}, and its first steps may overflow and be skipped"))
     set_rng_state(checkpoint["rng"])
-    d.print(f"resumed from {path} at step {step}" + (f"; settings changed since: {', '.join(changed)}" if changed else ""))
+    d.print(f"resumed from {path} at step {step}"
+            + (f"; settings changed since: {', '.join(changed)}" if changed else ""))
     return step
 
 
@@ -1740,7 +1741,8 @@ def _mismatch(expected: dict, saved: dict) -> str:
     """The first differences between a model's state dict and a saved one, in words."""
     problems = {"shapes": [f"{k} {tuple(v.shape)} saved, {tuple(expected[k].shape)} here" for k, v in saved.items()
                            if k in expected and v.shape != expected[k].shape],
-                "missing": [k for k in expected if k not in saved], "unexpected": [k for k in saved if k not in expected]}
+                "missing": [k for k in expected if k not in saved],
+                "unexpected": [k for k in saved if k not in expected]}
     return "; ".join(f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
                      for what, items in problems.items() if items)
 

@@ -130,7 +130,8 @@ def clamp_schedule(num_tokens: int, schedule, split: str = "random") -> list:
             raise TypeError(f"schedule {list(schedule)} has a non-integer entry {r!r}; tokens removed per round are "
                             f"integers") from None
         if r < 0:
-            raise ValueError(f"schedule {list(schedule)} has a negative entry {r}; tokens removed per round must be >= 0")
+            raise ValueError(f"schedule {list(schedule)} has a negative entry {r}; tokens removed per round must be "
+                             ">= 0")
         r = min(r, max(tokens - protected, 0) // 2)
         clamped.append(r)
         tokens = tokens - r  # not -=: under torch.jit.trace num_tokens is a traced size, a tensor

@@ -138,7 +138,8 @@ class MTOConfig:
     compile: bool = False
 
     def __post_init__(self):
-        for name in ("layers", "sing_layers", "ent_layers"):  # the upper bound, the ViT's depth, is checked in mto_forward
+        # the upper bound, the ViT's depth, is checked in mto_forward
+        for name in ("layers", "sing_layers", "ent_layers"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
                 raise ValueError(f"MTOConfig.{name} must be a block count >= 0 or None (all blocks), got {value!r}")
@@ -614,7 +615,8 @@ def _num_layers(value, depth, name):
     if value is None:
         return depth
     if not 0 <= value <= depth:
-        raise ValueError(f"{name}={value} is out of range for a ViT of depth {depth}; use 0..{depth} (or leave it unset for all blocks)")
+        raise ValueError(f"{name}={value} is out of range for a ViT of depth {depth}; use 0..{depth} (or leave it "
+                         "unset for all blocks)")
     return value
 
 

@@ -108,7 +108,8 @@ def moving_average(values, window: int):
 
 
 def x_ticks(x0, x1, integral: bool) -> list:
-    """Six evenly spaced ticks over [x0, x1]; integral x (steps, epochs): whole numbers (step 96, not 95.2), each once."""
+    """Six evenly spaced ticks over [x0, x1]; integral x (steps, epochs): whole numbers (step 96, not 95.2), each
+    once."""
     ticks = [x0 + (x1 - x0) * i / 5 for i in range(6)]
     return sorted({round(t) for t in ticks}) if integral else ticks
 
@@ -218,7 +219,8 @@ def main(argv=None):
         points = read_log(path, args.x, field)
         smoothed = moving_average([y for _, y in points], args.smooth)
         series.append([(x, y) for (x, _), y in zip(points, smoothed)])
-    title = args.title or f"{'/'.join(dict.fromkeys(fields))}" + (f" (moving average of {args.smooth})" if args.smooth > 1 else "")
+    smoothing = f" (moving average of {args.smooth})" if args.smooth > 1 else ""
+    title = args.title or f"{'/'.join(dict.fromkeys(fields))}" + smoothing
     image = plot(series, labels, title, args.x, "/".join(dict.fromkeys(fields)))
     try:
         image.save(args.out, format=None if os.path.splitext(args.out)[1] else "PNG")  # no extension: a PNG

@@ -19,8 +19,8 @@ or skip), so a study cut short continues where it stopped.
                dynamic scheduler), DTM + MTO (--mto), DTM + MTO for half the epochs, DTM with a fixed schedule
                (--fixed_schedule 24 3, 1 seed: to isolate "dynamic")
     fine-tune  on the 1000 labeled images, 3 seeds for each student and for a from-scratch ViT (6 runs per arm of 2
-               pre-training seeds, 3 for the fixed schedule and from scratch; 30 runs); one recipe for all: no RandAugment, random erasing, Mixup or CutMix,
-               no layer decay
+               pre-training seeds, 3 for the fixed schedule and from scratch; 30 runs); one recipe for all: no
+               RandAugment, random erasing, Mixup or CutMix, no layer decay
     measures   best and last validation top-1 per run, and top-1 per epoch; for each pre-trained student on 256
                validation images: the mean cosine of horizontally and vertically adjacent predicted tokens (how
                spatially consistent its predictions are; the teacher's targets for reference), and its token-wise
@@ -278,7 +278,8 @@ def main():
         last = [lines[-1]["val_top1"] for lines in logs]
         curve = [statistics.mean(lines[e]["val_top1"] for lines in logs) for e in range(len(logs[0]))]
         entry = {"best": best, "last": last, "mean_curve": curve}
-        line = f"{arm:>28} | {'%.1f ± %.1f' % mean_std(best):>14} | {'%.1f ± %.1f' % mean_std(last):>14} | {len(logs):>4}"
+        line = (f"{arm:>28} | {'%.1f ± %.1f' % mean_std(best):>14} | {'%.1f ± %.1f' % mean_std(last):>14} | "
+                f"{len(logs):>4}")
         if arm in measures:
             entry["adjacent_cosine"], entry["token_loss"], entry["dtm_loss"] = (list(v) for v in zip(*measures[arm]))
             line += " | " + " | ".join(f"{statistics.mean(entry[k]):.4f}"

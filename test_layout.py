@@ -63,3 +63,13 @@ def test_requirements_name_the_dependencies():
         lines = [line.split("#")[0].strip() for line in f]
     names = {re.split(r"[<>=!~ ]", line)[0].lower() for line in lines if line}
     assert names == {"torch", "numpy", "pillow", "tqdm"}
+
+
+def test_runtime_lines_fit_120_characters():
+    """The files users read next to the papers and copy (DEVELOPERS.md: readable like nanoGPT) keep lines to 120
+    characters; 18 lines had grown past it by 2026-12-06."""
+    long = []
+    for name in runtime_files() + ["conftest"]:
+        with open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8") as f:
+            long += [f"{name}.py:{number}" for number, line in enumerate(f, 1) if len(line.rstrip("\n")) > 120]
+    assert not long, long

@@ -176,7 +176,8 @@ def class_difference(found: list, expected: list, found_in: str, expected_in: st
     parts = [f"only in {found_in}: {names(only_found)}"] if only_found else []
     parts += [f"only in {expected_in}: {names(only_expected)}"] if only_expected else []
     nfc = {unicodedata.normalize("NFC", c): c for c in only_expected}
-    lookalikes = [(c, nfc[unicodedata.normalize("NFC", c)]) for c in only_found if unicodedata.normalize("NFC", c) in nfc]
+    lookalikes = [(c, nfc[unicodedata.normalize("NFC", c)]) for c in only_found
+                  if unicodedata.normalize("NFC", c) in nfc]
     if lookalikes:  # e.g. "café" written composed on one machine, decomposed (as macOS writes names) on another
         found_name, expected_name = lookalikes[0]
         parts += [f"{len(lookalikes)} of them only look the same: their Unicode characters differ (e.g. {found_in} "
@@ -314,8 +315,8 @@ def get_args_parser():
     g = p.add_argument_group("augmentation")
     g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="RandAugment, timm notation, or 'none' (then "
                    "no colour jitter either, as MAE: main_finetune.py --color_jitter None; the official code passes "
-                   "--color_jitter 0.4 to timm's create_transform, run_class_finetuning.py:118 and utils/datasets.py:611, "
-                   "which adds ColorJitter 0.4 in its place)")
+                   "--color_jitter 0.4 to timm's create_transform, run_class_finetuning.py:118 and "
+                   "utils/datasets.py:611, which adds ColorJitter 0.4 in its place)")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0: off)")
@@ -460,8 +461,8 @@ def run_eval(args, d, amp_dtype):
     d.print(f"{args.eval}: top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['count']} images "
             f"({args.img_size} px, crop ratio {args.crop_ratio})")
     if d.is_main:
-        engine.append_eval(args.output_dir, {"eval": args.eval, "img_size": args.img_size, "crop_ratio": args.crop_ratio,
-                                             **{f"val_{k}": v for k, v in stats.items()}})
+        record = {"eval": args.eval, "img_size": args.img_size, "crop_ratio": args.crop_ratio}
+        engine.append_eval(args.output_dir, {**record, **{f"val_{k}": v for k, v in stats.items()}})
     return stats
 
 

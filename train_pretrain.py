@@ -41,7 +41,8 @@ DEMO_DEFAULTS = dict(model="vit_tiny", teacher="pixels", img_size=112, batch_siz
 RECIPES = {"paper": dict(split="random"),  # Algorithm 1: a random split of the tokens into A and B
            "official": dict(split="official")}  # engines/engine_for_dtm.py: ToMe's bipartite_soft_matching(..., True)
 PAPER_SCHEDULE = dict(epochs=300, warmup_epochs=10)  # the paper (README: Recipe provenance); not given: a run's own
-LAYER_SCALE = {"vit_l": 1e-5}  # 0.1 otherwise: run_pretrain_dtm.py --layer_scale_init_value "0.1 for base, 1e-5 for large"
+# 0.1 otherwise: run_pretrain_dtm.py --layer_scale_init_value "0.1 for base, 1e-5 for large"
+LAYER_SCALE = {"vit_l": 1e-5}
 
 
 def teacher_spec(text: str) -> str:
@@ -512,7 +513,8 @@ def train(args, d: engine.Dist) -> dict:
     if logged.first is not None:
         d.print(f"done: step {step}, final loss {result['final_loss']:.4f} (first logged {result['first_loss']:.4f})")
     if log.enabled:  # rank 0, unless this is a finished run continued from elsewhere (it wrote nothing here)
-        d.print(f"checkpoint: {os.path.join(args.output_dir, engine.LAST)}, log: {os.path.join(args.output_dir, engine.LOG)}")
+        d.print(f"checkpoint: {os.path.join(args.output_dir, engine.LAST)}, "
+                f"log: {os.path.join(args.output_dir, engine.LOG)}")
     return result
 
 
