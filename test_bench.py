@@ -361,7 +361,8 @@ def test_bench_mto_leaves_a_failing_variant_out_reports_the_others_and_exits_1(m
     # warm-up: 0 1 5; first timed step: 1 5 (fails) 0; then 0 and 1 alone, in turn first
     assert calls == [v[0], v[1], v[5], v[1], v[5], v[0], v[0], v[1], v[1], v[0]]
     out = capsys.readouterr().out
-    assert "its losses compiled: failed at step 2, left out: InductorError: RuntimeError: PassManager::run failed" in out
+    assert ("its losses compiled: failed at step 2, left out: InductorError: RuntimeError: PassManager::run failed"
+            in out)
     assert "dtm + mto (defaults: recalibration, both losses, all blocks): median 2.000 s (+100.0%)" in out
     assert "its losses compiled: median" not in out and len(profiled) == 2 and "compiled" not in profiled[1]
     fail_baseline = True
@@ -384,7 +385,8 @@ def test_bench_mto_defaults_and_the_peak_resident_memory_in_gib(monkeypatch, cap
     bench_mto.main([])
     assert made == [("vit_b", 64, 224, "cpu", "fp32", "none")] * 5
     eager = list(bench_mto.VARIANTS.values())[:5]  # not the last, whose losses compile
-    assert len(calls) == 5 * 4 and all(calls.count(cfg) == 4 for cfg in eager) and not any(c and c.compile for c in calls)
+    assert len(calls) == 5 * 4 and all(calls.count(cfg) == 4 for cfg in eager)
+    assert not any(c and c.compile for c in calls)
     out = capsys.readouterr().out
     assert "peak resident memory of the process (all variants): 3.00 GiB" in out
     assert bench_mto.make_teacher(argparse.Namespace(teacher="none")) is None  # random targets, no CLIP teacher
@@ -627,8 +629,10 @@ def test_bench_data_figures(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench_data.torch, "set_num_threads", lambda n: None)
     monkeypatch.setattr(bench_data.data, "ImageFolder", FakeFolder)
     monkeypatch.setattr(bench_data.data, "load_image", load_image)
-    monkeypatch.setattr(bench_data.data, "PretrainTransform", lambda *a, **k: made.setdefault("pretrain", (a, k)) and pretrain)
-    monkeypatch.setattr(bench_data.data, "BlockMaskGenerator", lambda *a, **k: made.setdefault("masks", (a, k)) and (lambda: None))
+    monkeypatch.setattr(bench_data.data, "PretrainTransform",
+                        lambda *a, **k: made.setdefault("pretrain", (a, k)) and pretrain)
+    monkeypatch.setattr(bench_data.data, "BlockMaskGenerator",
+                        lambda *a, **k: made.setdefault("masks", (a, k)) and (lambda: None))
     monkeypatch.setattr(bench_data.data, "FinetuneTransform", lambda *a, **k: finetune)
     monkeypatch.setattr(bench_data.data, "MaskedImageDataset", lambda *a: None)
     monkeypatch.setattr(bench_data.torch.utils.data, "DataLoader", FakeLoader)

@@ -171,7 +171,8 @@ def test_image_folder(tmp_path):
 
 
 def test_packed_samples_round_trip_any_file_name(tmp_path):
-    paths = ["/data/train/n01/a.JPEG", "/données/été/ü.png", os.fsdecode(b"/raw/caf\xe9.jpg"), ""]  # \xe9: not UTF-8
+    # \xe9: not UTF-8
+    paths = ["/data/train/n01/a.JPEG", "/données/été/ü.png", os.fsdecode(b"/raw/caf\xe9.jpg"), ""]
     samples = data.PackedSamples(paths, [3, 0, 999, 1])
     assert len(samples) == 4 and list(samples) == list(zip(paths, [3, 0, 999, 1]))
     assert samples[-1] == ("", 1) and samples[-4] == samples[0] and isinstance(samples[2][1], int)

@@ -146,7 +146,8 @@ def test_every_block_gets_the_residual_stream_in_the_weights_dtype_under_autocas
     """Under bf16 autocast the patch embedding's conv gives bf16 while the blocks return float32 (layer scale and
     residual in the weights' dtype): the embedding is cast so that block 0 sees float32 too (with bf16 it saw another
     dtype than blocks 1.., and torch.compile made a second graph). A bf16 model keeps bf16 throughout."""
-    for model, autocast, expected in ((tiny_vit(), True, torch.float32), (tiny_vit().bfloat16(), False, torch.bfloat16)):
+    for model, autocast, expected in ((tiny_vit(), True, torch.float32),
+                                       (tiny_vit().bfloat16(), False, torch.bfloat16)):
         seen = []
         for block in model.blocks:
             block.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].dtype))
@@ -517,7 +518,8 @@ def module_with_keys(sd):
     return root
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated, the released CLIP file is TorchScript
+# torch.jit is deprecated, the released CLIP file is TorchScript
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_load_clip_plain_and_torchscript_match_reference(tmp_path):
     full = full_clip_state_dict()
     plain_path, jit_path = tmp_path / "clip_sd.pt", tmp_path / "ViT-B-16.pt"
@@ -1138,7 +1140,8 @@ def test_a_state_dict_saved_with_ddps_module_prefix_is_read(tmp_path):
     assert fresh == [] and torch.equal(loaded.eval().forward_features(x).tokens, vit.forward_features(x).tokens)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated, the released CLIP file is TorchScript
+# torch.jit is deprecated, the released CLIP file is TorchScript
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_torchscript_file_given_as_a_checkpoint_says_it_is_a_clip_teacher(tmp_path):
     torch.jit.trace(nn.Linear(2, 2), torch.ones(1, 2)).save(str(tmp_path / "ViT-B-16.pt"))
     with pytest.raises(ValueError, match=r"--init '.*ViT-B-16.pt' is a TorchScript archive .*--teacher clip:"):

@@ -256,7 +256,8 @@ def test_setup_sets_the_backend_flags_once_for_all_trainers(monkeypatch):
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = False
         assert engine.setup().device == torch.device("cpu")
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
@@ -916,7 +917,8 @@ def test_resume_keeps_each_parameters_moments_under_this_runs_group_settings():
     model.forward_features(torch.randn(2, 3, 32, 32)).tokens.square().mean().backward()
     optimizer.step()
     state = engine.checkpoint_state("dtm_finetune", model, optimizer, None, args, 4, steps_per_epoch=2)
-    moments = {name: optimizer.state[p]["exp_avg"].clone() for name, p in model.named_parameters() if p in optimizer.state}
+    moments = {name: optimizer.state[p]["exp_avg"].clone()
+               for name, p in model.named_parameters() if p in optimizer.state}
     assert len(moments) > 10
     for layer_decay in (0.75, 1.0):  # 1.0: all scales equal, fewer groups than saved
         resumed = adamw(0.1, layer_decay)
@@ -925,7 +927,10 @@ def test_resume_keeps_each_parameters_moments_under_this_runs_group_settings():
         assert [(g["weight_decay"], g["lr_scale"], g["param_names"]) for g in resumed.param_groups] == \
                [(g["weight_decay"], g["lr_scale"], g["param_names"]) for g in fresh]
         for name, p in model.named_parameters():
-            assert torch.equal(resumed.state[p]["exp_avg"], moments[name]) if name in moments else p not in resumed.state
+            if name in moments:
+                assert torch.equal(resumed.state[p]["exp_avg"], moments[name])
+            else:
+                assert p not in resumed.state
     frozen = adamw(0.1, 0.6)
     frozen.param_groups[0]["param_names"][0] = "renamed"
     with pytest.raises(ValueError, match="for other parameters than this run trains"):
@@ -1299,12 +1304,14 @@ def test_the_printed_way_to_start_a_new_run_is_one_prepare_run_accepts(tmp_path,
     given = argparse.Namespace(**{**vars(saved), "init": str(out / engine.BEST)})
     with pytest.raises(ValueError, match="to start a new run from .*checkpoint-best.pth pass another --output_dir"):
         engine.resume(state, str(out / engine.LAST), model, optimizer, None, given, 2, CPU)
-    by_path = argparse.Namespace(**{**vars(given), "resume": str(out / engine.LAST)})  # with --resume PATH: leave it out
+    # with --resume PATH: leave it out
+    by_path = argparse.Namespace(**{**vars(given), "resume": str(out / engine.LAST)})
     with pytest.raises(ValueError, match=f"checkpoint-best.pth leave out --resume {out / engine.LAST} and pass another "
                                          f"--output_dir"):
         engine.resume(state, str(out / engine.LAST), model, optimizer, None, by_path, 2, CPU)
-    assert engine.prepare_run(argparse.Namespace(**{**vars(by_path), "resume": "auto", "output_dir": str(tmp_path / "b")}),
-                              CPU, new_run_reads={"--init": given.init}) == (None, False)  # that fix, applied
+    elsewhere = argparse.Namespace(**{**vars(by_path), "resume": "auto", "output_dir": str(tmp_path / "b")})
+    # that fix, applied
+    assert engine.prepare_run(elsewhere, CPU, new_run_reads={"--init": given.init}) == (None, False)
     with pytest.raises(ValueError, match="is a checkpoint that this run writes"):  # where "add --fresh" would lead
         engine.prepare_run(argparse.Namespace(**{**vars(given), "fresh": True}), CPU,
                            new_run_reads={"--init": given.init})
@@ -2309,10 +2316,12 @@ def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_pa
     assert images.startswith("the processes do not agree on the number of training images (rank 0: 4, rank 1: 5): "
                              "every process must read the same files")
     assert agreed == "ok"
-    assert validation.startswith("the processes do not agree on the number of validation samples (rank 0: 3, rank 1: 2)")
+    assert validation.startswith("the processes do not agree on the number of validation samples "
+                                 "(rank 0: 3, rank 1: 2)")
     # a bad file in one rank's shard stops every rank, named (rank 0 alone went on into training and hung)
     assert unreadable == "1 of the 4 validation samples cannot be used; first: cannot read img3.jpg"
-    assert gone == "1 of the 4 validation samples cannot be used; first: [Errno 2] No such file or directory: 'img3.jpg'"
+    assert gone == ("1 of the 4 validation samples cannot be used; first: [Errno 2] No such file or directory: "
+                    "'img3.jpg'")
     assert unwritable == f"--output_dir '{last / 'sub'}' cannot be written to (Not a directory): pass a folder you " \
                          f"can write to, or change its permissions"  # found by rank 0, said by every rank
     assert counted == "[5.0]"  # check_dataset's count: over both ranks' shards, on every rank
@@ -2453,7 +2462,8 @@ def test_a_failed_save_names_the_file_removes_its_temp_file_and_keeps_the_last_g
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match=rf"could not write {re.escape(str(path))} \(disk full, or no permission to "
-                                      r"write there\?\): \[enforce fail .*; the last good checkpoint there is left") as e:
+                                      r"write there\?\): \[enforce fail .*; the last good checkpoint there "
+                                      r"is left") as e:
         engine.save_checkpoint(str(path), {**state, "step": 4})
     assert engine.user_error_message(e.value).startswith("could not write")  # one line, no traceback
     assert isinstance(e.value.__cause__, RuntimeError) and "enforce fail" in str(e.value.__cause__)  # DTM_TRACEBACK
@@ -2772,8 +2782,9 @@ def test_a_checkpoint_at_an_epoch_boundary_records_the_epoch_just_done():
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     args = argparse.Namespace(lr=0.1, output_dir="x")
-    epoch = lambda step: engine.checkpoint_state("dtm_pretrain", model, optimizer, None, args, step, 2)["epoch"]  # noqa: E731
-    assert [epoch(s) for s in (0, 1, 2, 3, 4, 5)] == [0, 0, 0, 1, 1, 2]
+    epochs = [engine.checkpoint_state("dtm_pretrain", model, optimizer, None, args, step, 2)["epoch"]
+              for step in (0, 1, 2, 3, 4, 5)]
+    assert epochs == [0, 0, 0, 1, 1, 2]
 
 
 def test_all_mean_is_the_mean_over_ranks_and_leaves_its_input_alone(monkeypatch):

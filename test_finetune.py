@@ -71,7 +71,8 @@ def test_layer_decay_and_weight_decay_of_every_parameter_group():
             seen.append(name)
             scale = decay ** (depth + 1 - naive_layer_id(name, depth))
             assert group["lr"] == pytest.approx(lr * scale, rel=1e-12), name
-            no_decay = p.ndim == 1 or name.endswith(".bias") or name == "cls_token"  # the official rule (utils/optim_factory.py:73) for this model: no pos_embed, no 0-d params
+            # the official rule (utils/optim_factory.py:73) for this model: no pos_embed, no 0-d params
+            no_decay = p.ndim == 1 or name.endswith(".bias") or name == "cls_token"
             assert group["weight_decay"] == (0.0 if no_decay else wd), name
     assert sorted(seen) == sorted(n for n, _ in model.named_parameters())
     lrs = {n: g["lr"] for g in optimizer.param_groups for n in g["param_names"]}
@@ -107,7 +108,8 @@ def test_pretrain_checkpoint_gives_the_students_features(tmp_path):
     assert bigger.blocks[0].attn.rel_pos_bias.table.shape[0] == (2 * 3 - 1) ** 2 + 3
     assert bigger(torch.randn(1, 3, 48, 48)).shape == (1, NUM_CLASSES)
     # a fine-tuned classifier: fc_norm and a head of the same classes are loaded, another number of classes is not
-    torch.save({"kind": "dtm_finetune", "model": model.state_dict(), "args": {"model": "vit_tiny"}}, tmp_path / "ft.pth")
+    torch.save({"kind": "dtm_finetune", "model": model.state_dict(), "args": {"model": "vit_tiny"}},
+               tmp_path / "ft.pth")
     again, fresh = from_checkpoint(tmp_path / "ft.pth")
     assert fresh == [] and torch.equal(again.eval()(x), model(x))
     _, fresh = from_checkpoint(tmp_path / "ft.pth", num_classes=3)
@@ -781,8 +783,9 @@ def test_image_folder_data_flags(tmp_path):
     # transfer in one command: a pre-trained checkpoint onto an ImageFolder with its own number of classes
     tiny_pretrain_checkpoint(tmp_path / "pre.pth")
     out = tmp_path / "transfer"
-    tf.main(["--data", str(tmp_path), "--model", "vit_tiny", "--img_size", str(IMG), "--init", str(tmp_path / "pre.pth"),
-             "--epochs", "1", "--batch_size", "2", "--num_workers", "0", "--num_classes", "2", "--output_dir", str(out)])
+    tf.main(["--data", str(tmp_path), "--model", "vit_tiny", "--img_size", str(IMG),
+             "--init", str(tmp_path / "pre.pth"), "--epochs", "1", "--batch_size", "2", "--num_workers", "0",
+             "--num_classes", "2", "--output_dir", str(out)])
     checkpoint = torch.load(out / "checkpoint-best.pth")
     assert checkpoint["classes"] == ["cat", "dog"] and checkpoint["model"]["head.weight"].shape == (2, 192)
     assert checkpoint["step"] == 1 and checkpoint["val"]["count"] == 2
@@ -984,7 +987,8 @@ def test_recipes_and_lr_scaling():
     assert (args.recipe, args.layer_decay, args.lr_scaling) == ("paper", None, "linear")
     official = tf.parse_args(["--data", "x", "--init", "none", "--recipe", "official"])
     assert (official.layer_decay, official.lr_scaling) == (0.65, "none")
-    assert tf.parse_args(["--data", "x", "--init", "none", "--recipe", "official", "--layer_decay", "0.7"]).layer_decay == 0.7
+    given = tf.parse_args(["--data", "x", "--init", "none", "--recipe", "official", "--layer_decay", "0.7"])
+    assert given.layer_decay == 0.7
     demo = tf.parse_args(["--recipe", "official"])  # the demo's defaults and the recipe's together
     assert demo.demo and demo.model == "vit_tiny" and demo.layer_decay == 0.65
     # the demo's lr is the same whatever the scaling rule: 1.6e-2 per 1024 images, scaled, or 1e-3 itself unscaled
@@ -1165,7 +1169,8 @@ def scales_depth(scales):
 
 
 def test_class_difference_names_the_folders_that_differ():
-    assert tf.class_difference(["a", "b", "c"], ["a", "c", "d"], "val", "train") == "only in val: ['b']; only in train: ['d']"
+    assert (tf.class_difference(["a", "b", "c"], ["a", "c", "d"], "val", "train")
+            == "only in val: ['b']; only in train: ['d']")
     assert tf.class_difference(["b", "a"], ["a", "b"], "x", "y") == "the same names in another order"
     many = [f"n{i}" for i in range(8)]
     assert tf.class_difference(many, [], "x", "y") == "only in x: ['n0', 'n1', 'n2', 'n3', 'n4'] and 3 more"
@@ -1203,7 +1208,8 @@ def test_a_kill_between_the_epochs_two_saves_cannot_leave_an_older_best(tmp_path
     (["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0, got -1"),
     (["--mixup", "-1"], "--mixup must be an alpha >= 0 \\(0: off\\), got -1"),
     (["--cutmix", "-0.5", "--mixup", "0"], "--cutmix must be an alpha >= 0"),
-    (["--mixup", "0", "--cutmix", "0", "--mixup_prob", "0.5"], "--mixup_prob would do nothing with --mixup 0 --cutmix 0"),
+    (["--mixup", "0", "--cutmix", "0", "--mixup_prob", "0.5"],
+     "--mixup_prob would do nothing with --mixup 0 --cutmix 0"),
     (["--cutmix", "0", "--mixup_switch_prob", "0.3"], "--mixup_switch_prob would do nothing with only one of --mixup "
                                                       "and --cutmix on"),
     (["--mixup_prob", "0", "--mixup_switch_prob", "0.9"], "--mixup_switch_prob would do nothing with --mixup_prob 0"),

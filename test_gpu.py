@@ -905,7 +905,8 @@ def test_report_dry_run_on_cpu(tmp_path):
     assert [line.split(": ")[0] for line in profiles] == [f"profile of {name.split(':')[0]}" for name in
                                                          bench_mto.VARIANTS], profiles
     whole_step = report["checks"]["bench_mto_whole_step"]
-    assert "teacher=clip" in whole_step["output"][0] and whole_step["output"][-2].startswith(list(bench_mto.VARIANTS)[5])
+    assert "teacher=clip" in whole_step["output"][0]
+    assert whole_step["output"][-2].startswith(list(bench_mto.VARIANTS)[5])
     assert report["checks"]["compile_mto_grad_checkpoint"]["mto_loss_graphs"] >= 2  # --compile --mto: the losses too
 
 

@@ -446,8 +446,10 @@ def test_sample_schedule_rules_against_hand_computed_values():
         def randint(self, a, b): return self.values.pop(0)
     assert sample_schedule(196, 196, 14, FixedRng(23, 5), "spread") == [5, 5, 5, 4, 4]
     assert sample_schedule(196, 196, 14, FixedRng(23, 5), "official") == [5, 5, 5, 5, 5]  # ceil(23/5) = 5
-    assert sample_schedule(196, 196, 14, FixedRng(196, 14), "official") == [14] * 13 + [7]  # 14 * 14 = 196; last round: 14 tokens left -> 7
-    assert sample_schedule(196, 196, 14, FixedRng(196, 3), "official") == [65, 65, 33]  # 66*3 > 196 -> floor 65; clamped
+    # 14 * 14 = 196; last round: 14 tokens left -> 7
+    assert sample_schedule(196, 196, 14, FixedRng(196, 14), "official") == [14] * 13 + [7]
+    # 66*3 > 196 -> floor 65; clamped
+    assert sample_schedule(196, 196, 14, FixedRng(196, 3), "official") == [65, 65, 33]
     # --max_merged below N: the floor fallback compares r * k with it, not with N (ceil 14 * 2 = 28 > 27 -> 13)
     assert sample_schedule(196, 27, 14, FixedRng(27, 2), "official") == [13, 13]
     assert make_schedule(196, 21, 5, "official") == [5] * 5  # ceil(4.2), not round: 25 merged

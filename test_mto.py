@@ -989,7 +989,8 @@ def test_mto_py_copied_alone_imports_nothing_of_this_repo_and_computes_the_same(
     shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mto.py"), tmp_path)
     compute = ("import sys, torch, mto\n"
                "torch.manual_seed(0); mask = torch.rand(2, 16) < 0.5\n"
-               "hidden, q, k = (torch.randn(2, 17, 8, requires_grad=True), torch.randn(2, 3, 17, 4, requires_grad=True),\n"
+               "hidden, q, k = (torch.randn(2, 17, 8, requires_grad=True),\n"
+               "                torch.randn(2, 3, 17, 4, requires_grad=True),\n"
                "                torch.randn(2, 3, 17, 4, requires_grad=True))\n"
                "sing, ent = mto.singularity_loss(hidden, mask), mto.attention_entropy(q, k, None, mask)\n"
                "(sing.sum() + ent.sum()).backward()\n"

@@ -16,7 +16,8 @@ def test_moving_average_is_a_trailing_mean():
     assert plot_log.moving_average([1, 2, 3, 4, 5], 2) == [1, 1.5, 2.5, 3.5, 4.5]
     assert plot_log.moving_average([4, 0, 8], 1) == [4, 0, 8]
     assert plot_log.moving_average([3, 6, 9, 0], 3) == [3, 4.5, 6, 5]
-    assert plot_log.moving_average([1e16, 1, 3, 2.5], 1) == [1e16, 1, 3, 2.5]  # no running sum that keeps 1e16's rounding
+    # no running sum that keeps 1e16's rounding
+    assert plot_log.moving_average([1e16, 1, 3, 2.5], 1) == [1e16, 1, 3, 2.5]
     assert plot_log.moving_average([1e16, 1, 3, 2.5], 2) == [1e16, 5e15, 2, 2.75]
     assert plot_log.moving_average([], 3) == []
 
@@ -132,7 +133,8 @@ def test_main_hands_plot_the_smoothed_series_of_each_logs_own_field(tmp_path, mo
     calls = []
     monkeypatch.setattr(plot_log, "plot", lambda *args, **kwargs: calls.append(args) or Image.new("RGB", (4, 4)))
     logs = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
-    plot_log.main([*logs, "--fields", "loss", "lr", "--labels", "A", "B", "--smooth", "2", "--out", str(tmp_path / "p.png")])
+    plot_log.main([*logs, "--fields", "loss", "lr", "--labels", "A", "B", "--smooth", "2",
+                   "--out", str(tmp_path / "p.png")])
     series, labels, title, x_label, y_label = calls[-1]
     assert series == [[(1.0, 4.0), (2.0, 3.0), (3.0, 1.0)], [(10.0, 8.0), (20.0, 7.0)]]  # b: its lr, not its loss
     assert labels == ["A", "B"] and x_label == "step" and y_label == "loss/lr"
@@ -198,15 +200,16 @@ def test_blank_lines_and_an_upper_case_extension_are_accepted(tmp_path):
 
 def test_a_non_finite_x_is_left_out(tmp_path):
     log = tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps(r) + "\n" for r in [{"step": float("nan"), "loss": 1.0},
-                                                          {"step": float("inf"), "loss": 2.0}, {"step": 3, "loss": 0.5}]))
+    rows = [{"step": float("nan"), "loss": 1.0}, {"step": float("inf"), "loss": 2.0}, {"step": 3, "loss": 0.5}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plot_log.read_log(str(log), "step", "loss") == [(3.0, 0.5)]
 
 
 def test_fractional_x_gets_fractional_ticks_and_a_seventh_curve_reuses_the_first_color(monkeypatch):
     seen = []
     x_ticks = plot_log.x_ticks
-    monkeypatch.setattr(plot_log, "x_ticks", lambda x0, x1, integral: seen.append(integral) or x_ticks(x0, x1, integral))
+    monkeypatch.setattr(plot_log, "x_ticks",
+                        lambda x0, x1, integral: seen.append(integral) or x_ticks(x0, x1, integral))
     plot_log.plot([[(0.0, 1.0), (0.5, 2.0), (1.0, 3.0)]], ["a"], "", "epoch", "loss")
     plot_log.plot([[(0.0, 1.0), (2.0, 2.0)]], ["a"], "", "step", "loss")
     assert seen == [False, True]  # 0.5 is not a whole number: 0.2, 0.4, ... not rounded to 0, 0, 1, ...
@@ -272,7 +275,8 @@ def test_the_default_labels_name_the_field_where_the_fields_differ(tmp_path, mon
 def test_an_out_that_is_a_folder_or_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     log = str(tmp_path / "log.jsonl")
-    with pytest.raises(SystemExit, match=r"error: --out '.*' is a folder; name the image file to write \(e.g. .*plot.png\)"):
+    with pytest.raises(SystemExit,
+                       match=r"error: --out '.*' is a folder; name the image file to write \(e.g. .*plot.png\)"):
         plot_log.main([log, "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"error: --out '.*p.xbm': Pillow could not write it \(.*\); use .png"):
         plot_log.main([log, "--out", str(tmp_path / "p.xbm")])  # a format Pillow lists, for 1-bit images only

@@ -270,7 +270,8 @@ def test_recipes_and_their_defaults():
     (["--mto", "--mto_layers", "10"], ValueError, "--mto_layers 10 is out of range: use 0..4 "),
     (["--mto", "--mto_layers", "0", "--mto_lambda_sing", "0", "--mto_ent_layers", "0"], ValueError,
      "--mto with --mto_layers 0, --mto_lambda_sing 0, --mto_ent_layers 0 switches every part of MTO off"),
-    (["--mto", "--mto_ent_layers", "13", "--model", "vit_b"], ValueError, "--mto_ent_layers 13 is out of range: use 0..12 "),
+    (["--mto", "--mto_ent_layers", "13", "--model", "vit_b"], ValueError,
+     "--mto_ent_layers 13 is out of range: use 0..12 "),
     (["--max_unreadable", "0.5"], ValueError, "--max_unreadable would do nothing in the demo"),
 ])
 def test_bad_arguments(argv, error, match):
@@ -1075,7 +1076,8 @@ def test_clip_teacher_flags_reach_the_teacher_and_the_head(tmp_path):
     torch.save(visual.state_dict(), tmp_path / "clip.pt")
     base = ["--teacher", f"clip:{tmp_path / 'clip.pt'}", *TINY]
     model, teacher = tp.build_model(tp.parse_args(base), CPU)
-    assert (teacher.teacher_norm, teacher.project, teacher.out_dim, model.head.out_features) == ("imagenet", True, 24, 24)
+    assert ((teacher.teacher_norm, teacher.project, teacher.out_dim, model.head.out_features)
+            == ("imagenet", True, 24, 24))
     model, teacher = tp.build_model(tp.parse_args(base + ["--teacher_norm", "clip", "--no_clip_proj"]), CPU)
     assert (teacher.teacher_norm, teacher.project, teacher.out_dim, model.head.out_features) == ("clip", False, 64, 64)
 
@@ -1471,7 +1473,8 @@ def test_seed_sets_the_initial_weights(image_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "param_groups", param_groups)
     for seed in ("1", "2"):
         tp.main(tiny_argv(image_folder, tmp_path / seed, "--seed", seed, "--max_steps", "1"))
-    assert not torch.equal(initial[0]["student.blocks.0.attn.qkv.weight"], initial[1]["student.blocks.0.attn.qkv.weight"])
+    qkv = "student.blocks.0.attn.qkv.weight"
+    assert not torch.equal(initial[0][qkv], initial[1][qkv])
     for seed, state in zip((1, 2), initial):
         engine.seed_all(seed)
         reference = tp.build_model(tp.parse_args(tiny_argv(image_folder, "unused", "--seed", str(seed))), CPU)[0]

@@ -399,7 +399,8 @@ def test_parameter_groups_of_the_segmentation_model():
     assert by_name["decode_head.classifier.weight"]["lr_scale"] == by_name["pyramid.up2.weight"]["lr_scale"] == 1.0
     no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["param_names"]}
     assert "backbone.cls_token" in no_decay and "decode_head.classifier.bias" in no_decay
-    assert "decode_head.classifier.weight" not in no_decay and "backbone.blocks.0.attn.rel_pos_bias.table" not in no_decay
+    assert "decode_head.classifier.weight" not in no_decay
+    assert "backbone.blocks.0.attn.rel_pos_bias.table" not in no_decay
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -455,7 +456,8 @@ def test_training_steps_reduce_loss_on_builtin_data():
     random.seed(0)
     images, labels = map(torch.stack, zip(*[dataset[i] for i in range(4)]))
     model = train_seg.ViTUperNet(backbone(64, drop_path=0.1), 4, channels=32).train()
-    optimizer = torch.optim.AdamW(engine.param_groups(model, 0.05, engine.layer_decay_fn(4, 0.65, "backbone.")), lr=1e-3)
+    groups = engine.param_groups(model, 0.05, engine.layer_decay_fn(4, 0.65, "backbone."))
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
     losses = []
     for _ in range(10):
         logits, aux = model(images, with_aux=True)
@@ -648,7 +650,8 @@ def test_a_label_equal_to_num_classes_is_out_of_range(tmp_path):
 
 
 def test_label_reading_of_a_run():
-    """ADE20K (--data) always reads 0 as ignore, as does a generic run with --reduce_zero_label; eval.jsonl records it."""
+    """ADE20K (--data) always reads 0 as ignore, as does a generic run with --reduce_zero_label; eval.jsonl records
+    it."""
     assert train_seg.reads_zero_as_ignore({"data": "/ade", "reduce_zero_label": None}) is True
     assert train_seg.reads_zero_as_ignore({"data": None, "reduce_zero_label": True}) is True
     assert train_seg.reads_zero_as_ignore({"data": None, "reduce_zero_label": False}) is False
@@ -667,8 +670,8 @@ def test_a_last_log_line_off_the_cadence_averages_its_own_steps(tmp_path):
 
 def test_a_vit_l_run_on_the_vit_b_recipe_is_told(capsys):
     for flags, said in (([], True), (["--lr", "4e-5"], False), (["--drop_path", "0.2"], False)):
-        train_seg.note_vit_l_recipe(train_seg.parse_args(["--data", "/x", "--init", "none", "--model", "vit_l", *flags]),
-                                    engine.Dist())
+        args = train_seg.parse_args(["--data", "/x", "--init", "none", "--model", "vit_l", *flags])
+        train_seg.note_vit_l_recipe(args, engine.Dist())
         assert ("are BEiT's ViT-B recipe; BEiT v2's ViT-L config uses --lr 4e-5 --layer_decay 0.9 --drop_path 0.2"
                 in capsys.readouterr().out) == said, flags
     train_seg.note_vit_l_recipe(train_seg.parse_args(["--data", "/x", "--init", "none"]), engine.Dist())  # ViT-B
@@ -679,7 +682,8 @@ def test_ade20k_recipe_defaults():
     """BEiT's ADE20K UperNet recipe (README "Semantic segmentation"): the defaults a run on --data gets."""
     args = train_seg.parse_args(["--data", "/x", "--init", "none"])
     train_seg.set_schedule(args)  # a new run: BEiT's schedule (a continued run keeps its own)
-    assert (args.lr, args.layer_decay, args.aux_weight, args.warmup_iters, args.iters) == (7e-4, 0.65, 0.4, 1500, 160000)
+    assert ((args.lr, args.layer_decay, args.aux_weight, args.warmup_iters, args.iters)
+            == (7e-4, 0.65, 0.4, 1500, 160000))
     assert (args.crop_size, args.scale, args.stride, args.batch_size) == (512, [2048, 512], 341, 2)
 
 
@@ -828,7 +832,8 @@ def test_a_relaunch_without_iters_continues_its_run_as_it_was(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "holds a finished run (step 4 of 4)" in printed and "settings changed" not in printed
     # the run's last evaluation, as fine-tuning reprints its best top-1 (it printed nothing and returned None)
-    assert json.dumps(relaunched) == json.dumps(final) and f"final mIoU {final['mIoU']:.2f} (aAcc {final['aAcc']:.2f}" in printed
+    assert json.dumps(relaunched) == json.dumps(final)
+    assert f"final mIoU {final['mIoU']:.2f} (aAcc {final['aAcc']:.2f}" in printed
     assert f"; checkpoints and log.jsonl in {out}" in printed  # its own folder
     elsewhere = str(tmp_path / "elsewhere")  # continued from another folder, finished: it writes nothing there
     train_seg.main(schedule_free + ["--resume", os.path.join(out, "checkpoint-last.pth"), "--output_dir", elsewhere])
@@ -1268,7 +1273,8 @@ def test_a_continued_run_keeps_how_it_reads_its_label_maps(tmp_path):
     assert torch.load(tmp_path / "run" / engine.LAST)["step"] == 2
 
 
-def test_unusable_training_label_files_are_skipped_and_named_and_an_all_ignored_validation_set_is_said(tmp_path, capsys):
+def test_unusable_training_label_files_are_skipped_and_named_and_an_all_ignored_validation_set_is_said(tmp_path,
+                                                                                                        capsys):
     """An RGB annotation or one of another size than its image stopped training mid-run (a truncated one was skipped);
     a validation set without class pixels gave mIoU NaN and no checkpoint-best.pth without a word (found by the
     segmentation options review)."""
@@ -1592,8 +1598,9 @@ def test_the_optimizer_flags_and_grad_checkpoint_reach_the_run(tmp_path, monkeyp
     monkeypatch.setattr(engine, "optimizer_step", lambda opt, scaler, params, clip: (
         clips.append(clip), original_step(opt, scaler, params, clip))[1])
     monkeypatch.setattr(dtm, "checkpoint", lambda *a, **k: (recomputed.append(1), original_checkpoint(*a, **k))[1])
-    train_seg.main(TINY_RUN + ["--betas", "0.8", "0.95", "--weight_decay", "0.123", "--clip_grad", "0.5", "--lr", "0.01",
-                               "--warmup_ratio", "0.1", "--grad_checkpoint", "--output_dir", str(tmp_path)])
+    train_seg.main(TINY_RUN + ["--betas", "0.8", "0.95", "--weight_decay", "0.123", "--clip_grad", "0.5",
+                               "--lr", "0.01", "--warmup_ratio", "0.1", "--grad_checkpoint",
+                               "--output_dir", str(tmp_path)])
     groups = torch.load(tmp_path / engine.LAST)["optimizer"]["param_groups"]
     assert {tuple(g["betas"]) for g in groups} == {(0.8, 0.95)}
     assert {g["weight_decay"] for g in groups} == {0.0, 0.123}
@@ -1625,7 +1632,8 @@ def test_the_data_flags_reach_the_transforms_and_the_splits(tmp_path):
                                  "--demo_train_images", "2", "--demo_val_images", "2"])
     train_set, val_set, _ = train_seg.build_datasets(args)
     assert train_set.transform.cat_max_ratio == 0.5 and tuple(train_set.transform.ratio_range) == (0.75, 1.5)
-    assert not data.np.array_equal(data.np.asarray(train_set.shapes.get(0)[0]), data.np.asarray(val_set.shapes.get(0)[0]))
+    first_train, first_val = train_set.shapes.get(0)[0], val_set.shapes.get(0)[0]
+    assert not data.np.array_equal(data.np.asarray(first_train), data.np.asarray(first_val))
     for split in ("training", "validation"):
         for kind, suffix, image in (("images", ".jpg", data.np.zeros((8, 8, 3), "uint8")),
                                     ("annotations", ".png", data.np.ones((8, 8), "uint8"))):

@@ -136,7 +136,8 @@ def test_consistency_reads_a_pretraining_checkpoint_and_measures_its_predictions
     torch.save({"model": model, "args": {"rel_pos_bias": "both", "mto": True, "mto_layers": None}}, path)
     mto_cosine, mto_token_loss, _ = study.consistency(path, teacher, images, masks)
     with torch.no_grad():
-        recalibrated = head(mto.mto_forward(student, images, masks, mto.MTOConfig(lambda_sing=0, lambda_ent=0))[0][:, 1:])
+        hidden = mto.mto_forward(student, images, masks, mto.MTOConfig(lambda_sing=0, lambda_ent=0))[0]
+        recalibrated = head(hidden[:, 1:])
     assert mto_token_loss == pytest.approx(F.smooth_l1_loss(recalibrated, target, beta=2.0).item(), rel=1e-5)
     assert mto_cosine == pytest.approx(study.adjacent_cosine(recalibrated), abs=1e-6) and mto_cosine != cosine
 
@@ -279,21 +280,26 @@ def test_the_study_runs_each_arm_with_its_flags_seeds_and_data(tmp_path, monkeyp
     value = lambda argv, flag: argv[argv.index(flag) + 1]
     script, teacher = calls[0]
     assert script == "train_finetune.py" and value(teacher, "--epochs") == "4" and value(teacher, "--init") == "none"
-    assert value(teacher, "--data_train") == os.path.join(out, "data", "train3000") and value(teacher, "--seed") == "100"
+    assert value(teacher, "--data_train") == os.path.join(out, "data", "train3000")
+    assert value(teacher, "--seed") == "100"
     assert value(teacher, "--data_val") == os.path.join(out, "data", "val500")
     ckpt = os.path.join(out, "teacher", "checkpoint-last.pth")
     pretrain = [argv for script, argv in calls if script == "train_pretrain.py"]
-    expected = {"token-wise": (["--fixed_schedule", "0", "1"], 2, "6"), "DTM": ([], 2, "6"), "DTM_+_MTO": (["--mto"], 2, "6"),
+    expected = {"token-wise": (["--fixed_schedule", "0", "1"], 2, "6"), "DTM": ([], 2, "6"),
+                "DTM_+_MTO": (["--mto"], 2, "6"),
                 "DTM_+_MTO_half_the_epochs": (["--mto"], 2, "3"),
                 "DTM_fixed_schedule_24x3": (["--fixed_schedule", "24", "3"], 1, "6")}
     assert len(pretrain) == 9
     for folder, (flags, seeds, epochs) in expected.items():
         for seed in range(seeds):
-            argv = next(a for a in pretrain if value(a, "--output_dir") == os.path.join(out, "pretrain", folder, f"seed{seed}"))
+            run = os.path.join(out, "pretrain", folder, f"seed{seed}")
+            argv = next(a for a in pretrain if value(a, "--output_dir") == run)
             assert argv[len(study.PRETRAIN):len(study.PRETRAIN) + len(flags)] == flags
-            assert ("--mto" in argv) == ("--mto" in flags) and ("--fixed_schedule" in argv) == bool(flags[:1] == ["--fixed_schedule"])
+            assert ("--mto" in argv) == ("--mto" in flags)
+            assert ("--fixed_schedule" in argv) == bool(flags[:1] == ["--fixed_schedule"])
             assert value(argv, "--seed") == str(seed) and value(argv, "--epochs") == epochs
-            assert value(argv, "--teacher") == f"ckpt:{ckpt}" and value(argv, "--data") == os.path.join(out, "data", "train3000")
+            assert value(argv, "--teacher") == f"ckpt:{ckpt}"
+            assert value(argv, "--data") == os.path.join(out, "data", "train3000")
     finetune = [argv for script, argv in calls[1:] if script == "train_finetune.py"]
     assert len(finetune) == 30
     runs = {(value(a, "--output_dir"), value(a, "--init"), value(a, "--seed")) for a in finetune}
@@ -301,7 +307,8 @@ def test_the_study_runs_each_arm_with_its_flags_seeds_and_data(tmp_path, monkeyp
     assert all(value(a, "--data_train") == os.path.join(out, "data", "train1000") for a in finetune)
     for folder, (_, seeds, _) in {"from_scratch": (None, 1, None), **expected}.items():
         for p in range(seeds):
-            init = "none" if folder == "from_scratch" else os.path.join(out, "pretrain", folder, f"seed{p}", "checkpoint-last.pth")
+            init = ("none" if folder == "from_scratch"
+                    else os.path.join(out, "pretrain", folder, f"seed{p}", "checkpoint-last.pth"))
             for s in study.FT_SEEDS:
                 assert (os.path.join(out, "finetune", folder, f"p{p}_s{s}"), init, str(s)) in runs
     assert study.FT_SEEDS == (0, 1, 2)
@@ -349,7 +356,8 @@ def test_run_stops_the_study_when_a_script_fails(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match=r"error: fails.py failed \(see .*runs.log\): \['boom: out of memory'\]"):
         study.run("fails.py", ["--output_dir", "out/b"], log)
     text = open(log).read()
-    assert "ok.py --output_dir out/a\ntrained ['--output_dir', 'out/a']" in text and "loading\nboom: out of memory" in text
+    assert "ok.py --output_dir out/a\ntrained ['--output_dir', 'out/a']" in text
+    assert "loading\nboom: out of memory" in text
 
 
 def test_run_echoes_the_scripts_warnings_which_the_log_alone_would_hide(tmp_path, monkeypatch, capsys):
@@ -370,7 +378,8 @@ def test_train1000_is_the_first_images_of_train3000(fake_fashion, tmp_path):
         a, b = (np.asarray(Image.open(os.path.join(root, n, label_name, file))) for n in ("train1000", "train3000"))
         np.testing.assert_array_equal(a, b)
     order = np.random.default_rng(0).permutation(40)
-    first = np.asarray(Image.open(os.path.join(root, "train3000", study.CLASSES[fake_fashion["train-labels-idx1-ubyte.gz"][order[0]]], "00000.png")))
+    first_class = study.CLASSES[fake_fashion["train-labels-idx1-ubyte.gz"][order[0]]]
+    first = np.asarray(Image.open(os.path.join(root, "train3000", first_class, "00000.png")))
     np.testing.assert_array_equal(first[..., 0], fake_fashion["train-images-idx3-ubyte.gz"][order[0]])  # a random order
 
 
@@ -404,12 +413,15 @@ def test_an_out_that_is_a_file_or_empty_is_refused(tmp_path, monkeypatch, capsys
 
 @pytest.fixture
 def big_fashion(tmp_path, monkeypatch):
-    """More images than the study takes (3000 + 1000 training, 500 test): 1-pixel images whose value is the index mod 256."""
+    """More images than the study takes (3000 + 1000 training, 500 test): 1-pixel images whose value is the index mod
+    256."""
     root = tmp_path / "fashion"
     root.mkdir()
     train, test = np.arange(3002) % 256, np.arange(501) % 256
-    for name, array in {"train-images-idx3-ubyte.gz": train.reshape(-1, 1, 1), "train-labels-idx1-ubyte.gz": train % 10,
-                        "t10k-images-idx3-ubyte.gz": test.reshape(-1, 1, 1), "t10k-labels-idx1-ubyte.gz": test % 10}.items():
+    for name, array in {"train-images-idx3-ubyte.gz": train.reshape(-1, 1, 1),
+                        "train-labels-idx1-ubyte.gz": train % 10,
+                        "t10k-images-idx3-ubyte.gz": test.reshape(-1, 1, 1),
+                        "t10k-labels-idx1-ubyte.gz": test % 10}.items():
         write_idx(root / name, array)
     monkeypatch.setattr(study, "FASHION", str(root))
 
@@ -444,7 +456,8 @@ def fake_fashion_small(tmp_path, monkeypatch):
     root.mkdir()
     rng = np.random.default_rng(0)
     for name, array in {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (6, 2, 2)),
-                        "train-labels-idx1-ubyte.gz": np.arange(6), "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (4, 2, 2)),
+                        "train-labels-idx1-ubyte.gz": np.arange(6),
+                        "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (4, 2, 2)),
                         "t10k-labels-idx1-ubyte.gz": np.arange(4)}.items():
         write_idx(root / name, array)
     monkeypatch.setattr(study, "FASHION", str(root))
@@ -459,11 +472,13 @@ class SpyConsistency:
     def setattr(self, *args, **kwargs):
         if len(args) == 3 and args[0] is study and args[1] == "consistency":
             inner = args[2]
-            args = (study, "consistency", lambda p, t, images, masks: self.masks.append(masks) or inner(p, t, images, masks))
+            args = (study, "consistency",
+                    lambda p, t, images, masks: self.masks.append(masks) or inner(p, t, images, masks))
         return self.monkeypatch.setattr(*args, **kwargs)
 
 
-def test_the_study_reports_the_teacher_scores_with_the_training_masks_and_plots_its_curves(tmp_path, monkeypatch, capsys):
+def test_the_study_reports_the_teacher_scores_with_the_training_masks_and_plots_its_curves(tmp_path, monkeypatch,
+                                                                                           capsys):
     masks = []
     calls, results, plot_command = fake_study(tmp_path, SpyConsistency(monkeypatch, masks))
     out = capsys.readouterr().out
@@ -479,7 +494,8 @@ def test_the_study_reports_the_teacher_scores_with_the_training_masks_and_plots_
     # the curves command is one plot_log.py can run: epochs on x, val_top1 on y, one curve per arm
     assert os.path.basename(plot_command[1]) == "plot_log.py"
     drawn = []
-    monkeypatch.setattr(plot_log, "plot", lambda *args, **kwargs: drawn.append(args) or plot_log.Image.new("RGB", (4, 4)))
+    monkeypatch.setattr(plot_log, "plot",
+                        lambda *args, **kwargs: drawn.append(args) or plot_log.Image.new("RGB", (4, 4)))
     plot_log.main(plot_command[2:])
     series, labels, _, x_label, y_label = drawn[0]
     assert labels == ["from scratch", *study.ARMS] and (x_label, y_label) == ("epoch", "val_top1")
