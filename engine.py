@@ -178,10 +178,12 @@ def check_gpu_supported(device):
 
 
 def teardown():
-    stop_loader_workers()
-    release_output_dirs()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        stop_loader_workers()
+    finally:  # a Ctrl-C while the workers are joined: the run lock is let go of all the same
+        release_output_dirs()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 RUN_LOCK = ".run.lock"  # in output_dir: locked (fcntl.lockf) by the rank 0 of the run writing there
@@ -1381,10 +1383,12 @@ class JsonLog:
 
 
 def _json_or_none(line: str):
+    """A log line's record, or None where the line is not a JSON object (half a line, or damaged: [1, 2], 7)."""
     try:
-        return json.loads(line)
+        record = json.loads(line)
     except json.JSONDecodeError:
         return None
+    return record if isinstance(record, dict) else None
 
 
 def epochs_done(step: int, steps_per_epoch: int) -> float:
@@ -1866,16 +1870,18 @@ def escape_what_stdout_cannot_encode():
 def cli(main):
     """Run main() as a script: a user error (user_error_message) prints `error: ...` on one line and exits with 2;
     Ctrl-C prints one line and exits with 130; anything else keeps Python's traceback. Once main has ended, a Ctrl-C
-    ends the process at once. DTM_TRACEBACK=1 shows the traceback of user errors and interruptions too. Names stdout
-    cannot encode are printed escaped (escape_what_stdout_cannot_encode)."""
+    ends the process at once (a SIGINT the process ignores stays ignored). DTM_TRACEBACK=1 shows the traceback of user
+    errors and interruptions too. Names stdout cannot encode are printed escaped (escape_what_stdout_cannot_encode)."""
     escape_what_stdout_cannot_encode()
     try:
         try:
             main()
         finally:  # a Ctrl-C (a second one, or one as a run ends) while Python exits raised in its threading or atexit
             # callbacks (torch's, multiprocessing's), which printed "Exception ignored in ..." and a traceback: now it
-            # ends the process (killed by SIGINT, which a shell reports as status 130)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # ends the process (killed by SIGINT, which a shell reports as status 130); a process that ignores SIGINT
+            # (a script's background job, a sweep's child) or handles it its own way keeps doing so
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
     except KeyboardInterrupt:
         if show_tracebacks():
             raise

@@ -1050,6 +1050,25 @@ def test_two_processes_locking_one_output_dir_with_engines_own_lock_refuse_the_s
 
 
 @pytest.mark.skipif(engine.fcntl is None, reason="lockf is POSIX")
+def test_teardown_lets_go_of_the_run_lock_when_ctrl_c_stops_the_workers_join(tmp_path, monkeypatch):
+    """A Ctrl-C while teardown joined the DataLoader workers (stop_loader_workers, first) skipped the rest of it: a
+    process that lives on (a notebook, a sweep) held the run lock, and a relaunch from a shell was refused as "in use
+    by another run" until that process ended."""
+    out = tmp_path / "run"
+    out.mkdir()
+    assert engine.lock_output_dir(str(out)) is None
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine, "stop_loader_workers", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.teardown()
+    take = f"import sys; sys.path.insert(0, {HERE!r}); import engine; print(repr(engine.lock_output_dir({str(out)!r})))"
+    other = subprocess.run([sys.executable, "-c", take], capture_output=True, text=True, timeout=120)
+    assert other.stdout.strip() == "None", other.stdout + other.stderr
+
+
+@pytest.mark.skipif(engine.fcntl is None, reason="lockf is POSIX")
 def test_a_lock_file_this_user_cannot_write_is_locked_shared_not_skipped(tmp_path, monkeypatch):
     """In a group folder another user's .run.lock (made with the umask's mode, as the checkpoints; it was 0o644) may
     be read-only here: the check was skipped, and a second user's run wrote over the first one's. A shared lock
@@ -1901,6 +1920,20 @@ def test_a_ctrl_c_while_exiting_ends_the_process_without_a_traceback(tmp_path, i
     assert proc.stderr.startswith("\ninterrupted: relaunch" if interrupted else "") and \
         proc.stderr.count("\n") == 2 * interrupted, proc.stderr
     assert proc.returncode == -signal.SIGINT  # killed by SIGINT at once: status 130 in a shell, as Ctrl-C's
+
+
+@pytest.mark.parametrize("handler", [signal.SIG_IGN, lambda signum, frame: None], ids=["ignored", "own-handler"])
+def test_cli_leaves_a_sigint_it_did_not_install_as_it_was(handler):
+    """A process started with SIGINT ignored (a background job of a shell script, a sweep's child started so that a
+    Ctrl-C meant for the sweep spares it) or with a handler of its own: cli set SIG_DFL once main had ended, so such a
+    Ctrl-C killed a run that had finished (status -2 for a run that ended well, seen with a sweep's child). Only
+    Python's own handler is replaced (conftest puts it back after each test)."""
+    signal.signal(signal.SIGINT, handler)
+    engine.cli(lambda: None)
+    assert signal.getsignal(signal.SIGINT) is handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    engine.cli(lambda: None)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
 
 
 def test_an_error_or_ctrl_c_during_training_starts_its_own_line(capsys, monkeypatch):
@@ -2831,6 +2864,19 @@ def test_resume_drops_a_half_written_last_line_and_counts_only_complete_ones(tmp
         assert log.lines == 3 and [r["step"] for r in kept] == [1, 2, 3]
         log(step=5)
         assert [json.loads(line)["step"] for line in open(log_file)] == [1, 2, 3, 5]
+
+
+def test_resume_drops_a_log_line_that_is_json_but_not_an_object(tmp_path, capsys):
+    """A damaged or hand-edited line that is JSON but no object ([1, 2], 7, "x"): the cut read its step or epochs_done
+    from it and every relaunch failed with a traceback (AttributeError, TypeError)."""
+    for resumed in ({"step": 5}, {"step": 5, "log_lines": 2}):
+        log_file = tmp_path / engine.LOG
+        log_file.write_text('{"step": 1}\n[1, 2]\n7\n"x"\n{"step": 2}\n')
+        kept = []
+        log = engine.open_log(str(tmp_path), resumed, True, on_kept=kept.append)
+        assert "dropped 3 line(s) that are not complete JSON" in capsys.readouterr().out
+        assert log.lines == 2 and kept == [{"step": 1}, {"step": 2}]
+        assert log_file.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
 def test_resume_keeps_a_whole_last_line_that_lost_its_newline_as_a_line_of_its_own(tmp_path, capsys):
