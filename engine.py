@@ -105,7 +105,7 @@ def setup() -> Dist:
     (set_backend_flags)."""
     set_backend_flags()
     check_launch_env()
-    if "RANK" not in os.environ:
+    if not os.environ.get("RANK"):  # unset or empty (RANK= ...), as check_launch_env reads it
         if not torch.cuda.is_available():
             return Dist()
         check_gpu_supported(torch.device("cuda", 0))

@@ -573,9 +573,11 @@ def main(argv=None):
         sheet.paste(panel, (k * (panel.width + 8), 0))
     try:
         sheet.save(args.out)
-    except OSError as e:  # a folder that cannot be written to, a full disk: a traceback after the work once
-        raise SystemExit(f"error: --out {args.out!r}: cannot write it ({e}); give a path in a folder you can write "
-                         f"to") from None
+    except (OSError, ValueError) as e:  # an unwritable folder, a full disk, a format not for RGB: a traceback once
+        if isinstance(e, OSError) and e.errno is not None:  # the file system's refusal: the format is not the cause
+            raise SystemExit(f"error: --out {args.out!r}: cannot write it ({e}); give a path in a folder you can "
+                             f"write to") from None
+        raise SystemExit(f"error: --out {args.out!r}: Pillow could not write it ({e}); use e.g. groups.png") from None
     print(f"wrote {args.out}: {len(panels)} schedule{'s' * (len(panels) != 1)} on {tokens.shape[1]} tokens")
 
 

@@ -181,9 +181,11 @@ def check_same_epochs(args, record: bool = False):
         try:
             with open(path) as f:
                 before = json.load(f)
-        except json.JSONDecodeError as e:  # written whole since (os.replace); a traceback once
-            sys.exit(f"error: {path} is not JSON ({e}): write into it the epochs the study there ran with, e.g. "
-                     f"echo {shlex.quote(json.dumps(epochs))} > {shlex.quote(path)}, or give another --out")
+            if not isinstance(before, dict):  # [], null, a number: no epochs to compare (a traceback once)
+                raise ValueError(f"a JSON {type(before).__name__}, not an object")
+        except ValueError as e:  # torn or not UTF-8 (written whole since: os.replace); a traceback once
+            sys.exit(f"error: {path} is not JSON of the epochs ({e}): write into it the epochs the study there ran "
+                     f"with, e.g. echo {shlex.quote(json.dumps(epochs))} > {shlex.quote(path)}, or give another --out")
         if before != epochs:
             changed = ", ".join(f"--{k} {before.get(k)} -> {v}" for k, v in epochs.items() if before.get(k) != v)
             sys.exit(f"error: the study in {args.out} ran with other epochs ({changed}); its finished runs would be "

@@ -3220,6 +3220,20 @@ def test_setup_refuses_a_partial_torchrun_environment(monkeypatch):
     assert engine.setup().world_size == 1
 
 
+def test_setup_reads_an_empty_rank_as_unset(monkeypatch):
+    """An empty RANK (RANK= python ..., an exported unset variable) is unset to check_launch_env: one process, or its
+    refusal of WORLD_SIZE 2 without RANK; setup read it as set and stopped with int()'s "invalid literal for int()
+    with base 10: ''", naming no variable."""
+    for name in engine.TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("RANK", "")
+    assert engine.setup() == engine.Dist()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="WORLD_SIZE is 2 but RANK is not set.*unset WORLD_SIZE"):
+        engine.setup()
+
+
 LAUNCHERS = [("srun", "SLURM_STEP_NUM_TASKS"), ("mpirun", "OMPI_COMM_WORLD_SIZE"), ("mpirun", "PMI_SIZE")]
 
 

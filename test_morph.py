@@ -731,6 +731,17 @@ def test_visualization_out_that_cannot_be_written_names_the_fix(tmp_path, monkey
         morph.main([str(tmp_path / "img.png"), "--img_size", "32", "--schedule", "1", "--out", str(tmp_path / "g.png")])
 
 
+def test_visualization_out_of_a_format_pillow_cannot_write_from_rgb_names_the_format(tmp_path):
+    """An extension Pillow lists but writes for other modes only (.xbm: 1-bit) is no file-system refusal: it was
+    told to give a path in a folder it can write to (the folder could be written), like plot_log's twin says."""
+    from PIL import Image
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "img.png")
+    with pytest.raises(SystemExit, match=r"^error: --out '.*g.xbm': Pillow could not write it \(cannot write mode RGB "
+                                         r"as XBM\); use e.g. groups.png$"):
+        morph.main([str(tmp_path / "img.png"), "--img_size", "32", "--schedule", "1", "--out", str(tmp_path / "g.xbm")])
+    assert not (tmp_path / "g.xbm").exists()
+
+
 def test_group_mean_refuses_integer_tokens_and_tokens_without_channels():
     """Integer tokens (uint8 pixel patches) gave means cut to integers in their dtype without a word (2 and 3 -> 2, not
     2.5); tokens (B, N) without a channel dim failed unpacking x.shape. Both are refused, naming the fix."""

@@ -565,9 +565,9 @@ def test_an_epochs_file_cut_short_is_one_line_naming_the_fix_and_is_written_whol
     out.mkdir()
     (out / "epochs.json").write_text('{"teacher_epochs": 1')
     monkeypatch.setattr("sys.argv", ["study.py", "--out", str(out)])
-    with pytest.raises(SystemExit, match=r"^error: .*epochs.json is not JSON \(.*\): write into it the epochs the "
-                                         r"study there ran with, e.g. echo '\{\"teacher_epochs\": 10, .*\}' "
-                                         r"> .*epochs.json"):
+    with pytest.raises(SystemExit, match=r"^error: .*epochs.json is not JSON of the epochs \(.*\): write into it "
+                                         r"the epochs the study there ran with, e.g. echo "
+                                         r"'\{\"teacher_epochs\": 10, .*\}' > .*epochs.json"):
         study.main()
     (out / "epochs.json").unlink()
     monkeypatch.setattr(study, "make_data", lambda out: os.path.join(out, "data"))
@@ -576,6 +576,19 @@ def test_an_epochs_file_cut_short_is_one_line_naming_the_fix_and_is_written_whol
     with pytest.raises(SystemExit, match="replaced"):
         study.main()
     assert not (out / "epochs.json").exists() and (out / "epochs.json.tmp").exists()  # not written in place
+
+
+@pytest.mark.parametrize("content", [b"[]", b"null", b"10", b"\xff\xfe"])
+def test_an_epochs_file_of_no_object_is_one_line_naming_the_fix(tmp_path, monkeypatch, content):
+    """An OUT/epochs.json that is JSON but no object (a list, null, a number) was an AttributeError traceback at
+    before.get, and one not in UTF-8 a UnicodeDecodeError traceback: both are refused as a torn one is."""
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "epochs.json").write_bytes(content)
+    monkeypatch.setattr("sys.argv", ["study.py", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"^error: .*epochs.json is not JSON of the epochs \(.+\): write into it "
+                                         r"the epochs the study there ran with, e.g. echo '\{\"teacher_epochs\": 10, "):
+        study.main()
 
 
 def test_make_data_with_a_file_missing_names_it_and_the_fix(fake_fashion, tmp_path):
