@@ -16,10 +16,11 @@ def pytest_collection_finish(session):
 @pytest.fixture(autouse=True)
 def python_ctrl_c():
     """engine.cli, called in a test, leaves Ctrl-C at SIGINT's default action (as a script's exit needs: it ends the
-    process); after each test pytest's process gets Python's handler back, so that Ctrl-C stops pytest with its
-    summary."""
+    process); after each test pytest's process gets the handler it had back (Python's, so that Ctrl-C stops pytest
+    with its summary; or SIGINT ignored, as a script's background pytest has it)."""
+    handler = signal.getsignal(signal.SIGINT)
     yield
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 @pytest.fixture

@@ -90,7 +90,9 @@ def load_image(path):
             if mode.startswith("I;16") or (mode == "I" and img.format == "PPM"):  # PGM: 'I' holding 0..65535
                 # np.asarray decodes the whole file, so truncated files fail here too
                 grey = np.rint(np.asarray(img, dtype=np.float64) / 257.0).astype(np.uint8)
-                return Image.fromarray(grey, "L").convert("RGB")
+                rgb = Image.fromarray(grey, "L").convert("RGB")
+                rgb.info.update(img.info)  # its EXIF orientation, for upright (convert() below keeps it too)
+                return rgb
             if mode not in ("I", "F"):
                 return img.convert("RGB")  # convert() forces the full decode, so truncated files fail here
     except FileNotFoundError:

@@ -110,8 +110,7 @@ def setup() -> Dist:
             return Dist()
         check_gpu_supported(torch.device("cuda", 0))
         return Dist(device=torch.device("cuda", 0))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world_size, local_rank = launch_int("RANK"), launch_int("WORLD_SIZE"), launch_int("LOCAL_RANK")
     device = torch.device("cpu")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -120,6 +119,18 @@ def setup() -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return Dist(rank, world_size, local_rank, device)
+
+
+def launch_int(name: str) -> int:
+    """torchrun's variable `name` as an int, an empty or unset one 0 (LOCAL_RANK= from an exported unset variable,
+    e.g. $SLURM_LOCALID outside a step), one that is no whole number a one-line error naming it (int()'s
+    "invalid literal for int() with base 10: ''" named none)."""
+    value = os.environ.get(name, "").strip()
+    try:
+        return int(value or 0)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a whole number: torchrun sets it; unset it, or launch with "
+                         f"torchrun") from None
 
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -1897,7 +1908,7 @@ def cli(main):
         if message is None or show_tracebacks():
             raise
         where = (f" (rank {os.environ.get('RANK')} of {os.environ['WORLD_SIZE']}, {socket.gethostname()})"
-                 if os.environ.get("RANK") and int(os.environ.get("WORLD_SIZE") or 1) > 1
+                 if os.environ.get("RANK") and os.environ.get("WORLD_SIZE", "").strip() not in ("", "0", "1")
                  else "")  # torchrun's summary may blame another rank
         _end_progress_bars()
         print(f"error{where}: {message}", file=sys.stderr, flush=True)

@@ -223,7 +223,11 @@ def main():
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out!r} is a file, not a folder")
     args.out = os.path.abspath(args.out)  # the runs start in this folder (cwd=HERE), not in the caller's
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:  # a file further up (--out FILE/sub), no permission: a traceback once
+        parser.error(f"--out {args.out!r}: cannot make the folder ({e.strerror}); give a path in a folder you can "
+                     f"write to")
     check_same_epochs(args)
     log = os.path.join(args.out, "runs.log")
     root = make_data(args.out)

@@ -1126,6 +1126,24 @@ def test_seg_folder_applies_exif_orientation(tmp_path):
     assert np.array_equal(turned, upright_of[6][..., 0] > 127)
 
 
+def test_seg_folder_turns_a_16_bit_grey_photo_upright_too(tmp_path):
+    """load_image's 16-bit grey path makes a new image from the pixels, which lost the file's EXIF: a tag 3 photo was
+    paired with its mask upside down, silently (same size)."""
+    stored = np.zeros((32, 48), np.uint16)
+    stored[:16, :24] = 65535  # white top-left quadrant of the stored pixels
+    os.makedirs(tmp_path / "img"), os.makedirs(tmp_path / "ann")
+    exif = Image.Exif()
+    exif[data.EXIF_ORIENTATION] = 3
+    Image.fromarray(stored).save(tmp_path / "img" / "a.png", exif=exif.tobytes())
+    want = np.rot90(stored, 2) > 0
+    Image.fromarray(want.astype(np.uint8), "L").save(tmp_path / "ann" / "a.png")
+    img, mask = data.SegFolder(str(tmp_path / "img"), str(tmp_path / "ann"), img_suffix=".png")[0]
+    with Image.open(tmp_path / "img" / "a.png") as opened:
+        assert opened.mode.startswith("I;16")  # the 16-bit path, as a viewer turns it
+        assert np.array_equal(np.asarray(ImageOps.exif_transpose(opened)) > 0, want)
+    assert np.array_equal(np.asarray(img)[..., 0] == 255, want) and np.array_equal(np.asarray(mask) == 1, want)
+
+
 def test_seg_folder_file_listing(tmp_path):
     """Hidden files (macOS ._a.jpg) are skipped; a.jpg next to a.JPG is an error, not a silent pick; a folder of
     other images names the suffix to pass."""

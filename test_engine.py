@@ -1936,6 +1936,18 @@ def test_cli_leaves_a_sigint_it_did_not_install_as_it_was(handler):
     assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
 
 
+def test_conftest_leaves_a_pytest_that_ignores_sigint_ignoring_it(tmp_path):
+    """conftest's fixture gave Python's handler after every test, also to a pytest started with SIGINT ignored (a
+    script's background job): a Ctrl-C meant for the script then stopped it (cli's twin, fixed there before)."""
+    (tmp_path / "test_sigint.py").write_text("import signal\n\n\ndef test_a():\n    pass\n\n\ndef test_b():\n"
+                                             "    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n")
+    child = ("import signal, sys, pytest; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+             "sys.exit(pytest.main(['-q', '-p', 'conftest', '-p', 'no:cacheprovider', sys.argv[1]]))")
+    proc = subprocess.run([sys.executable, "-c", child, str(tmp_path / "test_sigint.py")], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": HERE})
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_an_error_or_ctrl_c_during_training_starts_its_own_line(capsys, monkeypatch):
     """The progress bar is closed first: `error: ...` was printed at the end of the bar's line, where a log read with
     `grep ^error:` did not find it; after Ctrl-C no empty line follows the closed bar."""
@@ -3232,6 +3244,32 @@ def test_setup_reads_an_empty_rank_as_unset(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="WORLD_SIZE is 2 but RANK is not set.*unset WORLD_SIZE"):
         engine.setup()
+
+
+def test_setup_reads_an_empty_local_rank_as_0_and_names_a_variable_that_is_no_number(monkeypatch, capsys):
+    """LOCAL_RANK= (export LOCAL_RANK=$SLURM_LOCALID with it unset) stopped setup with int()'s "invalid literal for
+    int() with base 10: ''", naming no variable, as RANK= did; now rank 0's process group starts. A value that is no
+    number is named."""
+    for name in engine.TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    started = []
+    monkeypatch.setattr(engine.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(engine.dist, "init_process_group", lambda *args, **kwargs: started.append((args, kwargs)))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("LOCAL_RANK", "")
+    assert engine.setup() == engine.Dist()
+    assert started == [(("gloo",), {"rank": 0, "world_size": 1})]
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match=r"^WORLD_SIZE='two' is not a whole number: torchrun sets it; unset it"):
+        engine.setup()
+    monkeypatch.delenv("DTM_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit):  # the one line, not a traceback from the rank's prefix of that line
+        engine.cli(engine.setup)
+    assert "WORLD_SIZE='two' is not a whole number" in capsys.readouterr().err
 
 
 LAUNCHERS = [("srun", "SLURM_STEP_NUM_TASKS"), ("mpirun", "OMPI_COMM_WORLD_SIZE"), ("mpirun", "PMI_SIZE")]

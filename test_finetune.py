@@ -524,7 +524,19 @@ def test_a_run_continued_in_another_folder_says_where_its_best_checkpoint_is(fin
     tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path / "c"),
                         "--resume", str(out / "checkpoint-last.pth.epoch0")])
     assert "reached before" not in capsys.readouterr().out and (tmp_path / "c" / engine.BEST).exists()
-    assert torch.load(tmp_path / "c" / engine.LAST)["best_dir"] == str(tmp_path / "c")  # where a relaunch looks
+    assert torch.load(tmp_path / "c" / engine.LAST)["best_dir"] is None  # beside it: where a relaunch looks
+
+
+def test_a_run_folder_moved_elsewhere_finds_its_best_checkpoint_in_it(finetuned, tmp_path, capsys):
+    """A run's folder moved (or copied) and relaunched there: the summary sent the user to the old folder, which a
+    checkpoint recorded as best_dir, though checkpoint-best.pth is in this one."""
+    out, best = finetuned
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(moved)])  # finished: it only says where things are
+    printed = capsys.readouterr().out
+    assert f"done: best val top-1 {best:.2f}%; checkpoints and log.jsonl in {moved}" in printed, printed
+    assert (moved / engine.BEST).exists()
 
 
 def test_another_trainers_checkpoint_is_named_as_the_folders_run_or_as_the_resume_path(tmp_path):

@@ -411,6 +411,18 @@ def test_an_out_that_is_a_file_or_empty_is_refused(tmp_path, monkeypatch, capsys
         assert f"--out {out!r} {error}" in capsys.readouterr().err
 
 
+def test_an_out_below_a_file_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """A file further up the path (--out FILE/sub): os.makedirs' NotADirectoryError traceback once."""
+    (tmp_path / "s").write_text("a file")
+    monkeypatch.setattr(study, "make_data", lambda out: pytest.fail("ran"))
+    monkeypatch.setattr("sys.argv", ["study.py", "--out", str(tmp_path / "s" / "sub")])
+    with pytest.raises(SystemExit) as exit_status:
+        study.main()
+    assert exit_status.value.code == 2 and (tmp_path / "s").read_text() == "a file"
+    assert f"--out {str(tmp_path / 's' / 'sub')!r}: cannot make the folder (Not a directory); give a path in a " \
+        f"folder you can write to" in capsys.readouterr().err
+
+
 @pytest.fixture
 def big_fashion(tmp_path, monkeypatch):
     """More images than the study takes (3000 + 1000 training, 500 test): 1-pixel images whose value is the index mod

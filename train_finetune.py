@@ -665,7 +665,9 @@ def finetune(args, d, amp_dtype, scaler):
         best_dir = args.output_dir if improved else best_dir
         state = engine.checkpoint_state("dtm_finetune", model, optimizer, scaler, args, step, steps_per_epoch,
                                         train_images=len(train_set), best_top1=best_top1, val=stats,
-                                        best_dir=os.path.abspath(best_dir), classes=list(classes),
+                                        best_dir=None if engine.same_path(best_dir, args.output_dir) else
+                                        os.path.abspath(best_dir),  # None: beside it (also once the folder is moved)
+                                        classes=list(classes),
                                         unreadable_images=named_files, log_lines=log.lines)
         if improved:  # before LAST: a run killed between the two saves retrains the epoch and writes BEST again
             engine.save_checkpoint(os.path.join(args.output_dir, engine.BEST), state)
