@@ -13,6 +13,18 @@ def pytest_collection_finish(session):
         module.start_ahead(session.items)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def child_tmpdir(tmp_path_factory):
+    """The tests' child processes make their temporary files in this session's pytest folder (pytest keeps the last
+    three sessions' folders and removes older ones), not in /tmp: torchrun's log folder (torchelastic_*, which torch
+    never removes) and the temporary folder of a child a test kills were left there, 20 or more a run of the suite.
+    pytest's own process keeps its temporary folder (tempfile chose it before this, from TMPDIR as it was)."""
+    folder = tmp_path_factory.mktemp("tmpdir", numbered=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(autouse=True)
 def python_ctrl_c():
     """engine.cli, called in a test, leaves Ctrl-C at SIGINT's default action (as a script's exit needs: it ends the

@@ -402,9 +402,10 @@ def test_ddp_broadcasts_buffers_only_where_ranks_can_differ():
     assert not engine.buffers_differ_between_ranks(torch.nn.SyncBatchNorm.convert_sync_batchnorm(head))
 
 
-def test_ddp_wraps_without_deprecation_warnings(tmp_path):
+def test_ddp_wraps_without_deprecation_warnings(tmp_path, monkeypatch):
     """torch 2.13 deprecates DDP's broadcast_buffers (a FutureWarning on every rank); engine.ddp passes
     forward_sync_buffers where torch has it. A one-process gloo group in this process, destroyed after."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # init_process_group wraps it, destroy leaves it so
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with warnings.catch_warnings():
@@ -1707,6 +1708,18 @@ def test_teardown_after_ddp_ends_the_gloo_threads(tmp_path):
     result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(helper))
     assert result.returncode == 0, result.stderr[-6000:]
     assert [(tmp_path / f"threads{rank}.txt").read_text() for rank in (0, 1)] == ["", ""]  # gloo's threads are gone
+
+
+def test_child_processes_of_the_tests_leave_their_temporary_files_in_pytests_folder(tmp_path_factory):
+    """torchrun makes a log folder (torchelastic_*) in the temporary folder and never removes it: each run of the
+    suite left 20 or more in /tmp. conftest.py's child_tmpdir gives child processes a TMPDIR in pytest's folder."""
+    basetemp = tmp_path_factory.getbasetemp()
+    before = set(basetemp.glob("*/torchelastic_*"))
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--no-python", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(set(basetemp.glob("*/torchelastic_*")) - before) == 1
+    printed = run_script("-c", "import tempfile; print(tempfile.gettempdir())").stdout.strip()
+    assert os.path.commonpath([printed, basetemp]) == str(basetemp)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -3061,9 +3074,10 @@ def test_set_run_length_takes_a_continued_runs_own_length_over_a_new_runs():
     assert (args.epochs, args.warmup_epochs) == (300, 40)
 
 
-def test_grad_sync_skips_the_all_reduce_except_on_the_last_micro_batch(tmp_path):
+def test_grad_sync_skips_the_all_reduce_except_on_the_last_micro_batch(tmp_path, monkeypatch):
     """Under DDP the gradients are all-reduced on the last micro-batch of a step only (no_sync on the others):
     inverted, no step would ever average the ranks' gradients. A one-process gloo group, destroyed after."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # init_process_group wraps it, destroy leaves it so
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))

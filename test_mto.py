@@ -1265,10 +1265,11 @@ def test_the_interface_check_reads_each_keyword_and_reads_a_classs_method_once()
     assert (after.hits - before.hits, after.misses - before.misses) == (1, 0)
 
 
-def test_a_ddp_wrapped_vit_is_told_to_run_mto_inside_the_wrapped_forward(tmp_path):
+def test_a_ddp_wrapped_vit_is_told_to_run_mto_inside_the_wrapped_forward(tmp_path, monkeypatch):
     """mto_forward(ddp_model, ...) said "pass an adapter", which a DDP-wrapped ViT of this repo does not need: MTO
     belongs inside the wrapped forward (dtm.DTMPretrainModel's features_fn), where DDP sees it. A one-process gloo
     group, destroyed after."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # init_process_group wraps it, destroy leaves it so
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         x, mask = images(), random_mask()

@@ -346,6 +346,7 @@ def test_ctrl_c_while_a_finished_run_stops_its_dataloader_workers_stops_main(ima
     with pytest.raises(KeyboardInterrupt):
         tp.main(tiny_argv(image_folder, tmp_path / "out", "--num_workers", "2"))
     assert torch.load(tmp_path / "out" / engine.LAST)["step"] == 9 and set(multiprocessing.active_children()) == before
+    assert engine._held_locks == {}  # teardown went on: the run lock was held until the next run's teardown
 
 
 def test_the_teacher_checkpoint_may_not_be_one_the_run_writes_over(image_folder, tmp_path):
