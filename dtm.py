@@ -655,11 +655,34 @@ def _not_a_torch_save_file(path: str, flag: str):
     return None
 
 
+def _pickle_protocol(path: str):
+    """The protocol of the pickle in a torch.save file (its zip archive's data.pkl, or the file itself before torch
+    1.6) by its PROTO header, or None where it has none or cannot be read."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+                head = archive.read(name)[:2] if name else b""
+        else:
+            with open(path, "rb") as f:
+                head = f.read(2)
+    except Exception:  # noqa: BLE001 -- a damaged archive: zipfile raises more than BadZipFile (UnicodeDecodeError)
+        return None
+    return head[1] if len(head) == 2 and head[:1] == b"\x80" else None
+
+
 def _unreadable_checkpoint(path: str, flag: str, error: Exception) -> str:
-    """Why torch.load failed on path, in words: not a torch.save file at all, or a damaged one (torch's reason)."""
+    """Why torch.load failed on path, in words: not a torch.save file at all, one of a pickle protocol (4, 5) that its
+    weights_only reader does not read, or a damaged one (torch's reason)."""
     problem = _not_a_torch_save_file(path, flag)
     if problem:
         return problem
+    protocol = _pickle_protocol(path)
+    if protocol is not None and protocol > 3 and "Unsupported operand" in str(error):  # a whole file: FRAME opcodes
+        return (f"{flag} {path!r} was saved with pickle protocol {protocol} (torch.save's pickle_protocol), which "
+                f"torch.load does not read safely (weights_only=True): if you trust the file, re-save it once with the "
+                f"default protocol: python -c \"import sys, torch; p = sys.argv[1]; torch.save(torch.load(p, "
+                f"weights_only=False), p)\" {shlex.quote(path)}")
     first_sentence = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else ""
     return (f"{flag} {path!r} cannot be read by torch.load: it is truncated or damaged (an interrupted save or "
             f"copy?) ({type(error).__name__}: {first_sentence})")

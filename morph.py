@@ -466,9 +466,19 @@ def parse_schedule(text: str) -> list:
 
 
 def _load_square_image(path: str, size: int):
+    import numpy as np
     from PIL import Image
     try:
-        img = Image.open(path).convert("RGB")
+        with Image.open(path) as img:
+            mode = img.mode
+            # convert("RGB") clips more than 8 bits at 255 (a white picture): 16-bit grey scaled as data.load_image
+            if mode.startswith("I;16") or (mode == "I" and img.format == "PPM"):
+                img = Image.fromarray(np.rint(np.asarray(img, dtype=np.float64) / 257).astype(np.uint8), "L")
+            elif mode in ("I", "F"):
+                kind = "float" if mode == "F" else "integer"
+                raise SystemExit(f"error: image {path!r} has mode {mode!r} (32-bit {kind} pixels), whose range is not "
+                                 f"known: convert it to 8-bit RGB or grayscale")
+            img = img.convert("RGB")
     except (FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: cannot read image {path!r}: {e}")
     w, h = img.size

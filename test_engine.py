@@ -541,6 +541,28 @@ def test_read_checkpoint_errors_name_the_file(tmp_path):
         engine.load_checkpoint(str(tmp_path / "full.pth"), "dtm_finetune")
 
 
+def test_a_checkpoint_saved_with_pickle_protocol_4_or_5_is_not_called_damaged(tmp_path):
+    """torch.save(..., pickle_protocol=4) (large objects) writes a whole file that torch.load's safe reader
+    (weights_only=True) does not read (its FRAME opcode): it was "truncated or damaged (an interrupted save or
+    copy?)", the wrong fix. Named by its protocol, with the re-save that works; zip and torch < 1.6's format alike."""
+    with warnings.catch_warnings():  # torch.save and torch.load note the protocol that is not their default
+        warnings.simplefilter("ignore")
+        for protocol, zipped in ((4, True), (5, True), (4, False)):
+            path = str(tmp_path / f"p{protocol}{zipped}.pth")
+            torch.save({"model": {"w": torch.ones(2)}}, path, pickle_protocol=protocol,
+                       _use_new_zipfile_serialization=zipped)
+            with pytest.raises(ValueError) as error:
+                dtm.read_checkpoint(path, "--init")
+            assert str(error.value) == (
+                f"--init {path!r} was saved with pickle protocol {protocol} (torch.save's pickle_protocol), which "
+                f"torch.load does not read safely (weights_only=True): if you trust the file, re-save it once with "
+                f"the default protocol: python -c \"import sys, torch; p = sys.argv[1]; torch.save(torch.load(p, "
+                f"weights_only=False), p)\" {path}")
+            subprocess.run([sys.executable, "-c", "import sys, torch; p = sys.argv[1]; torch.save(torch.load(p, "
+                            "weights_only=False), p)", path], check=True, capture_output=True)  # the fix named works
+            assert dtm.read_checkpoint(path, "--init")["model"]["w"].tolist() == [1.0, 1.0]
+
+
 def test_a_flag_that_only_sets_the_starting_weights_is_not_recorded_as_applied_on_resume(capsys):
     """--layer_scale is the initial value of the layer-scale weights, which a checkpoint holds: a relaunch with
     another (non-zero) value printed "--layer_scale 0.1 -> 0.5" among the changes that apply, and recorded 0.5 in

@@ -771,3 +771,19 @@ def test_a_jit_trace_gives_the_groups_of_the_traced_schedule(dim):
     for shape in ((2, 16, dim), (3, 20, dim)):
         x = torch.randn(shape)
         assert torch.equal(trace(x), token_morphing(x, [4, 2], "official"))
+
+
+def test_visualization_reads_16_bit_grey_as_its_levels(tmp_path):
+    """A 16-bit grey image (a scan, a microscope photo) is drawn at its grey levels (x / 257, as data.load_image):
+    Pillow's convert("RGB") clips it at 255, so the picture showed the groups of a white image. A 32-bit one, whose
+    range is unknown, is refused by name."""
+    import numpy as np
+    from PIL import Image
+    levels = np.array([[0, 257, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    Image.frombytes("I;16", (4, 4), levels.astype("<u2").tobytes()).save(tmp_path / "grey16.png")
+    img = morph._load_square_image(str(tmp_path / "grey16.png"), 4)
+    assert img.mode == "RGB" and np.asarray(img)[0].tolist() == [[v] * 3 for v in (0, 1, 128, 255)]
+    Image.fromarray(np.full((4, 4), 0.5, np.float32), "F").save(tmp_path / "float.tif")
+    with pytest.raises(SystemExit, match=r"^error: image '.*float.tif' has mode 'F' \(32-bit float pixels\), whose "
+                                         r"range is not known: convert it to 8-bit RGB or grayscale$"):
+        morph._load_square_image(str(tmp_path / "float.tif"), 4)
