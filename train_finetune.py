@@ -663,12 +663,11 @@ def finetune(args, d, amp_dtype, scaler):
                       f"top-5 {stats['top5']:.2f}%  (best {best_top1:.2f}%)")
         named_files = engine.unreadable_for_checkpoint(unreadable, d, step, log)
         best_dir = args.output_dir if improved else best_dir
+        best_elsewhere = None if engine.same_path(best_dir, args.output_dir) else os.path.abspath(best_dir)
         state = engine.checkpoint_state("dtm_finetune", model, optimizer, scaler, args, step, steps_per_epoch,
                                         train_images=len(train_set), best_top1=best_top1, val=stats,
-                                        best_dir=None if engine.same_path(best_dir, args.output_dir) else
-                                        os.path.abspath(best_dir),  # None: beside it (also once the folder is moved)
-                                        classes=list(classes),
-                                        unreadable_images=named_files, log_lines=log.lines)
+                                        best_dir=best_elsewhere,  # None: beside it (also once the folder is moved)
+                                        classes=list(classes), unreadable_images=named_files, log_lines=log.lines)
         if improved:  # before LAST: a run killed between the two saves retrains the epoch and writes BEST again
             engine.save_checkpoint(os.path.join(args.output_dir, engine.BEST), state)
         engine.save_checkpoint(os.path.join(args.output_dir, engine.LAST), state)
