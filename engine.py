@@ -38,6 +38,7 @@ import socket
 import sys
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 
 try:
@@ -1802,6 +1803,21 @@ def wait_for_gpu(d: Dist):
     where a save or evaluation starts, does not count the queued training step as part of it."""
     if d.device.type == "cuda":
         torch.cuda.synchronize(d.device)
+
+
+_run_bars = weakref.WeakSet()  # the trainers' progress bars (progress_bar)
+
+
+def progress_bar(make, **kwargs):
+    """make(dynamic_ncols=True, **kwargs): a trainer's progress bar over its steps (make: tqdm, by the trainer's
+    name for it). A bar an earlier run in this process left open is closed first: a run that raised keeps its bar
+    open where its traceback is kept (a notebook, a sweep that stores the error), and the next run's messages
+    (Dist.print) drew that dead bar again, its own bar on a line below."""
+    for bar in list(_run_bars):
+        bar.close()
+    bar = make(dynamic_ncols=True, **kwargs)
+    _run_bars.add(bar)
+    return bar
 
 
 class StepTimer:

@@ -479,6 +479,9 @@ def _load_square_image(path: str, size: int):
                 raise SystemExit(f"error: image {path!r} has mode {mode!r} (32-bit {kind} pixels), whose range is not "
                                  f"known: convert it to 8-bit RGB or grayscale")
             img = img.convert("RGB")
+    except Image.DecompressionBombError as e:  # a valid file above Pillow's pixel limit (no OSError)
+        raise SystemExit(f"error: image {path!r} is too large for Pillow's decompression-bomb limit ({e}); downscale "
+                         f"the file, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it")
     except (FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: cannot read image {path!r}: {e}")
     w, h = img.size

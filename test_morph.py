@@ -787,3 +787,14 @@ def test_visualization_reads_16_bit_grey_as_its_levels(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: image '.*float.tif' has mode 'F' \(32-bit float pixels\), whose "
                                          r"range is not known: convert it to 8-bit RGB or grayscale$"):
         morph._load_square_image(str(tmp_path / "float.tif"), 4)
+
+
+def test_visualization_names_an_image_above_pillows_pixel_limit(tmp_path, monkeypatch):
+    """Pillow refuses an image of more than twice MAX_IMAGE_PIXELS (DecompressionBombError, no OSError): a traceback
+    before; now the one-line error naming the limit and the fixes, as data.load_image."""
+    from PIL import Image
+    Image.new("RGB", (30, 30)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # 900 pixels > 2 x 400
+    with pytest.raises(SystemExit, match=r"^error: image '.*big.png' is too large for Pillow's decompression-bomb "
+                                         r"limit \(.*\); downscale the file, or raise PIL.Image.MAX_IMAGE_PIXELS"):
+        morph._load_square_image(str(tmp_path / "big.png"), 16)

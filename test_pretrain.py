@@ -1510,3 +1510,25 @@ def test_the_start_up_line_names_the_teachers_precision(image_folder, tmp_path, 
     tp.main([*argv, "--teacher_amp", "bf16", "--max_steps", "1"])
     printed = capsys.readouterr().out
     assert "amp fp32 (teacher bf16)" in printed and "lr 0.00221 (--lr 0.05 x sqrt(4 / 2048))" in printed
+
+
+def test_a_run_after_one_that_raised_in_the_same_process_closes_the_bar_left_open(image_folder, tmp_path, monkeypatch):
+    """A run that raised (Ctrl-C in a notebook cell) left its progress bar open where the traceback is kept (IPython
+    keeps the last one, pytest.raises too): the next run in that process drew the dead run's bar again at each of its
+    messages (Dist.print) and its own bar on a line below. The next run closes it."""
+    from tqdm import tqdm
+    step = engine.optimizer_step
+
+    def interrupted_at_the_second_step(optimizer, *rest):
+        if optimizer.state and min(s["step"] for s in optimizer.state.values()) >= 1:
+            raise KeyboardInterrupt
+        return step(optimizer, *rest)
+
+    monkeypatch.setattr(engine, "optimizer_step", interrupted_at_the_second_step)
+    with pytest.raises(KeyboardInterrupt) as kept:  # the traceback kept, as IPython's sys.last_traceback
+        tp.main(tiny_argv(image_folder, tmp_path / "a", "--epochs", "1"))
+    left_open = [bar for bar in tqdm._instances if bar.total == 3 and bar.n == 1]
+    assert len(left_open) == 1 and kept.value is not None
+    monkeypatch.setattr(engine, "optimizer_step", step)
+    tp.main(tiny_argv(image_folder, tmp_path / "b", "--epochs", "1"))
+    assert left_open[0] not in tqdm._instances and left_open[0].disable  # closed

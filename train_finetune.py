@@ -610,7 +610,7 @@ def finetune(args, d, amp_dtype, scaler):
     timer = engine.StepTimer(d.device)
     window, epoch_loss = torch.zeros(2, device=d.device), torch.zeros(2, device=d.device)  # (loss sum, count)
     last_log_time, images_seen = time.perf_counter(), 0
-    bar = tqdm(total=total_steps, initial=step, disable=not d.is_main or finished, dynamic_ncols=True)
+    bar = engine.progress_bar(tqdm, total=total_steps, initial=step, disable=not d.is_main or finished)
     ddp_model.train()
     while step < total_steps:
         epoch = step // steps_per_epoch

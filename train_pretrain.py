@@ -441,7 +441,7 @@ def train(args, d: engine.Dist) -> dict:
     sums, count, images_seen = None, 0, 0
     saved_window = engine.log_window_per_step(checkpoint)
     last_log_time = time.perf_counter()
-    bar = tqdm(total=last_step, initial=step, disable=not d.is_main or finished, dynamic_ncols=True)
+    bar = engine.progress_bar(tqdm, total=last_step, initial=step, disable=not d.is_main or finished)
     ddp_model.train()
     while step < last_step:
         epoch = step // steps_per_epoch

@@ -872,7 +872,7 @@ def train(args, d):
     # the last evaluation's metrics: a relaunch keeps its run's (saved with each checkpoint; a finished run prints them)
     metrics = resume.get("metrics") if resume_path is not None else None
     last_log_time, images_seen = time.perf_counter(), 0
-    bar = tqdm(total=args.iters, initial=step, disable=not d.is_main or finished, dynamic_ncols=True)
+    bar = engine.progress_bar(tqdm, total=args.iters, initial=step, disable=not d.is_main or finished)
     ddp_model.train()
     while step < args.iters:
         is_log_step = (step + 1) % args.log_every == 0 or step + 1 == args.iters
