@@ -1166,7 +1166,7 @@ def launched_with_resume(last: str, path: str) -> bool:
         recorded = saved.get("resume_abspath") or saved["args"]["resume"]  # older checkpoints: as it was given
     except Exception:  # not a checkpoint of this repo: the refusal names the folder's file
         return False
-    return recorded != "auto" and same_path(recorded, path)
+    return recorded != "auto" and same_path(moved_with_run(saved, last, recorded), path)
 
 
 def new_run_hint(args, resumed: str) -> str:
@@ -1606,17 +1606,31 @@ def split_teacher(value: str) -> tuple:
     return (kind, path) if colon and kind in ("clip", "ckpt") else (None, value)
 
 
-def _as_launched(name: str, saved, cwd: str):
+def _as_launched(name: str, saved, cwd: str, moved=lambda path: path):
     """A saved flag's value with a relative path made absolute from cwd, the folder its run was launched in, where
-    that is not this one (None for checkpoints from before it was recorded: as saved). PATH_FLAGS only (--teacher:
-    its PATH after clip: or ckpt:). The same relative --data or --teacher relaunched from another folder reads other
-    files, which resume then lists among the changed settings."""
-    if name not in PATH_FLAGS or not isinstance(saved, str) or cwd in (None, launch_folder()):
+    that is not this one (None for checkpoints from before it was recorded: as saved), then moved(path) (where it lies
+    now: moved_with_run). PATH_FLAGS only (--teacher: its PATH after clip: or ckpt:). The same relative --data or
+    --teacher relaunched from another folder reads other files, which resume then lists among the changed settings."""
+    if name not in PATH_FLAGS or not isinstance(saved, str):
         return saved
     kind, path = split_teacher(saved)
     if name == "teacher" and kind is None:  # pixels
         return saved
-    return (f"{kind}:" if kind else "") + os.path.join(cwd, path)  # an absolute path stays as it is
+    if cwd not in (None, launch_folder()):
+        path = os.path.join(cwd, path)  # an absolute path stays as it is
+    return (f"{kind}:" if kind else "") + moved(path)
+
+
+def moved_with_run(checkpoint: dict, path: str, recorded: str) -> str:
+    """An absolute path the checkpoint at `path` records (its --init, --resume PATH, best_dir) where it lies now: where
+    that is gone and the run's folder moved, the same place beside the folder (the folders moved together, e.g. a
+    study's --out: the same command relaunched names the file at its new place); else as recorded."""
+    then = os.path.join(checkpoint.get("cwd") or "", checkpoint["args"].get("output_dir") or "")  # the run's folder
+    if not os.path.isabs(recorded) or os.path.exists(recorded) or not os.path.isabs(then):
+        return recorded  # still there (another file is another one), or the run's folder then is not recorded
+    if not os.path.isabs(path) and not launch_folder():
+        return recorded  # the folder this process was launched in is gone: where `path` lies is not known
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), os.path.relpath(recorded, then)))
 
 
 def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_per_epoch: int, d: Dist,
@@ -1639,7 +1653,8 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
         # a checkpoint from before init_abspath was recorded, with a relative --init that this folder cannot resolve
         unknown = not os.path.isabs(started_from) and not os.path.exists(started_from) and started_from != "none"
         if args.init is not None and not same_path(args.init, started_from):
-            if not (unknown and os.path.isfile(args.init)):
+            moved = same_path(args.init, moved_with_run(checkpoint, path, started_from))
+            if not ((unknown or moved) and os.path.isfile(args.init)):
                 same = ("none" if started_from == "none" else
                         f"with that file's path from this folder (it records {started_from} relative to another "
                         f"one)" if unknown else f"{shlex.quote(started_from)} (the file is not read again)")
@@ -1653,8 +1668,9 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
                 raise ValueError(f"{path!r} continues a run started from --init {started_from}; --init {given} would "
                                  f"be ignored (it applies to a new run only). To continue that run pass --init {same}; "
                                  f"to start a new run from {args.init} {new_run_hint(args, path)}")
-            d.print(f"note: {path!r} was started from --init {started_from}, relative to a folder it does not record; "
-                    f"taking --init {args.init} as that file")
+            d.print(f"note: {path!r} was started from --init {started_from}, " + (
+                "which is gone; --init lies where it lay beside the run (moved with it)" if moved else
+                "relative to a folder it does not record") + f"; taking --init {args.init} as that file")
             started_from = os.path.abspath(args.init)
         elif args.init is None and not os.path.isabs(started_from) and started_from != "none":
             d.print(f"note: {path!r} records --init {started_from} relative to a folder it does not record"
@@ -1666,7 +1682,8 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
             d.print(f"note: --{k} sets the weights a run starts with, which {path!r} holds: the continued run keeps "
                     f"--{k} {saved[k]} (not {getattr(args, k)})")
             setattr(args, k, saved[k])
-    launched = {k: _as_launched(k, v, checkpoint.get("cwd")) for k, v in saved.items()}
+    launched = {k: _as_launched(k, v, checkpoint.get("cwd"), lambda p: moved_with_run(checkpoint, path, p))
+                for k, v in saved.items()}
     changed = [f"--{k} {launched[k]} -> {v}" for k, v in sorted(vars(args).items())
                if k not in BOOKKEEPING and k != "init" and k in saved and not _same_setting(launched[k], v)]
     try:

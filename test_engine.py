@@ -1295,6 +1295,27 @@ def test_a_relative_resume_path_is_recorded_as_the_file_it_named(tmp_path, monke
     assert engine.prepare_run(run_args(out, resume=str(start)), CPU) == (str(out / engine.LAST), True)
 
 
+def test_a_requeued_resume_path_continues_its_run_after_the_folders_moved(tmp_path, monkeypatch):
+    """The folder of a --resume PATH and of the run it started moved together: the same command relaunched at the new
+    place, relative or absolute, continues the run (it was refused as another run); another PATH still is."""
+    (tmp_path / "tree" / "run").mkdir(parents=True)
+    (tmp_path / "tree" / "start.pth").write_bytes(b"y")
+    monkeypatch.chdir(tmp_path / "tree")
+    layer = torch.nn.Linear(2, 2)
+    state = engine.checkpoint_state("dtm_pretrain", layer, torch.optim.SGD(layer.parameters(), 1), None,
+                                    run_args("run", resume="start.pth"), 1, 1)
+    torch.save(state, tmp_path / "tree" / "run" / engine.LAST)
+    (tmp_path / "tree").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    (tmp_path / "moved" / "other.pth").write_bytes(b"z")
+    for out, start in (("run", "start.pth"), (str(tmp_path / "moved" / "run"), str(tmp_path / "moved" / "start.pth"))):
+        assert engine.prepare_run(run_args(out, resume=start), CPU) == (os.path.join(out, engine.LAST), True)
+        engine.teardown()
+    with pytest.raises(ValueError, match="holds another run"):
+        engine.prepare_run(run_args("run", resume="other.pth"), CPU)
+    engine.teardown()
+
+
 def test_a_log_window_saved_in_micro_batches_is_read_in_steps():
     """Checkpoints saved before log_window_per_step summed the micro-batches since the last log line: divided by
     their --accum_iter they are the steps' means and the count of steps, as the trainers now sum."""
@@ -3024,6 +3045,32 @@ def test_resume_with_the_init_the_run_started_from_none_or_a_path_not_there_any_
     assert args.init == "none"
 
 
+def test_resume_takes_the_init_that_moved_with_its_run_and_still_refuses_another(tmp_path, monkeypatch, capsys):
+    """A folder holding the pre-training and the fine-tuning runs moved (a study's --out): the same command relaunched,
+    relative or with the new absolute paths, continues (it was refused, naming the gone path as the fix); another
+    file is still another --init."""
+    (tmp_path / "tree" / "pre").mkdir(parents=True)
+    (tmp_path / "tree" / "pre" / "ck.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "tree")
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    args = argparse.Namespace(lr=0.1, output_dir="ft", init="pre/ck.pth", resume="auto", fresh=False)
+    state = engine.checkpoint_state("dtm_finetune", model, optimizer, None, args, 2, 2)
+    (tmp_path / "tree").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    moved = str(tmp_path / "moved" / "pre" / "ck.pth")
+    for spelled, last in (("pre/ck.pth", "ft/checkpoint-last.pth"), (moved, str(tmp_path / "moved" / "ft" / "c.pth"))):
+        again = argparse.Namespace(**{**vars(args), "init": spelled})
+        assert engine.resume(state, last, model, optimizer, None, again, 2, engine.Dist()) == 2
+        assert again.init == moved
+        assert f"{tmp_path / 'tree' / 'pre' / 'ck.pth'}, which is gone; --init lies where it lay beside the run " \
+               f"(moved with it); taking --init {spelled} as that file" in capsys.readouterr().out
+    (tmp_path / "moved" / "other.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="--init other.pth .* would be ignored"):
+        engine.resume(state, "ft/checkpoint-last.pth", model, optimizer, None,
+                      argparse.Namespace(**{**vars(args), "init": "other.pth"}), 2, engine.Dist())
+
+
 def test_a_checkpoint_of_2_processes_resumes_mid_epoch_on_2_or_on_1_with_the_same_samples_per_step(monkeypatch):
     """The checkpoint records the number of processes (faked: 2), which the samples per step of a mid-epoch restart
     count: the same run on 2 processes continues, as does 1 process with twice the batch."""
@@ -3177,6 +3224,28 @@ def test_init_recorded_relative_and_resolved_from_another_folder_is_not_a_change
     assert unset.init == str(tmp_path / "pre.pth")
     out = capsys.readouterr().out
     assert "resumed from ck.pth at step 2" in out and "settings changed" not in out, out
+
+
+def test_data_moved_together_with_the_run_is_not_a_changed_setting(tmp_path, monkeypatch, capsys):
+    """The data and the run's folder moved together, the same command relaunched at the new place (relative, or with
+    the new absolute paths): resume listed --data and --teacher ckpt: as changed settings, naming the old paths."""
+    for name in ("data", "pre"):
+        (tmp_path / "tree" / name).mkdir(parents=True)
+    (tmp_path / "tree" / "pre" / "t.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "tree")
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    args = argparse.Namespace(lr=0.1, output_dir="run", data="data", teacher="ckpt:pre/t.pth")
+    state = engine.checkpoint_state("dtm_pretrain", model, optimizer, None, args, 2, steps_per_epoch=2)
+    (tmp_path / "tree").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    capsys.readouterr()
+    for folder, teacher in (("data", "ckpt:pre/t.pth"), (str(tmp_path / "moved" / "data"),
+                                                         f"ckpt:{tmp_path / 'moved' / 'pre' / 't.pth'}")):
+        again = argparse.Namespace(**{**vars(args), "data": folder, "teacher": teacher})
+        assert engine.resume(state, "run/checkpoint-last.pth", model, optimizer, None, again, 2, CPU) == 2
+        out = capsys.readouterr().out
+        assert "resumed from run/checkpoint-last.pth at step 2" in out and "settings changed" not in out, out
 
 
 def test_a_resume_path_continues_a_run_in_an_empty_folder_and_does_not_read_init(tmp_path):

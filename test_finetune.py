@@ -539,6 +539,22 @@ def test_a_run_folder_moved_elsewhere_finds_its_best_checkpoint_in_it(finetuned,
     assert (moved / engine.BEST).exists()
 
 
+def test_runs_moved_together_find_the_best_checkpoint_in_the_moved_first_folder(finetuned, tmp_path, monkeypatch,
+                                                                               capsys):
+    """A run continued from another folder's checkpoint without improving, both folders then moved together: the
+    summary sent the user to the first folder's old place (best_dir, absolute), where nothing is any more."""
+    out, _ = finetuned
+    shutil.copytree(out, tmp_path / "tree" / "a")
+    evaluate = tf.evaluate
+    monkeypatch.setattr(tf, "evaluate", lambda *a, **k: {**evaluate(*a, **k), "top1": 0.0})  # no better epoch
+    tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path / "tree" / "b"),
+                        "--resume", str(tmp_path / "tree" / "a" / "checkpoint-last.pth.epoch0")])
+    (tmp_path / "tree").rename(tmp_path / "moved")
+    capsys.readouterr()
+    tf.main(TINY_RUN + ["--epochs", "2", "--output_dir", str(tmp_path / "moved" / "b")])  # finished: says where
+    assert f"look in {tmp_path / 'moved' / 'a'});" in capsys.readouterr().out
+
+
 def test_another_trainers_checkpoint_is_named_as_the_folders_run_or_as_the_resume_path(tmp_path):
     """A pre-training checkpoint-last.pth in --output_dir, picked by --resume auto or by a requeued --resume PATH that
     it records: the error names the folder (not a --resume value the command does not have); the same file given as
