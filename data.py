@@ -115,6 +115,10 @@ def load_label_map(path):
             arr = np.array(img)
     except FileNotFoundError:
         raise
+    except Image.DecompressionBombError as e:  # as load_image's (no OSError): a label map larger than its image
+        raise UnreadableImage(f"annotation {path!r} is too large for Pillow's decompression-bomb limit ({e}); a label "
+                              f"map has its image's size: check the file, or raise PIL.Image.MAX_IMAGE_PIXELS if you "
+                              f"trust your data", path) from e
     except (OSError, ValueError) as e:
         raise _unreadable(path, e) from e
     if arr.ndim != 2:  # a file that cannot be a label map: UnreadableImage (training skips it, validation refuses it)

@@ -810,8 +810,13 @@ class UnreadableImages:
     """Training images SeededSamples skipped, over all ranks. The run stops once more than `limit` distinct files
     were unreadable (a few bad files in a large dataset are skipped; a broken dataset is not trained on)."""
     limit: int
-    seen: set = field(default_factory=set)
+    seen: set = field(default_factory=set)  # the files named, relative to root (as checkpoints store them)
     pending: dict = field(default_factory=dict)  # path -> why it could not be read
+    root: str = None  # the training data's folder (None: paths as read), so a moved or respelled one is the same run's
+
+    def name(self, path: str) -> str:
+        """A file's name in `seen`: its path relative to root."""
+        return os.path.relpath(path, self.root) if self.root else path
 
     def add(self, skipped):
         """skipped: the batch's last field, one string per sample ("" or SeededSamples' JSON list of [path, reason])."""
@@ -819,17 +824,26 @@ class UnreadableImages:
             self.pending[path] = reason
 
 
-def unreadable_images(max_unreadable: float, num_images: int, checkpoint: dict = None) -> UnreadableImages:
-    """UnreadableImages of a run over num_images (--max_unreadable: a fraction of them). A resumed run starts with
-    the files its checkpoint says the run already named, so each is named once per run and the limit counts the
-    run's, not this launch's."""
-    return UnreadableImages(limit=int(max_unreadable * num_images),
-                            seen=set((checkpoint or {}).get("unreadable_images", [])))
+def unreadable_images(max_unreadable: float, num_images: int, checkpoint: dict = None,
+                      root: str = None) -> UnreadableImages:
+    """UnreadableImages of a run over num_images (--max_unreadable: a fraction of them) in the folder root. A resumed
+    run starts with the files its checkpoint says the run already named ("unreadable_files", relative to the data's
+    folder, so a relaunch with the data moved or given by another path knows them; older checkpoints' paths as read,
+    "unreadable_images", from their launch's cwd), so each is named once per run and the limit counts the run's, not
+    this launch's."""
+    checkpoint = checkpoint or {}
+    images = UnreadableImages(limit=int(max_unreadable * num_images), seen=set(checkpoint.get("unreadable_files", [])),
+                              root=root)
+    old = checkpoint.get("unreadable_images", [])  # older checkpoints: the paths as read, from the launch's cwd
+    if root:
+        old = [images.name(os.path.join(checkpoint.get("cwd") or "", path)) for path in old]
+    images.seen.update(old)
+    return images
 
 
 def unreadable_for_checkpoint(images: UnreadableImages, d: Dist, step: int, log) -> list:
     """Collective: names the files skipped since the last report (report_unreadable), so the checkpoint's data
-    position does not pass them unnamed, and returns all the run's, for its checkpoint ("unreadable_images")."""
+    position does not pass them unnamed, and returns all the run's, for its checkpoint ("unreadable_files")."""
     report_unreadable(images, d, step, log)
     return sorted(images.seen)
 
@@ -845,14 +859,15 @@ def report_unreadable(images: UnreadableImages, d: Dist, step: int, log):
         dist.all_gather_object(gathered, new)
         new = sorted(dict(pair for rank in gathered for pair in rank).items())
     for path, reason in new:
-        if path not in images.seen:
-            images.seen.add(path)
+        if images.name(path) not in images.seen:
+            images.seen.add(images.name(path))
             d.print(f"skipped an unreadable image ({len(images.seen)} so far): {reason or path}")
             log(step=step, skipped_image=path, **({"reason": reason} if reason else {}))
     if len(images.seen) > images.limit:
         count = f"{len(images.seen)} training image{'s' if len(images.seen) > 1 else ''}"
+        examples = [os.path.join(images.root or "", name) for name in sorted(images.seen)[:3]]
         raise ValueError(f"{count} could not be read (more than {images.limit}, "
-                         f"--max_unreadable), e.g. {sorted(images.seen)[:3]}; the reasons are printed above and in "
+                         f"--max_unreadable), e.g. {examples}; the reasons are printed above and in "
                          f"log.jsonl: repair or remove those files, or raise --max_unreadable")
 
 

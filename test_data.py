@@ -370,6 +370,17 @@ def test_image_modes_load_as_their_values_or_are_refused(tmp_path, monkeypatch):
         data.load_image(str(tmp_path / "big.png"))
 
 
+def test_a_label_map_over_pillows_pixel_limit_is_unreadable_and_named(tmp_path, monkeypatch):
+    """As load_image: an UnreadableImage (training skips it, validation names it), not Pillow's DecompressionBombError
+    (a traceback; reached where a label map is larger than its image)."""
+    Image.new("L", (30, 30)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # 900 pixels > 2 x 400
+    with pytest.raises(data.UnreadableImage, match="annotation '.*big.png' is too large for Pillow's "
+                                                   "decompression-bomb limit .*MAX_IMAGE_PIXELS") as error:
+        data.load_label_map(str(tmp_path / "big.png"))
+    assert error.value.path == str(tmp_path / "big.png")
+
+
 def test_image_folder_skips_hidden_folders_and_refuses_link_loops(tmp_path):
     _save(tmp_path / "ok" / "a" / "1.jpg")
     _save(tmp_path / "ok" / "a" / ".ipynb_checkpoints" / "1-checkpoint.jpg")

@@ -1528,6 +1528,22 @@ def test_a_relaunch_keeps_the_files_its_run_named_and_counts_them_against_the_li
     assert engine.unreadable_images(0.001, 999).limit == 0
 
 
+def test_a_relaunch_keeps_its_named_files_where_the_data_folder_is_given_by_another_path(tmp_path):
+    def launch(root, checkpoint=None):  # one file unreadable; a second naming would pass the limit of 1
+        images = engine.unreadable_images(0.25, 4, checkpoint, root)
+        images.add([passed_over((os.path.join(root, "c", "1.jpg"), "cannot read it"))])
+        named = []
+        return engine.unreadable_for_checkpoint(images, CPU, 1, lambda **record: named.append(record)), named
+
+    files, named = launch("data")
+    assert files == [os.path.join("c", "1.jpg")] and named == [{"step": 1, "skipped_image": "data/c/1.jpg",
+                                                                 "reason": "cannot read it"}]
+    for root in ("./data", str(tmp_path / "copied" / "data")):  # spelled otherwise, or the data copied elsewhere
+        assert launch(root, {"unreadable_files": files}) == (files, [])  # not named (nor counted) again
+    old = {"unreadable_images": [os.path.join("data", "c", "1.jpg")], "cwd": str(tmp_path)}  # paths as read
+    assert launch(str(tmp_path / "data"), old) == (files, [])
+
+
 def test_micro_batches_restart_mid_epoch_exactly():
     def stream(start_step, count, world=1, rank=0):
         dataset = Recorder(23)

@@ -716,11 +716,25 @@ def test_unreadable_images_are_skipped_named_once_and_counted(tmp_path):
     relaunched = tmp_path / "relaunched"
     tp.main(tiny_argv(root, relaunched, "--max_unreadable", "0.1", "--max_steps", "6", "--log_every", "100",
                       "--keep_every", "1"))
-    assert torch.load(relaunched / "checkpoint-0.pth")["unreadable_images"] == [bad]  # step 4: not a log step
-    assert torch.load(relaunched / engine.LAST)["unreadable_images"] == [bad]
+    named = [os.path.join("class1", "3.png")]  # relative to --data
+    assert torch.load(relaunched / "checkpoint-0.pth")["unreadable_files"] == named  # step 4: not a log step
+    assert torch.load(relaunched / engine.LAST)["unreadable_files"] == named
     assert [r["skipped_image"] for r in read_log(relaunched / engine.LOG) if "skipped_image" in r] == [bad]
     tp.main(tiny_argv(root, relaunched, "--max_unreadable", "0.1"))
     assert [r["skipped_image"] for r in read_log(relaunched / engine.LOG) if "skipped_image" in r] == [bad]
+
+
+def test_a_relaunch_with_the_data_moved_does_not_count_an_unreadable_image_twice(tmp_path):
+    root = make_image_folder(tmp_path / "images", count=16)
+    with open(os.path.join(root, "class1", "3.png"), "wb") as f:
+        f.write(b"not an image")
+    out = tmp_path / "run"
+    tp.main(tiny_argv(root, out, "--max_unreadable", "0.1", "--max_steps", "6"))  # 1 of 16 is fine
+    moved = shutil.move(root, str(tmp_path / "moved"))  # e.g. copied to another node's disk for the next launch
+    tp.main(tiny_argv(moved, out, "--max_unreadable", "0.1"))  # was: '2 training images could not be read'
+    assert [r["skipped_image"] for r in read_log(out / engine.LOG) if "skipped_image" in r] == [
+        os.path.join(root, "class1", "3.png")]  # named once in the run
+    assert max(r["step"] for r in read_log(out / engine.LOG)) == 12
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -607,7 +607,8 @@ def finetune(args, d, amp_dtype, scaler):
 
     mixup = data.Mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing, len(classes))
     val = val_loader(val_set, args, d)
-    unreadable = engine.unreadable_images(args.max_unreadable, len(train_set), resume if resume_path else None)
+    unreadable = engine.unreadable_images(args.max_unreadable, len(train_set), resume if resume_path else None,
+                                          args.data_train or args.data)
     batches = engine.micro_batches(loader, sampler, steps_per_epoch, args.accum_iter, step)
     timer = engine.StepTimer(d.device)
     window, epoch_loss = torch.zeros(2, device=d.device), torch.zeros(2, device=d.device)  # (loss sum, count)
@@ -669,7 +670,7 @@ def finetune(args, d, amp_dtype, scaler):
         state = engine.checkpoint_state("dtm_finetune", model, optimizer, scaler, args, step, steps_per_epoch,
                                         train_images=len(train_set), best_top1=best_top1, val=stats,
                                         best_dir=best_elsewhere,  # None: beside it (also once the folder is moved)
-                                        classes=list(classes), unreadable_images=named_files, log_lines=log.lines)
+                                        classes=list(classes), unreadable_files=named_files, log_lines=log.lines)
         if improved:  # before LAST: a run killed between the two saves retrains the epoch and writes BEST again
             engine.save_checkpoint(os.path.join(args.output_dir, engine.BEST), state)
         engine.save_checkpoint(os.path.join(args.output_dir, engine.LAST), state)

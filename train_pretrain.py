@@ -432,10 +432,10 @@ def train(args, d: engine.Dist) -> dict:
         named_files = engine.unreadable_for_checkpoint(unreadable, d, step, log)
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
             "dtm_pretrain", model, optimizer, scaler, args, step, steps_per_epoch, train_images=len(dataset),
-            log_window=window, log_window_per_step=True, unreadable_images=named_files, log_lines=log.lines))
+            log_window=window, log_window_per_step=True, unreadable_files=named_files, log_lines=log.lines))
 
     timer = engine.StepTimer(d.device)
-    unreadable = engine.unreadable_images(args.max_unreadable, len(dataset), checkpoint)
+    unreadable = engine.unreadable_images(args.max_unreadable, len(dataset), checkpoint, args.data)
     batches = engine.micro_batches(loader, sampler, steps_per_epoch, args.accum_iter, step)
     # each log line: the means over the steps since the last one
     sums, count, images_seen = None, 0, 0

@@ -859,9 +859,10 @@ def train(args, d):
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
             "dtm_seg", model, optimizer, scaler, args, step, steps_per_epoch, train_images=len(train_set),
             best_miou=best_miou, num_classes=num_classes, metrics=metrics, log_window=engine.all_mean(window, d).cpu(),
-            log_window_per_step=True, unreadable_images=named_files, log_lines=log.lines))
+            log_window_per_step=True, unreadable_files=named_files, log_lines=log.lines))
 
-    unreadable = engine.unreadable_images(args.max_unreadable, len(train_set), resume if resume_path else None)
+    unreadable = engine.unreadable_images(args.max_unreadable, len(train_set), resume if resume_path else None,
+                                          args.data or args.img_dir)
     batches = engine.micro_batches(loader, sampler, steps_per_epoch, args.accum_iter, step)
     timer = engine.StepTimer(d.device)
     # since the last log line: the sums of the steps' loss, decode loss and aux loss (each step's mean over its
