@@ -1987,7 +1987,10 @@ def test_a_ctrl_c_while_exiting_ends_the_process_without_a_traceback(tmp_path, i
     helper = tmp_path / "helper.py"
     helper.write_text(CTRL_C_WHILE_EXITING.format(repo=HERE, interrupted=interrupted))
     env = {k: v for k, v in os.environ.items() if k != "DTM_TRACEBACK"}
-    proc = subprocess.run([sys.executable, str(helper)], capture_output=True, text=True, timeout=120, env=env)
+    # a terminal's process: SIGINT at its default (a pytest started as a script's background job, as CI may start it,
+    # has it ignored, and so would the helper, which cli then leaves ignoring it: b37f1c8)
+    proc = subprocess.run([sys.executable, str(helper)], capture_output=True, text=True, timeout=120, env=env,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # the one line of Ctrl-C (after the new line that ends a bar), and nothing more
     assert proc.stderr.startswith("\ninterrupted: relaunch" if interrupted else "") and \
         proc.stderr.count("\n") == 2 * interrupted, proc.stderr
