@@ -100,6 +100,18 @@ def set_backend_flags():
     torch.backends.cudnn.benchmark = True
 
 
+@contextlib.contextmanager
+def backend_flags_kept():
+    """Around a trainer's main: the backend flags that setup sets for the run (set_backend_flags) are the caller's
+    again once main returns or raises (a notebook or a sweep calling main went on with TF32 matmuls in its own fp32
+    work, and cuDNN's autotuner)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
 def setup() -> Dist:
     """Process group from torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK): nccl on CUDA, gloo on CPU.
     Without torchrun: one process on cuda:0 if there is a GPU, else the CPU. Sets the backend flags

@@ -262,6 +262,39 @@ def test_setup_sets_the_backend_flags_once_for_all_trainers(monkeypatch):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
+@pytest.mark.parametrize("trainer, run", [("train_pretrain", "train"), ("train_finetune", "finetune"),
+                                          ("train_seg", "train")])
+@pytest.mark.parametrize("raises", [False, True])
+def test_main_gives_the_backend_flags_back_to_its_caller(trainer, run, raises, tmp_path, monkeypatch):
+    """setup's TF32 and autotuner hold for the run only: a notebook or a sweep calling main went on with them (its own
+    fp32 matmuls on TF32), whether main returned or raised."""
+    module, seen = importlib.import_module(trainer), []
+
+    def stub(*args):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                     torch.backends.cudnn.benchmark))
+        if raises:
+            raise ValueError("the run failed")
+        return 1.0
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(module, run, stub)
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, False
+        torch.backends.cudnn.benchmark = False
+        if raises:
+            with pytest.raises(ValueError, match="the run failed"):
+                module.main(["--output_dir", str(tmp_path)])
+        else:
+            assert module.main(["--output_dir", str(tmp_path)]) == 1.0
+        assert seen == [(True, True, True)]  # the run's
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.benchmark) == (True, False, False)  # the caller's again
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
 def test_resolve_amp_on_cpu():
     assert engine.resolve_amp("auto", "cpu") == (None, None) and engine.amp_name(None, None) == "fp32"
     assert engine.resolve_amp("fp32", torch.device("cpu")) == (None, None)

@@ -431,12 +431,13 @@ def train_micro_step(model, images, labels, mixup, args, micro_step, d, amp_dtyp
 def main(argv=None):
     """Fine-tune (returns the best validation top-1) or, with --eval, evaluate (returns the stats)."""
     args = parse_args(argv)
-    d = engine.setup()
-    try:
-        amp_dtype, scaler = engine.resolve_amp(args.amp, d.device)
-        return run_eval(args, d, amp_dtype) if args.eval else finetune(args, d, amp_dtype, scaler)
-    finally:
-        engine.teardown()
+    with engine.backend_flags_kept():  # setup's TF32 and autotuner: for the run only
+        d = engine.setup()
+        try:
+            amp_dtype, scaler = engine.resolve_amp(args.amp, d.device)
+            return run_eval(args, d, amp_dtype) if args.eval else finetune(args, d, amp_dtype, scaler)
+        finally:
+            engine.teardown()
 
 
 def run_eval(args, d, amp_dtype):

@@ -361,11 +361,12 @@ class LoggedLosses:
 def main(argv=None) -> dict:
     """Run pre-training; returns {"model": the DTMPretrainModel, "first_loss", "final_loss", "step", "output_dir"}."""
     args = parse_args(argv)
-    d = engine.setup()
-    try:
-        return train(args, d)
-    finally:
-        engine.teardown()
+    with engine.backend_flags_kept():  # setup's TF32 and autotuner: for the run only
+        d = engine.setup()
+        try:
+            return train(args, d)
+        finally:
+            engine.teardown()
 
 
 def set_schedule(args, saved_args: dict = None):

@@ -645,11 +645,12 @@ def main(argv=None):
     """Train (returns the metrics of the last evaluation) or, with --eval, evaluate (returns the metrics)."""
     args = parse_args(argv)
     check_data_folders(args)
-    d = engine.setup()
-    try:
-        return run_eval(args, d) if args.eval else train(args, d)
-    finally:
-        engine.teardown()
+    with engine.backend_flags_kept():  # setup's TF32 and autotuner: for the run only
+        d = engine.setup()
+        try:
+            return run_eval(args, d) if args.eval else train(args, d)
+        finally:
+            engine.teardown()
 
 
 def run_metrics(model, val_set, class_names, args, d, amp_dtype) -> dict:
