@@ -587,9 +587,9 @@ def finetune(args, d, amp_dtype, scaler):
     if resume_path is not None:
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
                              train_images=len(train_set))
-        best_dir = engine.moved_with_run(resume, resume_path, resume["best_dir"]) if resume.get("best_dir") else \
-            os.path.dirname(resume_path) or "."
         best_top1 = resume["best_top1"]
+        best_dir = (engine.moved_with_run(resume, resume_path, resume["best_dir"]) if resume.get("best_dir")
+                    else os.path.dirname(resume_path) or ".")
     total_steps, warmup_steps = args.epochs * steps_per_epoch, engine.warmup_steps(args.warmup_epochs, steps_per_epoch)
     finished = step >= total_steps
     log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished)
