@@ -101,6 +101,7 @@ def make_data(out):
                  f"--reinstall dataset-fashion-mnist")
     root = os.path.join(out, "data")
     if os.path.isdir(root):
+        check_data_complete(root)
         return root
     partial = root + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -111,6 +112,18 @@ def make_data(out):
     write_folder(os.path.join(partial, "val500"), test_images[:500], test_labels[:500])
     os.replace(partial, root)
     return root
+
+
+def check_data_complete(root):
+    """A study folder's data/ from before data.partial (a study cut short while writing it left it incomplete, and
+    the code of then wrote it again only where val500/ was missing): refuse one with fewer images than its sets."""
+    train, test = (len(read_idx(name)) for name in ("train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
+    sets = (("train3000", min(3000, train)), ("train1000", min(1000, train)), ("val500", min(500, test)))
+    for name, expected in sets:
+        found = sum(len(files) for _, _, files in os.walk(os.path.join(root, name)))
+        if found < expected:
+            sys.exit(f"error: {root} is incomplete ({name} holds {found} of {expected} images: a study cut short "
+                     f"while writing it); remove it (rm -r {shlex.quote(root)}) and the study writes it again")
 
 
 def run(script, argv, log):

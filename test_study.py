@@ -462,6 +462,15 @@ def test_make_data_keeps_finished_data_and_drops_a_stale_partial(fake_fashion_sm
     assert study.make_data(out) == root and os.path.exists(marker)  # a relaunch: the data is not written again
 
 
+def test_make_data_refuses_an_incomplete_data_folder_of_an_older_study(fake_fashion, tmp_path):
+    """Before data.partial a study cut short while writing train3000 left data/ with part of it (the code of then
+    wrote it again as val500/ was missing): data/ is not taken as complete, and the error names the fix."""
+    root = tmp_path / "out" / "data"
+    study.write_folder(str(root / "train3000"), study.read_idx("train-images-idx3-ubyte.gz")[:3], [0, 1, 2])
+    with pytest.raises(SystemExit, match=r"train3000 holds 3 of 40 images.*remove it \(rm -r "):
+        study.make_data(str(tmp_path / "out"))
+
+
 @pytest.fixture
 def fake_fashion_small(tmp_path, monkeypatch):
     root = tmp_path / "fashion"
