@@ -100,12 +100,17 @@ def set_backend_flags():
     torch.backends.cudnn.benchmark = True
 
 
+def backend_flags() -> tuple:
+    """(TF32 matmuls, TF32 convolutions, cuDNN's autotuner): the flags set_backend_flags sets."""
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+
+
 @contextlib.contextmanager
 def backend_flags_kept():
     """Around a trainer's main: the backend flags that setup sets for the run (set_backend_flags) are the caller's
     again once main returns or raises (a notebook or a sweep calling main went on with TF32 matmuls in its own fp32
     work, and cuDNN's autotuner)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+    saved = backend_flags()
     try:
         yield
     finally:
@@ -871,8 +876,9 @@ def report_unreadable(images: UnreadableImages, d: Dist, step: int, log):
         dist.all_gather_object(gathered, new)
         new = sorted(dict(pair for rank in gathered for pair in rank).items())
     for path, reason in new:
-        if images.name(path) not in images.seen:
-            images.seen.add(images.name(path))
+        name = images.name(path)
+        if name not in images.seen:
+            images.seen.add(name)
             d.print(f"skipped an unreadable image ({len(images.seen)} so far): {reason or path}")
             log(step=step, skipped_image=path, **({"reason": reason} if reason else {}))
     if len(images.seen) > images.limit:

@@ -250,16 +250,13 @@ def test_gpu_without_kernels_in_this_torch_build_is_a_clear_error(monkeypatch, c
 
 
 def test_setup_sets_the_backend_flags_once_for_all_trainers(monkeypatch):
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    try:
+    with engine.backend_flags_kept():  # this test's caller's flags, given back
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = False
         assert engine.setup().device == torch.device("cpu")
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         assert torch.backends.cudnn.benchmark
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
 @pytest.mark.parametrize("trainer, run", [("train_pretrain", "train"), ("train_finetune", "finetune"),
@@ -271,15 +268,14 @@ def test_main_gives_the_backend_flags_back_to_its_caller(trainer, run, raises, t
     module, seen = importlib.import_module(trainer), []
 
     def stub(*args):
-        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                     torch.backends.cudnn.benchmark))
+        seen.append(engine.backend_flags())
         if raises:
             raise ValueError("the run failed")
         return 1.0
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(module, run, stub)
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    saved = engine.backend_flags()
     try:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, False
         torch.backends.cudnn.benchmark = False
@@ -289,9 +285,8 @@ def test_main_gives_the_backend_flags_back_to_its_caller(trainer, run, raises, t
         else:
             assert module.main(["--output_dir", str(tmp_path)]) == 1.0
         assert seen == [(True, True, True)]  # the run's
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                torch.backends.cudnn.benchmark) == (True, False, False)  # the caller's again
-    finally:
+        assert engine.backend_flags() == (True, False, False)  # the caller's again
+    finally:  # not by backend_flags_kept, which this checks
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
