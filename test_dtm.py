@@ -74,6 +74,19 @@ def test_drop_path_drops_whole_samples_with_probability_p():
     assert "keep_prob" not in dtm.DropPath(0.3).state_dict()  # checkpoints unchanged
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_drop_path_keeps_its_rate_in_a_model_cast_to_bf16_or_fp16(dtype):
+    """A model cast to bf16 / fp16 (tiny_vit().bfloat16()) cast the keep probability too: 1 - p rounded to 1.0 for
+    p = 0.0002 (nothing dropped), and ViT-B's block 1 at --drop_path 0.1 dropped 0.78% in bf16, not 0.91%."""
+    drop = dtm.DropPath(0.0002).to(dtype).train()
+    torch.manual_seed(0)
+    out = drop(torch.ones(400000, 1, dtype=dtype))
+    assert out.dtype == dtype and 40 < (out == 0).sum().item() < 120  # 80 expected, 4.5 standard deviations either side
+    assert dtm.DropPath(0.3).double().keep_prob.dtype == torch.float64  # a float64 model keeps float64
+    block_1 = dtm.build_vit("vit_b", img_size=16, depth=2, drop_path_rate=1 / 11).bfloat16().blocks[1].drop_path
+    assert block_1.keep_prob.item() == pytest.approx(1 - 1 / 11, rel=1e-7)
+
+
 def test_vit_config_and_errors():
     model = dtm.build_vit("vit_tiny", img_size=IMG, patch_size=PATCH, drop_path_rate=0.3)
     assert [b.drop_path.p for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
@@ -1406,6 +1419,19 @@ def test_pixel_teacher_computes_float32_targets_from_low_precision_images():
     targets = dtm.PixelTeacher(PATCH)(x)
     assert targets.dtype == torch.float32
     assert torch.equal(targets, dtm.PixelTeacher(PATCH)(x.float()))
+
+
+def test_pixel_teacher_keeps_float64_images_in_float64():
+    """float64 images (an exact float64 check of a pre-training step, as dtm_loss keeps float64) give float64 targets
+    equal to the per-patch formula in float64; they were rounded to float32 on the way (targets 2e-7 off)."""
+    x = images(batch=1).double()
+    targets = dtm.PixelTeacher(PATCH)(x)
+    assert targets.dtype == torch.float64
+    for i in range(N):
+        y, xx = divmod(i, 4)
+        patch = x[0, :, y * PATCH:(y + 1) * PATCH, xx * PATCH:(xx + 1) * PATCH].permute(1, 2, 0).reshape(-1)
+        expected = (patch - patch.mean()) / (patch.var() + 1e-6).sqrt()
+        torch.testing.assert_close(targets[0, i], expected, rtol=1e-13, atol=1e-13)
 
 
 # --- belongs in test_dtm.py (Mutation review: checkpoint reading) ----------------------------------------------------
