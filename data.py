@@ -135,12 +135,31 @@ def _is_image_file(name):
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
 
 
+def _refuse_dangling_links(folder, names):
+    """Raise if one of the names in folder is a symbolic link whose target is gone (an unmounted drive, a moved
+    folder): listings take it for a file, so a linked class folder or subfolder would be left out without a word.
+    Hidden names are skipped; a link named as an image is listed (and skipped when it cannot be read)."""
+    for name in names:
+        path = os.path.join(folder, name)
+        if not name.startswith(".") and not _is_image_file(name) and os.path.islink(path) and not os.path.exists(path):
+            raise FileNotFoundError(f"{path!r} is a symbolic link to {os.readlink(path)!r}, which does not exist: "
+                                    f"the images there would be left out; restore (mount) its target or remove the "
+                                    f"link")
+
+
+def _unlistable(error):
+    """os.walk's onerror: a folder that cannot be listed (permissions) would be left out without a word."""
+    raise OSError(f"cannot list the folder {error.filename!r} ({error.strerror or error}): its images would be left "
+                  f"out; make it readable, or move it out of the dataset") from error
+
+
 def _image_files(folder, split_folders=None):
     """Image files under folder, in subfolders too (symbolic links followed); hidden files and folders skipped. A
-    link back to a folder above would list its files again and again: it is an error. Each folder found to hold a
-    dataset's sets (dataset_sets) is appended to split_folders as (folder, its subfolders' names)."""
+    link back to a folder above would list its files again and again: it is an error, as are a link to nothing and a
+    folder that cannot be listed. Each folder found to hold a dataset's sets (dataset_sets) is appended to
+    split_folders as (folder, its subfolders' names)."""
     seen = set()
-    for parent, dirs, files in os.walk(folder, followlinks=True):
+    for parent, dirs, files in os.walk(folder, onerror=_unlistable, followlinks=True):
         real = os.path.realpath(parent)
         if real in seen:
             raise ValueError(f"{parent!r} is the folder {real!r} again (a symbolic link loop, or two links to one "
@@ -149,6 +168,7 @@ def _image_files(folder, split_folders=None):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         if split_folders is not None and dataset_sets(dirs):
             split_folders.append((parent, list(dirs)))
+        _refuse_dangling_links(parent, files)
         yield from (os.path.join(parent, f) for f in files if _is_image_file(f))
 
 
@@ -253,6 +273,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.root, self.transform = root, transform
         require_image_folder(root, f"image folder {root!r}")
         entries = list(os.scandir(root))
+        _refuse_dangling_links(root, [e.name for e in entries if not e.is_dir()])
         self.classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
         loose = sorted(e.name for e in entries if not e.is_dir() and _is_image_file(e.name))  # images in root itself
         if not self.classes:
@@ -1220,6 +1241,16 @@ def photometric_distortion(img, brightness_delta=32, contrast_range=(0.5, 1.5), 
     return Image.fromarray(x.astype(np.uint8), "RGB")
 
 
+def check_label_map(mask):
+    """The segmentation transforms take 8-bit label maps (mode 'L' or 'P'; '1' reads as 0/1): a clear error for
+    anything else. One channel is not enough: 32-bit, 16-bit and float maps ('I', 'I;16', 'F') failed inside numpy
+    or Pillow when cropped, and evaluation truncated float labels."""
+    if not isinstance(mask, Image.Image) or mask.mode not in ("1", "L", "P"):
+        got = f"a PIL image of mode {mask.mode!r}" if isinstance(mask, Image.Image) else type(mask).__name__
+        raise ValueError(f"the label map must be a one-channel PIL image (mode 'L' or 'P', a class index per "
+                         f"pixel: PIL.Image.fromarray(uint8_array)), got {got}")
+
+
 def _mask_tensor(mask):
     return torch.from_numpy(np.array(mask, dtype=np.int64))
 
@@ -1242,10 +1273,7 @@ class SegTrainTransform:
 
     def __call__(self, img, mask):
         check_rgb(img)
-        if not isinstance(mask, Image.Image) or len(mask.getbands()) != 1:
-            got = f"a PIL image of mode {mask.mode!r}" if isinstance(mask, Image.Image) else type(mask).__name__
-            raise ValueError(f"the label map must be a one-channel PIL image (mode 'L' or 'P', a class index per "
-                             f"pixel: PIL.Image.fromarray(uint8_array)), got {got}")
+        check_label_map(mask)
         if img.size != mask.size:
             raise ValueError(f"image size {img.size} and mask size {mask.size} differ")
         img, mask = seg_random_resize(img, mask, self.scale, self.ratio_range, self.image_resample)
@@ -1273,6 +1301,7 @@ class SegEvalTransform:
 
     def __call__(self, img, mask):
         check_rgb(img)
+        check_label_map(mask)
         img, _ = seg_rescale(img, None, self.scale)
         return to_tensor(img, self.mean, self.std), _mask_tensor(mask)
 

@@ -2,6 +2,7 @@
 import math
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -394,6 +395,39 @@ def test_image_folder_skips_hidden_folders_and_refuses_link_loops(tmp_path):
     os.symlink("..", tmp_path / "loop" / "a" / "up")  # a/up/a/up/... would list 1.jpg until the path gets too long
     with pytest.raises(ValueError, match="symbolic link loop"):
         data.ImageFolder(str(tmp_path / "loop"))
+
+
+def test_image_folder_refuses_folders_it_cannot_list(tmp_path, monkeypatch):
+    """A class folder or a subfolder linked to storage that is gone (an unmounted drive), or one that cannot be
+    listed (permissions), was left out without a word: the class's images missing, the later classes' indices one
+    lower."""
+    root = tmp_path / "root"
+    for name in ("a/1.jpg", "c/2.jpg", "c/sub/3.jpg"):
+        _save(root / name)
+    os.symlink(tmp_path / "gone" / "b", root / "b")  # sorts between a and c
+    gone = re.escape(f"'{root / 'b'}' is a symbolic link to '{tmp_path / 'gone' / 'b'}', which does not exist:")
+    with pytest.raises(FileNotFoundError, match=f"^{gone} .* remove the link$"):
+        data.ImageFolder(str(root))
+    os.remove(root / "b")
+    os.symlink(tmp_path / "gone" / "more", root / "c" / "more")
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(f"'{root / 'c' / 'more'}' is a symbolic link to ")):
+        data.ImageFolder(str(root))
+    os.remove(root / "c" / "more")
+    os.symlink(tmp_path / "gone" / "4.jpg", root / "c" / "4.jpg")  # an image file: listed, skipped when read
+    os.symlink(tmp_path / "gone" / "x", root / "c" / ".x")  # hidden: skipped as hidden files are
+    assert len(data.ImageFolder(str(root))) == 4
+    os.remove(root / "c" / "4.jpg")
+    scandir = os.scandir
+
+    def locked(path):
+        if os.fspath(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked)  # as root, chmod would not lock it
+    locked_message = re.escape(f"cannot list the folder '{root / 'c' / 'sub'}' (Permission denied): ")
+    with pytest.raises(OSError, match=f"^{locked_message}its images would be left out; make it readable"):
+        data.ImageFolder(str(root))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -834,6 +868,26 @@ def test_seg_transform_keeps_image_and_mask_aligned():
         decoded = np.array([lut[tuple(p)] for p in pixels])
         assert np.array_equal(decoded, y[~pad].numpy())
     assert padded_seen  # small scales make crops smaller than 64, which get padded
+
+
+def test_seg_transforms_take_8_bit_label_maps_only():
+    """A label map of 32-bit, 16-bit or float pixels (PIL.Image.fromarray of an int32, uint16 or float array) passed
+    the one-channel check: training failed inside numpy or Pillow (-1 as ignore: "'list' argument must have no
+    negative elements"), evaluation truncated float labels (0.7 -> class 0) or kept -1 and 300."""
+    img, labels = Image.new("RGB", (40, 30)), np.zeros((30, 40), np.uint8)
+    labels[:, 20:] = 1
+    train, evaluate = data.SegTrainTransform(crop_size=16, scale=(40, 30)), data.SegEvalTransform(scale=(40, 30))
+    refused = r"^the label map must be a one-channel PIL image \(mode 'L' or 'P', .*fromarray\(uint8_array\)\), got "
+    for wide in (labels.astype(np.int32) - 1, labels.astype(np.float32) + 0.7, labels.astype(np.uint16) * 300):
+        mask = Image.fromarray(wide)
+        for transform in (train, evaluate):
+            with pytest.raises(ValueError, match=f"{refused}a PIL image of mode '{mask.mode}'$"):
+                random.seed(0)
+                transform(img, mask)
+    for mask in (Image.fromarray(labels, "L"), Image.fromarray(labels, "L").convert("P"), Image.fromarray(labels > 0)):
+        random.seed(0)
+        assert set(train(img, mask)[1].unique().tolist()) <= {0, 1, 255}
+        assert torch.equal(evaluate(img, mask)[1], torch.from_numpy(labels.astype(np.int64)))
 
 
 def test_seg_masks_are_nearest_only():
