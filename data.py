@@ -124,6 +124,9 @@ def load_label_map(path):
     if arr.ndim != 2:  # a file that cannot be a label map: UnreadableImage (training skips it, validation refuses it)
         raise UnreadableImage(f"annotation {path!r} has mode {mode!r} with {arr.shape[-1]} channels; expected a "
                               "single-channel label PNG (mode 'L' or 'P') whose pixel values are class indices", path)
+    if arr.dtype.kind == "f" and not (np.isfinite(arr) & (arr == np.round(arr))).all():  # mode 'F' (a TIFF)
+        raise UnreadableImage(f"annotation {path!r} holds float values that are not whole numbers (mode {mode!r}); "
+                              f"a label map's pixels are class indices: save it as an 8-bit PNG", path)
     if arr.dtype != np.uint8:
         if arr.min() < 0 or arr.max() > 255:
             raise UnreadableImage(f"annotation {path!r} has label values outside 0..255 (max {arr.max()})", path)

@@ -1243,6 +1243,17 @@ def test_seg_folder_pairs_in_stem_order_and_reads_16_bit_labels_with_ignore(tmp_
     assert labels.dtype == np.uint8 and labels.tolist() == wide.tolist()
 
 
+def test_a_float_label_map_with_fractions_is_refused_not_truncated(tmp_path):
+    """A mode-F TIFF annotation was cast to uint8: 0.7 read as class 0 and NaN as 0, silently; whole numbers in float
+    are still class indices."""
+    for name, values in (("frac", [[0.7, 1.0]]), ("nan", [[np.nan, 1.0]])):
+        Image.fromarray(np.array(values, np.float32), "F").save(tmp_path / f"{name}.tif")
+        with pytest.raises(data.UnreadableImage, match="not whole numbers"):
+            data.load_label_map(str(tmp_path / f"{name}.tif"))
+    Image.fromarray(np.array([[2.0, 255.0]], np.float32), "F").save(tmp_path / "whole.tif")
+    assert data.load_label_map(str(tmp_path / "whole.tif")).tolist() == [[2, 255]]
+
+
 def test_ade20k_layout(tmp_path):
     root = tmp_path / "ADEChallengeData2016"
     for split in ("training", "validation"):
