@@ -554,6 +554,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.patch_size < 1:  # a ZeroDivisionError (0) or a reshape error (negative) once
         raise SystemExit(f"error: --patch_size {args.patch_size}: a patch is at least 1 pixel; use e.g. 16")
+    if not -2 ** 63 <= args.seed < 2 ** 64:  # torch's manual_seed range (a ValueError traceback once), as the trainers'
+        raise SystemExit(f"error: --seed must be in -2**63..2**64 - 1, got {args.seed}")
     if args.img_size < 1 or args.img_size % args.patch_size:  # 0 or negative: Pillow's resize error once
         below = args.img_size // args.patch_size * args.patch_size
         near = f"{below} or {below + args.patch_size}" if below > 0 else f"{args.patch_size}"
