@@ -264,6 +264,18 @@ def test_default_out_indices_match_beit():
         assert f"{' '.join(map(str, train_seg.default_out_indices(depth)))} for {depth} blocks" in text
 
 
+def test_default_out_indices_are_four_different_blocks_at_every_depth():
+    """ViTUperNet's own default for any ViT it takes (4 blocks or more): round() put 1/3 and 1/2 of 5 blocks on one
+    block, [1, 1, 2, 4], which ViTUperNet then refused, naming [1, 1, 2, 4] as the example to pass."""
+    for depth in range(4, 49):
+        indices = train_seg.default_out_indices(depth)
+        assert len(indices) == 4 and 0 <= indices[0] and indices[-1] == depth - 1, (depth, indices)
+        assert all(a < b for a, b in zip(indices, indices[1:])), (depth, indices)
+    assert train_seg.default_out_indices(5) == [0, 1, 2, 4]
+    five = dtm.build_vit("vit_tiny", img_size=32, depth=5, rel_pos_bias="per_block", use_mask_token=False)
+    assert train_seg.ViTUperNet(five, 3, channels=8).out_indices == [0, 1, 2, 4]
+
+
 def test_feature_pyramid_and_head_shapes():
     torch.manual_seed(0)
     model = train_seg.ViTUperNet(backbone(64), num_classes=7, channels=32).eval()
@@ -501,9 +513,11 @@ def test_demo_run_started_from_a_checkpoint_relaunches_without_init(tmp_path, ca
     assert torch.load(os.path.join(first, "checkpoint-last.pth"))["args"]["init"] == "none"
     train_seg.main(TINY_RUN + ["--iters", "2", "--init", os.path.join(first, "checkpoint-last.pth"),
                                "--output_dir", second])
-    assert (f"loaded the ViT of {os.path.join(first, 'checkpoint-last.pth')}; initialized afresh: UperNet's decode and "
-            f"auxiliary heads (--init reads a checkpoint's ViT only; to continue that run, --resume it)\n"
-            in capsys.readouterr().out)  # a segmentation checkpoint's heads were left out without a word
+    # a segmentation checkpoint's heads were left out without a word; then its pyramid (BEiT's fpn1..fpn4, part of
+    # BEiT's backbone) was left out of the list of what starts afresh
+    assert (f"loaded the ViT of {os.path.join(first, 'checkpoint-last.pth')}; initialized afresh: the feature pyramid "
+            f"and UperNet's decode and auxiliary heads (--init reads a checkpoint's ViT only; to continue that run, "
+            f"--resume it)\n" in capsys.readouterr().out)
     train_seg.main(TINY_RUN + ["--iters", "3", "--output_dir", second])
     assert "resumed from" in capsys.readouterr().out
     resumed = torch.load(os.path.join(second, "checkpoint-last.pth"))

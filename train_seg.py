@@ -20,8 +20,10 @@ in plain torch:
                 deconv-BN-GELU-deconv (4x), deconv (2x), identity, 2x2 max-pool (BEiT's fpn1..fpn4)
     UperNet     Xiao et al., ECCV 2018: pyramid pooling (scales 1, 2, 3, 6) on the coarsest level + FPN, fused at
                 stride 4, dropout 0.1, 1x1 classifier; auxiliary FCN head on the third level (loss weight 0.4)
-    loss        pixel-wise cross-entropy at the crop's resolution, averaged over the labeled pixels (255 = ignore;
-                the mmseg 0.11 that BEiT used averages over all pixels, ignored ones included: a per-batch scale)
+    loss        pixel-wise cross-entropy at the crop's resolution, averaged over the labeled pixels (255 = ignore)
+                of each micro-batch on each process, a step taking the mean of those means (the mmseg 0.11 that BEiT
+                used averages over all pixels, ignored ones included: a scale per micro-batch, by which a pixel of a
+                micro-batch with fewer labeled pixels weighs more here)
     optimizer   AdamW (0.9, 0.999), lr 7e-4, weight decay 0.05 (none on 1-D parameters, biases, cls_token and
                 pos_embed: engine.param_groups, the official DTM code's rule; BEiT's LayerDecayOptimizerConstructor
                 writes the same rule but compares 'cls_token' with the segmentor's 'backbone.cls_token', so BEiT's
@@ -67,8 +69,12 @@ IGNORE_INDEX = data.IGNORE_INDEX  # 255
 
 
 def default_out_indices(depth: int) -> list:
-    """The 4 blocks whose outputs feed the pyramid: BEiT's (3, 5, 7, 11) for 12 blocks, (7, 11, 15, 23) for 24."""
-    return [round(depth * k / 6) - 1 for k in (2, 3, 4, 6)]
+    """The 4 blocks whose outputs feed the pyramid: BEiT's (3, 5, 7, 11) for 12 blocks, (7, 11, 15, 23) for 24; the
+    blocks at 1/3, 1/2, 2/3 and the end of other depths, each before the next (5 blocks: 0, 1, 2, 4)."""
+    indices = [round(depth * k / 6) - 1 for k in (2, 3, 4, 6)]
+    for i in (2, 1, 0):  # round() can put two of them on one block (5 blocks: 1, 1, 2, 4)
+        indices[i] = min(indices[i], indices[i + 1] - 1)
+    return indices
 
 
 def head_settings(args: dict) -> dict:
@@ -782,7 +788,8 @@ def initial_model(args, d, num_classes):
                                                                       fix=engine.SAME_CHECKPOINT)
     model = build_model(args, num_classes, init, args.init)
     if init is not None:  # as fine-tuning's "loaded X; initialized afresh: ..."
-        d.print(f"loaded the ViT of {args.init}; initialized afresh: UperNet's decode and auxiliary heads"
+        d.print(f"loaded the ViT of {args.init}; initialized afresh: the feature pyramid and UperNet's decode and "
+                "auxiliary heads"
                 + (" (--init reads a checkpoint's ViT only; to continue that run, --resume it)"
                    if init.get("kind") == "dtm_seg" else ""))
     if init is not None and model.backbone.pos_embed is None and \
