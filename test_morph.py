@@ -674,8 +674,8 @@ def test_the_readmes_morph_figure_is_what_its_command_draws(tmp_path):
     command grouped 595, 540 and 2449 of the 19110 token pairs otherwise in its three panels. Runs only where
     scikit-image is installed (not a dependency; its chelsea.png, sha256 596aa1e7..., is read, no download)."""
     from PIL import Image
-    data = pytest.importorskip("skimage.data")
-    Image.fromarray(data.chelsea()).save(tmp_path / "chelsea.png")
+    skimage_data = pytest.importorskip("skimage.data")
+    Image.fromarray(skimage_data.chelsea()).save(tmp_path / "chelsea.png")
     morph.main([str(tmp_path / "chelsea.png"), "--out", str(tmp_path / "groups.png")])
     with Image.open(tmp_path / "groups.png") as drawn, \
             Image.open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "morph_chelsea.png")) as shown:
@@ -684,7 +684,7 @@ def test_the_readmes_morph_figure_is_what_its_command_draws(tmp_path):
 
 def test_visualization_refuses_a_seed_torch_cannot_take_and_names_the_range(tmp_path):
     """--seed 2**64 was torch.Generator.manual_seed's ValueError traceback ('Overflow when unpacking long long'), after
-    the image was read; the trainers' --seed names this range (engine.check_args). Its ends are taken."""
+    the image was read; the trainers' --seed names this range (engine.check_shared_args). Its ends are taken."""
     from PIL import Image
     Image.new("RGB", (32, 32), "red").save(tmp_path / "img.png")
     image, out = str(tmp_path / "img.png"), ["--img_size", "32", "--out", str(tmp_path / "g.png")]
