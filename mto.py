@@ -109,7 +109,7 @@ The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and
     counts on the host (patch_rows) unless given mask_sizes, which breaks a compiled graph there. With mask_sizes a
     compiled caller of mto_forward (a model that calls it, dtm.DTMPretrainModel with MTO) is one graph (fullgraph=True
     too), and one more once the number of masked patches changes (then symbolic), not one per number. torch.func's
-    transforms refuse the losses (autograd.Functions without setup_context), torch.jit.trace fails in them;
+    transforms refuse the losses (autograd.Functions without setup_context), torch.jit.trace is refused (patch_rows);
     torch.utils.checkpoint around mto_forward gives the same gradients (either use_reentrant).
     MTOConfig(compile=True) compiles the losses' arithmetic (one graph per loss and group size, and per mask layout:
     images with equal or different numbers of masked patches, blocks with or without a bias).
@@ -233,8 +233,13 @@ def patch_rows(mask, sizes: Optional[MaskSizes] = None) -> Rows:
     """(B, N) bool, True = masked -> Rows. sizes: mask_sizes(mask), given by the caller (from a copy of the mask on
     the CPU) or read here (a host sync for a mask on a GPU). Given sizes that are not the mask's (e.g. a previous
     step's) would cut patches off the rows: they fail where the mask is, without the host waiting for it (on the CPU a
-    RuntimeError; on a GPU a device-side assert, which ends the process)."""
+    RuntimeError; on a GPU a device-side assert, which ends the process). Refused under torch.jit.trace, which would
+    keep the traced mask's sizes as constants: another mask's rows cut short or padded, the losses wrong silently."""
     _check_mask(mask)
+    if torch.jit.is_tracing():
+        raise RuntimeError("MTO's losses cannot be traced (torch.jit.trace): the rows they read would be the traced "
+                           "mask's, and another mask's losses wrong; trace the ViT alone and compute MTO eagerly, or "
+                           "use torch.compile")
     masked_counts = mask.sum(dim=1)  # (B,)
     counts = torch.stack([masked_counts, mask.shape[1] - masked_counts])  # (2, B): masked, visible
     if sizes is None:

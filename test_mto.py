@@ -907,6 +907,41 @@ def test_hand_written_backwards_refuse_create_graph():
             torch.autograd.grad(loss, inputs, create_graph=True)
 
 
+
+class MTOLosses(torch.nn.Module):
+    """mto_forward's two losses as a module's output (torch.jit.trace takes the ViT's weights as the module's)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, images, mask):
+        return tuple(mto.mto_forward(self.vit, images, mask, mto.MTOConfig())[1].values())
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace.*` is deprecated")
+def test_a_jit_trace_of_the_losses_is_refused_naming_the_fix():
+    """torch.jit.trace kept the traced mask's sizes as constants: for another mask the losses were wrong without an
+    error (a masked patch equal to the last of 15 visible ones, cosine 1, gave 0.90 and 0.67, the traced 13 visible
+    patches taken); mto_forward's trace failed with "unordered_map::at"."""
+    traced_mask = torch.zeros(2, N, dtype=torch.bool)
+    traced_mask[0, :3] = True  # 13 visible patches, and none
+    traced_mask[1] = True
+    mask = torch.zeros(2, N, dtype=torch.bool)
+    mask[:, 0] = True  # 15 visible patches each
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 1 + N, 5, generator=g)
+    hidden[:, 1] = hidden[:, N]  # masked patch 0 equals visible patch N - 1
+    q, k = torch.randn(2, 2, 1 + N, 4, generator=g), torch.randn(2, 2, 1 + N, 4, generator=g)
+    for fn, inputs in [(lambda h, m: mto.singularity_loss(h, m), (hidden, traced_mask)),
+                       (lambda q, k, m: mto.attention_entropy(q, k, None, m), (q, k, traced_mask)),
+                       (lambda m: mto.patch_rows(m).visible, (traced_mask,)),
+                       (MTOLosses(tiny_vit()), (images(), random_mask()))]:
+        with pytest.raises(RuntimeError, match=r"cannot be traced \(torch.jit.trace\).*compute MTO eagerly"):
+            torch.jit.trace(fn, inputs)
+    assert mto.singularity_loss(hidden, mask).tolist() == [1.0, 1.0]  # eager, as before
+
+
 # From a mutation review of mto.py
 
 def test_block_counts_equal_to_the_depth_mean_all_blocks():
