@@ -1410,6 +1410,8 @@ def test_a_kill_between_an_epochs_two_saves_still_keeps_its_checkpoint(image_fol
     # accepted once, and bit-identical to the run without them (the dead-code and unused-flags review)
     (["--num_masked", "0", "--loss_on", "all", "--mto"], "--mto with --num_masked 0 would do nothing"),
     (["--num_masked", "0", "--loss_on", "all", "--min_block", "3"], "--min_block would do nothing with --num_masked 0"),
+    (["--num_masked", "49", "--mto"], r"--mto with every patch masked \(--num_masked 49\) would train nothing"),
+    (["--num_masked", "48", "--mto"], r"entropy loss over one visible patch .* is 0 .*--mto_lambda_ent 0$"),
     (["--fixed_schedule", "5", "2", "--split", "official", "--levels", "3"],
      "--levels 3 would do nothing with --fixed_schedule and --split official .*; --levels 1 computes that level once"),
     (["--fixed_schedule", "0", "2", "--levels", "4"], "--levels 4 would do nothing when no token is merged"),
@@ -1434,6 +1436,8 @@ def test_flags_next_to_the_refused_ones_are_taken():
     assert tp.parse_args(["--recipe", "paper", "--split", "official"]).split == "official"  # the default recipe
     assert tp.parse_args(["--num_masked", "0", "--loss_on", "all"]).num_masked == 0  # --min_block not given
     assert tp.parse_args(["--num_masked", "1", "--mto", "--min_block", "1"]).mto
+    assert tp.parse_args(["--num_masked", "48", "--mto", "--mto_lambda_ent", "0"]).mto  # the singularity loss acts
+    assert tp.parse_args(["--num_masked", "47", "--mto"]).mto and tp.parse_args(["--num_masked", "49"]).num_masked == 49
 
 
 @pytest.mark.parametrize("flags", [["--mto"], ["--loss_on", "masked"]], ids=["mto", "loss_on_masked"])
