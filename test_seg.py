@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 import dtm
@@ -1307,11 +1308,14 @@ def test_unusable_training_label_files_are_skipped_and_named_and_an_all_ignored_
     out = capsys.readouterr().out
     assert ("warning: the validation label maps hold no class pixel (all 255 = ignore): mIoU will be undefined; check "
             "the label values and --reduce_zero_label") in out.split("\n")[0]  # at start-up, before training
-    assert "warning: the validation labels hold no class pixel (all ignored, 255): mIoU is undefined" in out
+    assert ("warning: the validation labels hold no class pixel (all ignored, 255): mIoU is undefined and no "
+            "checkpoint-best.pth is kept; check the label values and --reduce_zero_label") in out
     assert not (tmp_path / "run" / engine.BEST).exists()
     train_seg.main(["--eval", str(tmp_path / "run" / engine.LAST), "--val_img_dir", str(tmp_path / "v" / "img"),
                     "--val_ann_dir", str(tmp_path / "v" / "ann"), "--num_workers", "0",  # --num_classes: the run's
                     "--output_dir", str(tmp_path / "e")])
+    assert ("warning: the validation labels hold no class pixel (all ignored, 255): mIoU is undefined; check the "
+            "label values and --reduce_zero_label") in capsys.readouterr().out  # --eval keeps no checkpoint anyway
     record = json.loads(open(tmp_path / "e" / "eval.jsonl").read(),
                         parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert record["mIoU"] is None and record["aAcc"] is None  # NaN as null
@@ -1752,3 +1756,43 @@ def test_every_segmentation_parameter_gets_a_gradient():
     assert missing == []
     assert not any(name.startswith("backbone.norm.") for name, _ in model.named_parameters())
     assert model.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def _unreadable_on_rank1_worker(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    folder = data.SegFolder(os.path.join(out_dir, "img"), os.path.join(out_dir, "ann"), data.SegEvalTransform((32, 16)),
+                            num_classes=4)
+    try:
+        train_seg.evaluate(CropSizeOnly(crop=16, num_classes=4), folder, 4, crop=16, stride=11)
+        stopped = "evaluated"
+    except ValueError as e:
+        stopped = str(e)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(stopped, f)
+    dist.destroy_process_group()
+
+
+def test_a_pair_one_rank_cannot_read_in_evaluation_stops_every_rank_with_its_message(tmp_path):
+    """--eval does not load the validation set beforehand: rank 1 stopped on its bad label map, rank 0 died in the
+    all_reduce with gloo's traceback (Connection closed by peer), which torchrun's summary named as the first
+    failure."""
+    for folder in ("img", "ann"):
+        os.makedirs(tmp_path / folder)
+    for i in range(3):  # pair 1, rank 1's, holds label value 7 of 4 classes
+        Image.new("RGB", (20, 20)).save(tmp_path / "img" / f"{i}.jpg")
+        Image.new("L", (20, 20), 7 if i == 1 else 0).save(tmp_path / "ann" / f"{i}.png")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers = mp.spawn(_unreadable_on_rank1_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not workers.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the two gloo evaluation processes did not finish within 120 s")
+    refusal = (f"rank 1 of 2 ({socket.gethostname()}) stopped: annotation '{tmp_path / 'ann' / '1.png'}' holds label "
+               f"values [7], outside 0..3 (4 classes) and 255 (ignore); check --num_classes and --reduce_zero_label")
+    assert [json.load(open(tmp_path / f"rank{rank}.json")) for rank in (0, 1)] == [refusal, refusal]

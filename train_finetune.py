@@ -102,9 +102,24 @@ def evaluate(model, loader, device, amp_dtype=None, show_progress=False) -> dict
     accuracy). Logits that are not finite on any image are an error (engine.refuse_non_finite_eval), not figures.
 
     Run it on the unwrapped model: ranks may hold different numbers of batches, so no collective may run per batch.
+    An image that one rank cannot read stops every rank with its message (engine.build_on_all_ranks).
     """
     model.eval()
-    # correct top-1, correct top-5, loss sum, count, images with a logit that is not finite
+    ranks = engine.Dist(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else engine.Dist()
+    totals = engine.build_on_all_ranks(ranks, _eval_totals, model, loader, device, amp_dtype, show_progress, fix=None)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    correct1, correct5, loss, count, non_finite = totals.tolist()
+    if count == 0:
+        raise ValueError("the validation set is empty")
+    engine.refuse_non_finite_eval(int(non_finite), int(count), amp_dtype)
+    return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss / count,
+            "count": int(count)}
+
+
+def _eval_totals(model, loader, device, amp_dtype, show_progress) -> torch.Tensor:
+    """This rank's sums for evaluate: correct top-1, correct top-5, loss sum, count, images with a logit that is not
+    finite."""
     totals = torch.zeros(5, dtype=torch.float64, device=device)
     for images, labels in tqdm(loader, desc="eval", disable=not show_progress, leave=None):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -116,14 +131,7 @@ def evaluate(model, loader, device, amp_dtype=None, show_progress=False) -> dict
                                F.cross_entropy(logits, labels, reduction="sum").double(),
                                torch.tensor(labels.numel(), dtype=torch.float64, device=device),
                                (~logits.isfinite().all(dim=1)).sum().double()])
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    correct1, correct5, loss, count, non_finite = totals.tolist()
-    if count == 0:
-        raise ValueError("the validation set is empty")
-    engine.refuse_non_finite_eval(int(non_finite), int(count), amp_dtype)
-    return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss / count,
-            "count": int(count)}
+    return totals
 
 
 # ---------------------------------------------------------------------------------------------------

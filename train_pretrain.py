@@ -259,8 +259,8 @@ def check_args(args):
         raise ValueError(f"--mto with --num_masked 0 would do nothing (no masked token to recalibrate, both of its "
                          f"losses 0): mask patches ({masked}) or leave --mto out")
     if args.mto and args.num_masked == num_patches:
-        raise ValueError(f"--mto with every patch masked (--num_masked {num_patches}) would train nothing by its losses "
-                         f"(both 0 without a visible patch): mask fewer ({masked}) or leave --mto out")
+        raise ValueError(f"--mto with every patch masked (--num_masked {num_patches}) would train nothing by its "
+                         f"losses (both 0 without a visible patch): mask fewer ({masked}) or leave --mto out")
     if args.mto and args.num_masked == num_patches - 1 and args.mto_lambda_ent > 0:
         raise ValueError(f"--mto's entropy loss over one visible patch (--num_masked {args.num_masked} of "
                          f"{num_patches}) is 0 at every step: mask fewer ({masked}) or pass --mto_lambda_ent 0")

@@ -321,25 +321,30 @@ def evaluate(model, dataset, num_classes: int, crop: int, stride: int, flip: boo
              autocast_dtype=None, batch: int = 4, num_workers: int = 0, progress: bool = False) -> dict:
     """Single-scale sliding-window evaluation over `dataset` ((image (3, h, w), label (H, W)) pairs), each image
     on one rank; the (4, K) area sums are all-reduced, so every rank returns the metrics of the whole set.
-    Probabilities that are not finite on any image are an error (engine.refuse_non_finite_eval), not figures."""
+    Probabilities that are not finite on any image are an error (engine.refuse_non_finite_eval), not figures; a pair
+    that one rank cannot read stops every rank with its message (engine.build_on_all_ranks)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device(device)
     was_training = model.training
     model.eval()
     shard = torch.utils.data.Subset(dataset, engine.shard_indices(len(dataset), engine.Dist(rank, world)))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=num_workers)
-    areas = torch.zeros(4, num_classes, dtype=torch.float64, device=device)
-    non_finite = torch.zeros((), dtype=torch.float64, device=device)  # images with a probability that is not finite
 
     def run(crops):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             return model(crops)
 
-    for image, label in tqdm(loader, desc="eval", disable=not progress, leave=None):
-        image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
-        probs = predict(run, image, label.shape, num_classes, crop, stride, flip, batch)
-        non_finite += ~probs.isfinite().all()
-        areas += intersect_and_union(probs.argmax(0), label, num_classes)
+    def sums():  # this rank's (4, K) areas and images with a probability that is not finite
+        areas = torch.zeros(4, num_classes, dtype=torch.float64, device=device)
+        non_finite = torch.zeros((), dtype=torch.float64, device=device)
+        for image, label in tqdm(loader, desc="eval", disable=not progress, leave=None):
+            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+            probs = predict(run, image, label.shape, num_classes, crop, stride, flip, batch)
+            non_finite += ~probs.isfinite().all()
+            areas += intersect_and_union(probs.argmax(0), label, num_classes)
+        return areas, non_finite
+
+    areas, non_finite = engine.build_on_all_ranks(engine.Dist(rank, world), sums, fix=None)
     if world > 1:
         dist.all_reduce(areas)
         dist.all_reduce(non_finite)
@@ -665,8 +670,9 @@ def run_metrics(model, val_set, class_names, args, d, amp_dtype) -> dict:
                        d.device, amp_dtype, args.slide_batch, args.num_workers, progress=d.is_main)
     d.print(format_metrics(metrics, class_names))
     if math.isnan(metrics["mIoU"]):
-        d.print(f"warning: the validation labels hold no class pixel (all ignored, 255): mIoU is undefined and no "
-                f"checkpoint-best.pth is kept; check the label values{'' if args.data else ' and --reduce_zero_label'}")
+        kept = "" if args.eval else f" and no {engine.BEST} is kept"  # --eval keeps none anyway
+        d.print(f"warning: the validation labels hold no class pixel (all ignored, 255): mIoU is undefined{kept}; "
+                f"check the label values{'' if args.data else ' and --reduce_zero_label'}")
     return metrics
 
 
