@@ -215,7 +215,9 @@ def resize_rel_pos_table(table: torch.Tensor, old_grid, new_grid) -> torch.Tenso
     spread out) and a cubic spline through them is read at every new offset. Each axis on its own, which for the
     square grids BEiT handles is the same as its 2-D spline. An axis that shrinks keeps its old values of the
     offsets the new grid has (a crop); BEiT's code is not meant for that case. The 3 CLS rows are kept; the same
-    grid returns the table unchanged.
+    grid returns the table unchanged. The result is at least float32: a half-precision table (a DeepSpeed fp16
+    checkpoint) is not rounded back to it, as the official code keeps scipy's values in float32 (torch.Tensor(f(dx,
+    dy)), naver-ai/dtm run_class_finetuning.py:465-468).
     """
     (H, W), (H2, W2) = _pair(old_grid), _pair(new_grid)
     num_rel, heads = (2 * H - 1) * (2 * W - 1), table.shape[1]
@@ -225,7 +227,8 @@ def resize_rel_pos_table(table: torch.Tensor, old_grid, new_grid) -> torch.Tenso
     rows = _offset_weights(2 * H - 1, 2 * H2 - 1).to(table.device)
     cols = _offset_weights(2 * W - 1, 2 * W2 - 1).to(table.device)
     offsets = torch.einsum("yi,hij,xj->hyx", rows, offsets, cols)
-    return torch.cat([offsets.reshape(heads, -1).t(), table[num_rel:].double()]).to(table.dtype)
+    dtype = torch.promote_types(table.dtype, torch.float32)
+    return torch.cat([offsets.reshape(heads, -1).t(), table[num_rel:].double()]).to(dtype)
 
 
 def resize_pos_embed(pos: torch.Tensor, old_grid, new_grid) -> torch.Tensor:

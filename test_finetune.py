@@ -1064,6 +1064,23 @@ def test_both_layout_pretraining_checkpoint_fine_tunes_with_the_summed_tables(tm
         torch.testing.assert_close(model.eval().forward_features(x).tokens, last, rtol=1e-5, atol=1e-5)
 
 
+def test_half_precision_tables_resized_to_another_size_are_not_rounded_to_half(tmp_path):
+    """A DeepSpeed checkpoint (the official code with --enable_deepspeed and fp16: weights in float16 under "module")
+    at another --img_size: the resized tables are the spline of its values in float32, as the official code keeps
+    them (torch.Tensor of scipy's result), not rounded back to float16 (up to 1e-3 off)."""
+    torch.manual_seed(0)
+    vit = classifier(img_size=3 * 16)  # 3 x 3 patches -> 4 x 4: offsets +-2 are spline values between old ones
+    with torch.no_grad():
+        for block in vit.blocks:
+            block.attn.rel_pos_bias.table.normal_(0, 1.0)
+    torch.save({"module": {k: v.half() for k, v in vit.state_dict().items()}, "args": {"model": "vit_tiny"}},
+               tmp_path / "ds.pth")
+    model, _ = from_checkpoint(tmp_path / "ds.pth", img_size=4 * 16)
+    table = vit.blocks[0].attn.rel_pos_bias.table.half().double()
+    expected = dtm.resize_rel_pos_table(table, (3, 3), (4, 4)).float()
+    assert torch.equal(model.blocks[0].attn.rel_pos_bias.table, expected)
+
+
 def test_a_beit_v2_pretraining_checkpoint_loads_as_the_official_fine_tuning_does(tmp_path):
     """BEiT v2's pre-training state dict (unilm beit2/modeling_pretrain.py VisionTransformerForMaskedImageModelingCLS
     with run_beitv2_pretraining.py's defaults: a shared table only, no pos_embed, cls_pt_layers, shared lm_head), as
