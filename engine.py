@@ -131,6 +131,7 @@ def setup() -> Dist:
     rank, world_size, local_rank = launch_int("RANK"), launch_int("WORLD_SIZE"), launch_int("LOCAL_RANK")
     device = torch.device("cpu")
     if torch.cuda.is_available():
+        check_gpu_count(local_rank)
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         check_gpu_supported(device)
@@ -149,6 +150,17 @@ def launch_int(name: str) -> int:
     except ValueError:
         raise ValueError(f"{name}={value!r} is not a whole number: torchrun sets it; unset it, or launch with "
                          f"torchrun") from None
+
+
+def check_gpu_count(local_rank: int):
+    """A one-line error, naming the fix, for a process whose GPU (one per process: LOCAL_RANK) this node does not have
+    (torchrun --nproc_per_node 8, the README's command, on a node with fewer GPUs, or CUDA_VISIBLE_DEVICES naming
+    fewer): torch.cuda.set_device stopped it with "CUDA error: invalid device ordinal" and a traceback."""
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f"LOCAL_RANK={local_rank}, but this node has {count} GPU{'s' * (count != 1)} visible and each "
+                         f"process takes one: launch at most {count} processes per node (torchrun --nproc_per_node "
+                         f"{count}), or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
 
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -1976,6 +1988,9 @@ def cli(main):
         where = (f" (rank {os.environ.get('RANK')} of {os.environ['WORLD_SIZE']}, {socket.gethostname()})"
                  if os.environ.get("RANK") and os.environ.get("WORLD_SIZE", "").strip() not in ("", "0", "1")
                  else "")  # torchrun's summary may blame another rank
-        _end_progress_bars()
-        print(f"error{where}: {message}", file=sys.stderr, flush=True)
+        # under torchrun only rank 0 draws the bar, on the terminal or log all ranks share: another rank's line was
+        # printed at the end of that bar's unfinished line, where grep ^error missed it (rank 1 of a 2-GPU run)
+        other_rank = where and os.environ["RANK"].strip() != "0"
+        new_line = "\n" if not _end_progress_bars() and other_rank else ""
+        print(f"{new_line}error{where}: {message}", file=sys.stderr, flush=True)
         sys.exit(2)

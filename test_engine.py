@@ -2847,12 +2847,47 @@ def test_a_user_error_under_torchrun_names_its_rank_and_host(capsys, monkeypatch
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit):
         engine.cli(bad_flag)
-    assert capsys.readouterr().err.startswith(f"error (rank 1 of 2, {socket.gethostname()}): --output_dir is empty")
+    # a line of its own: rank 0's progress bar may stand unfinished on the terminal or log the ranks share
+    assert capsys.readouterr().err.startswith(f"\nerror (rank 1 of 2, {socket.gethostname()}): --output_dir is empty")
+    monkeypatch.setenv("RANK", "0")  # rank 0 closes its own bar first (test_an_error_or_ctrl_c_during_training_...)
+    with pytest.raises(SystemExit):
+        engine.cli(bad_flag)
+    assert capsys.readouterr().err.startswith(f"error (rank 0 of 2, {socket.gethostname()}): --output_dir is empty")
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(SystemExit):
         engine.cli(bad_flag)
     assert capsys.readouterr().err.startswith("error: --output_dir is empty")
 
+
+
+BAR_ON_RANK0_HELPER = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist
+from tqdm import tqdm
+import engine
+def train():
+    d = engine.setup()
+    bar = tqdm(total=4, disable=not d.is_main)  # the trainers' bar: rank 0's alone
+    bar.update(1)
+    bar.refresh()
+    dist.barrier()  # rank 0's bar is drawn, its line unfinished
+    engine.check_output_dir("" if d.rank == 1 else "out")
+    dist.barrier()  # rank 0 waits here until rank 1 has stopped
+engine.cli(train)
+"""
+
+
+def test_another_ranks_error_under_torchrun_starts_its_own_line(tmp_path):
+    """Rank 1's user error under torchrun, while rank 0's progress bar stood on the stderr they share (a non-finite
+    loss or --max_unreadable stops every rank mid-epoch): rank 1 draws no bar of its own to close, and its line was
+    printed at the end of rank 0's unfinished bar, where `grep ^error` in the job's log did not find it."""
+    helper = tmp_path / "helper.py"
+    helper.write_text(BAR_ON_RANK0_HELPER.format(repo=HERE))
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(helper))
+    assert result.returncode != 0 and "1/4" in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.split("\n") if "--output_dir is empty" in line]
+    assert lines and lines[0].startswith("error (rank 1 of 2, "), lines
 
 def test_an_unreadable_checkpoint_picked_by_resume_auto_says_what_to_do(tmp_path):
     (tmp_path / engine.LAST).write_bytes(b"not a checkpoint")
@@ -3423,6 +3458,39 @@ def test_setup_reads_an_empty_local_rank_as_0_and_names_a_variable_that_is_no_nu
         engine.cli(engine.setup)
     assert "WORLD_SIZE='two' is not a whole number" in capsys.readouterr().err
 
+
+
+def test_setup_names_a_process_without_a_gpu_of_its_own(monkeypatch, capsys):
+    """torchrun --nproc_per_node 8 (the README's command) on a node with fewer GPUs: the processes past the GPU count
+    stopped in torch.cuda.set_device with "CUDA error: invalid device ordinal" and a traceback (torch's own error,
+    raised here by a stand-in: this machine has no GPU); now one line naming --nproc_per_node."""
+    for name in engine.TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(engine, "check_gpu_supported", lambda device: None)
+    chosen = []
+
+    def set_device(index):
+        if index >= 4:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        chosen.append(index)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(engine.dist, "is_initialized", lambda: True)  # no process group started
+    for name, value in (("WORLD_SIZE", "8"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    for rank in (3, 4):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        if rank < 4:
+            assert engine.setup().device == torch.device("cuda", 3) and chosen == [3]
+            continue
+        monkeypatch.delenv("DTM_TRACEBACK", raising=False)
+        with pytest.raises(SystemExit):
+            engine.cli(engine.setup)
+        assert capsys.readouterr().err.endswith(
+            "): LOCAL_RANK=4, but this node has 4 GPUs visible and each process takes one: launch at most 4 processes "
+            "per node (torchrun --nproc_per_node 4), or make more GPUs visible (CUDA_VISIBLE_DEVICES)\n")
 
 LAUNCHERS = [("srun", "SLURM_STEP_NUM_TASKS"), ("mpirun", "OMPI_COMM_WORLD_SIZE"), ("mpirun", "PMI_SIZE")]
 
