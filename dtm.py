@@ -44,6 +44,7 @@ import math
 import os
 import pickle
 import shlex
+import tarfile
 import zipfile
 from collections import OrderedDict
 from typing import NamedTuple
@@ -600,7 +601,9 @@ def check_checkpoint_file(path: str, flag: str):
     torch.save did not write (its first bytes: cheap, so a run checks its files before it reads its data)."""
     if os.path.isdir(path):
         found = sorted(f for f in os.listdir(path) if f.endswith(".pth"))
-        example = "checkpoint-last.pth" if "checkpoint-last.pth" in found else (found[-1] if found else None)
+        deepspeed = "mp_rank_00_model_states.pt"  # DeepSpeed's weights in its checkpoint folder (official code)
+        example = ("checkpoint-last.pth" if "checkpoint-last.pth" in found else
+                   deepspeed if os.path.isfile(os.path.join(path, deepspeed)) else found[-1] if found else None)
         hint = f", e.g. {shlex.quote(os.path.join(path, example))}" if example else " (it holds no .pth file)"
         raise ValueError(f"{flag} {path!r} is a folder; pass a checkpoint file{hint}")
     if not os.path.isfile(path):
@@ -660,11 +663,18 @@ def _not_a_torch_save_file(path: str, flag: str):
         return f"{flag} {path!r} cannot be read ({e.strerror})"
     if not head:
         return f"{flag} {path!r} cannot be read by torch.load: it is empty (an interrupted save or copy?)"
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" and _LEGACY_TORCH_SAVE[2:] in head):
-        return (f"{flag} {path!r} cannot be read by torch.load: it is not a file that torch.save wrote (it starts "
-                f"with {head[:4]!r}" + (", a pickle of something else)" if head[:1] == b"\x80" else
-                                       ", not a zip archive or a pickle)"))
-    return None
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" and _LEGACY_TORCH_SAVE[2:] in head:
+        return None
+    if head[8:10] == b'{"':  # safetensors: the length of its JSON header (8 bytes), then the header
+        return (f"{flag} {path!r} cannot be read by torch.load: it is a safetensors file; make a checkpoint of it "
+                f"once: python -c \"import sys, torch; from safetensors.torch import load_file; "
+                f"torch.save(load_file(sys.argv[1]), 'weights.pth')\" {shlex.quote(path)} and pass weights.pth")
+    if tarfile.is_tarfile(path):
+        return (f"{flag} {path!r} cannot be read by torch.load: it is a tar archive; extract it, tar -xf "
+                f"{shlex.quote(path)}, and pass the checkpoint file it holds")
+    return (f"{flag} {path!r} cannot be read by torch.load: it is not a file that torch.save wrote (it starts "
+            f"with {head[:4]!r}" + (", a pickle of something else)" if head[:1] == b"\x80" else
+                                   ", not a zip archive or a pickle)"))
 
 
 def _pickle_protocol(path: str):
@@ -722,7 +732,11 @@ def as_checkpoint(obj, name: str) -> dict:
         obj = {"model": obj["module"], **{k: v for k, v in obj.items() if k != "module"}}
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         found = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{name} is not a checkpoint of this repo (expected a dict with a 'model' entry, got {found})")
+        optimizer = isinstance(obj, dict) and {"state", "param_groups"} <= set(obj)
+        raise ValueError(f"{name} is not a checkpoint of this repo (expected a dict with a 'model' entry, got {found})"
+                         + (": an optimizer's state_dict, which holds no weights" if optimizer else "")
+                         + "; pass a checkpoint of the trainers here or a model's weights, "
+                           "torch.save(model.state_dict(), PATH)")
     return obj
 
 
@@ -736,19 +750,24 @@ def stored_rel_pos_bias(sd: dict) -> str:
 OFFICIAL_NAMES = (("patch_embed.proj.", "patch_embed."),
                   ("attn.relative_position_bias_table", "attn.rel_pos_bias.table"),
                   ("rel_pos_bias.relative_position_bias_table", "rel_pos_bias.table"))
-# naver-ai/dtm's, BEiT v2's (beit2/modeling_pretrain.py): not the ViT
-OFFICIAL_PRETRAINING_HEADS = ("lm_head.", "cls_pt_")
+# naver-ai/dtm's, BEiT v2's (beit2/modeling_pretrain.py), MAE's decoder (models_mae.py): not the ViT
+OFFICIAL_PRETRAINING_HEADS = ("lm_head.", "cls_pt_", "decoder_")
 
 
 def from_official_names(sd: dict) -> dict:
-    """A ViT state dict of the official code (naver-ai/dtm, BEiT, BEiT v2) with this repo's names: three renames; the
-    relative_position_index buffers (computed here) and the pre-training heads dropped. With the same random weights
-    the official models (naver-ai/dtm's modeling_dtm.DTM and modeling_finetune.VisionTransformer; unilm's BEiT and
-    BEiT v2 pre-training and fine-tuning models) and this VisionTransformer loaded from their state dicts agreed to
-    8e-7 in tokens or logits of size 1-3 (comparisons run on 2026-12-03)."""
+    """A ViT state dict of the official code (naver-ai/dtm, BEiT, BEiT v2, MAE) with this repo's names: three renames;
+    the relative_position_index buffers (computed here) and the pre-training heads dropped. With the same random
+    weights the official models (naver-ai/dtm's modeling_dtm.DTM and modeling_finetune.VisionTransformer; unilm's BEiT
+    and BEiT v2 pre-training and fine-tuning models) and this VisionTransformer loaded from their state dicts agreed to
+    8e-7 in tokens or logits of size 1-3 (comparisons run on 2026-12-03). MAE's (timm's) one qkv bias becomes q_bias
+    and v_bias: k's bias adds the same q . b_k to every logit of a query's row, which the softmax cancels."""
     renamed = {}
     for name, value in sd.items():
         if name.endswith("relative_position_index") or name.startswith(OFFICIAL_PRETRAINING_HEADS):
+            continue
+        if name.endswith("attn.qkv.bias"):  # MAE's (timm's): q's, k's and v's
+            attn = name[:-len("qkv.bias")]
+            renamed[attn + "q_bias"], _, renamed[attn + "v_bias"] = value.chunk(3)
             continue
         for old, new in OFFICIAL_NAMES:
             name = name.replace(old, new)
@@ -773,7 +792,7 @@ def vit_state_dict(checkpoint: dict, path: str = "checkpoint") -> dict:
     if "patch_embed.proj.weight" in sd:
         sd = from_official_names(sd)
     if "patch_embed.weight" not in sd:
-        clip = any(k.endswith(("class_embedding", "positional_embedding")) for k in sd)  # CLIP's own names
+        clip = any(k.endswith("class_embedding") for k in sd)  # CLIP's image tower (not its text tower alone)
         raise ValueError(f"{path!r} holds no ViT of this repo (no 'patch_embed.weight'); keys like {sorted(sd)[:8]}"
                          + ("; these are CLIP weights: pass them as a CLIP teacher (train_pretrain.py --teacher "
                             "clip:PATH); --init, --eval and --teacher ckpt: take ViT checkpoints of this repo or "

@@ -1,10 +1,12 @@
 """Tests for dtm.py: the ViT, the teachers (CLIP loading against a reference forward) and the DTM loss."""
 
 import math
+import os
 import re
 import shlex
 import subprocess
 import sys
+import tarfile
 import warnings
 import zipfile
 
@@ -707,6 +709,64 @@ def test_the_commands_that_make_an_unsafe_checkpoint_readable_run_as_printed_for
         assert torch.equal(dtm.read_checkpoint(str(folder / result), "--init")["model"]["w"], weights["w"])
 
 
+FAKE_SAFETENSORS = '''import json, torch
+def load_file(path):  # safetensors.torch.load_file of float32 tensors, for the test
+    data = open(path, "rb").read()
+    size = int.from_bytes(data[:8], "little")
+    return {name: torch.frombuffer(bytearray(data[8 + size + entry["data_offsets"][0]:8 + size +
+            entry["data_offsets"][1]]), dtype=torch.float32).view(entry["shape"])
+            for name, entry in json.loads(data[8:8 + size]).items() if name != "__metadata__"}
+'''
+
+
+def test_a_safetensors_file_or_a_tar_archive_is_named_with_the_fix(tmp_path):
+    """Weights downloaded as safetensors (timm's and open_clip's on the Hugging Face hub) or a checkpoint packed in a
+    tar archive are named for what they are, with the fix (the message said only that torch.save did not write the
+    file, quoting its first bytes); the safetensors command runs as printed (here with a stand-in safetensors)."""
+    folder = tmp_path / "my $HOME 'q'"
+    folder.mkdir()
+    header = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header
+                                              + torch.tensor([1.5, -2.0]).numpy().tobytes())
+    (tmp_path / "w.pth").write_bytes(b"")
+    with tarfile.open(folder / "weights.tar", "w") as archive:
+        archive.add(tmp_path / "w.pth", arcname="w.pth")
+    for flag, read in (("--init", lambda p: dtm.read_checkpoint(p, "--init")),
+                       ("--teacher clip:", dtm.load_clip_visual)):
+        with pytest.raises(ValueError, match=f"^{flag} .*model.safetensors. cannot be read by torch.load: it is a "
+                                             f"safetensors file; make a checkpoint of it once: python -c ") as refused:
+            read(str(folder / "model.safetensors"))
+        with pytest.raises(ValueError, match=f"^{flag} .*weights.tar. cannot be read by torch.load: it is a tar "
+                                             f"archive; extract it, tar -xf .*weights.tar', and pass the checkpoint "
+                                             f"file it holds$"):
+            read(str(folder / "weights.tar"))
+    (tmp_path / "fake" / "safetensors").mkdir(parents=True)
+    (tmp_path / "fake" / "safetensors" / "__init__.py").write_text("")
+    (tmp_path / "fake" / "safetensors" / "torch.py").write_text(FAKE_SAFETENSORS)
+    command = re.search(r"once: python (-c .*) and pass weights.pth$", str(refused.value))[1]
+    subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} {command}"], cwd=folder, check=True,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "fake")})
+    assert torch.equal(dtm.read_checkpoint(str(folder / "weights.pth"), "--init")["model"]["w"],
+                       torch.tensor([1.5, -2.0]))
+
+
+def test_an_optimizers_state_is_named_and_what_to_pass_instead(tmp_path):
+    """An optimizer's state_dict (saved beside the model by many codebases) holds no weights: named, with what to pass
+    (the message named neither, only the keys found)."""
+    vit = tiny_vit()
+    torch.save(torch.optim.AdamW(vit.parameters()).state_dict(), tmp_path / "optimizer.pth")
+    with pytest.raises(ValueError, match=r"^--init '.*optimizer.pth' is not a checkpoint of this repo \(expected a "
+                                         r"dict with a 'model' entry, got \['param_groups', 'state'\]\): an "
+                                         r"optimizer's state_dict, which holds no weights; pass a checkpoint of the "
+                                         r"trainers here or a model's weights, "
+                                         r"torch.save\(model.state_dict\(\), PATH\)$"):
+        dtm.read_checkpoint(str(tmp_path / "optimizer.pth"), "--init")
+    torch.save({"epoch": 3}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"got \['epoch'\]\); pass a checkpoint of the trainers here or a model's "
+                                         r"weights, torch.save\(model.state_dict\(\), PATH\)$"):
+        dtm.read_checkpoint(str(tmp_path / "other.pth"), "--init")
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_a_big_endian_torchscript_archive_goes_to_torch_jit(tmp_path, monkeypatch):
     path, big_endian = tmp_path / "ViT-B-16.pt", tmp_path / "big_endian.pt"
@@ -901,6 +961,94 @@ def test_a_vit_of_the_official_code_is_read_by_its_names(tmp_path):
         dtm.read_checkpoint(str(tmp_path / "other.pth"), "--init")
 
 
+def test_a_deepspeed_checkpoint_folder_names_its_weights_file(tmp_path):
+    """The official code with --enable_deepspeed saves each checkpoint as a folder (model.save_checkpoint(tag=
+    "checkpoint-N"): DeepSpeed's mp_rank_00_model_states.pt, the weights under "module", beside the optimizer's
+    file). Given the folder, the message named no file ('it holds no .pth file'); it names the weights file, which
+    reads."""
+    folder = tmp_path / "checkpoint-799"
+    folder.mkdir()
+    vit = tiny_vit(rel_pos_bias="both")
+    torch.save({"module": official_names(vit.state_dict()), "epoch": 799}, folder / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {}}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(ValueError) as refused:
+        dtm.read_checkpoint(str(folder), "--init")
+    assert str(refused.value) == (f"--init {str(folder)!r} is a folder; pass a checkpoint file, e.g. "
+                                  f"{folder / 'mp_rank_00_model_states.pt'}")
+    named = str(refused.value).rsplit("e.g. ", 1)[1]
+    loaded, fresh = dtm.vit_from_checkpoint(dtm.read_checkpoint(named, "--init"), IMG)
+    x = images()
+    assert fresh == [] and torch.equal(loaded.eval().forward_features(x).tokens, vit.eval().forward_features(x).tokens)
+
+
+def mae_state_dict(classes: int = 0, decoder: bool = False) -> dict:
+    """A ViT as MAE saves it (facebookresearch/mae models_vit.py, a timm VisionTransformer with qkv_bias=True and
+    global_pool: fc_norm + head; models_mae.py MaskedAutoencoderViT: norm, and the decoder_* and its own 512-wide
+    mask_token beside the encoder), random values, vit_tiny's size."""
+    g = torch.Generator().manual_seed(5)
+    C, T = 192, 1 + N
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+    sd = {"cls_token": rand(1, 1, C), "pos_embed": rand(1, T, C), "patch_embed.proj.weight": rand(C, 3, PATCH, PATCH),
+          "patch_embed.proj.bias": rand(C)}
+    for i in range(4):
+        sd.update({f"blocks.{i}.{name}": rand(*shape) for name, shape in (
+            ("norm1.weight", (C,)), ("norm1.bias", (C,)), ("attn.qkv.weight", (3 * C, C)), ("attn.qkv.bias", (3 * C,)),
+            ("attn.proj.weight", (C, C)), ("attn.proj.bias", (C,)), ("norm2.weight", (C,)), ("norm2.bias", (C,)),
+            ("mlp.fc1.weight", (4 * C, C)), ("mlp.fc1.bias", (4 * C,)), ("mlp.fc2.weight", (C, 4 * C)),
+            ("mlp.fc2.bias", (C,)))})
+    final = "fc_norm" if classes else "norm"
+    sd.update({f"{final}.weight": rand(C), f"{final}.bias": rand(C)})
+    if classes:
+        sd.update({"head.weight": rand(classes, C), "head.bias": rand(classes)})
+    if decoder:
+        sd.update({"mask_token": rand(1, 1, 512), "decoder_embed.weight": rand(512, C), "decoder_embed.bias": rand(512),
+                   "decoder_pos_embed": rand(1, T, 512), "decoder_blocks.0.norm1.weight": rand(512),
+                   "decoder_norm.weight": rand(512), "decoder_pred.weight": rand(3 * PATCH * PATCH, 512)})
+    return sd
+
+
+def mae_forward(sd: dict, x) -> torch.Tensor:
+    """MAE's ViT written out (timm's Block and Attention: one qkv bias, no layer scale): the logits of its global-pool
+    classifier, or the normalized patch tokens of its pre-trained encoder, in float64."""
+    C, heads = 192, 3
+    sd = {k: v.double() for k, v in sd.items()}
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=PATCH).flatten(2).transpose(1, 2)
+    t = torch.cat([sd["cls_token"].expand(len(x), -1, -1), t], dim=1) + sd["pos_embed"]
+    B, T, _ = t.shape
+    for i in range(4):
+        p = {k[len(f"blocks.{i}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}
+        h = F.layer_norm(t, (C,), p["norm1.weight"], p["norm1.bias"], eps=1e-6)
+        q, k, v = F.linear(h, p["attn.qkv.weight"], p["attn.qkv.bias"]).view(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * (C // heads) ** -0.5).softmax(dim=-1)
+        t = t + F.linear((attn @ v).transpose(1, 2).reshape(B, T, C), p["attn.proj.weight"], p["attn.proj.bias"])
+        h = F.layer_norm(t, (C,), p["norm2.weight"], p["norm2.bias"], eps=1e-6)
+        t = t + F.linear(F.gelu(F.linear(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"])), p["mlp.fc2.weight"],
+                         p["mlp.fc2.bias"])
+    if "head.weight" in sd:
+        pooled = F.layer_norm(t[:, 1:].mean(dim=1), (C,), sd["fc_norm.weight"], sd["fc_norm.bias"], eps=1e-6)
+        return F.linear(pooled, sd["head.weight"], sd["head.bias"])
+    return F.layer_norm(t, (C,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)[:, 1:]
+
+
+def test_an_mae_vit_is_read_with_its_qkv_bias_split_and_its_decoder_dropped(tmp_path):
+    """MAE's checkpoints (one qkv bias per block, timm's layout) load for --init and --teacher ckpt: as MAE's own
+    main_finetune.py loads them (the decoder left out): q's and v's bias kept, k's dropped, which adds the same
+    q . b_k to every logit of a query's row, so the softmax cancels it. They were refused, listing 36 keys."""
+    x = images().double()
+    finetuned = mae_state_dict(classes=5)
+    torch.save({"model": finetuned}, tmp_path / "mae_finetuned.pth")
+    classifier, fresh = dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / "mae_finetuned.pth"), "--init"),
+                                                IMG, 5)
+    assert fresh == [] and torch.equal(classifier.blocks[1].attn.v_bias, finetuned["blocks.1.attn.qkv.bias"][384:])
+    torch.testing.assert_close(classifier.double().eval()(x), mae_forward(finetuned, x), rtol=1e-12, atol=1e-12)
+    pretrained = mae_state_dict(decoder=True)
+    torch.save({"model": pretrained}, tmp_path / "mae_pretrain.pth")
+    teacher = dtm.build_teacher(f"ckpt:{tmp_path / 'mae_pretrain.pth'}", img_size=IMG, patch_size=PATCH)
+    torch.testing.assert_close(teacher.double()(x), mae_forward(pretrained, x), rtol=1e-12, atol=1e-12)
+
+
 def test_a_clip_file_given_as_a_vit_says_it_is_a_teacher(tmp_path):
     for name, sd in (("visual", clip_visual_state_dict()), ("full", full_clip_state_dict())):
         torch.save(sd, tmp_path / f"{name}.pt")
@@ -916,6 +1064,13 @@ def test_a_clip_file_given_as_a_vit_says_it_is_a_teacher(tmp_path):
                                          r"train_finetune.py or train_seg.py, or an official DTM / BEiT / BEiT v2 ViT "
                                          r"checkpoint$"):
         dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / "other.pt"), "--init"), IMG)
+    # CLIP's text tower alone: no CLIP teacher either (--teacher clip: refuses it: no image tower), so no CLIP hint
+    text = {k: v for k, v in full_clip_state_dict().items() if not k.startswith("visual.")}
+    torch.save(text, tmp_path / "text.pt")
+    with pytest.raises(ValueError, match=r"holds no ViT of this repo .*; pass a checkpoint of train_pretrain.py"):
+        dtm.vit_from_checkpoint(dtm.read_checkpoint(str(tmp_path / "text.pt"), "--init"), IMG)
+    with pytest.raises(ValueError, match=r"is not a CLIP ViT visual state dict: missing \['conv1.weight'"):
+        dtm.load_clip_visual(str(tmp_path / "text.pt"))
 
 
 # ---------------------------------------------------------------------------------------------------
