@@ -1724,14 +1724,15 @@ def test_epoch_sampler_gives_distributed_samplers_order_without_a_python_int_per
 
 def test_a_training_set_too_small_for_the_processes_or_for_one_step_names_the_fix():
     """No test made these refusals (launched with more processes than images, or a batch larger than a process's
-    share); the first named no fix."""
+    share); the first named no fix, the second only a smaller batch, which segmentation refuses below 2 (BatchNorm)."""
     with pytest.raises(ValueError, match=r"^1 training images cannot be shared by 2 processes; use at least 2 images "
                                          r"or fewer processes \(torchrun --nproc_per_node\)$"):
         engine.EpochSampler(1, 0, 2, 0)
     assert engine.EpochSampler(2, 1, 2, 0).per_rank == 1  # the fix
     args = argparse.Namespace(seed=0, batch_size=2, accum_iter=2, num_workers=0)
     with pytest.raises(ValueError, match=r"^3 training images per process give no full optimizer step of --batch_size "
-                                         r"2 x --accum_iter 2; use a smaller batch$"):
+                                         r"2 x --accum_iter 2; use a smaller batch or more images \(with several "
+                                         r"processes: or fewer processes, torchrun --nproc_per_node\)$"):
         engine.train_loader(list(range(3)), args, CPU)
     args.batch_size = 1
     assert engine.train_loader(list(range(3)), args, CPU)[2] == 1  # the fix: one step per epoch
