@@ -799,8 +799,8 @@ def train_loader(dataset, args, d: Dist):
     steps_per_epoch = sampler.per_rank // args.batch_size // args.accum_iter
     if steps_per_epoch == 0:
         raise ValueError(f"{sampler.per_rank} training images per process give no full optimizer step of "
-                         f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter}; use a smaller batch or more images "
-                         f"(with several processes: or fewer processes, torchrun --nproc_per_node)")
+                         f"--batch_size {args.batch_size} x --accum_iter {args.accum_iter}; use a smaller batch or "
+                         f"more images (with several processes: or fewer processes, torchrun --nproc_per_node)")
     return loader, sampler, steps_per_epoch
 
 
