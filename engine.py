@@ -24,6 +24,7 @@ more, or another thread count, in all but the last bits (README, "Runs, checkpoi
 import argparse
 import contextlib
 import errno
+import fractions
 import hashlib
 import inspect
 import itertools
@@ -747,7 +748,9 @@ class SeededSamples(torch.utils.data.Dataset):
                     error = e
                 finally:
                     random.setstate(py_state)
-        raise ValueError(f"{self.max_tries} images in a row cannot be read ({error}); is the dataset intact?")
+        raise ValueError(f"{self.max_tries} images in a row cannot be read, {skipped[0][0]} to {skipped[-1][0]} "
+                         f"({error}), which stops the run whatever --max_unreadable allows: is the dataset intact? "
+                         f"Repair or remove them")
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -862,8 +865,8 @@ def unreadable_images(max_unreadable: float, num_images: int, checkpoint: dict =
     "unreadable_images", from their launch's cwd), so each is named once per run and the limit counts the run's, not
     this launch's."""
     checkpoint = checkpoint or {}
-    images = UnreadableImages(limit=int(max_unreadable * num_images), seen=set(checkpoint.get("unreadable_files", [])),
-                              root=root)
+    limit = int(fractions.Fraction(repr(max_unreadable)) * num_images)  # as written: 0.29 * 100 is 28.999999999999996
+    images = UnreadableImages(limit=limit, seen=set(checkpoint.get("unreadable_files", [])), root=root)
     old = checkpoint.get("unreadable_images", [])  # older checkpoints: the paths as read, from the launch's cwd
     if root:
         old = [images.name(os.path.join(checkpoint.get("cwd") or "", path)) for path in old]

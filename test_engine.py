@@ -1476,6 +1476,16 @@ def test_seeded_samples_depend_only_on_seed_epoch_index_and_skip_unreadable_ones
         engine.SeededSamples(Recorder(20, bad=range(20)), seed=1)[(0, 0)]
 
 
+def test_images_unreadable_in_a_row_are_named_from_first_to_last_as_stopping_the_run_whatever_the_limit():
+    """16 unreadable files in a row (an interrupted copy of a class folder) stop the run also where --max_unreadable
+    allows more; the message named the 16th file alone ("delete or replace it": a relaunch then stopped at the
+    next one) and not the flag whose limit it overrides."""
+    with pytest.raises(ValueError, match=r"^16 images in a row cannot be read, img3.jpg to img18.jpg \(cannot read "
+                                         r"img18.jpg\), which stops the run whatever --max_unreadable allows: is the "
+                                         r"dataset intact\? Repair or remove them$"):
+        engine.SeededSamples(Recorder(30, bad=range(3, 25)), seed=1)[(0, 3)]
+
+
 def test_seeded_samples_seed_the_cpu_generator_alone(monkeypatch):
     """A sample's draws are those of torch.manual_seed(seed) and random.seed(seed) of its key's seed, seeding only
     the CPU's generator: torch.manual_seed also seeded every accelerator (0.35 ms a sample in a worker, with stack
@@ -1554,6 +1564,14 @@ def test_a_relaunch_keeps_the_files_its_run_named_and_counts_them_against_the_li
     with pytest.raises(ValueError, match="2 training images could not be read \\(more than 1"):
         engine.report_unreadable(images, CPU, 6, lambda **record: None)
     assert engine.unreadable_images(0.001, 999).limit == 0
+
+
+def test_the_unreadable_limit_is_the_fraction_as_written():
+    """--max_unreadable stops a run at "more than this fraction": 29 of 100 images is not more than 0.29, but
+    0.29 * 100 is 28.999999999999996 in floats, so the limit was 28 (a run with 29 stopped: "more than 28"; also 0.009
+    of 3000 images)."""
+    assert [engine.unreadable_images(f, n).limit for f, n in ((0.29, 100), (0.009, 3000), (0.001, 1281167))] == \
+        [29, 27, 1281]
 
 
 def test_a_relaunch_keeps_its_named_files_where_the_data_folder_is_given_by_another_path(tmp_path):

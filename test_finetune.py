@@ -1407,7 +1407,7 @@ def test_training_after_an_evaluation_is_in_train_mode(tmp_path, monkeypatch):
 
 def test_augmentation_and_crop_flags_reach_the_transforms():
     """--reprob and --aa reach the training transform and --crop_ratio the evaluation's resize (224 / 0.875 = 256
-    for ImageNet): with constants in build_datasets every test still passed (the demo draws its validation images at
+    for ImageNet): with constants in build_datasets every test still passed (the demo drew its validation images at
     img_size / crop_ratio, so the crop ratio showed there anyway)."""
     args = tf.parse_args(TINY_RUN + ["--reprob", "0.6", "--aa", "rand-m5-mstd0.2-n3", "--crop_ratio", "0.5"])
     train_set, val_set, _ = tf.build_datasets(args)
@@ -1418,6 +1418,17 @@ def test_augmentation_and_crop_flags_reach_the_transforms():
     assert (val_tf.img_size, val_tf.resize_size) == (IMG, 64)
     off = tf.build_datasets(tf.parse_args(TINY_RUN + ["--reprob", "0", "--aa", "none"]))[0].transform
     assert off.erase is None and off.rand_augment is None
+
+
+def test_the_crop_ratio_leaves_the_demos_images_as_they_are():
+    """--crop_ratio is evaluation's (--help: "eval: resize to img_size / crop_ratio, center crop"): the demo drew its
+    training and validation images at img_size / crop_ratio, so another crop ratio trained on other images (the first
+    step's loss differed) and evaluated newly drawn ones instead of cropping the same ones otherwise."""
+    default, half = (tf.build_datasets(tf.parse_args(TINY_RUN + flags)) for flags in ([], ["--crop_ratio", "0.5"]))
+    for a, b in zip(default[:2], half[:2]):  # training, validation
+        assert a.img_size == b.img_size == 36  # 32 / 0.875
+        assert np.array_equal(np.asarray(a.get(0)[0]), np.asarray(b.get(0)[0]))
+    assert (default[1].transform.resize_size, half[1].transform.resize_size) == (36, 64)
 
 
 def test_recipe_defaults_are_the_cited_ones():

@@ -237,9 +237,10 @@ def build_datasets(args, train: bool = True):
         if path is not None:
             data.require_image_folder(path, f"{flag} {path!r}")
     if train_dir is None and val_dir is None:
-        # drawn at the eval resize size (128 for 112), with fixed seeds: the images do not change with --seed;
-        # seed 0 are the images of the pre-training demo, seed 1 others
-        size = int(args.img_size / args.crop_ratio)
+        # drawn at the default eval resize size (128 for 112; not --crop_ratio's, which resizes and crops them), with
+        # fixed seeds: the images do not change with --seed; seed 0 are the images of the pre-training demo, seed 1
+        # others
+        size = int(args.img_size / default_crop_ratio(args.img_size))
         val = data.SyntheticShapes(args.synthetic_val, size, seed=1, transform=val_tf)
         train_set = data.SyntheticShapes(args.synthetic_train, size, seed=0, transform=train_tf) if train else None
         return train_set, val, val.classes
@@ -346,7 +347,8 @@ def get_args_parser():
                    help="DataLoader workers per process: 10 (the official run_class_finetuning.py's default), or the "
                         "CPUs this process may use where fewer")
     g.add_argument("--max_unreadable", type=float, default=0.001,
-                   help="stop when more than this fraction of the training images cannot be read (fewer are skipped)")
+                   help="stop when more than this fraction of the training images cannot be read (fewer are "
+                   "skipped; 16 in a row stop the run too)")
     engine.add_run_args(p, output_dir=os.path.join("output", "finetune"))
     return p
 

@@ -90,7 +90,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--num_workers", type=int, default=engine.workers_default(10),
       help="DataLoader workers per process: 10, or the CPUs this process may use where fewer")
     a("--max_unreadable", type=float, default=0.001,
-      help="stop when more than this fraction of the training images cannot be read (fewer are skipped)")
+      help="stop when more than this fraction of the training images cannot be read (fewer are "
+      "skipped; 16 in a row stop the run too)")
     # DTM objective
     a("--levels", type=int, default=2, help="L: morphing schedules (levels) per step, losses averaged")
     a("--max_merged", type=int, default=None, help="merged tokens n ~ U{0..max_merged}; default: all N patches")

@@ -457,7 +457,8 @@ def get_args_parser():
     g.add_argument("--num_workers", type=int, default=engine.workers_default(4),
                    help="DataLoader workers per process: 4, or the CPUs this process may use where fewer")
     g.add_argument("--max_unreadable", type=float, default=0.001,
-                   help="stop when more than this fraction of the training images cannot be read (fewer are skipped)")
+                   help="stop when more than this fraction of the training images cannot be read (fewer are "
+                   "skipped; 16 in a row stop the run too)")
     g.add_argument("--demo_img_size", type=int, default=96, help="demo: procedural image size")
     g.add_argument("--demo_shape_classes", type=int, default=4, help="demo: shape classes (+ background)")
     g.add_argument("--demo_train_images", type=int, default=2000, help="demo: training images")
