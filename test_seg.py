@@ -653,6 +653,33 @@ def test_a_resumed_run_keeps_its_best_miou(tmp_path, monkeypatch):
     assert torch.load(os.path.join(out, engine.BEST))["step"] == 2  # a tie keeps the earlier one (mmseg's rule)
 
 
+def test_a_run_continued_in_another_folder_says_where_its_best_checkpoint_is(tmp_path, monkeypatch, capsys):
+    """Continued from another folder's checkpoint (--resume PATH) without improving on its best mIoU, the run wrote no
+    checkpoint-best.pth in --output_dir and said nothing (fine-tuning's summary names the folder: best_dir); the
+    folder is recorded, so a relaunch says it too, and a run that improves records its own."""
+    scores = iter([50.0, 40.0, 40.0, 60.0])  # the first run; the continued run and its relaunch; a run that improves
+
+    def run_metrics(*args, **kwargs):
+        return {"aAcc": 90.0, "mIoU": next(scores), "mAcc": 60.0, "IoU": [50.0] * 5}
+
+    monkeypatch.setattr(train_seg, "run_metrics", run_metrics)
+    first, second = tmp_path / "a", tmp_path / "b"
+    train_seg.main(TINY_RUN + ["--iters", "2", "--output_dir", str(first)])
+    capsys.readouterr()
+    continued = ["--resume", str(first / engine.LAST), "--output_dir", str(second)]
+    elsewhere = (f"final mIoU 40.00 (aAcc 90.00, mAcc 60.00); best mIoU 50.00, reached before this run started: it "
+                 f"did not improve on it, so it wrote no checkpoint-best.pth here: look in {first}; checkpoints and "
+                 f"log.jsonl in {second}\n")
+    train_seg.main(TINY_RUN + ["--iters", "3", *continued])
+    assert elsewhere in capsys.readouterr().out and not (second / engine.BEST).exists()
+    assert torch.load(second / engine.LAST)["best_dir"] == str(first)
+    train_seg.main(TINY_RUN + ["--iters", "4", "--output_dir", str(second)])  # relaunched: still the first folder's
+    assert elsewhere in capsys.readouterr().out and not (second / engine.BEST).exists()
+    train_seg.main(TINY_RUN + ["--iters", "3", "--resume", str(first / engine.LAST), "--output_dir",
+                               str(tmp_path / "c")])  # 60 > 50: its own checkpoint-best.pth, beside it
+    assert "reached before" not in capsys.readouterr().out and (tmp_path / "c" / engine.BEST).exists()
+    assert torch.load(tmp_path / "c" / engine.LAST)["best_dir"] is None
+
 def test_a_label_equal_to_num_classes_is_out_of_range(tmp_path):
     """--num_classes K with labels 0..K (the usual off-by-one): refused naming the file, in loading and in scoring."""
     write_seg_folder(tmp_path / "d", [data.np.full((8, 8), 3)])
@@ -864,6 +891,23 @@ def test_a_relaunch_without_iters_continues_its_run_as_it_was(tmp_path, capsys):
     assert (args.iters, args.warmup_iters) == (None, None)
     train_seg.set_schedule(args)
     assert (args.iters, args.warmup_iters) == (600, 30)
+
+
+def test_a_warmup_ratio_given_to_a_continued_run_without_warmup_is_refused(tmp_path, capsys):
+    """--warmup_ratio with --warmup_iters 0 is refused at parse time; a relaunch that left --warmup_iters out (the
+    run's own 0) took it, listed it among the settings changed, and trained on at the same lrs."""
+    out = str(tmp_path / "run")
+    schedule_free = TINY_RUN[:TINY_RUN.index("--iters")] + TINY_RUN[TINY_RUN.index("--warmup_iters") + 2:]
+    train_seg.main(schedule_free + ["--iters", "2", "--warmup_iters", "0", "--output_dir", out])
+    with pytest.raises(ValueError, match="^--warmup_ratio would do nothing with --warmup_iters 0, the continued "
+                                         "run's \\(no warmup\\): leave it out$"):
+        train_seg.main(schedule_free + ["--iters", "3", "--warmup_ratio", "0.5", "--output_dir", out])
+    assert torch.load(os.path.join(out, engine.LAST))["step"] == 2
+    train_seg.main(schedule_free + ["--iters", "3", "--output_dir", out])  # as the message says: continues
+    assert torch.load(os.path.join(out, engine.LAST))["step"] == 3
+    train_seg.main(schedule_free + ["--iters", "4", "--warmup_iters", "4", "--warmup_ratio", "0.5",
+                                    "--output_dir", out])  # a warmup given with it: taken
+    assert "--warmup_iters 0 -> 4, --warmup_ratio 1e-06 -> 0.5" in capsys.readouterr().out
 
 
 def write_seg_folder(root, labels):

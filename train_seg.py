@@ -774,6 +774,9 @@ def set_schedule(args, saved_args: dict = None):
     """--iters / --warmup_iters not given: a continued run's own (saved_args), else BEiT's, or the demo's."""
     engine.set_run_length(args, {k: DEMO_DEFAULTS[k] for k in PAPER_SCHEDULE} if args.demo else PAPER_SCHEDULE,
                           saved_args)
+    if args.warmup_iters == 0:  # a continued run's own 0 (a given one: parse_args refuses the same)
+        engine.refuse_ignored(args, get_args_parser(), ["warmup_ratio"], "with --warmup_iters 0, the continued run's "
+                              "(no warmup)")
 
 
 def resumed_model(args, num_classes, checkpoint, path):
@@ -842,7 +845,7 @@ def train(args, d):
     groups = engine.param_groups(model, args.weight_decay,
                                  engine.layer_decay_fn(model.backbone.depth, args.layer_decay, prefix="backbone."))
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas))
-    step, best_miou = 0, -1.0
+    step, best_miou, best_dir = 0, -1.0, args.output_dir  # best_dir: where checkpoint-best.pth of best_miou is
     if resume_path is not None:  # checked before the banner: a refused relaunch prints its error only
         used = head_settings(resume["args"])  # given as the values a run started without them used: no change
         for flag in ("channels", "out_indices"):
@@ -851,6 +854,8 @@ def train(args, d):
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
                              train_images=len(train_set), counts_steps=True)  # --iters counts steps
         best_miou = resume["best_miou"]
+        best_dir = (engine.moved_with_run(resume, resume_path, resume["best_dir"]) if resume.get("best_dir")
+                    else os.path.dirname(resume_path) or ".")
     # after engine.resume, which resolves a continued run's --init (and checks a given one against it)
     d.print(f"{args.model} UperNet, {num_classes} classes, crop {args.crop_size}, pyramid from blocks "
             f"{model.out_indices}, init {args.init}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
@@ -871,9 +876,11 @@ def train(args, d):
 
     def save(name, metrics=None):
         named_files = engine.unreadable_for_checkpoint(unreadable, d, step, log)
+        best_elsewhere = None if engine.same_path(best_dir, args.output_dir) else os.path.abspath(best_dir)
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
             "dtm_seg", model, optimizer, scaler, args, step, steps_per_epoch, train_images=len(train_set),
-            best_miou=best_miou, num_classes=num_classes, metrics=metrics, log_window=engine.all_mean(window, d).cpu(),
+            best_miou=best_miou, best_dir=best_elsewhere,  # None: beside it (also once the folder is moved)
+            num_classes=num_classes, metrics=metrics, log_window=engine.all_mean(window, d).cpu(),
             log_window_per_step=True, unreadable_files=named_files, log_lines=log.lines))
 
     unreadable = engine.unreadable_images(args.max_unreadable, len(train_set), resume if resume_path else None,
@@ -936,7 +943,7 @@ def train(args, d):
             log(step=step, mode="eval", aAcc=metrics["aAcc"], mIoU=metrics["mIoU"], mAcc=metrics["mAcc"],
                 IoU=_json_safe(metrics["IoU"]), flip=args.flip)
             if metrics["mIoU"] > best_miou:
-                best_miou = metrics["mIoU"]
+                best_miou, best_dir = metrics["mIoU"], args.output_dir
                 save(engine.BEST, metrics)
             ddp_model.train()
         if save_now:
@@ -946,8 +953,12 @@ def train(args, d):
     bar.close()
     engine.report_unreadable(unreadable, d, step, log)
     if metrics is not None:  # the folder: unless this is a finished run continued from elsewhere (it wrote nothing)
+        elsewhere = ""
+        if best_miou >= 0 and os.path.realpath(best_dir) != os.path.realpath(args.output_dir):  # continued, no better
+            elsewhere = (f"; best mIoU {best_miou:.2f}, reached before this run started: it did not improve on it, so "
+                         f"it wrote no {engine.BEST} here: look in {best_dir}")
         d.print(f"final mIoU {metrics['mIoU']:.2f} (aAcc {metrics['aAcc']:.2f}, mAcc {metrics['mAcc']:.2f})"
-                + (f"; checkpoints and log.jsonl in {args.output_dir}" if log.enabled else ""))
+                + (f"{elsewhere}; checkpoints and log.jsonl in {args.output_dir}" if log.enabled else ""))
     return metrics
 
 
