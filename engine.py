@@ -1694,8 +1694,9 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
     order is a permutation of them, so mid-epoch the rest of the epoch is not the saved run's. --init starts a new
     run: another --init than the run started from is refused, not silently ignored."""
     if getattr(args, "resume", "auto") != "auto" and not same_path(path, args.resume):  # a requeued --resume PATH
-        d.print(f"note: continuing {path}, the run this command started there from --resume {args.resume} (to start "
-                f"again from {args.resume}, add --fresh)")
+        again = (f"to start again from {args.resume}, add --fresh" if os.path.isfile(args.resume) else
+                 f"{args.resume} is gone since: --fresh cannot start again from it")
+        d.print(f"note: continuing {path}, the run this command started there from --resume {args.resume} ({again})")
     saved = checkpoint["args"]
     if "init" in vars(args) and saved.get("init") is not None:
         started_from = init_started_from(checkpoint)
@@ -1756,7 +1757,8 @@ def resume(checkpoint: dict, path: str, model, optimizer, scaler, args, steps_pe
                 f"length and schedule count steps; the data continues at step {done} of epoch {epoch} of the new order")
     elif differ and rest:  # mid-epoch: step s of the epoch continues at sample s * (samples per step) of its order
         folder = os.path.dirname(path) or "."
-        epochs = [m.group(1) for m in map(RUN_CHECKPOINT.fullmatch, os.listdir(folder)) if m and m.group(1).isdigit()]
+        epochs = [m.group(1) for m in map(RUN_CHECKPOINT.fullmatch, os.listdir(folder))  # the epochs it has ended:
+                  if m and m.group(1).isdigit() and int(m.group(1)) < whole_epochs]  # later: another run's (--fresh)
         ends = [f"checkpoint-{e}.pth" for e in sorted(epochs, key=int)]
         in_place = os.path.isdir(args.output_dir) and os.path.samefile(folder, args.output_dir)
         more = f", and {len(ends) - 4} before them" if len(ends) > 4 else ""  # 1600 epochs: not 1599 names

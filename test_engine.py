@@ -645,19 +645,24 @@ def test_resume_mid_epoch_needs_the_same_samples_per_step(capsys, tmp_path):
         engine.resume(state, last, model, optimizer, None, same, 16, engine.Dist(world_size=2))
     for epoch in (39, 9, 19):
         (tmp_path / f"checkpoint-{epoch}.pth").touch()
+    # saved in epoch 0, the run has ended no epoch: these are another run's (--fresh keeps them), not to be named
+    with pytest.raises(ValueError, match=f"an epoch \\(none in '{tmp_path}' yet: pre-training keeps"):
+        engine.resume(state, last, model, optimizer, None, same, 16, engine.Dist(world_size=2))
+    late = {**state, "step": 1600 * 16 + 5}  # saved in epoch 1600: epochs 0..1599 ended
     with pytest.raises(ValueError, match=f"at the end of an epoch \\(--resume {tmp_path / 'checkpoint-39.pth'} or an "
                                          f"earlier one \\(checkpoint-9.pth, checkpoint-19.pth\\)\\), or start"):
-        engine.resume(state, last, model, optimizer, None, same, 16, engine.Dist(world_size=2))
+        engine.resume(late, last, model, optimizer, None, same, 16, engine.Dist(world_size=2))
     in_place = argparse.Namespace(**{**vars(same), "output_dir": str(tmp_path)})  # --resume auto: the run's own folder
     with pytest.raises(ValueError, match=f"\\(checkpoint-9.pth, checkpoint-19.pth\\) with --fresh, which continues "
                                          f"it in place of {engine.LAST}\\), or start"):  # else: "holds another run"
-        engine.resume(state, last, model, optimizer, None, in_place, 16, engine.Dist(world_size=2))
+        engine.resume(late, last, model, optimizer, None, in_place, 16, engine.Dist(world_size=2))
     for epoch in range(59, 1600, 20):  # --keep_every 20 over 1600 epochs: the last few named, the fix still in view
         (tmp_path / f"checkpoint-{epoch}.pth").touch()
+    (tmp_path / "checkpoint-1619.pth").touch()  # an older run's, past the epoch saved in
     with pytest.raises(ValueError, match=f"\\(--resume {tmp_path / 'checkpoint-1599.pth'} or an earlier one "
                                          f"\\(checkpoint-1539.pth, checkpoint-1559.pth, checkpoint-1579.pth, and 77 "
                                          f"before them\\) with --fresh, which continues it in place of"):
-        engine.resume(state, last, model, optimizer, None, in_place, 16, engine.Dist(world_size=2))
+        engine.resume(late, last, model, optimizer, None, in_place, 16, engine.Dist(world_size=2))
     half = argparse.Namespace(**{**vars(args), "batch_size": 16})
     assert engine.resume(state, "ck.pth", model, optimizer, None, half, 16, engine.Dist(world_size=2)) == 5
     accumulated = argparse.Namespace(**{**vars(args), "batch_size": 16, "accum_iter": 2})
@@ -934,7 +939,7 @@ def test_the_paths_that_a_printed_fix_names_paste_into_a_shell_as_one_word(tmp_p
     args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=(0.9, 0.98), output_dir="x", demo=False, batch_size=32,
                               accum_iter=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    state = engine.checkpoint_state("dtm_pretrain", model, optimizer, None, args, 5, steps_per_epoch=16)
+    state = engine.checkpoint_state("dtm_pretrain", model, optimizer, None, args, 20 * 16 + 5, steps_per_epoch=16)
     with pytest.raises(ValueError) as refused:
         engine.resume(state, str(folder / engine.LAST), model, optimizer, None, args, 16, engine.Dist(world_size=2))
     fix = re.search(r"at the end of an epoch \(--resume (.*)\), or start", str(refused.value))[1]
@@ -946,12 +951,19 @@ def test_resume_notes_only_a_requeued_resume_path_that_continues_its_own_folders
     requeued --resume PATH command only: not for --resume auto (which names no PATH), nor for PATH itself continued."""
     model = torch.nn.Linear(3, 2)
     state, last, start = tiny_state(model), str(tmp_path / engine.LAST), str(tmp_path / "start.pth")
+    (tmp_path / "start.pth").touch()
     for path, given in ((last, "auto"), (start, start), (last, start)):
         engine.resume(state, path, model, torch.optim.AdamW(model.parameters()), None,
                       argparse.Namespace(**{**state["args"], "resume": given}), 2, CPU)
         note = (f"note: continuing {last}, the run this command started there from --resume {start} (to start again "
                 f"from {start}, add --fresh)\n") if path == last and given == start else ""
         assert capsys.readouterr().out == f"{note}resumed from {path} at step 3\n"
+    (tmp_path / "start.pth").unlink()  # gone since: --fresh would fail on it, so it is not the fix named
+    engine.resume(state, last, model, torch.optim.AdamW(model.parameters()), None,
+                  argparse.Namespace(**{**state["args"], "resume": start}), 2, CPU)
+    assert capsys.readouterr().out == (f"note: continuing {last}, the run this command started there from --resume "
+                                       f"{start} ({start} is gone since: --fresh cannot start again from it)\n"
+                                       f"resumed from {last} at step 3\n")
 
 
 def test_resume_keeps_each_parameters_moments_under_this_runs_group_settings():
