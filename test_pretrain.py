@@ -1420,6 +1420,14 @@ def test_a_kill_between_an_epochs_two_saves_still_keeps_its_checkpoint(image_fol
     (["--max_merged", "0", "--recipe", "official"], "--recipe would do nothing when no token is merged"),
     (["--recipe", "official", "--split", "random"], "--recipe official would do nothing: it sets --split, which the "
                                                     "command line sets itself"),
+    # accepted once, and bit-identical to the run without them (a review of every flag against --help)
+    (["--fixed_schedule", "0", "5"], r"^--fixed_schedule 0 5: its 5 rounds would do nothing, each merging no token "
+                                     r"\(token-wise distillation\): pass --fixed_schedule 0 1$"),
+    (["--max_merged", "0", "--normalize_target"], r"^--normalize_target would do nothing with --teacher pixels when no "
+                                                  r"token is merged \(each target is its patch's pixels standardized"),
+    (["--fixed_schedule", "0", "1", "--normalize_target"], "--normalize_target would do nothing with --teacher pixels"),
+    (["--num_masked", "49", "--loss_on", "masked"], r"^--loss_on masked with every patch masked \(--num_masked 49\) "
+                                                    r"would do nothing: every position is in the loss"),
 ])
 def test_more_bad_arguments(argv, match):
     with pytest.raises(ValueError, match=match):
@@ -1438,16 +1446,39 @@ def test_flags_next_to_the_refused_ones_are_taken():
     assert tp.parse_args(["--num_masked", "1", "--mto", "--min_block", "1"]).mto
     assert tp.parse_args(["--num_masked", "48", "--mto", "--mto_lambda_ent", "0"]).mto  # the singularity loss acts
     assert tp.parse_args(["--num_masked", "47", "--mto"]).mto and tp.parse_args(["--num_masked", "49"]).num_masked == 49
+    assert tp.parse_args(["--num_masked", "48", "--loss_on", "masked"]).loss_on == "masked"  # one position left out
+    assert tp.parse_args(["--max_merged", "1", "--normalize_target"]).normalize_target  # merged groups' means
+
+
+def test_one_visible_patch_with_the_entropy_loss_on_no_block_is_taken():
+    """--mto_ent_layers 0 switches the entropy loss off, as --mto_lambda_ent 0 does: one visible patch was refused as
+    leaving that loss 0, naming --mto_lambda_ent 0, which --mto_ent_layers 0 then refused as doing nothing."""
+    args = tp.parse_args(["--num_masked", "48", "--mto", "--mto_ent_layers", "0"])
+    assert mto.mto_config_from_args(args).ent_layers == 0
+
+
+def test_normalize_target_leaves_pixel_targets_as_they_are():
+    """The reason --normalize_target is refused with --teacher pixels where no token is merged: a pixel target,
+    standardized per patch, is standardized again to within 1e-5 (the eps of both, 1e-6, against its variance)."""
+    images = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    targets = dtm.PixelTeacher()(images)
+    assert torch.allclose(dtm.standardize(targets), targets, atol=1e-5, rtol=0)
+    assert not torch.allclose(dtm.standardize(targets[:, :2].mean(1)), targets[:, :2].mean(1), atol=1e-2)  # merged
 
 
 @pytest.mark.parametrize("flags", [["--mto"], ["--loss_on", "masked"]], ids=["mto", "loss_on_masked"])
 def test_a_refused_num_masked_0_names_a_count_that_fits_the_image(flags):
     """--mto or --loss_on masked with --num_masked 0 names the --num_masked to pass instead; passing it must work at
-    the run's --img_size: the paper's 75 was named at every size, which the demo's 49 patches (112 px) refuse."""
-    for size, count in (("112", "19"), ("224", "75"), ("32", "2"), ("16", "1")):  # 49, 196, 4 and 1 patches
+    the run's --img_size: the paper's 75 was named at every size, which the demo's 49 patches (112 px) refuse. One
+    patch has no count that works (all masked: refused too); the error names --img_size (it named --num_masked 1)."""
+    for size, count in (("112", "19"), ("224", "75"), ("32", "2")):  # 49, 196 and 4 patches
         with pytest.raises(ValueError, match=rf"mask patches \(--num_masked {count}\)"):
             tp.parse_args(["--img_size", size, *flags, "--num_masked", "0"])
         assert tp.parse_args(["--img_size", size, *flags, "--num_masked", count]).num_masked == int(count)
+    for count in ("0", "1"):
+        with pytest.raises(ValueError, match=rf"^{re.escape(' '.join(flags))} needs a masked and a visible patch, and "
+                                             rf"--img_size 16 has one patch: use --img_size 32 or more, or leave "):
+            tp.parse_args(["--img_size", "16", *flags, "--num_masked", count])
 
 
 def test_epoch_summaries_and_the_result_follow_the_log(image_folder, tmp_path, capsys):

@@ -184,6 +184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                f"schedule, a split drawn from nothing)")
         raise ValueError(f"--levels {args.levels} would do nothing {why}: every level merges the same groups; "
                          f"--levels 1 computes that level once, with the same result")
+    if no_merge:
+        refuse_idle_no_merge(args)
     if args.num_masked == 0:
         engine.refuse_ignored(args, parser, ["min_block"], "with --num_masked 0 (no block is drawn)")
     engine.refuse_idle_recipe(args, parser, argv, RECIPES)
@@ -193,6 +195,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         engine.refuse_ignored(args, parser, mto.MTO_FLAGS, "without --mto")
     engine.refuse_ignored_in_demo(args, parser)
     return args
+
+
+def refuse_idle_no_merge(args):
+    """Where no token is merged: the K of --fixed_schedule 0 K (K rounds of no merge, the same as one) and
+    --normalize_target with --teacher pixels (each target is its patch standardized already) would do nothing."""
+    if args.fixed_schedule and args.fixed_schedule[1] != 1:
+        raise ValueError(f"--fixed_schedule 0 {args.fixed_schedule[1]}: its {args.fixed_schedule[1]} rounds would do "
+                         f"nothing, each merging no token (token-wise distillation): pass --fixed_schedule 0 1")
+    if args.normalize_target and args.teacher == "pixels":
+        raise ValueError("--normalize_target would do nothing with --teacher pixels when no token is merged (each "
+                         "target is its patch's pixels standardized already; it acts on merged groups' means): "
+                         "leave it out")
 
 
 def patch_count(args) -> int:
@@ -256,18 +270,25 @@ def check_args(args):
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag):g}")
     # the paper's share, 75 of 196 patches, at this --img_size (the demo's 19 of 49 at 112 px): a count that fits
     masked = f"--num_masked {max(1, round(num_patches * 75 / 196))}"
+    if num_patches == 1 and (args.mto or args.loss_on == "masked"):  # no count masks some patches and not all
+        flag = "--mto" if args.mto else "--loss_on masked"
+        raise ValueError(f"{flag} needs a masked and a visible patch, and --img_size {args.img_size} has one patch: "
+                         f"use --img_size 32 or more, or leave {flag} out")
     if args.mto and args.num_masked == 0:
         raise ValueError(f"--mto with --num_masked 0 would do nothing (no masked token to recalibrate, both of its "
                          f"losses 0): mask patches ({masked}) or leave --mto out")
     if args.mto and args.num_masked == num_patches:
         raise ValueError(f"--mto with every patch masked (--num_masked {num_patches}) would train nothing by its "
                          f"losses (both 0 without a visible patch): mask fewer ({masked}) or leave --mto out")
-    if args.mto and args.num_masked == num_patches - 1 and args.mto_lambda_ent > 0:
+    if args.mto and args.num_masked == num_patches - 1 and args.mto_lambda_ent > 0 and args.mto_ent_layers != 0:
         raise ValueError(f"--mto's entropy loss over one visible patch (--num_masked {args.num_masked} of "
                          f"{num_patches}) is 0 at every step: mask fewer ({masked}) or pass --mto_lambda_ent 0")
     if args.loss_on == "masked" and args.num_masked == 0:
         raise ValueError(f"--loss_on masked with --num_masked 0 leaves no position in the loss; mask patches "
                          f"({masked}) or use --loss_on all")
+    if args.loss_on == "masked" and args.num_masked == num_patches:
+        raise ValueError(f"--loss_on masked with every patch masked (--num_masked {num_patches}) would do nothing: "
+                         f"every position is in the loss, as with --loss_on all; leave it out")
     engine.check_shared_args(args)
     mto.mto_config_from_args(args, dtm.VIT_CONFIGS[args.model]["depth"])  # checks the --mto_* values
 
