@@ -12,7 +12,7 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
     pretrain_amp     pre-training steps of vit_b in fp32, bf16 (native only) and fp16 + GradScaler: the Linear
                      layers in that dtype, a loss scale logged with fp16 only, finite losses, the first step's loss
                      and the first comparable gradient norm (unscaled) equal to fp32's within tolerance
-    mto              --mto: finite, the MTO fields logged
+    mto              --mto: finite, the MTO fields logged, the loss DTM's plus MTO's lambda-weighted losses
     mto_no_host_sync  MTO's losses of a group of blocks and their backward, then MTO's whole forward of a ViT and its
                      backward, under --amp auto's autocast, queue their GPU work without a host sync (torch's sync
                      debug mode), given the sizes of the mask's CPU copy as train_pretrain passes them
@@ -21,7 +21,8 @@ The checks (each an entry of the report: ok / skipped / error, seconds, details)
     ddp_two_processes  pre-training and segmentation steps with 2 processes (torchrun; needs 2 GPUs, on the CPU 2
                      gloo processes): engine.ddp's DDP over nccl, the ranks' object collectives, SyncBatchNorm,
                      equal weights on both ranks after training
-    finetune         fine-tuning steps and the distributed-exact evaluation
+    finetune         fine-tuning steps and the evaluation, each of 29 images counted once (in one process; the
+                     split between processes: test_finetune.py)
     seg              segmentation steps and the sliding-window evaluation
     throughput       images/s and peak memory of a ViT-B pre-training step (CLIP ViT-B/16-sized teacher, random
                      weights) at 64 and 128 images per GPU, and at 128 with --mto; ViT-L at 128 with fp16, with and
@@ -223,8 +224,16 @@ def check_pretrain_amp(device, quick, tmp):
 
 
 def check_mto(device, quick, tmp):
+    """--mto: finite losses, the MTO fields logged, and each step's loss DTM's plus MTO's lambda-weighted losses (MTO
+    trained on, not only logged)."""
+    import mto
     lines = pretrain_run(os.path.join(tmp, "mto"), device, quick, "--mto")
     assert all(math.isfinite(r["loss"]) and {"loss_dtm", "loss_sing", "loss_ent"} <= set(r) for r in lines)
+    cfg = mto.MTOConfig()  # the trainer's defaults: pretrain_run gives no --mto_lambda_*
+    for r in lines:
+        total = r["loss_dtm"] + cfg.lambda_sing * r["loss_sing"] + cfg.lambda_ent * r["loss_ent"]
+        assert math.isclose(r["loss"], total, rel_tol=1e-5), \
+            f"step {r['step']}: loss {r['loss']:.6g}, not loss_dtm + MTO's weighted losses ({total:.6g})"
     return {"last": {k: lines[-1][k] for k in ("loss", "loss_dtm", "loss_sing", "loss_ent")}}
 
 
@@ -771,6 +780,17 @@ def graphs_expected(graphs, recompiles, flags, device) -> bool:
     return graphs == 1 or (backward_thread and graphs == 2 and len(recompiles) == 1 and "num_threads" in recompiles[0])
 
 
+def test_mto_check_fails_where_mtos_losses_are_logged_but_not_trained_on(tmp_path, monkeypatch):
+    """check_mto passed a run whose loss was DTM's alone (MTO's losses logged, finite, not in the loss)."""
+    import mto
+    assert check_mto("cpu", True, str(tmp_path / "honest"))["last"]["loss_sing"] > 0
+    call = mto.MTO.__call__
+    monkeypatch.setattr(mto.MTO, "__call__", lambda self, *args, **kwargs: (
+        lambda tokens, loss, stats: (tokens, loss * 0, stats))(*call(self, *args, **kwargs)))
+    with pytest.raises(AssertionError, match=r"step 1: loss 0\.\d+, not loss_dtm \+ MTO's weighted losses"):
+        check_mto("cpu", True, str(tmp_path / "not_trained_on"))
+
+
 def test_throughputs_mto_step_is_the_trainers_without_a_host_sync(monkeypatch):
     """step_figures times train_pretrain's own step: with --mto, MTO gets the sizes of the CPU mask (it read them off
     the GPU's mask, a host sync the trainer no longer has)."""
@@ -1187,6 +1207,23 @@ def test_main_writes_each_check_running_then_its_entry_and_sets_the_budget_for_t
     assert 20 <= checks["first"]["started_at_s"] <= checks["second"]["started_at_s"] < 80, checks
 
 
+def test_a_value_json_cannot_write_in_a_checks_details_is_written_as_text_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A check's tensor (or numpy float32) ended the run with json's TypeError: the report left at that check's
+    "running", as if the watchdog had ended it, and the checks after it not run."""
+    monkeypatch.setattr(sys.modules[__name__], "CHECKS", {"tensor": lambda *args: {"loss": torch.tensor(0.5)},
+                                                          "after": lambda *args: {"value": 1}})
+    monkeypatch.setattr(sys.modules[__name__], "STARTED", time.perf_counter())
+    monkeypatch.setattr(sys.modules[__name__], "BUDGET_S", None)  # main sets it: restored after the test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "report.json"
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--device", "cpu", "--quick", "--out", str(out)])
+    assert exit_status.value.code == 0
+    checks = json.loads(out.read_text())["checks"]
+    assert {name: (c["status"], c.get("loss", c.get("value"))) for name, c in checks.items()} == \
+        {"tensor": ("ok", "tensor(0.5000)"), "after": ("ok", 1)}
+
+
 def test_main_with_a_watchdog_budgets_its_margin_and_caps_child_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(threading, "Timer", lambda interval, function: InertTimer())  # never fires in pytest
     monkeypatch.setattr(faulthandler, "dump_traceback_later", lambda timeout, exit=False: None)
@@ -1477,7 +1514,7 @@ def main(argv=None):
 
     def write_report():  # after every check, and before it: a run cut short keeps what it had
         with open(args.out + ".tmp", "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump(report, f, indent=1, default=repr)  # a check's tensor or numpy value: written as text
         os.replace(args.out + ".tmp", args.out)  # whole or not at all, should the watchdog end the run meanwhile
 
     try:  # at once, not after the first check (a traceback): e.g. --out into a folder that does not exist
