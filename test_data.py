@@ -884,6 +884,9 @@ def test_seg_transforms_take_8_bit_label_maps_only():
             with pytest.raises(ValueError, match=f"{refused}a PIL image of mode '{mask.mode}'$"):
                 random.seed(0)
                 transform(img, mask)
+    for transform in (train, evaluate):  # the array itself, not an image of it
+        with pytest.raises(ValueError, match=f"{refused}ndarray$"):
+            transform(img, labels)
     for mask in (Image.fromarray(labels, "L"), Image.fromarray(labels, "L").convert("P"), Image.fromarray(labels > 0)):
         random.seed(0)
         assert set(train(img, mask)[1].unique().tolist()) <= {0, 1, 255}

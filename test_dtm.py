@@ -85,6 +85,7 @@ def test_drop_path_keeps_its_rate_in_a_model_cast_to_bf16_or_fp16(dtype):
     out = drop(torch.ones(400000, 1, dtype=dtype))
     assert out.dtype == dtype and 40 < (out == 0).sum().item() < 120  # 80 expected, 4.5 standard deviations either side
     assert dtm.DropPath(0.3).double().keep_prob.dtype == torch.float64  # a float64 model keeps float64
+    assert dtm.DropPath(0.3).to("meta", torch.bfloat16).keep_prob.device.type == "meta"  # and follows the model
     block_1 = dtm.build_vit("vit_b", img_size=16, depth=2, drop_path_rate=1 / 11).bfloat16().blocks[1].drop_path
     assert block_1.keep_prob.item() == pytest.approx(1 - 1 / 11, rel=1e-7)
 
@@ -761,9 +762,9 @@ def test_an_optimizers_state_is_named_and_what_to_pass_instead(tmp_path):
                                          r"trainers here or a model's weights, "
                                          r"torch.save\(model.state_dict\(\), PATH\)$"):
         dtm.read_checkpoint(str(tmp_path / "optimizer.pth"), "--init")
-    torch.save({"epoch": 3}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match=r"got \['epoch'\]\); pass a checkpoint of the trainers here or a model's "
-                                         r"weights, torch.save\(model.state_dict\(\), PATH\)$"):
+    torch.save({"epoch": 3, "state": {}}, tmp_path / "other.pth")  # a "state" without "param_groups": no optimizer's
+    with pytest.raises(ValueError, match=r"got \['epoch', 'state'\]\); pass a checkpoint of the trainers here or a "
+                                         r"model's weights, torch.save\(model.state_dict\(\), PATH\)$"):
         dtm.read_checkpoint(str(tmp_path / "other.pth"), "--init")
 
 

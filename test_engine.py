@@ -659,6 +659,7 @@ def test_resume_mid_epoch_needs_the_same_samples_per_step(capsys, tmp_path):
     for epoch in range(59, 1600, 20):  # --keep_every 20 over 1600 epochs: the last few named, the fix still in view
         (tmp_path / f"checkpoint-{epoch}.pth").touch()
     (tmp_path / "checkpoint-1619.pth").touch()  # an older run's, past the epoch saved in
+    (tmp_path / "checkpoint-1600.pth").touch()  # the epoch saved in: not ended either
     with pytest.raises(ValueError, match=f"\\(--resume {tmp_path / 'checkpoint-1599.pth'} or an earlier one "
                                          f"\\(checkpoint-1539.pth, checkpoint-1559.pth, checkpoint-1579.pth, and 77 "
                                          f"before them\\) with --fresh, which continues it in place of"):

@@ -937,7 +937,8 @@ def test_a_jit_trace_of_the_losses_is_refused_naming_the_fix():
                        (lambda q, k, m: mto.attention_entropy(q, k, None, m), (q, k, traced_mask)),
                        (lambda m: mto.patch_rows(m).visible, (traced_mask,)),
                        (MTOLosses(tiny_vit()), (images(), random_mask()))]:
-        with pytest.raises(RuntimeError, match=r"cannot be traced \(torch.jit.trace\).*compute MTO eagerly"):
+        with pytest.raises(RuntimeError, match=r"cannot be traced \(torch.jit.trace\).*compute MTO eagerly, or use "
+                                               r"torch.compile$"):
             torch.jit.trace(fn, inputs)
     assert mto.singularity_loss(hidden, mask).tolist() == [1.0, 1.0]  # eager, as before
 

@@ -1423,6 +1423,7 @@ def test_a_kill_between_an_epochs_two_saves_still_keeps_its_checkpoint(image_fol
     # accepted once, and bit-identical to the run without them (a review of every flag against --help)
     (["--fixed_schedule", "0", "5"], r"^--fixed_schedule 0 5: its 5 rounds would do nothing, each merging no token "
                                      r"\(token-wise distillation\): pass --fixed_schedule 0 1$"),
+    (["--fixed_schedule", "0", "2"], r"^--fixed_schedule 0 2: its 2 rounds would do nothing"),
     (["--max_merged", "0", "--normalize_target"], r"^--normalize_target would do nothing with --teacher pixels when no "
                                                   r"token is merged \(each target is its patch's pixels standardized"),
     (["--fixed_schedule", "0", "1", "--normalize_target"], "--normalize_target would do nothing with --teacher pixels"),
@@ -1434,7 +1435,7 @@ def test_more_bad_arguments(argv, match):
         tp.parse_args(argv)
 
 
-def test_flags_next_to_the_refused_ones_are_taken():
+def test_flags_next_to_the_refused_ones_are_taken(tmp_path):
     """The controls of the refusals above: each flag acts there."""
     args = tp.parse_args(["--fixed_schedule", "5", "2", "--levels", "3"])  # a random split: each level its own groups
     assert (args.split, args.levels) == ("random", 3)
@@ -1448,6 +1449,9 @@ def test_flags_next_to_the_refused_ones_are_taken():
     assert tp.parse_args(["--num_masked", "47", "--mto"]).mto and tp.parse_args(["--num_masked", "49"]).num_masked == 49
     assert tp.parse_args(["--num_masked", "48", "--loss_on", "masked"]).loss_on == "masked"  # one position left out
     assert tp.parse_args(["--max_merged", "1", "--normalize_target"]).normalize_target  # merged groups' means
+    torch.save({}, tmp_path / "teacher.pth")  # a ViT teacher's features, not standardized pixels
+    teacher = f"ckpt:{tmp_path / 'teacher.pth'}"
+    assert tp.parse_args(["--max_merged", "0", "--normalize_target", "--teacher", teacher]).normalize_target
 
 
 def test_one_visible_patch_with_the_entropy_loss_on_no_block_is_taken():

@@ -657,7 +657,8 @@ def test_a_run_continued_in_another_folder_says_where_its_best_checkpoint_is(tmp
     """Continued from another folder's checkpoint (--resume PATH) without improving on its best mIoU, the run wrote no
     checkpoint-best.pth in --output_dir and said nothing (fine-tuning's summary names the folder: best_dir); the
     folder is recorded, so a relaunch says it too, and a run that improves records its own."""
-    scores = iter([50.0, 40.0, 40.0, 60.0])  # the first run; the continued run and its relaunch; a run that improves
+    scores = iter([50.0, 40.0, 40.0, 60.0, 40.0, 30.0, 30.0, math.nan, math.nan])  # the first run; the continued run
+    # and its relaunch; a run that improves; then the checks below it
 
     def run_metrics(*args, **kwargs):
         return {"aAcc": 90.0, "mIoU": next(scores), "mAcc": 60.0, "IoU": [50.0] * 5}
@@ -679,6 +680,21 @@ def test_a_run_continued_in_another_folder_says_where_its_best_checkpoint_is(tmp
                                str(tmp_path / "c")])  # 60 > 50: its own checkpoint-best.pth, beside it
     assert "reached before" not in capsys.readouterr().out and (tmp_path / "c" / engine.BEST).exists()
     assert torch.load(tmp_path / "c" / engine.LAST)["best_dir"] is None
+    train_seg.main(TINY_RUN + ["--iters", "4", "--output_dir", f"{tmp_path / 'c'}/"])  # its own best, as spelled
+    assert "reached before" not in capsys.readouterr().out
+    shutil.move(first, tmp_path / "moved" / "a")  # the folders moved together: the relaunch names the best's new place
+    shutil.move(second, tmp_path / "moved" / "b")
+    train_seg.main(TINY_RUN + ["--iters", "5", "--output_dir", str(tmp_path / "moved" / "b")])
+    assert f"look in {tmp_path / 'moved' / 'a'}; checkpoints" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)  # --resume given relative: recorded absolute, for a relaunch from another folder
+    train_seg.main(TINY_RUN + ["--iters", "3", "--resume", os.path.join("moved", "a", engine.LAST),
+                               "--output_dir", "d"])
+    assert torch.load(tmp_path / "d" / engine.LAST)["best_dir"] == str(tmp_path / "moved" / "a")
+    capsys.readouterr()
+    train_seg.main(TINY_RUN + ["--iters", "2", "--output_dir", "e"])  # mIoU undefined (NaN): no best anywhere
+    assert torch.load(tmp_path / "e" / engine.LAST)["best_dir"] is None  # none elsewhere either
+    train_seg.main(TINY_RUN + ["--iters", "3", "--resume", os.path.join("e", engine.LAST), "--output_dir", "f"])
+    assert "reached before" not in capsys.readouterr().out
 
 def test_a_label_equal_to_num_classes_is_out_of_range(tmp_path):
     """--num_classes K with labels 0..K (the usual off-by-one): refused naming the file, in loading and in scoring."""
