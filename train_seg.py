@@ -954,7 +954,7 @@ def train(args, d):
     engine.report_unreadable(unreadable, d, step, log)
     if metrics is not None:  # the folder: unless this is a finished run continued from elsewhere (it wrote nothing)
         elsewhere = ""
-        if best_miou >= 0 and os.path.realpath(best_dir) != os.path.realpath(args.output_dir):  # continued, no better
+        if best_miou >= 0 and not engine.same_path(best_dir, args.output_dir):  # continued, no better
             elsewhere = (f"; best mIoU {best_miou:.2f}, reached before this run started: it did not improve on it, so "
                          f"it wrote no {engine.BEST} here: look in {best_dir}")
         d.print(f"final mIoU {metrics['mIoU']:.2f} (aAcc {metrics['aAcc']:.2f}, mAcc {metrics['mAcc']:.2f})"
