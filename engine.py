@@ -354,6 +354,25 @@ def all_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
     return values
 
 
+def rank_rows(values: torch.Tensor, d: Dist) -> torch.Tensor:
+    """(world_size, *values.shape): every rank's values (a copy), for a checkpoint each rank resumes from its own row
+    (own_row)."""
+    values = values.detach().contiguous()
+    if d.world_size == 1:
+        return values.clone().unsqueeze(0)
+    rows = [torch.empty_like(values) for _ in range(d.world_size)]
+    dist.all_gather(rows, values)
+    return torch.stack(rows)
+
+
+def own_row(rows, mean: torch.Tensor, d: Dist) -> torch.Tensor:
+    """A resumed rank's loss sums since the last log line: its own row of a checkpoint saved by as many processes
+    (rank_rows), so the next log line equals the uninterrupted run's bit for bit; else (another number of processes,
+    a checkpoint from before rows were saved) the processes' mean, which each rank continues from (the line then
+    differs in its last bits)."""
+    return rows[d.rank] if rows is not None and len(rows) == d.world_size else mean
+
+
 def check_ranks_agree(d: Dist, what: str, value, fix: str):
     """Every process must see the same `value` (a small picklable: a dataset's size, where the run starts); else stop
     on every rank, naming each rank's value: processes that disagree would train out of step and hang in a

@@ -985,6 +985,47 @@ def test_two_processes_equal_one_process_with_the_same_total_batch(image_folder,
             assert r["loss_sing"] != 0 and 0 < r["loss_ent"] <= 1  # a max cosine (can be < 0); a normalized entropy
 
 
+STOP_AFTER_SAVE = """
+import sys
+sys.path.insert(0, {repo!r})
+import engine, train_pretrain as tp
+save = engine.save_checkpoint
+
+
+def save_then_stop(path, state):  # every rank: as a preemption right after the save at step {step}
+    save(path, state)
+    if state["step"] == {step}:
+        raise KeyboardInterrupt
+
+
+engine.save_checkpoint = save_then_stop
+tp.main(sys.argv[1:])
+"""
+
+
+def test_two_processes_resumed_between_two_log_lines_log_the_uninterrupted_runs_losses(image_folder, tmp_path):
+    """Stopped after the save at step 4, between the log lines of steps 3 and 6: the checkpoint kept the processes'
+    mean of the loss sums since step 3, which each resumed process continued from, and step 6's line differed in its
+    last bit (2026-12-07: loss_level1 0.22063152 against 0.22063151); each rank now resumes its own sums."""
+    helper, stopper = tmp_path / "helper.py", tmp_path / "stopper.py"
+    helper.write_text(textwrap.dedent(HELPER.format(repo=HERE)))
+    stopper.write_text(STOP_AFTER_SAVE.format(repo=HERE, step=4))
+    flags = ("--batch_size", "2", "--log_every", "3", "--save_every", "2")
+    run(helper, tiny_argv(image_folder, tmp_path / "whole", *flags), processes=2)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    stopped = subprocess.run([sys.executable, *launcher, str(stopper), *tiny_argv(image_folder, tmp_path / "split",
+                                                                                   *flags)],
+                             cwd=HERE, capture_output=True, text=True, timeout=300, env=dict(os.environ,
+                                                                                           OMP_NUM_THREADS="1"))
+    assert stopped.returncode != 0 and torch.load(tmp_path / "split" / engine.LAST)["step"] == 4, stopped.stderr[-3000:]
+    run(helper, tiny_argv(image_folder, tmp_path / "split", *flags), processes=2)
+    timing = ("img_per_s", "teacher_s", "morph_s", "student_s", "step_s", "data_s")
+    lines = {name: [{k: v for k, v in r.items() if k not in timing and not k.endswith("_s")}
+                    for r in read_log(tmp_path / name / engine.LOG)] for name in ("whole", "split")}
+    assert [r["step"] for r in lines["whole"]] == [3, 6, 9]
+    assert lines["split"] == lines["whole"]
+
+
 def test_shared_schedules_are_said_to_make_two_processes_equal_one_at_the_same_accum_iter():
     """--schedules shared draws by (seed, micro-step): 2 processes x batch 2 took the schedules of 1 x batch 4 (the
     test above), but 1 x batch 2 x --accum_iter 2, the same total batch, draws 2 per step (by hand, 2026-12-06: step

@@ -1792,6 +1792,49 @@ def test_the_logged_throughput_counts_the_images_of_every_process(tmp_path):
     assert [(r["step"], r["img_per_s"]) for r in records] == [(1, 4.0), (2, 4.0)]
 
 
+STOP_AFTER_SAVE = """
+import sys
+sys.path.insert(0, {repo!r})
+import engine, train_seg
+save = engine.save_checkpoint
+
+
+def save_then_stop(path, state):  # every rank: as a preemption right after the save at step 4
+    save(path, state)
+    if state["step"] == 4:
+        raise KeyboardInterrupt
+
+
+engine.save_checkpoint = save_then_stop
+train_seg.main(sys.argv[1:])
+"""
+
+
+def test_two_processes_resumed_between_two_log_lines_log_the_uninterrupted_runs_losses(tmp_path):
+    """Stopped after the save at step 4, between the log lines of steps 3 and 6: each resumed process continued from
+    the processes' mean of the sums since step 3, and the next line differed in its last bit (2026-12-07:
+    decode_loss 1.6044370 against 1.6044371); each rank now resumes its own sums."""
+    repo = os.path.dirname(os.path.abspath(train_seg.__file__))
+    (tmp_path / "run.py").write_text(f"import sys\nsys.path.insert(0, {repo!r})\nimport train_seg\n"
+                                     "train_seg.main(sys.argv[1:])\n")
+    (tmp_path / "stop.py").write_text(STOP_AFTER_SAVE.format(repo=repo))
+    flags = [*TINY_RUN, "--iters", "8", "--log_every", "3", "--save_every", "2"]
+
+    def launch(script, out):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(tmp_path / script), *flags, "--output_dir", str(tmp_path / out)],
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+
+    assert launch("run.py", "whole").returncode == 0
+    assert launch("stop.py", "split").returncode != 0 and torch.load(tmp_path / "split" / engine.LAST)["step"] == 4
+    result = launch("run.py", "split")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = {name: [{k: v for k, v in r.items() if not k.endswith("_s") and k != "img_per_s"}
+                    for r in map(json.loads, open(tmp_path / name / "log.jsonl"))] for name in ("whole", "split")}
+    assert [r["step"] for r in lines["whole"] if "loss" in r] == [3, 6, 8]
+    assert lines["split"] == lines["whole"]
+
+
 def test_ade20k_recipe_defaults_of_the_schedule_and_optimizer():
     """The rest of BEiT's configs that a --data run gets by default: upernet_beit_base_12_512_slide_160k_ade20k_pt.py's
     lr_config (poly, warmup_ratio 1e-6, power 1.0, min_lr 0.0, lines 58-62; mmseg's own configs use power 0.9 and

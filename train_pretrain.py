@@ -458,10 +458,12 @@ def train(args, d: engine.Dist) -> dict:
         # (the sums of the steps' means over micro-batches and processes, the count in steps: so another split of the
         # samples per step, processes x batch x --accum_iter, after a resume weighs every step alike)
         window = None if sums is None else dict(names=loss_names, sums=engine.all_mean(sums, d).cpu(), count=count)
+        rows = None if sums is None else engine.rank_rows(sums, d).cpu()  # each rank's own, for its resume
         named_files = engine.unreadable_for_checkpoint(unreadable, d, step, log)
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
             "dtm_pretrain", model, optimizer, scaler, args, step, steps_per_epoch, train_images=len(dataset),
-            log_window=window, log_window_per_step=True, unreadable_files=named_files, log_lines=log.lines))
+            log_window=window, log_window_per_step=True, log_window_of_ranks=rows, unreadable_files=named_files,
+            log_lines=log.lines))
 
     timer = engine.StepTimer(d.device)
     unreadable = engine.unreadable_images(args.max_unreadable, len(dataset), checkpoint, args.data)
@@ -492,7 +494,8 @@ def train(args, d: engine.Dist) -> dict:
             values = torch.stack([stats[k] for k in loss_names])
             if saved_window is not None:  # resumed between two log lines: the sums of the steps before the stop
                 if saved_window["names"] == loss_names:
-                    sums, count = saved_window["sums"].to(d.device), saved_window["count"]
+                    sums = engine.own_row(checkpoint.get("log_window_of_ranks"), saved_window["sums"], d)
+                    sums, count = sums.to(d.device), saved_window["count"]
                 saved_window = None
             sums = values / args.accum_iter if sums is None else sums + values / args.accum_iter
             images_seen += images.shape[0]

@@ -881,7 +881,8 @@ def train(args, d):
             "dtm_seg", model, optimizer, scaler, args, step, steps_per_epoch, train_images=len(train_set),
             best_miou=best_miou, best_dir=best_elsewhere,  # None: beside it (also once the folder is moved)
             num_classes=num_classes, metrics=metrics, log_window=engine.all_mean(window, d).cpu(),
-            log_window_per_step=True, unreadable_files=named_files, log_lines=log.lines))
+            log_window_per_step=True, log_window_of_ranks=engine.rank_rows(window, d).cpu(),  # each rank's own
+            unreadable_files=named_files, log_lines=log.lines))
 
     unreadable = engine.unreadable_images(args.max_unreadable, len(train_set), resume if resume_path else None,
                                           args.data or args.img_dir)
@@ -891,7 +892,7 @@ def train(args, d):
     # micro-batches), and the steps; so another --accum_iter after a resume weighs every step alike
     window = torch.zeros(4, device=d.device)
     if resume_path is not None and resume.get("log_window") is not None:  # resumed between two log lines
-        window = engine.log_window_per_step(resume).to(d.device)
+        window = engine.own_row(resume.get("log_window_of_ranks"), engine.log_window_per_step(resume), d).to(d.device)
     # the last evaluation's metrics: a relaunch keeps its run's (saved with each checkpoint; a finished run prints them)
     metrics = resume.get("metrics") if resume_path is not None else None
     last_log_time, images_seen = time.perf_counter(), 0
