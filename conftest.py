@@ -1,5 +1,7 @@
 """pytest's hooks and shared fixtures for the tests of this folder."""
 import signal
+import socket
+import time
 
 import pytest
 
@@ -65,3 +67,22 @@ def recording_bar():
             pass
 
     return RecordingBar
+
+
+@pytest.fixture
+def run_two_gloo_ranks():
+    """A function: run_two_gloo_ranks(worker, folder, timeout_s=120) runs worker(rank, 2, port, str(folder)) in two
+    spawned processes over gloo on a free port; the test fails after timeout_s (a hang) or where a worker raised."""
+    def run(worker, folder, timeout_s=120):
+        import torch.multiprocessing as mp
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        workers = mp.spawn(worker, args=(2, port, str(folder)), nprocs=2, join=False)
+        deadline = time.monotonic() + timeout_s
+        while not workers.join(timeout=1):  # raises if a worker failed
+            if time.monotonic() > deadline:
+                for process in workers.processes:
+                    process.kill()
+                pytest.fail(f"the two gloo processes did not finish within {timeout_s} s")
+    return run

@@ -2449,22 +2449,7 @@ def _read_only_on_rank0_worker(rank, world_size, port, out_dir):
     dist.destroy_process_group()
 
 
-def run_two_gloo_ranks(worker, tmp_path):
-    """worker(rank, 2, port, str(tmp_path)) in two spawned processes over gloo on a free port; fails after 120 s."""
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workers = mp.spawn(worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not workers.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in workers.processes:
-                process.kill()
-            pytest.fail("the two gloo processes did not finish within 120 s")
-
-
-def test_a_temp_file_rank0_cannot_remove_stops_every_rank_with_its_message(tmp_path):
+def test_a_temp_file_rank0_cannot_remove_stops_every_rank_with_its_message(tmp_path, run_two_gloo_ranks):
     """Rank 0 alone raised; rank 1 died in prepare_run's next collective with gloo's RuntimeError (Connection reset
     by peer), which torchrun's summary may name as the first failure."""
     (tmp_path / "run").mkdir()
@@ -2476,7 +2461,7 @@ def test_a_temp_file_rank0_cannot_remove_stops_every_rank_with_its_message(tmp_p
     assert [json.load(open(tmp_path / f"rank{rank}.json")) for rank in (0, 1)] == [stopped, stopped]  # on every rank
 
 
-def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_path):
+def test_processes_that_see_different_folders_or_data_stop_with_a_message(tmp_path, run_two_gloo_ranks):
     """Ranks that disagreed on where the run starts, or on the number of images, trained out of step and hung in a
     collective (found by a review of multi-process failures)."""
     run_two_gloo_ranks(_disagreeing_ranks_worker, tmp_path)

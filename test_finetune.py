@@ -8,13 +8,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
@@ -1495,11 +1493,11 @@ def test_evaluate_refuses_logits_that_are_not_finite():
                         torch.device("cpu"), amp_dtype)
 
 
-def _unreadable_on_rank1_worker(rank, world_size, port, root):
+def _unreadable_on_rank1_worker(rank, world_size, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
-    val = data.ImageFolder(root, data.EvalTransform(8, 1.0))
+    val = data.ImageFolder(os.path.join(out_dir, "val"), data.EvalTransform(8, 1.0))
     loader = tf.val_loader(val, argparse.Namespace(batch_size=2, num_workers=0), engine.Dist(rank, world_size))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
     try:
@@ -1507,12 +1505,12 @@ def _unreadable_on_rank1_worker(rank, world_size, port, root):
         stopped = "evaluated"
     except ValueError as e:
         stopped = str(e)
-    with open(os.path.join(root, "..", f"rank{rank}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(stopped, f)
     dist.destroy_process_group()
 
 
-def test_an_image_one_rank_cannot_read_in_evaluation_stops_every_rank_with_its_message(tmp_path):
+def test_an_image_one_rank_cannot_read_in_evaluation_stops_every_rank_with_its_message(tmp_path, run_two_gloo_ranks):
     """--eval does not load the validation set beforehand: rank 1 stopped on its unreadable image, rank 0 died in the
     all_reduce with gloo's traceback (Connection closed by peer), which torchrun's summary named as the first
     failure."""
@@ -1522,16 +1520,7 @@ def test_an_image_one_rank_cannot_read_in_evaluation_stops_every_rank_with_its_m
             (tmp_path / "val" / name).write_text("not an image")
         else:
             Image.new("RGB", (10, 10)).save(tmp_path / "val" / name)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workers = mp.spawn(_unreadable_on_rank1_worker, args=(2, port, str(tmp_path / "val")), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not workers.join(timeout=1):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in workers.processes:
-                process.kill()
-            pytest.fail("the two gloo evaluation processes did not finish within 120 s")
+    run_two_gloo_ranks(_unreadable_on_rank1_worker, tmp_path)
     bad = str(tmp_path / "val" / "a" / "1.png")
     refusal = (f"rank 1 of 2 ({socket.gethostname()}) stopped: cannot read image file {bad!r} (UnidentifiedImageError: "
                f"cannot identify image file {bad!r}); the file is corrupt or not an image: delete or replace it")

@@ -11,13 +11,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import types
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -1102,17 +1100,9 @@ def _eval_worker(rank, world_size, port, out_dir):
     dist.destroy_process_group()
 
 
-def test_distributed_eval_counts_each_image_once(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workers = mp.spawn(_eval_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 180
-    while not workers.join(timeout=1):  # raises if a worker failed
-        if time.monotonic() > deadline:  # a hang (seen once with torch 2.5.1, in destroy_process_group) fails here
-            for process in workers.processes:
-                process.kill()
-            pytest.fail("the two gloo evaluation processes did not finish within 180 s")
+def test_distributed_eval_counts_each_image_once(tmp_path, run_two_gloo_ranks):
+    # a hang (seen once with torch 2.5.1, in destroy_process_group) fails the test after 180 s
+    run_two_gloo_ranks(_eval_worker, tmp_path, timeout_s=180)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert sorted(results[0]["read"] + results[1]["read"]) == [0, 1, 2, 3, 4]
     for r in results:  # the mIoU of a mixed set (some pairs twice, some never), written with exit status 0, before
@@ -1877,7 +1867,7 @@ def _unreadable_on_rank1_worker(rank, world_size, port, out_dir):
     dist.destroy_process_group()
 
 
-def test_a_pair_one_rank_cannot_read_in_evaluation_stops_every_rank_with_its_message(tmp_path):
+def test_a_pair_one_rank_cannot_read_in_evaluation_stops_every_rank_with_its_message(tmp_path, run_two_gloo_ranks):
     """--eval does not load the validation set beforehand: rank 1 stopped on its bad label map, rank 0 died in the
     all_reduce with gloo's traceback (Connection closed by peer), which torchrun's summary named as the first
     failure."""
@@ -1886,16 +1876,7 @@ def test_a_pair_one_rank_cannot_read_in_evaluation_stops_every_rank_with_its_mes
     for i in range(3):  # pair 1, rank 1's, holds label value 7 of 4 classes
         Image.new("RGB", (20, 20)).save(tmp_path / "img" / f"{i}.jpg")
         Image.new("L", (20, 20), 7 if i == 1 else 0).save(tmp_path / "ann" / f"{i}.png")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workers = mp.spawn(_unreadable_on_rank1_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not workers.join(timeout=1):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in workers.processes:
-                process.kill()
-            pytest.fail("the two gloo evaluation processes did not finish within 120 s")
+    run_two_gloo_ranks(_unreadable_on_rank1_worker, tmp_path)
     refusal = (f"rank 1 of 2 ({socket.gethostname()}) stopped: annotation '{tmp_path / 'ann' / '1.png'}' holds label "
                f"values [7], outside 0..3 (4 classes) and 255 (ignore); check --num_classes and --reduce_zero_label")
     assert [json.load(open(tmp_path / f"rank{rank}.json")) for rank in (0, 1)] == [refusal, refusal]
