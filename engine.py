@@ -1689,6 +1689,19 @@ def _as_launched(name: str, saved, cwd: str, moved=lambda path: path):
     return (f"{kind}:" if kind else "") + moved(path)
 
 
+def resumed_best_dir(checkpoint: dict, path: str) -> str:
+    """The folder whose checkpoint-best.pth holds the best of the run continued from the checkpoint at `path`: its
+    recorded best_dir (moved_with_run), or null there: beside the checkpoint (fine-tuning, segmentation)."""
+    return (moved_with_run(checkpoint, path, checkpoint["best_dir"]) if checkpoint.get("best_dir")
+            else os.path.dirname(path) or ".")
+
+
+def best_dir_to_save(best_dir: str, output_dir: str):
+    """best_dir as a checkpoint records it: None where it is the run's own folder (also once that folder is moved),
+    else its absolute path."""
+    return None if same_path(best_dir, output_dir) else os.path.abspath(best_dir)
+
+
 def moved_with_run(checkpoint: dict, path: str, recorded: str) -> str:
     """An absolute path the checkpoint at `path` records (its --init, --resume PATH, best_dir) where it lies now: where
     that is gone and the run's folder moved, the same place beside the folder (the folders moved together, e.g. a

@@ -598,8 +598,7 @@ def finetune(args, d, amp_dtype, scaler):
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
                              train_images=len(train_set))
         best_top1 = resume["best_top1"]
-        best_dir = (engine.moved_with_run(resume, resume_path, resume["best_dir"]) if resume.get("best_dir")
-                    else os.path.dirname(resume_path) or ".")
+        best_dir = engine.resumed_best_dir(resume, resume_path)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, engine.warmup_steps(args.warmup_epochs, steps_per_epoch)
     finished = step >= total_steps
     log = engine.open_log(args.output_dir, resume if own_run else None, d.is_main, finished)
@@ -677,10 +676,9 @@ def finetune(args, d, amp_dtype, scaler):
                       f"top-5 {stats['top5']:.2f}%  (best {best_top1:.2f}%)")
         named_files = engine.unreadable_for_checkpoint(unreadable, d, step, log)
         best_dir = args.output_dir if improved else best_dir
-        best_elsewhere = None if engine.same_path(best_dir, args.output_dir) else os.path.abspath(best_dir)
         state = engine.checkpoint_state("dtm_finetune", model, optimizer, scaler, args, step, steps_per_epoch,
                                         train_images=len(train_set), best_top1=best_top1, val=stats,
-                                        best_dir=best_elsewhere,  # None: beside it (also once the folder is moved)
+                                        best_dir=engine.best_dir_to_save(best_dir, args.output_dir),
                                         classes=list(classes), unreadable_files=named_files, log_lines=log.lines)
         if improved:  # before LAST: a run killed between the two saves retrains the epoch and writes BEST again
             engine.save_checkpoint(os.path.join(args.output_dir, engine.BEST), state)
@@ -690,7 +688,7 @@ def finetune(args, d, amp_dtype, scaler):
     bar.close()
     if log.enabled:  # rank 0, unless this is a finished run continued from elsewhere (it wrote nothing here)
         elsewhere = ""
-        if os.path.realpath(best_dir) != os.path.realpath(args.output_dir):  # continued from another folder, no better
+        if not engine.same_path(best_dir, args.output_dir):  # continued from another folder, no better
             elsewhere = (f" (reached before this run started; it did not improve on it, so it wrote no "
                          f"{engine.BEST} here: look in {best_dir})")
         d.print(f"done: best val top-1 {best_top1:.2f}%{elsewhere}; checkpoints and log.jsonl in {args.output_dir}")

@@ -854,8 +854,7 @@ def train(args, d):
         step = engine.resume(resume, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
                              train_images=len(train_set), counts_steps=True)  # --iters counts steps
         best_miou = resume["best_miou"]
-        best_dir = (engine.moved_with_run(resume, resume_path, resume["best_dir"]) if resume.get("best_dir")
-                    else os.path.dirname(resume_path) or ".")
+        best_dir = engine.resumed_best_dir(resume, resume_path)
     # after engine.resume, which resolves a continued run's --init (and checks a given one against it)
     d.print(f"{args.model} UperNet, {num_classes} classes, crop {args.crop_size}, pyramid from blocks "
             f"{model.out_indices}, init {args.init}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
@@ -876,10 +875,9 @@ def train(args, d):
 
     def save(name, metrics=None):
         named_files = engine.unreadable_for_checkpoint(unreadable, d, step, log)
-        best_elsewhere = None if engine.same_path(best_dir, args.output_dir) else os.path.abspath(best_dir)
         engine.save_checkpoint(os.path.join(args.output_dir, name), engine.checkpoint_state(
             "dtm_seg", model, optimizer, scaler, args, step, steps_per_epoch, train_images=len(train_set),
-            best_miou=best_miou, best_dir=best_elsewhere,  # None: beside it (also once the folder is moved)
+            best_miou=best_miou, best_dir=engine.best_dir_to_save(best_dir, args.output_dir),
             num_classes=num_classes, metrics=metrics, log_window=engine.all_mean(window, d).cpu(),
             log_window_per_step=True, log_window_of_ranks=engine.rank_rows(window, d).cpu(),  # each rank's own
             unreadable_files=named_files, log_lines=log.lines))
