@@ -58,7 +58,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=os.path.expanduser,
                         help="an image folder (class subfolders); default: JPEGs made in a temporary folder")
-    parser.add_argument("--images", type=int, default=50, help="distinct files read (default %(default)s)")
+    parser.add_argument("--images", type=int, default=50,
+                        help="distinct files read (default %(default)s; at most --repeats, which a pipeline reads)")
     parser.add_argument("--repeats", type=int, default=300, help="images timed per pipeline (default %(default)s)")
     parser.add_argument("--workers", type=int, default=2,
                         help="DataLoader workers for the last figure (default %(default)s)")
@@ -73,14 +74,15 @@ def main(argv=None):
         parser.error("--images, --repeats and --batch must be >= 1, --workers >= 0")
     if args.data is not None and not os.path.isdir(args.data):
         parser.error(f"--data {args.data!r} is not a folder")
+    files = min(args.images, args.repeats)  # each pipeline reads them all, so the DataLoader reads no file unread
     with tempfile.TemporaryDirectory() as tmp, one_torch_thread():
         if args.data is None:
-            make_jpegs(tmp, args.images)
+            make_jpegs(tmp, files)
         try:
             folder = data.ImageFolder(args.data or tmp)
         except (OSError, ValueError) as e:
             parser.error(f"--data: {e}")
-        paths = [folder.samples[i][0] for i in range(min(args.images, len(folder)))]
+        paths = [folder.samples[i][0] for i in range(min(files, len(folder)))]
         pretrain = data.PretrainTransform(224, min_crop_scale=0.08)
         masks = data.BlockMaskGenerator((14, 14), num_masked=75, min_block=16)
         finetune = data.FinetuneTransform(224)

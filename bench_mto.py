@@ -72,7 +72,11 @@ def load_mto(path):
         raise SystemExit(f"--compare_mto {path}: no such Python file; pass the path of a copy of mto.py "
                          f"(git show <commit>:mto.py > old_mto.py)")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:  # `git show <commit> mto.py` (no colon) writes the commit's diff
+        raise SystemExit(f"--compare_mto {path}: is not Python (SyntaxError at line {e.lineno}: {e.msg}); pass a copy "
+                         f"of mto.py (git show <commit>:mto.py > old_mto.py)") from None
     if not all(hasattr(module, name) for name in ("MTO", "MTOConfig")):  # an AttributeError in has_compile once
         raise SystemExit(f"--compare_mto {path}: has no MTO and MTOConfig, it is not a copy of mto.py; pass one "
                          f"(git show <commit>:mto.py > old_mto.py)")
@@ -234,8 +238,9 @@ class ByteCount(TorchDispatchMode):
     fills (their result written), empty tensors (nothing), gathers (read: the result's bytes and every integer or bool
     argument, the index; written: the result), scatters and index_put (read: the arguments but the first, the
     destination; written: as many bytes as their floating-point values, so a fill with a number counts none; out of
-    place also a copy of the destination) and copy_ (its source read, its destination written). What a kernel reads
-    twice or keeps in a cache is not seen.
+    place also a copy of the destination) and copy_ (its source read, its destination written); an in-place op that
+    returns nothing (torch's foreach ops, AdamW's default on a GPU) writes the arguments it modifies. What a kernel
+    reads twice or keeps in a cache is not seen.
     Under a dispatch mode autograd adds a tensor's gradients out of place, not into one of them: the bytes are the
     same, one more result is allocated."""
 
@@ -247,12 +252,20 @@ class ByteCount(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = [t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)]
         results = [t for t in tree_flatten(out)[0] if torch.is_tensor(t)]
-        read, written = self.traffic(func, inputs, results)
+        read, written = self.traffic(func, inputs, results or self.modified(func, args, kwargs or {}))
         key = (func.overloadpacket.__name__, tuple(results[0].shape), str(results[0].dtype)) if results else \
             (func.overloadpacket.__name__, (), "")
         entry = self.ops.setdefault(key, [0, 0, 0])
         entry[0], entry[1], entry[2] = entry[0] + 1, entry[1] + read, entry[2] + written
         return out
+
+    @staticmethod
+    def modified(func, args, kwargs):
+        """The tensors that the schema of func marks as written in place (Tensor(a!) and Tensor(a!)[] arguments)."""
+        schema = func._schema.arguments
+        values = [args[i] if i < len(args) else kwargs.get(a.name) for i, a in enumerate(schema)]
+        written = [value for a, value in zip(schema, values) if a.alias_info is not None and a.alias_info.is_write]
+        return [t for t in tree_flatten(written)[0] if torch.is_tensor(t)]
 
     @staticmethod
     def traffic(func, inputs, results):
@@ -336,6 +349,9 @@ def main(argv=None):
         parser.error(str(e))
     if not all(0 <= i < len(VARIANTS) for i in args.variants):
         parser.error(f"--variants are indices 0..{len(VARIANTS) - 1}, got {args.variants}")
+    if twice := sorted({i for i in args.variants if args.variants.count(i) > 1}):  # each step run twice per round
+        given, named = " ".join(map(str, args.variants)), ", ".join(map(str, twice))
+        parser.error(f"--variants {given} names variant {named} twice; list each once")
     compiles = args.compile or not set(args.variants) <= set(EAGER_VARIANTS)
     if compiles and args.warmup < 1:
         parser.error("--compile and variant 5 need --warmup 1 or more: the first step compiles")

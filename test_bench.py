@@ -29,6 +29,7 @@ def ran_past_the_checks(*args, **kwargs):
     (["--batch", "0"], "--steps and --batch must be >= 1"), (["--warmup", "-1"], "--warmup >= 0"),
     (["--variants", "-1"], "--variants are indices 0..5, got [-1]"),  # -1 silently took the last
     (["--variants", "0", "6"], "--variants are indices 0..5, got [0, 6]"),  # an IndexError after the set-up
+    (["--variants", "0", "1", "1"], "--variants 0 1 1 names variant 1 twice; list each once"),  # its steps twice
     (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),  # ran with a disabled GradScaler
     (["--compile", "--warmup", "0"], "the first step compiles"),  # a timed step would include the compilation
     (["--variants", "0", "5", "--warmup", "0"], "the first step compiles"),
@@ -499,6 +500,17 @@ def test_byte_count_counts_reads_and_writes_by_the_rules_of_each_kind_of_op():
     assert ops["index_put_"] == (1, 80 + 40, 40) and ops["copy_"] == (1, 4000, 4000)
 
 
+def test_byte_count_counts_what_in_place_ops_that_return_nothing_write():
+    """torch's foreach ops (AdamW's default on a GPU) return nothing: what they write in place was counted as 0 bytes,
+    so a GPU's optimizer step counted its reads only."""
+    tensors = [torch.zeros(100), torch.zeros(50)]  # 600 bytes
+    with bench_mto.ByteCount() as counter:
+        torch._foreach_add_(tensors, [torch.ones(100), torch.ones(50)])
+        torch._foreach_mul_(tensors, 2.0)
+    ops = {op: entry for (op, _, _), entry in counter.ops.items()}
+    assert ops["_foreach_add_"] == [1, 1200, 600] and ops["_foreach_mul_"] == [1, 600, 600]
+
+
 def test_bench_mto_count_bytes_prints_each_variants_bytes_and_the_ops_that_grew(capsys):
     """--count_bytes: one more step of each variant under ByteCount; MTO reads and writes more than plain DTM, by the
     percentage printed, and its ops that grew most are listed largest first."""
@@ -653,6 +665,20 @@ def test_bench_data_figures(tmp_path, monkeypatch, capsys):
     assert "DataLoader, 2 workers, batch 4, 2 timed rounds: 8 pre-training samples/s (4 per worker)" in out
 
 
+def test_bench_data_reads_in_its_dataloader_only_the_files_its_pipelines_timed(tmp_path, monkeypatch, capsys):
+    """--repeats below --images: the pipelines read the first --repeats files, the DataLoader drew from all --images,
+    and one that none had read ended in a DataLoader traceback (here the corrupt third file)."""
+    (tmp_path / "a").mkdir()
+    for name in ("0.jpg", "1.jpg"):
+        Image.new("RGB", (32, 24), "red").save(tmp_path / "a" / name)
+    (tmp_path / "a" / "z.jpg").write_text("not a jpeg")
+    monkeypatch.setattr(bench_data.torch, "set_num_threads", lambda n: None)
+    torch.manual_seed(0)
+    bench_data.main(["--data", str(tmp_path), "--images", "3", "--repeats", "2", "--workers", "0", "--batch", "8",
+                     "--rounds", "2"])
+    assert capsys.readouterr().out.startswith(f"2 files from {tmp_path};")
+
+
 @pytest.mark.parametrize("script", ["bench_mto", "bench_morph"])
 def test_bench_device_without_cuda_is_refused_before_the_set_up(script, monkeypatch, capsys):
     """--device cuda on a machine without a GPU was torch's "not compiled with CUDA" traceback after the set-up."""
@@ -695,6 +721,15 @@ def test_bench_mto_compare_mto_that_is_not_a_copy_of_mto_py_is_one_line(tmp_path
     monkeypatch.setattr(bench_mto, "make_teacher", ran_past_the_checks)
     with pytest.raises(SystemExit, match=r"other.py: has no MTO and MTOConfig, it is not a copy of mto.py; pass one"):
         bench_mto.main(["--compare_mto", str(tmp_path / "other.py")])
+
+
+def test_bench_mto_compare_mto_that_is_not_python_is_one_line(tmp_path, monkeypatch):
+    """`git show <commit> mto.py` (a space for the colon) writes the commit's diff: it was a SyntaxError traceback."""
+    (tmp_path / "old_mto.py").write_text("commit edfbde7\nAuthor: someone\n\ndiff --git a/mto.py b/mto.py\n")
+    monkeypatch.setattr(bench_mto, "make_teacher", ran_past_the_checks)
+    with pytest.raises(SystemExit, match=r"old_mto.py: is not Python \(SyntaxError at line 1: invalid syntax\); pass "
+                                         r"a copy of mto.py \(git show <commit>:mto.py > old_mto.py\)$"):
+        bench_mto.main(["--compare_mto", str(tmp_path / "old_mto.py")])
 
 
 def test_bench_data_an_unreadable_image_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
