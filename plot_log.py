@@ -29,7 +29,7 @@ def read_log(path: str, x_field: str, field: str):
     if os.path.isdir(path):
         raise SystemExit(f"error: {path!r} is a folder; pass the log file in it "
                          f"({shlex.quote(os.path.join(path, 'log.jsonl'))})")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # a pipe is read too: <(grep -v skipped_image log.jsonl), /dev/stdin
         raise SystemExit(f"error: {path!r}: no such file (a run's log is log.jsonl in its --output_dir)")
     with open(path, errors="replace") as f:  # a binary file (a checkpoint passed by mistake) fails on its first line
         for number, line in enumerate(f, 1):
@@ -81,8 +81,15 @@ def note_x_goes_back(path: str, x_field: str, back: list):
     (number, before, x), more = back[0], len(back) - 1
     why = (" (a run resumed with another number of steps per epoch renumbers its steps; plot by --x epochs_done)"
            if x_field == "step" else "")
-    print(f"note: {path}:{number}: {x_field} goes back from {before:g} to {x:g}"
+    print(f"note: {path}:{number}: {x_field} goes back from {' to '.join(_shown((before, x)))}"
           f"{f', and at {more} more lines' if more else ''}{why}", file=sys.stderr)
+
+
+def _shown(values) -> list:
+    """Different values as a note prints them: whole numbers (steps) in full, others with 6 significant digits or as
+    many more as tell them apart (by :g, the lr's first fall after a long warmup read 'from 0.0015 to 0.0015')."""
+    digits = next(d for d in range(6, 18) if len({f"{v:.{d}g}" for v in values}) == len(values))
+    return [str(int(v)) if float(v).is_integer() and abs(v) < 1e16 else f"{v:.{digits}g}" for v in values]
 
 
 def _number(value, name: str, where: str) -> float:

@@ -22,9 +22,9 @@ or skip), so a study cut short continues where it stopped.
                pre-training seeds, 3 for the fixed schedule and from scratch; 30 runs); one recipe for all: no
                RandAugment, random erasing, Mixup or CutMix, no layer decay
     measures   best and last validation top-1 per run, and top-1 per epoch; for each pre-trained student on 256
-               validation images: the mean cosine of horizontally and vertically adjacent predicted tokens (how
-               spatially consistent its predictions are; the teacher's targets for reference), and its token-wise
-               and DTM (fixed schedule 24 x 3) losses against the teacher's targets with the training masks
+               validation images of every class: the mean cosine of horizontally and vertically adjacent predicted
+               tokens (how spatially consistent its predictions are; the teacher's targets for reference), and its
+               token-wise and DTM (fixed schedule 24 x 3) losses against the teacher's targets with the training masks
 Writes OUT/results.json, OUT/curves.png (mean top-1 per epoch of each arm) and prints the tables.
 """
 import argparse
@@ -34,6 +34,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -134,6 +135,11 @@ def run(script, argv, log):
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     with open(log, "a", errors="backslashreplace") as f:  # a folder that is not UTF-8 (b'r\\xe9s'), as printed
         f.write(f"$ {' '.join(command)}\n{result.stdout[-4000:]}{result.stderr[-4000:]}\n")
+    if result.returncode < 0:  # its last line is a progress bar's: name the signal (the out-of-memory killer's: 9)
+        number = -result.returncode
+        sys.exit(f"error: {script} was killed by signal {number} ({signal.strsignal(number)}"
+                 f"{', out of memory?' if number == signal.SIGKILL else ''}; see {log}); relaunch the same command: "
+                 f"the study continues where it stopped")
     if result.returncode != 0:
         sys.exit(f"error: {script} failed (see {log}): {result.stderr.strip().splitlines()[-1:]}")
     print(f"  {script} {argv[argv.index('--output_dir') + 1]}: {time.time() - start:.0f} s", flush=True)
@@ -278,7 +284,8 @@ def main():
     print("spatial consistency", flush=True)
     teacher = dtm.build_teacher(f"ckpt:{teacher_ckpt}", IMG, dtm.PATCH_SIZE)
     val_set = data.ImageFolder(val, data.EvalTransform(IMG))
-    images = torch.stack([val_set[i][0] for i in range(256)])
+    spread = [i * len(val_set) // 256 for i in range(256)]  # every class (the first 256: about half)
+    images = torch.stack([val_set[i][0] for i in spread])
     mask_gen = data.BlockMaskGenerator((GRID, GRID), 19, 4)
     masks = torch.stack([mask_gen(random.Random(i)).flatten() for i in range(256)])
     measures = {arm: [consistency(path, teacher, images, masks) for path in paths] for arm, paths in pretrained.items()}

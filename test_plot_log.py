@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 
 import pytest
 from PIL import Image
@@ -62,6 +63,21 @@ def test_steps_and_epochs_get_whole_number_ticks():
 def test_a_missing_log_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"error: '.*missing.jsonl': no such file \(a run's log is log.jsonl"):
         plot_log.main([str(tmp_path / "missing.jsonl")])
+
+
+def test_a_log_through_a_pipe_is_read(tmp_path):
+    """plot_log.py <(grep -v skipped_image log.jsonl) and /dev/stdin are pipes: they were 'no such file'."""
+    pipe = str(tmp_path / "pipe")
+    os.mkfifo(pipe)
+    lines = '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 1}\n'
+    writer = threading.Thread(target=lambda: open(pipe, "w").write(lines))
+    writer.start()
+    try:
+        assert plot_log.read_log(pipe, "step", "loss") == [(1.0, 2.5), (2.0, 1.0)]
+    finally:
+        if writer.is_alive():  # read_log refused it before opening it: let the writer go
+            open(pipe).close()
+        writer.join()
 
 
 def test_non_finite_values_are_left_out_and_one_point_is_drawn(tmp_path):
@@ -396,6 +412,19 @@ def test_x_going_back_at_many_lines_is_one_note(tmp_path, capsys):
     log.write_text("".join(json.dumps({"step": s, "loss": 1 / s, "lr": lr}) + "\n" for s, lr in enumerate(lrs, 1)))
     assert len(plot_log.read_log(str(log), "lr", "loss")) == 2000
     assert capsys.readouterr().err == f"note: {log}:201: lr goes back from 1 to 0.999444, and at 1799 more lines\n"
+
+
+def test_x_going_back_by_less_than_six_digits_tell_is_noted_with_the_digits_that_do(tmp_path, capsys):
+    """Loss by --x lr of a long cosine schedule: its first fall after the peak (by 1.1e-10) read 'lr goes back from
+    0.0015 to 0.0015'; steps past a million, 'step goes back from 1.00001e+06 to 1.00001e+06'."""
+    log = tmp_path / "log.jsonl"
+    why = " (a run resumed with another number of steps per epoch renumbers its steps; plot by --x epochs_done)"
+    for name, values, said in (("lr", (0.0014999999637920478, 0.0014999998521973638), "0.0015 to 0.0014999999"),
+                               ("step", (1000010, 1000005), f"1000010 to 1000005{why}")):
+        log.write_text("".join(json.dumps({name: v, "loss": 1.0}) + "\n" for v in values))
+        plot_log.read_log(str(log), name, "loss")
+        assert capsys.readouterr().err == f"note: {log}:2: {name} goes back from {said}\n"
+
 
 
 def test_an_integer_beyond_floats_range_is_left_out_like_infinity(tmp_path):

@@ -1,4 +1,5 @@
 """Tests for study.py's own pieces: the Fashion-MNIST reader, the ImageFolders it writes, the adjacency measure."""
+import collections
 import gzip
 import io
 import json
@@ -360,6 +361,17 @@ def test_run_stops_the_study_when_a_script_fails(tmp_path, monkeypatch, capsys):
     assert "loading\nboom: out of memory" in text
 
 
+def test_run_names_the_signal_that_killed_a_script_not_its_last_progress_bar(tmp_path, monkeypatch):
+    """A run the out-of-memory killer ended (SIGKILL) read 'failed (see runs.log): ['epoch 0:  40%|...']'."""
+    monkeypatch.setattr(study, "HERE", str(tmp_path))
+    (tmp_path / "killed.py").write_text("import os, sys; print('epoch 0:  40%|', file=sys.stderr, flush=True); "
+                                        "os.kill(os.getpid(), 9)\n")
+    with pytest.raises(SystemExit, match=r"^error: killed.py was killed by signal 9 \(Killed, out of memory\?; see "
+                                         r".*runs.log\); relaunch the same command: the study continues where it "):
+        study.run("killed.py", ["--output_dir", "out/a"], str(tmp_path / "runs.log"))
+    assert "epoch 0:  40%|" in open(tmp_path / "runs.log").read()
+
+
 def test_run_echoes_the_scripts_warnings_which_the_log_alone_would_hide(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(study, "HERE", str(tmp_path))
     (tmp_path / "warns.py").write_text("import sys; print('step 1'); print('warning: the warmup lasts the whole run');"
@@ -496,6 +508,33 @@ class SpyConsistency:
             args = (study, "consistency",
                     lambda p, t, images, masks: self.masks.append(masks) or inner(p, t, images, masks))
         return self.monkeypatch.setattr(*args, **kwargs)
+
+
+class SortedVal500:
+    """A monkeypatch that gives fake_study a validation set of 500 images in class-folder order, as data.ImageFolder
+    lists val500 (50 per class, each image filled with its class), and records the images consistency gets."""
+
+    def __init__(self, monkeypatch, images):
+        self.monkeypatch, self.images = monkeypatch, images
+
+    def setattr(self, *args, **kwargs):
+        if args[:2] == (study.data, "ImageFolder"):
+            val500 = [(torch.full((3, 2, 2), i // 50.0), i // 50) for i in range(500)]
+            args = (*args[:2], lambda root, transform: val500)
+        elif args[:2] == (study, "consistency"):
+            inner = args[2]
+            args = (*args[:2], lambda p, t, images, masks: self.images.append(images) or inner(p, t, images, masks))
+        return self.monkeypatch.setattr(*args, **kwargs)
+
+
+def test_the_students_are_measured_on_validation_images_of_every_class(tmp_path, monkeypatch):
+    """The first 256 of val500 in class-folder order are 5 of its 10 classes (bag, boot, coat, dress, pullover and a
+    few sandals with about 50 images each): the students' consistency and losses never saw a shirt or a sneaker."""
+    images = []
+    fake_study(tmp_path, SortedVal500(monkeypatch, images))
+    assert len(images) == 9 and all(torch.equal(batch, images[0]) for batch in images)
+    per_class = collections.Counter(images[0][:, 0, 0, 0].int().tolist())
+    assert sorted(per_class) == list(range(10)) and set(per_class.values()) == {25, 26}, per_class
 
 
 def test_the_study_reports_the_teacher_scores_with_the_training_masks_and_plots_its_curves(tmp_path, monkeypatch,
