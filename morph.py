@@ -420,7 +420,9 @@ def group_mean(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.
                         f"x.float()")
     B, N, C = x.shape
     if groups.shape != (B, N):
-        raise ValueError(f"groups {tuple(groups.shape)} must match the first two dims of x {tuple(x.shape)}")
+        extra = N - groups.shape[1] if groups.dim() == 2 and groups.shape[0] == B else 0
+        hint = f" (if x starts with {extra} CLS / register tokens: pass its patch tokens, x[:, {extra}:])" * (extra > 0)
+        raise ValueError(f"groups {tuple(groups.shape)} must match the first two dims of x {tuple(x.shape)}{hint}")
     sums = torch.zeros(B * num_groups, C, device=x.device, dtype=_match_dtype(x))
     sums.index_add_(0, _flat_index(groups, num_groups), x.reshape(B * N, C).to(sums.dtype))
     sums = sums.view(B, num_groups, C)
@@ -429,6 +431,9 @@ def group_mean(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.
 
 def morph_back(x_groups: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Every original token position gets its group's value: (B, G, C) -> (B, N, C). An id >= G is an index error."""
+    if x_groups.dim() != 3:  # (B, G): the index error of gather named no fix
+        raise ValueError(f"morph_back needs x_groups of shape (B, G, C), got {tuple(x_groups.shape)}; for one value "
+                         f"per group pass x_groups[..., None] (and take [..., 0] of the result)")
     if groups.dim() != 2 or groups.shape[0] != x_groups.shape[0]:
         raise ValueError(f"groups {tuple(groups.shape)} must be (B, N) with the batch of x_groups "
                          f"{tuple(x_groups.shape)}")

@@ -110,7 +110,10 @@ The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and
     compiled caller of mto_forward (a model that calls it, dtm.DTMPretrainModel with MTO) is one graph (fullgraph=True
     too), and one more once the number of masked patches changes (then symbolic), not one per number. torch.func's
     transforms refuse the losses (autograd.Functions without setup_context), torch.jit.trace is refused (patch_rows);
-    torch.utils.checkpoint around mto_forward gives the same gradients (either use_reentrant).
+    torch.utils.checkpoint around mto_forward gives the same gradients with use_reentrant=False. use_reentrant=True
+    keeps the graph of top-level tensor outputs only: mto_forward's losses, in a dict, come back without one (their
+    values right, no gradient, no error); checkpoint MTO(cfg)(vit, images, mask) instead, whose loss is a top-level
+    tensor (the same gradients with either use_reentrant).
     MTOConfig(compile=True) compiles the losses' arithmetic (one graph per loss and group size, and per mask layout:
     images with equal or different numbers of masked patches, blocks with or without a bias).
 """
@@ -625,6 +628,17 @@ def _num_layers(value, depth, name):
     return value
 
 
+def _check_features(features):
+    """forward_features returned an object with .tokens, .layers and .qk (the docstring's Use): a dict, a tuple or the
+    tokens alone failed with an AttributeError that named no fix."""
+    missing = [f".{name}" for name in ("tokens", "layers", "qk") if not hasattr(features, name)]
+    if missing:
+        raise ValueError(f"the ViT's forward_features(...) returned a {type(features).__name__} without "
+                         f"{', '.join(missing)}: return an object with .tokens (B, T, C), .layers {{block index: "
+                         f"output}} and .qk {{block index: (q, k, bias)}}, e.g. types.SimpleNamespace(tokens=..., "
+                         f"layers=..., qk=...) (see mto.py's docstring, Use)")
+
+
 def _check_returned(features, field: str, ids):
     """The ViT returned features.layers / .qk for every block index asked for (return_layers / return_qk)."""
     held = getattr(features, field)
@@ -727,6 +741,7 @@ def mto_forward(vit, images, mask, cfg: MTOConfig, num_prefix: int = NUM_PREFIX,
     attn_mask = [allowed] * layers + [None] * (depth - layers)
     features = vit.forward_features(images, mask, attn_mask, return_layers=sing_ids, return_qk=ent_ids)
 
+    _check_features(features)
     _check_returned(features, "layers", sing_ids)
     _check_returned(features, "qk", ent_ids)
     zero = features.tokens.new_zeros((), dtype=torch.promote_types(features.tokens.dtype, torch.float32))  # the losses

@@ -2,6 +2,7 @@
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -293,6 +294,25 @@ def test_group_helpers_check_the_batch():
         with pytest.raises(RuntimeError, match="out of bounds|out of range"):  # not sample 1's row 0
             bad()
     assert clamp_schedule(0, [1], "official") == [0] and num_groups_after(0, [1], "official") == 0
+
+
+def test_group_helpers_name_the_fix_for_a_cls_token_and_for_one_value_per_group():
+    """A student's output with its CLS token (B, 1 + N, D) failed group_mean naming only the shapes, and per-group
+    values (B, G) spread back with morph_back failed inside gather ("Index tensor must have the same number of
+    dimensions as input tensor"); both name the fix now, which gives the values (found by a copy-the-file review)."""
+    x = torch.randn(2, 10, 4)
+    groups = token_morphing(x, [3], "alternate")
+    with_cls = torch.cat([torch.randn(2, 1, 4), x], dim=1)
+    with pytest.raises(ValueError, match=re.escape("groups (2, 10) must match the first two dims of x (2, 11, 4) (if x "
+                                                   "starts with 1 CLS / register tokens: pass its patch tokens, x[:, "
+                                                   "1:])")):
+        group_mean(with_cls, groups, 7)
+    assert torch.equal(group_mean(with_cls[:, 1:], groups, 7), group_mean(x, groups, 7))
+    per_group = group_mean(x, groups, 7).pow(2).sum(-1)  # (B, G)
+    with pytest.raises(ValueError, match=re.escape("morph_back needs x_groups of shape (B, G, C), got (2, 7); for one "
+                                                   "value per group pass x_groups[..., None]")):
+        morph_back(per_group, groups)
+    assert torch.equal(morph_back(per_group[..., None], groups)[..., 0], per_group.gather(1, groups))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

@@ -806,6 +806,46 @@ def test_a_vit_that_leaves_out_blocks_asked_for_is_named():
             mto.mto_forward(model, x, mask, mto.MTOConfig())
 
 
+def test_a_vit_that_returns_no_features_object_is_named_with_the_fix():
+    """An adapter whose forward_features returns a dict, a plain tuple or the tokens alone failed with "AttributeError:
+    'dict' object has no attribute 'layers'", naming no fix (found by a copy-the-file review)."""
+    model, x, mask = tiny_vit(), images(), random_mask()
+    forward_features = model.forward_features
+    for kind, to_return in (("dict", lambda f: f._asdict()), ("tuple", tuple), ("Tensor", lambda f: f.tokens)):
+        def returning(*args, to_return=to_return, **kwargs):
+            return to_return(forward_features(*args, **kwargs))
+
+        model.forward_features = returning
+        with pytest.raises(ValueError, match=re.escape(f"forward_features(...) returned a {kind} without .tokens, "
+                                                       f".layers, .qk: return an object with .tokens (B, T, C)")):
+            mto.mto_forward(model, x, mask, mto.MTOConfig())
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_around_mto_gives_its_gradients_where_the_docstring_says(reentrant):
+    """torch.utils.checkpoint: the docstring said mto_forward inside it gives the same gradients with either
+    use_reentrant, but use_reentrant=True keeps the graph of top-level tensor outputs only: the losses dict came back
+    without one, their values right, and the MTO losses trained nothing, without an error. use_reentrant=False around
+    mto_forward and either around the MTO hook give the plain gradients; the docstring says which."""
+    from torch.utils.checkpoint import checkpoint
+    model, mask, cfg = tiny_vit(), random_mask(), mto.MTOConfig()
+    x = images().requires_grad_()  # use_reentrant=True gives the weights gradients only with an input that needs one
+
+    def gradients(tokens, loss):  # by backward(): use_reentrant=True does not take torch.autograd.grad
+        model.zero_grad()
+        (tokens.pow(2).mean() + loss).backward()
+        return [p.grad for p in model.parameters()]
+
+    tokens, losses = mto.mto_forward(model, x, mask, cfg)
+    reference = gradients(tokens, mto.mto_total_loss(losses, cfg))
+    tokens, loss, _ = checkpoint(mto.MTO(cfg), model, x, mask, use_reentrant=reentrant)
+    for g, expected in zip(gradients(tokens, loss), reference, strict=True):
+        torch.testing.assert_close(g, expected)  # use_reentrant=True: up to 2e-8 apart (measured)
+    tokens, losses = checkpoint(mto.mto_forward, model, x, mask, cfg, use_reentrant=reentrant)
+    assert [loss.requires_grad for loss in losses.values()] == [not reentrant] * 2
+    assert "use_reentrant=True keeps the graph of top-level tensor outputs only" in " ".join(mto.__doc__.split())
+
+
 def test_blocks_of_different_shapes_or_dtypes_are_refused_with_a_clear_error():
     """A group of blocks is computed in one buffer: blocks of other widths, head counts or dtypes failed inside
     index_select / view with torch's own message (found by a review)."""
