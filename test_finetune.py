@@ -291,6 +291,7 @@ def test_eval_takes_the_crop_ratio_the_checkpoint_was_trained_with(tmp_path, cap
     stats = tf.main(eval_run)
     record = last_line(tmp_path / "eval" / "eval.jsonl")
     assert record["crop_ratio"] == 0.5 and record["img_size"] == IMG
+    assert record["data_val"] is None and record["amp"] == "fp32"  # the demo's images; the precision evaluated in
     assert stats["top1"] == logged["val_top1"] and stats["loss"] == pytest.approx(logged["val_loss"], rel=1e-6)
     other = tf.main(eval_run + ["--crop_ratio", "0.875"])  # given, it wins; the default crop sees other pixels
     assert last_line(tmp_path / "eval" / "eval.jsonl")["crop_ratio"] == 0.875
@@ -826,6 +827,7 @@ def test_image_folder_data_flags(tmp_path):
         tf.main(["--eval", str(out / "checkpoint-best.pth"), "--output_dir", str(tmp_path / "eval")])
     assert tf.main(["--eval", str(out / "checkpoint-best.pth"), "--data", str(tmp_path), "--num_workers", "0",
                     "--output_dir", str(tmp_path / "eval")])["count"] == 2
+    assert last_line(tmp_path / "eval" / "eval.jsonl")["data_val"] == str(tmp_path / "val")  # the folder evaluated
     # a relaunch that forgot --data was the demo: it called the run a demo run and offered --fresh, which deleted it
     with pytest.raises(ValueError, match=f"transfer holds a run on real data \\(--data {tmp_path}\\); without data "
                                          f"this launch is the demo.*\\(--data, or --data_train and --data_val\\) "

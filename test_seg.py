@@ -1320,6 +1320,13 @@ def test_eval_refusals_name_what_to_pass_and_passing_it_evaluates(tmp_path):
     folders = shlex.split(re.search(r"its run's: (.*)\)$", str(refused.value)).group(1))
     assert folders == ["--val_img_dir", str(tmp_path / "my d" / "img"), "--val_ann_dir", str(tmp_path / "my d" / "ann")]
     assert "mIoU" in train_seg.main(generic + out + folders)
+    # eval.jsonl names the data each line evaluated (a checkpoint on two validation sets read alike) and the precision
+    records = [json.loads(line) for line in open(tmp_path / "e" / "eval.jsonl")]
+    assert [(r["val_img_dir"], r["val_ann_dir"], r["amp"]) for r in records] == [(None, None, "fp32")] * 2 + [
+        (str(tmp_path / "my d" / "img"), str(tmp_path / "my d" / "ann"), "fp32")]
+    assert train_seg.evaluated_folders(train_seg.parse_args(["--data", "ade", "--eval", "x.pth"])) == {
+        "val_img_dir": os.path.abspath("ade/images/validation"),
+        "val_ann_dir": os.path.abspath("ade/annotations/validation")}
 
 
 def test_a_continued_run_keeps_how_it_reads_its_label_maps(tmp_path):
