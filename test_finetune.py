@@ -943,6 +943,12 @@ def test_a_missing_split_folder_names_its_flag(tmp_path):
                 tf.build_datasets(args)
     with pytest.raises(FileNotFoundError, match="^--data_val .* does not exist"):  # as --eval reads it
         tf.build_datasets(tf.parse_args(["--data_val", str(tmp_path / "missing"), "--init", "none"]), train=False)
+    for split in ("train", "val"):  # beside a --data that holds both: the flag was named as --data's missing split
+        (tmp_path / "root" / split).mkdir(parents=True)
+    for flag in ("--data_train", "--data_val"):
+        args = tf.parse_args(["--data", str(tmp_path / "root"), flag, str(tmp_path / "missing"), "--init", "none"])
+        with pytest.raises(FileNotFoundError, match=f"^{flag} '{tmp_path / 'missing'}' does not exist; expected"):
+            tf.build_datasets(args)
 
 
 def test_two_process_training_equals_one_process_with_the_same_total_batch(tmp_path):

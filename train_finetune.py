@@ -225,7 +225,8 @@ def build_datasets(args, train: bool = True):
         if not os.path.isdir(args.data):
             raise FileNotFoundError(f"--data {args.data!r} is not a directory (a dataset root holding train/ and "
                                     f"val/)")
-        missing = [d for d in ([train_dir] if train else []) + [val_dir] if not os.path.isdir(d)]
+        from_data = ([train_dir] if train and not args.data_train else []) + ([] if args.data_val else [val_dir])
+        missing = [d for d in from_data if not os.path.isdir(d)]  # a --data_train / --data_val given: checked below
         if missing and train:
             raise ValueError(f"--data {args.data!r} must hold train/ and val/ (root/train/<class>/<image>, "
                              f"root/val/<class>/<image>); {' and '.join(map(repr, missing))} not found. For other "
