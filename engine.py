@@ -1310,12 +1310,25 @@ def append_eval(output_dir: str, record: dict):
     path = os.path.join(output_dir, "eval.jsonl")
     try:
         os.makedirs(output_dir, exist_ok=True)
+        # after half a line (a full disk cut the last result short) on a line of its own: appended to it, it was
+        # unreadable too, while this said it was appended
+        new_line = "\n" if _ends_in_half_a_line(path) else ""
         with open(path, "a") as f:
-            f.write(json.dumps({k: json_number(v) for k, v in record.items()}) + "\n")
+            f.write(new_line + json.dumps({k: json_number(v) for k, v in record.items()}) + "\n")
     except OSError as e:
         raise OSError(f"could not write the result to {path} ({e.strerror or e}): {write_fix(e, path)}; the result "
                       f"is printed above") from e
     print(f"result appended to {path}", flush=True)
+
+
+def _ends_in_half_a_line(path: str) -> bool:
+    """Whether the file at path ends in a line without its newline (False where it is empty, missing, or no regular
+    file, e.g. a link to /dev/stdout)."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # EDQUOT: a user's quota on a cluster's shared disk
@@ -1572,9 +1585,11 @@ def save_checkpoint(path: str, state: dict):
 
 def _write_checkpoint(path: str, state: dict):
     """save_checkpoint's file, on rank 0."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp, folder = f"{path}.tmp{os.getpid()}", os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # its error too: one line, every rank's
+        if not os.path.isdir(folder):  # removed meanwhile: made again, the run went on without a word (its log.jsonl
+            # holding only the lines written after this save, its run lock gone)
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), folder)
         torch.save(state, tmp)
         replace_durably(tmp, path)
     except (OSError, RuntimeError) as e:
@@ -1582,6 +1597,9 @@ def _write_checkpoint(path: str, state: dict):
             raise  # not the file writer's (a full disk, a refused write): a bug, with its traceback
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not os.path.isdir(folder):  # removed before the save or during it
+            raise OSError(f"could not write {path}: {folder} was removed while the run wrote there; relaunch the "
+                          f"same command (it continues from the {LAST} there, if any)") from e
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         kept = "the last good checkpoint there is left as it was" if os.path.isfile(path) else "nothing was written"
         raise OSError(f"could not write {path} (disk full, or no permission to write there?): {cause}; {kept}") from e

@@ -364,6 +364,7 @@ def test_checkpoint_loads_with_plain_torch_load_and_restores_rng(tmp_path):
     state = tiny_state(model)
     first = (torch.rand(3), np.random.rand(), random.random())
     path = str(tmp_path / "sub" / "ck.pth")
+    (tmp_path / "sub").mkdir()  # a run's --output_dir, made by open_log: a save does not make it (again)
     engine.save_checkpoint(path, state)
     assert not [f for f in os.listdir(tmp_path / "sub") if ".tmp" in f]  # the temp file was renamed
     loaded = torch.load(path)  # torch's default: weights_only=True
@@ -2328,6 +2329,17 @@ def test_append_eval_appends_strict_json_lines_and_says_where(tmp_path, capsys):
         {"eval": "a.pth", "top1": None, "IoU": [0.5, None]}, {"eval": "b.pth", "top1": None}]
 
 
+def test_append_eval_after_a_result_cut_short_starts_a_line_of_its_own(tmp_path, capsys):
+    """A full disk cut an --eval's result short (half a line): the next one was appended to that half, unreadable
+    as well, while it said it was appended (train_finetune.py --eval, twice, into a full tmpfs and then a freed one)."""
+    path = tmp_path / "eval.jsonl"
+    path.write_text('{"eval": "a.pth", "top1": 1.0}\n{"eval": "b.pth", "to')
+    engine.append_eval(str(tmp_path), {"eval": "c.pth", "top1": 2.0})
+    assert path.read_text().splitlines() == ['{"eval": "a.pth", "top1": 1.0}', '{"eval": "b.pth", "to',
+                                             '{"eval": "c.pth", "top1": 2.0}']
+    assert capsys.readouterr().out == f"result appended to {path}\n"
+
+
 def _checkpoints_of_rank0_only(rank: int, own: str, d) -> list:
     """The trainers' reads of a checkpoint that rank 1 cannot read (each rank in its own folder, as on node-local
     disks): missing there (--init, the teacher), or a copy of the same size with its zip directory damaged (--resume,
@@ -2607,13 +2619,28 @@ def test_a_rank_that_cannot_read_its_data_stops_every_rank_with_its_message(trai
                          rf".*?; every process must read the same files", proc.stderr), proc.stderr[-3000:]
 
 
-def test_a_save_into_a_folder_that_cannot_be_made_is_a_user_error(tmp_path):
-    (tmp_path / "file").write_text("")  # a file where the folder would be: os.makedirs fails, as without permission
-    path = tmp_path / "file" / "run" / engine.LAST
-    with pytest.raises(OSError, match=rf"could not write {re.escape(str(path))} \(disk full, or no permission to "
-                                      r"write there\?\): \[Errno 20\] Not a directory.*; nothing was written") as e:
+def test_a_save_into_a_folder_removed_meanwhile_names_it_and_does_not_make_it_again(tmp_path, monkeypatch):
+    """A colleague's rm -rf of --output_dir mid-run: the save made the folder again and the run went on to exit 0
+    without a word, its log.jsonl holding only the lines written after that save (the checkpoint's log_lines
+    counting them all) and its run lock gone (train_pretrain.py, the folder removed between a log line and a save)."""
+    out, path = tmp_path / "run", tmp_path / "run" / engine.LAST
+    out.mkdir()
+    out.rmdir()
+    with pytest.raises(OSError, match=rf"^could not write {re.escape(str(path))}: {re.escape(str(out))} was removed "
+                                      rf"while the run wrote there; relaunch the same command") as e:
         engine.save_checkpoint(str(path), {"model": {"w": torch.ones(2)}, "step": 1})
-    assert engine.user_error_message(e.value).startswith("could not write")  # stops every rank (build_on_all_ranks)
+    assert engine.user_error_message(e.value) == str(e.value)  # one line; stops every rank (build_on_all_ranks)
+    assert not out.exists()
+
+    def removed_while_saving(obj, f):
+        open(f, "wb").write(b"partial")
+        os.remove(f)
+        out.rmdir()
+
+    out.mkdir()
+    monkeypatch.setattr(torch, "save", removed_while_saving)
+    with pytest.raises(OSError, match=rf"^could not write {re.escape(str(path))}: {re.escape(str(out))} was removed "):
+        engine.save_checkpoint(str(path), {"model": {"w": torch.ones(2)}, "step": 1})
 
 
 def test_a_failed_save_names_the_file_removes_its_temp_file_and_keeps_the_last_good_one(tmp_path, monkeypatch):
