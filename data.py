@@ -129,7 +129,9 @@ def load_label_map(path):
                               f"a label map's pixels are class indices: save it as an 8-bit PNG", path)
     if arr.dtype != np.uint8:
         if arr.min() < 0 or arr.max() > 255:
-            raise UnreadableImage(f"annotation {path!r} has label values outside 0..255 (max {arr.max()})", path)
+            raise UnreadableImage(f"annotation {path!r} has label values outside 0..255 (min {arr.min()}, max "
+                                  f"{arr.max()}); a label map's pixels are class indices (255: ignore): save it as an "
+                                  f"8-bit PNG", path)
         arr = arr.astype(np.uint8)
     return arr
 

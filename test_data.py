@@ -2159,3 +2159,135 @@ def test_mixup_refuses_one_image_channels_last_and_labels_that_are_not_one_index
     with pytest.raises(ValueError, match=r"one class index per image, got \(2, 4\)$"):
         m(x, torch.nn.functional.one_hot(y, 4)[:2])
     assert m(x[..., :3], y)[0].shape == (4, 3, 16, 3)  # 3 pixels wide, channels first: not read as channels last
+
+
+def test_a_negative_label_value_is_refused_naming_it(tmp_path):
+    """A 32-bit TIFF label map holding -1 (a common 'ignore') read as 255 through uint8, ignored without a word, were
+    the range not checked below 0; the message names the smallest value (it named only the largest, 3: in range)."""
+    Image.fromarray(np.array([[-1, 3]], np.int32)).save(tmp_path / "negative.tif")
+    with pytest.raises(data.UnreadableImage, match=r"outside 0..255 \(min -1, max 3\); a label map's pixels "
+                                                       r"are class indices \(255: ignore\): save it as an 8-bit PNG$"):
+        data.load_label_map(str(tmp_path / "negative.tif"))
+
+
+def test_dataset_sets_names_one_folder_per_set_whatever_the_listing_order():
+    """Two names of one set (val/ and val2017/): the first in sorted order is named, so a refusal names the same
+    folder whatever order the file system lists them in (os.walk's is unsorted)."""
+    for names in (["val2017", "val", "train"], ["train", "val", "val2017"]):
+        assert data.dataset_sets(names) == {"train": "train", "val": "val"}, names
+
+
+def test_random_hflip_at_probability_0_and_1_whatever_the_draw(monkeypatch):
+    """torchvision's `torch.rand(1) < p`: p = 0 never flips, even on a draw of 0.0; p = 1 always flips."""
+    img = Image.fromarray(np.array([[[0, 0, 0], [255, 255, 255]]], np.uint8), "RGB")
+    flipped = np.asarray(img)[:, ::-1]
+    for draw in (0.0, 0.999):
+        monkeypatch.setattr(data.torch, "rand", lambda *_, d=draw: torch.tensor([d]))
+        assert np.array_equal(np.asarray(data.random_hflip(img, p=0.0)), np.asarray(img))
+        assert np.array_equal(np.asarray(data.random_hflip(img, p=1.0)), flipped)
+
+
+def test_block_mask_max_block_below_min_block_caps_each_block(monkeypatch):
+    """BEiT's _mask caps each block at min(patches left, max_num_patches) even below min_num_patches (its area draw,
+    uniform(16, 4), then lies in [4, 16]): max_block 4 with min_block 16 masks blocks of at most 4 patches."""
+    gen = data.BlockMaskGenerator(grid=(14, 14), num_masked=75, min_block=16, max_block=4)
+    asked, added = [], []
+    sample, add = gen.sample_block, gen._add_block
+    monkeypatch.setattr(gen, "sample_block", lambda rng, most: asked.append(most) or sample(rng, most))
+    monkeypatch.setattr(gen, "_add_block", lambda mask, rng, most: added.append(add(mask, rng, most)) or added[-1])
+    for seed in range(3):
+        assert int(gen(random.Random(seed)).sum()) == 75
+    assert max(asked) == 4 and 0 < max(added) <= 4
+
+
+def test_synthetic_shapes_label_ties_go_to_the_lower_class(monkeypatch):
+    """The docstring's tie rule: among the classes with the most mask pixels, the lower one. Each shape is painted
+    as one full row here, so classes drawn once each tie."""
+    def paint_a_row(self, img, mask, rng, cls, radius, center):
+        mask[int((mask != 0).any(axis=1).sum())] = cls + 1
+    monkeypatch.setattr(data.SyntheticShapes, "_draw", paint_a_row)
+    shapes, ties = data.SyntheticShapes(40, img_size=8, num_classes=10), 0
+    for i in range(len(shapes)):
+        _, label, mask = shapes.get(i)
+        counts = np.bincount(np.asarray(mask).ravel(), minlength=11)[1:]
+        tied = [c for c in range(10) if counts[c] == counts.max()]
+        assert label == tied[0]
+        ties += len(tied) > 1
+    assert ties >= 5
+
+
+def test_synthetic_shapes_draws_the_whole_shape_in_its_class_colours():
+    """_draw paints inside a box of 1.2 radii around the center: the square's corners (0.8 * sqrt(2) = 1.13 radii)
+    and the cross's (1.04) must fit in it. Against a reference over the whole image, with the same draws: the angle,
+    then hue = class * 0.618034 + U[-0.25, 0.25] (turns), saturation U[0.5, 1], value U[0.6, 1] (colorsys), the
+    texture's second colour that one times U[0.2, 0.45], where its pattern (3 periods per radius) shows."""
+    import colorsys
+    shapes = data.SyntheticShapes(1, img_size=64)
+    yy, xx = np.meshgrid(np.arange(64) + 0.5, np.arange(64) + 0.5, indexing="ij")
+    patterns = {"solid": lambda u, v: np.zeros(u.shape, bool), "stripes": lambda u, v: np.sin(6 * np.pi * u) > 0,
+                "checker": lambda u, v: np.sin(3 * np.pi * u) * np.sin(3 * np.pi * v) > 0,
+                "dots": lambda u, v: (3 * u % 1 - 0.5) ** 2 + (3 * v % 1 - 0.5) ** 2 < 0.09}
+    for cls in range(32):
+        for seed in range(3):
+            img, mask = np.zeros((64, 64, 3), np.float32), np.zeros((64, 64), np.uint8)
+            shapes._draw(img, mask, np.random.default_rng(seed), cls, 20.0, (31.0, 33.0))
+            ref = np.random.default_rng(seed)
+            theta = ref.uniform(0, 2 * np.pi)
+            hue = (cls * 0.618034 + ref.uniform(-0.25, 0.25)) % 1.0
+            colour = np.array(colorsys.hsv_to_rgb(hue, ref.uniform(0.5, 1.0), ref.uniform(0.6, 1.0))) * 255
+            second = colour * ref.uniform(0.2, 0.45)
+            dx, dy = xx - 31.0, yy - 33.0
+            u = (np.cos(theta) * dx + np.sin(theta) * dy) / 20.0
+            v = (-np.sin(theta) * dx + np.cos(theta) * dy) / 20.0
+            inside = data._shape_inside(data.SHAPES[cls % 8], u, v)
+            on = patterns[data.TEXTURES[cls // 8]](u, v)
+            assert np.array_equal(mask == cls + 1, inside), (cls, seed)
+            np.testing.assert_allclose(img[inside], np.where(on[inside, None], second, colour), atol=1e-3)
+
+
+def test_rand_augment_draws_only_what_timm_draws():
+    """timm's AugmentOp draws its apply coin only when prob < 1 and a magnitude only when magnitude_std is not 0
+    (--aa rand-m9-n2 has none): with op_prob 1 and std 0, the ops' choice is the only draw, so later draws (the
+    erasing box) are timm's."""
+    ops = ("AutoContrast", "Equalize")
+    aug = data.RandAugment(num_ops=2, magnitude=9, magnitude_std=0, op_prob=1.0, ops=ops)
+    random.seed(5)
+    aug(Image.new("RGB", (4, 4), (10, 20, 30)))
+    after = random.random()
+    random.seed(5)
+    random.choices(ops, k=2)
+    assert after == random.random()
+
+
+def test_seg_train_transform_pads_the_mask_with_its_ignore_index():
+    """The padding below and right of a crop larger than the image: 0 in the (normalized) image, the transform's
+    ignore_index in the mask (not 255 whatever was asked)."""
+    img = Image.new("RGB", (4, 4), (120, 130, 140))
+    mask = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4), "L")
+    tf = data.SegTrainTransform(crop_size=(6, 8), scale=(4, 4), ratio_range=(1.0, 1.0), cat_max_ratio=1.0,
+                                flip_prob=0.0, photometric=False, ignore_index=100)
+    x, y = tf(img, mask)
+    assert torch.equal(y[:4, :4], torch.arange(16).view(4, 4))
+    assert (y[4:] == 100).all() and (y[:, 4:] == 100).all()
+    assert (x[:, 4:] == 0).all() and (x[:, :, 4:] == 0).all() and (x[:, :4, :4] != 0).all()
+
+
+def test_photometric_distortion_takes_the_ranges_given(monkeypatch):
+    """Each step draws from its own argument (saturation from saturation_range, not contrast_range: the defaults are
+    the same, so only other ranges tell them apart)."""
+    bounds = []
+
+    class Recorder:
+        @staticmethod
+        def randint(a, b):
+            bounds.append((a, b))
+            return 1 if (a, b) == (0, 1) else a
+
+        @staticmethod
+        def uniform(a, b):
+            bounds.append((a, b))
+            return a
+    monkeypatch.setattr(data, "random", Recorder)
+    data.photometric_distortion(Image.new("RGB", (2, 2), (100, 50, 20)), brightness_delta=5,
+                                contrast_range=(0.9, 1.1), saturation_range=(0.2, 0.3), hue_delta=4)
+    assert [b for b in bounds if b != (0, 1)] == [(-5, 5), (0.9, 1.1), (0.2, 0.3), (-4, 3)]  # contrast first here
