@@ -47,6 +47,7 @@ import math
 import os
 import random
 import re
+import shlex
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ from PIL import Image, ImageEnhance, ImageOps
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")  # torchvision's
+ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".zip")  # ImageNet's train set unpacks into one .tar per class
 IGNORE_INDEX = 255
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -260,6 +262,14 @@ def require_image_folder(root, name: str):
         raise FileNotFoundError(f"{name} {what}; expected the layout {ImageFolder.LAYOUT}")
 
 
+def archive_fix(root: str, archive: str) -> str:
+    """What to do about a class archive (e.g. n01440764.tar) in an image folder's root: the commands, for one."""
+    name = next(archive[:-len(end)] for end in ARCHIVE_EXTENSIONS if archive.lower().endswith(end))
+    folder, path = (shlex.quote(os.path.join(root, n)) for n in (name, archive))
+    unpack = f"unzip -q {path} -d {folder}" if archive.lower().endswith(".zip") else f"tar -xf {path} -C {folder}"
+    return f"extract each into the class folder of its name and remove it (mkdir {folder} && {unpack} && rm {path})"
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """Images in `root/<class_name>/**/<file>.<ext>`; labels are class indices in sorted class-name order.
 
@@ -269,7 +279,7 @@ class ImageFolder(torch.utils.data.Dataset):
     class folders (ImageNet's), with its extensions (any case); with nested ones torchvision lists a folder's own files
     before its subfolders'. Hidden names (".ipynb_checkpoints/", "._x.JPEG") are skipped, where torchvision would make
     a hidden folder a class (the first: class indices shift) and read macOS's "._" files. Images lying in root beside
-    the class folders are refused, where torchvision leaves them out.
+    the class folders are refused, where torchvision leaves them out, and so are archives (a class left packed).
     """
 
     LAYOUT = "root/<class_name>/<image>.jpg (one subfolder per class, e.g. imagenet/train/n01440764/xxx.JPEG)"
@@ -281,8 +291,11 @@ class ImageFolder(torch.utils.data.Dataset):
         _refuse_dangling_links(root, [e.name for e in entries if not e.is_dir()])
         self.classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
         loose = sorted(e.name for e in entries if not e.is_dir() and _is_image_file(e.name))  # images in root itself
+        archives = sorted(e.name for e in entries if not e.is_dir() and not e.name.startswith(".")
+                          and e.name.lower().endswith(ARCHIVE_EXTENSIONS))
         if not self.classes:
-            hint = (f" It holds {len(loose)} images directly: move them into class subfolders." if loose else "")
+            hint = (f" It holds {len(loose)} images directly: move them into class subfolders." if loose else
+                    f" It holds {len(archives)} archives: {archive_fix(root, archives[0])}." if archives else "")
             raise FileNotFoundError(f"image folder {root!r} has no class subfolders; expected the layout "
                                     f"{self.LAYOUT}.{hint}")
         if loose:  # torchvision's ImageFolder leaves them out without a word: a val set counted in part
@@ -301,6 +314,11 @@ class ImageFolder(torch.utils.data.Dataset):
                 f"{len(empty)} of {len(self.classes)} class folders in {root!r} hold no images "
                 f"(extensions {', '.join(IMG_EXTENSIONS)}, any case): {', '.join(empty[:5])}"
                 f"{' ...' if len(empty) > 5 else ''}; expected the layout {self.LAYOUT}")
+        if archives and not dataset_sets(self.classes) and not self.split_folders:  # a dataset root: named by
+            # refuse_dataset_root; here a class still packed (an unpacking stopped half way) was left out without a word
+            raise FileNotFoundError(f"image folder {root!r} holds {len(archives)} archives (e.g. {archives[0]!r}) "
+                                    f"beside its {len(self.classes)} class folders, which this layout does not read: "
+                                    f"{archive_fix(root, archives[0])}, or move them out of {root!r}")
         self.samples = PackedSamples(paths, labels)
         self.targets = self.samples.labels
 

@@ -3,6 +3,9 @@ import math
 import os
 import random
 import re
+import shutil
+import subprocess
+import tarfile
 
 import numpy as np
 import pytest
@@ -285,6 +288,40 @@ def test_image_folder_refuses_images_beside_its_class_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds 3 images directly \\(e.g. 'ILSVRC2012_val_0.JPEG'\\) beside "
                                                 "its 2 class folders, which this layout does not read: move them"):
         data.ImageFolder(str(tmp_path / "val"))
+
+
+def test_image_folder_refuses_class_archives_left_packed(tmp_path):
+    """ImageNet's train set unpacks into one n*.tar per class, each to extract in turn: a class still packed (the
+    unpacking stopped half way) was left out without a word, the classes after it renumbered. Refused, naming the fix;
+    a dataset root keeping its downloads beside train/ and val/ is still named by refuse_dataset_root."""
+    train = tmp_path / "train"
+    for name in ("n01440764", "n01484850"):
+        _save(train / name / "x.JPEG")
+    with tarfile.open(train / "n01443537.tar", "w") as archive:
+        archive.add(train / "n01440764" / "x.JPEG", arcname="y.JPEG")
+    with pytest.raises(FileNotFoundError, match="holds 1 archives \\(e.g. 'n01443537.tar'\\) beside its 2 class "
+                                                "folders, which this layout does not read: extract each into the class "
+                                                "folder of its name and remove it \\(mkdir ") as refused:
+        data.ImageFolder(str(train))
+    command = re.search(r"remove it \((mkdir .*)\), or move them", str(refused.value)).group(1)
+    assert command == (f"mkdir {train}/n01443537 && tar -xf {train}/n01443537.tar -C {train}/n01443537 && rm "
+                       f"{train}/n01443537.tar")
+    subprocess.run(command, shell=True, check=True)  # as printed: the class unpacked, the archive gone
+    assert len(data.ImageFolder(str(train))) == 3 and not (train / "n01443537.tar").exists()
+    with tarfile.open(train / "n01443537.tar", "w") as archive:  # packed again, for the cases below
+        archive.add(train / "n01440764" / "x.JPEG", arcname="y.JPEG")
+    shutil.rmtree(train / "n01443537")
+    os.makedirs(tmp_path / "packed")
+    os.replace(train / "n01443537.tar", tmp_path / "packed" / "n01443537.tar")
+    with pytest.raises(FileNotFoundError, match="no class subfolders.*It holds 1 archives: extract each into"):
+        data.ImageFolder(str(tmp_path / "packed"))
+    assert len(data.ImageFolder(str(train))) == 2
+    root = tmp_path / "imagenet"
+    for folder in ("train", "val"):
+        _save(root / folder / "n01440764" / "x.JPEG")
+    (root / "ILSVRC2012_img_train.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="pass --data .*imagenet/train"):
+        data.refuse_dataset_root(data.ImageFolder(str(root)), "--data", "train")
 
 
 def test_dataset_sets_names_what_names_a_dataset_split():
