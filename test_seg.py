@@ -1177,6 +1177,11 @@ def test_generic_dataset_needs_all_folders(tmp_path):
                                                        "--init", "none"]))
     with pytest.raises(ValueError, match="--init none"):
         train_seg.parse_args(["--img_dir", str(tmp_path), "--ann_dir", str(tmp_path)])
+    # --eval takes --num_classes from the checkpoint before it reads the data: it was named as needed
+    evaluation = train_seg.parse_args(["--val_img_dir", str(tmp_path), "--num_classes", "3", "--init", "none"])
+    with pytest.raises(ValueError, match=r"^a generic dataset needs --val_img_dir, --val_ann_dir \(missing: "
+                                         r"--val_ann_dir; label values"):
+        train_seg.build_datasets(evaluation, train=False)
 
 
 def test_a_mistyped_data_folder_is_named_as_such(tmp_path):
