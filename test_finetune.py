@@ -928,6 +928,10 @@ def test_one_set_folder_without_the_other_and_a_count_below_1_are_refused(tmp_pa
         with pytest.raises(ValueError, match=r"^give both --data_train and --data_val, or --data ROOT with ROOT/train "
                                              r"and ROOT/val$"):
             tf.build_datasets(tf.parse_args([flag, str(tmp_path / split), "--init", "none"]))
+    with pytest.raises(ValueError, match=r"^--eval reads --data_val FOLDER \(or --data ROOT with ROOT/val\); "
+                                         r"--data_train is not read$"):  # it was told to give both
+        tf.build_datasets(tf.parse_args(["--data_train", str(tmp_path / "train"), "--eval", "x.pth", "--img_size", "32",
+                                         "--crop_ratio", "1"]), train=False)
     for flag in ("batch_size", "accum_iter", "epochs", "log_every", "synthetic_train", "synthetic_val"):
         with pytest.raises(ValueError, match=f"^--{flag} must be >= 1, got 0$"):
             tf.parse_args([f"--{flag}", "0", "--init", "none"])

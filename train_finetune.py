@@ -246,7 +246,8 @@ def build_datasets(args, train: bool = True):
         train_set = data.SyntheticShapes(args.synthetic_train, size, seed=0, transform=train_tf) if train else None
         return train_set, val, val.classes
     if val_dir is None or (train and train_dir is None):
-        raise ValueError("give both --data_train and --data_val, or --data ROOT with ROOT/train and ROOT/val")
+        raise ValueError("give both --data_train and --data_val, or --data ROOT with ROOT/train and ROOT/val" if train
+                         else "--eval reads --data_val FOLDER (or --data ROOT with ROOT/val); --data_train is not read")
     val = data.ImageFolder(val_dir, val_tf)
     data.refuse_dataset_root(val, "--data_val", "val")
     if len(val.classes) < 2:
