@@ -1144,10 +1144,24 @@ class ADE20KDataset(SegFolder):
             raise ValueError(f"ADE20K split must be 'training' or 'validation', got {split!r}")
         img_dir, ann_dir = os.path.join(root, "images", split), os.path.join(root, "annotations", split)
         if not os.path.isdir(img_dir) or not os.path.isdir(ann_dir):
+            inside = _ade20k_folder_inside(root, split)
             raise FileNotFoundError(f"{root!r} is not an ADE20K folder: expected {img_dir!r} and {ann_dir!r} "
                                     "(the ADEChallengeData2016 layout: images/{training,validation}/*.jpg and "
-                                    "annotations/{training,validation}/*.png)")
+                                    "annotations/{training,validation}/*.png)"
+                                    + (f"; it holds one: pass --data {shlex.quote(inside)}" if inside else ""))
         super().__init__(img_dir, ann_dir, transform, ".jpg", ".png", reduce_zero_label, ADE20K_CLASSES)
+
+
+def _ade20k_folder_inside(root: str, split: str):
+    """A folder directly in root that has ADE20K's images/split and annotations/split (--data given the folder the
+    download was unpacked into), or None."""
+    if not os.path.isdir(root):
+        return None
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_dir() and all(os.path.isdir(os.path.join(entry.path, kind, split))
+                                  for kind in ("images", "annotations")):
+            return entry.path
+    return None
 
 
 CV2_LINEAR = "cv2_linear"  # image_resample: cv2.resize's INTER_LINEAR, mmcv's default for images (resize_cv2_linear)

@@ -1312,8 +1312,10 @@ def test_ade20k_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds .png files: ADE20K's images are .jpg; for other files use "
                                                 "train_seg.py's generic folders .* with --img_suffix"):
         data.ADE20KDataset(str(root), "training")
-    with pytest.raises(FileNotFoundError, match="not an ADE20K folder"):
-        data.ADE20KDataset(str(tmp_path), "training")
+    with pytest.raises(FileNotFoundError, match=f"not an ADE20K folder: .*; it holds one: pass --data {root}$"):
+        data.ADE20KDataset(str(tmp_path), "training")  # the folder the download was unpacked into: it named none
+    with pytest.raises(FileNotFoundError, match="annotations/{training,validation}/\\*.png\\)$"):
+        data.ADE20KDataset(str(root / "images"), "training")
     with pytest.raises(ValueError, match="split"):
         data.ADE20KDataset(str(root), "test")
 
