@@ -588,11 +588,16 @@ def check_bench_device(device: str):
 
 
 def check_output_dir(output_dir: str):
-    """--output_dir must be a folder or a path where one can be made: not empty, not a file, not under one."""
+    """--output_dir must be a folder or a path where one can be made: not empty, not a file, not under one, not a
+    symbolic link to nothing nor under one."""
     if not output_dir:
         raise ValueError("--output_dir is empty; pass a folder for the checkpoints and log.jsonl")
     path = os.path.abspath(output_dir)
     while not os.path.exists(path):
+        if os.path.islink(path):  # its folder is gone: makedirs failed with "File exists", at start-up
+            where = "is" if path == os.path.abspath(output_dir) else f"is under {path!r}, which is"
+            raise ValueError(f"--output_dir {output_dir!r} {where} a symbolic link to {os.readlink(path)!r}, which "
+                             f"does not exist: make that folder, or pass another --output_dir")
         path = os.path.dirname(path)
     if not os.path.isdir(path):
         where = "is" if path == os.path.abspath(output_dir) else f"is under {path!r}, which is"

@@ -180,6 +180,14 @@ def test_param_groups_lr_scale_and_frozen_parameters():
     assert "student.cls_token" not in {n for g in engine.param_groups(model, 0.05) for n in g["param_names"]}
 
 
+def test_set_lr_gives_a_group_without_an_lr_scale_the_lr_itself():
+    """set_lr's "1 if absent": an optimizer's own groups (no param_groups) take the lr as it is."""
+    plain, scaled = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [plain]}, {"params": [scaled], "lr_scale": 0.5}], lr=1.0)
+    engine.set_lr(optimizer, 0.2)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.2, 0.1]
+
+
 def test_layer_decay_with_and_without_prefix():
     scale = engine.layer_decay_fn(4, 0.5, prefix="backbone.")
     assert scale("backbone.patch_embed.weight") == 0.5 ** 5
@@ -1162,6 +1170,22 @@ def test_a_lock_file_this_user_cannot_write_is_locked_shared_not_skipped(tmp_pat
     assert lock_taken_by_another_process(out)
 
 
+@pytest.mark.skipif(engine.fcntl is None or not os.path.isdir("/proc/self/fd"), reason="lockf; Linux's fd list")
+def test_locking_a_folder_this_process_holds_opens_nothing_and_names_this_process_alone(tmp_path):
+    """prepare_run and open_log both lock the run's folder: the second call opens no second descriptor (each run of a
+    sweep in one process kept one more open), and the lock file names this process alone, not the tail of a longer
+    holder's line left from an earlier run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / engine.RUN_LOCK).write_text("process 123456789 on a-much-longer-host-name-of-another-node\n")
+    before = len(os.listdir("/proc/self/fd"))
+    assert engine.lock_output_dir(str(out)) is None and engine.lock_output_dir(str(out)) is None
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    assert (out / engine.RUN_LOCK).read_text() == f"process {os.getpid()} on {socket.gethostname()}\n"
+    engine.release_output_dirs()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_checkpoint_another_run_wrote_after_this_new_run_started_is_not_removed(tmp_path):
     """Run B found no folder (a new run), run A made it, saved and ended before B opened its log: B removed A's
     checkpoint as if --fresh had been given (a race the run lock cannot close: the folder did not exist to lock)."""
@@ -1316,6 +1340,18 @@ def test_a_folders_run_launched_with_the_same_resume_path_is_continued(tmp_path,
         engine.prepare_run(run_args(out, resume=str(start)), CPU)
     engine.teardown()
     assert engine.prepare_run(run_args(out, resume=str(start), fresh=True), CPU) == (str(start), False)
+
+
+def test_a_run_launched_with_resume_auto_is_not_one_launched_with_a_file_named_auto(tmp_path, monkeypatch):
+    """--resume ./auto (a checkpoint file named auto) into a folder whose run was launched with --resume auto is
+    another run's checkpoint, refused as any other PATH: not that command relaunched, whose run it would continue."""
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"args": {"resume": "auto", "output_dir": str(out)}, "resume_abspath": None}, out / engine.LAST)
+    torch.save({}, tmp_path / "auto")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="holds another run"):
+        engine.prepare_run(run_args(out, resume="./auto"), CPU)
 
 
 def test_a_relative_resume_path_is_recorded_as_the_file_it_named(tmp_path, monkeypatch):
@@ -1588,6 +1624,14 @@ def test_the_unreadable_limit_is_the_fraction_as_written():
         [29, 27, 1281]
 
 
+def test_a_checkpoint_lists_the_unreadable_files_sorted():
+    """The checkpoint's unreadable_files are sorted, not in a set's order (which changes with PYTHONHASHSEED: two runs
+    alike saved checkpoints that differ)."""
+    images = engine.UnreadableImages(limit=100, seen={f"img{i:03d}.jpg" for i in range(60, 0, -1)})
+    assert engine.unreadable_for_checkpoint(images, CPU, 5, lambda **fields: None) == \
+        [f"img{i:03d}.jpg" for i in range(1, 61)]
+
+
 def test_a_relaunch_keeps_its_named_files_where_the_data_folder_is_given_by_another_path(tmp_path):
     def launch(root, checkpoint=None):  # one file unreadable; a second naming would pass the limit of 1
         images = engine.unreadable_images(0.25, 4, checkpoint, root)
@@ -1717,6 +1761,21 @@ def test_check_dataset_names_the_unreadable_files(tmp_path):
     (folder / "1.png").unlink()
     engine.check_dataset(data.ImageFolder(str(tmp_path / "val"), lambda img: pytest.fail("transformed")),
                          "validation", CPU, 0)
+
+
+def test_check_dataset_counts_the_samples_beyond_the_first_it_names():
+    """Of 3 samples that cannot be used, the first is named and "2 more" (not 3) counted."""
+    class OddOnesBroken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            if i % 2:
+                raise ValueError(f"sample {i} is broken")
+            return i
+    with pytest.raises(ValueError, match=r"^3 of the 6 validation samples cannot be used; first: sample 1 is broken "
+                                         r"\(and 2 more\)$"):
+        engine.check_dataset(OddOnesBroken(), "validation", CPU, 0)
 
 
 def test_epoch_sampler_drops_the_tail_and_counts_what_a_skip_leaves():
@@ -1867,6 +1926,19 @@ def test_an_output_dir_that_is_or_is_under_a_file_is_refused(tmp_path):
                 parse(["--output_dir", str(output_dir)] + (["--init", "none"] if parse is not train_pretrain.parse_args
                                                            else []))
     engine.check_output_dir(str(tmp_path / "new" / "run"))  # a folder that can be made: fine
+
+
+def test_an_output_dir_that_is_or_is_under_a_link_to_nothing_names_the_link(tmp_path):
+    """A symbolic link whose folder is gone (scratch space purged, a file system not mounted here): the run stopped at
+    start-up with "cannot be written to (File exists): ... change its permissions", which no permission fixes."""
+    (tmp_path / "runs").symlink_to(tmp_path / "purged")
+    for output_dir, where in ((tmp_path / "runs", "is"), (tmp_path / "runs" / "dtm", "is under .*runs', which is")):
+        with pytest.raises(ValueError, match=f"^--output_dir '{output_dir}' {where} a symbolic link to "
+                                             f"'{tmp_path / 'purged'}', which does not exist: make that folder, or "
+                                             f"pass another --output_dir$"):
+            engine.check_output_dir(str(output_dir))
+    (tmp_path / "purged").mkdir()
+    engine.check_output_dir(str(tmp_path / "runs" / "dtm"))
 
 
 @pytest.mark.parametrize("argv, message", [  # sizes of 0 or below: a misleading message or a traceback before
@@ -2164,6 +2236,14 @@ def test_seed_step_depends_on_seed_micro_step_and_rank():
         assert not torch.equal(drawn[0], first[0]) and drawn[1] != first[1] and drawn[2] != first[2], other
 
 
+def test_seed_of_is_a_fixed_function_of_its_parts():
+    """Its values written out: a run resumed by a later version of this code draws the same samples, masks and
+    orders only if they stay as they are (computed with seed_of on 2026-12-07)."""
+    assert engine.seed_of("data", 0, 0, 0) == 77459579532871303
+    assert engine.seed_of("step", 0, 1, 0) == 6548641458566972363
+    assert engine.seed_of("order", 0) == 6301365605476385138
+
+
 def test_each_trainers_help_lists_the_demo_defaults_it_runs_with():
     """--help ends with the demo's defaults (engine.demo_help), and a run without data parses to exactly those."""
     import train_finetune
@@ -2338,6 +2418,9 @@ def test_append_eval_after_a_result_cut_short_starts_a_line_of_its_own(tmp_path,
     assert path.read_text().splitlines() == ['{"eval": "a.pth", "top1": 1.0}', '{"eval": "b.pth", "to',
                                              '{"eval": "c.pth", "top1": 2.0}']
     assert capsys.readouterr().out == f"result appended to {path}\n"
+    path.write_text("")  # an empty file (emptied by hand) holds no half line: its first line is the result
+    engine.append_eval(str(tmp_path), {"eval": "d.pth"})
+    assert path.read_text() == '{"eval": "d.pth"}\n'
 
 
 def _checkpoints_of_rank0_only(rank: int, own: str, d) -> list:
@@ -3004,6 +3087,12 @@ def test_the_non_finite_remedy_names_only_changes_the_run_can_make():
         engine.check_finite(torch.tensor([float("nan")]), ["loss"], 1, "missing", engine.non_finite_remedy(b16))
 
 
+def test_epochs_done_is_rounded_to_6_decimals_and_exact_at_an_epoch_end():
+    """The log's epochs_done: steps / steps per epoch to 6 decimals (0.333333, not 0.3333333333333333)."""
+    assert [engine.epochs_done(step, 3) for step in (1, 2, 3, 7)] == [0.333333, 0.666667, 1.0, 2.333333]
+    assert engine.epochs_done(1251 * 4, 1251) == 4.0
+
+
 def test_a_checkpoint_at_an_epoch_boundary_records_the_epoch_just_done():
     """"epoch" is the epoch of the last step done: step 4 of 2 per epoch ends epoch 1 (not 2); step 0: epoch 0."""
     model = torch.nn.Linear(3, 2)
@@ -3023,6 +3112,28 @@ def test_all_mean_is_the_mean_over_ranks_and_leaves_its_input_alone(monkeypatch)
     assert engine.all_mean(values, engine.Dist(rank=0, world_size=2)).tolist() == [2.0, 3.0]
     assert values.tolist() == [1.0, 1.0]
     assert engine.all_mean(values, engine.Dist()).tolist() == [1.0, 1.0]  # one process: itself
+
+
+def test_own_row_is_this_ranks_row_of_as_many_processes_else_the_mean():
+    """A resumed rank continues its own loss sums only from a checkpoint of as many processes; of two processes
+    resumed on one, the mean (its row 0 would log rank 0's losses alone as the run's)."""
+    rows, mean = torch.tensor([[1.0, 10.0], [3.0, 30.0]]), torch.tensor([2.0, 20.0])
+    assert engine.own_row(rows, mean, engine.Dist(rank=1, world_size=2)).tolist() == [3.0, 30.0]
+    assert engine.own_row(rows, mean, engine.Dist()).tolist() == [2.0, 20.0]
+    assert engine.own_row(None, mean, engine.Dist(rank=1, world_size=2)).tolist() == [2.0, 20.0]
+    sums = torch.tensor([1.0, 2.0])
+    rows = engine.rank_rows(sums, engine.Dist())  # one process: a copy, as with several
+    sums += 1
+    assert rows.tolist() == [[1.0, 2.0]]
+
+
+def test_autocast_without_a_dtype_is_off_and_with_one_casts_to_it():
+    """--amp fp32 (dtype None) runs in float32: torch.autocast enabled on the CPU without a dtype would run in bf16."""
+    a = torch.randn(4, 4)
+    with engine.autocast(CPU, None):
+        assert (a @ a).dtype == torch.float32
+    with engine.autocast(CPU, torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
 
 
 def test_shared_flag_bounds_are_inclusive_where_documented():
@@ -3058,6 +3169,14 @@ def test_resume_drops_a_half_written_last_line_and_counts_only_complete_ones(tmp
         assert log.lines == 3 and [r["step"] for r in kept] == [1, 2, 3]
         log(step=5)
         assert [json.loads(line)["step"] for line in open(log_file)] == [1, 2, 3, 5]
+
+
+def test_resume_passes_over_blank_lines_without_calling_them_half_written(tmp_path, capsys):
+    """An empty line (a log edited by hand) is no line of the run's, and no half line a killed run wrote."""
+    (tmp_path / engine.LOG).write_text('{"step": 1}\n\n{"step": 2}\n   \n')
+    assert engine.open_log(str(tmp_path), {"step": 2, "log_lines": 2}, True).lines == 2
+    assert "dropped" not in capsys.readouterr().out
+    assert (tmp_path / engine.LOG).read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
 def test_resume_drops_a_log_line_that_is_json_but_not_an_object(tmp_path, capsys):
@@ -3108,6 +3227,14 @@ def test_each_new_run_keeps_every_older_log(tmp_path):
         engine.open_log(str(tmp_path), None, True)(run=run)
     assert [json.loads(line)["run"] for name in ("log.1.jsonl", "log.2.jsonl", engine.LOG)
             for line in open(tmp_path / name)] == [1, 2, 3]
+
+
+def test_a_new_run_reuses_an_empty_log_and_keeps_no_empty_copy_of_it(tmp_path):
+    """A run that logged nothing (stopped before its first line) leaves an empty log.jsonl: the next new run writes
+    into it; log.N.jsonl copies are of logs with lines."""
+    engine.open_log(str(tmp_path), None, True)
+    engine.open_log(str(tmp_path), None, True)(run=2)
+    assert run_files(tmp_path) == [engine.LOG] and (tmp_path / engine.LOG).read_text() == '{"run": 2}\n'
 
 
 def test_log_lines_are_strict_json_with_tensors_as_numbers(tmp_path):
@@ -3303,6 +3430,22 @@ def test_resume_of_a_run_that_counts_steps_keeps_the_step_under_another_batch(ca
     assert "step 7 is kept" in capsys.readouterr().out
 
 
+def test_another_training_set_size_under_another_batch_is_said_without_the_rest_of_the_epoch(capsys):
+    """Segmentation resumed mid-epoch with another batch continues at its step's place in the new order already (said
+    above it): a changed number of training images is then said by its sizes alone, not as the reason the rest of
+    the epoch differs."""
+    model = torch.nn.Linear(3, 2)
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=(0.9, 0.98), output_dir="x", demo=False, batch_size=4,
+                              accum_iter=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    state = engine.checkpoint_state("dtm_seg", model, optimizer, None, args, 7, 5, train_images=20)
+    other = argparse.Namespace(**{**vars(args), "batch_size": 8})
+    assert engine.resume(state, "ck.pth", model, optimizer, None, other, 2, CPU, counts_steps=True,
+                         train_images=19) == 7
+    out = capsys.readouterr().out
+    assert "note: 'ck.pth' was saved with 20 training images, this run has 19\n" in out and "rest of epoch" not in out
+
+
 # ---------------------------------------------------------------------------------------------------
 # resume: what it calls a change, older checkpoints (tests for a mutation test's survivors)
 
@@ -3330,6 +3473,16 @@ def test_bookkeeping_flags_changed_on_a_relaunch_are_not_reported_as_changed_set
         engine.resume(state, "ck.pth", model, torch.optim.AdamW(model.parameters()), None, args, 2, CPU)
         out = capsys.readouterr().out
         assert "resumed from ck.pth at step 3" in out and "settings changed" not in out, (name, out)
+
+
+def test_a_path_flag_saved_as_text_and_given_as_another_type_is_a_changed_setting(capsys):
+    """A flag saved as a path and now None or a number is reported as changed, not compared as a path."""
+    model = torch.nn.Linear(3, 2)
+    state = tiny_state(model, data="imnet", teacher="ckpt:t.pth")
+    args = argparse.Namespace(model="vit_tiny", lr=0.1, betas=(0.9, 0.98), output_dir="y", demo=False, data=None,
+                              teacher=7)
+    engine.resume(state, "ck.pth", model, torch.optim.AdamW(model.parameters()), None, args, 2, CPU)
+    assert "settings changed since: --data imnet -> None, --teacher ckpt:t.pth -> 7" in capsys.readouterr().out
 
 
 def test_init_recorded_relative_and_resolved_from_another_folder_is_not_a_changed_setting(tmp_path, monkeypatch,
@@ -3463,6 +3616,16 @@ def test_setup_refuses_a_partial_torchrun_environment(monkeypatch):
     assert engine.setup().world_size == 1
 
 
+def test_rank_with_one_torchrun_variable_missing_names_it(monkeypatch):
+    """RANK set with all but one of torchrun's other variables is refused too, naming the one missing (a partial
+    environment was refused only with two or more of them missing)."""
+    for name in engine.TORCHRUN_ENV:
+        monkeypatch.setenv(name, "1")
+    monkeypatch.delenv("MASTER_PORT")
+    with pytest.raises(ValueError, match="^RANK is set but MASTER_PORT is not: launch with torchrun"):
+        engine.check_launch_env()
+
+
 def test_setup_reads_an_empty_rank_as_unset(monkeypatch):
     """An empty RANK (RANK= python ..., an exported unset variable) is unset to check_launch_env: one process, or its
     refusal of WORLD_SIZE 2 without RANK; setup read it as set and stopped with int()'s "invalid literal for int()
@@ -3494,6 +3657,8 @@ def test_setup_reads_an_empty_local_rank_as_0_and_names_a_variable_that_is_no_nu
     monkeypatch.setenv("LOCAL_RANK", "")
     assert engine.setup() == engine.Dist()
     assert started == [(("gloo",), {"rank": 0, "world_size": 1})]
+    monkeypatch.setenv("LOCAL_RANK", " ")  # blank: empty too
+    assert engine.launch_int("LOCAL_RANK") == 0
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match=r"^WORLD_SIZE='two' is not a whole number: torchrun sets it; unset it"):
         engine.setup()
