@@ -119,6 +119,17 @@ def test_pretrain_checkpoint_gives_the_students_features(tmp_path):
     assert fresh == ["head.bias", "head.weight"]
 
 
+def test_rel_pos_bias_reaches_the_model_built_on_init(tmp_path):
+    """--rel_pos_bias shared keeps --init's shared table, per_block moves it into the blocks (build_model passing
+    per_block whatever was asked passed every test)."""
+    tiny_pretrain_checkpoint(tmp_path / "pre.pth")
+    checkpoint = dtm.read_checkpoint(str(tmp_path / "pre.pth"))
+    for layout in ("shared", "per_block"):
+        args = argparse.Namespace(model="vit_tiny", img_size=IMG, drop_path=0.0, rel_pos_bias=layout)
+        model, _ = tf.build_model(args, NUM_CLASSES, checkpoint, str(tmp_path / "pre.pth"))
+        assert dtm.stored_rel_pos_bias(model.state_dict()) == layout
+
+
 def test_new_weights_start_as_the_official_fine_tuning_models(tmp_path):
     """From scratch (--init none) and a new head on a checkpoint: timm's trunc_normal_ (std 0.02, bounds +-2), as
     modeling_finetune.py, not the pre-training model's truncation at +-std (no weight beyond 0.02 there)."""
@@ -692,17 +703,19 @@ def test_two_process_eval_counts_each_image_once(finetuned, tmp_path):
     assert two["val_loss"] == pytest.approx(single["loss"], rel=1e-5)
 
 
-def test_bf16_autocast_matches_fp32(tmp_path):
+def test_bf16_autocast_matches_fp32(tmp_path, monkeypatch):
     """--amp bf16 (the autocast path of bf16 GPUs, here on the CPU): the first step's gradient norm, taken before any
     update on the same images, and evaluation agree with fp32 to bf16 precision, and are not bit-identical to it
-    (autocast is on)."""
-    logs = {}
+    (autocast is on). The epochs' evaluations run in the run's precision (fp32 for a bf16 run passed every test)."""
+    logs, evaluated_in, evaluate = {}, [], tf.evaluate
+    monkeypatch.setattr(tf, "evaluate", lambda *a, **kw: evaluated_in.append(a[3]) or evaluate(*a, **kw))
     for amp in ("fp32", "bf16"):
         tf.main(TINY_RUN + ["--epochs", "1", "--amp", amp, "--output_dir", str(tmp_path / amp)])
         logs[amp] = [json.loads(line) for line in open(tmp_path / amp / "log.jsonl")]
     first = {amp: next(r["grad_norm"] for r in lines if "grad_norm" in r) for amp, lines in logs.items()}
     assert first["bf16"] == pytest.approx(first["fp32"], rel=5e-2) and first["bf16"] != first["fp32"]
     assert all(math.isfinite(logs["bf16"][-1][k]) for k in ("train_loss", "val_loss"))
+    assert evaluated_in == [None, torch.bfloat16]
     torch.manual_seed(0)
     model = classifier()
     with torch.no_grad():

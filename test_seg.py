@@ -64,9 +64,20 @@ def test_metrics_predicted_but_unlabeled_class_counts_as_zero():
     assert m["IoU"][0] == 0 and m["IoU"][3] == 0 and math.isnan(m["IoU"][1]) and m["mIoU"] == 0
 
 
+def test_the_printed_table_puts_each_class_iou_and_acc_in_their_columns():
+    nan = float("nan")
+    metrics = {"IoU": [12.346, nan], "Acc": [67.891, nan], "aAcc": 1.5, "mIoU": 12.346, "mAcc": 67.891}
+    assert train_seg.format_metrics(metrics, ["wall", "sky"]).splitlines() == [
+        f"{'class':<24}     IoU     Acc", f"{'wall':<24}   12.35   67.89", f"{'sky':<24}     nan     nan",
+        "aAcc 1.50  mIoU 12.35  mAcc 67.89"]  # IoU and Acc swapped in the rows passed every test
+
+
 def test_metrics_reject_out_of_range_labels():
     with pytest.raises(ValueError, match="label values"):
         train_seg.intersect_and_union(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[0, 7], [1, 255]]), 4)
+    # only 255 is ignored: a value above it (a 16-bit label file) is out of range, not left out (label < 255 passed)
+    with pytest.raises(ValueError, match=r"found 0\.\.256"):
+        train_seg.intersect_and_union(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 256]]), 4)
 
 
 def test_metrics_equal_mmsegs_iou_metric_on_two_images():
@@ -286,6 +297,8 @@ def test_feature_pyramid_and_head_shapes():
     torch.testing.assert_close(model(x), logits)
     with pytest.raises(ValueError, match="out_indices"):
         train_seg.ViTUperNet(backbone(64), 7, out_indices=[0, 1, 2, 2])
+    with pytest.raises(ValueError, match=r"got \[-1, 0, 1, 3\]"):  # -1 would be no block (out_indices[0] < -1 passed)
+        train_seg.ViTUperNet(backbone(64), 7, out_indices=[-1, 0, 1, 3])
     deeper = dtm.build_vit("vit_tiny", img_size=64, depth=6, use_mask_token=False)  # blocks 4, 5 would get no gradient
     with pytest.raises(ValueError, match=r"ending with the last block \(5\), got \[0, 1, 2, 3\]"):
         train_seg.ViTUperNet(deeper, 7, out_indices=[0, 1, 2, 3])
@@ -298,6 +311,15 @@ def test_feature_pyramid_and_head_shapes():
     small_grid = dtm.build_vit("vit_tiny", img_size=32, patch_size=32, use_mask_token=False)
     with pytest.raises(ValueError, match="a 32x32 crop in patches of 32 gives 1x1: pass --crop_size 64 or more"):
         train_seg.ViTUperNet(small_grid, 7)
+
+
+def test_conv_modules_draw_mmcvs_kaiming_normal_with_fan_out():
+    """mmcv's ConvModule.init_weights: kaiming_init(conv, mode='fan_out', nonlinearity='relu', distribution='normal'),
+    std sqrt(2 / (out_channels k k)); fan_in's sqrt(2 / (in_channels k k)) passed every test."""
+    torch.manual_seed(0)
+    conv = train_seg.ConvBNReLU(8, 256, 3)[0]  # 18432 draws: fan_out std 0.0295, fan_in's 0.167
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (256 * 9)), rel=0.05)
+    assert conv.bias is None and conv.padding == (1, 1)
 
 
 def test_feature_maps_are_the_crop_floor_divided_by_their_stride():
@@ -490,7 +512,14 @@ def test_segmentation_loss_is_the_labeled_pixel_mean_and_zero_without_labels():
     labeled = labels != train_seg.IGNORE_INDEX
     by_hand = -logits.log_softmax(1).gather(1, labels.clamp(max=3)[:, None])[:, 0][labeled].mean()
     torch.testing.assert_close(main, by_hand)
+    aux_by_hand = -aux.log_softmax(1).gather(1, labels.clamp(max=3)[:, None])[:, 0][labeled].mean()
+    torch.testing.assert_close(aux_loss, aux_by_hand)
     torch.testing.assert_close(loss, main + 0.4 * aux_loss)
+    one = torch.full_like(labels, train_seg.IGNORE_INDEX)  # a single labeled pixel: its own cross-entropy, both heads
+    one[1, 2, 4] = 3
+    _, main, aux_loss = train_seg.segmentation_loss(logits, aux, one)
+    by_hand = -torch.stack([logits, aux])[:, 1, :, 2, 4].log_softmax(1)[:, 3]
+    torch.testing.assert_close(torch.stack([main, aux_loss]), by_hand)
     # every pixel void (a crop of an unlabeled region in every image of a micro-batch): 0 and a zero gradient
     loss, main, aux_loss = train_seg.segmentation_loss(logits, aux, torch.full_like(labels, train_seg.IGNORE_INDEX))
     loss.backward()
@@ -1730,11 +1759,12 @@ def test_the_evaluation_results_are_logged_and_kept_as_evaluated(tmp_path, monke
     """--flip reaches the evaluation; the log's eval line, checkpoint-best.pth's metrics and eval.jsonl carry the
     evaluation's own aAcc, mIoU, mAcc, IoU and flip (mAcc from another field, flip written as False, or the best
     checkpoint saved without its metrics, passed every test)."""
-    flips = []
+    flips, strides = [], []
 
     def evaluate(model, dataset, num_classes, crop, stride, flip=False, *args, **kwargs):
         flips.append(flip)
-        return {"aAcc": 91.0, "mIoU": 42.5, "mAcc": 63.25, "IoU": [10.0, 20.0, 30.0, 40.0, float("nan")],
+        strides.append(stride)
+        return {"aAcc": 91.0, "mIoU": 42.5, "mAcc": 63.25, "IoU": [10.0, 20.0, 100 / 3, 40.0, float("nan")],
                 "Acc": [1.0] * 5}
 
     monkeypatch.setattr(train_seg, "evaluate", evaluate)
@@ -1743,13 +1773,19 @@ def test_the_evaluation_results_are_logged_and_kept_as_evaluated(tmp_path, monke
     assert flips == [True]
     line = [r for r in map(json.loads, open(out / "log.jsonl")) if r.get("mode") == "eval"][-1]
     assert (line["aAcc"], line["mIoU"], line["mAcc"], line["IoU"], line["flip"]) == (
-        91.0, 42.5, 63.25, [10.0, 20.0, 30.0, 40.0, None], True)
+        91.0, 42.5, 63.25, [10.0, 20.0, 33.3333, 40.0, None], True)  # per class to 4 decimals (2 passed)
     best = torch.load(out / engine.BEST)
     assert best["metrics"]["mAcc"] == 63.25 and best["metrics"]["mIoU"] == 42.5 == best["best_miou"]
     train_seg.main(["--eval", str(out / engine.BEST), "--flip", "--output_dir", str(tmp_path / "e")])
-    assert flips == [True, True]
+    assert flips == [True, True] and strides == [24, 24]  # the checkpoint's --stride
     record = json.loads(open(tmp_path / "e" / "eval.jsonl").read())
     assert (record["aAcc"], record["mIoU"], record["mAcc"], record["flip"]) == (91.0, 42.5, 63.25, True)
+    assert (record["scale"], record["stride"]) == ([64, 48], 24)
+    # given ones win (the checkpoint's taken whatever was given passed every test)
+    train_seg.main(["--eval", str(out / engine.BEST), "--stride", "16", "--scale", "80", "40", "--output_dir",
+                    str(tmp_path / "e2")])
+    record = json.loads(open(tmp_path / "e2" / "eval.jsonl").read())
+    assert strides[-1] == 16 and (record["scale"], record["stride"]) == ([80, 40], 16)
 
 
 def test_the_logged_throughput_counts_images(tmp_path, monkeypatch):
