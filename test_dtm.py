@@ -367,6 +367,16 @@ def test_rel_pos_table_resize_same_grid_and_shrinking():
     assert dtm.resize_rel_pos_table(table.to("meta"), (4, 4), (6, 6)).device.type == "meta"  # stays on its device
 
 
+def test_a_half_precision_table_is_resized_to_float32_not_rounded_back():
+    """resize_rel_pos_table's docstring: the result is at least float32 (a DeepSpeed fp16 table is not rounded back),
+    the float64 spline's values cast once."""
+    table = torch.randn((2 * 3 - 1) ** 2 + 3, 2, generator=torch.Generator().manual_seed(0)).half()
+    resized = dtm.resize_rel_pos_table(table, (3, 3), (5, 5))
+    assert resized.dtype == torch.float32
+    assert torch.equal(resized, dtm.resize_rel_pos_table(table.double(), (3, 3), (5, 5)).float())
+    assert not torch.equal(resized, resized.half().float())  # values fp16 cannot hold
+
+
 def test_both_layout_names_shapes_and_the_fine_tuning_sum():
     """rel_pos_bias="both" (the official pre-training): a shared table and one per block, added together. The
     official names are rel_pos_bias.relative_position_bias_table and blocks.i.attn.relative_position_bias_table."""
@@ -400,10 +410,11 @@ def test_both_layout_names_shapes_and_the_fine_tuning_sum():
 def test_adapt_state_dict_keeps_tables_of_the_models_non_square_grid(img_size):
     """A table of the model's own size is kept. These grids' tables, (2H-1)(2W-1) + 3 rows, once passed for a square
     grid's ((1, 5) and (2, 14): 3x3 and 5x5) and were "resized" into other values, or could not be read ((2, 3))."""
-    vit = dtm.VisionTransformer(img_size=img_size, patch_size=16, embed_dim=16, depth=1, num_heads=2)
+    vit = dtm.VisionTransformer(img_size=img_size, patch_size=16, embed_dim=16, depth=1, num_heads=2, abs_pos_emb=True)
     torch.nn.init.normal_(vit.rel_pos_bias.table, generator=torch.Generator().manual_seed(0))
     loaded, _ = dtm.vit_from_checkpoint({"model": vit.state_dict(), "args": {"num_heads": 2}}, img_size)
     assert torch.equal(loaded.rel_pos_bias.table, vit.rel_pos_bias.table)
+    assert torch.equal(loaded.pos_embed, vit.pos_embed)  # and a position embedding of its size
 
 
 def test_a_non_square_grid_resizes_from_the_source_grid_given():
@@ -485,14 +496,14 @@ def full_clip_state_dict():
     return sd
 
 
-def clip_reference(sd, x, project=True):
+def clip_reference(sd, x, project=True, heads=CLIP_W // 64):
     """OpenAI CLIP's visual forward in plain tensor ops (sequence-first attention as nn.MultiheadAttention).
     project=False: without the final projection (the official --no_clip_proj targets).
 
     For an input grid other than the 4x4 of the weights, the patch rows of the positional embedding are
     resized bicubically as an image (4, 4) -> (h, w).
     """
-    w, heads = CLIP_W, CLIP_W // 64
+    w = CLIP_W
     ln = lambda t, name: F.layer_norm(t, (w,), sd[name + ".weight"], sd[name + ".bias"])
     t = F.conv2d(x, sd["conv1.weight"], stride=PATCH)
     pos = sd["positional_embedding"]
@@ -802,6 +813,16 @@ def test_a_damaged_torchscript_archive_is_named_damaged(tmp_path):
         dtm.load_clip_visual(str(damaged))
 
 
+def test_load_clip_visual_uses_the_number_of_heads_given(tmp_path):
+    """heads= overrides width // 64 (a CLIP of other heads per width); a mutant that ignored it passed every test."""
+    torch.save(clip_visual_state_dict(), tmp_path / "v.pt")
+    visual = dtm.load_clip_visual(str(tmp_path / "v.pt"), heads=4)
+    x = images()
+    assert visual.transformer.resblocks[0].attn.heads == 4
+    assert torch.allclose(visual(x), clip_reference(clip_visual_state_dict(), x, heads=4), atol=1e-4)
+    assert not torch.allclose(visual(x), clip_reference(clip_visual_state_dict(), x), atol=1e-3)  # 2 heads: others
+
+
 def test_clip_teacher_without_projection_gives_width_dim_targets(tmp_path):
     torch.save(clip_visual_state_dict(), tmp_path / "v.pt")
     x = images()
@@ -881,6 +902,8 @@ def test_pixel_teacher_matches_per_patch_loop():
 def test_ckpt_teacher_round_trip(tmp_path):
     x = images()
     pretrain = dtm.DTMPretrainModel(tiny_vit(), target_dim=24)
+    with torch.no_grad():  # final norms that a new LayerNorm (ones, zeros) cannot stand in for
+        pretrain.student.norm.weight.uniform_(0.5, 1.5), pretrain.student.norm.bias.normal_()
     torch.save({"model": pretrain.state_dict(), "args": {"model": "vit_tiny"}, "epoch": 3}, tmp_path / "pre.pth")
     torch.save(pretrain.student.state_dict(), tmp_path / "plain.pth")  # a plain state dict, no args
     expected = pretrain.student.eval().forward_features(x).tokens[:, 1:]
@@ -890,6 +913,8 @@ def test_ckpt_teacher_round_trip(tmp_path):
         assert torch.allclose(teacher(x), expected, atol=1e-6)
 
     finetuned = tiny_vit(num_classes=5, rel_pos_bias="per_block").eval()
+    with torch.no_grad():
+        finetuned.fc_norm.weight.uniform_(0.5, 1.5), finetuned.fc_norm.bias.normal_()
     torch.save({"model": finetuned.state_dict(), "args": {"model": "vit_tiny"}}, tmp_path / "ft.pth")
     teacher = dtm.build_teacher(f"ckpt:{tmp_path / 'ft.pth'}", img_size=IMG, patch_size=PATCH)
     assert torch.allclose(teacher(x), finetuned.fc_norm(finetuned.forward_features(x).tokens[:, 1:]), atol=1e-6)
@@ -1194,6 +1219,21 @@ def test_pretrain_model_gradients_reach_student():
         dtm.DTMPretrainModel(tiny_vit(), 8, loss="l1")
 
 
+def test_loss_dtm_is_the_dtm_part_of_a_features_fns_loss():
+    """forward's docstring: with a features_fn, stats' "loss_dtm" is the DTM part of "loss" (without the extra loss)."""
+    def features_fn(student, x, mask):
+        return student.forward_features(x, mask).tokens, torch.tensor(5.0), {"loss_extra": torch.tensor(5.0)}
+
+    model = dtm.DTMPretrainModel(tiny_vit(), target_dim=PATCH * PATCH * 3, features_fn=features_fn)
+    x, mask = images(), random_mask()
+    targets = dtm.PixelTeacher(PATCH)(x)
+    levels = morph.token_morphing_levels(targets, [[4, 4]], generator=torch.Generator().manual_seed(0))
+    loss, stats = model(x, mask, targets, levels)
+    pred = model.head(model.student.forward_features(x, mask).tokens[:, 1:])
+    assert torch.equal(stats["loss_dtm"], dtm.dtm_loss(pred, targets, levels)[0])
+    assert torch.equal(stats["loss"], stats["loss_dtm"] + 5.0) and torch.equal(loss.detach(), stats["loss"])
+
+
 def test_activation_checkpointing_gives_the_same_values_and_gradients():
     """--grad_checkpoint: blocks recomputed in the backward; drop path draws the same masks (the RNG state is restored
     for the recomputation), so values and gradients equal those of the stored-activation run."""
@@ -1220,6 +1260,8 @@ def test_activation_checkpointing_gives_the_same_values_and_gradients():
     for name, grad in stored[1].items():
         torch.testing.assert_close(recomputed[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
     assert any(g.abs().sum() > 0 for g in stored[1].values())
+    model.eval().forward_features(x).tokens.sum().backward()  # forward_features' docstring: in training mode only
+    assert len(calls) == 4
 
 
 def test_block_with_every_parameter_distinct_equals_beits_block_written_out():
@@ -1286,6 +1328,27 @@ def test_the_shared_relative_position_table_is_on_top_for_layer_decay():
 
 # ---------------------------------------------------------------------------------------------------
 # Mutation review: checkpoint reading
+
+
+def test_a_new_classifier_head_on_a_checkpoint_is_drawn_as_the_fine_tuning_models():
+    """vit_from_checkpoint draws a new head with weight_init "downstream" (timm's bounds +-2, hardly truncated, as
+    modeling_finetune.py), not pre-training's +-std: about a third of its 960 weights lie beyond 1 std."""
+    checkpoint = {"model": tiny_vit().state_dict(), "args": {"model": "vit_tiny"}}
+    torch.manual_seed(0)
+    vit, fresh = dtm.vit_from_checkpoint(checkpoint, IMG, num_classes=5)
+    assert "head.weight" in fresh
+    beyond = (vit.head.weight.abs() > 0.02 * 0.001).float().mean()  # head_init_scale 0.001
+    assert 0.2 < beyond < 0.45
+
+
+def test_a_checkpoint_of_another_mlp_width_is_read_off_its_weights():
+    """vit_from_checkpoint's docstring: the MLP width is read off the weights (a ViT of mlp_ratio 2 loads, the same
+    tokens)."""
+    torch.manual_seed(0)
+    narrow = dtm.VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)
+    vit, fresh = dtm.vit_from_checkpoint({"model": narrow.state_dict(), "args": {"num_heads": 2}}, IMG)
+    assert fresh == [] and vit.blocks[0].mlp.fc1.out_features == 64
+    torch.testing.assert_close(vit.forward_features(images()).tokens, narrow.forward_features(images()).tokens)
 
 
 def test_a_checkpoint_loads_with_the_drop_path_rate_asked_for():

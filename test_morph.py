@@ -512,6 +512,66 @@ def test_visualization_writes_side_by_side_panels(tmp_path, capsys):
         morph.main([str(tmp_path / "missing.png")])
 
 
+def test_visualization_panel_draws_every_boundary_and_paints_group_means():
+    """_draw_panel's picture of groups [[0, 0], [1, 2]] on a 2x2 grid of one-colour 8-px patches: white lines between
+    the rows and between the two bottom patches only; the bottom half paints each patch as its group's mean."""
+    from PIL import Image
+    img = Image.new("RGB", (16, 16))
+    for k, colour in enumerate([(200, 0, 0), (0, 100, 0), (0, 0, 60), (40, 40, 40)]):
+        img.paste(colour, ((k % 2) * 8, (k // 2) * 8, (k % 2) * 8 + 8, (k // 2) * 8 + 8))
+    panel = morph._draw_panel(img, torch.tensor([0, 0, 1, 2]), 8, "t")
+    white = (255, 255, 255)
+    assert panel.size == (16, 2 * 16 + 20)
+    assert all(panel.getpixel((x, 20 + 8)) == white for x in (1, 4, 12, 15))  # between the rows
+    assert panel.getpixel((8, 20 + 12)) == white and panel.getpixel((8, 20 + 3)) != white  # bottom pair; top: a group
+    palette = torch.rand(3, 3, generator=torch.Generator().manual_seed(0)) * 255  # group 0: its first colour
+    tint = (0.55 * torch.tensor([200.0, 0, 0]) + 0.45 * palette[0]).byte().tolist()  # as docs/morph_chelsea.png
+    assert list(panel.getpixel((3, 20 + 3))) == tint
+    assert panel.getpixel((3, 36 + 3)) == panel.getpixel((12, 36 + 3)) == (100, 50, 0)  # mean of the top two
+    assert panel.getpixel((3, 36 + 12)) == (0, 0, 60) and panel.getpixel((12, 36 + 12)) == (40, 40, 40)
+
+
+def test_visualization_crops_the_center_of_a_wide_image(tmp_path):
+    """--img_size's help: the shorter side resized to it, then center-cropped (a 40x20 image at 20: columns 10..29)."""
+    from PIL import Image
+    wide = Image.new("RGB", (40, 20))
+    for x in range(40):
+        wide.paste((6 * x, 0, 0), (x, 0, x + 1, 20))
+    wide.save(tmp_path / "wide.png")
+    square = morph._load_square_image(str(tmp_path / "wide.png"), 20)
+    assert square.size == (20, 20)
+    assert [square.getpixel((x, 5))[0] for x in range(20)] == [6 * x for x in range(10, 30)]
+
+
+def test_group_sizes_are_float32_counts_past_fp16s_exact_integers():
+    """group_sizes' docstring: float32. A group of 2049 members (a 1024-px image's 64x64 grid has 4096 tokens) is
+    counted exactly; in float16 it would be 2048 and its mean 1/2048 too large."""
+    groups = torch.zeros(1, 2050, dtype=torch.long)
+    groups[0, -1] = 1
+    sizes = group_sizes(groups, 2)
+    assert sizes.dtype == torch.float32 and sizes.tolist() == [[2049.0, 1.0]]
+    assert group_mean(torch.ones(1, 2050, 1), groups, 2).tolist() == [[[1.0], [1.0]]]
+
+
+def test_visualization_draws_the_groups_of_its_split_and_seed(tmp_path):
+    """--split and --seed reach the morphing: the picture is the panel of token_morphing's groups with that split and
+    a generator seeded with --seed (the random split's groups differ between seeds 3 and 0 here)."""
+    from PIL import Image
+    noise = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(noise.numpy()).save(tmp_path / "noise.png")
+    img = morph._load_square_image(str(tmp_path / "noise.png"), 32)
+    tokens = morph._patches(img, 8)
+    for split, seed in (("random", 3), ("official", 0)):
+        morph.main([str(tmp_path / "noise.png"), "--schedule", "2x4", "--img_size", "32", "--patch_size", "8",
+                    "--split", split, "--seed", str(seed), "--out", str(tmp_path / "g.png")])
+        groups = token_morphing(tokens, [4, 4], split, torch.Generator().manual_seed(seed))[0]
+        other = token_morphing(tokens, [4, 4], "random" if split == "official" else split,
+                               torch.Generator().manual_seed(0))[0]
+        assert not torch.equal(groups, other)
+        with Image.open(tmp_path / "g.png") as drawn:
+            assert drawn.convert("RGB").tobytes() == morph._draw_panel(img, groups, 8, "2x4").tobytes()
+
+
 def test_the_docstrings_use_block_computes_dtm_loss():
     """The 'Use' block of morph.py's docstring, run as written, gives dtm.dtm_loss with its defaults; it imports what
     it uses (pasted into other code it needed B, N and morph's functions, a copy-the-file review found)."""
