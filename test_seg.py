@@ -1358,9 +1358,9 @@ def test_eval_refusals_name_what_to_pass_and_passing_it_evaluates(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "e" / "eval.jsonl")]
     assert [(r["val_img_dir"], r["val_ann_dir"], r["amp"]) for r in records] == [(None, None, "fp32")] * 2 + [
         (str(tmp_path / "my d" / "img"), str(tmp_path / "my d" / "ann"), "fp32")]
-    assert train_seg.evaluated_folders(train_seg.parse_args(["--data", "ade", "--eval", "x.pth"])) == {
-        "val_img_dir": os.path.abspath("ade/images/validation"),
-        "val_ann_dir": os.path.abspath("ade/annotations/validation")}
+    assert train_seg.evaluated_folders(data.ADE20KDataset(str(tmp_path / "ade"), "validation")) == {
+        "val_img_dir": str(tmp_path / "ade" / "images" / "validation"),
+        "val_ann_dir": str(tmp_path / "ade" / "annotations" / "validation")}
 
 
 def test_a_continued_run_keeps_how_it_reads_its_label_maps(tmp_path):

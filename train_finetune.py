@@ -474,17 +474,11 @@ def run_eval(args, d, amp_dtype):
     d.print(f"{args.eval}: top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['count']} images "
             f"({args.img_size} px, crop ratio {args.crop_ratio})")
     if d.is_main:
-        record = {"eval": args.eval, "data_val": evaluated_folder(args), "amp": engine.amp_name(amp_dtype, None),
-                  "img_size": args.img_size, "crop_ratio": args.crop_ratio}
+        folder = getattr(val_set, "root", None)  # the ImageFolder read (null: the demo's images)
+        record = {"eval": args.eval, "data_val": folder and os.path.abspath(folder),
+                  "amp": engine.amp_name(amp_dtype, None), "img_size": args.img_size, "crop_ratio": args.crop_ratio}
         engine.append_eval(args.output_dir, {**record, **{f"val_{k}": v for k, v in stats.items()}})
     return stats
-
-
-def evaluated_folder(args):
-    """The validation folder --eval read, absolute (null: the demo's images), for eval.jsonl: lines of one checkpoint
-    on two validation sets told apart."""
-    folder = args.data_val or (os.path.join(args.data, "val") if args.data else None)
-    return folder and os.path.abspath(folder)
 
 
 def check_num_classes(args, classes):

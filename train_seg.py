@@ -715,14 +715,11 @@ def other_classes_fix(args, trained: dict) -> str:
     return f"pass the validation folders of its data instead of --data (its run's: {folders})"
 
 
-def evaluated_folders(args) -> dict:
-    """The validation images and label maps --eval read, absolute (null: the demo's), for eval.jsonl: lines of one
-    checkpoint on two validation sets told apart."""
-    if args.data:
-        folders = [os.path.join(args.data, kind, "validation") for kind in ("images", "annotations")]
-    else:
-        folders = [args.val_img_dir, args.val_ann_dir] if not args.demo else [None, None]
-    return {name: folder and os.path.abspath(folder) for name, folder in zip(("val_img_dir", "val_ann_dir"), folders)}
+def evaluated_folders(val_set) -> dict:
+    """The validation images and label maps --eval read (a SegFolder's, ADE20K's too), absolute (null: the demo's),
+    for eval.jsonl: lines of one checkpoint on two validation sets told apart."""
+    folders = {"val_img_dir": getattr(val_set, "img_dir", None), "val_ann_dir": getattr(val_set, "ann_dir", None)}
+    return {name: folder and os.path.abspath(folder) for name, folder in folders.items()}
 
 
 def run_eval(args, d):
@@ -761,7 +758,7 @@ def run_eval(args, d):
     amp_dtype, _ = engine.resolve_amp(args.amp, d.device)
     metrics = run_metrics(model.to(d.device), val_set, class_names, args, d, amp_dtype)
     if d.is_main:
-        engine.append_eval(args.output_dir, {"eval": args.eval, **evaluated_folders(args),
+        engine.append_eval(args.output_dir, {"eval": args.eval, **evaluated_folders(val_set),
                                              "amp": engine.amp_name(amp_dtype, None),
                                              "scale": list(args.scale), "stride": args.stride,
                                              "flip": args.flip, "reduce_zero_label": reads_zero_as_ignore(vars(args)),
