@@ -1142,7 +1142,7 @@ class ADE20KDataset(SegFolder):
     def __init__(self, root, split="training", transform=None, reduce_zero_label=True):
         if split not in ("training", "validation"):
             raise ValueError(f"ADE20K split must be 'training' or 'validation', got {split!r}")
-        img_dir, ann_dir = os.path.join(root, "images", split), os.path.join(root, "annotations", split)
+        img_dir, ann_dir = _ade20k_dirs(root, split)
         if not os.path.isdir(img_dir) or not os.path.isdir(ann_dir):
             inside = _ade20k_folder_inside(root, split)
             raise FileNotFoundError(f"{root!r} is not an ADE20K folder: expected {img_dir!r} and {ann_dir!r} "
@@ -1152,14 +1152,18 @@ class ADE20KDataset(SegFolder):
         super().__init__(img_dir, ann_dir, transform, ".jpg", ".png", reduce_zero_label, ADE20K_CLASSES)
 
 
+def _ade20k_dirs(root: str, split: str) -> tuple:
+    """ADE20K's (images, annotations) folders of a split under root."""
+    return os.path.join(root, "images", split), os.path.join(root, "annotations", split)
+
+
 def _ade20k_folder_inside(root: str, split: str):
-    """A folder directly in root that has ADE20K's images/split and annotations/split (--data given the folder the
-    download was unpacked into), or None."""
+    """A folder directly in root that has ADE20K's folders of the split (--data given the folder the download was
+    unpacked into), or None."""
     if not os.path.isdir(root):
         return None
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.is_dir() and all(os.path.isdir(os.path.join(entry.path, kind, split))
-                                  for kind in ("images", "annotations")):
+        if entry.is_dir() and all(map(os.path.isdir, _ade20k_dirs(entry.path, split))):
             return entry.path
     return None
 
