@@ -1004,13 +1004,14 @@ def test_shared_schedules_are_said_to_make_two_processes_equal_one_at_the_same_a
     """--schedules shared draws by (seed, micro-step): 2 processes x batch 2 took the schedules of 1 x batch 4 (the
     test above), but 1 x batch 2 x --accum_iter 2, the same total batch, draws 2 per step (by hand, 2026-12-06: step
     2's loss 0.2551 against 0.1649). The help said "one draw per step" and "equal 1 with the same total batch", and
-    so did README's table of recipe differences and its CPU status."""
+    so did README's table of recipe differences and its CPU status (which also left --schedules shared out)."""
     text = " ".join(tp.get_args_parser().format_help().split())
     assert ("shared: one draw per micro-step for all processes (2 processes x --batch_size B then equal 1 x 2B at the "
             "same --accum_iter, given --split alternate or official and --drop_path 0") in text
     readme = open(os.path.join(HERE, "README.md")).read()
     assert "the same total batch" not in text + readme
     assert "`--schedules shared` makes 2 GPUs equal 1 at twice the batch and the same `--accum_iter`" in readme
+    assert "twice the batch (pre-training with `--schedules shared`, fine-tuning;" in readme  # "What has run where"
 
 
 # ---------------------------------------------------------------------------------------------------
