@@ -1199,7 +1199,10 @@ def resize_cv2_nearest(img, size):
     (W, H), (w, h) = img.size, size
     cols = np.minimum(np.floor(np.arange(w) * (1.0 / (w / W))).astype(np.int64), W - 1)
     rows = np.minimum(np.floor(np.arange(h) * (1.0 / (h / H))).astype(np.int64), H - 1)
-    return Image.fromarray(np.asarray(img)[rows[:, None], cols[None, :]], img.mode)
+    picked = np.asarray(img)[rows[:, None], cols[None, :]]
+    # the modes whose arrays fromarray reads back only by their dtype: "1" would take the bools for packed bits (a
+    # mode '1' label map lost its class-1 pixels), "I;16" is refused
+    return Image.fromarray(picked) if img.mode in ("1", "I;16") else Image.fromarray(picked, img.mode)
 
 
 def seg_random_resize(img, mask, scale=(2048, 512), ratio_range=(0.5, 2.0), resample=CV2_LINEAR):

@@ -930,6 +930,27 @@ def test_seg_transforms_take_8_bit_label_maps_only():
         assert torch.equal(evaluate(img, mask)[1], torch.from_numpy(labels.astype(np.int64)))
 
 
+def test_a_one_bit_label_map_trains_as_its_0_1_twin():
+    """check_label_map takes a mode '1' label map as 0/1, but resize_cv2_nearest ("any mode") rebuilt it with
+    fromarray(bools, "1"), which reads the bools as packed bits: resized, it lost its class-1 pixels and training saw
+    other labels. A mode 'I;16' image failed there ("Invalid mode for data type")."""
+    labels = np.zeros((30, 40), np.uint8)
+    labels[:, 20:] = 1
+    img, twin, one_bit = Image.new("RGB", (40, 30)), Image.fromarray(labels, "L"), Image.fromarray(labels > 0)
+    wide = Image.fromarray(labels.astype(np.uint16) * 300)
+    for size in ((40, 30), (80, 60)):
+        expected, resized = np.asarray(data.resize_cv2_nearest(twin, size)), data.resize_cv2_nearest(one_bit, size)
+        assert resized.mode == "1" and np.array_equal(np.asarray(resized, dtype=np.uint8), expected)
+        resized = data.resize_cv2_nearest(wide, size)
+        assert resized.mode == wide.mode and np.array_equal(np.asarray(resized), expected.astype(np.uint16) * 300)
+    train = data.SegTrainTransform(crop_size=16, scale=(40, 30))
+    for seed in range(3):
+        random.seed(seed)
+        expected = train(img, twin)[1]
+        random.seed(seed)
+        assert torch.equal(train(img, one_bit)[1], expected)
+
+
 def test_seg_masks_are_nearest_only():
     rng = np.random.default_rng(1)
     labels = rng.choice(np.array([0, 3, 7, 149], dtype=np.uint8), size=(60, 90))

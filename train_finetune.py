@@ -169,7 +169,7 @@ def parse_rand_augment(spec: str) -> dict:
     if out["rand_magnitude"] > 10:  # data.RandAugment clips each drawn magnitude to 0..10
         raise ValueError(f"--aa {spec!r}: magnitude {out['rand_magnitude']:g} is above 10, the strongest level (each "
                          f"op's magnitude is clipped to 0..10, so it would act as m10); use m0..m10")
-    if out["rand_magnitude_std"] > 100:  # timm: uniform magnitudes in [0, m]; not implemented here
+    if out["rand_magnitude_std"] > 100:  # timm: uniform magnitudes in [0, m] (data.RandAugment's std math.inf)
         raise ValueError(f"--aa {spec!r}: mstd > 100 (timm's uniform magnitude sampling) is not supported; use a "
                          f"Gaussian std such as mstd0.5")
     return out
