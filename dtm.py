@@ -340,8 +340,8 @@ class DropPath(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """keep_prob at least float32 when the module is cast (.bfloat16(), .half(), .to(dtype)): in bf16 1 - p
-        rounded to 1 for p < 0.002 (nothing dropped) and to 0.992 for ViT-B's block 1 at 0.1 (0.78% dropped, not
-        0.91%)."""
+        rounded to 1 for p < 2**-9 = 0.00195 (nothing dropped) and to 0.992 for ViT-B's block 1 at 0.1 (0.78%
+        dropped, not 0.91%)."""
         super()._apply(fn, recurse)
         dtype = torch.promote_types(self.keep_prob.dtype, torch.float32)
         self.keep_prob = torch.tensor(1.0 - self.p, dtype=dtype, device=self.keep_prob.device)
@@ -846,6 +846,7 @@ def vit_from_checkpoint(checkpoint: dict, img_size, num_classes: int = 0, rel_po
           classes, else starts afresh; `fc_norm` whenever the checkpoint has one (pre-training's final norm is not
           used, as in BEiT; nor is a head on the CLS token, an official classifier trained with --use_cls).
       rel_pos_bias: None keeps the stored layout; "per_block" moves a shared table into every block (adapt_state_dict).
+          A checkpoint without relative position tables gives a model without them, whatever rel_pos_bias asks.
     Any other missing, unexpected or mis-shaped tensor is an error. Returns (vit, names initialized afresh).
     """
     sd = {k: v for k, v in vit_state_dict(checkpoint, path).items() if not k.startswith("mask_token")}

@@ -132,9 +132,12 @@ def clamp_schedule(num_tokens: int, schedule, split: str = "random") -> list:
         if r < 0:
             raise ValueError(f"schedule {list(schedule)} has a negative entry {r}; tokens removed per round must be "
                              ">= 0")
-        r = min(r, max(tokens - protected, 0) // 2)
+        cap = max(tokens - protected, 0) // 2
+        # under torch.jit.trace num_tokens is a traced size, a tensor: min() would keep r or the cap as the traced N
+        # chose (a cap read at another N merged half the tokens); clamp() keeps the rule for any N
+        r = cap.clamp(max=r) if torch.is_tensor(cap) else min(r, cap)
         clamped.append(r)
-        tokens = tokens - r  # not -=: under torch.jit.trace num_tokens is a traced size, a tensor
+        tokens = tokens - r  # not -=: the traced size itself would change
     return clamped
 
 
@@ -314,8 +317,9 @@ def token_morphing(x: torch.Tensor, schedule, split: str = "random", generator: 
     outside the compiled function and pass the groups and their counts in (as dtm.DTMPretrainModel's forward takes
     them): group_mean compiles once more for new counts, not per schedule. split="random" with a generator breaks the
     graph at each round's draw; without one, inductor draws its own random numbers (other groups than eager's).
-    torch.jit.trace keeps the schedule as clamped for the traced N: eager's groups for any batch size, and for another
-    N that clamp_schedule clamps otherwise, other groups without an error.
+    torch.jit.trace keeps clamp_schedule's rule: eager's groups for any batch size and number of tokens, but the rounds
+    are those the traced N ran: one clamped to 0 there is left out (at a larger N, fewer merges without an error), and
+    one that clamps to 0 only at the N it runs on fails (a RuntimeError of max() over no destinations).
     """
     if not hasattr(schedule, "__iter__"):
         raise TypeError(f"token_morphing takes one schedule, a list of tokens merged per round (e.g. [7] * 14), got "

@@ -110,10 +110,10 @@ The ViT (`vit` above) needs, with T = num_prefix + N tokens (num_prefix: CLS and
     compiled caller of mto_forward (a model that calls it, dtm.DTMPretrainModel with MTO) is one graph (fullgraph=True
     too), and one more once the number of masked patches changes (then symbolic), not one per number. torch.func's
     transforms refuse the losses (autograd.Functions without setup_context), torch.jit.trace is refused (patch_rows);
-    torch.utils.checkpoint around mto_forward gives the same gradients with use_reentrant=False. use_reentrant=True
-    keeps the graph of top-level tensor outputs only: mto_forward's losses, in a dict, come back without one (their
-    values right, no gradient, no error); checkpoint MTO(cfg)(vit, images, mask) instead, whose loss is a top-level
-    tensor (the same gradients with either use_reentrant).
+    torch.utils.checkpoint: use use_reentrant=False (around mto_forward or MTO(cfg)(vit, images, mask): the same
+    gradients). use_reentrant=True keeps the graph of top-level tensor outputs only: mto_forward's losses, in a dict,
+    come back without one (their values right, no gradient, no error), and where no tensor input needs a gradient (a
+    trainer's images and mask) nothing comes back with one: the ViT gets no gradient, with a UserWarning only.
     MTOConfig(compile=True) compiles the losses' arithmetic (one graph per loss and group size, and per mask layout:
     images with equal or different numbers of masked patches, blocks with or without a bias).
 """

@@ -201,10 +201,12 @@ def main(argv=None):
     parser.add_argument("--fields", nargs="+", help="one field per log instead of --field (e.g. loss loss_dtm)")
     parser.add_argument("--x", default="step", help="x-axis field (default: step; epochs_done across a resume with "
                         "another batch size)")
-    parser.add_argument("--labels", nargs="+", help="one legend label per log (default: the paths)")
+    parser.add_argument("--labels", nargs="+", help="one legend label per log (default: the paths, each with its "
+                        "field where --fields differ)")
     parser.add_argument("--smooth", type=int, default=1,
                         help="trailing moving average over this many log lines (default: 1, no smoothing)")
-    parser.add_argument("--title", default="", help="the plot's title (default: the fields plotted)")
+    parser.add_argument("--title", default="", help="the plot's title (default: the fields plotted, and the "
+                        "--smooth window)")
     parser.add_argument("--out", default="plot.png", type=os.path.expanduser,  # --out=~/x.png: no shell expands it
                         help="the image written, of the type its extension names (none: PNG; default: plot.png)")
     args = parser.parse_args(argv)

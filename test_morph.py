@@ -881,6 +881,18 @@ def test_a_jit_trace_gives_the_groups_of_the_traced_schedule(dim):
         assert torch.equal(trace(x), token_morphing(x, [4, 2], "official"))
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace` is deprecated")
+@pytest.mark.parametrize("split", ["alternate", "official"])
+def test_a_jit_trace_clamps_at_the_number_of_tokens_it_runs_on(split):
+    """A round that clamp_schedule clamps at the traced N: min(r, cap) kept whichever the traced N chose, so the cap
+    (half the current tokens) ran at every N: traced at 10 tokens ([4, 3]), [4, 4] on 20 tokens merged 4 + 8, not
+    4 + 4; and a round not clamped there kept its r at an N that clamps it. The trace now clamps as eager does."""
+    trace = torch.jit.trace(lambda x: token_morphing(x, [4, 4], split), torch.randn(2, 10, 16), check_trace=False)
+    for shape in ((2, 10, 16), (3, 20, 16), (2, 20, 8), (2, 7, 16)):
+        x = torch.randn(shape)
+        assert torch.equal(trace(x), token_morphing(x, [4, 4], split)), shape
+
+
 def test_visualization_reads_16_bit_grey_as_its_levels(tmp_path):
     """A 16-bit grey image (a scan, a microscope photo) is drawn at its grey levels (x / 257, as data.load_image):
     Pillow's convert("RGB") clips it at 255, so the picture showed the groups of a white image. A 32-bit one, whose

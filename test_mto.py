@@ -846,6 +846,17 @@ def test_checkpoint_around_mto_gives_its_gradients_where_the_docstring_says(reen
     assert "use_reentrant=True keeps the graph of top-level tensor outputs only" in " ".join(mto.__doc__.split())
 
 
+def test_a_reentrant_checkpoint_around_the_mto_hook_gives_no_gradient_where_no_input_needs_one():
+    """use_reentrant=True around MTO(cfg): with images that need no gradient, as a trainer's, the checkpoint's outputs
+    need none and the ViT gets no gradient, torch warning only; the docstring said the same gradients with either."""
+    from torch.utils.checkpoint import checkpoint
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad=True"):
+        tokens, loss, _ = checkpoint(mto.MTO(mto.MTOConfig()), tiny_vit(), images(), random_mask(), use_reentrant=True)
+    assert not tokens.requires_grad and not loss.requires_grad
+    assert ("where no tensor input needs a gradient (a trainer's images and mask) nothing comes back with one: the ViT "
+            "gets no gradient, with a UserWarning only") in " ".join(mto.__doc__.split())
+
+
 def test_blocks_of_different_shapes_or_dtypes_are_refused_with_a_clear_error():
     """A group of blocks is computed in one buffer: blocks of other widths, head counts or dtypes failed inside
     index_select / view with torch's own message (found by a review)."""
@@ -1412,3 +1423,102 @@ def test_rows_of_another_mask_are_refused_where_the_rows_of_this_mask_are_taken(
                 loss(mto.patch_rows(mask)._replace(mask=recorded))
         with pytest.raises(ValueError, match="rows must be mto.patch_rows\\(mask\\) of this very mask, got tuple"):
             loss(tuple(mto.patch_rows(mask)))
+
+
+# From a second mutation review of mto.py
+
+def test_a_mask_of_another_rank_is_refused_naming_the_fix():
+    """A (B, H, W) bool mask passed the rank check only if the check was there: without it, recalibration_mask failed
+    in torch.cat ("Tensors must have same number of dimensions") and the losses inside their shape checks."""
+    mask = random_mask()
+    hidden, q = torch.randn(2, 1 + N, 12), torch.randn(2, 2, 1 + N, 8)
+    for bad in (mask.view(2, 4, 4), mask[0]):
+        for call in (lambda m: mto.recalibration_mask(m), lambda m: mto.singularity_loss(hidden, m),
+                     lambda m: mto.attention_entropy(q, q, None, m), lambda m: mto.patch_rows(m)):
+            with pytest.raises(ValueError, match=re.escape(f"got torch.bool {tuple(bad.shape)} (a 0/1 mask: "
+                                                           f"mask.bool(); a (B, H, W) one: mask.flatten(1))")):
+                call(bad)
+
+
+def test_rows_of_a_mask_with_equal_counts_take_its_sizes_and_list_patches_in_ascending_order():
+    """BlockMaskGenerator masks as many patches in every image, so the trainer's mask_sizes have most_visible ==
+    fewest_visible: they are taken. Rows list each image's patches in ascending order (Rows' docstring), also at ViT-B's
+    196 patches, where an unstable argsort on the CPU reorders them."""
+    g = torch.Generator().manual_seed(5)
+    for n, count in ((N, 6), (196, 75)):
+        mask = torch.rand(3, n, generator=g).argsort(dim=1) < count
+        sizes = mto.mask_sizes(mask)
+        assert sizes == (count, n - count, n - count)
+        rows = mto.patch_rows(mask, sizes)
+        for b in range(3):
+            assert rows.masked[b].tolist() == mask[b].nonzero()[:, 0].tolist()
+            assert rows.visible[b].tolist() == (~mask[b]).nonzero()[:, 0].tolist()
+
+
+def test_cosine_gradient_of_a_row_shorter_than_the_clamp_treats_its_norm_as_constant():
+    """A row of x with 0 < |x| < 1e-12: |x| is clamped there, a constant, so d cos / dx = k / (1e-12 |k|), as autograd
+    through the clamped formula has it; a zero row alone (cos 0) cannot tell that from the unclamped gradient's
+    extra term, -cos x / |x|^2."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    x[1] *= 1e-14  # |x| about 4e-14
+    k = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    k_norm = k.norm(dim=-1)
+    x_ = x.clone().requires_grad_()
+    reference = torch.linalg.vecdot(x_, k) / (x_.norm(dim=-1).clamp(min=1e-12) * k_norm)
+    (expected,) = torch.autograd.grad(reference.sum(), x_)
+    x_ = x.clone().requires_grad_()
+    (got,) = torch.autograd.grad(mto._Cosine.apply(x_, k, k_norm).sum(), x_)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=0)
+    torch.testing.assert_close(got[1], k[1] / (1e-12 * k_norm[1]), rtol=1e-12, atol=0)
+
+
+def test_a_visible_token_at_exactly_zero_has_cosine_zero_and_the_loss_stays_finite():
+    """The visible side's norms are clamped as the masked side's: a zero visible token is at cosine 0 from every
+    masked one (as F.cosine_similarity has it), not 0 / 0, which argmax took as the nearest and the loss as NaN."""
+    mask = torch.zeros(2, N, dtype=torch.bool)
+    mask[:, :5] = True
+    mask[1, 5] = True
+    hidden = torch.randn(2, 1 + N, 12, generator=torch.Generator().manual_seed(7))
+    hidden[:, 1 + 9] = 0  # a visible patch of each image
+    hidden = hidden.requires_grad_()
+    value = mto.singularity_loss(hidden, mask)
+    with torch.no_grad():
+        patches = hidden[:, 1:]
+        cos = F.cosine_similarity(patches[:, :, None], patches[:, None, :], dim=-1).masked_fill(mask[:, None, :], -2)
+        expected = torch.where(mask, cos.amax(dim=-1), 0.0).sum(dim=1) / mask.sum(dim=1)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    assert torch.autograd.grad(value.sum(), hidden)[0].isfinite().all()
+
+
+def test_recalibration_alone_is_a_config_both_losses_off_is_not_refused_while_it_is_on():
+    """--mto with both losses off (their weights or block counts 0) keeps weight recalibration: it is refused as a
+    no-op only with --mto_layers 0 too."""
+    parser = mto.add_mto_args(argparse.ArgumentParser())
+    for flags in (["--mto_lambda_sing", "0", "--mto_lambda_ent", "0"],
+                  ["--mto_sing_layers", "0", "--mto_ent_layers", "0"],
+                  ["--mto_layers", "2", "--mto_lambda_sing", "0", "--mto_ent_layers", "0"]):
+        cfg = mto.mto_config_from_args(parser.parse_args(["--mto", *flags]), depth=4)
+        assert cfg.layers in (None, 2), flags
+
+
+def test_the_mto_hook_hands_its_num_prefix_to_mto_forward():
+    """MTO(cfg, num_prefix=2) on a ViT with a register token: the tokens and the loss of mto_forward(..., num_prefix=2),
+    not of the default 1."""
+    model, x, mask = RegisterViT(), images(), random_mask()
+    cfg = mto.MTOConfig(lambda_sing=0.3, lambda_ent=0.7)
+    with torch.no_grad():
+        tokens, loss, stats = mto.MTO(cfg, num_prefix=2)(model, x, mask)
+        expected_tokens, losses = mto.mto_forward(model, x, mask, cfg, num_prefix=2)
+    assert torch.equal(tokens, expected_tokens) and tokens.shape == (2, 2 + N, 192)
+    assert torch.equal(loss, mto.mto_total_loss(losses, cfg)) and all(torch.equal(stats[k], losses[k]) for k in losses)
+
+
+def test_tokens_of_another_rank_are_refused_naming_the_shape():
+    """Block outputs (B, T) or (B, T, C, 1) whose first two dims match the mask: refused by the shape check, not
+    failed later in an unpacking of their shape or a matmul."""
+    mask = random_mask()
+    hidden = torch.randn(2, 1 + N, 12)
+    for bad in (hidden[..., 0], hidden[..., None]):
+        with pytest.raises(ValueError, match=re.escape(f"tokens {tuple(bad.shape)} do not match the mask (2, {N})")):
+            mto.singularity_loss(bad, mask)
