@@ -104,6 +104,28 @@ def test_bench_mto_times_the_chosen_variants_and_reports_overheads_over_the_firs
     assert f"dtm + mto from {other} (defaults): median 4.000 s (+100.0%), fastest 4.000 s (+300.0%)" in out
 
 
+def test_bench_mto_fastest_step_and_step_peak_on_a_gpu_are_over_every_timed_step(monkeypatch, capsys):
+    """On a GPU the step peak is the largest growth of the allocated memory over what each timed step started with
+    (faked here: 1 GiB held, steps growing it by 2, 3 and 1 GiB after a warm-up step of 5), not the median nor the
+    peak with the held memory; the fastest step may be the first timed one."""
+    clock, growth, gib = FakeClock(), iter([5, 2, 3, 1]), 2 ** 30
+    peak = {}
+
+    def step():
+        clock.now += {5: 9.0, 2: 1.0, 3: 2.0, 1: 3.0}[peak.setdefault("now", next(growth))]
+        peak["max"] = gib + peak.pop("now") * gib
+
+    monkeypatch.setattr(bench_mto.engine, "check_bench_device", lambda device: None)
+    monkeypatch.setattr(bench_mto, "time", clock)
+    monkeypatch.setattr(bench_mto, "make_step", lambda *args, **kwargs: step)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: peak.pop("max", None))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: peak["max"])
+    figures = bench_mto.main(["--device", "cuda", "--variants", "0", "--steps", "3", "--warmup", "1"])
+    assert figures[next(iter(bench_mto.VARIANTS))]["min_s"] == 1.0
+    assert "fastest 1.000 s (+0.0%)  step peak 3.00 GiB over the weights and moments" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     *[(argv, "must be >= 1, --warmup >= 0") for argv in (["--iters", "0"], ["--batch", "0"], ["--tokens", "0"],
                                                          ["--dim", "0"], ["--levels", "0"], ["--warmup", "-1"])],
@@ -239,6 +261,17 @@ def test_bench_morph_dense_path_merges_size_weighted_as_morph_py():
         dense = {tuple(torch.nonzero(row).flatten().tolist()) for row in S[b]}
         index = {tuple(torch.nonzero(groups[b] == g).flatten().tolist()) for g in groups[b].unique()}
         assert dense == index
+
+
+def test_bench_morph_index_path_passes_the_group_counts_as_training_does(monkeypatch):
+    """The morph.py path times training's loss: dtm_loss with each level's num_groups (without them it takes N, an
+    upper bound: the same loss, more work than training does)."""
+    passed, dtm_loss = [], bench_morph.dtm.dtm_loss
+    monkeypatch.setattr(bench_morph.dtm, "dtm_loss",
+                        lambda *args, **kwargs: passed.append(kwargs.get("num_groups")) or dtm_loss(*args, **kwargs))
+    x, schedules = torch.randn(2, 9, 4), [[2, 2], [4, 1]]
+    bench_morph.loss_index(x, x.flip(1), schedules)
+    assert passed == [[bench_morph.morph.num_groups_after(9, s, "official") for s in schedules]] == [[5, 4]]
 
 
 def test_bench_morph_memory_is_the_peak_growth_of_one_step_after_a_warm_up(monkeypatch):
@@ -452,14 +485,18 @@ def test_bench_mto_profile_step_reports_the_growth_over_the_reference(capsys, mo
     averages = [argparse.Namespace(key=k, count=c, self_cpu_time_total=us) for k, c, us in
                 (("aten::mm", 10, 5000.0), ("aten::softmax", 4, 3000.0), ("aten::add", 2, 1000.0))]
     monkeypatch.setattr("torch.profiler.profile", fake_profile([], averages))
-    reference = {"aten::mm": (10, 4.0), "aten::add": (3, 1.5)}
-    times = bench_mto.profile_step("v", lambda: None, cuda=False, top=3, reference=reference)
+    clock = FakeClock()
+    monkeypatch.setattr(bench_mto, "time", clock)
+    reference = {"aten::mm": (10, 4.0), "aten::add": (3, 1.5), "aten::div": (1, 0.25)}  # div: the reference's only
+    times = bench_mto.profile_step("v", lambda: setattr(clock, "now", clock.now + 0.25), cuda=False, top=3,
+                                   reference=reference)
     assert times == {"aten::mm": (10, 5.0), "aten::softmax": (4, 3.0), "aten::add": (2, 1.0)}
     out = capsys.readouterr().out.splitlines()
+    assert out[0] == "profile of v: 250.0 ms wall"  # a step of 0.25 s
     grown = out[out.index("  grew most over the first variant (calls, ms):") + 1:]
     assert [line.split() for line in grown] == [["aten::softmax", "+4", "calls", "+3.00", "ms"],
                                                  ["aten::mm", "+0", "calls", "+1.00", "ms"],
-                                                 ["aten::add", "-1", "calls", "-0.50", "ms"]]
+                                                 ["aten::div", "-1", "calls", "-0.25", "ms"]]
 
 
 def test_bench_mto_profile_step_on_a_gpu_leaves_out_the_gpu_copies_of_record_function_ranges(capsys, monkeypatch):
@@ -483,13 +520,14 @@ def test_byte_count_counts_reads_and_writes_by_the_rules_of_each_kind_of_op():
     """Elementwise ops: inputs read, results written; views and empty tensors: nothing; fills: written only; gathers:
     the rows taken and the index; index_put_: the values and index read, the values' bytes written; copy_: the
     source read, the destination written."""
-    index = torch.arange(10)  # 80 bytes
+    index, values = torch.arange(10), torch.ones(10)  # 80 bytes, 40 bytes
     with bench_mto.ByteCount() as counter:
         ones = torch.ones(1000)  # 4000 bytes
         total = ones + ones
         total.view(10, 100)
         total.index_select(0, index)
         torch.zeros(1000).index_put_((index,), torch.ones(10))  # ones(10): 40 bytes written
+        total.index_put((index,), values)  # out of place: also a copy of total, read and written
         torch.empty(1000).copy_(total)
     ops = {}
     for (op, _, _), entry in counter.ops.items():  # summed over shapes
@@ -498,6 +536,7 @@ def test_byte_count_counts_reads_and_writes_by_the_rules_of_each_kind_of_op():
     assert ops.get("view", (1, 0, 0)) == (1, 0, 0) and ops.get("empty", (1, 0, 0)) == (1, 0, 0)
     assert ops["index_select"] == (1, 40 + 80, 40) and ops["zeros"] == (1, 0, 4000)
     assert ops["index_put_"] == (1, 80 + 40, 40) and ops["copy_"] == (1, 4000, 4000)
+    assert ops["index_put"] == (1, 80 + 40 + 4000, 40 + 4000)
 
 
 def test_byte_count_counts_what_in_place_ops_that_return_nothing_write():
@@ -509,6 +548,12 @@ def test_byte_count_counts_what_in_place_ops_that_return_nothing_write():
         torch._foreach_mul_(tensors, 2.0)
     ops = {op: entry for (op, _, _), entry in counter.ops.items()}
     assert ops["_foreach_add_"] == [1, 1200, 600] and ops["_foreach_mul_"] == [1, 600, 600]
+
+
+def test_bench_mto_count_bytes_counts_megabytes_of_a_million_bytes(capsys):
+    counts = bench_mto.count_bytes("v", lambda: torch.ones(250_000) * 2)  # 1e6 bytes written, then read and written
+    assert counts == {"ones (250000,) float32": (1, 1.0), "mul (250000,) float32": (1, 2.0)}
+    assert capsys.readouterr().out.startswith("bytes of v: 0.003 GB read + written in 2 ops\n")
 
 
 def test_bench_mto_count_bytes_prints_each_variants_bytes_and_the_ops_that_grew(capsys):
@@ -569,8 +614,9 @@ def test_bench_mto_compile_reaches_the_blocks_and_the_losses_and_refuses_an_olde
 
 def test_bench_mto_step_trains_with_the_trainers_masks_and_two_levels_of_groups(monkeypatch):
     """One step: masks with the trainer's share of masked patches (75 of 196, here 6 of 16), L=2 levels of groups
-    from a schedule drawn anew every step, and num_groups that cover every group. With MTO, the sizes of the CPU
-    mask go with it, as in train_pretrain (no host sync on a GPU)."""
+    from a schedule drawn anew every step, and num_groups that count the groups (the random split's cap on a round's
+    merges, not the official one's). With MTO, the sizes of the CPU mask go with it, as in train_pretrain (no host
+    sync on a GPU)."""
     seen, sizes, forward = [], [], bench_mto.dtm.DTMPretrainModel.forward
     monkeypatch.setattr(bench_mto.dtm.DTMPretrainModel, "forward",
                         lambda self, images, mask, targets, groups, num_groups, mask_sizes=None: (
@@ -585,8 +631,31 @@ def test_bench_mto_step_trains_with_the_trainers_masks_and_two_levels_of_groups(
     assert all(mask.shape == (2, 16) and mask.sum(1).tolist() == [6, 6] for mask, _, _ in seen)
     assert not torch.equal(seen[0][0][0], seen[0][0][1])  # each image its own mask
     assert all(len(groups) == len(num_groups) == 2 for _, groups, num_groups in seen)
-    assert all(int(g.max()) < n for _, groups, num_groups in seen for g, n in zip(groups, num_groups))
+    assert all(int(g.max()) + 1 == n for _, groups, num_groups in seen for g, n in zip(groups, num_groups))  # exact
     assert len({tuple(n) for _, _, n in seen}) > 1  # a new schedule every step
+
+
+def test_bench_mto_step_with_a_teacher_trains_on_its_targets_and_frees_the_gradients(monkeypatch):
+    """--teacher clip: every step's targets are the teacher's for the step's images (not the random stand-ins);
+    each step ends with the gradients freed, as the trainer's; at 112 px 19 of 49 patches are masked (75 / 196)."""
+    seen, forward = [], bench_mto.dtm.DTMPretrainModel.forward
+    monkeypatch.setattr(bench_mto.dtm.DTMPretrainModel, "forward",
+                        lambda self, images, mask, targets, groups, num_groups, mask_sizes=None: (
+                            seen.append((self, images, mask, targets)),
+                            forward(self, images, mask, targets, groups, num_groups, mask_sizes))[-1])
+    made = []
+
+    def teacher(images):
+        made.append((images, torch.randn(images.shape[0], 49, 512)))
+        return made[-1][1]
+
+    args = argparse.Namespace(model="vit_tiny", img_size=112, batch=2, device="cpu", amp="fp32", compile=False)
+    step = bench_mto.make_step(args, None, teacher=teacher)
+    step()
+    model, images, mask, targets = seen[0]
+    assert len(made) == 1 and made[0][0] is images and targets is made[0][1]
+    assert mask.sum(1).tolist() == [19, 19]
+    assert all(p.grad is None for p in model.parameters())
 
 
 # ---------------------------------------------------------------- bench_data
@@ -597,6 +666,10 @@ def test_bench_data_make_jpegs_writes_500x375_jpegs(tmp_path):
     assert files == ["0.jpg", "1.jpg"]
     with bench_data.Image.open(tmp_path / "f" / "x" / "0.jpg") as image:
         assert image.size == (500, 375) and image.format == "JPEG" and image.mode == "RGB"
+        quality_90 = tmp_path / "q90.jpg"
+        bench_data.Image.new("RGB", (8, 8)).save(quality_90, quality=90)
+        with bench_data.Image.open(quality_90) as reference:
+            assert image.quantization == reference.quantization  # the docstring's quality 90
 
 
 def test_bench_data_figures(tmp_path, monkeypatch, capsys):
@@ -643,8 +716,9 @@ def test_bench_data_figures(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench_data.data, "load_image", load_image)
     monkeypatch.setattr(bench_data.data, "PretrainTransform",
                         lambda *a, **k: made.setdefault("pretrain", (a, k)) and pretrain)
+    mask = lambda: setattr(clock, "now", clock.now + 0.0005)
     monkeypatch.setattr(bench_data.data, "BlockMaskGenerator",
-                        lambda *a, **k: made.setdefault("masks", (a, k)) and (lambda: None))
+                        lambda *a, **k: made.setdefault("masks", (a, k)) and mask)
     monkeypatch.setattr(bench_data.data, "FinetuneTransform", lambda *a, **k: finetune)
     monkeypatch.setattr(bench_data.data, "MaskedImageDataset", lambda *a: None)
     monkeypatch.setattr(bench_data.torch.utils.data, "DataLoader", FakeLoader)
@@ -659,7 +733,7 @@ def test_bench_data_figures(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"3 files from {tmp_path};")
     assert "              decode:   1.0 ms/image =  1000 images/s per worker" in out
-    assert " pre-training sample:   3.0 ms/image =   333 images/s per worker" in out
+    assert " pre-training sample:   3.5 ms/image =   286 images/s per worker" in out  # its mask's time too
     assert "  fine-tuning sample:   6.0 ms/image =   167 images/s per worker" in out
     # rounds 2 and 3 (16 samples) from the end of round 1 (10.5 s) to the end of round 3 (12.5 s)
     assert "DataLoader, 2 workers, batch 4, 2 timed rounds: 8 pre-training samples/s (4 per worker)" in out

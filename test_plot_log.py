@@ -74,10 +74,10 @@ def test_a_log_through_a_pipe_is_read(tmp_path):
     writer.start()
     try:
         assert plot_log.read_log(pipe, "step", "loss") == [(1.0, 2.5), (2.0, 1.0)]
-    finally:
-        if writer.is_alive():  # read_log refused it before opening it: let the writer go
-            open(pipe).close()
+    finally:  # a reader, open until the writer is done: read_log may have refused the pipe unopened
+        reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # open(pipe) waited forever for a writer already done
         writer.join()
+        os.close(reader)
 
 
 def test_non_finite_values_are_left_out_and_one_point_is_drawn(tmp_path):
@@ -87,7 +87,11 @@ def test_non_finite_values_are_left_out_and_one_point_is_drawn(tmp_path):
     assert plot_log.read_log(str(tmp_path / "log.jsonl"), "step", "loss") == [(2.0, 1.0), (4.0, 0.5)]
     plot_log.main([str(tmp_path / "log.jsonl"), "--x", "epoch", "--field", "val_top1", "--out", str(tmp_path / "one")])
     image = Image.open(tmp_path / "one").convert("RGB")  # no extension: written as a PNG
-    assert any(image.getpixel((x, y)) == (31, 119, 180) for x in range(80, 700) for y in range(40, 380))
+    # the point: x 0 of 0..1 at the left edge, y 12.5 of 12.45..13.55 (padded 5%) near the bottom; not the legend's
+    # blue swatch (x 80..100, y 41..43)
+    dot = (70, round(30 + 1.05 / 1.1 * 360))
+    assert any(image.getpixel((dot[0] + dx, dot[1] + dy)) == (31, 119, 180) for dx in range(-3, 4)
+               for dy in range(-3, 4))
 
 
 def test_plot_two_logs_and_errors(tmp_path):
@@ -105,7 +109,7 @@ def test_plot_two_logs_and_errors(tmp_path):
                    "--out", str(out)])
     image = Image.open(out).convert("RGB")
     assert image.size == (720, 440)
-    colors = {image.getpixel((x, y)) for x in range(80, 700, 3) for y in range(40, 380, 3)}
+    colors = {image.getpixel((x, y)) for x in range(80, 700, 3) for y in range(80, 380, 3)}  # below the legend
     assert (31, 119, 180) in colors and (214, 39, 40) in colors  # both curves were drawn
     plot_log.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--fields", "loss", "lr", "--out", str(out)])
     with pytest.raises(SystemExit, match="error: 2 logs but 1 fields"):
@@ -118,7 +122,13 @@ def test_plot_two_logs_and_errors(tmp_path):
     (tmp_path / "list.jsonl").write_text('{"step": 1, "loss": 2.0}\n[1, 2]\n')  # an AttributeError before
     with pytest.raises(SystemExit, match="error: .*list.jsonl:2 is a JSON list, not an object"):
         plot_log.main([str(tmp_path / "list.jsonl")])
+    (tmp_path / "number.jsonl").write_text('{"step": 1, "loss": 2.0}\n3.5\n')
+    with pytest.raises(SystemExit, match="error: .*number.jsonl:2 is a JSON float, not an object"):
+        plot_log.main([str(tmp_path / "number.jsonl")])
     (tmp_path / "checkpoint.pth").write_bytes(bytes(range(256)) * 4)  # a binary file: UnicodeDecodeError before
+    with pytest.raises(SystemExit, match="error: .*checkpoint.pth:1 is not a JSON line"):
+        plot_log.main([str(tmp_path / "checkpoint.pth")])
+    (tmp_path / "checkpoint.pth").write_bytes(bytes(range(14, 256)))  # one line (no \n or \r): not one cut short
     with pytest.raises(SystemExit, match="error: .*checkpoint.pth:1 is not a JSON line"):
         plot_log.main([str(tmp_path / "checkpoint.pth")])
     for out, message in (("x.pngg", "Pillow writes no '.pngg' files"),
@@ -194,6 +204,9 @@ def test_lines_without_the_x_field_are_left_out_with_a_note(tmp_path, capsys):
     log.write_text('{"step": 2, "loss": 0.5}\n{"step": 3, "loss": null}\n')
     plot_log.read_log(str(log), "step", "loss")
     assert capsys.readouterr().err == ""  # a null value (a skipped step's norm) is not a missing x
+    log.write_text('{"step": 1, "loss": 0.5, "grad_norm": 2.0}\n{"step": 2, "loss": 0.4, "grad_norm": null}\n')
+    assert plot_log.read_log(str(log), "grad_norm", "loss") == [(2.0, 0.5)]
+    assert capsys.readouterr().err == ""  # nor is a null x: the line logged it
 
 
 def test_title_names_each_field_once_and_mentions_smoothing_only_when_smoothed(tmp_path, monkeypatch):
@@ -403,6 +416,21 @@ def test_tick_labels_tell_neighbouring_ticks_apart(monkeypatch):
     plot_log.plot([[(0.0, 1.0), (1.0, 3.0)]], ["a"], "", "step", "loss")  # 4 digits are enough: as before
     assert texts[:8] == ["0.9", "1.34", "1.78", "2.22", "2.66", "3.1", "0", "1"]
     assert plot_log.tick_labels([0, 25000, 50000]) == ["0", "25000", "50000"]  # steps, not 2.5e+04
+    assert plot_log.tick_labels([0.0, 0.24691, 0.49382]) == ["0", "0.2469", "0.4938"]  # 4 digits where 3 tell apart
+
+
+def test_the_legend_names_each_curve_beside_its_colour(monkeypatch):
+    texts = []
+    draw_text = plot_log.ImageDraw.ImageDraw.text
+    spy = lambda self, xy, text, **kwargs: texts.append((xy, text)) or draw_text(self, xy, text, **kwargs)
+    monkeypatch.setattr(plot_log.ImageDraw.ImageDraw, "text", spy)
+    labels = ["low", "mid", "high"]
+    image = plot_log.plot([[(0.0, float(k)), (10.0, float(k))] for k in range(3)], labels, "", "step", "y")
+    row = lambda k: round(30 + (2.1 - k) / 2.2 * 360)  # curve k flat at y = k; y padded 5%: -0.1..2.1
+    legend = [(y, text) for (x, y), text in texts if text in labels]
+    assert sorted(text for _, text in legend) == sorted(labels)
+    for y, text in legend:  # its swatch (x 80..100, 6 px below the text's top) has its curve's colour
+        assert image.getpixel((90, y + 6)) == image.getpixel((400, row(labels.index(text)))) != (255, 255, 255)
 
 
 def test_x_going_back_at_many_lines_is_one_note(tmp_path, capsys):
@@ -424,6 +452,9 @@ def test_x_going_back_by_less_than_six_digits_tell_is_noted_with_the_digits_that
         log.write_text("".join(json.dumps({name: v, "loss": 1.0}) + "\n" for v in values))
         plot_log.read_log(str(log), name, "loss")
         assert capsys.readouterr().err == f"note: {log}:2: {name} goes back from {said}\n"
+    log.write_text("".join(json.dumps({"tokens": v, "loss": 1.0}) + "\n" for v in (1e20, 1e19)))
+    plot_log.read_log(str(log), "tokens", "loss")  # whole, but past 2 ** 53: not 10000000000000000000
+    assert capsys.readouterr().err == f"note: {log}:2: tokens goes back from 1e+20 to 1e+19\n"
 
 
 

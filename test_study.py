@@ -7,6 +7,7 @@ import os
 import random
 import statistics
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -182,11 +183,11 @@ def test_a_relaunch_with_other_epochs_is_refused(tmp_path, monkeypatch):
 TEACHER_TOKENS = torch.arange(256 * 49 * 4.0).reshape(256, 49, 4).sin()
 
 
-def fake_study(tmp_path, monkeypatch, argv=()):
+def fake_study(tmp_path, monkeypatch, argv=(), extras=(0, 5, 2)):
     """study.main with every run faked: each fine-tuning run's log.jsonl holds val_top1 = 10 * arm + 3 * p + seed +
-    (0, 5, 2) over its 3 epochs (best: +5, last: +2), arm the index in the table (0: from scratch); each pre-trained
-    student's measures are (arm + seed / 10, 2 * arm + seed, 3 * arm + seed). -> (the runs' (script, argv),
-    results.json, the command that plots the curves)."""
+    extras over its 3 epochs (by default (0, 5, 2): best +5, last +2), arm the index in the table (0: from scratch);
+    each pre-trained student's measures are (arm + seed / 10, 2 * arm + seed, 3 * arm + seed). -> (the runs' (script,
+    argv), results.json, the command that plots the curves)."""
     out, calls, plots = tmp_path / "study", [], []
     arm_index = {name.replace(" ", "_").replace(",", ""): a for a, name in enumerate(["from scratch", *study.ARMS])}
 
@@ -198,7 +199,7 @@ def fake_study(tmp_path, monkeypatch, argv=()):
             arm, run = folder.split(os.sep)[-2:]
             base = 1.5 if run == "teacher" else 10 * arm_index[arm] + 3 * int(run[1]) + int(run[-1])
             with open(os.path.join(folder, "log.jsonl"), "w") as f:
-                for epoch, extra in enumerate((0, 5, 2)):
+                for epoch, extra in enumerate(extras):
                     f.write(json.dumps({"step": epoch, "epoch": epoch, "loss": 9.0}) + "\n")  # a step line
                     f.write(json.dumps({"epoch": epoch, "step": epoch, "val_top1": base + extra}) + "\n")
 
@@ -248,6 +249,13 @@ def test_the_study_aggregates_each_arms_runs_and_seeds(tmp_path, monkeypatch, ca
     with open(files[2]) as f:
         assert [json.loads(line) for line in f] == [{"epoch": 0, "val_top1": 22.5}, {"epoch": 1, "val_top1": 27.5},
                                                     {"epoch": 2, "val_top1": 24.5}]
+
+
+def test_the_best_top1_of_a_run_may_be_its_first_epochs_and_the_minutes_are_minutes(tmp_path, monkeypatch):
+    clock = iter(range(0, 10 ** 6, 750))  # time.time(): the study's start, then 750 s later its end
+    monkeypatch.setattr(study, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    _, results, _ = fake_study(tmp_path, monkeypatch, extras=(5, 0, 2))
+    assert results["arms"]["DTM"]["best"] == [25, 26, 27, 28, 29, 30] and results["minutes_this_launch"] == 12.5
 
 
 def test_the_table_on_an_ascii_stdout_is_printed_escaped_and_the_results_written(tmp_path, monkeypatch):
@@ -359,6 +367,9 @@ def test_run_stops_the_study_when_a_script_fails(tmp_path, monkeypatch, capsys):
     text = open(log).read()
     assert "ok.py --output_dir out/a\ntrained ['--output_dir', 'out/a']" in text
     assert "loading\nboom: out of memory" in text
+    (tmp_path / "raises.py").write_text("raise ValueError('--data: no images')\n")
+    with pytest.raises(SystemExit, match=r"failed \(see .*runs.log\): \['ValueError: --data: no images'\]$"):
+        study.run("raises.py", ["--output_dir", "out/c"], log)  # a traceback: its last line, not 'Traceback ...'
 
 
 def test_run_names_the_signal_that_killed_a_script_not_its_last_progress_bar(tmp_path, monkeypatch):
@@ -370,6 +381,9 @@ def test_run_names_the_signal_that_killed_a_script_not_its_last_progress_bar(tmp
                                          r".*runs.log\); relaunch the same command: the study continues where it "):
         study.run("killed.py", ["--output_dir", "out/a"], str(tmp_path / "runs.log"))
     assert "epoch 0:  40%|" in open(tmp_path / "runs.log").read()
+    (tmp_path / "hangup.py").write_text("import os; os.kill(os.getpid(), 1)\n")  # SIGHUP: a closed terminal
+    with pytest.raises(SystemExit, match=r"^error: hangup.py was killed by signal 1 \(Hangup; see "):
+        study.run("hangup.py", ["--output_dir", "out/b"], str(tmp_path / "runs.log"))
 
 
 def test_run_echoes_the_scripts_warnings_which_the_log_alone_would_hide(tmp_path, monkeypatch, capsys):
@@ -460,6 +474,9 @@ def test_make_data_takes_3000_training_images_their_first_1000_and_500_test_imag
     assert names(train1000) == [f"{i:05d}.png" for i in range(1000)]
     assert set(train1000) <= set(train3000)  # the same images under the same names: the first 1000 of train3000
     assert names(val) == [f"{i:05d}.png" for i in range(500)]
+    pixel = lambda f: np.asarray(Image.open(os.path.join(root, "val500", f)))[0, 0, 0]
+    pixels = [pixel(f) for f in sorted(val, key=os.path.basename)]
+    assert pixels == [i % 256 for i in range(500)]  # the first 500 test images (of 501), in order
 
 
 def test_make_data_keeps_finished_data_and_drops_a_stale_partial(fake_fashion_small, tmp_path):
@@ -480,6 +497,16 @@ def test_make_data_refuses_an_incomplete_data_folder_of_an_older_study(fake_fash
     root = tmp_path / "out" / "data"
     study.write_folder(str(root / "train3000"), study.read_idx("train-images-idx3-ubyte.gz")[:3], [0, 1, 2])
     with pytest.raises(SystemExit, match=r"train3000 holds 3 of 40 images.*remove it \(rm -r "):
+        study.make_data(str(tmp_path / "out"))
+
+
+def test_make_data_refuses_a_train1000_one_image_short(fake_fashion, tmp_path):
+    """train1000 holds as many images as there are training images up to 1000 (40 here; the test images are 12)."""
+    root = study.make_data(str(tmp_path / "out"))
+    folder = os.path.join(root, "train1000")
+    label = min(os.listdir(folder))
+    os.remove(os.path.join(folder, label, min(os.listdir(os.path.join(folder, label)))))
+    with pytest.raises(SystemExit, match=r"train1000 holds 39 of 40 images"):
         study.make_data(str(tmp_path / "out"))
 
 
