@@ -177,6 +177,21 @@ def test_schedule_rule_is_refused_where_both_rules_give_the_same_rounds(flags, w
         assert tp.parse_args(base + differ).schedule_rule == "spread"
 
 
+def test_schedule_rule_with_split_official_compares_the_rounds_the_run_merges():
+    """--split official clamps each round to (T - 1) // 2 (patch 0 protected): 11 over 3 rounds of 16 patches runs
+    [4, 4, 3] by either rule ([4, 4, 4] official, [4, 4, 3] spread before that clamp), and --schedule_rule spread
+    was taken there; 8 in 1 round was refused naming the rounds [8], which the run merges as [7]."""
+    base = ["--img_size", "64", "--num_masked", "6", "--split", "official", "--schedule_rule", "spread"]
+    for fixed, rounds in (("11 3", "[4, 4, 3]"), ("8 1", "[7]")):
+        with pytest.raises(ValueError, match=rf"^--schedule_rule would do nothing with --fixed_schedule {fixed} \(both "
+                                             rf"rules merge the rounds {re.escape(rounds)}\): leave it out$"):
+            tp.parse_args(base + ["--fixed_schedule", *fixed.split()])
+        n, k = map(int, fixed.split())
+        assert {str(morph.clamp_schedule(16, morph.make_schedule(16, n, k, rule), "official"))
+                for rule in ("official", "spread")} == {rounds}
+    assert tp.parse_args(base[:-4] + ["--schedule_rule", "spread", "--fixed_schedule", "11", "3"]).split == "random"
+
+
 def test_fixed_schedule_refuses_no_rounds_and_names_a_range_that_exists():
     """K = 0 rounds (it failed later, in morph.make_schedule, naming no flag); one patch (16 px) with --split official,
     which keeps patch 0 apart: no token can merge, N <= 0 (not -1)."""
@@ -618,6 +633,7 @@ def test_finished_run_is_not_overwritten(image_folder, tmp_path, capsys):
     printed = capsys.readouterr()
     assert "holds a finished run (step 3 of 3): nothing to do" in printed.out
     assert "3/3" not in printed.err  # no progress bar for a run that does nothing
+    assert "checkpoint: " not in printed.out  # it wrote no checkpoint or log there: none named as the run's
     assert {p.name: p.read_bytes() for p in stopped.iterdir()} == files
     with pytest.raises(ValueError, match="holds another run"):
         tp.main(tiny_argv(image_folder, out, "--resume", str(tmp_path / "run" / "checkpoint-0.pth")))
@@ -1503,11 +1519,13 @@ def test_a_refused_num_masked_0_names_a_count_that_fits_the_image(flags):
 
 def test_epoch_summaries_and_the_result_follow_the_log(image_folder, tmp_path, capsys):
     """The console's "epoch E: ... mean logged loss" is the mean of epoch E's lines only; the result's first_loss /
-    final_loss are the first / last line's."""
-    result = tp.main(tiny_argv(image_folder, tmp_path, "--epochs", "2"))
+    final_loss are the first / last line's. A line every 2 of the 3 steps per epoch: epoch 0 logs step 2, epoch 1
+    steps 4 and 6."""
+    result = tp.main(tiny_argv(image_folder, tmp_path, "--epochs", "2", "--log_every", "2"))
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
     lines = [r for r in read_log(tmp_path / engine.LOG) if "loss" in r]
-    means = [sum(r["loss"] for r in lines if r["epoch"] == e) / 3 for e in (0, 1)]
+    assert [(r["step"], r["epoch"]) for r in lines] == [(2, 0), (4, 1), (6, 1)]
+    means = [lines[0]["loss"], (lines[1]["loss"] + lines[2]["loss"]) / 2]
     assert printed == [f"epoch 0: step 3, mean logged loss {means[0]:.4f}",
                        f"epoch 1: step 6, mean logged loss {means[1]:.4f}"]
     assert (result["first_loss"], result["final_loss"]) == (lines[0]["loss"], lines[-1]["loss"])
@@ -1601,3 +1619,139 @@ def test_a_run_after_one_that_raised_in_the_same_process_closes_the_bar_left_ope
     monkeypatch.setattr(engine, "optimizer_step", step)
     tp.main(tiny_argv(image_folder, tmp_path / "b", "--epochs", "1"))
     assert left_open[0] not in tqdm._instances and left_open[0].disable  # closed
+
+
+# ---------------------------------------------------------------------------------------------------
+# A third mutation review of train_pretrain.py: each test below fails with a change that passed every test before
+
+def test_layer_scale_0_builds_blocks_without_layer_scale():
+    """--layer_scale 0 disables it (its help), for ViT-L's 1e-5 default too: a falsy 0 must not read as "not given"."""
+    for model in ("vit_tiny", "vit_l"):
+        assert tp.parse_args(["--teacher", "pixels", *TINY, "--model", model, "--layer_scale", "0"]).layer_scale == 0
+    student = tp.build_model(tp.parse_args(["--teacher", "pixels", *TINY, "--layer_scale", "0"]), CPU)[0].student
+    assert all(b.gamma_1 is None and b.gamma_2 is None for b in student.blocks)
+
+
+def test_each_process_draws_its_own_schedules_split_and_drop_path_unless_shared(monkeypatch):
+    """A micro-step's global RNGs (drop path, the random split) are seeded by (--seed, micro-step, rank), its
+    morphing schedules by (--seed, micro-step, rank) with --schedules per_rank, by (--seed, micro-step) with shared:
+    rank 1's call on one process shows what two processes draw (the two-process tests run for a minute)."""
+    seeds = record_calls(monkeypatch, engine, "seed_step")
+    drawn, draw = [], morph.sample_schedule
+    monkeypatch.setattr(morph, "sample_schedule", lambda *a, **k: drawn.append(draw(*a, **k)) or drawn[-1])
+    images, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 16, dtype=torch.bool)
+
+    def schedules(rank, *flags):  # the 4 levels' schedules of micro-step 5 on this rank
+        args = tp.parse_args(["--teacher", "pixels", *TINY, "--img_size", "64", "--levels", "4", *flags])
+        model, teacher = tp.build_model(args, CPU)
+        drawn.clear()
+        tp.train_micro_step(model, teacher, images, mask, args, 5, engine.Dist(rank=rank), None, None,
+                            engine.StepTimer(CPU.device))
+        return list(drawn)
+
+    per_rank = [schedules(rank) for rank in (0, 1)]
+    assert per_rank[0] != per_rank[1] and seeds == [(0, 5, 0), (0, 5, 1)]
+    shared = [schedules(rank, "--schedules", "shared") for rank in (0, 1)]
+    assert shared[0] == shared[1] != per_rank[0] and seeds[2:] == [(0, 5, 0), (0, 5, 1)]
+    assert schedules(0, "--seed", "1") != per_rank[0] and seeds[-1] == (1, 5, 0)
+
+
+def test_path_flags_are_checked_for_what_they_must_be_before_anything_is_built(tmp_path, monkeypatch):
+    """--data must be a folder (a file passed the check and failed later, in the image scan, naming no flag); a
+    --teacher ckpt: file is read for its first bytes at the arguments' check as a clip: one is; ckpt:~/PATH is in
+    the home folder."""
+    (tmp_path / "train.tar").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"^--data '.*train.tar' is not a directory; pass an ImageFolder root"):
+        tp.parse_args(["--data", str(tmp_path / "train.tar"), "--teacher", "pixels"])
+    with pytest.raises(FileNotFoundError, match=r"^--teacher ckpt: '.*no_such.pth': no such file"):
+        tp.parse_args(["--teacher", f"ckpt:{tmp_path / 'no_such.pth'}"])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save({}, tmp_path / "t.pth")
+    assert tp.parse_args(["--teacher", "ckpt:~/t.pth"]).teacher == f"ckpt:{tmp_path / 't.pth'}"
+
+
+def test_the_crop_and_block_bounds_are_checked_by_flag():
+    """--min_block 0 and --min_crop_scale 0 failed later, in the data's constructors, naming no flag; a crop of the
+    whole image (--min_crop_scale 1) is taken."""
+    for flags in (["--min_block", "0"], ["--min_crop_scale", "0"]):
+        with pytest.raises(ValueError, match=r"^--min_block must be >= 1 \(patches\) and --min_crop_scale in \(0, 1\]"):
+            tp.parse_args(flags)
+    assert tp.parse_args(["--min_crop_scale", "1"]).min_crop_scale == 1
+
+
+def test_a_fixed_schedule_run_says_what_it_merges(image_folder, tmp_path, capsys):
+    """train() gives warn_fixed_schedule's note (tested above by itself): 3 of 4 patches in one round merge 2."""
+    tp.main(tiny_argv(image_folder, tmp_path, "--fixed_schedule", "3", "1", "--max_steps", "1"))
+    printed = capsys.readouterr().out
+    assert "note: --fixed_schedule 3 1 merges 2 of the 4 tokens per level, not 3 (rounds [2])" in printed
+
+
+def test_the_plumbing_defaults_the_help_and_readme_give(monkeypatch):
+    """--max_unreadable 0.1% of the images (README), --num_workers 10 where the process has more CPUs (its help),
+    --output_dir output/pretrain, --amp auto."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    args = tp.parse_args(["--data", HERE, "--teacher", "pixels"])
+    assert (args.max_unreadable, args.num_workers, args.output_dir, args.amp) == (0.001, 10, "output/pretrain", "auto")
+
+
+def test_the_edges_of_teacher_teacher_amp_and_max_merged():
+    """clip: without a PATH is a bad --teacher (not a file named ''); every --teacher_amp but auto does nothing with
+    pixel targets, fp32 too; --max_merged may be all the patches (its default)."""
+    for kind in ("clip", "ckpt"):
+        with pytest.raises(ValueError, match=rf"^bad --teacher '{kind}:'; use clip:PATH, ckpt:PATH or pixels$"):
+            tp.parse_args(["--teacher", f"{kind}:"])
+    for amp in ("fp16", "fp32"):
+        with pytest.raises(ValueError, match=rf"^--teacher_amp {amp} would do nothing with --teacher pixels"):
+            tp.parse_args(["--teacher_amp", amp])
+    assert tp.parse_args(["--max_merged", "49"]).max_merged == 49  # the demo's 49 patches
+
+
+def test_the_demo_is_the_one_readme_describes():
+    """README's demo: a vit_tiny on 112-px crops of 512 procedural 128-px images, 6 epochs of 16 steps (96), masking
+    the paper's share of the patches (75 of 196: 19 of 49)."""
+    args = tp.parse_args([])
+    tp.set_schedule(args)
+    dataset = tp.build_dataset(args)
+    assert (len(dataset), dataset.base.img_size, dataset.transform.crop.size) == (512, 128, 112)
+    assert (args.epochs, args.batch_size, args.num_masked, args.seed) == (6, 32, 19, 0)
+
+
+@pytest.mark.parametrize("layout, shared, per_block", [("both", True, True), ("shared", True, False),
+                                                       ("per_block", False, True), ("none", False, False)])
+def test_rel_pos_bias_reaches_the_student(layout, shared, per_block):
+    student = tp.build_model(tp.parse_args(["--teacher", "pixels", *TINY, "--rel_pos_bias", layout]), CPU)[0].student
+    assert (student.rel_pos_bias is not None, student.blocks[0].attn.rel_pos_bias is not None) == (shared, per_block)
+
+
+def test_the_shared_numeric_flags_are_checked():
+    """engine.check_shared_args, the trainers' common checks, run for pre-training too."""
+    for flags, match in ((["--lr", "0"], "^--lr 0 would train nothing"), (["--betas", "0.9", "1"], "^--betas are "),
+                         (["--clip_grad", "-1"], "^--clip_grad must be >= 0")):
+        with pytest.raises(ValueError, match=match):
+            tp.parse_args(flags)
+
+
+def test_the_split_reaches_the_morphing_and_the_group_counts(monkeypatch):
+    """--split reaches token_morphing_levels as it reaches num_groups_after: a random split under official group
+    counts ran without an error (the counts only bound the group indices)."""
+    morphed = record_calls(monkeypatch, morph, "token_morphing_levels")
+    counted = record_calls(monkeypatch, morph, "num_groups_after")
+    for split in morph.SPLITS:
+        args = tp.parse_args(["--teacher", "pixels", *TINY, "--split", split, "--fixed_schedule", "2", "1",
+                              "--levels", "1"])
+        model, teacher = tp.build_model(args, CPU)
+        tp.train_micro_step(model, teacher, torch.randn(2, 3, 32, 32), torch.zeros(2, 4, dtype=torch.bool), args, 0,
+                            CPU, None, None, engine.StepTimer(CPU.device))
+        assert (morphed[-1][2], counted[-1][2]) == (split, split)
+
+
+def test_too_many_unreadable_images_stop_the_run_at_the_next_log_line(tmp_path):
+    """The limit is checked at each log line, not only at the checkpoints (an epoch of ImageNet apart): the run stops
+    at the first log step after the image, with the lines before it logged and no line after it."""
+    root = make_image_folder(tmp_path / "images", count=16)  # 4 steps per epoch
+    with open(os.path.join(root, "class1", "3.png"), "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(ValueError, match="1 training image could not be read"):
+        tp.main(tiny_argv(root, tmp_path / "run", "--max_unreadable", "0"))
+    lines = read_log(tmp_path / "run" / engine.LOG)  # step 2 read it: it stopped there, not at step 4's save
+    assert [(r["step"], "loss" in r, "skipped_image" in r) for r in lines] == [(1, True, False), (2, False, True)]

@@ -216,10 +216,12 @@ def patch_count(args) -> int:
 
 def rules_agree(args) -> str:
     """Why --schedule_rule official and spread give the same rounds in this run, or "" where they may differ: one round
-    merges n tokens by either rule, and so may a fixed schedule's K rounds (N / K each where K divides N)."""
+    merges n tokens by either rule, and so may a fixed schedule's K rounds (N / K each where K divides N), or rounds
+    that --split official's clamp makes the same (the rounds compared and named are those the run merges)."""
     if args.fixed_schedule:
         num_patches, (n, k) = patch_count(args), args.fixed_schedule
-        official, spread = (morph.make_schedule(num_patches, n, k, rule) for rule in ("official", "spread"))
+        official, spread = (morph.clamp_schedule(num_patches, morph.make_schedule(num_patches, n, k, rule), args.split)
+                            for rule in ("official", "spread"))
         return f"with --fixed_schedule {n} {k} (both rules merge the rounds {official})" if official == spread else ""
     return "with --max_iters 1 (a single round merges the drawn n tokens by either rule)" if args.max_iters == 1 else ""
 
