@@ -993,6 +993,7 @@ def test_two_process_training_equals_one_process_with_the_same_total_batch(tmp_p
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-7)
     logs = [[json.loads(line) for line in open(tmp_path / name / "log.jsonl") if "train_loss" in line]
             for name in runs]
+    assert [len(log) for log in logs] == [2, 2]  # one line per epoch in each run: none left uncompared
     for a, b in zip(*logs):  # train loss is the mean over ranks; validation counts each of the 13 images once
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["val_count"] == a["val_count"] == 13 and b["val_top1"] == a["val_top1"]

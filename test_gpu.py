@@ -971,8 +971,10 @@ def test_budget_counts_from_the_start_and_keeps_compile_s_reserve(tmp_path, monk
 def test_budget_defaults_leave_child_processes_time_before_the_watchdog(capsys):
     assert budget(None, 0) == 540 and budget(None, 575) == 545 and budget(300, 575) == 300
     assert all(RESERVE_S[name] >= 30 for name in ("torchrun", "bench_morph", "bench_mto", "bench_mto_whole_step"))
-    for given, watchdog in ((None, 30), (0, 0), (-5, 575)):  # every check skipped, and the run "passed"
-        with pytest.raises(SystemExit, match="leaves no budget|every check would be skipped"):
+    refusals = {(None, 30): "--watchdog_s 30 leaves no budget", (0, 0): "--budget_s 0: every check would be skipped",
+                (-5, 575): "--budget_s -5: every check would be skipped"}
+    for (given, watchdog), refusal in refusals.items():  # every check skipped, and the run "passed"
+        with pytest.raises(SystemExit, match=f"^error: {re.escape(refusal)}"):  # each names the flag to change
             budget(given, watchdog)
     assert capsys.readouterr().out == ""
     assert budget(560, 575) == 560  # as given, with a note: a child started late could get 1 s
