@@ -1755,3 +1755,32 @@ def test_too_many_unreadable_images_stop_the_run_at_the_next_log_line(tmp_path):
         tp.main(tiny_argv(root, tmp_path / "run", "--max_unreadable", "0"))
     lines = read_log(tmp_path / "run" / engine.LOG)  # step 2 read it: it stopped there, not at step 4's save
     assert [(r["step"], "loss" in r, "skipped_image" in r) for r in lines] == [(1, True, False), (2, False, True)]
+
+
+def test_a_run_saved_before_teacher_amp_is_told_its_teacher_runs_in_another_precision(image_folder, tmp_path, capsys):
+    """Checkpoints of versions before --teacher_amp (0bf98c3) record no teacher_amp: they ran the teacher under the
+    student's autocast, and resume lists as changed only the flags a checkpoint records. A continued run whose
+    teacher now runs in another precision (auto on a GPU under bf16: fp16) is told, with the flag that keeps it."""
+    torch.manual_seed(0)
+    visual = dtm.CLIPVisual(input_resolution=32, patch_size=16, width=64, layers=1, heads=1, output_dim=24)
+    torch.save(visual.state_dict(), tmp_path / "clip.pt")
+    argv = [a if a != "pixels" else f"clip:{tmp_path / 'clip.pt'}" for a in tiny_argv(image_folder, tmp_path / "run")]
+    argv[argv.index("--amp") + 1] = "bf16"
+    tp.main([*argv, "--max_steps", "1"])
+    last = tmp_path / "run" / engine.LAST
+    saved = torch.load(last, map_location="cpu")
+    del saved["args"]["teacher_amp"]  # as the versions before it wrote their checkpoints
+    torch.save(saved, last)
+    capsys.readouterr()
+    tp.main([*argv, "--max_steps", "2", "--teacher_amp", "fp32"])
+    assert (f"note: {str(last)!r} was saved by a version without --teacher_amp, which ran the teacher in the "
+            f"student's precision (bf16); this run runs it in fp32 (--teacher_amp fp32): to keep the run's, pass "
+            f"--teacher_amp bf16\n") in capsys.readouterr().out
+    on_a_gpu = tp.parse_args([*argv, "--teacher_amp", "auto"])
+    note = tp.teacher_precision_note(saved["args"], on_a_gpu, torch.bfloat16,
+                                     engine.resolve_teacher_amp("auto", torch.bfloat16, "cuda"), "c.pth")
+    assert note.endswith("this run runs it in fp16 (--teacher_amp auto): to keep the run's, pass --teacher_amp bf16")
+    as_before = engine.resolve_teacher_amp("auto", torch.bfloat16, "cpu")  # the CPU's auto: the student's, as before
+    assert tp.teacher_precision_note(saved["args"], on_a_gpu, torch.bfloat16, as_before, "c.pth") == ""
+    recorded = {**saved["args"], "teacher_amp": "bf16"}  # a checkpoint that records it: resume says a change
+    assert tp.teacher_precision_note(recorded, on_a_gpu, torch.bfloat16, torch.float16, "c.pth") == ""

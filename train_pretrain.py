@@ -405,6 +405,18 @@ def set_schedule(args, saved_args: dict = None):
                           saved_args)
 
 
+def teacher_precision_note(saved: dict, args, amp_dtype, teacher_dtype, path: str) -> str:
+    """A run saved before --teacher_amp (0bf98c3) ran its teacher under the student's autocast: continued where the
+    teacher's precision differs (auto: fp16 on a GPU under bf16), a note naming the flag that keeps the run's (the
+    settings resume compares are only those the checkpoint records)."""
+    if "teacher_amp" in saved or args.teacher == "pixels" or saved.get("amp") != args.amp or teacher_dtype == amp_dtype:
+        return ""  # another --amp is said as a changed setting
+    was, now = engine.amp_name(amp_dtype, None), engine.amp_name(teacher_dtype, None)
+    return (f"note: {path!r} was saved by a version without --teacher_amp, which ran the teacher in the student's "
+            f"precision ({was}); this run runs it in {now} (--teacher_amp {args.teacher_amp}): to keep the run's, "
+            f"pass --teacher_amp {was}")
+
+
 def train(args, d: engine.Dist) -> dict:
     teacher_file = args.teacher[len("ckpt:"):] if args.teacher.startswith("ckpt:") else None
     step, resume_path, own_run = 0, *engine.prepare_run(args, d, reads={"--teacher ckpt:": teacher_file})
@@ -442,6 +454,8 @@ def train(args, d: engine.Dist) -> dict:
     if resume_path is not None:
         step = engine.resume(checkpoint, resume_path, model, optimizer, scaler, args, steps_per_epoch, d,
                              train_images=len(dataset))
+        if note := teacher_precision_note(checkpoint["args"], args, amp_dtype, teacher_dtype, resume_path):
+            d.print(note)
     finished = step >= last_step
     # the logged losses main reports, a resumed run's kept lines included
     logged = LoggedLosses()
