@@ -1139,7 +1139,7 @@ class ADE20KDataset(SegFolder):
     label_hint = (f"not an ADE20K label map (values 0..150, 0 = other); for other labels use {GENERIC} with "
                   f"--num_classes")
 
-    def __init__(self, root, split="training", transform=None, reduce_zero_label=True):
+    def __init__(self, root, split="training", transform=None):
         if split not in ("training", "validation"):
             raise ValueError(f"ADE20K split must be 'training' or 'validation', got {split!r}")
         img_dir, ann_dir = _ade20k_dirs(root, split)
@@ -1149,7 +1149,7 @@ class ADE20KDataset(SegFolder):
                                     "(the ADEChallengeData2016 layout: images/{training,validation}/*.jpg and "
                                     "annotations/{training,validation}/*.png)"
                                     + (f"; it holds one: pass --data {shlex.quote(inside)}" if inside else ""))
-        super().__init__(img_dir, ann_dir, transform, ".jpg", ".png", reduce_zero_label, ADE20K_CLASSES)
+        super().__init__(img_dir, ann_dir, transform, ".jpg", ".png", reduce_zero_label=True, classes=ADE20K_CLASSES)
 
 
 def _ade20k_dirs(root: str, split: str) -> tuple:

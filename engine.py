@@ -854,11 +854,11 @@ def micro_batches(loader, sampler: EpochSampler, steps_per_epoch: int, accum_ite
         epoch, done = epoch + 1, 0
 
 
-def shard_indices(num_items: int, d: Dist, what: str = "validation samples") -> range:
+def shard_indices(num_items: int, d: Dist) -> range:
     """Indices evaluated by rank d.rank: rank, rank + W, ... Every index on exactly one rank, none padded or repeated,
     given that every rank lists the same items: the counts are checked (each rank shards its own listing, so a
     node's copy of the data with a file less would skip some items and count others twice)."""
-    check_ranks_agree(d, f"the number of {what}", num_items, _SAME_FILES)
+    check_ranks_agree(d, "the number of validation samples", num_items, _SAME_FILES)
     return range(d.rank, num_items, d.world_size)
 
 
@@ -951,11 +951,11 @@ class _Probe(torch.utils.data.Dataset):
             return str(e), 0
 
 
-def check_dataset(dataset, what: str, d: Dist, num_workers: int, count=None):
-    """Load every sample of `dataset` once (each rank its shard, in DataLoader workers) and fail naming the first that
-    cannot be used (and how many cannot). For validation sets, before training: evaluation must count every image.
+def check_dataset(dataset, d: Dist, num_workers: int, count=None):
+    """Load every sample of the validation set `dataset` once (each rank its shard, in DataLoader workers) and fail
+    naming the first that cannot be used (and how many cannot), before training: evaluation must count every image.
     Returns the sum over all samples (all ranks) of count(loaded sample), or 0 without count."""
-    probe = _Probe(dataset, shard_indices(len(dataset), d, f"{what} samples"), count)
+    probe = _Probe(dataset, shard_indices(len(dataset), d), count)
     loader = torch.utils.data.DataLoader(probe, batch_size=32, num_workers=num_workers, collate_fn=list)
     errors, total = [], 0
     for batch in loader:
@@ -966,7 +966,7 @@ def check_dataset(dataset, what: str, d: Dist, num_workers: int, count=None):
         dist.all_gather_object(gathered, (errors, total))
         errors, total = sum((e for e, _ in gathered), []), sum(t for _, t in gathered)
     if errors:
-        raise ValueError(f"{len(errors)} of the {len(dataset)} {what} samples cannot be used; first: {errors[0]}"
+        raise ValueError(f"{len(errors)} of the {len(dataset)} validation samples cannot be used; first: {errors[0]}"
                          + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
     return total
 

@@ -1752,15 +1752,14 @@ def test_check_dataset_names_the_unreadable_files(tmp_path):
     folder.mkdir(parents=True)
     for i in range(3):
         Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
-    engine.check_dataset(data.ImageFolder(str(tmp_path / "val")), "validation", CPU, 0)
+    engine.check_dataset(data.ImageFolder(str(tmp_path / "val")), CPU, 0)
     (folder / "1.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(ValueError, match="1 of the 3 validation samples cannot be used; first: cannot read image "
                                          "file .*1.png"):
-        engine.check_dataset(data.ImageFolder(str(tmp_path / "val")), "validation", CPU, 0)
+        engine.check_dataset(data.ImageFolder(str(tmp_path / "val")), CPU, 0)
     # the files are decoded, not transformed (two thirds of the time for ImageNet's validation images)
     (folder / "1.png").unlink()
-    engine.check_dataset(data.ImageFolder(str(tmp_path / "val"), lambda img: pytest.fail("transformed")),
-                         "validation", CPU, 0)
+    engine.check_dataset(data.ImageFolder(str(tmp_path / "val"), lambda img: pytest.fail("transformed")), CPU, 0)
 
 
 def test_check_dataset_counts_the_samples_beyond_the_first_it_names():
@@ -1775,7 +1774,7 @@ def test_check_dataset_counts_the_samples_beyond_the_first_it_names():
             return i
     with pytest.raises(ValueError, match=r"^3 of the 6 validation samples cannot be used; first: sample 1 is broken "
                                          r"\(and 2 more\)$"):
-        engine.check_dataset(OddOnesBroken(), "validation", CPU, 0)
+        engine.check_dataset(OddOnesBroken(), CPU, 0)
 
 
 def test_epoch_sampler_drops_the_tail_and_counts_what_a_skip_leaves():
@@ -1830,8 +1829,8 @@ def test_a_training_set_too_small_for_the_processes_or_for_one_step_names_the_fi
 
 
 def test_check_dataset_counts_over_every_batch():
-    assert engine.check_dataset(list(range(70)), "validation", CPU, 0, count=lambda s: np.ones(2)).tolist() == [70, 70]
-    assert engine.check_dataset(list(range(70)), "validation", CPU, 0) == 0
+    assert engine.check_dataset(list(range(70)), CPU, 0, count=lambda s: np.ones(2)).tolist() == [70, 70]
+    assert engine.check_dataset(list(range(70)), CPU, 0) == 0
 
 
 def test_epoch_orders_of_different_seeds_are_not_shifted_copies():
@@ -2496,11 +2495,11 @@ def _disagreeing_ranks_worker(rank, world_size, port, out_dir):
               lambda: engine.prepare_run(resume_other, d),  # rank 1's own view is an error: it still takes part
               lambda: engine.train_loader(list(range(4 + rank)), args, d),  # 4 images on rank 0, 5 on rank 1
               lambda: engine.check_ranks_agree(d, "a value", 7, "fix"),  # agreeing ranks pass
-              lambda: engine.check_dataset(list(range(3 - rank)), "validation", d, 0),
-              lambda: engine.check_dataset(Recorder(4, bad={3}), "validation", d, 0),  # in rank 1's shard only
-              lambda: engine.check_dataset(Recorder(4, gone={3}), "validation", d, 0),
+              lambda: engine.check_dataset(list(range(3 - rank)), d, 0),
+              lambda: engine.check_dataset(Recorder(4, bad={3}), d, 0),  # in rank 1's shard only
+              lambda: engine.check_dataset(Recorder(4, gone={3}), d, 0),
               lambda: engine.open_log(os.path.join(shared_only_by_rank0, "sub"), None, d.is_main),  # rank 0 writes
-              lambda: engine.check_dataset(list(range(5)), "validation", d, 0, count=lambda s: np.ones(1)),
+              lambda: engine.check_dataset(list(range(5)), d, 0, count=lambda s: np.ones(1)),
               lambda: engine.unreadable_for_checkpoint(skipped_on_rank1, d, 1, lambda **fields: None),
               # fine-tuning's --eval shards each rank's own listing: a node's copy with an image less was evaluated
               lambda: train_finetune.val_loader(list(range(3 + rank)), argparse.Namespace(batch_size=2, num_workers=0),

@@ -584,7 +584,7 @@ def finetune(args, d, amp_dtype, scaler):
                 f"{args.img_size} px ({len(train_set)} for training, {len(val_set)} for validation), {args.epochs} "
                 f"epoch{'s' * (args.epochs != 1)} on {d.device}. For a real run pass --data and --init (see --help).")
     else:  # evaluation must count every image: find unreadable ones now, not after the first epoch
-        engine.check_dataset(val_set, "validation", d, args.num_workers)
+        engine.check_dataset(val_set, d, args.num_workers)
     loader, sampler, steps_per_epoch = engine.train_loader(train_set, args, d)
     engine.seed_all(args.seed)  # the same new head on every rank
     model = resumed_model(args, classes, resume, resume_path) if resume_path is not None else \

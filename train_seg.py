@@ -840,7 +840,7 @@ def train(args, d):
                 f"({num_classes} classes incl. background) for {args.iters} iterations on {d.device}. For a real run "
                 f"pass --data (ADE20K) or --img_dir/--ann_dir/--val_img_dir/--val_ann_dir, and --init (see --help).")
     else:  # a bad validation file or label is found now, not at the first evaluation
-        pixels = engine.check_dataset(val_set, "validation", d, args.num_workers, label_pixels)
+        pixels = engine.check_dataset(val_set, d, args.num_workers, label_pixels)
         warn_about_labels(pixels, num_classes, reads_zero_as_ignore(vars(args)), d, ade20k=args.data is not None)
     loader, sampler, steps_per_epoch = engine.train_loader(train_set, args, d)
     model = resumed_model(args, num_classes, resume, resume_path) if resume_path is not None else \
