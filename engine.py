@@ -593,14 +593,13 @@ def check_output_dir(output_dir: str):
     if not output_dir:
         raise ValueError("--output_dir is empty; pass a folder for the checkpoints and log.jsonl")
     path = os.path.abspath(output_dir)
-    while not os.path.exists(path):
-        if os.path.islink(path):  # its folder is gone: makedirs failed with "File exists", at start-up
-            where = "is" if path == os.path.abspath(output_dir) else f"is under {path!r}, which is"
-            raise ValueError(f"--output_dir {output_dir!r} {where} a symbolic link to {os.readlink(path)!r}, which "
-                             f"does not exist: make that folder, or pass another --output_dir")
+    while not os.path.lexists(path):  # the nearest path that is there, a link to nothing included
         path = os.path.dirname(path)
+    where = "is" if path == os.path.abspath(output_dir) else f"is under {path!r}, which is"
+    if not os.path.exists(path):  # a link whose folder is gone: makedirs failed with "File exists", at start-up
+        raise ValueError(f"--output_dir {output_dir!r} {where} a symbolic link to {os.readlink(path)!r}, which "
+                         f"does not exist: make that folder, or pass another --output_dir")
     if not os.path.isdir(path):
-        where = "is" if path == os.path.abspath(output_dir) else f"is under {path!r}, which is"
         raise ValueError(f"--output_dir {output_dir!r} {where} a file, not a folder; pass a folder")
 
 

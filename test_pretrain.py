@@ -48,6 +48,13 @@ def tiny_argv(data, out, *extra):
             "--output_dir", str(out), *extra]
 
 
+def clip_teacher_argv(image_folder, tmp_path, out):
+    """tiny_argv with a tiny CLIP visual tower of random weights (saved in tmp_path) as --teacher clip:PATH."""
+    visual = dtm.CLIPVisual(input_resolution=32, patch_size=16, width=64, layers=1, heads=1, output_dim=24)
+    torch.save(visual.state_dict(), tmp_path / "clip.pt")
+    return [a if a != "pixels" else f"clip:{tmp_path / 'clip.pt'}" for a in tiny_argv(image_folder, out)]
+
+
 def read_log(path):
     return [json.loads(line) for line in open(path)]
 
@@ -697,9 +704,7 @@ def test_a_diverging_run_is_told_a_wider_precision_only_where_it_runs_a_narrower
     poison(monkeypatch, from_step=3)
     with pytest.raises(FloatingPointError, match=r"\(e.g. with a lower --lr or --amp fp32\)$"):
         tp.main(tiny_argv(image_folder, tmp_path / "bf16") + ["--amp", "bf16"])
-    visual = dtm.CLIPVisual(input_resolution=32, patch_size=16, width=64, layers=1, heads=1, output_dim=24)
-    torch.save(visual.state_dict(), tmp_path / "clip.pt")
-    argv = [a if a != "pixels" else f"clip:{tmp_path / 'clip.pt'}" for a in tiny_argv(image_folder, tmp_path / "clip")]
+    argv = clip_teacher_argv(image_folder, tmp_path, tmp_path / "clip")
     with pytest.raises(FloatingPointError, match=r"\(e.g. with a lower --lr or --teacher_amp fp32\)$"):
         tp.main([*argv, "--teacher_amp", "bf16"])
 
@@ -1591,9 +1596,7 @@ def test_the_start_up_line_names_the_teachers_precision(image_folder, tmp_path, 
     """--teacher_amp bf16 under --amp fp32 (a CLIP teacher on the CPU): the line says teacher bf16; and where the lr
     comes from (batch 4: 0.05 x sqrt(4 / 2048) = 0.00221)."""
     torch.manual_seed(0)
-    visual = dtm.CLIPVisual(input_resolution=32, patch_size=16, width=64, layers=1, heads=1, output_dim=24)
-    torch.save(visual.state_dict(), tmp_path / "clip.pt")
-    argv = [a if a != "pixels" else f"clip:{tmp_path / 'clip.pt'}" for a in tiny_argv(image_folder, tmp_path / "run")]
+    argv = clip_teacher_argv(image_folder, tmp_path, tmp_path / "run")
     tp.main([*argv, "--teacher_amp", "bf16", "--max_steps", "1"])
     printed = capsys.readouterr().out
     assert "amp fp32 (teacher bf16)" in printed and "lr 0.00221 (--lr 0.05 x sqrt(4 / 2048))" in printed
@@ -1762,9 +1765,7 @@ def test_a_run_saved_before_teacher_amp_is_told_its_teacher_runs_in_another_prec
     student's autocast, and resume lists as changed only the flags a checkpoint records. A continued run whose
     teacher now runs in another precision (auto on a GPU under bf16: fp16) is told, with the flag that keeps it."""
     torch.manual_seed(0)
-    visual = dtm.CLIPVisual(input_resolution=32, patch_size=16, width=64, layers=1, heads=1, output_dim=24)
-    torch.save(visual.state_dict(), tmp_path / "clip.pt")
-    argv = [a if a != "pixels" else f"clip:{tmp_path / 'clip.pt'}" for a in tiny_argv(image_folder, tmp_path / "run")]
+    argv = clip_teacher_argv(image_folder, tmp_path, tmp_path / "run")
     argv[argv.index("--amp") + 1] = "bf16"
     tp.main([*argv, "--max_steps", "1"])
     last = tmp_path / "run" / engine.LAST

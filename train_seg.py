@@ -368,8 +368,9 @@ def build_datasets(args, train: bool = True):
         return train_set, data.ADE20KDataset(args.data, "validation", eval_tf), list(data.ADE20K_CLASSES)
     if not args.demo:
         needed = {"--img_dir": args.img_dir, "--ann_dir": args.ann_dir} if train else {}
-        needed.update({"--val_img_dir": args.val_img_dir, "--val_ann_dir": args.val_ann_dir,
-                       **({"--num_classes": args.num_classes} if train else {})})  # --eval: the checkpoint's
+        needed.update({"--val_img_dir": args.val_img_dir, "--val_ann_dir": args.val_ann_dir})
+        if train:  # --eval: the checkpoint's
+            needed["--num_classes"] = args.num_classes
         missing = [flag for flag, value in needed.items() if not value]
         if missing:
             raise ValueError(f"a generic dataset {'for training ' if train else ''}needs {', '.join(needed)} "
